@@ -103,3 +103,11 @@ class Unclassified(ServerlessError):
 
     code = "UNCLASSIFY"
     status_code = 500
+
+
+def status_for_code(code: str) -> int:
+    """The HTTP status of an error code, for terminal payloads rendered as a plain response."""
+    for cls in ServerlessError.__subclasses__():
+        if cls.code == code:
+            return cls.status_code
+    return Unclassified.status_code

@@ -1,0 +1,32 @@
+"""A ComfyUI 0.3.64 emulator for development and tests: a real aiohttp server speaking ComfyUI's
+HTTP and websocket protocol as recorded in tests/fixtures/traces, executing a few nodes for real
+with Pillow. It imports nothing else from `serverless`.
+
+Run it with `python -m serverless.emulator [--host 127.0.0.1] [--port 8188] [--root DIR]
+[--step-delay SECONDS]`, or embed `create_app(root, step_delay)`. `root` (default
+`./emulator-data`) holds `input/`, `output/` and `temp/`; temp is emptied at start.
+
+ComfyUI endpoints (each also under `/api`): `GET /ws?clientId=`, `POST|GET /prompt`,
+`GET|POST /queue`, `POST /interrupt`, `GET /history`, `GET /history/{id}`, `POST /history`,
+`GET /view`, `POST /upload/image`, `GET /object_info[/{class}]`, `GET /system_stats`,
+`GET /features`.
+
+Nodes: EmptyImage, LoadImage, LoadImageMask, ImageInvert, ImageScale, ImageAddNoise, ImageBlur,
+SaveImage, PreviewImage, and the model-free text-to-image chain CheckpointLoaderSimple,
+CLIPTextEncode, EmptyLatentImage, KSampler (sleeps the step delay and reports progress per step),
+VAEDecode (a picture determined by checkpoint, prompts, seed, sampler settings and size).
+
+Test and fault hooks (not ComfyUI's, no `/api` twin):
+  `POST /emulator/drop_websockets`  abort every websocket's connection (no close frame); answers
+                                    `{"dropped": n}`.
+  `POST /emulator/config`           `{"step_delay": s, "node_delay": s}` (either key) changes the
+                                    delays at run time; `node_delay` is slept inside every node
+                                    after its interrupt check, like a long non-interruptible
+                                    computation. Answers the resulting settings.
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,101 @@
+"""Websocket clients and message delivery.
+
+Every message goes through one outbox drained by one task, so each socket receives messages in the
+order they were produced, whichever thread produced them (ComfyUI's `send_sync` + `publish_loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+Message = tuple[str, Any, "str | None"]
+
+
+@dataclass(eq=False)
+class Client:
+    """One open websocket, keyed by its client id (`sid`)."""
+
+    sid: str
+    ws: web.WebSocketResponse
+    transport: asyncio.BaseTransport | None
+    feature_flags: dict[str, Any] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Hub:
+    """Registry of websocket clients plus the ordered outbox that feeds them."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, Client] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: asyncio.Queue[Message] = asyncio.Queue()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the server's event loop; called once at startup."""
+        self._loop = loop
+
+    def register(self, client: Client) -> None:
+        self.clients[client.sid] = client
+
+    def unregister(self, client: Client) -> None:
+        """Forget `client`, unless a newer socket already took over its sid."""
+        if self.clients.get(client.sid) is client:
+            del self.clients[client.sid]
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        """Queue a message from any thread: to client `sid`, or to every client when sid is None."""
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._outbox.put_nowait, (event, data, sid))
+
+    async def publish_loop(self) -> None:
+        """Deliver queued messages forever, one at a time (keeps per-socket order)."""
+        while True:
+            event, data, sid = await self._outbox.get()
+            await self.send(event, data, sid)
+
+    async def send(self, event: str, data: Any, sid: str | None = None) -> None:
+        """Send now: to `sid` if it is connected, to everyone when sid is None."""
+        if sid is None:
+            targets = list(self.clients.values())
+        elif sid in self.clients:
+            targets = [self.clients[sid]]
+        else:
+            return
+        text = json.dumps({"type": event, "data": data})
+        for client in targets:
+            await self.send_text(client, text)
+
+    async def send_to(self, client: Client, event: str, data: Any) -> None:
+        await self.send_text(client, json.dumps({"type": event, "data": data}))
+
+    async def send_text(self, client: Client, text: str) -> None:
+        """Write one frame; a vanished peer is logged, as ComfyUI does, never raised."""
+        async with client.lock:
+            try:
+                await client.ws.send_str(text)
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as err:
+                log.warning("send error: %s", err)
+
+    def drop_all(self) -> int:
+        """Abort every socket's TCP connection without a close frame; returns how many."""
+        dropped = 0
+        for client in list(self.clients.values()):
+            if client.transport is not None and not client.transport.is_closing():
+                client.transport.abort()  # type: ignore[attr-defined]
+                dropped += 1
+        return dropped
+
+    async def close_all(self) -> None:
+        """Close every socket politely (server shutdown)."""
+        for client in list(self.clients.values()):
+            await client.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"Server shutdown")

@@ -1,0 +1,21 @@
+"""The node classes the emulator really executes, by class_type.
+
+Their input/output definitions live in `../object_info.json`; every class here has an entry there.
+"""
+
+from __future__ import annotations
+
+from .base import Interrupted, Node, NodeContext, NodeOutput
+from .images import EmptyImage, ImageAddNoise, ImageBlur, ImageInvert, ImageScale
+from .loaders import LoadImage, LoadImageMask
+from .save import PreviewImage, SaveImage
+from .txt2img import CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode
+
+NODE_CLASSES: dict[str, type[Node]] = {
+    cls.CLASS_TYPE: cls
+    for cls in (CheckpointLoaderSimple, CLIPTextEncode, VAEDecode, EmptyLatentImage, KSampler,
+                SaveImage, PreviewImage, LoadImage, LoadImageMask, ImageScale, ImageInvert,
+                EmptyImage, ImageAddNoise, ImageBlur)
+}
+
+__all__ = ["NODE_CLASSES", "Interrupted", "Node", "NodeContext", "NodeOutput"]

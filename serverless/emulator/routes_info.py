@@ -1,0 +1,65 @@
+"""Read-only server information: `/object_info`, `/system_stats`, `/features`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from aiohttp import web
+
+from .state import EMULATOR, SERVER_FEATURES
+
+COMFYUI_VERSION = "0.3.64"
+# The recorded server's frontend/template/torch versions, reported unchanged.
+FRONTEND_VERSION = "1.27.10"
+TEMPLATES_VERSION = "0.1.95"
+PYTORCH_VERSION = "2.13.0+cpu"
+
+
+async def object_info(request: web.Request) -> web.Response:
+    specs = request.app[EMULATOR].specs
+    return web.json_response({name: specs.entry(name) for name in specs.class_types()})
+
+
+async def object_info_node(request: web.Request) -> web.Response:
+    """One node's entry, or `{}` for an unknown class."""
+    specs = request.app[EMULATOR].specs
+    name = request.match_info["node_class"]
+    return web.json_response({name: specs.entry(name)} if specs.has(name) else {})
+
+
+async def system_stats(request: web.Request) -> web.Response:
+    """ComfyUI's shape for a CPU-only machine (the CPU reported as the one device)."""
+    total, free = _memory()
+    system = {
+        "os": os.name, "ram_total": total, "ram_free": free, "comfyui_version": COMFYUI_VERSION,
+        "required_frontend_version": FRONTEND_VERSION, "installed_templates_version": TEMPLATES_VERSION,
+        "required_templates_version": TEMPLATES_VERSION, "python_version": sys.version,
+        "pytorch_version": PYTORCH_VERSION, "embedded_python": False, "argv": sys.argv,
+    }
+    device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": total, "vram_free": free,
+              "torch_vram_total": total, "torch_vram_free": free}
+    return web.json_response({"system": system, "devices": [device]})
+
+
+async def features(request: web.Request) -> web.Response:
+    return web.json_response(SERVER_FEATURES)
+
+
+def _memory() -> tuple[int, int]:
+    """(total, available) RAM in bytes, from /proc/meminfo where there is one."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.count(":") == 1}
+        return info["MemTotal"], info.get("MemAvailable", info["MemFree"])
+    except (OSError, KeyError, ValueError, IndexError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages, pages
+
+
+ROUTES = [
+    ("GET", "/object_info", object_info),
+    ("GET", "/object_info/{node_class}", object_info_node),
+    ("GET", "/system_stats", system_stats),
+    ("GET", "/features", features),
+]

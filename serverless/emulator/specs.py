@@ -1,0 +1,88 @@
+"""Node definitions as `/object_info` publishes them, read from the packaged `object_info.json`.
+
+The file holds ComfyUI 0.3.64's entries for the node classes the emulator implements; the file
+lists of LoadImage/LoadImageMask are filled in from the input folder when asked, as ComfyUI does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import mimetypes
+import os
+from pathlib import Path
+from typing import Any
+
+from .folders import Folders
+
+SPEC_FILE = Path(__file__).with_name("object_info.json")
+# Nodes whose first COMBO lists the input folder; True = only files whose mimetype is image/*.
+INPUT_FILE_LISTS = {"LoadImage": True, "LoadImageMask": False}
+InputInfo = tuple[Any, str | None, dict[str, Any]]
+
+
+class NodeSpecs:
+    """Lookup of node input/output definitions by class_type."""
+
+    def __init__(self, folders: Folders, entries: dict[str, dict[str, Any]]) -> None:
+        self._folders = folders
+        self._entries = entries
+
+    @classmethod
+    def load(cls, folders: Folders) -> NodeSpecs:
+        return cls(folders, json.loads(SPEC_FILE.read_text(encoding="utf-8")))
+
+    def has(self, class_type: Any) -> bool:
+        return isinstance(class_type, str) and class_type in self._entries
+
+    def class_types(self) -> list[str]:
+        return list(self._entries)
+
+    def entry(self, class_type: str) -> dict[str, Any]:
+        """The full `/object_info` entry (a copy, with live file lists)."""
+        entry = copy.deepcopy(self._entries[class_type])
+        if class_type in INPUT_FILE_LISTS:
+            entry["input"]["required"]["image"][0] = self._input_files(INPUT_FILE_LISTS[class_type])
+        return entry
+
+    def input_types(self, class_type: str) -> dict[str, dict[str, Any]]:
+        """`{"required": {...}, "optional": {...}, "hidden": {...}}` like INPUT_TYPES()."""
+        if class_type in INPUT_FILE_LISTS:
+            return self.entry(class_type)["input"]  # type: ignore[no-any-return]
+        return self._entries[class_type]["input"]  # type: ignore[no-any-return]
+
+    def input_info(self, class_type: str, name: str,
+                   types: dict[str, dict[str, Any]] | None = None) -> InputInfo | tuple[None, None, None]:
+        """(type, category, extra options) of one input, or (None, None, None) if it has none."""
+        types = types or self.input_types(class_type)
+        for category in ("required", "optional", "hidden"):
+            spec = types.get(category, {}).get(name)
+            if spec is not None:
+                if isinstance(spec, str):  # hidden inputs are bare strings such as "PROMPT"
+                    return spec, category, {}
+                return spec[0], category, (spec[1] if len(spec) > 1 else {})
+        return None, None, None
+
+    def declared_inputs(self, class_type: str) -> list[str]:
+        """Required then optional input names, in the node's declared order."""
+        order = self._entries[class_type].get("input_order", {})
+        return [*order.get("required", []), *order.get("optional", [])]
+
+    def hidden_inputs(self, class_type: str) -> dict[str, str]:
+        return dict(self._entries[class_type]["input"].get("hidden", {}))
+
+    def return_types(self, class_type: str) -> list[str]:
+        return list(self._entries[class_type]["output"])
+
+    def is_output(self, class_type: str) -> bool:
+        return bool(self._entries[class_type].get("output_node"))
+
+    def _input_files(self, images_only: bool) -> list[str]:
+        folder = self._folders.input
+        try:
+            names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))]
+        except FileNotFoundError:
+            return []
+        if images_only:
+            names = [n for n in names if (mimetypes.guess_type(n)[0] or "").startswith("image/")]
+        return sorted(names)

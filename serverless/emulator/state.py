@@ -1,0 +1,82 @@
+"""The emulator's shared state: settings, what the worker is doing, and the parts every route needs."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .folders import Folders
+from .hub import Hub
+from .prompt_queue import PromptQueue
+from .specs import NodeSpecs
+
+# Advertised on `GET /features` and in the websocket `feature_flags` reply (100 MB, ComfyUI's default).
+MAX_UPLOAD_SIZE = 100 * 1024 * 1024
+SERVER_FEATURES: dict[str, Any] = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}
+
+
+@dataclass
+class Config:
+    """Run-time knobs (changeable through `POST /emulator/config`).
+
+    `step_delay` is slept per KSampler step (interruptible between steps); `node_delay` is slept inside
+    every node after its interrupt check, like a long non-interruptible computation.
+    """
+
+    step_delay: float = 0.02
+    node_delay: float = 0.0
+
+
+@dataclass
+class Runtime:
+    """What the worker runs right now; read by the websocket handler and `/interrupt`."""
+
+    client_id: str | None = None
+    last_node_id: str | None = None
+    interrupt: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Emulator:
+    """Everything the routes, the websocket handler and the worker share."""
+
+    folders: Folders
+    config: Config
+    specs: NodeSpecs
+    hub: Hub
+    runtime: Runtime
+    queue: PromptQueue = field(init=False)
+    number: int = 0
+
+    def __post_init__(self) -> None:
+        self.queue = PromptQueue(on_change=self.queue_updated)
+
+    def queue_info(self) -> dict[str, Any]:
+        """The `status` payload: how many prompts are queued or running."""
+        return {"exec_info": {"queue_remaining": self.queue.remaining()}}
+
+    def queue_updated(self) -> None:
+        """Broadcast the queue size; ComfyUI does this on every queue change."""
+        self.hub.send_sync("status", {"status": self.queue_info()})
+
+    def next_number(self, body: dict[str, Any]) -> float | int:
+        """The queue position of a new prompt: client-given, or a counter (negated for `front`)."""
+        if "number" in body:
+            return float(body["number"])
+        number = -self.number if body.get("front") else self.number
+        self.number += 1
+        return number
+
+
+EMULATOR = web.AppKey("emulator", Emulator)
+
+
+def build_emulator(root: Path, step_delay: float) -> Emulator:
+    """Create the state for one emulator rooted at `root` (folders are created by the app on start)."""
+    folders = Folders(Path(root))
+    return Emulator(folders=folders, config=Config(step_delay=step_delay), specs=NodeSpecs.load(folders),
+                    hub=Hub(), runtime=Runtime())

@@ -1,0 +1,60 @@
+"""Classification of ComfyUI websocket messages (pure).
+
+A message is parsed once, for routing; its text is kept exactly as ComfyUI sent it, because the
+contract forwards it byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+OUTCOME_TYPES = ("execution_success", "execution_error", "execution_interrupted")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One text message from ComfyUI's websocket."""
+
+    text: str
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def prompt_id(self) -> str | None:
+        value = self.data.get("prompt_id")
+        return value if isinstance(value, str) else None
+
+    def concerns(self, prompt_id: str) -> bool:
+        """True unless the message names another prompt (ComfyUI broadcasts some messages, e.g.
+        `progress_state` of prompts sent without a client id, to every socket)."""
+        return self.prompt_id in (None, prompt_id)
+
+    def ends(self, prompt_id: str) -> bool:
+        """`executing` with `node: null` for our prompt: always ComfyUI's last message of a job."""
+        return (
+            self.type == "executing"
+            and self.data.get("node") is None
+            and self.prompt_id == prompt_id
+        )
+
+    @property
+    def output(self) -> dict[str, Any] | None:
+        """The UI output of an `executed` message (what history will hold for that node)."""
+        if self.type != "executed":
+            return None
+        output = self.data.get("output")
+        return output if isinstance(output, dict) else None
+
+
+def parse_message(text: str) -> Message | None:
+    """Parse a websocket text frame; None for anything that is not a typed JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        return None
+    data = value.get("data")
+    return Message(text=text, type=value["type"], data=data if isinstance(data, dict) else {})

@@ -1,0 +1,368 @@
+"""Loader inputs: URLs, `oss://` objects and base64 in a workflow become files in ComfyUI's input
+folder (CONTRACT.md section 1, "Loader inputs").
+
+Pure part: which inputs are loader inputs (`find_loader_inputs`) and what each value is
+(`classify`). I/O part: `resolve_inputs` fetches every distinct value concurrently, checks what
+came back, and only when all succeeded uploads the bytes under `<sha256>.<ext>`, returning a new
+workflow with each value replaced by the uploaded name.
+
+Content check: the extension comes from the bytes (`serverless.media.sniff`), never from the URL,
+for the known loaders. An image loader given something that is not an image (an HTML error page,
+a WAV) is refused with INPUT_ERROR rather than uploaded for ComfyUI to fail on later; likewise
+audio and video loaders (see `EXPECTED_MEDIA`). Loaders added by configuration accept any bytes:
+unrecognised content keeps a safe extension from the URL, `oss://` key or data URI, else `.bin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import logging
+import re
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from .download import decode_base64
+from .errors import ComfyUIUnavailable, InputError, InvalidParams, ServerlessError
+from .media import ext_for_mime, sniff
+
+logger = logging.getLogger(__name__)
+
+InputKind = Literal["file", "url", "oss", "base64"]
+
+LOADER_INPUTS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("LoadImage", "image"),
+        ("LoadImageMask", "image"),
+        ("LoadAudio", "audio"),
+        ("VHS_LoadVideo", "video"),
+        ("LoadVideo", "file"),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepts:
+    """What a loader reads: `label` for messages, `types` as MIME top-level or exact types."""
+
+    label: str
+    types: frozenset[str]
+
+    def __contains__(self, mime: str) -> bool:
+        return mime in self.types or mime.split("/", 1)[0] in self.types
+
+
+_IMAGE = Accepts("an image", frozenset({"image"}))
+_VIDEO = Accepts(
+    "a video", frozenset({"video", "image/gif", "image/webp"})
+)  # animations load too
+# Loaders not listed here (added by configuration) accept any content.
+EXPECTED_MEDIA: Mapping[str, Accepts] = {
+    "LoadImage": _IMAGE,
+    "LoadImageMask": _IMAGE,
+    "LoadAudio": Accepts(
+        "audio", frozenset({"audio", "video"})
+    ),  # a video's sound track loads
+    "VHS_LoadVideo": _VIDEO,
+    "LoadVideo": _VIDEO,
+}
+
+BASE64_MIN_LENGTH = 64  # base64 is told from a file name by being longer than this
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
+_SAFE_EXT = re.compile(r"[a-z0-9]{1,8}")
+_HASH_CHARS = 32
+
+T = TypeVar("T")
+
+
+class LoaderInput(NamedTuple):
+    """One loader input of a workflow whose value is a string."""
+
+    node_id: str
+    input_name: str
+    value: str
+
+
+class _Fetched(NamedTuple):
+    data: bytes
+    digest: str
+    sniffed: tuple[str, str] | None
+
+
+def find_loader_inputs(
+    workflow: Mapping[str, Any], loaders: Collection[tuple[str, str]] = LOADER_INPUTS
+) -> list[LoaderInput]:
+    """The string-valued loader inputs of an API-format workflow, in workflow order.
+    Inputs linked to another node (`["5", 0]`) and malformed nodes are skipped."""
+    wanted = frozenset(loaders)
+    found = []
+    for node_id, node in workflow.items():
+        if not isinstance(node, Mapping) or not isinstance(node.get("inputs"), Mapping):
+            continue
+        class_type = node.get("class_type")
+        for name, value in node["inputs"].items():
+            if (class_type, name) in wanted and isinstance(value, str):
+                found.append(LoaderInput(node_id, name, value))
+    return found
+
+
+def classify(value: str) -> InputKind:
+    """What a loader input value is. Raises `InvalidParams` for an absolute path or one with a
+    `..` component, `InputError` for a URL scheme other than http, https and oss."""
+    lowered = value[:8].lower()
+    if lowered.startswith(("http://", "https://")):
+        return "url"
+    if lowered.startswith("oss://"):
+        return "oss"
+    if lowered.startswith("data:"):
+        return "base64"
+    scheme = _URL_SCHEME.match(value)
+    if scheme is not None:
+        raise InputError(
+            f"unsupported URL scheme {scheme[1]!r} (use http, https or oss)"
+        )
+    if len(value) > BASE64_MIN_LENGTH and _BASE64_TEXT.fullmatch(value):
+        return "base64"
+    _check_file_name(value)
+    return "file"
+
+
+def _check_file_name(value: str) -> None:
+    if "\x00" in value:
+        raise InvalidParams("file name contains a NUL character")
+    if value.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(value):
+        raise InvalidParams(
+            "absolute paths are not allowed; give a name in ComfyUI's input folder"
+        )
+    if ".." in re.split(r"[\\/]", value):
+        raise InvalidParams("'..' is not allowed in a file name")
+
+
+def expected_media(class_type: str) -> Accepts | None:
+    """What a loader class reads; None for anything."""
+    return EXPECTED_MEDIA.get(class_type)
+
+
+async def resolve_inputs(
+    workflow: Mapping[str, Any],
+    *,
+    loaders: Collection[tuple[str, str]] = LOADER_INPUTS,
+    fetch_url: Callable[[str], Awaitable[bytes]],
+    read_oss: Callable[[str], Awaitable[bytes]] | None,
+    upload: Callable[[bytes, str], Awaitable[str]],
+    max_base64_bytes: int,
+) -> dict[str, Any]:
+    """A new workflow whose URL, `oss://` and base64 loader inputs name uploaded files.
+
+    Every distinct value is fetched once, all concurrently; nothing is uploaded unless all
+    fetches and checks succeeded. Failures raise `InputError` (or `InvalidParams` for unsafe file
+    names) naming node and input; `ComfyUIUnavailable` from `upload` passes through unchanged."""
+    remote: list[tuple[LoaderInput, InputKind]] = []
+    for item in find_loader_inputs(workflow, loaders):
+        kind = _classify_item(workflow, item)
+        if kind != "file":
+            remote.append((item, kind))
+    result = copy.deepcopy(dict(workflow))
+    if not remote:
+        return result
+
+    first_use: dict[str, tuple[LoaderInput, InputKind]] = {}
+    for item, kind in remote:
+        first_use.setdefault(item.value, (item, kind))
+    fetched = await _run_all(
+        {
+            value: _fetch_job(
+                workflow, item, kind, fetch_url, read_oss, max_base64_bytes
+            )
+            for value, (item, kind) in first_use.items()
+        }
+    )
+
+    file_names = {
+        value: _file_name(workflow, item, kind, fetched[value])
+        for value, (item, kind) in first_use.items()
+    }
+    for (
+        item,
+        _,
+    ) in remote:  # every use, not only the first, must get content it can read
+        _check_media(workflow, item, fetched[item.value])
+
+    to_upload: dict[str, tuple[LoaderInput, bytes]] = {}
+    for value, name in file_names.items():
+        to_upload.setdefault(name, (first_use[value][0], fetched[value].data))
+    uploaded = await _run_all(
+        {
+            name: _upload_job(workflow, item, data, name, upload)
+            for name, (item, data) in to_upload.items()
+        }
+    )
+
+    for item, _ in remote:
+        result[item.node_id]["inputs"][item.input_name] = uploaded[
+            file_names[item.value]
+        ]
+    logger.debug(
+        "resolved %d loader input(s), %d upload(s)", len(remote), len(to_upload)
+    )
+    return result
+
+
+def _classify_item(workflow: Mapping[str, Any], item: LoaderInput) -> InputKind:
+    try:
+        return classify(item.value)
+    except ServerlessError as exc:
+        raise type(exc)(
+            _where(workflow, item, exc.message), _raw(workflow, item, exc.message)
+        ) from exc
+
+
+def _fetch_job(
+    workflow: Mapping[str, Any],
+    item: LoaderInput,
+    kind: InputKind,
+    fetch_url: Callable[[str], Awaitable[bytes]],
+    read_oss: Callable[[str], Awaitable[bytes]] | None,
+    max_base64_bytes: int,
+) -> Callable[[], Coroutine[Any, Any, _Fetched]]:
+    async def job() -> _Fetched:
+        try:
+            if kind == "url":
+                data = await fetch_url(item.value)
+            elif kind == "oss":
+                if read_oss is None:
+                    raise InputError(
+                        "oss:// inputs need OSS to be configured on this instance"
+                    )
+                data = await read_oss(item.value)
+            else:
+                data = await asyncio.to_thread(
+                    decode_base64, item.value, max_base64_bytes
+                )
+            return await asyncio.to_thread(_describe, data)
+        except ServerlessError as exc:
+            raise _input_error(workflow, item, _VERBS[kind], exc) from exc
+
+    return job
+
+
+def _upload_job(
+    workflow: Mapping[str, Any],
+    item: LoaderInput,
+    data: bytes,
+    name: str,
+    upload: Callable[[bytes, str], Awaitable[str]],
+) -> Callable[[], Coroutine[Any, Any, str]]:
+    async def job() -> str:
+        try:
+            return await upload(data, name)
+        except ComfyUIUnavailable:
+            raise
+        except ServerlessError as exc:
+            raise _input_error(workflow, item, "cannot upload to ComfyUI", exc) from exc
+
+    return job
+
+
+_VERBS: dict[InputKind, str] = {
+    "url": "cannot download",
+    "oss": "cannot read from OSS",
+    "base64": "cannot decode",
+    "file": "",
+}
+
+
+async def _run_all(
+    jobs: Mapping[str, Callable[[], Coroutine[Any, Any, T]]],
+) -> dict[str, T]:
+    """Run the jobs concurrently; the first failure cancels the rest and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks: dict[str, asyncio.Task[T]] = {
+                key: group.create_task(job()) for key, job in jobs.items()
+            }
+    except ExceptionGroup as eg:
+        leaves = _leaves(eg)
+        if all(isinstance(e, ServerlessError) for e in leaves):
+            raise leaves[0]  # keeps its own cause: the fetch error
+        raise
+    return {key: task.result() for key, task in tasks.items()}
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in eg.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _describe(data: bytes) -> _Fetched:
+    return _Fetched(data, hashlib.sha256(data).hexdigest(), sniff(data))
+
+
+def _file_name(
+    workflow: Mapping[str, Any], item: LoaderInput, kind: InputKind, fetched: _Fetched
+) -> str:
+    if not fetched.data:
+        raise InputError(*_message(workflow, item, "the content is empty"))
+    ext = fetched.sniffed[0] if fetched.sniffed else _fallback_ext(item.value, kind)
+    return f"{fetched.digest[:_HASH_CHARS]}.{ext}"
+
+
+def _check_media(
+    workflow: Mapping[str, Any], item: LoaderInput, fetched: _Fetched
+) -> None:
+    accepted = expected_media(_class_type(workflow, item))
+    if accepted is None:
+        return
+    if fetched.sniffed is None:
+        reason = f"expected {accepted.label}, got content of an unrecognised type"
+        raise InputError(*_message(workflow, item, reason))
+    if fetched.sniffed[1] not in accepted:
+        reason = f"expected {accepted.label}, got {fetched.sniffed[1]}"
+        raise InputError(*_message(workflow, item, reason))
+
+
+def _fallback_ext(value: str, kind: InputKind) -> str:
+    """A safe extension for content `sniff` does not know, for loaders that accept anything."""
+    if kind == "base64":
+        if value[:5].lower() == "data:":
+            return ext_for_mime(value[5:].split(",", 1)[0]) or "bin"
+        return "bin"
+    path = value.split("?", 1)[0].split("#", 1)[0]
+    last = path.rsplit("/", 1)[-1]
+    ext = last.rsplit(".", 1)[1].lower() if "." in last else ""
+    return ext if _SAFE_EXT.fullmatch(ext) else "bin"
+
+
+def _input_error(
+    workflow: Mapping[str, Any], item: LoaderInput, verb: str, exc: ServerlessError
+) -> InputError:
+    return InputError(*_message(workflow, item, f"{verb}: {exc.message}"))
+
+
+def _message(
+    workflow: Mapping[str, Any], item: LoaderInput, reason: str
+) -> tuple[str, Any]:
+    return _where(workflow, item, reason), _raw(workflow, item, reason)
+
+
+def _where(workflow: Mapping[str, Any], item: LoaderInput, reason: str) -> str:
+    return f"node {item.node_id} ({_class_type(workflow, item)}) input '{item.input_name}': {reason}"
+
+
+def _raw(workflow: Mapping[str, Any], item: LoaderInput, reason: str) -> dict[str, str]:
+    return {
+        "node_id": item.node_id,
+        "class_type": _class_type(workflow, item),
+        "input_name": item.input_name,
+        "reason": reason,
+    }
+
+
+def _class_type(workflow: Mapping[str, Any], item: LoaderInput) -> str:
+    return str(workflow[item.node_id].get("class_type"))

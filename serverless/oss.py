@@ -1,0 +1,342 @@
+"""Alibaba OSS: where outputs are uploaded and `oss://` loader inputs are read (CONTRACT.md section 6).
+
+oss2 is blocking, so every call that touches the network runs in a worker thread. oss2 errors are
+translated here and only here: into `OutputError` for uploads, `InputError` for reads. Nothing this
+module logs or raises contains an access key, secret, security token or signed URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import oss2  # type: ignore[import-untyped]
+from oss2.credentials import StaticCredentialsProvider  # type: ignore[import-untyped]
+from oss2.exceptions import InconsistentError, OssError, RequestError  # type: ignore[import-untyped]
+
+from serverless.errors import InputError, OutputError
+
+logger = logging.getLogger(__name__)
+# oss2 logs request headers (Authorization, x-oss-security-token) at DEBUG, and at INFO every OSS
+# error body, which for a bad signature echoes the canonical request, security token included.
+logging.getLogger("oss2").setLevel(logging.WARNING)
+
+DEFAULT_KEY_PREFIX = "serverless-api-output"
+MAX_EXPIRES_S = 7 * 24 * 3600  # the longest a V4 presigned URL may live
+_HOST = r"oss-(?P<region>[a-z0-9-]+?)(?P<internal>-internal)?\.aliyuncs\.com"
+_DOMAIN = re.compile(r"(?P<bucket>[a-z0-9][a-z0-9-]{1,61}[a-z0-9])\.(?P<host>" + _HOST + ")")
+_ALIYUN_HOST = re.compile(_HOST)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+_EXT = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_HEADER_NAMES = ("x-fc-access-key-id", "x-fc-access-key-secret", "x-fc-security-token")
+_ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
+_SAFE_DETAILS = ("Code", "Message", "RequestId", "HostId", "EC")
+_T = TypeVar("_T")
+
+
+def _endpoint_url(value: str, setting: str, default_scheme: str = "https") -> str:
+    """`scheme://host[:port]` from a host or URL setting; ValueError naming the setting otherwise."""
+    parts = urlsplit(value.strip() if "://" in value else f"{default_scheme}://{value.strip()}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{setting}: expected a host or an http(s) URL without a path, got {value!r}")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+@dataclass(frozen=True, slots=True)
+class OssConfig:
+    """Where outputs go. `region` is reported as configured (`oss-cn-hangzhou`); V4 signing uses
+    `signing_region` (`cn-hangzhou`). `expires_in` 0 means upload only, no signed URL."""
+
+    bucket: str
+    region: str
+    endpoint: str  # URL that uploads and reads go to
+    sign_endpoint: str  # URL that signed GET URLs point at
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    expires_in: int = 0
+
+    @property
+    def signing_region(self) -> str:
+        return self.region.removeprefix("oss-")
+
+    @classmethod
+    def from_values(cls, bucket_domain: str | None, endpoint: str | None = None,
+                    sign_endpoint: str | None = None, key_prefix: str | None = None,
+                    expires_in: str | int | None = None) -> OssConfig | None:
+        """Build from the raw settings (CONTRACT.md section 6); None when no bucket domain is set."""
+        if not bucket_domain or not bucket_domain.strip():
+            return None
+        domain = _endpoint_url(bucket_domain, "OSS_BUCKET_DOMAIN")
+        scheme, host = domain.split("://", 1)
+        match = _DOMAIN.fullmatch(host.split(":", 1)[0])
+        if match is None:
+            raise ValueError(f"OSS_BUCKET_DOMAIN: expected <bucket>.oss-<region>.aliyuncs.com, got {bucket_domain!r}")
+        port = host[len(match[0]):]
+        public = f"{scheme}://oss-{match['region']}.aliyuncs.com{port}"
+        return cls(
+            bucket=match["bucket"],
+            region=f"oss-{match['region']}",
+            endpoint=_endpoint_url(endpoint, "OSS_ENDPOINT") if endpoint else f"{scheme}://{match['host']}{port}",
+            sign_endpoint=_endpoint_url(sign_endpoint, "OSS_SIGN_ENDPOINT") if sign_endpoint else public,
+            key_prefix=_key_prefix(key_prefix),
+            expires_in=_expires_in(expires_in),
+        )
+
+
+def _key_prefix(value: str | None) -> str:
+    if value is None:
+        return DEFAULT_KEY_PREFIX
+    prefix = value.strip().strip("/")
+    if prefix and ("\\" in prefix or any(part in ("", ".", "..") for part in prefix.split("/"))):
+        raise ValueError(f"OSS_KEY_PREFIX: not a usable key prefix: {value!r}")
+    return prefix
+
+
+def _expires_in(value: str | int | None) -> int:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise ValueError(f"OSS_EXPIRES_IN_SECOND: expected whole seconds, got {value!r}") from None
+    if not 0 <= seconds <= MAX_EXPIRES_S:
+        raise ValueError(f"OSS_EXPIRES_IN_SECOND: must be between 0 and {MAX_EXPIRES_S} (7 days), got {seconds}")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An access key pair, with the STS token when temporary. Nothing of it appears in `repr`."""
+
+    access_key_id: str = field(repr=False)
+    access_key_secret: str = field(repr=False)
+    security_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(cls, headers: Mapping[str, str], environ: Mapping[str, str]) -> Credentials | None:
+        """The request's `x-fc-access-key-*` headers as a set, else the `ALIBABA_CLOUD_*` environment."""
+        lowered = {name.lower(): value for name, value in headers.items()}
+        for source, names in ((lowered, _HEADER_NAMES), (environ, _ENV_NAMES)):
+            key_id, secret, token = (source.get(name, "").strip() for name in names)
+            if key_id and secret:
+                return cls(key_id, secret, token or None)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedObject:
+    """An object that is in the bucket; `url` (signed) and `expire` (Unix time) only with an expiry."""
+
+    region: str
+    bucket: str
+    object: str
+    url: str | None = field(repr=False)
+    expire: int | None
+
+    def to_payload(self) -> dict[str, Any]:
+        """The result's `output.oss` object."""
+        return {"region": self.region, "bucket": self.bucket, "object": self.object,
+                "url": self.url, "expire": self.expire}
+
+
+def parse_oss_url(url: str, default_endpoint: str | None) -> tuple[str, str, str]:
+    """`oss://<bucket>.<endpoint>/<key>` -> (bucket, endpoint host, key); `oss://<bucket>/<key>` ->
+    (bucket, default_endpoint, key). The key is taken verbatim. ValueError says what is wrong."""
+    if url[:6].lower() != "oss://":
+        raise ValueError("not an oss:// URL")
+    authority, _, key = url[6:].partition("/")
+    bucket, dot, endpoint = authority.lower().partition(".")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"invalid bucket name {bucket!r}")
+    if not key or key.startswith("/"):
+        raise ValueError("no object key")
+    if dot and not endpoint:
+        raise ValueError("empty endpoint")
+    if not dot:
+        if default_endpoint is None:
+            raise ValueError("no endpoint in the URL and none configured")
+        endpoint = default_endpoint
+    return bucket, endpoint, key
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _is_transient(exc: OssError) -> bool:
+    return isinstance(exc, (RequestError, InconsistentError)) or exc.status >= 500
+
+
+def _describe(exc: OssError) -> str:
+    """What went wrong, for a person: the OSS code, status and request id; never the error body."""
+    if isinstance(exc, RequestError):
+        return f"connection failed ({type(exc.exception).__name__})"
+    if isinstance(exc, InconsistentError):
+        return "checksum mismatch"
+    if exc.status < 0:
+        return type(exc).__name__
+    request_id = f", request id {exc.request_id}" if exc.request_id else ""
+    return f"{exc.code or 'error'} (HTTP {exc.status}{request_id})"
+
+
+def _scrubbed(exc: OssError) -> OssError:
+    """The same error without its body: OSS echoes the signed canonical request, token included,
+    and a traceback prints it."""
+    exc.details = {k: v for k, v in exc.details.items() if k in _SAFE_DETAILS}
+    exc.body = b""
+    exc.args = ()
+    return exc
+
+
+def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
+    """GET the object, refusing it by its length first and by counting while it streams."""
+    with bucket.get_object(key) as result:
+        if result.content_length is not None and result.content_length > max_bytes:
+            raise _TooLarge(result.content_length)
+        chunks, total = [], 0
+        for chunk in result:
+            total += len(chunk)
+            if total > max_bytes:
+                raise _TooLarge(None)
+            chunks.append(chunk)
+        oss2.utils.check_crc("get object", result.client_crc, result.server_crc, result.request_id)
+    return b"".join(chunks)
+
+
+class OssStore:
+    """Uploads outputs to the configured bucket and reads `oss://` inputs, retrying transient
+    failures (5xx, connection errors, checksum mismatches) with exponential backoff.
+
+    One oss2 session (connection pool) for all calls; oss2 `Bucket` objects are kept per
+    (credentials, endpoint, bucket, region), the least recently used dropped beyond `cache_size`.
+    """
+
+    def __init__(self, config: OssConfig, *, attempts: int = 3, backoff_s: float = 0.5,
+                 timeout_s: float = 60.0, cache_size: int = 32) -> None:
+        self.config = config
+        self._attempts = max(1, attempts)
+        self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
+        self._cache_size = cache_size
+        self._session = oss2.Session()
+        self._buckets: OrderedDict[tuple[Credentials | None, str, str, str], Any] = OrderedDict()
+        self._closed = False
+
+    def object_key(self, ext: str) -> str:
+        """`<prefix>/<uuid4>.<ext>` (no dot when `ext` is empty or not a plain extension)."""
+        ext = ext.lstrip(".")
+        name = f"{uuid.uuid4()}.{ext}" if _EXT.fullmatch(ext) else str(uuid.uuid4())
+        return f"{self.config.key_prefix}/{name}" if self.config.key_prefix else name
+
+    async def upload(self, creds: Credentials, source: bytes | Path, ext: str,
+                     content_type: str) -> UploadedObject:
+        """Put `source` (bytes, or a file streamed from disk) under a new key; OutputError if it
+        still fails after retries. The URL is signed only once the object is in the bucket."""
+        cfg = self.config
+        key = self.object_key(ext)
+        bucket = self._bucket(creds, cfg.endpoint, cfg.bucket, cfg.signing_region)
+        headers = {"Content-Type": content_type}
+        if isinstance(source, Path):
+            put = partial(bucket.put_object_from_file, key, str(source), headers=headers)
+        else:
+            put = partial(bucket.put_object, key, source, headers=headers)
+        try:
+            await self._retrying(put, f"upload to {cfg.bucket}/{key}")
+        except OssError as exc:
+            raise OutputError(f"OSS upload to bucket {cfg.bucket} failed: {_describe(exc)}") from _scrubbed(exc)
+        except OSError as exc:
+            raise OutputError(f"output file could not be read for upload: {exc.strerror}") from exc
+        if cfg.expires_in <= 0:
+            return UploadedObject(cfg.region, cfg.bucket, key, None, None)
+        signer = self._bucket(creds, cfg.sign_endpoint, cfg.bucket, cfg.signing_region)
+        expire = int(time.time()) + cfg.expires_in
+        url = signer.sign_url("GET", key, cfg.expires_in, slash_safe=True)
+        return UploadedObject(cfg.region, cfg.bucket, key, url, expire)
+
+    async def read(self, creds: Credentials | None, url: str, max_bytes: int) -> bytes:
+        """The bytes of `oss://...` (anonymously when `creds` is None); InputError saying why not."""
+        try:
+            bucket_name, endpoint, key = parse_oss_url(url, self.config.endpoint)
+        except ValueError as exc:
+            raise InputError(f"invalid OSS URL: {exc}") from exc
+        where = f"oss://{bucket_name}/{key}"
+        endpoint_url, region = self._route(endpoint, where)
+        try:
+            bucket = self._bucket(creds, endpoint_url, bucket_name, region)
+            return await self._retrying(partial(_read_capped, bucket, key, max_bytes), f"read of {where}")
+        except _TooLarge as exc:
+            size = f"{exc.size} bytes" if exc.size is not None else "larger"
+            raise InputError(f"{where} is too large: {size}, the limit is {max_bytes} bytes") from exc
+        except OssError as exc:
+            if exc.status == 404:
+                reason = "not found"
+            elif exc.status == 403:
+                reason = f"access denied: {_describe(exc)}"
+            else:
+                reason = f"could not be read: {_describe(exc)}"
+            raise InputError(f"{where} {reason}") from _scrubbed(exc)
+
+    def close(self) -> None:
+        """Release pooled connections; the store cannot be used afterwards."""
+        self._closed = True
+        self._buckets.clear()
+        self._session.session.close()
+
+    def _route(self, endpoint: str, where: str) -> tuple[str, str]:
+        """URL and signing region for an endpoint an input names. Only the configured endpoint and
+        Alibaba OSS endpoints: credentials are never signed for a host a caller chose."""
+        cfg = self.config
+        if endpoint in (cfg.endpoint, urlsplit(cfg.endpoint).netloc):
+            return cfg.endpoint, cfg.signing_region
+        match = _ALIYUN_HOST.fullmatch(endpoint)
+        if match is None:
+            raise InputError(f"{where}: endpoint {endpoint!r} is not an Alibaba Cloud OSS endpoint")
+        if match["region"] == cfg.signing_region:
+            return cfg.endpoint, cfg.signing_region
+        return f"https://{endpoint}", match["region"]
+
+    def _bucket(self, creds: Credentials | None, endpoint: str, name: str, region: str) -> Any:
+        if self._closed:
+            raise RuntimeError("OssStore is closed")
+        cache_key = (creds, endpoint, name, region)
+        bucket = self._buckets.get(cache_key)
+        if bucket is not None:
+            self._buckets.move_to_end(cache_key)
+            return bucket
+        if creds is None:
+            auth = oss2.AnonymousAuth()
+        else:
+            auth = oss2.ProviderAuthV4(StaticCredentialsProvider(
+                creds.access_key_id, creds.access_key_secret, creds.security_token or ""))
+        bucket = oss2.Bucket(auth, endpoint, name, session=self._session, connect_timeout=self._timeout_s,
+                             region=region)
+        self._buckets[cache_key] = bucket
+        if len(self._buckets) > self._cache_size:
+            self._buckets.popitem(last=False)
+        return bucket
+
+    async def _retrying(self, call: Callable[[], _T], what: str) -> _T:
+        """Run `call` in a thread; on a transient OSS error wait (0.5 s, 1 s, ...) and run it again."""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return await asyncio.to_thread(call)
+            except OssError as exc:
+                if attempt == self._attempts or not _is_transient(exc):
+                    raise
+                delay = self._backoff_s * 2 ** (attempt - 1)
+                logger.warning("OSS %s failed (%s), attempt %d of %d; retrying in %.2fs",
+                               what, _describe(exc), attempt, self._attempts, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")

@@ -1,0 +1,157 @@
+"""Outputs: what a job produced, read from ComfyUI (and handed to OSS) as soon as it is known.
+
+`list_outputs` is pure: history outputs into references, in history order. `OutputCollector`
+starts reading a file when ComfyUI reports it (`executed`), overlapping the rest of the job, reads
+each file once, at most N at a time, and renders the contract's `results` entries at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .comfyui import ComfyUI, Fetched
+from .errors import OutputError, ServerlessError
+from .media import mime_for_name, sniff
+
+FileKey = tuple[str, str, str]
+# Uploads an output (bytes, file name, mime) and returns the contract's `oss` object.
+Uploader = Callable[[bytes, str, str], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRef:
+    """One file of one node's output list, as history (or `executed`) names it."""
+
+    node_id: str
+    kind: str
+    batch_id: int
+    item: Mapping[str, Any]
+
+    @property
+    def key(self) -> FileKey:
+        return file_key(self.item)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    """A file read from ComfyUI, and where it went in OSS if it was uploaded."""
+
+    fetched: Fetched
+    oss: dict[str, Any] | None
+
+
+def file_key(item: Mapping[str, Any]) -> FileKey:
+    return (str(item.get("type", "")), str(item.get("subfolder", "") or ""), str(item.get("filename", "")))
+
+
+def filepath(item: Mapping[str, Any]) -> str:
+    """`type/subfolder/filename`, or `type/filename` without subfolder (compat `raw.filepath`)."""
+    kind, subfolder, name = file_key(item)
+    return "/".join(part for part in (kind or "output", subfolder, name) if part)
+
+
+def list_outputs(outputs: Mapping[str, Any]) -> list[OutputRef]:
+    """Every file entry (a dict with a `filename`) of every node and output key, in order."""
+    refs = []
+    for node_id, node_output in outputs.items():
+        if not isinstance(node_output, dict):
+            continue
+        for kind, items in node_output.items():
+            if not isinstance(items, list):
+                continue
+            for index, item in enumerate(items):
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    refs.append(OutputRef(str(node_id), str(kind), index, item))
+    return refs
+
+
+class OutputCollector:
+    """Reads (and uploads) a job's outputs concurrently, each file once."""
+
+    def __init__(
+        self, comfy: ComfyUI, *, with_content: bool, uploader: Uploader | None,
+        concurrency: int, empty_oss: dict[str, Any],
+    ) -> None:
+        self._comfy = comfy
+        self._with_content = with_content or uploader is not None
+        self._uploader = uploader
+        self._limit = asyncio.Semaphore(concurrency)
+        self._tasks: dict[FileKey, asyncio.Task[OutputFile]] = {}
+        self._empty_oss = empty_oss
+
+    def prefetch(self, output: Mapping[str, Any], node_id: str) -> None:
+        """Start reading the files of an `executed` message's output."""
+        for ref in list_outputs({node_id: output}):
+            self._start(ref)
+
+    def _start(self, ref: OutputRef) -> asyncio.Task[OutputFile]:
+        task = self._tasks.get(ref.key)
+        if task is None:
+            task = asyncio.create_task(self._process(ref.item))
+            self._tasks[ref.key] = task
+        return task
+
+    async def _process(self, item: Mapping[str, Any]) -> OutputFile:
+        async with self._limit:
+            fetched = await self._comfy.fetch(item, self._with_content)
+            oss = None
+            if self._uploader is not None and fetched.content is not None:
+                name = str(item.get("filename", ""))
+                oss = await self._uploader(fetched.content, name, _mime(fetched, name))
+            return OutputFile(fetched, oss)
+
+    async def results(self, refs: list[OutputRef], want_base64: bool) -> list[dict[str, Any]]:
+        """The contract's `results` for `refs`, waiting for every file; OutputError on failure,
+        with the results that did succeed in `raw`."""
+        tasks = [self._start(ref) for ref in refs]
+        await asyncio.wait(tasks)
+        results, failures = [], []
+        for ref, task in zip(refs, tasks):
+            error = task.exception()
+            if error is not None:
+                failures.append(error)
+                continue
+            results.append(self._render(ref, task.result(), want_base64))
+        if failures:
+            first = failures[0]
+            message = first.message if isinstance(first, ServerlessError) else repr(first)
+            raise OutputError(f"{len(failures)} of {len(refs)} outputs failed: {message}", raw={"results": results})
+        return results
+
+    def _render(self, ref: OutputRef, file: OutputFile, want_base64: bool) -> dict[str, Any]:
+        name = str(ref.item.get("filename", ""))
+        content = file.fetched.content
+        encoded = base64.b64encode(content).decode("ascii") if want_base64 and content is not None else None
+        return {
+            "node_id": ref.node_id,
+            "batch_id": ref.batch_id,
+            "index": ref.batch_id,
+            "output": {
+                "type": ref.kind,
+                "raw": {**ref.item, "filepath": filepath(ref.item)},
+                "base64": {"content": encoded},
+                "oss": file.oss or dict(self._empty_oss),
+                "mime": _mime(file.fetched, name),
+                "bytes": file.fetched.size,
+            },
+        }
+
+    async def aclose(self) -> None:
+        """Cancel whatever is still running (a failed or cancelled job)."""
+        pending = [task for task in self._tasks.values() if not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+def _mime(fetched: Fetched, name: str) -> str:
+    sniffed = sniff(fetched.content) if fetched.content else None
+    if sniffed:
+        return sniffed[1]
+    if fetched.content_type and fetched.content_type != "application/octet-stream":
+        return fetched.content_type.split(";")[0].strip()
+    return mime_for_name(name)

@@ -1,0 +1,115 @@
+"""Parsing of a run request (pure): body, query flags and headers into a `RunRequest`.
+
+Nothing here does I/O; every refusal is an `InvalidParams` whose message tells a person what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidParams
+
+TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")
+FALSE_VALUES = ("", "0", "false")
+
+Workflow = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """One job as the caller asked for it, before any preparation."""
+
+    workflow: Workflow
+    extra_data: dict[str, Any] | None
+    output_base64: bool
+    output_oss: bool
+    stream: bool
+    task_id: str | None
+
+
+def query_flag(query: Mapping[str, str], name: str) -> bool:
+    """Compat flag rule: true unless absent, empty, `0` or `false` (any case)."""
+    value = query.get(name)
+    return value is not None and value.strip().lower() not in FALSE_VALUES
+
+
+def validate_task_id(task_id: str) -> str:
+    """A task id names a file on the shared disk: refuse anything that could escape its folder."""
+    if not TASK_ID_RE.fullmatch(task_id) or task_id in (".", ".."):
+        raise InvalidParams(
+            "task id must be 1-128 characters of letters, digits, '.', '_' or '-' (and not '.' or '..')",
+            raw={"task_id": task_id[:200]},
+        )
+    return task_id
+
+
+def task_id_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The FC task id: async task id, else trace id, else request id; None when none is sent."""
+    for name in TASK_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            return validate_task_id(value)
+    return None
+
+
+def decode_body(body: bytes | str) -> Any:
+    """JSON-decode a request body, refusing what is not JSON."""
+    if not body or not body.strip():
+        raise InvalidParams("the request body is empty: send a ComfyUI API-format workflow as JSON")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidParams(f"the request body is not valid JSON: {exc}") from None
+
+
+def split_workflow(document: Any) -> tuple[Workflow, dict[str, Any] | None]:
+    """Accept a bare API-format workflow or the `{"prompt": ..., "extra_data": ...}` wrapper."""
+    if not isinstance(document, dict):
+        raise InvalidParams("the request body must be a JSON object: a ComfyUI API-format workflow")
+    extra_data = None
+    if isinstance(document.get("prompt"), dict):
+        extra_data = document.get("extra_data")
+        if extra_data is not None and not isinstance(extra_data, dict):
+            raise InvalidParams("extra_data must be a JSON object")
+        document = document["prompt"]
+    if isinstance(document.get("nodes"), list) and isinstance(document.get("links"), list):
+        raise InvalidParams(
+            "this is a UI-format workflow (it has 'nodes' and 'links'); export it from ComfyUI "
+            "with 'Save (API Format)' (enable dev mode options in the settings) and send that"
+        )
+    check_nodes(document)
+    return document, extra_data
+
+
+def check_nodes(workflow: Workflow) -> None:
+    """Refuse shapes ComfyUI would crash on instead of answering with a validation error."""
+    if not workflow:
+        raise InvalidParams("the workflow has no nodes")
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict):
+            raise InvalidParams(f"node {node_id!r} must be an object with class_type and inputs")
+        if "class_type" in node and not isinstance(node["class_type"], str):
+            raise InvalidParams(f"node {node_id!r}: class_type must be a string")
+        if not isinstance(node.get("inputs", {}), dict):
+            raise InvalidParams(f"node {node_id!r}: inputs must be an object")
+
+
+def parse_run_request(
+    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
+) -> RunRequest:
+    """Turn what the caller sent into a RunRequest, or raise InvalidParams."""
+    task_id = task_id_from_headers(headers)
+    workflow, extra_data = split_workflow(decode_body(body))
+    return RunRequest(
+        workflow=workflow,
+        extra_data=extra_data,
+        output_base64=query_flag(query, "output_base64"),
+        output_oss=query_flag(query, "output_oss"),
+        stream=query_flag(query, "stream"),
+        task_id=task_id,
+    )

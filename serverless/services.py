@@ -1,0 +1,94 @@
+"""The app's long-lived resources, created and closed by the lifespan (`Services.open`).
+
+One aiohttp session for ComfyUI; what jobs need from it (inputs, outputs) is built here, so the
+runner receives ready-made collaborators and never reaches for globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .comfyui import ComfyUI
+from .errors import ComfyUIUnavailable, InvalidParams
+from .outputs import OutputCollector
+from .settings import Settings
+from .status_log import StatusLog
+from .supervisor import Supervisor, comfyui_command
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    session: aiohttp.ClientSession
+    comfy: ComfyUI
+    status: StatusLog
+    supervisor: Supervisor | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[Services]:
+        """Everything the app needs, opened in order and closed in reverse."""
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            comfy = ComfyUI(session, settings.comfyui_url, settings.request_timeout)
+            command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
+            supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None) if command else None
+            status = StatusLog(settings.status_dir, settings.status_stale_after)
+            services = cls(settings, session, comfy, status, supervisor)
+            async with _running(supervisor):
+                yield services
+
+    @property
+    def comfyui_generation(self) -> int:
+        """Changes whenever a supervised ComfyUI dies: prompts submitted before are lost."""
+        return self.supervisor.generation if self.supervisor else 0
+
+    async def wait_for_comfyui(self) -> None:
+        """Jobs arriving while a supervised ComfyUI (re)starts wait for it, bounded."""
+        if self.supervisor and not await self.supervisor.wait_ready(self.settings.startup_timeout):
+            raise ComfyUIUnavailable(
+                f"ComfyUI is not ready after {self.settings.startup_timeout:g}s (starting or restarting)"
+            )
+
+    def check_supported(self, request: Any) -> None:
+        """Refuse, before anything runs, what this instance is not configured for."""
+        if request.output_oss and not self.settings.oss_bucket_domain:
+            raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN)")
+
+    async def resolve_inputs(self, workflow: dict[str, Any]) -> dict[str, Any]:
+        """Loader inputs (URLs, base64, oss://) fetched and uploaded; file names left as is."""
+        return workflow
+
+    def output_collector(self, request: Any) -> OutputCollector:
+        return OutputCollector(
+            self.comfy,
+            with_content=request.output_base64,
+            uploader=None,
+            concurrency=self.settings.output_concurrency,
+            empty_oss=self.empty_oss(),
+        )
+
+    def empty_oss(self) -> dict[str, Any]:
+        """The `oss` object of an output that was not uploaded: nothing claimed."""
+        return {"region": None, "bucket": None, "object": None, "url": None, "expire": None}
+
+
+@asynccontextmanager
+async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
+    """Run the supervisor (if any) for the life of the app; stop ComfyUI after."""
+    if supervisor is None:
+        yield
+        return
+    task = asyncio.create_task(supervisor.run(), name="comfyui supervisor")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

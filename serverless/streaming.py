@@ -1,0 +1,45 @@
+"""Server-sent events: a job's event sequence rendered as `text/event-stream`.
+
+Each event is one `data:` line (ComfyUI's text as received, then the terminal payload) with an
+`id:` line (its sequence number); `: ping` after `stream_ping_interval` seconds of silence. If the
+client goes away, the job is cancelled in ComfyUI (unless CANCEL_ON_DISCONNECT is off).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from .feed import ReaderTooSlow
+from .runner import Job
+
+log = logging.getLogger("serverless.stream")
+
+
+async def sse_events(job: Job, ping_interval: float, cancel_on_disconnect: bool) -> AsyncIterator[ServerSentEvent]:
+    """The events of `job`; cancelling this generator (client gone) abandons the job."""
+    dropped = False
+    try:
+        async for event in job.feed.follow(idle=ping_interval):
+            if event is None:
+                yield ServerSentEvent(comment="ping")
+            else:
+                yield ServerSentEvent(data=event.text, id=str(event.seq))
+    except ReaderTooSlow as exc:
+        # The job goes on (its status log still gets every event); only this reader is dropped.
+        log.warning("dropping a slow SSE reader of task_id=%s: %s", job.task_id, exc)
+        dropped = True
+    finally:
+        if cancel_on_disconnect and not dropped:
+            job.abandon("SSE client disconnected")
+
+
+def sse_response(job: Job, ping_interval: float, cancel_on_disconnect: bool) -> EventSourceResponse:
+    return EventSourceResponse(
+        sse_events(job, ping_interval, cancel_on_disconnect),
+        ping=0,  # our own keep-alive: only after silence, see sse_events
+        sep="\n",
+        headers={"Cache-Control": "no-store"},
+    )

@@ -1,0 +1,69 @@
+"""The job feed: readers see every event in order and always the terminal one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serverless.feed import Feed, ReaderTooSlow
+
+
+async def collect(feed: Feed, after: int = 0) -> list:
+    return [event async for event in feed.follow(after) if event is not None]
+
+
+async def test_readers_get_all_events_then_the_terminal_one():
+    feed = Feed()
+    readers = [asyncio.create_task(collect(feed)) for _ in range(3)]
+    await asyncio.sleep(0)
+    for i in range(5):
+        feed.publish(f'{{"n": {i}}}')
+        await asyncio.sleep(0)
+    feed.finish({"type": "serverless_api"})
+    for events in await asyncio.gather(*readers):
+        assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
+        assert events[-1].terminal and events[-1].payload == {"type": "serverless_api"}
+
+
+async def test_a_late_reader_still_gets_everything_and_after_skips():
+    feed = Feed()
+    feed.publish("a")
+    feed.publish("b")
+    feed.finish({"type": "error"})
+    assert [e.text for e in await collect(feed)] == ["a", "b", '{"type": "error"}']
+    assert [e.seq for e in await collect(feed, after=2)] == [3]
+
+
+async def test_nothing_is_added_after_the_terminal_event():
+    feed = Feed()
+    feed.finish({"type": "error"})
+    feed.publish("late")
+    feed.finish({"type": "serverless_api"})
+    events = await collect(feed)
+    assert len(events) == 1 and events[0].payload == {"type": "error"}
+
+
+async def test_a_reader_that_falls_out_of_the_window_is_told():
+    feed = Feed(limit=10)
+    for i in range(30):
+        feed.publish(str(i))
+    with pytest.raises(ReaderTooSlow):
+        await collect(feed)
+    feed.finish({"type": "serverless_api"})
+    # a reader that starts near the end is fine: the terminal event is always kept
+    assert (await collect(feed, after=25))[-1].terminal
+
+
+async def test_idle_readers_get_keepalive_markers_between_events():
+    feed = Feed()
+    seen: list = []
+
+    async def read() -> None:
+        async for event in feed.follow(idle=0.01):
+            seen.append(event)
+            if event is None and len(seen) == 1:
+                feed.finish({"type": "serverless_api"})
+
+    await asyncio.wait_for(read(), 5)
+    assert seen[0] is None and seen[-1].terminal

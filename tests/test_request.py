@@ -1,0 +1,78 @@
+"""Request parsing: what callers send, and the clear refusals they get."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serverless.errors import InvalidParams
+from serverless.request import parse_run_request, query_flag, validate_task_id
+
+WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
+
+
+def parse(body: object, query: dict[str, str] | None = None, headers: dict[str, str] | None = None):
+    raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return parse_run_request(raw, query or {}, headers or {})
+
+
+def test_bare_workflow_is_accepted():
+    request = parse(WORKFLOW)
+    assert request.workflow == WORKFLOW
+    assert request.extra_data is None
+    assert request.task_id is None
+
+
+def test_wrapper_passes_extra_data_untouched():
+    extra = {"api_key_comfy_org": "secret", "extra_pnginfo": {"x": 1}}
+    request = parse({"prompt": WORKFLOW, "extra_data": extra})
+    assert request.workflow == WORKFLOW
+    assert request.extra_data == extra
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"", "empty"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'"text"', "JSON object"),
+    (b"{}", "no nodes"),
+    (json.dumps({"nodes": [], "links": [], "version": 0.4}).encode(), "Save (API Format)"),
+    (json.dumps({"1": "EmptyImage"}).encode(), "node '1'"),
+    (json.dumps({"1": {"class_type": ["x"], "inputs": {}}}).encode(), "class_type"),
+    (json.dumps({"prompt": WORKFLOW, "extra_data": [1]}).encode(), "extra_data"),
+])
+def test_unusable_bodies_are_invalid_params(body, words):
+    with pytest.raises(InvalidParams) as caught:
+        parse(body)
+    assert words in caught.value.message
+    assert caught.value.to_payload()["error_code"] == "INVALID_PARAMS"
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, False), ("", False), ("0", False), ("false", False), ("FALSE", False), (" False ", False),
+    ("true", True), ("1", True), ("yes", True), ("True", True),
+])
+def test_query_flags_follow_the_compat_rule(value, expected):
+    query = {} if value is None else {"output_base64": value}
+    assert query_flag(query, "output_base64") is expected
+
+
+def test_task_id_header_precedence():
+    headers = {"x-fc-request-id": "req", "x-fc-trace-id": "trace", "x-fc-async-task-id": "async"}
+    assert parse(WORKFLOW, headers=headers).task_id == "async"
+    del headers["x-fc-async-task-id"]
+    assert parse(WORKFLOW, headers=headers).task_id == "trace"
+    del headers["x-fc-trace-id"]
+    assert parse(WORKFLOW, headers=headers).task_id == "req"
+
+
+@pytest.mark.parametrize("task_id", ["..", ".", "../x", "a/b", "/etc/passwd", "%2e%2e", "x" * 129, "a b", "é"])
+def test_task_ids_that_could_escape_are_refused(task_id):
+    with pytest.raises(InvalidParams):
+        validate_task_id(task_id)
+
+
+@pytest.mark.parametrize("task_id", ["abc", "A-1_2.3", "x" * 128, "..a", "1f0e-uuid"])
+def test_ordinary_task_ids_are_accepted(task_id):
+    assert validate_task_id(task_id) == task_id

@@ -1,0 +1,169 @@
+"""Async invocation and the status log on a shared folder (contract section 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from tests.helpers import empty_image, post_run, running_prompt, txt2img, wait_until
+
+STATUS = "/api/serverless/status"
+
+
+def poll_until_done(base_url: str, task_id: str, timeout: float = 60) -> list:
+    """What the FC documentation's async client does: poll until the last element is final."""
+    def done() -> list | None:
+        items = requests.get(base_url + STATUS, params={"task_id": task_id}, timeout=10).json()
+        return items if items and items[-1]["type"] in ("serverless_api", "error") else None
+
+    return wait_until(done, timeout=timeout, interval=0.1)
+
+
+def test_fc_doc_async_client_posts_then_polls_to_the_result(app):
+    task_id = f"async-{uuid.uuid4().hex}"
+    response = post_run(app.url, txt2img(seed=-1), headers={
+        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    assert response.status_code == 202
+    assert response.json() == {"task_id": task_id}
+    items = poll_until_done(app.url, task_id)
+    final = items[-1]
+    assert final["type"] == "serverless_api"
+    assert final["data"]["task_id"] == task_id
+    assert len(final["data"]["results"]) == 1
+    types = [item["type"] for item in items]
+    assert "execution_start" in types and "progress" in types and "executed" in types
+    assert types.index("execution_start") < types.index("executed") < len(types) - 1
+
+
+def test_on_fc_an_async_invocation_is_held_until_the_job_ends(emulator, start_app, tmp_path):
+    server = start_app(emulator.url, FC_FUNCTION_NAME="comfyui-api")
+    task_id = f"held-{uuid.uuid4().hex}"
+    response = post_run(server.url, empty_image(prefix="held"), headers={
+        "X-Fc-Invocation-Type": "Async", "X-Fc-Async-Task-Id": task_id})
+    assert response.status_code == 200
+    assert response.json()["data"]["task_id"] == task_id
+    items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    assert items[-1] == response.json(), "the log must end with the same result, already written"
+
+
+def test_sync_runs_with_a_request_id_are_logged_too(app):
+    task_id = f"req-{uuid.uuid4().hex}"
+    response = post_run(app.url, empty_image(prefix="logged"), headers={"x-fc-request-id": task_id})
+    assert response.status_code == 200
+    items = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    assert items[-1] == response.json()
+
+
+def test_after_returns_only_the_rest(app):
+    task_id = f"after-{uuid.uuid4().hex}"
+    post_run(app.url, empty_image(prefix="after"), headers={"x-fc-trace-id": task_id})
+    everything = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    rest = requests.get(app.url + STATUS, params={"task_id": task_id, "after": "3"}, timeout=10).json()
+    assert rest == everything[3:]
+    beyond = requests.get(app.url + STATUS, params={"task_id": task_id, "after": "9999"}, timeout=10)
+    assert beyond.json() == []
+
+
+def test_unknown_task_is_an_empty_list_and_bad_queries_are_400(app):
+    assert requests.get(app.url + STATUS, params={"task_id": "never-seen"}, timeout=10).json() == []
+    for params in ({}, {"task_id": ""}, {"task_id": "ok", "after": "-1"}, {"task_id": "ok", "after": "x"}):
+        response = requests.get(app.url + STATUS, params=params, timeout=10)
+        assert response.status_code == 400, params
+        assert response.json()["error_code"] == "INVALID_PARAMS"
+
+
+def test_two_instances_share_the_folder_post_to_one_poll_the_other(emulator, start_app, tmp_path):
+    shared = tmp_path / "nas" / "output" / "serverless_api"
+    first = start_app(emulator.url, status_dir=shared, FC_INSTANCE_ID="inst-a")
+    second = start_app(emulator.url, status_dir=shared, FC_INSTANCE_ID="inst-b")
+    task_id = f"shared-{uuid.uuid4().hex}"
+    response = post_run(first.url, txt2img(seed=3), headers={
+        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    assert response.status_code == 202
+    items = poll_until_done(second.url, task_id)
+    assert items[-1]["type"] == "serverless_api"
+    assert items[-1]["data"]["results"][0]["output"]["raw"]["filename"].startswith("ComfyUI_inst-a_")
+
+
+def test_a_second_delivery_appends_a_new_attempt_after_the_old_one(app):
+    task_id = f"retry-{uuid.uuid4().hex}"
+    headers = {"x-fc-async-task-id": task_id}
+    failed = post_run(app.url, empty_image(prefix="../../escape"), headers=headers)
+    assert failed.status_code == 500
+    first = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    assert first[-1]["error_code"] == "EXECUTION_FAILED"
+    ok = post_run(app.url, empty_image(prefix="retry"), headers=headers)
+    assert ok.status_code == 200
+    both = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    assert both[: len(first)] == first
+    assert both[-1] == ok.json()
+
+
+def test_sigkill_mid_job_leaves_parseable_lines_and_is_reported_lost(own_emulator, start_app, tmp_path):
+    requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.05}, timeout=5)
+    shared = tmp_path / "nas"
+    doomed = start_app(own_emulator.url, status_dir=shared, STATUS_STALE_AFTER="1")
+    task_id = f"killed-{uuid.uuid4().hex}"
+    post_run(doomed.url, txt2img(seed=9, steps=200), headers={
+        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    log_file = shared / task_id
+    wait_until(lambda: log_file.exists() and b'"progress"' in log_file.read_bytes())
+    doomed.kill()
+    lines = log_file.read_bytes().split(b"\n")
+    assert lines[-1] == b"", "an fsync'd append ends with a newline"
+    assert all(json.loads(line) for line in lines[:-1])
+    witness = start_app(own_emulator.url, status_dir=shared, STATUS_STALE_AFTER="1")
+    time.sleep(1.5)
+    items = requests.get(witness.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    assert items[-1]["type"] == "error"
+    assert items[-1]["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert "instance lost" in items[-1]["error_message"]
+
+
+def test_a_live_silent_job_is_not_reported_lost(own_emulator, start_app, tmp_path):
+    # A job queued behind a long one sends nothing for a while; its owner keeps the log fresh.
+    requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.05}, timeout=5)
+    server = start_app(own_emulator.url, STATUS_STALE_AFTER="1")
+    blocker = threading.Thread(target=lambda: post_run(server.url, txt2img(seed=1, steps=60)))
+    blocker.start()
+    wait_until(lambda: running_prompt(own_emulator.url))
+    task_id = f"quiet-{uuid.uuid4().hex}"
+    post_run(server.url, empty_image(prefix="quiet"), headers={
+        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    time.sleep(2)
+    items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    assert all(item.get("error_code") != "COMFYUI_UNAVAILABLE" for item in items)
+    assert poll_until_done(server.url, task_id)[-1]["type"] == "serverless_api"
+    blocker.join(60)
+
+
+def test_task_ids_never_reach_outside_the_folder(app, tmp_path):
+    status_dir = Path(app.log).parent / "status"
+    before = set(os.listdir(status_dir.parent))
+    for task_id in ("../x", "/etc/passwd", "..", "a/../../b", "x" * 300, "..%2f..%2fetc"):
+        response = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10)
+        assert response.status_code == 400, task_id
+        run = post_run(app.url, empty_image(), headers={"x-fc-trace-id": task_id})
+        assert run.status_code == 400, task_id
+    raw = requests.get(app.url + STATUS + "?task_id=%2e%2e", timeout=10)
+    assert raw.status_code == 400
+    assert set(os.listdir(status_dir.parent)) == before
+
+
+def test_old_logs_are_removed_by_retention(emulator, start_app, tmp_path):
+    status_dir = tmp_path / "aged"
+    status_dir.mkdir()
+    old, fresh = status_dir / "old-task", status_dir / "fresh-task"
+    old.write_text('{"type": "serverless_api"}\n')
+    fresh.write_text('{"type": "serverless_api"}\n')
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(old, (eight_days_ago, eight_days_ago))
+    start_app(emulator.url, status_dir=status_dir, STATUS_RETENTION_DAYS="7")
+    wait_until(lambda: not old.exists())
+    assert fresh.exists()
