@@ -39,7 +39,8 @@ _ALIYUN_HOST = re.compile(_HOST)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _EXT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _HEADER_NAMES = ("x-fc-access-key-id", "x-fc-access-key-secret", "x-fc-security-token")
-_ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
+_ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+              "ALIBABA_CLOUD_SECURITY_TOKEN")
 _SAFE_DETAILS = ("Code", "Message", "RequestId", "HostId", "EC")
 _T = TypeVar("_T")
 
@@ -80,13 +81,17 @@ class OssConfig:
         scheme, host = domain.split("://", 1)
         match = _DOMAIN.fullmatch(host.split(":", 1)[0])
         if match is None:
-            raise ValueError(f"OSS_BUCKET_DOMAIN: expected <bucket>.oss-<region>.aliyuncs.com, got {bucket_domain!r}")
+            raise ValueError("OSS_BUCKET_DOMAIN: expected <bucket>.oss-<region>.aliyuncs.com, "
+                             f"got {bucket_domain!r}")
         port = host[len(match[0]):]
+        # Uploads go where the domain says (maybe an internal endpoint); signed URLs are for
+        # callers outside, so they default to the public endpoint of the same region.
+        own = f"{scheme}://{match['host']}{port}"
         public = f"{scheme}://oss-{match['region']}.aliyuncs.com{port}"
         return cls(
             bucket=match["bucket"],
             region=f"oss-{match['region']}",
-            endpoint=_endpoint_url(endpoint, "OSS_ENDPOINT") if endpoint else f"{scheme}://{match['host']}{port}",
+            endpoint=_endpoint_url(endpoint, "OSS_ENDPOINT") if endpoint else own,
             sign_endpoint=_endpoint_url(sign_endpoint, "OSS_SIGN_ENDPOINT") if sign_endpoint else public,
             key_prefix=_key_prefix(key_prefix),
             expires_in=_expires_in(expires_in),
@@ -110,7 +115,7 @@ def _expires_in(value: str | int | None) -> int:
     except ValueError:
         raise ValueError(f"OSS_EXPIRES_IN_SECOND: expected whole seconds, got {value!r}") from None
     if not 0 <= seconds <= MAX_EXPIRES_S:
-        raise ValueError(f"OSS_EXPIRES_IN_SECOND: must be between 0 and {MAX_EXPIRES_S} (7 days), got {seconds}")
+        raise ValueError(f"OSS_EXPIRES_IN_SECOND: must be from 0 to {MAX_EXPIRES_S} (7 days), got {seconds}")
     return seconds
 
 
@@ -255,7 +260,8 @@ class OssStore:
         try:
             await self._retrying(put, f"upload to {cfg.bucket}/{key}")
         except OssError as exc:
-            raise OutputError(f"OSS upload to bucket {cfg.bucket} failed: {_describe(exc)}") from _scrubbed(exc)
+            message = f"OSS upload to bucket {cfg.bucket} failed: {_describe(exc)}"
+            raise OutputError(message) from _scrubbed(exc)
         except OSError as exc:
             raise OutputError(f"output file could not be read for upload: {exc.strerror}") from exc
         if cfg.expires_in <= 0:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from .comfyui import ComfyUI
+from .download import DownloadPolicy, create_download_session, download
 from .errors import ComfyUIUnavailable, InvalidParams
+from .inputs import LOADER_INPUTS, resolve_inputs
 from .outputs import OutputCollector
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .status_log import StatusLog
 from .supervisor import Supervisor, comfyui_command
 
@@ -28,6 +31,8 @@ class Services:
     session: aiohttp.ClientSession
     comfy: ComfyUI
     status: StatusLog
+    downloads: aiohttp.ClientSession
+    download_policy: DownloadPolicy
     supervisor: Supervisor | None = None
 
     @classmethod
@@ -41,9 +46,12 @@ class Services:
             command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
             supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None) if command else None
             status = StatusLog(settings.status_dir, settings.status_stale_after)
-            services = cls(settings, session, comfy, status, supervisor)
-            async with _running(supervisor):
-                yield services
+            policy = download_policy(settings)
+            # Untrusted input URLs get their own session: guarded resolver and connector.
+            async with create_download_session(policy) as downloads:
+                services = cls(settings, session, comfy, status, downloads, policy, supervisor)
+                async with _running(supervisor):
+                    yield services
 
     @property
     def comfyui_generation(self) -> int:
@@ -64,7 +72,14 @@ class Services:
 
     async def resolve_inputs(self, workflow: dict[str, Any]) -> dict[str, Any]:
         """Loader inputs (URLs, base64, oss://) fetched and uploaded; file names left as is."""
-        return workflow
+        return await resolve_inputs(
+            workflow,
+            loaders=LOADER_INPUTS | set(self.settings.input_loaders),
+            fetch_url=partial(download, self.downloads, policy=self.download_policy),
+            read_oss=None,
+            upload=self.comfy.upload_input,
+            max_base64_bytes=self.settings.input_max_base64_bytes,
+        )
 
     def output_collector(self, request: Any) -> OutputCollector:
         return OutputCollector(
@@ -92,3 +107,16 @@ async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def download_policy(settings: Settings) -> DownloadPolicy:
+    """The input download rules; a bad INPUT_ALLOWED_HOSTS entry fails start-up, named."""
+    try:
+        return DownloadPolicy(
+            max_bytes=settings.input_max_bytes,
+            total_timeout=settings.input_timeout,
+            allow_private=settings.input_allow_private,
+            allowed_hosts=frozenset(settings.input_allowed_hosts),
+        )
+    except ValueError as exc:
+        raise SettingsError(f"INPUT_ALLOWED_HOSTS: {exc}") from exc

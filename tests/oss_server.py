@@ -236,7 +236,7 @@ class OssV4Verifier:
     def _account(self, claim: _Claim) -> Account:
         account = self.accounts.get(claim.access_key_id)
         if account is None:
-            raise Denied("InvalidAccessKeyId", "The OSS Access Key Id you provided does not exist in our records.",
+            raise Denied("InvalidAccessKeyId", "The OSS Access Key Id you provided does not exist.",
                          OSSAccessKeyId=claim.access_key_id)
         if claim.token != account.token:
             raise Denied("InvalidSecurityToken", "The security token you provided is invalid.")
@@ -370,7 +370,8 @@ class LocalOss:
         lowered = {k.lower(): v for k, v in headers.items()}
         return body, lowered.get("content-type", "")
 
-    def put_object(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_object(self, bucket: str, key: str, data: bytes,
+                   content_type: str = "application/octet-stream") -> None:
         """Store an object directly in moto (test set-up, no OSS checks)."""
         status, _, body = _moto_dispatch("PUT", self.host, self._path(bucket, key), "",
                                          {"Content-Type": content_type}, data)

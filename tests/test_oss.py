@@ -39,7 +39,8 @@ def bucket() -> str:
 
 @pytest.fixture
 def local_oss(bucket: str) -> Iterator[LocalOss]:
-    with LocalOss({KEY_ID: (SECRET, None), STS_ID: (STS_SECRET, STS_TOKEN)}, [bucket], region=REGION) as server:
+    accounts = {KEY_ID: (SECRET, None), STS_ID: (STS_SECRET, STS_TOKEN)}
+    with LocalOss(accounts, [bucket], region=REGION) as server:
         yield server
 
 
@@ -93,9 +94,11 @@ _VECTOR_HEADERS = {"x-oss-head1": "value", "abc": "value", "zabc": "value", "xyz
 @pytest.mark.parametrize(("signed_at", "token", "additional", "presigned", "expected"), [
     (1702743657, None, (), False, "e21d18daa82167720f9b1047ae7e7f1ce7cb77a31e8203a7d5f4624fa0284afe"),
     (1702784856, "token", (), False, "b94a3f999cf85bcdc00d332fbd3734ba03e48382c36fa4d5af5df817395bd9ea"),
-    (1702747512, None, ("abc", "zabc"), False, "4a4183c187c07c8947db7620deb0a6b38d9fbdd34187b6dbaccb316fa251212f"),
+    (1702747512, None, ("abc", "zabc"), False,
+     "4a4183c187c07c8947db7620deb0a6b38d9fbdd34187b6dbaccb316fa251212f"),
     (1702785388, "token", (), True, "3817ac9d206cd6dfc90f1c09c00be45005602e55898f26f5ddb06d7892e1f8b5"),
-    (1702783809, None, ("abc", "zabc"), True, "6bd984bfe531afb6db1f7550983a741b103a8c58e5e14f83ea474c2322dfa2b7"),
+    (1702783809, None, ("abc", "zabc"), True,
+     "6bd984bfe531afb6db1f7550983a741b103a8c58e5e14f83ea474c2322dfa2b7"),
 ])
 def test_local_oss_recomputes_alibaba_published_v4_signatures(signed_at: int, token: str | None,
                                                                additional: tuple[str, ...], presigned: bool,

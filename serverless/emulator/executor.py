@@ -133,8 +133,8 @@ class _Run:
             self._store(node_id, self._call(node_id, values))
         except Interrupted:
             return Failure(node_id)
-        except Exception as err:  # noqa: BLE001 - any node failure becomes execution_error
-            log.exception("!!! Exception during processing !!! %s", err)
+        except Exception as err:
+            log.exception("!!! Exception during processing !!!")
             return Failure(node_id, _describe(err, values))
         self.progress.finish(node_id)
         self.executed.append(node_id)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import mimetypes
 import os
+from pathlib import Path
 
 from aiohttp import web
 from PIL import Image
@@ -60,7 +61,8 @@ def _annotated(folders: Folders, name: str) -> tuple[str, str | None]:
 def _converted(path: str, preview: str | None, channel: str) -> tuple[bytes, str]:
     """A webp/jpeg preview, or the PNG of the RGB or alpha channel."""
     buffer = io.BytesIO()
-    with Image.open(path) as img:
+    with Image.open(path) as source:
+        img: Image.Image = source
         if preview is not None:
             parts = preview.split(";")
             kind = parts[0] if parts[0] in ("webp", "jpeg") and "a" not in channel else "webp"
@@ -96,25 +98,29 @@ async def upload_image(request: web.Request) -> web.Response:
     if not folders.inside(base, os.path.join(folder, filename)):
         return web.Response(status=400)
     os.makedirs(folder, exist_ok=True)
-    data = image.file.read()
-    filename, duplicate = _free_name(folder, filename, data, str(post.get("overwrite")) in ("true", "1"))
-    if not duplicate:
-        with open(os.path.join(folder, filename), "wb") as f:
-            f.write(data)
+    overwrite = str(post.get("overwrite")) in ("true", "1")
+    filename = _store(folder, filename, image.file.read(), overwrite)
     return web.json_response({"name": filename, "subfolder": subfolder, "type": upload_type})
 
 
-def _free_name(folder: str, filename: str, data: bytes, overwrite: bool) -> tuple[str, bool]:
+def _store(folder: str, filename: str, data: bytes, overwrite: bool) -> str:
+    """Write an upload unless the same bytes are already there; returns the name used."""
+    if not overwrite:
+        filename, duplicate = _free_name(folder, filename, data)
+        if duplicate:
+            return filename
+    Path(folder, filename).write_bytes(data)
+    return filename
+
+
+def _free_name(folder: str, filename: str, data: bytes) -> tuple[str, bool]:
     """(name to use, True if a file with those very bytes already has it)."""
-    if overwrite:
-        return filename, False
     stem, ext = os.path.splitext(filename)
     digest = hashlib.sha256(data).digest()
     candidate, counter = filename, 1
     while os.path.exists(os.path.join(folder, candidate)):
-        with open(os.path.join(folder, candidate), "rb") as f:
-            if hashlib.sha256(f.read()).digest() == digest:
-                return candidate, True
+        if hashlib.sha256(Path(folder, candidate).read_bytes()).digest() == digest:
+            return candidate, True
         candidate = f"{stem} ({counter}){ext}"
         counter += 1
     return candidate, False

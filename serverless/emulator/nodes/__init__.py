@@ -9,7 +9,13 @@ from .base import Interrupted, Node, NodeContext, NodeOutput
 from .images import EmptyImage, ImageAddNoise, ImageBlur, ImageInvert, ImageScale
 from .loaders import LoadImage, LoadImageMask
 from .save import PreviewImage, SaveImage
-from .txt2img import CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode
+from .txt2img import (
+    CheckpointLoaderSimple,
+    CLIPTextEncode,
+    EmptyLatentImage,
+    KSampler,
+    VAEDecode,
+)
 
 NODE_CLASSES: dict[str, type[Node]] = {
     cls.CLASS_TYPE: cls

@@ -77,5 +77,6 @@ class Node:
         """Custom validation of VALIDATE_ARGS: True, or a message for `custom_validation_failed`."""
         return True
 
-    def run(self, ctx: NodeContext, **inputs: Any) -> NodeOutput:
-        raise NotImplementedError
+    # Each node defines `run(self, ctx, <its inputs as keywords>, **_) -> NodeOutput`; the `**_`
+    # swallows inputs a node ignores (ComfyUI passes every declared and hidden input).
+    run: Callable[..., NodeOutput]
