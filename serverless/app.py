@@ -63,8 +63,9 @@ async def run(request: Request) -> Response:
     services, jobs = _state(request)
     body = await read_body(request, services.settings.max_body_bytes)
     run_request = parse_run_request(body, request.query_params, request.headers)
-    services.check_supported(run_request)
-    job = await jobs.start(run_request)
+    credentials = services.credentials(request.headers)
+    services.check_supported(run_request, credentials)
+    job = await jobs.start(run_request, credentials)
     if _is_async(request) and not services.settings.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         return JSONResponse({"task_id": job.task_id}, status_code=202)

@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import ComfyUIUnavailable
 from .feed import Feed
+from .oss import Credentials
 from .request import RunRequest
 from .runner import Job
 from .services import Services
@@ -30,7 +31,7 @@ class Jobs:
         """Jobs under way on this instance."""
         return sum(1 for task in self._tasks if task.get_name().startswith("job "))
 
-    async def start(self, request: RunRequest) -> Job:
+    async def start(self, request: RunRequest, credentials: Credentials | None = None) -> Job:
         """Start a job in the background and return it; follow `job.feed` for its events, which
         are also appended to the task's status log (after any earlier attempt's)."""
         if not self.accepting:
@@ -40,7 +41,7 @@ class Jobs:
         status = self.services.status
         earlier = await status.count(task_id)
         feed = Feed(self.services.settings.stream_buffer_events, first_seq=earlier + 1)
-        job = Job(self.services, request, feed, prompt_id, task_id)
+        job = Job(self.services, request, feed, prompt_id, task_id, credentials)
         job.recorder = self._own(status.record(task_id, feed), f"status {task_id}")
         job.task = self._own(job.run(), f"job {task_id}")
         return job

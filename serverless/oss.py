@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import oss2  # type: ignore[import-untyped]
+import urllib3
 from oss2.credentials import StaticCredentialsProvider  # type: ignore[import-untyped]
 from oss2.exceptions import InconsistentError, OssError, RequestError  # type: ignore[import-untyped]
 
@@ -37,6 +38,7 @@ _HOST = r"oss-(?P<region>[a-z0-9-]+?)(?P<internal>-internal)?\.aliyuncs\.com"
 _DOMAIN = re.compile(r"(?P<bucket>[a-z0-9][a-z0-9-]{1,61}[a-z0-9])\.(?P<host>" + _HOST + ")")
 _ALIYUN_HOST = re.compile(_HOST)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+_READ_CHUNK = 256 * 1024
 _EXT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _HEADER_NAMES = ("x-fc-access-key-id", "x-fc-access-key-secret", "x-fc-security-token")
 _ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
@@ -210,13 +212,19 @@ def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
     with bucket.get_object(key) as result:
         if result.content_length is not None and result.content_length > max_bytes:
             raise _TooLarge(result.content_length)
-        chunks, total = [], 0
-        for chunk in result:
-            total += len(chunk)
-            if total > max_bytes:
-                raise _TooLarge(None)
-            chunks.append(chunk)
-        oss2.utils.check_crc("get object", result.client_crc, result.server_crc, result.request_id)
+        chunks, total, crc = [], 0, oss2.utils.Crc64()
+        # One pass over the raw body. oss2's own reader restarts requests' iterator on every read,
+        # which loses data of a chunked response; and the raw bytes are what OSS's CRC covers.
+        try:
+            for chunk in result.resp.response.raw.stream(_READ_CHUNK, decode_content=False):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _TooLarge(None)
+                crc.update(chunk)
+                chunks.append(chunk)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise RequestError(exc) from exc
+        oss2.utils.check_crc("get object", crc.crc, result.server_crc, result.request_id)
     return b"".join(chunks)
 
 
@@ -283,8 +291,8 @@ class OssStore:
             bucket = self._bucket(creds, endpoint_url, bucket_name, region)
             return await self._retrying(partial(_read_capped, bucket, key, max_bytes), f"read of {where}")
         except _TooLarge as exc:
-            size = f"{exc.size} bytes" if exc.size is not None else "larger"
-            raise InputError(f"{where} is too large: {size}, the limit is {max_bytes} bytes") from exc
+            size = f" ({exc.size} bytes)" if exc.size is not None else ""
+            raise InputError(f"{where} is too large{size}: the limit is {max_bytes} bytes") from exc
         except OssError as exc:
             if exc.status == 404:
                 reason = "not found"

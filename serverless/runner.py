@@ -29,6 +29,7 @@ from .errors import (
 )
 from .events import Message, parse_message
 from .feed import Event, Feed
+from .oss import Credentials
 from .outputs import OutputCollector, list_outputs
 from .request import RunRequest
 from .services import Services
@@ -66,9 +67,13 @@ class Clock:
 class Job:
     """One run of one workflow. Create, then `await run()` (usually as a task owned by `Jobs`)."""
 
-    def __init__(self, services: Services, request: RunRequest, feed: Feed, prompt_id: str, task_id: str) -> None:
+    def __init__(
+        self, services: Services, request: RunRequest, feed: Feed, prompt_id: str, task_id: str,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.services = services
         self.request = request
+        self.credentials = credentials
         self.feed = feed
         self.prompt_id = prompt_id
         self.task_id = task_id
@@ -134,8 +139,8 @@ class Job:
         await self.services.wait_for_comfyui()
         self._generation = self.services.comfyui_generation
         prepared = prepare_workflow(self.request.workflow, settings.instance_id)
-        workflow = await self.services.resolve_inputs(prepared.workflow)
-        collector = self.services.output_collector(self.request)
+        workflow = await self.services.resolve_inputs(prepared.workflow, self.credentials)
+        collector = self.services.output_collector(self.request, self.credentials)
         try:
             node_errors = await self._submit_and_follow(workflow, collector)
             if self._failure is not None:

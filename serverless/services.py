@@ -7,9 +7,11 @@ runner receives ready-made collaborators and never reaches for globals.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import PurePosixPath
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,9 @@ from .comfyui import ComfyUI
 from .download import DownloadPolicy, create_download_session, download
 from .errors import ComfyUIUnavailable, InvalidParams
 from .inputs import LOADER_INPUTS, resolve_inputs
+from .oss import Credentials, OssConfig, OssStore
 from .outputs import OutputCollector
+from .request import RunRequest
 from .settings import Settings, SettingsError
 from .status_log import StatusLog
 from .supervisor import Supervisor, comfyui_command
@@ -33,6 +37,7 @@ class Services:
     status: StatusLog
     downloads: aiohttp.ClientSession
     download_policy: DownloadPolicy
+    oss: OssStore | None = None
     supervisor: Supervisor | None = None
 
     @classmethod
@@ -47,11 +52,16 @@ class Services:
             supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None) if command else None
             status = StatusLog(settings.status_dir, settings.status_stale_after)
             policy = download_policy(settings)
+            oss = oss_store(settings)
             # Untrusted input URLs get their own session: guarded resolver and connector.
             async with create_download_session(policy) as downloads:
-                services = cls(settings, session, comfy, status, downloads, policy, supervisor)
-                async with _running(supervisor):
-                    yield services
+                services = cls(settings, session, comfy, status, downloads, policy, oss, supervisor)
+                try:
+                    async with _running(supervisor):
+                        yield services
+                finally:
+                    if oss is not None:
+                        oss.close()
 
     @property
     def comfyui_generation(self) -> int:
@@ -65,34 +75,54 @@ class Services:
                 f"ComfyUI is not ready after {self.settings.startup_timeout:g}s (starting or restarting)"
             )
 
-    def check_supported(self, request: Any) -> None:
-        """Refuse, before anything runs, what this instance is not configured for."""
-        if request.output_oss and not self.settings.oss_bucket_domain:
-            raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN)")
+    def credentials(self, headers: Mapping[str, str]) -> Credentials | None:
+        """OSS credentials of a request: its `x-fc-access-key-*` headers, else the environment."""
+        return Credentials.resolve(headers, os.environ)
 
-    async def resolve_inputs(self, workflow: dict[str, Any]) -> dict[str, Any]:
+    def check_supported(self, request: RunRequest, credentials: Credentials | None) -> None:
+        """Refuse, before anything runs, what this instance is not configured for."""
+        if request.output_oss and self.oss is None:
+            raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN)")
+        if request.output_oss and credentials is None:
+            raise InvalidParams(
+                "output_oss was asked but there are no OSS credentials (x-fc-access-key-* headers "
+                "or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET)"
+            )
+
+    async def resolve_inputs(self, workflow: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
         """Loader inputs (URLs, base64, oss://) fetched and uploaded; file names left as is."""
+        read_oss = None
+        if self.oss is not None:
+            read_oss = partial(self.oss.read, credentials, max_bytes=self.settings.input_max_bytes)
         return await resolve_inputs(
             workflow,
             loaders=LOADER_INPUTS | set(self.settings.input_loaders),
             fetch_url=partial(download, self.downloads, policy=self.download_policy),
-            read_oss=None,
+            read_oss=read_oss,
             upload=self.comfy.upload_input,
             max_base64_bytes=self.settings.input_max_base64_bytes,
         )
 
-    def output_collector(self, request: Any) -> OutputCollector:
+    def output_collector(self, request: RunRequest, credentials: Credentials | None) -> OutputCollector:
+        uploader = None
+        if request.output_oss and self.oss is not None and credentials is not None:
+            uploader = partial(_upload, self.oss, credentials)
         return OutputCollector(
             self.comfy,
             with_content=request.output_base64,
-            uploader=None,
+            uploader=uploader,
             concurrency=self.settings.output_concurrency,
             empty_oss=self.empty_oss(),
         )
 
     def empty_oss(self) -> dict[str, Any]:
-        """The `oss` object of an output that was not uploaded: nothing claimed."""
-        return {"region": None, "bucket": None, "object": None, "url": None, "expire": None}
+        """The `oss` object of an output that was not uploaded: where it would go, no object."""
+        config = self.oss.config if self.oss is not None else None
+        return {
+            "region": config.region if config else None,
+            "bucket": config.bucket if config else None,
+            "object": None, "url": None, "expire": None,
+        }
 
 
 @asynccontextmanager
@@ -120,3 +150,21 @@ def download_policy(settings: Settings) -> DownloadPolicy:
         )
     except ValueError as exc:
         raise SettingsError(f"INPUT_ALLOWED_HOSTS: {exc}") from exc
+
+
+async def _upload(store: OssStore, credentials: Credentials, content: bytes, name: str, mime: str) -> dict[str, Any]:
+    ext = PurePosixPath(name).suffix.lstrip(".") or "bin"
+    uploaded = await store.upload(credentials, content, ext, mime)
+    return uploaded.to_payload()
+
+
+def oss_store(settings: Settings) -> OssStore | None:
+    """The OSS client when OSS_BUCKET_DOMAIN is set; bad OSS settings fail start-up, named."""
+    try:
+        config = OssConfig.from_values(
+            settings.oss_bucket_domain, settings.oss_endpoint, settings.oss_sign_endpoint,
+            settings.oss_key_prefix, settings.oss_expires_in,
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    return OssStore(config) if config is not None else None

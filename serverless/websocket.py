@@ -49,8 +49,9 @@ async def _start(websocket: WebSocket, services: Services, jobs: Jobs) -> Job:
     if len(body) > services.settings.max_body_bytes:
         raise InvalidParams(f"the run body is larger than {services.settings.max_body_bytes} bytes")
     run_request = parse_run_request(body, websocket.query_params, websocket.headers)
-    services.check_supported(run_request)
-    return await jobs.start(run_request)
+    credentials = services.credentials(websocket.headers)
+    services.check_supported(run_request, credentials)
+    return await jobs.start(run_request, credentials)
 
 
 async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -> None:

@@ -331,7 +331,8 @@ class LocalOss:
     """An OSS endpoint on 127.0.0.1 serving `buckets` to `accounts` ({access_key_id: (secret, token)}).
 
     `time_offset` shifts the server's clock (seconds) to expire presigned URLs without waiting;
-    `fail_next(n)` answers the next n requests with a 503; `requests` records what was served.
+    `fail_next(n)` answers the next n requests with a 503; `chunked` sends GET bodies without a
+    Content-Length; `requests` records what was served.
     """
 
     def __init__(self, accounts: Mapping[str, tuple[str, str | None]], buckets: Iterable[str],
@@ -339,6 +340,7 @@ class LocalOss:
         self.region = region
         self.buckets = tuple(buckets)
         self.time_offset = 0.0
+        self.chunked = False
         self.requests: list[RequestRecord] = []
         self._accounts = {akid: Account(secret, token) for akid, (secret, token) in accounts.items()}
         self._verifier = OssV4Verifier(self._accounts, region, lambda: time.time() + self.time_offset)
@@ -422,7 +424,8 @@ class LocalOss:
         with self._lock:
             injected = self._failures.pop(0) if self._failures else None
         if injected is not None:
-            return self._error(injected, "ServiceUnavailable", "Injected failure.", request_id, {})
+            code = {500: "InternalError", 503: "ServiceUnavailable"}.get(injected, "InjectedError")
+            return self._error(injected, code, "Injected failure.", request_id, {})
         headers = {k.lower(): v for k, v in request.headers.items()}
         query = list(request.args.items(multi=True))
         _, bucket, key = (request.path + ("" if request.path.count("/") > 1 else "/")).split("/", 2)
@@ -451,7 +454,9 @@ class LocalOss:
             out.append(("x-oss-hash-crc64ecma", str(_crc64(body))))
         elif status == 200 and whole and request.method == "GET":
             out.append(("x-oss-hash-crc64ecma", str(_crc64(content))))
-        response = Response(content, status=status, headers=out)
+        chunked = self.chunked and request.method == "GET"
+        # An iterable body has no known length: werkzeug sends it chunked.
+        response = Response(iter([content]) if chunked else content, status=status, headers=out)
         if request.method == "HEAD":
             length = {k.lower(): v for k, v in s3_headers.items()}.get("content-length")
             if length is not None:

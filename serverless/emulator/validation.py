@@ -183,7 +183,7 @@ class _Validator:
         if isinstance(value, dict) and "__value__" in value:
             value = inputs[name] = value["__value__"]
         try:
-            if input_type in CONVERTERS:
+            if isinstance(input_type, str) and input_type in CONVERTERS:
                 value = inputs[name] = CONVERTERS[input_type](value)
         except Exception as ex:  # noqa: BLE001 - reported as invalid_input_type
             return {"type": "invalid_input_type",
