@@ -6,10 +6,10 @@ Run it with `python -m serverless.emulator [--host 127.0.0.1] [--port 8188] [--r
 [--step-delay SECONDS]`, or embed `create_app(root, step_delay)`. `root` (default
 `./emulator-data`) holds `input/`, `output/` and `temp/`; temp is emptied at start.
 
-ComfyUI endpoints (each also under `/api`): `GET /ws?clientId=`, `POST|GET /prompt`,
-`GET|POST /queue`, `POST /interrupt`, `GET /history`, `GET /history/{id}`, `POST /history`,
-`GET /view`, `POST /upload/image`, `GET /object_info[/{class}]`, `GET /system_stats`,
-`GET /features`.
+ComfyUI endpoints (each also under `/api`; GET ones answer HEAD too): `GET /ws?clientId=`,
+`POST|GET /prompt`, `GET|POST /queue`, `POST /interrupt`, `POST /free` (a no-op),
+`GET /history`, `GET /history/{id}`, `POST /history`, `GET /view`, `POST /upload/image`,
+`GET /object_info[/{class}]`, `GET /system_stats`, `GET /features`.
 
 Nodes: EmptyImage, LoadImage, LoadImageMask, ImageInvert, ImageScale, ImageAddNoise, ImageBlur,
 SaveImage, PreviewImage, and the model-free text-to-image chain CheckpointLoaderSimple,
@@ -23,6 +23,14 @@ Test and fault hooks (not ComfyUI's, no `/api` twin):
                                     delays at run time; `node_delay` is slept inside every node
                                     after its interrupt check, like a long non-interruptible
                                     computation. Answers the resulting settings.
+
+Known differences from ComfyUI: no binary websocket frames (previews, progress text), no other
+nodes, models or frontend; blur/noise/scaling use Pillow's algorithms, not torch's; tracebacks and
+the image values in `execution_error.current_inputs` are the emulator's own; EmptyImage fails
+(like a failed allocation) above 2**26 pixels per batch; LoadImage refuses paths leaving the root;
+what ComfyUI keeps in sets (`executed`, `current_outputs`, outputs to run) comes in the order the
+traces show; a socket replaced by a reconnect with the same clientId does not unregister its
+successor when it closes later.
 """
 
 from __future__ import annotations

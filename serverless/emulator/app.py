@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import hooks, routes_files, routes_info, routes_prompt, ws
 from .state import EMULATOR, MAX_UPLOAD_SIZE, build_emulator
@@ -24,13 +25,20 @@ def create_app(root: Path, step_delay: float = 0.02) -> web.Application:
     app[EMULATOR] = emu
     app[WORKER] = Worker(emu)
     for method, path, handler in COMFYUI_ROUTES:
-        app.router.add_route(method, "/api" + path, handler)
-        app.router.add_route(method, path, handler)
+        _add(app, method, "/api" + path, handler)
+        _add(app, method, path, handler)
     for method, path, handler in hooks.ROUTES:
-        app.router.add_route(method, path, handler)
+        _add(app, method, path, handler)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app
+
+
+def _add(app: web.Application, method: str, path: str, handler: Handler) -> None:
+    if method == "GET":
+        app.router.add_get(path, handler)  # answers HEAD too, as ComfyUI's `routes.get` does
+    else:
+        app.router.add_route(method, path, handler)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

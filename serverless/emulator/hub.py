@@ -26,7 +26,7 @@ class Client:
 
     sid: str
     ws: web.WebSocketResponse
-    transport: asyncio.BaseTransport | None
+    transport: asyncio.Transport | None
     feature_flags: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -53,9 +53,12 @@ class Hub:
 
     def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
         """Queue a message from any thread: to client `sid`, or to every client when sid is None."""
-        if self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._outbox.put_nowait, (event, data, sid))
+        if self._loop is None or self._loop.is_closed():
+            return  # not started, or shut down while the worker was finishing a prompt
+        try:
+            self._loop.call_soon_threadsafe(self._outbox.put_nowait, (event, data, sid))
+        except RuntimeError:  # the loop closed in between
+            log.debug("dropped %s message after shutdown", event)
 
     async def publish_loop(self) -> None:
         """Deliver queued messages forever, one at a time (keeps per-socket order)."""
@@ -91,7 +94,7 @@ class Hub:
         dropped = 0
         for client in list(self.clients.values()):
             if client.transport is not None and not client.transport.is_closing():
-                client.transport.abort()  # type: ignore[attr-defined]
+                client.transport.abort()
                 dropped += 1
         return dropped
 

@@ -15,6 +15,8 @@ from typing import Any
 
 QueueItem = list[Any]
 MAX_HISTORY = 10000
+# extra_data keys ComfyUI keeps out of the history (API credentials).
+SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
 
 class PromptQueue:
@@ -58,6 +60,8 @@ class PromptQueue:
         """Move a running prompt to the history with its outputs and status."""
         with self._mutex:
             item = self._running.pop(task_id)
+            for key in SENSITIVE_KEYS:
+                item[3].pop(key, None)
             if len(self._history) > MAX_HISTORY:
                 self._history.pop(next(iter(self._history)))
             entry: dict[str, Any] = {"prompt": item, "outputs": {}, "status": copy.deepcopy(status)}

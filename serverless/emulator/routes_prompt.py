@@ -1,4 +1,4 @@
-"""Queue and history endpoints: `/prompt`, `/queue`, `/interrupt`, `/history`."""
+"""Queue and history endpoints: `/prompt`, `/queue`, `/interrupt`, `/free`, `/history`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,12 @@ async def post_interrupt(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def post_free(request: web.Request) -> web.Response:
+    """Accepted and ignored: the emulator holds no models or memory to free."""
+    await _json_or_empty(request)
+    return web.Response(status=200)
+
+
 async def get_history(request: web.Request) -> web.Response:
     query = request.rel_url.query
     max_items = int(query["max_items"]) if "max_items" in query else None
@@ -103,6 +109,7 @@ ROUTES = [
     ("GET", "/queue", get_queue),
     ("POST", "/queue", post_queue),
     ("POST", "/interrupt", post_interrupt),
+    ("POST", "/free", post_free),
     ("GET", "/history", get_history),
     ("GET", "/history/{prompt_id}", get_history_item),
     ("POST", "/history", post_history),

@@ -1,0 +1,284 @@
+"""The instance lifecycle, end to end, as FC runs it: `bootstrap` serves the app on a free port and
+the app starts ComfyUI (the emulator, through `COMFYUI_CMD`) as its supervised child. Real
+processes on loopback; ComfyUI is killed with SIGKILL, the app is stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import websocket
+
+from tests.helpers import post_run, running_prompt, txt2img, wait_until
+from tests.servers import ROOT, Process, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+B64 = {"output_base64": "true"}
+
+
+class Instance(Process):
+    """`bootstrap` with ComfyUI (the emulator, its own folders under `root`) as a supervised child."""
+
+    def __init__(self, tmp: Path, step_delay: float = 0.02, start_delay: float = 0,
+                 ready_path: str = "/api/serverless/health", **env: str) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.root = tmp / "comfyui"
+        self.status_dir = tmp / "status"
+        self.comfyui_url = f"http://127.0.0.1:{free_port()}"
+        comfyui = shlex.join([sys.executable, "-m", "serverless.emulator", "--host", "127.0.0.1",
+                              "--port", self.comfyui_url.rsplit(":", 1)[1], "--root", str(self.root),
+                              "--step-delay", str(step_delay)])
+        if start_delay:  # a slow ComfyUI start-up
+            comfyui = shlex.join(["sh", "-c", f"sleep {start_delay}; exec {comfyui}"])
+        port = free_port()
+        settings = {
+            "COMFYUI_URL": self.comfyui_url,
+            "COMFYUI_CMD": comfyui,
+            "FC_CUSTOM_LISTEN_PORT": str(port),
+            "STATUS_DIR": str(self.status_dir),
+            "FC_INSTANCE_ID": "life-1",
+            **env,
+        }
+        super().__init__([str(ROOT / "bootstrap")], port, tmp / f"app-{port}.log", env=settings,
+                         ready_path=ready_path)
+
+    def comfyui_pids(self) -> list[int]:
+        """Processes running this instance's ComfyUI (found by its unique --root)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serverless.emulator" in args and str(self.root).encode() in args:
+                pids.append(int(entry.name))
+        return pids
+
+    def health(self) -> int:
+        return requests.get(self.url + "/api/serverless/health", timeout=5).status_code
+
+    def history_count(self) -> int:
+        return len(requests.get(self.comfyui_url + "/history", timeout=5).json())
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
+    """Start instances: `instance(step_delay=..., **env)`; each is stopped after the test."""
+    started: list[Instance] = []
+
+    def start(**kwargs: Any) -> Instance:
+        server = Instance(tmp_path / f"instance-{len(started)}", **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+        for pid in server.comfyui_pids():  # never leave a ComfyUI behind, even if a test failed
+            os.kill(pid, signal.SIGKILL)
+
+
+class Call(threading.Thread):
+    """A call made in the background; `.response` and `.ended` (monotonic) once it returned."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.make = make
+        self.response: Any = None
+        self.ended = 0.0
+        self.start()
+
+    def run(self) -> None:
+        self.response = self.make()
+        self.ended = time.monotonic()
+
+    def result(self, timeout: float = 30) -> Any:
+        self.join(timeout)
+        assert self.response is not None, "the call did not return in time"
+        return self.response
+
+
+def status_log(instance: Instance, task_id: str) -> list[dict[str, Any]]:
+    path = instance.status_dir / task_id
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix(instance):
+    server = instance()
+    assert len(server.comfyui_pids()) == 1
+
+    response = post_run(server.url, txt2img(steps=3), params=B64)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "serverless_api"
+    log = server.log_text()
+    assert re.search(r"^\S+ \S+ INFO comfyui: .*Prompt executed", log, re.MULTILINE), log[-3000:]
+    prompt_id = response.json()["data"]["prompt_id"]
+    assert re.search(rf"job start task_id=\S+ prompt_id={prompt_id}", log)
+    assert re.search(rf"job end task_id=\S+ prompt_id={prompt_id} outcome=ok duration=[\d.]+s", log)
+
+
+def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(instance):
+    server = instance(step_delay=0.1)
+    [first_pid] = server.comfyui_pids()
+    job = Call(lambda: post_run(server.url, txt2img(steps=200), params=B64))  # 20 s if left alone
+    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+
+    killed = time.monotonic()
+    os.kill(first_pid, signal.SIGKILL)
+    response = job.result(timeout=10)
+    kill_to_error = job.ended - killed
+
+    print(f"\nComfyUI SIGKILL -> COMFYUI_UNAVAILABLE response: {kill_to_error:.3f}s")
+    assert response.status_code == 503
+    assert response.json()["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert kill_to_error < 5.0
+    assert server.health() == 503  # restarting (backoff, then start-up)
+
+    # A job arriving during the restart waits for ComfyUI instead of failing.
+    during_restart = post_run(server.url, txt2img(steps=3), params=B64)
+    assert during_restart.status_code == 200, during_restart.text
+    assert server.health() == 200
+    [second_pid] = server.comfyui_pids()
+    assert second_pid != first_pid
+    after = post_run(server.url, txt2img(steps=3), params=B64)
+    assert after.status_code == 200, after.text
+    log = server.log_text()
+    assert "ComfyUI exited with -9" in log
+    assert re.search(r"job end task_id=\S+ prompt_id=\S+ outcome=COMFYUI_UNAVAILABLE duration=", log)
+
+
+def test_initialize_waits_for_a_starting_comfyui_and_runs_the_prewarm_prompt_once(instance, tmp_path):
+    prewarm = tmp_path / "prewarm.json"
+    prewarm.write_text(json.dumps(txt2img(steps=2, prefix="prewarm")))
+    # ComfyUI takes 2 s to come up; the app answers at once (status needs no ComfyUI).
+    server = instance(start_delay=3, PREWARM_PROMPT=str(prewarm),
+                      ready_path="/api/serverless/status?task_id=probe")
+    assert server.health() == 503
+    early_job = Call(lambda: post_run(server.url, txt2img(steps=2), params=B64))
+
+    started = time.monotonic()
+    first = requests.post(server.url + "/initialize", timeout=30)
+    waited = time.monotonic() - started
+
+    assert first.status_code == 200, first.text
+    assert first.json()["prewarm"]["outcome"] == "ok"
+    assert waited > 0.5  # it waited for ComfyUI to answer
+    assert server.health() == 200
+    assert early_job.result().status_code == 200  # jobs arriving meanwhile waited too
+    runs = server.history_count()
+    assert runs == 2  # the prewarm and the early job
+
+    second = requests.post(server.url + "/initialize", timeout=30)
+
+    assert second.status_code == 200
+    assert second.json()["prewarm"] == first.json()["prewarm"]
+    assert server.history_count() == runs  # not run again
+    assert server.log_text().count("prewarm finished") == 1
+
+
+def test_pre_stop_answers_after_the_running_job_ended_and_takes_no_new_jobs(instance):
+    server = instance(step_delay=0.1)
+    job = Call(lambda: post_run(server.url, txt2img(steps=30), params=B64,
+                                headers={"x-fc-trace-id": "draining-job"}))
+    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+
+    asked = time.monotonic()
+    pre_stop = requests.get(server.url + "/pre-stop", timeout=30)
+    answered = time.monotonic()
+
+    assert pre_stop.status_code == 200, pre_stop.text
+    assert pre_stop.json()["jobs"] == 0
+    # When pre-stop answered, the job had ended: its terminal payload was already on disk.
+    assert status_log(server, "draining-job")[-1]["type"] == "serverless_api"
+    response = job.result()
+    assert response.status_code == 200, response.text
+    assert answered >= job.ended - 0.2  # the job's answer and pre-stop's go out together
+    assert answered - asked > 1.0  # it really waited (the job had ~3 s left)
+    refused = post_run(server.url, txt2img(steps=2))
+    assert refused.status_code == 503
+    assert refused.json()["error_code"] == "COMFYUI_UNAVAILABLE"
+
+
+def test_sigterm_lets_the_running_job_finish_then_exits_0_and_stops_comfyui(instance):
+    server = instance(step_delay=0.1)
+    job = Call(lambda: post_run(server.url, txt2img(steps=30), params=B64))
+    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(30)
+
+    response = job.result()
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "serverless_api"
+    assert code == 0, server.log_text()[-3000:]
+    assert server.comfyui_pids() == []
+    assert "stopping ComfyUI" in server.log_text()
+
+
+def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(instance):
+    server = instance(step_delay=0.1, DRAIN_TIMEOUT="1")
+    job = Call(lambda: post_run(server.url, txt2img(steps=300), params=B64,  # 30 s if left alone
+                                headers={"x-fc-trace-id": "cut-job"}))
+    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+
+    signalled = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(30)
+    exited = time.monotonic() - signalled
+
+    response = job.result()
+    print(f"\nSIGTERM with DRAIN_TIMEOUT=1 -> job answered after {job.ended - signalled:.2f}s, "
+          f"exit after {exited:.2f}s")
+    assert response.status_code == 500
+    assert response.json()["error_code"] == "EXECUTION_INTERRUPTED"
+    assert status_log(server, "cut-job")[-1]["error_code"] == "EXECUTION_INTERRUPTED"
+    assert 1.0 <= job.ended - signalled < 8.0
+    assert code == 0, server.log_text()[-3000:]
+    assert server.comfyui_pids() == []
+
+
+def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_refuses_new_jobs(instance):
+    server = instance(step_delay=0.1)
+
+    def stream() -> list[str]:
+        with requests.post(server.url + "/api/serverless/run", params={"stream": "true", **B64},
+                           data=json.dumps(txt2img(steps=30)), stream=True, timeout=30) as response:
+            return [json.loads(line[5:])["type"] for line in response.iter_lines() if line.startswith(b"data:")]
+
+    def websocket_messages() -> list[str]:
+        ws = websocket.create_connection(server.url.replace("http", "ws") + "/api/serverless/ws", timeout=30)
+        ws.send(json.dumps(txt2img(steps=30)))
+        types = []
+        while not types or types[-1] not in ("serverless_api", "error"):
+            types.append(json.loads(ws.recv())["type"])
+        ws.close()
+        return types
+
+    sse, ws = Call(stream), Call(websocket_messages)
+    wait_until(lambda: requests.get(server.comfyui_url + "/queue", timeout=5).json()["queue_pending"], timeout=10)
+
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "SIGTERM: draining jobs" in server.log_text(), timeout=5)
+    refused = post_run(server.url, txt2img(steps=2))
+    status = requests.get(server.url + "/api/serverless/status", params={"task_id": "nothing"}, timeout=5)
+    code = server.proc.wait(30)
+
+    assert refused.status_code == 503 and refused.json()["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert status.status_code == 200  # the instance still answers while it drains
+    assert sse.result()[-1] == "serverless_api"
+    assert ws.result()[-1] == "serverless_api"
+    assert code == 0, server.log_text()[-3000:]
+    assert server.comfyui_pids() == []
