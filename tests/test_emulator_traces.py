@@ -321,7 +321,8 @@ async def test_j_with_dropped_websockets_instead_of_client_close(fresh_emulator:
 
 
 async def test_config_hook_reports_and_refuses_unknown_keys(fresh_emulator: Emulator) -> None:
-    assert await configure(fresh_emulator.url, step_delay=0.5) == {"step_delay": 0.5, "node_delay": 0.0}
+    assert await configure(fresh_emulator.url, step_delay=0.5) == {
+        "step_delay": 0.5, "node_delay": 0.0, "history_delay": 0.0, "history_garbage": 0.0, "view_status": 0.0}
     async with aiohttp.ClientSession() as session, session.post(
             f"{fresh_emulator.url}/emulator/config", json={"bogus": 1}) as resp:
         assert resp.status == 400

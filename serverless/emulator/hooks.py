@@ -2,7 +2,11 @@
 
 `POST /emulator/drop_websockets` aborts every websocket's TCP connection (no close frame), as a
 network failure would. `POST /emulator/config` with `{"step_delay": s, "node_delay": s}` (either
-key) changes the delays at run time; it answers the resulting settings.
+key) changes the delays at run time, and the fault knobs `history_delay` (seconds),
+`history_garbage` (non-zero: /history/{id} answers non-JSON) and `view_status` (non-zero: /view
+answers that status); it answers the resulting settings. `GET /emulator/sent?client_id=X` returns
+the exact texts sent to that client's sockets, in order (the last 5000), so tests can compare
+what the adapter forwarded byte for byte.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from aiohttp import web
 
 from .state import EMULATOR
 
-SETTINGS = ("step_delay", "node_delay")
+SETTINGS = ("step_delay", "node_delay", "history_delay", "history_garbage", "view_status")
 
 
 async def drop_websockets(request: web.Request) -> web.Response:
@@ -29,7 +33,13 @@ async def configure(request: web.Request) -> web.Response:
     return web.json_response({key: getattr(config, key) for key in SETTINGS})
 
 
+async def sent(request: web.Request) -> web.Response:
+    client_id = request.rel_url.query.get("client_id", "")
+    return web.json_response(list(request.app[EMULATOR].hub.sent.get(client_id, ())))
+
+
 ROUTES = [
     ("POST", "/emulator/drop_websockets", drop_websockets),
     ("POST", "/emulator/config", configure),
+    ("GET", "/emulator/sent", sent),
 ]

@@ -7,6 +7,7 @@ order they were produced, whichever thread produced them (ComfyUI's `send_sync` 
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict, deque
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 Message = tuple[str, Any, "str | None"]
+SENT_KEPT = 5000  # texts kept per client id for GET /emulator/sent
 
 
 @dataclass(eq=False)
@@ -36,6 +38,7 @@ class Hub:
 
     def __init__(self) -> None:
         self.clients: dict[str, Client] = {}
+        self.sent: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=SENT_KEPT))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[Message] = asyncio.Queue()
 
@@ -86,6 +89,7 @@ class Hub:
         async with client.lock:
             try:
                 await client.ws.send_str(text)
+                self.sent[client.sid].append(text)
             except (aiohttp.ClientError, ConnectionError, RuntimeError) as err:
                 log.warning("send error: %s", err)
 

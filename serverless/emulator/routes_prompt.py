@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import logging
 import uuid
@@ -82,7 +84,12 @@ async def get_history(request: web.Request) -> web.Response:
 
 
 async def get_history_item(request: web.Request) -> web.Response:
-    return web.json_response(request.app[EMULATOR].queue.history(request.match_info["prompt_id"]))
+    emu = request.app[EMULATOR]
+    if emu.config.history_delay:  # fault knob (hooks.py)
+        await asyncio.sleep(emu.config.history_delay)
+    if emu.config.history_garbage:
+        return web.Response(text="<html>502 Bad Gateway</html>", content_type="text/html")
+    return web.json_response(emu.queue.history(request.match_info["prompt_id"]))
 
 
 async def post_history(request: web.Request) -> web.Response:

@@ -29,6 +29,10 @@ class Config:
 
     step_delay: float = 0.02
     node_delay: float = 0.0
+    # Faults, for the adapter's fault tests (0 / False: behave like ComfyUI).
+    history_delay: float = 0.0  # seconds before GET /history/{id} answers
+    history_garbage: float = 0.0  # non-zero: GET /history/{id} answers a body that is not JSON
+    view_status: float = 0.0  # non-zero: GET/HEAD /view answers this HTTP status
 
 
 @dataclass
