@@ -18,11 +18,11 @@ from starlette.routing import Route, WebSocketRoute
 from .errors import ComfyUIUnavailable, InvalidParams, ServerlessError, Unclassified, status_for_code
 from .feed import Event
 from .jobs import Jobs
-from .runner import Job
-from .streaming import sse_response
 from .request import parse_run_request
+from .runner import Job
 from .services import Services
 from .settings import Settings
+from .streaming import sse_response
 from .websocket import websocket_run
 
 log = logging.getLogger("serverless.app")

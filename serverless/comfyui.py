@@ -33,7 +33,7 @@ def translate_errors(action: str) -> Iterator[None]:
     """Turn transport failures while talking to ComfyUI into ComfyUIUnavailable."""
     try:
         yield
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         raise ComfyUIUnavailable(f"ComfyUI could not be reached ({action}): {reason}") from exc
 
@@ -167,7 +167,7 @@ def _prompt_error_message(answer: Any) -> str:
     """A sentence for a person out of ComfyUI's 400 body: its error, then each refused node."""
     if not isinstance(answer, dict):
         return "ComfyUI refused the prompt"
-    error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
+    error: dict[str, Any] = answer["error"] if isinstance(answer.get("error"), dict) else {}
     message = f"ComfyUI refused the prompt: {error.get('message') or error.get('type') or 'invalid prompt'}"
     if error.get("details"):
         message += f" ({error['details']})"

@@ -110,7 +110,7 @@ class OutputCollector:
         tasks = [self._start(ref) for ref in refs]
         await asyncio.wait(tasks)
         results, failures = [], []
-        for ref, task in zip(refs, tasks):
+        for ref, task in zip(refs, tasks, strict=True):
             error = task.exception()
             if error is not None:
                 failures.append(error)

@@ -10,9 +10,9 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePosixPath
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp

@@ -163,7 +163,7 @@ def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(i
 def test_initialize_waits_for_a_starting_comfyui_and_runs_the_prewarm_prompt_once(instance, tmp_path):
     prewarm = tmp_path / "prewarm.json"
     prewarm.write_text(json.dumps(txt2img(steps=2, prefix="prewarm")))
-    # ComfyUI takes 2 s to come up; the app answers at once (status needs no ComfyUI).
+    # ComfyUI takes 3 s to come up; the app answers at once (status needs no ComfyUI).
     server = instance(start_delay=3, PREWARM_PROMPT=str(prewarm),
                       ready_path="/api/serverless/status?task_id=probe")
     assert server.health() == 503
@@ -256,7 +256,8 @@ def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_ref
     def stream() -> list[str]:
         with requests.post(server.url + "/api/serverless/run", params={"stream": "true", **B64},
                            data=json.dumps(txt2img(steps=30)), stream=True, timeout=30) as response:
-            return [json.loads(line[5:])["type"] for line in response.iter_lines() if line.startswith(b"data:")]
+            lines = response.iter_lines()
+            return [json.loads(line[5:])["type"] for line in lines if line.startswith(b"data:")]
 
     def websocket_messages() -> list[str]:
         ws = websocket.create_connection(server.url.replace("http", "ws") + "/api/serverless/ws", timeout=30)
@@ -268,7 +269,7 @@ def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_ref
         return types
 
     sse, ws = Call(stream), Call(websocket_messages)
-    wait_until(lambda: requests.get(server.comfyui_url + "/queue", timeout=5).json()["queue_pending"], timeout=10)
+    wait_until(lambda: requests.get(server.comfyui_url + "/queue", timeout=5).json()["queue_pending"])
 
     server.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "SIGTERM: draining jobs" in server.log_text(), timeout=5)

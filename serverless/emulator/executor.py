@@ -205,7 +205,7 @@ class _Run:
             node = self.prompt[node_id]
             try:
                 value = NODE_CLASSES[node["class_type"]].is_changed(self.emu.folders, node["inputs"])
-            except Exception as err:  # noqa: BLE001 - ComfyUI treats any failure as NaN
+            except Exception as err:
                 log.warning("WARNING: %s", err)
                 value = float("nan")
             self._fingerprints[node_id] = value

@@ -7,9 +7,9 @@ order they were produced, whichever thread produced them (ComfyUI's `send_sync` 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict, deque
 import json
 import logging
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 

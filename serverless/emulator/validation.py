@@ -101,7 +101,7 @@ class _Validator:
     def _check_output(self, output: str) -> tuple[bool, list[Error]]:
         try:
             valid, reasons, _ = self.validate(output)
-        except Exception as ex:  # noqa: BLE001 - reported as exception_during_validation
+        except Exception as ex:
             reasons = [{"type": "exception_during_validation", "message": "Exception when validating node",
                         "details": str(ex), "extra_info": {"exception_type": _type_name(ex),
                                                            "traceback": traceback.format_tb(ex.__traceback__)}}]
@@ -166,7 +166,7 @@ class _Validator:
                                    "linked_node": link}}, True
         try:
             return None, self.validate(source_id)[0]
-        except Exception as ex:  # noqa: BLE001 - reported as exception_during_inner_validation
+        except Exception as ex:
             self.validated[source_id] = (False, [{
                 "type": "exception_during_inner_validation", "message": "Exception when validating inner node",
                 "details": str(ex), "extra_info": {
@@ -185,7 +185,7 @@ class _Validator:
         try:
             if isinstance(input_type, str) and input_type in CONVERTERS:
                 value = inputs[name] = CONVERTERS[input_type](value)
-        except Exception as ex:  # noqa: BLE001 - reported as invalid_input_type
+        except Exception as ex:
             return {"type": "invalid_input_type",
                     "message": f"Failed to convert an input value to a {input_type} value",
                     "details": f"{name}, {value}, {ex}",

@@ -67,7 +67,7 @@ def save_path(prefix: str, base_dir: str, width: int, height: int) -> tuple[str,
     folder = os.path.join(base_dir, subfolder)
     common = os.path.commonpath((base_dir, os.path.abspath(folder)))
     if common != base_dir:
-        raise Exception(  # noqa: TRY002 - ComfyUI raises a bare Exception (exception_type)
+        raise Exception(
             "**** ERROR: Saving image outside the output folder is not allowed."
             f"\n full_output_folder: {os.path.abspath(folder)}"
             f"\n         output_dir: {base_dir}"

@@ -1,0 +1,169 @@
+"""The deployment files agree with the code: `s.yaml` (Serverless Devs, fc3), `Dockerfile`,
+`.dockerignore` and `bootstrap`. Neither FC nor a docker engine is needed: they are read."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from serverless.app import create_app
+from serverless.settings import Settings
+from tests.servers import ROOT
+
+MOUNT = "/mnt/auto"
+
+
+def with_vars(value: Any, variables: dict[str, Any]) -> Any:
+    """`value` with Serverless Devs' `${vars.name}` references replaced, as `s deploy` does."""
+    if isinstance(value, dict):
+        return {key: with_vars(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [with_vars(item, variables) for item in value]
+    if isinstance(value, str):
+        return re.sub(r"\$\{vars\.(\w+)\}", lambda m: str(variables[m[1]]), value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def props() -> dict[str, Any]:
+    """The function's properties: the one fc3 resource of s.yaml, its `${vars.x}` filled in."""
+    document = yaml.safe_load((ROOT / "s.yaml").read_text())
+    assert document["edition"] == "3.0.0"
+    [resource] = document["resources"].values()
+    assert resource["component"] == "fc3"
+    return dict(with_vars(resource["props"], document["vars"]))
+
+
+@pytest.fixture(scope="module")
+def env(props: dict[str, Any]) -> dict[str, str]:
+    variables = props["environmentVariables"]
+    assert all(isinstance(value, str) for value in variables.values()), "FC wants string values"
+    return dict(variables)
+
+
+def names_read_by_the_app() -> set[str]:
+    """Environment variables the code reads: settings.py, handler.py (LOG_LEVEL), bootstrap."""
+    settings = (ROOT / "serverless" / "settings.py").read_text()
+    names = set(re.findall(r'_\w+\(env, "([A-Z][A-Z0-9_]*)"', settings))
+    names |= set(re.findall(r'env\.get\("([A-Z][A-Z0-9_]*)"', settings))
+    for entry in ("handler.py", "bootstrap"):
+        names |= set(re.findall(r'environ\.get\("([A-Z][A-Z0-9_]*)"', (ROOT / entry).read_text()))
+    return names
+
+
+def names_documented() -> set[str]:
+    """The first column of README's settings table."""
+    section = (ROOT / "README.md").read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", row)}
+
+
+def dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def dockerfile_env() -> dict[str, str]:
+    """ENV assignments of the Dockerfile (`ENV A=1 \\ B="x y"`)."""
+    text = dockerfile().replace("\\\n", " ")
+    pairs: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for token in shlex.split(line[4:]):
+                name, _, value = token.partition("=")
+                pairs[name] = value
+    return pairs
+
+
+def test_s_yaml_env_var_names_are_settings_the_app_reads_and_documents(env):
+    read, documented = names_read_by_the_app(), names_documented()
+    assert "COMFYUI_URL" in read and "DRAIN_TIMEOUT" in read and "LOG_LEVEL" in read  # the grep works
+    assert set(env) <= read, f"not read by the app: {sorted(set(env) - read)}"
+    assert set(env) <= documented, f"not in README's settings table: {sorted(set(env) - documented)}"
+    Settings.from_env(env)  # and every value is one the app accepts
+
+
+def test_s_yaml_runs_the_image_entrypoint_on_port_9000_with_the_health_check(props):
+    container = props["customContainerConfig"]
+    assert props["runtime"] == "custom-container"
+    assert container["port"] == 9000
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", dockerfile(), re.MULTILINE)
+    assert entrypoint and container["entrypoint"] == json.loads(entrypoint[1])
+    assert "command" not in container  # bootstrap takes no arguments on FC (--emulator is for dev)
+    assert container["healthCheckConfig"]["httpGetUrl"] == "/api/serverless/health"
+
+
+def test_s_yaml_hooks_and_health_path_are_routes_of_the_app(props):
+    paths = {getattr(route, "path", None) for route in create_app(Settings()).routes}
+    assert {"/api/serverless/health", "/initialize", "/pre-stop"} <= paths
+    hooks = props["instanceLifecycleConfig"]
+    for hook in ("initializer", "preStop"):
+        assert hooks[hook]["handler"] and hooks[hook]["timeout"] >= 1
+
+
+def test_s_yaml_timeouts_nest(props, env):
+    """Each bound ends before the one FC enforces around it."""
+    hooks = props["instanceLifecycleConfig"]
+    assert float(env["DRAIN_TIMEOUT"]) < hooks["preStop"]["timeout"]
+    assert float(env["COMFYUI_STARTUP_TIMEOUT"]) < hooks["initializer"]["timeout"]
+    assert float(env["JOB_TIMEOUT"]) < props["timeout"]
+
+
+def test_s_yaml_mounts_the_nas_where_status_logs_and_outputs_go(props, env):
+    mounts = props["nasConfig"]["mountPoints"]
+    assert [m["mountDir"] for m in mounts] == [MOUNT]
+    assert all(m["serverAddr"] for m in mounts)
+    assert {"userId", "groupId"} <= set(props["nasConfig"])  # required by the fc3 schema
+    assert props["vpcConfig"]  # a NAS mount target is reached through the function's VPC
+    assert env["MODEL_ASSET_DIR"] == MOUNT
+    assert Settings.from_env(env).status_dir.is_relative_to(MOUNT)
+    assert f"--output-directory {MOUNT}/output" in dockerfile_env()["COMFYUI_CMD"]
+
+
+def test_s_yaml_is_a_gpu_function_with_a_role_async_tasks_and_an_http_trigger(props):
+    gpu = props["gpuConfig"]
+    assert gpu["gpuType"].startswith("fc.gpu.") and gpu["gpuMemorySize"] % 1024 == 0
+    assert 1 <= props["instanceConcurrency"] <= 200
+    assert props["role"].startswith("acs:ram::")
+    assert props["asyncInvokeConfig"]["asyncTask"] is True
+    [trigger] = props["triggers"]
+    assert trigger["triggerType"] == "http"
+    assert {"GET", "POST"} <= set(trigger["triggerConfig"]["methods"])
+
+
+def test_dockerfile_starts_bootstrap_with_comfyui_supervised_from_app_comfyui():
+    text = dockerfile()
+    assert re.search(r'^ENTRYPOINT \["/app/bootstrap"\]$', text, re.MULTILINE)
+    assert re.search(r"^EXPOSE 9000$", text, re.MULTILINE)
+    variables = dockerfile_env()
+    assert variables["COMFYUI_DIR"] == "/app/ComfyUI"
+    command = shlex.split(variables["COMFYUI_CMD"])
+    assert command[1] == "/app/ComfyUI/main.py"
+    port = command[command.index("--port") + 1]
+    assert variables["COMFYUI_URL"] == f"http://127.0.0.1:{port}"
+    assert set(variables) & names_documented() <= names_read_by_the_app()
+    assert "base_path: /mnt/auto/models" in text
+
+
+def test_dockerignore_keeps_what_the_dockerfile_copies():
+    sources = [src for line in dockerfile().splitlines() if line.startswith("COPY ") and "<<" not in line
+               for src in [part for part in line.split()[1:-1] if not part.startswith("--")]]
+    assert {"requirements.txt", "bootstrap", "handler.py", "serverless"} <= set(sources)
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not any(fnmatch.fnmatch(source, pattern) for pattern in patterns), source
+    assert ".venv" in patterns and ".git" in patterns and "tests" in patterns
+
+
+def test_bootstrap_is_an_executable_bash_script():
+    path = ROOT / "bootstrap"
+    assert path.stat().st_mode & 0o111
+    subprocess.run(["bash", "-n", str(path)], check=True)
