@@ -183,8 +183,10 @@ class Job:
         except (TimeoutError, aiohttp.ClientError) as exc:
             await ws.close()
             raise ComfyUIUnavailable("ComfyUI's websocket did not greet us") from exc
-        if first.type == aiohttp.WSMsgType.TEXT:
-            await self._on_text(first.data, None)
+        if first.type != aiohttp.WSMsgType.TEXT:
+            await ws.close()
+            raise ComfyUIUnavailable(f"ComfyUI's websocket closed before greeting us ({first.type.name})")
+        self._on_text(first.data, None)
         return ws
 
     async def _follow(self, ws: aiohttp.ClientWebSocketResponse, collector: OutputCollector) -> None:
@@ -202,13 +204,13 @@ class Job:
         """True when the job ended; False when the socket closed or broke first."""
         try:
             async for frame in ws:
-                if frame.type == aiohttp.WSMsgType.TEXT and await self._on_text(frame.data, collector):
+                if frame.type == aiohttp.WSMsgType.TEXT and self._on_text(frame.data, collector):
                     return True
         except (aiohttp.ClientError, OSError):
             pass
         return False
 
-    async def _on_text(self, text: str, collector: OutputCollector | None) -> bool:
+    def _on_text(self, text: str, collector: OutputCollector | None) -> bool:
         """Publish and observe one message; True when it ends our job."""
         message = parse_message(text)
         if message is None or not message.concerns(self.prompt_id):
