@@ -70,7 +70,7 @@ async def run(request: Request) -> Response:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         return JSONResponse({"task_id": job.task_id}, status_code=202)
     if run_request.stream:
-        return sse_response(job, services.settings.stream_ping_interval, services.settings.cancel_on_disconnect)
+        return sse_response(job, services.settings)
     # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
     terminal = await _wait_unless_disconnected(request, job, services.settings.cancel_on_disconnect)
     payload = terminal.payload or {}
@@ -117,6 +117,8 @@ async def health(request: Request) -> Response:
     """GET /api/serverless/health: 200 when ComfyUI answers, 503 with the reason otherwise."""
     services, jobs = _state(request)
     try:
+        if not jobs.accepting:
+            raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
         if services.supervisor is not None and not services.supervisor.ready:
             raise ComfyUIUnavailable("ComfyUI is starting or restarting")
         stats = await services.comfy.system_stats()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import ipaddress
 import logging
 import re
@@ -298,16 +299,16 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
         raise DownloadError(
             f"larger than {max_bytes} bytes (Content-Length {resp.content_length})"
         )
-    chunks: list[bytes] = []
-    size = 0
+    # One growing buffer whose getvalue() hands over that very buffer: the body is held once, not
+    # once as chunks and again joined (the app's memory grows by the body's size, not twice that).
+    body = io.BytesIO()
     async for chunk in resp.content.iter_chunked(_CHUNK):
-        size += len(chunk)
-        if size > max_bytes:
+        if body.tell() + len(chunk) > max_bytes:
             # Drop the connection rather than drain a body we will not use.
             resp.close()
             raise DownloadError(f"larger than {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body.write(chunk)
+    return body.getvalue()
 
 
 def _describe_client_error(exc: aiohttp.ClientError) -> str:

@@ -58,7 +58,7 @@ class Jobs:
         self.accepting = False
         if not self._tasks:
             return
-        log.info("draining %d running job(s), up to %.0fs", len(self._tasks), timeout)
+        log.info("draining %d running job(s), up to %.0fs", self.running, timeout)
         _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
         for task in pending:
             if task.get_name().startswith("job "):

@@ -14,8 +14,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from .feed import ReaderTooSlow
 from .runner import Job
+from .settings import Settings
 
 log = logging.getLogger("serverless.stream")
+# sse-starlette logs every chunk at DEBUG; results carry signed OSS URLs, which must never be logged.
+logging.getLogger("sse_starlette").setLevel(logging.INFO)
 
 
 async def sse_events(job: Job, ping_interval: float, cancel_on_disconnect: bool) -> AsyncIterator[ServerSentEvent]:
@@ -36,10 +39,12 @@ async def sse_events(job: Job, ping_interval: float, cancel_on_disconnect: bool)
             job.abandon("SSE client disconnected")
 
 
-def sse_response(job: Job, ping_interval: float, cancel_on_disconnect: bool) -> EventSourceResponse:
+def sse_response(job: Job, settings: Settings) -> EventSourceResponse:
     return EventSourceResponse(
-        sse_events(job, ping_interval, cancel_on_disconnect),
+        sse_events(job, settings.stream_ping_interval, settings.cancel_on_disconnect),
         ping=0,  # our own keep-alive: only after silence, see sse_events
         sep="\n",
         headers={"Cache-Control": "no-store"},
+        # On server shutdown let the stream run to its terminal payload (jobs are drained first).
+        shutdown_grace_period=settings.drain_timeout + 30,
     )

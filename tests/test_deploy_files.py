@@ -49,11 +49,11 @@ def env(props: dict[str, Any]) -> dict[str, str]:
 
 
 def names_read_by_the_app() -> set[str]:
-    """Environment variables the code reads: settings.py, handler.py (LOG_LEVEL), bootstrap."""
+    """Environment variables the code reads: settings.py, handler.py and serverless/server.py."""
     settings = (ROOT / "serverless" / "settings.py").read_text()
     names = set(re.findall(r'_\w+\(env, "([A-Z][A-Z0-9_]*)"', settings))
     names |= set(re.findall(r'env\.get\("([A-Z][A-Z0-9_]*)"', settings))
-    for entry in ("handler.py", "bootstrap"):
+    for entry in ("handler.py", "serverless/server.py"):
         names |= set(re.findall(r'environ\.get\("([A-Z][A-Z0-9_]*)"', (ROOT / entry).read_text()))
     return names
 
@@ -96,7 +96,12 @@ def test_s_yaml_runs_the_image_entrypoint_on_port_9000_with_the_health_check(pro
     entrypoint = re.search(r"^ENTRYPOINT (.+)$", dockerfile(), re.MULTILINE)
     assert entrypoint and container["entrypoint"] == json.loads(entrypoint[1])
     assert "command" not in container  # bootstrap takes no arguments on FC (--emulator is for dev)
-    assert container["healthCheckConfig"]["httpGetUrl"] == "/api/serverless/health"
+    check = container["healthCheckConfig"]
+    assert check["httpGetUrl"] == "/api/serverless/health"
+    # FC's CustomHealthCheckConfig ranges
+    assert 0 <= check["initialDelaySeconds"] <= 120 and 1 <= check["periodSeconds"] <= 120
+    assert 1 <= check["timeoutSeconds"] <= 3
+    assert 1 <= check["failureThreshold"] <= 120 and 1 <= check["successThreshold"] <= 120
 
 
 def test_s_yaml_hooks_and_health_path_are_routes_of_the_app(props):
@@ -113,6 +118,10 @@ def test_s_yaml_timeouts_nest(props, env):
     assert float(env["DRAIN_TIMEOUT"]) < hooks["preStop"]["timeout"]
     assert float(env["COMFYUI_STARTUP_TIMEOUT"]) < hooks["initializer"]["timeout"]
     assert float(env["JOB_TIMEOUT"]) < props["timeout"]
+    check = props["customContainerConfig"]["healthCheckConfig"]
+    # a starting (or restarting) ComfyUI is given its start-up time before FC gives up on the instance
+    unhealthy_for = check["initialDelaySeconds"] + check["periodSeconds"] * check["failureThreshold"]
+    assert unhealthy_for >= float(env["COMFYUI_STARTUP_TIMEOUT"])
 
 
 def test_s_yaml_mounts_the_nas_where_status_logs_and_outputs_go(props, env):
@@ -167,3 +176,17 @@ def test_bootstrap_is_an_executable_bash_script():
     path = ROOT / "bootstrap"
     assert path.stat().st_mode & 0o111
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_s_yaml_sizes_are_within_the_fc3_schema(props):
+    """Ranges from the fc3 component's schema (devsapp/fc3 src/schema.json) and FC's limits."""
+    assert props["diskSize"] in (512, 10240)
+    assert props["memorySize"] % 64 == 0 and 128 <= props["memorySize"] <= 32768
+    assert 0.05 <= props["cpu"] <= 16 and 1 <= props["memorySize"] / 1024 / props["cpu"] <= 4
+    assert 1 <= props["timeout"] <= 86400
+    gpu = props["gpuConfig"]
+    assert gpu["gpuType"] in ("fc.gpu.tesla.1", "fc.gpu.ampere.1", "fc.gpu.ada.1")
+    assert 1024 <= gpu["gpuMemorySize"] and gpu["gpuMemorySize"] % 1024 == 0
+    asynchronous = props["asyncInvokeConfig"]
+    assert 1 <= asynchronous["maxAsyncEventAgeInSeconds"] <= 2592000
+    assert 0 <= asynchronous["maxAsyncRetryAttempts"] <= 8

@@ -115,19 +115,39 @@ def status_log(instance: Instance, task_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix(instance):
+def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_secrets(instance):
     server = instance()
     assert len(server.comfyui_pids()) == 1
+    secrets = {"x-fc-access-key-id": "LTAI-KEY-ID-1", "x-fc-access-key-secret": "KEY-SECRET-2",
+               "x-fc-security-token": "STS-TOKEN-3"}
 
-    response = post_run(server.url, txt2img(steps=3), params=B64)
+    response = post_run(server.url, txt2img(steps=3), params=B64, headers={"x-fc-trace-id": "t-1", **secrets})
 
     assert response.status_code == 200, response.text
     assert response.json()["type"] == "serverless_api"
     log = server.log_text()
     assert re.search(r"^\S+ \S+ INFO comfyui: .*Prompt executed", log, re.MULTILINE), log[-3000:]
     prompt_id = response.json()["data"]["prompt_id"]
-    assert re.search(rf"job start task_id=\S+ prompt_id={prompt_id}", log)
-    assert re.search(rf"job end task_id=\S+ prompt_id={prompt_id} outcome=ok duration=[\d.]+s", log)
+    assert re.search(rf"job start task_id=t-1 prompt_id={prompt_id}", log)
+    assert re.search(rf"job end task_id=t-1 prompt_id={prompt_id} outcome=ok duration=[\d.]+s", log)
+    assert not [secret for secret in secrets.values() if secret in log]
+
+
+def test_bootstrap_emulator_serves_the_api_against_the_emulator(tmp_path):
+    comfyui_port = free_port()
+    env = {"EMULATOR_PORT": str(comfyui_port), "EMULATOR_ROOT": str(tmp_path / "emulator"),
+           "FC_CUSTOM_LISTEN_PORT": str(free_port())}
+    server = Process([str(ROOT / "bootstrap"), "--emulator"], int(env["FC_CUSTOM_LISTEN_PORT"]),
+                     tmp_path / "app.log", env=env, ready_path="/api/serverless/health")
+    try:
+        response = post_run(server.url, txt2img(steps=2), params=B64, headers={"x-fc-trace-id": "dev-1"})
+        assert response.status_code == 200, response.text
+        assert requests.get(f"http://127.0.0.1:{comfyui_port}/system_stats", timeout=5).ok
+        # Status logs stay beside the emulator's outputs, not under /mnt/auto.
+        assert (tmp_path / "emulator" / "output" / "serverless_api" / "dev-1").is_file()
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
 
 
 def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(instance):

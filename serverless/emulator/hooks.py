@@ -6,7 +6,9 @@ key) changes the delays at run time, and the fault knobs `history_delay` (second
 `history_garbage` (non-zero: /history/{id} answers non-JSON) and `view_status` (non-zero: /view
 answers that status); it answers the resulting settings. `GET /emulator/sent?client_id=X` returns
 the exact texts sent to that client's sockets, in order (the last 5000), so tests can compare
-what the adapter forwarded byte for byte.
+what the adapter forwarded byte for byte; with `&times=1` each is `[t, text]`, `t` being
+`time.monotonic()` just before the emulator wrote it (comparable across processes on one machine;
+used by `python -m bench` to measure event latency).
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ async def configure(request: web.Request) -> web.Response:
 
 async def sent(request: web.Request) -> web.Response:
     client_id = request.rel_url.query.get("client_id", "")
-    return web.json_response(list(request.app[EMULATOR].hub.sent.get(client_id, ())))
+    hub = request.app[EMULATOR].hub
+    texts = list(hub.sent.get(client_id, ()))
+    if request.rel_url.query.get("times"):
+        return web.json_response([list(pair) for pair in zip(hub.sent_at.get(client_id, ()), texts)])
+    return web.json_response(texts)
 
 
 ROUTES = [

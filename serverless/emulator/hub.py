@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,9 @@ class Hub:
     def __init__(self) -> None:
         self.clients: dict[str, Client] = {}
         self.sent: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=SENT_KEPT))
+        # When each of those texts was handed to its socket (time.monotonic(), a clock every process
+        # on the machine shares), for the benchmark of event latency.
+        self.sent_at: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SENT_KEPT))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[Message] = asyncio.Queue()
 
@@ -88,8 +92,10 @@ class Hub:
         """Write one frame; a vanished peer is logged, as ComfyUI does, never raised."""
         async with client.lock:
             try:
+                stamp = time.monotonic()
                 await client.ws.send_str(text)
                 self.sent[client.sid].append(text)
+                self.sent_at[client.sid].append(stamp)
             except (aiohttp.ClientError, ConnectionError, RuntimeError) as err:
                 log.warning("send error: %s", err)
 

@@ -1,7 +1,9 @@
 """Node definitions as `/object_info` publishes them, read from the packaged `object_info.json`.
 
-The file holds ComfyUI 0.3.64's entries for the node classes the emulator implements; the file
-lists of LoadImage/LoadImageMask are filled in from the input folder when asked, as ComfyUI does.
+The file holds ComfyUI 0.3.64's entries for the node classes the emulator implements (the audio
+nodes as they load when torchaudio is installed, VHS_LoadVideo as Video Helper Suite 1.7 declares it,
+with a short description); the file lists of the loaders are filled in from the input folder when
+asked, as ComfyUI does.
 """
 
 from __future__ import annotations
@@ -10,14 +12,42 @@ import copy
 import json
 import mimetypes
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .folders import Folders
 
 SPEC_FILE = Path(__file__).with_name("object_info.json")
-# Nodes whose first COMBO lists the input folder; True = only files whose mimetype is image/*.
-INPUT_FILE_LISTS = {"LoadImage": True, "LoadImageMask": False}
+
+
+def _of_types(*types: str) -> Callable[[str], bool]:
+    """Files whose mimetype (from the name) is of one of these top-level types."""
+    return lambda name: (mimetypes.guess_type(name)[0] or "").split("/")[0] in types
+
+
+@dataclass(frozen=True)
+class FileList:
+    """A loader input listing the input folder: which files, and where the list goes."""
+
+    input: str
+    keep: Callable[[str], bool] = lambda name: True
+    in_options: bool = False  # a V3 COMBO: the list is the `options` of the input's extra dict
+
+
+def _vhs_video(name: str) -> bool:
+    """Video Helper Suite lists files by extension."""
+    return "." in name and name.rsplit(".", 1)[1].lower() in ("webm", "mp4", "mkv", "gif", "mov")
+
+
+INPUT_FILE_LISTS = {
+    "LoadImage": FileList("image", _of_types("image")),
+    "LoadImageMask": FileList("image"),
+    "LoadAudio": FileList("audio", _of_types("audio", "video")),
+    "LoadVideo": FileList("file", _of_types("video"), in_options=True),
+    "VHS_LoadVideo": FileList("video", _vhs_video),
+}
 InputInfo = tuple[Any, str | None, dict[str, Any]]
 
 
@@ -41,8 +71,13 @@ class NodeSpecs:
     def entry(self, class_type: str) -> dict[str, Any]:
         """The full `/object_info` entry (a copy, with live file lists)."""
         entry = copy.deepcopy(self._entries[class_type])
-        if class_type in INPUT_FILE_LISTS:
-            entry["input"]["required"]["image"][0] = self._input_files(INPUT_FILE_LISTS[class_type])
+        listing = INPUT_FILE_LISTS.get(class_type)
+        if listing is not None:
+            spec = entry["input"]["required"][listing.input]
+            if listing.in_options:
+                spec[1]["options"] = self._input_files(listing.keep)
+            else:
+                spec[0] = self._input_files(listing.keep)
         return entry
 
     def input_types(self, class_type: str) -> dict[str, dict[str, Any]]:
@@ -69,7 +104,9 @@ class NodeSpecs:
         return [*order.get("required", []), *order.get("optional", [])]
 
     def hidden_inputs(self, class_type: str) -> dict[str, str]:
-        return dict(self._entries[class_type]["input"].get("hidden", {}))
+        hidden = self._entries[class_type]["input"].get("hidden", {})
+        # V3 nodes publish `["PROMPT"]` where V1 nodes publish `"PROMPT"`.
+        return {name: kind if isinstance(kind, str) else kind[0] for name, kind in hidden.items()}
 
     def return_types(self, class_type: str) -> list[str]:
         return list(self._entries[class_type]["output"])
@@ -77,12 +114,10 @@ class NodeSpecs:
     def is_output(self, class_type: str) -> bool:
         return bool(self._entries[class_type].get("output_node"))
 
-    def _input_files(self, images_only: bool) -> list[str]:
+    def _input_files(self, keep: Callable[[str], bool]) -> list[str]:
         folder = self._folders.input
         try:
             names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))]
         except FileNotFoundError:
             return []
-        if images_only:
-            names = [n for n in names if (mimetypes.guess_type(n)[0] or "").startswith("image/")]
-        return sorted(names)
+        return sorted(n for n in names if keep(n))

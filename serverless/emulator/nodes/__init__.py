@@ -5,6 +5,7 @@ Their input/output definitions live in `../object_info.json`; every class here h
 
 from __future__ import annotations
 
+from .audio import LoadAudio, SaveAudio
 from .base import Interrupted, Node, NodeContext, NodeOutput
 from .images import EmptyImage, ImageAddNoise, ImageBlur, ImageInvert, ImageScale
 from .loaders import LoadImage, LoadImageMask
@@ -16,12 +17,14 @@ from .txt2img import (
     KSampler,
     VAEDecode,
 )
+from .video import LoadVideo, SaveVideo, VHSLoadVideo
 
 NODE_CLASSES: dict[str, type[Node]] = {
     cls.CLASS_TYPE: cls
     for cls in (CheckpointLoaderSimple, CLIPTextEncode, VAEDecode, EmptyLatentImage, KSampler,
                 SaveImage, PreviewImage, LoadImage, LoadImageMask, ImageScale, ImageInvert,
-                EmptyImage, ImageAddNoise, ImageBlur)
+                EmptyImage, ImageAddNoise, ImageBlur, LoadAudio, SaveAudio, LoadVideo, SaveVideo,
+                VHSLoadVideo)
 }
 
 __all__ = ["NODE_CLASSES", "Interrupted", "Node", "NodeContext", "NodeOutput"]

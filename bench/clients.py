@@ -1,0 +1,168 @@
+"""The load: one job through ComfyUI's native protocol, and through the adapter (sync and SSE).
+
+`DirectClient` is ComfyUI's own `script_examples/websockets_api_example.py` made async: one
+websocket per client id, kept open; per job `POST /prompt` with that client id, read the socket
+until `executing` with `node: null` for the prompt, `GET /history/{id}`, then `GET /view` for every
+image. The adapter's clients ask for `output_base64`, so both end holding the image bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+RUN = "/api/serverless/run"
+NO_LIMIT = aiohttp.ClientTimeout(total=None)
+
+
+def small_workflow(prefix: str, color: int = 0, size: int = 64) -> dict[str, Any]:
+    """EmptyImage size x size -> SaveImage: ComfyUI's cheapest job with an output file. Vary
+    `color` from job to job, or ComfyUI answers from its cache without running anything."""
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": size, "height": size, "batch_size": 1, "color": color % 0xFFFFFF}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def noise_workflow(prefix: str, side: int = 2600) -> dict[str, Any]:
+    """A picture of noise (does not compress): side 2600 makes a ~20 MB PNG."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": side, "height": side, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 1, "strength": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+def long_workflow(steps: int, seed: int = 1) -> dict[str, Any]:
+    """The emulator's model-free text-to-image chain: one `progress` message per step."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd-v1-5-inpainting.ckpt"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": steps, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench/long/img"}},
+    }
+
+
+class JobFailed(Exception):
+    """A benchmark job did not end with a result."""
+
+
+@dataclass
+class Received:
+    """What one SSE job delivered: each `data:` text with the monotonic time it was read."""
+
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> dict[str, Any]:
+        if not self.events:
+            raise JobFailed("the stream ended without any event")
+        payload = json.loads(self.events[-1][1])
+        return payload if isinstance(payload, dict) else {}
+
+
+class DirectClient:
+    """ComfyUI's native protocol, one client id and one open websocket per client."""
+
+    def __init__(self, session: aiohttp.ClientSession, comfyui_url: str) -> None:
+        self.session = session
+        self.url = comfyui_url
+        self.client_id = uuid.uuid4().hex
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def __aenter__(self) -> DirectClient:
+        self.ws = await self.session.ws_connect(f"{self.url}/ws?clientId={self.client_id}", max_msg_size=0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+    async def run(self, workflow: dict[str, Any], received: Received | None = None) -> list[bytes]:
+        """One job; returns the images' bytes. With `received`, every text is kept with its time."""
+        assert self.ws is not None
+        async with self.session.post(self.url + "/prompt",
+                                     json={"prompt": workflow, "client_id": self.client_id}) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise JobFailed(f"/prompt answered {resp.status}: {answer}")
+        prompt_id = answer["prompt_id"]
+        async for frame in self.ws:
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    raise JobFailed("ComfyUI closed the websocket")
+                continue  # previews are binary
+            if received is not None:
+                received.events.append((time.monotonic(), frame.data))
+            message = json.loads(frame.data)
+            data = message.get("data") or {}
+            if message.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+        async with self.session.get(f"{self.url}/history/{prompt_id}") as resp:
+            history = (await resp.json())[prompt_id]
+        images = []
+        for node_output in history["outputs"].values():
+            for image in node_output.get("images", []):
+                params = {"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]}
+                async with self.session.get(self.url + "/view", params=params) as resp:
+                    images.append(await resp.read())
+        return images
+
+
+def _images_of(payload: dict[str, Any]) -> list[bytes]:
+    if payload.get("type") != "serverless_api":
+        raise JobFailed(f"{payload.get('error_code')}: {payload.get('error_message')}")
+    return [base64.b64decode(r["output"]["base64"]["content"]) for r in payload["data"]["results"]]
+
+
+async def run_sync(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> list[bytes]:
+    """POST /api/serverless/run?output_base64=true; returns the images' bytes."""
+    async with session.post(app_url + RUN, params={"output_base64": "true"}, data=json.dumps(workflow),
+                            headers=headers or {}, timeout=NO_LIMIT) as resp:
+        body = await resp.read()
+    return _images_of(json.loads(body))
+
+
+async def run_sse(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any],
+                  received: Received | None = None) -> list[bytes]:
+    """POST /api/serverless/run?stream=true&output_base64=true, read to the end of the stream."""
+    received = received if received is not None else Received()
+    params = {"stream": "true", "output_base64": "true"}
+    async with session.post(app_url + RUN, params=params, data=json.dumps(workflow), timeout=NO_LIMIT) as resp:
+        if resp.status != 200:
+            raise JobFailed(f"stream answered {resp.status}: {(await resp.read())[:300]!r}")
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                received.events.append((time.monotonic(), line[6:].rstrip(b"\r\n").decode()))
+    return _images_of(received.terminal)
+
+
+async def open_stream(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any]) -> aiohttp.ClientResponse:
+    """Start an SSE job and return once its first event arrived; the caller closes the response."""
+    resp = await session.post(app_url + RUN, params={"stream": "true"}, data=json.dumps(workflow), timeout=NO_LIMIT)
+    if resp.status != 200:
+        raise JobFailed(f"stream answered {resp.status}")
+    while not (await resp.content.readline()).startswith(b"data: "):
+        pass
+    return resp
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]

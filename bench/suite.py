@@ -1,0 +1,345 @@
+"""The benchmarks. Each takes the run's `Context` and returns figures (see report.py).
+
+Methods, in short (docs/PERFORMANCE_SECTION.md says more):
+- overhead: the same small job, one at a time, alternately through ComfyUI's native protocol and
+  through the adapter; the difference of the latency percentiles is what the adapter adds.
+- throughput: N clients, each looping jobs, for a fixed window after a warm-up; jobs/s completed
+  in the window, and the ratio to native clients at the same N.
+- event latency: the emulator stamps each websocket text with `time.monotonic()` just before
+  writing it (`GET /emulator/sent?times=1`); the SSE client stamps each `data:` line when read.
+  Both are CLOCK_MONOTONIC, one clock for every process of the machine. The job's client id comes
+  from the first event (ComfyUI's `status` greeting carries it as `sid`). The same measure for a
+  native websocket client gives the floor the adapter adds to.
+- memory: /proc/<pid>/status VmRSS; peak via VmHWM after resetting it (clear_refs 5).
+- start-up: process spawn to the first 200 from /api/serverless/health, polled every 5 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import procs
+from .clients import (
+    DirectClient,
+    JobFailed,
+    Received,
+    long_workflow,
+    noise_workflow,
+    open_stream,
+    percentile,
+    run_sse,
+    run_sync,
+    small_workflow,
+)
+from .report import Figure, goal, info
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Context:
+    """What every benchmark of one run shares."""
+
+    session: aiohttp.ClientSession
+    comfyui_url: str
+    app: procs.Server
+    workdir: Path
+    emulated: bool  # the emulator's hooks are there (not a real ComfyUI)
+    notes: list[str] = field(default_factory=list)
+    colors: count[int] = field(default_factory=lambda: count(1))
+
+    def job(self, prefix: str) -> dict[str, Any]:
+        return small_workflow(prefix, next(self.colors))
+
+    async def configure(self, **knobs: float) -> None:
+        async with self.session.post(self.comfyui_url + "/emulator/config", json=knobs) as resp:
+            resp.raise_for_status()
+
+    async def health(self, url: str | None = None) -> dict[str, Any]:
+        async with self.session.get((url or self.app.url) + procs.HEALTH) as resp:
+            return dict(await resp.json())
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def ms(seconds: list[float]) -> list[float]:
+    return [s * 1000 for s in seconds]
+
+
+async def timed(call: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await call()
+    return time.perf_counter() - started
+
+
+# -- 1. overhead per job ----------------------------------------------------------------------------
+
+async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figure]:
+    say(f"overhead: {jobs} jobs each, native / sync / SSE alternately")
+    series: dict[str, list[float]] = {"native": [], "sync": [], "sse": []}
+    async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
+        runs = {
+            "native": lambda: direct.run(ctx.job("bench/overhead-native/img")),
+            "sync": lambda: run_sync(ctx.session, ctx.app.url, ctx.job("bench/overhead-sync/img")),
+            "sse": lambda: run_sse(ctx.session, ctx.app.url, ctx.job("bench/overhead-sse/img")),
+        }
+        for index in range(warmup + jobs):
+            for name, run in runs.items():
+                elapsed = await timed(run)
+                if index >= warmup:
+                    series[name].append(elapsed)
+    native, sync, sse = (ms(series[k]) for k in ("native", "sync", "sse"))
+    p = percentile
+    section = "1. overhead per job"
+    return [
+        info(section, "native client p50 / p99", p(native, 50), "ms", f"p99 {p(native, 99):.2f} ms"),
+        info(section, "adapter sync p50 / p99", p(sync, 50), "ms", f"p99 {p(sync, 99):.2f} ms"),
+        info(section, "adapter SSE p50 / p99", p(sse, 50), "ms", f"p99 {p(sse, 99):.2f} ms"),
+        goal(section, "added by the adapter, sync p50", p(sync, 50) - p(native, 50), "ms", "<= 5 ms",
+             lambda v: v <= 5, f"p99 +{p(sync, 99) - p(native, 99):.2f} ms"),
+        goal(section, "added by the adapter, SSE p50", p(sse, 50) - p(native, 50), "ms", "<= 5 ms",
+             lambda v: v <= 5, f"p99 +{p(sse, 99) - p(native, 99):.2f} ms"),
+    ]
+
+
+# -- 2. throughput ----------------------------------------------------------------------------------
+
+async def _throughput(ctx: Context, mode: str, clients: int, seconds: float, warmup: float) -> tuple[float, int]:
+    """Jobs/s completed by `clients` looping clients in a window of `seconds` after `warmup`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + warmup
+    end = start + seconds
+    done: list[float] = []
+    errors: list[str] = []
+    prefix = f"bench/tp-{mode}-{clients}/img"
+
+    async def loop_jobs(job: Callable[[], Awaitable[object]]) -> None:
+        while loop.time() < end:
+            try:
+                await job()
+            except (JobFailed, aiohttp.ClientError) as exc:
+                errors.append(str(exc))
+                continue
+            done.append(loop.time())
+
+    async def client() -> None:
+        if mode == "native":
+            async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
+                await loop_jobs(lambda: direct.run(ctx.job(prefix)))
+        elif mode == "sync":
+            await loop_jobs(lambda: run_sync(ctx.session, ctx.app.url, ctx.job(prefix)))
+        else:
+            await loop_jobs(lambda: run_sse(ctx.session, ctx.app.url, ctx.job(prefix)))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    if errors:
+        ctx.notes.append(f"throughput {mode} x{clients}: {len(errors)} failed jobs, e.g. {errors[0][:200]}")
+    return sum(1 for t in done if start <= t < end) / seconds, len(errors)
+
+
+async def throughput(ctx: Context, levels: tuple[int, ...] = (1, 10, 100), seconds: float = 4.0,
+                     warmup: float = 1.0) -> list[Figure]:
+    figures = []
+    section = "2. throughput (jobs/s)"
+    for clients in levels:
+        say(f"throughput: {clients} concurrent clients, native / sync / SSE, {seconds:g}s each")
+        rates = {}
+        for mode in ("native", "sync", "sse"):
+            rates[mode], _ = await _throughput(ctx, mode, clients, seconds, warmup)
+            await _settle(ctx)
+        figures.append(info(section, f"native, {clients} clients", rates["native"], "jobs/s"))
+        for mode in ("sync", "sse"):
+            ratio = rates[mode] / rates["native"] if rates["native"] else 0.0
+            figures.append(goal(section, f"{mode}, {clients} clients (ratio to native)", ratio, "x",
+                                ">= 0.9 x native", lambda v: v >= 0.9, f"{rates[mode]:.1f} jobs/s"))
+    return figures
+
+
+async def _settle(ctx: Context, timeout: float = 30.0) -> None:
+    """Wait until the app runs no job (the last cell's stragglers are gone)."""
+    deadline = time.monotonic() + timeout
+    while (await ctx.health()).get("jobs") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+# -- 3. event latency -------------------------------------------------------------------------------
+
+async def _sent_times(ctx: Context, client_id: str) -> list[tuple[float, str]]:
+    params = {"client_id": client_id, "times": "1"}
+    async with ctx.session.get(ctx.comfyui_url + "/emulator/sent", params=params) as resp:
+        return [(float(t), str(text)) for t, text in await resp.json()]
+
+
+def _latencies(sent: list[tuple[float, str]], received: list[tuple[float, str]]) -> list[float]:
+    """Receive time minus send time of each received text, matched in order to what was sent."""
+    latencies, cursor = [], 0
+    for received_at, text in received:
+        for index in range(cursor, len(sent)):
+            if sent[index][1] == text:
+                latencies.append(received_at - sent[index][0])
+                cursor = index + 1
+                break
+    return latencies
+
+
+def _client_id(received: Received) -> str:
+    """The job's ComfyUI client id: ComfyUI's greeting (`status`, the first event) names it `sid`."""
+    first = json.loads(received.events[0][1])
+    return str(first["data"]["sid"])
+
+
+async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_delay: float = 0.01) -> list[Figure]:
+    section = "3. event latency"
+    if not ctx.emulated:
+        return [info(section, "ComfyUI send -> SSE client", None, "ms",
+                     "needs the emulator's send-time hook (GET /emulator/sent?times=1)")]
+    say(f"event latency: {jobs} jobs of {steps} progress steps, {step_delay * 1000:g} ms apart")
+    await ctx.configure(step_delay=step_delay)
+    sse: list[float] = []
+    native: list[float] = []
+    try:
+        for index in range(jobs):
+            received = Received()
+            await run_sse(ctx.session, ctx.app.url, long_workflow(steps, seed=1000 + index), received)
+            sent = await _sent_times(ctx, _client_id(received))
+            sse += _latencies(sent, received.events[:-1])  # the terminal payload is ours, not ComfyUI's
+            async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
+                received = Received()
+                await direct.run(long_workflow(steps, seed=2000 + index), received)
+                native += _latencies(await _sent_times(ctx, direct.client_id), received.events)
+    finally:
+        await ctx.configure(step_delay=0)
+    sse, native = ms(sse), ms(native)
+    return [
+        goal(section, "ComfyUI send -> SSE client, p99", percentile(sse, 99), "ms", "p99 < 5 ms",
+             lambda v: v < 5, f"p50 {percentile(sse, 50):.2f} ms, max {max(sse):.2f} ms, {len(sse)} events"),
+        info(section, "ComfyUI send -> native ws client, p99", percentile(native, 99), "ms",
+             f"p50 {percentile(native, 50):.2f} ms (the floor), {len(native)} events"),
+    ]
+
+
+# -- 4. memory --------------------------------------------------------------------------------------
+
+async def open_streams_memory(ctx: Context, streams: int = 100) -> list[Figure]:
+    section = "4. memory"
+    if not ctx.emulated:
+        return [info(section, f"RSS with {streams} open streams", None, "MiB",
+                     "needs the emulator (long jobs through step_delay)")]
+    say(f"memory: {streams} open SSE streams")
+    await _settle(ctx)
+    before = procs.rss_mib(ctx.app.pid)
+    await ctx.configure(step_delay=0.05)
+    responses: list[aiohttp.ClientResponse] = []
+    try:
+        responses = list(await asyncio.gather(
+            *(open_stream(ctx.session, ctx.app.url, long_workflow(10_000, seed=5000 + i)) for i in range(streams))))
+        deadline = time.monotonic() + 30
+        while (await ctx.health()).get("jobs", 0) < streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        during = procs.rss_mib(ctx.app.pid)
+    finally:
+        for resp in responses:
+            resp.close()  # the caller leaves: the adapter cancels each job in ComfyUI
+        await ctx.configure(step_delay=0)
+        await _settle(ctx)
+    return [
+        info(section, f"RSS with {streams} open streams", during, "MiB",
+             f"+{during - before:.1f} MiB over {before:.1f} MiB, {(during - before) * 1024 / streams:.0f} KiB/stream"),
+    ]
+
+
+async def base64_peak(ctx: Context) -> list[Figure]:
+    """A fresh app (so earlier work cannot hide the peak in freed memory) returns a ~20 MB PNG as base64."""
+    section = "4. memory"
+    say("memory: a ~20 MB output returned as base64 (fresh app)")
+    app = procs.start_app(ctx.workdir / "b64", ctx.comfyui_url)
+    try:
+        await app.wait_ready(ctx.session, procs.HEALTH)
+        for _ in range(3):
+            await run_sync(ctx.session, app.url, ctx.job("bench/b64-warm/img"))
+        await asyncio.sleep(0.2)
+        idle = procs.rss_mib(app.pid)
+        sampled = [idle]
+        exact = procs.reset_peak_rss(app.pid)
+
+        async def sample() -> None:  # only used where VmHWM cannot be reset
+            while True:
+                sampled.append(procs.rss_mib(app.pid))
+                await asyncio.sleep(0.001)
+
+        sampler = None if exact else asyncio.create_task(sample())
+        started = time.perf_counter()
+        (image,) = await run_sync(ctx.session, app.url, noise_workflow("bench/b64/noise"))
+        elapsed = time.perf_counter() - started
+        if sampler is not None:
+            sampler.cancel()
+        peak = procs.peak_rss_mib(app.pid) if exact else max(sampled)
+        after = procs.rss_mib(app.pid)
+    finally:
+        app.stop()
+    size = len(image) / MiB
+    above = peak - idle
+    return [
+        info(section, "base64 output: PNG size", size, "MiB", f"job took {elapsed:.2f} s; RSS after {after:.1f} MiB"),
+        goal(section, "base64 output: peak RSS above idle", above / size, "x output", "< 3 x output",
+             lambda v: v < 3, f"{above:.1f} MiB above {idle:.1f} MiB idle" + ("" if exact else " (sampled)")),
+    ]
+
+
+# -- 5. start-up ------------------------------------------------------------------------------------
+
+async def startup(ctx: Context, runs: int = 3) -> list[Figure]:
+    say(f"start-up: {runs} fresh app processes (bootstrap) to the first 200 from health")
+    times, idle = [], []
+    for index in range(runs):
+        app = procs.start_app(ctx.workdir / f"start-{index}", ctx.comfyui_url)
+        try:
+            times.append(await app.wait_ready(ctx.session, procs.HEALTH))
+            await asyncio.sleep(0.3)
+            idle.append(procs.rss_mib(app.pid))
+        finally:
+            app.stop()
+    return [
+        info("5. start-up", "process start -> first 200 from health", statistics.median(times), "s",
+             "runs: " + ", ".join(f"{t:.2f}" for t in times)),
+        goal("4. memory", "RSS idle, just started", max(idle), "MiB", "< 80 MiB", lambda v: v < 80,
+             "max of the start-up runs"),
+    ]
+
+
+async def warm_idle(ctx: Context) -> list[Figure]:
+    await _settle(ctx)
+    await asyncio.sleep(0.3)
+    rss = procs.rss_mib(ctx.app.pid)
+    return [goal("4. memory", "RSS idle, after the runs above", rss, "MiB", "< 80 MiB", lambda v: v < 80)]
+
+
+# -- OSS upload overlap (a colleague's module) -----------------------------------------------------
+
+async def oss_overlap(ctx: Context) -> list[Figure]:
+    section = "6. OSS overlap"
+    try:
+        from . import oss_overlap as module  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return [info(section, "bench/oss_overlap.py", None, "", f"not available ({exc}): skipped")]
+    say("oss overlap: bench.oss_overlap.run()")
+    try:
+        # run() may drive its own event loop: give it a thread of its own.
+        results = await asyncio.wait_for(asyncio.to_thread(module.run), timeout=120)
+    except Exception as exc:  # a colleague's module failing must not lose this run's table
+        return [info(section, "bench/oss_overlap.py", None, "", f"failed ({type(exc).__name__}: {exc}): skipped")]
+    return [info(section, str(name), float(value), "") for name, value in dict(results).items()]
