@@ -8,6 +8,7 @@ module logs or raises contains an access key, secret, security token or signed U
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import time
@@ -213,7 +214,8 @@ def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
     with bucket.get_object(key) as result:
         if result.content_length is not None and result.content_length > max_bytes:
             raise _TooLarge(result.content_length)
-        chunks, total, crc = [], 0, oss2.utils.Crc64()
+        # One buffer, handed over without a copy: an accepted object is held in memory once.
+        body, total, crc = io.BytesIO(), 0, oss2.utils.Crc64()
         # One pass over the raw body. oss2's own reader restarts requests' iterator on every read,
         # which loses data of a chunked response; and the raw bytes are what OSS's CRC covers.
         try:
@@ -222,11 +224,11 @@ def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
                 if total > max_bytes:
                     raise _TooLarge(None)
                 crc.update(chunk)
-                chunks.append(chunk)
+                body.write(chunk)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise RequestError(exc) from exc
         oss2.utils.check_crc("get object", crc.crc, result.server_crc, result.request_id)
-    return b"".join(chunks)
+    return body.getvalue()
 
 
 class OssStore:

@@ -14,15 +14,19 @@ ComfyUI endpoints (each also under `/api`; GET ones answer HEAD too): `GET /ws?c
 Nodes: EmptyImage, LoadImage, LoadImageMask, ImageInvert, ImageScale, ImageAddNoise, ImageBlur,
 SaveImage, PreviewImage, and the model-free text-to-image chain CheckpointLoaderSimple,
 CLIPTextEncode, EmptyLatentImage, KSampler (sleeps the step delay and reports progress per step),
-VAEDecode (a picture determined by checkpoint, prompts, seed, sampler settings and size).
+VAEDecode (a picture determined by checkpoint, prompts, seed, sampler settings and size); and
+for audio and video inputs LoadAudio, SaveAudio (writes a real FLAC), LoadVideo, SaveVideo and
+VHS_LoadVideo.
 
 Test and fault hooks (not ComfyUI's, no `/api` twin):
   `POST /emulator/drop_websockets`  abort every websocket's connection (no close frame); answers
                                     `{"dropped": n}`.
-  `POST /emulator/config`           `{"step_delay": s, "node_delay": s}` (either key) changes the
+  `POST /emulator/config`           `{"step_delay": s, "node_delay": s}` (any key) changes the
                                     delays at run time; `node_delay` is slept inside every node
                                     after its interrupt check, like a long non-interruptible
-                                    computation. Answers the resulting settings.
+                                    computation. Fault knobs: `history_delay` (s), `history_garbage`
+                                    and `view_status` (see hooks.py). Answers the resulting settings.
+  `GET /emulator/sent?client_id=X`  the texts sent to that client, in order.
 
 Known differences from ComfyUI: no binary websocket frames (previews, progress text), no other
 nodes, models or frontend; blur/noise/scaling use Pillow's algorithms, not torch's; tracebacks and
@@ -30,7 +34,8 @@ the image values in `execution_error.current_inputs` are the emulator's own; Emp
 (like a failed allocation) above 2**26 pixels per batch; LoadImage refuses paths leaving the root;
 what ComfyUI keeps in sets (`executed`, `current_outputs`, outputs to run) comes in the order the
 traces show; a socket replaced by a reconnect with the same clientId does not unregister its
-successor when it closes later.
+successor when it closes later; there is no FFmpeg: WAV audio is decoded for real, other audio and
+non-GIF/WebP video are stand-ins derived from the file's hash, and SaveVideo copies the file.
 """
 
 from __future__ import annotations
