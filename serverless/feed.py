@@ -2,8 +2,9 @@
 
 The runner publishes; the JSON response, the SSE stream, the websocket and the status log each
 follow with their own cursor. Publishing never waits for a reader, so a slow reader cannot stall
-a job: the feed keeps a bounded window of events, and a reader that falls out of it is told so
-(`ReaderTooSlow`) and dropped. The terminal event is always kept.
+a job: a live reader more than `limit` events behind the newest is told so (`ReaderTooSlow`) and
+dropped. A *pinned* reader (the status log, which must record everything) keeps the events it has
+not read yet, up to `PINNED_FACTOR * limit`. The terminal event is always kept.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ class ReaderTooSlow(Exception):
     """A reader fell so far behind that the events it needs are no longer kept."""
 
 
+PINNED_FACTOR = 10
+
+
 class Feed:
     """Events of one job; `publish` from the runner, `follow` from any number of readers."""
 
     def __init__(self, limit: int = 10000, first_seq: int = 1) -> None:
-        self._events: deque[Event] = deque(maxlen=limit)
+        self._events: deque[Event] = deque()
+        self.limit = limit
+        self._pins: dict[int, int] = {}  # pinned reader -> its cursor
         self.first_seq = first_seq
         self._next_seq = first_seq
         self._changed = asyncio.Event()
@@ -68,32 +74,58 @@ class Feed:
         self._events.append(event)
         if event.terminal:
             self.terminal = event
+        self._trim()
         # Wake every waiting reader, and give later waiters a fresh event to wait on.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def follow(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
+    def _trim(self) -> None:
+        """Forget events every reader that must see them has seen: keep the last `limit` for live
+        readers, and what pinned readers have not read yet (bounded)."""
+        floor = min(self._pins.values(), default=self.last_seq)
+        while len(self._events) > self.limit and not self._events[0].terminal:
+            if self._events[0].seq > floor and len(self._events) <= self.limit * PINNED_FACTOR:
+                break
+            self._events.popleft()
+
+    async def follow(
+        self, after: int | None = None, idle: float | None = None, pinned: bool = False
+    ) -> AsyncIterator[Event | None]:
         """Yield every event with seq > `after` (default: from the first), waiting for new ones,
         until the terminal one. With `idle`, yield None whenever that many seconds pass without
-        an event (for keep-alives)."""
+        an event (for keep-alives). A `pinned` reader is never dropped for being behind unless
+        it falls `PINNED_FACTOR * limit` events back."""
         cursor = self.first_seq - 1 if after is None else after
-        while True:
-            if self._next_seq - 1 <= cursor:
-                try:
-                    await asyncio.wait_for(self._changed.wait(), idle)
-                except TimeoutError:
-                    yield None
-                continue
-            while cursor < self._next_seq - 1:
-                oldest = self._events[0].seq
-                if cursor + 1 < oldest:
-                    raise ReaderTooSlow(f"events {cursor + 1}..{oldest - 1} were dropped")
-                # Readers are usually near the newest end, where deque indexing is cheap.
-                event = self._events[cursor + 1 - oldest]
-                cursor = event.seq
-                yield event
-                if event.terminal:
-                    return
+        pin = object()
+        if pinned:
+            self._pins[id(pin)] = cursor
+        try:
+            while True:
+                if self.last_seq <= cursor:
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), idle)
+                    except TimeoutError:
+                        yield None
+                    continue
+                while cursor < self.last_seq:
+                    event = self._next_after(cursor, pinned)
+                    cursor = event.seq
+                    if pinned:
+                        self._pins[id(pin)] = cursor
+                    yield event
+                    if event.terminal:
+                        return
+        finally:
+            self._pins.pop(id(pin), None)
+
+    def _next_after(self, cursor: int, pinned: bool) -> Event:
+        oldest = self._events[0].seq
+        if cursor + 1 < oldest:
+            raise ReaderTooSlow(f"events {cursor + 1}..{oldest - 1} were dropped")
+        if not pinned and self.last_seq - cursor > self.limit and not self._events[-1].terminal:
+            raise ReaderTooSlow(f"{self.last_seq - cursor} events behind (more than {self.limit})")
+        # Readers are usually near the newest end, where deque indexing is cheap.
+        return self._events[cursor + 1 - oldest]
 
     async def wait(self) -> Event:
         """The terminal event, once there is one."""

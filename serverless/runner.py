@@ -83,6 +83,7 @@ class Job:
         self._outputs_seen: dict[str, dict[str, Any]] = {}
         self.task: asyncio.Task[None] | None = None
         self._generation = 0
+        self._history_error: ComfyUIUnavailable | None = None
         self.recorder: asyncio.Task[None] | None = None
 
     async def finished(self) -> Event:
@@ -204,8 +205,11 @@ class Job:
         """True when the job ended; False when the socket closed or broke first."""
         try:
             async for frame in ws:
-                if frame.type == aiohttp.WSMsgType.TEXT and self._on_text(frame.data, collector):
-                    return True
+                if frame.type == aiohttp.WSMsgType.TEXT:
+                    if self._on_text(frame.data, collector):
+                        return True
+                    # One network read can hold a burst of messages: let readers keep up with it.
+                    await asyncio.sleep(0)
         except (aiohttp.ClientError, OSError):
             pass
         return False
@@ -253,7 +257,8 @@ class Job:
 
     async def _recover(self, collector: OutputCollector) -> bool:
         """After a reconnect: True if the job already ended (history has it), False if ComfyUI
-        still runs or queues it (keep listening). Anything else means the job is lost."""
+        still runs or queues it (keep listening). Anything else means the job is lost. A history
+        that cannot be read is not proof of loss while the queue still holds the job."""
         if await self._recover_from_history():
             return True
         queue = await self.comfy.queue()
@@ -262,10 +267,16 @@ class Job:
             return False
         if await self._recover_from_history():
             return True
-        raise ComfyUIUnavailable("the websocket broke and ComfyUI no longer knows the job")
+        raise ComfyUIUnavailable(
+            "the websocket broke and ComfyUI no longer knows the job" + _because(self._history_error)
+        )
 
     async def _recover_from_history(self) -> bool:
-        entry = await self.comfy.history(self.prompt_id)
+        try:
+            entry = await self.comfy.history(self.prompt_id)
+        except ComfyUIUnavailable as exc:  # ComfyUI answers, but not with a history: ask the queue
+            self._history_error = exc
+            return False
         if entry is None:
             return False
         for name, data in entry.get("status", {}).get("messages", []):
@@ -297,6 +308,10 @@ class Job:
                 await asyncio.shield(self.comfy.cancel(self.prompt_id))
         except (ServerlessError, TimeoutError):
             log.warning("could not cancel prompt_id=%s in ComfyUI", self.prompt_id)
+
+
+def _because(error: ServerlessError | None) -> str:
+    return f" ({error.message})" if error is not None else ""
 
 
 def execution_failed(data: dict[str, Any]) -> ExecutionFailed:

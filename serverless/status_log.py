@@ -73,7 +73,7 @@ class StatusLog:
         heartbeat = max(self.stale_after / 4, 0.05)
         pending: list[str] = []
         try:
-            async for event in feed.follow(idle=heartbeat):
+            async for event in feed.follow(idle=heartbeat, pinned=True):
                 if event is None:
                     await asyncio.to_thread(self._touch, path)
                     continue

@@ -20,6 +20,10 @@ log = logging.getLogger("serverless.stream")
 # sse-starlette logs every chunk at DEBUG; results carry signed OSS URLs, which must never be logged.
 logging.getLogger("sse_starlette").setLevel(logging.INFO)
 
+# Lines end with a bare LF. The response's `sep` only applies to what sse-starlette formats itself;
+# a ServerSentEvent we build carries its own separator (CRLF unless told), so each event gets it too.
+SEP = "\n"
+
 
 async def sse_events(job: Job, ping_interval: float, cancel_on_disconnect: bool) -> AsyncIterator[ServerSentEvent]:
     """The events of `job`; cancelling this generator (client gone) abandons the job."""
@@ -27,13 +31,16 @@ async def sse_events(job: Job, ping_interval: float, cancel_on_disconnect: bool)
     try:
         async for event in job.feed.follow(idle=ping_interval):
             if event is None:
-                yield ServerSentEvent(comment="ping")
+                yield ServerSentEvent(comment="ping", sep=SEP)
             else:
-                yield ServerSentEvent(data=event.text, id=str(event.seq))
+                yield ServerSentEvent(data=event.text, id=str(event.seq), sep=SEP)
     except ReaderTooSlow as exc:
-        # The job goes on (its status log still gets every event); only this reader is dropped.
+        # The job goes on (its status log still ends with the terminal payload); only this reader
+        # is dropped. Compat clients ignore comments: this one tells a person where the rest is.
         log.warning("dropping a slow SSE reader of task_id=%s: %s", job.task_id, exc)
         dropped = True
+        note = f"dropped: {exc}; the job goes on: GET /api/serverless/status?task_id={job.task_id}"
+        yield ServerSentEvent(comment=note, sep=SEP)
     finally:
         if cancel_on_disconnect and not dropped:
             job.abandon("SSE client disconnected")
@@ -43,7 +50,7 @@ def sse_response(job: Job, settings: Settings) -> EventSourceResponse:
     return EventSourceResponse(
         sse_events(job, settings.stream_ping_interval, settings.cancel_on_disconnect),
         ping=0,  # our own keep-alive: only after silence, see sse_events
-        sep="\n",
+        sep=SEP,
         headers={"Cache-Control": "no-store"},
         # On server shutdown let the stream run to its terminal payload (jobs are drained first).
         shutdown_grace_period=settings.drain_timeout + 30,

@@ -76,6 +76,6 @@ async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -
     if isinstance(failure, ReaderTooSlow):
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, failure)
-        await websocket.close(code=1013)
+        await websocket.close(code=1013, reason="reader too slow; see the task's status log")
     elif (watcher in done or failure is not None) and cancel_on_disconnect:
         job.abandon("websocket client disconnected")

@@ -67,3 +67,18 @@ async def test_idle_readers_get_keepalive_markers_between_events():
 
     await asyncio.wait_for(read(), 5)
     assert seen[0] is None and seen[-1].terminal
+
+
+async def test_a_pinned_reader_keeps_what_it_has_not_read_while_live_readers_are_bounded():
+    feed = Feed(limit=10)
+    feed.publish("first")
+    pinned = feed.follow(pinned=True)
+    first = await anext(pinned)  # registered, at event 1
+    for i in range(49):
+        feed.publish(str(i))
+    with pytest.raises(ReaderTooSlow):
+        await collect(feed)  # a live reader 50 behind is dropped
+    feed.finish({"type": "serverless_api"})
+    rest = [e async for e in pinned if e is not None]
+    assert [first.seq] + [e.seq for e in rest] == list(range(1, 52))
+    assert rest[-1].terminal

@@ -1,0 +1,470 @@
+"""POST /api/serverless/run?stream=true end to end: the app under uvicorn, the ComfyUI emulator on a
+real port, real HTTP clients. What the adapter forwards is compared byte for byte with what the
+emulator says it sent to the adapter's client id (`GET /emulator/sent`).
+
+Hanging up is tested for every transport here and in test_websocket.py with the same scenarios:
+the job of the caller that left is cancelled in ComfyUI, the job beside it is not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import requests
+import websocket  # websocket-client
+
+from tests.helpers import RUN, empty_image, post_run, txt2img, wait_until
+from tests.servers import App, Emulator
+
+pytestmark = pytest.mark.timeout(60)
+
+TERMINAL_TYPES = ("serverless_api", "error")
+HangUp = Callable[[], None]
+
+
+# -- reading a stream ---------------------------------------------------------------------------
+
+@dataclass
+class SseEvent:
+    """One block of a `text/event-stream` body (the lines before a blank line)."""
+
+    id: int | None = None
+    data: str | None = None  # the one `data:` line's text, exactly as received
+    comments: list[str] = field(default_factory=list)
+
+
+def parse_block(block: bytes) -> SseEvent:
+    event = SseEvent()
+    for line in block.split(b"\n"):
+        assert not line.endswith(b"\r"), f"lines end with a bare LF: {block[:120]!r}"
+        if line.startswith(b":"):
+            event.comments.append(line[1:].strip().decode())
+        elif line.startswith(b"id: "):
+            event.id = int(line[4:])
+        elif line.startswith(b"data: "):
+            assert event.data is None, f"one data line per event: {block[:300]!r}"
+            event.data = line[6:].decode("utf-8")
+        else:
+            raise AssertionError(f"unexpected line in the stream: {line[:200]!r}")
+    return event
+
+
+def read_events(response: requests.Response) -> Iterator[SseEvent]:
+    """The stream's events as they arrive, until the server ends the body."""
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            yield parse_block(block)
+    assert buffer == b"", f"the stream ended inside an event: {buffer[:200]!r}"
+
+
+def stream(base_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.post(base_url + RUN, params={"stream": "true"}, data=json.dumps(workflow),
+                         headers=headers or {}, stream=True, timeout=60)
+
+
+def payloads(events: Iterator[SseEvent] | list[SseEvent]) -> list[dict[str, Any]]:
+    return [json.loads(event.data) for event in events if event.data is not None]
+
+
+# -- what ComfyUI sent ----------------------------------------------------------------------------
+
+def prompt_id_of(text: str) -> str | None:
+    data = json.loads(text).get("data")
+    return data.get("prompt_id") if isinstance(data, dict) else None
+
+
+def ends_prompt(text: str, prompt_id: str) -> bool:
+    message = json.loads(text)
+    return (message["type"] == "executing" and message["data"].get("node") is None
+            and message["data"].get("prompt_id") == prompt_id)
+
+
+def client_id_of(forwarded: list[str]) -> str:
+    """The adapter's own ComfyUI client id: the `sid` of the first `status` it forwarded."""
+    first = json.loads(forwarded[0])
+    assert first["type"] == "status", forwarded[0]
+    return str(first["data"]["sid"])
+
+
+def sent_to(comfyui_url: str, client_id: str, prompt_id: str) -> list[str]:
+    """Every text the emulator sent to `client_id`, once it has sent the end of `prompt_id`."""
+    def sent() -> list[str] | None:
+        texts = requests.get(comfyui_url + "/emulator/sent", params={"client_id": client_id}, timeout=5).json()
+        return texts if any(ends_prompt(text, prompt_id) for text in texts) else None
+
+    return wait_until(sent, timeout=10)
+
+
+def assert_forwarded_as_sent(forwarded: list[str], sent: list[str], prompt_id: str) -> None:
+    """Each forwarded text is one ComfyUI sent, in ComfyUI's order; none of the job's is missing."""
+    remaining = iter(sent)
+    for text in forwarded:
+        assert any(text == candidate for candidate in remaining), f"not sent, or out of order: {text[:300]}"
+    own = [text for text in sent if prompt_id_of(text) == prompt_id]
+    assert own and [text for text in forwarded if prompt_id_of(text) == prompt_id] == own
+
+
+# -- the emulator's queue and history, and the app's health -----------------------------------------
+
+def prompt_ids(comfyui_url: str, prefix: str, where: str) -> list[str]:
+    """Prompts in ComfyUI's `queue_running` or `queue_pending` whose SaveImage prefix is `prefix`."""
+    queue = requests.get(comfyui_url + "/queue", timeout=5).json()
+    return [item[1] for item in queue[f"queue_{where}"]
+            if any(str(node["inputs"].get("filename_prefix", "")).startswith(prefix + "_")
+                   for node in item[2].values())]
+
+
+def queued(comfyui_url: str, prompt_id: str) -> bool:
+    queue = requests.get(comfyui_url + "/queue", timeout=5).json()
+    return any(item[1] == prompt_id for item in queue["queue_running"] + queue["queue_pending"])
+
+
+def history_messages(comfyui_url: str, prompt_id: str) -> list[str] | None:
+    """The message types of the prompt's history entry; None if it never ran."""
+    entry = requests.get(f"{comfyui_url}/history/{prompt_id}", timeout=5).json().get(prompt_id)
+    return None if entry is None else [name for name, _ in entry["status"]["messages"]]
+
+
+def set_step_delay(emulator: Emulator, seconds: float) -> None:
+    requests.post(emulator.url + "/emulator/config", json={"step_delay": seconds}, timeout=5).raise_for_status()
+
+
+def jobs_running(server: App) -> int:
+    return int(requests.get(server.url + "/api/serverless/health", timeout=10).json()["jobs"])
+
+
+def wait_no_jobs(server: App) -> None:
+    wait_until(lambda: jobs_running(server) == 0, timeout=20, interval=0.1)
+
+
+def status_log(server: App, task_id: str) -> list[dict[str, Any]]:
+    response = requests.get(server.url + "/api/serverless/status", params={"task_id": task_id}, timeout=10)
+    return list(response.json())
+
+
+def in_background(call: Callable[[], Any]) -> Future[Any]:
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(call)
+    pool.shutdown(wait=False)
+    return future
+
+
+# -- callers that hang up -------------------------------------------------------------------------
+
+def open_stream(base_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> HangUp:
+    """An SSE caller, as requests users write it; hanging up closes its connection."""
+    response = stream(base_url, workflow, headers)
+    assert response.status_code == 200
+    return response.close
+
+
+def open_sync(base_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> HangUp:
+    """A synchronous caller on a raw socket, so the test decides when the connection goes away."""
+    url = urlsplit(base_url)
+    body = json.dumps(workflow).encode()
+    head = [f"POST {RUN} HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    return sock.close
+
+
+def open_websocket(base_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> HangUp:
+    """A websocket caller (websocket-client) that hangs up politely, with a close frame."""
+    ws = websocket.create_connection(base_url.replace("http://", "ws://") + "/api/serverless/ws",
+                                     timeout=30, header=headers or {})
+    ws.send(json.dumps(workflow))
+    return ws.close
+
+
+def hanging_up_cancels_only_that_job(emulator: Emulator, server: App, open_call: Callable[..., HangUp],
+                                     state: str) -> None:
+    """The caller of a `state` ("running" or "pending") job hangs up while another job runs or
+    waits beside it: its prompt leaves ComfyUI's queue (interrupted, or never run), the other
+    one ends normally, and the app holds no job afterwards."""
+    # At 0.05 s a step: a running victim would take 20 s; a pending one waits 3 s behind its neighbour.
+    neighbour_steps = 3 if state == "running" else 60
+    victim_steps = 400 if state == "running" else 3
+    if state == "running":
+        hang_up = open_call(server.url, txt2img(seed=21, steps=victim_steps, prefix="victim"))
+        (victim,) = wait_until(lambda: prompt_ids(emulator.url, "victim", "running"))
+        neighbour = in_background(lambda: post_run(server.url, txt2img(seed=22, steps=neighbour_steps,
+                                                                        prefix="neighbour")))
+        wait_until(lambda: prompt_ids(emulator.url, "neighbour", "pending"))
+    else:
+        neighbour = in_background(lambda: post_run(server.url, txt2img(seed=22, steps=neighbour_steps,
+                                                                        prefix="neighbour")))
+        wait_until(lambda: prompt_ids(emulator.url, "neighbour", "running"))
+        hang_up = open_call(server.url, txt2img(seed=21, steps=victim_steps, prefix="victim"))
+        (victim,) = wait_until(lambda: prompt_ids(emulator.url, "victim", "pending"))
+
+    hang_up()
+
+    wait_until(lambda: not queued(emulator.url, victim), timeout=10)
+    answer = neighbour.result(timeout=30)
+    assert answer.status_code == 200, answer.text
+    neighbour_id = answer.json()["data"]["prompt_id"]
+    assert history_messages(emulator.url, neighbour_id)[-1] == "execution_success"
+    victim_history = history_messages(emulator.url, victim)
+    if state == "running":
+        assert victim_history is not None and "execution_interrupted" in victim_history
+    else:  # removed before it ran (or, on a very slow machine, interrupted as it started)
+        assert victim_history is None or "execution_interrupted" in victim_history
+    assert not queued(emulator.url, victim)
+    wait_no_jobs(server)
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+def test_fc_doc_streaming_client_gets_progress_then_the_result(app):
+    url, workflow = app.url, txt2img(seed=-1, steps=4)
+    types = []
+
+    # The FC documentation's client, unchanged.
+    resp = requests.post(url + "/api/serverless/run?stream=true", json=workflow, stream=True)
+    for line in resp.iter_lines():
+        if line.startswith(b"data: "):
+            payload = json.loads(line[6:])
+            types.append(payload["type"])
+            if payload["type"] == "serverless_api":
+                break
+    resp.close()
+
+    assert types[0] == "status" and types[-1] == "serverless_api"
+    assert types.count("progress") == 4
+    assert {"execution_start", "executing", "progress_state", "executed", "execution_success"} <= set(types)
+    (result,) = payload["data"]["results"]
+    assert result["node_id"] == "9" and result["output"]["raw"]["filename"].startswith("ComfyUI_test-1_")
+
+
+def test_stream_forwards_comfyuis_texts_byte_for_byte_with_ids_then_one_terminal_payload(app, emulator):
+    with stream(app.url, txt2img(seed=3, steps=5, prefix="bytes"), headers={"x-fc-trace-id": "sse-bytes"}) as response:
+        headers = response.headers
+        events = list(read_events(response))  # to the end of the body
+
+    assert response.status_code == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["cache-control"] == "no-store"
+    assert headers["x-accel-buffering"] == "no"
+    assert all(event.data is not None and event.id is not None for event in events), "no pings in 15 s"
+    assert [event.id for event in events] == list(range(1, len(events) + 1))
+    *forwarded, terminal = [str(event.data) for event in events]
+    result = json.loads(terminal)
+    assert result["type"] == "serverless_api" and result["data"]["task_id"] == "sse-bytes"
+    assert not [text for text in forwarded if json.loads(text)["type"] in TERMINAL_TYPES]
+    prompt_id = result["data"]["prompt_id"]
+    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, client_id_of(forwarded), prompt_id), prompt_id)
+    assert ends_prompt(forwarded[-1], prompt_id)
+    # The status log holds the same payloads, the terminal one included.
+    assert status_log(app, "sse-bytes") == [json.loads(text) for text in [*forwarded, terminal]]
+
+
+def test_execution_error_mid_stream_ends_it_with_execution_failed(app, emulator):
+    with stream(app.url, empty_image(prefix="../../escape")) as response:
+        events = list(read_events(response))
+
+    messages = payloads(events)
+    terminal = messages[-1]
+    assert terminal["type"] == "error" and terminal["error_code"] == "EXECUTION_FAILED"
+    assert terminal["raw"]["node_id"] == "2" and terminal["raw"]["node_type"] == "SaveImage"
+    (failure,) = [m for m in messages[:-1] if m["type"] == "execution_error"]
+    assert failure["data"] == terminal["raw"]
+    assert not [m for m in messages[:-1] if m["type"] in TERMINAL_TYPES]
+    forwarded = [str(event.data) for event in events[:-1]]
+    prompt_id = failure["data"]["prompt_id"]
+    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, client_id_of(forwarded), prompt_id), prompt_id)
+
+
+def test_stream_ends_with_error_when_comfyui_dies(own_emulator, start_app):
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url, COMFYUI_RECONNECT_TIMEOUT="2")
+    with stream(server.url, txt2img(seed=7, steps=400)) as response:  # 20 s if left alone
+        events = read_events(response)
+        for event in events:
+            if event.data is not None and json.loads(event.data)["type"] == "progress":
+                break
+        own_emulator.kill()
+        killed = time.monotonic()
+        after = payloads(events)  # the rest of the same stream
+    ended = time.monotonic() - killed
+
+    terminal = after[-1]
+    assert terminal["type"] == "error" and terminal["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert not [m for m in after[:-1] if m["type"] in TERMINAL_TYPES]
+    print(f"\nComfyUI killed -> stream ended {ended:.2f}s later (COMFYUI_RECONNECT_TIMEOUT=2)")
+    assert ended < 2 + 10, "the job must fail after the reconnect timeout, not at its deadline"
+    wait_no_jobs(server)
+
+
+def test_keep_alive_pings_while_the_job_waits_silently(own_emulator, start_app):
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url, STREAM_PING_INTERVAL="0.2")
+    ahead = in_background(lambda: post_run(server.url, txt2img(seed=1, steps=40, prefix="ahead")))  # 2 s
+    wait_until(lambda: prompt_ids(own_emulator.url, "ahead", "running"))
+
+    with stream(server.url, empty_image(prefix="behind")) as response:
+        events = list(read_events(response))
+
+    pings = [event for event in events if event.comments]
+    assert len(pings) >= 2, "the queued job is silent for about 2 s"
+    assert all(e.comments == ["ping"] and e.data is None and e.id is None for e in pings)
+    data = [event for event in events if event.data is not None]
+    assert [event.id for event in data] == list(range(1, len(data) + 1))
+    assert json.loads(str(data[-1].data))["type"] == "serverless_api"
+    assert events[-1] is data[-1]
+    types_before_first_ping = [json.loads(str(e.data))["type"] for e in events[:events.index(pings[0])]]
+    assert "execution_start" not in types_before_first_ping
+    assert ahead.result(timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("state", ["running", "pending"])
+def test_closing_the_stream_cancels_that_job_and_only_that_job(own_emulator, start_app, state):
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url)
+    hanging_up_cancels_only_that_job(own_emulator, server, open_stream, state)
+
+
+@pytest.mark.parametrize("state", ["running", "pending"])
+def test_a_synchronous_caller_hanging_up_cancels_that_job_and_only_that_job(own_emulator, start_app, state):
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url)
+    hanging_up_cancels_only_that_job(own_emulator, server, open_sync, state)
+
+
+@pytest.mark.parametrize("open_call", [open_stream, open_sync], ids=["sse", "sync"])
+def test_without_cancel_on_disconnect_the_job_outlives_its_caller(own_emulator, start_app, open_call):
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url, CANCEL_ON_DISCONNECT="false")
+    hang_up = open_call(server.url, txt2img(seed=31, steps=30, prefix="kept"), {"x-fc-trace-id": "kept-1"})
+    (prompt_id,) = wait_until(lambda: prompt_ids(own_emulator.url, "kept", "running"))
+
+    hang_up()
+
+    log = wait_until(lambda: (items := status_log(server, "kept-1")) and
+                     items[-1]["type"] in TERMINAL_TYPES and items, timeout=30)
+    assert log[-1]["type"] == "serverless_api", log[-1]
+    assert log[-1]["data"]["prompt_id"] == prompt_id
+    assert history_messages(own_emulator.url, prompt_id)[-1] == "execution_success"
+    wait_no_jobs(server)
+    assert "caller gone" not in server.log_text()
+
+
+def slow_reader_workflow(steps: int, side_branches: int = 60) -> dict[str, Any]:
+    """txt2img whose sampler runs after `side_branches` small previews, so that each of its
+    `progress_state` messages (they list every started node) is large: megabytes, quickly."""
+    workflow = txt2img(seed=41, steps=steps, prefix="slow")
+    for k in range(side_branches):
+        workflow[f"e{k}"] = {"class_type": "EmptyImage",
+                             "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": k}}
+        workflow[f"p{k}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"e{k}", 0]}}
+    return workflow
+
+
+def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app):
+    set_step_delay(own_emulator, 0.01)
+    server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
+    url = urlsplit(server.url)
+    body = json.dumps(slow_reader_workflow(steps=400)).encode()  # about 12 MB of events in 5 s
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the app's buffers fill
+    reader.connect((url.hostname, url.port))
+    reader.sendall(f"POST {RUN}?stream=true HTTP/1.1\r\nHost: {url.netloc}\r\nX-Fc-Trace-Id: slow-1\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    # The job ends while its reader reads nothing at all.
+    log = wait_until(lambda: (items := status_log(server, "slow-1")) and
+                     items[-1]["type"] in TERMINAL_TYPES and items, timeout=40, interval=0.2)
+    assert log[-1]["type"] == "serverless_api", log[-1]
+    assert history_messages(own_emulator.url, log[-1]["data"]["prompt_id"])[-1] == "execution_success"
+
+    received = bytearray()
+    reader.settimeout(20)
+    while chunk := reader.recv(1 << 16):
+        received += chunk
+    reader.close()
+
+    print(f"\nslow reader: {len(received) / 1e6:.1f} MB received, then dropped")
+    assert b'"type": "serverless_api"' not in received
+    assert b"\n: dropped: events " in received and b"task_id=slow-1\n\n" in received
+    assert received.endswith(b"\r\n0\r\n\r\n"), "the stream ends cleanly after the note"
+    assert "dropping a slow SSE reader of task_id=slow-1" in server.log_text()
+    wait_no_jobs(server)
+
+
+def test_a_reader_that_keeps_up_is_not_dropped_by_a_small_buffer(own_emulator, start_app):
+    set_step_delay(own_emulator, 0.01)
+    server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
+    with stream(server.url, slow_reader_workflow(steps=100)) as response:
+        events = list(read_events(response))
+
+    assert [event.id for event in events] == list(range(1, len(events) + 1))
+    assert json.loads(str(events[-1].data))["type"] == "serverless_api"
+    assert "dropping a slow SSE reader" not in server.log_text()
+
+
+async def test_two_hundred_concurrent_streams_each_end_with_their_own_result(app):
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[list[int], dict[str, Any]]:
+        workflow = empty_image(width=8, height=8, color=i * 40_503 % 0xFFFFFF, prefix=f"many{i}")
+        ids, payload = [], {}
+        async with client.stream("POST", RUN, params={"stream": "true"}, content=json.dumps(workflow)) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("id: "):
+                    ids.append(int(line[4:]))
+                elif line.startswith("data: "):
+                    payload = json.loads(line[6:])
+        return ids, payload
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=app.url, limits=limits, timeout=httpx.Timeout(60)) as client:
+        answers = await asyncio.gather(*(one(client, i) for i in range(200)))
+    print(f"\n200 concurrent SSE streams: {time.monotonic() - started:.1f}s wall time")
+
+    prompt_ids_seen = set()
+    for i, (ids, payload) in enumerate(answers):
+        assert payload.get("type") == "serverless_api", payload
+        assert ids == list(range(1, len(ids) + 1))
+        (result,) = payload["data"]["results"]
+        assert result["output"]["raw"]["filename"].startswith(f"many{i}_test-1_")
+        prompt_ids_seen.add(payload["data"]["prompt_id"])
+    assert len(prompt_ids_seen) == 200
+    await asyncio.to_thread(wait_no_jobs, app)
+
+
+def open_fds(server: App) -> int:
+    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+
+def test_callers_hanging_up_leave_no_job_socket_or_file_behind(own_emulator, start_app):
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url)
+    assert post_run(server.url, empty_image(prefix="warm")).status_code == 200
+    baseline = open_fds(server)
+    print(f"\napp file descriptors after one job: {baseline}")
+
+    for round_ in range(6):
+        for name, open_call in (("sse", open_stream), ("sync", open_sync), ("ws", open_websocket)):
+            prefix = f"leak-{name}-{round_}"
+            hang_up = open_call(server.url, txt2img(seed=round_, steps=400, prefix=prefix))
+            (prompt_id,) = wait_until(lambda p=prefix: prompt_ids(own_emulator.url, p, "running"))
+            hang_up()
+            wait_until(lambda p=prompt_id: not queued(own_emulator.url, p), timeout=10)
+            wait_no_jobs(server)
+
+    # Pooled keep-alive connections to ComfyUI may come and go; a leak grows with every round.
+    wait_until(lambda: open_fds(server) <= baseline + 3, timeout=20, interval=0.2)
