@@ -63,7 +63,7 @@ class Feed:
     def finish(self, payload: dict[str, Any]) -> Event:
         """Append the terminal payload (once; later events are ignored) and return it."""
         if self.terminal is None:
-            self._append(Event(self._next_seq, json.dumps(payload, ensure_ascii=False), True, payload))
+            self._append(Event(self._next_seq, encode_payload(payload), True, payload))
         assert self.terminal is not None
         return self.terminal
 
@@ -132,3 +132,14 @@ class Feed:
         while self.terminal is None:
             await self._changed.wait()
         return self.terminal
+
+
+def encode_payload(payload: dict[str, Any]) -> str:
+    """Our payloads as JSON text: readable non-ASCII, but escaped when it holds a lone surrogate
+    (e.g. echoed from a client's body), which has no UTF-8 encoding."""
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(payload)
+    return text

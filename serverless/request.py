@@ -16,6 +16,7 @@ from .errors import InvalidParams
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")
 FALSE_VALUES = ("", "0", "false")
+MAX_INPUT_DEPTH = 64  # far beyond any real workflow; bounds the recursion of copying and encoding
 
 Workflow = dict[str, Any]
 
@@ -65,6 +66,8 @@ def decode_body(body: bytes | str) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParams(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidParams("the request body is nested too deeply") from None
 
 
 def split_workflow(document: Any) -> tuple[Workflow, dict[str, Any] | None]:
@@ -97,6 +100,26 @@ def check_nodes(workflow: Workflow) -> None:
             raise InvalidParams(f"node {node_id!r}: class_type must be a string")
         if not isinstance(node.get("inputs", {}), dict):
             raise InvalidParams(f"node {node_id!r}: inputs must be an object")
+        if _depth(node) > MAX_INPUT_DEPTH:
+            raise InvalidParams(f"node {node_id!r} is nested more than {MAX_INPUT_DEPTH} levels deep")
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value` (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_INPUT_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def parse_run_request(
