@@ -46,9 +46,11 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
                     await suite.run_sync(session, app.url, ctx.job("bench/warm/img"))
                 figures += await suite.overhead(ctx, jobs=50 if quick else 200)
                 figures += await suite.event_latency(ctx, jobs=1 if quick else 3)
+                figures += await suite.idle_rss(ctx, "the jobs above")
                 figures += await suite.throughput(ctx, seconds=2.0 if quick else 4.0)
+                figures += await suite.throughput_long_jobs(ctx, seconds=2.0 if quick else 5.0)
+                figures += await suite.idle_rss(ctx, "100 concurrent clients", target=False)
                 figures += await suite.open_streams_memory(ctx)
-                figures += await suite.warm_idle(ctx)
                 figures += await suite.base64_peak(ctx)
                 figures += await suite.oss_overlap(ctx)
                 notes = ctx.notes
@@ -72,11 +74,11 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
     lines = [
         "## Performance",
         "",
-        f"Measured with `{COMMAND}` ({elapsed:.0f} s) on {procs.machine()}; the adapter, ComfyUI and",
-        f"the load generator share the machine (load average at start: {load}). ComfyUI: {target}.",
-        "The adapter runs as deployed (`bootstrap`: uvicorn with uvloop and httptools, no access log,",
-        "`LOG_LEVEL=INFO`), status logs on the local ext4 disk (fsync per append). Figures vary",
-        "by some 10-20 % from run to run on a shared two-core machine.",
+        f"Measured with `{COMMAND}` ({elapsed:.0f} s; `--quick` for a one-minute run) on {procs.machine()}.",
+        f"The adapter, ComfyUI and the load generator share the machine (load average at start: {load}).",
+        f"ComfyUI: {target}. The adapter runs as deployed (`bootstrap`: uvicorn with uvloop and httptools,",
+        "no access log, `LOG_LEVEL=INFO`), its status logs on the local ext4 disk (fsync per append).",
+        "Figures move by 10-30 % from run to run when other work shares the two cores.",
         "",
         markdown_table(figures),
         "",
@@ -89,9 +91,10 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "  end holding the PNG bytes. What the adapter adds: its own websocket per job (a new client id,",
         "  waited for ComfyUI's greeting), the HTTP hop, and the status log (read at start, appended and",
         "  fsynced as events come, the last append awaited before answering).",
-        "- **Throughput**: N clients each looping that job for a fixed window after a warm-up; jobs",
-        "  completed in the window per second, and the ratio to N native clients. ComfyUI runs one",
-        "  prompt at a time, so more clients mostly add queueing.",
+        "- **Throughput**: N clients each looping that job for a fixed window after a warm-up; jobs/s",
+        "  between the first and the last completion in the window, and the ratio to N native clients;",
+        "  the app's CPU time per job from /proc. ComfyUI runs one prompt at a time, so more clients",
+        "  mostly add queueing.",
         "- **Event latency**: the emulator stamps every websocket text with `time.monotonic()` just before",
         "  writing it (`GET /emulator/sent?client_id=&times=1`); the SSE client stamps each `data:` line",
         "  as it reads it (the same system-wide CLOCK_MONOTONIC). A job's client id is the `sid` of its",
@@ -103,6 +106,22 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",
+        "",
+        "What the figures say:",
+        "- The adapter adds about 4-5 ms (p50) to a job, and spends about 5-6 ms of CPU on it: its own",
+        "  websocket per job (connect, ComfyUI's greeting, close), the HTTP hop, `/history` and `/view`,",
+        "  and the status log (read when the job starts, appended and fsynced in worker threads as",
+        "  events come). The goal (<= 5 ms) holds on a quiet machine, not when other work shares the cores.",
+        "- Throughput: the emulator runs this job in ~4 ms of CPU, about what the adapter spends on it,",
+        "  on the same two cores; so against such jobs the adapter cannot reach 0.9 of a native client.",
+        "  With jobs of ~100 ms (still far below any real model run) it does. With many clients, every",
+        "  waiting job also relays ComfyUI's queue broadcasts (`status`, sent to every open websocket on",
+        "  each queue change: ~3 x N messages per completed job at N clients), each parsed, published,",
+        "  logged and, for SSE, sent: the adapter's CPU per job grows with N.",
+        "- An event reaches an SSE client well within the goal, under 1 ms (p50) after a native client.",
+        "- Idle memory is well under the goal; oss2's import alone is ~24 MiB of it. A large output",
+        "  returned as base64 is held as text several times at once (the result, its JSON text, and the",
+        "  encoded copies made for the status log and for the response), hence the peak.",
     ]
     if notes:
         lines += ["", "Notes from this run:", *(f"- {note}" for note in notes)]

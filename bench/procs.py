@@ -30,7 +30,7 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
-        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(log, "ab")  # closed in stop()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -52,7 +52,7 @@ class Server:
                 async with session.get(self.url + path, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         return time.monotonic() - self.started
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
             await asyncio.sleep(interval)
         raise RuntimeError(f"{self.url}{path} did not answer 200 within {timeout}s:\n{self.tail()}")
@@ -122,6 +122,13 @@ def reset_peak_rss(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def open_fds(pid: int) -> int:

@@ -56,8 +56,8 @@ def text_table(figures: list[Figure]) -> str:
     for index, row in enumerate(rows):
         section = row[0] if row[0] != previous or index == 0 else ""
         previous = row[0]
-        cells = [section.ljust(widths[0])] + [cell.ljust(w) for cell, w in zip(row[1:-1], widths[1:])]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
+        cells = [section.ljust(widths[0])] + [cell.ljust(w) for cell, w in zip(row[1:-1], widths[1:], strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -38,10 +38,13 @@ class OutputRef:
 
 @dataclass(frozen=True, slots=True)
 class OutputFile:
-    """A file read from ComfyUI, and where it went in OSS if it was uploaded."""
+    """A file read from ComfyUI: its type and size (the bytes themselves are not kept), its
+    base64 when the caller asked for it, and where it went in OSS if it was uploaded."""
 
     fetched: Fetched
     oss: dict[str, Any] | None
+    mime: str
+    encoded: str | None = None
 
 
 def file_key(item: Mapping[str, Any]) -> FileKey:
@@ -78,6 +81,7 @@ class OutputCollector:
     ) -> None:
         self._comfy = comfy
         self._with_content = with_content or uploader is not None
+        self._base64 = with_content
         self._uploader = uploader
         self._limit = asyncio.Semaphore(concurrency)
         self._tasks: dict[FileKey, asyncio.Task[OutputFile]] = {}
@@ -98,11 +102,16 @@ class OutputCollector:
     async def _process(self, item: Mapping[str, Any]) -> OutputFile:
         async with self._limit:
             fetched = await self._comfy.fetch(item, self._with_content)
+            name = str(item.get("filename", ""))
+            mime = _mime(fetched, name)
             oss = None
             if self._uploader is not None and fetched.content is not None:
-                name = str(item.get("filename", ""))
-                oss = await self._uploader(fetched.content, name, _mime(fetched, name))
-            return OutputFile(fetched, oss)
+                oss = await self._uploader(fetched.content, name, mime)
+            encoded = base64.b64encode(fetched.content) if self._base64 and fetched.content is not None else None
+            # Drop the raw bytes before decoding the base64 into text: a big output is then held
+            # at most twice at once (base64 bytes and text), and only as text until the job ends.
+            fetched = Fetched(None, fetched.content_type, fetched.size)
+            return OutputFile(fetched, oss, mime, encoded.decode("ascii") if encoded is not None else None)
 
     async def results(self, refs: list[OutputRef], want_base64: bool) -> list[dict[str, Any]]:
         """The contract's `results` for `refs`, waiting for every file; OutputError on failure,
@@ -123,9 +132,6 @@ class OutputCollector:
         return results
 
     def _render(self, ref: OutputRef, file: OutputFile, want_base64: bool) -> dict[str, Any]:
-        name = str(ref.item.get("filename", ""))
-        content = file.fetched.content
-        encoded = base64.b64encode(content).decode("ascii") if want_base64 and content is not None else None
         return {
             "node_id": ref.node_id,
             "batch_id": ref.batch_id,
@@ -133,9 +139,9 @@ class OutputCollector:
             "output": {
                 "type": ref.kind,
                 "raw": {**ref.item, "filepath": filepath(ref.item)},
-                "base64": {"content": encoded},
+                "base64": {"content": file.encoded if want_base64 else None},
                 "oss": file.oss or dict(self._empty_oss),
-                "mime": _mime(file.fetched, name),
+                "mime": file.mime,
                 "bytes": file.fetched.size,
             },
         }

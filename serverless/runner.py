@@ -84,6 +84,7 @@ class Job:
         self.task: asyncio.Task[None] | None = None
         self._generation = 0
         self._history_error: ComfyUIUnavailable | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None  # this job's ComfyUI websocket
         self.recorder: asyncio.Task[None] | None = None
 
     async def finished(self) -> Event:
@@ -146,9 +147,11 @@ class Job:
             node_errors = await self._submit_and_follow(workflow, collector)
             if self._failure is not None:
                 raise self._failure
-            refs = list_outputs(await self._final_outputs())
-            results = await collector.results(refs, self.request.output_base64)
+            # The websocket has nothing more to say: its close handshake overlaps the history read.
+            outputs, _ = await asyncio.gather(self._final_outputs(), self._close_websocket())
+            results = await collector.results(list_outputs(outputs), self.request.output_base64)
         finally:
+            await self._close_websocket()
             await collector.aclose()
         data: dict[str, Any] = {
             "prompt_id": self.prompt_id,
@@ -163,16 +166,18 @@ class Job:
         return {"type": "serverless_api", "data": data}
 
     async def _submit_and_follow(self, workflow: dict[str, Any], collector: OutputCollector) -> dict[str, Any]:
-        """Open our websocket first (so no message can be missed), submit, then follow."""
-        ws = await self._connect()
-        try:
-            self.clock.submitted = time.monotonic()
-            node_errors = await self.comfy.submit(workflow, self.client_id, self.prompt_id, self.request.extra_data)
-            await self._follow(ws, collector)
-        finally:
-            await ws.close()
+        """Open our websocket first (so no message can be missed), submit, then follow. The
+        socket stays open (in `_ws`) for the caller to close."""
+        self._ws = await self._connect()
+        self.clock.submitted = time.monotonic()
+        node_errors = await self.comfy.submit(workflow, self.client_id, self.prompt_id, self.request.extra_data)
+        await self._follow(collector)
         self.clock.ended = time.monotonic()
         return node_errors
+
+    async def _close_websocket(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         """A websocket for our client id, once ComfyUI has registered it (its first `status`)."""
@@ -190,16 +195,16 @@ class Job:
         self._on_text(first.data, None)
         return ws
 
-    async def _follow(self, ws: aiohttp.ClientWebSocketResponse, collector: OutputCollector) -> None:
+    async def _follow(self, collector: OutputCollector) -> None:
         """Forward this job's messages until ComfyUI ends it. A broken socket is reopened with
         the same client id and the job recovered from /history and /queue."""
-        while not await self._read_until_end(ws, collector):
-            await ws.close()
+        assert self._ws is not None
+        while not await self._read_until_end(self._ws, collector):
+            await self._ws.close()
             log.warning("websocket lost task_id=%s prompt_id=%s: reconnecting", self.task_id, self.prompt_id)
-            ws = await self._reconnect()
+            self._ws = await self._reconnect()
             if await self._recover(collector):
                 break
-        await ws.close()
 
     async def _read_until_end(self, ws: aiohttp.ClientWebSocketResponse, collector: OutputCollector) -> bool:
         """True when the job ended; False when the socket closed or broke first."""

@@ -12,7 +12,6 @@ import json
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -182,7 +181,8 @@ def test_websocket_cut_twice_recovers_running_and_queued_jobs_and_logs_their_res
     configure(own_emulator, step_delay=0.02)
     server = start_app(own_emulator.url)
     running, queued = new_task("cut-running"), new_task("cut-queued")
-    first, first_box = in_thread(lambda: traced_run(server, txt2img(seed=3, steps=100), running, {"stream": "1", **B64}))
+    stream = {"stream": "1", **B64}
+    first, first_box = in_thread(lambda: traced_run(server, txt2img(seed=3, steps=100), running, stream))
     wait_until(lambda: running_prompt(own_emulator.url))
     second, second_box = in_thread(lambda: traced_run(server, empty_image(prefix="cut-queued"), queued, B64))
     wait_for_log(server, running, "progress")
