@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from typing import Any
 @dataclass(frozen=True, slots=True)
 class Event:
     """One payload of a job: `text` is what is sent (ComfyUI's text as received, or the
-    terminal payload serialised once); `seq` counts from 1."""
+    terminal payload serialised once); `seq` counts from 1. A terminal event's `payload` keeps
+    only the payload's `type` and `error_code`: the text is the one full copy of a big result."""
 
     seq: int
     text: str
@@ -33,6 +35,7 @@ class ReaderTooSlow(Exception):
 
 
 PINNED_FACTOR = 10
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Feed:
@@ -45,6 +48,7 @@ class Feed:
         self.first_seq = first_seq
         self._next_seq = first_seq
         self._changed = asyncio.Event()
+        self._ended = asyncio.Event()
         self.terminal: Event | None = None
 
     @property
@@ -63,7 +67,8 @@ class Feed:
     def finish(self, payload: dict[str, Any]) -> Event:
         """Append the terminal payload (once; later events are ignored) and return it."""
         if self.terminal is None:
-            self._append(Event(self._next_seq, encode_payload(payload), True, payload))
+            summary: dict[str, Any] = {key: payload[key] for key in ("type", "error_code") if key in payload}
+            self._append(Event(self._next_seq, encode_payload(payload), True, summary))
         assert self.terminal is not None
         return self.terminal
 
@@ -74,6 +79,7 @@ class Feed:
         self._events.append(event)
         if event.terminal:
             self.terminal = event
+            self._ended.set()
         self._trim()
         # Wake every waiting reader, and give later waiters a fresh event to wait on.
         changed, self._changed = self._changed, asyncio.Event()
@@ -129,8 +135,8 @@ class Feed:
 
     async def wait(self) -> Event:
         """The terminal event, once there is one."""
-        while self.terminal is None:
-            await self._changed.wait()
+        await self._ended.wait()
+        assert self.terminal is not None
         return self.terminal
 
 
@@ -138,8 +144,6 @@ def encode_payload(payload: dict[str, Any]) -> str:
     """Our payloads as JSON text: readable non-ASCII, but escaped when it holds a lone surrogate
     (e.g. echoed from a client's body), which has no UTF-8 encoding."""
     text = json.dumps(payload, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    if not text.isascii() and _SURROGATE.search(text):  # searched, not encoded: no copy of a big result
         text = json.dumps(payload)
     return text

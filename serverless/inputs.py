@@ -288,7 +288,7 @@ async def _run_all(
     except ExceptionGroup as eg:
         leaves = _leaves(eg)
         if all(isinstance(e, ServerlessError) for e in leaves):
-            raise leaves[0]  # keeps its own cause: the fetch error
+            raise leaves[0] from leaves[0].__cause__  # the fetch error as the caller sees it
         raise
     return {key: task.result() for key, task in tasks.items()}
 

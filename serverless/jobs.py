@@ -39,7 +39,8 @@ class Jobs:
         prompt_id = str(uuid.uuid4())
         task_id = request.task_id or prompt_id
         status = self.services.status
-        earlier = await status.count(task_id)
+        # A task id that is our fresh prompt id has no earlier attempt to count.
+        earlier = await status.count(task_id) if request.task_id else 0
         feed = Feed(self.services.settings.stream_buffer_events, first_seq=earlier + 1)
         job = Job(self.services, request, feed, prompt_id, task_id, credentials)
         job.recorder = self._own(status.record(task_id, feed), f"status {task_id}")

@@ -8,6 +8,7 @@ line, which readers skip and the next writer first terminates. All file I/O runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ComfyUIUnavailable, InvalidParams
-from .feed import Feed, ReaderTooSlow
+from .feed import Feed
 from .request import validate_task_id
 
 log = logging.getLogger("serverless.status")
 
 TERMINAL_TYPES = ("serverless_api", "error")
+BATCH_INTERVAL = 0.05  # seconds between durable appends of one job's events
+BIG_LINE = 1 << 20  # lines from this size on are written without being copied into a batch
 
 
 class StatusLog:
@@ -45,10 +48,20 @@ class StatusLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            data = "".join(line + "\n" for line in lines).encode()
+            small = bytearray()
             if os.fstat(fd).st_size and not _ends_with_newline(path):
-                data = b"\n" + data  # a killed writer left a torn line: close it off first
-            os.write(fd, data)
+                small += b"\n"  # a killed writer left a torn line: close it off first
+            for line in lines:
+                data = line.encode()
+                if len(data) < BIG_LINE:
+                    small += data + b"\n"
+                    continue
+                # A big result (base64 outputs) is written as it is, not copied into a batch.
+                _write_all(fd, small)
+                small.clear()
+                _write_all(fd, data)
+                small += b"\n"
+            _write_all(fd, small)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -67,8 +80,9 @@ class StatusLog:
         return await asyncio.to_thread(self._count, self.path(task_id))
 
     async def record(self, task_id: str, feed: Feed) -> None:
-        """Append every event of `feed`, batching what is ready, until its terminal payload;
-        refresh the file's time while the job is silent so readers know its owner lives."""
+        """Append every event of `feed` until its terminal payload, at most one durable append per
+        BATCH_INTERVAL (the terminal payload at once); refresh the file's time while the job is
+        silent so readers know its owner lives. Whatever fails, the terminal payload is tried."""
         path = self.path(task_id)
         heartbeat = max(self.stale_after / 4, 0.05)
         pending: list[str] = []
@@ -81,12 +95,16 @@ class StatusLog:
                 if event.terminal or event.seq == feed.last_seq:
                     await asyncio.to_thread(self._append, path, pending)
                     pending = []
-        except ReaderTooSlow as exc:
-            log.error("status log of task_id=%s fell behind (%s); writing the terminal payload", task_id, exc)
+                    with contextlib.suppress(TimeoutError):  # let the next events gather
+                        await asyncio.wait_for(feed.wait(), BATCH_INTERVAL)
+        except Exception as exc:  # disk trouble or a bug: the log must still end with its terminal
+            log.error("status log of task_id=%s could not follow the job (%s); writing its terminal payload",
+                      task_id, exc)
             terminal = await feed.wait()
-            await asyncio.to_thread(self._append, path, [terminal.text])
-        except OSError as exc:
-            log.error("status log of task_id=%s could not be written: %s", task_id, exc)
+            try:
+                await asyncio.to_thread(self._append, path, [terminal.text])
+            except OSError as again:
+                log.error("status log of task_id=%s could not be written: %s", task_id, again)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -158,3 +176,9 @@ def _ends_with_newline(path: Path) -> bool:
 def _is_terminal(item: Any) -> bool:
     return isinstance(item, dict) and item.get("type") in TERMINAL_TYPES
 
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

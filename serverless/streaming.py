@@ -32,8 +32,10 @@ async def sse_events(job: Job, ping_interval: float, cancel_on_disconnect: bool)
         async for event in job.feed.follow(idle=ping_interval):
             if event is None:
                 yield ServerSentEvent(comment="ping", sep=SEP)
-            else:
-                yield ServerSentEvent(data=event.text, id=str(event.seq), sep=SEP)
+                continue
+            if event.terminal:
+                await job.finished()  # in the status log first: a poller told "done" finds it there
+            yield ServerSentEvent(data=event.text, id=str(event.seq), sep=SEP)
     except ReaderTooSlow as exc:
         # The job goes on (its status log still ends with the terminal payload); only this reader
         # is dropped. Compat clients ignore comments: this one tells a person where the rest is.

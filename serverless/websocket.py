@@ -58,8 +58,11 @@ async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -
     """Send the job's events while watching for the client leaving; first to end wins."""
     async def send_events() -> None:
         async for event in job.feed.follow():
-            if event is not None:
-                await websocket.send_text(event.text)
+            if event is None:
+                continue
+            if event.terminal:
+                await job.finished()  # in the status log first: a poller told "done" finds it there
+            await websocket.send_text(event.text)
         await websocket.close()
 
     async def watch_client() -> None:

@@ -435,7 +435,7 @@ class LocalOss:
             return self._error(denied.status, denied.code, denied.message, request_id, denied.extra)
         try:
             return self._forward(request, headers, query, body, request_id)
-        except Exception as exc:  # noqa: BLE001 - a moto bug must still answer like a server
+        except Exception as exc:
             return self._error(500, "InternalError", type(exc).__name__, request_id, {})
 
     def _forward(self, request: Request, headers: Mapping[str, str], query: list[tuple[str, str]],

@@ -91,4 +91,5 @@ class App(Process):
         port = free_port()
         args = [sys.executable, "-m", "uvicorn", "handler:app", "--host", "127.0.0.1",
                 "--port", str(port), "--log-level", "info"]
-        super().__init__(args, port, log_dir / f"app-{port}.log", env=env, ready_path="/api/serverless/status?task_id=startup-probe")
+        super().__init__(args, port, log_dir / f"app-{port}.log", env=env,
+                         ready_path="/api/serverless/status?task_id=startup-probe")

@@ -210,7 +210,7 @@ def difference(want: Any, got: Any, path: str = "") -> str:
     if isinstance(want, dict) and isinstance(got, dict) and list(want) == list(got):
         return next(difference(want[k], got[k], f"{path}.{k}") for k in want if want[k] != got[k])
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
-        return next(difference(w, g, f"{path}[{i}]") for i, (w, g) in enumerate(zip(want, got)) if w != g)
+        return next(difference(w, g, f"{path}[{i}]") for i, (w, g) in enumerate(zip(want, got, strict=False)) if w != g)
     return f"at {path or '.'}: got {got!r}, recorded {want!r}"
 
 

@@ -361,7 +361,7 @@ async def test_metadata_url_fails_the_input(resolve: Resolve) -> None:
         "3": node("LoadImage", image="http://100.100.100.200/latest/meta-data/")
     }
     with pytest.raises(
-        InputError, match="node 3 .*'image'.*blocked address 100.100.100.200"
+        InputError, match=r"node 3 .*'image'.*blocked address 100\.100\.100\.200"
     ):
         await resolve(workflow, DownloadPolicy())
 
@@ -453,7 +453,7 @@ async def test_unsafe_file_names_are_invalid_params_naming_node_and_input(
 
 async def test_oss_inputs_need_oss_configured(resolve: Resolve) -> None:
     workflow = {"8": node("LoadImage", image="oss://bucket/in/cat.png")}
-    with pytest.raises(InputError, match="node 8 .*OSS to be configured"):
+    with pytest.raises(InputError, match=r"node 8 .*OSS to be configured"):
         await resolve(workflow, read_oss=None)
 
 

@@ -40,7 +40,7 @@ async def sent(request: web.Request) -> web.Response:
     hub = request.app[EMULATOR].hub
     texts = list(hub.sent.get(client_id, ()))
     if request.rel_url.query.get("times"):
-        return web.json_response([list(pair) for pair in zip(hub.sent_at.get(client_id, ()), texts)])
+        return web.json_response([list(pair) for pair in zip(hub.sent_at.get(client_id, ()), texts, strict=False)])
     return web.json_response(texts)
 
 
