@@ -75,7 +75,7 @@ async def run(request: Request) -> Response:
     terminal = await _wait_unless_disconnected(request, job, services.settings.cancel_on_disconnect)
     payload = terminal.payload or {}
     status = 200 if payload.get("type") == "serverless_api" else status_for_code(str(payload.get("error_code")))
-    return Response(terminal.text, status_code=status, media_type="application/json")
+    return Response(terminal.data, status_code=status, media_type="application/json")
 
 
 def _is_async(request: Request) -> bool:

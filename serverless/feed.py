@@ -10,24 +10,32 @@ not read yet, up to `PINNED_FACTOR * limit`. The terminal event is always kept.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsontext
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One payload of a job: `text` is what is sent (ComfyUI's text as received, or the
-    terminal payload serialised once); `seq` counts from 1. A terminal event's `payload` keeps
-    only the payload's `type` and `error_code`: the text is the one full copy of a big result."""
+    """One payload of a job, `seq` counting from 1. `body` is what is sent: ComfyUI's text as
+    received, or the terminal payload as UTF-8 JSON bytes (serialised once; big results are not
+    copied again). A terminal event's `payload` keeps only the payload's `type` and `error_code`."""
 
     seq: int
-    text: str
+    body: str | bytes
     terminal: bool = False
     payload: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.body if isinstance(self.body, str) else self.body.decode()
+
+    @property
+    def data(self) -> bytes:
+        return self.body if isinstance(self.body, bytes) else self.body.encode()
 
 
 class ReaderTooSlow(Exception):
@@ -35,7 +43,6 @@ class ReaderTooSlow(Exception):
 
 
 PINNED_FACTOR = 10
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Feed:
@@ -68,7 +75,7 @@ class Feed:
         """Append the terminal payload (once; later events are ignored) and return it."""
         if self.terminal is None:
             summary: dict[str, Any] = {key: payload[key] for key in ("type", "error_code") if key in payload}
-            self._append(Event(self._next_seq, encode_payload(payload), True, summary))
+            self._append(Event(self._next_seq, jsontext.dumps(payload), True, summary))
         assert self.terminal is not None
         return self.terminal
 
@@ -139,11 +146,3 @@ class Feed:
         assert self.terminal is not None
         return self.terminal
 
-
-def encode_payload(payload: dict[str, Any]) -> str:
-    """Our payloads as JSON text: readable non-ASCII, but escaped when it holds a lone surrogate
-    (e.g. echoed from a client's body), which has no UTF-8 encoding."""
-    text = json.dumps(payload, ensure_ascii=False)
-    if not text.isascii() and _SURROGATE.search(text):  # searched, not encoded: no copy of a big result
-        text = json.dumps(payload)
-    return text

@@ -15,6 +15,7 @@ from typing import Any
 
 from .comfyui import ComfyUI, Fetched
 from .errors import OutputError, ServerlessError
+from .jsontext import Spliced
 from .media import mime_for_name, sniff
 
 FileKey = tuple[str, str, str]
@@ -44,7 +45,7 @@ class OutputFile:
     fetched: Fetched
     oss: dict[str, Any] | None
     mime: str
-    encoded: str | None = None
+    encoded: bytes | None = None  # base64, as ASCII bytes
 
 
 def file_key(item: Mapping[str, Any]) -> FileKey:
@@ -108,10 +109,10 @@ class OutputCollector:
             if self._uploader is not None and fetched.content is not None:
                 oss = await self._uploader(fetched.content, name, mime)
             encoded = base64.b64encode(fetched.content) if self._base64 and fetched.content is not None else None
-            # Drop the raw bytes before decoding the base64 into text: a big output is then held
-            # at most twice at once (base64 bytes and text), and only as text until the job ends.
+            # Keep only the base64 (spliced into the JSON later, never copied into a str): a big
+            # output is held at most twice at once, while it is being encoded.
             fetched = Fetched(None, fetched.content_type, fetched.size)
-            return OutputFile(fetched, oss, mime, encoded.decode("ascii") if encoded is not None else None)
+            return OutputFile(fetched, oss, mime, encoded)
 
     async def results(self, refs: list[OutputRef], want_base64: bool) -> list[dict[str, Any]]:
         """The contract's `results` for `refs`, waiting for every file; OutputError on failure,
@@ -139,7 +140,7 @@ class OutputCollector:
             "output": {
                 "type": ref.kind,
                 "raw": {**ref.item, "filepath": filepath(ref.item)},
-                "base64": {"content": file.encoded if want_base64 else None},
+                "base64": {"content": Spliced(file.encoded) if want_base64 and file.encoded is not None else None},
                 "oss": file.oss or dict(self._empty_oss),
                 "mime": file.mime,
                 "bytes": file.fetched.size,

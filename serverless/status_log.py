@@ -44,15 +44,14 @@ class StatusLog:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _append(self, path: Path, lines: list[str]) -> None:
+    def _append(self, path: Path, lines: list[bytes]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             small = bytearray()
             if os.fstat(fd).st_size and not _ends_with_newline(path):
                 small += b"\n"  # a killed writer left a torn line: close it off first
-            for line in lines:
-                data = line.encode()
+            for data in lines:
                 if len(data) < BIG_LINE:
                     small += data + b"\n"
                     continue
@@ -85,24 +84,31 @@ class StatusLog:
         silent so readers know its owner lives. Whatever fails, the terminal payload is tried."""
         path = self.path(task_id)
         heartbeat = max(self.stale_after / 4, 0.05)
-        pending: list[str] = []
+        pending: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        next_write = loop.time() + BATCH_INTERVAL  # a short job is then one append, its terminal included
         try:
             async for event in feed.follow(idle=heartbeat, pinned=True):
                 if event is None:
                     await asyncio.to_thread(self._touch, path)
                     continue
-                pending.append(event.text)
-                if event.terminal or event.seq == feed.last_seq:
-                    await asyncio.to_thread(self._append, path, pending)
-                    pending = []
-                    with contextlib.suppress(TimeoutError):  # let the next events gather
-                        await asyncio.wait_for(feed.wait(), BATCH_INTERVAL)
+                pending.append(event.data)
+                if event.seq != feed.last_seq:
+                    continue  # more is ready: take it into this batch
+                if not event.terminal and loop.time() < next_write:
+                    with contextlib.suppress(TimeoutError):  # gather more, but never hold back the end
+                        await asyncio.wait_for(feed.wait(), next_write - loop.time())
+                    if feed.last_seq != event.seq:
+                        continue
+                await asyncio.to_thread(self._append, path, pending)
+                pending = []
+                next_write = loop.time() + BATCH_INTERVAL
         except Exception as exc:  # disk trouble or a bug: the log must still end with its terminal
             log.error("status log of task_id=%s could not follow the job (%s); writing its terminal payload",
                       task_id, exc)
             terminal = await feed.wait()
             try:
-                await asyncio.to_thread(self._append, path, [terminal.text])
+                await asyncio.to_thread(self._append, path, [terminal.data])
             except OSError as again:
                 log.error("status log of task_id=%s could not be written: %s", task_id, again)
 
