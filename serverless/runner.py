@@ -88,9 +88,11 @@ class Job:
         self.recorder: asyncio.Task[None] | None = None
 
     async def finished(self) -> Event:
-        """The terminal event, once it is also in the status log (so a poller sees it too)."""
+        """The terminal event; when the caller named the task (and so may poll its status), once
+        it is also in the status log. A job whose task id is its fresh prompt id has no poller
+        before its caller holds the result, so it does not wait for the disk."""
         terminal = await self.feed.wait()
-        if self.recorder is not None:
+        if self.recorder is not None and self.request.task_id is not None:
             await asyncio.shield(self.recorder)
         return terminal
 
