@@ -1,15 +1,10 @@
-"""The ASGI entry point: `uvicorn handler:app`."""
+"""The ASGI entry point: `uvicorn handler:app` (`bootstrap` runs `python -m serverless.server`)."""
 
 from __future__ import annotations
 
-import logging
-import os
-
 from serverless.app import create_app
+from serverless.server import configure_logging
 
-logging.basicConfig(
-    level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-)
+configure_logging()
 
 app = create_app()

@@ -121,8 +121,7 @@ async def health(request: Request) -> Response:
             raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
         if services.supervisor is not None and not services.supervisor.ready:
             raise ComfyUIUnavailable("ComfyUI is starting or restarting")
-        stats = await services.comfy.system_stats()
-        queue = await services.comfy.queue()
+        stats, queue = await asyncio.gather(services.comfy.system_stats(), services.comfy.queue())
     except ServerlessError as exc:
         return JSONResponse({"status": "unavailable", "reason": exc.message, "jobs": jobs.running}, 503)
     system = stats.get("system", {})

@@ -10,8 +10,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-OUTCOME_TYPES = ("execution_success", "execution_error", "execution_interrupted")
-
 
 @dataclass(frozen=True, slots=True)
 class Message:

@@ -63,11 +63,16 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, None)
 
 
-def main() -> None:
+def configure_logging() -> None:
+    """Log lines with time, level and logger name at LOG_LEVEL (both entry points use this)."""
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def main() -> None:
+    configure_logging()
     settings = Settings.from_env()  # a bad value stops us here, named
     app = create_app(settings)
     # After a graceful shutdown uvicorn raises the signal that stopped it again, under the handlers

@@ -49,7 +49,6 @@ class Supervisor:
         self.generation = 0  # bumped each time a child dies
         self._ready = asyncio.Event()
         self._process: asyncio.subprocess.Process | None = None
-        self.on_death: Callable[[], None] = lambda: None
 
     @property
     def ready(self) -> bool:
@@ -90,7 +89,6 @@ class Supervisor:
             # Tell running jobs at once: their prompt died with this process.
             self._ready.clear()
             self.generation += 1
-            self.on_death()
             _signal_group(process, signal.SIGKILL)  # helpers it left behind hold the GPU and the pipe
             return code
         finally:
@@ -127,11 +125,6 @@ class Supervisor:
                 self._ready.set()
                 return
             await asyncio.sleep(0.1)
-
-    def kill_child(self) -> None:
-        """For tests and operators: kill ComfyUI as a crash would."""
-        if self._process and self._process.returncode is None:
-            _signal_group(self._process, signal.SIGKILL)
 
     async def _stop_child(self) -> None:
         """SIGTERM to ComfyUI's process group; SIGKILL if it is not gone within STOP_TIMEOUT."""
