@@ -26,8 +26,9 @@ JOBS = 1000
 CONCURRENCY = 50
 WARMUP_JOBS = 200
 # Allowances for what legitimately varies between two quiet moments: pooled keep-alive connections
-# to ComfyUI (aiohttp keeps idle ones ~15 s) and the allocator's free lists.
-FD_SLACK = 10
+# to ComfyUI (up to one per concurrent job; measured 27-47 fds at rest after runs of 50 at once)
+# and the allocator's free lists. A leak per job would show as ~1,000.
+FD_SLACK = CONCURRENCY
 RSS_SLACK_MIB = 6.0
 
 
