@@ -15,17 +15,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from .core.request import parse_run_request
 from .errors import ComfyUIUnavailable, InvalidParams, ServerlessError, Unclassified, status_for_code
-from .feed import Event
-from .jobs import Jobs
-from .request import parse_run_request
-from .runner import Job
-from .services import Services
+from .jobs.feed import Event
+from .jobs.job import Job
+from .jobs.registry import Jobs
+from .resources import Services
 from .settings import Settings
-from .streaming import sse_response
-from .websocket import websocket_run
+from .transports.sse import sse_response
+from .transports.websocket import websocket_run
 
-log = logging.getLogger("serverless.app")
+log = logging.getLogger(__name__)
 
 
 def error_response(exc: Exception) -> JSONResponse:

@@ -21,12 +21,12 @@ import uvicorn
 from starlette.applications import Starlette
 
 from .app import create_app
-from .jobs import Jobs
+from .jobs.registry import Jobs
 from .settings import Settings
 
 SHUTDOWN_MARGIN = 30.0  # uvicorn's own limit on open connections is only a backstop to the drain
 
-log = logging.getLogger("serverless.server")
+log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):

@@ -24,7 +24,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from serverless.download import (
+from serverless.errors import InputError
+from serverless.inputs.download import (
     DownloadError,
     DownloadPolicy,
     GuardedConnector,
@@ -36,7 +37,6 @@ from serverless.download import (
     is_blocked_address,
     redact_url,
 )
-from serverless.errors import InputError
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -531,7 +531,7 @@ async def test_endless_body_is_cut_at_max_bytes_without_growing_memory(
 async def test_query_strings_never_reach_errors_or_logs(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="serverless.download")
+    caplog.set_level(logging.DEBUG, logger="serverless.inputs.download")
     url = server.url("/missing") + "?OSSAccessKeyId=AK&Signature=s3cr3t"
     reason = await refused(url, LOCAL)
     assert "s3cr3t" not in reason

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serverless.feed import Feed, ReaderTooSlow
+from serverless.jobs.feed import Feed, ReaderTooSlow
 
 
 async def collect(feed: Feed, after: int = 0) -> list:

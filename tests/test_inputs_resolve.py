@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from serverless.download import DownloadPolicy, create_download_session, download
 from serverless.errors import ComfyUIUnavailable, InputError, InvalidParams
-from serverless.inputs import (
+from serverless.inputs.download import DownloadPolicy, create_download_session, download
+from serverless.inputs.resolve import (
     LOADER_INPUTS,
     LoaderInput,
     classify,

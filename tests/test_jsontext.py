@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
-from serverless.jsontext import Spliced, dumps
+from serverless.core.jsontext import Spliced, dumps
 
 
 def test_spliced_values_read_back_as_ordinary_strings():

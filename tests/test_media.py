@@ -9,7 +9,7 @@ import wave
 import pytest
 from PIL import Image, features
 
-from serverless.media import ext_for_mime, mime_for_name, sniff
+from serverless.core.media import ext_for_mime, mime_for_name, sniff
 
 
 def pillow_bytes(fmt: str, mode: str = "RGB") -> bytes:

@@ -1,4 +1,4 @@
-"""serverless.oss against a local OSS server that checks V4 signatures (tests/oss_server.py), plus
+"""serverless.delivery.oss against a local OSS server that checks V4 signatures (tests/oss_server.py), plus
 one opt-in round trip against a real bucket."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import oss2
 import pytest
 import requests
 
+from serverless.delivery.oss import Credentials, OssConfig, OssStore, parse_oss_url
 from serverless.errors import InputError, OutputError
-from serverless.oss import Credentials, OssConfig, OssStore, parse_oss_url
 from tests.oss_server import LocalOss, canonical_request, signature, string_to_sign
 
 KEY_ID, SECRET = "LTAI-test-key", "secret-value-never-shown"

@@ -20,10 +20,10 @@ import requests
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from serverless.core.request import TASK_ID_HEADERS, TASK_ID_RE, parse_run_request, validate_task_id
+from serverless.core.workflow import SEED_LIMIT, prepare_workflow, safe_instance_suffix
 from serverless.errors import InvalidParams, status_for_code
-from serverless.request import TASK_ID_HEADERS, TASK_ID_RE, parse_run_request, validate_task_id
-from serverless.status_log import StatusLog
-from serverless.workflow import SEED_LIMIT, prepare_workflow, safe_instance_suffix
+from serverless.status.log import StatusLog
 from tests.helpers import RUN
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from serverless.core.request import parse_run_request, query_flag, validate_task_id
 from serverless.errors import InvalidParams
-from serverless.request import parse_run_request, query_flag, validate_task_id
 
 WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
 

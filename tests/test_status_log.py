@@ -9,8 +9,8 @@ import time
 import pytest
 
 from serverless.errors import InvalidParams
-from serverless.feed import Feed
-from serverless.status_log import StatusLog
+from serverless.jobs.feed import Feed
+from serverless.status.log import StatusLog
 
 
 async def test_record_appends_every_event_and_the_terminal_payload(tmp_path):

@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from serverless.workflow import prepare_workflow
+from serverless.core.workflow import prepare_workflow
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -37,9 +37,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from .errors import InputError
+from ..errors import InputError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -251,7 +251,7 @@ async def _follow(
 ) -> bytes:
     for hop in range(policy.max_redirects + 1):
         check_url(url, policy)
-        logger.debug("download hop %d: %s", hop, redact_url(url))
+        log.debug("download hop %d: %s", hop, redact_url(url))
         location = await _get(session, url, policy)
         if isinstance(location, bytes):
             return location

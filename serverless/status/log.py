@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ComfyUIUnavailable, InvalidParams
-from .feed import Feed
-from .request import validate_task_id
+from ..core.request import validate_task_id
+from ..errors import ComfyUIUnavailable, InvalidParams
+from ..jobs.feed import Feed
 
-log = logging.getLogger("serverless.status")
+log = logging.getLogger(__name__)
 
 TERMINAL_TYPES = ("serverless_api", "error")
 BATCH_INTERVAL = 0.05  # seconds between durable appends of one job's events

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import jsontext
+from ..core import jsontext
 
 
 @dataclass(frozen=True, slots=True)

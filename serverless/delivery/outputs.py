@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .comfyui import ComfyUI, Fetched
-from .errors import OutputError, ServerlessError
-from .jsontext import Spliced
-from .media import mime_for_name, sniff
+from ..comfyui.client import ComfyUI, Fetched
+from ..core.jsontext import Spliced
+from ..core.media import mime_for_name, sniff
+from ..errors import OutputError, ServerlessError
 
 FileKey = tuple[str, str, str]
 # Uploads an output (bytes, file name, mime) and returns the contract's `oss` object.

@@ -8,14 +8,14 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from .errors import ComfyUIUnavailable
+from ..core.request import RunRequest
+from ..delivery.oss import Credentials
+from ..errors import ComfyUIUnavailable
+from ..resources import Services
 from .feed import Feed
-from .oss import Credentials
-from .request import RunRequest
-from .runner import Job
-from .services import Services
+from .job import Job
 
-log = logging.getLogger("serverless.jobs")
+log = logging.getLogger(__name__)
 
 
 class Jobs:

@@ -24,11 +24,11 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar
 
+from ..core.media import ext_for_mime, sniff
+from ..errors import ComfyUIUnavailable, InputError, InvalidParams, ServerlessError
 from .download import decode_base64
-from .errors import ComfyUIUnavailable, InputError, InvalidParams, ServerlessError
-from .media import ext_for_mime, sniff
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 InputKind = Literal["file", "url", "oss", "base64"]
 
@@ -206,7 +206,7 @@ async def resolve_inputs(
         result[item.node_id]["inputs"][item.input_name] = uploaded[
             file_names[item.value]
         ]
-    logger.debug(
+    log.debug(
         "resolved %d loader input(s), %d upload(s)", len(remote), len(to_upload)
     )
     return result

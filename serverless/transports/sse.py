@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from .feed import ReaderTooSlow
-from .runner import Job
-from .settings import Settings
+from ..jobs.feed import ReaderTooSlow
+from ..jobs.job import Job
+from ..settings import Settings
 
-log = logging.getLogger("serverless.stream")
+log = logging.getLogger(__name__)
 # sse-starlette logs every chunk at DEBUG; results carry signed OSS URLs, which must never be logged.
 logging.getLogger("sse_starlette").setLevel(logging.INFO)
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidParams
+from ..errors import InvalidParams
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")

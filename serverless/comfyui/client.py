@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from .errors import ComfyUIUnavailable, InputError, OutputError, PromptError
+from ..errors import ComfyUIUnavailable, InputError, OutputError, PromptError
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,13 @@ from typing import Any
 
 import aiohttp
 
-from .comfyui import ComfyUI
-from .errors import (
+from ..comfyui.client import ComfyUI
+from ..core.messages import Message, parse_message
+from ..core.request import RunRequest
+from ..core.workflow import prepare_workflow
+from ..delivery.oss import Credentials
+from ..delivery.outputs import OutputCollector, list_outputs
+from ..errors import (
     ComfyUIUnavailable,
     ExecutionFailed,
     ExecutionInterrupted,
@@ -27,15 +32,10 @@ from .errors import (
     ServerlessError,
     Unclassified,
 )
-from .events import Message, parse_message
+from ..resources import Services
 from .feed import Event, Feed
-from .oss import Credentials
-from .outputs import OutputCollector, list_outputs
-from .request import RunRequest
-from .services import Services
-from .workflow import prepare_workflow
 
-log = logging.getLogger("serverless.job")
+log = logging.getLogger(__name__)
 
 HISTORY_ATTEMPTS = 5
 HISTORY_RETRY_DELAY = 0.2

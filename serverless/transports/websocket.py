@@ -9,14 +9,14 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .errors import InvalidParams, ServerlessError
-from .feed import ReaderTooSlow
-from .jobs import Jobs
-from .request import parse_run_request
-from .runner import Job
-from .services import Services
+from ..core.request import parse_run_request
+from ..errors import InvalidParams, ServerlessError
+from ..jobs.feed import ReaderTooSlow
+from ..jobs.job import Job
+from ..jobs.registry import Jobs
+from ..resources import Services
 
-log = logging.getLogger("serverless.websocket")
+log = logging.getLogger(__name__)
 
 FIRST_MESSAGE_TIMEOUT = 60.0
 

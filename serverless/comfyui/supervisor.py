@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-log = logging.getLogger("serverless.supervisor")
+log = logging.getLogger(__name__)
 comfy_log = logging.getLogger("comfyui")
 
 BACKOFF_START = 0.5

@@ -29,7 +29,7 @@ from oss2.exceptions import InconsistentError, OssError, RequestError  # type: i
 
 from serverless.errors import InputError, OutputError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 # oss2 logs request headers (Authorization, x-oss-security-token) at DEBUG, and at INFO every OSS
 # error body, which for a bad signature echoes the canonical request, security token included.
 logging.getLogger("oss2").setLevel(logging.WARNING)
@@ -359,7 +359,7 @@ class OssStore:
                 if attempt == self._attempts or not _is_transient(exc):
                     raise
                 delay = self._backoff_s * 2 ** (attempt - 1)
-                logger.warning("OSS %s failed (%s), attempt %d of %d; retrying in %.2fs",
+                log.warning("OSS %s failed (%s), attempt %d of %d; retrying in %.2fs",
                                what, _describe(exc), attempt, self._attempts, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")

@@ -17,16 +17,16 @@ from typing import Any
 
 import aiohttp
 
-from .comfyui import ComfyUI
-from .download import DownloadPolicy, create_download_session, download
+from .comfyui.client import ComfyUI
+from .comfyui.supervisor import Supervisor, comfyui_command
+from .core.request import RunRequest
+from .delivery.oss import Credentials, OssConfig, OssStore
+from .delivery.outputs import OutputCollector
 from .errors import ComfyUIUnavailable, InvalidParams
-from .inputs import LOADER_INPUTS, resolve_inputs
-from .oss import Credentials, OssConfig, OssStore
-from .outputs import OutputCollector
-from .request import RunRequest
+from .inputs.download import DownloadPolicy, create_download_session, download
+from .inputs.resolve import LOADER_INPUTS, resolve_inputs
 from .settings import Settings, SettingsError
-from .status_log import StatusLog
-from .supervisor import Supervisor, comfyui_command
+from .status.log import StatusLog
 
 
 @dataclass(slots=True)
