@@ -1,23 +1,30 @@
 """The one error tree of the adapter (CONTRACT.md section 5).
 
-    ServerlessError                  any failure a caller is told about
+    ServerlessError                  any failure a caller is told about          retried on FC
     ├── InvalidParams        400     the request itself is wrong (body, task id, query, settings it needs)
     ├── PromptError          400     ComfyUI refused the prompt (`/prompt` answered 400)
     ├── InputError           400     a loader input could not be fetched, decoded or uploaded
+    │   └── DownloadError    400     (a URL or base64 input; named by the resolver, raised as INPUT_ERROR)
     ├── ExecutionFailed      500     ComfyUI sent `execution_error`
     ├── ExecutionInterrupted 500     the job was interrupted or cancelled
-    ├── ComfyUIUnavailable   503     ComfyUI unreachable, dead, or its websocket lost beyond recovery
-    ├── OutputError          500     an output could not be read or uploaded
-    ├── JobTimeout           504     the job passed its deadline
+    ├── ComfyUIUnavailable   503     ComfyUI unreachable, dead, or its websocket lost beyond recovery   yes
+    ├── OutputError          500     an output could not be read or uploaded                            yes
+    ├── JobTimeout           504     the job passed its deadline                                        yes
     └── Unclassified         500     anything else: a bug
 
 Foreign errors (aiohttp, oss2, OS errors) are translated into this tree only where the foreign
-library is called; errors become responses in exactly one place (`serverless.app`).
+library is called. An error becomes a payload in one place, `ServerlessError.to_payload`; anything
+that is not a `ServerlessError` is turned into one by `as_serverless_error`, which logs it with its
+traceback and never puts its text in front of a caller. `retryable` says whether running the same
+request again can help (FC retries a held async invocation only when its answer is a 5xx).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ServerlessError(Exception):
@@ -25,6 +32,7 @@ class ServerlessError(Exception):
 
     code = "UNCLASSIFY"
     status_code = 500
+    retryable = False
 
     def __init__(self, message: str, raw: Any = None) -> None:
         super().__init__(message)
@@ -82,6 +90,7 @@ class ComfyUIUnavailable(ServerlessError):
 
     code = "COMFYUI_UNAVAILABLE"
     status_code = 503
+    retryable = True
 
 
 class OutputError(ServerlessError):
@@ -89,6 +98,7 @@ class OutputError(ServerlessError):
 
     code = "OUTPUT_ERROR"
     status_code = 500
+    retryable = True
 
 
 class JobTimeout(ServerlessError):
@@ -96,6 +106,7 @@ class JobTimeout(ServerlessError):
 
     code = "TIMEOUT"
     status_code = 504
+    retryable = True
 
 
 class Unclassified(ServerlessError):
@@ -105,9 +116,19 @@ class Unclassified(ServerlessError):
     status_code = 500
 
 
-def status_for_code(code: str) -> int:
-    """The HTTP status of an error code, for terminal payloads rendered as a plain response."""
-    for cls in ServerlessError.__subclasses__():
-        if cls.code == code:
-            return cls.status_code
-    return Unclassified.status_code
+class DownloadError(InputError):
+    """A download or base64 decode failed; `reason` says why, for a person, without any URL.
+    The input resolver re-raises it as an `InputError` naming the node and input."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def as_serverless_error(exc: BaseException, where: str) -> ServerlessError:
+    """`exc` itself when it is ours; anything else is a bug: logged here with its traceback (and
+    `where`, e.g. the task id), and told to the caller without its text."""
+    if isinstance(exc, ServerlessError):
+        return exc
+    log.error("unexpected error (%s)", where, exc_info=exc)
+    return Unclassified(f"internal error ({type(exc).__name__}); the server log has the details ({where})")

@@ -1,53 +1,50 @@
-"""The app's long-lived resources, created and closed by the lifespan (`Services.open`).
+"""The app's long-lived resources, opened and closed by the lifespan (`Resources.open`).
 
-One aiohttp session for ComfyUI; what jobs need from it (inputs, outputs) is built here, so the
-runner receives ready-made collaborators and never reaches for globals.
+One aiohttp session for ComfyUI, one guarded session for input downloads, the OSS client, the
+status log folder, the ComfyUI supervisor when this instance starts ComfyUI itself; and, built
+from them once, the `Runtime` every job receives: what it calls, never a bag to reach into.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
 
-import aiohttp
-
-from .comfyui.client import ComfyUI
+from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.supervisor import Supervisor, comfyui_command
-from .core.request import RunRequest
 from .delivery.oss import Credentials, OssConfig, OssStore
 from .delivery.outputs import OutputCollector
-from .errors import ComfyUIUnavailable, InvalidParams
+from .errors import ComfyUIUnavailable
 from .inputs.download import DownloadPolicy, create_download_session, download
 from .inputs.resolve import LOADER_INPUTS, resolve_inputs
+from .jobs.job import Runtime, Workflow
+from .jobs.spec import OutputPolicy
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
 
 
-@dataclass(slots=True)
-class Services:
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What the app holds for its whole life."""
+
     settings: Settings
-    session: aiohttp.ClientSession
     comfy: ComfyUI
     status: StatusLog
-    downloads: aiohttp.ClientSession
-    download_policy: DownloadPolicy
-    oss: OssStore | None = None
-    supervisor: Supervisor | None = None
+    fetch_url: Callable[[str], Awaitable[bytes]]
+    oss: OssStore | None
+    supervisor: Supervisor | None
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[Services]:
+    async def open(cls, settings: Settings) -> AsyncIterator[Resources]:
         """Everything the app needs, opened in order and closed in reverse."""
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            comfy = ComfyUI(session, settings.comfyui_url, settings.request_timeout)
+        timeouts = Timeouts(settings.connect_timeout, settings.request_timeout, settings.reconnect_timeout)
+        async with ComfyUI.open(settings.comfyui_url, timeouts) as comfy:
             command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
             supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None) if command else None
             status = StatusLog(settings.status_dir, settings.status_stale_after)
@@ -55,41 +52,39 @@ class Services:
             oss = oss_store(settings)
             # Untrusted input URLs get their own session: guarded resolver and connector.
             async with create_download_session(policy) as downloads:
-                services = cls(settings, session, comfy, status, downloads, policy, oss, supervisor)
                 try:
                     async with _running(supervisor):
-                        yield services
+                        fetch_url = partial(download, downloads, policy=policy)
+                        yield cls(settings, comfy, status, fetch_url, oss, supervisor)
                 finally:
                     if oss is not None:
                         oss.close()
 
-    @property
+    def runtime(self) -> Runtime:
+        """The collaborators every job uses."""
+        return Runtime(
+            comfy=self.comfy,
+            resolve_inputs=self.resolve_inputs,
+            collect_outputs=self.output_collector,
+            comfyui_ready=self.comfyui_ready,
+            comfyui_generation=self.comfyui_generation,
+            instance_id=self.settings.instance_id,
+            job_timeout=self.settings.job_timeout,
+        )
+
     def comfyui_generation(self) -> int:
         """Changes whenever a supervised ComfyUI dies: prompts submitted before are lost."""
         return self.supervisor.generation if self.supervisor else 0
 
-    async def wait_for_comfyui(self) -> None:
-        """Jobs arriving while a supervised ComfyUI (re)starts wait for it, bounded."""
-        if self.supervisor and not await self.supervisor.wait_ready(self.settings.startup_timeout):
-            raise ComfyUIUnavailable(
-                f"ComfyUI is not ready after {self.settings.startup_timeout:g}s (starting or restarting)"
-            )
+    async def comfyui_ready(self) -> int:
+        """Jobs arriving while a supervised ComfyUI (re)starts wait for it, bounded; returns the
+        generation they will run on."""
+        timeout = self.settings.startup_timeout
+        if self.supervisor and not await self.supervisor.wait_ready(timeout):
+            raise ComfyUIUnavailable(f"ComfyUI is not ready after {timeout:g}s (starting or restarting)")
+        return self.comfyui_generation()
 
-    def credentials(self, headers: Mapping[str, str]) -> Credentials | None:
-        """OSS credentials of a request: its `x-fc-access-key-*` headers, else the environment."""
-        return Credentials.resolve(headers, os.environ)
-
-    def check_supported(self, request: RunRequest, credentials: Credentials | None) -> None:
-        """Refuse, before anything runs, what this instance is not configured for."""
-        if request.output_oss and self.oss is None:
-            raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN)")
-        if request.output_oss and credentials is None:
-            raise InvalidParams(
-                "output_oss was asked but there are no OSS credentials (x-fc-access-key-* headers "
-                "or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET)"
-            )
-
-    async def resolve_inputs(self, workflow: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
+    async def resolve_inputs(self, workflow: Workflow, credentials: Credentials | None) -> Workflow:
         """Loader inputs (URLs, base64, oss://) fetched and uploaded; file names left as is."""
         read_oss = None
         if self.oss is not None:
@@ -97,19 +92,20 @@ class Services:
         return await resolve_inputs(
             workflow,
             loaders=LOADER_INPUTS | set(self.settings.input_loaders),
-            fetch_url=partial(download, self.downloads, policy=self.download_policy),
+            fetch_url=self.fetch_url,
             read_oss=read_oss,
             upload=self.comfy.upload_input,
             max_base64_bytes=self.settings.input_max_base64_bytes,
         )
 
-    def output_collector(self, request: RunRequest, credentials: Credentials | None) -> OutputCollector:
+    def output_collector(self, policy: OutputPolicy, credentials: Credentials | None) -> OutputCollector:
+        """Reads a job's outputs (and uploads them to OSS when asked)."""
         uploader = None
-        if request.output_oss and self.oss is not None and credentials is not None:
+        if policy.oss and self.oss is not None and credentials is not None:
             uploader = partial(_upload, self.oss, credentials)
         return OutputCollector(
             self.comfy,
-            with_content=request.output_base64,
+            with_content=policy.base64,
             uploader=uploader,
             concurrency=self.settings.output_concurrency,
             empty_oss=self.empty_oss(),

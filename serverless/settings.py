@@ -1,7 +1,8 @@
 """Settings, read once from the environment at start-up into a frozen dataclass.
 
 Every setting is an environment variable (see README, "Settings"). A bad value fails start-up with
-a message naming the variable. Secrets never live here: OSS credentials are read per request.
+a message naming the variable. The instance's OSS credentials (ALIBABA_CLOUD_*) are kept out of
+every `repr`; a request's own credentials are never stored here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 MiB = 1024 * 1024
+CLOUD_CREDENTIALS = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
 
 
 class SettingsError(ValueError):
@@ -105,6 +107,7 @@ class Settings:
     drain_timeout: float = 600.0
     prewarm_prompt: str = ""
     on_fc: bool = False
+    cloud_credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def comfyui_port(self) -> int:
@@ -149,4 +152,5 @@ class Settings:
             drain_timeout=_number(env, "DRAIN_TIMEOUT", d.drain_timeout, 0),
             prewarm_prompt=_text(env, "PREWARM_PROMPT", ""),
             on_fc=bool(env.get("FC_FUNCTION_NAME")),
+            cloud_credentials={name: env[name] for name in CLOUD_CREDENTIALS if env.get(name)},
         )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
-from serverless.jobs.feed import Feed, ReaderTooSlow
+from serverless.jobs.feed import Feed, ReaderTooSlow, Result
 
 
 async def collect(feed: Feed, after: int = 0) -> list:
@@ -20,28 +21,28 @@ async def test_readers_get_all_events_then_the_terminal_one():
     for i in range(5):
         feed.publish(f'{{"n": {i}}}')
         await asyncio.sleep(0)
-    feed.finish({"type": "serverless_api"})
+    feed.finish(Result({"type": "serverless_api"}))
     for events in await asyncio.gather(*readers):
         assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
-        assert events[-1].terminal and events[-1].payload == {"type": "serverless_api"}
+        assert events[-1].terminal and json.loads(events[-1].data) == {"type": "serverless_api"}
 
 
 async def test_a_late_reader_still_gets_everything_and_after_skips():
     feed = Feed()
     feed.publish("a")
     feed.publish("b")
-    feed.finish({"type": "error"})
+    feed.finish(Result({"type": "error"}))
     assert [e.text for e in await collect(feed)] == ["a", "b", '{"type": "error"}']
     assert [e.seq for e in await collect(feed, after=2)] == [3]
 
 
 async def test_nothing_is_added_after_the_terminal_event():
     feed = Feed()
-    feed.finish({"type": "error"})
+    feed.finish(Result({"type": "error"}))
     feed.publish("late")
-    feed.finish({"type": "serverless_api"})
+    feed.finish(Result({"type": "serverless_api"}))
     events = await collect(feed)
-    assert len(events) == 1 and events[0].payload == {"type": "error"}
+    assert len(events) == 1 and json.loads(events[0].data) == {"type": "error"}
 
 
 async def test_a_reader_that_falls_out_of_the_window_is_told():
@@ -50,7 +51,7 @@ async def test_a_reader_that_falls_out_of_the_window_is_told():
         feed.publish(str(i))
     with pytest.raises(ReaderTooSlow):
         await collect(feed)
-    feed.finish({"type": "serverless_api"})
+    feed.finish(Result({"type": "serverless_api"}))
     # a reader that starts near the end is fine: the terminal event is always kept
     assert (await collect(feed, after=25))[-1].terminal
 
@@ -63,7 +64,7 @@ async def test_idle_readers_get_keepalive_markers_between_events():
         async for event in feed.follow(idle=0.01):
             seen.append(event)
             if event is None and len(seen) == 1:
-                feed.finish({"type": "serverless_api"})
+                feed.finish(Result({"type": "serverless_api"}))
 
     await asyncio.wait_for(read(), 5)
     assert seen[0] is None and seen[-1].terminal
@@ -78,7 +79,7 @@ async def test_a_pinned_reader_keeps_what_it_has_not_read_while_live_readers_are
         feed.publish(str(i))
     with pytest.raises(ReaderTooSlow):
         await collect(feed)  # a live reader 50 behind is dropped
-    feed.finish({"type": "serverless_api"})
+    feed.finish(Result({"type": "serverless_api"}))
     rest = [e async for e in pinned if e is not None]
     assert [first.seq] + [e.seq for e in rest] == list(range(1, 52))
     assert rest[-1].terminal

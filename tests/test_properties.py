@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from serverless.core.request import TASK_ID_HEADERS, TASK_ID_RE, parse_run_request, validate_task_id
 from serverless.core.workflow import SEED_LIMIT, prepare_workflow, safe_instance_suffix
-from serverless.errors import InvalidParams, status_for_code
+from serverless.errors import InvalidParams, ServerlessError
 from serverless.status.log import StatusLog
 from tests.helpers import RUN
 
@@ -41,6 +41,8 @@ def json_of(texts: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
     )
     return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
                         max_leaves=20)
+
+STATUS_OF_CODE = {cls.code: cls.status_code for cls in ServerlessError.__subclasses__()}
 
 
 def workflows_of(texts: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
@@ -206,12 +208,18 @@ def test_no_task_id_names_a_path_outside_the_status_folder(task_id):
 @PURE
 @given(header_map=headers)
 def test_the_task_id_header_is_checked_whichever_carries_it(header_map):
+    headers = lowercase(header_map)
+    # FC's order: async task id, else trace id, else request id; the first non-empty one counts.
+    chosen = next((headers[name] for name in TASK_ID_HEADERS if headers.get(name)), None)
+    valid = chosen is not None and TASK_ID_RE.fullmatch(chosen) is not None and chosen not in (".", "..")
     try:
-        request = parse_run_request('{"1": {"class_type": "X"}}', {}, lowercase(header_map))
+        request = parse_run_request('{"1": {"class_type": "X"}}', {}, headers)
     except InvalidParams:
+        assert chosen is not None and not valid, f"{chosen!r} was refused"
         return
+    assert request.task_id == chosen and (chosen is None or valid)
     if request.task_id is not None:
-        StatusLog(FOLDER, stale_after=60).path(request.task_id)
+        assert StatusLog(FOLDER, stale_after=60).path(request.task_id) == FOLDER / chosen
 
 
 # -- bugs these properties found (fixed): kept as regressions ------------------------------------
@@ -221,13 +229,15 @@ def test_a_deeply_nested_body_is_invalid_params():
         parse_run_request("[" * 100_000 + "]" * 100_000, {}, {})
 
 
-def test_a_deeply_nested_input_is_refused_or_prepared():
-    body = '{"1": {"class_type": "X", "inputs": {"a": ' + "[" * 600 + "]" * 600 + "}}}"
-    try:
-        request = parse_run_request(body, {}, {})
-    except InvalidParams:
-        return
-    prepare_workflow(request.workflow, "i-1")
+def test_a_deeply_nested_input_is_refused_and_a_deep_enough_one_prepared():
+    def body(depth: int) -> str:
+        return '{"1": {"class_type": "X", "inputs": {"a": ' + "[" * depth + "]" * depth + "}}}"
+
+    with pytest.raises(InvalidParams, match="nested more than"):
+        parse_run_request(body(600), {}, {})
+    request = parse_run_request(body(50), {}, {})
+    prepared = prepare_workflow(request.workflow, "i-1")
+    assert prepared.workflow == request.workflow and prepared.workflow is not request.workflow
 
 
 # -- against the app --------------------------------------------------------------------------------
@@ -292,7 +302,7 @@ def test_arbitrary_requests_get_contract_answers_never_unclassify(app, body, que
         assert payload.get("type") == "error", payload
         assert payload["error_code"] != "UNCLASSIFY", payload
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
-        assert status == (200 if streamed else status_for_code(payload["error_code"])), payload
+        assert status == (200 if streamed else STATUS_OF_CODE[payload["error_code"]]), payload
     assert {entry.name for entry in logs.iterdir()} <= {Path(app.log).name, "status"}
     if status_dir.exists():
         for entry in status_dir.iterdir():

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from serverless.errors import InvalidParams
-from serverless.jobs.feed import Feed
+from serverless.jobs.feed import Feed, Result
 from serverless.status.log import StatusLog
 
 
@@ -19,7 +19,7 @@ async def test_record_appends_every_event_and_the_terminal_payload(tmp_path):
     recorder = status.record("t1", feed)
     for i in range(50):
         feed.publish(json.dumps({"type": "progress", "data": {"value": i}}))
-    feed.finish({"type": "serverless_api", "data": {}})
+    feed.finish(Result({"type": "serverless_api", "data": {}}))
     await recorder
     items = await status.read("t1")
     assert len(items) == 51 and items[-1]["type"] == "serverless_api"
@@ -33,7 +33,7 @@ async def test_a_torn_line_is_skipped_and_closed_off_by_the_next_append(tmp_path
     assert await status.count("t2") == 1
     feed = Feed(first_seq=2)
     recorder = status.record("t2", feed)
-    feed.finish({"type": "error", "error_code": "TIMEOUT"})
+    feed.finish(Result({"type": "error", "error_code": "TIMEOUT"}))
     await recorder
     items = await status.read("t2")
     assert items == [{"type": "status"}, {"type": "error", "error_code": "TIMEOUT"}]
@@ -75,6 +75,6 @@ async def test_a_symlink_planted_in_the_folder_is_not_followed_for_writing(tmp_p
     status = StatusLog(folder, stale_after=60)
     feed = Feed()
     recorder = status.record("evil", feed)
-    feed.finish({"type": "serverless_api"})
+    feed.finish(Result({"type": "serverless_api"}))
     await recorder
     assert target.read_text() == ""

@@ -1,7 +1,9 @@
 """Classification of ComfyUI websocket messages (pure).
 
 A message is parsed once, for routing; its text is kept exactly as ComfyUI sent it, because the
-contract forwards it byte for byte.
+contract forwards it byte for byte. A message read back from a prompt's history after a broken
+websocket (`from_history`) is not live: it tells how the prompt went, but was never sent to us and
+is not forwarded.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One text message from ComfyUI's websocket."""
+    """One text message from ComfyUI's websocket (or, with `live` false, from a history entry)."""
 
     text: str
     type: str
     data: dict[str, Any]
+    live: bool = True
 
     @property
     def prompt_id(self) -> str | None:
@@ -56,3 +59,8 @@ def parse_message(text: str) -> Message | None:
         return None
     data = value.get("data")
     return Message(text=text, type=value["type"], data=data if isinstance(data, dict) else {})
+
+
+def from_history(name: str, data: dict[str, Any]) -> Message:
+    """A `[name, data]` pair of a history entry's `status.messages`, as a message that is not live."""
+    return Message(text="", type=name, data=data, live=False)

@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from ..errors import InputError
+from ..errors import DownloadError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,6 @@ _BLOCKED_NETWORKS: tuple[IPNetwork, ...] = tuple(
     )
 )  # fmt: skip
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class DownloadError(InputError):
-    """A download or base64 decode failed; `reason` says why, for a person, without any URL.
-
-    An `InputError`, so that one escaping un-annotated still maps to INPUT_ERROR; the input
-    resolver re-raises it naming the node and input."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """A job's event sequence, kept in memory for the transports that render it.
 
-The runner publishes; the JSON response, the SSE stream, the websocket and the status log each
-follow with their own cursor. Publishing never waits for a reader, so a slow reader cannot stall
+The job publishes; the JSON response, the SSE stream, the websocket and the status log each
+follow with their own cursor. The last event is the terminal one: the job's outcome, a `Result` or
+a `ServerlessError`, rendered once as the contract's payload. Publishing never waits for a reader, so a slow reader cannot stall
 a job: a live reader more than `limit` events behind the newest is told so (`ReaderTooSlow`) and
 dropped. A *pinned* reader (the status log, which must record everything) keeps the events it has
 not read yet, up to `PINNED_FACTOR * limit`. The terminal event is always kept.
@@ -16,18 +17,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import jsontext
+from ..errors import ServerlessError
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A job that succeeded: its `serverless_api` payload."""
+
+    payload: dict[str, Any]
+
+
+Outcome = Result | ServerlessError
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     """One payload of a job, `seq` counting from 1. `body` is what is sent: ComfyUI's text as
-    received, or the terminal payload as UTF-8 JSON bytes (serialised once; big results are not
-    copied again). A terminal event's `payload` keeps only the payload's `type` and `error_code`."""
+    received, or our payload as UTF-8 JSON bytes (serialised once; big results are not copied
+    again). The terminal event has `terminal` set and, for a failed job, its `error`."""
 
     seq: int
     body: str | bytes
     terminal: bool = False
-    payload: dict[str, Any] | None = None
+    error: ServerlessError | None = None
 
     @property
     def text(self) -> str:
@@ -71,11 +83,17 @@ class Feed:
         """Append a ComfyUI message text. Never waits: it cannot be stalled or interrupted."""
         self._append(Event(self._next_seq, text))
 
-    def finish(self, payload: dict[str, Any]) -> Event:
+    def publish_payload(self, payload: dict[str, Any]) -> None:
+        """Append one of our own payloads (e.g. `serverless_progress`)."""
+        self._append(Event(self._next_seq, jsontext.dumps(payload)))
+
+    def finish(self, outcome: Outcome) -> Event:
         """Append the terminal payload (once; later events are ignored) and return it."""
         if self.terminal is None:
-            summary: dict[str, Any] = {key: payload[key] for key in ("type", "error_code") if key in payload}
-            self._append(Event(self._next_seq, jsontext.dumps(payload), True, summary))
+            if isinstance(outcome, Result):
+                self._append(Event(self._next_seq, jsontext.dumps(outcome.payload), True))
+            else:
+                self._append(Event(self._next_seq, jsontext.dumps(outcome.to_payload()), True, outcome))
         assert self.terminal is not None
         return self.terminal
 

@@ -1,10 +1,10 @@
-"""The job runner: one request through ComfyUI, rendered as one event sequence.
+"""One job: a workflow through ComfyUI, rendered as one event sequence (its `Feed`).
 
-    request -> prepare workflow -> resolve inputs -> websocket + /prompt -> messages -> outputs -> result
+    prepare workflow -> resolve inputs -> connect -> submit -> follow -> outputs -> result
 
-Every ComfyUI message of the job is published to the job's `Feed` as received; the last event is
-always the terminal payload (the result or an error object), whatever happens, including a
-deadline, a cancelled caller or a bug.
+Every ComfyUI message of the job is published as received; the last event is always the terminal
+one (a `Result` or a `ServerlessError`), whatever happens: a deadline, a cancelled caller, a bug.
+The job speaks to ComfyUI only through `serverless.comfyui.client` and imports no network library.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from ..comfyui.client import ComfyUI
-from ..core.messages import Message, parse_message
-from ..core.request import RunRequest
+from ..core.messages import Message
 from ..core.workflow import prepare_workflow
 from ..delivery.oss import Credentials
 from ..delivery.outputs import OutputCollector, list_outputs
@@ -30,16 +28,37 @@ from ..errors import (
     ExecutionInterrupted,
     JobTimeout,
     ServerlessError,
-    Unclassified,
+    as_serverless_error,
 )
-from ..resources import Services
-from .feed import Event, Feed
+from .feed import Event, Feed, Outcome, Result
+from .spec import JobSpec, OutputPolicy
 
 log = logging.getLogger(__name__)
 
 HISTORY_ATTEMPTS = 5
 HISTORY_RETRY_DELAY = 0.2
 CANCEL_TIMEOUT = 5.0
+
+Workflow = dict[str, Any]
+InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
+OutputFactory = Callable[[OutputPolicy, Credentials | None], OutputCollector]
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What every job uses, built once by the lifespan (`serverless.resources`).
+
+    `comfyui_ready` waits (bounded) until ComfyUI can take a prompt and returns the generation of
+    the ComfyUI process; `comfyui_generation` changes when a supervised ComfyUI dies, taking the
+    prompts submitted to it along."""
+
+    comfy: ComfyUI
+    resolve_inputs: InputResolver
+    collect_outputs: OutputFactory
+    comfyui_ready: Callable[[], Awaitable[int]]
+    comfyui_generation: Callable[[], int]
+    instance_id: str
+    job_timeout: float
 
 
 @dataclass(slots=True)
@@ -65,95 +84,113 @@ class Clock:
 
 
 class Job:
-    """One run of one workflow. Create, then `await run()` (usually as a task owned by `Jobs`)."""
+    """One run of one workflow, complete when built; `Jobs.start` runs `run()` as a task it owns."""
 
     def __init__(
-        self, services: Services, request: RunRequest, feed: Feed, prompt_id: str, task_id: str,
-        credentials: Credentials | None = None,
+        self, spec: JobSpec, runtime: Runtime, feed: Feed, prompt_id: str, task_id: str,
+        recorder: asyncio.Task[None] | None = None,
     ) -> None:
-        self.services = services
-        self.request = request
-        self.credentials = credentials
+        self.spec = spec
+        self.runtime = runtime
         self.feed = feed
         self.prompt_id = prompt_id
         self.task_id = task_id
+        self.recorder = recorder
         self.client_id = uuid.uuid4().hex
         self.clock = Clock()
         self._failure: ServerlessError | None = None
         self._outputs_seen: dict[str, dict[str, Any]] = {}
-        self.task: asyncio.Task[None] | None = None
-        self._generation = 0
-        self._history_error: ComfyUIUnavailable | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None  # this job's ComfyUI websocket
-        self.recorder: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._stop: ServerlessError | None = None
+
+    # -- for the transports ---------------------------------------------------------------------
+
+    async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
+        """The job's events (None after `idle` seconds of silence). The terminal one comes only
+        once it is in the status log when the caller named the task: a poller told "done" by a
+        stream must find the result there."""
+        async for event in self.feed.follow(after, idle):
+            if event is not None and event.terminal:
+                await self._recorded()
+            yield event
 
     async def finished(self) -> Event:
-        """The terminal event; when the caller named the task (and so may poll its status), once
-        it is also in the status log. A job whose task id is its fresh prompt id has no poller
-        before its caller holds the result, so it does not wait for the disk."""
+        """The terminal event, under the same rule as `events`."""
         terminal = await self.feed.wait()
-        if self.recorder is not None and self.request.task_id is not None:
-            await asyncio.shield(self.recorder)
+        await self._recorded()
         return terminal
+
+    async def _recorded(self) -> None:
+        if self.recorder is not None and self.spec.named:
+            await asyncio.shield(self.recorder)
 
     def abandon(self, reason: str) -> None:
         """The caller went away: cancel the job (and its ComfyUI prompt) unless it already ended."""
-        if self.task is not None and not self.feed.done:
-            log.info("caller gone task_id=%s prompt_id=%s: cancelling (%s)", self.task_id, self.prompt_id, reason)
-            self.task.cancel()
+        self.stop(ExecutionInterrupted("the job was cancelled before it ended"), reason)
 
-    @property
-    def comfy(self) -> ComfyUI:
-        return self.services.comfy
+    def stop(self, error: ServerlessError, reason: str) -> None:
+        """End the job with `error` as its terminal payload (its ComfyUI prompt is cancelled)."""
+        if self.feed.done or self._stop is not None:
+            return
+        log.info("stopping task_id=%s prompt_id=%s (%s)", self.task_id, self.prompt_id, reason)
+        self._stop = error
+        if self._task is not None:
+            self._task.cancel()
+
+    # -- the pipeline ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Run to the end; always finishes the feed with the terminal payload."""
+        self._task = asyncio.current_task()
         log.info("job start task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
+        outcome: Outcome
         try:
-            async with asyncio.timeout(self.services.settings.job_timeout):
-                payload = await self._execute()
+            if self._stop is not None:
+                raise asyncio.CancelledError
+            async with asyncio.timeout(self.runtime.job_timeout):
+                outcome = Result(await self._execute())
         except TimeoutError:
             await self._cancel_in_comfyui()
-            payload = JobTimeout(
-                f"the job passed its deadline of {self.services.settings.job_timeout:g}s and was cancelled"
-            ).to_payload()
-        except ServerlessError as exc:
-            payload = exc.to_payload()
+            outcome = JobTimeout(f"the job passed its deadline of {self.runtime.job_timeout:g}s and was cancelled")
         except asyncio.CancelledError:
             try:
                 await self._cancel_in_comfyui()
             finally:
-                self._finish(ExecutionInterrupted("the job was cancelled before it ended").to_payload())
+                self._finish(self._stop or ExecutionInterrupted("the job was cancelled before it ended"))
             raise
-        except Exception as exc:  # a bug: the caller still gets a terminal payload
-            log.exception("job failed unexpectedly task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
-            payload = Unclassified(f"internal error: {type(exc).__name__}: {exc}").to_payload()
-        self._finish(payload)
+        except Exception as exc:  # a ServerlessError, or a bug: the caller still gets a terminal payload
+            outcome = as_serverless_error(exc, f"task_id={self.task_id} prompt_id={self.prompt_id}")
+        self._finish(outcome)
 
-    def _finish(self, payload: dict[str, Any]) -> None:
-        outcome = payload.get("error_code", "ok")
+    def _finish(self, outcome: Outcome) -> None:
         log.info(
-            "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
-            self.task_id, self.prompt_id, outcome, time.monotonic() - self.clock.start,
+            "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs", self.task_id, self.prompt_id,
+            outcome.code if isinstance(outcome, ServerlessError) else "ok", time.monotonic() - self.clock.start,
         )
-        self.feed.finish(payload)
+        self.feed.finish(outcome)
 
     async def _execute(self) -> dict[str, Any]:
-        settings = self.services.settings
-        await self.services.wait_for_comfyui()
-        self._generation = self.services.comfyui_generation
-        prepared = prepare_workflow(self.request.workflow, settings.instance_id)
-        workflow = await self.services.resolve_inputs(prepared.workflow, self.credentials)
-        collector = self.services.output_collector(self.request, self.credentials)
+        runtime, spec = self.runtime, self.spec
+        generation = await runtime.comfyui_ready()
+        prepared = prepare_workflow(spec.workflow, runtime.instance_id)
+        workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
+        collector = runtime.collect_outputs(spec.outputs, spec.credentials)
         try:
-            node_errors = await self._submit_and_follow(workflow, collector)
-            if self._failure is not None:
-                raise self._failure
-            # The websocket has nothing more to say: its close handshake overlaps the history read.
-            outputs, _ = await asyncio.gather(self._final_outputs(), self._close_websocket())
-            results = await collector.results(list_outputs(outputs), self.request.output_base64)
+            async with runtime.comfy.connect(self.client_id) as connection:
+                if connection.greeting is not None:
+                    self._observe(connection.greeting, None)
+                self.clock.submitted = time.monotonic()
+                node_errors = await runtime.comfy.submit(workflow, self.client_id, self.prompt_id, spec.extra_data)
+                lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
+                async for message in connection.follow(self.prompt_id, lost):
+                    self._observe(message, collector)
+                self.clock.ended = time.monotonic()
+                if self._failure is not None:
+                    raise self._failure
+                # The websocket has nothing more to say: its close handshake overlaps the history read.
+                outputs, _ = await asyncio.gather(self._final_outputs(), connection.close())
+            results = await collector.results(list_outputs(outputs), spec.outputs.base64)
         finally:
-            await self._close_websocket()
             await collector.aclose()
         data: dict[str, Any] = {
             "prompt_id": self.prompt_id,
@@ -167,70 +204,10 @@ class Job:
             data["node_errors"] = node_errors
         return {"type": "serverless_api", "data": data}
 
-    async def _submit_and_follow(self, workflow: dict[str, Any], collector: OutputCollector) -> dict[str, Any]:
-        """Open our websocket first (so no message can be missed), submit, then follow. The
-        socket stays open (in `_ws`) for the caller to close."""
-        self._ws = await self._connect()
-        self.clock.submitted = time.monotonic()
-        node_errors = await self.comfy.submit(workflow, self.client_id, self.prompt_id, self.request.extra_data)
-        await self._follow(collector)
-        self.clock.ended = time.monotonic()
-        return node_errors
-
-    async def _close_websocket(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
-        """A websocket for our client id, once ComfyUI has registered it (its first `status`)."""
-        settings = self.services.settings
-        ws = await self.comfy.open_websocket(self.client_id, settings.connect_timeout)
-        try:
-            async with asyncio.timeout(settings.connect_timeout):
-                first = await ws.receive()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            await ws.close()
-            raise ComfyUIUnavailable("ComfyUI's websocket did not greet us") from exc
-        if first.type != aiohttp.WSMsgType.TEXT:
-            await ws.close()
-            raise ComfyUIUnavailable(f"ComfyUI's websocket closed before greeting us ({first.type.name})")
-        self._on_text(first.data, None)
-        return ws
-
-    async def _follow(self, collector: OutputCollector) -> None:
-        """Forward this job's messages until ComfyUI ends it. A broken socket is reopened with
-        the same client id and the job recovered from /history and /queue."""
-        assert self._ws is not None
-        while not await self._read_until_end(self._ws, collector):
-            await self._ws.close()
-            log.warning("websocket lost task_id=%s prompt_id=%s: reconnecting", self.task_id, self.prompt_id)
-            self._ws = await self._reconnect()
-            if await self._recover(collector):
-                break
-
-    async def _read_until_end(self, ws: aiohttp.ClientWebSocketResponse, collector: OutputCollector) -> bool:
-        """True when the job ended; False when the socket closed or broke first."""
-        try:
-            async for frame in ws:
-                if frame.type == aiohttp.WSMsgType.TEXT:
-                    if self._on_text(frame.data, collector):
-                        return True
-                    # One network read can hold a burst of messages: let readers keep up with it.
-                    await asyncio.sleep(0)
-        except (aiohttp.ClientError, OSError):
-            pass
-        return False
-
-    def _on_text(self, text: str, collector: OutputCollector | None) -> bool:
-        """Publish and observe one message; True when it ends our job."""
-        message = parse_message(text)
-        if message is None or not message.concerns(self.prompt_id):
-            return False
-        self.feed.publish(text)
-        self._observe(message, collector)
-        return message.ends(self.prompt_id)
-
     def _observe(self, message: Message, collector: OutputCollector | None) -> None:
+        """Publish a live message as received; learn from those of our prompt how it goes."""
+        if message.live:
+            self.feed.publish(message.text)
         if message.prompt_id != self.prompt_id:
             return
         if message.type == "execution_start":
@@ -245,65 +222,16 @@ class Job:
             if collector is not None:
                 collector.prefetch(message.output, node)
 
-    async def _reconnect(self) -> aiohttp.ClientWebSocketResponse:
-        settings = self.services.settings
-        deadline = time.monotonic() + settings.reconnect_timeout
-        delay = 0.05
-        while True:
-            if self.services.comfyui_generation != self._generation:
-                raise ComfyUIUnavailable("ComfyUI exited mid-job; the job died with it")
-            try:
-                return await self._connect()
-            except ComfyUIUnavailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise ComfyUIUnavailable(
-                        f"lost ComfyUI's websocket mid-job and could not reconnect: {exc.message}"
-                    ) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    async def _recover(self, collector: OutputCollector) -> bool:
-        """After a reconnect: True if the job already ended (history has it), False if ComfyUI
-        still runs or queues it (keep listening). Anything else means the job is lost. A history
-        that cannot be read is not proof of loss while the queue still holds the job."""
-        if await self._recover_from_history():
-            return True
-        queue = await self.comfy.queue()
-        queued = queue.get("queue_running", []) + queue.get("queue_pending", [])
-        if any(isinstance(item, list) and len(item) > 1 and item[1] == self.prompt_id for item in queued):
-            return False
-        if await self._recover_from_history():
-            return True
-        raise ComfyUIUnavailable(
-            "the websocket broke and ComfyUI no longer knows the job" + _because(self._history_error)
-        )
-
-    async def _recover_from_history(self) -> bool:
-        try:
-            entry = await self.comfy.history(self.prompt_id)
-        except ComfyUIUnavailable as exc:  # ComfyUI answers, but not with a history: ask the queue
-            self._history_error = exc
-            return False
-        if entry is None:
-            return False
-        for name, data in entry.get("status", {}).get("messages", []):
-            if name == "execution_error":
-                self._failure = execution_failed(data)
-            elif name == "execution_interrupted":
-                self._failure = interrupted(data)
-        log.info("job recovered from history task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
-        return True
-
     async def _final_outputs(self) -> dict[str, Any]:
         """History's outputs (authoritative); ComfyUI writes them before its last message, but
         retry briefly, then fall back to what `executed` messages announced."""
         for attempt in range(HISTORY_ATTEMPTS):
             try:
-                entry = await self.comfy.history(self.prompt_id)
+                entry = await self.runtime.comfy.history(self.prompt_id)
             except ComfyUIUnavailable:
                 entry = None
-            if entry is not None and isinstance(entry.get("outputs"), dict):
-                return dict(entry["outputs"])
+            if entry is not None and entry.outputs is not None:
+                return entry.outputs
             await asyncio.sleep(HISTORY_RETRY_DELAY * (attempt + 1))
         log.warning("no history for task_id=%s prompt_id=%s: using executed messages", self.task_id, self.prompt_id)
         return dict(self._outputs_seen)
@@ -312,13 +240,9 @@ class Job:
         """Best effort, shielded: remove our prompt from ComfyUI's queue or interrupt it."""
         try:
             async with asyncio.timeout(CANCEL_TIMEOUT):
-                await asyncio.shield(self.comfy.cancel(self.prompt_id))
+                await asyncio.shield(self.runtime.comfy.cancel(self.prompt_id))
         except (ServerlessError, TimeoutError):
-            log.warning("could not cancel prompt_id=%s in ComfyUI", self.prompt_id)
-
-
-def _because(error: ServerlessError | None) -> str:
-    return f" ({error.message})" if error is not None else ""
+            log.warning("could not cancel task_id=%s prompt_id=%s in ComfyUI", self.task_id, self.prompt_id)
 
 
 def execution_failed(data: dict[str, Any]) -> ExecutionFailed:

@@ -1,4 +1,9 @@
-"""The jobs an app instance runs: started as tasks it owns, counted for health, drained on stop."""
+"""The jobs an app instance runs: started as tasks it owns, counted for health, drained on stop.
+
+Each job has two tasks: its run (the pipeline) and its recorder (the status log, a pinned reader
+of its feed). They are kept in two sets: a drain cancels runs, never recorders, which end by
+themselves once their feed ends with the terminal payload.
+"""
 
 from __future__ import annotations
 
@@ -8,61 +13,62 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from ..core.request import RunRequest
-from ..delivery.oss import Credentials
 from ..errors import ComfyUIUnavailable
-from ..resources import Services
+from ..status.log import StatusLog
 from .feed import Feed
-from .job import Job
+from .job import Job, Runtime
+from .spec import JobSpec
 
 log = logging.getLogger(__name__)
 
 
 class Jobs:
-    """Owns every running job's task; no job outlives the app without being waited for."""
+    """Owns every running job's tasks; no job outlives the app without being waited for."""
 
-    def __init__(self, services: Services) -> None:
-        self.services = services
+    def __init__(self, runtime: Runtime, status: StatusLog, buffer_events: int) -> None:
+        self.runtime = runtime
+        self.status = status
+        self.buffer_events = buffer_events
         self.accepting = True
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._runs: set[asyncio.Task[None]] = set()
+        self._recorders: set[asyncio.Task[None]] = set()
 
     @property
     def running(self) -> int:
         """Jobs under way on this instance."""
-        return sum(1 for task in self._tasks if task.get_name().startswith("job "))
+        return len(self._runs)
 
-    async def start(self, request: RunRequest, credentials: Credentials | None = None) -> Job:
-        """Start a job in the background and return it; follow `job.feed` for its events, which
-        are also appended to the task's status log (after any earlier attempt's)."""
+    async def start(self, spec: JobSpec) -> Job:
+        """Start a job in the background and return it; follow `job.events()` for its events,
+        which are also appended to the task's status log (after any earlier attempt's)."""
         if not self.accepting:
             raise ComfyUIUnavailable("this instance is shutting down and takes no new jobs")
         prompt_id = str(uuid.uuid4())
-        task_id = request.task_id or prompt_id
-        status = self.services.status
+        task_id = spec.task_id or prompt_id
         # A task id that is our fresh prompt id has no earlier attempt to count.
-        earlier = await status.count(task_id) if request.task_id else 0
-        feed = Feed(self.services.settings.stream_buffer_events, first_seq=earlier + 1)
-        job = Job(self.services, request, feed, prompt_id, task_id, credentials)
-        job.recorder = self._own(status.record(task_id, feed), f"status {task_id}")
-        job.task = self._own(job.run(), f"job {task_id}")
+        earlier = await self.status.count(task_id) if spec.named else 0
+        feed = Feed(self.buffer_events, first_seq=earlier + 1)
+        recorder = _own(self._recorders, self.status.record(task_id, feed), f"status {task_id}")
+        job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder)
+        _own(self._runs, job.run(), f"job {task_id}")
         return job
-
-    def _own(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def drain(self, timeout: float) -> None:
         """Stop taking jobs, wait up to `timeout` for running ones, then cancel the rest (their
-        feeds still end with a terminal payload)."""
+        feeds still end with a terminal payload, which their recorders write)."""
         self.accepting = False
-        if not self._tasks:
+        if not self._runs and not self._recorders:
             return
         log.info("draining %d running job(s), up to %.0fs", self.running, timeout)
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        for task in pending:
-            if task.get_name().startswith("job "):
-                task.cancel()  # its feed still ends with a terminal payload, which its recorder writes
+        _, pending = await asyncio.wait(self._runs | self._recorders, timeout=timeout)
+        for task in pending & self._runs:
+            task.cancel()
         if pending:
             await asyncio.wait(pending)
+
+
+def _own(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    task = asyncio.create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task

@@ -1,5 +1,6 @@
 """WS /api/serverless/ws: the client sends one run body; it gets every ComfyUI message text of
-the job, then the terminal payload, then a normal close. A client that leaves abandons its job."""
+the job, then the terminal payload, then a normal close. A client that leaves abandons its job;
+a body that is refused gets the error object as the last message."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..core.request import parse_run_request
-from ..errors import InvalidParams, ServerlessError
+from ..errors import InvalidParams, as_serverless_error
 from ..jobs.feed import ReaderTooSlow
 from ..jobs.job import Job
 from ..jobs.registry import Jobs
-from ..resources import Services
+from ..resources import Resources
+from .caller import watch
+from .start import start_job
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +24,24 @@ FIRST_MESSAGE_TIMEOUT = 60.0
 
 
 async def websocket_run(websocket: WebSocket) -> None:
-    services: Services = websocket.app.state.services
+    resources: Resources = websocket.app.state.resources
     jobs: Jobs = websocket.app.state.jobs
     await websocket.accept()
     try:
-        job = await _start(websocket, services, jobs)
-    except ServerlessError as exc:
-        await websocket.send_text(json.dumps(exc.to_payload(), ensure_ascii=False))
-        await websocket.close()
-        return
+        body = await _run_body(websocket, resources.settings.max_body_bytes)
+        job = await start_job(resources, jobs, body, websocket.query_params, websocket.headers, "ws")
     except WebSocketDisconnect:
         return
-    await _forward(websocket, job, services.settings.cancel_on_disconnect)
+    except Exception as exc:
+        error = as_serverless_error(exc, "websocket run")
+        await websocket.send_text(json.dumps(error.to_payload(), ensure_ascii=False))
+        await websocket.close()
+        return
+    await _forward(websocket, job, resources.settings.cancel_on_disconnect)
 
 
-async def _start(websocket: WebSocket, services: Services, jobs: Jobs) -> Job:
-    """Read the one run body (bounded in size and time) and start its job."""
+async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
+    """The one run body (bounded in size and time)."""
     try:
         async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
             message = await websocket.receive()
@@ -45,40 +49,33 @@ async def _start(websocket: WebSocket, services: Services, jobs: Jobs) -> Job:
         raise InvalidParams(f"no run body received within {FIRST_MESSAGE_TIMEOUT:g}s") from None
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
-    body = message.get("text") or message.get("bytes") or b""
-    if len(body) > services.settings.max_body_bytes:
-        raise InvalidParams(f"the run body is larger than {services.settings.max_body_bytes} bytes")
-    run_request = parse_run_request(body, websocket.query_params, websocket.headers)
-    credentials = services.credentials(websocket.headers)
-    services.check_supported(run_request, credentials)
-    return await jobs.start(run_request, credentials)
+    body: str | bytes = message.get("text") or message.get("bytes") or b""
+    if len(body) > limit:
+        raise InvalidParams(f"the run body is larger than {limit} bytes")
+    return body
 
 
 async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -> None:
-    """Send the job's events while watching for the client leaving; first to end wins."""
-    async def send_events() -> None:
-        async for event in job.feed.follow():
-            if event is None:
-                continue
-            if event.terminal:
-                await job.finished()  # in the status log first: a poller told "done" finds it there
-            await websocket.send_text(event.text)
+    """Send the job's events while watching for the client leaving."""
+    too_slow: list[ReaderTooSlow] = []
+
+    async def deliver() -> None:
+        try:
+            async for event in job.events():
+                if event is not None:
+                    await websocket.send_text(event.text)
+        except ReaderTooSlow as exc:
+            too_slow.append(exc)
+            return
         await websocket.close()
 
-    async def watch_client() -> None:
+    async def caller_gone() -> None:
         while (await websocket.receive())["type"] != "websocket.disconnect":
             pass  # the protocol has one client message; later ones are ignored
 
-    sender = asyncio.create_task(send_events())
-    watcher = asyncio.create_task(watch_client())
-    done, pending = await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    failure = sender.exception() if sender in done else None
-    if isinstance(failure, ReaderTooSlow):
+    winner = await watch(job, deliver, caller_gone, cancel_on_disconnect)
+    if too_slow and winner == "delivered":
         # The job goes on; only this reader is dropped ("try again later").
-        log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, failure)
+        log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
         await websocket.close(code=1013, reason="reader too slow; see the task's status log")
-    elif (watcher in done or failure is not None) and cancel_on_disconnect:
-        job.abandon("websocket client disconnected")
+

@@ -1,0 +1,71 @@
+"""Starting a job from a request, the same for HTTP and the websocket: parse, decide the mode,
+resolve credentials once, refuse what this instance cannot do, then `Jobs.start`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Literal
+
+from ..core.request import RunRequest, parse_run_request
+from ..delivery.oss import Credentials
+from ..errors import InvalidParams
+from ..jobs.job import Job
+from ..jobs.registry import Jobs
+from ..jobs.spec import JobSpec, Mode, OutputPolicy
+from ..resources import Resources
+
+Transport = Literal["http", "ws"]
+
+PARSE_IN_THREAD = 256 * 1024  # bodies from this size on are parsed off the event loop
+
+
+def is_async(headers: Mapping[str, str]) -> bool:
+    """FC's async invocation header."""
+    return headers.get("x-fc-invocation-type", "").lower() == "async"
+
+
+def job_mode(request: RunRequest, headers: Mapping[str, str], transport: Transport) -> Mode:
+    """How the caller follows the job; decided here only."""
+    if transport == "ws":
+        return "ws"
+    if is_async(headers):
+        return "async"
+    return "stream" if request.stream else "sync"
+
+
+def output_policy(request: RunRequest, credentials: Credentials | None, oss_configured: bool) -> OutputPolicy:
+    """The outputs' treatment; refuses, before anything runs, what this instance cannot do."""
+    if request.output_oss and not oss_configured:
+        raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN)")
+    if request.output_oss and credentials is None:
+        raise InvalidParams(
+            "output_oss was asked but there are no OSS credentials (x-fc-access-key-* headers "
+            "or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET)"
+        )
+    return OutputPolicy(base64=request.output_base64, oss=request.output_oss)
+
+
+async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
+    """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting."""
+    if len(body) < PARSE_IN_THREAD:
+        return parse_run_request(body, query, headers)
+    return await asyncio.to_thread(parse_run_request, body, query, headers)
+
+
+async def start_job(
+    resources: Resources, jobs: Jobs, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str],
+    transport: Transport,
+) -> Job:
+    """The job a request asks for, started."""
+    request = await parse(body, query, headers)
+    credentials = Credentials.resolve(headers, resources.settings.cloud_credentials)
+    spec = JobSpec(
+        workflow=request.workflow,
+        extra_data=request.extra_data,
+        mode=job_mode(request, headers, transport),
+        outputs=output_policy(request, credentials, resources.oss is not None),
+        task_id=request.task_id,
+        credentials=credentials,
+    )
+    return await jobs.start(spec)
