@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from ..errors import DownloadError, InputError
+from ..errors import DownloadError
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,12 @@
 """A job's event sequence, kept in memory for the transports that render it.
 
 The job publishes; the JSON response, the SSE stream, the websocket and the status log each
-follow with their own cursor. The last event is the terminal one: the job's outcome, a `Result` or
-a `ServerlessError`, rendered once as the contract's payload. Publishing never waits for a reader, so a slow reader cannot stall
-a job: a live reader more than `limit` events behind the newest is told so (`ReaderTooSlow`) and
-dropped. A *pinned* reader (the status log, which must record everything) keeps the events it has
-not read yet, up to `PINNED_FACTOR * limit`. The terminal event is always kept.
+follow with their own cursor. The last event is the terminal one: the job's outcome, a `Result`
+or a `ServerlessError`, rendered once as the contract's payload. Publishing never waits for a
+reader, so a slow reader cannot stall a job: a live reader more than `limit` events behind the
+newest is told so (`ReaderTooSlow`) and dropped. A *pinned* reader (the status log, which must
+record everything) keeps the events it has not read yet, up to `PINNED_FACTOR * limit`. The
+terminal event is always kept.
 """
 
 from __future__ import annotations
