@@ -2,6 +2,9 @@
 
     ServerlessError                  any failure a caller is told about          retried on FC
     ├── InvalidParams        400     the request itself is wrong (body, task id, query, settings it needs)
+    │   └── MethodNotAllowed 405     (a route asked with a method it does not answer)
+    ├── NotFound             404     no such route, task or resource
+    ├── Unauthorized         401     the caller is not allowed this call (lifecycle hooks outside FC's own calls)
     ├── PromptError          400     ComfyUI refused the prompt (`/prompt` answered 400)
     ├── InputError           400     a loader input could not be fetched, decoded or uploaded
     │   └── DownloadError    400     (a URL or base64 input; named by the resolver, raised as INPUT_ERROR)
@@ -55,6 +58,26 @@ class InvalidParams(ServerlessError):
 
     code = "INVALID_PARAMS"
     status_code = 400
+
+
+class MethodNotAllowed(InvalidParams):
+    """The route exists but not with this method."""
+
+    status_code = 405
+
+
+class NotFound(ServerlessError):
+    """No such route, task or resource."""
+
+    code = "NOT_FOUND"
+    status_code = 404
+
+
+class Unauthorized(ServerlessError):
+    """The caller may not make this call."""
+
+    code = "UNAUTHORIZED"
+    status_code = 401
 
 
 class PromptError(ServerlessError):

@@ -1,8 +1,17 @@
-"""Lifecycle and health endpoints: FC's initializer and pre-stop hooks, and our health check."""
+"""Lifecycle and health endpoints: FC's initializer and pre-stop hooks, and our health check.
+
+The hooks change the instance (pre-stop takes it out of service for good), so they answer only
+the platform: on FC, a call FC makes itself carries `x-fc-control-path: /initialize` (or
+`/pre-stop`), a header FC sets on every request it forwards (`/http-invoke` for an HTTP trigger),
+so a caller cannot pass one off as the other. Elsewhere: a loopback caller, or anyone holding
+`LIFECYCLE_TOKEN` (`Authorization: Bearer <token>`, e.g. a Kubernetes preStop hook).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .core.request import parse_run_request
-from .errors import ComfyUIUnavailable, ServerlessError
+from .errors import ComfyUIUnavailable, ServerlessError, Unauthorized
 from .jobs.registry import Jobs
 from .jobs.spec import JobSpec
 from .resources import Resources
@@ -57,8 +66,31 @@ class Prewarm:
         return self.result
 
 
+def check_platform_call(request: Request, hook: str) -> None:
+    """Refuse a lifecycle hook that the platform did not make (see the module docstring)."""
+    settings = request.app.state.resources.settings
+    token = settings.lifecycle_token
+    given = request.headers.get("authorization", "")
+    if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return
+    if settings.on_fc and request.headers.get("x-fc-control-path") == hook:
+        return
+    if not settings.on_fc and not token and _loopback(request):
+        return
+    log.warning("refused %s from %s: not a platform call", hook, request.client.host if request.client else "?")
+    raise Unauthorized(f"{hook} is a lifecycle hook: only the platform may call it")
+
+
+def _loopback(request: Request) -> bool:
+    try:
+        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
 async def initialize(request: Request) -> Response:
     """POST /initialize (FC initializer): ComfyUI ready, and PREWARM_PROMPT run once if set."""
+    check_platform_call(request, "/initialize")
     resources, jobs = _state(request)
     deadline = resources.settings.startup_timeout
     await resources.comfyui_ready()
@@ -93,6 +125,7 @@ async def _prewarm(resources: Resources, jobs: Jobs) -> dict[str, Any]:
 
 async def pre_stop(request: Request) -> Response:
     """GET /pre-stop (FC hook): take no new jobs, wait (bounded) for the running ones."""
+    check_platform_call(request, "/pre-stop")
     resources, jobs = _state(request)
     await jobs.drain(resources.settings.drain_timeout)
     return JSONResponse({"status": "drained", "jobs": jobs.running})

@@ -108,6 +108,8 @@ class Settings:
     prewarm_prompt: str = ""
     on_fc: bool = False
     cloud_credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    lifecycle_token: str = field(default="", repr=False)
+    body_timeout: float = 60.0
 
     @property
     def comfyui_port(self) -> int:
@@ -153,4 +155,6 @@ class Settings:
             prewarm_prompt=_text(env, "PREWARM_PROMPT", ""),
             on_fc=bool(env.get("FC_FUNCTION_NAME")),
             cloud_credentials={name: env[name] for name in CLOUD_CREDENTIALS if env.get(name)},
+            lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
+            body_timeout=_number(env, "BODY_TIMEOUT", d.body_timeout, 0.1),
         )

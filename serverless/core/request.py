@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import InvalidParams
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+RUN_QUERY_FLAGS = ("output_base64", "output_oss", "stream")
 TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")
 FALSE_VALUES = ("", "0", "false")
 MAX_INPUT_DEPTH = 64  # far beyond any real workflow; bounds the recursion of copying and encoding
@@ -79,6 +80,9 @@ def split_workflow(document: Any) -> tuple[Workflow, dict[str, Any] | None]:
         extra_data = document.get("extra_data")
         if extra_data is not None and not isinstance(extra_data, dict):
             raise InvalidParams("extra_data must be a JSON object")
+        # ComfyUI deep-copies extra_data in its prompt worker: too deep, and the worker dies.
+        if extra_data is not None and _depth(extra_data) > MAX_INPUT_DEPTH:
+            raise InvalidParams(f"extra_data is nested more than {MAX_INPUT_DEPTH} levels deep")
         document = document["prompt"]
     if isinstance(document.get("nodes"), list) and isinstance(document.get("links"), list):
         raise InvalidParams(
@@ -136,3 +140,8 @@ def parse_run_request(
         stream=query_flag(query, "stream"),
         task_id=task_id,
     )
+
+
+def unknown_parameters(query: Mapping[str, str], known: tuple[str, ...] = RUN_QUERY_FLAGS) -> list[str]:
+    """Query parameters we do not know (a misspelt flag is ignored, as FC does, but told)."""
+    return sorted(name for name in query if name not in known)

@@ -118,7 +118,8 @@ class OutputCollector:
         """The contract's `results` for `refs`, waiting for every file; OutputError on failure,
         with the results that did succeed in `raw`."""
         tasks = [self._start(ref) for ref in refs]
-        await asyncio.wait(tasks)
+        if tasks:  # a job may produce no files (e.g. only text outputs)
+            await asyncio.wait(tasks)
         results, failures = [], []
         for ref, task in zip(refs, tasks, strict=True):
             error = task.exception()

@@ -10,6 +10,7 @@ transport.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -29,17 +30,22 @@ log = logging.getLogger(__name__)
 SEP = "\n"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused past `limit` bytes without reading the rest."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused past `limit` bytes without reading the rest, or when it has not
+    all arrived within `timeout` seconds (a slow drip must not hold a connection forever)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise InvalidParams(f"the request body is larger than {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InvalidParams(f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidParams(f"the request body is larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InvalidParams(f"the request body did not arrive within {timeout:g}s") from None
     return b"".join(chunks)
 
 

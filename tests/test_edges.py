@@ -1,0 +1,109 @@
+"""The edges of the HTTP API: unknown routes and flags, lifecycle hooks only from the platform,
+bodies that never finish or are cut off, and inputs ComfyUI would choke on."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import requests
+
+from tests.helpers import RUN, empty_image, post_run, wait_until
+
+
+def test_unknown_routes_and_methods_answer_the_error_object(app):
+    missing = requests.get(app.url + "/api/serverless/nope", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["type"] == "error" and missing.json()["error_code"] == "NOT_FOUND"
+    assert "/api/serverless/nope" in missing.json()["error_message"]
+
+    wrong = requests.get(app.url + RUN, timeout=10)
+    assert wrong.status_code == 405
+    assert wrong.json()["error_code"] == "INVALID_PARAMS" and "GET" in wrong.json()["error_message"]
+    assert "POST" in wrong.headers.get("allow", "")
+
+
+def test_a_misspelt_flag_is_ignored_but_named_in_a_warning(app):
+    response = post_run(app.url, empty_image(prefix="edges-warn"), params={"outputBase64": "true", "streem": "1"})
+    assert response.status_code == 200
+    assert response.json()["data"]["results"][0]["output"]["base64"]["content"] is None  # ignored, as FC does
+    warning = response.headers["warning"]
+    assert warning.startswith("299 - ") and "outputBase64" in warning and "streem" in warning
+    assert "output_base64" in warning  # the known ones, to fix the spelling
+    wait_until(lambda: "unknown query parameter(s) ignored: outputBase64, streem" in app.log_text())
+
+
+def test_known_flags_get_no_warning(app):
+    response = post_run(app.url, empty_image(prefix="edges-nowarn"), params={"output_base64": "1"})
+    assert response.status_code == 200 and "warning" not in response.headers
+
+
+def test_on_fc_a_trigger_request_cannot_call_the_lifecycle_hooks(start_app, emulator):
+    server = start_app(emulator.url, FC_FUNCTION_NAME="comfyui", DRAIN_TIMEOUT="5")
+    # An HTTP trigger forwards every path; FC marks such requests /http-invoke (and a caller's own
+    # header does not survive FC), so both of these are ordinary callers.
+    for headers in ({}, {"x-fc-control-path": "/http-invoke"}):
+        refused = requests.get(server.url + "/pre-stop", headers=headers, timeout=10)
+        assert refused.status_code == 401 and refused.json()["error_code"] == "UNAUTHORIZED"
+        assert requests.post(server.url + "/initialize", headers=headers, timeout=10).status_code == 401
+    assert requests.get(server.url + "/api/serverless/health", timeout=10).status_code == 200
+    assert post_run(server.url, empty_image(prefix="edges-fc")).status_code == 200  # still in service
+
+    ready = requests.post(server.url + "/initialize", headers={"x-fc-control-path": "/initialize"}, timeout=30)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    stopped = requests.get(server.url + "/pre-stop", headers={"x-fc-control-path": "/pre-stop"}, timeout=30)
+    assert stopped.status_code == 200 and stopped.json()["status"] == "drained"
+    assert requests.get(server.url + "/api/serverless/health", timeout=10).status_code == 503
+
+
+def test_with_a_lifecycle_token_only_its_holder_calls_the_hooks(start_app, emulator):
+    server = start_app(emulator.url, LIFECYCLE_TOKEN="s3cret-hook-token")
+    assert requests.post(server.url + "/initialize", timeout=10).status_code == 401  # loopback is not enough
+    wrong = {"Authorization": "Bearer s3cret-hook-tokeN"}
+    assert requests.post(server.url + "/initialize", headers=wrong, timeout=10).status_code == 401
+    right = {"Authorization": "Bearer s3cret-hook-token"}
+    assert requests.post(server.url + "/initialize", headers=right, timeout=30).status_code == 200
+    assert "s3cret-hook-token" not in server.log_text()
+
+
+def test_deep_extra_data_is_refused_before_comfyui_and_jobs_go_on(app, emulator):
+    before = len(requests.get(emulator.url + "/history", timeout=10).json())
+    deep: object = {}
+    for _ in range(900):
+        deep = {"a": deep}
+    body = {"prompt": empty_image(prefix="edges-deep"), "extra_data": deep}
+    refused = post_run(app.url, json.dumps(body))
+    assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMS"
+    assert "extra_data" in refused.json()["error_message"]
+    assert len(requests.get(emulator.url + "/history", timeout=10).json()) == before
+    assert post_run(app.url, empty_image(prefix="edges-after-deep")).status_code == 200
+
+
+def _partial_body(url: str, declared: int, sent: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (f"POST {RUN} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    sock.sendall(head + sent)
+    return sock
+
+
+def test_a_body_that_stops_arriving_is_refused_after_the_body_timeout(start_app, emulator):
+    server = start_app(emulator.url, BODY_TIMEOUT="1")
+    sock = _partial_body(server.url, 1000, b'{"1": ')
+    started = time.monotonic()
+    answer = sock.recv(65536).decode()
+    sock.close()
+    assert "400" in answer.split("\r\n")[0] and "did not arrive within 1s" in answer
+    assert time.monotonic() - started < 10
+
+
+def test_a_caller_hanging_up_mid_body_is_one_info_line_not_a_traceback(start_app, emulator):
+    server = start_app(emulator.url)
+    for _ in range(3):
+        _partial_body(server.url, 1000, b'{"1": {"class_type"').close()
+    wait_until(lambda: server.log_text().count("hung up before its body arrived") == 3)
+    assert post_run(server.url, empty_image(prefix="edges-hangup")).status_code == 200
+    log = server.log_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log and " ERROR " not in log
