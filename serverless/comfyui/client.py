@@ -170,15 +170,21 @@ class ComfyUI:
             raise ComfyUIUnavailable(f"ComfyUI answered {action} with something that is not JSON") from None
 
     async def submit(
-        self, workflow: dict[str, Any], client_id: str, prompt_id: str, extra_data: dict[str, Any] | None
+        self, workflow: dict[str, Any], client_id: str, prompt_id: str, extra_data: dict[str, Any] | None,
+        big: bool = False,
     ) -> dict[str, Any]:
         """POST /prompt with our own ids. Returns ComfyUI's `node_errors` for outputs it refused
-        while accepting the rest; raises PromptError when it refused the whole prompt."""
+        while accepting the rest; raises PromptError when it refused the whole prompt. A `big`
+        prompt is serialised in a thread, so other callers are not kept waiting meanwhile."""
         payload: dict[str, Any] = {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id}
         if extra_data:
             payload["extra_data"] = extra_data
+        data = await asyncio.to_thread(json.dumps, payload) if big else json.dumps(payload)
+        headers = {"Content-Type": "application/json"}
         with translate_errors("submitting the prompt"):
-            async with self.session.post(self._url("/prompt"), json=payload, timeout=self.timeout) as resp:
+            async with self.session.post(
+                self._url("/prompt"), data=data.encode(), headers=headers, timeout=self.timeout
+            ) as resp:
                 status, body = resp.status, await resp.read()
         try:
             answer = json.loads(body) if body else None

@@ -18,6 +18,10 @@ RUN_QUERY_FLAGS = ("output_base64", "output_oss", "stream")
 TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")
 FALSE_VALUES = ("", "0", "false")
 MAX_INPUT_DEPTH = 64  # far beyond any real workflow; bounds the recursion of copying and encoding
+# Array elements and object members in one body, counted by their separators before parsing: far
+# beyond any real workflow (big bodies are big strings: base64 inputs). It bounds how long parsing
+# and serialising a body, which hold the GIL whichever thread does them, keep other callers waiting.
+MAX_BODY_ITEMS = 1_000_000
 
 Workflow = dict[str, Any]
 
@@ -63,12 +67,20 @@ def decode_body(body: bytes | str) -> Any:
     """JSON-decode a request body, refusing what is not JSON."""
     if not body or not body.strip():
         raise InvalidParams("the request body is empty: send a ComfyUI API-format workflow as JSON")
+    if _separators(body) > MAX_BODY_ITEMS:
+        raise InvalidParams(f"the request body holds more than {MAX_BODY_ITEMS} JSON items (elements and members)")
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParams(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidParams("the request body is nested too deeply") from None
+
+
+def _separators(body: bytes | str) -> int:
+    if isinstance(body, bytes):
+        return body.count(b",") + body.count(b":")
+    return body.count(",") + body.count(":")
 
 
 def split_workflow(document: Any) -> tuple[Workflow, dict[str, Any] | None]:

@@ -172,7 +172,10 @@ class Job:
     async def _execute(self) -> dict[str, Any]:
         runtime, spec = self.runtime, self.spec
         generation = await runtime.comfyui_ready()
-        prepared = prepare_workflow(spec.workflow, runtime.instance_id)
+        if spec.big:
+            prepared = await asyncio.to_thread(prepare_workflow, spec.workflow, runtime.instance_id)
+        else:
+            prepared = prepare_workflow(spec.workflow, runtime.instance_id)
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
         collector = runtime.collect_outputs(spec.outputs, spec.credentials)
         try:
@@ -180,7 +183,9 @@ class Job:
                 if connection.greeting is not None:
                     self._observe(connection.greeting, None)
                 self.clock.submitted = time.monotonic()
-                node_errors = await runtime.comfy.submit(workflow, self.client_id, self.prompt_id, spec.extra_data)
+                node_errors = await runtime.comfy.submit(
+                    workflow, self.client_id, self.prompt_id, spec.extra_data, big=spec.big
+                )
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
                 async for message in connection.follow(self.prompt_id, lost):
                     self._observe(message, collector)

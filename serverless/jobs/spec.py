@@ -32,6 +32,7 @@ class JobSpec:
     outputs: OutputPolicy = OutputPolicy()
     task_id: str | None = None
     credentials: Credentials | None = field(default=None, repr=False)
+    big: bool = False  # a body big enough that copying and serialising it go to a thread
 
     @property
     def named(self) -> bool:

@@ -17,7 +17,7 @@ from ..resources import Resources
 
 Transport = Literal["http", "ws"]
 
-PARSE_IN_THREAD = 256 * 1024  # bodies from this size on are parsed off the event loop
+BIG_BODY = 256 * 1024  # from this size on, parsing, copying and serialising run off the event loop
 
 
 def is_async(headers: Mapping[str, str]) -> bool:
@@ -48,7 +48,7 @@ def output_policy(request: RunRequest, credentials: Credentials | None, oss_conf
 
 async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
     """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting."""
-    if len(body) < PARSE_IN_THREAD:
+    if len(body) < BIG_BODY:
         return parse_run_request(body, query, headers)
     return await asyncio.to_thread(parse_run_request, body, query, headers)
 
@@ -67,5 +67,6 @@ async def start_job(
         outputs=output_policy(request, credentials, resources.oss is not None),
         task_id=request.task_id,
         credentials=credentials,
+        big=len(body) >= BIG_BODY,
     )
     return await jobs.start(spec)

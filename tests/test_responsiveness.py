@@ -1,0 +1,73 @@
+"""Big bodies do not stall other callers: health and status keep answering within 100 ms while a
+25 MB body is read, parsed, prepared and submitted."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import requests
+
+from tests.helpers import RUN
+
+PROBES = ("/api/serverless/health", "/api/serverless/status?task_id=probe")
+
+
+class Poller(threading.Thread):
+    """Asks health and status in turn until stopped; keeps the slowest answer's time."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.stop = threading.Event()
+        self.slowest = 0.0
+        self.answers = 0
+
+    def run(self) -> None:
+        with requests.Session() as session:
+            while not self.stop.is_set():
+                for path in PROBES:
+                    started = time.perf_counter()
+                    assert session.get(self.url + path, timeout=10).status_code == 200
+                    self.slowest = max(self.slowest, time.perf_counter() - started)
+                    self.answers += 1
+                time.sleep(0.005)
+
+
+def _post_while_polling(url: str, body: bytes) -> tuple[requests.Response, Poller]:
+    poller = Poller(url)
+    poller.start()
+    while poller.answers < 10:  # warm: the poller's connection is open and answers flow
+        time.sleep(0.01)
+    poller.slowest = 0.0
+    response = requests.post(url + RUN, data=body, headers={"Content-Type": "application/json"}, timeout=120)
+    poller.stop.set()
+    poller.join()
+    return response, poller
+
+
+def test_a_25_mb_body_does_not_keep_health_and_status_waiting(start_app, emulator):
+    server = start_app(emulator.url)
+    text = "iVBORw0KGgoAAAANSUhEUg" * (25 * 1024 * 1024 // 22)  # base64-like: what big bodies hold
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}},
+        "3": {"class_type": "UnknownTextNode", "inputs": {"text": text}},
+    }
+    body = json.dumps(workflow).encode()
+    assert len(body) > 25_000_000
+    response, poller = _post_while_polling(server.url, body)
+    assert response.status_code == 400 and response.json()["error_code"] == "PROMPT_ERROR"  # it reached ComfyUI
+    assert poller.answers > 0 and poller.slowest < 0.1, f"slowest health/status answer {poller.slowest:.3f}s"
+
+
+def test_a_body_of_millions_of_tiny_values_is_refused_at_once(start_app, emulator):
+    server = start_app(emulator.url)
+    workflow = {"1": {"class_type": "X", "inputs": {"values": list(range(3_000_000))}}}
+    body = json.dumps(workflow).encode()
+    assert len(body) > 25_000_000
+    response, poller = _post_while_polling(server.url, body)
+    assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMS"
+    assert "more than 1000000 JSON items" in response.json()["error_message"]
+    assert poller.slowest < 0.1, f"slowest health/status answer {poller.slowest:.3f}s"
