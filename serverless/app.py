@@ -101,7 +101,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with Resources.open(settings) as resources:
-            jobs = Jobs(resources.runtime(), resources.status, settings.stream_buffer_events)
+            jobs = Jobs(
+                resources.runtime(), resources.status, settings.stream_buffer_events, settings.job_max_event_bytes
+            )
             app.state.resources, app.state.jobs = resources, jobs
             app.state.prewarm = lifecycle.Prewarm()
             pruner = asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))

@@ -110,6 +110,7 @@ class Settings:
     cloud_credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
     lifecycle_token: str = field(default="", repr=False)
     body_timeout: float = 60.0
+    job_max_event_bytes: int = 64 * MiB
 
     @property
     def comfyui_port(self) -> int:
@@ -157,4 +158,5 @@ class Settings:
             cloud_credentials={name: env[name] for name in CLOUD_CREDENTIALS if env.get(name)},
             lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
             body_timeout=_number(env, "BODY_TIMEOUT", d.body_timeout, 0.1),
+            job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
         )

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.helpers import RUN, empty_image, post_run, wait_until
+from tests.helpers import RUN, empty_image, post_run, txt2img, wait_until
 
 
 def test_unknown_routes_and_methods_answer_the_error_object(app):
@@ -107,3 +107,17 @@ def test_a_caller_hanging_up_mid_body_is_one_info_line_not_a_traceback(start_app
     assert post_run(server.url, empty_image(prefix="edges-hangup")).status_code == 200
     log = server.log_text()
     assert "Traceback" not in log and "Exception in ASGI application" not in log and " ERROR " not in log
+
+
+def test_a_job_whose_events_pass_the_byte_cap_still_ends_with_its_result(start_app, emulator, tmp_path):
+    server = start_app(emulator.url, status_dir=tmp_path / "capped", JOB_MAX_EVENT_BYTES="4096")
+    headers = {"x-fc-trace-id": "edges-capped"}
+    response = post_run(server.url, txt2img(steps=40), headers=headers)
+    assert response.status_code == 200 and response.json()["type"] == "serverless_api"
+    log = (tmp_path / "capped" / "edges-capped").read_bytes()
+    lines = log.splitlines()
+    assert json.loads(lines[-1])["type"] == "serverless_api"
+    assert len(log) - len(lines[-1]) <= 4096 + len(lines)  # the events before the terminal, within the cap
+    events = post_run(server.url, txt2img(steps=40), params={"stream": "1"}).text.count("data: ")
+    assert events < 40  # the stream is capped the same way: progress of 40 steps alone would pass it
+    wait_until(lambda: "passed 4096 bytes of events" in server.log_text())

@@ -61,9 +61,12 @@ PINNED_FACTOR = 10
 class Feed:
     """Events of one job; `publish` from the runner, `follow` from any number of readers."""
 
-    def __init__(self, limit: int = 10000, first_seq: int = 1) -> None:
+    def __init__(self, limit: int = 10000, first_seq: int = 1, max_bytes: int | None = None) -> None:
         self._events: deque[Event] = deque()
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.published_bytes = 0
+        self.dropped = 0  # events not published because the job passed `max_bytes`
         self._pins: dict[int, int] = {}  # pinned reader -> its cursor
         self.first_seq = first_seq
         self._next_seq = first_seq
@@ -80,13 +83,24 @@ class Feed:
     def done(self) -> bool:
         return self.terminal is not None
 
-    def publish(self, text: str) -> None:
-        """Append a ComfyUI message text. Never waits: it cannot be stalled or interrupted."""
-        self._append(Event(self._next_seq, text))
+    def publish(self, text: str) -> bool:
+        """Append a ComfyUI message text. Never waits: it cannot be stalled or interrupted. False
+        when the job has already published `max_bytes` (its events are then dropped, so that no
+        job holds unbounded memory and disk, e.g. a workflow of thousands of nodes whose
+        `progress_state` messages grow with their number); the terminal event is always kept."""
+        return self._within_budget(len(text)) and self._append(Event(self._next_seq, text))
 
-    def publish_payload(self, payload: dict[str, Any]) -> None:
-        """Append one of our own payloads (e.g. `serverless_progress`)."""
-        self._append(Event(self._next_seq, jsontext.dumps(payload)))
+    def publish_payload(self, payload: dict[str, Any]) -> bool:
+        """Append one of our own payloads (e.g. `serverless_progress`), within the same budget."""
+        body = jsontext.dumps(payload)
+        return self._within_budget(len(body)) and self._append(Event(self._next_seq, body))
+
+    def _within_budget(self, size: int) -> bool:
+        if self.max_bytes is not None and self.published_bytes + size > self.max_bytes:
+            self.dropped += 1
+            return False
+        self.published_bytes += size
+        return True
 
     def finish(self, outcome: Outcome) -> Event:
         """Append the terminal payload (once; later events are ignored) and return it."""
@@ -98,9 +112,9 @@ class Feed:
         assert self.terminal is not None
         return self.terminal
 
-    def _append(self, event: Event) -> None:
+    def _append(self, event: Event) -> bool:
         if self.terminal is not None:
-            return
+            return False
         self._next_seq += 1
         self._events.append(event)
         if event.terminal:
@@ -110,6 +124,7 @@ class Feed:
         # Wake every waiting reader, and give later waiters a fresh event to wait on.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        return True
 
     def _trim(self) -> None:
         """Forget events every reader that must see them has seen: keep the last `limit` for live

@@ -211,8 +211,11 @@ class Job:
 
     def _observe(self, message: Message, collector: OutputCollector | None) -> None:
         """Publish a live message as received; learn from those of our prompt how it goes."""
-        if message.live:
-            self.feed.publish(message.text)
+        if message.live and not self.feed.publish(message.text) and self.feed.dropped == 1:
+            log.warning(
+                "task_id=%s passed %s bytes of events: further ComfyUI messages are not forwarded or logged",
+                self.task_id, self.feed.max_bytes,
+            )
         if message.prompt_id != self.prompt_id:
             return
         if message.type == "execution_start":

@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 class Jobs:
     """Owns every running job's tasks; no job outlives the app without being waited for."""
 
-    def __init__(self, runtime: Runtime, status: StatusLog, buffer_events: int) -> None:
+    def __init__(self, runtime: Runtime, status: StatusLog, buffer_events: int, max_event_bytes: int) -> None:
         self.runtime = runtime
         self.status = status
         self.buffer_events = buffer_events
+        self.max_event_bytes = max_event_bytes
         self.accepting = True
         self._runs: set[asyncio.Task[None]] = set()
         self._recorders: set[asyncio.Task[None]] = set()
@@ -47,7 +48,7 @@ class Jobs:
         task_id = spec.task_id or prompt_id
         # A task id that is our fresh prompt id has no earlier attempt to count.
         earlier = await self.status.count(task_id) if spec.named else 0
-        feed = Feed(self.buffer_events, first_seq=earlier + 1)
+        feed = Feed(self.buffer_events, first_seq=earlier + 1, max_bytes=self.max_event_bytes)
         recorder = _own(self._recorders, self.status.record(task_id, feed), f"status {task_id}")
         job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder)
         _own(self._runs, job.run(), f"job {task_id}")
