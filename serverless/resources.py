@@ -38,6 +38,7 @@ class Resources:
     fetch_url: Callable[[str], Awaitable[bytes]]
     oss: OssStore | None
     supervisor: Supervisor | None
+    reserved_output_dirs: tuple[tuple[str, ...], ...]
 
     @classmethod
     @asynccontextmanager
@@ -55,7 +56,8 @@ class Resources:
                 try:
                     async with _running(supervisor):
                         fetch_url = partial(download, downloads, policy=policy)
-                        yield cls(settings, comfy, status, fetch_url, oss, supervisor)
+                        reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
+                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved)
                 finally:
                     if oss is not None:
                         oss.close()

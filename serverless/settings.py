@@ -111,6 +111,19 @@ class Settings:
     lifecycle_token: str = field(default="", repr=False)
     body_timeout: float = 60.0
     job_max_event_bytes: int = 64 * MiB
+    comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
+
+    @property
+    def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
+        """Our folders inside ComfyUI's output folder (paths relative to it), which no workflow may
+        write into: the status logs' by default."""
+        reserved = []
+        for folder in (self.status_dir,):
+            try:
+                reserved.append(folder.resolve().relative_to(self.comfyui_output_dir.resolve()).parts)
+            except ValueError:
+                continue
+        return tuple(parts for parts in reserved if parts)
 
     @property
     def comfyui_port(self) -> int:
@@ -159,4 +172,5 @@ class Settings:
             lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
             body_timeout=_number(env, "BODY_TIMEOUT", d.body_timeout, 0.1),
             job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
+            comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
         )

@@ -121,3 +121,20 @@ def test_a_job_whose_events_pass_the_byte_cap_still_ends_with_its_result(start_a
     events = post_run(server.url, txt2img(steps=40), params={"stream": "1"}).text.count("data: ")
     assert events < 40  # the stream is capped the same way: progress of 40 steps alone would pass it
     wait_until(lambda: "passed 4096 bytes of events" in server.log_text())
+
+
+def test_a_filename_prefix_cannot_squat_a_task_log(start_app, emulator):
+    output = emulator.root / "output"
+    server = start_app(emulator.url, status_dir=output / "serverless_api", COMFYUI_OUTPUT_DIR=str(output))
+    for prefix in ("serverless_api/edges-squat/x", "./serverless_api//edges-squat/y", "a/../serverless_api/z/w",
+                   "../outside", "/abs/path"):
+        refused = post_run(server.url, empty_image(prefix=prefix))
+        assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMS", prefix
+        assert "filename_prefix" in refused.json()["error_message"]
+    assert not (output / "serverless_api" / "edges-squat").exists()
+    # A name that merely starts like the folder is an ordinary file name beside it.
+    assert post_run(server.url, empty_image(prefix="serverless_api_like")).status_code == 200
+    ok = post_run(server.url, empty_image(prefix="edges-squat"), headers={"x-fc-trace-id": "edges-squat"})
+    assert ok.status_code == 200
+    status = requests.get(server.url + "/api/serverless/status", params={"task_id": "edges-squat"}, timeout=10)
+    assert status.json()[-1]["type"] == "serverless_api"

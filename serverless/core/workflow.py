@@ -6,10 +6,13 @@ Returns new objects; the caller's workflow is never changed in place.
 from __future__ import annotations
 
 import copy
+import posixpath
 import random
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from ..errors import InvalidParams
 
 SEED_INPUTS = ("seed", "noise_seed")
 SEED_LIMIT = 2**32
@@ -66,6 +69,27 @@ def suffix_output_prefixes(workflow: Workflow, instance_id: str) -> None:
             prefix = DEFAULT_PREFIX
         if isinstance(prefix, str):
             inputs[PREFIX_INPUT] = prefix + suffix
+
+
+def check_output_paths(workflow: Workflow, reserved: tuple[tuple[str, ...], ...]) -> None:
+    """Refuse a `filename_prefix` that leaves ComfyUI's output folder or reaches into one of ours
+    inside it (`reserved`: paths relative to the output folder, e.g. the status logs'
+    `("serverless_api",)`), where a saved file or folder would take the place of a task's log."""
+    for node_id, node in workflow.items():
+        inputs = node.get("inputs")
+        prefix = inputs.get(PREFIX_INPUT) if isinstance(inputs, dict) else None
+        if not isinstance(prefix, str):
+            continue
+        normalized = posixpath.normpath(prefix.replace("\\", "/"))
+        parts = tuple(part for part in normalized.split("/") if part not in ("", "."))
+        if prefix.startswith(("/", "\\")) or ".." in parts:
+            raise InvalidParams(f"node {node_id}: filename_prefix {prefix!r} leaves the output folder")
+        for folder in reserved:
+            if len(parts) > len(folder) and parts[: len(folder)] == folder:
+                raise InvalidParams(
+                    f"node {node_id}: filename_prefix {prefix!r} writes into {'/'.join(folder)}/, "
+                    "which this service keeps for itself"
+                )
 
 
 def prepare_workflow(

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from ..core.request import RunRequest, parse_run_request
+from ..core.workflow import check_output_paths
 from ..delivery.oss import Credentials
 from ..errors import InvalidParams
 from ..jobs.job import Job
@@ -59,6 +60,7 @@ async def start_job(
 ) -> Job:
     """The job a request asks for, started."""
     request = await parse(body, query, headers)
+    check_output_paths(request.workflow, resources.reserved_output_dirs)
     credentials = Credentials.resolve(headers, resources.settings.cloud_credentials)
     spec = JobSpec(
         workflow=request.workflow,
