@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
             app.state.resources, app.state.jobs = resources, jobs
             app.state.prewarm = lifecycle.Prewarm()
+            app.state.queue_watch = lifecycle.QueueWatch(settings.queue_stall_after)
             pruner = asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))
             try:
                 yield

@@ -13,12 +13,14 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .comfyui.client import QueueState
 from .core.request import parse_run_request
 from .errors import ComfyUIUnavailable, ServerlessError, Unauthorized
 from .jobs.registry import Jobs
@@ -32,6 +34,28 @@ def _state(request: Request) -> tuple[Resources, Jobs]:
     return request.app.state.resources, request.app.state.jobs
 
 
+class QueueWatch:
+    """Notices a ComfyUI whose queue no longer moves: prompts waiting and none running, for longer
+    than `stall_after` seconds. ComfyUI's one prompt worker takes the next prompt at once, so that
+    means the worker died (e.g. on a prompt it could not copy) and every job would hang."""
+
+    def __init__(self, stall_after: float) -> None:
+        self.stall_after = stall_after
+        self._since: float | None = None
+
+    def check(self, queue: QueueState) -> None:
+        now = time.monotonic()
+        if queue.running or not queue.pending:
+            self._since = None
+            return
+        self._since = self._since if self._since is not None else now
+        if now - self._since > self.stall_after:
+            raise ComfyUIUnavailable(
+                f"ComfyUI's queue is not moving: {len(queue.pending)} prompt(s) wait and none has run "
+                f"for {now - self._since:.0f}s (its prompt worker may have died; restart ComfyUI)"
+            )
+
+
 async def health(request: Request) -> Response:
     """GET /api/serverless/health: 200 when ComfyUI answers, 503 with the reason otherwise."""
     resources, jobs = _state(request)
@@ -41,6 +65,7 @@ async def health(request: Request) -> Response:
         if resources.supervisor is not None and not resources.supervisor.ready:
             raise ComfyUIUnavailable("ComfyUI is starting or restarting")
         stats, queue = await asyncio.gather(resources.comfy.system_stats(), resources.comfy.queue())
+        request.app.state.queue_watch.check(queue)
     except ServerlessError as exc:
         return JSONResponse({"status": "unavailable", "reason": exc.message, "jobs": jobs.running}, 503)
     body: dict[str, Any] = {

@@ -112,6 +112,7 @@ class Settings:
     body_timeout: float = 60.0
     job_max_event_bytes: int = 64 * MiB
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
+    queue_stall_after: float = 30.0
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -173,4 +174,5 @@ class Settings:
             body_timeout=_number(env, "BODY_TIMEOUT", d.body_timeout, 0.1),
             job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
             comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
+            queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
         )
