@@ -60,3 +60,23 @@ def running_prompt(comfyui_url: str) -> str | None:
     queue = requests.get(comfyui_url + "/queue", timeout=5).json()
     running = queue.get("queue_running") or []
     return running[0][1] if running else None
+
+
+OURS = ("serverless_progress", "serverless_output")  # our own event types inside streams and logs
+
+
+def comfyui_texts(texts: list[str]) -> list[str]:
+    """The texts ComfyUI sent, without our own events between them."""
+    return [text for text in texts if json.loads(text).get("type") not in OURS]
+
+
+def failing_workflow(emulator_root: Path, prefix: str = "fails") -> dict[str, Any]:
+    """A workflow ComfyUI accepts and then fails to run: its LoadImage names a file in the input
+    folder that is not an image (node 1 fails with Pillow's "cannot identify image file")."""
+    (emulator_root / "input").mkdir(parents=True, exist_ok=True)
+    (emulator_root / "input" / "not-an-image.png").write_bytes(b"this is not a picture")
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "not-an-image.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.helpers import decode_image, empty_image, post_run, running_prompt, txt2img, wait_until
+from tests.helpers import decode_image, empty_image, failing_workflow, post_run, running_prompt, txt2img, wait_until
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -97,15 +97,15 @@ def test_partly_accepted_prompt_reports_the_refused_outputs(app):
     assert data["node_errors"]["3"]["errors"][0]["type"] == "required_input_missing"
 
 
-def test_execution_error_is_execution_failed_naming_node_and_exception(app):
-    workflow = empty_image(prefix="../../escape")
+def test_execution_error_is_execution_failed_naming_node_and_exception(app, emulator):
+    workflow = failing_workflow(emulator.root)
     response = post_run(app.url, workflow)
     assert response.status_code == 500
     body = response.json()
     assert body["error_code"] == "EXECUTION_FAILED"
-    assert body["raw"]["node_id"] == "2" and body["raw"]["node_type"] == "SaveImage"
-    assert "node 2 (SaveImage)" in body["error_message"]
-    assert "outside the output folder" in body["error_message"]
+    assert body["raw"]["node_id"] == "1" and body["raw"]["node_type"] == "LoadImage"
+    assert "node 1 (LoadImage)" in body["error_message"]
+    assert "cannot identify image file" in body["error_message"]
 
 
 def test_comfyui_not_running_is_unavailable_within_seconds(start_app, dead_url):

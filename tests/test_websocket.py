@@ -14,7 +14,7 @@ import pytest
 import websocket  # websocket-client
 from websocket import ABNF
 
-from tests.helpers import empty_image, txt2img, wait_until
+from tests.helpers import OURS, comfyui_texts, empty_image, failing_workflow, txt2img, wait_until
 from tests.test_stream import (
     TERMINAL_TYPES,
     HangUp,
@@ -94,7 +94,7 @@ def test_fc_doc_websocket_client_gets_progress_then_the_result(app):
                                 on_message=on_message, on_close=on_close)
     ws.run_forever()
 
-    types = [message["type"] for message in messages]
+    types = [message["type"] for message in messages if message["type"] not in OURS]
     assert types[0] == "status" and types[-1] == "serverless_api"
     assert types.count("progress") == 4
     assert {"execution_start", "executing", "progress_state", "executed", "execution_success"} <= set(types)
@@ -107,7 +107,8 @@ def test_websocket_forwards_comfyuis_texts_byte_for_byte_then_the_result_then_cl
     texts, code = run(app.url, empty_image(prefix="wsbytes", color=0x123456), "?output_base64=true")
 
     assert code == NORMAL_CLOSURE
-    *forwarded, terminal = texts
+    *everything, terminal = texts
+    forwarded = comfyui_texts(everything)
     result = json.loads(terminal)
     assert result["type"] == "serverless_api"
     assert not [text for text in forwarded if json.loads(text)["type"] in TERMINAL_TYPES]
@@ -150,16 +151,17 @@ def test_a_refused_prompt_ends_the_websocket_with_prompt_error(app):
 
 
 def test_execution_error_ends_the_websocket_with_execution_failed(app, emulator):
-    texts, code = run(app.url, empty_image(prefix="../../escape"))
+    texts, code = run(app.url, failing_workflow(emulator.root))
 
     assert code == NORMAL_CLOSURE
     messages = [json.loads(text) for text in texts]
     terminal = messages[-1]
     assert terminal["type"] == "error" and terminal["error_code"] == "EXECUTION_FAILED"
     (failure,) = [m for m in messages[:-1] if m["type"] == "execution_error"]
-    assert failure["data"] == terminal["raw"] and terminal["raw"]["node_type"] == "SaveImage"
+    assert failure["data"] == terminal["raw"] and terminal["raw"]["node_type"] == "LoadImage"
     prompt_id = failure["data"]["prompt_id"]
-    assert_forwarded_as_sent(texts[:-1], sent_to(emulator.url, client_id_of(texts[:-1]), prompt_id), prompt_id)
+    forwarded = comfyui_texts(texts[:-1])
+    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, client_id_of(forwarded), prompt_id), prompt_id)
 
 
 def test_websocket_ends_with_error_when_comfyui_dies(own_emulator, start_app):

@@ -59,7 +59,7 @@ def _view_params(item: Mapping[str, Any]) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class QueueState:
-    """`GET /queue`: the prompt ids running and waiting, in ComfyUI's order."""
+    """`GET /queue`: the prompt ids running, and those waiting in the order ComfyUI will run them."""
 
     running: tuple[str, ...]
     pending: tuple[str, ...]
@@ -72,12 +72,25 @@ class QueueState:
     def holds(self, prompt_id: str) -> bool:
         return prompt_id in self.running or prompt_id in self.pending
 
+    def position(self, prompt_id: str) -> int | None:
+        """0 when running, 1 when next, ...; None when ComfyUI does not hold the prompt."""
+        if prompt_id in self.running:
+            return 0
+        return self.pending.index(prompt_id) + 1 if prompt_id in self.pending else None
+
+    @property
+    def size(self) -> int:
+        return len(self.running) + len(self.pending)
+
 
 def _prompt_ids(items: Any) -> tuple[str, ...]:
-    """Queue items are `[number, prompt_id, prompt, extra_data, outputs, ...]`."""
+    """Queue items are `[number, prompt_id, prompt, extra_data, outputs, ...]`; ComfyUI lists its
+    pending ones in heap order, and runs them by number."""
     if not isinstance(items, list):
         return ()
-    return tuple(str(item[1]) for item in items if isinstance(item, list) and len(item) > 1)
+    entries = [item for item in items if isinstance(item, list) and len(item) > 1]
+    entries.sort(key=lambda item: item[0] if isinstance(item[0], int | float) else 0)
+    return tuple(str(item[1]) for item in entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +165,7 @@ class ComfyUI:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
         self.timeout = aiohttp.ClientTimeout(total=timeouts.request)
+        self._queue_read: tuple[float, asyncio.Future[QueueState]] | None = None
 
     def _url(self, path: str) -> str:
         return self.base_url + path
@@ -205,6 +219,14 @@ class ComfyUI:
 
     async def queue(self) -> QueueState:
         return QueueState.from_answer(await self._json("GET", "/queue", "reading the queue"))
+
+    async def recent_queue(self, max_age: float = 0.1) -> QueueState:
+        """The queue as read at most `max_age` seconds ago: many jobs asking at once (every job
+        waiting in the queue asks when it moves) share one request."""
+        loop = asyncio.get_running_loop()
+        if self._queue_read is None or loop.time() - self._queue_read[0] > max_age:
+            self._queue_read = (loop.time(), asyncio.ensure_future(self.queue()))
+        return await asyncio.shield(self._queue_read[1])
 
     async def system_stats(self) -> SystemStats:
         return SystemStats.from_answer(await self._json("GET", "/system_stats", "reading system stats"))

@@ -31,6 +31,7 @@ from ..errors import (
     as_serverless_error,
 )
 from .feed import Event, Feed, Outcome, Result
+from .progress import Progress, State, workflow_nodes
 from .spec import JobSpec, OutputPolicy
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 HISTORY_ATTEMPTS = 5
 HISTORY_RETRY_DELAY = 0.2
 CANCEL_TIMEOUT = 5.0
+PROGRESS_INTERVAL = 0.25  # at most ~4 progress events a second, besides every change of state
 
 Workflow = dict[str, Any]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
@@ -102,6 +104,9 @@ class Job:
         self._outputs_seen: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[Any] | None = None
         self._stop: ServerlessError | None = None
+        self.created_at = time.time()
+        self.progress = Progress(task_id, prompt_id, workflow_nodes(spec.workflow), created=time.monotonic())
+        self._progress_sent: tuple[State, float] | None = None
 
     # -- for the transports ---------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class Job:
         """Run to the end; always finishes the feed with the terminal payload."""
         self._task = asyncio.current_task()
         log.info("job start task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
+        self._publish_progress()  # the job's first event: queued
         outcome: Outcome
         try:
             if self._stop is not None:
@@ -167,7 +173,35 @@ class Job:
             "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs", self.task_id, self.prompt_id,
             outcome.code if isinstance(outcome, ServerlessError) else "ok", time.monotonic() - self.clock.start,
         )
+        self.progress.end(_state_of(outcome), time.monotonic())
+        self._publish_progress()
         self.feed.finish(outcome)
+
+    def _publish_progress(self, changed: bool = True) -> None:
+        """A `serverless_progress` event on every change of state, else at most every
+        PROGRESS_INTERVAL seconds."""
+        if not changed:
+            return
+        now = time.monotonic()
+        state = self.progress.state
+        if self._progress_sent is not None:
+            last_state, last_time = self._progress_sent
+            if state == last_state and now - last_time < PROGRESS_INTERVAL:
+                return
+        self._progress_sent = (state, now)
+        self.feed.publish_payload(self.progress.payload(now))
+
+    async def _ask_queue(self, remaining: int | None = None) -> None:
+        """Our place in ComfyUI's queue, while we wait in it. A `status` broadcast's count of
+        prompts left tells when there is nothing to ask (we are alone)."""
+        if self.progress.state != "queued":
+            return
+        if remaining is not None and remaining <= 1:
+            changed = self.progress.queued_at(1 if remaining == 1 else None, remaining)
+        else:
+            queue = await self.runtime.comfy.recent_queue()
+            changed = self.progress.queued_at(queue.position(self.prompt_id), queue.size)
+        self._publish_progress(changed)
 
     async def _execute(self) -> dict[str, Any]:
         runtime, spec = self.runtime, self.spec
@@ -189,6 +223,8 @@ class Job:
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
                 async for message in connection.follow(self.prompt_id, lost):
                     self._observe(message, collector)
+                    if message.type == "status" and self.progress.state == "queued":
+                        await self._ask_queue(_queue_remaining(message))
                 self.clock.ended = time.monotonic()
                 if self._failure is not None:
                     raise self._failure
@@ -218,6 +254,7 @@ class Job:
             )
         if message.prompt_id != self.prompt_id:
             return
+        self._publish_progress(self.progress.observe(message, time.monotonic()))
         if message.type == "execution_start":
             self.clock.started = time.monotonic()
         elif message.type == "execution_error":
@@ -251,6 +288,20 @@ class Job:
                 await asyncio.shield(self.runtime.comfy.cancel(self.prompt_id))
         except (ServerlessError, TimeoutError):
             log.warning("could not cancel task_id=%s prompt_id=%s in ComfyUI", self.task_id, self.prompt_id)
+
+
+def _state_of(outcome: Outcome) -> State:
+    if isinstance(outcome, Result):
+        return "succeeded"
+    return "cancelled" if isinstance(outcome, ExecutionInterrupted) else "failed"
+
+
+def _queue_remaining(message: Message) -> int | None:
+    """`status` broadcasts carry how many prompts ComfyUI holds (running and waiting)."""
+    status = message.data.get("status")
+    info = status.get("exec_info") if isinstance(status, dict) else None
+    remaining = info.get("queue_remaining") if isinstance(info, dict) else None
+    return remaining if isinstance(remaining, int) and not isinstance(remaining, bool) else None
 
 
 def execution_failed(data: dict[str, Any]) -> ExecutionFailed:

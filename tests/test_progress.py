@@ -1,0 +1,85 @@
+"""The progress model (pure), fed with the messages a real ComfyUI sent (recorded traces)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from serverless.core.messages import Message, parse_message
+from serverless.jobs.progress import Progress, workflow_nodes
+
+TRACES = Path(__file__).parent / "fixtures" / "traces"
+
+
+def recorded(scenario: str) -> tuple[dict, str, list[Message]]:
+    """The first submitted prompt of a trace, its id, and every text message of the trace."""
+    events = json.loads((TRACES / f"{scenario}.json").read_text())["events"]
+    submit = next(e for e in events if e["dir"] == "http_request" and e.get("path") == "/prompt")
+    answer = next(e for e in events if e["dir"] == "http_response" and e.get("path") == "/prompt")
+    texts = [json.dumps(e["msg"]) for e in events if e["dir"] == "ws_in" and e.get("kind") == "text"]
+    return submit["json"]["prompt"], answer["json"]["prompt_id"], [m for t in texts if (m := parse_message(t))]
+
+
+def test_a_recorded_run_rises_to_99_then_100_when_it_succeeds():
+    workflow, prompt_id, messages = recorded("c_batch3_save")
+    progress = Progress("t", prompt_id, workflow_nodes(workflow), created=0.0)
+    seen = [progress.payload(0.0)["data"]]
+    for now, message in enumerate(messages, start=1):
+        if progress.observe(message, float(now)):
+            seen.append(progress.payload(float(now))["data"])
+    assert seen[0]["state"] == "queued" and seen[0]["percent"] == 0
+    assert any(s["state"] == "running" and s["queue_position"] == 0 for s in seen)
+    percents = [s["percent"] for s in seen]
+    assert percents == sorted(percents) and percents[-1] == 99.0
+    progress.end("succeeded", float(len(messages) + 1))
+    final = progress.payload(float(len(messages) + 2))["data"]
+    assert final["state"] == "succeeded" and final["percent"] == 100 and final["node"] is None
+
+
+def test_the_running_node_and_its_steps_are_reported_with_an_eta():
+    nodes = {"3": {"class_type": "KSampler", "inputs": {}, "_meta": {"title": "Sampler"}},
+             "9": {"class_type": "SaveImage", "inputs": {}}}
+    progress = Progress("t", "p", workflow_nodes(nodes), created=0.0)
+    assert progress.queued_at(2, 3) and progress.payload(0)["data"]["queue_position"] == 2
+    msg = parse_message('{"type": "executing", "data": {"node": "3", "prompt_id": "p"}}')
+    assert msg is not None and progress.observe(msg, 1.0)
+    step = parse_message('{"type": "progress", "data": {"value": 5, "max": 10, "node": "3", "prompt_id": "p"}}')
+    assert step is not None and progress.observe(step, 2.0)
+    data = progress.payload(2.0)["data"]
+    assert data["node"] == {"id": "3", "class_type": "KSampler", "title": "Sampler"}
+    assert data["percent"] == 25.0 and data["eta_s"] == 3.0 and data["queue_position"] == 0
+    other = parse_message('{"type": "progress", "data": {"value": 9, "max": 10, "prompt_id": "other"}}')
+    assert other is not None and not progress.observe(other, 3.0)  # another prompt's message
+
+
+kinds = st.sampled_from(["execution_start", "execution_cached", "executing", "progress", "executed", "status"])
+messages = st.lists(
+    st.builds(
+        lambda kind, node, value, maximum, prompt: json.dumps({"type": kind, "data": {
+            "node": node, "nodes": [node], "value": value, "max": maximum, "prompt_id": prompt}}),
+        kinds, st.sampled_from(["1", "2", "3", None]), st.integers(-5, 20), st.integers(-1, 20),
+        st.sampled_from(["p", "q"]),
+    ),
+    max_size=60,
+)
+
+
+@given(texts=messages, outcome=st.sampled_from(["succeeded", "failed", "cancelled"]))
+def test_percent_never_goes_backwards_and_is_100_only_on_success(texts, outcome):
+    nodes = {str(i): {"class_type": "X", "inputs": {}} for i in (1, 2, 3)}
+    progress = Progress("t", "p", workflow_nodes(nodes), created=0.0)
+    last = 0.0
+    for now, text in enumerate(texts):
+        message = parse_message(text)
+        assert message is not None
+        progress.observe(message, float(now))
+        percent = progress.payload(float(now))["data"]["percent"]
+        assert last <= percent <= 99.0
+        last = percent
+    progress.end(outcome, 100.0)
+    final = progress.payload(101.0)["data"]
+    assert final["state"] == outcome and (final["percent"] == 100) == (outcome == "succeeded")
+    assert final["percent"] >= last
