@@ -120,7 +120,7 @@ async def health(request: Request) -> Response:
         if not jobs.accepting:
             raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
         if services.supervisor is not None and not services.supervisor.ready:
-            raise ComfyUIUnavailable("ComfyUI is starting or restarting")
+            raise ComfyUIUnavailable(services.supervisor.problem)  # starting, restarting, port taken
         stats, queue = await asyncio.gather(services.comfy.system_stats(), services.comfy.queue())
     except ServerlessError as exc:
         return JSONResponse({"status": "unavailable", "reason": exc.message, "jobs": jobs.running}, 503)
