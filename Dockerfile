@@ -66,12 +66,14 @@ COPY handler.py /app/
 COPY serverless /app/serverless
 
 # COMFYUI_CMD: how the adapter starts ComfyUI. COMFYUI_DIR is its working directory (and what
-# would be started, with default folders, if COMFYUI_CMD were unset).
+# would be started, with default folders, if COMFYUI_CMD were unset). HOST: all addresses of the
+# container (the default outside FC is loopback), so that `docker run -p 9000:9000` reaches it too.
 ENV COMFYUI_DIR=/app/ComfyUI \
     COMFYUI_URL=http://127.0.0.1:8188 \
     COMFYUI_CMD="python /app/ComfyUI/main.py --listen 127.0.0.1 --port 8188 --disable-auto-launch --output-directory /mnt/auto/output --input-directory /mnt/auto/input" \
     MODEL_ASSET_DIR=/mnt/auto \
-    FC_CUSTOM_LISTEN_PORT=9000
+    FC_CUSTOM_LISTEN_PORT=9000 \
+    HOST=0.0.0.0
 
 WORKDIR /app
 EXPOSE 9000

@@ -63,7 +63,7 @@ async def health(request: Request) -> Response:
         if not jobs.accepting:
             raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
         if resources.supervisor is not None and not resources.supervisor.ready:
-            raise ComfyUIUnavailable("ComfyUI is starting or restarting")
+            raise ComfyUIUnavailable(resources.supervisor.problem)  # starting, restarting, port taken
         stats, queue = await asyncio.gather(resources.comfy.system_stats(), resources.comfy.queue())
         request.app.state.queue_watch.check(queue)
     except ServerlessError as exc:

@@ -47,7 +47,10 @@ class Resources:
         timeouts = Timeouts(settings.connect_timeout, settings.request_timeout, settings.reconnect_timeout)
         async with ComfyUI.open(settings.comfyui_url, timeouts) as comfy:
             command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
-            supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None) if command else None
+            supervisor = None
+            if command:
+                supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
+                                        address=(settings.comfyui_host, settings.comfyui_port))
             status = StatusLog(settings.status_dir, settings.status_stale_after)
             policy = download_policy(settings)
             oss = oss_store(settings)
@@ -129,6 +132,7 @@ async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
     if supervisor is None:
         yield
         return
+    await supervisor.check_port()  # a ComfyUI we did not start already answers: refuse to start
     task = asyncio.create_task(supervisor.run(), name="comfyui supervisor")
     try:
         yield

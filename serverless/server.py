@@ -1,44 +1,54 @@
-"""`python -m serverless.server`: uvicorn on 0.0.0.0:${FC_CUSTOM_LISTEN_PORT:-9000}, draining on
-the first exit signal.
+"""`python -m serverless.server`: uvicorn on ${HOST}:${FC_CUSTOM_LISTEN_PORT:-9000}, draining on
+the first exit signal and stopping on the second.
 
 Plain uvicorn closes connections before the app's lifespan ends, which would cut SSE streams and
 jobs without their terminal payload. Here the first SIGTERM/SIGINT drains the app as FC's
 GET /pre-stop does (new jobs refused, status and health still answer, running jobs get
 DRAIN_TIMEOUT seconds and are then cancelled with a terminal payload); then uvicorn shuts down,
-ComfyUI is stopped by the lifespan, and the process exits 0. A second signal stops at once.
+ComfyUI is stopped by the lifespan, and the process exits 0. A second signal cancels the running
+jobs at once (each still ends with its terminal payload, in its status log and on its stream),
+then shuts down the same way and exits 128 + the signal number (130 for Ctrl-C). A third leaves
+it to uvicorn, which closes whatever is still open.
+
+A bad setting prints one line, `settings error: NAME='value': reason`, and exits 2.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
 import signal
 import sys
+from collections.abc import Coroutine
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
 from .app import create_app
 from .jobs.registry import Jobs
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 SHUTDOWN_MARGIN = 30.0  # uvicorn's own limit on open connections is only a backstop to the drain
+SETTINGS_EXIT_CODE = 2
 
 log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn whose first exit signal drains the app's jobs before uvicorn's shutdown starts."""
+    """uvicorn whose first exit signal drains the app's jobs before uvicorn's shutdown starts, and
+    whose second cancels them at once. `exit_code` is 0, or 128 + the signal that stopped it now."""
 
     def __init__(self, app: Starlette, config: uvicorn.Config, drain_timeout: float) -> None:
         super().__init__(config)
         self.app = app
         self.drain_timeout = drain_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.drain_requested = False
-        self.drain: asyncio.Task[None] | None = None
+        self.signals = 0
+        self.exit_code = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self.loop = asyncio.get_running_loop()
@@ -46,52 +56,98 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         jobs: Jobs | None = getattr(self.app.state, "jobs", None)  # set once the lifespan started
-        if self.drain_requested or self.should_exit or jobs is None or self.loop is None:
+        if jobs is None or self.loop is None:  # nothing to drain yet
             super().handle_exit(sig, frame)
             return
-        self.drain_requested = True
-        self.loop.call_soon_threadsafe(self._start_drain, jobs, sig)
+        self.signals += 1
+        if self.signals == 1:
+            self.loop.call_soon_threadsafe(self._start, self._drain_then_exit(jobs, sig))
+        elif self.signals == 2:
+            self.exit_code = 128 + sig
+            self.loop.call_soon_threadsafe(self._start, self._stop_now(jobs, sig))
+        else:
+            self.force_exit = True  # uvicorn closes whatever is still open
 
-    def _start_drain(self, jobs: Jobs, sig: int) -> None:
-        log.info("%s: draining jobs (up to %gs) before shutting down", signal.Signals(sig).name, self.drain_timeout)
-        self.drain = asyncio.create_task(self._drain_then_exit(jobs, sig))
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _drain_then_exit(self, jobs: Jobs, sig: int) -> None:
+        again = "press Ctrl-C again" if sig == signal.SIGINT else "signal again"
+        log.info("%s: draining jobs (%d running, up to %gs); %s to cancel them and stop now",
+                 signal.Signals(sig).name, jobs.running, self.drain_timeout, again)
         try:
             await jobs.drain(self.drain_timeout)
         finally:
+            self._shut_down(sig)
+
+    async def _stop_now(self, jobs: Jobs, sig: int) -> None:
+        log.warning("%s again: cancelling %d running job(s) and stopping now",
+                    signal.Signals(sig).name, jobs.running)
+        try:
+            await jobs.drain(0)  # cancels every job; each ends with its terminal payload
+        finally:
+            self._shut_down(sig)
+
+    def _shut_down(self, sig: int) -> None:
+        """Start uvicorn's graceful shutdown (once: uvicorn reads a repeated SIGINT as "force")."""
+        if not self.should_exit:
             super().handle_exit(sig, None)
 
 
-def configure_logging() -> None:
-    """Log lines with time, level and logger name at LOG_LEVEL (both entry points use this)."""
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Log lines at LOG_LEVEL in LOG_FORMAT (both entry points use this)."""
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; a bad value prints one line to stderr and exits 2."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"settings error: {exc}", file=sys.stderr)
+        raise SystemExit(SETTINGS_EXIT_CODE) from None
 
 
 def main() -> None:
-    configure_logging()
-    settings = Settings.from_env()  # a bad value stops us here, named
+    settings = load_settings()
+    configure_logging(settings)
     app = create_app(settings)
     # After a graceful shutdown uvicorn raises the signal that stopped it again, under the handlers
-    # in place before it started. By then jobs are drained and ComfyUI stopped: a clean exit.
+    # in place before it started. By then jobs are drained and ComfyUI stopped: exit as decided.
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: None)
     server = DrainingServer(
         app,
         uvicorn.Config(
             app,
-            host="0.0.0.0",
-            port=int(os.environ.get("FC_CUSTOM_LISTEN_PORT") or 9000),
+            host=settings.host,
+            port=settings.port,
             timeout_graceful_shutdown=int(settings.drain_timeout + SHUTDOWN_MARGIN),
-            access_log=False,
+            access_log=settings.access_log,
+            log_config=None,  # uvicorn's loggers go through ours: one format, one level
         ),
         settings.drain_timeout,
     )
     server.run()
-    sys.exit(0 if server.started else 3)
+    sys.exit(server.exit_code if server.started else 3)
 
 
 if __name__ == "__main__":

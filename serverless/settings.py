@@ -7,7 +7,9 @@ every `repr`; a request's own credentials are never stored here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,8 +20,21 @@ MiB = 1024 * 1024
 CLOUD_CREDENTIALS = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+# A DNS name as the download policy matches it: labels of letters, digits and '-', a final dot allowed.
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.IGNORECASE)
+# What can only be meant as an address or a network (IPv6 literals aside, which parse).
+_IP_LIKE = re.compile(r"[\d.:\[\]]+|.*/.*")
+
+
 class SettingsError(ValueError):
-    """A setting has a value the adapter cannot use; the message names the variable."""
+    """A setting has a value the adapter cannot use; the message names the variable
+    (`NAME='value': reason`), so that one line says what to fix."""
+
+
+def _bad(name: str, raw: str, reason: str) -> SettingsError:
+    return SettingsError(f"{name}={raw!r}: {reason}")
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -34,16 +49,20 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={raw!r} must be at least {minimum:g}")
+        raise _bad(name, raw, "not a number") from None
+    if not value >= minimum:  # NaN included
+        raise _bad(name, raw, f"must be at least {minimum:g}")
     return value
 
 
-def _integer(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _integer(env: Mapping[str, str], name: str, default: int, minimum: int = 0,
+             maximum: int | None = None) -> int:
     value = _number(env, name, default, minimum)
-    if value != int(value):
-        raise SettingsError(f"{name}={env.get(name)!r} must be a whole number")
+    raw = env.get(name, "").strip()
+    if not float(value).is_integer():  # inf included
+        raise _bad(name, raw, "must be a whole number")
+    if maximum is not None and value > maximum:
+        raise _bad(name, raw, f"must be at most {maximum}")
     return int(value)
 
 
@@ -55,11 +74,54 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise SettingsError(f"{name}={raw!r} must be true or false")
+    raise _bad(name, raw, "must be true or false")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise _bad(name, raw, f"must be one of {', '.join(choices)}")
+    return raw.lower()
+
+
+def _log_level(env: Mapping[str, str], name: str, default: str) -> str:
+    return _choice(env, name, default.lower(), LOG_LEVELS).upper()
+
+
+def _host(env: Mapping[str, str], name: str, default: str) -> str:
+    """An address to listen on: an IP literal or a host name."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return str(ipaddress.ip_address(raw.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        pass
+    if _IP_LIKE.fullmatch(raw) or not _HOST_NAME.fullmatch(raw):
+        raise _bad(name, raw, "not an IP address or host name")
+    return raw
 
 
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
+def _allowed_hosts(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Host names, IP addresses and CIDR networks. An entry that looks like an address (digits,
+    dots, colons, or a '/') must parse as one: `10.0.0.0/33` is a mistake, not a host name."""
+    hosts = _names(env, name)
+    for entry in hosts:
+        try:
+            ipaddress.ip_network(entry.removeprefix("[").removesuffix("]"), strict=False)
+            continue
+        except ValueError as exc:
+            if _IP_LIKE.fullmatch(entry):
+                raise _bad(name, env.get(name, ""), f"{entry!r} is not an IP address or network: {exc}") from None
+        if not _HOST_NAME.fullmatch(entry):
+            raise _bad(name, env.get(name, ""), f"{entry!r} is not a host name, IP address or network")
+    return hosts
 
 
 def _loader_pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
@@ -67,7 +129,7 @@ def _loader_pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], .
     for item in _names(env, name):
         class_type, dot, input_name = item.rpartition(".")
         if not dot or not class_type or not input_name:
-            raise SettingsError(f"{name}: {item!r} is not of the form ClassType.input")
+            raise _bad(name, env.get(name, ""), f"{item!r} is not of the form ClassType.input")
         pairs.append((class_type, input_name))
     return tuple(pairs)
 
@@ -80,6 +142,11 @@ class Settings:
     comfyui_cmd: str = ""
     comfyui_dir: str = ""
     instance_id: str = "local"
+    host: str = "127.0.0.1"
+    port: int = 9000
+    access_log: bool = False
+    log_level: str = "INFO"
+    log_format: str = "text"
     job_timeout: float = 1800.0
     connect_timeout: float = 5.0
     request_timeout: float = 60.0
@@ -127,6 +194,10 @@ class Settings:
         return tuple(parts for parts in reserved if parts)
 
     @property
+    def comfyui_host(self) -> str:
+        return urlsplit(self.comfyui_url).hostname or "127.0.0.1"
+
+    @property
     def comfyui_port(self) -> int:
         port = urlsplit(self.comfyui_url).port
         return port or 8188
@@ -137,11 +208,18 @@ class Settings:
         env = os.environ if env is None else env
         d = cls()  # the defaults
         mount = _text(env, "MODEL_ASSET_DIR", "/mnt/auto")
+        on_fc = bool(env.get("FC_FUNCTION_NAME"))
         return cls(
             comfyui_url=_text(env, "COMFYUI_URL", d.comfyui_url).rstrip("/"),
             comfyui_cmd=_text(env, "COMFYUI_CMD", ""),
             comfyui_dir=_text(env, "COMFYUI_DIR", ""),
             instance_id=_text(env, "FC_INSTANCE_ID", socket.gethostname() or "local"),
+            # On FC the platform's proxy reaches us from outside; elsewhere loopback, as ComfyUI does.
+            host=_host(env, "HOST", "0.0.0.0" if on_fc else d.host),
+            port=_integer(env, "FC_CUSTOM_LISTEN_PORT", d.port, 1, 65535),
+            access_log=_flag(env, "ACCESS_LOG", d.access_log),
+            log_level=_log_level(env, "LOG_LEVEL", d.log_level),
+            log_format=_choice(env, "LOG_FORMAT", d.log_format, LOG_FORMATS),
             job_timeout=_number(env, "JOB_TIMEOUT", d.job_timeout, 1),
             connect_timeout=_number(env, "COMFYUI_CONNECT_TIMEOUT", d.connect_timeout, 0.1),
             request_timeout=_number(env, "COMFYUI_REQUEST_TIMEOUT", d.request_timeout, 0.1),
@@ -153,7 +231,7 @@ class Settings:
             input_timeout=_number(env, "INPUT_TIMEOUT", d.input_timeout, 0.1),
             input_max_base64_bytes=_integer(env, "INPUT_MAX_BASE64_BYTES", d.input_max_base64_bytes, 1),
             input_allow_private=_flag(env, "INPUT_ALLOW_PRIVATE", d.input_allow_private),
-            input_allowed_hosts=_names(env, "INPUT_ALLOWED_HOSTS"),
+            input_allowed_hosts=_allowed_hosts(env, "INPUT_ALLOWED_HOSTS"),
             input_loaders=_loader_pairs(env, "INPUT_LOADERS"),
             oss_bucket_domain=_text(env, "OSS_BUCKET_DOMAIN", ""),
             oss_endpoint=_text(env, "OSS_ENDPOINT", ""),
@@ -168,7 +246,7 @@ class Settings:
             stream_buffer_events=_integer(env, "STREAM_BUFFER_EVENTS", d.stream_buffer_events, 10),
             drain_timeout=_number(env, "DRAIN_TIMEOUT", d.drain_timeout, 0),
             prewarm_prompt=_text(env, "PREWARM_PROMPT", ""),
-            on_fc=bool(env.get("FC_FUNCTION_NAME")),
+            on_fc=on_fc,
             cloud_credentials={name: env[name] for name in CLOUD_CREDENTIALS if env.get(name)},
             lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
             body_timeout=_number(env, "BODY_TIMEOUT", d.body_timeout, 0.1),

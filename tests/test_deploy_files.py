@@ -190,3 +190,15 @@ def test_s_yaml_sizes_are_within_the_fc3_schema(props):
     asynchronous = props["asyncInvokeConfig"]
     assert 1 <= asynchronous["maxAsyncEventAgeInSeconds"] <= 2592000
     assert 0 <= asynchronous["maxAsyncRetryAttempts"] <= 8
+
+
+def test_every_variable_the_app_reads_is_in_readmes_settings_table():
+    read = names_read_by_the_app()
+    assert {"HOST", "FC_CUSTOM_LISTEN_PORT", "LOG_LEVEL", "LOG_FORMAT", "ACCESS_LOG"} <= read  # the grep works
+    assert read <= names_documented(), f"not in README's settings table: {sorted(read - names_documented())}"
+
+
+def test_the_image_listens_on_all_addresses_of_its_container():
+    """Outside FC the default HOST is loopback, which `docker run -p` could not reach."""
+    assert dockerfile_env()["HOST"] == "0.0.0.0"
+    assert Settings.from_env(dockerfile_env()).host == "0.0.0.0"

@@ -9,6 +9,8 @@ import os
 import re
 import shlex
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -21,7 +23,7 @@ import requests
 import websocket
 
 from tests.helpers import post_run, running_prompt, txt2img, wait_until
-from tests.servers import ROOT, Process, free_port
+from tests.servers import ROOT, Emulator, Process, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,16 +34,19 @@ class Instance(Process):
     """`bootstrap` with ComfyUI (the emulator, its own folders under `root`) as a supervised child."""
 
     def __init__(self, tmp: Path, step_delay: float = 0.02, start_delay: float = 0,
-                 ready_path: str = "/api/serverless/health", **env: str) -> None:
+                 ready_path: str = "/api/serverless/health", comfyui_port: int = 0,
+                 before_comfyui: str = "", **env: str) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.root = tmp / "comfyui"
         self.status_dir = tmp / "status"
-        self.comfyui_url = f"http://127.0.0.1:{free_port()}"
+        self.comfyui_url = f"http://127.0.0.1:{comfyui_port or free_port()}"
         comfyui = shlex.join([sys.executable, "-m", "serverless.emulator", "--host", "127.0.0.1",
                               "--port", self.comfyui_url.rsplit(":", 1)[1], "--root", str(self.root),
                               "--step-delay", str(step_delay)])
         if start_delay:  # a slow ComfyUI start-up
             comfyui = shlex.join(["sh", "-c", f"sleep {start_delay}; exec {comfyui}"])
+        if before_comfyui:  # a shell command run by the child before it execs ComfyUI
+            comfyui = shlex.join(["sh", "-c", f"{before_comfyui}; exec {comfyui}"])
         port = free_port()
         settings = {
             "COMFYUI_URL": self.comfyui_url,
@@ -56,21 +61,26 @@ class Instance(Process):
 
     def comfyui_pids(self) -> list[int]:
         """Processes running this instance's ComfyUI (found by its unique --root)."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serverless.emulator" in args and str(self.root).encode() in args:
-                pids.append(int(entry.name))
-        return pids
+        return emulator_pids(self.root)
 
     def health(self) -> int:
         return requests.get(self.url + "/api/serverless/health", timeout=5).status_code
 
     def history_count(self) -> int:
         return len(requests.get(self.comfyui_url + "/history", timeout=5).json())
+
+
+def emulator_pids(root: Path) -> list[int]:
+    """Live processes running an emulator with this --root (a zombie has no command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serverless.emulator" in args and str(root).encode() in args:
+            pids.append(int(entry.name))
+    return pids
 
 
 @pytest.fixture
@@ -302,4 +312,105 @@ def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_ref
     assert sse.result()[-1] == "serverless_api"
     assert ws.result()[-1] == "serverless_api"
     assert code == 0, server.log_text()[-3000:]
+    assert server.comfyui_pids() == []
+
+
+def bootstrap_until_exit(tmp: Path, comfyui_port: int) -> subprocess.CompletedProcess[str]:
+    """`bootstrap` with the emulator as ComfyUI on `comfyui_port`, run until it exits by itself."""
+    comfyui = [sys.executable, "-m", "serverless.emulator", "--port", str(comfyui_port), "--root", str(tmp / "ours")]
+    env = {**os.environ, "COMFYUI_URL": f"http://127.0.0.1:{comfyui_port}", "COMFYUI_CMD": shlex.join(comfyui),
+           "FC_CUSTOM_LISTEN_PORT": str(free_port()), "STATUS_DIR": str(tmp / "status")}
+    return subprocess.run([str(ROOT / "bootstrap")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_the_app_refuses_to_start_when_a_plain_listener_holds_comfyuis_port(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        done = bootstrap_until_exit(tmp_path, port)
+
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 (COMFYUI_URL) is already taken by another process" in done.stderr
+    assert "starting ComfyUI" not in done.stderr and "ComfyUI is ready" not in done.stderr
+    assert emulator_pids(tmp_path / "ours") == []
+
+
+def test_the_app_refuses_to_start_when_another_comfyui_answers_on_its_port(tmp_path):
+    other = Emulator(tmp_path / "other")
+    try:
+        done = bootstrap_until_exit(tmp_path, other.port)
+        history = requests.get(other.url + "/history", timeout=5).json()
+    finally:
+        other.stop()
+
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert f"port {other.port} on 127.0.0.1 (COMFYUI_URL) is already taken by another process" in done.stderr
+    assert "ComfyUI is ready" not in done.stderr
+    assert history == {}
+    assert emulator_pids(tmp_path / "ours") == []
+
+
+def test_a_comfyui_that_took_the_port_while_ours_started_is_never_taken_for_ours(instance, tmp_path):
+    port, other_root = free_port(), tmp_path / "other"
+    other = shlex.join([sys.executable, "-m", "serverless.emulator", "--port", str(port), "--root", str(other_root)])
+    answers = shlex.join([sys.executable, "-c", "import sys, time, urllib.request\nwhile True:\n try:\n"
+                          f"  urllib.request.urlopen('http://127.0.0.1:{port}/system_stats'); sys.exit()\n"
+                          " except OSError: time.sleep(0.05)"])
+    # Our child starts another ComfyUI outside its process group, waits until that one answers,
+    # then execs our ComfyUI, which cannot listen and exits.
+    try:
+        server = instance(comfyui_port=port, before_comfyui=f"setsid {other} >/dev/null 2>&1 & {answers}",
+                          ready_path="/api/serverless/status?task_id=probe", COMFYUI_STARTUP_TIMEOUT="1")
+        wait_until(lambda: "not starting ComfyUI" in server.log_text(), timeout=30)
+        health = requests.get(server.url + "/api/serverless/health", timeout=5)
+        job = post_run(server.url, txt2img(steps=2), params=B64)
+        history = requests.get(f"http://127.0.0.1:{port}/history", timeout=5).json()
+    finally:
+        for pid in emulator_pids(other_root):
+            os.kill(pid, signal.SIGKILL)
+
+    log = server.log_text()
+    assert "ComfyUI is ready" not in log
+    assert "but not from the ComfyUI we started" in log
+    assert re.search(r"ComfyUI exited with 1 before it was ready", log)
+    assert health.status_code == 503
+    assert f"port {port} on 127.0.0.1 (COMFYUI_URL) is already taken" in health.json()["reason"]
+    assert job.status_code == 503 and job.json()["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert history == {}  # nothing ran on the other ComfyUI
+
+
+def test_comfyui_dies_with_the_server_when_the_server_is_killed(instance):
+    server = instance()
+    assert len(server.comfyui_pids()) == 1
+
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+
+    wait_until(lambda: server.comfyui_pids() == [], timeout=10)
+
+
+def test_a_second_sigint_cancels_the_running_stream_with_its_terminal_payload_and_exits_130(instance):
+    server = instance(step_delay=0.5)  # 50 s for the job below if left alone
+
+    def stream() -> list[dict[str, Any]]:
+        with requests.post(server.url + "/api/serverless/run", params={"stream": "true", **B64},
+                           headers={"x-fc-trace-id": "ctrl-c"}, data=json.dumps(txt2img(steps=100)),
+                           stream=True, timeout=30) as response:
+            return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith(b"data:")]
+
+    sse = Call(stream)
+    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+
+    server.proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "SIGINT: draining jobs (1 running, up to 600s); press Ctrl-C again" in server.log_text(),
+               timeout=5)
+    server.proc.send_signal(signal.SIGINT)
+    code = server.proc.wait(30)
+
+    events = sse.result()
+    log = server.log_text()
+    assert events[-1]["error_code"] == "EXECUTION_INTERRUPTED", events[-1]
+    assert status_log(server, "ctrl-c")[-1] == events[-1]
+    assert code == 130, log[-3000:]
+    assert "Traceback" not in log
+    assert "SIGINT again: cancelling 1 running job(s)" in log
     assert server.comfyui_pids() == []

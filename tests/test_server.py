@@ -1,0 +1,79 @@
+"""`python -m serverless.server` as run by `bootstrap`: where it listens (HOST, FC_CUSTOM_LISTEN_PORT)
+and its access log (ACCESS_LOG). Real processes; the listening socket is read from /proc/net/tcp."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.servers import Process, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+STATUS = "/api/serverless/status?task_id=probe"
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses (dotted) on which a socket listens on TCP `port`."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return addresses
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Start `python -m serverless.server` with some settings (no ComfyUI: status still answers)."""
+    started: list[Process] = []
+
+    def start(**env: str) -> Process:
+        port = free_port()
+        settings = {"FC_CUSTOM_LISTEN_PORT": str(port), "STATUS_DIR": str(tmp_path / "status"),
+                    "COMFYUI_URL": f"http://127.0.0.1:{free_port()}", **env}
+        process = Process([sys.executable, "-m", "serverless.server"], port, tmp_path / f"server-{port}.log",
+                          env=settings, ready_path=STATUS)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def test_the_server_listens_on_loopback_by_default(server):
+    process = server()
+
+    assert listening_addresses(process.port) == {"127.0.0.1"}
+
+
+def test_on_fc_the_server_listens_on_all_addresses(server):
+    process = server(FC_FUNCTION_NAME="comfyui")
+
+    assert listening_addresses(process.port) == {"0.0.0.0"}
+
+
+def test_host_chooses_the_listening_address(server):
+    process = server(HOST="0.0.0.0")
+
+    assert listening_addresses(process.port) == {"0.0.0.0"}
+
+
+def test_access_log_true_logs_a_line_per_request_and_the_default_logs_none(server):
+    quiet, chatty = server(), server(ACCESS_LOG="true")
+
+    for process in (quiet, chatty):
+        for n in range(3):
+            assert requests.get(f"{process.url}/api/serverless/status?task_id=req-{n}", timeout=5).ok
+
+    # uvicorn writes an access line before the response goes out: no waiting needed
+    lines = [line for line in chatty.log_text().splitlines() if "GET /api/serverless/status?task_id=req-" in line]
+    assert len(lines) == 3, chatty.log_text()
+    assert all(" uvicorn.access: " in line and '" 200' in line for line in lines)
+    assert "task_id=req-" not in quiet.log_text()
