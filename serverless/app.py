@@ -22,6 +22,7 @@ from .jobs.job import Job
 from .jobs.registry import Jobs
 from .resources import Services
 from .settings import Settings
+from .status.log import parse_after, parse_attempt
 from .transports.sse import sse_response
 from .transports.websocket import websocket_run
 
@@ -83,15 +84,16 @@ def _is_async(request: Request) -> bool:
 
 
 async def status(request: Request) -> Response:
-    """GET /api/serverless/status?task_id=X[&after=N]: the task's payloads so far."""
+    """GET /api/serverless/status?task_id=X[&after=N][&attempt=K]: the task's payloads so far
+    (of its current attempt, or of attempt K)."""
     services, _ = _state(request)
     task_id = request.query_params.get("task_id")
     if not task_id:
         raise InvalidParams("task_id is required")
-    after = request.query_params.get("after", "0")
-    if not after.isdigit() or len(after) > 12:
-        raise InvalidParams("after must be a non-negative whole number")
-    return JSONResponse(await services.status.read(task_id, int(after)))
+    after = parse_after(request.query_params.get("after", "0"))
+    attempt = request.query_params.get("attempt")
+    body = await services.status.read(task_id, after, parse_attempt(attempt) if attempt is not None else None)
+    return Response(body, media_type="application/json")
 
 
 async def _wait_unless_disconnected(request: Request, job: Job, cancel_on_disconnect: bool) -> Event:

@@ -33,17 +33,16 @@ class Jobs:
 
     async def start(self, request: RunRequest, credentials: Credentials | None = None) -> Job:
         """Start a job in the background and return it; follow `job.feed` for its events, which
-        are also appended to the task's status log (after any earlier attempt's)."""
+        are also recorded as a new attempt in the task's status log."""
         if not self.accepting:
             raise ComfyUIUnavailable("this instance is shutting down and takes no new jobs")
         prompt_id = str(uuid.uuid4())
         task_id = request.task_id or prompt_id
         status = self.services.status
-        # A task id that is our fresh prompt id has no earlier attempt to count.
-        earlier = await status.count(task_id) if request.task_id else 0
-        feed = Feed(self.services.settings.stream_buffer_events, first_seq=earlier + 1)
+        attempt = await status.begin(task_id)
+        feed = Feed(self.services.settings.stream_buffer_events, first_seq=1)
         job = Job(self.services, request, feed, prompt_id, task_id, credentials)
-        job.recorder = self._own(status.record(task_id, feed), f"status {task_id}")
+        job.recorder = self._own(status.record(attempt, feed), f"status {task_id}")
         job.task = self._own(job.run(), f"job {task_id}")
         return job
 
