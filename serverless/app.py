@@ -20,6 +20,7 @@ from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, 
 from .jobs.registry import Jobs
 from .resources import Resources
 from .settings import Settings
+from .status.log import parse_after, parse_attempt
 from .transports.http import EventStream, json_response, read_body
 from .transports.start import start_job
 from .transports.websocket import websocket_run
@@ -83,15 +84,16 @@ def _warn_unknown(request: Request, response: Response, task_id: str) -> Respons
 
 
 async def status(request: Request) -> Response:
-    """GET /api/serverless/status?task_id=X[&after=N]: the task's payloads so far."""
+    """GET /api/serverless/status?task_id=X[&after=N][&attempt=K]: the task's payloads so far
+    (of its current attempt, or of attempt K)."""
     resources = request.app.state.resources
     task_id = request.query_params.get("task_id")
     if not task_id:
         raise InvalidParams("task_id is required")
-    after = request.query_params.get("after", "0")
-    if not (after.isascii() and after.isdigit()) or len(after) > 12:
-        raise InvalidParams("after must be a non-negative whole number")
-    return JSONResponse(await resources.status.read(task_id, int(after)))
+    after = parse_after(request.query_params.get("after", "0"))
+    attempt = request.query_params.get("attempt")
+    body = await resources.status.read(task_id, after, parse_attempt(attempt) if attempt is not None else None)
+    return Response(body, media_type="application/json")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

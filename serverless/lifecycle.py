@@ -64,15 +64,23 @@ async def health(request: Request) -> Response:
             raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
         if resources.supervisor is not None and not resources.supervisor.ready:
             raise ComfyUIUnavailable(resources.supervisor.problem)  # starting, restarting, port taken
-        stats, queue = await asyncio.gather(resources.comfy.system_stats(), resources.comfy.queue())
+        stats, queue, writable = await asyncio.gather(
+            resources.comfy.system_stats(), resources.comfy.queue(), resources.status.writable()
+        )
         request.app.state.queue_watch.check(queue)
+        if not writable:
+            reason = resources.status.health()["not_writable_because"]
+            raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     except ServerlessError as exc:
-        return JSONResponse({"status": "unavailable", "reason": exc.message, "jobs": jobs.running}, 503)
+        failure = {"status": "unavailable", "reason": exc.message, "jobs": jobs.running,
+                   "status_log": resources.status.health()}
+        return JSONResponse(failure, 503)
     body: dict[str, Any] = {
         "status": "ok",
         "comfyui": stats.to_payload(),
         "queue": {"running": len(queue.running), "pending": len(queue.pending)},
         "jobs": jobs.running,
+        "status_log": resources.status.health(),
     }
     return JSONResponse(body)
 

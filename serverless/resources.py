@@ -52,6 +52,7 @@ class Resources:
                 supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
                                         address=(settings.comfyui_host, settings.comfyui_port))
             status = StatusLog(settings.status_dir, settings.status_stale_after)
+            await status.check_at_startup()
             policy = download_policy(settings)
             oss = oss_store(settings)
             # Untrusted input URLs get their own session: guarded resolver and connector.
@@ -62,6 +63,7 @@ class Resources:
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved)
                 finally:
+                    await status.aclose()
                     if oss is not None:
                         oss.close()
 

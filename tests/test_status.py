@@ -72,7 +72,8 @@ def test_after_returns_only_the_rest(app):
 
 def test_unknown_task_is_an_empty_list_and_bad_queries_are_400(app):
     assert requests.get(app.url + STATUS, params={"task_id": "never-seen"}, timeout=10).json() == []
-    for params in ({}, {"task_id": ""}, {"task_id": "ok", "after": "-1"}, {"task_id": "ok", "after": "x"}):
+    for params in ({}, {"task_id": ""}, {"task_id": "ok", "after": "-1"}, {"task_id": "ok", "after": "x"},
+                   {"task_id": "ok", "after": "²"}, {"task_id": "ok", "attempt": "0"}):
         response = requests.get(app.url + STATUS, params=params, timeout=10)
         assert response.status_code == 400, params
         assert response.json()["error_code"] == "INVALID_PARAMS"
@@ -91,7 +92,7 @@ def test_two_instances_share_the_folder_post_to_one_poll_the_other(emulator, sta
     assert items[-1]["data"]["results"][0]["output"]["raw"]["filename"].startswith("ComfyUI_inst-a_")
 
 
-def test_a_second_delivery_appends_a_new_attempt_after_the_old_one(app):
+def test_a_second_delivery_starts_a_new_log_and_the_old_attempt_stays_readable(app):
     task_id = f"retry-{uuid.uuid4().hex}"
     headers = {"x-fc-async-task-id": task_id}
     failed = post_run(app.url, empty_image(prefix="../../escape"), headers=headers)
@@ -100,9 +101,11 @@ def test_a_second_delivery_appends_a_new_attempt_after_the_old_one(app):
     assert first[-1]["error_code"] == "EXECUTION_FAILED"
     ok = post_run(app.url, empty_image(prefix="retry"), headers=headers)
     assert ok.status_code == 200
-    both = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10).json()
-    assert both[: len(first)] == first
-    assert both[-1] == ok.json()
+    current = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+    assert current[-1] == ok.json()
+    assert all(item.get("error_code") != "EXECUTION_FAILED" for item in current)
+    old = requests.get(app.url + STATUS, params={"task_id": task_id, "attempt": "1"}, timeout=10).json()
+    assert old == first
 
 
 def test_sigkill_mid_job_leaves_parseable_lines_and_is_reported_lost(own_emulator, start_app, tmp_path):

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from ..errors import ComfyUIUnavailable
+from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
 from ..status.log import StatusLog
 from .feed import Feed
 from .job import Job, Runtime
@@ -41,15 +41,24 @@ class Jobs:
 
     async def start(self, spec: JobSpec) -> Job:
         """Start a job in the background and return it; follow `job.events()` for its events,
-        which are also appended to the task's status log (after any earlier attempt's)."""
+        which are also recorded as a new attempt in the task's status log."""
         if not self.accepting:
             raise ComfyUIUnavailable("this instance is shutting down and takes no new jobs")
         prompt_id = str(uuid.uuid4())
         task_id = spec.task_id or prompt_id
-        # A task id that is our fresh prompt id has no earlier attempt to count.
-        earlier = await self.status.count(task_id) if spec.named else 0
-        feed = Feed(self.buffer_events, first_seq=earlier + 1, max_bytes=self.max_event_bytes)
-        recorder = _own(self._recorders, self.status.record(task_id, feed), f"status {task_id}")
+        try:
+            attempt = await self.status.begin(task_id)  # the task is known from now on, on every instance
+        except InvalidParams:
+            raise  # something squats the task's name: this task cannot be recorded
+        except ServerlessError as exc:  # the status folder cannot be used
+            if spec.mode == "async":
+                raise ComfyUIUnavailable(f"async jobs are refused while {exc.message}") from exc
+            log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
+            attempt = None
+        feed = Feed(self.buffer_events, max_bytes=self.max_event_bytes)
+        recorder = None
+        if attempt is not None:
+            recorder = _own(self._recorders, self.status.record(attempt, feed), f"status {task_id}")
         job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder)
         _own(self._runs, job.run(), f"job {task_id}")
         return job

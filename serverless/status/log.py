@@ -1,38 +1,67 @@
 """The status log on the shared disk: `<STATUS_DIR>/<task_id>`, one JSON payload per line.
 
-Any instance may write a task's log and any may read it. Appends are single `write` calls on a file
-opened with O_APPEND, followed by fsync; a process killed mid-write can leave at most one torn
-line, which readers skip and the next writer first terminates. All file I/O runs in a thread.
+Any instance may write a task's log and any may read it. Each delivery of a task is an attempt
+with its own file (`files` draws the layout); `<task_id>` is always the newest attempt's, so a
+poller that stops at the last element's type never sees an older attempt's end. Appends are
+single `write` calls on a file opened with O_APPEND, followed by fsync; a process killed
+mid-write can leave at most one torn line, which readers skip.
+
+All file I/O runs in the log's own small thread pool, each operation bounded by `io_timeout`:
+a shared disk that stops answering pins those threads only, never asyncio's default executor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from ..core import jsontext
 from ..core.request import validate_task_id
-from ..errors import ComfyUIUnavailable, InvalidParams
+from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
 from ..jobs.feed import Feed
+from . import files
+from .body import json_array, parse_after, parse_attempt, usable_lines
+
+__all__ = ["Attempt", "StatusLog", "parse_after", "parse_attempt"]
 
 log = logging.getLogger(__name__)
 
-TERMINAL_TYPES = ("serverless_api", "error")
+T = TypeVar("T")
 BATCH_INTERVAL = 0.05  # seconds between durable appends of one job's events
-BIG_LINE = 1 << 20  # lines from this size on are written without being copied into a batch
+PROBE_TTL = 5.0  # seconds a write probe's answer is trusted
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery of a task, and the file its events go to."""
+
+    task_id: str
+    number: int
+    path: Path
 
 
 class StatusLog:
     """The folder of status logs."""
 
-    def __init__(self, directory: Path, stale_after: float) -> None:
+    def __init__(self, directory: Path, stale_after: float, io_timeout: float = 10.0, threads: int = 4) -> None:
         self.directory = directory
         self.stale_after = stale_after
+        self.io_timeout = io_timeout
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="status-io")
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._links = True  # until link(2) says otherwise
+        self._last_error: str | None = None
+        self._probed: tuple[float, bool, str | None] | None = None  # (when, writable, why not)
 
     def path(self, task_id: str) -> Path:
         """The log of a task; the id is validated, and the path must stay inside the folder."""
@@ -42,55 +71,50 @@ class StatusLog:
             raise InvalidParams("task id does not name a file in the status folder")
         return path
 
+    # -- attempts ----------------------------------------------------------------------------
+
+    async def begin(self, task_id: str) -> Attempt:
+        """Claim the task's next attempt: its file exists (empty) from now on and `<task_id>`
+        reads it. InvalidParams when something not a file squats the task's name."""
+        self.path(task_id)
+        with self._translated(task_id):
+            number = await self._run(files.claim, self.directory, task_id)
+            await self._publish(task_id, number)
+        if number > 1:
+            log.info("task_id=%s: attempt %d begins (earlier attempts kept beside it)", task_id, number)
+        return Attempt(task_id, number, files.attempt_path(self.directory, task_id, number))
+
+    async def attempts(self, task_id: str) -> list[int]:
+        """The numbers of the task's attempts, oldest first (`[]` for an unknown task, or for a
+        log written before attempts were kept apart and never retried)."""
+        self.path(task_id)
+        with self._translated(task_id):
+            return await self._run(files.numbers, self.directory, task_id)
+
+    async def _publish(self, task_id: str, number: int) -> None:
+        links = await self._run(files.publish, self.directory, task_id, number, self._links)
+        if self._links and not links:
+            log.warning("the status folder %s has no hard links: %s is kept as a copy of the newest "
+                        "attempt, refreshed after every append", self.directory, task_id)
+        self._links = links
+
     # -- writing -----------------------------------------------------------------------------
 
-    def _append(self, path: Path, lines: list[bytes]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            small = bytearray()
-            if os.fstat(fd).st_size and not _ends_with_newline(path):
-                small += b"\n"  # a killed writer left a torn line: close it off first
-            for data in lines:
-                if len(data) < BIG_LINE:
-                    small += data + b"\n"
-                    continue
-                # A big result (base64 outputs) is written as it is, not copied into a batch.
-                _write_all(fd, small)
-                small.clear()
-                _write_all(fd, data)
-                small += b"\n"
-            _write_all(fd, small)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _touch(self, path: Path) -> None:
-        try:
-            os.utime(path)
-        except FileNotFoundError:
-            pass
-
-    def _count(self, path: Path) -> int:
-        return len(self._read(path))
-
-    async def count(self, task_id: str) -> int:
-        """How many payloads the log holds (earlier attempts of the same task)."""
-        return await asyncio.to_thread(self._count, self.path(task_id))
-
-    async def record(self, task_id: str, feed: Feed) -> None:
-        """Append every event of `feed` until its terminal payload, at most one durable append per
-        BATCH_INTERVAL (the terminal payload at once); refresh the file's time while the job is
-        silent so readers know its owner lives. Whatever fails, the terminal payload is tried."""
-        path = self.path(task_id)
+    async def record(self, attempt: Attempt, feed: Feed) -> None:
+        """Append every event of `feed` to the attempt's file until its terminal payload, at most
+        one durable append per BATCH_INTERVAL (the terminal payload at once); refresh the file's
+        time while the job is silent so readers know its owner lives. Whatever fails, the
+        terminal payload is tried."""
         heartbeat = max(self.stale_after / 4, 0.05)
+        lock = threading.Lock()  # one attempt's appends stay in order, even after a timeout
         pending: list[bytes] = []
+        ended = False
         loop = asyncio.get_running_loop()
         next_write = loop.time() + BATCH_INTERVAL  # a short job is then one append, its terminal included
         try:
             async for event in feed.follow(idle=heartbeat, pinned=True):
                 if event is None:
-                    await asyncio.to_thread(self._touch, path)
+                    await self._run(self._heartbeat, attempt)
                     continue
                 pending.append(event.data)
                 if event.seq != feed.last_seq:
@@ -100,91 +124,165 @@ class StatusLog:
                         await asyncio.wait_for(feed.wait(), next_write - loop.time())
                     if feed.last_seq != event.seq:
                         continue
-                await asyncio.to_thread(self._append, path, pending)
+                await self._write(attempt, pending, lock)
+                ended = event.terminal
                 pending = []
                 next_write = loop.time() + BATCH_INTERVAL
         except Exception as exc:  # disk trouble or a bug: the log must still end with its terminal
-            log.error("status log of task_id=%s could not follow the job (%s); writing its terminal payload",
-                      task_id, exc)
-            terminal = await feed.wait()
-            try:
-                await asyncio.to_thread(self._append, path, [terminal.data])
-            except OSError as again:
-                log.error("status log of task_id=%s could not be written: %s", task_id, again)
+            self._last_error = f"recording task {attempt.task_id}: {exc}"
+            log.error("status log of task_id=%s attempt %d could not follow the job (%s)%s", attempt.task_id,
+                      attempt.number, exc, "" if ended else "; writing its terminal payload")
+            if not ended:
+                terminal = await feed.wait()
+                try:
+                    await self._write(attempt, [terminal.data], lock)
+                except (OSError, ServerlessError, files.NotAFile) as again:
+                    log.error("status log of task_id=%s could not be written: %s", attempt.task_id, again)
+
+    async def _write(self, attempt: Attempt, lines: list[bytes], lock: threading.Lock) -> None:
+        await self._run(files.append, attempt.path, lines, lock)
+        if not self._links:
+            await self._publish(attempt.task_id, attempt.number)
+
+    def _heartbeat(self, attempt: Attempt) -> None:
+        files.touch(attempt.path)
+        if not self._links and files.newest(self.directory, attempt.task_id, attempt.number) == attempt.number:
+            files.touch(self.directory / attempt.task_id)  # the copy readers look at
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _read(self, path: Path) -> list[Any]:
+    async def read(self, task_id: str, after: int = 0, attempt: int | None = None) -> bytes:
+        """The response body: a JSON array of the payloads after the first `after`, of the
+        current attempt or of attempt number `attempt`; `[]` for an unknown task or attempt. A
+        log without a terminal payload whose owner has been silent past `stale_after` (even an
+        empty one: claimed, nothing written yet) ends with an "instance lost" error.
+        InvalidParams when something that is not a file squats the task's name."""
+        path = self.path(task_id)
+        if attempt is not None:
+            if attempt < 1:
+                raise InvalidParams("attempt must be a whole number from 1", raw={"attempt": attempt})
+            path = files.attempt_path(self.directory, task_id, attempt)
+        with self._translated(task_id):
+            return await self._run(self._read, task_id, path, after, attempt is None)
+
+    def _read(self, task_id: str, path: Path, after: int, current: bool) -> bytes:
+        found = files.read(path)
+        if found is None and current:
+            # Claimed but not yet published (or its owner died in between): the newest attempt.
+            numbers = files.numbers(self.directory, task_id)
+            found = files.read(files.attempt_path(self.directory, task_id, numbers[-1])) if numbers else None
+        if found is None:
+            return b"[]"
+        raw, mtime = found
+        usable = usable_lines(raw)
+        lines = usable.lines
+        silent_for = time.time() - mtime
+        if not usable.ended and silent_for > self.stale_after:
+            lost = ComfyUIUnavailable(
+                f"instance lost: the job's log has had no news for {silent_for:.0f}s and no result",
+                raw={"silent_s": round(silent_for, 1)},
+            )
+            lines = [*lines, jsontext.dumps(lost.to_payload())]
+        return json_array(lines[after:])
+
+    # -- health ------------------------------------------------------------------------------
+
+    async def writable(self) -> bool:
+        """Whether a file can be created, fsynced and removed in the folder (the answer is kept
+        PROBE_TTL seconds); why not is in `health()`."""
+        now = time.monotonic()
+        if self._probed is not None and now - self._probed[0] < PROBE_TTL:
+            return self._probed[1]
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return []
-        items = []
-        for line in raw.split(b"\n"):
-            try:
-                items.append(json.loads(line))
-            except ValueError:
-                continue  # a torn line (a writer killed mid-append) or an empty one
-        return items
+            await self._run(files.probe, self.directory)
+            self._probed = (now, True, None)
+        except (OSError, ServerlessError) as exc:
+            reason = exc.message if isinstance(exc, ServerlessError) else f"{type(exc).__name__}: {exc}"
+            self._probed = (now, False, reason)
+            self._last_error = reason
+        return self._probed[1]
 
-    def _read_with_liveness(self, path: Path, after: int) -> list[Any]:
-        items = self._read(path)
-        if items and not _is_terminal(items[-1]):
-            try:
-                silent_for = time.time() - path.stat().st_mtime
-            except FileNotFoundError:
-                silent_for = 0.0
-            if silent_for > self.stale_after:
-                lost = ComfyUIUnavailable(
-                    f"instance lost: the job's log has had no news for {silent_for:.0f}s and no result",
-                    raw={"silent_s": round(silent_for, 1)},
-                )
-                items.append(lost.to_payload())
-        return items[after:]
+    async def check_at_startup(self) -> bool:
+        """Probe the folder once at start-up and say loudly when it cannot be written."""
+        if await self.writable():
+            return True
+        assert self._probed is not None
+        log.error("STATUS_DIR %s cannot be written (%s): async jobs and their status will not work",
+                  self.directory, self._probed[2])
+        return False
 
-    async def read(self, task_id: str, after: int = 0) -> list[Any]:
-        """The payloads after the first `after`; `[]` for an unknown task. A log without a
-        terminal payload whose owner has been silent past `stale_after` ends with an error."""
-        return await asyncio.to_thread(self._read_with_liveness, self.path(task_id), after)
+    def health(self) -> dict[str, Any]:
+        """What the folder and its threads are doing: threads in use, the last error, and the
+        last write probe's answer (None before any)."""
+        return {
+            "status_dir": str(self.directory),
+            "threads": self.threads,
+            "busy": self._busy,
+            "writable": None if self._probed is None else self._probed[1],
+            "not_writable_because": None if self._probed is None else self._probed[2],
+            "hard_links": self._links,
+            "last_error": self._last_error,
+        }
 
     # -- retention ---------------------------------------------------------------------------
 
-    def _remove_older_than(self, seconds: float) -> int:
-        cutoff, removed = time.time() - seconds, 0
-        try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            try:
-                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
-
     async def prune_forever(self, retention_days: float, every: float = 3600.0) -> None:
-        """Remove logs older than the retention, now and then every `every` seconds."""
+        """Remove tasks whose files are all older than the retention, now and then every `every`
+        seconds. Not bounded by `io_timeout`: a big folder may take long, and it is one thread."""
+        loop = asyncio.get_running_loop()
         while True:
-            removed = await asyncio.to_thread(self._remove_older_than, retention_days * 86400)
+            try:
+                removed = await loop.run_in_executor(
+                    self._pool, self._tracked, files.remove_older_than, self.directory, retention_days * 86400)
+            except OSError as exc:
+                log.error("status logs in %s could not be pruned: %s", self.directory, exc)
+                removed = 0
             if removed:
-                log.info("removed %d status log(s) older than %g days", removed, retention_days)
+                log.info("removed the status logs of %d task(s) older than %g days", removed, retention_days)
             await asyncio.sleep(every)
 
+    # -- threads -----------------------------------------------------------------------------
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+    async def aclose(self) -> None:
+        """Stop the threads; operations stuck on the disk are abandoned, queued ones dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in the log's threads, given up after `io_timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, self._tracked, function, *args)
+        deadline = asyncio.timeout(self.io_timeout)
+        try:
+            async with deadline:
+                return await future
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # an OSError(ETIMEDOUT) of the file system itself
+            message = f"status folder did not answer within {self.io_timeout:g}s"
+            self._last_error = message
+            raise ComfyUIUnavailable(message, raw={"busy_threads": self._busy}) from None
 
-def _is_terminal(item: Any) -> bool:
-    return isinstance(item, dict) and item.get("type") in TERMINAL_TYPES
+    def _tracked(self, function: Callable[..., T], *args: Any) -> T:
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            return function(*args)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
 
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    @contextlib.contextmanager
+    def _translated(self, task_id: str) -> Iterator[None]:
+        """OS errors as the error tree's: a squatted name is the task's problem (400), anything
+        else the folder's (503)."""
+        try:
+            yield
+        except files.NotAFile as exc:
+            raise InvalidParams(
+                f"task id {task_id} cannot be used: its status log {exc.name} is {exc.kind}, not a file",
+                raw={"task_id": task_id, "found": exc.kind},
+            ) from None
+        except OSError as exc:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.error("status folder %s failed for task_id=%s: %s", self.directory, task_id, exc)
+            raise ComfyUIUnavailable(f"status folder could not be used: {exc.strerror or exc}") from exc

@@ -10,7 +10,7 @@ from typing import Literal
 from ..core.request import RunRequest, parse_run_request
 from ..core.workflow import check_output_paths
 from ..delivery.oss import Credentials
-from ..errors import InvalidParams
+from ..errors import ComfyUIUnavailable, InvalidParams
 from ..jobs.job import Job
 from ..jobs.registry import Jobs
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
@@ -61,11 +61,16 @@ async def start_job(
     """The job a request asks for, started."""
     request = await parse(body, query, headers)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
+    mode = job_mode(request, headers, transport)
+    if mode == "async" and not await resources.status.writable():
+        # Its caller would poll a status that never comes: refuse now, FC retries elsewhere.
+        reason = resources.status.health()["not_writable_because"]
+        raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     credentials = Credentials.resolve(headers, resources.settings.cloud_credentials)
     spec = JobSpec(
         workflow=request.workflow,
         extra_data=request.extra_data,
-        mode=job_mode(request, headers, transport),
+        mode=mode,
         outputs=output_policy(request, credentials, resources.oss is not None),
         task_id=request.task_id,
         credentials=credentials,
