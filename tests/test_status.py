@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from tests.helpers import empty_image, post_run, running_prompt, txt2img, wait_until
+from tests.helpers import empty_image, failing_workflow, post_run, running_prompt, txt2img, wait_until
 
 STATUS = "/api/serverless/status"
 
@@ -92,10 +93,10 @@ def test_two_instances_share_the_folder_post_to_one_poll_the_other(emulator, sta
     assert items[-1]["data"]["results"][0]["output"]["raw"]["filename"].startswith("ComfyUI_inst-a_")
 
 
-def test_a_second_delivery_starts_a_new_log_and_the_old_attempt_stays_readable(app):
+def test_a_second_delivery_starts_a_new_log_and_the_old_attempt_stays_readable(app, emulator):
     task_id = f"retry-{uuid.uuid4().hex}"
     headers = {"x-fc-async-task-id": task_id}
-    failed = post_run(app.url, empty_image(prefix="../../escape"), headers=headers)
+    failed = post_run(app.url, failing_workflow(emulator.root), headers=headers)
     assert failed.status_code == 500
     first = requests.get(app.url + STATUS, params={"task_id": task_id}, timeout=10).json()
     assert first[-1]["error_code"] == "EXECUTION_FAILED"
@@ -170,3 +171,72 @@ def test_old_logs_are_removed_by_retention(emulator, start_app, tmp_path):
     start_app(emulator.url, status_dir=status_dir, STATUS_RETENTION_DAYS="7")
     wait_until(lambda: not old.exists())
     assert fresh.exists()
+
+
+def fc_doc_poller(url: str, task_id: str) -> list[dict]:
+    """The FC documentation's async client: poll until the last element is a terminal payload."""
+    while True:
+        items = requests.get(url + STATUS, params={"task_id": task_id}, timeout=10).json()
+        if items and items[-1]["type"] in ("serverless_api", "error"):
+            return items
+        time.sleep(0.05)
+
+
+def test_on_fc_a_retried_task_reads_as_its_new_attempt_and_only_transient_failures_ask_for_a_retry(
+    start_app, own_emulator
+):
+    requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.05}, timeout=5)
+    server = start_app(own_emulator.url, FC_FUNCTION_NAME="comfyui", JOB_TIMEOUT="2")
+    task_id = f"fc-retry-{uuid.uuid4().hex}"
+    held = {"X-Fc-Invocation-Type": "Async", "X-Fc-Async-Task-Id": task_id}
+
+    # A failure a retry cannot fix answers 2xx: FC keeps the result in the log and does not retry.
+    bad = post_run(server.url, failing_workflow(own_emulator.root), headers=held)
+    assert bad.status_code == 200 and bad.json()["error_code"] == "EXECUTION_FAILED"
+    # A transient one (the deadline) answers 5xx, so FC delivers the task again.
+    slow = post_run(server.url, txt2img(seed=1, steps=200), headers=held)
+    assert slow.status_code == 504 and slow.json()["error_code"] == "TIMEOUT"
+
+    result: list[requests.Response] = []
+    delivery = threading.Thread(target=lambda: result.append(
+        post_run(server.url, txt2img(seed=2, steps=10), headers=held)))
+    delivery.start()
+    # From the new attempt's first line on, the poller reads only the new attempt.
+    def new_attempt_began() -> bool:  # its file is claimed (empty), then its first event is in
+        items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+        return not items or items[-1]["type"] == "serverless_progress"
+
+    wait_until(new_attempt_began)
+    items = fc_doc_poller(server.url, task_id)
+    delivery.join()
+    assert items[-1]["type"] == "serverless_api" and result[0].status_code == 200
+    assert items[-1] == result[0].json()
+    assert not [item for item in items if item["type"] == "error"]
+    attempts = [requests.get(server.url + STATUS, params={"task_id": task_id, "attempt": n}, timeout=10).json()
+                for n in ("1", "2", "3")]
+    assert [a[-1].get("error_code", a[-1]["type"]) for a in attempts] == ["EXECUTION_FAILED", "TIMEOUT",
+                                                                           "serverless_api"]
+
+
+def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync_ones_run(
+    start_app, emulator, tmp_path
+):
+    folder = tmp_path / "ro-nas"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=True)
+    try:
+        (folder / "status").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)  # read-only, even for root
+        server = start_app(emulator.url, status_dir=folder / "status")
+        assert "cannot be written" in server.log_text() and str(folder / "status") in server.log_text()
+
+        health = requests.get(server.url + "/api/serverless/health", timeout=10)
+        assert health.status_code == 503 and "status folder cannot be written" in health.json()["reason"]
+        asynchronous = post_run(server.url, empty_image(prefix="ro"), headers={
+            "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": "ro-async"})
+        assert asynchronous.status_code == 503 and asynchronous.json()["error_code"] == "COMFYUI_UNAVAILABLE"
+        synchronous = post_run(server.url, empty_image(prefix="ro"), headers={"X-Fc-Trace-Id": "ro-sync"})
+        assert synchronous.status_code == 200 and synchronous.json()["type"] == "serverless_api"
+        assert not list((folder / "status").iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
