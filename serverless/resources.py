@@ -26,6 +26,8 @@ from .jobs.job import Runtime, Workflow
 from .jobs.spec import OutputPolicy
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
+from .workflows.hosting import HostedWorkflows, ObjectInfoCache
+from .workflows.store import WorkflowStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class Resources:
     fetch_url: Callable[[str], Awaitable[bytes]]
     oss: OssStore | None
     supervisor: Supervisor | None
+    workflows: HostedWorkflows
 
     @classmethod
     @asynccontextmanager
@@ -55,7 +58,8 @@ class Resources:
                 try:
                     async with _running(supervisor):
                         fetch_url = partial(download, downloads, policy=policy)
-                        yield cls(settings, comfy, status, fetch_url, oss, supervisor)
+                        workflows = hosted_workflows(settings, comfy, supervisor)
+                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, workflows)
                 finally:
                     if oss is not None:
                         oss.close()
@@ -133,6 +137,14 @@ async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def hosted_workflows(settings: Settings, comfy: ComfyUI, supervisor: Supervisor | None) -> HostedWorkflows:
+    """The hosted workflows' folder, checked against `/object_info` read once per ComfyUI process."""
+    generation = (lambda: supervisor.generation) if supervisor else (lambda: 0)
+    object_info = ObjectInfoCache(comfy.object_info, generation)
+    loaders = LOADER_INPUTS | set(settings.input_loaders)
+    return HostedWorkflows(WorkflowStore(settings.workflows_dir), object_info, loaders)
 
 
 def download_policy(settings: Settings) -> DownloadPolicy:
