@@ -24,6 +24,7 @@ from .status.log import parse_after, parse_attempt
 from .transports.http import EventStream, json_response, read_body
 from .transports.start import start_job
 from .transports.websocket import websocket_run
+from .workflows import endpoints as workflows
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,13 @@ def _headers(exc: Exception) -> dict[str, str] | None:
 
 
 async def run(request: Request) -> Response:
-    """POST /api/serverless/run: one workflow in, its result out (JSON, SSE, or later)."""
+    """POST /api/serverless/run: one workflow in, its result out (JSON, SSE, or later). Also
+    POST /api/workflows/{workflow_id}/run (and `?workflow_id=`): a hosted workflow's overrides in."""
     resources, jobs = request.app.state.resources, request.app.state.jobs
     settings = resources.settings
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
-    job = await start_job(resources, jobs, body, request.query_params, request.headers, "http")
+    workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
+    job = await start_job(resources, jobs, body, request.query_params, request.headers, "http", workflow_id)
     response: Response
     if job.spec.mode == "async" and not settings.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
@@ -124,6 +127,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
         Route("/initialize", lifecycle.initialize, methods=["POST"]),
         Route("/pre-stop", lifecycle.pre_stop, methods=["GET", "POST"]),
+        Route("/api/workflows", workflows.list_workflows, methods=["GET"]),
+        Route("/api/workflows/{workflow_id}", workflows.get_workflow, methods=["GET"]),
+        Route("/api/workflows/{workflow_id}", workflows.put_workflow, methods=["PUT"]),
+        Route("/api/workflows/{workflow_id}", workflows.delete_workflow, methods=["DELETE"]),
+        Route("/api/workflows/{workflow_id}/openapi.json", workflows.openapi_json, methods=["GET"]),
+        Route("/api/workflows/{workflow_id}/run", run, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,

@@ -26,6 +26,8 @@ from .jobs.job import Runtime, Workflow
 from .jobs.spec import OutputPolicy
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
+from .workflows.hosting import HostedWorkflows, ObjectInfoCache
+from .workflows.store import WorkflowStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class Resources:
     oss: OssStore | None
     supervisor: Supervisor | None
     reserved_output_dirs: tuple[tuple[str, ...], ...]
+    workflows: HostedWorkflows
 
     @classmethod
     @asynccontextmanager
@@ -61,7 +64,8 @@ class Resources:
                     async with _running(supervisor):
                         fetch_url = partial(download, downloads, policy=policy)
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
-                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved)
+                        workflows = hosted_workflows(settings, comfy, supervisor)
+                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows)
                 finally:
                     await status.aclose()
                     if oss is not None:
@@ -141,6 +145,14 @@ async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def hosted_workflows(settings: Settings, comfy: ComfyUI, supervisor: Supervisor | None) -> HostedWorkflows:
+    """The hosted workflows' folder, checked against `/object_info` read once per ComfyUI process."""
+    generation = (lambda: supervisor.generation) if supervisor else (lambda: 0)
+    object_info = ObjectInfoCache(comfy.object_info, generation)
+    loaders = LOADER_INPUTS | set(settings.input_loaders)
+    return HostedWorkflows(WorkflowStore(settings.workflows_dir), object_info, loaders)
 
 
 def download_policy(settings: Settings) -> DownloadPolicy:

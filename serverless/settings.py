@@ -166,6 +166,7 @@ class Settings:
     oss_key_prefix: str = "serverless-api-output"
     oss_expires_in: int = 0
     status_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output/serverless_api"))
+    workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
     status_retention_days: float = 7.0
     status_stale_after: float = 120.0
     cancel_on_disconnect: bool = True
@@ -239,6 +240,7 @@ class Settings:
             oss_key_prefix=_text(env, "OSS_KEY_PREFIX", d.oss_key_prefix).strip("/"),
             oss_expires_in=_integer(env, "OSS_EXPIRES_IN_SECOND", d.oss_expires_in, 0),
             status_dir=Path(_text(env, "STATUS_DIR", f"{mount}/output/serverless_api")),
+            workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
             status_retention_days=_number(env, "STATUS_RETENTION_DAYS", d.status_retention_days, 0),
             status_stale_after=_number(env, "STATUS_STALE_AFTER", d.status_stale_after, 1),
             cancel_on_disconnect=_flag(env, "CANCEL_ON_DISCONNECT", d.cancel_on_disconnect),

@@ -228,6 +228,13 @@ class ComfyUI:
             self._queue_read = (loop.time(), asyncio.ensure_future(self.queue()))
         return await asyncio.shield(self._queue_read[1])
 
+    async def object_info(self) -> dict[str, Any]:
+        """GET /object_info: every node class, its inputs (types, ranges, options) and outputs."""
+        answer = await self._json("GET", "/object_info", "reading object_info")
+        if not isinstance(answer, dict):
+            raise ComfyUIUnavailable("ComfyUI answered /object_info with something that is not an object")
+        return answer
+
     async def system_stats(self) -> SystemStats:
         return SystemStats.from_answer(await self._json("GET", "/system_stats", "reading system stats"))
 

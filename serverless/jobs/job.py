@@ -243,6 +243,8 @@ class Job:
         }
         if node_errors:
             data["node_errors"] = node_errors
+        if spec.workflow_id is not None:
+            data["workflow_id"] = spec.workflow_id
         return {"type": "serverless_api", "data": data}
 
     def _observe(self, message: Message, collector: OutputCollector | None) -> None:

@@ -24,7 +24,7 @@ class OutputPolicy:
 class JobSpec:
     """One job as it will run. `task_id` is the caller's own (FC headers); None when the job's
     prompt id will name it. `credentials` (OSS) are resolved once, from the request or the
-    instance's settings, and never shown."""
+    instance's settings, and never shown. `workflow_id` names the hosted workflow that ran."""
 
     workflow: dict[str, Any]
     extra_data: dict[str, Any] | None = field(default=None, repr=False)
@@ -33,6 +33,7 @@ class JobSpec:
     task_id: str | None = None
     credentials: Credentials | None = field(default=None, repr=False)
     big: bool = False  # a body big enough that copying and serialising it go to a thread
+    workflow_id: str | None = None  # a hosted workflow's id, reported in the result
 
     @property
     def named(self) -> bool:

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Literal
 
-from ..core.request import RunRequest, parse_run_request
+from ..core.request import RunRequest, parse_run_request, query_flag, task_id_from_headers
 from ..core.workflow import check_output_paths
 from ..delivery.oss import Credentials
 from ..errors import ComfyUIUnavailable, InvalidParams
@@ -54,12 +54,42 @@ async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[st
     return await asyncio.to_thread(parse_run_request, body, query, headers)
 
 
+async def parse_hosted(
+    resources: Resources, workflow_id: str, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
+) -> RunRequest:
+    """A hosted workflow's run: the body holds only overrides, checked and merged into the stored
+    workflow (`serverless.workflows.hosting`); the flags and task id as for any run."""
+    task_id = task_id_from_headers(headers)
+    workflow, extra_data = await resources.workflows.prepare_run(workflow_id, body)
+    return RunRequest(
+        workflow=workflow,
+        extra_data=extra_data,
+        output_base64=query_flag(query, "output_base64"),
+        output_oss=query_flag(query, "output_oss"),
+        stream=query_flag(query, "stream"),
+        task_id=task_id,
+    )
+
+
+def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
+    """The hosted workflow asked for: from the path, else `?workflow_id=`; None for an ordinary run."""
+    query_id = query.get("workflow_id")
+    if path_id is not None and query_id is not None and query_id != path_id:
+        raise InvalidParams(f"the path names workflow {path_id!r} but workflow_id is {query_id!r}")
+    return path_id if path_id is not None else query_id
+
+
 async def start_job(
     resources: Resources, jobs: Jobs, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str],
-    transport: Transport,
+    transport: Transport, workflow_id: str | None = None,
 ) -> Job:
-    """The job a request asks for, started."""
-    request = await parse(body, query, headers)
+    """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
+    hosted workflow with the body as its overrides."""
+    workflow_id = hosted_id(query, workflow_id)
+    if workflow_id is None:
+        request = await parse(body, query, headers)
+    else:
+        request = await parse_hosted(resources, workflow_id, body, query, headers)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():
@@ -75,5 +105,6 @@ async def start_job(
         task_id=request.task_id,
         credentials=credentials,
         big=len(body) >= BIG_BODY,
+        workflow_id=workflow_id,
     )
     return await jobs.start(spec)

@@ -1,0 +1,172 @@
+"""The body of a hosted run (pure): overrides of a stored workflow, in any of three forms, read
+into one `{(node_id, input): value}` mapping, then merged into a copy of the workflow.
+
+    advanced (GenStudio)  {"<node_id>": {"inputs": {"<input>": value}}}, bare or under "prompt"
+    flat                  {"<node_id>.<input>": value}
+    simple (Flask)        {"prompt": "text", "target_node": "<node_id>"}: the text goes to that
+                          node's `text` input, or without `target_node` to the positive prompt
+
+The forms mix in one body (`{"prompt": "a cat", "3.seed": -1}`); `extra_data` passes to ComfyUI
+as in an ordinary run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.request import MAX_INPUT_DEPTH, _depth
+from ..errors import InvalidParams
+from .schema import ObjectInfo, Workflow, is_link, node_inputs, node_order
+from .validate import Overrides, Problem
+
+TEXT_INPUT = "text"
+POSITIVE_INPUT = "positive"
+PROMPT_CLASS = "CLIPTextEncode"
+NODE_KEYS = frozenset({"inputs", "class_type", "_meta"})
+FORMS_HINT = 'use {"<node_id>": {"inputs": {...}}}, {"<node_id>.<input>": value} or {"prompt": "text"}'
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedOverrides:
+    """What a run body asks to change, what it passes to ComfyUI, and what is wrong with its shape."""
+
+    values: Overrides
+    extra_data: dict[str, Any] | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) -> ParsedOverrides:
+    """Read a decoded run body (None: no body, no overrides); raise InvalidParams when it is not an object."""
+    if document is None:
+        return ParsedOverrides({})
+    if not isinstance(document, dict):
+        raise InvalidParams("the body of a hosted run must be a JSON object of overrides; " + FORMS_HINT)
+    values: Overrides = {}
+    problems: list[Problem] = []
+    extra_data = _extra_data(document.get("extra_data"))
+    prompt = document.get("prompt")
+    if isinstance(prompt, dict):
+        _advanced(prompt, workflow, values, problems)
+    elif isinstance(prompt, str):
+        _simple(prompt, document.get("target_node"), workflow, object_info, values, problems)
+    elif prompt is not None:
+        problems.append(Problem("prompt", None, None, "invalid_overrides", "must be a text or an object of nodes"))
+    for key, value in document.items():
+        if key in ("prompt", "extra_data", "target_node"):
+            continue
+        if isinstance(value, dict) and "inputs" in value:
+            _advanced({key: value}, workflow, values, problems)
+        elif "." in key:
+            node_id, _, name = key.rpartition(".")
+            values[(node_id, name)] = value
+        else:
+            problems.append(Problem(key, None, None, "invalid_overrides", f"is not an override: {FORMS_HINT}"))
+    if "target_node" in document and not isinstance(prompt, str):
+        problems.append(Problem("target_node", None, None, "invalid_overrides",
+                                'goes with a text "prompt" (the simple form)'))
+    return ParsedOverrides(values, extra_data, problems)
+
+
+def _extra_data(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidParams("extra_data must be a JSON object")
+    # ComfyUI deep-copies extra_data in its prompt worker: too deep, and the worker dies.
+    if _depth(value) > MAX_INPUT_DEPTH:
+        raise InvalidParams(f"extra_data is nested more than {MAX_INPUT_DEPTH} levels deep")
+    return value
+
+
+def _advanced(nodes: Mapping[str, Any], workflow: Workflow, values: Overrides, problems: list[Problem]) -> None:
+    for node_id, node in nodes.items():
+        if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict):
+            problems.append(Problem(node_id, None, None, "invalid_overrides", 'must be {"inputs": {...}}'))
+            continue
+        stored = workflow.get(node_id)
+        stored_class = stored.get("class_type") if isinstance(stored, Mapping) else None
+        for key in sorted(set(node) - NODE_KEYS):
+            problems.append(Problem(node_id, stored_class, None, "invalid_overrides", f"unexpected key {key!r}"))
+        if "class_type" in node and stored is not None and node["class_type"] != stored_class:
+            problems.append(Problem(node_id, stored_class, None, "class_type_changed",
+                                    f"is a {stored_class}; an override cannot make it a {node['class_type']}",
+                                    {"class_type": stored_class}, node["class_type"]))
+        for name, value in node["inputs"].items():
+            values[(node_id, name)] = value
+
+
+def _simple(
+    text: str, target: Any, workflow: Workflow, object_info: ObjectInfo, values: Overrides, problems: list[Problem]
+) -> None:
+    if target is not None and not isinstance(target, str):
+        problems.append(Problem("target_node", None, None, "invalid_overrides", "must be a node id (a string)"))
+        return
+    node_id = target or positive_prompt_node(workflow, object_info)
+    if node_id is None:
+        problems.append(Problem("", None, TEXT_INPUT, "no_prompt_node",
+                                'has no single positive-prompt text node: name one with "target_node"',
+                                {"nodes": text_nodes(workflow, object_info)}))
+        return
+    values[(node_id, TEXT_INPUT)] = text
+
+
+def text_nodes(workflow: Workflow, object_info: ObjectInfo) -> list[str]:
+    """Nodes with a literal `text` input that is multiline (a prompt box), CLIPTextEncode included."""
+    found = []
+    for node_id in sorted(workflow, key=node_order):
+        node = workflow[node_id]
+        inputs = node.get("inputs") if isinstance(node, Mapping) else None
+        if not isinstance(inputs, Mapping) or TEXT_INPUT not in inputs or is_link(inputs[TEXT_INPUT]):
+            continue
+        class_type = node.get("class_type")
+        declared = node_inputs(object_info, class_type) if isinstance(class_type, str) else None
+        spec = declared.get(TEXT_INPUT) if declared else None
+        if class_type == PROMPT_CLASS or (spec is not None and spec.type == "STRING" and spec.multiline):
+            found.append(node_id)
+    return found
+
+
+def positive_prompt_node(workflow: Workflow, object_info: ObjectInfo) -> str | None:
+    """The first text node whose output reaches a sampler's `positive` input (through any chain of
+    conditioning nodes); else the only text node; else None."""
+    candidates = text_nodes(workflow, object_info)
+    consumers = _consumers(workflow)
+    for node_id in candidates:
+        if _reaches_positive(node_id, consumers):
+            return node_id
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _consumers(workflow: Workflow) -> dict[str, list[tuple[str, str]]]:
+    """node id -> the (node, input) pairs its outputs are linked to."""
+    consumers: dict[str, list[tuple[str, str]]] = {}
+    for node_id, node in workflow.items():
+        inputs = node.get("inputs") if isinstance(node, Mapping) else None
+        for name, value in (inputs.items() if isinstance(inputs, Mapping) else ()):
+            if is_link(value) and value and isinstance(value[0], str):
+                consumers.setdefault(value[0], []).append((node_id, name))
+    return consumers
+
+
+def _reaches_positive(start: str, consumers: dict[str, list[tuple[str, str]]]) -> bool:
+    seen, queue = {start}, deque([start])
+    while queue:
+        for node_id, name in consumers.get(queue.popleft(), []):
+            if name == POSITIVE_INPUT:
+                return True
+            if node_id not in seen:
+                seen.add(node_id)
+                queue.append(node_id)
+    return False
+
+
+def merge(workflow: Workflow, values: Overrides) -> dict[str, Any]:
+    """A copy of the workflow with the overrides set; the stored workflow is never changed."""
+    merged: dict[str, Any] = copy.deepcopy(dict(workflow))
+    for (node_id, name), value in values.items():
+        merged[node_id]["inputs"][name] = copy.deepcopy(value)
+    return merged
