@@ -126,6 +126,11 @@ def load_settings() -> Settings:
         raise SystemExit(SETTINGS_EXIT_CODE) from None
 
 
+def ws_max_size(settings: Settings) -> int:
+    """The largest websocket message uvicorn should take: a run body, and a little framing."""
+    return settings.max_body_bytes + 64 * 1024
+
+
 def main() -> None:
     settings = load_settings()
     configure_logging(settings)
@@ -143,6 +148,8 @@ def main() -> None:
             timeout_graceful_shutdown=int(settings.drain_timeout + SHUTDOWN_MARGIN),
             access_log=settings.access_log,
             log_config=None,  # uvicorn's loggers go through ours: one format, one level
+            # A websocket run body may be as big as an HTTP one (uvicorn's own limit is 16 MiB).
+            ws_max_size=ws_max_size(settings),
         ),
         settings.drain_timeout,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+WS_MAX_SIZE = 100 * 1024 * 1024 + 64 * 1024  # as `python -m serverless.server` sets it: MAX_BODY_BYTES + framing
 
 
 def free_port() -> int:
@@ -90,6 +91,6 @@ class App(Process):
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         port = free_port()
         args = [sys.executable, "-m", "uvicorn", "handler:app", "--host", "127.0.0.1",
-                "--port", str(port), "--log-level", "info"]
+                "--port", str(port), "--log-level", "info", "--ws-max-size", str(WS_MAX_SIZE)]
         super().__init__(args, port, log_dir / f"app-{port}.log", env=env,
                          ready_path="/api/serverless/status?task_id=startup-probe")

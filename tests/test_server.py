@@ -77,3 +77,19 @@ def test_access_log_true_logs_a_line_per_request_and_the_default_logs_none(serve
     assert len(lines) == 3, chatty.log_text()
     assert all(" uvicorn.access: " in line and '" 200' in line for line in lines)
     assert "task_id=req-" not in quiet.log_text()
+
+
+def test_the_server_takes_a_websocket_run_body_as_big_as_an_http_one(server, emulator):
+    import json
+
+    import websocket  # websocket-client
+
+    process = server(COMFYUI_URL=emulator.url)
+    text = "iVBORw0KGgoAAAANSUhEUg" * (20 * 1024 * 1024 // 22 + 1)  # 20 MiB: past uvicorn's 16 MiB default
+    body = json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {"t": text}}})
+    ws = websocket.create_connection(process.url.replace("http://", "ws://") + "/api/serverless/ws", timeout=30)
+    ws.send(body)
+    while (answer := json.loads(ws.recv()))["type"] not in ("serverless_api", "error"):
+        pass
+    ws.close()
+    assert answer["type"] == "error" and answer["error_code"] == "PROMPT_ERROR"

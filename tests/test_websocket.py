@@ -228,3 +228,13 @@ def test_a_slow_websocket_reader_is_dropped_with_try_again_later_and_the_job_goe
     assert not [text for text in texts if json.loads(text)["type"] in TERMINAL_TYPES]
     assert "dropping a slow websocket reader of task_id=slow-ws" in server.log_text()
     wait_no_jobs(server)
+
+
+def test_a_20_mib_run_body_gets_its_answer_not_a_dropped_connection(app):
+    text = "iVBORw0KGgoAAAANSUhEUg" * (20 * 1024 * 1024 // 22 + 1)
+    body = json.dumps({**empty_image(prefix="ws-big"), "3": {"class_type": "NoSuchNode", "inputs": {"t": text}}})
+    assert len(body) > 20 * 1024 * 1024
+    texts, code = run(app.url, body)
+    assert code == NORMAL_CLOSURE
+    terminal = json.loads(texts[-1])
+    assert terminal["type"] == "error" and terminal["error_code"] == "PROMPT_ERROR"  # it reached ComfyUI
