@@ -181,6 +181,7 @@ class Settings:
     job_max_event_bytes: int = 64 * MiB
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     queue_stall_after: float = 30.0
+    stream_write_timeout: float = 60.0
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -255,4 +256,5 @@ class Settings:
             job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
             comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
             queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
+            stream_write_timeout=_number(env, "STREAM_WRITE_TIMEOUT", d.stream_write_timeout, 0.1),
         )

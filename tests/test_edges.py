@@ -138,3 +138,31 @@ def test_a_filename_prefix_cannot_squat_a_task_log(start_app, emulator):
     assert ok.status_code == 200
     status = requests.get(server.url + "/api/serverless/status", params={"task_id": "edges-squat"}, timeout=10)
     assert status.json()[-1]["type"] == "serverless_api"
+
+
+def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_timeout(start_app, emulator):
+    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
+    workflow = {  # a noisy 2048x2048 picture: its base64 is far more than the sockets' buffers hold
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 5, "strength": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "stall"}},
+    }
+    body = json.dumps(workflow).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.sendall((f"POST {RUN}?output_base64=true HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    wait_until(lambda: "read nothing for 1s; its connection is closed" in server.log_text(), timeout=60)
+    received = b""
+    sock.settimeout(30)
+    while chunk := sock.recv(1 << 20):  # what was in flight, then the end: the server closed it
+        received += chunk
+    sock.close()
+    head, _, content = received.partition(b"\r\n\r\n")
+    lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    declared = int(lengths[0])
+    assert head.startswith(b"HTTP/1.1 200") and len(content) < declared
+    assert requests.get(server.url + "/api/serverless/health", timeout=10).json()["jobs"] == 0
+    assert "Traceback" not in server.log_text()

@@ -21,6 +21,20 @@ class _Finished(Exception):
     """Raised by the first step to finish, so the task group cancels the other."""
 
 
+class CallerStalled(ConnectionError):
+    """The caller stopped reading: one send waited longer than the write timeout."""
+
+
+async def bounded(send: Awaitable[None], timeout: float) -> None:
+    """One send to the caller, given up after `timeout` seconds: a caller that never reads must
+    not pin its answer (and the connection) in memory for ever."""
+    try:
+        async with asyncio.timeout(timeout):
+            await send
+    except TimeoutError:
+        raise CallerStalled(f"the caller read nothing for {timeout:g}s") from None
+
+
 async def watch(
     job: Job, deliver: Callable[[], Awaitable[None]], caller_gone: Callable[[], Awaitable[None]],
     cancel_on_disconnect: bool,
@@ -33,6 +47,9 @@ async def watch(
     async def step(name: Winner, run: Callable[[], Awaitable[None]]) -> None:
         try:
             await run()
+        except CallerStalled as exc:
+            log.info("task_id=%s: %s; its connection is closed", job.task_id, exc)
+            name = "caller_gone"
         except (OSError, WebSocketDisconnect) as exc:  # the connection is gone mid-send
             log.debug("task_id=%s: sending failed (%r): the caller is gone", job.task_id, exc)
             name = "caller_gone"

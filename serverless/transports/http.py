@@ -23,7 +23,7 @@ from ..errors import InvalidParams
 from ..jobs.feed import ReaderTooSlow
 from ..jobs.job import Job
 from ..settings import Settings
-from .caller import watch
+from .caller import CallerStalled, bounded, watch
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,31 @@ async def json_response(request: Request, job: Job, settings: Settings, held_asy
     terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
     error = terminal.error
     status = 200 if error is None or (held_async and not error.retryable) else error.status_code
-    return Response(terminal.data, status_code=status, media_type="application/json")
+    return JsonBody(terminal.data, status, settings.stream_write_timeout)
+
+
+class JsonBody(Response):
+    """A JSON answer sent in chunks, each send bounded by the write timeout (results with base64
+    outputs can be tens of megabytes): a caller that stops reading has its connection closed."""
+
+    media_type = "application/json"
+    CHUNK = 1024 * 1024
+
+    def __init__(self, body: bytes, status_code: int, write_timeout: float) -> None:
+        super().__init__(body, status_code=status_code)
+        self.write_timeout = write_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        view = memoryview(self.body)
+        try:
+            for start in range(0, max(len(view), 1), self.CHUNK):
+                chunk = bytes(view[start : start + self.CHUNK])
+                more = start + self.CHUNK < len(view)
+                await bounded(send({"type": "http.response.body", "body": chunk, "more_body": more}),
+                              self.write_timeout)
+        except (CallerStalled, OSError) as exc:
+            log.info("%s %s: %s; its connection is closed", scope.get("method"), scope.get("path"), exc)
 
 
 class EventStream(Response):
@@ -86,10 +110,12 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
+        timeout = self.settings.stream_write_timeout
+
         async def deliver() -> None:
             async for chunk in self._chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await bounded(send({"type": "http.response.body", "body": chunk, "more_body": True}), timeout)
+            await bounded(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
 
         async def caller_gone() -> None:
             while (await receive())["type"] != "http.disconnect":

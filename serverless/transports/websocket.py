@@ -15,7 +15,8 @@ from ..jobs.feed import ReaderTooSlow
 from ..jobs.job import Job
 from ..jobs.registry import Jobs
 from ..resources import Resources
-from .caller import watch
+from ..settings import Settings
+from .caller import bounded, watch
 from .start import start_job
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ async def websocket_run(websocket: WebSocket) -> None:
         await websocket.send_text(json.dumps(error.to_payload(), ensure_ascii=False))
         await websocket.close()
         return
-    await _forward(websocket, job, resources.settings.cancel_on_disconnect)
+    await _forward(websocket, job, resources.settings)
 
 
 async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
@@ -55,7 +56,7 @@ async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
     return body
 
 
-async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -> None:
+async def _forward(websocket: WebSocket, job: Job, settings: Settings) -> None:
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
 
@@ -63,7 +64,7 @@ async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -
         try:
             async for event in job.events():
                 if event is not None:
-                    await websocket.send_text(event.text)
+                    await bounded(websocket.send_text(event.text), settings.stream_write_timeout)
         except ReaderTooSlow as exc:
             too_slow.append(exc)
             return
@@ -73,7 +74,7 @@ async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -
         while (await websocket.receive())["type"] != "websocket.disconnect":
             pass  # the protocol has one client message; later ones are ignored
 
-    winner = await watch(job, deliver, caller_gone, cancel_on_disconnect)
+    winner = await watch(job, deliver, caller_gone, settings.cancel_on_disconnect)
     if too_slow and winner == "delivered":
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
