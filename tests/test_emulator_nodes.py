@@ -17,9 +17,9 @@ import requests
 import websocket
 from PIL import Image
 
-from serverless.emulator.folders import Folders
-from serverless.emulator.nodes import NodeContext
-from serverless.emulator.nodes.loaders import LoadImageMask
+from comfyui_emulator.folders import Folders
+from comfyui_emulator.nodes import NodeContext
+from comfyui_emulator.nodes.loaders import LoadImageMask
 from tests.servers import Emulator
 
 FIXTURES = Path(__file__).parent / "fixtures"

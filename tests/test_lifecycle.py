@@ -37,7 +37,7 @@ class Instance(Process):
         self.root = tmp / "comfyui"
         self.status_dir = tmp / "status"
         self.comfyui_url = f"http://127.0.0.1:{free_port()}"
-        comfyui = shlex.join([sys.executable, "-m", "serverless.emulator", "--host", "127.0.0.1",
+        comfyui = shlex.join([sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1",
                               "--port", self.comfyui_url.rsplit(":", 1)[1], "--root", str(self.root),
                               "--step-delay", str(step_delay)])
         if start_delay:  # a slow ComfyUI start-up
@@ -62,7 +62,7 @@ class Instance(Process):
                 args = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"serverless.emulator" in args and str(self.root).encode() in args:
+            if b"comfyui_emulator" in args and str(self.root).encode() in args:
                 pids.append(int(entry.name))
         return pids
 

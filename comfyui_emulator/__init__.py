@@ -1,8 +1,8 @@
 """A ComfyUI 0.3.64 emulator for development and tests: a real aiohttp server speaking ComfyUI's
 HTTP and websocket protocol as recorded in tests/fixtures/traces, executing a few nodes for real
-with Pillow. It imports nothing else from `serverless`.
+with Pillow. It imports nothing from `serverless` (the production package knows nothing of it).
 
-Run it with `python -m serverless.emulator [--host 127.0.0.1] [--port 8188] [--root DIR]
+Run it with `python -m comfyui_emulator [--host 127.0.0.1] [--port 8188] [--root DIR]
 [--step-delay SECONDS]`, or embed `create_app(root, step_delay)`. `root` (default
 `./emulator-data`) holds `input/`, `output/` and `temp/`; temp is emptied at start.
 
