@@ -27,6 +27,8 @@ Test and fault hooks (not ComfyUI's, no `/api` twin):
                                     after its interrupt check, like a long non-interruptible
                                     computation. Fault knobs: `history_delay` (s), `history_garbage`
                                     and `view_status` (see hooks.py). Answers the resulting settings.
+  `POST /emulator/release_node`     end the `node_delay` of the node sleeping it (or of the next
+                                    one): a long node_delay plus releases step a prompt node by node.
   `GET /emulator/sent?client_id=X`  the texts sent to that client, in order.
 
 Known differences from ComfyUI: no binary websocket frames (previews, progress text), no other

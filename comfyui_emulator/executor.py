@@ -150,7 +150,7 @@ class _Run:
                           step_delay=lambda: config.step_delay, interrupt=self.emu.runtime.interrupt,
                           on_progress=partial(self._on_progress, node_id))
         ctx.check_interrupt()  # ComfyUI checks before every node function call
-        ctx.sleep(config.node_delay)
+        self.emu.runtime.gate.hold(config.node_delay)
         output: NodeOutput = node.run(ctx, **values)
         return output
 
