@@ -316,6 +316,19 @@ async def test_scenario_replays_as_recorded(fresh_emulator: Emulator, name: str)
     await replay(fresh_emulator.url, load(name))
 
 
+async def wait_until_running(url: str) -> None:
+    """Until the worker has taken a prompt (GET /queue lists it as running)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"{url}/queue") as resp:
+                if (await resp.json())["queue_running"]:
+                    return
+            assert loop.time() < deadline, "the worker took no prompt"
+            await asyncio.sleep(0.005)
+
+
 def hold_nodes_until(url: str, release_after: str, interrupt: str) -> dict[str, Hook]:
     """Replay hooks for a long node_delay (set by the caller): node 1 is released after the
     `release_after` response, node 2 after the `interrupt` response, when holding stops."""
@@ -333,6 +346,8 @@ async def test_g_interrupt_and_queue(fresh_emulator: Emulator) -> None:
     url = fresh_emulator.url
     await configure(url, node_delay=3600)
     hooks = hold_nodes_until(url, release_after="queued_3_front", interrupt="interrupt_targeted")
+    # As recorded, the worker takes the first prompt (a `status` of 1) before the second is queued.
+    hooks["slow_1"] = lambda: wait_until_running(url)
     await replay(url, load("g_interrupt_and_queue"), after=hooks, broadcasts_may_interleave=True)
 
 
