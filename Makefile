@@ -22,7 +22,7 @@ $(VENV)/.dev-installed: $(BIN)/python requirements.txt requirements-dev.txt
 	touch $@
 
 serve: $(VENV)/.serve-installed  ## the API on :9000 against the ComfyUI emulator (./bootstrap --help)
-	PATH="$(CURDIR)/$(BIN):$$PATH" ./bootstrap --emulator
+	PATH="$(CURDIR)/$(BIN):$$PATH" exec ./bootstrap --emulator
 
 test: $(VENV)/.dev-installed  ## the whole test suite
 	$(BIN)/python -m pytest
