@@ -58,7 +58,8 @@ nas:
   vae_approx: vae_approx
 EOF
 
-# The adapter, in the same environment (its requirements are compatible with ComfyUI's).
+# The adapter, in the same environment (its requirements are compatible with ComfyUI's): the
+# production package and its entry points only; the ComfyUI emulator stays out (.dockerignore too).
 COPY requirements.txt /app/requirements.txt
 RUN pip install -r /app/requirements.txt
 COPY --chmod=755 bootstrap /app/bootstrap

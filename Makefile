@@ -1,28 +1,46 @@
-# One command to serve, one to test. Both create .venv and install what they need.
+# One command to serve, one to test, one to check. Each creates .venv and installs what it needs:
+# `make serve` only the runtime and the emulator's requirements, `make test`/`make check` the dev set.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SOURCES := serverless comfyui_emulator tests bench handler.py
 
-.PHONY: serve test bench lint clean
+.PHONY: serve test check format bench lint clean
 
-$(BIN)/activate: requirements.txt requirements-dev.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# What serving needs: the package (editable) with the emulator's extra.
+$(VENV)/.serve-installed: $(BIN)/python pyproject.toml requirements.txt
+	$(BIN)/pip install --quiet -e '.[emulator]'
+	touch $@
+
+# Tests, benchmarks and checks: requirements-dev.txt (it includes requirements.txt).
+$(VENV)/.dev-installed: $(BIN)/python requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
-	touch $(BIN)/activate
+	touch $@
 
-serve: $(BIN)/activate  ## the API on :9000 against the ComfyUI emulator
-	PATH="$(CURDIR)/$(BIN):$$PATH" ./bootstrap --emulator
+serve: $(VENV)/.serve-installed  ## the API on :9000 against the ComfyUI emulator (./bootstrap --help)
+	PATH="$(CURDIR)/$(BIN):$$PATH" exec ./bootstrap --emulator
 
-test: $(BIN)/activate  ## the whole test suite
+test: $(VENV)/.dev-installed  ## the whole test suite
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/activate  ## benchmarks: prints a table of figures
-	$(BIN)/python -m bench
-
-lint: $(BIN)/activate
-	$(BIN)/ruff check serverless tests handler.py
+check: $(VENV)/.dev-installed  ## formatting, lint and types, as CI runs them
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/mypy --strict serverless handler.py
 
+format: $(VENV)/.dev-installed  ## apply ruff's formatting
+	$(BIN)/ruff format $(SOURCES)
+
+lint: $(VENV)/.dev-installed  ## check without the formatting
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/mypy --strict serverless handler.py
+
+bench: $(VENV)/.dev-installed  ## benchmarks: prints a table of figures
+	$(BIN)/python -m bench
+
 clean:
-	rm -rf $(VENV) emulator-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) emulator-data build *.egg-info .pytest_cache .mypy_cache .ruff_cache

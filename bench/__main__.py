@@ -70,7 +70,7 @@ def _bare(session: aiohttp.ClientSession, comfyui_url: str, workdir: Path) -> su
 
 
 def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str) -> str:
-    target = os.environ.get("COMFYUI_URL") or "the ComfyUI emulator (`python -m serverless.emulator`, step_delay 0)"
+    target = os.environ.get("COMFYUI_URL") or "the ComfyUI emulator (`python -m comfyui_emulator`, step_delay 0)"
     lines = [
         "## Performance",
         "",

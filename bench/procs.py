@@ -74,7 +74,7 @@ class Server:
 def start_emulator(root: Path, step_delay: float = 0.0) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    args = [sys.executable, "-m", "serverless.emulator", "--host", "127.0.0.1", "--port", str(port),
+    args = [sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1", "--port", str(port),
             "--root", str(root), "--step-delay", str(step_delay)]
     return Server(args, port, root / "emulator.log")
 

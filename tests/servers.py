@@ -74,13 +74,13 @@ class Process:
 
 
 class Emulator(Process):
-    """`python -m serverless.emulator` with its own input/output/temp folders under `root`."""
+    """`python -m comfyui_emulator` with its own input/output/temp folders under `root`."""
 
     def __init__(self, root: Path, port: int | None = None, *extra: str) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        args = [sys.executable, "-m", "serverless.emulator", "--host", "127.0.0.1",
+        args = [sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1",
                 "--port", str(port), "--root", str(root), *extra]
         super().__init__(args, port, root / "emulator.log", ready_path="/system_stats")
 

@@ -8,6 +8,8 @@ import json
 import re
 import shlex
 import subprocess
+import sys
+import tomllib
 from typing import Any
 
 import pytest
@@ -161,21 +163,81 @@ def test_dockerfile_starts_bootstrap_with_comfyui_supervised_from_app_comfyui():
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies():
-    sources = [src for line in dockerfile().splitlines() if line.startswith("COPY ") and "<<" not in line
-               for src in [part for part in line.split()[1:-1] if not part.startswith("--")]]
+    sources = copied_sources()
     assert {"requirements.txt", "bootstrap", "handler.py", "serverless"} <= set(sources)
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = dockerignore_patterns()
     for source in sources:
         assert (ROOT / source).exists(), source
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in patterns), source
     assert ".venv" in patterns and ".git" in patterns and "tests" in patterns
 
 
+def copied_sources() -> list[str]:
+    """The build-context paths the Dockerfile COPYs (heredocs and flags left out)."""
+    return [src for line in dockerfile().splitlines() if line.startswith("COPY ") and "<<" not in line
+            for src in [part for part in line.split()[1:-1] if not part.startswith("--")]]
+
+
+def dockerignore_patterns() -> list[str]:
+    return [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_the_image_gets_no_emulator_tests_or_benchmarks():
+    """The emulator is a development tool: outside the build context and outside what is copied."""
+    patterns = dockerignore_patterns()
+    for tool in ("comfyui_emulator", "tests", "bench"):
+        assert tool in patterns, f".dockerignore lets {tool}/ into the build context"
+        assert not any(source == tool or source.startswith(f"{tool}/") for source in copied_sources())
+    assert set(copied_sources()) == {"requirements.txt", "bootstrap", "handler.py", "serverless"}
+    copied = [path for source in copied_sources() for path in [ROOT / source, *(ROOT / source).rglob("*")]]
+    assert not [path for path in copied if "emulator" in path.name], "the production package holds an emulator"
+    for path in copied:
+        if path.suffix == ".py":
+            assert "comfyui_emulator" not in path.read_text(), f"{path} knows the emulator"
+    # The one exception, a development convenience: `bootstrap --emulator` (the emulator is not in the image).
+    assert "-m comfyui_emulator" in (ROOT / "bootstrap").read_text()
+
+
+def test_pip_install_packages_serverless_and_handler_with_the_runtime_requirements():
+    """pyproject.toml: every `serverless*` package, handler.py, the requirements.txt ranges, no emulator."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["packages"]["find"]["include"] == ["serverless*"]
+    assert setuptools["py-modules"] == ["handler"]
+    assert project["project"]["dynamic"] == ["version"]
+    assert setuptools["dynamic"]["version"] == {"attr": "serverless.__version__"}
+    runtime = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert project["project"]["dependencies"] == [line for line in runtime if line]
+    extra = {re.split(r"[<>=\[]", req)[0] for req in project["project"]["optional-dependencies"]["emulator"]}
+    imported = {match for path in (ROOT / "comfyui_emulator").rglob("*.py")
+                for match in re.findall(r"^(?:from|import) ([A-Za-z_]\w*)", path.read_text(), re.MULTILINE)}
+    assert imported - set(sys.stdlib_module_names) - {"comfyui_emulator"} == {"aiohttp", "PIL"}
+    assert extra == {"aiohttp", "pillow"}  # the emulator extra covers them
+
+
 def test_bootstrap_is_an_executable_bash_script():
     path = ROOT / "bootstrap"
     assert path.stat().st_mode & 0o111
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_bootstrap_help_prints_usage_and_starts_nothing(flag, tmp_path):
+    # PYTHON names a program that leaves a mark: bootstrap must exit before exec'ing anything.
+    marker = tmp_path / "started"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake.chmod(0o755)
+    result = subprocess.run([str(ROOT / "bootstrap"), flag], env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0 and not marker.exists()
+    for documented in ("--emulator", "EMULATOR_PORT", "EMULATOR_ROOT", "step_delay", "node_delay",
+                       "/emulator/config"):
+        assert documented in result.stdout
+    refused = subprocess.run([str(ROOT / "bootstrap"), "--bogus"], env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
+                             capture_output=True, text=True, timeout=10)
+    assert refused.returncode == 2 and "Usage" in refused.stderr and not marker.exists()
 
 
 def test_s_yaml_sizes_are_within_the_fc3_schema(props):

@@ -12,14 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 import websocket
 from PIL import Image
 
-from serverless.emulator.folders import Folders
-from serverless.emulator.nodes import NodeContext
-from serverless.emulator.nodes.loaders import LoadImageMask
+from comfyui_emulator.folders import Folders
+from comfyui_emulator.nodes import NodeContext
+from comfyui_emulator.nodes.loaders import LoadImageMask
 from tests.servers import Emulator
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -141,7 +142,9 @@ def test_load_image_mask_takes_one_channel(tmp_path: Path) -> None:
     ctx = NodeContext("1", "p", folders, lambda: 0.0, threading.Event(), lambda value, total: None)
     red = node.run(ctx, image="m.png", channel="red").values[0][0]
     alpha = node.run(ctx, image="m.png", channel="alpha").values[0][0]
-    assert (red.size, red.getpixel((0, 0)), alpha.getpixel((0, 0))) == ((6, 4), 10, 0)
+    # ComfyUI's masks: float32 v / 255, and 1 - that for alpha
+    assert (red.mode, red.size, red.getpixel((0, 0))) == ("F", (6, 4), np.float32(10) / np.float32(255))
+    assert alpha.getpixel((0, 0)) == 0.0
     assert LoadImageMask.validate(folders, image="nope.png") == "Invalid image file: nope.png"
 
 
@@ -179,3 +182,65 @@ def test_view_converts_on_request(emu: Emulator) -> None:
     assert jpeg.headers["Content-Type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
     alpha = requests.get(emu.url + "/view", params={**ref, "channel": "a"}, timeout=10)
     assert Image.open(io.BytesIO(alpha.content)).mode == "RGBA"
+
+
+def comfyui_saves(pixels: np.ndarray) -> np.ndarray:
+    """What ComfyUI's SaveImage writes for a float32 image: clip(255 * x) truncated to bytes."""
+    return np.clip(255.0 * pixels, 0, 255).astype(np.uint8)
+
+
+def comfyui_loads(picture: Image.Image) -> np.ndarray:
+    """ComfyUI's LoadImage: the RGB bytes as float32 / 255."""
+    return np.array(picture.convert("RGB")).astype(np.float32) / 255.0
+
+
+def test_pixels_follow_comfyuis_float32_arithmetic_so_inverted_200_saves_as_54(emu: Emulator) -> None:
+    every_byte = np.arange(256)
+    rows = np.stack([every_byte, every_byte[::-1], (every_byte * 7) % 256], axis=-1).astype(np.uint8)
+    picture = Image.fromarray(rows.reshape(1, 256, 3), "RGB")
+    upload(emu, picture, "every_byte.png")
+    invert = {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "every_byte.png"}},
+              "2": invert, "3": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+              "4": save("1", "nodes/float_as_is"), "5": save("2", "nodes/float_inverted"),
+              "6": save("3", "nodes/float_inverted_twice")}
+    _, history = run(emu, prompt)
+    as_is, inverted, twice = (np.array(images(emu, history, node)[0].convert("RGB")) for node in "456")
+    assert inverted[0, 200, 0] == 54  # 1 - 200/255 is 0.21176469 in float32; 255 times that, truncated
+    assert inverted[0, 0, 0] == 255 and inverted[0, 255, 0] == 0
+    loaded = comfyui_loads(picture)
+    assert np.array_equal(as_is, comfyui_saves(loaded))  # bytes survive a load and a save
+    assert np.array_equal(inverted, comfyui_saves(np.float32(1.0) - loaded))
+    assert np.array_equal(twice, comfyui_saves(np.float32(1.0) - (np.float32(1.0) - loaded)))
+    assert not np.array_equal(twice, rows.reshape(1, 256, 3))  # float32 rounding shows, as in ComfyUI
+
+
+def test_empty_image_colour_is_float32_as_torch_full_makes_it(emu: Emulator) -> None:
+    prompt = {"1": empty(4, 4, 0xC8417F), "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+              "3": save("2", "nodes/empty_inverted")}
+    _, history = run(emu, prompt)
+    saved = np.array(images(emu, history, "3")[0].convert("RGB"))[0, 0]
+    colour = np.array([0xC8, 0x41, 0x7F], dtype=np.float32) / 255.0  # torch.full(..., c / 0xFF), float32
+    assert saved.tolist() == comfyui_saves(np.float32(1.0) - colour).tolist() == [54, 189, 127]  # not 255 - c
+
+
+def test_preview_any_shows_any_value_as_text(emu: Emulator) -> None:
+    prompt = {"1": empty(8, 6, 0), "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+              "3": {"class_type": "PreviewAny", "inputs": {"source": "a caption"}},
+              "4": {"class_type": "PreviewAny", "inputs": {"source": 42}}}
+    messages, history = run(emu, prompt)
+    outputs = history["outputs"]
+    assert outputs["3"] == {"text": ["a caption"]} and outputs["4"] == {"text": ["42"]}
+    assert outputs["2"] == {"text": ["[<IMAGE float32 [6, 8, 3]>]"]}  # ComfyUI shows torch's repr here
+    executed = {m["data"]["node"]: m["data"]["output"] for m in messages if m["type"] == "executed"}
+    assert executed == outputs
+
+
+def test_object_info_entries_are_comfyuis(emu: Emulator) -> None:
+    """Every node recorded in full from ComfyUI 0.3.64 that the emulator has is published the same."""
+    recorded = json.loads((FIXTURES / "traces" / "object_info_subset.json").read_text())["full_entries"]
+    published = requests.get(emu.url + "/object_info", timeout=10).json()
+    shared = set(recorded) & set(published)
+    assert {"PreviewAny", "EmptyImage", "SaveImage", "KSampler"} <= shared
+    for name in shared - {"LoadImage"}:  # LoadImage lists the input folder
+        assert published[name] == recorded[name], name

@@ -303,6 +303,12 @@ async def configure(url: str, **settings: float) -> dict[str, Any]:
         return dict(await resp.json())
 
 
+async def release_node(url: str) -> None:
+    """End the hold of the node sleeping its node_delay (POST /emulator/release_node)."""
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/emulator/release_node") as resp:
+        assert resp.status == 200
+
+
 @pytest.mark.parametrize("name", ["a_empty_image_save", "a2_feature_flags_handshake",
                                   "b_upload_loadimage_invert", "c_batch3_save", "d_invalid_prompts",
                                   "e_execution_errors", "f_cached_resubmit", "h_misc_endpoints"])
@@ -310,18 +316,46 @@ async def test_scenario_replays_as_recorded(fresh_emulator: Emulator, name: str)
     await replay(fresh_emulator.url, load(name))
 
 
+async def wait_until_running(url: str) -> None:
+    """Until the worker has taken a prompt (GET /queue lists it as running)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"{url}/queue") as resp:
+                if (await resp.json())["queue_running"]:
+                    return
+            assert loop.time() < deadline, "the worker took no prompt"
+            await asyncio.sleep(0.005)
+
+
+def hold_nodes_until(url: str, release_after: str, interrupt: str) -> dict[str, Hook]:
+    """Replay hooks for a long node_delay (set by the caller): node 1 is released after the
+    `release_after` response, node 2 after the `interrupt` response, when holding stops."""
+    async def stop_holding() -> None:
+        await configure(url, node_delay=0)
+        await release_node(url)  # node 2; node 3 then meets the pending interrupt
+
+    return {release_after: lambda: release_node(url), interrupt: stop_holding}
+
+
 async def test_g_interrupt_and_queue(fresh_emulator: Emulator) -> None:
-    # Nodes last 0.4 s (not interruptible, like the recorded ImageBlur chain) so the recorded
-    # requests land while node 2 runs; back to fast once the interrupt is sent.
-    await configure(fresh_emulator.url, node_delay=0.4)
-    fast = {"interrupt_targeted": lambda: configure(fresh_emulator.url, node_delay=0)}
-    await replay(fresh_emulator.url, load("g_interrupt_and_queue"), after=fast, broadcasts_may_interleave=True)
+    """No timing window: every node holds (not interruptible, like the recorded ImageBlur chain)
+    until released, so node 1 runs until the third prompt is queued and node 2 until the interrupt
+    is sent, as recorded; then nothing holds and the pending interrupt stops the prompt at node 3."""
+    url = fresh_emulator.url
+    await configure(url, node_delay=3600)
+    hooks = hold_nodes_until(url, release_after="queued_3_front", interrupt="interrupt_targeted")
+    # As recorded, the worker takes the first prompt (a `status` of 1) before the second is queued.
+    hooks["slow_1"] = lambda: wait_until_running(url)
+    await replay(url, load("g_interrupt_and_queue"), after=hooks, broadcasts_may_interleave=True)
 
 
 async def test_j_reconnect_mid_run(fresh_emulator: Emulator) -> None:
-    await configure(fresh_emulator.url, node_delay=0.4)
-    fast = {"interrupt_no_body": lambda: configure(fresh_emulator.url, node_delay=0)}
-    await replay(fresh_emulator.url, load("j_reconnect_mid_run"), after=fast)
+    # Node 2 is provably still running across the reconnect and until the interrupt.
+    await configure(fresh_emulator.url, node_delay=3600)
+    hooks = hold_nodes_until(fresh_emulator.url, release_after="slow", interrupt="interrupt_no_body")
+    await replay(fresh_emulator.url, load("j_reconnect_mid_run"), after=hooks)
 
 
 async def test_j_with_dropped_websockets_instead_of_client_close(fresh_emulator: Emulator) -> None:
@@ -330,9 +364,9 @@ async def test_j_with_dropped_websockets_instead_of_client_close(fresh_emulator:
                 f"{fresh_emulator.url}/emulator/drop_websockets") as resp:
             assert (await resp.json()) == {"dropped": 1}
 
-    await configure(fresh_emulator.url, node_delay=0.4)
-    fast = {"interrupt_no_body": lambda: configure(fresh_emulator.url, node_delay=0)}
-    await replay(fresh_emulator.url, load("j_reconnect_mid_run"), after=fast, on_ws_close=drop)
+    await configure(fresh_emulator.url, node_delay=3600)
+    hooks = hold_nodes_until(fresh_emulator.url, release_after="slow", interrupt="interrupt_no_body")
+    await replay(fresh_emulator.url, load("j_reconnect_mid_run"), after=hooks, on_ws_close=drop)
 
 
 async def test_config_hook_reports_and_refuses_unknown_keys(fresh_emulator: Emulator) -> None:

@@ -40,7 +40,7 @@ class Instance(Process):
         self.root = tmp / "comfyui"
         self.status_dir = tmp / "status"
         self.comfyui_url = f"http://127.0.0.1:{comfyui_port or free_port()}"
-        comfyui = shlex.join([sys.executable, "-m", "serverless.emulator", "--host", "127.0.0.1",
+        comfyui = shlex.join([sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1",
                               "--port", self.comfyui_url.rsplit(":", 1)[1], "--root", str(self.root),
                               "--step-delay", str(step_delay)])
         if start_delay:  # a slow ComfyUI start-up
@@ -78,7 +78,7 @@ def emulator_pids(root: Path) -> list[int]:
             args = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"serverless.emulator" in args and str(root).encode() in args:
+        if b"comfyui_emulator" in args and str(root).encode() in args:
             pids.append(int(entry.name))
     return pids
 
@@ -317,7 +317,7 @@ def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_ref
 
 def bootstrap_until_exit(tmp: Path, comfyui_port: int) -> subprocess.CompletedProcess[str]:
     """`bootstrap` with the emulator as ComfyUI on `comfyui_port`, run until it exits by itself."""
-    comfyui = [sys.executable, "-m", "serverless.emulator", "--port", str(comfyui_port), "--root", str(tmp / "ours")]
+    comfyui = [sys.executable, "-m", "comfyui_emulator", "--port", str(comfyui_port), "--root", str(tmp / "ours")]
     env = {**os.environ, "COMFYUI_URL": f"http://127.0.0.1:{comfyui_port}", "COMFYUI_CMD": shlex.join(comfyui),
            "FC_CUSTOM_LISTEN_PORT": str(free_port()), "STATUS_DIR": str(tmp / "status")}
     return subprocess.run([str(ROOT / "bootstrap")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
@@ -351,7 +351,7 @@ def test_the_app_refuses_to_start_when_another_comfyui_answers_on_its_port(tmp_p
 
 def test_a_comfyui_that_took_the_port_while_ours_started_is_never_taken_for_ours(instance, tmp_path):
     port, other_root = free_port(), tmp_path / "other"
-    other = shlex.join([sys.executable, "-m", "serverless.emulator", "--port", str(port), "--root", str(other_root)])
+    other = shlex.join([sys.executable, "-m", "comfyui_emulator", "--port", str(port), "--root", str(other_root)])
     answers = shlex.join([sys.executable, "-c", "import sys, time, urllib.request\nwhile True:\n try:\n"
                           f"  urllib.request.urlopen('http://127.0.0.1:{port}/system_stats'); sys.exit()\n"
                           " except OSError: time.sleep(0.05)"])

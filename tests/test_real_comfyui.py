@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 
 import pytest
 import requests
@@ -29,13 +30,22 @@ def test_model_free_workflow_runs_unchanged_on_real_comfyui(real_app):
     workflow["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
     workflow["5"] = {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": -1, "strength": 0.3}}
     workflow["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "noise"}}
+    # float32 pixels: 1 - c/255, times 255, truncated (tests/test_emulator_nodes.py expects the same)
+    workflow["7"] = {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1,
+                                                           "color": 0xC8417F}}
+    workflow["8"] = {"class_type": "ImageInvert", "inputs": {"image": ["7", 0]}}
+    workflow["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
     response = post_run(real_app.url, workflow, params={"output_base64": "1"})
     assert response.status_code == 200, response.text
     data = response.json()["data"]
-    assert [(r["node_id"], r["batch_id"]) for r in data["results"]] == [
-        ("2", 0), ("2", 1), ("4", 0), ("4", 1), ("6", 0), ("6", 1)]
-    assert decode_image(data["results"][0]).convert("RGB").getpixel((0, 0)) == (0, 255, 0)
-    assert decode_image(data["results"][2]).convert("RGB").getpixel((0, 0)) == (255, 0, 255)
+    # ComfyUI reports outputs in execution order, which it does not fix: compare them as a multiset.
+    keys = Counter((r["node_id"], r["batch_id"]) for r in data["results"])
+    assert keys == Counter([("2", 0), ("2", 1), ("4", 0), ("4", 1), ("6", 0), ("6", 1), ("9", 0)])
+    results = {(r["node_id"], r["batch_id"]): r for r in data["results"]}
+    for batch in (0, 1):
+        assert decode_image(results["2", batch]).convert("RGB").getpixel((0, 0)) == (0, 255, 0)
+        assert decode_image(results["4", batch]).convert("RGB").getpixel((0, 0)) == (255, 0, 255)
+    assert decode_image(results["9", 0]).convert("RGB").getpixel((0, 0)) == (54, 189, 127)
     sent = requests.get(f"{REAL}/history/{data['prompt_id']}", timeout=5).json()[data["prompt_id"]]["prompt"][2]
     assert data["seeds"] == {"5": {"seed": sent["5"]["inputs"]["seed"]}}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 
+import comfyui_emulator
 from serverless.errors import InvalidParams
 from serverless.inputs.resolve import LOADER_INPUTS
 from serverless.workflows.openapi import openapi_document
@@ -25,7 +27,8 @@ from serverless.workflows.validate import (
 )
 from tests.helpers import FIXTURES, txt2img
 
-OBJECT_INFO: dict[str, Any] = json.loads((FIXTURES / "object_info_emulator.json").read_text())
+# What the emulator answers to /object_info (its own file: the schema tests follow the emulator).
+OBJECT_INFO: dict[str, Any] = json.loads((Path(comfyui_emulator.__file__).parent / "object_info.json").read_text())
 REAL = json.loads((FIXTURES / "traces" / "object_info_subset.json").read_text())["full_entries"]
 WORKFLOW = txt2img(seed=5, steps=4, size=64)
 

@@ -33,7 +33,7 @@ class SaveImage(Node):
         results = []
         for batch_number, image in enumerate(images):
             file = f"{name.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-            image.save(os.path.join(folder, file), pnginfo=metadata, compress_level=self.COMPRESS_LEVEL)
+            image.picture().save(os.path.join(folder, file), pnginfo=metadata, compress_level=self.COMPRESS_LEVEL)
             results.append({"filename": file, "subfolder": subfolder, "type": self.FOLDER_TYPE})
             counter += 1
         return NodeOutput(ui={"images": results})

@@ -21,6 +21,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from ..folders import Folders
 from .base import ImageBatch, Node, NodeContext, NodeOutput
 from .input_files import InputFileNode
+from .pixels import Frame
 from .save import save_path
 
 STAND_IN_SIZE = (64, 64)
@@ -100,8 +101,8 @@ def _frames(path: str) -> tuple[ImageBatch, float]:
             duration = source.info.get("duration") or 0
             frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(source)]
         fps = 1000 / duration if duration else DEFAULT_FPS
-        return [f for f in frames if f.size == frames[0].size], fps
+        return [Frame.of_picture(f) for f in frames if f.size == frames[0].size], fps
     except (UnidentifiedImageError, OSError):
         with open(path, "rb") as f:
             colour = tuple(hashlib.sha256(f.read()).digest()[:3])
-        return [Image.new("RGB", STAND_IN_SIZE, colour)], DEFAULT_FPS
+        return [Frame.of_picture(Image.new("RGB", STAND_IN_SIZE, colour))], DEFAULT_FPS

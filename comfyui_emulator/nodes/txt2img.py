@@ -14,6 +14,7 @@ from typing import Any
 
 from .base import Node, NodeContext, NodeOutput
 from .picture import render
+from .pixels import Frame
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,6 @@ class VAEDecode(Node):
 
     def run(self, ctx: NodeContext, samples: Latent, vae: Model, **_: Any) -> NodeOutput:
         width, height = samples.width * 8, samples.height * 8
-        images = [render(f"{samples.digest}:{vae.ckpt_name}:{index}".encode(), width, height)
+        images = [Frame.of_picture(render(f"{samples.digest}:{vae.ckpt_name}:{index}".encode(), width, height))
                   for index in range(samples.batch_size)]
         return NodeOutput((images,))

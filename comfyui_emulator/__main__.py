@@ -1,4 +1,4 @@
-"""`python -m serverless.emulator [--host H] [--port P] [--root DIR] [--step-delay S]`."""
+"""`python -m comfyui_emulator [--host H] [--port P] [--root DIR] [--step-delay S]`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .app import create_app
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serverless.emulator",
+    parser = argparse.ArgumentParser(prog="python -m comfyui_emulator",
                                      description="Serve a ComfyUI 0.3.64 emulator.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8188)

@@ -4,7 +4,9 @@
 network failure would. `POST /emulator/config` with `{"step_delay": s, "node_delay": s}` (either
 key) changes the delays at run time, and the fault knobs `history_delay` (seconds),
 `history_garbage` (non-zero: /history/{id} answers non-JSON) and `view_status` (non-zero: /view
-answers that status); it answers the resulting settings. `GET /emulator/sent?client_id=X` returns
+answers that status); it answers the resulting settings. `POST /emulator/release_node` ends the
+`node_delay` of the node sleeping it (or of the next one to sleep it): with a long `node_delay`, a
+test moves a prompt on one node at a time. `GET /emulator/sent?client_id=X` returns
 the exact texts sent to that client's sockets, in order (the last 5000), so tests can compare
 what the adapter forwarded byte for byte; with `&times=1` each is `[t, text]`, `t` being
 `time.monotonic()` just before the emulator wrote it (comparable across processes on one machine;
@@ -35,6 +37,11 @@ async def configure(request: web.Request) -> web.Response:
     return web.json_response({key: getattr(config, key) for key in SETTINGS})
 
 
+async def release_node(request: web.Request) -> web.Response:
+    request.app[EMULATOR].runtime.gate.release()
+    return web.json_response({"released": 1})
+
+
 async def sent(request: web.Request) -> web.Response:
     client_id = request.rel_url.query.get("client_id", "")
     hub = request.app[EMULATOR].hub
@@ -47,5 +54,6 @@ async def sent(request: web.Request) -> web.Response:
 ROUTES = [
     ("POST", "/emulator/drop_websockets", drop_websockets),
     ("POST", "/emulator/config", configure),
+    ("POST", "/emulator/release_node", release_node),
     ("GET", "/emulator/sent", sent),
 ]

@@ -1,8 +1,8 @@
 """A ComfyUI 0.3.64 emulator for development and tests: a real aiohttp server speaking ComfyUI's
 HTTP and websocket protocol as recorded in tests/fixtures/traces, executing a few nodes for real
-with Pillow. It imports nothing else from `serverless`.
+with Pillow. It imports nothing from `serverless` (the production package knows nothing of it).
 
-Run it with `python -m serverless.emulator [--host 127.0.0.1] [--port 8188] [--root DIR]
+Run it with `python -m comfyui_emulator [--host 127.0.0.1] [--port 8188] [--root DIR]
 [--step-delay SECONDS]`, or embed `create_app(root, step_delay)`. `root` (default
 `./emulator-data`) holds `input/`, `output/` and `temp/`; temp is emptied at start.
 
@@ -16,7 +16,8 @@ SaveImage, PreviewImage, and the model-free text-to-image chain CheckpointLoader
 CLIPTextEncode, EmptyLatentImage, KSampler (sleeps the step delay and reports progress per step),
 VAEDecode (a picture determined by checkpoint, prompts, seed, sampler settings and size); and
 for audio and video inputs LoadAudio, SaveAudio (writes a real FLAC), LoadVideo, SaveVideo and
-VHS_LoadVideo.
+VHS_LoadVideo; PreviewAny (any value as text). Pixels are float32 as in ComfyUI (nodes/pixels.py):
+loaded as v / 255, saved as clip(255 * x) truncated, so 200 inverted saves as 54, as in ComfyUI.
 
 Test and fault hooks (not ComfyUI's, no `/api` twin):
   `POST /emulator/drop_websockets`  abort every websocket's connection (no close frame); answers
@@ -26,10 +27,13 @@ Test and fault hooks (not ComfyUI's, no `/api` twin):
                                     after its interrupt check, like a long non-interruptible
                                     computation. Fault knobs: `history_delay` (s), `history_garbage`
                                     and `view_status` (see hooks.py). Answers the resulting settings.
+  `POST /emulator/release_node`     end the `node_delay` of the node sleeping it (or of the next
+                                    one): a long node_delay plus releases step a prompt node by node.
   `GET /emulator/sent?client_id=X`  the texts sent to that client, in order.
 
 Known differences from ComfyUI: no binary websocket frames (previews, progress text), no other
-nodes, models or frontend; blur/noise/scaling use Pillow's algorithms, not torch's; tracebacks and
+nodes, models or frontend; blur/noise/scaling use Pillow's algorithms, not torch's; PreviewAny
+shows an IMAGE as `<IMAGE float32 [h, w, 3]>`, not torch's tensor repr; tracebacks and
 the image values in `execution_error.current_inputs` are the emulator's own; EmptyImage fails
 (like a failed allocation) above 2**26 pixels per batch; LoadImage refuses paths leaving the root;
 what ComfyUI keeps in sets (`executed`, `current_outputs`, outputs to run) comes in the order the

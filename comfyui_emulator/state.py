@@ -24,7 +24,8 @@ class Config:
     """Run-time knobs (changeable through `POST /emulator/config`).
 
     `step_delay` is slept per KSampler step (interruptible between steps); `node_delay` is slept inside
-    every node after its interrupt check, like a long non-interruptible computation.
+    every node after its interrupt check, like a long non-interruptible computation (or until
+    `POST /emulator/release_node`).
     """
 
     step_delay: float = 0.02
@@ -35,6 +36,32 @@ class Config:
     view_status: float = 0.0  # non-zero: GET/HEAD /view answers this HTTP status
 
 
+class NodeGate:
+    """Where nodes sleep their `node_delay`; `POST /emulator/release_node` ends one such sleep.
+
+    A test holds every node with a long `node_delay` and releases them one at a time, so a prompt
+    is provably still in a given node when the test acts, with no timing window. A release given
+    while no node sleeps is kept for the next node that does.
+    """
+
+    def __init__(self) -> None:
+        self._releases = 0
+        self._changed = threading.Condition()
+
+    def hold(self, seconds: float) -> None:
+        """Sleep up to `seconds`, or until a release is available (then use it up)."""
+        if seconds <= 0:
+            return
+        with self._changed:
+            if self._changed.wait_for(lambda: self._releases > 0, timeout=seconds):
+                self._releases -= 1
+
+    def release(self) -> None:
+        with self._changed:
+            self._releases += 1
+            self._changed.notify_all()
+
+
 @dataclass
 class Runtime:
     """What the worker runs right now; read by the websocket handler and `/interrupt`."""
@@ -42,6 +69,7 @@ class Runtime:
     client_id: str | None = None
     last_node_id: str | None = None
     interrupt: threading.Event = field(default_factory=threading.Event)
+    gate: NodeGate = field(default_factory=NodeGate)
 
 
 @dataclass

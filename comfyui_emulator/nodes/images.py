@@ -1,13 +1,19 @@
-"""Image nodes computed with Pillow: EmptyImage, ImageInvert, ImageScale, ImageAddNoise, ImageBlur."""
+"""Image nodes: EmptyImage, ImageInvert, ImageScale, ImageAddNoise, ImageBlur.
+
+EmptyImage and ImageInvert compute exactly as ComfyUI (float32). Scaling runs Pillow's filters on
+the float channels (lanczos on 8-bit pictures, as ComfyUI's own lanczos does); noise and blur run
+Pillow's 8-bit algorithms, not torch's.
+"""
 
 from __future__ import annotations
 
 import random
 from typing import Any
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 from .base import ImageBatch, Node, NodeContext, NodeOutput
+from .pixels import Frame, one_minus
 
 # Above this many pixels in one batch, EmptyImage fails the way torch does when it cannot allocate.
 MAX_BATCH_PIXELS = 1 << 26
@@ -32,14 +38,14 @@ class EmptyImage(Node):
                 "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
                 f"memory: you tried to allocate {pixels * 4} bytes. Error code 12 (Cannot allocate memory)")
         rgb = ((color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF)
-        return NodeOutput((_batch(Image.new("RGB", (width, height), rgb), batch_size),))
+        return NodeOutput(([Frame.filled((width, height), rgb) for _ in range(batch_size)],))
 
 
 class ImageInvert(Node):
     CLASS_TYPE = "ImageInvert"
 
     def run(self, ctx: NodeContext, image: ImageBatch, **_: Any) -> NodeOutput:
-        return NodeOutput(([ImageOps.invert(im) for im in image],))
+        return NodeOutput(([frame.map(one_minus) for frame in image],))
 
 
 class ImageScale(Node):
@@ -56,7 +62,11 @@ class ImageScale(Node):
             height = max(1, round(old_h * width / old_w))
         box = _center_crop_box(old_w, old_h, width, height) if crop == "center" else None
         method = SCALE_METHODS[upscale_method]
-        return NodeOutput(([im.resize((width, height), method, box=box) for im in image],))
+        if upscale_method == "lanczos":  # comfy.utils.lanczos goes through 8-bit PIL images too
+            return NodeOutput(([Frame.of_picture(frame.picture().resize((width, height), method, box=box))
+                                for frame in image],))
+        return NodeOutput(([frame.map(lambda band: band.resize((width, height), method, box=box))
+                            for frame in image],))
 
 
 class ImageAddNoise(Node):
@@ -66,9 +76,10 @@ class ImageAddNoise(Node):
             **_: Any) -> NodeOutput:
         rng = random.Random(seed)
         noisy = []
-        for im in image:
-            noise = Image.frombytes("RGB", im.size, rng.randbytes(im.width * im.height * 3))
-            noisy.append(Image.blend(im, noise, strength))
+        for frame in image:
+            picture = frame.picture()
+            noise = Image.frombytes("RGB", picture.size, rng.randbytes(picture.width * picture.height * 3))
+            noisy.append(Frame.of_picture(Image.blend(picture, noise, strength)))
         return NodeOutput((noisy,))
 
 
@@ -80,11 +91,7 @@ class ImageBlur(Node):
         if blur_radius == 0:
             return NodeOutput((image,))
         blur = ImageFilter.GaussianBlur(radius=min(sigma, float(blur_radius)))
-        return NodeOutput(([im.filter(blur) for im in image],))
-
-
-def _batch(image: Image.Image, size: int) -> ImageBatch:
-    return [image.copy() for _ in range(size)]
+        return NodeOutput(([Frame.of_picture(frame.picture().filter(blur)) for frame in image],))
 
 
 def _center_crop_box(old_w: int, old_h: int, new_w: int, new_h: int) -> tuple[int, int, int, int]:

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from PIL import Image
-
 from .cache import CacheSet
 from .graph import ExecutionList, is_link
 from .nodes import NODE_CLASSES, Interrupted, NodeContext, NodeOutput
+from .nodes.pixels import Frame
 from .progress import ProgressRegistry
 from .state import Emulator
 
@@ -151,7 +150,7 @@ class _Run:
                           step_delay=lambda: config.step_delay, interrupt=self.emu.runtime.interrupt,
                           on_progress=partial(self._on_progress, node_id))
         ctx.check_interrupt()  # ComfyUI checks before every node function call
-        ctx.sleep(config.node_delay)
+        self.emu.runtime.gate.hold(config.node_delay)
         output: NodeOutput = node.run(ctx, **values)
         return output
 
@@ -240,7 +239,7 @@ def _describe(err: Exception, values: dict[str, Any] | None) -> dict[str, Any]:
 def _format_value(value: Any) -> Any:
     if value is None or isinstance(value, (int, float, bool, str)):
         return value
-    if isinstance(value, list) and value and all(isinstance(v, Image.Image) for v in value):
+    if isinstance(value, list) and value and all(isinstance(v, Frame) for v in value):
         width, height = value[0].size
         return f"IMAGE batch of shape [{len(value)}, {height}, {width}, 3]"
     return str(value)

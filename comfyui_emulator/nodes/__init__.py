@@ -9,6 +9,7 @@ from .audio import LoadAudio, SaveAudio
 from .base import Interrupted, Node, NodeContext, NodeOutput
 from .images import EmptyImage, ImageAddNoise, ImageBlur, ImageInvert, ImageScale
 from .loaders import LoadImage, LoadImageMask
+from .preview_any import PreviewAny
 from .save import PreviewImage, SaveImage
 from .txt2img import (
     CheckpointLoaderSimple,
@@ -24,7 +25,7 @@ NODE_CLASSES: dict[str, type[Node]] = {
     for cls in (CheckpointLoaderSimple, CLIPTextEncode, VAEDecode, EmptyLatentImage, KSampler,
                 SaveImage, PreviewImage, LoadImage, LoadImageMask, ImageScale, ImageInvert,
                 EmptyImage, ImageAddNoise, ImageBlur, LoadAudio, SaveAudio, LoadVideo, SaveVideo,
-                VHSLoadVideo)
+                VHSLoadVideo, PreviewAny)
 }
 
 __all__ = ["NODE_CLASSES", "Interrupted", "Node", "NodeContext", "NodeOutput"]

@@ -1,6 +1,7 @@
 """What a node implementation is and what it may call while it runs.
 
-IMAGE values are lists of RGB PIL images (a batch); MASK values are lists of "L" PIL images.
+IMAGE values are lists of `Frame`s (a batch of float32 RGB images); MASK values are lists of
+float32 ("F") Pillow images: ComfyUI's tensors, see pixels.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from ..folders import Folders
+from .pixels import Frame
 
-ImageBatch = list[Image.Image]
+ImageBatch = list[Frame]
+MaskBatch = list[Image.Image]
 
 
 class Interrupted(Exception):

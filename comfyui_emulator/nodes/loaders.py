@@ -9,7 +9,8 @@ from typing import Any
 from PIL import Image, ImageOps, ImageSequence
 
 from ..folders import Folders
-from .base import ImageBatch, Node, NodeContext, NodeOutput
+from .base import ImageBatch, MaskBatch, Node, NodeContext, NodeOutput
+from .pixels import Frame, one_minus, to_float
 
 
 class _InputFileNode(Node):
@@ -37,14 +38,13 @@ class LoadImage(_InputFileNode):
 
     def run(self, ctx: NodeContext, image: str, **_: Any) -> NodeOutput:
         images: ImageBatch = []
-        masks: ImageBatch = []
+        masks: MaskBatch = []
         with Image.open(_path(self.folders, image)) as source:
             for frame in ImageSequence.Iterator(source):
                 frame = ImageOps.exif_transpose(frame)
-                rgb = frame.convert("RGB")
-                if images and rgb.size != images[0].size:
+                if images and frame.size != images[0].size:
                     continue  # ComfyUI skips frames whose size differs from the first one
-                images.append(rgb)
+                images.append(Frame.of_picture(frame))
                 masks.append(_mask_of(frame))
         return NodeOutput((images, masks))
 
@@ -56,9 +56,9 @@ class LoadImageMask(_InputFileNode):
         with Image.open(_path(self.folders, image)) as source:
             rgba = ImageOps.exif_transpose(source).convert("RGBA")
         band = channel[0].upper()
-        mask = rgba.getchannel(band)
+        mask = to_float(rgba.getchannel(band))
         if band == "A":
-            mask = ImageOps.invert(mask)  # ComfyUI masks are 1 - alpha
+            mask = one_minus(mask)  # ComfyUI masks are 1 - alpha
         return NodeOutput(([mask],))
 
 
@@ -67,9 +67,9 @@ def _path(folders: Folders, name: str) -> str:
 
 
 def _mask_of(frame: Image.Image) -> Image.Image:
-    """1 - alpha when the frame has transparency, else ComfyUI's empty 64x64 mask."""
+    """1 - alpha (float32) when the frame has transparency, else ComfyUI's empty 64x64 mask."""
     if "A" in frame.getbands():
-        return ImageOps.invert(frame.getchannel("A"))
+        return one_minus(to_float(frame.getchannel("A")))
     if frame.mode == "P" and "transparency" in frame.info:
-        return ImageOps.invert(frame.convert("RGBA").getchannel("A"))
-    return Image.new("L", (64, 64), 0)
+        return one_minus(to_float(frame.convert("RGBA").getchannel("A")))
+    return Image.new("F", (64, 64), 0.0)

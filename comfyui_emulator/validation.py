@@ -64,8 +64,8 @@ def _type_name(ex: BaseException) -> str:
 
 
 def _types_match(received: Any, expected: Any) -> bool:
-    """Link compatibility: equal, or overlapping comma-separated type unions."""
-    if received == expected:
+    """Link compatibility: equal, either side "*" (IO.ANY), or overlapping comma-separated unions."""
+    if received == expected or "*" in (received, expected):
         return True
     if not isinstance(received, str) or not isinstance(expected, str):
         return False
