@@ -166,3 +166,31 @@ def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_t
     assert head.startswith(b"HTTP/1.1 200") and len(content) < declared
     assert requests.get(server.url + "/api/serverless/health", timeout=10).json()["jobs"] == 0
     assert "Traceback" not in server.log_text()
+
+
+def test_health_notices_a_comfyui_whose_queue_no_longer_moves(start_app, own_emulator):
+    server = start_app(own_emulator.url, QUEUE_STALL_AFTER="1")
+    deep: object = {}
+    for _ in range(900):
+        deep = {"a": deep}
+    # What the adapter refuses, sent to ComfyUI directly: its prompt worker dies copying it.
+    prompt = {"prompt": empty_image(prefix="stall"), "client_id": "x", "extra_data": deep}
+    assert requests.post(own_emulator.url + "/prompt", json=prompt, timeout=10).status_code == 200
+    waiting = {"prompt": empty_image(prefix="stall-next"), "client_id": "x"}
+    assert requests.post(own_emulator.url + "/prompt", json=waiting, timeout=10).status_code == 200
+
+    def stuck() -> bool:
+        health = requests.get(server.url + "/api/serverless/health", timeout=10)
+        return health.status_code == 503 and "queue is not moving" in health.json()["reason"]
+
+    wait_until(stuck, timeout=30)
+
+
+def test_a_job_whose_outputs_are_only_text_succeeds_with_no_results(app):
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+    response = post_run(app.url, workflow)
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "serverless_api" and response.json()["data"]["results"] == []
