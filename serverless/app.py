@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from . import lifecycle
+from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .jobs.registry import Jobs
@@ -61,8 +63,11 @@ async def run(request: Request) -> Response:
     resources, jobs = request.app.state.resources, request.app.state.jobs
     settings = resources.settings
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    owner = caller(request)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
-    job = await start_job(resources, jobs, body, request.query_params, request.headers, "http", workflow_id)
+    job = await start_job(
+        resources, jobs, body, request.query_params, request.headers, "http", workflow_id, owner=owner
+    )
     response: Response
     if job.spec.mode == "async" and not settings.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
@@ -86,6 +91,12 @@ def _warn_unknown(request: Request, response: Response, task_id: str) -> Respons
     return response
 
 
+def caller(request: Request) -> str | None:
+    """Who calls: the owner id of its API key (None when API keys are off)."""
+    owner: str | None = request.scope.get("state", {}).get("owner")
+    return owner
+
+
 async def status(request: Request) -> Response:
     """GET /api/serverless/status?task_id=X[&after=N][&attempt=K]: the task's payloads so far
     (of its current attempt, or of attempt K)."""
@@ -94,6 +105,9 @@ async def status(request: Request) -> Response:
     if not task_id:
         raise InvalidParams("task_id is required")
     after = parse_after(request.query_params.get("after", "0"))
+    owner = caller(request)
+    if owner is not None and not may_see(owner, await resources.status.owner(task_id)):
+        raise NotFound(f"no task {task_id}")  # another key's task: as if it did not exist
     attempt = request.query_params.get("attempt")
     body = await resources.status.read(task_id, after, parse_attempt(attempt) if attempt is not None else None)
     return Response(body, media_type="application/json")
@@ -136,6 +150,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     return Starlette(
         routes=routes,
+        middleware=[Middleware(RequireApiKey, keys=ApiKeys(settings.api_keys))],
         lifespan=lifespan,
         # Our errors, starlette's refusals and hang-ups are answered by starlette's exception
         # middleware; anything else (a bug) also reaches the server error middleware, which

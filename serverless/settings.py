@@ -134,6 +134,22 @@ def _loader_pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], .
     return tuple(pairs)
 
 
+def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """API_KEYS (comma-separated) and the lines of API_KEYS_FILE (`#` comments allowed)."""
+    keys = list(_names(env, "API_KEYS"))
+    source = env.get("API_KEYS_FILE", "").strip()
+    if source:
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise SettingsError(f"API_KEYS_FILE={source!r}: cannot be read ({exc.strerror or exc})") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    for key in keys:
+        if len(key) < 16 or any(c.isspace() or c == "," for c in key):
+            raise SettingsError("API_KEYS: every key must be at least 16 characters, without spaces or commas")
+    return tuple(keys)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the adapter is configured with. Build it with `Settings.from_env()`."""
@@ -182,6 +198,7 @@ class Settings:
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     queue_stall_after: float = 30.0
     stream_write_timeout: float = 60.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -257,4 +274,5 @@ class Settings:
             comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
             queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
             stream_write_timeout=_number(env, "STREAM_WRITE_TIMEOUT", d.stream_write_timeout, 0.1),
+            api_keys=_api_keys(env),
         )

@@ -148,7 +148,11 @@ class Job:
         """Run to the end; always finishes the feed with the terminal payload."""
         self._task = asyncio.current_task()
         log.info("job start task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
-        self._publish_progress()  # the job's first event: queued
+        first = self.progress.payload(time.monotonic())  # the job's first event: queued, and whose it is
+        if self.spec.owner is not None:
+            first["data"]["owner"] = self.spec.owner
+        self._progress_sent = (self.progress.state, time.monotonic())
+        self.feed.publish_payload(first)
         outcome: Outcome
         try:
             if self._stop is not None:

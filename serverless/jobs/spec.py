@@ -32,6 +32,7 @@ class JobSpec:
     outputs: OutputPolicy = OutputPolicy()
     task_id: str | None = None
     credentials: Credentials | None = field(default=None, repr=False)
+    owner: str | None = None  # who may see the task: a digest of the caller's API key (serverless.auth)
     big: bool = False  # a body big enough that copying and serialising it go to a thread
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
 

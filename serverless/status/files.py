@@ -100,6 +100,16 @@ def read(path: Path) -> tuple[bytes, float] | None:
         return f.read(), mtime
 
 
+def first_line(path: Path, limit: int = 64 * 1024) -> bytes:
+    """The file's first line (at most `limit` bytes); b"" when there is no such file."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        return f.readline(limit)
+
+
 def append(path: Path, lines: list[bytes], lock: threading.Lock) -> None:
     """Append `lines` durably. `lock` keeps one attempt's appends in order even when an earlier
     one is stuck on the disk and was given up on."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -164,6 +165,19 @@ class StatusLog:
             path = files.attempt_path(self.directory, task_id, attempt)
         with self._translated(task_id):
             return await self._run(self._read, task_id, path, after, attempt is None)
+
+    async def owner(self, task_id: str) -> str | None:
+        """Whose the task is: the `owner` its first event names (None: anyone's, or unknown)."""
+        path = self.path(task_id)
+        with self._translated(task_id):
+            first = await self._run(files.first_line, path)
+        try:
+            event = json.loads(first) if first else None
+        except ValueError:
+            return None
+        data = event.get("data") if isinstance(event, dict) else None
+        owner = data.get("owner") if isinstance(data, dict) else None
+        return owner if isinstance(owner, str) else None
 
     def _read(self, task_id: str, path: Path, after: int, current: bool) -> bytes:
         found = files.read(path)

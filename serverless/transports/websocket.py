@@ -30,7 +30,8 @@ async def websocket_run(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         body = await _run_body(websocket, resources.settings.max_body_bytes)
-        job = await start_job(resources, jobs, body, websocket.query_params, websocket.headers, "ws")
+        owner = websocket.scope.get("state", {}).get("owner")
+        job = await start_job(resources, jobs, body, websocket.query_params, websocket.headers, "ws", owner=owner)
     except WebSocketDisconnect:
         return
     except Exception as exc:

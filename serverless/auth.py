@@ -1,0 +1,102 @@
+"""API keys (`API_KEYS`, `API_KEYS_FILE`): who may call the API, and whose a task is.
+
+Keys are kept only as SHA-256 digests and compared in constant time (every stored digest is
+compared, whichever matches). A task remembers its caller's `owner`: a digest of the key, never
+the key; a caller with another key cannot read, follow or cancel it. Health, readiness and the
+lifecycle hooks stay open; everything else under `/api/` (and `/metrics`) needs
+`Authorization: Bearer <key>`. Without keys the API is open, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import Unauthorized
+
+OPEN_PATHS = frozenset({"/api/serverless/health", "/api/serverless/ready"})
+GUARDED_PREFIXES = ("/api/", "/metrics")
+# GenStudio's progress websocket is authorised by its own signed task token, not by a key.
+TOKEN_PATHS = ("/api/maas/comfy_task_ws_api/",)
+GENSTUDIO_PREFIX = "/api/maas/"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeys:
+    """The keys this instance accepts (none: the API is open)."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._digests = tuple(bytes.fromhex(digest(key)) for key in keys if key)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def owner(self, authorization: str | None) -> str | None:
+        """The owner id of the key in an `Authorization: Bearer <key>` header; None when keys are
+        off. Unauthorized for a missing or unknown key."""
+        if not self.enabled:
+            return None
+        scheme, _, key = (authorization or "").partition(" ")
+        presented = hashlib.sha256(key.strip().encode()).digest()
+        matched = False
+        for known in self._digests:  # no early exit: the time does not tell which key matched
+            matched |= hmac.compare_digest(presented, known)
+        if scheme.lower() != "bearer" or not key.strip() or not matched:
+            raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
+        return presented.hex()[:32]
+
+
+def may_see(owner: str | None, task_owner: str | None) -> bool:
+    """Whether a caller (`owner`, None when keys are off) may see a task made by `task_owner`."""
+    return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
+
+
+class RequireApiKey:
+    """ASGI middleware: refuses guarded paths without a valid key (401, in the error shape of the
+    API called) and puts the caller's owner id in `scope["state"]["owner"]`."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket") or not self._guarded(path):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            owner = self.keys.owner(headers.get("authorization"))
+        except Unauthorized as exc:
+            await _refuse(scope, send, exc, path)
+            return
+        scope.setdefault("state", {})["owner"] = owner
+        await self.app(scope, receive, send)
+
+    def _guarded(self, path: str) -> bool:
+        if not self.keys.enabled or path in OPEN_PATHS or path.startswith(TOKEN_PATHS):
+            return False
+        return path.startswith(GUARDED_PREFIXES)
+
+
+async def _refuse(scope: Scope, send: Send, exc: Unauthorized, path: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": "a valid API key is required"})
+        return
+    if path.startswith(GENSTUDIO_PREFIX):
+        body = {"code": 401, "msg": exc.message, "data": None}
+    else:
+        body = exc.to_payload()
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+               (b"www-authenticate", b"Bearer")]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
