@@ -706,8 +706,8 @@ JOBS = 6
 
 
 def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BYTES(own_emulator, start_app, files):
-    server = start_app(own_emulator.url, MAX_INPUT_BYTES_PER_JOB=str(24 * MiB),
-                       INPUT_MAX_INFLIGHT_BYTES=str(BUDGET), INPUT_MAX_BASE64_BYTES=str(INPUT_MAX_BYTES), **ALLOW_LOOPBACK)
+    server = start_app(own_emulator.url, MAX_INPUT_BYTES_PER_JOB=str(24 * MiB), INPUT_MAX_INFLIGHT_BYTES=str(BUDGET),
+                       INPUT_MAX_BASE64_BYTES=str(INPUT_MAX_BYTES), **ALLOW_LOOPBACK)
     warm_up = post_run(server.url, load_image(files.add("budget-warm.png", png(8), "image/png")))
     assert warm_up.status_code == 200, warm_up.text
     size = INPUT_MAX_BYTES - MiB // 2

@@ -338,13 +338,13 @@ class OssStore:
         except ValueError as exc:
             raise InputError(f"invalid OSS URL: {exc}") from exc
         where = f"oss://{bucket_name}/{key}"
+        endpoint_url, region = self._route(endpoint, where)
         if creds is not None and not creds.from_caller and not any(
                 rule.allows(bucket_name, key) for rule in self.read_allowed):
             allowed = ", ".join(map(str, self.read_allowed)) or "nothing"
             raise InputError(
                 f"{where} is not readable with the instance's credentials (OSS_INPUT_ALLOWED: {allowed}); "
                 "send your own OSS credentials (x-fc-access-key-* headers) to read it")
-        endpoint_url, region = self._route(endpoint, where)
         try:
             bucket = self._bucket(creds, endpoint_url, bucket_name, region)
             return await self._retrying(partial(_read_capped, bucket, key, max_bytes), f"read of {where}")
