@@ -139,3 +139,10 @@ def test_the_pixel_limit_is_a_setting() -> None:
 def test_an_image_announcing_another_format_is_refused() -> None:
     with pytest.raises(MediaError, match="not a readable image"):
         verify_media(b"\x89PNG\r\n\x1a\n" + bytes(100), "image/png", LIMIT)
+
+
+def test_the_pixel_limit_counts_every_frame_of_an_animation() -> None:
+    data = image("GIF", 32, frames=4)
+    with pytest.raises(MediaError, match=r"32x32 pixels x 4 frames is over the limit of 4095 pixels"):
+        check(data, limit=4095)
+    check(data, limit=4096)

@@ -86,12 +86,26 @@ def _verify_image(data: bytes, max_pixels: int, expected: str) -> None:
                 f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels (INPUT_MAX_PIXELS)"
             )
         try:
-            _decode_check(image)
+            frames = _frame_count(image)
+            # Every frame is decoded (here, and by ComfyUI into one batch): the limit is on the sum.
+            if frames * width * height > max_pixels:
+                raise MediaError(
+                    f"image of {width}x{height} pixels x {frames} frames is over the limit of {max_pixels} "
+                    "pixels (INPUT_MAX_PIXELS)"
+                )
+            _decode_check(image, frames)
+        except MediaError:
+            raise
         except Exception as exc:
             raise MediaError(f"broken {expected} image ({_pillow_reason(exc)})") from exc
 
 
-def _decode_check(image: Image.Image) -> None:
+def _frame_count(image: Image.Image) -> int:
+    """How many frames: found by walking the frame headers, without decoding (GIF, WebP, TIFF)."""
+    return int(getattr(image, "n_frames", 1))
+
+
+def _decode_check(image: Image.Image, frames: int) -> None:
     """Read the whole image, holding as few decoded pixels as the format allows."""
     if image.format == "PNG":
         image.verify()  # every chunk and its CRC, to IEND; no pixels decoded
@@ -101,7 +115,7 @@ def _decode_check(image: Image.Image) -> None:
         image.draft(image.mode, (max(1, width // _JPEG_DRAFT_SCALE), max(1, height // _JPEG_DRAFT_SCALE)))
         image.load()
         return
-    for frame in range(getattr(image, "n_frames", 1)):
+    for frame in range(frames):
         image.seek(frame)
         image.load()
 
