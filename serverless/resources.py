@@ -17,11 +17,12 @@ from typing import Any
 
 from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.supervisor import Supervisor, comfyui_command
-from .delivery.oss import Credentials, OssConfig, OssStore
+from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
 from .delivery.outputs import OutputCollector
 from .errors import ComfyUIUnavailable
+from .inputs.budget import ByteBudget
 from .inputs.download import DownloadPolicy, create_download_session, download
-from .inputs.resolve import LOADER_INPUTS, resolve_inputs
+from .inputs.resolve import LOADER_INPUTS, InputLimits, resolve_inputs
 from .jobs.job import Runtime, Workflow
 from .jobs.spec import OutputPolicy
 from .settings import Settings, SettingsError
@@ -42,6 +43,7 @@ class Resources:
     supervisor: Supervisor | None
     reserved_output_dirs: tuple[tuple[str, ...], ...]
     workflows: HostedWorkflows
+    input_budget: ByteBudget
 
     @classmethod
     @asynccontextmanager
@@ -57,6 +59,7 @@ class Resources:
             status = StatusLog(settings.status_dir, settings.status_stale_after)
             await status.check_at_startup()
             policy = download_policy(settings)
+            budget = input_budget(settings)
             oss = oss_store(settings)
             # Untrusted input URLs get their own session: guarded resolver and connector.
             async with create_download_session(policy) as downloads:
@@ -65,7 +68,7 @@ class Resources:
                         fetch_url = partial(download, downloads, policy=policy)
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         workflows = hosted_workflows(settings, comfy, supervisor)
-                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows)
+                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows, budget)
                 finally:
                     await status.aclose()
                     if oss is not None:
@@ -106,7 +109,8 @@ class Resources:
             fetch_url=self.fetch_url,
             read_oss=read_oss,
             upload=self.comfy.upload_input,
-            max_base64_bytes=self.settings.input_max_base64_bytes,
+            limits=input_limits(self.settings),
+            budget=self.input_budget,
         )
 
     def output_collector(self, policy: OutputPolicy, credentials: Credentials | None) -> OutputCollector:
@@ -168,6 +172,27 @@ def download_policy(settings: Settings) -> DownloadPolicy:
         raise SettingsError(f"INPUT_ALLOWED_HOSTS: {exc}") from exc
 
 
+def input_limits(settings: Settings) -> InputLimits:
+    return InputLimits(
+        max_fetch_bytes=settings.input_max_bytes,
+        max_base64_bytes=settings.input_max_base64_bytes,
+        max_job_bytes=settings.max_input_bytes_per_job,
+        max_pixels=settings.input_max_pixels,
+        budget_timeout=settings.input_timeout,
+    )
+
+
+def input_budget(settings: Settings) -> ByteBudget:
+    """The instance's shared input byte budget; one too small for a single request fails start-up."""
+    needed = settings.max_input_bytes_per_job + max(settings.input_max_bytes, settings.input_max_base64_bytes)
+    if settings.input_max_inflight_bytes < needed:
+        raise SettingsError(
+            f"INPUT_MAX_INFLIGHT_BYTES={settings.input_max_inflight_bytes} must be at least "
+            f"MAX_INPUT_BYTES_PER_JOB + max(INPUT_MAX_BYTES, INPUT_MAX_BASE64_BYTES) = {needed}"
+        )
+    return ByteBudget(settings.input_max_inflight_bytes)
+
+
 async def _upload(store: OssStore, credentials: Credentials, content: bytes, name: str, mime: str) -> dict[str, Any]:
     ext = PurePosixPath(name).suffix.lstrip(".") or "bin"
     uploaded = await store.upload(credentials, content, ext, mime)
@@ -181,6 +206,8 @@ def oss_store(settings: Settings) -> OssStore | None:
             settings.oss_bucket_domain, settings.oss_endpoint, settings.oss_sign_endpoint,
             settings.oss_key_prefix, settings.oss_expires_in,
         )
+        if config is None:
+            return None
+        return OssStore(config, read_allowed=read_rules(settings.oss_input_allowed, config))
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc
-    return OssStore(config) if config is not None else None

@@ -176,6 +176,10 @@ class Settings:
     input_allow_private: bool = False
     input_allowed_hosts: tuple[str, ...] = ()
     input_loaders: tuple[tuple[str, str], ...] = ()
+    input_max_pixels: int = 100_000_000
+    max_input_bytes_per_job: int = 200 * MiB
+    input_max_inflight_bytes: int = 512 * MiB
+    oss_input_allowed: tuple[str, ...] | None = None  # None: the OSS_BUCKET_DOMAIN bucket only
     oss_bucket_domain: str = ""
     oss_endpoint: str = ""
     oss_sign_endpoint: str = ""
@@ -252,6 +256,10 @@ class Settings:
             input_allow_private=_flag(env, "INPUT_ALLOW_PRIVATE", d.input_allow_private),
             input_allowed_hosts=_allowed_hosts(env, "INPUT_ALLOWED_HOSTS"),
             input_loaders=_loader_pairs(env, "INPUT_LOADERS"),
+            input_max_pixels=_integer(env, "INPUT_MAX_PIXELS", d.input_max_pixels, 1),
+            max_input_bytes_per_job=_integer(env, "MAX_INPUT_BYTES_PER_JOB", d.max_input_bytes_per_job, 1),
+            input_max_inflight_bytes=_integer(env, "INPUT_MAX_INFLIGHT_BYTES", d.input_max_inflight_bytes, 1),
+            oss_input_allowed=_names(env, "OSS_INPUT_ALLOWED") if "OSS_INPUT_ALLOWED" in env else None,
             oss_bucket_domain=_text(env, "OSS_BUCKET_DOMAIN", ""),
             oss_endpoint=_text(env, "OSS_ENDPOINT", ""),
             oss_sign_endpoint=_text(env, "OSS_SIGN_ENDPOINT", ""),

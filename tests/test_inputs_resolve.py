@@ -24,6 +24,7 @@ from serverless.errors import ComfyUIUnavailable, InputError, InvalidParams
 from serverless.inputs.download import DownloadPolicy, create_download_session, download
 from serverless.inputs.resolve import (
     LOADER_INPUTS,
+    InputLimits,
     LoaderInput,
     classify,
     find_loader_inputs,
@@ -53,7 +54,7 @@ def mp4_bytes() -> bytes:
 
 
 def webm_bytes() -> bytes:
-    return b"\x1a\x45\xdf\xa3\x87\x42\x82\x84webm\x18\x53\x80\x67" + bytes(64)
+    return b"\x1a\x45\xdf\xa3\x87\x42\x82\x84webm\x18\x53\x80\x67\xc0" + bytes(64)  # Segment of 64 bytes
 
 
 PNG = png_bytes()
@@ -164,7 +165,7 @@ async def resolve() -> AsyncIterator[Resolve]:
             "fetch_url": partial(download, session, policy=policy),
             "read_oss": None,
             "upload": Uploads(),
-            "max_base64_bytes": 1024 * 1024,
+            "limits": InputLimits(max_base64_bytes=1024 * 1024),
             **overrides,
         }
         return await resolve_inputs(workflow, **kwargs)
@@ -380,7 +381,7 @@ async def test_broken_base64_names_node_and_input(resolve: Resolve) -> None:
 async def test_oversize_base64_is_refused(resolve: Resolve) -> None:
     workflow = {"7": node("LoadImage", image=b64(PNG))}
     with pytest.raises(InputError, match=r"node 7 .*larger than 16 bytes"):
-        await resolve(workflow, max_base64_bytes=16)
+        await resolve(workflow, limits=InputLimits(max_base64_bytes=16))
 
 
 @pytest.mark.parametrize(

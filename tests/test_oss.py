@@ -19,7 +19,7 @@ import oss2
 import pytest
 import requests
 
-from serverless.delivery.oss import Credentials, OssConfig, OssStore, parse_oss_url
+from serverless.delivery.oss import Credentials, OssConfig, OssStore, ReadRule, parse_oss_url, read_rules
 from serverless.errors import InputError, OutputError
 from tests.oss_server import LocalOss, canonical_request, signature, string_to_sign
 
@@ -289,11 +289,11 @@ ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": "env-id", "ALIBABA_CLOUD_ACCESS_KEY_SECRET
 def test_header_credentials_win_over_environment_as_a_set() -> None:
     headers = {"X-Fc-Access-Key-Id": "hdr-id", "X-Fc-Access-Key-Secret": "hdr-secret"}
 
-    assert Credentials.resolve(headers, ENV) == Credentials("hdr-id", "hdr-secret", None)
+    assert Credentials.resolve(headers, ENV) == Credentials("hdr-id", "hdr-secret", None, from_caller=True)
     assert Credentials.resolve({**headers, "x-fc-security-token": "hdr-token"}, ENV) == Credentials(
-        "hdr-id", "hdr-secret", "hdr-token")
+        "hdr-id", "hdr-secret", "hdr-token", from_caller=True)
     assert Credentials.resolve({"x-fc-access-key-id": "hdr-id"}, ENV) == Credentials("env-id", "env-secret",
-                                                                                     "env-token")
+                                                                                     "env-token", from_caller=False)
     assert Credentials.resolve({}, {}) is None
     assert Credentials.resolve({}, {"ALIBABA_CLOUD_ACCESS_KEY_ID": "env-id"}) is None
 
@@ -319,6 +319,50 @@ async def test_upload_uses_header_credentials_over_environment_ones(store: OssSt
 
 
 # --- read -----------------------------------------------------------------------------------------
+
+
+def test_read_rules_default_to_the_configured_bucket_and_parse_buckets_and_folders() -> None:
+    config = OssConfig.from_values("mine.oss-cn-hangzhou.aliyuncs.com")
+    assert config is not None
+    assert read_rules(None, config) == (ReadRule("mine"),)
+    assert read_rules([], config) == ()
+    rules = read_rules(["other", "shared-b/in/", "x-y/a/b"], config)
+    assert rules == (ReadRule("other"), ReadRule("shared-b", "in"), ReadRule("x-y", "a/b"))
+    assert [str(rule) for rule in rules] == ["other", "shared-b/in", "x-y/a/b"]
+
+
+@pytest.mark.parametrize("entry", ["UPPER", "b", "bucket/../x", "bucket/a//b", "/x"])
+def test_a_bad_read_rule_names_the_setting(entry: str) -> None:
+    with pytest.raises(ValueError, match="OSS_INPUT_ALLOWED"):
+        ReadRule.parse(entry)
+
+
+@pytest.mark.parametrize(("bucket", "key", "allowed"), [
+    ("shared", "in/cat.png", True),
+    ("shared", "in/sub/cat.png", True),
+    ("shared", "internal/cat.png", False),  # a prefix is a folder, not a string prefix
+    ("shared", "in", False),
+    ("shared", "in/../secret.png", False),
+    ("shared", "in/./cat.png", False),
+    ("other", "in/cat.png", False),
+])  # fmt: skip
+def test_a_folder_rule_allows_only_keys_inside_it(bucket: str, key: str, allowed: bool) -> None:
+    assert ReadRule("shared", "in").allows(bucket, key) is allowed
+
+
+@pytest.mark.asyncio
+async def test_read_with_instance_credentials_outside_the_allowed_buckets_is_refused_before_any_request(
+        local_oss: LocalOss, bucket: str) -> None:
+    store = OssStore(config_for(local_oss, bucket), read_allowed=(ReadRule("elsewhere"),))
+    local_oss.put_object(bucket, "in/cat.png", b"cat bytes", "image/png")
+    try:
+        with pytest.raises(InputError, match=r"OSS_INPUT_ALLOWED: elsewhere\); send your own OSS credentials"):
+            await store.read(GOOD, f"oss://{bucket}/in/cat.png", 1024)
+        assert local_oss.requests == [], "nothing was asked of OSS"
+        caller = Credentials(KEY_ID, SECRET, from_caller=True)
+        assert await store.read(caller, f"oss://{bucket}/in/cat.png", 1024) == b"cat bytes"
+    finally:
+        store.close()
 
 
 @pytest.mark.asyncio

@@ -451,6 +451,62 @@ def test_missing_or_unreadable_oss_input_is_input_error_naming_the_node(signing_
     assert anonymous.json()["error_code"] == "INPUT_ERROR" and "access denied" in anonymous.json()["error_message"]
 
 
+# --- oss:// with the instance's credentials: only the allowed buckets (no confused deputy) ---------
+
+
+@pytest.fixture(scope="module")
+def two_buckets() -> Iterator[tuple[LocalOss, str, str]]:
+    """A local OSS holding the configured bucket and another one the same keys can read."""
+    mine, other = f"e2e-mine-{uuid.uuid4().hex[:8]}", f"e2e-other-{uuid.uuid4().hex[:8]}"
+    with LocalOss({KEY_ID: (SECRET, None), STS_ID: (STS_SECRET, STS_TOKEN)}, [mine, other], region=REGION) as server:
+        server.put_object(mine, "in/cat.png", png(3, 3), "image/png")
+        server.put_object(other, "x.png", png(3, 2), "image/png")
+        server.put_object(other, "shared/x.png", png(2, 3), "image/png")
+        server.put_object(other, "sharedx/x.png", png(2, 2), "image/png")
+        yield server, mine, other
+
+
+def gets(server: LocalOss) -> list[str]:
+    return [record.path for record in server.requests if record.method == "GET"]
+
+
+def test_another_bucket_is_refused_with_instance_credentials_and_read_with_the_callers(
+        module_app, two_buckets):
+    server, mine, other = two_buckets
+    app = module_app(**oss_env(server, mine))  # environment credentials: the instance's own
+    server.requests.clear()
+
+    refused = post_run(app.url, invert_workflow(f"oss://{other}/x.png", "deputy"))
+    assert refused.status_code == 400, refused.text
+    body = refused.json()
+    assert body["error_code"] == "INPUT_ERROR" and body["raw"]["node_id"] == "1"
+    assert f"oss://{other}/x.png is not readable with the instance's credentials (OSS_INPUT_ALLOWED: {mine})" \
+        in body["error_message"]
+    assert gets(server) == [], "the object was not even asked for"
+
+    own = post_run(app.url, invert_workflow(f"oss://{other}/x.png", "caller"), headers=STS_HEADERS)
+    configured = post_run(app.url, invert_workflow(f"oss://{mine}/in/cat.png", "configured"))
+
+    assert own.status_code == 200, own.text
+    assert configured.status_code == 200, configured.text
+    assert len(gets(server)) == 2
+    assert_log_clean(app)
+
+
+def test_OSS_INPUT_ALLOWED_lists_the_buckets_and_folders_instance_credentials_may_read(module_app, two_buckets):
+    server, mine, other = two_buckets
+    app = module_app(**oss_env(server, mine), OSS_INPUT_ALLOWED=f"{other}/shared")
+
+    allowed = post_run(app.url, invert_workflow(f"oss://{other}/shared/x.png", "allowed"))
+    beside = post_run(app.url, invert_workflow(f"oss://{other}/sharedx/x.png", "beside"))
+    unlisted = post_run(app.url, invert_workflow(f"oss://{mine}/in/cat.png", "unlisted"))
+
+    assert allowed.status_code == 200, allowed.text
+    for response in (beside, unlisted):
+        assert response.status_code == 400, response.text
+        assert f"(OSS_INPUT_ALLOWED: {other}/shared)" in response.json()["error_message"]
+
+
 # --- OSS failing ----------------------------------------------------------------------------------
 
 

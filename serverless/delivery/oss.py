@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -125,21 +125,63 @@ def _expires_in(value: str | int | None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """An access key pair, with the STS token when temporary. Nothing of it appears in `repr`."""
+    """An access key pair, with the STS token when temporary. Nothing secret appears in `repr`.
+
+    `from_caller` says whose they are: True for the request's own headers, False for the
+    instance's (environment; on FC the function's role), which may read only what
+    `OSS_INPUT_ALLOWED` lists."""
 
     access_key_id: str = field(repr=False)
     access_key_secret: str = field(repr=False)
     security_token: str | None = field(default=None, repr=False)
+    from_caller: bool = False
 
     @classmethod
     def resolve(cls, headers: Mapping[str, str], environ: Mapping[str, str]) -> Credentials | None:
         """The request's `x-fc-access-key-*` headers as a set, else the `ALIBABA_CLOUD_*` environment."""
         lowered = {name.lower(): value for name, value in headers.items()}
-        for source, names in ((lowered, _HEADER_NAMES), (environ, _ENV_NAMES)):
+        for source, names, from_caller in ((lowered, _HEADER_NAMES, True), (environ, _ENV_NAMES, False)):
             key_id, secret, token = (source.get(name, "").strip() for name in names)
             if key_id and secret:
-                return cls(key_id, secret, token or None)
+                return cls(key_id, secret, token or None, from_caller)
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRule:
+    """An `OSS_INPUT_ALLOWED` entry: a bucket, or a bucket and a key prefix taken as a folder
+    (`in` allows `in/cat.png`, not `internal/x`)."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, entry: str) -> ReadRule:
+        """`bucket` or `bucket/prefix`; ValueError naming OSS_INPUT_ALLOWED otherwise."""
+        bucket, _, prefix = entry.strip().partition("/")
+        prefix = prefix.strip("/")
+        if not _BUCKET.fullmatch(bucket) or any(p in ("", ".", "..") for p in prefix.split("/") if prefix):
+            raise ValueError(f"OSS_INPUT_ALLOWED: expected bucket or bucket/prefix, got {entry!r}")
+        return cls(bucket, prefix)
+
+    def allows(self, bucket: str, key: str) -> bool:
+        if bucket != self.bucket:
+            return False
+        if not self.prefix:
+            return True
+        # A prefix is a folder: "." and ".." segments could lead out of it on the way to OSS.
+        parts = key.split("/")
+        return key.startswith(self.prefix + "/") and not any(p in (".", "..") for p in parts)
+
+    def __str__(self) -> str:
+        return f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+
+
+def read_rules(entries: Sequence[str] | None, config: OssConfig) -> tuple[ReadRule, ...]:
+    """The rules for the instance's credentials: `entries` parsed, or (None) the configured bucket."""
+    if entries is None:
+        return (ReadRule(config.bucket),)
+    return tuple(ReadRule.parse(entry) for entry in entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +285,10 @@ class OssStore:
     """
 
     def __init__(self, config: OssConfig, *, attempts: int = 3, backoff_s: float = 0.5,
-                 timeout_s: float = 60.0, cache_size: int = 32, max_calls: int = 32) -> None:
+                 timeout_s: float = 60.0, cache_size: int = 32, max_calls: int = 32,
+                 read_allowed: tuple[ReadRule, ...] | None = None) -> None:
         self.config = config
+        self.read_allowed = read_allowed if read_allowed is not None else read_rules(None, config)
         self._attempts = max(1, attempts)
         self._backoff_s = backoff_s
         self._timeout_s = timeout_s
@@ -287,13 +331,20 @@ class OssStore:
         return UploadedObject(cfg.region, cfg.bucket, key, url, expire)
 
     async def read(self, creds: Credentials | None, url: str, max_bytes: int) -> bytes:
-        """The bytes of `oss://...` (anonymously when `creds` is None); InputError saying why not."""
+        """The bytes of `oss://...` (anonymously when `creds` is None); InputError saying why not.
+        The instance's own credentials read only what `read_allowed` lists (no confused deputy)."""
         try:
             bucket_name, endpoint, key = parse_oss_url(url, self.config.endpoint)
         except ValueError as exc:
             raise InputError(f"invalid OSS URL: {exc}") from exc
         where = f"oss://{bucket_name}/{key}"
         endpoint_url, region = self._route(endpoint, where)
+        if creds is not None and not creds.from_caller and not any(
+                rule.allows(bucket_name, key) for rule in self.read_allowed):
+            allowed = ", ".join(map(str, self.read_allowed)) or "nothing"
+            raise InputError(
+                f"{where} is not readable with the instance's credentials (OSS_INPUT_ALLOWED: {allowed}); "
+                "send your own OSS credentials (x-fc-access-key-* headers) to read it")
         try:
             bucket = self._bucket(creds, endpoint_url, bucket_name, region)
             return await self._retrying(partial(_read_capped, bucket, key, max_bytes), f"read of {where}")

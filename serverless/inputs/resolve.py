@@ -6,10 +6,17 @@ Pure part: which inputs are loader inputs (`find_loader_inputs`) and what each v
 came back, and only when all succeeded uploads the bytes under `<sha256>.<ext>`, returning a new
 workflow with each value replaced by the uploaded name.
 
+Bounds (`InputLimits`): at most `fetch_concurrency` fetches and `upload_concurrency` uploads of a
+request at once (each upload is a connection to ComfyUI; 200 inputs must not mean 200 sockets),
+at most `max_job_bytes` fetched per request, and every fetched byte reserved from the instance's
+shared `ByteBudget` until the request's uploads are done.
+
 Content check: the extension comes from the bytes (`serverless.media.sniff`), never from the URL,
-for the known loaders. An image loader given something that is not an image (an HTML error page,
-a WAV) is refused with INPUT_ERROR rather than uploaded for ComfyUI to fail on later; likewise
-audio and video loaders (see `EXPECTED_MEDIA`). Loaders added by configuration accept any bytes:
+and whatever was sniffed is checked to be whole (`verify.verify_media`: truncation, broken
+containers, images over `max_pixels` read from their header). An image loader given something
+that is not an image (an HTML error page, a WAV) is refused with INPUT_ERROR rather than uploaded
+for ComfyUI to fail on later; likewise audio and video loaders (see `EXPECTED_MEDIA`). Loaders
+added by configuration accept any bytes:
 unrecognised content keeps a safe extension from the URL, `oss://` key or data URI, else `.bin`.
 """
 
@@ -22,11 +29,14 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from ..core.media import ext_for_mime, sniff
 from ..errors import ComfyUIUnavailable, InputError, InvalidParams, ServerlessError
+from .budget import ByteBudget, Lease
 from .download import decode_base64
+from .verify import verify_media
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +87,26 @@ _SAFE_EXT = re.compile(r"[a-z0-9]{1,8}")
 _HASH_CHARS = 32
 
 T = TypeVar("T")
+MiB = 1024 * 1024
+_UNBOUNDED = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """How much one request's loader inputs may take.
+
+    `max_fetch_bytes` is what a URL or `oss://` fetch may read (its reservation in the budget),
+    `max_base64_bytes` what a base64 value may decode to; `max_job_bytes` bounds their sum;
+    `max_pixels` an image's size read from its header; `budget_timeout` how long a fetch waits
+    for the instance's byte budget."""
+
+    max_fetch_bytes: int = 50 * MiB
+    max_base64_bytes: int = 50 * MiB
+    max_job_bytes: int = 200 * MiB
+    max_pixels: int = 100_000_000
+    fetch_concurrency: int = 8
+    upload_concurrency: int = 4
+    budget_timeout: float = 60.0
 
 
 class LoaderInput(NamedTuple):
@@ -154,13 +184,15 @@ async def resolve_inputs(
     fetch_url: Callable[[str], Awaitable[bytes]],
     read_oss: Callable[[str], Awaitable[bytes]] | None,
     upload: Callable[[bytes, str], Awaitable[str]],
-    max_base64_bytes: int,
+    limits: InputLimits,
+    budget: ByteBudget | None = None,
 ) -> dict[str, Any]:
     """A new workflow whose URL, `oss://` and base64 loader inputs name uploaded files.
 
-    Every distinct value is fetched once, all concurrently; nothing is uploaded unless all
-    fetches and checks succeeded. Failures raise `InputError` (or `InvalidParams` for unsafe file
-    names) naming node and input; `ComfyUIUnavailable` from `upload` passes through unchanged."""
+    Every distinct value is fetched once, concurrently within `limits`; nothing is uploaded unless
+    all fetches and checks succeeded. Failures raise `InputError` (or `InvalidParams` for unsafe
+    file names) naming node and input; `ComfyUIUnavailable` from `upload` passes through
+    unchanged. Bytes reserved from `budget` are given back when this returns or raises."""
     remote: list[tuple[LoaderInput, InputKind]] = []
     for item in find_loader_inputs(workflow, loaders):
         kind = _classify_item(workflow, item)
@@ -173,34 +205,30 @@ async def resolve_inputs(
     first_use: dict[str, tuple[LoaderInput, InputKind]] = {}
     for item, kind in remote:
         first_use.setdefault(item.value, (item, kind))
-    fetched = await _run_all(
-        {
-            value: _fetch_job(
-                workflow, item, kind, fetch_url, read_oss, max_base64_bytes
-            )
+    fetch = _Fetcher(workflow, fetch_url, read_oss, limits, budget)
+    try:
+        fetched = await _run_all(
+            {value: partial(fetch, item, kind) for value, (item, kind) in first_use.items()}
+        )
+        file_names = {
+            value: _file_name(workflow, item, kind, fetched[value])
             for value, (item, kind) in first_use.items()
         }
-    )
+        for item, _ in remote:  # every use, not only the first, must get content it can read
+            _check_media(workflow, item, fetched[item.value])
 
-    file_names = {
-        value: _file_name(workflow, item, kind, fetched[value])
-        for value, (item, kind) in first_use.items()
-    }
-    for (
-        item,
-        _,
-    ) in remote:  # every use, not only the first, must get content it can read
-        _check_media(workflow, item, fetched[item.value])
-
-    to_upload: dict[str, tuple[LoaderInput, bytes]] = {}
-    for value, name in file_names.items():
-        to_upload.setdefault(name, (first_use[value][0], fetched[value].data))
-    uploaded = await _run_all(
-        {
-            name: _upload_job(workflow, item, data, name, upload)
-            for name, (item, data) in to_upload.items()
-        }
-    )
+        to_upload: dict[str, tuple[LoaderInput, bytes]] = {}
+        for value, name in file_names.items():
+            to_upload.setdefault(name, (first_use[value][0], fetched[value].data))
+        slots = asyncio.Semaphore(limits.upload_concurrency)
+        uploaded = await _run_all(
+            {
+                name: _upload_job(workflow, item, data, name, upload, slots)
+                for name, (item, data) in to_upload.items()
+            }
+        )
+    finally:
+        fetch.release()
 
     for item, _ in remote:
         result[item.node_id]["inputs"][item.input_name] = uploaded[
@@ -221,33 +249,88 @@ def _classify_item(workflow: Mapping[str, Any], item: LoaderInput) -> InputKind:
         ) from exc
 
 
-def _fetch_job(
-    workflow: Mapping[str, Any],
-    item: LoaderInput,
-    kind: InputKind,
-    fetch_url: Callable[[str], Awaitable[bytes]],
-    read_oss: Callable[[str], Awaitable[bytes]] | None,
-    max_base64_bytes: int,
-) -> Callable[[], Coroutine[Any, Any, _Fetched]]:
-    async def job() -> _Fetched:
-        try:
-            if kind == "url":
-                data = await fetch_url(item.value)
-            elif kind == "oss":
-                if read_oss is None:
-                    raise InputError(
-                        "oss:// inputs need OSS to be configured on this instance"
-                    )
-                data = await read_oss(item.value)
-            else:
-                data = await asyncio.to_thread(
-                    decode_base64, item.value, max_base64_bytes
-                )
-            return await asyncio.to_thread(_describe, data)
-        except ServerlessError as exc:
-            raise _input_error(workflow, item, _VERBS[kind], exc) from exc
+class _Fetcher:
+    """Fetches one request's inputs: bounded concurrency, the request's byte total, the
+    instance's byte budget (leases held until `release`), and the content check."""
 
-    return job
+    def __init__(
+        self,
+        workflow: Mapping[str, Any],
+        fetch_url: Callable[[str], Awaitable[bytes]],
+        read_oss: Callable[[str], Awaitable[bytes]] | None,
+        limits: InputLimits,
+        budget: ByteBudget | None,
+    ) -> None:
+        self._workflow = workflow
+        self._fetch_url = fetch_url
+        self._read_oss = read_oss
+        self._limits = limits
+        # Without a shared budget, one of our own that never makes anyone wait.
+        self._budget = budget or ByteBudget(_UNBOUNDED)
+        self._slots = asyncio.Semaphore(limits.fetch_concurrency)
+        self._leases: list[Lease] = []
+        self._total = 0
+
+    async def __call__(self, item: LoaderInput, kind: InputKind) -> _Fetched:
+        async with self._slots:
+            lease = await self._reserve(item, kind)
+            try:
+                data = await self._fetch(item, kind)
+            except ServerlessError as exc:
+                raise _input_error(self._workflow, item, _VERBS[kind], exc) from exc
+            lease.shrink(len(data))  # what was reserved but not read goes back; the rest is held
+            self._count(item, len(data))
+            fetched = await asyncio.to_thread(_describe, data)
+            await self._verify(item, fetched)
+            return fetched
+
+    def release(self) -> None:
+        """Give back every reservation: the request's bytes are uploaded, or it failed."""
+        for lease in self._leases:
+            lease.release()
+        self._leases.clear()
+
+    async def _reserve(self, item: LoaderInput, kind: InputKind) -> Lease:
+        try:
+            lease = await self._budget.acquire(self._reservation(item, kind), self._limits.budget_timeout)
+        except ServerlessError as exc:
+            raise InputError(*_message(self._workflow, item, exc.message)) from exc
+        self._leases.append(lease)
+        return lease
+
+    def _reservation(self, item: LoaderInput, kind: InputKind) -> int:
+        """What the fetch may hold: base64 decodes to at most 3/4 of its text."""
+        if kind == "base64":
+            return min(self._limits.max_base64_bytes, len(item.value) * 3 // 4 + 3)
+        return self._limits.max_fetch_bytes
+
+    async def _fetch(self, item: LoaderInput, kind: InputKind) -> bytes:
+        if kind == "url":
+            return await self._fetch_url(item.value)
+        if kind == "oss":
+            if self._read_oss is None:
+                raise InputError("oss:// inputs need OSS to be configured on this instance")
+            return await self._read_oss(item.value)
+        return await asyncio.to_thread(decode_base64, item.value, self._limits.max_base64_bytes)
+
+    def _count(self, item: LoaderInput, size: int) -> None:
+        self._total += size
+        limit = self._limits.max_job_bytes
+        if self._total > limit:
+            reason = (
+                f"the inputs of this request add up to more than {limit} bytes "
+                "(MAX_INPUT_BYTES_PER_JOB)"
+            )
+            raise InputError(*_message(self._workflow, item, reason))
+
+    async def _verify(self, item: LoaderInput, fetched: _Fetched) -> None:
+        if fetched.sniffed is None:
+            return
+        try:
+            await asyncio.to_thread(verify_media, fetched.data, fetched.sniffed[1], self._limits.max_pixels)
+        except ServerlessError as exc:
+            reason = f"{fetched.sniffed[1]} content is not usable: {exc.message}"
+            raise InputError(*_message(self._workflow, item, reason)) from exc
 
 
 def _upload_job(
@@ -256,10 +339,12 @@ def _upload_job(
     data: bytes,
     name: str,
     upload: Callable[[bytes, str], Awaitable[str]],
+    slots: asyncio.Semaphore,
 ) -> Callable[[], Coroutine[Any, Any, str]]:
     async def job() -> str:
         try:
-            return await upload(data, name)
+            async with slots:
+                return await upload(data, name)
         except ComfyUIUnavailable:
             raise
         except ServerlessError as exc:
