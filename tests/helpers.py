@@ -80,3 +80,13 @@ def failing_workflow(emulator_root: Path, prefix: str = "fails") -> dict[str, An
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
     }
+
+
+def comfyui_inverted(picture: Image.Image) -> Image.Image:
+    """What ComfyUI's LoadImage -> ImageInvert -> SaveImage makes of a picture: float32 pixels
+    (v / 255), 1 - x, then 255 * x clipped and truncated to bytes (not Pillow's exact 255 - v)."""
+    import numpy as np
+
+    loaded = np.array(picture.convert("RGB")).astype(np.float32) / np.float32(255.0)
+    saved = np.clip(np.float32(255.0) * (np.float32(1.0) - loaded), 0, 255).astype(np.uint8)
+    return Image.fromarray(saved)

@@ -23,10 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import websocket
-from PIL import Image, ImageOps
+from PIL import Image
 
 from tests.conftest import base_env
-from tests.helpers import decode_image, empty_image, post_run, running_prompt, txt2img, wait_until
+from tests.helpers import comfyui_inverted, decode_image, empty_image, post_run, running_prompt, txt2img, wait_until
 from tests.oss_server import LocalOss
 from tests.servers import App, Emulator
 
@@ -417,7 +417,7 @@ def test_debug_logs_of_a_streamed_run_hold_no_signed_url(start_app, emulator, lo
 def test_oss_inputs_are_read_and_used_by_the_workflow(signing_app, keyless_app, local_oss, bucket):
     picture = png(5, 4)
     local_oss.put_object(bucket, "inputs/e2e cat.png", picture, "image/png")
-    expected = ImageOps.invert(Image.open(io.BytesIO(picture)).convert("RGB"))
+    expected = comfyui_inverted(Image.open(io.BytesIO(picture)))
 
     short = post_run(signing_app.url, invert_workflow(f"oss://{bucket}/inputs/e2e cat.png", "ossin"),
                      params={"output_base64": "true"})
