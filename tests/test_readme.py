@@ -1,0 +1,102 @@
+"""The README's examples, run as written: every shell and Python block that talks to the API on
+127.0.0.1:9000 is executed (in README order) against an app and the emulator, with the README's own
+OSS bucket served by the local OSS server. A block passes when it exits 0 and no answer it prints
+is an error the README does not announce next to it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.oss_server import LocalOss
+from tests.servers import ROOT, Emulator
+
+README = ROOT / "README.md"
+API = "127.0.0.1:9000"
+BUCKET = "my-bucket"  # the README's
+KEY_ID, SECRET = "LTAI...", "..."  # the README's placeholders: the local OSS server accepts them
+FENCE = re.compile(r"^```(sh|bash|python)\n(.*?)^```", re.M | re.S)
+ERROR_CODE = re.compile(r'"error_code":\s*"([A-Z_]+)"')
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int
+    language: str
+    text: str
+
+    @property
+    def last(self) -> bool:
+        """Blocks that take the instance out of service run after all others."""
+        return "/pre-stop" in self.text
+
+
+def blocks() -> list[Block]:
+    text = README.read_text()
+    found = []
+    for match in FENCE.finditer(text):
+        if API in match.group(2):
+            found.append(Block(text.count("\n", 0, match.start()) + 1, match.group(1), match.group(2)))
+    return sorted(found, key=lambda block: block.last)
+
+
+def test_the_readme_has_runnable_examples():
+    assert len(blocks()) >= 8
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the examples run: the repository's example files, nothing else of it to write over."""
+    path = tmp_path_factory.mktemp("readme")
+    for name in ("examples", "tests"):
+        (path / name).symlink_to(ROOT / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def readme_api(workdir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from tests.conftest import base_env
+    from tests.servers import App
+
+    root = tmp_path_factory.mktemp("readme-emulator")
+    emulator = Emulator(root)
+    oss = LocalOss({KEY_ID: (SECRET, None)}, [BUCKET], region="cn-hangzhou")
+    oss.put_object(BUCKET, "in/cat.png", (ROOT / "examples" / "cat.png").read_bytes(), "image/png")
+    logs = tmp_path_factory.mktemp("readme-app")
+    env = {
+        **base_env(emulator.url, logs / "status"),
+        "WORKFLOWS_DIR": str(logs / "workflows"),
+        "OSS_BUCKET_DOMAIN": f"{BUCKET}.oss-cn-hangzhou.aliyuncs.com",
+        "OSS_ENDPOINT": oss.endpoint,
+        "OSS_SIGN_ENDPOINT": oss.endpoint,
+        "OSS_EXPIRES_IN_SECOND": "3600",
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
+    }
+    app = App(logs, env)
+    yield app, emulator
+    app.stop()
+    emulator.stop()
+    oss.stop()
+
+
+@pytest.mark.parametrize("block", blocks(), ids=lambda block: f"README.md:{block.line}")
+def test_a_readme_example_runs_as_written(block: Block, readme_api, workdir: Path):
+    app, emulator = readme_api
+    code = block.text.replace(f"http://{API}", app.url).replace(f"ws://{API}", app.url.replace("http", "ws"))
+    code = code.replace("http://127.0.0.1:8188", emulator.url)
+    if block.language == "python":
+        command = [sys.executable, "-c", code]
+    else:
+        command = ["bash", "-euo", "pipefail", "-c", code]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"README.md:{block.line} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    for code_name in ERROR_CODE.findall(done.stdout):
+        assert code_name in block.text, f"README.md:{block.line} answered {code_name}:\n{done.stdout[-3000:]}"
