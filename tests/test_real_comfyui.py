@@ -6,14 +6,17 @@ Runs only when REAL_COMFYUI_URL is set, because a real ComfyUI cannot be install
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import uuid
 from collections import Counter
 
 import pytest
 import requests
+import websocket  # websocket-client
 
-from tests.helpers import decode_image, empty_image, post_run
+from tests.helpers import OURS, decode_image, empty_image, post_run
 
 REAL = os.environ.get("REAL_COMFYUI_URL", "")
 pytestmark = pytest.mark.skipif(not REAL, reason="set REAL_COMFYUI_URL to run against a real ComfyUI")
@@ -53,8 +56,18 @@ def test_model_free_workflow_runs_unchanged_on_real_comfyui(real_app):
 def test_errors_and_streams_on_real_comfyui(real_app):
     refused = post_run(real_app.url, {"1": {"class_type": "NoSuchNode", "inputs": {}}})
     assert refused.status_code == 400 and refused.json()["error_code"] == "PROMPT_ERROR"
-    failed = post_run(real_app.url, empty_image(prefix="../../escape"))
-    assert failed.status_code == 500 and failed.json()["raw"]["node_type"] == "SaveImage"
+    escaping = post_run(real_app.url, empty_image(prefix="../../escape"))
+    assert escaping.status_code == 400 and escaping.json()["error_code"] == "INVALID_PARAMS"  # refused by us
+    # A file ComfyUI holds that is no picture: ComfyUI accepts the prompt, then LoadImage fails.
+    name = f"not-an-image-{uuid.uuid4().hex[:8]}.png"
+    upload = requests.post(f"{REAL}/upload/image", files={"image": (name, b"not a picture")}, timeout=10)
+    assert upload.status_code == 200
+    failing = {"1": {"class_type": "LoadImage", "inputs": {"image": upload.json()["name"]}},
+               "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+               "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "never"}}}
+    failed = post_run(real_app.url, failing)
+    assert failed.status_code == 500 and failed.json()["error_code"] == "EXECUTION_FAILED"
+    assert failed.json()["raw"]["node_type"] == "LoadImage"
     task_id = f"real-{uuid.uuid4().hex}"
     with requests.post(real_app.url + "/api/serverless/run", params={"stream": "true"},
                        json=empty_image(prefix="sse"), headers={"x-fc-trace-id": task_id},
@@ -63,3 +76,26 @@ def test_errors_and_streams_on_real_comfyui(real_app):
     assert lines[-1].startswith(b'data: {"type": "serverless_api"')
     logged = requests.get(real_app.url + "/api/serverless/status", params={"task_id": task_id}, timeout=10).json()
     assert len(logged) == len(lines) and logged[-1]["type"] == "serverless_api"
+
+
+def test_the_documentations_websocket_and_async_clients_on_real_comfyui(real_app):
+    ws = websocket.create_connection(real_app.url.replace("http://", "ws://") + "/api/serverless/ws", timeout=60)
+    ws.send(json.dumps(empty_image(prefix="real-ws")))
+    types = []
+    while (message := json.loads(ws.recv()))["type"] not in ("serverless_api", "error"):
+        types.append(message["type"])
+    ws.close()
+    assert message["type"] == "serverless_api" and message["data"]["results"][0]["node_id"] == "2"
+    assert next(kind for kind in types if kind not in OURS) == "status" and "executed" in types
+
+    task_id = f"real-async-{uuid.uuid4().hex}"
+    accepted = post_run(real_app.url, empty_image(prefix="real-async"),
+                        headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    assert accepted.status_code == 202 and accepted.json() == {"task_id": task_id}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the FC documentation's poller
+        items = requests.get(real_app.url + "/api/serverless/status", params={"task_id": task_id}, timeout=10).json()
+        if items and items[-1]["type"] in ("serverless_api", "error"):
+            break
+        time.sleep(0.1)
+    assert items[-1]["type"] == "serverless_api"
