@@ -20,7 +20,7 @@ from PIL import Image
 from serverless.emulator.folders import Folders
 from serverless.emulator.nodes import NodeContext
 from serverless.emulator.nodes.loaders import LoadImageMask
-from tests.servers import Emulator
+from tests.servers import InProcessEmulator as Emulator
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

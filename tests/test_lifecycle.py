@@ -21,7 +21,7 @@ import requests
 import websocket
 
 from tests.helpers import post_run, running_prompt, txt2img, wait_until
-from tests.servers import ROOT, Process, free_port
+from tests.servers import EMULATOR_MODULE, ROOT, Process, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,7 +37,7 @@ class Instance(Process):
         self.root = tmp / "comfyui"
         self.status_dir = tmp / "status"
         self.comfyui_url = f"http://127.0.0.1:{free_port()}"
-        comfyui = shlex.join([sys.executable, "-m", "serverless.emulator", "--host", "127.0.0.1",
+        comfyui = shlex.join([sys.executable, "-m", EMULATOR_MODULE, "--host", "127.0.0.1",
                               "--port", self.comfyui_url.rsplit(":", 1)[1], "--root", str(self.root),
                               "--step-delay", str(step_delay)])
         if start_delay:  # a slow ComfyUI start-up
@@ -62,7 +62,7 @@ class Instance(Process):
                 args = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"serverless.emulator" in args and str(self.root).encode() in args:
+            if EMULATOR_MODULE.encode() in args and str(self.root).encode() in args:
                 pids.append(int(entry.name))
         return pids
 
