@@ -161,6 +161,7 @@ class InProcessApp:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"app-{self.port}.log"
         self._id = f"app-{self.port}-{id(self)}"
+        app = create_app(Settings.from_env(full_env))  # a bad setting fails here, before any set-up
         level = logging.getLevelName(full_env.get("LOG_LEVEL", "INFO").upper())
         self._handler = logging.FileHandler(self.log, encoding="utf-8")
         self._handler.setLevel(level)
@@ -168,7 +169,6 @@ class InProcessApp:
         self._handler.addFilter(_OwnRecords(self._id))
         logging.getLogger().addHandler(self._handler)
         _set_log_level(self._id, level)
-        app = create_app(Settings.from_env(full_env))
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="on", log_level="warning",
                                 log_config=None)
         self.server = uvicorn.Server(config)
