@@ -1,4 +1,9 @@
-"""Shared fixtures: a ComfyUI emulator process and app processes under uvicorn, on loopback."""
+"""Shared fixtures: the ComfyUI emulator and the app under uvicorn on loopback ports.
+
+The plain fixtures (`emulator`, `own_emulator`, `app`, `start_app`) serve from threads of the test
+process; `emulator_process` and `start_app_process` start real processes, for the tests that
+kill, signal or measure one.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import App, Emulator, free_port
+from tests.servers import App, Emulator, InProcessApp, InProcessEmulator, free_port
 
 
 @pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessEmulator]:
     """One emulator for tests that do not disturb it (no kills, no dropped sockets)."""
-    server = Emulator(tmp_path_factory.mktemp("emulator"))
+    server = InProcessEmulator(tmp_path_factory.mktemp("emulator"))
     yield server
     server.stop()
 
 
 @pytest.fixture
-def own_emulator(tmp_path: Path) -> Iterator[Emulator]:
-    """A fresh emulator for a test that breaks things."""
+def own_emulator(tmp_path: Path) -> Iterator[InProcessEmulator]:
+    """A fresh emulator for a test that reconfigures it or drops its websockets."""
+    server = InProcessEmulator(tmp_path / "emulator")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def emulator_process(tmp_path: Path) -> Iterator[Emulator]:
+    """A fresh emulator in a process of its own, for a test that kills it."""
     server = Emulator(tmp_path / "emulator")
     yield server
     server.stop()
@@ -36,17 +49,34 @@ def base_env(comfyui_url: str, status_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def app(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def app(emulator: InProcessEmulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessApp]:
     """The app against the shared emulator, with default settings."""
     logs = tmp_path_factory.mktemp("app")
-    server = App(logs, base_env(emulator.url, logs / "status"))
+    server = InProcessApp(logs, base_env(emulator.url, logs / "status"))
     yield server
     server.stop()
 
 
 @pytest.fixture
-def start_app(tmp_path: Path) -> Iterator[Callable[..., App]]:
+def start_app(tmp_path: Path) -> Iterator[Callable[..., InProcessApp]]:
     """Start apps with custom settings: `start_app(comfyui_url, **env)`; stopped after the test."""
+    started: list[InProcessApp] = []
+
+    def start(comfyui_url: str, status_dir: Path | None = None, **env: str) -> InProcessApp:
+        settings = base_env(comfyui_url, status_dir or tmp_path / "status")
+        server = InProcessApp(tmp_path, {**settings, **env})
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def start_app_process(tmp_path: Path) -> Iterator[Callable[..., App]]:
+    """As `start_app`, each app in a process of its own (`uvicorn handler:app`): for a test that
+    kills it or reads its /proc entries."""
     started: list[App] = []
 
     def start(comfyui_url: str, status_dir: Path | None = None, **env: str) -> App:

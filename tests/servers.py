@@ -1,20 +1,32 @@
-"""Real servers for the tests: the ComfyUI emulator and the app under uvicorn, each in its own
-process on a free loopback port, so that tests talk to them exactly as users do."""
+"""Real servers for the tests on free loopback ports, so that tests talk to them exactly as users
+do: the ComfyUI emulator and the app under uvicorn, either in a thread of the test process (fast:
+the default) or in a process of their own (for signals, SIGKILL and a process's fds or memory)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import importlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import requests
+import uvicorn
+from aiohttp import web
+
+from serverless.app import create_app
+from serverless.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 WS_MAX_SIZE = 100 * 1024 * 1024 + 64 * 1024  # as `python -m serverless.server` sets it: MAX_BODY_BYTES + framing
+EMULATOR_MODULE = "comfyui_emulator"  # the one place naming the emulator's package
 
 
 def free_port() -> int:
@@ -80,7 +92,7 @@ class Emulator(Process):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        args = [sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1",
+        args = [sys.executable, "-m", EMULATOR_MODULE, "--host", "127.0.0.1",
                 "--port", str(port), "--root", str(root), *extra]
         super().__init__(args, port, root / "emulator.log", ready_path="/system_stats")
 
@@ -94,3 +106,145 @@ class App(Process):
                 "--port", str(port), "--log-level", "info", "--ws-max-size", str(WS_MAX_SIZE)]
         super().__init__(args, port, log_dir / f"app-{port}.log", env=env,
                          ready_path="/api/serverless/status?task_id=startup-probe")
+
+
+# --- in-process servers ---------------------------------------------------------------------------
+# Most tests only need a server on a port. These run in a thread of the test process (one event
+# loop each), which starts in milliseconds instead of the ~1 s of a fresh interpreter. Tests that
+# need a real process (signals, SIGKILL, /proc of the app) use the classes above.
+
+create_emulator_app = importlib.import_module(EMULATOR_MODULE).create_app
+
+# Which in-process server a log record comes from: set in each server's thread, so every task of
+# its loop (and every `asyncio.to_thread` call, which copies the context) carries it.
+SERVER_ID: contextvars.ContextVar[str] = contextvars.ContextVar("test_server_id", default="")
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+_levels_lock = threading.Lock()
+_live_levels: dict[str, int] = {}
+_root_level_before: list[int] = []
+
+
+def _set_log_level(server_id: str, level: int | None) -> None:
+    """The root logger at the lowest LOG_LEVEL of the live in-process apps, as each app process
+    had its own root logger at its LOG_LEVEL; back to where it was once none is left."""
+    root = logging.getLogger()
+    with _levels_lock:
+        if not _root_level_before:
+            _root_level_before.append(root.level)
+        if level is None:
+            _live_levels.pop(server_id, None)
+        else:
+            _live_levels[server_id] = level
+        root.setLevel(min([*_live_levels.values()], default=_root_level_before[0]))
+
+
+class _OwnRecords(logging.Filter):
+    """Only the records logged by one in-process server's thread, tasks and worker threads."""
+
+    def __init__(self, server_id: str) -> None:
+        super().__init__()
+        self.server_id = server_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return SERVER_ID.get() == self.server_id
+
+
+class InProcessApp:
+    """The adapter (`serverless.app.create_app`) under uvicorn in a thread of the test process,
+    configured by an environment mapping (os.environ is neither read nor changed). Its log records
+    (any logger, at its LOG_LEVEL) go to `log`, as an app process's output did."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str], port: int | None = None) -> None:
+        full_env = {**os.environ, **env}
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"app-{self.port}.log"
+        self._id = f"app-{self.port}-{id(self)}"
+        app = create_app(Settings.from_env(full_env))  # a bad setting fails here, before any set-up
+        level = logging.getLevelName(full_env.get("LOG_LEVEL", "INFO").upper())
+        self._handler = logging.FileHandler(self.log, encoding="utf-8")
+        self._handler.setLevel(level)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._handler.addFilter(_OwnRecords(self._id))
+        logging.getLogger().addHandler(self._handler)
+        _set_log_level(self._id, level)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="on", log_level="warning",
+                                log_config=None, ws_max_size=WS_MAX_SIZE)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name=self._id, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"in-process app failed to start; log:\n{self.log_text()[-4000:]}")
+            time.sleep(0.005)
+
+    def _run(self) -> None:
+        SERVER_ID.set(self._id)
+        self.server.run()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Shut down as on SIGTERM (lifespan end included); idempotent."""
+        self.server.should_exit = True
+        self._thread.join(STOP_TIMEOUT)
+        if self._thread.is_alive():
+            self.server.force_exit = True
+            self._thread.join(STOP_TIMEOUT)
+        logging.getLogger().removeHandler(self._handler)
+        self._handler.close()
+        _set_log_level(self._id, None)
+        assert not self._thread.is_alive(), f"{self.url} did not stop within {2 * STOP_TIMEOUT}s"
+
+
+class InProcessEmulator:
+    """The ComfyUI emulator's aiohttp app in a thread of the test process, its folders under `root`."""
+
+    def __init__(self, root: Path, port: int | None = None, step_delay: float = 0.02) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._id = f"emulator-{self.port}-{id(self)}"
+        self._step_delay = step_delay
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=self._id, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT) or self._error is not None:
+            self.stop()
+            raise RuntimeError(f"in-process emulator failed to start: {self._error!r}")
+
+    def _run(self) -> None:
+        SERVER_ID.set(self._id)
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported by __init__ when start-up fails
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop, self._done = asyncio.get_running_loop(), asyncio.Event()
+        runner = web.AppRunner(create_emulator_app(self.root, self._step_delay), access_log=None,
+                               shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._ready.set()
+            await self._done.wait()
+        finally:
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        """Close the sockets and the app (its shutdown hooks included); idempotent."""
+        if self._loop is not None and self._done is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._done.set)
+        self._thread.join(STOP_TIMEOUT)
+        assert not self._thread.is_alive(), f"{self.url} did not stop within {STOP_TIMEOUT}s"

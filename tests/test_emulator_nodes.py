@@ -21,7 +21,7 @@ from PIL import Image
 from comfyui_emulator.folders import Folders
 from comfyui_emulator.nodes import NodeContext
 from comfyui_emulator.nodes.loaders import LoadImageMask
-from tests.servers import Emulator
+from tests.servers import InProcessEmulator as Emulator
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.servers import Emulator
+from tests.servers import InProcessEmulator as Emulator
 
 TRACES = Path(__file__).parent / "fixtures" / "traces"
 ALIASED = [re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.helpers import RUN, empty_image, running_prompt, txt2img, wait_until
-from tests.servers import App, Emulator
+from tests.servers import App, Emulator, InProcessEmulator
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -127,19 +127,26 @@ def wait_for_log(server: App, task_id: str, kind: str) -> None:
     wait_until(lambda: any(item.get("type") == kind for item in status_log(server, task_id)), timeout=BOUND)
 
 
+def greetings_logged(server: App, task_id: str) -> int:
+    """ComfyUI's greetings (a `status` with the socket's `sid`) in a streamed task's log: one for
+    each websocket the job has been on."""
+    return sum(1 for item in status_log(server, task_id)
+               if item.get("type") == "status" and "sid" in (item.get("data") or {}))
+
+
 # -- ComfyUI dies -----------------------------------------------------------------------------------
 
-def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(own_emulator, start_app, tmp_path):
-    configure(own_emulator, step_delay=0.05)
-    server = start_app(own_emulator.url, COMFYUI_RECONNECT_TIMEOUT="2")
+def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(emulator_process, start_app, tmp_path):
+    configure(emulator_process, step_delay=0.05)
+    server = start_app(emulator_process.url, COMFYUI_RECONNECT_TIMEOUT="2")
     running, queued = new_task("killed-running"), new_task("killed-queued")
     first, first_box = in_thread(lambda: traced_run(server, txt2img(seed=1, steps=400), running))
-    wait_until(lambda: running_prompt(own_emulator.url))
+    wait_until(lambda: running_prompt(emulator_process.url))
     second, second_box = in_thread(lambda: traced_run(server, txt2img(seed=2, steps=400), queued, {"stream": "1"}))
     wait_for_log(server, running, "progress")
-    wait_for_pending(own_emulator)
+    wait_for_pending(emulator_process)
 
-    own_emulator.kill()
+    emulator_process.kill()
     first.join(BOUND)
     second.join(BOUND)
 
@@ -149,7 +156,7 @@ def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(own_emu
         assert_logged(server, task_id, outcome)
 
     # ComfyUI back on the same address: the instance serves again, nothing to restart.
-    revived = Emulator(tmp_path / "revived", own_emulator.port, "--step-delay", "0")
+    revived = InProcessEmulator(tmp_path / "revived", emulator_process.port, step_delay=0)
     try:
         assert_result(traced_run(server, empty_image(prefix="revived"), new_task("revived"), B64))
     finally:
@@ -164,7 +171,7 @@ def test_nothing_listening_at_start_is_unavailable_then_serves_once_comfyui_is_u
         assert_error(outcome, "COMFYUI_UNAVAILABLE", 503)
         assert_logged(server, task_id, outcome)
 
-    late = Emulator(tmp_path / "late", int(dead_url.rsplit(":", 1)[1]), "--step-delay", "0")
+    late = InProcessEmulator(tmp_path / "late", int(dead_url.rsplit(":", 1)[1]), step_delay=0)
     try:
         wait_until(lambda: requests.get(server.url + "/api/serverless/health", timeout=5).status_code == 200)
         task_id = new_task("late")
@@ -188,10 +195,11 @@ def test_websocket_cut_twice_recovers_running_and_queued_jobs_and_logs_their_res
     wait_for_log(server, running, "progress")
     wait_for_pending(own_emulator)
 
-    for _ in range(2):
+    for cut in range(2):
+        # Cut only once the job is on a socket again: its log holds one greeting per socket.
+        wait_until(lambda c=cut: greetings_logged(server, running) > c, timeout=BOUND)
         dropped = requests.post(own_emulator.url + "/emulator/drop_websockets", timeout=5).json()["dropped"]
         assert dropped >= 1
-        time.sleep(0.3)
     first.join(BOUND)
     second.join(BOUND)
 

@@ -33,7 +33,7 @@ from PIL import Image
 
 from tests.conftest import base_env
 from tests.helpers import decode_image, post_run
-from tests.servers import App, Emulator
+from tests.servers import App, InProcessApp, InProcessEmulator
 
 MiB = 1024 * 1024
 INPUT_MAX_BYTES = 8 * MiB
@@ -264,23 +264,23 @@ def files() -> Iterator[InputServer]:
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessEmulator]:
     """An emulator of this module's own, so that its input folder holds only what we put there."""
-    server = Emulator(tmp_path_factory.mktemp("inputs-emulator"))
+    server = InProcessEmulator(tmp_path_factory.mktemp("inputs-emulator"))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def app(emu: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def app(emu: InProcessEmulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessApp]:
     """The app allowed to fetch from 127.0.0.1 (where the test file servers are), 8 MiB at most."""
     logs = tmp_path_factory.mktemp("inputs-app")
-    server = App(logs, {**base_env(emu.url, logs / "status"), **ALLOW_LOOPBACK})
+    server = InProcessApp(logs, {**base_env(emu.url, logs / "status"), **ALLOW_LOOPBACK})
     yield server
     server.stop()
 
 
-def input_value(form: str, data: bytes, loader: Loader, name: str, files: InputServer, emu: Emulator) -> str:
+def input_value(form: str, data: bytes, loader: Loader, name: str, files: InputServer, emu: InProcessEmulator) -> str:
     """`data` in one of the forms a loader input accepts (for `file`: uploaded to ComfyUI first)."""
     encoded = base64.b64encode(data).decode()
     if form == "url":
@@ -294,17 +294,17 @@ def input_value(form: str, data: bytes, loader: Loader, name: str, files: InputS
     return str(answer.json()["name"])
 
 
-def sent_workflow(emu: Emulator, prompt_id: str) -> dict[str, Any]:
+def sent_workflow(emu: InProcessEmulator, prompt_id: str) -> dict[str, Any]:
     """The workflow ComfyUI received (`prompt[2]` of its history entry)."""
     history = requests.get(f"{emu.url}/history/{prompt_id}", timeout=10).json()
     return history[prompt_id]["prompt"][2]  # type: ignore[no-any-return]
 
 
-def history_size(emu: Emulator) -> int:
+def history_size(emu: InProcessEmulator) -> int:
     return len(requests.get(emu.url + "/history", timeout=10).json())
 
 
-def input_folder(emu: Emulator) -> dict[str, bytes]:
+def input_folder(emu: InProcessEmulator) -> dict[str, bytes]:
     folder = emu.root / "input"
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.exists() else {}
 
@@ -526,9 +526,9 @@ def run_measured(server: App, workflow: dict[str, Any]) -> tuple[requests.Respon
 
 
 @pytest.fixture
-def measured_app(own_emulator: Emulator, start_app: Callable[..., App], files: InputServer) -> App:
+def measured_app(own_emulator: InProcessEmulator, start_app_process: Callable[..., App], files: InputServer) -> App:
     """A fresh app (limit 8 MiB) that has already run one job, so later growth is the job's own."""
-    server = start_app(own_emulator.url, **ALLOW_LOOPBACK)
+    server = start_app_process(own_emulator.url, **ALLOW_LOOPBACK)
     warm_up = post_run(server.url, load_image(files.add("warm.png", png(8), "image/png")))
     assert warm_up.status_code == 200, warm_up.text
     return server

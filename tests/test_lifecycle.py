@@ -23,7 +23,7 @@ import requests
 import websocket
 
 from tests.helpers import post_run, running_prompt, txt2img, wait_until
-from tests.servers import ROOT, Emulator, Process, free_port
+from tests.servers import EMULATOR_MODULE, ROOT, Emulator, Process, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +40,7 @@ class Instance(Process):
         self.root = tmp / "comfyui"
         self.status_dir = tmp / "status"
         self.comfyui_url = f"http://127.0.0.1:{comfyui_port or free_port()}"
-        comfyui = shlex.join([sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1",
+        comfyui = shlex.join([sys.executable, "-m", EMULATOR_MODULE, "--host", "127.0.0.1",
                               "--port", self.comfyui_url.rsplit(":", 1)[1], "--root", str(self.root),
                               "--step-delay", str(step_delay)])
         if start_delay:  # a slow ComfyUI start-up
@@ -78,7 +78,7 @@ def emulator_pids(root: Path) -> list[int]:
             args = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"comfyui_emulator" in args and str(root).encode() in args:
+        if EMULATOR_MODULE.encode() in args and str(root).encode() in args:
             pids.append(int(entry.name))
     return pids
 

@@ -94,9 +94,9 @@ def quiet(url: str, pid: int) -> tuple[int, float]:
     return fds, rss_mib(pid)
 
 
-def test_a_thousand_jobs_at_fifty_at_once_leave_nothing_behind(own_emulator, start_app):
+def test_a_thousand_jobs_at_fifty_at_once_leave_nothing_behind(own_emulator, start_app_process):
     requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0}, timeout=5).raise_for_status()
-    server = start_app(own_emulator.url)
+    server = start_app_process(own_emulator.url)
     pid = server.proc.pid
 
     errors = asyncio.run(run_jobs(server.url, 0, WARMUP_JOBS))

@@ -28,7 +28,7 @@ from PIL import Image
 from tests.conftest import base_env
 from tests.helpers import comfyui_inverted, decode_image, empty_image, post_run, running_prompt, txt2img, wait_until
 from tests.oss_server import LocalOss
-from tests.servers import App, Emulator
+from tests.servers import App, Emulator, InProcessApp
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -101,7 +101,7 @@ def module_app(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> 
 
     def start(**env: str) -> App:
         logs = tmp_path_factory.mktemp("oss-app")
-        server = App(logs, {**base_env(emulator.url, logs / "status"), **env})
+        server = InProcessApp(logs, {**base_env(emulator.url, logs / "status"), **env})
         started.append(server)
         return server
 

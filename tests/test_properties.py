@@ -274,7 +274,8 @@ http_bodies = st.one_of(
 def _terminal(response: requests.Response) -> tuple[int, dict[str, Any]]:
     """The HTTP status and the final payload, reading a stream to its end."""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        data = [line[6:] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+        # SSE lines end at CR/LF only: split the bytes (str.splitlines would also split at U+0085).
+        data = [line[6:].decode() for line in response.iter_lines() if line.startswith(b"data: ")]
         assert data, "a stream must end with its terminal payload"
         return response.status_code, json.loads(data[-1])
     return response.status_code, response.json()

@@ -109,10 +109,11 @@ def test_a_second_delivery_starts_a_new_log_and_the_old_attempt_stays_readable(a
     assert old == first
 
 
-def test_sigkill_mid_job_leaves_parseable_lines_and_is_reported_lost(own_emulator, start_app, tmp_path):
+def test_sigkill_mid_job_leaves_parseable_lines_and_is_reported_lost(own_emulator, start_app, start_app_process,
+                                                                    tmp_path):
     requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.05}, timeout=5)
     shared = tmp_path / "nas"
-    doomed = start_app(own_emulator.url, status_dir=shared, STATUS_STALE_AFTER="1")
+    doomed = start_app_process(own_emulator.url, status_dir=shared, STATUS_STALE_AFTER="1")
     task_id = f"killed-{uuid.uuid4().hex}"
     post_run(doomed.url, txt2img(seed=9, steps=200), headers={
         "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
@@ -123,8 +124,13 @@ def test_sigkill_mid_job_leaves_parseable_lines_and_is_reported_lost(own_emulato
     assert lines[-1] == b"", "an fsync'd append ends with a newline"
     assert all(json.loads(line) for line in lines[:-1])
     witness = start_app(own_emulator.url, status_dir=shared, STATUS_STALE_AFTER="1")
-    time.sleep(1.5)
-    items = requests.get(witness.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+
+    def ended() -> list | None:
+        items = requests.get(witness.url + STATUS, params={"task_id": task_id}, timeout=10).json()
+        return items if items and items[-1]["type"] in ("error", "serverless_api") else None
+
+    # The log ends once it has been still for STATUS_STALE_AFTER (1 s): waited for, generously.
+    items = wait_until(ended, timeout=10)
     assert items[-1]["type"] == "error"
     assert items[-1]["error_code"] == "COMFYUI_UNAVAILABLE"
     assert "instance lost" in items[-1]["error_message"]
