@@ -21,6 +21,7 @@ from .jobs.registry import Jobs
 from .resources import Resources
 from .settings import Settings
 from .status.log import parse_after, parse_attempt
+from .transports import files
 from .transports.http import EventStream, json_response, read_body
 from .transports.start import start_job
 from .transports.websocket import websocket_run
@@ -62,7 +63,9 @@ async def run(request: Request) -> Response:
     settings = resources.settings
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
-    job = await start_job(resources, jobs, body, request.query_params, request.headers, "http", workflow_id)
+    job = await start_job(
+        resources, jobs, body, request.query_params, request.headers, "http", workflow_id, str(request.base_url)
+    )
     response: Response
     if job.spec.mode == "async" and not settings.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
@@ -72,6 +75,8 @@ async def run(request: Request) -> Response:
     else:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
         response = await json_response(request, job, settings, held_async=job.spec.mode == "async")
+        if job.spec.mode == "async":
+            await resources.webhooks.settled(job)  # nor frozen mid-delivery (bounded by WEBHOOK_TIMEOUT)
     return _warn_unknown(request, response, job.task_id)
 
 
@@ -133,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}", workflows.delete_workflow, methods=["DELETE"]),
         Route("/api/workflows/{workflow_id}/openapi.json", workflows.openapi_json, methods=["GET"]),
         Route("/api/workflows/{workflow_id}/run", run, methods=["POST"]),
+        Route("/api/files/{token}", files.download, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

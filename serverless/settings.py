@@ -181,6 +181,11 @@ class Settings:
     job_max_event_bytes: int = 64 * MiB
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     queue_stall_after: float = 30.0
+    webhook_secret: str = field(default="", repr=False)
+    webhook_timeout: float = 30.0
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    file_link_secret: str = field(default="", repr=False)
+    file_link_expires: int = 3600
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -255,4 +260,9 @@ class Settings:
             job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
             comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
             queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
+            webhook_secret=_text(env, "WEBHOOK_SECRET", ""),
+            webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", d.webhook_timeout, 0.1),
+            webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
+            file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
+            file_link_expires=_integer(env, "FILE_LINK_EXPIRES", d.file_link_expires, 1),
         )

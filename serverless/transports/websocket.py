@@ -29,7 +29,8 @@ async def websocket_run(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         body = await _run_body(websocket, resources.settings.max_body_bytes)
-        job = await start_job(resources, jobs, body, websocket.query_params, websocket.headers, "ws")
+        base_url = str(websocket.base_url.replace(scheme="https" if websocket.url.scheme == "wss" else "http"))
+        job = await start_job(resources, jobs, body, websocket.query_params, websocket.headers, "ws", None, base_url)
     except WebSocketDisconnect:
         return
     except Exception as exc:
