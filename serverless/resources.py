@@ -72,9 +72,11 @@ class Resources:
                         fetch_url = partial(download, downloads, policy=policy)
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         workflows = hosted_workflows(settings, comfy, supervisor)
-                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows, webhooks)
-                        # The jobs are drained by now: their webhooks are the last thing to wait for.
-                        await webhooks.drain(settings.webhook_timeout + 1)
+                        try:
+                            yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows,
+                                      webhooks)
+                        finally:  # the jobs are drained by now: their webhooks are the last to wait for
+                            await webhooks.drain(settings.webhook_timeout + 1)
                 finally:
                     await status.aclose()
                     if oss is not None:

@@ -123,3 +123,22 @@ def test_with_output_oss_the_stored_object_is_the_converted_jpeg(emulator, start
         stored, content_type = oss.get_object(bucket, output["oss"]["object"])
     assert content_type == "image/jpeg" and (output["mime"], output["bytes"]) == ("image/jpeg", len(stored))
     assert Image.open(io.BytesIO(stored)).size == (32, 16)
+
+
+def test_a_hosted_run_body_may_ask_the_format_and_the_query_wins(emulator, start_app, tmp_path):
+    app = start_app(emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
+    stored = requests.put(f"{app.url}/api/workflows/small", data=json.dumps(empty_image(width=60, height=30)),
+                          timeout=30)
+    assert stored.status_code in (200, 201), stored.text
+    run = f"{app.url}/api/workflows/small/run"
+    body = {"1.color": 0xFF0000, "output": {"format": "jpeg", "quality": 60, "max_side": 20}}
+    output = requests.post(run, data=json.dumps(body), timeout=60).json()["data"]["results"][0]["output"]
+    assert output["mime"] == "image/jpeg"
+    output = requests.post(run, data=json.dumps(body), params={"output_format": "webp", "output_base64": "1"},
+                           timeout=60).json()["data"]["results"][0]["output"]
+    assert output["mime"] == "image/webp"
+    assert Image.open(io.BytesIO(base64.b64decode(output["base64"]["content"]))).size == (20, 10)
+    refused = requests.post(run, data=json.dumps({"output": {"format": "tiff"}}), timeout=60)
+    assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMS"
+    refused = requests.post(run, data=json.dumps({"output": {"colour": "red"}}), timeout=60)
+    assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMS"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+import websocket
 from PIL import Image
 
 from serverless.delivery.convert import Conversion
@@ -96,3 +98,15 @@ def test_a_converted_link_serves_the_converted_bytes_and_only_the_signed_format(
 def test_output_url_needs_a_link_secret(app):
     response = post_run(app.url, empty_image(prefix="nolink"), params={"output_url": "true"})
     assert response.status_code == 400 and "FILE_LINK_SECRET" in response.json()["error_message"]
+
+
+def test_a_websocket_run_gets_http_links(two_apps):
+    first, second = two_apps
+    ws = websocket.create_connection(first.url.replace("http", "ws") + "/api/serverless/ws?output_url=1", timeout=30)
+    ws.send(json.dumps(empty_image(prefix="wslink")))
+    while (message := json.loads(ws.recv()))["type"] not in ("serverless_api", "error"):
+        pass
+    ws.close()
+    link = message["data"]["results"][0]["output"]["url"]
+    assert link.startswith(first.url + "/api/files/")
+    assert requests.get(on(second.url, link), timeout=10).status_code == 200

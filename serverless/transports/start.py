@@ -72,11 +72,15 @@ async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[st
 
 async def parse_hosted(
     resources: Resources, workflow_id: str, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
-) -> RunRequest:
+) -> tuple[RunRequest, Mapping[str, str]]:
     """A hosted workflow's run: the body holds only overrides, checked and merged into the stored
-    workflow (`serverless.workflows.hosting`); the flags and task id as for any run."""
+    workflow (`serverless.workflows.hosting`); the flags and task id as for any run. The body's
+    `"output": {"format", "quality", "max_side"}` join the query (whose own values win)."""
     task_id = task_id_from_headers(headers)
-    workflow, extra_data = await resources.workflows.prepare_run(workflow_id, body)
+    workflow, extra_data, output = await resources.workflows.prepare_run(workflow_id, body)
+    if output:
+        from_body = {f"output_{key}": str(value) for key, value in output.items() if value is not None}
+        query = {**from_body, **query}
     return RunRequest(
         workflow=workflow,
         extra_data=extra_data,
@@ -84,7 +88,7 @@ async def parse_hosted(
         output_oss=query_flag(query, "output_oss"),
         stream=query_flag(query, "stream"),
         task_id=task_id,
-    )
+    ), query
 
 
 def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
@@ -106,7 +110,7 @@ async def start_job(
     if workflow_id is None:
         request = await parse(body, query, headers)
     else:
-        request = await parse_hosted(resources, workflow_id, body, query, headers)
+        request, query = await parse_hosted(resources, workflow_id, body, query, headers)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():
