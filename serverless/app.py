@@ -23,6 +23,7 @@ from .jobs.registry import Jobs
 from .resources import Resources
 from .settings import Settings
 from .status.log import parse_after, parse_attempt
+from .transports import files
 from .transports.http import EventStream, json_response, read_body
 from .transports.start import start_job
 from .transports.websocket import websocket_run
@@ -66,7 +67,8 @@ async def run(request: Request) -> Response:
     owner = caller(request)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
     job = await start_job(
-        resources, jobs, body, request.query_params, request.headers, "http", workflow_id, owner=owner
+        resources, jobs, body, request.query_params, request.headers, "http", workflow_id, str(request.base_url),
+        owner=owner,
     )
     response: Response
     if job.spec.mode == "async" and not settings.on_fc:
@@ -77,6 +79,8 @@ async def run(request: Request) -> Response:
     else:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
         response = await json_response(request, job, settings, held_async=job.spec.mode == "async")
+        if job.spec.mode == "async":
+            await resources.webhooks.settled(job)  # nor frozen mid-delivery (bounded by WEBHOOK_TIMEOUT)
     return _warn_unknown(request, response, job.task_id)
 
 
@@ -147,6 +151,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}", workflows.delete_workflow, methods=["DELETE"]),
         Route("/api/workflows/{workflow_id}/openapi.json", workflows.openapi_json, methods=["GET"]),
         Route("/api/workflows/{workflow_id}/run", run, methods=["POST"]),
+        Route("/api/files/{token}", files.download, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

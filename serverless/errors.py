@@ -5,6 +5,7 @@
     │   └── MethodNotAllowed 405     (a route asked with a method it does not answer)
     ├── NotFound             404     no such route, task or resource
     ├── Unauthorized         401     the caller is not allowed this call (lifecycle hooks outside FC's own calls)
+    │   └── Forbidden        403     (a download link that is tampered with or expired; code UNAUTHORIZED)
     ├── PromptError          400     ComfyUI refused the prompt (`/prompt` answered 400)
     ├── InputError           400     a loader input could not be fetched, decoded or uploaded
     │   └── DownloadError    400     (a URL or base64 input; named by the resolver, raised as INPUT_ERROR)
@@ -78,6 +79,14 @@ class Unauthorized(ServerlessError):
 
     code = "UNAUTHORIZED"
     status_code = 401
+
+
+class Forbidden(Unauthorized):
+    """A signed download link (`/api/files/{token}`) was tampered with, has expired, or is asked
+    for a conversion it was not signed for. Same code as `Unauthorized` (the contract's list of
+    codes), HTTP 403: the caller is known to hold no valid grant, no credentials would help."""
+
+    status_code = 403
 
 
 class PromptError(ServerlessError):

@@ -8,7 +8,8 @@ from them once, the `Runtime` every job receives: what it calls, never a bag to 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -17,8 +18,10 @@ from typing import Any
 
 from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.supervisor import Supervisor, comfyui_command
+from .delivery import links
 from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
-from .delivery.outputs import OutputCollector
+from .delivery.outputs import OutputCollector, ReadyCallback
+from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable
 from .inputs.budget import ByteBudget
 from .inputs.download import DownloadPolicy, create_download_session, download
@@ -44,6 +47,7 @@ class Resources:
     reserved_output_dirs: tuple[tuple[str, ...], ...]
     workflows: HostedWorkflows
     input_budget: ByteBudget
+    webhooks: Webhooks
 
     @classmethod
     @asynccontextmanager
@@ -61,14 +65,21 @@ class Resources:
             policy = download_policy(settings)
             budget = input_budget(settings)
             oss = oss_store(settings)
-            # Untrusted input URLs get their own session: guarded resolver and connector.
-            async with create_download_session(policy) as downloads:
+            hooks_policy = webhook_policy(settings)
+            # Untrusted input URLs (and webhook URLs) get their own sessions: guarded resolver and connector.
+            async with create_download_session(policy) as downloads, create_download_session(hooks_policy) as hooks:
+                webhooks = Webhooks(hooks, hooks_policy, settings.webhook_secret, settings.webhook_timeout,
+                                    lambda task_id, record: status.write_sidecar(task_id, "webhook", record))
                 try:
                     async with _running(supervisor):
                         fetch_url = partial(download, downloads, policy=policy)
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         workflows = hosted_workflows(settings, comfy, supervisor)
-                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows, budget)
+                        try:
+                            yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows,
+                                      budget, webhooks)
+                        finally:  # the jobs are drained by now: their webhooks are the last to wait for
+                            await webhooks.drain(settings.webhook_timeout + 1)
                 finally:
                     await status.aclose()
                     if oss is not None:
@@ -113,8 +124,11 @@ class Resources:
             budget=self.input_budget,
         )
 
-    def output_collector(self, policy: OutputPolicy, credentials: Credentials | None) -> OutputCollector:
-        """Reads a job's outputs (and uploads them to OSS when asked)."""
+    def output_collector(
+        self, policy: OutputPolicy, credentials: Credentials | None, on_ready: ReadyCallback | None = None
+    ) -> OutputCollector:
+        """Reads a job's outputs (converts them, uploads them to OSS, links them, when asked);
+        `on_ready` is told of each as soon as it is done."""
         uploader = None
         if policy.oss and self.oss is not None and credentials is not None:
             uploader = partial(_upload, self.oss, credentials)
@@ -124,7 +138,17 @@ class Resources:
             uploader=uploader,
             concurrency=self.settings.output_concurrency,
             empty_oss=self.empty_oss(),
+            conversion=policy.convert,
+            on_ready=on_ready,
+            link=partial(self.file_link, policy) if policy.url is not None else None,
         )
+
+    def file_link(self, policy: OutputPolicy, item: Mapping[str, Any]) -> str:
+        """The signed download link of an output, under the base URL the caller reached us at."""
+        assert policy.url is not None
+        expires = int(time.time()) + self.settings.file_link_expires
+        token = links.sign(self.settings.file_link_secret.encode(), item, expires, policy.convert)
+        return f"{policy.url.rstrip('/')}/api/files/{token}"
 
     def empty_oss(self) -> dict[str, Any]:
         """The `oss` object of an output that was not uploaded: where it would go, no object."""
@@ -157,6 +181,19 @@ def hosted_workflows(settings: Settings, comfy: ComfyUI, supervisor: Supervisor 
     object_info = ObjectInfoCache(comfy.object_info, generation)
     loaders = LOADER_INPUTS | set(settings.input_loaders)
     return HostedWorkflows(WorkflowStore(settings.workflows_dir), object_info, loaders)
+
+
+def webhook_policy(settings: Settings) -> DownloadPolicy:
+    """The webhook address rules: public addresses only, unless WEBHOOK_ALLOWED_HOSTS allows."""
+    try:
+        return DownloadPolicy(
+            total_timeout=settings.webhook_timeout,
+            connect_timeout=min(10.0, settings.webhook_timeout),
+            read_timeout=settings.webhook_timeout,
+            allowed_hosts=frozenset(settings.webhook_allowed_hosts),
+        )
+    except ValueError as exc:
+        raise SettingsError(f"WEBHOOK_ALLOWED_HOSTS: {exc}") from exc
 
 
 def download_policy(settings: Settings) -> DownloadPolicy:

@@ -203,6 +203,11 @@ class Settings:
     queue_stall_after: float = 30.0
     stream_write_timeout: float = 60.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    webhook_secret: str = field(default="", repr=False)
+    webhook_timeout: float = 30.0
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    file_link_secret: str = field(default="", repr=False)
+    file_link_expires: int = 3600
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -283,4 +288,9 @@ class Settings:
             queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
             stream_write_timeout=_number(env, "STREAM_WRITE_TIMEOUT", d.stream_write_timeout, 0.1),
             api_keys=_api_keys(env),
+            webhook_secret=_text(env, "WEBHOOK_SECRET", ""),
+            webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", d.webhook_timeout, 0.1),
+            webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
+            file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
+            file_link_expires=_integer(env, "FILE_LINK_EXPIRES", d.file_link_expires, 1),
         )

@@ -39,6 +39,19 @@ class Fetched:
     size: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class View:
+    """A `/view` answer being streamed: status, the headers a download passes on, the body."""
+
+    status: int
+    headers: dict[str, str]
+    chunks: AsyncIterator[bytes]
+
+
+VIEW_HEADERS = ("Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "Last-Modified", "ETag")
+VIEW_CHUNK = 256 * 1024
+
+
 @contextlib.contextmanager
 def translate_errors(action: str) -> Iterator[None]:
     """Turn transport failures while talking to ComfyUI into ComfyUIUnavailable."""
@@ -268,6 +281,25 @@ class ComfyUI:
                     return Fetched(content, resp.headers.get("Content-Type"), size)
         except ComfyUIUnavailable as exc:
             raise OutputError(exc.message) from exc
+
+    @contextlib.asynccontextmanager
+    async def view(self, item: Mapping[str, Any], range_header: str | None = None) -> AsyncIterator[View]:
+        """GET `/view` for an output item, streamed (a big video is never held whole); ComfyUI
+        (aiohttp's FileResponse) answers a `Range` with 206. Errors as ComfyUIUnavailable."""
+        name = item.get("filename")
+        headers = {"Range": range_header} if range_header else {}
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect, sock_read=self.timeouts.request)
+        with translate_errors(f"reading output {name}"):
+            async with self.session.get(
+                self._url("/view"), params=_view_params(item), headers=headers, timeout=timeout
+            ) as resp:
+                passed = {key: resp.headers[key] for key in VIEW_HEADERS if key in resp.headers}
+                yield View(resp.status, passed, self._chunks(resp, name))
+
+    async def _chunks(self, resp: aiohttp.ClientResponse, name: Any) -> AsyncIterator[bytes]:
+        with translate_errors(f"reading output {name}"):
+            async for chunk in resp.content.iter_chunked(VIEW_CHUNK):
+                yield chunk
 
     async def upload_input(self, data: bytes, filename: str) -> str:
         """POST /upload/image into the input folder; returns the name to use in the workflow."""

@@ -1,8 +1,9 @@
-"""Outputs: what a job produced, read from ComfyUI (and handed to OSS) as soon as it is known.
+"""Outputs: what a job produced, read from ComfyUI (converted, handed to OSS) as soon as it is known.
 
 `list_outputs` is pure: history outputs into references, in history order. `OutputCollector`
 starts reading a file when ComfyUI reports it (`executed`), overlapping the rest of the job, reads
-each file once, at most N at a time, and renders the contract's `results` entries at the end.
+each file once, at most N at a time, tells the job of each as it is done (its early
+`serverless_output` event) and renders the contract's `results` entries at the end.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import asyncio
 import base64
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from ..comfyui.client import ComfyUI, Fetched
 from ..core.jsontext import Spliced
 from ..core.media import mime_for_name, sniff
 from ..errors import OutputError, ServerlessError
+from .convert import NO_CONVERSION, Conversion, convert_in_thread
 
 FileKey = tuple[str, str, str]
+# Told of each output as soon as it is read (and uploaded): its result item, base64 left out.
+ReadyCallback = Callable[[dict[str, Any]], None]
+# The signed download link of an output (a history item).
+Linker = Callable[[Mapping[str, Any]], str]
 # Uploads an output (bytes, file name, mime) and returns the contract's `oss` object.
 Uploader = Callable[[bytes, str, str], Awaitable[dict[str, Any]]]
 
@@ -74,19 +81,24 @@ def list_outputs(outputs: Mapping[str, Any]) -> list[OutputRef]:
 
 
 class OutputCollector:
-    """Reads (and uploads) a job's outputs concurrently, each file once."""
+    """Reads (converts, uploads) a job's outputs concurrently, each file once; tells `on_ready`
+    of each as soon as it is done (the result item, without its base64 content)."""
 
     def __init__(
         self, comfy: ComfyUI, *, with_content: bool, uploader: Uploader | None,
-        concurrency: int, empty_oss: dict[str, Any],
+        concurrency: int, empty_oss: dict[str, Any], conversion: Conversion = NO_CONVERSION,
+        on_ready: ReadyCallback | None = None, link: Linker | None = None,
     ) -> None:
         self._comfy = comfy
-        self._with_content = with_content or uploader is not None
+        self._with_content = with_content or uploader is not None or conversion.active
         self._base64 = with_content
         self._uploader = uploader
         self._limit = asyncio.Semaphore(concurrency)
         self._tasks: dict[FileKey, asyncio.Task[OutputFile]] = {}
         self._empty_oss = empty_oss
+        self._conversion = conversion
+        self._on_ready = on_ready
+        self._link = link
 
     def prefetch(self, output: Mapping[str, Any], node_id: str) -> None:
         """Start reading the files of an `executed` message's output."""
@@ -96,23 +108,36 @@ class OutputCollector:
     def _start(self, ref: OutputRef) -> asyncio.Task[OutputFile]:
         task = self._tasks.get(ref.key)
         if task is None:
-            task = asyncio.create_task(self._process(ref.item))
+            task = asyncio.create_task(self._process(ref))
             self._tasks[ref.key] = task
         return task
 
-    async def _process(self, item: Mapping[str, Any]) -> OutputFile:
+    async def _process(self, ref: OutputRef) -> OutputFile:
         async with self._limit:
-            fetched = await self._comfy.fetch(item, self._with_content)
-            name = str(item.get("filename", ""))
-            mime = _mime(fetched, name)
-            oss = None
-            if self._uploader is not None and fetched.content is not None:
-                oss = await self._uploader(fetched.content, name, mime)
-            encoded = base64.b64encode(fetched.content) if self._base64 and fetched.content is not None else None
-            # Keep only the base64 (spliced into the JSON later, never copied into a str): a big
-            # output is held at most twice at once, while it is being encoded.
-            fetched = Fetched(None, fetched.content_type, fetched.size)
-            return OutputFile(fetched, oss, mime, encoded)
+            file = await self._read(ref.item)
+        if self._on_ready is not None:
+            self._on_ready(self._render(ref, file, self._base64, early=True))
+        return file
+
+    async def _read(self, item: Mapping[str, Any]) -> OutputFile:
+        fetched = await self._comfy.fetch(item, self._with_content)
+        name = str(item.get("filename", "")) or "output"
+        content, mime, size = fetched.content, _mime(fetched, name), fetched.size
+        del fetched  # the original is dropped as soon as it is converted
+        if content is not None:
+            converted = await convert_in_thread(content, self._conversion)
+            if converted is not None:
+                # `raw` keeps ComfyUI's name; mime, size and the OSS object's extension follow the new file.
+                content, mime = converted.content, converted.mime
+                name = str(PurePosixPath(name).with_suffix("." + converted.extension))
+        oss = None
+        if self._uploader is not None and content is not None:
+            oss = await self._uploader(content, name, mime)
+        encoded = base64.b64encode(content) if self._base64 and content is not None else None
+        size = len(content) if content is not None else size
+        # Keep only the base64 (spliced into the JSON later, never copied into a str): a big
+        # output is held at most twice at once, while it is being encoded.
+        return OutputFile(Fetched(None, None, size), oss, mime, encoded)
 
     async def results(self, refs: list[OutputRef], want_base64: bool) -> list[dict[str, Any]]:
         """The contract's `results` for `refs`, waiting for every file; OutputError on failure,
@@ -133,20 +158,23 @@ class OutputCollector:
             raise OutputError(f"{len(failures)} of {len(refs)} outputs failed: {message}", raw={"results": results})
         return results
 
-    def _render(self, ref: OutputRef, file: OutputFile, want_base64: bool) -> dict[str, Any]:
-        return {
-            "node_id": ref.node_id,
-            "batch_id": ref.batch_id,
-            "index": ref.batch_id,
-            "output": {
-                "type": ref.kind,
-                "raw": {**ref.item, "filepath": filepath(ref.item)},
-                "base64": {"content": Spliced(file.encoded) if want_base64 and file.encoded is not None else None},
-                "oss": file.oss or dict(self._empty_oss),
-                "mime": file.mime,
-                "bytes": file.fetched.size,
-            },
+    def _render(self, ref: OutputRef, file: OutputFile, want_base64: bool, early: bool = False) -> dict[str, Any]:
+        """One `results` entry; `early` (a `serverless_output` event) leaves the base64 content
+        to the terminal payload, which carries it once."""
+        content: dict[str, Any] = {"content": None}
+        if want_base64 and file.encoded is not None:
+            content = {"content": None, "in_result": True} if early else {"content": Spliced(file.encoded)}
+        output: dict[str, Any] = {
+            "type": ref.kind,
+            "raw": {**ref.item, "filepath": filepath(ref.item)},
+            "base64": content,
+            "oss": file.oss or dict(self._empty_oss),
+            "mime": file.mime,
+            "bytes": file.fetched.size,
         }
+        if self._link is not None:
+            output["url"] = self._link(ref.item)
+        return {"node_id": ref.node_id, "batch_id": ref.batch_id, "index": ref.batch_id, "output": output}
 
     async def aclose(self) -> None:
         """Cancel whatever is still running (a failed or cancelled job)."""

@@ -21,7 +21,7 @@ from ..comfyui.client import ComfyUI
 from ..core.messages import Message
 from ..core.workflow import prepare_workflow
 from ..delivery.oss import Credentials
-from ..delivery.outputs import OutputCollector, list_outputs
+from ..delivery.outputs import OutputCollector, ReadyCallback, list_outputs
 from ..errors import (
     ComfyUIUnavailable,
     ExecutionFailed,
@@ -43,7 +43,7 @@ PROGRESS_INTERVAL = 0.25  # at most ~4 progress events a second, besides every c
 
 Workflow = dict[str, Any]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
-OutputFactory = Callable[[OutputPolicy, Credentials | None], OutputCollector]
+OutputFactory = Callable[[OutputPolicy, Credentials | None, ReadyCallback], OutputCollector]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +215,7 @@ class Job:
         else:
             prepared = prepare_workflow(spec.workflow, runtime.instance_id)
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
-        collector = runtime.collect_outputs(spec.outputs, spec.credentials)
+        collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
             async with runtime.comfy.connect(self.client_id) as connection:
                 if connection.greeting is not None:
@@ -250,6 +250,10 @@ class Job:
         if spec.workflow_id is not None:
             data["workflow_id"] = spec.workflow_id
         return {"type": "serverless_api", "data": data}
+
+    def _output_ready(self, item: dict[str, Any]) -> None:
+        """An output is read (and uploaded): a client may show it while the rest still renders."""
+        self.feed.publish_payload({"type": "serverless_output", "data": item})
 
     def _observe(self, message: Message, collector: OutputCollector | None) -> None:
         """Publish a live message as received; learn from those of our prompt how it goes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..delivery.convert import NO_CONVERSION, Conversion
 from ..delivery.oss import Credentials
 
 Mode = Literal["sync", "stream", "ws", "async"]
@@ -14,10 +15,14 @@ Mode = Literal["sync", "stream", "ws", "async"]
 
 @dataclass(frozen=True, slots=True)
 class OutputPolicy:
-    """What is done with each output file besides listing it."""
+    """What is done with each output file besides listing it: its base64, an OSS upload, a
+    conversion of images (`output_format`, ...), and a signed download link made under `url`
+    (the base URL the caller reached us at; None: no links)."""
 
     base64: bool = False
     oss: bool = False
+    convert: Conversion = NO_CONVERSION
+    url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,7 @@ class JobSpec:
     owner: str | None = None  # who may see the task: a digest of the caller's API key (serverless.auth)
     big: bool = False  # a body big enough that copying and serialising it go to a thread
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
+    callback_url: str | None = field(default=None, repr=False)  # the webhook; its query may hold secrets
 
     @property
     def named(self) -> bool:

@@ -140,6 +140,20 @@ def write_lines(path: Path, lines: list[bytes]) -> None:
         os.close(fd)
 
 
+def write_sidecar(directory: Path, task_id: str, name: str, data: bytes) -> None:
+    """Replace `<task_id>~<name>` with `data` at once (a temp file renamed over it): a reader
+    sees the old record or the new one, never half of one."""
+    target = directory / f"{task_id}{SEPARATOR}{name}"
+    temp = directory / f"{task_id}{SEPARATOR}{name}.tmp-{uuid.uuid4().hex}"
+    fd = open_regular(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, target)
+
+
 def touch(path: Path) -> None:
     """Refresh the file's time: its owner lives."""
     try:

@@ -145,6 +145,13 @@ class StatusLog:
         if not self._links:
             await self._publish(attempt.task_id, attempt.number)
 
+    async def write_sidecar(self, task_id: str, name: str, data: bytes) -> None:
+        """Write the record `<task_id>~<name>` beside the task's log (e.g. `~webhook`: how its
+        webhook went), replacing any earlier one; kept and pruned with the task's log."""
+        self.path(task_id)
+        with self._translated(task_id):
+            await self._run(files.write_sidecar, self.directory, task_id, name, data)
+
     def _heartbeat(self, attempt: Attempt) -> None:
         files.touch(attempt.path)
         if not self._links and files.newest(self.directory, attempt.task_id, attempt.number) == attempt.number:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from ..core.request import RunRequest, parse_run_request, query_flag, task_id_from_headers
 from ..core.workflow import check_output_paths
+from ..delivery.convert import parse_conversion
 from ..delivery.oss import Credentials
 from ..errors import ComfyUIUnavailable, InvalidParams
 from ..jobs.job import Job
@@ -35,8 +36,23 @@ def job_mode(request: RunRequest, headers: Mapping[str, str], transport: Transpo
     return "stream" if request.stream else "sync"
 
 
-def output_policy(request: RunRequest, credentials: Credentials | None, oss_configured: bool) -> OutputPolicy:
-    """The outputs' treatment; refuses, before anything runs, what this instance cannot do."""
+def output_policy(
+    request: RunRequest, credentials: Credentials | None, oss_configured: bool,
+    query: Mapping[str, str] | None = None, link_secret: str = "", base_url: str | None = None,
+) -> OutputPolicy:
+    """The outputs' treatment (`output_base64`, `output_oss`, `output_format`, `output_quality`,
+    `output_max_side`, `output_url`); refuses, before anything runs, what is malformed or what
+    this instance cannot do."""
+    query = query or {}
+    conversion = parse_conversion(query.get("output_format"), query.get("output_quality"), query.get("output_max_side"))
+    url = None
+    if query_flag(query, "output_url"):
+        # A per-process secret would make links that no other instance (nor this one restarted) serves.
+        if not link_secret:
+            raise InvalidParams("output_url was asked but download links are not configured (set FILE_LINK_SECRET)")
+        if base_url is None:
+            raise InvalidParams("output_url is not available on this transport")
+        url = base_url
     if request.output_oss and not oss_configured:
         raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN)")
     if request.output_oss and credentials is None:
@@ -44,7 +60,7 @@ def output_policy(request: RunRequest, credentials: Credentials | None, oss_conf
             "output_oss was asked but there are no OSS credentials (x-fc-access-key-* headers "
             "or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET)"
         )
-    return OutputPolicy(base64=request.output_base64, oss=request.output_oss)
+    return OutputPolicy(base64=request.output_base64, oss=request.output_oss, convert=conversion, url=url)
 
 
 async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
@@ -56,11 +72,15 @@ async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[st
 
 async def parse_hosted(
     resources: Resources, workflow_id: str, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
-) -> RunRequest:
+) -> tuple[RunRequest, Mapping[str, str]]:
     """A hosted workflow's run: the body holds only overrides, checked and merged into the stored
-    workflow (`serverless.workflows.hosting`); the flags and task id as for any run."""
+    workflow (`serverless.workflows.hosting`); the flags and task id as for any run. The body's
+    `"output": {"format", "quality", "max_side"}` join the query (whose own values win)."""
     task_id = task_id_from_headers(headers)
-    workflow, extra_data = await resources.workflows.prepare_run(workflow_id, body)
+    workflow, extra_data, output = await resources.workflows.prepare_run(workflow_id, body)
+    if output:
+        from_body = {f"output_{key}": str(value) for key, value in output.items() if value is not None}
+        query = {**from_body, **query}
     return RunRequest(
         workflow=workflow,
         extra_data=extra_data,
@@ -68,7 +88,7 @@ async def parse_hosted(
         output_oss=query_flag(query, "output_oss"),
         stream=query_flag(query, "stream"),
         task_id=task_id,
-    )
+    ), query
 
 
 def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
@@ -81,15 +101,16 @@ def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
 
 async def start_job(
     resources: Resources, jobs: Jobs, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str],
-    transport: Transport, workflow_id: str | None = None, owner: str | None = None,
+    transport: Transport, workflow_id: str | None = None, base_url: str | None = None, owner: str | None = None,
 ) -> Job:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
-    hosted workflow with the body as its overrides."""
+    hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
+    prefixes download links. A `callback_url` (or `X-Callback-Url`) gets the terminal payload."""
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
         request = await parse(body, query, headers)
     else:
-        request = await parse_hosted(resources, workflow_id, body, query, headers)
+        request, query = await parse_hosted(resources, workflow_id, body, query, headers)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():
@@ -97,15 +118,34 @@ async def start_job(
         reason = resources.status.health()["not_writable_because"]
         raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     credentials = Credentials.resolve(headers, resources.settings.cloud_credentials)
+    outputs = output_policy(
+        request, credentials, resources.oss is not None, query, resources.settings.file_link_secret, base_url
+    )
+    callback_url = query.get("callback_url") or headers.get("x-callback-url") or None
+    if callback_url is not None:
+        callback_url = await resources.webhooks.check(callback_url)
     spec = JobSpec(
         workflow=request.workflow,
         extra_data=request.extra_data,
         mode=mode,
-        outputs=output_policy(request, credentials, resources.oss is not None),
+        outputs=outputs,
         task_id=request.task_id,
         credentials=credentials,
         big=len(body) >= BIG_BODY,
         workflow_id=workflow_id,
         owner=owner,
+        callback_url=callback_url,
     )
-    return await jobs.start(spec)
+    job = await jobs.start(spec)
+    if callback_url is not None:
+        resources.webhooks.start(job, job.task_id, callback_url, terminal_recorded(job))
+    return job
+
+
+async def terminal_recorded(job: Job) -> bytes:
+    """The job's terminal payload, once it is also in the status log (a webhook receiver that
+    polls the status is then sure to find it there)."""
+    terminal = await job.feed.wait()
+    if job.recorder is not None:
+        await asyncio.wait({job.recorder})  # ends by itself; a failed recorder is its own to log
+    return terminal.data

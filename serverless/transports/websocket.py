@@ -31,7 +31,10 @@ async def websocket_run(websocket: WebSocket) -> None:
     try:
         body = await _run_body(websocket, resources.settings.max_body_bytes)
         owner = websocket.scope.get("state", {}).get("owner")
-        job = await start_job(resources, jobs, body, websocket.query_params, websocket.headers, "ws", owner=owner)
+        base_url = str(websocket.base_url.replace(scheme="https" if websocket.url.scheme == "wss" else "http"))
+        job = await start_job(
+            resources, jobs, body, websocket.query_params, websocket.headers, "ws", None, base_url, owner=owner
+        )
     except WebSocketDisconnect:
         return
     except Exception as exc:

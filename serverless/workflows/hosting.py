@@ -123,20 +123,24 @@ class HostedWorkflows:
         stored = await self.store.read(workflow_id)
         return self.describe_with(stored, info), created
 
-    async def prepare_run(self, workflow_id: str, body: bytes | str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The stored workflow with the body's overrides merged in, checked, and the body's
-        extra_data; nothing reaches ComfyUI when anything is wrong."""
+    async def prepare_run(
+        self, workflow_id: str, body: bytes | str
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+        """The stored workflow with the body's overrides merged in, checked, the body's
+        extra_data and its `output` options; nothing reaches ComfyUI when anything is wrong."""
         stored = await self.store.read(workflow_id)
         document = await _in_thread(len(body), lambda: decode_body(body) if body and body.strip() else None)
 
-        def check(info: ObjectInfo) -> tuple[list[Problem], tuple[dict[str, Any], dict[str, Any] | None] | None]:
+        Prepared = tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]
+
+        def check(info: ObjectInfo) -> tuple[list[Problem], Prepared | None]:
             parsed = parse_overrides(document, stored.workflow, info)
             parameters = build_schema(stored.workflow, info, self.loaders)
             problems = parsed.problems + validate_overrides(parsed.values, parameters, stored.workflow)
             if problems:
                 return problems, None
             merged = merge(stored.workflow, parsed.values)
-            return validate_workflow(merged, info, self.loaders), (merged, parsed.extra_data)
+            return validate_workflow(merged, info, self.loaders), (merged, parsed.extra_data, parsed.output)
 
         _, prepared = await self._checked(check, f"the run of hosted workflow {workflow_id!r} was refused")
         assert prepared is not None

@@ -27,6 +27,7 @@ TEXT_INPUT = "text"
 POSITIVE_INPUT = "positive"
 PROMPT_CLASS = "CLIPTextEncode"
 NODE_KEYS = frozenset({"inputs", "class_type", "_meta"})
+OUTPUT_KEYS = frozenset({"format", "quality", "max_side"})
 FORMS_HINT = 'use {"<node_id>": {"inputs": {...}}}, {"<node_id>.<input>": value} or {"prompt": "text"}'
 
 
@@ -37,6 +38,7 @@ class ParsedOverrides:
     values: Overrides
     extra_data: dict[str, Any] | None = None
     problems: list[Problem] = field(default_factory=list)
+    output: dict[str, Any] | None = None  # `{"format", "quality", "max_side"}`: how outputs are delivered
 
 
 def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) -> ParsedOverrides:
@@ -48,6 +50,7 @@ def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) 
     values: Overrides = {}
     problems: list[Problem] = []
     extra_data = _extra_data(document.get("extra_data"))
+    output = _output(document.get("output"))
     prompt = document.get("prompt")
     if isinstance(prompt, dict):
         _advanced(prompt, workflow, values, problems)
@@ -56,7 +59,7 @@ def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) 
     elif prompt is not None:
         problems.append(Problem("prompt", None, None, "invalid_overrides", "must be a text or an object of nodes"))
     for key, value in document.items():
-        if key in ("prompt", "extra_data", "target_node"):
+        if key in ("prompt", "extra_data", "target_node", "output"):
             continue
         if isinstance(value, dict) and "inputs" in value:
             _advanced({key: value}, workflow, values, problems)
@@ -68,7 +71,16 @@ def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) 
     if "target_node" in document and not isinstance(prompt, str):
         problems.append(Problem("target_node", None, None, "invalid_overrides",
                                 'goes with a text "prompt" (the simple form)'))
-    return ParsedOverrides(values, extra_data, problems)
+    return ParsedOverrides(values, extra_data, problems, output)
+
+
+def _output(value: Any) -> dict[str, Any] | None:
+    """The body's delivery options (checked further with the query's, at the edge)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - OUTPUT_KEYS:
+        raise InvalidParams('output must be an object of "format", "quality" and "max_side"')
+    return value
 
 
 def _extra_data(value: Any) -> dict[str, Any] | None:
