@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from . import lifecycle
+from .docs import endpoints as docs
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .jobs.registry import Jobs
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}", workflows.delete_workflow, methods=["DELETE"]),
         Route("/api/workflows/{workflow_id}/openapi.json", workflows.openapi_json, methods=["GET"]),
         Route("/api/workflows/{workflow_id}/run", run, methods=["POST"]),
+        *docs.routes(),  # /api/openapi.json, /docs, the playground at /; describe new routes in docs/catalog.py
     ]
     return Starlette(
         routes=routes,
