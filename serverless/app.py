@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from . import lifecycle
-from .docs import endpoints as docs
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
+from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .jobs.registry import Jobs
 from .resources import Resources
