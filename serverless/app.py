@@ -18,6 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from . import lifecycle
 from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
+from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .jobs.registry import Jobs
 from .resources import Resources
@@ -152,6 +153,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}/openapi.json", workflows.openapi_json, methods=["GET"]),
         Route("/api/workflows/{workflow_id}/run", run, methods=["POST"]),
         Route("/api/files/{token}", files.download, methods=["GET"]),
+        *docs.routes(),  # /api/openapi.json, /docs, the playground at /; describe new routes in docs/catalog.py
     ]
     return Starlette(
         routes=routes,

@@ -1,0 +1,204 @@
+"""`comfy-serverless`: run workflows, manage hosted workflows and follow tasks from a shell.
+
+    comfy-serverless run WORKFLOW.json [--set 6.text="a cat" --set 3.seed=-1] [--out DIR]
+    comfy-serverless run --workflow-id ID [--set ...] [--async] [--oss] [--format webp --quality 80]
+    comfy-serverless workflows list | show ID | put ID FILE | rm ID
+    comfy-serverless task TASK_ID | cancel TASK_ID | events TASK_ID [--follow] [--after N]
+
+`--url` / COMFY_SERVERLESS_URL (default http://127.0.0.1:9000), `--api-key` / COMFY_SERVERLESS_API_KEY.
+
+Exit codes (EXIT_CODES): 0 done; 1 the job failed (EXECUTION_FAILED, OUTPUT_ERROR, UNCLASSIFY);
+2 bad usage (arguments, a bad --set, an unreadable file); 3 the server refused the request
+(INVALID_PARAMS, PROMPT_ERROR, INPUT_ERROR, NOT_FOUND, UNAUTHORIZED, a conflict); 4 the server or
+ComfyUI is unavailable, busy or timed out (no connection, COMFYUI_UNAVAILABLE, BUSY, TIMEOUT);
+5 the job was cancelled or interrupted (EXECUTION_INTERRUPTED); 130 interrupted by Ctrl-C.
+Errors are printed as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..client import APIError, Client, ClientError, Result, TransportError
+from ..client.calls import apply_overrides, split_key
+from ..client.errors import from_payload
+
+EXIT_CODES = {"done": 0, "failed": 1, "usage": 2, "refused": 3, "unavailable": 4, "cancelled": 5}
+REFUSED = ("INVALID_PARAMS", "PROMPT_ERROR", "INPUT_ERROR", "NOT_FOUND", "UNAUTHORIZED", "CONFLICT")
+UNAVAILABLE = ("COMFYUI_UNAVAILABLE", "BUSY", "TIMEOUT")
+
+
+class UsageError(Exception):
+    """A bad argument the parser could not see (a --set, a file): exit 2."""
+
+
+def exit_code(error: ClientError) -> int:
+    if isinstance(error, TransportError):
+        return EXIT_CODES["unavailable"]
+    code = error.error_code if isinstance(error, APIError) else ""
+    if code in REFUSED:
+        return EXIT_CODES["refused"]
+    if code in UNAVAILABLE:
+        return EXIT_CODES["unavailable"]
+    if code == "EXECUTION_INTERRUPTED":
+        return EXIT_CODES["cancelled"]
+    return EXIT_CODES["failed"]
+
+
+def parse_set(text: str) -> tuple[str, Any]:
+    """`6.text=a cat` -> ("6.text", "a cat"); the value is JSON when it parses (`3.seed=-1` is a number)."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise UsageError(f"--set {text!r}: expected <node_id>.<input>=<value>, e.g. 6.text=\"a cat\"")
+    try:
+        split_key(key)
+    except ValueError as exc:
+        raise UsageError(f"--set {text!r}: {exc}") from None
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help="the API (env COMFY_SERVERLESS_URL)")
+    common.add_argument("--api-key", default=argparse.SUPPRESS, help="env COMFY_SERVERLESS_API_KEY")
+    main = argparse.ArgumentParser(prog="comfy-serverless", parents=[common],
+                                   description="Run ComfyUI workflows through the serverless API.")
+    commands = main.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", parents=[common], help="run a workflow file or a hosted workflow")
+    run.add_argument("workflow", nargs="?", help="an API-format workflow JSON file")
+    run.add_argument("--workflow-id", help="run this hosted workflow instead")
+    run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input")
+    run.add_argument("--out", default=".", help="folder for the outputs (default: here)")
+    run.add_argument("--async", dest="asynchronous", action="store_true", help="start it and print the task id")
+    run.add_argument("--oss", action="store_true", help="upload the outputs to OSS")
+    run.add_argument("--format", choices=("png", "jpeg", "jpg", "webp"), help="convert image outputs")
+    run.add_argument("--quality", type=int, help="JPEG/WebP quality, 1..100")
+    run.add_argument("--max-side", type=int, help="downscale image outputs")
+    run.add_argument("--task-id", help="the task id to use")
+    workflows = commands.add_parser("workflows", parents=[common], help="hosted workflows").add_subparsers(
+        dest="action", required=True)
+    workflows.add_parser("list", parents=[common])
+    workflows.add_parser("show", parents=[common]).add_argument("workflow_id")
+    put = workflows.add_parser("put", parents=[common])
+    put.add_argument("workflow_id")
+    put.add_argument("file")
+    workflows.add_parser("rm", parents=[common]).add_argument("workflow_id")
+    commands.add_parser("task", parents=[common], help="a task's summary").add_argument("task_id")
+    commands.add_parser("cancel", parents=[common], help="cancel a task").add_argument("task_id")
+    events = commands.add_parser("events", parents=[common], help="a task's events")
+    events.add_argument("task_id")
+    events.add_argument("--follow", action="store_true", help="follow live until the task ends (resumable)")
+    events.add_argument("--after", type=int, default=0, help="skip the first N events")
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # argparse itself exits 2 on bad usage
+    try:
+        with Client(getattr(args, "url", None), getattr(args, "api_key", None)) as client:
+            return dispatch(client, args)
+    except UsageError as exc:
+        print(f"comfy-serverless: error: {exc}", file=sys.stderr)
+        return EXIT_CODES["usage"]
+    except ClientError as exc:
+        print(f"comfy-serverless: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        print("comfy-serverless: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(client: Client, args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return run(client, args)
+    if args.command == "workflows":
+        return workflows(client, args)
+    if args.command in ("task", "cancel"):
+        answer = client.task(args.task_id) if args.command == "task" else client.cancel(args.task_id)
+        print(json.dumps(answer, indent=2))
+        return EXIT_CODES["done"]
+    return events(client, args)
+
+
+def run(client: Client, args: argparse.Namespace) -> int:
+    from .progress import RunProgress  # rich only where a bar is drawn
+
+    if (args.workflow is None) == (args.workflow_id is None):
+        raise UsageError("give a WORKFLOW.json file or --workflow-id, not both")
+    overrides: dict[str, Any] | None = dict(parse_set(text) for text in args.set)
+    workflow = read_json(args.workflow) if args.workflow else None
+    if workflow is not None:  # a file: set its inputs here, so a --set naming no node is usage (2)
+        try:
+            workflow, overrides = apply_overrides(workflow, overrides or {}), None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    options: dict[str, Any] = {"output_oss": args.oss, "output_base64": not args.oss, "task_id": args.task_id,
+                               "output_format": args.format, "output_quality": args.quality,
+                               "output_max_side": args.max_side}
+    if args.asynchronous:
+        print(client.submit_async(workflow, workflow_id=args.workflow_id, overrides=overrides, **options))
+        return EXIT_CODES["done"]
+    with RunProgress(args.workflow_id or Path(args.workflow).stem) as bar:
+        result = client.run(workflow, workflow_id=args.workflow_id, overrides=overrides, on_event=bar.update,
+                            **options)
+    report(result, Path(args.out))
+    return EXIT_CODES["done"]
+
+
+def report(result: Result, out: Path) -> None:
+    """The outputs written (or where OSS has them) and the seeds, on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    for output in result.outputs:
+        if output.content is not None:
+            print(f"wrote {output.save(out / Path(output.filename).name)}")
+        elif output.oss:
+            print(f"oss://{output.oss.get('bucket')}/{output.oss.get('object')}  {output.oss.get('url') or ''}")
+    for node_id, inputs in result.seeds.items():
+        for name, value in inputs.items():
+            print(f"seed {node_id}.{name}={value}")
+    print(f"task {result.task_id}  prompt {result.prompt_id}  {result.execution_time}s")
+
+
+def workflows(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for item in client.workflows():
+            print(f"{item['workflow_id']}\t{item.get('title')}\t{item.get('parameters')} parameters")
+    elif args.action == "show":
+        described = client.workflow(args.workflow_id)
+        print(json.dumps({k: v for k, v in described.items() if k != "workflow"}, indent=2))
+    elif args.action == "put":
+        described = client.register_workflow(args.workflow_id, read_json(args.file))
+        print(f"{described['workflow_id']}: {len(described['parameters'])} parameters")
+    else:
+        client.delete_workflow(args.workflow_id)
+        print(f"{args.workflow_id}: deleted")
+    return EXIT_CODES["done"]
+
+
+def events(client: Client, args: argparse.Namespace) -> int:
+    """Without --follow, the status log so far; with it, the events live until the terminal payload."""
+    stream = client.events(args.task_id, resume=args.after or None) if args.follow else iter(
+        client.status(args.task_id, after=args.after))
+    for event in stream:
+        print(event.text)
+        if event.type == "error":
+            return exit_code(from_payload(json.loads(event.text)))
+    return EXIT_CODES["done"]

@@ -1,0 +1,121 @@
+"""The client's errors: the server's error tree (serverless/errors.py, CONTRACT.md section 5)
+mirrored, each carrying the `error_code`, the message, `raw` and the HTTP status, plus the
+client's own failures (the server could not be reached, or answered something that is not ours).
+
+    ClientError                       anything this client raises
+    ├── TransportError                the server could not be reached, or the connection broke
+    ├── ProtocolError                 the answer is not what the API sends (not JSON, no terminal payload)
+    └── APIError                      the server's error object; `.error_code`, `.raw`, `.status`
+        ├── InvalidParams             INVALID_PARAMS
+        ├── NotFound                  NOT_FOUND
+        ├── Unauthorized              UNAUTHORIZED
+        ├── Conflict                  409 (a finished task's cancel, a reused Idempotency-Key)
+        ├── PromptError               PROMPT_ERROR
+        ├── InputError                INPUT_ERROR
+        ├── ExecutionFailed           EXECUTION_FAILED
+        ├── ExecutionInterrupted      EXECUTION_INTERRUPTED (cancelled, too)
+        ├── ComfyUIUnavailable        COMFYUI_UNAVAILABLE
+        ├── Busy                      BUSY
+        ├── OutputError               OUTPUT_ERROR
+        ├── JobTimeout                TIMEOUT
+        └── Unclassified              UNCLASSIFY, and any code this client does not know
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClientError(Exception):
+    """Base class of everything the client raises."""
+
+
+class TransportError(ClientError):
+    """The server could not be reached, or the connection broke before the answer ended."""
+
+
+class ProtocolError(ClientError):
+    """The server's answer is not one this API sends."""
+
+
+class APIError(ClientError):
+    """The server's error object (`{"type": "error", "error_code", "error_message", "raw"}`)."""
+
+    error_code = "UNCLASSIFY"
+
+    def __init__(self, message: str, error_code: str | None = None, raw: Any = None, status: int | None = None,
+                 payload: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_code = error_code or type(self).error_code
+        self.raw = raw
+        self.status = status
+        self.payload = payload
+
+    def __str__(self) -> str:
+        return f"{self.error_code}: {self.message}"
+
+
+class InvalidParams(APIError):
+    error_code = "INVALID_PARAMS"
+
+
+class NotFound(APIError):
+    error_code = "NOT_FOUND"
+
+
+class Unauthorized(APIError):
+    error_code = "UNAUTHORIZED"
+
+
+class Conflict(APIError):
+    error_code = "CONFLICT"
+
+
+class PromptError(APIError):
+    error_code = "PROMPT_ERROR"
+
+
+class InputError(APIError):
+    error_code = "INPUT_ERROR"
+
+
+class ExecutionFailed(APIError):
+    error_code = "EXECUTION_FAILED"
+
+
+class ExecutionInterrupted(APIError):
+    error_code = "EXECUTION_INTERRUPTED"
+
+
+class ComfyUIUnavailable(APIError):
+    error_code = "COMFYUI_UNAVAILABLE"
+
+
+class Busy(APIError):
+    error_code = "BUSY"
+
+
+class OutputError(APIError):
+    error_code = "OUTPUT_ERROR"
+
+
+class JobTimeout(APIError):
+    error_code = "TIMEOUT"
+
+
+class Unclassified(APIError):
+    error_code = "UNCLASSIFY"
+
+
+BY_CODE: dict[str, type[APIError]] = {cls.error_code: cls for cls in (
+    InvalidParams, NotFound, Unauthorized, PromptError, InputError, ExecutionFailed, ExecutionInterrupted,
+    ComfyUIUnavailable, Busy, OutputError, JobTimeout, Unclassified)}
+
+
+def from_payload(payload: dict[str, Any], status: int | None = None) -> APIError:
+    """The exception for an error object; a 409 without a code of ours is a `Conflict`."""
+    code = str(payload.get("error_code") or "")
+    message = str(payload.get("error_message") or payload.get("message") or f"HTTP {status}")
+    cls = BY_CODE.get(code) or (Conflict if status == 409 else Unclassified)
+    return cls(message, code or cls.error_code, payload.get("raw"), status, payload)

@@ -1,0 +1,193 @@
+"""What each route of the API is, for people (pure data): one `Operation` per method and path,
+read by `openapi.build_document`. A route added to the app is one entry here; the test that
+compares the app's routes with the document fails until it is written.
+
+Entries for job control, result delivery and operations describe their issues' contracts
+(CONTRACT.md section 7); they are served once those land."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Where = Literal["query", "header", "path"]
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One query, header or path parameter."""
+
+    name: str
+    where: Where
+    description: str
+    type: str = "string"  # a JSON Schema type
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One response: status, description and, when it has a body, its media type and schema
+    (a component name, or a JSON Schema type such as "string")."""
+
+    status: str
+    description: str
+    schema: str | None = None
+    media: str = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    path: str
+    method: str
+    tag: str
+    summary: str
+    description: str = ""
+    params: tuple[Param, ...] = ()
+    body: str | None = None  # a component schema name
+    body_required: bool = True
+    replies: tuple[Reply, ...] = ()
+    errors: tuple[str, ...] = ("400",)  # statuses answered with the error object
+    operation_id: str = field(default="")
+
+
+def flag(name: str, description: str) -> Param:
+    return Param(name, "query", description + " (true unless absent, empty, 0 or false)", "boolean")
+
+
+TASK_ID = Param("task_id", "query", "the task id (`^[A-Za-z0-9._-]{1,128}$`)", required=True)
+WORKFLOW_ID = Param("workflow_id", "path", "the hosted workflow's id", required=True)
+BASE64 = flag("output_base64", "each output's bytes in `output.base64.content`")
+OSS = flag("output_oss", "each output uploaded to OSS (`output.oss`)")
+STREAM = flag("stream", "answer `text/event-stream`: ComfyUI's messages byte for byte, our events, then the result")
+DELIVERY = (
+    Param("output_format", "query", "convert image outputs: `png`, `jpeg` (`jpg`) or `webp`"),
+    Param("output_quality", "query", "JPEG/WebP quality, 1..100", "integer"),
+    Param("output_max_side", "query", "downscale image outputs so that no side is longer (keeps aspect)", "integer"),
+    flag("output_url", "each output gets `output.url`, a signed `GET /api/files/{token}` link"),
+    Param("callback_url", "query", "POST the terminal payload there when the job ends (signed webhook)"),
+    Param("X-Callback-Url", "header", "the same as `callback_url`"),
+)
+TASK_HEADERS = (
+    Param("X-Fc-Invocation-Type", "header", "`Async`: answer 202 `{\"task_id\"}` at once (outside FC), follow "
+          "the task with `status`, `task` or `events`"),
+    Param("X-Fc-Async-Task-Id", "header", "the task id (else `X-Fc-Trace-Id`, `X-Fc-Request-Id`, the prompt id)"),
+    Param("X-Fc-Trace-Id", "header", "the task id when `X-Fc-Async-Task-Id` is absent"),
+    Param("Idempotency-Key", "header", "a repeated POST with this key attaches to the task it started"),
+)
+RUN_PARAMS = (BASE64, OSS, STREAM, *DELIVERY, *TASK_HEADERS)
+RUN_REPLIES = (
+    Reply("200", "the result (JSON), or with `stream` its events then the result", "Result"),
+    Reply("202", "an async invocation outside FC: the task it started", "Accepted"),
+)
+SSE = Reply("200", "server-sent events: `id:` and `data:` lines, the terminal payload last", "string",
+            "text/event-stream")
+RUN_ERRORS = ("400", "404", "409", "500", "503", "504")
+
+OPERATIONS: tuple[Operation, ...] = (
+    # -- the FC-compatible API ------------------------------------------------------------------
+    Operation("/api/serverless/run", "post", "run", "Run a workflow",
+              "The body is a ComfyUI API-format workflow (or `{\"prompt\", \"extra_data\"}`). With `workflow_id`, "
+              "a hosted workflow's overrides instead.",
+              (*RUN_PARAMS, Param("workflow_id", "query", "run this hosted workflow; the body is its overrides")),
+              "Workflow", True, (*RUN_REPLIES, SSE), RUN_ERRORS, "run"),
+    Operation("/api/serverless/status", "get", "run", "A task's payloads so far (the status log)",
+              "Done when the last element's `type` is `serverless_api` or `error`; `[]` for an unknown task.",
+              (TASK_ID, Param("after", "query", "only the elements after the first N", "integer"),
+               Param("attempt", "query", "the payloads of attempt K (FC retries)", "integer")),
+              None, True, (Reply("200", "the payloads, oldest first", "StatusLog"),), ("400",), "status"),
+    Operation("/api/serverless/ws", "get", "run", "Run a workflow over a websocket",
+              "Upgrade to a websocket, send one text message (the run body), receive ComfyUI's messages, "
+              "our events, then the terminal payload; the server closes.",
+              (BASE64, OSS, Param("workflow_id", "query", "run this hosted workflow")), None, True,
+              (Reply("101", "switching protocols"),), (), "websocket"),
+    Operation("/api/serverless/health", "get", "operations", "Alive, and ComfyUI answers",
+              replies=(Reply("200", "ComfyUI's summary, its queue, jobs here", "Health"),),
+              errors=("503",), operation_id="health"),
+    Operation("/initialize", "post", "fc", "FC initializer hook: wait for ComfyUI, prewarm",
+              replies=(Reply("200", "ready", "object"),), errors=("401", "503"), operation_id="initialize"),
+    Operation("/pre-stop", "get", "fc", "FC pre-stop hook: take no new jobs, wait for running ones",
+              replies=(Reply("200", "drained", "object"),), errors=("401",), operation_id="preStop"),
+    Operation("/pre-stop", "post", "fc", "FC pre-stop hook (POST)",
+              replies=(Reply("200", "drained", "object"),), errors=("401",), operation_id="preStopPost"),
+    # -- hosted workflows -----------------------------------------------------------------------
+    Operation("/api/workflows", "get", "workflows", "The hosted workflows",
+              params=(flag("refresh", "re-read ComfyUI's object_info"),),
+              replies=(Reply("200", "id, title, parameter count, modification time", "WorkflowList"),),
+              errors=(), operation_id="listWorkflows"),
+    Operation("/api/workflows/{workflow_id}", "put", "workflows", "Register or replace a workflow",
+              "Validated against the running ComfyUI's object_info, then stored on the shared disk.",
+              (WORKFLOW_ID,), "Workflow", True,
+              (Reply("200", "replaced", "WorkflowDescription"), Reply("201", "created", "WorkflowDescription")),
+              ("400",), "putWorkflow"),
+    Operation("/api/workflows/{workflow_id}", "get", "workflows", "A workflow and its parameter schema",
+              params=(WORKFLOW_ID, flag("refresh", "re-read ComfyUI's object_info")),
+              replies=(Reply("200", "the stored workflow and its parameters", "WorkflowDescription"),),
+              errors=("404",), operation_id="getWorkflow"),
+    Operation("/api/workflows/{workflow_id}", "delete", "workflows", "Delete a workflow",
+              params=(WORKFLOW_ID,), replies=(Reply("200", "deleted", "Deleted"),), errors=("404",),
+              operation_id="deleteWorkflow"),
+    Operation("/api/workflows/{workflow_id}/openapi.json", "get", "workflows",
+              "The workflow's own OpenAPI document (its parameters as the request body)",
+              params=(WORKFLOW_ID,), replies=(Reply("200", "an OpenAPI 3.1 document", "object"),),
+              errors=("404",), operation_id="workflowOpenapi"),
+    Operation("/api/workflows/{workflow_id}/run", "post", "workflows", "Run a hosted workflow",
+              "The body holds overrides: `{\"<node_id>.<input>\": value}`, the advanced or the simple form. "
+              "See the workflow's own document for its parameters.",
+              (WORKFLOW_ID, *RUN_PARAMS), "Overrides", False, (*RUN_REPLIES, SSE), RUN_ERRORS, "runWorkflow"),
+    # -- job control (issue 13) -----------------------------------------------------------------
+    Operation("/api/serverless/task", "get", "jobs", "A task's summary, from any instance",
+              params=(TASK_ID,), replies=(Reply("200", "state, percent, queue, times, result or error", "Task"),),
+              errors=("400", "404"), operation_id="task"),
+    Operation("/api/serverless/cancel", "post", "jobs", "Cancel a task, from any instance",
+              params=(TASK_ID,), replies=(Reply("202", "cancelling", "Cancelling"),),
+              errors=("400", "404", "409"), operation_id="cancel"),
+    Operation("/api/serverless/events", "get", "jobs", "A task's events as SSE, resumable",
+              "From the status log, then live until the terminal payload. `Last-Event-ID` (or `after`) resumes "
+              "after that event, with the original stream's `id:` numbering.",
+              (TASK_ID, Param("after", "query", "resume after event N", "integer"),
+               Param("Last-Event-ID", "header", "resume after this event id")),
+              None, True, (SSE,), ("400", "404"), "events"),
+    # -- result delivery (issue 14) -------------------------------------------------------------
+    Operation("/api/files/{token}", "get", "delivery", "Download an output through a signed link",
+              params=(Param("token", "path", "the signed token from `output.url`", required=True),
+                      Param("format", "query", "png, jpeg or webp (covered by the signature)"),
+                      Param("q", "query", "quality (covered by the signature)", "integer"),
+                      Param("Range", "header", "a byte range (video)")),
+              replies=(Reply("200", "the file", "string", "application/octet-stream"),
+                       Reply("206", "a byte range of the file", "string", "application/octet-stream")),
+              errors=("403", "404"), operation_id="file"),
+    # -- operations (issue 16) ------------------------------------------------------------------
+    Operation("/metrics", "get", "operations", "Prometheus metrics",
+              replies=(Reply("200", "the Prometheus text format", "string", "text/plain"),),
+              errors=("401",), operation_id="metrics"),
+    Operation("/api/serverless/ready", "get", "operations", "Ready for work (for load balancers)",
+              replies=(Reply("200", "ComfyUI answers, not draining, under MAX_PENDING_JOBS", "object"),),
+              errors=("503",), operation_id="ready"),
+    # -- developer experience -------------------------------------------------------------------
+    Operation("/api/openapi.json", "get", "docs", "This document",
+              replies=(Reply("200", "OpenAPI 3.1", "object"),), errors=(), operation_id="openapi"),
+    Operation("/docs", "get", "docs", "The interactive reference (Swagger UI, served offline)",
+              replies=(Reply("200", "an HTML page", "string", "text/html"),), errors=(), operation_id="docs"),
+    Operation("/", "get", "docs", "The playground: pick or drop a workflow, fill its form, run it",
+              replies=(Reply("200", "an HTML page", "string", "text/html"),), errors=(), operation_id="playground"),
+)
+
+ERROR_TEXT = {
+    "400": "INVALID_PARAMS, PROMPT_ERROR or INPUT_ERROR",
+    "401": "UNAUTHORIZED",
+    "403": "a tampered or expired link",
+    "404": "NOT_FOUND",
+    "409": "a conflict: the task already ended, or an Idempotency-Key reused with another body",
+    "500": "EXECUTION_FAILED, EXECUTION_INTERRUPTED, OUTPUT_ERROR or UNCLASSIFY",
+    "503": "COMFYUI_UNAVAILABLE, BUSY (with Retry-After) or draining",
+    "504": "TIMEOUT",
+}
+TAGS = {
+    "run": "Run workflows (FC-compatible)",
+    "workflows": "Hosted workflows: register once, run with parameters",
+    "jobs": "Job control: summary, cancel, resumable events",
+    "delivery": "Result delivery",
+    "operations": "Health, readiness, metrics",
+    "fc": "Function Compute lifecycle hooks",
+    "docs": "This reference and the playground",
+}

@@ -1,0 +1,317 @@
+// The playground: pick a hosted workflow (or drop/paste an API-format JSON), fill the form built
+// from its parameter schema, run it over SSE (fetch + a stream reader: EventSource cannot POST),
+// watch the progress bar, ComfyUI's messages and the outputs, cancel. No build step, no CDN.
+"use strict";
+
+const KEY = "comfy-serverless-api-key";
+const $ = (id) => document.getElementById(id);
+const state = { workflowId: null, workflow: null, params: [], run: null, shown: new Set() };
+
+// -- HTTP: the API key (asked once, kept in this tab's session storage) ---------------------------
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function askKey() {
+  const dialog = $("keydialog");
+  dialog.showModal();
+  await new Promise((resolve) => dialog.addEventListener("close", resolve, { once: true }));
+  if ($("key").value) sessionStorage.setItem(KEY, $("key").value);
+}
+
+async function api(path, options = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const answer = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+    if (answer.status !== 401 || attempt > 0) return answer;
+    await askKey();
+  }
+}
+
+async function errorText(answer) {
+  try { const e = await answer.json(); return `${e.error_code}: ${e.error_message}`; }
+  catch (_) { return `HTTP ${answer.status}`; }
+}
+
+// -- picking a workflow --------------------------------------------------------------------------
+async function loadWorkflows() {
+  const answer = await api("/api/workflows");
+  if (!answer.ok) { $("source").textContent = await errorText(answer); return; }
+  for (const w of (await answer.json()).workflows) {
+    const option = new Option(`${w.workflow_id} — ${w.title} (${w.parameters} parameters)`, w.workflow_id);
+    $("workflow").add(option);
+  }
+}
+
+async function pickHosted(id) {
+  if (!id) return;
+  const answer = await api(`/api/workflows/${encodeURIComponent(id)}`);
+  if (!answer.ok) { $("source").textContent = await errorText(answer); return; }
+  const described = await answer.json();
+  state.workflowId = id; state.workflow = null; state.params = described.parameters;
+  $("source").innerHTML = `Hosted workflow <b>${escapeHtml(id)}</b> · <a href="/api/workflows/${encodeURIComponent(id)}/openapi.json">its OpenAPI</a>`;
+  buildForm(described.parameters);
+}
+
+function useJson(text, label) {
+  let workflow;
+  try { workflow = JSON.parse(text); } catch (e) { $("source").textContent = `Not JSON: ${e.message}`; return; }
+  if (workflow.nodes && workflow.links) {
+    $("source").textContent = "That is a UI-format workflow: export it with \"Save (API Format)\".";
+    return;
+  }
+  const prompt = workflow.prompt || workflow;
+  state.workflowId = null; state.workflow = workflow; state.params = literalParams(prompt);
+  $("workflow").value = "";
+  $("source").textContent = `${label}: ${Object.keys(prompt).length} nodes`;
+  buildForm(state.params);
+}
+
+// A dropped workflow has no server-side schema: its literal inputs, typed by their values.
+function literalParams(prompt) {
+  const params = [];
+  for (const [nodeId, node] of Object.entries(prompt)) {
+    for (const [input, value] of Object.entries(node.inputs || {})) {
+      if (Array.isArray(value) || value === null || typeof value === "object") continue;
+      const type = typeof value === "number" ? (Number.isInteger(value) ? "INT" : "FLOAT")
+        : typeof value === "boolean" ? "BOOLEAN" : "STRING";
+      params.push({ name: `${nodeId}.${input}`, node_id: nodeId, input, class_type: node.class_type,
+                    title: node._meta && node._meta.title, type,
+                    spec: { default: value, multiline: type === "STRING" && value.length > 40 },
+                    loader: false, note: /seed/.test(input) ? "-1 means random" : undefined });
+    }
+  }
+  return params;
+}
+
+// -- the form -------------------------------------------------------------------------------------
+function buildForm(params) {
+  const form = $("form");
+  form.replaceChildren();
+  for (const p of params) form.append(field(p));
+  if (!params.length) form.innerHTML = '<p class="muted">No parameters: run it as it is.</p>';
+  $("run").disabled = false;
+}
+
+function field(p) {
+  const label = document.createElement("label");
+  const title = `${p.title || p.class_type} · ${p.input}`;
+  label.innerHTML = `<span class="name">${escapeHtml(title)} <span class="hint">${escapeHtml(p.name)}</span></span>`;
+  const spec = p.spec || {};
+  let input;
+  if (p.loader) {
+    input = document.createElement("input");
+    input.type = "text"; input.value = spec.default ?? ""; input.placeholder = "file name, URL or data URI";
+    const file = document.createElement("input");
+    file.type = "file";
+    file.addEventListener("change", () => readDataUri(file.files[0]).then((uri) => { input.value = uri; }));
+    label.append(input, file);
+  } else if (spec.options) {
+    input = document.createElement("select");
+    for (const option of spec.options) input.add(new Option(option, option, false, option === spec.default));
+    label.append(input);
+  } else if (p.type === "INT" || p.type === "FLOAT") {
+    input = document.createElement("input");
+    input.type = "number"; input.value = spec.default;
+    if (spec.min !== undefined) input.min = spec.min;
+    if (spec.max !== undefined) input.max = spec.max;
+    input.step = spec.step ?? (p.type === "INT" ? 1 : "any");
+    label.append(input);
+    if (p.note) {  // a seed: the random toggle sends -1, the server reports the seed it chose
+      const random = document.createElement("input");
+      random.type = "checkbox"; random.className = "random"; random.checked = spec.default === -1;
+      const text = document.createElement("span"); text.className = "hint"; text.textContent = " random";
+      random.addEventListener("change", () => { input.disabled = random.checked; });
+      input.disabled = random.checked;
+      label.append(random, text);
+    }
+  } else if (p.type === "BOOLEAN") {
+    input = document.createElement("input");
+    input.type = "checkbox"; input.checked = Boolean(spec.default);
+    label.append(input);
+  } else {
+    input = document.createElement(spec.multiline ? "textarea" : "input");
+    if (!spec.multiline) input.type = "text";
+    input.value = spec.default ?? "";
+    if (spec.multiline) input.rows = 3;
+    label.append(input);
+  }
+  input.name = p.name; input.dataset.type = p.type;
+  return label;
+}
+
+function readDataUri(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result); reader.onerror = reject;
+    reader.readAsDataURL(file);
+  });
+}
+
+function overrides() {
+  const values = {};
+  for (const label of $("form").querySelectorAll("label")) {
+    const input = label.querySelector("[name]");
+    const random = label.querySelector(".random");
+    const type = input.dataset.type;
+    let value = input.type === "checkbox" ? input.checked : input.value;
+    if (random && random.checked) value = -1;
+    else if (type === "INT") value = parseInt(value, 10);
+    else if (type === "FLOAT") value = parseFloat(value);
+    values[input.name] = value;
+  }
+  return values;
+}
+
+function runRequest() {
+  const query = "stream=true&output_base64=true";
+  const values = overrides();
+  if (state.workflowId) {
+    return [`/api/workflows/${encodeURIComponent(state.workflowId)}/run?${query}`, values];
+  }
+  const body = JSON.parse(JSON.stringify(state.workflow));
+  const prompt = body.prompt || body;
+  for (const [key, value] of Object.entries(values)) {
+    const dot = key.lastIndexOf(".");
+    prompt[key.slice(0, dot)].inputs[key.slice(dot + 1)] = value;
+  }
+  return [`/api/serverless/run?${query}`, body];
+}
+
+// -- running --------------------------------------------------------------------------------------
+async function run() {
+  const [path, body] = runRequest();
+  const controller = new AbortController();
+  state.run = { controller, taskId: null, cancelled: false };
+  state.shown = new Set();
+  setProgress(0); setState("submitting…", "");
+  $("outputs").replaceChildren(); $("seeds").textContent = ""; $("log").textContent = ""; $("count").textContent = "0";
+  $("run").disabled = true; $("cancel").disabled = false;
+  try {
+    const answer = await api(path, { method: "POST", body: JSON.stringify(body), signal: controller.signal,
+                                     headers: { "Content-Type": "application/json" } });
+    if (!answer.ok) { setState(await errorText(answer), "failed"); return; }
+    await readEvents(answer.body.getReader(), onPayload);
+  } catch (e) {
+    if (state.run.cancelled) setState("cancelled", "cancelled");
+    else setState(`connection lost: ${e.message}`, "failed");
+  } finally {
+    $("run").disabled = false; $("cancel").disabled = true;
+  }
+}
+
+// Server-sent events by hand: `id:` and `data:` lines, a blank line ends an event.
+async function readEvents(reader, handle) {
+  const decoder = new TextDecoder();
+  let buffer = "", data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let newline;
+    while ((newline = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, newline).replace(/\r$/, "");
+      buffer = buffer.slice(newline + 1);
+      if (line === "") { if (data.length) handle(JSON.parse(data.join("\n"))); data = []; }
+      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      // `id:` lines number the events (for resuming); `: ping` comments keep the connection alive
+    }
+  }
+}
+
+function onPayload(payload) {
+  if (payload.type === "serverless_progress") return onProgress(payload.data);
+  if (payload.type === "serverless_output") return showOutput(payload.data);
+  if (payload.type === "serverless_api") {
+    for (const item of payload.data.results) showOutput(item);
+    showSeeds(payload.data.seeds || {});
+    setProgress(100);
+    return setState(`succeeded in ${payload.data.execution_time}s`, "succeeded");
+  }
+  if (payload.type === "error") {
+    const cancelled = payload.error_code === "EXECUTION_INTERRUPTED";
+    return setState(cancelled ? `cancelled (${payload.error_message})` : `${payload.error_code}: ${payload.error_message}`,
+                    cancelled ? "cancelled" : "failed");
+  }
+  const log = $("log");  // ComfyUI's own message
+  log.textContent += JSON.stringify(payload) + "\n";
+  $("count").textContent = String(Number($("count").textContent) + 1);
+}
+
+function onProgress(data) {
+  if (state.run) state.run.taskId = data.task_id;
+  setProgress(data.percent);
+  const node = data.node ? ` · ${data.node.title || data.node.class_type} (#${data.node.id})` : "";
+  const queue = data.state === "queued" && data.queue_position ? ` · position ${data.queue_position} of ${data.queue_size}` : "";
+  const eta = data.eta_s != null ? ` · ETA ${Math.round(data.eta_s)}s` : "";
+  if (!(state.run && state.run.cancelled)) setState(`${data.state}${queue}${node}${eta}`, data.state);
+}
+
+async function cancel() {
+  const current = state.run;
+  if (!current) return;
+  current.cancelled = true;
+  setState("cancelling…", "cancelled");
+  if (current.taskId) {  // from any instance, where job control is served; harmless where it is not
+    try { await api(`/api/serverless/cancel?task_id=${encodeURIComponent(current.taskId)}`, { method: "POST" }); }
+    catch (_) { /* the hang-up below cancels it anyway */ }
+  }
+  current.controller.abort();  // closing the stream cancels the job (CANCEL_ON_DISCONNECT)
+}
+
+// -- showing --------------------------------------------------------------------------------------
+function setProgress(percent) {
+  $("fill").style.width = `${percent}%`;
+  $("percent").textContent = `${Math.round(percent)}%`;
+  $("bar").setAttribute("aria-valuenow", String(Math.round(percent)));
+}
+
+function setState(text, kind) { $("state").textContent = text; $("state").className = kind || "muted"; }
+
+function showOutput(item) {
+  const out = item.output, raw = out.raw || {};
+  const key = `${item.node_id}/${raw.filename}/${item.batch_id}`;
+  const content = out.base64 && out.base64.content;
+  if (state.shown.has(key) || !content) return;  // an early event without bytes: the result brings them
+  state.shown.add(key);
+  const mime = out.mime || "application/octet-stream", uri = `data:${mime};base64,${content}`;
+  const figure = document.createElement("figure");
+  let media;
+  if (mime.startsWith("image/")) { media = document.createElement("img"); media.alt = raw.filename; }
+  else if (mime.startsWith("audio/")) { media = document.createElement("audio"); media.controls = true; }
+  else if (mime.startsWith("video/")) { media = document.createElement("video"); media.controls = true; }
+  if (media) { media.src = uri; figure.append(media); }
+  const caption = document.createElement("figcaption");
+  const link = document.createElement("a");
+  link.href = uri; link.download = raw.filename; link.textContent = `${raw.filename} (node ${item.node_id})`;
+  caption.append(link);
+  figure.append(caption);
+  $("outputs").append(figure);
+}
+
+function showSeeds(seeds) {
+  const parts = [];
+  for (const [node, inputs] of Object.entries(seeds)) {
+    for (const [input, value] of Object.entries(inputs)) parts.push(`${node}.${input} = ${value}`);
+  }
+  $("seeds").textContent = parts.length ? `Seeds used: ${parts.join(", ")}` : "";
+}
+
+function escapeHtml(text) {
+  return String(text ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+// -- wiring ---------------------------------------------------------------------------------------
+$("workflow").addEventListener("change", (e) => pickHosted(e.target.value));
+$("use-paste").addEventListener("click", () => useJson($("paste").value, "Pasted workflow"));
+$("run").addEventListener("click", run);
+$("cancel").addEventListener("click", cancel);
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", async (e) => {
+  e.preventDefault(); drop.classList.remove("over");
+  const file = e.dataTransfer.files[0];
+  if (file) useJson(await file.text(), file.name);
+});
+loadWorkflows();
