@@ -21,7 +21,9 @@ from .jobs.registry import Jobs
 from .resources import Resources
 from .settings import Settings
 from .status.log import parse_after, parse_attempt
-from .transports.http import EventStream, json_response, read_body
+from .transports import control
+from .transports.http import EventSource, EventStream, json_response, read_body
+from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
 from .transports.start import start_job
 from .transports.websocket import websocket_run
 from .workflows import endpoints as workflows
@@ -62,16 +64,23 @@ async def run(request: Request) -> Response:
     settings = resources.settings
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
-    job = await start_job(resources, jobs, body, request.query_params, request.headers, "http", workflow_id)
+    query, headers = request.query_params, request.headers
+    key = idempotency_key(headers)
+    job: EventSource
+    if key is None:
+        job = await start_job(resources, jobs, body, query, headers, "http", workflow_id)
+    else:  # a repeated request attaches to the task its key started (here or elsewhere); kept if it hangs up
+        job = await start_or_attach(resources, jobs, key, body, query, headers, workflow_id)
+    mode, keep = requested_mode(query, headers), key is not None
     response: Response
-    if job.spec.mode == "async" and not settings.on_fc:
+    if mode == "async" and not settings.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         response = JSONResponse({"task_id": job.task_id}, status_code=202)
-    elif job.spec.mode == "stream":
-        response = EventStream(job, settings)
+    elif mode == "stream":
+        response = EventStream(job, settings, keep=keep)
     else:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
-        response = await json_response(request, job, settings, held_async=job.spec.mode == "async")
+        response = await json_response(request, job, settings, held_async=mode == "async", keep=keep)
     return _warn_unknown(request, response, job.task_id)
 
 
@@ -113,16 +122,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.prewarm = lifecycle.Prewarm()
             app.state.queue_watch = lifecycle.QueueWatch(settings.queue_stall_after)
             pruner = asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))
+            cancels = asyncio.create_task(jobs.watch_cancels())  # cancels asked through other instances
             try:
                 yield
                 await jobs.drain(settings.drain_timeout)
             finally:
                 pruner.cancel()
-                await asyncio.gather(pruner, return_exceptions=True)
+                cancels.cancel()
+                await asyncio.gather(pruner, cancels, return_exceptions=True)
 
     routes = [  # each endpoint is a few lines: the work is in the modules it calls
         Route("/api/serverless/run", run, methods=["POST"]),
         Route("/api/serverless/status", status, methods=["GET"]),
+        Route("/api/serverless/task", control.task, methods=["GET"]),
+        Route("/api/serverless/cancel", control.cancel, methods=["POST"]),
+        Route("/api/serverless/events", control.events, methods=["GET"]),
         WebSocketRoute("/api/serverless/ws", websocket_run),
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
         Route("/initialize", lifecycle.initialize, methods=["POST"]),

@@ -81,10 +81,10 @@ def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
 
 async def start_job(
     resources: Resources, jobs: Jobs, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str],
-    transport: Transport, workflow_id: str | None = None,
+    transport: Transport, workflow_id: str | None = None, prompt_id: str | None = None,
 ) -> Job:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
-    hosted workflow with the body as its overrides."""
+    hosted workflow with the body as its overrides; `prompt_id` is one chosen beforehand."""
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
         request = await parse(body, query, headers)
@@ -107,4 +107,4 @@ async def start_job(
         big=len(body) >= BIG_BODY,
         workflow_id=workflow_id,
     )
-    return await jobs.start(spec)
+    return await jobs.start(spec, prompt_id)

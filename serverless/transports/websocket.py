@@ -73,7 +73,7 @@ async def _forward(websocket: WebSocket, job: Job, cancel_on_disconnect: bool) -
         while (await websocket.receive())["type"] != "websocket.disconnect":
             pass  # the protocol has one client message; later ones are ignored
 
-    winner = await watch(job, deliver, caller_gone, cancel_on_disconnect)
+    winner = await watch(job.task_id, deliver, caller_gone, job.abandon if cancel_on_disconnect else None)
     if too_slow and winner == "delivered":
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
