@@ -20,12 +20,14 @@ from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
+from .jobs.job import Job
 from .jobs.registry import Jobs
 from .resources import Resources
 from .settings import Settings
 from .status.log import parse_after, parse_attempt
-from .transports import files
-from .transports.http import EventStream, json_response, read_body
+from .transports import control, files
+from .transports.http import EventSource, EventStream, json_response, read_body
+from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
 from .transports.start import start_job
 from .transports.websocket import websocket_run
 from .workflows import endpoints as workflows
@@ -67,20 +69,26 @@ async def run(request: Request) -> Response:
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     owner = caller(request)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
-    job = await start_job(
-        resources, jobs, body, request.query_params, request.headers, "http", workflow_id, str(request.base_url),
-        owner=owner,
-    )
+    query, headers, base_url = request.query_params, request.headers, str(request.base_url)
+    key = idempotency_key(headers)
+    job: EventSource
+    if key is None:
+        job = await start_job(
+            resources, jobs, body, query, headers, "http", workflow_id, base_url=base_url, owner=owner
+        )
+    else:  # a repeated request attaches to the task its key started (here or elsewhere); kept if it hangs up
+        job = await start_or_attach(resources, jobs, key, body, query, headers, workflow_id, base_url, owner)
+    mode, keep = requested_mode(query, headers), key is not None
     response: Response
-    if job.spec.mode == "async" and not settings.on_fc:
+    if mode == "async" and not settings.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         response = JSONResponse({"task_id": job.task_id}, status_code=202)
-    elif job.spec.mode == "stream":
-        response = EventStream(job, settings)
+    elif mode == "stream":
+        response = EventStream(job, settings, keep=keep)
     else:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
-        response = await json_response(request, job, settings, held_async=job.spec.mode == "async")
-        if job.spec.mode == "async":
+        response = await json_response(request, job, settings, held_async=mode == "async", keep=keep)
+        if mode == "async" and isinstance(job, Job):
             await resources.webhooks.settled(job)  # nor frozen mid-delivery (bounded by WEBHOOK_TIMEOUT)
     return _warn_unknown(request, response, job.task_id)
 
@@ -132,16 +140,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.prewarm = lifecycle.Prewarm()
             app.state.queue_watch = lifecycle.QueueWatch(settings.queue_stall_after)
             pruner = asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))
+            cancels = asyncio.create_task(jobs.watch_cancels())  # cancels asked through other instances
             try:
                 yield
                 await jobs.drain(settings.drain_timeout)
             finally:
                 pruner.cancel()
-                await asyncio.gather(pruner, return_exceptions=True)
+                cancels.cancel()
+                await asyncio.gather(pruner, cancels, return_exceptions=True)
 
     routes = [  # each endpoint is a few lines: the work is in the modules it calls
         Route("/api/serverless/run", run, methods=["POST"]),
         Route("/api/serverless/status", status, methods=["GET"]),
+        Route("/api/serverless/task", control.task, methods=["GET"]),
+        Route("/api/serverless/cancel", control.cancel, methods=["POST"]),
+        Route("/api/serverless/events", control.events, methods=["GET"]),
         WebSocketRoute("/api/serverless/ws", websocket_run),
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
         Route("/initialize", lifecycle.initialize, methods=["POST"]),

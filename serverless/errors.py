@@ -2,7 +2,8 @@
 
     ServerlessError                  any failure a caller is told about          retried on FC
     ├── InvalidParams        400     the request itself is wrong (body, task id, query, settings it needs)
-    │   └── MethodNotAllowed 405     (a route asked with a method it does not answer)
+    │   ├── MethodNotAllowed 405     (a route asked with a method it does not answer)
+    │   └── Conflict         409     (the task already ended; an Idempotency-Key used with another body)
     ├── NotFound             404     no such route, task or resource
     ├── Unauthorized         401     the caller is not allowed this call (lifecycle hooks outside FC's own calls)
     │   └── Forbidden        403     (a download link that is tampered with or expired; code UNAUTHORIZED)
@@ -65,6 +66,13 @@ class MethodNotAllowed(InvalidParams):
     """The route exists but not with this method."""
 
     status_code = 405
+
+
+class Conflict(InvalidParams):
+    """The request cannot apply to the task as it stands: cancelling a task that already ended,
+    or an `Idempotency-Key` used before with another body."""
+
+    status_code = 409
 
 
 class NotFound(ServerlessError):
@@ -155,6 +163,16 @@ class DownloadError(InputError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def error_from_payload(payload: dict[str, Any]) -> ServerlessError:
+    """The error a stored error object (a status log's terminal payload) stands for."""
+    classes: tuple[type[ServerlessError], ...] = (
+        InvalidParams, NotFound, Unauthorized, PromptError, InputError, ExecutionFailed,
+        ExecutionInterrupted, ComfyUIUnavailable, OutputError, JobTimeout, Unclassified,
+    )
+    kind = next((cls for cls in classes if cls.code == payload.get("error_code")), Unclassified)
+    return kind(str(payload.get("error_message", "")), raw=payload.get("raw"))
 
 
 def as_serverless_error(exc: BaseException, where: str) -> ServerlessError:

@@ -26,29 +26,30 @@ def recorded(scenario: str) -> tuple[dict, str, list[Message]]:
 def test_a_recorded_run_rises_to_99_then_100_when_it_succeeds():
     workflow, prompt_id, messages = recorded("c_batch3_save")
     progress = Progress("t", prompt_id, workflow_nodes(workflow), created=0.0)
-    seen = [progress.payload(0.0)["data"]]
+    seen = [progress.payload(0.0, 1e9)["data"]]
     for now, message in enumerate(messages, start=1):
         if progress.observe(message, float(now)):
-            seen.append(progress.payload(float(now))["data"])
+            seen.append(progress.payload(float(now), 1e9)["data"])
     assert seen[0]["state"] == "queued" and seen[0]["percent"] == 0
     assert any(s["state"] == "running" and s["queue_position"] == 0 for s in seen)
     percents = [s["percent"] for s in seen]
     assert percents == sorted(percents) and percents[-1] == 99.0
     progress.end("succeeded", float(len(messages) + 1))
-    final = progress.payload(float(len(messages) + 2))["data"]
+    final = progress.payload(float(len(messages) + 2), 1700000000.1234)["data"]
     assert final["state"] == "succeeded" and final["percent"] == 100 and final["node"] is None
+    assert final["at"] == 1700000000.123  # the Unix time of the event, for the task summary
 
 
 def test_the_running_node_and_its_steps_are_reported_with_an_eta():
     nodes = {"3": {"class_type": "KSampler", "inputs": {}, "_meta": {"title": "Sampler"}},
              "9": {"class_type": "SaveImage", "inputs": {}}}
     progress = Progress("t", "p", workflow_nodes(nodes), created=0.0)
-    assert progress.queued_at(2, 3) and progress.payload(0)["data"]["queue_position"] == 2
+    assert progress.queued_at(2, 3) and progress.payload(0, 1e9)["data"]["queue_position"] == 2
     msg = parse_message('{"type": "executing", "data": {"node": "3", "prompt_id": "p"}}')
     assert msg is not None and progress.observe(msg, 1.0)
     step = parse_message('{"type": "progress", "data": {"value": 5, "max": 10, "node": "3", "prompt_id": "p"}}')
     assert step is not None and progress.observe(step, 2.0)
-    data = progress.payload(2.0)["data"]
+    data = progress.payload(2.0, 1e9)["data"]
     assert data["node"] == {"id": "3", "class_type": "KSampler", "title": "Sampler"}
     assert data["percent"] == 25.0 and data["eta_s"] == 3.0 and data["queue_position"] == 0
     other = parse_message('{"type": "progress", "data": {"value": 9, "max": 10, "prompt_id": "other"}}')
@@ -76,10 +77,10 @@ def test_percent_never_goes_backwards_and_is_100_only_on_success(texts, outcome)
         message = parse_message(text)
         assert message is not None
         progress.observe(message, float(now))
-        percent = progress.payload(float(now))["data"]["percent"]
+        percent = progress.payload(float(now), 1e9)["data"]["percent"]
         assert last <= percent <= 99.0
         last = percent
     progress.end(outcome, 100.0)
-    final = progress.payload(101.0)["data"]
+    final = progress.payload(101.0, 1e9)["data"]
     assert final["state"] == outcome and (final["percent"] == 100) == (outcome == "succeeded")
     assert final["percent"] >= last

@@ -233,13 +233,24 @@ class ComfyUI:
     async def queue(self) -> QueueState:
         return QueueState.from_answer(await self._json("GET", "/queue", "reading the queue"))
 
-    async def recent_queue(self, max_age: float = 0.1) -> QueueState:
+    async def recent_queue(self, max_age: float = 0.1, size: int | None = None) -> QueueState:
         """The queue as read at most `max_age` seconds ago: many jobs asking at once (every job
-        waiting in the queue asks when it moves) share one request."""
+        waiting in the queue asks when it moves) share one request. `size` is the length a
+        `status` broadcast announced: a shared read of another length was made before that
+        broadcast, so it is read again (once; a later change brings its own broadcast)."""
+        queue = await self._shared_queue(max_age)
+        if size is not None and queue.size != size:
+            queue = await self._shared_queue(max_age, stale=queue)
+        return queue
+
+    async def _shared_queue(self, max_age: float, stale: QueueState | None = None) -> QueueState:
         loop = asyncio.get_running_loop()
-        if self._queue_read is None or loop.time() - self._queue_read[0] > max_age:
-            self._queue_read = (loop.time(), asyncio.ensure_future(self.queue()))
-        return await asyncio.shield(self._queue_read[1])
+        read = self._queue_read
+        outdated = read is not None and stale is not None and read[1].done() and not read[1].cancelled() \
+            and read[1].exception() is None and read[1].result() is stale
+        if read is None or loop.time() - read[0] > max_age or outdated:
+            self._queue_read = read = (loop.time(), asyncio.ensure_future(self.queue()))
+        return await asyncio.shield(read[1])
 
     async def object_info(self) -> dict[str, Any]:
         """GET /object_info: every node class, its inputs (types, ranges, options) and outputs."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import swagger_ui_bundle
-
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route

@@ -106,7 +106,7 @@ class Job:
         self._stop: ServerlessError | None = None
         self.created_at = time.time()
         self.progress = Progress(task_id, prompt_id, workflow_nodes(spec.workflow), created=time.monotonic())
-        self._progress_sent: tuple[State, float] | None = None
+        self._progress_sent: tuple[tuple[State, int | None], float] | None = None
 
     # -- for the transports ---------------------------------------------------------------------
 
@@ -148,10 +148,11 @@ class Job:
         """Run to the end; always finishes the feed with the terminal payload."""
         self._task = asyncio.current_task()
         log.info("job start task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
-        first = self.progress.payload(time.monotonic())  # the job's first event: queued, and whose it is
+        now = time.monotonic()
+        first = self.progress.payload(now, time.time())  # the job's first event: queued, and whose it is
         if self.spec.owner is not None:
             first["data"]["owner"] = self.spec.owner
-        self._progress_sent = (self.progress.state, time.monotonic())
+        self._progress_sent = ((self.progress.state, self.progress.queue_position), now)
         self.feed.publish_payload(first)
         outcome: Outcome
         try:
@@ -182,18 +183,18 @@ class Job:
         self.feed.finish(outcome)
 
     def _publish_progress(self, changed: bool = True) -> None:
-        """A `serverless_progress` event on every change of state, else at most every
-        PROGRESS_INTERVAL seconds."""
+        """A `serverless_progress` event on every change of state or queue position (rare: one
+        per queue change), else at most every PROGRESS_INTERVAL seconds."""
         if not changed:
             return
         now = time.monotonic()
-        state = self.progress.state
+        place = (self.progress.state, self.progress.queue_position)
         if self._progress_sent is not None:
-            last_state, last_time = self._progress_sent
-            if state == last_state and now - last_time < PROGRESS_INTERVAL:
+            last_place, last_time = self._progress_sent
+            if place == last_place and now - last_time < PROGRESS_INTERVAL:
                 return
-        self._progress_sent = (state, now)
-        self.feed.publish_payload(self.progress.payload(now))
+        self._progress_sent = (place, now)
+        self.feed.publish_payload(self.progress.payload(now, time.time()))
 
     async def _ask_queue(self, remaining: int | None = None) -> None:
         """Our place in ComfyUI's queue, while we wait in it. A `status` broadcast's count of
@@ -203,7 +204,7 @@ class Job:
         if remaining is not None and remaining <= 1:
             changed = self.progress.queued_at(1 if remaining == 1 else None, remaining)
         else:
-            queue = await self.runtime.comfy.recent_queue()
+            queue = await self.runtime.comfy.recent_queue(size=remaining)
             changed = self.progress.queued_at(queue.position(self.prompt_id), queue.size)
         self._publish_progress(changed)
 

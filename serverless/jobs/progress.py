@@ -82,8 +82,9 @@ class Progress:
         if state == "succeeded":
             self.percent = 100.0
 
-    def payload(self, now: float) -> dict[str, Any]:
-        """The `serverless_progress` event."""
+    def payload(self, now: float, at: float) -> dict[str, Any]:
+        """The `serverless_progress` event at monotonic time `now`; `at` is the same moment as Unix
+        time (the task summary reads when a task was created, started and ended from it)."""
         node = None
         if self.node is not None:
             info = self.nodes.get(self.node, {})
@@ -99,6 +100,7 @@ class Progress:
                 "node": node,
                 "eta_s": self._eta(now),
                 "elapsed_s": round((self.ended or now) - self.created, 3),
+                "at": round(at, 3),
             },
         }
 

@@ -3,6 +3,10 @@
 Each job has two tasks: its run (the pipeline) and its recorder (the status log, a pinned reader
 of its feed). They are kept in two sets: a drain cancels runs, never recorders, which end by
 themselves once their feed ends with the terminal payload.
+
+Running jobs are also indexed by task id, for job control: a cancel asked here stops the job at
+once; one asked through another instance is a file beside the job's log, which `watch_cancels`
+looks for every CANCEL_POLL seconds (one stat per running job).
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
-from ..status.log import StatusLog
+from ..errors import ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, ServerlessError
+from ..status.log import Attempt, StatusLog
 from .feed import Feed
 from .job import Job, Runtime
 from .spec import JobSpec
 
 log = logging.getLogger(__name__)
+
+CANCEL_POLL = 0.5  # seconds between looks for cancel requests left by other instances
 
 
 class Jobs:
@@ -33,18 +39,25 @@ class Jobs:
         self.accepting = True
         self._runs: set[asyncio.Task[None]] = set()
         self._recorders: set[asyncio.Task[None]] = set()
+        self._index: dict[str, tuple[Job, Attempt | None]] = {}  # task id -> its running job
 
     @property
     def running(self) -> int:
         """Jobs under way on this instance."""
         return len(self._runs)
 
-    async def start(self, spec: JobSpec) -> Job:
+    def get(self, task_id: str) -> Job | None:
+        """The task's job when it runs on this instance."""
+        found = self._index.get(task_id)
+        return found[0] if found is not None else None
+
+    async def start(self, spec: JobSpec, prompt_id: str | None = None) -> Job:
         """Start a job in the background and return it; follow `job.events()` for its events,
-        which are also recorded as a new attempt in the task's status log."""
+        which are also recorded as a new attempt in the task's status log. `prompt_id` is one
+        chosen beforehand (an idempotency claim names the task before it starts)."""
         if not self.accepting:
             raise ComfyUIUnavailable("this instance is shutting down and takes no new jobs")
-        prompt_id = str(uuid.uuid4())
+        prompt_id = prompt_id or str(uuid.uuid4())
         task_id = spec.task_id or prompt_id
         try:
             attempt = await self.status.begin(task_id)  # the task is known from now on, on every instance
@@ -60,8 +73,30 @@ class Jobs:
         if attempt is not None:
             recorder = _own(self._recorders, self.status.record(attempt, feed), f"status {task_id}")
         job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder)
-        _own(self._runs, job.run(), f"job {task_id}")
+        run = _own(self._runs, job.run(), f"job {task_id}")
+        self._index[task_id] = (job, attempt)
+        run.add_done_callback(lambda _: self._forget(task_id, job))
         return job
+
+    def _forget(self, task_id: str, job: Job) -> None:
+        if task_id in self._index and self._index[task_id][0] is job:  # not a later job of the same task
+            del self._index[task_id]
+
+    async def watch_cancels(self, every: float = CANCEL_POLL) -> None:
+        """Stop the running jobs whose cancel was asked through another instance (a request file
+        beside their attempt's log); runs for the life of the app."""
+        while True:
+            await asyncio.sleep(every)
+            running = {attempt: job for job, attempt in self._index.values() if attempt is not None}
+            if not running:
+                continue
+            try:
+                asked = await self.status.cancels_asked(list(running))
+            except (OSError, ServerlessError) as exc:
+                log.warning("cancel requests could not be read: %s", exc)
+                continue
+            for attempt in asked:
+                running[attempt].stop(cancelled(), "cancel requested through another instance")
 
     async def drain(self, timeout: float) -> None:
         """Stop taking jobs, wait up to `timeout` for running ones, then cancel the rest (their
@@ -75,6 +110,11 @@ class Jobs:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+
+
+def cancelled() -> ExecutionInterrupted:
+    """The terminal payload of a job cancelled through `POST /api/serverless/cancel`."""
+    return ExecutionInterrupted("cancelled by request")
 
 
 def _own(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -28,8 +28,9 @@ from ..core import jsontext
 from ..core.request import validate_task_id
 from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
 from ..jobs.feed import Feed
-from . import files
-from .body import json_array, parse_after, parse_attempt, usable_lines
+from . import files, sidecars
+from .body import Lines, json_array, parse_after, parse_attempt, usable_lines
+from .summary import summarise
 
 __all__ = ["Attempt", "StatusLog", "parse_after", "parse_attempt"]
 
@@ -187,24 +188,83 @@ class StatusLog:
         return owner if isinstance(owner, str) else None
 
     def _read(self, task_id: str, path: Path, after: int, current: bool) -> bytes:
+        return json_array(self._lines(task_id, path, current).lines[after:])
+
+    def _lines(self, task_id: str, path: Path, current: bool) -> Lines:
+        """The attempt's usable lines, with the "instance lost" error after them when its owner
+        has been silent too long without a terminal payload (`ended` is then set)."""
         found = files.read(path)
         if found is None and current:
             # Claimed but not yet published (or its owner died in between): the newest attempt.
             numbers = files.numbers(self.directory, task_id)
             found = files.read(files.attempt_path(self.directory, task_id, numbers[-1])) if numbers else None
         if found is None:
-            return b"[]"
+            return Lines([])
         raw, mtime = found
         usable = usable_lines(raw)
-        lines = usable.lines
         silent_for = time.time() - mtime
         if not usable.ended and silent_for > self.stale_after:
             lost = ComfyUIUnavailable(
                 f"instance lost: the job's log has had no news for {silent_for:.0f}s and no result",
                 raw={"silent_s": round(silent_for, 1)},
             )
-            lines = [*lines, jsontext.dumps(lost.to_payload())]
-        return json_array(lines[after:])
+            return Lines([*usable.lines, jsontext.dumps(lost.to_payload())], lost.to_payload())
+        return usable
+
+    # -- job control -------------------------------------------------------------------------
+
+    async def known(self, task_id: str) -> bool:
+        """Whether any instance has started the task (its log exists, maybe still empty)."""
+        self.path(task_id)
+        with self._translated(task_id):
+            return await self._run(sidecars.has_files, self.directory, task_id)
+
+    async def tail(self, task_id: str, after: int) -> tuple[list[bytes], bool]:
+        """The current attempt's stored payloads after the first `after`, and whether the log has
+        ended (its last payload, or the "instance lost" error added, is terminal)."""
+        path = self.path(task_id)
+        with self._translated(task_id):
+            lines = await self._run(self._lines, task_id, path, True)
+        return lines.lines[after:], lines.ended
+
+    async def summary(self, task_id: str) -> dict[str, Any] | None:
+        """The task's summary (`summary.summarise`) from its current attempt; None when no
+        instance has started it."""
+        path = self.path(task_id)
+        with self._translated(task_id):
+            return await self._run(self._summary, task_id, path)
+
+    def _summary(self, task_id: str, path: Path) -> dict[str, Any] | None:
+        if not sidecars.has_files(self.directory, task_id):
+            return None
+        return summarise(task_id, [json.loads(line) for line in self._lines(task_id, path, True).lines])
+
+    async def request_cancel(self, task_id: str) -> int | None:
+        """Leave a cancel request beside the task's newest attempt; None for an unknown task."""
+        self.path(task_id)
+        with self._translated(task_id):
+            return await self._run(sidecars.request_cancel, self.directory, task_id)
+
+    async def cancels_asked(self, attempts: list[Attempt]) -> list[Attempt]:
+        """Those of `attempts` another instance asked to cancel."""
+        asked = set(await self._run(sidecars.cancels_asked, self.directory, [(a.task_id, a.number) for a in attempts]))
+        return [attempt for attempt in attempts if (attempt.task_id, attempt.number) in asked]
+
+    async def claim_key(self, key: str, task_id: str, digest: str) -> dict[str, Any] | None:
+        """Claim an `Idempotency-Key` for the task (create-exclusive on the shared folder): None
+        when claimed here, else the claim found ({} while its claimer is still writing it)."""
+        record = {"task_id": task_id, "digest": digest}
+        with self._translated(task_id):
+            return await self._run(sidecars.claim_key, self.directory, key, record)
+
+    async def read_key(self, key: str) -> dict[str, Any]:
+        with self._translated(key):
+            return await self._run(sidecars.read_key, self.directory, key)
+
+    async def release_key(self, key: str, task_id: str) -> None:
+        """Give a claim up: its job could not start."""
+        with self._translated(task_id):
+            await self._run(sidecars.release_key, self.directory, key, task_id)
 
     # -- health ------------------------------------------------------------------------------
 
@@ -254,7 +314,7 @@ class StatusLog:
         while True:
             try:
                 removed = await loop.run_in_executor(
-                    self._pool, self._tracked, files.remove_older_than, self.directory, retention_days * 86400)
+                    self._pool, self._tracked, sidecars.prune, self.directory, retention_days * 86400)
             except OSError as exc:
                 log.error("status logs in %s could not be pruned: %s", self.directory, exc)
                 removed = 0

@@ -10,8 +10,6 @@ from typing import Literal
 
 from starlette.websockets import WebSocketDisconnect
 
-from ..jobs.job import Job
-
 log = logging.getLogger(__name__)
 
 Winner = Literal["delivered", "caller_gone"]
@@ -36,22 +34,23 @@ async def bounded(send: Awaitable[None], timeout: float) -> None:
 
 
 async def watch(
-    job: Job, deliver: Callable[[], Awaitable[None]], caller_gone: Callable[[], Awaitable[None]],
-    cancel_on_disconnect: bool,
+    task_id: str, deliver: Callable[[], Awaitable[None]], caller_gone: Callable[[], Awaitable[None]],
+    abandon: Callable[[str], None] | None,
 ) -> Winner:
     """Run `deliver` until it ends or `caller_gone` returns; if the caller left first (or could no
-    longer be sent to), the job is abandoned (its ComfyUI prompt cancelled) unless
-    `cancel_on_disconnect` is off. Any other error of `deliver` propagates."""
+    longer be sent to), `abandon` is called (`Job.abandon`: its ComfyUI prompt is cancelled);
+    None when the job must go on without this caller (CANCEL_ON_DISCONNECT off, or a caller that
+    only watches). Any other error of `deliver` propagates."""
     winner: list[Winner] = []
 
     async def step(name: Winner, run: Callable[[], Awaitable[None]]) -> None:
         try:
             await run()
         except CallerStalled as exc:
-            log.info("task_id=%s: %s; its connection is closed", job.task_id, exc)
+            log.info("task_id=%s: %s; its connection is closed", task_id, exc)
             name = "caller_gone"
         except (OSError, WebSocketDisconnect) as exc:  # the connection is gone mid-send
-            log.debug("task_id=%s: sending failed (%r): the caller is gone", job.task_id, exc)
+            log.debug("task_id=%s: sending failed (%r): the caller is gone", task_id, exc)
             name = "caller_gone"
         winner.append(name)
         raise _Finished
@@ -62,6 +61,6 @@ async def watch(
             group.create_task(step("caller_gone", caller_gone))
     except* _Finished:
         pass
-    if winner[0] == "caller_gone" and cancel_on_disconnect:
-        job.abandon("caller disconnected")
+    if winner[0] == "caller_gone" and abandon is not None:
+        abandon("caller disconnected")
     return winner[0]

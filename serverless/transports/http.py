@@ -5,14 +5,16 @@ SSE: each event is an `id:` line (its sequence number) and one `data:` line (Com
 received, then the terminal payload), lines ending in a bare LF; `: ping` after
 `stream_ping_interval` seconds of silence. Events are formatted by sse-starlette's
 `ServerSentEvent`; the stream itself is ours, so that it shares the caller-watch of every other
-transport.
+transport. Both renderers read an `EventSource`: the job itself, or a task followed through its
+status log (`serverless.transports.events.TaskEvents`: resumed streams, attached callers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
@@ -20,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..errors import InvalidParams
-from ..jobs.feed import ReaderTooSlow
+from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.job import Job
 from ..settings import Settings
 from .caller import CallerStalled, bounded, watch
@@ -28,6 +30,25 @@ from .caller import CallerStalled, bounded, watch
 log = logging.getLogger(__name__)
 
 SEP = "\n"
+
+
+class EventSource(Protocol):
+    """What the renderers read: a `Job`, or a task followed through its status log."""
+
+    @property
+    def task_id(self) -> str: ...
+
+    def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]: ...
+
+    async def finished(self) -> Event: ...
+
+
+def abandoner(source: EventSource, settings: Settings, keep: bool = False) -> Callable[[str], None] | None:
+    """What a hang-up does: only the caller that started a job cancels it, and only with
+    CANCEL_ON_DISCONNECT on and unless told to `keep` it (a caller that may come back)."""
+    if keep or not settings.cancel_on_disconnect or not isinstance(source, Job):
+        return None
+    return source.abandon
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -49,7 +70,9 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-async def json_response(request: Request, job: Job, settings: Settings, held_async: bool = False) -> Response:
+async def json_response(
+    request: Request, job: EventSource, settings: Settings, held_async: bool = False, keep: bool = False
+) -> Response:
     """The terminal payload as one JSON answer, its HTTP status the error's. An async invocation
     held for FC answers 2xx unless a retry could help: FC retries only what answers 5xx."""
 
@@ -60,7 +83,7 @@ async def json_response(request: Request, job: Job, settings: Settings, held_asy
     async def finished() -> None:
         await job.finished()
 
-    await watch(job, finished, caller_gone, settings.cancel_on_disconnect)
+    await watch(job.task_id, finished, caller_gone, abandoner(job, settings, keep))
     terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
     error = terminal.error
     status = 200 if error is None or (held_async and not error.retryable) else error.status_code
@@ -92,11 +115,12 @@ class JsonBody(Response):
 
 
 class EventStream(Response):
-    """A job's events as `text/event-stream` (see the module docstring)."""
+    """A job's events as `text/event-stream` (see the module docstring), those after event
+    `after` when given."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, job: Job, settings: Settings) -> None:
+    def __init__(self, job: EventSource, settings: Settings, after: int | None = None, keep: bool = False) -> None:
         self.status_code = 200
         self.background = None
         self.raw_headers = [
@@ -106,6 +130,8 @@ class EventStream(Response):
         ]
         self.job = job
         self.settings = settings
+        self.after = after
+        self.abandon = abandoner(job, settings, keep)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -121,12 +147,12 @@ class EventStream(Response):
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        await watch(self.job, deliver, caller_gone, self.settings.cancel_on_disconnect)
+        await watch(self.job.task_id, deliver, caller_gone, self.abandon)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         job = self.job
         try:
-            async for event in job.events(idle=self.settings.stream_ping_interval):
+            async for event in job.events(self.after, self.settings.stream_ping_interval):
                 if event is None:
                     yield ServerSentEvent(comment="ping", sep=SEP).encode()
                 else:

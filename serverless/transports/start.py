@@ -101,11 +101,13 @@ def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
 
 async def start_job(
     resources: Resources, jobs: Jobs, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str],
-    transport: Transport, workflow_id: str | None = None, base_url: str | None = None, owner: str | None = None,
+    transport: Transport, workflow_id: str | None = None, *, base_url: str | None = None,
+    owner: str | None = None, prompt_id: str | None = None,
 ) -> Job:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
-    prefixes download links. A `callback_url` (or `X-Callback-Url`) gets the terminal payload."""
+    prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
+    beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload."""
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
         request = await parse(body, query, headers)
@@ -136,7 +138,7 @@ async def start_job(
         owner=owner,
         callback_url=callback_url,
     )
-    job = await jobs.start(spec)
+    job = await jobs.start(spec, prompt_id)
     if callback_url is not None:
         resources.webhooks.start(job, job.task_id, callback_url, terminal_recorded(job))
     return job

@@ -33,7 +33,7 @@ async def websocket_run(websocket: WebSocket) -> None:
         owner = websocket.scope.get("state", {}).get("owner")
         base_url = str(websocket.base_url.replace(scheme="https" if websocket.url.scheme == "wss" else "http"))
         job = await start_job(
-            resources, jobs, body, websocket.query_params, websocket.headers, "ws", None, base_url, owner=owner
+            resources, jobs, body, websocket.query_params, websocket.headers, "ws", base_url=base_url, owner=owner
         )
     except WebSocketDisconnect:
         return
@@ -78,7 +78,7 @@ async def _forward(websocket: WebSocket, job: Job, settings: Settings) -> None:
         while (await websocket.receive())["type"] != "websocket.disconnect":
             pass  # the protocol has one client message; later ones are ignored
 
-    winner = await watch(job, deliver, caller_gone, settings.cancel_on_disconnect)
+    winner = await watch(job.task_id, deliver, caller_gone, job.abandon if settings.cancel_on_disconnect else None)
     if too_slow and winner == "delivered":
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
