@@ -114,8 +114,9 @@ BY_CODE: dict[str, type[APIError]] = {cls.error_code: cls for cls in (
 
 
 def from_payload(payload: dict[str, Any], status: int | None = None) -> APIError:
-    """The exception for an error object; a 409 without a code of ours is a `Conflict`."""
+    """The exception for an error object; any 409 is a `Conflict` (the server says
+    `INVALID_PARAMS` with status 409: a finished task's cancel, a reused Idempotency-Key)."""
     code = str(payload.get("error_code") or "")
     message = str(payload.get("error_message") or payload.get("message") or f"HTTP {status}")
-    cls = BY_CODE.get(code) or (Conflict if status == 409 else Unclassified)
+    cls = Conflict if status == 409 else (BY_CODE.get(code) or Unclassified)
     return cls(message, code or cls.error_code, payload.get("raw"), status, payload)
