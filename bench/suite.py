@@ -245,9 +245,13 @@ def _latencies(sent: list[tuple[float, str]], received: list[tuple[float, str]])
 
 
 def _client_id(received: Received) -> str:
-    """The job's ComfyUI client id: ComfyUI's greeting (`status`, the first event) names it `sid`."""
-    first = json.loads(received.events[0][1])
-    return str(first["data"]["sid"])
+    """The job's ComfyUI client id: ComfyUI's greeting (its first `status`) names it `sid`; our own
+    events (`serverless_progress`, ...) come before and between ComfyUI's."""
+    for _, text in received.events:
+        message = json.loads(text)
+        if message.get("type") == "status" and "sid" in message.get("data", {}):
+            return str(message["data"]["sid"])
+    raise AssertionError("no ComfyUI greeting in the stream")
 
 
 async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_delay: float = 0.01) -> list[Figure]:
