@@ -661,8 +661,8 @@ def many_images_workflow(count: int) -> tuple[dict[str, Any], list[bytes]]:
     return workflow, images
 
 
-def test_200_base64_inputs_are_uploaded_over_a_few_connections(own_emulator, start_app):
-    server = start_app(own_emulator.url)
+def test_200_base64_inputs_are_uploaded_over_a_few_connections(own_emulator, start_app_process):
+    server = start_app_process(own_emulator.url)  # its own process: its descriptors are counted
     pid = server.proc.pid
     baseline = open_fds(pid)
     # A descriptor limit a connection per input would exceed: the job fails then, not only the count.
@@ -705,9 +705,12 @@ BUDGET = 32 * MiB
 JOBS = 6
 
 
-def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BYTES(own_emulator, start_app, files):
-    server = start_app(own_emulator.url, MAX_INPUT_BYTES_PER_JOB=str(24 * MiB), INPUT_MAX_INFLIGHT_BYTES=str(BUDGET),
-                       INPUT_MAX_BASE64_BYTES=str(INPUT_MAX_BYTES), **ALLOW_LOOPBACK)
+def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BYTES(
+    own_emulator, start_app_process, files
+):
+    server = start_app_process(own_emulator.url, MAX_INPUT_BYTES_PER_JOB=str(24 * MiB),
+                               INPUT_MAX_INFLIGHT_BYTES=str(BUDGET), INPUT_MAX_BASE64_BYTES=str(INPUT_MAX_BYTES),
+                               **ALLOW_LOOPBACK)
     warm_up = post_run(server.url, load_image(files.add("budget-warm.png", png(8), "image/png")))
     assert warm_up.status_code == 200, warm_up.text
     size = INPUT_MAX_BYTES - MiB // 2

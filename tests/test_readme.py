@@ -95,7 +95,8 @@ def test_a_readme_example_runs_as_written(block: Block, readme_api, workdir: Pat
         command = [sys.executable, "-c", code]
     else:
         command = ["bash", "-euo", "pipefail", "-c", code]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # As in a checkout after `make serve` or `pip install .`: the venv's tools, the package importable.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"README.md:{block.line} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     for code_name in ERROR_CODE.findall(done.stdout):
