@@ -19,11 +19,12 @@ from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .delivery.oss import Credentials, OssConfig, OssStore
 from .delivery.outputs import OutputCollector
-from .errors import ComfyUIUnavailable
+from .errors import ComfyUIUnavailable, OutputError
 from .inputs.download import DownloadPolicy, create_download_session, download
 from .inputs.resolve import LOADER_INPUTS, resolve_inputs
 from .jobs.job import Runtime, Workflow
 from .jobs.spec import OutputPolicy
+from .ops.metrics import Metrics
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
@@ -42,11 +43,14 @@ class Resources:
     supervisor: Supervisor | None
     reserved_output_dirs: tuple[tuple[str, ...], ...]
     workflows: HostedWorkflows
+    metrics: Metrics
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[Resources]:
-        """Everything the app needs, opened in order and closed in reverse."""
+    async def open(cls, settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Resources]:
+        """Everything the app needs, opened in order and closed in reverse; what they do is
+        counted in `metrics`."""
+        metrics = metrics or Metrics()
         timeouts = Timeouts(settings.connect_timeout, settings.request_timeout, settings.reconnect_timeout)
         async with ComfyUI.open(settings.comfyui_url, timeouts) as comfy:
             command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
@@ -54,18 +58,20 @@ class Resources:
             if command:
                 supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
                                         address=(settings.comfyui_host, settings.comfyui_port))
-            status = StatusLog(settings.status_dir, settings.status_stale_after)
+            if supervisor is not None:
+                metrics.watch_comfyui_restarts(lambda: supervisor.generation)
+            status = StatusLog(settings.status_dir, settings.status_stale_after, on_append=metrics.status_appended)
             await status.check_at_startup()
             policy = download_policy(settings)
-            oss = oss_store(settings)
+            oss = oss_store(settings, metrics.oss_retried)
             # Untrusted input URLs get their own session: guarded resolver and connector.
             async with create_download_session(policy) as downloads:
                 try:
                     async with _running(supervisor):
-                        fetch_url = partial(download, downloads, policy=policy)
+                        fetch_url = metrics.metered_fetch(partial(download, downloads, policy=policy), "url")
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         workflows = hosted_workflows(settings, comfy, supervisor)
-                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows)
+                        yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows, metrics)
                 finally:
                     await status.aclose()
                     if oss is not None:
@@ -99,7 +105,8 @@ class Resources:
         """Loader inputs (URLs, base64, oss://) fetched and uploaded; file names left as is."""
         read_oss = None
         if self.oss is not None:
-            read_oss = partial(self.oss.read, credentials, max_bytes=self.settings.input_max_bytes)
+            read = partial(self.oss.read, credentials, max_bytes=self.settings.input_max_bytes)
+            read_oss = self.metrics.metered_fetch(read, "oss")
         return await resolve_inputs(
             workflow,
             loaders=LOADER_INPUTS | set(self.settings.input_loaders),
@@ -113,7 +120,7 @@ class Resources:
         """Reads a job's outputs (and uploads them to OSS when asked)."""
         uploader = None
         if policy.oss and self.oss is not None and credentials is not None:
-            uploader = partial(_upload, self.oss, credentials)
+            uploader = partial(_upload, self.oss, credentials, self.metrics)
         return OutputCollector(
             self.comfy,
             with_content=policy.base64,
@@ -168,13 +175,19 @@ def download_policy(settings: Settings) -> DownloadPolicy:
         raise SettingsError(f"INPUT_ALLOWED_HOSTS: {exc}") from exc
 
 
-async def _upload(store: OssStore, credentials: Credentials, content: bytes, name: str, mime: str) -> dict[str, Any]:
+async def _upload(store: OssStore, credentials: Credentials, metrics: Metrics, content: bytes, name: str,
+                  mime: str) -> dict[str, Any]:
     ext = PurePosixPath(name).suffix.lstrip(".") or "bin"
-    uploaded = await store.upload(credentials, content, ext, mime)
+    try:
+        uploaded = await store.upload(credentials, content, ext, mime)
+    except OutputError:
+        metrics.oss_upload_failures.inc()
+        raise
+    metrics.oss_uploaded(len(content))
     return uploaded.to_payload()
 
 
-def oss_store(settings: Settings) -> OssStore | None:
+def oss_store(settings: Settings, on_retry: Callable[[], None] | None = None) -> OssStore | None:
     """The OSS client when OSS_BUCKET_DOMAIN is set; bad OSS settings fail start-up, named."""
     try:
         config = OssConfig.from_values(
@@ -183,4 +196,4 @@ def oss_store(settings: Settings) -> OssStore | None:
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc
-    return OssStore(config) if config is not None else None
+    return OssStore(config, on_retry=on_retry) if config is not None else None

@@ -181,6 +181,8 @@ class Settings:
     job_max_event_bytes: int = 64 * MiB
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     queue_stall_after: float = 30.0
+    max_pending_jobs: int = 64
+    metrics_token: str = field(default="", repr=False)
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -255,4 +257,6 @@ class Settings:
             job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
             comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
             queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
+            max_pending_jobs=_integer(env, "MAX_PENDING_JOBS", d.max_pending_jobs, 0),
+            metrics_token=_text(env, "METRICS_TOKEN", ""),
         )

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import InvalidParams
 from ..jobs.feed import ReaderTooSlow
 from ..jobs.job import Job
+from ..ops.metrics import Metrics, ReaderMeter
 from ..settings import Settings
 from .caller import watch
 
@@ -72,7 +73,7 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, job: Job, settings: Settings) -> None:
+    def __init__(self, job: Job, settings: Settings, metrics: Metrics | None = None) -> None:
         self.status_code = 200
         self.background = None
         self.raw_headers = [
@@ -82,6 +83,7 @@ class EventStream(Response):
         ]
         self.job = job
         self.settings = settings
+        self.meter = ReaderMeter(metrics, "sse")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -95,7 +97,8 @@ class EventStream(Response):
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        await watch(self.job, deliver, caller_gone, self.settings.cancel_on_disconnect)
+        with self.meter:
+            await watch(self.job, deliver, caller_gone, self.settings.cancel_on_disconnect)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         job = self.job
@@ -109,5 +112,6 @@ class EventStream(Response):
             # The job goes on (its status log still ends with the terminal payload); only this reader
             # is dropped. Compat clients ignore comments: this one tells a person where the rest is.
             log.warning("dropping a slow SSE reader of task_id=%s: %s", job.task_id, exc)
+            self.meter.dropped()
             note = f"dropped: {exc}; the job goes on: GET /api/serverless/status?task_id={job.task_id}"
             yield ServerSentEvent(comment=note, sep=SEP).encode()
