@@ -181,7 +181,7 @@ class Settings:
     job_max_event_bytes: int = 64 * MiB
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     queue_stall_after: float = 30.0
-    max_pending_jobs: int = 64
+    max_pending_jobs: int = 256  # generous: the suite opens 200 streams at once, the benchmark 100
     metrics_token: str = field(default="", repr=False)
 
     @property

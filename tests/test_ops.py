@@ -18,6 +18,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from serverless.errors import DownloadError, InputError
+from serverless.ops.metrics import REASONS, refusal_reason
+from serverless.settings import Settings, SettingsError
 from tests.helpers import RUN, empty_image, failing_workflow, post_run, txt2img, wait_until
 from tests.oss_server import LocalOss
 from tests.servers import App, Emulator
@@ -309,3 +312,33 @@ def test_oss_uploads_bytes_retries_and_failures_are_counted(oss_app):
     assert value(metrics, "serverless_oss_upload_failures_total") == 1
     assert value(metrics, "serverless_oss_retries_total") == 3
     assert value(metrics, "serverless_jobs_ended_total", transport="sync", outcome="OUTPUT_ERROR") == 1
+
+
+# -- pure ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("error", "source", "reason"), [
+    (DownloadError("blocked address 127.0.0.1"), "url", "blocked_address"),
+    (DownloadError("host images.internal resolves to blocked address 10.0.0.7"), "url", "blocked_address"),
+    (DownloadError("larger than 100 bytes (Content-Length 200)"), "url", "too_large"),
+    (DownloadError("timed out after 10s connecting"), "url", "timeout"),
+    (DownloadError("HTTP 404"), "url", "http_status"),
+    (DownloadError("unsupported URL scheme 'file' (only http and https)"), "url", "scheme"),
+    (DownloadError("cannot connect (Connection refused)"), "url", "connection"),
+    (DownloadError("something new"), "url", "other"),
+    (InputError("oss://b/k is too large (9 bytes): the limit is 1 bytes"), "oss", "too_large"),
+    (InputError("oss://b/k not found"), "oss", "not_found"),
+    (InputError("oss://b/k access denied: AccessDenied (HTTP 403)"), "oss", "denied"),
+])
+def test_an_input_refusal_is_labelled_with_one_of_a_fixed_set_of_reasons(error, source, reason):
+    assert refusal_reason(error, source) == reason
+    assert reason in REASONS
+
+
+def test_admission_and_metrics_settings_are_read_checked_and_the_token_kept_out_of_repr():
+    settings = Settings.from_env({"MAX_PENDING_JOBS": "0", "METRICS_TOKEN": "token-never-shown"})
+    assert settings.max_pending_jobs == 0 and settings.metrics_token == "token-never-shown"
+    assert "token-never-shown" not in repr(settings)
+    assert Settings.from_env({}).max_pending_jobs == 256
+    for bad in ("-1", "2.5", "many"):
+        with pytest.raises(SettingsError, match=f"^MAX_PENDING_JOBS={bad!r}: "):
+            Settings.from_env({"MAX_PENDING_JOBS": bad})

@@ -32,7 +32,7 @@ class Jobs:
 
     def __init__(
         self, runtime: Runtime, status: StatusLog, buffer_events: int, max_event_bytes: int,
-        max_pending: int = 64, metrics: Metrics | None = None,
+        max_pending: int = 256, metrics: Metrics | None = None,
     ) -> None:
         self.runtime = runtime
         self.status = status
