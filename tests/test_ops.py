@@ -4,6 +4,8 @@ burst, readiness for load balancers, and JSON logs that name the job on every li
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+import websocket  # websocket-client
 from prometheus_client.parser import text_string_to_metric_families
 
 from serverless.errors import DownloadError, InputError
@@ -24,6 +27,7 @@ from serverless.settings import Settings, SettingsError
 from tests.helpers import RUN, empty_image, failing_workflow, post_run, txt2img, wait_until
 from tests.oss_server import LocalOss
 from tests.servers import App, Emulator
+from tests.test_lifecycle import Instance
 from tests.test_oss_e2e import OSS_ON, assert_nothing_secret_in, local_oss_server, oss_env
 from tests.test_stream import TERMINAL_TYPES, set_step_delay, slow_reader_workflow, status_log
 
@@ -47,8 +51,11 @@ def scrape(url: str, token: str | None = None) -> dict[Series, float]:
 
 def counted(samples: dict[Series, float]) -> dict[Series, float]:
     """The counters, and the job histograms' counts: what one job moves by whole numbers."""
-    return {key: value for key, value in samples.items()
-            if key[0].endswith("_total") or (key[0].startswith("serverless_job_") and key[0].endswith("_count"))}
+    return {
+        key: value
+        for key, value in samples.items()
+        if key[0].endswith("_total") or (key[0].startswith("serverless_job_") and key[0].endswith("_count"))
+    }
 
 
 def moved(before: dict[Series, float], after: dict[Series, float]) -> dict[Series, float]:
@@ -73,8 +80,9 @@ def refusal(source: str, reason: str) -> Series:
     return ("serverless_input_refusals_total", (("reason", reason), ("source", source)))
 
 
-PHASES_COUNTED = {(f"serverless_job_{phase}_seconds_count", ()): 1.0
-                  for phase in ("queued", "execution", "outputs", "total")}
+PHASES_COUNTED = {
+    (f"serverless_job_{phase}_seconds_count", ()): 1.0 for phase in ("queued", "execution", "outputs", "total")
+}
 
 
 def drop_a_slow_sse_reader(server: App, task_id: str) -> bytes:
@@ -85,10 +93,14 @@ def drop_a_slow_sse_reader(server: App, task_id: str) -> bytes:
     reader = socket.socket()
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     reader.connect((url.hostname, url.port))
-    reader.sendall(f"POST {RUN}?stream=true HTTP/1.1\r\nHost: {url.netloc}\r\nX-Fc-Trace-Id: {task_id}\r\n"
-                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    wait_until(lambda: (items := status_log(server, task_id)) and items[-1]["type"] in TERMINAL_TYPES,
-               timeout=40, interval=0.2)
+    reader.sendall(
+        f"POST {RUN}?stream=true HTTP/1.1\r\nHost: {url.netloc}\r\nX-Fc-Trace-Id: {task_id}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    wait_until(
+        lambda: (items := status_log(server, task_id)) and items[-1]["type"] in TERMINAL_TYPES, timeout=40, interval=0.2
+    )
     received = bytearray()
     reader.settimeout(20)
     while chunk := reader.recv(1 << 16):
@@ -99,16 +111,22 @@ def drop_a_slow_sse_reader(server: App, task_id: str) -> bytes:
 
 # -- metrics ----------------------------------------------------------------------------------------
 
+
 def test_metrics_count_each_kind_of_job_once_under_its_labels(own_emulator, start_app):
     server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
     refused = empty_image(prefix="m-refused")
     del refused["2"]["inputs"]["images"]
-    private_url = {"1": {"class_type": "LoadImage", "inputs": {"image": "http://127.0.0.1:1/x.png"}},
-                   "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "m-in"}}}
+    private_url = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "http://127.0.0.1:1/x.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "m-in"}},
+    }
     sync_runs: list[tuple[dict[str, Any], int, dict[Series, float]]] = [
         (empty_image(prefix="m-ok"), 200, {started("sync"): 1, ended("sync", "ok"): 1, **PHASES_COUNTED}),
-        (refused, 400, {started("sync"): 1, ended("sync", "PROMPT_ERROR"): 1,
-                        ("serverless_prompt_refusals_total", ()): 1}),
+        (
+            refused,
+            400,
+            {started("sync"): 1, ended("sync", "PROMPT_ERROR"): 1, ("serverless_prompt_refusals_total", ()): 1},
+        ),
         (failing_workflow(own_emulator.root), 500, {started("sync"): 1, ended("sync", "EXECUTION_FAILED"): 1}),
         (private_url, 400, {started("sync"): 1, ended("sync", "INPUT_ERROR"): 1, refusal("url", "blocked_address"): 1}),
     ]
@@ -117,16 +135,35 @@ def test_metrics_count_each_kind_of_job_once_under_its_labels(own_emulator, star
         assert post_run(server.url, workflow).status_code == status
         assert moved(before, scrape(server.url)) == expected
 
+    before = scrape(server.url)
+    ws = websocket.create_connection(server.url.replace("http", "ws", 1) + "/api/serverless/ws", timeout=30)
+    ws.send(json.dumps(empty_image(prefix="m-ws")))
+    texts = [json.loads(ws.recv())["type"]]
+    assert value(scrape(server.url), "serverless_stream_readers", transport="ws") == 1  # while it reads
+    while text := ws.recv():
+        texts.append(json.loads(text)["type"])
+    ws.close()
+    assert texts[-1] == "serverless_api"
+    assert moved(before, scrape(server.url)) == {started("ws"): 1, ended("ws", "ok"): 1, **PHASES_COUNTED}
+
     set_step_delay(own_emulator, 0.01)
     before = scrape(server.url)
     received = drop_a_slow_sse_reader(server, "m-slow")
     assert b"\n: dropped: events " in received
     assert moved(before, scrape(server.url)) == {
-        started("sse"): 1, ended("sse", "ok"): 1, **PHASES_COUNTED,
+        started("sse"): 1,
+        ended("sse", "ok"): 1,
+        **PHASES_COUNTED,
         ("serverless_stream_readers_dropped_total", (("transport", "sse"),)): 1,
     }
-    settled = wait_until(lambda: (s := scrape(server.url)) and
-                         value(s, "serverless_stream_readers", transport="sse") == 0 and s)
+    settled = wait_until(
+        lambda: (
+            (s := scrape(server.url))
+            and value(s, "serverless_stream_readers", transport="sse") == 0
+            and value(s, "serverless_stream_readers", transport="ws") == 0
+            and s
+        )
+    )
     assert value(settled, "serverless_jobs_in_flight") == 0
     assert value(settled, "serverless_status_append_seconds_count") >= 5  # each job appended at least once
 
@@ -160,7 +197,25 @@ def test_metrics_need_the_metrics_token_when_one_is_set(start_app, emulator):
     assert token not in server.log_text()
 
 
+def test_a_supervised_comfyui_that_dies_counts_a_restart_and_is_down_until_it_is_back(tmp_path):
+    server = Instance(tmp_path / "supervised")
+    try:
+        assert value(scrape(server.url), "serverless_comfyui_restarts_total") == 0
+        [pid] = server.comfyui_pids()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: value(scrape(server.url), "serverless_comfyui_restarts_total") == 1)
+        wait_until(lambda: server.health() == 200 and server.comfyui_pids() not in ([], [pid]))
+        metrics = scrape(server.url)
+        assert value(metrics, "serverless_comfyui_up") == 1
+        assert value(metrics, "serverless_comfyui_restarts_total") == 1
+    finally:
+        server.stop()
+        for pid in server.comfyui_pids():
+            os.kill(pid, signal.SIGKILL)
+
+
 # -- admission and readiness ------------------------------------------------------------------------
+
 
 @dataclass
 class Answer:
@@ -262,6 +317,7 @@ def test_ready_is_503_when_comfyui_does_not_answer(start_app, dead_url):
 
 # -- JSON logs and OSS ------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def oss_app(start_app: Callable[..., App], emulator: Emulator) -> Iterator[tuple[LocalOss, App, str]]:
     """JSON logs at DEBUG, and a local OSS of its own (its injected failures reach no other test)."""
@@ -273,8 +329,7 @@ def oss_app(start_app: Callable[..., App], emulator: Emulator) -> Iterator[tuple
 def test_json_logs_are_one_object_a_line_naming_the_job_and_nothing_secret(oss_app, emulator):
     oss, server, _ = oss_app
     oss.fail_next(1, 503)  # one retried upload: its warning names the job too
-    uploaded = post_run(server.url, empty_image(prefix="json-ok"), params=OSS_ON,
-                        headers={"x-fc-trace-id": "json-ok"})
+    uploaded = post_run(server.url, empty_image(prefix="json-ok"), params=OSS_ON, headers={"x-fc-trace-id": "json-ok"})
     failed = post_run(server.url, failing_workflow(emulator.root), headers={"x-fc-trace-id": "json-fail"})
     assert uploaded.status_code == 200 and failed.status_code == 500
     signed_url = uploaded.json()["data"]["results"][0]["output"]["oss"]["url"]
@@ -316,19 +371,23 @@ def test_oss_uploads_bytes_retries_and_failures_are_counted(oss_app):
 
 # -- pure ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("error", "source", "reason"), [
-    (DownloadError("blocked address 127.0.0.1"), "url", "blocked_address"),
-    (DownloadError("host images.internal resolves to blocked address 10.0.0.7"), "url", "blocked_address"),
-    (DownloadError("larger than 100 bytes (Content-Length 200)"), "url", "too_large"),
-    (DownloadError("timed out after 10s connecting"), "url", "timeout"),
-    (DownloadError("HTTP 404"), "url", "http_status"),
-    (DownloadError("unsupported URL scheme 'file' (only http and https)"), "url", "scheme"),
-    (DownloadError("cannot connect (Connection refused)"), "url", "connection"),
-    (DownloadError("something new"), "url", "other"),
-    (InputError("oss://b/k is too large (9 bytes): the limit is 1 bytes"), "oss", "too_large"),
-    (InputError("oss://b/k not found"), "oss", "not_found"),
-    (InputError("oss://b/k access denied: AccessDenied (HTTP 403)"), "oss", "denied"),
-])
+
+@pytest.mark.parametrize(
+    ("error", "source", "reason"),
+    [
+        (DownloadError("blocked address 127.0.0.1"), "url", "blocked_address"),
+        (DownloadError("host images.internal resolves to blocked address 10.0.0.7"), "url", "blocked_address"),
+        (DownloadError("larger than 100 bytes (Content-Length 200)"), "url", "too_large"),
+        (DownloadError("timed out after 10s connecting"), "url", "timeout"),
+        (DownloadError("HTTP 404"), "url", "http_status"),
+        (DownloadError("unsupported URL scheme 'file' (only http and https)"), "url", "scheme"),
+        (DownloadError("cannot connect (Connection refused)"), "url", "connection"),
+        (DownloadError("something new"), "url", "other"),
+        (InputError("oss://b/k is too large (9 bytes): the limit is 1 bytes"), "oss", "too_large"),
+        (InputError("oss://b/k not found"), "oss", "not_found"),
+        (InputError("oss://b/k access denied: AccessDenied (HTTP 403)"), "oss", "denied"),
+    ],
+)
 def test_an_input_refusal_is_labelled_with_one_of_a_fixed_set_of_reasons(error, source, reason):
     assert refusal_reason(error, source) == reason
     assert reason in REASONS

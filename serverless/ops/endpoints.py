@@ -54,8 +54,10 @@ async def _not_ready_because(resources: Resources, jobs: Jobs) -> str | None:
     if not jobs.accepting:
         return "this instance is draining and takes no new jobs"
     if jobs.full:
-        return (f"this instance is full: {jobs.admitted} job(s) admitted, at most 1 running and "
-                f"{jobs.max_pending} waiting (MAX_PENDING_JOBS)")
+        return (
+            f"this instance is full: {jobs.admitted} job(s) admitted, at most 1 running and "
+            f"{jobs.max_pending} waiting (MAX_PENDING_JOBS)"
+        )
     if resources.supervisor is not None and not resources.supervisor.ready:
         resources.metrics.comfyui_up.set(0)
         return resources.supervisor.problem

@@ -45,8 +45,12 @@ class JsonFormatter(logging.Formatter):
     `prompt_id` when the line was logged for a job, and the traceback, if any."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         task_id = getattr(record, "task_id", None)
         if task_id is not None:
             entry["task_id"] = task_id

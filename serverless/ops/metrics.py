@@ -84,33 +84,47 @@ class Metrics:
             return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
 
         self.jobs_started = counter("jobs_started", "Jobs started, by transport.", ("transport",))
-        self.jobs_ended = counter("jobs_ended", "Jobs ended, by transport and outcome (ok or the error code).",
-                                  ("transport", "outcome"))
+        self.jobs_ended = counter(
+            "jobs_ended", "Jobs ended, by transport and outcome (ok or the error code).", ("transport", "outcome")
+        )
         self.jobs_refused_busy = counter("jobs_refused_busy", "Jobs refused with BUSY (MAX_PENDING_JOBS reached).")
         self.prompt_refusals = counter("prompt_refusals", "Prompts ComfyUI refused (/prompt 400, PROMPT_ERROR).")
         self.phases = {
-            phase: Histogram(f"{PREFIX}_job_{phase}_seconds", f"{phase}_s of successful jobs (data.timings).",
-                             buckets=JOB_BUCKETS, registry=registry)
+            phase: Histogram(
+                f"{PREFIX}_job_{phase}_seconds",
+                f"{phase}_s of successful jobs (data.timings).",
+                buckets=JOB_BUCKETS,
+                registry=registry,
+            )
             for phase in PHASES
         }
-        self.jobs_in_flight = Gauge(f"{PREFIX}_jobs_in_flight", "Jobs admitted and not ended (running or waiting).",
-                                    registry=registry)
-        self.comfyui_up = Gauge(f"{PREFIX}_comfyui_up", "1 when ComfyUI answered the last check, else 0.",
-                                registry=registry)
+        self.jobs_in_flight = Gauge(
+            f"{PREFIX}_jobs_in_flight", "Jobs admitted and not ended (running or waiting).", registry=registry
+        )
+        self.comfyui_up = Gauge(
+            f"{PREFIX}_comfyui_up", "1 when ComfyUI answered the last check, else 0.", registry=registry
+        )
         self.input_downloads = counter("input_downloads", "Loader inputs fetched, by source.", ("source",))
         self.input_bytes = counter("input_download_bytes", "Bytes of loader inputs fetched, by source.", ("source",))
-        self.input_refusals = counter("input_refusals", "Loader inputs refused or failed, by source and reason.",
-                                      ("source", "reason"))
+        self.input_refusals = counter(
+            "input_refusals", "Loader inputs refused or failed, by source and reason.", ("source", "reason")
+        )
         self.oss_uploads = counter("oss_uploads", "Outputs uploaded to OSS.")
         self.oss_upload_bytes = counter("oss_upload_bytes", "Bytes of outputs uploaded to OSS.")
         self.oss_upload_failures = counter("oss_upload_failures", "OSS uploads that failed after their retries.")
         self.oss_retries = counter("oss_retries", "OSS calls (uploads and reads) retried after a transient error.")
-        self.readers = Gauge(f"{PREFIX}_stream_readers", "Open SSE and websocket readers.", ("transport",),
-                             registry=registry)
-        self.readers_dropped = counter("stream_readers_dropped", "SSE and websocket readers dropped for being slow.",
-                                       ("transport",))
-        self.status_append = Histogram(f"{PREFIX}_status_append_seconds", "Durable appends to the status log.",
-                                       buckets=APPEND_BUCKETS, registry=registry)
+        self.readers = Gauge(
+            f"{PREFIX}_stream_readers", "Open SSE and websocket readers.", ("transport",), registry=registry
+        )
+        self.readers_dropped = counter(
+            "stream_readers_dropped", "SSE and websocket readers dropped for being slow.", ("transport",)
+        )
+        self.status_append = Histogram(
+            f"{PREFIX}_status_append_seconds",
+            "Durable appends to the status log.",
+            buckets=APPEND_BUCKETS,
+            registry=registry,
+        )
         self.webhook_deliveries = counter("webhook_deliveries", "Webhook deliveries, by outcome.", ("outcome",))
         for transport in TRANSPORTS:  # every series that alerts read exists from the start, at 0
             self.jobs_started.labels(transport)
@@ -144,8 +158,9 @@ class Metrics:
 
     # -- inputs and outputs --------------------------------------------------------------------
 
-    def metered_fetch(self, fetch: Callable[[str], Awaitable[bytes]], source: InputSource
-                      ) -> Callable[[str], Awaitable[bytes]]:
+    def metered_fetch(
+        self, fetch: Callable[[str], Awaitable[bytes]], source: InputSource
+    ) -> Callable[[str], Awaitable[bytes]]:
         """`fetch` (a URL or oss:// reader), counting what it brings and why it refuses."""
 
         async def fetched(url: str) -> bytes:
@@ -211,6 +226,6 @@ class _Restarts(Collector):
         self.generation = generation
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(f"{PREFIX}_comfyui_restarts", "ComfyUI processes that died and were restarted.",
-                                  value=self.generation())
-
+        yield CounterMetricFamily(
+            f"{PREFIX}_comfyui_restarts", "ComfyUI processes that died and were restarted.", value=self.generation()
+        )
