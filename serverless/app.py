@@ -22,6 +22,8 @@ from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .jobs.job import Job
 from .jobs.registry import Jobs
+from .ops import endpoints as ops
+from .ops.metrics import Metrics
 from .resources import Resources
 from .settings import Settings
 from .status.log import parse_after, parse_attempt
@@ -58,6 +60,8 @@ def _ours(request: Request, exc: Exception) -> Exception:
 
 
 def _headers(exc: Exception) -> dict[str, str] | None:
+    if isinstance(exc, ServerlessError):
+        return exc.headers or None  # e.g. BUSY's Retry-After
     return dict(exc.headers) if isinstance(exc, HTTPException) and exc.headers else None
 
 
@@ -66,6 +70,7 @@ async def run(request: Request) -> Response:
     POST /api/workflows/{workflow_id}/run (and `?workflow_id=`): a hosted workflow's overrides in."""
     resources, jobs = request.app.state.resources, request.app.state.jobs
     settings = resources.settings
+    jobs.check_room()  # BUSY before the body is read
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     owner = caller(request)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
@@ -84,7 +89,7 @@ async def run(request: Request) -> Response:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         response = JSONResponse({"task_id": job.task_id}, status_code=202)
     elif mode == "stream":
-        response = EventStream(job, settings, keep=keep)
+        response = EventStream(job, settings, keep=keep, metrics=resources.metrics)
     else:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
         response = await json_response(request, job, settings, held_async=mode == "async", keep=keep)
@@ -132,9 +137,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with Resources.open(settings) as resources:
+        metrics = Metrics()  # this app's own registry: several apps may share a process
+        async with Resources.open(settings, metrics) as resources:
             jobs = Jobs(
-                resources.runtime(), resources.status, settings.stream_buffer_events, settings.job_max_event_bytes
+                resources.runtime(), resources.status, settings.stream_buffer_events, settings.job_max_event_bytes,
+                settings.max_pending_jobs, metrics,
             )
             app.state.resources, app.state.jobs = resources, jobs
             app.state.prewarm = lifecycle.Prewarm()
@@ -157,6 +164,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/serverless/events", control.events, methods=["GET"]),
         WebSocketRoute("/api/serverless/ws", websocket_run),
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
+        Route("/api/serverless/ready", ops.ready, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/initialize", lifecycle.initialize, methods=["POST"]),
         Route("/pre-stop", lifecycle.pre_stop, methods=["GET", "POST"]),
         Route("/api/workflows", workflows.list_workflows, methods=["GET"]),

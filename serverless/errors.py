@@ -13,6 +13,7 @@
     ├── ExecutionFailed      500     ComfyUI sent `execution_error`
     ├── ExecutionInterrupted 500     the job was interrupted or cancelled
     ├── ComfyUIUnavailable   503     ComfyUI unreachable, dead, or its websocket lost beyond recovery   yes
+    ├── Busy                 503     this instance holds MAX_PENDING_JOBS jobs already (`Retry-After`)   yes
     ├── OutputError          500     an output could not be read or uploaded                            yes
     ├── JobTimeout           504     the job passed its deadline                                        yes
     └── Unclassified         500     anything else: a bug
@@ -43,6 +44,11 @@ class ServerlessError(Exception):
         super().__init__(message)
         self.message = message
         self.raw = raw
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with the error's answer (none but for `Busy`)."""
+        return {}
 
     def to_payload(self) -> dict[str, Any]:
         """The compat error object: the terminal payload of a failed job."""
@@ -131,6 +137,23 @@ class ComfyUIUnavailable(ServerlessError):
     code = "COMFYUI_UNAVAILABLE"
     status_code = 503
     retryable = True
+
+
+class Busy(ServerlessError):
+    """The instance already holds as many jobs as it admits (one running, MAX_PENDING_JOBS
+    waiting): refused before anything is read or uploaded, so that FC routes the retry elsewhere."""
+
+    code = "BUSY"
+    status_code = 503
+    retryable = True
+
+    def __init__(self, message: str, retry_after: int, raw: Any = None) -> None:
+        super().__init__(message, raw)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class OutputError(ServerlessError):

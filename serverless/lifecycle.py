@@ -64,9 +64,14 @@ async def health(request: Request) -> Response:
             raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
         if resources.supervisor is not None and not resources.supervisor.ready:
             raise ComfyUIUnavailable(resources.supervisor.problem)  # starting, restarting, port taken
-        stats, queue, writable = await asyncio.gather(
-            resources.comfy.system_stats(), resources.comfy.queue(), resources.status.writable()
-        )
+        try:
+            stats, queue, writable = await asyncio.gather(
+                resources.comfy.system_stats(), resources.comfy.queue(), resources.status.writable()
+            )
+        except ServerlessError:
+            resources.metrics.comfyui_up.set(0)
+            raise
+        resources.metrics.comfyui_up.set(1)
         request.app.state.queue_watch.check(queue)
         if not writable:
             reason = resources.status.health()["not_writable_because"]

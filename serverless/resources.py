@@ -22,12 +22,13 @@ from .delivery import links
 from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
 from .delivery.outputs import OutputCollector, ReadyCallback
 from .delivery.webhooks import Webhooks
-from .errors import ComfyUIUnavailable
+from .errors import ComfyUIUnavailable, OutputError
 from .inputs.budget import ByteBudget
 from .inputs.download import DownloadPolicy, create_download_session, download
 from .inputs.resolve import LOADER_INPUTS, InputLimits, resolve_inputs
 from .jobs.job import Runtime, Workflow
 from .jobs.spec import OutputPolicy
+from .ops.metrics import Metrics
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
@@ -48,11 +49,14 @@ class Resources:
     workflows: HostedWorkflows
     input_budget: ByteBudget
     webhooks: Webhooks
+    metrics: Metrics
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[Resources]:
-        """Everything the app needs, opened in order and closed in reverse."""
+    async def open(cls, settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Resources]:
+        """Everything the app needs, opened in order and closed in reverse; what they do is
+        counted in `metrics`."""
+        metrics = metrics or Metrics()
         timeouts = Timeouts(settings.connect_timeout, settings.request_timeout, settings.reconnect_timeout)
         async with ComfyUI.open(settings.comfyui_url, timeouts) as comfy:
             command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
@@ -60,11 +64,13 @@ class Resources:
             if command:
                 supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
                                         address=(settings.comfyui_host, settings.comfyui_port))
-            status = StatusLog(settings.status_dir, settings.status_stale_after)
+            if supervisor is not None:
+                metrics.watch_comfyui_restarts(lambda: supervisor.generation)
+            status = StatusLog(settings.status_dir, settings.status_stale_after, on_append=metrics.status_appended)
             await status.check_at_startup()
             policy = download_policy(settings)
             budget = input_budget(settings)
-            oss = oss_store(settings)
+            oss = oss_store(settings, metrics.oss_retried)
             hooks_policy = webhook_policy(settings)
             # Untrusted input URLs (and webhook URLs) get their own sessions: guarded resolver and connector.
             async with create_download_session(policy) as downloads, create_download_session(hooks_policy) as hooks:
@@ -72,12 +78,12 @@ class Resources:
                                     lambda task_id, record: status.write_sidecar(task_id, "webhook", record))
                 try:
                     async with _running(supervisor):
-                        fetch_url = partial(download, downloads, policy=policy)
+                        fetch_url = metrics.metered_fetch(partial(download, downloads, policy=policy), "url")
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         workflows = hosted_workflows(settings, comfy, supervisor)
                         try:
                             yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows,
-                                      budget, webhooks)
+                                      budget, webhooks, metrics)
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
                             await webhooks.drain(settings.webhook_timeout + 1)
                 finally:
@@ -113,7 +119,8 @@ class Resources:
         """Loader inputs (URLs, base64, oss://) fetched and uploaded; file names left as is."""
         read_oss = None
         if self.oss is not None:
-            read_oss = partial(self.oss.read, credentials, max_bytes=self.settings.input_max_bytes)
+            read = partial(self.oss.read, credentials, max_bytes=self.settings.input_max_bytes)
+            read_oss = self.metrics.metered_fetch(read, "oss")
         return await resolve_inputs(
             workflow,
             loaders=LOADER_INPUTS | set(self.settings.input_loaders),
@@ -131,7 +138,7 @@ class Resources:
         `on_ready` is told of each as soon as it is done."""
         uploader = None
         if policy.oss and self.oss is not None and credentials is not None:
-            uploader = partial(_upload, self.oss, credentials)
+            uploader = partial(_upload, self.oss, credentials, self.metrics)
         return OutputCollector(
             self.comfy,
             with_content=policy.base64,
@@ -230,13 +237,19 @@ def input_budget(settings: Settings) -> ByteBudget:
     return ByteBudget(settings.input_max_inflight_bytes)
 
 
-async def _upload(store: OssStore, credentials: Credentials, content: bytes, name: str, mime: str) -> dict[str, Any]:
+async def _upload(store: OssStore, credentials: Credentials, metrics: Metrics, content: bytes, name: str,
+                  mime: str) -> dict[str, Any]:
     ext = PurePosixPath(name).suffix.lstrip(".") or "bin"
-    uploaded = await store.upload(credentials, content, ext, mime)
+    try:
+        uploaded = await store.upload(credentials, content, ext, mime)
+    except OutputError:
+        metrics.oss_upload_failures.inc()
+        raise
+    metrics.oss_uploaded(len(content))
     return uploaded.to_payload()
 
 
-def oss_store(settings: Settings) -> OssStore | None:
+def oss_store(settings: Settings, on_retry: Callable[[], None] | None = None) -> OssStore | None:
     """The OSS client when OSS_BUCKET_DOMAIN is set; bad OSS settings fail start-up, named."""
     try:
         config = OssConfig.from_values(
@@ -245,6 +258,6 @@ def oss_store(settings: Settings) -> OssStore | None:
         )
         if config is None:
             return None
-        return OssStore(config, read_allowed=read_rules(settings.oss_input_allowed, config))
+        return OssStore(config, read_allowed=read_rules(settings.oss_input_allowed, config), on_retry=on_retry)
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc

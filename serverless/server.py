@@ -16,7 +16,6 @@ A bad setting prints one line, `settings error: NAME='value': reason`, and exits
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -29,6 +28,7 @@ from starlette.applications import Starlette
 
 from .app import create_app
 from .jobs.registry import Jobs
+from .ops import logs
 from .settings import Settings, SettingsError
 
 SHUTDOWN_MARGIN = 30.0  # uvicorn's own limit on open connections is only a backstop to the drain
@@ -96,25 +96,9 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, None)
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the traceback, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
 def configure_logging(settings: Settings) -> None:
     """Log lines at LOG_LEVEL in LOG_FORMAT (both entry points use this)."""
-    handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    logs.configure_logging(settings.log_level, settings.log_format)
 
 
 def load_settings() -> Settings:

@@ -208,6 +208,8 @@ class Settings:
     webhook_allowed_hosts: tuple[str, ...] = ()
     file_link_secret: str = field(default="", repr=False)
     file_link_expires: int = 3600
+    max_pending_jobs: int = 256  # generous: the suite opens 200 streams at once, the benchmark 100
+    metrics_token: str = field(default="", repr=False)
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -293,4 +295,6 @@ class Settings:
             webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
             file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
             file_link_expires=_integer(env, "FILE_LINK_EXPIRES", d.file_link_expires, 1),
+            max_pending_jobs=_integer(env, "MAX_PENDING_JOBS", d.max_pending_jobs, 0),
+            metrics_token=_text(env, "METRICS_TOKEN", ""),
         )

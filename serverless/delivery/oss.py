@@ -286,9 +286,10 @@ class OssStore:
 
     def __init__(self, config: OssConfig, *, attempts: int = 3, backoff_s: float = 0.5,
                  timeout_s: float = 60.0, cache_size: int = 32, max_calls: int = 32,
-                 read_allowed: tuple[ReadRule, ...] | None = None) -> None:
+                 read_allowed: tuple[ReadRule, ...] | None = None, on_retry: Callable[[], None] | None = None) -> None:
         self.config = config
         self.read_allowed = read_allowed if read_allowed is not None else read_rules(None, config)
+        self._on_retry = on_retry  # counts retries (metrics)
         self._attempts = max(1, attempts)
         self._backoff_s = backoff_s
         self._timeout_s = timeout_s
@@ -410,6 +411,8 @@ class OssStore:
                 if attempt == self._attempts or not _is_transient(exc):
                     raise
                 delay = self._backoff_s * 2 ** (attempt - 1)
+                if self._on_retry is not None:
+                    self._on_retry()
                 log.warning("OSS %s failed (%s), attempt %d of %d; retrying in %.2fs",
                                what, _describe(exc), attempt, self._attempts, delay)
                 await asyncio.sleep(delay)

@@ -1,4 +1,5 @@
-"""The jobs an app instance runs: started as tasks it owns, counted for health, drained on stop.
+"""The jobs an app instance runs: admitted (at most one running and `max_pending` waiting, else
+BUSY), started as tasks it owns, counted for health and metrics, drained on stop.
 
 Each job has two tasks: its run (the pipeline) and its recorder (the status log, a pinned reader
 of its feed). They are kept in two sets: a drain cancels runs, never recorders, which end by
@@ -17,7 +18,9 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from ..errors import ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, ServerlessError
+from ..errors import Busy, ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, ServerlessError
+from ..ops.logs import bind_job
+from ..ops.metrics import Metrics
 from ..status.log import Attempt, StatusLog
 from .feed import Feed
 from .job import Job, Runtime
@@ -26,17 +29,25 @@ from .spec import JobSpec
 log = logging.getLogger(__name__)
 
 CANCEL_POLL = 0.5  # seconds between looks for cancel requests left by other instances
+BUSY_RETRY_AFTER = 5  # seconds a refused caller is told to wait; FC retries elsewhere meanwhile
 
 
 class Jobs:
     """Owns every running job's tasks; no job outlives the app without being waited for."""
 
-    def __init__(self, runtime: Runtime, status: StatusLog, buffer_events: int, max_event_bytes: int) -> None:
+    def __init__(
+        self, runtime: Runtime, status: StatusLog, buffer_events: int, max_event_bytes: int,
+        max_pending: int = 256, metrics: Metrics | None = None,
+    ) -> None:
         self.runtime = runtime
         self.status = status
         self.buffer_events = buffer_events
         self.max_event_bytes = max_event_bytes
+        self.max_pending = max_pending
+        self.metrics = metrics or Metrics()
+        self.metrics.count_jobs(lambda: self.admitted)
         self.accepting = True
+        self._admitted = 0  # from admission (before the first await of `start`) to the run's end
         self._runs: set[asyncio.Task[None]] = set()
         self._recorders: set[asyncio.Task[None]] = set()
         self._index: dict[str, tuple[Job, Attempt | None]] = {}  # task id -> its running job
@@ -46,6 +57,26 @@ class Jobs:
         """Jobs under way on this instance."""
         return len(self._runs)
 
+    @property
+    def admitted(self) -> int:
+        """Jobs admitted and not ended: the one ComfyUI runs, those waiting, those starting."""
+        return self._admitted
+
+    @property
+    def full(self) -> bool:
+        """True when a new job would be refused with BUSY."""
+        return self._admitted > self.max_pending
+
+    def check_room(self) -> None:
+        """Refuse (BUSY) when this instance holds all the jobs it admits: before a body is read."""
+        if self.full:
+            self.metrics.jobs_refused_busy.inc()
+            raise Busy(
+                f"this instance is busy: {self._admitted} job(s) admitted, at most 1 running and "
+                f"{self.max_pending} waiting (MAX_PENDING_JOBS); retry in {BUSY_RETRY_AFTER}s",
+                BUSY_RETRY_AFTER, raw={"admitted": self._admitted, "max_pending_jobs": self.max_pending},
+            )
+
     def get(self, task_id: str) -> Job | None:
         """The task's job when it runs on this instance."""
         found = self._index.get(task_id)
@@ -53,12 +84,24 @@ class Jobs:
 
     async def start(self, spec: JobSpec, prompt_id: str | None = None) -> Job:
         """Start a job in the background and return it; follow `job.events()` for its events,
-        which are also recorded as a new attempt in the task's status log. `prompt_id` is one
-        chosen beforehand (an idempotency claim names the task before it starts)."""
+        which are also recorded as a new attempt in the task's status log. BUSY past
+        MAX_PENDING_JOBS. `prompt_id` is one chosen beforehand (an idempotency claim names the
+        task before it starts); the caller's context names the job in log lines from now on."""
         if not self.accepting:
             raise ComfyUIUnavailable("this instance is shutting down and takes no new jobs")
-        prompt_id = prompt_id or str(uuid.uuid4())
+        self.check_room()
+        self._admitted += 1  # before any await: concurrent starts cannot all pass the check
+        try:
+            job = await self._start(spec, prompt_id or str(uuid.uuid4()))
+        except BaseException:
+            self._admitted -= 1
+            raise
+        self.metrics.job_started(spec.mode)
+        return job
+
+    async def _start(self, spec: JobSpec, prompt_id: str) -> Job:
         task_id = spec.task_id or prompt_id
+        bind_job(task_id, prompt_id)  # the job's tasks, created below, inherit it
         try:
             attempt = await self.status.begin(task_id)  # the task is known from now on, on every instance
         except InvalidParams:
@@ -73,10 +116,19 @@ class Jobs:
         if attempt is not None:
             recorder = _own(self._recorders, self.status.record(attempt, feed), f"status {task_id}")
         job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder)
-        run = _own(self._runs, job.run(), f"job {task_id}")
+        run = _own(self._runs, self._run(job), f"job {task_id}")
         self._index[task_id] = (job, attempt)
         run.add_done_callback(lambda _: self._forget(task_id, job))
         return job
+
+    async def _run(self, job: Job) -> None:
+        """The job's run, counted until its end (cancelled included)."""
+        try:
+            await job.run()
+        finally:
+            self._admitted -= 1
+            terminal = job.feed.terminal
+            self.metrics.job_ended(job.spec.mode, terminal.error if terminal else None, job.clock.timings())
 
     def _forget(self, task_id: str, job: Job) -> None:
         if task_id in self._index and self._index[task_id][0] is job:  # not a later job of the same task

@@ -53,8 +53,10 @@ class Attempt:
 class StatusLog:
     """The folder of status logs."""
 
-    def __init__(self, directory: Path, stale_after: float, io_timeout: float = 10.0, threads: int = 4) -> None:
+    def __init__(self, directory: Path, stale_after: float, io_timeout: float = 10.0, threads: int = 4,
+                 on_append: Callable[[float], None] | None = None) -> None:
         self.directory = directory
+        self.on_append = on_append  # told each durable append's duration (metrics)
         self.stale_after = stale_after
         self.io_timeout = io_timeout
         self.threads = threads
@@ -142,7 +144,10 @@ class StatusLog:
                     log.error("status log of task_id=%s could not be written: %s", attempt.task_id, again)
 
     async def _write(self, attempt: Attempt, lines: list[bytes], lock: threading.Lock) -> None:
+        started = time.monotonic()
         await self._run(files.append, attempt.path, lines, lock)
+        if self.on_append is not None:
+            self.on_append(time.monotonic() - started)
         if not self._links:
             await self._publish(attempt.task_id, attempt.number)
 

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import InvalidParams
 from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.job import Job
+from ..ops.metrics import Metrics, ReaderMeter
 from ..settings import Settings
 from .caller import CallerStalled, bounded, watch
 
@@ -120,7 +121,10 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, job: EventSource, settings: Settings, after: int | None = None, keep: bool = False) -> None:
+    def __init__(
+        self, job: EventSource, settings: Settings, after: int | None = None, keep: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.status_code = 200
         self.background = None
         self.raw_headers = [
@@ -132,6 +136,7 @@ class EventStream(Response):
         self.settings = settings
         self.after = after
         self.abandon = abandoner(job, settings, keep)
+        self.meter = ReaderMeter(metrics, "sse")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -147,7 +152,8 @@ class EventStream(Response):
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        await watch(self.job.task_id, deliver, caller_gone, self.abandon)
+        with self.meter:
+            await watch(self.job.task_id, deliver, caller_gone, self.abandon)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         job = self.job
@@ -161,5 +167,6 @@ class EventStream(Response):
             # The job goes on (its status log still ends with the terminal payload); only this reader
             # is dropped. Compat clients ignore comments: this one tells a person where the rest is.
             log.warning("dropping a slow SSE reader of task_id=%s: %s", job.task_id, exc)
+            self.meter.dropped()
             note = f"dropped: {exc}; the job goes on: GET /api/serverless/status?task_id={job.task_id}"
             yield ServerSentEvent(comment=note, sep=SEP).encode()

@@ -14,6 +14,7 @@ from ..errors import InvalidParams, as_serverless_error
 from ..jobs.feed import ReaderTooSlow
 from ..jobs.job import Job
 from ..jobs.registry import Jobs
+from ..ops.metrics import ReaderMeter
 from ..resources import Resources
 from ..settings import Settings
 from .caller import bounded, watch
@@ -42,7 +43,8 @@ async def websocket_run(websocket: WebSocket) -> None:
         await websocket.send_text(json.dumps(error.to_payload(), ensure_ascii=False))
         await websocket.close()
         return
-    await _forward(websocket, job, resources.settings)
+    with resources.metrics.reader("ws") as meter:
+        await _forward(websocket, job, resources.settings, meter)
 
 
 async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
@@ -60,7 +62,7 @@ async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
     return body
 
 
-async def _forward(websocket: WebSocket, job: Job, settings: Settings) -> None:
+async def _forward(websocket: WebSocket, job: Job, settings: Settings, meter: ReaderMeter) -> None:
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
 
@@ -82,5 +84,6 @@ async def _forward(websocket: WebSocket, job: Job, settings: Settings) -> None:
     if too_slow and winner == "delivered":
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
+        meter.dropped()
         await websocket.close(code=1013, reason="reader too slow; see the task's status log")
 

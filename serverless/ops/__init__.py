@@ -1,0 +1,2 @@
+"""What an operator runs the service with: metrics (`metrics`, `endpoints`), admission and
+readiness (`readiness`), structured logs (`logs`)."""

@@ -1,0 +1,66 @@
+"""GET /metrics (Prometheus text format) and GET /api/serverless/ready (for load balancers).
+
+Ready and health answer different questions: health says the instance is alive (ComfyUI answers,
+the status folder can be written), ready says it should be sent work now: ComfyUI answers, the
+instance is not draining, and a new job would be admitted (fewer than 1 + MAX_PENDING_JOBS jobs).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..errors import Unauthorized
+from ..jobs.registry import Jobs
+from ..resources import Resources
+
+log = logging.getLogger(__name__)
+
+
+def check_metrics_token(request: Request, token: str) -> None:
+    """With METRICS_TOKEN set, only `Authorization: Bearer <token>` may read the metrics."""
+    if not token:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("GET /metrics needs Authorization: Bearer <METRICS_TOKEN>")
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: every metric of this app, in Prometheus' text format."""
+    resources: Resources = request.app.state.resources
+    check_metrics_token(request, resources.settings.metrics_token)
+    if resources.supervisor is not None:  # it watches its child: its word is the freshest
+        resources.metrics.comfyui_up.set(1 if resources.supervisor.ready else 0)
+    return Response(generate_latest(resources.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def ready(request: Request) -> Response:
+    """GET /api/serverless/ready: 200 when this instance should be sent work, else 503 and why."""
+    resources: Resources = request.app.state.resources
+    jobs: Jobs = request.app.state.jobs
+    reason = await _not_ready_because(resources, jobs)
+    body = {"jobs": jobs.admitted, "max_pending_jobs": jobs.max_pending}
+    if reason is not None:
+        return JSONResponse({"status": "unavailable", "reason": reason, **body}, 503)
+    return JSONResponse({"status": "ready", **body})
+
+
+async def _not_ready_because(resources: Resources, jobs: Jobs) -> str | None:
+    if not jobs.accepting:
+        return "this instance is draining and takes no new jobs"
+    if jobs.full:
+        return (
+            f"this instance is full: {jobs.admitted} job(s) admitted, at most 1 running and "
+            f"{jobs.max_pending} waiting (MAX_PENDING_JOBS)"
+        )
+    if resources.supervisor is not None and not resources.supervisor.ready:
+        resources.metrics.comfyui_up.set(0)
+        return resources.supervisor.problem
+    up = await resources.comfy.answers()
+    resources.metrics.comfyui_up.set(1 if up else 0)
+    return None if up else "ComfyUI does not answer"
