@@ -319,11 +319,12 @@ def test_ready_is_503_when_comfyui_does_not_answer(start_app, dead_url):
 
 
 @pytest.fixture
-def oss_app(start_app: Callable[..., App], emulator: Emulator) -> Iterator[tuple[LocalOss, App, str]]:
-    """JSON logs at DEBUG, and a local OSS of its own (its injected failures reach no other test)."""
+def oss_app(start_app_process: Callable[..., App], emulator: Emulator) -> Iterator[tuple[LocalOss, App, str]]:
+    """JSON logs at DEBUG, and a local OSS of its own (its injected failures reach no other test).
+    The app runs in its own process: its log is what the process itself writes."""
     bucket = f"ops-{uuid.uuid4().hex[:8]}"
     with local_oss_server(bucket) as oss:
-        yield oss, start_app(emulator.url, LOG_FORMAT="json", LOG_LEVEL="DEBUG", **oss_env(oss, bucket)), bucket
+        yield oss, start_app_process(emulator.url, LOG_FORMAT="json", LOG_LEVEL="DEBUG", **oss_env(oss, bucket)), bucket
 
 
 def test_json_logs_are_one_object_a_line_naming_the_job_and_nothing_secret(oss_app, emulator):
