@@ -8,7 +8,7 @@ Methods, in short (docs/PERFORMANCE_SECTION.md says more):
 - event latency: the emulator stamps each websocket text with `time.monotonic()` just before
   writing it (`GET /emulator/sent?times=1`); the SSE client stamps each `data:` line when read.
   Both are CLOCK_MONOTONIC, one clock for every process of the machine. The job's client id comes
-  from the first event (ComfyUI's `status` greeting carries it as `sid`). The same measure for a
+  from its history entry (`extra_data.client_id`). The same measure for a
   native websocket client gives the floor the adapter adds to.
 - memory: /proc/<pid>/status VmRSS; peak via VmHWM after resetting it (clear_refs 5).
 - start-up: process spawn to the first 200 from /api/serverless/health, polled every 5 ms.
@@ -17,7 +17,6 @@ Methods, in short (docs/PERFORMANCE_SECTION.md says more):
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -244,10 +243,13 @@ def _latencies(sent: list[tuple[float, str]], received: list[tuple[float, str]])
     return latencies
 
 
-def _client_id(received: Received) -> str:
-    """The job's ComfyUI client id: ComfyUI's greeting (`status`, the first event) names it `sid`."""
-    first = json.loads(received.events[0][1])
-    return str(first["data"]["sid"])
+async def _client_id(ctx: Context, received: Received) -> str:
+    """The ComfyUI client id the adapter submitted the job with: its history entry's `extra_data`
+    holds it (`prompt` is `[number, prompt_id, prompt, extra_data, outputs]`)."""
+    prompt_id = received.terminal["data"]["prompt_id"]
+    async with ctx.session.get(f"{ctx.comfyui_url}/history/{prompt_id}") as resp:
+        entry = (await resp.json())[prompt_id]
+    return str(entry["prompt"][3]["client_id"])
 
 
 async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_delay: float = 0.01) -> list[Figure]:
@@ -263,7 +265,7 @@ async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_dela
         for index in range(jobs):
             received = Received()
             await run_sse(ctx.session, ctx.app.url, long_workflow(steps, seed=1000 + index), received)
-            sent = await _sent_times(ctx, _client_id(received))
+            sent = await _sent_times(ctx, await _client_id(ctx, received))
             sse += _latencies(sent, received.events[:-1])  # the terminal payload is ours, not ComfyUI's
             async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
                 received = Received()

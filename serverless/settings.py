@@ -104,6 +104,12 @@ def _host(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _folder(env: Mapping[str, str], name: str) -> Path | None:
+    """A folder named explicitly (unset or empty: None)."""
+    value = env.get(name, "").strip()
+    return Path(value) if value else None
+
+
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
@@ -181,6 +187,10 @@ class Settings:
     job_max_event_bytes: int = 64 * MiB
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     queue_stall_after: float = 30.0
+    # ComfyUI's folders on our disk, named explicitly: outputs read and inputs written there.
+    disk_output_dir: Path | None = None
+    disk_temp_dir: Path | None = None
+    disk_input_dir: Path | None = None
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -255,4 +265,7 @@ class Settings:
             job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
             comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
             queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
+            disk_output_dir=_folder(env, "COMFYUI_OUTPUT_DIR"),
+            disk_temp_dir=_folder(env, "COMFYUI_TEMP_DIR"),
+            disk_input_dir=_folder(env, "COMFYUI_INPUT_DIR"),
         )
