@@ -17,6 +17,7 @@ Methods, in short (docs/PERFORMANCE_SECTION.md says more):
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -243,6 +244,14 @@ def _latencies(sent: list[tuple[float, str]], received: list[tuple[float, str]])
     return latencies
 
 
+def _without_greeting(events: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """The events after the first ComfyUI `status` (the greeting, sent before the job began)."""
+    for index, (_, text) in enumerate(events):
+        if json.loads(text).get("type") == "status":
+            return events[index + 1:]
+    return events
+
+
 async def _client_id(ctx: Context, received: Received) -> str:
     """The ComfyUI client id the adapter submitted the job with: its history entry's `extra_data`
     holds it (`prompt` is `[number, prompt_id, prompt, extra_data, outputs]`)."""
@@ -264,9 +273,13 @@ async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_dela
     try:
         for index in range(jobs):
             received = Received()
+            started = time.monotonic()
             await run_sse(ctx.session, ctx.app.url, long_workflow(steps, seed=1000 + index), received)
-            sent = await _sent_times(ctx, await _client_id(ctx, received))
-            sse += _latencies(sent, received.events[:-1])  # the terminal payload is ours, not ComfyUI's
+            # The shared socket's latest `status`, which a job forwards first, was sent before the
+            # job began: only what ComfyUI sent during the job is matched.
+            sent = [pair for pair in await _sent_times(ctx, await _client_id(ctx, received)) if pair[0] >= started]
+            live = [event for event in received.events[:-1] if event[0] >= started]  # the last is ours
+            sse += _latencies(sent, _without_greeting(live))
             async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
                 received = Received()
                 await direct.run(long_workflow(steps, seed=2000 + index), received)
