@@ -8,7 +8,7 @@ Methods, in short (docs/PERFORMANCE_SECTION.md says more):
 - event latency: the emulator stamps each websocket text with `time.monotonic()` just before
   writing it (`GET /emulator/sent?times=1`); the SSE client stamps each `data:` line when read.
   Both are CLOCK_MONOTONIC, one clock for every process of the machine. The job's client id comes
-  from the first event (ComfyUI's `status` greeting carries it as `sid`). The same measure for a
+  from its history entry (`extra_data.client_id`). The same measure for a
   native websocket client gives the floor the adapter adds to.
 - memory: /proc/<pid>/status VmRSS; peak via VmHWM after resetting it (clear_refs 5).
 - start-up: process spawn to the first 200 from /api/serverless/health, polled every 5 ms.
@@ -244,14 +244,21 @@ def _latencies(sent: list[tuple[float, str]], received: list[tuple[float, str]])
     return latencies
 
 
-def _client_id(received: Received) -> str:
-    """The job's ComfyUI client id: ComfyUI's greeting (its first `status`) names it `sid`; our own
-    events (`serverless_progress`, ...) come before and between ComfyUI's."""
-    for _, text in received.events:
-        message = json.loads(text)
-        if message.get("type") == "status" and "sid" in message.get("data", {}):
-            return str(message["data"]["sid"])
-    raise AssertionError("no ComfyUI greeting in the stream")
+def _without_greeting(events: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """The events after the first ComfyUI `status` (the greeting, sent before the job began)."""
+    for index, (_, text) in enumerate(events):
+        if json.loads(text).get("type") == "status":
+            return events[index + 1:]
+    return events
+
+
+async def _client_id(ctx: Context, received: Received) -> str:
+    """The ComfyUI client id the adapter submitted the job with: its history entry's `extra_data`
+    holds it (`prompt` is `[number, prompt_id, prompt, extra_data, outputs]`)."""
+    prompt_id = received.terminal["data"]["prompt_id"]
+    async with ctx.session.get(f"{ctx.comfyui_url}/history/{prompt_id}") as resp:
+        entry = (await resp.json())[prompt_id]
+    return str(entry["prompt"][3]["client_id"])
 
 
 async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_delay: float = 0.01) -> list[Figure]:
@@ -266,9 +273,13 @@ async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_dela
     try:
         for index in range(jobs):
             received = Received()
+            started = time.monotonic()
             await run_sse(ctx.session, ctx.app.url, long_workflow(steps, seed=1000 + index), received)
-            sent = await _sent_times(ctx, _client_id(received))
-            sse += _latencies(sent, received.events[:-1])  # the terminal payload is ours, not ComfyUI's
+            # The shared socket's latest `status`, which a job forwards first, was sent before the
+            # job began: only what ComfyUI sent during the job is matched.
+            sent = [pair for pair in await _sent_times(ctx, await _client_id(ctx, received)) if pair[0] >= started]
+            live = [event for event in received.events[:-1] if event[0] >= started]  # the last is ours
+            sse += _latencies(sent, _without_greeting(live))
             async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
                 received = Received()
                 await direct.run(long_workflow(steps, seed=2000 + index), received)

@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .comfyui.client import ComfyUI, Timeouts
+from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .delivery import links
 from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
@@ -58,8 +59,8 @@ class Resources:
         counted in `metrics`."""
         metrics = metrics or Metrics()
         timeouts = Timeouts(settings.connect_timeout, settings.request_timeout, settings.reconnect_timeout)
-        async with ComfyUI.open(settings.comfyui_url, timeouts) as comfy:
-            command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
+        command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
+        async with ComfyUI.open(settings.comfyui_url, timeouts, comfyui_folders(settings, command)) as comfy:
             supervisor = None
             if command:
                 supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
@@ -180,6 +181,18 @@ async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def comfyui_folders(settings: Settings, command: list[str] | None) -> Folders:
+    """ComfyUI's folders on our disk: each one named (COMFYUI_OUTPUT_DIR, COMFYUI_TEMP_DIR,
+    COMFYUI_INPUT_DIR), else, when we start ComfyUI from COMFYUI_DIR, those it will use; none
+    otherwise (ComfyUI elsewhere: its HTTP API)."""
+    started = started_folders(command, settings.comfyui_dir) if command and settings.comfyui_dir else Folders()
+    return Folders(
+        output=settings.disk_output_dir or started.output,
+        temp=settings.disk_temp_dir or started.temp,
+        input=settings.disk_input_dir or started.input,
+    )
 
 
 def hosted_workflows(settings: Settings, comfy: ComfyUI, supervisor: Supervisor | None) -> HostedWorkflows:

@@ -104,6 +104,12 @@ def _host(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _folder(env: Mapping[str, str], name: str) -> Path | None:
+    """A folder named explicitly (unset or empty: None)."""
+    value = env.get(name, "").strip()
+    return Path(value) if value else None
+
+
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
@@ -210,6 +216,10 @@ class Settings:
     file_link_expires: int = 3600
     max_pending_jobs: int = 256  # generous: the suite opens 200 streams at once, the benchmark 100
     metrics_token: str = field(default="", repr=False)
+    # ComfyUI's folders on our disk, named explicitly: outputs read and inputs written there.
+    disk_output_dir: Path | None = None
+    disk_temp_dir: Path | None = None
+    disk_input_dir: Path | None = None
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -297,4 +307,7 @@ class Settings:
             file_link_expires=_integer(env, "FILE_LINK_EXPIRES", d.file_link_expires, 1),
             max_pending_jobs=_integer(env, "MAX_PENDING_JOBS", d.max_pending_jobs, 0),
             metrics_token=_text(env, "METRICS_TOKEN", ""),
+            disk_output_dir=_folder(env, "COMFYUI_OUTPUT_DIR"),
+            disk_temp_dir=_folder(env, "COMFYUI_TEMP_DIR"),
+            disk_input_dir=_folder(env, "COMFYUI_INPUT_DIR"),
         )

@@ -93,15 +93,18 @@ def ends_prompt(text: str, prompt_id: str) -> bool:
             and message["data"].get("prompt_id") == prompt_id)
 
 
-def client_id_of(forwarded: list[str]) -> str:
-    """The adapter's own ComfyUI client id: the `sid` of the first `status` it forwarded."""
-    first = json.loads(forwarded[0])
-    assert first["type"] == "status", forwarded[0]
-    return str(first["data"]["sid"])
+def client_id_of(comfyui_url: str, prompt_id: str) -> str:
+    """The ComfyUI client id the adapter submitted `prompt_id` with (its history's `extra_data`)."""
+    entry = requests.get(f"{comfyui_url}/history/{prompt_id}", timeout=5).json()[prompt_id]
+    return str(entry["prompt"][3]["client_id"])
 
 
-def sent_to(comfyui_url: str, client_id: str, prompt_id: str) -> list[str]:
-    """Every text the emulator sent to `client_id`, once it has sent the end of `prompt_id`."""
+def sent_to(comfyui_url: str, prompt_id: str) -> list[str]:
+    """Every text the emulator sent to the adapter's client id (shared by all its jobs), once it
+    has sent the end of `prompt_id`."""
+    client_id = wait_until(lambda: client_id_of(comfyui_url, prompt_id) if prompt_ended(comfyui_url, prompt_id)
+                           else None, timeout=10)
+
     def sent() -> list[str] | None:
         texts = requests.get(comfyui_url + "/emulator/sent", params={"client_id": client_id}, timeout=5).json()
         return texts if any(ends_prompt(text, prompt_id) for text in texts) else None
@@ -109,13 +112,29 @@ def sent_to(comfyui_url: str, client_id: str, prompt_id: str) -> list[str]:
     return wait_until(sent, timeout=10)
 
 
+def prompt_ended(comfyui_url: str, prompt_id: str) -> bool:
+    return prompt_id in requests.get(f"{comfyui_url}/history/{prompt_id}", timeout=5).json()
+
+
+def is_status(text: str) -> bool:
+    return json.loads(text)["type"] == "status"
+
+
 def assert_forwarded_as_sent(forwarded: list[str], sent: list[str], prompt_id: str) -> None:
-    """Each forwarded text is one ComfyUI sent, in ComfyUI's order; none of the job's is missing."""
+    """Each forwarded text is one ComfyUI sent to the adapter, in ComfyUI's order; none of the
+    job's own is missing, none of another prompt's is there, and every `status` broadcast sent
+    while the job ran (from its first message to its last) was forwarded to it."""
     remaining = iter(sent)
     for text in forwarded:
         assert any(text == candidate for candidate in remaining), f"not sent, or out of order: {text[:300]}"
     own = [text for text in sent if prompt_id_of(text) == prompt_id]
     assert own and [text for text in forwarded if prompt_id_of(text) == prompt_id] == own
+    strangers = [text for text in forwarded if prompt_id_of(text) not in (None, prompt_id)]
+    assert not strangers, f"another prompt's messages leaked in: {strangers[0][:300]}"
+    first, last = sent.index(own[0]), len(sent) - 1 - sent[::-1].index(own[-1])
+    statuses = [text for text in sent[first:last + 1] if is_status(text)]
+    forwarded_from_first = forwarded[forwarded.index(own[0]):]
+    assert [text for text in forwarded_from_first if is_status(text)] == statuses
 
 
 # -- the emulator's queue and history, and the app's health -----------------------------------------
@@ -270,7 +289,7 @@ def test_stream_forwards_comfyuis_texts_byte_for_byte_with_ids_then_one_terminal
     assert result["type"] == "serverless_api" and result["data"]["task_id"] == "sse-bytes"
     assert not [text for text in forwarded if json.loads(text)["type"] in TERMINAL_TYPES]
     prompt_id = result["data"]["prompt_id"]
-    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, client_id_of(forwarded), prompt_id), prompt_id)
+    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, prompt_id), prompt_id)
     assert ends_prompt(forwarded[-1], prompt_id)
     # The status log holds the same payloads, the terminal one included.
     assert status_log(app, "sse-bytes") == [json.loads(text) for text in [*everything, terminal]]
@@ -289,7 +308,7 @@ def test_execution_error_mid_stream_ends_it_with_execution_failed(app, emulator)
     assert not [m for m in messages[:-1] if m["type"] in TERMINAL_TYPES]
     forwarded = comfyui_texts([str(event.data) for event in events[:-1]])
     prompt_id = failure["data"]["prompt_id"]
-    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, client_id_of(forwarded), prompt_id), prompt_id)
+    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, prompt_id), prompt_id)
 
 
 def test_stream_ends_with_error_when_comfyui_dies(emulator_process, start_app):

@@ -19,7 +19,6 @@ from tests.test_stream import (
     TERMINAL_TYPES,
     HangUp,
     assert_forwarded_as_sent,
-    client_id_of,
     ends_prompt,
     hanging_up_cancels_only_that_job,
     history_messages,
@@ -113,7 +112,7 @@ def test_websocket_forwards_comfyuis_texts_byte_for_byte_then_the_result_then_cl
     assert result["type"] == "serverless_api"
     assert not [text for text in forwarded if json.loads(text)["type"] in TERMINAL_TYPES]
     prompt_id = result["data"]["prompt_id"]
-    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, client_id_of(forwarded), prompt_id), prompt_id)
+    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, prompt_id), prompt_id)
     assert ends_prompt(forwarded[-1], prompt_id)
     (output,) = result["data"]["results"]
     assert output["output"]["raw"]["filename"].startswith("wsbytes_test-1_")
@@ -161,7 +160,7 @@ def test_execution_error_ends_the_websocket_with_execution_failed(app, emulator)
     assert failure["data"] == terminal["raw"] and terminal["raw"]["node_type"] == "LoadImage"
     prompt_id = failure["data"]["prompt_id"]
     forwarded = comfyui_texts(texts[:-1])
-    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, client_id_of(forwarded), prompt_id), prompt_id)
+    assert_forwarded_as_sent(forwarded, sent_to(emulator.url, prompt_id), prompt_id)
 
 
 def test_websocket_ends_with_error_when_comfyui_dies(emulator_process, start_app):

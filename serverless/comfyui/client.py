@@ -1,10 +1,12 @@
 """The ComfyUI client: its HTTP API and websocket, on the app's one aiohttp session.
 
-`ComfyUI.connect(client_id)` opens a websocket for our client id and waits for ComfyUI's greeting;
-`Connection.follow(prompt_id)` then yields that prompt's messages until ComfyUI ends it. A broken
-socket is reopened with the same client id and the prompt recovered from `/history` and `/queue`
-here, so a job sees one unbroken sequence of messages. ComfyUI's answers come back as typed
-shapes (`QueueState`, `HistoryEntry`, `SystemStats`).
+One websocket serves the whole instance (`listener.Listener`, started and stopped by
+`ComfyUI.open`): `ComfyUI.connect(prompt_id)` registers a job on it and hands back the client id
+to submit with; `Connection.follow(prompt_id)` then yields that prompt's messages until ComfyUI
+ends it, recovered from `/history` and `/queue` after a broken socket, so a job sees one unbroken
+sequence of messages. ComfyUI's answers come back as typed shapes (`QueueState`, `HistoryEntry`,
+`SystemStats`). When ComfyUI's folders are on our disk (`folders.Folders`), outputs are read and
+inputs written there, falling back to `/view` for a file that is not there.
 
 aiohttp errors are translated here, and only here, into the adapter's error tree: whatever goes
 wrong talking to ComfyUI becomes `ComfyUIUnavailable`, except what ComfyUI itself answers (a
@@ -17,22 +19,28 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from ..core.messages import Message, from_history, parse_message
+from ..core.messages import Message, from_history
 from ..errors import ComfyUIUnavailable, InputError, OutputError, PromptError
+from .folders import Folders, confined, read_output, write_input
+from .listener import Connection, Listener
 
 log = logging.getLogger(__name__)
 
 
+VIA_HTTP = Folders()  # no folder of ComfyUI's on our disk: `/view` and `/upload/image`
+
+
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """An output file read from `/view`: its bytes (None for a HEAD), type and size."""
+    """An output file read from `/view` or ComfyUI's folder: its bytes (None when only its size
+    and type were asked for), type and size."""
 
     content: bytes | None
     content_type: str | None
@@ -154,7 +162,7 @@ class SystemStats:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds: to connect (and be greeted), for one HTTP request, and to get a lost websocket back."""
+    """Seconds: to connect, for one HTTP request, and for a job to get a lost websocket back."""
 
     connect: float = 5.0
     request: float = 60.0
@@ -166,19 +174,31 @@ class ComfyUI:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, base_url: str, timeouts: Timeouts) -> AsyncIterator[ComfyUI]:
-        """A client with its own session (connections kept alive), closed on exit."""
+    async def open(cls, base_url: str, timeouts: Timeouts, folders: Folders = VIA_HTTP) -> AsyncIterator[ComfyUI]:
+        """A client with its own session (connections kept alive) and its websocket, both closed
+        on exit."""
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            yield cls(session, base_url, timeouts)
+            comfy = cls(session, base_url, timeouts, folders)
+            task = asyncio.create_task(comfy.listener.run(), name="comfyui websocket")
+            try:
+                yield comfy
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeouts: Timeouts = Timeouts()) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, timeouts: Timeouts = Timeouts(),
+        folders: Folders = VIA_HTTP,
+    ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
         self.timeout = aiohttp.ClientTimeout(total=timeouts.request)
+        self.folders = folders
         self._queue_read: tuple[float, asyncio.Future[QueueState]] | None = None
+        self.listener = Listener(self._open_socket, self.history, self.queue, timeouts.connect, timeouts.reconnect)
 
     def _url(self, path: str) -> str:
         return self.base_url + path
@@ -277,7 +297,16 @@ class ComfyUI:
         await self._json("POST", "/interrupt", "interrupting", json={"prompt_id": prompt_id})
 
     async def fetch(self, item: Mapping[str, Any], with_content: bool) -> Fetched:
-        """GET (or HEAD, when only size and type are needed) `/view` for a history output item."""
+        """A history output item's file: from ComfyUI's folder when it is on our disk and holds
+        the file, else GET (or HEAD, when only size and type are needed) `/view`."""
+        folder = self.folders.for_type(str(item.get("type", "output") or "output"))
+        if folder is not None:
+            read = await asyncio.to_thread(_read_item, folder, item, with_content)
+            if read is not None:
+                return Fetched(*read)
+        return await self._view(item, with_content)
+
+    async def _view(self, item: Mapping[str, Any], with_content: bool) -> Fetched:
         name = item.get("filename")
         method = "GET" if with_content else "HEAD"
         try:
@@ -313,7 +342,11 @@ class ComfyUI:
                 yield chunk
 
     async def upload_input(self, data: bytes, filename: str) -> str:
-        """POST /upload/image into the input folder; returns the name to use in the workflow."""
+        """Into ComfyUI's input folder (written there when it is on our disk, else POST
+        /upload/image); returns the name to use in the workflow."""
+        written = await self._write_input(data, filename)
+        if written is not None:
+            return written
         form = aiohttp.FormData()
         form.add_field("image", data, filename=filename, content_type="application/octet-stream")
         form.add_field("type", "input")
@@ -327,120 +360,42 @@ class ComfyUI:
         subfolder = answer.get("subfolder") or ""
         return f"{subfolder}/{answer['name']}" if subfolder else str(answer["name"])
 
-    @contextlib.asynccontextmanager
-    async def connect(self, client_id: str) -> AsyncIterator[Connection]:
-        """A websocket for `client_id`, once ComfyUI has registered it (its greeting, a `status`
-        message, is `connection.greeting`); closed on exit."""
-        connection = Connection(self, client_id)
+    async def _write_input(self, data: bytes, filename: str) -> str | None:
+        """Write the input into ComfyUI's input folder when it is on our disk (no upload round
+        trip); None when it is not, or the write failed (then it is uploaded)."""
+        if self.folders.input is None:
+            return None
         try:
-            await connection.open()
+            await asyncio.to_thread(write_input, self.folders.input, filename, data)
+        except (OSError, OutputError) as exc:
+            log.warning("could not write input %s into %s (%s): uploading it", filename, self.folders.input, exc)
+            return None
+        log.debug("input %s written into ComfyUI's input folder", filename)
+        return filename
+
+    @contextlib.asynccontextmanager
+    async def connect(self, prompt_id: str) -> AsyncIterator[Connection]:
+        """Follow `prompt_id` on the shared websocket, once it is open (ComfyUIUnavailable when
+        it cannot be opened); submit the prompt with `connection.client_id`. Unregistered on exit."""
+        await self.listener.ready()
+        connection = Connection(self.listener, self.listener.register(prompt_id))
+        try:
             yield connection
         finally:
             await connection.close()
 
-    async def _greeted_socket(self, client_id: str) -> tuple[aiohttp.ClientWebSocketResponse, Message | None]:
+    async def _open_socket(self, client_id: str) -> aiohttp.ClientWebSocketResponse:
         url = self._url("/ws") + f"?clientId={client_id}"
         with translate_errors("opening the websocket"):
             async with asyncio.timeout(self.timeouts.connect):
-                ws = await self.session.ws_connect(url, max_msg_size=0, autoping=True)
-        try:
-            async with asyncio.timeout(self.timeouts.connect):
-                first = await ws.receive()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            await ws.close()
-            raise ComfyUIUnavailable("ComfyUI's websocket did not greet us") from exc
-        if first.type != aiohttp.WSMsgType.TEXT:
-            await ws.close()
-            raise ComfyUIUnavailable(f"ComfyUI's websocket closed before greeting us ({first.type.name})")
-        return ws, parse_message(first.data)
+                return await self.session.ws_connect(url, max_msg_size=0, autoping=True)
 
 
-class Connection:
-    """Our websocket to ComfyUI for one client id (see `ComfyUI.connect`)."""
-
-    def __init__(self, comfy: ComfyUI, client_id: str) -> None:
-        self.comfy = comfy
-        self.client_id = client_id
-        self.greeting: Message | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-
-    async def open(self) -> None:
-        self._ws, self.greeting = await self.comfy._greeted_socket(self.client_id)
-
-    async def close(self) -> None:
-        """Close the socket (its close handshake may overlap other work)."""
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def follow(self, prompt_id: str, lost: Callable[[], bool] = lambda: False) -> AsyncIterator[Message]:
-        """The messages concerning `prompt_id` (its own, and broadcasts), until ComfyUI ends the
-        prompt. After a broken socket, the prompt is recovered: from its history when it ended
-        meanwhile (those messages come with `live` false), else it is still queued and we listen
-        on. `lost()` true means the ComfyUI that had the prompt is gone (a supervised restart)."""
-        while True:
-            async for message in self._read(prompt_id):
-                yield message
-                if message.ends(prompt_id):
-                    return
-            log.warning("websocket lost prompt_id=%s: reconnecting", prompt_id)
-            await self._reconnect(lost)
-            if self.greeting is not None:
-                yield self.greeting  # as on the first connect: ComfyUI's `status` for our new socket
-            recovered = await self._recover(prompt_id)
-            if recovered is not None:
-                log.info("prompt recovered from history prompt_id=%s", prompt_id)
-                for message in recovered.messages:
-                    yield message
-                return
-
-    async def _read(self, prompt_id: str) -> AsyncIterator[Message]:
-        """Messages from the current socket until it closes or breaks."""
-        assert self._ws is not None
-        try:
-            async for frame in self._ws:
-                if frame.type != aiohttp.WSMsgType.TEXT:
-                    continue  # binary previews are not forwarded
-                message = parse_message(frame.data)
-                if message is not None and message.concerns(prompt_id):
-                    yield message
-                # One network read can hold a burst of messages: let readers keep up with it.
-                await asyncio.sleep(0)
-        except (aiohttp.ClientError, OSError):
-            pass
-
-    async def _reconnect(self, lost: Callable[[], bool]) -> None:
-        await self.close()
-        deadline = time.monotonic() + self.comfy.timeouts.reconnect
-        delay = 0.05
-        while True:
-            if lost():
-                raise ComfyUIUnavailable("ComfyUI exited mid-job; the job died with it")
-            try:
-                await self.open()
-                return
-            except ComfyUIUnavailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise ComfyUIUnavailable(
-                        f"lost ComfyUI's websocket mid-job and could not reconnect: {exc.message}"
-                    ) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    async def _recover(self, prompt_id: str) -> HistoryEntry | None:
-        """The history entry if the prompt ended; None if ComfyUI still runs or queues it. A
-        history that cannot be read is no proof of loss while the queue still holds the prompt."""
-        history_error: ComfyUIUnavailable | None = None
-        for ask_queue in (True, False):
-            try:
-                entry = await self.comfy.history(prompt_id)
-            except ComfyUIUnavailable as exc:  # ComfyUI answers, but not with a history
-                entry, history_error = None, exc
-            if entry is not None:
-                return entry
-            if ask_queue and (await self.comfy.queue()).holds(prompt_id):
-                return None
-        because = f" ({history_error.message})" if history_error is not None else ""
-        raise ComfyUIUnavailable("the websocket broke and ComfyUI no longer knows the job" + because)
+def _read_item(folder: Path, item: Mapping[str, Any], with_content: bool) -> tuple[bytes | None, str, int] | None:
+    """A history item's file from `folder` (blocking): confined to it, None when not there."""
+    return read_output(
+        confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", ""))), with_content
+    )
 
 
 def _prompt_error_message(answer: Any) -> str:

@@ -1,6 +1,6 @@
 """One job: a workflow through ComfyUI, rendered as one event sequence (its `Feed`).
 
-    prepare workflow -> resolve inputs -> connect -> submit -> follow -> outputs -> result
+    prepare workflow -> resolve inputs -> follow on the shared socket -> submit -> outputs -> result
 
 Every ComfyUI message of the job is published as received; the last event is always the terminal
 one (a `Result` or a `ServerlessError`), whatever happens: a deadline, a cancelled caller, a bug.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,7 +97,6 @@ class Job:
         self.prompt_id = prompt_id
         self.task_id = task_id
         self.recorder = recorder
-        self.client_id = uuid.uuid4().hex
         self.clock = Clock()
         self._failure: ServerlessError | None = None
         self._outputs_seen: dict[str, dict[str, Any]] = {}
@@ -218,12 +216,12 @@ class Job:
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
-            async with runtime.comfy.connect(self.client_id) as connection:
+            async with runtime.comfy.connect(self.prompt_id) as connection:
                 if connection.greeting is not None:
                     self._observe(connection.greeting, None)
                 self.clock.submitted = time.monotonic()
                 node_errors = await runtime.comfy.submit(
-                    workflow, self.client_id, self.prompt_id, spec.extra_data, big=spec.big
+                    workflow, connection.client_id, self.prompt_id, spec.extra_data, big=spec.big
                 )
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
                 async for message in connection.follow(self.prompt_id, lost):

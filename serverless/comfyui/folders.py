@@ -1,0 +1,94 @@
+"""ComfyUI's folders, when they are on our disk (ComfyUI runs beside us, as on FC).
+
+Then an output is read from ComfyUI's output (or temp) folder instead of fetched through `/view`,
+and an input written into its input folder instead of posted to `/upload/image`: ComfyUI does
+less per job. Every path is confined to its folder: a history entry's `subfolder` or `filename`
+naming `..` or an absolute path is refused, whatever it resolves to. Blocking; call in a thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mimetypes
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OutputError
+
+# Served as downloads rather than rendered, as ComfyUI's `/view` does: the same type either way.
+UNSAFE_TYPES = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
+
+
+@dataclass(frozen=True, slots=True)
+class Folders:
+    """ComfyUI's folders on our disk; None where ComfyUI's HTTP API is to be used."""
+
+    output: Path | None = None
+    temp: Path | None = None
+    input: Path | None = None
+
+    def for_type(self, kind: str) -> Path | None:
+        """The folder of a history item's `type` (`output`, `temp`, `input`)."""
+        return {"output": self.output, "temp": self.temp, "input": self.input}.get(kind)
+
+
+def confined(folder: Path, subfolder: str, filename: str) -> Path:
+    """`folder/subfolder/filename` resolved (symlinks followed); OutputError when it names an
+    absolute path or leads outside `folder`."""
+    if not filename or os.path.isabs(subfolder) or os.path.isabs(filename):
+        raise OutputError(f"output {filename!r} in {subfolder!r} is not a relative path: refused")
+    base = folder.resolve()
+    path = (base / subfolder / filename).resolve()
+    if path == base or not path.is_relative_to(base):
+        raise OutputError(f"output {filename!r} in {subfolder!r} leads outside ComfyUI's folder: refused")
+    return path
+
+
+def read_output(path: Path, with_content: bool) -> tuple[bytes | None, str, int] | None:
+    """The file's bytes (None when not asked for), its type as `/view` would serve it, and its
+    size; None when there is no such file (the caller falls back to `/view`)."""
+    try:
+        if with_content:
+            with open(path, "rb") as f:
+                content: bytes | None = f.read()
+            size = len(content or b"")
+        else:
+            content, size = None, path.stat().st_size
+    except OSError:  # missing, a folder, unreadable: `/view` decides
+        return None
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return content, ("application/octet-stream" if content_type in UNSAFE_TYPES else content_type), size
+
+
+def write_input(folder: Path, name: str, data: bytes) -> None:
+    """Write `data` as `folder/name`, atomically: ComfyUI never sees a half-written file."""
+    path = confined(folder, "", name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def started_folders(command: list[str], cwd: str) -> Folders:
+    """The folders of the ComfyUI we start with `command` in `cwd`: those its flags name, else
+    its own beside its `main.py` (as ComfyUI's `folder_paths` derives them). Nothing when the
+    command runs no `main.py`: then where its folders are is not known."""
+    scripts = [arg for arg in command if os.path.basename(arg) == "main.py"]
+    if not scripts:
+        return Folders()
+    flags = {name: value for name, value in itertools.pairwise(command) if name.startswith("--")}
+    root = Path(cwd or ".")
+    base = root / flags.get("--base-directory", os.path.dirname(scripts[0]) or ".")
+    temp_base = root / flags["--temp-directory"] if "--temp-directory" in flags else base
+    return Folders(
+        output=(root / flags.get("--output-directory", base / "output")).absolute(),
+        temp=(temp_base / "temp").absolute(),
+        input=(root / flags.get("--input-directory", base / "input")).absolute(),
+    )

@@ -1,0 +1,234 @@
+"""The co-located fast path: one ComfyUI websocket for the whole instance, outputs read from and
+inputs written to ComfyUI's folders when they are on our disk.
+
+End to end against the emulator: 20 concurrent jobs, each stream compared with what ComfyUI sent
+to the adapter's one client id; the shared socket cut while jobs run and wait; outputs read from
+disk while `/view` is broken. The confinement of history paths to ComfyUI's folder is tested on
+the client's own function with a real temp folder (the emulator cannot write such a history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+from PIL import Image
+
+from serverless.comfyui.client import ComfyUI, Timeouts
+from serverless.comfyui.folders import Folders, confined, started_folders
+from serverless.errors import OutputError
+from serverless.resources import comfyui_folders
+from serverless.settings import Settings
+from tests.helpers import comfyui_texts, empty_image, post_run, txt2img, wait_until
+from tests.test_stream import (
+    TERMINAL_TYPES,
+    assert_forwarded_as_sent,
+    client_id_of,
+    prompt_id_of,
+    read_events,
+    sent_to,
+    set_step_delay,
+    stream,
+)
+
+pytestmark = pytest.mark.timeout(120)
+B64 = {"output_base64": "true"}
+
+
+def run_stream(base_url: str, workflow: dict[str, Any]) -> list[str]:
+    with stream(base_url, workflow) as response:
+        assert response.status_code == 200
+        return [str(event.data) for event in read_events(response) if event.data is not None]
+
+
+# -- one websocket, messages routed by prompt ---------------------------------------------------------
+
+def test_twenty_concurrent_streams_each_hold_exactly_their_own_messages(app, emulator):
+    workflows = [txt2img(seed=500 + k, steps=3, prefix=f"routed-{k}") for k in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        streams = list(pool.map(lambda w: run_stream(app.url, w), workflows))
+
+    prompt_ids = set()
+    for texts in streams:
+        terminal = json.loads(texts[-1])
+        assert terminal["type"] == "serverless_api", terminal
+        prompt_id = terminal["data"]["prompt_id"]
+        prompt_ids.add(prompt_id)
+        forwarded = comfyui_texts(texts[:-1])
+        assert_forwarded_as_sent(forwarded, sent_to(emulator.url, prompt_id), prompt_id)
+    assert len(prompt_ids) == 20
+    # One client id for the instance: every job was submitted with it.
+    assert len({client_id_of(emulator.url, prompt_id) for prompt_id in prompt_ids}) == 1
+
+
+def test_cutting_the_shared_socket_recovers_every_running_and_waiting_job(own_emulator, start_app):
+    set_step_delay(own_emulator, 0.02)
+    server = start_app(own_emulator.url)
+    workflows = [txt2img(seed=600 + k, steps=40, prefix=f"cut-{k}") for k in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(run_stream, server.url, w) for w in workflows]
+        wait_until(lambda: len(requests.get(own_emulator.url + "/queue", timeout=5).json()["queue_pending"]) >= 3)
+        dropped = requests.post(own_emulator.url + "/emulator/drop_websockets", timeout=5).json()["dropped"]
+        streams = [future.result(timeout=90) for future in futures]
+
+    assert dropped == 1, "the instance holds one websocket to ComfyUI, whatever the number of jobs"
+    for texts in streams:
+        terminal = json.loads(texts[-1])
+        assert terminal["type"] == "serverless_api", terminal
+        prompt_id = terminal["data"]["prompt_id"]
+        forwarded = comfyui_texts(texts[:-1])
+        assert not [t for t in forwarded if json.loads(t)["type"] in TERMINAL_TYPES]
+        assert not [t for t in forwarded if prompt_id_of(t) not in (None, prompt_id)], "another job's message"
+    assert server.log_text().count("websocket lost: reconnecting") == 1
+
+
+# -- outputs read from ComfyUI's folder ------------------------------------------------------------------
+
+def configure(emulator: Any, **knobs: float) -> None:
+    requests.post(emulator.url + "/emulator/config", json=knobs, timeout=5).raise_for_status()
+
+
+def test_outputs_read_from_disk_are_the_bytes_view_serves_even_while_view_fails(own_emulator, start_app):
+    root = own_emulator.root
+    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(root / "output"), COMFYUI_TEMP_DIR=str(root / "temp"))
+    workflow = empty_image(width=32, height=24, color=0x336699, prefix="disk/out")
+    workflow["3"] = {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}  # a temp output too
+    configure(own_emulator, view_status=500)  # /view is broken: only the disk can serve the outputs
+    try:
+        response = post_run(server.url, workflow, params=B64)
+    finally:
+        configure(own_emulator, view_status=0)
+
+    assert response.status_code == 200, response.text
+    results = response.json()["data"]["results"]
+    assert {r["output"]["raw"]["type"] for r in results} == {"output", "temp"}
+    for result in results:
+        raw = result["output"]["raw"]
+        view = requests.get(own_emulator.url + "/view", timeout=5,
+                            params={"filename": raw["filename"], "subfolder": raw["subfolder"], "type": raw["type"]})
+        assert view.status_code == 200
+        assert base64.b64decode(result["output"]["base64"]["content"]) == view.content
+        assert result["output"]["bytes"] == len(view.content) and result["output"]["mime"] == "image/png"
+
+
+def test_an_output_missing_from_the_folder_is_fetched_through_view(own_emulator, start_app, tmp_path):
+    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(tmp_path / "elsewhere"))
+    response = post_run(server.url, empty_image(color=0x123456, prefix="disk/missing"), params=B64)
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]["results"]
+    assert Image.open(io.BytesIO(base64.b64decode(result["output"]["base64"]["content"]))).size == (16, 16)
+
+
+@pytest.mark.parametrize("subfolder, filename", [
+    ("", "../secret.txt"),
+    ("..", "secret.txt"),
+    ("a/../..", "secret.txt"),
+    ("", "/etc/passwd"),
+    ("/etc", "passwd"),
+    ("", "link/secret.txt"),  # a symlink inside the folder that leads out of it
+    ("", ""),
+])
+def test_a_history_path_leading_outside_the_folder_is_refused(tmp_path, subfolder, filename):
+    folder = tmp_path / "output"
+    (folder / "ok").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("not an output")
+    (folder / "link").symlink_to(tmp_path)
+    with pytest.raises(OutputError, match="refused"):
+        confined(folder, subfolder, filename)
+
+
+def test_a_history_path_inside_the_folder_resolves_there(tmp_path):
+    folder = tmp_path / "output"
+    (folder / "a" / "b").mkdir(parents=True)
+    assert confined(folder, "a/b", "x.png") == (folder / "a" / "b" / "x.png").resolve()
+    assert confined(folder, "a/../a", "x.png") == (folder / "a" / "x.png").resolve()
+
+
+def client_call(folders: Folders, call: Any) -> Any:
+    """Run `call(comfy)` against a ComfyUI client whose server does not exist (nothing may go
+    over the network) and whose folders are `folders`."""
+    async def main() -> Any:
+        async with aiohttp.ClientSession() as session:
+            comfy = ComfyUI(session, "http://127.0.0.1:9", Timeouts(connect=0.5, request=0.5), folders)
+            return await call(comfy)
+    return asyncio.run(main())
+
+
+def test_the_client_refuses_a_history_item_naming_parent_folders_without_asking_comfyui(tmp_path):
+    (tmp_path / "output").mkdir()
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    item = {"filename": "../secret.txt", "subfolder": "", "type": "output"}
+    with pytest.raises(OutputError, match="refused"):
+        client_call(Folders(output=tmp_path / "output"), lambda comfy: comfy.fetch(item, True))
+
+
+def test_the_client_reads_an_output_from_disk_without_asking_comfyui(tmp_path):
+    (tmp_path / "output" / "sub").mkdir(parents=True)
+    (tmp_path / "output" / "sub" / "a.webp").write_bytes(b"RIFF....WEBP")
+    item = {"filename": "a.webp", "subfolder": "sub", "type": "output"}
+    fetched = client_call(Folders(output=tmp_path / "output"), lambda comfy: comfy.fetch(item, True))
+    assert (fetched.content, fetched.content_type, fetched.size) == (b"RIFF....WEBP", "image/webp", 12)
+    head = client_call(Folders(output=tmp_path / "output"), lambda comfy: comfy.fetch(item, False))
+    assert (head.content, head.size) == (None, 12)
+
+
+# -- inputs written into ComfyUI's folder ------------------------------------------------------------------
+
+def test_the_client_writes_an_input_into_the_folder_without_uploading(tmp_path):
+    folder = tmp_path / "input"
+    name = client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG data", "abc123.png"))
+    assert name == "abc123.png"
+    assert (folder / "abc123.png").read_bytes() == b"\x89PNG data"
+    assert os.listdir(folder) == ["abc123.png"], "no partial file is left behind"
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_base64_input_written_to_disk_is_what_comfyui_loads(own_emulator, start_app):
+    server = start_app(own_emulator.url, COMFYUI_INPUT_DIR=str(own_emulator.root / "input"), LOG_LEVEL="DEBUG")
+    data = png((10, 200, 30))
+    workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": base64.b64encode(data).decode()}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "disk/in"}}}
+    response = post_run(server.url, workflow, params=B64)
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]["results"]
+    loaded = Image.open(io.BytesIO(base64.b64decode(result["output"]["base64"]["content"])))
+    assert loaded.convert("RGB").getpixel((0, 0)) == (10, 200, 30)
+    written = [p for p in (own_emulator.root / "input").iterdir() if p.read_bytes() == data]
+    assert len(written) == 1 and written[0].name.startswith(hashlib.sha256(data).hexdigest()[:8])
+    assert "written into ComfyUI's input folder" in server.log_text()
+
+
+# -- where ComfyUI's folders are ---------------------------------------------------------------------------
+
+def test_by_default_outputs_and_inputs_go_through_comfyuis_http_api():
+    assert comfyui_folders(Settings.from_env({}), None) == Folders()
+    # COMFYUI_DIR without a ComfyUI we start (nothing to run there): still the HTTP API.
+    assert comfyui_folders(Settings.from_env({"COMFYUI_DIR": "/nowhere"}), None) == Folders()
+
+
+def test_the_folders_of_the_comfyui_we_start_are_derived_from_its_command():
+    command = ["python", "/app/ComfyUI/main.py", "--listen", "127.0.0.1", "--output-directory", "/mnt/auto/output",
+               "--input-directory", "/mnt/auto/input"]
+    assert started_folders(command, "/app/ComfyUI") == Folders(
+        output=Path("/mnt/auto/output"), temp=Path("/app/ComfyUI/temp"), input=Path("/mnt/auto/input"))
+    assert started_folders(["python", "main.py", "--temp-directory", "/t"], "/c") == Folders(
+        output=Path("/c/output"), temp=Path("/t/temp"), input=Path("/c/input"))
+    assert started_folders(["python", "-m", "serverless.emulator"], "/c") == Folders()
+    settings = Settings.from_env({"COMFYUI_DIR": "/c", "COMFYUI_CMD": "python main.py", "COMFYUI_OUTPUT_DIR": "/o"})
+    assert comfyui_folders(settings, ["python", "main.py"]) == Folders(
+        output=Path("/o"), temp=Path("/c/temp"), input=Path("/c/input"))
