@@ -25,7 +25,7 @@ from .delivery.outputs import OutputCollector, ReadyCallback
 from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable, OutputError
 from .inputs.budget import ByteBudget
-from .inputs.download import DownloadPolicy, create_download_session, download
+from .inputs.download import DownloadPolicy, create_download_session, download, post
 from .inputs.resolve import LOADER_INPUTS, InputLimits, resolve_inputs
 from .jobs.job import Runtime, Workflow
 from .jobs.spec import OutputPolicy
@@ -75,8 +75,10 @@ class Resources:
             hooks_policy = webhook_policy(settings)
             # Untrusted input URLs (and webhook URLs) get their own sessions: guarded resolver and connector.
             async with create_download_session(policy) as downloads, create_download_session(hooks_policy) as hooks:
-                webhooks = Webhooks(hooks, hooks_policy, settings.webhook_secret, settings.webhook_timeout,
-                                    lambda task_id, record: status.write_sidecar(task_id, "webhook", record))
+                webhooks = Webhooks(
+                    partial(post, hooks), hooks_policy, settings.webhook_secret, settings.webhook_timeout,
+                    lambda task_id, record: status.write_sidecar(task_id, "webhook", record),
+                )
                 try:
                     async with _running(supervisor):
                         fetch_url = metrics.metered_fetch(partial(download, downloads, policy=policy), "url")

@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,6 +272,17 @@ async def _get(
         ) from exc
     except aiohttp.ClientError as exc:
         raise DownloadError(_describe_client_error(exc)) from exc
+
+
+async def post(session: aiohttp.ClientSession, url: URL, body: bytes, headers: Mapping[str, str]) -> int:
+    """POST `body` through a guarded session (see `create_download_session`), following no
+    redirect; the answer's status. A transport failure is a ConnectionError."""
+    try:
+        async with session.post(url, data=body, headers=dict(headers), allow_redirects=False) as resp:
+            await resp.release()
+            return resp.status
+    except aiohttp.ClientError as exc:
+        raise ConnectionError(f"{type(exc).__name__}: {_describe_client_error(exc)}") from exc
 
 
 def _redirect_target(base: URL, location: str) -> URL:
