@@ -251,7 +251,7 @@ async function cancel() {
   const current = state.run;
   if (!current) return;
   current.cancelled = true;
-  setState("cancelling…", "cancelled");
+  setState("cancelling…", "cancelling");
   if (current.taskId) {  // from any instance, where job control is served; harmless where it is not
     try { await api(`/api/serverless/cancel?task_id=${encodeURIComponent(current.taskId)}`, { method: "POST" }); }
     catch (_) { /* the hang-up below cancels it anyway */ }
