@@ -53,6 +53,7 @@ async def watch(
             log.debug("task_id=%s: sending failed (%r): the caller is gone", task_id, exc)
             name = "caller_gone"
         winner.append(name)
+        log.debug("task_id=%s: %s first", task_id, name)
         raise _Finished
 
     try:
