@@ -208,6 +208,7 @@ class Settings:
     webhook_allowed_hosts: tuple[str, ...] = ()
     file_link_secret: str = field(default="", repr=False)
     file_link_expires: int = 3600
+    genstudio_token_secret: str = field(default="", repr=False)
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -293,4 +294,5 @@ class Settings:
             webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
             file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
             file_link_expires=_integer(env, "FILE_LINK_EXPIRES", d.file_link_expires, 1),
+            genstudio_token_secret=_text(env, "GENSTUDIO_TOKEN_SECRET", ""),
         )
