@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import json
 import sys
 import time
@@ -118,7 +119,7 @@ def test_the_documented_txt2img_client_runs_unchanged(linked, monkeypatch, tmp_p
     # The tutorial's cells, in order.
     base_workflow_prompt = client.get_prompt_json_body(client.api_params_by_genstudio)
     client.id_to_class_type = client.get_id_to_class_type_map(client.COMFY_T2I_WORKFLOW_API_JSON_PATH)
-    modified_prompt, prompt_id = client.prompt_to_image(
+    _modified, prompt_id = client.prompt_to_image(
         prompt=base_workflow_prompt,
         positive_prompt="Spiderman in a red suit standing in middle of a crowded place, skyscrapers in the "
                         "background, cinematic, neon colors, realistic look",
@@ -185,7 +186,7 @@ def test_the_websocket_progress_client_gets_every_change_until_the_end(linked):
     last = messages[-1]
     assert last["status"] == 3 and last["progress_num"] == 100 and len(last["final_files"]) == 1
     assert requests.get(last["final_files"][0], timeout=30).status_code == 200
-    assert all(a != b for a, b in zip(messages, messages[1:], strict=False))  # sent on changes only
+    assert all(a != b for a, b in itertools.pairwise(messages))  # sent on changes only
 
 
 def test_a_missing_forged_or_expired_prompt_token_is_refused_at_the_handshake(linked):
