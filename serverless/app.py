@@ -20,6 +20,7 @@ from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
+from .genstudio import endpoints as genstudio
 from .jobs.job import Job
 from .jobs.registry import Jobs
 from .ops import endpoints as ops
@@ -175,6 +176,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}/openapi.json", workflows.openapi_json, methods=["GET"]),
         Route("/api/workflows/{workflow_id}/run", run, methods=["POST"]),
         Route("/api/files/{token}", files.download, methods=["GET"]),
+        Route("/api/files/{token}/{name}", files.download, methods=["GET"]),  # the same, named for saving
+        Route("/api/maas/comfy_task_api/prompt", genstudio.prompt, methods=["POST"]),
+        Route("/api/maas/comfy_task_api/get_task_info", genstudio.get_task_info, methods=["POST"]),
+        Route("/api/maas/comfy_task_api/cancel", genstudio.cancel, methods=["POST"]),
+        Route("/api/maas/comfy_task_api/upload/image", genstudio.upload_image, methods=["POST"]),
+        WebSocketRoute("/api/maas/comfy_task_ws_api/get_task_progress", genstudio.get_task_progress),
         *docs.routes(),  # /api/openapi.json, /docs, the playground at /; describe new routes in docs/catalog.py
     ]
     return Starlette(

@@ -20,8 +20,9 @@ from .errors import Unauthorized
 
 OPEN_PATHS = frozenset({"/api/serverless/health", "/api/serverless/ready"})
 GUARDED_PREFIXES = ("/api/", "/metrics")
-# GenStudio's progress websocket is authorised by its own signed task token, not by a key.
-TOKEN_PATHS = ("/api/maas/comfy_task_ws_api/",)
+# Authorised by their own signed tokens, not by a key: GenStudio's progress websocket (its
+# prompt_token) and download links (whose clients, browsers and GenStudio's, send no key).
+TOKEN_PATHS = ("/api/maas/comfy_task_ws_api/", "/api/files/")
 GENSTUDIO_PREFIX = "/api/maas/"
 
 

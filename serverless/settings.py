@@ -220,6 +220,7 @@ class Settings:
     disk_output_dir: Path | None = None
     disk_temp_dir: Path | None = None
     disk_input_dir: Path | None = None
+    genstudio_token_secret: str = field(default="", repr=False)
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
@@ -310,4 +311,5 @@ class Settings:
             disk_output_dir=_folder(env, "COMFYUI_OUTPUT_DIR"),
             disk_temp_dir=_folder(env, "COMFYUI_TEMP_DIR"),
             disk_input_dir=_folder(env, "COMFYUI_INPUT_DIR"),
+            genstudio_token_secret=_text(env, "GENSTUDIO_TOKEN_SECRET", ""),
         )

@@ -331,6 +331,16 @@ class OssStore:
         url = signer.sign_url("GET", key, cfg.expires_in, slash_safe=True)
         return UploadedObject(cfg.region, cfg.bucket, key, url, expire)
 
+    async def sign_object(self, creds: Credentials, key: str, expires_in: int, process: str | None = None) -> str:
+        """A new signed GET URL of the existing object `key` of the configured bucket, valid
+        `expires_in` seconds; `process` (e.g. `image/format,jpg/quality,q_80`) is signed in as its
+        `x-oss-process` (OSS converts the image as it serves it)."""
+        cfg = self.config
+        signer = self._bucket(creds, cfg.sign_endpoint, cfg.bucket, cfg.signing_region)
+        params = {"x-oss-process": process} if process else None
+        sign = partial(signer.sign_url, "GET", key, min(expires_in, MAX_EXPIRES_S), slash_safe=True, params=params)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, sign)
+
     async def read(self, creds: Credentials | None, url: str, max_bytes: int) -> bytes:
         """The bytes of `oss://...` (anonymously when `creds` is None); InputError saying why not.
         The instance's own credentials read only what `read_allowed` lists (no confused deputy)."""

@@ -156,6 +156,37 @@ OPERATIONS: tuple[Operation, ...] = (
               replies=(Reply("200", "the file", "string", "application/octet-stream"),
                        Reply("206", "a byte range of the file", "string", "application/octet-stream")),
               errors=("403", "404"), operation_id="file"),
+    Operation("/api/files/{token}/{name}", "get", "delivery", "The same download, named for saving",
+              "GenStudio-compatible `get_task_info` links end in the file's name (its clients save under it).",
+              params=(Param("token", "path", "the signed token", required=True),
+                      Param("name", "path", "the file's name (not checked)", required=True)),
+              replies=(Reply("200", "the file", "string", "application/octet-stream"),),
+              errors=("403", "404"), operation_id="namedFile"),
+    # -- GenStudio-compatible API (issue 15): {"code", "msg", "data"} envelopes ------------------
+    Operation("/api/maas/comfy_task_api/prompt", "post", "genstudio", "Queue a hosted workflow's job",
+              "Body `{\"workflow_id\", \"prompt\": {\"<node_id>\": {\"inputs\": {...}}}}` (overrides only). "
+              "Answers at once `data: {\"prompt_id\", \"prompt_token\"}`.", body="object",
+              replies=(Reply("200", "the envelope; code 0, or the error's code and msg", "object"),),
+              errors=("401",), operation_id="genstudioPrompt"),
+    Operation("/api/maas/comfy_task_api/get_task_info", "post", "genstudio", "Tasks' status, progress and files",
+              "Body `{\"comfy_task_ids\": [...], \"url_expire_period\": 600, \"image_post_process_cmd\": "
+              "{\"format\": \"jpg\", \"quality\": {\"q\": 80}}}`; status 1 queued, 2 running, 3 succeeded, "
+              "4 failed, cancelled or unknown, 5 another key's.", body="object",
+              replies=(Reply("200", "`data.comfy_task_info`: one entry per id", "object"),),
+              errors=("401",), operation_id="genstudioTaskInfo"),
+    Operation("/api/maas/comfy_task_api/cancel", "post", "genstudio", "Cancel tasks",
+              "Body `{\"comfy_task_id\"}` or `{\"comfy_task_ids\": [...]}`.", body="object",
+              replies=(Reply("200", "the envelope", "object"),), errors=("401",), operation_id="genstudioCancel"),
+    Operation("/api/maas/comfy_task_api/upload/image", "post", "genstudio", "Upload an input image",
+              "multipart/form-data, the image in the field `source_file`; `data.image_id` is then a "
+              "LoadImage/LoadImageMask input.",
+              replies=(Reply("200", "the envelope, `data.image_id`", "object"),), errors=("401",),
+              operation_id="genstudioUpload"),
+    Operation("/api/maas/comfy_task_ws_api/get_task_progress", "get", "genstudio", "Follow a task (websocket)",
+              "`?authorization=<prompt_token>`; pushes `{\"comfy_task_info\": {...}}` on every change until "
+              "the task ends, then closes. A missing, forged or expired token: 403 at the handshake.",
+              (Param("authorization", "query", "the prompt_token", required=True),),
+              replies=(Reply("101", "switching protocols"),), errors=("403",), operation_id="genstudioProgress"),
     # -- operations (issue 16) ------------------------------------------------------------------
     Operation("/metrics", "get", "operations", "Prometheus metrics",
               replies=(Reply("200", "the Prometheus text format", "string", "text/plain"),),
@@ -190,4 +221,5 @@ TAGS = {
     "operations": "Health, readiness, metrics",
     "fc": "Function Compute lifecycle hooks",
     "docs": "This reference and the playground",
+    "genstudio": "GenStudio-compatible API: its clients change only their base URL and key",
 }

@@ -55,6 +55,13 @@ async def cancel(request: Request) -> Response:
     resources: Resources = request.app.state.resources
     jobs: Jobs = request.app.state.jobs
     task_id = _task_id(request)
+    await cancel_task(resources, jobs, task_id)
+    return JSONResponse({"task_id": task_id, "state": "cancelling"}, status_code=202)
+
+
+async def cancel_task(resources: Resources, jobs: Jobs, task_id: str) -> None:
+    """Stop task `task_id` (here at once; elsewhere through a request file); NotFound for an
+    unknown task, Conflict for one that has already ended."""
     job = jobs.get(task_id)
     if job is not None:
         if job.feed.done:
@@ -69,7 +76,6 @@ async def cancel(request: Request) -> Response:
         # It runs elsewhere: its instance looks for this file every CANCEL_POLL seconds.
         attempt = await resources.status.request_cancel(task_id)
         log.info("task_id=%s: cancel of attempt %s requested for the instance running it", task_id, attempt)
-    return JSONResponse({"task_id": task_id, "state": "cancelling"}, status_code=202)
 
 
 def _ended(task_id: str, state: str) -> Conflict:
