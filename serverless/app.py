@@ -125,8 +125,12 @@ async def status(request: Request) -> Response:
         raise InvalidParams("task_id is required")
     after = parse_after(request.query_params.get("after", "0"))
     owner = caller(request)
-    if owner is not None and not may_see(owner, await resources.status.owner(task_id)):
-        raise NotFound(f"no task {task_id}")  # another key's task: as if it did not exist
+    if owner is not None:
+        task_owner = await resources.status.owner(task_id)
+        if task_owner == "":
+            return Response(b"[]", media_type="application/json")  # nothing written yet (or no such task)
+        if not may_see(owner, task_owner):
+            raise NotFound(f"no task {task_id}")  # another key's task: as if it did not exist
     attempt = request.query_params.get("attempt")
     body = await resources.status.read(task_id, after, parse_attempt(attempt) if attempt is not None else None)
     return Response(body, media_type="application/json")

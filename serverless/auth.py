@@ -56,7 +56,8 @@ class ApiKeys:
 
 
 def may_see(owner: str | None, task_owner: str | None) -> bool:
-    """Whether a caller (`owner`, None when keys are off) may see a task made by `task_owner`."""
+    """Whether a caller (`owner`, None when keys are off) may see a task made by `task_owner`
+    (None: made without keys; "": not known yet, so nobody with a key sees it yet)."""
     return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
 
 

@@ -10,7 +10,7 @@ import requests
 import websocket  # websocket-client
 
 from serverless.settings import Settings, SettingsError
-from tests.helpers import RUN, empty_image, post_run
+from tests.helpers import RUN, empty_image, post_run, txt2img, wait_until
 
 KEY_A = "sk-a-0123456789abcdef"
 KEY_B = "sk-b-fedcba9876543210"
@@ -77,3 +77,24 @@ def test_a_key_too_short_is_a_settings_error_naming_the_variable():
 
 def test_without_keys_the_api_is_open(app):
     assert requests.post(app.url + RUN, data=json.dumps(empty_image(prefix="open")), timeout=30).status_code == 200
+
+
+def test_another_key_cannot_summarise_follow_or_cancel_a_task(keyed, emulator):
+    requests.post(emulator.url + "/emulator/config", json={"step_delay": 0.05}, timeout=5)
+    try:
+        headers = {**bearer(KEY_A), "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": "auth-control"}
+        accepted = post_run(keyed.url, txt2img(seed=11, steps=60), headers=headers)
+        assert accepted.status_code == 202
+        query = {"task_id": "auth-control"}
+        wait_until(lambda: requests.get(keyed.url + "/api/serverless/task", params=query, headers=bearer(KEY_A),
+                                        timeout=10).status_code == 200)  # its first event is in the log
+        for method, path in (("GET", "/api/serverless/task"), ("POST", "/api/serverless/cancel"),
+                             ("GET", "/api/serverless/events")):
+            theirs = requests.request(method, keyed.url + path, params=query, headers=bearer(KEY_B), timeout=10)
+            assert theirs.status_code == 404 and theirs.json()["raw"]["state"] == "unknown", (path, theirs.text)
+        mine = requests.get(keyed.url + "/api/serverless/task", params=query, headers=bearer(KEY_A), timeout=10)
+        assert mine.status_code == 200 and mine.json()["state"] in ("queued", "running")
+        cancel = requests.post(keyed.url + "/api/serverless/cancel", params=query, headers=bearer(KEY_A), timeout=10)
+        assert cancel.status_code == 202
+    finally:
+        requests.post(emulator.url + "/emulator/config", json={"step_delay": 0.02}, timeout=5)

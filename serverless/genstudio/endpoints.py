@@ -139,9 +139,11 @@ async def _info(resources: Resources, jobs: Jobs, files: Files, task_id: str, ow
         resources.status.path(task_id)  # the rule of task ids
     except InvalidParams:
         return mapping.unknown(task_id)
+    summary = await resources.status.summary(task_id)
+    if summary is None and jobs.get(task_id) is None:
+        return mapping.unknown(task_id)
     if not await _may_see(resources, jobs, task_id, owner):
         return mapping.not_permitted(task_id)
-    summary = await resources.status.summary(task_id)
     if summary is None:
         return mapping.unknown(task_id)
     return mapping.task_info(task_id, summary, await files.urls(summary))

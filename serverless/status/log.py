@@ -180,12 +180,15 @@ class StatusLog:
             return await self._run(self._read, task_id, path, after, attempt is None)
 
     async def owner(self, task_id: str) -> str | None:
-        """Whose the task is: the `owner` its first event names (None: anyone's, or unknown)."""
+        """Whose the task is: the `owner` its first event names; None when it names none (made
+        without API keys: anyone's); "" while that is not known yet (no first event written)."""
         path = self.path(task_id)
         with self._translated(task_id):
             first = await self._run(files.first_line, path)
+        if not first.endswith(b"\n"):
+            return ""  # claimed, its first event not written yet (or no such task)
         try:
-            event = json.loads(first) if first else None
+            event = json.loads(first)
         except ValueError:
             return None
         data = event.get("data") if isinstance(event, dict) else None

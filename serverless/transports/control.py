@@ -15,6 +15,7 @@ import logging
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..auth import may_see
 from ..errors import Conflict, InvalidParams, NotFound
 from ..jobs.registry import Jobs, cancelled
 from ..resources import Resources
@@ -26,12 +27,17 @@ from .http import EventStream
 log = logging.getLogger(__name__)
 
 
-def _task_id(request: Request) -> str:
+async def _task_id(request: Request) -> str:
+    """The task asked for: a valid id (else 400) of a task this caller may see (with API keys, a
+    task another key made answers as unknown: 404)."""
     resources: Resources = request.app.state.resources
     task_id = request.query_params.get("task_id")
     if not task_id:
         raise InvalidParams("task_id is required")
     resources.status.path(task_id)  # the rule of task ids (400)
+    owner: str | None = request.scope.get("state", {}).get("owner")
+    if owner is not None and not may_see(owner, await resources.status.owner(task_id)):
+        raise _unknown(task_id)
     return task_id
 
 
@@ -42,7 +48,7 @@ def _unknown(task_id: str) -> NotFound:
 async def task(request: Request) -> Response:
     """GET /api/serverless/task?task_id=X: state, percent, queue, times and result or error."""
     resources: Resources = request.app.state.resources
-    task_id = _task_id(request)
+    task_id = await _task_id(request)
     summary = await resources.status.summary(task_id)
     if summary is None:
         raise _unknown(task_id)
@@ -54,7 +60,7 @@ async def cancel(request: Request) -> Response:
     EXECUTION_INTERRUPTED "cancelled by request"), 409 when it has already ended."""
     resources: Resources = request.app.state.resources
     jobs: Jobs = request.app.state.jobs
-    task_id = _task_id(request)
+    task_id = await _task_id(request)
     await cancel_task(resources, jobs, task_id)
     return JSONResponse({"task_id": task_id, "state": "cancelling"}, status_code=202)
 
@@ -87,7 +93,7 @@ async def events(request: Request) -> Response:
     original stream, after `Last-Event-ID` (else `after=N`), until its terminal payload."""
     resources: Resources = request.app.state.resources
     jobs: Jobs = request.app.state.jobs
-    task_id = _task_id(request)
+    task_id = await _task_id(request)
     last_seen = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     after = parse_after(last_seen)
     job = jobs.get(task_id)
