@@ -145,8 +145,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         metrics = Metrics()  # this app's own registry: several apps may share a process
         async with Resources.open(settings, metrics) as resources:
             jobs = Jobs(
-                resources.runtime(), resources.status, settings.stream_buffer_events, settings.job_max_event_bytes,
-                settings.max_pending_jobs, metrics,
+                resources.runtime(),
+                resources.status,
+                settings.stream_buffer_events,
+                settings.job_max_event_bytes,
+                settings.max_pending_jobs,
+                metrics,
             )
             app.state.resources, app.state.jobs = resources, jobs
             app.state.prewarm = lifecycle.Prewarm()
@@ -196,7 +200,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # middleware; anything else (a bug) also reaches the server error middleware, which
         # answers the same way and then lets uvicorn log it.
         exception_handlers={
-            ServerlessError: error_response, HTTPException: error_response,
-            ClientDisconnect: error_response, Exception: error_response,
+            ServerlessError: error_response,
+            HTTPException: error_response,
+            ClientDisconnect: error_response,
+            Exception: error_response,
         },
     )

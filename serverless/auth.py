@@ -98,7 +98,10 @@ async def _refuse(scope: Scope, send: Send, exc: Unauthorized, path: str) -> Non
     else:
         body = exc.to_payload()
     data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-               (b"www-authenticate", b"Bearer")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"www-authenticate", b"Bearer"),
+    ]
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": data})

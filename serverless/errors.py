@@ -191,8 +191,17 @@ class DownloadError(InputError):
 def error_from_payload(payload: dict[str, Any]) -> ServerlessError:
     """The error a stored error object (a status log's terminal payload) stands for."""
     classes: tuple[type[ServerlessError], ...] = (
-        InvalidParams, NotFound, Unauthorized, PromptError, InputError, ExecutionFailed,
-        ExecutionInterrupted, ComfyUIUnavailable, OutputError, JobTimeout, Unclassified,
+        InvalidParams,
+        NotFound,
+        Unauthorized,
+        PromptError,
+        InputError,
+        ExecutionFailed,
+        ExecutionInterrupted,
+        ComfyUIUnavailable,
+        OutputError,
+        JobTimeout,
+        Unclassified,
     )
     kind = next((cls for cls in classes if cls.code == payload.get("error_code")), Unclassified)
     return kind(str(payload.get("error_message", "")), raw=payload.get("raw"))

@@ -77,8 +77,12 @@ async def health(request: Request) -> Response:
             reason = resources.status.health()["not_writable_because"]
             raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     except ServerlessError as exc:
-        failure = {"status": "unavailable", "reason": exc.message, "jobs": jobs.running,
-                   "status_log": resources.status.health()}
+        failure = {
+            "status": "unavailable",
+            "reason": exc.message,
+            "jobs": jobs.running,
+            "status_log": resources.status.health(),
+        }
         return JSONResponse(failure, 503)
     body: dict[str, Any] = {
         "status": "ok",

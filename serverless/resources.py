@@ -63,8 +63,12 @@ class Resources:
         async with ComfyUI.open(settings.comfyui_url, timeouts, comfyui_folders(settings, command)) as comfy:
             supervisor = None
             if command:
-                supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
-                                        address=(settings.comfyui_host, settings.comfyui_port))
+                supervisor = Supervisor(
+                    command,
+                    comfy.answers,
+                    settings.comfyui_dir or None,
+                    address=(settings.comfyui_host, settings.comfyui_port),
+                )
             if supervisor is not None:
                 metrics.watch_comfyui_restarts(lambda: supervisor.generation)
             status = StatusLog(settings.status_dir, settings.status_stale_after, on_append=metrics.status_appended)
@@ -76,7 +80,10 @@ class Resources:
             # Untrusted input URLs (and webhook URLs) get their own sessions: guarded resolver and connector.
             async with create_download_session(policy) as downloads, create_download_session(hooks_policy) as hooks:
                 webhooks = Webhooks(
-                    partial(post, hooks), hooks_policy, settings.webhook_secret, settings.webhook_timeout,
+                    partial(post, hooks),
+                    hooks_policy,
+                    settings.webhook_secret,
+                    settings.webhook_timeout,
                     lambda task_id, record: status.write_sidecar(task_id, "webhook", record),
                 )
                 try:
@@ -85,8 +92,19 @@ class Resources:
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         workflows = hosted_workflows(settings, comfy, supervisor)
                         try:
-                            yield cls(settings, comfy, status, fetch_url, oss, supervisor, reserved, workflows,
-                                      budget, webhooks, metrics)
+                            yield cls(
+                                settings,
+                                comfy,
+                                status,
+                                fetch_url,
+                                oss,
+                                supervisor,
+                                reserved,
+                                workflows,
+                                budget,
+                                webhooks,
+                                metrics,
+                            )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
                             await webhooks.drain(settings.webhook_timeout + 1)
                 finally:
@@ -166,7 +184,9 @@ class Resources:
         return {
             "region": config.region if config else None,
             "bucket": config.bucket if config else None,
-            "object": None, "url": None, "expire": None,
+            "object": None,
+            "url": None,
+            "expire": None,
         }
 
 
@@ -252,8 +272,9 @@ def input_budget(settings: Settings) -> ByteBudget:
     return ByteBudget(settings.input_max_inflight_bytes)
 
 
-async def _upload(store: OssStore, credentials: Credentials, metrics: Metrics, content: bytes, name: str,
-                  mime: str) -> dict[str, Any]:
+async def _upload(
+    store: OssStore, credentials: Credentials, metrics: Metrics, content: bytes, name: str, mime: str
+) -> dict[str, Any]:
     ext = PurePosixPath(name).suffix.lstrip(".") or "bin"
     try:
         uploaded = await store.upload(credentials, content, ext, mime)
@@ -268,8 +289,11 @@ def oss_store(settings: Settings, on_retry: Callable[[], None] | None = None) ->
     """The OSS client when OSS_BUCKET_DOMAIN is set; bad OSS settings fail start-up, named."""
     try:
         config = OssConfig.from_values(
-            settings.oss_bucket_domain, settings.oss_endpoint, settings.oss_sign_endpoint,
-            settings.oss_key_prefix, settings.oss_expires_in,
+            settings.oss_bucket_domain,
+            settings.oss_endpoint,
+            settings.oss_sign_endpoint,
+            settings.oss_key_prefix,
+            settings.oss_expires_in,
         )
         if config is None:
             return None

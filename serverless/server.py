@@ -75,16 +75,20 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_exit(self, jobs: Jobs, sig: int) -> None:
         again = "press Ctrl-C again" if sig == signal.SIGINT else "signal again"
-        log.info("%s: draining jobs (%d running, up to %gs); %s to cancel them and stop now",
-                 signal.Signals(sig).name, jobs.running, self.drain_timeout, again)
+        log.info(
+            "%s: draining jobs (%d running, up to %gs); %s to cancel them and stop now",
+            signal.Signals(sig).name,
+            jobs.running,
+            self.drain_timeout,
+            again,
+        )
         try:
             await jobs.drain(self.drain_timeout)
         finally:
             self._shut_down(sig)
 
     async def _stop_now(self, jobs: Jobs, sig: int) -> None:
-        log.warning("%s again: cancelling %d running job(s) and stopping now",
-                    signal.Signals(sig).name, jobs.running)
+        log.warning("%s again: cancelling %d running job(s) and stopping now", signal.Signals(sig).name, jobs.running)
         try:
             await jobs.drain(0)  # cancels every job; each ends with its terminal payload
         finally:

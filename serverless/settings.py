@@ -55,8 +55,7 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
     return value
 
 
-def _integer(env: Mapping[str, str], name: str, default: int, minimum: int = 0,
-             maximum: int | None = None) -> int:
+def _integer(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     value = _number(env, name, default, minimum)
     raw = env.get(name, "").strip()
     if not float(value).is_integer():  # inf included

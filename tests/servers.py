@@ -52,15 +52,15 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) ->
 class Process:
     """A child process serving HTTP on a loopback port, its output kept in a log file."""
 
-    def __init__(self, args: list[str], port: int, log: Path, env: dict[str, str] | None = None,
-                 ready_path: str = "/") -> None:
+    def __init__(
+        self, args: list[str], port: int, log: Path, env: dict[str, str] | None = None, ready_path: str = "/"
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self._log_file = open(log, "ab")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT)
         try:
             wait_http(self.url + ready_path, self.proc)
         except Exception:
@@ -92,8 +92,18 @@ class Emulator(Process):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        args = [sys.executable, "-m", EMULATOR_MODULE, "--host", "127.0.0.1",
-                "--port", str(port), "--root", str(root), *extra]
+        args = [
+            sys.executable,
+            "-m",
+            EMULATOR_MODULE,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--root",
+            str(root),
+            *extra,
+        ]
         super().__init__(args, port, root / "emulator.log", ready_path="/system_stats")
 
 
@@ -102,10 +112,23 @@ class App(Process):
 
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         port = free_port()
-        args = [sys.executable, "-m", "uvicorn", "handler:app", "--host", "127.0.0.1",
-                "--port", str(port), "--log-level", "info", "--ws-max-size", str(WS_MAX_SIZE)]
-        super().__init__(args, port, log_dir / f"app-{port}.log", env=env,
-                         ready_path="/api/serverless/status?task_id=startup-probe")
+        args = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "handler:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+            "--ws-max-size",
+            str(WS_MAX_SIZE),
+        ]
+        super().__init__(
+            args, port, log_dir / f"app-{port}.log", env=env, ready_path="/api/serverless/status?task_id=startup-probe"
+        )
 
 
 # --- in-process servers ---------------------------------------------------------------------------
@@ -170,8 +193,15 @@ class InProcessApp:
         self._handler.addFilter(_OwnRecords(self._id))
         logging.getLogger().addHandler(self._handler)
         _set_log_level(self._id, level)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="on", log_level="warning",
-                                log_config=None, ws_max_size=WS_MAX_SIZE)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            lifespan="on",
+            log_level="warning",
+            log_config=None,
+            ws_max_size=WS_MAX_SIZE,
+        )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=self._id, daemon=True)
         self._thread.start()
@@ -232,8 +262,7 @@ class InProcessEmulator:
 
     async def _serve(self) -> None:
         self._loop, self._done = asyncio.get_running_loop(), asyncio.Event()
-        runner = web.AppRunner(create_emulator_app(self.root, self._step_delay), access_log=None,
-                               shutdown_timeout=2.0)
+        runner = web.AppRunner(create_emulator_app(self.root, self._step_delay), access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", self.port).start()

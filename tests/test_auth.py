@@ -86,10 +86,19 @@ def test_another_key_cannot_summarise_follow_or_cancel_a_task(keyed, emulator):
         accepted = post_run(keyed.url, txt2img(seed=11, steps=60), headers=headers)
         assert accepted.status_code == 202
         query = {"task_id": "auth-control"}
-        wait_until(lambda: requests.get(keyed.url + "/api/serverless/task", params=query, headers=bearer(KEY_A),
-                                        timeout=10).status_code == 200)  # its first event is in the log
-        for method, path in (("GET", "/api/serverless/task"), ("POST", "/api/serverless/cancel"),
-                             ("GET", "/api/serverless/events")):
+        wait_until(
+            lambda: (
+                requests.get(
+                    keyed.url + "/api/serverless/task", params=query, headers=bearer(KEY_A), timeout=10
+                ).status_code
+                == 200
+            )
+        )  # its first event is in the log
+        for method, path in (
+            ("GET", "/api/serverless/task"),
+            ("POST", "/api/serverless/cancel"),
+            ("GET", "/api/serverless/events"),
+        ):
             theirs = requests.request(method, keyed.url + path, params=query, headers=bearer(KEY_B), timeout=10)
             assert theirs.status_code == 404 and theirs.json()["raw"]["state"] == "unknown", (path, theirs.text)
         mine = requests.get(keyed.url + "/api/serverless/task", params=query, headers=bearer(KEY_A), timeout=10)

@@ -41,8 +41,19 @@ def hosted(start_app: Callable[..., App], emulator: Emulator, tmp_path: Path) ->
 
 def test_run_writes_the_pngs_and_prints_the_seeds(app: App, workflow_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    done = cli(app.url, "run", str(workflow_file), "--set", "6.text=a cat", "--set", "3.seed=-1",
-               "--set", "5.batch_size=2", "--out", str(out))
+    done = cli(
+        app.url,
+        "run",
+        str(workflow_file),
+        "--set",
+        "6.text=a cat",
+        "--set",
+        "3.seed=-1",
+        "--set",
+        "5.batch_size=2",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (24, 24) for p in pngs)
@@ -110,14 +121,17 @@ def test_async_prints_the_task_id_and_events_prints_its_log(app: App, workflow_f
     done = cli(app.url, "run", str(workflow_file), "--async", "--task-id", "cli-async-1")
     assert done.returncode == 0 and done.stdout.strip() == "cli-async-1"
     status = app.url + "/api/serverless/status"
-    wait_until(lambda: (log := requests.get(status, params={"task_id": "cli-async-1"}, timeout=5).json())
-               and log[-1]["type"] == "serverless_api")
+    wait_until(
+        lambda: (
+            (log := requests.get(status, params={"task_id": "cli-async-1"}, timeout=5).json())
+            and log[-1]["type"] == "serverless_api"
+        )
+    )
     events = cli(app.url, "events", "cli-async-1")
     assert events.returncode == 0 and json.loads(events.stdout.splitlines()[-1])["type"] == "serverless_api"
 
 
-def test_async_then_task_and_cancel(start_app: Callable[..., App], own_emulator: Emulator,
-                                    workflow_file: Path) -> None:
+def test_async_then_task_and_cancel(start_app: Callable[..., App], own_emulator: Emulator, workflow_file: Path) -> None:
     """Needs job control (issue 13): `task` and `cancel` from the CLI, `events --follow`."""
     app = start_app(own_emulator.url)
     requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.2}, timeout=5).raise_for_status()

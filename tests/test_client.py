@@ -31,6 +31,7 @@ def client(hosted: App) -> Iterator[Client]:
 def test_client_error_tree_mirrors_every_server_error_code() -> None:
     def codes(cls: type[ServerlessError]) -> set[str]:
         return {cls.code}.union(*(codes(sub) for sub in cls.__subclasses__()))
+
     assert codes(ServerlessError) <= set(errors.BY_CODE)
 
 
@@ -96,8 +97,7 @@ def test_submit_async_then_status_log_reaches_the_result(client: Client) -> None
     assert log[-1].outcome().task_id == task_id
 
 
-def test_task_cancel_and_resumed_events(start_app: Callable[..., App], own_emulator: Emulator,
-                                         tmp_path: Path) -> None:
+def test_task_cancel_and_resumed_events(start_app: Callable[..., App], own_emulator: Emulator, tmp_path: Path) -> None:
     """Needs job control (issue 13): GET task, POST cancel, GET events with Last-Event-ID."""
     app = start_app(own_emulator.url)
     requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.2}, timeout=5).raise_for_status()
@@ -133,9 +133,11 @@ def test_async_client_covers_the_same_methods(hosted: App) -> None:
             streamed = [event async for event in client.stream(txt2img(size=16))]
             assert streamed[-1].type == "serverless_api"
             task_id = await client.submit_async(txt2img(size=16), task_id="aclient-async-1")
+
             async def ended() -> bool:
                 log = await client.status(task_id)
                 return bool(log) and log[-1].terminal
+
             async with asyncio.timeout(20):
                 while not await ended():  # noqa: ASYNC110 (polling the compat status log is the point)
                     await asyncio.sleep(0.05)
@@ -143,6 +145,7 @@ def test_async_client_covers_the_same_methods(hosted: App) -> None:
             await client.delete_workflow("t2i")
             with pytest.raises(errors.NotFound):
                 await client.workflow("t2i")
+
     asyncio.run(scenario())
 
 
@@ -159,4 +162,5 @@ def test_async_client_task_cancel_and_events(start_app: Callable[..., App], own_
             assert (await client.cancel(task_id))["state"] == "cancelling"
             events = [event async for event in client.events(task_id)]
             assert json.loads(events[-1].text)["error_code"] == "EXECUTION_INTERRUPTED"
+
     asyncio.run(scenario())

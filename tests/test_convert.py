@@ -57,10 +57,18 @@ def test_an_animation_asked_as_webp_keeps_its_frames():
     assert image.n_frames == 3 and image.size == (20, 10)
 
 
-@pytest.mark.parametrize("fmt, quality, side", [
-    ("bmp", None, None), ("", "0", None), (None, "101", None), (None, "7.5", None), (None, None, "0"),
-    (None, None, "-3"), (None, None, "big"),
-])
+@pytest.mark.parametrize(
+    "fmt, quality, side",
+    [
+        ("bmp", None, None),
+        ("", "0", None),
+        (None, "101", None),
+        (None, "7.5", None),
+        (None, None, "0"),
+        (None, None, "-3"),
+        (None, None, "big"),
+    ],
+)
 def test_bad_values_are_invalid_params(fmt, quality, side):
     with pytest.raises(InvalidParams):
         parse_conversion(fmt, quality, side)

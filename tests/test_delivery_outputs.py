@@ -26,8 +26,10 @@ def two_outputs(steps: int) -> dict[str, Any]:
     """The documentation's txt2img (its SaveImage is node 9, behind the KSampler), and an
     EmptyImage -> SaveImage branch (node 101) ComfyUI runs first: it feeds an output at once."""
     workflow = txt2img(seed=7, steps=steps, prefix="late")
-    workflow["100"] = {"class_type": "EmptyImage", "inputs": {"width": 24, "height": 16, "batch_size": 1,
-                                                              "color": 0x00FF00}}
+    workflow["100"] = {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 24, "height": 16, "batch_size": 1, "color": 0x00FF00},
+    }
     workflow["101"] = {"class_type": "SaveImage", "inputs": {"images": ["100", 0], "filename_prefix": "early"}}
     return workflow
 
@@ -48,8 +50,13 @@ def test_the_first_output_is_streamed_before_the_second_output_node_starts(own_e
     # Each KSampler step takes 0.5 s until the first output has been seen: 20 s of margin.
     requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.5}, timeout=5).raise_for_status()
     events: list[tuple[int, dict[str, Any], str]] = []
-    with requests.post(app.url + RUN, data=json.dumps(two_outputs(steps=40)), stream=True, timeout=60,
-                       params={"stream": "true", "output_base64": "true"}) as response:
+    with requests.post(
+        app.url + RUN,
+        data=json.dumps(two_outputs(steps=40)),
+        stream=True,
+        timeout=60,
+        params={"stream": "true", "output_base64": "true"},
+    ) as response:
         for event in sse_payloads(response):
             events.append(event)
             if event[1]["type"] == "serverless_output" and len(events_of(events, "serverless_output")) == 1:
@@ -57,8 +64,9 @@ def test_the_first_output_is_streamed_before_the_second_output_node_starts(own_e
 
     early = events_of(events, "serverless_output")
     assert [item["data"]["node_id"] for _, item in early] == ["101", "9"]
-    second_starts = next(seq for seq, payload, _ in events
-                         if payload["type"] == "executing" and payload["data"].get("node") == "9")
+    second_starts = next(
+        seq for seq, payload, _ in events if payload["type"] == "executing" and payload["data"].get("node") == "9"
+    )
     assert early[0][0] < second_starts
     terminal = events[-1][1]
     assert terminal["type"] == "serverless_api"
@@ -70,8 +78,9 @@ def test_the_first_output_is_streamed_before_the_second_output_node_starts(own_e
         assert item["data"]["output"]["base64"] == {"content": None, "in_result": True}
         assert {**item["data"]["output"], "base64": None} == {**final["output"], "base64": None}
     # The status log holds the same sequence; the early events there carry no base64 either.
-    logged = requests.get(app.url + "/api/serverless/status",
-                          params={"task_id": terminal["data"]["task_id"]}, timeout=10).json()
+    logged = requests.get(
+        app.url + "/api/serverless/status", params={"task_id": terminal["data"]["task_id"]}, timeout=10
+    ).json()
     assert logged == [payload for _, payload, _ in events]
     assert comfyui_texts([text for _, _, text in events])[-1] == events[-1][2]  # compat: the end is last
 
@@ -81,8 +90,11 @@ def events_of(events: list[tuple[int, dict[str, Any], str]], kind: str) -> list[
 
 
 def test_outputs_come_as_jpeg_at_the_quality_and_size_asked(app):
-    response = post_run(app.url, empty_image(width=64, height=48, color=0x3366CC, prefix="jpegged"),
-                        params={**JPEG_SMALL, "output_base64": "true"})
+    response = post_run(
+        app.url,
+        empty_image(width=64, height=48, color=0x3366CC, prefix="jpegged"),
+        params={**JPEG_SMALL, "output_base64": "true"},
+    )
     assert response.status_code == 200, response.text
     (result,) = response.json()["data"]["results"]
     output = result["output"]
@@ -100,10 +112,16 @@ def test_without_base64_mime_and_bytes_still_describe_the_converted_file(app):
     assert output["mime"] == "image/webp" and output["base64"]["content"] is None and output["bytes"] > 0
 
 
-@pytest.mark.parametrize("params", [
-    {"output_format": "bmp"}, {"output_quality": "0"}, {"output_quality": "high"}, {"output_max_side": "-1"},
-    {"output_url": "true"},  # no FILE_LINK_SECRET on this app
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"output_format": "bmp"},
+        {"output_quality": "0"},
+        {"output_quality": "high"},
+        {"output_max_side": "-1"},
+        {"output_url": "true"},  # no FILE_LINK_SECRET on this app
+    ],
+)
 def test_bad_delivery_values_are_refused_before_anything_runs(app, emulator, params):
     before = len(requests.get(emulator.url + "/history", timeout=5).json())
     response = post_run(app.url, empty_image(prefix="refused"), params=params)
@@ -115,8 +133,9 @@ def test_with_output_oss_the_stored_object_is_the_converted_jpeg(emulator, start
     bucket = "convert-e2e"
     with LocalOss({KEY_ID: (SECRET, None)}, [bucket], region=REGION) as oss:
         app = start_app(emulator.url, **oss_env(oss, bucket))
-        response = post_run(app.url, empty_image(width=80, height=40, prefix="ossjpeg"),
-                            params={**JPEG_SMALL, "output_oss": "true"})
+        response = post_run(
+            app.url, empty_image(width=80, height=40, prefix="ossjpeg"), params={**JPEG_SMALL, "output_oss": "true"}
+        )
         assert response.status_code == 200, response.text
         output = response.json()["data"]["results"][0]["output"]
         assert output["oss"]["object"].endswith(".jpg")
@@ -127,15 +146,17 @@ def test_with_output_oss_the_stored_object_is_the_converted_jpeg(emulator, start
 
 def test_a_hosted_run_body_may_ask_the_format_and_the_query_wins(emulator, start_app, tmp_path):
     app = start_app(emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
-    stored = requests.put(f"{app.url}/api/workflows/small", data=json.dumps(empty_image(width=60, height=30)),
-                          timeout=30)
+    stored = requests.put(
+        f"{app.url}/api/workflows/small", data=json.dumps(empty_image(width=60, height=30)), timeout=30
+    )
     assert stored.status_code in (200, 201), stored.text
     run = f"{app.url}/api/workflows/small/run"
     body = {"1.color": 0xFF0000, "output": {"format": "jpeg", "quality": 60, "max_side": 20}}
     output = requests.post(run, data=json.dumps(body), timeout=60).json()["data"]["results"][0]["output"]
     assert output["mime"] == "image/jpeg"
-    output = requests.post(run, data=json.dumps(body), params={"output_format": "webp", "output_base64": "1"},
-                           timeout=60).json()["data"]["results"][0]["output"]
+    output = requests.post(
+        run, data=json.dumps(body), params={"output_format": "webp", "output_base64": "1"}, timeout=60
+    ).json()["data"]["results"][0]["output"]
     assert output["mime"] == "image/webp"
     assert Image.open(io.BytesIO(base64.b64decode(output["base64"]["content"]))).size == (20, 10)
     refused = requests.post(run, data=json.dumps({"output": {"format": "tiff"}}), timeout=60)

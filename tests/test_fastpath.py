@@ -53,6 +53,7 @@ def run_stream(base_url: str, workflow: dict[str, Any]) -> list[str]:
 
 # -- one websocket, messages routed by prompt ---------------------------------------------------------
 
+
 def test_twenty_concurrent_streams_each_hold_exactly_their_own_messages(app, emulator):
     workflows = [txt2img(seed=500 + k, steps=3, prefix=f"routed-{k}") for k in range(20)]
     with ThreadPoolExecutor(20) as pool:
@@ -94,6 +95,7 @@ def test_cutting_the_shared_socket_recovers_every_running_and_waiting_job(own_em
 
 # -- outputs read from ComfyUI's folder ------------------------------------------------------------------
 
+
 def configure(emulator: Any, **knobs: float) -> None:
     requests.post(emulator.url + "/emulator/config", json=knobs, timeout=5).raise_for_status()
 
@@ -114,8 +116,11 @@ def test_outputs_read_from_disk_are_the_bytes_view_serves_even_while_view_fails(
     assert {r["output"]["raw"]["type"] for r in results} == {"output", "temp"}
     for result in results:
         raw = result["output"]["raw"]
-        view = requests.get(own_emulator.url + "/view", timeout=5,
-                            params={"filename": raw["filename"], "subfolder": raw["subfolder"], "type": raw["type"]})
+        view = requests.get(
+            own_emulator.url + "/view",
+            timeout=5,
+            params={"filename": raw["filename"], "subfolder": raw["subfolder"], "type": raw["type"]},
+        )
         assert view.status_code == 200
         assert base64.b64decode(result["output"]["base64"]["content"]) == view.content
         assert result["output"]["bytes"] == len(view.content) and result["output"]["mime"] == "image/png"
@@ -129,15 +134,18 @@ def test_an_output_missing_from_the_folder_is_fetched_through_view(own_emulator,
     assert Image.open(io.BytesIO(base64.b64decode(result["output"]["base64"]["content"]))).size == (16, 16)
 
 
-@pytest.mark.parametrize("subfolder, filename", [
-    ("", "../secret.txt"),
-    ("..", "secret.txt"),
-    ("a/../..", "secret.txt"),
-    ("", "/etc/passwd"),
-    ("/etc", "passwd"),
-    ("", "link/secret.txt"),  # a symlink inside the folder that leads out of it
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "subfolder, filename",
+    [
+        ("", "../secret.txt"),
+        ("..", "secret.txt"),
+        ("a/../..", "secret.txt"),
+        ("", "/etc/passwd"),
+        ("/etc", "passwd"),
+        ("", "link/secret.txt"),  # a symlink inside the folder that leads out of it
+        ("", ""),
+    ],
+)
 def test_a_history_path_leading_outside_the_folder_is_refused(tmp_path, subfolder, filename):
     folder = tmp_path / "output"
     (folder / "ok").mkdir(parents=True)
@@ -157,10 +165,12 @@ def test_a_history_path_inside_the_folder_resolves_there(tmp_path):
 def client_call(folders: Folders, call: Any) -> Any:
     """Run `call(comfy)` against a ComfyUI client whose server does not exist (nothing may go
     over the network) and whose folders are `folders`."""
+
     async def main() -> Any:
         async with aiohttp.ClientSession() as session:
             comfy = ComfyUI(session, "http://127.0.0.1:9", Timeouts(connect=0.5, request=0.5), folders)
             return await call(comfy)
+
     return asyncio.run(main())
 
 
@@ -184,6 +194,7 @@ def test_the_client_reads_an_output_from_disk_without_asking_comfyui(tmp_path):
 
 # -- inputs written into ComfyUI's folder ------------------------------------------------------------------
 
+
 def test_the_client_writes_an_input_into_the_folder_without_uploading(tmp_path):
     folder = tmp_path / "input"
     name = client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG data", "abc123.png"))
@@ -201,8 +212,10 @@ def png(color: tuple[int, int, int]) -> bytes:
 def test_a_base64_input_written_to_disk_is_what_comfyui_loads(own_emulator, start_app):
     server = start_app(own_emulator.url, COMFYUI_INPUT_DIR=str(own_emulator.root / "input"), LOG_LEVEL="DEBUG")
     data = png((10, 200, 30))
-    workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": base64.b64encode(data).decode()}},
-                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "disk/in"}}}
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": base64.b64encode(data).decode()}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "disk/in"}},
+    }
     response = post_run(server.url, workflow, params=B64)
     assert response.status_code == 200, response.text
     (result,) = response.json()["data"]["results"]
@@ -215,6 +228,7 @@ def test_a_base64_input_written_to_disk_is_what_comfyui_loads(own_emulator, star
 
 # -- where ComfyUI's folders are ---------------------------------------------------------------------------
 
+
 def test_by_default_outputs_and_inputs_go_through_comfyuis_http_api():
     assert comfyui_folders(Settings.from_env({}), None) == Folders()
     # COMFYUI_DIR without a ComfyUI we start (nothing to run there): still the HTTP API.
@@ -222,13 +236,24 @@ def test_by_default_outputs_and_inputs_go_through_comfyuis_http_api():
 
 
 def test_the_folders_of_the_comfyui_we_start_are_derived_from_its_command():
-    command = ["python", "/app/ComfyUI/main.py", "--listen", "127.0.0.1", "--output-directory", "/mnt/auto/output",
-               "--input-directory", "/mnt/auto/input"]
+    command = [
+        "python",
+        "/app/ComfyUI/main.py",
+        "--listen",
+        "127.0.0.1",
+        "--output-directory",
+        "/mnt/auto/output",
+        "--input-directory",
+        "/mnt/auto/input",
+    ]
     assert started_folders(command, "/app/ComfyUI") == Folders(
-        output=Path("/mnt/auto/output"), temp=Path("/app/ComfyUI/temp"), input=Path("/mnt/auto/input"))
+        output=Path("/mnt/auto/output"), temp=Path("/app/ComfyUI/temp"), input=Path("/mnt/auto/input")
+    )
     assert started_folders(["python", "main.py", "--temp-directory", "/t"], "/c") == Folders(
-        output=Path("/c/output"), temp=Path("/t/temp"), input=Path("/c/input"))
+        output=Path("/c/output"), temp=Path("/t/temp"), input=Path("/c/input")
+    )
     assert started_folders(["python", "-m", "serverless.emulator"], "/c") == Folders()
     settings = Settings.from_env({"COMFYUI_DIR": "/c", "COMFYUI_CMD": "python main.py", "COMFYUI_OUTPUT_DIR": "/o"})
     assert comfyui_folders(settings, ["python", "main.py"]) == Folders(
-        output=Path("/o"), temp=Path("/c/temp"), input=Path("/c/input"))
+        output=Path("/o"), temp=Path("/c/temp"), input=Path("/c/input")
+    )

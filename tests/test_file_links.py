@@ -26,8 +26,10 @@ LINK_SECRET = "file-link-secret-never-logged"
 @pytest.fixture
 def two_apps(start_app, emulator):
     """Two instances sharing one ComfyUI output folder and one link secret."""
-    return (start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET),
-            start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET, FILE_LINK_EXPIRES="60"))
+    return (
+        start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET),
+        start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET, FILE_LINK_EXPIRES="60"),
+    )
 
 
 def on(app_url: str, link: str) -> str:
@@ -37,8 +39,11 @@ def on(app_url: str, link: str) -> str:
 
 
 def first_output(app_url: str, **params: str) -> dict:
-    response = post_run(app_url, empty_image(width=40, height=30, color=0xAA3300, prefix="linked"),
-                        params={"output_url": "true", "output_base64": "true", **params})
+    response = post_run(
+        app_url,
+        empty_image(width=40, height=30, color=0xAA3300, prefix="linked"),
+        params={"output_url": "true", "output_base64": "true", **params},
+    )
     assert response.status_code == 200, response.text
     return response.json()["data"]["results"][0]["output"]
 
@@ -58,15 +63,20 @@ def test_a_changed_character_or_an_expired_link_is_forbidden(two_apps):
     link = on(second.url, first_output(first.url)["url"])
     token = link.rsplit("/", 1)[1]
     for position in (3, len(token) // 2, len(token) - 2):
-        changed = token[:position] + ("A" if token[position] != "A" else "B") + token[position + 1:]
+        changed = token[:position] + ("A" if token[position] != "A" else "B") + token[position + 1 :]
         answer = requests.get(link.replace(token, changed), timeout=10)
         assert answer.status_code == 403 and answer.json()["error_code"] == "UNAUTHORIZED", answer.text
-    expired = sign(LINK_SECRET.encode(), {"type": "output", "subfolder": "", "filename": "x.png"},
-                   int(time.time()) - 1, Conversion())
+    expired = sign(
+        LINK_SECRET.encode(),
+        {"type": "output", "subfolder": "", "filename": "x.png"},
+        int(time.time()) - 1,
+        Conversion(),
+    )
     answer = requests.get(f"{second.url}/api/files/{expired}", timeout=10)
     assert answer.status_code == 403 and "expired" in answer.json()["error_message"]
-    foreign = sign(b"another secret", {"type": "output", "subfolder": "", "filename": "x.png"},
-                   int(time.time()) + 60, Conversion())
+    foreign = sign(
+        b"another secret", {"type": "output", "subfolder": "", "filename": "x.png"}, int(time.time()) + 60, Conversion()
+    )
     assert requests.get(f"{second.url}/api/files/{foreign}", timeout=10).status_code == 403
 
 

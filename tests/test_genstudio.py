@@ -48,15 +48,21 @@ def call(app: InProcessApp, path: str, body: Any, key: str = KEY_A) -> requests.
 
 
 def register(app: InProcessApp, workflow_id: str, workflow: dict[str, Any]) -> None:
-    answer = requests.put(f"{app.url}/api/workflows/{workflow_id}", data=json.dumps(workflow),
-                          headers=bearer(KEY_A), timeout=30)
+    answer = requests.put(
+        f"{app.url}/api/workflows/{workflow_id}", data=json.dumps(workflow), headers=bearer(KEY_A), timeout=30
+    )
     assert answer.status_code in (200, 201), answer.text
 
 
 def hosting(start_app: Callable[..., InProcessApp], comfyui_url: str, tmp_path: Path, **env: str) -> InProcessApp:
     """An app with two keys, the documents' two workflows registered under their ids."""
-    app = start_app(comfyui_url, API_KEYS=f"{KEY_A},{KEY_B}", GENSTUDIO_TOKEN_SECRET=TOKEN_SECRET,
-                    WORKFLOWS_DIR=str(tmp_path / "workflows"), **env)
+    app = start_app(
+        comfyui_url,
+        API_KEYS=f"{KEY_A},{KEY_B}",
+        GENSTUDIO_TOKEN_SECRET=TOKEN_SECRET,
+        WORKFLOWS_DIR=str(tmp_path / "workflows"),
+        **env,
+    )
     register(app, T2I, json.loads((FIXTURES / "txt2img_fc_doc.json").read_text()))
     register(app, I2I, json.loads((FIXTURES / "img2img_invert.json").read_text()))
     return app
@@ -71,8 +77,10 @@ def linked(start_app: Callable[..., InProcessApp], emulator: Any, tmp_path: Path
 def doc_client(app: InProcessApp, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: str = KEY_A) -> ModuleType:
     """GenStudio's tutorial client, configured as its settings cell reads it (environment)."""
     settings = {
-        "COMFYUI_API_KEY": key, "COMFYUI_SERVER_ADDRESS": app.url.removeprefix("http://"),
-        "DEFAULT_WORKFLOW_ID": T2I, "DEFAULT_OUTPUT_PATH": str(tmp_path / "output"),
+        "COMFYUI_API_KEY": key,
+        "COMFYUI_SERVER_ADDRESS": app.url.removeprefix("http://"),
+        "DEFAULT_WORKFLOW_ID": T2I,
+        "DEFAULT_OUTPUT_PATH": str(tmp_path / "output"),
         "DEFAULT_INPUT_PATH": str(tmp_path / "input.png"),
         "COMFY_T2I_WORKFLOW_API_JSON_PATH": str(FIXTURES / "txt2img_fc_doc.json"),
         "CHECKPOINT_NAME": "sd-v1-5-inpainting.ckpt",  # "以 GenStudio 工作流【查看参数】的中可选值为准"
@@ -114,6 +122,7 @@ def picture(color: tuple[int, int, int] = (200, 30, 60)) -> bytes:
 
 # -- the documented clients ----------------------------------------------------------------------------
 
+
 def test_the_documented_txt2img_client_runs_unchanged(linked, monkeypatch, tmp_path):
     client = doc_client(linked, monkeypatch, tmp_path)
     # The tutorial's cells, in order.
@@ -122,8 +131,11 @@ def test_the_documented_txt2img_client_runs_unchanged(linked, monkeypatch, tmp_p
     _modified, prompt_id = client.prompt_to_image(
         prompt=base_workflow_prompt,
         positive_prompt="Spiderman in a red suit standing in middle of a crowded place, skyscrapers in the "
-                        "background, cinematic, neon colors, realistic look",
-        negative_prompt="ugly, deformed", output_path=str(tmp_path / "output"), save_previews=True)
+        "background, cinematic, neon colors, realistic look",
+        negative_prompt="ugly, deformed",
+        output_path=str(tmp_path / "output"),
+        save_previews=True,
+    )
     assert prompt_id, "the client reported a failure (see the captured output)"
     saved = sorted((tmp_path / "output" / "9").iterdir())
     assert len(saved) == 1 and saved[0].suffix == ".png"
@@ -134,8 +146,12 @@ def test_the_documented_txt2img_client_runs_unchanged(linked, monkeypatch, tmp_p
     assert entry["final_files"] == entry["files"]["9"]
     downloaded = requests.get(entry["final_files"][0], timeout=30)
     assert downloaded.status_code == 200
-    assert ImageChops.difference(Image.open(io.BytesIO(downloaded.content)).convert("RGB"),
-                                 Image.open(saved[0]).convert("RGB")).getbbox() is None
+    assert (
+        ImageChops.difference(
+            Image.open(io.BytesIO(downloaded.content)).convert("RGB"), Image.open(saved[0]).convert("RGB")
+        ).getbbox()
+        is None
+    )
 
 
 def test_the_documented_img2img_client_uploads_and_runs_unchanged(linked, monkeypatch, tmp_path):
@@ -147,7 +163,8 @@ def test_the_documented_img2img_client_uploads_and_runs_unchanged(linked, monkey
     image_id = uploaded["data"]["image_id"]
     assert client.upload_image(str(source))["data"]["image_id"] == image_id  # stored under its content hash
     prompt_id = client.generate_image_by_prompt_and_image(
-        workflow_id=I2I, prompt={"10": {"inputs": {"image": image_id}}}, output_path=str(tmp_path / "i2i"))
+        workflow_id=I2I, prompt={"10": {"inputs": {"image": image_id}}}, output_path=str(tmp_path / "i2i")
+    )
     assert prompt_id
     (saved,) = (tmp_path / "i2i" / "9").iterdir()
     expected = comfyui_inverted(Image.open(io.BytesIO(picture())))
@@ -156,8 +173,12 @@ def test_the_documented_img2img_client_uploads_and_runs_unchanged(linked, monkey
 
 def test_the_tutorials_image_beside_inputs_is_taken_as_the_input(linked):
     """GenStudio's tutorial sets `prompt[load_image]['image'] = image_id` (beside `inputs`)."""
-    image_id = requests.post(linked.url + API + "/upload/image", files={"source_file": ("a.png", picture((1, 2, 3)))},
-                             headers=bearer(KEY_A), timeout=30).json()["data"]["image_id"]
+    image_id = requests.post(
+        linked.url + API + "/upload/image",
+        files={"source_file": ("a.png", picture((1, 2, 3)))},
+        headers=bearer(KEY_A),
+        timeout=30,
+    ).json()["data"]["image_id"]
     queued = queue(linked, I2I, {"10": {"inputs": {"image": "example.png"}, "image": image_id}})
     entry = finished(linked, queued["prompt_id"])
     assert entry["status"] == 3, entry
@@ -195,14 +216,21 @@ def test_a_missing_forged_or_expired_prompt_token_is_refused_at_the_handshake(li
     claims, _, mac = queued["prompt_token"].rpartition(".")
     expired = token.issue(TOKEN_SECRET.encode(), queued["prompt_id"], None, time.time() - 25 * 3600)
     other = token.issue(b"not-the-secret", queued["prompt_id"], None, time.time())
-    for query in ("", "?authorization=", f"?authorization={claims}.{mac[:-2]}AA", f"?authorization={expired}",
-                  f"?authorization={other}", "?authorization=a.b.c"):
+    for query in (
+        "",
+        "?authorization=",
+        f"?authorization={claims}.{mac[:-2]}AA",
+        f"?authorization={expired}",
+        f"?authorization={other}",
+        "?authorization=a.b.c",
+    ):
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
             websocket.create_connection(base + query, timeout=10)
         assert refused.value.status_code == 403
 
 
 # -- task states ---------------------------------------------------------------------------------------
+
 
 def test_a_cancelled_task_reports_status_4(own_emulator, start_app, tmp_path):
     app = hosting(start_app, own_emulator.url, tmp_path, FILE_LINK_SECRET=LINK_SECRET)
@@ -223,8 +251,16 @@ def test_another_keys_task_is_status_5_and_unknown_ids_get_their_own_entry(linke
     assert mine["status"] == 3
     never = f"cft-{uuid.uuid4().hex[:16]}"
     theirs, unknown, malformed = info(linked, [queued["prompt_id"], never, "no spaces"], key=KEY_B)
-    assert theirs == {"comfy_task_id": queued["prompt_id"], "status": 5, "queue_size": 0, "current_position": 0,
-                      "errMsg": "permission denied", "files": {}, "final_files": [], "progress_num": 0}
+    assert theirs == {
+        "comfy_task_id": queued["prompt_id"],
+        "status": 5,
+        "queue_size": 0,
+        "current_position": 0,
+        "errMsg": "permission denied",
+        "files": {},
+        "final_files": [],
+        "progress_num": 0,
+    }
     assert unknown["status"] == 4 and unknown["errMsg"] == f"no task {never}" and unknown["comfy_task_id"] == never
     assert malformed["status"] == 4 and malformed["comfy_task_id"] == "no spaces"
     refused = call(linked, "/cancel", {"comfy_task_id": queued["prompt_id"]}, key=KEY_B)
@@ -232,6 +268,7 @@ def test_another_keys_task_is_status_5_and_unknown_ids_get_their_own_entry(linke
 
 
 # -- files ---------------------------------------------------------------------------------------------
+
 
 def test_without_oss_links_download_converted_and_tampered_or_expired_links_are_403(linked):
     queued = queue(linked, T2I, small_t2i(seed=6))
@@ -276,6 +313,7 @@ def test_with_oss_urls_are_signed_anew_with_the_expiry_and_processing_asked(star
 
 # -- errors and keys -----------------------------------------------------------------------------------
 
+
 def test_each_request_error_has_its_own_code_and_message(linked):
     unknown = call(linked, "/prompt", {"workflow_id": "wf-nosuch", "prompt": {}})
     assert unknown.status_code == 200 and unknown.json()["code"] == 404 and "wf-nosuch" in unknown.json()["msg"]
@@ -283,19 +321,31 @@ def test_each_request_error_has_its_own_code_and_message(linked):
     assert bad.json()["code"] == 400 and "was refused" in bad.json()["msg"]
     whole = call(linked, "/prompt", {"workflow_id": T2I, "prompt": txt2img()})
     assert whole.json()["code"] == 400 and "whole workflow" in whole.json()["msg"]
-    ranges = call(linked, "/prompt", {"workflow_id": T2I, "prompt": {"3": {"inputs": {"steps": {
-        "type": "INT", "current": 20, "spec": {}}}}}})
+    ranges = call(
+        linked,
+        "/prompt",
+        {"workflow_id": T2I, "prompt": {"3": {"inputs": {"steps": {"type": "INT", "current": 20, "spec": {}}}}}},
+    )
     assert ranges.json()["code"] == 400 and "current" in ranges.json()["msg"]
     assert call(linked, "/get_task_info", {"comfy_task_ids": []}).json()["code"] == 400
     assert call(linked, "/cancel", {"comfy_task_id": "cft-never"}).json()["code"] == 404
-    not_image = requests.post(linked.url + API + "/upload/image", files={"source_file": ("a.png", b"not an image")},
-                              headers=bearer(KEY_A), timeout=30)
+    not_image = requests.post(
+        linked.url + API + "/upload/image",
+        files={"source_file": ("a.png", b"not an image")},
+        headers=bearer(KEY_A),
+        timeout=30,
+    )
     assert not_image.status_code == 200 and not_image.json()["code"] == 400
-    cut = requests.post(linked.url + API + "/upload/image", files={"source_file": ("a.png", picture()[:-20])},
-                        headers=bearer(KEY_A), timeout=30)
+    cut = requests.post(
+        linked.url + API + "/upload/image",
+        files={"source_file": ("a.png", picture()[:-20])},
+        headers=bearer(KEY_A),
+        timeout=30,
+    )
     assert cut.json()["code"] == 400
-    no_field = requests.post(linked.url + API + "/upload/image", files={"image": ("a.png", picture())},
-                             headers=bearer(KEY_A), timeout=30)
+    no_field = requests.post(
+        linked.url + API + "/upload/image", files={"image": ("a.png", picture())}, headers=bearer(KEY_A), timeout=30
+    )
     assert no_field.json()["code"] == 400 and "source_file" in no_field.json()["msg"]
 
 
@@ -305,4 +355,3 @@ def test_a_wrong_or_missing_key_is_401_everywhere_but_health(linked):
             answer = requests.post(linked.url + API + path, json={}, headers=headers, timeout=30)
             assert answer.status_code == 401 and answer.json()["code"] == 401, (path, answer.text)
     assert requests.get(linked.url + "/api/serverless/health", timeout=30).status_code == 200
-

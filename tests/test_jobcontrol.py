@@ -50,8 +50,14 @@ def cancel(server: App, task_id: str) -> requests.Response:
 
 
 def stream_all(server: App, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> list[SseEvent]:
-    response = requests.post(server.url + RUN, params={"stream": "true"}, data=json.dumps(workflow),
-                             headers=headers or {}, stream=True, timeout=60)
+    response = requests.post(
+        server.url + RUN,
+        params={"stream": "true"},
+        data=json.dumps(workflow),
+        headers=headers or {},
+        stream=True,
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     return list(read_events(response))
 
@@ -74,11 +80,14 @@ def places(progress: list[dict[str, Any]]) -> list[int]:
 def pair(own_emulator: Emulator, start_app: Any, tmp_path: Any) -> tuple[App, App]:
     """Two instances sharing one status folder (the NAS), against one ComfyUI."""
     shared = tmp_path / "nas"
-    return (start_app(own_emulator.url, status_dir=shared, CANCEL_ON_DISCONNECT="false", FC_INSTANCE_ID="one"),
-            start_app(own_emulator.url, status_dir=shared, FC_INSTANCE_ID="two"))
+    return (
+        start_app(own_emulator.url, status_dir=shared, CANCEL_ON_DISCONNECT="false", FC_INSTANCE_ID="one"),
+        start_app(own_emulator.url, status_dir=shared, FC_INSTANCE_ID="two"),
+    )
 
 
 # -- progress ---------------------------------------------------------------------------------------
+
 
 def test_progress_rises_to_100_and_the_jobs_queued_behind_count_down_to_running(own_emulator, start_app):
     set_step_delay(own_emulator, 0.2)  # 4 s of steps: time to queue two more, and ~16 progress events
@@ -104,6 +113,7 @@ def test_progress_rises_to_100_and_the_jobs_queued_behind_count_down_to_running(
 
 
 # -- the task summary ---------------------------------------------------------------------------------
+
 
 def test_the_task_summary_is_the_same_from_a_second_instance_during_and_after_a_job(own_emulator, pair):
     one, two = pair
@@ -133,16 +143,18 @@ def test_the_summary_of_an_unknown_task_is_404_unknown_and_of_a_malformed_id_400
 
 # -- cancel -------------------------------------------------------------------------------------------
 
-def test_a_job_cancelled_through_a_second_instance_ends_interrupted_and_the_job_beside_it_completes(
-        own_emulator, pair):
+
+def test_a_job_cancelled_through_a_second_instance_ends_interrupted_and_the_job_beside_it_completes(own_emulator, pair):
     one, two = pair
     set_step_delay(own_emulator, 0.05)
     victim_id, neighbour_id = new_task("victim"), new_task("neighbour")
-    victim = in_background(lambda: post_run(one.url, txt2img(seed=5, steps=400, prefix="victim"),
-                                            headers=named(victim_id)))
+    victim = in_background(
+        lambda: post_run(one.url, txt2img(seed=5, steps=400, prefix="victim"), headers=named(victim_id))
+    )
     (victim_prompt,) = wait_until(lambda: prompt_ids(own_emulator.url, "victim", "running"))
-    neighbour = in_background(lambda: post_run(one.url, txt2img(seed=6, steps=5, prefix="neighbour"),
-                                               headers=named(neighbour_id)))
+    neighbour = in_background(
+        lambda: post_run(one.url, txt2img(seed=6, steps=5, prefix="neighbour"), headers=named(neighbour_id))
+    )
     wait_until(lambda: prompt_ids(own_emulator.url, "neighbour", "pending"))
     wait_until(lambda: summary(two, victim_id).json().get("percent", 0) > 0)
 
@@ -163,8 +175,11 @@ def test_a_job_cancelled_through_a_second_instance_ends_interrupted_and_the_job_
     assert "execution_interrupted" in history_messages(own_emulator.url, victim_prompt)
     assert not queued(own_emulator.url, victim_prompt)
     history = requests.get(own_emulator.url + "/history", timeout=5).json()
-    interrupted = [p for p, entry in history.items()
-                   if "execution_interrupted" in [name for name, _ in entry["status"]["messages"]]]
+    interrupted = [
+        p
+        for p, entry in history.items()
+        if "execution_interrupted" in [name for name, _ in entry["status"]["messages"]]
+    ]
     assert interrupted == [victim_prompt]
 
     again = cancel(one, victim_id)
@@ -176,8 +191,9 @@ def test_cancel_here_stops_the_job_at_once_and_unknown_or_malformed_ids_are_refu
     set_step_delay(own_emulator, 0.05)
     server = start_app(own_emulator.url)
     task_id = new_task("local")
-    job = in_background(lambda: post_run(server.url, txt2img(seed=7, steps=400, prefix="local"),
-                                         headers=named(task_id)))
+    job = in_background(
+        lambda: post_run(server.url, txt2img(seed=7, steps=400, prefix="local"), headers=named(task_id))
+    )
     wait_until(lambda: prompt_ids(own_emulator.url, "local", "running"))
     assert cancel(server, task_id).status_code == 202
     assert job.result(timeout=10).json()["error_message"] == "cancelled by request"
@@ -188,12 +204,19 @@ def test_cancel_here_stops_the_job_at_once_and_unknown_or_malformed_ids_are_refu
 
 # -- resumable streams --------------------------------------------------------------------------------
 
+
 def test_a_dropped_stream_resumes_on_the_other_instance_with_every_missed_event_once(own_emulator, pair):
     one, two = pair
     set_step_delay(own_emulator, 0.05)
     task_id = new_task("resume")
-    response = requests.post(one.url + RUN, params={"stream": "true"}, data=json.dumps(txt2img(seed=8, steps=40)),
-                             headers=named(task_id), stream=True, timeout=60)
+    response = requests.post(
+        one.url + RUN,
+        params={"stream": "true"},
+        data=json.dumps(txt2img(seed=8, steps=40)),
+        headers=named(task_id),
+        stream=True,
+        timeout=60,
+    )
     seen: list[SseEvent] = []
     for event in read_events(response):
         seen.append(event)
@@ -203,8 +226,9 @@ def test_a_dropped_stream_resumes_on_the_other_instance_with_every_missed_event_
     last = seen[-1].id
     assert last is not None
 
-    resumed = requests.get(two.url + EVENTS, params={"task_id": task_id}, headers={"Last-Event-ID": str(last)},
-                           stream=True, timeout=60)
+    resumed = requests.get(
+        two.url + EVENTS, params={"task_id": task_id}, headers={"Last-Event-ID": str(last)}, stream=True, timeout=60
+    )
     assert resumed.status_code == 200
     rest = [event for event in read_events(resumed) if event.data is not None]
 
@@ -215,8 +239,14 @@ def test_a_dropped_stream_resumes_on_the_other_instance_with_every_missed_event_
     # `after=N` resumes the same way, and past the terminal payload there is nothing more.
     tail = requests.get(one.url + EVENTS, params={"task_id": task_id, "after": str(len(log) - 1)}, timeout=10)
     assert [e.id for e in read_events_of(tail)] == [len(log)]
-    assert list(read_events_of(requests.get(two.url + EVENTS, params={"task_id": task_id,
-                                                                     "after": str(len(log))}, timeout=10))) == []
+    assert (
+        list(
+            read_events_of(
+                requests.get(two.url + EVENTS, params={"task_id": task_id, "after": str(len(log))}, timeout=10)
+            )
+        )
+        == []
+    )
 
 
 def read_events_of(response: requests.Response) -> list[SseEvent]:
@@ -231,6 +261,7 @@ def test_events_of_an_unknown_task_are_404_and_a_bad_last_event_id_400(app):
 
 
 # -- idempotent submission ----------------------------------------------------------------------------
+
 
 def test_the_same_idempotency_key_posted_to_two_instances_at_once_runs_comfyui_once(own_emulator, pair):
     one, two = pair

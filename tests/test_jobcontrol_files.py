@@ -11,17 +11,38 @@ from serverless.status.summary import summarise
 
 
 def progress(state: str, at: float, percent: float = 0.0, position: int | None = None) -> dict:
-    return {"type": "serverless_progress", "data": {"task_id": "t", "state": state, "percent": percent,
-                                                    "queue_position": position, "queue_size": 2, "at": at}}
+    return {
+        "type": "serverless_progress",
+        "data": {
+            "task_id": "t",
+            "state": state,
+            "percent": percent,
+            "queue_position": position,
+            "queue_size": 2,
+            "at": at,
+        },
+    }
 
 
 def test_a_summary_reads_state_times_and_result_from_the_log():
     result = {"type": "serverless_api", "data": {"task_id": "t"}}
-    log = [progress("queued", 1.0, position=1), {"type": "status"}, progress("running", 2.0, 40, 0),
-           progress("succeeded", 3.0, 100), result]
+    log = [
+        progress("queued", 1.0, position=1),
+        {"type": "status"},
+        progress("running", 2.0, 40, 0),
+        progress("succeeded", 3.0, 100),
+        result,
+    ]
     assert summarise("t", log) == {
-        "task_id": "t", "state": "succeeded", "percent": 100.0, "queue_position": None, "queue_size": 2,
-        "created_at": 1.0, "started_at": 2.0, "ended_at": 3.0, "result": result,
+        "task_id": "t",
+        "state": "succeeded",
+        "percent": 100.0,
+        "queue_position": None,
+        "queue_size": 2,
+        "created_at": 1.0,
+        "started_at": 2.0,
+        "ended_at": 3.0,
+        "result": result,
     }
     running = summarise("t", log[:3])
     assert running["state"] == "running" and running["percent"] == 40 and running["ended_at"] is None

@@ -55,7 +55,8 @@ def test_every_route_the_app_serves_is_documented() -> None:
 
 
 def test_every_documented_path_is_served_by_the_running_app(
-        start_app: Callable[..., App], emulator: Emulator, tmp_path: Path) -> None:
+    start_app: Callable[..., App], emulator: Emulator, tmp_path: Path
+) -> None:
     """Fails until job control, result delivery and operations are merged: their routes are
     documented from their issues' contracts."""
     app = start_app(emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
@@ -63,8 +64,7 @@ def test_every_documented_path_is_served_by_the_running_app(
     validate_openapi(document)
     unserved = []
     websockets = {("/api/serverless/ws", "get"), ("/api/maas/comfy_task_ws_api/get_task_progress", "get")}
-    pairs = sorted(documented(document) - websockets,
-                   key=lambda pair: (pair[0] in SIDE_EFFECTS_LAST, pair))
+    pairs = sorted(documented(document) - websockets, key=lambda pair: (pair[0] in SIDE_EFFECTS_LAST, pair))
     for path, method in pairs:
         url = app.url + path.replace("{workflow_id}", "nosuch").replace("{token}", "nosuch")
         answer = requests.request(method, url, params={"task_id": "nosuch"}, timeout=30)
@@ -74,8 +74,7 @@ def test_every_documented_path_is_served_by_the_running_app(
     assert not unserved, f"documented but not served: {unserved}"
 
 
-def test_document_links_each_hosted_workflow(start_app: Callable[..., App], emulator: Emulator,
-                                             tmp_path: Path) -> None:
+def test_document_links_each_hosted_workflow(start_app: Callable[..., App], emulator: Emulator, tmp_path: Path) -> None:
     app = start_app(emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
     put = requests.put(app.url + "/api/workflows/txt2img", data=json.dumps(txt2img()), timeout=30)
     assert put.status_code == 201, put.text

@@ -23,7 +23,8 @@ PROMPT = "a red fox in fresh snow, watercolour"
 
 
 def test_playground_runs_a_hosted_workflow_and_cancels_a_slow_one(
-        start_app: Callable[..., App], own_emulator: Emulator, tmp_path: Path) -> None:
+    start_app: Callable[..., App], own_emulator: Emulator, tmp_path: Path
+) -> None:
     app = start_app(own_emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
     put = requests.put(app.url + "/api/workflows/txt2img", data=json.dumps(txt2img(steps=8, size=96)), timeout=30)
     assert put.status_code == 201, put.text

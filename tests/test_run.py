@@ -168,14 +168,24 @@ def test_job_survives_comfyui_dropping_the_websocket_mid_run(own_emulator, start
     server = start_app(own_emulator.url)
     answer: dict = {}
     task_id = f"cut-{uuid.uuid4().hex}"
-    thread = threading.Thread(target=lambda: answer.update(
-        r=post_run(server.url, txt2img(seed=5, steps=30), params={"output_base64": "1"},
-                   headers={"x-fc-trace-id": task_id})))
+    thread = threading.Thread(
+        target=lambda: answer.update(
+            r=post_run(
+                server.url, txt2img(seed=5, steps=30), params={"output_base64": "1"}, headers={"x-fc-trace-id": task_id}
+            )
+        )
+    )
     thread.start()
     wait_until(lambda: running_prompt(own_emulator.url))
     # Mid-run: the app has had progress from ComfyUI's websocket.
-    wait_until(lambda: any(item.get("type") == "progress" for item in requests.get(
-        server.url + "/api/serverless/status", params={"task_id": task_id}, timeout=5).json()))
+    wait_until(
+        lambda: any(
+            item.get("type") == "progress"
+            for item in requests.get(
+                server.url + "/api/serverless/status", params={"task_id": task_id}, timeout=5
+            ).json()
+        )
+    )
     requests.post(own_emulator.url + "/emulator/drop_websockets", timeout=5)
     thread.join(60)
     response = answer["r"]

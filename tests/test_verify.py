@@ -52,8 +52,12 @@ def mp4() -> bytes:
 
 def webm(segment: int = 200) -> bytes:
     """An EBML header (DocType webm), then a Segment of `segment` bytes (a 2-byte size)."""
-    return b"\x1a\x45\xdf\xa3\x87\x42\x82\x84webm" + b"\x18\x53\x80\x67" + (0x4000 | segment).to_bytes(2, "big") + \
-        bytes(segment)
+    return (
+        b"\x1a\x45\xdf\xa3\x87\x42\x82\x84webm"
+        + b"\x18\x53\x80\x67"
+        + (0x4000 | segment).to_bytes(2, "big")
+        + bytes(segment)
+    )
 
 
 def flac() -> bytes:
@@ -71,33 +75,65 @@ def check(data: bytes, limit: int = LIMIT) -> None:
     verify_media(data, found[1], limit)
 
 
-@pytest.mark.parametrize("data", [
-    image("PNG"), image("JPEG"), image("GIF", frames=3), image("WEBP"), image("BMP"), image("TIFF"),
-    image("PNG") + bytes(1000),  # trailing bytes after IEND still load
-    wav(), mp4(), webm(200), flac(), ogg_page(b"x" * 50) + ogg_page(b"y" * 30),
-], ids=["png", "jpeg", "gif", "webp", "bmp", "tiff", "png+trailer", "wav", "mp4", "webm", "flac", "ogg"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        image("PNG"),
+        image("JPEG"),
+        image("GIF", frames=3),
+        image("WEBP"),
+        image("BMP"),
+        image("TIFF"),
+        image("PNG") + bytes(1000),  # trailing bytes after IEND still load
+        wav(),
+        mp4(),
+        webm(200),
+        flac(),
+        ogg_page(b"x" * 50) + ogg_page(b"y" * 30),
+    ],
+    ids=["png", "jpeg", "gif", "webp", "bmp", "tiff", "png+trailer", "wav", "mp4", "webm", "flac", "ogg"],
+)
 def test_whole_files_pass(data: bytes) -> None:
     check(data)
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (image("PNG")[:-12], "broken PNG image"),
-    (image("PNG")[:-5], "broken PNG image"),
-    (image("PNG")[:60], "broken PNG image"),
-    (noisy_jpeg()[:2000], "broken JPEG image"),
-    (image("GIF", frames=3)[:-40], "broken GIF image"),
-    (image("WEBP", 128)[:-30], "image"),
-    (image("BMP")[:-100], "broken BMP image"),
-    (wav()[:-100], "truncated: RIFF declares"),
-    (wav()[:40], "truncated"),
-    (mp4()[:-10], "truncated: box 'mdat'"),
-    (box(b"ftyp", b"isom") + b"\x00\x00\x00\x04free", "impossible size 4"),
-    (webm(200)[:-10], "truncated: Segment"),
-    (flac()[:30], "FLAC metadata cut off"),
-    (flac()[:42], "no FLAC audio frame"),
-    ((ogg_page(b"x" * 50) + ogg_page(b"y" * 30))[:-5], "last Ogg page cut off"),
-], ids=["png-12", "png-5", "png-60", "jpeg", "gif", "webp", "bmp", "wav", "wav-header", "mp4", "mp4-box",
-        "webm", "flac-meta", "flac-frame", "ogg"])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (image("PNG")[:-12], "broken PNG image"),
+        (image("PNG")[:-5], "broken PNG image"),
+        (image("PNG")[:60], "broken PNG image"),
+        (noisy_jpeg()[:2000], "broken JPEG image"),
+        (image("GIF", frames=3)[:-40], "broken GIF image"),
+        (image("WEBP", 128)[:-30], "image"),
+        (image("BMP")[:-100], "broken BMP image"),
+        (wav()[:-100], "truncated: RIFF declares"),
+        (wav()[:40], "truncated"),
+        (mp4()[:-10], "truncated: box 'mdat'"),
+        (box(b"ftyp", b"isom") + b"\x00\x00\x00\x04free", "impossible size 4"),
+        (webm(200)[:-10], "truncated: Segment"),
+        (flac()[:30], "FLAC metadata cut off"),
+        (flac()[:42], "no FLAC audio frame"),
+        ((ogg_page(b"x" * 50) + ogg_page(b"y" * 30))[:-5], "last Ogg page cut off"),
+    ],
+    ids=[
+        "png-12",
+        "png-5",
+        "png-60",
+        "jpeg",
+        "gif",
+        "webp",
+        "bmp",
+        "wav",
+        "wav-header",
+        "mp4",
+        "mp4-box",
+        "webm",
+        "flac-meta",
+        "flac-frame",
+        "ogg",
+    ],
+)
 def test_truncated_or_inconsistent_files_are_refused(data: bytes, reason: str) -> None:
     with pytest.raises(MediaError, match=reason):
         check(data)

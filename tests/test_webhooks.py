@@ -61,8 +61,9 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def hook_app(start_app, emulator, tmp_path):
-    return start_app(emulator.url, status_dir=tmp_path / "status", WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
-                     WEBHOOK_SECRET=SECRET)
+    return start_app(
+        emulator.url, status_dir=tmp_path / "status", WEBHOOK_ALLOWED_HOSTS="127.0.0.1", WEBHOOK_SECRET=SECRET
+    )
 
 
 def record(tmp_path: Path, task_id: str) -> dict[str, Any]:
@@ -73,17 +74,28 @@ def record(tmp_path: Path, task_id: str) -> dict[str, Any]:
 
 def verify(headers: dict[str, str], body: bytes) -> bool:
     """What a receiver does (README, "Webhooks")."""
-    expected = hmac.new(SECRET.encode(), headers["x-serverless-timestamp"].encode() + b"." + body,
-                        hashlib.sha256).hexdigest()
+    expected = hmac.new(
+        SECRET.encode(), headers["x-serverless-timestamp"].encode() + b"." + body, hashlib.sha256
+    ).hexdigest()
     return hmac.compare_digest(headers["x-serverless-signature"], "sha256=" + expected)
 
 
 def test_each_job_posts_its_terminal_payload_once_signed(hook_app, receiver, tmp_path):
-    response = post_run(hook_app.url, empty_image(prefix="hooked"), params={"callback_url": receiver.url},
-                        headers={"x-fc-trace-id": "hook-once"})
+    response = post_run(
+        hook_app.url,
+        empty_image(prefix="hooked"),
+        params={"callback_url": receiver.url},
+        headers={"x-fc-trace-id": "hook-once"},
+    )
     assert response.status_code == 200, response.text
     assert record(tmp_path, "hook-once") | {"at": 0} == {
-        "url_host": "127.0.0.1", "status": 200, "attempts": 1, "delivered": True, "error": None, "at": 0}
+        "url_host": "127.0.0.1",
+        "status": 200,
+        "attempts": 1,
+        "delivered": True,
+        "error": None,
+        "at": 0,
+    }
     ((headers, body),) = receiver.received
     assert json.loads(body) == response.json()
     assert headers["content-type"] == "application/json" and headers["x-serverless-task-id"] == "hook-once"
@@ -96,31 +108,51 @@ def test_each_job_posts_its_terminal_payload_once_signed(hook_app, receiver, tmp
 
 
 def test_the_x_callback_url_header_works_as_the_query(hook_app, receiver, tmp_path):
-    post_run(hook_app.url, empty_image(prefix="hooked"), headers={"x-fc-trace-id": "hook-header",
-                                                                   "X-Callback-Url": receiver.url})
+    post_run(
+        hook_app.url,
+        empty_image(prefix="hooked"),
+        headers={"x-fc-trace-id": "hook-header", "X-Callback-Url": receiver.url},
+    )
     assert record(tmp_path, "hook-header")["delivered"]
     assert len(receiver.received) == 1
 
 
 def test_two_server_errors_then_success_take_three_attempts(hook_app, receiver, tmp_path):
     receiver.statuses = [500, 503]
-    post_run(hook_app.url, empty_image(prefix="retried"), params={"callback_url": receiver.url},
-             headers={"x-fc-trace-id": "hook-retry"})
+    post_run(
+        hook_app.url,
+        empty_image(prefix="retried"),
+        params={"callback_url": receiver.url},
+        headers={"x-fc-trace-id": "hook-retry"},
+    )
     assert record(tmp_path, "hook-retry")["attempts"] == 3
     assert len(receiver.received) == 3 and all(verify(h, b) for h, b in receiver.received)
 
 
 def test_a_client_error_is_not_retried(hook_app, receiver, tmp_path):
     receiver.statuses = [400]
-    post_run(hook_app.url, empty_image(prefix="refused"), params={"callback_url": receiver.url},
-             headers={"x-fc-trace-id": "hook-400"})
+    post_run(
+        hook_app.url,
+        empty_image(prefix="refused"),
+        params={"callback_url": receiver.url},
+        headers={"x-fc-trace-id": "hook-400"},
+    )
     delivery = record(tmp_path, "hook-400")
     assert (delivery["status"], delivery["attempts"], delivery["delivered"]) == (400, 1, False)
     assert len(receiver.received) == 1
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "http://10.1.2.3/x",
-                                 "http://localhost:9/hook", "ftp://example.com/x", "not a url"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest",
+        "http://10.1.2.3/x",
+        "http://localhost:9/hook",
+        "ftp://example.com/x",
+        "not a url",
+    ],
+)
 def test_a_private_or_odd_callback_url_is_refused_before_anything_runs(app, url):
     response = post_run(app.url, empty_image(prefix="nohook"), params={"callback_url": url})
     assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMS", response.text
@@ -128,11 +160,20 @@ def test_a_private_or_odd_callback_url_is_refused_before_anything_runs(app, url)
 
 
 def test_a_held_async_invocation_on_fc_answers_after_its_webhook(start_app, emulator, receiver, tmp_path):
-    app = start_app(emulator.url, status_dir=tmp_path / "status", WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
-                    FC_FUNCTION_NAME="comfyui", LIFECYCLE_TOKEN="t")
+    app = start_app(
+        emulator.url,
+        status_dir=tmp_path / "status",
+        WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+        FC_FUNCTION_NAME="comfyui",
+        LIFECYCLE_TOKEN="t",
+    )
     receiver.statuses = [500, 502]
-    response = post_run(app.url, empty_image(prefix="heldhook"), params={"callback_url": receiver.url},
-                        headers={"X-Fc-Invocation-Type": "Async", "x-fc-async-task-id": "hook-held"})
+    response = post_run(
+        app.url,
+        empty_image(prefix="heldhook"),
+        params={"callback_url": receiver.url},
+        headers={"X-Fc-Invocation-Type": "Async", "x-fc-async-task-id": "hook-held"},
+    )
     assert response.status_code == 200, response.text
     assert len(receiver.received) == 3  # all before the answer: FC may freeze the instance after it
     assert (tmp_path / "status" / "hook-held~webhook").exists()

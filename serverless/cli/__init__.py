@@ -54,7 +54,7 @@ def parse_set(text: str) -> tuple[str, Any]:
     """`6.text=a cat` -> ("6.text", "a cat"); the value is JSON when it parses (`3.seed=-1` is a number)."""
     key, equals, value = text.partition("=")
     if not equals:
-        raise UsageError(f"--set {text!r}: expected <node_id>.<input>=<value>, e.g. 6.text=\"a cat\"")
+        raise UsageError(f'--set {text!r}: expected <node_id>.<input>=<value>, e.g. 6.text="a cat"')
     try:
         split_key(key)
     except ValueError as exc:
@@ -79,8 +79,9 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help="the API (env COMFY_SERVERLESS_URL)")
     common.add_argument("--api-key", default=argparse.SUPPRESS, help="env COMFY_SERVERLESS_API_KEY")
-    main = argparse.ArgumentParser(prog="comfy-serverless", parents=[common],
-                                   description="Run ComfyUI workflows through the serverless API.")
+    main = argparse.ArgumentParser(
+        prog="comfy-serverless", parents=[common], description="Run ComfyUI workflows through the serverless API."
+    )
     commands = main.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[common], help="run a workflow file or a hosted workflow")
     run.add_argument("workflow", nargs="?", help="an API-format workflow JSON file")
@@ -94,7 +95,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--max-side", type=int, help="downscale image outputs")
     run.add_argument("--task-id", help="the task id to use")
     workflows = commands.add_parser("workflows", parents=[common], help="hosted workflows").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     workflows.add_parser("list", parents=[common])
     workflows.add_parser("show", parents=[common]).add_argument("workflow_id")
     put = workflows.add_parser("put", parents=[common])
@@ -150,15 +152,19 @@ def run(client: Client, args: argparse.Namespace) -> int:
             workflow, overrides = apply_overrides(workflow, overrides or {}), None
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    options: dict[str, Any] = {"output_oss": args.oss, "output_base64": not args.oss, "task_id": args.task_id,
-                               "output_format": args.format, "output_quality": args.quality,
-                               "output_max_side": args.max_side}
+    options: dict[str, Any] = {
+        "output_oss": args.oss,
+        "output_base64": not args.oss,
+        "task_id": args.task_id,
+        "output_format": args.format,
+        "output_quality": args.quality,
+        "output_max_side": args.max_side,
+    }
     if args.asynchronous:
         print(client.submit_async(workflow, workflow_id=args.workflow_id, overrides=overrides, **options))
         return EXIT_CODES["done"]
     with RunProgress(args.workflow_id or Path(args.workflow).stem) as bar:
-        result = client.run(workflow, workflow_id=args.workflow_id, overrides=overrides, on_event=bar.update,
-                            **options)
+        result = client.run(workflow, workflow_id=args.workflow_id, overrides=overrides, on_event=bar.update, **options)
     report(result, Path(args.out))
     return EXIT_CODES["done"]
 
@@ -195,8 +201,11 @@ def workflows(client: Client, args: argparse.Namespace) -> int:
 
 def events(client: Client, args: argparse.Namespace) -> int:
     """Without --follow, the status log so far; with it, the events live until the terminal payload."""
-    stream = client.events(args.task_id, resume=args.after or None) if args.follow else iter(
-        client.status(args.task_id, after=args.after))
+    stream = (
+        client.events(args.task_id, resume=args.after or None)
+        if args.follow
+        else iter(client.status(args.task_id, after=args.after))
+    )
     for event in stream:
         print(event.text)
         if event.type == "error":

@@ -26,8 +26,14 @@ class RunProgress:
     def __init__(self, label: str, console: Console | None = None) -> None:
         console = console or Console(stderr=True)
         # Drawn on a terminal only: piped, stderr keeps just the one-line error of a failure.
-        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                             TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal)
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            disable=not console.is_terminal,
+        )
         self._label = label
         self._task: TaskID | None = None
 

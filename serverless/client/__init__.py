@@ -1,9 +1,9 @@
 """A Python client of the API (sync and async, on httpx).
 
-    from serverless.client import Client
-    with Client("http://127.0.0.1:9000") as client:
-        result = client.run(workflow_id="txt2img", overrides={"6.text": "a cat"}, output_base64=True)
-        result.outputs[0].save("cat.png"); print(result.seeds)
+from serverless.client import Client
+with Client("http://127.0.0.1:9000") as client:
+    result = client.run(workflow_id="txt2img", overrides={"6.text": "a cat"}, output_base64=True)
+    result.outputs[0].save("cat.png"); print(result.seeds)
 """
 
 from __future__ import annotations
@@ -16,6 +16,17 @@ from .results import Event, Output, Progress, Result
 from .sync import Client
 
 __all__ = [
-    "APIError", "AsyncClient", "Client", "ClientError", "Event", "Output", "Progress", "ProtocolError", "Result",
-    "RunOptions", "TransportError", "apply_overrides", "errors",
+    "APIError",
+    "AsyncClient",
+    "Client",
+    "ClientError",
+    "Event",
+    "Output",
+    "Progress",
+    "ProtocolError",
+    "Result",
+    "RunOptions",
+    "TransportError",
+    "apply_overrides",
+    "errors",
 ]

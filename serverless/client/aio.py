@@ -18,9 +18,13 @@ from .sync import DEFAULT_TIMEOUT, settings
 class AsyncClient:
     """`async with AsyncClient(url, api_key) as client: result = await client.run(...)`."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         base, headers = settings(url, api_key)
         self.url = base
         self._http = httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout, transport=transport)
@@ -34,9 +38,15 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def run(self, workflow: Mapping[str, Any] | None = None, *, workflow_id: str | None = None,
-                  overrides: Mapping[str, Any] | None = None, on_event: Callable[[Event], None] | None = None,
-                  **options: Any) -> Result:
+    async def run(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        **options: Any,
+    ) -> Result:
         """Run and wait for the result (errors raised); with `on_event`, streamed."""
         if on_event is None:
             return outcome(await self._json(run_call(workflow, workflow_id, overrides, RunOptions(**options))))
@@ -46,14 +56,26 @@ class AsyncClient:
                 return event.outcome()
         raise ProtocolError("the stream ended without its terminal payload")
 
-    async def stream(self, workflow: Mapping[str, Any] | None = None, *, workflow_id: str | None = None,
-                     overrides: Mapping[str, Any] | None = None, **options: Any) -> AsyncIterator[Event]:
+    async def stream(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Event]:
         """The run's events as they arrive, the terminal payload last."""
         async for event in self._sse(run_call(workflow, workflow_id, overrides, RunOptions(**options), stream=True)):
             yield event
 
-    async def submit_async(self, workflow: Mapping[str, Any] | None = None, *, workflow_id: str | None = None,
-                           overrides: Mapping[str, Any] | None = None, **options: Any) -> str:
+    async def submit_async(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
         call = run_call(workflow, workflow_id, overrides, RunOptions(**options), asynchronous=True)
         answer = await self._json(call)
         if "task_id" not in answer:
@@ -98,8 +120,9 @@ class AsyncClient:
 
     async def _send(self, call: Call) -> httpx.Response:
         try:
-            answer = await self._http.request(call.method, call.path, params=call.params, headers=call.headers,
-                                              content=call.body)
+            answer = await self._http.request(
+                call.method, call.path, params=call.params, headers=call.headers, content=call.body
+            )
         except httpx.HTTPError as exc:
             raise TransportError(f"{call.method} {self.url}{call.path}: {exc}") from exc
         if answer.status_code >= 400:
@@ -121,8 +144,9 @@ class AsyncClient:
 
     @asynccontextmanager
     async def _open(self, call: Call) -> AsyncIterator[httpx.Response]:
-        request = self._http.build_request(call.method, call.path, params=call.params, headers=call.headers,
-                                           content=call.body)
+        request = self._http.build_request(
+            call.method, call.path, params=call.params, headers=call.headers, content=call.body
+        )
         try:
             answer = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:

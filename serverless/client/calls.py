@@ -76,8 +76,14 @@ def apply_overrides(workflow: Mapping[str, Any], overrides: Mapping[str, Any]) -
     return result
 
 
-def run_call(workflow: Mapping[str, Any] | None, workflow_id: str | None, overrides: Mapping[str, Any] | None,
-             options: RunOptions, stream: bool = False, asynchronous: bool = False) -> Call:
+def run_call(
+    workflow: Mapping[str, Any] | None,
+    workflow_id: str | None,
+    overrides: Mapping[str, Any] | None,
+    options: RunOptions,
+    stream: bool = False,
+    asynchronous: bool = False,
+) -> Call:
     """POST /api/serverless/run with a workflow, or /api/workflows/{id}/run with overrides."""
     if (workflow is None) == (workflow_id is None):
         raise ValueError("give a workflow or a workflow_id, not both")

@@ -43,8 +43,14 @@ class APIError(ClientError):
 
     error_code = "UNCLASSIFY"
 
-    def __init__(self, message: str, error_code: str | None = None, raw: Any = None, status: int | None = None,
-                 payload: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        error_code: str | None = None,
+        raw: Any = None,
+        status: int | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.error_code = error_code or type(self).error_code
@@ -108,9 +114,23 @@ class Unclassified(APIError):
     error_code = "UNCLASSIFY"
 
 
-BY_CODE: dict[str, type[APIError]] = {cls.error_code: cls for cls in (
-    InvalidParams, NotFound, Unauthorized, PromptError, InputError, ExecutionFailed, ExecutionInterrupted,
-    ComfyUIUnavailable, Busy, OutputError, JobTimeout, Unclassified)}
+BY_CODE: dict[str, type[APIError]] = {
+    cls.error_code: cls
+    for cls in (
+        InvalidParams,
+        NotFound,
+        Unauthorized,
+        PromptError,
+        InputError,
+        ExecutionFailed,
+        ExecutionInterrupted,
+        ComfyUIUnavailable,
+        Busy,
+        OutputError,
+        JobTimeout,
+        Unclassified,
+    )
+}
 
 
 def from_payload(payload: dict[str, Any], status: int | None = None) -> APIError:

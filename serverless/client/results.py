@@ -124,18 +124,30 @@ def parse_output(item: dict[str, Any]) -> Output:
     except (binascii.Error, ValueError) as exc:
         raise ProtocolError(f"output {raw.get('filename')}: base64 content does not decode") from exc
     return Output(
-        node_id=str(item.get("node_id")), batch_id=int(item.get("batch_id") or 0), type=str(output.get("type")),
-        filename=str(raw.get("filename") or ""), mime=output.get("mime"), size=output.get("bytes"),
-        content=content, oss=output.get("oss"), url=output.get("url"), raw=raw,
+        node_id=str(item.get("node_id")),
+        batch_id=int(item.get("batch_id") or 0),
+        type=str(output.get("type")),
+        filename=str(raw.get("filename") or ""),
+        mime=output.get("mime"),
+        size=output.get("bytes"),
+        content=content,
+        oss=output.get("oss"),
+        url=output.get("url"),
+        raw=raw,
     )
 
 
 def parse_result(payload: dict[str, Any]) -> Result:
     data = payload.get("data") or {}
     return Result(
-        prompt_id=str(data.get("prompt_id")), task_id=data.get("task_id"), workflow_id=data.get("workflow_id"),
-        execution_time=data.get("execution_time"), seeds=data.get("seeds") or {}, timings=data.get("timings") or {},
-        outputs=[parse_output(item) for item in data.get("results") or []], node_errors=data.get("node_errors"),
+        prompt_id=str(data.get("prompt_id")),
+        task_id=data.get("task_id"),
+        workflow_id=data.get("workflow_id"),
+        execution_time=data.get("execution_time"),
+        seeds=data.get("seeds") or {},
+        timings=data.get("timings") or {},
+        outputs=[parse_output(item) for item in data.get("results") or []],
+        node_errors=data.get("node_errors"),
         raw=payload,
     )
 
@@ -143,10 +155,15 @@ def parse_result(payload: dict[str, Any]) -> Result:
 def parse_progress(data: dict[str, Any]) -> Progress:
     node = data.get("node") or {}
     return Progress(
-        state=str(data.get("state")), percent=float(data.get("percent") or 0),
-        queue_position=data.get("queue_position"), queue_size=data.get("queue_size"),
-        node_id=node.get("id"), node_class=node.get("class_type"), node_title=node.get("title"),
-        eta_s=data.get("eta_s"), elapsed_s=data.get("elapsed_s"),
+        state=str(data.get("state")),
+        percent=float(data.get("percent") or 0),
+        queue_position=data.get("queue_position"),
+        queue_size=data.get("queue_size"),
+        node_id=node.get("id"),
+        node_class=node.get("class_type"),
+        node_title=node.get("title"),
+        eta_s=data.get("eta_s"),
+        elapsed_s=data.get("elapsed_s"),
     )
 
 

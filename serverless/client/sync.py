@@ -31,9 +31,13 @@ class Client:
     `events`, and the hosted workflows (`register_workflow`, `workflows`, `workflow`, `schema`,
     `delete_workflow`)."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         base, headers = settings(url, api_key)
         self.url = base
         self._http = httpx.Client(base_url=base, headers=headers, timeout=timeout, transport=transport)
@@ -49,9 +53,15 @@ class Client:
 
     # -- runs -----------------------------------------------------------------------------------
 
-    def run(self, workflow: Mapping[str, Any] | None = None, *, workflow_id: str | None = None,
-            overrides: Mapping[str, Any] | None = None, on_event: Callable[[Event], None] | None = None,
-            **options: Any) -> Result:
+    def run(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        **options: Any,
+    ) -> Result:
         """Run and wait for the result (errors raised). With `on_event`, the run is streamed and
         each event handed to it as it arrives (progress, ComfyUI's messages)."""
         if on_event is None:
@@ -62,14 +72,26 @@ class Client:
                 return event.outcome()
         raise ProtocolError("the stream ended without its terminal payload")
 
-    def stream(self, workflow: Mapping[str, Any] | None = None, *, workflow_id: str | None = None,
-               overrides: Mapping[str, Any] | None = None, **options: Any) -> Iterator[Event]:
+    def stream(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Iterator[Event]:
         """The run's events as they arrive, the terminal payload last (not raised: see `Event.outcome`).
         Closing the iterator early hangs up, which cancels the job (the server's CANCEL_ON_DISCONNECT)."""
         yield from self._sse(run_call(workflow, workflow_id, overrides, RunOptions(**options), stream=True))
 
-    def submit_async(self, workflow: Mapping[str, Any] | None = None, *, workflow_id: str | None = None,
-                     overrides: Mapping[str, Any] | None = None, **options: Any) -> str:
+    def submit_async(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
         """Start the run in the background (202) and return its task id."""
         answer = self._json(run_call(workflow, workflow_id, overrides, RunOptions(**options), asynchronous=True))
         if "task_id" not in answer:
@@ -126,8 +148,9 @@ class Client:
 
     def _send(self, call: Call) -> httpx.Response:
         try:
-            answer = self._http.request(call.method, call.path, params=call.params, headers=call.headers,
-                                        content=call.body)
+            answer = self._http.request(
+                call.method, call.path, params=call.params, headers=call.headers, content=call.body
+            )
         except httpx.HTTPError as exc:
             raise TransportError(f"{call.method} {self.url}{call.path}: {exc}") from exc
         if answer.status_code >= 400:
@@ -148,8 +171,9 @@ class Client:
 
     @contextmanager
     def _open(self, call: Call) -> Iterator[httpx.Response]:
-        request = self._http.build_request(call.method, call.path, params=call.params, headers=call.headers,
-                                           content=call.body)
+        request = self._http.build_request(
+            call.method, call.path, params=call.params, headers=call.headers, content=call.body
+        )
         try:
             answer = self._http.send(request, stream=True)
         except httpx.HTTPError as exc:

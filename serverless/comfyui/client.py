@@ -149,10 +149,13 @@ class SystemStats:
         system = answer.get("system") if isinstance(answer.get("system"), dict) else {}
         devices = answer.get("devices") if isinstance(answer.get("devices"), list) else []
         return cls(
-            system.get("comfyui_version"), system.get("python_version"), system.get("pytorch_version"),
+            system.get("comfyui_version"),
+            system.get("python_version"),
+            system.get("pytorch_version"),
             tuple(
                 {k: d.get(k) for k in ("name", "type", "vram_total", "vram_free")}
-                for d in devices if isinstance(d, dict)
+                for d in devices
+                if isinstance(d, dict)
             ),
         )
 
@@ -189,7 +192,10 @@ class ComfyUI:
                 await asyncio.gather(task, return_exceptions=True)
 
     def __init__(
-        self, session: aiohttp.ClientSession, base_url: str, timeouts: Timeouts = Timeouts(),
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        timeouts: Timeouts = Timeouts(),
         folders: Folders = VIA_HTTP,
     ) -> None:
         self.session = session
@@ -217,7 +223,11 @@ class ComfyUI:
             raise ComfyUIUnavailable(f"ComfyUI answered {action} with something that is not JSON") from None
 
     async def submit(
-        self, workflow: dict[str, Any], client_id: str, prompt_id: str, extra_data: dict[str, Any] | None,
+        self,
+        workflow: dict[str, Any],
+        client_id: str,
+        prompt_id: str,
+        extra_data: dict[str, Any] | None,
         big: bool = False,
     ) -> dict[str, Any]:
         """POST /prompt with our own ids. Returns ComfyUI's `node_errors` for outputs it refused
@@ -266,8 +276,14 @@ class ComfyUI:
     async def _shared_queue(self, max_age: float, stale: QueueState | None = None) -> QueueState:
         loop = asyncio.get_running_loop()
         read = self._queue_read
-        outdated = read is not None and stale is not None and read[1].done() and not read[1].cancelled() \
-            and read[1].exception() is None and read[1].result() is stale
+        outdated = (
+            read is not None
+            and stale is not None
+            and read[1].done()
+            and not read[1].cancelled()
+            and read[1].exception() is None
+            and read[1].result() is stale
+        )
         if read is None or loop.time() - read[0] > max_age or outdated:
             self._queue_read = read = (loop.time(), asyncio.ensure_future(self.queue()))
         return await asyncio.shield(read[1])

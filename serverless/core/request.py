@@ -15,8 +15,15 @@ from ..errors import InvalidParams
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 RUN_QUERY_FLAGS = (
-    "output_base64", "output_oss", "stream", "workflow_id",
-    "output_format", "output_quality", "output_max_side", "output_url", "callback_url",
+    "output_base64",
+    "output_oss",
+    "stream",
+    "workflow_id",
+    "output_format",
+    "output_quality",
+    "output_max_side",
+    "output_url",
+    "callback_url",
 )
 TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")
 FALSE_VALUES = ("", "0", "false")
@@ -141,9 +148,7 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def parse_run_request(
-    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
-) -> RunRequest:
+def parse_run_request(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
     """Turn what the caller sent into a RunRequest, or raise InvalidParams."""
     task_id = task_id_from_headers(headers)
     workflow, extra_data = split_workflow(decode_body(body))

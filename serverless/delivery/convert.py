@@ -96,8 +96,15 @@ def convert(content: bytes, conversion: Conversion) -> Converted | None:
     out = io.BytesIO()
     if animated:
         frames = [_resized(frame.copy(), conversion.max_side) for frame in ImageSequence.Iterator(image)]
-        frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:], quality=_quality(conversion),
-                       duration=image.info.get("duration", 100), loop=image.info.get("loop", 0))
+        frames[0].save(
+            out,
+            "WEBP",
+            save_all=True,
+            append_images=frames[1:],
+            quality=_quality(conversion),
+            duration=image.info.get("duration", 100),
+            loop=image.info.get("loop", 0),
+        )
     else:
         image.load()
         _save(_resized(image, conversion.max_side), out, target, conversion)

@@ -85,9 +85,16 @@ class OutputCollector:
     of each as soon as it is done (the result item, without its base64 content)."""
 
     def __init__(
-        self, comfy: ComfyUI, *, with_content: bool, uploader: Uploader | None,
-        concurrency: int, empty_oss: dict[str, Any], conversion: Conversion = NO_CONVERSION,
-        on_ready: ReadyCallback | None = None, link: Linker | None = None,
+        self,
+        comfy: ComfyUI,
+        *,
+        with_content: bool,
+        uploader: Uploader | None,
+        concurrency: int,
+        empty_oss: dict[str, Any],
+        conversion: Conversion = NO_CONVERSION,
+        on_ready: ReadyCallback | None = None,
+        link: Linker | None = None,
     ) -> None:
         self._comfy = comfy
         self._with_content = with_content or uploader is not None or conversion.active

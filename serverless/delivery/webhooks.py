@@ -70,7 +70,11 @@ class Webhooks:
     """Delivers terminal payloads; owns each delivery's task until it ends or the app stops."""
 
     def __init__(
-        self, post: Poster, policy: DownloadPolicy, secret: str, timeout: float,
+        self,
+        post: Poster,
+        policy: DownloadPolicy,
+        secret: str,
+        timeout: float,
         record: Recorder,
     ) -> None:
         self._post_through = post  # through the guarded session: every address checked again
@@ -132,8 +136,13 @@ class Webhooks:
         delivery = await self.deliver(task_id, url, body)
         fields = {"url_host": delivery.url_host, "status": delivery.status, "attempts": delivery.attempts}
         level = logging.INFO if delivery.delivered else logging.WARNING
-        log.log(level, "webhook task_id=%s %s%s", task_id, json.dumps(fields),
-                f" ({delivery.error})" if delivery.error else "")
+        log.log(
+            level,
+            "webhook task_id=%s %s%s",
+            task_id,
+            json.dumps(fields),
+            f" ({delivery.error})" if delivery.error else "",
+        )
         try:
             await self._record(task_id, json.dumps(delivery.to_payload()).encode())
         except Exception as exc:  # the delivery happened: a record that cannot be written is only logged

@@ -14,71 +14,146 @@ JSON_TYPES = ("object", "string", "integer", "number", "boolean", "array")
 
 
 def _progress_schema() -> dict[str, Any]:
-    node = {"type": ["object", "null"], "properties": {
-        "id": {"type": "string"}, "class_type": {"type": ["string", "null"]}, "title": {"type": ["string", "null"]}}}
-    return {"type": "object", "properties": {"type": {"const": "serverless_progress"}, "data": {
-        "type": "object", "properties": {
-            "task_id": {"type": "string"},
-            "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
-            "percent": {"type": "number", "minimum": 0, "maximum": 100},
-            "queue_position": {"type": ["integer", "null"], "description": "1 = next; 0 = running"},
-            "queue_size": {"type": ["integer", "null"]}, "node": node,
-            "eta_s": {"type": ["number", "null"]}, "elapsed_s": {"type": "number"}}}}}
+    node = {
+        "type": ["object", "null"],
+        "properties": {
+            "id": {"type": "string"},
+            "class_type": {"type": ["string", "null"]},
+            "title": {"type": ["string", "null"]},
+        },
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "type": {"const": "serverless_progress"},
+            "data": {
+                "type": "object",
+                "properties": {
+                    "task_id": {"type": "string"},
+                    "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                    "percent": {"type": "number", "minimum": 0, "maximum": 100},
+                    "queue_position": {"type": ["integer", "null"], "description": "1 = next; 0 = running"},
+                    "queue_size": {"type": ["integer", "null"]},
+                    "node": node,
+                    "eta_s": {"type": ["number", "null"]},
+                    "elapsed_s": {"type": "number"},
+                },
+            },
+        },
+    }
 
 
 def _task_schema() -> dict[str, Any]:
     times = {name: {"type": ["number", "string", "null"]} for name in ("created_at", "started_at", "ended_at")}
-    return {"type": "object", "required": ["task_id", "state"], "properties": {
-        "task_id": {"type": "string"},
-        "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled", "unknown"]},
-        "percent": {"type": "number"}, "queue_position": {"type": ["integer", "null"]},
-        "queue_size": {"type": ["integer", "null"]}, **times,
-        "result": {"$ref": "#/components/schemas/Result"}, "error": {"$ref": "#/components/schemas/Error"}}}
+    return {
+        "type": "object",
+        "required": ["task_id", "state"],
+        "properties": {
+            "task_id": {"type": "string"},
+            "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled", "unknown"]},
+            "percent": {"type": "number"},
+            "queue_position": {"type": ["integer", "null"]},
+            "queue_size": {"type": ["integer", "null"]},
+            **times,
+            "result": {"$ref": "#/components/schemas/Result"},
+            "error": {"$ref": "#/components/schemas/Error"},
+        },
+    }
 
 
 def _parameter_schema() -> dict[str, Any]:
-    spec = {"type": "object", "properties": {
-        "default": {}, "min": {"type": "number"}, "max": {"type": "number"}, "step": {"type": "number"},
-        "options": {"type": "array"}, "multiline": {"type": "boolean"}}}
-    return {"type": "object", "properties": {
-        "name": {"type": "string", "description": "`<node_id>.<input>`, the key of the flat override form"},
-        "node_id": {"type": "string"}, "input": {"type": "string"}, "class_type": {"type": "string"},
-        "title": {"type": ["string", "null"]}, "type": {"type": "string"}, "spec": spec,
-        "loader": {"type": "boolean", "description": "a file input: a name, URL, oss:// or base64/data URI"},
-        "note": {"type": "string"}}}
+    spec = {
+        "type": "object",
+        "properties": {
+            "default": {},
+            "min": {"type": "number"},
+            "max": {"type": "number"},
+            "step": {"type": "number"},
+            "options": {"type": "array"},
+            "multiline": {"type": "boolean"},
+        },
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "`<node_id>.<input>`, the key of the flat override form"},
+            "node_id": {"type": "string"},
+            "input": {"type": "string"},
+            "class_type": {"type": "string"},
+            "title": {"type": ["string", "null"]},
+            "type": {"type": "string"},
+            "spec": spec,
+            "loader": {"type": "boolean", "description": "a file input: a name, URL, oss:// or base64/data URI"},
+            "note": {"type": "string"},
+        },
+    }
 
 
 def schemas() -> dict[str, Any]:
     """The shapes the operations name."""
     summary_properties: dict[str, Any] = {
-        "workflow_id": {"type": "string"}, "title": {"type": "string"}, "parameters": {"type": "integer"},
-        "modified": {}}
+        "workflow_id": {"type": "string"},
+        "title": {"type": "string"},
+        "parameters": {"type": "integer"},
+        "modified": {},
+    }
     summary = {"type": "object", "properties": summary_properties}
     return {
-        "Workflow": {"type": "object", "description": "A ComfyUI API-format workflow (\"Save (API Format)\"): "
-                     "`{\"<node_id>\": {\"class_type\", \"inputs\"}}`, or `{\"prompt\": ..., \"extra_data\": ...}`",
-                     "additionalProperties": {"type": "object"}},
-        "Overrides": {"type": "object", "description": "`{\"<node_id>.<input>\": value}`; the advanced form "
-                      "`{\"<node_id>\": {\"inputs\": {...}}}` and the simple form `{\"prompt\", \"target_node\"}` too. "
-                      "Ours (result delivery): `\"output\": {\"format\", \"quality\", \"max_side\"}`."},
+        "Workflow": {
+            "type": "object",
+            "description": 'A ComfyUI API-format workflow ("Save (API Format)"): '
+            '`{"<node_id>": {"class_type", "inputs"}}`, or `{"prompt": ..., "extra_data": ...}`',
+            "additionalProperties": {"type": "object"},
+        },
+        "Overrides": {
+            "type": "object",
+            "description": '`{"<node_id>.<input>": value}`; the advanced form '
+            '`{"<node_id>": {"inputs": {...}}}` and the simple form `{"prompt", "target_node"}` too. '
+            'Ours (result delivery): `"output": {"format", "quality", "max_side"}`.',
+        },
         "Result": result_schema(),
         "Error": error_schema(),
         "Accepted": {"type": "object", "required": ["task_id"], "properties": {"task_id": {"type": "string"}}},
-        "StatusLog": {"type": "array", "items": {"type": "object", "description": "a ComfyUI message, one of our "
-                      "events (`serverless_progress`, `serverless_output`), or the terminal payload"}},
+        "StatusLog": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "description": "a ComfyUI message, one of our "
+                "events (`serverless_progress`, `serverless_output`), or the terminal payload",
+            },
+        },
         "Progress": _progress_schema(),
-        "OutputEvent": {"type": "object", "properties": {"type": {"const": "serverless_output"},
-                        "data": {"type": "object", "description": "one item of `data.results`"}}},
+        "OutputEvent": {
+            "type": "object",
+            "properties": {
+                "type": {"const": "serverless_output"},
+                "data": {"type": "object", "description": "one item of `data.results`"},
+            },
+        },
         "Task": _task_schema(),
-        "Cancelling": {"type": "object", "properties": {"task_id": {"type": "string"},
-                                                        "state": {"const": "cancelling"}}},
-        "Health": {"type": "object", "properties": {"status": {"type": "string"}, "comfyui": {"type": "object"},
-                                                    "queue": {"type": "object"}, "jobs": {"type": "integer"}}},
+        "Cancelling": {
+            "type": "object",
+            "properties": {"task_id": {"type": "string"}, "state": {"const": "cancelling"}},
+        },
+        "Health": {
+            "type": "object",
+            "properties": {
+                "status": {"type": "string"},
+                "comfyui": {"type": "object"},
+                "queue": {"type": "object"},
+                "jobs": {"type": "integer"},
+            },
+        },
         "WorkflowList": {"type": "object", "properties": {"workflows": {"type": "array", "items": summary}}},
         "Parameter": _parameter_schema(),
-        "WorkflowDescription": {**summary, "properties": {
-            **summary_properties, "workflow": {"$ref": "#/components/schemas/Workflow"},
-            "parameters": {"type": "array", "items": {"$ref": "#/components/schemas/Parameter"}}}},
+        "WorkflowDescription": {
+            **summary,
+            "properties": {
+                **summary_properties,
+                "workflow": {"$ref": "#/components/schemas/Workflow"},
+                "parameters": {"type": "array", "items": {"$ref": "#/components/schemas/Parameter"}},
+            },
+        },
         "Deleted": {"type": "object", "properties": {"workflow_id": {"type": "string"}, "deleted": {"const": True}}},
     }
 
@@ -88,8 +163,13 @@ def _schema(name: str) -> dict[str, Any]:
 
 
 def _parameter(param: Param) -> dict[str, Any]:
-    return {"name": param.name, "in": param.where, "required": param.required or param.where == "path",
-            "description": param.description, "schema": {"type": param.type}}
+    return {
+        "name": param.name,
+        "in": param.where,
+        "required": param.required or param.where == "path",
+        "description": param.description,
+        "schema": {"type": param.type},
+    }
 
 
 def _reply(reply: Reply) -> dict[str, Any]:
@@ -113,15 +193,20 @@ def _responses(operation: Operation) -> dict[str, Any]:
 
 
 def operation_object(operation: Operation) -> dict[str, Any]:
-    result: dict[str, Any] = {"tags": [operation.tag], "summary": operation.summary,
-                              "operationId": operation.operation_id or f"{operation.method}{operation.path}"}
+    result: dict[str, Any] = {
+        "tags": [operation.tag],
+        "summary": operation.summary,
+        "operationId": operation.operation_id or f"{operation.method}{operation.path}",
+    }
     if operation.description:
         result["description"] = operation.description
     if operation.params:
         result["parameters"] = [_parameter(p) for p in operation.params]
     if operation.body is not None:
-        result["requestBody"] = {"required": operation.body_required,
-                                 "content": {"application/json": {"schema": _schema(operation.body)}}}
+        result["requestBody"] = {
+            "required": operation.body_required,
+            "content": {"application/json": {"schema": _schema(operation.body)}},
+        }
     result["responses"] = _responses(operation)
     return result
 
@@ -129,7 +214,7 @@ def operation_object(operation: Operation) -> dict[str, Any]:
 def _description(workflow_ids: Iterable[str]) -> str:
     lines = [
         "Serve ComfyUI workflows as an HTTP API, compatible with Alibaba Function Compute's ComfyUI Serverless "
-        "API. Errors are `{\"type\": \"error\", \"error_code\", \"error_message\", \"raw\"}`. With `API_KEYS` "
+        'API. Errors are `{"type": "error", "error_code", "error_message", "raw"}`. With `API_KEYS` '
         "set, send `Authorization: Bearer <key>`. Try workflows in the [playground](/).",
     ]
     ids = list(workflow_ids)
@@ -139,8 +224,9 @@ def _description(workflow_ids: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
-def build_document(server_url: str, workflow_ids: Iterable[str] = (),
-                   operations: Iterable[Operation] = OPERATIONS) -> dict[str, Any]:
+def build_document(
+    server_url: str, workflow_ids: Iterable[str] = (), operations: Iterable[Operation] = OPERATIONS
+) -> dict[str, Any]:
     """The document; `server_url` is where the API was reached, `workflow_ids` the hosted
     workflows whose own documents it links."""
     paths: dict[str, dict[str, Any]] = {}
@@ -154,7 +240,12 @@ def build_document(server_url: str, workflow_ids: Iterable[str] = (),
         "paths": paths,
         "components": {
             "schemas": schemas(),
-            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
-                                           "description": "one of API_KEYS, when that setting is set"}},
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "one of API_KEYS, when that setting is set",
+                }
+            },
         },
     }

@@ -86,8 +86,10 @@ def token_secret(app: Starlette) -> bytes:
     if made is None:
         made = secrets.token_bytes(32)
         app.state.genstudio_token_secret = made
-        log.warning("GENSTUDIO_TOKEN_SECRET is not set: prompt_tokens are signed with a secret of this "
-                    "process and are refused by other instances; set it where several instances serve")
+        log.warning(
+            "GENSTUDIO_TOKEN_SECRET is not set: prompt_tokens are signed with a secret of this "
+            "process and are refused by other instances; set it where several instances serve"
+        )
     return made
 
 
@@ -98,8 +100,10 @@ def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str
         return {"output_oss": "true"}
     if resources.settings.file_link_secret:
         return {}
-    raise InvalidParams("result files cannot be delivered by this instance: configure OSS "
-                        "(OSS_BUCKET_DOMAIN and credentials) or download links (FILE_LINK_SECRET)")
+    raise InvalidParams(
+        "result files cannot be delivered by this instance: configure OSS "
+        "(OSS_BUCKET_DOMAIN and credentials) or download links (FILE_LINK_SECRET)"
+    )
 
 
 @_respond
@@ -107,17 +111,29 @@ async def prompt(request: Request) -> dict[str, str]:
     """POST .../prompt: `{"workflow_id", "prompt"}` -> `{"prompt_id", "prompt_token"}`."""
     resources: Resources = request.app.state.resources
     settings = resources.settings
-    asked = mapping.parse_prompt(mapping.decode(await read_body(request, settings.max_body_bytes,
-                                                                 settings.body_timeout)))
+    asked = mapping.parse_prompt(
+        mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout))
+    )
     headers = {**request.headers, "x-fc-invocation-type": "Async"}  # queued and answered at once
     query = _delivery(resources, Credentials.resolve(headers, settings.cloud_credentials))
     owner = _owner(request.scope.get("state"))
     body = json.dumps({"prompt": asked.overrides}, ensure_ascii=False)
-    job = await start_job(resources, request.app.state.jobs, body, query, headers, "http", asked.workflow_id,
-                          base_url=str(request.base_url), owner=owner)
+    job = await start_job(
+        resources,
+        request.app.state.jobs,
+        body,
+        query,
+        headers,
+        "http",
+        asked.workflow_id,
+        base_url=str(request.base_url),
+        owner=owner,
+    )
     log.info("task_id=%s: GenStudio prompt of hosted workflow %r", job.task_id, asked.workflow_id)
-    return {"prompt_id": job.task_id, "prompt_token": token.issue(token_secret(request.app), job.task_id,
-                                                                  owner, time.time())}
+    return {
+        "prompt_id": job.task_id,
+        "prompt_token": token.issue(token_secret(request.app), job.task_id, owner, time.time()),
+    }
 
 
 @_respond
@@ -125,8 +141,9 @@ async def get_task_info(request: Request) -> dict[str, Any]:
     """POST .../get_task_info: one `comfy_task_info` per id asked (unknown ones included)."""
     resources: Resources = request.app.state.resources
     settings = resources.settings
-    asked = mapping.parse_task_info(mapping.decode(await read_body(request, settings.max_body_bytes,
-                                                                    settings.body_timeout)))
+    asked = mapping.parse_task_info(
+        mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout))
+    )
     files = Files(resources, request, asked)
     owner = _owner(request.scope.get("state"))
     jobs: Jobs = request.app.state.jobs
@@ -206,8 +223,10 @@ async def cancel(request: Request) -> dict[str, Any]:
     failed = [result for result in results if result["code"] != 0]
     if len(ids) == 1 and failed:  # one id: its refusal is the answer's
         raise failed[0]["error"]
-    return {"comfy_task_ids": [result["comfy_task_id"] for result in results if result["code"] == 0],
-            "results": [{key: value for key, value in result.items() if key != "error"} for result in results]}
+    return {
+        "comfy_task_ids": [result["comfy_task_id"] for result in results if result["code"] == 0],
+        "results": [{key: value for key, value in result.items() if key != "error"} for result in results],
+    }
 
 
 async def _cancel_one(resources: Resources, jobs: Jobs, task_id: str, owner: str | None) -> dict[str, Any]:
@@ -259,8 +278,11 @@ async def get_task_progress(websocket: WebSocket) -> None:
     await websocket.accept()
     task_id = grant.task_id
     source = TaskEvents(task_id, resources.status, jobs.get(task_id))
-    files = Files(resources, websocket, mapping.TaskInfoRequest(
-        (task_id,), mapping.DEFAULT_URL_EXPIRE, mapping.parse_post_process(None)))
+    files = Files(
+        resources,
+        websocket,
+        mapping.TaskInfoRequest((task_id,), mapping.DEFAULT_URL_EXPIRE, mapping.parse_post_process(None)),
+    )
 
     async def deliver() -> None:
         payloads: list[Any] = []
@@ -291,4 +313,3 @@ def _ours(event: Event | None) -> Any:
     if event.terminal or '"serverless_progress"' in event.text[:64]:
         return json.loads(event.text)
     return None
-

@@ -28,12 +28,12 @@ MAX_URL_EXPIRE = 7 * 24 * 3600  # the longest an OSS V4 signed URL may live
 MAX_TASK_IDS = 100
 NODE_KEYS = ("inputs", "class_type", "_meta")
 WHOLE_WORKFLOW = (
-    "prompt must hold only the inputs to change, {\"<node_id>\": {\"inputs\": {...}}}: a whole workflow "
+    'prompt must hold only the inputs to change, {"<node_id>": {"inputs": {...}}}: a whole workflow '
     "(ComfyUI's API-format export) is not accepted here; it is registered once as a hosted workflow"
 )
 PARAMETER_RANGE = (
-    "prompt must hold input values, not the parameter ranges ({\"type\", \"current\", \"spec\"}): "
-    "take each input's \"current\""
+    'prompt must hold input values, not the parameter ranges ({"type", "current", "spec"}): '
+    'take each input\'s "current"'
 )
 
 
@@ -102,8 +102,13 @@ def _node(node: Any) -> dict[str, Any]:
 
 
 def _is_link(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], int) and not isinstance(value[1], bool))
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    )
 
 
 def parse_task_info(document: Mapping[str, Any]) -> TaskInfoRequest:
@@ -138,7 +143,7 @@ def parse_post_process(command: Any) -> PostProcess:
     if quality is not None:
         if not isinstance(quality, dict) or len(quality) != 1 or next(iter(quality)) not in ("q", "Q"):
             raise InvalidParams('image_post_process_cmd.quality must be {"q": 1-100} or {"Q": 1-100}')
-        (letter, value), = quality.items()
+        ((letter, value),) = quality.items()
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
             raise InvalidParams("image_post_process_cmd.quality must be a whole number from 1 to 100")
         steps.append(f"quality,{letter}_{value}")
@@ -213,8 +218,16 @@ def not_permitted(task_id: str) -> dict[str, Any]:
 
 
 def _empty(task_id: str, status: int) -> dict[str, Any]:
-    return {"comfy_task_id": task_id, "status": status, "queue_size": 0, "current_position": 0,
-            "errMsg": "", "files": {}, "final_files": [], "progress_num": 0}
+    return {
+        "comfy_task_id": task_id,
+        "status": status,
+        "queue_size": 0,
+        "current_position": 0,
+        "errMsg": "",
+        "files": {},
+        "final_files": [],
+        "progress_num": 0,
+    }
 
 
 def source_file(body: bytes, content_type: str) -> bytes:

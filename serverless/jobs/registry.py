@@ -36,8 +36,13 @@ class Jobs:
     """Owns every running job's tasks; no job outlives the app without being waited for."""
 
     def __init__(
-        self, runtime: Runtime, status: StatusLog, buffer_events: int, max_event_bytes: int,
-        max_pending: int = 256, metrics: Metrics | None = None,
+        self,
+        runtime: Runtime,
+        status: StatusLog,
+        buffer_events: int,
+        max_event_bytes: int,
+        max_pending: int = 256,
+        metrics: Metrics | None = None,
     ) -> None:
         self.runtime = runtime
         self.status = status
@@ -74,7 +79,8 @@ class Jobs:
             raise Busy(
                 f"this instance is busy: {self._admitted} job(s) admitted, at most 1 running and "
                 f"{self.max_pending} waiting (MAX_PENDING_JOBS); retry in {BUSY_RETRY_AFTER}s",
-                BUSY_RETRY_AFTER, raw={"admitted": self._admitted, "max_pending_jobs": self.max_pending},
+                BUSY_RETRY_AFTER,
+                raw={"admitted": self._admitted, "max_pending_jobs": self.max_pending},
             )
 
     def get(self, task_id: str) -> Job | None:

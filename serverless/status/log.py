@@ -53,8 +53,14 @@ class Attempt:
 class StatusLog:
     """The folder of status logs."""
 
-    def __init__(self, directory: Path, stale_after: float, io_timeout: float = 10.0, threads: int = 4,
-                 on_append: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        stale_after: float,
+        io_timeout: float = 10.0,
+        threads: int = 4,
+        on_append: Callable[[float], None] | None = None,
+    ) -> None:
         self.directory = directory
         self.on_append = on_append  # told each durable append's duration (metrics)
         self.stale_after = stale_after
@@ -98,8 +104,12 @@ class StatusLog:
     async def _publish(self, task_id: str, number: int) -> None:
         links = await self._run(files.publish, self.directory, task_id, number, self._links)
         if self._links and not links:
-            log.warning("the status folder %s has no hard links: %s is kept as a copy of the newest "
-                        "attempt, refreshed after every append", self.directory, task_id)
+            log.warning(
+                "the status folder %s has no hard links: %s is kept as a copy of the newest "
+                "attempt, refreshed after every append",
+                self.directory,
+                task_id,
+            )
         self._links = links
 
     # -- writing -----------------------------------------------------------------------------
@@ -134,8 +144,13 @@ class StatusLog:
                 next_write = loop.time() + BATCH_INTERVAL
         except Exception as exc:  # disk trouble or a bug: the log must still end with its terminal
             self._last_error = f"recording task {attempt.task_id}: {exc}"
-            log.error("status log of task_id=%s attempt %d could not follow the job (%s)%s", attempt.task_id,
-                      attempt.number, exc, "" if ended else "; writing its terminal payload")
+            log.error(
+                "status log of task_id=%s attempt %d could not follow the job (%s)%s",
+                attempt.task_id,
+                attempt.number,
+                exc,
+                "" if ended else "; writing its terminal payload",
+            )
             if not ended:
                 terminal = await feed.wait()
                 try:
@@ -296,8 +311,11 @@ class StatusLog:
         if await self.writable():
             return True
         assert self._probed is not None
-        log.error("STATUS_DIR %s cannot be written (%s): async jobs and their status will not work",
-                  self.directory, self._probed[2])
+        log.error(
+            "STATUS_DIR %s cannot be written (%s): async jobs and their status will not work",
+            self.directory,
+            self._probed[2],
+        )
         return False
 
     def health(self) -> dict[str, Any]:
@@ -322,7 +340,8 @@ class StatusLog:
         while True:
             try:
                 removed = await loop.run_in_executor(
-                    self._pool, self._tracked, sidecars.prune, self.directory, retention_days * 86400)
+                    self._pool, self._tracked, sidecars.prune, self.directory, retention_days * 86400
+                )
             except OSError as exc:
                 log.error("status logs in %s could not be pruned: %s", self.directory, exc)
                 removed = 0

@@ -14,8 +14,10 @@ ENDED = ("succeeded", "failed", "cancelled")
 def summarise(task_id: str, payloads: list[Any]) -> dict[str, Any]:
     """The summary of a task whose current attempt logged `payloads` (in order)."""
     progress = [
-        payload["data"] for payload in payloads
-        if isinstance(payload, dict) and payload.get("type") == "serverless_progress"
+        payload["data"]
+        for payload in payloads
+        if isinstance(payload, dict)
+        and payload.get("type") == "serverless_progress"
         and isinstance(payload.get("data"), dict)
     ]
     last: dict[str, Any] = progress[-1] if progress else {}

@@ -34,7 +34,9 @@ async def bounded(send: Awaitable[None], timeout: float) -> None:
 
 
 async def watch(
-    task_id: str, deliver: Callable[[], Awaitable[None]], caller_gone: Callable[[], Awaitable[None]],
+    task_id: str,
+    deliver: Callable[[], Awaitable[None]],
+    caller_gone: Callable[[], Awaitable[None]],
     abandon: Callable[[str], None] | None,
 ) -> Winner:
     """Run `deliver` until it ends or `caller_gone` returns; if the caller left first (or could no

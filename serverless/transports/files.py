@@ -82,7 +82,7 @@ def ranged(body: bytes, content_type: str, range_header: str | None) -> Response
     if start >= size or start > end:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    return Response(body[start:end + 1], status_code=206, media_type=content_type, headers=headers)
+    return Response(body[start : end + 1], status_code=206, media_type=content_type, headers=headers)
 
 
 class ViewStream(Response):

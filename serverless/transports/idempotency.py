@@ -64,8 +64,15 @@ def requested_mode(query: Mapping[str, str], headers: Mapping[str, str]) -> Mode
 
 
 async def start_or_attach(
-    resources: Resources, jobs: Jobs, key: str, body: bytes | str, query: Mapping[str, str],
-    headers: Mapping[str, str], workflow_id: str | None, base_url: str | None = None, caller: str | None = None,
+    resources: Resources,
+    jobs: Jobs,
+    key: str,
+    body: bytes | str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    workflow_id: str | None,
+    base_url: str | None = None,
+    caller: str | None = None,
 ) -> Job | TaskEvents:
     """The job started with `key`: started now by this request, or the one an earlier request
     with the same key started (here: its job; elsewhere: its status log)."""
@@ -77,8 +84,16 @@ async def start_or_attach(
         if owner is None:
             try:
                 return await start_job(
-                    resources, jobs, body, query, headers, "http", workflow_id,
-                    base_url=base_url, owner=caller, prompt_id=prompt_id,
+                    resources,
+                    jobs,
+                    body,
+                    query,
+                    headers,
+                    "http",
+                    workflow_id,
+                    base_url=base_url,
+                    owner=caller,
+                    prompt_id=prompt_id,
                 )
             except BaseException:
                 await asyncio.shield(resources.status.release_key(key, task_id))

@@ -37,8 +37,12 @@ def job_mode(request: RunRequest, headers: Mapping[str, str], transport: Transpo
 
 
 def output_policy(
-    request: RunRequest, credentials: Credentials | None, oss_configured: bool,
-    query: Mapping[str, str] | None = None, link_secret: str = "", base_url: str | None = None,
+    request: RunRequest,
+    credentials: Credentials | None,
+    oss_configured: bool,
+    query: Mapping[str, str] | None = None,
+    link_secret: str = "",
+    base_url: str | None = None,
 ) -> OutputPolicy:
     """The outputs' treatment (`output_base64`, `output_oss`, `output_format`, `output_quality`,
     `output_max_side`, `output_url`); refuses, before anything runs, what is malformed or what
@@ -100,9 +104,17 @@ def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
 
 
 async def start_job(
-    resources: Resources, jobs: Jobs, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str],
-    transport: Transport, workflow_id: str | None = None, *, base_url: str | None = None,
-    owner: str | None = None, prompt_id: str | None = None,
+    resources: Resources,
+    jobs: Jobs,
+    body: bytes | str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    transport: Transport,
+    workflow_id: str | None = None,
+    *,
+    base_url: str | None = None,
+    owner: str | None = None,
+    prompt_id: str | None = None,
 ) -> Job:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)

@@ -86,4 +86,3 @@ async def _forward(websocket: WebSocket, job: Job, settings: Settings, meter: Re
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
         meter.dropped()
         await websocket.close(code=1013, reason="reader too slow; see the task's status log")
-
