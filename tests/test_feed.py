@@ -83,3 +83,23 @@ async def test_a_pinned_reader_keeps_what_it_has_not_read_while_live_readers_are
     rest = [e async for e in pinned if e is not None]
     assert [first.seq] + [e.seq for e in rest] == list(range(1, 52))
     assert rest[-1].terminal
+
+
+async def test_a_reader_cancelled_as_an_event_arrives_is_cancelled():
+    """A caller that hangs up while an event is published must stop following (asyncio.wait_for in
+    Python 3.11 could swallow that cancellation, and the hang-up went unnoticed till the job ended)."""
+    feed = Feed()
+
+    async def follow() -> None:
+        async for _ in feed.follow(idle=30):
+            pass
+
+    for turns in range(4):  # cancelled 0, 1, 2 or 3 turns of the loop after the event
+        reader = asyncio.create_task(follow())
+        await asyncio.sleep(0)  # the reader waits for the next event
+        feed.publish("x")  # wakes it...
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        reader.cancel()  # ...and it is cancelled before it has taken the event
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(reader, 5)

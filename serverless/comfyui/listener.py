@@ -136,7 +136,8 @@ class Listener:
                 because = f": {self.last_error.message}" if self.last_error is not None else ""
                 raise ComfyUIUnavailable(f"lost ComfyUI's websocket mid-job and could not reconnect{because}")
             try:
-                return await asyncio.wait_for(inbox.items.get(), LOST_POLL)
+                async with asyncio.timeout(LOST_POLL):  # not wait_for: it may lose a cancellation (3.11)
+                    return await inbox.items.get()
             except TimeoutError:
                 continue
 
@@ -176,7 +177,8 @@ class Listener:
     async def _pause(self, delay: float) -> None:
         self._wake.clear()
         try:
-            await asyncio.wait_for(self._wake.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
         except TimeoutError:
             pass
 

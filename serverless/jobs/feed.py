@@ -149,8 +149,12 @@ class Feed:
         try:
             while True:
                 if self.last_seq <= cursor:
+                    # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a
+                    # cancellation that arrives as the event is set, and a caller's hang-up would
+                    # then go unnoticed until the job ended.
                     try:
-                        await asyncio.wait_for(self._changed.wait(), idle)
+                        async with asyncio.timeout(idle):
+                            await self._changed.wait()
                     except TimeoutError:
                         yield None
                     continue

@@ -135,7 +135,8 @@ class StatusLog:
                     continue  # more is ready: take it into this batch
                 if not event.terminal and loop.time() < next_write:
                     with contextlib.suppress(TimeoutError):  # gather more, but never hold back the end
-                        await asyncio.wait_for(feed.wait(), next_write - loop.time())
+                        async with asyncio.timeout(next_write - loop.time()):
+                            await feed.wait()
                     if feed.last_seq != event.seq:
                         continue
                 await self._write(attempt, pending, lock)

@@ -56,6 +56,8 @@ async def watch(
             name = "caller_gone"
         winner.append(name)
         log.debug("task_id=%s: %s first", task_id, name)
+        if winner == ["caller_gone"] and abandon is not None:
+            abandon("caller disconnected")  # at once: not after the other side has wound down
         raise _Finished
 
     try:
@@ -64,6 +66,4 @@ async def watch(
             group.create_task(step("caller_gone", caller_gone))
     except* _Finished:
         pass
-    if winner[0] == "caller_gone" and abandon is not None:
-        abandon("caller disconnected")
     return winner[0]
