@@ -103,3 +103,11 @@ async def test_a_reader_cancelled_as_an_event_arrives_is_cancelled():
         reader.cancel()  # ...and it is cancelled before it has taken the event
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(reader, 5)
+
+
+async def test_a_reader_resuming_after_the_terminal_event_ends_at_once():
+    feed = Feed()
+    feed.publish("a")
+    feed.finish(Result({"type": "serverless_api"}))
+    assert await asyncio.wait_for(collect(feed, after=2), 5) == []
+    assert await asyncio.wait_for(collect(feed, after=17), 5) == []

@@ -148,6 +148,8 @@ class Feed:
             self._pins[id(pin)] = cursor
         try:
             while True:
+                if self.last_seq <= cursor and self.terminal is not None:
+                    return  # resumed after the terminal event: nothing more will come
                 if self.last_seq <= cursor:
                     # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a
                     # cancellation that arrives as the event is set, and a caller's hang-up would
