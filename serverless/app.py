@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import lifecycle
+from . import fleet, lifecycle
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .jobs.registry import Jobs
@@ -109,13 +109,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
             jobs = Jobs(
                 resources.runtime(), resources.status, settings.stream_buffer_events, settings.job_max_event_bytes
             )
-            app.state.resources, app.state.jobs = resources, jobs
+            app.state.resources = resources
             app.state.prewarm = lifecycle.Prewarm()
             app.state.queue_watch = lifecycle.QueueWatch(settings.queue_stall_after)
             pruner = asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))
             try:
-                yield
-                await jobs.drain(settings.drain_timeout)
+                async with fleet.running(resources, jobs) as tier:  # the Redis tier, if configured
+                    app.state.jobs, app.state.consumer = tier.jobs, tier.consumer
+                    yield
+                    await tier.jobs.drain(settings.drain_timeout)
+                    await jobs.drain(settings.drain_timeout)
             finally:
                 pruner.cancel()
                 await asyncio.gather(pruner, return_exceptions=True)
@@ -133,6 +136,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}", workflows.delete_workflow, methods=["DELETE"]),
         Route("/api/workflows/{workflow_id}/openapi.json", workflows.openapi_json, methods=["GET"]),
         Route("/api/workflows/{workflow_id}/run", run, methods=["POST"]),
+        *fleet.routes(settings.queue_backend),
     ]
     return Starlette(
         routes=routes,

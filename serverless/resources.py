@@ -8,6 +8,7 @@ from them once, the `Runtime` every job receives: what it calls, never a bag to 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ from .jobs.job import Runtime, Workflow
 from .jobs.spec import OutputPolicy
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
+from .status.redis import RedisStatus, connect
+from .status.store import StatusStore
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
 from .workflows.store import WorkflowStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +41,7 @@ class Resources:
 
     settings: Settings
     comfy: ComfyUI
-    status: StatusLog
+    status: StatusStore[Any]
     fetch_url: Callable[[str], Awaitable[bytes]]
     oss: OssStore | None
     supervisor: Supervisor | None
@@ -54,8 +59,7 @@ class Resources:
             if command:
                 supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
                                         address=(settings.comfyui_host, settings.comfyui_port))
-            status = StatusLog(settings.status_dir, settings.status_stale_after)
-            await status.check_at_startup()
+            status = await open_status(settings)
             policy = download_policy(settings)
             oss = oss_store(settings)
             # Untrusted input URLs get their own session: guarded resolver and connector.
@@ -130,6 +134,20 @@ class Resources:
             "bucket": config.bucket if config else None,
             "object": None, "url": None, "expire": None,
         }
+
+
+async def open_status(settings: Settings) -> StatusStore[Any]:
+    """The status store STATUS_BACKEND names, probed once at start-up (loudly when unusable)."""
+    if settings.status_backend == "redis":
+        store = RedisStatus(connect(settings.redis_url), settings.status_stale_after,
+                            settings.status_retention_days, settings.redis_max_event_bytes)
+        if not await store.writable():
+            log.error("Redis cannot be reached (%s): jobs are refused until it answers",
+                      store.health()["not_writable_because"])
+        return store
+    status = StatusLog(settings.status_dir, settings.status_stale_after)
+    await status.check_at_startup()
+    return status
 
 
 @asynccontextmanager

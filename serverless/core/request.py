@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import InvalidParams
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-RUN_QUERY_FLAGS = ("output_base64", "output_oss", "stream", "workflow_id")
+RUN_QUERY_FLAGS = ("output_base64", "output_oss", "stream", "workflow_id", "priority")
 TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")
 FALSE_VALUES = ("", "0", "false")
 MAX_INPUT_DEPTH = 64  # far beyond any real workflow; bounds the recursion of copying and encoding

@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
-from ..status.log import StatusLog
+from ..status.store import StatusStore
 from .feed import Feed
 from .job import Job, Runtime
 from .spec import JobSpec
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Jobs:
     """Owns every running job's tasks; no job outlives the app without being waited for."""
 
-    def __init__(self, runtime: Runtime, status: StatusLog, buffer_events: int, max_event_bytes: int) -> None:
+    def __init__(self, runtime: Runtime, status: StatusStore[Any], buffer_events: int, max_event_bytes: int) -> None:
         self.runtime = runtime
         self.status = status
         self.buffer_events = buffer_events

@@ -34,6 +34,8 @@ class JobSpec:
     credentials: Credentials | None = field(default=None, repr=False)
     big: bool = False  # a body big enough that copying and serialising it go to a thread
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
+    priority: str = "normal"  # Redis tier: the queue stream it waits in (high, normal, low)
+    idempotency_key: str | None = None  # the caller's Idempotency-Key: a repeat attaches to the first
 
     @property
     def named(self) -> bool:

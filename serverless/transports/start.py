@@ -18,6 +18,7 @@ from ..resources import Resources
 
 Transport = Literal["http", "ws"]
 
+PRIORITIES = ("high", "normal", "low")
 BIG_BODY = 256 * 1024  # from this size on, parsing, copying and serialising run off the event loop
 
 
@@ -106,5 +107,15 @@ async def start_job(
         credentials=credentials,
         big=len(body) >= BIG_BODY,
         workflow_id=workflow_id,
+        priority=job_priority(query),
+        idempotency_key=headers.get("idempotency-key") or None,
     )
     return await jobs.start(spec)
+
+
+def job_priority(query: Mapping[str, str]) -> str:
+    """`?priority=high|normal|low` (the Redis tier's queue streams; ignored without a queue)."""
+    priority = (query.get("priority") or "normal").strip().lower()
+    if priority not in PRIORITIES:
+        raise InvalidParams(f"priority must be one of {', '.join(PRIORITIES)}", raw={"priority": priority[:50]})
+    return priority
