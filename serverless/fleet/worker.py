@@ -152,7 +152,8 @@ class Consumer:
                 await self._ack(taken)  # removed by a cancel before anyone ran it
                 return
             await self.client.set(owner_key, self.name, ex=self.status.ttl)
-        if taken.reclaimed and await self._lost_for_good(taken):
+        dead = await self.status.current(taken.task_id) if taken.reclaimed else 0
+        if dead and await self._lost_for_good(taken, dead):
             await self._ack(taken)
             return
         if await self.client.exists(f"cancel:{taken.task_id}:{taken.entry}"):
@@ -165,6 +166,8 @@ class Consumer:
         # without a status log, which is the only way its caller hears of it.
         spec = replace(decode_spec(taken.spec, credentials), mode="async")
         job = await self.jobs.start(spec)
+        if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
+            await self.client.delete(f"task:{taken.task_id}:{dead}:alive")
         self.taken += 1
         self.busy = True
         try:
@@ -173,12 +176,9 @@ class Consumer:
             self.busy = False
         await self._ack(taken)
 
-    async def _lost_for_good(self, taken: Taken) -> bool:
-        """A dead worker's job: end it WORKER_LOST (True) when its attempt stored outputs or was
-        a retry already; False to run it once more."""
-        number = await self.status.current(taken.task_id)
-        if not number:
-            return False  # it died before beginning: nothing ran
+    async def _lost_for_good(self, taken: Taken, number: int) -> bool:
+        """A dead worker's job, whose attempt `number` it began: end it WORKER_LOST (True) when
+        that attempt stored outputs or was a retry already; False to run it once more."""
         error: ServerlessError | None = None
         if number >= 2:
             error = WorkerLost(f"the job's worker died on attempt {number} too: it is not run again",

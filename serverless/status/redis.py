@@ -206,7 +206,7 @@ class RedisStatus:
             return b"[]"
         key = f"task:{task_id}:{number}"
         with self._translated():
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.client.pipeline(transaction=True) as pipe:  # one snapshot, as `follow`'s
                 pipe.xrange(key, min=f"0-{after + 1}")
                 pipe.xrevrange(key, count=1)
                 pipe.exists(f"{key}:alive")
@@ -277,7 +277,8 @@ class RedisStatus:
         """(the newest attempt's number, whether attempt `number`'s owner lives); (0, None) when
         Redis does not answer."""
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            # One snapshot (MULTI): a retry begins its attempt, then removes the dead one's mark.
+            async with self.client.pipeline(transaction=True) as pipe:
                 pipe.get(f"task:{task_id}")
                 pipe.exists(f"task:{task_id}:{number}:alive")
                 newest, alive = await pipe.execute()
@@ -295,7 +296,7 @@ class RedisStatus:
             if last and last[0][1].get(b"t") == b"1":
                 return  # it ended after all
             payload = jsontext.dumps(error.to_payload())
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.client.pipeline(transaction=True) as pipe:
                 pipe.xadd(key, {"d": payload, "t": "1"}, id=f"0-{seq}")
                 pipe.expire(key, self.ttl)
                 pipe.delete(f"{key}:alive")
