@@ -56,7 +56,7 @@ class Resources:
         async with ComfyUI.open(settings.comfyui_url, timeouts) as comfy:
             command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
             supervisor = None
-            if command:
+            if command and settings.role != "gateway":  # a Redis-tier gateway has no ComfyUI
                 supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
                                         address=(settings.comfyui_host, settings.comfyui_port))
             status = await open_status(settings)

@@ -178,7 +178,11 @@ class Consumer:
 
     async def _lost_for_good(self, taken: Taken, number: int) -> bool:
         """A dead worker's job, whose attempt `number` it began: end it WORKER_LOST (True) when
-        that attempt stored outputs or was a retry already; False to run it once more."""
+        that attempt stored outputs or was a retry already; False to run it once more. An attempt
+        that ended (its worker died between storing the terminal payload and XACK) is done: True."""
+        if await self.status.ended(taken.task_id, number):
+            log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
+            return True
         error: ServerlessError | None = None
         if number >= 2:
             error = WorkerLost(f"the job's worker died on attempt {number} too: it is not run again",

@@ -302,6 +302,12 @@ class RedisStatus:
                 pipe.delete(f"{key}:alive")
                 await pipe.execute()
 
+    async def ended(self, task_id: str, attempt: int) -> bool:
+        """Whether attempt `attempt` stored its terminal payload."""
+        with self._translated():
+            last: Any = await self.client.xrevrange(f"task:{task_id}:{attempt}", count=1)
+        return bool(last) and last[0][1].get(b"t") == b"1"
+
     async def has_outputs(self, task_id: str, attempt: int) -> bool:
         """Whether attempt `attempt` stored an `executed` message with outputs (a GPU was used)."""
         with self._translated():
