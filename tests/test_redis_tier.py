@@ -193,6 +193,25 @@ def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: C
     assert attempts(fleet.redis_url, "victim") == 2
 
 
+def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_not_rerun(
+        tier: Callable[..., Tier]) -> None:
+    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    gateway = fleet.gateway()
+    workers = [fleet.worker(step_delay=0.2) for _ in range(2)]
+    workflow = slow(8, steps=40)  # an early output (a2), then a long sampler and the late output
+    workflow.update({"a1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                                  "color": 5}},
+                     "a2": {"class_type": "SaveImage", "inputs": {"images": ["a1", 0], "filename_prefix": "early"}}})
+    assert submit_async(gateway.url, workflow, "charged").status_code == 202
+    wait_until(lambda: any(p["type"] == "executed" for p in status(gateway.url, "charged")))
+    owner = next(w for w in workers if "charged" in w.started())
+    owner.kill()
+    logged = wait_ended(gateway.url, "charged", timeout=30)
+    assert logged[-1]["error_code"] == "WORKER_LOST" and "outputs" in logged[-1]["error_message"]
+    assert attempts(fleet.redis_url, "charged") == 1
+    assert sum(w.started().count("charged") for w in workers) == 1, "not run a second time"
+
+
 # -- cancel, priority, idempotency -----------------------------------------------------------------
 
 def test_cancel_through_a_second_gateway_stops_the_running_job_and_removes_a_queued_one(
