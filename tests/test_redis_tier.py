@@ -246,7 +246,7 @@ def test_high_priority_jobs_are_taken_before_normal_and_low_ones(tier: Callable[
     fleet = tier()
     gateway = fleet.gateway()
     worker = fleet.worker(step_delay=0.1)
-    assert submit_async(gateway.url, slow(4, steps=10), "blocker").status_code == 202
+    assert submit_async(gateway.url, slow(4, steps=30), "blocker").status_code == 202  # 3 s: time to queue
     wait_until(lambda: "blocker" in worker.started())
     for name, priority in [("low-1", "low"), ("normal-1", "normal"), ("high-1", "high"), ("normal-2", "normal")]:
         assert submit_async(gateway.url, empty_image(prefix=name), name, priority=priority).status_code == 202
