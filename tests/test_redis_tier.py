@@ -122,6 +122,19 @@ def test_documentation_clients_work_unchanged_against_a_gateway(tier: Callable[.
     assert logged[-1]["type"] == "serverless_api" and logged[-1]["data"]["task_id"] == "doc-async"
 
 
+def test_sse_ids_through_one_gateway_are_the_status_numbering_of_another(tier: Callable[..., Tier]) -> None:
+    fleet = tier()
+    first, second = fleet.gateway(), fleet.gateway()
+    fleet.worker()
+    headers = {"x-fc-async-task-id": "numbered"}  # named: its status is kept
+    with requests.post(first.url + RUN, params={"stream": "true"}, data=json.dumps(txt2img(seed=9, steps=3)),
+                       headers=headers, stream=True, timeout=60) as response:
+        events = list(read_events(response))
+    for after in (0, 3, len(events) - 1):
+        resumed = status(second.url, "numbered", after=str(after))
+        assert resumed == payloads(events[after:]), after
+
+
 def test_base64_outputs_are_left_out_of_redis_with_a_note(tier: Callable[..., Tier]) -> None:
     fleet = tier()
     gateway = fleet.gateway()
