@@ -13,6 +13,7 @@ which checks the cancel key every CANCEL_POLL seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, replace
@@ -69,12 +70,22 @@ class RedisQueue:
                 claimed = await self.client.set(f"idem:{idempotency_key}", mark, nx=True, ex=self.status.ttl)
                 if not claimed:
                     return await self._attach(idempotency_key, spec)
-            following = await self.status.current(task_id) + 1
-            fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-            entry: Any = await self.client.xadd(stream(priority), fields)  # type: ignore[arg-type]
-            await self.client.set(f"job:{task_id}", f"{stream(priority)} {entry.decode()}", ex=self.status.ttl)
+            try:
+                following, entry = await self._enqueue(spec, task_id, priority)
+            except BaseException:
+                if idempotency_key is not None:  # a repeat must not attach to a job that never was
+                    with contextlib.suppress(Exception):
+                        await self.client.delete(f"idem:{idempotency_key}")
+                raise
         log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
         return Submitted(task_id, following, False)
+
+    async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
+        following = await self.status.current(task_id) + 1
+        fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
+        entry: Any = await self.client.xadd(stream(priority), fields)  # type: ignore[arg-type]
+        await self.client.set(f"job:{task_id}", f"{stream(priority)} {entry.decode()}", ex=self.status.ttl)
+        return following, entry
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
         value: Any = await self.client.get(f"idem:{key}")

@@ -249,7 +249,7 @@ class RedisStatus:
                 if now - down_since > self.stale_after:
                     yield Entry(offset + cursor + 1, jsontext.dumps(unavailable(exc).to_payload()), True, number)
                     return
-                await asyncio.sleep(min(0.2 * 2 ** min(now - down_since, 5), BACKOFF_MAX))
+                await asyncio.sleep(BLOCK_SECONDS / 2)
                 answer = None
             for _, entries in answer or []:
                 for entry_id, fields in entries:
