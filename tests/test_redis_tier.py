@@ -247,7 +247,8 @@ def test_cancel_through_a_second_gateway_stops_the_running_job_and_removes_a_que
     assert status(second.url, "queued")[-1]["error_message"] == "cancelled by request"
 
     assert submit_async(first.url, empty_image(prefix="after"), "after").status_code == 202
-    assert wait_ended(first.url, "after")[-1]["type"] == "serverless_api"
+    after = wait_ended(first.url, "after")
+    assert after[-1]["type"] == "serverless_api", after[-3:]
     assert "queued" not in worker.started(), "a job cancelled while queued never runs"
     again = requests.post(second.url + "/api/serverless/cancel", params={"task_id": "running"}, timeout=10)
     assert again.status_code == 409 and again.json()["raw"]["state"] == "cancelled"

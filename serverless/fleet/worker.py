@@ -36,6 +36,7 @@ from .wire import GROUP, PRIORITIES, decode_spec, stream
 log = logging.getLogger(__name__)
 
 CANCEL_POLL = 0.25  # seconds between looks at a running job's cancel key
+IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 STREAMS = tuple(stream(priority) for priority in PRIORITIES)
 
 
@@ -70,6 +71,8 @@ class Consumer:
         delay = 0.1
         await self._groups()
         while self.jobs.accepting:
+            if not await self._comfyui_idle():
+                continue
             try:
                 taken = await self._claim_when_due() or await self._next()
                 if taken is not None:
@@ -84,6 +87,27 @@ class Consumer:
                     raise
                 log.warning("consumer %s: the queue's group is gone (Redis lost its data?): creating it", self.name)
                 await self._groups()
+
+    async def _comfyui_idle(self) -> bool:
+        """Wait (bounded) until our ComfyUI runs nothing and holds nothing: a job stopped a moment
+        ago may still be finishing there, and the next one must not queue behind it, nor meet its
+        interrupt. False when ComfyUI did not answer (after a pause)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + IDLE_WAIT
+        try:
+            while True:
+                queue = await self.jobs.runtime.comfy.queue()
+                if not queue.running and not queue.pending:
+                    return True
+                if loop.time() > deadline:
+                    log.warning("consumer %s: ComfyUI still holds %d prompt(s); taking a job anyway",
+                                self.name, len(queue.running) + len(queue.pending))
+                    return True
+                await asyncio.sleep(0.02)
+        except ServerlessError as exc:
+            log.warning("consumer %s: ComfyUI does not answer (%s); no job taken", self.name, exc.message)
+            await asyncio.sleep(1.0)
+            return False
 
     async def _groups(self) -> None:
         """The consumer group on every queue stream (from the start: jobs queued before the first
