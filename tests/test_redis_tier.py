@@ -3,6 +3,7 @@ with its own ComfyUI emulator; driven by the documentation's clients."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -16,6 +17,7 @@ import pytest
 import redis
 import requests
 
+from serverless.status.redis import RedisStatus, connect
 from tests.fleet import RedisServer, Tier
 from tests.helpers import RUN, empty_image, post_run, txt2img, wait_until
 from tests.test_stream import payloads, read_events
@@ -74,6 +76,41 @@ def attempts(url: str, task_id: str) -> int:
 def slow(seed: int, steps: int = 30) -> dict[str, Any]:
     """A txt2img whose outputs come only at its end (steps x the emulator's step delay)."""
     return txt2img(seed=seed, steps=steps, prefix=f"slow{seed}")
+
+
+# -- the status store in process ----------------------------------------------------------------
+
+def test_a_reader_never_sees_a_begun_attempt_without_its_owners_mark(redis_server: RedisServer) -> None:
+    """Otherwise a follower reads "instance lost" for a job that has just started."""
+
+    async def scenario() -> list[str]:
+        store = RedisStatus(connect(redis_server.url(next(_databases))), stale_after=60, retention_days=1,
+                            max_event_bytes=1 << 20)
+        seen_lost: list[str] = []
+        done = asyncio.Event()
+
+        async def reader(task_id: str) -> None:
+            while not done.is_set():
+                newest, alive = await store._attempt_state(task_id, 1)
+                if newest == 1 and alive is False:
+                    seen_lost.append(task_id)
+                    return
+
+        try:
+            for n in range(100):
+                task_id = f"begin-{n}"
+                readers = [asyncio.create_task(reader(task_id)) for _ in range(4)]
+                await asyncio.sleep(0)
+                await store.begin(task_id)
+                await asyncio.sleep(0.001)
+                done.set()
+                await asyncio.gather(*readers)
+                done.clear()
+        finally:
+            await store.aclose()
+        return seen_lost
+
+    assert asyncio.run(scenario()) == []
 
 
 # -- throughput and the documentation's clients ---------------------------------------------------

@@ -39,6 +39,14 @@ BASE64_NOTE = "base64 outputs are not kept in the Redis status log: ask for outp
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 BACKOFF_MAX = 5.0
 DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+# A new attempt and its owner's mark in one step: a reader must never see the attempt without the
+# mark (it would read "instance lost"). The mark's key is derived, so this needs one Redis, not a cluster.
+BEGIN = """
+local number = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1] .. ':' .. number .. ':alive', '1', 'EX', ARGV[2])
+return number
+"""
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -99,6 +107,7 @@ class RedisStatus:
         self.max_event_bytes = max_event_bytes
         self._last_error: str | None = None
         self._up: bool | None = None
+        self._begin = client.register_script(BEGIN)
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -106,11 +115,7 @@ class RedisStatus:
         """Claim the task's next attempt (INCR): readers see it, empty and alive, from now on."""
         validate_task_id(task_id)
         with self._translated():
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.incr(f"task:{task_id}")
-                pipe.expire(f"task:{task_id}", self.ttl)
-                number = int((await pipe.execute())[0])
-            await self.client.set(f"task:{task_id}:{number}:alive", "1", ex=self._alive_ttl)
+            number = int(await self._begin(keys=[f"task:{task_id}"], args=[self.ttl, self._alive_ttl]))
         if number > 1:
             log.info("task_id=%s: attempt %d begins (retried)", task_id, number)
         return RedisAttempt(task_id, number)
