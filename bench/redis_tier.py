@@ -89,17 +89,24 @@ async def cell(session: aiohttp.ClientSession, url: str, setup: str, job: str, c
                 percentile(latencies, 95) * 1000)
 
 
-async def measure(session: aiohttp.ClientSession, url: str, setup: str, emulators: list[procs.Server],
-                  quick: bool, seeds: list[int]) -> list[Cell]:
+def fresh_session() -> aiohttp.ClientSession:
+    """A session per cell: connections left idle from one cell to the next would meet the
+    server's keep-alive timeout mid-reuse (a reset that says nothing about the server)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+async def measure(url: str, setup: str, emulators: list[procs.Server], quick: bool, seeds: list[int]) -> list[Cell]:
     cells = []
     for delay, job in JOBS.items():
-        await set_step_delay(session, emulators, delay)
-        for _ in range(5):  # warm the path
-            await one_job(session, url, seeds[0] + 10_000_000)
-            seeds[0] += 1
+        async with fresh_session() as session:
+            await set_step_delay(session, emulators, delay)
+            for _ in range(5):  # warm the path
+                await one_job(session, url, seeds[0] + 10_000_000)
+                seeds[0] += 1
         for clients in CLIENTS:
             jobs = max(clients, 10 if quick else 30) if delay > 0.05 else max(2 * clients, 50 if quick else 200)
-            cells.append(await cell(session, url, setup, job, clients, jobs, seeds))
+            async with fresh_session() as session:
+                cells.append(await cell(session, url, setup, job, clients, jobs, seeds))
             print(f"  {setup:<22} {job:>6} {clients:>3} clients: {cells[-1].jobs_per_s:7.1f} jobs/s, "
                   f"p50 {cells[-1].p50_ms:7.1f} ms", flush=True)
     return cells
@@ -121,7 +128,7 @@ async def run(quick: bool) -> list[Cell]:
                 box = procs.start_app(work / "box", emulators[0].url)
                 started.append(box)
                 await box.wait_ready(session, procs.HEALTH)
-                cells += await measure(session, box.url, "one box", emulators[:1], quick, seeds)
+                cells += await measure(box.url, "one box", emulators[:1], quick, seeds)
                 box.stop()
 
                 tier = {"STATUS_BACKEND": "redis", "QUEUE_BACKEND": "redis", "REDIS_URL": redis.url}
@@ -130,11 +137,11 @@ async def run(quick: bool) -> list[Cell]:
                 started += [gateway, worker1]
                 for server in (gateway, worker1):
                     await server.wait_ready(session, procs.HEALTH)
-                cells += await measure(session, gateway.url, "gateway + 1 worker", emulators[:1], quick, seeds)
+                cells += await measure(gateway.url, "gateway + 1 worker", emulators[:1], quick, seeds)
                 worker2 = procs.start_app(work / "w2", emulators[1].url, ROLE="worker", FC_INSTANCE_ID="w2", **tier)
                 started.append(worker2)
                 await worker2.wait_ready(session, procs.HEALTH)
-                cells += await measure(session, gateway.url, "gateway + 2 workers", emulators, quick, seeds)
+                cells += await measure(gateway.url, "gateway + 2 workers", emulators, quick, seeds)
             finally:
                 for server in reversed(started):
                     server.stop()

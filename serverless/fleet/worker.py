@@ -103,7 +103,7 @@ class Consumer:
                     log.warning("consumer %s: ComfyUI still holds %d prompt(s); taking a job anyway",
                                 self.name, len(queue.running) + len(queue.pending))
                     return True
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.005)  # a finished prompt leaves ComfyUI's queue within milliseconds
         except ServerlessError as exc:
             log.warning("consumer %s: ComfyUI does not answer (%s); no job taken", self.name, exc.message)
             await asyncio.sleep(1.0)
