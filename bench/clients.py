@@ -25,8 +25,10 @@ def small_workflow(prefix: str, color: int = 0, size: int = 64) -> dict[str, Any
     """EmptyImage size x size -> SaveImage: ComfyUI's cheapest job with an output file. Vary
     `color` from job to job, or ComfyUI answers from its cache without running anything."""
     return {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": size, "height": size, "batch_size": 1, "color": color % 0xFFFFFF}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": color % 0xFFFFFF},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
 
@@ -47,10 +49,21 @@ def long_workflow(steps: int, seed: int = 1) -> dict[str, Any]:
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": steps, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
-            "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
-            "latent_image": ["5", 0]}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 8,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench/long/img"}},
     }
@@ -94,8 +107,9 @@ class DirectClient:
     async def run(self, workflow: dict[str, Any], received: Received | None = None) -> list[bytes]:
         """One job; returns the images' bytes. With `received`, every text is kept with its time."""
         assert self.ws is not None
-        async with self.session.post(self.url + "/prompt",
-                                     json={"prompt": workflow, "client_id": self.client_id}) as resp:
+        async with self.session.post(
+            self.url + "/prompt", json={"prompt": workflow, "client_id": self.client_id}
+        ) as resp:
             answer = await resp.json()
             if resp.status != 200:
                 raise JobFailed(f"/prompt answered {resp.status}: {answer}")
@@ -128,17 +142,24 @@ def _images_of(payload: dict[str, Any]) -> list[bytes]:
     return [base64.b64decode(r["output"]["base64"]["content"]) for r in payload["data"]["results"]]
 
 
-async def run_sync(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> list[bytes]:
+async def run_sync(
+    session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None
+) -> list[bytes]:
     """POST /api/serverless/run?output_base64=true; returns the images' bytes."""
-    async with session.post(app_url + RUN, params={"output_base64": "true"}, data=json.dumps(workflow),
-                            headers=headers or {}, timeout=NO_LIMIT) as resp:
+    async with session.post(
+        app_url + RUN,
+        params={"output_base64": "true"},
+        data=json.dumps(workflow),
+        headers=headers or {},
+        timeout=NO_LIMIT,
+    ) as resp:
         body = await resp.read()
     return _images_of(json.loads(body))
 
 
-async def run_sse(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any],
-                  received: Received | None = None) -> list[bytes]:
+async def run_sse(
+    session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any], received: Received | None = None
+) -> list[bytes]:
     """POST /api/serverless/run?stream=true&output_base64=true, read to the end of the stream."""
     received = received if received is not None else Received()
     params = {"stream": "true", "output_base64": "true"}

@@ -57,8 +57,7 @@ class SlowOss(LocalOss):
 def batch_workflow(count: int, prefix: str, variant: int = 0) -> dict[str, Any]:
     """N images; a new `variant` makes a new job (ComfyUI would answer the same one from its cache)."""
     return {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": count, "color": variant}},
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": count, "color": variant}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
 
@@ -100,11 +99,17 @@ def run() -> dict[str, float]:
         apps: list[App] = []
         try:
             env = {
-                "COMFYUI_URL": emulator.url, "STATUS_DIR": str(root / "status"), "FC_INSTANCE_ID": "bench",
-                "OSS_BUCKET_DOMAIN": f"{bucket}.oss-cn-hangzhou.aliyuncs.com", "OSS_ENDPOINT": oss.endpoint,
-                "OSS_SIGN_ENDPOINT": oss.endpoint, "OSS_EXPIRES_IN_SECOND": "3600",
-                "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
-                "ALIBABA_CLOUD_SECURITY_TOKEN": "", "LOG_LEVEL": "WARNING",
+                "COMFYUI_URL": emulator.url,
+                "STATUS_DIR": str(root / "status"),
+                "FC_INSTANCE_ID": "bench",
+                "OSS_BUCKET_DOMAIN": f"{bucket}.oss-cn-hangzhou.aliyuncs.com",
+                "OSS_ENDPOINT": oss.endpoint,
+                "OSS_SIGN_ENDPOINT": oss.endpoint,
+                "OSS_EXPIRES_IN_SECOND": "3600",
+                "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
+                "ALIBABA_CLOUD_SECURITY_TOKEN": "",
+                "LOG_LEVEL": "WARNING",
             }
             concurrent = App(root, {**env, "OUTPUT_CONCURRENCY": str(max(COUNTS))})
             apps.append(concurrent)
@@ -118,11 +123,11 @@ def run() -> dict[str, float]:
                 figures[f"n{count}_outputs_s"] = outputs_s
                 figures[f"n{count}_wall_s"] = wall
                 figures[f"n{count}_sequential_outputs_s"] = median_run(
-                    sequential, partial(batch_workflow, count, f"s{count}"), count)[0]
+                    sequential, partial(batch_workflow, count, f"s{count}"), count
+                )[0]
                 figures[f"n{count}_sum_s"] = count * single
             steps = 10  # 10 x 0.1 s of sampling: longer than one upload
-            requests.post(emulator.url + "/emulator/config", json={"step_delay": 2.5 * PUT_DELAY / steps},
-                          timeout=10)
+            requests.post(emulator.url + "/emulator/config", json={"step_delay": 2.5 * PUT_DELAY / steps}, timeout=10)
             figures["early_output_outputs_s"] = median_run(sequential, partial(early_and_late_workflow, steps), 2)[0]
             figures["early_output_sum_s"] = 2 * single
         finally:
@@ -137,8 +142,7 @@ def table(figures: dict[str, float]) -> str:
         f"OSS uploads of one job, each PUT held {figures['put_delay_s']:.2f} s by the local OSS "
         f"(median of {REPEATS} jobs)",
         "",
-        f"{'outputs':>7}  {'outputs_s':>9}  {'wall_s':>7}  {'N x one upload':>14}  "
-        f"{'OUTPUT_CONCURRENCY=1':>20}",
+        f"{'outputs':>7}  {'outputs_s':>9}  {'wall_s':>7}  {'N x one upload':>14}  {'OUTPUT_CONCURRENCY=1':>20}",
     ]
     for count in COUNTS:
         lines.append(

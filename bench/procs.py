@@ -33,16 +33,20 @@ class Server:
         self._log_file = open(log, "ab")  # closed in stop()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            stdout=self._log_file, stderr=subprocess.STDOUT,
+            args,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
         )
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    async def wait_ready(self, session: aiohttp.ClientSession, path: str, timeout: float = 30.0,
-                         interval: float = 0.005) -> float:
+    async def wait_ready(
+        self, session: aiohttp.ClientSession, path: str, timeout: float = 30.0, interval: float = 0.005
+    ) -> float:
         """Poll `path` until it answers 200; returns the seconds since the process was started."""
         deadline = self.started + timeout
         while time.monotonic() < deadline:
@@ -74,8 +78,19 @@ class Server:
 def start_emulator(root: Path, step_delay: float = 0.0) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    args = [sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1", "--port", str(port),
-            "--root", str(root), "--step-delay", str(step_delay)]
+    args = [
+        sys.executable,
+        "-m",
+        "comfyui_emulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--root",
+        str(root),
+        "--step-delay",
+        str(step_delay),
+    ]
     return Server(args, port, root / "emulator.log")
 
 
@@ -147,8 +162,10 @@ def machine() -> str:
     except OSError:
         mem_kib = 0
     uname = os.uname()
-    return (f"{os.cpu_count()} x {model}, {mem_kib / 1024 / 1024:.0f} GiB RAM, Linux {uname.release}, "
-            f"Python {sys.version.split()[0]}")
+    return (
+        f"{os.cpu_count()} x {model}, {mem_kib / 1024 / 1024:.0f} GiB RAM, Linux {uname.release}, "
+        f"Python {sys.version.split()[0]}"
+    )
 
 
 def load_average() -> str:

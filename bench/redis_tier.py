@@ -47,8 +47,22 @@ class Redis:
         self.port = procs.free_port()
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
@@ -71,8 +85,9 @@ async def one_job(session: aiohttp.ClientSession, url: str, seed: int) -> float:
     return time.monotonic() - started
 
 
-async def cell(session: aiohttp.ClientSession, url: str, setup: str, job: str, clients: int, jobs: int,
-               seeds: list[int]) -> Cell:
+async def cell(
+    session: aiohttp.ClientSession, url: str, setup: str, job: str, clients: int, jobs: int, seeds: list[int]
+) -> Cell:
     latencies: list[float] = []
     left = [jobs]
 
@@ -85,8 +100,9 @@ async def cell(session: aiohttp.ClientSession, url: str, setup: str, job: str, c
     started = time.monotonic()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.monotonic() - started
-    return Cell(setup, job, clients, jobs, jobs / elapsed, percentile(latencies, 50) * 1000,
-                percentile(latencies, 95) * 1000)
+    return Cell(
+        setup, job, clients, jobs, jobs / elapsed, percentile(latencies, 50) * 1000, percentile(latencies, 95) * 1000
+    )
 
 
 def fresh_session() -> aiohttp.ClientSession:
@@ -107,8 +123,11 @@ async def measure(url: str, setup: str, emulators: list[procs.Server], quick: bo
             jobs = max(clients, 10 if quick else 30) if delay > 0.05 else max(2 * clients, 50 if quick else 200)
             async with fresh_session() as session:
                 cells.append(await cell(session, url, setup, job, clients, jobs, seeds))
-            print(f"  {setup:<22} {job:>6} {clients:>3} clients: {cells[-1].jobs_per_s:7.1f} jobs/s, "
-                  f"p50 {cells[-1].p50_ms:7.1f} ms", flush=True)
+            print(
+                f"  {setup:<22} {job:>6} {clients:>3} clients: {cells[-1].jobs_per_s:7.1f} jobs/s, "
+                f"p50 {cells[-1].p50_ms:7.1f} ms",
+                flush=True,
+            )
     return cells
 
 
@@ -151,11 +170,17 @@ async def run(quick: bool) -> list[Cell]:
 
 def table(cells: list[Cell]) -> str:
     rows = ["| setup | job | clients | jobs/s | p50 ms | p95 ms |", "|---|---|---:|---:|---:|---:|"]
-    rows += [f"| {c.setup} | {c.job} | {c.clients} | {c.jobs_per_s:.1f} | {c.p50_ms:.1f} | {c.p95_ms:.1f} |"
-             for c in cells]
+    rows += [
+        f"| {c.setup} | {c.job} | {c.clients} | {c.jobs_per_s:.1f} | {c.p50_ms:.1f} | {c.p95_ms:.1f} |" for c in cells
+    ]
     added = added_latency(cells)
-    rows += ["", *(f"Added latency (gateway + 1 worker vs one box, 1 client, p50), {job}: {ms:+.1f} ms"
-                   for job, ms in added.items())]
+    rows += [
+        "",
+        *(
+            f"Added latency (gateway + 1 worker vs one box, 1 client, p50), {job}: {ms:+.1f} ms"
+            for job, ms in added.items()
+        ),
+    ]
     return "\n".join(rows)
 
 

@@ -30,8 +30,9 @@ class Figure:
         return {True: "met", False: "MISSED", None: ""}[self.met]
 
 
-def goal(section: str, name: str, value: float | None, unit: str, text: str,
-         check: Callable[[float], bool], note: str = "") -> Figure:
+def goal(
+    section: str, name: str, value: float | None, unit: str, text: str, check: Callable[[float], bool], note: str = ""
+) -> Figure:
     """A figure with a goal; `check` says whether the value meets it."""
     met = None if value is None else bool(check(value))
     return Figure(section, name, value, unit, text, met, note)

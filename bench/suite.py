@@ -95,6 +95,7 @@ async def timed(call: Callable[[], Awaitable[object]]) -> float:
 
 # -- 1. overhead per job ----------------------------------------------------------------------------
 
+
 async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figure]:
     say(f"overhead: {jobs} jobs each, native / sync / SSE alternately")
     series: dict[str, list[float]] = {"native": [], "sync": [], "sse": []}
@@ -120,18 +121,39 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
         info(section, "native client p50 / p99", p(native, 50), "ms", f"p99 {p(native, 99):.2f} ms"),
         info(section, "adapter sync p50 / p99", p(sync, 50), "ms", f"p99 {p(sync, 99):.2f} ms"),
         info(section, "adapter SSE p50 / p99", p(sse, 50), "ms", f"p99 {p(sse, 99):.2f} ms"),
-        goal(section, "added by the adapter, sync p50", p(sync, 50) - p(native, 50), "ms", "<= 5 ms",
-             lambda v: v <= 5, f"p99 +{p(sync, 99) - p(native, 99):.2f} ms"),
-        goal(section, "added by the adapter, SSE p50", p(sse, 50) - p(native, 50), "ms", "<= 5 ms",
-             lambda v: v <= 5, f"p99 +{p(sse, 99) - p(native, 99):.2f} ms"),
+        goal(
+            section,
+            "added by the adapter, sync p50",
+            p(sync, 50) - p(native, 50),
+            "ms",
+            "<= 5 ms",
+            lambda v: v <= 5,
+            f"p99 +{p(sync, 99) - p(native, 99):.2f} ms",
+        ),
+        goal(
+            section,
+            "added by the adapter, SSE p50",
+            p(sse, 50) - p(native, 50),
+            "ms",
+            "<= 5 ms",
+            lambda v: v <= 5,
+            f"p99 +{p(sse, 99) - p(native, 99):.2f} ms",
+        ),
         info(section, "app CPU per job", cpu_per_job, "ms", "sync and SSE jobs above, averaged"),
     ]
 
 
 # -- 2. throughput ----------------------------------------------------------------------------------
 
-async def _throughput(ctx: Context, mode: str, clients: int, seconds: float, warmup: float,
-                      job: Callable[[], dict[str, Any]] | None = None) -> tuple[float, float]:
+
+async def _throughput(
+    ctx: Context,
+    mode: str,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    job: Callable[[], dict[str, Any]] | None = None,
+) -> tuple[float, float]:
     """Jobs/s completed by `clients` looping clients in a window of `seconds` after `warmup`, and
     the app's CPU time per job (ms) over the whole run."""
     loop = asyncio.get_running_loop()
@@ -173,8 +195,9 @@ async def _throughput(ctx: Context, mode: str, clients: int, seconds: float, war
     return (len(window) - 1) / (window[-1] - window[0]), cpu_per_job
 
 
-async def throughput(ctx: Context, levels: tuple[int, ...] = (1, 10, 100), seconds: float = 4.0,
-                     warmup: float = 1.0) -> list[Figure]:
+async def throughput(
+    ctx: Context, levels: tuple[int, ...] = (1, 10, 100), seconds: float = 4.0, warmup: float = 1.0
+) -> list[Figure]:
     figures = []
     section = "2. throughput (jobs/s)"
     for clients in levels:
@@ -187,13 +210,23 @@ async def throughput(ctx: Context, levels: tuple[int, ...] = (1, 10, 100), secon
         figures.append(info(section, f"native, {who}", rates["native"], "jobs/s"))
         for mode in ("sync", "sse"):
             ratio = rates[mode] / rates["native"] if rates["native"] else 0.0
-            figures.append(goal(section, f"{mode}, {who} (ratio to native)", ratio, "x", ">= 0.9 x native",
-                                lambda v: v >= 0.9, f"{rates[mode]:.1f} jobs/s; app CPU {cpu[mode]:.1f} ms/job"))
+            figures.append(
+                goal(
+                    section,
+                    f"{mode}, {who} (ratio to native)",
+                    ratio,
+                    "x",
+                    ">= 0.9 x native",
+                    lambda v: v >= 0.9,
+                    f"{rates[mode]:.1f} jobs/s; app CPU {cpu[mode]:.1f} ms/job",
+                )
+            )
     return figures
 
 
-async def throughput_long_jobs(ctx: Context, seconds: float = 5.0, warmup: float = 0.5,
-                               step_delay: float = 0.01, steps: int = 10) -> list[Figure]:
+async def throughput_long_jobs(
+    ctx: Context, seconds: float = 5.0, warmup: float = 0.5, step_delay: float = 0.01, steps: int = 10
+) -> list[Figure]:
     """One client, jobs of ~100 ms in ComfyUI (KSampler steps): what a fixed per-job overhead costs
     once ComfyUI does some work."""
     section = "2. throughput (jobs/s)"
@@ -206,16 +239,26 @@ async def throughput_long_jobs(ctx: Context, seconds: float = 5.0, warmup: float
     rates = {}
     try:
         for mode in ("native", "sync", "sse"):
-            rates[mode], _ = await _throughput(ctx, mode, 1, seconds, warmup,
-                                               job=lambda: long_workflow(steps, seed=next(seeds)))
+            rates[mode], _ = await _throughput(
+                ctx, mode, 1, seconds, warmup, job=lambda: long_workflow(steps, seed=next(seeds))
+            )
             await _settle(ctx)
     finally:
         await ctx.configure(step_delay=0)
     figures = [info(section, f"native, 1 client, {label}", rates["native"], "jobs/s")]
     for mode in ("sync", "sse"):
         ratio = rates[mode] / rates["native"] if rates["native"] else 0.0
-        figures.append(goal(section, f"{mode}, 1 client, {label} (ratio)", ratio, "x", ">= 0.9 x native",
-                            lambda v: v >= 0.9, f"{rates[mode]:.1f} jobs/s"))
+        figures.append(
+            goal(
+                section,
+                f"{mode}, 1 client, {label} (ratio)",
+                ratio,
+                "x",
+                ">= 0.9 x native",
+                lambda v: v >= 0.9,
+                f"{rates[mode]:.1f} jobs/s",
+            )
+        )
     return figures
 
 
@@ -225,6 +268,7 @@ async def _settle(ctx: Context, timeout: float = 30.0) -> None:
 
 
 # -- 3. event latency -------------------------------------------------------------------------------
+
 
 async def _sent_times(ctx: Context, client_id: str) -> list[tuple[float, str]]:
     params = {"client_id": client_id, "times": "1"}
@@ -253,8 +297,15 @@ def _client_id(received: Received) -> str:
 async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_delay: float = 0.01) -> list[Figure]:
     section = "3. event latency"
     if not ctx.emulated:
-        return [info(section, "ComfyUI send -> SSE client", None, "ms",
-                     "needs the emulator's send-time hook (GET /emulator/sent?times=1)")]
+        return [
+            info(
+                section,
+                "ComfyUI send -> SSE client",
+                None,
+                "ms",
+                "needs the emulator's send-time hook (GET /emulator/sent?times=1)",
+            )
+        ]
     say(f"event latency: {jobs} jobs of {steps} progress steps, {step_delay * 1000:g} ms apart")
     await ctx.configure(step_delay=step_delay)
     sse: list[float] = []
@@ -273,22 +324,42 @@ async def event_latency(ctx: Context, jobs: int = 3, steps: int = 100, step_dela
         await ctx.configure(step_delay=0)
     sse, native = ms(sse), ms(native)
     return [
-        goal(section, "ComfyUI send -> SSE client, p99", percentile(sse, 99), "ms", "p99 < 5 ms",
-             lambda v: v < 5, f"p50 {percentile(sse, 50):.2f} ms, max {max(sse):.2f} ms, {len(sse)} events"),
-        info(section, "ComfyUI send -> native ws client, p99", percentile(native, 99), "ms",
-             f"p50 {percentile(native, 50):.2f} ms (the floor), {len(native)} events"),
+        goal(
+            section,
+            "ComfyUI send -> SSE client, p99",
+            percentile(sse, 99),
+            "ms",
+            "p99 < 5 ms",
+            lambda v: v < 5,
+            f"p50 {percentile(sse, 50):.2f} ms, max {max(sse):.2f} ms, {len(sse)} events",
+        ),
+        info(
+            section,
+            "ComfyUI send -> native ws client, p99",
+            percentile(native, 99),
+            "ms",
+            f"p50 {percentile(native, 50):.2f} ms (the floor), {len(native)} events",
+        ),
     ]
 
 
 # -- 4. memory --------------------------------------------------------------------------------------
+
 
 async def open_streams_memory(ctx: Context, streams: int = 100) -> list[Figure]:
     """A fresh app, warmed by a few jobs, then `streams` SSE jobs open at once (queued in ComfyUI
     behind a long one, each holding its caller's connection and its own ComfyUI websocket)."""
     section = "4. memory"
     if not ctx.emulated:
-        return [info(section, f"RSS with {streams} open streams", None, "MiB",
-                     "needs the emulator (long jobs through step_delay)")]
+        return [
+            info(
+                section,
+                f"RSS with {streams} open streams",
+                None,
+                "MiB",
+                "needs the emulator (long jobs through step_delay)",
+            )
+        ]
     say(f"memory: {streams} open SSE streams (fresh app)")
     app = procs.start_app(ctx.workdir / "streams", ctx.comfyui_url)
     fresh = Context(ctx.session, ctx.comfyui_url, app, ctx.workdir, ctx.emulated, ctx.notes, ctx.colors)
@@ -300,8 +371,11 @@ async def open_streams_memory(ctx: Context, streams: int = 100) -> list[Figure]:
         await asyncio.sleep(0.3)
         before = procs.rss_mib(app.pid)
         await ctx.configure(step_delay=0.05)
-        responses = list(await asyncio.gather(
-            *(open_stream(ctx.session, app.url, long_workflow(10_000, seed=5000 + i)) for i in range(streams))))
+        responses = list(
+            await asyncio.gather(
+                *(open_stream(ctx.session, app.url, long_workflow(10_000, seed=5000 + i)) for i in range(streams))
+            )
+        )
         await fresh.until(lambda health: health.get("jobs", 0) >= streams, 30)
         await asyncio.sleep(0.5)
         during = procs.rss_mib(app.pid)
@@ -312,9 +386,14 @@ async def open_streams_memory(ctx: Context, streams: int = 100) -> list[Figure]:
         await _settle(fresh)
         app.stop()
     return [
-        info(section, f"RSS with {streams} open streams", during, "MiB",
-             f"+{during - before:.1f} MiB over {before:.1f} MiB idle, "
-             f"{(during - before) * 1024 / streams:.0f} KiB per stream"),
+        info(
+            section,
+            f"RSS with {streams} open streams",
+            during,
+            "MiB",
+            f"+{during - before:.1f} MiB over {before:.1f} MiB idle, "
+            f"{(during - before) * 1024 / streams:.0f} KiB per stream",
+        ),
     ]
 
 
@@ -351,12 +430,20 @@ async def base64_peak(ctx: Context) -> list[Figure]:
     above = peak - idle
     return [
         info(section, "base64 output: PNG size", size, "MiB", f"job took {elapsed:.2f} s; RSS after {after:.1f} MiB"),
-        goal(section, "base64 output: peak RSS above idle", above / size, "x output", "< 3 x output",
-             lambda v: v < 3, f"{above:.1f} MiB above {idle:.1f} MiB idle" + ("" if exact else " (sampled)")),
+        goal(
+            section,
+            "base64 output: peak RSS above idle",
+            above / size,
+            "x output",
+            "< 3 x output",
+            lambda v: v < 3,
+            f"{above:.1f} MiB above {idle:.1f} MiB idle" + ("" if exact else " (sampled)"),
+        ),
     ]
 
 
 # -- 5. start-up ------------------------------------------------------------------------------------
+
 
 async def startup(ctx: Context, runs: int = 3) -> list[Figure]:
     say(f"start-up: {runs} fresh app processes (bootstrap) to the first 200 from health")
@@ -370,10 +457,22 @@ async def startup(ctx: Context, runs: int = 3) -> list[Figure]:
         finally:
             app.stop()
     return [
-        info("5. start-up", "process start -> first 200 from health", statistics.median(times), "s",
-             "runs: " + ", ".join(f"{t:.2f}" for t in times)),
-        goal("4. memory", "RSS idle, just started", max(idle), "MiB", "< 80 MiB", lambda v: v < 80,
-             "max of the start-up runs"),
+        info(
+            "5. start-up",
+            "process start -> first 200 from health",
+            statistics.median(times),
+            "s",
+            "runs: " + ", ".join(f"{t:.2f}" for t in times),
+        ),
+        goal(
+            "4. memory",
+            "RSS idle, just started",
+            max(idle),
+            "MiB",
+            "< 80 MiB",
+            lambda v: v < 80,
+            "max of the start-up runs",
+        ),
     ]
 
 
@@ -390,6 +489,7 @@ async def idle_rss(ctx: Context, after: str, target: bool = True) -> list[Figure
 
 # -- OSS upload overlap (a colleague's module) -----------------------------------------------------
 
+
 async def oss_overlap(ctx: Context) -> list[Figure]:
     section = "6. OSS overlap"
     try:
@@ -402,5 +502,7 @@ async def oss_overlap(ctx: Context) -> list[Figure]:
         results = await asyncio.wait_for(asyncio.to_thread(module.run), timeout=120)
     except Exception as exc:  # a colleague's module failing must not lose this run's table
         return [info(section, "bench/oss_overlap.py", None, "", f"failed ({type(exc).__name__}: {exc}): skipped")]
-    return [info(section, str(name), float(value), "s" if str(name).endswith("_s") else "")
-            for name, value in dict(results).items()]
+    return [
+        info(section, str(name), float(value), "s" if str(name).endswith("_s") else "")
+        for name, value in dict(results).items()
+    ]

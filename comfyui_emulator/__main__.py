@@ -12,18 +12,26 @@ from .app import create_app
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_emulator",
-                                     description="Serve a ComfyUI 0.3.64 emulator.")
+    parser = argparse.ArgumentParser(prog="python -m comfyui_emulator", description="Serve a ComfyUI 0.3.64 emulator.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8188)
-    parser.add_argument("--root", type=Path, default=Path("emulator-data"),
-                        help="folder holding input/, output/ and temp/ (default ./emulator-data)")
-    parser.add_argument("--step-delay", type=float, default=0.02,
-                        help="seconds slept per KSampler step (default 0.02)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("emulator-data"),
+        help="folder holding input/, output/ and temp/ (default ./emulator-data)",
+    )
+    parser.add_argument("--step-delay", type=float, default=0.02, help="seconds slept per KSampler step (default 0.02)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    web.run_app(create_app(args.root, args.step_delay), host=args.host, port=args.port,
-                shutdown_timeout=2.0, access_log=None, print=None)
+    web.run_app(
+        create_app(args.root, args.step_delay),
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=2.0,
+        access_log=None,
+        print=None,
+    )
 
 
 if __name__ == "__main__":

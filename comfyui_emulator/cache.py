@@ -73,8 +73,9 @@ def _collect_ancestors(prompt: dict[str, Any], node_id: str, ancestors: list[str
             _collect_ancestors(prompt, inputs[key][0], ancestors)
 
 
-def _immediate(prompt: dict[str, Any], node_id: str, order: dict[str, int],
-               is_changed: Callable[[str], Any]) -> list[Any]:
+def _immediate(
+    prompt: dict[str, Any], node_id: str, order: dict[str, int], is_changed: Callable[[str], Any]
+) -> list[Any]:
     node = prompt[node_id]
     fingerprint = is_changed(node_id)
     if isinstance(fingerprint, float) and math.isnan(fingerprint):  # failed: never match anything

@@ -47,8 +47,7 @@ class PromptExecutor:
         self.success = True
         self.history_result: dict[str, Any] = {}
 
-    def execute(self, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any],
-                outputs: list[str]) -> None:
+    def execute(self, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any], outputs: list[str]) -> None:
         """Run `outputs` of `prompt`; afterwards `success`, `status_messages`, `history_result` tell how."""
         runtime = self.emu.runtime
         runtime.interrupt.clear()  # an interrupt sent while idle does not hit the next prompt
@@ -82,8 +81,9 @@ class PromptExecutor:
 class _Run:
     """One prompt's execution state."""
 
-    def __init__(self, executor: PromptExecutor, prompt: dict[str, Any], prompt_id: str,
-                 extra_data: dict[str, Any]) -> None:
+    def __init__(
+        self, executor: PromptExecutor, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any]
+    ) -> None:
         self.executor = executor
         self.emu = executor.emu
         self.caches = executor.caches
@@ -98,12 +98,10 @@ class _Run:
     def run_all(self, outputs: list[str]) -> None:
         self.caches.set_prompt(self.prompt, self._fingerprint)
         cached = [n for n in self.prompt if self.caches.outputs.get(n) is not None]
-        self.executor.add_message("execution_cached", {"nodes": cached, "prompt_id": self.prompt_id},
-                                  broadcast=False)
+        self.executor.add_message("execution_cached", {"nodes": cached, "prompt_id": self.prompt_id}, broadcast=False)
         # ComfyUI reports all node ids of the prompt here (a set; this order matches the traces).
         current_outputs = list(reversed(self.prompt))
-        order = ExecutionList(self.prompt, self.emu.specs.is_output,
-                              lambda n: self.caches.outputs.get(n) is not None)
+        order = ExecutionList(self.prompt, self.emu.specs.is_output, lambda n: self.caches.outputs.get(n) is not None)
         for output in outputs:
             order.add_node(output)
         while not order.is_empty():
@@ -146,9 +144,14 @@ class _Run:
             node = NODE_CLASSES[class_type](self.emu.folders)
             self.caches.objects.set(node_id, node)
         config = self.emu.config
-        ctx = NodeContext(node_id=node_id, prompt_id=self.prompt_id, folders=self.emu.folders,
-                          step_delay=lambda: config.step_delay, interrupt=self.emu.runtime.interrupt,
-                          on_progress=partial(self._on_progress, node_id))
+        ctx = NodeContext(
+            node_id=node_id,
+            prompt_id=self.prompt_id,
+            folders=self.emu.folders,
+            step_delay=lambda: config.step_delay,
+            interrupt=self.emu.runtime.interrupt,
+            on_progress=partial(self._on_progress, node_id),
+        )
         ctx.check_interrupt()  # ComfyUI checks before every node function call
         self.emu.runtime.gate.hold(config.node_delay)
         output: NodeOutput = node.run(ctx, **values)
@@ -166,33 +169,41 @@ class _Run:
                 values[name] = upstream[index] if index < len(upstream) else None
             elif specs.input_info(class_type, name)[1] is not None:
                 values[name] = value
-        hidden = {"PROMPT": self.prompt, "EXTRA_PNGINFO": self.extra_data.get("extra_pnginfo"),
-                  "UNIQUE_ID": node_id}
+        hidden = {"PROMPT": self.prompt, "EXTRA_PNGINFO": self.extra_data.get("extra_pnginfo"), "UNIQUE_ID": node_id}
         for name, kind in specs.hidden_inputs(class_type).items():
             values[name] = hidden.get(kind)
         return values
 
     def _store(self, node_id: str, output: NodeOutput) -> None:
         if output.ui:
-            self.caches.ui.set(node_id, {"meta": {"node_id": node_id, "display_node": node_id,
-                                                  "parent_node": None, "real_node_id": node_id},
-                                         "output": output.ui})
+            self.caches.ui.set(
+                node_id,
+                {
+                    "meta": {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id},
+                    "output": output.ui,
+                },
+            )
             if self.client_id is not None:
-                self._send("executed", {"node": node_id, "display_node": node_id, "output": output.ui,
-                                        "prompt_id": self.prompt_id})
+                self._send(
+                    "executed",
+                    {"node": node_id, "display_node": node_id, "output": output.ui, "prompt_id": self.prompt_id},
+                )
         self.caches.outputs.set(node_id, output.values)
 
     def _send_cached_ui(self, node_id: str) -> None:
         if self.client_id is None:
             return
         cached = self.caches.ui.get(node_id) or {}
-        self._send("executed", {"node": node_id, "display_node": node_id, "output": cached.get("output"),
-                                "prompt_id": self.prompt_id})
+        self._send(
+            "executed",
+            {"node": node_id, "display_node": node_id, "output": cached.get("output"), "prompt_id": self.prompt_id},
+        )
 
     def _on_progress(self, node_id: str, value: int, total: int) -> None:
         self.progress.update(node_id, value, total)
-        self._send("progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id},
-                   always=True)
+        self._send(
+            "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}, always=True
+        )
 
     def _send(self, event: str, data: dict[str, Any], always: bool = False) -> None:
         if self.client_id is not None or always:
@@ -211,20 +222,29 @@ class _Run:
         return self._fingerprints[node_id]
 
     def _cycle_failure(self, order: ExecutionList) -> Failure:
-        return Failure(order.cycle()[0], {"exception_message": "Dependency cycle detected",
-                                          "exception_type": "graph.DependencyCycleError",
-                                          "traceback": [], "current_inputs": []})
+        return Failure(
+            order.cycle()[0],
+            {
+                "exception_message": "Dependency cycle detected",
+                "exception_type": "graph.DependencyCycleError",
+                "traceback": [],
+                "current_inputs": [],
+            },
+        )
 
     def _report(self, failure: Failure, current_outputs: list[str]) -> None:
-        message = {"prompt_id": self.prompt_id, "node_id": failure.node_id,
-                   "node_type": self.prompt[failure.node_id]["class_type"],
-                   "executed": list(reversed(self.executed))}  # a set in ComfyUI; traces show newest first
+        message = {
+            "prompt_id": self.prompt_id,
+            "node_id": failure.node_id,
+            "node_type": self.prompt[failure.node_id]["class_type"],
+            "executed": list(reversed(self.executed)),
+        }  # a set in ComfyUI; traces show newest first
         if failure.error is None:
             self.executor.add_message("execution_interrupted", message, broadcast=True)
         else:
-            self.executor.add_message("execution_error",
-                                      {**message, **failure.error, "current_outputs": current_outputs},
-                                      broadcast=False)
+            self.executor.add_message(
+                "execution_error", {**message, **failure.error, "current_outputs": current_outputs}, broadcast=False
+            )
 
 
 def _describe(err: Exception, values: dict[str, Any] | None) -> dict[str, Any]:
@@ -232,8 +252,12 @@ def _describe(err: Exception, values: dict[str, Any] | None) -> dict[str, Any]:
     cls = type(err)
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     inputs = {name: [_format_value(v)] for name, v in (values or {}).items()}
-    return {"exception_message": f"{err}\n", "exception_type": type_name,
-            "traceback": traceback.format_tb(err.__traceback__), "current_inputs": inputs}
+    return {
+        "exception_message": f"{err}\n",
+        "exception_type": type_name,
+        "traceback": traceback.format_tb(err.__traceback__),
+        "current_inputs": inputs,
+    }
 
 
 def _format_value(value: Any) -> Any:

@@ -13,15 +13,17 @@ from typing import Any
 
 def is_link(value: Any) -> bool:
     """A `[node_id, output_index]` reference to another node's output."""
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], (int, float)))
+    return (
+        isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], (int, float))
+    )
 
 
 class ExecutionList:
     """The pending part of a prompt, dissolved one node at a time."""
 
-    def __init__(self, prompt: dict[str, Any], is_output: Callable[[str], bool],
-                 is_cached: Callable[[str], bool]) -> None:
+    def __init__(
+        self, prompt: dict[str, Any], is_output: Callable[[str], bool], is_cached: Callable[[str], bool]
+    ) -> None:
         self._prompt = prompt
         self._is_output = is_output
         self._is_cached = is_cached

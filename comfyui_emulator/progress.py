@@ -40,9 +40,17 @@ class ProgressRegistry:
 
     def _publish(self) -> None:
         nodes = {
-            node_id: {"value": entry["value"], "max": entry["max"], "state": entry["state"],
-                      "node_id": node_id, "prompt_id": self.prompt_id, "display_node_id": node_id,
-                      "parent_node_id": None, "real_node_id": node_id}
-            for node_id, entry in self._nodes.items() if entry["state"] != "pending"
+            node_id: {
+                "value": entry["value"],
+                "max": entry["max"],
+                "state": entry["state"],
+                "node_id": node_id,
+                "prompt_id": self.prompt_id,
+                "display_node_id": node_id,
+                "parent_node_id": None,
+                "real_node_id": node_id,
+            }
+            for node_id, entry in self._nodes.items()
+            if entry["state"] != "pending"
         }
         self._send("progress_state", {"prompt_id": self.prompt_id, "nodes": nodes}, self.client_id)

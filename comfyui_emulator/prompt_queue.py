@@ -101,8 +101,7 @@ class PromptQueue:
                     return True
         return False
 
-    def history(self, prompt_id: str | None = None, max_items: int | None = None,
-                offset: int = -1) -> dict[str, Any]:
+    def history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:
         """`GET /history` (newest `max_items` by default, or a window from `offset`) or one entry."""
         with self._mutex:
             if prompt_id is not None:

@@ -32,13 +32,27 @@ async def system_stats(request: web.Request) -> web.Response:
     """ComfyUI's shape for a CPU-only machine (the CPU reported as the one device)."""
     total, free = _memory()
     system = {
-        "os": os.name, "ram_total": total, "ram_free": free, "comfyui_version": COMFYUI_VERSION,
-        "required_frontend_version": FRONTEND_VERSION, "installed_templates_version": TEMPLATES_VERSION,
-        "required_templates_version": TEMPLATES_VERSION, "python_version": sys.version,
-        "pytorch_version": PYTORCH_VERSION, "embedded_python": False, "argv": sys.argv,
+        "os": os.name,
+        "ram_total": total,
+        "ram_free": free,
+        "comfyui_version": COMFYUI_VERSION,
+        "required_frontend_version": FRONTEND_VERSION,
+        "installed_templates_version": TEMPLATES_VERSION,
+        "required_templates_version": TEMPLATES_VERSION,
+        "python_version": sys.version,
+        "pytorch_version": PYTORCH_VERSION,
+        "embedded_python": False,
+        "argv": sys.argv,
     }
-    device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": total, "vram_free": free,
-              "torch_vram_total": total, "torch_vram_free": free}
+    device = {
+        "name": "cpu",
+        "type": "cpu",
+        "index": None,
+        "vram_total": total,
+        "vram_free": free,
+        "torch_vram_total": total,
+        "torch_vram_free": free,
+    }
     return web.json_response({"system": system, "devices": [device]})
 
 

@@ -86,8 +86,9 @@ class NodeSpecs:
             return self.entry(class_type)["input"]  # type: ignore[no-any-return]
         return self._entries[class_type]["input"]  # type: ignore[no-any-return]
 
-    def input_info(self, class_type: str, name: str,
-                   types: dict[str, dict[str, Any]] | None = None) -> InputInfo | tuple[None, None, None]:
+    def input_info(
+        self, class_type: str, name: str, types: dict[str, dict[str, Any]] | None = None
+    ) -> InputInfo | tuple[None, None, None]:
         """(type, category, extra options) of one input, or (None, None, None) if it has none."""
         types = types or self.input_types(class_type)
         for category in ("required", "optional", "hidden"):

@@ -110,5 +110,10 @@ EMULATOR = web.AppKey("emulator", Emulator)
 def build_emulator(root: Path, step_delay: float) -> Emulator:
     """Create the state for one emulator rooted at `root` (folders are created by the app on start)."""
     folders = Folders(Path(root))
-    return Emulator(folders=folders, config=Config(step_delay=step_delay), specs=NodeSpecs.load(folders),
-                    hub=Hub(), runtime=Runtime())
+    return Emulator(
+        folders=folders,
+        config=Config(step_delay=step_delay),
+        specs=NodeSpecs.load(folders),
+        hub=Hub(),
+        runtime=Runtime(),
+    )

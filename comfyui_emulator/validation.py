@@ -31,18 +31,23 @@ class Validation:
     node_errors: dict[str, Any]
 
 
-def validate_prompt(specs: NodeSpecs, folders: Folders, prompt: dict[str, Any],
-                    targets: list[str] | None) -> Validation:
+def validate_prompt(
+    specs: NodeSpecs, folders: Folders, prompt: dict[str, Any], targets: list[str] | None
+) -> Validation:
     """Validate a whole prompt; `targets` restricts the outputs (`partial_execution_targets`)."""
     outputs = []
     for node_id, node in prompt.items():
         if "class_type" not in node:
-            return _refused("invalid_prompt", "Cannot execute because a node is missing the class_type "
-                            "property.", f"Node ID '#{node_id}'")
+            return _refused(
+                "invalid_prompt",
+                "Cannot execute because a node is missing the class_type property.",
+                f"Node ID '#{node_id}'",
+            )
         class_type = node["class_type"]
         if not specs.has(class_type):
-            return _refused("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
-                            f"Node ID '#{node_id}'")
+            return _refused(
+                "invalid_prompt", f"Cannot execute because node {class_type} does not exist.", f"Node ID '#{node_id}'"
+            )
         if specs.is_output(class_type) and (targets is None or node_id in targets):
             outputs.append(node_id)
     if not outputs:
@@ -102,9 +107,17 @@ class _Validator:
         try:
             valid, reasons, _ = self.validate(output)
         except Exception as ex:
-            reasons = [{"type": "exception_during_validation", "message": "Exception when validating node",
-                        "details": str(ex), "extra_info": {"exception_type": _type_name(ex),
-                                                           "traceback": traceback.format_tb(ex.__traceback__)}}]
+            reasons = [
+                {
+                    "type": "exception_during_validation",
+                    "message": "Exception when validating node",
+                    "details": str(ex),
+                    "extra_info": {
+                        "exception_type": _type_name(ex),
+                        "traceback": traceback.format_tb(ex.__traceback__),
+                    },
+                }
+            ]
             self.validated[output] = (False, reasons, output)
             return False, reasons
         return valid, reasons
@@ -115,8 +128,11 @@ class _Validator:
             if valid or not reasons:
                 continue
             if node_id not in node_errors:
-                node_errors[node_id] = {"errors": reasons, "dependent_outputs": [],
-                                        "class_type": self.prompt[node_id]["class_type"]}
+                node_errors[node_id] = {
+                    "errors": reasons,
+                    "dependent_outputs": [],
+                    "class_type": self.prompt[node_id]["class_type"],
+                }
             node_errors[node_id]["dependent_outputs"].append(output)
 
     def validate(self, node_id: str) -> Checked:
@@ -133,8 +149,14 @@ class _Validator:
             input_type, category, extra = self.specs.input_info(class_type, name, types)
             if name not in inputs:
                 if category == "required":
-                    errors.append({"type": "required_input_missing", "message": "Required input is missing",
-                                   "details": name, "extra_info": {"input_name": name}})
+                    errors.append(
+                        {
+                            "type": "required_input_missing",
+                            "message": "Required input is missing",
+                            "details": name,
+                            "extra_info": {"input_name": name},
+                        }
+                    )
                 continue
             info = [input_type, extra]
             if isinstance(inputs[name], list):
@@ -149,34 +171,54 @@ class _Validator:
         self.validated[node_id] = checked
         return checked
 
-    def _check_link(self, name: str, link: list[Any], input_type: Any,
-                    info: list[Any]) -> tuple[Error | None, bool]:
+    def _check_link(self, name: str, link: list[Any], input_type: Any, info: list[Any]) -> tuple[Error | None, bool]:
         """(error, upstream valid) for an input linked to another node's output."""
         if len(link) != 2:
-            return {"type": "bad_linked_input",
-                    "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-                    "details": name, "extra_info": {"input_name": name, "input_config": info,
-                                                    "received_value": link}}, True
+            return {
+                "type": "bad_linked_input",
+                "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                "details": name,
+                "extra_info": {"input_name": name, "input_config": info, "received_value": link},
+            }, True
         source_id = link[0]
         received = self.specs.return_types(self.prompt[source_id]["class_type"])[link[1]]
         if not _types_match(received, input_type):
-            return {"type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
-                    "details": f"{name}, received_type({received}) mismatch input_type({input_type})",
-                    "extra_info": {"input_name": name, "input_config": info, "received_type": received,
-                                   "linked_node": link}}, True
+            return {
+                "type": "return_type_mismatch",
+                "message": "Return type mismatch between linked nodes",
+                "details": f"{name}, received_type({received}) mismatch input_type({input_type})",
+                "extra_info": {
+                    "input_name": name,
+                    "input_config": info,
+                    "received_type": received,
+                    "linked_node": link,
+                },
+            }, True
         try:
             return None, self.validate(source_id)[0]
         except Exception as ex:
-            self.validated[source_id] = (False, [{
-                "type": "exception_during_inner_validation", "message": "Exception when validating inner node",
-                "details": str(ex), "extra_info": {
-                    "input_name": name, "input_config": info, "exception_message": str(ex),
-                    "exception_type": _type_name(ex), "traceback": traceback.format_tb(ex.__traceback__),
-                    "linked_node": link}}], source_id)
+            self.validated[source_id] = (
+                False,
+                [
+                    {
+                        "type": "exception_during_inner_validation",
+                        "message": "Exception when validating inner node",
+                        "details": str(ex),
+                        "extra_info": {
+                            "input_name": name,
+                            "input_config": info,
+                            "exception_message": str(ex),
+                            "exception_type": _type_name(ex),
+                            "traceback": traceback.format_tb(ex.__traceback__),
+                            "linked_node": link,
+                        },
+                    }
+                ],
+                source_id,
+            )
             return None, False
 
-    def _check_constant(self, inputs: dict[str, Any], name: str, info: list[Any],
-                        custom: bool) -> Error | None:
+    def _check_constant(self, inputs: dict[str, Any], name: str, info: list[Any], custom: bool) -> Error | None:
         """Convert a constant to its declared type, then check min, max and list membership."""
         input_type = info[0]
         value = inputs[name]
@@ -186,11 +228,17 @@ class _Validator:
             if isinstance(input_type, str) and input_type in CONVERTERS:
                 value = inputs[name] = CONVERTERS[input_type](value)
         except Exception as ex:
-            return {"type": "invalid_input_type",
-                    "message": f"Failed to convert an input value to a {input_type} value",
-                    "details": f"{name}, {value}, {ex}",
-                    "extra_info": {"input_name": name, "input_config": info, "received_value": value,
-                                   "exception_message": str(ex)}}
+            return {
+                "type": "invalid_input_type",
+                "message": f"Failed to convert an input value to a {input_type} value",
+                "details": f"{name}, {value}, {ex}",
+                "extra_info": {
+                    "input_name": name,
+                    "input_config": info,
+                    "received_value": value,
+                    "exception_message": str(ex),
+                },
+            }
         if custom:
             return None
         return _range_error(name, value, info) or _list_error(name, value, info)
@@ -204,8 +252,15 @@ class _Validator:
         if result is True:
             return []
         suffix = "" if result is False else f" - {result}"
-        return [{"type": "custom_validation_failed", "message": "Custom validation failed for node",
-                 "details": f"{n}{suffix}", "extra_info": {"input_name": n}} for n in values]
+        return [
+            {
+                "type": "custom_validation_failed",
+                "message": "Custom validation failed for node",
+                "details": f"{n}{suffix}",
+                "extra_info": {"input_name": n},
+            }
+            for n in values
+        ]
 
 
 def _range_error(name: str, value: Any, info: list[Any]) -> Error | None:
@@ -216,8 +271,12 @@ def _range_error(name: str, value: Any, info: list[Any]) -> Error | None:
         kind, message = "value_bigger_than_max", f"Value {value} bigger than max of {extra['max']}"
     else:
         return None
-    return {"type": kind, "message": message, "details": name,
-            "extra_info": {"input_name": name, "input_config": info, "received_value": value}}
+    return {
+        "type": kind,
+        "message": message,
+        "details": name,
+        "extra_info": {"input_name": name, "input_config": info, "received_value": value},
+    }
 
 
 def _list_error(name: str, value: Any, info: list[Any]) -> Error | None:
@@ -227,7 +286,9 @@ def _list_error(name: str, value: Any, info: list[Any]) -> Error | None:
     # Long lists (e.g. scanned model files) are not echoed back, as in ComfyUI.
     short = len(options) <= MAX_LISTED_OPTIONS
     listed = str(options) if short else f"(list of length {len(options)})"
-    return {"type": "value_not_in_list", "message": "Value not in list",
-            "details": f"{name}: '{value}' not in {listed}",
-            "extra_info": {"input_name": name, "input_config": info if short else None,
-                           "received_value": value}}
+    return {
+        "type": "value_not_in_list",
+        "message": "Value not in list",
+        "details": f"{name}: '{value}' not in {listed}",
+        "extra_info": {"input_name": name, "input_config": info if short else None, "received_value": value},
+    }

@@ -54,8 +54,11 @@ class Worker:
             executor.success = False
             executor.history_result = {"outputs": {}, "meta": {}}
             self.emu.runtime.last_node_id = None
-        status = {"status_str": "success" if executor.success else "error",
-                  "completed": executor.success, "messages": executor.status_messages}
+        status = {
+            "status_str": "success" if executor.success else "error",
+            "completed": executor.success,
+            "messages": executor.status_messages,
+        }
         self.emu.queue.task_done(task_id, executor.history_result, status)
         client_id = self.emu.runtime.client_id
         if client_id is not None:

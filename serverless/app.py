@@ -145,7 +145,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # middleware; anything else (a bug) also reaches the server error middleware, which
         # answers the same way and then lets uvicorn log it.
         exception_handlers={
-            ServerlessError: error_response, HTTPException: error_response,
-            ClientDisconnect: error_response, Exception: error_response,
+            ServerlessError: error_response,
+            HTTPException: error_response,
+            ClientDisconnect: error_response,
+            Exception: error_response,
         },
     )

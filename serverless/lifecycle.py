@@ -76,8 +76,12 @@ async def health(request: Request) -> Response:
             reason = resources.status.health()["not_writable_because"]
             raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     except ServerlessError as exc:
-        failure = {"status": "unavailable", "reason": exc.message, "jobs": jobs.running,
-                   "status_log": resources.status.health()}
+        failure = {
+            "status": "unavailable",
+            "reason": exc.message,
+            "jobs": jobs.running,
+            "status_log": resources.status.health(),
+        }
         return JSONResponse(failure, 503)
     body: dict[str, Any] = {
         "status": "ok",
@@ -93,8 +97,11 @@ async def health(request: Request) -> Response:
 
 async def _gateway_health(request: Request) -> Response:
     resources, jobs = _state(request)
-    body = {"jobs": jobs.running, "status_log": resources.status.health(),
-            "tier": fleet.health(resources.settings, None)}
+    body = {
+        "jobs": jobs.running,
+        "status_log": resources.status.health(),
+        "tier": fleet.health(resources.settings, None),
+    }
     if not jobs.accepting:
         return JSONResponse({"status": "unavailable", "reason": "this gateway is draining", **body}, 503)
     if not await resources.status.writable():

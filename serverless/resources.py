@@ -57,8 +57,12 @@ class Resources:
             command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
             supervisor = None
             if command and settings.role != "gateway":  # a Redis-tier gateway has no ComfyUI
-                supervisor = Supervisor(command, comfy.answers, settings.comfyui_dir or None,
-                                        address=(settings.comfyui_host, settings.comfyui_port))
+                supervisor = Supervisor(
+                    command,
+                    comfy.answers,
+                    settings.comfyui_dir or None,
+                    address=(settings.comfyui_host, settings.comfyui_port),
+                )
             status = await open_status(settings)
             policy = download_policy(settings)
             oss = oss_store(settings)
@@ -132,18 +136,26 @@ class Resources:
         return {
             "region": config.region if config else None,
             "bucket": config.bucket if config else None,
-            "object": None, "url": None, "expire": None,
+            "object": None,
+            "url": None,
+            "expire": None,
         }
 
 
 async def open_status(settings: Settings) -> StatusStore[Any]:
     """The status store STATUS_BACKEND names, probed once at start-up (loudly when unusable)."""
     if settings.status_backend == "redis":
-        store = RedisStatus(connect(settings.redis_url), settings.status_stale_after,
-                            settings.status_retention_days, settings.redis_max_event_bytes)
+        store = RedisStatus(
+            connect(settings.redis_url),
+            settings.status_stale_after,
+            settings.status_retention_days,
+            settings.redis_max_event_bytes,
+        )
         if not await store.writable():
-            log.error("Redis cannot be reached (%s): jobs are refused until it answers",
-                      store.health()["not_writable_because"])
+            log.error(
+                "Redis cannot be reached (%s): jobs are refused until it answers",
+                store.health()["not_writable_because"],
+            )
         return store
     status = StatusLog(settings.status_dir, settings.status_stale_after)
     await status.check_at_startup()
@@ -196,8 +208,11 @@ def oss_store(settings: Settings) -> OssStore | None:
     """The OSS client when OSS_BUCKET_DOMAIN is set; bad OSS settings fail start-up, named."""
     try:
         config = OssConfig.from_values(
-            settings.oss_bucket_domain, settings.oss_endpoint, settings.oss_sign_endpoint,
-            settings.oss_key_prefix, settings.oss_expires_in,
+            settings.oss_bucket_domain,
+            settings.oss_endpoint,
+            settings.oss_sign_endpoint,
+            settings.oss_key_prefix,
+            settings.oss_expires_in,
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc

@@ -75,16 +75,20 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_exit(self, jobs: Jobs, sig: int) -> None:
         again = "press Ctrl-C again" if sig == signal.SIGINT else "signal again"
-        log.info("%s: draining jobs (%d running, up to %gs); %s to cancel them and stop now",
-                 signal.Signals(sig).name, jobs.running, self.drain_timeout, again)
+        log.info(
+            "%s: draining jobs (%d running, up to %gs); %s to cancel them and stop now",
+            signal.Signals(sig).name,
+            jobs.running,
+            self.drain_timeout,
+            again,
+        )
         try:
             await jobs.drain(self.drain_timeout)
         finally:
             self._shut_down(sig)
 
     async def _stop_now(self, jobs: Jobs, sig: int) -> None:
-        log.warning("%s again: cancelling %d running job(s) and stopping now",
-                    signal.Signals(sig).name, jobs.running)
+        log.warning("%s again: cancelling %d running job(s) and stopping now", signal.Signals(sig).name, jobs.running)
         try:
             await jobs.drain(0)  # cancels every job; each ends with its terminal payload
         finally:
@@ -100,8 +104,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and the traceback, if any)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -58,8 +58,7 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
     return value
 
 
-def _integer(env: Mapping[str, str], name: str, default: int, minimum: int = 0,
-             maximum: int | None = None) -> int:
+def _integer(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     value = _number(env, name, default, minimum)
     raw = env.get(name, "").strip()
     if not float(value).is_integer():  # inf included
@@ -287,9 +286,13 @@ class Settings:
     def _checked(self) -> Settings:
         """Combinations that cannot work fail start-up, named."""
         if self.queue_backend == "redis" and self.status_backend != "redis":
-            raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis: callers follow jobs "
-                                "that run on other machines through the Redis status streams")
+            raise SettingsError(
+                "QUEUE_BACKEND=redis needs STATUS_BACKEND=redis: callers follow jobs "
+                "that run on other machines through the Redis status streams"
+            )
         if self.role != "all" and self.queue_backend != "redis":
-            raise SettingsError(f"ROLE={self.role!r} needs QUEUE_BACKEND=redis: without a queue every "
-                                "instance runs its own callers' jobs")
+            raise SettingsError(
+                f"ROLE={self.role!r} needs QUEUE_BACKEND=redis: without a queue every "
+                "instance runs its own callers' jobs"
+            )
         return self

@@ -33,8 +33,20 @@ class RedisServer:
 
     def start(self) -> None:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                *persistence, "--dir", str(self.directory), "--databases", "64"]
+        args = [
+            REDIS_SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            *persistence,
+            "--dir",
+            str(self.directory),
+            "--databases",
+            "64",
+        ]
         log = open(self.directory / "redis.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -66,13 +78,15 @@ class RedisServer:
 class Node(Process):
     """`python -m serverless.server` in a role of the tier."""
 
-    def __init__(self, log_dir: Path, env: dict[str, str], name: str,
-                 ready_path: str = "/api/serverless/health") -> None:
+    def __init__(
+        self, log_dir: Path, env: dict[str, str], name: str, ready_path: str = "/api/serverless/health"
+    ) -> None:
         port = free_port()
         self.name = name
         args = [sys.executable, "-m", "serverless.server"]
-        super().__init__(args, port, log_dir / f"{name}.log", env={**env, "FC_CUSTOM_LISTEN_PORT": str(port)},
-                         ready_path=ready_path)
+        super().__init__(
+            args, port, log_dir / f"{name}.log", env={**env, "FC_CUSTOM_LISTEN_PORT": str(port)}, ready_path=ready_path
+        )
 
     def started(self) -> list[str]:
         """Task ids of the jobs this node started, in order."""
@@ -103,13 +117,24 @@ class Tier:
     emulators: list[Emulator] = field(default_factory=list)
 
     def common(self) -> dict[str, str]:
-        return {"STATUS_BACKEND": "redis", "QUEUE_BACKEND": "redis", "REDIS_URL": self.redis_url,
-                "STATUS_DIR": str(self.root / "unused-status"), "FC_INSTANCE_ID": "t",
-                "COMFYUI_RECONNECT_TIMEOUT": "5", "LOG_LEVEL": "info", **self.env}
+        return {
+            "STATUS_BACKEND": "redis",
+            "QUEUE_BACKEND": "redis",
+            "REDIS_URL": self.redis_url,
+            "STATUS_DIR": str(self.root / "unused-status"),
+            "FC_INSTANCE_ID": "t",
+            "COMFYUI_RECONNECT_TIMEOUT": "5",
+            "LOG_LEVEL": "info",
+            **self.env,
+        }
 
     def gateway(self, ready_path: str = "/api/serverless/health", **env: str) -> Node:
-        node = Node(self.root, {**self.common(), "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9",
-                                **env}, f"gateway{len(self.gateways) + 1}", ready_path)
+        node = Node(
+            self.root,
+            {**self.common(), "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9", **env},
+            f"gateway{len(self.gateways) + 1}",
+            ready_path,
+        )
         self.gateways.append(node)
         return node
 
@@ -117,8 +142,9 @@ class Tier:
         number = len(self.workers) + 1
         emulator = Emulator(self.root / f"emulator{number}", None, "--step-delay", str(step_delay))
         self.emulators.append(emulator)
-        node = Node(self.root, {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env},
-                    f"worker{number}")
+        node = Node(
+            self.root, {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}, f"worker{number}"
+        )
         self.workers.append(node)
         return node
 

@@ -25,20 +25,27 @@ def txt2img(seed: int = -1, steps: int = 4, prefix: str = "ComfyUI", size: int =
     return workflow
 
 
-def empty_image(width: int = 16, height: int = 16, color: int = 0, prefix: str = "test",
-                batch: int = 1) -> dict[str, Any]:
+def empty_image(
+    width: int = 16, height: int = 16, color: int = 0, prefix: str = "test", batch: int = 1
+) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": width, "height": height, "batch_size": batch, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": batch, "color": color},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
 
 
-def post_run(base_url: str, body: Any, params: dict[str, str] | None = None,
-             headers: dict[str, str] | None = None, timeout: float = 60) -> requests.Response:
+def post_run(
+    base_url: str,
+    body: Any,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(base_url + RUN, data=data, params=params or {}, headers=headers or {},
-                         timeout=timeout)
+    return requests.post(base_url + RUN, data=data, params=params or {}, headers=headers or {}, timeout=timeout)
 
 
 def decode_image(result: dict[str, Any]) -> Image.Image:

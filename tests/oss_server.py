@@ -55,8 +55,7 @@ _SIGNED_ALWAYS = ("content-type", "content-md5")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-~.")
 # moto treats a request without Authorization as anonymous and refuses it; it never checks this one.
 _DUMMY_S3_AUTH = (
-    "AWS4-HMAC-SHA256 Credential=AKIDLOCALOSS/20250101/us-east-1/s3/aws4_request, "
-    "SignedHeaders=host, Signature=0"
+    "AWS4-HMAC-SHA256 Credential=AKIDLOCALOSS/20250101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0"
 )
 _crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
 
@@ -101,14 +100,22 @@ def v4_quote(text: str, keep_slash: bool) -> str:
     return "".join(out)
 
 
-def canonical_request(method: str, bucket: str, key: str, query: Iterable[tuple[str, str]],
-                      headers: Mapping[str, str], additional: Iterable[str], payload_hash: str) -> str:
+def canonical_request(
+    method: str,
+    bucket: str,
+    key: str,
+    query: Iterable[tuple[str, str]],
+    headers: Mapping[str, str],
+    additional: Iterable[str],
+    payload_hash: str,
+) -> str:
     uri = v4_quote(f"/{bucket}/{key}" if bucket else "/", keep_slash=True)
     encoded = sorted((v4_quote(k, False), v4_quote(v, False)) for k, v in query)
     canonical_query = "&".join(f"{k}={v}" if v else k for k, v in encoded)
     extra = sorted(set(additional))
     signed = sorted(
-        (name, value.strip()) for name, value in headers.items()
+        (name, value.strip())
+        for name, value in headers.items()
         if name.startswith("x-oss-") or name in _SIGNED_ALWAYS or name in extra
     )
     canonical_headers = "".join(f"{name}:{value}\n" for name, value in signed)
@@ -175,9 +182,17 @@ def _claim_from_header(authorization: str, headers: Mapping[str, str]) -> _Claim
     date_time = headers.get("x-oss-date", "")
     if not date_time:
         raise Denied("AccessDenied", "Missing x-oss-date header.")
-    return _Claim(akid, date, region, product, date_time, fields["Signature"],
-                  tuple(additional.split(";")) if additional else (), headers.get("x-oss-security-token"),
-                  None)
+    return _Claim(
+        akid,
+        date,
+        region,
+        product,
+        date_time,
+        fields["Signature"],
+        tuple(additional.split(";")) if additional else (),
+        headers.get("x-oss-security-token"),
+        None,
+    )
 
 
 def _claim_from_query(args: Mapping[str, str]) -> _Claim:
@@ -194,9 +209,17 @@ def _claim_from_query(args: Mapping[str, str]) -> _Claim:
         raise Denied("AccessDenied", "x-oss-expires out of range.")
     additional = args.get("x-oss-additional-headers", "")
     akid, date, region, product = _parse_credential(args["x-oss-credential"])
-    return _Claim(akid, date, region, product, args["x-oss-date"], args["x-oss-signature"],
-                  tuple(additional.split(";")) if additional else (), args.get("x-oss-security-token"),
-                  expires)
+    return _Claim(
+        akid,
+        date,
+        region,
+        product,
+        args["x-oss-date"],
+        args["x-oss-signature"],
+        tuple(additional.split(";")) if additional else (),
+        args.get("x-oss-security-token"),
+        expires,
+    )
 
 
 class OssV4Verifier:
@@ -207,8 +230,9 @@ class OssV4Verifier:
         self.region = region
         self.clock = clock
 
-    def verify(self, method: str, bucket: str, key: str, query: list[tuple[str, str]],
-               headers: Mapping[str, str], body: bytes) -> None:
+    def verify(
+        self, method: str, bucket: str, key: str, query: list[tuple[str, str]], headers: Mapping[str, str], body: bytes
+    ) -> None:
         args = dict(query)
         if "x-oss-signature" in args:
             claim = _claim_from_query(args)
@@ -222,22 +246,27 @@ class OssV4Verifier:
         if payload_hash != "UNSIGNED-PAYLOAD" and payload_hash != hashlib.sha256(body).hexdigest():
             raise Denied("InvalidArgument", "x-oss-content-sha256 does not match the body.", status=400)
         signed_query = [(k, v) for k, v in query if k != "x-oss-signature"]
-        canonical = canonical_request(method, bucket, key, signed_query, headers, claim.additional,
-                                      payload_hash)
+        canonical = canonical_request(method, bucket, key, signed_query, headers, claim.additional, payload_hash)
         scope = f"{claim.date}/{claim.region}/{claim.product}/aliyun_v4_request"
         to_sign = string_to_sign(claim.date_time, scope, canonical)
         expected = signature(account.secret, claim.date, claim.region, claim.product, to_sign)
         if not hmac.compare_digest(expected, claim.signature):
-            raise Denied("SignatureDoesNotMatch",
-                         "The request signature we calculated does not match the signature you provided.",
-                         OSSAccessKeyId=claim.access_key_id, CanonicalRequest=canonical,
-                         StringToSign=to_sign)
+            raise Denied(
+                "SignatureDoesNotMatch",
+                "The request signature we calculated does not match the signature you provided.",
+                OSSAccessKeyId=claim.access_key_id,
+                CanonicalRequest=canonical,
+                StringToSign=to_sign,
+            )
 
     def _account(self, claim: _Claim) -> Account:
         account = self.accounts.get(claim.access_key_id)
         if account is None:
-            raise Denied("InvalidAccessKeyId", "The OSS Access Key Id you provided does not exist.",
-                         OSSAccessKeyId=claim.access_key_id)
+            raise Denied(
+                "InvalidAccessKeyId",
+                "The OSS Access Key Id you provided does not exist.",
+                OSSAccessKeyId=claim.access_key_id,
+            )
         if claim.token != account.token:
             raise Denied("InvalidSecurityToken", "The security token you provided is invalid.")
         if claim.product != "oss":
@@ -253,8 +282,9 @@ class OssV4Verifier:
         now = self.clock()
         if claim.expires is None:
             if abs(now - signed_at) > MAX_SKEW_S:
-                raise Denied("RequestTimeTooSkewed",
-                             "The difference between the request time and the current time is too large.")
+                raise Denied(
+                    "RequestTimeTooSkewed", "The difference between the request time and the current time is too large."
+                )
         elif now > signed_at + claim.expires:
             raise Denied("AccessDenied", "Request has expired.")
         elif signed_at - now > MAX_SKEW_S:
@@ -264,11 +294,11 @@ class OssV4Verifier:
 # --- moto behind it -------------------------------------------------------------------------------
 
 
-def _moto_dispatch(method: str, host: str, raw_path: str, query: str, headers: Mapping[str, str],
-                   body: bytes) -> tuple[int, dict[str, str], bytes]:
+def _moto_dispatch(
+    method: str, host: str, raw_path: str, query: str, headers: Mapping[str, str], body: bytes
+) -> tuple[int, dict[str, str], bytes]:
     url = f"http://{host}{raw_path}" + (f"?{query}" if query else "")
-    request = MotoRequest.from_primitives(method, url, {**headers, "Host": host,
-                                                        "Authorization": _DUMMY_S3_AUTH}, body)
+    request = MotoRequest.from_primitives(method, url, {**headers, "Host": host, "Authorization": _DUMMY_S3_AUTH}, body)
     if _is_object_path(raw_path):
         handler = S3Response.key_dispatch
     elif raw_path.strip("/"):
@@ -291,9 +321,13 @@ def _to_s3_headers(headers: Mapping[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in headers.items():
         if name.startswith("x-oss-meta-"):
-            out["x-amz-meta-" + name[len("x-oss-meta-"):]] = value
-        elif not name.startswith("x-oss-") and name not in ("authorization", "host", "content-length",
-                                                                "transfer-encoding"):
+            out["x-amz-meta-" + name[len("x-oss-meta-") :]] = value
+        elif not name.startswith("x-oss-") and name not in (
+            "authorization",
+            "host",
+            "content-length",
+            "transfer-encoding",
+        ):
             out[name] = value
     return out
 
@@ -305,7 +339,7 @@ def _to_oss_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
         if lower in ("x-amzn-requestid", "x-amz-request-id"):
             out.append(("x-oss-request-id", value))
         elif lower.startswith("x-amz-meta-"):
-            out.append(("x-oss-meta-" + lower[len("x-amz-meta-"):], value))
+            out.append(("x-oss-meta-" + lower[len("x-amz-meta-") :], value))
         elif not lower.startswith(("x-amz", "date", "server", "content-length", "transfer-encoding")):
             out.append((name, value))
     return out
@@ -335,8 +369,9 @@ class LocalOss:
     Content-Length; `requests` records what was served.
     """
 
-    def __init__(self, accounts: Mapping[str, tuple[str, str | None]], buckets: Iterable[str],
-                 region: str = "cn-hangzhou") -> None:
+    def __init__(
+        self, accounts: Mapping[str, tuple[str, str | None]], buckets: Iterable[str], region: str = "cn-hangzhou"
+    ) -> None:
         self.region = region
         self.buckets = tuple(buckets)
         self.time_offset = 0.0
@@ -348,12 +383,14 @@ class LocalOss:
         self._failures: list[int] = []
         for bucket in self.buckets:
             self._backend().create_bucket(bucket, "us-east-1")
-        self._server: BaseWSGIServer = make_server("127.0.0.1", 0, self._app, threaded=True,
-                                                   request_handler=_QuietHandler)
+        self._server: BaseWSGIServer = make_server(
+            "127.0.0.1", 0, self._app, threaded=True, request_handler=_QuietHandler
+        )
         self.host = f"127.0.0.1:{self._server.server_port}"
         self.endpoint = f"http://{self.host}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="local-oss", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-oss", daemon=True
+        )
         self._thread.start()
 
     # --- test API ---
@@ -372,11 +409,11 @@ class LocalOss:
         lowered = {k.lower(): v for k, v in headers.items()}
         return body, lowered.get("content-type", "")
 
-    def put_object(self, bucket: str, key: str, data: bytes,
-                   content_type: str = "application/octet-stream") -> None:
+    def put_object(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Store an object directly in moto (test set-up, no OSS checks)."""
-        status, _, body = _moto_dispatch("PUT", self.host, self._path(bucket, key), "",
-                                         {"Content-Type": content_type}, data)
+        status, _, body = _moto_dispatch(
+            "PUT", self.host, self._path(bucket, key), "", {"Content-Type": content_type}, data
+        )
         assert status == 200, (status, body)
 
     def keys(self, bucket: str) -> list[str]:
@@ -396,8 +433,9 @@ class LocalOss:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # --- serving ---
@@ -438,12 +476,14 @@ class LocalOss:
         except Exception as exc:
             return self._error(500, "InternalError", type(exc).__name__, request_id, {})
 
-    def _forward(self, request: Request, headers: Mapping[str, str], query: list[tuple[str, str]],
-                 body: bytes, request_id: str) -> Response:
+    def _forward(
+        self, request: Request, headers: Mapping[str, str], query: list[tuple[str, str]], body: bytes, request_id: str
+    ) -> Response:
         raw_path = str(request.environ.get("RAW_URI") or request.path).split("?", 1)[0]
         s3_query = urlencode([(k, v) for k, v in query if not k.startswith("x-oss-")])
-        status, s3_headers, content = _moto_dispatch(request.method, self.host, raw_path, s3_query,
-                                                     _to_s3_headers(headers), body)
+        status, s3_headers, content = _moto_dispatch(
+            request.method, self.host, raw_path, s3_query, _to_s3_headers(headers), body
+        )
         out = _to_oss_headers(s3_headers)
         if not any(name == "x-oss-request-id" for name, _ in out):
             out.append(("x-oss-request-id", request_id))
@@ -463,8 +503,6 @@ class LocalOss:
                 response.headers["Content-Length"] = length
         return response
 
-    def _error(self, status: int, code: str, message: str, request_id: str,
-               extra: Mapping[str, str]) -> Response:
+    def _error(self, status: int, code: str, message: str, request_id: str, extra: Mapping[str, str]) -> Response:
         body = _error_body(code, message, request_id, self.host, extra)
-        return Response(body, status=status, content_type="application/xml",
-                        headers={"x-oss-request-id": request_id})
+        return Response(body, status=status, content_type="application/xml", headers={"x-oss-request-id": request_id})

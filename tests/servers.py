@@ -40,15 +40,15 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) ->
 class Process:
     """A child process serving HTTP on a loopback port, its output kept in a log file."""
 
-    def __init__(self, args: list[str], port: int, log: Path, env: dict[str, str] | None = None,
-                 ready_path: str = "/") -> None:
+    def __init__(
+        self, args: list[str], port: int, log: Path, env: dict[str, str] | None = None, ready_path: str = "/"
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self._log_file = open(log, "ab")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT)
         try:
             wait_http(self.url + ready_path, self.proc)
         except Exception:
@@ -80,8 +80,18 @@ class Emulator(Process):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        args = [sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1",
-                "--port", str(port), "--root", str(root), *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "comfyui_emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--root",
+            str(root),
+            *extra,
+        ]
         super().__init__(args, port, root / "emulator.log", ready_path="/system_stats")
 
 
@@ -90,7 +100,20 @@ class App(Process):
 
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         port = free_port()
-        args = [sys.executable, "-m", "uvicorn", "handler:app", "--host", "127.0.0.1",
-                "--port", str(port), "--log-level", "info", "--ws-max-size", str(WS_MAX_SIZE)]
-        super().__init__(args, port, log_dir / f"app-{port}.log", env=env,
-                         ready_path="/api/serverless/status?task_id=startup-probe")
+        args = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "handler:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+            "--ws-max-size",
+            str(WS_MAX_SIZE),
+        ]
+        super().__init__(
+            args, port, log_dir / f"app-{port}.log", env=env, ready_path="/api/serverless/status?task_id=startup-probe"
+        )

@@ -174,13 +174,20 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
 
 def copied_sources() -> list[str]:
     """The build-context paths the Dockerfile COPYs (heredocs and flags left out)."""
-    return [src for line in dockerfile().splitlines() if line.startswith("COPY ") and "<<" not in line
-            for src in [part for part in line.split()[1:-1] if not part.startswith("--")]]
+    return [
+        src
+        for line in dockerfile().splitlines()
+        if line.startswith("COPY ") and "<<" not in line
+        for src in [part for part in line.split()[1:-1] if not part.startswith("--")]
+    ]
 
 
 def dockerignore_patterns() -> list[str]:
-    return [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    return [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def test_the_image_gets_no_emulator_tests_or_benchmarks():
@@ -210,8 +217,11 @@ def test_pip_install_packages_serverless_and_handler_with_the_runtime_requiremen
     runtime = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert project["project"]["dependencies"] == [line for line in runtime if line]
     extra = {re.split(r"[<>=\[]", req)[0] for req in project["project"]["optional-dependencies"]["emulator"]}
-    imported = {match for path in (ROOT / "comfyui_emulator").rglob("*.py")
-                for match in re.findall(r"^(?:from|import) ([A-Za-z_]\w*)", path.read_text(), re.MULTILINE)}
+    imported = {
+        match
+        for path in (ROOT / "comfyui_emulator").rglob("*.py")
+        for match in re.findall(r"^(?:from|import) ([A-Za-z_]\w*)", path.read_text(), re.MULTILINE)
+    }
     assert imported - set(sys.stdlib_module_names) - {"comfyui_emulator"} == {"aiohttp", "PIL"}
     assert extra == {"aiohttp", "pillow"}  # the emulator extra covers them
 
@@ -229,14 +239,23 @@ def test_bootstrap_help_prints_usage_and_starts_nothing(flag, tmp_path):
     fake = tmp_path / "python"
     fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
     fake.chmod(0o755)
-    result = subprocess.run([str(ROOT / "bootstrap"), flag], env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
-                            capture_output=True, text=True, timeout=10)
+    result = subprocess.run(
+        [str(ROOT / "bootstrap"), flag],
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert result.returncode == 0 and not marker.exists()
-    for documented in ("--emulator", "EMULATOR_PORT", "EMULATOR_ROOT", "step_delay", "node_delay",
-                       "/emulator/config"):
+    for documented in ("--emulator", "EMULATOR_PORT", "EMULATOR_ROOT", "step_delay", "node_delay", "/emulator/config"):
         assert documented in result.stdout
-    refused = subprocess.run([str(ROOT / "bootstrap"), "--bogus"], env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
-                             capture_output=True, text=True, timeout=10)
+    refused = subprocess.run(
+        [str(ROOT / "bootstrap"), "--bogus"],
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert refused.returncode == 2 and "Usage" in refused.stderr and not marker.exists()
 
 

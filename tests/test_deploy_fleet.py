@@ -23,14 +23,19 @@ def compose() -> dict[str, Any]:
 
 
 def kubernetes() -> list[dict[str, Any]]:
-    return [doc for path in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        doc
+        for path in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def our_compose_services() -> dict[str, dict[str, Any]]:
     """The services that run the adapter (not Redis, not the emulators)."""
-    return {name: service for name, service in compose()["services"].items()
-            if "ROLE" in (service.get("environment") or {})}
+    return {
+        name: service for name, service in compose()["services"].items() if "ROLE" in (service.get("environment") or {})
+    }
 
 
 def our_containers() -> dict[str, dict[str, Any]]:

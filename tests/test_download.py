@@ -113,9 +113,7 @@ def make_app(server: Server) -> web.Application:
         return resp
 
     async def gzip(_: web.Request) -> web.Response:
-        return web.Response(
-            body=b"\x1f\x8b\x08\x00", headers={"Content-Encoding": "gzip"}
-        )
+        return web.Response(body=b"\x1f\x8b\x08\x00", headers={"Content-Encoding": "gzip"})
 
     app = web.Application(middlewares=[count])
     app.router.add_get("/x.png", png)
@@ -216,17 +214,13 @@ def test_non_public_addresses_are_blocked(address: str) -> None:
     assert is_blocked_address(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize(
-    "address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
-)
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
 def test_public_addresses_are_not_blocked(address: str) -> None:
     assert not is_blocked_address(ipaddress.ip_address(address))
 
 
 def test_allowed_hosts_take_names_addresses_and_networks() -> None:
-    policy = DownloadPolicy(
-        allowed_hosts=frozenset({"Images.Internal.", "10.0.0.0/8", "::1"})
-    )
+    policy = DownloadPolicy(allowed_hosts=frozenset({"Images.Internal.", "10.0.0.0/8", "::1"}))
     assert policy.host_allowed("images.internal")
     assert not policy.host_allowed("other.internal")
     assert policy.address_allowed(ipaddress.ip_address("10.2.3.4"))
@@ -310,9 +304,7 @@ async def test_loopback_in_disguise_is_refused_without_reaching_the_server(
         assert not v4.hits and not v6.hits
 
 
-@pytest.mark.parametrize(
-    "host", ["2130706433", "127.1", "0x7f.0.0.1", "017700000001", "ⓛⓞⓒⓐⓛⓗⓞⓢⓣ"]
-)
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.0.0.1", "017700000001", "ⓛⓞⓒⓐⓛⓗⓞⓢⓣ"])
 async def test_odd_spellings_of_loopback_are_refused(server: Server, host: str) -> None:
     # Refused either as an invalid URL or once resolved; never connected to.
     with pytest.raises(DownloadError):
@@ -340,9 +332,7 @@ async def test_download_refuses_a_session_without_the_guards(server: Server) -> 
 
 async def test_name_resolving_to_a_private_address_is_refused(server: Server) -> None:
     dns = HostsResolver({"images.example.test": ["127.0.0.1"]})
-    reason = await refused(
-        server.url("/x.png", host="images.example.test"), DownloadPolicy(), resolver=dns
-    )
+    reason = await refused(server.url("/x.png", host="images.example.test"), DownloadPolicy(), resolver=dns)
     assert reason == "host images.example.test resolves to blocked address 127.0.0.1"
     assert not server.hits
 
@@ -351,9 +341,7 @@ async def test_name_with_one_private_address_among_public_ones_is_refused(
     server: Server,
 ) -> None:
     dns = HostsResolver({"mixed.example.test": ["93.184.216.34", "10.0.0.7"]})
-    reason = await refused(
-        server.url("/x.png", host="mixed.example.test"), DownloadPolicy(), resolver=dns
-    )
+    reason = await refused(server.url("/x.png", host="mixed.example.test"), DownloadPolicy(), resolver=dns)
     assert "blocked address 10.0.0.7" in reason
 
 
@@ -368,9 +356,7 @@ async def test_name_in_allowed_hosts_may_resolve_to_a_private_address(
 
 async def test_guarded_resolver_passes_public_addresses() -> None:
     dns = HostsResolver({"cdn.example.test": ["93.184.216.34", "2606:2800:220:1::1"]})
-    results = await GuardedResolver(DownloadPolicy(), dns).resolve(
-        "cdn.example.test", 443
-    )
+    results = await GuardedResolver(DownloadPolicy(), dns).resolve("cdn.example.test", 443)
     assert [r["host"] for r in results] == ["93.184.216.34", "2606:2800:220:1::1"]
 
 
@@ -384,12 +370,8 @@ async def test_connected_peer_is_checked_even_when_the_resolver_lies(
     connector = GuardedConnector(policy, resolver=lying)
     async with aiohttp.ClientSession(connector=connector) as session:
         with pytest.raises(DownloadError) as info:
-            await download(
-                session, server.url("/x.png", host="rebind.example.test"), policy
-            )
-    assert info.value.reason == (
-        "blocked address 127.0.0.1 (connected for host rebind.example.test)"
-    )
+            await download(session, server.url("/x.png", host="rebind.example.test"), policy)
+    assert info.value.reason == ("blocked address 127.0.0.1 (connected for host rebind.example.test)")
     assert not server.hits
 
 
@@ -405,9 +387,7 @@ async def test_connected_peer_is_checked_even_when_the_resolver_lies(
         "http://10.1.2.3/",
     ],
 )
-async def test_redirect_from_an_allowed_host_to_a_blocked_address_is_refused(
-    server: Server, target: str
-) -> None:
+async def test_redirect_from_an_allowed_host_to_a_blocked_address_is_refused(server: Server, target: str) -> None:
     url = server.url("/redirect") + "?to=" + target.format(port=server.port)
     assert (await refused(url, LOCAL)).startswith("blocked address")
     assert server.hits == Counter({"/redirect": 1})
@@ -418,11 +398,7 @@ async def test_redirect_from_an_allowed_name_to_an_unlisted_address_is_refused(
 ) -> None:
     dns = HostsResolver({"images.example.test": ["127.0.0.1"]})
     policy = DownloadPolicy(allowed_hosts=frozenset({"images.example.test"}))
-    url = (
-        server.url("/redirect", host="images.example.test")
-        + "?to="
-        + server.url("/x.png")
-    )
+    url = server.url("/redirect", host="images.example.test") + "?to=" + server.url("/x.png")
     assert await refused(url, policy, resolver=dns) == "blocked address 127.0.0.1"
     assert server.hits == Counter({"/redirect": 1})
 
@@ -434,9 +410,7 @@ async def test_relative_redirects_are_followed_up_to_the_limit(server: Server) -
 
 
 async def test_redirect_loop_stops_at_max_redirects(server: Server) -> None:
-    assert (
-        await refused(server.url("/loop"), LOCAL) == "too many redirects (more than 5)"
-    )
+    assert await refused(server.url("/loop"), LOCAL) == "too many redirects (more than 5)"
     assert server.hits["/loop"] == 6
 
 
@@ -453,10 +427,7 @@ async def test_download_error_is_an_input_error() -> None:
 
 async def test_slow_server_hits_the_read_timeout(server: Server) -> None:
     policy = DownloadPolicy(allowed_hosts=frozenset({"127.0.0.1"}), read_timeout=0.2)
-    assert (
-        await refused(server.url("/slow"), policy)
-        == "timed out after 0.2s waiting for data"
-    )
+    assert await refused(server.url("/slow"), policy) == "timed out after 0.2s waiting for data"
 
 
 async def test_slow_server_hits_the_total_timeout(server: Server) -> None:
@@ -472,10 +443,7 @@ async def test_declared_length_over_the_limit_is_refused_before_reading(
 
 
 async def test_compressed_bodies_are_refused(server: Server) -> None:
-    assert (
-        await refused(server.url("/gzip"), LOCAL)
-        == "unsupported Content-Encoding 'gzip'"
-    )
+    assert await refused(server.url("/gzip"), LOCAL) == "unsupported Content-Encoding 'gzip'"
 
 
 def _rss_kib(field_name: str = "VmRSS") -> int:
@@ -528,9 +496,7 @@ async def test_endless_body_is_cut_at_max_bytes_without_growing_memory(
 # --- logging ----------------------------------------------------------------------------------
 
 
-async def test_query_strings_never_reach_errors_or_logs(
-    server: Server, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_query_strings_never_reach_errors_or_logs(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="serverless.inputs.download")
     url = server.url("/missing") + "?OSSAccessKeyId=AK&Signature=s3cr3t"
     reason = await refused(url, LOCAL)
@@ -541,9 +507,7 @@ async def test_query_strings_never_reach_errors_or_logs(
 
 def test_redact_url_keeps_scheme_host_and_path_only() -> None:
     assert (
-        redact_url(
-            "https://user:pw@bucket.oss.example.com:8443/a/b.png?Signature=x#frag"
-        )
+        redact_url("https://user:pw@bucket.oss.example.com:8443/a/b.png?Signature=x#frag")
         == "https://bucket.oss.example.com:8443/a/b.png"
     )
 
@@ -582,9 +546,7 @@ def test_decode_base64_accepts_the_url_safe_alphabet() -> None:
         ("data:image/png;base64", "invalid data URI"),
     ],
 )
-def test_decode_base64_refuses_broken_input_with_a_clear_reason(
-    value: str, reason: str
-) -> None:
+def test_decode_base64_refuses_broken_input_with_a_clear_reason(value: str, reason: str) -> None:
     with pytest.raises(DownloadError) as info:
         decode_base64(value, 1024)
     assert info.value.reason.startswith(reason)

@@ -83,8 +83,9 @@ def test_deep_extra_data_is_refused_before_comfyui_and_jobs_go_on(app, emulator)
 def _partial_body(url: str, declared: int, sent: bytes) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
-    head = (f"POST {RUN} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {declared}\r\n\r\n").encode()
+    head = (
+        f"POST {RUN} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    ).encode()
     sock.sendall(head + sent)
     return sock
 
@@ -126,8 +127,13 @@ def test_a_job_whose_events_pass_the_byte_cap_still_ends_with_its_result(start_a
 def test_a_filename_prefix_cannot_squat_a_task_log(start_app, emulator):
     output = emulator.root / "output"
     server = start_app(emulator.url, status_dir=output / "serverless_api", COMFYUI_OUTPUT_DIR=str(output))
-    for prefix in ("serverless_api/edges-squat/x", "./serverless_api//edges-squat/y", "a/../serverless_api/z/w",
-                   "../outside", "/abs/path"):
+    for prefix in (
+        "serverless_api/edges-squat/x",
+        "./serverless_api//edges-squat/y",
+        "a/../serverless_api/z/w",
+        "../outside",
+        "/abs/path",
+    ):
         refused = post_run(server.url, empty_image(prefix=prefix))
         assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMS", prefix
         assert "filename_prefix" in refused.json()["error_message"]
@@ -152,8 +158,13 @@ def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_t
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, int(port)))
-    sock.sendall((f"POST {RUN}?output_base64=true HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    sock.sendall(
+        (
+            f"POST {RUN}?output_base64=true HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+    )
     wait_until(lambda: "read nothing for 1s; its connection is closed" in server.log_text(), timeout=60)
     received = b""
     sock.settimeout(30)

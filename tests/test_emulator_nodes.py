@@ -33,8 +33,9 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     server.stop()
 
 
-def run(emu: Emulator, prompt: dict[str, Any], interrupt_at_progress: int | None = None
-        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run(
+    emu: Emulator, prompt: dict[str, Any], interrupt_at_progress: int | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Queue `prompt` on its own websocket; returns its messages and its history entry."""
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(emu.url.replace("http", "ws") + f"/ws?clientId={client_id}", timeout=20)
@@ -64,8 +65,10 @@ def images(emu: Emulator, history: dict[str, Any], node: str) -> list[Image.Imag
 
 
 def empty(width: int, height: int, color: int, batch: int = 1) -> dict[str, Any]:
-    return {"class_type": "EmptyImage",
-            "inputs": {"width": width, "height": height, "batch_size": batch, "color": color}}
+    return {
+        "class_type": "EmptyImage",
+        "inputs": {"width": width, "height": height, "batch_size": batch, "color": color},
+    }
 
 
 def save(source: str, prefix: str) -> dict[str, Any]:
@@ -94,14 +97,16 @@ def test_empty_image_batch_is_saved_as_pngs_of_its_size_and_colour(emu: Emulator
     saved = images(emu, history, "2")
     assert [im.size for im in saved] == [(40, 24), (40, 24)]
     assert [im.convert("RGB").getpixel((5, 5)) for im in saved] == [(0x12, 0x34, 0x56)] * 2
-    assert [ref["filename"] for ref in history["outputs"]["2"]["images"]] == ["empty_00001_.png",
-                                                                            "empty_00002_.png"]
+    assert [ref["filename"] for ref in history["outputs"]["2"]["images"]] == ["empty_00001_.png", "empty_00002_.png"]
     assert json.loads(saved[0].info["prompt"])["2"]["inputs"]["filename_prefix"] == "nodes/empty"
 
 
 def test_invert_inverts(emu: Emulator) -> None:
-    prompt = {"1": empty(8, 8, 0x102030), "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-              "3": save("2", "nodes/invert")}
+    prompt = {
+        "1": empty(8, 8, 0x102030),
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": save("2", "nodes/invert"),
+    }
     _, history = run(emu, prompt)
     assert images(emu, history, "3")[0].convert("RGB").getpixel((0, 0)) == (0xEF, 0xDF, 0xCF)
 
@@ -109,11 +114,14 @@ def test_invert_inverts(emu: Emulator) -> None:
 def test_scale_blur_and_noise_change_the_image(emu: Emulator) -> None:
     prompt = {
         "1": empty(64, 32, 0x808080),
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear",
-                                                     "width": 16, "height": 0, "crop": "disabled"}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 16, "height": 0, "crop": "disabled"},
+        },
         "3": {"class_type": "ImageAddNoise", "inputs": {"image": ["2", 0], "seed": 7, "strength": 0.5}},
         "4": {"class_type": "ImageBlur", "inputs": {"image": ["3", 0], "blur_radius": 2, "sigma": 1.0}},
-        "5": save("3", "nodes/noise"), "6": save("4", "nodes/blur"),
+        "5": save("3", "nodes/noise"),
+        "6": save("4", "nodes/blur"),
     }
     _, history = run(emu, prompt)
     noisy, blurred = images(emu, history, "5")[0], images(emu, history, "6")[0]
@@ -125,8 +133,10 @@ def test_scale_blur_and_noise_change_the_image(emu: Emulator) -> None:
 def test_load_image_reads_uploads_also_from_a_subfolder(emu: Emulator) -> None:
     picture = Image.new("RGB", (12, 10), (200, 10, 60))
     upload(emu, picture, "nodes_in.png", subfolder="sub")
-    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "sub/nodes_in.png"}},
-              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "sub/nodes_in.png"}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
     _, history = run(emu, prompt)
     ref = history["outputs"]["2"]["images"][0]
     assert ref["type"] == "temp" and re.fullmatch(r"ComfyUI_temp_[a-z]{5}_00001_\.png", ref["filename"])
@@ -200,10 +210,14 @@ def test_pixels_follow_comfyuis_float32_arithmetic_so_inverted_200_saves_as_54(e
     picture = Image.fromarray(rows.reshape(1, 256, 3), "RGB")
     upload(emu, picture, "every_byte.png")
     invert = {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}
-    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "every_byte.png"}},
-              "2": invert, "3": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
-              "4": save("1", "nodes/float_as_is"), "5": save("2", "nodes/float_inverted"),
-              "6": save("3", "nodes/float_inverted_twice")}
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "every_byte.png"}},
+        "2": invert,
+        "3": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+        "4": save("1", "nodes/float_as_is"),
+        "5": save("2", "nodes/float_inverted"),
+        "6": save("3", "nodes/float_inverted_twice"),
+    }
     _, history = run(emu, prompt)
     as_is, inverted, twice = (np.array(images(emu, history, node)[0].convert("RGB")) for node in "456")
     assert inverted[0, 200, 0] == 54  # 1 - 200/255 is 0.21176469 in float32; 255 times that, truncated
@@ -216,8 +230,11 @@ def test_pixels_follow_comfyuis_float32_arithmetic_so_inverted_200_saves_as_54(e
 
 
 def test_empty_image_colour_is_float32_as_torch_full_makes_it(emu: Emulator) -> None:
-    prompt = {"1": empty(4, 4, 0xC8417F), "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-              "3": save("2", "nodes/empty_inverted")}
+    prompt = {
+        "1": empty(4, 4, 0xC8417F),
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": save("2", "nodes/empty_inverted"),
+    }
     _, history = run(emu, prompt)
     saved = np.array(images(emu, history, "3")[0].convert("RGB"))[0, 0]
     colour = np.array([0xC8, 0x41, 0x7F], dtype=np.float32) / 255.0  # torch.full(..., c / 0xFF), float32
@@ -225,9 +242,12 @@ def test_empty_image_colour_is_float32_as_torch_full_makes_it(emu: Emulator) -> 
 
 
 def test_preview_any_shows_any_value_as_text(emu: Emulator) -> None:
-    prompt = {"1": empty(8, 6, 0), "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
-              "3": {"class_type": "PreviewAny", "inputs": {"source": "a caption"}},
-              "4": {"class_type": "PreviewAny", "inputs": {"source": 42}}}
+    prompt = {
+        "1": empty(8, 6, 0),
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": "a caption"}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": 42}},
+    }
     messages, history = run(emu, prompt)
     outputs = history["outputs"]
     assert outputs["3"] == {"text": ["a caption"]} and outputs["4"] == {"text": ["42"]}

@@ -33,8 +33,11 @@ from PIL import Image
 from tests.servers import Emulator
 
 TRACES = Path(__file__).parent / "fixtures" / "traces"
-ALIASED = [re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
-           re.compile(r"^[0-9a-f]{32}$"), re.compile(r"ComfyUI_temp_[a-z]{5}")]
+ALIASED = [
+    re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
+    re.compile(r"^[0-9a-f]{32}$"),
+    re.compile(r"ComfyUI_temp_[a-z]{5}"),
+]
 SHAPE_ONLY = {"/system_stats", "/object_info/LoadImage"}
 WAIT = 15.0
 
@@ -71,9 +74,15 @@ Hook = Callable[[], Awaitable[Any]]
 class Replay:
     """Plays one trace against `url` and checks everything the trace recorded."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, trace: dict[str, Any],
-                 after: dict[str, Hook] | None = None, on_ws_close: Hook | None = None,
-                 broadcasts_may_interleave: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        trace: dict[str, Any],
+        after: dict[str, Hook] | None = None,
+        on_ws_close: Hook | None = None,
+        broadcasts_may_interleave: bool = False,
+    ) -> None:
         self.url, self.session, self.trace = url, session, trace
         # In ComfyUI a `status` broadcast from the HTTP handler races the worker thread's messages
         # of another prompt; where a trace caught that race, only each stream's own order is fixed.
@@ -106,7 +115,8 @@ class Replay:
         deadline = loop.time() + WAIT
         while len(socket.received) < count:
             assert loop.time() < deadline, (
-                f"{name}: waited for {count} messages, got {[m['type'] for m in socket.received]}")
+                f"{name}: waited for {count} messages, got {[m['type'] for m in socket.received]}"
+            )
             await asyncio.sleep(0.005)
 
     async def ws_connect(self, event: dict[str, Any]) -> None:
@@ -135,8 +145,7 @@ class Replay:
             kwargs["json"] = self.live(event["json"])
         elif "multipart_form" in event:
             kwargs["data"] = upload_form(event["multipart_form"])
-        async with self.session.request(event["method"], self.url + self.live(event["path"]),
-                                        **kwargs) as resp:
+        async with self.session.request(event["method"], self.url + self.live(event["path"]), **kwargs) as resp:
             self.reply = Reply(resp.status, dict(resp.headers), await resp.read())
 
     async def http_response(self, event: dict[str, Any]) -> None:
@@ -180,10 +189,14 @@ class Replay:
         interleave) the `status` broadcasts and everything else, each in its own order."""
         if not self.broadcasts_may_interleave:
             return [("all", recorded, live)]
+
         def split(ms: list[Any], status: bool) -> list[Any]:
             return [m for m in ms if (m["type"] == "status") == status]
-        return [("status", split(recorded, True), split(live, True)),
-                ("prompt", split(recorded, False), split(live, False))]
+
+        return [
+            ("status", split(recorded, True), split(live, True)),
+            ("prompt", split(recorded, False), split(live, False)),
+        ]
 
     def learn(self, recorded: Any, live: Any) -> None:
         """Map recorded ids/random names to the live ones found at the same place."""
@@ -278,8 +291,9 @@ def upload_form(fields: dict[str, Any]) -> aiohttp.FormData:
     form = aiohttp.FormData()
     for name, value in fields.items():
         if isinstance(value, dict):
-            form.add_field(name, png_bytes(value["length"]), filename=value["filename"],
-                           content_type=value["content_type"])
+            form.add_field(
+                name, png_bytes(value["length"]), filename=value["filename"], content_type=value["content_type"]
+            )
         else:
             form.add_field(name, value)
     return form
@@ -297,8 +311,7 @@ async def replay(url: str, trace: dict[str, Any], **options: Any) -> None:
 
 
 async def configure(url: str, **settings: float) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.post(f"{url}/emulator/config",
-                                                                json=settings) as resp:
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/emulator/config", json=settings) as resp:
         assert resp.status == 200
         return dict(await resp.json())
 
@@ -309,9 +322,19 @@ async def release_node(url: str) -> None:
         assert resp.status == 200
 
 
-@pytest.mark.parametrize("name", ["a_empty_image_save", "a2_feature_flags_handshake",
-                                  "b_upload_loadimage_invert", "c_batch3_save", "d_invalid_prompts",
-                                  "e_execution_errors", "f_cached_resubmit", "h_misc_endpoints"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a_empty_image_save",
+        "a2_feature_flags_handshake",
+        "b_upload_loadimage_invert",
+        "c_batch3_save",
+        "d_invalid_prompts",
+        "e_execution_errors",
+        "f_cached_resubmit",
+        "h_misc_endpoints",
+    ],
+)
 async def test_scenario_replays_as_recorded(fresh_emulator: Emulator, name: str) -> None:
     await replay(fresh_emulator.url, load(name))
 
@@ -332,6 +355,7 @@ async def wait_until_running(url: str) -> None:
 def hold_nodes_until(url: str, release_after: str, interrupt: str) -> dict[str, Hook]:
     """Replay hooks for a long node_delay (set by the caller): node 1 is released after the
     `release_after` response, node 2 after the `interrupt` response, when holding stops."""
+
     async def stop_holding() -> None:
         await configure(url, node_delay=0)
         await release_node(url)  # node 2; node 3 then meets the pending interrupt
@@ -360,8 +384,10 @@ async def test_j_reconnect_mid_run(fresh_emulator: Emulator) -> None:
 
 async def test_j_with_dropped_websockets_instead_of_client_close(fresh_emulator: Emulator) -> None:
     async def drop() -> None:
-        async with aiohttp.ClientSession() as session, session.post(
-                f"{fresh_emulator.url}/emulator/drop_websockets") as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{fresh_emulator.url}/emulator/drop_websockets") as resp,
+        ):
             assert (await resp.json()) == {"dropped": 1}
 
     await configure(fresh_emulator.url, node_delay=3600)
@@ -371,7 +397,14 @@ async def test_j_with_dropped_websockets_instead_of_client_close(fresh_emulator:
 
 async def test_config_hook_reports_and_refuses_unknown_keys(fresh_emulator: Emulator) -> None:
     assert await configure(fresh_emulator.url, step_delay=0.5) == {
-        "step_delay": 0.5, "node_delay": 0.0, "history_delay": 0.0, "history_garbage": 0.0, "view_status": 0.0}
-    async with aiohttp.ClientSession() as session, session.post(
-            f"{fresh_emulator.url}/emulator/config", json={"bogus": 1}) as resp:
+        "step_delay": 0.5,
+        "node_delay": 0.0,
+        "history_delay": 0.0,
+        "history_garbage": 0.0,
+        "view_status": 0.0,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{fresh_emulator.url}/emulator/config", json={"bogus": 1}) as resp,
+    ):
         assert resp.status == 400

@@ -47,12 +47,19 @@ def traced_run(server: App, body: Any, task_id: str, params: dict[str, str] | No
     """POST a run with `x-fc-trace-id: task_id`; a stream is read to its end."""
     params = dict(params or {})
     started = time.monotonic()
-    response = requests.post(server.url + RUN, data=json.dumps(body), params=params,
-                             headers={"x-fc-trace-id": task_id}, timeout=BOUND, stream=True)
+    response = requests.post(
+        server.url + RUN,
+        data=json.dumps(body),
+        params=params,
+        headers={"x-fc-trace-id": task_id},
+        timeout=BOUND,
+        stream=True,
+    )
     streamed = response.headers.get("content-type", "").startswith("text/event-stream")
     if streamed:
-        payloads = [json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True)
-                    if line.startswith("data: ")]
+        payloads = [
+            json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")
+        ]
     else:
         payloads = [response.json()]
     return Outcome(response.status_code, payloads, time.monotonic() - started, streamed)
@@ -129,6 +136,7 @@ def wait_for_log(server: App, task_id: str, kind: str) -> None:
 
 # -- ComfyUI dies -----------------------------------------------------------------------------------
 
+
 def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(own_emulator, start_app, tmp_path):
     configure(own_emulator, step_delay=0.05)
     server = start_app(own_emulator.url, COMFYUI_RECONNECT_TIMEOUT="2")
@@ -177,6 +185,7 @@ def test_nothing_listening_at_start_is_unavailable_then_serves_once_comfyui_is_u
 
 # -- ComfyUI's websocket breaks ---------------------------------------------------------------------
 
+
 def test_websocket_cut_twice_recovers_running_and_queued_jobs_and_logs_their_results(own_emulator, start_app):
     configure(own_emulator, step_delay=0.02)
     server = start_app(own_emulator.url)
@@ -208,8 +217,10 @@ def test_websocket_cut_twice_recovers_running_and_queued_jobs_and_logs_their_res
 
 # -- /history misbehaves ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("history_delay", "request_timeout"), [(1.0, "60"), (3.0, "0.5")],
-                         ids=["slow", "slower-than-the-request-timeout"])
+
+@pytest.mark.parametrize(
+    ("history_delay", "request_timeout"), [(1.0, "60"), (3.0, "0.5")], ids=["slow", "slower-than-the-request-timeout"]
+)
 def test_slow_history_still_gives_the_result(own_emulator, start_app, history_delay, request_timeout):
     # Beyond the request timeout the outputs come from the `executed` messages instead.
     configure(own_emulator, step_delay=0, history_delay=history_delay)
@@ -250,6 +261,7 @@ def test_garbage_history_while_the_websocket_is_cut_still_recovers_the_running_j
 
 # -- /view refuses an output ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("params", [B64, {}, {"stream": "1", **B64}], ids=["base64", "no-base64", "stream"])
 def test_output_that_cannot_be_read_is_output_error_with_the_results_so_far(own_emulator, start_app, params):
     configure(own_emulator, step_delay=0, view_status=404)
@@ -270,4 +282,3 @@ def test_output_error_leaves_the_instance_serving(own_emulator, start_app):
     assert_result(traced_run(server, empty_image(prefix="v200"), new_task("v200"), B64))
     health = requests.get(server.url + "/api/serverless/health", timeout=10).json()
     assert health["status"] == "ok" and health["jobs"] == 0
-

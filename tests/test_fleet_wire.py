@@ -20,8 +20,12 @@ SECRET = "s3cr3t-value"
 
 def spec(**changes: object) -> JobSpec:
     values: dict[str, object] = {
-        "workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}}, "extra_data": {"x": 1}, "mode": "stream",
-        "outputs": OutputPolicy(base64=True, oss=True), "task_id": "t-1", "workflow_id": "wf",
+        "workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}},
+        "extra_data": {"x": 1},
+        "mode": "stream",
+        "outputs": OutputPolicy(base64=True, oss=True),
+        "task_id": "t-1",
+        "workflow_id": "wf",
         "credentials": Credentials("AK", SECRET, None),
     }
     return JobSpec(**{**values, **changes})  # type: ignore[arg-type]
@@ -34,7 +38,12 @@ def test_a_queued_spec_carries_no_credentials_and_the_worker_uses_its_own() -> N
     decoded = decode_spec(encoded, own)
     assert decoded.credentials is own
     assert (decoded.workflow, decoded.extra_data, decoded.outputs, decoded.task_id, decoded.workflow_id) == (
-        spec().workflow, {"x": 1}, OutputPolicy(True, True), "t-1", "wf")
+        spec().workflow,
+        {"x": 1},
+        OutputPolicy(True, True),
+        "t-1",
+        "wf",
+    )
 
 
 def test_the_idempotency_fingerprint_ignores_the_mode_but_not_the_workflow() -> None:
@@ -44,10 +53,15 @@ def test_the_idempotency_fingerprint_ignores_the_mode_but_not_the_workflow() -> 
 
 
 def test_the_stored_terminal_leaves_base64_out_with_a_note_and_marks_a_retry() -> None:
-    result = {"type": "serverless_api", "data": {"results": [
-        {"output": {"type": "images", "base64": {"content": "iVBORw0KGgo="}}},
-        {"output": {"type": "images", "base64": {"content": None}}},
-    ]}}
+    result = {
+        "type": "serverless_api",
+        "data": {
+            "results": [
+                {"output": {"type": "images", "base64": {"content": "iVBORw0KGgo="}}},
+                {"output": {"type": "images", "base64": {"content": None}}},
+            ]
+        },
+    }
     stored = json.loads(stored_terminal(jsontext.dumps(result), retried=True))
     assert stored["data"]["results"][0]["output"]["base64"] == {"content": None, "note": BASE64_NOTE}
     assert stored["data"]["results"][1]["output"]["base64"] == {"content": None}
@@ -56,8 +70,10 @@ def test_the_stored_terminal_leaves_base64_out_with_a_note_and_marks_a_retry() -
     assert stored_terminal(plain, retried=False) is plain
 
 
-@pytest.mark.parametrize("error", [WorkerLost("w"), ExecutionInterrupted("cancelled by request"),
-                                   ComfyUIUnavailable("down"), InvalidParams("bad")])
+@pytest.mark.parametrize(
+    "error",
+    [WorkerLost("w"), ExecutionInterrupted("cancelled by request"), ComfyUIUnavailable("down"), InvalidParams("bad")],
+)
 def test_an_error_read_back_from_redis_has_its_code_and_status(error: Exception) -> None:
     assert isinstance(error, (WorkerLost, ExecutionInterrupted, ComfyUIUnavailable, InvalidParams))
     rebuilt = error_from_payload(error.to_payload())
@@ -70,12 +86,15 @@ def test_the_defaults_are_the_file_status_log_and_no_queue() -> None:
     assert (settings.status_backend, settings.queue_backend, settings.role) == ("file", "none", "all")
 
 
-@pytest.mark.parametrize("env, named", [
-    ({"QUEUE_BACKEND": "redis"}, "STATUS_BACKEND"),
-    ({"ROLE": "worker"}, "QUEUE_BACKEND"),
-    ({"ROLE": "boss"}, "ROLE"),
-    ({"STATUS_BACKEND": "redis", "REDIS_URL": "http://x"}, "REDIS_URL"),
-])
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"QUEUE_BACKEND": "redis"}, "STATUS_BACKEND"),
+        ({"ROLE": "worker"}, "QUEUE_BACKEND"),
+        ({"ROLE": "boss"}, "ROLE"),
+        ({"STATUS_BACKEND": "redis", "REDIS_URL": "http://x"}, "REDIS_URL"),
+    ],
+)
 def test_redis_tier_settings_that_cannot_work_fail_start_up_named(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)

@@ -158,8 +158,13 @@ def flac_streaminfo(data: bytes) -> dict[str, Any]:
     """Sample rate, channels, bits, sample count and samples' MD5 from a FLAC file's STREAMINFO."""
     assert data[:4] == b"fLaC" and data[4] & 0x7F == 0, "not a FLAC file starting with STREAMINFO"
     packed = int.from_bytes(data[18:26], "big")
-    return {"rate": packed >> 44, "channels": ((packed >> 41) & 7) + 1, "bits": ((packed >> 36) & 31) + 1,
-            "samples": packed & ((1 << 36) - 1), "md5": data[26:42]}
+    return {
+        "rate": packed >> 44,
+        "channels": ((packed >> 41) & 7) + 1,
+        "bits": ((packed >> 36) & 31) + 1,
+        "samples": packed & ((1 << 36) - 1),
+        "md5": data[26:42],
+    }
 
 
 def content(result: dict[str, Any]) -> bytes:
@@ -202,8 +207,13 @@ def check_flac(results: list[dict[str, Any]], data: bytes) -> None:
     assert output["type"] == "audio" and output["mime"] == "audio/flac"
     assert output["raw"]["subfolder"] == "audio" and output["raw"]["filename"].endswith("_.flac")
     with wave.open(io.BytesIO(data)) as source:
-        expected = {"rate": source.getframerate(), "channels": source.getnchannels(), "bits": 16,
-                    "samples": source.getnframes(), "md5": hashlib.md5(wav_pcm(data)).digest()}
+        expected = {
+            "rate": source.getframerate(),
+            "channels": source.getnchannels(),
+            "bits": 16,
+            "samples": source.getnframes(),
+            "md5": hashlib.md5(wav_pcm(data)).digest(),
+        }
     assert flac_streaminfo(content(result)) == expected
 
 
@@ -224,29 +234,67 @@ def check_frame(results: list[dict[str, Any]], data: bytes) -> None:
 SAVE_IMAGE = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "e2e/inputs"}}
 LOADERS = {
     "LoadImage": Loader(
-        "LoadImage", "image", "png", "image/png", lambda i: png(8 + i),
+        "LoadImage",
+        "image",
+        "png",
+        "image/png",
+        lambda i: png(8 + i),
         {"2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}, "3": SAVE_IMAGE},
-        check_inverted),
+        check_inverted,
+    ),
     "LoadImageMask": Loader(
-        "LoadImageMask", "image", "png", "image/png", lambda i: png(8 + i, (0, 0, 0, 100 + i), "RGBA"),
-        {"2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-         "3": SAVE_IMAGE},
-        check_unconnected_mask, (("channel", "alpha"),)),
+        "LoadImageMask",
+        "image",
+        "png",
+        "image/png",
+        lambda i: png(8 + i, (0, 0, 0, 100 + i), "RGBA"),
+        {
+            "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "3": SAVE_IMAGE,
+        },
+        check_unconnected_mask,
+        (("channel", "alpha"),),
+    ),
     "LoadAudio": Loader(
-        "LoadAudio", "audio", "wav", "audio/wav", lambda i: wav(8000 + 1000 * i, 1 + i % 2, 1000 + i),
+        "LoadAudio",
+        "audio",
+        "wav",
+        "audio/wav",
+        lambda i: wav(8000 + 1000 * i, 1 + i % 2, 1000 + i),
         {"2": {"class_type": "SaveAudio", "inputs": {"audio": ["1", 0], "filename_prefix": "audio/e2e"}}},
-        check_flac),
+        check_flac,
+    ),
     "LoadVideo": Loader(
-        "LoadVideo", "file", "mp4", "video/mp4", lambda i: mp4(f"LoadVideo clip {i}"),
-        {"2": {"class_type": "SaveVideo", "inputs": {"video": ["1", 0], "filename_prefix": "video/e2e",
-                                                     "format": "auto", "codec": "auto"}}},
-        check_saved_video),
+        "LoadVideo",
+        "file",
+        "mp4",
+        "video/mp4",
+        lambda i: mp4(f"LoadVideo clip {i}"),
+        {
+            "2": {
+                "class_type": "SaveVideo",
+                "inputs": {"video": ["1", 0], "filename_prefix": "video/e2e", "format": "auto", "codec": "auto"},
+            }
+        },
+        check_saved_video,
+    ),
     "VHS_LoadVideo": Loader(
-        "VHS_LoadVideo", "video", "mp4", "video/mp4", lambda i: mp4(f"VHS clip {i}"),
+        "VHS_LoadVideo",
+        "video",
+        "mp4",
+        "video/mp4",
+        lambda i: mp4(f"VHS clip {i}"),
         {"2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e2e/vhs"}}},
         check_frame,
-        (("force_rate", 0), ("custom_width", 0), ("custom_height", 0), ("frame_load_cap", 0),
-         ("skip_first_frames", 0), ("select_every_nth", 1))),
+        (
+            ("force_rate", 0),
+            ("custom_width", 0),
+            ("custom_height", 0),
+            ("frame_load_cap", 0),
+            ("skip_first_frames", 0),
+            ("select_every_nth", 1),
+        ),
+    ),
 }
 FORMS = ("url", "base64", "data_uri", "file")
 
@@ -322,9 +370,11 @@ def assert_input_error(response: requests.Response, node_id: str, class_type: st
 
 
 def load_image(value: str, node_id: str = "1") -> dict[str, Any]:
-    return {node_id: {"class_type": "LoadImage", "inputs": {"image": value}},
-            "2": {"class_type": "ImageInvert", "inputs": {"image": [node_id, 0]}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "e2e/guard"}}}
+    return {
+        node_id: {"class_type": "LoadImage", "inputs": {"image": value}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": [node_id, 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "e2e/guard"}},
+    }
 
 
 # --- every form, every loader ---------------------------------------------------------------------
@@ -374,8 +424,10 @@ def test_the_same_bytes_sent_twice_in_a_workflow_and_in_two_runs_are_stored_once
     url = files.add("twice.png", data, "image/png")
     workflow = load_image(url)
     workflow["4"] = {"class_type": "LoadImage", "inputs": {"image": url}}
-    workflow["5"] = {"class_type": "LoadImage", "inputs": {"image": "data:image/png;base64," + base64.b64encode(
-        data).decode()}}
+    workflow["5"] = {
+        "class_type": "LoadImage",
+        "inputs": {"image": "data:image/png;base64," + base64.b64encode(data).decode()},
+    }
     for node in ("4", "5"):
         workflow[f"{node}0"] = {"class_type": "SaveImage", "inputs": {"images": [node, 0], "filename_prefix": "twice"}}
 
@@ -434,12 +486,15 @@ def test_a_redirect_from_an_allowed_host_to_a_blocked_address_is_refused(app, em
         other.stop()
 
 
-@pytest.mark.parametrize("url, address", [
-    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
-    ("http://100.100.100.200/latest/meta-data/", "100.100.100.200"),
-    ("http://[::ffff:a9fe:a9fe]/x.png", "::ffff:"),  # 169.254.169.254 inside IPv6
-    ("http://0xa9fea9fe/x.png", "169.254.169.254"),  # a host name that resolves to the metadata server
-])
+@pytest.mark.parametrize(
+    "url, address",
+    [
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+        ("http://100.100.100.200/latest/meta-data/", "100.100.100.200"),
+        ("http://[::ffff:a9fe:a9fe]/x.png", "::ffff:"),  # 169.254.169.254 inside IPv6
+        ("http://0xa9fea9fe/x.png", "169.254.169.254"),  # a host name that resolves to the metadata server
+    ],
+)
 def test_metadata_addresses_are_refused_without_connecting(url, address, app):
     response = post_run(app.url, load_image(url))
 
@@ -451,12 +506,15 @@ def test_metadata_addresses_are_refused_without_connecting(url, address, app):
 # --- failures ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value, reason", [
-    ("QUJD" * 20 + "Q", "invalid base64"),
-    ("data:image/png;base64,@@@@not base64@@@@", "invalid base64"),
-    (base64.b64encode(b"<html>not an image</html>" * 4).decode(), "expected an image"),
-    ("404", "HTTP 404"),
-])
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("QUJD" * 20 + "Q", "invalid base64"),
+        ("data:image/png;base64,@@@@not base64@@@@", "invalid base64"),
+        (base64.b64encode(b"<html>not an image</html>" * 4).decode(), "expected an image"),
+        ("404", "HTTP 404"),
+    ],
+)
 def test_broken_inputs_are_input_errors_naming_node_and_input(value, reason, app, emu, files):
     if value == "404":
         value = f"{files.url}/files/no-such-file.png"
@@ -518,8 +576,10 @@ def run_measured(server: App, workflow: dict[str, Any]) -> tuple[requests.Respon
     response = post_run(server.url, workflow)
     after = memory_kib(pid)
     growth = (after["VmHWM"] - before["VmRSS"]) * 1024
-    print(f"\nRSS before {before['VmRSS']} KiB, peak during {after['VmHWM']} KiB, after {after['VmRSS']} KiB: "
-          f"peak growth {growth / MiB:.1f} MiB (limit {INPUT_MAX_BYTES / MiB:g} MiB)")
+    print(
+        f"\nRSS before {before['VmRSS']} KiB, peak during {after['VmHWM']} KiB, after {after['VmRSS']} KiB: "
+        f"peak growth {growth / MiB:.1f} MiB (limit {INPUT_MAX_BYTES / MiB:g} MiB)"
+    )
     return response, growth
 
 

@@ -213,9 +213,7 @@ def test_classify_refuses_unsafe_file_names(value: str) -> None:
         classify(value)
 
 
-@pytest.mark.parametrize(
-    "value", ["ftp://host/x.png", "file:///etc/passwd", "s3://b/k.png"]
-)
+@pytest.mark.parametrize("value", ["ftp://host/x.png", "file:///etc/passwd", "s3://b/k.png"])
 def test_classify_refuses_other_url_schemes(value: str) -> None:
     with pytest.raises(InputError, match="unsupported URL scheme"):
         classify(value)
@@ -246,9 +244,7 @@ def test_find_loader_inputs_lists_string_values_of_loader_inputs_in_order() -> N
 # --- resolve_inputs ---------------------------------------------------------------------------
 
 
-async def test_every_loader_class_gets_its_input_uploaded_and_replaced(
-    files: Files, resolve: Resolve
-) -> None:
+async def test_every_loader_class_gets_its_input_uploaded_and_replaced(files: Files, resolve: Resolve) -> None:
     workflow = {
         "10": node("LoadImage", image=files.url("/cat.png"), upload="image"),
         "11": node("LoadImageMask", image=b64(PNG_BLUE), channel="alpha"),
@@ -293,9 +289,7 @@ async def test_workflow_without_remote_inputs_comes_back_as_an_equal_copy(
     assert not uploads.calls
 
 
-async def test_same_bytes_are_fetched_once_and_uploaded_once(
-    files: Files, resolve: Resolve
-) -> None:
+async def test_same_bytes_are_fetched_once_and_uploaded_once(files: Files, resolve: Resolve) -> None:
     url = files.url("/cat.png")
     workflow = {
         "1": node("LoadImage", image=url),
@@ -320,9 +314,7 @@ async def test_inputs_are_fetched_concurrently(files: Files, resolve: Resolve) -
     assert result["2"]["inputs"]["image"] == name_of(png_bytes("blue"), "png")
 
 
-async def test_a_failed_download_names_node_and_input_and_nothing_is_uploaded(
-    files: Files, resolve: Resolve
-) -> None:
+async def test_a_failed_download_names_node_and_input_and_nothing_is_uploaded(files: Files, resolve: Resolve) -> None:
     workflow = {
         "5": node("LoadImage", image=files.url("/cat.png")),
         "6": node("LoadImage", image=b64(PNG_BLUE)),
@@ -344,37 +336,25 @@ async def test_a_failed_download_names_node_and_input_and_nothing_is_uploaded(
     assert not uploads.calls
 
 
-async def test_a_blocked_address_fails_the_input_by_default(
-    files: Files, resolve: Resolve
-) -> None:
+async def test_a_blocked_address_fails_the_input_by_default(files: Files, resolve: Resolve) -> None:
     workflow = {"3": node("LoadImage", image=files.url("/cat.png"))}
     with pytest.raises(InputError) as info:
         await resolve(workflow, DownloadPolicy())
-    assert info.value.message == (
-        "node 3 (LoadImage) input 'image': cannot download: blocked address 127.0.0.1"
-    )
+    assert info.value.message == ("node 3 (LoadImage) input 'image': cannot download: blocked address 127.0.0.1")
     assert not files.hits
 
 
 async def test_metadata_url_fails_the_input(resolve: Resolve) -> None:
-    workflow = {
-        "3": node("LoadImage", image="http://100.100.100.200/latest/meta-data/")
-    }
-    with pytest.raises(
-        InputError, match=r"node 3 .*'image'.*blocked address 100\.100\.100\.200"
-    ):
+    workflow = {"3": node("LoadImage", image="http://100.100.100.200/latest/meta-data/")}
+    with pytest.raises(InputError, match=r"node 3 .*'image'.*blocked address 100\.100\.100\.200"):
         await resolve(workflow, DownloadPolicy())
 
 
 async def test_broken_base64_names_node_and_input(resolve: Resolve) -> None:
-    workflow = {
-        "7": node("LoadImageMask", image="data:image/png;base64,iVBORw0KGgo*AAAA")
-    }
+    workflow = {"7": node("LoadImageMask", image="data:image/png;base64,iVBORw0KGgo*AAAA")}
     with pytest.raises(InputError) as info:
         await resolve(workflow)
-    assert info.value.message.startswith(
-        "node 7 (LoadImageMask) input 'image': cannot decode: invalid base64"
-    )
+    assert info.value.message.startswith("node 7 (LoadImageMask) input 'image': cannot decode: invalid base64")
 
 
 async def test_oversize_base64_is_refused(resolve: Resolve) -> None:
@@ -410,23 +390,17 @@ async def test_content_a_loader_cannot_read_is_refused_before_upload(
     assert not uploads.calls
 
 
-async def test_audio_loader_accepts_a_video_container(
-    files: Files, resolve: Resolve
-) -> None:
+async def test_audio_loader_accepts_a_video_container(files: Files, resolve: Resolve) -> None:
     workflow = {"4": node("LoadAudio", audio=files.url("/clip.mp4"))}
     result = await resolve(workflow)
     assert result["4"]["inputs"]["audio"] == name_of(MP4, "mp4")
 
 
-async def test_configured_loaders_accept_any_content_with_a_safe_extension(
-    files: Files, resolve: Resolve
-) -> None:
+async def test_configured_loaders_accept_any_content_with_a_safe_extension(files: Files, resolve: Resolve) -> None:
     obj = BODIES["/mesh.obj"]
     workflow = {
         "1": node("Load3D", model_file=files.url("/mesh.obj?v=2")),
-        "2": node(
-            "Load3D", model_file=b64(b"\x00\x01 some unknown binary format " * 4)
-        ),
+        "2": node("Load3D", model_file=b64(b"\x00\x01 some unknown binary format " * 4)),
         "3": node("LoadText", path="data:text/plain;base64," + b64(b"hello world")),
     }
     loaders = {("Load3D", "model_file"), ("LoadText", "path")}
@@ -464,11 +438,7 @@ async def test_oss_inputs_are_read_with_read_oss(resolve: Resolve) -> None:
         seen.append(url)
         return PNG
 
-    workflow = {
-        "8": node(
-            "LoadImage", image="oss://bucket.oss-cn-hangzhou.aliyuncs.com/in/cat.png"
-        )
-    }
+    workflow = {"8": node("LoadImage", image="oss://bucket.oss-cn-hangzhou.aliyuncs.com/in/cat.png")}
     result = await resolve(workflow, read_oss=read_oss)
     assert seen == ["oss://bucket.oss-cn-hangzhou.aliyuncs.com/in/cat.png"]
     assert result["8"]["inputs"]["image"] == name_of(PNG, "png")
@@ -481,10 +451,7 @@ async def test_oss_read_failure_names_node_and_input(resolve: Resolve) -> None:
     workflow = {"8": node("LoadImage", image="oss://bucket/in/missing.png")}
     with pytest.raises(InputError) as info:
         await resolve(workflow, read_oss=read_oss)
-    assert (
-        info.value.message
-        == "node 8 (LoadImage) input 'image': cannot read from OSS: NoSuchKey"
-    )
+    assert info.value.message == "node 8 (LoadImage) input 'image': cannot read from OSS: NoSuchKey"
 
 
 async def test_upload_failure_is_an_input_error(files: Files, resolve: Resolve) -> None:
@@ -492,14 +459,10 @@ async def test_upload_failure_is_an_input_error(files: Files, resolve: Resolve) 
     uploads = Uploads(fail_with=InputError("ComfyUI answered 413"))
     with pytest.raises(InputError) as info:
         await resolve(workflow, upload=uploads)
-    assert info.value.message == (
-        "node 9 (LoadImage) input 'image': cannot upload to ComfyUI: ComfyUI answered 413"
-    )
+    assert info.value.message == ("node 9 (LoadImage) input 'image': cannot upload to ComfyUI: ComfyUI answered 413")
 
 
-async def test_comfyui_down_during_upload_stays_unavailable(
-    files: Files, resolve: Resolve
-) -> None:
+async def test_comfyui_down_during_upload_stays_unavailable(files: Files, resolve: Resolve) -> None:
     workflow = {"9": node("LoadImage", image=files.url("/cat.png"))}
     uploads = Uploads(fail_with=ComfyUIUnavailable("connection refused"))
     with pytest.raises(ComfyUIUnavailable):

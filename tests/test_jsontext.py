@@ -10,11 +10,16 @@ from serverless.core.jsontext import Spliced, dumps
 
 def test_spliced_values_read_back_as_ordinary_strings():
     first, second = base64.b64encode(b"\x89PNG" * 1000), base64.b64encode(b"abc")
-    payload = {"type": "serverless_api", "data": {"results": [
-        {"base64": {"content": Spliced(first)}, "name": "图像"},
-        {"base64": {"content": Spliced(second)}},
-        {"base64": {"content": None}},
-    ]}}
+    payload = {
+        "type": "serverless_api",
+        "data": {
+            "results": [
+                {"base64": {"content": Spliced(first)}, "name": "图像"},
+                {"base64": {"content": Spliced(second)}},
+                {"base64": {"content": None}},
+            ]
+        },
+    }
     text = dumps(payload)
     decoded = json.loads(text)
     contents = [r["base64"]["content"] for r in decoded["data"]["results"]]

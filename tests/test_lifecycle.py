@@ -33,16 +33,35 @@ B64 = {"output_base64": "true"}
 class Instance(Process):
     """`bootstrap` with ComfyUI (the emulator, its own folders under `root`) as a supervised child."""
 
-    def __init__(self, tmp: Path, step_delay: float = 0.02, start_delay: float = 0,
-                 ready_path: str = "/api/serverless/health", comfyui_port: int = 0,
-                 before_comfyui: str = "", **env: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        step_delay: float = 0.02,
+        start_delay: float = 0,
+        ready_path: str = "/api/serverless/health",
+        comfyui_port: int = 0,
+        before_comfyui: str = "",
+        **env: str,
+    ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.root = tmp / "comfyui"
         self.status_dir = tmp / "status"
         self.comfyui_url = f"http://127.0.0.1:{comfyui_port or free_port()}"
-        comfyui = shlex.join([sys.executable, "-m", "comfyui_emulator", "--host", "127.0.0.1",
-                              "--port", self.comfyui_url.rsplit(":", 1)[1], "--root", str(self.root),
-                              "--step-delay", str(step_delay)])
+        comfyui = shlex.join(
+            [
+                sys.executable,
+                "-m",
+                "comfyui_emulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                self.comfyui_url.rsplit(":", 1)[1],
+                "--root",
+                str(self.root),
+                "--step-delay",
+                str(step_delay),
+            ]
+        )
         if start_delay:  # a slow ComfyUI start-up
             comfyui = shlex.join(["sh", "-c", f"sleep {start_delay}; exec {comfyui}"])
         if before_comfyui:  # a shell command run by the child before it execs ComfyUI
@@ -56,8 +75,7 @@ class Instance(Process):
             "FC_INSTANCE_ID": "life-1",
             **env,
         }
-        super().__init__([str(ROOT / "bootstrap")], port, tmp / f"app-{port}.log", env=settings,
-                         ready_path=ready_path)
+        super().__init__([str(ROOT / "bootstrap")], port, tmp / f"app-{port}.log", env=settings, ready_path=ready_path)
 
     def comfyui_pids(self) -> list[int]:
         """Processes running this instance's ComfyUI (found by its unique --root)."""
@@ -128,8 +146,11 @@ def status_log(instance: Instance, task_id: str) -> list[dict[str, Any]]:
 def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_secrets(instance):
     server = instance()
     assert len(server.comfyui_pids()) == 1
-    secrets = {"x-fc-access-key-id": "LTAI-KEY-ID-1", "x-fc-access-key-secret": "KEY-SECRET-2",
-               "x-fc-security-token": "STS-TOKEN-3"}
+    secrets = {
+        "x-fc-access-key-id": "LTAI-KEY-ID-1",
+        "x-fc-access-key-secret": "KEY-SECRET-2",
+        "x-fc-security-token": "STS-TOKEN-3",
+    }
 
     response = post_run(server.url, txt2img(steps=3), params=B64, headers={"x-fc-trace-id": "t-1", **secrets})
 
@@ -145,10 +166,18 @@ def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_sec
 
 def test_bootstrap_emulator_serves_the_api_against_the_emulator(tmp_path):
     comfyui_port = free_port()
-    env = {"EMULATOR_PORT": str(comfyui_port), "EMULATOR_ROOT": str(tmp_path / "emulator"),
-           "FC_CUSTOM_LISTEN_PORT": str(free_port())}
-    server = Process([str(ROOT / "bootstrap"), "--emulator"], int(env["FC_CUSTOM_LISTEN_PORT"]),
-                     tmp_path / "app.log", env=env, ready_path="/api/serverless/health")
+    env = {
+        "EMULATOR_PORT": str(comfyui_port),
+        "EMULATOR_ROOT": str(tmp_path / "emulator"),
+        "FC_CUSTOM_LISTEN_PORT": str(free_port()),
+    }
+    server = Process(
+        [str(ROOT / "bootstrap"), "--emulator"],
+        int(env["FC_CUSTOM_LISTEN_PORT"]),
+        tmp_path / "app.log",
+        env=env,
+        ready_path="/api/serverless/health",
+    )
     try:
         response = post_run(server.url, txt2img(steps=2), params=B64, headers={"x-fc-trace-id": "dev-1"})
         assert response.status_code == 200, response.text
@@ -194,8 +223,7 @@ def test_initialize_waits_for_a_starting_comfyui_and_runs_the_prewarm_prompt_onc
     prewarm = tmp_path / "prewarm.json"
     prewarm.write_text(json.dumps(txt2img(steps=2, prefix="prewarm")))
     # ComfyUI takes 3 s to come up; the app answers at once (status needs no ComfyUI).
-    server = instance(start_delay=3, PREWARM_PROMPT=str(prewarm),
-                      ready_path="/api/serverless/status?task_id=probe")
+    server = instance(start_delay=3, PREWARM_PROMPT=str(prewarm), ready_path="/api/serverless/status?task_id=probe")
     assert server.health() == 503
     early_job = Call(lambda: post_run(server.url, txt2img(steps=2), params=B64))
 
@@ -221,8 +249,7 @@ def test_initialize_waits_for_a_starting_comfyui_and_runs_the_prewarm_prompt_onc
 
 def test_pre_stop_answers_after_the_running_job_ended_and_takes_no_new_jobs(instance):
     server = instance(step_delay=0.1)
-    job = Call(lambda: post_run(server.url, txt2img(steps=30), params=B64,
-                                headers={"x-fc-trace-id": "draining-job"}))
+    job = Call(lambda: post_run(server.url, txt2img(steps=30), params=B64, headers={"x-fc-trace-id": "draining-job"}))
     wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
 
     asked = time.monotonic()
@@ -260,8 +287,14 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0_and_stops_comfyui(inst
 
 def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(instance):
     server = instance(step_delay=0.1, DRAIN_TIMEOUT="1")
-    job = Call(lambda: post_run(server.url, txt2img(steps=300), params=B64,  # 30 s if left alone
-                                headers={"x-fc-trace-id": "cut-job"}))
+    job = Call(
+        lambda: post_run(
+            server.url,
+            txt2img(steps=300),
+            params=B64,  # 30 s if left alone
+            headers={"x-fc-trace-id": "cut-job"},
+        )
+    )
     wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
 
     signalled = time.monotonic()
@@ -270,8 +303,9 @@ def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(in
     exited = time.monotonic() - signalled
 
     response = job.result()
-    print(f"\nSIGTERM with DRAIN_TIMEOUT=1 -> job answered after {job.ended - signalled:.2f}s, "
-          f"exit after {exited:.2f}s")
+    print(
+        f"\nSIGTERM with DRAIN_TIMEOUT=1 -> job answered after {job.ended - signalled:.2f}s, exit after {exited:.2f}s"
+    )
     assert response.status_code == 500
     assert response.json()["error_code"] == "EXECUTION_INTERRUPTED"
     assert status_log(server, "cut-job")[-1]["error_code"] == "EXECUTION_INTERRUPTED"
@@ -284,8 +318,13 @@ def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_ref
     server = instance(step_delay=0.1)
 
     def stream() -> list[str]:
-        with requests.post(server.url + "/api/serverless/run", params={"stream": "true", **B64},
-                           data=json.dumps(txt2img(steps=30)), stream=True, timeout=30) as response:
+        with requests.post(
+            server.url + "/api/serverless/run",
+            params={"stream": "true", **B64},
+            data=json.dumps(txt2img(steps=30)),
+            stream=True,
+            timeout=30,
+        ) as response:
             lines = response.iter_lines()
             return [json.loads(line[5:])["type"] for line in lines if line.startswith(b"data:")]
 
@@ -318,8 +357,13 @@ def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_ref
 def bootstrap_until_exit(tmp: Path, comfyui_port: int) -> subprocess.CompletedProcess[str]:
     """`bootstrap` with the emulator as ComfyUI on `comfyui_port`, run until it exits by itself."""
     comfyui = [sys.executable, "-m", "comfyui_emulator", "--port", str(comfyui_port), "--root", str(tmp / "ours")]
-    env = {**os.environ, "COMFYUI_URL": f"http://127.0.0.1:{comfyui_port}", "COMFYUI_CMD": shlex.join(comfyui),
-           "FC_CUSTOM_LISTEN_PORT": str(free_port()), "STATUS_DIR": str(tmp / "status")}
+    env = {
+        **os.environ,
+        "COMFYUI_URL": f"http://127.0.0.1:{comfyui_port}",
+        "COMFYUI_CMD": shlex.join(comfyui),
+        "FC_CUSTOM_LISTEN_PORT": str(free_port()),
+        "STATUS_DIR": str(tmp / "status"),
+    }
     return subprocess.run([str(ROOT / "bootstrap")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
 
 
@@ -352,14 +396,24 @@ def test_the_app_refuses_to_start_when_another_comfyui_answers_on_its_port(tmp_p
 def test_a_comfyui_that_took_the_port_while_ours_started_is_never_taken_for_ours(instance, tmp_path):
     port, other_root = free_port(), tmp_path / "other"
     other = shlex.join([sys.executable, "-m", "comfyui_emulator", "--port", str(port), "--root", str(other_root)])
-    answers = shlex.join([sys.executable, "-c", "import sys, time, urllib.request\nwhile True:\n try:\n"
-                          f"  urllib.request.urlopen('http://127.0.0.1:{port}/system_stats'); sys.exit()\n"
-                          " except OSError: time.sleep(0.05)"])
+    answers = shlex.join(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, urllib.request\nwhile True:\n try:\n"
+            f"  urllib.request.urlopen('http://127.0.0.1:{port}/system_stats'); sys.exit()\n"
+            " except OSError: time.sleep(0.05)",
+        ]
+    )
     # Our child starts another ComfyUI outside its process group, waits until that one answers,
     # then execs our ComfyUI, which cannot listen and exits.
     try:
-        server = instance(comfyui_port=port, before_comfyui=f"setsid {other} >/dev/null 2>&1 & {answers}",
-                          ready_path="/api/serverless/status?task_id=probe", COMFYUI_STARTUP_TIMEOUT="1")
+        server = instance(
+            comfyui_port=port,
+            before_comfyui=f"setsid {other} >/dev/null 2>&1 & {answers}",
+            ready_path="/api/serverless/status?task_id=probe",
+            COMFYUI_STARTUP_TIMEOUT="1",
+        )
         wait_until(lambda: "not starting ComfyUI" in server.log_text(), timeout=30)
         health = requests.get(server.url + "/api/serverless/health", timeout=5)
         job = post_run(server.url, txt2img(steps=2), params=B64)
@@ -392,17 +446,23 @@ def test_a_second_sigint_cancels_the_running_stream_with_its_terminal_payload_an
     server = instance(step_delay=0.5)  # 50 s for the job below if left alone
 
     def stream() -> list[dict[str, Any]]:
-        with requests.post(server.url + "/api/serverless/run", params={"stream": "true", **B64},
-                           headers={"x-fc-trace-id": "ctrl-c"}, data=json.dumps(txt2img(steps=100)),
-                           stream=True, timeout=30) as response:
+        with requests.post(
+            server.url + "/api/serverless/run",
+            params={"stream": "true", **B64},
+            headers={"x-fc-trace-id": "ctrl-c"},
+            data=json.dumps(txt2img(steps=100)),
+            stream=True,
+            timeout=30,
+        ) as response:
             return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith(b"data:")]
 
     sse = Call(stream)
     wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
 
     server.proc.send_signal(signal.SIGINT)
-    wait_until(lambda: "SIGINT: draining jobs (1 running, up to 600s); press Ctrl-C again" in server.log_text(),
-               timeout=5)
+    wait_until(
+        lambda: "SIGINT: draining jobs (1 running, up to 600s); press Ctrl-C again" in server.log_text(), timeout=5
+    )
     server.proc.send_signal(signal.SIGINT)
     code = server.proc.wait(30)
 

@@ -114,5 +114,6 @@ def test_a_thousand_jobs_at_fifty_at_once_leave_nothing_behind(own_emulator, sta
     assert fds_after <= fds_before + FD_SLACK, f"open fds {fds_before} -> {fds_after} over {JOBS} jobs"
     assert rss_after <= rss_before + RSS_SLACK_MIB, f"RSS {rss_before:.1f} -> {rss_after:.1f} MiB over {JOBS} jobs"
     assert elapsed < 180, "1,000 tiny jobs must not take minutes"
-    print(f"\n{JOBS} jobs in {elapsed:.1f}s; fds {fds_before} -> {fds_after}; "
-          f"RSS {rss_before:.1f} -> {rss_after:.1f} MiB")
+    print(
+        f"\n{JOBS} jobs in {elapsed:.1f}s; fds {fds_before} -> {fds_after}; RSS {rss_before:.1f} -> {rss_after:.1f} MiB"
+    )

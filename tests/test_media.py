@@ -35,12 +35,7 @@ def ftyp(major: bytes, *compatible: bytes) -> bytes:
 
 def ebml(doctype: bytes) -> bytes:
     element = b"\x42\x82" + bytes([0x80 | len(doctype)]) + doctype
-    return (
-        b"\x1a\x45\xdf\xa3"
-        + bytes([0x80 | len(element)])
-        + element
-        + b"\x18\x53\x80\x67"
-    )
+    return b"\x1a\x45\xdf\xa3" + bytes([0x80 | len(element)]) + element + b"\x18\x53\x80\x67"
 
 
 @pytest.mark.parametrize(
@@ -54,9 +49,7 @@ def ebml(doctype: bytes) -> bytes:
         ("TIFF", "RGB", ("tiff", "image/tiff")),
     ],
 )
-def test_sniff_recognises_images_made_by_pillow(
-    fmt: str, mode: str, expected: tuple[str, str]
-) -> None:
+def test_sniff_recognises_images_made_by_pillow(fmt: str, mode: str, expected: tuple[str, str]) -> None:
     assert sniff(pillow_bytes(fmt, mode)) == expected
 
 
@@ -100,9 +93,7 @@ def test_sniff_recognises_wav_written_by_the_wave_module() -> None:
         (b"glTF\x02\x00\x00\x00\x00\x01\x00\x00", ("glb", "model/gltf-binary")),
     ],
 )
-def test_sniff_recognises_container_headers(
-    data: bytes, expected: tuple[str, str]
-) -> None:
+def test_sniff_recognises_container_headers(data: bytes, expected: tuple[str, str]) -> None:
     assert sniff(data) == expected
 
 
@@ -148,9 +139,7 @@ def test_sniff_does_not_take_jpeg_for_mp3() -> None:
         ("", "application/octet-stream"),
     ],
 )
-def test_mime_for_name_uses_the_extension_and_falls_back_to_octet_stream(
-    name: str, mime: str
-) -> None:
+def test_mime_for_name_uses_the_extension_and_falls_back_to_octet_stream(name: str, mime: str) -> None:
     assert mime_for_name(name) == mime
 
 

@@ -45,8 +45,9 @@ def local_oss(bucket: str) -> Iterator[LocalOss]:
 
 
 def config_for(server: LocalOss, bucket: str, expires_in: int = 0) -> OssConfig:
-    config = OssConfig.from_values(f"{bucket}.oss-{REGION}.aliyuncs.com", server.endpoint, server.endpoint,
-                                   None, expires_in)
+    config = OssConfig.from_values(
+        f"{bucket}.oss-{REGION}.aliyuncs.com", server.endpoint, server.endpoint, None, expires_in
+    )
     assert config is not None
     return config
 
@@ -86,38 +87,49 @@ def free_port() -> int:
 # Test vectors from Alibaba's own V4 signer tests (aliyun/alibabacloud-oss-python-sdk-v2,
 # tests/unit/signer/test_v4.py): an implementation independent of oss2, checked by the same code
 # the local server runs. PUT /bucket/1234+-/123/1.txt, access key "ak"/"sk", region cn-hangzhou.
-_VECTOR_QUERY = [("param1", "value1"), ("+param1", "value3"), ("|param1", "value4"), ("+param2", ""),
-                 ("|param2", ""), ("param2", "")]
+_VECTOR_QUERY = [
+    ("param1", "value1"),
+    ("+param1", "value3"),
+    ("|param1", "value4"),
+    ("+param2", ""),
+    ("|param2", ""),
+    ("param2", ""),
+]
 _VECTOR_HEADERS = {"x-oss-head1": "value", "abc": "value", "zabc": "value", "xyz": "value"}
 
 
-@pytest.mark.parametrize(("signed_at", "token", "additional", "presigned", "expected"), [
-    (1702743657, None, (), False, "e21d18daa82167720f9b1047ae7e7f1ce7cb77a31e8203a7d5f4624fa0284afe"),
-    (1702784856, "token", (), False, "b94a3f999cf85bcdc00d332fbd3734ba03e48382c36fa4d5af5df817395bd9ea"),
-    (1702747512, None, ("abc", "zabc"), False,
-     "4a4183c187c07c8947db7620deb0a6b38d9fbdd34187b6dbaccb316fa251212f"),
-    (1702785388, "token", (), True, "3817ac9d206cd6dfc90f1c09c00be45005602e55898f26f5ddb06d7892e1f8b5"),
-    (1702783809, None, ("abc", "zabc"), True,
-     "6bd984bfe531afb6db1f7550983a741b103a8c58e5e14f83ea474c2322dfa2b7"),
-])
-def test_local_oss_recomputes_alibaba_published_v4_signatures(signed_at: int, token: str | None,
-                                                               additional: tuple[str, ...], presigned: bool,
-                                                               expected: str) -> None:
+@pytest.mark.parametrize(
+    ("signed_at", "token", "additional", "presigned", "expected"),
+    [
+        (1702743657, None, (), False, "e21d18daa82167720f9b1047ae7e7f1ce7cb77a31e8203a7d5f4624fa0284afe"),
+        (1702784856, "token", (), False, "b94a3f999cf85bcdc00d332fbd3734ba03e48382c36fa4d5af5df817395bd9ea"),
+        (1702747512, None, ("abc", "zabc"), False, "4a4183c187c07c8947db7620deb0a6b38d9fbdd34187b6dbaccb316fa251212f"),
+        (1702785388, "token", (), True, "3817ac9d206cd6dfc90f1c09c00be45005602e55898f26f5ddb06d7892e1f8b5"),
+        (1702783809, None, ("abc", "zabc"), True, "6bd984bfe531afb6db1f7550983a741b103a8c58e5e14f83ea474c2322dfa2b7"),
+    ],
+)
+def test_local_oss_recomputes_alibaba_published_v4_signatures(
+    signed_at: int, token: str | None, additional: tuple[str, ...], presigned: bool, expected: str
+) -> None:
     date_time = datetime.fromtimestamp(signed_at, UTC).strftime("%Y%m%dT%H%M%SZ")
     scope = f"{date_time[:8]}/cn-hangzhou/oss/aliyun_v4_request"
     query, headers = list(_VECTOR_QUERY), dict(_VECTOR_HEADERS)
     if presigned:
         headers["content-type"] = "application/octet-stream"
-        query += [("x-oss-signature-version", "OSS4-HMAC-SHA256"), ("x-oss-date", date_time),
-                  ("x-oss-expires", "599"), ("x-oss-credential", f"ak/{scope}")]
+        query += [
+            ("x-oss-signature-version", "OSS4-HMAC-SHA256"),
+            ("x-oss-date", date_time),
+            ("x-oss-expires", "599"),
+            ("x-oss-credential", f"ak/{scope}"),
+        ]
         query += [("x-oss-security-token", token)] if token else []
         query += [("x-oss-additional-headers", ";".join(additional))] if additional else []
     else:
-        headers.update({"content-type": "text/plain", "x-oss-content-sha256": "UNSIGNED-PAYLOAD",
-                        "x-oss-date": date_time})
+        headers.update(
+            {"content-type": "text/plain", "x-oss-content-sha256": "UNSIGNED-PAYLOAD", "x-oss-date": date_time}
+        )
         headers.update({"x-oss-security-token": token} if token else {})
-    canonical = canonical_request("PUT", "bucket", "1234+-/123/1.txt", query, headers, additional,
-                                  "UNSIGNED-PAYLOAD")
+    canonical = canonical_request("PUT", "bucket", "1234+-/123/1.txt", query, headers, additional, "UNSIGNED-PAYLOAD")
     to_sign = string_to_sign(date_time, scope, canonical)
 
     assert signature("sk", date_time[:8], "cn-hangzhou", "oss", to_sign) == expected
@@ -127,21 +139,27 @@ def test_local_oss_recomputes_alibaba_published_v4_signatures(signed_at: int, to
 
 
 @pytest.mark.asyncio
-async def test_upload_stores_bytes_and_content_type_under_a_fresh_key(store: OssStore, local_oss: LocalOss,
-                                                                      bucket: str) -> None:
+async def test_upload_stores_bytes_and_content_type_under_a_fresh_key(
+    store: OssStore, local_oss: LocalOss, bucket: str
+) -> None:
     uploaded = await store.upload(GOOD, b"\x89PNG fake image", "png", "image/png")
 
     assert KEY_PATTERN.fullmatch(uploaded.object)
-    assert (uploaded.region, uploaded.bucket, uploaded.url, uploaded.expire) == ("oss-cn-hangzhou", bucket,
-                                                                                 None, None)
+    assert (uploaded.region, uploaded.bucket, uploaded.url, uploaded.expire) == ("oss-cn-hangzhou", bucket, None, None)
     assert local_oss.get_object(bucket, uploaded.object) == (b"\x89PNG fake image", "image/png")
-    assert uploaded.to_payload() == {"region": "oss-cn-hangzhou", "bucket": bucket, "object": uploaded.object,
-                                     "url": None, "expire": None}
+    assert uploaded.to_payload() == {
+        "region": "oss-cn-hangzhou",
+        "bucket": bucket,
+        "object": uploaded.object,
+        "url": None,
+        "expire": None,
+    }
 
 
 @pytest.mark.asyncio
-async def test_upload_streams_a_file_from_disk(store: OssStore, local_oss: LocalOss, bucket: str,
-                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_upload_streams_a_file_from_disk(
+    store: OssStore, local_oss: LocalOss, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = os.urandom(3 * 1024 * 1024 + 17)
     path = tmp_path / "ComfyUI_00001_.mp4"
     path.write_bytes(data)
@@ -160,8 +178,7 @@ async def test_upload_of_a_missing_file_is_an_output_error(store: OssStore, tmp_
 
 
 @pytest.mark.asyncio
-async def test_presigned_url_serves_the_object_until_it_expires(signing_store: OssStore,
-                                                               local_oss: LocalOss) -> None:
+async def test_presigned_url_serves_the_object_until_it_expires(signing_store: OssStore, local_oss: LocalOss) -> None:
     uploaded = await signing_store.upload(GOOD, b"signed bytes", "png", "image/png")
 
     assert uploaded.url is not None and uploaded.expire is not None
@@ -188,7 +205,7 @@ async def test_presigned_url_with_one_signature_character_changed_is_refused(sig
     position = signature.start(1) + 10
     flipped = "0" if uploaded.url[position] != "0" else "1"
 
-    response = await fetch(uploaded.url[:position] + flipped + uploaded.url[position + 1:])
+    response = await fetch(uploaded.url[:position] + flipped + uploaded.url[position + 1 :])
 
     assert response.status_code == 403
     assert "<Code>SignatureDoesNotMatch</Code>" in response.text
@@ -205,8 +222,9 @@ async def test_presigned_url_signed_with_a_temporary_key_carries_its_token(signi
 
 
 @pytest.mark.asyncio
-async def test_wrong_secret_fails_the_upload_at_once_and_leaks_nothing(store: OssStore, local_oss: LocalOss,
-                                                                       bucket: str) -> None:
+async def test_wrong_secret_fails_the_upload_at_once_and_leaks_nothing(
+    store: OssStore, local_oss: LocalOss, bucket: str
+) -> None:
     with pytest.raises(OutputError) as caught:
         await store.upload(Credentials(KEY_ID, WRONG_SECRET), b"data", "png", "image/png")
 
@@ -217,9 +235,9 @@ async def test_wrong_secret_fails_the_upload_at_once_and_leaks_nothing(store: Os
 
 
 @pytest.mark.asyncio
-async def test_security_token_mismatch_is_refused_without_showing_a_token(store: OssStore,
-                                                                           local_oss: LocalOss,
-                                                                           bucket: str) -> None:
+async def test_security_token_mismatch_is_refused_without_showing_a_token(
+    store: OssStore, local_oss: LocalOss, bucket: str
+) -> None:
     other_token = "other-token-never-shown"
     for creds in (Credentials(STS_ID, STS_SECRET, other_token), Credentials(STS_ID, STS_SECRET)):
         with pytest.raises(OutputError, match="InvalidSecurityToken") as caught:
@@ -231,7 +249,8 @@ async def test_security_token_mismatch_is_refused_without_showing_a_token(store:
 
 @pytest.mark.asyncio
 async def test_oss_error_body_echoing_the_token_is_kept_out_of_errors_and_logs(
-        store: OssStore, caplog: pytest.LogCaptureFixture) -> None:
+    store: OssStore, caplog: pytest.LogCaptureFixture
+) -> None:
     # With a bad secret OSS answers SignatureDoesNotMatch and echoes the canonical request,
     # whose headers include x-oss-security-token.
     caplog.set_level(logging.DEBUG)
@@ -244,8 +263,9 @@ async def test_oss_error_body_echoing_the_token_is_kept_out_of_errors_and_logs(
 
 
 @pytest.mark.asyncio
-async def test_transient_failures_are_retried(store: OssStore, local_oss: LocalOss, bucket: str,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+async def test_transient_failures_are_retried(
+    store: OssStore, local_oss: LocalOss, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     local_oss.fail_next(2, status=503)
 
@@ -282,8 +302,11 @@ async def test_unreachable_endpoint_is_an_output_error(bucket: str) -> None:
 
 # --- credentials ----------------------------------------------------------------------------------
 
-ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": "env-id", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "env-secret",
-       "ALIBABA_CLOUD_SECURITY_TOKEN": "env-token"}
+ENV = {
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": "env-id",
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "env-secret",
+    "ALIBABA_CLOUD_SECURITY_TOKEN": "env-token",
+}
 
 
 def test_header_credentials_win_over_environment_as_a_set() -> None:
@@ -291,9 +314,11 @@ def test_header_credentials_win_over_environment_as_a_set() -> None:
 
     assert Credentials.resolve(headers, ENV) == Credentials("hdr-id", "hdr-secret", None)
     assert Credentials.resolve({**headers, "x-fc-security-token": "hdr-token"}, ENV) == Credentials(
-        "hdr-id", "hdr-secret", "hdr-token")
-    assert Credentials.resolve({"x-fc-access-key-id": "hdr-id"}, ENV) == Credentials("env-id", "env-secret",
-                                                                                     "env-token")
+        "hdr-id", "hdr-secret", "hdr-token"
+    )
+    assert Credentials.resolve({"x-fc-access-key-id": "hdr-id"}, ENV) == Credentials(
+        "env-id", "env-secret", "env-token"
+    )
     assert Credentials.resolve({}, {}) is None
     assert Credentials.resolve({}, {"ALIBABA_CLOUD_ACCESS_KEY_ID": "env-id"}) is None
 
@@ -304,11 +329,13 @@ def test_credentials_repr_shows_nothing_secret() -> None:
 
 
 @pytest.mark.asyncio
-async def test_upload_uses_header_credentials_over_environment_ones(store: OssStore, local_oss: LocalOss,
-                                                                     bucket: str) -> None:
+async def test_upload_uses_header_credentials_over_environment_ones(
+    store: OssStore, local_oss: LocalOss, bucket: str
+) -> None:
     bad_env = {"ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "stale-secret"}
-    from_headers = Credentials.resolve({"x-fc-access-key-id": STS_ID, "x-fc-access-key-secret": STS_SECRET,
-                                        "x-fc-security-token": STS_TOKEN}, bad_env)
+    from_headers = Credentials.resolve(
+        {"x-fc-access-key-id": STS_ID, "x-fc-access-key-secret": STS_SECRET, "x-fc-security-token": STS_TOKEN}, bad_env
+    )
     from_env = Credentials.resolve({}, bad_env)
     assert from_headers is not None and from_env is not None
 
@@ -322,8 +349,9 @@ async def test_upload_uses_header_credentials_over_environment_ones(store: OssSt
 
 
 @pytest.mark.asyncio
-async def test_read_fetches_oss_urls_with_and_without_endpoint(store: OssStore, local_oss: LocalOss,
-                                                               bucket: str) -> None:
+async def test_read_fetches_oss_urls_with_and_without_endpoint(
+    store: OssStore, local_oss: LocalOss, bucket: str
+) -> None:
     local_oss.put_object(bucket, "in/cat one.png", b"cat bytes", "image/png")
 
     assert await store.read(GOOD, f"oss://{bucket}/in/cat one.png", 1024) == b"cat bytes"
@@ -342,8 +370,9 @@ async def test_read_refuses_an_object_over_the_limit(store: OssStore, local_oss:
 
 
 @pytest.mark.asyncio
-async def test_read_counts_bytes_when_the_length_is_not_announced(store: OssStore, local_oss: LocalOss,
-                                                                  bucket: str) -> None:
+async def test_read_counts_bytes_when_the_length_is_not_announced(
+    store: OssStore, local_oss: LocalOss, bucket: str
+) -> None:
     local_oss.put_object(bucket, "in/big.bin", b"x" * 200_000)
     local_oss.chunked = True
 
@@ -359,8 +388,9 @@ async def test_read_of_a_missing_object_says_not_found(store: OssStore, bucket: 
 
 
 @pytest.mark.asyncio
-async def test_read_with_bad_or_no_credentials_says_access_denied(store: OssStore, local_oss: LocalOss,
-                                                                  bucket: str) -> None:
+async def test_read_with_bad_or_no_credentials_says_access_denied(
+    store: OssStore, local_oss: LocalOss, bucket: str
+) -> None:
     local_oss.put_object(bucket, "in/cat.png", b"cat bytes")
     for creds in (Credentials(KEY_ID, WRONG_SECRET), None):
         with pytest.raises(InputError, match="access denied") as caught:
@@ -369,8 +399,7 @@ async def test_read_with_bad_or_no_credentials_says_access_denied(store: OssStor
 
 
 @pytest.mark.asyncio
-async def test_read_is_retried_after_a_transient_failure(store: OssStore, local_oss: LocalOss,
-                                                         bucket: str) -> None:
+async def test_read_is_retried_after_a_transient_failure(store: OssStore, local_oss: LocalOss, bucket: str) -> None:
     local_oss.put_object(bucket, "in/cat.png", b"cat bytes")
     local_oss.fail_next(1)
 
@@ -391,12 +420,25 @@ async def test_read_never_signs_for_a_host_the_caller_chose(store: OssStore, loc
 def test_parse_oss_url() -> None:
     default = "http://127.0.0.1:9000"
     assert parse_oss_url("oss://b-1.oss-cn-hangzhou.aliyuncs.com/in/cat.png", default) == (
-        "b-1", "oss-cn-hangzhou.aliyuncs.com", "in/cat.png")
+        "b-1",
+        "oss-cn-hangzhou.aliyuncs.com",
+        "in/cat.png",
+    )
     assert parse_oss_url("oss://b-1/in/a b?c#d.png", default) == ("b-1", default, "in/a b?c#d.png")
     assert parse_oss_url("OSS://B-1.OSS-cn-beijing-internal.aliyuncs.com/K.png", None) == (
-        "b-1", "oss-cn-beijing-internal.aliyuncs.com", "K.png")
-    for bad in ("https://b-1/k", "oss://b-1", "oss://b-1/", "oss://b-1//k", "oss://b_1/k", "oss://b-1./k",
-                "oss://ab/k"):
+        "b-1",
+        "oss-cn-beijing-internal.aliyuncs.com",
+        "K.png",
+    )
+    for bad in (
+        "https://b-1/k",
+        "oss://b-1",
+        "oss://b-1/",
+        "oss://b-1//k",
+        "oss://b_1/k",
+        "oss://b-1./k",
+        "oss://ab/k",
+    ):
         with pytest.raises(ValueError):
             parse_oss_url(bad, default)
     with pytest.raises(ValueError, match="none configured"):
@@ -409,36 +451,52 @@ def test_parse_oss_url() -> None:
 def test_config_from_the_bucket_domain() -> None:
     assert OssConfig.from_values(None) is None and OssConfig.from_values("  ") is None
     config = OssConfig.from_values("my-bucket.oss-cn-hangzhou.aliyuncs.com")
-    assert config == OssConfig(bucket="my-bucket", region="oss-cn-hangzhou",
-                               endpoint="https://oss-cn-hangzhou.aliyuncs.com",
-                               sign_endpoint="https://oss-cn-hangzhou.aliyuncs.com",
-                               key_prefix="serverless-api-output", expires_in=0)
+    assert config == OssConfig(
+        bucket="my-bucket",
+        region="oss-cn-hangzhou",
+        endpoint="https://oss-cn-hangzhou.aliyuncs.com",
+        sign_endpoint="https://oss-cn-hangzhou.aliyuncs.com",
+        key_prefix="serverless-api-output",
+        expires_in=0,
+    )
     assert config.signing_region == "cn-hangzhou"
 
-    internal = OssConfig.from_values("http://bkt.oss-ap-southeast-1-internal.aliyuncs.com/", None, None,
-                                     "/out/x/", "3600")
+    internal = OssConfig.from_values(
+        "http://bkt.oss-ap-southeast-1-internal.aliyuncs.com/", None, None, "/out/x/", "3600"
+    )
     assert internal is not None
-    assert (internal.region, internal.endpoint, internal.sign_endpoint, internal.key_prefix,
-            internal.expires_in) == ("oss-ap-southeast-1", "http://oss-ap-southeast-1-internal.aliyuncs.com",
-                                     "http://oss-ap-southeast-1.aliyuncs.com", "out/x", 3600)
+    assert (internal.region, internal.endpoint, internal.sign_endpoint, internal.key_prefix, internal.expires_in) == (
+        "oss-ap-southeast-1",
+        "http://oss-ap-southeast-1-internal.aliyuncs.com",
+        "http://oss-ap-southeast-1.aliyuncs.com",
+        "out/x",
+        3600,
+    )
 
-    overridden = OssConfig.from_values("bkt.oss-cn-hangzhou.aliyuncs.com", "http://127.0.0.1:9000",
-                                       "cdn-free.example.com", "", 0)
+    overridden = OssConfig.from_values(
+        "bkt.oss-cn-hangzhou.aliyuncs.com", "http://127.0.0.1:9000", "cdn-free.example.com", "", 0
+    )
     assert overridden is not None
     assert (overridden.endpoint, overridden.sign_endpoint, overridden.key_prefix) == (
-        "http://127.0.0.1:9000", "https://cdn-free.example.com", "")
+        "http://127.0.0.1:9000",
+        "https://cdn-free.example.com",
+        "",
+    )
 
 
-@pytest.mark.parametrize(("values", "setting"), [
-    (("bucket.example.com",), "OSS_BUCKET_DOMAIN"),
-    (("ftp://bkt.oss-cn-hangzhou.aliyuncs.com",), "OSS_BUCKET_DOMAIN"),
-    (("bkt.oss-cn-hangzhou.aliyuncs.com", "http://127.0.0.1:9000/path"), "OSS_ENDPOINT"),
-    (("bkt.oss-cn-hangzhou.aliyuncs.com", None, "ftp://x"), "OSS_SIGN_ENDPOINT"),
-    (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, "a/../b"), "OSS_KEY_PREFIX"),
-    (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, None, "soon"), "OSS_EXPIRES_IN_SECOND"),
-    (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, None, "-1"), "OSS_EXPIRES_IN_SECOND"),
-    (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, None, 604801), "OSS_EXPIRES_IN_SECOND"),
-])
+@pytest.mark.parametrize(
+    ("values", "setting"),
+    [
+        (("bucket.example.com",), "OSS_BUCKET_DOMAIN"),
+        (("ftp://bkt.oss-cn-hangzhou.aliyuncs.com",), "OSS_BUCKET_DOMAIN"),
+        (("bkt.oss-cn-hangzhou.aliyuncs.com", "http://127.0.0.1:9000/path"), "OSS_ENDPOINT"),
+        (("bkt.oss-cn-hangzhou.aliyuncs.com", None, "ftp://x"), "OSS_SIGN_ENDPOINT"),
+        (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, "a/../b"), "OSS_KEY_PREFIX"),
+        (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, None, "soon"), "OSS_EXPIRES_IN_SECOND"),
+        (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, None, "-1"), "OSS_EXPIRES_IN_SECOND"),
+        (("bkt.oss-cn-hangzhou.aliyuncs.com", None, None, None, 604801), "OSS_EXPIRES_IN_SECOND"),
+    ],
+)
 def test_config_names_the_setting_it_cannot_use(values: tuple[object, ...], setting: str) -> None:
     with pytest.raises(ValueError, match=setting):
         OssConfig.from_values(*values)  # type: ignore[arg-type]
@@ -450,12 +508,15 @@ REAL = ("OSS_TEST_BUCKET_DOMAIN", "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_
 
 
 @pytest.mark.asyncio
-@pytest.mark.skipif(not all(os.environ.get(name) for name in REAL),
-                    reason="real OSS round trip: set OSS_TEST_BUCKET_DOMAIN, ALIBABA_CLOUD_ACCESS_KEY_ID and "
-                           "ALIBABA_CLOUD_ACCESS_KEY_SECRET (optionally ALIBABA_CLOUD_SECURITY_TOKEN) to run it")
+@pytest.mark.skipif(
+    not all(os.environ.get(name) for name in REAL),
+    reason="real OSS round trip: set OSS_TEST_BUCKET_DOMAIN, ALIBABA_CLOUD_ACCESS_KEY_ID and "
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET (optionally ALIBABA_CLOUD_SECURITY_TOKEN) to run it",
+)
 async def test_round_trip_against_a_real_bucket() -> None:
-    config = OssConfig.from_values(os.environ["OSS_TEST_BUCKET_DOMAIN"], os.environ.get("OSS_ENDPOINT"), None,
-                                   "serverless-api-test", 300)
+    config = OssConfig.from_values(
+        os.environ["OSS_TEST_BUCKET_DOMAIN"], os.environ.get("OSS_ENDPOINT"), None, "serverless-api-test", 300
+    )
     creds = Credentials.resolve({}, os.environ)
     assert config is not None and creds is not None
     store = OssStore(config)
@@ -468,8 +529,10 @@ async def test_round_trip_against_a_real_bucket() -> None:
         with pytest.raises(InputError, match="too large"):
             await store.read(creds, f"oss://{config.bucket}/{uploaded.object}", 1000)
     finally:
-        auth = oss2.ProviderAuthV4(oss2.credentials.StaticCredentialsProvider(
-            creds.access_key_id, creds.access_key_secret, creds.security_token or ""))
-        oss2.Bucket(auth, config.endpoint, config.bucket, region=config.signing_region).delete_object(
-            uploaded.object)
+        auth = oss2.ProviderAuthV4(
+            oss2.credentials.StaticCredentialsProvider(
+                creds.access_key_id, creds.access_key_secret, creds.security_token or ""
+            )
+        )
+        oss2.Bucket(auth, config.endpoint, config.bucket, region=config.signing_region).delete_object(uploaded.object)
         store.close()

@@ -39,10 +39,12 @@ REGION = "cn-hangzhou"
 EXPIRES = 600
 UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 OBJECT_KEY = re.compile(rf"serverless-api-output/{UUID4}\.png")
-STS_HEADERS = {"x-fc-access-key-id": STS_ID, "x-fc-access-key-secret": STS_SECRET,
-               "x-fc-security-token": STS_TOKEN}
-NO_ENV_CREDENTIALS = {"ALIBABA_CLOUD_ACCESS_KEY_ID": "", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "",
-                      "ALIBABA_CLOUD_SECURITY_TOKEN": ""}
+STS_HEADERS = {"x-fc-access-key-id": STS_ID, "x-fc-access-key-secret": STS_SECRET, "x-fc-security-token": STS_TOKEN}
+NO_ENV_CREDENTIALS = {
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": "",
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "",
+    "ALIBABA_CLOUD_SECURITY_TOKEN": "",
+}
 OSS_ON = {"output_oss": "true"}
 
 
@@ -53,8 +55,14 @@ def local_oss_server(bucket: str) -> LocalOss:
     return LocalOss({KEY_ID: (SECRET, None), STS_ID: (STS_SECRET, STS_TOKEN)}, [bucket], region=REGION)
 
 
-def oss_env(server: LocalOss, bucket: str, expires: int = EXPIRES, sign_locally: bool = True,
-            key_id: str = KEY_ID, secret: str = SECRET) -> dict[str, str]:
+def oss_env(
+    server: LocalOss,
+    bucket: str,
+    expires: int = EXPIRES,
+    sign_locally: bool = True,
+    key_id: str = KEY_ID,
+    secret: str = SECRET,
+) -> dict[str, str]:
     """Settings of an app whose bucket lives on `server`; environment credentials `key_id`/`secret`
     (empty strings: none)."""
     env = {
@@ -161,7 +169,7 @@ def with_signature_changed(url: str) -> str:
     match = re.search(r"x-oss-signature=([0-9a-f]{64})", url)
     assert match is not None
     position = match.start(1) + 10
-    return url[:position] + ("0" if url[position] != "0" else "1") + url[position + 1:]
+    return url[:position] + ("0" if url[position] != "0" else "1") + url[position + 1 :]
 
 
 def assert_nothing_secret_in(text: str, *signed_urls: str) -> None:
@@ -199,11 +207,11 @@ def invert_workflow(image: str, prefix: str) -> dict[str, Any]:
 # --- output_oss -----------------------------------------------------------------------------------
 
 
-def test_batch_of_three_is_uploaded_with_signed_urls_that_serve_the_files(signing_app, emulator, local_oss,
-                                                                          bucket):
+def test_batch_of_three_is_uploaded_with_signed_urls_that_serve_the_files(signing_app, emulator, local_oss, bucket):
     before = int(time.time())
-    response = post_run(signing_app.url, empty_image(width=24, height=12, color=0x3366CC, batch=3,
-                                                     prefix="ossbatch"), params=OSS_ON)
+    response = post_run(
+        signing_app.url, empty_image(width=24, height=12, color=0x3366CC, batch=3, prefix="ossbatch"), params=OSS_ON
+    )
     after = time.time()
 
     assert response.status_code == 200, response.text
@@ -232,8 +240,9 @@ def test_batch_of_three_is_uploaded_with_signed_urls_that_serve_the_files(signin
         assert tampered.status_code == 403 and "SignatureDoesNotMatch" in tampered.text
         urls.append(oss["url"])
     assert len({r["output"]["oss"]["object"] for r in results}) == 3
-    assert sorted(path for path, _ in puts(local_oss)) == sorted(f"/{bucket}/{r['output']['oss']['object']}"
-                                                                   for r in results)
+    assert sorted(path for path, _ in puts(local_oss)) == sorted(
+        f"/{bucket}/{r['output']['oss']['object']}" for r in results
+    )
 
     soonest = min(r["output"]["oss"]["expire"] for r in results)
     local_oss.time_offset = soonest - 2 - time.time()  # the local server's clock: just before `expire`
@@ -245,8 +254,7 @@ def test_batch_of_three_is_uploaded_with_signed_urls_that_serve_the_files(signin
     assert_log_clean(signing_app, *urls)
 
 
-def test_without_an_expiry_objects_are_uploaded_but_no_url_is_signed(upload_only_app, emulator, local_oss,
-                                                                      bucket):
+def test_without_an_expiry_objects_are_uploaded_but_no_url_is_signed(upload_only_app, emulator, local_oss, bucket):
     response = post_run(upload_only_app.url, empty_image(prefix="unsigned"), params=OSS_ON, headers=STS_HEADERS)
 
     assert response.status_code == 200, response.text
@@ -254,8 +262,10 @@ def test_without_an_expiry_objects_are_uploaded_but_no_url_is_signed(upload_only
     oss = result["output"]["oss"]
     assert (oss["region"], oss["bucket"], oss["url"], oss["expire"]) == (f"oss-{REGION}", bucket, None, None)
     assert OBJECT_KEY.fullmatch(oss["object"])
-    assert local_oss.get_object(bucket, oss["object"]) == (view_bytes(emulator.url, result["output"]["raw"]),
-                                                            "image/png")
+    assert local_oss.get_object(bucket, oss["object"]) == (
+        view_bytes(emulator.url, result["output"]["raw"]),
+        "image/png",
+    )
 
 
 def test_header_credentials_win_over_environment_ones(upload_only_app, signing_app, local_oss, bucket):
@@ -268,8 +278,12 @@ def test_header_credentials_win_over_environment_ones(upload_only_app, signing_a
     keys_before = local_oss.keys(bucket)
     stale = post_run(upload_only_app.url, empty_image(batch=2, prefix="envstale"), params=OSS_ON)
     # Environment right, request headers wrong: the headers are used, and refused.
-    wrong = post_run(signing_app.url, empty_image(batch=2, prefix="hdrwrong"), params=OSS_ON,
-                     headers={"x-fc-access-key-id": KEY_ID, "x-fc-access-key-secret": WRONG_SECRET})
+    wrong = post_run(
+        signing_app.url,
+        empty_image(batch=2, prefix="hdrwrong"),
+        params=OSS_ON,
+        headers={"x-fc-access-key-id": KEY_ID, "x-fc-access-key-secret": WRONG_SECRET},
+    )
 
     for response in (stale, wrong):
         assert response.status_code == 500, response.text
@@ -284,8 +298,7 @@ def test_header_credentials_win_over_environment_ones(upload_only_app, signing_a
     assert_log_clean(signing_app)
 
 
-def test_output_oss_without_any_credentials_is_invalid_params_before_anything_runs(keyless_app, emulator,
-                                                                                  local_oss):
+def test_output_oss_without_any_credentials_is_invalid_params_before_anything_runs(keyless_app, emulator, local_oss):
     history_before = requests.get(emulator.url + "/history", timeout=10).json()
 
     response = post_run(keyless_app.url, empty_image(prefix="nocreds"), params=OSS_ON)
@@ -304,8 +317,11 @@ def test_urls_are_signed_for_the_public_endpoint_while_uploads_use_oss_endpoint(
     oss = response.json()["data"]["results"][0]["output"]["oss"]
     assert puts(local_oss) == [(f"/{bucket}/{oss['object']}", 200)]
     public = urlsplit(oss["url"])
-    assert (public.scheme, public.netloc, public.path) == ("https", f"{bucket}.oss-{REGION}.aliyuncs.com",
-                                                           f"/{oss['object']}")
+    assert (public.scheme, public.netloc, public.path) == (
+        "https",
+        f"{bucket}.oss-{REGION}.aliyuncs.com",
+        f"/{oss['object']}",
+    )
     assert parse_qs(public.query)["x-oss-security-token"] == [STS_TOKEN]
     # V4 signs /<bucket>/<key>, not the host: the same request path-style reaches the local server.
     replayed = requests.get(f"{local_oss.endpoint}/{bucket}{public.path}?{public.query}", timeout=10)
@@ -314,8 +330,7 @@ def test_urls_are_signed_for_the_public_endpoint_while_uploads_use_oss_endpoint(
     assert_log_clean(keyless_app, oss["url"])
 
 
-def test_each_output_is_uploaded_once_though_both_executed_and_history_name_it(signing_app, local_oss,
-                                                                                 bucket):
+def test_each_output_is_uploaded_once_though_both_executed_and_history_name_it(signing_app, local_oss, bucket):
     workflow = empty_image(batch=2, prefix="once")
     workflow["3"] = {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
     task_id = f"once-{uuid.uuid4().hex}"
@@ -323,10 +338,13 @@ def test_each_output_is_uploaded_once_though_both_executed_and_history_name_it(s
     response = post_run(signing_app.url, workflow, params=OSS_ON, headers={"x-fc-trace-id": task_id})
 
     assert response.status_code == 200, response.text
-    events = requests.get(signing_app.url + "/api/serverless/status", params={"task_id": task_id},
-                          timeout=10).json()
-    announced = {(item["type"], item["filename"]) for event in events if event["type"] == "executed"
-                 for item in event["data"]["output"]["images"]}
+    events = requests.get(signing_app.url + "/api/serverless/status", params={"task_id": task_id}, timeout=10).json()
+    announced = {
+        (item["type"], item["filename"])
+        for event in events
+        if event["type"] == "executed"
+        for item in event["data"]["output"]["images"]
+    }
     results = response.json()["data"]["results"]
     assert {(r["output"]["raw"]["type"], r["output"]["raw"]["filename"]) for r in results} == announced
     assert {r["output"]["raw"]["type"] for r in results} == {"output", "temp"} and len(results) == 4
@@ -388,8 +406,9 @@ def test_a_jobs_uploads_are_all_in_flight_at_once(start_app, emulator):
 
 def test_debug_logs_of_a_websocket_run_hold_no_signed_url(start_app, emulator, local_oss, bucket):
     server = start_app(emulator.url, **oss_env(local_oss, bucket), LOG_LEVEL="DEBUG")
-    ws = websocket.create_connection(server.url.replace("http", "ws") + "/api/serverless/ws?output_oss=true",
-                                     timeout=20)
+    ws = websocket.create_connection(
+        server.url.replace("http", "ws") + "/api/serverless/ws?output_oss=true", timeout=20
+    )
     try:
         ws.send(json.dumps(empty_image(prefix="wsdebug")))
         while (message := json.loads(ws.recv()))["type"] not in ("serverless_api", "error"):
@@ -419,12 +438,18 @@ def test_oss_inputs_are_read_and_used_by_the_workflow(signing_app, keyless_app, 
     local_oss.put_object(bucket, "inputs/e2e cat.png", picture, "image/png")
     expected = ImageOps.invert(Image.open(io.BytesIO(picture)).convert("RGB"))
 
-    short = post_run(signing_app.url, invert_workflow(f"oss://{bucket}/inputs/e2e cat.png", "ossin"),
-                     params={"output_base64": "true"})
+    short = post_run(
+        signing_app.url,
+        invert_workflow(f"oss://{bucket}/inputs/e2e cat.png", "ossin"),
+        params={"output_base64": "true"},
+    )
     # The endpoint form, read with the request's own credentials (this app has none in its env).
-    full = post_run(keyless_app.url,
-                    invert_workflow(f"oss://{bucket}.oss-{REGION}.aliyuncs.com/inputs/e2e cat.png", "ossin2"),
-                    params={"output_base64": "true"}, headers=STS_HEADERS)
+    full = post_run(
+        keyless_app.url,
+        invert_workflow(f"oss://{bucket}.oss-{REGION}.aliyuncs.com/inputs/e2e cat.png", "ossin2"),
+        params={"output_base64": "true"},
+        headers=STS_HEADERS,
+    )
 
     for response in (short, full):
         assert response.status_code == 200, response.text
@@ -435,8 +460,7 @@ def test_oss_inputs_are_read_and_used_by_the_workflow(signing_app, keyless_app, 
     assert_log_clean(keyless_app)
 
 
-def test_missing_or_unreadable_oss_input_is_input_error_naming_the_node(signing_app, keyless_app, local_oss,
-                                                                        bucket):
+def test_missing_or_unreadable_oss_input_is_input_error_naming_the_node(signing_app, keyless_app, local_oss, bucket):
     local_oss.put_object(bucket, "inputs/private.png", png(2, 2), "image/png")
 
     missing = post_run(signing_app.url, invert_workflow(f"oss://{bucket}/inputs/none-such.png", "x"))

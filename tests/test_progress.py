@@ -40,8 +40,10 @@ def test_a_recorded_run_rises_to_99_then_100_when_it_succeeds():
 
 
 def test_the_running_node_and_its_steps_are_reported_with_an_eta():
-    nodes = {"3": {"class_type": "KSampler", "inputs": {}, "_meta": {"title": "Sampler"}},
-             "9": {"class_type": "SaveImage", "inputs": {}}}
+    nodes = {
+        "3": {"class_type": "KSampler", "inputs": {}, "_meta": {"title": "Sampler"}},
+        "9": {"class_type": "SaveImage", "inputs": {}},
+    }
     progress = Progress("t", "p", workflow_nodes(nodes), created=0.0)
     assert progress.queued_at(2, 3) and progress.payload(0)["data"]["queue_position"] == 2
     msg = parse_message('{"type": "executing", "data": {"node": "3", "prompt_id": "p"}}')
@@ -58,9 +60,13 @@ def test_the_running_node_and_its_steps_are_reported_with_an_eta():
 kinds = st.sampled_from(["execution_start", "execution_cached", "executing", "progress", "executed", "status"])
 messages = st.lists(
     st.builds(
-        lambda kind, node, value, maximum, prompt: json.dumps({"type": kind, "data": {
-            "node": node, "nodes": [node], "value": value, "max": maximum, "prompt_id": prompt}}),
-        kinds, st.sampled_from(["1", "2", "3", None]), st.integers(-5, 20), st.integers(-1, 20),
+        lambda kind, node, value, maximum, prompt: json.dumps(
+            {"type": kind, "data": {"node": node, "nodes": [node], "value": value, "max": maximum, "prompt_id": prompt}}
+        ),
+        kinds,
+        st.sampled_from(["1", "2", "3", None]),
+        st.integers(-5, 20),
+        st.integers(-1, 20),
         st.sampled_from(["p", "q"]),
     ),
     max_size=60,

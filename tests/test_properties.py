@@ -33,14 +33,20 @@ FOLDER = Path("/srv/nas/output/serverless_api")  # never touched: StatusLog.path
 
 # -- strategies -------------------------------------------------------------------------------------
 
+
 def json_of(texts: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
     leaves = st.one_of(
-        st.none(), st.booleans(), texts,
-        st.integers(-10, 100), st.sampled_from([-1, 2**32, 2**64, -(2**63)]),
+        st.none(),
+        st.booleans(),
+        texts,
+        st.integers(-10, 100),
+        st.sampled_from([-1, 2**32, 2**64, -(2**63)]),
         st.floats(allow_nan=True, allow_infinity=True),
     )
-    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-                        max_leaves=20)
+    return st.recursive(
+        leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=20
+    )
+
 
 STATUS_OF_CODE = {cls.code: cls.status_code for cls in ServerlessError.__subclasses__()}
 
@@ -50,8 +56,7 @@ def workflows_of(texts: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, A
     (seeds, prefixes...), and anything else in between."""
     values = json_of(texts)
     input_names = st.one_of(st.sampled_from(["seed", "noise_seed", "filename_prefix", "image", "width"]), texts)
-    class_types = st.one_of(st.sampled_from(["KSampler", "RandomNoise", "SaveImage", "EmptyImage", "LoadImage"]),
-                            texts)
+    class_types = st.one_of(st.sampled_from(["KSampler", "RandomNoise", "SaveImage", "EmptyImage", "LoadImage"]), texts)
 
     @st.composite
     def nodes(draw: st.DrawFn) -> Any:
@@ -74,8 +79,9 @@ def documents_of(texts: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
     return st.one_of(
         workflows,
         st.fixed_dictionaries({"prompt": workflows}, optional={"extra_data": values}),
-        st.fixed_dictionaries({"nodes": st.lists(values, max_size=2), "links": st.lists(values, max_size=2)},
-                              optional={"prompt": values}),
+        st.fixed_dictionaries(
+            {"nodes": st.lists(values, max_size=2), "links": st.lists(values, max_size=2)}, optional={"prompt": values}
+        ),
         values,
     )
 
@@ -94,14 +100,17 @@ bodies = st.one_of(
     st.text(chars, max_size=64),
 )
 task_ids = st.one_of(
-    texts, st.from_regex(TASK_ID_RE, fullmatch=True),
+    texts,
+    st.from_regex(TASK_ID_RE, fullmatch=True),
     st.sampled_from([".", "..", "...", "../x", "a/../../b", "/etc/passwd", "x" * 129, "%2e%2e", "a\x00b", "é"]),
 )
 header_names = st.one_of(st.sampled_from([*TASK_ID_HEADERS, "x-fc-invocation-type", "content-type"]), texts)
 headers = st.dictionaries(header_names, st.one_of(task_ids, texts), max_size=4)
-queries = st.dictionaries(st.one_of(st.sampled_from(["output_base64", "output_oss", "stream"]), texts),
-                          st.one_of(st.sampled_from(["", "0", "false", "FALSE", "1", "true", " no "]), texts),
-                          max_size=4)
+queries = st.dictionaries(
+    st.one_of(st.sampled_from(["output_base64", "output_oss", "stream"]), texts),
+    st.one_of(st.sampled_from(["", "0", "false", "FALSE", "1", "true", " no "]), texts),
+    max_size=4,
+)
 
 
 def lowercase(mapping: dict[str, str]) -> dict[str, str]:
@@ -110,6 +119,7 @@ def lowercase(mapping: dict[str, str]) -> dict[str, str]:
 
 
 # -- request parsing --------------------------------------------------------------------------------
+
 
 @PURE
 @given(body=bodies, query=queries, header_map=headers)
@@ -142,6 +152,7 @@ def test_query_flags_follow_the_compat_rule(query):
 
 
 # -- workflow preparation ---------------------------------------------------------------------------
+
 
 @PURE
 @given(document=workflows, instance_id=texts)
@@ -180,6 +191,7 @@ def test_instance_suffix_is_a_safe_file_name_part(instance_id):
 
 
 # -- task ids and the status folder -----------------------------------------------------------------
+
 
 @PURE
 @given(task_id=task_ids)
@@ -224,6 +236,7 @@ def test_the_task_id_header_is_checked_whichever_carries_it(header_map):
 
 # -- bugs these properties found (fixed): kept as regressions ------------------------------------
 
+
 def test_a_deeply_nested_body_is_invalid_params():
     with pytest.raises(InvalidParams):
         parse_run_request("[" * 100_000 + "]" * 100_000, {}, {})
@@ -245,22 +258,36 @@ def test_a_deeply_nested_input_is_refused_and_a_deep_enough_one_prepared():
 http_texts = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=24)
 http_headers = st.dictionaries(
     st.sampled_from([*TASK_ID_HEADERS, "x-fc-invocation-type", "x-fc-access-key-id", "content-type"]),
-    st.one_of(st.sampled_from(["Async", "async", "..", "../../etc/x", "%2e%2e", "a.b_c-1", "x" * 129]),
-              st.from_regex(r"[A-Za-z0-9._-]{1,40}", fullmatch=True), http_texts),
+    st.one_of(
+        st.sampled_from(["Async", "async", "..", "../../etc/x", "%2e%2e", "a.b_c-1", "x" * 129]),
+        st.from_regex(r"[A-Za-z0-9._-]{1,40}", fullmatch=True),
+        http_texts,
+    ),
     max_size=2,
 )
-http_queries = st.dictionaries(st.sampled_from(["output_base64", "output_oss", "stream", "x"]),
-                               st.one_of(st.sampled_from(["", "0", "false", "1", "true"]), http_texts), max_size=3)
+http_queries = st.dictionaries(
+    st.sampled_from(["output_base64", "output_oss", "stream", "x"]),
+    st.one_of(st.sampled_from(["", "0", "false", "1", "true"]), http_texts),
+    max_size=3,
+)
 # Workflows that may run, kept cheap: small images, the emulator's own node names, odd inputs.
-cheap_inputs = st.fixed_dictionaries({
-    "width": st.one_of(st.integers(-1, 32), json_values), "height": st.integers(1, 16),
-    "batch_size": st.integers(0, 2), "color": st.integers(0, 255),
-})
+cheap_inputs = st.fixed_dictionaries(
+    {
+        "width": st.one_of(st.integers(-1, 32), json_values),
+        "height": st.integers(1, 16),
+        "batch_size": st.integers(0, 2),
+        "color": st.integers(0, 255),
+    }
+)
 cheap_workflows = st.one_of(
-    st.builds(lambda inputs, prefix: {
-        "1": {"class_type": "EmptyImage", "inputs": inputs},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }, cheap_inputs, st.one_of(st.sampled_from(["p", "../../escape", "sub/dir/p", "/abs", ""]), http_texts)),
+    st.builds(
+        lambda inputs, prefix: {
+            "1": {"class_type": "EmptyImage", "inputs": inputs},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+        },
+        cheap_inputs,
+        st.one_of(st.sampled_from(["p", "../../escape", "sub/dir/p", "/abs", ""]), http_texts),
+    ),
     workflows,
 )
 http_bodies = st.one_of(
@@ -280,8 +307,9 @@ def _terminal(response: requests.Response) -> tuple[int, dict[str, Any]]:
     return response.status_code, response.json()
 
 
-@settings(max_examples=50, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(body=http_bodies, query=http_queries, header_map=http_headers)
 def test_arbitrary_requests_get_contract_answers_never_unclassify(app, body, query, header_map):
     logs = Path(app.log).parent
@@ -290,8 +318,7 @@ def test_arbitrary_requests_get_contract_answers_never_unclassify(app, body, que
     escapes = {os.path.abspath(status_dir / v) for v in header_map.values() if "\x00" not in v}
     escapes = {path for path in escapes if os.path.dirname(path) != str(status_dir) and not os.path.exists(path)}
     body_bytes = body if isinstance(body, bytes) else body.encode()
-    response = requests.post(app.url + RUN, data=body_bytes, params=query, headers=header_map,
-                             timeout=30, stream=True)
+    response = requests.post(app.url + RUN, data=body_bytes, params=query, headers=header_map, timeout=30, stream=True)
     status, payload = _terminal(response)
     event(f"{status} {payload.get('error_code') or payload.get('type') or 'task_id'}")
     if status == 202:

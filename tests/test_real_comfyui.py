@@ -31,8 +31,10 @@ def test_model_free_workflow_runs_unchanged_on_real_comfyui(real_app):
     workflow["5"] = {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": -1, "strength": 0.3}}
     workflow["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "noise"}}
     # float32 pixels: 1 - c/255, times 255, truncated (tests/test_emulator_nodes.py expects the same)
-    workflow["7"] = {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1,
-                                                           "color": 0xC8417F}}
+    workflow["7"] = {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 0xC8417F},
+    }
     workflow["8"] = {"class_type": "ImageInvert", "inputs": {"image": ["7", 0]}}
     workflow["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
     response = post_run(real_app.url, workflow, params={"output_base64": "1"})
@@ -56,9 +58,14 @@ def test_errors_and_streams_on_real_comfyui(real_app):
     failed = post_run(real_app.url, empty_image(prefix="../../escape"))
     assert failed.status_code == 500 and failed.json()["raw"]["node_type"] == "SaveImage"
     task_id = f"real-{uuid.uuid4().hex}"
-    with requests.post(real_app.url + "/api/serverless/run", params={"stream": "true"},
-                       json=empty_image(prefix="sse"), headers={"x-fc-trace-id": task_id},
-                       stream=True, timeout=60) as response:
+    with requests.post(
+        real_app.url + "/api/serverless/run",
+        params={"stream": "true"},
+        json=empty_image(prefix="sse"),
+        headers={"x-fc-trace-id": task_id},
+        stream=True,
+        timeout=60,
+    ) as response:
         lines = [line for line in response.iter_lines() if line.startswith(b"data: ")]
     assert lines[-1].startswith(b'data: {"type": "serverless_api"')
     logged = requests.get(real_app.url + "/api/serverless/status", params={"task_id": task_id}, timeout=10).json()

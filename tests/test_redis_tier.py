@@ -80,12 +80,14 @@ def slow(seed: int, steps: int = 30) -> dict[str, Any]:
 
 # -- the status store in process ----------------------------------------------------------------
 
+
 def test_a_reader_never_sees_a_begun_attempt_without_its_owners_mark(redis_server: RedisServer) -> None:
     """Otherwise a follower reads "instance lost" for a job that has just started."""
 
     async def scenario() -> list[str]:
-        store = RedisStatus(connect(redis_server.url(next(_databases))), stale_after=60, retention_days=1,
-                            max_event_bytes=1 << 20)
+        store = RedisStatus(
+            connect(redis_server.url(next(_databases))), stale_after=60, retention_days=1, max_event_bytes=1 << 20
+        )
         seen_lost: list[str] = []
         done = asyncio.Event()
 
@@ -115,6 +117,7 @@ def test_a_reader_never_sees_a_begun_attempt_without_its_owners_mark(redis_serve
 
 # -- throughput and the documentation's clients ---------------------------------------------------
 
+
 def test_200_async_jobs_each_complete_once_spread_over_three_workers_one_at_a_time(tier: Callable[..., Tier]) -> None:
     fleet = tier()
     gateway = fleet.gateway()
@@ -143,8 +146,9 @@ def test_documentation_clients_work_unchanged_against_a_gateway(tier: Callable[.
     assert answer.status_code == 200 and answer.json()["type"] == "serverless_api"
     assert answer.json()["data"]["results"][0]["output"]["type"] == "images"
 
-    with requests.post(gateway.url + RUN, params={"stream": "true"}, data=json.dumps(workflow), stream=True,
-                       timeout=60) as response:  # SSE
+    with requests.post(
+        gateway.url + RUN, params={"stream": "true"}, data=json.dumps(workflow), stream=True, timeout=60
+    ) as response:  # SSE
         events = list(read_events(response))
     assert [event.id for event in events] == list(range(1, len(events) + 1))
     assert payloads(events)[-1]["type"] == "serverless_api"
@@ -164,8 +168,14 @@ def test_sse_ids_through_one_gateway_are_the_status_numbering_of_another(tier: C
     first, second = fleet.gateway(), fleet.gateway()
     fleet.worker()
     headers = {"x-fc-async-task-id": "numbered"}  # named: its status is kept
-    with requests.post(first.url + RUN, params={"stream": "true"}, data=json.dumps(txt2img(seed=9, steps=3)),
-                       headers=headers, stream=True, timeout=60) as response:
+    with requests.post(
+        first.url + RUN,
+        params={"stream": "true"},
+        data=json.dumps(txt2img(seed=9, steps=3)),
+        headers=headers,
+        stream=True,
+        timeout=60,
+    ) as response:
         events = list(read_events(response))
     for after in (0, 3, len(events) - 1):
         resumed = status(second.url, "numbered", after=str(after))
@@ -179,8 +189,11 @@ def test_base64_outputs_are_left_out_of_redis_with_a_note(tier: Callable[..., Ti
     answer = post_run(gateway.url, empty_image(), params={"output_base64": "true"})
     encoded = answer.json()["data"]["results"][0]["output"]["base64"]
     assert encoded["content"] is None and "output_oss" in encoded["note"]
-    stored = [value for key in redis.Redis.from_url(fleet.redis_url).scan_iter("task:*:1")
-              for value in [redis.Redis.from_url(fleet.redis_url).xrange(key)]]
+    stored = [
+        value
+        for key in redis.Redis.from_url(fleet.redis_url).scan_iter("task:*:1")
+        for value in [redis.Redis.from_url(fleet.redis_url).xrange(key)]
+    ]
     assert stored and all(b"iVBOR" not in fields[b"d"] for entries in stored for _, fields in entries)
 
 
@@ -197,6 +210,7 @@ def test_a_gateway_answers_503_naming_redis_when_it_cannot_reach_it(tier: Callab
 
 
 # -- faults ----------------------------------------------------------------------------------------
+
 
 def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier: Callable[..., Tier]) -> None:
     fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
@@ -244,14 +258,18 @@ def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: C
 
 
 def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_not_rerun(
-        tier: Callable[..., Tier]) -> None:
+    tier: Callable[..., Tier],
+) -> None:
     fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateway = fleet.gateway()
     workers = [fleet.worker(step_delay=0.2) for _ in range(2)]
     workflow = slow(8, steps=40)  # an early output (a2), then a long sampler and the late output
-    workflow.update({"a1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
-                                                                  "color": 5}},
-                     "a2": {"class_type": "SaveImage", "inputs": {"images": ["a1", 0], "filename_prefix": "early"}}})
+    workflow.update(
+        {
+            "a1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 5}},
+            "a2": {"class_type": "SaveImage", "inputs": {"images": ["a1", 0], "filename_prefix": "early"}},
+        }
+    )
     assert submit_async(gateway.url, workflow, "charged").status_code == 202
     wait_until(lambda: any(p["type"] == "executed" for p in status(gateway.url, "charged")))
     owner = next(w for w in workers if "charged" in w.started())
@@ -264,8 +282,10 @@ def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_no
 
 # -- cancel, priority, idempotency -----------------------------------------------------------------
 
+
 def test_cancel_through_a_second_gateway_stops_the_running_job_and_removes_a_queued_one(
-        tier: Callable[..., Tier]) -> None:
+    tier: Callable[..., Tier],
+) -> None:
     fleet = tier()
     first, second = fleet.gateway(), fleet.gateway()
     worker = fleet.worker(step_delay=0.2)
@@ -324,8 +344,10 @@ def test_an_idempotency_key_posted_twice_at_once_to_two_gateways_runs_once(tier:
 
 # -- Redis down ------------------------------------------------------------------------------------
 
+
 def test_redis_restarted_mid_run_loses_nothing_acknowledged_and_the_fleet_recovers(
-        tier: Callable[..., Tier], tmp_path: Path) -> None:
+    tier: Callable[..., Tier], tmp_path: Path
+) -> None:
     server = RedisServer(tmp_path / "durable", durable=True)
     try:
         fleet = tier(url=server.url(0))

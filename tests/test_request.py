@@ -31,17 +31,20 @@ def test_wrapper_passes_extra_data_untouched():
     assert request.extra_data == extra
 
 
-@pytest.mark.parametrize("body, words", [
-    (b"", "empty"),
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b'"text"', "JSON object"),
-    (b"{}", "no nodes"),
-    (json.dumps({"nodes": [], "links": [], "version": 0.4}).encode(), "Save (API Format)"),
-    (json.dumps({"1": "EmptyImage"}).encode(), "node '1'"),
-    (json.dumps({"1": {"class_type": ["x"], "inputs": {}}}).encode(), "class_type"),
-    (json.dumps({"prompt": WORKFLOW, "extra_data": [1]}).encode(), "extra_data"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"", "empty"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'"text"', "JSON object"),
+        (b"{}", "no nodes"),
+        (json.dumps({"nodes": [], "links": [], "version": 0.4}).encode(), "Save (API Format)"),
+        (json.dumps({"1": "EmptyImage"}).encode(), "node '1'"),
+        (json.dumps({"1": {"class_type": ["x"], "inputs": {}}}).encode(), "class_type"),
+        (json.dumps({"prompt": WORKFLOW, "extra_data": [1]}).encode(), "extra_data"),
+    ],
+)
 def test_unusable_bodies_are_invalid_params(body, words):
     with pytest.raises(InvalidParams) as caught:
         parse(body)
@@ -49,10 +52,21 @@ def test_unusable_bodies_are_invalid_params(body, words):
     assert caught.value.to_payload()["error_code"] == "INVALID_PARAMS"
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, False), ("", False), ("0", False), ("false", False), ("FALSE", False), (" False ", False),
-    ("true", True), ("1", True), ("yes", True), ("True", True),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, False),
+        ("", False),
+        ("0", False),
+        ("false", False),
+        ("FALSE", False),
+        (" False ", False),
+        ("true", True),
+        ("1", True),
+        ("yes", True),
+        ("True", True),
+    ],
+)
 def test_query_flags_follow_the_compat_rule(value, expected):
     query = {} if value is None else {"output_base64": value}
     assert query_flag(query, "output_base64") is expected

@@ -166,8 +166,9 @@ def test_job_survives_comfyui_dropping_the_websocket_mid_run(own_emulator, start
     requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.05}, timeout=5)
     server = start_app(own_emulator.url)
     answer: dict = {}
-    thread = threading.Thread(target=lambda: answer.update(
-        r=post_run(server.url, txt2img(seed=5, steps=30), params={"output_base64": "1"})))
+    thread = threading.Thread(
+        target=lambda: answer.update(r=post_run(server.url, txt2img(seed=5, steps=30), params={"output_base64": "1"}))
+    )
     thread.start()
     wait_until(lambda: running_prompt(own_emulator.url))
     time.sleep(0.3)

@@ -35,10 +35,19 @@ def server(tmp_path: Path) -> Iterator[Callable[..., Process]]:
 
     def start(**env: str) -> Process:
         port = free_port()
-        settings = {"FC_CUSTOM_LISTEN_PORT": str(port), "STATUS_DIR": str(tmp_path / "status"),
-                    "COMFYUI_URL": f"http://127.0.0.1:{free_port()}", **env}
-        process = Process([sys.executable, "-m", "serverless.server"], port, tmp_path / f"server-{port}.log",
-                          env=settings, ready_path=STATUS)
+        settings = {
+            "FC_CUSTOM_LISTEN_PORT": str(port),
+            "STATUS_DIR": str(tmp_path / "status"),
+            "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+            **env,
+        }
+        process = Process(
+            [sys.executable, "-m", "serverless.server"],
+            port,
+            tmp_path / f"server-{port}.log",
+            env=settings,
+            ready_path=STATUS,
+        )
         started.append(process)
         return process
 

@@ -13,18 +13,21 @@ from serverless.settings import Settings, SettingsError
 from tests.servers import ROOT, free_port
 
 
-@pytest.mark.parametrize(("name", "value", "reason"), [
-    ("FC_CUSTOM_LISTEN_PORT", "abc", "not a number"),
-    ("FC_CUSTOM_LISTEN_PORT", "0", "at least 1"),
-    ("FC_CUSTOM_LISTEN_PORT", "65536", "at most 65535"),
-    ("FC_CUSTOM_LISTEN_PORT", "inf", "whole number"),
-    ("LOG_LEVEL", "verbose", "one of debug, info, warning, error, critical"),
-    ("LOG_FORMAT", "xml", "one of text, json"),
-    ("ACCESS_LOG", "maybe", "true or false"),
-    ("HOST", "1.2.3", "not an IP address or host name"),
-    ("HOST", "my host", "not an IP address or host name"),
-    ("DRAIN_TIMEOUT", "nan", "at least 0"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("FC_CUSTOM_LISTEN_PORT", "abc", "not a number"),
+        ("FC_CUSTOM_LISTEN_PORT", "0", "at least 1"),
+        ("FC_CUSTOM_LISTEN_PORT", "65536", "at most 65535"),
+        ("FC_CUSTOM_LISTEN_PORT", "inf", "whole number"),
+        ("LOG_LEVEL", "verbose", "one of debug, info, warning, error, critical"),
+        ("LOG_FORMAT", "xml", "one of text, json"),
+        ("ACCESS_LOG", "maybe", "true or false"),
+        ("HOST", "1.2.3", "not an IP address or host name"),
+        ("HOST", "my host", "not an IP address or host name"),
+        ("DRAIN_TIMEOUT", "nan", "at least 0"),
+    ],
+)
 def test_a_bad_value_is_refused_naming_the_variable_and_the_value(name, value, reason):
     with pytest.raises(SettingsError) as error:
         Settings.from_env({name: value})
@@ -33,8 +36,20 @@ def test_a_bad_value_is_refused_naming_the_variable_and_the_value(name, value, r
     assert reason in str(error.value)
 
 
-@pytest.mark.parametrize("entry", ["10.0.0.0/33", "10.0.0.0/8/8", "999.1.1.1", "10.0.0", "1::2::3",
-                                   "images/internal", "*.example.com", "bad_name.example", "-x.example"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "10.0.0.0/33",
+        "10.0.0.0/8/8",
+        "999.1.1.1",
+        "10.0.0",
+        "1::2::3",
+        "images/internal",
+        "*.example.com",
+        "bad_name.example",
+        "-x.example",
+    ],
+)
 def test_an_input_allowed_hosts_entry_that_is_neither_network_nor_host_name_is_refused_by_name(entry):
     with pytest.raises(SettingsError) as error:
         Settings.from_env({"INPUT_ALLOWED_HOSTS": f"images.internal, {entry}"})
@@ -64,8 +79,15 @@ def test_on_fc_the_server_listens_on_all_addresses_unless_host_says_otherwise():
 
 
 def test_server_settings_are_read_from_their_variables():
-    settings = Settings.from_env({"HOST": "::", "FC_CUSTOM_LISTEN_PORT": "8080", "LOG_LEVEL": "debug",
-                                  "LOG_FORMAT": "JSON", "ACCESS_LOG": "true"})
+    settings = Settings.from_env(
+        {
+            "HOST": "::",
+            "FC_CUSTOM_LISTEN_PORT": "8080",
+            "LOG_LEVEL": "debug",
+            "LOG_FORMAT": "JSON",
+            "ACCESS_LOG": "true",
+        }
+    )
 
     assert (settings.host, settings.port) == ("::", 8080)
     assert (settings.log_level, settings.log_format, settings.access_log) == ("DEBUG", "json", True)
@@ -79,14 +101,22 @@ ENTRY_POINTS = {
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize(("name", "value", "message"), [
-    ("FC_CUSTOM_LISTEN_PORT", "abc", "FC_CUSTOM_LISTEN_PORT='abc': not a number"),
-    ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose': must be one of debug, info, warning, error, critical"),
-    ("INPUT_ALLOWED_HOSTS", "10.0.0.0/33", "INPUT_ALLOWED_HOSTS='10.0.0.0/33': '10.0.0.0/33' is not an IP "),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("FC_CUSTOM_LISTEN_PORT", "abc", "FC_CUSTOM_LISTEN_PORT='abc': not a number"),
+        ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose': must be one of debug, info, warning, error, critical"),
+        ("INPUT_ALLOWED_HOSTS", "10.0.0.0/33", "INPUT_ALLOWED_HOSTS='10.0.0.0/33': '10.0.0.0/33' is not an IP "),
+    ],
+)
 def test_an_entry_point_with_a_bad_setting_prints_one_line_and_exits_2(entry, name, value, message, tmp_path):
-    env = {**os.environ, "STATUS_DIR": str(tmp_path), "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
-           "FC_CUSTOM_LISTEN_PORT": str(free_port()), name: value}
+    env = {
+        **os.environ,
+        "STATUS_DIR": str(tmp_path),
+        "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+        "FC_CUSTOM_LISTEN_PORT": str(free_port()),
+        name: value,
+    }
 
     done = subprocess.run(ENTRY_POINTS[entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
 

@@ -19,6 +19,7 @@ STATUS = "/api/serverless/status"
 
 def poll_until_done(base_url: str, task_id: str, timeout: float = 60) -> list:
     """What the FC documentation's async client does: poll until the last element is final."""
+
     def done() -> list | None:
         items = requests.get(base_url + STATUS, params={"task_id": task_id}, timeout=10).json()
         return items if items and items[-1]["type"] in ("serverless_api", "error") else None
@@ -28,8 +29,7 @@ def poll_until_done(base_url: str, task_id: str, timeout: float = 60) -> list:
 
 def test_fc_doc_async_client_posts_then_polls_to_the_result(app):
     task_id = f"async-{uuid.uuid4().hex}"
-    response = post_run(app.url, txt2img(seed=-1), headers={
-        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    response = post_run(app.url, txt2img(seed=-1), headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
     assert response.status_code == 202
     assert response.json() == {"task_id": task_id}
     items = poll_until_done(app.url, task_id)
@@ -45,8 +45,9 @@ def test_fc_doc_async_client_posts_then_polls_to_the_result(app):
 def test_on_fc_an_async_invocation_is_held_until_the_job_ends(emulator, start_app, tmp_path):
     server = start_app(emulator.url, FC_FUNCTION_NAME="comfyui-api")
     task_id = f"held-{uuid.uuid4().hex}"
-    response = post_run(server.url, empty_image(prefix="held"), headers={
-        "X-Fc-Invocation-Type": "Async", "X-Fc-Async-Task-Id": task_id})
+    response = post_run(
+        server.url, empty_image(prefix="held"), headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Async-Task-Id": task_id}
+    )
     assert response.status_code == 200
     assert response.json()["data"]["task_id"] == task_id
     items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
@@ -73,8 +74,14 @@ def test_after_returns_only_the_rest(app):
 
 def test_unknown_task_is_an_empty_list_and_bad_queries_are_400(app):
     assert requests.get(app.url + STATUS, params={"task_id": "never-seen"}, timeout=10).json() == []
-    for params in ({}, {"task_id": ""}, {"task_id": "ok", "after": "-1"}, {"task_id": "ok", "after": "x"},
-                   {"task_id": "ok", "after": "²"}, {"task_id": "ok", "attempt": "0"}):
+    for params in (
+        {},
+        {"task_id": ""},
+        {"task_id": "ok", "after": "-1"},
+        {"task_id": "ok", "after": "x"},
+        {"task_id": "ok", "after": "²"},
+        {"task_id": "ok", "attempt": "0"},
+    ):
         response = requests.get(app.url + STATUS, params=params, timeout=10)
         assert response.status_code == 400, params
         assert response.json()["error_code"] == "INVALID_PARAMS"
@@ -85,8 +92,7 @@ def test_two_instances_share_the_folder_post_to_one_poll_the_other(emulator, sta
     first = start_app(emulator.url, status_dir=shared, FC_INSTANCE_ID="inst-a")
     second = start_app(emulator.url, status_dir=shared, FC_INSTANCE_ID="inst-b")
     task_id = f"shared-{uuid.uuid4().hex}"
-    response = post_run(first.url, txt2img(seed=3), headers={
-        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    response = post_run(first.url, txt2img(seed=3), headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
     assert response.status_code == 202
     items = poll_until_done(second.url, task_id)
     assert items[-1]["type"] == "serverless_api"
@@ -114,8 +120,9 @@ def test_sigkill_mid_job_leaves_parseable_lines_and_is_reported_lost(own_emulato
     shared = tmp_path / "nas"
     doomed = start_app(own_emulator.url, status_dir=shared, STATUS_STALE_AFTER="1")
     task_id = f"killed-{uuid.uuid4().hex}"
-    post_run(doomed.url, txt2img(seed=9, steps=200), headers={
-        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    post_run(
+        doomed.url, txt2img(seed=9, steps=200), headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id}
+    )
     log_file = shared / task_id
     wait_until(lambda: log_file.exists() and b'"progress"' in log_file.read_bytes())
     doomed.kill()
@@ -138,8 +145,9 @@ def test_a_live_silent_job_is_not_reported_lost(own_emulator, start_app, tmp_pat
     blocker.start()
     wait_until(lambda: running_prompt(own_emulator.url))
     task_id = f"quiet-{uuid.uuid4().hex}"
-    post_run(server.url, empty_image(prefix="quiet"), headers={
-        "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id})
+    post_run(
+        server.url, empty_image(prefix="quiet"), headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": task_id}
+    )
     time.sleep(2)
     items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
     assert all(item.get("error_code") != "COMFYUI_UNAVAILABLE" for item in items)
@@ -198,9 +206,11 @@ def test_on_fc_a_retried_task_reads_as_its_new_attempt_and_only_transient_failur
     assert slow.status_code == 504 and slow.json()["error_code"] == "TIMEOUT"
 
     result: list[requests.Response] = []
-    delivery = threading.Thread(target=lambda: result.append(
-        post_run(server.url, txt2img(seed=2, steps=10), headers=held)))
+    delivery = threading.Thread(
+        target=lambda: result.append(post_run(server.url, txt2img(seed=2, steps=10), headers=held))
+    )
     delivery.start()
+
     # From the new attempt's first line on, the poller reads only the new attempt.
     def new_attempt_began() -> bool:  # its file is claimed (empty), then its first event is in
         items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
@@ -212,10 +222,15 @@ def test_on_fc_a_retried_task_reads_as_its_new_attempt_and_only_transient_failur
     assert items[-1]["type"] == "serverless_api" and result[0].status_code == 200
     assert items[-1] == result[0].json()
     assert not [item for item in items if item["type"] == "error"]
-    attempts = [requests.get(server.url + STATUS, params={"task_id": task_id, "attempt": n}, timeout=10).json()
-                for n in ("1", "2", "3")]
-    assert [a[-1].get("error_code", a[-1]["type"]) for a in attempts] == ["EXECUTION_FAILED", "TIMEOUT",
-                                                                           "serverless_api"]
+    attempts = [
+        requests.get(server.url + STATUS, params={"task_id": task_id, "attempt": n}, timeout=10).json()
+        for n in ("1", "2", "3")
+    ]
+    assert [a[-1].get("error_code", a[-1]["type"]) for a in attempts] == [
+        "EXECUTION_FAILED",
+        "TIMEOUT",
+        "serverless_api",
+    ]
 
 
 def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync_ones_run(
@@ -232,8 +247,9 @@ def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync
 
         health = requests.get(server.url + "/api/serverless/health", timeout=10)
         assert health.status_code == 503 and "status folder cannot be written" in health.json()["reason"]
-        asynchronous = post_run(server.url, empty_image(prefix="ro"), headers={
-            "X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": "ro-async"})
+        asynchronous = post_run(
+            server.url, empty_image(prefix="ro"), headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": "ro-async"}
+        )
         assert asynchronous.status_code == 503 and asynchronous.json()["error_code"] == "COMFYUI_UNAVAILABLE"
         synchronous = post_run(server.url, empty_image(prefix="ro"), headers={"X-Fc-Trace-Id": "ro-sync"})
         assert synchronous.status_code == 200 and synchronous.json()["type"] == "serverless_api"

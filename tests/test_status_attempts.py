@@ -119,7 +119,9 @@ async def test_without_hard_links_the_name_is_a_copy_kept_up_to_date(tmp_path, m
     new_feed.finish(Result({"type": "serverless_api", "data": {"from": "new"}}))
     await new_recorder
     assert await read(status, "copy") == [
-        {"type": "progress", "data": {"from": "new"}}, {"type": "serverless_api", "data": {"from": "new"}}]
+        {"type": "progress", "data": {"from": "new"}},
+        {"type": "serverless_api", "data": {"from": "new"}},
+    ]
     assert await read(status, "copy", attempt=2) == [{"type": "error", "data": {"from": "old"}}]
     assert await status.attempts("copy") == [1, 2, 3]
 

@@ -16,6 +16,7 @@ from serverless.status.log import StatusLog
 
 def strict_loads(body: bytes) -> object:
     """What a strict client does: UTF-8, no NaN/Infinity, no lone surrogates."""
+
     def refuse(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
@@ -27,10 +28,15 @@ def strict_loads(body: bytes) -> object:
 
 async def test_nan_and_infinity_read_as_null(tmp_path):
     status = StatusLog(tmp_path, stale_after=60)
-    node_errors = {"type": "error", "raw": {"node_errors": {"3": {"value": float("inf"), "other": float("nan"),
-                                                                  "low": float("-inf"), "big": 1e308}}}}
-    (tmp_path / "nan").write_bytes(json.dumps({"type": "progress"}).encode() + b"\n"
-                                   + json.dumps(node_errors).encode() + b"\n")
+    node_errors = {
+        "type": "error",
+        "raw": {
+            "node_errors": {"3": {"value": float("inf"), "other": float("nan"), "low": float("-inf"), "big": 1e308}}
+        },
+    }
+    (tmp_path / "nan").write_bytes(
+        json.dumps({"type": "progress"}).encode() + b"\n" + json.dumps(node_errors).encode() + b"\n"
+    )
     body = await status.read("nan")
     assert b"Infinity" in (tmp_path / "nan").read_bytes(), "Python's json wrote the non-standard token"
     items = strict_loads(body)
@@ -44,7 +50,8 @@ async def test_a_lone_surrogate_reads_as_an_escape(tmp_path):
     body = await status.read("sur")
     assert b"\\ud800" in body
     assert strict_loads(body.replace(b"\\ud800", b"?")) == [
-        {"type": "error", "raw": {"node_errors": {"?": "bad node id"}}, "text": "é"}]
+        {"type": "error", "raw": {"node_errors": {"?": "bad node id"}}, "text": "é"}
+    ]
     assert json.loads(body) == [payload]
 
 
@@ -70,10 +77,21 @@ def test_lines_that_are_not_utf8_json_are_skipped():
     assert usable.last == {"b": 2} and not usable.ended
 
 
-@given(st.lists(st.recursive(
-    st.none() | st.booleans() | st.floats() | st.text() | st.integers() | st.sampled_from(["\ud800", "a\udfffb"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=8), max_size=5))
+@given(
+    st.lists(
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.floats()
+            | st.text()
+            | st.integers()
+            | st.sampled_from(["\ud800", "a\udfffb"]),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+            max_leaves=8,
+        ),
+        max_size=5,
+    )
+)
 def test_any_stored_payloads_make_a_body_strict_clients_parse(payloads):
     raw = b"".join(jsontext.dumps(payload) + b"\n" for payload in payloads)
     body = json_array(usable_lines(raw).lines)

@@ -35,6 +35,7 @@ HangUp = Callable[[], None]
 
 # -- reading a stream ---------------------------------------------------------------------------
 
+
 @dataclass
 class SseEvent:
     """One block of a `text/event-stream` body (the lines before a blank line)."""
@@ -72,8 +73,14 @@ def read_events(response: requests.Response) -> Iterator[SseEvent]:
 
 
 def stream(base_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> requests.Response:
-    return requests.post(base_url + RUN, params={"stream": "true"}, data=json.dumps(workflow),
-                         headers=headers or {}, stream=True, timeout=60)
+    return requests.post(
+        base_url + RUN,
+        params={"stream": "true"},
+        data=json.dumps(workflow),
+        headers=headers or {},
+        stream=True,
+        timeout=60,
+    )
 
 
 def payloads(events: Iterator[SseEvent] | list[SseEvent]) -> list[dict[str, Any]]:
@@ -82,6 +89,7 @@ def payloads(events: Iterator[SseEvent] | list[SseEvent]) -> list[dict[str, Any]
 
 # -- what ComfyUI sent ----------------------------------------------------------------------------
 
+
 def prompt_id_of(text: str) -> str | None:
     data = json.loads(text).get("data")
     return data.get("prompt_id") if isinstance(data, dict) else None
@@ -89,8 +97,11 @@ def prompt_id_of(text: str) -> str | None:
 
 def ends_prompt(text: str, prompt_id: str) -> bool:
     message = json.loads(text)
-    return (message["type"] == "executing" and message["data"].get("node") is None
-            and message["data"].get("prompt_id") == prompt_id)
+    return (
+        message["type"] == "executing"
+        and message["data"].get("node") is None
+        and message["data"].get("prompt_id") == prompt_id
+    )
 
 
 def client_id_of(forwarded: list[str]) -> str:
@@ -102,6 +113,7 @@ def client_id_of(forwarded: list[str]) -> str:
 
 def sent_to(comfyui_url: str, client_id: str, prompt_id: str) -> list[str]:
     """Every text the emulator sent to `client_id`, once it has sent the end of `prompt_id`."""
+
     def sent() -> list[str] | None:
         texts = requests.get(comfyui_url + "/emulator/sent", params={"client_id": client_id}, timeout=5).json()
         return texts if any(ends_prompt(text, prompt_id) for text in texts) else None
@@ -120,12 +132,15 @@ def assert_forwarded_as_sent(forwarded: list[str], sent: list[str], prompt_id: s
 
 # -- the emulator's queue and history, and the app's health -----------------------------------------
 
+
 def prompt_ids(comfyui_url: str, prefix: str, where: str) -> list[str]:
     """Prompts in ComfyUI's `queue_running` or `queue_pending` whose SaveImage prefix is `prefix`."""
     queue = requests.get(comfyui_url + "/queue", timeout=5).json()
-    return [item[1] for item in queue[f"queue_{where}"]
-            if any(str(node["inputs"].get("filename_prefix", "")).startswith(prefix + "_")
-                   for node in item[2].values())]
+    return [
+        item[1]
+        for item in queue[f"queue_{where}"]
+        if any(str(node["inputs"].get("filename_prefix", "")).startswith(prefix + "_") for node in item[2].values())
+    ]
 
 
 def queued(comfyui_url: str, prompt_id: str) -> bool:
@@ -165,6 +180,7 @@ def in_background(call: Callable[[], Any]) -> Future[Any]:
 
 # -- callers that hang up -------------------------------------------------------------------------
 
+
 def open_stream(base_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> HangUp:
     """An SSE caller, as requests users write it; hanging up closes its connection."""
     response = stream(base_url, workflow, headers)
@@ -176,8 +192,13 @@ def open_sync(base_url: str, workflow: dict[str, Any], headers: dict[str, str] |
     """A synchronous caller on a raw socket, so the test decides when the connection goes away."""
     url = urlsplit(base_url)
     body = json.dumps(workflow).encode()
-    head = [f"POST {RUN} HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json",
-            f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    head = [
+        f"POST {RUN} HTTP/1.1",
+        f"Host: {url.netloc}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
     sock = socket.create_connection((url.hostname, url.port), timeout=30)
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
     return sock.close
@@ -185,14 +206,16 @@ def open_sync(base_url: str, workflow: dict[str, Any], headers: dict[str, str] |
 
 def open_websocket(base_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None) -> HangUp:
     """A websocket caller (websocket-client) that hangs up politely, with a close frame."""
-    ws = websocket.create_connection(base_url.replace("http://", "ws://") + "/api/serverless/ws",
-                                     timeout=30, header=headers or {})
+    ws = websocket.create_connection(
+        base_url.replace("http://", "ws://") + "/api/serverless/ws", timeout=30, header=headers or {}
+    )
     ws.send(json.dumps(workflow))
     return ws.close
 
 
-def hanging_up_cancels_only_that_job(emulator: Emulator, server: App, open_call: Callable[..., HangUp],
-                                     state: str) -> None:
+def hanging_up_cancels_only_that_job(
+    emulator: Emulator, server: App, open_call: Callable[..., HangUp], state: str
+) -> None:
     """The caller of a `state` ("running" or "pending") job hangs up while another job runs or
     waits beside it: its prompt leaves ComfyUI's queue (interrupted, or never run), the other
     one ends normally, and the app holds no job afterwards."""
@@ -202,12 +225,14 @@ def hanging_up_cancels_only_that_job(emulator: Emulator, server: App, open_call:
     if state == "running":
         hang_up = open_call(server.url, txt2img(seed=21, steps=victim_steps, prefix="victim"))
         (victim,) = wait_until(lambda: prompt_ids(emulator.url, "victim", "running"))
-        neighbour = in_background(lambda: post_run(server.url, txt2img(seed=22, steps=neighbour_steps,
-                                                                        prefix="neighbour")))
+        neighbour = in_background(
+            lambda: post_run(server.url, txt2img(seed=22, steps=neighbour_steps, prefix="neighbour"))
+        )
         wait_until(lambda: prompt_ids(emulator.url, "neighbour", "pending"))
     else:
-        neighbour = in_background(lambda: post_run(server.url, txt2img(seed=22, steps=neighbour_steps,
-                                                                        prefix="neighbour")))
+        neighbour = in_background(
+            lambda: post_run(server.url, txt2img(seed=22, steps=neighbour_steps, prefix="neighbour"))
+        )
         wait_until(lambda: prompt_ids(emulator.url, "neighbour", "running"))
         hang_up = open_call(server.url, txt2img(seed=21, steps=victim_steps, prefix="victim"))
         (victim,) = wait_until(lambda: prompt_ids(emulator.url, "victim", "pending"))
@@ -229,6 +254,7 @@ def hanging_up_cancels_only_that_job(emulator: Emulator, server: App, open_call:
 
 
 # -- the tests ------------------------------------------------------------------------------------
+
 
 def test_fc_doc_streaming_client_gets_progress_then_the_result(app):
     url, workflow = app.url, txt2img(seed=-1, steps=4)
@@ -329,7 +355,7 @@ def test_keep_alive_pings_while_the_job_waits_silently(own_emulator, start_app):
     assert [event.id for event in data] == list(range(1, len(data) + 1))
     assert json.loads(str(data[-1].data))["type"] == "serverless_api"
     assert events[-1] is data[-1]
-    types_before_first_ping = [json.loads(str(e.data))["type"] for e in events[:events.index(pings[0])]]
+    types_before_first_ping = [json.loads(str(e.data))["type"] for e in events[: events.index(pings[0])]]
     assert "execution_start" not in types_before_first_ping
     assert ahead.result(timeout=30).status_code == 200
 
@@ -357,8 +383,9 @@ def test_without_cancel_on_disconnect_the_job_outlives_its_caller(own_emulator, 
 
     hang_up()
 
-    log = wait_until(lambda: (items := status_log(server, "kept-1")) and
-                     items[-1]["type"] in TERMINAL_TYPES and items, timeout=30)
+    log = wait_until(
+        lambda: (items := status_log(server, "kept-1")) and items[-1]["type"] in TERMINAL_TYPES and items, timeout=30
+    )
     assert log[-1]["type"] == "serverless_api", log[-1]
     assert log[-1]["data"]["prompt_id"] == prompt_id
     assert history_messages(own_emulator.url, prompt_id)[-1] == "execution_success"
@@ -371,8 +398,10 @@ def slow_reader_workflow(steps: int, side_branches: int = 60) -> dict[str, Any]:
     `progress_state` messages (they list every started node) is large: megabytes, quickly."""
     workflow = txt2img(seed=41, steps=steps, prefix="slow")
     for k in range(side_branches):
-        workflow[f"e{k}"] = {"class_type": "EmptyImage",
-                             "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": k}}
+        workflow[f"e{k}"] = {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": k},
+        }
         workflow[f"p{k}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"e{k}", 0]}}
     return workflow
 
@@ -385,12 +414,18 @@ def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app):
     reader = socket.socket()
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the app's buffers fill
     reader.connect((url.hostname, url.port))
-    reader.sendall(f"POST {RUN}?stream=true HTTP/1.1\r\nHost: {url.netloc}\r\nX-Fc-Trace-Id: slow-1\r\n"
-                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    reader.sendall(
+        f"POST {RUN}?stream=true HTTP/1.1\r\nHost: {url.netloc}\r\nX-Fc-Trace-Id: slow-1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
 
     # The job ends while its reader reads nothing at all.
-    log = wait_until(lambda: (items := status_log(server, "slow-1")) and
-                     items[-1]["type"] in TERMINAL_TYPES and items, timeout=40, interval=0.2)
+    log = wait_until(
+        lambda: (items := status_log(server, "slow-1")) and items[-1]["type"] in TERMINAL_TYPES and items,
+        timeout=40,
+        interval=0.2,
+    )
     assert log[-1]["type"] == "serverless_api", log[-1]
     assert history_messages(own_emulator.url, log[-1]["data"]["prompt_id"])[-1] == "execution_success"
 

@@ -90,8 +90,9 @@ def test_fc_doc_websocket_client_gets_progress_then_the_result(app):
     def on_close(ws, close_status_code, close_msg):
         closed.append(close_status_code)
 
-    ws = websocket.WebSocketApp(url, on_open=lambda ws: ws.send(json.dumps(workflow)),
-                                on_message=on_message, on_close=on_close)
+    ws = websocket.WebSocketApp(
+        url, on_open=lambda ws: ws.send(json.dumps(workflow)), on_message=on_message, on_close=on_close
+    )
     ws.run_forever()
 
     types = [message["type"] for message in messages if message["type"] not in OURS]
@@ -122,12 +123,16 @@ def test_websocket_forwards_comfyuis_texts_byte_for_byte_then_the_result_then_cl
     assert status_log(app, prompt_id) == [json.loads(text) for text in texts]
 
 
-@pytest.mark.parametrize("body", [
-    "{oops",
-    "[1, 2, 3]",
-    "",
-    json.dumps({"last_node_id": 9, "nodes": [{"id": 1}], "links": [], "version": 0.4}),
-], ids=["not-json", "not-an-object", "empty", "ui-format"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{oops",
+        "[1, 2, 3]",
+        "",
+        json.dumps({"last_node_id": 9, "nodes": [{"id": 1}], "links": [], "version": 0.4}),
+    ],
+    ids=["not-json", "not-an-object", "empty", "ui-format"],
+)
 def test_an_invalid_first_message_gives_the_error_object_then_a_normal_close(app, body):
     texts, code = run(app.url, body)
 
@@ -185,11 +190,15 @@ def test_websocket_ends_with_error_when_comfyui_dies(own_emulator, start_app):
     wait_no_jobs(server)
 
 
-@pytest.mark.parametrize("state, open_call", [
-    ("running", open_websocket),
-    ("pending", open_websocket),
-    ("running", open_websocket_then_vanish),
-], ids=["running", "pending", "running-connection-dropped"])
+@pytest.mark.parametrize(
+    "state, open_call",
+    [
+        ("running", open_websocket),
+        ("pending", open_websocket),
+        ("running", open_websocket_then_vanish),
+    ],
+    ids=["running", "pending", "running-connection-dropped"],
+)
 def test_closing_the_websocket_cancels_that_job_and_only_that_job(own_emulator, start_app, state, open_call):
     set_step_delay(own_emulator, 0.05)
     server = start_app(own_emulator.url)
@@ -204,8 +213,9 @@ def test_without_cancel_on_disconnect_the_websocket_job_outlives_its_client(own_
 
     hang_up()
 
-    log = wait_until(lambda: (items := status_log(server, "kept-ws")) and
-                     items[-1]["type"] in TERMINAL_TYPES and items, timeout=30)
+    log = wait_until(
+        lambda: (items := status_log(server, "kept-ws")) and items[-1]["type"] in TERMINAL_TYPES and items, timeout=30
+    )
     assert log[-1]["type"] == "serverless_api" and log[-1]["data"]["prompt_id"] == prompt_id
     assert history_messages(own_emulator.url, prompt_id)[-1] == "execution_success"
     wait_no_jobs(server)
@@ -214,13 +224,20 @@ def test_without_cancel_on_disconnect_the_websocket_job_outlives_its_client(own_
 def test_a_slow_websocket_reader_is_dropped_with_try_again_later_and_the_job_goes_on(own_emulator, start_app):
     set_step_delay(own_emulator, 0.01)
     server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
-    ws = websocket.create_connection(ws_url(server.url), timeout=30, header={"X-Fc-Trace-Id": "slow-ws"},
-                                     sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    ws = websocket.create_connection(
+        ws_url(server.url),
+        timeout=30,
+        header={"X-Fc-Trace-Id": "slow-ws"},
+        sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),),
+    )
     ws.send(json.dumps(slow_reader_workflow(steps=400)))  # about 12 MB of events in 5 s
 
     # The job ends while its reader reads nothing at all.
-    log = wait_until(lambda: (items := status_log(server, "slow-ws")) and
-                     items[-1]["type"] in TERMINAL_TYPES and items, timeout=40, interval=0.2)
+    log = wait_until(
+        lambda: (items := status_log(server, "slow-ws")) and items[-1]["type"] in TERMINAL_TYPES and items,
+        timeout=40,
+        interval=0.2,
+    )
     assert log[-1]["type"] == "serverless_api", log[-1]
 
     texts, code = receive_all(ws)

@@ -77,11 +77,14 @@ def test_registration_answers_201_then_200_and_describes_the_schema(hosted: App,
     assert schema["4.ckpt_name"]["type"] == "COMBO" and schema["5.width"]["spec"]["min"] == 16
 
 
-@pytest.mark.parametrize(("form", "body"), [
-    ("advanced", {"3": {"inputs": {"seed": -1}}, "6": {"inputs": {"text": NEW_PROMPT}}}),
-    ("flat", {"3.seed": -1, "6.text": NEW_PROMPT}),
-    ("simple", {"prompt": NEW_PROMPT, "3.seed": -1}),
-])
+@pytest.mark.parametrize(
+    ("form", "body"),
+    [
+        ("advanced", {"3": {"inputs": {"seed": -1}}, "6": {"inputs": {"text": NEW_PROMPT}}}),
+        ("flat", {"3.seed": -1, "6.text": NEW_PROMPT}),
+        ("simple", {"prompt": NEW_PROMPT, "3.seed": -1}),
+    ],
+)
 def test_a_hosted_run_sends_comfyui_the_overridden_values(
     hosted: App, emulator: Emulator, txt2img_id: str, form: str, body: dict[str, Any]
 ) -> None:
@@ -99,8 +102,12 @@ def test_a_hosted_run_sends_comfyui_the_overridden_values(
 def test_fc_clients_run_a_hosted_workflow_through_the_one_run_url(
     hosted: App, emulator: Emulator, txt2img_id: str
 ) -> None:
-    response = requests.post(f"{hosted.url}/api/serverless/run", params={"workflow_id": txt2img_id},
-                             data=json.dumps({"3.steps": 2, "6.text": NEW_PROMPT}), timeout=60)
+    response = requests.post(
+        f"{hosted.url}/api/serverless/run",
+        params={"workflow_id": txt2img_id},
+        data=json.dumps({"3.steps": 2, "6.text": NEW_PROMPT}),
+        timeout=60,
+    )
     assert response.status_code == 200 and "Warning" not in response.headers
     data = response.json()["data"]
     assert data["workflow_id"] == txt2img_id and sent_prompt(emulator.url, data)["3"]["inputs"]["steps"] == 2
@@ -113,7 +120,8 @@ def test_a_hosted_run_streams_and_runs_over_the_websocket(hosted: App, txt2img_i
     assert last["type"] == "serverless_api" and last["data"]["workflow_id"] == txt2img_id
     assert last["data"]["results"][0]["output"]["base64"]["content"]
     ws = websocket.create_connection(
-        hosted.url.replace("http", "ws") + f"/api/serverless/ws?workflow_id={txt2img_id}", timeout=30)
+        hosted.url.replace("http", "ws") + f"/api/serverless/ws?workflow_id={txt2img_id}", timeout=30
+    )
     ws.send(json.dumps({"prompt": "a quiet harbour"}))
     messages = []
     while True:
@@ -124,15 +132,18 @@ def test_a_hosted_run_streams_and_runs_over_the_websocket(hosted: App, txt2img_i
     assert messages[-1]["type"] == "serverless_api" and messages[-1]["data"]["workflow_id"] == txt2img_id
 
 
-@pytest.mark.parametrize(("body", "node", "kind"), [
-    ({"3.steps": 0}, "3", "value_smaller_than_min"),
-    ({"3.steps": "four"}, "3", "invalid_input_type"),
-    ({"3.sampler_name": "warp_drive"}, "3", "value_not_in_list"),
-    ({"3.model": ["5", 0]}, "3", "link_overridden"),
-    ({"3.nonsense": 1}, "3", "unknown_input"),
-    ({"77": {"inputs": {"text": "x"}}}, "77", "unknown_node"),
-    ({"prompt": "x", "target_node": "5"}, "5", "unknown_input"),
-])
+@pytest.mark.parametrize(
+    ("body", "node", "kind"),
+    [
+        ({"3.steps": 0}, "3", "value_smaller_than_min"),
+        ({"3.steps": "four"}, "3", "invalid_input_type"),
+        ({"3.sampler_name": "warp_drive"}, "3", "value_not_in_list"),
+        ({"3.model": ["5", 0]}, "3", "link_overridden"),
+        ({"3.nonsense": 1}, "3", "unknown_input"),
+        ({"77": {"inputs": {"text": "x"}}}, "77", "unknown_node"),
+        ({"prompt": "x", "target_node": "5"}, "5", "unknown_input"),
+    ],
+)
 def test_each_bad_override_is_refused_before_comfyui_sees_it(
     hosted: App, emulator: Emulator, txt2img_id: str, body: dict[str, Any], node: str, kind: str
 ) -> None:
@@ -168,16 +179,24 @@ def test_each_bad_registration_is_refused_naming_every_problem(hosted: App, emul
     error = response.json()
     assert error["error_code"] == "INVALID_PARAMS"
     found = {(node, e["type"]) for node, entry in error["raw"]["node_errors"].items() for e in entry["errors"]}
-    assert found == {("3", "value_bigger_than_max"), ("3", "value_not_in_list"), ("5", "required_input_missing"),
-                     ("8", "bad_linked_input"), ("7", "bad_linked_input"), ("9", "return_type_mismatch"),
-                     ("11", "unknown_class_type")}
+    assert found == {
+        ("3", "value_bigger_than_max"),
+        ("3", "value_not_in_list"),
+        ("5", "required_input_missing"),
+        ("8", "bad_linked_input"),
+        ("7", "bad_linked_input"),
+        ("9", "return_type_mismatch"),
+        ("11", "unknown_class_type"),
+    }
     assert requests.get(f"{hosted.url}{API}/bad-one", timeout=10).status_code == 404
     ui = put(hosted.url, "ui", {"nodes": [], "links": []})
     assert ui.status_code == 400 and "Save (API Format)" in ui.json()["error_message"]
     assert put(hosted.url, "..", empty_image()).status_code in (400, 404)
     assert put(hosted.url, "bad%20id", empty_image()).json()["error_code"] == "INVALID_PARAMS"
-    assert put(hosted.url, "no-output", {"1": empty_image()["1"]}).json()["raw"]["node_errors"][""]["errors"][0][
-        "type"] == "prompt_no_outputs"
+    assert (
+        put(hosted.url, "no-output", {"1": empty_image()["1"]}).json()["raw"]["node_errors"][""]["errors"][0]["type"]
+        == "prompt_no_outputs"
+    )
     assert put(hosted.url, "wrapped", {"prompt": empty_image(), "extra_data": {"k": 1}}).status_code == 400
     assert history_count(emulator.url) == before
 
@@ -188,7 +207,9 @@ def test_unknown_workflows_are_not_found_and_delete_removes(hosted: App) -> None
     assert requests.get(f"{hosted.url}{API}/nope/openapi.json", timeout=10).status_code == 404
     assert put(hosted.url, "short-lived", empty_image()).status_code == 201
     assert requests.delete(f"{hosted.url}{API}/short-lived", timeout=10).json() == {
-        "workflow_id": "short-lived", "deleted": True}
+        "workflow_id": "short-lived",
+        "deleted": True,
+    }
     assert requests.delete(f"{hosted.url}{API}/short-lived", timeout=10).status_code == 404
 
 
@@ -239,12 +260,16 @@ def test_the_openapi_document_validates_and_its_defaults_run(hosted: App, emulat
 
 
 def test_object_info_is_cached_until_a_refresh_is_asked(hosted: App, emulator: Emulator) -> None:
-    loader = {"1": {"class_type": "LoadImage", "inputs": {"image": "https://example.com/x.png"}},
-              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+    loader = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "https://example.com/x.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
     assert put(hosted.url, "loader", loader).status_code in (200, 201)
     options = lambda query: next(  # noqa: E731
-        p for p in requests.get(f"{hosted.url}{API}/loader{query}", timeout=10).json()["parameters"]
-        if p["name"] == "1.image")["spec"]["options"]
+        p
+        for p in requests.get(f"{hosted.url}{API}/loader{query}", timeout=10).json()["parameters"]
+        if p["name"] == "1.image"
+    )["spec"]["options"]
     before = options("")
     (emulator.root / "input").mkdir(exist_ok=True)
     (emulator.root / "input" / "new-upload.png").write_bytes(b"\x89PNG\r\n\x1a\n")

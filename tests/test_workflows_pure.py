@@ -71,9 +71,11 @@ def test_both_combo_forms_and_the_real_comfyui_entries_are_read() -> None:
 
 
 def test_loader_inputs_are_marked_and_take_any_string() -> None:
-    workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "https://example.com/cat.png"}},
-                "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-                "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}}
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "https://example.com/cat.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+    }
     assert validate_workflow(workflow, REAL, LOADER_INPUTS) == []
     assert schema_of(workflow, REAL)["1.image"]["loader"] is True
 
@@ -93,12 +95,18 @@ def test_every_problem_of_a_bad_registration_is_listed_in_node_errors_shape() ->
     bad["7"]["inputs"]["clip"] = ["99", 1]  # no such node
     bad["10"] = {"class_type": "NoSuchNode", "inputs": {}}
     problems = validate_workflow(bad, OBJECT_INFO, LOADER_INPUTS)
-    assert sorted(kinds(problems)) == sorted([
-        ("3", "cfg", "invalid_input_type"), ("3", "steps", "value_smaller_than_min"),
-        ("3", "sampler_name", "value_not_in_list"), ("5", "height", "required_input_missing"),
-        ("7", "clip", "bad_linked_input"), ("8", "samples", "return_type_mismatch"),
-        ("8", "vae", "bad_linked_input"), ("10", None, "unknown_class_type"),
-    ])
+    assert sorted(kinds(problems)) == sorted(
+        [
+            ("3", "cfg", "invalid_input_type"),
+            ("3", "steps", "value_smaller_than_min"),
+            ("3", "sampler_name", "value_not_in_list"),
+            ("5", "height", "required_input_missing"),
+            ("7", "clip", "bad_linked_input"),
+            ("8", "samples", "return_type_mismatch"),
+            ("8", "vae", "bad_linked_input"),
+            ("10", None, "unknown_class_type"),
+        ]
+    )
     errors = node_errors(problems)
     steps = next(e for e in errors["3"]["errors"] if e["extra_info"]["input_name"] == "steps")
     assert errors["3"]["class_type"] == "KSampler"
@@ -116,17 +124,21 @@ def test_a_workflow_without_an_output_node_is_refused() -> None:
 def overrides(body: Any, workflow: dict[str, Any] = WORKFLOW) -> tuple[dict[tuple[str, str], Any], list[Any]]:
     parsed = parse_overrides(body, workflow, OBJECT_INFO)
     problems = parsed.problems + validate_overrides(
-        parsed.values, build_schema(workflow, OBJECT_INFO, LOADER_INPUTS), workflow)
+        parsed.values, build_schema(workflow, OBJECT_INFO, LOADER_INPUTS), workflow
+    )
     return parsed.values, problems
 
 
-@pytest.mark.parametrize("body", [
-    {"3": {"inputs": {"seed": -1, "steps": 2}}, "6": {"inputs": {"text": "a red fox"}}},
-    {"prompt": {"3": {"inputs": {"seed": -1, "steps": 2}}, "6": {"inputs": {"text": "a red fox"}}}},
-    {"3.seed": -1, "3.steps": 2, "6.text": "a red fox"},
-    {"prompt": "a red fox", "3.seed": -1, "3.steps": 2},
-    {"prompt": "a red fox", "target_node": "6", "3": {"inputs": {"seed": -1, "steps": 2}}},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"3": {"inputs": {"seed": -1, "steps": 2}}, "6": {"inputs": {"text": "a red fox"}}},
+        {"prompt": {"3": {"inputs": {"seed": -1, "steps": 2}}, "6": {"inputs": {"text": "a red fox"}}}},
+        {"3.seed": -1, "3.steps": 2, "6.text": "a red fox"},
+        {"prompt": "a red fox", "3.seed": -1, "3.steps": 2},
+        {"prompt": "a red fox", "target_node": "6", "3": {"inputs": {"seed": -1, "steps": 2}}},
+    ],
+)
 def test_the_three_override_forms_read_the_same(body: Any) -> None:
     values, problems = overrides(body)
     assert problems == []
@@ -143,20 +155,23 @@ def test_the_positive_prompt_is_found_through_conditioning_chains_not_by_node_or
     assert positive_prompt_node({"1": WORKFLOW["9"]}, OBJECT_INFO) is None
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    ({"3.steps": 0}, ("3", "steps", "value_smaller_than_min")),
-    ({"3.steps": 1.5}, ("3", "steps", "invalid_input_type")),
-    ({"3.cfg": True}, ("3", "cfg", "invalid_input_type")),
-    ({"3.sampler_name": "nope"}, ("3", "sampler_name", "value_not_in_list")),
-    ({"3.seed": -2}, ("3", "seed", "value_smaller_than_min")),
-    ({"3.model": ["4", 0, 1]}, ("3", "model", "link_overridden")),
-    ({"3.nonsense": 1}, ("3", "nonsense", "unknown_input")),
-    ({"42": {"inputs": {"text": "x"}}}, ("42", "text", "unknown_node")),
-    ({"6.text": 7}, ("6", "text", "invalid_input_type")),
-    ({"3": {"seed": 5}}, ("3", None, "invalid_overrides")),
-    ({"3": {"inputs": {"seed": 5}, "class_type": "KSamplerAdvanced"}}, ("3", None, "class_type_changed")),
-    ({"prompt": "x", "target_node": "9"}, ("9", "text", "unknown_input")),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"3.steps": 0}, ("3", "steps", "value_smaller_than_min")),
+        ({"3.steps": 1.5}, ("3", "steps", "invalid_input_type")),
+        ({"3.cfg": True}, ("3", "cfg", "invalid_input_type")),
+        ({"3.sampler_name": "nope"}, ("3", "sampler_name", "value_not_in_list")),
+        ({"3.seed": -2}, ("3", "seed", "value_smaller_than_min")),
+        ({"3.model": ["4", 0, 1]}, ("3", "model", "link_overridden")),
+        ({"3.nonsense": 1}, ("3", "nonsense", "unknown_input")),
+        ({"42": {"inputs": {"text": "x"}}}, ("42", "text", "unknown_node")),
+        ({"6.text": 7}, ("6", "text", "invalid_input_type")),
+        ({"3": {"seed": 5}}, ("3", None, "invalid_overrides")),
+        ({"3": {"inputs": {"seed": 5}, "class_type": "KSamplerAdvanced"}}, ("3", None, "class_type_changed")),
+        ({"prompt": "x", "target_node": "9"}, ("9", "text", "unknown_input")),
+    ],
+)
 def test_each_kind_of_bad_override_is_named(body: Any, expected: tuple[str, str | None, str]) -> None:
     assert expected in kinds(overrides(body)[1])
 
@@ -172,8 +187,13 @@ def test_a_body_that_is_not_an_object_is_refused() -> None:
 
 
 PARAMETERS = build_schema(WORKFLOW, OBJECT_INFO, LOADER_INPUTS)
-VALUES = st.one_of(st.integers(min_value=-2**70, max_value=2**70), st.floats(allow_nan=False), st.booleans(),
-                   st.text(max_size=8), st.sampled_from(["euler", "normal", "sd-v1-5-inpainting.ckpt"]))
+VALUES = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.text(max_size=8),
+    st.sampled_from(["euler", "normal", "sd-v1-5-inpainting.ckpt"]),
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -27,8 +27,12 @@ def test_a_hosted_model_free_workflow_registers_and_runs_on_real_comfyui(start_a
     assert schema["1.color"]["spec"]["max"] == 16777215 and schema["1.width"]["type"] == "INT"
     refused = requests.post(f"{app.url}/api/workflows/invert/run", data='{"1.width": 0}', timeout=30)
     assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMS"
-    response = requests.post(f"{app.url}/api/workflows/invert/run", params={"output_base64": "1"},
-                             data=json.dumps({"1.color": 0xFF0000, "1.width": 8}), timeout=60)
+    response = requests.post(
+        f"{app.url}/api/workflows/invert/run",
+        params={"output_base64": "1"},
+        data=json.dumps({"1.color": 0xFF0000, "1.width": 8}),
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     assert data["workflow_id"] == "invert"

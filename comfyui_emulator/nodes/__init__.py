@@ -22,10 +22,28 @@ from .video import LoadVideo, SaveVideo, VHSLoadVideo
 
 NODE_CLASSES: dict[str, type[Node]] = {
     cls.CLASS_TYPE: cls
-    for cls in (CheckpointLoaderSimple, CLIPTextEncode, VAEDecode, EmptyLatentImage, KSampler,
-                SaveImage, PreviewImage, LoadImage, LoadImageMask, ImageScale, ImageInvert,
-                EmptyImage, ImageAddNoise, ImageBlur, LoadAudio, SaveAudio, LoadVideo, SaveVideo,
-                VHSLoadVideo, PreviewAny)
+    for cls in (
+        CheckpointLoaderSimple,
+        CLIPTextEncode,
+        VAEDecode,
+        EmptyLatentImage,
+        KSampler,
+        SaveImage,
+        PreviewImage,
+        LoadImage,
+        LoadImageMask,
+        ImageScale,
+        ImageInvert,
+        EmptyImage,
+        ImageAddNoise,
+        ImageBlur,
+        LoadAudio,
+        SaveAudio,
+        LoadVideo,
+        SaveVideo,
+        VHSLoadVideo,
+        PreviewAny,
+    )
 }
 
 __all__ = ["NODE_CLASSES", "Interrupted", "Node", "NodeContext", "NodeOutput"]

@@ -54,8 +54,15 @@ class SaveAudio(Node):
 
     CLASS_TYPE = "SaveAudio"
 
-    def run(self, ctx: NodeContext, audio: Audio, filename_prefix: str = "ComfyUI", prompt: Any = None,
-            extra_pnginfo: Any = None, **_: Any) -> NodeOutput:
+    def run(
+        self,
+        ctx: NodeContext,
+        audio: Audio,
+        filename_prefix: str = "ComfyUI",
+        prompt: Any = None,
+        extra_pnginfo: Any = None,
+        **_: Any,
+    ) -> NodeOutput:
         folder, name, counter, subfolder = save_path(filename_prefix, self.folders.output, 0, 0)
         file = f"{name.replace('%batch_num%', '0')}_{counter:05}_.flac"
         data = flac.encode(audio.pcm, audio.channels, audio.sample_rate, _metadata(prompt, extra_pnginfo))

@@ -29,14 +29,16 @@ SCALE_METHODS = {
 class EmptyImage(Node):
     CLASS_TYPE = "EmptyImage"
 
-    def run(self, ctx: NodeContext, width: int, height: int, batch_size: int = 1, color: int = 0,
-            **_: Any) -> NodeOutput:
+    def run(
+        self, ctx: NodeContext, width: int, height: int, batch_size: int = 1, color: int = 0, **_: Any
+    ) -> NodeOutput:
         pixels = width * height * batch_size
         if pixels > MAX_BATCH_PIXELS:
             # Same text as the torch allocation failure ComfyUI reports (one float32 channel).
             raise RuntimeError(
                 "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
-                f"memory: you tried to allocate {pixels * 4} bytes. Error code 12 (Cannot allocate memory)")
+                f"memory: you tried to allocate {pixels * 4} bytes. Error code 12 (Cannot allocate memory)"
+            )
         rgb = ((color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF)
         return NodeOutput(([Frame.filled((width, height), rgb) for _ in range(batch_size)],))
 
@@ -51,8 +53,9 @@ class ImageInvert(Node):
 class ImageScale(Node):
     CLASS_TYPE = "ImageScale"
 
-    def run(self, ctx: NodeContext, image: ImageBatch, upscale_method: str, width: int, height: int,
-            crop: str, **_: Any) -> NodeOutput:
+    def run(
+        self, ctx: NodeContext, image: ImageBatch, upscale_method: str, width: int, height: int, crop: str, **_: Any
+    ) -> NodeOutput:
         if width == 0 and height == 0:
             return NodeOutput((image,))
         old_w, old_h = image[0].size
@@ -63,17 +66,16 @@ class ImageScale(Node):
         box = _center_crop_box(old_w, old_h, width, height) if crop == "center" else None
         method = SCALE_METHODS[upscale_method]
         if upscale_method == "lanczos":  # comfy.utils.lanczos goes through 8-bit PIL images too
-            return NodeOutput(([Frame.of_picture(frame.picture().resize((width, height), method, box=box))
-                                for frame in image],))
-        return NodeOutput(([frame.map(lambda band: band.resize((width, height), method, box=box))
-                            for frame in image],))
+            return NodeOutput(
+                ([Frame.of_picture(frame.picture().resize((width, height), method, box=box)) for frame in image],)
+            )
+        return NodeOutput(([frame.map(lambda band: band.resize((width, height), method, box=box)) for frame in image],))
 
 
 class ImageAddNoise(Node):
     CLASS_TYPE = "ImageAddNoise"
 
-    def run(self, ctx: NodeContext, image: ImageBatch, seed: int, strength: float,
-            **_: Any) -> NodeOutput:
+    def run(self, ctx: NodeContext, image: ImageBatch, seed: int, strength: float, **_: Any) -> NodeOutput:
         rng = random.Random(seed)
         noisy = []
         for frame in image:
@@ -86,8 +88,7 @@ class ImageAddNoise(Node):
 class ImageBlur(Node):
     CLASS_TYPE = "ImageBlur"
 
-    def run(self, ctx: NodeContext, image: ImageBatch, blur_radius: int, sigma: float,
-            **_: Any) -> NodeOutput:
+    def run(self, ctx: NodeContext, image: ImageBatch, blur_radius: int, sigma: float, **_: Any) -> NodeOutput:
         if blur_radius == 0:
             return NodeOutput((image,))
         blur = ImageFilter.GaussianBlur(radius=min(sigma, float(blur_radius)))

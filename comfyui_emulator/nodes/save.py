@@ -23,12 +23,18 @@ class SaveImage(Node):
         super().__init__(folders)
         self.prefix_append = ""
 
-    def run(self, ctx: NodeContext, images: ImageBatch, filename_prefix: str = "ComfyUI",
-            prompt: Any = None, extra_pnginfo: Any = None, **_: Any) -> NodeOutput:
+    def run(
+        self,
+        ctx: NodeContext,
+        images: ImageBatch,
+        filename_prefix: str = "ComfyUI",
+        prompt: Any = None,
+        extra_pnginfo: Any = None,
+        **_: Any,
+    ) -> NodeOutput:
         base_dir = str(self.folders.by_type(self.FOLDER_TYPE))
         width, height = images[0].size
-        folder, name, counter, subfolder = save_path(filename_prefix + self.prefix_append, base_dir,
-                                                     width, height)
+        folder, name, counter, subfolder = save_path(filename_prefix + self.prefix_append, base_dir, width, height)
         metadata = _png_metadata(prompt, extra_pnginfo)
         results = []
         for batch_number, image in enumerate(images):
@@ -49,8 +55,15 @@ class PreviewImage(SaveImage):
         # One random suffix per node object, which ComfyUI keeps while the node id stays in use.
         self.prefix_append = "_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
 
-    def run(self, ctx: NodeContext, images: ImageBatch, filename_prefix: str = "ComfyUI",
-            prompt: Any = None, extra_pnginfo: Any = None, **_: Any) -> NodeOutput:
+    def run(
+        self,
+        ctx: NodeContext,
+        images: ImageBatch,
+        filename_prefix: str = "ComfyUI",
+        prompt: Any = None,
+        extra_pnginfo: Any = None,
+        **_: Any,
+    ) -> NodeOutput:
         return super().run(ctx, images, "ComfyUI", prompt, extra_pnginfo)
 
 
@@ -71,7 +84,8 @@ def save_path(prefix: str, base_dir: str, width: int, height: int) -> tuple[str,
             "**** ERROR: Saving image outside the output folder is not allowed."
             f"\n full_output_folder: {os.path.abspath(folder)}"
             f"\n         output_dir: {base_dir}"
-            f"\n         commonpath: {common}")
+            f"\n         commonpath: {common}"
+        )
     os.makedirs(folder, exist_ok=True)
     return folder, name, _next_counter(folder, name), subfolder
 
@@ -81,18 +95,25 @@ def _next_counter(folder: str, name: str) -> int:
     best = 0
     size = len(name)
     for existing in os.listdir(folder):
-        if os.path.normcase(existing[:size]) != os.path.normcase(name) or existing[size:size + 1] != "_":
+        if os.path.normcase(existing[:size]) != os.path.normcase(name) or existing[size : size + 1] != "_":
             continue
-        digits = existing[size + 1:].split("_")[0]
+        digits = existing[size + 1 :].split("_")[0]
         best = max(best, int(digits) if digits.isdigit() else 0)
     return best + 1
 
 
 def _expand_vars(prefix: str, width: int, height: int) -> str:
     now = time.localtime()
-    values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02}",
-              "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}",
-              "second": f"{now.tm_sec:02}"}
+    values = {
+        "width": width,
+        "height": height,
+        "year": now.tm_year,
+        "month": f"{now.tm_mon:02}",
+        "day": f"{now.tm_mday:02}",
+        "hour": f"{now.tm_hour:02}",
+        "minute": f"{now.tm_min:02}",
+        "second": f"{now.tm_sec:02}",
+    }
     for key, value in values.items():
         prefix = prefix.replace(f"%{key}%", str(value))
     return prefix

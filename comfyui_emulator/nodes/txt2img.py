@@ -58,8 +58,7 @@ class CLIPTextEncode(Node):
 class EmptyLatentImage(Node):
     CLASS_TYPE = "EmptyLatentImage"
 
-    def run(self, ctx: NodeContext, width: int, height: int, batch_size: int = 1,
-            **_: Any) -> NodeOutput:
+    def run(self, ctx: NodeContext, width: int, height: int, batch_size: int = 1, **_: Any) -> NodeOutput:
         return NodeOutput((Latent(width // 8, height // 8, batch_size),))
 
 
@@ -68,15 +67,39 @@ class KSampler(Node):
 
     CLASS_TYPE = "KSampler"
 
-    def run(self, ctx: NodeContext, model: Model, seed: int, steps: int, cfg: float, sampler_name: str,
-            scheduler: str, positive: Conditioning, negative: Conditioning, latent_image: Latent,
-            denoise: float = 1.0, **_: Any) -> NodeOutput:
+    def run(
+        self,
+        ctx: NodeContext,
+        model: Model,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        positive: Conditioning,
+        negative: Conditioning,
+        latent_image: Latent,
+        denoise: float = 1.0,
+        **_: Any,
+    ) -> NodeOutput:
         for step in range(1, steps + 1):
             ctx.sleep(ctx.step_delay())
             ctx.progress(step, steps)
-        recipe = [model.ckpt_name, seed, steps, cfg, sampler_name, scheduler, positive.text,
-                  negative.text, latent_image.width, latent_image.height, latent_image.batch_size,
-                  denoise, latent_image.digest]
+        recipe = [
+            model.ckpt_name,
+            seed,
+            steps,
+            cfg,
+            sampler_name,
+            scheduler,
+            positive.text,
+            negative.text,
+            latent_image.width,
+            latent_image.height,
+            latent_image.batch_size,
+            denoise,
+            latent_image.digest,
+        ]
         digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
         return NodeOutput((replace(latent_image, digest=digest),))
 
@@ -86,6 +109,8 @@ class VAEDecode(Node):
 
     def run(self, ctx: NodeContext, samples: Latent, vae: Model, **_: Any) -> NodeOutput:
         width, height = samples.width * 8, samples.height * 8
-        images = [Frame.of_picture(render(f"{samples.digest}:{vae.ckpt_name}:{index}".encode(), width, height))
-                  for index in range(samples.batch_size)]
+        images = [
+            Frame.of_picture(render(f"{samples.digest}:{vae.ckpt_name}:{index}".encode(), width, height))
+            for index in range(samples.batch_size)
+        ]
         return NodeOutput((images,))

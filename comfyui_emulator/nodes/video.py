@@ -75,8 +75,15 @@ class VHSLoadVideo(InputFileNode):
         path = folders.annotated_path(cls.file_name(inputs))
         return hashlib.sha256(f"{path}{os.path.getmtime(path)}".encode()).hexdigest()
 
-    def run(self, ctx: NodeContext, video: str, frame_load_cap: int = 0, skip_first_frames: int = 0,
-            select_every_nth: int = 1, **_: Any) -> NodeOutput:
+    def run(
+        self,
+        ctx: NodeContext,
+        video: str,
+        frame_load_cap: int = 0,
+        skip_first_frames: int = 0,
+        select_every_nth: int = 1,
+        **_: Any,
+    ) -> NodeOutput:
         all_frames, fps = _frames(self.folders.annotated_path(video))
         frames = all_frames[skip_first_frames :: max(1, select_every_nth)]
         if frame_load_cap > 0:
@@ -86,10 +93,16 @@ class VHSLoadVideo(InputFileNode):
         width, height = frames[0].size
         loaded_fps = fps / max(1, select_every_nth)
         info = {
-            "source_fps": fps, "source_frame_count": len(all_frames), "source_duration": len(all_frames) / fps,
-            "source_width": width, "source_height": height, "loaded_fps": loaded_fps,
-            "loaded_frame_count": len(frames), "loaded_duration": len(frames) / loaded_fps,
-            "loaded_width": width, "loaded_height": height,
+            "source_fps": fps,
+            "source_frame_count": len(all_frames),
+            "source_duration": len(all_frames) / fps,
+            "source_width": width,
+            "source_height": height,
+            "loaded_fps": loaded_fps,
+            "loaded_frame_count": len(frames),
+            "loaded_duration": len(frames) / loaded_fps,
+            "loaded_width": width,
+            "loaded_height": height,
         }
         return NodeOutput((frames, len(frames), None, info))
 

@@ -128,10 +128,13 @@ class SystemStats:
         system = answer.get("system") if isinstance(answer.get("system"), dict) else {}
         devices = answer.get("devices") if isinstance(answer.get("devices"), list) else []
         return cls(
-            system.get("comfyui_version"), system.get("python_version"), system.get("pytorch_version"),
+            system.get("comfyui_version"),
+            system.get("python_version"),
+            system.get("pytorch_version"),
             tuple(
                 {k: d.get(k) for k in ("name", "type", "vram_total", "vram_free")}
-                for d in devices if isinstance(d, dict)
+                for d in devices
+                if isinstance(d, dict)
             ),
         )
 
@@ -184,7 +187,11 @@ class ComfyUI:
             raise ComfyUIUnavailable(f"ComfyUI answered {action} with something that is not JSON") from None
 
     async def submit(
-        self, workflow: dict[str, Any], client_id: str, prompt_id: str, extra_data: dict[str, Any] | None,
+        self,
+        workflow: dict[str, Any],
+        client_id: str,
+        prompt_id: str,
+        extra_data: dict[str, Any] | None,
         big: bool = False,
     ) -> dict[str, Any]:
         """POST /prompt with our own ids. Returns ComfyUI's `node_errors` for outputs it refused

@@ -43,8 +43,15 @@ def comfyui_command(cmd: str, directory: str, url_port: int) -> list[str] | None
     if cmd:
         return shlex.split(cmd)
     if directory and (Path(directory) / "main.py").is_file():
-        return [sys.executable, str(Path(directory) / "main.py"), "--listen", "127.0.0.1",
-                "--port", str(url_port), "--disable-auto-launch"]
+        return [
+            sys.executable,
+            str(Path(directory) / "main.py"),
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(url_port),
+            "--disable-auto-launch",
+        ]
     return None
 
 
@@ -63,8 +70,13 @@ class Supervisor:
     """Keeps one ComfyUI child running. `probe()` says whether ComfyUI answers; `address` is the
     (host, port) the child listens on, checked to be free before each child starts."""
 
-    def __init__(self, command: list[str], probe: Callable[[], Awaitable[bool]], cwd: str | None = None,
-                 address: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        probe: Callable[[], Awaitable[bool]],
+        cwd: str | None = None,
+        address: tuple[str, int] | None = None,
+    ) -> None:
         self.command = command
         self.probe = probe
         self.cwd = cwd
@@ -119,8 +131,11 @@ class Supervisor:
         log.info("starting ComfyUI: %s", shlex.join(self.command))
         self.problem = "ComfyUI is starting"
         process = self._process = await asyncio.create_subprocess_exec(
-            *self.command, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            *self.command,
+            cwd=self.cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # our signals (Ctrl-C, SIGTERM) are handled by us, then passed on
             preexec_fn=_die_with_parent(),
         )
@@ -174,8 +189,10 @@ class Supervisor:
                     return
                 if not warned:
                     warned = True
-                    self.problem = (f"port {self._port()} answers, but not from the ComfyUI we started "
-                                    f"(pid {process.pid}): another process holds it")
+                    self.problem = (
+                        f"port {self._port()} answers, but not from the ComfyUI we started "
+                        f"(pid {process.pid}): another process holds it"
+                    )
                     log.error("%s", self.problem)
             await asyncio.sleep(0.1)
 

@@ -158,9 +158,7 @@ def _sniff_iso_bmff(head: bytes) -> tuple[str, str] | None:
 def _sniff_other(head: bytes) -> tuple[str, str] | None:
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         # EBML: the DocType element near the start says WebM or Matroska.
-        return (
-            ("webm", "video/webm") if b"webm" in head else ("mkv", "video/x-matroska")
-        )
+        return ("webm", "video/webm") if b"webm" in head else ("mkv", "video/x-matroska")
     if head.startswith(b"fLaC"):
         return ("flac", "audio/flac")
     if head.startswith(b"OggS"):
@@ -183,9 +181,7 @@ def _sniff_mpeg_audio(head: bytes) -> tuple[str, str] | None:
     if layer == 0:
         # ADTS: MPEG-4/2 AAC, whose "layer" bits are always 0; sampling index 13-15 are invalid.
         sampling = (head[2] >> 2) & 0b1111
-        return (
-            ("aac", "audio/aac") if head[1] & 0xF6 == 0xF0 and sampling < 13 else None
-        )
+        return ("aac", "audio/aac") if head[1] & 0xF6 == 0xF0 and sampling < 13 else None
     bitrate = head[2] >> 4
     sample_rate = (head[2] >> 2) & 0b11
     if version == 0b01 or bitrate in (0, 0b1111) or sample_rate == 0b11:

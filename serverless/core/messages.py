@@ -34,11 +34,7 @@ class Message:
 
     def ends(self, prompt_id: str) -> bool:
         """`executing` with `node: null` for our prompt: always ComfyUI's last message of a job."""
-        return (
-            self.type == "executing"
-            and self.data.get("node") is None
-            and self.prompt_id == prompt_id
-        )
+        return self.type == "executing" and self.data.get("node") is None and self.prompt_id == prompt_id
 
     @property
     def output(self) -> dict[str, Any] | None:

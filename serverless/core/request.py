@@ -138,9 +138,7 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def parse_run_request(
-    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
-) -> RunRequest:
+def parse_run_request(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
     """Turn what the caller sent into a RunRequest, or raise InvalidParams."""
     task_id = task_id_from_headers(headers)
     workflow, extra_data = split_workflow(decode_body(body))

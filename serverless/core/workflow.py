@@ -92,9 +92,7 @@ def check_output_paths(workflow: Workflow, reserved: tuple[tuple[str, ...], ...]
                 )
 
 
-def prepare_workflow(
-    workflow: Workflow, instance_id: str, rng: random.Random | None = None
-) -> PreparedWorkflow:
+def prepare_workflow(workflow: Workflow, instance_id: str, rng: random.Random | None = None) -> PreparedWorkflow:
     """Seeds and output names, on a deep copy of `workflow`."""
     prepared = copy.deepcopy(workflow)
     seeds = randomize_seeds(prepared, rng or random.SystemRandom())

@@ -43,8 +43,7 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _READ_CHUNK = 256 * 1024
 _EXT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _HEADER_NAMES = ("x-fc-access-key-id", "x-fc-access-key-secret", "x-fc-security-token")
-_ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
-              "ALIBABA_CLOUD_SECURITY_TOKEN")
+_ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
 _SAFE_DETAILS = ("Code", "Message", "RequestId", "HostId", "EC")
 _T = TypeVar("_T")
 
@@ -52,8 +51,14 @@ _T = TypeVar("_T")
 def _endpoint_url(value: str, setting: str, default_scheme: str = "https") -> str:
     """`scheme://host[:port]` from a host or URL setting; ValueError naming the setting otherwise."""
     parts = urlsplit(value.strip() if "://" in value else f"{default_scheme}://{value.strip()}")
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
-            or parts.query or parts.fragment or parts.username:
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username
+    ):
         raise ValueError(f"{setting}: expected a host or an http(s) URL without a path, got {value!r}")
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
@@ -75,9 +80,14 @@ class OssConfig:
         return self.region.removeprefix("oss-")
 
     @classmethod
-    def from_values(cls, bucket_domain: str | None, endpoint: str | None = None,
-                    sign_endpoint: str | None = None, key_prefix: str | None = None,
-                    expires_in: str | int | None = None) -> OssConfig | None:
+    def from_values(
+        cls,
+        bucket_domain: str | None,
+        endpoint: str | None = None,
+        sign_endpoint: str | None = None,
+        key_prefix: str | None = None,
+        expires_in: str | int | None = None,
+    ) -> OssConfig | None:
         """Build from the raw settings (CONTRACT.md section 6); None when no bucket domain is set."""
         if not bucket_domain or not bucket_domain.strip():
             return None
@@ -85,9 +95,8 @@ class OssConfig:
         scheme, host = domain.split("://", 1)
         match = _DOMAIN.fullmatch(host.split(":", 1)[0])
         if match is None:
-            raise ValueError("OSS_BUCKET_DOMAIN: expected <bucket>.oss-<region>.aliyuncs.com, "
-                             f"got {bucket_domain!r}")
-        port = host[len(match[0]):]
+            raise ValueError(f"OSS_BUCKET_DOMAIN: expected <bucket>.oss-<region>.aliyuncs.com, got {bucket_domain!r}")
+        port = host[len(match[0]) :]
         # Uploads go where the domain says (maybe an internal endpoint); signed URLs are for
         # callers outside, so they default to the public endpoint of the same region.
         own = f"{scheme}://{match['host']}{port}"
@@ -154,8 +163,13 @@ class UploadedObject:
 
     def to_payload(self) -> dict[str, Any]:
         """The result's `output.oss` object."""
-        return {"region": self.region, "bucket": self.bucket, "object": self.object,
-                "url": self.url, "expire": self.expire}
+        return {
+            "region": self.region,
+            "bucket": self.bucket,
+            "object": self.object,
+            "url": self.url,
+            "expire": self.expire,
+        }
 
 
 def parse_oss_url(url: str, default_endpoint: str | None) -> tuple[str, str, str]:
@@ -242,8 +256,16 @@ class OssStore:
     job's 8 concurrent uploads behind each other.
     """
 
-    def __init__(self, config: OssConfig, *, attempts: int = 3, backoff_s: float = 0.5,
-                 timeout_s: float = 60.0, cache_size: int = 32, max_calls: int = 32) -> None:
+    def __init__(
+        self,
+        config: OssConfig,
+        *,
+        attempts: int = 3,
+        backoff_s: float = 0.5,
+        timeout_s: float = 60.0,
+        cache_size: int = 32,
+        max_calls: int = 32,
+    ) -> None:
         self.config = config
         self._attempts = max(1, attempts)
         self._backoff_s = backoff_s
@@ -260,8 +282,7 @@ class OssStore:
         name = f"{uuid.uuid4()}.{ext}" if _EXT.fullmatch(ext) else str(uuid.uuid4())
         return f"{self.config.key_prefix}/{name}" if self.config.key_prefix else name
 
-    async def upload(self, creds: Credentials, source: bytes | Path, ext: str,
-                     content_type: str) -> UploadedObject:
+    async def upload(self, creds: Credentials, source: bytes | Path, ext: str, content_type: str) -> UploadedObject:
         """Put `source` (bytes, or a file streamed from disk) under a new key; OutputError if it
         still fails after retries. The URL is signed only once the object is in the bucket."""
         cfg = self.config
@@ -340,10 +361,12 @@ class OssStore:
         if creds is None:
             auth = oss2.AnonymousAuth()
         else:
-            auth = oss2.ProviderAuthV4(StaticCredentialsProvider(
-                creds.access_key_id, creds.access_key_secret, creds.security_token or ""))
-        bucket = oss2.Bucket(auth, endpoint, name, session=self._session, connect_timeout=self._timeout_s,
-                             region=region)
+            auth = oss2.ProviderAuthV4(
+                StaticCredentialsProvider(creds.access_key_id, creds.access_key_secret, creds.security_token or "")
+            )
+        bucket = oss2.Bucket(
+            auth, endpoint, name, session=self._session, connect_timeout=self._timeout_s, region=region
+        )
         self._buckets[cache_key] = bucket
         if len(self._buckets) > self._cache_size:
             self._buckets.popitem(last=False)
@@ -359,7 +382,13 @@ class OssStore:
                 if attempt == self._attempts or not _is_transient(exc):
                     raise
                 delay = self._backoff_s * 2 ** (attempt - 1)
-                log.warning("OSS %s failed (%s), attempt %d of %d; retrying in %.2fs",
-                               what, _describe(exc), attempt, self._attempts, delay)
+                log.warning(
+                    "OSS %s failed (%s), attempt %d of %d; retrying in %.2fs",
+                    what,
+                    _describe(exc),
+                    attempt,
+                    self._attempts,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")

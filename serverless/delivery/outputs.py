@@ -77,8 +77,13 @@ class OutputCollector:
     """Reads (and uploads) a job's outputs concurrently, each file once."""
 
     def __init__(
-        self, comfy: ComfyUI, *, with_content: bool, uploader: Uploader | None,
-        concurrency: int, empty_oss: dict[str, Any],
+        self,
+        comfy: ComfyUI,
+        *,
+        with_content: bool,
+        uploader: Uploader | None,
+        concurrency: int,
+        empty_oss: dict[str, Any],
     ) -> None:
         self._comfy = comfy
         self._with_content = with_content or uploader is not None

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class RemoteJob:
     """A job that runs on some worker, seen through its status stream."""
 
-    def __init__(self, spec: JobSpec, task_id: str, attempt: int | None, status: RedisStatus,
-                 owner: RemoteJobs) -> None:
+    def __init__(
+        self, spec: JobSpec, task_id: str, attempt: int | None, status: RedisStatus, owner: RemoteJobs
+    ) -> None:
         self.spec = spec
         self.task_id = task_id
         self.prompt_id = task_id  # the worker's prompt id is in the result

@@ -93,8 +93,9 @@ class RedisQueue:
             raise TaskConflict("the Idempotency-Key expired while it was used; send the request again")
         task_id, _, used = value.decode().partition(" ")
         if used != fingerprint(spec):
-            raise TaskConflict(f"Idempotency-Key {key} was used for another request (task {task_id})",
-                               raw={"task_id": task_id})
+            raise TaskConflict(
+                f"Idempotency-Key {key} was used for another request (task {task_id})", raw={"task_id": task_id}
+            )
         log.info("Idempotency-Key %s: attached to task_id=%s", key, task_id)
         return Submitted(task_id, None, True)
 

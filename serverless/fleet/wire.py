@@ -24,15 +24,19 @@ def stream(priority: str) -> str:
 def encode_spec(spec: JobSpec) -> bytes:
     """The spec as the queue carries it. Credentials never go through Redis: a worker uses its
     own (ALIBABA_CLOUD_* of its instance)."""
-    return json.dumps({
-        "workflow": spec.workflow,
-        "extra_data": spec.extra_data,
-        "mode": spec.mode,
-        "outputs": {"base64": spec.outputs.base64, "oss": spec.outputs.oss},
-        "task_id": spec.task_id,
-        "big": spec.big,
-        "workflow_id": spec.workflow_id,
-    }, ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "workflow": spec.workflow,
+            "extra_data": spec.extra_data,
+            "mode": spec.mode,
+            "outputs": {"base64": spec.outputs.base64, "oss": spec.outputs.oss},
+            "task_id": spec.task_id,
+            "big": spec.big,
+            "workflow_id": spec.workflow_id,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
 
 
 def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
@@ -54,8 +58,12 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
 def fingerprint(spec: JobSpec) -> str:
     """What makes two submissions "the same request" for an Idempotency-Key: the workflow, its
     extra data and the outputs asked for (not the mode: a caller may retry a stream as a poll)."""
-    same = {"workflow": spec.workflow, "extra_data": spec.extra_data, "workflow_id": spec.workflow_id,
-            "outputs": [spec.outputs.base64, spec.outputs.oss]}
+    same = {
+        "workflow": spec.workflow,
+        "extra_data": spec.extra_data,
+        "workflow_id": spec.workflow_id,
+        "outputs": [spec.outputs.base64, spec.outputs.oss],
+    }
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:32]
 
 

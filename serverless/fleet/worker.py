@@ -54,8 +54,7 @@ class Taken:
 class Consumer:
     """Takes jobs for one ComfyUI (see the module docstring)."""
 
-    def __init__(self, client: aioredis.Redis, status: RedisStatus, jobs: Jobs, settings: Settings,
-                 name: str) -> None:
+    def __init__(self, client: aioredis.Redis, status: RedisStatus, jobs: Jobs, settings: Settings, name: str) -> None:
         self.client = client
         self.status = status
         self.jobs = jobs
@@ -100,8 +99,11 @@ class Consumer:
                 if not queue.running and not queue.pending:
                     return True
                 if loop.time() > deadline:
-                    log.warning("consumer %s: ComfyUI still holds %d prompt(s); taking a job anyway",
-                                self.name, len(queue.running) + len(queue.pending))
+                    log.warning(
+                        "consumer %s: ComfyUI still holds %d prompt(s); taking a job anyway",
+                        self.name,
+                        len(queue.running) + len(queue.pending),
+                    )
                     return True
                 await asyncio.sleep(0.005)  # a finished prompt leaves ComfyUI's queue within milliseconds
         except ServerlessError as exc:
@@ -142,7 +144,8 @@ class Consumer:
         """A job whose consumer has been silent past the idle threshold (it died)."""
         for name in STREAMS:
             claimed: Any = await self.client.xautoclaim(
-                name, GROUP, self.name, self.claim_idle_ms, start_id="0-0", count=1)
+                name, GROUP, self.name, self.claim_idle_ms, start_id="0-0", count=1
+            )
             _, entries, deleted = claimed
             if deleted:
                 await self.client.xack(name, GROUP, *deleted)
@@ -219,11 +222,15 @@ class Consumer:
             return True
         error: ServerlessError | None = None
         if number >= 2:
-            error = WorkerLost(f"the job's worker died on attempt {number} too: it is not run again",
-                               raw={"attempt": number})
+            error = WorkerLost(
+                f"the job's worker died on attempt {number} too: it is not run again", raw={"attempt": number}
+            )
         elif await self.status.has_outputs(taken.task_id, number):
-            error = WorkerLost("the job's worker died after its outputs were made: it is not run again, "
-                               "so that a GPU is not charged twice", raw={"attempt": number})
+            error = WorkerLost(
+                "the job's worker died after its outputs were made: it is not run again, "
+                "so that a GPU is not charged twice",
+                raw={"attempt": number},
+            )
         if error is None:
             log.warning("task_id=%s: its worker died; running it again here (%s)", taken.task_id, self.name)
             return False

@@ -76,9 +76,7 @@ class DownloadPolicy:
     allow_private: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     _allowed_names: frozenset[str] = field(init=False, repr=False, compare=False)
-    _allowed_networks: tuple[IPNetwork, ...] = field(
-        init=False, repr=False, compare=False
-    )
+    _allowed_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "connect_timeout", "read_timeout", "total_timeout"):
@@ -107,9 +105,7 @@ class DownloadPolicy:
             return True
         plain = _unwrap(ip)
         return any(
-            addr.version == net.version and addr in net
-            for addr in {ip, plain}
-            for net in self._allowed_networks
+            addr.version == net.version and addr in net for addr in {ip, plain} for net in self._allowed_networks
         )
 
 
@@ -132,18 +128,12 @@ def is_blocked_address(ip: IPAddress) -> bool:
 def check_url(url: URL, policy: DownloadPolicy) -> None:
     """Refuse a URL we must not request: not http(s), no host, or a blocked IP literal."""
     if url.scheme not in ("http", "https"):
-        raise DownloadError(
-            f"unsupported URL scheme {url.scheme!r} (only http and https)"
-        )
+        raise DownloadError(f"unsupported URL scheme {url.scheme!r} (only http and https)")
     host = url.host
     if not host:
         raise DownloadError("URL has no host")
     ip = _ip_literal(host)
-    if (
-        ip is not None
-        and not policy.host_allowed(host)
-        and not policy.address_allowed(ip)
-    ):
+    if ip is not None and not policy.host_allowed(host) and not policy.address_allowed(ip):
         raise DownloadError(f"blocked address {ip}")
 
 
@@ -177,9 +167,7 @@ class GuardedConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)
         self._policy = policy
 
-    async def connect(
-        self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout
-    ) -> Any:
+    async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:
         conn = await super().connect(req, traces, timeout)
         host = req.url.raw_host or ""
         if self._policy.host_allowed(host):
@@ -192,9 +180,7 @@ class GuardedConnector(aiohttp.TCPConnector):
             ip = None
         if ip is None or not self._policy.address_allowed(ip):
             conn.close()
-            raise DownloadError(
-                f"blocked address {ip or 'unknown'} (connected for host {host})"
-            )
+            raise DownloadError(f"blocked address {ip or 'unknown'} (connected for host {host})")
         return conn
 
 
@@ -217,9 +203,7 @@ def create_download_session(
     )
 
 
-async def download(
-    session: aiohttp.ClientSession, url: str, policy: DownloadPolicy
-) -> bytes:
+async def download(session: aiohttp.ClientSession, url: str, policy: DownloadPolicy) -> bytes:
     """GET `url` following at most `policy.max_redirects` redirects, each hop checked again;
     the body, at most `policy.max_bytes`. Raises `DownloadError` for every failure."""
     if not isinstance(session.connector, GuardedConnector):
@@ -235,9 +219,7 @@ async def download(
         raise DownloadError(f"timed out after {policy.total_timeout:g}s") from exc
 
 
-async def _follow(
-    session: aiohttp.ClientSession, url: URL, policy: DownloadPolicy
-) -> bytes:
+async def _follow(session: aiohttp.ClientSession, url: URL, policy: DownloadPolicy) -> bytes:
     for hop in range(policy.max_redirects + 1):
         check_url(url, policy)
         log.debug("download hop %d: %s", hop, redact_url(url))
@@ -248,27 +230,19 @@ async def _follow(
     raise DownloadError(f"too many redirects (more than {policy.max_redirects})")
 
 
-async def _get(
-    session: aiohttp.ClientSession, url: URL, policy: DownloadPolicy
-) -> bytes | URL:
+async def _get(session: aiohttp.ClientSession, url: URL, policy: DownloadPolicy) -> bytes | URL:
     """One request: the body, or the URL a redirect points to."""
     try:
-        async with session.get(
-            url, allow_redirects=False, timeout=_request_timeout(policy)
-        ) as resp:
+        async with session.get(url, allow_redirects=False, timeout=_request_timeout(policy)) as resp:
             if resp.status in _REDIRECT_STATUSES and "Location" in resp.headers:
                 return _redirect_target(resp.url, resp.headers["Location"])
             if not 200 <= resp.status < 300:
                 raise DownloadError(f"HTTP {resp.status}")
             return await _read_body(resp, policy.max_bytes)
     except aiohttp.ConnectionTimeoutError as exc:
-        raise DownloadError(
-            f"timed out after {policy.connect_timeout:g}s connecting"
-        ) from exc
+        raise DownloadError(f"timed out after {policy.connect_timeout:g}s connecting") from exc
     except aiohttp.ServerTimeoutError as exc:
-        raise DownloadError(
-            f"timed out after {policy.read_timeout:g}s waiting for data"
-        ) from exc
+        raise DownloadError(f"timed out after {policy.read_timeout:g}s waiting for data") from exc
     except aiohttp.ClientError as exc:
         raise DownloadError(_describe_client_error(exc)) from exc
 
@@ -285,9 +259,7 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     if encoding not in ("", "identity"):
         raise DownloadError(f"unsupported Content-Encoding {encoding!r}")
     if resp.content_length is not None and resp.content_length > max_bytes:
-        raise DownloadError(
-            f"larger than {max_bytes} bytes (Content-Length {resp.content_length})"
-        )
+        raise DownloadError(f"larger than {max_bytes} bytes (Content-Length {resp.content_length})")
     # One growing buffer whose getvalue() hands over that very buffer: the body is held once, not
     # once as chunks and again joined (the app's memory grows by the body's size, not twice that).
     body = io.BytesIO()
@@ -322,9 +294,7 @@ def _describe_client_error(exc: aiohttp.ClientError) -> str:
 
 def _request_timeout(policy: DownloadPolicy) -> aiohttp.ClientTimeout:
     # The overall deadline is an asyncio.timeout around all hops; these bound each step.
-    return aiohttp.ClientTimeout(
-        total=None, connect=policy.connect_timeout, sock_read=policy.read_timeout
-    )
+    return aiohttp.ClientTimeout(total=None, connect=policy.connect_timeout, sock_read=policy.read_timeout)
 
 
 def redact_url(url: URL | str) -> str:

@@ -55,16 +55,12 @@ class Accepts:
 
 
 _IMAGE = Accepts("an image", frozenset({"image"}))
-_VIDEO = Accepts(
-    "a video", frozenset({"video", "image/gif", "image/webp"})
-)  # animations load too
+_VIDEO = Accepts("a video", frozenset({"video", "image/gif", "image/webp"}))  # animations load too
 # Loaders not listed here (added by configuration) accept any content.
 EXPECTED_MEDIA: Mapping[str, Accepts] = {
     "LoadImage": _IMAGE,
     "LoadImageMask": _IMAGE,
-    "LoadAudio": Accepts(
-        "audio", frozenset({"audio", "video"})
-    ),  # a video's sound track loads
+    "LoadAudio": Accepts("audio", frozenset({"audio", "video"})),  # a video's sound track loads
     "VHS_LoadVideo": _VIDEO,
     "LoadVideo": _VIDEO,
 }
@@ -122,9 +118,7 @@ def classify(value: str) -> InputKind:
         return "base64"
     scheme = _URL_SCHEME.match(value)
     if scheme is not None:
-        raise InputError(
-            f"unsupported URL scheme {scheme[1]!r} (use http, https or oss)"
-        )
+        raise InputError(f"unsupported URL scheme {scheme[1]!r} (use http, https or oss)")
     if len(value) > BASE64_MIN_LENGTH and _BASE64_TEXT.fullmatch(value):
         return "base64"
     _check_file_name(value)
@@ -135,9 +129,7 @@ def _check_file_name(value: str) -> None:
     if "\x00" in value:
         raise InvalidParams("file name contains a NUL character")
     if value.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(value):
-        raise InvalidParams(
-            "absolute paths are not allowed; give a name in ComfyUI's input folder"
-        )
+        raise InvalidParams("absolute paths are not allowed; give a name in ComfyUI's input folder")
     if ".." in re.split(r"[\\/]", value):
         raise InvalidParams("'..' is not allowed in a file name")
 
@@ -175,17 +167,12 @@ async def resolve_inputs(
         first_use.setdefault(item.value, (item, kind))
     fetched = await _run_all(
         {
-            value: _fetch_job(
-                workflow, item, kind, fetch_url, read_oss, max_base64_bytes
-            )
+            value: _fetch_job(workflow, item, kind, fetch_url, read_oss, max_base64_bytes)
             for value, (item, kind) in first_use.items()
         }
     )
 
-    file_names = {
-        value: _file_name(workflow, item, kind, fetched[value])
-        for value, (item, kind) in first_use.items()
-    }
+    file_names = {value: _file_name(workflow, item, kind, fetched[value]) for value, (item, kind) in first_use.items()}
     for (
         item,
         _,
@@ -196,19 +183,12 @@ async def resolve_inputs(
     for value, name in file_names.items():
         to_upload.setdefault(name, (first_use[value][0], fetched[value].data))
     uploaded = await _run_all(
-        {
-            name: _upload_job(workflow, item, data, name, upload)
-            for name, (item, data) in to_upload.items()
-        }
+        {name: _upload_job(workflow, item, data, name, upload) for name, (item, data) in to_upload.items()}
     )
 
     for item, _ in remote:
-        result[item.node_id]["inputs"][item.input_name] = uploaded[
-            file_names[item.value]
-        ]
-    log.debug(
-        "resolved %d loader input(s), %d upload(s)", len(remote), len(to_upload)
-    )
+        result[item.node_id]["inputs"][item.input_name] = uploaded[file_names[item.value]]
+    log.debug("resolved %d loader input(s), %d upload(s)", len(remote), len(to_upload))
     return result
 
 
@@ -216,9 +196,7 @@ def _classify_item(workflow: Mapping[str, Any], item: LoaderInput) -> InputKind:
     try:
         return classify(item.value)
     except ServerlessError as exc:
-        raise type(exc)(
-            _where(workflow, item, exc.message), _raw(workflow, item, exc.message)
-        ) from exc
+        raise type(exc)(_where(workflow, item, exc.message), _raw(workflow, item, exc.message)) from exc
 
 
 def _fetch_job(
@@ -235,14 +213,10 @@ def _fetch_job(
                 data = await fetch_url(item.value)
             elif kind == "oss":
                 if read_oss is None:
-                    raise InputError(
-                        "oss:// inputs need OSS to be configured on this instance"
-                    )
+                    raise InputError("oss:// inputs need OSS to be configured on this instance")
                 data = await read_oss(item.value)
             else:
-                data = await asyncio.to_thread(
-                    decode_base64, item.value, max_base64_bytes
-                )
+                data = await asyncio.to_thread(decode_base64, item.value, max_base64_bytes)
             return await asyncio.to_thread(_describe, data)
         except ServerlessError as exc:
             raise _input_error(workflow, item, _VERBS[kind], exc) from exc
@@ -282,9 +256,7 @@ async def _run_all(
     """Run the jobs concurrently; the first failure cancels the rest and is raised as itself."""
     try:
         async with asyncio.TaskGroup() as group:
-            tasks: dict[str, asyncio.Task[T]] = {
-                key: group.create_task(job()) for key, job in jobs.items()
-            }
+            tasks: dict[str, asyncio.Task[T]] = {key: group.create_task(job()) for key, job in jobs.items()}
     except ExceptionGroup as eg:
         leaves = _leaves(eg)
         if all(isinstance(e, ServerlessError) for e in leaves):
@@ -304,18 +276,14 @@ def _describe(data: bytes) -> _Fetched:
     return _Fetched(data, hashlib.sha256(data).hexdigest(), sniff(data))
 
 
-def _file_name(
-    workflow: Mapping[str, Any], item: LoaderInput, kind: InputKind, fetched: _Fetched
-) -> str:
+def _file_name(workflow: Mapping[str, Any], item: LoaderInput, kind: InputKind, fetched: _Fetched) -> str:
     if not fetched.data:
         raise InputError(*_message(workflow, item, "the content is empty"))
     ext = fetched.sniffed[0] if fetched.sniffed else _fallback_ext(item.value, kind)
     return f"{fetched.digest[:_HASH_CHARS]}.{ext}"
 
 
-def _check_media(
-    workflow: Mapping[str, Any], item: LoaderInput, fetched: _Fetched
-) -> None:
+def _check_media(workflow: Mapping[str, Any], item: LoaderInput, fetched: _Fetched) -> None:
     accepted = expected_media(_class_type(workflow, item))
     if accepted is None:
         return
@@ -339,15 +307,11 @@ def _fallback_ext(value: str, kind: InputKind) -> str:
     return ext if _SAFE_EXT.fullmatch(ext) else "bin"
 
 
-def _input_error(
-    workflow: Mapping[str, Any], item: LoaderInput, verb: str, exc: ServerlessError
-) -> InputError:
+def _input_error(workflow: Mapping[str, Any], item: LoaderInput, verb: str, exc: ServerlessError) -> InputError:
     return InputError(*_message(workflow, item, f"{verb}: {exc.message}"))
 
 
-def _message(
-    workflow: Mapping[str, Any], item: LoaderInput, reason: str
-) -> tuple[str, Any]:
+def _message(workflow: Mapping[str, Any], item: LoaderInput, reason: str) -> tuple[str, Any]:
     return _where(workflow, item, reason), _raw(workflow, item, reason)
 
 

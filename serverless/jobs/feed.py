@@ -179,4 +179,3 @@ class Feed:
         await self._ended.wait()
         assert self.terminal is not None
         return self.terminal
-

@@ -89,7 +89,12 @@ class Job:
     """One run of one workflow, complete when built; `Jobs.start` runs `run()` as a task it owns."""
 
     def __init__(
-        self, spec: JobSpec, runtime: Runtime, feed: Feed, prompt_id: str, task_id: str,
+        self,
+        spec: JobSpec,
+        runtime: Runtime,
+        feed: Feed,
+        prompt_id: str,
+        task_id: str,
         recorder: asyncio.Task[None] | None = None,
     ) -> None:
         self.spec = spec
@@ -170,8 +175,11 @@ class Job:
 
     def _finish(self, outcome: Outcome) -> None:
         log.info(
-            "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs", self.task_id, self.prompt_id,
-            outcome.code if isinstance(outcome, ServerlessError) else "ok", time.monotonic() - self.clock.start,
+            "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
+            self.task_id,
+            self.prompt_id,
+            outcome.code if isinstance(outcome, ServerlessError) else "ok",
+            time.monotonic() - self.clock.start,
         )
         self.progress.end(_state_of(outcome), time.monotonic())
         self._publish_progress()
@@ -252,7 +260,8 @@ class Job:
         if message.live and not self.feed.publish(message.text) and self.feed.dropped == 1:
             log.warning(
                 "task_id=%s passed %s bytes of events: further ComfyUI messages are not forwarded or logged",
-                self.task_id, self.feed.max_bytes,
+                self.task_id,
+                self.feed.max_bytes,
             )
         if message.prompt_id != self.prompt_id:
             return

@@ -141,7 +141,7 @@ def touch(path: Path) -> None:
 def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 # -- attempts ---------------------------------------------------------------------------------
@@ -156,8 +156,11 @@ def claim(directory: Path, task_id: str) -> int:
     _adopt_legacy(directory, task_id)
     for number in range(1, MAX_ATTEMPTS + 1):
         try:
-            fd = os.open(attempt_path(directory, task_id, number),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                attempt_path(directory, task_id, number),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
         except FileExistsError:
             continue
         try:

@@ -94,8 +94,12 @@ class StatusLog:
     async def _publish(self, task_id: str, number: int) -> None:
         links = await self._run(files.publish, self.directory, task_id, number, self._links)
         if self._links and not links:
-            log.warning("the status folder %s has no hard links: %s is kept as a copy of the newest "
-                        "attempt, refreshed after every append", self.directory, task_id)
+            log.warning(
+                "the status folder %s has no hard links: %s is kept as a copy of the newest "
+                "attempt, refreshed after every append",
+                self.directory,
+                task_id,
+            )
         self._links = links
 
     # -- writing -----------------------------------------------------------------------------
@@ -130,8 +134,13 @@ class StatusLog:
                 next_write = loop.time() + BATCH_INTERVAL
         except Exception as exc:  # disk trouble or a bug: the log must still end with its terminal
             self._last_error = f"recording task {attempt.task_id}: {exc}"
-            log.error("status log of task_id=%s attempt %d could not follow the job (%s)%s", attempt.task_id,
-                      attempt.number, exc, "" if ended else "; writing its terminal payload")
+            log.error(
+                "status log of task_id=%s attempt %d could not follow the job (%s)%s",
+                attempt.task_id,
+                attempt.number,
+                exc,
+                "" if ended else "; writing its terminal payload",
+            )
             if not ended:
                 terminal = await feed.wait()
                 try:
@@ -207,8 +216,11 @@ class StatusLog:
         if await self.writable():
             return True
         assert self._probed is not None
-        log.error("STATUS_DIR %s cannot be written (%s): async jobs and their status will not work",
-                  self.directory, self._probed[2])
+        log.error(
+            "STATUS_DIR %s cannot be written (%s): async jobs and their status will not work",
+            self.directory,
+            self._probed[2],
+        )
         return False
 
     def health(self) -> dict[str, Any]:
@@ -233,7 +245,8 @@ class StatusLog:
         while True:
             try:
                 removed = await loop.run_in_executor(
-                    self._pool, self._tracked, files.remove_older_than, self.directory, retention_days * 86400)
+                    self._pool, self._tracked, files.remove_older_than, self.directory, retention_days * 86400
+                )
             except OSError as exc:
                 log.error("status logs in %s could not be pruned: %s", self.directory, exc)
                 removed = 0

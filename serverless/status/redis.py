@@ -53,7 +53,10 @@ def connect(url: str) -> aioredis.Redis:
     """The app's one Redis client (a connection pool). redis-py's own retries are off: callers
     are told at once, and the loops that must outlive an outage retry with their own backoff."""
     return aioredis.Redis.from_url(
-        url, socket_connect_timeout=2.0, socket_timeout=BLOCK_SECONDS + 10.0, retry=None,
+        url,
+        socket_connect_timeout=2.0,
+        socket_timeout=BLOCK_SECONDS + 10.0,
+        retry=None,
         health_check_interval=30,
     )
 
@@ -99,8 +102,7 @@ class Entry:
 class RedisStatus:
     """Status logs in Redis; satisfies `serverless.status.store.StatusStore`."""
 
-    def __init__(self, client: aioredis.Redis, stale_after: float, retention_days: float,
-                 max_event_bytes: int) -> None:
+    def __init__(self, client: aioredis.Redis, stale_after: float, retention_days: float, max_event_bytes: int) -> None:
         self.client = client
         self.stale_after = stale_after
         self.ttl = max(int(retention_days * 86400), 60)
@@ -152,8 +154,12 @@ class RedisStatus:
                     await self._until_written(attempt, pending)
                     pending = []
         except Exception as exc:  # a bug: the log must still end with its terminal
-            log.error("status stream of task_id=%s attempt %d failed (%s); writing its terminal",
-                      attempt.task_id, attempt.number, exc)
+            log.error(
+                "status stream of task_id=%s attempt %d failed (%s); writing its terminal",
+                attempt.task_id,
+                attempt.number,
+                exc,
+            )
             await self._until_written(attempt, [await feed.wait()])
 
     async def _until_written(self, attempt: RedisAttempt, events: list[Event]) -> None:
@@ -164,8 +170,13 @@ class RedisStatus:
                 return
             except DOWN as exc:
                 self._last_error = f"writing task {attempt.task_id}: {exc}"
-                log.warning("task_id=%s: Redis is down (%s); %d event(s) kept, retrying in %.1fs",
-                            attempt.task_id, exc, len(events), delay)
+                log.warning(
+                    "task_id=%s: Redis is down (%s); %d event(s) kept, retrying in %.1fs",
+                    attempt.task_id,
+                    exc,
+                    len(events),
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
 
@@ -194,8 +205,10 @@ class RedisStatus:
         data = event.data
         if len(data) <= self.max_event_bytes:
             return data
-        note = {"type": "serverless_dropped", "data": {"task_id": attempt.task_id, "seq": event.seq,
-                                                       "bytes": len(data), "limit": self.max_event_bytes}}
+        note = {
+            "type": "serverless_dropped",
+            "data": {"task_id": attempt.task_id, "seq": event.seq, "bytes": len(data), "limit": self.max_event_bytes},
+        }
         return jsontext.dumps(note)
 
     # -- reading -----------------------------------------------------------------------------
@@ -229,8 +242,9 @@ class RedisStatus:
         )
         return jsontext.dumps(lost.to_payload())
 
-    async def follow(self, task_id: str, after: int = 0, attempt: int | None = None,
-                     idle: float | None = None) -> AsyncIterator[Entry | None]:
+    async def follow(
+        self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
+    ) -> AsyncIterator[Entry | None]:
         """The task's payloads after `after` as they are stored, from any instance (XREAD BLOCK,
         no polling), until a terminal one; None after `idle` seconds of silence. Starts at
         attempt `attempt` (default the current one, or 1 for a task not begun yet) and moves on to

@@ -36,7 +36,9 @@ async def bounded(send: Awaitable[None], timeout: float) -> None:
 
 
 async def watch(
-    job: Job, deliver: Callable[[], Awaitable[None]], caller_gone: Callable[[], Awaitable[None]],
+    job: Job,
+    deliver: Callable[[], Awaitable[None]],
+    caller_gone: Callable[[], Awaitable[None]],
     cancel_on_disconnect: bool,
 ) -> Winner:
     """Run `deliver` until it ends or `caller_gone` returns; if the caller left first (or could no

@@ -85,8 +85,9 @@ class JsonBody(Response):
             for start in range(0, max(len(view), 1), self.CHUNK):
                 chunk = bytes(view[start : start + self.CHUNK])
                 more = start + self.CHUNK < len(view)
-                await bounded(send({"type": "http.response.body", "body": chunk, "more_body": more}),
-                              self.write_timeout)
+                await bounded(
+                    send({"type": "http.response.body", "body": chunk, "more_body": more}), self.write_timeout
+                )
         except (CallerStalled, OSError) as exc:
             log.info("%s %s: %s; its connection is closed", scope.get("method"), scope.get("path"), exc)
 

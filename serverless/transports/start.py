@@ -81,8 +81,13 @@ def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
 
 
 async def start_job(
-    resources: Resources, jobs: Jobs, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str],
-    transport: Transport, workflow_id: str | None = None,
+    resources: Resources,
+    jobs: Jobs,
+    body: bytes | str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    transport: Transport,
+    workflow_id: str | None = None,
 ) -> Job:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides."""

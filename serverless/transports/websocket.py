@@ -79,4 +79,3 @@ async def _forward(websocket: WebSocket, job: Job, settings: Settings) -> None:
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
         await websocket.close(code=1013, reason="reader too slow; see the task's status log")
-

@@ -71,12 +71,19 @@ class Described:
     parameters: list[Parameter]
 
     def summary(self) -> dict[str, Any]:
-        return {"workflow_id": self.stored.workflow_id, "title": self.title,
-                "parameters": len(self.parameters), "modified": self.stored.modified_iso}
+        return {
+            "workflow_id": self.stored.workflow_id,
+            "title": self.title,
+            "parameters": len(self.parameters),
+            "modified": self.stored.modified_iso,
+        }
 
     def to_payload(self) -> dict[str, Any]:
-        return {**self.summary(), "parameters": [p.to_payload() for p in self.parameters],
-                "workflow": self.stored.workflow}
+        return {
+            **self.summary(),
+            "parameters": [p.to_payload() for p in self.parameters],
+            "workflow": self.stored.workflow,
+        }
 
 
 class HostedWorkflows:
@@ -92,8 +99,9 @@ class HostedWorkflows:
 
     def describe_with(self, stored: Stored, info: ObjectInfo) -> Described:
         workflow = stored.workflow
-        return Described(stored, workflow_title(stored.workflow_id, workflow, info),
-                         build_schema(workflow, info, self.loaders))
+        return Described(
+            stored, workflow_title(stored.workflow_id, workflow, info), build_schema(workflow, info, self.loaders)
+        )
 
     async def describe(self, workflow_id: str, refresh: bool = False) -> Described:
         stored = await self.store.read(workflow_id)
@@ -117,8 +125,10 @@ class HostedWorkflows:
         workflow, extra_data = await _in_thread(len(body), lambda: split_workflow(decode_body(body)))
         if extra_data is not None:
             raise InvalidParams("extra_data is not stored with a workflow: send it with each run")
-        info, _ = await self._checked(lambda info: (validate_workflow(workflow, info, self.loaders), None),
-                                      "the workflow failed validation against ComfyUI's /object_info")
+        info, _ = await self._checked(
+            lambda info: (validate_workflow(workflow, info, self.loaders), None),
+            "the workflow failed validation against ComfyUI's /object_info",
+        )
         created = await self.store.write(workflow_id, workflow)
         stored = await self.store.read(workflow_id)
         return self.describe_with(stored, info), created

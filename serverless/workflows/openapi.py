@@ -11,7 +11,7 @@ from .schema import Parameter
 JSON_TYPES = {"INT": "integer", "FLOAT": "number", "STRING": "string", "BOOLEAN": "boolean"}
 ERROR_STATUSES = {
     "400": "INVALID_PARAMS (a bad override: `raw.node_errors` names node, input and what is allowed), "
-           "PROMPT_ERROR or INPUT_ERROR",
+    "PROMPT_ERROR or INPUT_ERROR",
     "404": "NOT_FOUND: no such workflow",
     "500": "EXECUTION_FAILED, EXECUTION_INTERRUPTED, OUTPUT_ERROR or UNCLASSIFY",
     "503": "COMFYUI_UNAVAILABLE",
@@ -45,8 +45,8 @@ def request_schema(parameters: list[Parameter]) -> dict[str, Any]:
     return {
         "type": "object",
         "description": "Overrides of the stored workflow; every property is optional and defaults to the "
-                       "stored value. The advanced form {\"<node_id>\": {\"inputs\": {...}}} and the simple "
-                       "form {\"prompt\": \"text\", \"target_node\": \"<id>\"} are accepted too.",
+        'stored value. The advanced form {"<node_id>": {"inputs": {...}}} and the simple '
+        'form {"prompt": "text", "target_node": "<id>"} are accepted too.',
         "properties": {p.key: parameter_schema(p) for p in parameters},
         "additionalProperties": False,
     }
@@ -56,31 +56,45 @@ def result_schema() -> dict[str, Any]:
     output = {
         "type": "object",
         "properties": {
-            "type": {"type": "string"}, "raw": {"type": "object"},
+            "type": {"type": "string"},
+            "raw": {"type": "object"},
             "base64": {"type": "object", "properties": {"content": {"type": ["string", "null"]}}},
-            "oss": {"type": "object"}, "mime": {"type": ["string", "null"]}, "bytes": {"type": ["integer", "null"]},
+            "oss": {"type": "object"},
+            "mime": {"type": ["string", "null"]},
+            "bytes": {"type": ["integer", "null"]},
         },
     }
     result = {
         "type": "object",
-        "properties": {"node_id": {"type": "string"}, "batch_id": {"type": "integer"},
-                       "index": {"type": "integer"}, "output": output},
+        "properties": {
+            "node_id": {"type": "string"},
+            "batch_id": {"type": "integer"},
+            "index": {"type": "integer"},
+            "output": output,
+        },
     }
     data = {
         "type": "object",
         "required": ["prompt_id", "results"],
         "properties": {
-            "prompt_id": {"type": "string"}, "task_id": {"type": "string"}, "workflow_id": {"type": "string"},
+            "prompt_id": {"type": "string"},
+            "task_id": {"type": "string"},
+            "workflow_id": {"type": "string"},
             "execution_time": {"type": "number"},
-            "seeds": {"type": "object", "additionalProperties": {"type": "object",
-                                                                  "additionalProperties": {"type": "integer"}}},
+            "seeds": {
+                "type": "object",
+                "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}},
+            },
             "timings": {"type": "object", "additionalProperties": {"type": "number"}},
             "results": {"type": "array", "items": result},
             "node_errors": {"type": "object"},
         },
     }
-    return {"type": "object", "required": ["type", "data"],
-            "properties": {"type": {"const": "serverless_api"}, "data": data}}
+    return {
+        "type": "object",
+        "required": ["type", "data"],
+        "properties": {"type": {"const": "serverless_api"}, "data": data},
+    }
 
 
 def error_schema() -> dict[str, Any]:
@@ -88,15 +102,22 @@ def error_schema() -> dict[str, Any]:
         "type": "object",
         "required": ["type", "error_code", "error_message"],
         "properties": {
-            "type": {"const": "error"}, "error_code": {"type": "string"},
-            "error_message": {"type": "string"}, "raw": {},
+            "type": {"const": "error"},
+            "error_code": {"type": "string"},
+            "error_message": {"type": "string"},
+            "raw": {},
         },
     }
 
 
 def _flag(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "boolean", "default": False}}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "boolean", "default": False},
+    }
 
 
 def openapi_document(workflow_id: str, title: str, parameters: list[Parameter], server_url: str) -> dict[str, Any]:
@@ -111,22 +132,35 @@ def openapi_document(workflow_id: str, title: str, parameters: list[Parameter], 
             _flag("output_base64", "each output's bytes in output.base64.content"),
             _flag("output_oss", "each output uploaded to OSS"),
         ],
-        "requestBody": {"required": False, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/Overrides"}}}},
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Overrides"}}},
+        },
         "responses": {
-            "200": {"description": "the run result (or, with stream, its events ending with it)", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
-                "text/event-stream": {"schema": {"type": "string"}}}},
+            "200": {
+                "description": "the run result (or, with stream, its events ending with it)",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
             **errors,
         },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": f"{title} (hosted workflow {workflow_id})", "version": "1",
-                 "description": f"Run the ComfyUI workflow {workflow_id!r}, changing only its parameters."},
+        "info": {
+            "title": f"{title} (hosted workflow {workflow_id})",
+            "version": "1",
+            "description": f"Run the ComfyUI workflow {workflow_id!r}, changing only its parameters.",
+        },
         "servers": [{"url": server_url}],
         "paths": {f"/api/workflows/{workflow_id}/run": {"post": run}},
-        "components": {"schemas": {
-            "Overrides": request_schema(parameters), "Result": result_schema(), "Error": error_schema(),
-        }},
+        "components": {
+            "schemas": {
+                "Overrides": request_schema(parameters),
+                "Result": result_schema(),
+                "Error": error_schema(),
+            }
+        },
     }

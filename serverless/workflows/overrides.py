@@ -66,8 +66,9 @@ def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) 
         else:
             problems.append(Problem(key, None, None, "invalid_overrides", f"is not an override: {FORMS_HINT}"))
     if "target_node" in document and not isinstance(prompt, str):
-        problems.append(Problem("target_node", None, None, "invalid_overrides",
-                                'goes with a text "prompt" (the simple form)'))
+        problems.append(
+            Problem("target_node", None, None, "invalid_overrides", 'goes with a text "prompt" (the simple form)')
+        )
     return ParsedOverrides(values, extra_data, problems)
 
 
@@ -92,9 +93,17 @@ def _advanced(nodes: Mapping[str, Any], workflow: Workflow, values: Overrides, p
         for key in sorted(set(node) - NODE_KEYS):
             problems.append(Problem(node_id, stored_class, None, "invalid_overrides", f"unexpected key {key!r}"))
         if "class_type" in node and stored is not None and node["class_type"] != stored_class:
-            problems.append(Problem(node_id, stored_class, None, "class_type_changed",
-                                    f"is a {stored_class}; an override cannot make it a {node['class_type']}",
-                                    {"class_type": stored_class}, node["class_type"]))
+            problems.append(
+                Problem(
+                    node_id,
+                    stored_class,
+                    None,
+                    "class_type_changed",
+                    f"is a {stored_class}; an override cannot make it a {node['class_type']}",
+                    {"class_type": stored_class},
+                    node["class_type"],
+                )
+            )
         for name, value in node["inputs"].items():
             values[(node_id, name)] = value
 
@@ -107,9 +116,16 @@ def _simple(
         return
     node_id = target or positive_prompt_node(workflow, object_info)
     if node_id is None:
-        problems.append(Problem("", None, TEXT_INPUT, "no_prompt_node",
-                                'has no single positive-prompt text node: name one with "target_node"',
-                                {"nodes": text_nodes(workflow, object_info)}))
+        problems.append(
+            Problem(
+                "",
+                None,
+                TEXT_INPUT,
+                "no_prompt_node",
+                'has no single positive-prompt text node: name one with "target_node"',
+                {"nodes": text_nodes(workflow, object_info)},
+            )
+        )
         return
     values[(node_id, TEXT_INPUT)] = text
 
@@ -146,7 +162,7 @@ def _consumers(workflow: Workflow) -> dict[str, list[tuple[str, str]]]:
     consumers: dict[str, list[tuple[str, str]]] = {}
     for node_id, node in workflow.items():
         inputs = node.get("inputs") if isinstance(node, Mapping) else None
-        for name, value in (inputs.items() if isinstance(inputs, Mapping) else ()):
+        for name, value in inputs.items() if isinstance(inputs, Mapping) else ():
             if is_link(value) and value and isinstance(value[0], str):
                 consumers.setdefault(value[0], []).append((node_id, name))
     return consumers

@@ -56,9 +56,14 @@ def parse_input_spec(raw: Any, required: bool) -> InputSpec:
     else:
         kind = str(first)
     return InputSpec(
-        type=kind, required=required, options=options,
-        minimum=_number(extra.get("min")), maximum=_number(extra.get("max")), step=_number(extra.get("step")),
-        multiline=extra.get("multiline") is True, default=extra.get("default"),
+        type=kind,
+        required=required,
+        options=options,
+        minimum=_number(extra.get("min")),
+        maximum=_number(extra.get("max")),
+        step=_number(extra.get("step")),
+        multiline=extra.get("multiline") is True,
+        default=extra.get("default"),
     )
 
 
@@ -139,8 +144,14 @@ class Parameter:
         if self.spec.type == "STRING":
             spec["multiline"] = self.spec.multiline
         payload: dict[str, Any] = {
-            "name": self.key, "node_id": self.node_id, "input": self.input, "class_type": self.class_type,
-            "title": self.title, "type": self.spec.type, "spec": spec, "loader": self.loader,
+            "name": self.key,
+            "node_id": self.node_id,
+            "input": self.input,
+            "class_type": self.class_type,
+            "title": self.title,
+            "type": self.spec.type,
+            "spec": spec,
+            "loader": self.loader,
         }
         if self.seed:
             payload["note"] = "-1 means a random seed, reported in data.seeds"
@@ -167,11 +178,18 @@ def build_schema(workflow: Workflow, object_info: ObjectInfo, loaders: Loaders) 
             spec = declared.get(name)
             if spec is None or is_link(value):
                 continue
-            parameters.append(Parameter(
-                node_id=node_id, input=name, class_type=str(class_type), title=title_of(node), spec=spec,
-                default=value, loader=(class_type, name) in loaders,
-                seed=name in SEED_INPUTS and spec.type == "INT",
-            ))
+            parameters.append(
+                Parameter(
+                    node_id=node_id,
+                    input=name,
+                    class_type=str(class_type),
+                    title=title_of(node),
+                    spec=spec,
+                    default=value,
+                    loader=(class_type, name) in loaders,
+                    seed=name in SEED_INPUTS and spec.type == "INT",
+                )
+            )
     return parameters
 
 

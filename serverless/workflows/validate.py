@@ -59,8 +59,12 @@ def summary(problems: list[Problem], what: str) -> str:
 def prompt_error(problems: list[Problem]) -> dict[str, Any]:
     """`raw` of the refusal: ComfyUI's 400 body shape, `{"error", "node_errors"}`."""
     return {
-        "error": {"type": "invalid_params", "message": "the workflow or its overrides failed validation",
-                  "details": "; ".join(p.sentence() for p in problems), "extra_info": {}},
+        "error": {
+            "type": "invalid_params",
+            "message": "the workflow or its overrides failed validation",
+            "details": "; ".join(p.sentence() for p in problems),
+            "extra_info": {},
+        },
         "node_errors": node_errors(problems),
     }
 
@@ -76,10 +80,14 @@ def node_errors(problems: list[Problem]) -> dict[str, Any]:
             extra["input_name"] = problem.input
         if problem.received is not None:
             extra["received_value"] = problem.received
-        entry["errors"].append({
-            "type": problem.kind, "message": problem.message,
-            "details": problem.input or "", "extra_info": extra,
-        })
+        entry["errors"].append(
+            {
+                "type": problem.kind,
+                "message": problem.message,
+                "details": problem.input or "",
+                "extra_info": extra,
+            }
+        )
     return errors
 
 
@@ -125,8 +133,7 @@ def check_value(spec: InputSpec, value: Any, seed: bool, loader: bool) -> tuple[
         if spec.maximum is not None and value > spec.maximum:
             return "value_bigger_than_max", f"{value} is bigger than the maximum {spec.maximum}", bounds
     if spec.type == "COMBO" and spec.options is not None and value not in spec.options:
-        return "value_not_in_list", f"{value!r} is not one of {_listed(spec.options)}", {
-            "options": list(spec.options)}
+        return "value_not_in_list", f"{value!r} is not one of {_listed(spec.options)}", {"options": list(spec.options)}
     return None
 
 
@@ -143,28 +150,55 @@ def validate_workflow(workflow: Workflow, object_info: ObjectInfo, loaders: Load
             continue
         declared = node_inputs(object_info, class_type)
         if declared is None:
-            problems.append(Problem(node_id, class_type, None, "unknown_class_type",
-                                    f"ComfyUI has no node class {class_type!r} (a missing custom node?)"))
+            problems.append(
+                Problem(
+                    node_id,
+                    class_type,
+                    None,
+                    "unknown_class_type",
+                    f"ComfyUI has no node class {class_type!r} (a missing custom node?)",
+                )
+            )
             continue
         outputs += is_output_node(object_info, class_type)
         inputs: Mapping[str, Any] = node["inputs"] if isinstance(node.get("inputs"), Mapping) else {}
         problems += _node_problems(workflow, object_info, node_id, class_type, declared, inputs, loaders)
     if workflow and not problems and not outputs:
-        problems.append(Problem("", None, None, "prompt_no_outputs",
-                                "has no output node (SaveImage, PreviewImage...): nothing would run"))
+        problems.append(
+            Problem(
+                "",
+                None,
+                None,
+                "prompt_no_outputs",
+                "has no output node (SaveImage, PreviewImage...): nothing would run",
+            )
+        )
     return problems
 
 
 def _node_problems(
-    workflow: Workflow, object_info: ObjectInfo, node_id: str, class_type: str,
-    declared: dict[str, InputSpec], inputs: Mapping[str, Any], loaders: Loaders,
+    workflow: Workflow,
+    object_info: ObjectInfo,
+    node_id: str,
+    class_type: str,
+    declared: dict[str, InputSpec],
+    inputs: Mapping[str, Any],
+    loaders: Loaders,
 ) -> list[Problem]:
     problems = []
     for name, spec in declared.items():
         if name not in inputs:
             if spec.required:
-                problems.append(Problem(node_id, class_type, name, "required_input_missing",
-                                        "is required but missing", {"type": spec.type}))
+                problems.append(
+                    Problem(
+                        node_id,
+                        class_type,
+                        name,
+                        "required_input_missing",
+                        "is required but missing",
+                        {"type": spec.type},
+                    )
+                )
             continue
         value = inputs[name]
         if is_link(value):
@@ -193,19 +227,28 @@ def _link_problem(
     source_id, slot = link
     source = workflow.get(source_id)
     if not isinstance(source, Mapping):
-        return "bad_linked_input", f"links to node {source_id!r}, which is not in the workflow", {
-            "nodes": sorted(workflow, key=node_order)}
+        return (
+            "bad_linked_input",
+            f"links to node {source_id!r}, which is not in the workflow",
+            {"nodes": sorted(workflow, key=node_order)},
+        )
     source_class = source.get("class_type")
     if not isinstance(source_class, str) or node_inputs(object_info, source_class) is None:
         return None  # that node's own problem is reported there
     outputs = node_outputs(object_info, source_class)
     if not 0 <= slot < len(outputs):
-        return "bad_linked_input", f"links to output {slot} of node {source_id} ({source_class}), " \
-            f"which has {len(outputs)} output(s)", {"outputs": outputs}
+        return (
+            "bad_linked_input",
+            f"links to output {slot} of node {source_id} ({source_class}), which has {len(outputs)} output(s)",
+            {"outputs": outputs},
+        )
     wanted = "COMBO" if spec.type == "COMBO" else spec.type
     if not _types_fit(outputs[slot], wanted):
-        return "return_type_mismatch", f"takes {wanted} but output {slot} of node {source_id} " \
-            f"({source_class}) gives {outputs[slot]}", {"type": wanted}
+        return (
+            "return_type_mismatch",
+            f"takes {wanted} but output {slot} of node {source_id} ({source_class}) gives {outputs[slot]}",
+            {"type": wanted},
+        )
     return None
 
 
@@ -237,16 +280,30 @@ def _not_a_parameter(
 ) -> Problem | None:
     if not isinstance(node, Mapping):
         nodes = sorted({p.node_id for p in parameters}, key=node_order)
-        return Problem(node_id, None, name, "unknown_node", "there is no such node in this workflow",
-                       {"nodes": nodes}, value)
+        return Problem(
+            node_id, None, name, "unknown_node", "there is no such node in this workflow", {"nodes": nodes}, value
+        )
     own = [p.input for p in parameters if p.node_id == node_id]
     inputs: Mapping[str, Any] = node["inputs"] if isinstance(node.get("inputs"), Mapping) else {}
     stored = inputs.get(name)
     if is_link(stored):
         if value == stored:
             return None
-        return Problem(node_id, str(class_type), name, "link_overridden",
-                       f"is linked to node {stored[0] if stored else '?'}, not a value that can be changed",
-                       {"inputs": own}, value)
-    return Problem(node_id, str(class_type), name, "unknown_input",
-                   f"is not a parameter of this node; it has: {', '.join(own) or 'none'}", {"inputs": own}, value)
+        return Problem(
+            node_id,
+            str(class_type),
+            name,
+            "link_overridden",
+            f"is linked to node {stored[0] if stored else '?'}, not a value that can be changed",
+            {"inputs": own},
+            value,
+        )
+    return Problem(
+        node_id,
+        str(class_type),
+        name,
+        "unknown_input",
+        f"is not a parameter of this node; it has: {', '.join(own) or 'none'}",
+        {"inputs": own},
+        value,
+    )
