@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import lifecycle
+from . import fleet, lifecycle
 from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, unknown_parameters
 from .docs import endpoints as docs
@@ -78,7 +78,7 @@ async def run(request: Request) -> Response:
     query, headers, base_url = request.query_params, request.headers, str(request.base_url)
     key = idempotency_key(headers)
     job: EventSource
-    if key is None:
+    if key is None or settings.queue_backend == "redis":  # the Redis tier claims keys in Redis itself
         job = await start_job(
             resources, jobs, body, query, headers, "http", workflow_id, base_url=base_url, owner=owner
         )
@@ -152,20 +152,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.max_pending_jobs,
                 metrics,
             )
-            app.state.resources, app.state.jobs = resources, jobs
+            app.state.resources = resources
             app.state.prewarm = lifecycle.Prewarm()
             app.state.queue_watch = lifecycle.QueueWatch(settings.queue_stall_after)
             pruner = asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))
             cancels = asyncio.create_task(jobs.watch_cancels())  # cancels asked through other instances
             try:
-                yield
-                await jobs.drain(settings.drain_timeout)
+                async with fleet.running(resources, jobs) as tier:  # the Redis tier, if configured
+                    app.state.jobs, app.state.consumer = tier.jobs, tier.consumer
+                    yield
+                    if tier.jobs is not jobs:
+                        await tier.jobs.drain(settings.drain_timeout)
+                    await jobs.drain(settings.drain_timeout)
             finally:
                 pruner.cancel()
                 cancels.cancel()
                 await asyncio.gather(pruner, cancels, return_exceptions=True)
 
     routes = [  # each endpoint is a few lines: the work is in the modules it calls
+        *fleet.routes(settings.queue_backend),  # the Redis tier's cancel, before ours (none without a queue)
         Route("/api/serverless/run", run, methods=["POST"]),
         Route("/api/serverless/status", status, methods=["GET"]),
         Route("/api/serverless/task", control.task, methods=["GET"]),

@@ -16,6 +16,7 @@
     ├── Busy                 503     this instance holds MAX_PENDING_JOBS jobs already (`Retry-After`)   yes
     ├── OutputError          500     an output could not be read or uploaded                            yes
     ├── JobTimeout           504     the job passed its deadline                                        yes
+    ├── WorkerLost           500     (Redis tier) its worker died after outputs were made, or died twice
     └── Unclassified         500     anything else: a bug
 
 Foreign errors (aiohttp, oss2, OS errors) are translated into this tree only where the foreign
@@ -170,6 +171,15 @@ class JobTimeout(ServerlessError):
     code = "TIMEOUT"
     status_code = 504
     retryable = True
+
+
+class WorkerLost(ServerlessError):
+    """Redis tier: the worker running the job died and the job is not run again, because its log
+    already holds outputs (a rerun would charge a GPU twice for work that was done) or because it
+    was already a retry. A first death before any output is retried instead, marked `retried`."""
+
+    code = "WORKER_LOST"
+    status_code = 500
 
 
 class Unclassified(ServerlessError):

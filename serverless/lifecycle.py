@@ -20,6 +20,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import fleet
 from .comfyui.client import QueueState
 from .core.request import parse_run_request
 from .errors import ComfyUIUnavailable, ServerlessError, Unauthorized
@@ -57,8 +58,11 @@ class QueueWatch:
 
 
 async def health(request: Request) -> Response:
-    """GET /api/serverless/health: 200 when ComfyUI answers, 503 with the reason otherwise."""
+    """GET /api/serverless/health: 200 when ComfyUI answers, 503 with the reason otherwise. A
+    Redis-tier gateway has no ComfyUI: 200 when Redis answers."""
     resources, jobs = _state(request)
+    if resources.settings.role == "gateway":
+        return await _gateway_health(request)
     try:
         if not jobs.accepting:
             raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
@@ -91,7 +95,24 @@ async def health(request: Request) -> Response:
         "jobs": jobs.running,
         "status_log": resources.status.health(),
     }
+    if resources.settings.queue_backend != "none":
+        body["tier"] = fleet.health(resources.settings, request.app.state.consumer)
     return JSONResponse(body)
+
+
+async def _gateway_health(request: Request) -> Response:
+    resources, jobs = _state(request)
+    body = {
+        "jobs": jobs.running,
+        "status_log": resources.status.health(),
+        "tier": fleet.health(resources.settings, None),
+    }
+    if not jobs.accepting:
+        return JSONResponse({"status": "unavailable", "reason": "this gateway is draining", **body}, 503)
+    if not await resources.status.writable():
+        reason = resources.status.health()["not_writable_because"]
+        return JSONResponse({"status": "unavailable", "reason": reason, **body}, 503)
+    return JSONResponse({"status": "ok", **body})
 
 
 class Prewarm:

@@ -8,6 +8,7 @@ from them once, the `Runtime` every job receives: what it calls, never a bag to 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -32,8 +33,12 @@ from .jobs.spec import OutputPolicy
 from .ops.metrics import Metrics
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
+from .status.redis import RedisStatus, connect
+from .status.store import StatusStore
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
 from .workflows.store import WorkflowStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +47,7 @@ class Resources:
 
     settings: Settings
     comfy: ComfyUI
-    status: StatusLog
+    status: StatusStore[Any]
     fetch_url: Callable[[str], Awaitable[bytes]]
     oss: OssStore | None
     supervisor: Supervisor | None
@@ -62,7 +67,7 @@ class Resources:
         command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
         async with ComfyUI.open(settings.comfyui_url, timeouts, comfyui_folders(settings, command)) as comfy:
             supervisor = None
-            if command:
+            if command and settings.role != "gateway":  # a Redis-tier gateway has no ComfyUI
                 supervisor = Supervisor(
                     command,
                     comfy.answers,
@@ -71,8 +76,7 @@ class Resources:
                 )
             if supervisor is not None:
                 metrics.watch_comfyui_restarts(lambda: supervisor.generation)
-            status = StatusLog(settings.status_dir, settings.status_stale_after, on_append=metrics.status_appended)
-            await status.check_at_startup()
+            status = await open_status(settings, metrics)
             policy = download_policy(settings)
             budget = input_budget(settings)
             oss = oss_store(settings, metrics.oss_retried)
@@ -84,7 +88,7 @@ class Resources:
                     hooks_policy,
                     settings.webhook_secret,
                     settings.webhook_timeout,
-                    lambda task_id, record: status.write_sidecar(task_id, "webhook", record),
+                    partial(_record_webhook, status),
                 )
                 try:
                     async with _running(supervisor):
@@ -111,6 +115,13 @@ class Resources:
                     await status.aclose()
                     if oss is not None:
                         oss.close()
+
+    def status_log(self) -> StatusLog:
+        """The status log on the shared disk, which job control, idempotency and GenStudio's API
+        read (their Redis side is not built yet: with STATUS_BACKEND=redis they answer 503)."""
+        if not isinstance(self.status, StatusLog):
+            raise ComfyUIUnavailable("this endpoint needs STATUS_BACKEND=file (its Redis side is not built yet)")
+        return self.status
 
     def runtime(self) -> Runtime:
         """The collaborators every job uses."""
@@ -188,6 +199,32 @@ class Resources:
             "url": None,
             "expire": None,
         }
+
+
+async def _record_webhook(status: StatusStore[Any], task_id: str, record: bytes) -> None:
+    """A webhook's delivery, beside the task's log (the file store's sidecar; logged only otherwise)."""
+    if isinstance(status, StatusLog):
+        await status.write_sidecar(task_id, "webhook", record)
+
+
+async def open_status(settings: Settings, metrics: Metrics) -> StatusStore[Any]:
+    """The status store STATUS_BACKEND names, probed once at start-up (loudly when unusable)."""
+    if settings.status_backend == "redis":
+        store = RedisStatus(
+            connect(settings.redis_url),
+            settings.status_stale_after,
+            settings.status_retention_days,
+            settings.redis_max_event_bytes,
+        )
+        if not await store.writable():
+            log.error(
+                "Redis cannot be reached (%s): jobs are refused until it answers",
+                store.health()["not_writable_because"],
+            )
+        return store
+    status = StatusLog(settings.status_dir, settings.status_stale_after, on_append=metrics.status_appended)
+    await status.check_at_startup()
+    return status
 
 
 @asynccontextmanager

@@ -22,6 +22,9 @@ CLOUD_CREDENTIALS = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SE
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
+STATUS_BACKENDS = ("file", "redis")
+QUEUE_BACKENDS = ("none", "redis")
+ROLES = ("all", "gateway", "worker")
 # A DNS name as the download policy matches it: labels of letters, digits and '-', a final dot allowed.
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.IGNORECASE)
 # What can only be meant as an address or a network (IPv6 literals aside, which parse).
@@ -107,6 +110,16 @@ def _folder(env: Mapping[str, str], name: str) -> Path | None:
     """A folder named explicitly (unset or empty: None)."""
     value = env.get(name, "").strip()
     return Path(value) if value else None
+
+
+def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """redis://, rediss:// or unix:// (the password, if any, is never echoed back)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(f"{name}: must be a redis://, rediss:// or unix:// URL")
+    return raw
 
 
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -207,6 +220,12 @@ class Settings:
     comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     queue_stall_after: float = 30.0
     stream_write_timeout: float = 60.0
+    status_backend: str = "file"  # where status logs go: the NAS folder, or Redis streams
+    queue_backend: str = "none"  # where jobs come from: the HTTP request itself, or a Redis stream
+    role: str = "all"  # with QUEUE_BACKEND=redis: take jobs from the queue (worker), serve callers, or both
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
+    redis_max_event_bytes: int = 1 * MiB
+    redis_claim_idle: float = 60.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     webhook_secret: str = field(default="", repr=False)
     webhook_timeout: float = 30.0
@@ -311,4 +330,24 @@ class Settings:
             disk_temp_dir=_folder(env, "COMFYUI_TEMP_DIR"),
             disk_input_dir=_folder(env, "COMFYUI_INPUT_DIR"),
             genstudio_token_secret=_text(env, "GENSTUDIO_TOKEN_SECRET", ""),
-        )
+            status_backend=_choice(env, "STATUS_BACKEND", d.status_backend, STATUS_BACKENDS),
+            queue_backend=_choice(env, "QUEUE_BACKEND", d.queue_backend, QUEUE_BACKENDS),
+            role=_choice(env, "ROLE", d.role, ROLES),
+            redis_url=_redis_url(env, "REDIS_URL", d.redis_url),
+            redis_max_event_bytes=_integer(env, "REDIS_MAX_EVENT_BYTES", d.redis_max_event_bytes, 1024),
+            redis_claim_idle=_number(env, "REDIS_CLAIM_IDLE", d.redis_claim_idle, 0.5),
+        )._checked()
+
+    def _checked(self) -> Settings:
+        """Combinations that cannot work fail start-up, named."""
+        if self.queue_backend == "redis" and self.status_backend != "redis":
+            raise SettingsError(
+                "QUEUE_BACKEND=redis needs STATUS_BACKEND=redis: callers follow jobs "
+                "that run on other machines through the Redis status streams"
+            )
+        if self.role != "all" and self.queue_backend != "redis":
+            raise SettingsError(
+                f"ROLE={self.role!r} needs QUEUE_BACKEND=redis: without a queue every "
+                "instance runs its own callers' jobs"
+            )
+        return self

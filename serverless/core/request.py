@@ -19,6 +19,7 @@ RUN_QUERY_FLAGS = (
     "output_oss",
     "stream",
     "workflow_id",
+    "priority",
     "output_format",
     "output_quality",
     "output_max_side",

@@ -22,6 +22,7 @@ from ..errors import Busy, ComfyUIUnavailable, ExecutionInterrupted, InvalidPara
 from ..ops.logs import bind_job
 from ..ops.metrics import Metrics
 from ..status.log import Attempt, StatusLog
+from ..status.store import StatusStore
 from .feed import Feed
 from .job import Job, Runtime
 from .spec import JobSpec
@@ -38,7 +39,7 @@ class Jobs:
     def __init__(
         self,
         runtime: Runtime,
-        status: StatusLog,
+        status: StatusStore[Any],
         buffer_events: int,
         max_event_bytes: int,
         max_pending: int = 256,
@@ -143,6 +144,8 @@ class Jobs:
     async def watch_cancels(self, every: float = CANCEL_POLL) -> None:
         """Stop the running jobs whose cancel was asked through another instance (a request file
         beside their attempt's log); runs for the life of the app."""
+        if not isinstance(self.status, StatusLog):
+            return  # the Redis tier's workers watch a cancel key instead (serverless.fleet.worker)
         while True:
             await asyncio.sleep(every)
             running = {attempt: job for job, attempt in self._index.values() if attempt is not None}

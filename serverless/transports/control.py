@@ -34,9 +34,9 @@ async def _task_id(request: Request) -> str:
     task_id = request.query_params.get("task_id")
     if not task_id:
         raise InvalidParams("task_id is required")
-    resources.status.path(task_id)  # the rule of task ids (400)
+    resources.status_log().path(task_id)  # the rule of task ids (400)
     owner: str | None = request.scope.get("state", {}).get("owner")
-    if owner is not None and not may_see(owner, await resources.status.owner(task_id)):
+    if owner is not None and not may_see(owner, await resources.status_log().owner(task_id)):
         raise _unknown(task_id)
     return task_id
 
@@ -49,7 +49,7 @@ async def task(request: Request) -> Response:
     """GET /api/serverless/task?task_id=X: state, percent, queue, times and result or error."""
     resources: Resources = request.app.state.resources
     task_id = await _task_id(request)
-    summary = await resources.status.summary(task_id)
+    summary = await resources.status_log().summary(task_id)
     if summary is None:
         raise _unknown(task_id)
     return JSONResponse(summary)
@@ -74,13 +74,13 @@ async def cancel_task(resources: Resources, jobs: Jobs, task_id: str) -> None:
             raise _ended(task_id, job.progress.state)
         job.stop(cancelled(), "cancel requested")
     else:
-        summary = await resources.status.summary(task_id)
+        summary = await resources.status_log().summary(task_id)
         if summary is None:
             raise _unknown(task_id)
         if summary["state"] in ENDED:
             raise _ended(task_id, summary["state"])
         # It runs elsewhere: its instance looks for this file every CANCEL_POLL seconds.
-        attempt = await resources.status.request_cancel(task_id)
+        attempt = await resources.status_log().request_cancel(task_id)
         log.info("task_id=%s: cancel of attempt %s requested for the instance running it", task_id, attempt)
 
 
@@ -97,6 +97,6 @@ async def events(request: Request) -> Response:
     last_seen = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     after = parse_after(last_seen)
     job = jobs.get(task_id)
-    if job is None and not await resources.status.known(task_id):
+    if job is None and not await resources.status_log().known(task_id):
         raise _unknown(task_id)
-    return EventStream(TaskEvents(task_id, resources.status, job), resources.settings, after)
+    return EventStream(TaskEvents(task_id, resources.status_log(), job), resources.settings, after)

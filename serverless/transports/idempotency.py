@@ -80,7 +80,7 @@ async def start_or_attach(
     for _ in range(CLAIM_ROUNDS):
         prompt_id = str(uuid.uuid4())
         task_id = task_id_from_headers(headers) or prompt_id
-        owner = await _claim(resources.status, key, task_id, fingerprint)
+        owner = await _claim(resources.status_log(), key, task_id, fingerprint)
         if owner is None:
             try:
                 return await start_job(
@@ -96,10 +96,10 @@ async def start_or_attach(
                     prompt_id=prompt_id,
                 )
             except BaseException:
-                await asyncio.shield(resources.status.release_key(key, task_id))
+                await asyncio.shield(resources.status_log().release_key(key, task_id))
                 raise
         try:
-            return await _attach(resources.status, jobs, key, owner)
+            return await _attach(resources.status_log(), jobs, key, owner)
         except _Released:
             continue
     raise ComfyUIUnavailable(f"the task of Idempotency-Key {key} kept failing to start")

@@ -19,6 +19,7 @@ from ..resources import Resources
 
 Transport = Literal["http", "ws"]
 
+PRIORITIES = ("high", "normal", "low")
 BIG_BODY = 256 * 1024  # from this size on, parsing, copying and serialising run off the event loop
 
 
@@ -147,6 +148,8 @@ async def start_job(
         credentials=credentials,
         big=len(body) >= BIG_BODY,
         workflow_id=workflow_id,
+        priority=job_priority(query),
+        idempotency_key=headers.get("idempotency-key") or None,
         owner=owner,
         callback_url=callback_url,
     )
@@ -163,3 +166,11 @@ async def terminal_recorded(job: Job) -> bytes:
     if job.recorder is not None:
         await asyncio.wait({job.recorder})  # ends by itself; a failed recorder is its own to log
     return terminal.data
+
+
+def job_priority(query: Mapping[str, str]) -> str:
+    """`?priority=high|normal|low` (the Redis tier's queue streams; ignored without a queue)."""
+    priority = (query.get("priority") or "normal").strip().lower()
+    if priority not in PRIORITIES:
+        raise InvalidParams(f"priority must be one of {', '.join(PRIORITIES)}", raw={"priority": priority[:50]})
+    return priority

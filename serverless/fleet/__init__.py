@@ -1,0 +1,90 @@
+"""The Redis tier (`QUEUE_BACKEND=redis`): gateways enqueue jobs, workers run them.
+
+`running` is what the app's lifespan enters: it yields the jobs object the transports use (a
+gateway's `RemoteJobs`, or the app's own `Jobs` when there is no queue) and runs this instance's
+consumer when its ROLE takes jobs. `routes` adds the cancel endpoint of the tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import InvalidParams
+from ..jobs.registry import Jobs
+from ..resources import Resources
+from ..settings import Settings
+from ..status.redis import RedisStatus
+from .gateway import RemoteJobs
+from .queue import RedisQueue
+from .worker import Consumer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What the transports start jobs with, and this instance's consumer (None: takes no jobs)."""
+
+    jobs: Jobs | RemoteJobs
+    consumer: Consumer | None
+
+
+@contextlib.asynccontextmanager
+async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
+    """The jobs object callers start jobs with, and (ROLE=all|worker) the consumer, for the life
+    of the app. Without QUEUE_BACKEND=redis: `jobs` itself, nothing else."""
+    settings = resources.settings
+    if settings.queue_backend != "redis":
+        yield Fleet(jobs, None)
+        return
+    status = resources.status
+    assert isinstance(status, RedisStatus)  # settings refuse a queue without Redis status
+    takes_jobs = settings.role in ("all", "worker")
+    front = RemoteJobs(RedisQueue(status.client, status), status, jobs if takes_jobs else None)
+    consumer_task: asyncio.Task[None] | None = None
+    consumer = None
+    if takes_jobs:
+        consumer = Consumer(status.client, status, jobs, settings, f"{settings.instance_id}:{settings.port}")
+        consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
+        log.info("worker %s takes jobs from Redis for ComfyUI at %s", consumer.name, settings.comfyui_url)
+    try:
+        yield Fleet(front, consumer)
+    finally:
+        if consumer_task is not None:
+            consumer_task.cancel()
+            await asyncio.gather(consumer_task, return_exceptions=True)
+
+
+async def cancel(request: Request) -> Response:
+    """POST /api/serverless/cancel?task_id=X on the Redis tier: 202 `{"task_id", "state"}`
+    ("cancelled" when it was still queued, "cancelling" when its worker stops it); 409 when it
+    has ended, 404 when unknown."""
+    task_id = request.query_params.get("task_id")
+    if not task_id:
+        raise InvalidParams("task_id is required")
+    front = request.app.state.jobs
+    assert isinstance(front, RemoteJobs)
+    state = await front.queue.cancel(task_id)
+    return JSONResponse({"task_id": task_id, "state": state}, status_code=202)
+
+
+def routes(queue_backend: str) -> list[Route]:
+    """The tier's own endpoints (none without a queue)."""
+    if queue_backend != "redis":
+        return []
+    return [Route("/api/serverless/cancel", cancel, methods=["POST"])]
+
+
+def health(settings: Settings, consumer: Consumer | None) -> dict[str, Any]:
+    """The tier's part of the health answer."""
+    taking = None if consumer is None else {"name": consumer.name, "busy": consumer.busy, "taken": consumer.taken}
+    return {"role": settings.role, "queue": settings.queue_backend, "consumer": taking}

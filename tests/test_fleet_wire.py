@@ -1,0 +1,105 @@
+"""What crosses Redis, without Redis: specs without credentials, stored terminals without base64,
+errors rebuilt from their payloads, the Redis tier's settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serverless.core import jsontext
+from serverless.delivery.oss import Credentials
+from serverless.errors import ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, WorkerLost
+from serverless.fleet.wire import decode_spec, encode_spec, error_from_payload, fingerprint
+from serverless.jobs.spec import JobSpec, OutputPolicy
+from serverless.settings import Settings, SettingsError
+from serverless.status.redis import BASE64_NOTE, stored_terminal
+
+SECRET = "s3cr3t-value"
+
+
+def spec(**changes: object) -> JobSpec:
+    values: dict[str, object] = {
+        "workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}},
+        "extra_data": {"x": 1},
+        "mode": "stream",
+        "outputs": OutputPolicy(base64=True, oss=True),
+        "task_id": "t-1",
+        "workflow_id": "wf",
+        "credentials": Credentials("AK", SECRET, None),
+    }
+    return JobSpec(**{**values, **changes})  # type: ignore[arg-type]
+
+
+def test_a_queued_spec_carries_no_credentials_and_the_worker_uses_its_own() -> None:
+    encoded = encode_spec(spec())
+    assert SECRET.encode() not in encoded and b"AK" not in encoded
+    own = Credentials("worker-ak", "worker-secret", None)
+    decoded = decode_spec(encoded, own)
+    assert decoded.credentials is own
+    assert (decoded.workflow, decoded.extra_data, decoded.outputs, decoded.task_id, decoded.workflow_id) == (
+        spec().workflow,
+        {"x": 1},
+        OutputPolicy(True, True),
+        "t-1",
+        "wf",
+    )
+
+
+def test_the_idempotency_fingerprint_ignores_the_mode_but_not_the_workflow() -> None:
+    assert fingerprint(spec()) == fingerprint(spec(mode="async", task_id="other"))
+    assert fingerprint(spec()) != fingerprint(spec(workflow={"2": {}}))
+    assert fingerprint(spec()) != fingerprint(spec(outputs=OutputPolicy()))
+
+
+def test_the_stored_terminal_leaves_base64_out_with_a_note_and_marks_a_retry() -> None:
+    result = {
+        "type": "serverless_api",
+        "data": {
+            "results": [
+                {"output": {"type": "images", "base64": {"content": "iVBORw0KGgo="}}},
+                {"output": {"type": "images", "base64": {"content": None}}},
+            ]
+        },
+    }
+    stored = json.loads(stored_terminal(jsontext.dumps(result), retried=True))
+    assert stored["data"]["results"][0]["output"]["base64"] == {"content": None, "note": BASE64_NOTE}
+    assert stored["data"]["results"][1]["output"]["base64"] == {"content": None}
+    assert stored["retried"] is True
+    plain = jsontext.dumps({"type": "serverless_api", "data": {"results": []}})
+    assert stored_terminal(plain, retried=False) is plain
+
+
+@pytest.mark.parametrize(
+    "error",
+    [WorkerLost("w"), ExecutionInterrupted("cancelled by request"), ComfyUIUnavailable("down"), InvalidParams("bad")],
+)
+def test_an_error_read_back_from_redis_has_its_code_and_status(error: Exception) -> None:
+    assert isinstance(error, (WorkerLost, ExecutionInterrupted, ComfyUIUnavailable, InvalidParams))
+    rebuilt = error_from_payload(error.to_payload())
+    assert type(rebuilt) is type(error) and rebuilt.status_code == error.status_code
+    assert rebuilt.to_payload() == error.to_payload()
+
+
+def test_the_defaults_are_the_file_status_log_and_no_queue() -> None:
+    settings = Settings.from_env({})
+    assert (settings.status_backend, settings.queue_backend, settings.role) == ("file", "none", "all")
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"QUEUE_BACKEND": "redis"}, "STATUS_BACKEND"),
+        ({"ROLE": "worker"}, "QUEUE_BACKEND"),
+        ({"ROLE": "boss"}, "ROLE"),
+        ({"STATUS_BACKEND": "redis", "REDIS_URL": "http://x"}, "REDIS_URL"),
+    ],
+)
+def test_redis_tier_settings_that_cannot_work_fail_start_up_named(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+def test_the_redis_url_is_kept_out_of_the_settings_repr() -> None:
+    settings = Settings.from_env({"STATUS_BACKEND": "redis", "REDIS_URL": f"redis://:{SECRET}@h:6379/0"})
+    assert SECRET not in repr(settings)
