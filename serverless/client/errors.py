@@ -18,6 +18,7 @@ client's own failures (the server could not be reached, or answered something th
         ├── Busy                      BUSY
         ├── OutputError               OUTPUT_ERROR
         ├── JobTimeout                TIMEOUT
+        ├── WorkerLost                WORKER_LOST (the Redis tier: its worker died, twice or after outputs)
         └── Unclassified              UNCLASSIFY, and any code this client does not know
 """
 
@@ -110,6 +111,10 @@ class JobTimeout(APIError):
     error_code = "TIMEOUT"
 
 
+class WorkerLost(APIError):
+    error_code = "WORKER_LOST"
+
+
 class Unclassified(APIError):
     error_code = "UNCLASSIFY"
 
@@ -123,6 +128,7 @@ BY_CODE: dict[str, type[APIError]] = {
         PromptError,
         InputError,
         ExecutionFailed,
+        WorkerLost,
         ExecutionInterrupted,
         ComfyUIUnavailable,
         Busy,
