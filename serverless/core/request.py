@@ -153,6 +153,13 @@ def parse_run_request(body: bytes | str, query: Mapping[str, str], headers: Mapp
     """Turn what the caller sent into a RunRequest, or raise InvalidParams."""
     task_id = task_id_from_headers(headers)
     workflow, extra_data = split_workflow(decode_body(body))
+    return run_request(workflow, extra_data, query, task_id)
+
+
+def run_request(
+    workflow: Workflow, extra_data: dict[str, Any] | None, query: Mapping[str, str], task_id: str | None
+) -> RunRequest:
+    """A workflow (given, or a hosted one with its overrides merged) with the run's query flags."""
     return RunRequest(
         workflow=workflow,
         extra_data=extra_data,

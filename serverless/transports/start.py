@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Literal
 
-from ..core.request import RunRequest, parse_run_request, query_flag, task_id_from_headers
+from ..core.request import RunRequest, parse_run_request, query_flag, run_request, task_id_from_headers
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.oss import Credentials
@@ -86,14 +86,7 @@ async def parse_hosted(
     if output:
         from_body = {f"output_{key}": str(value) for key, value in output.items() if value is not None}
         query = {**from_body, **query}
-    return RunRequest(
-        workflow=workflow,
-        extra_data=extra_data,
-        output_base64=query_flag(query, "output_base64"),
-        output_oss=query_flag(query, "output_oss"),
-        stream=query_flag(query, "stream"),
-        task_id=task_id,
-    ), query
+    return run_request(workflow, extra_data, query, task_id), query
 
 
 def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
