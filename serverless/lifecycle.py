@@ -27,6 +27,7 @@ from .errors import ComfyUIUnavailable, ServerlessError, Unauthorized
 from .jobs.registry import Jobs
 from .jobs.spec import JobSpec
 from .resources import Resources
+from .status.log import StatusLog
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,13 @@ async def health(request: Request) -> Response:
         if resources.supervisor is not None and not resources.supervisor.ready:
             raise ComfyUIUnavailable(resources.supervisor.problem)  # starting, restarting, port taken
         try:
-            stats, queue, writable = await asyncio.gather(
-                resources.comfy.system_stats(), resources.comfy.queue(), resources.status.writable()
-            )
+            stats, queue = await asyncio.gather(resources.comfy.system_stats(), resources.comfy.queue())
         except ServerlessError:
             resources.metrics.comfyui_up.set(0)
             raise
         resources.metrics.comfyui_up.set(1)
         request.app.state.queue_watch.check(queue)
-        if not writable:
+        if not await _status_writable(resources):
             reason = resources.status.health()["not_writable_because"]
             raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     except ServerlessError as exc:
@@ -98,6 +97,14 @@ async def health(request: Request) -> Response:
     if resources.settings.queue_backend != "none":
         body["tier"] = fleet.health(resources.settings, request.app.state.consumer)
     return JSONResponse(body)
+
+
+async def _status_writable(resources: Resources) -> bool:
+    """Whether the status store takes writes. The file store answers from its last probe at once
+    (refreshed in the background), so health answers even while the shared disk hangs."""
+    if isinstance(resources.status, StatusLog):
+        return resources.status.writable_now() is not False
+    return await resources.status.writable()
 
 
 async def _gateway_health(request: Request) -> Response:

@@ -222,7 +222,12 @@ async def open_status(settings: Settings, metrics: Metrics) -> StatusStore[Any]:
                 store.health()["not_writable_because"],
             )
         return store
-    status = StatusLog(settings.status_dir, settings.status_stale_after, on_append=metrics.status_appended)
+    status = StatusLog(
+        settings.status_dir,
+        settings.status_stale_after,
+        io_timeout=settings.status_io_timeout,
+        on_append=metrics.status_appended,
+    )
     await status.check_at_startup()
     return status
 

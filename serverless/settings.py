@@ -207,6 +207,7 @@ class Settings:
     workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
     status_retention_days: float = 7.0
     status_stale_after: float = 120.0
+    status_io_timeout: float = 10.0
     cancel_on_disconnect: bool = True
     stream_ping_interval: float = 15.0
     stream_buffer_events: int = 10000
@@ -305,6 +306,7 @@ class Settings:
             workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
             status_retention_days=_number(env, "STATUS_RETENTION_DAYS", d.status_retention_days, 0),
             status_stale_after=_number(env, "STATUS_STALE_AFTER", d.status_stale_after, 1),
+            status_io_timeout=_number(env, "STATUS_IO_TIMEOUT", d.status_io_timeout, 0.1),
             cancel_on_disconnect=_flag(env, "CANCEL_ON_DISCONNECT", d.cancel_on_disconnect),
             stream_ping_interval=_number(env, "STREAM_PING_INTERVAL", d.stream_ping_interval, 0.01),
             stream_buffer_events=_integer(env, "STREAM_BUFFER_EVENTS", d.stream_buffer_events, 10),

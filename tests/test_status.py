@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -263,3 +264,55 @@ def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync
         assert not list((folder / "status").iterdir())
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_status_folder_that_stops_answering_hangs_nothing_else(start_app, emulator, tmp_path, monkeypatch):
+    from serverless.status import files
+
+    folder = tmp_path / "nas"
+    server = start_app(emulator.url, status_dir=folder, STATUS_IO_TIMEOUT="1")
+    assert post_run(server.url, empty_image(prefix="hang-before"), headers={"x-fc-trace-id": "hang-1"}).ok
+    # From here the shared disk stops answering: every file operation on it blocks (as a NAS
+    # whose server went away does) until the test lets it go.
+    answering = threading.Event()
+    for name in ("read", "first_line", "claim", "publish", "append", "probe", "touch", "numbers", "newest"):
+        real = getattr(files, name)
+
+        def hanging(*args, _real=real, **kwargs):
+            if args and str(args[0]).startswith(str(folder)):
+                answering.wait(60)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(files, name, hanging)
+    try:
+
+        def health_reports_the_folder() -> bool:
+            started = time.perf_counter()
+            answer = requests.get(server.url + "/api/serverless/health", timeout=10)
+            assert time.perf_counter() - started < 0.1, "health waited for the disk"
+            return answer.status_code == 503 and "did not answer within 1s" in answer.json()["reason"]
+
+        wait_until(health_reports_the_folder, timeout=30, interval=0.2)
+        started = time.monotonic()
+        status = requests.get(server.url + STATUS, params={"task_id": "hang-1"}, timeout=10)
+        assert status.status_code == 503 and "did not answer within 1s" in status.json()["error_message"]
+        assert time.monotonic() - started < 5
+        # A job with an input (decoded on asyncio's own threads) still runs and answers its caller.
+        picture = base64.b64encode(png_bytes()).decode()
+        job = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": picture}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "hang-during"}},
+        }
+        assert post_run(server.url, job, headers={"x-fc-trace-id": "hang-2"}).status_code == 200
+    finally:
+        answering.set()
+
+
+def png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(out, format="PNG")
+    return out.getvalue()

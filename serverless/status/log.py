@@ -72,6 +72,7 @@ class StatusLog:
         self._links = True  # until link(2) says otherwise
         self._last_error: str | None = None
         self._probed: tuple[float, bool, str | None] | None = None  # (when, writable, why not)
+        self._refresh: asyncio.Task[bool] | None = None  # a background probe (`writable_now`)
 
     def path(self, task_id: str) -> Path:
         """The log of a task; the id is validated, and the path must stay inside the folder."""
@@ -307,6 +308,14 @@ class StatusLog:
             self._last_error = reason
         return self._probed[1]
 
+    def writable_now(self) -> bool | None:
+        """The last probe's answer at once (None before any), refreshing it in the background when
+        it is older than PROBE_TTL: health must answer while the folder hangs, not wait for it."""
+        stale = self._probed is None or time.monotonic() - self._probed[0] >= PROBE_TTL
+        if stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.get_running_loop().create_task(self.writable(), name="status write probe")
+        return None if self._probed is None else self._probed[1]
+
     async def check_at_startup(self) -> bool:
         """Probe the folder once at start-up and say loudly when it cannot be written."""
         if await self.writable():
@@ -354,6 +363,8 @@ class StatusLog:
 
     async def aclose(self) -> None:
         """Stop the threads; operations stuck on the disk are abandoned, queued ones dropped."""
+        if self._refresh is not None:
+            self._refresh.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
