@@ -52,7 +52,11 @@ def test_playground_runs_a_hosted_workflow_and_cancels_a_slow_one(
         assert prompts == [PROMPT]
         screenshot = tmp_path / "playground.png"
         page.screenshot(path=str(screenshot), full_page=True)
-        shutil.copy(screenshot, ROOT / "docs" / "playground.png")
+        artifacts = (
+            ROOT / ".ci" / "artifacts"
+        )  # CI's artefact folder (git-ignored); docs/playground.png is the README's
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, artifacts / "playground.png")
 
         # a slow run (100 steps of 0.2 s), cancelled once it runs
         requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.2}, timeout=5).raise_for_status()
