@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from tests.servers import App, Emulator, InProcessApp, InProcessEmulator, free_port
+
+S = TypeVar("S", App, InProcessApp)
 
 
 @pytest.fixture(scope="session")
@@ -57,37 +60,32 @@ def app(emulator: InProcessEmulator, tmp_path_factory: pytest.TempPathFactory) -
     server.stop()
 
 
-@pytest.fixture
-def start_app(tmp_path: Path) -> Iterator[Callable[..., InProcessApp]]:
-    """Start apps with custom settings: `start_app(comfyui_url, **env)`; stopped after the test."""
-    started: list[InProcessApp] = []
+def _starter(kind: Callable[[Path, dict[str, str]], S], tmp_path: Path) -> Iterator[Callable[..., S]]:
+    """`start(comfyui_url, status_dir=None, **env)` for apps of `kind`, all stopped after the test."""
+    started: list[S] = []
 
-    def start(comfyui_url: str, status_dir: Path | None = None, **env: str) -> InProcessApp:
+    def start(comfyui_url: str, status_dir: Path | None = None, **env: str) -> S:
         settings = base_env(comfyui_url, status_dir or tmp_path / "status")
-        server = InProcessApp(tmp_path, {**settings, **env})
+        server = kind(tmp_path, {**settings, **env})
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def start_app(tmp_path: Path) -> Iterator[Callable[..., InProcessApp]]:
+    """Start apps with custom settings: `start_app(comfyui_url, **env)`; stopped after the test."""
+    yield from _starter(InProcessApp, tmp_path)
 
 
 @pytest.fixture
 def start_app_process(tmp_path: Path) -> Iterator[Callable[..., App]]:
     """As `start_app`, each app in a process of its own (`uvicorn handler:app`): for a test that
     kills it or reads its /proc entries."""
-    started: list[App] = []
-
-    def start(comfyui_url: str, status_dir: Path | None = None, **env: str) -> App:
-        settings = base_env(comfyui_url, status_dir or tmp_path / "status")
-        server = App(tmp_path, {**settings, **env})
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    yield from _starter(App, tmp_path)
 
 
 @pytest.fixture

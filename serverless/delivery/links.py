@@ -9,15 +9,14 @@ caller sends reaches a file system: the place comes only out of a token this ser
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
 import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..core import b64url
 from ..errors import Forbidden
 from .convert import FORMATS, Conversion
 
@@ -48,7 +47,7 @@ def sign(secret: bytes, item: Mapping[str, Any], expires: int, conversion: Conve
     if conversion.max_side is not None:
         claims["side"] = conversion.max_side
     body = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
-    return f"{_b64(body)}.{_b64(_mac(secret, body))}"
+    return f"{b64url.encode(body)}.{b64url.encode(b64url.mac(secret, body))}"
 
 
 def verify(secret: bytes, token: str, now: float, query: Mapping[str, str] | None = None) -> FileLink:
@@ -75,11 +74,15 @@ def _claims(secret: bytes, token: str) -> dict[str, Any]:
     if not dot or len(token) > MAX_TOKEN:
         raise Forbidden("this download link is not valid")
     try:
-        body, mac = _unb64(body_text), _unb64(mac_text)
+        body, mac = b64url.decode(body_text), b64url.decode(mac_text)
     except (binascii.Error, ValueError):
         raise Forbidden("this download link is not valid") from None
     # Compare the canonical encodings too: a token must have exactly one spelling.
-    if not hmac.compare_digest(mac, _mac(secret, body)) or _b64(body) != body_text or _b64(mac) != mac_text:
+    if (
+        not hmac.compare_digest(mac, b64url.mac(secret, body))
+        or b64url.encode(body) != body_text
+        or b64url.encode(mac) != mac_text
+    ):
         raise Forbidden("this download link is not valid")
     claims = json.loads(body)
     if not isinstance(claims, dict):
@@ -97,17 +100,3 @@ def _query_matches(query: Mapping[str, str], conversion: Conversion) -> bool:
         if asked is not None and asked.strip() != str(signed):
             return False
     return True
-
-
-def _mac(secret: bytes, body: bytes) -> bytes:
-    return hmac.new(secret, body, hashlib.sha256).digest()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    if not text.isascii():
-        raise ValueError("not ASCII")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -7,14 +7,13 @@ works only on the instance that issued it (multi-instance deployments must set t
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
 import hmac
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..core import b64url
 from ..errors import Forbidden
 
 ISSUER = "comfyui-serverless"
@@ -36,7 +35,7 @@ def issue(secret: bytes, task_id: str, owner: str | None, now: float) -> str:
     """A token for following `task_id`, valid LIFETIME_S from `now`."""
     claims = {"task_id": task_id, "owner": owner, "iss": ISSUER, "exp": int(now) + LIFETIME_S}
     signing_input = f"{_encode(_HEADER)}.{_encode(claims)}"
-    return f"{signing_input}.{_b64(_mac(secret, signing_input))}"
+    return f"{signing_input}.{b64url.encode(b64url.mac(secret, signing_input.encode()))}"
 
 
 def verify(secret: bytes, token: str | None, now: float) -> Grant:
@@ -45,10 +44,10 @@ def verify(secret: bytes, token: str | None, now: float) -> Grant:
         raise Forbidden("a valid prompt_token is required (?authorization=<prompt_token>)")
     signing_input, _, mac_text = token.rpartition(".")
     try:
-        mac = _unb64(mac_text)
+        mac = b64url.decode(mac_text)
     except (binascii.Error, ValueError):
         raise Forbidden("this prompt_token is not valid") from None
-    if not hmac.compare_digest(mac, _mac(secret, signing_input)):
+    if not hmac.compare_digest(mac, b64url.mac(secret, signing_input.encode())):
         raise Forbidden("this prompt_token is not valid")
     claims = _decode(signing_input.partition(".")[2])
     task_id, owner, expires = claims.get("task_id"), claims.get("owner"), claims.get("exp")
@@ -61,7 +60,7 @@ def verify(secret: bytes, token: str | None, now: float) -> Grant:
 
 def _decode(text: str) -> dict[str, Any]:
     try:
-        claims = json.loads(_unb64(text))
+        claims = json.loads(b64url.decode(text))
     except (binascii.Error, ValueError):
         raise Forbidden("this prompt_token is not valid") from None
     if not isinstance(claims, dict):
@@ -70,18 +69,4 @@ def _decode(text: str) -> dict[str, Any]:
 
 
 def _encode(value: dict[str, Any]) -> str:
-    return _b64(json.dumps(value, separators=(",", ":")).encode())
-
-
-def _mac(secret: bytes, signing_input: str) -> bytes:
-    return hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    if not text.isascii():
-        raise ValueError("not ASCII")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return b64url.encode(json.dumps(value, separators=(",", ":")).encode())
