@@ -39,7 +39,10 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
                     await emulator.wait_ready(session, "/system_stats")
                 comfyui_url = external or (emulator.url if emulator else "")
                 figures += await suite.startup(_bare(session, comfyui_url, workdir), runs=2 if quick else 3)
-                app = procs.start_app(workdir / "app", comfyui_url)
+                # Co-located, as on FC: the adapter reads outputs from (and writes inputs to) the
+                # emulator's folders. Against COMFYUI_URL, set COMFYUI_OUTPUT_DIR etc. to do the same.
+                folders = {} if emulator is None else colocated(workdir / "comfyui")
+                app = procs.start_app(workdir / "app", comfyui_url, **folders)
                 await app.wait_ready(session, procs.HEALTH)
                 ctx = suite.Context(session, comfyui_url, app, workdir, emulated=emulator is not None)
                 for _ in range(20):  # warm both paths (imports, connection pools, caches)
@@ -62,6 +65,11 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
     order = {name: index for index, name in enumerate(sorted({f.section for f in figures}))}
     figures.sort(key=lambda f: order[f.section])  # stable: keeps each section's own order
     return figures, notes, time.monotonic() - started
+
+
+def colocated(root: Path) -> dict[str, str]:
+    """The settings of an adapter sharing ComfyUI's disk (root: ComfyUI's folder)."""
+    return {f"COMFYUI_{name.upper()}_DIR": str(root / name) for name in ("input", "output", "temp")}
 
 
 def _bare(session: aiohttp.ClientSession, comfyui_url: str, workdir: Path) -> suite.Context:

@@ -172,6 +172,21 @@ async def run_sse(
     return _images_of(received.terminal)
 
 
+async def run_ws(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any]) -> list[bytes]:
+    """The body over /api/serverless/ws?output_base64=true, read until the socket closes; the
+    last message is the terminal payload."""
+    last = None
+    async with session.ws_connect(app_url + "/api/serverless/ws?output_base64=true", max_msg_size=0) as ws:
+        await ws.send_str(json.dumps(workflow))
+        async for frame in ws:
+            if frame.type == aiohttp.WSMsgType.TEXT:
+                last = frame.data
+    if last is None:
+        raise JobFailed("the websocket closed without a message")
+    payload = json.loads(last)
+    return _images_of(payload if isinstance(payload, dict) else {})
+
+
 async def open_stream(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any]) -> aiohttp.ClientResponse:
     """Start an SSE job and return once its first event arrived; the caller closes the response."""
     resp = await session.post(app_url + RUN, params={"stream": "true"}, data=json.dumps(workflow), timeout=NO_LIMIT)

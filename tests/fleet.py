@@ -124,7 +124,7 @@ class Tier:
             "STATUS_DIR": str(self.root / "unused-status"),
             "FC_INSTANCE_ID": "t",
             "COMFYUI_RECONNECT_TIMEOUT": "5",
-            "LOG_LEVEL": "info",
+            "LOG_LEVEL": "debug",  # "job start" lines (debug) tell which worker ran what
             **self.env,
         }
 

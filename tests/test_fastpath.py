@@ -34,10 +34,13 @@ from tests.test_stream import (
     TERMINAL_TYPES,
     assert_forwarded_as_sent,
     client_id_of,
+    in_background,
     prompt_id_of,
+    prompt_ids,
     read_events,
     sent_to,
     set_step_delay,
+    status_log,
     stream,
 )
 
@@ -257,3 +260,36 @@ def test_the_folders_of_the_comfyui_we_start_are_derived_from_its_command():
     assert comfyui_folders(settings, ["python", "main.py"]) == Folders(
         output=Path("/o"), temp=Path("/c/temp"), input=Path("/c/input")
     )
+
+
+# -- status broadcasts: to the callers that get ComfyUI's messages, not to every job ---------------
+
+
+def test_status_broadcasts_reach_streams_but_not_sync_logs_which_still_tell_their_place_in_the_queue(
+    own_emulator, start_app
+):
+    # ComfyUI sends `status` to every client on each queue change: with N jobs waiting that is
+    # ~3N broadcasts per job. A stream forwards them (the contract); a sync job's log leaves them
+    # out, and learns its place in the queue by asking ComfyUI (every PROGRESS_INTERVAL).
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url)
+    first = in_background(lambda: run_stream(server.url, txt2img(seed=700, steps=20, prefix="head")))
+    wait_until(lambda: prompt_ids(own_emulator.url, "head", "running"))
+    sync_id = f"sync-behind-{os.getpid()}"
+    behind = in_background(
+        lambda: post_run(server.url, txt2img(seed=701, steps=2, prefix="behind"), headers={"x-fc-trace-id": sync_id})
+    )
+    wait_until(lambda: prompt_ids(own_emulator.url, "behind", "pending"))
+    streamed = first.result(timeout=60)
+    assert behind.result(timeout=60).json()["type"] == "serverless_api"
+
+    head_id = json.loads(streamed[-1])["data"]["prompt_id"]
+    forwarded = comfyui_texts(streamed[:-1])
+    assert_forwarded_as_sent(forwarded, sent_to(own_emulator.url, head_id), head_id)
+    assert sum(json.loads(t)["type"] == "status" for t in forwarded) >= 2  # the queue grew and shrank
+
+    log = status_log(server, sync_id)
+    assert log[-1]["type"] == "serverless_api"
+    assert not [p for p in log if p["type"] == "status"]
+    places = [p["data"]["queue_position"] for p in log if p["type"] == "serverless_progress"]
+    assert [place for place in places if place is not None] == [1, 0]  # first in line, then running

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,28 +263,12 @@ class ComfyUI:
     async def queue(self) -> QueueState:
         return QueueState.from_answer(await self._json("GET", "/queue", "reading the queue"))
 
-    async def recent_queue(self, max_age: float = 0.1, size: int | None = None) -> QueueState:
+    async def recent_queue(self, max_age: float = 0.1) -> QueueState:
         """The queue as read at most `max_age` seconds ago: many jobs asking at once (every job
-        waiting in the queue asks when it moves) share one request. `size` is the length a
-        `status` broadcast announced: a shared read of another length was made before that
-        broadcast, so it is read again (once; a later change brings its own broadcast)."""
-        queue = await self._shared_queue(max_age)
-        if size is not None and queue.size != size:
-            queue = await self._shared_queue(max_age, stale=queue)
-        return queue
-
-    async def _shared_queue(self, max_age: float, stale: QueueState | None = None) -> QueueState:
+        waiting in the queue asks every PROGRESS_INTERVAL) share one request."""
         loop = asyncio.get_running_loop()
         read = self._queue_read
-        outdated = (
-            read is not None
-            and stale is not None
-            and read[1].done()
-            and not read[1].cancelled()
-            and read[1].exception() is None
-            and read[1].result() is stale
-        )
-        if read is None or loop.time() - read[0] > max_age or outdated:
+        if read is None or loop.time() - read[0] > max_age:
             self._queue_read = read = (loop.time(), asyncio.ensure_future(self.queue()))
         return await asyncio.shield(read[1])
 
@@ -390,11 +374,15 @@ class ComfyUI:
         return filename
 
     @contextlib.asynccontextmanager
-    async def connect(self, prompt_id: str) -> AsyncIterator[Connection]:
+    async def connect(
+        self, prompt_id: str, forward: Callable[[Message], None] | None = None
+    ) -> AsyncIterator[Connection]:
         """Follow `prompt_id` on the shared websocket, once it is open (ComfyUIUnavailable when
-        it cannot be opened); submit the prompt with `connection.client_id`. Unregistered on exit."""
+        it cannot be opened); submit the prompt with `connection.client_id`. Unregistered on exit.
+        `forward` takes ComfyUI's `status` broadcasts (in order with the prompt's messages),
+        for a job whose caller gets them; without it the job gets none."""
         await self.listener.ready()
-        connection = Connection(self.listener, self.listener.register(prompt_id))
+        connection = Connection(self.listener, self.listener.register(prompt_id, forward))
         try:
             yield connection
         finally:

@@ -64,10 +64,13 @@ Item = Message | Broken | Recovered
 
 
 class Inbox:
-    """The items routed to one job, in the order the socket delivered them."""
+    """The items routed to one job, in the order the socket delivered them. `status` broadcasts
+    go only to a job that forwards them (`forward`), and straight to it while its inbox is empty
+    (every earlier message taken, so still in order): no wake-up of the job per broadcast."""
 
-    def __init__(self, prompt_id: str) -> None:
+    def __init__(self, prompt_id: str, forward: Callable[[Message], None] | None = None) -> None:
         self.prompt_id = prompt_id
+        self.forward = forward
         self.items: asyncio.Queue[Item] = asyncio.Queue()
         self.broken = False  # a break not yet followed by a recovery
 
@@ -111,8 +114,8 @@ class Listener:
             if error is not None:
                 raise error
 
-    def register(self, prompt_id: str) -> Inbox:
-        inbox = Inbox(prompt_id)
+    def register(self, prompt_id: str, forward: Callable[[Message], None] | None = None) -> Inbox:
+        inbox = Inbox(prompt_id, forward)
         self._inboxes[prompt_id] = inbox
         return inbox
 
@@ -194,9 +197,16 @@ class Listener:
 
     def _route(self, message: Message) -> None:
         if message.type == "status":
+            # ComfyUI sends it to every client on each queue change: with N jobs waiting, N
+            # broadcasts per job. Parsed once, the same message goes to the jobs that forward it.
             self.latest_status = message
             for each in self._inboxes.values():
-                each.items.put_nowait(message)
+                if each.forward is None:
+                    continue
+                if each.items.empty():
+                    each.forward(message)
+                else:
+                    each.items.put_nowait(message)
             return
         prompt_id = message.prompt_id
         if prompt_id is None:
@@ -272,6 +282,7 @@ class Connection:
         self.listener = listener
         self.client_id = listener.client_id
         self.greeting = listener.latest_status
+        self.complete = True  # every message of the prompt came live (no break while following)
         self._inbox = inbox
 
     async def close(self) -> None:
@@ -282,7 +293,8 @@ class Connection:
         """The messages concerning `prompt_id` (its own, and broadcasts), until ComfyUI ends the
         prompt. After a broken socket, the prompt is recovered: from its history when it ended
         meanwhile (those messages come with `live` false), else it is still queued and we listen
-        on. `lost()` true means the ComfyUI that had the prompt is gone (a supervised restart)."""
+        on. `lost()` true means the ComfyUI that had the prompt is gone (a supervised restart).
+        `complete` tells afterwards whether the socket delivered every message of the prompt."""
         if prompt_id != self._inbox.prompt_id:
             raise ValueError(f"this connection follows prompt {self._inbox.prompt_id}, not {prompt_id}")
         cut_off: float | None = None  # since when the socket is broken, until recovered
@@ -294,6 +306,7 @@ class Connection:
                     return
             elif isinstance(item, Broken):
                 log.warning("websocket lost prompt_id=%s: waiting for it to be reopened", prompt_id)
+                self.complete = False
                 cut_off = item.at if cut_off is None else cut_off
             else:
                 cut_off = None

@@ -28,11 +28,13 @@ def dumps(payload: Any) -> bytes:
     """UTF-8 JSON of `payload`, `Spliced` values joined in. Non-ASCII stays readable unless the
     payload holds a lone surrogate (echoed from a client), which only escaping can encode."""
     spliced: list[bytes] = []
-    token = f"spliced-{uuid.uuid4().hex}-"
+    token = ""  # chosen at the first Spliced value: most payloads have none
 
     def place(value: Any) -> str:
+        nonlocal token
         if not isinstance(value, Spliced):
             raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+        token = token or f"spliced-{uuid.uuid4().hex}-"
         spliced.append(value.data)
         return f"{token}{len(spliced) - 1}"
 
@@ -43,9 +45,10 @@ def dumps(payload: Any) -> bytes:
     encoded = text.encode()
     if not spliced:
         return encoded
-    pieces = re.split(rb'"' + token.encode() + rb'(\d+)"', encoded)
-    # split() alternates: text, index, text, index, ..., text
-    out = [pieces[0]]
-    for index, after in zip(pieces[1::2], pieces[2::2], strict=True):
+    # Each placeholder is `"<token><index>"`: every piece after the first starts `<index>"`.
+    first, *rest = encoded.split(b'"' + token.encode())
+    out = [first]
+    for piece in rest:
+        index, _, after = piece.partition(b'"')
         out += (b'"', spliced[int(index)], b'"', after)
     return b"".join(out)

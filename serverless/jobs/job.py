@@ -10,6 +10,7 @@ The job speaks to ComfyUI only through `serverless.comfyui.client` and imports n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +40,9 @@ HISTORY_ATTEMPTS = 5
 HISTORY_RETRY_DELAY = 0.2
 CANCEL_TIMEOUT = 5.0
 PROGRESS_INTERVAL = 0.25  # at most ~4 progress events a second, besides every change of state
+# Modes whose caller gets ComfyUI's messages as they are, its `status` broadcasts included (a
+# sync or async job's log leaves those out: with N jobs waiting, they are ~3N per job).
+RAW_MODES = ("stream", "ws")
 
 Workflow = dict[str, Any]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
@@ -105,11 +109,16 @@ class Job:
         self.clock = Clock()
         self._failure: ServerlessError | None = None
         self._outputs_seen: dict[str, dict[str, Any]] = {}
+        self._succeeded = False  # ComfyUI said `execution_success` for the prompt
         self._task: asyncio.Task[Any] | None = None
         self._stop: ServerlessError | None = None
         self.created_at = time.time()
         self.progress = Progress(task_id, prompt_id, workflow_nodes(spec.workflow), created=time.monotonic())
         self._progress_sent: tuple[tuple[State, int | None], float] | None = None
+        self._progress_due: asyncio.TimerHandle | None = None  # a new place in the queue, told soon
+        # Set once the task is known to the status store (a task no one named is claimed beside
+        # its run): its events reach callers only then, so any instance can answer for it.
+        self.known: asyncio.Event | None = None
 
     # -- for the transports ---------------------------------------------------------------------
 
@@ -118,15 +127,25 @@ class Job:
         once it is in the status log when the caller named the task: a poller told "done" by a
         stream must find the result there."""
         async for event in self.feed.follow(after, idle):
-            if event is not None and event.terminal:
-                await self._recorded()
+            if event is not None:
+                if self.known is not None and not self.known.is_set():
+                    await self.known.wait()
+                if event.terminal:
+                    await self._recorded()
             yield event
 
     async def finished(self) -> Event:
         """The terminal event, under the same rule as `events`."""
         terminal = await self.feed.wait()
+        if self.known is not None and not self.known.is_set():
+            await self.known.wait()
         await self._recorded()
         return terminal
+
+    def more_ready(self, seq: int) -> bool:
+        """Whether events after `seq`, the terminal one aside, are already published."""
+        feed = self.feed
+        return feed.last_seq - (1 if feed.done else 0) > seq
 
     async def _recorded(self) -> None:
         if self.recorder is not None and self.spec.named:
@@ -150,7 +169,7 @@ class Job:
     async def run(self) -> None:
         """Run to the end; always finishes the feed with the terminal payload."""
         self._task = asyncio.current_task()
-        log.info("job start task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
+        log.debug("job start task_id=%s prompt_id=%s", self.task_id, self.prompt_id)
         now = time.monotonic()
         first = self.progress.payload(now, time.time())  # the job's first event: queued, and whose it is
         if self.spec.owner is not None:
@@ -184,35 +203,53 @@ class Job:
             outcome.code if isinstance(outcome, ServerlessError) else "ok",
             time.monotonic() - self.clock.start,
         )
+        if self._progress_due is not None:
+            self._progress_due.cancel()
         self.progress.end(_state_of(outcome), time.monotonic())
         self._publish_progress()
         self.feed.finish(outcome)
 
     def _publish_progress(self, changed: bool = True) -> None:
-        """A `serverless_progress` event on every change of state or queue position (rare: one
-        per queue change), else at most every PROGRESS_INTERVAL seconds."""
+        """A `serverless_progress` event on every change of state, else (a new place in the queue,
+        new percent) at most every PROGRESS_INTERVAL seconds: with N jobs waiting, each job's
+        place changes N times."""
         if not changed:
             return
         now = time.monotonic()
         place = (self.progress.state, self.progress.queue_position)
         if self._progress_sent is not None:
             last_place, last_time = self._progress_sent
-            if place == last_place and now - last_time < PROGRESS_INTERVAL:
+            if place[0] == last_place[0] and now - last_time < PROGRESS_INTERVAL:
+                if place != last_place and self._progress_due is None:  # a new place is told late, not never
+                    wait = last_time + PROGRESS_INTERVAL - now
+                    self._progress_due = asyncio.get_running_loop().call_later(wait, self._publish_due)
                 return
         self._progress_sent = (place, now)
         self.feed.publish_payload(self.progress.payload(now, time.time()))
 
-    async def _ask_queue(self, remaining: int | None = None) -> None:
-        """Our place in ComfyUI's queue, while we wait in it. A `status` broadcast's count of
-        prompts left tells when there is nothing to ask (we are alone)."""
+    def _publish_due(self) -> None:
+        self._progress_due = None
+        sent = self._progress_sent
+        if not self.feed.done and sent is not None and sent[0] != (self.progress.state, self.progress.queue_position):
+            self._publish_progress()
+
+    async def _watch_queue(self) -> None:
+        """Our place in ComfyUI's queue, asked every PROGRESS_INTERVAL while we wait in it (a
+        short job never asks)."""
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            if self.progress.state != "queued":
+                return
+            with contextlib.suppress(ServerlessError):  # ComfyUI is slow to answer: next round
+                await self._ask_queue()
+
+    async def _ask_queue(self) -> None:
+        """Our place in ComfyUI's queue, while we wait in it (one `/queue` read shared by every
+        job asking within 0.1 s)."""
         if self.progress.state != "queued":
             return
-        if remaining is not None and remaining <= 1:
-            changed = self.progress.queued_at(1 if remaining == 1 else None, remaining)
-        else:
-            queue = await self.runtime.comfy.recent_queue(size=remaining)
-            changed = self.progress.queued_at(queue.position(self.prompt_id), queue.size)
-        self._publish_progress(changed)
+        queue = await self.runtime.comfy.recent_queue()
+        self._publish_progress(self.progress.queued_at(queue.position(self.prompt_id), queue.size))
 
     async def _execute(self) -> dict[str, Any]:
         runtime, spec = self.runtime, self.spec
@@ -224,23 +261,29 @@ class Job:
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
-            async with runtime.comfy.connect(self.prompt_id) as connection:
-                if connection.greeting is not None:
-                    self._observe(connection.greeting, None)
+            # A stream or websocket caller gets ComfyUI's `status` broadcasts too, published by
+            # the listener as they come (see `ComfyUI.connect`); the others leave them out.
+            forward = self._forward if spec.mode in RAW_MODES else None
+            async with runtime.comfy.connect(self.prompt_id, forward) as connection:
+                if connection.greeting is not None and forward is not None:
+                    forward(connection.greeting)
                 self.clock.submitted = time.monotonic()
                 node_errors = await runtime.comfy.submit(
                     workflow, connection.client_id, self.prompt_id, spec.extra_data, big=spec.big
                 )
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
-                async for message in connection.follow(self.prompt_id, lost):
-                    self._observe(message, collector)
-                    if message.type == "status" and self.progress.state == "queued":
-                        await self._ask_queue(_queue_remaining(message))
+                watcher = asyncio.create_task(self._watch_queue(), name=f"queue {self.task_id}")
+                try:
+                    async for message in connection.follow(self.prompt_id, lost):
+                        self._observe(message, collector)
+                finally:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
                 self.clock.ended = time.monotonic()
                 if self._failure is not None:
                     raise self._failure
-                # The websocket has nothing more to say: its close handshake overlaps the history read.
-                outputs, _ = await asyncio.gather(self._final_outputs(), connection.close())
+                await connection.close()
+                outputs = await self._final_outputs(connection.complete)
             results = await collector.results(list_outputs(outputs), spec.outputs.base64)
         finally:
             await collector.aclose()
@@ -262,6 +305,10 @@ class Job:
         """An output is read (and uploaded): a client may show it while the rest still renders."""
         self.feed.publish_payload({"type": "serverless_output", "data": item})
 
+    def _forward(self, message: Message) -> None:
+        """A broadcast for the job's caller (no prompt of ours to learn about)."""
+        self._observe(message, None)
+
     def _observe(self, message: Message, collector: OutputCollector | None) -> None:
         """Publish a live message as received; learn from those of our prompt how it goes."""
         if message.live and not self.feed.publish(message.text) and self.feed.dropped == 1:
@@ -275,6 +322,8 @@ class Job:
         self._publish_progress(self.progress.observe(message, time.monotonic()))
         if message.type == "execution_start":
             self.clock.started = time.monotonic()
+        elif message.type == "execution_success":
+            self._succeeded = True
         elif message.type == "execution_error":
             self._failure = execution_failed(message.data)
         elif message.type == "execution_interrupted":
@@ -285,9 +334,14 @@ class Job:
             if collector is not None:
                 collector.prefetch(message.output, node)
 
-    async def _final_outputs(self) -> dict[str, Any]:
-        """History's outputs (authoritative); ComfyUI writes them before its last message, but
-        retry briefly, then fall back to what `executed` messages announced."""
+    async def _final_outputs(self, complete: bool) -> dict[str, Any]:
+        """The prompt's outputs. When the socket delivered every message of a prompt that ended
+        with `execution_success`, its `executed` messages name them all: ComfyUI sends one for
+        every node with UI output, cached nodes included, and builds the history entry from the
+        same outputs. Otherwise history's (ComfyUI writes them before its last message, but
+        retry briefly), then what `executed` messages announced."""
+        if complete and self._succeeded:
+            return dict(self._outputs_seen)
         for attempt in range(HISTORY_ATTEMPTS):
             try:
                 entry = await self.runtime.comfy.history(self.prompt_id)
@@ -312,14 +366,6 @@ def _state_of(outcome: Outcome) -> State:
     if isinstance(outcome, Result):
         return "succeeded"
     return "cancelled" if isinstance(outcome, ExecutionInterrupted) else "failed"
-
-
-def _queue_remaining(message: Message) -> int | None:
-    """`status` broadcasts carry how many prompts ComfyUI holds (running and waiting)."""
-    status = message.data.get("status")
-    info = status.get("exec_info") if isinstance(status, dict) else None
-    remaining = info.get("queue_remaining") if isinstance(info, dict) else None
-    return remaining if isinstance(remaining, int) and not isinstance(remaining, bool) else None
 
 
 def execution_failed(data: dict[str, Any]) -> ExecutionFailed:

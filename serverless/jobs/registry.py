@@ -109,24 +109,52 @@ class Jobs:
     async def _start(self, spec: JobSpec, prompt_id: str) -> Job:
         task_id = spec.task_id or prompt_id
         bind_job(task_id, prompt_id)  # the job's tasks, created below, inherit it
+        feed = Feed(self.buffer_events, max_bytes=self.max_event_bytes)
+        known: asyncio.Event | None = None
+        if spec.named or spec.mode == "async":
+            # Its caller may poll the status at once (on any instance): known before we answer.
+            attempt = await self._begin(spec, task_id)
+            recorder = None if attempt is None else self.status.record(attempt, feed)
+        else:
+            # No one knows this id before the job's first event: its log is claimed beside the
+            # run, off the caller's path, and its events wait for the claim (Job.known).
+            attempt, known = None, asyncio.Event()
+            recorder = self._begin_and_record(spec, task_id, feed, known)
+        recorder_task = None if recorder is None else _own(self._recorders, recorder, f"status {task_id}")
+        job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder_task)
+        job.known = known
+        run = _own(self._runs, self._run(job), f"job {task_id}")
+        self._index[task_id] = (job, attempt)
+        run.add_done_callback(lambda _: self._forget(task_id, job))
+        return job
+
+    async def _begin(self, spec: JobSpec, task_id: str) -> Any:
+        """The task's new attempt in the status log; None when the log cannot be used and the job
+        may run without one (not an async job: its caller would poll a status that never comes)."""
         try:
-            attempt = await self.status.begin(task_id)  # the task is known from now on, on every instance
+            return await self.status.begin(task_id)  # the task is known from now on, on every instance
         except InvalidParams:
             raise  # something squats the task's name: this task cannot be recorded
         except ServerlessError as exc:  # the status folder cannot be used
             if spec.mode == "async":
                 raise ComfyUIUnavailable(f"async jobs are refused while {exc.message}") from exc
             log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
-            attempt = None
-        feed = Feed(self.buffer_events, max_bytes=self.max_event_bytes)
-        recorder = None
-        if attempt is not None:
-            recorder = _own(self._recorders, self.status.record(attempt, feed), f"status {task_id}")
-        job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder)
-        run = _own(self._runs, self._run(job), f"job {task_id}")
-        self._index[task_id] = (job, attempt)
-        run.add_done_callback(lambda _: self._forget(task_id, job))
-        return job
+            return None
+
+    async def _begin_and_record(self, spec: JobSpec, task_id: str, feed: Feed, known: asyncio.Event) -> None:
+        try:
+            attempt = await self._begin(spec, task_id)
+        except InvalidParams as exc:
+            log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
+            return
+        finally:
+            known.set()
+        if attempt is None:
+            return
+        found = self._index.get(task_id)
+        if found is not None and found[1] is None:
+            self._index[task_id] = (found[0], attempt)  # cancel requests beside it are watched
+        await self.status.record(attempt, feed)
 
     async def _run(self, job: Job) -> None:
         """The job's run, counted until its end (cancelled included)."""

@@ -89,8 +89,8 @@ class StatusLog:
         reads it. InvalidParams when something not a file squats the task's name."""
         self.path(task_id)
         with self._translated(task_id):
-            number = await self._run(files.claim, self.directory, task_id)
-            await self._publish(task_id, number)
+            number, links = await self._run(self._claim, task_id)
+            self._note_links(task_id, links)
         if number > 1:
             log.info("task_id=%s: attempt %d begins (earlier attempts kept beside it)", task_id, number)
         return Attempt(task_id, number, files.attempt_path(self.directory, task_id, number))
@@ -102,8 +102,15 @@ class StatusLog:
         with self._translated(task_id):
             return await self._run(files.numbers, self.directory, task_id)
 
+    def _claim(self, task_id: str) -> tuple[int, bool]:
+        """Claim the next attempt and publish it, in one trip to a worker thread."""
+        number = files.claim(self.directory, task_id)
+        return number, files.publish(self.directory, task_id, number, self._links)
+
     async def _publish(self, task_id: str, number: int) -> None:
-        links = await self._run(files.publish, self.directory, task_id, number, self._links)
+        self._note_links(task_id, await self._run(files.publish, self.directory, task_id, number, self._links))
+
+    def _note_links(self, task_id: str, links: bool) -> None:
         if self._links and not links:
             log.warning(
                 "the status folder %s has no hard links: %s is kept as a copy of the newest "

@@ -51,6 +51,10 @@ class TaskEvents:
         async for event in self._tail(cursor, idle):
             yield event
 
+    def more_ready(self, seq: int) -> bool:
+        """Each event is sent as it comes (a log is read in batches already)."""
+        return False
+
     async def finished(self) -> Event:
         """The terminal event (its `error` set for an error object)."""
         if self.job is not None:

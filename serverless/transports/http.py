@@ -43,6 +43,22 @@ class EventSource(Protocol):
 
     async def finished(self) -> Event: ...
 
+    def more_ready(self, seq: int) -> bool:
+        """Whether events after `seq` other than the terminal one can be read without waiting."""
+        ...
+
+
+PING = ServerSentEvent(comment="ping", sep=SEP).encode()
+
+
+def sse_event(event: Event) -> bytes:
+    """One event of the stream: its `id:` line and its payload as one `data:` line (ComfyUI's
+    text and our JSON hold no line breaks; one that does is split as sse-starlette does)."""
+    data = event.data
+    if b"\n" in data or b"\r" in data:
+        return ServerSentEvent(data=event.text, id=str(event.seq), sep=SEP).encode()
+    return b"".join((b"id: %d\ndata: " % event.seq, data, b"\n\n"))
+
 
 def abandoner(source: EventSource, settings: Settings, keep: bool = False) -> Callable[[str], None] | None:
     """What a hang-up does: only the caller that started a job cancels it, and only with
@@ -161,13 +177,19 @@ class EventStream(Response):
             await watch(self.job.task_id, deliver, caller_gone, self.abandon)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        """The stream's bytes: the events published together (a burst of ComfyUI messages) go
+        out in one write."""
         job = self.job
+        batch: list[bytes] = []
         try:
             async for event in job.events(self.after, self.settings.stream_ping_interval):
                 if event is None:
-                    yield ServerSentEvent(comment="ping", sep=SEP).encode()
-                else:
-                    yield ServerSentEvent(data=event.text, id=str(event.seq), sep=SEP).encode()
+                    yield PING
+                    continue
+                batch.append(sse_event(event))
+                if not job.more_ready(event.seq):
+                    yield b"".join(batch)
+                    batch.clear()
         except ReaderTooSlow as exc:
             # The job goes on (its status log still ends with the terminal payload); only this reader
             # is dropped. Compat clients ignore comments: this one tells a person where the rest is.
