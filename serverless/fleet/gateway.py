@@ -50,6 +50,10 @@ class RemoteJob:
                 self._terminal = event
             yield event
 
+    def more_ready(self, seq: int) -> bool:
+        """Each event is sent as it comes (Redis hands them over in batches already)."""
+        return False
+
     async def finished(self) -> Event:
         """The terminal event (followed once; later calls return it at once)."""
         async with self._lock:
