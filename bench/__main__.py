@@ -44,7 +44,8 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
                 folders = {} if emulator is None else colocated(workdir / "comfyui")
                 app = procs.start_app(workdir / "app", comfyui_url, **folders)
                 await app.wait_ready(session, procs.HEALTH)
-                ctx = suite.Context(session, comfyui_url, app, workdir, emulated=emulator is not None)
+                pid = emulator.pid if emulator is not None else int(os.environ.get("COMFYUI_PID") or 0) or None
+                ctx = suite.Context(session, comfyui_url, app, workdir, emulated=emulator is not None, comfyui_pid=pid)
                 for _ in range(20):  # warm both paths (imports, connection pools, caches)
                     await suite.run_sync(session, app.url, ctx.job("bench/warm/img"))
                 figures += await suite.overhead(ctx, jobs=50 if quick else 200)
@@ -95,41 +96,34 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "  runs it rather than answering from its cache), one at a time, alternately through ComfyUI's",
         "  own protocol (as `script_examples/websockets_api_example.py`: one websocket per client, then",
         "  `POST /prompt`, wait for `executing` with `node: null`, `GET /history/{id}`, `GET /view`) and",
-        "  through `POST /api/serverless/run?output_base64=true` (sync) or `&stream=true` (SSE); both",
-        "  end holding the PNG bytes. What the adapter adds: its own websocket per job (a new client id,",
-        "  waited for ComfyUI's greeting), the HTTP hop, and the status log (read at start, appended and",
-        "  fsynced as events come, the last append awaited before answering).",
+        "  through `POST /api/serverless/run?output_base64=true` (sync), `&stream=true` (SSE) or",
+        "  `/api/serverless/ws` (one websocket per job, as the documented clients do); all end holding",
+        "  the PNG bytes. The adapter runs co-located, as on FC: `COMFYUI_OUTPUT_DIR`, `_TEMP_DIR` and",
+        "  `_INPUT_DIR` name ComfyUI's folders (against `COMFYUI_URL`, set them to do the same).",
         "- **Throughput**: N clients each looping that job for a fixed window after a warm-up; jobs/s",
         "  between the first and the last completion in the window, and the ratio to N native clients;",
         "  the app's CPU time per job from /proc. ComfyUI runs one prompt at a time, so more clients",
         "  mostly add queueing.",
         "- **Event latency**: the emulator stamps every websocket text with `time.monotonic()` just before",
         "  writing it (`GET /emulator/sent?client_id=&times=1`); the SSE client stamps each `data:` line",
-        "  as it reads it (the same system-wide CLOCK_MONOTONIC). A job's client id is the `sid` of its",
-        "  first event (ComfyUI's `status` greeting). KSampler steps 10 ms apart, so events do not queue",
-        "  behind each other. The native-client row is the floor (ComfyUI to a Python client directly).",
+        "  as it reads it (the same system-wide CLOCK_MONOTONIC). KSampler steps 10 ms apart, so events",
+        "  do not queue behind each other. The native-client row is the floor (ComfyUI to a Python",
+        "  client directly).",
         "- **Memory**: VmRSS of the app process. Open streams: SSE jobs queued behind a long one, all",
-        "  holding a connection and a ComfyUI websocket. Base64: a fresh app, warmed by 3 small jobs, then",
-        "  one job whose PNG is ~20 MB of noise; peak is VmHWM after resetting it (`clear_refs`).",
+        "  holding a connection. Base64: a fresh app, warmed by 3 small jobs, then one job whose PNG is",
+        "  ~20 MB of noise; peak is VmHWM after resetting it (`clear_refs`).",
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",
         "",
-        "What the figures say:",
-        "- The adapter adds about 4-5 ms (p50) to a job, and spends about 5-6 ms of CPU on it: its own",
-        "  websocket per job (connect, ComfyUI's greeting, close), the HTTP hop, `/history` and `/view`,",
-        "  and the status log (read when the job starts, appended and fsynced in worker threads as",
-        "  events come). The goal (<= 5 ms) holds on a quiet machine, not when other work shares the cores.",
-        "- Throughput: the emulator runs this job in ~4 ms of CPU, about what the adapter spends on it,",
-        "  on the same two cores; so against such jobs the adapter cannot reach 0.9 of a native client.",
-        "  With jobs of ~100 ms (still far below any real model run) it does. With many clients, every",
-        "  waiting job also relays ComfyUI's queue broadcasts (`status`, sent to every open websocket on",
-        "  each queue change: ~3 x N messages per completed job at N clients), each parsed, published,",
-        "  logged and, for SSE, sent: the adapter's CPU per job grows with N.",
-        "- An event reaches an SSE client well within the goal, under 1 ms (p50) after a native client.",
-        "- Idle memory is well under the goal; oss2's import alone is ~24 MiB of it. A large output",
-        "  returned as base64 is held as text several times at once (the result, its JSON text, and the",
-        "  encoded copies made for the status log and for the response), hence the peak.",
+        "What the adapter does per job (so what the figures cost): the HTTP hop; `POST /prompt` on the",
+        "instance's one websocket client id (no socket per job); ComfyUI's messages routed by prompt id;",
+        "outputs named by its `executed` messages (`/history` is read only after a broken socket) and",
+        "read from its output folder (`/view` when the folder is not ours); the status log claimed",
+        "beside the run and appended in a worker thread (awaited before answering only when the caller",
+        "named the task). ComfyUI's `status` broadcasts (one per queue change, to every client) go only",
+        "to SSE and websocket callers; a sync or async job asks its place in the queue every 0.25 s",
+        "while it waits.",
     ]
     if notes:
         lines += ["", "Notes from this run:", *(f"- {note}" for note in notes)]

@@ -57,6 +57,7 @@ class Context:
     app: procs.Server
     workdir: Path
     emulated: bool  # the emulator's hooks are there (not a real ComfyUI)
+    comfyui_pid: int | None = None  # ComfyUI's process, for its CPU per job (COMFYUI_PID for a real one)
     notes: list[str] = field(default_factory=list)
     colors: count[int] = field(default_factory=lambda: count(1))
 
@@ -108,13 +109,17 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
             "ws": lambda: run_ws(ctx.session, ctx.app.url, ctx.job("bench/overhead-ws/img")),
         }
         cpu = 0.0
+        comfyui_cpu = dict.fromkeys(runs, 0.0)  # ComfyUI's CPU seconds spent on each kind of job
         for index in range(warmup + jobs):
             if index == warmup:
                 cpu = procs.cpu_seconds(ctx.app.pid)
             for name, run in runs.items():
+                before = procs.cpu_seconds(ctx.comfyui_pid) if ctx.comfyui_pid else 0.0
                 elapsed = await timed(run)
                 if index >= warmup:
                     series[name].append(elapsed)
+                    if ctx.comfyui_pid:  # clock ticks: each reading is coarse, their sum is not biased
+                        comfyui_cpu[name] += procs.cpu_seconds(ctx.comfyui_pid) - before
         cpu_per_job = (procs.cpu_seconds(ctx.app.pid) - cpu) * 1000 / (3 * jobs)
     native, sync, sse, ws = (ms(series[k]) for k in ("native", "sync", "sse", "ws"))
     p = percentile
@@ -137,6 +142,27 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
             for name, values, limit in (("sync", sync, 1.0), ("SSE", sse, 1.5), ("websocket", ws, 1.5))
         ),
         info(section, "app CPU per job", cpu_per_job, "ms", "sync, SSE and websocket jobs above, averaged"),
+        *_comfyui_cpu(section, comfyui_cpu, jobs),
+    ]
+
+
+def _comfyui_cpu(section: str, spent: dict[str, float], jobs: int) -> list[Figure]:
+    """ComfyUI's own CPU per job, native client against the adapter's jobs (none without its pid)."""
+    if not any(spent.values()):
+        return [info(section, "ComfyUI CPU per job", None, "", "set COMFYUI_PID to measure a real ComfyUI's")]
+    native = spent["native"] * 1000 / jobs
+    adapter = sum(v for k, v in spent.items() if k != "native") * 1000 / ((len(spent) - 1) * jobs)
+    return [
+        info(section, "ComfyUI CPU per job, native client", native, "ms"),
+        goal(
+            section,
+            "ComfyUI CPU per job, through the adapter",
+            adapter,
+            "ms",
+            "<= native",
+            lambda v: v <= native,
+            "sync, SSE and websocket averaged",
+        ),
     ]
 
 
