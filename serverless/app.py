@@ -155,8 +155,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.resources = resources
             app.state.prewarm = lifecycle.Prewarm()
             app.state.queue_watch = lifecycle.QueueWatch(settings.queue_stall_after)
-            pruner = asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))
-            cancels = asyncio.create_task(jobs.watch_cancels())  # cancels asked through other instances
+            background = [asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))]
+            if settings.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
+                background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others
             try:
                 async with fleet.running(resources, jobs) as tier:  # the Redis tier, if configured
                     app.state.jobs, app.state.consumer = tier.jobs, tier.consumer
@@ -165,12 +166,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                         await tier.jobs.drain(settings.drain_timeout)
                     await jobs.drain(settings.drain_timeout)
             finally:
-                pruner.cancel()
-                cancels.cancel()
-                await asyncio.gather(pruner, cancels, return_exceptions=True)
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
 
     routes = [  # each endpoint is a few lines: the work is in the modules it calls
-        *fleet.routes(settings.queue_backend),  # the Redis tier's cancel, before ours (none without a queue)
         Route("/api/serverless/run", run, methods=["POST"]),
         Route("/api/serverless/status", status, methods=["GET"]),
         Route("/api/serverless/task", control.task, methods=["GET"]),

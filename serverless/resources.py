@@ -116,13 +116,6 @@ class Resources:
                     if oss is not None:
                         oss.close()
 
-    def status_log(self) -> StatusLog:
-        """The status log on the shared disk, which job control, idempotency and GenStudio's API
-        read (their Redis side is not built yet: with STATUS_BACKEND=redis they answer 503)."""
-        if not isinstance(self.status, StatusLog):
-            raise ComfyUIUnavailable("this endpoint needs STATUS_BACKEND=file (its Redis side is not built yet)")
-        return self.status
-
     def runtime(self) -> Runtime:
         """The collaborators every job uses."""
         return Runtime(

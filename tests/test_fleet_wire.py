@@ -46,10 +46,16 @@ def test_a_queued_spec_carries_no_credentials_and_the_worker_uses_its_own() -> N
     )
 
 
-def test_the_idempotency_fingerprint_ignores_the_mode_but_not_the_workflow() -> None:
+def test_a_queued_spec_carries_its_owner_so_the_workers_log_names_it() -> None:
+    assert decode_spec(encode_spec(spec(owner="0f" * 16)), None).owner == "0f" * 16
+    assert decode_spec(encode_spec(spec()), None).owner is None
+
+
+def test_the_idempotency_fingerprint_ignores_the_mode_but_not_the_workflow_nor_the_caller() -> None:
     assert fingerprint(spec()) == fingerprint(spec(mode="async", task_id="other"))
     assert fingerprint(spec()) != fingerprint(spec(workflow={"2": {}}))
     assert fingerprint(spec()) != fingerprint(spec(outputs=OutputPolicy()))
+    assert fingerprint(spec(owner="a" * 32)) != fingerprint(spec(owner="b" * 32))
 
 
 def test_the_stored_terminal_leaves_base64_out_with_a_note_and_marks_a_retry() -> None:

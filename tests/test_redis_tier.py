@@ -17,10 +17,11 @@ import pytest
 import redis
 import requests
 
+from serverless.errors import ExecutionInterrupted
 from serverless.status.redis import RedisStatus, connect
 from tests.fleet import RedisServer, Tier
 from tests.helpers import RUN, empty_image, post_run, txt2img, wait_until
-from tests.test_stream import payloads, read_events
+from tests.test_stream import in_background, payloads, read_events, set_step_delay
 from tests.test_websocket import run as ws_run
 
 pytestmark = pytest.mark.timeout(180)
@@ -78,6 +79,43 @@ def slow(seed: int, steps: int = 30) -> dict[str, Any]:
     return txt2img(seed=seed, steps=steps, prefix=f"slow{seed}")
 
 
+TASK, CANCEL, EVENTS = "/api/serverless/task", "/api/serverless/cancel", "/api/serverless/events"
+KEY_A, KEY_B = "sk-a-0123456789abcdef", "sk-b-fedcba9876543210"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def summary(base_url: str, task_id: str, **headers: str) -> requests.Response:
+    return requests.get(base_url + TASK, params={"task_id": task_id}, headers=headers, timeout=10)
+
+
+def task_events(
+    base_url: str, task_id: str, last_seen: int | None = None, **headers: str
+) -> list[tuple[int | None, str]]:
+    """`GET /events` to the end: each event's (id, data) as received."""
+    if last_seen is not None:
+        headers["Last-Event-ID"] = str(last_seen)
+    with requests.get(
+        base_url + EVENTS, params={"task_id": task_id}, headers=headers, stream=True, timeout=60
+    ) as response:
+        assert response.status_code == 200, response.text
+        return [(event.id, event.data) for event in read_events(response) if event.data is not None]
+
+
+def assert_same_everywhere(base_urls: list[str], task_id: str) -> dict[str, Any]:
+    """`status`, `task` and `events` of an ended task answer the same from every gateway; returns
+    the summary."""
+    answers = [(status(url, task_id), summary(url, task_id).json(), task_events(url, task_id)) for url in base_urls]
+    logged, told, events = answers[0]
+    assert all(answer == answers[0] for answer in answers[1:]), "every gateway answers the same"
+    assert [json.loads(data) for _, data in events] == logged
+    assert [seq for seq, _ in events] == list(range(1, len(logged) + 1))
+    assert told["error" if logged[-1]["type"] == "error" else "result"] == logged[-1]
+    return told
+
+
 # -- the status store in process ----------------------------------------------------------------
 
 
@@ -93,8 +131,8 @@ def test_a_reader_never_sees_a_begun_attempt_without_its_owners_mark(redis_serve
 
         async def reader(task_id: str) -> None:
             while not done.is_set():
-                newest, alive = await store._attempt_state(task_id, 1)
-                if newest == 1 and alive is False:
+                tip = await store._attempt_state(task_id, 1)
+                if tip.newest == 1 and tip.alive is False:
                     seen_lost.append(task_id)
                     return
 
@@ -113,6 +151,36 @@ def test_a_reader_never_sees_a_begun_attempt_without_its_owners_mark(redis_serve
         return seen_lost
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_log_resumed_after_its_end_says_so_at_once_and_the_lost_error_comes_once(redis_server: RedisServer) -> None:
+    """As the file store: the "instance lost" error is the event after the last stored one, and a
+    follower resumed after the terminal payload (or that error) gets nothing more, at once."""
+
+    async def scenario() -> None:
+        client = connect(redis_server.url(next(_databases)))
+        store = RedisStatus(client, stale_after=60, retention_days=1, max_event_bytes=1 << 20)
+
+        async def follow(task_id: str, after: int) -> list[tuple[int, bool]]:
+            async with asyncio.timeout(0.5 if after else 2.0):  # from the start: one XREAD BLOCK first
+                return [(e.seq, e.terminal) async for e in store.follow(task_id, after) if e is not None]
+
+        try:
+            await store.begin("ended")
+            await store.append_terminal("ended", 1, ExecutionInterrupted("cancelled by request"))
+            assert await follow("ended", 0) == [(1, True)] and await follow("ended", 1) == []
+            await store.begin("lost")
+            await client.delete("task:lost:1:alive")  # its owner died before writing anything
+            assert await follow("lost", 0) == [(1, True)] and await follow("lost", 1) == []
+            assert json.loads(await store.read("lost"))[0]["error_code"] == "COMFYUI_UNAVAILABLE"
+            assert await store.read("lost", after=1) == b"[]" and await store.read("lost", attempt=2) == b"[]"
+            assert (await store.summary("lost") or {})["state"] == "failed"
+            assert await store.summary("nobody") is None and not await store.known("nobody")
+            assert await store.owner("nobody") == ""
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
 
 
 # -- throughput and the documentation's clients ---------------------------------------------------
@@ -235,6 +303,8 @@ def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier
     assert sum(w.started().count("doomed") for w in workers) == 2
     first_attempt = status(gateways[1].url, "doomed", attempt="1")
     assert first_attempt[-1]["error_code"] == "COMFYUI_UNAVAILABLE" and "lost" in first_attempt[-1]["error_message"]
+    told = assert_same_everywhere([g.url for g in gateways], "doomed")
+    assert told["state"] == "failed" and told["error"]["error_code"] == "WORKER_LOST"
 
 
 def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: Callable[..., Tier]) -> None:
@@ -250,6 +320,8 @@ def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: C
     logged = wait_ended(gateways[1].url, "victim", timeout=40)
     assert logged[-1]["type"] == "serverless_api" and logged[-1]["retried"] is True
     assert status(gateways[0].url, "victim") == logged
+    told = assert_same_everywhere([g.url for g in gateways], "victim")
+    assert told["state"] == "succeeded" and told["percent"] == 100 and told["result"]["retried"] is True
     survivor = next(w for w in workers if w is not victim)
     assert "victim" in survivor.started()
     for n in range(4):
@@ -278,6 +350,139 @@ def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_no
     assert logged[-1]["error_code"] == "WORKER_LOST" and "outputs" in logged[-1]["error_message"]
     assert attempts(fleet.redis_url, "charged") == 1
     assert sum(w.started().count("charged") for w in workers) == 1, "not run a second time"
+
+
+# -- job control from any gateway ------------------------------------------------------------------
+
+
+def test_events_resume_after_last_event_id_on_another_gateway_while_running_and_once_ended(
+    tier: Callable[..., Tier],
+) -> None:
+    fleet = tier()
+    first, second = fleet.gateway(), fleet.gateway()
+    fleet.worker(step_delay=0.1)
+    with requests.post(
+        first.url + RUN,
+        params={"stream": "true"},
+        data=json.dumps(slow(21, steps=25)),
+        headers={"x-fc-async-task-id": "resumed"},
+        stream=True,
+        timeout=60,
+    ) as response:
+        received = (event for event in read_events(response) if event.data is not None)
+        seen = [(event.id, event.data) for event in itertools.islice(received, 3)]
+        assert summary(second.url, "resumed").json()["state"] in ("queued", "running"), "it still runs"
+        live = in_background(lambda: task_events(second.url, "resumed", last_seen=3))
+        seen += [(event.id, event.data) for event in received]
+    everything = seen
+    assert [seq for seq, _ in everything] == list(range(1, len(everything) + 1))
+    assert json.loads(everything[-1][1])["type"] == "serverless_api"
+    assert live.result(timeout=30) == everything[3:], "resumed live, exactly after event 3"
+
+    for last_seen in (0, 1, len(everything) // 2, len(everything) - 1):
+        assert task_events(second.url, "resumed", last_seen) == everything[last_seen:], last_seen
+    by_query = requests.get(second.url + EVENTS, params={"task_id": "resumed", "after": "5"}, stream=True, timeout=10)
+    assert [(e.id, e.data) for e in read_events(by_query) if e.data is not None] == everything[5:]
+    started = time.monotonic()
+    assert task_events(second.url, "resumed", len(everything)) == [], "nothing after the terminal payload"
+    assert time.monotonic() - started < 0.5, "an ended log says so at once"
+
+
+def test_the_task_summary_from_any_gateway_queued_running_ended_unknown_and_malformed(
+    tier: Callable[..., Tier],
+) -> None:
+    fleet = tier()
+    first, second = fleet.gateway(), fleet.gateway()
+    fleet.worker(step_delay=0.1)
+    assert submit_async(first.url, slow(22, steps=30), "summarised").status_code == 202
+    wait_until(lambda: any(p["type"] == "execution_start" for p in status(first.url, "summarised")))
+    assert submit_async(first.url, empty_image(prefix="waiting"), "waiting").status_code == 202
+    waiting = summary(second.url, "waiting")  # queued in Redis: no worker has begun it
+    assert waiting.status_code == 200 and waiting.json()["state"] == "queued", waiting.text
+
+    running = wait_until(lambda: (r := summary(second.url, "summarised").json())["percent"] > 0 and r)
+    assert running["state"] == "running" and running["percent"] < 100
+    assert running["started_at"] and running["ended_at"] is None
+    assert "result" not in running and "error" not in running
+
+    logged = wait_ended(first.url, "summarised")
+    ended = summary(second.url, "summarised").json()
+    assert ended["state"] == "succeeded" and ended["percent"] == 100 and ended["result"] == logged[-1]
+    assert ended == summary(first.url, "summarised").json()
+
+    for path in (TASK, EVENTS):
+        unknown = requests.get(second.url + path, params={"task_id": "nobody"}, timeout=10)
+        assert unknown.status_code == 404 and unknown.json()["raw"]["state"] == "unknown", (path, unknown.text)
+        malformed = requests.get(second.url + path, params={"task_id": "../etc"}, timeout=10)
+        assert malformed.status_code == 400 and malformed.json()["error_code"] == "INVALID_PARAMS", path
+
+
+def test_with_api_keys_a_task_of_key_a_is_unknown_to_key_b_through_another_gateway(tier: Callable[..., Tier]) -> None:
+    fleet = tier(API_KEYS=f"{KEY_A},{KEY_B}")
+    first, second = fleet.gateway(), fleet.gateway()
+    headers = {**bearer(KEY_A), "x-fc-invocation-type": "async", "x-fc-async-task-id": "owned"}
+    assert post_run(first.url, slow(23, steps=60), headers=headers).status_code == 202
+    query = {"task_id": "owned"}
+
+    def theirs_are_unknown() -> None:
+        for method, path in (("GET", TASK), ("GET", EVENTS), ("POST", CANCEL)):
+            theirs = requests.request(method, second.url + path, params=query, headers=bearer(KEY_B), timeout=10)
+            assert theirs.status_code == 404 and theirs.json()["raw"]["state"] == "unknown", (path, theirs.text)
+        polled = requests.get(second.url + "/api/serverless/status", params=query, headers=bearer(KEY_B), timeout=10)
+        assert polled.status_code == 404 and "serverless_progress" not in polled.text
+
+    assert summary(second.url, "owned", **bearer(KEY_A)).json()["state"] == "queued"  # no worker yet
+    theirs_are_unknown()
+    fleet.worker(step_delay=0.1)
+    mine = wait_until(lambda: (r := summary(second.url, "owned", **bearer(KEY_A)).json())["state"] == "running" and r)
+    assert mine["task_id"] == "owned"
+    theirs_are_unknown()
+    cancelled = requests.post(second.url + CANCEL, params=query, headers=bearer(KEY_A), timeout=10)
+    assert cancelled.status_code == 202, cancelled.text
+    polled = requests.get(second.url + "/api/serverless/status", params=query, headers=bearer(KEY_A), timeout=10)
+    assert polled.status_code == 200 and polled.json()[0]["type"] == "serverless_progress"
+    assert polled.json()[0]["data"]["owner"], "the worker's log names the owner, as one box's does"
+    logged = wait_until(
+        lambda: (r := summary(second.url, "owned", **bearer(KEY_A)).json())["state"] == "cancelled" and r, timeout=5
+    )
+    assert logged["error"]["error_message"] == "cancelled by request"
+    theirs_are_unknown()
+    assert requests.get(second.url + TASK, params=query, timeout=10).status_code == 401
+
+
+def test_without_a_queue_instances_sharing_redis_answer_and_cancel_for_each_other(
+    redis_server: RedisServer, own_emulator: Any, start_app: Callable[..., Any]
+) -> None:
+    """STATUS_BACKEND=redis, QUEUE_BACKEND=none: each instance runs its callers' jobs, any answers."""
+    env = {"STATUS_BACKEND": "redis", "REDIS_URL": redis_server.url(next(_databases)), "API_KEYS": f"{KEY_A},{KEY_B}"}
+    one, two = start_app(own_emulator.url, FC_INSTANCE_ID="one", **env), start_app(own_emulator.url, **env)
+    set_step_delay(own_emulator, 0.1)
+    headers = {**bearer(KEY_A), "x-fc-invocation-type": "async", "x-fc-trace-id": "local"}
+    assert post_run(one.url, slow(24, steps=60), headers=headers).status_code == 202
+    wait_until(lambda: (r := summary(two.url, "local", **bearer(KEY_A))).status_code == 200 and r.json()["percent"])
+    for method, path in (("GET", TASK), ("GET", EVENTS), ("POST", CANCEL)):
+        theirs = requests.request(method, two.url + path, params={"task_id": "local"}, headers=bearer(KEY_B), timeout=9)
+        assert theirs.status_code == 404 and theirs.json()["raw"]["state"] == "unknown", (path, theirs.text)
+    followed = in_background(lambda: task_events(two.url, "local", **bearer(KEY_A)))
+
+    asked = time.monotonic()
+    stopping = requests.post(two.url + CANCEL, params={"task_id": "local"}, headers=bearer(KEY_A), timeout=10)
+    assert stopping.status_code == 202 and stopping.json() == {"task_id": "local", "state": "cancelling"}
+    told = wait_until(lambda: (r := summary(two.url, "local", **bearer(KEY_A)).json())["state"] == "cancelled" and r)
+    assert time.monotonic() - asked < 2.0
+    events = followed.result(timeout=10)
+    logged = requests.get(
+        one.url + "/api/serverless/status", params={"task_id": "local"}, headers=bearer(KEY_A), timeout=10
+    ).json()
+    assert [json.loads(data) for _, data in events] == logged and told["error"] == logged[-1]
+    assert logged[-1]["error_message"] == "cancelled by request"
+
+    key = {**bearer(KEY_A), "Idempotency-Key": "local-once"}
+    answers = [post_run(app.url, empty_image(prefix="once"), headers=key) for app in (one, two)]
+    assert [a.status_code for a in answers] == [200, 200] and answers[0].json() == answers[1].json()
+    assert post_run(two.url, empty_image(prefix="other"), headers=key).status_code == 409
+    other_caller = {**bearer(KEY_B), "Idempotency-Key": "local-once"}
+    assert post_run(two.url, empty_image(prefix="once"), headers=other_caller).status_code == 409
 
 
 # -- cancel, priority, idempotency -----------------------------------------------------------------

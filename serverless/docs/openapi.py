@@ -133,7 +133,11 @@ def schemas() -> dict[str, Any]:
         "Task": _task_schema(),
         "Cancelling": {
             "type": "object",
-            "properties": {"task_id": {"type": "string"}, "state": {"const": "cancelling"}},
+            "properties": {
+                "task_id": {"type": "string"},
+                # "cancelled": on the Redis tier, a job still queued is removed at once
+                "state": {"enum": ["cancelling", "cancelled"]},
+            },
         },
         "Health": {
             "type": "object",

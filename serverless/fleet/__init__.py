@@ -2,7 +2,8 @@
 
 `running` is what the app's lifespan enters: it yields the jobs object the transports use (a
 gateway's `RemoteJobs`, or the app's own `Jobs` when there is no queue) and runs this instance's
-consumer when its ROLE takes jobs. `routes` adds the cancel endpoint of the tier.
+consumer when its ROLE takes jobs. Job control's endpoints serve the tier too: a cancel goes
+through the queue (`RemoteJobs.queue`), summaries and events are read from the status streams.
 """
 
 from __future__ import annotations
@@ -14,11 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
-from ..errors import InvalidParams
 from ..jobs.registry import Jobs
 from ..resources import Resources
 from ..settings import Settings
@@ -62,26 +58,6 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         if consumer_task is not None:
             consumer_task.cancel()
             await asyncio.gather(consumer_task, return_exceptions=True)
-
-
-async def cancel(request: Request) -> Response:
-    """POST /api/serverless/cancel?task_id=X on the Redis tier: 202 `{"task_id", "state"}`
-    ("cancelled" when it was still queued, "cancelling" when its worker stops it); 409 when it
-    has ended, 404 when unknown."""
-    task_id = request.query_params.get("task_id")
-    if not task_id:
-        raise InvalidParams("task_id is required")
-    front = request.app.state.jobs
-    assert isinstance(front, RemoteJobs)
-    state = await front.queue.cancel(task_id)
-    return JSONResponse({"task_id": task_id, "state": state}, status_code=202)
-
-
-def routes(queue_backend: str) -> list[Route]:
-    """The tier's own endpoints (none without a queue)."""
-    if queue_backend != "redis":
-        return []
-    return [Route("/api/serverless/cancel", cancel, methods=["POST"])]
 
 
 def health(settings: Settings, consumer: Consumer | None) -> dict[str, Any]:

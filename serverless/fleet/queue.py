@@ -2,6 +2,7 @@
 
     jobs:<priority>             a stream per priority (high, normal, low), consumer group `workers`
     job:<task_id>               "<stream> <entry id>" of the task's newest submission
+    task:<task_id>:owner        whose it is (`serverless.status.redis`): known, queued, from now on
     idem:<key>                  "<task_id> <fingerprint>" of the first request with that Idempotency-Key
     run:<task_id>:<entry id>    who took that submission: a worker's name, or "cancelled" (SET NX)
     cancel:<task_id>:<entry id> a cancel request its worker watches
@@ -24,7 +25,7 @@ import redis.asyncio as aioredis
 from ..core.request import validate_task_id
 from ..errors import ExecutionInterrupted, InvalidParams, NotFound
 from ..jobs.spec import JobSpec
-from ..status.redis import RedisStatus, translated
+from ..status.redis import RedisStatus, owner_key, translated
 from .wire import GROUP, encode_spec, fingerprint, stream
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,10 @@ class RedisQueue:
         following = await self.status.current(task_id) + 1
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
         entry: Any = await self.client.xadd(stream(priority), fields)  # type: ignore[arg-type]
-        await self.client.set(f"job:{task_id}", f"{stream(priority)} {entry.decode()}", ex=self.status.ttl)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(f"job:{task_id}", f"{stream(priority)} {entry.decode()}", ex=self.status.ttl)
+            pipe.set(owner_key(task_id), spec.owner or "", ex=self.status.ttl)  # "": anyone's
+            await pipe.execute()
         return following, entry
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
@@ -92,10 +96,8 @@ class RedisQueue:
         if value is None:  # expired in between: a new request after all
             raise TaskConflict("the Idempotency-Key expired while it was used; send the request again")
         task_id, _, used = value.decode().partition(" ")
-        if used != fingerprint(spec):
-            raise TaskConflict(
-                f"Idempotency-Key {key} was used for another request (task {task_id})", raw={"task_id": task_id}
-            )
+        if used != fingerprint(spec):  # which task, only its own caller may learn (it may be another key's)
+            raise TaskConflict(f"Idempotency-Key {key} was used with another request", raw={"idempotency_key": key})
         log.info("Idempotency-Key %s: attached to task_id=%s", key, task_id)
         return Submitted(task_id, None, True)
 

@@ -1,4 +1,5 @@
-"""What travels through the Redis queue, and back (pure): a job's spec without its credentials,
+"""What travels through the Redis queue, and back (pure): a job's spec without its credentials
+(with its `owner`, the caller's key digest, so that the worker's log names it as one box's does),
 the idempotency fingerprint of a request, and an error rebuilt from its stored payload."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def encode_spec(spec: JobSpec) -> bytes:
             "task_id": spec.task_id,
             "big": spec.big,
             "workflow_id": spec.workflow_id,
+            "owner": spec.owner,
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -52,17 +54,20 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         credentials=credentials,
         big=bool(raw.get("big")),
         workflow_id=raw.get("workflow_id"),
+        owner=raw.get("owner"),
     )
 
 
 def fingerprint(spec: JobSpec) -> str:
     """What makes two submissions "the same request" for an Idempotency-Key: the workflow, its
-    extra data and the outputs asked for (not the mode: a caller may retry a stream as a poll)."""
+    extra data, the outputs asked for and the caller's key (another caller reusing a key never
+    attaches to this one's task); not the mode: a caller may retry a stream as a poll."""
     same = {
         "workflow": spec.workflow,
         "extra_data": spec.extra_data,
         "workflow_id": spec.workflow_id,
         "outputs": [spec.outputs.base64, spec.outputs.oss],
+        "owner": spec.owner,
     }
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -153,10 +153,10 @@ async def get_task_info(request: Request) -> dict[str, Any]:
 
 async def _info(resources: Resources, jobs: Jobs, files: Files, task_id: str, owner: str | None) -> dict[str, Any]:
     try:
-        resources.status_log().path(task_id)  # the rule of task ids
+        resources.status.validate(task_id)  # the rule of task ids
     except InvalidParams:
         return mapping.unknown(task_id)
-    summary = await resources.status_log().summary(task_id)
+    summary = await resources.status.summary(task_id)
     if summary is None and jobs.get(task_id) is None:
         return mapping.unknown(task_id)
     if not await _may_see(resources, jobs, task_id, owner):
@@ -170,7 +170,7 @@ async def _may_see(resources: Resources, jobs: Jobs, task_id: str, owner: str | 
     if owner is None:
         return True
     job = jobs.get(task_id)  # here, whose it is is known before its log's first line is written
-    return may_see(owner, job.spec.owner if job is not None else await resources.status_log().owner(task_id))
+    return may_see(owner, job.spec.owner if job is not None else await resources.status.owner(task_id))
 
 
 class Files:
@@ -231,7 +231,7 @@ async def cancel(request: Request) -> dict[str, Any]:
 
 async def _cancel_one(resources: Resources, jobs: Jobs, task_id: str, owner: str | None) -> dict[str, Any]:
     try:
-        resources.status_log().path(task_id)
+        resources.status.validate(task_id)
         if not await _may_see(resources, jobs, task_id, owner):
             raise NotFound(f"no task {task_id}")  # another key's: as if it did not exist
         await control.cancel_task(resources, jobs, task_id)
@@ -277,7 +277,7 @@ async def get_task_progress(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     task_id = grant.task_id
-    source = TaskEvents(task_id, resources.status_log(), jobs.get(task_id))
+    source = TaskEvents(task_id, resources.status, jobs.get(task_id))
     files = Files(
         resources,
         websocket,

@@ -6,8 +6,8 @@ of its feed). They are kept in two sets: a drain cancels runs, never recorders, 
 themselves once their feed ends with the terminal payload.
 
 Running jobs are also indexed by task id, for job control: a cancel asked here stops the job at
-once; one asked through another instance is a file beside the job's log, which `watch_cancels`
-looks for every CANCEL_POLL seconds (one stat per running job).
+once; one asked through another instance is a request beside the job's log (a file, or a Redis
+key), which `watch_cancels` looks for every CANCEL_POLL seconds (one stat, or one round trip).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 from ..errors import Busy, ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, ServerlessError
 from ..ops.logs import bind_job
 from ..ops.metrics import Metrics
-from ..status.log import Attempt, StatusLog
 from ..status.store import StatusStore
 from .feed import Feed
 from .job import Job, Runtime
@@ -56,7 +55,7 @@ class Jobs:
         self._admitted = 0  # from admission (before the first await of `start`) to the run's end
         self._runs: set[asyncio.Task[None]] = set()
         self._recorders: set[asyncio.Task[None]] = set()
-        self._index: dict[str, tuple[Job, Attempt | None]] = {}  # task id -> its running job
+        self._index: dict[str, tuple[Job, Any]] = {}  # task id -> its running job and its attempt (or None)
 
     @property
     def running(self) -> int:
@@ -170,10 +169,9 @@ class Jobs:
             del self._index[task_id]
 
     async def watch_cancels(self, every: float = CANCEL_POLL) -> None:
-        """Stop the running jobs whose cancel was asked through another instance (a request file
-        beside their attempt's log); runs for the life of the app."""
-        if not isinstance(self.status, StatusLog):
-            return  # the Redis tier's workers watch a cancel key instead (serverless.fleet.worker)
+        """Stop the running jobs whose cancel was asked through another instance (a request beside
+        their attempt's log); runs for the life of the app (not on the Redis tier, whose workers
+        watch a cancel key of the queue instead: serverless.fleet.worker)."""
         while True:
             await asyncio.sleep(every)
             running = {attempt: job for job, attempt in self._index.values() if attempt is not None}

@@ -35,6 +35,17 @@ def parse_attempt(value: str) -> int:
     return int(value)
 
 
+def owner_named(line: bytes) -> str | None:
+    """The `owner` (serverless.auth) a task's first payload names; None when it names none."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    data = event.get("data") if isinstance(event, dict) else None
+    owner = data.get("owner") if isinstance(data, dict) else None
+    return owner if isinstance(owner, str) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Lines:
     """The usable lines of a log, and the last one's payload (to tell whether the log ended)."""

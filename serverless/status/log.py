@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,8 @@ from ..core.request import validate_task_id
 from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
 from ..jobs.feed import Feed
 from . import files, sidecars
-from .body import Lines, json_array, parse_after, parse_attempt, usable_lines
+from .body import Lines, json_array, owner_named, parse_after, parse_attempt, usable_lines
+from .store import Entry
 from .summary import summarise
 
 __all__ = ["Attempt", "StatusLog", "parse_after", "parse_attempt"]
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BATCH_INTERVAL = 0.05  # seconds between durable appends of one job's events
 PROBE_TTL = 5.0  # seconds a write probe's answer is trusted
+POLL = 0.25  # seconds between reads of a log another instance writes (`follow`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,10 @@ class StatusLog:
         if path.parent != self.directory:
             raise InvalidParams("task id does not name a file in the status folder")
         return path
+
+    def validate(self, task_id: str) -> None:
+        """InvalidParams for an id that does not name a file in the folder (`path`)."""
+        self.path(task_id)
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -211,13 +217,7 @@ class StatusLog:
             first = await self._run(files.first_line, path)
         if not first.endswith(b"\n"):
             return ""  # claimed, its first event not written yet (or no such task)
-        try:
-            event = json.loads(first)
-        except ValueError:
-            return None
-        data = event.get("data") if isinstance(event, dict) else None
-        owner = data.get("owner") if isinstance(data, dict) else None
-        return owner if isinstance(owner, str) else None
+        return owner_named(first)
 
     def _read(self, task_id: str, path: Path, after: int, current: bool) -> bytes:
         return json_array(self._lines(task_id, path, current).lines[after:])
@@ -251,13 +251,42 @@ class StatusLog:
         with self._translated(task_id):
             return await self._run(sidecars.has_files, self.directory, task_id)
 
-    async def tail(self, task_id: str, after: int) -> tuple[list[bytes], bool]:
-        """The current attempt's stored payloads after the first `after`, and whether the log has
-        ended (its last payload, or the "instance lost" error added, is terminal)."""
+    async def tail(self, task_id: str, after: int, attempt: int | None = None) -> tuple[list[bytes], bool]:
+        """The current attempt's (or attempt `attempt`'s) stored payloads after the first `after`,
+        and whether the log has ended (its last payload, or the "instance lost" error added, is
+        terminal)."""
         path = self.path(task_id)
+        if attempt is not None:
+            path = files.attempt_path(self.directory, task_id, attempt)
         with self._translated(task_id):
-            lines = await self._run(self._lines, task_id, path, True)
+            lines = await self._run(self._lines, task_id, path, attempt is None)
         return lines.lines[after:], lines.ended
+
+    async def follow(
+        self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
+    ) -> AsyncIterator[Entry | None]:
+        """The log's payloads after `after`, read again every POLL seconds until its terminal
+        payload (the "instance lost" error added counts as one); None after `idle` seconds
+        without one. Nothing when resumed after the terminal payload."""
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        cursor = after
+        while True:
+            lines, ended = await self.tail(task_id, cursor, attempt)
+            for index, line in enumerate(lines, start=1):
+                cursor += 1
+                last = ended and index == len(lines)
+                yield Entry(cursor, line, last)
+                if last:
+                    return
+            if ended:
+                return  # resumed after the terminal payload: nothing more to say
+            if lines:
+                quiet_since = loop.time()
+            elif idle is not None and loop.time() - quiet_since >= idle:
+                quiet_since = loop.time()
+                yield None
+            await asyncio.sleep(POLL)
 
     async def summary(self, task_id: str) -> dict[str, Any] | None:
         """The task's summary (`summary.summarise`) from its current attempt; None when no

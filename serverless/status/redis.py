@@ -4,13 +4,19 @@ no disk.
     task:<id>              the number of the task's newest attempt (INCR claims the next one)
     task:<id>:<n>          attempt n: a stream, one entry per payload, entry id `0-<seq>`
     task:<id>:<n>:alive    set while attempt n's owner lives (expires after STATUS_STALE_AFTER)
+    task:<id>:owner        whose the task is ("": made without API keys), set by the gateway that
+                           queued it: the task is known (queued) before any worker begins it
+    task:<id>:<n>:cancel   a cancel request for attempt n, where there is no queue (`redis_sidecars`)
+    idempotency:<key>      an `Idempotency-Key` claim, where there is no queue (the queue's: idem:<key>)
 
 Entry ids *are* our sequence numbers (`0-1`, `0-2`, ...), so `after=N` and SSE `Last-Event-ID`
 map to `XREAD`/`XRANGE` from `0-N` with no lookup, and a retried write cannot duplicate an event
 (Redis refuses an id not above the last). Every write refreshes the keys' EXPIRE: retention is
 Redis's. An event larger than REDIS_MAX_EVENT_BYTES is replaced by a short note; base64 outputs
 never go through Redis: the stored terminal keeps each output's listing (and OSS link) and says
-where the content went. Redis is spoken here (and in `serverless.fleet`) only; its errors become
+where the content went. Job control reads the same streams: the summary is computed from the
+payloads (`summary.summarise`) as the file store's, and `follow` serves `events` from any
+instance. Redis is spoken here (and in `serverless.fleet`) only; its errors become
 `ComfyUIUnavailable` with the reason.
 """
 
@@ -31,7 +37,10 @@ from ..core import jsontext
 from ..core.request import validate_task_id
 from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
 from ..jobs.feed import Event, Feed
-from .body import json_array
+from . import redis_sidecars as sidecars
+from .body import json_array, owner_named
+from .store import Entry
+from .summary import summarise
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +98,19 @@ class RedisAttempt:
         return f"task:{self.task_id}:{self.number}"
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stored payload of an attempt, as a follower gets it."""
+def owner_key(task_id: str) -> str:
+    """Where the gateway that queued a task records whose it is."""
+    return f"task:{task_id}:owner"
 
-    seq: int
-    data: bytes
-    terminal: bool
-    attempt: int
+
+@dataclass(frozen=True, slots=True)
+class Tip:
+    """An attempt's state as a follower checks it: the newest attempt's number, whether this
+    one's owner lives (None: Redis did not answer), and its last entry's (seq, terminal)."""
+
+    newest: int
+    alive: bool | None
+    last: tuple[int, bool] | None = None
 
 
 class RedisStatus:
@@ -188,6 +202,7 @@ class RedisStatus:
             if events:
                 pipe.expire(attempt.key, self.ttl)
                 pipe.expire(f"task:{attempt.task_id}", self.ttl)
+                pipe.expire(owner_key(attempt.task_id), self.ttl)
             pipe.set(f"{attempt.key}:alive", "1", ex=self._alive_ttl)
             results = await pipe.execute(raise_on_error=False)
         for result in results:
@@ -213,15 +228,25 @@ class RedisStatus:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def validate(self, task_id: str) -> None:
+        """InvalidParams for an id outside the rule of task ids (the file store's rule)."""
+        validate_task_id(task_id)
+
     async def read(self, task_id: str, after: int = 0, attempt: int | None = None) -> bytes:
         """The status API's body for the current attempt (or attempt `attempt`): the payloads
-        after the first `after`; `[]` for an unknown task; an attempt without a terminal whose
-        owner stopped beating ends with an "instance lost" error."""
+        after the first `after`; `[]` for an unknown task or attempt; an attempt without a
+        terminal whose owner stopped beating ends with an "instance lost" error."""
         if attempt is not None and attempt < 1:
             raise InvalidParams("attempt must be a whole number from 1", raw={"attempt": attempt})
-        number = attempt or await self.current(task_id)
-        if not number:
-            return b"[]"
+        return json_array(await self._lines(task_id, after, attempt))
+
+    async def _lines(self, task_id: str, after: int, attempt: int | None) -> list[bytes]:
+        """The attempt's stored payloads after the first `after`, the "instance lost" error added
+        (in its place: after the last) when its owner is gone without a terminal one."""
+        current = await self.current(task_id)
+        number = attempt or current
+        if not number or number > current:
+            return []
         key = f"task:{task_id}:{number}"
         with self._translated():
             async with self.client.pipeline(transaction=True) as pipe:  # one snapshot, as `follow`'s
@@ -231,9 +256,9 @@ class RedisStatus:
                 entries, last, alive = await pipe.execute()
         lines = [fields[b"d"] for _, fields in entries]
         ended = bool(last) and last[0][1].get(b"t") == b"1"
-        if not ended and not alive:
+        if not ended and not alive and after <= (_seq(last[0][0]) if last else 0):
             lines.append(self.lost_payload())
-        return json_array(lines)
+        return lines
 
     def lost_payload(self) -> bytes:
         lost = ComfyUIUnavailable(
@@ -242,39 +267,71 @@ class RedisStatus:
         )
         return jsontext.dumps(lost.to_payload())
 
+    async def known(self, task_id: str) -> bool:
+        """Whether a gateway queued the task or an instance began it (its log may still be empty)."""
+        validate_task_id(task_id)
+        with self._translated():
+            return bool(await self.client.exists(f"task:{task_id}", owner_key(task_id)))
+
+    async def owner(self, task_id: str) -> str | None:
+        """Whose the task is: what the gateway that queued it recorded, else the `owner` its
+        current attempt's first event names (as the file store reads it); None when made without
+        API keys; "" while not known yet (no such task, or nothing written yet)."""
+        validate_task_id(task_id)
+        with self._translated():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(owner_key(task_id))
+                pipe.get(f"task:{task_id}")
+                recorded, number = await pipe.execute()
+            if recorded is not None:
+                return recorded.decode() or None
+            first: Any = await self.client.xrange(f"task:{task_id}:{int(number)}", count=1) if number else []
+        return owner_named(first[0][1][b"d"]) if first else ""
+
+    async def summary(self, task_id: str) -> dict[str, Any] | None:
+        """The task's summary (`summary.summarise`) from its current attempt, as the file store
+        computes it; a queued task not begun yet is `queued`; None for an unknown task."""
+        lines = await self._lines(task_id, 0, None)
+        if not lines and not await self.known(task_id):
+            return None
+        return summarise(task_id, [json.loads(line) for line in lines])
+
     async def follow(
         self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
     ) -> AsyncIterator[Entry | None]:
         """The task's payloads after `after` as they are stored, from any instance (XREAD BLOCK,
-        no polling), until a terminal one; None after `idle` seconds of silence. Starts at
-        attempt `attempt` (default the current one, or 1 for a task not begun yet) and moves on to
-        a newer attempt when one begins (a retry), its payloads numbered on from the last seen.
-        An attempt whose owner is gone ends with "instance lost"; Redis unreachable for longer
-        than `stale_after` ends with a 503 error."""
+        no polling), until a terminal one; None after `idle` seconds of silence; nothing when
+        resumed after the terminal one. Starts at attempt `attempt` (default the current one, or
+        1 for a task not begun yet) and moves on to a newer attempt when one begins (a retry),
+        its payloads numbered on from the last seen. An attempt whose owner is gone ends with
+        "instance lost"; Redis unreachable for longer than `stale_after` ends with a 503 error."""
+        validate_task_id(task_id)
         loop = asyncio.get_running_loop()
         number = attempt or max(await self.current(task_id), 1)
         cursor, offset = after, 0
         silent_since = loop.time()
         down_since: float | None = None
-        block = min(idle or BLOCK_SECONDS, BLOCK_SECONDS)
+        blocking = int(min(idle or BLOCK_SECONDS, BLOCK_SECONDS) * 1000)
+        block = None if after else blocking  # a resumed follow learns at once that its log has ended
         while True:
             key = f"task:{task_id}:{number}"
             try:
-                answer: Any = await self.client.xread({key: f"0-{cursor}"}, count=512, block=int(block * 1000))
+                answer: Any = await self.client.xread({key: f"0-{cursor}"}, count=512, block=block)
                 down_since = None
             except DOWN as exc:
                 now = loop.time()
                 down_since = down_since or now
                 if now - down_since > self.stale_after:
-                    yield Entry(offset + cursor + 1, jsontext.dumps(unavailable(exc).to_payload()), True, number)
+                    yield Entry(offset + cursor + 1, jsontext.dumps(unavailable(exc).to_payload()), True)
                     return
                 await asyncio.sleep(BLOCK_SECONDS / 2)
                 answer = None
+            block = blocking
             for _, entries in answer or []:
                 for entry_id, fields in entries:
-                    cursor = int(entry_id.split(b"-")[1])
+                    cursor = _seq(entry_id)
                     terminal = fields.get(b"t") == b"1"
-                    yield Entry(offset + cursor, fields[b"d"], terminal, number)
+                    yield Entry(offset + cursor, fields[b"d"], terminal)
                     if terminal:
                         return
                 silent_since = loop.time()
@@ -285,25 +342,31 @@ class RedisStatus:
                 yield None
             if down_since is not None:
                 continue
-            newest, alive = await self._attempt_state(task_id, number)
-            if newest > number:  # retried elsewhere: go on with the new attempt
-                number, offset, cursor = newest, offset + cursor, 0
-            elif newest == number and alive is False:
-                yield Entry(offset + cursor + 1, self.lost_payload(), True, number)
+            tip = await self._attempt_state(task_id, number)
+            seen_end = tip.last is not None and tip.last[1] and cursor >= tip.last[0]
+            if tip.newest > number:  # retried elsewhere: go on with the new attempt
+                number, offset, cursor = tip.newest, offset + cursor, 0
+            elif seen_end:
+                return  # resumed after its terminal payload
+            elif tip.newest == number and tip.alive is False:
+                if cursor <= (tip.last[0] if tip.last else 0):  # not resumed after the lost error
+                    yield Entry(offset + cursor + 1, self.lost_payload(), True)
                 return
 
-    async def _attempt_state(self, task_id: str, number: int) -> tuple[int, bool | None]:
-        """(the newest attempt's number, whether attempt `number`'s owner lives); (0, None) when
-        Redis does not answer."""
+    async def _attempt_state(self, task_id: str, number: int) -> Tip:
+        """Where attempt `number` stands; `Tip(0, None)` when Redis does not answer."""
+        key = f"task:{task_id}:{number}"
         try:
             # One snapshot (MULTI): a retry begins its attempt, then removes the dead one's mark.
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.get(f"task:{task_id}")
-                pipe.exists(f"task:{task_id}:{number}:alive")
-                newest, alive = await pipe.execute()
+                pipe.exists(f"{key}:alive")
+                pipe.xrevrange(key, count=1)
+                newest, alive, last = await pipe.execute()
         except DOWN:
-            return 0, None
-        return int(newest or 0), bool(alive)
+            return Tip(0, None)
+        end = (_seq(last[0][0]), last[0][1].get(b"t") == b"1") if last else None
+        return Tip(int(newest or 0), bool(alive), end)
 
     async def append_terminal(self, task_id: str, attempt: int, error: ServerlessError) -> None:
         """End attempt `attempt` of a task with `error` (a lost worker, a cancelled queued job),
@@ -311,7 +374,7 @@ class RedisStatus:
         key = f"task:{task_id}:{attempt}"
         with self._translated():
             last: Any = await self.client.xrevrange(key, count=1)
-            seq = int(last[0][0].split(b"-")[1]) + 1 if last else 1
+            seq = _seq(last[0][0]) + 1 if last else 1
             if last and last[0][1].get(b"t") == b"1":
                 return  # it ended after all
             payload = jsontext.dumps(error.to_payload())
@@ -339,6 +402,39 @@ class RedisStatus:
             if payload.get("type") == "executed" and (payload.get("data") or {}).get("output"):
                 return True
         return False
+
+    # -- job control: cancels and idempotency keys -------------------------------------------
+
+    async def request_cancel(self, task_id: str) -> int | None:
+        """Leave a cancel request for the task's newest attempt (its instance looks for it with
+        `cancels_asked`); returns the attempt, None for an unknown task. The Redis tier's queue
+        has its own (`serverless.fleet.queue.RedisQueue.cancel`)."""
+        number = await self.current(task_id)
+        if not number:
+            return None
+        with self._translated():
+            await sidecars.request_cancel(self.client, f"task:{task_id}:{number}", self.ttl)
+        return number
+
+    async def cancels_asked(self, attempts: list[RedisAttempt]) -> list[RedisAttempt]:
+        """Those of `attempts` another instance asked to cancel (one round trip for all)."""
+        with self._translated():
+            asked = await sidecars.cancels_asked(self.client, [attempt.key for attempt in attempts])
+        return [attempt for attempt, yes in zip(attempts, asked, strict=True) if yes]
+
+    async def claim_key(self, key: str, task_id: str, digest: str) -> dict[str, Any] | None:
+        """Claim an `Idempotency-Key` for the task (SET NX): None when claimed here, else the claim."""
+        with self._translated():
+            return await sidecars.claim_key(self.client, key, {"task_id": task_id, "digest": digest}, self.ttl)
+
+    async def read_key(self, key: str) -> dict[str, Any]:
+        with self._translated():
+            return await sidecars.read_key(self.client, key)
+
+    async def release_key(self, key: str, task_id: str) -> None:
+        """Give a claim up: its job could not start."""
+        with self._translated():
+            await sidecars.release_key(self.client, key, task_id)
 
     # -- health ------------------------------------------------------------------------------
 
@@ -388,3 +484,8 @@ def stored_terminal(data: bytes, retried: bool) -> bytes:
     if retried:
         payload["retried"] = True
     return jsontext.dumps(payload)
+
+
+def _seq(entry_id: bytes) -> int:
+    """Our sequence number from a stream entry id (`0-<seq>`)."""
+    return int(entry_id.split(b"-")[1])

@@ -1,12 +1,15 @@
-"""What the job code needs of a status store, whichever keeps the logs: the NAS folder
-(`serverless.status.log.StatusLog`) or Redis streams (`serverless.status.redis.RedisStatus`).
+"""What the job code and job control need of a status store, whichever keeps the logs: the NAS
+folder (`serverless.status.log.StatusLog`) or Redis streams (`serverless.status.redis.RedisStatus`).
 
 A store keeps, per task, attempts (one per delivery of the task) and in each the task's payloads
-in order, numbered from 1; `read` answers the status API from any instance.
+in order, numbered from 1; any instance reads them (`read`, `summary`, `follow`), learns whose
+the task is (`owner`) and asks the instance running it to stop it (`request_cancel`).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..jobs.feed import Feed
@@ -14,7 +17,49 @@ from ..jobs.feed import Feed
 A = TypeVar("A")
 
 
-class StatusStore(Protocol[A]):
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored payload of a task, as a follower gets it: its number in the attempt's log (the
+    `id:` of the original stream) and whether it is the last."""
+
+    seq: int
+    data: bytes
+    terminal: bool
+
+
+class TaskLogs(Protocol):
+    """The reading side: what job control (`task`, `events`, ownership) asks of any instance."""
+
+    def validate(self, task_id: str) -> None:
+        """InvalidParams (400) for an id the store cannot keep a log under."""
+        ...
+
+    async def read(self, task_id: str, after: int = 0, attempt: int | None = None) -> bytes:
+        """The status API's body: a JSON array of the payloads after the first `after`."""
+        ...
+
+    async def known(self, task_id: str) -> bool:
+        """Whether any instance has taken the task in (its log may still be empty)."""
+        ...
+
+    async def owner(self, task_id: str) -> str | None:
+        """Whose the task is: None when made without API keys (anyone's); "" while not known yet."""
+        ...
+
+    async def summary(self, task_id: str) -> dict[str, Any] | None:
+        """The task's summary (`summary.summarise`) from its current attempt; None when unknown."""
+        ...
+
+    def follow(
+        self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
+    ) -> AsyncIterator[Entry | None]:
+        """The current attempt's payloads after `after` as they are stored, until the terminal one
+        (an "instance lost" error when the owner went silent counts as one); None after `idle`
+        seconds of silence. Nothing when resumed after the terminal payload."""
+        ...
+
+
+class StatusStore(TaskLogs, Protocol[A]):
     """A status store whose attempts are of type `A` (opaque to the job code: `record` takes back
     what `begin` gave)."""
 
@@ -26,13 +71,35 @@ class StatusStore(Protocol[A]):
         """Store every event of `feed` until its terminal payload (which is always tried)."""
         ...
 
-    async def read(self, task_id: str, after: int = 0, attempt: int | None = None) -> bytes:
-        """The status API's body: a JSON array of the payloads after the first `after`."""
-        ...
-
     async def attempts(self, task_id: str) -> list[int]:
         """The numbers of the task's attempts, oldest first."""
         ...
+
+    # -- job control: cancels and idempotency keys -------------------------------------------
+
+    async def request_cancel(self, task_id: str) -> int | None:
+        """Ask the instance running the task's newest attempt to stop it; returns that attempt,
+        None for an unknown task."""
+        ...
+
+    async def cancels_asked(self, attempts: list[A]) -> list[A]:
+        """Those of `attempts` (running here) another instance asked to cancel."""
+        ...
+
+    async def claim_key(self, key: str, task_id: str, digest: str) -> dict[str, Any] | None:
+        """Claim an `Idempotency-Key` for the task (of two claimers one wins): None when claimed
+        here, else the claim found ({} while its claimer is still writing it)."""
+        ...
+
+    async def read_key(self, key: str) -> dict[str, Any]:
+        """What a claimed key holds; {} when it is not (or not yet) there."""
+        ...
+
+    async def release_key(self, key: str, task_id: str) -> None:
+        """Give a claim up (its job could not start), unless it now holds another task."""
+        ...
+
+    # -- health ------------------------------------------------------------------------------
 
     async def writable(self) -> bool:
         """Whether logs can be written now (why not is in `health()`)."""

@@ -4,8 +4,9 @@
 An event's number is its place in the attempt's status log (the feed's seq: the status log
 records every event the feed publishes, in order). Where the job runs here, its feed serves the
 events live; where the feed no longer holds the ones asked for, or the job runs elsewhere, the
-log is read again every POLL seconds until its terminal payload (the "instance lost" error the
-log adds when the owner went silent counts as one).
+store follows the log until its terminal payload (the "instance lost" error added when the owner
+went silent counts as one): the NAS folder is read again every `log.POLL` seconds, Redis
+answers as events are stored (XREAD BLOCK).
 """
 
 from __future__ import annotations
@@ -18,22 +19,20 @@ from collections.abc import AsyncIterator
 from ..errors import error_from_payload
 from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.job import Job
-from ..status.log import StatusLog
+from ..status.store import TaskLogs
 
 log = logging.getLogger(__name__)
 
-POLL = 0.25  # seconds between reads of a log another instance writes
 BIG_PAYLOAD = 256 * 1024  # terminal payloads from this size on are decoded in a thread
 
 
 class TaskEvents:
     """The events of task `task_id`; `job` is its job when it runs on this instance."""
 
-    def __init__(self, task_id: str, status: StatusLog, job: Job | None, poll: float = POLL) -> None:
+    def __init__(self, task_id: str, status: TaskLogs, job: Job | None) -> None:
         self.task_id = task_id
         self.status = status
         self.job = job
-        self.poll = poll
 
     async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
         """Every event after number `after` until the terminal one; None after `idle` seconds
@@ -65,24 +64,13 @@ class TaskEvents:
         raise AssertionError("a status log's tail ends only with its terminal payload")
 
     async def _tail(self, cursor: int, idle: float | None) -> AsyncIterator[Event | None]:
-        loop = asyncio.get_running_loop()
-        quiet_since = loop.time()
-        while True:
-            lines, ended = await self.status.tail(self.task_id, cursor)
-            for index, line in enumerate(lines, start=1):
-                cursor += 1
-                if ended and index == len(lines):
-                    yield await _terminal(cursor, line)
-                    return
-                yield Event(cursor, line)
-            if ended:
-                return  # resumed after the terminal payload: nothing more to say
-            if lines:
-                quiet_since = loop.time()
-            elif idle is not None and loop.time() - quiet_since >= idle:
-                quiet_since = loop.time()
+        async for entry in self.status.follow(self.task_id, cursor, idle=idle):
+            if entry is None:
                 yield None
-            await asyncio.sleep(self.poll)
+            elif entry.terminal:
+                yield await _terminal(entry.seq, entry.data)
+            else:
+                yield Event(entry.seq, entry.data)
 
 
 async def _terminal(seq: int, line: bytes) -> Event:

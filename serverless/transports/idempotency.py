@@ -2,9 +2,10 @@
 request with a key starts the job; a repeated one, on any instance, attaches to that task (same
 task id, events and result) instead of running the workflow again.
 
-The key is claimed on the shared folder, create-exclusive (`StatusLog.claim_key`), holding the
-task id and a digest of the body, query and workflow id: the same key with another request is
-refused (409). A claim whose job could not start is given up, so that a retry can run.
+The key is claimed in the status store, create-exclusive (`StatusStore.claim_key`: a file on the
+shared folder, or SET NX in Redis), holding the task id and a digest of the body, query, workflow
+id and caller: the same key with another request is refused (409). A claim whose job could not
+start is given up, so that a retry can run. (The Redis tier's queue claims keys itself.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 from ..core.request import TASK_ID_RE, query_flag, task_id_from_headers
 from ..errors import ComfyUIUnavailable, Conflict, InvalidParams
@@ -20,7 +22,7 @@ from ..jobs.job import Job
 from ..jobs.registry import Jobs
 from ..jobs.spec import Mode
 from ..resources import Resources
-from ..status.log import StatusLog
+from ..status.store import StatusStore
 from .events import TaskEvents
 from .start import is_async, start_job
 
@@ -80,7 +82,7 @@ async def start_or_attach(
     for _ in range(CLAIM_ROUNDS):
         prompt_id = str(uuid.uuid4())
         task_id = task_id_from_headers(headers) or prompt_id
-        owner = await _claim(resources.status_log(), key, task_id, fingerprint)
+        owner = await _claim(resources.status, key, task_id, fingerprint)
         if owner is None:
             try:
                 return await start_job(
@@ -96,16 +98,16 @@ async def start_or_attach(
                     prompt_id=prompt_id,
                 )
             except BaseException:
-                await asyncio.shield(resources.status_log().release_key(key, task_id))
+                await asyncio.shield(resources.status.release_key(key, task_id))
                 raise
         try:
-            return await _attach(resources.status_log(), jobs, key, owner)
+            return await _attach(resources.status, jobs, key, owner)
         except _Released:
             continue
     raise ComfyUIUnavailable(f"the task of Idempotency-Key {key} kept failing to start")
 
 
-async def _claim(status: StatusLog, key: str, task_id: str, fingerprint: str) -> str | None:
+async def _claim(status: StatusStore[Any], key: str, task_id: str, fingerprint: str) -> str | None:
     """None when this request claimed the key; else the task an earlier request started."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_WAIT
@@ -125,7 +127,7 @@ async def _claim(status: StatusLog, key: str, task_id: str, fingerprint: str) ->
         await asyncio.sleep(WAIT_STEP)  # its claimer is writing it
 
 
-async def _attach(status: StatusLog, jobs: Jobs, key: str, task_id: str) -> Job | TaskEvents:
+async def _attach(status: StatusStore[Any], jobs: Jobs, key: str, task_id: str) -> Job | TaskEvents:
     """Follow the task once it has begun (its claimer may still be starting it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_WAIT
