@@ -114,9 +114,12 @@ class Jobs:
             # Its caller may poll the status at once (on any instance): known before we answer.
             attempt = await self._begin(spec, task_id)
             recorder = None if attempt is None else self.status.record(attempt, feed)
+        elif spec.mode == "sync":
+            # No one knows this id before the answer: the log is claimed with its first append.
+            attempt, recorder = None, self.status.record_new(task_id, feed)
         else:
-            # No one knows this id before the job's first event: its log is claimed beside the
-            # run, off the caller's path, and its events wait for the claim (Job.known).
+            # A stream's caller learns the id from its first event: the log is claimed beside
+            # the run, off the caller's path, and the events wait for the claim (Job.known).
             attempt, known = None, asyncio.Event()
             recorder = self._begin_and_record(spec, task_id, feed, known)
         recorder_task = None if recorder is None else _own(self._recorders, recorder, f"status {task_id}")

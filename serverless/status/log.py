@@ -52,6 +52,13 @@ class Attempt:
     path: Path
 
 
+@dataclass(frozen=True, slots=True)
+class Unclaimed:
+    """A task whose attempt is claimed with its first append (`StatusLog.record_new`)."""
+
+    task_id: str
+
+
 class StatusLog:
     """The folder of status logs."""
 
@@ -108,9 +115,14 @@ class StatusLog:
         with self._translated(task_id):
             return await self._run(files.numbers, self.directory, task_id)
 
-    def _claim(self, task_id: str) -> tuple[int, bool]:
-        """Claim the next attempt and publish it, in one trip to a worker thread."""
+    def _claim(
+        self, task_id: str, lines: list[bytes] | None = None, lock: threading.Lock | None = None
+    ) -> tuple[int, bool]:
+        """Claim the next attempt (with its first `lines`) and publish it, in one trip to a
+        worker thread."""
         number = files.claim(self.directory, task_id)
+        if lines:
+            files.append(files.attempt_path(self.directory, task_id, number), lines, lock or threading.Lock())
         return number, files.publish(self.directory, task_id, number, self._links)
 
     async def _publish(self, task_id: str, number: int) -> None:
@@ -128,7 +140,14 @@ class StatusLog:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def record(self, attempt: Attempt, feed: Feed) -> None:
+    async def record_new(self, task_id: str, feed: Feed) -> None:
+        """`record` for a task nobody can ask about yet: its attempt is claimed, written and
+        published with its first append, in one trip to a worker thread (a job shorter than
+        BATCH_INTERVAL costs one)."""
+        self.path(task_id)
+        await self.record(Unclaimed(task_id), feed)
+
+    async def record(self, attempt: Attempt | Unclaimed, feed: Feed) -> None:
         """Append every event of `feed` to the attempt's file until its terminal payload, at most
         one durable append per BATCH_INTERVAL (the terminal payload at once); refresh the file's
         time while the job is silent so readers know its owner lives. Whatever fails, the
@@ -142,7 +161,8 @@ class StatusLog:
         try:
             async for event in feed.follow(idle=heartbeat, pinned=True):
                 if event is None:
-                    await self._run(self._heartbeat, attempt)
+                    if isinstance(attempt, Attempt):
+                        await self._run(self._heartbeat, attempt)
                     continue
                 pending.append(event.data)
                 if event.seq != feed.last_seq:
@@ -153,16 +173,16 @@ class StatusLog:
                             await feed.wait()
                     if feed.last_seq != event.seq:
                         continue
-                await self._write(attempt, pending, lock)
+                attempt = await self._write(attempt, pending, lock)
                 ended = event.terminal
                 pending = []
                 next_write = loop.time() + BATCH_INTERVAL
         except Exception as exc:  # disk trouble or a bug: the log must still end with its terminal
             self._last_error = f"recording task {attempt.task_id}: {exc}"
             log.error(
-                "status log of task_id=%s attempt %d could not follow the job (%s)%s",
+                "status log of task_id=%s attempt %s could not follow the job (%s)%s",
                 attempt.task_id,
-                attempt.number,
+                attempt.number if isinstance(attempt, Attempt) else "(unclaimed)",
                 exc,
                 "" if ended else "; writing its terminal payload",
             )
@@ -173,13 +193,21 @@ class StatusLog:
                 except (OSError, ServerlessError, files.NotAFile) as again:
                     log.error("status log of task_id=%s could not be written: %s", attempt.task_id, again)
 
-    async def _write(self, attempt: Attempt, lines: list[bytes], lock: threading.Lock) -> None:
+    async def _write(self, attempt: Attempt | Unclaimed, lines: list[bytes], lock: threading.Lock) -> Attempt:
+        """Append `lines` durably; an unclaimed task's attempt is claimed and published with them."""
         started = time.monotonic()
-        await self._run(files.append, attempt.path, lines, lock)
+        if isinstance(attempt, Unclaimed):
+            with self._translated(attempt.task_id):
+                number, links = await self._run(self._claim, attempt.task_id, lines, lock)
+            self._note_links(attempt.task_id, links)
+            attempt = Attempt(attempt.task_id, number, files.attempt_path(self.directory, attempt.task_id, number))
+        else:
+            await self._run(files.append, attempt.path, lines, lock)
+            if not self._links:
+                await self._publish(attempt.task_id, attempt.number)
         if self.on_append is not None:
             self.on_append(time.monotonic() - started)
-        if not self._links:
-            await self._publish(attempt.task_id, attempt.number)
+        return attempt
 
     async def write_sidecar(self, task_id: str, name: str, data: bytes) -> None:
         """Write the record `<task_id>~<name>` beside the task's log (e.g. `~webhook`: how its

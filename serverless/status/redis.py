@@ -153,6 +153,15 @@ class RedisStatus:
 
     # -- writing -----------------------------------------------------------------------------
 
+    async def record_new(self, task_id: str, feed: Feed) -> None:
+        """`begin`, then `record` (a claim is one cheap round trip here)."""
+        try:
+            attempt = await self.begin(task_id)
+        except ServerlessError as exc:
+            log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
+            return
+        await self.record(attempt, feed)
+
     async def record(self, attempt: RedisAttempt, feed: Feed) -> None:
         """Store every event of `feed` until its terminal payload; while Redis is down, keep the
         events and retry with backoff (the terminal payload included). Marks the owner alive."""

@@ -71,6 +71,11 @@ class StatusStore(TaskLogs, Protocol[A]):
         """Store every event of `feed` until its terminal payload (which is always tried)."""
         ...
 
+    async def record_new(self, task_id: str, feed: Feed) -> None:
+        """`record` for a task nobody can ask about before its first event is stored (a sync job
+        whose caller did not name it): its attempt may be claimed with that first store."""
+        ...
+
     async def attempts(self, task_id: str) -> list[int]:
         """The numbers of the task's attempts, oldest first."""
         ...
