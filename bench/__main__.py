@@ -119,9 +119,10 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "What the adapter does per job (so what the figures cost): the HTTP hop; `POST /prompt` on the",
         "instance's one websocket client id (no socket per job); ComfyUI's messages routed by prompt id;",
         "outputs named by its `executed` messages (`/history` is read only after a broken socket) and",
-        "read from its output folder (`/view` when the folder is not ours); the status log claimed",
-        "beside the run and appended in a worker thread (awaited before answering only when the caller",
-        "named the task). ComfyUI's `status` broadcasts (one per queue change, to every client) go only",
+        "read from its output folder (`/view` when the folder is not ours); a sync job's status log",
+        "claimed, written and published with its first append (one trip to a worker thread), a stream's",
+        "claimed beside the run (awaited before answering only when the caller named the task; then it",
+        "is claimed first). ComfyUI's `status` broadcasts (one per queue change, to every client) go only",
         "to SSE and websocket callers; a sync or async job asks its place in the queue every 0.25 s",
         "while it waits.",
     ]
