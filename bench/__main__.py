@@ -122,9 +122,9 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "read from its output folder (`/view` when the folder is not ours); a sync job's status log",
         "claimed, written and published with its first append (one trip to a worker thread), a stream's",
         "claimed beside the run (awaited before answering only when the caller named the task; then it",
-        "is claimed first). ComfyUI's `status` broadcasts (one per queue change, to every client) go only",
-        "to SSE and websocket callers; a sync or async job asks its place in the queue every 0.25 s",
-        "while it waits.",
+        "is claimed first). ComfyUI's `status` broadcasts (one per queue change, to every client) go to",
+        "the jobs someone may watch, not to a sync job nobody named; every job asks its place in the",
+        "queue every 0.25 s while it waits.",
     ]
     if notes:
         lines += ["", "Notes from this run:", *(f"- {note}" for note in notes)]

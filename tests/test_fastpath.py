@@ -265,31 +265,44 @@ def test_the_folders_of_the_comfyui_we_start_are_derived_from_its_command():
 # -- status broadcasts: to the callers that get ComfyUI's messages, not to every job ---------------
 
 
-def test_status_broadcasts_reach_streams_but_not_sync_logs_which_still_tell_their_place_in_the_queue(
-    own_emulator, start_app
-):
+def test_status_broadcasts_reach_every_watched_job_but_not_the_log_of_a_sync_job_nobody_named(own_emulator, start_app):
     # ComfyUI sends `status` to every client on each queue change: with N jobs waiting that is
-    # ~3N broadcasts per job. A stream forwards them (the contract); a sync job's log leaves them
-    # out, and learns its place in the queue by asking ComfyUI (every PROGRESS_INTERVAL).
+    # ~3N broadcasts per job. A stream forwards them, and a named task's log holds them (the
+    # contract: the same payloads as the stream); the log of a sync job nobody named (seen only
+    # in its answer) leaves them out. Each learns its place in the queue by asking ComfyUI.
     set_step_delay(own_emulator, 0.05)
     server = start_app(own_emulator.url)
     first = in_background(lambda: run_stream(server.url, txt2img(seed=700, steps=20, prefix="head")))
     wait_until(lambda: prompt_ids(own_emulator.url, "head", "running"))
-    sync_id = f"sync-behind-{os.getpid()}"
-    behind = in_background(
-        lambda: post_run(server.url, txt2img(seed=701, steps=2, prefix="behind"), headers={"x-fc-trace-id": sync_id})
+    named_id = f"sync-named-{os.getpid()}"
+    named = in_background(
+        lambda: post_run(server.url, txt2img(seed=701, steps=2, prefix="named"), headers={"x-fc-trace-id": named_id})
     )
-    wait_until(lambda: prompt_ids(own_emulator.url, "behind", "pending"))
+    wait_until(lambda: prompt_ids(own_emulator.url, "named", "pending"))
+    unnamed = in_background(lambda: post_run(server.url, txt2img(seed=702, steps=2, prefix="unnamed")))
+    wait_until(lambda: prompt_ids(own_emulator.url, "unnamed", "pending"))
     streamed = first.result(timeout=60)
-    assert behind.result(timeout=60).json()["type"] == "serverless_api"
+    assert named.result(timeout=60).json()["type"] == "serverless_api"
+    answer = unnamed.result(timeout=60).json()
+    assert answer["type"] == "serverless_api"
 
     head_id = json.loads(streamed[-1])["data"]["prompt_id"]
     forwarded = comfyui_texts(streamed[:-1])
     assert_forwarded_as_sent(forwarded, sent_to(own_emulator.url, head_id), head_id)
     assert sum(json.loads(t)["type"] == "status" for t in forwarded) >= 2  # the queue grew and shrank
 
-    log = status_log(server, sync_id)
-    assert log[-1]["type"] == "serverless_api"
-    assert not [p for p in log if p["type"] == "status"]
-    places = [p["data"]["queue_position"] for p in log if p["type"] == "serverless_progress"]
-    assert [place for place in places if place is not None] == [1, 0]  # first in line, then running
+    def places(log: list[dict[str, Any]]) -> list[int]:
+        return [p["data"]["queue_position"] for p in log if p["type"] == "serverless_progress"]
+
+    named_log = status_log(server, named_id)
+    assert named_log[-1]["type"] == "serverless_api"
+    assert [p for p in named_log if p["type"] == "status"]
+    assert [place for place in places(named_log) if place is not None] == [1, 0]  # first in line, then running
+
+    task_id = answer["data"]["task_id"]  # its log is written after the answer
+    unnamed_log = wait_until(
+        lambda: (log := status_log(server, task_id)) and log[-1]["type"] == "serverless_api" and log
+    )
+    assert not [p for p in unnamed_log if p["type"] == "status"]
+    seen = [place for place in places(unnamed_log) if place is not None]
+    assert seen[0] == 2 and seen[-1] == 0  # second in line, then running

@@ -40,9 +40,6 @@ HISTORY_ATTEMPTS = 5
 HISTORY_RETRY_DELAY = 0.2
 CANCEL_TIMEOUT = 5.0
 PROGRESS_INTERVAL = 0.25  # at most ~4 progress events a second, besides every change of state
-# Modes whose caller gets ComfyUI's messages as they are, its `status` broadcasts included (a
-# sync or async job's log leaves those out: with N jobs waiting, they are ~3N per job).
-RAW_MODES = ("stream", "ws")
 
 Workflow = dict[str, Any]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
@@ -261,9 +258,10 @@ class Job:
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
-            # A stream or websocket caller gets ComfyUI's `status` broadcasts too, published by
-            # the listener as they come (see `ComfyUI.connect`); the others leave them out.
-            forward = self._forward if spec.mode in RAW_MODES else None
+            # ComfyUI's `status` broadcasts (one per queue change, to every client: ~3N per job
+            # with N waiting) are published by the listener as they come (`ComfyUI.connect`), for
+            # a job someone may watch; a sync job nobody named leaves them out of its log.
+            forward = self._forward if spec.observed else None
             async with runtime.comfy.connect(self.prompt_id, forward) as connection:
                 if connection.greeting is not None and forward is not None:
                     forward(connection.greeting)

@@ -114,7 +114,7 @@ class Jobs:
             # Its caller may poll the status at once (on any instance): known before we answer.
             attempt = await self._begin(spec, task_id)
             recorder = None if attempt is None else self.status.record(attempt, feed)
-        elif spec.mode == "sync":
+        elif not spec.observed:
             # No one knows this id before the answer: the log is claimed with its first append.
             attempt, recorder = None, self.status.record_new(task_id, feed)
         else:

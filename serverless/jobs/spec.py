@@ -48,3 +48,10 @@ class JobSpec:
     def named(self) -> bool:
         """True when the caller named the task, and so may poll its status log."""
         return self.task_id is not None
+
+    @property
+    def observed(self) -> bool:
+        """True when someone may read the job's events before its answer: a stream's or a
+        websocket's caller, an async caller polling its log, a caller that named the task. A
+        sync job nobody named is seen only in its answer (its log is kept, written after)."""
+        return self.named or self.mode != "sync"
