@@ -93,6 +93,12 @@ def token_secret(app: Starlette) -> bytes:
     return made
 
 
+async def _decoded(request: Request) -> Any:
+    """The request's JSON body (bounded in size and time), as GenStudio's endpoints take it."""
+    settings = request.app.state.resources.settings
+    return mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout))
+
+
 def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str, str]:
     """How the task's files will be served: OSS when configured (signed anew on every
     get_task_info), else our signed download links; refused when neither can be."""
@@ -111,9 +117,7 @@ async def prompt(request: Request) -> dict[str, str]:
     """POST .../prompt: `{"workflow_id", "prompt"}` -> `{"prompt_id", "prompt_token"}`."""
     resources: Resources = request.app.state.resources
     settings = resources.settings
-    asked = mapping.parse_prompt(
-        mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout))
-    )
+    asked = mapping.parse_prompt(await _decoded(request))
     headers = {**request.headers, "x-fc-invocation-type": "Async"}  # queued and answered at once
     query = _delivery(resources, Credentials.resolve(headers, settings.cloud_credentials))
     owner = _owner(request.scope.get("state"))
@@ -140,10 +144,7 @@ async def prompt(request: Request) -> dict[str, str]:
 async def get_task_info(request: Request) -> dict[str, Any]:
     """POST .../get_task_info: one `comfy_task_info` per id asked (unknown ones included)."""
     resources: Resources = request.app.state.resources
-    settings = resources.settings
-    asked = mapping.parse_task_info(
-        mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout))
-    )
+    asked = mapping.parse_task_info(await _decoded(request))
     files = Files(resources, request, asked)
     owner = _owner(request.scope.get("state"))
     jobs: Jobs = request.app.state.jobs
@@ -215,8 +216,7 @@ def _served_name(filename: str, conversion: Conversion) -> str:
 async def cancel(request: Request) -> dict[str, Any]:
     """POST .../cancel: `{"comfy_task_id"}` or `{"comfy_task_ids"}`; each id's outcome."""
     resources: Resources = request.app.state.resources
-    settings = resources.settings
-    ids = mapping.cancel_ids(mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout)))
+    ids = mapping.cancel_ids(await _decoded(request))
     owner = _owner(request.scope.get("state"))
     jobs: Jobs = request.app.state.jobs
     results = [await _cancel_one(resources, jobs, task_id, owner) for task_id in ids]

@@ -213,7 +213,7 @@ class Job:
         if not changed:
             return
         now = time.monotonic()
-        place = (self.progress.state, self.progress.queue_position)
+        place = self._place()
         if self._progress_sent is not None:
             last_place, last_time = self._progress_sent
             if place[0] == last_place[0] and now - last_time < PROGRESS_INTERVAL:
@@ -227,8 +227,12 @@ class Job:
     def _publish_due(self) -> None:
         self._progress_due = None
         sent = self._progress_sent
-        if not self.feed.done and sent is not None and sent[0] != (self.progress.state, self.progress.queue_position):
+        if not self.feed.done and sent is not None and sent[0] != self._place():
             self._publish_progress()
+
+    def _place(self) -> tuple[State, int | None]:
+        """What a progress event is sent for at once (a state) or soon (a place in the queue)."""
+        return self.progress.state, self.progress.queue_position
 
     async def _watch_queue(self) -> None:
         """Our place in ComfyUI's queue, asked every PROGRESS_INTERVAL while we wait in it (a
