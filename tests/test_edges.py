@@ -7,6 +7,7 @@ import json
 import socket
 import time
 
+import pytest
 import requests
 
 from tests.helpers import RUN, empty_image, post_run, txt2img, wait_until
@@ -179,6 +180,7 @@ def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_t
     assert "Traceback" not in server.log_text()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # ComfyUI's worker dies: the point
 def test_health_notices_a_comfyui_whose_queue_no_longer_moves(start_app, own_emulator):
     server = start_app(own_emulator.url, QUEUE_STALL_AFTER="1")
     deep: object = {}

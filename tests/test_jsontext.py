@@ -1,11 +1,15 @@
-"""Payload JSON with spliced base64: the same text json.dumps would give, without the copies."""
+"""JSON in and out: payloads with spliced base64 (the same text json.dumps would give, without the
+copies), and parsing that accepts what Python's json (and so ComfyUI) accepts."""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 
-from serverless.core.jsontext import Spliced, dumps
+import pytest
+
+from serverless.core.jsontext import Spliced, compact, dumps, loads
 
 
 def test_spliced_values_read_back_as_ordinary_strings():
@@ -35,3 +39,28 @@ def test_a_lone_surrogate_is_escaped_instead_of_breaking_utf8():
 def test_without_spliced_values_it_is_plain_json():
     payload = {"a": [1, 2.5, None, True], "b": "x"}
     assert json.loads(dumps(payload)) == payload
+
+
+def test_parsing_accepts_what_pythons_json_accepts():
+    assert loads(b'{"seed": 18446744073709551615, "n": 1.5, "s": "\\u00e9"}') == {
+        "seed": 2**64 - 1,
+        "n": 1.5,
+        "s": "é",
+    }
+    assert loads('{"seed": 123456789012345678901234567890}') == {"seed": 123456789012345678901234567890}
+    assert loads(b'[[{"x": -18446744073709551617}], 1e300]') == [[{"x": -(2**64) - 1}], 1e300]
+    assert math.isnan(loads(b'{"cfg": NaN}')["cfg"])
+    assert loads('"\\ud800"') == "\ud800"  # a lone surrogate, escaped
+
+
+def test_what_is_not_json_gets_the_line_and_column():
+    with pytest.raises(ValueError, match="line 2 column 7"):
+        loads(b'{"a": 1,\n "b": }')
+    with pytest.raises(ValueError):
+        loads(b"\xff\xfe")
+
+
+def test_a_prompt_for_comfyui_round_trips_even_past_64_bits():
+    prompt = {"3": {"inputs": {"seed": 2**64 - 1, "text": "图像"}}, "4": {"inputs": {"seed": 2**70}}}
+    assert json.loads(compact(prompt)) == prompt
+    assert json.loads(compact({"text": "\ud800"})) == {"text": "\ud800"}

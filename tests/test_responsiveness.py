@@ -1,5 +1,9 @@
 """Big bodies do not stall other callers: health and status keep answering within 100 ms while a
-25 MB body is read, parsed, prepared and submitted."""
+25 MB body is read, parsed, prepared and submitted.
+
+Each body is posted three times and the best of the three is judged: work done on the event loop
+stalls every attempt alike, while a slow moment of a shared CI machine (other processes on its
+cores) rarely falls on all three."""
 
 from __future__ import annotations
 
@@ -35,7 +39,21 @@ class Poller(threading.Thread):
                 time.sleep(0.005)
 
 
-def _post_while_polling(url: str, body: bytes) -> tuple[requests.Response, float]:
+ATTEMPTS = 3
+
+
+def _post_while_polling(url: str, body: bytes) -> tuple[list[requests.Response], float]:
+    """The answers to `body` posted ATTEMPTS times, and the least of how much slower than usual
+    health and status were during each."""
+    answers, delays = [], []
+    for _ in range(ATTEMPTS):
+        response, delay = _post_once(url, body)
+        answers.append(response)
+        delays.append(delay)
+    return answers, min(delays)
+
+
+def _post_once(url: str, body: bytes) -> tuple[requests.Response, float]:
     """The answer to `body`, and how much slower than usual health and status were meanwhile: the
     slowest answer during the POST, less the slowest of as many answers before it (the machine's
     own noise, e.g. other tests sharing its cores)."""
@@ -61,8 +79,9 @@ def test_a_25_mb_body_does_not_keep_health_and_status_waiting(start_app_process,
     }
     body = json.dumps(workflow).encode()
     assert len(body) > 25_000_000
-    response, delay = _post_while_polling(server.url, body)
-    assert response.status_code == 400 and response.json()["error_code"] == "PROMPT_ERROR"  # it reached ComfyUI
+    answers, delay = _post_while_polling(server.url, body)
+    for response in answers:
+        assert response.status_code == 400 and response.json()["error_code"] == "PROMPT_ERROR"  # it reached ComfyUI
     assert delay < 0.1, f"health/status answered {delay:.3f}s slower than usual"
 
 
@@ -71,7 +90,8 @@ def test_a_body_of_millions_of_tiny_values_is_refused_at_once(start_app_process,
     workflow = {"1": {"class_type": "X", "inputs": {"values": list(range(3_000_000))}}}
     body = json.dumps(workflow).encode()
     assert len(body) > 25_000_000
-    response, delay = _post_while_polling(server.url, body)
-    assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMS"
-    assert "more than 1000000 JSON items" in response.json()["error_message"]
+    answers, delay = _post_while_polling(server.url, body)
+    for response in answers:
+        assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMS"
+        assert "more than 1000000 JSON items" in response.json()["error_message"]
     assert delay < 0.1, f"health/status answered {delay:.3f}s slower than usual"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from ..core import jsontext
 from ..core.messages import Message, from_history
 from ..errors import ComfyUIUnavailable, InputError, OutputError, PromptError
 from .folders import Folders, confined, read_output, write_input
@@ -218,7 +218,7 @@ class ComfyUI:
         if not body:
             return None
         try:
-            return json.loads(body)
+            return jsontext.loads(body)
         except ValueError:
             raise ComfyUIUnavailable(f"ComfyUI answered {action} with something that is not JSON") from None
 
@@ -236,15 +236,15 @@ class ComfyUI:
         payload: dict[str, Any] = {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id}
         if extra_data:
             payload["extra_data"] = extra_data
-        data = await asyncio.to_thread(json.dumps, payload) if big else json.dumps(payload)
+        data = await asyncio.to_thread(jsontext.compact, payload) if big else jsontext.compact(payload)
         headers = {"Content-Type": "application/json"}
         with translate_errors("submitting the prompt"):
             async with self.session.post(
-                self._url("/prompt"), data=data.encode(), headers=headers, timeout=self.timeout
+                self._url("/prompt"), data=data, headers=headers, timeout=self.timeout
             ) as resp:
                 status, body = resp.status, await resp.read()
         try:
-            answer = json.loads(body) if body else None
+            answer = jsontext.loads(body) if body else None
         except ValueError:
             answer = None
         if status == 400:

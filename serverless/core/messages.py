@@ -8,9 +8,10 @@ is not forwarded.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from . import jsontext
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ class Message:
 def parse_message(text: str) -> Message | None:
     """Parse a websocket text frame; None for anything that is not a typed JSON object."""
     try:
-        value = json.loads(text)
+        value = jsontext.loads(text)
     except ValueError:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):

@@ -5,13 +5,13 @@ Nothing here does I/O; every refusal is an `InvalidParams` whose message tells a
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidParams
+from . import jsontext
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 RUN_QUERY_FLAGS = (
@@ -81,7 +81,7 @@ def decode_body(body: bytes | str) -> Any:
     if _separators(body) > MAX_BODY_ITEMS:
         raise InvalidParams(f"the request body holds more than {MAX_BODY_ITEMS} JSON items (elements and members)")
     try:
-        return json.loads(body)
+        return jsontext.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParams(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
