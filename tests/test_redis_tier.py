@@ -385,7 +385,7 @@ def test_events_resume_after_last_event_id_on_another_gateway_while_running_and_
     assert [(e.id, e.data) for e in read_events(by_query) if e.data is not None] == everything[5:]
     started = time.monotonic()
     assert task_events(second.url, "resumed", len(everything)) == [], "nothing after the terminal payload"
-    assert time.monotonic() - started < 0.5, "an ended log says so at once"
+    assert time.monotonic() - started < 5, "an ended log says so at once, not after STATUS_STALE_AFTER (120 s)"
 
 
 def test_the_task_summary_from_any_gateway_queued_running_ended_unknown_and_malformed(

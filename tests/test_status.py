@@ -289,7 +289,7 @@ def test_a_status_folder_that_stops_answering_hangs_nothing_else(start_app, emul
         def health_reports_the_folder() -> bool:
             started = time.perf_counter()
             answer = requests.get(server.url + "/api/serverless/health", timeout=10)
-            assert time.perf_counter() - started < 0.1, "health waited for the disk"
+            assert time.perf_counter() - started < 0.5, "health waited for the disk (1 s)"
             return answer.status_code == 503 and "did not answer within 1s" in answer.json()["reason"]
 
         wait_until(health_reports_the_folder, timeout=30, interval=0.2)
