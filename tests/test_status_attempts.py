@@ -172,3 +172,61 @@ async def test_names_outside_the_task_id_alphabet_are_refused(tmp_path, task_id)
     status = StatusLog(tmp_path, stale_after=60)
     with pytest.raises(InvalidParams):
         await status.begin(task_id)
+
+
+async def record_new(status: StatusLog, task_id: str, *payloads: dict) -> None:
+    """A job nobody named: its log is claimed, written and published with its first append."""
+    feed = Feed(first_seq=1)
+    recorder = asyncio.create_task(status.record_new(task_id, feed))
+    for payload in payloads[:-1]:
+        feed.publish(json.dumps(payload))
+    feed.finish(Result(payloads[-1]))
+    await recorder
+
+
+async def test_a_new_task_log_is_written_whole_then_named(tmp_path):
+    folder = tmp_path / "not-yet"  # the folder itself is made on first use
+    status = StatusLog(folder, stale_after=60)
+    await record_new(status, "fresh", {"type": "progress"}, {"type": "serverless_api", "data": {}})
+    assert (folder / "fresh").samefile(files.attempt_path(folder, "fresh", 1))
+    assert [item["type"] for item in await read(status, "fresh")] == ["progress", "serverless_api"]
+    assert sorted(p.name for p in folder.iterdir()) == ["fresh", "fresh~attempt-1"], "no temp names left"
+
+
+async def test_a_new_task_log_beside_an_older_one_becomes_the_next_attempt(tmp_path):
+    status = StatusLog(tmp_path, stale_after=60)
+    await run_attempt(status, "again", {"type": "error", "error_code": "TIMEOUT"})
+    await record_new(status, "again", {"type": "serverless_api", "data": {}})
+    assert await status.attempts("again") == [1, 2]
+    assert (tmp_path / "again").samefile(files.attempt_path(tmp_path, "again", 2))
+    assert (await read(status, "again", attempt=1))[-1]["error_code"] == "TIMEOUT"
+
+
+async def test_a_new_task_log_racing_another_instance_leaves_the_name_on_the_newest(tmp_path, monkeypatch):
+    # Between our look at the name and our link, another instance claims attempt 2 and publishes it.
+    status, other = StatusLog(tmp_path, stale_after=60), StatusLog(tmp_path, stale_after=60)
+    real_link = os.link
+
+    def link_after_another_claim(source, target, **kwargs):
+        monkeypatch.setattr(files.os, "link", real_link)
+        number = files.claim(tmp_path, "raced")
+        files.publish(tmp_path, "raced", number, True)
+        return real_link(source, target, **kwargs)
+
+    monkeypatch.setattr(files.os, "link", link_after_another_claim)
+    await record_new(status, "raced", {"type": "serverless_api", "data": {}})
+    assert await other.attempts("raced") == [1, 2]
+    assert (tmp_path / "raced").samefile(files.attempt_path(tmp_path, "raced", 2))
+    assert await read(status, "raced", attempt=1) == [{"type": "serverless_api", "data": {}}]
+
+
+async def test_a_new_task_log_without_hard_links_is_published_as_a_copy(tmp_path, monkeypatch):
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "link", no_links)
+    status = StatusLog(tmp_path, stale_after=60)
+    await record_new(status, "copied", {"type": "progress"}, {"type": "serverless_api", "data": {}})
+    assert status.health()["hard_links"] is False
+    assert not (tmp_path / "copied").samefile(files.attempt_path(tmp_path, "copied", 1))
+    assert [item["type"] for item in await read(status, "copied")] == ["progress", "serverless_api"]

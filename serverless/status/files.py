@@ -121,23 +121,26 @@ def write_lines(path: Path, lines: list[bytes]) -> None:
     """Append `lines` in as few writes as possible, then fsync."""
     fd = open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)  # read: is the last line whole?
     try:
-        small = bytearray()
         size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            small += b"\n"  # an earlier write was cut short: close its torn line off first
-        for data in lines:
-            if len(data) < BIG_LINE:
-                small += data + b"\n"
-                continue
-            # A big result (base64 outputs) is written as it is, not copied into a batch.
-            _write_all(fd, small)
-            small.clear()
-            _write_all(fd, data)
-            small += b"\n"
-        _write_all(fd, small)
+        torn = bool(size) and os.pread(fd, 1, size - 1) != b"\n"
+        _write_lines(fd, lines, torn)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_lines(fd: int, lines: list[bytes], torn: bool = False) -> None:
+    small = bytearray(b"\n" if torn else b"")  # an earlier write was cut short: close its torn line off first
+    for data in lines:
+        if len(data) < BIG_LINE:
+            small += data + b"\n"
+            continue
+        # A big result (base64 outputs) is written as it is, not copied into a batch.
+        _write_all(fd, small)
+        small.clear()
+        _write_all(fd, data)
+        small += b"\n"
+    _write_all(fd, small)
 
 
 def write_sidecar(directory: Path, task_id: str, name: str, data: bytes) -> None:
@@ -169,6 +172,36 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
 
 
 # -- attempts ---------------------------------------------------------------------------------
+
+
+def create(directory: Path, task_id: str, lines: list[bytes]) -> bool | None:
+    """Claim, write and publish attempt 1 of a task nothing of which exists yet (a task id no
+    one has used: most jobs' case), in a handful of system calls: the file is created whole,
+    fsynced, then linked as `<task_id>`. Returns whether hard links work; None when something of
+    the task exists (then `claim`, `append` and `publish` take over, with their checks)."""
+    current, first = directory / task_id, attempt_path(directory, task_id, 1)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    if os.path.lexists(current):
+        return None  # an earlier attempt, a legacy log, or something squatting the name
+    try:
+        fd = os.open(first, flags, 0o644)
+    except FileNotFoundError:  # no folder yet
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(first, flags, 0o644)
+    except FileExistsError:
+        return None  # a concurrent claimer took number 1
+    try:
+        _write_lines(fd, lines)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(first, current, follow_symlinks=False)
+    except OSError as exc:  # a concurrent claimer published a later attempt, or no hard links
+        if exc.errno != errno.EEXIST and exc.errno not in NO_HARD_LINKS:
+            raise
+        return publish(directory, task_id, 1, exc.errno == errno.EEXIST)
+    return True
 
 
 def claim(directory: Path, task_id: str) -> int:

@@ -120,6 +120,10 @@ class StatusLog:
     ) -> tuple[int, bool]:
         """Claim the next attempt (with its first `lines`) and publish it, in one trip to a
         worker thread."""
+        if lines and self._links:
+            links = files.create(self.directory, task_id, lines)
+            if links is not None:
+                return 1, links
         number = files.claim(self.directory, task_id)
         if lines:
             files.append(files.attempt_path(self.directory, task_id, number), lines, lock or threading.Lock())
