@@ -52,6 +52,10 @@ def task_of(name: str) -> str:
 
 def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
     """An fd on the regular file at `path`; NotAFile for a symlink, fifo, directory or device."""
+    return _open_regular(path, flags, mode)[0]
+
+
+def _open_regular(path: Path, flags: int, mode: int = 0o644) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as exc:
@@ -63,7 +67,7 @@ def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise NotAFile(path.name, _kind(st.st_mode))
-    return fd
+    return fd, st
 
 
 def refuse_non_regular(path: Path) -> None:
@@ -119,9 +123,9 @@ def append(path: Path, lines: list[bytes], lock: threading.Lock) -> None:
 
 def write_lines(path: Path, lines: list[bytes]) -> None:
     """Append `lines` in as few writes as possible, then fsync."""
-    fd = open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)  # read: is the last line whole?
+    fd, st = _open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)  # read: is the last line whole?
     try:
-        size = os.fstat(fd).st_size
+        size = st.st_size
         torn = bool(size) and os.pread(fd, 1, size - 1) != b"\n"
         _write_lines(fd, lines, torn)
         os.fsync(fd)
@@ -177,8 +181,9 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
 def create(directory: Path, task_id: str, lines: list[bytes]) -> bool | None:
     """Claim, write and publish attempt 1 of a task nothing of which exists yet (a task id no
     one has used: most jobs' case), in a handful of system calls: the file is created whole,
-    fsynced, then linked as `<task_id>`. Returns whether hard links work; None when something of
-    the task exists (then `claim`, `append` and `publish` take over, with their checks)."""
+    fsynced (unless empty, as `claim` leaves it), then linked as `<task_id>`. Returns whether
+    hard links work; None when something of the task exists (then `claim`, `append` and
+    `publish` take over, with their checks)."""
     current, first = directory / task_id, attempt_path(directory, task_id, 1)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     if os.path.lexists(current):
@@ -191,8 +196,9 @@ def create(directory: Path, task_id: str, lines: list[bytes]) -> bool | None:
     except FileExistsError:
         return None  # a concurrent claimer took number 1
     try:
-        _write_lines(fd, lines)
-        os.fsync(fd)
+        if lines:
+            _write_lines(fd, lines)
+            os.fsync(fd)
     finally:
         os.close(fd)
     try:

@@ -120,8 +120,8 @@ class StatusLog:
     ) -> tuple[int, bool]:
         """Claim the next attempt (with its first `lines`) and publish it, in one trip to a
         worker thread."""
-        if lines and self._links:
-            links = files.create(self.directory, task_id, lines)
+        if self._links:
+            links = files.create(self.directory, task_id, lines or [])
             if links is not None:
                 return 1, links
         number = files.claim(self.directory, task_id)
