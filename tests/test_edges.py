@@ -147,9 +147,10 @@ def test_a_filename_prefix_cannot_squat_a_task_log(start_app, emulator):
     assert status.json()[-1]["type"] == "serverless_api"
 
 
-def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_timeout(start_app, emulator):
-    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
-    workflow = {  # a noisy 2048x2048 picture: its base64 is far more than the sockets' buffers hold
+def _post_and_stop_reading(server, query: str) -> bytes:
+    """POST a job whose answer (a noisy 2048x2048 picture's base64) is far more than the sockets'
+    buffers hold, read nothing until the server gives up on us, then what was in flight."""
+    workflow = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1, "color": 0}},
         "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 5, "strength": 1.0}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "stall"}},
@@ -161,7 +162,7 @@ def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_t
     sock.connect((host, int(port)))
     sock.sendall(
         (
-            f"POST {RUN}?output_base64=true HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"POST {RUN}?{query} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         + body
@@ -172,10 +173,27 @@ def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_t
     while chunk := sock.recv(1 << 20):  # what was in flight, then the end: the server closed it
         received += chunk
     sock.close()
+    return received
+
+
+def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_timeout(start_app, emulator):
+    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
+    received = _post_and_stop_reading(server, "output_base64=true")
     head, _, content = received.partition(b"\r\n\r\n")
     lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
     declared = int(lengths[0])
     assert head.startswith(b"HTTP/1.1 200") and len(content) < declared
+    assert requests.get(server.url + "/api/serverless/health", timeout=10).json()["jobs"] == 0
+    assert "Traceback" not in server.log_text()
+
+
+def test_a_stream_reader_that_stops_reading_is_closed_after_the_write_timeout(start_app, emulator):
+    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
+    received = _post_and_stop_reading(server, "output_base64=true&stream=true")
+    head, _, content = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+    assert b"execution_success" in content, "the events before the big one were delivered"
+    assert not content.endswith(b"0\r\n\r\n"), "the chunked stream was cut, not ended"
     assert requests.get(server.url + "/api/serverless/health", timeout=10).json()["jobs"] == 0
     assert "Traceback" not in server.log_text()
 

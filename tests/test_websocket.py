@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+import requests
 import websocket  # websocket-client
 from websocket import ABNF
 
@@ -254,3 +255,24 @@ def test_a_20_mib_run_body_gets_its_answer_not_a_dropped_connection(app):
     assert code == NORMAL_CLOSURE
     terminal = json.loads(texts[-1])
     assert terminal["type"] == "error" and terminal["error_code"] == "PROMPT_ERROR"  # it reached ComfyUI
+
+
+def test_a_websocket_reader_that_stops_reading_is_closed_after_the_write_timeout(emulator, start_app):
+    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
+    workflow = {  # a noisy 2048x2048 picture: its base64 is far more than the sockets' buffers hold
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 5, "strength": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "ws-stall"}},
+    }
+    ws = websocket.create_connection(
+        ws_url(server.url, "?output_base64=true"), timeout=30, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
+    )
+    try:
+        ws.send(json.dumps(workflow))  # and then read nothing
+        # The whole answer fits the server's buffer; the close after it waits for room: bounded too.
+        wait_until(lambda: "read nothing for 1s; its connection is closed" in server.log_text(), timeout=60)
+    finally:
+        ws.close()
+    health = server.url + "/api/serverless/health"
+    wait_until(lambda: requests.get(health, timeout=10).json()["jobs"] == 0, timeout=30)
+    assert "Traceback" not in server.log_text()

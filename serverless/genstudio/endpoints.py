@@ -40,7 +40,7 @@ from ..jobs.registry import Jobs
 from ..resources import Resources
 from ..status.summary import summarise
 from ..transports import control
-from ..transports.caller import watch
+from ..transports.caller import bounded, watch
 from ..transports.events import TaskEvents
 from ..transports.http import read_body
 from ..transports.start import start_job
@@ -284,6 +284,8 @@ async def get_task_progress(websocket: WebSocket) -> None:
         mapping.TaskInfoRequest((task_id,), mapping.DEFAULT_URL_EXPIRE, mapping.parse_post_process(None)),
     )
 
+    timeout = resources.settings.stream_write_timeout
+
     async def deliver() -> None:
         payloads: list[Any] = []
         sent: dict[str, Any] | None = None
@@ -295,9 +297,9 @@ async def get_task_progress(websocket: WebSocket) -> None:
             summary = summarise(task_id, payloads)
             info = mapping.task_info(task_id, summary, await files.urls(summary))
             if info != sent:
-                await websocket.send_text(json.dumps({"comfy_task_info": info}, ensure_ascii=False))
+                await bounded(websocket.send_text(json.dumps({"comfy_task_info": info}, ensure_ascii=False)), timeout)
                 sent = info
-        await websocket.close()
+        await bounded(websocket.close(), timeout)
 
     async def caller_gone() -> None:
         while (await websocket.receive())["type"] != "websocket.disconnect":

@@ -5,6 +5,7 @@ a body that is refused gets the error object as the last message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -17,7 +18,7 @@ from ..jobs.registry import Jobs
 from ..ops.metrics import ReaderMeter
 from ..resources import Resources
 from ..settings import Settings
-from .caller import bounded, watch
+from .caller import CallerStalled, bounded, watch
 from .start import start_job
 
 log = logging.getLogger(__name__)
@@ -65,16 +66,17 @@ async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
 async def _forward(websocket: WebSocket, job: Job, settings: Settings, meter: ReaderMeter) -> None:
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
+    timeout = settings.stream_write_timeout
 
     async def deliver() -> None:
         try:
             async for event in job.events():
                 if event is not None:
-                    await bounded(websocket.send_text(event.text), settings.stream_write_timeout)
+                    await bounded(websocket.send_text(event.text), timeout)
         except ReaderTooSlow as exc:
             too_slow.append(exc)
             return
-        await websocket.close()
+        await bounded(websocket.close(), timeout)  # a send waits for room, the close too: a stalled reader ends here
 
     async def caller_gone() -> None:
         while (await websocket.receive())["type"] != "websocket.disconnect":
@@ -85,4 +87,5 @@ async def _forward(websocket: WebSocket, job: Job, settings: Settings, meter: Re
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])
         meter.dropped()
-        await websocket.close(code=1013, reason="reader too slow; see the task's status log")
+        with contextlib.suppress(CallerStalled):
+            await bounded(websocket.close(code=1013, reason="reader too slow; see the task's status log"), timeout)
