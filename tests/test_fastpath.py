@@ -306,3 +306,26 @@ def test_status_broadcasts_reach_every_watched_job_but_not_the_log_of_a_sync_job
     assert not [p for p in unnamed_log if p["type"] == "status"]
     seen = [place for place in places(unnamed_log) if place is not None]
     assert seen[0] == 2 and seen[-1] == 0  # second in line, then running
+
+
+async def test_a_broadcast_after_the_prompt_ended_is_no_part_of_its_job(emulator):
+    # A queue change after a prompt's end (another job's prompt arriving) while its job still
+    # winds down (reading outputs) belongs to no job of ours: it is not forwarded. Deterministic:
+    # the connection stays open until the listener has received that broadcast.
+    forwarded: list[str] = []
+    async with ComfyUI.open(emulator.url, Timeouts(connect=5, request=10)) as comfy:
+        prompt_id = "trailing-broadcast"
+        async with comfy.connect(prompt_id, lambda message: forwarded.append(message.text)) as connection:
+            await comfy.submit(empty_image(prefix="trailing"), connection.client_id, prompt_id, None)
+            async for message in connection.follow(prompt_id):
+                if message.type == "status":
+                    forwarded.append(message.text)  # as the job publishes its inbox's broadcasts
+            before = comfy.listener.latest_status
+            await comfy.submit(empty_image(prefix="trailing-next"), "someone-else", "trailing-next", None)
+            await asyncio.to_thread(wait_until, lambda: comfy.listener.latest_status is not before)
+            trailing = comfy.listener.latest_status
+    assert forwarded, "the broadcasts while the prompt ran were forwarded"
+    assert trailing is not None and trailing.type == "status"
+    assert all(text is not trailing.text for text in forwarded), (
+        "a broadcast after the end was forwarded"
+    )  # the same object

@@ -215,6 +215,9 @@ class Listener:
             # ComfyUI runs one prompt at a time: the one it names until it ends (`node: null`).
             ends = message.type == "executing" and message.data.get("node") is None
             self._executing = None if ends else prompt_id
+            ended = self._inboxes.get(prompt_id) if ends else None
+            if ended is not None:
+                ended.forward = None  # its prompt is over: broadcasts from now on are no part of it
         inbox = self._inboxes.get(prompt_id) if prompt_id is not None else None
         if inbox is not None:
             inbox.items.put_nowait(message)
