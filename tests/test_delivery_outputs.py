@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import RUN, comfyui_texts, empty_image, post_run, txt2img
+from tests.helpers import RUN, comfyui_texts, empty_image, post_run, txt2img, wait_until
 from tests.oss_server import LocalOss
 from tests.test_oss_e2e import KEY_ID, REGION, SECRET, oss_env
 
@@ -77,11 +77,16 @@ def test_the_first_output_is_streamed_before_the_second_output_node_starts(own_e
         assert final["output"]["base64"]["content"]  # the content is in the terminal payload, once
         assert item["data"]["output"]["base64"] == {"content": None, "in_result": True}
         assert {**item["data"]["output"], "base64": None} == {**final["output"], "base64": None}
-    # The status log holds the same sequence; the early events there carry no base64 either.
-    logged = requests.get(
-        app.url + "/api/serverless/status", params={"task_id": terminal["data"]["task_id"]}, timeout=10
-    ).json()
-    assert logged == [payload for _, payload, _ in events]
+    # The status log holds the same sequence; the early events there carry no base64 either. A
+    # stream nobody named does not wait for its log's last append: poll until it is done, as a
+    # status client does (done when the last element is the terminal payload).
+    status = app.url + "/api/serverless/status"
+
+    def complete_log() -> list[dict[str, Any]] | None:
+        logged = requests.get(status, params={"task_id": terminal["data"]["task_id"]}, timeout=10).json()
+        return logged if logged and logged[-1]["type"] in ("serverless_api", "error") else None
+
+    assert wait_until(complete_log, timeout=10) == [payload for _, payload, _ in events]
     assert comfyui_texts([text for _, _, text in events])[-1] == events[-1][2]  # compat: the end is last
 
 

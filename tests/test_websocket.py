@@ -119,8 +119,10 @@ def test_websocket_forwards_comfyuis_texts_byte_for_byte_then_the_result_then_cl
     (output,) = result["data"]["results"]
     assert output["output"]["raw"]["filename"].startswith("wsbytes_test-1_")
     assert output["output"]["base64"]["content"], "the query's output_base64 applies"
-    # The same payloads as the job's status log (the websocket is one more rendering of the feed).
-    assert status_log(app, prompt_id) == [json.loads(text) for text in texts]
+    # The same payloads as the job's status log (the websocket is one more rendering of the feed),
+    # once its last append is in (a job nobody named does not hold its answer for it).
+    logged = wait_until(lambda: (items := status_log(app, prompt_id)) and items[-1]["type"] in TERMINAL_TYPES and items)
+    assert logged == [json.loads(text) for text in texts]
 
 
 @pytest.mark.parametrize(
