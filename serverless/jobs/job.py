@@ -125,18 +125,13 @@ class Job:
         stream must find the result there."""
         async for event in self.feed.follow(after, idle):
             if event is not None:
-                if self.known is not None and not self.known.is_set():
-                    await self.known.wait()
-                if event.terminal:
-                    await self._recorded()
+                await self._ready_for(event)
             yield event
 
     async def finished(self) -> Event:
         """The terminal event, under the same rule as `events`."""
         terminal = await self.feed.wait()
-        if self.known is not None and not self.known.is_set():
-            await self.known.wait()
-        await self._recorded()
+        await self._ready_for(terminal)
         return terminal
 
     def more_ready(self, seq: int) -> bool:
@@ -144,8 +139,12 @@ class Job:
         feed = self.feed
         return feed.last_seq - (1 if feed.done else 0) > seq
 
-    async def _recorded(self) -> None:
-        if self.recorder is not None and self.spec.named:
+    async def _ready_for(self, event: Event) -> None:
+        """Wait until `event` may reach a caller: the task is known to the status store, and a
+        named task's terminal payload is in its log."""
+        if self.known is not None and not self.known.is_set():
+            await self.known.wait()
+        if event.terminal and self.recorder is not None and self.spec.named:
             await asyncio.shield(self.recorder)
 
     def abandon(self, reason: str) -> None:
