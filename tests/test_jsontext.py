@@ -49,6 +49,8 @@ def test_parsing_accepts_what_pythons_json_accepts():
     }
     assert loads('{"seed": 123456789012345678901234567890}') == {"seed": 123456789012345678901234567890}
     assert loads(b'[[{"x": -18446744073709551617}], 1e300]') == [[{"x": -(2**64) - 1}], 1e300]
+    padding = "x" * 100_000  # past the size up to which the text is scanned for long digit runs
+    assert loads(f'{{"pad": "{padding}", "seed": 18446744073709551616}}')["seed"] == 2**64
     assert math.isnan(loads(b'{"cfg": NaN}')["cfg"])
     assert loads('"\\ud800"') == "\ud800"  # a lone surrogate, escaped
 

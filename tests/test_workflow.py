@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from serverless.core.workflow import prepare_workflow
+from serverless.core.workflow import copy_json, prepare_workflow
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -69,3 +69,12 @@ def test_linked_prefix_is_left_alone():
     workflow = {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": ["5", 0]}}}
     before = copy.deepcopy(workflow)
     assert prepare_workflow(workflow, "i").workflow == before
+
+
+def test_a_json_copy_shares_nothing_mutable_with_the_original():
+    original = {"1": {"inputs": {"list": [1, [2.5, None]], "flag": True, "text": "é"}}, "odd": {(1, 2): {3}}}
+    copied = copy_json(original)
+    assert copied == original
+    copied["1"]["inputs"]["list"][1].append(3)
+    copied["odd"][(1, 2)].add(4)  # what is not JSON is deep-copied too
+    assert original == {"1": {"inputs": {"list": [1, [2.5, None]], "flag": True, "text": "é"}}, "odd": {(1, 2): {3}}}

@@ -36,6 +36,11 @@ class Spliced:
 
 
 _BEYOND_64_BITS = 2.0**63  # orjson reads an integer past 64 bits as a float of at least this size
+# Such an integer is written with at least 19 digits. Looking for a run of them is cheaper than
+# walking the value, up to a size: past it the walk (a big body is mostly one long string) is.
+_LONG_DIGITS = re.compile(r"\d{19}")
+_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+_SCAN_UP_TO = 64 * 1024
 
 
 def loads(text: bytes | str) -> Any:
@@ -44,9 +49,17 @@ def loads(text: bytes | str) -> Any:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         return json.loads(text)  # NaN, a lone surrogate: valid to Python's json (and to ComfyUI)
-    if _has_huge_float(value):
+    if _may_hold_long_integer(text) and _has_huge_float(value):
         return json.loads(text)  # perhaps an integer past 64 bits, which json keeps exact
     return value
+
+
+def _may_hold_long_integer(text: bytes | str) -> bool:
+    if len(text) > _SCAN_UP_TO:
+        return True
+    if isinstance(text, str):
+        return _LONG_DIGITS.search(text) is not None
+    return _LONG_DIGITS_BYTES.search(text) is not None
 
 
 def _has_huge_float(value: Any) -> bool:

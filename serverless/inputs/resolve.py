@@ -23,7 +23,6 @@ unrecognised content keeps a safe extension from the URL, `oss://` key or data U
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import logging
 import re
@@ -33,6 +32,7 @@ from functools import partial
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from ..core.media import ext_for_mime, sniff
+from ..core.workflow import copy_json
 from ..errors import ComfyUIUnavailable, InputError, InvalidParams, ServerlessError
 from .budget import ByteBudget, Lease
 from .download import decode_base64
@@ -190,7 +190,7 @@ async def resolve_inputs(
         kind = _classify_item(workflow, item)
         if kind != "file":
             remote.append((item, kind))
-    result = copy.deepcopy(dict(workflow))
+    result: dict[str, Any] = copy_json(dict(workflow))
     if not remote:
         return result
 

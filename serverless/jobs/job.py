@@ -113,6 +113,7 @@ class Job:
         self.progress = Progress(task_id, prompt_id, workflow_nodes(spec.workflow), created=time.monotonic())
         self._progress_sent: tuple[tuple[State, int | None], float] | None = None
         self._progress_due: asyncio.TimerHandle | None = None  # a new place in the queue, told soon
+        self._watcher: asyncio.Task[None] | None = None  # asks our place in the queue (`_start_watching`)
         # Set once the task is known to the status store (a task no one named is claimed beside
         # its run): its events reach callers only then, so any instance can answer for it.
         self.known: asyncio.Event | None = None
@@ -233,15 +234,24 @@ class Job:
         """What a progress event is sent for at once (a state) or soon (a place in the queue)."""
         return self.progress.state, self.progress.queue_position
 
+    def _start_watching(self) -> None:
+        """PROGRESS_INTERVAL after submitting: still queued, so watch our place (a short job has
+        no watcher task at all)."""
+        if self.progress.state == "queued" and not self.feed.done:
+            self._watcher = asyncio.create_task(self._watch_queue(), name=f"queue {self.task_id}")
+
     async def _watch_queue(self) -> None:
-        """Our place in ComfyUI's queue, asked every PROGRESS_INTERVAL while we wait in it (a
-        short job never asks)."""
-        while True:
-            await asyncio.sleep(PROGRESS_INTERVAL)
-            if self.progress.state != "queued":
-                return
+        """Our place in ComfyUI's queue, asked every PROGRESS_INTERVAL while we wait in it."""
+        while self.progress.state == "queued":
             with contextlib.suppress(ServerlessError):  # ComfyUI is slow to answer: next round
                 await self._ask_queue()
+            await asyncio.sleep(PROGRESS_INTERVAL)
+
+    async def _stop_watching(self, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
 
     async def _ask_queue(self) -> None:
         """Our place in ComfyUI's queue, while we wait in it (one `/queue` read shared by every
@@ -273,13 +283,12 @@ class Job:
                     workflow, connection.client_id, self.prompt_id, spec.extra_data, big=spec.big
                 )
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
-                watcher = asyncio.create_task(self._watch_queue(), name=f"queue {self.task_id}")
+                timer = asyncio.get_running_loop().call_later(PROGRESS_INTERVAL, self._start_watching)
                 try:
                     async for message in connection.follow(self.prompt_id, lost):
                         self._observe(message, collector)
                 finally:
-                    watcher.cancel()
-                    await asyncio.gather(watcher, return_exceptions=True)
+                    await self._stop_watching(timer)
                 self.clock.ended = time.monotonic()
                 if self._failure is not None:
                     raise self._failure
