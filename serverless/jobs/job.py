@@ -237,7 +237,7 @@ class Job:
     def _start_watching(self) -> None:
         """PROGRESS_INTERVAL after submitting: still queued, so watch our place (a short job has
         no watcher task at all)."""
-        if self.progress.state == "queued" and not self.feed.done:
+        if self.progress.state == "queued":
             self._watcher = asyncio.create_task(self._watch_queue(), name=f"queue {self.task_id}")
 
     async def _watch_queue(self) -> None:

@@ -12,13 +12,13 @@ as in an ordinary run.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.request import MAX_INPUT_DEPTH, _depth
+from ..core.workflow import copy_json
 from ..errors import InvalidParams
 from .schema import ObjectInfo, Workflow, is_link, node_inputs, node_order
 from .validate import Overrides, Problem
@@ -194,7 +194,7 @@ def _reaches_positive(start: str, consumers: dict[str, list[tuple[str, str]]]) -
 
 def merge(workflow: Workflow, values: Overrides) -> dict[str, Any]:
     """A copy of the workflow with the overrides set; the stored workflow is never changed."""
-    merged: dict[str, Any] = copy.deepcopy(dict(workflow))
+    merged: dict[str, Any] = copy_json(dict(workflow))
     for (node_id, name), value in values.items():
-        merged[node_id]["inputs"][name] = copy.deepcopy(value)
+        merged[node_id]["inputs"][name] = copy_json(value)
     return merged
