@@ -21,15 +21,16 @@ from .core.request import RUN_QUERY_FLAGS, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .genstudio import endpoints as genstudio
-from .jobs.job import Job
 from .jobs.registry import Jobs
+from .jobs.runner import EventSource
 from .ops import endpoints as ops
 from .ops.metrics import Metrics
 from .resources import Resources
 from .settings import Settings
+from .state import AppState, app_state
 from .status.log import parse_after, parse_attempt
 from .transports import control, files
-from .transports.http import EventSource, EventStream, json_response, read_body
+from .transports.http import EventStream, hang_up, json_response, read_body
 from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
 from .transports.start import start_job
 from .transports.websocket import websocket_run
@@ -69,32 +70,35 @@ def _headers(exc: Exception) -> dict[str, str] | None:
 async def run(request: Request) -> Response:
     """POST /api/serverless/run: one workflow in, its result out (JSON, SSE, or later). Also
     POST /api/workflows/{workflow_id}/run (and `?workflow_id=`): a hosted workflow's overrides in."""
-    resources, jobs = request.app.state.resources, request.app.state.jobs
+    state = app_state(request)
+    resources, jobs = state.resources, state.jobs
     settings = resources.settings
-    jobs.check_room()  # BUSY before the body is read
+    await jobs.check_room()  # BUSY before the body is read
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     owner = caller(request)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
     query, headers, base_url = request.query_params, request.headers, str(request.base_url)
     key = idempotency_key(headers)
     job: EventSource
+    abandon = None  # what this caller hanging up does
     if key is None or settings.queue_backend == "redis":  # the Redis tier claims keys in Redis itself
-        job = await start_job(
+        started = await start_job(
             resources, jobs, body, query, headers, "http", workflow_id, base_url=base_url, owner=owner
         )
+        job, abandon = started, hang_up(started, settings, keep=key is not None)
     else:  # a repeated request attaches to the task its key started (here or elsewhere); kept if it hangs up
         job = await start_or_attach(resources, jobs, key, body, query, headers, workflow_id, base_url, owner)
-    mode, keep = requested_mode(query, headers), key is not None
+    mode = requested_mode(query, headers)
     response: Response
     if mode == "async" and not settings.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         response = JSONResponse({"task_id": job.task_id}, status_code=202)
     elif mode == "stream":
-        response = EventStream(job, settings, keep=keep, metrics=resources.metrics)
+        response = EventStream(job, settings, abandon=abandon, metrics=resources.metrics)
     else:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
-        response = await json_response(request, job, settings, held_async=mode == "async", keep=keep)
-        if mode == "async" and isinstance(job, Job):
+        response = await json_response(request, job, settings, held_async=mode == "async", abandon=abandon)
+        if mode == "async":
             await resources.webhooks.settled(job)  # nor frozen mid-delivery (bounded by WEBHOOK_TIMEOUT)
     return _warn_unknown(request, response, job.task_id)
 
@@ -119,7 +123,7 @@ def caller(request: Request) -> str | None:
 async def status(request: Request) -> Response:
     """GET /api/serverless/status?task_id=X[&after=N][&attempt=K]: the task's payloads so far
     (of its current attempt, or of attempt K)."""
-    resources = request.app.state.resources
+    resources = app_state(request).resources
     task_id = request.query_params.get("task_id")
     if not task_id:
         raise InvalidParams("task_id is required")
@@ -151,16 +155,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.job_max_event_bytes,
                 settings.max_pending_jobs,
                 metrics,
+                resources.webhooks,
             )
-            app.state.resources = resources
-            app.state.prewarm = lifecycle.Prewarm()
-            app.state.queue_watch = lifecycle.QueueWatch(settings.queue_stall_after)
+            state = AppState(resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(settings.queue_stall_after))
+            app.state.serverless = state
             background = [asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))]
             if settings.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
                 background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others
             try:
                 async with fleet.running(resources, jobs) as tier:  # the Redis tier, if configured
-                    app.state.jobs, app.state.consumer = tier.jobs, tier.consumer
+                    state.jobs, state.consumer = tier.jobs, tier.consumer
                     yield
                     if tier.jobs is not jobs:
                         await tier.jobs.drain(settings.drain_timeout)

@@ -13,6 +13,7 @@
     ├── ExecutionFailed      500     ComfyUI sent `execution_error`
     ├── ExecutionInterrupted 500     the job was interrupted or cancelled
     ├── ComfyUIUnavailable   503     ComfyUI unreachable, dead, or its websocket lost beyond recovery   yes
+    ├── Unavailable          503     a dependency that is not ComfyUI: the status store, Redis, a drain  yes
     ├── Busy                 503     this instance holds MAX_PENDING_JOBS jobs already (`Retry-After`)   yes
     ├── OutputError          500     an output could not be read or uploaded                            yes
     ├── JobTimeout           504     the job passed its deadline                                        yes
@@ -140,6 +141,16 @@ class ComfyUIUnavailable(ServerlessError):
     retryable = True
 
 
+class Unavailable(ServerlessError):
+    """A dependency other than ComfyUI cannot serve the call now: the status store (the shared
+    folder, Redis) cannot be used, the instance is draining, an idempotency claim cannot be read,
+    or the instance running a job was lost. Running the request again later can help."""
+
+    code = "UNAVAILABLE"
+    status_code = 503
+    retryable = True
+
+
 class Busy(ServerlessError):
     """The instance already holds as many jobs as it admits (one running, MAX_PENDING_JOBS
     waiting): refused before anything is read or uploaded, so that FC routes the retry elsewhere."""
@@ -198,23 +209,24 @@ class DownloadError(InputError):
         self.reason = reason
 
 
+def _classes_by_code() -> dict[str, type[ServerlessError]]:
+    """Each code's most general class (a subclass sharing its parent's code is left out)."""
+    found: dict[str, type[ServerlessError]] = {}
+    pending: list[type[ServerlessError]] = [ServerlessError]
+    while pending:
+        cls = pending.pop(0)
+        found.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
 def error_from_payload(payload: dict[str, Any]) -> ServerlessError:
-    """The error a stored error object (a status log's terminal payload) stands for."""
-    classes: tuple[type[ServerlessError], ...] = (
-        InvalidParams,
-        NotFound,
-        Unauthorized,
-        PromptError,
-        InputError,
-        ExecutionFailed,
-        ExecutionInterrupted,
-        ComfyUIUnavailable,
-        OutputError,
-        JobTimeout,
-        Unclassified,
-    )
-    kind = next((cls for cls in classes if cls.code == payload.get("error_code")), Unclassified)
-    return kind(str(payload.get("error_message", "")), raw=payload.get("raw"))
+    """The error a stored error object (a status log's terminal payload) stands for: its code,
+    hence its HTTP status."""
+    cls = _classes_by_code().get(str(payload.get("error_code")), Unclassified)
+    error = cls.__new__(cls)
+    ServerlessError.__init__(error, str(payload.get("error_message", "")), payload.get("raw"))
+    return error
 
 
 def as_serverless_error(exc: BaseException, where: str) -> ServerlessError:

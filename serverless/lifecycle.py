@@ -23,17 +23,18 @@ from starlette.responses import JSONResponse, Response
 from . import fleet
 from .comfyui.client import QueueState
 from .core.request import parse_run_request
-from .errors import ComfyUIUnavailable, ServerlessError, Unauthorized
-from .jobs.registry import Jobs
+from .errors import ComfyUIUnavailable, ServerlessError, Unauthorized, Unavailable
+from .jobs.runner import JobRunner
 from .jobs.spec import JobSpec
 from .resources import Resources
-from .status.log import StatusLog
+from .state import app_state
 
 log = logging.getLogger(__name__)
 
 
-def _state(request: Request) -> tuple[Resources, Jobs]:
-    return request.app.state.resources, request.app.state.jobs
+def _state(request: Request) -> tuple[Resources, JobRunner]:
+    state = app_state(request)
+    return state.resources, state.jobs
 
 
 class QueueWatch:
@@ -66,7 +67,7 @@ async def health(request: Request) -> Response:
         return await _gateway_health(request)
     try:
         if not jobs.accepting:
-            raise ComfyUIUnavailable("this instance is draining and takes no new jobs")
+            raise Unavailable("this instance is draining and takes no new jobs")
         if resources.supervisor is not None and not resources.supervisor.ready:
             raise ComfyUIUnavailable(resources.supervisor.problem)  # starting, restarting, port taken
         try:
@@ -75,10 +76,10 @@ async def health(request: Request) -> Response:
             resources.metrics.comfyui_up.set(0)
             raise
         resources.metrics.comfyui_up.set(1)
-        request.app.state.queue_watch.check(queue)
+        app_state(request).queue_watch.check(queue)
         if not await _status_writable(resources):
             reason = resources.status.health()["not_writable_because"]
-            raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
+            raise Unavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     except ServerlessError as exc:
         failure = {
             "status": "unavailable",
@@ -95,16 +96,16 @@ async def health(request: Request) -> Response:
         "status_log": resources.status.health(),
     }
     if resources.settings.queue_backend != "none":
-        body["tier"] = fleet.health(resources.settings, request.app.state.consumer)
+        body["tier"] = fleet.health(resources.settings, app_state(request).consumer)
     return JSONResponse(body)
 
 
 async def _status_writable(resources: Resources) -> bool:
-    """Whether the status store takes writes. The file store answers from its last probe at once
-    (refreshed in the background), so health answers even while the shared disk hangs."""
-    if isinstance(resources.status, StatusLog):
-        return resources.status.writable_now() is not False
-    return await resources.status.writable()
+    """Whether the status store takes writes. A store that knows without waiting (the file store,
+    from its last probe, refreshed in the background) answers at once, so health answers even
+    while the shared disk hangs; another is asked."""
+    known = resources.status.writable_now()
+    return known if known is not None else await resources.status.writable()
 
 
 async def _gateway_health(request: Request) -> Response:
@@ -129,7 +130,7 @@ class Prewarm:
         self.result: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
 
-    async def run_once(self, resources: Resources, jobs: Jobs) -> dict[str, Any]:
+    async def run_once(self, resources: Resources, jobs: JobRunner) -> dict[str, Any]:
         async with self._lock:
             if self.result is None:
                 self.result = await _prewarm(resources, jobs)
@@ -138,7 +139,7 @@ class Prewarm:
 
 def check_platform_call(request: Request, hook: str) -> None:
     """Refuse a lifecycle hook that the platform did not make (see the module docstring)."""
-    settings = request.app.state.resources.settings
+    settings = app_state(request).resources.settings
     token = settings.lifecycle_token
     given = request.headers.get("authorization", "")
     if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -166,7 +167,7 @@ async def initialize(request: Request) -> Response:
     await resources.comfyui_ready()
     if resources.supervisor is None and not await _answers_within(resources, deadline):
         raise ComfyUIUnavailable(f"ComfyUI did not answer within {deadline:g}s")
-    prewarm: Prewarm = request.app.state.prewarm
+    prewarm = app_state(request).prewarm
     result = await prewarm.run_once(resources, jobs) if resources.settings.prewarm_prompt else None
     return JSONResponse({"status": "ready", "prewarm": result})
 
@@ -181,7 +182,7 @@ async def _answers_within(resources: Resources, seconds: float) -> bool:
     return True
 
 
-async def _prewarm(resources: Resources, jobs: Jobs) -> dict[str, Any]:
+async def _prewarm(resources: Resources, jobs: JobRunner) -> dict[str, Any]:
     """Run PREWARM_PROMPT (a workflow JSON, or the path of one) as an ordinary job."""
     source = resources.settings.prewarm_prompt
     text = source if source.lstrip().startswith("{") else await asyncio.to_thread(Path(source).read_text)

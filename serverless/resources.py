@@ -22,7 +22,8 @@ from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .delivery import links
 from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
-from .delivery.outputs import OutputCollector, ReadyCallback
+from .delivery.convert import Conversion
+from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
 from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable, OutputError
 from .inputs.budget import ByteBudget
@@ -56,6 +57,7 @@ class Resources:
     input_budget: ByteBudget
     webhooks: Webhooks
     metrics: Metrics
+    redis: RedisStatus | None = None  # the status store again when it is Redis: the fleet's queue shares it
 
     @classmethod
     @asynccontextmanager
@@ -76,7 +78,7 @@ class Resources:
                 )
             if supervisor is not None:
                 metrics.watch_comfyui_restarts(lambda: supervisor.generation)
-            status = await open_status(settings, metrics)
+            status, redis = await open_status(settings, metrics)
             policy = download_policy(settings)
             budget = input_budget(settings)
             oss = oss_store(settings, metrics.oss_retried)
@@ -88,7 +90,7 @@ class Resources:
                     hooks_policy,
                     settings.webhook_secret,
                     settings.webhook_timeout,
-                    partial(_record_webhook, status),
+                    status.record_webhook,
                 )
                 try:
                     async with _running(supervisor):
@@ -108,6 +110,7 @@ class Resources:
                                 budget,
                                 webhooks,
                                 metrics,
+                                redis,
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
                             await webhooks.drain(settings.webhook_timeout + 1)
@@ -126,7 +129,14 @@ class Resources:
             comfyui_generation=self.comfyui_generation,
             instance_id=self.settings.instance_id,
             job_timeout=self.settings.job_timeout,
+            max_result_bytes=self.settings.result_inline_max_bytes if self.fleet_worker else 0,
         )
+
+    @property
+    def fleet_worker(self) -> bool:
+        """Whether this instance runs jobs for a fleet's gateways: what its jobs deliver must
+        travel through Redis (base64 outputs, linked files), bounded by RESULT_INLINE_MAX_BYTES."""
+        return self.redis is not None and self.settings.queue_backend == "redis" and self.settings.role != "gateway"
 
     def comfyui_generation(self) -> int:
         """Changes whenever a supervised ComfyUI dies: prompts submitted before are lost."""
@@ -164,6 +174,9 @@ class Resources:
         uploader = None
         if policy.oss and self.oss is not None and credentials is not None:
             uploader = partial(_upload, self.oss, credentials, self.metrics)
+        keep = None
+        if policy.url is not None and self.fleet_worker:
+            keep = self._file_keeper(policy)
         return OutputCollector(
             self.comfy,
             with_content=policy.base64,
@@ -173,7 +186,29 @@ class Resources:
             conversion=policy.convert,
             on_ready=on_ready,
             link=partial(self.file_link, policy) if policy.url is not None else None,
+            keep=keep,
         )
+
+    def _file_keeper(self, policy: OutputPolicy) -> Keeper:
+        """Keeps a job's linked outputs in Redis, where every gateway serves their links from
+        (gateways have no ComfyUI to read them from), up to RESULT_INLINE_MAX_BYTES a job."""
+        assert self.redis is not None
+        store, limit, kept = self.redis, self.settings.result_inline_max_bytes, [0]
+
+        async def keep(item: Mapping[str, Any], content: bytes, mime: str) -> None:
+            kept[0] += len(content)
+            if kept[0] > limit:
+                raise OutputError(too_big_to_travel(kept[0], limit), raw={"bytes": kept[0], "limit": limit})
+            await store.keep_file(links.stored_name(item, policy.convert), content, mime)
+
+        return keep
+
+    async def stored_file(self, item: Mapping[str, Any], conversion: Conversion) -> tuple[bytes, str] | None:
+        """A linked output a fleet's worker kept in Redis (as served: converted); None on one
+        box, or when it is not (or no longer) kept."""
+        if self.redis is None or self.settings.queue_backend != "redis":
+            return None
+        return await self.redis.read_file(links.stored_name(item, conversion))
 
     def file_link(self, policy: OutputPolicy, item: Mapping[str, Any]) -> str:
         """The signed download link of an output, under the base URL the caller reached us at."""
@@ -194,27 +229,23 @@ class Resources:
         }
 
 
-async def _record_webhook(status: StatusStore[Any], task_id: str, record: bytes) -> None:
-    """A webhook's delivery, beside the task's log (the file store's sidecar; logged only otherwise)."""
-    if isinstance(status, StatusLog):
-        await status.write_sidecar(task_id, "webhook", record)
-
-
-async def open_status(settings: Settings, metrics: Metrics) -> StatusStore[Any]:
-    """The status store STATUS_BACKEND names, probed once at start-up (loudly when unusable)."""
+async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore[Any], RedisStatus | None]:
+    """The status store STATUS_BACKEND names, probed once at start-up (loudly when unusable);
+    the Redis store a second time when it is the one (a fleet's queue shares its client)."""
     if settings.status_backend == "redis":
         store = RedisStatus(
             connect(settings.redis_url),
             settings.status_stale_after,
             settings.status_retention_days,
             settings.redis_max_event_bytes,
+            result_ttl=settings.file_link_expires,
         )
         if not await store.writable():
             log.error(
                 "Redis cannot be reached (%s): jobs are refused until it answers",
                 store.health()["not_writable_because"],
             )
-        return store
+        return store, store
     status = StatusLog(
         settings.status_dir,
         settings.status_stale_after,
@@ -222,7 +253,7 @@ async def open_status(settings: Settings, metrics: Metrics) -> StatusStore[Any]:
         on_append=metrics.status_appended,
     )
     await status.check_at_startup()
-    return status
+    return status, None
 
 
 @asynccontextmanager
@@ -258,6 +289,14 @@ def hosted_workflows(settings: Settings, comfy: ComfyUI, supervisor: Supervisor 
     object_info = ObjectInfoCache(comfy.object_info, generation)
     loaders = LOADER_INPUTS | set(settings.input_loaders)
     return HostedWorkflows(WorkflowStore(settings.workflows_dir), object_info, loaders)
+
+
+def too_big_to_travel(size: int, limit: int) -> str:
+    """Why a fleet job's result could not reach its caller."""
+    return (
+        f"the job's outputs ({size} bytes) are more than a fleet passes back through Redis "
+        f"(RESULT_INLINE_MAX_BYTES={limit}): ask for output_oss, or raise the setting"
+    )
 
 
 def webhook_policy(settings: Settings) -> DownloadPolicy:

@@ -227,6 +227,8 @@ class Settings:
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     redis_max_event_bytes: int = 1 * MiB
     redis_claim_idle: float = 60.0
+    max_queued_jobs: int = 1000  # a gateway's admission: jobs waiting in the Redis queue, all gateways together
+    result_inline_max_bytes: int = 64 * MiB  # a fleet job's base64 outputs and linked files kept in Redis
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     webhook_secret: str = field(default="", repr=False)
     webhook_timeout: float = 30.0
@@ -338,6 +340,8 @@ class Settings:
             redis_url=_redis_url(env, "REDIS_URL", d.redis_url),
             redis_max_event_bytes=_integer(env, "REDIS_MAX_EVENT_BYTES", d.redis_max_event_bytes, 1024),
             redis_claim_idle=_number(env, "REDIS_CLAIM_IDLE", d.redis_claim_idle, 0.5),
+            max_queued_jobs=_integer(env, "MAX_QUEUED_JOBS", d.max_queued_jobs, 0),
+            result_inline_max_bytes=_integer(env, "RESULT_INLINE_MAX_BYTES", d.result_inline_max_bytes, 0),
         )._checked()
 
     def _checked(self) -> Settings:

@@ -9,8 +9,12 @@ import pytest
 
 from serverless.core import jsontext
 from serverless.delivery.oss import Credentials
-from serverless.errors import ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, WorkerLost
-from serverless.fleet.wire import decode_spec, encode_spec, error_from_payload, fingerprint
+from hypothesis import given
+from hypothesis import strategies as st
+
+from serverless.delivery.convert import Conversion
+from serverless.errors import ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, WorkerLost, error_from_payload
+from serverless.fleet.wire import decode_spec, encode_spec, fingerprint
 from serverless.jobs.spec import JobSpec, OutputPolicy
 from serverless.settings import Settings, SettingsError
 from serverless.status.redis import BASE64_NOTE, stored_terminal
@@ -44,6 +48,48 @@ def test_a_queued_spec_carries_no_credentials_and_the_worker_uses_its_own() -> N
         "t-1",
         "wf",
     )
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=12,
+)
+TEXT = st.text(min_size=1, max_size=40)
+SPECS = st.builds(
+    JobSpec,
+    workflow=st.dictionaries(
+        TEXT, st.fixed_dictionaries({"class_type": TEXT, "inputs": st.dictionaries(TEXT, JSON)}), min_size=1
+    ),
+    extra_data=st.none() | st.dictionaries(TEXT, JSON, max_size=3),
+    mode=st.sampled_from(["sync", "stream", "ws", "async"]),
+    outputs=st.builds(
+        OutputPolicy,
+        base64=st.booleans(),
+        oss=st.booleans(),
+        convert=st.builds(
+            Conversion,
+            format=st.none() | st.sampled_from(["png", "jpeg", "webp"]),
+            quality=st.none() | st.integers(1, 100),
+            max_side=st.none() | st.integers(1, 16384),
+        ),
+        url=st.none() | st.just("http://gateway.example:9000/"),
+    ),
+    task_id=st.none() | st.from_regex(r"[A-Za-z0-9._-]{1,20}", fullmatch=True),
+    credentials=st.none(),
+    owner=st.none() | st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
+    big=st.booleans(),
+    priority=st.sampled_from(["high", "normal", "low"]),
+    idempotency_key=st.none() | TEXT,
+    workflow_id=st.none() | TEXT,
+    callback_url=st.none() | st.just("https://hooks.example/done?token=x"),
+)
+
+
+@given(SPECS)
+def test_every_part_of_a_spec_but_its_credentials_reaches_the_worker(sent: JobSpec) -> None:
+    """Parity by construction: what a gateway queues is what a worker runs (nothing dropped)."""
+    assert decode_spec(encode_spec(sent), None) == sent
 
 
 def test_a_queued_spec_carries_its_owner_so_the_workers_log_names_it() -> None:

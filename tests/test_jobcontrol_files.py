@@ -49,7 +49,7 @@ def test_a_summary_reads_state_times_and_result_from_the_log():
 
 
 def test_a_lost_owner_reads_as_failed_and_a_cancel_as_cancelled():
-    lost = {"type": "error", "error_code": "COMFYUI_UNAVAILABLE", "error_message": "instance lost", "raw": None}
+    lost = {"type": "error", "error_code": "UNAVAILABLE", "error_message": "instance lost", "raw": None}
     assert summarise("t", [progress("running", 2.0, 40, 0), lost])["state"] == "failed"
     cancelled = {"type": "error", "error_code": "EXECUTION_INTERRUPTED", "error_message": "cancelled by request"}
     answer = summarise("t", [progress("queued", 1.0), progress("cancelled", 2.0), cancelled])

@@ -141,7 +141,7 @@ def test_sigkill_mid_job_leaves_parseable_lines_and_is_reported_lost(
     # The log ends once it has been still for STATUS_STALE_AFTER (1 s): waited for, generously.
     items = wait_until(ended, timeout=10)
     assert items[-1]["type"] == "error"
-    assert items[-1]["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert items[-1]["error_code"] == "UNAVAILABLE"
     assert "instance lost" in items[-1]["error_message"]
 
 
@@ -158,7 +158,7 @@ def test_a_live_silent_job_is_not_reported_lost(own_emulator, start_app, tmp_pat
     )
     time.sleep(2)
     items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
-    assert all(item.get("error_code") != "COMFYUI_UNAVAILABLE" for item in items)
+    assert all(item.get("error_code") != "UNAVAILABLE" for item in items)
     assert poll_until_done(server.url, task_id)[-1]["type"] == "serverless_api"
     blocker.join(60)
 
@@ -258,7 +258,7 @@ def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync
         asynchronous = post_run(
             server.url, empty_image(prefix="ro"), headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": "ro-async"}
         )
-        assert asynchronous.status_code == 503 and asynchronous.json()["error_code"] == "COMFYUI_UNAVAILABLE"
+        assert asynchronous.status_code == 503 and asynchronous.json()["error_code"] == "UNAVAILABLE"
         synchronous = post_run(server.url, empty_image(prefix="ro"), headers={"X-Fc-Trace-Id": "ro-sync"})
         assert synchronous.status_code == 200 and synchronous.json()["type"] == "serverless_api"
         assert not list((folder / "status").iterdir())

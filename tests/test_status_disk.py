@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from serverless.errors import ComfyUIUnavailable, InvalidParams
+from serverless.errors import InvalidParams, Unavailable
 from serverless.jobs.feed import Feed, Result
 from serverless.status import files
 from serverless.status.log import Attempt, StatusLog
@@ -86,7 +86,7 @@ async def test_a_hung_folder_times_out_reads_and_leaves_the_default_executor_fre
         started = loop.time()
         results = await asyncio.gather(*(status.read(f"t{i}") for i in range(6)), return_exceptions=True)
         assert loop.time() - started < 5
-        assert all(isinstance(r, ComfyUIUnavailable) for r in results), results
+        assert all(isinstance(r, Unavailable) for r in results), results
         assert "did not answer within 0.5s" in str(results[0])
         assert status.health()["busy"] == 2, "both status threads are stuck, and only they are"
         # Input decoding and everything else on asyncio's default executor still runs.
@@ -151,7 +151,7 @@ async def test_an_unwritable_folder_is_reported_by_the_probe(tmp_path, layout, c
     assert health["writable"] is False
     expected = "NotADirectoryError" if layout == "parent is a file" else "FileExistsError"
     assert expected in health["not_writable_because"]
-    with pytest.raises(ComfyUIUnavailable):
+    with pytest.raises(Unavailable):
         await status.begin("t")
 
 
@@ -185,7 +185,7 @@ async def test_a_claimed_attempt_is_known_at_once_and_reads_lost_once_its_owner_
     old = time.time() - 5
     os.utime(attempt.path, (old, old))
     items = json.loads(await status.read("quiet"))
-    assert len(items) == 1 and items[0]["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert len(items) == 1 and items[0]["error_code"] == "UNAVAILABLE"
     assert "instance lost" in items[0]["error_message"]
 
 
@@ -196,7 +196,7 @@ async def test_an_owner_killed_between_claim_and_publish_still_reads_lost(tmp_pa
     old = time.time() - 5
     os.utime(attempt.path, (old, old))
     items = json.loads(await status.read("half"))
-    assert items[-1]["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert items[-1]["error_code"] == "UNAVAILABLE"
 
 
 async def test_a_queued_attempt_whose_owner_lives_is_not_reported_lost(tmp_path):
@@ -208,7 +208,7 @@ async def test_a_queued_attempt_whose_owner_lives_is_not_reported_lost(tmp_path)
     deadline = time.monotonic() + 1.5  # several stale periods, kept fresh by the heartbeat
     while time.monotonic() < deadline:
         items = json.loads(await status.read("alive"))
-        assert all(item.get("error_code") != "COMFYUI_UNAVAILABLE" for item in items)
+        assert all(item.get("error_code") != "UNAVAILABLE" for item in items)
         await asyncio.sleep(0.1)
     feed.finish(Result({"type": "serverless_api"}))
     await recorder

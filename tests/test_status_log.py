@@ -52,7 +52,7 @@ async def test_silent_unfinished_log_reads_as_instance_lost_but_is_not_changed(t
     old = time.time() - 5
     os.utime(path, (old, old))
     items = await read(status, "t3")
-    assert items[-1]["error_code"] == "COMFYUI_UNAVAILABLE"
+    assert items[-1]["error_code"] == "UNAVAILABLE"
     assert path.read_bytes() == b'{"type": "execution_start"}\n'
 
 

@@ -10,6 +10,7 @@ caller sends reaches a file system: the place comes only out of a token this ser
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import json
 from collections.abc import Mapping
@@ -48,6 +49,20 @@ def sign(secret: bytes, item: Mapping[str, Any], expires: int, conversion: Conve
         claims["side"] = conversion.max_side
     body = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
     return f"{b64url.encode(body)}.{b64url.encode(b64url.mac(secret, body))}"
+
+
+def stored_name(item: Mapping[str, Any], conversion: Conversion) -> str:
+    """The name under which a fleet keeps a linked output's bytes (as served: converted): the
+    same for the worker that made it and the gateway that serves its link."""
+    place = {
+        "type": str(item.get("type", "output") or "output"),
+        "subfolder": str(item.get("subfolder", "") or ""),
+        "filename": str(item.get("filename", "")),
+        "fmt": conversion.format,
+        "q": conversion.quality,
+        "side": conversion.max_side,
+    }
+    return hashlib.sha256(json.dumps(place, sort_keys=True).encode()).hexdigest()
 
 
 def verify(secret: bytes, token: str, now: float, query: Mapping[str, str] | None = None) -> FileLink:

@@ -28,6 +28,8 @@ ReadyCallback = Callable[[dict[str, Any]], None]
 Linker = Callable[[Mapping[str, Any]], str]
 # Uploads an output (bytes, file name, mime) and returns the contract's `oss` object.
 Uploader = Callable[[bytes, str, str], Awaitable[dict[str, Any]]]
+# Keeps a linked output's bytes (as served: converted) where every gateway of a fleet reads them.
+Keeper = Callable[[Mapping[str, Any], bytes, str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +97,10 @@ class OutputCollector:
         conversion: Conversion = NO_CONVERSION,
         on_ready: ReadyCallback | None = None,
         link: Linker | None = None,
+        keep: Keeper | None = None,
     ) -> None:
         self._comfy = comfy
-        self._with_content = with_content or uploader is not None or conversion.active
+        self._with_content = with_content or uploader is not None or conversion.active or keep is not None
         self._base64 = with_content
         self._uploader = uploader
         self._limit = asyncio.Semaphore(concurrency)
@@ -106,6 +109,7 @@ class OutputCollector:
         self._conversion = conversion
         self._on_ready = on_ready
         self._link = link
+        self._keep = keep
 
     def prefetch(self, output: Mapping[str, Any], node_id: str) -> None:
         """Start reading the files of an `executed` message's output."""
@@ -137,6 +141,8 @@ class OutputCollector:
                 # `raw` keeps ComfyUI's name; mime, size and the OSS object's extension follow the new file.
                 content, mime = converted.content, converted.mime
                 name = str(PurePosixPath(name).with_suffix("." + converted.extension))
+        if self._keep is not None and content is not None:
+            await self._keep(item, content, mime)
         oss = None
         if self._uploader is not None and content is not None:
             oss = await self._uploader(content, name, mime)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..jobs.registry import Jobs
+from ..jobs.runner import JobRunner
 from ..resources import Resources
-from ..settings import Settings
-from ..status.redis import RedisStatus
+from ..settings import Settings, SettingsError
 from .gateway import RemoteJobs
 from .queue import RedisQueue
 from .worker import Consumer
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Fleet:
     """What the transports start jobs with, and this instance's consumer (None: takes no jobs)."""
 
-    jobs: Jobs | RemoteJobs
+    jobs: JobRunner
     consumer: Consumer | None
 
 
@@ -42,10 +42,12 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     if settings.queue_backend != "redis":
         yield Fleet(jobs, None)
         return
-    status = resources.status
-    assert isinstance(status, RedisStatus)  # settings refuse a queue without Redis status
+    status = resources.redis
+    if status is None:
+        raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.role in ("all", "worker")
-    front = RemoteJobs(RedisQueue(status.client, status), status, jobs if takes_jobs else None)
+    queue = RedisQueue(status.client, status)
+    front = RemoteJobs(queue, status, jobs if takes_jobs else None, settings.max_queued_jobs, resources.metrics)
     consumer_task: asyncio.Task[None] | None = None
     consumer = None
     if takes_jobs:

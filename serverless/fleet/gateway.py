@@ -1,41 +1,46 @@
 """A gateway's jobs: submitted to the Redis queue and followed through the Redis status store.
 
-`RemoteJobs` takes the place of `serverless.jobs.registry.Jobs` on a gateway, and `RemoteJob`
-of `serverless.jobs.job.Job`: the transports call the same `start`, `events`, `finished` and
-`abandon`, so the JSON, SSE and websocket renderings are those of a local job, unchanged.
+`RemoteJobs` is the gateway's `JobRunner` and `RemoteJob` its `RunningJob`
+(`serverless.jobs.runner`): the transports call the same `start`, `events`, `finished` and
+`abandon` as on one box, so the JSON, SSE and websocket renderings are those of a local job.
+Admission is the queue's: at most MAX_QUEUED_JOBS wait in it, all gateways together.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
-from ..errors import ComfyUIUnavailable
+from ..core import jsontext
+from ..errors import Busy, ServerlessError, Unavailable, error_from_payload
 from ..jobs.feed import Event
 from ..jobs.job import Job
-from ..jobs.registry import Jobs
+from ..jobs.registry import BUSY_RETRY_AFTER, Jobs
 from ..jobs.spec import JobSpec
+from ..ops.metrics import Metrics
 from ..status.redis import RedisStatus
 from .queue import RedisQueue
-from .wire import error_from_payload
 
 log = logging.getLogger(__name__)
+
+DEPTH_FRESH = 0.1  # seconds a reading of the queue's depth is trusted by admission (plus what we added since)
 
 
 class RemoteJob:
     """A job that runs on some worker, seen through its status stream."""
 
     def __init__(
-        self, spec: JobSpec, task_id: str, attempt: int | None, status: RedisStatus, owner: RemoteJobs
+        self, spec: JobSpec, task_id: str, attempt: int | None, status: RedisStatus, runner: RemoteJobs
     ) -> None:
         self.spec = spec
         self.task_id = task_id
         self.prompt_id = task_id  # the worker's prompt id is in the result
         self.attempt = attempt
         self.status = status
-        self.owner = owner
+        self.runner = runner
         self._terminal: Event | None = None
         self._lock = asyncio.Lock()
 
@@ -45,9 +50,10 @@ class RemoteJob:
             if entry is None:
                 yield None
                 continue
-            event = _event(entry.seq, entry.data, entry.terminal)
-            if event.terminal:
+            event = await _event(entry.seq, entry.data, entry.terminal)
+            if event.terminal and self._terminal is None:
                 self._terminal = event
+                self.runner.ended(self, event.error)
             yield event
 
     def more_ready(self, seq: int) -> bool:
@@ -63,29 +69,48 @@ class RemoteJob:
         assert self._terminal is not None
         return self._terminal
 
+    async def terminal_recorded(self) -> bytes:
+        """The terminal payload: read from the status store, so stored there already."""
+        return (await self.finished()).data
+
     def abandon(self, reason: str) -> None:
         """The caller went away: cancel the job wherever it is."""
-        self.owner.cancel_later(self.task_id, reason)
+        self.runner.cancel_later(self.task_id, reason)
 
 
-def _event(seq: int, data: bytes, terminal: bool) -> Event:
+async def _event(seq: int, data: bytes, terminal: bool) -> Event:
     error = None
-    if terminal:
-        payload = json.loads(data)
-        if payload.get("type") == "error":
-            error = error_from_payload(payload)
+    if terminal and b'"type":"error"' in data[:64]:
+        error = error_from_payload(await _decoded(data))
     return Event(seq, data, terminal, error)
 
 
-class RemoteJobs:
-    """A gateway's stand-in for `Jobs`: starting a job enqueues it."""
+async def _decoded(data: bytes) -> dict[str, Any]:
+    if len(data) < 256 * 1024:
+        return dict(jsontext.loads(data))
+    return dict(await asyncio.to_thread(jsontext.loads, data))
 
-    def __init__(self, queue: RedisQueue, status: RedisStatus, local: Jobs | None = None) -> None:
+
+class RemoteJobs:
+    """A gateway's `JobRunner`: starting a job enqueues it."""
+
+    def __init__(
+        self,
+        queue: RedisQueue,
+        status: RedisStatus,
+        local: Jobs | None = None,
+        max_queued: int = 1000,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.queue = queue
         self.status = status
         self.local = local  # this instance's own worker's jobs (ROLE=all|worker), drained with it
+        self.max_queued = max_queued
+        self.metrics = metrics or Metrics()
         self.accepting = True
         self._cancels: set[asyncio.Task[None]] = set()
+        self._depth: tuple[float, int] | None = None  # (when read, jobs waiting then)
+        self._added = 0  # jobs this gateway queued since that reading
 
     @property
     def running(self) -> int:
@@ -94,15 +119,37 @@ class RemoteJobs:
 
     @property
     def admitted(self) -> int:
-        """Admission is the queue's: the workers take jobs as their ComfyUI frees up."""
-        return self.local.admitted if self.local is not None else 0
+        """Jobs waiting in the queue (all gateways), as last read."""
+        return self._depth[1] + self._added if self._depth is not None else 0
 
-    @property
-    def full(self) -> bool:
-        return False
+    async def _waiting(self) -> int:
+        """Jobs waiting in the queue: read from Redis at most every DEPTH_FRESH seconds, plus
+        those this gateway queued since (so that a burst does not slip past the limit)."""
+        now = time.monotonic()
+        if self._depth is None or now - self._depth[0] > DEPTH_FRESH:
+            self._depth, self._added = (now, await self.queue.depth()), 0
+        return self._depth[1] + self._added
 
-    def check_room(self) -> None:
-        """Never BUSY here: the queue holds what the workers have not taken yet."""
+    async def check_room(self) -> None:
+        """BUSY (with `Retry-After`) while MAX_QUEUED_JOBS jobs wait in the queue."""
+        if self.max_queued and await self._waiting() >= self.max_queued:
+            self.metrics.jobs_refused_busy.inc()
+            raise Busy(
+                f"the queue is full: {self.admitted} job(s) wait for a worker (MAX_QUEUED_JOBS="
+                f"{self.max_queued}); retry in {BUSY_RETRY_AFTER}s",
+                BUSY_RETRY_AFTER,
+                raw={"queued": self.admitted, "max_queued_jobs": self.max_queued},
+            )
+
+    async def refusal(self) -> str | None:
+        if not self.accepting:
+            return "this gateway is draining and takes no new jobs"
+        if self.max_queued and await self._waiting() >= self.max_queued:
+            return f"the queue is full: {self.admitted} job(s) wait for a worker (MAX_QUEUED_JOBS={self.max_queued})"
+        return None
+
+    def limits(self) -> dict[str, Any]:
+        return {"jobs": self.running, "queued": self.admitted, "max_queued_jobs": self.max_queued}
 
     def get(self, task_id: str) -> Job | None:
         """A task's job when it runs on this instance (a worker that is also a gateway)."""
@@ -110,9 +157,23 @@ class RemoteJobs:
 
     async def start(self, spec: JobSpec, prompt_id: str | None = None) -> RemoteJob:
         if not self.accepting:
-            raise ComfyUIUnavailable("this gateway is shutting down and takes no new jobs")
+            raise Unavailable("this gateway is shutting down and takes no new jobs")
+        await self.check_room()
         submitted = await self.queue.submit(spec, spec.priority, spec.idempotency_key)
+        self._added += 1
+        self.metrics.job_started(spec.mode)
         return RemoteJob(spec, submitted.task_id, submitted.attempt, self.status, self)
+
+    def ended(self, job: RemoteJob, error: ServerlessError | None) -> None:
+        """A job this gateway queued was seen ending (counted as one box counts its own)."""
+        self.metrics.job_ended(job.spec.mode, error, {})
+
+    async def cancel(self, task_id: str) -> str:
+        """Through the queue: removed while queued, else its worker stops it."""
+        return await self.queue.cancel(task_id)
+
+    async def queue_position(self, task_id: str) -> int | None:
+        return await self.queue.position(task_id)
 
     def cancel_later(self, task_id: str, reason: str) -> None:
         async def cancel() -> None:

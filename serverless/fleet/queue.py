@@ -6,6 +6,7 @@
     idem:<key>                  "<task_id> <fingerprint>" of the first request with that Idempotency-Key
     run:<task_id>:<entry id>    who took that submission: a worker's name, or "cancelled" (SET NX)
     cancel:<task_id>:<entry id> a cancel request its worker watches
+    (every key is named in `serverless.status.keys`)
 
 Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is removed
 (XDEL) and ended here, and no worker runs it; one a worker took first is stopped by that worker,
@@ -25,8 +26,9 @@ import redis.asyncio as aioredis
 from ..core.request import validate_task_id
 from ..errors import ExecutionInterrupted, InvalidParams, NotFound
 from ..jobs.spec import JobSpec
-from ..status.redis import RedisStatus, owner_key, translated
-from .wire import GROUP, encode_spec, fingerprint, stream
+from ..status import keys
+from ..status.redis import RedisStatus, translated
+from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,15 @@ class RedisQueue:
 
     async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
         """Enqueue `spec` (XADD); with an Idempotency-Key, the first request claims it (SET NX) and
-        a repeat attaches to its task. Redis down: ComfyUIUnavailable, nothing enqueued."""
+        a repeat attaches to its task. Redis down: Unavailable, nothing enqueued."""
         task_id = spec.task_id or str(uuid.uuid4())
         with translated():
             if idempotency_key is not None:
                 validate_task_id(idempotency_key)
                 mark = f"{task_id} {fingerprint(spec)}"
-                claimed = await self.client.set(f"idem:{idempotency_key}", mark, nx=True, ex=self.status.ttl)
+                claimed = await self.client.set(
+                    keys.queue_idempotency(idempotency_key), mark, nx=True, ex=self.status.ttl
+                )
                 if not claimed:
                     return await self._attach(idempotency_key, spec)
             try:
@@ -76,7 +80,7 @@ class RedisQueue:
             except BaseException:
                 if idempotency_key is not None:  # a repeat must not attach to a job that never was
                     with contextlib.suppress(Exception):
-                        await self.client.delete(f"idem:{idempotency_key}")
+                        await self.client.delete(keys.queue_idempotency(idempotency_key))
                 raise
         log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
         return Submitted(task_id, following, False)
@@ -84,15 +88,19 @@ class RedisQueue:
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
         following = await self.status.current(task_id) + 1
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        entry: Any = await self.client.xadd(stream(priority), fields)  # type: ignore[arg-type]
+        async with self.client.pipeline(transaction=True) as pipe:  # the entry and its ordinal together
+            pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
+            pipe.incr(keys.queue_count(priority))
+            entry, ordinal = await pipe.execute()
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(f"job:{task_id}", f"{stream(priority)} {entry.decode()}", ex=self.status.ttl)
-            pipe.set(owner_key(task_id), spec.owner or "", ex=self.status.ttl)  # "": anyone's
+            where = f"{stream(priority)} {entry.decode()} {ordinal}"
+            pipe.set(keys.submission(task_id), where, ex=self.status.ttl)
+            pipe.set(keys.owner(task_id), spec.owner or "", ex=self.status.ttl)  # "": anyone's
             await pipe.execute()
         return following, entry
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
-        value: Any = await self.client.get(f"idem:{key}")
+        value: Any = await self.client.get(keys.queue_idempotency(key))
         if value is None:  # expired in between: a new request after all
             raise TaskConflict("the Idempotency-Key expired while it was used; send the request again")
         task_id, _, used = value.decode().partition(" ")
@@ -107,19 +115,65 @@ class RedisQueue:
         task, TaskConflict for one that has ended."""
         validate_task_id(task_id)
         with translated():
-            where: Any = await self.client.get(f"job:{task_id}")
+            where: Any = await self.client.get(keys.submission(task_id))
             if where is None:
                 raise NotFound(f"no task {task_id}", raw={"task_id": task_id, "state": "unknown"})
-            name, entry = where.decode().split(" ")
+            name, entry = where.decode().split(" ")[:2]
             ended = await self._ended(task_id)
             if ended is not None:
                 raise TaskConflict(f"task {task_id} has ended ({ended})", raw={"task_id": task_id, "state": ended})
-            if await self.client.set(f"run:{task_id}:{entry}", CANCELLED, nx=True, ex=self.status.ttl):
+            if await self.client.set(keys.run_claim(task_id, entry), CANCELLED, nx=True, ex=self.status.ttl):
                 await self._remove_queued(task_id, name, entry)
                 return "cancelled"
-            await self.client.set(f"cancel:{task_id}:{entry}", "1", ex=self.status.ttl)
+            await self.client.set(keys.queue_cancel(task_id, entry), "1", ex=self.status.ttl)
         log.info("task_id=%s: cancel requested from its worker", task_id)
         return "cancelling"
+
+    async def depth(self) -> int:
+        """Jobs waiting for a worker, every priority together (each group's lag: the entries it
+        has not handed out yet)."""
+        with translated():
+            return sum(group.lag for group in (await self._groups()).values())
+
+    async def position(self, task_id: str) -> int | None:
+        """How many jobs a worker takes before this task's newest submission (those of higher
+        priorities, and those before it in its own); None when no worker took it yet is not
+        known (it was taken, or the queue cannot tell)."""
+        with translated():
+            where: Any = await self.client.get(keys.submission(task_id))
+            if where is None:
+                return None
+            parts = where.decode().split(" ")
+            if len(parts) < 3:
+                return None
+            name, ordinal = parts[0], int(parts[2])
+            groups = await self._groups()
+        own = groups.get(name)
+        if own is None or own.read is None or own.read >= ordinal:
+            return None  # handed to a worker already (or the group's counter is unknown)
+        ahead = ordinal - own.read - 1
+        for priority in PRIORITIES:
+            if stream(priority) == name:
+                break
+            ahead += groups[stream(priority)].lag if stream(priority) in groups else 0
+        return ahead
+
+    async def _groups(self) -> dict[str, GroupState]:
+        """Each queue stream's consumer group: its lag and its read counter (Redis 7)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for priority in PRIORITIES:
+                pipe.xinfo_groups(stream(priority))
+                pipe.get(keys.queue_count(priority))
+            answers = await pipe.execute(raise_on_error=False)
+        found: dict[str, GroupState] = {}
+        for index, priority in enumerate(PRIORITIES):
+            groups, added = answers[2 * index], answers[2 * index + 1]
+            if isinstance(groups, Exception):
+                continue  # no such stream yet: nothing waits in it
+            for group in groups:
+                if group["name"] in (GROUP, GROUP.encode()):
+                    found[stream(priority)] = GroupState.of(group, int(added or 0))
+        return found
 
     async def _remove_queued(self, task_id: str, name: str, entry: str) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -135,13 +189,30 @@ class RedisQueue:
         number = await self.status.current(task_id)
         if not number:
             return None
-        last: Any = await self.client.xrevrange(f"task:{task_id}:{number}", count=1)
+        last: Any = await self.client.xrevrange(keys.attempt(task_id, number), count=1)
         if not last or last[0][1].get(b"t") != b"1":
             return None
         data = last[0][1][b"d"]
         if b'"serverless_api"' in data[:64]:
             return "succeeded"
         return "cancelled" if b"EXECUTION_INTERRUPTED" in data else "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """A queue stream's consumer group as admission and queue places read it: how many entries
+    it has not handed out (`lag`) and the ordinal of the last one it handed out (`read`)."""
+
+    lag: int
+    read: int | None
+
+    @classmethod
+    def of(cls, info: dict[Any, Any], added: int) -> GroupState:
+        read = info.get("entries-read", info.get(b"entries-read"))
+        lag = info.get("lag", info.get(b"lag"))
+        if lag is None:  # Redis cannot tell after a deletion: count from our own ordinals
+            lag = max(0, added - int(read or 0))
+        return cls(int(lag), None if read is None else int(read))
 
 
 def _named(spec: JobSpec, task_id: str) -> JobSpec:

@@ -25,10 +25,11 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from ..delivery.oss import Credentials
-from ..errors import ComfyUIUnavailable, ServerlessError, WorkerLost
+from ..errors import ComfyUIUnavailable, ServerlessError, Unavailable, WorkerLost
 from ..jobs.job import Job
 from ..jobs.registry import Jobs
 from ..settings import Settings
+from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
 from .queue import CANCELLED, cancelled_by_request
 from .wire import GROUP, PRIORITIES, decode_spec, stream
@@ -77,7 +78,7 @@ class Consumer:
                 if taken is not None:
                     await self._handle(taken)
                 delay = 0.1
-            except (*DOWN, ComfyUIUnavailable) as exc:  # the entry, if any, stays ours: claimed again later
+            except (*DOWN, ComfyUIUnavailable, Unavailable) as exc:  # the entry stays ours: claimed again later
                 log.warning("consumer %s: Redis is down (%s); again in %.1fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
@@ -181,7 +182,7 @@ class Consumer:
     # -- running -----------------------------------------------------------------------------
 
     async def _handle(self, taken: Taken) -> None:
-        owner_key = f"run:{taken.task_id}:{taken.entry}"
+        owner_key = keys.run_claim(taken.task_id, taken.entry)
         if not await self.client.set(owner_key, self.name, nx=True, ex=self.status.ttl):
             found: Any = await self.client.get(owner_key)
             owner = (found or b"").decode()
@@ -193,7 +194,7 @@ class Consumer:
         if dead and await self._lost_for_good(taken, dead):
             await self._ack(taken)
             return
-        if await self.client.exists(f"cancel:{taken.task_id}:{taken.entry}"):
+        if await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
             attempt = await self.status.begin(taken.task_id)
             await self.status.append_terminal(taken.task_id, attempt.number, cancelled_by_request())
             await self._ack(taken)
@@ -204,7 +205,7 @@ class Consumer:
         spec = replace(decode_spec(taken.spec, credentials), mode="async")
         job = await self.jobs.start(spec)
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
-            await self.client.delete(f"task:{taken.task_id}:{dead}:alive")
+            await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
         self.busy = True
         try:
@@ -248,7 +249,7 @@ class Consumer:
             while not finished.done():
                 await asyncio.wait([finished], timeout=CANCEL_POLL)
                 try:
-                    if await self.client.exists(f"cancel:{taken.task_id}:{taken.entry}"):
+                    if await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
                         job.stop(cancelled_by_request(), "cancelled by request")
                     if loop.time() - refreshed >= refresh_every:
                         await self.client.xclaim(taken.stream, GROUP, self.name, 0, [taken.entry], justid=True)

@@ -36,10 +36,10 @@ from ..delivery.oss import Credentials
 from ..errors import Conflict, Forbidden, InvalidParams, NotFound, as_serverless_error
 from ..inputs.verify import verify_media
 from ..jobs.feed import Event
-from ..jobs.registry import Jobs
+from ..jobs.runner import JobRunner
 from ..resources import Resources
+from ..state import app_state, of_app
 from ..status.summary import summarise
-from ..transports import control
 from ..transports.caller import bounded, watch
 from ..transports.events import TaskEvents
 from ..transports.http import read_body
@@ -79,13 +79,13 @@ def _owner(scope_state: Any) -> str | None:
 
 def token_secret(app: Starlette) -> bytes:
     """GENSTUDIO_TOKEN_SECRET, else a random secret of this process (tokens then work only here)."""
-    resources: Resources = app.state.resources
-    if resources.settings.genstudio_token_secret:
-        return resources.settings.genstudio_token_secret.encode()
-    made: bytes | None = getattr(app.state, "genstudio_token_secret", None)
+    state = of_app(app)
+    if state.resources.settings.genstudio_token_secret:
+        return state.resources.settings.genstudio_token_secret.encode()
+    made = state.genstudio_token_secret
     if made is None:
         made = secrets.token_bytes(32)
-        app.state.genstudio_token_secret = made
+        state.genstudio_token_secret = made
         log.warning(
             "GENSTUDIO_TOKEN_SECRET is not set: prompt_tokens are signed with a secret of this "
             "process and are refused by other instances; set it where several instances serve"
@@ -95,7 +95,7 @@ def token_secret(app: Starlette) -> bytes:
 
 async def _decoded(request: Request) -> Any:
     """The request's JSON body (bounded in size and time), as GenStudio's endpoints take it."""
-    settings = request.app.state.resources.settings
+    settings = app_state(request).resources.settings
     return mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout))
 
 
@@ -115,7 +115,7 @@ def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str
 @_respond
 async def prompt(request: Request) -> dict[str, str]:
     """POST .../prompt: `{"workflow_id", "prompt"}` -> `{"prompt_id", "prompt_token"}`."""
-    resources: Resources = request.app.state.resources
+    resources = app_state(request).resources
     settings = resources.settings
     asked = mapping.parse_prompt(await _decoded(request))
     headers = {**request.headers, "x-fc-invocation-type": "Async"}  # queued and answered at once
@@ -124,7 +124,7 @@ async def prompt(request: Request) -> dict[str, str]:
     body = json.dumps({"prompt": asked.overrides}, ensure_ascii=False)
     job = await start_job(
         resources,
-        request.app.state.jobs,
+        app_state(request).jobs,
         body,
         query,
         headers,
@@ -143,16 +143,16 @@ async def prompt(request: Request) -> dict[str, str]:
 @_respond
 async def get_task_info(request: Request) -> dict[str, Any]:
     """POST .../get_task_info: one `comfy_task_info` per id asked (unknown ones included)."""
-    resources: Resources = request.app.state.resources
+    resources = app_state(request).resources
     asked = mapping.parse_task_info(await _decoded(request))
     files = Files(resources, request, asked)
     owner = _owner(request.scope.get("state"))
-    jobs: Jobs = request.app.state.jobs
+    jobs = app_state(request).jobs
     infos = await asyncio.gather(*(_info(resources, jobs, files, task_id, owner) for task_id in asked.task_ids))
     return {"comfy_task_info": list(infos)}
 
 
-async def _info(resources: Resources, jobs: Jobs, files: Files, task_id: str, owner: str | None) -> dict[str, Any]:
+async def _info(resources: Resources, jobs: JobRunner, files: Files, task_id: str, owner: str | None) -> dict[str, Any]:
     try:
         resources.status.validate(task_id)  # the rule of task ids
     except InvalidParams:
@@ -167,7 +167,7 @@ async def _info(resources: Resources, jobs: Jobs, files: Files, task_id: str, ow
     return mapping.task_info(task_id, summary, await files.urls(summary))
 
 
-async def _may_see(resources: Resources, jobs: Jobs, task_id: str, owner: str | None) -> bool:
+async def _may_see(resources: Resources, jobs: JobRunner, task_id: str, owner: str | None) -> bool:
     if owner is None:
         return True
     job = jobs.get(task_id)  # here, whose it is is known before its log's first line is written
@@ -215,10 +215,10 @@ def _served_name(filename: str, conversion: Conversion) -> str:
 @_respond
 async def cancel(request: Request) -> dict[str, Any]:
     """POST .../cancel: `{"comfy_task_id"}` or `{"comfy_task_ids"}`; each id's outcome."""
-    resources: Resources = request.app.state.resources
+    resources = app_state(request).resources
     ids = mapping.cancel_ids(await _decoded(request))
     owner = _owner(request.scope.get("state"))
-    jobs: Jobs = request.app.state.jobs
+    jobs = app_state(request).jobs
     results = [await _cancel_one(resources, jobs, task_id, owner) for task_id in ids]
     failed = [result for result in results if result["code"] != 0]
     if len(ids) == 1 and failed:  # one id: its refusal is the answer's
@@ -229,12 +229,12 @@ async def cancel(request: Request) -> dict[str, Any]:
     }
 
 
-async def _cancel_one(resources: Resources, jobs: Jobs, task_id: str, owner: str | None) -> dict[str, Any]:
+async def _cancel_one(resources: Resources, jobs: JobRunner, task_id: str, owner: str | None) -> dict[str, Any]:
     try:
         resources.status.validate(task_id)
         if not await _may_see(resources, jobs, task_id, owner):
             raise NotFound(f"no task {task_id}")  # another key's: as if it did not exist
-        await control.cancel_task(resources, jobs, task_id)
+        await jobs.cancel(task_id)
     except (NotFound, Conflict, InvalidParams) as exc:
         return {"comfy_task_id": task_id, "code": exc.status_code, "msg": exc.message, "error": exc}
     return {"comfy_task_id": task_id, "code": 0, "msg": "cancelling"}
@@ -244,7 +244,7 @@ async def _cancel_one(resources: Resources, jobs: Jobs, task_id: str, owner: str
 async def upload_image(request: Request) -> dict[str, str]:
     """POST .../upload/image: the multipart field `source_file`, checked to be a whole image,
     stored in ComfyUI's input folder under its content hash -> `{"image_id"}` (a LoadImage input)."""
-    resources: Resources = request.app.state.resources
+    resources = app_state(request).resources
     settings = resources.settings
     limit = min(settings.max_body_bytes, settings.input_max_bytes + FORM_OVERHEAD)
     body = await read_body(request, limit, settings.body_timeout)
@@ -268,8 +268,8 @@ async def get_task_progress(websocket: WebSocket) -> None:
     """WS .../get_task_progress?authorization=<prompt_token>: `{"comfy_task_info": {...}}` on every
     change of the task, until it ends; then a normal close. A missing, forged or expired token is
     refused before the handshake completes (403)."""
-    resources: Resources = websocket.app.state.resources
-    jobs: Jobs = websocket.app.state.jobs
+    resources = app_state(websocket).resources
+    jobs = app_state(websocket).jobs
     try:
         grant = token.verify(token_secret(websocket.app), websocket.query_params.get("authorization"), time.time())
     except Forbidden as exc:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..comfyui.client import ComfyUI
+from ..core.jsontext import Spliced
 from ..core.messages import Message
 from ..core.workflow import prepare_workflow
 from ..delivery.oss import Credentials
@@ -27,6 +28,7 @@ from ..errors import (
     ExecutionFailed,
     ExecutionInterrupted,
     JobTimeout,
+    OutputError,
     ServerlessError,
     as_serverless_error,
 )
@@ -61,6 +63,7 @@ class Runtime:
     comfyui_generation: Callable[[], int]
     instance_id: str
     job_timeout: float
+    max_result_bytes: int = 0  # base64 outputs a result may carry (0: any); a fleet's pass through Redis
 
 
 @dataclass(slots=True)
@@ -147,6 +150,14 @@ class Job:
             await self.known.wait()
         if event.terminal and self.recorder is not None and self.spec.named:
             await asyncio.shield(self.recorder)
+
+    async def terminal_recorded(self) -> bytes:
+        """The terminal payload, once it is also in the status log (a webhook receiver that polls
+        the status is then sure to find it there)."""
+        terminal = await self.feed.wait()
+        if self.recorder is not None:
+            await asyncio.wait({self.recorder})  # ends by itself; a failed recorder is its own to log
+        return terminal.data
 
     def abandon(self, reason: str) -> None:
         """The caller went away: cancel the job (and its ComfyUI prompt) unless it already ended."""
@@ -295,6 +306,8 @@ class Job:
                 await connection.close()
                 outputs = await self._final_outputs(connection.complete)
             results = await collector.results(list_outputs(outputs), spec.outputs.base64)
+            if spec.outputs.base64 and runtime.max_result_bytes:
+                _check_travels(results, runtime.max_result_bytes)
         finally:
             await collector.aclose()
         data: dict[str, Any] = {
@@ -370,6 +383,20 @@ class Job:
                 await asyncio.shield(self.runtime.comfy.cancel(self.prompt_id))
         except (ServerlessError, TimeoutError):
             log.warning("could not cancel task_id=%s prompt_id=%s in ComfyUI", self.task_id, self.prompt_id)
+
+
+def _check_travels(results: list[dict[str, Any]], limit: int) -> None:
+    """OutputError when the base64 outputs are more than a fleet passes back through Redis."""
+    size = 0
+    for result in results:
+        content = result["output"]["base64"].get("content")
+        size += len(content.data) if isinstance(content, Spliced) else 0
+    if size > limit:
+        raise OutputError(
+            f"the job's base64 outputs ({size} bytes) are more than a fleet passes back through Redis "
+            f"(RESULT_INLINE_MAX_BYTES={limit}): ask for output_oss or output_url instead, or raise the setting",
+            raw={"bytes": size, "limit": limit},
+        )
 
 
 def _state_of(outcome: Outcome) -> State:

@@ -18,10 +18,12 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from ..errors import Busy, ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, ServerlessError
+from ..delivery.webhooks import Webhooks
+from ..errors import Busy, Conflict, ExecutionInterrupted, InvalidParams, NotFound, ServerlessError, Unavailable
 from ..ops.logs import bind_job
 from ..ops.metrics import Metrics
 from ..status.store import StatusStore
+from ..status.summary import ENDED
 from .feed import Feed
 from .job import Job, Runtime
 from .spec import JobSpec
@@ -43,6 +45,7 @@ class Jobs:
         max_event_bytes: int,
         max_pending: int = 256,
         metrics: Metrics | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
         self.runtime = runtime
         self.status = status
@@ -50,6 +53,7 @@ class Jobs:
         self.max_event_bytes = max_event_bytes
         self.max_pending = max_pending
         self.metrics = metrics or Metrics()
+        self.webhooks = webhooks
         self.metrics.count_jobs(lambda: self.admitted)
         self.accepting = True
         self._admitted = 0  # from admission (before the first await of `start`) to the run's end
@@ -72,8 +76,25 @@ class Jobs:
         """True when a new job would be refused with BUSY."""
         return self._admitted > self.max_pending
 
-    def check_room(self) -> None:
+    async def check_room(self) -> None:
         """Refuse (BUSY) when this instance holds all the jobs it admits: before a body is read."""
+        self._admit_or_refuse()
+
+    async def refusal(self) -> str | None:
+        """Why a new job would be refused now; None when it would be admitted."""
+        if not self.accepting:
+            return "this instance is draining and takes no new jobs"
+        if self.full:
+            return (
+                f"this instance is full: {self._admitted} job(s) admitted, at most 1 running and "
+                f"{self.max_pending} waiting (MAX_PENDING_JOBS)"
+            )
+        return None
+
+    def limits(self) -> dict[str, Any]:
+        return {"jobs": self._admitted, "max_pending_jobs": self.max_pending}
+
+    def _admit_or_refuse(self) -> None:
         if self.full:
             self.metrics.jobs_refused_busy.inc()
             raise Busy(
@@ -94,8 +115,8 @@ class Jobs:
         MAX_PENDING_JOBS. `prompt_id` is one chosen beforehand (an idempotency claim names the
         task before it starts); the caller's context names the job in log lines from now on."""
         if not self.accepting:
-            raise ComfyUIUnavailable("this instance is shutting down and takes no new jobs")
-        self.check_room()
+            raise Unavailable("this instance is shutting down and takes no new jobs")
+        self._admit_or_refuse()
         self._admitted += 1  # before any await: concurrent starts cannot all pass the check
         try:
             job = await self._start(spec, prompt_id or str(uuid.uuid4()))
@@ -103,6 +124,8 @@ class Jobs:
             self._admitted -= 1
             raise
         self.metrics.job_started(spec.mode)
+        if spec.callback_url is not None and self.webhooks is not None:
+            self.webhooks.start(job, job.task_id, spec.callback_url, job.terminal_recorded())
         return job
 
     async def _start(self, spec: JobSpec, prompt_id: str) -> Job:
@@ -139,7 +162,7 @@ class Jobs:
             raise  # something squats the task's name: this task cannot be recorded
         except ServerlessError as exc:  # the status folder cannot be used
             if spec.mode == "async":
-                raise ComfyUIUnavailable(f"async jobs are refused while {exc.message}") from exc
+                raise Unavailable(f"async jobs are refused while {exc.message}") from exc
             log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
             return None
 
@@ -166,6 +189,28 @@ class Jobs:
             self._admitted -= 1
             terminal = job.feed.terminal
             self.metrics.job_ended(job.spec.mode, terminal.error if terminal else None, job.clock.timings())
+
+    async def cancel(self, task_id: str) -> str:
+        """Stop task `task_id`: here at once; where another instance runs it, through a request
+        beside its log, which that instance looks for every CANCEL_POLL seconds."""
+        job = self.get(task_id)
+        if job is not None:
+            if job.feed.done:
+                raise ended(task_id, job.progress.state)
+            job.stop(cancelled(), "cancel requested")
+            return "cancelling"
+        summary = await self.status.summary(task_id)
+        if summary is None:
+            raise unknown_task(task_id)
+        if summary["state"] in ENDED:
+            raise ended(task_id, summary["state"])
+        attempt = await self.status.request_cancel(task_id)
+        log.info("task_id=%s: cancel of attempt %s requested for the instance running it", task_id, attempt)
+        return "cancelling"
+
+    async def queue_position(self, task_id: str) -> int | None:
+        """No queue before ComfyUI's here: a job's progress events tell its place in ComfyUI's."""
+        return None
 
     def _forget(self, task_id: str, job: Job) -> None:
         if task_id in self._index and self._index[task_id][0] is job:  # not a later job of the same task
@@ -200,6 +245,16 @@ class Jobs:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+
+
+def unknown_task(task_id: str) -> NotFound:
+    """A task no instance has taken in (or another key's, which answers the same)."""
+    return NotFound(f"no task {task_id} on the status folder", raw={"task_id": task_id, "state": "unknown"})
+
+
+def ended(task_id: str, state: str) -> Conflict:
+    """A cancel of a task that has already ended."""
+    return Conflict(f"task {task_id} has already ended ({state})", raw={"task_id": task_id, "state": state})
 
 
 def cancelled() -> ExecutionInterrupted:

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import Unauthorized
-from ..jobs.registry import Jobs
+from ..jobs.runner import JobRunner
 from ..resources import Resources
+from ..state import app_state
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def check_metrics_token(request: Request, token: str) -> None:
 
 async def metrics(request: Request) -> Response:
     """GET /metrics: every metric of this app, in Prometheus' text format."""
-    resources: Resources = request.app.state.resources
+    resources = app_state(request).resources
     check_metrics_token(request, resources.settings.metrics_token)
     if resources.supervisor is not None:  # it watches its child: its word is the freshest
         resources.metrics.comfyui_up.set(1 if resources.supervisor.ready else 0)
@@ -41,22 +42,22 @@ async def metrics(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """GET /api/serverless/ready: 200 when this instance should be sent work, else 503 and why."""
-    resources: Resources = request.app.state.resources
-    jobs: Jobs = request.app.state.jobs
-    reason = await _not_ready_because(resources, jobs)
-    body = {"jobs": jobs.admitted, "max_pending_jobs": jobs.max_pending}
+    state = app_state(request)
+    reason = await _not_ready_because(state.resources, state.jobs)
+    body = state.jobs.limits()
     if reason is not None:
         return JSONResponse({"status": "unavailable", "reason": reason, **body}, 503)
     return JSONResponse({"status": "ready", **body})
 
 
-async def _not_ready_because(resources: Resources, jobs: Jobs) -> str | None:
-    if not jobs.accepting:
-        return "this instance is draining and takes no new jobs"
-    if jobs.full:
+async def _not_ready_because(resources: Resources, jobs: JobRunner) -> str | None:
+    refusal = await jobs.refusal()
+    if refusal is not None:
+        return refusal
+    if resources.settings.role == "gateway":  # no ComfyUI of its own: Redis is what it needs
+        up = await resources.status.writable()
         return (
-            f"this instance is full: {jobs.admitted} job(s) admitted, at most 1 running and "
-            f"{jobs.max_pending} waiting (MAX_PENDING_JOBS)"
+            None if up else f"the status store cannot be written ({resources.status.health()['not_writable_because']})"
         )
     if resources.supervisor is not None and not resources.supervisor.ready:
         resources.metrics.comfyui_up.set(0)

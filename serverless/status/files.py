@@ -161,6 +161,18 @@ def write_sidecar(directory: Path, task_id: str, name: str, data: bytes) -> None
     os.replace(temp, target)
 
 
+def read_sidecar(directory: Path, task_id: str, name: str, limit: int = 64 * 1024) -> bytes | None:
+    """The record `<task_id>~<name>` (at most `limit` bytes), None when there is none."""
+    try:
+        fd = open_regular(directory / f"{task_id}{SEPARATOR}{name}", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def touch(path: Path) -> None:
     """Refresh the file's time: its owner lives."""
     try:

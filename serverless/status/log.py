@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from ..core import jsontext
 from ..core.request import validate_task_id
-from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
+from ..errors import InvalidParams, ServerlessError, Unavailable
 from ..jobs.feed import Feed
 from . import files, sidecars
 from .body import Lines, json_array, owner_named, parse_after, parse_attempt, usable_lines
@@ -36,6 +36,8 @@ from .summary import summarise
 __all__ = ["Attempt", "StatusLog", "parse_after", "parse_attempt"]
 
 log = logging.getLogger(__name__)
+
+WEBHOOK = "webhook"  # the sidecar holding how a task's webhook went
 
 T = TypeVar("T")
 BATCH_INTERVAL = 0.05  # seconds between durable appends of one job's events
@@ -213,12 +215,18 @@ class StatusLog:
             self.on_append(time.monotonic() - started)
         return attempt
 
-    async def write_sidecar(self, task_id: str, name: str, data: bytes) -> None:
-        """Write the record `<task_id>~<name>` beside the task's log (e.g. `~webhook`: how its
-        webhook went), replacing any earlier one; kept and pruned with the task's log."""
+    async def record_webhook(self, task_id: str, record: bytes) -> None:
+        """How the task's webhook went, as `<task_id>~webhook` beside its log (replacing any
+        earlier record); kept and pruned with the task's log."""
         self.path(task_id)
         with self._translated(task_id):
-            await self._run(files.write_sidecar, self.directory, task_id, name, data)
+            await self._run(files.write_sidecar, self.directory, task_id, WEBHOOK, record)
+
+    async def webhook_record(self, task_id: str) -> bytes | None:
+        """The task's last webhook record, None when it has none."""
+        self.path(task_id)
+        with self._translated(task_id):
+            return await self._run(files.read_sidecar, self.directory, task_id, WEBHOOK)
 
     def _heartbeat(self, attempt: Attempt) -> None:
         files.touch(attempt.path)
@@ -268,7 +276,7 @@ class StatusLog:
         usable = usable_lines(raw)
         silent_for = time.time() - mtime
         if not usable.ended and silent_for > self.stale_after:
-            lost = ComfyUIUnavailable(
+            lost = Unavailable(
                 f"instance lost: the job's log has had no news for {silent_for:.0f}s and no result",
                 raw={"silent_s": round(silent_for, 1)},
             )
@@ -448,7 +456,7 @@ class StatusLog:
                 raise  # an OSError(ETIMEDOUT) of the file system itself
             message = f"status folder did not answer within {self.io_timeout:g}s"
             self._last_error = message
-            raise ComfyUIUnavailable(message, raw={"busy_threads": self._busy}) from None
+            raise Unavailable(message, raw={"busy_threads": self._busy}) from None
 
     def _tracked(self, function: Callable[..., T], *args: Any) -> T:
         with self._busy_lock:
@@ -473,4 +481,4 @@ class StatusLog:
         except OSError as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.error("status folder %s failed for task_id=%s: %s", self.directory, task_id, exc)
-            raise ComfyUIUnavailable(f"status folder could not be used: {exc.strerror or exc}") from exc
+            raise Unavailable(f"status folder could not be used: {exc.strerror or exc}") from exc

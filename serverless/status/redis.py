@@ -3,11 +3,11 @@ no disk.
 
     task:<id>              the number of the task's newest attempt (INCR claims the next one)
     task:<id>:<n>          attempt n: a stream, one entry per payload, entry id `0-<seq>`
-    task:<id>:<n>:alive    set while attempt n's owner lives (expires after STATUS_STALE_AFTER)
+    task:<id>:<n>:alive    set while attempt n's runner lives (expires after STATUS_STALE_AFTER)
+    task:<id>:<n>:result   attempt n's terminal payload whole, when its stream keeps it without base64
     task:<id>:owner        whose the task is ("": made without API keys), set by the gateway that
                            queued it: the task is known (queued) before any worker begins it
-    task:<id>:<n>:cancel   a cancel request for attempt n, where there is no queue (`redis_sidecars`)
-    idempotency:<key>      an `Idempotency-Key` claim, where there is no queue (the queue's: idem:<key>)
+    (every key is named in `serverless.status.keys`)
 
 Entry ids *are* our sequence numbers (`0-1`, `0-2`, ...), so `after=N` and SSE `Last-Event-ID`
 map to `XREAD`/`XRANGE` from `0-N` with no lookup, and a retried write cannot duplicate an event
@@ -17,7 +17,7 @@ never go through Redis: the stored terminal keeps each output's listing (and OSS
 where the content went. Job control reads the same streams: the summary is computed from the
 payloads (`summary.summarise`) as the file store's, and `follow` serves `events` from any
 instance. Redis is spoken here (and in `serverless.fleet`) only; its errors become
-`ComfyUIUnavailable` with the reason.
+`Unavailable` (503) with the reason.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from redis import exceptions as rexc
 
 from ..core import jsontext
 from ..core.request import validate_task_id
-from ..errors import ComfyUIUnavailable, InvalidParams, ServerlessError
+from ..errors import InvalidParams, ServerlessError, Unavailable
 from ..jobs.feed import Event, Feed
+from . import keys
 from . import redis_sidecars as sidecars
 from .body import json_array, owner_named
 from .store import Entry
@@ -44,7 +45,11 @@ from .summary import summarise
 
 log = logging.getLogger(__name__)
 
-BASE64_NOTE = "base64 outputs are not kept in the Redis status log: ask for output_oss, or read the file"
+BASE64_NOTE = (
+    "base64 outputs are kept FILE_LINK_EXPIRES seconds after the job: "
+    "ask for output_oss or output_url for files that outlive it"
+)
+BIG_TERMINAL = 256 * 1024  # terminal payloads from this size on are split in a worker thread
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 BACKOFF_MAX = 5.0
 DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
@@ -70,9 +75,9 @@ def connect(url: str) -> aioredis.Redis:
     )
 
 
-def unavailable(exc: BaseException) -> ComfyUIUnavailable:
+def unavailable(exc: BaseException) -> Unavailable:
     """A Redis failure as the caller sees it (the URL, which may hold a password, is not named)."""
-    return ComfyUIUnavailable(f"Redis cannot be reached ({type(exc).__name__}: {exc}); try again shortly")
+    return Unavailable(f"Redis cannot be reached ({type(exc).__name__}: {exc}); try again shortly")
 
 
 @contextlib.contextmanager
@@ -83,7 +88,7 @@ def translated() -> Iterator[None]:
     except DOWN as exc:
         raise unavailable(exc) from exc
     except rexc.RedisError as exc:
-        raise ComfyUIUnavailable(f"Redis refused the call ({type(exc).__name__}: {exc})") from exc
+        raise Unavailable(f"Redis refused the call ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +100,7 @@ class RedisAttempt:
 
     @property
     def key(self) -> str:
-        return f"task:{self.task_id}:{self.number}"
-
-
-def owner_key(task_id: str) -> str:
-    """Where the gateway that queued a task records whose it is."""
-    return f"task:{task_id}:owner"
+        return keys.attempt(self.task_id, self.number)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +116,16 @@ class Tip:
 class RedisStatus:
     """Status logs in Redis; satisfies `serverless.status.store.StatusStore`."""
 
-    def __init__(self, client: aioredis.Redis, stale_after: float, retention_days: float, max_event_bytes: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        stale_after: float,
+        retention_days: float,
+        max_event_bytes: int,
+        result_ttl: int = 3600,
+    ) -> None:
         self.client = client
+        self.result_ttl = result_ttl  # seconds a terminal's base64 outputs (and linked files) are kept
         self.stale_after = stale_after
         self.ttl = max(int(retention_days * 86400), 60)
         self.max_event_bytes = max_event_bytes
@@ -131,7 +139,7 @@ class RedisStatus:
         """Claim the task's next attempt (INCR): readers see it, empty and alive, from now on."""
         validate_task_id(task_id)
         with self._translated():
-            number = int(await self._begin(keys=[f"task:{task_id}"], args=[self.ttl, self._alive_ttl]))
+            number = int(await self._begin(keys=[keys.attempts(task_id)], args=[self.ttl, self._alive_ttl]))
         if number > 1:
             log.info("task_id=%s: attempt %d begins (retried)", task_id, number)
         return RedisAttempt(task_id, number)
@@ -140,7 +148,7 @@ class RedisStatus:
         """The newest attempt's number (0 for a task no one began)."""
         validate_task_id(task_id)
         with self._translated():
-            value = await self.client.get(f"task:{task_id}")
+            value = await self.client.get(keys.attempts(task_id))
         return int(value) if value else 0
 
     async def attempts(self, task_id: str) -> list[int]:
@@ -204,15 +212,19 @@ class RedisStatus:
                 delay = min(delay * 2, BACKOFF_MAX)
 
     async def _write(self, attempt: RedisAttempt, events: list[Event]) -> None:
+        stored = [await self._stored(event, attempt) for event in events]
         async with self.client.pipeline(transaction=False) as pipe:
-            for event in events:
-                data = self.stored(event, attempt)
-                pipe.xadd(attempt.key, {"d": data, "t": "1" if event.terminal else "0"}, id=f"0-{event.seq}")
+            for event, (data, whole) in zip(events, stored, strict=True):
+                fields = {"d": data, "t": "1" if event.terminal else "0"}
+                if whole is not None:  # the stream keeps it without base64; readers fetch it whole
+                    pipe.set(keys.result(attempt.task_id, attempt.number), whole, ex=self.result_ttl)
+                    fields["r"] = "1"
+                pipe.xadd(attempt.key, fields, id=f"0-{event.seq}")  # type: ignore[arg-type]
             if events:
                 pipe.expire(attempt.key, self.ttl)
-                pipe.expire(f"task:{attempt.task_id}", self.ttl)
-                pipe.expire(owner_key(attempt.task_id), self.ttl)
-            pipe.set(f"{attempt.key}:alive", "1", ex=self._alive_ttl)
+                pipe.expire(keys.attempts(attempt.task_id), self.ttl)
+                pipe.expire(keys.owner(attempt.task_id), self.ttl)
+            pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
             results = await pipe.execute(raise_on_error=False)
         for result in results:
             if isinstance(result, DOWN):
@@ -221,11 +233,22 @@ class RedisStatus:
                 # written before a lost answer ("equal or smaller" id): nothing to do; anything else is a bug
                 log.error("task_id=%s: Redis refused an event: %s", attempt.task_id, result)
 
-    def stored(self, event: Event, attempt: RedisAttempt) -> bytes:
-        """What goes into Redis for an event: the terminal without base64 (marked when retried);
-        an oversized event replaced by a note."""
+    async def _stored(self, event: Event, attempt: RedisAttempt) -> tuple[bytes, bytes | None]:
+        """What goes into Redis for an event, and its whole form when that is kept apart: a
+        terminal with base64 outputs is stored without them (marked when retried), and whole
+        under its result key for FILE_LINK_EXPIRES seconds; an oversized event is replaced by a note."""
         if event.terminal:
-            return stored_terminal(event.data, attempt.number > 1)
+            retried = attempt.number > 1
+            if not retried and b'"base64"' not in event.data:
+                return event.data, None
+            if len(event.data) < BIG_TERMINAL:
+                return split_terminal(event.data, retried)
+            return await asyncio.to_thread(split_terminal, event.data, retried)
+        return self.stored(event, attempt), None
+
+    def stored(self, event: Event, attempt: RedisAttempt) -> bytes:
+        """What goes into the stream for an event that is not terminal: itself, or a note when it
+        is larger than REDIS_MAX_EVENT_BYTES."""
         data = event.data
         if len(data) <= self.max_event_bytes:
             return data
@@ -256,21 +279,23 @@ class RedisStatus:
         number = attempt or current
         if not number or number > current:
             return []
-        key = f"task:{task_id}:{number}"
+        key = keys.attempt(task_id, number)
         with self._translated():
             async with self.client.pipeline(transaction=True) as pipe:  # one snapshot, as `follow`'s
                 pipe.xrange(key, min=f"0-{after + 1}")
                 pipe.xrevrange(key, count=1)
-                pipe.exists(f"{key}:alive")
+                pipe.exists(keys.alive(task_id, number))
                 entries, last, alive = await pipe.execute()
         lines = [fields[b"d"] for _, fields in entries]
+        if entries and entries[-1][1].get(b"r") == b"1":
+            lines[-1] = await self._whole(task_id, number, lines[-1])
         ended = bool(last) and last[0][1].get(b"t") == b"1"
         if not ended and not alive and after <= (_seq(last[0][0]) if last else 0):
             lines.append(self.lost_payload())
         return lines
 
     def lost_payload(self) -> bytes:
-        lost = ComfyUIUnavailable(
+        lost = Unavailable(
             f"instance lost: the job's worker has given no news for {self.stale_after:g}s and no result",
             raw={"silent_s": self.stale_after},
         )
@@ -280,7 +305,7 @@ class RedisStatus:
         """Whether a gateway queued the task or an instance began it (its log may still be empty)."""
         validate_task_id(task_id)
         with self._translated():
-            return bool(await self.client.exists(f"task:{task_id}", owner_key(task_id)))
+            return bool(await self.client.exists(keys.attempts(task_id), keys.owner(task_id)))
 
     async def owner(self, task_id: str) -> str | None:
         """Whose the task is: what the gateway that queued it recorded, else the `owner` its
@@ -289,12 +314,12 @@ class RedisStatus:
         validate_task_id(task_id)
         with self._translated():
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.get(owner_key(task_id))
-                pipe.get(f"task:{task_id}")
+                pipe.get(keys.owner(task_id))
+                pipe.get(keys.attempts(task_id))
                 recorded, number = await pipe.execute()
             if recorded is not None:
                 return recorded.decode() or None
-            first: Any = await self.client.xrange(f"task:{task_id}:{int(number)}", count=1) if number else []
+            first: Any = await self.client.xrange(keys.attempt(task_id, int(number)), count=1) if number else []
         return owner_named(first[0][1][b"d"]) if first else ""
 
     async def summary(self, task_id: str) -> dict[str, Any] | None:
@@ -323,7 +348,7 @@ class RedisStatus:
         blocking = int(min(idle or BLOCK_SECONDS, BLOCK_SECONDS) * 1000)
         block = None if after else blocking  # a resumed follow learns at once that its log has ended
         while True:
-            key = f"task:{task_id}:{number}"
+            key = keys.attempt(task_id, number)
             try:
                 answer: Any = await self.client.xread({key: f"0-{cursor}"}, count=512, block=block)
                 down_since = None
@@ -340,7 +365,10 @@ class RedisStatus:
                 for entry_id, fields in entries:
                     cursor = _seq(entry_id)
                     terminal = fields.get(b"t") == b"1"
-                    yield Entry(offset + cursor, fields[b"d"], terminal)
+                    data = fields[b"d"]
+                    if terminal and fields.get(b"r") == b"1":
+                        data = await self._whole(task_id, number, data)
+                    yield Entry(offset + cursor, data, terminal)
                     if terminal:
                         return
                 silent_since = loop.time()
@@ -362,14 +390,41 @@ class RedisStatus:
                     yield Entry(offset + cursor + 1, self.lost_payload(), True)
                 return
 
+    async def _whole(self, task_id: str, number: int, stored: bytes) -> bytes:
+        """A terminal payload whole (base64 outputs included) while its result key lives, else
+        as the stream keeps it (each output's content null, with a note saying why)."""
+        try:
+            whole: Any = await self.client.get(keys.result(task_id, number))
+        except DOWN:
+            return stored
+        return bytes(whole) if whole is not None else stored
+
+    # -- a fleet's linked files --------------------------------------------------------------
+
+    async def keep_file(self, name: str, content: bytes, mime: str) -> None:
+        """Keep an output's bytes (as its download link serves them) for FILE_LINK_EXPIRES seconds."""
+        with self._translated():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hset(keys.file(name), mapping={"mime": mime, "content": content})
+                pipe.expire(keys.file(name), self.result_ttl)
+                await pipe.execute()
+
+    async def read_file(self, name: str) -> tuple[bytes, str] | None:
+        """A kept output's (bytes, mime), None when it is not (or no longer) kept."""
+        with self._translated():
+            found: Any = await self.client.hgetall(keys.file(name))
+        if not found:
+            return None
+        return bytes(found[b"content"]), found[b"mime"].decode()
+
     async def _attempt_state(self, task_id: str, number: int) -> Tip:
         """Where attempt `number` stands; `Tip(0, None)` when Redis does not answer."""
-        key = f"task:{task_id}:{number}"
+        key = keys.attempt(task_id, number)
         try:
             # One snapshot (MULTI): a retry begins its attempt, then removes the dead one's mark.
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(f"task:{task_id}")
-                pipe.exists(f"{key}:alive")
+                pipe.get(keys.attempts(task_id))
+                pipe.exists(keys.alive(task_id, number))
                 pipe.xrevrange(key, count=1)
                 newest, alive, last = await pipe.execute()
         except DOWN:
@@ -380,7 +435,7 @@ class RedisStatus:
     async def append_terminal(self, task_id: str, attempt: int, error: ServerlessError) -> None:
         """End attempt `attempt` of a task with `error` (a lost worker, a cancelled queued job),
         numbered after its last stored payload."""
-        key = f"task:{task_id}:{attempt}"
+        key = keys.attempt(task_id, attempt)
         with self._translated():
             last: Any = await self.client.xrevrange(key, count=1)
             seq = _seq(last[0][0]) + 1 if last else 1
@@ -390,19 +445,19 @@ class RedisStatus:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.xadd(key, {"d": payload, "t": "1"}, id=f"0-{seq}")
                 pipe.expire(key, self.ttl)
-                pipe.delete(f"{key}:alive")
+                pipe.delete(keys.alive(task_id, attempt))
                 await pipe.execute()
 
     async def ended(self, task_id: str, attempt: int) -> bool:
         """Whether attempt `attempt` stored its terminal payload."""
         with self._translated():
-            last: Any = await self.client.xrevrange(f"task:{task_id}:{attempt}", count=1)
+            last: Any = await self.client.xrevrange(keys.attempt(task_id, attempt), count=1)
         return bool(last) and last[0][1].get(b"t") == b"1"
 
     async def has_outputs(self, task_id: str, attempt: int) -> bool:
         """Whether attempt `attempt` stored an `executed` message with outputs (a GPU was used)."""
         with self._translated():
-            entries: Any = await self.client.xrange(f"task:{task_id}:{attempt}")
+            entries: Any = await self.client.xrange(keys.attempt(task_id, attempt))
         for _, fields in entries:
             try:
                 payload = json.loads(fields[b"d"])
@@ -411,6 +466,17 @@ class RedisStatus:
             if payload.get("type") == "executed" and (payload.get("data") or {}).get("output"):
                 return True
         return False
+
+    async def record_webhook(self, task_id: str, record: bytes) -> None:
+        """How the task's webhook went, kept as long as its log."""
+        with self._translated():
+            await self.client.set(keys.webhook(task_id), record, ex=self.ttl)
+
+    async def webhook_record(self, task_id: str) -> bytes | None:
+        validate_task_id(task_id)
+        with self._translated():
+            found: Any = await self.client.get(keys.webhook(task_id))
+        return bytes(found) if found is not None else None
 
     # -- job control: cancels and idempotency keys -------------------------------------------
 
@@ -422,13 +488,15 @@ class RedisStatus:
         if not number:
             return None
         with self._translated():
-            await sidecars.request_cancel(self.client, f"task:{task_id}:{number}", self.ttl)
+            await sidecars.request_cancel(self.client, keys.cancel_request(task_id, number), self.ttl)
         return number
 
     async def cancels_asked(self, attempts: list[RedisAttempt]) -> list[RedisAttempt]:
         """Those of `attempts` another instance asked to cancel (one round trip for all)."""
         with self._translated():
-            asked = await sidecars.cancels_asked(self.client, [attempt.key for attempt in attempts])
+            asked = await sidecars.cancels_asked(
+                self.client, [keys.cancel_request(a.task_id, a.number) for a in attempts]
+            )
         return [attempt for attempt, yes in zip(attempts, asked, strict=True) if yes]
 
     async def claim_key(self, key: str, task_id: str, digest: str) -> dict[str, Any] | None:
@@ -456,6 +524,10 @@ class RedisStatus:
             self._last_error = f"{type(exc).__name__}: {exc}"
         return self._up
 
+    def writable_now(self) -> bool | None:
+        """Redis is asked (`writable`): one PING, answered or timed out within seconds."""
+        return None
+
     def health(self) -> dict[str, Any]:
         return {
             "backend": "redis",
@@ -475,24 +547,35 @@ class RedisStatus:
         try:
             with translated():
                 yield
-        except ComfyUIUnavailable as exc:
+        except Unavailable as exc:
             self._last_error = exc.message
             raise
 
 
-def stored_terminal(data: bytes, retried: bool) -> bytes:
-    """The terminal payload as stored: each output's base64 content left out with a note, and
-    `"retried": true` on a retried attempt's. Untouched (same bytes) when there is nothing to do."""
+def split_terminal(data: bytes, retried: bool) -> tuple[bytes, bytes | None]:
+    """The terminal payload as its stream keeps it (each output's base64 content left out with a
+    note; `"retried": true` on a retried attempt's), and whole (None when nothing was left out).
+    Untouched (same bytes) when there is nothing to do."""
     if not retried and b'"base64"' not in data:
-        return data
+        return data, None
     payload = json.loads(data)
+    if retried:
+        payload["retried"] = True
+    whole = jsontext.dumps(payload) if retried else data
+    kept_apart = False
     for result in (payload.get("data") or {}).get("results") or []:
         encoded = (result.get("output") or {}).get("base64")
         if isinstance(encoded, dict) and encoded.get("content") is not None:
             result["output"]["base64"] = {"content": None, "note": BASE64_NOTE}
-    if retried:
-        payload["retried"] = True
-    return jsontext.dumps(payload)
+            kept_apart = True
+    if not kept_apart:
+        return whole, None
+    return jsontext.dumps(payload), whole
+
+
+def stored_terminal(data: bytes, retried: bool) -> bytes:
+    """The terminal payload as its stream keeps it (`split_terminal`'s first part)."""
+    return split_terminal(data, retried)[0]
 
 
 def _seq(entry_id: bytes) -> int:

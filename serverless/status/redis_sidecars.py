@@ -15,6 +15,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from . import keys
+
 # Release a claim only while it still holds our task: a GET and a DEL apart could free another's.
 RELEASE = """
 local found = redis.call('GET', KEYS[1])
@@ -26,21 +28,21 @@ return 0
 
 
 def key_name(key: str) -> str:
-    return f"idempotency:{key}"
+    return keys.idempotency(key)
 
 
-async def request_cancel(client: aioredis.Redis, attempt_key: str, ttl: int) -> None:
-    """Leave a cancel request beside the attempt whose stream is `attempt_key`."""
-    await client.set(f"{attempt_key}:cancel", "1", ex=ttl)
+async def request_cancel(client: aioredis.Redis, request_key: str, ttl: int) -> None:
+    """Leave a cancel request (its key: `keys.cancel_request`)."""
+    await client.set(request_key, "1", ex=ttl)
 
 
-async def cancels_asked(client: aioredis.Redis, attempt_keys: list[str]) -> list[bool]:
-    """For each attempt (its stream's key), whether a cancel request waits for it."""
-    if not attempt_keys:
+async def cancels_asked(client: aioredis.Redis, request_keys: list[str]) -> list[bool]:
+    """For each cancel request key (`keys.cancel_request`), whether the request is there."""
+    if not request_keys:
         return []
     async with client.pipeline(transaction=False) as pipe:
-        for attempt_key in attempt_keys:
-            pipe.exists(f"{attempt_key}:cancel")
+        for request_key in request_keys:
+            pipe.exists(request_key)
         return [bool(found) for found in await pipe.execute()]
 
 

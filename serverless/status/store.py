@@ -50,6 +50,10 @@ class TaskLogs(Protocol):
         """The task's summary (`summary.summarise`) from its current attempt; None when unknown."""
         ...
 
+    async def webhook_record(self, task_id: str) -> bytes | None:
+        """How the task's webhook went (JSON: `delivery.webhooks.Delivery`), None when none was sent."""
+        ...
+
     def follow(
         self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
     ) -> AsyncIterator[Entry | None]:
@@ -74,6 +78,10 @@ class StatusStore(TaskLogs, Protocol[A]):
     async def record_new(self, task_id: str, feed: Feed) -> None:
         """`record` for a task nobody can ask about before its first event is stored (a sync job
         whose caller did not name it): its attempt may be claimed with that first store."""
+        ...
+
+    async def record_webhook(self, task_id: str, record: bytes) -> None:
+        """Keep how the task's webhook went (its delivery's JSON), replacing an earlier record."""
         ...
 
     async def attempts(self, task_id: str) -> list[int]:
@@ -108,6 +116,10 @@ class StatusStore(TaskLogs, Protocol[A]):
 
     async def writable(self) -> bool:
         """Whether logs can be written now (why not is in `health()`)."""
+        ...
+
+    def writable_now(self) -> bool | None:
+        """Whether logs can be written, known without waiting; None when only `writable` can tell."""
         ...
 
     def health(self) -> dict[str, Any]:

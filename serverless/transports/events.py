@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 from ..errors import error_from_payload
 from ..jobs.feed import Event, ReaderTooSlow
-from ..jobs.job import Job
+from ..jobs.runner import RunningJob
 from ..status.store import TaskLogs
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ BIG_PAYLOAD = 256 * 1024  # terminal payloads from this size on are decoded in a
 class TaskEvents:
     """The events of task `task_id`; `job` is its job when it runs on this instance."""
 
-    def __init__(self, task_id: str, status: TaskLogs, job: Job | None) -> None:
+    def __init__(self, task_id: str, status: TaskLogs, job: RunningJob | None) -> None:
         self.task_id = task_id
         self.status = status
         self.job = job

@@ -1,7 +1,8 @@
 """GET /api/files/{token}: an output through a signed download link (`serverless.delivery.links`).
 
 Any instance with the same FILE_LINK_SECRET serves any link, reading the file through ComfyUI's
-`/view` (on FC every instance's ComfyUI sees the shared output folder on NAS); nothing a caller
+`/view` (on FC every instance's ComfyUI sees the shared output folder on NAS), or, on a fleet,
+from Redis, where the worker that made it kept it (as served: converted) for FILE_LINK_EXPIRES seconds; nothing a caller
 sends names a path: the place comes only out of the signed token. A link signed with a conversion
 serves the converted file (made again, in a worker thread: the same bytes the job reported); one
 without streams ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206).
@@ -20,7 +21,7 @@ from ..comfyui.client import ComfyUI
 from ..delivery.convert import convert_in_thread
 from ..delivery.links import FileLink, verify
 from ..errors import ComfyUIUnavailable, NotFound, OutputError
-from ..resources import Resources
+from ..state import app_state
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 MAX_CONVERTED_SOURCE = 512 * 1024 * 1024  # a file converted on the fly is read whole: bound it
@@ -28,12 +29,17 @@ MAX_CONVERTED_SOURCE = 512 * 1024 * 1024  # a file converted on the fly is read 
 
 async def download(request: Request) -> Response:
     """The file a valid link grants; 403 for a tampered or expired link, 404 when it is gone."""
-    resources: Resources = request.app.state.resources
+    resources = app_state(request).resources
     secret = resources.settings.file_link_secret
     if not secret:
         raise NotFound("download links are not enabled on this instance (FILE_LINK_SECRET is not set)")
     link = verify(secret.encode(), request.path_params["token"], time.time(), request.query_params)
     range_header = request.headers.get("range")
+    kept = await resources.stored_file(link.item, link.conversion)  # a fleet's worker kept it in Redis
+    if kept is not None:
+        return ranged(kept[0], kept[1], range_header)
+    if resources.settings.role == "gateway":  # no ComfyUI to read it from
+        raise NotFound(f"output {link.item['filename']} is no longer kept (kept FILE_LINK_EXPIRES seconds)")
     if link.conversion.active:
         body, content_type = await _converted(resources.comfy, link)
         return ranged(body, content_type, range_header)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
 
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
@@ -23,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import InvalidParams
 from ..jobs.feed import Event, ReaderTooSlow
-from ..jobs.job import Job
+from ..jobs.runner import EventSource, RunningJob
 from ..ops.metrics import Metrics, ReaderMeter
 from ..settings import Settings
 from .caller import CallerStalled, bounded, watch
@@ -31,21 +30,6 @@ from .caller import CallerStalled, bounded, watch
 log = logging.getLogger(__name__)
 
 SEP = "\n"
-
-
-class EventSource(Protocol):
-    """What the renderers read: a `Job`, or a task followed through its status log."""
-
-    @property
-    def task_id(self) -> str: ...
-
-    def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]: ...
-
-    async def finished(self) -> Event: ...
-
-    def more_ready(self, seq: int) -> bool:
-        """Whether events after `seq` other than the terminal one can be read without waiting."""
-        ...
 
 
 PING = ServerSentEvent(comment="ping", sep=SEP).encode()
@@ -60,12 +44,17 @@ def sse_event(event: Event) -> bytes:
     return b"".join((b"id: %d\ndata: " % event.seq, data, b"\n\n"))
 
 
-def abandoner(source: EventSource, settings: Settings, keep: bool = False) -> Callable[[str], None] | None:
-    """What a hang-up does: only the caller that started a job cancels it, and only with
-    CANCEL_ON_DISCONNECT on and unless told to `keep` it (a caller that may come back)."""
-    if keep or not settings.cancel_on_disconnect or not isinstance(source, Job):
+Abandon = Callable[[str], None]
+"""What a caller hanging up does to its job (`RunningJob.abandon`); None: the job goes on."""
+
+
+def hang_up(job: RunningJob, settings: Settings, keep: bool = False) -> Abandon | None:
+    """What the hang-up of the caller that started `job` does: cancel it wherever it runs, with
+    CANCEL_ON_DISCONNECT on and unless told to `keep` it (a caller that may come back). A caller
+    that only follows a task never cancels it."""
+    if keep or not settings.cancel_on_disconnect:
         return None
-    return source.abandon
+    return job.abandon
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -88,7 +77,7 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
 
 
 async def json_response(
-    request: Request, job: EventSource, settings: Settings, held_async: bool = False, keep: bool = False
+    request: Request, job: EventSource, settings: Settings, held_async: bool = False, abandon: Abandon | None = None
 ) -> Response:
     """The terminal payload as one JSON answer, its HTTP status the error's. An async invocation
     held for FC answers 2xx unless a retry could help: FC retries only what answers 5xx."""
@@ -100,7 +89,7 @@ async def json_response(
     async def finished() -> None:
         await job.finished()
 
-    await watch(job.task_id, finished, caller_gone, abandoner(job, settings, keep))
+    await watch(job.task_id, finished, caller_gone, abandon)
     terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
     error = terminal.error
     status = 200 if error is None or (held_async and not error.retryable) else error.status_code
@@ -143,7 +132,7 @@ class EventStream(Response):
         job: EventSource,
         settings: Settings,
         after: int | None = None,
-        keep: bool = False,
+        abandon: Abandon | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.status_code = 200
@@ -156,7 +145,7 @@ class EventStream(Response):
         self.job = job
         self.settings = settings
         self.after = after
-        self.abandon = abandoner(job, settings, keep)
+        self.abandon = abandon
         self.meter = ReaderMeter(metrics, "sse")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

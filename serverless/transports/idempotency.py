@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..core.request import TASK_ID_RE, query_flag, task_id_from_headers
-from ..errors import ComfyUIUnavailable, Conflict, InvalidParams
-from ..jobs.job import Job
-from ..jobs.registry import Jobs
+from ..errors import Conflict, InvalidParams, Unavailable
+from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import Mode
 from ..resources import Resources
 from ..status.store import StatusStore
@@ -67,7 +66,7 @@ def requested_mode(query: Mapping[str, str], headers: Mapping[str, str]) -> Mode
 
 async def start_or_attach(
     resources: Resources,
-    jobs: Jobs,
+    jobs: JobRunner,
     key: str,
     body: bytes | str,
     query: Mapping[str, str],
@@ -75,7 +74,7 @@ async def start_or_attach(
     workflow_id: str | None,
     base_url: str | None = None,
     caller: str | None = None,
-) -> Job | TaskEvents:
+) -> RunningJob | TaskEvents:
     """The job started with `key`: started now by this request, or the one an earlier request
     with the same key started (here: its job; elsewhere: its status log)."""
     fingerprint = digest(body, query, workflow_id or query.get("workflow_id"), caller)
@@ -104,7 +103,7 @@ async def start_or_attach(
             return await _attach(resources.status, jobs, key, owner)
         except _Released:
             continue
-    raise ComfyUIUnavailable(f"the task of Idempotency-Key {key} kept failing to start")
+    raise Unavailable(f"the task of Idempotency-Key {key} kept failing to start")
 
 
 async def _claim(status: StatusStore[Any], key: str, task_id: str, fingerprint: str) -> str | None:
@@ -123,11 +122,11 @@ async def _claim(status: StatusStore[Any], key: str, task_id: str, fingerprint: 
                 )
             return owner
         if loop.time() > deadline:  # a claim that never got its content (its claimer died mid-write)
-            raise ComfyUIUnavailable(f"the claim of Idempotency-Key {key} cannot be read")
+            raise Unavailable(f"the claim of Idempotency-Key {key} cannot be read")
         await asyncio.sleep(WAIT_STEP)  # its claimer is writing it
 
 
-async def _attach(status: StatusStore[Any], jobs: Jobs, key: str, task_id: str) -> Job | TaskEvents:
+async def _attach(status: StatusStore[Any], jobs: JobRunner, key: str, task_id: str) -> RunningJob | TaskEvents:
     """Follow the task once it has begun (its claimer may still be starting it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_WAIT
@@ -140,5 +139,5 @@ async def _attach(status: StatusStore[Any], jobs: Jobs, key: str, task_id: str) 
         if (await status.read_key(key)).get("task_id") != task_id:
             raise _Released
         if loop.time() > deadline:
-            raise ComfyUIUnavailable(f"the task {task_id} of Idempotency-Key {key} has not begun")
+            raise Unavailable(f"the task {task_id} of Idempotency-Key {key} has not begun")
         await asyncio.sleep(WAIT_STEP)

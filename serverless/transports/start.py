@@ -11,9 +11,8 @@ from ..core.request import RunRequest, parse_run_request, query_flag, run_reques
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.oss import Credentials
-from ..errors import ComfyUIUnavailable, InvalidParams
-from ..jobs.job import Job
-from ..jobs.registry import Jobs
+from ..errors import InvalidParams, Unavailable
+from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
 
@@ -99,7 +98,7 @@ def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
 
 async def start_job(
     resources: Resources,
-    jobs: Jobs,
+    jobs: JobRunner,
     body: bytes | str,
     query: Mapping[str, str],
     headers: Mapping[str, str],
@@ -109,7 +108,7 @@ async def start_job(
     base_url: str | None = None,
     owner: str | None = None,
     prompt_id: str | None = None,
-) -> Job:
+) -> RunningJob:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
     prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
@@ -124,7 +123,7 @@ async def start_job(
     if mode == "async" and not await resources.status.writable():
         # Its caller would poll a status that never comes: refuse now, FC retries elsewhere.
         reason = resources.status.health()["not_writable_because"]
-        raise ComfyUIUnavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
+        raise Unavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     credentials = Credentials.resolve(headers, resources.settings.cloud_credentials)
     outputs = output_policy(
         request, credentials, resources.oss is not None, query, resources.settings.file_link_secret, base_url
@@ -146,19 +145,7 @@ async def start_job(
         owner=owner,
         callback_url=callback_url,
     )
-    job = await jobs.start(spec, prompt_id)
-    if callback_url is not None:
-        resources.webhooks.start(job, job.task_id, callback_url, terminal_recorded(job))
-    return job
-
-
-async def terminal_recorded(job: Job) -> bytes:
-    """The job's terminal payload, once it is also in the status log (a webhook receiver that
-    polls the status is then sure to find it there)."""
-    terminal = await job.feed.wait()
-    if job.recorder is not None:
-        await asyncio.wait({job.recorder})  # ends by itself; a failed recorder is its own to log
-    return terminal.data
+    return await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
 
 
 def job_priority(query: Mapping[str, str]) -> str:

@@ -13,12 +13,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..errors import InvalidParams, as_serverless_error
 from ..jobs.feed import ReaderTooSlow
-from ..jobs.job import Job
-from ..jobs.registry import Jobs
+from ..jobs.runner import RunningJob
 from ..ops.metrics import ReaderMeter
-from ..resources import Resources
 from ..settings import Settings
+from ..state import app_state
 from .caller import CallerStalled, bounded, watch
+from .http import hang_up
 from .start import start_job
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,8 @@ FIRST_MESSAGE_TIMEOUT = 60.0
 
 
 async def websocket_run(websocket: WebSocket) -> None:
-    resources: Resources = websocket.app.state.resources
-    jobs: Jobs = websocket.app.state.jobs
+    state = app_state(websocket)
+    resources, jobs = state.resources, state.jobs
     await websocket.accept()
     try:
         body = await _run_body(websocket, resources.settings.max_body_bytes)
@@ -63,7 +63,7 @@ async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
     return body
 
 
-async def _forward(websocket: WebSocket, job: Job, settings: Settings, meter: ReaderMeter) -> None:
+async def _forward(websocket: WebSocket, job: RunningJob, settings: Settings, meter: ReaderMeter) -> None:
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
     timeout = settings.stream_write_timeout
@@ -82,7 +82,7 @@ async def _forward(websocket: WebSocket, job: Job, settings: Settings, meter: Re
         while (await websocket.receive())["type"] != "websocket.disconnect":
             pass  # the protocol has one client message; later ones are ignored
 
-    winner = await watch(job.task_id, deliver, caller_gone, job.abandon if settings.cancel_on_disconnect else None)
+    winner = await watch(job.task_id, deliver, caller_gone, hang_up(job, settings))
     if too_slow and winner == "delivered":
         # The job goes on; only this reader is dropped ("try again later").
         log.warning("dropping a slow websocket reader of task_id=%s: %s", job.task_id, too_slow[0])

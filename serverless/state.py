@@ -1,0 +1,40 @@
+"""The application's state, typed: what the lifespan opens and every endpoint reads through
+`app_state(request)` (never `request.app.state.<name>`, which is `Any` to the type checker)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp
+
+if TYPE_CHECKING:
+    from .fleet.worker import Consumer
+    from .jobs.runner import JobRunner
+    from .lifecycle import Prewarm, QueueWatch
+    from .resources import Resources
+
+
+@dataclass(slots=True)
+class AppState:
+    """One app's long-lived parts: its resources, the job runner its transports start jobs with
+    (this instance's `Jobs`, or a gateway's `RemoteJobs`), and this instance's queue consumer
+    when it takes jobs from a Redis queue."""
+
+    resources: Resources
+    jobs: JobRunner
+    prewarm: Prewarm
+    queue_watch: QueueWatch
+    consumer: Consumer | None = None
+    genstudio_token_secret: bytes | None = field(default=None, repr=False)  # made once when unset
+
+
+def app_state(connection: HTTPConnection) -> AppState:
+    """The state of the app serving `connection` (a request or a websocket)."""
+    return of_app(connection.app)
+
+
+def of_app(app: ASGIApp) -> AppState:
+    state: AppState = app.state.serverless  # type: ignore[attr-defined]
+    return state

@@ -1,0 +1,92 @@
+"""Every Redis key the service reads or writes, one function each (as arq keeps its prefixes in
+one module): the status store's, the queue's and the fleet's. Nothing else spells a key.
+
+Status (`serverless.status.redis`), kept RETENTION (the status retention) after the last write:
+
+    task:<id>                 the number of the task's newest attempt (INCR claims the next one)
+    task:<id>:<n>             attempt n: a stream, one entry per payload, entry id `0-<seq>`
+    task:<id>:<n>:alive       set while attempt n's runner lives (expires after STATUS_STALE_AFTER)
+    task:<id>:<n>:cancel      a cancel request for attempt n, where there is no queue
+    task:<id>:<n>:result      attempt n's terminal payload whole, base64 outputs included (its
+                              stream keeps it without them); kept FILE_LINK_EXPIRES at least
+    task:<id>:owner           whose the task is ("": made without API keys)
+    task:<id>:webhook         how the task's webhook went (JSON)
+    idempotency:<key>         an `Idempotency-Key` claim, where there is no queue
+
+Queue (`serverless.fleet`):
+
+    jobs:<priority>           a stream per priority (high, normal, low), consumer group `workers`
+    jobs:<priority>:added     how many entries were ever added to that stream (an entry's ordinal)
+    job:<id>                  "<stream> <entry id> <ordinal>" of the task's newest submission
+    idem:<key>                "<task_id> <fingerprint>" of the first request with that key
+    run:<id>:<entry>          who took that submission: a worker's name, or "cancelled" (SET NX)
+    cancel:<id>:<entry>       a cancel request its worker watches
+    file:<digest>             an output's bytes for its download link, on a fleet (gateways have
+                              no ComfyUI to read it from); kept as long as the link is valid
+    fleet:object_info         the `/object_info` a worker's ComfyUI answered, for gateways
+"""
+
+from __future__ import annotations
+
+
+def attempts(task_id: str) -> str:
+    return f"task:{task_id}"
+
+
+def attempt(task_id: str, number: int) -> str:
+    return f"task:{task_id}:{number}"
+
+
+def alive(task_id: str, number: int) -> str:
+    return f"{attempt(task_id, number)}:alive"
+
+
+def cancel_request(task_id: str, number: int) -> str:
+    return f"{attempt(task_id, number)}:cancel"
+
+
+def result(task_id: str, number: int) -> str:
+    return f"{attempt(task_id, number)}:result"
+
+
+def owner(task_id: str) -> str:
+    return f"task:{task_id}:owner"
+
+
+def webhook(task_id: str) -> str:
+    return f"task:{task_id}:webhook"
+
+
+def idempotency(key: str) -> str:
+    return f"idempotency:{key}"
+
+
+def queue(priority: str) -> str:
+    return f"jobs:{priority}"
+
+
+def queue_count(priority: str) -> str:
+    return f"jobs:{priority}:added"
+
+
+def submission(task_id: str) -> str:
+    return f"job:{task_id}"
+
+
+def queue_idempotency(key: str) -> str:
+    return f"idem:{key}"
+
+
+def run_claim(task_id: str, entry: str) -> str:
+    return f"run:{task_id}:{entry}"
+
+
+def queue_cancel(task_id: str, entry: str) -> str:
+    return f"cancel:{task_id}:{entry}"
+
+
+def file(digest: str) -> str:
+    return f"file:{digest}"
+
+
+OBJECT_INFO = "fleet:object_info"
