@@ -21,8 +21,8 @@ from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .delivery import links
-from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
 from .delivery.convert import Conversion
+from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
 from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
 from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable, OutputError
