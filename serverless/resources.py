@@ -67,9 +67,10 @@ class Resources:
         metrics = metrics or Metrics()
         timeouts = Timeouts(settings.connect_timeout, settings.request_timeout, settings.reconnect_timeout)
         command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
-        async with ComfyUI.open(settings.comfyui_url, timeouts, comfyui_folders(settings, command)) as comfy:
+        runs_jobs = settings.role != "gateway"  # a fleet's gateway has no ComfyUI: no websocket to it
+        async with ComfyUI.open(settings.comfyui_url, timeouts, comfyui_folders(settings, command), runs_jobs) as comfy:
             supervisor = None
-            if command and settings.role != "gateway":  # a Redis-tier gateway has no ComfyUI
+            if command and runs_jobs:
                 supervisor = Supervisor(
                     command,
                     comfy.answers,
@@ -96,7 +97,7 @@ class Resources:
                     async with _running(supervisor):
                         fetch_url = metrics.metered_fetch(partial(download, downloads, policy=policy), "url")
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
-                        workflows = hosted_workflows(settings, comfy, supervisor)
+                        workflows = hosted_workflows(settings, comfy, supervisor, redis)
                         try:
                             yield cls(
                                 settings,
@@ -283,10 +284,14 @@ def comfyui_folders(settings: Settings, command: list[str] | None) -> Folders:
     )
 
 
-def hosted_workflows(settings: Settings, comfy: ComfyUI, supervisor: Supervisor | None) -> HostedWorkflows:
-    """The hosted workflows' folder, checked against `/object_info` read once per ComfyUI process."""
+def hosted_workflows(
+    settings: Settings, comfy: ComfyUI, supervisor: Supervisor | None, redis: RedisStatus | None
+) -> HostedWorkflows:
+    """The hosted workflows' folder, checked against `/object_info` read once per ComfyUI process
+    (a fleet's gateway, which has no ComfyUI, reads the one its workers publish in Redis)."""
     generation = (lambda: supervisor.generation) if supervisor else (lambda: 0)
-    object_info = ObjectInfoCache(comfy.object_info, generation)
+    fetch = redis.object_info if redis is not None and settings.role == "gateway" else comfy.object_info
+    object_info = ObjectInfoCache(fetch, generation)
     loaders = LOADER_INPUTS | set(settings.input_loaders)
     return HostedWorkflows(WorkflowStore(settings.workflows_dir), object_info, loaders)
 

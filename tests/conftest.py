@@ -13,7 +13,9 @@ from typing import TypeVar
 
 import pytest
 
+from tests.fleet import RedisServer
 from tests.servers import App, Emulator, InProcessApp, InProcessEmulator, free_port
+from tests.topologies import TOPOLOGIES, Deployment, Topology, deploy
 
 S = TypeVar("S", App, InProcessApp)
 
@@ -92,3 +94,35 @@ def start_app_process(tmp_path: Path) -> Iterator[Callable[..., App]]:
 def dead_url() -> str:
     """A loopback URL where nothing listens."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One `redis-server` per test process; each test takes a database of its own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def topology(request: pytest.FixtureRequest) -> Topology:
+    """Each behaviour a caller sees, on one box and through a gateway and two workers."""
+    chosen: Topology = request.param
+    return chosen
+
+
+@pytest.fixture
+def deployment(
+    topology: Topology, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Deployment]]:
+    """`deployment(**env)`: the test's topology, its apps configured by `env`; stopped after."""
+    made: list[Deployment] = []
+
+    def make(step_delay: float = 0.02, **env: str) -> Deployment:
+        server = request.getfixturevalue("redis_server") if topology == "fleet" else None
+        made.append(deploy(topology, tmp_path / f"deployment{len(made)}", server, step_delay, **env))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.stop()

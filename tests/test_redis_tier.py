@@ -30,14 +30,6 @@ pytestmark = pytest.mark.timeout(180)
 _databases = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the tests; each test gets a database of its own."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def tier(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
     made: list[Tier] = []

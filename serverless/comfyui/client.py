@@ -177,19 +177,22 @@ class ComfyUI:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, base_url: str, timeouts: Timeouts, folders: Folders = VIA_HTTP) -> AsyncIterator[ComfyUI]:
-        """A client with its own session (connections kept alive) and its websocket, both closed
-        on exit."""
+    async def open(
+        cls, base_url: str, timeouts: Timeouts, folders: Folders = VIA_HTTP, listen: bool = True
+    ) -> AsyncIterator[ComfyUI]:
+        """A client with its own session (connections kept alive) and, when it runs jobs
+        (`listen`), its websocket; both closed on exit."""
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             comfy = cls(session, base_url, timeouts, folders)
-            task = asyncio.create_task(comfy.listener.run(), name="comfyui websocket")
+            task = asyncio.create_task(comfy.listener.run(), name="comfyui websocket") if listen else None
             try:
                 yield comfy
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..state import app_state
 from .openapi import build_document
 
 STATIC = Path(__file__).parent / "static"
@@ -27,7 +28,7 @@ def swagger_ui_dir() -> Path:
 
 async def openapi_json(request: Request) -> Response:
     """GET /api/openapi.json: every route, linking the hosted workflows' own documents."""
-    stored = await request.app.state.resources.workflows.store.all()
+    stored = await app_state(request).resources.workflows.store.all()
     server_url = str(request.base_url).rstrip("/")
     return JSONResponse(build_document(server_url, [item.workflow_id for item in stored]))
 

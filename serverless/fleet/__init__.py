@@ -15,15 +15,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ServerlessError
 from ..jobs.registry import Jobs
 from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..settings import Settings, SettingsError
+from ..status.redis import RedisStatus
 from .gateway import RemoteJobs
 from .queue import RedisQueue
 from .worker import Consumer
 
 log = logging.getLogger(__name__)
+
+PUBLISH_EVERY = 60.0  # seconds between a worker's announcements of its ComfyUI's nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +54,33 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     front = RemoteJobs(queue, status, jobs if takes_jobs else None, settings.max_queued_jobs, resources.metrics)
     consumer_task: asyncio.Task[None] | None = None
     consumer = None
+    publisher: asyncio.Task[None] | None = None
     if takes_jobs:
+        publisher = asyncio.create_task(publish_object_info(resources, status), name="publish object_info")
         consumer = Consumer(status.client, status, jobs, settings, f"{settings.instance_id}:{settings.port}")
         consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
         log.info("worker %s takes jobs from Redis for ComfyUI at %s", consumer.name, settings.comfyui_url)
     try:
         yield Fleet(front, consumer)
     finally:
-        if consumer_task is not None:
-            consumer_task.cancel()
-            await asyncio.gather(consumer_task, return_exceptions=True)
+        for task in (consumer_task, publisher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+async def publish_object_info(resources: Resources, status: RedisStatus, every: float = PUBLISH_EVERY) -> None:
+    """Tell gateways which nodes (and model files) this worker's ComfyUI has: at once, then every
+    `every` seconds (a restarted ComfyUI may have gained custom nodes); a ComfyUI or Redis that
+    does not answer is tried again a second later."""
+    while True:
+        try:
+            await status.publish_object_info(await resources.comfy.object_info())
+        except ServerlessError as exc:
+            log.info("object_info not published yet (%s); again in 1s", exc.message)
+            await asyncio.sleep(1.0)
+            continue
+        await asyncio.sleep(every)
 
 
 def health(settings: Settings, consumer: Consumer | None) -> dict[str, Any]:

@@ -80,8 +80,10 @@ class RemoteJob:
 
 async def _event(seq: int, data: bytes, terminal: bool) -> Event:
     error = None
-    if terminal and b'"type":"error"' in data[:64]:
-        error = error_from_payload(await _decoded(data))
+    if terminal and b'"serverless_api"' not in data[:64]:
+        payload = await _decoded(data)
+        if payload.get("type") == "error":
+            error = error_from_payload(payload)
     return Event(seq, data, terminal, error)
 
 

@@ -105,7 +105,7 @@ def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str
     if resources.oss is not None and credentials is not None:
         return {"output_oss": "true"}
     if resources.settings.file_link_secret:
-        return {}
+        return {"output_url": "true"}  # on a fleet, the worker keeps the files where gateways serve them
     raise InvalidParams(
         "result files cannot be delivered by this instance: configure OSS "
         "(OSS_BUCKET_DOMAIN and credentials) or download links (FILE_LINK_SECRET)"

@@ -399,6 +399,24 @@ class RedisStatus:
             return stored
         return bytes(whole) if whole is not None else stored
 
+    # -- what a fleet's workers tell its gateways ---------------------------------------------
+
+    async def publish_object_info(self, answer: dict[str, Any]) -> None:
+        """A worker's ComfyUI's `/object_info`, for gateways (which have no ComfyUI) to check
+        hosted workflows against."""
+        data = await asyncio.to_thread(jsontext.dumps, answer)
+        with self._translated():
+            await self.client.set(keys.OBJECT_INFO, data)
+
+    async def object_info(self) -> dict[str, Any]:
+        """The `/object_info` a worker published; Unavailable until one has."""
+        with self._translated():
+            data: Any = await self.client.get(keys.OBJECT_INFO)
+        if data is None:
+            raise Unavailable("no worker has published its ComfyUI's node list yet: start a worker (ROLE=worker)")
+        answer = await asyncio.to_thread(jsontext.loads, data)
+        return dict(answer)
+
     # -- a fleet's linked files --------------------------------------------------------------
 
     async def keep_file(self, name: str, content: bytes, mime: str) -> None:

@@ -18,9 +18,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..comfyui.client import ComfyUI
-from ..delivery.convert import convert_in_thread
+from ..delivery.convert import NO_CONVERSION, convert_in_thread
 from ..delivery.links import FileLink, verify
 from ..errors import ComfyUIUnavailable, NotFound, OutputError
+from ..resources import Resources
 from ..state import app_state
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -35,7 +36,7 @@ async def download(request: Request) -> Response:
         raise NotFound("download links are not enabled on this instance (FILE_LINK_SECRET is not set)")
     link = verify(secret.encode(), request.path_params["token"], time.time(), request.query_params)
     range_header = request.headers.get("range")
-    kept = await resources.stored_file(link.item, link.conversion)  # a fleet's worker kept it in Redis
+    kept = await _kept(resources, link)
     if kept is not None:
         return ranged(kept[0], kept[1], range_header)
     if resources.settings.role == "gateway":  # no ComfyUI to read it from
@@ -63,6 +64,19 @@ async def _converted(comfy: ComfyUI, link: FileLink) -> tuple[bytes, str]:
     if converted is None:
         return content, content_type
     return converted.content, converted.mime
+
+
+async def _kept(resources: Resources, link: FileLink) -> tuple[bytes, str] | None:
+    """The file as a fleet's worker kept it in Redis (None on one box): as converted for the
+    link, else converted now from the original it kept (GenStudio asks conversions later)."""
+    kept = await resources.stored_file(link.item, link.conversion)
+    if kept is not None or not link.conversion.active:
+        return kept
+    original = await resources.stored_file(link.item, NO_CONVERSION)
+    if original is None:
+        return None
+    converted = await convert_in_thread(original[0], link.conversion)
+    return (converted.content, converted.mime) if converted is not None else original
 
 
 def _check(status: int, link: FileLink) -> None:

@@ -7,12 +7,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..core.request import query_flag
+from ..state import app_state
 from ..transports.http import read_body
 from .hosting import HostedWorkflows
 
 
 def _hosted(request: Request) -> HostedWorkflows:
-    hosted: HostedWorkflows = request.app.state.resources.workflows
+    hosted: HostedWorkflows = app_state(request).resources.workflows
     return hosted
 
 
@@ -28,7 +29,7 @@ async def list_workflows(request: Request) -> Response:
 async def put_workflow(request: Request) -> Response:
     """PUT /api/workflows/{workflow_id}: validate against the running ComfyUI, then store;
     201 when new, 200 when replaced."""
-    settings = request.app.state.resources.settings
+    settings = app_state(request).resources.settings
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     described, created = await _hosted(request).register(request.path_params["workflow_id"], body)
     return JSONResponse(described.to_payload(), status_code=201 if created else 200)
