@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..core import jsontext
-from ..errors import Busy, ServerlessError, Unavailable, error_from_payload
+from ..errors import Busy, InvalidParams, ServerlessError, Unavailable, error_from_payload
 from ..jobs.feed import Event
 from ..jobs.job import Job
 from ..jobs.registry import BUSY_RETRY_AFTER, Jobs
@@ -160,11 +160,29 @@ class RemoteJobs:
     async def start(self, spec: JobSpec, prompt_id: str | None = None) -> RemoteJob:
         if not self.accepting:
             raise Unavailable("this gateway is shutting down and takes no new jobs")
+        if spec.outputs.oss and spec.credentials is not None and spec.credentials.from_caller:
+            raise InvalidParams(
+                "output_oss with the request's own x-fc-access-key-* credentials cannot go through a fleet's "
+                "queue (credentials never enter Redis): workers upload with their own ALIBABA_CLOUD_* "
+                "credentials; send the request without those headers"
+            )
         await self.check_room()
         submitted = await self.queue.submit(spec, spec.priority, spec.idempotency_key)
         self._added += 1
         self.metrics.job_started(spec.mode)
         return RemoteJob(spec, submitted.task_id, submitted.attempt, self.status, self)
+
+    async def measure(self) -> None:
+        """The queue's depth, jobs taken and workers, into this gateway's metrics (the last
+        reading stays while Redis does not answer: the scrape itself still answers)."""
+        try:
+            groups = await self.queue.groups()
+        except ServerlessError as exc:
+            log.warning("the queue's figures could not be read for /metrics: %s", exc.message)
+            return
+        for priority, group in groups.items():
+            self.metrics.queue_read(priority, group.lag, group.pending)
+        self.metrics.queue_consumers.set(max((group.consumers for group in groups.values()), default=0))
 
     def ended(self, job: RemoteJob, error: ServerlessError | None) -> None:
         """A job this gateway queued was seen ending (counted as one box counts its own)."""

@@ -158,6 +158,12 @@ class RedisQueue:
             ahead += groups[stream(priority)].lag if stream(priority) in groups else 0
         return ahead
 
+    async def groups(self) -> dict[str, GroupState]:
+        """Each priority's stream as its consumer group sees it."""
+        with translated():
+            groups = await self._groups()
+        return {priority: groups[stream(priority)] for priority in PRIORITIES if stream(priority) in groups}
+
     async def _groups(self) -> dict[str, GroupState]:
         """Each queue stream's consumer group: its lag and its read counter (Redis 7)."""
         async with self.client.pipeline(transaction=False) as pipe:
@@ -205,6 +211,8 @@ class GroupState:
 
     lag: int
     read: int | None
+    pending: int = 0  # handed to a worker and not acknowledged
+    consumers: int = 0
 
     @classmethod
     def of(cls, info: dict[Any, Any], added: int) -> GroupState:
@@ -212,7 +220,8 @@ class GroupState:
         lag = info.get("lag", info.get(b"lag"))
         if lag is None:  # Redis cannot tell after a deletion: count from our own ordinals
             lag = max(0, added - int(read or 0))
-        return cls(int(lag), None if read is None else int(read))
+        pending, consumers = info.get("pending", 0), info.get("consumers", 0)
+        return cls(int(lag), None if read is None else int(read), int(pending), int(consumers))
 
 
 def _named(spec: JobSpec, task_id: str) -> JobSpec:

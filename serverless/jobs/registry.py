@@ -208,6 +208,9 @@ class Jobs:
         log.info("task_id=%s: cancel of attempt %s requested for the instance running it", task_id, attempt)
         return "cancelling"
 
+    async def measure(self) -> None:
+        """Nothing kept elsewhere: every metric of this runner is counted as it happens."""
+
     async def queue_position(self, task_id: str) -> int | None:
         """No queue before ComfyUI's here: a job's progress events tell its place in ComfyUI's."""
         return None

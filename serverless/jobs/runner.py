@@ -109,6 +109,10 @@ class JobRunner(Protocol):
         (None: none does; the job's own progress events tell its place in ComfyUI's queue)."""
         ...
 
+    async def measure(self) -> None:
+        """Read what the metrics show of a backend kept elsewhere (a fleet's queue), before a scrape."""
+        ...
+
     async def drain(self, timeout: float) -> None:
         """Take no new jobs; wait up to `timeout` for running ones, then cancel the rest."""
         ...

@@ -33,8 +33,10 @@ def check_metrics_token(request: Request, token: str) -> None:
 
 async def metrics(request: Request) -> Response:
     """GET /metrics: every metric of this app, in Prometheus' text format."""
-    resources = app_state(request).resources
+    state = app_state(request)
+    resources = state.resources
     check_metrics_token(request, resources.settings.metrics_token)
+    await state.jobs.measure()
     if resources.supervisor is not None:  # it watches its child: its word is the freshest
         resources.metrics.comfyui_up.set(1 if resources.supervisor.ready else 0)
     return Response(generate_latest(resources.metrics.registry), media_type=CONTENT_TYPE_LATEST)

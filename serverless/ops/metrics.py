@@ -126,6 +126,23 @@ class Metrics:
             registry=registry,
         )
         self.webhook_deliveries = counter("webhook_deliveries", "Webhook deliveries, by outcome.", ("outcome",))
+        self.queue_waiting = Gauge(
+            f"{PREFIX}_queue_waiting",
+            "A fleet's jobs waiting for a worker, by priority (read from Redis at each scrape of a gateway).",
+            ("priority",),
+            registry=registry,
+        )
+        self.queue_taken = Gauge(
+            f"{PREFIX}_queue_taken",
+            "A fleet's jobs taken by a worker and not finished, by priority (a dead worker's stay until claimed).",
+            ("priority",),
+            registry=registry,
+        )
+        self.queue_consumers = Gauge(
+            f"{PREFIX}_queue_consumers",
+            "Workers known to the queue's consumer group (dead ones too).",
+            registry=registry,
+        )
         for transport in TRANSPORTS:  # every series that alerts read exists from the start, at 0
             self.jobs_started.labels(transport)
         for reader in READERS:
@@ -147,6 +164,11 @@ class Metrics:
                 histogram.observe(timings.get(f"{phase}_s", 0.0))
         elif error.code == "PROMPT_ERROR":
             self.prompt_refusals.inc()
+
+    def queue_read(self, priority: str, waiting: int, taken: int) -> None:
+        """One reading of a fleet queue's stream (a gateway's scrape)."""
+        self.queue_waiting.labels(priority).set(waiting)
+        self.queue_taken.labels(priority).set(taken)
 
     def count_jobs(self, admitted: Callable[[], int]) -> None:
         """Read the jobs in flight from `admitted` at each scrape."""

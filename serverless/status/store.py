@@ -3,7 +3,15 @@ folder (`serverless.status.log.StatusLog`) or Redis streams (`serverless.status.
 
 A store keeps, per task, attempts (one per delivery of the task) and in each the task's payloads
 in order, numbered from 1; any instance reads them (`read`, `summary`, `follow`), learns whose
-the task is (`owner`) and asks the instance running it to stop it (`request_cancel`).
+the task is (`owner`) and asks the instance running it to stop it (`request_cancel`). Its parts,
+by who calls them:
+
+    TaskLogs        job control on any instance: read, follow, summary, owner
+    AttemptLog      a runner recording its jobs: begin, record, record_new, attempts
+    CancelBox       cancels between instances without a queue
+    KeyClaims       Idempotency-Key claims
+    WebhookRecords  how each task's webhook went
+    StoreHealth     health and the lifespan: writable, health, prune, close
 """
 
 from __future__ import annotations
@@ -50,10 +58,6 @@ class TaskLogs(Protocol):
         """The task's summary (`summary.summarise`) from its current attempt; None when unknown."""
         ...
 
-    async def webhook_record(self, task_id: str) -> bytes | None:
-        """How the task's webhook went (JSON: `delivery.webhooks.Delivery`), None when none was sent."""
-        ...
-
     def follow(
         self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
     ) -> AsyncIterator[Entry | None]:
@@ -63,9 +67,9 @@ class TaskLogs(Protocol):
         ...
 
 
-class StatusStore(TaskLogs, Protocol[A]):
-    """A status store whose attempts are of type `A` (opaque to the job code: `record` takes back
-    what `begin` gave)."""
+class AttemptLog(Protocol[A]):
+    """The writing side: what a runner (`Jobs`) asks to record a job's attempts. Attempts are of
+    type `A`, opaque to the runner: `record` takes back what `begin` gave."""
 
     async def begin(self, task_id: str) -> A:
         """Claim the task's next attempt; the task is known everywhere from then on."""
@@ -80,15 +84,13 @@ class StatusStore(TaskLogs, Protocol[A]):
         whose caller did not name it): its attempt may be claimed with that first store."""
         ...
 
-    async def record_webhook(self, task_id: str, record: bytes) -> None:
-        """Keep how the task's webhook went (its delivery's JSON), replacing an earlier record."""
-        ...
-
     async def attempts(self, task_id: str) -> list[int]:
         """The numbers of the task's attempts, oldest first."""
         ...
 
-    # -- job control: cancels and idempotency keys -------------------------------------------
+
+class CancelBox(Protocol[A]):
+    """Cancel requests between instances that share the store but no queue."""
 
     async def request_cancel(self, task_id: str) -> int | None:
         """Ask the instance running the task's newest attempt to stop it; returns that attempt,
@@ -98,6 +100,10 @@ class StatusStore(TaskLogs, Protocol[A]):
     async def cancels_asked(self, attempts: list[A]) -> list[A]:
         """Those of `attempts` (running here) another instance asked to cancel."""
         ...
+
+
+class KeyClaims(Protocol):
+    """`Idempotency-Key` claims (`serverless.transports.idempotency`)."""
 
     async def claim_key(self, key: str, task_id: str, digest: str) -> dict[str, Any] | None:
         """Claim an `Idempotency-Key` for the task (of two claimers one wins): None when claimed
@@ -112,7 +118,21 @@ class StatusStore(TaskLogs, Protocol[A]):
         """Give a claim up (its job could not start), unless it now holds another task."""
         ...
 
-    # -- health ------------------------------------------------------------------------------
+
+class WebhookRecords(Protocol):
+    """How each task's webhook went, kept beside its log."""
+
+    async def record_webhook(self, task_id: str, record: bytes) -> None:
+        """Keep how the task's webhook went (its delivery's JSON), replacing an earlier record."""
+        ...
+
+    async def webhook_record(self, task_id: str) -> bytes | None:
+        """How the task's webhook went (JSON: `delivery.webhooks.Delivery`), None when none was sent."""
+        ...
+
+
+class StoreHealth(Protocol):
+    """What health checks and the lifespan ask of the store itself."""
 
     async def writable(self) -> bool:
         """Whether logs can be written now (why not is in `health()`)."""
@@ -133,3 +153,8 @@ class StatusStore(TaskLogs, Protocol[A]):
     async def aclose(self) -> None:
         """Release what the store holds."""
         ...
+
+
+class StatusStore(TaskLogs, AttemptLog[A], CancelBox[A], KeyClaims, WebhookRecords, StoreHealth, Protocol[A]):
+    """A whole status store (the file store, the Redis store): every role above. Callers take
+    the narrowest role they use."""

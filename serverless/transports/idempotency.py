@@ -14,14 +14,14 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Protocol
 
 from ..core.request import TASK_ID_RE, query_flag, task_id_from_headers
 from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import Mode
 from ..resources import Resources
-from ..status.store import StatusStore
+from ..status.store import KeyClaims, TaskLogs
 from .events import TaskEvents
 from .start import is_async, start_job
 
@@ -29,6 +29,10 @@ HEADER = "idempotency-key"
 ATTACH_WAIT = 10.0  # seconds a repeated request waits for the claimed task's log to appear
 CLAIM_ROUNDS = 3  # claims given up by failed starts that a waiting request tries again after
 WAIT_STEP = 0.05
+
+
+class Claims(KeyClaims, TaskLogs, Protocol):
+    """What attaching to a claimed key's task reads: the claim, and whether its task began."""
 
 
 class _Released(Exception):
@@ -106,7 +110,7 @@ async def start_or_attach(
     raise Unavailable(f"the task of Idempotency-Key {key} kept failing to start")
 
 
-async def _claim(status: StatusStore[Any], key: str, task_id: str, fingerprint: str) -> str | None:
+async def _claim(status: KeyClaims, key: str, task_id: str, fingerprint: str) -> str | None:
     """None when this request claimed the key; else the task an earlier request started."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_WAIT
@@ -126,7 +130,7 @@ async def _claim(status: StatusStore[Any], key: str, task_id: str, fingerprint: 
         await asyncio.sleep(WAIT_STEP)  # its claimer is writing it
 
 
-async def _attach(status: StatusStore[Any], jobs: JobRunner, key: str, task_id: str) -> RunningJob | TaskEvents:
+async def _attach(status: Claims, jobs: JobRunner, key: str, task_id: str) -> RunningJob | TaskEvents:
     """Follow the task once it has begun (its claimer may still be starting it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_WAIT
