@@ -27,9 +27,10 @@ import uvicorn
 from starlette.applications import Starlette
 
 from .app import create_app
-from .jobs.registry import Jobs
+from .jobs.runner import JobRunner
 from .ops import logs
 from .settings import Settings, SettingsError
+from .state import started
 
 SHUTDOWN_MARGIN = 30.0  # uvicorn's own limit on open connections is only a backstop to the drain
 SETTINGS_EXIT_CODE = 2
@@ -55,10 +56,11 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)  # type: ignore[arg-type]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        jobs: Jobs | None = getattr(self.app.state, "jobs", None)  # set once the lifespan started
-        if jobs is None or self.loop is None:  # nothing to drain yet
+        state = started(self.app)
+        if state is None or self.loop is None:  # nothing to drain yet
             super().handle_exit(sig, frame)
             return
+        jobs = state.jobs
         self.signals += 1
         if self.signals == 1:
             self.loop.call_soon_threadsafe(self._start, self._drain_then_exit(jobs, sig))
@@ -73,7 +75,7 @@ class DrainingServer(uvicorn.Server):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drain_then_exit(self, jobs: Jobs, sig: int) -> None:
+    async def _drain_then_exit(self, jobs: JobRunner, sig: int) -> None:
         again = "press Ctrl-C again" if sig == signal.SIGINT else "signal again"
         log.info(
             "%s: draining jobs (%d running, up to %gs); %s to cancel them and stop now",
@@ -87,7 +89,7 @@ class DrainingServer(uvicorn.Server):
         finally:
             self._shut_down(sig)
 
-    async def _stop_now(self, jobs: Jobs, sig: int) -> None:
+    async def _stop_now(self, jobs: JobRunner, sig: int) -> None:
         log.warning("%s again: cancelling %d running job(s) and stopping now", signal.Signals(sig).name, jobs.running)
         try:
             await jobs.drain(0)  # cancels every job; each ends with its terminal payload

@@ -38,3 +38,9 @@ def app_state(connection: HTTPConnection) -> AppState:
 def of_app(app: ASGIApp) -> AppState:
     state: AppState = app.state.serverless  # type: ignore[attr-defined]
     return state
+
+
+def started(app: ASGIApp) -> AppState | None:
+    """The app's state once its lifespan has started it, else None."""
+    state: AppState | None = getattr(app.state, "serverless", None)  # type: ignore[attr-defined]
+    return state

@@ -572,3 +572,36 @@ def test_redis_restarted_mid_run_loses_nothing_acknowledged_and_the_fleet_recove
         assert all(w.proc.poll() is None for w in workers), "no restart needed"
     finally:
         server.stop()
+
+
+async def test_five_hundred_sync_callers_on_one_gateway_are_all_answered_on_a_few_connections(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Waiting callers hold no Redis connection each: one blocking read per gateway wakes them."""
+    import httpx
+
+    from tests.topologies import deploy
+
+    deployed = await asyncio.to_thread(deploy, "fleet", tmp_path, redis_server, 0.0, MAX_QUEUED_JOBS="0")
+    client = redis.Redis.from_url(deployed.redis_url or "")
+    most_clients = 0
+    try:
+        async with httpx.AsyncClient(
+            base_url=deployed.url, timeout=120, limits=httpx.Limits(max_connections=600)
+        ) as http:
+
+            async def call(number: int) -> int:
+                answer = await http.post(RUN, json=empty_image(prefix=f"many{number}"))
+                return answer.status_code
+
+            calls = asyncio.gather(*(call(number) for number in range(500)))
+            while not calls.done():
+                most_clients = max(most_clients, int(client.info("clients")["connected_clients"]))
+                await asyncio.sleep(0.2)
+            statuses = await calls
+    finally:
+        await asyncio.to_thread(deployed.stop)
+    assert Counter(statuses) == {200: 500}
+    # Two workers and a gateway, each pool at most 64 connections, most of them idle: far below
+    # one per waiting caller.
+    assert most_clients < 3 * 64, most_clients

@@ -10,7 +10,7 @@
 Exit codes (EXIT_CODES): 0 done; 1 the job failed (EXECUTION_FAILED, OUTPUT_ERROR, UNCLASSIFY);
 2 bad usage (arguments, a bad --set, an unreadable file); 3 the server refused the request
 (INVALID_PARAMS, PROMPT_ERROR, INPUT_ERROR, NOT_FOUND, UNAUTHORIZED, a conflict); 4 the server or
-ComfyUI is unavailable, busy or timed out (no connection, COMFYUI_UNAVAILABLE, BUSY, TIMEOUT);
+ComfyUI is unavailable, busy or timed out (no connection, COMFYUI_UNAVAILABLE, UNAVAILABLE, BUSY, TIMEOUT);
 5 the job was cancelled or interrupted (EXECUTION_INTERRUPTED); 130 interrupted by Ctrl-C.
 Errors are printed as one line on stderr.
 """
@@ -30,7 +30,7 @@ from ..client.errors import from_payload
 
 EXIT_CODES = {"done": 0, "failed": 1, "usage": 2, "refused": 3, "unavailable": 4, "cancelled": 5}
 REFUSED = ("INVALID_PARAMS", "PROMPT_ERROR", "INPUT_ERROR", "NOT_FOUND", "UNAUTHORIZED", "CONFLICT")
-UNAVAILABLE = ("COMFYUI_UNAVAILABLE", "BUSY", "TIMEOUT")
+UNAVAILABLE = ("COMFYUI_UNAVAILABLE", "UNAVAILABLE", "BUSY", "TIMEOUT")
 
 
 class UsageError(Exception):

@@ -15,6 +15,7 @@ client's own failures (the server could not be reached, or answered something th
         ├── ExecutionFailed           EXECUTION_FAILED
         ├── ExecutionInterrupted      EXECUTION_INTERRUPTED (cancelled, too)
         ├── ComfyUIUnavailable        COMFYUI_UNAVAILABLE
+        ├── Unavailable               UNAVAILABLE (the status store, Redis, a draining instance)
         ├── Busy                      BUSY
         ├── OutputError               OUTPUT_ERROR
         ├── JobTimeout                TIMEOUT
@@ -99,6 +100,10 @@ class ComfyUIUnavailable(APIError):
     error_code = "COMFYUI_UNAVAILABLE"
 
 
+class Unavailable(APIError):
+    error_code = "UNAVAILABLE"
+
+
 class Busy(APIError):
     error_code = "BUSY"
 
@@ -131,6 +136,7 @@ BY_CODE: dict[str, type[APIError]] = {
         WorkerLost,
         ExecutionInterrupted,
         ComfyUIUnavailable,
+        Unavailable,
         Busy,
         OutputError,
         JobTimeout,

@@ -24,6 +24,7 @@ Queue (`serverless.fleet`):
     file:<digest>             an output's bytes for its download link, on a fleet (gateways have
                               no ComfyUI to read it from); kept as long as the link is valid
     fleet:object_info         the `/object_info` a worker's ComfyUI answered, for gateways
+    watch:<instance>          wakes an instance's one blocking read when a stream is followed anew
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def queue_cancel(task_id: str, entry: str) -> str:
 
 def file(digest: str) -> str:
     return f"file:{digest}"
+
+
+def watch_wake(instance: str) -> str:
+    return f"watch:{instance}"
 
 
 OBJECT_INFO = "fleet:object_info"

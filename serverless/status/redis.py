@@ -32,6 +32,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ..core import jsontext
 from ..core.request import validate_task_id
@@ -42,6 +44,7 @@ from . import redis_sidecars as sidecars
 from .body import json_array, owner_named
 from .store import Entry
 from .summary import summarise
+from .watch import StreamWatch
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ BASE64_NOTE = (
 )
 BIG_TERMINAL = 256 * 1024  # terminal payloads from this size on are split in a worker thread
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
+MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
+POOL_WAIT = 10.0  # seconds a call waits for a free connection before it fails
 BACKOFF_MAX = 5.0
 DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 # A new attempt and its owner's mark in one step: a reader must never see the attempt without the
@@ -63,16 +68,20 @@ return number
 """
 
 
-def connect(url: str) -> aioredis.Redis:
-    """The app's one Redis client (a connection pool). redis-py's own retries are off: callers
-    are told at once, and the loops that must outlive an outage retry with their own backoff."""
-    return aioredis.Redis.from_url(
+def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """The app's one Redis client: a bounded pool whose callers wait (up to POOL_WAIT seconds) for
+    a free connection rather than fail; followers hold none while they wait (`StreamWatch`).
+    redis-py's own retries are off: callers are told at once, and the loops that must outlive an
+    outage retry with their own backoff."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=POOL_WAIT,
         socket_connect_timeout=2.0,
         socket_timeout=BLOCK_SECONDS + 10.0,
-        retry=None,
         health_check_interval=30,
     )
+    return aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 
 def unavailable(exc: BaseException) -> Unavailable:
@@ -132,6 +141,8 @@ class RedisStatus:
         self._last_error: str | None = None
         self._up: bool | None = None
         self._begin = client.register_script(BEGIN)
+        self.watch = StreamWatch(client, BLOCK_SECONDS)
+        self._last_down: BaseException | None = None
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -345,50 +356,72 @@ class RedisStatus:
         cursor, offset = after, 0
         silent_since = loop.time()
         down_since: float | None = None
-        blocking = int(min(idle or BLOCK_SECONDS, BLOCK_SECONDS) * 1000)
-        block = None if after else blocking  # a resumed follow learns at once that its log has ended
-        while True:
-            key = keys.attempt(task_id, number)
-            try:
-                answer: Any = await self.client.xread({key: f"0-{cursor}"}, count=512, block=block)
-                down_since = None
-            except DOWN as exc:
-                now = loop.time()
-                down_since = down_since or now
-                if now - down_since > self.stale_after:
-                    yield Entry(offset + cursor + 1, jsontext.dumps(unavailable(exc).to_payload()), True)
+        waiting = min(idle or BLOCK_SECONDS, BLOCK_SECONDS)
+        wait = not after  # a resumed follow learns at once that its log has ended
+        async with contextlib.AsyncExitStack() as registered:
+            watched: tuple[str, asyncio.Event] | None = None
+            while True:
+                key = keys.attempt(task_id, number)
+                if watched is None or watched[0] != key:  # its first attempt, or a retry's
+                    await registered.aclose()
+                    watched = (key, await registered.enter_async_context(self.watch.news(key, f"0-{cursor}")))
+                news = watched[1]
+                answer, down_since = await self._read_or_wait(key, cursor, news, waiting if wait else 0.0, down_since)
+                wait = True
+                if down_since is not None and loop.time() - down_since > self.stale_after:
+                    down = unavailable(self._last_down or ConnectionError("no answer"))
+                    yield Entry(offset + cursor + 1, jsontext.dumps(down.to_payload()), True)
                     return
-                await asyncio.sleep(BLOCK_SECONDS / 2)
-                answer = None
-            block = blocking
-            for _, entries in answer or []:
-                for entry_id, fields in entries:
-                    cursor = _seq(entry_id)
-                    terminal = fields.get(b"t") == b"1"
-                    data = fields[b"d"]
-                    if terminal and fields.get(b"r") == b"1":
-                        data = await self._whole(task_id, number, data)
-                    yield Entry(offset + cursor, data, terminal)
-                    if terminal:
-                        return
-                silent_since = loop.time()
-            if answer:
-                continue
-            if idle is not None and loop.time() - silent_since >= idle:
-                silent_since = loop.time()
-                yield None
-            if down_since is not None:
-                continue
-            tip = await self._attempt_state(task_id, number)
-            seen_end = tip.last is not None and tip.last[1] and cursor >= tip.last[0]
-            if tip.newest > number:  # retried elsewhere: go on with the new attempt
-                number, offset, cursor = tip.newest, offset + cursor, 0
-            elif seen_end:
-                return  # resumed after its terminal payload
-            elif tip.newest == number and tip.alive is False:
-                if cursor <= (tip.last[0] if tip.last else 0):  # not resumed after the lost error
-                    yield Entry(offset + cursor + 1, self.lost_payload(), True)
-                return
+                for _, entries in answer or []:
+                    for entry_id, fields in entries:
+                        cursor = _seq(entry_id)
+                        terminal = fields.get(b"t") == b"1"
+                        data = fields[b"d"]
+                        if terminal and fields.get(b"r") == b"1":
+                            data = await self._whole(task_id, number, data)
+                        yield Entry(offset + cursor, data, terminal)
+                        if terminal:
+                            return
+                    silent_since = loop.time()
+                if answer:
+                    continue
+                if idle is not None and loop.time() - silent_since >= idle:
+                    silent_since = loop.time()
+                    yield None
+                if down_since is not None:
+                    continue
+                tip = await self._attempt_state(task_id, number)
+                seen_end = tip.last is not None and tip.last[1] and cursor >= tip.last[0]
+                if tip.newest > number:  # retried elsewhere: go on with the new attempt
+                    number, offset, cursor = tip.newest, offset + cursor, 0
+                elif seen_end:
+                    return  # resumed after its terminal payload
+                elif tip.newest == number and tip.alive is False:
+                    if cursor <= (tip.last[0] if tip.last else 0):  # not resumed after the lost error
+                        yield Entry(offset + cursor + 1, self.lost_payload(), True)
+                    return
+
+    async def _read_or_wait(
+        self, key: str, cursor: int, news: asyncio.Event, wait: float, down_since: float | None
+    ) -> tuple[Any, float | None]:
+        """The stream's entries after `cursor` at once, else those that come within `wait`
+        seconds (the watch says when: no connection is held meanwhile); and since when Redis
+        has not answered (None: it answered)."""
+        news.clear()  # before the read: an entry stored after it sets it again
+        try:
+            answer: Any = await self.client.xread({key: f"0-{cursor}"}, count=512)
+            if not answer and wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await news.wait()
+                if news.is_set():
+                    answer = await self.client.xread({key: f"0-{cursor}"}, count=512)
+            return answer, None
+        except DOWN as exc:
+            self._last_down = exc
+            since = down_since or asyncio.get_running_loop().time()
+            await asyncio.sleep(BLOCK_SECONDS / 2)
+            return None, since
 
     async def _whole(self, task_id: str, number: int, stored: bytes) -> bytes:
         """A terminal payload whole (base64 outputs included) while its result key lives, else
@@ -558,6 +591,7 @@ class RedisStatus:
         """Nothing to do: every key carries its EXPIRE."""
 
     async def aclose(self) -> None:
+        await self.watch.aclose()
         await self.client.aclose()
 
     @contextlib.contextmanager

@@ -1,0 +1,109 @@
+"""One blocking read per instance for every follower of a Redis stream (`StreamWatch`).
+
+A gateway may have thousands of callers waiting on their jobs' status streams. Each holding a
+connection in `XREAD BLOCK` would take a pooled connection apiece (redis-py refuses the 101st, or
+opens one per caller). Instead, each follower registers the stream it waits on and reads it
+without blocking; one task per instance blocks on all registered streams at once (one `XREAD`
+naming them all) and wakes the followers of a stream that got entries. A new registration wakes
+that read through the instance's own wake stream, so the read names the new stream at once.
+
+    follower:  register(key) -> XREAD key (no block) -> nothing: wait for news (bounded) -> again
+    watch:     XREAD BLOCK watch:<id> key1 key2 ... -> wake the followers of each key that moved
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from . import keys
+
+log = logging.getLogger(__name__)
+
+DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+WAKE_TTL = 60  # seconds the wake stream outlives the instance that writes it
+
+
+class StreamWatch:
+    """Wakes the followers of Redis streams (see the module docstring)."""
+
+    def __init__(self, client: aioredis.Redis, block_seconds: float) -> None:
+        self._client = client
+        self._block_ms = int(block_seconds * 1000)
+        self._wake_key = keys.watch_wake(uuid.uuid4().hex)
+        self._wake_seen = "0-0"
+        self._since: dict[str, str] = {}  # stream -> the last entry id the watch has read of it
+        self._followers: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def news(self, key: str, since: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever stream `key` gets entries after `since` (the follower clears it
+        before each read of its own), for as long as the block lasts."""
+        event = asyncio.Event()
+        followers = self._followers.setdefault(key, set())
+        fresh = not followers
+        followers.add(event)
+        if fresh:
+            self._since[key] = since
+        self._start()
+        try:
+            if fresh:
+                await self._wake()  # the watch's read names the new stream from now on
+            yield event
+        finally:
+            followers.discard(event)
+            if not followers:
+                del self._followers[key]
+                self._since.pop(key, None)
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="redis stream watch")
+
+    async def _wake(self) -> None:
+        with contextlib.suppress(*DOWN):  # Redis down: followers find out by their own reads
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, WAKE_TTL)
+                await pipe.execute()
+
+    async def _run(self) -> None:
+        """Until no stream is followed: one XREAD BLOCK over every followed stream."""
+        while self._followers:
+            streams: dict[Any, Any] = {self._wake_key: self._wake_seen, **self._since}
+            try:
+                answer: Any = await self._client.xread(streams, count=16, block=self._block_ms)
+            except DOWN as exc:
+                log.debug("stream watch: Redis is down (%s)", exc)
+                self._wake_all()  # each follower's own read meets the outage and reports it
+                await asyncio.sleep(self._block_ms / 2000)
+                continue
+            for name, entries in answer or []:
+                key = name.decode() if isinstance(name, bytes) else name
+                last = entries[-1][0]
+                last = last.decode() if isinstance(last, bytes) else last
+                if key == self._wake_key:
+                    self._wake_seen = last
+                    continue
+                if key in self._since:
+                    self._since[key] = last
+                for event in self._followers.get(key, ()):
+                    event.set()
+
+    def _wake_all(self) -> None:
+        for followers in self._followers.values():
+            for event in followers:
+                event.set()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
