@@ -60,11 +60,18 @@ function useJson(text, label) {
     $("source").textContent = "That is a UI-format workflow: export it with \"Save (API Format)\".";
     return;
   }
-  const prompt = workflow.prompt || workflow;
+  const prompt = nodesOf(workflow);
   state.workflowId = null; state.workflow = workflow; state.params = literalParams(prompt);
   $("workflow").value = "";
   $("source").textContent = `${label}: ${Object.keys(prompt).length} nodes`;
   buildForm(state.params);
+}
+
+// The nodes of a workflow or of its {"prompt": ..., "extra_data": ...} wrapper: a wrapper's prompt
+// holds nodes, while a node whose id is "prompt" has a class_type.
+function nodesOf(workflow) {
+  const prompt = workflow.prompt;
+  return prompt && typeof prompt === "object" && !("class_type" in prompt) ? prompt : workflow;
 }
 
 // A dropped workflow has no server-side schema: its literal inputs, typed by their values.
@@ -170,7 +177,7 @@ function runRequest() {
     return [`/api/workflows/${encodeURIComponent(state.workflowId)}/run?${query}`, values];
   }
   const body = JSON.parse(JSON.stringify(state.workflow));
-  const prompt = body.prompt || body;
+  const prompt = nodesOf(body);
   for (const [key, value] of Object.entries(values)) {
     const dot = key.lastIndexOf(".");
     prompt[key.slice(0, dot)].inputs[key.slice(dot + 1)] = value;
