@@ -89,6 +89,7 @@ class Resources:
                     settings.webhook_secret,
                     settings.webhook_timeout,
                     partial(_record_webhook, status),
+                    metrics.webhook_delivered,
                 )
                 try:
                     async with _running(supervisor):

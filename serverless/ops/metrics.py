@@ -186,7 +186,7 @@ class Metrics:
         self.status_append.observe(seconds)
 
     def webhook_delivered(self, ok: bool) -> None:
-        """For the webhook sender, once there is one: one delivery's outcome."""
+        """One webhook delivery's outcome (`Webhooks` reports each, after its last attempt)."""
         self.webhook_deliveries.labels("ok" if ok else "failed").inc()
 
     # -- readers -------------------------------------------------------------------------------
