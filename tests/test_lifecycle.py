@@ -284,6 +284,8 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0_and_stops_comfyui(inst
     assert code == 0, server.log_text()[-3000:]
     assert server.comfyui_pids() == []
     assert "stopping ComfyUI" in server.log_text()
+    warnings = [line for line in server.log_text().splitlines() if "WARNING" in line or "ERROR" in line]
+    assert warnings == [], warnings  # a normal shutdown (its ComfyUI stopped first, then the socket) warns of nothing
 
 
 def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(instance):
