@@ -151,7 +151,7 @@ def checked_url(url: str | None) -> str:
     base, _ = settings(url, None)
     scheme, _, rest = base.partition("://")
     if scheme not in ("http", "https") or not rest.strip("/"):
-        raise UsageError(f"--url {base!r}: expected http://HOST:PORT (e.g. http://127.0.0.1:9000)")
+        raise UsageError(f"--url (or COMFY_SERVERLESS_URL) {base!r}: expected http://HOST:PORT, e.g. 127.0.0.1:9000")
     return base
 
 
