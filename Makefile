@@ -21,8 +21,11 @@ $(VENV)/.dev-installed: $(BIN)/python requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# `PORT=9001 make serve` serves on another port (FC_CUSTOM_LISTEN_PORT), `EMULATOR_PORT=8189` moves
+# the emulator off a ComfyUI already on 8188; a generated FILE_LINK_SECRET (kept in emulator-data/)
+# makes download links work (GenStudio's API, ?output_url=true).
 serve: $(VENV)/.serve-installed  ## the API on :9000 against the ComfyUI emulator (./bootstrap --help)
-	PATH="$(CURDIR)/$(BIN):$$PATH" exec ./bootstrap --emulator
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(PORT),FC_CUSTOM_LISTEN_PORT=$(PORT)) exec ./bootstrap --emulator
 
 test: $(VENV)/.dev-installed  ## the whole test suite
 	$(BIN)/python -m pytest

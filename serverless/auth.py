@@ -3,8 +3,9 @@
 Keys are kept only as SHA-256 digests and compared in constant time (every stored digest is
 compared, whichever matches). A task remembers its caller's `owner`: a digest of the key, never
 the key; a caller with another key cannot read, follow or cancel it. Health, readiness and the
-lifecycle hooks stay open; everything else under `/api/` (and `/metrics`) needs
-`Authorization: Bearer <key>`. Without keys the API is open, as before.
+lifecycle hooks stay open, and so does the API's OpenAPI document (it is not a secret: /docs must
+load before a key is entered); everything else under `/api/` (and `/metrics`, unless METRICS_TOKEN
+guards it) needs `Authorization: Bearer <key>`. Without keys the API is open, as before.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import Unauthorized
 
-OPEN_PATHS = frozenset({"/api/serverless/health", "/api/serverless/ready"})
+OPEN_PATHS = frozenset({"/api/serverless/health", "/api/serverless/ready", "/api/openapi.json"})
 GUARDED_PREFIXES = ("/api/", "/metrics")
 # Authorised by their own signed tokens, not by a key: GenStudio's progress websocket (its
 # prompt_token) and download links (whose clients, browsers and GenStudio's, send no key).
@@ -63,11 +64,13 @@ def may_see(owner: str | None, task_owner: str | None) -> bool:
 
 class RequireApiKey:
     """ASGI middleware: refuses guarded paths without a valid key (401, in the error shape of the
-    API called) and puts the caller's owner id in `scope["state"]["owner"]`."""
+    API called) and puts the caller's owner id in `scope["state"]["owner"]`. With `metrics_token`
+    (METRICS_TOKEN is set), /metrics is left to that token: a scraper holds it, not an API key."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, metrics_token: bool = False) -> None:
         self.app = app
         self.keys = keys
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if metrics_token else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -84,7 +87,7 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
     def _guarded(self, path: str) -> bool:
-        if not self.keys.enabled or path in OPEN_PATHS or path.startswith(TOKEN_PATHS):
+        if not self.keys.enabled or path in self.open_paths or path.startswith(TOKEN_PATHS):
             return False
         return path.startswith(GUARDED_PREFIXES)
 

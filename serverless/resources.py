@@ -92,6 +92,7 @@ class Resources:
                     settings.webhook_secret,
                     settings.webhook_timeout,
                     status.record_webhook,
+                    metrics.webhook_delivered,
                 )
                 try:
                     async with _running(supervisor):

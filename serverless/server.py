@@ -10,14 +10,18 @@ jobs at once (each still ends with its terminal payload, in its status log and o
 then shuts down the same way and exits 128 + the signal number (130 for Ctrl-C). A third leaves
 it to uvicorn, which closes whatever is still open.
 
-A bad setting prints one line, `settings error: NAME='value': reason`, and exits 2.
+A bad setting prints one line, `settings error: NAME='value': reason`, and exits 2. A port that is
+taken (ours, FC_CUSTOM_LISTEN_PORT, or the one of the ComfyUI we are to start, COMFYUI_URL's)
+prints one line naming its setting and exits 3, as a server that could not start does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from types import FrameType
@@ -27,6 +31,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from .app import create_app
+from .comfyui.supervisor import PortTaken, comfyui_command
 from .jobs.runner import JobRunner
 from .ops import logs
 from .settings import Settings, SettingsError
@@ -34,6 +39,8 @@ from .state import started
 
 SHUTDOWN_MARGIN = 30.0  # uvicorn's own limit on open connections is only a backstop to the drain
 SETTINGS_EXIT_CODE = 2
+NOT_STARTED_EXIT_CODE = 3
+PORT_CHECK_TIMEOUT = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +123,44 @@ def load_settings() -> Settings:
         raise SystemExit(SETTINGS_EXIT_CODE) from None
 
 
+def taken_port(settings: Settings) -> str | None:
+    """Why this server cannot start here, in one line, when a port it needs is taken; else None.
+    Checked before uvicorn starts, whose own failure is a traceback (ComfyUI's port) or an errno
+    naming no setting (ours)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((settings.host, settings.port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            return None  # uvicorn reports the rest (an address not on this machine...) itself
+        return (
+            f"port {settings.port} on {settings.host} (FC_CUSTOM_LISTEN_PORT) is already taken by another "
+            f"process (this API started earlier?): stop it, or choose another port, e.g. "
+            f"FC_CUSTOM_LISTEN_PORT={settings.port + 1}"
+        )
+    command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
+    if command and settings.role != "gateway" and _answers(settings.comfyui_host, settings.comfyui_port):
+        return str(PortTaken(settings.comfyui_host, settings.comfyui_port))
+    return None
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=PORT_CHECK_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+def where_written(settings: Settings) -> str:
+    """Where this server writes on disk, for the log at start (bootstrap may have chosen it)."""
+    workflows = f"hosted workflows to {settings.workflows_dir.absolute()} (WORKFLOWS_DIR)"
+    if settings.queue_backend == "redis":
+        return workflows
+    return f"status logs to {settings.status_dir.absolute()} (STATUS_DIR), {workflows}"
+
+
 def ws_max_size(settings: Settings) -> int:
     """The largest websocket message uvicorn should take: a run body, and a little framing."""
     return settings.max_body_bytes + 64 * 1024
@@ -123,7 +168,12 @@ def ws_max_size(settings: Settings) -> int:
 
 def main() -> None:
     settings = load_settings()
+    problem = taken_port(settings)
+    if problem is not None:
+        print(f"cannot start: {problem}", file=sys.stderr)
+        raise SystemExit(NOT_STARTED_EXIT_CODE)
     configure_logging(settings)
+    log.info("writing %s", where_written(settings))
     app = create_app(settings)
     # After a graceful shutdown uvicorn raises the signal that stopped it again, under the handlers
     # in place before it started. By then jobs are drained and ComfyUI stopped: exit as decided.

@@ -138,7 +138,7 @@ def test_async_then_task_and_cancel(start_app: Callable[..., App], own_emulator:
     started = cli(app.url, "run", str(workflow_file), "--set", "3.steps=100", "--async", "--task-id", "cli-cancel-1")
     assert started.returncode == 0, started.stderr
     wait_until(lambda: running_prompt(own_emulator.url))
-    task = cli(app.url, "task", "cli-cancel-1")
+    task = cli(app.url, "task", "cli-cancel-1", "--json")
     assert task.returncode == 0, task.stderr
     assert json.loads(task.stdout)["state"] in ("queued", "running")
     cancel = cli(app.url, "cancel", "cli-cancel-1")
@@ -147,3 +147,94 @@ def test_async_then_task_and_cancel(start_app: Callable[..., App], own_emulator:
     assert follow.returncode == 5  # the job ended cancelled
     assert json.loads(follow.stdout.splitlines()[-1])["error_code"] == "EXECUTION_INTERRUPTED"
     assert cli(app.url, "cancel", "cli-cancel-1").returncode == 3  # already finished: 409
+
+
+@pytest.mark.parametrize(("fmt", "suffix", "pillow_format"), [("jpeg", ".jpg", "JPEG"), ("webp", ".webp", "WEBP")])
+def test_converted_outputs_are_saved_under_their_formats_extension(
+    app: App, workflow_file: Path, tmp_path: Path, fmt: str, suffix: str, pillow_format: str
+) -> None:
+    out = tmp_path / "out"
+    done = cli(app.url, "run", str(workflow_file), "--format", fmt, "--quality", "80", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    saved = sorted(out.iterdir())
+    assert [p.suffix for p in saved] == [suffix]
+    assert Image.open(saved[0]).format == pillow_format
+    assert f"wrote {saved[0]}" in done.stdout
+
+
+def finished_task(url: str, task_id: str, workflow_file: Path) -> None:
+    started = cli(url, "run", str(workflow_file), "--async", "--task-id", task_id)
+    assert started.returncode == 0, started.stderr
+    wait_until(lambda: json.loads(cli(url, "task", task_id, "--json").stdout)["state"] == "succeeded")
+
+
+def test_task_summarises_a_finished_task_and_saves_its_outputs_with_out(
+    app: App, workflow_file: Path, tmp_path: Path
+) -> None:
+    finished_task(app.url, "cli-task-summary", workflow_file)
+    shown = cli(app.url, "task", "cli-task-summary")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "task cli-task-summary  succeeded  100%"
+    assert any(line.startswith("output ComfyUI_") and "image/png" in line for line in lines), shown.stdout
+    assert max(len(line) for line in lines) < 200  # a summary, not the base64 of the outputs
+    out = tmp_path / "saved"
+    saved = cli(app.url, "task", "cli-task-summary", "--out", str(out))
+    assert saved.returncode == 0, saved.stderr
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (24, 24)
+    assert f"wrote {pngs[0]}" in saved.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["task", "cli-pipe"], ["task", "cli-pipe", "--json"], ["events", "cli-pipe"], ["workflows", "show", "t"]],
+)
+def test_a_reader_that_leaves_early_gets_no_traceback(hosted: App, workflow_file: Path, command: list[str]) -> None:
+    """As `comfy-serverless ... | head` whose head has exited: the pipe's reading end is closed
+    before the CLI writes its first line (short answers too, which stay in stdout's buffer)."""
+    assert cli(hosted.url, "workflows", "put", "t", str(workflow_file)).returncode == 0
+    finished_task(hosted.url, "cli-pipe", workflow_file)
+    env = {**os.environ, "COMFY_SERVERLESS_URL": hosted.url}
+    proc = subprocess.Popen([*CLI, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(60) == 141, stderr
+    assert stderr == ""
+
+
+def test_run_without_a_workflow_says_what_to_give(app: App, workflow_file: Path) -> None:
+    neither = cli(app.url, "run")
+    assert neither.returncode == 2
+    assert "give a WORKFLOW.json file or --workflow-id ID" in neither.stderr and "not both" not in neither.stderr
+    both = cli(app.url, "run", str(workflow_file), "--workflow-id", "x")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_a_url_without_a_scheme_is_taken_as_http_and_a_bad_one_is_usage(hosted: App) -> None:
+    listed = cli(hosted.url, "--url", hosted.url.removeprefix("http://"), "workflows", "list")
+    assert listed.returncode == 0, listed.stderr
+    bad = cli(hosted.url, "--url", "ftp://127.0.0.1:9", "workflows", "list")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--url" in bad.stderr
+
+
+@pytest.mark.parametrize("command", [["workflows", "list"], ["task", "some-task"], ["run", "WORKFLOW"]])
+def test_a_server_that_is_not_this_api_is_named_so(emulator: Emulator, workflow_file: Path, command: list[str]) -> None:
+    """The URL of ComfyUI itself (here the emulator) instead of this API's."""
+    args = [str(workflow_file) if arg == "WORKFLOW" else arg for arg in command]
+    done = cli(emulator.url, *args)
+    assert done.returncode == 4, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "this is not a ComfyUI Serverless API" in done.stderr and "UNCLASSIFY" not in done.stderr
+
+
+def test_workflows_show_prints_chinese_titles_as_text(hosted: App, tmp_path: Path) -> None:
+    workflow = txt2img(size=24)
+    workflow["6"]["_meta"] = {"title": "正向提示词"}
+    path = tmp_path / "zh.json"
+    path.write_text(json.dumps(workflow, ensure_ascii=False), encoding="utf-8")
+    assert cli(hosted.url, "workflows", "put", "zh", str(path)).returncode == 0
+    shown = cli(hosted.url, "workflows", "show", "zh")
+    assert shown.returncode == 0, shown.stderr
+    assert "正向提示词" in shown.stdout and "\\u" not in shown.stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import requests
 from serverless.client import AsyncClient, Client, Event, errors
 from serverless.errors import ServerlessError
 from tests.helpers import running_prompt, txt2img, wait_until
-from tests.servers import App, Emulator
+from tests.servers import ROOT, App, Emulator
 
 
 @pytest.fixture
@@ -164,3 +166,44 @@ def test_async_client_task_cancel_and_events(start_app: Callable[..., App], own_
             assert json.loads(events[-1].text)["error_code"] == "EXECUTION_INTERRUPTED"
 
     asyncio.run(scenario())
+
+
+SERVER_ONLY = (
+    "starlette",
+    "uvicorn",
+    "aiohttp",
+    "sse_starlette",
+    "oss2",
+    "PIL",
+    "swagger_ui_bundle",
+    "prometheus_client",
+    "redis",
+    "orjson",
+    "yarl",
+)
+LIGHT = f"""
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {SERVER_ONLY!r}:
+            raise ImportError("not installed: " + name)
+sys.meta_path.insert(0, Refuse())
+from serverless.client import Client
+from serverless.cli import main
+with Client(sys.argv[1]) as client:
+    assert client.health()
+sys.exit(main(["--url", sys.argv[1], "workflows", "list"]))
+"""
+
+
+def test_the_client_and_cli_need_only_the_client_requirements(app: App) -> None:
+    """`pip install -r requirements-client.txt && pip install --no-deps .`: the server's dependencies absent."""
+    done = subprocess.run([sys.executable, "-c", LIGHT, app.url], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    client, runtime = (requirements(ROOT / name) for name in ("requirements-client.txt", "requirements.txt"))
+    assert [req.split(">")[0] for req in client] == ["httpx", "rich"] and set(client) <= set(runtime)
+
+
+def requirements(path: Path) -> list[str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]

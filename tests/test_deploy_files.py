@@ -145,7 +145,22 @@ def test_s_yaml_is_a_gpu_function_with_a_role_async_tasks_and_an_http_trigger(pr
     assert props["asyncInvokeConfig"]["asyncTask"] is True
     [trigger] = props["triggers"]
     assert trigger["triggerType"] == "http"
-    assert {"GET", "POST"} <= set(trigger["triggerConfig"]["methods"])
+
+
+def test_s_yaml_http_trigger_takes_every_method_of_the_apps_routes(props):
+    """Hosted workflows are registered with PUT and removed with DELETE: a trigger without them
+    answers FC's own error, never reaching the app."""
+    app = create_app(Settings())
+    used = {method for route in app.routes for method in getattr(route, "methods", None) or ()} - {"HEAD"}
+    [trigger] = props["triggers"]
+    assert used == {"GET", "POST", "PUT", "DELETE"} and used <= set(trigger["triggerConfig"]["methods"])
+
+
+def test_the_files_the_deployment_files_refer_to_exist():
+    for name in ("s.yaml", "Dockerfile", "bootstrap"):
+        ours = [line for line in (ROOT / name).read_text().splitlines() if "://" not in line]  # not another repo's
+        for mentioned in re.findall(r"\b((?:docs|deploy|examples|scripts)/[\w./-]+\.\w+)", "\n".join(ours)):
+            assert (ROOT / mentioned).exists(), f"{name} refers to {mentioned}, which does not exist"
 
 
 def test_dockerfile_starts_bootstrap_with_comfyui_supervised_from_app_comfyui():

@@ -206,6 +206,7 @@ def test_the_websocket_progress_client_gets_every_change_until_the_end(linked):
     assert 2 in statuses and len(set(percents)) > 2, messages
     last = messages[-1]
     assert last["status"] == 3 and last["progress_num"] == 100 and len(last["final_files"]) == 1
+    assert all(m["final_files"] and m["files"] for m in messages if m["status"] == 3), messages
     assert requests.get(last["final_files"][0], timeout=30).status_code == 200
     assert all(a != b for a, b in itertools.pairwise(messages))  # sent on changes only
 

@@ -73,6 +73,7 @@ class Instance(Process):
             "FC_CUSTOM_LISTEN_PORT": str(port),
             "STATUS_DIR": str(self.status_dir),
             "FC_INSTANCE_ID": "life-1",
+            "PYTHON": sys.executable,  # bootstrap's interpreter: the one under test
             **env,
         }
         super().__init__([str(ROOT / "bootstrap")], port, tmp / f"app-{port}.log", env=settings, ready_path=ready_path)
@@ -166,6 +167,7 @@ def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_sec
 def test_bootstrap_emulator_serves_the_api_against_the_emulator(tmp_path):
     comfyui_port = free_port()
     env = {
+        "PYTHON": sys.executable,
         "EMULATOR_PORT": str(comfyui_port),
         "EMULATOR_ROOT": str(tmp_path / "emulator"),
         "FC_CUSTOM_LISTEN_PORT": str(free_port()),
@@ -282,6 +284,8 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0_and_stops_comfyui(inst
     assert code == 0, server.log_text()[-3000:]
     assert server.comfyui_pids() == []
     assert "stopping ComfyUI" in server.log_text()
+    warnings = [line for line in server.log_text().splitlines() if "WARNING" in line or "ERROR" in line]
+    assert warnings == [], warnings  # a normal shutdown (its ComfyUI stopped first, then the socket) warns of nothing
 
 
 def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(instance):
@@ -362,6 +366,7 @@ def bootstrap_until_exit(tmp: Path, comfyui_port: int) -> subprocess.CompletedPr
         "COMFYUI_CMD": shlex.join(comfyui),
         "FC_CUSTOM_LISTEN_PORT": str(free_port()),
         "STATUS_DIR": str(tmp / "status"),
+        "PYTHON": sys.executable,
     }
     return subprocess.run([str(ROOT / "bootstrap")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
 
@@ -374,6 +379,7 @@ def test_the_app_refuses_to_start_when_a_plain_listener_holds_comfyuis_port(tmp_
     assert done.returncode == 3, done.stderr[-3000:]
     assert f"port {port} on 127.0.0.1 (COMFYUI_URL) is already taken by another process" in done.stderr
     assert "starting ComfyUI" not in done.stderr and "ComfyUI is ready" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert emulator_pids(tmp_path / "ours") == []
 
 

@@ -197,6 +197,22 @@ def test_metrics_need_the_metrics_token_when_one_is_set(start_app, emulator):
     assert token not in server.log_text()
 
 
+def test_metrics_take_an_api_key_without_a_metrics_token_and_only_the_token_with_one(start_app, emulator):
+    """As the README's Operations section says: a scraper holds one of the two, never both."""
+    key, token = "sk-metrics-" + uuid.uuid4().hex, "metrics-token-" + uuid.uuid4().hex
+    keyed = start_app(emulator.url, API_KEYS=key)
+    assert requests.get(keyed.url + "/metrics", timeout=5).status_code == 401
+    assert ("serverless_jobs_in_flight", ()) in scrape(keyed.url, key)
+    both = start_app(emulator.url, API_KEYS=key, METRICS_TOKEN=token)
+    assert ("serverless_jobs_in_flight", ()) in scrape(both.url, token)
+    refused = requests.get(both.url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+    assert refused.status_code == 401
+    assert (
+        requests.get(both.url + "/api/workflows", headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code
+        == 401
+    )
+
+
 def test_a_supervised_comfyui_that_dies_counts_a_restart_and_is_down_until_it_is_back(tmp_path):
     server = Instance(tmp_path / "supervised")
     try:

@@ -68,3 +68,91 @@ def test_playground_runs_a_hosted_workflow_and_cancels_a_slow_one(
         assert "cancelled" in page.inner_text("#state")
         wait_until(lambda: running_prompt(own_emulator.url) is None, timeout=8)  # 20 s had it run on
     assert all(urlparse(url).hostname == "127.0.0.1" for url in requested if not url.startswith("data:"))
+
+
+def hosting_txt2img(start_app: Callable[..., App], emulator: Emulator, tmp_path: Path, **env: str) -> App:
+    app = start_app(emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"), **env)
+    key = env.get("API_KEYS")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    workflow = json.loads((ROOT / "examples" / "txt2img.json").read_text())
+    put = requests.put(app.url + "/api/workflows/txt2img", data=json.dumps(workflow), headers=headers, timeout=30)
+    assert put.status_code == 201, put.text
+    return app
+
+
+OVERFLOW = """() => {
+  const width = document.documentElement.clientWidth;
+  const cards = [...document.querySelectorAll("main > section")].map((s) => s.getBoundingClientRect());
+  const wide = [...document.querySelectorAll("body *")].filter((e) => e.getBoundingClientRect().right > width + 0.5);
+  return { scroll: document.documentElement.scrollWidth, width, cards: cards.map((r) => [r.left, r.right, r.width]),
+           wide: wide.map((e) => e.id || e.tagName) };
+}"""
+
+
+def test_the_playground_fits_a_phone_and_shows_every_card(
+    start_app: Callable[..., App], emulator: Emulator, tmp_path: Path
+) -> None:
+    app = hosting_txt2img(start_app, emulator, tmp_path)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+        page.goto(app.url + "/")
+        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.select_option("#workflow", "txt2img")
+        page.wait_for_selector("textarea[name='6.text']")
+        page.click("#run")
+        page.wait_for_function("document.getElementById('state').className === 'succeeded'")
+        layout = page.evaluate(OVERFLOW)
+        assert layout["scroll"] <= layout["width"] == 390, layout
+        assert layout["wide"] == [], layout
+        assert len(layout["cards"]) == 4 and all(0 <= left and right <= 390 for left, right, _ in layout["cards"])
+        for card in ("#pick", "#params", "#runbox", "#results"):
+            page.locator(card).scroll_into_view_if_needed()
+            assert page.locator(card).is_visible(), card
+        page.screenshot(path=str(tmp_path / "playground-390.png"), full_page=True)
+        artifacts = ROOT / ".ci" / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "playground-390.png", artifacts / "playground-390.png")
+
+
+def test_on_a_desktop_run_stays_in_view_beside_the_parameters(
+    start_app: Callable[..., App], emulator: Emulator, tmp_path: Path
+) -> None:
+    app = hosting_txt2img(start_app, emulator, tmp_path)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 600})
+        page.goto(app.url + "/")
+        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.select_option("#workflow", "txt2img")
+        page.wait_for_selector("textarea[name='6.text']")
+        run, pick, params = (page.locator(s).bounding_box() for s in ("#run", "#pick", "#params"))
+        assert run and pick and params
+        assert params["y"] + params["height"] > 600  # its 13 parameters reach below the fold
+        assert run["y"] + run["height"] <= 600, run  # Run does not
+        assert pick["height"] < params["height"] / 2  # the Workflow card is not stretched to the Parameters'
+        assert run["x"] < params["x"]  # under the workflow, beside the parameters
+
+
+def test_a_wrong_api_key_can_be_entered_again_without_reloading(
+    start_app: Callable[..., App], emulator: Emulator, tmp_path: Path
+) -> None:
+    key = "sk-playground-0123456789"
+    app = hosting_txt2img(start_app, emulator, tmp_path, API_KEYS=key)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(app.url + "/")
+        page.wait_for_selector("#keydialog[open]")
+        page.fill("#key", "sk-wrong")
+        page.click("#keydialog button[value=ok]")
+        page.wait_for_function("document.getElementById('keyerror').textContent.includes('refused')")
+        assert page.locator("#keydialog").get_attribute("open") is not None  # asked again, saying why
+        page.fill("#key", key)
+        page.click("#keydialog button[value=ok]")
+        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        assert page.locator("#keybutton").is_visible()  # the key can be changed later
+        page.click("#keybutton")
+        page.wait_for_selector("#keydialog[open]")
+        page.click("#keydialog button[value=cancel]")
+        assert page.evaluate("sessionStorage.getItem('comfy-serverless-api-key')") == key
+        page.select_option("#workflow", "txt2img")
+        page.click("#run")
+        page.wait_for_function("document.getElementById('state').className === 'succeeded'")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from serverless.core.request import parse_run_request, query_flag, validate_task_id
+from serverless.client.calls import apply_overrides
+from serverless.core.request import parse_run_request, query_flag, split_workflow, validate_task_id
 from serverless.errors import InvalidParams
 
 WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}
@@ -90,3 +91,16 @@ def test_task_ids_that_could_escape_are_refused(task_id):
 @pytest.mark.parametrize("task_id", ["abc", "A-1_2.3", "x" * 128, "..a", "1f0e-uuid"])
 def test_ordinary_task_ids_are_accepted(task_id):
     assert validate_task_id(task_id) == task_id
+
+
+PROMPT_NODE = {
+    "prompt": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "save": {"class_type": "SaveImage", "inputs": {"images": ["prompt", 0], "filename_prefix": "p"}},
+}
+
+
+def test_a_node_whose_id_is_prompt_is_a_node_not_the_wrapper():
+    assert split_workflow(PROMPT_NODE) == (PROMPT_NODE, None)
+    assert split_workflow({"prompt": PROMPT_NODE, "extra_data": {"a": 1}}) == (PROMPT_NODE, {"a": 1})
+    assert apply_overrides(PROMPT_NODE, {"prompt.color": 9})["prompt"]["inputs"]["color"] == 9
+    assert apply_overrides({"prompt": PROMPT_NODE}, {"prompt.color": 9})["prompt"]["prompt"]["inputs"]["color"] == 9

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.helpers import empty_image, post_run, wait_until
 
@@ -105,6 +106,8 @@ def test_each_job_posts_its_terminal_payload_once_signed(hook_app, receiver, tmp
     log = "\n".join(line for line in hook_app.log_text().splitlines() if " serverless." in line)
     assert '"url_host": "127.0.0.1", "status": 200, "attempts": 1' in log
     assert QUERY_SECRET not in log and SECRET not in log
+    metrics = requests.get(hook_app.url + "/metrics", timeout=5).text
+    assert 'serverless_webhook_deliveries_total{outcome="ok"} 1.0' in metrics
 
 
 def test_the_x_callback_url_header_works_as_the_query(hook_app, receiver, tmp_path):
@@ -157,6 +160,8 @@ def test_a_private_or_odd_callback_url_is_refused_before_anything_runs(app, url)
     response = post_run(app.url, empty_image(prefix="nohook"), params={"callback_url": url})
     assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMS", response.text
     assert "callback_url" in response.json()["error_message"]
+    private = url.startswith("http://")  # the refusals an allow-list lifts name it
+    assert ("WEBHOOK_ALLOWED_HOSTS" in response.json()["error_message"]) is private
 
 
 def test_a_held_async_invocation_on_fc_answers_after_its_webhook(start_app, emulator, receiver, tmp_path):

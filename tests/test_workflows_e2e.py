@@ -16,7 +16,7 @@ import websocket  # websocket-client
 from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import base_env
-from tests.helpers import empty_image, txt2img
+from tests.helpers import FIXTURES, empty_image, txt2img
 from tests.servers import App, Emulator
 
 API = "/api/workflows"
@@ -275,3 +275,35 @@ def test_object_info_is_cached_until_a_refresh_is_asked(hosted: App, emulator: E
     (emulator.root / "input" / "new-upload.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     assert options("") == before and "new-upload.png" not in before
     assert "new-upload.png" in options("?refresh=true")
+
+
+def test_each_workflow_is_listed_under_the_name_it_was_registered_with(hosted: App) -> None:
+    """Not its SaveImage node's title, which a Chinese ComfyUI gives every workflow alike."""
+    workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())
+    assert any(node.get("_meta", {}).get("title") == "保存图像" for node in workflow.values())
+    for workflow_id in ("portrait", "landscape"):
+        assert put(hosted.url, workflow_id, workflow).status_code in (200, 201)
+    listed = {w["workflow_id"]: w["title"] for w in requests.get(f"{hosted.url}{API}", timeout=10).json()["workflows"]}
+    assert listed["portrait"] == "portrait" and listed["landscape"] == "landscape"
+    described = requests.get(f"{hosted.url}{API}/portrait/openapi.json", timeout=10).json()
+    assert "保存图像" not in described["info"]["title"] and "portrait" in described["info"]["title"]
+
+
+PROMPT_NODE = {
+    "prompt": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "save": {"class_type": "SaveImage", "inputs": {"images": ["prompt", 0], "filename_prefix": "prompt-node"}},
+}
+
+
+def test_a_workflow_with_a_node_named_prompt_runs_and_is_hosted_whole(hosted: App, emulator: Emulator) -> None:
+    """A node id "prompt" is not the `{"prompt": ...}` wrapper (whose prompt has no class_type)."""
+    ran = requests.post(
+        hosted.url + "/api/serverless/run", data=json.dumps(PROMPT_NODE), params={"output_base64": "true"}, timeout=30
+    )
+    assert ran.status_code == 200, ran.text
+    assert [r["node_id"] for r in ran.json()["data"]["results"]] == ["save"]
+    assert put(hosted.url, "prompt-node", PROMPT_NODE).status_code in (200, 201)
+    assert requests.get(f"{hosted.url}{API}/prompt-node", timeout=10).json()["workflow"] == PROMPT_NODE
+    changed = run(hosted.url, "prompt-node", {"prompt": {"inputs": {"color": 255}}}, {"output_base64": "true"})
+    assert changed.status_code == 200, changed.text
+    assert sent_prompt(emulator.url, changed.json()["data"])["prompt"]["inputs"]["color"] == 255

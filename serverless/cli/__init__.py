@@ -3,15 +3,18 @@
     comfy-serverless run WORKFLOW.json [--set 6.text="a cat" --set 3.seed=-1] [--out DIR]
     comfy-serverless run --workflow-id ID [--set ...] [--async] [--oss] [--format webp --quality 80]
     comfy-serverless workflows list | show ID | put ID FILE | rm ID
-    comfy-serverless task TASK_ID | cancel TASK_ID | events TASK_ID [--follow] [--after N]
+    comfy-serverless task TASK_ID [--out DIR | --json] | cancel TASK_ID | events TASK_ID [--follow] [--after N]
 
-`--url` / COMFY_SERVERLESS_URL (default http://127.0.0.1:9000), `--api-key` / COMFY_SERVERLESS_API_KEY.
+`--url` / COMFY_SERVERLESS_URL (default http://127.0.0.1:9000; `127.0.0.1:9000` means http),
+`--api-key` / COMFY_SERVERLESS_API_KEY.
 
 Exit codes (EXIT_CODES): 0 done; 1 the job failed (EXECUTION_FAILED, OUTPUT_ERROR, UNCLASSIFY);
 2 bad usage (arguments, a bad --set, an unreadable file); 3 the server refused the request
 (INVALID_PARAMS, PROMPT_ERROR, INPUT_ERROR, NOT_FOUND, UNAUTHORIZED, a conflict); 4 the server or
-ComfyUI is unavailable, busy or timed out (no connection, COMFYUI_UNAVAILABLE, UNAVAILABLE, BUSY, TIMEOUT);
-5 the job was cancelled or interrupted (EXECUTION_INTERRUPTED); 130 interrupted by Ctrl-C.
+ComfyUI is unavailable, busy or timed out (no connection, COMFYUI_UNAVAILABLE, UNAVAILABLE, BUSY,
+TIMEOUT, a URL
+that is not this API); 5 the job was cancelled or interrupted (EXECUTION_INTERRUPTED); 130
+interrupted by Ctrl-C; 141 (128 + SIGPIPE) when the reader of stdout went away (`| head`), quietly.
 Errors are printed as one line on stderr.
 """
 
@@ -19,16 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..client import APIError, Client, ClientError, Result, TransportError
+from ..client import APIError, Client, ClientError, NotServerless, Output, Result, TransportError
 from ..client.calls import apply_overrides, split_key
 from ..client.errors import from_payload
+from ..client.results import parse_result
+from ..client.sync import settings
 
-EXIT_CODES = {"done": 0, "failed": 1, "usage": 2, "refused": 3, "unavailable": 4, "cancelled": 5}
+EXIT_CODES = {"done": 0, "failed": 1, "usage": 2, "refused": 3, "unavailable": 4, "cancelled": 5, "pipe": 141}
 REFUSED = ("INVALID_PARAMS", "PROMPT_ERROR", "INPUT_ERROR", "NOT_FOUND", "UNAUTHORIZED", "CONFLICT")
 UNAVAILABLE = ("COMFYUI_UNAVAILABLE", "UNAVAILABLE", "BUSY", "TIMEOUT")
 
@@ -38,7 +45,7 @@ class UsageError(Exception):
 
 
 def exit_code(error: ClientError) -> int:
-    if isinstance(error, TransportError):
+    if isinstance(error, TransportError | NotServerless):
         return EXIT_CODES["unavailable"]
     code = error.error_code if isinstance(error, APIError) else ""
     if code in REFUSED:
@@ -103,7 +110,11 @@ def parser() -> argparse.ArgumentParser:
     put.add_argument("workflow_id")
     put.add_argument("file")
     workflows.add_parser("rm", parents=[common]).add_argument("workflow_id")
-    commands.add_parser("task", parents=[common], help="a task's summary").add_argument("task_id")
+    task = commands.add_parser("task", parents=[common], help="a task's summary")
+    task.add_argument("task_id")
+    shown = task.add_mutually_exclusive_group()
+    shown.add_argument("--out", help="save a finished task's outputs in this folder")
+    shown.add_argument("--json", action="store_true", help="the server's whole answer (base64 outputs too)")
     commands.add_parser("cancel", parents=[common], help="cancel a task").add_argument("task_id")
     events = commands.add_parser("events", parents=[common], help="a task's events")
     events.add_argument("task_id")
@@ -115,8 +126,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)  # argparse itself exits 2 on bad usage
     try:
-        with Client(getattr(args, "url", None), getattr(args, "api_key", None)) as client:
-            return dispatch(client, args)
+        url = checked_url(getattr(args, "url", None))
+        with Client(url, getattr(args, "api_key", None)) as client:
+            code = dispatch(client, args)
+        sys.stdout.flush()  # here, where a closed pipe can still be told apart from a failure
+        return code
+    except BrokenPipeError:
+        # The reader left (`| head`): no traceback, and none again when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CODES["pipe"]
     except UsageError as exc:
         print(f"comfy-serverless: error: {exc}", file=sys.stderr)
         return EXIT_CODES["usage"]
@@ -128,23 +146,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def checked_url(url: str | None) -> str:
+    """The API's base URL (`--url`, else the environment's, else the default); UsageError when it
+    cannot be one (`ftp://…`, no host)."""
+    base, _ = settings(url, None)
+    scheme, _, rest = base.partition("://")
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        raise UsageError(f"--url (or COMFY_SERVERLESS_URL) {base!r}: expected http://HOST:PORT, e.g. 127.0.0.1:9000")
+    return base
+
+
 def dispatch(client: Client, args: argparse.Namespace) -> int:
     if args.command == "run":
         return run(client, args)
     if args.command == "workflows":
         return workflows(client, args)
-    if args.command in ("task", "cancel"):
-        answer = client.task(args.task_id) if args.command == "task" else client.cancel(args.task_id)
-        print(json.dumps(answer, indent=2))
+    if args.command == "task":
+        return task(client, args)
+    if args.command == "cancel":
+        print(dumps(client.cancel(args.task_id)))
         return EXIT_CODES["done"]
     return events(client, args)
+
+
+def dumps(value: Any) -> str:
+    """JSON for a person: indented, and text as it is (Chinese titles, not `\\u` escapes)."""
+    return json.dumps(value, indent=2, ensure_ascii=False)
 
 
 def run(client: Client, args: argparse.Namespace) -> int:
     from .progress import RunProgress  # rich only where a bar is drawn
 
-    if (args.workflow is None) == (args.workflow_id is None):
-        raise UsageError("give a WORKFLOW.json file or --workflow-id, not both")
+    if args.workflow is None and args.workflow_id is None:
+        raise UsageError("give a WORKFLOW.json file or --workflow-id ID")
+    if args.workflow is not None and args.workflow_id is not None:
+        raise UsageError("give a WORKFLOW.json file or --workflow-id ID, not both")
     overrides: dict[str, Any] | None = dict(parse_set(text) for text in args.set)
     workflow = read_json(args.workflow) if args.workflow else None
     if workflow is not None:  # a file: set its inputs here, so a --set naming no node is usage (2)
@@ -169,18 +205,56 @@ def run(client: Client, args: argparse.Namespace) -> int:
     return EXIT_CODES["done"]
 
 
-def report(result: Result, out: Path) -> None:
-    """The outputs written (or where OSS has them) and the seeds, on stdout."""
-    out.mkdir(parents=True, exist_ok=True)
+def report(result: Result, out: Path | None) -> None:
+    """The outputs written to `out` (None: listed, not written) or where OSS has them, and the
+    seeds, on stdout."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     for output in result.outputs:
-        if output.content is not None:
-            print(f"wrote {output.save(out / Path(output.filename).name)}")
-        elif output.oss:
+        if output.content is not None and out is not None:
+            print(f"wrote {output.save(out / output.name)}")
+        elif output.oss and output.oss.get("object"):
             print(f"oss://{output.oss.get('bucket')}/{output.oss.get('object')}  {output.oss.get('url') or ''}")
+        else:
+            print(f"output {describe(output)}")
     for node_id, inputs in result.seeds.items():
         for name, value in inputs.items():
             print(f"seed {node_id}.{name}={value}")
     print(f"task {result.task_id}  prompt {result.prompt_id}  {result.execution_time}s")
+
+
+def describe(output: Output) -> str:
+    size = f"{output.size} bytes" if output.size is not None else "size unknown"
+    return f"{output.name}  node {output.node_id}  {output.mime or output.type}  {size}"
+
+
+def when(at: Any) -> str:
+    """A summary's time (Unix seconds) in UTC, to the second."""
+    if not isinstance(at, int | float):
+        return str(at)
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def task(client: Client, args: argparse.Namespace) -> int:
+    """A task's state and times, its outputs listed (`--out`: saved) or its error; `--json`: the
+    server's answer as it is."""
+    answer = client.task(args.task_id)
+    if args.json:
+        print(dumps(answer))
+        return EXIT_CODES["done"]
+    print(f"task {args.task_id}  {answer.get('state')}  {float(answer.get('percent') or 0):.0f}%")
+    if answer.get("queue_position"):
+        print(f"queue position {answer['queue_position']} of {answer.get('queue_size')}")
+    times = [
+        f"{name} {when(answer[name + '_at'])}" for name in ("created", "started", "ended") if answer.get(name + "_at")
+    ]
+    if times:
+        print("  ".join(times))
+    if isinstance(answer.get("result"), dict):
+        report(parse_result(answer["result"]), Path(args.out) if args.out else None)
+    if isinstance(answer.get("error"), dict):
+        print(f"error {from_payload(answer['error'])}")
+    return EXIT_CODES["done"]
 
 
 def workflows(client: Client, args: argparse.Namespace) -> int:
@@ -189,7 +263,7 @@ def workflows(client: Client, args: argparse.Namespace) -> int:
             print(f"{item['workflow_id']}\t{item.get('title')}\t{item.get('parameters')} parameters")
     elif args.action == "show":
         described = client.workflow(args.workflow_id)
-        print(json.dumps({k: v for k, v in described.items() if k != "workflow"}, indent=2))
+        print(dumps({k: v for k, v in described.items() if k != "workflow"}))
     elif args.action == "put":
         described = client.register_workflow(args.workflow_id, read_json(args.file))
         print(f"{described['workflow_id']}: {len(described['parameters'])} parameters")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import errors
 from .aio import AsyncClient
 from .calls import RunOptions, apply_overrides
-from .errors import APIError, ClientError, ProtocolError, TransportError
+from .errors import APIError, ClientError, NotServerless, ProtocolError, TransportError
 from .results import Event, Output, Progress, Result
 from .sync import Client
 
@@ -21,6 +21,7 @@ __all__ = [
     "Client",
     "ClientError",
     "Event",
+    "NotServerless",
     "Output",
     "Progress",
     "ProtocolError",

@@ -86,7 +86,7 @@ class AsyncClient:
         items = (await self._send(task_call("status", task_id, after=str(after)))).json()
         if not isinstance(items, list):
             raise ProtocolError("status did not answer a JSON array")
-        return [Event(str(item.get("type")), item.get("data"), json.dumps(item)) for item in items]
+        return [Event(str(item.get("type")), item.get("data"), json.dumps(item, ensure_ascii=False)) for item in items]
 
     async def task(self, task_id: str) -> dict[str, Any]:
         return await self._json(task_call("task", task_id))
@@ -126,7 +126,7 @@ class AsyncClient:
         except httpx.HTTPError as exc:
             raise TransportError(f"{call.method} {self.url}{call.path}: {exc}") from exc
         if answer.status_code >= 400:
-            raise error_of(answer.status_code, answer.content)
+            raise error_of(answer.status_code, answer.content, f"{call.method} {self.url}{call.path}")
         return answer
 
     async def _json(self, call: Call) -> dict[str, Any]:
@@ -153,7 +153,7 @@ class AsyncClient:
             raise TransportError(f"{call.method} {self.url}{call.path}: {exc}") from exc
         try:
             if answer.status_code >= 400:
-                raise error_of(answer.status_code, await answer.aread())
+                raise error_of(answer.status_code, await answer.aread(), f"{call.method} {self.url}{call.path}")
             if not answer.headers.get("content-type", "").startswith("text/event-stream"):
                 raise ProtocolError(f"{call.path} did not answer an event stream")
             yield answer

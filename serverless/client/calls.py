@@ -66,7 +66,8 @@ def apply_overrides(workflow: Mapping[str, Any], overrides: Mapping[str, Any]) -
     a key whose node is not in the workflow."""
     result = copy.deepcopy(dict(workflow))
     wrapped = result.get("prompt")
-    prompt: dict[str, Any] = wrapped if isinstance(wrapped, dict) else result
+    # A wrapper's prompt holds nodes; a node whose id is "prompt" has a class_type.
+    prompt: dict[str, Any] = wrapped if isinstance(wrapped, dict) and "class_type" not in wrapped else result
     for key, value in overrides.items():
         node_id, name = split_key(key)
         node = prompt.get(node_id)

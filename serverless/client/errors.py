@@ -5,6 +5,7 @@ client's own failures (the server could not be reached, or answered something th
     ClientError                       anything this client raises
     ├── TransportError                the server could not be reached, or the connection broke
     ├── ProtocolError                 the answer is not what the API sends (not JSON, no terminal payload)
+    │   └── NotServerless             the URL answers, but it is not a ComfyUI Serverless API (a 404 not ours)
     └── APIError                      the server's error object; `.error_code`, `.raw`, `.status`
         ├── InvalidParams             INVALID_PARAMS
         ├── NotFound                  NOT_FOUND
@@ -38,6 +39,11 @@ class TransportError(ClientError):
 
 class ProtocolError(ClientError):
     """The server's answer is not one this API sends."""
+
+
+class NotServerless(ProtocolError):
+    """The server at the URL answered an error that is not the API's error object where the API
+    would have the route (404, 405): the URL names another server (ComfyUI itself, a web page)."""
 
 
 class APIError(ClientError):

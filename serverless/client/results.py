@@ -8,17 +8,23 @@ import base64
 import binascii
 import io
 import json
+import mimetypes
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import APIError, ProtocolError, from_payload
+from .errors import ClientError, NotServerless, ProtocolError, from_payload
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 TERMINAL_TYPES = ("serverless_api", "error")
+# Statuses the API answers with its error object on every route it has: without one, the route is
+# not there, so the server is another program.
+NOT_OURS_STATUSES = (404, 405)
+# The extension a file of each type is saved with where `mimetypes` would pick a rarer one.
+EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "image/gif": ".gif"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +43,23 @@ class Output:
     url: str | None
     raw: dict[str, Any] = field(repr=False)
 
+    @property
+    def name(self) -> str:
+        """The file name to save it under: ComfyUI's, its extension matching what the bytes are
+        (`mime`): a PNG converted with `output_format=jpeg` is `ComfyUI_00001_.jpg`."""
+        name = Path(self.filename).name
+        if not self.mime or not name or mimetypes.guess_type(name)[0] == self.mime:
+            return name
+        extension = EXTENSIONS.get(self.mime) or mimetypes.guess_extension(self.mime)
+        return Path(name).stem + extension if extension else name
+
     def save(self, path: str | Path) -> Path:
-        """Write the bytes to `path` (a folder: the output's own file name inside it); returns the file."""
+        """Write the bytes to `path` (a folder: `name` inside it); returns the file."""
         if self.content is None:
             raise ValueError(f"output {self.filename} has no bytes: run with output_base64=True")
         target = Path(path)
         if target.is_dir():
-            target = target / Path(self.filename).name
+            target = target / self.name
         target.write_bytes(self.content)
         return target
 
@@ -186,12 +202,18 @@ def outcome(payload: dict[str, Any], status: int | None = None) -> Result:
     return parse_result(payload)
 
 
-def error_of(status: int, body: bytes) -> APIError:
-    """The exception for an HTTP error answer."""
+def error_of(status: int, body: bytes, where: str = "") -> ClientError:
+    """The exception for an HTTP error answer to the request `where` ("GET http://…/path")."""
     try:
         payload = json.loads(body)
     except ValueError:
         payload = None
+    ours = isinstance(payload, dict) and "error_code" in payload
+    if not ours and status in NOT_OURS_STATUSES:
+        return NotServerless(
+            f"{where or 'the server'} answered HTTP {status} without the API's error object: "
+            "this is not a ComfyUI Serverless API (check the URL: --url, COMFY_SERVERLESS_URL)"
+        )
     if not isinstance(payload, dict):
         payload = {"error_message": body.decode(errors="replace")[:200] or f"HTTP {status}"}
     return from_payload(payload, status)

@@ -21,7 +21,9 @@ DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=None)  # a run answers when it ends: 
 
 def settings(url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
     """The base URL and auth headers: arguments, else COMFY_SERVERLESS_URL / COMFY_SERVERLESS_API_KEY."""
-    base = (url or os.environ.get("COMFY_SERVERLESS_URL") or DEFAULT_URL).rstrip("/")
+    base = (url or os.environ.get("COMFY_SERVERLESS_URL") or DEFAULT_URL).strip().rstrip("/")
+    if "://" not in base:  # `127.0.0.1:9000`, as people type it
+        base = "http://" + base
     key = api_key or os.environ.get("COMFY_SERVERLESS_API_KEY")
     return base, ({"Authorization": f"Bearer {key}"} if key else {})
 
@@ -106,7 +108,7 @@ class Client:
         items = answer.json()
         if not isinstance(items, list):
             raise ProtocolError("status did not answer a JSON array")
-        return [Event(str(item.get("type")), item.get("data"), json.dumps(item)) for item in items]
+        return [Event(str(item.get("type")), item.get("data"), json.dumps(item, ensure_ascii=False)) for item in items]
 
     def task(self, task_id: str) -> dict[str, Any]:
         """The task's summary: state, percent, queue, times, result or error (GET /api/serverless/task)."""
@@ -154,7 +156,7 @@ class Client:
         except httpx.HTTPError as exc:
             raise TransportError(f"{call.method} {self.url}{call.path}: {exc}") from exc
         if answer.status_code >= 400:
-            raise error_of(answer.status_code, answer.content)
+            raise error_of(answer.status_code, answer.content, f"{call.method} {self.url}{call.path}")
         return answer
 
     def _json(self, call: Call) -> dict[str, Any]:
@@ -180,7 +182,7 @@ class Client:
             raise TransportError(f"{call.method} {self.url}{call.path}: {exc}") from exc
         try:
             if answer.status_code >= 400:
-                raise error_of(answer.status_code, answer.read())
+                raise error_of(answer.status_code, answer.read(), f"{call.method} {self.url}{call.path}")
             if not answer.headers.get("content-type", "").startswith("text/event-stream"):
                 raise ProtocolError(f"{call.path} did not answer an event stream")
             yield answer

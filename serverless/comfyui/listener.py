@@ -223,7 +223,10 @@ class Listener:
             inbox.items.put_nowait(message)
 
     def _on_break(self) -> None:
-        log.warning("websocket lost: reconnecting (%d jobs following)", len(self._inboxes))
+        # A warning when it cuts jobs off; with none following it is also how every stop of a
+        # ComfyUI we supervise ends (a crash is the supervisor's error to log), so only noted.
+        level = logging.WARNING if self._inboxes else logging.INFO
+        log.log(level, "websocket lost: reconnecting (%d jobs following)", len(self._inboxes))
         self._executing = None
         broken = Broken(time.monotonic())
         for inbox in self._inboxes.values():

@@ -62,7 +62,7 @@ class PortTaken(RuntimeError):
         super().__init__(
             f"port {port} on {host} (COMFYUI_URL) is already taken by another process (another "
             f"ComfyUI, or one left over from an earlier run?), where the ComfyUI of COMFYUI_CMD/COMFYUI_DIR "
-            f"is to listen: stop that process or choose another port"
+            f"is to listen: stop that process or choose another port in COMFYUI_URL"
         )
 
 

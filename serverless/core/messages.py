@@ -28,11 +28,6 @@ class Message:
         value = self.data.get("prompt_id")
         return value if isinstance(value, str) else None
 
-    def concerns(self, prompt_id: str) -> bool:
-        """True unless the message names another prompt (ComfyUI broadcasts some messages, e.g.
-        `progress_state` of prompts sent without a client id, to every socket)."""
-        return self.prompt_id in (None, prompt_id)
-
     def ends(self, prompt_id: str) -> bool:
         """`executing` with `node: null` for our prompt: always ComfyUI's last message of a job."""
         return self.type == "executing" and self.data.get("node") is None and self.prompt_id == prompt_id

@@ -94,12 +94,19 @@ def _separators(body: bytes | str) -> int:
     return body.count(",") + body.count(":")
 
 
+def is_wrapper(document: Mapping[str, Any]) -> bool:
+    """Whether `document` is the `{"prompt": {...}, "extra_data": ...}` wrapper rather than a
+    workflow with a node whose id is "prompt": the wrapper's `prompt` holds nodes, not `class_type`."""
+    prompt = document.get("prompt")
+    return isinstance(prompt, dict) and "class_type" not in prompt
+
+
 def split_workflow(document: Any) -> tuple[Workflow, dict[str, Any] | None]:
     """Accept a bare API-format workflow or the `{"prompt": ..., "extra_data": ...}` wrapper."""
     if not isinstance(document, dict):
         raise InvalidParams("the request body must be a JSON object: a ComfyUI API-format workflow")
     extra_data = None
-    if isinstance(document.get("prompt"), dict):
+    if is_wrapper(document):
         extra_data = document.get("extra_data")
         if extra_data is not None and not isinstance(extra_data, dict):
             raise InvalidParams("extra_data must be a JSON object")

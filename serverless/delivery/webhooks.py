@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ATTEMPTS = 3
 BACKOFF = 0.5  # seconds before the second attempt, doubled before each next one
 RESOLVE_TIMEOUT = 5.0
+# What a refusal of a private address says, as input refusals name the setting that lifts them.
+ALLOW_HINT = " (a private host may be allowed with WEBHOOK_ALLOWED_HOSTS)"
 # Writes a task's delivery record (JSON bytes) beside its status log.
 Recorder = Callable[[str, bytes], Awaitable[None]]
 
@@ -76,12 +78,14 @@ class Webhooks:
         secret: str,
         timeout: float,
         record: Recorder,
+        counted: Callable[[bool], None] = lambda delivered: None,
     ) -> None:
         self._post_through = post  # through the guarded session: every address checked again
         self._policy = policy
         self._secret = secret
         self._timeout = timeout
         self._record = record
+        self._counted = counted  # a delivery's outcome, for the metrics
         self._tasks: dict[object, asyncio.Task[Delivery]] = {}
 
     async def check(self, url: str) -> str:
@@ -91,8 +95,9 @@ class Webhooks:
             check_url(target, self._policy)
         except (ValueError, TypeError):
             raise InvalidParams("callback_url is not a valid URL") from None
-        except DownloadError as exc:
-            raise InvalidParams(f"callback_url is refused: {exc.reason}") from None
+        except DownloadError as exc:  # a bad scheme, no host, or a private IP literal (which the setting lifts)
+            hint = ALLOW_HINT if target.scheme in ("http", "https") and target.raw_host else ""
+            raise InvalidParams(f"callback_url is refused: {exc.reason}{hint}") from None
         host = target.raw_host or ""
         if self._policy.host_allowed(host):
             return url
@@ -104,7 +109,7 @@ class Webhooks:
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])  # no IPv6 zone
             if not self._policy.address_allowed(address):
-                raise InvalidParams(f"callback_url host {host} resolves to a refused address ({address})")
+                raise InvalidParams(f"callback_url host {host} resolves to a refused address ({address}){ALLOW_HINT}")
         return url
 
     def start(self, key: object, task_id: str, url: str, ended: Awaitable[bytes]) -> None:
@@ -134,6 +139,7 @@ class Webhooks:
     async def _run(self, task_id: str, url: str, ended: Awaitable[bytes]) -> Delivery:
         body = await ended
         delivery = await self.deliver(task_id, url, body)
+        self._counted(delivery.delivered)
         fields = {"url_host": delivery.url_host, "status": delivery.status, "attempts": delivery.attempts}
         level = logging.INFO if delivery.delivered else logging.WARNING
         log.log(

@@ -1,9 +1,7 @@
 """What each route of the API is, for people (pure data): one `Operation` per method and path,
 read by `openapi.build_document`. A route added to the app is one entry here; the test that
-compares the app's routes with the document fails until it is written.
-
-Entries for job control, result delivery and operations describe their issues' contracts
-(CONTRACT.md section 7); they are served once those land."""
+compares the app's routes with the document fails until it is written, and the one that calls
+every documented path fails for an entry the app does not serve."""
 
 from __future__ import annotations
 

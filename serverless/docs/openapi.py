@@ -242,6 +242,9 @@ def build_document(
         "servers": [{"url": server_url}],
         "tags": [{"name": name, "description": text} for name, text in TAGS.items()],
         "paths": paths,
+        # With API_KEYS every operation but health, readiness and this document needs the key;
+        # declared here, Swagger UI shows its Authorize control and sends the key it is given.
+        "security": [{"apiKey": []}, {}],
         "components": {
             "schemas": schemas(),
             "securitySchemes": {

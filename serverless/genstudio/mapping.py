@@ -178,8 +178,12 @@ def outputs(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def task_info(task_id: str, summary: Mapping[str, Any], urls: list[str | None]) -> dict[str, Any]:
-    """The `comfy_task_info` of a task from its summary; `urls[i]` is the URL of `outputs(summary)[i]`."""
+    """The `comfy_task_info` of a task from its summary; `urls[i]` is the URL of `outputs(summary)[i]`.
+    A task whose last progress says succeeded but whose result is not logged yet is still running:
+    GenStudio's clients take status 3 as final and read its files then."""
     status = STATUS.get(str(summary.get("state")), QUEUED)
+    if status == SUCCEEDED and not isinstance(summary.get("result"), dict):
+        status = RUNNING
     files: dict[str, list[str]] = {}
     final: list[str] = []
     for item, url in zip(outputs(summary), urls, strict=True):

@@ -112,7 +112,6 @@ class Job:
         self._succeeded = False  # ComfyUI said `execution_success` for the prompt
         self._task: asyncio.Task[Any] | None = None
         self._stop: ServerlessError | None = None
-        self.created_at = time.time()
         self.progress = Progress(task_id, prompt_id, workflow_nodes(spec.workflow), created=time.monotonic())
         self._progress_sent: tuple[tuple[State, int | None], float] | None = None
         self._progress_due: asyncio.TimerHandle | None = None  # a new place in the queue, told soon

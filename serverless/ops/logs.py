@@ -26,11 +26,6 @@ def bind_job(task_id: str, prompt_id: str) -> None:
     _job.set((task_id, prompt_id))
 
 
-def current_job() -> tuple[str, str] | None:
-    """The (task_id, prompt_id) bound to this context, if any."""
-    return _job.get()
-
-
 class JobFields(logging.Filter):
     """Adds `task_id` and `prompt_id` (None outside a job) to every record it sees."""
 

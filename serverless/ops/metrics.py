@@ -2,10 +2,10 @@
 
 One `Metrics` per app, created by the lifespan with its own `CollectorRegistry` (never the
 process-global one: several apps may share a process, as in the tests) and handed to what
-records: the jobs registry, the transports, the status log, the input fetchers and the OSS
-uploads, each through a method or a small callable. Every label has a bounded set of values
-(transports, error codes, a fixed list of refusal reasons): no task ids, no URLs, so the number
-of series does not grow with the number of jobs.
+records: the jobs registry, the transports, the status log, the input fetchers, the OSS uploads,
+the webhook sender and the ComfyUI supervisor, each through a method or a small callable. Every
+label has a bounded set of values (transports, error codes, a fixed list of refusal reasons): no
+task ids, no URLs, so the number of series does not grow with the number of jobs.
 
 Recording is a few dictionary look-ups and a lock per call; a job makes about ten of them.
 """
@@ -208,7 +208,7 @@ class Metrics:
         self.status_append.observe(seconds)
 
     def webhook_delivered(self, ok: bool) -> None:
-        """For the webhook sender, once there is one: one delivery's outcome."""
+        """One webhook delivery's outcome (`Webhooks` reports each, after its last attempt)."""
         self.webhook_deliveries.labels("ok" if ok else "failed").inc()
 
     # -- readers -------------------------------------------------------------------------------

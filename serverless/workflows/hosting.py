@@ -19,7 +19,7 @@ from ..core.request import check_nodes, decode_body, split_workflow
 from ..errors import InvalidParams
 from .openapi import openapi_document
 from .overrides import merge, parse_overrides
-from .schema import ObjectInfo, Parameter, build_schema, workflow_title
+from .schema import ObjectInfo, Parameter, build_schema
 from .store import Stored, WorkflowStore, validate_workflow_id
 from .validate import REFRESHABLE, Problem, prompt_error, summary, validate_overrides, validate_workflow
 
@@ -98,10 +98,9 @@ class HostedWorkflows:
         self.loaders = frozenset(loaders)
 
     def describe_with(self, stored: Stored, info: ObjectInfo) -> Described:
-        workflow = stored.workflow
-        return Described(
-            stored, workflow_title(stored.workflow_id, workflow, info), build_schema(workflow, info, self.loaders)
-        )
+        # Its title is the name it was registered under: a node's title (every SaveImage is "保存图像"
+        # in a Chinese ComfyUI) would name every workflow alike.
+        return Described(stored, stored.workflow_id, build_schema(stored.workflow, info, self.loaders))
 
     async def describe(self, workflow_id: str, refresh: bool = False) -> Described:
         stored = await self.store.read(workflow_id)
@@ -114,7 +113,7 @@ class HostedWorkflows:
 
     async def openapi(self, workflow_id: str, server_url: str, refresh: bool = False) -> dict[str, Any]:
         described = await self.describe(workflow_id, refresh)
-        return openapi_document(workflow_id, described.title, described.parameters, server_url)
+        return openapi_document(workflow_id, described.parameters, server_url)
 
     async def delete(self, workflow_id: str) -> None:
         await self.store.delete(workflow_id)

@@ -120,13 +120,13 @@ def _flag(name: str, description: str) -> dict[str, Any]:
     }
 
 
-def openapi_document(workflow_id: str, title: str, parameters: list[Parameter], server_url: str) -> dict[str, Any]:
+def openapi_document(workflow_id: str, parameters: list[Parameter], server_url: str) -> dict[str, Any]:
     """The whole document; `server_url` is where this API was reached."""
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     errors = {status: {"description": text, "content": error} for status, text in ERROR_STATUSES.items()}
     run = {
         "operationId": "run",
-        "summary": f"Run the hosted workflow {workflow_id!r} ({title})",
+        "summary": f"Run the hosted workflow {workflow_id!r}",
         "parameters": [
             _flag("stream", "answer text/event-stream: every ComfyUI message, then the result"),
             _flag("output_base64", "each output's bytes in output.base64.content"),
@@ -150,7 +150,7 @@ def openapi_document(workflow_id: str, title: str, parameters: list[Parameter], 
     return {
         "openapi": "3.1.0",
         "info": {
-            "title": f"{title} (hosted workflow {workflow_id})",
+            "title": f"Hosted workflow {workflow_id}",
             "version": "1",
             "description": f"Run the ComfyUI workflow {workflow_id!r}, changing only its parameters.",
         },

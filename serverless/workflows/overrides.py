@@ -52,7 +52,9 @@ def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) 
     extra_data = _extra_data(document.get("extra_data"))
     output = _output(document.get("output"))
     prompt = document.get("prompt")
-    if isinstance(prompt, dict):
+    if isinstance(prompt, dict) and "inputs" in prompt and "inputs" not in workflow:
+        _advanced({"prompt": prompt}, workflow, values, problems)  # the workflow's node named "prompt"
+    elif isinstance(prompt, dict):
         _advanced(prompt, workflow, values, problems)
     elif isinstance(prompt, str):
         _simple(prompt, document.get("target_node"), workflow, object_info, values, problems)

@@ -191,14 +191,3 @@ def build_schema(workflow: Workflow, object_info: ObjectInfo, loaders: Loaders) 
                 )
             )
     return parameters
-
-
-def workflow_title(workflow_id: str, workflow: Workflow, object_info: ObjectInfo) -> str:
-    """The `_meta.title` of the first output node that has one, else the id."""
-    for node_id in sorted(workflow, key=node_order):
-        node = workflow[node_id]
-        if isinstance(node, Mapping) and is_output_node(object_info, str(node.get("class_type"))):
-            title = title_of(node)
-            if title:
-                return title
-    return workflow_id

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..core.request import TASK_ID_RE
+from ..core.request import TASK_ID_RE, is_wrapper
 from ..errors import InvalidParams, NotFound
 
 SUFFIX = ".json"
@@ -101,7 +101,7 @@ class WorkflowStore:
             raise NotFound(f"no hosted workflow {workflow_id!r}") from None
         except (ValueError, UnicodeDecodeError):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not valid JSON; register it again") from None
-        if isinstance(document, dict) and isinstance(document.get("prompt"), dict):
+        if isinstance(document, dict) and is_wrapper(document):
             document = document["prompt"]  # a file dropped in by hand may keep the wrapper
         if not isinstance(document, dict):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not a workflow object; register it again")

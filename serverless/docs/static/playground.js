@@ -13,18 +13,26 @@ function authHeaders() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-async function askKey() {
+// Asks for a key (saying why when one was refused); true when one was saved, false on Cancel.
+async function askKey(refused) {
   const dialog = $("keydialog");
+  $("keyerror").hidden = !refused;
+  $("keyerror").textContent = refused ? "The server refused that key: enter another." : "";
+  $("key").value = ""; dialog.returnValue = "";  // Escape keeps the last returnValue otherwise
   dialog.showModal();
   await new Promise((resolve) => dialog.addEventListener("close", resolve, { once: true }));
-  if ($("key").value) sessionStorage.setItem(KEY, $("key").value);
+  if (dialog.returnValue !== "ok" || !$("key").value) return false;
+  sessionStorage.setItem(KEY, $("key").value);
+  return true;
 }
 
+// A 401 asks for the key (again, after a wrong one) until one is taken or the user cancels.
 async function api(path, options = {}) {
-  for (let attempt = 0; ; attempt++) {
+  for (;;) {
     const answer = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
-    if (answer.status !== 401 || attempt > 0) return answer;
-    await askKey();
+    if (answer.status !== 401) return answer;
+    $("keybutton").hidden = false;  // keys are on: the key can be changed at any time
+    if (!(await askKey(Boolean(sessionStorage.getItem(KEY))))) return answer;
   }
 }
 
@@ -36,10 +44,17 @@ async function errorText(answer) {
 // -- picking a workflow --------------------------------------------------------------------------
 async function loadWorkflows() {
   const answer = await api("/api/workflows");
-  if (!answer.ok) { $("source").textContent = await errorText(answer); return; }
+  const picker = $("workflow");
+  while (picker.options.length > 1) picker.remove(1);
+  if (!answer.ok) {
+    const hint = answer.status === 401 ? " Press \"API key…\" to enter one." : "";
+    $("source").textContent = (await errorText(answer)) + hint;
+    return;
+  }
+  $("source").textContent = "";
   for (const w of (await answer.json()).workflows) {
-    const option = new Option(`${w.workflow_id} — ${w.title} (${w.parameters} parameters)`, w.workflow_id);
-    $("workflow").add(option);
+    const title = w.title && w.title !== w.workflow_id ? ` — ${w.title}` : "";
+    picker.add(new Option(`${w.workflow_id}${title} (${w.parameters} parameters)`, w.workflow_id));
   }
 }
 
@@ -60,11 +75,18 @@ function useJson(text, label) {
     $("source").textContent = "That is a UI-format workflow: export it with \"Save (API Format)\".";
     return;
   }
-  const prompt = workflow.prompt || workflow;
+  const prompt = nodesOf(workflow);
   state.workflowId = null; state.workflow = workflow; state.params = literalParams(prompt);
   $("workflow").value = "";
   $("source").textContent = `${label}: ${Object.keys(prompt).length} nodes`;
   buildForm(state.params);
+}
+
+// The nodes of a workflow or of its {"prompt": ..., "extra_data": ...} wrapper: a wrapper's prompt
+// holds nodes, while a node whose id is "prompt" has a class_type.
+function nodesOf(workflow) {
+  const prompt = workflow.prompt;
+  return prompt && typeof prompt === "object" && !("class_type" in prompt) ? prompt : workflow;
 }
 
 // A dropped workflow has no server-side schema: its literal inputs, typed by their values.
@@ -170,7 +192,7 @@ function runRequest() {
     return [`/api/workflows/${encodeURIComponent(state.workflowId)}/run?${query}`, values];
   }
   const body = JSON.parse(JSON.stringify(state.workflow));
-  const prompt = body.prompt || body;
+  const prompt = nodesOf(body);
   for (const [key, value] of Object.entries(values)) {
     const dot = key.lastIndexOf(".");
     prompt[key.slice(0, dot)].inputs[key.slice(dot + 1)] = value;
@@ -306,6 +328,7 @@ $("workflow").addEventListener("change", (e) => pickHosted(e.target.value));
 $("use-paste").addEventListener("click", () => useJson($("paste").value, "Pasted workflow"));
 $("run").addEventListener("click", run);
 $("cancel").addEventListener("click", cancel);
+$("keybutton").addEventListener("click", async () => { if (await askKey(false)) await loadWorkflows(); });
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
