@@ -1,5 +1,6 @@
-"""A Redis tier on loopback for the tests: a real `redis-server`, gateways and workers as
-`python -m serverless.server` processes, each worker with its own ComfyUI emulator."""
+"""A Redis tier on loopback for the tests: a real `redis-server`, gateways and workers, each
+worker with its own ComfyUI emulator: in threads of the test process (fast: the default), or as
+`python -m serverless.server` processes for the tests that kill one (`Tier(processes=True)`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from tests.servers import Emulator, Process, free_port
+from tests.servers import Emulator, InProcessApp, InProcessEmulator, Process, free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -75,18 +78,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
 
-class Node(Process):
-    """`python -m serverless.server` in a role of the tier."""
+class NodeLog:
+    """What a node's log tells of the jobs it ran ("job start" lines are debug)."""
 
-    def __init__(
-        self, log_dir: Path, env: dict[str, str], name: str, ready_path: str = "/api/serverless/health"
-    ) -> None:
-        port = free_port()
-        self.name = name
-        args = [sys.executable, "-m", "serverless.server"]
-        super().__init__(
-            args, port, log_dir / f"{name}.log", env={**env, "FC_CUSTOM_LISTEN_PORT": str(port)}, ready_path=ready_path
-        )
+    name: str
+    log_text: Callable[[], str]  # the server's (a process's or an in-process app's)
 
     def started(self) -> list[str]:
         """Task ids of the jobs this node started, in order."""
@@ -105,6 +101,29 @@ class Node(Process):
                 running = None
 
 
+class Node(NodeLog, Process):
+    """`python -m serverless.server` in a role of the tier."""
+
+    def __init__(
+        self, log_dir: Path, env: dict[str, str], name: str, ready_path: str = "/api/serverless/health"
+    ) -> None:
+        port = free_port()
+        self.name = name
+        args = [sys.executable, "-m", "serverless.server"]
+        super().__init__(
+            args, port, log_dir / f"{name}.log", env={**env, "FC_CUSTOM_LISTEN_PORT": str(port)}, ready_path=ready_path
+        )
+
+
+class InProcessNode(NodeLog, InProcessApp):
+    """A node of the tier in a thread of the test process."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str], name: str) -> None:
+        self.name = name
+        port = free_port()
+        super().__init__(log_dir, {**env, "FC_INSTANCE_ID": name, "FC_CUSTOM_LISTEN_PORT": str(port)}, port)
+
+
 @dataclass
 class Tier:
     """Gateways and workers sharing one Redis database."""
@@ -112,9 +131,10 @@ class Tier:
     root: Path
     redis_url: str
     env: dict[str, str] = field(default_factory=dict)
-    gateways: list[Node] = field(default_factory=list)
-    workers: list[Node] = field(default_factory=list)
-    emulators: list[Emulator] = field(default_factory=list)
+    processes: bool = False  # True: every node and emulator in a process of its own (to kill one)
+    gateways: list[Any] = field(default_factory=list)  # Node, or InProcessNode
+    workers: list[Any] = field(default_factory=list)
+    emulators: list[Any] = field(default_factory=list)  # Emulator, or InProcessEmulator
 
     def common(self) -> dict[str, str]:
         return {
@@ -128,23 +148,26 @@ class Tier:
             **self.env,
         }
 
-    def gateway(self, ready_path: str = "/api/serverless/health", **env: str) -> Node:
-        node = Node(
-            self.root,
-            {**self.common(), "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9", **env},
-            f"gateway{len(self.gateways) + 1}",
-            ready_path,
+    def gateway(self, ready_path: str = "/api/serverless/health", **env: str) -> Any:
+        settings = {**self.common(), "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9", **env}
+        name = f"gateway{len(self.gateways) + 1}"
+        node = (
+            Node(self.root, settings, name, ready_path) if self.processes else InProcessNode(self.root, settings, name)
         )
         self.gateways.append(node)
         return node
 
-    def worker(self, step_delay: float = 0.0, **env: str) -> Node:
+    def worker(self, step_delay: float = 0.0, **env: str) -> Any:
         number = len(self.workers) + 1
-        emulator = Emulator(self.root / f"emulator{number}", None, "--step-delay", str(step_delay))
+        folder = self.root / f"emulator{number}"
+        if self.processes:
+            emulator: Any = Emulator(folder, None, "--step-delay", str(step_delay))
+        else:
+            emulator = InProcessEmulator(folder, step_delay=step_delay)
         self.emulators.append(emulator)
-        node = Node(
-            self.root, {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}, f"worker{number}"
-        )
+        settings = {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}
+        name = f"worker{number}"
+        node = Node(self.root, settings, name) if self.processes else InProcessNode(self.root, settings, name)
         self.workers.append(node)
         return node
 

@@ -34,8 +34,8 @@ _databases = itertools.count(1)
 def tier(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
     made: list[Tier] = []
 
-    def make(url: str | None = None, **env: str) -> Tier:
-        made.append(Tier(tmp_path, url or redis_server.url(next(_databases)), env))
+    def make(url: str | None = None, processes: bool = False, **env: str) -> Tier:
+        made.append(Tier(tmp_path, url or redis_server.url(next(_databases)), env, processes))
         return made[-1]
 
     yield make
@@ -278,7 +278,7 @@ def test_a_gateway_answers_503_naming_redis_when_it_cannot_reach_it(tier: Callab
 
 
 def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier: Callable[..., Tier]) -> None:
-    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateways = [fleet.gateway(), fleet.gateway()]
     workers = [fleet.worker(step_delay=0.2) for _ in range(3)]
     assert submit_async(gateways[0].url, slow(1), "doomed").status_code == 202
@@ -305,7 +305,7 @@ def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier
 
 
 def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: Callable[..., Tier]) -> None:
-    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateways = [fleet.gateway(), fleet.gateway()]
     workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
     for n in range(4):  # a queue behind it: none of them may be lost either
@@ -329,7 +329,7 @@ def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: C
 def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_not_rerun(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateway = fleet.gateway()
     workers = [fleet.worker(step_delay=0.2) for _ in range(2)]
     workflow = slow(8, steps=40)  # an early output (a2), then a long sampler and the late output
@@ -552,7 +552,7 @@ def test_redis_restarted_mid_run_loses_nothing_acknowledged_and_the_fleet_recove
 ) -> None:
     server = RedisServer(tmp_path / "durable", durable=True)
     try:
-        fleet = tier(url=server.url(0))
+        fleet = tier(url=server.url(0), processes=True)
         gateway = fleet.gateway()
         workers = [fleet.worker(step_delay=0.05) for _ in range(2)]
         ids = [f"durable-{n}" for n in range(12)]
