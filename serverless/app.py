@@ -123,7 +123,8 @@ def caller(request: Request) -> str | None:
 async def status(request: Request) -> Response:
     """GET /api/serverless/status?task_id=X[&after=N][&attempt=K]: the task's payloads so far
     (of its current attempt, or of attempt K)."""
-    resources = app_state(request).resources
+    state = app_state(request)
+    resources = state.resources
     task_id = request.query_params.get("task_id")
     if not task_id:
         raise InvalidParams("task_id is required")
@@ -135,6 +136,7 @@ async def status(request: Request) -> Response:
             return Response(b"[]", media_type="application/json")  # nothing written yet (or no such task)
         if not may_see(owner, task_owner):
             raise NotFound(f"no task {task_id}")  # another key's task: as if it did not exist
+    await state.jobs.end_if_stranded(task_id)  # a fleet job no worker will ever take: ended now
     attempt = request.query_params.get("attempt")
     body = await resources.status.read(task_id, after, parse_attempt(attempt) if attempt is not None else None)
     return Response(body, media_type="application/json")

@@ -228,6 +228,7 @@ class Settings:
     redis_max_event_bytes: int = 1 * MiB
     redis_claim_idle: float = 60.0
     max_queued_jobs: int = 1000  # a gateway's admission: jobs waiting in the Redis queue, all gateways together
+    queue_ttl: float = 3600.0  # seconds a job may wait in the Redis queue for a worker (0: for ever)
     result_inline_max_bytes: int = 64 * MiB  # a fleet job's base64 outputs and linked files kept in Redis
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     webhook_secret: str = field(default="", repr=False)
@@ -341,6 +342,7 @@ class Settings:
             redis_max_event_bytes=_integer(env, "REDIS_MAX_EVENT_BYTES", d.redis_max_event_bytes, 1024),
             redis_claim_idle=_number(env, "REDIS_CLAIM_IDLE", d.redis_claim_idle, 0.5),
             max_queued_jobs=_integer(env, "MAX_QUEUED_JOBS", d.max_queued_jobs, 0),
+            queue_ttl=_number(env, "QUEUE_TTL", d.queue_ttl, 0),
             result_inline_max_bytes=_integer(env, "RESULT_INLINE_MAX_BYTES", d.result_inline_max_bytes, 0),
         )._checked()
 

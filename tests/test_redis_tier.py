@@ -605,3 +605,35 @@ async def test_five_hundred_sync_callers_on_one_gateway_are_all_answered_on_a_fe
     # Two workers and a gateway, each pool at most 64 connections, most of them idle: far below
     # one per waiting caller.
     assert most_clients < 3 * 64, most_clients
+
+
+def test_a_job_no_worker_takes_within_queue_ttl_ends_with_timeout_for_every_caller(tier: Callable[..., Tier]) -> None:
+    fleet = tier(QUEUE_TTL="1")
+    gateway = fleet.gateway()  # and no worker at all
+    assert submit_async(gateway.url, empty_image(), "nobody-takes-it").status_code == 202
+    answer = post_run(gateway.url, empty_image(), headers={"X-Fc-Trace-Id": "nobody-either"})
+    assert answer.status_code == 504 and answer.json()["error_code"] == "TIMEOUT"
+    assert "QUEUE_TTL" in answer.json()["error_message"]
+    polled = wait_ended(gateway.url, "nobody-takes-it")
+    assert polled[-1]["error_code"] == "TIMEOUT"
+    worker = fleet.worker()  # a worker that comes later does not run what was given up
+    assert post_run(gateway.url, empty_image(prefix="later")).status_code == 200
+    assert "nobody-takes-it" not in worker.started() and "nobody-either" not in worker.started()
+
+
+def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_error(
+    tier: Callable[..., Tier], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "volatile", durable=False)
+    try:
+        fleet = tier(url=server.url(0))
+        gateway = fleet.gateway()  # no worker: the job waits in the queue
+        waiting = in_background(lambda: post_run(gateway.url, empty_image(), headers={"X-Fc-Trace-Id": "forgotten"}))
+        wait_until(lambda: redis.Redis.from_url(server.url(0)).exists("job:forgotten"))
+        server.kill()
+        server.start()  # empty: no append-only file
+        answer = waiting.result(timeout=60)
+        assert answer.status_code == 503 and answer.json()["error_code"] == "UNAVAILABLE"
+        assert "no longer holds this job" in answer.json()["error_message"]
+    finally:
+        server.stop()

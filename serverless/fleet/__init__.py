@@ -51,7 +51,9 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.role in ("all", "worker")
     queue = RedisQueue(status.client, status)
-    front = RemoteJobs(queue, status, jobs if takes_jobs else None, settings.max_queued_jobs, resources.metrics)
+    front = RemoteJobs(
+        queue, status, jobs if takes_jobs else None, settings.max_queued_jobs, resources.metrics, settings.queue_ttl
+    )
     consumer_task: asyncio.Task[None] | None = None
     consumer = None
     publisher: asyncio.Task[None] | None = None

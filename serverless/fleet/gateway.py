@@ -26,6 +26,7 @@ from .queue import RedisQueue
 
 log = logging.getLogger(__name__)
 
+STRANDED_CHECK = 1.0  # seconds between a waiting follower's looks at its job's place in the queue
 DEPTH_FRESH = 0.1  # seconds a reading of the queue's depth is trusted by admission (plus what we added since)
 
 
@@ -45,11 +46,21 @@ class RemoteJob:
         self._lock = asyncio.Lock()
 
     async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
-        """The job's events as its worker stores them (None after `idle` seconds of silence)."""
-        async for entry in self.status.follow(self.task_id, after or 0, self.attempt, idle):
+        """The job's events as its worker stores them (None after `idle` seconds of silence).
+        While no worker has begun it, the queue is asked now and then whether it still can be
+        (QUEUE_TTL, a queue that lost its data): a caller never waits for ever."""
+        loop = asyncio.get_running_loop()
+        begun, quiet_since = bool(after), loop.time()
+        look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
+        async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every):
             if entry is None:
-                yield None
+                if not begun:
+                    await self.runner.end_if_stranded(self.task_id, submitted=True)
+                if idle is not None and loop.time() - quiet_since >= idle:
+                    quiet_since = loop.time()
+                    yield None
                 continue
+            begun, quiet_since = True, loop.time()
             event = await _event(entry.seq, entry.data, entry.terminal)
             if event.terminal and self._terminal is None:
                 self._terminal = event
@@ -103,11 +114,13 @@ class RemoteJobs:
         local: Jobs | None = None,
         max_queued: int = 1000,
         metrics: Metrics | None = None,
+        queue_ttl: float = 3600.0,
     ) -> None:
         self.queue = queue
         self.status = status
         self.local = local  # this instance's own worker's jobs (ROLE=all|worker), drained with it
         self.max_queued = max_queued
+        self.queue_ttl = queue_ttl
         self.metrics = metrics or Metrics()
         self.accepting = True
         self._cancels: set[asyncio.Task[None]] = set()
@@ -144,14 +157,16 @@ class RemoteJobs:
             )
 
     async def refusal(self) -> str | None:
+        """Only this gateway's own state: a full queue (or Redis down) is every gateway's, and
+        taking them all out of a load balancer would answer callers with its bare 503 instead
+        of the API's BUSY (or UNAVAILABLE) and stop their status polls too."""
         if not self.accepting:
             return "this gateway is draining and takes no new jobs"
-        if self.max_queued and await self._waiting() >= self.max_queued:
-            return f"the queue is full: {self.admitted} job(s) wait for a worker (MAX_QUEUED_JOBS={self.max_queued})"
         return None
 
     def limits(self) -> dict[str, Any]:
-        return {"jobs": self.running, "queued": self.admitted, "max_queued_jobs": self.max_queued}
+        full = bool(self.max_queued) and self.admitted >= self.max_queued
+        return {"jobs": self.running, "queued": self.admitted, "max_queued_jobs": self.max_queued, "queue_full": full}
 
     def get(self, task_id: str) -> Job | None:
         """A task's job when it runs on this instance (a worker that is also a gateway)."""
@@ -191,6 +206,14 @@ class RemoteJobs:
     async def cancel(self, task_id: str) -> str:
         """Through the queue: removed while queued, else its worker stops it."""
         return await self.queue.cancel(task_id)
+
+    async def end_if_stranded(self, task_id: str, submitted: bool = False) -> None:
+        """End a task no worker began that can no longer run (QUEUE_TTL; the queue lost a task
+        this gateway `submitted`)."""
+        try:
+            await self.queue.end_if_stranded(task_id, self.queue_ttl, submitted)
+        except ServerlessError as exc:  # Redis down: its follower learns that on its own
+            log.debug("task_id=%s: the queue could not be asked (%s)", task_id, exc.message)
 
     async def queue_position(self, task_id: str) -> int | None:
         return await self.queue.position(task_id)

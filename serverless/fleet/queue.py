@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..core.request import validate_task_id
-from ..errors import ExecutionInterrupted, InvalidParams, NotFound
+from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, ServerlessError, Unavailable
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
@@ -33,6 +34,8 @@ from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
+EXPIRED = "expired"  # the run claim of a job that waited past QUEUE_TTL: no worker runs it
+PENDING = "pending"  # a submission's entry id until XADD has answered
 
 
 class TaskConflict(InvalidParams):
@@ -88,15 +91,16 @@ class RedisQueue:
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
         following = await self.status.current(task_id) + 1
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        async with self.client.pipeline(transaction=True) as pipe:  # the entry and its ordinal together
+        # One step: the entry, its ordinal, whose it is, and a submission mark that a follower
+        # never reads as "lost" (`end_if_stranded`) before the entry's own id replaces it.
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(keys.submission(task_id), f"{stream(priority)} {PENDING} 0", ex=self.status.ttl)
+            pipe.set(keys.owner(task_id), spec.owner or "", ex=self.status.ttl)  # "": anyone's
             pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
             pipe.incr(keys.queue_count(priority))
-            entry, ordinal = await pipe.execute()
-        async with self.client.pipeline(transaction=False) as pipe:
-            where = f"{stream(priority)} {entry.decode()} {ordinal}"
-            pipe.set(keys.submission(task_id), where, ex=self.status.ttl)
-            pipe.set(keys.owner(task_id), spec.owner or "", ex=self.status.ttl)  # "": anyone's
-            await pipe.execute()
+            *_, entry, ordinal = await pipe.execute()
+        where = f"{stream(priority)} {entry.decode()} {ordinal}"
+        await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
         return following, entry
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
@@ -129,6 +133,46 @@ class RedisQueue:
         log.info("task_id=%s: cancel requested from its worker", task_id)
         return "cancelling"
 
+    async def end_if_stranded(self, task_id: str, queue_ttl: float, submitted: bool = False) -> bool:
+        """End a task no worker has begun when it can no longer run: it waited in the queue past
+        `queue_ttl` seconds (TIMEOUT), or, for a task its caller knows was `submitted`, the queue
+        no longer holds it (Redis lost its data: UNAVAILABLE); a task nobody submitted stays
+        unknown. True when it was ended here (its followers then read the terminal payload)."""
+        with translated():
+            if await self.status.current(task_id):
+                return False  # a worker began it: its log says the rest
+            where: Any = await self.client.get(keys.submission(task_id))
+            if where is None:
+                if not submitted:
+                    return False
+                error: ServerlessError = Unavailable(
+                    "the queue no longer holds this job (Redis lost its data?): submit it again",
+                    raw={"task_id": task_id},
+                )
+                return await self._end_unbegun(task_id, None, error)
+            entry = where.decode().split(" ")[1]
+            if entry == PENDING:
+                return False
+            waited = time.time() - int(entry.split("-")[0]) / 1000
+            if not queue_ttl or waited <= queue_ttl:
+                return False
+            error = JobTimeout(
+                f"the job waited {waited:.0f}s for a worker, longer than QUEUE_TTL={queue_ttl:g}s, and was not run",
+                raw={"task_id": task_id, "waited_s": round(waited, 1), "queue_ttl": queue_ttl},
+            )
+            return await self._end_unbegun(task_id, entry, error)
+
+    async def _end_unbegun(self, task_id: str, entry: str | None, error: ServerlessError) -> bool:
+        """Take the submission from the workers (the run claim, as a cancel does) and end it."""
+        if entry is not None and not await self.client.set(
+            keys.run_claim(task_id, entry), EXPIRED, nx=True, ex=self.status.ttl
+        ):
+            return False  # a worker took it meanwhile
+        attempt = await self.status.begin(task_id)
+        await self.status.append_terminal(task_id, attempt.number, error)
+        log.warning("task_id=%s: %s", task_id, error.message)
+        return True
+
     async def depth(self) -> int:
         """Jobs waiting for a worker, every priority together (each group's lag: the entries it
         has not handed out yet)."""
@@ -144,7 +188,7 @@ class RedisQueue:
             if where is None:
                 return None
             parts = where.decode().split(" ")
-            if len(parts) < 3:
+            if len(parts) < 3 or parts[1] == PENDING:
                 return None
             name, ordinal = parts[0], int(parts[2])
             groups = await self._groups()

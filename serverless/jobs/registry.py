@@ -208,6 +208,9 @@ class Jobs:
         log.info("task_id=%s: cancel of attempt %s requested for the instance running it", task_id, attempt)
         return "cancelling"
 
+    async def end_if_stranded(self, task_id: str) -> None:
+        """Nothing waits here where it could be stranded: ComfyUI's queue is watched by its jobs."""
+
     async def measure(self) -> None:
         """Nothing kept elsewhere: every metric of this runner is counted as it happens."""
 

@@ -104,6 +104,11 @@ class JobRunner(Protocol):
         held it (removed, ended). NotFound for an unknown task, Conflict for one that has ended."""
         ...
 
+    async def end_if_stranded(self, task_id: str) -> None:
+        """End a task that waits where it can no longer run (a fleet's queue past QUEUE_TTL, or a
+        queue that lost it), so that whoever reads it next reads its end; nothing on one box."""
+        ...
+
     async def queue_position(self, task_id: str) -> int | None:
         """How many jobs wait ahead of a queued task, where a queue before ComfyUI's holds it
         (None: none does; the job's own progress events tell its place in ComfyUI's queue)."""

@@ -56,11 +56,8 @@ async def _not_ready_because(resources: Resources, jobs: JobRunner) -> str | Non
     refusal = await jobs.refusal()
     if refusal is not None:
         return refusal
-    if resources.settings.role == "gateway":  # no ComfyUI of its own: Redis is what it needs
-        up = await resources.status.writable()
-        return (
-            None if up else f"the status store cannot be written ({resources.status.health()['not_writable_because']})"
-        )
+    if resources.settings.role == "gateway":  # no ComfyUI of its own; what it shares is not its readiness
+        return None
     if resources.supervisor is not None and not resources.supervisor.ready:
         resources.metrics.comfyui_up.set(0)
         return resources.supervisor.problem

@@ -68,6 +68,11 @@ return number
 """
 
 
+class RedisFull(ConnectionError):
+    """Redis refused a write for want of memory (`maxmemory` with `noeviction`): the events are
+    kept and written again, as while Redis is down, rather than lost."""
+
+
 def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
     """The app's one Redis client: a bounded pool whose callers wait (up to POOL_WAIT seconds) for
     a free connection rather than fail; followers hold none while they wait (`StreamWatch`).
@@ -210,7 +215,7 @@ class RedisStatus:
             try:
                 await self._write(attempt, events)
                 return
-            except DOWN as exc:
+            except (*DOWN, RedisFull) as exc:
                 self._last_error = f"writing task {attempt.task_id}: {exc}"
                 log.warning(
                     "task_id=%s: Redis is down (%s); %d event(s) kept, retrying in %.1fs",
@@ -240,6 +245,8 @@ class RedisStatus:
         for result in results:
             if isinstance(result, DOWN):
                 raise result
+            if isinstance(result, rexc.ResponseError) and str(result).startswith("OOM"):
+                raise RedisFull(str(result))  # kept and written again once Redis has room
             if isinstance(result, rexc.ResponseError) and "equal or smaller" not in str(result):
                 # written before a lost answer ("equal or smaller" id): nothing to do; anything else is a bug
                 log.error("task_id=%s: Redis refused an event: %s", attempt.task_id, result)
@@ -396,6 +403,8 @@ class RedisStatus:
                     number, offset, cursor = tip.newest, offset + cursor, 0
                 elif seen_end:
                     return  # resumed after its terminal payload
+                elif tip.last is not None and tip.last[1]:
+                    continue  # its terminal payload was stored since the read above: read it
                 elif tip.newest == number and tip.alive is False:
                     if cursor <= (tip.last[0] if tip.last else 0):  # not resumed after the lost error
                         yield Entry(offset + cursor + 1, self.lost_payload(), True)

@@ -45,6 +45,7 @@ async def task(request: Request) -> Response:
     its webhook went, when it has one."""
     state = app_state(request)
     task_id = await _task_id(request)
+    await state.jobs.end_if_stranded(task_id)
     summary = await state.resources.status.summary(task_id)
     if summary is None:
         raise unknown_task(task_id)
@@ -78,4 +79,5 @@ async def events(request: Request) -> Response:
     job = state.jobs.get(task_id)
     if job is None and not await resources.status.known(task_id):
         raise unknown_task(task_id)
-    return EventStream(TaskEvents(task_id, resources.status, job), resources.settings, after)
+    source = TaskEvents(task_id, resources.status, job, state.jobs.end_if_stranded)
+    return EventStream(source, resources.settings, after)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..errors import error_from_payload
 from ..jobs.feed import Event, ReaderTooSlow
@@ -29,10 +29,17 @@ BIG_PAYLOAD = 256 * 1024  # terminal payloads from this size on are decoded in a
 class TaskEvents:
     """The events of task `task_id`; `job` is its job when it runs on this instance."""
 
-    def __init__(self, task_id: str, status: TaskLogs, job: RunningJob | None) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        status: TaskLogs,
+        job: RunningJob | None,
+        strand_check: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.task_id = task_id
         self.status = status
         self.job = job
+        self.strand_check = strand_check  # `JobRunner.end_if_stranded`, asked while the log is silent
 
     async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
         """Every event after number `after` until the terminal one; None after `idle` seconds
@@ -66,6 +73,8 @@ class TaskEvents:
     async def _tail(self, cursor: int, idle: float | None) -> AsyncIterator[Event | None]:
         async for entry in self.status.follow(self.task_id, cursor, idle=idle):
             if entry is None:
+                if self.strand_check is not None:
+                    await self.strand_check(self.task_id)
                 yield None
             elif entry.terminal:
                 yield await _terminal(entry.seq, entry.data)
