@@ -585,3 +585,36 @@ def test_keda_counts_every_priority_streams_waiting_and_running_jobs(priority: s
     assert all(metadata["consumerGroup"] == GROUP for metadata in on_stream)
     assert sorted("lagCount" in metadata for metadata in on_stream) == [False, True]
     assert {metadata.get("lagCount", metadata.get("pendingEntriesCount")) for metadata in on_stream} == {"1"}
+
+
+# -- README --------------------------------------------------------------------------------------
+
+
+def test_readme_tells_how_to_operate_the_fleet() -> None:
+    section = (ROOT / "README.md").read_text().split("## Operating the fleet", 1)[1].split("\n## ", 1)[0]
+    for topic in ("**Sizing Redis.**", "**Probes: what each one means.**", "**Upgrades.**", "**Failures.**"):
+        assert topic in section
+    faults = [
+        line.split("|")[1].strip()
+        for line in section.split("**Failures.**", 1)[1].splitlines()
+        if line.startswith("| ")
+    ]
+    for fault in (
+        "a worker is killed",
+        "ComfyUI crashes",
+        "with AOF",
+        "without AOF",
+        "Redis is full",
+        "a gateway is killed",
+        "network partition",
+    ):
+        assert any(fault in row for row in faults), fault
+    for name in [
+        *objects("Deployment"),
+        *objects("StatefulSet"),
+        *objects("CronJob"),
+        *objects("PersistentVolumeClaim"),
+    ]:
+        assert f"`{name}`" in section, f"{name} is not documented"
+    for secret in objects("Secret", example_secrets()):
+        assert f"Secret `{secret}`" in section, secret
