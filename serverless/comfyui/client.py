@@ -309,6 +309,14 @@ class ComfyUI:
                 return Fetched(*read)
         return await self._view(item, with_content)
 
+    async def local_output(self, item: Mapping[str, Any]) -> Path | None:
+        """The path of a history output item's file when it is on our disk (ComfyUI's folder for
+        its type holds it), so that it can be streamed from there; None otherwise."""
+        folder = self.folders.for_type(str(item.get("type", "output") or "output"))
+        if folder is None:
+            return None
+        return await asyncio.to_thread(_local_item, folder, item)
+
     async def _view(self, item: Mapping[str, Any], with_content: bool) -> Fetched:
         name = item.get("filename")
         method = "GET" if with_content else "HEAD"
@@ -403,6 +411,12 @@ def _read_item(folder: Path, item: Mapping[str, Any], with_content: bool) -> tup
     return read_output(
         confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", ""))), with_content
     )
+
+
+def _local_item(folder: Path, item: Mapping[str, Any]) -> Path | None:
+    """A history item's file in `folder` (blocking): confined to it, None when not a file there."""
+    path = confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")))
+    return path if path.is_file() else None
 
 
 def _prompt_error_message(answer: Any) -> str:

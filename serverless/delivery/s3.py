@@ -1,0 +1,337 @@
+"""S3-compatible buckets (AWS S3, MinIO, R2, B2, GCS interoperability): where outputs go and
+`s3://` loader inputs are read from when `STORAGE=s3`.
+
+obstore (Rust's `object_store`) is natively async: requests run on its own runtime, so nothing here
+blocks the event loop and no thread pool is needed. An output file is uploaded in parts
+(`PART_BYTES` each, `PART_CONCURRENCY` at a time) straight from disk; an input is streamed and
+refused by its announced size, then by counting. obstore errors are translated here and only here,
+keeping the S3 error code and HTTP status only: an S3 error body can echo the canonical request
+(session token included) and is never logged or raised.
+
+Credentials are the instance's: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`,
+else a profile's static keys (`AWS_PROFILE` in the shared credentials and config files), else
+what obstore finds itself (web identity token, container credentials, instance metadata). The
+buckets they may read for a caller are only those the settings name (no confused deputy).
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
+from obstore.store import S3Store as _ObjectStore
+
+from ..errors import InputError, OutputError
+from .storage import Credentials, Source, UploadedObject
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig
+    from obstore.store import S3Config as _StoreConfig
+
+log = logging.getLogger(__name__)
+
+Addressing = Literal["path", "virtual"]
+MiB = 1024 * 1024
+PART_BYTES = 8 * MiB  # S3 wants parts of 5 MiB at least (but the last); 10,000 parts: 80 GB
+PART_CONCURRENCY = 4  # parts in flight per upload: what an upload holds in memory is about their sum
+READ_CHUNK = 256 * 1024
+MAX_EXPIRES_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+DEFAULT_REGION = "us-east-1"
+# S3's bucket naming rules (the strict ones every S3-compatible service accepts).
+_BUCKET = re.compile(r"(?!xn--)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_EXT = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_ERROR_CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
+_HTTP_STATUS = re.compile(r"status code: (\d{3})")
+
+
+@dataclass(frozen=True, slots=True)
+class AwsKeys:
+    """A static AWS key pair, with the session token when temporary. Nothing secret in `repr`."""
+
+    access_key_id: str = field(repr=False)
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """The output bucket and how to reach it; `input_buckets` are the others `s3://` may read.
+    `endpoint` None means AWS itself (`s3.<region>.amazonaws.com`)."""
+
+    bucket: str
+    region: str = DEFAULT_REGION
+    endpoint: str | None = None
+    addressing: Addressing = "path"
+    input_buckets: tuple[str, ...] = ()
+    key_prefix: str = "serverless-api-output"
+    expires_in: int = 0
+    keys: AwsKeys | None = field(default=None, repr=False)
+
+    @property
+    def readable(self) -> tuple[str, ...]:
+        """Every bucket `s3://` inputs may name: the output bucket, then S3_INPUT_BUCKETS."""
+        return (self.bucket, *(b for b in self.input_buckets if b != self.bucket))
+
+    def bucket_endpoint(self, bucket: str) -> str | None:
+        """The URL obstore is given for `bucket`. Virtual-hosted addressing with an endpoint puts the
+        bucket in the host name, as obstore expects it there (`https://<bucket>.<host>`)."""
+        if self.endpoint is None or self.addressing == "path":
+            return self.endpoint
+        parts = urlsplit(self.endpoint)
+        return f"{parts.scheme}://{bucket}.{parts.netloc}"
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://<bucket>/<key>` -> (bucket, key), the key verbatim; ValueError says what is wrong."""
+    if url[:5].lower() != "s3://":
+        raise ValueError("not an s3:// URL")
+    bucket, _, key = url[5:].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"invalid bucket name {bucket!r}")
+    if not key or key.startswith("/"):
+        raise ValueError("no object key")
+    return bucket, key
+
+
+def check_bucket(name: str, setting: str) -> str:
+    """`name` when it is a valid S3 bucket name; ValueError naming `setting` otherwise."""
+    if not _BUCKET.fullmatch(name):
+        raise ValueError(f"{setting}: not a valid S3 bucket name: {name!r}")
+    return name
+
+
+def endpoint_url(value: str) -> str:
+    """`scheme://host[:port]` from S3_ENDPOINT_URL; ValueError naming it otherwise."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"S3_ENDPOINT_URL: expected an http(s) URL without a path, got {value!r}")
+    if parts.username or parts.password:
+        raise ValueError("S3_ENDPOINT_URL: credentials do not belong in the URL (use AWS_ACCESS_KEY_ID)")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def profile_keys(profile: str, credentials_file: Path, config_file: Path) -> AwsKeys | None:
+    """A profile's static keys from the AWS shared files (credentials first, then config's
+    `[profile <name>]`); None when neither holds a key pair for it. Blocking: read at start-up."""
+    for path, section in ((credentials_file, profile), (config_file, f"profile {profile}"), (config_file, profile)):
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path, encoding="utf-8")
+        except (OSError, configparser.Error) as exc:
+            raise ValueError(f"AWS_PROFILE={profile!r}: {path} cannot be read ({type(exc).__name__})") from None
+        if not parser.has_section(section):
+            continue
+        values = parser[section]
+        key_id, secret = values.get("aws_access_key_id"), values.get("aws_secret_access_key")
+        if key_id and secret:
+            return AwsKeys(key_id.strip(), secret.strip(), (values.get("aws_session_token") or "").strip() or None)
+    return None
+
+
+class S3Store:
+    """Uploads outputs to the configured bucket and reads `s3://` inputs from the buckets the
+    settings name. One obstore client per bucket, made at start-up; obstore retries transient
+    failures (5xx, connection errors) itself, `attempts` times in all with exponential backoff."""
+
+    scheme = "s3"
+
+    def __init__(self, config: S3Config, *, attempts: int = 3, backoff_s: float = 0.5, timeout_s: float = 60.0) -> None:
+        self.config = config
+        retry: RetryConfig = {
+            "max_retries": max(0, attempts - 1),
+            "backoff": {"init_backoff": timedelta(seconds=backoff_s), "max_backoff": timedelta(seconds=10), "base": 2},
+            "retry_timeout": timedelta(seconds=timeout_s * attempts),
+        }
+        client: ClientConfig = {
+            "connect_timeout": timedelta(seconds=min(10.0, timeout_s)),
+            "timeout": timedelta(seconds=timeout_s),  # one request: a part, a small PUT, a GET's headers
+            "allow_http": (config.endpoint or "").startswith("http://"),
+        }
+        self._stores = {name: self._open(name, retry, client) for name in config.readable}
+        self._closed = False
+
+    def _open(self, bucket: str, retry: RetryConfig, client: ClientConfig) -> _ObjectStore:
+        cfg = self.config
+        settings: _StoreConfig = {
+            "region": cfg.region,
+            "virtual_hosted_style_request": cfg.addressing == "virtual",
+        }
+        endpoint = cfg.bucket_endpoint(bucket)
+        if endpoint is not None:
+            settings["endpoint"] = endpoint
+        if cfg.keys is not None:
+            settings["access_key_id"] = cfg.keys.access_key_id
+            settings["secret_access_key"] = cfg.keys.secret_access_key
+            if cfg.keys.session_token:
+                settings["session_token"] = cfg.keys.session_token
+        return _ObjectStore(bucket, config=settings, client_options=client, retry_config=retry)
+
+    @property
+    def region(self) -> str:
+        return self.config.region
+
+    @property
+    def bucket(self) -> str:
+        return self.config.bucket
+
+    def missing_credentials(self, credentials: Credentials | None) -> str | None:
+        """The instance's AWS credentials sign every request: a caller's Alibaba keys are not needed."""
+        return None
+
+    def object_key(self, ext: str) -> str:
+        """`<prefix>/<uuid4>.<ext>` (no dot when `ext` is empty or not a plain extension)."""
+        ext = ext.lstrip(".")
+        name = f"{uuid.uuid4()}.{ext}" if _EXT.fullmatch(ext) else str(uuid.uuid4())
+        return f"{self.config.key_prefix}/{name}" if self.config.key_prefix else name
+
+    async def upload(
+        self, credentials: Credentials | None, source: Source, ext: str, content_type: str
+    ) -> UploadedObject:
+        """Put `source` under a new key: a file in parts, streamed from disk, overlapping each
+        other; bytes in one request when smaller than a part. OutputError after the retries."""
+        cfg = self.config
+        key = self.object_key(ext)
+        store = self._store(cfg.bucket)
+        try:
+            await obstore.put_async(
+                store,
+                key,
+                source,
+                attributes={"Content-Type": content_type},
+                chunk_size=PART_BYTES,
+                max_concurrency=PART_CONCURRENCY,
+            )
+        except (BaseError, OSError) as exc:
+            # obstore's NotFound is Python's FileNotFoundError: a missing file has no HTTP status.
+            if isinstance(exc, OSError) and _HTTP_STATUS.search(str(exc)) is None:
+                reason = exc.strerror or type(exc).__name__
+                raise OutputError(f"output file could not be read for upload: {reason}") from None
+            raise OutputError(f"S3 upload to bucket {cfg.bucket} failed: {_describe(exc)}") from None
+        if cfg.expires_in <= 0:
+            return UploadedObject(cfg.region, cfg.bucket, key, None, None)
+        expire = int(time.time()) + cfg.expires_in
+        url = await self._sign(key, cfg.expires_in)
+        return UploadedObject(cfg.region, cfg.bucket, key, url, expire)
+
+    async def sign_object(
+        self, credentials: Credentials | None, key: str, expires_in: int, process: str | None = None
+    ) -> str | None:
+        """A presigned GET of `key` in the output bucket; None for an OSS image `process`, which
+        S3 cannot apply (the caller falls back to a link that converts)."""
+        if process:
+            return None
+        return await self._sign(key, min(expires_in, MAX_EXPIRES_S))
+
+    async def read(self, credentials: Credentials | None, url: str, max_bytes: int) -> bytes:
+        """The bytes of `s3://bucket/key`, for the buckets the settings name only; InputError
+        saying why not. Refused by its size before its body is read, then by counting."""
+        try:
+            bucket, key = parse_s3_url(url)
+        except ValueError as exc:
+            raise InputError(f"invalid S3 URL: {exc}") from exc
+        where = f"s3://{bucket}/{key}"
+        if bucket not in self._stores:
+            allowed = ", ".join(self.config.readable)
+            raise InputError(f"{where} is not readable by this instance (S3_BUCKET, S3_INPUT_BUCKETS: {allowed})")
+        try:
+            result = await obstore.get_async(self._store(bucket), key)
+            size = result.meta["size"]
+            if size > max_bytes:
+                raise InputError(f"{where} is too large ({size} bytes): the limit is {max_bytes} bytes")
+            body, total = bytearray(), 0
+            async for chunk in result.stream(min_chunk_size=READ_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise InputError(f"{where} is too large: the limit is {max_bytes} bytes")
+                body += chunk
+        except (FileNotFoundError, NotFoundError):  # obstore raises the first for a missing object
+            raise InputError(f"{where} not found") from None
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            raise InputError(f"{where} access denied: {_describe(exc)}") from None
+        except BaseError as exc:
+            raise InputError(f"{where} could not be read: {_describe(exc)}") from None
+        return bytes(body)
+
+    def close(self) -> None:
+        """obstore holds only pooled connections, dropped with the clients."""
+        self._closed = True
+        self._stores.clear()
+
+    async def _sign(self, key: str, expires_in: int) -> str:
+        try:
+            return await obstore.sign_async(self._store(self.config.bucket), "GET", key, timedelta(seconds=expires_in))
+        except BaseError as exc:
+            raise OutputError(f"S3 URL of {self.config.bucket}/{key} could not be signed: {_describe(exc)}") from None
+
+    def _store(self, bucket: str) -> _ObjectStore:
+        if self._closed:
+            raise RuntimeError("S3Store is closed")
+        return self._stores[bucket]
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, for a person: the S3 error code and HTTP status, else the error's kind;
+    never obstore's message (it carries S3's error body)."""
+    text = str(exc)
+    code, status = _ERROR_CODE.search(text), _HTTP_STATUS.search(text)
+    if code and status:
+        return f"{code[1]} (HTTP {status[1]})"
+    if status:
+        return f"HTTP {status[1]}"
+    return type(exc).__name__.removesuffix("Error").lower() + " error" if type(exc) is not BaseError else "error"
+
+
+def config_from_settings(
+    bucket: str,
+    region: str,
+    endpoint: str,
+    addressing: str,
+    input_buckets: tuple[str, ...],
+    key_prefix: str,
+    expires_in: int,
+    aws: Mapping[str, str],
+) -> S3Config:
+    """The S3 settings checked (ValueError naming the variable); keys from `aws` (the AWS_*
+    variables), else from the profile it names. Blocking when a profile is read: at start-up."""
+    if not bucket:
+        raise ValueError("STORAGE=s3 needs S3_BUCKET (the bucket outputs are uploaded to)")
+    check_bucket(bucket, "S3_BUCKET")
+    for name in input_buckets:
+        check_bucket(name, "S3_INPUT_BUCKETS")
+    url = endpoint_url(endpoint) if endpoint else None
+    if addressing not in ("auto", "path", "virtual"):
+        raise ValueError(f"S3_ADDRESSING: expected auto, path or virtual, got {addressing!r}")
+    # auto: virtual-hosted on AWS itself (its default), path-style on another endpoint (MinIO's).
+    style: Addressing = "virtual" if addressing == "virtual" or (addressing == "auto" and url is None) else "path"
+    if not 0 <= expires_in <= MAX_EXPIRES_S:
+        raise ValueError(f"OSS_EXPIRES_IN_SECOND: must be from 0 to {MAX_EXPIRES_S} (7 days) on S3")
+    return S3Config(bucket, region or DEFAULT_REGION, url, style, input_buckets, key_prefix, expires_in, _keys(aws))
+
+
+def _keys(aws: Mapping[str, str]) -> AwsKeys | None:
+    key_id, secret = aws.get("AWS_ACCESS_KEY_ID", ""), aws.get("AWS_SECRET_ACCESS_KEY", "")
+    if key_id and secret:
+        return AwsKeys(key_id, secret, aws.get("AWS_SESSION_TOKEN") or None)
+    profile = aws.get("AWS_PROFILE")
+    if not profile:
+        return None  # obstore's own chain: web identity, container credentials, instance metadata
+    home = Path.home() / ".aws"
+    credentials = Path(aws.get("AWS_SHARED_CREDENTIALS_FILE") or home / "credentials")
+    config = Path(aws.get("AWS_CONFIG_FILE") or home / "config")
+    keys = profile_keys(profile, credentials, config)
+    if keys is None:
+        raise ValueError(
+            f"AWS_PROFILE={profile!r}: no aws_access_key_id/aws_secret_access_key for it in {credentials} or {config}"
+        )
+    return keys
