@@ -7,12 +7,12 @@ AWS Signature Version 4 as S3 does before it serves a request.
            skew, the payload's SHA-256 and URL expiry; any mismatch is a 403 with an S3 XML error
         -> moto's S3 handlers, called in process (tests/oss_server.py's `_moto_dispatch`)
 
+Path-style (`/<bucket>/<key>`) on its own address, and virtual-hosted (`Host: <bucket>.s3.test`)
+when a client uses it as its HTTP proxy (no DNS needed).
+
 moto checks no signature itself (its IAM check is off unless INITIAL_NO_AUTH_ACTION_COUNT is set,
 and then reads only the Authorization header, never a presigned URL's, and never its expiry), so
-without this layer a wrong secret would pass. Path-style only (`/<bucket>/<key>`).
-
-Run as `python -m tests.s3_server` it serves in its own process (the memory test measures the
-uploading process alone) and prints its endpoint; it stops when its standard input closes.
+without this layer a wrong secret would pass.
 
     canonical request = METHOD \\n URI-encoded path \\n canonical query \\n canonical headers \\n
                         signed header names \\n x-amz-content-sha256 (or UNSIGNED-PAYLOAD)
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import sys
 import threading
 import time
 import uuid
@@ -48,6 +47,8 @@ MAX_EXPIRES_S = 7 * 24 * 3600
 UNSIGNED = "UNSIGNED-PAYLOAD"
 _DATETIME = "%Y%m%dT%H%M%SZ"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-~.")
+# Requests whose Host is `<bucket>.s3.test` (through this server as an HTTP proxy) are virtual-hosted.
+VIRTUAL_DOMAIN = "s3.test"
 _PRESIGN = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders")
 
 
@@ -322,18 +323,30 @@ class LocalS3:
         # Read the body before any refusal, or the client sees a reset instead of our 403.
         body = request.get_data()
         raw = str(environ.get("RAW_URI") or environ.get("REQUEST_URI") or request.path)
+        if raw.startswith("http://"):  # through a proxy: the absolute form
+            raw = "/" + raw.split("/", 3)[3] if raw.count("/") >= 3 else "/"
         path, _, raw_query = raw.partition("?")
         query = parse_query(raw_query)
-        response = self._handle(request, path, raw_query, query, body)
+        # Virtual-hosted addressing: the bucket is the first label of the host name.
+        host = request.headers.get("Host", "").split(":", 1)[0]
+        bucket = host.removesuffix("." + VIRTUAL_DOMAIN) if host.endswith("." + VIRTUAL_DOMAIN) else None
+        response = self._handle(request, path, raw_query, query, body, bucket)
+        stored = f"/{bucket}{path}" if bucket else path
         record = RequestRecord(
-            request.method, unquote(path), tuple(k for k, _ in query), response.status_code, len(body)
+            request.method, unquote(stored), tuple(k for k, _ in query), response.status_code, len(body)
         )
         with self._lock:
             self.requests.append(record)
         return iter(response(environ, start_response))
 
     def _handle(
-        self, request: Request, path: str, raw_query: str, query: list[tuple[str, str]], body: bytes
+        self,
+        request: Request,
+        path: str,
+        raw_query: str,
+        query: list[tuple[str, str]],
+        body: bytes,
+        virtual_bucket: str | None,
     ) -> Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
         with self._lock:
@@ -344,6 +357,8 @@ class LocalS3:
             self._verifier.verify(request.method, path, query, headers, body)
         except Denied as denied:
             return _error(denied.status, denied.code, denied.message)
+        if virtual_bucket is not None:
+            path = f"/{virtual_bucket}{path}"
         if path.strip("/").split("/", 1)[0] not in self.buckets:
             return _error(404, "NoSuchBucket", "The specified bucket does not exist")
         kept = "&".join(p for p in raw_query.split("&") if p and not p.startswith("X-Amz-"))
@@ -371,15 +386,3 @@ def _error(status: int, code: str, message: str) -> Response:
         f"<Message>{escape(message)}</Message><RequestId>{request_id}</RequestId></Error>"
     )
     return Response(body, status=status, content_type="application/xml", headers={"x-amz-request-id": request_id})
-
-
-def main() -> None:
-    """`python -m tests.s3_server KEY_ID SECRET BUCKET...`: serve until standard input closes."""
-    key_id, secret, *buckets = sys.argv[1:]
-    with LocalS3({key_id: (secret, None)}, buckets) as server:
-        print(server.endpoint, flush=True)
-        sys.stdin.read()
-
-
-if __name__ == "__main__":
-    main()

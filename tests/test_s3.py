@@ -239,6 +239,29 @@ async def test_sign_object_signs_anew_and_leaves_oss_image_processing_to_others(
     assert await signing_store.sign_object(None, "out/cat.png", 60, "image/format,jpg") is None
 
 
+async def test_virtual_hosted_addressing_puts_the_bucket_in_the_host_name(
+    local_s3: LocalS3, buckets: tuple[str, str, str]
+) -> None:
+    """The local server is the client's HTTP proxy, so `<bucket>.s3.test` needs no DNS."""
+    out, extra, _ = buckets
+    config = S3Config(out, REGION, "http://s3.test", "virtual", (extra,), expires_in=60, keys=AwsKeys(KEY_ID, SECRET))
+    store = S3Store(config, backoff_s=0.01, proxy_url=local_s3.endpoint)
+    local_s3.put_object(extra, "in/dog.png", b"dog")
+
+    uploaded = await store.upload(None, b"virtual", "png", "image/png")
+    read = await store.read(None, f"s3://{extra}/in/dog.png", 100)
+
+    assert local_s3.get_object(out, uploaded.object)[0] == b"virtual" and read == b"dog"
+    assert uploaded.url is not None and uploaded.url.startswith(f"http://{out}.s3.test/{uploaded.object}?")
+    proxied = await asyncio.to_thread(requests.get, uploaded.url, proxies={"http": local_s3.endpoint}, timeout=10)
+    assert proxied.content == b"virtual"
+    assert [(r.method, r.path, r.status) for r in local_s3.requests] == [
+        ("PUT", f"/{out}/{uploaded.object}", 200),
+        ("GET", f"/{extra}/in/dog.png", 200),
+        ("GET", f"/{out}/{uploaded.object}", 200),
+    ]
+
+
 # --- s3:// inputs -----------------------------------------------------------------------------------
 
 

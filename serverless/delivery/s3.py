@@ -146,7 +146,15 @@ class S3Store:
 
     scheme = "s3"
 
-    def __init__(self, config: S3Config, *, attempts: int = 3, backoff_s: float = 0.5, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        config: S3Config,
+        *,
+        attempts: int = 3,
+        backoff_s: float = 0.5,
+        timeout_s: float = 60.0,
+        proxy_url: str | None = None,
+    ) -> None:
         self.config = config
         retry: RetryConfig = {
             "max_retries": max(0, attempts - 1),
@@ -158,6 +166,8 @@ class S3Store:
             "timeout": timedelta(seconds=timeout_s),  # one request: a part, a small PUT, a GET's headers
             "allow_http": (config.endpoint or "").startswith("http://"),
         }
+        if proxy_url is not None:  # an HTTP proxy for every request
+            client["proxy_url"] = proxy_url
         self._stores = {name: self._open(name, retry, client) for name in config.readable}
         self._closed = False
 

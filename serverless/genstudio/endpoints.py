@@ -32,7 +32,7 @@ from ..auth import may_see
 from ..core.media import sniff
 from ..delivery import links
 from ..delivery.convert import EXTENSION, Conversion
-from ..delivery.oss import Credentials
+from ..delivery.storage import Credentials
 from ..errors import Conflict, Forbidden, InvalidParams, NotFound, as_serverless_error
 from ..inputs.verify import verify_media
 from ..jobs.feed import Event
