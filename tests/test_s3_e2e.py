@@ -245,6 +245,34 @@ def test_missing_s3_input_or_an_oss_input_on_s3_is_input_error_naming_the_node(
     assert "oss:// inputs need OSS to be configured" in oss.json()["error_message"]
 
 
+# --- one contract, two topologies -------------------------------------------------------------------
+
+
+def test_on_a_box_and_through_a_fleet_s3_inputs_are_read_and_outputs_uploaded(
+    deployment: Callable[..., Any], local_s3: LocalS3, buckets: tuple[str, str, str]
+) -> None:
+    """Gateway and workers carry the same S3 settings; the workers read and upload with their own
+    AWS credentials (nothing of them goes through Redis)."""
+    out, _, foreign = buckets
+    url = deployment(**s3_env(local_s3, buckets)).url
+    picture = png(4, 3)
+    local_s3.put_object(out, "inputs/topology.png", picture, "image/png")
+    local_s3.put_object(foreign, "inputs/topology.png", picture, "image/png")
+
+    response = post_run(url, invert_workflow(f"s3://{out}/inputs/topology.png", "s3topo"), params=OSS_ON)
+    refused = post_run(url, invert_workflow(f"s3://{foreign}/inputs/topology.png", "s3topo"), params=OSS_ON)
+
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]["results"]
+    oss = result["output"]["oss"]
+    stored, headers = local_s3.get_object(out, oss["object"])
+    assert headers["content-type"] == "image/png" and requests.get(oss["url"], timeout=10).content == stored
+    expected = comfyui_inverted(Image.open(io.BytesIO(picture)))
+    assert Image.open(io.BytesIO(stored)).convert("RGB").tobytes() == expected.tobytes()
+    assert refused.status_code == 400 and refused.json()["error_code"] == "INPUT_ERROR"
+    assert "is not readable by this instance" in refused.json()["error_message"]
+
+
 # --- a big output: in parts, from disk, memory flat ---------------------------------------------------
 
 
