@@ -6,6 +6,7 @@ independent signer (boto3), so that a pass here means obstore signs as S3 expect
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -25,6 +26,7 @@ from serverless.delivery.s3 import AwsKeys, S3Config, S3Store, config_from_setti
 from serverless.errors import InputError, OutputError
 from serverless.settings import Settings, SettingsError
 from tests.s3_server import LocalS3
+from tests.servers import free_port
 
 KEY_ID, SECRET = "AKIA-test-key-id", "s3-secret-never-shown"
 STS_ID, STS_SECRET, STS_TOKEN = "ASIA-test-key-id", "s3-sts-secret-never-shown", "s3-sts-token-never-shown"
@@ -314,6 +316,49 @@ async def test_read_with_a_wrong_secret_says_access_denied(local_s3: LocalS3, bu
         await store.read(None, f"s3://{buckets[0]}/in/cat.png", 100)
 
     assert info.value.message == f"s3://{buckets[0]}/in/cat.png access denied: SignatureDoesNotMatch (HTTP 403)"
+
+
+def listing(folder: Path) -> list[str]:
+    """The names in `folder` (blocking, small)."""
+    return sorted(path.name for path in folder.iterdir())
+
+
+async def test_download_streams_an_object_to_disk_with_its_digest(
+    store: S3Store, local_s3: LocalS3, buckets: tuple[str, str, str], tmp_path: Path
+) -> None:
+    data = bytes(range(256)) * 12289  # 3 MiB and a bit: several chunks
+    local_s3.put_object(buckets[1], "models/lora.safetensors", data)
+    dest = tmp_path / "models" / "lora.safetensors"
+
+    stored = await store.download(None, f"s3://{buckets[1]}/models/lora.safetensors", dest, len(data))
+
+    assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert dest.read_bytes() == data and listing(dest.parent) == ["lora.safetensors"]
+
+
+async def test_download_over_the_limit_or_missing_leaves_no_file(
+    store: S3Store, local_s3: LocalS3, buckets: tuple[str, str, str], tmp_path: Path
+) -> None:
+    local_s3.put_object(buckets[0], "models/big.bin", b"x" * 1000)
+
+    with pytest.raises(InputError, match="too large"):
+        await store.download(None, f"s3://{buckets[0]}/models/big.bin", tmp_path / "big.bin", 999)
+    with pytest.raises(InputError, match="not found"):
+        await store.download(None, f"s3://{buckets[0]}/models/none.bin", tmp_path / "none.bin", 999)
+    assert listing(tmp_path) == []
+
+
+async def test_an_endpoint_that_does_not_answer_is_an_error_saying_so(buckets: tuple[str, str, str]) -> None:
+    config = S3Config(buckets[0], REGION, f"http://127.0.0.1:{free_port()}", keys=AwsKeys(KEY_ID, SECRET))
+    store = S3Store(config, attempts=2, backoff_s=0.01, timeout_s=5)
+
+    with pytest.raises(OutputError) as upload:
+        await store.upload(None, b"x", "png", "image/png")
+    with pytest.raises(InputError) as read:
+        await store.read(None, f"s3://{buckets[0]}/in/cat.png", 10)
+
+    assert upload.value.message == f"S3 upload to bucket {buckets[0]} failed: cannot connect (after 1 retries)"
+    assert read.value.message == f"s3://{buckets[0]}/in/cat.png could not be read: cannot connect (after 1 retries)"
 
 
 @pytest.mark.parametrize(

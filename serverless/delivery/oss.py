@@ -8,8 +8,10 @@ module logs or raises contains an access key, secret, security token or signed U
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
+import os
 import re
 import time
 import uuid
@@ -29,7 +31,7 @@ from oss2.exceptions import InconsistentError, OssError, RequestError  # type: i
 
 from serverless.errors import InputError, OutputError
 
-from .storage import Credentials, Source, UploadedObject
+from .storage import Credentials, Source, StoredFile, UploadedObject
 
 __all__ = ["Credentials", "OssConfig", "OssStore", "ReadRule", "UploadedObject", "parse_oss_url", "read_rules"]
 
@@ -222,26 +224,57 @@ def _scrubbed(exc: OssError) -> OssError:
     return exc
 
 
-def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
-    """GET the object, refusing it by its length first and by counting while it streams."""
+def _stream_capped(bucket: Any, key: str, max_bytes: int, write: Callable[[bytes], object]) -> int:
+    """GET the object into `write`, refusing it by its length first and by counting while it
+    streams; its size. Network failures are RequestError (retried), a failing `write` itself."""
     with bucket.get_object(key) as result:
         if result.content_length is not None and result.content_length > max_bytes:
             raise _TooLarge(result.content_length)
-        # One buffer, handed over without a copy: an accepted object is held in memory once.
-        body, total, crc = io.BytesIO(), 0, oss2.utils.Crc64()
+        total, crc = 0, oss2.utils.Crc64()
         # One pass over the raw body. oss2's own reader restarts requests' iterator on every read,
         # which loses data of a chunked response; and the raw bytes are what OSS's CRC covers.
-        try:
-            for chunk in result.resp.response.raw.stream(_READ_CHUNK, decode_content=False):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise _TooLarge(None)
-                crc.update(chunk)
-                body.write(chunk)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise RequestError(exc) from exc
+        chunks = iter(result.resp.response.raw.stream(_READ_CHUNK, decode_content=False))
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise RequestError(exc) from exc
+            total += len(chunk)
+            if total > max_bytes:
+                raise _TooLarge(None)
+            crc.update(chunk)
+            write(chunk)
         oss2.utils.check_crc("get object", crc.crc, result.server_crc, result.request_id)
+    return total
+
+
+def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
+    # One buffer, handed over without a copy: an accepted object is held in memory once.
+    body = io.BytesIO()
+    _stream_capped(bucket, key, max_bytes, body.write)
     return body.getvalue()
+
+
+def _download_capped(bucket: Any, key: str, max_bytes: int, dest: Path) -> StoredFile:
+    """The object into `dest` through a hidden partial file (each attempt anew), hashed on the way."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as f:
+
+            def write(chunk: bytes) -> None:
+                digest.update(chunk)
+                f.write(chunk)
+
+            size = _stream_capped(bucket, key, max_bytes, write)
+        os.replace(partial, dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return StoredFile(size, digest.hexdigest())
 
 
 class OssStore:
@@ -349,6 +382,15 @@ class OssStore:
     async def read(self, creds: Credentials | None, url: str, max_bytes: int) -> bytes:
         """The bytes of `oss://...` (anonymously when `creds` is None); InputError saying why not.
         The instance's own credentials read only what `read_allowed` lists (no confused deputy)."""
+        return await self._get(creds, url, max_bytes, partial(_read_capped, max_bytes=max_bytes))
+
+    async def download(self, creds: Credentials | None, url: str, dest: Path, max_bytes: int) -> StoredFile:
+        """`oss://...` written to `dest` as it streams (whole or not at all), as `read` reads it."""
+        return await self._get(creds, url, max_bytes, partial(_download_capped, max_bytes=max_bytes, dest=dest))
+
+    async def _get(self, creds: Credentials | None, url: str, max_bytes: int, fetch: Callable[..., _T]) -> _T:
+        """`fetch(bucket, key)` of the object `url` names, in a thread with retries, once the URL,
+        its endpoint and the credentials' right to read it are checked; InputError saying why not."""
         try:
             bucket_name, endpoint, key = parse_oss_url(url, self.config.endpoint)
         except ValueError as exc:
@@ -367,7 +409,7 @@ class OssStore:
             )
         try:
             bucket = self._bucket(creds, endpoint_url, bucket_name, region)
-            return await self._retrying(partial(_read_capped, bucket, key, max_bytes), f"read of {where}")
+            return await self._retrying(partial(fetch, bucket, key), f"read of {where}")
         except _TooLarge as exc:
             size = f" ({exc.size} bytes)" if exc.size is not None else ""
             raise InputError(f"{where} is too large{size}: the limit is {max_bytes} bytes") from exc
@@ -379,6 +421,8 @@ class OssStore:
             else:
                 reason = f"could not be read: {_describe(exc)}"
             raise InputError(f"{where} {reason}") from _scrubbed(exc)
+        except OSError as exc:  # the download's own file
+            raise InputError(f"{where} could not be written to disk: {exc.strerror}") from exc
 
     def close(self) -> None:
         """Release pooled connections; the store cannot be used afterwards."""

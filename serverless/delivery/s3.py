@@ -21,7 +21,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +33,7 @@ from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, 
 from obstore.store import S3Store as _ObjectStore
 
 from ..errors import InputError, OutputError
-from .storage import Credentials, Source, UploadedObject
+from .storage import Credentials, FileSink, Source, StoredFile, UploadedObject
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -53,6 +53,9 @@ _BUCKET = re.compile(r"(?!xn--)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _EXT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _ERROR_CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
 _HTTP_STATUS = re.compile(r"status code: (\d{3})")
+_HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
+_RETRIES = re.compile(r"after (\d+) retries")
+_HTTP_KINDS = {"Connect": "cannot connect", "Timeout": "timed out", "Interrupted": "connection broken off"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +249,22 @@ class S3Store:
     async def read(self, credentials: Credentials | None, url: str, max_bytes: int) -> bytes:
         """The bytes of `s3://bucket/key`, for the buckets the settings name only; InputError
         saying why not. Refused by its size before its body is read, then by counting."""
+        body = bytearray()
+        async for chunk in self._chunks(url, max_bytes):
+            body += chunk
+        return bytes(body)
+
+    async def download(self, credentials: Credentials | None, url: str, dest: Path, max_bytes: int) -> StoredFile:
+        """`s3://bucket/key` written to `dest` as it streams (whole or not at all), hashed on the way."""
+        try:
+            async with FileSink(dest) as sink:
+                async for chunk in self._chunks(url, max_bytes):
+                    await sink.write(chunk)
+        except OSError as exc:  # the download's own file (obstore's are translated in _chunks)
+            raise InputError(f"{url} could not be written to disk: {exc.strerror}") from exc
+        return sink.stored
+
+    async def _chunks(self, url: str, max_bytes: int) -> AsyncIterator[bytes]:
         try:
             bucket, key = parse_s3_url(url)
         except ValueError as exc:
@@ -259,19 +278,18 @@ class S3Store:
             size = result.meta["size"]
             if size > max_bytes:
                 raise InputError(f"{where} is too large ({size} bytes): the limit is {max_bytes} bytes")
-            body, total = bytearray(), 0
+            total = 0
             async for chunk in result.stream(min_chunk_size=READ_CHUNK):
                 total += len(chunk)
                 if total > max_bytes:
                     raise InputError(f"{where} is too large: the limit is {max_bytes} bytes")
-                body += chunk
+                yield chunk
         except (FileNotFoundError, NotFoundError):  # obstore raises the first for a missing object
             raise InputError(f"{where} not found") from None
         except (PermissionDeniedError, UnauthenticatedError) as exc:
             raise InputError(f"{where} access denied: {_describe(exc)}") from None
         except BaseError as exc:
             raise InputError(f"{where} could not be read: {_describe(exc)}") from None
-        return bytes(body)
 
     def close(self) -> None:
         """obstore holds only pooled connections, dropped with the clients."""
@@ -291,15 +309,18 @@ class S3Store:
 
 
 def _describe(exc: BaseException) -> str:
-    """What went wrong, for a person: the S3 error code and HTTP status, else the error's kind;
-    never obstore's message (it carries S3's error body)."""
+    """What went wrong, for a person: the S3 error code and HTTP status, else what the connection
+    did; never obstore's message (it carries S3's error body)."""
     text = str(exc)
     code, status = _ERROR_CODE.search(text), _HTTP_STATUS.search(text)
     if code and status:
         return f"{code[1]} (HTTP {status[1]})"
     if status:
         return f"HTTP {status[1]}"
-    return type(exc).__name__.removesuffix("Error").lower() + " error" if type(exc) is not BaseError else "error"
+    kind = _HTTP_KIND.search(text)
+    retries = _RETRIES.search(text)
+    what = _HTTP_KINDS.get(kind[1], "request failed") if kind else "error"
+    return f"{what} (after {retries[1]} retries)" if retries else what
 
 
 def config_from_settings(

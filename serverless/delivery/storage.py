@@ -10,10 +10,14 @@ or a transport can name them without loading oss2 or obstore.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 # What an upload reads: bytes already in memory (a converted image), or a file streamed from disk.
 Source = bytes | Path
@@ -68,6 +72,56 @@ class UploadedObject:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """An object downloaded to disk: its size and SHA-256 (hex), counted as it streamed."""
+
+    size: int
+    sha256: str
+
+
+class FileSink:
+    """Writes a download to `dest` through a hidden partial file, in a thread per chunk (the loop
+    never waits on the disk); renamed into place on success, removed on any failure, so `dest`
+    is whole or absent. `stored` tells its size and SHA-256 once the block ends."""
+
+    def __init__(self, dest: Path) -> None:
+        self._dest = dest
+        self._partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self.stored = StoredFile(0, "")
+
+    async def __aenter__(self) -> FileSink:
+        self._file = await asyncio.to_thread(self._open)
+        return self
+
+    def _open(self) -> BinaryIO:
+        self._dest.parent.mkdir(parents=True, exist_ok=True)
+        return open(self._partial, "wb")
+
+    async def write(self, chunk: bytes) -> None:
+        assert self._file is not None
+        self._hash.update(chunk)
+        self._size += len(chunk)
+        await asyncio.to_thread(self._file.write, chunk)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        assert self._file is not None
+        await asyncio.to_thread(self._finish, exc is None)
+        if exc is None:
+            self.stored = StoredFile(self._size, self._hash.hexdigest())
+
+    def _finish(self, keep: bool) -> None:
+        assert self._file is not None
+        self._file.close()
+        if keep:
+            os.replace(self._partial, self._dest)
+        else:
+            self._partial.unlink(missing_ok=True)
+
+
 class Storage(Protocol):
     """A bucket that outputs go to and loader inputs are read from.
 
@@ -111,6 +165,11 @@ class Storage(Protocol):
 
     async def read(self, credentials: Credentials | None, url: str, max_bytes: int) -> bytes:
         """The bytes of an `oss://` or `s3://` input, streamed and refused past `max_bytes`."""
+        ...
+
+    async def download(self, credentials: Credentials | None, url: str, dest: Path, max_bytes: int) -> StoredFile:
+        """An `oss://` or `s3://` object written to `dest` as it streams (never whole in memory;
+        for models and other big files), refused past `max_bytes`; `dest` is whole or absent."""
         ...
 
     def close(self) -> None:
