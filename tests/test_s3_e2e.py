@@ -283,11 +283,17 @@ def memory_kib(pid: int) -> dict[str, int]:
     }
 
 
+@pytest.mark.parametrize("read_from", ["disk", "view"])
 def test_a_200_MB_output_is_uploaded_in_parts_with_flat_memory(
-    tmp_path: Path, local_s3: LocalS3, buckets: tuple[str, str, str], start_app_process: Callable[..., App]
+    read_from: str,
+    tmp_path: Path,
+    local_s3: LocalS3,
+    buckets: tuple[str, str, str],
+    start_app_process: Callable[..., App],
 ) -> None:
     """The app runs in its own process (its peak RSS is its own); the emulator's SaveVideo copies a
-    200 MB input into its output folder, which the app reads as ComfyUI's output folder."""
+    200 MB input into its output folder, which the app reads as ComfyUI's output folder (`disk`),
+    or, not knowing that folder, through ComfyUI's /view (`view`: spooled to a temporary file)."""
     emulator = Emulator(tmp_path / "emulator")
     try:
         block = uuid.uuid4().bytes * (MiB // 16)
@@ -295,7 +301,8 @@ def test_a_200_MB_output_is_uploaded_in_parts_with_flat_memory(
         with open(tmp_path / "emulator" / "input" / "big.mp4", "wb") as f:
             for _ in range(BIG // MiB):
                 f.write(block)
-        env = s3_env(local_s3, buckets, COMFYUI_OUTPUT_DIR=str(tmp_path / "emulator" / "output"))
+        folder = {"COMFYUI_OUTPUT_DIR": str(tmp_path / "emulator" / "output")} if read_from == "disk" else {}
+        env = s3_env(local_s3, buckets, **folder, TMPDIR=str(tmp_path))
         app = start_app_process(emulator.url, **env)
         warm = post_run(app.url, empty_image(prefix="warm"), params=OSS_ON)  # imports, pools, runtimes
         assert warm.status_code == 200, warm.text
@@ -323,8 +330,13 @@ def test_a_200_MB_output_is_uploaded_in_parts_with_flat_memory(
         parts = [r for r in local_s3.requests if r.method == "PUT" and "partNumber" in r.query_names]
         assert len(parts) == 25 and all(r.status == 200 for r in parts)
         growth_mib = (peak - before) / 1024
-        print(f"\napp peak RSS growth while uploading {BIG // MiB} MiB: {growth_mib:.1f} MiB")
-        assert growth_mib < 80, f"the app's memory grew by {growth_mib:.0f} MiB for a {BIG // MiB} MiB output"
+        print(f"\napp peak RSS growth while uploading {BIG // MiB} MiB from {read_from}: {growth_mib:.1f} MiB")
+        # Parts in flight and being filled (8 MiB each, 4 uploading): 56-72 MiB measured, whatever
+        # the file's size (400 MiB: the same). Whole in memory it would be 200 MiB at least.
+        assert growth_mib < BIG / MiB / 2, (
+            f"the app's memory grew by {growth_mib:.0f} MiB for a {BIG // MiB} MiB output"
+        )
         assert_log_clean(app)
+        assert not list(tmp_path.glob("serverless-output-*")), "the spooled copy is removed"
     finally:
         emulator.stop()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +318,29 @@ class ComfyUI:
         if folder is None:
             return None
         return await asyncio.to_thread(_local_item, folder, item)
+
+    @contextlib.asynccontextmanager
+    async def spooled_output(self, item: Mapping[str, Any]) -> AsyncIterator[Path]:
+        """A history output item's file copied from `/view` into a temporary file as it streams
+        (never whole in memory), for an upload that reads from disk; removed on exit. OutputError
+        when it cannot be read."""
+        name = item.get("filename")
+        fd, raw = await asyncio.to_thread(tempfile.mkstemp, prefix="serverless-output-", suffix=".part")
+        path = Path(raw)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                try:
+                    async with self.view(item) as view:
+                        if view.status != 200:
+                            raise OutputError(f"ComfyUI answered HTTP {view.status} for output {name}")
+                        async for chunk in view.chunks:
+                            await asyncio.to_thread(file.write, chunk)
+                except ComfyUIUnavailable as exc:
+                    raise OutputError(exc.message) from exc
+                await asyncio.to_thread(file.flush)  # what is left to close is not I/O
+            yield path
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
 
     async def _view(self, item: Mapping[str, Any], with_content: bool) -> Fetched:
         name = item.get("filename")

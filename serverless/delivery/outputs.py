@@ -137,9 +137,14 @@ class OutputCollector:
 
     async def _read(self, item: Mapping[str, Any]) -> OutputFile:
         if self._uploader is not None and not self._needs_content:
+            # Uploaded from disk: ComfyUI's own file when it is on this machine, else a copy of
+            # /view spooled to a temporary file (the bucket client streams it, in parts).
+            name = str(item.get("filename", "")) or "output"
             local = await self._comfy.local_output(item)
             if local is not None:
-                return await self._stream(local, str(item.get("filename", "")) or "output")
+                return await self._stream(local, name)
+            async with self._comfy.spooled_output(item) as spooled:
+                return await self._stream(spooled, name)
         fetched = await self._comfy.fetch(item, self._with_content)
         name = str(item.get("filename", "")) or "output"
         content, mime, size = fetched.content, _mime(fetched, name), fetched.size
