@@ -10,6 +10,7 @@ Secrets used here are distinctive strings, so that any of them in a log or an er
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 import uuid
@@ -23,9 +24,10 @@ import requests
 from PIL import Image
 
 from tests.conftest import base_env
-from tests.helpers import comfyui_inverted, decode_image, empty_image, post_run
+from tests.helpers import RUN, comfyui_inverted, decode_image, empty_image, post_run
 from tests.s3_server import LocalS3
 from tests.servers import App, Emulator, InProcessApp
+from tests.test_delivery_outputs import sse_payloads, two_outputs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -160,6 +162,39 @@ def test_output_oss_uploads_to_s3_with_presigned_urls_that_serve_the_files(
         expired = requests.get(url, timeout=10)
         assert expired.status_code == 403 and "expired" in expired.text
     assert_log_clean(s3_app, *urls)
+
+
+def test_an_early_output_is_in_the_bucket_while_the_job_still_runs(
+    own_emulator: Any, start_app: Callable[..., InProcessApp], local_s3: LocalS3, buckets: tuple[str, str, str]
+) -> None:
+    """The upload overlaps the job as OSS uploads do: the first output's `serverless_output` event
+    names an object that is already in the bucket, before the second output's node starts."""
+    app = start_app(own_emulator.url, **s3_env(local_s3, buckets))
+    # Each KSampler step takes 0.5 s until the first output has been seen: 20 s of margin.
+    requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.5}, timeout=5).raise_for_status()
+    events: list[tuple[int, dict[str, Any]]] = []
+    in_bucket_when_told = False
+    with requests.post(
+        app.url + RUN,
+        data=json.dumps(two_outputs(steps=40)),
+        stream=True,
+        timeout=60,
+        params={"stream": "true", **OSS_ON},
+    ) as response:
+        for seq, payload, _ in sse_payloads(response):
+            events.append((seq, payload))
+            if payload["type"] == "serverless_output" and not in_bucket_when_told:
+                local_s3.get_object(buckets[0], payload["data"]["output"]["oss"]["object"])  # KeyError if absent
+                in_bucket_when_told = True
+                requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0}, timeout=5)
+
+    early = [(seq, p) for seq, p in events if p["type"] == "serverless_output"]
+    second_starts = next(seq for seq, p in events if p["type"] == "executing" and p["data"].get("node") == "9")
+    assert in_bucket_when_told and early[0][1]["data"]["node_id"] == "101" and early[0][0] < second_starts
+    terminal = events[-1][1]
+    assert terminal["type"] == "serverless_api"
+    objects = {r["node_id"]: r["output"]["oss"]["object"] for r in terminal["data"]["results"]}
+    assert objects["101"] == early[0][1]["data"]["output"]["oss"]["object"] and objects["9"]
 
 
 def test_a_wrong_aws_secret_fails_the_upload_with_output_error_and_reports_no_object(
