@@ -17,6 +17,7 @@ buckets they may read for a caller are only those the settings name (no confused
 from __future__ import annotations
 
 import configparser
+import io
 import logging
 import re
 import time
@@ -249,10 +250,10 @@ class S3Store:
     async def read(self, credentials: Credentials | None, url: str, max_bytes: int) -> bytes:
         """The bytes of `s3://bucket/key`, for the buckets the settings name only; InputError
         saying why not. Refused by its size before its body is read, then by counting."""
-        body = bytearray()
+        body = io.BytesIO()  # handed over without a copy: an accepted object is held in memory once
         async for chunk in self._chunks(url, max_bytes):
-            body += chunk
-        return bytes(body)
+            body.write(chunk)
+        return body.getvalue()
 
     async def download(self, credentials: Credentials | None, url: str, dest: Path, max_bytes: int) -> StoredFile:
         """`s3://bucket/key` written to `dest` as it streams (whole or not at all), hashed on the way."""
