@@ -14,6 +14,7 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
@@ -89,7 +90,7 @@ async def fetch(url: str) -> requests.Response:
 # --- the test server refuses what S3 refuses, with an independent signer ----------------------------
 
 
-def boto(server: LocalS3, secret: str = SECRET) -> object:
+def boto(server: LocalS3, secret: str = SECRET) -> Any:
     config = Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 1})
     return boto3.client(
         "s3",
@@ -105,12 +106,12 @@ def test_local_server_accepts_boto3_and_refuses_a_wrong_secret(
     local_s3: LocalS3, buckets: tuple[str, str, str]
 ) -> None:
     good, bad = boto(local_s3), boto(local_s3, WRONG_SECRET)
-    good.put_object(Bucket=buckets[0], Key="check/a b+c.txt", Body=b"signed by boto3")  # type: ignore[attr-defined]
-    body = good.get_object(Bucket=buckets[0], Key="check/a b+c.txt")["Body"].read()  # type: ignore[attr-defined]
+    good.put_object(Bucket=buckets[0], Key="check/a b+c.txt", Body=b"signed by boto3")
+    body = good.get_object(Bucket=buckets[0], Key="check/a b+c.txt")["Body"].read()
     assert body == b"signed by boto3"
     with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
-        bad.get_object(Bucket=buckets[0], Key="check/a b+c.txt")  # type: ignore[attr-defined]
-    url = good.generate_presigned_url(  # type: ignore[attr-defined]
+        bad.get_object(Bucket=buckets[0], Key="check/a b+c.txt")
+    url = good.generate_presigned_url(
         "get_object", Params={"Bucket": buckets[0], "Key": "check/a b+c.txt"}, ExpiresIn=60
     )
     assert requests.get(url, timeout=10).content == b"signed by boto3"
