@@ -24,7 +24,8 @@ from .delivery import links
 from .delivery.convert import Conversion
 from .delivery.oss import OssConfig, OssStore, read_rules
 from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
-from .delivery.s3 import S3Store, config_from_settings
+from .delivery.s3 import S3Store
+from .delivery.s3_config import config_from_settings
 from .delivery.storage import Credentials, Source, Storage
 from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable, OutputError

@@ -23,7 +23,8 @@ import requests
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from serverless.delivery.s3 import AwsKeys, S3Config, S3Store, config_from_settings, parse_s3_url, profile_keys
+from serverless.delivery.s3 import S3Store
+from serverless.delivery.s3_config import AwsKeys, S3Config, config_from_settings, parse_s3_url, profile_keys
 from serverless.errors import InputError, OutputError
 from serverless.settings import Settings, SettingsError
 from tests.s3_server import LocalS3
