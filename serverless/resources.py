@@ -22,8 +22,11 @@ from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .delivery import links
 from .delivery.convert import Conversion
-from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
+from .delivery.oss import OssConfig, OssStore, read_rules
 from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
+from .delivery.s3 import S3Store
+from .delivery.s3_config import config_from_settings
+from .delivery.storage import Credentials, Source, Storage
 from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable, OutputError
 from .inputs.budget import ByteBudget
@@ -50,7 +53,7 @@ class Resources:
     comfy: ComfyUI
     status: StatusStore[Any]
     fetch_url: Callable[[str], Awaitable[bytes]]
-    oss: OssStore | None
+    storage: Storage | None  # the bucket STORAGE names (OSS or S3)
     supervisor: Supervisor | None
     reserved_output_dirs: tuple[tuple[str, ...], ...]
     workflows: HostedWorkflows
@@ -82,7 +85,7 @@ class Resources:
             status, redis = await open_status(settings, metrics)
             policy = download_policy(settings)
             budget = input_budget(settings)
-            oss = oss_store(settings, metrics.oss_retried)
+            store = await open_storage(settings, metrics.oss_retried)
             hooks_policy = webhook_policy(settings)
             # Untrusted input URLs (and webhook URLs) get their own sessions: guarded resolver and connector.
             async with create_download_session(policy) as downloads, create_download_session(hooks_policy) as hooks:
@@ -105,7 +108,7 @@ class Resources:
                                 comfy,
                                 status,
                                 fetch_url,
-                                oss,
+                                store,
                                 supervisor,
                                 reserved,
                                 workflows,
@@ -118,8 +121,8 @@ class Resources:
                             await webhooks.drain(settings.webhook_timeout + 1)
                 finally:
                     await status.aclose()
-                    if oss is not None:
-                        oss.close()
+                    if store is not None:
+                        store.close()
 
     def runtime(self) -> Runtime:
         """The collaborators every job uses."""
@@ -153,16 +156,20 @@ class Resources:
         return self.comfyui_generation()
 
     async def resolve_inputs(self, workflow: Workflow, credentials: Credentials | None) -> Workflow:
-        """Loader inputs (URLs, base64, oss://) fetched and uploaded; file names left as is."""
-        read_oss = None
-        if self.oss is not None:
-            read = partial(self.oss.read, credentials, max_bytes=self.settings.input_max_bytes)
-            read_oss = self.metrics.metered_fetch(read, "oss")
+        """Loader inputs (URLs, base64, oss://, s3://) fetched and uploaded; file names left as is."""
+        read_oss = read_s3 = None
+        if self.storage is not None:
+            read = partial(self.storage.read, credentials, max_bytes=self.settings.input_max_bytes)
+            if self.storage.scheme == "s3":
+                read_s3 = self.metrics.metered_fetch(read, "s3")
+            else:
+                read_oss = self.metrics.metered_fetch(read, "oss")
         return await resolve_inputs(
             workflow,
             loaders=LOADER_INPUTS | set(self.settings.input_loaders),
             fetch_url=self.fetch_url,
             read_oss=read_oss,
+            read_s3=read_s3,
             upload=self.comfy.upload_input,
             limits=input_limits(self.settings),
             budget=self.input_budget,
@@ -174,8 +181,9 @@ class Resources:
         """Reads a job's outputs (converts them, uploads them to OSS, links them, when asked);
         `on_ready` is told of each as soon as it is done."""
         uploader = None
-        if policy.oss and self.oss is not None and credentials is not None:
-            uploader = partial(_upload, self.oss, credentials, self.metrics)
+        storage = self.storage
+        if policy.oss and storage is not None and storage.missing_credentials(credentials) is None:
+            uploader = partial(_upload, storage, credentials, self.metrics)
         keep = None
         if policy.url is not None and self.fleet_worker:
             keep = self._file_keeper(policy)
@@ -221,10 +229,10 @@ class Resources:
 
     def empty_oss(self) -> dict[str, Any]:
         """The `oss` object of an output that was not uploaded: where it would go, no object."""
-        config = self.oss.config if self.oss is not None else None
+        storage = self.storage
         return {
-            "region": config.region if config else None,
-            "bucket": config.bucket if config else None,
+            "region": storage.region if storage else None,
+            "bucket": storage.bucket if storage else None,
             "object": None,
             "url": None,
             "expire": None,
@@ -353,16 +361,43 @@ def input_budget(settings: Settings) -> ByteBudget:
 
 
 async def _upload(
-    store: OssStore, credentials: Credentials, metrics: Metrics, content: bytes, name: str, mime: str
+    store: Storage, credentials: Credentials | None, metrics: Metrics, source: Source, size: int, name: str, mime: str
 ) -> dict[str, Any]:
     ext = PurePosixPath(name).suffix.lstrip(".") or "bin"
     try:
-        uploaded = await store.upload(credentials, content, ext, mime)
+        uploaded = await store.upload(credentials, source, ext, mime)
     except OutputError:
         metrics.oss_upload_failures.inc()
         raise
-    metrics.oss_uploaded(len(content))
+    metrics.oss_uploaded(size)
     return uploaded.to_payload()
+
+
+async def open_storage(settings: Settings, on_retry: Callable[[], None] | None = None) -> Storage | None:
+    """The bucket STORAGE names: OSS when OSS_BUCKET_DOMAIN is set, or S3; bad settings fail
+    start-up, named. (An AWS profile is read from disk: in a thread.)"""
+    if settings.storage == "s3":
+        return await asyncio.to_thread(s3_store, settings)
+    return oss_store(settings, on_retry)
+
+
+def s3_store(settings: Settings) -> S3Store:
+    """The S3 client of STORAGE=s3 (blocking: it may read an AWS profile)."""
+    s3 = settings.s3
+    try:
+        config = config_from_settings(
+            s3.bucket,
+            s3.region,
+            s3.endpoint_url,
+            s3.addressing,
+            s3.input_buckets,
+            settings.oss_key_prefix,
+            settings.oss_expires_in,
+            s3.aws,
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    return S3Store(config)
 
 
 def oss_store(settings: Settings, on_retry: Callable[[], None] | None = None) -> OssStore | None:

@@ -168,6 +168,43 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
+STORAGES = ("oss", "s3")
+AWS_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    """`STORAGE=s3`: the output bucket, its endpoint and addressing, the other buckets `s3://` inputs
+    may read, and the instance's AWS variables (kept out of every `repr`). Checked, and a profile
+    read, where they are used (`delivery.s3.config_from_settings`)."""
+
+    endpoint_url: str = ""
+    bucket: str = ""
+    region: str = ""
+    addressing: str = "auto"
+    input_buckets: tuple[str, ...] = ()
+    aws: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> S3Settings:
+        region = _text(env, "S3_REGION", "") or _text(env, "AWS_REGION", "") or _text(env, "AWS_DEFAULT_REGION", "")
+        return cls(
+            endpoint_url=_text(env, "S3_ENDPOINT_URL", ""),
+            bucket=_text(env, "S3_BUCKET", ""),
+            region=region,
+            addressing=_choice(env, "S3_ADDRESSING", "auto", ("auto", "path", "virtual")),
+            input_buckets=_names(env, "S3_INPUT_BUCKETS"),
+            aws={name: env[name].strip() for name in AWS_VARIABLES if env.get(name, "").strip()},
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the adapter is configured with. Build it with `Settings.from_env()`."""
@@ -203,6 +240,8 @@ class Settings:
     oss_sign_endpoint: str = ""
     oss_key_prefix: str = "serverless-api-output"
     oss_expires_in: int = 0
+    storage: str = "oss"  # the bucket output_oss uploads to and oss:// or s3:// inputs come from
+    s3: S3Settings = field(default_factory=S3Settings)
     status_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output/serverless_api"))
     workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
     status_retention_days: float = 7.0
@@ -305,6 +344,8 @@ class Settings:
             oss_sign_endpoint=_text(env, "OSS_SIGN_ENDPOINT", ""),
             oss_key_prefix=_text(env, "OSS_KEY_PREFIX", d.oss_key_prefix).strip("/"),
             oss_expires_in=_integer(env, "OSS_EXPIRES_IN_SECOND", d.oss_expires_in, 0),
+            storage=_choice(env, "STORAGE", d.storage, STORAGES),
+            s3=S3Settings.from_env(env),
             status_dir=Path(_text(env, "STATUS_DIR", f"{mount}/output/serverless_api")),
             workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
             status_retention_days=_number(env, "STATUS_RETENTION_DAYS", d.status_retention_days, 0),
@@ -348,6 +389,8 @@ class Settings:
 
     def _checked(self) -> Settings:
         """Combinations that cannot work fail start-up, named."""
+        if self.storage == "s3" and not self.s3.bucket:
+            raise SettingsError("STORAGE=s3 needs S3_BUCKET (the bucket outputs are uploaded to)")
         if self.queue_backend == "redis" and self.status_backend != "redis":
             raise SettingsError(
                 "QUEUE_BACKEND=redis needs STATUS_BACKEND=redis: callers follow jobs "

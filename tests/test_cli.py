@@ -238,3 +238,17 @@ def test_workflows_show_prints_chinese_titles_as_text(hosted: App, tmp_path: Pat
     shown = cli(hosted.url, "workflows", "show", "zh")
     assert shown.returncode == 0, shown.stderr
     assert "正向提示词" in shown.stdout and "\\u" not in shown.stdout
+
+
+@pytest.mark.parametrize(("region", "scheme"), [("oss-cn-hangzhou", "oss"), ("us-east-1", "s3"), ("auto", "s3")])
+def test_report_names_an_uploaded_output_by_its_kind_of_bucket(
+    region: str, scheme: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serverless.cli import report
+    from serverless.client.results import parse_result
+
+    oss = {"region": region, "bucket": "outs", "object": "p/1.png", "url": "https://signed", "expire": 1}
+    item = {"node_id": "9", "batch_id": 0, "output": {"type": "images", "raw": {"filename": "a.png"}, "oss": oss}}
+    report(parse_result({"type": "serverless_api", "data": {"results": [item]}}), None)
+
+    assert capsys.readouterr().out.splitlines()[0] == f"{scheme}://outs/p/1.png  https://signed"

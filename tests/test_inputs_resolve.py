@@ -194,6 +194,8 @@ def node(class_type: str, **inputs: Any) -> dict[str, Any]:
         ("HTTPS://example.com/cat.png?sig=1", "url"),
         ("oss://bucket.oss-cn-hangzhou.aliyuncs.com/in/cat.png", "oss"),
         ("oss://bucket/in/cat.png", "oss"),
+        ("s3://bucket/in/cat.png", "s3"),
+        ("S3://bucket/in/cat.png", "s3"),
         ("data:image/png;base64,iVBORw0KGgo=", "base64"),
         (b64(PNG), "base64"),
         (base64.encodebytes(PNG).decode(), "base64"),
@@ -214,7 +216,7 @@ def test_classify_refuses_unsafe_file_names(value: str) -> None:
         classify(value)
 
 
-@pytest.mark.parametrize("value", ["ftp://host/x.png", "file:///etc/passwd", "s3://b/k.png"])
+@pytest.mark.parametrize("value", ["ftp://host/x.png", "file:///etc/passwd", "gs://b/k.png"])
 def test_classify_refuses_other_url_schemes(value: str) -> None:
     with pytest.raises(InputError, match="unsupported URL scheme"):
         classify(value)
@@ -442,6 +444,28 @@ async def test_oss_inputs_are_read_with_read_oss(resolve: Resolve) -> None:
     workflow = {"8": node("LoadImage", image="oss://bucket.oss-cn-hangzhou.aliyuncs.com/in/cat.png")}
     result = await resolve(workflow, read_oss=read_oss)
     assert seen == ["oss://bucket.oss-cn-hangzhou.aliyuncs.com/in/cat.png"]
+    assert result["8"]["inputs"]["image"] == name_of(PNG, "png")
+
+
+async def test_s3_inputs_need_s3_storage(resolve: Resolve) -> None:
+    async def read_oss(url: str) -> bytes:
+        raise AssertionError("an s3:// input is never read from OSS")
+
+    workflow = {"8": node("LoadImage", image="s3://bucket/in/cat.png")}
+    with pytest.raises(InputError, match=r"node 8 .*s3:// inputs need S3 \(STORAGE=s3"):
+        await resolve(workflow, read_oss=read_oss)
+
+
+async def test_s3_inputs_are_read_with_read_s3(resolve: Resolve) -> None:
+    seen: list[str] = []
+
+    async def read_s3(url: str) -> bytes:
+        seen.append(url)
+        return PNG
+
+    workflow = {"8": node("LoadImage", image="s3://bucket/in/cat.png")}
+    result = await resolve(workflow, read_oss=None, read_s3=read_s3)
+    assert seen == ["s3://bucket/in/cat.png"]
     assert result["8"]["inputs"]["image"] == name_of(PNG, "png")
 
 

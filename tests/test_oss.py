@@ -4,6 +4,7 @@ one opt-in round trip against a real bucket."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -403,6 +404,28 @@ async def test_read_fetches_oss_urls_with_and_without_endpoint(
     assert await store.read(STS, f"oss://{bucket}.{local_oss.host}/in/cat one.png", 1024) == b"cat bytes"
     # The public endpoint of the configured region goes to the configured endpoint.
     assert await store.read(GOOD, f"oss://{bucket}.oss-{REGION}.aliyuncs.com/in/cat one.png", 9) == b"cat bytes"
+
+
+def listing(folder: Path) -> list[str]:
+    """The names in `folder` (blocking, small)."""
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.asyncio
+async def test_download_streams_an_object_to_disk_with_its_digest(
+    store: OssStore, local_oss: LocalOss, bucket: str, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    local_oss.put_object(bucket, "models/lora.safetensors", data)
+    dest = tmp_path / "models" / "lora.safetensors"
+
+    stored = await store.download(GOOD, f"oss://{bucket}/models/lora.safetensors", dest, len(data))
+
+    assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert dest.read_bytes() == data and listing(dest.parent) == ["lora.safetensors"]
+    with pytest.raises(InputError, match="too large"):
+        await store.download(GOOD, f"oss://{bucket}/models/lora.safetensors", tmp_path / "small.bin", len(data) - 1)
+    assert not (tmp_path / "small.bin").exists() and listing(tmp_path) == ["models"]
 
 
 @pytest.mark.asyncio

@@ -254,6 +254,23 @@ def test_batch_of_three_is_uploaded_with_signed_urls_that_serve_the_files(signin
     assert_log_clean(signing_app, *urls)
 
 
+def test_an_output_in_comfyuis_folder_on_our_disk_is_uploaded_from_there(module_app, emulator, local_oss, bucket):
+    """With ComfyUI's output folder on this machine the file is streamed to OSS from disk (never read
+    whole), and the result is the same as through /view."""
+    app = module_app(**oss_env(local_oss, bucket), COMFYUI_OUTPUT_DIR=str(emulator.root / "output"))
+
+    response = post_run(app.url, empty_image(width=20, height=10, prefix="ossdisk"), params=OSS_ON)
+
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]["results"]
+    output = result["output"]
+    on_disk = (emulator.root / "output" / output["raw"]["filename"]).read_bytes()
+    assert local_oss.get_object(bucket, output["oss"]["object"]) == (on_disk, "image/png")
+    assert (output["mime"], output["bytes"]) == ("image/png", len(on_disk))
+    assert [(r.method, r.status) for r in local_oss.requests] == [("PUT", 200)]
+    assert requests.get(output["oss"]["url"], timeout=10).content == on_disk
+
+
 def test_without_an_expiry_objects_are_uploaded_but_no_url_is_signed(upload_only_app, emulator, local_oss, bucket):
     response = post_run(upload_only_app.url, empty_image(prefix="unsigned"), params=OSS_ON, headers=STS_HEADERS)
 

@@ -214,7 +214,10 @@ def report(result: Result, out: Path | None) -> None:
         if output.content is not None and out is not None:
             print(f"wrote {output.save(out / output.name)}")
         elif output.oss and output.oss.get("object"):
-            print(f"oss://{output.oss.get('bucket')}/{output.oss.get('object')}  {output.oss.get('url') or ''}")
+            # OSS regions keep their `oss-` prefix (as FC reports them); an S3 bucket's do not.
+            scheme = "oss" if str(output.oss.get("region") or "").startswith("oss-") else "s3"
+            where = f"{scheme}://{output.oss.get('bucket')}/{output.oss.get('object')}"
+            print(f"{where}  {output.oss.get('url') or ''}")
         else:
             print(f"output {describe(output)}")
     for node_id, inputs in result.seeds.items():

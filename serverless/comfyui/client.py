@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +311,37 @@ class ComfyUI:
                 return Fetched(*read)
         return await self._view(item, with_content)
 
+    async def local_output(self, item: Mapping[str, Any]) -> Path | None:
+        """The path of a history output item's file when it is on our disk (ComfyUI's folder for
+        its type holds it), so that it can be streamed from there; None otherwise."""
+        folder = self.folders.for_type(str(item.get("type", "output") or "output"))
+        if folder is None:
+            return None
+        return await asyncio.to_thread(_local_item, folder, item)
+
+    @contextlib.asynccontextmanager
+    async def spooled_output(self, item: Mapping[str, Any]) -> AsyncIterator[Path]:
+        """A history output item's file copied from `/view` into a temporary file as it streams
+        (never whole in memory), for an upload that reads from disk; removed on exit. OutputError
+        when it cannot be read."""
+        name = item.get("filename")
+        fd, raw = await asyncio.to_thread(tempfile.mkstemp, prefix="serverless-output-", suffix=".part")
+        path = Path(raw)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                try:
+                    async with self.view(item) as view:
+                        if view.status != 200:
+                            raise OutputError(f"ComfyUI answered HTTP {view.status} for output {name}")
+                        async for chunk in view.chunks:
+                            await asyncio.to_thread(file.write, chunk)
+                except ComfyUIUnavailable as exc:
+                    raise OutputError(exc.message) from exc
+                await asyncio.to_thread(file.flush)  # what is left to close is not I/O
+            yield path
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
     async def _view(self, item: Mapping[str, Any], with_content: bool) -> Fetched:
         name = item.get("filename")
         method = "GET" if with_content else "HEAD"
@@ -403,6 +436,12 @@ def _read_item(folder: Path, item: Mapping[str, Any], with_content: bool) -> tup
     return read_output(
         confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", ""))), with_content
     )
+
+
+def _local_item(folder: Path, item: Mapping[str, Any]) -> Path | None:
+    """A history item's file in `folder` (blocking): confined to it, None when not a file there."""
+    path = confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")))
+    return path if path.is_file() else None
 
 
 def _prompt_error_message(answer: Any) -> str:

@@ -8,15 +8,17 @@ module logs or raises contains an access key, secret, security token or signed U
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
+import os
 import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +30,10 @@ from oss2.credentials import StaticCredentialsProvider  # type: ignore[import-un
 from oss2.exceptions import InconsistentError, OssError, RequestError  # type: ignore[import-untyped]
 
 from serverless.errors import InputError, OutputError
+
+from .storage import Credentials, Source, StoredFile, UploadedObject
+
+__all__ = ["Credentials", "OssConfig", "OssStore", "ReadRule", "UploadedObject", "parse_oss_url", "read_rules"]
 
 log = logging.getLogger(__name__)
 # oss2 logs request headers (Authorization, x-oss-security-token) at DEBUG, and at INFO every OSS
@@ -42,8 +48,6 @@ _ALIYUN_HOST = re.compile(_HOST)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _READ_CHUNK = 256 * 1024
 _EXT = re.compile(r"[A-Za-z0-9_-]{1,32}")
-_HEADER_NAMES = ("x-fc-access-key-id", "x-fc-access-key-secret", "x-fc-security-token")
-_ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
 _SAFE_DETAILS = ("Code", "Message", "RequestId", "HostId", "EC")
 _T = TypeVar("_T")
 
@@ -133,30 +137,6 @@ def _expires_in(value: str | int | None) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Credentials:
-    """An access key pair, with the STS token when temporary. Nothing secret appears in `repr`.
-
-    `from_caller` says whose they are: True for the request's own headers, False for the
-    instance's (environment; on FC the function's role), which may read only what
-    `OSS_INPUT_ALLOWED` lists."""
-
-    access_key_id: str = field(repr=False)
-    access_key_secret: str = field(repr=False)
-    security_token: str | None = field(default=None, repr=False)
-    from_caller: bool = False
-
-    @classmethod
-    def resolve(cls, headers: Mapping[str, str], environ: Mapping[str, str]) -> Credentials | None:
-        """The request's `x-fc-access-key-*` headers as a set, else the `ALIBABA_CLOUD_*` environment."""
-        lowered = {name.lower(): value for name, value in headers.items()}
-        for source, names, from_caller in ((lowered, _HEADER_NAMES, True), (environ, _ENV_NAMES, False)):
-            key_id, secret, token = (source.get(name, "").strip() for name in names)
-            if key_id and secret:
-                return cls(key_id, secret, token or None, from_caller)
-        return None
-
-
-@dataclass(frozen=True, slots=True)
 class ReadRule:
     """An `OSS_INPUT_ALLOWED` entry: a bucket, or a bucket and a key prefix taken as a folder
     (`in` allows `in/cat.png`, not `internal/x`)."""
@@ -191,27 +171,6 @@ def read_rules(entries: Sequence[str] | None, config: OssConfig) -> tuple[ReadRu
     if entries is None:
         return (ReadRule(config.bucket),)
     return tuple(ReadRule.parse(entry) for entry in entries)
-
-
-@dataclass(frozen=True, slots=True)
-class UploadedObject:
-    """An object that is in the bucket; `url` (signed) and `expire` (Unix time) only with an expiry."""
-
-    region: str
-    bucket: str
-    object: str
-    url: str | None = field(repr=False)
-    expire: int | None
-
-    def to_payload(self) -> dict[str, Any]:
-        """The result's `output.oss` object."""
-        return {
-            "region": self.region,
-            "bucket": self.bucket,
-            "object": self.object,
-            "url": self.url,
-            "expire": self.expire,
-        }
 
 
 def parse_oss_url(url: str, default_endpoint: str | None) -> tuple[str, str, str]:
@@ -265,26 +224,57 @@ def _scrubbed(exc: OssError) -> OssError:
     return exc
 
 
-def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
-    """GET the object, refusing it by its length first and by counting while it streams."""
+def _stream_capped(bucket: Any, key: str, max_bytes: int, write: Callable[[bytes], object]) -> int:
+    """GET the object into `write`, refusing it by its length first and by counting while it
+    streams; its size. Network failures are RequestError (retried), a failing `write` itself."""
     with bucket.get_object(key) as result:
         if result.content_length is not None and result.content_length > max_bytes:
             raise _TooLarge(result.content_length)
-        # One buffer, handed over without a copy: an accepted object is held in memory once.
-        body, total, crc = io.BytesIO(), 0, oss2.utils.Crc64()
+        total, crc = 0, oss2.utils.Crc64()
         # One pass over the raw body. oss2's own reader restarts requests' iterator on every read,
         # which loses data of a chunked response; and the raw bytes are what OSS's CRC covers.
-        try:
-            for chunk in result.resp.response.raw.stream(_READ_CHUNK, decode_content=False):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise _TooLarge(None)
-                crc.update(chunk)
-                body.write(chunk)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise RequestError(exc) from exc
+        chunks = iter(result.resp.response.raw.stream(_READ_CHUNK, decode_content=False))
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise RequestError(exc) from exc
+            total += len(chunk)
+            if total > max_bytes:
+                raise _TooLarge(None)
+            crc.update(chunk)
+            write(chunk)
         oss2.utils.check_crc("get object", crc.crc, result.server_crc, result.request_id)
+    return total
+
+
+def _read_capped(bucket: Any, key: str, max_bytes: int) -> bytes:
+    # One buffer, handed over without a copy: an accepted object is held in memory once.
+    body = io.BytesIO()
+    _stream_capped(bucket, key, max_bytes, body.write)
     return body.getvalue()
+
+
+def _download_capped(bucket: Any, key: str, max_bytes: int, dest: Path) -> StoredFile:
+    """The object into `dest` through a hidden partial file (each attempt anew), hashed on the way."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as f:
+
+            def write(chunk: bytes) -> None:
+                digest.update(chunk)
+                f.write(chunk)
+
+            size = _stream_capped(bucket, key, max_bytes, write)
+        os.replace(partial, dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return StoredFile(size, digest.hexdigest())
 
 
 class OssStore:
@@ -322,16 +312,37 @@ class OssStore:
         self._buckets: OrderedDict[tuple[Credentials | None, str, str, str], Any] = OrderedDict()
         self._closed = False
 
+    scheme = "oss"
+
+    @property
+    def region(self) -> str:
+        return self.config.region
+
+    @property
+    def bucket(self) -> str:
+        return self.config.bucket
+
+    def missing_credentials(self, credentials: Credentials | None) -> str | None:
+        """OSS signs with the request's or the instance's Alibaba Cloud keys: there must be some."""
+        if credentials is None:
+            return (
+                "output_oss was asked but there are no OSS credentials (x-fc-access-key-* headers "
+                "or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET)"
+            )
+        return None
+
     def object_key(self, ext: str) -> str:
         """`<prefix>/<uuid4>.<ext>` (no dot when `ext` is empty or not a plain extension)."""
         ext = ext.lstrip(".")
         name = f"{uuid.uuid4()}.{ext}" if _EXT.fullmatch(ext) else str(uuid.uuid4())
         return f"{self.config.key_prefix}/{name}" if self.config.key_prefix else name
 
-    async def upload(self, creds: Credentials, source: bytes | Path, ext: str, content_type: str) -> UploadedObject:
+    async def upload(self, creds: Credentials | None, source: Source, ext: str, content_type: str) -> UploadedObject:
         """Put `source` (bytes, or a file streamed from disk) under a new key; OutputError if it
         still fails after retries. The URL is signed only once the object is in the bucket."""
         cfg = self.config
+        if creds is None:
+            raise OutputError(f"OSS upload to bucket {cfg.bucket} failed: no OSS credentials")
         key = self.object_key(ext)
         bucket = self._bucket(creds, cfg.endpoint, cfg.bucket, cfg.signing_region)
         headers = {"Content-Type": content_type}
@@ -353,19 +364,33 @@ class OssStore:
         url = signer.sign_url("GET", key, cfg.expires_in, slash_safe=True)
         return UploadedObject(cfg.region, cfg.bucket, key, url, expire)
 
-    async def sign_object(self, creds: Credentials, key: str, expires_in: int, process: str | None = None) -> str:
+    async def sign_object(
+        self, creds: Credentials | None, key: str, expires_in: int, process: str | None = None
+    ) -> str | None:
         """A new signed GET URL of the existing object `key` of the configured bucket, valid
         `expires_in` seconds; `process` (e.g. `image/format,jpg/quality,q_80`) is signed in as its
         `x-oss-process` (OSS converts the image as it serves it)."""
         cfg = self.config
+        if creds is None:
+            return None
         signer = self._bucket(creds, cfg.sign_endpoint, cfg.bucket, cfg.signing_region)
         params = {"x-oss-process": process} if process else None
         sign = partial(signer.sign_url, "GET", key, min(expires_in, MAX_EXPIRES_S), slash_safe=True, params=params)
-        return await asyncio.get_running_loop().run_in_executor(self._threads, sign)
+        url: str = await asyncio.get_running_loop().run_in_executor(self._threads, sign)
+        return url
 
     async def read(self, creds: Credentials | None, url: str, max_bytes: int) -> bytes:
         """The bytes of `oss://...` (anonymously when `creds` is None); InputError saying why not.
         The instance's own credentials read only what `read_allowed` lists (no confused deputy)."""
+        return await self._get(creds, url, max_bytes, partial(_read_capped, max_bytes=max_bytes))
+
+    async def download(self, creds: Credentials | None, url: str, dest: Path, max_bytes: int) -> StoredFile:
+        """`oss://...` written to `dest` as it streams (whole or not at all), as `read` reads it."""
+        return await self._get(creds, url, max_bytes, partial(_download_capped, max_bytes=max_bytes, dest=dest))
+
+    async def _get(self, creds: Credentials | None, url: str, max_bytes: int, fetch: Callable[..., _T]) -> _T:
+        """`fetch(bucket, key)` of the object `url` names, in a thread with retries, once the URL,
+        its endpoint and the credentials' right to read it are checked; InputError saying why not."""
         try:
             bucket_name, endpoint, key = parse_oss_url(url, self.config.endpoint)
         except ValueError as exc:
@@ -384,7 +409,7 @@ class OssStore:
             )
         try:
             bucket = self._bucket(creds, endpoint_url, bucket_name, region)
-            return await self._retrying(partial(_read_capped, bucket, key, max_bytes), f"read of {where}")
+            return await self._retrying(partial(fetch, bucket, key), f"read of {where}")
         except _TooLarge as exc:
             size = f" ({exc.size} bytes)" if exc.size is not None else ""
             raise InputError(f"{where} is too large{size}: the limit is {max_bytes} bytes") from exc
@@ -396,6 +421,8 @@ class OssStore:
             else:
                 reason = f"could not be read: {_describe(exc)}"
             raise InputError(f"{where} {reason}") from _scrubbed(exc)
+        except OSError as exc:  # the download's own file
+            raise InputError(f"{where} could not be written to disk: {exc.strerror}") from exc
 
     def close(self) -> None:
         """Release pooled connections; the store cannot be used afterwards."""

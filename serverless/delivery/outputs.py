@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..comfyui.client import ComfyUI, Fetched
@@ -20,14 +21,16 @@ from ..core.jsontext import Spliced
 from ..core.media import mime_for_name, sniff
 from ..errors import OutputError, ServerlessError
 from .convert import NO_CONVERSION, Conversion, convert_in_thread
+from .storage import Source
 
 FileKey = tuple[str, str, str]
 # Told of each output as soon as it is read (and uploaded): its result item, base64 left out.
 ReadyCallback = Callable[[dict[str, Any]], None]
 # The signed download link of an output (a history item).
 Linker = Callable[[Mapping[str, Any]], str]
-# Uploads an output (bytes, file name, mime) and returns the contract's `oss` object.
-Uploader = Callable[[bytes, str, str], Awaitable[dict[str, Any]]]
+# Uploads an output (its bytes, or its file on our disk streamed; size, file name, mime) and
+# returns the contract's `oss` object.
+Uploader = Callable[[Source, int, str, str], Awaitable[dict[str, Any]]]
 # Keeps a linked output's bytes (as served: converted) where every gateway of a fleet reads them.
 Keeper = Callable[[Mapping[str, Any], bytes, str], Awaitable[None]]
 
@@ -100,7 +103,9 @@ class OutputCollector:
         keep: Keeper | None = None,
     ) -> None:
         self._comfy = comfy
-        self._with_content = with_content or uploader is not None or conversion.active or keep is not None
+        # An upload alone needs no bytes in memory when the file is on our disk: it is streamed.
+        self._needs_content = with_content or conversion.active or keep is not None
+        self._with_content = self._needs_content or uploader is not None
         self._base64 = with_content
         self._uploader = uploader
         self._limit = asyncio.Semaphore(concurrency)
@@ -131,6 +136,15 @@ class OutputCollector:
         return file
 
     async def _read(self, item: Mapping[str, Any]) -> OutputFile:
+        if self._uploader is not None and not self._needs_content:
+            # Uploaded from disk: ComfyUI's own file when it is on this machine, else a copy of
+            # /view spooled to a temporary file (the bucket client streams it, in parts).
+            name = str(item.get("filename", "")) or "output"
+            local = await self._comfy.local_output(item)
+            if local is not None:
+                return await self._stream(local, name)
+            async with self._comfy.spooled_output(item) as spooled:
+                return await self._stream(spooled, name)
         fetched = await self._comfy.fetch(item, self._with_content)
         name = str(item.get("filename", "")) or "output"
         content, mime, size = fetched.content, _mime(fetched, name), fetched.size
@@ -145,12 +159,25 @@ class OutputCollector:
             await self._keep(item, content, mime)
         oss = None
         if self._uploader is not None and content is not None:
-            oss = await self._uploader(content, name, mime)
+            oss = await self._uploader(content, len(content), name, mime)
         encoded = base64.b64encode(content) if self._base64 and content is not None else None
         size = len(content) if content is not None else size
         # Keep only the base64 (spliced into the JSON later, never copied into a str): a big
         # output is held at most twice at once, while it is being encoded.
         return OutputFile(Fetched(None, None, size), oss, mime, encoded)
+
+    async def _stream(self, path: Path, name: str) -> OutputFile:
+        """Upload a file from ComfyUI's folder without reading it whole: its type from its first
+        bytes, its size from the disk; the storage streams it (in parts when big)."""
+        assert self._uploader is not None
+        try:
+            head, size = await asyncio.to_thread(_head, path)
+        except OSError as exc:
+            raise OutputError(f"output {name} could not be read: {exc.strerror}") from exc
+        sniffed = sniff(head)
+        mime = sniffed[1] if sniffed else mime_for_name(name)
+        oss = await self._uploader(path, size, name, mime)
+        return OutputFile(Fetched(None, None, size), oss, mime)
 
     async def results(self, refs: list[OutputRef], want_base64: bool) -> list[dict[str, Any]]:
         """The contract's `results` for `refs`, waiting for every file; OutputError on failure,
@@ -195,6 +222,12 @@ class OutputCollector:
         for task in pending:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+def _head(path: Path) -> tuple[bytes, int]:
+    """A file's first bytes (enough to sniff its type) and its size (blocking)."""
+    with open(path, "rb") as f:
+        return f.read(64), os.fstat(f.fileno()).st_size
 
 
 def _mime(fetched: Fetched, name: str) -> str:

@@ -55,7 +55,7 @@ def flag(name: str, description: str) -> Param:
 TASK_ID = Param("task_id", "query", "the task id (`^[A-Za-z0-9._-]{1,128}$`)", required=True)
 WORKFLOW_ID = Param("workflow_id", "path", "the hosted workflow's id", required=True)
 BASE64 = flag("output_base64", "each output's bytes in `output.base64.content`")
-OSS = flag("output_oss", "each output uploaded to OSS (`output.oss`)")
+OSS = flag("output_oss", "each output uploaded to the bucket `STORAGE` names, OSS or S3 (`output.oss`)")
 STREAM = flag("stream", "answer `text/event-stream`: ComfyUI's messages byte for byte, our events, then the result")
 DELIVERY = (
     Param("output_format", "query", "convert image outputs: `png`, `jpeg` (`jpg`) or `webp`"),

@@ -83,7 +83,7 @@ def _parameter_schema() -> dict[str, Any]:
             "title": {"type": ["string", "null"]},
             "type": {"type": "string"},
             "spec": spec,
-            "loader": {"type": "boolean", "description": "a file input: a name, URL, oss:// or base64/data URI"},
+            "loader": {"type": "boolean", "description": "a file input: a name, URL, oss://, s3:// or base64/data URI"},
             "note": {"type": "string"},
         },
     }

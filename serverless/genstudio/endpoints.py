@@ -32,7 +32,7 @@ from ..auth import may_see
 from ..core.media import sniff
 from ..delivery import links
 from ..delivery.convert import EXTENSION, Conversion
-from ..delivery.oss import Credentials
+from ..delivery.storage import Credentials
 from ..errors import Conflict, Forbidden, InvalidParams, NotFound, as_serverless_error
 from ..inputs.verify import verify_media
 from ..jobs.feed import Event
@@ -102,7 +102,7 @@ async def _decoded(request: Request) -> Any:
 def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str, str]:
     """How the task's files will be served: OSS when configured (signed anew on every
     get_task_info), else our signed download links; refused when neither can be."""
-    if resources.oss is not None and credentials is not None:
+    if resources.storage is not None and resources.storage.missing_credentials(credentials) is None:
         return {"output_oss": "true"}
     if resources.settings.file_link_secret:
         return {"output_url": "true"}  # on a fleet, the worker keeps the files where gateways serve them
@@ -191,10 +191,12 @@ class Files:
     async def url(self, output: dict[str, Any]) -> str | None:
         oss, raw = output.get("oss"), output.get("raw")
         key = oss.get("object") if isinstance(oss, dict) else None
-        store = self.resources.oss
-        if isinstance(key, str) and key and store is not None and self.credentials is not None:
+        store = self.resources.storage
+        if isinstance(key, str) and key and store is not None:
             process = self.asked.post_process.oss_process
-            return await store.sign_object(self.credentials, key, self.asked.url_expire_period, process)
+            signed = await store.sign_object(self.credentials, key, self.asked.url_expire_period, process)
+            if signed is not None:
+                return signed
         secret = self.resources.settings.file_link_secret
         if not secret or not isinstance(raw, dict) or not raw.get("filename"):
             return None

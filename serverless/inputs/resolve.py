@@ -1,4 +1,4 @@
-"""Loader inputs: URLs, `oss://` objects and base64 in a workflow become files in ComfyUI's input
+"""Loader inputs: URLs, `oss://` and `s3://` objects and base64 in a workflow become files in ComfyUI's input
 folder (CONTRACT.md section 1, "Loader inputs").
 
 Pure part: which inputs are loader inputs (`find_loader_inputs`) and what each value is
@@ -40,7 +40,7 @@ from .verify import verify_media
 
 log = logging.getLogger(__name__)
 
-InputKind = Literal["file", "url", "oss", "base64"]
+InputKind = Literal["file", "url", "oss", "s3", "base64"]
 
 LOADER_INPUTS: frozenset[tuple[str, str]] = frozenset(
     {
@@ -144,11 +144,13 @@ def classify(value: str) -> InputKind:
         return "url"
     if lowered.startswith("oss://"):
         return "oss"
+    if lowered.startswith("s3://"):
+        return "s3"
     if lowered.startswith("data:"):
         return "base64"
     scheme = _URL_SCHEME.match(value)
     if scheme is not None:
-        raise InputError(f"unsupported URL scheme {scheme[1]!r} (use http, https or oss)")
+        raise InputError(f"unsupported URL scheme {scheme[1]!r} (use http, https, oss or s3)")
     if len(value) > BASE64_MIN_LENGTH and _BASE64_TEXT.fullmatch(value):
         return "base64"
     _check_file_name(value)
@@ -178,6 +180,7 @@ async def resolve_inputs(
     upload: Callable[[bytes, str], Awaitable[str]],
     limits: InputLimits,
     budget: ByteBudget | None = None,
+    read_s3: Callable[[str], Awaitable[bytes]] | None = None,
 ) -> dict[str, Any]:
     """A new workflow whose URL, `oss://` and base64 loader inputs name uploaded files.
 
@@ -197,7 +200,7 @@ async def resolve_inputs(
     first_use: dict[str, tuple[LoaderInput, InputKind]] = {}
     for item, kind in remote:
         first_use.setdefault(item.value, (item, kind))
-    fetch = _Fetcher(workflow, fetch_url, read_oss, limits, budget)
+    fetch = _Fetcher(workflow, fetch_url, {"oss": read_oss, "s3": read_s3}, limits, budget)
     try:
         fetched = await _run_all({value: partial(fetch, item, kind) for value, (item, kind) in first_use.items()})
         file_names = {
@@ -237,13 +240,13 @@ class _Fetcher:
         self,
         workflow: Mapping[str, Any],
         fetch_url: Callable[[str], Awaitable[bytes]],
-        read_oss: Callable[[str], Awaitable[bytes]] | None,
+        read_bucket: Mapping[str, Callable[[str], Awaitable[bytes]] | None],
         limits: InputLimits,
         budget: ByteBudget | None,
     ) -> None:
         self._workflow = workflow
         self._fetch_url = fetch_url
-        self._read_oss = read_oss
+        self._read_bucket = read_bucket  # by scheme: oss, s3
         self._limits = limits
         # Without a shared budget, one of our own that never makes anyone wait.
         self._budget = budget or ByteBudget(_UNBOUNDED)
@@ -287,10 +290,12 @@ class _Fetcher:
     async def _fetch(self, item: LoaderInput, kind: InputKind) -> bytes:
         if kind == "url":
             return await self._fetch_url(item.value)
-        if kind == "oss":
-            if self._read_oss is None:
-                raise InputError("oss:// inputs need OSS to be configured on this instance")
-            return await self._read_oss(item.value)
+        if kind in ("oss", "s3"):
+            read = self._read_bucket.get(kind)
+            if read is None:
+                storage = "OSS to be configured (OSS_BUCKET_DOMAIN)" if kind == "oss" else "S3 (STORAGE=s3, S3_BUCKET)"
+                raise InputError(f"{kind}:// inputs need {storage} on this instance")
+            return await read(item.value)
         return await asyncio.to_thread(decode_base64, item.value, self._limits.max_base64_bytes)
 
     def _count(self, item: LoaderInput, size: int) -> None:
@@ -333,6 +338,7 @@ def _upload_job(
 _VERBS: dict[InputKind, str] = {
     "url": "cannot download",
     "oss": "cannot read from OSS",
+    "s3": "cannot read from S3",
     "base64": "cannot decode",
     "file": "",
 }

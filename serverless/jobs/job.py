@@ -21,8 +21,8 @@ from ..comfyui.client import ComfyUI
 from ..core.jsontext import Spliced
 from ..core.messages import Message
 from ..core.workflow import prepare_workflow
-from ..delivery.oss import Credentials
 from ..delivery.outputs import OutputCollector, ReadyCallback, list_outputs
+from ..delivery.storage import Credentials
 from ..errors import (
     ComfyUIUnavailable,
     ExecutionFailed,

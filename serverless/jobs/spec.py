@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..delivery.convert import NO_CONVERSION, Conversion
-from ..delivery.oss import Credentials
+from ..delivery.storage import Credentials
 
 Mode = Literal["sync", "stream", "ws", "async"]
 """How the caller follows the job: a JSON answer, SSE, our websocket, or later (status log)."""

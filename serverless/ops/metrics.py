@@ -24,7 +24,7 @@ from ..errors import DownloadError, InputError, ServerlessError
 PREFIX = "serverless"
 Transport = Literal["sync", "sse", "ws", "async"]
 Reader = Literal["sse", "ws"]
-InputSource = Literal["url", "oss"]
+InputSource = Literal["url", "oss", "s3"]
 TRANSPORTS: tuple[Transport, ...] = ("sync", "sse", "ws", "async")
 READERS: tuple[Reader, ...] = ("sse", "ws")
 PHASES = ("queued", "execution", "outputs", "total")
@@ -33,7 +33,7 @@ JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
 APPEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, float("inf"))
 
 # Why an input fetch was refused, from the words of `DownloadError.reason` (see
-# `serverless.inputs.download`) or of `OssStore.read`'s InputError; first match wins, else "other".
+# `serverless.inputs.download`) or of a bucket's `read` (OSS or S3) InputError; first match wins, else "other".
 DOWNLOAD_REASONS: tuple[tuple[str, str], ...] = (
     ("unsupported URL scheme", "scheme"),
     ("blocked address", "blocked_address"),  # an IP literal, or a host resolving to one
@@ -56,6 +56,8 @@ OSS_READ_REASONS: tuple[tuple[str, str], ...] = (
     ("not found", "not_found"),
     ("access denied", "denied"),
     ("invalid OSS URL", "invalid_url"),
+    ("invalid S3 URL", "invalid_url"),
+    ("is not readable by this instance", "denied"),
     ("not an Alibaba Cloud OSS endpoint", "invalid_url"),
     ("could not be read", "oss_error"),
 )

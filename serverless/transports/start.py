@@ -10,7 +10,7 @@ from typing import Literal
 from ..core.request import RunRequest, parse_run_request, query_flag, run_request, task_id_from_headers
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
-from ..delivery.oss import Credentials
+from ..delivery.storage import Credentials, Storage
 from ..errors import InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
@@ -39,7 +39,7 @@ def job_mode(request: RunRequest, headers: Mapping[str, str], transport: Transpo
 def output_policy(
     request: RunRequest,
     credentials: Credentials | None,
-    oss_configured: bool,
+    storage: Storage | None,
     query: Mapping[str, str] | None = None,
     link_secret: str = "",
     base_url: str | None = None,
@@ -57,13 +57,13 @@ def output_policy(
         if base_url is None:
             raise InvalidParams("output_url is not available on this transport")
         url = base_url
-    if request.output_oss and not oss_configured:
-        raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN)")
-    if request.output_oss and credentials is None:
+    if request.output_oss and storage is None:
         raise InvalidParams(
-            "output_oss was asked but there are no OSS credentials (x-fc-access-key-* headers "
-            "or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET)"
+            "output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN, or STORAGE=s3 and S3_BUCKET)"
         )
+    missing = storage.missing_credentials(credentials) if request.output_oss and storage is not None else None
+    if missing is not None:
+        raise InvalidParams(missing)
     return OutputPolicy(base64=request.output_base64, oss=request.output_oss, convert=conversion, url=url)
 
 
@@ -126,7 +126,7 @@ async def start_job(
         raise Unavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
     credentials = Credentials.resolve(headers, resources.settings.cloud_credentials)
     outputs = output_policy(
-        request, credentials, resources.oss is not None, query, resources.settings.file_link_secret, base_url
+        request, credentials, resources.storage, query, resources.settings.file_link_secret, base_url
     )
     callback_url = query.get("callback_url") or headers.get("x-callback-url") or None
     if callback_url is not None:

@@ -107,7 +107,7 @@ def node_order(node_id: str) -> tuple[int, int, str]:
 @dataclass(frozen=True, slots=True)
 class Parameter:
     """One changeable input: a literal (not a link) input of a node ComfyUI knows. `default` is
-    the stored value; `loader` inputs also take a URL, base64 or `oss://`; `seed` inputs take -1
+    the stored value; `loader` inputs also take a URL, base64, `oss://` or `s3://`; `seed` inputs take -1
     (a random seed)."""
 
     node_id: str
@@ -131,7 +131,7 @@ class Parameter:
         if self.seed:
             text += "; -1 means a random seed (reported in data.seeds)"
         if self.loader:
-            text += "; also a URL, base64 or oss:// (fetched and uploaded to ComfyUI)"
+            text += "; also a URL, base64, oss:// or s3:// (fetched and uploaded to ComfyUI)"
         return text
 
     def to_payload(self) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def _type_problem(spec: InputSpec, value: Any) -> tuple[str, Any] | None:
 
 def check_value(spec: InputSpec, value: Any, seed: bool, loader: bool) -> tuple[str, str, Any] | None:
     """(kind, message, allowed) when `value` is not acceptable for `spec`, else None. A seed
-    takes -1 (random); a loader input takes any string (a URL, base64 or oss:// as well as a file)."""
+    takes -1 (random); a loader input takes any string (a URL, base64, oss:// or s3:// as well as a file)."""
     if seed and _is_int(value) and value == -1:
         return None
     if loader:
