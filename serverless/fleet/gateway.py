@@ -115,12 +115,14 @@ class RemoteJobs:
         max_queued: int = 1000,
         metrics: Metrics | None = None,
         queue_ttl: float = 3600.0,
+        caller_credentials_upload: bool = True,
     ) -> None:
         self.queue = queue
         self.status = status
         self.local = local  # this instance's own worker's jobs (ROLE=all|worker), drained with it
         self.max_queued = max_queued
         self.queue_ttl = queue_ttl
+        self.caller_credentials_upload = caller_credentials_upload  # OSS uploads with a request's own keys
         self.metrics = metrics or Metrics()
         self.accepting = True
         self._cancels: set[asyncio.Task[None]] = set()
@@ -175,7 +177,8 @@ class RemoteJobs:
     async def start(self, spec: JobSpec, prompt_id: str | None = None) -> RemoteJob:
         if not self.accepting:
             raise Unavailable("this gateway is shutting down and takes no new jobs")
-        if spec.outputs.oss and spec.credentials is not None and spec.credentials.from_caller:
+        caller_keys = spec.credentials is not None and spec.credentials.from_caller
+        if spec.outputs.oss and caller_keys and self.caller_credentials_upload:
             raise InvalidParams(
                 "output_oss with the request's own x-fc-access-key-* credentials cannot go through a fleet's "
                 "queue (credentials never enter Redis): workers upload with their own ALIBABA_CLOUD_* "
