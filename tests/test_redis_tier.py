@@ -7,6 +7,7 @@ import asyncio
 import base64
 import itertools
 import json
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -637,3 +638,20 @@ def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_e
         assert "no longer holds this job" in answer.json()["error_message"]
     finally:
         server.stop()
+
+
+def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_and_the_job_goes_on(
+    tier: Callable[..., Tier],
+) -> None:
+    fleet = tier(processes=True, DRAIN_TIMEOUT="1")
+    gateway = fleet.gateway()
+    fleet.worker(step_delay=0.1)
+    waiting = in_background(lambda: post_run(gateway.url, slow(5, steps=40), headers={"X-Fc-Trace-Id": "outlives"}))
+    wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "outlives")))
+    gateway.proc.send_signal(signal.SIGTERM)
+    answer = waiting.result(timeout=30)
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["error_code"] == "UNAVAILABLE" and "goes on" in answer.json()["error_message"]
+    assert gateway.proc.wait(30) == 0
+    other = fleet.gateway()
+    assert wait_ended(other.url, "outlives")[-1]["type"] == "serverless_api", "the job itself ran to its end"
