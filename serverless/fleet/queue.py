@@ -15,6 +15,7 @@ which checks the cancel key every CANCEL_POLL seconds.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import uuid
 from dataclasses import dataclass, replace
@@ -83,13 +84,23 @@ class RedisQueue:
 
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
         following = await self.status.current(task_id) + 1
+        await self._claim_owner(task_id, spec.owner or "")
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
         entry: Any = await self.client.xadd(stream(priority), fields)  # type: ignore[arg-type]
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.set(f"job:{task_id}", f"{stream(priority)} {entry.decode()}", ex=self.status.ttl)
-            pipe.set(owner_key(task_id), spec.owner or "", ex=self.status.ttl)  # "": anyone's
+            pipe.expire(owner_key(task_id), self.status.ttl)
             await pipe.execute()
         return following, entry
+
+    async def _claim_owner(self, task_id: str, owner: str) -> None:
+        """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;
+        another key naming it is refused before anything is queued."""
+        if await self.client.set(owner_key(task_id), owner, nx=True, ex=self.status.ttl):
+            return
+        held: Any = await self.client.get(owner_key(task_id))
+        if held and not hmac.compare_digest(held, owner.encode()):
+            raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
         value: Any = await self.client.get(f"idem:{key}")

@@ -4,6 +4,7 @@ resolve credentials once, refuse what this instance cannot do, then `Jobs.start`
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Mapping
 from typing import Literal
 
@@ -11,7 +12,7 @@ from ..core.request import RunRequest, parse_run_request, query_flag, run_reques
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.oss import Credentials
-from ..errors import ComfyUIUnavailable, InvalidParams
+from ..errors import ComfyUIUnavailable, Conflict, InvalidParams
 from ..jobs.job import Job
 from ..jobs.registry import Jobs
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
@@ -120,6 +121,7 @@ async def start_job(
     else:
         request, query = await parse_hosted(resources, workflow_id, body, query, headers)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
+    await check_task_owner(resources, request.task_id, owner)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():
         # Its caller would poll a status that never comes: refuse now, FC retries elsewhere.
@@ -150,6 +152,21 @@ async def start_job(
     if callback_url is not None:
         resources.webhooks.start(job, job.task_id, callback_url, terminal_recorded(job))
     return job
+
+
+async def check_task_owner(resources: Resources, task_id: str | None, owner: str | None) -> None:
+    """A task id the caller names belongs to the key that first used it: another key naming it
+    is refused (409) before anything runs, never given a new attempt of it (nor its old ones).
+    The Redis tier's queue claims the id itself as well (SET NX), closing the race of two
+    first uses."""
+    if owner is None or task_id is None:
+        return
+    task_owner = await resources.status.owner(task_id)
+    if task_owner is None or (task_owner and hmac.compare_digest(task_owner, owner)):
+        return  # made without keys (anyone's), or this caller's own
+    if task_owner == "" and not await resources.status.known(task_id):
+        return  # nobody's yet
+    raise Conflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
 
 
 async def terminal_recorded(job: Job) -> bytes:

@@ -1,0 +1,108 @@
+"""Security and DoS, round two (issue #28), through real servers: the app on loopback, the ComfyUI
+emulator, and for the Redis tier a real redis-server with gateway and worker processes. Each test
+plays a caller with a valid key of its own (or none) doing what an attacker would."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from tests.fleet import RedisServer, Tier
+from tests.helpers import empty_image, post_run, wait_until
+from tests.servers import InProcessApp
+from tests.test_redis_tier import redis_server, tier  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY_A = "sk-owner-a-0123456789abcdef"
+KEY_B = "sk-other-b-fedcba9876543210"
+STATUS = "/api/serverless/status"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def keyed(start_app: Callable[..., InProcessApp], emulator: Any, tmp_path: Path) -> InProcessApp:
+    return start_app(
+        emulator.url, API_KEYS=f"{KEY_A},{KEY_B}", WORKFLOWS_DIR=str(tmp_path / "workflows"), FILE_LINK_SECRET="s" * 32
+    )
+
+
+def status_of(app_url: str, key: str, **params: str) -> requests.Response:
+    return requests.get(app_url + STATUS, params=params, headers=bearer(key), timeout=10)
+
+
+# -- 1. a task id belongs to the key that first used it -------------------------------------------
+
+
+def test_another_key_naming_a_task_id_is_refused_and_never_reads_its_attempts(keyed: InProcessApp) -> None:
+    mine = post_run(keyed.url, empty_image(prefix="sec-mine"), headers={**bearer(KEY_A), "x-fc-trace-id": "order-42"})
+    assert mine.status_code == 200 and mine.json()["type"] == "serverless_api"
+    theirs = post_run(
+        keyed.url, empty_image(prefix="sec-theirs"), headers={**bearer(KEY_B), "x-fc-trace-id": "order-42"}
+    )
+    assert theirs.status_code == 409 and theirs.json()["error_code"] == "INVALID_PARAMS", theirs.text
+    assert "serverless_api" not in theirs.text
+    for params in ({"task_id": "order-42"}, {"task_id": "order-42", "attempt": "1"}):
+        peek = status_of(keyed.url, KEY_B, **params)
+        assert peek.status_code == 404 and "sec-mine" not in peek.text, peek.text
+        own = status_of(keyed.url, KEY_A, **params)
+        assert own.status_code == 200 and own.json()[-1] == mine.json(), own.text
+    again = post_run(keyed.url, empty_image(prefix="sec-mine"), headers={**bearer(KEY_A), "x-fc-trace-id": "order-42"})
+    assert again.status_code == 200, "the owner itself may run its task again"
+
+
+def test_genstudio_prompt_naming_another_keys_task_is_refused(keyed: InProcessApp) -> None:
+    registered = requests.put(
+        keyed.url + "/api/workflows/sec-wf", data=json.dumps(empty_image(prefix="sec-gs")), headers=bearer(KEY_A)
+    )
+    assert registered.status_code in (200, 201), registered.text
+    headers = {**bearer(KEY_A), "x-fc-invocation-type": "Async", "x-fc-async-task-id": "order-43"}
+    assert post_run(keyed.url, empty_image(prefix="sec-gs-a"), headers=headers).status_code == 202
+    theirs = requests.post(
+        keyed.url + "/api/maas/comfy_task_api/prompt",
+        json={"workflow_id": "sec-wf", "prompt": {}},
+        headers={**bearer(KEY_B), "x-fc-trace-id": "order-43"},
+        timeout=30,
+    )
+    assert theirs.json()["code"] == 409, theirs.text
+    assert status_of(keyed.url, KEY_A, task_id="order-43").status_code == 200
+
+
+def test_on_the_redis_tier_a_task_id_stays_the_first_keys_even_when_two_keys_race(
+    tier: Callable[..., Tier],  # noqa: F811
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    fleet = tier(API_KEYS=f"{KEY_A},{KEY_B}")
+    first, second = fleet.gateway(), fleet.gateway()
+
+    def submit(url: str, key: str, task_id: str) -> int:
+        headers = {**bearer(key), "x-fc-invocation-type": "async", "x-fc-async-task-id": task_id}
+        return post_run(url, empty_image(prefix="sec-tier"), headers=headers).status_code
+
+    assert submit(first.url, KEY_A, "order-42") == 202
+    assert submit(second.url, KEY_B, "order-42") == 409
+    database = redis.Redis.from_url(fleet.redis_url)
+    owner_before = database.get("task:order-42:owner")
+    with ThreadPoolExecutor(8) as pool:  # both first uses at once, through two gateways
+        races = [
+            (pool.submit(submit, first.url, KEY_A, f"race-{n}"), pool.submit(submit, second.url, KEY_B, f"race-{n}"))
+            for n in range(12)
+        ]
+        answers = [sorted((a.result(), b.result())) for a, b in races]
+    assert answers == [[202, 409]] * 12, answers
+    assert database.get("task:order-42:owner") == owner_before
+    fleet.worker()
+    wait_until(lambda: status_of(first.url, KEY_A, task_id="order-42").json()[-1]["type"] == "serverless_api", 60)
+    for params in ({"task_id": "order-42"}, {"task_id": "order-42", "attempt": "1"}):
+        assert status_of(second.url, KEY_B, **params).status_code == 404
+    assert status_of(second.url, KEY_A, task_id="order-42", attempt="2").json() == []
