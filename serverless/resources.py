@@ -21,6 +21,8 @@ from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .delivery import links
+from .delivery.convert import Converter
+from .delivery.converted import ConvertedFiles
 from .delivery.oss import Credentials, OssConfig, OssStore, read_rules
 from .delivery.outputs import OutputCollector, ReadyCallback
 from .delivery.webhooks import Webhooks
@@ -56,6 +58,7 @@ class Resources:
     input_budget: ByteBudget
     webhooks: Webhooks
     metrics: Metrics
+    converted: ConvertedFiles
 
     @classmethod
     @asynccontextmanager
@@ -108,6 +111,7 @@ class Resources:
                                 budget,
                                 webhooks,
                                 metrics,
+                                converted_files(settings),
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
                             await webhooks.drain(settings.webhook_timeout + 1)
@@ -173,6 +177,7 @@ class Resources:
             conversion=policy.convert,
             on_ready=on_ready,
             link=partial(self.file_link, policy) if policy.url is not None else None,
+            converter=self.converted.converter,
         )
 
     def file_link(self, policy: OutputPolicy, item: Mapping[str, Any]) -> str:
@@ -258,6 +263,12 @@ def hosted_workflows(settings: Settings, comfy: ComfyUI, supervisor: Supervisor 
     object_info = ObjectInfoCache(comfy.object_info, generation)
     loaders = LOADER_INPUTS | set(settings.input_loaders)
     return HostedWorkflows(WorkflowStore(settings.workflows_dir), object_info, loaders)
+
+
+def converted_files(settings: Settings) -> ConvertedFiles:
+    """The instance's bounded conversions, and the converted download links it keeps."""
+    converter = Converter(settings.convert_max_pixels, settings.convert_concurrency)
+    return ConvertedFiles(converter, settings.convert_cache_bytes)
 
 
 def webhook_policy(settings: Settings) -> DownloadPolicy:

@@ -4,7 +4,10 @@ plays a caller with a valid key of its own (or none) doing what an attacker woul
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +16,11 @@ from typing import Any
 import pytest
 import redis
 import requests
+from PIL import Image
 
+from serverless.delivery import links
+from serverless.delivery.convert import Conversion, Converter
+from serverless.errors import Busy
 from tests.fleet import RedisServer, Tier
 from tests.helpers import empty_image, post_run, wait_until
 from tests.servers import InProcessApp
@@ -24,6 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 KEY_A = "sk-owner-a-0123456789abcdef"
 KEY_B = "sk-other-b-fedcba9876543210"
 STATUS = "/api/serverless/status"
+LINK_SECRET = "link-secret-for-the-security-tests"
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -33,7 +41,10 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture
 def keyed(start_app: Callable[..., InProcessApp], emulator: Any, tmp_path: Path) -> InProcessApp:
     return start_app(
-        emulator.url, API_KEYS=f"{KEY_A},{KEY_B}", WORKFLOWS_DIR=str(tmp_path / "workflows"), FILE_LINK_SECRET="s" * 32
+        emulator.url,
+        API_KEYS=f"{KEY_A},{KEY_B}",
+        WORKFLOWS_DIR=str(tmp_path / "workflows"),
+        FILE_LINK_SECRET=LINK_SECRET,
     )
 
 
@@ -106,3 +117,88 @@ def test_on_the_redis_tier_a_task_id_stays_the_first_keys_even_when_two_keys_rac
     for params in ({"task_id": "order-42"}, {"task_id": "order-42", "attempt": "1"}):
         assert status_of(second.url, KEY_B, **params).status_code == 404
     assert status_of(second.url, KEY_A, task_id="order-42", attempt="2").json() == []
+
+
+# -- 3. conversions through download links are bounded, made once and kept -----------------------
+
+
+def bomb_png(side: int) -> bytes:
+    """side x side black pixels in mode "1": a few KB of PNG that decode to side² pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png(side: int, color: tuple[int, int, int] = (200, 30, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def link_to(app: InProcessApp, emulator: Any, name: str, data: bytes, conversion: Conversion) -> str:
+    """A signed link to a file in ComfyUI's output folder, as a job with output_url=true makes."""
+    (Path(emulator.root) / "output" / name).write_bytes(data)
+    item = {"type": "output", "subfolder": "", "filename": name}
+    return f"{app.url}/api/files/{links.sign(LINK_SECRET.encode(), item, int(time.time()) + 600, conversion)}"
+
+
+def get_at_once(url: str, times: int) -> list[requests.Response]:
+    with ThreadPoolExecutor(times) as pool:
+        return list(pool.map(lambda _: requests.get(url, timeout=60), range(times)))
+
+
+def test_a_converted_link_to_an_image_over_the_pixel_bound_is_refused_from_its_header(
+    start_app: Callable[..., InProcessApp], emulator: Any
+) -> None:
+    app = start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET, CONVERT_MAX_PIXELS="4000000")
+    data = bomb_png(3000)  # 9 megapixels in a few KB
+    assert len(data) < 64 * 1024
+    for answer in get_at_once(link_to(app, emulator, "sec-bomb.png", data, Conversion("jpeg")), 4):
+        assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text[:200]
+        assert "3000x3000" in answer.json()["error_message"] and "CONVERT_MAX_PIXELS" in answer.text
+    unconverted = requests.get(link_to(app, emulator, "sec-bomb.png", data, Conversion()), timeout=30)
+    assert unconverted.status_code == 200 and unconverted.content == data, "the file itself is still served"
+
+
+def test_by_default_a_36_megapixel_output_is_not_converted_by_a_job_nor_a_link(
+    start_app: Callable[..., InProcessApp], emulator: Any
+) -> None:
+    app = start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET)
+    refused = requests.get(link_to(app, emulator, "sec-big.png", bomb_png(6000), Conversion("webp")), timeout=60)
+    assert refused.status_code == 400 and "CONVERT_MAX_PIXELS" in refused.text, refused.text[:300]
+    job = post_run(app.url, empty_image(6000, 6000, prefix="sec-big-job"), params={"output_format": "jpeg"})
+    assert job.json()["error_code"] == "OUTPUT_ERROR", job.text[:300]  # the output was made; not convertible
+    assert "6000x6000 pixels, more than this instance converts" in job.json()["error_message"]
+
+
+def test_a_converted_link_is_made_once_and_kept_for_its_lifetime(
+    start_app: Callable[..., InProcessApp], emulator: Any
+) -> None:
+    app = start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET)
+    url = link_to(app, emulator, "sec-kept.png", png(300), Conversion("jpeg", 70))
+    first = get_at_once(url, 4)
+    assert {(answer.status_code, answer.headers["content-type"]) for answer in first} == {(200, "image/jpeg")}
+    assert len({answer.content for answer in first}) == 1
+    requests.post(emulator.url + "/emulator/config", json={"view_status": 500}, timeout=5)
+    try:
+        again = requests.get(url, timeout=30)  # ComfyUI is not asked again: the kept result is served
+    finally:
+        requests.post(emulator.url + "/emulator/config", json={"view_status": 0}, timeout=5)
+    assert (again.status_code, again.content) == (200, first[0].content)
+
+
+def test_conversions_past_the_pool_and_its_queue_are_busy_not_queued_without_bound() -> None:
+    async def scenario() -> str:
+        converter = Converter(concurrency=1, max_waiting=1)
+        async with converter.slot():
+            waiting = asyncio.create_task(converter.convert(png(8), Conversion("jpeg")))
+            await asyncio.sleep(0)  # it waits for the slot
+            try:
+                await converter.convert(png(8), Conversion("jpeg"))
+            except Busy as exc:
+                refused = exc.message
+        converted = await waiting
+        assert converted is not None and converted.mime == "image/jpeg"
+        return refused
+
+    assert "conversions are waiting already" in asyncio.run(scenario())

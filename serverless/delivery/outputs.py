@@ -19,7 +19,7 @@ from ..comfyui.client import ComfyUI, Fetched
 from ..core.jsontext import Spliced
 from ..core.media import mime_for_name, sniff
 from ..errors import OutputError, ServerlessError
-from .convert import NO_CONVERSION, Conversion, convert_in_thread
+from .convert import NO_CONVERSION, Conversion, Converter
 
 FileKey = tuple[str, str, str]
 # Told of each output as soon as it is read (and uploaded): its result item, base64 left out.
@@ -95,8 +95,10 @@ class OutputCollector:
         conversion: Conversion = NO_CONVERSION,
         on_ready: ReadyCallback | None = None,
         link: Linker | None = None,
+        converter: Converter | None = None,
     ) -> None:
         self._comfy = comfy
+        self._converter = converter or Converter()
         self._with_content = with_content or uploader is not None or conversion.active
         self._base64 = with_content
         self._uploader = uploader
@@ -132,7 +134,7 @@ class OutputCollector:
         content, mime, size = fetched.content, _mime(fetched, name), fetched.size
         del fetched  # the original is dropped as soon as it is converted
         if content is not None:
-            converted = await convert_in_thread(content, self._conversion)
+            converted = await self._converter.convert(content, self._conversion)
             if converted is not None:
                 # `raw` keeps ComfyUI's name; mime, size and the OSS object's extension follow the new file.
                 content, mime = converted.content, converted.mime

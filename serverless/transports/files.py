@@ -3,21 +3,22 @@
 Any instance with the same FILE_LINK_SECRET serves any link, reading the file through ComfyUI's
 `/view` (on FC every instance's ComfyUI sees the shared output folder on NAS); nothing a caller
 sends names a path: the place comes only out of the signed token. A link signed with a conversion
-serves the converted file (made again, in a worker thread: the same bytes the job reported); one
-without streams ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206).
+serves the converted file (made once, in a bounded worker thread, and kept until the link
+expires: `serverless.delivery.converted`; the same bytes the job reported); one without streams
+ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..comfyui.client import ComfyUI
-from ..delivery.convert import convert_in_thread
 from ..delivery.links import FileLink, verify
 from ..errors import ComfyUIUnavailable, NotFound, OutputError
 from ..resources import Resources
@@ -35,12 +36,13 @@ async def download(request: Request) -> Response:
     link = verify(secret.encode(), request.path_params["token"], time.time(), request.query_params)
     range_header = request.headers.get("range")
     if link.conversion.active:
-        body, content_type = await _converted(resources.comfy, link)
+        body, content_type = await resources.converted.get(link, partial(_source, resources.comfy))
         return ranged(body, content_type, range_header)
     return ViewStream(resources.comfy, link, range_header)
 
 
-async def _converted(comfy: ComfyUI, link: FileLink) -> tuple[bytes, str]:
+async def _source(comfy: ComfyUI, link: FileLink) -> tuple[bytes, str]:
+    """The linked file, read whole (bounded) for its conversion."""
     chunks: list[bytes] = []
     size = 0
     async with comfy.view(link.item) as view:
@@ -51,12 +53,7 @@ async def _converted(comfy: ComfyUI, link: FileLink) -> tuple[bytes, str]:
             if size > MAX_CONVERTED_SOURCE:
                 raise OutputError(f"{link.item['filename']} is too big to convert on the fly")
             chunks.append(chunk)
-    content = b"".join(chunks)
-    del chunks
-    converted = await convert_in_thread(content, link.conversion)
-    if converted is None:
-        return content, content_type
-    return converted.content, converted.mime
+    return b"".join(chunks), content_type
 
 
 def _check(status: int, link: FileLink) -> None:
