@@ -202,3 +202,43 @@ def test_conversions_past_the_pool_and_its_queue_are_busy_not_queued_without_bou
         return refused
 
     assert "conversions are waiting already" in asyncio.run(scenario())
+
+
+# -- 4. a hosted workflow is the key's that registered it -----------------------------------------
+
+
+def put_workflow(app: InProcessApp, key: str, workflow_id: str, prefix: str, **params: str) -> requests.Response:
+    return requests.put(
+        f"{app.url}/api/workflows/{workflow_id}",
+        data=json.dumps(empty_image(prefix=prefix)),
+        params=params,
+        headers=bearer(key),
+        timeout=30,
+    )
+
+
+def test_another_key_cannot_read_replace_delete_or_run_a_workflow_unless_shared(keyed: InProcessApp) -> None:
+    assert put_workflow(keyed, KEY_A, "sec-private", "sec-by-a").status_code == 201
+    base = f"{keyed.url}/api/workflows/sec-private"
+    for method, url in (("GET", base), ("GET", base + "/openapi.json"), ("DELETE", base), ("POST", base + "/run")):
+        theirs = requests.request(method, url, data="{}", headers=bearer(KEY_B), timeout=30)
+        assert theirs.status_code == 404 and "sec-by-a" not in theirs.text, (method, url, theirs.text)
+    listed = requests.get(keyed.url + "/api/workflows", headers=bearer(KEY_B), timeout=10).json()["workflows"]
+    assert "sec-private" not in [item["workflow_id"] for item in listed]
+    assert "sec-private" not in requests.get(keyed.url + "/api/openapi.json", headers=bearer(KEY_B), timeout=10).text
+    replaced = put_workflow(keyed, KEY_B, "sec-private", "sec-by-b")
+    assert replaced.status_code == 409 and replaced.json()["error_code"] == "INVALID_PARAMS", replaced.text
+    run = requests.post(base + "/run", data="{}", headers=bearer(KEY_A), timeout=30)
+    assert run.status_code == 200, run.text
+    assert run.json()["data"]["results"][0]["output"]["raw"]["filename"].startswith("sec-by-a"), "A runs A's graph"
+    assert put_workflow(keyed, KEY_A, "sec-private", "sec-by-a2").status_code == 200, "its owner replaces it"
+
+
+def test_a_shared_workflow_is_read_and_run_by_other_keys_but_changed_only_by_its_owner(keyed: InProcessApp) -> None:
+    assert put_workflow(keyed, KEY_A, "sec-shared", "sec-shared-a", shared="true").status_code == 201
+    base = f"{keyed.url}/api/workflows/sec-shared"
+    assert requests.get(base, headers=bearer(KEY_B), timeout=30).status_code == 200
+    assert requests.post(base + "/run", data="{}", headers=bearer(KEY_B), timeout=30).status_code == 200
+    assert put_workflow(keyed, KEY_B, "sec-shared", "sec-shared-b").status_code == 409
+    assert requests.delete(base, headers=bearer(KEY_B), timeout=30).status_code == 409
+    assert requests.delete(base, headers=bearer(KEY_A), timeout=30).status_code == 200

@@ -27,7 +27,8 @@ def swagger_ui_dir() -> Path:
 
 async def openapi_json(request: Request) -> Response:
     """GET /api/openapi.json: every route, linking the hosted workflows' own documents."""
-    stored = await request.app.state.resources.workflows.store.all()
+    owner = request.scope.get("state", {}).get("owner")
+    stored = await request.app.state.resources.workflows.visible(owner if isinstance(owner, str) else None)
     server_url = str(request.base_url).rstrip("/")
     return JSONResponse(build_document(server_url, [item.workflow_id for item in stored]))
 

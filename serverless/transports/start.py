@@ -77,13 +77,18 @@ async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[st
 
 
 async def parse_hosted(
-    resources: Resources, workflow_id: str, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
+    resources: Resources,
+    workflow_id: str,
+    body: bytes | str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    owner: str | None = None,
 ) -> tuple[RunRequest, Mapping[str, str]]:
     """A hosted workflow's run: the body holds only overrides, checked and merged into the stored
     workflow (`serverless.workflows.hosting`); the flags and task id as for any run. The body's
     `"output": {"format", "quality", "max_side"}` join the query (whose own values win)."""
     task_id = task_id_from_headers(headers)
-    workflow, extra_data, output = await resources.workflows.prepare_run(workflow_id, body)
+    workflow, extra_data, output = await resources.workflows.prepare_run(workflow_id, body, owner)
     if output:
         from_body = {f"output_{key}": str(value) for key, value in output.items() if value is not None}
         query = {**from_body, **query}
@@ -119,7 +124,7 @@ async def start_job(
     if workflow_id is None:
         request = await parse(body, query, headers)
     else:
-        request, query = await parse_hosted(resources, workflow_id, body, query, headers)
+        request, query = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
     await check_task_owner(resources, request.task_id, owner)
     mode = job_mode(request, headers, transport)

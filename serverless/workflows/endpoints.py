@@ -20,35 +20,45 @@ def _refresh(request: Request) -> bool:
     return query_flag(request.query_params, "refresh")
 
 
+def caller(request: Request) -> str | None:
+    """The caller's API key digest (serverless.auth); None when keys are off."""
+    owner = request.scope.get("state", {}).get("owner")
+    return owner if isinstance(owner, str) else None
+
+
 async def list_workflows(request: Request) -> Response:
     """GET /api/workflows: id, title, parameter count and modification time of each."""
-    return JSONResponse({"workflows": await _hosted(request).summaries(_refresh(request))})
+    return JSONResponse({"workflows": await _hosted(request).summaries(_refresh(request), caller(request))})
 
 
 async def put_workflow(request: Request) -> Response:
     """PUT /api/workflows/{workflow_id}: validate against the running ComfyUI, then store;
-    201 when new, 200 when replaced."""
+    201 when new, 200 when replaced. With API keys it is the caller's: `?shared=true` lets other
+    keys read and run it (only its owner replaces or deletes it)."""
     settings = request.app.state.resources.settings
+    shared = query_flag(request.query_params, "shared")
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
-    described, created = await _hosted(request).register(request.path_params["workflow_id"], body)
+    workflow_id = request.path_params["workflow_id"]
+    described, created = await _hosted(request).register(workflow_id, body, caller(request), shared)
     return JSONResponse(described.to_payload(), status_code=201 if created else 200)
 
 
 async def get_workflow(request: Request) -> Response:
     """GET /api/workflows/{workflow_id}: the stored workflow and its parameter schema."""
-    described = await _hosted(request).describe(request.path_params["workflow_id"], _refresh(request))
+    described = await _hosted(request).describe(request.path_params["workflow_id"], _refresh(request), caller(request))
     return JSONResponse(described.to_payload())
 
 
 async def delete_workflow(request: Request) -> Response:
     """DELETE /api/workflows/{workflow_id}."""
     workflow_id = request.path_params["workflow_id"]
-    await _hosted(request).delete(workflow_id)
+    await _hosted(request).delete(workflow_id, caller(request))
     return JSONResponse({"workflow_id": workflow_id, "deleted": True})
 
 
 async def openapi_json(request: Request) -> Response:
     """GET /api/workflows/{workflow_id}/openapi.json: the workflow's own OpenAPI 3.1 document."""
     server_url = str(request.base_url).rstrip("/")
-    document = await _hosted(request).openapi(request.path_params["workflow_id"], server_url, _refresh(request))
+    workflow_id = request.path_params["workflow_id"]
+    document = await _hosted(request).openapi(workflow_id, server_url, _refresh(request), caller(request))
     return JSONResponse(document)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..core.request import check_nodes, decode_body, split_workflow
-from ..errors import InvalidParams
+from ..errors import Conflict, InvalidParams, NotFound
 from .openapi import openapi_document
 from .overrides import merge, parse_overrides
 from .schema import ObjectInfo, Parameter, build_schema, workflow_title
@@ -103,25 +103,61 @@ class HostedWorkflows:
             stored, workflow_title(stored.workflow_id, workflow, info), build_schema(workflow, info, self.loaders)
         )
 
-    async def describe(self, workflow_id: str, refresh: bool = False) -> Described:
+    async def read(self, workflow_id: str, caller: str | None = None) -> Stored:
+        """The stored workflow, when `caller` (an API key's digest; None: keys off) may see it;
+        NotFound otherwise, as for an unknown id."""
         stored = await self.store.read(workflow_id)
+        if not stored.visible_to(caller):
+            raise NotFound(f"no hosted workflow {workflow_id!r}")
+        return stored
+
+    async def visible(self, caller: str | None = None) -> list[Stored]:
+        """Every workflow `caller` may see."""
+        return [item for item in await self.store.all() if item.visible_to(caller)]
+
+    async def describe(self, workflow_id: str, refresh: bool = False, caller: str | None = None) -> Described:
+        stored = await self.read(workflow_id, caller)
         return self.describe_with(stored, await self.object_info.get(refresh))
 
-    async def summaries(self, refresh: bool = False) -> list[dict[str, Any]]:
-        stored = await self.store.all()
+    async def summaries(self, refresh: bool = False, caller: str | None = None) -> list[dict[str, Any]]:
+        stored = await self.visible(caller)
         info = await self.object_info.get(refresh) if stored else {}
         return [self.describe_with(item, info).summary() for item in stored]
 
-    async def openapi(self, workflow_id: str, server_url: str, refresh: bool = False) -> dict[str, Any]:
-        described = await self.describe(workflow_id, refresh)
+    async def openapi(
+        self, workflow_id: str, server_url: str, refresh: bool = False, caller: str | None = None
+    ) -> dict[str, Any]:
+        described = await self.describe(workflow_id, refresh, caller)
         return openapi_document(workflow_id, described.title, described.parameters, server_url)
 
-    async def delete(self, workflow_id: str) -> None:
+    async def delete(self, workflow_id: str, caller: str | None = None) -> None:
+        """Remove it: its owner only (another key: NotFound, or Conflict when it is shared)."""
+        self._check_writable(await self.read(workflow_id, caller), caller)
         await self.store.delete(workflow_id)
 
-    async def register(self, workflow_id: str, body: bytes | str) -> tuple[Described, bool]:
-        """Validate against the running ComfyUI, then store; True when it was new."""
+    async def _existing(self, workflow_id: str, caller: str | None) -> Stored | None:
+        try:
+            stored = await self.store.read(workflow_id)
+        except NotFound:
+            return None
+        self._check_writable(stored, caller)
+        return stored
+
+    @staticmethod
+    def _check_writable(stored: Stored, caller: str | None) -> None:
+        if not stored.writable_by(caller):
+            raise Conflict(
+                f"workflow id {stored.workflow_id!r} is taken by another API key: name another workflow",
+                raw={"workflow_id": stored.workflow_id},
+            )
+
+    async def register(
+        self, workflow_id: str, body: bytes | str, caller: str | None = None, shared: bool = False
+    ) -> tuple[Described, bool]:
+        """Validate against the running ComfyUI, then store (as `caller`'s, other keys seeing it
+        when `shared`); True when it was new. Conflict when another key registered that id."""
         validate_workflow_id(workflow_id)  # a bad id is refused before the body is looked at
+        existing = await self._existing(workflow_id, caller)
         workflow, extra_data = await _in_thread(len(body), lambda: split_workflow(decode_body(body)))
         if extra_data is not None:
             raise InvalidParams("extra_data is not stored with a workflow: send it with each run")
@@ -129,16 +165,17 @@ class HostedWorkflows:
             lambda info: (validate_workflow(workflow, info, self.loaders), None),
             "the workflow failed validation against ComfyUI's /object_info",
         )
-        created = await self.store.write(workflow_id, workflow)
+        existing = existing or await self._existing(workflow_id, caller)  # registered meanwhile?
+        created = await self.store.write(workflow_id, workflow, caller, shared, new=existing is None)
         stored = await self.store.read(workflow_id)
         return self.describe_with(stored, info), created
 
     async def prepare_run(
-        self, workflow_id: str, body: bytes | str
+        self, workflow_id: str, body: bytes | str, caller: str | None = None
     ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
         """The stored workflow with the body's overrides merged in, checked, the body's
         extra_data and its `output` options; nothing reaches ComfyUI when anything is wrong."""
-        stored = await self.store.read(workflow_id)
+        stored = await self.read(workflow_id, caller)
         document = await _in_thread(len(body), lambda: decode_body(body) if body and body.strip() else None)
 
         Prepared = tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]
