@@ -103,9 +103,10 @@ def _warn_unknown(request: Request, response: Response, task_id: str) -> Respons
     """A misspelt flag is ignored, as FC ignores what it does not know; but say so."""
     unknown = unknown_parameters(request.query_params)
     if unknown:
-        names, known = ", ".join(unknown), ", ".join(RUN_QUERY_FLAGS)
+        # Names were checked before the job started (check_parameter_names); none goes in a header.
+        names, known = ascii(", ".join(unknown))[1:-1], ", ".join(RUN_QUERY_FLAGS)
         log.warning("task_id=%s: unknown query parameter(s) ignored: %s (known: %s)", task_id, names, known)
-        text = f"unknown query parameter(s) ignored: {names}; known: {known}"
+        text = f"{len(unknown)} unknown query parameter(s) ignored; known: {known}"
         response.headers.append("Warning", f'299 - "{text}"')
     return response
 

@@ -242,3 +242,19 @@ def test_a_shared_workflow_is_read_and_run_by_other_keys_but_changed_only_by_its
     assert put_workflow(keyed, KEY_B, "sec-shared", "sec-shared-b").status_code == 409
     assert requests.delete(base, headers=bearer(KEY_B), timeout=30).status_code == 409
     assert requests.delete(base, headers=bearer(KEY_A), timeout=30).status_code == 200
+
+
+# -- 5. query parameter names are checked before the job starts ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["x\r\nSet-Cookie: a=b", "outputBase64\n2026-12-05 INFO forged: ok", "größe", "名前"])
+def test_a_flag_name_with_line_breaks_or_non_latin1_is_refused_before_the_job_runs(
+    start_app: Callable[..., InProcessApp], emulator: Any, name: str
+) -> None:
+    app = start_app(emulator.url)
+    answer = post_run(app.url, empty_image(prefix="sec-flag"), params={name: "1"})
+    assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text
+    assert "set-cookie" not in answer.headers and "query parameter names" in answer.json()["error_message"]
+    log = app.log_text()
+    assert "job start" not in log and "prompt_id=" not in log, "nothing ran"
+    assert not any(line.startswith("2026-12-05 INFO forged") for line in log.splitlines())

@@ -8,7 +8,14 @@ import hmac
 from collections.abc import Mapping
 from typing import Literal
 
-from ..core.request import RunRequest, parse_run_request, query_flag, run_request, task_id_from_headers
+from ..core.request import (
+    RunRequest,
+    check_parameter_names,
+    parse_run_request,
+    query_flag,
+    run_request,
+    task_id_from_headers,
+)
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.oss import Credentials
@@ -120,6 +127,7 @@ async def start_job(
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
     prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
     beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload."""
+    check_parameter_names(query)
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
         request = await parse(body, query, headers)
