@@ -5,6 +5,7 @@ plays a caller with a valid key of its own (or none) doing what an attacker woul
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import time
@@ -21,6 +22,7 @@ from PIL import Image
 from serverless.delivery import links
 from serverless.delivery.convert import Conversion, Converter
 from serverless.errors import Busy
+from serverless.settings import Settings, SettingsError
 from tests.fleet import RedisServer, Tier
 from tests.helpers import empty_image, post_run, wait_until
 from tests.servers import InProcessApp
@@ -258,3 +260,44 @@ def test_a_flag_name_with_line_breaks_or_non_latin1_is_refused_before_the_job_ru
     log = app.log_text()
     assert "job start" not in log and "prompt_id=" not in log, "nothing ran"
     assert not any(line.startswith("2026-12-05 INFO forged") for line in log.splitlines())
+
+
+# -- 6. GenStudio's url_expire_period is capped by FILE_LINK_MAX_EXPIRES -------------------------
+
+
+def link_expiry(url: str) -> int:
+    claims = url.split("/api/files/")[1].split("/")[0].split(".")[0]
+    expires: int = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["exp"]
+    return expires
+
+
+@pytest.mark.parametrize(
+    "env", [{"FILE_LINK_EXPIRES": "60"}, {"FILE_LINK_EXPIRES": "60", "FILE_LINK_MAX_EXPIRES": "120"}]
+)
+def test_genstudio_links_live_no_longer_than_the_setting_allows(
+    start_app: Callable[..., InProcessApp], emulator: Any, tmp_path: Path, env: dict[str, str]
+) -> None:
+    app = start_app(
+        emulator.url, API_KEYS=KEY_A, WORKFLOWS_DIR=str(tmp_path / "wf"), FILE_LINK_SECRET=LINK_SECRET, **env
+    )
+    assert put_workflow(app, KEY_A, "sec-expiry", "sec-expiry").status_code == 201
+    api = app.url + "/api/maas/comfy_task_api"
+    queued = requests.post(api + "/prompt", json={"workflow_id": "sec-expiry", "prompt": {}}, headers=bearer(KEY_A))
+    task_id = queued.json()["data"]["prompt_id"]
+    asked = {"comfy_task_ids": [task_id], "url_expire_period": 7 * 24 * 3600}
+
+    def files() -> list[str] | None:
+        entry = requests.post(api + "/get_task_info", json=asked, headers=bearer(KEY_A), timeout=10).json()
+        found: list[str] = entry["data"]["comfy_task_info"][0]["final_files"]
+        return found or None
+
+    (url,) = wait_until(files)
+    allowed = int(env.get("FILE_LINK_MAX_EXPIRES", env.get("FILE_LINK_EXPIRES", "0")))
+    assert link_expiry(url) <= time.time() + allowed + 5, "not the 7 days asked"
+    assert requests.get(url, timeout=30).status_code == 200
+
+
+def test_a_link_lifetime_cap_below_the_default_lifetime_is_a_settings_error() -> None:
+    with pytest.raises(SettingsError, match="FILE_LINK_MAX_EXPIRES"):
+        Settings.from_env({"FILE_LINK_EXPIRES": "600", "FILE_LINK_MAX_EXPIRES": "60"})
+    assert Settings.from_env({"FILE_LINK_EXPIRES": "600"}).file_link_max_expires == 600
