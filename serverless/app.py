@@ -200,7 +200,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(RequireApiKey, keys=ApiKeys(settings.api_keys))],
+        middleware=[
+            Middleware(
+                RequireApiKey,
+                keys=ApiKeys(settings.api_keys),
+                own_token=("/metrics",) if settings.metrics_token else (),
+            )
+        ],
         lifespan=lifespan,
         # Our errors, starlette's refusals and hang-ups are answered by starlette's exception
         # middleware; anything else (a bug) also reaches the server error middleware, which

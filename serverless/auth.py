@@ -63,11 +63,14 @@ def may_see(owner: str | None, task_owner: str | None) -> bool:
 
 class RequireApiKey:
     """ASGI middleware: refuses guarded paths without a valid key (401, in the error shape of the
-    API called) and puts the caller's owner id in `scope["state"]["owner"]`."""
+    API called) and puts the caller's owner id in `scope["state"]["owner"]`. `own_token` paths are
+    guarded by a token of their own instead (`/metrics` with METRICS_TOKEN: one Authorization
+    header cannot carry both)."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, own_token: tuple[str, ...] = ()) -> None:
         self.app = app
         self.keys = keys
+        self.own_token = frozenset(own_token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -84,7 +87,7 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
     def _guarded(self, path: str) -> bool:
-        if not self.keys.enabled or path in OPEN_PATHS or path.startswith(TOKEN_PATHS):
+        if not self.keys.enabled or path in OPEN_PATHS or path in self.own_token or path.startswith(TOKEN_PATHS):
             return False
         return path.startswith(GUARDED_PREFIXES)
 

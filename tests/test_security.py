@@ -301,3 +301,20 @@ def test_a_link_lifetime_cap_below_the_default_lifetime_is_a_settings_error() ->
     with pytest.raises(SettingsError, match="FILE_LINK_MAX_EXPIRES"):
         Settings.from_env({"FILE_LINK_EXPIRES": "600", "FILE_LINK_MAX_EXPIRES": "60"})
     assert Settings.from_env({"FILE_LINK_EXPIRES": "600"}).file_link_max_expires == 600
+
+
+# -- 7. /metrics with API keys and METRICS_TOKEN answers the token -------------------------------
+
+
+def test_with_api_keys_and_a_metrics_token_the_token_reads_the_metrics_and_a_key_does_not(
+    start_app: Callable[..., InProcessApp], emulator: Any
+) -> None:
+    token = "metrics-token-0123456789"
+    app = start_app(emulator.url, API_KEYS=KEY_A, METRICS_TOKEN=token)
+    scraped = requests.get(app.url + "/metrics", headers=bearer(token), timeout=10)
+    assert scraped.status_code == 200 and "serverless_jobs_in_flight" in scraped.text
+    for headers in (bearer(KEY_A), {}, bearer("not-the-token")):
+        assert requests.get(app.url + "/metrics", headers=headers, timeout=10).status_code == 401
+    keyed_only = start_app(emulator.url, API_KEYS=KEY_A)
+    assert requests.get(keyed_only.url + "/metrics", headers=bearer(KEY_A), timeout=10).status_code == 200
+    assert requests.get(keyed_only.url + "/metrics", timeout=10).status_code == 401
