@@ -61,6 +61,14 @@ def may_see(owner: str | None, task_owner: str | None) -> bool:
     return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
 
 
+def scoped_key(idempotency_key: str, owner: str | None) -> str:
+    """An `Idempotency-Key` as stored: in the caller's own namespace (another key's use of the same
+    key never touches this caller's), still a valid task-id-shaped name."""
+    if owner is None:
+        return idempotency_key
+    return f"{owner}-{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+
+
 class RequireApiKey:
     """ASGI middleware: refuses guarded paths without a valid key (401, in the error shape of the
     API called) and puts the caller's owner id in `scope["state"]["owner"]`. `own_token` paths are

@@ -318,3 +318,37 @@ def test_with_api_keys_and_a_metrics_token_the_token_reads_the_metrics_and_a_key
     keyed_only = start_app(emulator.url, API_KEYS=KEY_A)
     assert requests.get(keyed_only.url + "/metrics", headers=bearer(KEY_A), timeout=10).status_code == 200
     assert requests.get(keyed_only.url + "/metrics", timeout=10).status_code == 401
+
+
+# -- 9. Idempotency-Keys are per API key ----------------------------------------------------------
+
+
+def test_another_keys_use_of_an_idempotency_key_never_blocks_or_joins_mine(keyed: InProcessApp) -> None:
+    def post(key: str, prefix: str) -> requests.Response:
+        headers = {**bearer(key), "Idempotency-Key": "checkout-1"}
+        return post_run(keyed.url, empty_image(prefix=prefix), headers=headers)
+
+    theirs = post(KEY_B, "sec-idem-b")
+    assert theirs.status_code == 200
+    mine = post(KEY_A, "sec-idem-a")
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["data"]["results"][0]["output"]["raw"]["filename"].startswith("sec-idem-a")
+    again = post(KEY_A, "sec-idem-a")
+    assert again.json()["data"]["task_id"] == mine.json()["data"]["task_id"], "my retry joins my task"
+    assert post(KEY_B, "sec-idem-b").json()["data"]["task_id"] == theirs.json()["data"]["task_id"]
+
+
+def test_on_the_redis_tier_idempotency_keys_are_per_api_key(
+    tier: Callable[..., Tier],  # noqa: F811
+) -> None:
+    gateway = tier(API_KEYS=f"{KEY_A},{KEY_B}").gateway()
+
+    def submit(key: str, prefix: str) -> requests.Response:
+        headers = {**bearer(key), "x-fc-invocation-type": "async", "Idempotency-Key": "checkout-1"}
+        return post_run(gateway.url, empty_image(prefix=prefix), headers=headers)
+
+    theirs = submit(KEY_B, "sec-tier-idem-b")
+    mine = submit(KEY_A, "sec-tier-idem-a")
+    assert (theirs.status_code, mine.status_code) == (202, 202), mine.text
+    assert mine.json()["task_id"] != theirs.json()["task_id"]
+    assert submit(KEY_A, "sec-tier-idem-a").json()["task_id"] == mine.json()["task_id"]

@@ -4,6 +4,7 @@
     job:<task_id>               "<stream> <entry id>" of the task's newest submission
     task:<task_id>:owner        whose it is (`serverless.status.redis`): known, queued, from now on
     idem:<key>                  "<task_id> <fingerprint>" of the first request with that Idempotency-Key
+                                (under an API key: idem:<owner>-<sha256 of the key>, its own namespace)
     run:<task_id>:<entry id>    who took that submission: a worker's name, or "cancelled" (SET NX)
     cancel:<task_id>:<entry id> a cancel request its worker watches
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ..auth import scoped_key
 from ..core.request import validate_task_id
 from ..errors import ExecutionInterrupted, InvalidParams, NotFound
 from ..jobs.spec import JobSpec
@@ -69,7 +71,7 @@ class RedisQueue:
             if idempotency_key is not None:
                 validate_task_id(idempotency_key)
                 mark = f"{task_id} {fingerprint(spec)}"
-                claimed = await self.client.set(f"idem:{idempotency_key}", mark, nx=True, ex=self.status.ttl)
+                claimed = await self.client.set(_idem(idempotency_key, spec), mark, nx=True, ex=self.status.ttl)
                 if not claimed:
                     return await self._attach(idempotency_key, spec)
             try:
@@ -77,7 +79,7 @@ class RedisQueue:
             except BaseException:
                 if idempotency_key is not None:  # a repeat must not attach to a job that never was
                     with contextlib.suppress(Exception):
-                        await self.client.delete(f"idem:{idempotency_key}")
+                        await self.client.delete(_idem(idempotency_key, spec))
                 raise
         log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
         return Submitted(task_id, following, False)
@@ -103,7 +105,7 @@ class RedisQueue:
             raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
-        value: Any = await self.client.get(f"idem:{key}")
+        value: Any = await self.client.get(_idem(key, spec))
         if value is None:  # expired in between: a new request after all
             raise TaskConflict("the Idempotency-Key expired while it was used; send the request again")
         task_id, _, used = value.decode().partition(" ")
@@ -153,6 +155,11 @@ class RedisQueue:
         if b'"serverless_api"' in data[:64]:
             return "succeeded"
         return "cancelled" if b"EXECUTION_INTERRUPTED" in data else "failed"
+
+
+def _idem(key: str, spec: JobSpec) -> str:
+    """Where an Idempotency-Key is claimed: in the namespace of the caller's API key."""
+    return f"idem:{scoped_key(key, spec.owner)}"
 
 
 def _named(spec: JobSpec, task_id: str) -> JobSpec:
