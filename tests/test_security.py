@@ -24,7 +24,7 @@ from serverless.delivery.convert import Conversion, Converter
 from serverless.errors import Busy
 from serverless.settings import Settings, SettingsError
 from tests.fleet import RedisServer, Tier
-from tests.helpers import empty_image, post_run, wait_until
+from tests.helpers import FIXTURES, empty_image, post_run, wait_until
 from tests.servers import InProcessApp
 from tests.test_redis_tier import redis_server, tier  # noqa: F401  (fixtures)
 
@@ -249,7 +249,11 @@ def test_a_shared_workflow_is_read_and_run_by_other_keys_but_changed_only_by_its
 # -- 5. query parameter names are checked before the job starts ----------------------------------
 
 
-@pytest.mark.parametrize("name", ["x\r\nSet-Cookie: a=b", "outputBase64\n2026-12-05 INFO forged: ok", "größe", "名前"])
+@pytest.mark.parametrize(
+    "name",
+    ["x\r\nSet-Cookie: a=b", "outputBase64\n2026-12-05 INFO forged: ok", "größe", "名前"],
+    ids=["crlf", "forged-line", "latin1", "cjk"],
+)
 def test_a_flag_name_with_line_breaks_or_non_latin1_is_refused_before_the_job_runs(
     start_app: Callable[..., InProcessApp], emulator: Any, name: str
 ) -> None:
@@ -352,3 +356,40 @@ def test_on_the_redis_tier_idempotency_keys_are_per_api_key(
     assert (theirs.status_code, mine.status_code) == (202, 202), mine.text
     assert mine.json()["task_id"] != theirs.json()["task_id"]
     assert submit(KEY_A, "sec-tier-idem-a").json()["task_id"] == mine.json()["task_id"]
+
+
+# -- 10. non-finite overrides and odd query numbers are INVALID_PARAMS ----------------------------
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "1e400", "NaN"], ids=["inf", "-inf", "1e400", "nan"])
+def test_a_non_finite_override_is_refused_before_comfyui_sees_it(keyed: InProcessApp, value: str) -> None:
+    workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())
+    registered = requests.put(
+        keyed.url + "/api/workflows/sec-finite", data=json.dumps(workflow), headers=bearer(KEY_A), timeout=30
+    )
+    assert registered.status_code in (200, 201), registered.text
+    for body in (f'{{"3.cfg": {value}}}', f'{{"3": {{"inputs": {{"cfg": {value}}}}}}}'):
+        answer = requests.post(
+            keyed.url + "/api/workflows/sec-finite/run", data=body, headers=bearer(KEY_A), timeout=30
+        )
+        assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text
+        assert "finite" in answer.json()["error_message"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"output_quality": "²"},
+        {"output_quality": "9" * 5000},
+        {"output_max_side": "٣"},
+        {"output_max_side": "1" * 5000},
+        {"output_format": "jpeg", "output_quality": "+80"},
+    ],
+    ids=["superscript", "5000-digit-quality", "arabic-indic", "5000-digit-side", "signed"],
+)
+def test_odd_numbers_in_the_query_are_invalid_params_not_500(app: InProcessApp, params: dict[str, str]) -> None:
+    answer = post_run(app.url, empty_image(prefix="sec-number"), params=params)
+    assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text[:300]
+    for name in ("after", "attempt"):
+        polled = requests.get(app.url + STATUS, params={"task_id": "x", name: "9" * 5000}, timeout=10)
+        assert polled.status_code == 400, polled.text[:200]

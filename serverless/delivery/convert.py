@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from ..core.numbers import whole_number
 from ..errors import Busy, InvalidParams
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -79,10 +80,7 @@ def parse_conversion(fmt: str | None, quality: str | None, max_side: str | None)
 def _whole(raw: str | None, name: str, low: int, high: int) -> int | None:
     if raw is None or not str(raw).strip():
         return None
-    text = str(raw).strip()
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise InvalidParams(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}")
-    return int(text)
+    return whole_number(str(raw), name, low, high)
 
 
 def convert(content: bytes, conversion: Conversion, max_pixels: int = MAX_PIXELS) -> Converted | None:
