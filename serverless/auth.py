@@ -61,6 +61,14 @@ def may_see(owner: str | None, task_owner: str | None) -> bool:
     return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
 
 
+def sole_authorization(values: list[str]) -> str:
+    """The one `Authorization` header's value ("" when none); Unauthorized for two or more: which
+    one a proxy, the app or a log reads would be anyone's guess."""
+    if len(values) > 1:
+        raise Unauthorized("send one Authorization header, not several")
+    return values[0] if values else ""
+
+
 def scoped_key(idempotency_key: str, owner: str | None) -> str:
     """An `Idempotency-Key` as stored: in the caller's own namespace (another key's use of the same
     key never touches this caller's), still a valid task-id-shaped name."""
@@ -85,9 +93,9 @@ class RequireApiKey:
         if scope["type"] not in ("http", "websocket") or not self._guarded(path):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         try:
-            owner = self.keys.owner(headers.get("authorization"))
+            owner = self.keys.owner(sole_authorization(given) or None)
         except Unauthorized as exc:
             await _refuse(scope, send, exc, path)
             return

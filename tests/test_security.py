@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
 import time
@@ -393,3 +394,43 @@ def test_odd_numbers_in_the_query_are_invalid_params_not_500(app: InProcessApp, 
     for name in ("after", "attempt"):
         polled = requests.get(app.url + STATUS, params={"task_id": "x", name: "9" * 5000}, timeout=10)
         assert polled.status_code == 400, polled.text[:200]
+
+
+# -- 11. page headers; one Authorization header -------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/docs"])
+def test_the_html_pages_forbid_framing_sniffing_and_foreign_scripts(app: InProcessApp, path: str) -> None:
+    page = requests.get(app.url + path, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+
+
+def test_two_authorization_headers_are_refused_whichever_comes_first(
+    start_app: Callable[..., InProcessApp], emulator: Any
+) -> None:
+    token = "metrics-token-0123456789"
+    app = start_app(emulator.url, API_KEYS=KEY_A, METRICS_TOKEN=token)
+    for pair in ((KEY_A, "nonsense-key-xxxxxxxx"), ("nonsense-key-xxxxxxxx", KEY_A), (KEY_A, KEY_A)):
+        raw = [("Authorization", f"Bearer {pair[0]}"), ("Authorization", f"Bearer {pair[1]}")]
+        status = http_get(app.url, STATUS + "?task_id=x", raw)
+        assert status == 401, pair
+    assert http_get(app.url, STATUS + "?task_id=x", [("Authorization", f"Bearer {KEY_A}")]) == 200  # one: heard
+    both = [("Authorization", f"Bearer {token}"), ("Authorization", "Bearer other")]
+    assert http_get(app.url, "/metrics", both) == 401
+    assert http_get(app.url, "/metrics", [("Authorization", f"Bearer {token}")]) == 200
+
+
+def http_get(base_url: str, path: str, headers: list[tuple[str, str]]) -> int:
+    """A GET with repeated headers as sent (requests folds a dict's keys into one)."""
+    connection = http.client.HTTPConnection(base_url.removeprefix("http://"), timeout=10)
+    try:
+        connection.putrequest("GET", path)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
