@@ -64,6 +64,7 @@ class Accepts:
         return mime in self.types or mime.split("/", 1)[0] in self.types
 
 
+BIG_WORKFLOW_NODES = 1000
 _IMAGE = Accepts("an image", frozenset({"image"}))
 _VIDEO = Accepts("a video", frozenset({"video", "image/gif", "image/webp"}))  # animations load too
 # Loaders not listed here (added by configuration) accept any content.
@@ -190,7 +191,10 @@ async def resolve_inputs(
         kind = _classify_item(workflow, item)
         if kind != "file":
             remote.append((item, kind))
-    result: dict[str, Any] = copy_json(dict(workflow))
+    if len(workflow) >= BIG_WORKFLOW_NODES:  # a big workflow is copied off the event loop
+        result: dict[str, Any] = await asyncio.to_thread(copy_json, dict(workflow))
+    else:
+        result = copy_json(dict(workflow))
     if not remote:
         return result
 

@@ -154,7 +154,7 @@ async def start_job(
         outputs=outputs,
         task_id=request.task_id,
         credentials=credentials,
-        big=len(body) >= BIG_BODY,
+        big=len(body) >= BIG_BODY or (workflow_id is not None and resources.workflows.size(workflow_id) >= BIG_BODY),
         workflow_id=workflow_id,
         priority=job_priority(query),
         idempotency_key=headers.get("idempotency-key") or None,

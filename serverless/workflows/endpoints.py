@@ -3,12 +3,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..core.request import query_flag
 from ..transports.http import read_body
 from .hosting import HostedWorkflows
+
+BIG_ANSWER = 256 * 1024  # from this workflow size on, its answer is rendered off the event loop
+
+
+async def _answer(payload: Any, size: int, status_code: int = 200) -> Response:
+    """JSONResponse's rendering, in a thread when the workflow is big (a 4 MB one's OpenAPI
+    document takes a third of a second to write)."""
+    if size < BIG_ANSWER:
+        return JSONResponse(payload, status_code=status_code)
+    text = await asyncio.to_thread(
+        lambda: json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    )
+    return Response(text, status_code=status_code, media_type="application/json")
 
 
 def _hosted(request: Request) -> HostedWorkflows:
@@ -40,13 +57,14 @@ async def put_workflow(request: Request) -> Response:
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
     workflow_id = request.path_params["workflow_id"]
     described, created = await _hosted(request).register(workflow_id, body, caller(request), shared)
-    return JSONResponse(described.to_payload(), status_code=201 if created else 200)
+    return await _answer(described.to_payload(), described.stored.size, 201 if created else 200)
 
 
 async def get_workflow(request: Request) -> Response:
     """GET /api/workflows/{workflow_id}: the stored workflow and its parameter schema."""
-    described = await _hosted(request).describe(request.path_params["workflow_id"], _refresh(request), caller(request))
-    return JSONResponse(described.to_payload())
+    workflow_id = request.path_params["workflow_id"]
+    text = await _hosted(request).describe_json(workflow_id, _refresh(request), caller(request))
+    return Response(text, media_type="application/json")
 
 
 async def delete_workflow(request: Request) -> Response:
@@ -60,5 +78,5 @@ async def openapi_json(request: Request) -> Response:
     """GET /api/workflows/{workflow_id}/openapi.json: the workflow's own OpenAPI 3.1 document."""
     server_url = str(request.base_url).rstrip("/")
     workflow_id = request.path_params["workflow_id"]
-    document = await _hosted(request).openapi(workflow_id, server_url, _refresh(request), caller(request))
-    return JSONResponse(document)
+    text = await _hosted(request).openapi_json(workflow_id, server_url, _refresh(request), caller(request))
+    return Response(text, media_type="application/json")

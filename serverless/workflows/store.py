@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,8 @@ class Stored:
     modified: float
     owner: str | None = None  # the registering API key's digest (serverless.auth); None: nobody's
     shared: bool = False  # other keys may read and run it too
+    size: int = 0  # bytes of its file
+    version: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, mtime_ns, size): changes with each write
 
     def visible_to(self, caller: str | None) -> bool:
         """Whether `caller` (None: keys are off) may read and run it."""
@@ -61,18 +64,25 @@ class Stored:
         return datetime.fromtimestamp(self.modified, UTC).isoformat().replace("+00:00", "Z")
 
 
+PARSED_KEPT = 32  # parsed workflows kept, by file version: a big one is not parsed again per call
+
+
 class WorkflowStore:
-    """The folder (`WORKFLOWS_DIR`); created on the first write."""
+    """The folder (`WORKFLOWS_DIR`); created on the first write. What a file held is kept parsed
+    for as long as the file is unchanged (same inode, mtime and size): readers share it, and
+    never change it (a run merges its overrides into a copy)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._parsed: dict[Path, Stored] = {}
+        self._lock = threading.Lock()  # the reading threads share it
 
     def _path(self, workflow_id: str) -> Path:
         return self.folder / (validate_workflow_id(workflow_id) + SUFFIX)
 
     async def read(self, workflow_id: str) -> Stored:
         """The stored workflow; NotFound when there is none (or the file is not a workflow)."""
-        return await asyncio.to_thread(self._read, self._path(workflow_id), workflow_id)
+        return await asyncio.to_thread(self._read_kept, self._path(workflow_id), workflow_id)
 
     async def write(
         self,
@@ -112,16 +122,34 @@ class WorkflowStore:
             if not TASK_ID_RE.fullmatch(workflow_id) or workflow_id in (".", ".."):
                 continue
             try:
-                found.append(self._read(self.folder / name, workflow_id))
+                found.append(self._read_kept(self.folder / name, workflow_id))
             except NotFound:
                 continue  # removed meanwhile, or not a workflow
         return found
+
+    def _read_kept(self, path: Path, workflow_id: str) -> Stored:
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            raise NotFound(f"no hosted workflow {workflow_id!r}") from None
+        with self._lock:
+            kept = self._parsed.get(path)
+        if kept is not None and kept.version == (found.st_ino, found.st_mtime_ns, found.st_size):
+            return kept
+        stored = self._read(path, workflow_id)
+        with self._lock:
+            self._parsed.pop(path, None)
+            while len(self._parsed) >= PARSED_KEPT:
+                self._parsed.pop(next(iter(self._parsed)))
+            self._parsed[path] = stored
+        return stored
 
     @staticmethod
     def _read(path: Path, workflow_id: str) -> Stored:
         try:
             with open(path, "rb") as f:
-                modified = os.fstat(f.fileno()).st_mtime
+                found = os.fstat(f.fileno())
+                modified = found.st_mtime
                 document = json.loads(f.read())
         except FileNotFoundError:
             raise NotFound(f"no hosted workflow {workflow_id!r}") from None
@@ -134,7 +162,8 @@ class WorkflowStore:
             document = document["prompt"]  # a file dropped in by hand may keep the wrapper
         if not isinstance(document, dict):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not a workflow object; register it again")
-        return Stored(workflow_id, document, modified, owner, shared)
+        version = (found.st_ino, found.st_mtime_ns, found.st_size)
+        return Stored(workflow_id, document, modified, owner, shared, found.st_size, version)
 
     def _write(self, path: Path, workflow: dict[str, Any], new: bool) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
