@@ -9,6 +9,9 @@ import base64
 import http.client
 import io
 import json
+import os
+import select
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -496,3 +499,96 @@ def test_describe_openapi_and_run_of_a_4_mb_workflow_keep_other_callers_answered
         delays[url.rsplit("/", 1)[-1]] = round(best or 0.0, 3)
     print("status answered slower by (s):", delays)
     assert max(delays.values()) < 0.25, delays
+
+
+# -- 12. connections: a slow body is closed, a stalled reader is dropped with its answer ----------
+
+
+def raw_request(port: int, head: bytes, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(head)
+    return sock
+
+
+def closed_while_dripping(sock: socket.socket, seconds: float) -> bool:
+    """Drip a byte every 0.2 s; True once the server closes (EOF, reset or a refused write)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(b" ")
+        except OSError:
+            return True
+        readable, _, _ = select.select([sock], [], [], 0.2)
+        if readable:
+            try:
+                if sock.recv(65536) == b"":
+                    return True
+            except OSError:
+                return True
+    return False
+
+
+def test_a_body_dripping_past_the_body_timeout_is_answered_400_and_its_connection_closed(
+    start_app: Callable[..., InProcessApp], emulator: Any
+) -> None:
+    app = start_app(emulator.url, BODY_TIMEOUT="0.5")
+    head = b"POST /api/serverless/run HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+    sock = raw_request(app.port, head)
+    try:
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert closed_while_dripping(sock, 8.0), "the drip kept its connection after the 400"
+    finally:
+        sock.close()
+
+
+def held_connections(pid: int, client_ports: set[int]) -> int:
+    """How many of the clients' connections process `pid` still holds a socket of."""
+    inodes = set()
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    held = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) in client_ports:
+            held += 1
+    return held
+
+
+def test_a_caller_that_stops_reading_loses_its_connection_and_the_app_drops_the_answer(
+    start_app_process: Callable[..., Any], emulator_process: Any
+) -> None:
+    app = start_app_process(emulator_process.url, STREAM_WRITE_TIMEOUT="1")
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 1, "strength": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "sec-stall"}},
+    }
+    warm = post_run(app.url, workflow, params={"output_base64": "true"})
+    assert warm.status_code == 200 and len(warm.content) > 3_000_000
+    body = json.dumps(workflow).encode()
+    head = (
+        b"POST /api/serverless/run?output_base64=true HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    stalled = [raw_request(app.port, head, rcvbuf=4096) for _ in range(3)]  # they never read
+    ports = {sock.getsockname()[1] for sock in stalled}
+    try:
+        wait_until(lambda: held_connections(app.proc.pid, ports) == 3)
+        wait_until(lambda: app.log_text().count("its connection is closed") >= 3, timeout=60)
+        # Dropped at once: not held (with the rest of the answer) until the caller reads.
+        wait_until(lambda: held_connections(app.proc.pid, ports) == 0, timeout=10)
+    finally:
+        for sock in stalled:
+            sock.close()

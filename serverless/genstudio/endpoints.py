@@ -64,8 +64,9 @@ def _respond(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         except ClientDisconnect:
             raise  # nobody to answer: the app's handler notes it
         except Exception as exc:
-            body, status = failure(as_serverless_error(exc, f"{request.method} {request.url.path}"))
-            return JSONResponse(body, status_code=status)
+            error = as_serverless_error(exc, f"{request.method} {request.url.path}")
+            body, status = failure(error)
+            return JSONResponse(body, status_code=status, headers=error.headers or None)
         return JSONResponse(success(data))
 
     answer.__doc__ = endpoint.__doc__
