@@ -30,6 +30,8 @@ from serverless.settings import Settings, SettingsError
 from tests.fleet import RedisServer, Tier
 from tests.helpers import FIXTURES, empty_image, post_run, wait_until
 from tests.servers import InProcessApp
+from tests.test_inputs_e2e import ALLOW_LOOPBACK, INPUT_MAX_BYTES, MiB, files, load_image, memory_kib, padded_png  # noqa: F401
+from tests.test_inputs_e2e import png as inputs_png
 from tests.test_redis_tier import redis_server, tier  # noqa: F401  (fixtures)
 from tests.test_responsiveness import Poller
 
@@ -298,12 +300,12 @@ def test_genstudio_links_live_no_longer_than_the_setting_allows(
     task_id = queued.json()["data"]["prompt_id"]
     asked = {"comfy_task_ids": [task_id], "url_expire_period": 7 * 24 * 3600}
 
-    def files() -> list[str] | None:
+    def final_files() -> list[str] | None:
         entry = requests.post(api + "/get_task_info", json=asked, headers=bearer(KEY_A), timeout=10).json()
         found: list[str] = entry["data"]["comfy_task_info"][0]["final_files"]
         return found or None
 
-    (url,) = wait_until(files)
+    (url,) = wait_until(final_files)
     allowed = int(env.get("FILE_LINK_MAX_EXPIRES", env.get("FILE_LINK_EXPIRES", "0")))
     assert link_expiry(url) <= time.time() + allowed + 5, "not the 7 days asked"
     assert requests.get(url, timeout=30).status_code == 200
@@ -592,3 +594,30 @@ def test_a_caller_that_stops_reading_loses_its_connection_and_the_app_drops_the_
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_a_small_request_naming_many_big_inputs_never_holds_much_more_than_the_per_request_cap(
+    own_emulator: Any,
+    start_app_process: Callable[..., Any],
+    files: Any,  # noqa: F811
+) -> None:
+    cap = 2 * INPUT_MAX_BYTES
+    server = start_app_process(own_emulator.url, MAX_INPUT_BYTES_PER_JOB=str(cap), **ALLOW_LOOPBACK)
+    warm_up = post_run(server.url, load_image(files.add("sec-warm.png", inputs_png(8), "image/png")))
+    assert warm_up.status_code == 200, warm_up.text
+    size = INPUT_MAX_BYTES - 64 * 1024
+    urls = [files.add(f"sec-cap-{i}.png", padded_png(i, size), "image/png") for i in range(8)]
+    workflow = load_image(urls[0])
+    workflow.update(
+        {f"L{i}": {"class_type": "LoadImage", "inputs": {"image": url}} for i, url in enumerate(urls[1:], 1)}
+    )
+    assert len(json.dumps(workflow)) < 2048, "a small request"
+    pid = server.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = memory_kib(pid)
+    answer = post_run(server.url, workflow)
+    growth = (memory_kib(pid)["VmHWM"] - before["VmRSS"]) * 1024
+    print(f"\n8 inputs of {size / MiB:.1f} MiB, cap {cap / MiB:g} MiB: peak growth {growth / MiB:.1f} MiB")
+    assert answer.status_code == 400 and "(MAX_INPUT_BYTES_PER_JOB)" in answer.json()["error_message"]
+    # At most the cap, plus one input fetched past it before the total is known, plus room for the rest.
+    assert growth < cap + INPUT_MAX_BYTES + INPUT_MAX_BYTES // 2, f"{growth / MiB:.1f} MiB"
