@@ -15,9 +15,9 @@ _DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
 
 
 def whole_number(raw: str | None, name: str, low: int, high: int | None = None) -> int:
-    """`raw` (surrounding blanks ignored) as a whole number from `low` (to `high`), else
-    InvalidParams naming `name` and echoing at most 40 characters of what was sent."""
-    text = (raw or "").strip()
+    """`raw` as a whole number from `low` (to `high`), else InvalidParams naming `name` and
+    echoing at most 40 characters of what was sent."""
+    text = raw or ""
     value = int(text) if _DIGITS.fullmatch(text) else None
     if value is None or value < low or (high is not None and value > high):
         upto = f" to {high}" if high is not None else ""

@@ -80,7 +80,7 @@ def parse_conversion(fmt: str | None, quality: str | None, max_side: str | None)
 def _whole(raw: str | None, name: str, low: int, high: int) -> int | None:
     if raw is None or not str(raw).strip():
         return None
-    return whole_number(str(raw), name, low, high)
+    return whole_number(str(raw).strip(), name, low, high)
 
 
 def convert(content: bytes, conversion: Conversion, max_pixels: int = MAX_PIXELS) -> Converted | None:
