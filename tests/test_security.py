@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 import requests
+import websocket  # websocket-client
 from PIL import Image
 
 from serverless.delivery import links
@@ -594,6 +595,32 @@ def test_a_caller_that_stops_reading_loses_its_connection_and_the_app_drops_the_
     finally:
         for sock in stalled:
             sock.close()
+
+
+NOISY = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 1, "strength": 1.0}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "sec-stall"}},
+}
+
+
+def test_a_websocket_reader_that_stops_reading_loses_its_connection_and_the_app_drops_the_answer(
+    start_app_process: Callable[..., Any], emulator_process: Any
+) -> None:
+    app = start_app_process(emulator_process.url, STREAM_WRITE_TIMEOUT="1")
+    url = app.url.replace("http://", "ws://") + "/api/serverless/ws?output_base64=true"
+    sockopt = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
+    stalled = [websocket.create_connection(url, timeout=10, sockopt=sockopt) for _ in range(3)]
+    ports = {ws.sock.getsockname()[1] for ws in stalled}
+    try:
+        for ws in stalled:
+            ws.send(json.dumps(NOISY))  # and never read
+        wait_until(lambda: held_connections(app.proc.pid, ports) == 3)
+        wait_until(lambda: app.log_text().count("its connection is closed") >= 3, timeout=60)
+        wait_until(lambda: held_connections(app.proc.pid, ports) == 0, timeout=10)
+    finally:
+        for ws in stalled:
+            ws.sock.close()
 
 
 def test_a_small_request_naming_many_big_inputs_never_holds_much_more_than_the_per_request_cap(

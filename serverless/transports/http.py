@@ -96,7 +96,7 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def abort_connection(receive: Receive) -> None:
+def abort_connection(receive: Receive | None) -> None:
     """Drop the caller's connection at once, with what it has not read: uvicorn's `close()` keeps
     the unsent answer in memory until the caller reads it, which a stalled caller never does.
     (The transport is uvicorn's, reached through its `receive`; another server: nothing done.)"""
