@@ -479,8 +479,9 @@ def test_without_a_queue_instances_sharing_redis_answer_and_cancel_for_each_othe
     answers = [post_run(app.url, empty_image(prefix="once"), headers=key) for app in (one, two)]
     assert [a.status_code for a in answers] == [200, 200] and answers[0].json() == answers[1].json()
     assert post_run(two.url, empty_image(prefix="other"), headers=key).status_code == 409
-    other_caller = {**bearer(KEY_B), "Idempotency-Key": "local-once"}
-    assert post_run(two.url, empty_image(prefix="once"), headers=other_caller).status_code == 409
+    other_caller = {**bearer(KEY_B), "Idempotency-Key": "local-once"}  # another key's own namespace (#28.9)
+    theirs = post_run(two.url, empty_image(prefix="once"), headers=other_caller)
+    assert theirs.status_code == 200 and theirs.json()["data"]["task_id"] != answers[0].json()["data"]["task_id"]
 
 
 # -- cancel, priority, idempotency -----------------------------------------------------------------

@@ -14,6 +14,7 @@ from ..errors import InvalidParams
 from . import jsontext
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+PARAMETER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 RUN_QUERY_FLAGS = (
     "output_base64",
     "output_oss",
@@ -175,6 +176,16 @@ def run_request(
         stream=query_flag(query, "stream"),
         task_id=task_id,
     )
+
+
+def check_parameter_names(query: Mapping[str, str]) -> None:
+    """Refuse, before anything runs, a query parameter whose name is not `[A-Za-z0-9._-]{1,64}`:
+    such a name (CR/LF, non-Latin-1 characters) is no flag of ours misspelt, and it must never
+    reach a log line or a header as it came."""
+    for name in query:
+        if not PARAMETER_NAME_RE.fullmatch(name):
+            shown = name[:64].encode("unicode_escape").decode("ascii")
+            raise InvalidParams(f"query parameter names are [A-Za-z0-9._-]{{1,64}}, not {shown!r}")
 
 
 def unknown_parameters(query: Mapping[str, str], known: tuple[str, ...] = RUN_QUERY_FLAGS) -> list[str]:

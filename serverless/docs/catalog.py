@@ -184,12 +184,13 @@ OPERATIONS: tuple[Operation, ...] = (
         "put",
         "workflows",
         "Register or replace a workflow",
-        "Validated against the running ComfyUI's object_info, then stored on the shared disk.",
-        (WORKFLOW_ID,),
+        "Validated against the running ComfyUI's object_info, then stored on the shared disk. With API keys it is "
+        "the caller's: other keys get 404 for it and 409 on its id, unless it is registered with shared=true.",
+        (WORKFLOW_ID, flag("shared", "with API keys: other keys may read and run it (never replace or delete it)")),
         "Workflow",
         True,
         (Reply("200", "replaced", "WorkflowDescription"), Reply("201", "created", "WorkflowDescription")),
-        ("400",),
+        ("400", "409"),
         "putWorkflow",
     ),
     Operation(
@@ -422,7 +423,10 @@ ERROR_TEXT = {
     "401": "UNAUTHORIZED",
     "403": "a tampered or expired link",
     "404": "NOT_FOUND",
-    "409": "a conflict: the task already ended, or an Idempotency-Key reused with another body",
+    "409": (
+        "a conflict: the task already ended, an Idempotency-Key reused with another body, or (with API keys) "
+        "a task or workflow id another key used first"
+    ),
     "500": "EXECUTION_FAILED, EXECUTION_INTERRUPTED, OUTPUT_ERROR or UNCLASSIFY",
     "503": "COMFYUI_UNAVAILABLE, BUSY (with Retry-After) or draining",
     "504": "TIMEOUT",
