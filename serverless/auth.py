@@ -91,6 +91,10 @@ class RequireApiKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if self.keys.enabled and path in OPEN_PATHS:
+            # Open to all, but a valid key is still told apart (the OpenAPI document lists its
+            # caller's own hosted workflows): "" is nobody's, who sees only what is shared.
+            scope.setdefault("state", {})["owner"] = self._optional_owner(scope)
         if scope["type"] not in ("http", "websocket") or not self._guarded(path):
             await self.app(scope, receive, send)
             return
@@ -102,6 +106,13 @@ class RequireApiKey:
             return
         scope.setdefault("state", {})["owner"] = owner
         await self.app(scope, receive, send)
+
+    def _optional_owner(self, scope: Scope) -> str:
+        given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+        try:
+            return self.keys.owner(sole_authorization(given) or None) or ""
+        except Unauthorized:
+            return ""
 
     def _guarded(self, path: str) -> bool:
         if not self.keys.enabled or path in OPEN_PATHS or path in self.own_token or path.startswith(TOKEN_PATHS):

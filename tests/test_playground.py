@@ -97,11 +97,11 @@ def test_the_playground_fits_a_phone_and_shows_every_card(
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
         page.goto(app.url + "/")
-        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.wait_for_selector("#workflow option:nth-child(2)", state="attached")
         page.select_option("#workflow", "txt2img")
         page.wait_for_selector("textarea[name='6.text']")
         page.click("#run")
-        page.wait_for_function("document.getElementById('state').className === 'succeeded'")
+        page.wait_for_selector("#state.succeeded", state="attached")
         layout = page.evaluate(OVERFLOW)
         assert layout["scroll"] <= layout["width"] == 390, layout
         assert layout["wide"] == [], layout
@@ -122,7 +122,7 @@ def test_on_a_desktop_run_stays_in_view_beside_the_parameters(
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 600})
         page.goto(app.url + "/")
-        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.wait_for_selector("#workflow option:nth-child(2)", state="attached")
         page.select_option("#workflow", "txt2img")
         page.wait_for_selector("textarea[name='6.text']")
         run, pick, params = (page.locator(s).bounding_box() for s in ("#run", "#pick", "#params"))
@@ -144,11 +144,11 @@ def test_a_wrong_api_key_can_be_entered_again_without_reloading(
         page.wait_for_selector("#keydialog[open]")
         page.fill("#key", "sk-wrong")
         page.click("#keydialog button[value=ok]")
-        page.wait_for_function("document.getElementById('keyerror').textContent.includes('refused')")
+        page.wait_for_selector("#keyerror:has-text('refused')")
         assert page.locator("#keydialog").get_attribute("open") is not None  # asked again, saying why
         page.fill("#key", key)
         page.click("#keydialog button[value=ok]")
-        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.wait_for_selector("#workflow option:nth-child(2)", state="attached")
         assert page.locator("#keybutton").is_visible()  # the key can be changed later
         page.click("#keybutton")
         page.wait_for_selector("#keydialog[open]")
@@ -156,4 +156,4 @@ def test_a_wrong_api_key_can_be_entered_again_without_reloading(
         assert page.evaluate("sessionStorage.getItem('comfy-serverless-api-key')") == key
         page.select_option("#workflow", "txt2img")
         page.click("#run")
-        page.wait_for_function("document.getElementById('state').className === 'succeeded'")
+        page.wait_for_selector("#state.succeeded", state="attached")

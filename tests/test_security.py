@@ -33,7 +33,7 @@ from tests.helpers import FIXTURES, empty_image, post_run, wait_until
 from tests.servers import InProcessApp
 from tests.test_inputs_e2e import ALLOW_LOOPBACK, INPUT_MAX_BYTES, MiB, files, load_image, memory_kib, padded_png  # noqa: F401
 from tests.test_inputs_e2e import png as inputs_png
-from tests.test_redis_tier import redis_server, tier  # noqa: F401  (fixtures)
+from tests.test_redis_tier import tier  # noqa: F401  (a fixture; redis_server is conftest's)
 from tests.test_responsiveness import Poller
 
 pytestmark = pytest.mark.timeout(120)
@@ -104,7 +104,7 @@ def test_genstudio_prompt_naming_another_keys_task_is_refused(keyed: InProcessAp
 
 def test_on_the_redis_tier_a_task_id_stays_the_first_keys_even_when_two_keys_race(
     tier: Callable[..., Tier],  # noqa: F811
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     fleet = tier(API_KEYS=f"{KEY_A},{KEY_B}")
     first, second = fleet.gateway(), fleet.gateway()
@@ -126,7 +126,8 @@ def test_on_the_redis_tier_a_task_id_stays_the_first_keys_even_when_two_keys_rac
     assert answers == [[202, 409]] * 12, answers
     assert database.get("task:order-42:owner") == owner_before
     fleet.worker()
-    wait_until(lambda: status_of(first.url, KEY_A, task_id="order-42").json()[-1]["type"] == "serverless_api", 60)
+    logged = lambda: status_of(first.url, KEY_A, task_id="order-42").json()  # noqa: E731
+    wait_until(lambda: (found := logged()) and found[-1]["type"] == "serverless_api", 60)
     for params in ({"task_id": "order-42"}, {"task_id": "order-42", "attempt": "1"}):
         assert status_of(second.url, KEY_B, **params).status_code == 404
     assert status_of(second.url, KEY_A, task_id="order-42", attempt="2").json() == []
