@@ -4,10 +4,19 @@ resolve credentials once, refuse what this instance cannot do, then `Jobs.start`
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Literal
 
-from ..core.request import RunRequest, parse_run_request, query_flag, run_request, task_id_from_headers
+from ..core.request import (
+    RunRequest,
+    check_nodes,
+    parse_run_request,
+    query_flag,
+    run_request,
+    task_id_from_headers,
+)
+from ..core.uiformat import UIFormatWorkflow
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.storage import Credentials, Storage
@@ -15,6 +24,9 @@ from ..errors import InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
+from ..workflows.conversion import convert_with
+
+log = logging.getLogger(__name__)
 
 Transport = Literal["http", "ws"]
 
@@ -67,11 +79,23 @@ def output_policy(
     return OutputPolicy(base64=request.output_base64, oss=request.output_oss, convert=conversion, url=url)
 
 
-async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
-    """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting."""
-    if len(body) < BIG_BODY:
-        return parse_run_request(body, query, headers)
-    return await asyncio.to_thread(parse_run_request, body, query, headers)
+async def parse(
+    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str], resources: Resources | None = None
+) -> RunRequest:
+    """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting; a
+    UI-format workflow is converted with ComfyUI's `/object_info` (`resources`)."""
+    try:
+        if len(body) < BIG_BODY:
+            return parse_run_request(body, query, headers)
+        return await asyncio.to_thread(parse_run_request, body, query, headers)
+    except UIFormatWorkflow as ui:
+        if resources is None:
+            raise
+        converted = await convert_with(resources.workflows.object_info, ui.document, len(body))
+        if converted.notes:
+            log.info("a UI-format workflow was converted: %s", "; ".join(converted.notes))
+        check_nodes(converted.prompt)
+        return run_request(converted.prompt, ui.extra_data, query, task_id_from_headers(headers))
 
 
 async def parse_hosted(
@@ -115,7 +139,7 @@ async def start_job(
     beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload."""
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
-        request = await parse(body, query, headers)
+        request = await parse(body, query, headers, resources)
     else:
         request, query = await parse_hosted(resources, workflow_id, body, query, headers)
     check_output_paths(request.workflow, resources.reserved_output_dirs)

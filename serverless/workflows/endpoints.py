@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 from ..core.request import query_flag
 from ..state import app_state
 from ..transports.http import read_body
+from .conversion import convert_body
 from .hosting import HostedWorkflows
 
 
@@ -53,3 +54,11 @@ async def openapi_json(request: Request) -> Response:
     server_url = str(request.base_url).rstrip("/")
     document = await _hosted(request).openapi(request.path_params["workflow_id"], server_url, _refresh(request))
     return JSONResponse(document)
+
+
+async def convert_workflow(request: Request) -> Response:
+    """POST /api/workflows/convert: a UI-format workflow in, `{"prompt", "notes"}` out."""
+    settings = app_state(request).resources.settings
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    converted = await convert_body(_hosted(request).object_info, body)
+    return JSONResponse(converted.to_payload())
