@@ -23,7 +23,16 @@ FIXTURES = Path(__file__).parent / "fixtures" / "uiformat"
 OBJECT_INFO: dict[str, Any] = json.loads(
     (Path(__file__).parent.parent / "comfyui_emulator" / "object_info.json").read_text()
 )
-CORPUS = sorted(path.stem for path in FIXTURES.glob("*.json") if not path.stem.endswith(".api"))
+REAL: dict[str, Any] = json.loads(
+    (Path(__file__).parent / "fixtures" / "traces" / "object_info_subset.json").read_text()
+)["full_entries"]  # real ComfyUI 0.3.64's entries for the classes it recorded
+CORPUS = ["bypass_mute", "frontend_default", "loadimage", "reroute_primitive", "subgraph", "template_default"]
+"""The workflows whose classes the emulator knows (they run on it)."""
+TEMPLATE_CLASSES: dict[str, Any] = {
+    name: entry
+    for name, entry in json.loads((FIXTURES / "object_info_template_classes.json").read_text()).items()
+    if not name.startswith("_")
+}
 
 
 def load(name: str) -> dict[str, Any]:
@@ -42,21 +51,30 @@ def slot(name: str, type_: str, link: int | None) -> dict[str, Any]:
     return {"name": name, "type": type_, "link": link}
 
 
-def test_the_corpus_is_what_the_tests_say() -> None:
-    assert CORPUS == [
-        "bypass_mute",
-        "frontend_default",
-        "loadimage",
-        "reroute_primitive",
-        "subgraph",
-        "template_default",
-    ]
+def test_every_workflow_of_the_fixture_folder_is_tested() -> None:
+    workflows = {path.stem for path in FIXTURES.glob("*.json") if (FIXTURES / f"{path.stem}.api.json").exists()}
+    assert workflows == {*CORPUS, "template_subgraph_zimage"}
 
 
 @pytest.mark.parametrize("name", CORPUS)
 def test_each_workflow_of_the_corpus_converts_to_the_editors_api_export(name: str) -> None:
     expected = json.loads((FIXTURES / f"{name}.api.json").read_text())
     assert convert(load(name), OBJECT_INFO).prompt == expected
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_real_comfyuis_declarations_give_the_same_prompt(name: str) -> None:
+    """Real ComfyUI 0.3.64's entries (its input_order differs from the emulator's for KSampler)
+    where it recorded them, the emulator's elsewhere."""
+    assert convert(load(name), {**OBJECT_INFO, **REAL}).prompt == convert(load(name), OBJECT_INFO).prompt
+
+
+def test_the_editors_subgraph_template_converts_with_its_bypassed_inner_node_spliced() -> None:
+    """Comfy-Org's "get started" template as the editor saves subgraphs today: promoted widgets
+    (`proxyWidgets`) read from the inner nodes, a bypassed ModelSamplingAuraFlow inside."""
+    converted = convert(load("template_subgraph_zimage"), {**OBJECT_INFO, **TEMPLATE_CLASSES})
+    assert converted.prompt == json.loads((FIXTURES / "template_subgraph_zimage.api.json").read_text())
+    assert converted.notes == ["node 83:11 (ModelSamplingAuraFlow) is bypassed: what it feeds takes its inputs instead"]
 
 
 def test_the_default_workflow_converts_to_the_graph_of_comfyuis_own_example_export() -> None:
@@ -151,6 +169,28 @@ def test_a_class_the_instance_lacks_is_invalid_params_naming_every_one() -> None
         convert(document, OBJECT_INFO)
     assert "AnotherPack, FancyUpscaler" in refused.value.message
     assert refused.value.raw == {"missing": {"nodes": ["AnotherPack", "FancyUpscaler"], "models": []}}
+
+
+def test_rgthree_reroutes_pass_through_and_its_frontend_only_nodes_make_nothing() -> None:
+    document = load("bypass_mute")
+    document["nodes"] += [
+        node(
+            20, "Reroute (rgthree)", inputs=[slot("", "*", 20)], outputs=[{"name": "", "type": "IMAGE", "links": [21]}]
+        ),
+        node(21, "PreviewImage", inputs=[slot("images", "IMAGE", 21)]),
+        node(22, "Fast Groups Bypasser (rgthree)", inputs=[slot("", "*", None)]),
+        node(23, "Label (rgthree)"),
+    ]
+    document["links"] += [[20, 3, 0, 20, 0, "IMAGE"], [21, 20, 0, 21, 0, "IMAGE"]]
+    prompt = convert(document, OBJECT_INFO).prompt
+    assert set(prompt) == {"1", "3", "4", "21"} and prompt["21"]["inputs"] == {"images": ["3", 0]}
+
+
+def test_a_legacy_group_node_is_refused_with_a_hint() -> None:
+    document = {"nodes": [node(1, "workflow>upscale")], "links": [], "extra": {"groupNodes": {"upscale": {}}}}
+    with pytest.raises(InvalidParams, match="make them subgraphs") as refused:
+        convert(document, OBJECT_INFO)
+    assert refused.value.raw["missing"]["nodes"] == ["workflow>upscale"]
 
 
 def test_an_input_fed_by_a_muted_node_is_left_out() -> None:

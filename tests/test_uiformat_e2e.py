@@ -91,6 +91,9 @@ def test_convert_answers_the_editors_api_export_of_each_workflow(deployment: Dep
 
 def test_a_class_comfyui_lacks_is_invalid_params_listing_it(deployment: Deploy) -> None:
     url = deployment().url
+    answer = post_run(url, load("template_subgraph_zimage"))  # its bypassed ModelSamplingAuraFlow is not needed
+    missing = ["CLIPLoader", "ConditioningZeroOut", "EmptySD3LatentImage", "UNETLoader", "VAELoader"]
+    assert answer.status_code == 400 and answer.json()["raw"]["missing"]["nodes"] == missing
     document = load("bypass_mute")
     document["nodes"].append({"id": 9, "type": "FancyUpscaler", "mode": 0, "inputs": [], "outputs": []})
     for answer in (post_run(url, document), requests.post(url + CONVERT, json=document, timeout=30)):

@@ -208,9 +208,11 @@ def _convert(graph: FlatGraph, object_info: Mapping[str, Any]) -> Converted:
         raise InvalidParams(f"the UI-format workflow has nodes without a type: {', '.join(untyped[:10])}")
     missing = missing_classes(graph, object_info)
     if missing:
+        grouped = any(name.startswith(("workflow>", "workflow/")) for name in missing)
+        hint = "; group nodes (the editor's older grouping) are not converted: make them subgraphs" if grouped else ""
         raise InvalidParams(
             f"the workflow uses node class(es) this ComfyUI does not have: {', '.join(missing)} "
-            "(custom nodes not installed?)",
+            f"(custom nodes not installed?){hint}",
             raw={"missing": {"nodes": missing, "models": []}},
         )
     notes: list[str] = []

@@ -6,7 +6,8 @@ litegraph's `ExecutableNodeDTO.resolveInput`/`resolveOutput`):
   into their inner nodes, whose ids are the instance path joined with `:` (`"12:3"`, `"12:7:3"`);
   a link from the subgraph's input node (`-10`) continues outside through the instance's input, a
   link into an instance's output continues inside from the subgraph's output node (`-20`);
-- a `Reroute` passes its input through; a `PrimitiveNode` gives its value to what it feeds;
+- a `Reroute` (or rgthree's) passes its input through; a `PrimitiveNode` gives its value to what
+  it feeds; notes and the other frontend-only nodes (`FRONTEND_ONLY`) give nothing;
 - a bypassed node (mode 4) passes through the input of the output's slot when its type fits, else
   its first input of the wanted type (then the first whose type fits);
 - a muted node (mode 2) is left out, and so is every input linked to it.
@@ -25,8 +26,28 @@ from ..errors import InvalidParams
 
 MUTED, BYPASSED = 2, 4
 SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = "-10", "-20"
-REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
-FRONTEND_ONLY = frozenset({REROUTE, PRIMITIVE, "Note", "MarkdownNote"})
+PRIMITIVE = "PrimitiveNode"
+REROUTES = frozenset({"Reroute", "Reroute (rgthree)"})
+# Nodes of the editor (and of rgthree's widely used frontend extension) that ComfyUI never sees.
+FRONTEND_ONLY = frozenset(
+    {PRIMITIVE, "Note", "MarkdownNote", *REROUTES}
+    | {
+        f"{name} (rgthree)"
+        for name in (
+            "Fast Muter",
+            "Fast Bypasser",
+            "Fast Groups Muter",
+            "Fast Groups Bypasser",
+            "Fast Actions Button",
+            "Label",
+            "Bookmark",
+            "Node Collector",
+            "Mute / Bypass Relay",
+            "Mute / Bypass Repeater",
+            "Random Unmuter",
+        )
+    }
+)
 MAX_NESTING = 16  # subgraphs within subgraphs
 MAX_NODES = 100_000  # after expansion: far beyond any real workflow; bounds what a small body can make
 
@@ -245,7 +266,7 @@ class FlatGraph:
         if node.type == PRIMITIVE:
             values = node.node.get("widgets_values")
             return Value(values[0]) if isinstance(values, list) and values else None
-        if node.type == REROUTE:
+        if node.type in REROUTES:
             return self.resolve_input(node, slot, seen) if slot < len(node.inputs) else None
         if node.type in FRONTEND_ONLY:
             return None

@@ -91,11 +91,19 @@ async def parse(
     except UIFormatWorkflow as ui:
         if resources is None:
             raise
-        converted = await convert_with(resources.workflows.object_info, ui.document, len(body))
-        if converted.notes:
-            log.info("a UI-format workflow was converted: %s", "; ".join(converted.notes))
-        check_nodes(converted.prompt)
-        return run_request(converted.prompt, ui.extra_data, query, task_id_from_headers(headers))
+        return await _converted(resources, ui, len(body), query, headers)
+
+
+async def _converted(
+    resources: Resources, ui: UIFormatWorkflow, size: int, query: Mapping[str, str], headers: Mapping[str, str]
+) -> RunRequest:
+    """The run of a UI-format workflow: converted, then as any other."""
+    task_id = task_id_from_headers(headers)
+    converted = await convert_with(resources.workflows.object_info, ui.document, size)
+    if converted.notes:
+        log.info("task_id=%s: UI-format workflow converted: %s", task_id or "-", "; ".join(converted.notes))
+    check_nodes(converted.prompt)
+    return run_request(converted.prompt, ui.extra_data, query, task_id)
 
 
 async def parse_hosted(
