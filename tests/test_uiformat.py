@@ -254,6 +254,21 @@ def test_a_subgraph_input_fed_from_outside_is_linked_through() -> None:
     assert convert(document, OBJECT_INFO).prompt["10:1"]["inputs"]["blur_radius"] == 9
 
 
+def test_values_an_instance_saved_for_its_promoted_widgets_are_its_own() -> None:
+    """Today's editor keeps one value per instance (`proxyWidgets` and the instance's
+    `widgets_values`, in that order); they win over the definition's inner values."""
+    document = load("template_subgraph_zimage")
+    document["nodes"][0]["widgets_values"] = ["a cat", 512, 768, 42, "fixed"]
+    prompt = convert(document, {**OBJECT_INFO, **TEMPLATE_CLASSES}).prompt
+    assert prompt["83:27"]["inputs"]["text"] == "a cat"
+    assert prompt["83:13"]["inputs"] == {"width": 768, "height": 512, "batch_size": 1}
+    assert prompt["83:3"]["inputs"]["seed"] == 42 and "control_after_generate" not in prompt["83:3"]["inputs"]
+    subgraph = load("subgraph")  # a widget bound through a subgraph input: `["-1", name]`
+    subgraph["nodes"][1]["properties"]["proxyWidgets"] = [["-1", "blur_radius"]]
+    subgraph["nodes"][1]["widgets_values"] = [5]
+    assert convert(subgraph, OBJECT_INFO).prompt["10:1"]["inputs"]["blur_radius"] == 5
+
+
 def test_a_subgraph_that_contains_itself_is_refused() -> None:
     document = load("subgraph")
     inner = document["definitions"]["subgraphs"][1]

@@ -7,7 +7,7 @@ A node's `widgets_values` are its widgets' values, in the order of its class's d
 whose options say so or, when they do not say, that is named `seed`/`noise_seed` (and a COMBO's
 control plus its filter when its options say so), and the `upload` button an image, video or
 audio upload combo adds after the required inputs; none of these reach ComfyUI. A value
-missing from `widgets_values` takes the input's default. Links then replace values (see `uigraph`
+missing from `widgets_values` takes the input's default. Links then replace values (see `uilinks`
 for how they are followed); list values are sent as `{"__value__": [...]}`. Titles go to
 `_meta.title` (the class's display name when the node has none). `Note`, `MarkdownNote`,
 `Reroute`, `PrimitiveNode` and groups make no node. Whatever could not be kept is told in `notes`.
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidParams
-from .uigraph import BYPASSED, FRONTEND_ONLY, MUTED, Dropped, Executable, FlatGraph, Origin, Value, is_ui_format
+from .uigraph import BYPASSED, FRONTEND_ONLY, MUTED, Dropped, Executable, Origin, Value, is_ui_format
+from .uilinks import FlatGraph
 
 __all__ = ["Converted", "UIFormatWorkflow", "convert", "is_ui_format", "missing_classes"]
 
@@ -176,6 +177,9 @@ def _title(node: Executable, entry: Mapping[str, Any]) -> str:
 
 def _api_node(graph: FlatGraph, node: Executable, entry: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     inputs = widget_inputs(node, entry, notes)
+    for widget, value in graph.promoted(node).items():
+        if widget in inputs:  # the editor's own widgets (seed controls) are promoted too, never sent
+            inputs[widget] = _wrap(value)
     for slot, item in enumerate(node.inputs):
         name = item.get("name")
         if not isinstance(name, str):
