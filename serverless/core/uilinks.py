@@ -175,8 +175,9 @@ class FlatGraph:
 
 def proxy_values(instance: Executable) -> list[tuple[tuple[str, str], Any]] | None:
     """`((inner node id, widget name), value)` for each widget a subgraph instance promotes
-    (`properties.proxyWidgets`) and saved a value of, in `widgets_values` order; None when it
-    promotes none, or saved no values (the inner nodes' own then stand)."""
+    (`properties.proxyWidgets`, `"-1"` for one bound through a subgraph input), in
+    `widgets_values` order; empty when it saved no values for them (the inner nodes' own then
+    stand); None when it promotes none this way (an older save)."""
     properties = instance.node.get("properties")
     proxies = properties.get("proxyWidgets") if isinstance(properties, dict) else None
     values = instance.node.get("widgets_values")
@@ -184,8 +185,11 @@ def proxy_values(instance: Executable) -> list[tuple[tuple[str, str], Any]] | No
         return None
     if not isinstance(values, list) or len(values) != len(proxies):
         return []
-    pairs = [(proxy, value) for proxy, value in zip(proxies, values, strict=True)]
-    return [((str(p[0]), str(p[1])), value) for p, value in pairs if isinstance(p, list) and len(p) == 2]
+    return [
+        ((str(proxy[0]), str(proxy[1])), value)
+        for proxy, value in zip(proxies, values, strict=True)
+        if isinstance(proxy, list) and len(proxy) == 2
+    ]
 
 
 def types_fit(given: str, wanted: str) -> bool:
