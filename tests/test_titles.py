@@ -82,7 +82,7 @@ def test_a_shared_title_is_no_name() -> None:
 
 def test_the_openapi_document_names_each_parameter_both_ways() -> None:
     workflow = titled(n3="Sampler")
-    document = openapi_document("t", "T", build_schema(workflow, OBJECT_INFO, LOADER_INPUTS), "http://x")
+    document = openapi_document("t", build_schema(workflow, OBJECT_INFO, LOADER_INPUTS), "http://x")
     validate_openapi(document)
     properties = document["components"]["schemas"]["Overrides"]["properties"]
     assert properties["Sampler.seed"]["anyOf"] == properties["3.seed"]["anyOf"]
