@@ -190,6 +190,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/initialize", lifecycle.initialize, methods=["POST"]),
         Route("/pre-stop", lifecycle.pre_stop, methods=["GET", "POST"]),
         Route("/api/workflows", workflows.list_workflows, methods=["GET"]),
+        Route("/api/workflows/convert", workflows.convert_workflow, methods=["POST"]),
         Route("/api/workflows/{workflow_id}", workflows.get_workflow, methods=["GET"]),
         Route("/api/workflows/{workflow_id}", workflows.put_workflow, methods=["PUT"]),
         Route("/api/workflows/{workflow_id}", workflows.delete_workflow, methods=["DELETE"]),

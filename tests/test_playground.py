@@ -157,3 +157,22 @@ def test_a_wrong_api_key_can_be_entered_again_without_reloading(
         page.select_option("#workflow", "txt2img")
         page.click("#run")
         page.wait_for_selector("#state.succeeded", state="attached")
+
+
+def test_playground_takes_a_workflow_as_the_editor_saves_it(
+    start_app: Callable[..., App], own_emulator: Emulator
+) -> None:
+    """Pasted UI-format JSON is converted by the server; its inputs become the form; it runs."""
+    app = start_app(own_emulator.url)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(app.url + "/")
+        page.fill("#paste", (ROOT / "examples" / "txt2img.ui.json").read_text())
+        page.click("#use-paste")
+        page.wait_for_selector("textarea[name='6.text']")
+        assert "converted from the UI format" in page.inner_text("#source")
+        page.fill("textarea[name='6.text']", PROMPT)
+        page.click("#run")
+        page.wait_for_selector("#state.succeeded", state="attached")
+    history = requests.get(own_emulator.url + "/history", timeout=5).json()
+    assert [entry["prompt"][2]["6"]["inputs"]["text"] for entry in history.values()] == [PROMPT]

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from collections.abc import Mapping
 from typing import Literal
 
 from ..core.request import (
     RunRequest,
+    check_nodes,
     check_parameter_names,
     parse_run_request,
     query_flag,
     run_request,
     task_id_from_headers,
 )
+from ..core.uiformat import UIFormatWorkflow
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.storage import Credentials, Storage
@@ -23,6 +26,9 @@ from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
+from ..workflows.conversion import convert_with
+
+log = logging.getLogger(__name__)
 
 Transport = Literal["http", "ws"]
 
@@ -75,11 +81,31 @@ def output_policy(
     return OutputPolicy(base64=request.output_base64, oss=request.output_oss, convert=conversion, url=url)
 
 
-async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
-    """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting."""
-    if len(body) < BIG_BODY:
-        return parse_run_request(body, query, headers)
-    return await asyncio.to_thread(parse_run_request, body, query, headers)
+async def parse(
+    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str], resources: Resources | None = None
+) -> RunRequest:
+    """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting; a
+    UI-format workflow is converted with ComfyUI's `/object_info` (`resources`)."""
+    try:
+        if len(body) < BIG_BODY:
+            return parse_run_request(body, query, headers)
+        return await asyncio.to_thread(parse_run_request, body, query, headers)
+    except UIFormatWorkflow as ui:
+        if resources is None:
+            raise
+        return await _converted(resources, ui, len(body), query, headers)
+
+
+async def _converted(
+    resources: Resources, ui: UIFormatWorkflow, size: int, query: Mapping[str, str], headers: Mapping[str, str]
+) -> RunRequest:
+    """The run of a UI-format workflow: converted, then as any other."""
+    task_id = task_id_from_headers(headers)
+    converted = await convert_with(resources.workflows.object_info, ui.document, size)
+    if converted.notes:
+        log.info("task_id=%s: UI-format workflow converted: %s", task_id or "-", "; ".join(converted.notes))
+    check_nodes(converted.prompt)
+    return run_request(converted.prompt, ui.extra_data, query, task_id)
 
 
 async def parse_hosted(
@@ -129,7 +155,7 @@ async def start_job(
     check_parameter_names(query)
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
-        request = await parse(body, query, headers)
+        request = await parse(body, query, headers, resources)
     else:
         request, query = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     check_output_paths(request.workflow, resources.reserved_output_dirs)

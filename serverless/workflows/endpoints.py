@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from ..core.request import query_flag
 from ..state import app_state
 from ..transports.http import read_body
+from .conversion import convert_body
 from .hosting import HostedWorkflows
 
 BIG_ANSWER = 256 * 1024  # from this workflow size on, its answer is rendered off the event loop
@@ -81,3 +82,11 @@ async def openapi_json(request: Request) -> Response:
     workflow_id = request.path_params["workflow_id"]
     text = await _hosted(request).openapi_json(workflow_id, server_url, _refresh(request), caller(request))
     return Response(text, media_type="application/json")
+
+
+async def convert_workflow(request: Request) -> Response:
+    """POST /api/workflows/convert: a UI-format workflow in, `{"prompt", "notes"}` out."""
+    settings = app_state(request).resources.settings
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    converted = await convert_body(_hosted(request).object_info, body)
+    return JSONResponse(converted.to_payload())

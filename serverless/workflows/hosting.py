@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 from ..core import jsontext
 from ..core.request import check_nodes, decode_body, split_workflow
+from ..core.uiformat import UIFormatWorkflow
 from ..errors import Conflict, InvalidParams, NotFound
+from .conversion import convert_with
 from .openapi import openapi_document
 from .overrides import merge, parse_overrides
 from .schema import ObjectInfo, Parameter, build_schema
@@ -213,11 +215,16 @@ class HostedWorkflows:
     async def register(
         self, workflow_id: str, body: bytes | str, caller: str | None = None, shared: bool = False
     ) -> tuple[Described, bool]:
-        """Validate against the running ComfyUI, then store (as `caller`'s, other keys seeing it
-        when `shared`); True when it was new. Conflict when another key registered that id."""
+        """Validate against the running ComfyUI, then store (a UI-format workflow converted
+        first; as `caller`'s, other keys seeing it when `shared`); True when it was new.
+        Conflict when another key registered that id."""
         validate_workflow_id(workflow_id)  # a bad id is refused before the body is looked at
         existing = await self._existing(workflow_id, caller)
-        workflow, extra_data = await _in_thread(len(body), lambda: split_workflow(decode_body(body)))
+        try:
+            workflow, extra_data = await _in_thread(len(body), lambda: split_workflow(decode_body(body)))
+        except UIFormatWorkflow as ui:  # stored converted: the API format, titles in `_meta.title`
+            workflow, extra_data = (await convert_with(self.object_info, ui.document, len(body))).prompt, ui.extra_data
+            check_nodes(workflow)
         if extra_data is not None:
             raise InvalidParams("extra_data is not stored with a workflow: send it with each run")
         info, _ = await self._checked(
