@@ -11,13 +11,15 @@
     dead:jobs                   queue entries no worker could read (dead letters, capped)
     (every key is named in `serverless.status.keys`)
 
-Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is removed
-(XDEL) and ended here, and no worker runs it. A job a worker took is stopped by that worker, which
-blocks on its cancel stream (XREAD) while the job runs and stops it the moment a cancel comes. Its
-end and a cancel race in Redis, each in one script: the gateway's cancel adds to `cancel:` only
-while `ended:` is empty (else 409), the worker writes `ended:` before the terminal payload and
-reads `cancel:` in the same step; so a job whose cancel was answered "cancelling" always ends
-EXECUTION_INTERRUPTED, and one that ended otherwise answers its cancel 409.
+Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is ended
+here, and the worker that reads its entry skips it (its entry is not deleted: a deletion past the
+group's last read makes Redis unable to tell the lag, which KEDA scales on). A job a worker took
+is stopped by that worker, which blocks on its cancel stream (XREAD) while the job runs and stops
+it the moment a cancel comes. Its end and a cancel race in Redis, each in one script: the
+gateway's cancel adds to `cancel:` only while `ended:` is empty (else 409), the worker writes
+`ended:` before the terminal payload and reads `cancel:` in the same step; so a job whose cancel
+was answered "cancelling" always ends EXECUTION_INTERRUPTED, and one that ended otherwise answers
+its cancel 409. Workers remove the entries every worker is done with (`TRIM`, after their acks).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 
 from ..auth import scoped_key
 from ..core.request import validate_task_id
@@ -77,6 +80,29 @@ return won
 """
 
 
+# Remove the entries every worker is done with (their request bodies with them): those before the
+# first one a worker still holds, else before the last one handed out. XTRIM MINID, not XDEL: the
+# group's lag stays exact (a deletion at or past its last read would make Redis unable to tell it).
+TRIM = """
+local removed = 0
+for _, stream in ipairs(KEYS) do
+  if redis.call('EXISTS', stream) == 1 then
+    for _, fields in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      local group = {}
+      for i = 1, #fields, 2 do group[fields[i]] = fields[i + 1] end
+      if group['name'] == ARGV[1] then
+        local keep = group['last-delivered-id']
+        local pending = redis.call('XPENDING', stream, ARGV[1])
+        if pending[1] > 0 then keep = pending[2] end
+        removed = removed + redis.call('XTRIM', stream, 'MINID', keep)
+      end
+    end
+  end
+end
+return removed
+"""
+
+
 class TaskConflict(InvalidParams):
     """409: an Idempotency-Key reused with another body, or a cancel of a task that has ended."""
 
@@ -104,6 +130,7 @@ class RedisQueue:
         self.client = client
         self.status = status
         self._cancel = client.register_script(CANCEL)
+        self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
 
     async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
         """Enqueue `spec` (XADD); with an Idempotency-Key, the first request claims it (SET NX) and
@@ -126,7 +153,20 @@ class RedisQueue:
         log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
         return Submitted(task_id, following, False)
 
+    async def _make_groups(self) -> None:
+        """The workers' group on every queue stream, made before the first job is queued: a
+        queue with no worker yet still tells its lag (KEDA scales workers up from zero on it)."""
+        for priority in PRIORITIES:
+            try:
+                await self.client.xgroup_create(stream(priority), GROUP, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._grouped = True
+
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
+        if not self._grouped:
+            await self._make_groups()
         following = await self.status.current(task_id) + 1
         await self._claim_owner(task_id, spec.owner or "")
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
@@ -290,13 +330,11 @@ class RedisQueue:
         return found
 
     async def _remove_queued(self, task_id: str, name: str, entry: str) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.xdel(name, entry)
-            pipe.xack(name, GROUP, entry)
-            await pipe.execute()
+        """End a queued job cancelled before any worker took it; its entry stays for a worker
+        to skip (see the module docstring)."""
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, cancelled_by_request())
-        log.info("task_id=%s: cancelled while queued; removed from %s", task_id, name)
+        log.info("task_id=%s: cancelled while queued in %s (entry %s is skipped)", task_id, name, entry)
 
     async def _ended(self, task_id: str) -> str | None:
         """The final state of the task's current attempt, None while it is queued or runs."""

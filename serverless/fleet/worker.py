@@ -37,12 +37,13 @@ from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
-from .queue import CANCELLED, DEAD_LETTERS_MAX, END, EXPIRED, cancelled_by_request
+from .queue import CANCELLED, DEAD_LETTERS_MAX, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, stream
 
 log = logging.getLogger(__name__)
 
+TRIM_EVERY = 1.0  # seconds between a consumer's removals of done queue entries
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
 STREAMS = tuple(stream(priority) for priority in PRIORITIES)
@@ -77,6 +78,8 @@ class Consumer:
         self.last_error: str | None = None
         self._next_claim = 0.0
         self._end = client.register_script(END)
+        self._trim = client.register_script(TRIM)
+        self._next_trim = 0.0
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -230,6 +233,7 @@ class Consumer:
             for _, entries in answer or []:
                 for entry, fields in entries:
                     return await self._read(name, entry, fields, reclaimed=False)
+        await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         await self._wait_for_news()
         return None
 
@@ -322,6 +326,16 @@ class Consumer:
         await self.client.set(key, self.name, ex=self.status.ttl)
         return True
 
+    async def _trim_when_due(self) -> None:
+        """The queue's done entries removed (`queue.TRIM`): their bodies go, the lag stays exact."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_trim:
+            return
+        self._next_trim = now + TRIM_EVERY
+        removed = await self._trim(keys=list(STREAMS), args=[GROUP])
+        if removed:
+            log.debug("consumer %s: %s done entries removed from the queue", self.name, removed)
+
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
 
@@ -379,11 +393,13 @@ class Consumer:
         await self.status.append_terminal(taken.task_id, number, error)
 
     async def _ack(self, taken: Taken) -> None:
-        """XACK, retried until Redis answers: an unacknowledged job would run again."""
+        """XACK, retried until Redis answers: an unacknowledged job would run again; then, at
+        most every TRIM_EVERY seconds, the entries every worker is done with are removed."""
         delay = 0.1
         while True:
             try:
                 await self.client.xack(taken.stream, GROUP, taken.entry)
+                await self._trim_when_due()
                 return
             except DOWN as exc:
                 log.warning("task_id=%s: could not acknowledge (%s); again in %.1fs", taken.task_id, exc, delay)
