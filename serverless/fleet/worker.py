@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -343,6 +344,9 @@ class Consumer:
         watch = self._watch(taken)
         if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
             await self.client.delete(watch.ended_key)
+        if dead:  # its followers read why it begins again before the new attempt's events
+            retrying = {"task_id": taken.task_id, "state": "retrying", "attempt": dead + 1, "at": time.time()}
+            await self.status.append_event(taken.task_id, dead, {"type": "serverless_progress", "data": retrying})
         job = await self.jobs.start(taken.spec)
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
