@@ -706,3 +706,28 @@ def test_a_worker_lost_longer_than_stale_after_is_retried_and_its_caller_gets_th
     assert all(not log or log[-1]["type"] not in ("error", "serverless_api") for log in seen[:-3])
     first_attempt = status(gateway.url, "patient", attempt="1")
     assert [p["data"]["state"] for p in first_attempt if p["type"] == "serverless_progress"][-1] == "retrying"
+
+
+def test_consumers_of_workers_gone_for_good_are_forgotten(
+    tier: Callable[..., Tier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serverless.fleet import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FORGET_AFTER", 0.5)  # an hour, as deployed
+    monkeypatch.setattr(worker_module, "FORGET_EVERY", 0.1)
+    fleet = tier()
+    gateway = fleet.gateway()
+    client = redis.Redis.from_url(fleet.redis_url)
+    client.xgroup_create("jobs:normal", "workers", id="0", mkstream=True)
+    client.xgroup_createconsumer("jobs:normal", "workers", "ghost:9000")  # a worker that died long ago
+    fleet.worker()
+
+    def names() -> set[str]:
+        return {
+            c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            for c in client.xinfo_consumers("jobs:normal", "workers")
+        }
+
+    wait_until(lambda: "ghost:9000" not in names(), timeout=20)
+    assert post_run(gateway.url, empty_image(prefix="after")).status_code == 200
+    assert names(), "the live worker's consumer stays (or comes back with its next read)"
