@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serverless.core import jsontext
-from serverless.delivery.convert import Conversion
-from serverless.delivery.oss import Credentials
+from serverless.core.conversion import Conversion
+from serverless.core.credentials import Credentials
 from serverless.errors import ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, WorkerLost, error_from_payload
 from serverless.fleet.wire import decode_spec, encode_spec, fingerprint
 from serverless.jobs.spec import JobSpec, OutputPolicy

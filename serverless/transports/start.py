@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping
 from typing import Literal
 
+from ..core.credentials import Credentials
 from ..core.request import (
     RunRequest,
     check_nodes,
@@ -21,7 +22,7 @@ from ..core.request import (
 from ..core.uiformat import UIFormatWorkflow
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
-from ..delivery.storage import Credentials, Storage
+from ..delivery.storage import Storage
 from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
