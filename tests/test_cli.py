@@ -4,18 +4,22 @@ pseudo-terminal, hosted workflows, and (with job control merged) --async then ta
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import requests
 from PIL import Image
 
+from serverless.cli import main as cli_main
 from tests.helpers import running_prompt, txt2img, wait_until
 from tests.servers import ROOT, App, Emulator
 
@@ -23,8 +27,16 @@ CLI = [sys.executable, "-m", "serverless.cli"]
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COMFY_SERVERLESS_URL": url}
-    return subprocess.run([*CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    """`comfy-serverless ARGS` with COMFY_SERVERLESS_URL=url, run in this process (its `main`, as
+    the console script calls it): what it printed and its exit code. The tests of what only a
+    process shows (a pseudo-terminal, a closed pipe) start one instead."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, {"COMFY_SERVERLESS_URL": url}), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = cli_main(list(args))
+        except SystemExit as exit_:  # argparse's own refusals
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return subprocess.CompletedProcess([*CLI, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
