@@ -731,3 +731,25 @@ def test_consumers_of_workers_gone_for_good_are_forgotten(
     wait_until(lambda: "ghost:9000" not in names(), timeout=20)
     assert post_run(gateway.url, empty_image(prefix="after")).status_code == 200
     assert names(), "the live worker's consumer stays (or comes back with its next read)"
+
+
+def test_a_low_priority_job_waiting_past_the_aging_time_goes_before_newer_high_ones(
+    tier: Callable[..., Tier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serverless.fleet import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "PRIORITY_AGING", 0.5)  # 30 s, as deployed
+    monkeypatch.setattr(worker_module, "AGING_LOOK", 0.05)
+    fleet = tier()
+    gateway = fleet.gateway()
+    worker = fleet.worker(step_delay=0.05)
+    assert submit_async(gateway.url, slow(1, steps=10), "first", priority="high").status_code == 202
+    wait_until(lambda: "first" in worker.started())
+    assert submit_async(gateway.url, slow(2, steps=2), "patient", priority="low").status_code == 202
+    for n in range(10):  # a steady flood of high priority work: without aging, low waits for all of it
+        assert submit_async(gateway.url, slow(10 + n, steps=4), f"urgent-{n}", priority="high").status_code == 202
+    for task_id in ("patient", *(f"urgent-{n}" for n in range(10))):
+        wait_ended(gateway.url, task_id, timeout=60)
+    order = worker.started()
+    assert order.index("patient") < order.index("urgent-9"), order
+    assert order.index("patient") > 0, "aged, not first: the job already running went on"

@@ -44,6 +44,8 @@ from .wire import GROUP, PRIORITIES, decode_spec, stream
 
 log = logging.getLogger(__name__)
 
+PRIORITY_AGING = 30.0  # seconds a lower priority's jobs may wait unserved before they go first
+AGING_LOOK = 1.0  # seconds between a consumer's looks at the lower priorities' waiting jobs
 TRIM_EVERY = 1.0  # seconds between a consumer's removals of done queue entries
 FORGET_EVERY = 60.0  # seconds between a consumer's looks for consumers gone for good
 FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before it is forgotten
@@ -84,6 +86,8 @@ class Consumer:
         self._trim = client.register_script(TRIM)
         self._next_trim = 0.0
         self._next_forget = 0.0
+        self._next_aging_look = 0.0
+        self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -231,15 +235,40 @@ class Consumer:
         return None
 
     async def _next(self) -> Taken | None:
-        """The next queued job, highest priority first; waits up to BLOCK_SECONDS for one."""
-        for name in STREAMS:
+        """The next queued job, highest priority first (but a priority that has waited
+        PRIORITY_AGING seconds without being served goes first: low never starves); waits up to
+        BLOCK_SECONDS for one."""
+        for name in await self._reading_order():
             answer: Any = await self.client.xreadgroup(GROUP, self.name, {name: ">"}, count=1)
             for _, entries in answer or []:
                 for entry, fields in entries:
+                    self._waiting_since.pop(name, None)
                     return await self._read(name, entry, fields, reclaimed=False)
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         await self._wait_for_news()
         return None
+
+    async def _reading_order(self) -> list[str]:
+        """The streams in priority order, a starved one first: looked at every AGING_LOOK
+        seconds (one round trip), when a lower priority has had jobs waiting, unserved by this
+        worker, for PRIORITY_AGING seconds."""
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_aging_look:
+            self._next_aging_look = now + AGING_LOOK
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name in STREAMS[1:]:
+                    pipe.xinfo_groups(name)
+                answers = await pipe.execute(raise_on_error=False)
+            for name, groups in zip(STREAMS[1:], answers, strict=True):
+                ours = (
+                    [] if isinstance(groups, Exception) else [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
+                )
+                if ours and (ours[0].get("lag") or 0) > 0:
+                    self._waiting_since.setdefault(name, now)
+                else:
+                    self._waiting_since.pop(name, None)
+        starved = [name for name, since in self._waiting_since.items() if now - since >= PRIORITY_AGING]
+        return sorted(starved, key=STREAMS.index) + [name for name in STREAMS if name not in starved]
 
     async def _read(self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool) -> Taken | None:
         """The job a queue entry holds; None for one that cannot be read (a dead letter now)."""
