@@ -619,3 +619,13 @@ def test_readme_tells_how_to_operate_the_fleet() -> None:
         assert f"`{name}`" in section, f"{name} is not documented"
     for secret in objects("Secret", example_secrets()):
         assert f"Secret `{secret}`" in section, secret
+
+
+def test_the_deployed_queue_trim_is_the_script_the_workers_run() -> None:
+    """`deploy/redis/trim-queue.lua` (the CronJob's backstop) and the workers' own trim are one script."""
+    from serverless.fleet.queue import TRIM
+
+    def code(text: str) -> list[str]:
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("--")]
+
+    assert code((ROOT / "deploy" / "redis" / "trim-queue.lua").read_text()) == code(TRIM)

@@ -24,7 +24,7 @@ import pytest
 import requests
 import websocket  # websocket-client
 
-from tests.helpers import OURS, RUN, comfyui_texts, empty_image, failing_workflow, post_run, txt2img, wait_until
+from tests.helpers import RUN, comfyui_texts, empty_image, failing_workflow, post_run, txt2img, wait_until
 from tests.servers import App, Emulator
 
 pytestmark = pytest.mark.timeout(60)
@@ -273,29 +273,6 @@ def hanging_up_cancels_only_that_job(
 
 
 # -- the tests ------------------------------------------------------------------------------------
-
-
-def test_fc_doc_streaming_client_gets_progress_then_the_result(app):
-    url, workflow = app.url, txt2img(seed=-1, steps=4)
-    types = []
-
-    # The FC documentation's client, unchanged.
-    resp = requests.post(url + "/api/serverless/run?stream=true", json=workflow, stream=True)
-    for line in resp.iter_lines():
-        if line.startswith(b"data: "):
-            payload = json.loads(line[6:])
-            types.append(payload["type"])
-            if payload["type"] == "serverless_api":
-                break
-    resp.close()
-
-    assert types[0] == "serverless_progress"  # ours: the job is queued; compat clients skip it
-    types = [kind for kind in types if kind not in OURS]
-    assert types[0] == "status" and types[-1] == "serverless_api"
-    assert types.count("progress") == 4
-    assert {"execution_start", "executing", "progress_state", "executed", "execution_success"} <= set(types)
-    (result,) = payload["data"]["results"]
-    assert result["node_id"] == "9" and result["output"]["raw"]["filename"].startswith("ComfyUI_test-1_")
 
 
 def test_stream_forwards_comfyuis_texts_byte_for_byte_with_ids_then_one_terminal_payload(app, emulator):

@@ -15,7 +15,7 @@ import requests
 import websocket  # websocket-client
 from websocket import ABNF
 
-from tests.helpers import OURS, comfyui_texts, empty_image, failing_workflow, txt2img, wait_until
+from tests.helpers import comfyui_texts, empty_image, failing_workflow, txt2img, wait_until
 from tests.test_stream import (
     TERMINAL_TYPES,
     HangUp,
@@ -73,35 +73,6 @@ def open_websocket_then_vanish(base_url: str, workflow: dict[str, Any]) -> HangU
         ws.sock.close()
 
     return vanish
-
-
-def test_fc_doc_websocket_client_gets_progress_then_the_result(app):
-    url, workflow = ws_url(app.url), txt2img(seed=-1, steps=4)
-    messages: list[dict[str, Any]] = []
-    closed: list[Any] = []
-
-    # The FC documentation's client, unchanged.
-    def on_message(ws, message):
-        data = json.loads(message)
-        messages.append(data)
-        if data["type"] == "serverless_api":
-            ws.close()
-
-    def on_close(ws, close_status_code, close_msg):
-        closed.append(close_status_code)
-
-    ws = websocket.WebSocketApp(
-        url, on_open=lambda ws: ws.send(json.dumps(workflow)), on_message=on_message, on_close=on_close
-    )
-    ws.run_forever()
-
-    types = [message["type"] for message in messages if message["type"] not in OURS]
-    assert types[0] == "status" and types[-1] == "serverless_api"
-    assert types.count("progress") == 4
-    assert {"execution_start", "executing", "progress_state", "executed", "execution_success"} <= set(types)
-    (result,) = messages[-1]["data"]["results"]
-    assert result["node_id"] == "9" and result["output"]["raw"]["filename"].startswith("ComfyUI_test-1_")
-    assert closed, "on_close was called"
 
 
 def test_websocket_forwards_comfyuis_texts_byte_for_byte_then_the_result_then_closes_normally(app, emulator):
