@@ -31,7 +31,8 @@ Test and fault hooks (not ComfyUI's, no `/api` twin):
                                     one): a long node_delay plus releases step a prompt node by node.
   `GET /emulator/sent?client_id=X`  the texts sent to that client, in order.
 
-Known differences from ComfyUI: no binary websocket frames (previews, progress text), no other
+Known differences from ComfyUI: sampler previews are sent (a JPEG per KSampler step, framed as ComfyUI
+frames them; `--preview-method none` for none, ComfyUI's own default) but no binary progress text; no other
 nodes, models or frontend; blur/noise/scaling use Pillow's algorithms, not torch's; PreviewAny
 shows an IMAGE as `<IMAGE float32 [h, w, 3]>`, not torch's tensor repr; tracebacks and
 the image values in `execution_error.current_inputs` are the emulator's own; EmptyImage fails

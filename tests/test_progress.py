@@ -53,7 +53,9 @@ def test_the_running_node_and_its_steps_are_reported_with_an_eta():
     assert step is not None and progress.observe(step, 2.0)
     data = progress.payload(2.0, 1e9)["data"]
     assert data["node"] == {"id": "3", "class_type": "KSampler", "title": "Sampler"}
-    assert data["percent"] == 25.0 and data["eta_s"] == 3.0 and data["queue_position"] == 0
+    # 0.2 s a step (5 steps in the second since the node began): 5 steps left, and SaveImage
+    # weighed as one step until a plain node was timed; 2 s gone of 3.2.
+    assert data["eta_s"] == 1.2 and data["percent"] == 62.5 and data["queue_position"] == 0
     other = parse_message('{"type": "progress", "data": {"value": 9, "max": 10, "prompt_id": "other"}}')
     assert other is not None and not progress.observe(other, 3.0)  # another prompt's message
 

@@ -45,14 +45,17 @@ class RemoteJob:
         self._terminal: Event | None = None
         self._lock = asyncio.Lock()
 
-    async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
-        """The job's events as its worker stores them (None after `idle` seconds of silence).
+    async def events(
+        self, after: int | None = None, idle: float | None = None, previews: bool = False
+    ) -> AsyncIterator[Event | None]:
+        """The job's events as its worker stores them (None after `idle` seconds of silence),
+        with `previews` the newest of the previews it keeps beside them.
         While no worker has begun it, the queue is asked now and then whether it still can be
         (QUEUE_TTL, a queue that lost its data): a caller never waits for ever."""
         loop = asyncio.get_running_loop()
         begun, quiet_since = bool(after), loop.time()
         look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
-        async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every):
+        async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews):
             if entry is None:
                 if not begun:
                     await self.runner.end_if_stranded(self.task_id, submitted=True)
@@ -61,6 +64,9 @@ class RemoteJob:
                     yield None
                 continue
             begun, quiet_since = True, loop.time()
+            if entry.preview:
+                yield Event(entry.seq, entry.data, preview=True)
+                continue
             event = await _event(entry.seq, entry.data, entry.terminal)
             if event.terminal and self._terminal is None:
                 self._terminal = event
