@@ -13,7 +13,8 @@ ComfyUI endpoints (each also under `/api`; GET ones answer HEAD too): `GET /ws?c
 
 Nodes: EmptyImage, LoadImage, LoadImageMask, ImageInvert, ImageScale, ImageAddNoise, ImageBlur,
 SaveImage, PreviewImage, and the model-free text-to-image chain CheckpointLoaderSimple,
-CLIPTextEncode, EmptyLatentImage, KSampler (sleeps the step delay and reports progress per step),
+CLIPTextEncode, EmptyLatentImage, KSampler (sleeps the step delay and reports progress per step, with a
+preview frame), LatentUpscale,
 VAEDecode (a picture determined by checkpoint, prompts, seed, sampler settings and size); and
 for audio and video inputs LoadAudio, SaveAudio (writes a real FLAC), LoadVideo, SaveVideo and
 VHS_LoadVideo; PreviewAny (any value as text). Pixels are float32 as in ComfyUI (nodes/pixels.py):

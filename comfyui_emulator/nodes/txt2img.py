@@ -127,3 +127,19 @@ class VAEDecode(Node):
             for index in range(samples.batch_size)
         ]
         return NodeOutput((images,))
+
+
+class LatentUpscale(Node):
+    """Resizes a latent (a hires-fix workflow samples again after it); 0 keeps the aspect ratio."""
+
+    CLASS_TYPE = "LatentUpscale"
+
+    def run(self, ctx: NodeContext, samples: Latent, width: int, height: int, **_: Any) -> NodeOutput:
+        if width == 0 and height == 0:
+            return NodeOutput((samples,))
+        if width == 0:
+            width = max(8, height * samples.width // max(samples.height, 1))
+        if height == 0:
+            height = max(8, width * samples.height // max(samples.width, 1))
+        digest = hashlib.sha256(f"{samples.digest}:{width}x{height}".encode()).hexdigest()
+        return NodeOutput((Latent(width // 8, height // 8, samples.batch_size, digest),))
