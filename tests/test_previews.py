@@ -238,3 +238,46 @@ def test_the_first_progress_events_carry_no_eta_until_a_step_is_timed(deployment
     first_step = next(i for i, p in enumerate(payloads) if p["type"] == "progress")
     before = [p["data"] for p in payloads[:first_step] if p["type"] == "serverless_progress"]
     assert before and all("eta_s" not in p for p in before)
+
+
+def test_previews_are_logged_when_preview_in_status_is_set(deployment: Deploy) -> None:
+    deployed = deployment(step_delay=0.05, PREVIEW_IN_STATUS="true")
+    started = requests.post(
+        deployed.url + RUN,
+        params={"previews": "true"},
+        data=json.dumps(txt2img(seed=13, steps=10, size=128)),
+        headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": "logged-previews"},
+        timeout=30,
+    )
+    assert started.status_code == 202, started.text
+
+    def ended() -> list[dict[str, Any]] | None:
+        logged = requests.get(deployed.url + STATUS, params={"task_id": "logged-previews"}, timeout=10).json()
+        return logged if logged and logged[-1]["type"] in ("serverless_api", "error") else None
+
+    logged = wait_until(ended, timeout=30)
+    assert logged[-1]["type"] == "serverless_api"
+    previews = previews_of(logged)
+    assert previews and all(decoded(p).format == "JPEG" for p in previews)
+
+
+def test_a_hosted_workflow_run_again_has_an_eta_from_its_first_progress(deployment: Deploy) -> None:
+    deployed = deployment(step_delay=0.05)
+    put = requests.put(deployed.url + "/api/workflows/learned", data=json.dumps(txt2img(seed=14, steps=20)), timeout=30)
+    assert put.status_code == 201, put.text
+    early: list[bool] = []
+    for seed in range(3):  # two workers on a fleet: one of them runs it twice (each learns its own)
+        answer = requests.post(
+            deployed.url + "/api/workflows/learned/run",
+            params={"stream": "true"},
+            data=json.dumps({"3.seed": 100 + seed}),
+            stream=True,
+            timeout=60,
+        )
+        payloads = [json.loads(e.data) for e in read_events(answer) if e.data is not None]
+        assert payloads[-1]["type"] == "serverless_api"
+        first_step = next(i for i, p in enumerate(payloads) if p["type"] == "progress")
+        running = [p["data"] for p in payloads[:first_step] if p["type"] == "serverless_progress"]
+        early.append(any("eta_s" in p for p in running if p["state"] == "running"))
+    assert early[0] is False, "nothing learned yet: no estimate before a step is timed"
+    assert any(early[1:]), "a learned duration gives the first estimate"

@@ -11,7 +11,9 @@ of its class, else one step); cached and finished nodes count as done.
     percent = 100 * elapsed / (elapsed + eta_s)
 
 so both speak of the same clock, and percent tracks the fraction of the job's time gone by.
-Before any step time, percent counts work units (a step, or a plain node, each one). The step
+Before any step time, percent counts work units (a plain node one, a sampling step STEP_UNITS:
+sampling is where a GPU's time goes), so that it does not run ahead of the time-based estimate
+that takes over at the first step (percent never goes back, so a head start would stay wrong). The step
 time is measured between `progress` messages (the first step's own time, which holds a sampler's
 set-up, only until a second step is seen). The percent never goes backwards, stays below 100
 while the job runs (its outputs are still to be read) and is 100 only when it succeeded. No I/O,
@@ -28,6 +30,7 @@ from ..core.messages import Message
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: tuple[State, ...] = ("succeeded", "failed", "cancelled")
 RUNNING_CAP = 99.0
+STEP_UNITS = 5.0  # a sampling step's weight against a plain node's, before any step is timed
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,15 +249,16 @@ class Progress:
         return learned if learned is not None else step
 
     def _unit_fraction(self) -> float:
-        """Work done in units (a step or a plain node each), before there is a time to weigh by."""
+        """Work done in units (see STEP_UNITS), before there is a time to weigh by."""
         total = done = 0.0
         for node in self.nodes:
-            units = self._steps(node) or 1.0
+            steps = self._steps(node)
+            units = STEP_UNITS * steps if steps is not None else 1.0
             total += units
             if node in self._cached or node in self._done:
                 done += units
             elif node == self.node and node in self._values:
-                done += self._values[node][0]
+                done += STEP_UNITS * self._values[node][0]
         return done / total if total else 0.0
 
     def _view(self) -> tuple[Any, ...]:
