@@ -75,9 +75,8 @@ def frames_of(comfyui_url: str, client_id: str, declare: bool, seed: int) -> tup
             return prompt_id, frames
 
 
-def test_emulator_sends_one_preview_frame_per_step_in_the_form_each_client_declared(deployment: Deploy) -> None:
-    deployed = deployment(step_delay=0.01)
-    comfyui = deployed.emulators[0].url
+def test_emulator_sends_one_preview_frame_per_step_in_the_form_each_client_declared(own_emulator: Any) -> None:
+    comfyui = own_emulator.url
     prompt_id, frames = frames_of(comfyui, "meta", True, 5)
     binary = [f for f in frames if isinstance(f, bytes)]
     assert len(binary) == 3
