@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import requests
+import requests.adapters
 import websocket  # websocket-client
 from PIL import Image
 
@@ -280,3 +282,37 @@ def test_a_hosted_workflow_run_again_has_an_eta_from_its_first_progress(deployme
         early.append(any("eta_s" in p for p in running if p["state"] == "running"))
     assert early[0] is False, "nothing learned yet: no estimate before a step is timed"
     assert any(early[1:]), "a learned duration gives the first estimate"
+
+
+class SmallWindow(requests.adapters.HTTPAdapter):
+    """A client that takes in little at a time: its socket's receive buffer is 4 KB, so a server
+    writing faster than it reads is held up in its sends."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+        super().init_poolmanager(*args, **kwargs)
+
+
+def test_a_slow_stream_reader_gets_the_newest_frames_not_a_backlog(deployment: Deploy) -> None:
+    deployed = deployment(step_delay=0.12, PREVIEW_MAX_FPS="10")
+    for emulator in deployed.emulators:  # frames of ~750 KB as base64: more than the sockets hold
+        requests.post(emulator.url + "/emulator/config", json={"preview_size": 2048}, timeout=5).raise_for_status()
+    session = requests.Session()
+    session.mount("http://", SmallWindow())
+    answer = session.post(
+        deployed.url + RUN,
+        params={"stream": "true", "previews": "true"},
+        data=json.dumps(txt2img(seed=15, steps=20, size=512)),
+        stream=True,
+        timeout=60,
+    )
+    chunks = answer.iter_content(chunk_size=1024)
+    head = next(chunks)
+    time.sleep(3.0)  # the job samples for 2.4 s meanwhile: 20 frames shown, ~15 MB
+    text = (head + b"".join(chunks)).decode()
+    payloads = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
+    assert payloads[-1]["type"] == "serverless_api"
+    steps = [p["step"] for p in previews_of(payloads)]
+    print("slow reader got previews of steps", steps)
+    assert steps == sorted(steps) and steps[-1] >= 17, steps
+    assert len(steps) <= 14, f"stale frames were skipped, not queued: {steps}"
