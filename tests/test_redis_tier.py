@@ -7,6 +7,7 @@ import asyncio
 import base64
 import itertools
 import json
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -478,8 +479,9 @@ def test_without_a_queue_instances_sharing_redis_answer_and_cancel_for_each_othe
     answers = [post_run(app.url, empty_image(prefix="once"), headers=key) for app in (one, two)]
     assert [a.status_code for a in answers] == [200, 200] and answers[0].json() == answers[1].json()
     assert post_run(two.url, empty_image(prefix="other"), headers=key).status_code == 409
-    other_caller = {**bearer(KEY_B), "Idempotency-Key": "local-once"}
-    assert post_run(two.url, empty_image(prefix="once"), headers=other_caller).status_code == 409
+    other_caller = {**bearer(KEY_B), "Idempotency-Key": "local-once"}  # another key's own namespace (#28.9)
+    theirs = post_run(two.url, empty_image(prefix="once"), headers=other_caller)
+    assert theirs.status_code == 200 and theirs.json()["data"]["task_id"] != answers[0].json()["data"]["task_id"]
 
 
 # -- cancel, priority, idempotency -----------------------------------------------------------------
@@ -637,3 +639,95 @@ def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_e
         assert "no longer holds this job" in answer.json()["error_message"]
     finally:
         server.stop()
+
+
+def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_and_the_job_goes_on(
+    tier: Callable[..., Tier],
+) -> None:
+    fleet = tier(processes=True, DRAIN_TIMEOUT="1")
+    gateway = fleet.gateway()
+    fleet.worker(step_delay=0.1)
+    waiting = in_background(lambda: post_run(gateway.url, slow(5, steps=40), headers={"X-Fc-Trace-Id": "outlives"}))
+    wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "outlives")))
+    gateway.proc.send_signal(signal.SIGTERM)
+    answer = waiting.result(timeout=30)
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["error_code"] == "UNAVAILABLE" and "goes on" in answer.json()["error_message"]
+    assert gateway.proc.wait(30) == 0
+    other = fleet.gateway()
+    assert wait_ended(other.url, "outlives")[-1]["type"] == "serverless_api", "the job itself ran to its end"
+
+
+def test_the_queue_keeps_no_done_jobs_and_its_lag_reads_as_keda_reads_it_after_cancels(
+    tier: Callable[..., Tier],
+) -> None:
+    """KEDA's redis-streams scaler reads each stream's consumer-group lag (XINFO GROUPS): it must
+    stay a number (not nil) after cancels, count the jobs waiting from zero workers, and the
+    stream must not keep the bodies of jobs done."""
+    fleet = tier()
+    gateway = fleet.gateway()  # no worker yet: KEDA would scale from zero
+    client = redis.Redis.from_url(fleet.redis_url)
+    big = {"prompt": empty_image(prefix="bodied"), "extra_data": {"pad": "x" * 100_000}}  # a 100 KB request
+    for n in range(6):
+        assert submit_async(gateway.url, big, f"lagged-{n}").status_code == 202
+    for n in (1, 4):  # queued jobs cancelled: ended at once, their entries left for a worker to skip
+        cancelled = requests.post(gateway.url + CANCEL, params={"task_id": f"lagged-{n}"}, timeout=10)
+        assert cancelled.json()["state"] == "cancelled"
+
+    def lag() -> Any:
+        (group,) = client.xinfo_groups("jobs:normal")
+        return group["lag"]
+
+    assert lag() == 6, "a number, counting every entry no worker has read"
+    fleet.worker()
+    for n in range(6):
+        assert wait_ended(gateway.url, f"lagged-{n}")[-1]["type"] == ("error" if n in (1, 4) else "serverless_api")
+    wait_until(lambda: client.xlen("jobs:normal") <= 1, timeout=30)  # at most the last one handed out
+    assert lag() == 0
+    assert client.memory_usage("jobs:normal") < 2 * 100_000, "of the six bodies, the last one handed out at most"
+
+
+def test_a_worker_lost_longer_than_stale_after_is_retried_and_its_caller_gets_the_result_not_instance_lost(
+    tier: Callable[..., Tier],
+) -> None:
+    fleet = tier(processes=True, REDIS_CLAIM_IDLE="3", STATUS_STALE_AFTER="1")  # claimed later than "stale"
+    gateway = fleet.gateway()
+    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    waiting = in_background(lambda: post_run(gateway.url, slow(3, steps=20), headers={"X-Fc-Trace-Id": "patient"}))
+    victim = wait_until(lambda: next((w for w in workers if "patient" in w.started()), None), timeout=20)
+    wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "patient")))
+    victim.kill()
+    seen: list[list[dict[str, Any]]] = []
+    while not waiting.done():  # what a poller reads meanwhile: never an end before the real one
+        seen.append(status(gateway.url, "patient"))
+        time.sleep(0.2)
+    answer = waiting.result()
+    assert answer.status_code == 200 and answer.json()["retried"] is True, answer.text
+    assert all(not log or log[-1]["type"] not in ("error", "serverless_api") for log in seen[:-3])
+    first_attempt = status(gateway.url, "patient", attempt="1")
+    assert [p["data"]["state"] for p in first_attempt if p["type"] == "serverless_progress"][-1] == "retrying"
+
+
+def test_consumers_of_workers_gone_for_good_are_forgotten(
+    tier: Callable[..., Tier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serverless.fleet import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FORGET_AFTER", 0.5)  # an hour, as deployed
+    monkeypatch.setattr(worker_module, "FORGET_EVERY", 0.1)
+    fleet = tier()
+    gateway = fleet.gateway()
+    client = redis.Redis.from_url(fleet.redis_url)
+    client.xgroup_create("jobs:normal", "workers", id="0", mkstream=True)
+    client.xgroup_createconsumer("jobs:normal", "workers", "ghost:9000")  # a worker that died long ago
+    fleet.worker()
+
+    def names() -> set[str]:
+        return {
+            c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            for c in client.xinfo_consumers("jobs:normal", "workers")
+        }
+
+    wait_until(lambda: "ghost:9000" not in names(), timeout=20)
+    assert post_run(gateway.url, empty_image(prefix="after")).status_code == 200
+    assert names(), "the live worker's consumer stays (or comes back with its next read)"

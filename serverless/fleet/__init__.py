@@ -51,8 +51,15 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.role in ("all", "worker")
     queue = RedisQueue(status.client, status)
+    storage = resources.storage
     front = RemoteJobs(
-        queue, status, jobs if takes_jobs else None, settings.max_queued_jobs, resources.metrics, settings.queue_ttl
+        queue,
+        status,
+        jobs if takes_jobs else None,
+        settings.max_queued_jobs,
+        resources.metrics,
+        settings.queue_ttl,
+        caller_credentials_upload=storage is not None and storage.scheme == "oss",
     )
     consumer_task: asyncio.Task[None] | None = None
     consumer = None
@@ -87,5 +94,5 @@ async def publish_object_info(resources: Resources, status: RedisStatus, every: 
 
 def health(settings: Settings, consumer: Consumer | None) -> dict[str, Any]:
     """The tier's part of the health answer."""
-    taking = None if consumer is None else {"name": consumer.name, "busy": consumer.busy, "taken": consumer.taken}
+    taking = None if consumer is None else consumer.health()
     return {"role": settings.role, "queue": settings.queue_backend, "consumer": taking}
