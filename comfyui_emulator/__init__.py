@@ -13,7 +13,8 @@ ComfyUI endpoints (each also under `/api`; GET ones answer HEAD too): `GET /ws?c
 
 Nodes: EmptyImage, LoadImage, LoadImageMask, ImageInvert, ImageScale, ImageAddNoise, ImageBlur,
 SaveImage, PreviewImage, and the model-free text-to-image chain CheckpointLoaderSimple,
-CLIPTextEncode, EmptyLatentImage, KSampler (sleeps the step delay and reports progress per step),
+CLIPTextEncode, EmptyLatentImage, KSampler (sleeps the step delay and reports progress per step, with a
+preview frame), LatentUpscale,
 VAEDecode (a picture determined by checkpoint, prompts, seed, sampler settings and size); and
 for audio and video inputs LoadAudio, SaveAudio (writes a real FLAC), LoadVideo, SaveVideo and
 VHS_LoadVideo; PreviewAny (any value as text). Pixels are float32 as in ComfyUI (nodes/pixels.py):
@@ -31,7 +32,8 @@ Test and fault hooks (not ComfyUI's, no `/api` twin):
                                     one): a long node_delay plus releases step a prompt node by node.
   `GET /emulator/sent?client_id=X`  the texts sent to that client, in order.
 
-Known differences from ComfyUI: no binary websocket frames (previews, progress text), no other
+Known differences from ComfyUI: sampler previews are sent (a JPEG per KSampler step, framed as ComfyUI
+frames them; `--preview-method none` for none, ComfyUI's own default) but no binary progress text; no other
 nodes, models or frontend; blur/noise/scaling use Pillow's algorithms, not torch's; PreviewAny
 shows an IMAGE as `<IMAGE float32 [h, w, 3]>`, not torch's tensor repr; tracebacks and
 the image values in `execution_error.current_inputs` are the emulator's own; EmptyImage fails

@@ -1,4 +1,5 @@
-"""`python -m comfyui_emulator [--host H] [--port P] [--root DIR] [--step-delay S]`."""
+"""`python -m comfyui_emulator [--host H] [--port P] [--root DIR] [--step-delay S] [--preview-size N]
+[--preview-method auto|none]`."""
 
 from __future__ import annotations
 
@@ -22,10 +23,19 @@ def main(argv: list[str] | None = None) -> None:
         help="folder holding input/, output/ and temp/ (default ./emulator-data)",
     )
     parser.add_argument("--step-delay", type=float, default=0.02, help="seconds slept per KSampler step (default 0.02)")
+    parser.add_argument(
+        "--preview-size", type=int, default=512, help="largest side of sampler previews (default 512, as ComfyUI)"
+    )
+    parser.add_argument(
+        "--preview-method",
+        choices=("auto", "latent2rgb", "none"),
+        default="auto",
+        help="KSampler previews: a JPEG frame per step (auto, latent2rgb) or none (default auto)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     web.run_app(
-        create_app(args.root, args.step_delay),
+        create_app(args.root, args.step_delay, args.preview_size, args.preview_method != "none"),
         host=args.host,
         port=args.port,
         shutdown_timeout=2.0,

@@ -8,6 +8,7 @@ the prompt's client; `progress_state`/`progress` go to everyone when the prompt 
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import traceback
@@ -15,8 +16,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from PIL import Image, ImageOps
+
 from .cache import CacheSet
 from .graph import ExecutionList, is_link
+from .hub import PREVIEW, Preview
 from .nodes import NODE_CLASSES, Interrupted, NodeContext, NodeOutput
 from .nodes.pixels import Frame
 from .progress import ProgressRegistry
@@ -199,11 +203,29 @@ class _Run:
             {"node": node_id, "display_node": node_id, "output": cached.get("output"), "prompt_id": self.prompt_id},
         )
 
-    def _on_progress(self, node_id: str, value: int, total: int) -> None:
+    def _on_progress(self, node_id: str, value: int, total: int, preview: Image.Image | None = None) -> None:
+        """As ComfyUI's progress hook: `progress_state`, the preview for clients that read its
+        metadata, `progress`, then the legacy preview for the others (the order of the traces)."""
         self.progress.update(node_id, value, total)
+        jpeg = self._preview_jpeg(preview)
+        if jpeg is not None:
+            self.emu.hub.send_sync(PREVIEW, Preview(jpeg, self.prompt_id, node_id, True), self.client_id)
         self._send(
             "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}, always=True
         )
+        if jpeg is not None:
+            self.emu.hub.send_sync(PREVIEW, Preview(jpeg, self.prompt_id, node_id, False), self.client_id)
+
+    def _preview_jpeg(self, preview: Image.Image | None) -> bytes | None:
+        """The preview as ComfyUI sends it: scaled (up or down) to fit `--preview-size`, JPEG q95."""
+        config = self.emu.config
+        if preview is None or not config.previews:
+            return None
+        size = max(1, int(config.preview_size))
+        image = ImageOps.contain(preview.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
 
     def _send(self, event: str, data: dict[str, Any], always: bool = False) -> None:
         if self.client_id is not None or always:

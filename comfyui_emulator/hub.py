@@ -2,6 +2,12 @@
 
 Every message goes through one outbox drained by one task, so each socket receives messages in the
 order they were produced, whichever thread produced them (ComfyUI's `send_sync` + `publish_loop`).
+
+Sampler previews are binary frames, framed as ComfyUI 0.3.64 frames them (`server.py`
+`send_image` / `send_image_with_metadata`): a client that declared `supports_preview_metadata`
+in its first message gets event 4 (PREVIEW_IMAGE_WITH_METADATA: a 4-byte big-endian length, that
+many bytes of JSON, the image); any other gets event 1 (PREVIEW_IMAGE: image type 1 = JPEG, the
+image). Each client gets one form only, never both.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -21,6 +28,36 @@ log = logging.getLogger(__name__)
 
 Message = tuple[str, Any, "str | None"]
 SENT_KEPT = 5000  # texts kept per client id for GET /emulator/sent
+PREVIEW = "\x00preview"  # an outbox item holding a `Preview` (no text message has this name)
+PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes
+PREVIEW_IMAGE_WITH_METADATA = 4
+JPEG = 1  # the legacy frame's image type (2 = PNG)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """One sampler preview: the JPEG and whose it is. `metadata` picks the clients it goes to
+    (those that declared `supports_preview_metadata`, or the others)."""
+
+    jpeg: bytes
+    prompt_id: str
+    node_id: str
+    metadata: bool
+
+    def frame(self) -> bytes:
+        if not self.metadata:
+            return struct.pack(">II", PREVIEW_IMAGE, JPEG) + self.jpeg
+        meta = json.dumps(
+            {
+                "node_id": self.node_id,
+                "prompt_id": self.prompt_id,
+                "display_node_id": self.node_id,
+                "parent_node_id": None,
+                "real_node_id": self.node_id,
+                "image_type": "image/jpeg",
+            }
+        ).encode()
+        return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(meta)) + meta + self.jpeg
 
 
 @dataclass(eq=False)
@@ -81,6 +118,12 @@ class Hub:
             targets = [self.clients[sid]]
         else:
             return
+        if event == PREVIEW:
+            preview: Preview = data
+            for client in targets:
+                if bool(client.feature_flags.get("supports_preview_metadata")) == preview.metadata:
+                    await self.send_bytes(client, preview.frame())
+            return
         text = json.dumps({"type": event, "data": data})
         for client in targets:
             await self.send_text(client, text)
@@ -96,6 +139,14 @@ class Hub:
                 await client.ws.send_str(text)
                 self.sent[client.sid].append(text)
                 self.sent_at[client.sid].append(stamp)
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as err:
+                log.warning("send error: %s", err)
+
+    async def send_bytes(self, client: Client, frame: bytes) -> None:
+        """Write one binary frame (not kept for /emulator/sent, which lists texts)."""
+        async with client.lock:
+            try:
+                await client.ws.send_bytes(frame)
             except (aiohttp.ClientError, ConnectionError, RuntimeError) as err:
                 log.warning("send error: %s", err)
 

@@ -34,6 +34,10 @@ class Config:
     history_delay: float = 0.0  # seconds before GET /history/{id} answers
     history_garbage: float = 0.0  # non-zero: GET /history/{id} answers a body that is not JSON
     view_status: float = 0.0  # non-zero: GET/HEAD /view answers this HTTP status
+    # Sampler previews (ComfyUI's `--preview-method`, `--preview-size`): 0 sends none, as ComfyUI's
+    # own default `none` does; non-zero sends a JPEG per KSampler step, scaled to fit `preview_size`.
+    previews: float = 1.0
+    preview_size: float = 512.0
 
 
 class NodeGate:
@@ -107,12 +111,12 @@ class Emulator:
 EMULATOR = web.AppKey("emulator", Emulator)
 
 
-def build_emulator(root: Path, step_delay: float) -> Emulator:
+def build_emulator(root: Path, step_delay: float, preview_size: int = 512, previews: bool = True) -> Emulator:
     """Create the state for one emulator rooted at `root` (folders are created by the app on start)."""
     folders = Folders(Path(root))
     return Emulator(
         folders=folders,
-        config=Config(step_delay=step_delay),
+        config=Config(step_delay=step_delay, previews=float(previews), preview_size=float(preview_size)),
         specs=NodeSpecs.load(folders),
         hub=Hub(),
         runtime=Runtime(),

@@ -17,7 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from . import fleet, lifecycle
 from .auth import ApiKeys, RequireApiKey, may_see
-from .core.request import RUN_QUERY_FLAGS, unknown_parameters
+from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .genstudio import endpoints as genstudio
@@ -94,7 +94,8 @@ async def run(request: Request) -> Response:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         response = JSONResponse({"task_id": job.task_id}, status_code=202)
     elif mode == "stream":
-        response = EventStream(job, settings, abandon=abandon, metrics=resources.metrics)
+        previews = query_flag(query, "previews")
+        response = EventStream(job, settings, abandon=abandon, metrics=resources.metrics, previews=previews)
     else:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
         response = await json_response(request, job, settings, held_async=mode == "async", abandon=abandon)

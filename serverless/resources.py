@@ -140,6 +140,8 @@ class Resources:
             instance_id=self.settings.instance_id,
             job_timeout=self.settings.job_timeout,
             max_result_bytes=self.settings.result_inline_max_bytes if self.fleet_worker else 0,
+            preview_max_fps=self.settings.preview_max_fps,
+            preview_in_status=self.settings.preview_in_status,
         )
 
     @property

@@ -250,6 +250,8 @@ class Settings:
     cancel_on_disconnect: bool = True
     stream_ping_interval: float = 15.0
     stream_buffer_events: int = 10000
+    preview_max_fps: float = 4.0
+    preview_in_status: bool = False
     drain_timeout: float = 600.0
     prewarm_prompt: str = ""
     on_fc: bool = False
@@ -358,6 +360,8 @@ class Settings:
             cancel_on_disconnect=_flag(env, "CANCEL_ON_DISCONNECT", d.cancel_on_disconnect),
             stream_ping_interval=_number(env, "STREAM_PING_INTERVAL", d.stream_ping_interval, 0.01),
             stream_buffer_events=_integer(env, "STREAM_BUFFER_EVENTS", d.stream_buffer_events, 10),
+            preview_max_fps=_number(env, "PREVIEW_MAX_FPS", d.preview_max_fps, 0.01),
+            preview_in_status=_flag(env, "PREVIEW_IN_STATUS", d.preview_in_status),
             drain_timeout=_number(env, "DRAIN_TIMEOUT", d.drain_timeout, 0),
             prewarm_prompt=_text(env, "PREWARM_PROMPT", ""),
             on_fc=on_fc,

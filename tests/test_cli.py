@@ -264,3 +264,17 @@ def test_report_names_an_uploaded_output_by_its_kind_of_bucket(
     report(parse_result({"type": "serverless_api", "data": {"results": [item]}}), None)
 
     assert capsys.readouterr().out.splitlines()[0] == f"{scheme}://outs/p/1.png  https://signed"
+
+
+def test_run_with_previews_saves_the_frames_of_the_image_forming(deployment, tmp_path: Path) -> None:
+    deployed = deployment(step_delay=0.05)
+    workflow = tmp_path / "wf.json"
+    workflow.write_text(json.dumps(txt2img(seed=31, steps=20, size=128)))
+    frames = tmp_path / "frames"
+    done = cli(deployed.url, "run", str(workflow), "--previews", str(frames), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    saved = sorted(frames.glob("preview-*.jpg"))
+    assert len(saved) >= 3, saved
+    assert all(Image.open(path).format == "JPEG" for path in saved)
+    steps = [int(path.stem.rsplit("step", 1)[1]) for path in saved]
+    assert steps == sorted(steps) and saved[0].name.startswith("preview-0001-step")

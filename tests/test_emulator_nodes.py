@@ -36,7 +36,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
 def run(
     emu: Emulator, prompt: dict[str, Any], interrupt_at_progress: int | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Queue `prompt` on its own websocket; returns its messages and its history entry."""
+    """Queue `prompt` on its own websocket; returns its text messages and its history entry."""
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(emu.url.replace("http", "ws") + f"/ws?clientId={client_id}", timeout=20)
     try:
@@ -46,7 +46,10 @@ def run(
         prompt_id = reply.json()["prompt_id"]
         messages: list[dict[str, Any]] = []
         while not messages or messages[-1] != {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}}:
-            messages.append(json.loads(ws.recv()))
+            opcode, data = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                continue  # the sampler's preview frames (tests/test_previews.py)
+            messages.append(json.loads(data))
             if messages[-1]["type"] == "progress" and messages[-1]["data"]["value"] == interrupt_at_progress:
                 requests.post(emu.url + "/interrupt", json={"prompt_id": prompt_id}, timeout=10)
     finally:

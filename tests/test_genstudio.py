@@ -4,6 +4,7 @@ ComfyUI emulator, and for OSS the local OSS server. The client is GenStudio's ow
 
 from __future__ import annotations
 
+import base64
 import importlib
 import io
 import itertools
@@ -209,6 +210,34 @@ def test_the_websocket_progress_client_gets_every_change_until_the_end(linked):
     assert all(m["final_files"] and m["files"] for m in messages if m["status"] == 3), messages
     assert requests.get(last["final_files"][0], timeout=30).status_code == 200
     assert all(a != b for a, b in itertools.pairwise(messages))  # sent on changes only
+
+
+def test_the_progress_socket_shows_previews_of_a_task_prompted_with_previews(deployment):
+    deployed = deployment(
+        step_delay=0.05,
+        API_KEYS=f"{KEY_A},{KEY_B}",
+        GENSTUDIO_TOKEN_SECRET=TOKEN_SECRET,
+        FILE_LINK_SECRET=LINK_SECRET,
+    )
+    register(deployed, T2I, json.loads((FIXTURES / "txt2img_fc_doc.json").read_text()))
+    answer = requests.post(
+        deployed.url + API + "/prompt",
+        params={"previews": "true"},
+        json={"workflow_id": T2I, "prompt": small_t2i(seed=21, steps=20)},
+        headers=bearer(KEY_A),
+        timeout=30,
+    )
+    queued = answer.json()["data"]
+    url = deployed.url.replace("http://", "ws://") + PROGRESS + "?previews=true&authorization=" + queued["prompt_token"]
+    socket = websocket.create_connection(url, timeout=30)
+    messages = []
+    while text := socket.recv():
+        messages.append(json.loads(text)["comfy_task_info"])
+    socket.close()
+    previews = [m["preview"] for m in messages if "preview" in m]
+    assert len(previews) >= 2 and all(p["mime"] == "image/jpeg" and p["node"] == "3" for p in previews)
+    image = Image.open(io.BytesIO(base64.b64decode(previews[-1]["base64"])))
+    assert image.format == "JPEG" and messages[-1]["status"] == 3 and "preview" not in messages[-1]
 
 
 def test_a_missing_forged_or_expired_prompt_token_is_refused_at_the_handshake(linked):

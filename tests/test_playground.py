@@ -19,6 +19,7 @@ from PIL import Image
 from tests.browser import chromium
 from tests.helpers import running_prompt, txt2img, wait_until
 from tests.servers import ROOT, App, Emulator
+from tests.topologies import Deployment
 
 PROMPT = "a red fox in fresh snow, watercolour"
 
@@ -176,3 +177,22 @@ def test_playground_takes_a_workflow_as_the_editor_saves_it(
         page.wait_for_selector("#state.succeeded", state="attached")
     history = requests.get(own_emulator.url + "/history", timeout=5).json()
     assert [entry["prompt"][2]["6"]["inputs"]["text"] for entry in history.values()] == [PROMPT]
+
+
+def test_playground_shows_the_image_forming_before_the_output(deployment: Callable[..., Deployment]) -> None:
+    deployed = deployment(step_delay=0.1)
+    put = requests.put(deployed.url + "/api/workflows/txt2img", data=json.dumps(txt2img(steps=20, size=96)), timeout=30)
+    assert put.status_code == 201, put.text
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(deployed.url + "/")
+        page.select_option("#workflow", "txt2img")
+        page.click("#run")
+        page.wait_for_selector("#preview:not([hidden]) #preview-img[src^='data:image/jpeg;base64,']")
+        assert page.query_selector("#outputs img") is None, "the preview comes before the output"
+        src = page.get_attribute("#preview-img", "src") or ""
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).load()
+        assert "step" in page.inner_text("#preview-caption")
+        page.wait_for_selector("#outputs img")
+        page.wait_for_selector("#state.succeeded", state="attached")
+        assert page.is_hidden("#preview") and page.inner_text("#percent") == "100%"

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serverless.core.messages import Message, parse_message
-from serverless.jobs.progress import Progress, workflow_nodes
+from serverless.jobs.progress import Learned, Progress, workflow_nodes
 
 TRACES = Path(__file__).parent / "fixtures" / "traces"
 
@@ -53,7 +53,9 @@ def test_the_running_node_and_its_steps_are_reported_with_an_eta():
     assert step is not None and progress.observe(step, 2.0)
     data = progress.payload(2.0, 1e9)["data"]
     assert data["node"] == {"id": "3", "class_type": "KSampler", "title": "Sampler"}
-    assert data["percent"] == 25.0 and data["eta_s"] == 3.0 and data["queue_position"] == 0
+    # 0.2 s a step (5 steps in the second since the node began): 5 steps left, and SaveImage
+    # weighed as one step until a plain node was timed; 2 s gone of 3.2.
+    assert data["eta_s"] == 1.2 and data["percent"] == 62.5 and data["queue_position"] == 0
     other = parse_message('{"type": "progress", "data": {"value": 9, "max": 10, "prompt_id": "other"}}')
     assert other is not None and not progress.observe(other, 3.0)  # another prompt's message
 
@@ -90,3 +92,58 @@ def test_percent_never_goes_backwards_and_is_100_only_on_success(texts, outcome)
     final = progress.payload(101.0, 1e9)["data"]
     assert final["state"] == outcome and (final["percent"] == 100) == (outcome == "succeeded")
     assert final["percent"] >= last
+
+
+def message(kind: str, **data: object) -> Message:
+    parsed = parse_message(json.dumps({"type": kind, "data": {"prompt_id": "p", **data}}))
+    assert parsed is not None
+    return parsed
+
+
+def sampler_workflow(steps: int = 10) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
+        "2": {"class_type": "KSampler", "inputs": {"steps": steps}},
+        "3": {"class_type": "SaveImage", "inputs": {}},
+    }
+
+
+def test_steps_are_read_from_a_sampler_and_narrowed_by_an_advanced_one() -> None:
+    nodes = workflow_nodes(
+        {
+            "1": {"class_type": "KSampler", "inputs": {"steps": 30}},
+            "2": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 30, "start_at_step": 10, "end_at_step": 10000}},
+            "3": {"class_type": "SaveImage", "inputs": {"steps": ["1", 0]}},  # a link, not a number
+        }
+    )
+    assert [nodes[n]["steps"] for n in ("1", "2", "3")] == [30, 20, None]
+
+
+def test_no_eta_until_a_step_is_timed_then_time_and_steps_agree() -> None:
+    progress = Progress("t", "p", workflow_nodes(sampler_workflow()), created=0.0)
+    progress.observe(message("execution_start"), 0.1)
+    progress.observe(message("executing", node="1"), 0.1)
+    progress.observe(message("executing", node="2"), 0.5)  # the loader took 0.4 s
+    assert "eta_s" not in progress.payload(0.5, 1e9)["data"]
+    progress.observe(message("progress", node="2", value=1, max=10), 1.5)
+    progress.observe(message("progress", node="2", value=2, max=10), 2.5)  # 1 s a step
+    data = progress.payload(2.5, 1e9)["data"]
+    # 8 steps left (8 s) and SaveImage weighed as the mean plain node (the loader's 0.4 s)
+    assert data["eta_s"] == 8.4 and data["percent"] == round(100 * 2.5 / 10.9, 1)
+
+
+def test_cached_nodes_count_as_done() -> None:
+    progress = Progress("t", "p", workflow_nodes(sampler_workflow()), created=0.0)
+    progress.observe(message("execution_cached", nodes=["1", "2"]), 0.1)
+    progress.observe(message("executing", node="3"), 0.1)
+    # the loader (1 unit) and the sampler (10 steps, 5 units each) cached: 51 of 52 units
+    assert progress.payload(0.1, 1e9)["data"]["percent"] == round(100 * 51 / 52, 1)
+
+
+def test_a_learned_step_time_gives_an_eta_before_the_first_step() -> None:
+    learned = Learned(duration=12.0, step_time=1.0, tail=0.2)
+    progress = Progress("t", "p", workflow_nodes(sampler_workflow()), created=0.0, learned=learned)
+    progress.observe(message("execution_start"), 0.1)
+    progress.observe(message("executing", node="1"), 0.1)
+    progress.observe(message("executing", node="2"), 0.5)
+    assert progress.payload(0.5, 1e9)["data"]["eta_s"] == 10.6  # 10 steps, the tail, SaveImage as the loader

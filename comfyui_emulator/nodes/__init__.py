@@ -16,6 +16,7 @@ from .txt2img import (
     CLIPTextEncode,
     EmptyLatentImage,
     KSampler,
+    LatentUpscale,
     VAEDecode,
 )
 from .video import LoadVideo, SaveVideo, VHSLoadVideo
@@ -28,6 +29,7 @@ NODE_CLASSES: dict[str, type[Node]] = {
         VAEDecode,
         EmptyLatentImage,
         KSampler,
+        LatentUpscale,
         SaveImage,
         PreviewImage,
         LoadImage,

@@ -42,7 +42,7 @@ class NodeContext:
     folders: Folders
     step_delay: Callable[[], float]
     interrupt: threading.Event
-    on_progress: Callable[[int, int], None]
+    on_progress: Callable[[int, int, Image.Image | None], None]
 
     def check_interrupt(self) -> None:
         """Raise `Interrupted` if an interrupt is pending (and consume it, as ComfyUI does)."""
@@ -50,10 +50,11 @@ class NodeContext:
             self.interrupt.clear()
             raise Interrupted("Processing interrupted")
 
-    def progress(self, value: int, total: int) -> None:
-        """Report step progress (`progress_state` + `progress` messages); interrupts land here."""
+    def progress(self, value: int, total: int, preview: Image.Image | None = None) -> None:
+        """Report step progress (`progress_state` + `progress` messages, and a binary preview
+        frame of `preview` when previews are on); interrupts land here."""
         self.check_interrupt()
-        self.on_progress(value, total)
+        self.on_progress(value, total, preview)
 
     def sleep(self, seconds: float) -> None:
         if seconds > 0:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, replace
 from typing import Any
+
+from PIL import Image
 
 from .base import Node, NodeContext, NodeOutput
 from .picture import render
@@ -63,7 +66,8 @@ class EmptyLatentImage(Node):
 
 
 class KSampler(Node):
-    """Sleeps `step_delay` per step and reports each step, like a real sampler's progress bar."""
+    """Sleeps `step_delay` per step and reports each step, like a real sampler's progress bar, with
+    a preview of the latent at that step (noise giving way to the picture VAEDecode will draw)."""
 
     CLASS_TYPE = "KSampler"
 
@@ -82,9 +86,6 @@ class KSampler(Node):
         denoise: float = 1.0,
         **_: Any,
     ) -> NodeOutput:
-        for step in range(1, steps + 1):
-            ctx.sleep(ctx.step_delay())
-            ctx.progress(step, steps)
         recipe = [
             model.ckpt_name,
             seed,
@@ -101,7 +102,19 @@ class KSampler(Node):
             latent_image.digest,
         ]
         digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
+        size = (max(1, latent_image.width), max(1, latent_image.height))
+        for step in range(1, steps + 1):
+            ctx.sleep(ctx.step_delay())
+            ctx.progress(step, steps, _latent_preview(digest, seed, size, step / steps))
         return NodeOutput((replace(latent_image, digest=digest),))
+
+
+def _latent_preview(digest: str, seed: int, size: tuple[int, int], done: float) -> Image.Image:
+    """What a latent-to-RGB preview looks like at a step: latent-sized, the seed's noise fading
+    into the picture."""
+    picture = render(digest.encode(), *size)
+    noise = Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3))
+    return Image.blend(noise, picture, done)
 
 
 class VAEDecode(Node):
@@ -114,3 +127,19 @@ class VAEDecode(Node):
             for index in range(samples.batch_size)
         ]
         return NodeOutput((images,))
+
+
+class LatentUpscale(Node):
+    """Resizes a latent (a hires-fix workflow samples again after it); 0 keeps the aspect ratio."""
+
+    CLASS_TYPE = "LatentUpscale"
+
+    def run(self, ctx: NodeContext, samples: Latent, width: int, height: int, **_: Any) -> NodeOutput:
+        if width == 0 and height == 0:
+            return NodeOutput((samples,))
+        if width == 0:
+            width = max(8, height * samples.width // max(samples.height, 1))
+        if height == 0:
+            height = max(8, width * samples.height // max(samples.width, 1))
+        digest = hashlib.sha256(f"{samples.digest}:{width}x{height}".encode()).hexdigest()
+        return NodeOutput((Latent(width // 8, height // 8, samples.batch_size, digest),))

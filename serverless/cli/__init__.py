@@ -2,6 +2,7 @@
 
     comfy-serverless run WORKFLOW.json [--set 6.text="a cat" --set 3.seed=-1] [--out DIR]
     comfy-serverless run --workflow-id ID [--set ...] [--async] [--oss] [--format webp --quality 80]
+    comfy-serverless run WORKFLOW.json --previews DIR     (the sampler's preview frames saved as they come)
     comfy-serverless workflows list | show ID | put ID FILE | rm ID
     comfy-serverless task TASK_ID [--out DIR | --json] | cancel TASK_ID | events TASK_ID [--follow] [--after N]
 
@@ -29,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..client import APIError, Client, ClientError, NotServerless, Output, Result, TransportError
+from ..client import APIError, Client, ClientError, Event, NotServerless, Output, Result, TransportError
 from ..client.calls import apply_overrides, split_key
 from ..client.errors import from_payload
 from ..client.results import parse_result
@@ -101,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--quality", type=int, help="JPEG/WebP quality, 1..100")
     run.add_argument("--max-side", type=int, help="downscale image outputs")
     run.add_argument("--task-id", help="the task id to use")
+    run.add_argument("--previews", metavar="DIR", help="save the sampler's previews here as they come (frames)")
     workflows = commands.add_parser("workflows", parents=[common], help="hosted workflows").add_subparsers(
         dest="action", required=True
     )
@@ -196,13 +198,40 @@ def run(client: Client, args: argparse.Namespace) -> int:
         "output_quality": args.quality,
         "output_max_side": args.max_side,
     }
+    if args.previews is not None:
+        options["previews"] = True
     if args.asynchronous:
         print(client.submit_async(workflow, workflow_id=args.workflow_id, overrides=overrides, **options))
         return EXIT_CODES["done"]
+    frames = PreviewFolder(Path(args.previews)) if args.previews is not None else None
     with RunProgress(args.workflow_id or Path(args.workflow).stem) as bar:
-        result = client.run(workflow, workflow_id=args.workflow_id, overrides=overrides, on_event=bar.update, **options)
+
+        def on_event(event: Event) -> None:
+            bar.update(event)
+            if frames is not None:
+                frames.keep(event)
+
+        result = client.run(workflow, workflow_id=args.workflow_id, overrides=overrides, on_event=on_event, **options)
     report(result, Path(args.out))
     return EXIT_CODES["done"]
+
+
+class PreviewFolder:
+    """`run --previews DIR`: each preview as it comes, `preview-0001-step05.jpg` and on, so the
+    folder holds the frames of the image forming, in order."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.count = 0
+
+    def keep(self, event: Event) -> None:
+        preview = event.preview
+        if preview is None:
+            return
+        self.count += 1
+        step = f"-step{preview.step:02d}" if preview.step is not None else ""
+        (self.folder / f"preview-{self.count:04d}{step}.{preview.extension}").write_bytes(preview.content)
 
 
 def report(result: Result, out: Path | None) -> None:

@@ -12,7 +12,7 @@ from . import errors
 from .aio import AsyncClient
 from .calls import RunOptions, apply_overrides
 from .errors import APIError, ClientError, NotServerless, ProtocolError, TransportError
-from .results import Event, Output, Progress, Result
+from .results import Event, Output, Preview, Progress, Result
 from .sync import Client
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Event",
     "NotServerless",
     "Output",
+    "Preview",
     "Progress",
     "ProtocolError",
     "Result",

@@ -37,9 +37,11 @@ class RunOptions:
     callback_url: str | None = None
     task_id: str | None = None
     idempotency_key: str | None = None
+    previews: bool = False  # sampler previews as `serverless_preview` events (`Event.preview`)
 
     def params(self) -> dict[str, str]:
-        params = {name: "true" for name in ("output_base64", "output_oss", "output_url") if getattr(self, name)}
+        flags = ("output_base64", "output_oss", "output_url", "previews")
+        params = {name: "true" for name in flags if getattr(self, name)}
         for name in ("output_format", "output_quality", "output_max_side", "callback_url"):
             value = getattr(self, name)
             if value is not None:

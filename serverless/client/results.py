@@ -105,6 +105,20 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class Preview:
+    """Our `serverless_preview` event's data: a sampler's picture of the image forming."""
+
+    node_id: str | None
+    mime: str
+    content: bytes
+    step: int | None
+
+    @property
+    def extension(self) -> str:
+        return {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}.get(self.mime, "bin")
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One event of a stream or status log: `type` and `data` of the payload, its `id` when the
     server numbered it, and `text` as received (ComfyUI's messages byte for byte)."""
@@ -125,6 +139,19 @@ class Event:
     @property
     def output(self) -> Output | None:
         return parse_output(self.data) if self.type == "serverless_output" else None
+
+    @property
+    def preview(self) -> Preview | None:
+        if self.type != "serverless_preview" or not isinstance(self.data, dict):
+            return None
+        data = self.data
+        step = data.get("step")
+        return Preview(
+            None if data.get("node") is None else str(data["node"]),
+            str(data.get("mime") or "image/jpeg"),
+            base64.b64decode(str(data.get("base64") or "")),
+            step if isinstance(step, int) else None,
+        )
 
     def outcome(self) -> Result:
         """The terminal payload's result; its error raised."""

@@ -29,6 +29,7 @@ import aiohttp
 
 from ..core import jsontext
 from ..core.messages import Message, from_history
+from ..core.previews import FEATURE_FLAGS
 from ..errors import ComfyUIUnavailable, InputError, OutputError, PromptError
 from .folders import Folders, confined, read_output, write_input
 from .listener import Connection, Listener
@@ -413,14 +414,15 @@ class ComfyUI:
 
     @contextlib.asynccontextmanager
     async def connect(
-        self, prompt_id: str, forward: Callable[[Message], None] | None = None
+        self, prompt_id: str, forward: Callable[[Message], None] | None = None, previews: bool = False
     ) -> AsyncIterator[Connection]:
         """Follow `prompt_id` on the shared websocket, once it is open (ComfyUIUnavailable when
         it cannot be opened); submit the prompt with `connection.client_id`. Unregistered on exit.
         `forward` takes ComfyUI's `status` broadcasts (in order with the prompt's messages),
-        for a job whose caller gets them; without it the job gets none."""
+        for a job whose caller gets them; without it the job gets none. With `previews`, the
+        prompt's sampler preview frames come too."""
         await self.listener.ready()
-        connection = Connection(self.listener, self.listener.register(prompt_id, forward))
+        connection = Connection(self.listener, self.listener.register(prompt_id, forward, previews))
         try:
             yield connection
         finally:
@@ -430,7 +432,10 @@ class ComfyUI:
         url = self._url("/ws") + f"?clientId={client_id}"
         with translate_errors("opening the websocket"):
             async with asyncio.timeout(self.timeouts.connect):
-                return await self.session.ws_connect(url, max_msg_size=0, autoping=True)
+                ws = await self.session.ws_connect(url, max_msg_size=0, autoping=True)
+                # As ComfyUI's own frontend does, first thing: previews then name their prompt.
+                await ws.send_str(FEATURE_FLAGS)
+                return ws
 
 
 def _read_item(folder: Path, item: Mapping[str, Any], with_content: bool) -> tuple[bytes | None, str, int] | None:

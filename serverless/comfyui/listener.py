@@ -5,7 +5,10 @@ ours, so one socket carries them all, and each message is routed by its `prompt_
 following that prompt. A message naming no prompt goes to the job ComfyUI is executing (it runs
 one prompt at a time): a reconnect's bare `executing`, custom nodes' messages; except `status`,
 ComfyUI's queue broadcast, which every following job gets. Each frame is parsed once and every job
-gets the same `Message` (the same text object).
+gets the same `Message` (the same text object). Binary frames that are sampler previews
+(`core.previews`) go, in order with the messages, to the job whose prompt they name (in the
+legacy form, which names none: the prompt executing) when that job asked for them; the socket
+declares `supports_preview_metadata` as it opens, so ComfyUI names the prompt.
 
 The socket is opened at start and reopened whenever it breaks (with backoff, for the life of the
 app). After a break every job that was following is recovered at once, before the new socket's
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 
 from ..core.messages import Message, parse_message
+from ..core.previews import PreviewFrame, parse_frame
 from ..errors import ComfyUIUnavailable
 
 if TYPE_CHECKING:
@@ -60,7 +64,7 @@ class Recovered:
     error: ComfyUIUnavailable | None = None
 
 
-Item = Message | Broken | Recovered
+Item = Message | PreviewFrame | Broken | Recovered
 
 
 class Inbox:
@@ -68,9 +72,12 @@ class Inbox:
     go only to a job that forwards them (`forward`), and straight to it while its inbox is empty
     (every earlier message taken, so still in order): no wake-up of the job per broadcast."""
 
-    def __init__(self, prompt_id: str, forward: Callable[[Message], None] | None = None) -> None:
+    def __init__(
+        self, prompt_id: str, forward: Callable[[Message], None] | None = None, previews: bool = False
+    ) -> None:
         self.prompt_id = prompt_id
         self.forward = forward
+        self.previews = previews  # the job takes preview frames
         self.items: asyncio.Queue[Item] = asyncio.Queue()
         self.broken = False  # a break not yet followed by a recovery
 
@@ -114,8 +121,10 @@ class Listener:
             if error is not None:
                 raise error
 
-    def register(self, prompt_id: str, forward: Callable[[Message], None] | None = None) -> Inbox:
-        inbox = Inbox(prompt_id, forward)
+    def register(
+        self, prompt_id: str, forward: Callable[[Message], None] | None = None, previews: bool = False
+    ) -> Inbox:
+        inbox = Inbox(prompt_id, forward, previews)
         self._inboxes[prompt_id] = inbox
         return inbox
 
@@ -188,14 +197,20 @@ class Listener:
     async def _read(self, ws: Socket) -> None:
         try:
             async for frame in ws:
-                if frame.type == aiohttp.WSMsgType.TEXT:  # binary previews are not forwarded
+                if frame.type == aiohttp.WSMsgType.TEXT:
                     message = parse_message(frame.data)
                     if message is not None:
                         self._route(message)
+                elif frame.type == aiohttp.WSMsgType.BINARY:
+                    preview = parse_frame(frame.data)
+                    if preview is not None:
+                        self._route_preview(preview)
         except (aiohttp.ClientError, OSError):
             pass
 
     def _route(self, message: Message) -> None:
+        if message.type == "feature_flags":
+            return  # ComfyUI's answer to the flags we declared: the socket's, no job's
         if message.type == "status":
             # ComfyUI sends it to every client on each queue change: with N jobs waiting, N
             # broadcasts per job. Parsed once, the same message goes to the jobs that forward it.
@@ -221,6 +236,12 @@ class Listener:
         inbox = self._inboxes.get(prompt_id) if prompt_id is not None else None
         if inbox is not None:
             inbox.items.put_nowait(message)
+
+    def _route_preview(self, preview: PreviewFrame) -> None:
+        prompt_id = preview.prompt_id or self._executing
+        inbox = self._inboxes.get(prompt_id) if prompt_id is not None else None
+        if inbox is not None and inbox.previews:
+            inbox.items.put_nowait(preview)
 
     def _on_break(self) -> None:
         # A warning when it cuts jobs off; with none following it is also how every stop of a
@@ -295,11 +316,14 @@ class Connection:
         """Stop routing messages to this job."""
         self.listener.unregister(self._inbox)
 
-    async def follow(self, prompt_id: str, lost: Callable[[], bool] = lambda: False) -> AsyncIterator[Message]:
+    async def follow(
+        self, prompt_id: str, lost: Callable[[], bool] = lambda: False
+    ) -> AsyncIterator[Message | PreviewFrame]:
         """The messages concerning `prompt_id` (its own, and broadcasts), until ComfyUI ends the
         prompt. After a broken socket, the prompt is recovered: from its history when it ended
         meanwhile (those messages come with `live` false), else it is still queued and we listen
         on. `lost()` true means the ComfyUI that had the prompt is gone (a supervised restart).
+        Preview frames come in order with the messages, for a job registered with `previews`.
         `complete` tells afterwards whether the socket delivered every message of the prompt."""
         if prompt_id != self._inbox.prompt_id:
             raise ValueError(f"this connection follows prompt {self._inbox.prompt_id}, not {prompt_id}")
@@ -310,6 +334,8 @@ class Connection:
                 yield item
                 if item.ends(prompt_id):
                     return
+            elif isinstance(item, PreviewFrame):
+                yield item
             elif isinstance(item, Broken):
                 log.warning("websocket lost prompt_id=%s: waiting for it to be reopened", prompt_id)
                 self.complete = False

@@ -27,6 +27,7 @@ RUN_QUERY_FLAGS = (
     "output_max_side",
     "output_url",
     "callback_url",
+    "previews",
 )
 TASK_ID_HEADERS = ("x-fc-async-task-id", "x-fc-trace-id", "x-fc-request-id")
 FALSE_VALUES = ("", "0", "false")

@@ -75,7 +75,12 @@ TASK_HEADERS = (
     Param("X-Fc-Trace-Id", "header", "the task id when `X-Fc-Async-Task-Id` is absent"),
     Param("Idempotency-Key", "header", "a repeated POST with this key attaches to the task it started"),
 )
-RUN_PARAMS = (BASE64, OSS, STREAM, *DELIVERY, *TASK_HEADERS)
+PREVIEWS = flag(
+    "previews",
+    "sampler previews as `serverless_preview` events (`task_id`, `node`, `mime`, `base64`, `step`), at most "
+    "PREVIEW_MAX_FPS a second, the newest winning; not numbered, not in the status log",
+)
+RUN_PARAMS = (BASE64, OSS, STREAM, PREVIEWS, *DELIVERY, *TASK_HEADERS)
 RUN_REPLIES = (
     Reply("200", "the result (JSON), or with `stream` its events then the result", "Result"),
     Reply("202", "an async invocation outside FC: the task it started", "Accepted"),
@@ -125,7 +130,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Run a workflow over a websocket",
         "Upgrade to a websocket, send one text message (the run body), receive ComfyUI's messages, "
         "our events, then the terminal payload; the server closes.",
-        (BASE64, OSS, Param("workflow_id", "query", "run this hosted workflow")),
+        (BASE64, OSS, PREVIEWS, Param("workflow_id", "query", "run this hosted workflow")),
         None,
         True,
         (Reply("101", "switching protocols"),),
@@ -287,6 +292,7 @@ OPERATIONS: tuple[Operation, ...] = (
             TASK_ID,
             Param("after", "query", "resume after event N", "integer"),
             Param("Last-Event-ID", "header", "resume after this event id"),
+            PREVIEWS,
         ),
         None,
         True,
@@ -335,6 +341,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Queue a hosted workflow's job",
         'Body `{"workflow_id", "prompt": {"<node_id>": {"inputs": {...}}}}` (overrides only). '
         'Answers at once `data: {"prompt_id", "prompt_token"}`.',
+        params=(flag("previews", "keep the sampler's previews for the progress socket (`&previews=true` there)"),),
         body="object",
         replies=(Reply("200", "the envelope; code 0, or the error's code and msg", "object"),),
         errors=("401",),
@@ -382,7 +389,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "Follow a task (websocket)",
         '`?authorization=<prompt_token>`; pushes `{"comfy_task_info": {...}}` on every change until '
         "the task ends, then closes. A missing, forged or expired token: 403 at the handshake.",
-        (Param("authorization", "query", "the prompt_token", required=True),),
+        (
+            Param("authorization", "query", "the prompt_token", required=True),
+            flag("previews", "also each newest sampler preview, as the last object with a `preview` member"),
+        ),
         replies=(Reply("101", "switching protocols"),),
         errors=("403",),
         operation_id="genstudioProgress",

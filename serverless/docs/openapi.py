@@ -35,8 +35,31 @@ def _progress_schema() -> dict[str, Any]:
                     "queue_position": {"type": ["integer", "null"], "description": "1 = next; 0 = running"},
                     "queue_size": {"type": ["integer", "null"]},
                     "node": node,
-                    "eta_s": {"type": ["number", "null"]},
+                    "eta_s": {
+                        "type": "number",
+                        "description": "seconds left; absent until a sampling step is timed (or learned)",
+                    },
                     "elapsed_s": {"type": "number"},
+                },
+            },
+        },
+    }
+
+
+def _preview_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "with `previews=true`: a sampler preview (not numbered, not in the status log)",
+        "properties": {
+            "type": {"const": "serverless_preview"},
+            "data": {
+                "type": "object",
+                "properties": {
+                    "task_id": {"type": "string"},
+                    "node": {"type": ["string", "null"]},
+                    "mime": {"type": "string"},
+                    "base64": {"type": "string"},
+                    "step": {"type": ["integer", "null"]},
                 },
             },
         },
@@ -129,6 +152,7 @@ def schemas() -> dict[str, Any]:
             },
         },
         "Progress": _progress_schema(),
+        "Preview": _preview_schema(),
         "OutputEvent": {
             "type": "object",
             "properties": {

@@ -46,15 +46,18 @@ class RemoteJob:
         self._terminal: Event | None = None
         self._lock = asyncio.Lock()
 
-    async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
-        """The job's events as its worker stores them (None after `idle` seconds of silence).
+    async def events(
+        self, after: int | None = None, idle: float | None = None, previews: bool = False
+    ) -> AsyncIterator[Event | None]:
+        """The job's events as its worker stores them (None after `idle` seconds of silence),
+        with `previews` the newest of the previews it keeps beside them.
         While no worker has begun it, the queue is asked now and then whether it still can be
         (QUEUE_TTL, a queue that lost its data): a caller never waits for ever."""
         loop = asyncio.get_running_loop()
         begun, quiet_since, seq = bool(after), loop.time(), after or 0
         look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
         with self.runner.following():
-            async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every):
+            async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews):
                 if self.runner.letting_go.is_set():  # this gateway stops: the job goes on without it
                     yield self._let_go(seq + 1)
                     return
@@ -64,6 +67,10 @@ class RemoteJob:
                     if idle is not None and loop.time() - quiet_since >= idle:
                         quiet_since = loop.time()
                         yield None
+                    continue
+                if entry.preview:
+                    begun, quiet_since = True, loop.time()
+                    yield Event(entry.seq, entry.data, preview=True)
                     continue
                 begun, quiet_since, seq = True, loop.time(), entry.seq
                 event = await _event(entry.seq, entry.data, entry.terminal)

@@ -49,6 +49,7 @@ def encode_spec(spec: JobSpec) -> bytes:
             "idempotency_key": spec.idempotency_key,
             "workflow_id": spec.workflow_id,
             "callback_url": spec.callback_url,
+            "previews": spec.previews,
         }
     )
 
@@ -79,6 +80,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         idempotency_key=raw.get("idempotency_key"),
         workflow_id=raw.get("workflow_id"),
         callback_url=raw.get("callback_url"),
+        previews=bool(raw.get("previews", False)),
     )
 
 

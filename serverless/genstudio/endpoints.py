@@ -32,6 +32,7 @@ from ..auth import may_see
 from ..core.conversion import EXTENSION, Conversion
 from ..core.credentials import Credentials
 from ..core.media import sniff
+from ..core.request import query_flag
 from ..delivery import links
 from ..errors import Conflict, Forbidden, InvalidParams, NotFound, as_serverless_error
 from ..inputs.verify import verify_media
@@ -121,6 +122,8 @@ async def prompt(request: Request) -> dict[str, str]:
     asked = mapping.parse_prompt(await _decoded(request))
     headers = {**request.headers, "x-fc-invocation-type": "Async"}  # queued and answered at once
     query = _delivery(resources, Credentials.resolve(headers, settings.cloud_credentials))
+    if query_flag(request.query_params, "previews"):
+        query["previews"] = "true"  # its progress socket may then show them (`?previews=true` there)
     owner = _owner(request.scope.get("state"))
     body = json.dumps({"prompt": asked.overrides}, ensure_ascii=False)
     job = await start_job(
@@ -272,7 +275,10 @@ async def upload_image(request: Request) -> dict[str, str]:
 async def get_task_progress(websocket: WebSocket) -> None:
     """WS .../get_task_progress?authorization=<prompt_token>: `{"comfy_task_info": {...}}` on every
     change of the task, until it ends; then a normal close. A missing, forged or expired token is
-    refused before the handshake completes (403)."""
+    refused before the handshake completes (403). With `&previews=true`, for a task prompted
+    with `?previews=true`, each newest sampler preview comes as the last `comfy_task_info` again
+    with a `preview` member ({"node", "mime", "base64", "step"}): GenStudio's shape has no
+    place of its own for one, and its clients ignore members they do not know."""
     resources = app_state(websocket).resources
     jobs = app_state(websocket).jobs
     try:
@@ -291,10 +297,17 @@ async def get_task_progress(websocket: WebSocket) -> None:
 
     timeout = resources.settings.stream_write_timeout
 
+    previews = query_flag(websocket.query_params, "previews")
+
     async def deliver() -> None:
         payloads: list[Any] = []
         sent: dict[str, Any] | None = None
-        async for event in source.events():
+        async for event in source.events(previews=previews):
+            if event is not None and event.preview and sent is not None:
+                preview = mapping.preview(json.loads(event.data))
+                message = {"comfy_task_info": {**sent, "preview": preview}}
+                await bounded(websocket.send_text(json.dumps(message, ensure_ascii=False)), timeout)
+                continue
             payload = _ours(event)
             if payload is None:
                 continue
@@ -316,6 +329,8 @@ async def get_task_progress(websocket: WebSocket) -> None:
 def _ours(event: Event | None) -> Any:
     """Our payloads among a task's events (progress and terminal); ComfyUI's own are skipped."""
     if event is None:
+        return None
+    if event.preview:
         return None
     if event.terminal or '"serverless_progress"' in event.text[:64]:
         return json.loads(event.text)

@@ -205,6 +205,12 @@ def task_info(task_id: str, summary: Mapping[str, Any], urls: list[str | None]) 
     }
 
 
+def preview(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The `preview` member of a `comfy_task_info`, from a `serverless_preview` event."""
+    data = payload.get("data") or {}
+    return {key: data.get(key) for key in ("node", "mime", "base64", "step")}
+
+
 def _error_message(summary: Mapping[str, Any]) -> str:
     error = summary.get("error")
     if not isinstance(error, dict):

@@ -7,6 +7,11 @@ reader, so a slow reader cannot stall a job: a live reader more than `limit` eve
 newest is told so (`ReaderTooSlow`) and dropped. A *pinned* reader (the status log, which must
 record everything) keeps the events it has not read yet, up to `PINNED_FACTOR * limit`. The
 terminal event is always kept.
+
+Sampler previews are *shown*, not published (`show`): one slot holds the newest, numbered with
+the seq of the event before it and never recorded; a reader that follows with `previews` gets
+the newest one it has not seen, in its place among the events, so a slow reader skips stale
+frames instead of queueing behind them, and a job's memory does not grow with its previews.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Event:
     body: str | bytes
     terminal: bool = False
     error: ServerlessError | None = None
+    preview: bool = False  # shown, not published: `seq` is the event's before it, never recorded
 
     @property
     def text(self) -> str:
@@ -73,6 +79,8 @@ class Feed:
         self._changed = asyncio.Event()
         self._ended = asyncio.Event()
         self.terminal: Event | None = None
+        self._preview: Event | None = None
+        self.previews_shown = 0
 
     @property
     def last_seq(self) -> int:
@@ -94,6 +102,15 @@ class Feed:
         """Append one of our own payloads (e.g. `serverless_progress`), within the same budget."""
         body = jsontext.dumps(payload)
         return self._within_budget(len(body)) and self._append(Event(self._next_seq, body))
+
+    def show(self, payload: dict[str, Any]) -> None:
+        """Show a preview: it replaces the one shown before (see the module docstring). Nothing
+        after the terminal event."""
+        if self.terminal is not None:
+            return
+        self._preview = Event(self.last_seq, jsontext.dumps(payload), preview=True)
+        self.previews_shown += 1
+        self._wake()
 
     def _within_budget(self, size: int) -> bool:
         if self.max_bytes is not None and self.published_bytes + size > self.max_bytes:
@@ -121,10 +138,13 @@ class Feed:
             self.terminal = event
             self._ended.set()
         self._trim()
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
         # Wake every waiting reader, and give later waiters a fresh event to wait on.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        return True
 
     def _trim(self) -> None:
         """Forget events every reader that must see them has seen: keep the last `limit` for live
@@ -136,18 +156,25 @@ class Feed:
             self._events.popleft()
 
     async def follow(
-        self, after: int | None = None, idle: float | None = None, pinned: bool = False
+        self, after: int | None = None, idle: float | None = None, pinned: bool = False, previews: bool = False
     ) -> AsyncIterator[Event | None]:
         """Yield every event with seq > `after` (default: from the first), waiting for new ones,
         until the terminal one. With `idle`, yield None whenever that many seconds pass without
         an event (for keep-alives). A `pinned` reader is never dropped for being behind unless
-        it falls `PINNED_FACTOR * limit` events back."""
+        it falls `PINNED_FACTOR * limit` events back. With `previews`, the newest preview not
+        yet seen comes too, after the event it followed."""
         cursor = self.first_seq - 1 if after is None else after
         pin = object()
+        seen = 0  # previews shown when this reader last took one
         if pinned:
             self._pins[id(pin)] = cursor
         try:
             while True:
+                preview = self._preview
+                if previews and preview is not None and self.previews_shown > seen and preview.seq <= cursor:
+                    seen = self.previews_shown
+                    yield preview
+                    continue
                 if self.last_seq <= cursor and self.terminal is not None:
                     return  # resumed after the terminal event: nothing more will come
                 if self.last_seq <= cursor:
@@ -161,6 +188,9 @@ class Feed:
                         yield None
                     continue
                 while cursor < self.last_seq:
+                    preview = self._preview
+                    if previews and preview is not None and self.previews_shown > seen and preview.seq <= cursor:
+                        break  # its turn, before the events published after it
                     event = self._next_after(cursor, pinned)
                     cursor = event.seq
                     if pinned:

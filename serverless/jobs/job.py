@@ -24,6 +24,7 @@ from ..comfyui.client import ComfyUI
 from ..core.credentials import Credentials
 from ..core.jsontext import Spliced
 from ..core.messages import Message
+from ..core.previews import PreviewFrame
 from ..core.workflow import prepare_workflow
 from ..delivery.outputs import OutputCollector, ReadyCallback, list_outputs
 from ..errors import (
@@ -35,7 +36,9 @@ from ..errors import (
     ServerlessError,
     as_serverless_error,
 )
+from .estimates import Estimates
 from .feed import Event, Feed, Outcome, Result
+from .previews import Preview, PreviewThrottle, preview_payload
 from .progress import Progress, State, workflow_nodes
 from .spec import JobSpec, OutputPolicy
 
@@ -70,6 +73,9 @@ class Runtime:
     instance_id: str
     job_timeout: float
     max_result_bytes: int = 0  # base64 outputs a result may carry (0: any); a fleet's pass through Redis
+    preview_max_fps: float = 4.0  # PREVIEW_MAX_FPS
+    preview_in_status: bool = False  # PREVIEW_IN_STATUS: previews are published (and recorded), not shown
+    estimates: Estimates = field(default_factory=Estimates)  # how long things took, for progress
 
 
 @dataclass(slots=True)
@@ -118,10 +124,17 @@ class Job:
         self._succeeded = False  # ComfyUI said `execution_success` for the prompt
         self._task: asyncio.Task[Any] | None = None
         self._stop: ServerlessError | None = None
-        self.progress = Progress(task_id, prompt_id, workflow_nodes(spec.workflow), created=time.monotonic())
+        self.progress = Progress(
+            task_id,
+            prompt_id,
+            workflow_nodes(spec.workflow),
+            created=time.monotonic(),
+            learned=runtime.estimates.learned(spec.workflow_id),
+        )
         self._progress_sent: tuple[tuple[State, int | None], float] | None = None
         self._progress_due: asyncio.TimerHandle | None = None  # a new place in the queue, told soon
         self._watcher: asyncio.Task[None] | None = None  # asks our place in the queue (`_start_watching`)
+        self._previews = PreviewThrottle(runtime.preview_max_fps, self._show_preview) if spec.previews else None
         # Set once the task is known to the status store (a task no one named is claimed beside
         # its run): its events reach callers only then, so any instance can answer for it.
         self.known: asyncio.Event | None = None
@@ -130,11 +143,13 @@ class Job:
 
     # -- for the transports ---------------------------------------------------------------------
 
-    async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
-        """The job's events (None after `idle` seconds of silence). The terminal one comes only
-        once it is in the status log when the caller named the task: a poller told "done" by a
-        stream must find the result there."""
-        async for event in self.feed.follow(after, idle):
+    async def events(
+        self, after: int | None = None, idle: float | None = None, previews: bool = False
+    ) -> AsyncIterator[Event | None]:
+        """The job's events (None after `idle` seconds of silence), its previews too when asked.
+        The terminal one comes only once it is in the status log when the caller named the
+        task: a poller told "done" by a stream must find the result there."""
+        async for event in self.feed.follow(after, idle, previews=previews):
             if event is not None:
                 await self._ready_for(event)
             yield event
@@ -233,9 +248,20 @@ class Job:
         )
         if self._progress_due is not None:
             self._progress_due.cancel()
+        if self._previews is not None:
+            self._previews.close()
         self.progress.end(_state_of(outcome), time.monotonic())
+        if isinstance(outcome, Result):
+            self._learn()
         self._publish_progress()
         self.feed.finish(outcome)
+
+    def _learn(self) -> None:
+        """A succeeded run teaches the next one's progress (`Estimates`)."""
+        progress = self.progress
+        step_time, tail, costs = progress.lesson()
+        duration = (progress.ended or time.monotonic()) - progress.created
+        self.runtime.estimates.learn(self.spec.workflow_id, duration, step_time, tail, costs)
 
     def _decided(self, outcome: Outcome) -> Outcome:
         """The terminal outcome: a stop asked before this point wins over how the run ended (its
@@ -323,7 +349,7 @@ class Job:
             # with N waiting) are published by the listener as they come (`ComfyUI.connect`), for
             # a job someone may watch; a sync job nobody named leaves them out of its log.
             forward = self._forward if spec.observed else None
-            async with runtime.comfy.connect(self.prompt_id, forward) as connection:
+            async with runtime.comfy.connect(self.prompt_id, forward, spec.previews) as connection:
                 if connection.greeting is not None and forward is not None:
                     forward(connection.greeting)
                 self.clock.submitted = time.monotonic()
@@ -334,7 +360,10 @@ class Job:
                 timer = asyncio.get_running_loop().call_later(PROGRESS_INTERVAL, self._start_watching)
                 try:
                     async for message in connection.follow(self.prompt_id, lost):
-                        self._observe(message, collector)
+                        if isinstance(message, PreviewFrame):
+                            self._preview(message)
+                        else:
+                            self._observe(message, collector)
                 finally:
                     await self._stop_watching(timer)
                 self.clock.ended = time.monotonic()
@@ -364,6 +393,19 @@ class Job:
     def _output_ready(self, item: dict[str, Any]) -> None:
         """An output is read (and uploaded): a client may show it while the rest still renders."""
         self.feed.publish_payload({"type": "serverless_output", "data": item})
+
+    def _preview(self, frame: PreviewFrame) -> None:
+        """A sampler preview: shown (rate-limited) with the node and step it came at."""
+        if self._previews is not None and self.progress.state == "running":
+            node = frame.node or self.progress.node
+            self._previews.offer(Preview(frame, node, self.progress.step_of(node)))
+
+    def _show_preview(self, preview: Preview) -> None:
+        payload = preview_payload(self.task_id, preview)
+        if self.runtime.preview_in_status:
+            self.feed.publish_payload(payload)
+        else:
+            self.feed.show(payload)
 
     def _forward(self, message: Message) -> None:
         """A broadcast for the job's caller (no prompt of ours to learn about)."""

@@ -27,9 +27,13 @@ class EventSource(Protocol):
     @property
     def task_id(self) -> str: ...
 
-    def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
+    def events(
+        self, after: int | None = None, idle: float | None = None, previews: bool = False
+    ) -> AsyncIterator[Event | None]:
         """The events after number `after` until the terminal one; None after `idle` seconds of
-        silence (for keep-alives)."""
+        silence (for keep-alives). With `previews`, the job's newest sampler previews too
+        (`Event.preview`: numbered as the event before them, never in the status log), when
+        the job was started with `previews`."""
         ...
 
     async def finished(self) -> Event:

@@ -43,6 +43,7 @@ class JobSpec:
     idempotency_key: str | None = None  # Redis tier: a repeat attaches to the first (SET NX on the key)
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
     callback_url: str | None = field(default=None, repr=False)  # the webhook; its query may hold secrets
+    previews: bool = False  # `?previews=true`: ComfyUI's sampler previews become `serverless_preview` events
 
     @property
     def named(self) -> bool:

@@ -7,6 +7,8 @@ Status (`serverless.status.redis`), kept RETENTION (the status retention) after 
     task:<id>:<n>             attempt n: a stream, one entry per payload, entry id `0-<seq>`
     task:<id>:<n>:alive       set while attempt n's runner lives (expires after STATUS_STALE_AFTER)
     task:<id>:<n>:cancel      a cancel request for attempt n, where there is no queue
+    task:<id>:<n>:previews    attempt n's newest sampler previews (a stream of PREVIEWS_KEPT entries,
+                              kept PREVIEWS_TTL seconds), for a job that asked `previews`
     task:<id>:<n>:result      attempt n's terminal payload whole, base64 outputs included (its
                               stream keeps it without them); kept FILE_LINK_EXPIRES at least
     task:<id>:owner           whose the task is ("": made without API keys)
@@ -46,6 +48,10 @@ def alive(task_id: str, number: int) -> str:
 
 def cancel_request(task_id: str, number: int) -> str:
     return f"{attempt(task_id, number)}:cancel"
+
+
+def previews(task_id: str, number: int) -> str:
+    return f"{attempt(task_id, number)}:previews"
 
 
 def result(task_id: str, number: int) -> str:

@@ -303,11 +303,17 @@ class StatusLog:
         return lines.lines[after:], lines.ended
 
     async def follow(
-        self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
+        self,
+        task_id: str,
+        after: int = 0,
+        attempt: int | None = None,
+        idle: float | None = None,
+        previews: bool = False,
     ) -> AsyncIterator[Entry | None]:
         """The log's payloads after `after`, read again every POLL seconds until its terminal
         payload (the "instance lost" error added counts as one); None after `idle` seconds
-        without one. Nothing when resumed after the terminal payload."""
+        without one. Nothing when resumed after the terminal payload. A folder keeps no
+        previews (`previews` is for the Redis store's sake): they reach callers from the job."""
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         cursor = after

@@ -4,6 +4,8 @@ no disk.
     task:<id>              the number of the task's newest attempt (INCR claims the next one)
     task:<id>:<n>          attempt n: a stream, one entry per payload, entry id `0-<seq>`
     task:<id>:<n>:alive    set while attempt n's runner lives (expires after STATUS_STALE_AFTER)
+    task:<id>:<n>:previews the newest sampler previews of a job that asked them: a short stream
+                           (PREVIEWS_KEPT entries, PREVIEWS_TTL seconds), never part of the log
     task:<id>:<n>:result   attempt n's terminal payload whole, when its stream keeps it without base64
     task:<id>:owner        whose the task is ("": made without API keys), set by the gateway that
                            queued it: the task is known (queued) before any worker begins it
@@ -53,6 +55,8 @@ BASE64_NOTE = (
     "ask for output_oss or output_url for files that outlive it"
 )
 BIG_TERMINAL = 256 * 1024  # terminal payloads from this size on are split in a worker thread
+PREVIEWS_KEPT = 2  # a follower wants the newest preview; one more covers a read between two writes
+PREVIEWS_TTL = 60  # seconds a job's previews outlive its last one
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
 POOL_WAIT = 10.0  # seconds a call waits for a free connection before it fails
@@ -196,15 +200,19 @@ class RedisStatus:
         events and retry with backoff (the terminal payload included). Marks the owner alive."""
         heartbeat = max(self.stale_after / 4, 0.05)
         pending: list[Event] = []
+        preview: Event | None = None  # the newest preview not stored yet (the job shows them if asked)
         try:
-            async for event in feed.follow(idle=heartbeat, pinned=True):
+            async for event in feed.follow(idle=heartbeat, pinned=True, previews=True):
                 if event is None:
                     await self._until_written(attempt, [])
                     continue
-                pending.append(event)
+                if event.preview:
+                    preview = event
+                else:
+                    pending.append(event)
                 if event.seq == feed.last_seq or event.terminal:  # caught up: one round trip for the lot
-                    await self._until_written(attempt, pending)
-                    pending = []
+                    await self._until_written(attempt, pending, preview)
+                    pending, preview = [], None
         except Exception as exc:  # a bug: the log must still end with its terminal
             log.error(
                 "status stream of task_id=%s attempt %d failed (%s); writing its terminal",
@@ -214,11 +222,11 @@ class RedisStatus:
             )
             await self._until_written(attempt, [await feed.wait()])
 
-    async def _until_written(self, attempt: RedisAttempt, events: list[Event]) -> None:
+    async def _until_written(self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None) -> None:
         delay = 0.1
         while True:
             try:
-                await self._write(attempt, events)
+                await self._write(attempt, events, preview)
                 return
             except (*DOWN, RedisFull) as exc:
                 self._last_error = f"writing task {attempt.task_id}: {exc}"
@@ -232,9 +240,13 @@ class RedisStatus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _write(self, attempt: RedisAttempt, events: list[Event]) -> None:
+    async def _write(self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None) -> None:
         stored = [await self._stored(event, attempt) for event in events]
         async with self.client.pipeline(transaction=False) as pipe:
+            if preview is not None and len(preview.data) <= self.max_event_bytes:
+                previews = keys.previews(attempt.task_id, attempt.number)
+                pipe.xadd(previews, {"d": preview.data}, maxlen=PREVIEWS_KEPT)
+                pipe.expire(previews, PREVIEWS_TTL)
             for event, (data, whole) in zip(events, stored, strict=True):
                 fields = {"d": data, "t": "1" if event.terminal else "0"}
                 if whole is not None:  # the stream keeps it without base64; readers fetch it whole
@@ -354,14 +366,21 @@ class RedisStatus:
         return summarise(task_id, [json.loads(line) for line in lines])
 
     async def follow(
-        self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
+        self,
+        task_id: str,
+        after: int = 0,
+        attempt: int | None = None,
+        idle: float | None = None,
+        previews: bool = False,
     ) -> AsyncIterator[Entry | None]:
         """The task's payloads after `after` as they are stored, from any instance (XREAD BLOCK,
         no polling), until a terminal one; None after `idle` seconds of silence; nothing when
         resumed after the terminal one. Starts at attempt `attempt` (default the current one, or
         1 for a task not begun yet) and moves on to a newer attempt when one begins (a retry),
         its payloads numbered on from the last seen. An attempt whose owner is gone ends with
-        "instance lost"; Redis unreachable for longer than `stale_after` ends with a 503 error."""
+        "instance lost"; Redis unreachable for longer than `stale_after` ends with a 503 error.
+        With `previews`, the attempt's previews stream is read with its log: of the previews
+        stored since the last read, the newest comes (`Entry.preview`), after the log's entries."""
         validate_task_id(task_id)
         loop = asyncio.get_running_loop()
         number = attempt or max(await self.current(task_id), 1)
@@ -372,19 +391,32 @@ class RedisStatus:
         wait = not after  # a resumed follow learns at once that its log has ended
         async with contextlib.AsyncExitStack() as registered:
             watched: tuple[str, asyncio.Event] | None = None
+            shown: dict[str, str] = {}  # the previews stream -> the last entry id read of it
             while True:
                 key = keys.attempt(task_id, number)
                 if watched is None or watched[0] != key:  # its first attempt, or a retry's
                     await registered.aclose()
                     watched = (key, await registered.enter_async_context(self.watch.news(key, f"0-{cursor}")))
+                    if previews:
+                        shown = {keys.previews(task_id, number): "0-0"}
+                        for name, since in shown.items():
+                            await registered.enter_async_context(self.watch.news(name, since, watched[1]))
                 news = watched[1]
-                answer, down_since = await self._read_or_wait(key, cursor, news, waiting if wait else 0.0, down_since)
+                answer, down_since = await self._read_or_wait(
+                    key, cursor, news, waiting if wait else 0.0, down_since, shown
+                )
                 wait = True
                 if down_since is not None and loop.time() - down_since > self.stale_after:
                     down = unavailable(self._last_down or ConnectionError("no answer"))
                     yield Entry(offset + cursor + 1, jsontext.dumps(down.to_payload()), True)
                     return
-                for _, entries in answer or []:
+                for name, entries in answer or []:
+                    name = name.decode() if isinstance(name, bytes) else name
+                    if name in shown:
+                        newest_id, newest = entries[-1]
+                        shown[name] = newest_id.decode() if isinstance(newest_id, bytes) else newest_id
+                        yield Entry(offset + cursor, newest[b"d"], False, preview=True)
+                        continue
                     for entry_id, fields in entries:
                         cursor = _seq(entry_id)
                         terminal = fields.get(b"t") == b"1"
@@ -416,20 +448,27 @@ class RedisStatus:
                     return
 
     async def _read_or_wait(
-        self, key: str, cursor: int, news: asyncio.Event, wait: float, down_since: float | None
+        self,
+        key: str,
+        cursor: int,
+        news: asyncio.Event,
+        wait: float,
+        down_since: float | None,
+        also: dict[str, str] | None = None,
     ) -> tuple[Any, float | None]:
-        """The stream's entries after `cursor` at once, else those that come within `wait`
-        seconds (the watch says when: no connection is held meanwhile); and since when Redis
-        has not answered (None: it answered)."""
+        """The stream's entries after `cursor` (and those of the streams `also` names, after
+        their ids) at once, else those that come within `wait` seconds (the watch says when: no
+        connection is held meanwhile); and since when Redis has not answered (None: it answered)."""
         news.clear()  # before the read: an entry stored after it sets it again
+        streams: dict[Any, Any] = {key: f"0-{cursor}", **(also or {})}
         try:
-            answer: Any = await self.client.xread({key: f"0-{cursor}"}, count=512)
+            answer: Any = await self.client.xread(streams, count=512)
             if not answer and wait > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await news.wait()
                 if news.is_set():
-                    answer = await self.client.xread({key: f"0-{cursor}"}, count=512)
+                    answer = await self.client.xread(streams, count=512)
             return answer, None
         except DOWN as exc:
             self._last_down = exc

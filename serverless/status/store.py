@@ -33,6 +33,7 @@ class Entry:
     seq: int
     data: bytes
     terminal: bool
+    preview: bool = False  # a sampler preview kept apart (short-lived, never in the log)
 
 
 class TaskLogs(Protocol):
@@ -59,11 +60,17 @@ class TaskLogs(Protocol):
         ...
 
     def follow(
-        self, task_id: str, after: int = 0, attempt: int | None = None, idle: float | None = None
+        self,
+        task_id: str,
+        after: int = 0,
+        attempt: int | None = None,
+        idle: float | None = None,
+        previews: bool = False,
     ) -> AsyncIterator[Entry | None]:
         """The current attempt's payloads after `after` as they are stored, until the terminal one
         (an "instance lost" error when the owner went silent counts as one); None after `idle`
-        seconds of silence. Nothing when resumed after the terminal payload."""
+        seconds of silence. Nothing when resumed after the terminal payload. With `previews`,
+        the newest of the previews a store keeps apart (Redis; a folder keeps none)."""
         ...
 
 

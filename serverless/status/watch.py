@@ -44,10 +44,11 @@ class StreamWatch:
         self._task: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
-    async def news(self, key: str, since: str) -> AsyncIterator[asyncio.Event]:
+    async def news(self, key: str, since: str, event: asyncio.Event | None = None) -> AsyncIterator[asyncio.Event]:
         """An event set whenever stream `key` gets entries after `since` (the follower clears it
-        before each read of its own), for as long as the block lasts."""
-        event = asyncio.Event()
+        before each read of its own), for as long as the block lasts; `event` to share one
+        between the streams a follower reads together."""
+        event = event or asyncio.Event()
         followers = self._followers.setdefault(key, set())
         fresh = not followers
         followers.add(event)

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..auth import may_see
+from ..core.request import query_flag
 from ..errors import InvalidParams
 from ..jobs.registry import unknown_task
 from ..state import app_state
@@ -80,4 +81,4 @@ async def events(request: Request) -> Response:
     if job is None and not await resources.status.known(task_id):
         raise unknown_task(task_id)
     source = TaskEvents(task_id, resources.status, job, state.jobs.end_if_stranded)
-    return EventStream(source, resources.settings, after)
+    return EventStream(source, resources.settings, after, previews=query_flag(request.query_params, "previews"))

@@ -41,20 +41,22 @@ class TaskEvents:
         self.job = job
         self.strand_check = strand_check  # `JobRunner.end_if_stranded`, asked while the log is silent
 
-    async def events(self, after: int | None = None, idle: float | None = None) -> AsyncIterator[Event | None]:
+    async def events(
+        self, after: int | None = None, idle: float | None = None, previews: bool = False
+    ) -> AsyncIterator[Event | None]:
         """Every event after number `after` until the terminal one; None after `idle` seconds
-        without one (for keep-alives)."""
+        without one (for keep-alives); with `previews`, the newest previews too."""
         cursor = after or 0
         if self.job is not None:
             try:
-                async for event in self.job.events(cursor, idle):
+                async for event in self.job.events(cursor, idle, previews):
                     if event is not None:
                         cursor = event.seq
                     yield event
                 return
             except ReaderTooSlow as exc:  # the feed forgot them: the log has them all
                 log.info("task_id=%s: reading its status log from event %d (%s)", self.task_id, cursor + 1, exc)
-        async for event in self._tail(cursor, idle):
+        async for event in self._tail(cursor, idle, previews):
             yield event
 
     def more_ready(self, seq: int) -> bool:
@@ -70,8 +72,8 @@ class TaskEvents:
                 return event
         raise AssertionError("a status log's tail ends only with its terminal payload")
 
-    async def _tail(self, cursor: int, idle: float | None) -> AsyncIterator[Event | None]:
-        async for entry in self.status.follow(self.task_id, cursor, idle=idle):
+    async def _tail(self, cursor: int, idle: float | None, previews: bool = False) -> AsyncIterator[Event | None]:
+        async for entry in self.status.follow(self.task_id, cursor, idle=idle, previews=previews):
             if entry is None:
                 if self.strand_check is not None:
                     await self.strand_check(self.task_id)
@@ -79,7 +81,7 @@ class TaskEvents:
             elif entry.terminal:
                 yield await _terminal(entry.seq, entry.data)
             else:
-                yield Event(entry.seq, entry.data)
+                yield Event(entry.seq, entry.data, preview=entry.preview)
 
 
 async def _terminal(seq: int, line: bytes) -> Event:

@@ -37,8 +37,11 @@ PING = ServerSentEvent(comment="ping", sep=SEP).encode()
 
 def sse_event(event: Event) -> bytes:
     """One event of the stream: its `id:` line and its payload as one `data:` line (ComfyUI's
-    text and our JSON hold no line breaks; one that does is split as sse-starlette does)."""
+    text and our JSON hold no line breaks; one that does is split as sse-starlette does). A
+    preview has no `id:`: it is not in the task's log, and a resumed stream does not replay it."""
     data = event.data
+    if event.preview:
+        return b"".join((b"data: ", data, b"\n\n"))
     if b"\n" in data or b"\r" in data:
         return ServerSentEvent(data=event.text, id=str(event.seq), sep=SEP).encode()
     return b"".join((b"id: %d\ndata: " % event.seq, data, b"\n\n"))
@@ -154,6 +157,7 @@ class EventStream(Response):
         after: int | None = None,
         abandon: Abandon | None = None,
         metrics: Metrics | None = None,
+        previews: bool = False,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -166,6 +170,7 @@ class EventStream(Response):
         self.settings = settings
         self.after = after
         self.abandon = abandon
+        self.previews = previews
         self.meter = ReaderMeter(metrics, "sse")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -195,7 +200,7 @@ class EventStream(Response):
         job = self.job
         batch: list[bytes] = []
         try:
-            async for event in job.events(self.after, self.settings.stream_ping_interval):
+            async for event in job.events(self.after, self.settings.stream_ping_interval, self.previews):
                 if event is None:
                     yield PING
                     continue

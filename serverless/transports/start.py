@@ -186,6 +186,7 @@ async def start_job(
         idempotency_key=headers.get("idempotency-key") or None,
         owner=owner,
         callback_url=callback_url,
+        previews=query_flag(query, "previews"),
     )
     return await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
 

@@ -11,6 +11,7 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..core.request import query_flag
 from ..errors import InvalidParams, as_serverless_error
 from ..jobs.feed import ReaderTooSlow
 from ..jobs.runner import RunningJob
@@ -45,7 +46,7 @@ async def websocket_run(websocket: WebSocket) -> None:
         await websocket.close()
         return
     with resources.metrics.reader("ws") as meter:
-        await _forward(websocket, job, resources.settings, meter)
+        await _forward(websocket, job, resources.settings, meter, query_flag(websocket.query_params, "previews"))
 
 
 async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
@@ -63,14 +64,16 @@ async def _run_body(websocket: WebSocket, limit: int) -> str | bytes:
     return body
 
 
-async def _forward(websocket: WebSocket, job: RunningJob, settings: Settings, meter: ReaderMeter) -> None:
+async def _forward(
+    websocket: WebSocket, job: RunningJob, settings: Settings, meter: ReaderMeter, previews: bool = False
+) -> None:
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
     timeout = settings.stream_write_timeout
 
     async def deliver() -> None:
         try:
-            async for event in job.events():
+            async for event in job.events(previews=previews):
                 if event is not None:
                     await bounded(websocket.send_text(event.text), timeout)
             await bounded(websocket.close(), timeout)  # a send waits for room, the close too

@@ -190,7 +190,7 @@ function overrides() {
 }
 
 function runRequest() {
-  const query = "stream=true&output_base64=true";
+  const query = "stream=true&output_base64=true&previews=true";
   const values = overrides();
   if (state.workflowId) {
     return [`/api/workflows/${encodeURIComponent(state.workflowId)}/run?${query}`, values];
@@ -212,6 +212,7 @@ async function run() {
   state.shown = new Set();
   setProgress(0); setState("submitting…", "");
   $("outputs").replaceChildren(); $("seeds").textContent = ""; $("log").textContent = ""; $("count").textContent = "0";
+  $("preview").hidden = true; $("preview-img").removeAttribute("src");
   $("run").disabled = true; $("cancel").disabled = false;
   try {
     const answer = await api(path, { method: "POST", body: JSON.stringify(body), signal: controller.signal,
@@ -248,7 +249,9 @@ async function readEvents(reader, handle) {
 function onPayload(payload) {
   if (payload.type === "serverless_progress") return onProgress(payload.data);
   if (payload.type === "serverless_output") return showOutput(payload.data);
+  if (payload.type === "serverless_preview") return showPreview(payload.data);
   if (payload.type === "serverless_api") {
+    $("preview").hidden = true;  // the image itself is here
     for (const item of payload.data.results) showOutput(item);
     showSeeds(payload.data.seeds || {});
     setProgress(100);
@@ -313,6 +316,15 @@ function showOutput(item) {
   caption.append(link);
   figure.append(caption);
   $("outputs").append(figure);
+}
+
+// The sampler's picture of the image forming (at most PREVIEW_MAX_FPS a second), until the result.
+function showPreview(data) {
+  if (state.run && state.run.cancelled) return;
+  $("preview-img").src = `data:${data.mime};base64,${data.base64}`;
+  const where = data.step != null ? ` · step ${data.step}` : "";
+  $("preview-caption").textContent = `forming… (node ${data.node}${where})`;
+  $("preview").hidden = false;
 }
 
 function showSeeds(seeds) {
