@@ -41,6 +41,7 @@ def encode_spec(spec: JobSpec) -> bytes:
                 "oss": outputs.oss,
                 "convert": {"format": convert.format, "quality": convert.quality, "max_side": convert.max_side},
                 "url": outputs.url,
+                "keep": outputs.keep,
             },
             "task_id": spec.task_id,
             "owner": spec.owner,
@@ -49,6 +50,7 @@ def encode_spec(spec: JobSpec) -> bytes:
             "idempotency_key": spec.idempotency_key,
             "workflow_id": spec.workflow_id,
             "callback_url": spec.callback_url,
+            "native": spec.native,
         }
     )
 
@@ -70,6 +72,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
                 format=convert.get("format"), quality=convert.get("quality"), max_side=convert.get("max_side")
             ),
             url=outputs.get("url"),
+            keep=bool(outputs.get("keep")),
         ),
         task_id=raw["task_id"],
         credentials=credentials,
@@ -79,6 +82,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         idempotency_key=raw.get("idempotency_key"),
         workflow_id=raw.get("workflow_id"),
         callback_url=raw.get("callback_url"),
+        native=bool(raw.get("native")),
     )
 
 

@@ -1,0 +1,35 @@
+"""ComfyUI's own API (`native`, `relay`) on ComfyUI's paths and again under `/api/`, as ComfyUI
+serves both; every prompt is a durable job of ours, so any gateway of a fleet answers for it."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+
+from . import native, relay
+
+
+def routes() -> list[BaseRoute]:
+    """The routes, each at its ComfyUI path and under `/api/`."""
+    made: list[BaseRoute] = []
+    for prefix in ("", "/api"):
+        made += [
+            Route(f"{prefix}/prompt", native.queue_prompt, methods=["POST"]),
+            Route(f"{prefix}/prompt", native.prompt_state, methods=["GET"]),
+            Route(f"{prefix}/queue", native.get_queue, methods=["GET"]),
+            Route(f"{prefix}/queue", native.post_queue, methods=["POST"]),
+            Route(f"{prefix}/interrupt", native.interrupt, methods=["POST"]),
+            Route(f"{prefix}/history", native.get_history, methods=["GET"]),
+            Route(f"{prefix}/history", native.post_history, methods=["POST"]),
+            Route(f"{prefix}/history/{{prompt_id}}", native.get_history_item, methods=["GET"]),
+            Route(f"{prefix}/view", native.view, methods=["GET", "HEAD"]),
+            Route(f"{prefix}/upload/image", native.upload, methods=["POST"]),
+            Route(f"{prefix}/upload/mask", native.upload, methods=["POST"]),
+            Route(f"{prefix}/object_info", native.object_info, methods=["GET"]),
+            Route(f"{prefix}/object_info/{{node_class}}", native.object_info, methods=["GET"]),
+            Route(f"{prefix}/system_stats", native.comfyui_info, methods=["GET"]),
+            Route(f"{prefix}/embeddings", native.comfyui_info, methods=["GET"]),
+            Route(f"{prefix}/models", native.comfyui_info, methods=["GET"]),
+            Route(f"{prefix}/models/{{folder}}", native.comfyui_info, methods=["GET"]),
+            WebSocketRoute(f"{prefix}/ws", relay.websocket),
+        ]
+    return made

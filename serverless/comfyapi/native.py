@@ -1,0 +1,310 @@
+"""ComfyUI's own HTTP API on our paths, each prompt a durable job of ours (its task id is its
+prompt id), answered the same by one box and by any gateway of a fleet:
+
+    POST /prompt                 validate (against what `/object_info` says), queue, answer
+    GET  /prompt                 `{"exec_info": {"queue_remaining"}}`
+    GET  /history[/{id}]         built from the status store (`history`)
+    POST /history                forget (`clear`, `delete`)
+    GET  /queue, POST /queue     our queue; `delete` and `clear` cancel
+    POST /interrupt              cancel the running prompt(s) (or the one named)
+    GET  /view                   an output: where a fleet's worker kept it, else this ComfyUI's
+    POST /upload/image|mask      staged as our inputs are (`uploads`)
+    GET  /object_info, /system_stats, /embeddings, /models   a worker's ComfyUI's answers
+
+The websocket `/ws` is `relay`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+
+from ..auth import may_see
+from ..core.request import TASK_ID_RE
+from ..delivery.convert import NO_CONVERSION
+from ..delivery.links import FileLink
+from ..errors import Conflict, InvalidParams, NotFound
+from ..resources import Resources
+from ..state import AppState, app_state
+from ..status.summary import ENDED
+from ..transports.files import ViewStream, ranged
+from ..transports.http import read_body
+from ..transports.start import start_job
+from ..workflows.validate import node_errors, validate_workflow
+from . import history
+from .index import MemoryIndex, PromptEntry, PromptIndex, RedisIndex
+from .uploads import ComfyUIInputs, Inputs, RedisInputs, form_fields
+
+log = logging.getLogger(__name__)
+
+HISTORY_DEFAULT = 200  # prompts `/history` lists without `max_items` (ComfyUI: all it keeps)
+FORM_OVERHEAD = 64 * 1024
+BIG_FORM = 256 * 1024
+
+
+def prompts(state: AppState) -> PromptIndex:
+    """This app's prompt index: the fleet's in Redis where there is one, else this process's."""
+    if state.prompts is None:
+        redis = state.resources.redis
+        state.prompts = RedisIndex(redis.client, redis.ttl) if redis is not None else MemoryIndex()
+    return state.prompts
+
+
+def inputs(resources: Resources) -> Inputs:
+    """Where uploads are staged: Redis when jobs may run on another machine, else our ComfyUI."""
+    redis = resources.redis
+    if redis is not None and resources.settings.queue_backend == "redis":
+        return RedisInputs(redis.client, redis.result_ttl)
+    return ComfyUIInputs(resources.comfy)
+
+
+def owner_of(connection: HTTPConnection) -> str | None:
+    owner = connection.scope.get("state", {}).get("owner")
+    return owner if isinstance(owner, str) else None
+
+
+def refusal(kind: str, message: str, details: str = "", errors: dict[str, Any] | None = None) -> JSONResponse:
+    """ComfyUI's 400 answer to a prompt it will not queue."""
+    error = {"type": kind, "message": message, "details": details, "extra_info": {}}
+    return JSONResponse({"error": error, "node_errors": errors or {}}, status_code=400)
+
+
+async def _json_body(request: Request) -> Any:
+    settings = app_state(request).resources.settings
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise InvalidParams(f"the body is not JSON: {exc}") from None
+
+
+async def queue_prompt(request: Request) -> Response:
+    """POST /prompt: `{"prompt", "client_id"?, "prompt_id"?, "number"?, "front"?, "extra_data"?}`
+    -> `{"prompt_id", "number", "node_errors"}`, the prompt a job of ours that any instance follows."""
+    state = app_state(request)
+    resources, jobs = state.resources, state.jobs
+    await jobs.check_room()
+    asked = await _json_body(request)
+    workflow = asked.get("prompt") if isinstance(asked, dict) else None
+    if not isinstance(workflow, dict):
+        return refusal("no_prompt", "No prompt provided", "No prompt provided")
+    prompt_id = str(asked.get("prompt_id") or uuid.uuid4())
+    if not TASK_ID_RE.fullmatch(prompt_id) or prompt_id in (".", ".."):
+        return refusal("invalid_prompt", "prompt_id must be 1-128 letters, digits, '.', '_' or '-'", prompt_id[:128])
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict) or "class_type" not in node:
+            return refusal(
+                "invalid_prompt",
+                "Cannot execute because a node is missing the class_type property.",
+                f"Node ID '#{node_id}'",
+            )
+    info = await resources.workflows.object_info.get()
+    for node_id, node in workflow.items():
+        if node["class_type"] not in info:
+            message = f"Cannot execute because node {node['class_type']} does not exist."
+            return refusal("invalid_prompt", message, f"Node ID '#{node_id}'")
+    outputs = history.output_nodes(workflow, info)
+    if not outputs:
+        return refusal("prompt_no_outputs", "Prompt has no outputs")
+    problems = validate_workflow(workflow, info, resources.workflows.loaders)
+    if problems:
+        return refusal(
+            "prompt_outputs_failed_validation", "Prompt outputs failed validation", "", node_errors(problems)
+        )
+    index = prompts(state)
+    front = bool(asked.get("front"))
+    number = int(asked["number"]) if isinstance(asked.get("number"), int | float) else await index.number(front)
+    client_id = str(asked["client_id"]) if asked.get("client_id") else None
+    extra_data = {k: v for k, v in (asked.get("extra_data") or {}).items() if k != "client_id"}
+    carried = await inputs(resources).inline(workflow, resources.workflows.loaders)
+    body = json.dumps({"prompt": carried, "extra_data": extra_data}, ensure_ascii=False)
+    headers = {**request.headers, "x-fc-invocation-type": "Async", "x-fc-async-task-id": prompt_id}
+    query = {"priority": "high"} if front else {}
+    owner = owner_of(request)
+    entry = PromptEntry(prompt_id, number, workflow, client_id, outputs, owner, time.time())
+    job = await start_job(
+        resources, jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
+    )
+    await index.add(entry)
+    log.info("task_id=%s: queued through ComfyUI's /prompt (number %s, client %s)", job.task_id, number, client_id)
+    return JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+
+
+async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, str]]:
+    """The prompts not yet ended that `owner` may see, each with its state (queued, running);
+    those seen ended are settled in the index."""
+    index = prompts(state)
+    entries = [entry for entry in await index.live() if may_see(owner, entry.owner)]
+    summaries = await asyncio.gather(*(state.resources.status.summary(entry.task_id) for entry in entries))
+    ended, found = [], []
+    for entry, summary in zip(entries, summaries, strict=True):
+        status = summary["state"] if summary is not None else "queued"
+        if status in ENDED:
+            ended.append(entry.task_id)
+        else:
+            found.append((entry, status))
+    await index.settled(ended)
+    return found
+
+
+async def prompt_state(request: Request) -> Response:
+    """GET /prompt: how many prompts are queued or running."""
+    remaining = len(await live(app_state(request), owner_of(request)))
+    return JSONResponse({"exec_info": {"queue_remaining": remaining}})
+
+
+async def get_queue(request: Request) -> Response:
+    """GET /queue: `{"queue_running": [...], "queue_pending": [...]}`, items as ComfyUI's."""
+    found = await live(app_state(request), owner_of(request))
+    running = [history.queue_item(entry) for entry, status in found if status == "running"]
+    pending = [history.queue_item(entry) for entry, status in found if status != "running"]
+    return JSONResponse({"queue_running": running, "queue_pending": pending})
+
+
+async def _cancel(state: AppState, task_ids: list[str]) -> None:
+    for task_id in task_ids:
+        try:
+            await state.jobs.cancel(task_id)
+        except (NotFound, Conflict, InvalidParams) as exc:  # ended meanwhile: as ComfyUI, nothing to say
+            log.info("task_id=%s: not cancelled (%s)", task_id, exc.message)
+
+
+async def post_queue(request: Request) -> Response:
+    """POST /queue: `{"delete": [ids]}` cancels those still queued, `{"clear": true}` every queued one."""
+    state = app_state(request)
+    asked = await _json_body(request)
+    found = await live(state, owner_of(request))
+    pending = [entry.task_id for entry, status in found if status != "running"]
+    if isinstance(asked, dict) and asked.get("clear"):
+        await _cancel(state, pending)
+    if isinstance(asked, dict) and isinstance(asked.get("delete"), list):
+        await _cancel(state, [str(task_id) for task_id in asked["delete"] if str(task_id) in pending])
+    return Response(status_code=200)
+
+
+async def interrupt(request: Request) -> Response:
+    """POST /interrupt: `{"prompt_id"}` cancels that prompt if it runs; no body, every running one."""
+    state = app_state(request)
+    asked = await _json_body(request)
+    found = await live(state, owner_of(request))
+    running = [entry.task_id for entry, status in found if status == "running"]
+    named = asked.get("prompt_id") if isinstance(asked, dict) else None
+    if named:
+        running = [task_id for task_id in running if task_id == named]
+    await _cancel(state, running)
+    return Response(status_code=200)
+
+
+async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
+    payloads = json.loads(await state.resources.status.read(entry.task_id))
+    return history.history_entry(entry, payloads)
+
+
+async def get_history(request: Request) -> Response:
+    """GET /history[?max_items=N]: the newest ended prompts, oldest first."""
+    state = app_state(request)
+    owner = owner_of(request)
+    max_items = request.query_params.get("max_items")
+    limit = int(max_items) if max_items and max_items.isdigit() else HISTORY_DEFAULT
+    entries = [entry for entry in await prompts(state).recent(None) if may_see(owner, entry.owner)]
+    answer: dict[str, Any] = {}
+    for entry in reversed(entries):  # newest first, until `limit` ended ones
+        if len(answer) >= limit:
+            break
+        made = await _history_of(state, entry)
+        if made is not None:
+            answer[entry.task_id] = made
+    return JSONResponse(dict(reversed(answer.items())))
+
+
+async def get_history_item(request: Request) -> Response:
+    """GET /history/{prompt_id}: `{prompt_id: entry}` once it ended, `{}` before (or when unknown)."""
+    state = app_state(request)
+    prompt_id = request.path_params["prompt_id"]
+    entry = await prompts(state).get(prompt_id)
+    if entry is None or not may_see(owner_of(request), entry.owner):
+        return JSONResponse({})
+    made = await _history_of(state, entry)
+    return JSONResponse({prompt_id: made} if made is not None else {})
+
+
+async def post_history(request: Request) -> Response:
+    """POST /history: `{"clear": true}` or `{"delete": [ids]}` (ended prompts leave the list)."""
+    state = app_state(request)
+    asked = await _json_body(request)
+    if isinstance(asked, dict) and asked.get("clear"):
+        await prompts(state).forget(None)
+    if isinstance(asked, dict) and isinstance(asked.get("delete"), list):
+        await prompts(state).forget([str(task_id) for task_id in asked["delete"]])
+    return Response(status_code=200)
+
+
+async def view(request: Request) -> Response:
+    """GET /view?filename=&subfolder=&type=: where a fleet's worker kept it, else read through
+    this instance's ComfyUI (a gateway has none: 404)."""
+    resources = app_state(request).resources
+    query = request.query_params
+    filename = query.get("filename")
+    if not filename:
+        return Response(status_code=404)
+    item = {"filename": filename, "subfolder": query.get("subfolder", ""), "type": query.get("type", "output")}
+    if any(part in ("..", "") for part in filename.split("/")) or filename.startswith("/"):
+        return Response(status_code=400)
+    kept = await resources.stored_file(item, NO_CONVERSION)
+    if kept is not None:
+        return ranged(kept[0], kept[1], request.headers.get("range"))
+    if resources.settings.role == "gateway":
+        raise NotFound(f"{filename} is not kept here (outputs are kept FILE_LINK_EXPIRES seconds)")
+    return ViewStream(resources.comfy, FileLink(item, 0, NO_CONVERSION), request.headers.get("range"))
+
+
+async def upload(request: Request) -> Response:
+    """POST /upload/image and /upload/mask: the multipart field `image`, staged under its content
+    hash -> `{"name", "subfolder": "", "type": "input"}`."""
+    resources = app_state(request).resources
+    settings = resources.settings
+    body = await read_body(
+        request, min(settings.max_body_bytes, settings.input_max_bytes + FORM_OVERHEAD), settings.body_timeout
+    )
+    content_type = request.headers.get("content-type", "")
+    if len(body) < BIG_FORM:
+        fields = form_fields(body, content_type)
+    else:
+        fields = await asyncio.to_thread(form_fields, body, content_type)
+    data = fields.get("image")
+    if not data:
+        return Response(status_code=400)
+    name = await inputs(resources).stage(data)
+    log.info("ComfyUI upload staged as %s (%d bytes)", name, len(data))
+    return JSONResponse({"name": name, "subfolder": "", "type": "input"})
+
+
+async def object_info(request: Request) -> Response:
+    """GET /object_info[/{node_class}]: a worker's ComfyUI's (this instance's own on one box)."""
+    info = await app_state(request).resources.workflows.object_info.get()
+    node_class = request.path_params.get("node_class")
+    if node_class is None:
+        return JSONResponse(info)
+    return JSONResponse({node_class: info[node_class]} if node_class in info else {})
+
+
+async def comfyui_info(request: Request) -> Response:
+    """GET /system_stats, /embeddings, /models, /models/{folder}: as a worker's ComfyUI answers."""
+    resources = app_state(request).resources
+    path = request.url.path.removeprefix("/api")
+    return JSONResponse(await read_info(resources, path))
+
+
+async def read_info(resources: Resources, path: str) -> Any:
+    if resources.settings.role == "gateway" and resources.redis is not None:
+        return await resources.redis.comfyui_info(path)
+    return await resources.comfy.read_info(path)

@@ -1,0 +1,101 @@
+"""ComfyUI's websocket, `/ws?clientId=`, from any instance: the greeting ComfyUI sends, then the
+messages of every prompt queued for that client id (on any gateway, run on any worker), each
+text byte for byte as its ComfyUI sent it, followed through the status store (`TaskEvents`).
+
+A prompt's last message, `executing` with no node, is held until the task's terminal payload is
+stored: a client that asks `/history` and `/view` as soon as it reads it (ComfyUI's example
+does) then finds them. A job that ended before its ComfyUI could say so (refused by the worker's
+ComfyUI, timed out, lost) gets the end ComfyUI would have sent (`history.closing`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..auth import may_see
+from ..state import AppState, app_state
+from ..transports.events import TaskEvents
+from . import history
+from .native import live, owner_of, prompts
+
+log = logging.getLogger(__name__)
+
+POLL = 0.05  # seconds between looks for a client's new prompts
+
+Send = Callable[[str], Awaitable[None]]
+
+
+class _Gone(Exception):
+    """The client went away."""
+
+
+async def websocket(ws: WebSocket) -> None:
+    state = app_state(ws)
+    client_id = ws.query_params.get("clientId") or uuid.uuid4().hex
+    owner = owner_of(ws)
+    await ws.accept()
+    cursor = await prompts(state).client_cursor(client_id)  # its prompts from now on
+    sending = asyncio.Lock()
+
+    async def send(text: str) -> None:
+        async with sending:
+            await ws.send_text(text)
+
+    await send(history.greeting(client_id, len(await live(state, owner))))
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_follow_client(state, client_id, cursor, owner, send, group))
+            await _until_gone(ws)
+            raise _Gone
+    except* _Gone:
+        pass
+    except* (WebSocketDisconnect, RuntimeError, OSError) as exc:  # a send after it went away
+        log.debug("ComfyUI websocket %s closed: %s", client_id, exc.exceptions[0])
+
+
+async def _until_gone(ws: WebSocket) -> None:
+    while (await ws.receive())["type"] != "websocket.disconnect":
+        pass  # what a client sends (feature flags) is not answered
+
+
+async def _follow_client(
+    state: AppState, client_id: str, cursor: str, owner: str | None, send: Send, group: asyncio.TaskGroup
+) -> None:
+    index = prompts(state)
+    while True:
+        tasks, cursor = await index.client_tasks(client_id, cursor)
+        for task_id in tasks:
+            entry = await index.get(task_id)
+            if entry is not None and may_see(owner, entry.owner):
+                group.create_task(_relay(state, task_id, send), name=f"ws relay {task_id}")
+        await asyncio.sleep(POLL)
+
+
+async def _relay(state: AppState, task_id: str, send: Send) -> None:
+    """One prompt's messages, its end held until the task's terminal payload is stored."""
+    jobs = state.jobs
+    source = TaskEvents(task_id, state.resources.status, jobs.get(task_id), jobs.end_if_stranded)
+    held: str | None = None
+    async for event in source.events(idle=1.0):
+        if event is None:
+            continue
+        if event.terminal:
+            if held is not None:
+                await send(held)
+            else:
+                for text in history.closing(task_id, json.loads(event.text)):
+                    await send(text)
+            return
+        message = history.relayed(event.text)
+        if message is None:
+            continue
+        if history.is_end(message, task_id):
+            held = event.text
+        else:
+            await send(event.text)
