@@ -281,3 +281,26 @@ def _second_gateway(deployed: Deployment, root: Path) -> str:
     second = InProcessApp(root, env)
     deployed.apps.append(second)
     return second.url
+
+
+def test_api_keys_guard_comfyuis_paths_and_the_websocket_takes_a_token(deployment: Any) -> None:
+    url = deployment(API_KEYS="key-one-0123456789,key-two-0123456789").url
+    mine, theirs = {"Authorization": "Bearer key-one-0123456789"}, {"Authorization": "Bearer key-two-0123456789"}
+    assert requests.post(url + "/prompt", json={"prompt": empty_image()}, timeout=10).status_code == 401
+    assert requests.get(url + "/history", timeout=10).status_code == 401
+    with pytest.raises(websocket.WebSocketException):
+        websocket.create_connection(f"ws://{address(url)}/ws?clientId=x").recv()
+    client_id = str(uuid.uuid4())
+    ws = websocket.create_connection(f"ws://{address(url)}/ws?clientId={client_id}&token=key-one-0123456789")
+    try:
+        assert json.loads(ws.recv())["data"]["sid"] == client_id
+        body = {"prompt": empty_image(prefix="keyed"), "client_id": client_id}
+        answer = requests.post(url + "/prompt", json=body, headers=mine, timeout=10)
+        assert answer.status_code == 200, answer.text
+        prompt_id = answer.json()["prompt_id"]
+        _until_done(ws, prompt_id)
+    finally:
+        ws.close()
+    assert prompt_id in requests.get(url + "/history/" + prompt_id, headers=mine, timeout=10).json()
+    assert requests.get(url + "/history/" + prompt_id, headers=theirs, timeout=10).json() == {}
+    assert prompt_id not in requests.get(url + "/history", headers=theirs, timeout=10).json()
