@@ -304,3 +304,108 @@ def test_api_keys_guard_comfyuis_paths_and_the_websocket_takes_a_token(deploymen
     assert prompt_id in requests.get(url + "/history/" + prompt_id, headers=mine, timeout=10).json()
     assert requests.get(url + "/history/" + prompt_id, headers=theirs, timeout=10).json() == {}
     assert prompt_id not in requests.get(url + "/history", headers=theirs, timeout=10).json()
+
+
+# -- Comfy API v2, driven by the official client (comfy-sdk) --------------------------------------
+
+
+@pytest.fixture
+def comfy_sdk(monkeypatch: pytest.MonkeyPatch) -> Any:
+    sdk = pytest.importorskip("comfy_sdk")
+
+    def client(url: str) -> Any:
+        monkeypatch.setenv("COMFY_BASE_URL", url)  # the SDK's documented way to target a deployment
+        monkeypatch.delenv("COMFY_API_KEY", raising=False)
+        return sdk.Comfy()
+
+    return client
+
+
+@pytest.mark.parametrize("name", list(WORKFLOWS))
+def test_comfy_sdk_runs_a_workflow_and_gets_the_images_a_direct_run_gives(
+    deployment: Any, direct: ExampleClient, comfy_sdk: Any, name: str
+) -> None:
+    deployed: Deployment = deployment()
+    expected = direct.run(WORKFLOWS[name]())
+    client = comfy_sdk(deployed.url)
+    # The SDK's getting-started pattern, unchanged but for the workflow's source.
+    wf = client.workflows.from_json(WORKFLOWS[name]())
+    job = client.run(wf, timeout=60)
+    (node,) = expected
+    outputs = job.get_outputs(node)
+    assert [output.to_bytes() for output in outputs] == expected[node]
+    assert job.status == "succeeded" and outputs[0].content_type == "image/png"
+    assert client.jobs.get(job.id).get_workflow().graph == WORKFLOWS[name]()
+    client.close()
+
+
+def test_comfy_sdk_uploads_an_asset_a_workflow_loads(deployment: Any, direct: ExampleClient, comfy_sdk: Any) -> None:
+    deployed: Deployment = deployment()
+    png = direct.run(empty_image(16, 16, color=0x0000FF, prefix="asset_src"))["2"][0]
+    client = comfy_sdk(deployed.url)
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "from_asset"}},
+    }
+    wf = client.workflows.from_json(workflow)
+    wf.set_input("1", "image", client.assets.from_bytes(png, filename="blue.png"))
+    job = client.run(wf, timeout=60)
+    (output,) = job.get_outputs("2")
+    assert output.to_bytes().startswith(b"\x89PNG") and job.status == "succeeded"
+    again = client.assets.from_bytes(png, filename="blue-again.png")  # the same bytes: found by hash, not sent again
+    wf.set_input("1", "image", again)
+    assert client.run(wf, timeout=60).status == "succeeded"
+    client.close()
+
+
+def test_v2_job_events_stream_status_progress_outputs_and_resume(deployment: Any) -> None:
+    url = deployment().url
+    created = requests.post(url + "/api/v2/jobs", json={"workflow": txt2img(seed=5, steps=3)}, timeout=10)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["status"] in ("queued", "running") and job["urls"]["events"].endswith("/events")
+    frames = _sse(requests.get(url + job["urls"]["events"], stream=True, timeout=60))
+    kinds = [kind for _, kind, _ in frames]
+    assert kinds[0] == "status" and kinds[-1] == "status" and "progress" in kinds and "output" in kinds
+    assert frames[-1][2] == {"status": "succeeded", "queue_position": None}
+    resumed = _sse(
+        requests.get(url + job["urls"]["events"], headers={"Last-Event-ID": frames[0][0]}, stream=True, timeout=60)
+    )
+    assert resumed[-1][2]["status"] == "succeeded"
+    done = requests.get(url + job["urls"]["self"], timeout=10).json()
+    assert done["status"] == "succeeded" and done["progress"]["value"] == 1.0 and len(done["outputs"]) == 1
+    listed = requests.get(url + "/api/v2/jobs", timeout=10).json()
+    assert job["id"] in [each["id"] for each in listed["jobs"]]
+    ui = {"nodes": [], "links": []}
+    refused = requests.post(url + "/api/v2/jobs", json={"workflow": ui}, timeout=10)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "workflow_format_ui"
+    broken = empty_image()
+    broken["1"]["inputs"]["width"] = 99999
+    invalid = requests.post(url + "/api/v2/jobs", json={"workflow": broken}, timeout=10)
+    assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_workflow"
+    assert requests.get(url + "/api/v2/jobs/nosuch", timeout=10).status_code == 404
+
+
+def test_v2_cancel_ends_a_job_canceled(deployment: Any) -> None:
+    url = deployment(step_delay=0.3).url
+    job = requests.post(url + "/api/v2/jobs", json={"workflow": txt2img(seed=7, steps=40)}, timeout=10).json()
+    answer = requests.post(url + job["urls"]["cancel"], timeout=10)
+    assert answer.status_code == 200 and answer.json()["status"] in ("canceling", "canceled")
+
+    def ended() -> dict[str, Any] | None:
+        view = requests.get(url + job["urls"]["self"], timeout=10).json()
+        return view if view["status"] in ("canceled", "failed", "succeeded") else None
+
+    assert wait_until(ended, timeout=30)["status"] == "canceled"
+
+
+def _sse(response: requests.Response) -> list[tuple[str, str, Any]]:
+    frames, seq, kind = [], "", ""
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("id: "):
+            seq = line[4:]
+        elif line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            frames.append((seq, kind, json.loads(line[6:])))
+    return frames

@@ -1,11 +1,12 @@
 """ComfyUI's own API (`native`, `relay`) on ComfyUI's paths and again under `/api/`, as ComfyUI
-serves both; every prompt is a durable job of ours, so any gateway of a fleet answers for it."""
+serves both, and Comfy API v2 (`v2`) under `/api/v2`: every prompt is a durable job of ours, so
+any gateway of a fleet answers for it."""
 
 from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from . import native, relay
+from . import native, relay, v2
 
 
 def routes() -> list[BaseRoute]:
@@ -32,4 +33,18 @@ def routes() -> list[BaseRoute]:
             Route(f"{prefix}/models/{{folder}}", native.comfyui_info, methods=["GET"]),
             WebSocketRoute(f"{prefix}/ws", relay.websocket),
         ]
+    made += [
+        Route("/api/v2/jobs", v2.post_jobs, methods=["POST"]),
+        Route("/api/v2/jobs", v2.list_jobs, methods=["GET"]),
+        Route("/api/v2/jobs/{id}", v2.get_job, methods=["GET"]),
+        Route("/api/v2/jobs/{id}/events", v2.job_events, methods=["GET"]),
+        Route("/api/v2/jobs/{id}/cancel", v2.cancel_job, methods=["POST"]),
+        Route("/api/v2/jobs/{id}/workflow", v2.job_workflow, methods=["GET"]),
+        Route("/api/v2/assets", v2.post_asset, methods=["POST"]),
+        Route("/api/v2/assets/from-hash", v2.asset_from_hash, methods=["POST"]),
+        Route("/api/v2/assets/by-hash/{hash}", v2.asset_by_hash, methods=["GET", "HEAD"]),
+        Route("/api/v2/assets/{id}", v2.get_asset, methods=["GET"]),
+        Route("/api/v2/assets/{id}", v2.delete_asset, methods=["DELETE"]),
+        Route("/api/v2/assets/{id}/content", v2.asset_content, methods=["GET"]),
+    ]
     return made

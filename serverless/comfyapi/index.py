@@ -82,6 +82,20 @@ class PromptIndex(Protocol):
         """The tasks queued for `client_id` after `cursor`, and the cursor after them."""
         ...
 
+    async def put_asset(self, record: dict[str, Any]) -> None:
+        """Keep an API v2 asset record (`id`, `hash`, the staged file's `name`...)."""
+        ...
+
+    async def asset(self, asset_id: str) -> dict[str, Any] | None: ...
+
+    async def asset_by_hash(self, digest: str) -> dict[str, Any] | None:
+        """The newest asset record over the bytes of that `blake3:` hash."""
+        ...
+
+    async def delete_asset(self, asset_id: str) -> bool:
+        """Forget an asset record (its bytes stay for the others over them); False when unknown."""
+        ...
+
 
 class MemoryIndex:
     """One box's prompts, in this process."""
@@ -91,6 +105,8 @@ class MemoryIndex:
         self._live: set[str] = set()
         self._clients: dict[str, list[str]] = {}
         self._numbers = itertools.count()
+        self._assets: dict[str, dict[str, Any]] = {}
+        self._hashes: dict[str, str] = {}
 
     async def number(self, front: bool) -> int:
         number = next(self._numbers)
@@ -132,6 +148,21 @@ class MemoryIndex:
         tasks = self._clients.get(client_id, [])
         start = min(int(cursor), len(tasks))
         return tasks[start:], str(len(tasks))
+
+    async def put_asset(self, record: dict[str, Any]) -> None:
+        self._assets[record["id"]] = record
+        if record.get("hash"):
+            self._hashes[record["hash"]] = record["id"]
+
+    async def asset(self, asset_id: str) -> dict[str, Any] | None:
+        return self._assets.get(asset_id)
+
+    async def asset_by_hash(self, digest: str) -> dict[str, Any] | None:
+        asset_id = self._hashes.get(digest)
+        return self._assets.get(asset_id) if asset_id is not None else None
+
+    async def delete_asset(self, asset_id: str) -> bool:
+        return self._assets.pop(asset_id, None) is not None
 
 
 class RedisIndex:
@@ -214,6 +245,28 @@ class RedisIndex:
                 cursor = _text(entry_id)
                 tasks.append(_text(fields[b"task_id"]))
         return tasks, cursor
+
+    async def put_asset(self, record: dict[str, Any]) -> None:
+        with translated():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(keys.comfy_asset(record["id"]), json.dumps(record), ex=self.ttl)
+                if record.get("hash"):
+                    pipe.set(keys.comfy_asset_hash(record["hash"]), record["id"], ex=self.ttl)
+                await pipe.execute()
+
+    async def asset(self, asset_id: str) -> dict[str, Any] | None:
+        with translated():
+            data = await self.client.get(keys.comfy_asset(asset_id))
+        return dict(json.loads(data)) if data is not None else None
+
+    async def asset_by_hash(self, digest: str) -> dict[str, Any] | None:
+        with translated():
+            asset_id = await self.client.get(keys.comfy_asset_hash(digest))
+        return await self.asset(_text(asset_id)) if asset_id is not None else None
+
+    async def delete_asset(self, asset_id: str) -> bool:
+        with translated():
+            return bool(await self.client.delete(keys.comfy_asset(asset_id)))
 
 
 def _text(value: Any) -> str:

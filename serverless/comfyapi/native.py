@@ -87,56 +87,83 @@ async def _json_body(request: Request) -> Any:
         raise InvalidParams(f"the body is not JSON: {exc}") from None
 
 
+class Refused(Exception):
+    """A prompt ComfyUI would not queue: its `error.type`, message, details and `node_errors`."""
+
+    def __init__(self, kind: str, message: str, details: str = "", errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.details, self.errors = kind, message, details, errors or {}
+
+    def response(self) -> JSONResponse:
+        return refusal(self.kind, self.message, self.details, self.errors)
+
+
 async def queue_prompt(request: Request) -> Response:
     """POST /prompt: `{"prompt", "client_id"?, "prompt_id"?, "number"?, "front"?, "extra_data"?}`
     -> `{"prompt_id", "number", "node_errors"}`, the prompt a job of ours that any instance follows."""
-    state = app_state(request)
-    resources, jobs = state.resources, state.jobs
-    await jobs.check_room()
+    await app_state(request).jobs.check_room()
     asked = await _json_body(request)
-    workflow = asked.get("prompt") if isinstance(asked, dict) else None
-    if not isinstance(workflow, dict):
-        return refusal("no_prompt", "No prompt provided", "No prompt provided")
-    prompt_id = str(asked.get("prompt_id") or uuid.uuid4())
-    if not TASK_ID_RE.fullmatch(prompt_id) or prompt_id in (".", ".."):
-        return refusal("invalid_prompt", "prompt_id must be 1-128 letters, digits, '.', '_' or '-'", prompt_id[:128])
+    try:
+        entry = await submit(request, asked if isinstance(asked, dict) else {})
+    except Refused as refused:
+        return refused.response()
+    return JSONResponse({"prompt_id": entry.task_id, "number": entry.number, "node_errors": {}})
+
+
+async def checked_workflow(resources: Resources, workflow: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The workflow and its output nodes, checked as ComfyUI checks a prompt (against what
+    `/object_info` says: a worker's on a fleet); Refused otherwise."""
+    if not isinstance(workflow, dict) or not workflow:
+        raise Refused("no_prompt", "No prompt provided", "No prompt provided")
     for node_id, node in workflow.items():
         if not isinstance(node, dict) or "class_type" not in node:
-            return refusal(
-                "invalid_prompt",
-                "Cannot execute because a node is missing the class_type property.",
-                f"Node ID '#{node_id}'",
-            )
+            message = "Cannot execute because a node is missing the class_type property."
+            raise Refused("invalid_prompt", message, f"Node ID '#{node_id}'")
     info = await resources.workflows.object_info.get()
     for node_id, node in workflow.items():
         if node["class_type"] not in info:
             message = f"Cannot execute because node {node['class_type']} does not exist."
-            return refusal("invalid_prompt", message, f"Node ID '#{node_id}'")
+            raise Refused("invalid_prompt", message, f"Node ID '#{node_id}'")
     outputs = history.output_nodes(workflow, info)
     if not outputs:
-        return refusal("prompt_no_outputs", "Prompt has no outputs")
+        raise Refused("prompt_no_outputs", "Prompt has no outputs")
     problems = validate_workflow(workflow, info, resources.workflows.loaders)
     if problems:
-        return refusal(
-            "prompt_outputs_failed_validation", "Prompt outputs failed validation", "", node_errors(problems)
-        )
+        message = "Prompt outputs failed validation"
+        raise Refused("prompt_outputs_failed_validation", message, "", node_errors(problems))
+    return workflow, outputs
+
+
+async def submit(request: Request, asked: dict[str, Any]) -> PromptEntry:
+    """Queue a prompt as ComfyUI's `/prompt` takes it (`prompt`, `client_id`, `prompt_id`,
+    `number`, `front`, `extra_data`): a job of ours whose task id is the prompt id."""
+    state = app_state(request)
+    resources = state.resources
+    prompt_id = str(asked.get("prompt_id") or uuid.uuid4())
+    if not TASK_ID_RE.fullmatch(prompt_id) or prompt_id in (".", ".."):
+        raise Refused("invalid_prompt", "prompt_id must be 1-128 letters, digits, '.', '_' or '-'", prompt_id[:128])
+    workflow, outputs = await checked_workflow(resources, asked.get("prompt"))
     index = prompts(state)
     front = bool(asked.get("front"))
-    number = int(asked["number"]) if isinstance(asked.get("number"), int | float) else await index.number(front)
+    number = asked.get("number")
+    if not isinstance(number, int | float) or isinstance(number, bool):
+        number = await index.number(front)
     client_id = str(asked["client_id"]) if asked.get("client_id") else None
-    extra_data = {k: v for k, v in (asked.get("extra_data") or {}).items() if k != "client_id"}
+    extra = asked.get("extra_data")
+    extra_data = {k: v for k, v in extra.items() if k != "client_id"} if isinstance(extra, dict) else {}
     carried = await inputs(resources).inline(workflow, resources.workflows.loaders)
     body = json.dumps({"prompt": carried, "extra_data": extra_data}, ensure_ascii=False)
     headers = {**request.headers, "x-fc-invocation-type": "Async", "x-fc-async-task-id": prompt_id}
+    headers.pop("idempotency-key", None)  # ComfyUI's API names its prompts itself
     query = {"priority": "high"} if front else {}
     owner = owner_of(request)
-    entry = PromptEntry(prompt_id, number, workflow, client_id, outputs, owner, time.time())
+    entry = PromptEntry(prompt_id, int(number), workflow, client_id, outputs, owner, time.time())
     job = await start_job(
-        resources, jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
+        resources, state.jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
     )
     await index.add(entry)
-    log.info("task_id=%s: queued through ComfyUI's /prompt (number %s, client %s)", job.task_id, number, client_id)
-    return JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+    log.info("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
+    return entry
 
 
 async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, str]]:
@@ -259,12 +286,18 @@ async def view(request: Request) -> Response:
     item = {"filename": filename, "subfolder": query.get("subfolder", ""), "type": query.get("type", "output")}
     if any(part in ("..", "") for part in filename.split("/")) or filename.startswith("/"):
         return Response(status_code=400)
+    return await serve_file(resources, item, request.headers.get("range"))
+
+
+async def serve_file(resources: Resources, item: dict[str, str], range_header: str | None) -> Response:
+    """An output (or input) file: where a fleet's worker kept it, else through this instance's
+    ComfyUI; a gateway has none (404)."""
     kept = await resources.stored_file(item, NO_CONVERSION)
     if kept is not None:
-        return ranged(kept[0], kept[1], request.headers.get("range"))
+        return ranged(kept[0], kept[1], range_header)
     if resources.settings.role == "gateway":
-        raise NotFound(f"{filename} is not kept here (outputs are kept FILE_LINK_EXPIRES seconds)")
-    return ViewStream(resources.comfy, FileLink(item, 0, NO_CONVERSION), request.headers.get("range"))
+        raise NotFound(f"{item['filename']} is not kept here (outputs are kept FILE_LINK_EXPIRES seconds)")
+    return ViewStream(resources.comfy, FileLink(item, 0, NO_CONVERSION), range_header)
 
 
 async def upload(request: Request) -> Response:

@@ -62,6 +62,11 @@ class Inputs(Protocol):
         """The workflow with its loader inputs naming staged uploads made to carry them."""
         ...
 
+    async def read(self, name: str) -> bytes | None:
+        """A staged upload's bytes where they are kept apart from ComfyUI (None: ask ComfyUI's
+        input folder, `/view?type=input`)."""
+        ...
+
 
 class ComfyUIInputs:
     """One box: uploads go straight into its ComfyUI's input folder."""
@@ -75,6 +80,9 @@ class ComfyUIInputs:
 
     async def inline(self, workflow: dict[str, Any], loaders: frozenset[tuple[str, str]]) -> dict[str, Any]:
         return workflow
+
+    async def read(self, name: str) -> bytes | None:
+        return None
 
 
 class RedisInputs:
@@ -110,3 +118,8 @@ class RedisInputs:
             inputs = {**changed[node_id]["inputs"], field: f"data:{mime};base64,{base64.b64encode(data).decode()}"}
             changed[node_id] = {**changed[node_id], "inputs": inputs}
         return changed
+
+    async def read(self, name: str) -> bytes | None:
+        with translated():
+            data: Any = await self.client.get(keys.comfy_upload(name))
+        return bytes(data) if data is not None else None

@@ -492,7 +492,49 @@ COMFYUI_OPERATIONS: tuple[Operation, ...] = (
         Param("token", "query", "the API key, where API keys are on (browsers cannot send headers)"),
     ),
 )
-OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS
+
+
+def _v2(path: str, method: str, summary: str, description: str = "", status: str = "200") -> Operation:
+    """A Comfy API v2 route (its own OpenAPI is the reference: Comfy-Org/comfy-python-sdk spec/openapi.yaml)."""
+    name = "v2" + "".join(
+        part.strip("{}").title() for part in path.removeprefix("/api/v2").replace("-", "/").split("/")
+    )
+    params = tuple(
+        Param(name, "path", f"the {name}", required=True) for name in ("id", "hash") if "{" + name + "}" in path
+    )
+    reply = Reply(status, "as Comfy API v2 describes", "string" if path.endswith("/events") else "object")
+    if path.endswith("/events"):
+        reply = Reply(status, "server-sent events: status, progress, output", "string", "text/event-stream")
+    return Operation(
+        path,
+        method,
+        "comfyv2",
+        summary,
+        description,
+        params,
+        None,
+        False,
+        (reply,),
+        ("401", "404"),
+        name + method.title(),
+    )
+
+
+V2_OPERATIONS: tuple[Operation, ...] = (
+    _v2("/api/v2/jobs", "post", 'Submit a workflow (`{"workflow", "extra_data"?}`): a job', status="201"),
+    _v2("/api/v2/jobs", "get", "Jobs, newest first (`limit`, `cursor`)"),
+    _v2("/api/v2/jobs/{id}", "get", "A job: status, progress, outputs, error"),
+    _v2("/api/v2/jobs/{id}/events", "get", "A job's events (SSE; ours: `id:` lines, `Last-Event-ID` resumes)"),
+    _v2("/api/v2/jobs/{id}/cancel", "post", "Cancel a job (idempotent)"),
+    _v2("/api/v2/jobs/{id}/workflow", "get", "The API-format workflow a job ran"),
+    _v2("/api/v2/assets", "post", "Upload an asset (multipart `file`)", status="201"),
+    _v2("/api/v2/assets/from-hash", "post", 'A new asset over bytes already here (`{"hash"}`)', status="201"),
+    _v2("/api/v2/assets/by-hash/{hash}", "get", "Whether bytes of this blake3 hash are here (HEAD or GET)"),
+    _v2("/api/v2/assets/{id}", "get", "An asset (uploaded, or a job's output)"),
+    _v2("/api/v2/assets/{id}", "delete", "Forget an asset record", status="204"),
+    _v2("/api/v2/assets/{id}/content", "get", "An asset's bytes (ranges served)"),
+)
+OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS + V2_OPERATIONS
 
 ERROR_TEXT = {
     "400": "INVALID_PARAMS, PROMPT_ERROR or INPUT_ERROR",
@@ -514,4 +556,5 @@ TAGS = {
     "docs": "This reference and the playground",
     "genstudio": "GenStudio-compatible API: its clients change only their base URL and key",
     "comfyui": "ComfyUI's own API on its paths (and under /api/): every prompt a durable job",
+    "comfyv2": "Comfy API v2 (its clients, e.g. comfy-sdk, with COMFY_BASE_URL pointing here)",
 }

@@ -35,6 +35,8 @@ ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
     comfy:prompt:<id>         a prompt as `/queue` and `/history` show it (JSON)
     comfy:client:<client id>  a stream of the task ids queued for that websocket client
     comfy:upload:<name>       an uploaded input's bytes, until a job takes it to its ComfyUI
+    comfy:asset:<id>          an API v2 asset record (JSON); its bytes are an upload's
+    comfy:asset-hash:<hash>   the newest asset record over the bytes of that blake3 hash
 """
 
 from __future__ import annotations
@@ -123,3 +125,11 @@ def comfy_client(client_id: str) -> str:
 
 def comfy_upload(name: str) -> str:
     return f"comfy:upload:{name}"
+
+
+def comfy_asset(asset_id: str) -> str:
+    return f"comfy:asset:{asset_id}"
+
+
+def comfy_asset_hash(digest: str) -> str:
+    return f"comfy:asset-hash:{digest}"
