@@ -253,6 +253,8 @@ def test_upload_image_stages_an_input_a_prompt_loads(deployment: Any) -> None:
     }
     images = client.run(workflow)
     assert len(images["2"]) == 1 and images["2"][0].startswith(b"\x89PNG")
+    staged = requests.get(deployed.url + "/view", params={"filename": name, "type": "input"}, timeout=10)
+    assert staged.status_code == 200 and staged.content == direct_png
 
 
 def test_object_info_and_system_stats_answer_from_a_workers_comfyui(deployment: Any) -> None:

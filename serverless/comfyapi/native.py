@@ -27,6 +27,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
 from ..auth import may_see
+from ..core.media import sniff
 from ..core.request import TASK_ID_RE
 from ..delivery.convert import NO_CONVERSION
 from ..delivery.links import FileLink
@@ -286,7 +287,16 @@ async def view(request: Request) -> Response:
     item = {"filename": filename, "subfolder": query.get("subfolder", ""), "type": query.get("type", "output")}
     if any(part in ("..", "") for part in filename.split("/")) or filename.startswith("/"):
         return Response(status_code=400)
+    if item["type"] == "input" and not item["subfolder"]:  # an upload a fleet keeps apart from ComfyUI
+        staged = await inputs(resources).read(filename)
+        if staged is not None:
+            return ranged(staged, sniffed_mime(staged), request.headers.get("range"))
     return await serve_file(resources, item, request.headers.get("range"))
+
+
+def sniffed_mime(data: bytes) -> str:
+    sniffed = sniff(data)
+    return sniffed[1] if sniffed is not None else "application/octet-stream"
 
 
 async def serve_file(resources: Resources, item: dict[str, str], range_header: str | None) -> Response:
