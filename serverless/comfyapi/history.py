@@ -7,7 +7,10 @@ A task's log holds ComfyUI's own messages byte for byte (`jobs.job`), between ou
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import struct
 import time
 from typing import Any
 
@@ -40,6 +43,25 @@ def relayed(text: str) -> dict[str, Any] | None:
     if message["type"] == "status" and isinstance(data, dict) and "sid" in data:
         return None
     return message
+
+
+PREVIEW_IMAGE = 1  # ComfyUI's binary event types (server.BinaryEventTypes)
+IMAGE_TYPES = {"image/jpeg": 1, "image/png": 2}
+
+
+def preview_frame(text: str) -> bytes | None:
+    """ComfyUI's binary preview frame (event type, image type, image bytes, each type a big-endian
+    uint32) of one of our `serverless_preview` events; None for any other event."""
+    if '"serverless_preview"' not in text[:40]:
+        return None
+    data = json.loads(text).get("data")
+    if not isinstance(data, dict) or data.get("mime") not in IMAGE_TYPES:
+        return None
+    try:
+        image = base64.b64decode(str(data.get("base64", "")), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return struct.pack(">II", PREVIEW_IMAGE, IMAGE_TYPES[data["mime"]]) + image
 
 
 def is_end(message: dict[str, Any], prompt_id: str) -> bool:

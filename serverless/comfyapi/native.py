@@ -156,7 +156,8 @@ async def submit(request: Request, asked: dict[str, Any]) -> PromptEntry:
     body = json.dumps({"prompt": carried, "extra_data": extra_data}, ensure_ascii=False)
     headers = {**request.headers, "x-fc-invocation-type": "Async", "x-fc-async-task-id": prompt_id}
     headers.pop("idempotency-key", None)  # ComfyUI's API names its prompts itself
-    query = {"priority": "high"} if front else {}
+    # Previews (ComfyUI's binary frames) are asked for: `/ws` relays them as ComfyUI frames them.
+    query = {"previews": "true", **({"priority": "high"} if front else {})}
     owner = owner_of(request)
     entry = PromptEntry(prompt_id, int(number), workflow, client_id, outputs, owner, time.time())
     job = await start_job(

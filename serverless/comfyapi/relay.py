@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..auth import may_see
+from ..errors import ServerlessError
 from ..state import AppState, app_state
 from ..transports.events import TaskEvents
 from . import history
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 POLL = 0.05  # seconds between looks for a client's new prompts
 
-Send = Callable[[str], Awaitable[None]]
+Send = Callable[[str | bytes], Awaitable[None]]
 
 
 class _Gone(Exception):
@@ -43,9 +44,12 @@ async def websocket(ws: WebSocket) -> None:
     cursor = await prompts(state).client_cursor(client_id)  # its prompts from now on
     sending = asyncio.Lock()
 
-    async def send(text: str) -> None:
+    async def send(frame: str | bytes) -> None:
         async with sending:
-            await ws.send_text(text)
+            if isinstance(frame, bytes):
+                await ws.send_bytes(frame)  # a preview, framed as ComfyUI frames it
+            else:
+                await ws.send_text(frame)
 
     await send(history.greeting(client_id, len(await live(state, owner))))
     try:
@@ -79,6 +83,13 @@ async def _follow_client(
 
 async def _relay(state: AppState, task_id: str, send: Send) -> None:
     """One prompt's messages, its end held until the task's terminal payload is stored."""
+    try:
+        await _relay_events(state, task_id, send)
+    except ServerlessError as exc:  # the status store is down: this prompt's messages end here
+        log.warning("task_id=%s: its messages stop on /ws (%s)", task_id, exc.message)
+
+
+async def _relay_events(state: AppState, task_id: str, send: Send) -> None:
     jobs = state.jobs
     source = TaskEvents(task_id, state.resources.status, jobs.get(task_id), jobs.end_if_stranded)
     held: str | None = None
@@ -92,6 +103,10 @@ async def _relay(state: AppState, task_id: str, send: Send) -> None:
                 for text in history.closing(task_id, json.loads(event.text)):
                     await send(text)
             return
+        preview = history.preview_frame(event.text)
+        if preview is not None:
+            await send(preview)
+            continue
         message = history.relayed(event.text)
         if message is None:
             continue
