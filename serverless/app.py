@@ -107,9 +107,10 @@ def _warn_unknown(request: Request, response: Response, task_id: str) -> Respons
     """A misspelt flag is ignored, as FC ignores what it does not know; but say so."""
     unknown = unknown_parameters(request.query_params)
     if unknown:
-        names, known = ", ".join(unknown), ", ".join(RUN_QUERY_FLAGS)
+        # Names were checked before the job started (check_parameter_names); none goes in a header.
+        names, known = ascii(", ".join(unknown))[1:-1], ", ".join(RUN_QUERY_FLAGS)
         log.warning("task_id=%s: unknown query parameter(s) ignored: %s (known: %s)", task_id, names, known)
-        text = f"unknown query parameter(s) ignored: {names}; known: {known}"
+        text = f"{len(unknown)} unknown query parameter(s) ignored; known: {known}"
         response.headers.append("Warning", f'299 - "{text}"')
     return response
 
@@ -189,6 +190,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/initialize", lifecycle.initialize, methods=["POST"]),
         Route("/pre-stop", lifecycle.pre_stop, methods=["GET", "POST"]),
         Route("/api/workflows", workflows.list_workflows, methods=["GET"]),
+        Route("/api/workflows/convert", workflows.convert_workflow, methods=["POST"]),
         Route("/api/workflows/{workflow_id}", workflows.get_workflow, methods=["GET"]),
         Route("/api/workflows/{workflow_id}", workflows.put_workflow, methods=["PUT"]),
         Route("/api/workflows/{workflow_id}", workflows.delete_workflow, methods=["DELETE"]),
@@ -207,7 +209,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=routes,
         middleware=[
-            Middleware(RequireApiKey, keys=ApiKeys(settings.api_keys), metrics_token=bool(settings.metrics_token))
+            Middleware(
+                RequireApiKey,
+                keys=ApiKeys(settings.api_keys),
+                own_token=("/metrics",) if settings.metrics_token else (),
+            )
         ],
         lifespan=lifespan,
         # Our errors, starlette's refusals and hang-ups are answered by starlette's exception

@@ -77,26 +77,47 @@ def may_see(owner: str | None, task_owner: str | None) -> bool:
     return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
 
 
+def sole_authorization(values: list[str]) -> str:
+    """The one `Authorization` header's value ("" when none); Unauthorized for two or more: which
+    one a proxy, the app or a log reads would be anyone's guess."""
+    if len(values) > 1:
+        raise Unauthorized("send one Authorization header, not several")
+    return values[0] if values else ""
+
+
+def scoped_key(idempotency_key: str, owner: str | None) -> str:
+    """An `Idempotency-Key` as stored: in the caller's own namespace (another key's use of the same
+    key never touches this caller's), still a valid task-id-shaped name."""
+    if owner is None:
+        return idempotency_key
+    return f"{owner}-{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+
+
 class RequireApiKey:
     """ASGI middleware: refuses guarded paths without a valid key (401, in the error shape of the
-    API called) and puts the caller's owner id in `scope["state"]["owner"]`. With `metrics_token`
-    (METRICS_TOKEN is set), /metrics is left to that token: a scraper holds it, not an API key."""
+    API called) and puts the caller's owner id in `scope["state"]["owner"]`. `own_token` paths are
+    guarded by a token of their own instead (`/metrics` with METRICS_TOKEN: one Authorization
+    header cannot carry both)."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, metrics_token: bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, own_token: tuple[str, ...] = ()) -> None:
         self.app = app
         self.keys = keys
-        self.open_paths = OPEN_PATHS | ({"/metrics"} if metrics_token else set())
+        self.own_token = frozenset(own_token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if self.keys.enabled and path in OPEN_PATHS:
+            # Open to all, but a valid key is still told apart (the OpenAPI document lists its
+            # caller's own hosted workflows): "" is nobody's, who sees only what is shared.
+            scope.setdefault("state", {})["owner"] = self._optional_owner(scope)
         if scope["type"] not in ("http", "websocket") or not self._guarded(path):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        authorization = headers.get("authorization")
-        if authorization is None and scope["type"] == "websocket":
-            authorization = _query_token(scope)  # a browser's websocket cannot send headers
+        given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         try:
+            authorization = sole_authorization(given) or None
+            if authorization is None and scope["type"] == "websocket":
+                authorization = _query_token(scope)  # a browser's websocket cannot send headers
             owner = self.keys.owner(authorization)
         except Unauthorized as exc:
             await _refuse(scope, send, exc, path)
@@ -104,8 +125,15 @@ class RequireApiKey:
         scope.setdefault("state", {})["owner"] = owner
         await self.app(scope, receive, send)
 
+    def _optional_owner(self, scope: Scope) -> str:
+        given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+        try:
+            return self.keys.owner(sole_authorization(given) or None) or ""
+        except Unauthorized:
+            return ""
+
     def _guarded(self, path: str) -> bool:
-        if not self.keys.enabled or path in self.open_paths or path.startswith(TOKEN_PATHS):
+        if not self.keys.enabled or path in OPEN_PATHS or path in self.own_token or path.startswith(TOKEN_PATHS):
             return False
         return path.startswith(GUARDED_PREFIXES)
 

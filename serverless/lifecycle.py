@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import fleet
+from .auth import sole_authorization
 from .comfyui.client import QueueState
 from .core.request import parse_run_request
 from .errors import ComfyUIUnavailable, ServerlessError, Unauthorized, Unavailable
@@ -141,7 +142,7 @@ def check_platform_call(request: Request, hook: str) -> None:
     """Refuse a lifecycle hook that the platform did not make (see the module docstring)."""
     settings = app_state(request).resources.settings
     token = settings.lifecycle_token
-    given = request.headers.get("authorization", "")
+    given = sole_authorization(request.headers.getlist("authorization"))
     if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return
     if settings.on_fc and request.headers.get("x-fc-control-path") == hook:

@@ -21,7 +21,8 @@ from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .delivery import links
-from .delivery.convert import Conversion
+from .delivery.convert import Conversion, Converter
+from .delivery.converted import ConvertedFiles
 from .delivery.oss import OssConfig, OssStore, read_rules
 from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
 from .delivery.s3 import S3Store
@@ -60,6 +61,7 @@ class Resources:
     input_budget: ByteBudget
     webhooks: Webhooks
     metrics: Metrics
+    converted: ConvertedFiles
     redis: RedisStatus | None = None  # the status store again when it is Redis: the fleet's queue shares it
 
     @classmethod
@@ -115,6 +117,7 @@ class Resources:
                                 budget,
                                 webhooks,
                                 metrics,
+                                converted_files(settings),
                                 redis,
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
@@ -197,6 +200,7 @@ class Resources:
             on_ready=on_ready,
             link=partial(self.file_link, policy) if policy.url is not None else None,
             keep=keep,
+            converter=self.converted.converter,
         )
 
     def _file_keeper(self, policy: OutputPolicy) -> Keeper:
@@ -311,6 +315,12 @@ def too_big_to_travel(size: int, limit: int) -> str:
         f"the job's outputs ({size} bytes) are more than a fleet passes back through Redis "
         f"(RESULT_INLINE_MAX_BYTES={limit}): ask for output_oss, or raise the setting"
     )
+
+
+def converted_files(settings: Settings) -> ConvertedFiles:
+    """The instance's bounded conversions, and the converted download links it keeps."""
+    converter = Converter(settings.convert_max_pixels, settings.convert_concurrency)
+    return ConvertedFiles(converter, settings.convert_cache_bytes)
 
 
 def webhook_policy(settings: Settings) -> DownloadPolicy:

@@ -12,7 +12,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -275,6 +275,10 @@ class Settings:
     webhook_allowed_hosts: tuple[str, ...] = ()
     file_link_secret: str = field(default="", repr=False)
     file_link_expires: int = 3600
+    file_link_max_expires: int = 0  # 0: FILE_LINK_EXPIRES
+    convert_max_pixels: int = 32_000_000
+    convert_concurrency: int = 2
+    convert_cache_bytes: int = 256 * MiB
     max_pending_jobs: int = 256  # generous: the suite opens 200 streams at once, the benchmark 100
     metrics_token: str = field(default="", repr=False)
     # ComfyUI's folders on our disk, named explicitly: outputs read and inputs written there.
@@ -370,6 +374,10 @@ class Settings:
             webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
             file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
             file_link_expires=_integer(env, "FILE_LINK_EXPIRES", d.file_link_expires, 1),
+            file_link_max_expires=_integer(env, "FILE_LINK_MAX_EXPIRES", 0, 1),
+            convert_max_pixels=_integer(env, "CONVERT_MAX_PIXELS", d.convert_max_pixels, 1),
+            convert_concurrency=_integer(env, "CONVERT_CONCURRENCY", d.convert_concurrency, 1),
+            convert_cache_bytes=_integer(env, "CONVERT_CACHE_BYTES", d.convert_cache_bytes, 0),
             max_pending_jobs=_integer(env, "MAX_PENDING_JOBS", d.max_pending_jobs, 0),
             metrics_token=_text(env, "METRICS_TOKEN", ""),
             disk_output_dir=_folder(env, "COMFYUI_OUTPUT_DIR"),
@@ -391,6 +399,13 @@ class Settings:
         """Combinations that cannot work fail start-up, named."""
         if self.storage == "s3" and not self.s3.bucket:
             raise SettingsError("STORAGE=s3 needs S3_BUCKET (the bucket outputs are uploaded to)")
+        if not self.file_link_max_expires:  # unset: links never outlive the default
+            return replace(self, file_link_max_expires=self.file_link_expires)._checked()
+        if self.file_link_max_expires < self.file_link_expires:
+            raise SettingsError(
+                f"FILE_LINK_MAX_EXPIRES={self.file_link_max_expires} is below FILE_LINK_EXPIRES="
+                f"{self.file_link_expires}: the longest a link may live cannot be shorter than the default"
+            )
         if self.queue_backend == "redis" and self.status_backend != "redis":
             raise SettingsError(
                 "QUEUE_BACKEND=redis needs STATUS_BACKEND=redis: callers follow jobs "

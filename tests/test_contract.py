@@ -10,12 +10,13 @@ import io
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import websocket  # websocket-client
-from PIL import Image
+from PIL import Image, ImageChops
 
 from tests.helpers import FIXTURES, OURS, RUN, empty_image, post_run, txt2img, wait_until
 from tests.test_stream import payloads, read_events
@@ -342,3 +343,36 @@ def test_genstudio_prompt_then_task_info_gives_the_files(deployment: Deploy) -> 
     assert entry["status"] == 3 and entry["progress_num"] == 100
     downloaded = requests.get(entry["final_files"][0], timeout=30)
     assert downloaded.status_code == 200 and Image.open(io.BytesIO(downloaded.content)).size == (64, 64)
+
+
+def test_genstudios_documented_txt2img_client_runs_unchanged(
+    deployment: Deploy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.test_genstudio import KEY_A, T2I, TOKEN_SECRET, doc_client
+
+    deployed = deployment(FILE_LINK_SECRET=LINK_SECRET, GENSTUDIO_TOKEN_SECRET=TOKEN_SECRET, API_KEYS=KEY_A)
+    workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())
+    registered = requests.put(
+        f"{deployed.url}/api/workflows/{T2I}", data=json.dumps(workflow), headers={"Authorization": f"Bearer {KEY_A}"}
+    )
+    assert registered.status_code in (200, 201), registered.text
+    client = doc_client(deployed, monkeypatch, tmp_path)  # type: ignore[arg-type]
+    # The tutorial's cells, in order.
+    base_workflow_prompt = client.get_prompt_json_body(client.api_params_by_genstudio)
+    client.id_to_class_type = client.get_id_to_class_type_map(client.COMFY_T2I_WORKFLOW_API_JSON_PATH)
+    _modified, prompt_id = client.prompt_to_image(
+        prompt=base_workflow_prompt,
+        positive_prompt="a lighthouse at dusk",
+        negative_prompt="ugly, deformed",
+        output_path=str(tmp_path / "output"),
+        save_previews=True,
+    )
+    assert prompt_id, "the client reported a failure (see the captured output)"
+    (saved,) = sorted((tmp_path / "output" / "9").iterdir())
+    assert Image.open(saved).size == (512, 512)
+    (entry,) = client.get_task_info([prompt_id])["data"]["comfy_task_info"]
+    assert entry["status"] == 3 and entry["final_files"] == entry["files"]["9"]
+    downloaded = requests.get(entry["final_files"][0], timeout=30)
+    assert downloaded.status_code == 200
+    served, kept = Image.open(io.BytesIO(downloaded.content)).convert("RGB"), Image.open(saved).convert("RGB")
+    assert ImageChops.difference(served, kept).getbbox() is None, "the same picture the client saved"

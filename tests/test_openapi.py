@@ -119,9 +119,7 @@ def test_docs_with_api_keys_loads_without_a_key_and_takes_one_through_authorize(
         page.fill(".swagger-ui .modal-ux input", key)
         page.click(".swagger-ui .modal-ux button.authorize")
         # the page reloads once, the key kept: the hosted workflow's document is listed
-        page.wait_for_function(
-            "[...document.querySelectorAll('.topbar select option')].some(o => o.textContent === 'workflow: txt2img')"
-        )
+        page.wait_for_selector(".topbar select option:text-is('workflow: txt2img')", state="attached")
         page.get_by_text("/api/serverless/run", exact=True).first.wait_for()
         operation = page.locator("#operations-workflows-listWorkflows")
         operation.locator(".opblock-summary").click()

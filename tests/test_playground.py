@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_playground_runs_a_hosted_workflow_and_cancels_a_slow_one(
         page.fill("textarea[name='6.text']", PROMPT)
         page.click("#run")
         page.wait_for_selector("#outputs img")
-        page.wait_for_function("document.getElementById('state').className === 'succeeded'")
+        page.wait_for_selector("#state.succeeded")  # selectors, not eval: the page's CSP forbids it
         assert page.inner_text("#percent") == "100%"
         assert page.get_attribute("#bar", "aria-valuenow") == "100"
         src = page.get_attribute("#outputs img", "src") or ""
@@ -62,9 +63,9 @@ def test_playground_runs_a_hosted_workflow_and_cancels_a_slow_one(
         requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.2}, timeout=5).raise_for_status()
         page.fill("input[name='3.steps']", "100")
         page.click("#run")
-        page.wait_for_function("document.getElementById('state').textContent.startsWith('running')")
+        page.locator("#state").filter(has_text=re.compile(r"^running")).wait_for()
         page.click("#cancel")
-        page.wait_for_function("document.getElementById('state').className === 'cancelled'")
+        page.wait_for_selector("#state.cancelled")
         assert "cancelled" in page.inner_text("#state")
         wait_until(lambda: running_prompt(own_emulator.url) is None, timeout=8)  # 20 s had it run on
     assert all(urlparse(url).hostname == "127.0.0.1" for url in requested if not url.startswith("data:"))
@@ -96,11 +97,11 @@ def test_the_playground_fits_a_phone_and_shows_every_card(
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
         page.goto(app.url + "/")
-        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.wait_for_selector("#workflow option:nth-child(2)", state="attached")
         page.select_option("#workflow", "txt2img")
         page.wait_for_selector("textarea[name='6.text']")
         page.click("#run")
-        page.wait_for_function("document.getElementById('state').className === 'succeeded'")
+        page.wait_for_selector("#state.succeeded", state="attached")
         layout = page.evaluate(OVERFLOW)
         assert layout["scroll"] <= layout["width"] == 390, layout
         assert layout["wide"] == [], layout
@@ -121,7 +122,7 @@ def test_on_a_desktop_run_stays_in_view_beside_the_parameters(
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 600})
         page.goto(app.url + "/")
-        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.wait_for_selector("#workflow option:nth-child(2)", state="attached")
         page.select_option("#workflow", "txt2img")
         page.wait_for_selector("textarea[name='6.text']")
         run, pick, params = (page.locator(s).bounding_box() for s in ("#run", "#pick", "#params"))
@@ -143,11 +144,11 @@ def test_a_wrong_api_key_can_be_entered_again_without_reloading(
         page.wait_for_selector("#keydialog[open]")
         page.fill("#key", "sk-wrong")
         page.click("#keydialog button[value=ok]")
-        page.wait_for_function("document.getElementById('keyerror').textContent.includes('refused')")
+        page.wait_for_selector("#keyerror:has-text('refused')")
         assert page.locator("#keydialog").get_attribute("open") is not None  # asked again, saying why
         page.fill("#key", key)
         page.click("#keydialog button[value=ok]")
-        page.wait_for_function("document.getElementById('workflow').options.length > 1")
+        page.wait_for_selector("#workflow option:nth-child(2)", state="attached")
         assert page.locator("#keybutton").is_visible()  # the key can be changed later
         page.click("#keybutton")
         page.wait_for_selector("#keydialog[open]")
@@ -155,4 +156,23 @@ def test_a_wrong_api_key_can_be_entered_again_without_reloading(
         assert page.evaluate("sessionStorage.getItem('comfy-serverless-api-key')") == key
         page.select_option("#workflow", "txt2img")
         page.click("#run")
-        page.wait_for_function("document.getElementById('state').className === 'succeeded'")
+        page.wait_for_selector("#state.succeeded", state="attached")
+
+
+def test_playground_takes_a_workflow_as_the_editor_saves_it(
+    start_app: Callable[..., App], own_emulator: Emulator
+) -> None:
+    """Pasted UI-format JSON is converted by the server; its inputs become the form; it runs."""
+    app = start_app(own_emulator.url)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(app.url + "/")
+        page.fill("#paste", (ROOT / "examples" / "txt2img.ui.json").read_text())
+        page.click("#use-paste")
+        page.wait_for_selector("textarea[name='6.text']")
+        assert "converted from the UI format" in page.inner_text("#source")
+        page.fill("textarea[name='6.text']", PROMPT)
+        page.click("#run")
+        page.wait_for_selector("#state.succeeded", state="attached")
+    history = requests.get(own_emulator.url + "/history", timeout=5).json()
+    assert [entry["prompt"][2]["6"]["inputs"]["text"] for entry in history.values()] == [PROMPT]

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import itertools
 import json
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -478,8 +479,9 @@ def test_without_a_queue_instances_sharing_redis_answer_and_cancel_for_each_othe
     answers = [post_run(app.url, empty_image(prefix="once"), headers=key) for app in (one, two)]
     assert [a.status_code for a in answers] == [200, 200] and answers[0].json() == answers[1].json()
     assert post_run(two.url, empty_image(prefix="other"), headers=key).status_code == 409
-    other_caller = {**bearer(KEY_B), "Idempotency-Key": "local-once"}
-    assert post_run(two.url, empty_image(prefix="once"), headers=other_caller).status_code == 409
+    other_caller = {**bearer(KEY_B), "Idempotency-Key": "local-once"}  # another key's own namespace (#28.9)
+    theirs = post_run(two.url, empty_image(prefix="once"), headers=other_caller)
+    assert theirs.status_code == 200 and theirs.json()["data"]["task_id"] != answers[0].json()["data"]["task_id"]
 
 
 # -- cancel, priority, idempotency -----------------------------------------------------------------
@@ -637,3 +639,20 @@ def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_e
         assert "no longer holds this job" in answer.json()["error_message"]
     finally:
         server.stop()
+
+
+def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_and_the_job_goes_on(
+    tier: Callable[..., Tier],
+) -> None:
+    fleet = tier(processes=True, DRAIN_TIMEOUT="1")
+    gateway = fleet.gateway()
+    fleet.worker(step_delay=0.1)
+    waiting = in_background(lambda: post_run(gateway.url, slow(5, steps=40), headers={"X-Fc-Trace-Id": "outlives"}))
+    wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "outlives")))
+    gateway.proc.send_signal(signal.SIGTERM)
+    answer = waiting.result(timeout=30)
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["error_code"] == "UNAVAILABLE" and "goes on" in answer.json()["error_message"]
+    assert gateway.proc.wait(30) == 0
+    other = fleet.gateway()
+    assert wait_ended(other.url, "outlives")[-1]["type"] == "serverless_api", "the job itself ran to its end"

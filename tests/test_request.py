@@ -40,7 +40,7 @@ def test_wrapper_passes_extra_data_untouched():
         (b"[1, 2]", "JSON object"),
         (b'"text"', "JSON object"),
         (b"{}", "no nodes"),
-        (json.dumps({"nodes": [], "links": [], "version": 0.4}).encode(), "Save (API Format)"),
+        (json.dumps({"nodes": [], "links": [], "version": 0.4}).encode(), "UI-format"),  # converted by the caller
         (json.dumps({"1": "EmptyImage"}).encode(), "node '1'"),
         (json.dumps({"1": {"class_type": ["x"], "inputs": {}}}).encode(), "class_type"),
         (json.dumps({"prompt": WORKFLOW, "extra_data": [1]}).encode(), "extra_data"),

@@ -129,8 +129,8 @@ def test_bad_bodies_are_invalid_params(app):
         payload = response.json()
         assert payload["type"] == "error" and payload["error_code"] == "INVALID_PARAMS"
         assert payload["error_message"]
-    ui = post_run(app.url, ui_format).json()
-    assert "Save (API Format)" in ui["error_message"]
+    ui = post_run(app.url, ui_format).json()  # converted, and a node without a type is refused
+    assert "without a type" in ui["error_message"]
 
 
 def test_output_oss_without_oss_configured_is_invalid_params(app):

@@ -190,7 +190,7 @@ def test_each_bad_registration_is_refused_naming_every_problem(hosted: App, emul
     }
     assert requests.get(f"{hosted.url}{API}/bad-one", timeout=10).status_code == 404
     ui = put(hosted.url, "ui", {"nodes": [], "links": []})
-    assert ui.status_code == 400 and "Save (API Format)" in ui.json()["error_message"]
+    assert ui.status_code == 400 and "no node that ComfyUI would run" in ui.json()["error_message"]  # converted
     assert put(hosted.url, "..", empty_image()).status_code in (400, 404)
     assert put(hosted.url, "bad%20id", empty_image()).json()["error_code"] == "INVALID_PARAMS"
     assert (

@@ -60,6 +60,7 @@ class View:
 
 VIEW_HEADERS = ("Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "Last-Modified", "ETag")
 VIEW_CHUNK = 256 * 1024
+BIG_ANSWER = 256 * 1024  # from this size on, a JSON answer is parsed in a thread
 
 
 @contextlib.contextmanager
@@ -223,7 +224,8 @@ class ComfyUI:
         if not body:
             return None
         try:
-            return jsontext.loads(body)
+            # /queue and /history hold whole prompts: a big one is parsed off the event loop.
+            return await asyncio.to_thread(jsontext.loads, body) if len(body) >= BIG_ANSWER else jsontext.loads(body)
         except ValueError:
             raise ComfyUIUnavailable(f"ComfyUI answered {action} with something that is not JSON") from None
 

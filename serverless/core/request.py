@@ -12,8 +12,10 @@ from typing import Any
 
 from ..errors import InvalidParams
 from . import jsontext
+from .uiformat import UIFormatWorkflow, is_ui_format
 
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+PARAMETER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 RUN_QUERY_FLAGS = (
     "output_base64",
     "output_oss",
@@ -102,7 +104,8 @@ def is_wrapper(document: Mapping[str, Any]) -> bool:
 
 
 def split_workflow(document: Any) -> tuple[Workflow, dict[str, Any] | None]:
-    """Accept a bare API-format workflow or the `{"prompt": ..., "extra_data": ...}` wrapper."""
+    """Accept a bare API-format workflow or the `{"prompt": ..., "extra_data": ...}` wrapper; a
+    UI-format one raises `UIFormatWorkflow` (an InvalidParams) for the caller to convert."""
     if not isinstance(document, dict):
         raise InvalidParams("the request body must be a JSON object: a ComfyUI API-format workflow")
     extra_data = None
@@ -114,11 +117,8 @@ def split_workflow(document: Any) -> tuple[Workflow, dict[str, Any] | None]:
         if extra_data is not None and _depth(extra_data) > MAX_INPUT_DEPTH:
             raise InvalidParams(f"extra_data is nested more than {MAX_INPUT_DEPTH} levels deep")
         document = document["prompt"]
-    if isinstance(document.get("nodes"), list) and isinstance(document.get("links"), list):
-        raise InvalidParams(
-            "this is a UI-format workflow (it has 'nodes' and 'links'); export it from ComfyUI "
-            "with 'Save (API Format)' (enable dev mode options in the settings) and send that"
-        )
+    if is_ui_format(document):  # converted by the caller, which has ComfyUI's /object_info
+        raise UIFormatWorkflow(document, extra_data)
     check_nodes(document)
     return document, extra_data
 
@@ -175,6 +175,16 @@ def run_request(
         stream=query_flag(query, "stream"),
         task_id=task_id,
     )
+
+
+def check_parameter_names(query: Mapping[str, str]) -> None:
+    """Refuse, before anything runs, a query parameter whose name is not `[A-Za-z0-9._-]{1,64}`:
+    such a name (CR/LF, non-Latin-1 characters) is no flag of ours misspelt, and it must never
+    reach a log line or a header as it came."""
+    for name in query:
+        if not PARAMETER_NAME_RE.fullmatch(name):
+            shown = name[:64].encode("unicode_escape").decode("ascii")
+            raise InvalidParams(f"query parameter names are [A-Za-z0-9._-]{{1,64}}, not {shown!r}")
 
 
 def unknown_parameters(query: Mapping[str, str], known: tuple[str, ...] = RUN_QUERY_FLAGS) -> list[str]:

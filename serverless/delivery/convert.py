@@ -2,21 +2,27 @@
 
 `Conversion` is what was asked (`output_format`, `output_quality`, `output_max_side`), checked
 once at the edge by `parse_conversion`. `convert` decodes an image once, downscales it once
-(keeping its aspect) and encodes it once; it is blocking, so the async callers run it in a worker
-thread (`convert_in_thread`). What is not a still image Pillow can read (video, audio, 3D files)
-passes unchanged, and so does an animated WebP/GIF unless WebP is asked (then every frame is kept).
+(keeping its aspect) and encodes it once; it is blocking, so the async callers run it through the
+instance's `Converter`: at most CONVERT_CONCURRENCY at once in worker threads, MAX_WAITING more
+waiting (then BUSY), and no source of more than CONVERT_MAX_PIXELS pixels (refused from its header,
+never decoded: a 0.3 MB PNG can hold 100 megapixels, 400 MB decoded). What is not a still image
+Pillow can read (video, audio, 3D files) passes unchanged, and so does an animated WebP/GIF unless
+WebP is asked (then every frame is kept).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from ..errors import InvalidParams
+from ..core.numbers import whole_number
+from ..errors import Busy, InvalidParams
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 FORMATS: dict[str, ImageFormat] = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
@@ -25,8 +31,13 @@ EXTENSION: dict[ImageFormat, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"
 PILLOW_FORMAT: dict[str, ImageFormat] = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 DEFAULT_QUALITY = 90
 MAX_SIDE = 16384
-# Refuse to decode more pixels than this (a decompression bomb); such a file passes unchanged.
-MAX_PIXELS = 200_000_000
+MAX_PIXELS = 32_000_000  # CONVERT_MAX_PIXELS' default: about 12 bytes a pixel while converted
+MAX_WAITING = 64  # conversions waiting for a slot beyond which a new one is BUSY
+BUSY_RETRY_AFTER = 5
+
+
+class ConversionRefused(InvalidParams):
+    """An image with more pixels than this instance converts (CONVERT_MAX_PIXELS)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,25 +80,30 @@ def parse_conversion(fmt: str | None, quality: str | None, max_side: str | None)
 def _whole(raw: str | None, name: str, low: int, high: int) -> int | None:
     if raw is None or not str(raw).strip():
         return None
-    text = str(raw).strip()
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise InvalidParams(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}")
-    return int(text)
+    return whole_number(str(raw).strip(), name, low, high)
 
 
-def convert(content: bytes, conversion: Conversion) -> Converted | None:
+def convert(content: bytes, conversion: Conversion, max_pixels: int = MAX_PIXELS) -> Converted | None:
     """`content` converted as asked, or None when it passes unchanged (not a still image Pillow
-    reads, an animated image not asked as WebP, or nothing to do)."""
+    reads, an animated image not asked as WebP, or nothing to do). ConversionRefused, from its
+    header alone, for an image (all its frames together) of more than `max_pixels` pixels."""
     if not conversion.active:
         return None
     try:
         image = Image.open(io.BytesIO(content))
         source = PILLOW_FORMAT.get(image.format or "")
         animated = getattr(image, "is_animated", False)
-        if image.width * image.height > MAX_PIXELS:
-            return None
+        pixels = image.width * image.height * (getattr(image, "n_frames", 1) if animated else 1)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return None
+    if pixels > max_pixels:
+        in_frames = f" in {pixels // (image.width * image.height or 1)} frames" if animated else ""
+        raise ConversionRefused(
+            f"the output is {image.width}x{image.height} pixels{in_frames}, more than this instance "
+            f"converts ({max_pixels} pixels, CONVERT_MAX_PIXELS): ask for it without "
+            "output_format, output_quality and output_max_side",
+            raw={"width": image.width, "height": image.height, "max_pixels": max_pixels},
+        )
     target = conversion.format or source
     if target is None or (animated and target != "webp"):
         return None  # an image Pillow cannot write back as it was, or an animation kept as it is
@@ -111,11 +127,47 @@ def convert(content: bytes, conversion: Conversion) -> Converted | None:
     return Converted(out.getvalue(), MIME[target], EXTENSION[target])
 
 
-async def convert_in_thread(content: bytes, conversion: Conversion) -> Converted | None:
-    """`convert` in a worker thread: decoding and encoding never block the event loop."""
-    if not conversion.active:
-        return None
-    return await asyncio.to_thread(convert, content, conversion)
+class Converter:
+    """The instance's conversions: `convert` in worker threads, at most `concurrency` at once
+    (each holds up to about 12 bytes per pixel of `max_pixels`), `MAX_WAITING` more waiting in
+    line; past that a new one is BUSY, not queued without bound."""
+
+    def __init__(self, max_pixels: int = MAX_PIXELS, concurrency: int = 2, max_waiting: int = MAX_WAITING) -> None:
+        self.max_pixels = max_pixels
+        self.max_waiting = max_waiting
+        self._slots = asyncio.Semaphore(concurrency)
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One of the `concurrency` slots, for a conversion and whatever it reads first."""
+        if self._waiting >= self.max_waiting and self._slots.locked():
+            raise Busy(
+                f"{self._waiting} image conversions are waiting already; retry in {BUSY_RETRY_AFTER}s",
+                BUSY_RETRY_AFTER,
+            )
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def convert(self, content: bytes, conversion: Conversion) -> Converted | None:
+        """`convert` in a slot: decoding and encoding never block the event loop."""
+        if not conversion.active:
+            return None
+        async with self.slot():
+            return await self.convert_held(content, conversion)
+
+    async def convert_held(self, content: bytes, conversion: Conversion) -> Converted | None:
+        """`convert` in a worker thread, for a caller that holds a slot already."""
+        if not conversion.active:
+            return None
+        return await asyncio.to_thread(convert, content, conversion, self.max_pixels)
 
 
 def _too_big(image: Image.Image, max_side: int | None) -> bool:

@@ -20,7 +20,7 @@ from ..comfyui.client import ComfyUI, Fetched
 from ..core.jsontext import Spliced
 from ..core.media import mime_for_name, sniff
 from ..errors import OutputError, ServerlessError
-from .convert import NO_CONVERSION, Conversion, convert_in_thread
+from .convert import NO_CONVERSION, Conversion, Converter
 from .storage import Source
 
 FileKey = tuple[str, str, str]
@@ -101,8 +101,10 @@ class OutputCollector:
         on_ready: ReadyCallback | None = None,
         link: Linker | None = None,
         keep: Keeper | None = None,
+        converter: Converter | None = None,
     ) -> None:
         self._comfy = comfy
+        self._converter = converter or Converter()
         # An upload alone needs no bytes in memory when the file is on our disk: it is streamed.
         self._needs_content = with_content or conversion.active or keep is not None
         self._with_content = self._needs_content or uploader is not None
@@ -150,7 +152,7 @@ class OutputCollector:
         content, mime, size = fetched.content, _mime(fetched, name), fetched.size
         del fetched  # the original is dropped as soon as it is converted
         if content is not None:
-            converted = await convert_in_thread(content, self._conversion)
+            converted = await self._converter.convert(content, self._conversion)
             if converted is not None:
                 # `raw` keeps ComfyUI's name; mime, size and the OSS object's extension follow the new file.
                 content, mime = converted.content, converted.mime

@@ -180,16 +180,34 @@ OPERATIONS: tuple[Operation, ...] = (
         operation_id="listWorkflows",
     ),
     Operation(
+        "/api/workflows/convert",
+        "post",
+        "workflows",
+        "Convert a UI-format workflow to the API format",
+        "The body is the editor's saved workflow (`nodes`, `links`, subgraphs; bare or under `prompt`). "
+        "It is converted with the running ComfyUI's object_info as the editor would export it: widget "
+        "values to inputs, links through reroutes, primitives, bypassed and muted nodes and subgraphs "
+        "(inner nodes `<outer>:<inner>`), titles in `_meta.title`. `notes` tell what could not be kept. "
+        "A node class ComfyUI lacks is INVALID_PARAMS with `raw.missing.nodes`. Every endpoint that "
+        "takes an API-format workflow takes a UI-format one too, converted the same way.",
+        body="Workflow",
+        replies=(Reply("200", "the API-format prompt and notes", "Converted"),),
+        errors=("400",),
+        operation_id="convertWorkflow",
+    ),
+    Operation(
         "/api/workflows/{workflow_id}",
         "put",
         "workflows",
         "Register or replace a workflow",
-        "Validated against the running ComfyUI's object_info, then stored on the shared disk.",
-        (WORKFLOW_ID,),
+        "Validated against the running ComfyUI's object_info, then stored on the shared disk (a UI-format "
+        "workflow is converted first and stored in the API format). With API keys it is the caller's: other "
+        "keys get 404 for it and 409 on its id, unless it is registered with shared=true.",
+        (WORKFLOW_ID, flag("shared", "with API keys: other keys may read and run it (never replace or delete it)")),
         "Workflow",
         True,
         (Reply("200", "replaced", "WorkflowDescription"), Reply("201", "created", "WorkflowDescription")),
-        ("400",),
+        ("400", "409"),
         "putWorkflow",
     ),
     Operation(
@@ -227,8 +245,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "post",
         "workflows",
         "Run a hosted workflow",
-        'The body holds overrides: `{"<node_id>.<input>": value}`, the advanced or the simple form. '
-        "See the workflow's own document for its parameters.",
+        'The body holds overrides: `{"<node_id>.<input>": value}` (or `"<title>.<input>"` where the '
+        "node's title is unique), the advanced or the simple form. See the workflow's own document "
+        "for its parameters.",
         (WORKFLOW_ID, *RUN_PARAMS),
         "Overrides",
         False,
@@ -541,7 +560,10 @@ ERROR_TEXT = {
     "401": "UNAUTHORIZED",
     "403": "a tampered or expired link",
     "404": "NOT_FOUND",
-    "409": "a conflict: the task already ended, or an Idempotency-Key reused with another body",
+    "409": (
+        "a conflict: the task already ended, an Idempotency-Key reused with another body, or (with API keys) "
+        "a task or workflow id another key used first"
+    ),
     "500": "EXECUTION_FAILED, EXECUTION_INTERRUPTED, OUTPUT_ERROR or UNCLASSIFY",
     "503": "COMFYUI_UNAVAILABLE, BUSY (with Retry-After) or draining",
     "504": "TIMEOUT",

@@ -21,6 +21,20 @@ from .openapi import build_document
 STATIC = Path(__file__).parent / "static"
 
 
+# The pages load only this app's own scripts; Swagger UI sets inline styles; outputs shown may be
+# OSS (https) URLs, data: or blob: images. No framing (clickjacking), no MIME sniffing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob: https:; media-src 'self' data: blob: https:; connect-src 'self'; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def swagger_ui_dir() -> Path:
     """The folder of Swagger UI's files inside the installed package."""
     return Path(str(swagger_ui_bundle.swagger_ui_path))
@@ -28,19 +42,20 @@ def swagger_ui_dir() -> Path:
 
 async def openapi_json(request: Request) -> Response:
     """GET /api/openapi.json: every route, linking the hosted workflows' own documents."""
-    stored = await app_state(request).resources.workflows.store.all()
+    owner = request.scope.get("state", {}).get("owner")
+    stored = await app_state(request).resources.workflows.visible(owner if isinstance(owner, str) else None)
     server_url = str(request.base_url).rstrip("/")
     return JSONResponse(build_document(server_url, [item.workflow_id for item in stored]))
 
 
 async def reference(request: Request) -> Response:
     """GET /docs: Swagger UI over /api/openapi.json (and each hosted workflow's document)."""
-    return FileResponse(STATIC / "docs.html")
+    return FileResponse(STATIC / "docs.html", headers=PAGE_HEADERS)
 
 
 async def playground(request: Request) -> Response:
     """GET /: the playground page."""
-    return FileResponse(STATIC / "index.html")
+    return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
 def routes() -> list[BaseRoute]:

@@ -77,6 +77,10 @@ def _parameter_schema() -> dict[str, Any]:
         "type": "object",
         "properties": {
             "name": {"type": "string", "description": "`<node_id>.<input>`, the key of the flat override form"},
+            "title_name": {
+                "type": ["string", "null"],
+                "description": "`<title>.<input>`, the same parameter by its node's title (null unless unique)",
+            },
             "node_id": {"type": "string"},
             "input": {"type": "string"},
             "class_type": {"type": "string"},
@@ -101,8 +105,10 @@ def schemas() -> dict[str, Any]:
     return {
         "Workflow": {
             "type": "object",
-            "description": 'A ComfyUI API-format workflow ("Save (API Format)"): '
-            '`{"<node_id>": {"class_type", "inputs"}}`, or `{"prompt": ..., "extra_data": ...}`',
+            "description": 'A ComfyUI API-format workflow ("Export (API)"): '
+            '`{"<node_id>": {"class_type", "inputs"}}`, or `{"prompt": ..., "extra_data": ...}`; or the '
+            "editor's own save (UI format: `nodes`, `links`, `definitions.subgraphs`), converted with "
+            "ComfyUI's object_info",
             "additionalProperties": {"type": "object"},
         },
         "Overrides": {
@@ -156,6 +162,14 @@ def schemas() -> dict[str, Any]:
                 **summary_properties,
                 "workflow": {"$ref": "#/components/schemas/Workflow"},
                 "parameters": {"type": "array", "items": {"$ref": "#/components/schemas/Parameter"}},
+            },
+        },
+        "Converted": {
+            "type": "object",
+            "required": ["prompt", "notes"],
+            "properties": {
+                "prompt": {"$ref": "#/components/schemas/Workflow"},
+                "notes": {"type": "array", "items": {"type": "string"}, "description": "what could not be kept"},
             },
         },
         "Deleted": {"type": "object", "properties": {"workflow_id": {"type": "string"}, "deleted": {"const": True}}},

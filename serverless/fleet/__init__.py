@@ -54,8 +54,15 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.role in ("all", "worker")
     queue = RedisQueue(status.client, status)
+    storage = resources.storage
     front = RemoteJobs(
-        queue, status, jobs if takes_jobs else None, settings.max_queued_jobs, resources.metrics, settings.queue_ttl
+        queue,
+        status,
+        jobs if takes_jobs else None,
+        settings.max_queued_jobs,
+        resources.metrics,
+        settings.queue_ttl,
+        caller_credentials_upload=storage is not None and storage.scheme == "oss",
     )
     consumer_task: asyncio.Task[None] | None = None
     consumer = None

@@ -9,9 +9,10 @@ Admission is the queue's: at most MAX_QUEUED_JOBS wait in it, all gateways toget
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..core import jsontext
@@ -50,22 +51,37 @@ class RemoteJob:
         While no worker has begun it, the queue is asked now and then whether it still can be
         (QUEUE_TTL, a queue that lost its data): a caller never waits for ever."""
         loop = asyncio.get_running_loop()
-        begun, quiet_since = bool(after), loop.time()
+        begun, quiet_since, seq = bool(after), loop.time(), after or 0
         look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
-        async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every):
-            if entry is None:
-                if not begun:
-                    await self.runner.end_if_stranded(self.task_id, submitted=True)
-                if idle is not None and loop.time() - quiet_since >= idle:
-                    quiet_since = loop.time()
-                    yield None
-                continue
-            begun, quiet_since = True, loop.time()
-            event = await _event(entry.seq, entry.data, entry.terminal)
-            if event.terminal and self._terminal is None:
-                self._terminal = event
-                self.runner.ended(self, event.error)
-            yield event
+        with self.runner.following():
+            async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every):
+                if self.runner.letting_go.is_set():  # this gateway stops: the job goes on without it
+                    yield self._let_go(seq + 1)
+                    return
+                if entry is None:
+                    if not begun:
+                        await self.runner.end_if_stranded(self.task_id, submitted=True)
+                    if idle is not None and loop.time() - quiet_since >= idle:
+                        quiet_since = loop.time()
+                        yield None
+                    continue
+                begun, quiet_since, seq = True, loop.time(), entry.seq
+                event = await _event(entry.seq, entry.data, entry.terminal)
+                if event.terminal and self._terminal is None:
+                    self._terminal = event
+                    self.runner.ended(self, event.error)
+                yield event
+
+    def _let_go(self, seq: int) -> Event:
+        """The terminal payload of this caller alone when its gateway stops before the job ends:
+        the job runs on, and its result waits in the status store."""
+        error = Unavailable(
+            f"this gateway is shutting down; the job goes on: follow it on another gateway "
+            f"(GET /api/serverless/status?task_id={self.task_id})",
+            raw={"task_id": self.task_id, "state": "running"},
+        )
+        self._terminal = Event(seq, jsontext.dumps(error.to_payload()), True, error)
+        return self._terminal
 
     def more_ready(self, seq: int) -> bool:
         """Each event is sent as it comes (Redis hands them over in batches already)."""
@@ -115,15 +131,21 @@ class RemoteJobs:
         max_queued: int = 1000,
         metrics: Metrics | None = None,
         queue_ttl: float = 3600.0,
+        caller_credentials_upload: bool = True,
     ) -> None:
         self.queue = queue
         self.status = status
         self.local = local  # this instance's own worker's jobs (ROLE=all|worker), drained with it
         self.max_queued = max_queued
         self.queue_ttl = queue_ttl
+        self.caller_credentials_upload = caller_credentials_upload  # OSS uploads with a request's own keys
         self.metrics = metrics or Metrics()
         self.accepting = True
         self._cancels: set[asyncio.Task[None]] = set()
+        self._followers = 0  # callers following a job through this gateway now
+        self._no_followers = asyncio.Event()
+        self._no_followers.set()
+        self.letting_go = asyncio.Event()  # set when a drain's time is up: followers end at once
         self._depth: tuple[float, int] | None = None  # (when read, jobs waiting then)
         self._added = 0  # jobs this gateway queued since that reading
 
@@ -175,7 +197,8 @@ class RemoteJobs:
     async def start(self, spec: JobSpec, prompt_id: str | None = None) -> RemoteJob:
         if not self.accepting:
             raise Unavailable("this gateway is shutting down and takes no new jobs")
-        if spec.outputs.oss and spec.credentials is not None and spec.credentials.from_caller:
+        caller_keys = spec.credentials is not None and spec.credentials.from_caller
+        if spec.outputs.oss and caller_keys and self.caller_credentials_upload:
             raise InvalidParams(
                 "output_oss with the request's own x-fc-access-key-* credentials cannot go through a fleet's "
                 "queue (credentials never enter Redis): workers upload with their own ALIBABA_CLOUD_* "
@@ -230,11 +253,36 @@ class RemoteJobs:
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
+    @contextlib.contextmanager
+    def following(self) -> Iterator[None]:
+        """Count a caller following a job here while it does."""
+        self._followers += 1
+        self._no_followers.clear()
+        try:
+            yield
+        finally:
+            self._followers -= 1
+            if not self._followers:
+                self._no_followers.set()
+
+    async def _followers_gone(self, within: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(within, 0.0)):
+                await self._no_followers.wait()
+        return self._no_followers.is_set()
+
     async def drain(self, timeout: float) -> None:
-        """Stop taking jobs (the queued ones stay queued for other workers); this instance's own
-        worker finishes its job within `timeout`, as `Jobs.drain` does."""
+        """Stop taking jobs (the queued ones stay queued for other workers); wait up to `timeout`
+        for the callers following jobs here, then answer each with a terminal error payload (its
+        job goes on); this instance's own worker finishes its job within `timeout` too."""
         self.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._cancels:
             await asyncio.wait(self._cancels, timeout=timeout)
+        if not await self._followers_gone(deadline - loop.time()):
+            log.info("letting %d caller(s) go: their jobs go on without this gateway", self._followers)
+            self.letting_go.set()
+            await self._followers_gone(2 * STRANDED_CHECK)  # each notices within a look
         if self.local is not None:
-            await self.local.drain(timeout)
+            await self.local.drain(max(0.0, deadline - loop.time()))

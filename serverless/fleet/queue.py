@@ -4,6 +4,7 @@
     job:<task_id>               "<stream> <entry id>" of the task's newest submission
     task:<task_id>:owner        whose it is (`serverless.status.redis`): known, queued, from now on
     idem:<key>                  "<task_id> <fingerprint>" of the first request with that Idempotency-Key
+                                (under an API key: idem:<owner>-<sha256 of the key>, its own namespace)
     run:<task_id>:<entry id>    who took that submission: a worker's name, or "cancelled" (SET NX)
     cancel:<task_id>:<entry id> a cancel request its worker watches
     (every key is named in `serverless.status.keys`)
@@ -16,6 +17,7 @@ which checks the cancel key every CANCEL_POLL seconds.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -24,6 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ..auth import scoped_key
 from ..core.request import validate_task_id
 from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, ServerlessError, Unavailable
 from ..jobs.spec import JobSpec
@@ -73,9 +76,7 @@ class RedisQueue:
             if idempotency_key is not None:
                 validate_task_id(idempotency_key)
                 mark = f"{task_id} {fingerprint(spec)}"
-                claimed = await self.client.set(
-                    keys.queue_idempotency(idempotency_key), mark, nx=True, ex=self.status.ttl
-                )
+                claimed = await self.client.set(_idem(idempotency_key, spec), mark, nx=True, ex=self.status.ttl)
                 if not claimed:
                     return await self._attach(idempotency_key, spec)
             try:
@@ -83,19 +84,20 @@ class RedisQueue:
             except BaseException:
                 if idempotency_key is not None:  # a repeat must not attach to a job that never was
                     with contextlib.suppress(Exception):
-                        await self.client.delete(keys.queue_idempotency(idempotency_key))
+                        await self.client.delete(_idem(idempotency_key, spec))
                 raise
         log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
         return Submitted(task_id, following, False)
 
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
         following = await self.status.current(task_id) + 1
+        await self._claim_owner(task_id, spec.owner or "")
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        # One step: the entry, its ordinal, whose it is, and a submission mark that a follower
-        # never reads as "lost" (`end_if_stranded`) before the entry's own id replaces it.
+        # One step: the entry, its ordinal, and a submission mark that a follower never reads as
+        # "lost" (`end_if_stranded`) before the entry's own id replaces it.
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(keys.submission(task_id), f"{stream(priority)} {PENDING} 0", ex=self.status.ttl)
-            pipe.set(keys.owner(task_id), spec.owner or "", ex=self.status.ttl)  # "": anyone's
+            pipe.expire(keys.owner(task_id), self.status.ttl)
             pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
             pipe.incr(keys.queue_count(priority))
             *_, entry, ordinal = await pipe.execute()
@@ -103,8 +105,17 @@ class RedisQueue:
         await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
         return following, entry
 
+    async def _claim_owner(self, task_id: str, owner: str) -> None:
+        """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;
+        another key naming it is refused before anything is queued."""
+        if await self.client.set(keys.owner(task_id), owner, nx=True, ex=self.status.ttl):
+            return
+        held: Any = await self.client.get(keys.owner(task_id))
+        if held and not hmac.compare_digest(held, owner.encode()):
+            raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
+
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
-        value: Any = await self.client.get(keys.queue_idempotency(key))
+        value: Any = await self.client.get(_idem(key, spec))
         if value is None:  # expired in between: a new request after all
             raise TaskConflict("the Idempotency-Key expired while it was used; send the request again")
         task_id, _, used = value.decode().partition(" ")
@@ -266,6 +277,11 @@ class GroupState:
             lag = max(0, added - int(read or 0))
         pending, consumers = info.get("pending", 0), info.get("consumers", 0)
         return cls(int(lag), None if read is None else int(read), int(pending), int(consumers))
+
+
+def _idem(key: str, spec: JobSpec) -> str:
+    """Where an Idempotency-Key is claimed: in the namespace of the caller's API key."""
+    return keys.queue_idempotency(scoped_key(key, spec.owner))
 
 
 def _named(spec: JobSpec, task_id: str) -> JobSpec:

@@ -64,8 +64,9 @@ def _respond(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         except ClientDisconnect:
             raise  # nobody to answer: the app's handler notes it
         except Exception as exc:
-            body, status = failure(as_serverless_error(exc, f"{request.method} {request.url.path}"))
-            return JSONResponse(body, status_code=status)
+            error = as_serverless_error(exc, f"{request.method} {request.url.path}")
+            body, status = failure(error)
+            return JSONResponse(body, status_code=status, headers=error.headers or None)
         return JSONResponse(success(data))
 
     answer.__doc__ = endpoint.__doc__
@@ -176,11 +177,13 @@ async def _may_see(resources: Resources, jobs: JobRunner, task_id: str, owner: s
 
 class Files:
     """Fresh URLs of a task's files: OSS signed URLs where they were uploaded, else our links;
-    valid `url_expire_period` seconds, converted as `image_post_process_cmd` asks."""
+    valid `url_expire_period` seconds (at most FILE_LINK_MAX_EXPIRES), converted as
+    `image_post_process_cmd` asks."""
 
     def __init__(self, resources: Resources, request: Request | WebSocket, asked: mapping.TaskInfoRequest) -> None:
         self.resources = resources
         self.asked = asked
+        self.period = min(asked.url_expire_period, resources.settings.file_link_max_expires)
         self.credentials = Credentials.resolve(request.headers, resources.settings.cloud_credentials)
         scheme = {"ws": "http", "wss": "https"}.get(request.url.scheme, request.url.scheme)
         self.base_url = str(request.base_url.replace(scheme=scheme)).rstrip("/")
@@ -194,14 +197,14 @@ class Files:
         store = self.resources.storage
         if isinstance(key, str) and key and store is not None:
             process = self.asked.post_process.oss_process
-            signed = await store.sign_object(self.credentials, key, self.asked.url_expire_period, process)
+            signed = await store.sign_object(self.credentials, key, self.period, process)
             if signed is not None:
                 return signed
         secret = self.resources.settings.file_link_secret
         if not secret or not isinstance(raw, dict) or not raw.get("filename"):
             return None
         conversion = self.asked.post_process.conversion
-        expires = int(time.time()) + self.asked.url_expire_period
+        expires = int(time.time()) + self.period
         signed = links.sign(secret.encode(), raw, expires, conversion)
         return f"{self.base_url}/api/files/{signed}/{quote(_served_name(str(raw['filename']), conversion))}"
 

@@ -64,6 +64,7 @@ class Accepts:
         return mime in self.types or mime.split("/", 1)[0] in self.types
 
 
+BIG_WORKFLOW_NODES = 1000
 _IMAGE = Accepts("an image", frozenset({"image"}))
 _VIDEO = Accepts("a video", frozenset({"video", "image/gif", "image/webp"}))  # animations load too
 # Loaders not listed here (added by configuration) accept any content.
@@ -193,7 +194,10 @@ async def resolve_inputs(
         kind = _classify_item(workflow, item)
         if kind != "file":
             remote.append((item, kind))
-    result: dict[str, Any] = copy_json(dict(workflow))
+    if len(workflow) >= BIG_WORKFLOW_NODES:  # a big workflow is copied off the event loop
+        result: dict[str, Any] = await asyncio.to_thread(copy_json, dict(workflow))
+    else:
+        result = copy_json(dict(workflow))
     if not remote:
         return result
 
@@ -234,7 +238,13 @@ def _classify_item(workflow: Mapping[str, Any], item: LoaderInput) -> InputKind:
 
 class _Fetcher:
     """Fetches one request's inputs: bounded concurrency, the request's byte total, the
-    instance's byte budget (leases held until `release`), and the content check."""
+    instance's byte budget (leases held until `release`), and the content check.
+
+    The request's total bounds what it holds, not only what it ends with: a fetch starts only
+    when its reservation fits within MAX_INPUT_BYTES_PER_JOB beside what the request's other
+    fetches hold or may still read (eight 50 MB URLs in a 1 KB body once held 400 MB at once,
+    the total refused only afterwards). When nothing else is in flight one fetch may start
+    anyway: its real size may fit, and the total is checked once it is known."""
 
     def __init__(
         self,
@@ -253,19 +263,44 @@ class _Fetcher:
         self._slots = asyncio.Semaphore(limits.fetch_concurrency)
         self._leases: list[Lease] = []
         self._total = 0
+        self._claimed = 0  # bytes this request holds or may still read (its fetches' reservations)
+        self._in_flight = 0
+        self._settled = asyncio.Event()
 
     async def __call__(self, item: LoaderInput, kind: InputKind) -> _Fetched:
         async with self._slots:
-            lease = await self._reserve(item, kind)
+            size = self._reservation(item, kind)
+            await self._claim(size)
+            kept = 0
             try:
-                data = await self._fetch(item, kind)
-            except ServerlessError as exc:
-                raise _input_error(self._workflow, item, _VERBS[kind], exc) from exc
-            lease.shrink(len(data))  # what was reserved but not read goes back; the rest is held
+                lease = await self._reserve(item, kind)
+                try:
+                    data = await self._fetch(item, kind)
+                except ServerlessError as exc:
+                    raise _input_error(self._workflow, item, _VERBS[kind], exc) from exc
+                lease.shrink(len(data))  # what was reserved but not read goes back; the rest is held
+                kept = len(data)
+            finally:
+                self._settle(size, kept)
             self._count(item, len(data))
             fetched = await asyncio.to_thread(_describe, data)
             await self._verify(item, fetched)
             return fetched
+
+    async def _claim(self, size: int) -> None:
+        """Wait until `size` more bytes fit within the request's total beside its other fetches
+        (or none is in flight)."""
+        while self._in_flight and self._claimed + size > self._limits.max_job_bytes:
+            self._settled.clear()
+            await self._settled.wait()
+        self._claimed += size
+        self._in_flight += 1
+
+    def _settle(self, reserved: int, kept: int) -> None:
+        """A fetch ended, holding `kept` of the `reserved` bytes."""
+        self._claimed -= reserved - kept
+        self._in_flight -= 1
+        self._settled.set()
 
     def release(self) -> None:
         """Give back every reservation: the request's bytes are uploaded, or it failed."""

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..auth import sole_authorization
 from ..errors import Unauthorized
 from ..jobs.runner import JobRunner
 from ..resources import Resources
@@ -26,7 +27,7 @@ def check_metrics_token(request: Request, token: str) -> None:
     """With METRICS_TOKEN set, only `Authorization: Bearer <token>` may read the metrics."""
     if not token:
         return
-    given = request.headers.get("authorization", "")
+    given = sole_authorization(request.headers.getlist("authorization"))
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         raise Unauthorized("GET /metrics needs Authorization: Bearer <METRICS_TOKEN>")
 

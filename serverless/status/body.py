@@ -15,24 +15,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidParams
+from ..core.numbers import whole_number
 
 TERMINAL_TYPES = ("serverless_api", "error")
-AFTER_MAX_DIGITS = 12
 
 
 def parse_after(value: str) -> int:
-    """The `after` query value: ASCII digits only (`²` or `٣` are digits to `str.isdigit`)."""
-    if not value or len(value) > AFTER_MAX_DIGITS or not (value.isascii() and value.isdigit()):
-        raise InvalidParams("after must be a non-negative whole number", raw={"after": value[:40]})
-    return int(value)
+    """The `after` query value (or Last-Event-ID): a whole number from 0, in ASCII digits."""
+    return whole_number(value, "after", 0)
 
 
 def parse_attempt(value: str) -> int:
     """The `attempt` query value: a whole number from 1, in ASCII digits."""
-    if not value or len(value) > AFTER_MAX_DIGITS or not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise InvalidParams("attempt must be a whole number from 1", raw={"attempt": value[:40]})
-    return int(value)
+    return whole_number(value, "attempt", 1)
 
 
 def owner_named(line: bytes) -> str | None:

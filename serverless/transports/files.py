@@ -4,21 +4,23 @@ Any instance with the same FILE_LINK_SECRET serves any link, reading the file th
 `/view` (on FC every instance's ComfyUI sees the shared output folder on NAS), or, on a fleet,
 from Redis, where the worker that made it kept it (as served: converted) for FILE_LINK_EXPIRES seconds; nothing a caller
 sends names a path: the place comes only out of the signed token. A link signed with a conversion
-serves the converted file (made again, in a worker thread: the same bytes the job reported); one
-without streams ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206).
+serves the converted file (made once, in a bounded worker thread, and kept until the link
+expires: `serverless.delivery.converted`; the same bytes the job reported); one without streams
+ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..comfyui.client import ComfyUI
-from ..delivery.convert import NO_CONVERSION, convert_in_thread
+from ..delivery.convert import NO_CONVERSION
 from ..delivery.links import FileLink, verify
 from ..errors import ComfyUIUnavailable, NotFound, OutputError
 from ..resources import Resources
@@ -36,18 +38,26 @@ async def download(request: Request) -> Response:
         raise NotFound("download links are not enabled on this instance (FILE_LINK_SECRET is not set)")
     link = verify(secret.encode(), request.path_params["token"], time.time(), request.query_params)
     range_header = request.headers.get("range")
-    kept = await _kept(resources, link)
+    kept = await resources.stored_file(link.item, link.conversion)  # a fleet's worker kept it in Redis
     if kept is not None:
         return ranged(kept[0], kept[1], range_header)
-    if resources.settings.role == "gateway":  # no ComfyUI to read it from
-        raise NotFound(f"output {link.item['filename']} is no longer kept (kept FILE_LINK_EXPIRES seconds)")
-    if link.conversion.active:
-        body, content_type = await _converted(resources.comfy, link)
+    if link.conversion.active:  # converted once, bounded, kept for the link's life (`converted`)
+        body, content_type = await resources.converted.get(link, partial(_source, resources))
         return ranged(body, content_type, range_header)
+    if resources.settings.role == "gateway":  # no ComfyUI to read it from
+        raise _gone(link)
     return ViewStream(resources.comfy, link, range_header)
 
 
-async def _converted(comfy: ComfyUI, link: FileLink) -> tuple[bytes, str]:
+async def _source(resources: Resources, link: FileLink) -> tuple[bytes, str]:
+    """The linked file, read whole (bounded) for its conversion: the original a fleet's worker
+    kept (GenStudio asks conversions after the job), else ComfyUI's."""
+    original = await resources.stored_file(link.item, NO_CONVERSION)
+    if original is not None:
+        return original
+    if resources.settings.role == "gateway":
+        raise _gone(link)
+    comfy = resources.comfy
     chunks: list[bytes] = []
     size = 0
     async with comfy.view(link.item) as view:
@@ -58,25 +68,11 @@ async def _converted(comfy: ComfyUI, link: FileLink) -> tuple[bytes, str]:
             if size > MAX_CONVERTED_SOURCE:
                 raise OutputError(f"{link.item['filename']} is too big to convert on the fly")
             chunks.append(chunk)
-    content = b"".join(chunks)
-    del chunks
-    converted = await convert_in_thread(content, link.conversion)
-    if converted is None:
-        return content, content_type
-    return converted.content, converted.mime
+    return b"".join(chunks), content_type
 
 
-async def _kept(resources: Resources, link: FileLink) -> tuple[bytes, str] | None:
-    """The file as a fleet's worker kept it in Redis (None on one box): as converted for the
-    link, else converted now from the original it kept (GenStudio asks conversions later)."""
-    kept = await resources.stored_file(link.item, link.conversion)
-    if kept is not None or not link.conversion.active:
-        return kept
-    original = await resources.stored_file(link.item, NO_CONVERSION)
-    if original is None:
-        return None
-    converted = await convert_in_thread(original[0], link.conversion)
-    return (converted.content, converted.mime) if converted is not None else original
+def _gone(link: FileLink) -> NotFound:
+    return NotFound(f"output {link.item['filename']} is no longer kept (kept FILE_LINK_EXPIRES seconds)")
 
 
 def _check(status: int, link: FileLink) -> None:

@@ -57,23 +57,42 @@ def hang_up(job: RunningJob, settings: Settings, keep: bool = False) -> Abandon 
     return job.abandon
 
 
+class BodyRefused(InvalidParams):
+    """A body refused before it was read whole (too big, too slow): its answer closes the
+    connection, whose unread rest would otherwise keep it (and a slow drip) open."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request body, refused past `limit` bytes without reading the rest, or when it has not
     all arrived within `timeout` seconds (a slow drip must not hold a connection forever)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise InvalidParams(f"the request body is larger than {limit} bytes")
+    if declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > limit:
+        raise BodyRefused(f"the request body is larger than {limit} bytes")
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise InvalidParams(f"the request body is larger than {limit} bytes")
+                    raise BodyRefused(f"the request body is larger than {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        raise InvalidParams(f"the request body did not arrive within {timeout:g}s") from None
+        raise BodyRefused(f"the request body did not arrive within {timeout:g}s") from None
     return b"".join(chunks)
+
+
+def abort_connection(receive: Receive | None) -> None:
+    """Drop the caller's connection at once, with what it has not read: uvicorn's `close()` keeps
+    the unsent answer in memory until the caller reads it, which a stalled caller never does.
+    (The transport is uvicorn's, reached through its `receive`; another server: nothing done.)"""
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if callable(abort):
+        abort()
 
 
 async def json_response(
@@ -119,6 +138,7 @@ class JsonBody(Response):
                 )
         except (CallerStalled, OSError) as exc:
             log.info("%s %s: %s; its connection is closed", scope.get("method"), scope.get("path"), exc)
+            abort_connection(receive)
 
 
 class EventStream(Response):
@@ -154,9 +174,13 @@ class EventStream(Response):
         timeout = self.settings.stream_write_timeout
 
         async def deliver() -> None:
-            async for chunk in self._chunks():
-                await bounded(send({"type": "http.response.body", "body": chunk, "more_body": True}), timeout)
-            await bounded(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
+            try:
+                async for chunk in self._chunks():
+                    await bounded(send({"type": "http.response.body", "body": chunk, "more_body": True}), timeout)
+                await bounded(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
+            except CallerStalled:
+                abort_connection(receive)
+                raise
 
         async def caller_gone() -> None:
             while (await receive())["type"] != "http.disconnect":

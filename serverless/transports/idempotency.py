@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Protocol
 
+from ..auth import scoped_key
 from ..core.request import TASK_ID_RE, query_flag, task_id_from_headers
 from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
@@ -82,10 +83,11 @@ async def start_or_attach(
     """The job started with `key`: started now by this request, or the one an earlier request
     with the same key started (here: its job; elsewhere: its status log)."""
     fingerprint = digest(body, query, workflow_id or query.get("workflow_id"), caller)
+    stored = scoped_key(key, caller)  # each API key has its own Idempotency-Keys
     for _ in range(CLAIM_ROUNDS):
         prompt_id = str(uuid.uuid4())
         task_id = task_id_from_headers(headers) or prompt_id
-        owner = await _claim(resources.status, key, task_id, fingerprint)
+        owner = await _claim(resources.status, stored, task_id, fingerprint, key)
         if owner is None:
             try:
                 return await start_job(
@@ -101,17 +103,18 @@ async def start_or_attach(
                     prompt_id=prompt_id,
                 )
             except BaseException:
-                await asyncio.shield(resources.status.release_key(key, task_id))
+                await asyncio.shield(resources.status.release_key(stored, task_id))
                 raise
         try:
-            return await _attach(resources.status, jobs, key, owner)
+            return await _attach(resources.status, jobs, stored, owner, key)
         except _Released:
             continue
     raise Unavailable(f"the task of Idempotency-Key {key} kept failing to start")
 
 
-async def _claim(status: KeyClaims, key: str, task_id: str, fingerprint: str) -> str | None:
-    """None when this request claimed the key; else the task an earlier request started."""
+async def _claim(status: KeyClaims, key: str, task_id: str, fingerprint: str, shown: str) -> str | None:
+    """None when this request claimed the key (`key` as stored, `shown` as sent); else the task
+    an earlier request started."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_WAIT
     while True:
@@ -122,15 +125,15 @@ async def _claim(status: KeyClaims, key: str, task_id: str, fingerprint: str) ->
         if isinstance(owner, str):
             if found.get("digest") != fingerprint:
                 raise Conflict(  # which task, only its own caller may learn
-                    f"Idempotency-Key {key} was used with another request", raw={"idempotency_key": key}
+                    f"Idempotency-Key {shown} was used with another request", raw={"idempotency_key": shown}
                 )
             return owner
         if loop.time() > deadline:  # a claim that never got its content (its claimer died mid-write)
-            raise Unavailable(f"the claim of Idempotency-Key {key} cannot be read")
+            raise Unavailable(f"the claim of Idempotency-Key {shown} cannot be read")
         await asyncio.sleep(WAIT_STEP)  # its claimer is writing it
 
 
-async def _attach(status: Claims, jobs: JobRunner, key: str, task_id: str) -> RunningJob | TaskEvents:
+async def _attach(status: Claims, jobs: JobRunner, key: str, task_id: str, shown: str) -> RunningJob | TaskEvents:
     """Follow the task once it has begun (its claimer may still be starting it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ATTACH_WAIT
@@ -143,5 +146,5 @@ async def _attach(status: Claims, jobs: JobRunner, key: str, task_id: str) -> Ru
         if (await status.read_key(key)).get("task_id") != task_id:
             raise _Released
         if loop.time() > deadline:
-            raise Unavailable(f"the task {task_id} of Idempotency-Key {key} has not begun")
+            raise Unavailable(f"the task {task_id} of Idempotency-Key {shown} has not begun")
         await asyncio.sleep(WAIT_STEP)

@@ -4,18 +4,32 @@ resolve credentials once, refuse what this instance cannot do, then `Jobs.start`
 from __future__ import annotations
 
 import asyncio
+import hmac
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Literal
 
-from ..core.request import RunRequest, parse_run_request, query_flag, run_request, task_id_from_headers
+from ..core.request import (
+    RunRequest,
+    check_nodes,
+    check_parameter_names,
+    parse_run_request,
+    query_flag,
+    run_request,
+    task_id_from_headers,
+)
+from ..core.uiformat import UIFormatWorkflow
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.storage import Credentials, Storage
-from ..errors import InvalidParams, Unavailable
+from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
+from ..workflows.conversion import convert_with
+
+log = logging.getLogger(__name__)
 
 Transport = Literal["http", "ws"]
 
@@ -68,21 +82,46 @@ def output_policy(
     return OutputPolicy(base64=request.output_base64, oss=request.output_oss, convert=conversion, url=url)
 
 
-async def parse(body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
-    """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting."""
-    if len(body) < BIG_BODY:
-        return parse_run_request(body, query, headers)
-    return await asyncio.to_thread(parse_run_request, body, query, headers)
+async def parse(
+    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str], resources: Resources | None = None
+) -> RunRequest:
+    """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting; a
+    UI-format workflow is converted with ComfyUI's `/object_info` (`resources`)."""
+    try:
+        if len(body) < BIG_BODY:
+            return parse_run_request(body, query, headers)
+        return await asyncio.to_thread(parse_run_request, body, query, headers)
+    except UIFormatWorkflow as ui:
+        if resources is None:
+            raise
+        return await _converted(resources, ui, len(body), query, headers)
+
+
+async def _converted(
+    resources: Resources, ui: UIFormatWorkflow, size: int, query: Mapping[str, str], headers: Mapping[str, str]
+) -> RunRequest:
+    """The run of a UI-format workflow: converted, then as any other."""
+    task_id = task_id_from_headers(headers)
+    converted = await convert_with(resources.workflows.object_info, ui.document, size)
+    if converted.notes:
+        log.info("task_id=%s: UI-format workflow converted: %s", task_id or "-", "; ".join(converted.notes))
+    check_nodes(converted.prompt)
+    return run_request(converted.prompt, ui.extra_data, query, task_id)
 
 
 async def parse_hosted(
-    resources: Resources, workflow_id: str, body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str]
+    resources: Resources,
+    workflow_id: str,
+    body: bytes | str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    owner: str | None = None,
 ) -> tuple[RunRequest, Mapping[str, str]]:
     """A hosted workflow's run: the body holds only overrides, checked and merged into the stored
     workflow (`serverless.workflows.hosting`); the flags and task id as for any run. The body's
     `"output": {"format", "quality", "max_side"}` join the query (whose own values win)."""
     task_id = task_id_from_headers(headers)
-    workflow, extra_data, output = await resources.workflows.prepare_run(workflow_id, body)
+    workflow, extra_data, output = await resources.workflows.prepare_run(workflow_id, body, owner)
     if output:
         from_body = {f"output_{key}": str(value) for key, value in output.items() if value is not None}
         query = {**from_body, **query}
@@ -116,12 +155,14 @@ async def start_job(
     prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
     beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload. `native`: queued
     through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them)."""
+    check_parameter_names(query)
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
-        request = await parse(body, query, headers)
+        request = await parse(body, query, headers, resources)
     else:
-        request, query = await parse_hosted(resources, workflow_id, body, query, headers)
+        request, query = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
+    await check_task_owner(resources, request.task_id, owner)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():
         # Its caller would poll a status that never comes: refuse now, FC retries elsewhere.
@@ -143,7 +184,7 @@ async def start_job(
         outputs=outputs,
         task_id=request.task_id,
         credentials=credentials,
-        big=len(body) >= BIG_BODY,
+        big=len(body) >= BIG_BODY or (workflow_id is not None and resources.workflows.size(workflow_id) >= BIG_BODY),
         workflow_id=workflow_id,
         priority=job_priority(query),
         idempotency_key=headers.get("idempotency-key") or None,
@@ -152,6 +193,21 @@ async def start_job(
         native=native,
     )
     return await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
+
+
+async def check_task_owner(resources: Resources, task_id: str | None, owner: str | None) -> None:
+    """A task id the caller names belongs to the key that first used it: another key naming it
+    is refused (409) before anything runs, never given a new attempt of it (nor its old ones).
+    The Redis tier's queue claims the id itself as well (SET NX), closing the race of two
+    first uses."""
+    if owner is None or task_id is None:
+        return
+    task_owner = await resources.status.owner(task_id)
+    if task_owner is None or (task_owner and hmac.compare_digest(task_owner, owner)):
+        return  # made without keys (anyone's), or this caller's own
+    if task_owner == "" and not await resources.status.known(task_id):
+        return  # nobody's yet
+    raise Conflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
 
 
 def job_priority(query: Mapping[str, str]) -> str:

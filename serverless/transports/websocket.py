@@ -18,7 +18,7 @@ from ..ops.metrics import ReaderMeter
 from ..settings import Settings
 from ..state import app_state
 from .caller import CallerStalled, bounded, watch
-from .http import hang_up
+from .http import abort_connection, hang_up
 from .start import start_job
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,13 @@ async def _forward(websocket: WebSocket, job: RunningJob, settings: Settings, me
             async for event in job.events():
                 if event is not None:
                     await bounded(websocket.send_text(event.text), timeout)
+            await bounded(websocket.close(), timeout)  # a send waits for room, the close too
         except ReaderTooSlow as exc:
             too_slow.append(exc)
-            return
-        await bounded(websocket.close(), timeout)  # a send waits for room, the close too: a stalled reader ends here
+        except CallerStalled:
+            # A stalled reader ends here, its connection dropped with what it has not read.
+            abort_connection(getattr(websocket, "_receive", None))
+            raise
 
     async def caller_gone() -> None:
         while (await websocket.receive())["type"] != "websocket.disconnect":

@@ -41,13 +41,28 @@ def parameter_schema(parameter: Parameter) -> dict[str, Any]:
     return schema
 
 
+def properties(parameters: list[Parameter]) -> dict[str, Any]:
+    """Each parameter by `<node_id>.<input>`, and by `<title>.<input>` where its title is unique."""
+    found: dict[str, Any] = {}
+    for parameter in parameters:
+        schema = parameter_schema(parameter)
+        found[parameter.key] = schema
+        if parameter.title_key is not None:
+            found[parameter.title_key] = {
+                **schema,
+                "description": f"the same as `{parameter.key}`: {schema['description']}",
+            }
+    return found
+
+
 def request_schema(parameters: list[Parameter]) -> dict[str, Any]:
     return {
         "type": "object",
         "description": "Overrides of the stored workflow; every property is optional and defaults to the "
-        'stored value. The advanced form {"<node_id>": {"inputs": {...}}} and the simple '
+        "stored value. A node with a unique title is named by it too (`<title>.<input>`). "
+        'The advanced form {"<node_id>": {"inputs": {...}}} and the simple '
         'form {"prompt": "text", "target_node": "<id>"} are accepted too.',
-        "properties": {p.key: parameter_schema(p) for p in parameters},
+        "properties": properties(parameters),
         "additionalProperties": False,
     }
 

@@ -2,7 +2,8 @@
 into one `{(node_id, input): value}` mapping, then merged into a copy of the workflow.
 
     advanced (GenStudio)  {"<node_id>": {"inputs": {"<input>": value}}}, bare or under "prompt"
-    flat                  {"<node_id>.<input>": value}
+    flat                  {"<node_id>.<input>": value}, or {"<title>.<input>": value} where no other
+                          node bears that title (in every form a unique title names its node)
     simple (Flask)        {"prompt": "text", "target_node": "<node_id>"}: the text goes to that
                           node's `text` input, or without `target_node` to the positive prompt
 
@@ -20,7 +21,7 @@ from typing import Any
 from ..core.request import MAX_INPUT_DEPTH, _depth
 from ..core.workflow import copy_json
 from ..errors import InvalidParams
-from .schema import ObjectInfo, Workflow, is_link, node_inputs, node_order
+from .schema import ObjectInfo, Workflow, is_link, node_inputs, node_order, unique_titles
 from .validate import Overrides, Problem
 
 TEXT_INPUT = "text"
@@ -49,25 +50,28 @@ def parse_overrides(document: Any, workflow: Workflow, object_info: ObjectInfo) 
         raise InvalidParams("the body of a hosted run must be a JSON object of overrides; " + FORMS_HINT)
     values: Overrides = {}
     problems: list[Problem] = []
+    titles = unique_titles(workflow)
     extra_data = _extra_data(document.get("extra_data"))
     output = _output(document.get("output"))
     prompt = document.get("prompt")
     if isinstance(prompt, dict) and "inputs" in prompt and "inputs" not in workflow:
-        _advanced({"prompt": prompt}, workflow, values, problems)  # the workflow's node named "prompt"
+        _advanced({"prompt": prompt}, workflow, titles, values, problems)  # the workflow's node named "prompt"
     elif isinstance(prompt, dict):
-        _advanced(prompt, workflow, values, problems)
+        _advanced(prompt, workflow, titles, values, problems)
     elif isinstance(prompt, str):
-        _simple(prompt, document.get("target_node"), workflow, object_info, values, problems)
+        target = document.get("target_node")
+        target = titles.get(target, target) if isinstance(target, str) and target not in workflow else target
+        _simple(prompt, target, workflow, object_info, values, problems)
     elif prompt is not None:
         problems.append(Problem("prompt", None, None, "invalid_overrides", "must be a text or an object of nodes"))
     for key, value in document.items():
         if key in ("prompt", "extra_data", "target_node", "output"):
             continue
         if isinstance(value, dict) and "inputs" in value:
-            _advanced({key: value}, workflow, values, problems)
+            _advanced({key: value}, workflow, titles, values, problems)
         elif "." in key:
-            node_id, _, name = key.rpartition(".")
-            values[(node_id, name)] = value
+            node, _, name = key.rpartition(".")
+            _set(values, (resolve_node(node, workflow, titles), name), value, key, problems)
         else:
             problems.append(Problem(key, None, None, "invalid_overrides", f"is not an override: {FORMS_HINT}"))
     if "target_node" in document and not isinstance(prompt, str):
@@ -97,8 +101,25 @@ def _extra_data(value: Any) -> dict[str, Any] | None:
     return value
 
 
-def _advanced(nodes: Mapping[str, Any], workflow: Workflow, values: Overrides, problems: list[Problem]) -> None:
-    for node_id, node in nodes.items():
+def resolve_node(name: str, workflow: Workflow, titles: Mapping[str, str]) -> str:
+    """A node named by its id, or by its title where no other node bears it."""
+    return name if name in workflow else titles.get(name, name)
+
+
+def _set(values: Overrides, where: tuple[str, str], value: Any, key: str, problems: list[Problem]) -> None:
+    """One override; the same input given twice (by id and by title) must agree."""
+    if where in values and values[where] != value:
+        problems.append(
+            Problem(where[0], None, where[1], "invalid_overrides", f"is given twice with different values ({key!r})")
+        )
+    values[where] = value
+
+
+def _advanced(
+    nodes: Mapping[str, Any], workflow: Workflow, titles: Mapping[str, str], values: Overrides, problems: list[Problem]
+) -> None:
+    for name, node in nodes.items():
+        node_id = resolve_node(name, workflow, titles)
         if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict):
             problems.append(Problem(node_id, None, None, "invalid_overrides", 'must be {"inputs": {...}}'))
             continue
@@ -118,8 +139,8 @@ def _advanced(nodes: Mapping[str, Any], workflow: Workflow, values: Overrides, p
                     node["class_type"],
                 )
             )
-        for name, value in node["inputs"].items():
-            values[(node_id, name)] = value
+        for input_name, value in node["inputs"].items():
+            _set(values, (node_id, input_name), value, f"{name}.{input_name}", problems)
 
 
 def _simple(

@@ -118,11 +118,17 @@ class Parameter:
     default: Any
     loader: bool = False
     seed: bool = False
+    unique_title: bool = False  # no other node bears this title: `<title>.<input>` names it too
 
     @property
     def key(self) -> str:
         """The flat-form name, `<node_id>.<input>`."""
         return f"{self.node_id}.{self.input}"
+
+    @property
+    def title_key(self) -> str | None:
+        """The flat-form name by title, `<title>.<input>`, when the title is unique."""
+        return f"{self.title}.{self.input}" if self.unique_title and self.title else None
 
     @property
     def description(self) -> str:
@@ -145,6 +151,7 @@ class Parameter:
             spec["multiline"] = self.spec.multiline
         payload: dict[str, Any] = {
             "name": self.key,
+            "title_name": self.title_key,
             "node_id": self.node_id,
             "input": self.input,
             "class_type": self.class_type,
@@ -164,9 +171,22 @@ def title_of(node: Mapping[str, Any]) -> str | None:
     return title if isinstance(title, str) and title else None
 
 
+def unique_titles(workflow: Workflow) -> dict[str, str]:
+    """title -> node id, for each title one node alone bears (and that is no other node's id)."""
+    seen: dict[str, list[str]] = {}
+    for node_id, node in workflow.items():
+        title = title_of(node) if isinstance(node, Mapping) else None
+        if title is not None:
+            seen.setdefault(title, []).append(node_id)
+    return {
+        title: ids[0] for title, ids in seen.items() if len(ids) == 1 and (title == ids[0] or title not in workflow)
+    }
+
+
 def build_schema(workflow: Workflow, object_info: ObjectInfo, loaders: Loaders) -> list[Parameter]:
     """Every literal input that its node's class declares, in node order then input order."""
     parameters = []
+    titled = set(unique_titles(workflow).values())
     for node_id in sorted(workflow, key=node_order):
         node = workflow[node_id]
         class_type = node.get("class_type") if isinstance(node, Mapping) else None
@@ -188,6 +208,7 @@ def build_schema(workflow: Workflow, object_info: ObjectInfo, loaders: Loaders) 
                     default=value,
                     loader=(class_type, name) in loaders,
                     seed=name in SEED_INPUTS and spec.type == "INT",
+                    unique_title=node_id in titled,
                 )
             )
     return parameters

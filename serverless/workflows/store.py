@@ -1,7 +1,11 @@
 """The hosted workflows' folder on the shared disk: one `<workflow_id>.json` per workflow.
 
 Every instance reads the folder itself, on each call (no cache), so a workflow written by one
-instance is seen by all at once; files dropped in by hand are served the same way. A write goes
+instance is seen by all at once; files dropped in by hand are served the same way. A workflow
+registered with an API key is stored as `{"owner": <key digest>, "shared": bool, "prompt": {...}}`:
+it is that key's (`Stored.visible_to`, `Stored.writable_by`); one without an owner (registered
+without keys, or dropped in by hand) is everyone's to read and run, and nobody's to change
+through a key. A write goes
 to a temporary file that is synced and then renamed over the old one, so a reader sees the old
 workflow or the new, never half of one. File I/O runs in a thread (the folder is on NAS).
 """
@@ -9,16 +13,18 @@ workflow or the new, never half of one. File I/O runs in a thread (the folder is
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..core.request import TASK_ID_RE, is_wrapper
-from ..errors import InvalidParams, NotFound
+from ..errors import Conflict, InvalidParams, NotFound
 
 SUFFIX = ".json"
 
@@ -40,28 +46,58 @@ class Stored:
     workflow_id: str
     workflow: dict[str, Any]
     modified: float
+    owner: str | None = None  # the registering API key's digest (serverless.auth); None: nobody's
+    shared: bool = False  # other keys may read and run it too
+    size: int = 0  # bytes of its file
+    version: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, mtime_ns, size): changes with each write
+
+    def visible_to(self, caller: str | None) -> bool:
+        """Whether `caller` (None: keys are off) may read and run it."""
+        return caller is None or self.owner is None or self.shared or hmac.compare_digest(self.owner, caller)
+
+    def writable_by(self, caller: str | None) -> bool:
+        """Whether `caller` may replace or delete it: its owner only (anyone, keys off)."""
+        return caller is None or (self.owner is not None and hmac.compare_digest(self.owner, caller))
 
     @property
     def modified_iso(self) -> str:
         return datetime.fromtimestamp(self.modified, UTC).isoformat().replace("+00:00", "Z")
 
 
+PARSED_KEPT = 32  # parsed workflows kept, by file version: a big one is not parsed again per call
+
+
 class WorkflowStore:
-    """The folder (`WORKFLOWS_DIR`); created on the first write."""
+    """The folder (`WORKFLOWS_DIR`); created on the first write. What a file held is kept parsed
+    for as long as the file is unchanged (same inode, mtime and size): readers share it, and
+    never change it (a run merges its overrides into a copy)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._parsed: dict[Path, Stored] = {}
+        self._lock = threading.Lock()  # the reading threads share it
 
     def _path(self, workflow_id: str) -> Path:
         return self.folder / (validate_workflow_id(workflow_id) + SUFFIX)
 
     async def read(self, workflow_id: str) -> Stored:
         """The stored workflow; NotFound when there is none (or the file is not a workflow)."""
-        return await asyncio.to_thread(self._read, self._path(workflow_id), workflow_id)
+        return await asyncio.to_thread(self._read_kept, self._path(workflow_id), workflow_id)
 
-    async def write(self, workflow_id: str, workflow: dict[str, Any]) -> bool:
-        """Store (atomically); True when it was new, False when it replaced one."""
-        return await asyncio.to_thread(self._write, self._path(workflow_id), workflow)
+    async def write(
+        self,
+        workflow_id: str,
+        workflow: dict[str, Any],
+        owner: str | None = None,
+        shared: bool = False,
+        new: bool = False,
+    ) -> bool:
+        """Store (atomically), as `owner`'s when given; True when it was new, False when it
+        replaced one. `new`: only if there is none yet (Conflict when another write came first)."""
+        document: dict[str, Any] = workflow
+        if owner is not None:
+            document = {"owner": owner, "shared": shared, "prompt": workflow}
+        return await asyncio.to_thread(self._write, self._path(workflow_id), document, new)
 
     async def delete(self, workflow_id: str) -> None:
         """Remove it; NotFound when there is none."""
@@ -86,28 +122,50 @@ class WorkflowStore:
             if not TASK_ID_RE.fullmatch(workflow_id) or workflow_id in (".", ".."):
                 continue
             try:
-                found.append(self._read(self.folder / name, workflow_id))
+                found.append(self._read_kept(self.folder / name, workflow_id))
             except NotFound:
                 continue  # removed meanwhile, or not a workflow
         return found
+
+    def _read_kept(self, path: Path, workflow_id: str) -> Stored:
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            raise NotFound(f"no hosted workflow {workflow_id!r}") from None
+        with self._lock:
+            kept = self._parsed.get(path)
+        if kept is not None and kept.version == (found.st_ino, found.st_mtime_ns, found.st_size):
+            return kept
+        stored = self._read(path, workflow_id)
+        with self._lock:
+            self._parsed.pop(path, None)
+            while len(self._parsed) >= PARSED_KEPT:
+                self._parsed.pop(next(iter(self._parsed)))
+            self._parsed[path] = stored
+        return stored
 
     @staticmethod
     def _read(path: Path, workflow_id: str) -> Stored:
         try:
             with open(path, "rb") as f:
-                modified = os.fstat(f.fileno()).st_mtime
+                found = os.fstat(f.fileno())
+                modified = found.st_mtime
                 document = json.loads(f.read())
         except FileNotFoundError:
             raise NotFound(f"no hosted workflow {workflow_id!r}") from None
         except (ValueError, UnicodeDecodeError):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not valid JSON; register it again") from None
+        owner, shared = None, False
         if isinstance(document, dict) and is_wrapper(document):
+            owner = document.get("owner") if isinstance(document.get("owner"), str) else None
+            shared = document.get("shared") is True
             document = document["prompt"]  # a file dropped in by hand may keep the wrapper
         if not isinstance(document, dict):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not a workflow object; register it again")
-        return Stored(workflow_id, document, modified)
+        version = (found.st_ino, found.st_mtime_ns, found.st_size)
+        return Stored(workflow_id, document, modified, owner, shared, found.st_size, version)
 
-    def _write(self, path: Path, workflow: dict[str, Any]) -> bool:
+    def _write(self, path: Path, workflow: dict[str, Any], new: bool) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
         data = json.dumps(workflow, ensure_ascii=False, indent=2).encode()
         fd, temp = tempfile.mkstemp(dir=self.folder, prefix="." + path.name + ".", suffix=".tmp")
@@ -117,7 +175,14 @@ class WorkflowStore:
                 f.flush()
                 os.fsync(f.fileno())
             created = not path.exists()
-            os.replace(temp, path)
+            if new:
+                try:
+                    os.link(temp, path)  # create-exclusive: two first registrations cannot both win
+                except FileExistsError:
+                    raise Conflict(f"workflow id {path.stem!r} is taken: name another workflow") from None
+                os.unlink(temp)
+            else:
+                os.replace(temp, path)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise

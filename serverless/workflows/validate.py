@@ -7,6 +7,8 @@ ComfyUI's own `/prompt` refusal (`{node_id: {"errors": [{type, message, details,
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +81,7 @@ def node_errors(problems: list[Problem]) -> dict[str, Any]:
         if problem.input is not None:
             extra["input_name"] = problem.input
         if problem.received is not None:
-            extra["received_value"] = problem.received
+            extra["received_value"] = _json_safe(problem.received)
         entry["errors"].append(
             {
                 "type": problem.kind,
@@ -97,6 +99,15 @@ def _listed(options: tuple[Any, ...]) -> str:
     return ", ".join(repr(option) for option in options[:MAX_LISTED_OPTIONS]) + f" ... ({len(options)} in all)"
 
 
+def _json_safe(value: Any) -> Any:
+    """A received value as strict JSON can carry it (NaN or Infinity as their text)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError):
+        return repr(value)[:200]
+    return value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,6 +118,8 @@ def _type_problem(spec: InputSpec, value: Any) -> tuple[str, Any] | None:
         return "must be a whole number", {"type": "INT"}
     if spec.type == "FLOAT" and (isinstance(value, bool) or not isinstance(value, (int, float))):
         return "must be a number", {"type": "FLOAT"}
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number", {"type": spec.type}
     if spec.type == "STRING" and not isinstance(value, str):
         return "must be a string", {"type": "STRING"}
     if spec.type == "BOOLEAN" and not isinstance(value, bool):

@@ -68,17 +68,21 @@ async function pickHosted(id) {
   buildForm(described.parameters);
 }
 
-function useJson(text, label) {
+async function useJson(text, label) {
   let workflow;
   try { workflow = JSON.parse(text); } catch (e) { $("source").textContent = `Not JSON: ${e.message}`; return; }
-  if (workflow.nodes && workflow.links) {
-    $("source").textContent = "That is a UI-format workflow: export it with \"Save (API Format)\".";
-    return;
+  let converted = "";
+  if (workflow.nodes && workflow.links) {  // the editor's own save: converted by the server
+    const answer = await api("/api/workflows/convert", { method: "POST", body: text });
+    if (!answer.ok) { $("source").textContent = await errorText(answer); return; }
+    const result = await answer.json();
+    workflow = result.prompt;
+    converted = ` (converted from the UI format${result.notes.length ? ": " + result.notes.join("; ") : ""})`;
   }
   const prompt = nodesOf(workflow);
   state.workflowId = null; state.workflow = workflow; state.params = literalParams(prompt);
   $("workflow").value = "";
-  $("source").textContent = `${label}: ${Object.keys(prompt).length} nodes`;
+  $("source").textContent = `${label}: ${Object.keys(prompt).length} nodes${converted}`;
   buildForm(state.params);
 }
 
