@@ -386,6 +386,13 @@ def test_v2_job_events_stream_status_progress_outputs_and_resume(deployment: Any
     invalid = requests.post(url + "/api/v2/jobs", json={"workflow": broken}, timeout=10)
     assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_workflow"
     assert requests.get(url + "/api/v2/jobs/nosuch", timeout=10).status_code == 404
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    once = requests.post(url + "/api/v2/jobs", json={"workflow": broken}, headers=key, timeout=10)
+    assert once.status_code == 422, "refused: the key is not spent"
+    first = requests.post(url + "/api/v2/jobs", json={"workflow": empty_image()}, headers=key, timeout=10)
+    again = requests.post(url + "/api/v2/jobs", json={"workflow": empty_image()}, headers=key, timeout=10)
+    assert first.status_code == 201 and again.status_code == 422
+    assert again.json()["error"]["code"] == "idempotency_key_reuse"
 
 
 def test_v2_cancel_ends_a_job_canceled(deployment: Any) -> None:

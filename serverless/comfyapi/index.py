@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from redis import asyncio as aioredis
 from ..status import keys
 from ..status.redis import translated
 
+KEY_TTL = 86400  # seconds an API v2 Idempotency-Key stays claimed (its spec: 24 h)
 KEEP = 10000  # prompts listed (ComfyUI's MAXIMUM_HISTORY_SIZE)
 CLIENT_KEEP = 1000  # tasks remembered per websocket client
 
@@ -96,6 +98,14 @@ class PromptIndex(Protocol):
         """Forget an asset record (its bytes stay for the others over them); False when unknown."""
         ...
 
+    async def claim_key(self, key: str) -> bool:
+        """Claim an API v2 `Idempotency-Key` for KEY_TTL seconds: False when claimed before."""
+        ...
+
+    async def release_key(self, key: str) -> None:
+        """Give a claim up: its submission was refused, nothing was queued."""
+        ...
+
 
 class MemoryIndex:
     """One box's prompts, in this process."""
@@ -107,6 +117,7 @@ class MemoryIndex:
         self._numbers = itertools.count()
         self._assets: dict[str, dict[str, Any]] = {}
         self._hashes: dict[str, str] = {}
+        self._keys: dict[str, float] = {}  # Idempotency-Key -> claimed until (monotonic)
 
     async def number(self, front: bool) -> int:
         number = next(self._numbers)
@@ -163,6 +174,17 @@ class MemoryIndex:
 
     async def delete_asset(self, asset_id: str) -> bool:
         return self._assets.pop(asset_id, None) is not None
+
+    async def claim_key(self, key: str) -> bool:
+        now = time.monotonic()
+        if self._keys.get(key, 0.0) > now:
+            return False
+        self._keys = {k: until for k, until in self._keys.items() if until > now}
+        self._keys[key] = now + KEY_TTL
+        return True
+
+    async def release_key(self, key: str) -> None:
+        self._keys.pop(key, None)
 
 
 class RedisIndex:
@@ -267,6 +289,14 @@ class RedisIndex:
     async def delete_asset(self, asset_id: str) -> bool:
         with translated():
             return bool(await self.client.delete(keys.comfy_asset(asset_id)))
+
+    async def claim_key(self, key: str) -> bool:
+        with translated():
+            return bool(await self.client.set(keys.comfy_idempotency(key), "1", nx=True, ex=KEY_TTL))
+
+    async def release_key(self, key: str) -> None:
+        with translated():
+            await self.client.delete(keys.comfy_idempotency(key))
 
 
 def _text(value: Any) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..auth import may_see
+from ..auth import may_see, scoped_key
 from ..core.media import sniff
 from ..errors import Busy, Conflict, InvalidParams, NotFound, ServerlessError, as_serverless_error
 from ..state import AppState, app_state
@@ -126,7 +126,18 @@ async def post_jobs(request: Request) -> Response:
         raise V2Error(422, "invalid_workflow", "workflow must be an API-format workflow object")
     workflow = await _with_assets(state, workflow, owner_of(request))
     extra = asked.get("extra_data")
-    entry = await submit(request, {"prompt": workflow, "extra_data": extra if isinstance(extra, dict) else None})
+    key = request.headers.get("idempotency-key")
+    index = prompts(state)
+    if key:  # single-use, as API v2 has it: a repeat is refused, never run again
+        key = scoped_key(key[:255], owner_of(request))
+        if not await index.claim_key(key):
+            raise V2Error(422, "idempotency_key_reuse", "this Idempotency-Key was used before")
+    try:
+        entry = await submit(request, {"prompt": workflow, "extra_data": extra if isinstance(extra, dict) else None})
+    except (Refused, InvalidParams, Busy):  # nothing was queued: the key may be used again
+        if key:
+            await index.release_key(key)
+        raise
     return JSONResponse(await _view(request, entry), status_code=201)
 
 

@@ -37,6 +37,7 @@ ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
     comfy:upload:<name>       an uploaded input's bytes, until a job takes it to its ComfyUI
     comfy:asset:<id>          an API v2 asset record (JSON); its bytes are an upload's
     comfy:asset-hash:<hash>   the newest asset record over the bytes of that blake3 hash
+    comfy:idem:<key>          an API v2 `Idempotency-Key` claimed (24 h; a repeat is refused)
 """
 
 from __future__ import annotations
@@ -133,3 +134,7 @@ def comfy_asset(asset_id: str) -> str:
 
 def comfy_asset_hash(digest: str) -> str:
     return f"comfy:asset-hash:{digest}"
+
+
+def comfy_idempotency(key: str) -> str:
+    return f"comfy:idem:{key}"
