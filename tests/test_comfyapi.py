@@ -193,6 +193,14 @@ def test_prompt_refusals_have_comfyuis_shape(deployment: Any) -> None:
     body = refused.json()
     assert body["error"]["type"] == "prompt_outputs_failed_validation" and "1" in body["node_errors"]
     assert requests.post(url + "/prompt", json={}, timeout=10).json()["error"]["type"] == "no_prompt"
+    partial = {**empty_image(prefix="partial"), "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}
+    answer = requests.post(url + "/prompt", json={"prompt": partial}, timeout=10)
+    assert answer.status_code == 200, "as ComfyUI: the valid output runs, node_errors tells of the other"
+    (error,) = answer.json()["node_errors"].values()
+    assert answer.json()["node_errors"].keys() == {"3"} and error["dependent_outputs"] == ["3"]
+    prompt_id = answer.json()["prompt_id"]
+    entry = wait_until(lambda: requests.get(url + "/history/" + prompt_id, timeout=10).json(), timeout=30)
+    assert entry[prompt_id]["prompt"][4] == ["2"] and entry[prompt_id]["status"]["status_str"] == "success"
 
 
 def test_a_prompt_queued_on_one_gateway_shows_on_another(deployment: Any, tmp_path: Path) -> None:

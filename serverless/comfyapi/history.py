@@ -172,6 +172,28 @@ def _merged(before: dict[str, Any] | None, output: dict[str, Any]) -> dict[str, 
     return merged
 
 
+def upstream(workflow: dict[str, Any], node_id: str) -> set[str]:
+    """`node_id` and every node it takes an input from, directly or not."""
+    seen: set[str] = set()
+    todo = [node_id]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        node = workflow.get(current)
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        for value in inputs.values() if isinstance(inputs, dict) else ():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
+                todo.append(str(value[0]))
+    return seen
+
+
+def runnable_outputs(workflow: dict[str, Any], outputs: tuple[str, ...], failed: set[str]) -> tuple[str, ...]:
+    """The outputs none of whose nodes failed validation (those ComfyUI runs)."""
+    return tuple(output for output in outputs if not upstream(workflow, output) & failed)
+
+
 def output_nodes(workflow: dict[str, Any], object_info: dict[str, Any]) -> tuple[str, ...]:
     """The workflow's output nodes (what ComfyUI executes), by `/object_info`'s `output_node`."""
     found = []

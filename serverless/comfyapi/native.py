@@ -105,15 +105,18 @@ async def queue_prompt(request: Request) -> Response:
     await app_state(request).jobs.check_room()
     asked = await _json_body(request)
     try:
-        entry = await submit(request, asked if isinstance(asked, dict) else {})
+        entry, errors = await submit(request, asked if isinstance(asked, dict) else {})
     except Refused as refused:
         return refused.response()
-    return JSONResponse({"prompt_id": entry.task_id, "number": entry.number, "node_errors": {}})
+    return JSONResponse({"prompt_id": entry.task_id, "number": entry.number, "node_errors": errors})
 
 
-async def checked_workflow(resources: Resources, workflow: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The workflow and its output nodes, checked as ComfyUI checks a prompt (against what
-    `/object_info` says: a worker's on a fleet); Refused otherwise."""
+async def checked_workflow(
+    resources: Resources, workflow: Any
+) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
+    """The workflow, the output nodes that will run and the `node_errors` of those that will not,
+    checked as ComfyUI checks a prompt (against what `/object_info` says: a worker's on a fleet):
+    Refused when no output can run."""
     if not isinstance(workflow, dict) or not workflow:
         raise Refused("no_prompt", "No prompt provided", "No prompt provided")
     for node_id, node in workflow.items():
@@ -129,21 +132,25 @@ async def checked_workflow(resources: Resources, workflow: Any) -> tuple[dict[st
     if not outputs:
         raise Refused("prompt_no_outputs", "Prompt has no outputs")
     problems = validate_workflow(workflow, info, resources.workflows.loaders)
-    if problems:
-        message = "Prompt outputs failed validation"
-        raise Refused("prompt_outputs_failed_validation", message, "", node_errors(problems))
-    return workflow, outputs
+    errors = node_errors(problems)
+    good = history.runnable_outputs(workflow, outputs, set(errors))
+    for node_id, error in errors.items():
+        error["dependent_outputs"] = [o for o in outputs if o not in good and node_id in history.upstream(workflow, o)]
+    if not good:
+        raise Refused("prompt_outputs_failed_validation", "Prompt outputs failed validation", "", errors)
+    return workflow, good, errors  # as ComfyUI: the valid outputs run, `node_errors` tells of the others
 
 
-async def submit(request: Request, asked: dict[str, Any]) -> PromptEntry:
+async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, dict[str, Any]]:
     """Queue a prompt as ComfyUI's `/prompt` takes it (`prompt`, `client_id`, `prompt_id`,
-    `number`, `front`, `extra_data`): a job of ours whose task id is the prompt id."""
+    `number`, `front`, `extra_data`): a job of ours whose task id is the prompt id; with the
+    `node_errors` of the outputs that will not run."""
     state = app_state(request)
     resources = state.resources
     prompt_id = str(asked.get("prompt_id") or uuid.uuid4())
     if not TASK_ID_RE.fullmatch(prompt_id) or prompt_id in (".", ".."):
         raise Refused("invalid_prompt", "prompt_id must be 1-128 letters, digits, '.', '_' or '-'", prompt_id[:128])
-    workflow, outputs = await checked_workflow(resources, asked.get("prompt"))
+    workflow, outputs, errors = await checked_workflow(resources, asked.get("prompt"))
     index = prompts(state)
     front = bool(asked.get("front"))
     number = asked.get("number")
@@ -165,7 +172,7 @@ async def submit(request: Request, asked: dict[str, Any]) -> PromptEntry:
     )
     await index.add(entry)
     log.info("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
-    return entry
+    return entry, errors
 
 
 async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, str]]:

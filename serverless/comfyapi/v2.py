@@ -133,7 +133,7 @@ async def post_jobs(request: Request) -> Response:
         if not await index.claim_key(key):
             raise V2Error(422, "idempotency_key_reuse", "this Idempotency-Key was used before")
     try:
-        entry = await submit(request, {"prompt": workflow, "extra_data": extra if isinstance(extra, dict) else None})
+        entry, _ = await submit(request, {"prompt": workflow, "extra_data": extra if isinstance(extra, dict) else None})
     except (Refused, InvalidParams, Busy):  # nothing was queued: the key may be used again
         if key:
             await index.release_key(key)
