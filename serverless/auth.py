@@ -34,6 +34,9 @@ COMFYUI_PREFIXES = (
     "/embeddings",
     "/models",
     "/ws",
+    "/comfyui/api/",  # the editor's calls (its pages stay open: they hold no data)
+    "/comfyui/ws",
+    "/comfyui/internal/",
 )
 GUARDED_PREFIXES = ("/api/", "/metrics", *COMFYUI_PREFIXES)
 # Authorised by their own signed tokens, not by a key: GenStudio's progress websocket (its

@@ -4,15 +4,25 @@ any gateway of a fleet answers for it."""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from . import native, relay, v2
+from . import editor, native, relay, v2
 
 
 def routes() -> list[BaseRoute]:
-    """The routes, each at its ComfyUI path and under `/api/`."""
+    """ComfyUI's API at its paths and under `/api/`, API v2, and the editor at `/comfyui/` (one
+    mount: its own API calls are ComfyUI's again, under it)."""
+    made = native_routes() + v2_routes()
+    pages = editor.routes()
+    if pages:
+        made.append(Mount(editor.PREFIX, routes=[*native_routes(), *pages]))
+    return made
+
+
+def native_routes() -> list[BaseRoute]:
+    """ComfyUI's own routes, each at its ComfyUI path and under `/api/`."""
     made: list[BaseRoute] = []
-    for prefix in ("", "/api"):
+    for prefix in ("", "/api"):  # ComfyUI serves both
         made += [
             Route(f"{prefix}/prompt", native.queue_prompt, methods=["POST"]),
             Route(f"{prefix}/prompt", native.prompt_state, methods=["GET"]),
@@ -33,7 +43,12 @@ def routes() -> list[BaseRoute]:
             Route(f"{prefix}/models/{{folder}}", native.comfyui_info, methods=["GET"]),
             WebSocketRoute(f"{prefix}/ws", relay.websocket),
         ]
-    made += [
+    return made
+
+
+def v2_routes() -> list[BaseRoute]:
+    """Comfy API v2's."""
+    return [
         Route("/api/v2/jobs", v2.post_jobs, methods=["POST"]),
         Route("/api/v2/jobs", v2.list_jobs, methods=["GET"]),
         Route("/api/v2/jobs/{id}", v2.get_job, methods=["GET"]),
@@ -47,4 +62,3 @@ def routes() -> list[BaseRoute]:
         Route("/api/v2/assets/{id}", v2.delete_asset, methods=["DELETE"]),
         Route("/api/v2/assets/{id}/content", v2.asset_content, methods=["GET"]),
     ]
-    return made

@@ -351,7 +351,7 @@ async def object_info(request: Request) -> Response:
 async def comfyui_info(request: Request) -> Response:
     """GET /system_stats, /embeddings, /models, /models/{folder}: as a worker's ComfyUI answers."""
     resources = app_state(request).resources
-    path = request.url.path.removeprefix("/api")
+    path = request.url.path.removeprefix(request.scope.get("root_path", "")).removeprefix("/api")
     return JSONResponse(await read_info(resources, path))
 
 
