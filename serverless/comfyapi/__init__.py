@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from . import editor, native, relay, v2
+from . import editor, files, native, relay, v2, v2assets
 
 
 def routes() -> list[BaseRoute]:
@@ -32,15 +32,15 @@ def native_routes() -> list[BaseRoute]:
             Route(f"{prefix}/history", native.get_history, methods=["GET"]),
             Route(f"{prefix}/history", native.post_history, methods=["POST"]),
             Route(f"{prefix}/history/{{prompt_id}}", native.get_history_item, methods=["GET"]),
-            Route(f"{prefix}/view", native.view, methods=["GET", "HEAD"]),
-            Route(f"{prefix}/upload/image", native.upload, methods=["POST"]),
-            Route(f"{prefix}/upload/mask", native.upload, methods=["POST"]),
-            Route(f"{prefix}/object_info", native.object_info, methods=["GET"]),
-            Route(f"{prefix}/object_info/{{node_class}}", native.object_info, methods=["GET"]),
-            Route(f"{prefix}/system_stats", native.comfyui_info, methods=["GET"]),
-            Route(f"{prefix}/embeddings", native.comfyui_info, methods=["GET"]),
-            Route(f"{prefix}/models", native.comfyui_info, methods=["GET"]),
-            Route(f"{prefix}/models/{{folder}}", native.comfyui_info, methods=["GET"]),
+            Route(f"{prefix}/view", files.view, methods=["GET", "HEAD"]),
+            Route(f"{prefix}/upload/image", files.upload, methods=["POST"]),
+            Route(f"{prefix}/upload/mask", files.upload, methods=["POST"]),
+            Route(f"{prefix}/object_info", files.object_info, methods=["GET"]),
+            Route(f"{prefix}/object_info/{{node_class}}", files.object_info, methods=["GET"]),
+            Route(f"{prefix}/system_stats", files.comfyui_info, methods=["GET"]),
+            Route(f"{prefix}/embeddings", files.comfyui_info, methods=["GET"]),
+            Route(f"{prefix}/models", files.comfyui_info, methods=["GET"]),
+            Route(f"{prefix}/models/{{folder}}", files.comfyui_info, methods=["GET"]),
             WebSocketRoute(f"{prefix}/ws", relay.websocket),
         ]
     return made
@@ -55,10 +55,10 @@ def v2_routes() -> list[BaseRoute]:
         Route("/api/v2/jobs/{id}/events", v2.job_events, methods=["GET"]),
         Route("/api/v2/jobs/{id}/cancel", v2.cancel_job, methods=["POST"]),
         Route("/api/v2/jobs/{id}/workflow", v2.job_workflow, methods=["GET"]),
-        Route("/api/v2/assets", v2.post_asset, methods=["POST"]),
-        Route("/api/v2/assets/from-hash", v2.asset_from_hash, methods=["POST"]),
-        Route("/api/v2/assets/by-hash/{hash}", v2.asset_by_hash, methods=["GET", "HEAD"]),
-        Route("/api/v2/assets/{id}", v2.get_asset, methods=["GET"]),
-        Route("/api/v2/assets/{id}", v2.delete_asset, methods=["DELETE"]),
-        Route("/api/v2/assets/{id}/content", v2.asset_content, methods=["GET"]),
+        Route("/api/v2/assets", v2assets.post_asset, methods=["POST"]),
+        Route("/api/v2/assets/from-hash", v2assets.asset_from_hash, methods=["POST"]),
+        Route("/api/v2/assets/by-hash/{hash}", v2assets.asset_by_hash, methods=["GET", "HEAD"]),
+        Route("/api/v2/assets/{id}", v2assets.get_asset, methods=["GET"]),
+        Route("/api/v2/assets/{id}", v2assets.delete_asset, methods=["DELETE"]),
+        Route("/api/v2/assets/{id}/content", v2assets.asset_content, methods=["GET"]),
     ]

@@ -9,11 +9,8 @@ too, and any gateway answers for it. Our additions stay: events carry `id:` and 
     GET  /api/v2/jobs/{id}/events     SSE: status, progress, output
     POST /api/v2/jobs/{id}/cancel     cancel; the `Job`
     GET  /api/v2/jobs/{id}/workflow   the API-format graph it ran
-    POST /api/v2/assets               upload (multipart `file`), content-addressed (blake3)
-    POST /api/v2/assets/from-hash     a new asset over bytes already here
-    HEAD /api/v2/assets/by-hash/{h}   whether such bytes are here
-    GET|DELETE /api/v2/assets/{id}    an asset (uploaded, or a job's output)
-    GET  /api/v2/assets/{id}/content  its bytes (ranges served)
+
+and its assets (`v2assets`).
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,22 +26,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..auth import may_see, scoped_key
-from ..core.media import sniff
 from ..errors import Busy, Conflict, InvalidParams, NotFound, ServerlessError, as_serverless_error
 from ..state import AppState, app_state
 from ..transports.events import TaskEvents
-from ..transports.files import ranged
 from ..transports.http import read_body
 from . import jobview
 from .index import PromptEntry
-from .native import Refused, inputs, owner_of, prompts, serve_file, submit
-from .uploads import form_fields
+from .native import Refused, owner_of, prompts, submit
 
 log = logging.getLogger(__name__)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict"}
-FORM_OVERHEAD = 64 * 1024
 
 
 class V2Error(Exception):
@@ -56,7 +48,7 @@ class V2Error(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
-def _v2(endpoint: Endpoint) -> Endpoint:
+def answered(endpoint: Endpoint) -> Endpoint:
     """Every refusal in API v2's error envelope, rendered here only."""
 
     async def answer(request: Request) -> Response:
@@ -89,14 +81,14 @@ def _ours(exc: ServerlessError) -> JSONResponse:
 # -- jobs ------------------------------------------------------------------------------------
 
 
-async def _entry(request: Request, task_id: str) -> PromptEntry:
+async def entry_of(request: Request, task_id: str) -> PromptEntry:
     entry = await prompts(app_state(request)).get(task_id)
     if entry is None or not may_see(owner_of(request), entry.owner):
         raise V2Error(404, "not_found", f"no job {task_id}")
     return entry
 
 
-def _base(request: Request) -> str:
+def base_of(request: Request) -> str:
     """Where the caller reached us: the `url`s of outputs and assets are absolute (a `uri`)."""
     return str(request.base_url).rstrip("/")
 
@@ -105,10 +97,10 @@ async def _view(request: Request, entry: PromptEntry, canceling: bool = False) -
     state = app_state(request)
     payloads = json.loads(await state.resources.status.read(entry.task_id))
     retention = state.resources.settings.status_retention_days * 86400
-    return jobview.job(entry, payloads, time.time(), retention, canceling, _base(request))
+    return jobview.job(entry, payloads, time.time(), retention, canceling, base_of(request))
 
 
-@_v2
+@answered
 async def post_jobs(request: Request) -> Response:
     """Submit `{"workflow", "extra_data"?}` -> 201 `Job`."""
     state = app_state(request)
@@ -162,7 +154,7 @@ async def _with_assets(state: AppState, workflow: dict[str, Any], owner: str | N
     return changed
 
 
-@_v2
+@answered
 async def list_jobs(request: Request) -> Response:
     """`{"jobs": [...], "next_cursor"?}`, newest first."""
     state = app_state(request)
@@ -178,23 +170,23 @@ async def list_jobs(request: Request) -> Response:
     return JSONResponse(answer)
 
 
-@_v2
+@answered
 async def get_job(request: Request) -> Response:
-    entry = await _entry(request, request.path_params["id"])
+    entry = await entry_of(request, request.path_params["id"])
     return JSONResponse(await _view(request, entry))
 
 
-@_v2
+@answered
 async def job_workflow(request: Request) -> Response:
-    entry = await _entry(request, request.path_params["id"])
+    entry = await entry_of(request, request.path_params["id"])
     return JSONResponse({"workflow": entry.workflow, "format": "api"})
 
 
-@_v2
+@answered
 async def cancel_job(request: Request) -> Response:
     """Idempotent: a job that ended stays as it ended."""
     state = app_state(request)
-    entry = await _entry(request, request.path_params["id"])
+    entry = await entry_of(request, request.path_params["id"])
     canceling = False
     try:
         canceling = await state.jobs.cancel(entry.task_id) == "cancelling"
@@ -203,17 +195,17 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(await _view(request, entry, canceling))
 
 
-@_v2
+@answered
 async def job_events(request: Request) -> Response:
     """SSE: `status` on every change of state, `progress` snapshots, each `output`, then the
     terminal `status`. Ours: `id:` lines; `Last-Event-ID` resumes after that event."""
     state = app_state(request)
-    entry = await _entry(request, request.path_params["id"])
+    entry = await entry_of(request, request.path_params["id"])
     after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     source = TaskEvents(
         entry.task_id, state.resources.status, state.jobs.get(entry.task_id), state.jobs.end_if_stranded
     )
-    frames = _frames(source, entry, int(after) if after.isdigit() else 0, _base(request))
+    frames = _frames(source, entry, int(after) if after.isdigit() else 0, base_of(request))
     return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -240,145 +232,3 @@ async def _frames(source: TaskEvents, entry: PromptEntry, after: int, base: str)
             sent = status
         if not event.terminal and view["status"] == "running":
             yield jobview.sse("progress", view["progress"], event.seq)
-
-
-# -- assets ----------------------------------------------------------------------------------
-
-
-def _blake3(data: bytes) -> str | None:
-    """`blake3:<hex>`, when the blake3 package is installed (else the hash is null, as the
-    API allows: assets are then never found by hash)."""
-    try:
-        from blake3 import blake3
-    except ImportError:
-        return None
-    return "blake3:" + blake3(data).hexdigest()
-
-
-@_v2
-async def post_asset(request: Request) -> Response:
-    """Multipart `file` (+ `content_type`, `file_path`, `expected_hash`) -> 201 (or 200 when the
-    bytes were here already) `Asset`."""
-    state = app_state(request)
-    settings = state.resources.settings
-    limit = min(settings.max_body_bytes, settings.input_max_bytes + FORM_OVERHEAD)
-    body = await read_body(request, limit, settings.body_timeout)
-    fields = await asyncio.to_thread(form_fields, body, request.headers.get("content-type", ""))
-    data = fields.get("file")
-    if not data:
-        raise V2Error(422, "invalid_request", "the multipart field file is required")
-    digest = await asyncio.to_thread(_blake3, data)
-    expected = fields.get("expected_hash", b"").decode()
-    if expected and digest is not None and expected != digest:
-        raise V2Error(409, "hash_mismatch", "expected_hash does not match the bytes received")
-    index = prompts(state)
-    known = await index.asset_by_hash(digest) if digest is not None else None
-    try:
-        name = await inputs(state.resources).stage(data)
-    except InvalidParams as exc:
-        raise V2Error(422, "invalid_request", exc.message) from None
-    sniffed = sniff(data)
-    content_type = fields.get("content_type", b"").decode() or (sniffed[1] if sniffed else "application/octet-stream")
-    record = _record(
-        name, digest, len(data), content_type, fields.get("file_path", b"").decode() or None, owner_of(request)
-    )
-    await index.put_asset(record)
-    created = known is None
-    return JSONResponse(
-        jobview.asset(record, time.time(), _base(request), created), status_code=201 if created else 200
-    )
-
-
-def _record(
-    name: str, digest: str | None, size: int, content_type: str, path: str | None, owner: str | None
-) -> dict[str, Any]:
-    created = jobview.iso(time.time())
-    return {
-        "id": str(uuid.uuid4()),
-        "hash": digest,
-        "size_bytes": size,
-        "content_type": content_type,
-        "file_path": path,
-        "created_at": created,
-        "name": name,
-        "owner": owner,
-    }
-
-
-@_v2
-async def asset_from_hash(request: Request) -> Response:
-    """`{"hash", "file_path"?}` -> 201 `Asset` over bytes already here; 404 `blob_not_found`."""
-    state = app_state(request)
-    asked = json.loads(await read_body(request, 64 * 1024, state.resources.settings.body_timeout) or b"{}")
-    index = prompts(state)
-    known = await index.asset_by_hash(str(asked.get("hash", ""))) if isinstance(asked, dict) else None
-    if known is None or not may_see(owner_of(request), known.get("owner")):
-        raise V2Error(404, "blob_not_found", "no such bytes here")
-    path = asked.get("file_path") or known.get("file_path")
-    record = _record(known["name"], known["hash"], known["size_bytes"], known["content_type"], path, owner_of(request))
-    await index.put_asset(record)
-    return JSONResponse(jobview.asset(record, time.time(), _base(request), False), status_code=201)
-
-
-async def asset_by_hash(request: Request) -> Response:
-    """200 when bytes of that hash are here (for this caller), else 404."""
-    known = await prompts(app_state(request)).asset_by_hash(request.path_params["hash"])
-    found = known is not None and may_see(owner_of(request), known.get("owner"))
-    return Response(status_code=200 if found else 404)
-
-
-async def _asset(request: Request) -> tuple[dict[str, Any], dict[str, str] | None]:
-    """(the `Asset`, the file it is: ComfyUI's `filename`/`subfolder`/`type`) of the path's id."""
-    asset_id = request.path_params["id"]
-    state = app_state(request)
-    output = jobview.parse_output_id(asset_id)
-    if output is None:
-        record = await prompts(state).asset(asset_id)
-        if record is None or not may_see(owner_of(request), record.get("owner")):
-            raise V2Error(404, "not_found", f"no asset {asset_id}")
-        return jobview.asset(record, time.time(), _base(request)), {
-            "filename": record["name"],
-            "subfolder": "",
-            "type": "input",
-        }
-    task_id, position = output
-    entry = await _entry(request, task_id)
-    payloads = json.loads(await state.resources.status.read(task_id))
-    terminal = payloads[-1] if payloads else None
-    found = jobview.outputs(task_id, terminal, time.time(), _base(request))
-    if position >= len(found):
-        raise V2Error(404, "not_found", f"no asset {asset_id}")
-    assert terminal is not None
-    raw = terminal["data"]["results"][position]["output"]["raw"]
-    item = {"filename": raw["filename"], "subfolder": raw.get("subfolder", ""), "type": raw.get("type", "output")}
-    return jobview.output_asset(found[position], jobview.iso(entry.created)), item
-
-
-@_v2
-async def get_asset(request: Request) -> Response:
-    shown, _ = await _asset(request)
-    return JSONResponse(shown)
-
-
-@_v2
-async def asset_content(request: Request) -> Response:
-    shown, item = await _asset(request)
-    resources = app_state(request).resources
-    assert item is not None
-    range_header = request.headers.get("range")
-    if item["type"] == "input":
-        kept = await inputs(resources).read(item["filename"])
-        if kept is not None:
-            return ranged(kept, str(shown["content_type"]), range_header)
-    return await serve_file(resources, item, range_header)
-
-
-@_v2
-async def delete_asset(request: Request) -> Response:
-    asset_id = request.path_params["id"]
-    index = prompts(app_state(request))
-    record = await index.asset(asset_id)
-    if record is None or not may_see(owner_of(request), record.get("owner")):
-        raise V2Error(404, "not_found", f"no asset {asset_id}")
-    await index.delete_asset(asset_id)
-    return Response(status_code=204)
