@@ -656,3 +656,32 @@ def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_
     assert gateway.proc.wait(30) == 0
     other = fleet.gateway()
     assert wait_ended(other.url, "outlives")[-1]["type"] == "serverless_api", "the job itself ran to its end"
+
+
+def test_the_queue_keeps_no_done_jobs_and_its_lag_reads_as_keda_reads_it_after_cancels(
+    tier: Callable[..., Tier],
+) -> None:
+    """KEDA's redis-streams scaler reads each stream's consumer-group lag (XINFO GROUPS): it must
+    stay a number (not nil) after cancels, count the jobs waiting from zero workers, and the
+    stream must not keep the bodies of jobs done."""
+    fleet = tier()
+    gateway = fleet.gateway()  # no worker yet: KEDA would scale from zero
+    client = redis.Redis.from_url(fleet.redis_url)
+    big = {"prompt": empty_image(prefix="bodied"), "extra_data": {"pad": "x" * 100_000}}  # a 100 KB request
+    for n in range(6):
+        assert submit_async(gateway.url, big, f"lagged-{n}").status_code == 202
+    for n in (1, 4):  # queued jobs cancelled: ended at once, their entries left for a worker to skip
+        cancelled = requests.post(gateway.url + CANCEL, params={"task_id": f"lagged-{n}"}, timeout=10)
+        assert cancelled.json()["state"] == "cancelled"
+
+    def lag() -> Any:
+        (group,) = client.xinfo_groups("jobs:normal")
+        return group["lag"]
+
+    assert lag() == 6, "a number, counting every entry no worker has read"
+    fleet.worker()
+    for n in range(6):
+        assert wait_ended(gateway.url, f"lagged-{n}")[-1]["type"] == ("error" if n in (1, 4) else "serverless_api")
+    wait_until(lambda: client.xlen("jobs:normal") <= 1, timeout=30)  # at most the last one handed out
+    assert lag() == 0
+    assert client.memory_usage("jobs:normal") < 2 * 100_000, "of the six bodies, the last one handed out at most"

@@ -115,5 +115,5 @@ async def comfyui_info(comfy: ComfyUI) -> dict[str, Any]:
 
 def health(settings: Settings, consumer: Consumer | None) -> dict[str, Any]:
     """The tier's part of the health answer."""
-    taking = None if consumer is None else {"name": consumer.name, "busy": consumer.busy, "taken": consumer.taken}
+    taking = None if consumer is None else consumer.health()
     return {"role": settings.role, "queue": settings.queue_backend, "consumer": taking}

@@ -6,16 +6,25 @@
     idem:<key>                  "<task_id> <fingerprint>" of the first request with that Idempotency-Key
                                 (under an API key: idem:<owner>-<sha256 of the key>, its own namespace)
     run:<task_id>:<entry id>    who took that submission: a worker's name, or "cancelled" (SET NX)
-    cancel:<task_id>:<entry id> a cancel request its worker watches
+    cancel:<task_id>:<entry id> a stream: one entry once a cancel was acknowledged ("cancelling")
+    ended:<task_id>:<entry id>  a stream: one entry `state` once its worker decided how it ends
+    dead:jobs                   queue entries no worker could read (dead letters, capped)
     (every key is named in `serverless.status.keys`)
 
-Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is removed
-(XDEL) and ended here, and no worker runs it; one a worker took first is stopped by that worker,
-which checks the cancel key every CANCEL_POLL seconds.
+Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is ended
+here, and the worker that reads its entry skips it (its entry is not deleted: a deletion past the
+group's last read makes Redis unable to tell the lag, which KEDA scales on). A job a worker took
+is stopped by that worker, which blocks on its cancel stream (XREAD) while the job runs and stops
+it the moment a cancel comes. Its end and a cancel race in Redis, each in one script: the
+gateway's cancel adds to `cancel:` only while `ended:` is empty (else 409), the worker writes
+`ended:` before the terminal payload and reads `cancel:` in the same step; so a job whose cancel
+was answered "cancelling" always ends EXECUTION_INTERRUPTED, and one that ended otherwise answers
+its cancel 409. Workers remove the entries every worker is done with (`TRIM`, after their acks).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -25,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 
 from ..auth import scoped_key
 from ..core.request import validate_task_id
@@ -39,6 +49,58 @@ log = logging.getLogger(__name__)
 CANCELLED = "cancelled"
 EXPIRED = "expired"  # the run claim of a job that waited past QUEUE_TTL: no worker runs it
 PENDING = "pending"  # a submission's entry id until XADD has answered
+DEAD_LETTERS_MAX = 1000  # entries kept (MAXLEN ~): an operator looks at the newest
+
+# A gateway's cancel of submission <entry>: removed while queued (no worker took it), else asked of
+# its worker unless it has ended (decided how it ends: `ended:` holds an entry; or QUEUE_TTL took
+# it from the workers). One step, so that it and the worker's END cannot both win.
+# -> "cancelled" | "cancelling" | "ended <state>"
+CANCEL = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 'cancelled' end
+if redis.call('GET', KEYS[1]) == ARGV[3] then return 'ended failed' end
+local ended = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if #ended > 0 then return 'ended ' .. ended[1][2][2] end
+redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'cancel', '1')
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return 'cancelling'
+"""
+# A worker's end of submission <entry>, before its terminal payload is stored: 0 when a cancel
+# was acknowledged first (it then ends cancelled), else 1 (it ends as ARGV[1] says). The entry
+# added also wakes the worker's XREAD on both streams: the job's watch is over.
+END = """
+local won = 1
+local state = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    won = 0
+    state = 'cancelled'
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'state', state)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return won
+"""
+
+
+# Remove the entries every worker is done with (their request bodies with them): those before the
+# first one a worker still holds, else before the last one handed out. XTRIM MINID, not XDEL: the
+# group's lag stays exact (a deletion at or past its last read would make Redis unable to tell it).
+TRIM = """
+local removed = 0
+for _, stream in ipairs(KEYS) do
+  if redis.call('EXISTS', stream) == 1 then
+    for _, fields in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      local group = {}
+      for i = 1, #fields, 2 do group[fields[i]] = fields[i + 1] end
+      if group['name'] == ARGV[1] then
+        local keep = group['last-delivered-id']
+        local pending = redis.call('XPENDING', stream, ARGV[1])
+        if pending[1] > 0 then keep = pending[2] end
+        removed = removed + redis.call('XTRIM', stream, 'MINID', keep)
+      end
+    end
+  end
+end
+return removed
+"""
 
 
 class TaskConflict(InvalidParams):
@@ -67,6 +129,8 @@ class RedisQueue:
     def __init__(self, client: aioredis.Redis, status: RedisStatus) -> None:
         self.client = client
         self.status = status
+        self._cancel = client.register_script(CANCEL)
+        self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
 
     async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
         """Enqueue `spec` (XADD); with an Idempotency-Key, the first request claims it (SET NX) and
@@ -89,7 +153,20 @@ class RedisQueue:
         log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
         return Submitted(task_id, following, False)
 
+    async def _make_groups(self) -> None:
+        """The workers' group on every queue stream, made before the first job is queued: a
+        queue with no worker yet still tells its lag (KEDA scales workers up from zero on it)."""
+        for priority in PRIORITIES:
+            try:
+                await self.client.xgroup_create(stream(priority), GROUP, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._grouped = True
+
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
+        if not self._grouped:
+            await self._make_groups()
         following = await self.status.current(task_id) + 1
         await self._claim_owner(task_id, spec.owner or "")
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
@@ -126,23 +203,39 @@ class RedisQueue:
 
     async def cancel(self, task_id: str) -> str:
         """Cancel a task's newest submission: "cancelled" when it was still queued (removed, ended
-        here), "cancelling" when a worker runs it (its worker stops it). NotFound for an unknown
-        task, TaskConflict for one that has ended."""
+        here), "cancelling" when a worker runs it (its worker stops it: it ends
+        EXECUTION_INTERRUPTED). NotFound for an unknown task, TaskConflict for one that has ended
+        or whose worker already decided how it ends."""
         validate_task_id(task_id)
         with translated():
+            name, entry = await self._submission(task_id)
+            ended = await self._ended(task_id)
+            if ended is None:
+                names = [keys.run_claim(task_id, entry), keys.queue_ended(task_id, entry)]
+                names.append(keys.queue_cancel(task_id, entry))
+                answer: Any = await self._cancel(keys=names, args=[CANCELLED, self.status.ttl, EXPIRED])
+                state = answer.decode() if isinstance(answer, bytes) else str(answer)
+                if state == "cancelled":
+                    await self._remove_queued(task_id, name, entry)
+                    return "cancelled"
+                ended = state.removeprefix("ended ") if state.startswith("ended ") else None
+            if ended is not None:
+                raise TaskConflict(f"task {task_id} has ended ({ended})", raw={"task_id": task_id, "state": ended})
+        log.info("task_id=%s: cancel requested from its worker", task_id)
+        return "cancelling"
+
+    async def _submission(self, task_id: str) -> tuple[str, str]:
+        """The stream and entry id of the task's newest submission (waiting briefly for the id of
+        one being queued this moment); NotFound for an unknown task."""
+        for _ in range(50):
             where: Any = await self.client.get(keys.submission(task_id))
             if where is None:
                 raise NotFound(f"no task {task_id}", raw={"task_id": task_id, "state": "unknown"})
             name, entry = where.decode().split(" ")[:2]
-            ended = await self._ended(task_id)
-            if ended is not None:
-                raise TaskConflict(f"task {task_id} has ended ({ended})", raw={"task_id": task_id, "state": ended})
-            if await self.client.set(keys.run_claim(task_id, entry), CANCELLED, nx=True, ex=self.status.ttl):
-                await self._remove_queued(task_id, name, entry)
-                return "cancelled"
-            await self.client.set(keys.queue_cancel(task_id, entry), "1", ex=self.status.ttl)
-        log.info("task_id=%s: cancel requested from its worker", task_id)
-        return "cancelling"
+            if entry != PENDING:
+                return name, entry
+            await asyncio.sleep(0.01)  # XADD has not answered its gateway yet: milliseconds
+        raise Unavailable("the task is being queued; cancel it again in a moment", raw={"task_id": task_id})
 
     async def end_if_stranded(self, task_id: str, queue_ttl: float, submitted: bool = False) -> bool:
         """End a task no worker has begun when it can no longer run: it waited in the queue past
@@ -237,13 +330,11 @@ class RedisQueue:
         return found
 
     async def _remove_queued(self, task_id: str, name: str, entry: str) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.xdel(name, entry)
-            pipe.xack(name, GROUP, entry)
-            await pipe.execute()
+        """End a queued job cancelled before any worker took it; its entry stays for a worker
+        to skip (see the module docstring)."""
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, cancelled_by_request())
-        log.info("task_id=%s: cancelled while queued; removed from %s", task_id, name)
+        log.info("task_id=%s: cancelled while queued in %s (entry %s is skipped)", task_id, name, entry)
 
     async def _ended(self, task_id: str) -> str | None:
         """The final state of the task's current attempt, None while it is queued or runs."""

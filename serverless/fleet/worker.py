@@ -1,17 +1,22 @@
 """A worker's consumer: one per ComfyUI this instance owns, taking one job at a time.
 
-    loop: a dead worker's job (XAUTOCLAIM, idle past REDIS_CLAIM_IDLE), else the next queued one
-          (XREADGROUP, streams read high -> normal -> low), else wait for one (XREAD BLOCK)
+    loop: a dead worker's job (XAUTOCLAIM, idle past REDIS_CLAIM_IDLE; looked for when the first
+          pending entry can pass that threshold), else the next queued one (XREADGROUP, streams
+          read high -> normal -> low), else wait for one (XREAD BLOCK)
+          -> read it (an entry that cannot be read is acknowledged and moved to `dead:jobs`)
           -> take it (SET NX run:<task>:<entry>; "cancelled" means a gateway removed it first)
           -> `Jobs.start(spec)` (the unchanged pipeline; its recorder writes to Redis)
-          -> while it runs: keep the entry ours (XCLAIM, resetting its idle time), watch the
-             cancel key -> XACK once the terminal payload is stored.
+          -> while it runs: keep the entry ours (XCLAIM, resetting its idle time), block on its
+             cancel stream and stop it the moment a cancel comes; at its end decide in Redis
+             whether a cancel came first (`queue.END`) -> XACK once the terminal payload is stored.
 
 A job claimed from a dead worker runs once more (a new attempt, its terminal marked `"retried":
-true`) unless the dead attempt already stored outputs, or was itself a retry: then it ends
-WORKER_LOST (a GPU is not charged twice, and a job that kills its workers does not take the fleet
-down one by one). Redis down: the loop waits with backoff and goes on when it is back, without a
-restart; the running job goes on too (its recorder keeps its events until they are stored).
+true`) unless it was cancelled meanwhile (it then ends cancelled on the dead attempt, not run
+again), the dead attempt already stored outputs, or was itself a retry: then it ends WORKER_LOST
+(a GPU is not charged twice, and a job that kills its workers does not take the fleet down one by
+one). Redis down: the loop waits with backoff and goes on when it is back, without a restart; the
+running job goes on too (its recorder keeps its events until they are stored). Anything else that
+stops the loop is logged and the loop starts again after a pause (`restarts` in health).
 """
 
 from __future__ import annotations
@@ -24,31 +29,34 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
+from ..core.request import validate_task_id
 from ..delivery.oss import Credentials
-from ..errors import ComfyUIUnavailable, ServerlessError, Unavailable, WorkerLost
-from ..jobs.job import Job
+from ..errors import ComfyUIUnavailable, ExecutionInterrupted, ServerlessError, Unavailable, Unclassified, WorkerLost
 from ..jobs.registry import Jobs
+from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
-from .queue import CANCELLED, cancelled_by_request
+from .queue import CANCELLED, DEAD_LETTERS_MAX, END, EXPIRED, TRIM, cancelled_by_request
+from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, stream
 
 log = logging.getLogger(__name__)
 
-CANCEL_POLL = 0.25  # seconds between looks at a running job's cancel key
+TRIM_EVERY = 1.0  # seconds between a consumer's removals of done queue entries
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
+RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
 STREAMS = tuple(stream(priority) for priority in PRIORITIES)
 
 
 @dataclass(frozen=True, slots=True)
 class Taken:
-    """A queue entry this consumer holds."""
+    """A queue entry this consumer holds, read."""
 
     stream: str
     entry: str
     task_id: str
-    spec: bytes
+    spec: JobSpec
     reclaimed: bool
 
 
@@ -64,9 +72,50 @@ class Consumer:
         self.claim_idle_ms = int(settings.redis_claim_idle * 1000)
         self.taken = 0
         self.busy = False
+        self.alive = False  # the loop runs (False while it waits to start again after a failure)
+        self.restarts = 0
+        self.dead_letters = 0
+        self.last_error: str | None = None
         self._next_claim = 0.0
+        self._end = client.register_script(END)
+        self._trim = client.register_script(TRIM)
+        self._next_trim = 0.0
+
+    def health(self) -> dict[str, Any]:
+        """The consumer's part of the health answer."""
+        return {
+            "name": self.name,
+            "alive": self.alive,
+            "busy": self.busy,
+            "taken": self.taken,
+            "restarts": self.restarts,
+            "dead_letters": self.dead_letters,
+            "last_error": self.last_error,
+        }
 
     async def run_forever(self) -> None:
+        """Take and run jobs until the instance drains. A loop that stops for any reason but a
+        drain (a bug, an answer from Redis it does not expect) is logged and started again after a
+        pause, doubling up to BACKOFF_MAX (from the first again after a minute of work)."""
+        loop = asyncio.get_running_loop()
+        delay = RESTART_FIRST
+        while self.jobs.accepting:
+            began = loop.time()
+            self.alive = True
+            try:
+                await self._consume()
+            except Exception as exc:
+                self.alive = False
+                self.restarts += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                delay = RESTART_FIRST if loop.time() - began > 60 else delay
+                log.exception("consumer %s stopped (%s); starting again in %.1fs", self.name, self.last_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+            finally:
+                self.alive = False
+
+    async def _consume(self) -> None:
         """Take and run jobs until the instance drains; outlive Redis outages."""
         delay = 0.1
         await self._groups()
@@ -133,13 +182,31 @@ class Consumer:
     # -- taking ------------------------------------------------------------------------------
 
     async def _claim_when_due(self) -> Taken | None:
-        """Look for dead workers' jobs every half idle threshold, not before every job: three
-        round trips fewer per job on a busy queue."""
+        """A dead worker's job, looked for when the first pending entry can have passed the idle
+        threshold (`_until_claimable`), not before every job: round trips fewer on a busy queue,
+        and a dead worker's job is taken REDIS_CLAIM_IDLE (and at most BLOCK_SECONDS) after its
+        worker's last sign of life, if this consumer is free then."""
         now = asyncio.get_running_loop().time()
         if now < self._next_claim:
             return None
-        self._next_claim = now + self.settings.redis_claim_idle / 2
-        return await self._claim()
+        taken = await self._claim()
+        if taken is None:
+            self._next_claim = now + await self._until_claimable()
+        return taken
+
+    async def _until_claimable(self) -> float:
+        """Seconds until a pending entry passes the idle threshold (at most half of it: a worker
+        that dies now is noticed in time). Running workers refresh theirs every third of it, so
+        only a dead worker's entry comes due (ours too, left by an earlier life of this name)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in STREAMS:
+                pipe.xpending_range(name, GROUP, min="-", max="+", count=64)
+            answers = await pipe.execute()
+        soonest = self.claim_idle_ms / 2
+        for pending in answers:
+            for entry in pending:
+                soonest = min(soonest, self.claim_idle_ms - int(entry["time_since_delivered"]))
+        return max(soonest, 10) / 1000
 
     async def _claim(self) -> Taken | None:
         """A job whose consumer has been silent past the idle threshold (it died)."""
@@ -151,9 +218,12 @@ class Consumer:
             if deleted:
                 await self.client.xack(name, GROUP, *deleted)
             for entry, fields in entries:
-                if fields:
-                    return _taken(name, entry, fields, reclaimed=True)
-                await self.client.xack(name, GROUP, entry)
+                if not fields:
+                    await self.client.xack(name, GROUP, entry)
+                    continue
+                taken = await self._read(name, entry, fields, reclaimed=True)
+                if taken is not None:
+                    return taken
         return None
 
     async def _next(self) -> Taken | None:
@@ -162,9 +232,60 @@ class Consumer:
             answer: Any = await self.client.xreadgroup(GROUP, self.name, {name: ">"}, count=1)
             for _, entries in answer or []:
                 for entry, fields in entries:
-                    return _taken(name, entry, fields, reclaimed=False)
+                    return await self._read(name, entry, fields, reclaimed=False)
+        await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         await self._wait_for_news()
         return None
+
+    async def _read(self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool) -> Taken | None:
+        """The job a queue entry holds; None for one that cannot be read (a dead letter now)."""
+        entry_id = entry.decode() if isinstance(entry, bytes) else entry
+        try:
+            task_id = fields[b"task_id"].decode()
+            validate_task_id(task_id)
+            credentials = Credentials.resolve({}, self.settings.cloud_credentials)
+            # Run as an async job: `Jobs.start` then refuses it (and we retry) rather than run it
+            # without a status log, which is the only way its caller hears of it.
+            spec = replace(decode_spec(fields[b"spec"], credentials), mode="async")
+        except Exception as exc:  # what a gateway never writes: not a job (a pure decode, no I/O)
+            await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}")
+            return None
+        return Taken(name, entry_id, task_id, spec, reclaimed)
+
+    async def _dead_letter(self, name: str, entry: str, fields: dict[bytes, bytes], reason: str) -> None:
+        """Acknowledge an entry no worker can run and keep it, with why, in `dead:jobs` (capped),
+        in one step; a task it names (a valid id) ends with an error, so its caller hears."""
+        record: dict[Any, Any] = {
+            **fields,
+            "dead_from": name,
+            "dead_entry": entry,
+            "dead_reason": reason[:500],
+            "dead_consumer": self.name,
+        }
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.DEAD_LETTERS, record, maxlen=DEAD_LETTERS_MAX, approximate=True)
+            pipe.xack(name, GROUP, entry)
+            pipe.xdel(name, entry)
+            await pipe.execute()
+        self.dead_letters += 1
+        self.jobs.metrics.queue_dead_letters.inc()
+        log.error(
+            "consumer %s: entry %s of %s cannot be run (%s): moved to %s",
+            self.name,
+            entry,
+            name,
+            reason,
+            keys.DEAD_LETTERS,
+        )
+        try:
+            task_id = fields[b"task_id"].decode()
+            validate_task_id(task_id)
+        except Exception:
+            return  # no task to tell
+        if await self.client.set(keys.run_claim(task_id, entry), self.name, nx=True, ex=self.status.ttl):
+            attempt = await self.status.begin(task_id)
+            error = Unclassified(f"the queued job could not be read by a worker ({reason[:200]})")
+            await self.status.append_terminal(task_id, attempt.number, error)
 
     async def _wait_for_news(self) -> None:
         """Block until an entry no consumer has been given arrives in any stream: XREAD from each
@@ -182,45 +303,63 @@ class Consumer:
     # -- running -----------------------------------------------------------------------------
 
     async def _handle(self, taken: Taken) -> None:
-        owner_key = keys.run_claim(taken.task_id, taken.entry)
-        if not await self.client.set(owner_key, self.name, nx=True, ex=self.status.ttl):
-            found: Any = await self.client.get(owner_key)
-            owner = (found or b"").decode()
-            if owner == CANCELLED or not taken.reclaimed:
-                await self._ack(taken)  # removed by a cancel before anyone ran it
-                return
-            await self.client.set(owner_key, self.name, ex=self.status.ttl)
-        dead = await self.status.current(taken.task_id) if taken.reclaimed else 0
-        if dead and await self._lost_for_good(taken, dead):
-            await self._ack(taken)
+        if await self._take(taken):
+            dead = await self.status.current(taken.task_id) if taken.reclaimed else 0
+            if dead and await self.status.ended(taken.task_id, dead):
+                log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
+            elif await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
+                await self._end_here(taken, dead, cancelled_by_request())
+            elif not (dead and await self._lost_for_good(taken, dead)):
+                await self._run(taken, dead)
+        await self._ack(taken)
+
+    async def _take(self, taken: Taken) -> bool:
+        """Make the submission ours (SET NX): False when a gateway took it from the workers first
+        (a cancel of a queued job, or QUEUE_TTL) or another consumer took it; a dead worker's
+        becomes ours."""
+        key = keys.run_claim(taken.task_id, taken.entry)
+        if await self.client.set(key, self.name, nx=True, ex=self.status.ttl):
+            return True
+        found: Any = await self.client.get(key)
+        if (found or b"").decode() in (CANCELLED, EXPIRED) or not taken.reclaimed:
+            return False
+        await self.client.set(key, self.name, ex=self.status.ttl)
+        return True
+
+    async def _trim_when_due(self) -> None:
+        """The queue's done entries removed (`queue.TRIM`): their bodies go, the lag stays exact."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_trim:
             return
-        if await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
-            attempt = await self.status.begin(taken.task_id)
-            await self.status.append_terminal(taken.task_id, attempt.number, cancelled_by_request())
-            await self._ack(taken)
-            return
-        credentials = Credentials.resolve({}, self.settings.cloud_credentials)
-        # Run as an async job: `Jobs.start` then refuses it (and we retry) rather than run it
-        # without a status log, which is the only way its caller hears of it.
-        spec = replace(decode_spec(taken.spec, credentials), mode="async")
-        job = await self.jobs.start(spec)
+        self._next_trim = now + TRIM_EVERY
+        removed = await self._trim(keys=list(STREAMS), args=[GROUP])
+        if removed:
+            log.debug("consumer %s: %s done entries removed from the queue", self.name, removed)
+
+    def _watch(self, taken: Taken) -> Watch:
+        return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
+
+    async def _run(self, taken: Taken, dead: int) -> None:
+        watch = self._watch(taken)
+        if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
+            await self.client.delete(watch.ended_key)
+        job = await self.jobs.start(taken.spec)
+        # Before the run's first step (`start` returns the job without yielding once its task is
+        # made): the job's end asks Redis whether a cancel came first.
+        job.settle = watch.settler()
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
             await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
         self.busy = True
         try:
-            await self._watch(job, taken)
+            await watch.follow(job, self.settings.redis_claim_idle / 3)
         finally:
             self.busy = False
-        await self._ack(taken)
 
     async def _lost_for_good(self, taken: Taken, number: int) -> bool:
-        """A dead worker's job, whose attempt `number` it began: end it WORKER_LOST (True) when
-        that attempt stored outputs or was a retry already; False to run it once more. An attempt
-        that ended (its worker died between storing the terminal payload and XACK) is done: True."""
-        if await self.status.ended(taken.task_id, number):
-            log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
-            return True
+        """A dead worker's job, whose attempt `number` it began and did not end: end it
+        WORKER_LOST (True) when that attempt stored outputs or was a retry already; False to run
+        it once more."""
         error: ServerlessError | None = None
         if number >= 2:
             error = WorkerLost(
@@ -235,44 +374,34 @@ class Consumer:
         if error is None:
             log.warning("task_id=%s: its worker died; running it again here (%s)", taken.task_id, self.name)
             return False
-        log.warning("task_id=%s: %s", taken.task_id, error.message)
-        await self.status.append_terminal(taken.task_id, number, error)
+        await self._end_here(taken, number, error)
         return True
 
-    async def _watch(self, job: Job, taken: Taken) -> None:
-        """Until the job's terminal payload is stored: keep its entry ours and stop it if asked."""
-        refresh_every = max(self.settings.redis_claim_idle / 3, CANCEL_POLL)
-        loop = asyncio.get_running_loop()
-        refreshed = loop.time()
-        finished = asyncio.ensure_future(job.finished())
-        try:
-            while not finished.done():
-                await asyncio.wait([finished], timeout=CANCEL_POLL)
-                try:
-                    if await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
-                        job.stop(cancelled_by_request(), "cancelled by request")
-                    if loop.time() - refreshed >= refresh_every:
-                        await self.client.xclaim(taken.stream, GROUP, self.name, 0, [taken.entry], justid=True)
-                        refreshed = loop.time()
-                except DOWN:
-                    pass  # the job goes on; its recorder keeps its events until Redis is back
-        finally:
-            if not finished.done():
-                finished.cancel()
+    async def _end_here(self, taken: Taken, number: int, error: ServerlessError) -> None:
+        """End the job without running it: with `error`, or cancelled when a cancel was
+        acknowledged first (a dead worker's job: "while its worker was lost", not run again); on
+        attempt `number` (0: a new one, as the caller's log needs one)."""
+        if not await self._watch(taken).settle(state_of(error)):
+            error = cancelled_by_request()
+            if taken.reclaimed:
+                error = ExecutionInterrupted(
+                    "cancelled by request while its worker was lost: not run again", raw={"worker_lost": True}
+                )
+        log.warning("task_id=%s: %s", taken.task_id, error.message)
+        if not number:
+            number = (await self.status.begin(taken.task_id)).number
+        await self.status.append_terminal(taken.task_id, number, error)
 
     async def _ack(self, taken: Taken) -> None:
-        """XACK, retried until Redis answers: an unacknowledged job would run again."""
+        """XACK, retried until Redis answers: an unacknowledged job would run again; then, at
+        most every TRIM_EVERY seconds, the entries every worker is done with are removed."""
         delay = 0.1
         while True:
             try:
                 await self.client.xack(taken.stream, GROUP, taken.entry)
+                await self._trim_when_due()
                 return
             except DOWN as exc:
                 log.warning("task_id=%s: could not acknowledge (%s); again in %.1fs", taken.task_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
-
-
-def _taken(name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool) -> Taken:
-    entry_id = entry.decode() if isinstance(entry, bytes) else entry
-    return Taken(name, entry_id, fields[b"task_id"].decode(), fields[b"spec"], reclaimed)

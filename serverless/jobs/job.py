@@ -4,6 +4,9 @@
 
 Every ComfyUI message of the job is published as received; the last event is always the terminal
 one (a `Result` or a `ServerlessError`), whatever happens: a deadline, a cancelled caller, a bug.
+A stop and the job's end meet in one place (`_decided`, called with no await before the terminal
+is published): a stop asked before the terminal payload wins, whatever the run made meanwhile;
+once the terminal is published, `stop` does nothing (job control answers 409).
 The job speaks to ComfyUI only through `serverless.comfyui.client` and imports no network library.
 """
 
@@ -44,6 +47,9 @@ CANCEL_TIMEOUT = 5.0
 PROGRESS_INTERVAL = 0.25  # at most ~4 progress events a second, besides every change of state
 
 Workflow = dict[str, Any]
+# Asked at the job's end, before its terminal payload, when a cancel may have been acknowledged
+# elsewhere (a fleet worker's queue): the error a cancel that came first ends it with, else None.
+Settle = Callable[[Outcome], Awaitable[ServerlessError | None]]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
 OutputFactory = Callable[[OutputPolicy, Credentials | None, ReadyCallback], OutputCollector]
 
@@ -119,6 +125,8 @@ class Job:
         # Set once the task is known to the status store (a task no one named is claimed beside
         # its run): its events reach callers only then, so any instance can answer for it.
         self.known: asyncio.Event | None = None
+        # Set by a fleet worker as soon as `Jobs.start` returns (before the run's first step).
+        self.settle: Settle | None = None
 
     # -- for the transports ---------------------------------------------------------------------
 
@@ -163,7 +171,9 @@ class Job:
         self.stop(ExecutionInterrupted("the job was cancelled before it ended"), reason)
 
     def stop(self, error: ServerlessError, reason: str) -> None:
-        """End the job with `error` as its terminal payload (its ComfyUI prompt is cancelled)."""
+        """End the job with `error` as its terminal payload (its ComfyUI prompt is cancelled),
+        unless its terminal payload is already published: asked before, it ends with `error`
+        whatever the run makes meanwhile (`_decided`)."""
         if self.feed.done or self._stop is not None:
             return
         log.info("stopping task_id=%s prompt_id=%s (%s)", self.task_id, self.prompt_id, reason)
@@ -190,8 +200,12 @@ class Job:
             async with asyncio.timeout(self.runtime.job_timeout):
                 outcome = Result(await self._execute())
         except TimeoutError:
-            await self._cancel_in_comfyui()
             outcome = JobTimeout(f"the job passed its deadline of {self.runtime.job_timeout:g}s and was cancelled")
+            try:
+                await self._cancel_in_comfyui()
+            except asyncio.CancelledError:  # stopped meanwhile: the terminal payload is still published
+                self._finish(outcome)
+                raise
         except asyncio.CancelledError:
             try:
                 await self._cancel_in_comfyui()
@@ -200,9 +214,16 @@ class Job:
             raise
         except Exception as exc:  # a ServerlessError, or a bug: the caller still gets a terminal payload
             outcome = as_serverless_error(exc, f"task_id={self.task_id} prompt_id={self.prompt_id}")
+        if self.settle is not None and self._stop is None:
+            try:
+                self._stop = self._stop or await self.settle(outcome)
+            except asyncio.CancelledError:
+                self._finish(self._stop or ExecutionInterrupted("the job was cancelled before it ended"))
+                raise
         self._finish(outcome)
 
     def _finish(self, outcome: Outcome) -> None:
+        outcome = self._decided(outcome)
         log.info(
             "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
             self.task_id,
@@ -215,6 +236,23 @@ class Job:
         self.progress.end(_state_of(outcome), time.monotonic())
         self._publish_progress()
         self.feed.finish(outcome)
+
+    def _decided(self, outcome: Outcome) -> Outcome:
+        """The terminal outcome: a stop asked before this point wins over how the run ended (its
+        caller was told "cancelling"); the outputs a successful run made are listed in its `raw`
+        (`results`, base64 content left out), marked `made_before_stop`."""
+        stop = self._stop
+        if stop is None or outcome is stop:
+            return outcome
+        if not isinstance(outcome, Result):
+            return stop
+        results = [_without_base64(item) for item in outcome.payload.get("data", {}).get("results", [])]
+        if not results:
+            return stop
+        raw = dict(stop.raw) if isinstance(stop.raw, dict) else {}
+        decided = type(stop).__new__(type(stop))
+        ServerlessError.__init__(decided, stop.message, {**raw, "results": results, "made_before_stop": True})
+        return decided
 
     def _publish_progress(self, changed: bool = True) -> None:
         """A `serverless_progress` event on every change of state, else (a new place in the queue,
@@ -397,6 +435,14 @@ def _check_travels(results: list[dict[str, Any]], limit: int) -> None:
             f"(RESULT_INLINE_MAX_BYTES={limit}): ask for output_oss or output_url instead, or raise the setting",
             raw={"bytes": size, "limit": limit},
         )
+
+
+def _without_base64(item: dict[str, Any]) -> dict[str, Any]:
+    """A result item as an interrupted job lists it: where its file is, not its content."""
+    output = item.get("output")
+    if not isinstance(output, dict) or not isinstance(output.get("base64"), dict):
+        return item
+    return {**item, "output": {**output, "base64": {"content": None}}}
 
 
 def _state_of(outcome: Outcome) -> State:

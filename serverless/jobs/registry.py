@@ -151,7 +151,16 @@ class Jobs:
         job.known = known
         run = _own(self._runs, self._run(job), f"job {task_id}")
         self._index[task_id] = (job, attempt)
-        run.add_done_callback(lambda _: self._forget(task_id, job))
+        # Indexed until its terminal payload is in the log too: a cancel asked meanwhile must find
+        # the job here (ended: 409), not read a log without its end and ask for a cancel (202).
+        tasks = [run] if recorder_task is None else [run, recorder_task]
+
+        def forget(_: object) -> None:
+            if all(task.done() for task in tasks):
+                self._forget(task_id, job)
+
+        for task in tasks:
+            task.add_done_callback(forget)
         return job
 
     async def _begin(self, spec: JobSpec, task_id: str) -> Any:

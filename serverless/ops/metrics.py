@@ -145,6 +145,9 @@ class Metrics:
             "Workers known to the queue's consumer group (dead ones too).",
             registry=registry,
         )
+        self.queue_dead_letters = counter(
+            "queue_dead_letters", "Queue entries no worker could read, moved to the dead-letter stream dead:jobs."
+        )
         for transport in TRANSPORTS:  # every series that alerts read exists from the start, at 0
             self.jobs_started.labels(transport)
         for reader in READERS:

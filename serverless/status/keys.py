@@ -20,7 +20,9 @@ Queue (`serverless.fleet`):
     job:<id>                  "<stream> <entry id> <ordinal>" of the task's newest submission
     idem:<key>                "<task_id> <fingerprint>" of the first request with that key
     run:<id>:<entry>          who took that submission: a worker's name, or "cancelled" (SET NX)
-    cancel:<id>:<entry>       a cancel request its worker watches
+    cancel:<id>:<entry>       a stream: one entry once a cancel of that submission was acknowledged
+    ended:<id>:<entry>        a stream: one entry (`state`) once its worker decided how it ends
+    dead:jobs                 queue entries no worker could read (dead letters, capped)
     file:<digest>             an output's bytes for its download link, on a fleet (gateways have
                               no ComfyUI to read it from); kept as long as the link is valid
     fleet:object_info         the `/object_info` a worker's ComfyUI answered, for gateways
@@ -97,6 +99,13 @@ def run_claim(task_id: str, entry: str) -> str:
 
 def queue_cancel(task_id: str, entry: str) -> str:
     return f"cancel:{task_id}:{entry}"
+
+
+def queue_ended(task_id: str, entry: str) -> str:
+    return f"ended:{task_id}:{entry}"
+
+
+DEAD_LETTERS = "dead:jobs"
 
 
 def file(digest: str) -> str:
