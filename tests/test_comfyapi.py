@@ -124,6 +124,9 @@ def test_two_websocket_clients_each_see_only_their_own_prompts(deployment: Any) 
             "type": "status",
             "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": client.client_id},
         }
+        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        flags = json.loads(ws.recv())
+        assert flags["type"] == "feature_flags" and flags["data"]["max_upload_size"] > 0
         sockets[client.client_id] = ws
     try:
         ids = {client.client_id: str(uuid.uuid4()) for client in (first, second)}

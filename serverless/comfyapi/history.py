@@ -75,6 +75,17 @@ def is_end(message: dict[str, Any], prompt_id: str) -> bool:
     )
 
 
+def is_feature_flags(text: str | None) -> bool:
+    """Whether a client's message is the `feature_flags` the editor sends first."""
+    if not text or '"feature_flags"' not in text:
+        return False
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "feature_flags"
+
+
 def greeting(client_id: str, queue_remaining: int) -> str:
     """What ComfyUI sends a websocket client as it connects."""
     return json.dumps(

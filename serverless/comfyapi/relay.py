@@ -55,7 +55,7 @@ async def websocket(ws: WebSocket) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_follow_client(state, client_id, cursor, owner, send, group))
-            await _until_gone(ws)
+            await _until_gone(ws, send, state.resources.settings.input_max_bytes)
             raise _Gone
     except* _Gone:
         pass
@@ -63,9 +63,13 @@ async def websocket(ws: WebSocket) -> None:
         log.debug("ComfyUI websocket %s closed: %s", client_id, exc.exceptions[0])
 
 
-async def _until_gone(ws: WebSocket) -> None:
-    while (await ws.receive())["type"] != "websocket.disconnect":
-        pass  # what a client sends (feature flags) is not answered
+async def _until_gone(ws: WebSocket, send: Send, max_upload: int) -> None:
+    """Until the client goes; its `feature_flags` are answered with ours, as ComfyUI answers
+    them (previews come as plain image frames: no preview metadata)."""
+    while (message := await ws.receive())["type"] != "websocket.disconnect":
+        if history.is_feature_flags(message.get("text")):
+            flags = {"supports_preview_metadata": False, "max_upload_size": max_upload}
+            await send(json.dumps({"type": "feature_flags", "data": flags}))
 
 
 async def _follow_client(
