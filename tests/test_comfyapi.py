@@ -5,6 +5,7 @@ gives; `/ws` clients see only their own prompts; any gateway shows any prompt.""
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.parse
 import urllib.request
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 import websocket  # websocket-client, as ComfyUI's example uses
+from PIL import Image
 
 from tests.helpers import empty_image, txt2img, wait_until
 from tests.servers import InProcessApp, InProcessEmulator
@@ -266,6 +268,16 @@ def test_upload_image_stages_an_input_a_prompt_loads(deployment: Any) -> None:
     assert len(images["2"]) == 1 and images["2"][0].startswith(b"\x89PNG")
     staged = requests.get(deployed.url + "/view", params={"filename": name, "type": "input"}, timeout=10)
     assert staged.status_code == 200 and staged.content == direct_png
+    # The editor's mask: the original with the mask's alpha, as ComfyUI makes it
+    mask = io.BytesIO()
+    Image.new("RGBA", (16, 16), (0, 0, 0, 77)).save(mask, format="PNG")
+    ref = json.dumps({"filename": name, "subfolder": "", "type": "input"})
+    files = {"image": ("mask.png", mask.getvalue(), "image/png")}
+    masked = requests.post(deployed.url + "/upload/mask", files=files, data={"original_ref": ref}, timeout=10)
+    assert masked.status_code == 200, masked.text
+    made = requests.get(deployed.url + "/view", params={"filename": masked.json()["name"], "type": "input"}, timeout=10)
+    with Image.open(io.BytesIO(made.content)) as image:
+        assert image.mode == "RGBA" and image.getpixel((3, 3)) == (0, 255, 0, 77)
 
 
 def test_object_info_and_system_stats_answer_from_a_workers_comfyui(deployment: Any) -> None:

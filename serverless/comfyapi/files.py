@@ -5,6 +5,7 @@ fleet, what workers publish in Redis)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -12,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..core.media import sniff
-from ..delivery.convert import NO_CONVERSION
+from ..delivery.convert import NO_CONVERSION, masked
 from ..delivery.links import FileLink
-from ..errors import NotFound
+from ..errors import InvalidParams, NotFound
 from ..resources import Resources
 from ..state import app_state
 from ..transports.files import ViewStream, ranged
@@ -64,12 +65,12 @@ async def serve_file(resources: Resources, item: dict[str, str], range_header: s
 
 async def upload(request: Request) -> Response:
     """POST /upload/image and /upload/mask: the multipart field `image`, staged under its content
-    hash -> `{"name", "subfolder": "", "type": "input"}`."""
+    hash -> `{"name", "subfolder": "", "type": "input"}`. A mask with `original_ref` (a staged
+    input) is that image with the mask's alpha, as ComfyUI makes it."""
     resources = app_state(request).resources
     settings = resources.settings
-    body = await read_body(
-        request, min(settings.max_body_bytes, settings.input_max_bytes + FORM_OVERHEAD), settings.body_timeout
-    )
+    limit = min(settings.max_body_bytes, 2 * settings.input_max_bytes + FORM_OVERHEAD)
+    body = await read_body(request, limit, settings.body_timeout)
     content_type = request.headers.get("content-type", "")
     if len(body) < BIG_FORM:
         fields = form_fields(body, content_type)
@@ -78,9 +79,37 @@ async def upload(request: Request) -> Response:
     data = fields.get("image")
     if not data:
         return Response(status_code=400)
+    if request.url.path.endswith("/mask") and fields.get("original_ref"):
+        original = await _original(resources, fields["original_ref"])
+        data = await asyncio.to_thread(masked, original, data, settings.input_max_pixels)
     name = await inputs(resources).stage(data)
     log.info("ComfyUI upload staged as %s (%d bytes)", name, len(data))
     return JSONResponse({"name": name, "subfolder": "", "type": "input"})
+
+
+async def _original(resources: Resources, ref: bytes) -> bytes:
+    """The image a mask's `original_ref` names (`{"filename", "subfolder", "type"}`)."""
+    try:
+        item = json.loads(ref)
+        filename = str(item["filename"])
+    except (ValueError, KeyError, TypeError):
+        raise InvalidParams("original_ref must be JSON naming the image: {filename, subfolder, type}") from None
+    if "/" in filename or filename in (".", ".."):
+        raise InvalidParams("original_ref names a file by its name only")
+    staged = await inputs(resources).read(filename)
+    if staged is not None:
+        return staged
+    if resources.settings.role == "gateway":
+        raise NotFound(f"{filename} is not an input staged here")
+    item = {
+        "filename": filename,
+        "subfolder": str(item.get("subfolder") or ""),
+        "type": str(item.get("type") or "input"),
+    }
+    fetched = await resources.comfy.fetch(item, with_content=True)
+    if fetched.content is None:
+        raise NotFound(f"{filename} is not in ComfyUI's {item['type']} folder")
+    return fetched.content
 
 
 async def object_info(request: Request) -> Response:
