@@ -30,7 +30,13 @@ LOG = [
         "type": "serverless_api",
         "data": {
             "timings": {"queued_s": 0.01, "execution_s": 0.5},
-            "results": [{"node_id": "2", "output": {"type": "images", "raw": IMAGE, "mime": "image/png", "bytes": 10}}],
+            "results": [
+                {
+                    "node_id": "2",
+                    "batch_id": 0,
+                    "output": {"type": "images", "raw": IMAGE, "mime": "image/png", "bytes": 10},
+                }
+            ],
         },
     },
 ]
@@ -83,9 +89,9 @@ def test_a_v2_job_from_a_log() -> None:
     job = jobview.job(ENTRY, LOG, now=200.0, retention=3600, base="http://gw")
     assert job["status"] == "succeeded" and job["progress"]["value"] == 1.0
     (output,) = job["outputs"]
-    assert output["id"] == "out~p1~0" and output["url"] == "http://gw/api/v2/assets/out~p1~0/content"
+    assert output["id"] == "out~p1~2~images~0" and output["url"] == f"http://gw/api/v2/assets/{output['id']}/content"
     assert output["type"] == "image" and output["name"] == "a_00001_.png"
-    assert jobview.parse_output_id(output["id"]) == ("p1", 0) and jobview.parse_output_id("uuid") is None
+    assert jobview.parse_output_id(output["id"]) == "p1" and jobview.parse_output_id("uuid") is None
     assert job["metrics"] == {"queue_ms": 10, "execution_ms": 500}
     running = jobview.job(ENTRY, LOG[:4], now=200.0, retention=3600, canceling=True)
     assert running["status"] == "canceling" and running["progress"]["current_node"] == "2"

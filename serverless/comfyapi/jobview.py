@@ -11,7 +11,7 @@ from typing import Any
 from .index import PromptEntry
 
 API = "/api/v2"
-OUTPUT_PREFIX = "out~"  # "~" is in no task id: an output's asset id is "out~<task id>~<result>"
+OUTPUT_PREFIX = "out~"  # "~" is in no task id: "out~<task id>~<node id>~<output key>~<batch id>"
 URL_VALID = 3600  # seconds an output's or asset's `url` is said to be valid
 STATUS = {
     "queued": "queued",
@@ -27,16 +27,28 @@ def iso(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z") if at is not None else None
 
 
-def output_id(task_id: str, position: int) -> str:
-    return f"{OUTPUT_PREFIX}{task_id}~{position}"
+def output_id(task_id: str, result: dict[str, Any]) -> str:
+    """An output's asset id: the same while the job runs (its `serverless_output` event) and
+    after (its result), whatever order the outputs were read in."""
+    kind = (result.get("output") or {}).get("type")
+    return f"{OUTPUT_PREFIX}{task_id}~{result.get('node_id')}~{kind}~{result.get('batch_id')}"
 
 
-def parse_output_id(asset_id: str) -> tuple[str, int] | None:
-    """(task id, result position) of an output's asset id; None for an uploaded asset's."""
+def parse_output_id(asset_id: str) -> str | None:
+    """The task id of an output's asset id; None for an uploaded asset's."""
     if not asset_id.startswith(OUTPUT_PREFIX):
         return None
-    task_id, _, position = asset_id[len(OUTPUT_PREFIX) :].rpartition("~")
-    return (task_id, int(position)) if task_id and position.isdigit() else None
+    parts = asset_id[len(OUTPUT_PREFIX) :].rsplit("~", 3)
+    return parts[0] if len(parts) == 4 and parts[0] else None
+
+
+def results(payloads: list[Any]) -> list[dict[str, Any]]:
+    """A job's results: its terminal payload's, else those its `serverless_output` events told
+    so far (each as it was read: an output lands before the job ends)."""
+    terminal = payloads[-1] if payloads and isinstance(payloads[-1], dict) else None
+    if terminal is not None and terminal.get("type") == "serverless_api":
+        return list(terminal["data"].get("results") or [])
+    return [p["data"] for p in payloads if isinstance(p, dict) and p.get("type") == "serverless_output"]
 
 
 def kind(output: dict[str, Any]) -> str:
@@ -48,15 +60,13 @@ def kind(output: dict[str, Any]) -> str:
     return "text" if mime.startswith("text/") else "file"
 
 
-def outputs(task_id: str, terminal: dict[str, Any] | None, now: float, base: str = "") -> list[dict[str, Any]]:
-    """A succeeded job's results as `Output`s (their `url` under `base`, where the caller reached us)."""
-    if terminal is None or terminal.get("type") != "serverless_api":
-        return []
+def outputs(task_id: str, payloads: list[Any], now: float, base: str = "") -> list[dict[str, Any]]:
+    """A job's results so far as `Output`s (their `url` under `base`, where the caller reached us)."""
     found = []
-    for position, result in enumerate(terminal["data"].get("results") or []):
+    for result in results(payloads):
         output = result.get("output") or {}
         raw = output.get("raw") or {}
-        asset_id = output_id(task_id, position)
+        asset_id = output_id(task_id, result)
         found.append(
             {
                 "node_id": str(result.get("node_id")),
@@ -151,7 +161,7 @@ def job(
         "expires_at": iso(entry.created + retention),
         "queue_position": last.get("queue_position") if status == "queued" else None,
         "progress": progress(entry, payloads, 100.0 if status == "succeeded" else float(last.get("percent") or 0.0)),
-        "outputs": outputs(entry.task_id, terminal, now, base),
+        "outputs": outputs(entry.task_id, payloads if terminal is None or status == "succeeded" else [], now, base),
         "error": error(terminal),
         "metrics": {
             "queue_ms": _ms(timings.get("queued_s")),

@@ -212,17 +212,20 @@ async def job_events(request: Request) -> Response:
 async def _frames(source: TaskEvents, entry: PromptEntry, after: int, base: str) -> AsyncIterator[str]:
     payloads: list[Any] = []
     sent: tuple[Any, ...] | None = None
+    told: set[str] = set()
     async for event in source.events(after, idle=15.0):
         if event is None:
             yield ": ping\n\n"
             continue
         payload = json.loads(event.text)
         payloads.append(payload)
-        if not event.terminal and payload.get("type") not in ("serverless_progress", "progress", "executing"):
+        kind = payload.get("type")
+        if not event.terminal and kind not in ("serverless_progress", "serverless_output", "progress", "executing"):
             continue
         view = jobview.job(entry, payloads, time.time(), 0.0, base=base)
-        if event.terminal:
-            for output in view["outputs"]:
+        for output in view["outputs"]:
+            if output["id"] not in told:  # the moment each output lands
+                told.add(output["id"])
                 yield jobview.sse("output", output, event.seq)
         status = (view["status"], view["queue_position"])
         if status[0] in jobview.TERMINAL and not event.terminal:

@@ -124,17 +124,21 @@ async def _asset(request: Request) -> tuple[dict[str, Any], dict[str, str] | Non
             "subfolder": "",
             "type": "input",
         }
-    task_id, position = output
+    task_id = output
     entry = await entry_of(request, task_id)
     payloads = json.loads(await state.resources.status.read(task_id))
-    terminal = payloads[-1] if payloads else None
-    found = jobview.outputs(task_id, terminal, time.time(), base_of(request))
-    if position >= len(found):
-        raise V2Error(404, "not_found", f"no asset {asset_id}")
-    assert terminal is not None
-    raw = terminal["data"]["results"][position]["output"]["raw"]
-    item = {"filename": raw["filename"], "subfolder": raw.get("subfolder", ""), "type": raw.get("type", "output")}
-    return jobview.output_asset(found[position], jobview.iso(entry.created)), item
+    for result, shown in zip(
+        jobview.results(payloads), jobview.outputs(task_id, payloads, time.time(), base_of(request)), strict=True
+    ):
+        if shown["id"] == asset_id:
+            raw = result["output"]["raw"]
+            item = {
+                "filename": raw["filename"],
+                "subfolder": raw.get("subfolder", ""),
+                "type": raw.get("type", "output"),
+            }
+            return jobview.output_asset(shown, jobview.iso(entry.created)), item
+    raise V2Error(404, "not_found", f"no asset {asset_id}")
 
 
 @answered
