@@ -95,3 +95,8 @@ def test_a_v2_job_from_a_log() -> None:
     assert job["metrics"] == {"queue_ms": 10, "execution_ms": 500}
     running = jobview.job(ENTRY, LOG[:4], now=200.0, retention=3600, canceling=True)
     assert running["status"] == "canceling" and running["progress"]["current_node"] == "2"
+
+
+def test_a_preview_event_becomes_api_v2s_preview() -> None:
+    event = {"type": "serverless_preview", "data": {"node": "3", "mime": "image/jpeg", "base64": "QUJD", "step": 2}}
+    assert jobview.preview(event) == {"node_id": "3", "content_type": "image/jpeg", "data_base64": "QUJD"}

@@ -196,6 +196,12 @@ def output_asset(output: dict[str, Any], created_at: str | None) -> dict[str, An
     return {**shown, "file_path": output["name"], "created_at": created_at, "expires_at": None}
 
 
+def preview(payload: dict[str, Any]) -> dict[str, Any]:
+    """API v2's `preview` event of our `serverless_preview` event."""
+    data = payload.get("data") or {}
+    return {"node_id": data.get("node"), "content_type": data.get("mime"), "data_base64": data.get("base64")}
+
+
 def envelope(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
 

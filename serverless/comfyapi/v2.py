@@ -218,8 +218,11 @@ async def _frames(source: TaskEvents, entry: PromptEntry, after: int, base: str)
             yield ": ping\n\n"
             continue
         payload = json.loads(event.text)
-        payloads.append(payload)
         kind = payload.get("type")
+        if kind == "serverless_preview":  # a sampler preview (once jobs record them): not kept
+            yield jobview.sse("preview", jobview.preview(payload), event.seq)
+            continue
+        payloads.append(payload)
         if not event.terminal and kind not in ("serverless_progress", "serverless_output", "progress", "executing"):
             continue
         view = jobview.job(entry, payloads, time.time(), 0.0, base=base)
