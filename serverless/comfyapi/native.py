@@ -39,6 +39,7 @@ from .uploads import ComfyUIInputs, Inputs, RedisInputs
 log = logging.getLogger(__name__)
 
 HISTORY_DEFAULT = 200  # prompts `/history` lists without `max_items` (ComfyUI: all it keeps)
+HISTORY_BATCH = 32  # logs read at once for `/history`
 
 
 def prompts(state: AppState) -> PromptIndex:
@@ -244,12 +245,13 @@ async def get_history(request: Request) -> Response:
     limit = int(max_items) if max_items and max_items.isdigit() else HISTORY_DEFAULT
     entries = [entry for entry in await prompts(state).recent(None) if may_see(owner, entry.owner)]
     answer: dict[str, Any] = {}
-    for entry in reversed(entries):  # newest first, until `limit` ended ones
-        if len(answer) >= limit:
-            break
-        made = await _history_of(state, entry)
-        if made is not None:
-            answer[entry.task_id] = made
+    newest_first = entries[::-1]
+    while newest_first and len(answer) < limit:  # read in batches, until `limit` ended ones
+        batch, newest_first = newest_first[:HISTORY_BATCH], newest_first[HISTORY_BATCH:]
+        made = await asyncio.gather(*(_history_of(state, entry) for entry in batch))
+        for entry, item in zip(batch, made, strict=True):
+            if item is not None and len(answer) < limit:
+                answer[entry.task_id] = item
     return JSONResponse(dict(reversed(answer.items())))
 
 
