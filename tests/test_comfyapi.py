@@ -441,3 +441,23 @@ def _sse(response: requests.Response) -> list[tuple[str, str, Any]]:
         elif line.startswith("data: "):
             frames.append((seq, kind, json.loads(line[6:])))
     return frames
+
+
+def test_a_prompt_its_comfyui_refuses_still_ends_on_the_websocket(deployment: Any) -> None:
+    deployed: Deployment = deployment()
+    client = ExampleClient(address(deployed.url))
+    ws = websocket.create_connection(f"ws://{client.server_address}/ws?clientId={client.client_id}")
+    try:
+        ws.recv()  # the greeting
+        workflow = {  # passes our checks; the worker's ComfyUI refuses it (no such input file)
+            "1": {"class_type": "LoadImage", "inputs": {"image": "no_such_file.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "never"}},
+        }
+        prompt_id = str(uuid.uuid4())
+        client.queue_prompt(workflow, prompt_id)
+        seen = _until_done(ws, prompt_id)
+    finally:
+        ws.close()
+    assert [message["type"] for message in seen][-2:] == ["execution_error", "executing"]
+    entry = client.get_history(prompt_id)[prompt_id]
+    assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
