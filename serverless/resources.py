@@ -253,6 +253,8 @@ async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore
             settings.status_retention_days,
             settings.redis_max_event_bytes,
             result_ttl=settings.file_link_expires,
+            # A fleet: a job whose worker died is claimed by another after REDIS_CLAIM_IDLE.
+            retry_grace=2 * settings.redis_claim_idle + 1.0 if settings.queue_backend == "redis" else 0.0,
         )
         if not await store.writable():
             log.error(

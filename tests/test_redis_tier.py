@@ -685,3 +685,49 @@ def test_the_queue_keeps_no_done_jobs_and_its_lag_reads_as_keda_reads_it_after_c
     wait_until(lambda: client.xlen("jobs:normal") <= 1, timeout=30)  # at most the last one handed out
     assert lag() == 0
     assert client.memory_usage("jobs:normal") < 2 * 100_000, "of the six bodies, the last one handed out at most"
+
+
+def test_a_worker_lost_longer_than_stale_after_is_retried_and_its_caller_gets_the_result_not_instance_lost(
+    tier: Callable[..., Tier],
+) -> None:
+    fleet = tier(processes=True, REDIS_CLAIM_IDLE="3", STATUS_STALE_AFTER="1")  # claimed later than "stale"
+    gateway = fleet.gateway()
+    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    waiting = in_background(lambda: post_run(gateway.url, slow(3, steps=20), headers={"X-Fc-Trace-Id": "patient"}))
+    victim = wait_until(lambda: next((w for w in workers if "patient" in w.started()), None), timeout=20)
+    wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "patient")))
+    victim.kill()
+    seen: list[list[dict[str, Any]]] = []
+    while not waiting.done():  # what a poller reads meanwhile: never an end before the real one
+        seen.append(status(gateway.url, "patient"))
+        time.sleep(0.2)
+    answer = waiting.result()
+    assert answer.status_code == 200 and answer.json()["retried"] is True, answer.text
+    assert all(not log or log[-1]["type"] not in ("error", "serverless_api") for log in seen[:-3])
+    first_attempt = status(gateway.url, "patient", attempt="1")
+    assert [p["data"]["state"] for p in first_attempt if p["type"] == "serverless_progress"][-1] == "retrying"
+
+
+def test_consumers_of_workers_gone_for_good_are_forgotten(
+    tier: Callable[..., Tier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serverless.fleet import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FORGET_AFTER", 0.5)  # an hour, as deployed
+    monkeypatch.setattr(worker_module, "FORGET_EVERY", 0.1)
+    fleet = tier()
+    gateway = fleet.gateway()
+    client = redis.Redis.from_url(fleet.redis_url)
+    client.xgroup_create("jobs:normal", "workers", id="0", mkstream=True)
+    client.xgroup_createconsumer("jobs:normal", "workers", "ghost:9000")  # a worker that died long ago
+    fleet.worker()
+
+    def names() -> set[str]:
+        return {
+            c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            for c in client.xinfo_consumers("jobs:normal", "workers")
+        }
+
+    wait_until(lambda: "ghost:9000" not in names(), timeout=20)
+    assert post_run(gateway.url, empty_image(prefix="after")).status_code == 200
+    assert names(), "the live worker's consumer stays (or comes back with its next read)"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,6 +45,8 @@ from .wire import GROUP, PRIORITIES, decode_spec, stream
 log = logging.getLogger(__name__)
 
 TRIM_EVERY = 1.0  # seconds between a consumer's removals of done queue entries
+FORGET_EVERY = 60.0  # seconds between a consumer's looks for consumers gone for good
+FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before it is forgotten
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
 STREAMS = tuple(stream(priority) for priority in PRIORITIES)
@@ -80,6 +83,7 @@ class Consumer:
         self._end = client.register_script(END)
         self._trim = client.register_script(TRIM)
         self._next_trim = 0.0
+        self._next_forget = 0.0
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -335,6 +339,21 @@ class Consumer:
         removed = await self._trim(keys=list(STREAMS), args=[GROUP])
         if removed:
             log.debug("consumer %s: %s done entries removed from the queue", self.name, removed)
+        if now >= self._next_forget:
+            self._next_forget = now + FORGET_EVERY
+            await self._forget_dead_consumers()
+
+    async def _forget_dead_consumers(self) -> None:
+        """Remove from the group the consumers (workers gone for good) that hold no entry and
+        have not asked for one in FORGET_AFTER seconds: a live worker asks every few seconds,
+        and one removed by mistake is made again by its next read."""
+        for name in STREAMS:
+            consumers: Any = await self.client.xinfo_consumers(name, GROUP)
+            for consumer in consumers:
+                gone = consumer["name"] if isinstance(consumer["name"], str) else consumer["name"].decode()
+                if gone != self.name and not consumer["pending"] and consumer["idle"] > FORGET_AFTER * 1000:
+                    await self.client.xgroup_delconsumer(name, GROUP, gone)
+                    log.info("consumer %s: forgot consumer %s of %s (gone, holding nothing)", self.name, gone, name)
 
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
@@ -343,6 +362,9 @@ class Consumer:
         watch = self._watch(taken)
         if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
             await self.client.delete(watch.ended_key)
+        if dead:  # its followers read why it begins again before the new attempt's events
+            retrying = {"task_id": taken.task_id, "state": "retrying", "attempt": dead + 1, "at": time.time()}
+            await self.status.append_event(taken.task_id, dead, {"type": "serverless_progress", "data": retrying})
         job = await self.jobs.start(taken.spec)
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.

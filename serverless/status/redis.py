@@ -137,8 +137,10 @@ class RedisStatus:
         retention_days: float,
         max_event_bytes: int,
         result_ttl: int = 3600,
+        retry_grace: float = 0.0,
     ) -> None:
         self.client = client
+        self.retry_grace = retry_grace  # a fleet: seconds a dead worker's job waits for another worker
         self.result_ttl = result_ttl  # seconds a terminal's base64 outputs (and linked files) are kept
         self.stale_after = stale_after
         self.ttl = max(int(retention_days * 86400), 60)
@@ -173,7 +175,10 @@ class RedisStatus:
 
     @property
     def _alive_ttl(self) -> int:
-        return max(int(self.stale_after), 1)
+        """How long an attempt whose runner went silent reads as running: STATUS_STALE_AFTER, and
+        on a fleet the time another worker takes to run it again too (`retry_grace`): a job lost
+        with its worker ends "instance lost" only when it will not be run again."""
+        return max(int(self.stale_after + self.retry_grace), 1)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -507,6 +512,17 @@ class RedisStatus:
             return Tip(0, None)
         end = (_seq(last[0][0]), last[0][1].get(b"t") == b"1") if last else None
         return Tip(int(newest or 0), bool(alive), end)
+
+    async def append_event(self, task_id: str, attempt: int, payload: dict[str, Any]) -> None:
+        """Add a payload (not a terminal one) to attempt `attempt`, numbered after its last; not
+        when it has ended."""
+        key = keys.attempt(task_id, attempt)
+        with self._translated():
+            last: Any = await self.client.xrevrange(key, count=1)
+            if last and last[0][1].get(b"t") == b"1":
+                return
+            seq = _seq(last[0][0]) + 1 if last else 1
+            await self.client.xadd(key, {"d": jsontext.dumps(payload), "t": "0"}, id=f"0-{seq}")
 
     async def append_terminal(self, task_id: str, attempt: int, error: ServerlessError) -> None:
         """End attempt `attempt` of a task with `error` (a lost worker, a cancelled queued job),
