@@ -461,3 +461,26 @@ def test_a_prompt_its_comfyui_refuses_still_ends_on_the_websocket(deployment: An
     assert [message["type"] for message in seen][-2:] == ["execution_error", "executing"]
     entry = client.get_history(prompt_id)[prompt_id]
     assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
+
+
+def test_a_client_back_mid_run_gets_the_running_node_then_the_rest(deployment: Any) -> None:
+    deployed: Deployment = deployment(step_delay=0.1)
+    client = ExampleClient(address(deployed.url))
+    url = f"ws://{client.server_address}/ws?clientId={client.client_id}"
+    first = websocket.create_connection(url)
+    first.recv()
+    prompt_id = str(uuid.uuid4())
+    client.queue_prompt(txt2img(seed=3, steps=30), prompt_id)
+    first.settimeout(30)
+    while json.loads(first.recv()).get("type") != "progress":
+        pass  # the sampler runs
+    first.close()
+    second = websocket.create_connection(url)  # the same clientId, as ComfyUI's reconnecting clients do
+    try:
+        assert json.loads(second.recv())["data"]["sid"] == client.client_id
+        assert json.loads(second.recv()) == {"type": "executing", "data": {"node": "3"}}, "the node running now"
+        seen = _until_done(second, prompt_id)
+    finally:
+        second.close()
+    types = [message["type"] for message in seen]
+    assert "execution_success" in types and types[-1] == "executing" and "execution_start" not in types

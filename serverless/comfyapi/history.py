@@ -86,6 +86,16 @@ def is_feature_flags(text: str | None) -> bool:
     return isinstance(message, dict) and message.get("type") == "feature_flags"
 
 
+def current_node(prompt_id: str, payloads: list[Any]) -> str | None:
+    """The node a prompt runs, by its latest `executing` message in `payloads`."""
+    for payload in reversed(payloads):
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if payload.get("type") == "executing" and isinstance(data, dict) and data.get("prompt_id") == prompt_id:
+            node = data.get("node")
+            return str(node) if node is not None else None
+    return None
+
+
 def greeting(client_id: str, queue_remaining: int) -> str:
     """What ComfyUI sends a websocket client as it connects."""
     return json.dumps(

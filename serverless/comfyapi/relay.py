@@ -27,7 +27,7 @@ from .native import live, owner_of, prompts
 
 log = logging.getLogger(__name__)
 
-POLL = 0.05  # seconds between looks for a client's new prompts
+POLL = 0.1  # seconds between looks for a client's new prompts (their messages are read from the first)
 
 Send = Callable[[str | bytes], Awaitable[None]]
 
@@ -51,9 +51,13 @@ async def websocket(ws: WebSocket) -> None:
             else:
                 await ws.send_text(frame)
 
-    await send(history.greeting(client_id, len(await live(state, owner))))
+    found = await live(state, owner)
+    await send(history.greeting(client_id, len(found)))
     try:
         async with asyncio.TaskGroup() as group:
+            for entry, status in found:  # a client back mid-run: its prompts from here on, as ComfyUI
+                if entry.client_id == client_id:
+                    group.create_task(_resume(state, entry.task_id, status == "running", send))
             group.create_task(_follow_client(state, client_id, cursor, owner, send, group))
             await _until_gone(ws, send, state.resources.settings.input_max_bytes)
             raise _Gone
@@ -85,19 +89,30 @@ async def _follow_client(
         await asyncio.sleep(POLL)
 
 
-async def _relay(state: AppState, task_id: str, send: Send) -> None:
-    """One prompt's messages, its end held until the task's terminal payload is stored."""
+async def _resume(state: AppState, task_id: str, running: bool, send: Send) -> None:
+    """A prompt under way when its client (re)connects: as ComfyUI, `executing` of the node it
+    runs (without its prompt id), then its messages from now on."""
+    payloads = json.loads(await state.resources.status.read(task_id))
+    node = history.current_node(task_id, payloads)
+    if running and node is not None:
+        await send(json.dumps({"type": "executing", "data": {"node": node}}))
+    await _relay(state, task_id, send, len(payloads))
+
+
+async def _relay(state: AppState, task_id: str, send: Send, after: int = 0) -> None:
+    """One prompt's messages (after the first `after`), its end held until the task's terminal
+    payload is stored."""
     try:
-        await _relay_events(state, task_id, send)
+        await _relay_events(state, task_id, send, after)
     except ServerlessError as exc:  # the status store is down: this prompt's messages end here
         log.warning("task_id=%s: its messages stop on /ws (%s)", task_id, exc.message)
 
 
-async def _relay_events(state: AppState, task_id: str, send: Send) -> None:
+async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -> None:
     jobs = state.jobs
     source = TaskEvents(task_id, state.resources.status, jobs.get(task_id), jobs.end_if_stranded)
     held: str | None = None
-    async for event in source.events(idle=1.0):
+    async for event in source.events(after, idle=1.0):
         if event is None:
             continue
         if event.terminal:
