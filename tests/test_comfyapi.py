@@ -361,6 +361,7 @@ def test_comfy_sdk_runs_a_workflow_and_gets_the_images_a_direct_run_gives(
     assert [output.to_bytes() for output in outputs] == expected[node]
     assert job.status == "succeeded" and outputs[0].content_type == "image/png"
     assert client.jobs.get(job.id).get_workflow().graph == WORKFLOWS[name]()
+    assert job.id in [summary.id for summary in client.list_jobs()]
     client.close()
 
 
