@@ -485,3 +485,13 @@ def test_a_client_back_mid_run_gets_the_running_node_then_the_rest(deployment: A
         second.close()
     types = [message["type"] for message in seen]
     assert "execution_success" in types and types[-1] == "executing" and "execution_start" not in types
+
+
+def test_comfy_sdk_follows_a_jobs_live_events(deployment: Any, comfy_sdk: Any) -> None:
+    client = comfy_sdk(deployment(step_delay=0.05).url)
+    job = client.submit(client.workflows.from_json(txt2img(seed=1, steps=5)))
+    kinds = [type(event).__name__ for event in job.events()]  # the SDK's typed events, to the end
+    assert kinds[0] == "StatusChange" and kinds[-1] == "StatusChange"
+    assert "Progress" in kinds and "OutputReady" in kinds
+    assert job.refresh().status == "succeeded"
+    client.close()
