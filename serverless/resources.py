@@ -20,14 +20,16 @@ from typing import Any
 from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
+from .core.conversion import Conversion
+from .core.credentials import Credentials
 from .delivery import links
-from .delivery.convert import Conversion, Converter
+from .delivery.convert import Converter
 from .delivery.converted import ConvertedFiles
 from .delivery.oss import OssConfig, OssStore, read_rules
 from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
 from .delivery.s3 import S3Store
 from .delivery.s3_config import config_from_settings
-from .delivery.storage import Credentials, Source, Storage
+from .delivery.storage import Source, Storage
 from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable, OutputError
 from .inputs.budget import ByteBudget

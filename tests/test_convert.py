@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from serverless.delivery.convert import Conversion, convert, parse_conversion
+from serverless.core.conversion import Conversion
+from serverless.delivery.convert import convert, parse_conversion
 from serverless.errors import InvalidParams
 
 

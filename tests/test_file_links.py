@@ -14,7 +14,7 @@ import requests
 import websocket
 from PIL import Image
 
-from serverless.delivery.convert import Conversion
+from serverless.core.conversion import Conversion
 from serverless.delivery.links import sign
 from tests.helpers import empty_image, post_run
 

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serverless.core import jsontext
-from serverless.delivery.convert import Conversion
-from serverless.delivery.oss import Credentials
+from serverless.core.conversion import Conversion
+from serverless.core.credentials import Credentials
 from serverless.errors import ComfyUIUnavailable, ExecutionInterrupted, InvalidParams, WorkerLost, error_from_payload
 from serverless.fleet.wire import decode_spec, encode_spec, fingerprint
 from serverless.jobs.spec import JobSpec, OutputPolicy
@@ -154,3 +154,13 @@ def test_redis_tier_settings_that_cannot_work_fail_start_up_named(env: dict[str,
 def test_the_redis_url_is_kept_out_of_the_settings_repr() -> None:
     settings = Settings.from_env({"STATUS_BACKEND": "redis", "REDIS_URL": f"redis://:{SECRET}@h:6379/0"})
     assert SECRET not in repr(settings)
+
+
+def test_a_job_spec_imports_no_image_library_nor_bucket_sdk() -> None:
+    """A gateway, a client or a test names a spec without loading Pillow, oss2 or obstore."""
+    import subprocess
+    import sys
+
+    probe = "import sys, serverless.jobs.spec; print(sorted(m for m in ('PIL', 'oss2', 'obstore') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -20,7 +20,8 @@ import oss2
 import pytest
 import requests
 
-from serverless.delivery.oss import Credentials, OssConfig, OssStore, ReadRule, parse_oss_url, read_rules
+from serverless.core.credentials import Credentials
+from serverless.delivery.oss import OssConfig, OssStore, ReadRule, parse_oss_url, read_rules
 from serverless.errors import InputError, OutputError
 from tests.oss_server import LocalOss, canonical_request, signature, string_to_sign
 

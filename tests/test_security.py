@@ -24,8 +24,9 @@ import requests
 import websocket  # websocket-client
 from PIL import Image
 
+from serverless.core.conversion import Conversion
 from serverless.delivery import links
-from serverless.delivery.convert import Conversion, Converter
+from serverless.delivery.convert import Converter
 from serverless.errors import Busy
 from serverless.settings import Settings, SettingsError
 from tests.fleet import RedisServer, Tier

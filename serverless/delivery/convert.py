@@ -17,17 +17,14 @@ import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from ..core.conversion import EXTENSION, FORMATS, MIME, Conversion, ImageFormat
 from ..core.numbers import whole_number
 from ..errors import Busy, InvalidParams
 
-ImageFormat = Literal["png", "jpeg", "webp"]
-FORMATS: dict[str, ImageFormat] = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
-MIME: dict[ImageFormat, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-EXTENSION: dict[ImageFormat, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PILLOW_FORMAT: dict[str, ImageFormat] = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 DEFAULT_QUALITY = 90
 MAX_SIDE = 16384
@@ -38,22 +35,6 @@ BUSY_RETRY_AFTER = 5
 
 class ConversionRefused(InvalidParams):
     """An image with more pixels than this instance converts (CONVERT_MAX_PIXELS)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Conversion:
-    """What a caller asked of its image outputs; all None: nothing (outputs pass unchanged)."""
-
-    format: ImageFormat | None = None
-    quality: int | None = None
-    max_side: int | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.format is not None or self.quality is not None or self.max_side is not None
-
-
-NO_CONVERSION = Conversion()
 
 
 @dataclass(frozen=True, slots=True)

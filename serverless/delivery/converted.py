@@ -16,7 +16,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .convert import Conversion, Converter
+from ..core.conversion import Conversion
+from .convert import Converter
 from .links import FileLink
 
 Key = tuple[str, str, str, Conversion]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import b64url
+from ..core.conversion import FORMATS, Conversion
 from ..errors import Forbidden
-from .convert import FORMATS, Conversion
 
 MAX_TOKEN = 2048
 

@@ -31,7 +31,8 @@ from oss2.exceptions import InconsistentError, OssError, RequestError  # type: i
 
 from serverless.errors import InputError, OutputError
 
-from .storage import Credentials, Source, StoredFile, UploadedObject
+from ..core.credentials import Credentials
+from .storage import Source, StoredFile, UploadedObject
 
 __all__ = ["Credentials", "OssConfig", "OssStore", "ReadRule", "UploadedObject", "parse_oss_url", "read_rules"]
 

@@ -17,10 +17,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..comfyui.client import ComfyUI, Fetched
+from ..core.conversion import NO_CONVERSION, Conversion
 from ..core.jsontext import Spliced
 from ..core.media import mime_for_name, sniff
 from ..errors import OutputError, ServerlessError
-from .convert import NO_CONVERSION, Conversion, Converter
+from .convert import Converter
 from .storage import Source
 
 FileKey = tuple[str, str, str]

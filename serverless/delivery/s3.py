@@ -29,9 +29,10 @@ import obstore
 from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
 from obstore.store import S3Store as _ObjectStore
 
+from ..core.credentials import Credentials
 from ..errors import InputError, OutputError
 from .s3_config import MAX_EXPIRES_S, S3Config, parse_s3_url
-from .storage import Credentials, FileSink, Source, StoredFile, UploadedObject
+from .storage import FileSink, Source, StoredFile, UploadedObject
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig

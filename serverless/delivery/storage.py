@@ -4,8 +4,8 @@ Two kinds of bucket stand behind `Storage`, chosen by `STORAGE` (settings): Alib
 (`delivery/oss.py`, oss2 in threads, V4 signing) and any S3-compatible service (`delivery/s3.py`,
 obstore). Callers hold a `Storage` and never ask which kind it is; mypy holds each kind to it.
 
-The value types here (the caller's credentials, an uploaded object) import no SDK, so a job spec
-or a transport can name them without loading oss2 or obstore.
+The value types here (an uploaded object; the caller's credentials, `serverless.core.credentials`)
+import no SDK, so a transport can name them without loading oss2 or obstore.
 """
 
 from __future__ import annotations
@@ -14,41 +14,14 @@ import asyncio
 import hashlib
 import os
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from ..core.credentials import Credentials
+
 # What an upload reads: bytes already in memory (a converted image), or a file streamed from disk.
 Source = bytes | Path
-
-_HEADER_NAMES = ("x-fc-access-key-id", "x-fc-access-key-secret", "x-fc-security-token")
-_ENV_NAMES = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """An Alibaba Cloud access key pair, with the STS token when temporary (FC's request headers or
-    the instance's `ALIBABA_CLOUD_*`). Nothing secret appears in `repr`.
-
-    `from_caller` says whose they are: True for the request's own headers, False for the
-    instance's (environment; on FC the function's role), which may read only what
-    `OSS_INPUT_ALLOWED` lists. An S3 bucket uses the instance's AWS credentials and ignores these."""
-
-    access_key_id: str = field(repr=False)
-    access_key_secret: str = field(repr=False)
-    security_token: str | None = field(default=None, repr=False)
-    from_caller: bool = False
-
-    @classmethod
-    def resolve(cls, headers: Mapping[str, str], environ: Mapping[str, str]) -> Credentials | None:
-        """The request's `x-fc-access-key-*` headers as a set, else the `ALIBABA_CLOUD_*` environment."""
-        lowered = {name.lower(): value for name, value in headers.items()}
-        for source, names, from_caller in ((lowered, _HEADER_NAMES, True), (environ, _ENV_NAMES, False)):
-            key_id, secret, token = (source.get(name, "").strip() for name in names)
-            if key_id and secret:
-                return cls(key_id, secret, token or None, from_caller)
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@ from dataclasses import astuple
 from typing import Any, Literal, cast
 
 from ..core import jsontext
-from ..delivery.convert import Conversion
-from ..delivery.oss import Credentials
+from ..core.conversion import Conversion
+from ..core.credentials import Credentials
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..status import keys
 

@@ -30,8 +30,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
+from ..core.credentials import Credentials
 from ..core.request import validate_task_id
-from ..delivery.oss import Credentials
 from ..errors import ComfyUIUnavailable, ExecutionInterrupted, ServerlessError, Unavailable, Unclassified, WorkerLost
 from ..jobs.registry import Jobs
 from ..jobs.spec import JobSpec

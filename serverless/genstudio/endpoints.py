@@ -29,10 +29,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from ..auth import may_see
+from ..core.conversion import EXTENSION, Conversion
+from ..core.credentials import Credentials
 from ..core.media import sniff
 from ..delivery import links
-from ..delivery.convert import EXTENSION, Conversion
-from ..delivery.storage import Credentials
 from ..errors import Conflict, Forbidden, InvalidParams, NotFound, as_serverless_error
 from ..inputs.verify import verify_media
 from ..jobs.feed import Event

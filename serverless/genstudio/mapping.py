@@ -18,7 +18,8 @@ from email import policy
 from email.parser import BytesParser
 from typing import Any
 
-from ..delivery.convert import Conversion, parse_conversion
+from ..core.conversion import Conversion
+from ..delivery.convert import parse_conversion
 from ..errors import InvalidParams
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, NOT_PERMITTED = 1, 2, 3, 4, 5

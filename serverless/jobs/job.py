@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..comfyui.client import ComfyUI
+from ..core.credentials import Credentials
 from ..core.jsontext import Spliced
 from ..core.messages import Message
 from ..core.workflow import prepare_workflow
 from ..delivery.outputs import OutputCollector, ReadyCallback, list_outputs
-from ..delivery.storage import Credentials
 from ..errors import (
     ComfyUIUnavailable,
     ExecutionFailed,

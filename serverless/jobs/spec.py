@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..delivery.convert import NO_CONVERSION, Conversion
-from ..delivery.storage import Credentials
+from ..core.conversion import NO_CONVERSION, Conversion
+from ..core.credentials import Credentials
 
 Mode = Literal["sync", "stream", "ws", "async"]
 """How the caller follows the job: a JSON answer, SSE, our websocket, or later (status log)."""

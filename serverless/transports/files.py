@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..comfyui.client import ComfyUI
-from ..delivery.convert import NO_CONVERSION
+from ..core.conversion import NO_CONVERSION
 from ..delivery.links import FileLink, verify
 from ..errors import ComfyUIUnavailable, NotFound, OutputError
 from ..resources import Resources

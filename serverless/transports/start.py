@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Literal
 
+from ..core.credentials import Credentials
 from ..core.request import (
     RunRequest,
     check_nodes,
@@ -22,7 +23,7 @@ from ..core.request import (
 from ..core.uiformat import UIFormatWorkflow
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
-from ..delivery.storage import Credentials, Storage
+from ..delivery.storage import Storage
 from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
