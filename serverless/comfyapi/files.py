@@ -12,8 +12,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..core.conversion import NO_CONVERSION
 from ..core.media import sniff
-from ..delivery.convert import NO_CONVERSION, masked
+from ..delivery.convert import masked
 from ..delivery.links import FileLink
 from ..errors import InvalidParams, NotFound
 from ..resources import Resources
