@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import fleet, lifecycle
+from . import comfyapi, fleet, lifecycle
 from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
@@ -204,6 +204,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/maas/comfy_task_api/cancel", genstudio.cancel, methods=["POST"]),
         Route("/api/maas/comfy_task_api/upload/image", genstudio.upload_image, methods=["POST"]),
         WebSocketRoute("/api/maas/comfy_task_ws_api/get_task_progress", genstudio.get_task_progress),
+        *comfyapi.routes(),  # ComfyUI's own API: /prompt, /ws, /history, /view... (and under /api/)
         *docs.routes(),  # /api/openapi.json, /docs, the playground at /; describe new routes in docs/catalog.py
     ]
     return Starlette(

@@ -14,13 +14,31 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import Unauthorized
 
 OPEN_PATHS = frozenset({"/api/serverless/health", "/api/serverless/ready", "/api/openapi.json"})
-GUARDED_PREFIXES = ("/api/", "/metrics")
+# ComfyUI's own API on its own paths (`serverless.comfyapi`), guarded as ours under /api/ are.
+COMFYUI_PREFIXES = (
+    "/prompt",
+    "/queue",
+    "/interrupt",
+    "/history",
+    "/view",
+    "/upload/",
+    "/object_info",
+    "/system_stats",
+    "/embeddings",
+    "/models",
+    "/ws",
+    "/comfyui/api/",  # the editor's calls (its pages stay open: they hold no data)
+    "/comfyui/ws",
+    "/comfyui/internal/",
+)
+GUARDED_PREFIXES = ("/api/", "/metrics", *COMFYUI_PREFIXES)
 # Authorised by their own signed tokens, not by a key: GenStudio's progress websocket (its
 # prompt_token) and download links (whose clients, browsers and GenStudio's, send no key).
 TOKEN_PATHS = ("/api/maas/comfy_task_ws_api/", "/api/files/")
@@ -100,7 +118,10 @@ class RequireApiKey:
             return
         given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         try:
-            owner = self.keys.owner(sole_authorization(given) or None)
+            authorization = sole_authorization(given) or None
+            if authorization is None and scope["type"] == "websocket":
+                authorization = _query_token(scope)  # a browser's websocket cannot send headers
+            owner = self.keys.owner(authorization)
         except Unauthorized as exc:
             await _refuse(scope, send, exc, path)
             return
@@ -118,6 +139,13 @@ class RequireApiKey:
         if not self.keys.enabled or path in OPEN_PATHS or path in self.own_token or path.startswith(TOKEN_PATHS):
             return False
         return path.startswith(GUARDED_PREFIXES)
+
+
+def _query_token(scope: Scope) -> str | None:
+    """`?token=<key>` of a websocket's URL, as a Bearer authorization."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    token = query.get("token")
+    return f"Bearer {token[0]}" if token else None
 
 
 async def _refuse(scope: Scope, send: Send, exc: Unauthorized, path: str) -> None:

@@ -192,7 +192,7 @@ class Resources:
         if policy.oss and storage is not None and storage.missing_credentials(credentials) is None:
             uploader = partial(_upload, storage, credentials, self.metrics)
         keep = None
-        if policy.url is not None and self.fleet_worker:
+        if (policy.url is not None or policy.keep) and self.fleet_worker:
             keep = self._file_keeper(policy)
         return OutputCollector(
             self.comfy,

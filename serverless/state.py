@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
+    from .comfyapi.index import PromptIndex
     from .fleet.worker import Consumer
     from .jobs.runner import JobRunner
     from .lifecycle import Prewarm, QueueWatch
@@ -28,6 +29,7 @@ class AppState:
     queue_watch: QueueWatch
     consumer: Consumer | None = None
     genstudio_token_secret: bytes | None = field(default=None, repr=False)  # made once when unset
+    prompts: PromptIndex | None = None  # ComfyUI's API: its prompts, made on first use (`comfyapi.index`)
 
 
 def app_state(connection: HTTPConnection) -> AppState:

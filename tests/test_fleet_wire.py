@@ -82,6 +82,8 @@ SPECS = st.builds(
     idempotency_key=st.none() | TEXT,
     workflow_id=st.none() | TEXT,
     callback_url=st.none() | st.just("https://hooks.example/done?token=x"),
+    previews=st.booleans(),
+    native=st.booleans(),
 )
 
 

@@ -63,6 +63,7 @@ def test_every_documented_path_is_served_by_the_running_app(
     validate_openapi(document)
     unserved = []
     websockets = {("/api/serverless/ws", "get"), ("/api/maas/comfy_task_ws_api/get_task_progress", "get")}
+    websockets |= {("/ws", "get"), ("/api/ws", "get")}  # ComfyUI's websocket
     pairs = sorted(documented(document) - websockets, key=lambda pair: (pair[0] in SIDE_EFFECTS_LAST, pair))
     for path, method in pairs:
         url = app.url + path.replace("{workflow_id}", "nosuch").replace("{token}", "nosuch")

@@ -287,6 +287,11 @@ class ComfyUI:
             raise ComfyUIUnavailable("ComfyUI answered /object_info with something that is not an object")
         return answer
 
+    async def read_info(self, path: str) -> Any:
+        """GET one of ComfyUI's informational routes (`/system_stats`, `/embeddings`, `/models`,
+        `/models/<folder>`) as it answers it, for ComfyUI's own API on our paths."""
+        return await self._json("GET", path, f"reading {path}")
+
     async def system_stats(self) -> SystemStats:
         return SystemStats.from_answer(await self._json("GET", "/system_stats", "reading system stats"))
 

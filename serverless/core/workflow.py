@@ -108,9 +108,10 @@ def copy_json(value: Any) -> Any:
 _IMMUTABLE = frozenset({str, int, float, bool, type(None)})
 
 
-def prepare_workflow(workflow: Workflow, instance_id: str, rng: random.Random | None = None) -> PreparedWorkflow:
-    """Seeds and output names, on a deep copy of `workflow`."""
+def prepare_workflow(workflow: Workflow, instance_id: str | None, rng: random.Random | None = None) -> PreparedWorkflow:
+    """Seeds and output names (suffixed with `instance_id`, unless None), on a deep copy of `workflow`."""
     prepared = copy_json(workflow)
     seeds = randomize_seeds(prepared, rng or random.SystemRandom())
-    suffix_output_prefixes(prepared, instance_id)
+    if instance_id is not None:
+        suffix_output_prefixes(prepared, instance_id)
     return PreparedWorkflow(prepared, seeds)

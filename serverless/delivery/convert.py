@@ -197,3 +197,25 @@ def _flattened(image: Image.Image) -> Image.Image:
     background = Image.new("RGB", rgba.size, (255, 255, 255))
     background.paste(rgba, mask=rgba.getchannel("A"))
     return background
+
+
+def masked(original: bytes, mask: bytes, max_pixels: int = MAX_PIXELS) -> bytes:
+    """ComfyUI's `/upload/mask`: the original image (its PNG text kept) with the mask's alpha as
+    its own, as a PNG. Blocking: run it in a thread. InvalidParams for what is not an image or
+    is too big to decode."""
+    from PIL.PngImagePlugin import PngInfo
+
+    try:
+        with Image.open(io.BytesIO(original)) as base, Image.open(io.BytesIO(mask)) as alpha:
+            if base.width * base.height > max_pixels or alpha.width * alpha.height > max_pixels:
+                raise ConversionRefused(f"an image of more than {max_pixels} pixels is not masked")
+            metadata = PngInfo()
+            for key, value in getattr(base, "text", {}).items():
+                metadata.add_text(key, value)
+            composed = base.convert("RGBA")
+            composed.putalpha(alpha.convert("RGBA").getchannel("A").resize(composed.size))
+            out = io.BytesIO()
+            composed.save(out, format="PNG", compress_level=4, pnginfo=metadata)
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidParams(f"the mask or its original is not an image Pillow reads ({exc})") from None

@@ -446,6 +446,125 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
 )
 
+
+def _comfyui(path: str, method: str, summary: str, description: str = "", *params: Param) -> tuple[Operation, ...]:
+    """One of ComfyUI's own routes, at its path and under `/api/` (as ComfyUI serves both)."""
+    name = "comfyui" + "".join(part.strip("{}").title() for part in path.replace("_", "/").split("/")) + method.title()
+    reply = Reply("101", "switching protocols") if path == "/ws" else Reply("200", "as ComfyUI answers", "object")
+    return tuple(
+        Operation(
+            prefix + path,
+            method,
+            "comfyui",
+            summary,
+            description,
+            params,
+            None,
+            False,
+            (reply,),
+            ("400", "404", "503"),
+            name + ("Api" if prefix else ""),
+        )
+        for prefix in ("", "/api")
+    )
+
+
+PROMPT_ID = Param("prompt_id", "path", "the prompt id (our task id)", required=True)
+COMFYUI_OPERATIONS: tuple[Operation, ...] = (
+    *_comfyui(
+        "/prompt",
+        "post",
+        "Queue a prompt (ComfyUI's API): a durable job of ours",
+        '`{"prompt", "client_id"?, "prompt_id"?, "number"?, "front"?, "extra_data"?}` -> '
+        '`{"prompt_id", "number", "node_errors"}`; refusals in ComfyUI\'s `{"error", "node_errors"}` shape.',
+    ),
+    *_comfyui("/prompt", "get", "How many prompts are queued or running"),
+    *_comfyui("/queue", "get", "Prompts running and pending, as ComfyUI lists them"),
+    *_comfyui("/queue", "post", 'Cancel queued prompts: `{"delete": [ids]}` or `{"clear": true}`'),
+    *_comfyui("/interrupt", "post", 'Cancel the running prompt(s), or the one named by `{"prompt_id"}`'),
+    *_comfyui(
+        "/history",
+        "get",
+        "Ended prompts in ComfyUI's history shape",
+        "",
+        Param("max_items", "query", "at most N", "integer"),
+    ),
+    *_comfyui("/history", "post", 'Forget ended prompts: `{"delete": [ids]}` or `{"clear": true}`'),
+    *_comfyui("/history/{prompt_id}", "get", "One ended prompt's history entry (`{}` before it ends)", "", PROMPT_ID),
+    *_comfyui(
+        "/view",
+        "get",
+        "An output file (kept by a fleet's worker, else read through ComfyUI)",
+        "",
+        Param("filename", "query", "the file's name", required=True),
+        Param("subfolder", "query", "its subfolder"),
+        Param("type", "query", "`output`, `temp` or `input`"),
+    ),
+    *_comfyui("/upload/image", "post", "Stage an input (multipart field `image`) under its content hash"),
+    *_comfyui("/upload/mask", "post", "Stage a mask (multipart field `image`) under its content hash"),
+    *_comfyui("/object_info", "get", "Every node class a worker's ComfyUI has"),
+    *_comfyui(
+        "/object_info/{node_class}", "get", "One node class", "", Param("node_class", "path", "its name", required=True)
+    ),
+    *_comfyui("/system_stats", "get", "A worker's ComfyUI's system stats"),
+    *_comfyui("/embeddings", "get", "A worker's ComfyUI's embeddings"),
+    *_comfyui("/models", "get", "A worker's ComfyUI's model folders"),
+    *_comfyui(
+        "/models/{folder}", "get", "The models in one folder", "", Param("folder", "path", "the folder", required=True)
+    ),
+    *_comfyui(
+        "/ws",
+        "get",
+        "ComfyUI's websocket: the messages of this client's prompts, from any gateway",
+        "",
+        Param("clientId", "query", "the client id its prompts name"),
+        Param("token", "query", "the API key, where API keys are on (browsers cannot send headers)"),
+    ),
+)
+
+
+def _v2(path: str, method: str, summary: str, description: str = "", status: str = "200") -> Operation:
+    """A Comfy API v2 route (its own OpenAPI is the reference: Comfy-Org/comfy-python-sdk spec/openapi.yaml)."""
+    name = "v2" + "".join(
+        part.strip("{}").title() for part in path.removeprefix("/api/v2").replace("-", "/").split("/")
+    )
+    params = tuple(
+        Param(name, "path", f"the {name}", required=True) for name in ("id", "hash") if "{" + name + "}" in path
+    )
+    reply = Reply(status, "as Comfy API v2 describes", "string" if path.endswith("/events") else "object")
+    if path.endswith("/events"):
+        reply = Reply(status, "server-sent events: status, progress, output", "string", "text/event-stream")
+    return Operation(
+        path,
+        method,
+        "comfyv2",
+        summary,
+        description,
+        params,
+        None,
+        False,
+        (reply,),
+        ("401", "404"),
+        name + method.title(),
+    )
+
+
+V2_OPERATIONS: tuple[Operation, ...] = (
+    _v2("/api/v2/jobs", "post", 'Submit a workflow (`{"workflow", "extra_data"?}`): a job', status="201"),
+    _v2("/api/v2/jobs", "get", "Jobs, newest first (`limit`, `cursor`)"),
+    _v2("/api/v2/jobs/{id}", "get", "A job: status, progress, outputs, error"),
+    _v2("/api/v2/jobs/{id}/events", "get", "A job's events (SSE; ours: `id:` lines, `Last-Event-ID` resumes)"),
+    _v2("/api/v2/jobs/{id}/cancel", "post", "Cancel a job (idempotent)"),
+    _v2("/api/v2/jobs/{id}/workflow", "get", "The API-format workflow a job ran"),
+    _v2("/api/v2/assets", "post", "Upload an asset (multipart `file`)", status="201"),
+    _v2("/api/v2/assets/from-hash", "post", 'A new asset over bytes already here (`{"hash"}`)', status="201"),
+    _v2("/api/v2/assets/by-hash/{hash}", "get", "Whether bytes of this blake3 hash are here (HEAD or GET)"),
+    _v2("/api/v2/assets/{id}", "get", "An asset (uploaded, or a job's output)"),
+    _v2("/api/v2/assets/{id}", "delete", "Forget an asset record", status="204"),
+    _v2("/api/v2/assets/{id}/content", "get", "An asset's bytes (ranges served)"),
+)
+OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS + V2_OPERATIONS
+
 ERROR_TEXT = {
     "400": "INVALID_PARAMS, PROMPT_ERROR or INPUT_ERROR",
     "401": "UNAUTHORIZED",
@@ -468,4 +587,6 @@ TAGS = {
     "fc": "Function Compute lifecycle hooks",
     "docs": "This reference and the playground",
     "genstudio": "GenStudio-compatible API: its clients change only their base URL and key",
+    "comfyui": "ComfyUI's own API on its paths (and under /api/): every prompt a durable job",
+    "comfyv2": "Comfy API v2 (its clients, e.g. comfy-sdk, with COMFY_BASE_URL pointing here)",
 }

@@ -14,7 +14,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
+from ..comfyui.client import ComfyUI
 from ..errors import ServerlessError
 from ..jobs.registry import Jobs
 from ..jobs.runner import JobRunner
@@ -28,6 +30,7 @@ from .worker import Consumer
 log = logging.getLogger(__name__)
 
 PUBLISH_EVERY = 60.0  # seconds between a worker's announcements of its ComfyUI's nodes
+INFO_PATHS = ("/system_stats", "/embeddings", "/models")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +88,29 @@ async def publish_object_info(resources: Resources, status: RedisStatus, every: 
     while True:
         try:
             await status.publish_object_info(await resources.comfy.object_info())
+            await status.publish_comfyui_info(await comfyui_info(resources.comfy))
         except ServerlessError as exc:
             log.info("object_info not published yet (%s); again in 1s", exc.message)
             await asyncio.sleep(1.0)
             continue
         await asyncio.sleep(every)
+
+
+async def comfyui_info(comfy: ComfyUI) -> dict[str, Any]:
+    """The informational answers ComfyUI's own API serves on a gateway, as this worker's ComfyUI
+    gives them (`/models/<folder>` for each folder `/models` lists); one it does not answer is
+    left out (a gateway then answers 404 for it)."""
+    answers: dict[str, Any] = {}
+    paths = list(INFO_PATHS)
+    while paths:
+        path = paths.pop(0)
+        try:
+            answers[path] = await comfy.read_info(path)
+        except ServerlessError:
+            continue
+        if path == "/models" and isinstance(answers[path], list):
+            paths += [f"/models/{quote(str(folder), safe='')}" for folder in answers[path]]
+    return answers
 
 
 def health(settings: Settings, consumer: Consumer | None) -> dict[str, Any]:

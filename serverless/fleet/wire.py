@@ -41,6 +41,7 @@ def encode_spec(spec: JobSpec) -> bytes:
                 "oss": outputs.oss,
                 "convert": {"format": convert.format, "quality": convert.quality, "max_side": convert.max_side},
                 "url": outputs.url,
+                "keep": outputs.keep,
             },
             "task_id": spec.task_id,
             "owner": spec.owner,
@@ -50,6 +51,7 @@ def encode_spec(spec: JobSpec) -> bytes:
             "workflow_id": spec.workflow_id,
             "callback_url": spec.callback_url,
             "previews": spec.previews,
+            "native": spec.native,
         }
     )
 
@@ -71,6 +73,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
                 format=convert.get("format"), quality=convert.get("quality"), max_side=convert.get("max_side")
             ),
             url=outputs.get("url"),
+            keep=bool(outputs.get("keep")),
         ),
         task_id=raw["task_id"],
         credentials=credentials,
@@ -81,6 +84,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         workflow_id=raw.get("workflow_id"),
         callback_url=raw.get("callback_url"),
         previews=bool(raw.get("previews", False)),
+        native=bool(raw.get("native")),
     )
 
 

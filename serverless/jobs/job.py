@@ -338,10 +338,11 @@ class Job:
     async def _execute(self) -> dict[str, Any]:
         runtime, spec = self.runtime, self.spec
         generation = await runtime.comfyui_ready()
+        instance = None if spec.native else runtime.instance_id  # ComfyUI's API keeps its prefixes
         if spec.big:
-            prepared = await asyncio.to_thread(prepare_workflow, spec.workflow, runtime.instance_id)
+            prepared = await asyncio.to_thread(prepare_workflow, spec.workflow, instance)
         else:
-            prepared = prepare_workflow(spec.workflow, runtime.instance_id)
+            prepared = prepare_workflow(spec.workflow, instance)
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:

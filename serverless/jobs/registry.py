@@ -119,7 +119,8 @@ class Jobs:
         self._admit_or_refuse()
         self._admitted += 1  # before any await: concurrent starts cannot all pass the check
         try:
-            job = await self._start(spec, prompt_id or str(uuid.uuid4()))
+            native_id = spec.task_id if spec.native else None  # ComfyUI's API: the prompt id is the task id
+            job = await self._start(spec, prompt_id or native_id or str(uuid.uuid4()))
         except BaseException:
             self._admitted -= 1
             raise

@@ -23,6 +23,7 @@ class OutputPolicy:
     oss: bool = False
     convert: Conversion = NO_CONVERSION
     url: str | None = None
+    keep: bool = False  # on a fleet, kept in Redis where every gateway serves ComfyUI's /view of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,9 @@ class JobSpec:
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
     callback_url: str | None = field(default=None, repr=False)  # the webhook; its query may hold secrets
     previews: bool = False  # `?previews=true`: ComfyUI's sampler previews become `serverless_preview` events
+    # Queued through ComfyUI's own API (`serverless.comfyapi`): its ComfyUI prompt id is its task
+    # id, and its filename prefixes are kept as written, as ComfyUI keeps them.
+    native: bool = False
 
     @property
     def named(self) -> bool:

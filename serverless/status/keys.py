@@ -28,7 +28,20 @@ Queue (`serverless.fleet`):
     file:<digest>             an output's bytes for its download link, on a fleet (gateways have
                               no ComfyUI to read it from); kept as long as the link is valid
     fleet:object_info         the `/object_info` a worker's ComfyUI answered, for gateways
+    fleet:comfyui_info        a hash: its other informational answers (`/system_stats`, `/models`...)
     watch:<instance>          wakes an instance's one blocking read when a stream is followed anew
+
+ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
+
+    comfy:number              ComfyUI's prompt `number` (INCR)
+    comfy:prompts             a sorted set: every prompt's task id, scored by its order of queueing
+    comfy:live                the same, of the prompts not yet seen ended (`/queue`)
+    comfy:prompt:<id>         a prompt as `/queue` and `/history` show it (JSON)
+    comfy:client:<client id>  a stream of the task ids queued for that websocket client
+    comfy:upload:<name>       an uploaded input's bytes, until a job takes it to its ComfyUI
+    comfy:asset:<id>          an API v2 asset record (JSON); its bytes are an upload's
+    comfy:asset-hash:<hash>   the newest asset record over the bytes of that blake3 hash
+    comfy:idem:<key>          an API v2 `Idempotency-Key` claimed (24 h; a repeat is refused)
 """
 
 from __future__ import annotations
@@ -110,3 +123,33 @@ def watch_wake(instance: str) -> str:
 
 
 OBJECT_INFO = "fleet:object_info"
+COMFYUI_INFO = "fleet:comfyui_info"  # path -> a worker's ComfyUI's answer (`/system_stats`, `/models`...)
+
+
+COMFY_NUMBER = "comfy:number"
+COMFY_PROMPTS = "comfy:prompts"
+COMFY_LIVE = "comfy:live"
+
+
+def comfy_prompt(task_id: str) -> str:
+    return f"comfy:prompt:{task_id}"
+
+
+def comfy_client(client_id: str) -> str:
+    return f"comfy:client:{client_id}"
+
+
+def comfy_upload(name: str) -> str:
+    return f"comfy:upload:{name}"
+
+
+def comfy_asset(asset_id: str) -> str:
+    return f"comfy:asset:{asset_id}"
+
+
+def comfy_asset_hash(digest: str) -> str:
+    return f"comfy:asset-hash:{digest}"
+
+
+def comfy_idempotency(key: str) -> str:
+    return f"comfy:idem:{key}"

@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 
 from ..core import jsontext
 from ..core.request import validate_task_id
-from ..errors import InvalidParams, ServerlessError, Unavailable
+from ..errors import InvalidParams, NotFound, ServerlessError, Unavailable
 from ..jobs.feed import Event, Feed
 from . import keys
 from . import redis_sidecars as sidecars
@@ -493,6 +493,22 @@ class RedisStatus:
         data = await asyncio.to_thread(jsontext.dumps, answer)
         with self._translated():
             await self.client.set(keys.OBJECT_INFO, data)
+
+    async def publish_comfyui_info(self, answers: dict[str, Any]) -> None:
+        """A worker's ComfyUI's other informational answers (path -> answer: `/system_stats`,
+        `/embeddings`, `/models`...), which ComfyUI's own API on a gateway answers with."""
+        mapping: dict[Any, Any] = {path: jsontext.dumps(answer) for path, answer in answers.items()}
+        if mapping:
+            with self._translated():
+                await self.client.hset(keys.COMFYUI_INFO, mapping=mapping)
+
+    async def comfyui_info(self, path: str) -> Any:
+        """What a worker's ComfyUI answered to `path`; NotFound when no worker published it."""
+        with self._translated():
+            data: Any = await self.client.hget(keys.COMFYUI_INFO, path)
+        if data is None:
+            raise NotFound(f"no worker has published its ComfyUI's {path}")
+        return jsontext.loads(data)
 
     async def object_info(self) -> dict[str, Any]:
         """The `/object_info` a worker published; Unavailable until one has."""

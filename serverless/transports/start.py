@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Literal
 
 from ..core.credentials import Credentials
@@ -148,11 +149,13 @@ async def start_job(
     base_url: str | None = None,
     owner: str | None = None,
     prompt_id: str | None = None,
+    native: bool = False,
 ) -> RunningJob:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
     prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
-    beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload."""
+    beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload. `native`: queued
+    through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them)."""
     check_parameter_names(query)
     workflow_id = hosted_id(query, workflow_id)
     if workflow_id is None:
@@ -170,6 +173,8 @@ async def start_job(
     outputs = output_policy(
         request, credentials, resources.storage, query, resources.settings.file_link_secret, base_url
     )
+    if native:
+        outputs = replace(outputs, keep=True)
     callback_url = query.get("callback_url") or headers.get("x-callback-url") or None
     if callback_url is not None:
         callback_url = await resources.webhooks.check(callback_url)
@@ -187,6 +192,7 @@ async def start_job(
         owner=owner,
         callback_url=callback_url,
         previews=query_flag(query, "previews"),
+        native=native,
     )
     return await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
 

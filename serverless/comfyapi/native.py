@@ -1,0 +1,277 @@
+"""ComfyUI's own HTTP API on our paths, each prompt a durable job of ours (its task id is its
+prompt id), answered the same by one box and by any gateway of a fleet:
+
+    POST /prompt                 validate (against what `/object_info` says), queue, answer
+    GET  /prompt                 `{"exec_info": {"queue_remaining"}}`
+    GET  /history[/{id}]         built from the status store (`history`)
+    POST /history                forget (`clear`, `delete`)
+    GET  /queue, POST /queue     our queue; `delete` and `clear` cancel
+    POST /interrupt              cancel the running prompt(s) (or the one named)
+
+The websocket `/ws` is `relay`'s; `/view`, uploads and ComfyUI's information are `files`'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+
+from ..auth import may_see
+from ..core.request import TASK_ID_RE
+from ..errors import Conflict, InvalidParams, NotFound
+from ..resources import Resources
+from ..state import AppState, app_state
+from ..status.summary import ENDED
+from ..transports.http import read_body
+from ..transports.start import start_job
+from ..workflows.validate import node_errors, validate_workflow
+from . import history
+from .index import MemoryIndex, PromptEntry, PromptIndex, RedisIndex
+from .uploads import ComfyUIInputs, Inputs, RedisInputs
+
+log = logging.getLogger(__name__)
+
+HISTORY_DEFAULT = 200  # prompts `/history` lists without `max_items` (ComfyUI: all it keeps)
+HISTORY_BATCH = 32  # logs read at once for `/history`
+
+
+def prompts(state: AppState) -> PromptIndex:
+    """This app's prompt index: the fleet's in Redis where there is one, else this process's."""
+    if state.prompts is None:
+        redis = state.resources.redis
+        state.prompts = RedisIndex(redis.client, redis.ttl) if redis is not None else MemoryIndex()
+    return state.prompts
+
+
+def inputs(resources: Resources) -> Inputs:
+    """Where uploads are staged: Redis when jobs may run on another machine, else our ComfyUI."""
+    redis = resources.redis
+    if redis is not None and resources.settings.queue_backend == "redis":
+        return RedisInputs(redis.client, redis.result_ttl)
+    return ComfyUIInputs(resources.comfy)
+
+
+def owner_of(connection: HTTPConnection) -> str | None:
+    owner = connection.scope.get("state", {}).get("owner")
+    return owner if isinstance(owner, str) else None
+
+
+def refusal(kind: str, message: str, details: str = "", errors: dict[str, Any] | None = None) -> JSONResponse:
+    """ComfyUI's 400 answer to a prompt it will not queue."""
+    error = {"type": kind, "message": message, "details": details, "extra_info": {}}
+    return JSONResponse({"error": error, "node_errors": errors or {}}, status_code=400)
+
+
+async def _json_body(request: Request) -> Any:
+    settings = app_state(request).resources.settings
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise InvalidParams(f"the body is not JSON: {exc}") from None
+
+
+class Refused(Exception):
+    """A prompt ComfyUI would not queue: its `error.type`, message, details and `node_errors`."""
+
+    def __init__(self, kind: str, message: str, details: str = "", errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.details, self.errors = kind, message, details, errors or {}
+
+    def response(self) -> JSONResponse:
+        return refusal(self.kind, self.message, self.details, self.errors)
+
+
+async def queue_prompt(request: Request) -> Response:
+    """POST /prompt: `{"prompt", "client_id"?, "prompt_id"?, "number"?, "front"?, "extra_data"?}`
+    -> `{"prompt_id", "number", "node_errors"}`, the prompt a job of ours that any instance follows."""
+    await app_state(request).jobs.check_room()
+    asked = await _json_body(request)
+    try:
+        entry, errors = await submit(request, asked if isinstance(asked, dict) else {})
+    except Refused as refused:
+        return refused.response()
+    return JSONResponse({"prompt_id": entry.task_id, "number": entry.number, "node_errors": errors})
+
+
+async def checked_workflow(
+    resources: Resources, workflow: Any
+) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
+    """The workflow, the output nodes that will run and the `node_errors` of those that will not,
+    checked as ComfyUI checks a prompt (against what `/object_info` says: a worker's on a fleet):
+    Refused when no output can run."""
+    if not isinstance(workflow, dict) or not workflow:
+        raise Refused("no_prompt", "No prompt provided", "No prompt provided")
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict) or "class_type" not in node:
+            message = "Cannot execute because a node is missing the class_type property."
+            raise Refused("invalid_prompt", message, f"Node ID '#{node_id}'")
+    info = await resources.workflows.object_info.get()
+    for node_id, node in workflow.items():
+        if node["class_type"] not in info:
+            message = f"Cannot execute because node {node['class_type']} does not exist."
+            raise Refused("invalid_prompt", message, f"Node ID '#{node_id}'")
+    outputs = history.output_nodes(workflow, info)
+    if not outputs:
+        raise Refused("prompt_no_outputs", "Prompt has no outputs")
+    problems = validate_workflow(workflow, info, resources.workflows.loaders)
+    errors = node_errors(problems)
+    good = history.runnable_outputs(workflow, outputs, set(errors))
+    for node_id, error in errors.items():
+        error["dependent_outputs"] = [o for o in outputs if o not in good and node_id in history.upstream(workflow, o)]
+    if not good:
+        raise Refused("prompt_outputs_failed_validation", "Prompt outputs failed validation", "", errors)
+    return workflow, good, errors  # as ComfyUI: the valid outputs run, `node_errors` tells of the others
+
+
+async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, dict[str, Any]]:
+    """Queue a prompt as ComfyUI's `/prompt` takes it (`prompt`, `client_id`, `prompt_id`,
+    `number`, `front`, `extra_data`): a job of ours whose task id is the prompt id; with the
+    `node_errors` of the outputs that will not run."""
+    state = app_state(request)
+    resources = state.resources
+    prompt_id = str(asked.get("prompt_id") or uuid.uuid4())
+    if not TASK_ID_RE.fullmatch(prompt_id) or prompt_id in (".", ".."):
+        raise Refused("invalid_prompt", "prompt_id must be 1-128 letters, digits, '.', '_' or '-'", prompt_id[:128])
+    workflow, outputs, errors = await checked_workflow(resources, asked.get("prompt"))
+    index = prompts(state)
+    front = bool(asked.get("front"))
+    number = asked.get("number")
+    if not isinstance(number, int | float) or isinstance(number, bool):
+        number = await index.number(front)
+    client_id = str(asked["client_id"]) if asked.get("client_id") else None
+    extra = asked.get("extra_data")
+    extra_data = {k: v for k, v in extra.items() if k != "client_id"} if isinstance(extra, dict) else {}
+    carried = await inputs(resources).inline(workflow, resources.workflows.loaders)
+    body = json.dumps({"prompt": carried, "extra_data": extra_data}, ensure_ascii=False)
+    headers = {**request.headers, "x-fc-invocation-type": "Async", "x-fc-async-task-id": prompt_id}
+    headers.pop("idempotency-key", None)  # ComfyUI's API names its prompts itself
+    # Previews (ComfyUI's binary frames) are asked for: `/ws` relays them as ComfyUI frames them.
+    query = {"previews": "true", **({"priority": "high"} if front else {})}
+    owner = owner_of(request)
+    entry = PromptEntry(prompt_id, int(number), workflow, client_id, outputs, owner, time.time())
+    job = await start_job(
+        resources, state.jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
+    )
+    await index.add(entry)
+    log.info("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
+    return entry, errors
+
+
+async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, str]]:
+    """The prompts not yet ended that `owner` may see, each with its state (queued, running);
+    those seen ended are settled in the index."""
+    index = prompts(state)
+    entries = [entry for entry in await index.live() if may_see(owner, entry.owner)]
+    summaries = await asyncio.gather(*(state.resources.status.summary(entry.task_id) for entry in entries))
+    ended, found = [], []
+    for entry, summary in zip(entries, summaries, strict=True):
+        status = summary["state"] if summary is not None else "queued"
+        if status in ENDED:
+            ended.append(entry.task_id)
+        else:
+            found.append((entry, status))
+    await index.settled(ended)
+    return found
+
+
+async def prompt_state(request: Request) -> Response:
+    """GET /prompt: how many prompts are queued or running."""
+    remaining = len(await live(app_state(request), owner_of(request)))
+    return JSONResponse({"exec_info": {"queue_remaining": remaining}})
+
+
+async def get_queue(request: Request) -> Response:
+    """GET /queue: `{"queue_running": [...], "queue_pending": [...]}`, items as ComfyUI's."""
+    found = await live(app_state(request), owner_of(request))
+    running = [history.queue_item(entry) for entry, status in found if status == "running"]
+    pending = [history.queue_item(entry) for entry, status in found if status != "running"]
+    return JSONResponse({"queue_running": running, "queue_pending": pending})
+
+
+async def _cancel(state: AppState, task_ids: list[str]) -> None:
+    for task_id in task_ids:
+        try:
+            await state.jobs.cancel(task_id)
+        except (NotFound, Conflict, InvalidParams) as exc:  # ended meanwhile: as ComfyUI, nothing to say
+            log.info("task_id=%s: not cancelled (%s)", task_id, exc.message)
+
+
+async def post_queue(request: Request) -> Response:
+    """POST /queue: `{"delete": [ids]}` cancels those still queued, `{"clear": true}` every queued one."""
+    state = app_state(request)
+    asked = await _json_body(request)
+    found = await live(state, owner_of(request))
+    pending = [entry.task_id for entry, status in found if status != "running"]
+    if isinstance(asked, dict) and asked.get("clear"):
+        await _cancel(state, pending)
+    if isinstance(asked, dict) and isinstance(asked.get("delete"), list):
+        await _cancel(state, [str(task_id) for task_id in asked["delete"] if str(task_id) in pending])
+    return Response(status_code=200)
+
+
+async def interrupt(request: Request) -> Response:
+    """POST /interrupt: `{"prompt_id"}` cancels that prompt if it runs; no body, every running one."""
+    state = app_state(request)
+    asked = await _json_body(request)
+    found = await live(state, owner_of(request))
+    running = [entry.task_id for entry, status in found if status == "running"]
+    named = asked.get("prompt_id") if isinstance(asked, dict) else None
+    if named:
+        running = [task_id for task_id in running if task_id == named]
+    await _cancel(state, running)
+    return Response(status_code=200)
+
+
+async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
+    payloads = json.loads(await state.resources.status.read(entry.task_id))
+    return history.history_entry(entry, payloads)
+
+
+async def get_history(request: Request) -> Response:
+    """GET /history[?max_items=N]: the newest ended prompts, oldest first."""
+    state = app_state(request)
+    owner = owner_of(request)
+    max_items = request.query_params.get("max_items")
+    limit = int(max_items) if max_items and max_items.isdigit() else HISTORY_DEFAULT
+    entries = [entry for entry in await prompts(state).recent(None) if may_see(owner, entry.owner)]
+    answer: dict[str, Any] = {}
+    newest_first = entries[::-1]
+    while newest_first and len(answer) < limit:  # read in batches, until `limit` ended ones
+        batch, newest_first = newest_first[:HISTORY_BATCH], newest_first[HISTORY_BATCH:]
+        made = await asyncio.gather(*(_history_of(state, entry) for entry in batch))
+        for entry, item in zip(batch, made, strict=True):
+            if item is not None and len(answer) < limit:
+                answer[entry.task_id] = item
+    return JSONResponse(dict(reversed(answer.items())))
+
+
+async def get_history_item(request: Request) -> Response:
+    """GET /history/{prompt_id}: `{prompt_id: entry}` once it ended, `{}` before (or when unknown)."""
+    state = app_state(request)
+    prompt_id = request.path_params["prompt_id"]
+    entry = await prompts(state).get(prompt_id)
+    if entry is None or not may_see(owner_of(request), entry.owner):
+        return JSONResponse({})
+    made = await _history_of(state, entry)
+    return JSONResponse({prompt_id: made} if made is not None else {})
+
+
+async def post_history(request: Request) -> Response:
+    """POST /history: `{"clear": true}` or `{"delete": [ids]}` (ended prompts leave the list)."""
+    state = app_state(request)
+    asked = await _json_body(request)
+    if isinstance(asked, dict) and asked.get("clear"):
+        await prompts(state).forget(None)
+    if isinstance(asked, dict) and isinstance(asked.get("delete"), list):
+        await prompts(state).forget([str(task_id) for task_id in asked["delete"]])
+    return Response(status_code=200)

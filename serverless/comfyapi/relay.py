@@ -1,0 +1,135 @@
+"""ComfyUI's websocket, `/ws?clientId=`, from any instance: the greeting ComfyUI sends, then the
+messages of every prompt queued for that client id (on any gateway, run on any worker), each
+text byte for byte as its ComfyUI sent it, followed through the status store (`TaskEvents`).
+
+A prompt's last message, `executing` with no node, is held until the task's terminal payload is
+stored: a client that asks `/history` and `/view` as soon as it reads it (ComfyUI's example
+does) then finds them. A job that ended before its ComfyUI could say so (refused by the worker's
+ComfyUI, timed out, lost) gets the end ComfyUI would have sent (`history.closing`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..auth import may_see
+from ..errors import ServerlessError
+from ..state import AppState, app_state
+from ..transports.events import TaskEvents
+from . import history
+from .native import live, owner_of, prompts
+
+log = logging.getLogger(__name__)
+
+POLL = 0.05  # seconds between looks for a client's new prompts (a read each: no Redis connection held)
+
+Send = Callable[[str | bytes], Awaitable[None]]
+
+
+class _Gone(Exception):
+    """The client went away."""
+
+
+async def websocket(ws: WebSocket) -> None:
+    state = app_state(ws)
+    client_id = ws.query_params.get("clientId") or uuid.uuid4().hex
+    owner = owner_of(ws)
+    await ws.accept()
+    cursor = await prompts(state).client_cursor(client_id)  # its prompts from now on
+    sending = asyncio.Lock()
+
+    async def send(frame: str | bytes) -> None:
+        async with sending:
+            if isinstance(frame, bytes):
+                await ws.send_bytes(frame)  # a preview, framed as ComfyUI frames it
+            else:
+                await ws.send_text(frame)
+
+    found = await live(state, owner)
+    await send(history.greeting(client_id, len(found)))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for entry, status in found:  # a client back mid-run: its prompts from here on, as ComfyUI
+                if entry.client_id == client_id:
+                    group.create_task(_resume(state, entry.task_id, status == "running", send))
+            group.create_task(_follow_client(state, client_id, cursor, owner, send, group))
+            await _until_gone(ws, send, state.resources.settings.input_max_bytes)
+            raise _Gone
+    except* _Gone:
+        pass
+    except* (WebSocketDisconnect, RuntimeError, OSError) as exc:  # a send after it went away
+        log.debug("ComfyUI websocket %s closed: %s", client_id, exc.exceptions[0])
+
+
+async def _until_gone(ws: WebSocket, send: Send, max_upload: int) -> None:
+    """Until the client goes; its `feature_flags` are answered with ours, as ComfyUI answers
+    them (previews come as plain image frames: no preview metadata)."""
+    while (message := await ws.receive())["type"] != "websocket.disconnect":
+        if history.is_feature_flags(message.get("text")):
+            flags = {"supports_preview_metadata": False, "max_upload_size": max_upload}
+            await send(json.dumps({"type": "feature_flags", "data": flags}))
+
+
+async def _follow_client(
+    state: AppState, client_id: str, cursor: str, owner: str | None, send: Send, group: asyncio.TaskGroup
+) -> None:
+    index = prompts(state)
+    while True:
+        tasks, cursor = await index.client_tasks(client_id, cursor)
+        for task_id in tasks:
+            entry = await index.get(task_id)
+            if entry is not None and may_see(owner, entry.owner):
+                group.create_task(_relay(state, task_id, send), name=f"ws relay {task_id}")
+        await asyncio.sleep(POLL)
+
+
+async def _resume(state: AppState, task_id: str, running: bool, send: Send) -> None:
+    """A prompt under way when its client (re)connects: as ComfyUI, `executing` of the node it
+    runs (without its prompt id), then its messages from now on."""
+    payloads = json.loads(await state.resources.status.read(task_id))
+    node = history.current_node(task_id, payloads)
+    if running and node is not None:
+        await send(json.dumps({"type": "executing", "data": {"node": node}}))
+    await _relay(state, task_id, send, len(payloads))
+
+
+async def _relay(state: AppState, task_id: str, send: Send, after: int = 0) -> None:
+    """One prompt's messages (after the first `after`), its end held until the task's terminal
+    payload is stored."""
+    try:
+        await _relay_events(state, task_id, send, after)
+    except ServerlessError as exc:  # the status store is down: this prompt's messages end here
+        log.warning("task_id=%s: its messages stop on /ws (%s)", task_id, exc.message)
+
+
+async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -> None:
+    jobs = state.jobs
+    source = TaskEvents(task_id, state.resources.status, jobs.get(task_id), jobs.end_if_stranded)
+    held: str | None = None
+    async for event in source.events(after, idle=1.0):
+        if event is None:
+            continue
+        if event.terminal:
+            if held is not None:
+                await send(held)
+            else:
+                for text in history.closing(task_id, json.loads(event.text)):
+                    await send(text)
+            return
+        preview = history.preview_frame(event.text)
+        if preview is not None:
+            await send(preview)
+            continue
+        message = history.relayed(event.text)
+        if message is None:
+            continue
+        if history.is_end(message, task_id):
+            held = event.text
+        else:
+            await send(event.text)

@@ -1,0 +1,55 @@
+"""ComfyUI's own editor (`comfyui-frontend-package`) served at `/comfyui/` by one box and by a
+fleet's gateway, driven in headless Chromium: it loads its nodes, queues a workflow, follows it
+over its websocket and shows the image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import requests
+
+from tests.topologies import Deployment
+
+pytest.importorskip("comfyui_frontend_package")
+pytest.importorskip("playwright")
+
+pytestmark = pytest.mark.timeout(120)
+
+WORKFLOW = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 255}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "editor"}},
+}
+
+
+def test_comfyuis_editor_queues_a_workflow_and_shows_its_image(deployment: Any) -> None:
+    from tests.browser import chromium
+
+    deployed: Deployment = deployment()
+    with chromium() as browser:
+        page = browser.new_page()
+        views: list[int] = []
+        page.on("response", lambda r: views.append(r.status) if "/comfyui/api/view?" in r.url else None)
+        page.goto(deployed.url + "/comfyui/", wait_until="load")
+        page.wait_for_function("() => window.app && window.app.api && window.LiteGraph", timeout=30000)
+        page.wait_for_function("() => 'KSampler' in window.LiteGraph.registered_node_types", timeout=30000)
+        page.evaluate(
+            """async (workflow) => {
+                window.__executed = [];
+                window.app.api.addEventListener('executed', (e) => window.__executed.push(e.detail));
+                await window.app.loadApiJson(workflow, 'editor test');
+                await window.app.queuePrompt(0, 1);
+            }""",
+            WORKFLOW,
+        )
+        page.wait_for_function("() => window.__executed.length > 0", timeout=60000)
+        executed = page.evaluate("() => window.__executed[0]")
+        (image,) = executed["output"]["images"]
+        assert image["filename"] == "editor_00001_.png"
+        history = requests.get(deployed.url + "/history/" + executed["prompt_id"], timeout=10).json()
+        assert history[executed["prompt_id"]]["status"]["status_str"] == "success"
+        for _ in range(50):  # the node shows its image: the editor asks /view for it
+            if 200 in views:
+                break
+            page.wait_for_timeout(200)
+        assert 200 in views
