@@ -501,8 +501,11 @@ async def test_query_strings_never_reach_errors_or_logs(server: Server, caplog: 
     url = server.url("/missing") + "?OSSAccessKeyId=AK&Signature=s3cr3t"
     reason = await refused(url, LOCAL)
     assert "s3cr3t" not in reason
-    assert "/missing" in caplog.text
-    assert "s3cr3t" not in caplog.text and "OSSAccessKeyId" not in caplog.text
+    # Ours only: the test's own file server logs its requests whole (aiohttp's access log), and
+    # that shows here when another test has raised the root logger's level.
+    ours = "\n".join(record.getMessage() for record in caplog.records if record.name.startswith("serverless"))
+    assert "/missing" in ours
+    assert "s3cr3t" not in ours and "OSSAccessKeyId" not in ours
 
 
 def test_redact_url_keeps_scheme_host_and_path_only() -> None:
