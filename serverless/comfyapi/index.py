@@ -11,9 +11,12 @@ A task's events and its end are the status store's; the index only names the tas
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +53,14 @@ class PromptEntry:
 
 
 class PromptIndex(Protocol):
+    def bell(self, client_id: str) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """Set when a prompt for `client_id` is queued on this instance (`Bells`)."""
+        ...
+
+    def ring(self, client_id: str | None) -> None:
+        """A prompt for `client_id` was queued here: wake its followers."""
+        ...
+
     async def add(self, entry: PromptEntry) -> None:
         """Keep a new prompt, live, and tell its client's followers."""
         ...
@@ -107,10 +118,37 @@ class PromptIndex(Protocol):
         ...
 
 
-class MemoryIndex:
+class Bells:
+    """Wakes this instance's `/ws` followers of a client id the moment a prompt for it is queued
+    here (prompts queued on another gateway are found by the followers' next look)."""
+
+    def __init__(self) -> None:
+        self._bells: dict[str, set[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def bell(self, client_id: str) -> Iterator[asyncio.Event]:
+        """An event set when a prompt for `client_id` is queued here, while the block lasts."""
+        event = asyncio.Event()
+        self._bells.setdefault(client_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            bells = self._bells.get(client_id)
+            if bells is not None:
+                bells.discard(event)
+                if not bells:
+                    del self._bells[client_id]
+
+    def ring(self, client_id: str | None) -> None:
+        for event in self._bells.get(client_id or "", ()):
+            event.set()
+
+
+class MemoryIndex(Bells):
     """One box's prompts, in this process."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._entries: dict[str, PromptEntry] = {}
         self._live: set[str] = set()
         self._clients: dict[str, list[str]] = {}
@@ -187,10 +225,11 @@ class MemoryIndex:
         self._keys.pop(key, None)
 
 
-class RedisIndex:
+class RedisIndex(Bells):
     """Every gateway's prompts, in the fleet's Redis, kept `ttl` seconds after the last."""
 
     def __init__(self, client: aioredis.Redis, ttl: int) -> None:
+        super().__init__()
         self.client = client
         self.ttl = ttl
 

@@ -163,6 +163,7 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
         resources, state.jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
     )
     await index.add(entry)
+    index.ring(client_id)  # its followers here pick it up at once
     log.info("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
     return entry, errors
 

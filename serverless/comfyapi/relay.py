@@ -11,6 +11,7 @@ ComfyUI, timed out, lost) gets the end ComfyUI would have sent (`history.closing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -27,7 +28,7 @@ from .native import live, owner_of, prompts
 
 log = logging.getLogger(__name__)
 
-POLL = 0.05  # seconds between looks for a client's new prompts (a read each: no Redis connection held)
+POLL = 0.05  # seconds between looks for a client's prompts queued on other gateways (here: at once)
 
 Send = Callable[[str | bytes], Awaitable[None]]
 
@@ -80,13 +81,17 @@ async def _follow_client(
     state: AppState, client_id: str, cursor: str, owner: str | None, send: Send, group: asyncio.TaskGroup
 ) -> None:
     index = prompts(state)
-    while True:
-        tasks, cursor = await index.client_tasks(client_id, cursor)
-        for task_id in tasks:
-            entry = await index.get(task_id)
-            if entry is not None and may_see(owner, entry.owner):
-                group.create_task(_relay(state, task_id, send), name=f"ws relay {task_id}")
-        await asyncio.sleep(POLL)
+    with index.bell(client_id) as rung:
+        while True:
+            rung.clear()  # before the look: a prompt queued after it rings again
+            tasks, cursor = await index.client_tasks(client_id, cursor)
+            for task_id in tasks:
+                entry = await index.get(task_id)
+                if entry is not None and may_see(owner, entry.owner):
+                    group.create_task(_relay(state, task_id, send), name=f"ws relay {task_id}")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL):  # a prompt queued on another gateway: the next look
+                    await rung.wait()
 
 
 async def _resume(state: AppState, task_id: str, running: bool, send: Send) -> None:
