@@ -99,14 +99,18 @@ async def timed(call: Callable[[], Awaitable[object]]) -> float:
 
 
 async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figure]:
-    say(f"overhead: {jobs} jobs each, native / sync / SSE / websocket alternately")
-    series: dict[str, list[float]] = {"native": [], "sync": [], "sse": [], "ws": []}
-    async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
+    say(f"overhead: {jobs} jobs each, native / sync / SSE / websocket / ComfyUI's API through us, alternately")
+    series: dict[str, list[float]] = {"native": [], "sync": [], "sse": [], "ws": [], "comfyapi": []}
+    async with (
+        DirectClient(ctx.session, ctx.comfyui_url) as direct,
+        DirectClient(ctx.session, ctx.app.url) as through_us,  # the same client, pointed at our /prompt + /ws
+    ):
         runs = {
             "native": lambda: direct.run(ctx.job("bench/overhead-native/img")),
             "sync": lambda: run_sync(ctx.session, ctx.app.url, ctx.job("bench/overhead-sync/img")),
             "sse": lambda: run_sse(ctx.session, ctx.app.url, ctx.job("bench/overhead-sse/img")),
             "ws": lambda: run_ws(ctx.session, ctx.app.url, ctx.job("bench/overhead-ws/img")),
+            "comfyapi": lambda: through_us.run(ctx.job("bench/overhead-comfyapi/img")),
         }
         cpu = 0.0
         comfyui_cpu = dict.fromkeys(runs, 0.0)  # ComfyUI's CPU seconds spent on each kind of job
@@ -120,8 +124,8 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
                     series[name].append(elapsed)
                     if ctx.comfyui_pid:  # clock ticks: each reading is coarse, their sum is not biased
                         comfyui_cpu[name] += procs.cpu_seconds(ctx.comfyui_pid) - before
-        cpu_per_job = (procs.cpu_seconds(ctx.app.pid) - cpu) * 1000 / (3 * jobs)
-    native, sync, sse, ws = (ms(series[k]) for k in ("native", "sync", "sse", "ws"))
+        cpu_per_job = (procs.cpu_seconds(ctx.app.pid) - cpu) * 1000 / ((len(runs) - 1) * jobs)
+    native, sync, sse, ws, comfyapi = (ms(series[k]) for k in ("native", "sync", "sse", "ws", "comfyapi"))
     p = percentile
     section = "1. overhead per job"
     return [
@@ -129,6 +133,7 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
         info(section, "adapter sync p50 / p99", p(sync, 50), "ms", f"p99 {p(sync, 99):.2f} ms"),
         info(section, "adapter SSE p50 / p99", p(sse, 50), "ms", f"p99 {p(sse, 99):.2f} ms"),
         info(section, "adapter websocket p50 / p99", p(ws, 50), "ms", f"p99 {p(ws, 99):.2f} ms"),
+        info(section, "ComfyUI's API through us p50 / p99", p(comfyapi, 50), "ms", f"p99 {p(comfyapi, 99):.2f} ms"),
         *(
             goal(
                 section,
@@ -139,9 +144,14 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
                 lambda v, limit=limit: v <= limit,
                 f"p99 +{p(values, 99) - p(native, 99):.2f} ms",
             )
-            for name, values, limit in (("sync", sync, 1.0), ("SSE", sse, 1.5), ("websocket", ws, 1.5))
+            for name, values, limit in (
+                ("sync", sync, 1.0),
+                ("SSE", sse, 1.5),
+                ("websocket", ws, 1.5),
+                ("ComfyUI's API (/prompt + /ws)", comfyapi, 1.0),
+            )
         ),
-        info(section, "app CPU per job", cpu_per_job, "ms", "sync, SSE and websocket jobs above, averaged"),
+        info(section, "app CPU per job", cpu_per_job, "ms", "every adapter job above, averaged"),
         *_comfyui_cpu(section, comfyui_cpu, jobs),
     ]
 
@@ -161,7 +171,7 @@ def _comfyui_cpu(section: str, spent: dict[str, float], jobs: int) -> list[Figur
             "ms",
             "<= native",
             lambda v: v <= native,
-            "sync, SSE and websocket averaged",
+            "every kind of adapter job above, averaged",
         ),
     ]
 
