@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 CANCELLED = "cancelled"
 EXPIRED = "expired"  # the run claim of a job that waited past QUEUE_TTL: no worker runs it
 PENDING = "pending"  # a submission's entry id until XADD has answered
-DEAD_LETTERS_MAX = 1000  # entries kept (MAXLEN ~): an operator looks at the newest
 
 # A gateway's cancel of submission <entry>: removed while queued (no worker took it), else asked of
 # its worker unless it has ended (decided how it ends: `ended:` holds an entry; or QUEUE_TTL took

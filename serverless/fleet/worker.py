@@ -32,13 +32,14 @@ from redis import exceptions as rexc
 
 from ..core.credentials import Credentials
 from ..core.request import validate_task_id
-from ..errors import ComfyUIUnavailable, ExecutionInterrupted, ServerlessError, Unavailable, Unclassified, WorkerLost
+from ..errors import ComfyUIUnavailable, ExecutionInterrupted, ServerlessError, Unavailable, WorkerLost
 from ..jobs.registry import Jobs
 from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
-from .queue import CANCELLED, DEAD_LETTERS_MAX, END, EXPIRED, TRIM, cancelled_by_request
+from . import deadletters
+from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, stream
 
@@ -286,39 +287,10 @@ class Consumer:
         return Taken(name, entry_id, task_id, spec, reclaimed)
 
     async def _dead_letter(self, name: str, entry: str, fields: dict[bytes, bytes], reason: str) -> None:
-        """Acknowledge an entry no worker can run and keep it, with why, in `dead:jobs` (capped),
-        in one step; a task it names (a valid id) ends with an error, so its caller hears."""
-        record: dict[Any, Any] = {
-            **fields,
-            "dead_from": name,
-            "dead_entry": entry,
-            "dead_reason": reason[:500],
-            "dead_consumer": self.name,
-        }
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.DEAD_LETTERS, record, maxlen=DEAD_LETTERS_MAX, approximate=True)
-            pipe.xack(name, GROUP, entry)
-            pipe.xdel(name, entry)
-            await pipe.execute()
+        """An entry no worker can run, moved aside (`deadletters.bury`) and counted."""
+        await deadletters.bury(self.client, self.status, name, entry, fields, reason, self.name)
         self.dead_letters += 1
         self.jobs.metrics.queue_dead_letters.inc()
-        log.error(
-            "consumer %s: entry %s of %s cannot be run (%s): moved to %s",
-            self.name,
-            entry,
-            name,
-            reason,
-            keys.DEAD_LETTERS,
-        )
-        try:
-            task_id = fields[b"task_id"].decode()
-            validate_task_id(task_id)
-        except Exception:
-            return  # no task to tell
-        if await self.client.set(keys.run_claim(task_id, entry), self.name, nx=True, ex=self.status.ttl):
-            attempt = await self.status.begin(task_id)
-            error = Unclassified(f"the queued job could not be read by a worker ({reason[:200]})")
-            await self.status.append_terminal(task_id, attempt.number, error)
 
     async def _wait_for_news(self) -> None:
         """Block until an entry no consumer has been given arrives in any stream: XREAD from each
