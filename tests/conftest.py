@@ -49,7 +49,7 @@ def base_env(comfyui_url: str, status_dir: Path) -> dict[str, str]:
         "COMFYUI_URL": comfyui_url,
         "STATUS_DIR": str(status_dir),
         "FC_INSTANCE_ID": "test-1",
-        "COMFYUI_RECONNECT_TIMEOUT": "5",
+        "COMFYUI_STARTUP_TIMEOUT": "5",
     }
 
 
