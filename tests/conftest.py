@@ -7,6 +7,7 @@ kill, signal or measure one.
 
 from __future__ import annotations
 
+import collections
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,37 +22,49 @@ from tests.topologies import TOPOLOGIES, Deployment, Topology, deploy
 S = TypeVar("S", App, InProcessApp)
 
 # Every process the tests start (servers, CLIs, `redis-server`, ...) goes through Popen, asyncio's
-# included: counted here, summed over xdist's workers and reported at the end of the run.
-_spawned = 0
+# included: counted here by test file, summed over xdist's workers and reported at the end.
+_spawned: collections.Counter[str] = collections.Counter()
+_running = "(outside a test)"
 _popen_init = subprocess.Popen.__init__
 
 
 def _counting_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
-    global _spawned
-    _spawned += 1
+    _spawned[_running] += 1
     _popen_init(self, *args, **kwargs)
 
 
 subprocess.Popen.__init__ = _counting_init  # type: ignore[method-assign]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Any:
+    global _running
+    _running = item.nodeid.split("::")[0]
+    try:
+        return (yield)
+    finally:
+        _running = "(outside a test)"
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     output = getattr(session.config, "workeroutput", None)
-    if output is not None:  # an xdist worker: its count goes back to the controller
-        output["spawned"] = _spawned
+    if output is not None:  # an xdist worker: its counts go back to the controller
+        output["spawned"] = dict(_spawned)
 
 
-_by_workers: list[int] = []
+_by_workers: collections.Counter[str] = collections.Counter()
 
 
 def pytest_testnodedown(node: Any, error: object) -> None:
-    _by_workers.append(int(getattr(node, "workeroutput", {}).get("spawned", 0)))
+    _by_workers.update(getattr(node, "workeroutput", {}).get("spawned", {}))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if getattr(terminalreporter.config, "workeroutput", None) is None:  # not in a worker
-        spawned = sum(_by_workers) if _by_workers else _spawned  # (xdist's own workers not counted)
-        terminalreporter.write_line(f"processes started by the tests: {spawned}")
+    if getattr(terminalreporter.config, "workeroutput", None) is not None:
+        return  # a worker: the controller reports
+    spawned = _by_workers or _spawned  # (xdist's own workers are not counted)
+    most = ", ".join(f"{name} {count}" for name, count in spawned.most_common(6))
+    terminalreporter.write_line(f"processes started by the tests: {sum(spawned.values())} (most: {most})")
 
 
 @pytest.fixture(scope="session")

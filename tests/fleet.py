@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from tests.servers import Emulator, InProcessApp, InProcessEmulator, Process, free_port
+from tests.servers import InProcessApp, InProcessEmulator, Process, free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -131,7 +131,8 @@ class Tier:
     root: Path
     redis_url: str
     env: dict[str, str] = field(default_factory=dict)
-    processes: bool = False  # True: every node and emulator in a process of its own (to kill one)
+    processes: bool = False  # True: each worker in a process of its own (to kill one); emulators stay in threads
+    gateway_processes: bool = False  # True: each gateway in a process of its own (to signal one)
     gateways: list[Any] = field(default_factory=list)  # Node, or InProcessNode
     workers: list[Any] = field(default_factory=list)
     emulators: list[Any] = field(default_factory=list)  # Emulator, or InProcessEmulator
@@ -152,7 +153,9 @@ class Tier:
         settings = {**self.common(), "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9", **env}
         name = f"gateway{len(self.gateways) + 1}"
         node = (
-            Node(self.root, settings, name, ready_path) if self.processes else InProcessNode(self.root, settings, name)
+            Node(self.root, settings, name, ready_path)
+            if self.gateway_processes
+            else InProcessNode(self.root, settings, name)
         )
         self.gateways.append(node)
         return node
@@ -160,10 +163,7 @@ class Tier:
     def worker(self, step_delay: float = 0.0, **env: str) -> Any:
         number = len(self.workers) + 1
         folder = self.root / f"emulator{number}"
-        if self.processes:
-            emulator: Any = Emulator(folder, None, "--step-delay", str(step_delay))
-        else:
-            emulator = InProcessEmulator(folder, step_delay=step_delay)
+        emulator = InProcessEmulator(folder, step_delay=step_delay)  # a worker killed leaves its ComfyUI up
         self.emulators.append(emulator)
         settings = {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}
         name = f"worker{number}"

@@ -35,8 +35,8 @@ _databases = itertools.count(1)
 def tier(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
     made: list[Tier] = []
 
-    def make(url: str | None = None, processes: bool = False, **env: str) -> Tier:
-        made.append(Tier(tmp_path, url or redis_server.url(next(_databases)), env, processes))
+    def make(url: str | None = None, processes: bool = False, gateway_processes: bool = False, **env: str) -> Tier:
+        made.append(Tier(tmp_path, url or redis_server.url(next(_databases)), env, processes, gateway_processes))
         return made[-1]
 
     yield make
@@ -644,7 +644,7 @@ def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_e
 def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_and_the_job_goes_on(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(processes=True, DRAIN_TIMEOUT="1")
+    fleet = tier(gateway_processes=True, DRAIN_TIMEOUT="1")
     gateway = fleet.gateway()
     fleet.worker(step_delay=0.1)
     waiting = in_background(lambda: post_run(gateway.url, slow(5, steps=40), headers={"X-Fc-Trace-Id": "outlives"}))
