@@ -54,7 +54,10 @@ def flag(name: str, description: str) -> Param:
 
 TASK_ID = Param("task_id", "query", "the task id (`^[A-Za-z0-9._-]{1,128}$`)", required=True)
 WORKFLOW_ID = Param(
-    "workflow_id", "path", "the hosted workflow's id; `<id>@<n>` names version n, `<id>@<alias>` an alias's", required=True
+    "workflow_id",
+    "path",
+    "the hosted workflow's id; `<id>@<n>` names version n, `<id>@<alias>` an alias's",
+    required=True,
 )
 BARE_WORKFLOW_ID = Param("workflow_id", "path", "the hosted workflow's id", required=True)
 BASE64 = flag("output_base64", "each output's bytes in `output.base64.content`")

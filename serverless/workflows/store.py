@@ -110,7 +110,9 @@ class WorkflowStore:
         """Version `number` of the workflow whose newest is `head`; NotFound when there is none."""
         if number == head.number:
             return head
-        stored = await asyncio.to_thread(self._read_kept, self.versions.path(head.workflow_id, number), head.workflow_id)
+        stored = await asyncio.to_thread(
+            self._read_kept, self.versions.path(head.workflow_id, number), head.workflow_id
+        )
         return replace(stored, owner=head.owner, shared=head.shared, number=number)
 
     async def alias(self, workflow_id: str, name: str) -> int | None:
