@@ -21,11 +21,11 @@ from ..core.request import check_nodes, decode_body, split_workflow
 from ..core.uiformat import UIFormatWorkflow
 from ..errors import Conflict, InvalidParams, NotFound
 from .conversion import convert_with
+from .environment import missing
 from .openapi import openapi_document
 from .overrides import merge, parse_overrides
-from .schema import ObjectInfo, Parameter, build_schema
-from .environment import missing
 from .refs import DEFAULT_ALIAS, WorkflowRef, parse_ref, parse_version, validate_alias
+from .schema import ObjectInfo, Parameter, build_schema
 from .store import Stored, WorkflowStore, validate_workflow_id
 from .validate import REFRESHABLE, Problem, prompt_error, summary, validate_overrides, validate_workflow
 
