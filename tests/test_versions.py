@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.helpers import post_run, txt2img
+from tests.helpers import post_run, txt2img, wait_until
 from tests.test_contract import ended
 from tests.test_uiformat_e2e import ran
 from tests.test_websocket import run as ws_run
@@ -163,3 +163,25 @@ def test_a_workflow_needing_what_the_instance_lacks_names_each_missing_node_and_
         "nodes": [],
         "models": ["gone.safetensors"],
     }
+
+
+def test_genstudio_runs_the_version_an_alias_names(deployment: Deploy) -> None:
+    deployed = deployment(FILE_LINK_SECRET="v-link-secret", GENSTUDIO_TOKEN_SECRET="v-token")
+    url = deployed.url
+    register_two(url, "gs-versions")
+    assert move(url, "gs-versions", "live", 1).status_code == 200
+    api = url + "/api/maas/comfy_task_api"
+    prompt = {SAMPLER: {"inputs": {"steps": 3}}}
+    queued = requests.post(api + "/prompt", json={"workflow_id": "gs-versions@live", "prompt": prompt}, timeout=30)
+    assert queued.json()["code"] == 0, queued.text
+    prompt_id = queued.json()["data"]["prompt_id"]
+
+    def done() -> dict[str, Any] | None:
+        answer = requests.post(api + "/get_task_info", json={"comfy_task_ids": [prompt_id]}, timeout=10)
+        (entry,) = answer.json()["data"]["comfy_task_info"]
+        return entry if entry["status"] >= 3 else None
+
+    assert wait_until(done, timeout=60)["status"] == 3
+    histories = [requests.get(e.url + "/history", timeout=5).json() for e in deployed.emulators]
+    sent = [item["prompt"][2]["3"]["inputs"] for history in histories for item in history.values()]
+    assert [(inputs["seed"], inputs["steps"]) for inputs in sent] == [(111, 3)]
