@@ -185,3 +185,29 @@ def test_genstudio_runs_the_version_an_alias_names(deployment: Deploy) -> None:
     histories = [requests.get(e.url + "/history", timeout=5).json() for e in deployed.emulators]
     sent = [item["prompt"][2]["3"]["inputs"] for history in histories for item in history.values()]
     assert [(inputs["seed"], inputs["steps"]) for inputs in sent] == [(111, 3)]
+
+
+def test_another_key_sees_no_version_and_moves_no_alias(deployment: Deploy) -> None:
+    owner, other = "sk-versions-owner-0123456789", "sk-versions-other-9876543210"
+    url = deployment(API_KEYS=f"{owner},{other}").url
+    mine, theirs = ({"Authorization": f"Bearer {key}"} for key in (owner, other))
+    for seed in (1, 2):
+        answer = requests.put(
+            f"{url}{API}/private", data=json.dumps(txt2img(seed=seed, steps=2)), headers=mine, timeout=30
+        )
+        assert answer.status_code in (200, 201), answer.text
+    listed = requests.get(f"{url}{API}/private/versions", headers=mine, timeout=10).json()
+    assert [v["created_by"]["key"] for v in listed["versions"]] == [listed["versions"][0]["created_by"]["key"]] * 2
+    assert owner not in json.dumps(listed)  # a digest's prefix, never the key
+    alias = {"version": 1}
+    for method, path, body in (
+        ("GET", "/private/versions", None),
+        ("GET", "/private@1", None),
+        ("POST", "/private@1/run", {}),
+        ("PUT", "/private/aliases/prod", alias),
+        ("DELETE", "/private/versions/1", None),
+    ):
+        answer = requests.request(method, f"{url}{API}{path}", json=body, headers=theirs, timeout=30)
+        assert answer.status_code == 404, (method, path, answer.text)
+    assert requests.put(f"{url}{API}/private/aliases/prod", json=alias, headers=mine, timeout=10).status_code == 200
+    assert requests.post(f"{url}{API}/private@prod/run", json={}, headers=theirs, timeout=30).status_code == 404
