@@ -109,6 +109,6 @@ def test_a_version_an_alias_names_or_the_only_one_is_not_deleted(tmp_path: Path)
         with pytest.raises(Conflict):
             await store.delete_version(head, 1)  # the only one
         await store.delete("w")
-        assert not any(tmp_path.iterdir())
 
     asyncio.run(scenario())
+    assert not any(tmp_path.iterdir())
