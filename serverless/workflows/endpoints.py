@@ -114,7 +114,7 @@ async def put_alias(request: Request) -> Response:
     (promotion, rollback); `<id>@<alias>` runs the version it names, and the `default` alias
     the bare id."""
     settings = app_state(request).resources.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     workflow_id, alias = request.path_params["workflow_id"], request.path_params["alias"]
     return JSONResponse(await _hosted(request).set_alias(workflow_id, alias, body, caller(request)))
 
