@@ -129,6 +129,23 @@ def test_workflows_put_list_show_rm(hosted: App, workflow_file: Path) -> None:
     assert cli(hosted.url, "workflows", "show", "t2i").returncode == 3
 
 
+def test_workflows_versions_and_alias_and_a_run_of_a_version(hosted: App, workflow_file: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(txt2img(seed=222, size=24)))
+    assert cli(hosted.url, "workflows", "put", "v", str(workflow_file)).stdout.startswith("v@1:")
+    assert cli(hosted.url, "workflows", "put", "v", str(second)).stdout.startswith("v@2:")
+    moved = cli(hosted.url, "workflows", "alias", "v", "prod", "1")
+    assert moved.returncode == 0 and moved.stdout.strip() == "v@prod -> 1"
+    listed = cli(hosted.url, "workflows", "versions", "v").stdout.splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["1", "2"] and listed[0].endswith("\tprod")
+    shown = json.loads(cli(hosted.url, "workflows", "show", "v@2").stdout)
+    assert shown["version"] == 2
+    ran = cli(hosted.url, "run", "--workflow-id", "v@prod", "--out", str(tmp_path / "o"))
+    assert ran.returncode == 0, ran.stderr
+    assert cli(hosted.url, "workflows", "rm", "v@2").returncode == 0
+    assert [line.split("\t")[0] for line in cli(hosted.url, "workflows", "versions", "v").stdout.splitlines()] == ["1"]
+
+
 def test_async_prints_the_task_id_and_events_prints_its_log(app: App, workflow_file: Path) -> None:
     done = cli(app.url, "run", str(workflow_file), "--async", "--task-id", "cli-async-1")
     assert done.returncode == 0 and done.stdout.strip() == "cli-async-1"

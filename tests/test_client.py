@@ -92,6 +92,19 @@ def test_hosted_workflows_register_describe_run_and_delete(client: Client) -> No
         client.schema("t2i")
 
 
+def test_versions_and_aliases_from_the_client(client: Client) -> None:
+    assert client.register_workflow("v", txt2img(seed=1, size=16))["version"] == 1
+    assert client.register_workflow("v", txt2img(seed=2, size=16))["version"] == 2
+    assert client.set_alias("v", "prod", 1) == {"workflow_id": "v", "alias": "prod", "version": 1}
+    listed = client.versions("v")
+    assert [item["version"] for item in listed["versions"]] == [1, 2] and listed["aliases"] == {"prod": 1}
+    result = client.run(workflow_id="v@prod")
+    assert (result.workflow_id, result.workflow_version) == ("v", 1)
+    assert client.run(workflow_id="v@2").workflow_version == 2
+    with pytest.raises(errors.Conflict):
+        client.delete_workflow("v@1")  # the alias names it
+
+
 def test_submit_async_then_status_log_reaches_the_result(client: Client) -> None:
     task_id = client.submit_async(txt2img(size=16), task_id="client-async-1")
     assert task_id == "client-async-1"

@@ -9,6 +9,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -106,8 +108,8 @@ def test_the_playground_fits_a_phone_and_shows_every_card(
         layout = page.evaluate(OVERFLOW)
         assert layout["scroll"] <= layout["width"] == 390, layout
         assert layout["wide"] == [], layout
-        assert len(layout["cards"]) == 4 and all(0 <= left and right <= 390 for left, right, _ in layout["cards"])
-        for card in ("#pick", "#params", "#runbox", "#results"):
+        assert len(layout["cards"]) == 5 and all(0 <= left and right <= 390 for left, right, _ in layout["cards"])
+        for card in ("#pick", "#params", "#runbox", "#results", "#call"):
             page.locator(card).scroll_into_view_if_needed()
             assert page.locator(card).is_visible(), card
         page.screenshot(path=str(tmp_path / "playground-390.png"), full_page=True)
@@ -196,3 +198,44 @@ def test_playground_shows_the_image_forming_before_the_output(deployment: Callab
         page.wait_for_selector("#outputs img")
         page.wait_for_selector("#state.succeeded", state="attached")
         assert page.is_hidden("#preview") and page.inner_text("#percent") == "100%"
+
+
+def test_a_trial_run_of_a_version_shows_the_curl_and_python_of_its_call(deployment: Callable[..., Deployment]) -> None:
+    """Pick a registered workflow's version 1 (2 is newer), run it from the form: it runs (ComfyUI's
+    /history shows version 1's seed), and the curl and Python client code shown make the same call."""
+    deployed = deployment()
+    for seed in (111, 222):
+        put = requests.put(
+            deployed.url + "/api/workflows/trial", data=json.dumps(txt2img(seed=seed, steps=2)), timeout=30
+        )
+        assert put.status_code in (200, 201), put.text
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(deployed.url + "/")
+        page.wait_for_selector("#workflow option[value='trial']", state="attached")
+        page.select_option("#workflow", "trial")
+        page.wait_for_selector("#version option[value='1']", state="attached")
+        page.select_option("#version", "1")
+        page.wait_for_selector("#source:has-text('version 1')")
+        assert page.input_value("input[name='3.seed']") == "111"
+        page.click("#run")
+        page.wait_for_selector("#state.succeeded", state="attached")
+        curl, python = page.inner_text("#curl"), page.inner_text("#python")
+    assert f"'{deployed.url}/api/workflows/trial@1/run?stream=true&output_base64=true&previews=true'" in curl
+    assert 'workflow_id="trial@1"' in python and "client.stream(" in python
+    histories = [requests.get(e.url + "/history", timeout=5).json() for e in deployed.emulators]
+    assert [item["prompt"][2]["3"]["inputs"]["seed"] for h in histories for item in h.values()] == [111]
+
+    # The code shown makes the very call again.
+    by_curl = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60, check=True).stdout
+    last = json.loads([line for line in by_curl.splitlines() if line.startswith("data:")][-1][5:])
+    assert last["type"] == "serverless_api" and (last["data"]["workflow_id"], last["data"]["workflow_version"]) == (
+        "trial",
+        1,
+    )
+    by_python = subprocess.run(
+        [sys.executable, "-c", python], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True
+    ).stdout
+    assert by_python.splitlines()[-1] == "serverless_api"
+    histories = [requests.get(e.url + "/history", timeout=5).json() for e in deployed.emulators]
+    assert [item["prompt"][2]["3"]["inputs"]["seed"] for h in histories for item in h.values()] == [111] * 3

@@ -38,3 +38,50 @@ def test_a_hosted_model_free_workflow_registers_and_runs_on_real_comfyui(start_a
     assert data["workflow_id"] == "invert"
     image = decode_image(data["results"][0]).convert("RGB")
     assert image.size == (8, 12) and image.getpixel((0, 0)) == (0, 255, 255)
+
+
+def test_converted_editor_workflows_validate_in_real_comfyuis_own_prompt(start_app, tmp_path: Path) -> None:
+    """Each workflow of the UI-format corpus whose classes and checkpoint the real ComfyUI has,
+    converted by us, is accepted by its `/prompt` (then removed from its queue unrun)."""
+    from tests.test_uiformat import CORPUS, load  # the editor's saves (tests/fixtures/uiformat)
+
+    app = start_app(REAL, WORKFLOWS_DIR=str(tmp_path / "workflows"))
+    info = requests.get(f"{REAL}/object_info", timeout=60).json()
+    checkpoints = info.get("CheckpointLoaderSimple", {}).get("input", {}).get("required", {}).get("ckpt_name", [[]])[0]
+    picture = requests.post(
+        f"{REAL}/upload/image",
+        files={"image": ("uiformat-input.png", decode_png_bytes(), "image/png")},
+        data={"overwrite": "true"},
+        timeout=30,
+    )
+    assert picture.status_code == 200, picture.text
+    validated = []
+    for name in CORPUS:
+        document = load(name)
+        nodes = document["nodes"]
+        if any(node["type"] == "CheckpointLoaderSimple" for node in nodes):
+            if not checkpoints:
+                continue  # this ComfyUI has no checkpoint to name
+            for node in nodes:
+                if node["type"] == "CheckpointLoaderSimple":
+                    node["widgets_values"] = [checkpoints[0]]
+        converted = requests.post(f"{app.url}/api/workflows/convert", json=document, timeout=60)
+        if converted.status_code == 400 and "missing" in converted.json().get("raw", {}):
+            continue  # a class this ComfyUI lacks
+        assert converted.status_code == 200, (name, converted.text)
+        queued = requests.post(f"{REAL}/prompt", json={"prompt": converted.json()["prompt"]}, timeout=60)
+        assert queued.status_code == 200, (name, queued.text)
+        requests.post(f"{REAL}/queue", json={"delete": [queued.json()["prompt_id"]]}, timeout=10)
+        validated.append(name)
+    if not validated:
+        pytest.skip("the real ComfyUI has none of the corpus's classes and models")
+
+
+def decode_png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, "PNG")
+    return buffer.getvalue()

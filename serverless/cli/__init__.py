@@ -112,6 +112,11 @@ def parser() -> argparse.ArgumentParser:
     put.add_argument("workflow_id")
     put.add_argument("file")
     workflows.add_parser("rm", parents=[common]).add_argument("workflow_id")
+    workflows.add_parser("versions", parents=[common]).add_argument("workflow_id")
+    alias = workflows.add_parser("alias", parents=[common], help="point an alias at a version")
+    alias.add_argument("workflow_id")
+    alias.add_argument("alias")
+    alias.add_argument("version", type=int)
     task = commands.add_parser("task", parents=[common], help="a task's summary")
     task.add_argument("task_id")
     shown = task.add_mutually_exclusive_group()
@@ -298,7 +303,15 @@ def workflows(client: Client, args: argparse.Namespace) -> int:
         print(dumps({k: v for k, v in described.items() if k != "workflow"}))
     elif args.action == "put":
         described = client.register_workflow(args.workflow_id, read_json(args.file))
-        print(f"{described['workflow_id']}: {len(described['parameters'])} parameters")
+        version = f"@{described['version']}" if described.get("version") else ""
+        print(f"{described['workflow_id']}{version}: {len(described['parameters'])} parameters")
+    elif args.action == "versions":
+        listed = client.versions(args.workflow_id)
+        for item in listed["versions"]:
+            print(f"{item['version']}\t{item['created']}\t{','.join(item['aliases'])}")
+    elif args.action == "alias":
+        moved = client.set_alias(args.workflow_id, args.alias, args.version)
+        print(f"{moved['workflow_id']}@{moved['alias']} -> {moved['version']}")
     else:
         client.delete_workflow(args.workflow_id)
         print(f"{args.workflow_id}: deleted")

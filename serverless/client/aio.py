@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from .calls import Call, RunOptions, events_call, run_call, task_call, workflow_call
+from .calls import Call, RunOptions, alias_call, events_call, run_call, task_call, workflow_call
 from .errors import ProtocolError, TransportError
 from .results import Event, Result, SSEParser, error_of, json_object, outcome
 from .sync import DEFAULT_TIMEOUT, settings
@@ -114,6 +114,13 @@ class AsyncClient:
 
     async def delete_workflow(self, workflow_id: str) -> dict[str, Any]:
         return await self._json(workflow_call("DELETE", workflow_id))
+
+    async def versions(self, workflow_id: str) -> dict[str, Any]:
+        return await self._json(workflow_call("GET", workflow_id, suffix="/versions"))
+
+    async def set_alias(self, workflow_id: str, alias: str, version: int) -> dict[str, Any]:
+        call = alias_call(workflow_id, alias, version)
+        return await self._json(call)
 
     async def health(self) -> dict[str, Any]:
         return await self._json(Call("GET", "/api/serverless/health"))

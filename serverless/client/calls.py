@@ -98,7 +98,7 @@ def run_call(
     if workflow is not None:
         body = apply_overrides(workflow, overrides or {})
         return Call("POST", "/api/serverless/run", params, headers, json.dumps(body).encode())
-    path = f"/api/workflows/{quote(str(workflow_id), safe='')}/run"
+    path = f"/api/workflows/{quote(str(workflow_id), safe='@')}/run"  # `<id>@<n>`, `<id>@<alias>`
     return Call("POST", path, params, headers, json.dumps(dict(overrides or {})).encode())
 
 
@@ -115,7 +115,12 @@ def events_call(task_id: str, resume: str | int | None) -> Call:
 
 
 def workflow_call(method: str, workflow_id: str | None = None, body: Any = None, suffix: str = "") -> Call:
-    path = "/api/workflows" + (f"/{quote(workflow_id, safe='')}" if workflow_id is not None else "") + suffix
+    path = "/api/workflows" + (f"/{quote(workflow_id, safe='@')}" if workflow_id is not None else "") + suffix
     if body is None:
         return Call(method, path)
     return Call(method, path, headers={"Content-Type": "application/json"}, body=json.dumps(body).encode())
+
+
+def alias_call(workflow_id: str, alias: str, version: int) -> Call:
+    """PUT /api/workflows/{id}/aliases/{alias} `{"version": n}`."""
+    return workflow_call("PUT", workflow_id, {"version": version}, f"/aliases/{quote(alias, safe='')}")

@@ -87,6 +87,7 @@ class Result:
     outputs: list[Output]
     node_errors: dict[str, Any] | None
     raw: dict[str, Any] = field(repr=False)
+    workflow_version: int | None = None  # which version of the hosted workflow ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ def parse_result(payload: dict[str, Any]) -> Result:
         outputs=[parse_output(item) for item in data.get("results") or []],
         node_errors=data.get("node_errors"),
         raw=payload,
+        workflow_version=data.get("workflow_version"),
     )
 
 

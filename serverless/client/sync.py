@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from .calls import Call, RunOptions, events_call, run_call, task_call, workflow_call
+from .calls import Call, RunOptions, alias_call, events_call, run_call, task_call, workflow_call
 from .errors import ProtocolError, TransportError
 from .results import Event, Result, SSEParser, error_of, json_object, outcome
 
@@ -141,7 +141,16 @@ class Client:
         return parameters
 
     def delete_workflow(self, workflow_id: str) -> dict[str, Any]:
+        """Delete the workflow, or one version of it (`<id>@<n>`)."""
         return self._json(workflow_call("DELETE", workflow_id))
+
+    def versions(self, workflow_id: str) -> dict[str, Any]:
+        """Its versions (number, created, created_by, aliases) and aliases."""
+        return self._json(workflow_call("GET", workflow_id, suffix="/versions"))
+
+    def set_alias(self, workflow_id: str, alias: str, version: int) -> dict[str, Any]:
+        """Point `alias` at `version` (promotion, rollback); `<id>@<alias>` then runs it."""
+        return self._json(alias_call(workflow_id, alias, version))
 
     def health(self) -> dict[str, Any]:
         return self._json(Call("GET", "/api/serverless/health"))

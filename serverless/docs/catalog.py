@@ -53,7 +53,13 @@ def flag(name: str, description: str) -> Param:
 
 
 TASK_ID = Param("task_id", "query", "the task id (`^[A-Za-z0-9._-]{1,128}$`)", required=True)
-WORKFLOW_ID = Param("workflow_id", "path", "the hosted workflow's id", required=True)
+WORKFLOW_ID = Param(
+    "workflow_id",
+    "path",
+    "the hosted workflow's id; `<id>@<n>` names version n, `<id>@<alias>` an alias's",
+    required=True,
+)
+BARE_WORKFLOW_ID = Param("workflow_id", "path", "the hosted workflow's id", required=True)
 BASE64 = flag("output_base64", "each output's bytes in `output.base64.content`")
 OSS = flag("output_oss", "each output uploaded to the bucket `STORAGE` names, OSS or S3 (`output.oss`)")
 STREAM = flag("stream", "answer `text/event-stream`: ComfyUI's messages byte for byte, our events, then the result")
@@ -259,6 +265,53 @@ OPERATIONS: tuple[Operation, ...] = (
         (*RUN_REPLIES, SSE),
         RUN_ERRORS,
         "runWorkflow",
+    ),
+    Operation(
+        "/api/workflows/{workflow_id}/versions",
+        "get",
+        "workflows",
+        "A workflow's versions and aliases",
+        "Each `PUT` makes an immutable version n; each is listed with when and by whom it was registered and "
+        "the aliases naming it. `current` is what the bare id runs: the `default` alias's version, else the newest.",
+        params=(BARE_WORKFLOW_ID,),
+        replies=(Reply("200", "versions and aliases", "object"),),
+        errors=("404",),
+        operation_id="workflowVersions",
+    ),
+    Operation(
+        "/api/workflows/{workflow_id}/versions/{version}",
+        "delete",
+        "workflows",
+        "Delete one version",
+        "Refused (409 CONFLICT) while an alias names it, or when it is the workflow's only version.",
+        (BARE_WORKFLOW_ID, Param("version", "path", "the version number", "integer", True)),
+        replies=(Reply("200", "deleted", "object"),),
+        errors=("400", "404", "409"),
+        operation_id="deleteWorkflowVersion",
+    ),
+    Operation(
+        "/api/workflows/{workflow_id}/aliases/{alias}",
+        "put",
+        "workflows",
+        "Point an alias at a version (promotion, rollback)",
+        'The body is `{"version": n}`. `<id>@<alias>` then runs version n wherever an id is taken; the '
+        "`default` alias is what the bare id runs.",
+        (BARE_WORKFLOW_ID, Param("alias", "path", "a letter, then letters, digits, '.', '_' or '-'", required=True)),
+        "object",
+        True,
+        (Reply("200", "the alias and its version", "object"),),
+        ("400", "404", "409"),
+        "putWorkflowAlias",
+    ),
+    Operation(
+        "/api/workflows/{workflow_id}/aliases/{alias}",
+        "delete",
+        "workflows",
+        "Remove an alias",
+        params=(BARE_WORKFLOW_ID, Param("alias", "path", "the alias", required=True)),
+        replies=(Reply("200", "deleted", "object"),),
+        errors=("400", "404", "409"),
+        operation_id="deleteWorkflowAlias",
     ),
     # -- job control (issue 13) -----------------------------------------------------------------
     Operation(

@@ -49,6 +49,7 @@ def encode_spec(spec: JobSpec) -> bytes:
             "priority": spec.priority,
             "idempotency_key": spec.idempotency_key,
             "workflow_id": spec.workflow_id,
+            "workflow_version": spec.workflow_version,
             "callback_url": spec.callback_url,
             "previews": spec.previews,
             "native": spec.native,
@@ -82,6 +83,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         priority=raw.get("priority", "normal"),
         idempotency_key=raw.get("idempotency_key"),
         workflow_id=raw.get("workflow_id"),
+        workflow_version=raw.get("workflow_version"),
         callback_url=raw.get("callback_url"),
         previews=bool(raw.get("previews", False)),
         native=bool(raw.get("native")),
@@ -96,6 +98,7 @@ def fingerprint(spec: JobSpec) -> str:
         "workflow": spec.workflow,
         "extra_data": spec.extra_data,
         "workflow_id": spec.workflow_id,
+        "workflow_version": spec.workflow_version,
         "outputs": [
             spec.outputs.base64,
             spec.outputs.oss,

@@ -389,6 +389,8 @@ class Job:
             data["node_errors"] = node_errors
         if spec.workflow_id is not None:
             data["workflow_id"] = spec.workflow_id
+            if spec.workflow_version is not None:
+                data["workflow_version"] = spec.workflow_version
         return {"type": "serverless_api", "data": data}
 
     def _output_ready(self, item: dict[str, Any]) -> None:

@@ -30,7 +30,8 @@ class OutputPolicy:
 class JobSpec:
     """One job as it will run. `task_id` is the caller's own (FC headers); None when the job's
     prompt id will name it. `credentials` (OSS) are resolved once, from the request or the
-    instance's settings, and never shown. `workflow_id` names the hosted workflow that ran."""
+    instance's settings, and never shown. `workflow_id` and `workflow_version` name the hosted
+    workflow that ran."""
 
     workflow: dict[str, Any]
     extra_data: dict[str, Any] | None = field(default=None, repr=False)
@@ -43,6 +44,7 @@ class JobSpec:
     priority: str = "normal"  # Redis tier: the queue stream it waits in (high, normal, low)
     idempotency_key: str | None = None  # Redis tier: a repeat attaches to the first (SET NX on the key)
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
+    workflow_version: int | None = None  # which version of it (None: a file never registered)
     callback_url: str | None = field(default=None, repr=False)  # the webhook; its query may hold secrets
     previews: bool = False  # `?previews=true`: ComfyUI's sampler previews become `serverless_preview` events
     # Queued through ComfyUI's own API (`serverless.comfyapi`): its ComfyUI prompt id is its task

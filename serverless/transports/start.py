@@ -29,6 +29,7 @@ from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
 from ..workflows.conversion import convert_with
+from ..workflows.hosting import PreparedRun
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +118,17 @@ async def parse_hosted(
     query: Mapping[str, str],
     headers: Mapping[str, str],
     owner: str | None = None,
-) -> tuple[RunRequest, Mapping[str, str]]:
-    """A hosted workflow's run: the body holds only overrides, checked and merged into the stored
-    workflow (`serverless.workflows.hosting`); the flags and task id as for any run. The body's
+) -> tuple[RunRequest, Mapping[str, str], PreparedRun]:
+    """A hosted workflow's run (`workflow_id` may name a version: `<id>@<n>`, `<id>@<alias>`):
+    the body holds only overrides, checked and merged into the stored version
+    (`serverless.workflows.hosting`); the flags and task id as for any run. The body's
     `"output": {"format", "quality", "max_side"}` join the query (whose own values win)."""
     task_id = task_id_from_headers(headers)
-    workflow, extra_data, output = await resources.workflows.prepare_run(workflow_id, body, owner)
-    if output:
-        from_body = {f"output_{key}": str(value) for key, value in output.items() if value is not None}
+    prepared = await resources.workflows.prepare(workflow_id, body, owner)
+    if prepared.output:
+        from_body = {f"output_{key}": str(value) for key, value in prepared.output.items() if value is not None}
         query = {**from_body, **query}
-    return run_request(workflow, extra_data, query, task_id), query
+    return run_request(prepared.workflow, prepared.extra_data, query, task_id), query, prepared
 
 
 def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
@@ -158,10 +160,11 @@ async def start_job(
     through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them)."""
     check_parameter_names(query)
     workflow_id = hosted_id(query, workflow_id)
+    hosted: PreparedRun | None = None
     if workflow_id is None:
         request = await parse(body, query, headers, resources)
     else:
-        request, query = await parse_hosted(resources, workflow_id, body, query, headers, owner)
+        request, query, hosted = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
     await check_task_owner(resources, request.task_id, owner)
     mode = job_mode(request, headers, transport)
@@ -185,8 +188,9 @@ async def start_job(
         outputs=outputs,
         task_id=request.task_id,
         credentials=credentials,
-        big=len(body) >= BIG_BODY or (workflow_id is not None and resources.workflows.size(workflow_id) >= BIG_BODY),
-        workflow_id=workflow_id,
+        big=len(body) >= BIG_BODY or (hosted is not None and hosted.size >= BIG_BODY),
+        workflow_id=hosted.workflow_id if hosted is not None else None,
+        workflow_version=hosted.version if hosted is not None else None,
         priority=job_priority(query),
         idempotency_key=headers.get("idempotency-key") or None,
         owner=owner,

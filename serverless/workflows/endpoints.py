@@ -15,6 +15,7 @@ from ..state import app_state
 from ..transports.http import read_body
 from .conversion import convert_body
 from .hosting import HostedWorkflows
+from .refs import parse_version
 
 BIG_ANSWER = 256 * 1024  # from this workflow size on, its answer is rendered off the event loop
 
@@ -90,3 +91,36 @@ async def convert_workflow(request: Request) -> Response:
     body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     converted = await convert_body(_hosted(request).object_info, body)
     return JSONResponse(converted.to_payload())
+
+
+async def list_versions(request: Request) -> Response:
+    """GET /api/workflows/{workflow_id}/versions: each version (number, created, created_by, the
+    aliases naming it) and the aliases."""
+    workflow_id = request.path_params["workflow_id"]
+    return JSONResponse(await _hosted(request).versions(workflow_id, caller(request)))
+
+
+async def delete_version(request: Request) -> Response:
+    """DELETE /api/workflows/{workflow_id}/versions/{version}: refused (CONFLICT) while an alias
+    names it."""
+    workflow_id = request.path_params["workflow_id"]
+    number = parse_version(request.path_params["version"])
+    await _hosted(request).delete_version(workflow_id, number, caller(request))
+    return JSONResponse({"workflow_id": workflow_id, "version": number, "deleted": True})
+
+
+async def put_alias(request: Request) -> Response:
+    """PUT /api/workflows/{workflow_id}/aliases/{alias} `{"version": n}`: make or move an alias
+    (promotion, rollback); `<id>@<alias>` runs the version it names, and the `default` alias
+    the bare id."""
+    settings = app_state(request).resources.settings
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
+    workflow_id, alias = request.path_params["workflow_id"], request.path_params["alias"]
+    return JSONResponse(await _hosted(request).set_alias(workflow_id, alias, body, caller(request)))
+
+
+async def delete_alias(request: Request) -> Response:
+    """DELETE /api/workflows/{workflow_id}/aliases/{alias}."""
+    workflow_id, alias = request.path_params["workflow_id"], request.path_params["alias"]
+    await _hosted(request).delete_alias(workflow_id, alias, caller(request))
+    return JSONResponse({"workflow_id": workflow_id, "alias": alias, "deleted": True})

@@ -21,8 +21,10 @@ from ..core.request import check_nodes, decode_body, split_workflow
 from ..core.uiformat import UIFormatWorkflow
 from ..errors import Conflict, InvalidParams, NotFound
 from .conversion import convert_with
+from .environment import missing
 from .openapi import openapi_document
 from .overrides import merge, parse_overrides
+from .refs import DEFAULT_ALIAS, WorkflowRef, parse_ref, parse_version, validate_alias
 from .schema import ObjectInfo, Parameter, build_schema
 from .store import Stored, WorkflowStore, validate_workflow_id
 from .validate import REFRESHABLE, Problem, prompt_error, summary, validate_overrides, validate_workflow
@@ -79,6 +81,7 @@ class Described:
     def summary(self) -> dict[str, Any]:
         return {
             "workflow_id": self.stored.workflow_id,
+            "version": self.stored.number,
             "title": self.title,
             "parameters": len(self.parameters),
             "modified": self.stored.modified_iso,
@@ -90,6 +93,19 @@ class Described:
             "parameters": [p.to_payload() for p in self.parameters],
             "workflow": self.stored.workflow,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRun:
+    """A hosted run, checked: the workflow to send (overrides merged), the body's extra_data and
+    `output` options, and which workflow and version it is."""
+
+    workflow: dict[str, Any]
+    extra_data: dict[str, Any] | None
+    output: dict[str, Any] | None
+    workflow_id: str
+    version: int | None
+    size: int  # bytes of the stored version's file
 
 
 class HostedWorkflows:
@@ -130,22 +146,37 @@ class HostedWorkflows:
         """`describe_with`, once per workflow version and /object_info answer (off the event
         loop for a big workflow)."""
         key = (stored.version, stored.owner, stored.shared, id(info))
-        kept = self._described.get(stored.workflow_id)
-        if kept is not None and kept[0] == key and kept[1].stored is stored:
+        kept = self._described.get(stored.ref)
+        if kept is not None and kept[0] == key and kept[1].stored.workflow is stored.workflow:
             return kept[1]
         described = await _in_thread(stored.size, lambda: self.describe_with(stored, info))
-        if len(self._described) >= KEPT and stored.workflow_id not in self._described:
+        if len(self._described) >= KEPT and stored.ref not in self._described:
             self._described.pop(next(iter(self._described)))
-        self._described[stored.workflow_id] = (key, described)
+        self._described[stored.ref] = (key, described)
         return described
 
-    def size(self, workflow_id: str) -> int:
+    def size(self, ref: str) -> int:
         """Bytes of the workflow's file as last read (0 when not read yet)."""
-        kept = self._described.get(workflow_id)
+        kept = self._described.get(ref)
         return kept[1].stored.size if kept is not None else 0
 
+    async def resolve(self, ref: str | WorkflowRef, caller: str | None = None) -> Stored:
+        """The version `ref` (`<id>`, `<id>@<n>`, `<id>@<alias>`) names, when `caller` may see the
+        workflow: the bare id is the `default` alias's version when set, else the newest.
+        NotFound for an unknown workflow, version or alias."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        head = await self.read(parsed.workflow_id, caller)
+        number = parsed.version
+        if number is None:
+            number = await self.store.alias(head.workflow_id, parsed.alias or DEFAULT_ALIAS)
+            if number is None and parsed.alias is not None:
+                raise NotFound(f"workflow {head.workflow_id!r} has no alias {parsed.alias!r}")
+        if number is None:
+            return head
+        return await self.store.read_version(head, number)
+
     async def describe(self, workflow_id: str, refresh: bool = False, caller: str | None = None) -> Described:
-        stored = await self.read(workflow_id, caller)
+        stored = await self.resolve(workflow_id, caller)
         return await self.described(stored, await self.object_info.get(refresh))
 
     async def summaries(self, refresh: bool = False, caller: str | None = None) -> list[dict[str, Any]]:
@@ -176,7 +207,7 @@ class HostedWorkflows:
         )
 
     async def _rendered(self, described: Described, variant: str, make: Callable[[], Any]) -> bytes:
-        key = (described.stored.workflow_id, variant)
+        key = (described.stored.ref, variant)
         kept = self._texts.pop(key, None)
         if kept is not None and kept[0] is described:
             self._texts[key] = kept  # the most recently used last
@@ -192,9 +223,61 @@ class HostedWorkflows:
         return text
 
     async def delete(self, workflow_id: str, caller: str | None = None) -> None:
-        """Remove it: its owner only (another key: NotFound, or Conflict when it is shared)."""
+        """Remove it, every version and alias with it: its owner only (another key: NotFound, or
+        Conflict when it is shared). `<id>@<n>` removes that version only."""
+        parsed = parse_ref(workflow_id)
+        if parsed.version is not None:
+            await self.delete_version(parsed.workflow_id, parsed.version, caller)
+            return
+        if parsed.alias is not None:
+            raise InvalidParams("name a version to delete (<id>@<n>), or the workflow (<id>); not an alias")
         self._check_writable(await self.read(workflow_id, caller), caller)
         await self.store.delete(workflow_id)
+
+    async def delete_version(self, workflow_id: str, number: int, caller: str | None = None) -> None:
+        """Remove one version; Conflict while an alias names it, or when it is the only one."""
+        head = await self.read(workflow_id, caller)
+        self._check_writable(head, caller)
+        await self.store.delete_version(head, number)
+
+    async def versions(self, workflow_id: str, caller: str | None = None) -> dict[str, Any]:
+        """`GET /api/workflows/{id}/versions`: each version (number, created, created_by, the
+        aliases naming it), the aliases, and which version the bare id runs."""
+        head = await self.read(workflow_id, caller)
+        versions, aliases = await self.store.history(workflow_id)
+        named: dict[int, list[str]] = {}
+        for name, number in aliases.items():
+            named.setdefault(number, []).append(name)
+        return {
+            "workflow_id": workflow_id,
+            "newest": head.number,
+            "current": aliases.get(DEFAULT_ALIAS, head.number),
+            "versions": [version.to_payload(named.get(version.number, [])) for version in versions],
+            "aliases": aliases,
+        }
+
+    async def set_alias(
+        self, workflow_id: str, alias: str, body: bytes | str, caller: str | None = None
+    ) -> dict[str, Any]:
+        """`PUT /api/workflows/{id}/aliases/{alias}` `{"version": n}`: point the alias at version
+        n (made or moved: promotion, rollback); its owner only."""
+        validate_alias(alias)
+        document = decode_body(body) if body and body.strip() else None
+        number = document.get("version") if isinstance(document, dict) else None
+        if isinstance(number, str):
+            number = parse_version(number)
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            raise InvalidParams('the body must be {"version": n}, n a version number of the workflow')
+        head = await self.read(workflow_id, caller)
+        self._check_writable(head, caller)
+        await self.store.set_alias(head, alias, number, caller)
+        return {"workflow_id": workflow_id, "alias": alias, "version": number}
+
+    async def delete_alias(self, workflow_id: str, alias: str, caller: str | None = None) -> None:
+        validate_alias(alias)
+        head = await self.read(workflow_id, caller)
+        self._check_writable(head, caller)
+        await self.store.delete_alias(workflow_id, alias)
 
     async def _existing(self, workflow_id: str, caller: str | None) -> Stored | None:
         try:
@@ -233,16 +316,23 @@ class HostedWorkflows:
             len(body),
         )
         existing = existing or await self._existing(workflow_id, caller)  # registered meanwhile?
-        created = await self.store.write(workflow_id, workflow, caller, shared, new=existing is None)
-        stored = await self.store.read(workflow_id)
+        created, number = await self.store.write(workflow_id, workflow, caller, shared, new=existing is None)
+        stored = await self.store.read_version(await self.store.read(workflow_id), number)
         return await self.described(stored, info), created
 
     async def prepare_run(
         self, workflow_id: str, body: bytes | str, caller: str | None = None
     ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
-        """The stored workflow with the body's overrides merged in, checked, the body's
-        extra_data and its `output` options; nothing reaches ComfyUI when anything is wrong."""
-        stored = await self.read(workflow_id, caller)
+        """`prepare`'s workflow, extra_data and `output` options."""
+        prepared = await self.prepare(workflow_id, body, caller)
+        return prepared.workflow, prepared.extra_data, prepared.output
+
+    async def prepare(self, workflow_id: str, body: bytes | str, caller: str | None = None) -> PreparedRun:
+        """The version `workflow_id` names (`<id>`, `<id>@<n>`, `<id>@<alias>`) with the body's
+        overrides merged in, checked against what the instance has (`raw.missing` naming the node
+        classes and models it lacks), the body's extra_data and its `output` options; nothing
+        reaches ComfyUI when anything is wrong."""
+        stored = await self.resolve(workflow_id, caller)
         document = await _in_thread(len(body), lambda: decode_body(body) if body and body.strip() else None)
         schemas: dict[int, list[Parameter]] = {}
         info = await self.object_info.get()
@@ -259,11 +349,12 @@ class HostedWorkflows:
             merged = merge(stored.workflow, parsed.values)
             return validate_workflow(merged, info, self.loaders), (merged, parsed.extra_data, parsed.output)
 
-        refusal = f"the run of hosted workflow {workflow_id!r} was refused"
+        refusal = f"the run of hosted workflow {stored.ref!r} was refused"
         _, prepared = await self._checked(check, refusal, stored.size + len(body))
         assert prepared is not None
         await _in_thread(stored.size, lambda: check_nodes(prepared[0]))
-        return prepared
+        merged, extra_data, output = prepared
+        return PreparedRun(merged, extra_data, output, stored.workflow_id, stored.number, stored.size)
 
     async def _checked(
         self, check: Callable[[ObjectInfo], tuple[list[Problem], T]], refusal: str, size: int = 0
@@ -278,7 +369,11 @@ class HostedWorkflows:
                 info = newer
                 problems, result = await _in_thread(size, lambda: check(newer))
         if problems:
-            raise InvalidParams(summary(problems, refusal), raw=prompt_error(problems))
+            raw = prompt_error(problems)
+            lacking = missing(problems)
+            if lacking is not None:
+                raw["missing"] = lacking
+            raise InvalidParams(summary(problems, refusal), raw=raw)
         return info, result
 
 

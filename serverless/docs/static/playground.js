@@ -1,11 +1,16 @@
 // The playground: pick a hosted workflow (or drop/paste an API-format JSON), fill the form built
 // from its parameter schema, run it over SSE (fetch + a stream reader: EventSource cannot POST),
-// watch the progress bar, ComfyUI's messages and the outputs, cancel. No build step, no CDN.
+// watch the progress bar, ComfyUI's messages and the outputs, cancel. A hosted workflow's versions
+// and aliases can be picked (a trial run of `<id>@<n>`); each run shows the curl and Python client
+// code of the very call it made. No build step, no CDN.
 "use strict";
 
 const KEY = "comfy-serverless-api-key";
 const $ = (id) => document.getElementById(id);
 const state = { workflowId: null, workflow: null, params: [], run: null, shown: new Set() };
+
+// A workflow ref in a path: `<id>@<n>` and `<id>@<alias>` keep their `@`, the rest is escaped.
+const refPath = (ref) => encodeURIComponent(ref).replace(/%40/g, "@");
 
 // -- HTTP: the API key (asked once, kept in this tab's session storage) ---------------------------
 function authHeaders() {
@@ -59,12 +64,30 @@ async function loadWorkflows() {
 }
 
 async function pickHosted(id) {
-  if (!id) return;
-  const answer = await api(`/api/workflows/${encodeURIComponent(id)}`);
+  if (!id) { $("versionbox").hidden = true; return; }
+  await loadVersions(id);
+  await describe(id);
+}
+
+// Its versions and aliases in the Version picker: "" runs the bare id (the `default` alias, else
+// the newest), `@<alias>` and `@<n>` what they name.
+async function loadVersions(id) {
+  const picker = $("version");
+  picker.replaceChildren(new Option("current (the default alias, else the newest)", ""));
+  const answer = await api(`/api/workflows/${refPath(id)}/versions`);
+  const listed = answer.ok ? await answer.json() : { versions: [], aliases: {} };
+  for (const [alias, version] of Object.entries(listed.aliases)) picker.add(new Option(`@${alias} → version ${version}`, alias));
+  for (const v of [...listed.versions].reverse()) picker.add(new Option(`@${v.version} · ${v.created}`, String(v.version)));
+  $("versionbox").hidden = listed.versions.length === 0;
+}
+
+async function describe(ref) {
+  const answer = await api(`/api/workflows/${refPath(ref)}`);
   if (!answer.ok) { $("source").textContent = await errorText(answer); return; }
   const described = await answer.json();
-  state.workflowId = id; state.workflow = null; state.params = described.parameters;
-  $("source").innerHTML = `Hosted workflow <b>${escapeHtml(id)}</b> · <a href="/api/workflows/${encodeURIComponent(id)}/openapi.json">its OpenAPI</a>`;
+  state.workflowId = ref; state.workflow = null; state.params = described.parameters;
+  const version = described.version ? ` version ${described.version}` : "";
+  $("source").innerHTML = `Hosted workflow <b>${escapeHtml(ref)}</b>${version} · <a href="/api/workflows/${refPath(ref)}/openapi.json">its OpenAPI</a>`;
   buildForm(described.parameters);
 }
 
@@ -81,7 +104,7 @@ async function useJson(text, label) {
   }
   const prompt = nodesOf(workflow);
   state.workflowId = null; state.workflow = workflow; state.params = literalParams(prompt);
-  $("workflow").value = "";
+  $("workflow").value = ""; $("versionbox").hidden = true;
   $("source").textContent = `${label}: ${Object.keys(prompt).length} nodes${converted}`;
   buildForm(state.params);
 }
@@ -193,7 +216,7 @@ function runRequest() {
   const query = "stream=true&output_base64=true&previews=true";
   const values = overrides();
   if (state.workflowId) {
-    return [`/api/workflows/${encodeURIComponent(state.workflowId)}/run?${query}`, values];
+    return [`/api/workflows/${refPath(state.workflowId)}/run?${query}`, values];
   }
   const body = JSON.parse(JSON.stringify(state.workflow));
   const prompt = nodesOf(body);
@@ -207,6 +230,7 @@ function runRequest() {
 // -- running --------------------------------------------------------------------------------------
 async function run() {
   const [path, body] = runRequest();
+  showCall(path, body);
   const controller = new AbortController();
   state.run = { controller, taskId: null, cancelled: false };
   state.shown = new Set();
@@ -335,12 +359,49 @@ function showSeeds(seeds) {
   $("seeds").textContent = parts.length ? `Seeds used: ${parts.join(", ")}` : "";
 }
 
+// -- the call, as code -----------------------------------------------------------------------------
+// The run's request as curl and as the Python client's call (the key, when one is used, comes from
+// the environment: it is never written into the page).
+function showCall(path, body) {
+  const keyed = Boolean(sessionStorage.getItem(KEY));
+  const json = JSON.stringify(body);
+  const auth = keyed ? ` \\\n  -H "Authorization: Bearer $COMFY_SERVERLESS_API_KEY"` : "";
+  $("curl").textContent = `curl -N -X POST '${location.origin}${path}' \\\n  -H 'Content-Type: application/json'${auth} \\\n  -d ${shellQuote(json)}`;
+  const options = "output_base64=True, previews=True";
+  const what = state.workflowId
+    ? `workflow_id=${py(state.workflowId)}, overrides=${py(body)}`
+    : `json.loads(${py(json)})`;
+  const lines = [
+    ...(state.workflowId ? [] : ["import json", ""]),
+    "from serverless.client import Client",
+    "",
+    `with Client(${py(location.origin)}) as client:${keyed ? "  # the key: COMFY_SERVERLESS_API_KEY" : ""}`,
+    `    for event in client.stream(${what}, ${options}):`,
+    "        print(event.type)",
+  ];
+  $("python").textContent = lines.join("\n");
+  $("call").hidden = false;
+}
+
+function shellQuote(text) { return `'${text.replace(/'/g, "'\\''")}'`; }
+
+// A JSON value as a Python literal.
+function py(value) {
+  if (value === null) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  if (Array.isArray(value)) return `[${value.map(py).join(", ")}]`;
+  if (typeof value === "object") return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${py(v)}`).join(", ")}}`;
+  return JSON.stringify(value);
+}
+
 function escapeHtml(text) {
   return String(text ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
 
 // -- wiring ---------------------------------------------------------------------------------------
 $("workflow").addEventListener("change", (e) => pickHosted(e.target.value));
+$("version").addEventListener("change", (e) => describe($("workflow").value + (e.target.value ? `@${e.target.value}` : "")));
 $("use-paste").addEventListener("click", () => useJson($("paste").value, "Pasted workflow"));
 $("run").addEventListener("click", run);
 $("cancel").addEventListener("click", cancel);
