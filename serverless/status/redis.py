@@ -394,6 +394,7 @@ class RedisStatus:
             shown: dict[str, str] = {}  # the previews stream -> the last entry id read of it
             while True:
                 key = keys.attempt(task_id, number)
+                fresh = watched is None or watched[0] != key
                 if watched is None or watched[0] != key:  # its first attempt, or a retry's
                     await registered.aclose()
                     watched = (key, await registered.enter_async_context(self.watch.news(key, f"0-{cursor}")))
@@ -403,7 +404,7 @@ class RedisStatus:
                             await registered.enter_async_context(self.watch.news(name, since, watched[1]))
                 news = watched[1]
                 answer, down_since = await self._read_or_wait(
-                    key, cursor, news, waiting if wait else 0.0, down_since, shown
+                    key, cursor, news, waiting if wait else 0.0, down_since, shown, watched=not fresh
                 )
                 wait = True
                 if down_since is not None and loop.time() - down_since > self.stale_after:
@@ -455,20 +456,28 @@ class RedisStatus:
         wait: float,
         down_since: float | None,
         also: dict[str, str] | None = None,
+        watched: bool = False,
     ) -> tuple[Any, float | None]:
         """The stream's entries after `cursor` (and those of the streams `also` names, after
         their ids) at once, else those that come within `wait` seconds (the watch says when: no
-        connection is held meanwhile); and since when Redis has not answered (None: it answered)."""
+        connection is held meanwhile); and since when Redis has not answered (None: it answered).
+        Once the watch has read the stream since `cursor` (`watched`: not the first read after
+        registering), the entries it kept are taken instead of read again, and none kept after
+        `cursor` means none stored: the follower waits without a read."""
         news.clear()  # before the read: an entry stored after it sets it again
         streams: dict[Any, Any] = {key: f"0-{cursor}", **(also or {})}
+        kept = self.watch.after(key, cursor) if watched and not also else None
         try:
-            answer: Any = await self.client.xread(streams, count=512)
+            answer: Any = [(key, kept)] if kept else None
+            if kept is None:
+                answer = await self.client.xread(streams, count=512)
             if not answer and wait > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await news.wait()
-                if news.is_set():
-                    answer = await self.client.xread(streams, count=512)
+                if news.is_set():  # the watch read them: taken from it, else read (a wake for an outage)
+                    kept = None if also else self.watch.after(key, cursor)
+                    answer = [(key, kept)] if kept else await self.client.xread(streams, count=512)
             return answer, None
         except DOWN as exc:
             self._last_down = exc
