@@ -78,6 +78,15 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return won
 """
 
+# A submission in one step: its entry, its ordinal, the task's pointer to it ("<stream> <entry id>
+# <ordinal>") and its owner's expiry. -> the entry id
+ENQUEUE = """
+local entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
+local ordinal = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[3], KEYS[1] .. ' ' .. entry .. ' ' .. ordinal, 'EX', ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return entry
+"""
 
 # Remove the entries every worker is done with (their request bodies with them): those before the
 # first one a worker still holds, else before the last one handed out. XTRIM MINID, not XDEL: the
@@ -129,6 +138,7 @@ class RedisQueue:
         self.client = client
         self.status = status
         self._cancel = client.register_script(CANCEL)
+        self._enqueue_script = client.register_script(ENQUEUE)
         self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
 
     async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
@@ -166,29 +176,28 @@ class RedisQueue:
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
         if not self._grouped:
             await self._make_groups()
-        following = await self.status.current(task_id) + 1
-        await self._claim_owner(task_id, spec.owner or "")
-        fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        # One step: the entry, its ordinal, and a submission mark that a follower never reads as
-        # "lost" (`end_if_stranded`) before the entry's own id replaces it.
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(keys.submission(task_id), f"{stream(priority)} {PENDING} 0", ex=self.status.ttl)
-            pipe.expire(keys.owner(task_id), self.status.ttl)
-            pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
-            pipe.incr(keys.queue_count(priority))
-            *_, entry, ordinal = await pipe.execute()
-        where = f"{stream(priority)} {entry.decode()} {ordinal}"
-        await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
+        following = await self._claim_owner(task_id, spec.owner or "") + 1
+        spec_data = encode_spec(_named(spec, task_id))
+        # One step (`ENQUEUE`): the entry, its ordinal, and the task's pointer to it.
+        names = [stream(priority), keys.queue_count(priority), keys.submission(task_id), keys.owner(task_id)]
+        entry: Any = await self._enqueue_script(keys=names, args=[task_id, spec_data, self.status.ttl])
         return following, entry
 
-    async def _claim_owner(self, task_id: str, owner: str) -> None:
+    async def _claim_owner(self, task_id: str, owner: str) -> int:
         """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;
-        another key naming it is refused before anything is queued."""
-        if await self.client.set(keys.owner(task_id), owner, nx=True, ex=self.status.ttl):
-            return
+        another key naming it is refused before anything is queued. Returns the number of the
+        task's newest attempt (read in the same round trip)."""
+        validate_task_id(task_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(keys.attempts(task_id))
+            pipe.set(keys.owner(task_id), owner, nx=True, ex=self.status.ttl)
+            number, claimed = await pipe.execute()
+        if claimed:
+            return int(number or 0)
         held: Any = await self.client.get(keys.owner(task_id))
         if held and not hmac.compare_digest(held, owner.encode()):
             raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
+        return int(number or 0)
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
         value: Any = await self.client.get(_idem(key, spec))
