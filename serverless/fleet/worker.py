@@ -89,6 +89,8 @@ class Consumer:
         self._next_forget = 0.0
         self._next_aging_look = 0.0
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
+        self._idle_known = False  # our ComfyUI was seen idle since our last job (no look needed)
+        self._news: set[str] | None = None  # the streams the last wait saw new entries in (None: any)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -129,11 +131,14 @@ class Consumer:
         delay = 0.1
         await self._groups()
         while self.jobs.accepting:
-            if not await self._comfyui_idle():
+            # Looked at once after each job, not after each wait: a job that comes finds it known idle.
+            if not self._idle_known and not await self._comfyui_idle():
                 continue
+            self._idle_known = True
             try:
                 taken = await self._claim_when_due() or await self._next()
                 if taken is not None:
+                    self._idle_known = False
                     await self._handle(taken)
                 delay = 0.1
             except (*DOWN, ComfyUIUnavailable, Unavailable) as exc:  # the entry stays ours: claimed again later
@@ -239,7 +244,10 @@ class Consumer:
         """The next queued job, highest priority first (but a priority that has waited
         PRIORITY_AGING seconds without being served goes first: low never starves); waits up to
         BLOCK_SECONDS for one."""
+        news, self._news = self._news, None
         for name in await self._reading_order():
+            if news is not None and name not in news:  # the wait saw nothing new there: not asked
+                continue
             answer: Any = await self.client.xreadgroup(GROUP, self.name, {name: ">"}, count=1)
             for _, entries in answer or []:
                 for entry, fields in entries:
@@ -303,7 +311,10 @@ class Consumer:
         for name, groups in zip(STREAMS, answers, strict=True):
             ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
             since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
-        await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
+        answer: Any = await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
+        # Only those streams are asked next (the others had nothing new; what comes there since
+        # ends the next wait at once); none: all of them.
+        self._news = {name.decode() if isinstance(name, bytes) else name for name, _ in answer} if answer else None
 
     # -- running -----------------------------------------------------------------------------
 
