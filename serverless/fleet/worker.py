@@ -319,28 +319,34 @@ class Consumer:
     # -- running -----------------------------------------------------------------------------
 
     async def _handle(self, taken: Taken) -> None:
-        if await self._take(taken):
+        ours, cancel_asked = await self._take(taken)
+        if ours:
             dead = await self.status.current(taken.task_id) if taken.reclaimed else 0
             if dead and await self.status.ended(taken.task_id, dead):
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
-            elif await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
+            elif cancel_asked:
                 await self._end_here(taken, dead, cancelled_by_request())
             elif not (dead and await self._lost_for_good(taken, dead)):
                 await self._run(taken, dead)
         await self._ack(taken)
 
-    async def _take(self, taken: Taken) -> bool:
+    async def _take(self, taken: Taken) -> tuple[bool, bool]:
         """Make the submission ours (SET NX): False when a gateway took it from the workers first
         (a cancel of a queued job, or QUEUE_TTL) or another consumer took it; a dead worker's
-        becomes ours."""
-        key = keys.run_claim(taken.task_id, taken.entry)
-        if await self.client.set(key, self.name, nx=True, ex=self.status.ttl):
-            return True
+        becomes ours. And whether a cancel of it was acknowledged (read after taking it, in the
+        same round trip)."""
+        key, cancel = keys.run_claim(taken.task_id, taken.entry), keys.queue_cancel(taken.task_id, taken.entry)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, self.name, nx=True, ex=self.status.ttl)
+            pipe.exists(cancel)
+            took, asked = await pipe.execute()
+        if took:
+            return True, bool(asked)
         found: Any = await self.client.get(key)
         if (found or b"").decode() in (CANCELLED, EXPIRED) or not taken.reclaimed:
-            return False
+            return False, False
         await self.client.set(key, self.name, ex=self.status.ttl)
-        return True
+        return True, bool(await self.client.exists(cancel))
 
     async def _trim_when_due(self) -> None:
         """The queue's done entries removed (`queue.TRIM`): their bodies go, the lag stays exact."""
