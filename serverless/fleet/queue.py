@@ -78,14 +78,20 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return won
 """
 
-# A submission in one step: its entry, its ordinal, the task's pointer to it ("<stream> <entry id>
-# <ordinal>") and its owner's expiry. -> the entry id
+# A submission in one step: the task's owner claimed (SET NX: never overwritten; ARGV[5] = "1"
+# when the caller has checked a standing claim is the same owner's), its entry, the entry's
+# ordinal, the task's pointer to it ("<stream> <entry id> <ordinal>"), and the task's newest
+# attempt number read. -> {1, number, entry id}, or {0, number, owner held} when another claim stands.
 ENQUEUE = """
+local number = redis.call('GET', KEYS[5]) or '0'
+if ARGV[5] ~= '1' and not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
+  return {0, number, redis.call('GET', KEYS[4])}
+end
 local entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
 local ordinal = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[3], KEYS[1] .. ' ' .. entry .. ' ' .. ordinal, 'EX', ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
-return entry
+return {1, number, entry}
 """
 
 # Remove the entries every worker is done with (their request bodies with them): those before the
@@ -174,30 +180,28 @@ class RedisQueue:
         self._grouped = True
 
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
+        """Queue the spec (`ENQUEUE`: one round trip): the task is the key's that first queued it
+        ("": anyone's); another key naming it is refused before anything is queued. Returns the
+        attempt its caller follows and the entry id."""
         if not self._grouped:
             await self._make_groups()
-        following = await self._claim_owner(task_id, spec.owner or "") + 1
-        spec_data = encode_spec(_named(spec, task_id))
-        # One step (`ENQUEUE`): the entry, its ordinal, and the task's pointer to it.
-        names = [stream(priority), keys.queue_count(priority), keys.submission(task_id), keys.owner(task_id)]
-        entry: Any = await self._enqueue_script(keys=names, args=[task_id, spec_data, self.status.ttl])
-        return following, entry
-
-    async def _claim_owner(self, task_id: str, owner: str) -> int:
-        """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;
-        another key naming it is refused before anything is queued. Returns the number of the
-        task's newest attempt (read in the same round trip)."""
         validate_task_id(task_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.get(keys.attempts(task_id))
-            pipe.set(keys.owner(task_id), owner, nx=True, ex=self.status.ttl)
-            number, claimed = await pipe.execute()
-        if claimed:
-            return int(number or 0)
-        held: Any = await self.client.get(keys.owner(task_id))
-        if held and not hmac.compare_digest(held, owner.encode()):
-            raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
-        return int(number or 0)
+        owner = spec.owner or ""
+        names = [
+            stream(priority),
+            keys.queue_count(priority),
+            keys.submission(task_id),
+            keys.owner(task_id),
+            keys.attempts(task_id),
+        ]
+        args: list[Any] = [task_id, encode_spec(_named(spec, task_id)), self.status.ttl, owner, "0"]
+        answer: Any = await self._enqueue_script(keys=names, args=args)
+        if not int(answer[0]):  # the task was queued before: by the same key, it is queued again
+            held = answer[2] if len(answer) > 2 else None
+            if held and not hmac.compare_digest(held, owner.encode()):
+                raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
+            answer = await self._enqueue_script(keys=names, args=[*args[:4], "1"])
+        return int(answer[1]) + 1, answer[2]
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
         value: Any = await self.client.get(_idem(key, spec))
