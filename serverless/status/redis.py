@@ -199,19 +199,27 @@ class RedisStatus:
         """Store every event of `feed` until its terminal payload; while Redis is down, keep the
         events and retry with backoff (the terminal payload included). Marks the owner alive."""
         heartbeat = max(self.stale_after / 4, 0.05)
+        loop = asyncio.get_running_loop()
+        refresh_at = 0.0  # the keys' expiries and the owner's mark are refreshed from then on (now)
         pending: list[Event] = []
         preview: Event | None = None  # the newest preview not stored yet (the job shows them if asked)
         try:
             async for event in feed.follow(idle=heartbeat, pinned=True, previews=True):
                 if event is None:
                     await self._until_written(attempt, [])
+                    refresh_at = loop.time() + heartbeat
                     continue
                 if event.preview:
                     preview = event
                 else:
                     pending.append(event)
                 if event.seq == feed.last_seq or event.terminal:  # caught up: one round trip for the lot
-                    await self._until_written(attempt, pending, preview)
+                    # The expiries and the owner's mark with the first batch, the terminal one and
+                    # once a heartbeat: the batches between carry their entries alone.
+                    refresh = event.terminal or loop.time() >= refresh_at
+                    await self._until_written(attempt, pending, preview, refresh)
+                    if refresh:
+                        refresh_at = loop.time() + heartbeat
                     pending, preview = [], None
         except Exception as exc:  # a bug: the log must still end with its terminal
             log.error(
@@ -222,11 +230,13 @@ class RedisStatus:
             )
             await self._until_written(attempt, [await feed.wait()])
 
-    async def _until_written(self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None) -> None:
+    async def _until_written(
+        self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
+    ) -> None:
         delay = 0.1
         while True:
             try:
-                await self._write(attempt, events, preview)
+                await self._write(attempt, events, preview, refresh)
                 return
             except (*DOWN, RedisFull) as exc:
                 self._last_error = f"writing task {attempt.task_id}: {exc}"
@@ -240,7 +250,9 @@ class RedisStatus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _write(self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None) -> None:
+    async def _write(
+        self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
+    ) -> None:
         stored = [await self._stored(event, attempt) for event in events]
         async with self.client.pipeline(transaction=False) as pipe:
             if preview is not None and len(preview.data) <= self.max_event_bytes:
@@ -253,11 +265,12 @@ class RedisStatus:
                     pipe.set(keys.result(attempt.task_id, attempt.number), whole, ex=self.result_ttl)
                     fields["r"] = "1"
                 pipe.xadd(attempt.key, fields, id=f"0-{event.seq}")  # type: ignore[arg-type]
-            if events:
+            if events and refresh:
                 pipe.expire(attempt.key, self.ttl)
                 pipe.expire(keys.attempts(attempt.task_id), self.ttl)
                 pipe.expire(keys.owner(attempt.task_id), self.ttl)
-            pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
+            if refresh:
+                pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
             results = await pipe.execute(raise_on_error=False)
         for result in results:
             if isinstance(result, DOWN):

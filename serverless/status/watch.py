@@ -52,7 +52,8 @@ class StreamWatch:
         self._followers: dict[str, set[asyncio.Event]] = {}
         self._kept: dict[str, collections.deque[tuple[int, Any]]] = {}  # stream -> (seq, entry) read
         self._task: asyncio.Task[None] | None = None
-        self._wakes: set[asyncio.Task[None]] = set()
+        self._waking: asyncio.Task[None] | None = None  # the one wake under way (`_wake_soon`)
+        self._wake_again = False  # a stream was registered while it was
 
     @contextlib.asynccontextmanager
     async def news(self, key: str, since: str, event: asyncio.Event | None = None) -> AsyncIterator[asyncio.Event]:
@@ -69,9 +70,7 @@ class StreamWatch:
         self._start()
         try:
             if fresh:  # the watch's read names the new stream from now on (from `since`: nothing is missed)
-                wake = asyncio.create_task(self._wake(), name="redis stream watch wake")
-                self._wakes.add(wake)
-                wake.add_done_callback(self._wakes.discard)
+                self._wake_soon()
             yield event
         finally:
             followers.discard(event)
@@ -96,6 +95,21 @@ class StreamWatch:
     def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="redis stream watch")
+
+    def _wake_soon(self) -> None:
+        """Wake the watch's read, not waiting for it: one wake at a time, and one more after it
+        for the streams registered meanwhile (a thousand new followers take two, not a thousand)."""
+        if self._waking is not None and not self._waking.done():
+            self._wake_again = True
+            return
+        self._waking = asyncio.create_task(self._wakes(), name="redis stream watch wake")
+
+    async def _wakes(self) -> None:
+        while True:
+            self._wake_again = False
+            await self._wake()
+            if not self._wake_again:
+                return
 
     async def _wake(self) -> None:
         with contextlib.suppress(*DOWN):  # Redis down: followers find out by their own reads
@@ -146,7 +160,7 @@ class StreamWatch:
                 event.set()
 
     async def aclose(self) -> None:
-        for task in [self._task, *self._wakes]:
+        for task in (self._task, self._waking):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
