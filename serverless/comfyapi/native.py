@@ -26,6 +26,8 @@ from starlette.responses import JSONResponse, Response
 from ..auth import may_see
 from ..core.request import TASK_ID_RE
 from ..errors import Conflict, InvalidParams, NotFound
+from ..jobs.feed import ReaderTooSlow
+from ..jobs.runner import RunningJob
 from ..resources import Resources
 from ..state import AppState, app_state
 from ..status.summary import ENDED
@@ -46,7 +48,7 @@ def prompts(state: AppState) -> PromptIndex:
     """This app's prompt index: the fleet's in Redis where there is one, else this process's."""
     if state.prompts is None:
         redis = state.resources.redis
-        state.prompts = RedisIndex(redis.client, redis.ttl) if redis is not None else MemoryIndex()
+        state.prompts = RedisIndex(redis.client, redis.ttl, redis.watch) if redis is not None else MemoryIndex()
     return state.prompts
 
 
@@ -235,7 +237,29 @@ async def interrupt(request: Request) -> Response:
 
 async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
     payloads = json.loads(await state.resources.status.read(entry.task_id))
-    return history.history_entry(entry, payloads)
+    made = history.history_entry(entry, payloads)
+    job = state.jobs.get(entry.task_id) if made is None else None
+    if job is not None:  # its end is published and may not be in its log yet (written a moment later)
+        published = await _published(job)
+        made = history.history_entry(entry, published) if published is not None else None
+    return made
+
+
+async def _published(job: RunningJob) -> list[Any] | None:
+    """A job's payloads when it has published its terminal one, None while it runs (or when its
+    feed no longer holds them all: its log has them then)."""
+    payloads = []
+    try:
+        async for event in job.events(0, idle=0.0):
+            if event is None:
+                return None  # nothing more published yet: it runs
+            if not event.preview:
+                payloads.append(json.loads(event.data))
+            if event.terminal:
+                return payloads
+    except ReaderTooSlow:
+        return None
+    return None
 
 
 async def get_history(request: Request) -> Response:

@@ -28,7 +28,7 @@ from .native import live, owner_of, prompts
 
 log = logging.getLogger(__name__)
 
-POLL = 0.05  # seconds between looks for a client's prompts queued on other gateways (here: at once)
+LOOK_EVERY = 1.0  # seconds between looks for a client's new prompts when nothing woke its follower
 
 Send = Callable[[str | bytes], Awaitable[None]]
 
@@ -81,7 +81,9 @@ async def _follow_client(
     state: AppState, client_id: str, cursor: str, owner: str | None, send: Send, group: asyncio.TaskGroup
 ) -> None:
     index = prompts(state)
-    with index.bell(client_id) as rung:
+    # Woken the moment a prompt for the client is queued: here by the bell /prompt rings, on
+    # another gateway through Redis (the client's task stream, followed by the instance's watch).
+    async with index.news(client_id, cursor) as rung:
         while True:
             rung.clear()  # before the look: a prompt queued after it rings again
             tasks, cursor = await index.client_tasks(client_id, cursor)
@@ -90,7 +92,7 @@ async def _follow_client(
                 if entry is not None and may_see(owner, entry.owner):
                     group.create_task(_relay(state, task_id, send), name=f"ws relay {task_id}")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL):  # a prompt queued on another gateway: the next look
+                async with asyncio.timeout(LOOK_EVERY):  # a safety net: nothing is missed without it
                     await rung.wait()
 
 
