@@ -236,13 +236,20 @@ async def interrupt(request: Request) -> Response:
 
 
 async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
-    payloads = json.loads(await state.resources.status.read(entry.task_id))
-    made = history.history_entry(entry, payloads)
-    job = state.jobs.get(entry.task_id) if made is None else None
-    if job is not None:  # its end is published and may not be in its log yet (written a moment later)
-        published = await _published(job)
-        made = history.history_entry(entry, published) if published is not None else None
-    return made
+    return history.history_entry(entry, await task_payloads(state, entry.task_id))
+
+
+async def task_payloads(state: AppState, task_id: str) -> list[Any]:
+    """A prompt's payloads as its log holds them; where its job runs here and has published its
+    end, which its log may not hold yet (a box's is written a moment later: `/ws` and API v2's
+    events tell the end without waiting for it), as the job published them."""
+    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
+    last = payloads[-1] if payloads else None
+    if isinstance(last, dict) and last.get("type") in ("serverless_api", "error"):
+        return payloads
+    job = state.jobs.get(task_id)
+    published = await _published(job) if job is not None else None
+    return published if published is not None else payloads
 
 
 async def _published(job: RunningJob) -> list[Any] | None:
