@@ -248,18 +248,19 @@ async def task_payloads(state: AppState, task_id: str) -> list[Any]:
     if isinstance(last, dict) and last.get("type") in ("serverless_api", "error"):
         return payloads
     job = state.jobs.get(task_id)
-    published = await _published(job) if job is not None else None
+    published = await published_payloads(job) if job is not None else None
     return published if published is not None else payloads
 
 
-async def _published(job: RunningJob) -> list[Any] | None:
-    """A job's payloads when it has published its terminal one, None while it runs (or when its
-    feed no longer holds them all: its log has them then)."""
-    payloads = []
+async def published_payloads(job: RunningJob, ended: bool = True) -> list[Any] | None:
+    """The payloads a job running here has published: once it has published its terminal one
+    (None before), or with `ended=False` so far; None when its feed no longer holds them all
+    (its log has them then)."""
+    payloads: list[Any] = []
     try:
         async for event in job.events(0, idle=0.0):
-            if event is None:
-                return None  # nothing more published yet: it runs
+            if event is None:  # nothing more published yet: it runs
+                return None if ended else payloads
             if not event.preview:
                 payloads.append(json.loads(event.data))
             if event.terminal:

@@ -24,7 +24,7 @@ from ..errors import ServerlessError
 from ..state import AppState, app_state
 from ..transports.events import TaskEvents
 from . import history
-from .native import live, owner_of, prompts
+from .native import live, owner_of, prompts, published_payloads
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,14 @@ async def _follow_client(
 
 async def _resume(state: AppState, task_id: str, running: bool, send: Send) -> None:
     """A prompt under way when its client (re)connects: as ComfyUI, `executing` of the node it
-    runs (without its prompt id), then its messages from now on."""
-    payloads = json.loads(await state.resources.status.read(task_id))
+    runs (without its prompt id), then its messages from now on (a job running here: as it has
+    published them, which its log may not hold yet)."""
+    job = state.jobs.get(task_id)
+    payloads = await published_payloads(job, ended=False) if job is not None else None
+    if payloads is None:
+        payloads = json.loads(await state.resources.status.read(task_id))
     node = history.current_node(task_id, payloads)
+    running = running or (job is not None and node is not None)
     if running and node is not None:
         await send(json.dumps({"type": "executing", "data": {"node": node}}))
     await _relay(state, task_id, send, len(payloads))
