@@ -178,6 +178,11 @@ class RedisStatus:
         return list(range(1, await self.current(task_id) + 1))
 
     @property
+    def alive_ttl(self) -> int:
+        """Seconds an attempt's owner mark lasts unless refreshed (`BEGIN`'s ARGV[2])."""
+        return self._alive_ttl
+
+    @property
     def _alive_ttl(self) -> int:
         """How long an attempt whose runner went silent reads as running: STATUS_STALE_AFTER, and
         on a fleet the time another worker takes to run it again too (`retry_grace`): a job lost
