@@ -196,7 +196,7 @@ async def fleet_cost(workdir: Path, quick: bool) -> list[Figure]:
             await fleet.start(session)
         figures = await added_latency(fleet, 60 if quick else 200)
         figures += await one_worker_rate(fleet, 100 if quick else 300)
-        figures += await scaling(fleet, 3 if quick else 5)
+        figures += await scaling(fleet, 4 if quick else 6)
     finally:
         fleet.stop()
     return figures
