@@ -151,6 +151,7 @@ class Consumer:
                 taken = await self._claim_when_due() or await self._next()
                 if taken is not None:
                     self._idle_known = False
+                    self._news = None  # what a wait saw before this job is not news after it
                     await self._handle(taken)
                 delay = 0.1
             except (*DOWN, ComfyUIUnavailable, Unavailable) as exc:  # the entry stays ours: claimed again later
