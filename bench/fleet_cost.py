@@ -34,6 +34,7 @@ from .redis_tier import Redis, fresh_session, set_step_delay
 from .report import Figure, goal, info
 
 SECTION = "7. fleet cost"
+START_TIMEOUT = 120.0  # seconds a process of the section may take to answer (a loaded machine)
 WORKERS = 2  # N of the scaling figure (the two cores allow no more to mean anything)
 
 
@@ -76,13 +77,13 @@ class Fleet:
         self.emulators = [procs.start_emulator(self.work / f"comfyui{n}") for n in range(WORKERS)]
         self.started += self.emulators
         for emulator in self.emulators:
-            await emulator.wait_ready(session, "/system_stats")
+            await emulator.wait_ready(session, "/system_stats", timeout=START_TIMEOUT)
         self.box = procs.start_app(self.work / "box", self.emulators[0].url)
         tier = {"STATUS_BACKEND": "redis", "QUEUE_BACKEND": "redis", "REDIS_URL": self.redis.url}
         self.gateway = procs.start_app(self.work / "gateway", "http://127.0.0.1:9", ROLE="gateway", **tier)
         self.started += [self.box, self.gateway]
         for server in (self.box, self.gateway):
-            await server.wait_ready(session, procs.HEALTH)
+            await server.wait_ready(session, procs.HEALTH, timeout=START_TIMEOUT)
         await self.add_worker(session)
 
     async def add_worker(self, session: aiohttp.ClientSession | None = None) -> None:
@@ -94,7 +95,7 @@ class Fleet:
         self.workers.append(worker)
         self.started.append(worker)
         if session is not None:
-            await worker.wait_ready(session, procs.HEALTH)
+            await worker.wait_ready(session, procs.HEALTH, timeout=START_TIMEOUT)
 
     def stop(self) -> None:
         for server in reversed(self.started):
