@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import procs, suite
+from . import fleet_cost, procs, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
@@ -57,6 +57,7 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
                 figures += await suite.open_streams_memory(ctx)
                 figures += await suite.base64_peak(ctx)
                 figures += await suite.oss_overlap(ctx)
+                figures += await fleet_cost.fleet_cost(workdir / "fleet", quick)
                 notes = ctx.notes
             finally:
                 if app is not None:
@@ -112,6 +113,11 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "- **Memory**: VmRSS of the app process. Open streams: SSE jobs queued behind a long one, all",
         "  holding a connection. Base64: a fresh app, warmed by 3 small jobs, then one job whose PNG is",
         "  ~20 MB of noise; peak is VmHWM after resetting it (`clear_refs`).",
+        "- **Fleet cost** (`bench/fleet_cost.py`, alone: `python -m bench.fleet_cost`): a `redis-server`,",
+        "  two emulators, one box and a fleet (a gateway, one then two workers) on loopback; sync JSON",
+        "  jobs. Added latency: the 64x64 job alternately through the box and gateway + worker, one at",
+        "  a time. One worker: 4 ms jobs, 10 clients looping, against the box. N workers: 0.5 s jobs,",
+        "  2N clients, against N times the box's rate with 2 clients.",
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from redis import asyncio as aioredis
 
 from ..status import keys
 from ..status.redis import translated
+from ..status.watch import StreamWatch
 
 KEY_TTL = 86400  # seconds an API v2 Idempotency-Key stays claimed (its spec: 24 h)
 KEEP = 10000  # prompts listed (ComfyUI's MAXIMUM_HISTORY_SIZE)
@@ -59,6 +60,12 @@ class PromptIndex(Protocol):
 
     def ring(self, client_id: str | None) -> None:
         """A prompt for `client_id` was queued here: wake its followers."""
+        ...
+
+    def news(self, client_id: str, cursor: str) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
+        """Set when a prompt for `client_id` is queued after `cursor` (`client_cursor`), on this
+        instance (its bell) or on another (a fleet's: the instance's one blocking Redis read
+        wakes it), while the block lasts."""
         ...
 
     async def add(self, entry: PromptEntry) -> None:
@@ -120,7 +127,7 @@ class PromptIndex(Protocol):
 
 class Bells:
     """Wakes this instance's `/ws` followers of a client id the moment a prompt for it is queued
-    here (prompts queued on another gateway are found by the followers' next look)."""
+    here (`RedisIndex` adds those queued on other gateways)."""
 
     def __init__(self) -> None:
         self._bells: dict[str, set[asyncio.Event]] = {}
@@ -142,6 +149,12 @@ class Bells:
     def ring(self, client_id: str | None) -> None:
         for event in self._bells.get(client_id or "", ()):
             event.set()
+
+    @contextlib.asynccontextmanager
+    async def news(self, client_id: str, cursor: str) -> AsyncIterator[asyncio.Event]:
+        """The bell alone: every prompt is queued here."""
+        with self.bell(client_id) as event:
+            yield event
 
 
 class MemoryIndex(Bells):
@@ -228,10 +241,22 @@ class MemoryIndex(Bells):
 class RedisIndex(Bells):
     """Every gateway's prompts, in the fleet's Redis, kept `ttl` seconds after the last."""
 
-    def __init__(self, client: aioredis.Redis, ttl: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl: int, watch: StreamWatch | None = None) -> None:
         super().__init__()
         self.client = client
         self.ttl = ttl
+        self.watch = watch  # the instance's one blocking read (`StreamWatch`): other gateways' prompts
+
+    @contextlib.asynccontextmanager
+    async def news(self, client_id: str, cursor: str) -> AsyncIterator[asyncio.Event]:
+        """The bell, and the client's stream of tasks through the watch (a prompt queued on
+        another gateway wakes it as its entry is stored: no polling)."""
+        with self.bell(client_id) as event:
+            if self.watch is None:
+                yield event
+                return
+            async with self.watch.news(keys.comfy_client(client_id), cursor, event):
+                yield event
 
     async def number(self, front: bool) -> int:
         with translated():

@@ -26,6 +26,8 @@ from starlette.responses import JSONResponse, Response
 from ..auth import may_see
 from ..core.request import TASK_ID_RE
 from ..errors import Conflict, InvalidParams, NotFound
+from ..jobs.feed import ReaderTooSlow
+from ..jobs.runner import RunningJob
 from ..resources import Resources
 from ..state import AppState, app_state
 from ..status.summary import ENDED
@@ -46,7 +48,7 @@ def prompts(state: AppState) -> PromptIndex:
     """This app's prompt index: the fleet's in Redis where there is one, else this process's."""
     if state.prompts is None:
         redis = state.resources.redis
-        state.prompts = RedisIndex(redis.client, redis.ttl) if redis is not None else MemoryIndex()
+        state.prompts = RedisIndex(redis.client, redis.ttl, redis.watch) if redis is not None else MemoryIndex()
     return state.prompts
 
 
@@ -234,8 +236,38 @@ async def interrupt(request: Request) -> Response:
 
 
 async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
-    payloads = json.loads(await state.resources.status.read(entry.task_id))
-    return history.history_entry(entry, payloads)
+    return history.history_entry(entry, await task_payloads(state, entry.task_id))
+
+
+async def task_payloads(state: AppState, task_id: str) -> list[Any]:
+    """A prompt's payloads as its log holds them; where its job runs here and has published its
+    end, which its log may not hold yet (a box's is written a moment later: `/ws` and API v2's
+    events tell the end without waiting for it), as the job published them."""
+    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
+    last = payloads[-1] if payloads else None
+    if isinstance(last, dict) and last.get("type") in ("serverless_api", "error"):
+        return payloads
+    job = state.jobs.get(task_id)
+    published = await published_payloads(job) if job is not None else None
+    return published if published is not None else payloads
+
+
+async def published_payloads(job: RunningJob, ended: bool = True) -> list[Any] | None:
+    """The payloads a job running here has published: once it has published its terminal one
+    (None before), or with `ended=False` so far; None when its feed no longer holds them all
+    (its log has them then)."""
+    payloads: list[Any] = []
+    try:
+        async for event in job.events(0, idle=0.0):
+            if event is None:  # nothing more published yet: it runs
+                return None if ended else payloads
+            if not event.preview:
+                payloads.append(json.loads(event.data))
+            if event.terminal:
+                return payloads
+    except ReaderTooSlow:
+        return None
+    return None
 
 
 async def get_history(request: Request) -> Response:

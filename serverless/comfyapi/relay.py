@@ -24,11 +24,11 @@ from ..errors import ServerlessError
 from ..state import AppState, app_state
 from ..transports.events import TaskEvents
 from . import history
-from .native import live, owner_of, prompts
+from .native import live, owner_of, prompts, published_payloads
 
 log = logging.getLogger(__name__)
 
-POLL = 0.05  # seconds between looks for a client's prompts queued on other gateways (here: at once)
+LOOK_EVERY = 1.0  # seconds between looks for a client's new prompts when nothing woke its follower
 
 Send = Callable[[str | bytes], Awaitable[None]]
 
@@ -81,7 +81,9 @@ async def _follow_client(
     state: AppState, client_id: str, cursor: str, owner: str | None, send: Send, group: asyncio.TaskGroup
 ) -> None:
     index = prompts(state)
-    with index.bell(client_id) as rung:
+    # Woken the moment a prompt for the client is queued: here by the bell /prompt rings, on
+    # another gateway through Redis (the client's task stream, followed by the instance's watch).
+    async with index.news(client_id, cursor) as rung:
         while True:
             rung.clear()  # before the look: a prompt queued after it rings again
             tasks, cursor = await index.client_tasks(client_id, cursor)
@@ -90,15 +92,20 @@ async def _follow_client(
                 if entry is not None and may_see(owner, entry.owner):
                     group.create_task(_relay(state, task_id, send), name=f"ws relay {task_id}")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL):  # a prompt queued on another gateway: the next look
+                async with asyncio.timeout(LOOK_EVERY):  # a safety net: nothing is missed without it
                     await rung.wait()
 
 
 async def _resume(state: AppState, task_id: str, running: bool, send: Send) -> None:
     """A prompt under way when its client (re)connects: as ComfyUI, `executing` of the node it
-    runs (without its prompt id), then its messages from now on."""
-    payloads = json.loads(await state.resources.status.read(task_id))
+    runs (without its prompt id), then its messages from now on (a job running here: as it has
+    published them, which its log may not hold yet)."""
+    job = state.jobs.get(task_id)
+    payloads = await published_payloads(job, ended=False) if job is not None else None
+    if payloads is None:
+        payloads = json.loads(await state.resources.status.read(task_id))
     node = history.current_node(task_id, payloads)
+    running = running or (job is not None and node is not None)
     if running and node is not None:
         await send(json.dumps({"type": "executing", "data": {"node": node}}))
     await _relay(state, task_id, send, len(payloads))

@@ -32,7 +32,7 @@ from ..transports.events import TaskEvents
 from ..transports.http import read_body
 from . import jobview
 from .index import PromptEntry
-from .native import Refused, owner_of, prompts, submit
+from .native import Refused, owner_of, prompts, submit, task_payloads
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def base_of(request: Request) -> str:
 
 async def _view(request: Request, entry: PromptEntry, canceling: bool = False) -> dict[str, Any]:
     state = app_state(request)
-    payloads = json.loads(await state.resources.status.read(entry.task_id))
+    payloads = await task_payloads(state, entry.task_id)
     retention = state.resources.settings.status.retention_days * 86400
     return jobview.job(entry, payloads, time.time(), retention, canceling, base_of(request))
 

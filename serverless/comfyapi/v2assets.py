@@ -21,7 +21,7 @@ from ..transports.files import ranged
 from ..transports.http import read_body
 from . import jobview
 from .files import serve_file
-from .native import inputs, owner_of, prompts
+from .native import inputs, owner_of, prompts, task_payloads
 from .uploads import form_fields
 from .v2 import V2Error, answered, base_of, entry_of
 
@@ -126,7 +126,7 @@ async def _asset(request: Request) -> tuple[dict[str, Any], dict[str, str] | Non
         }
     task_id = output
     entry = await entry_of(request, task_id)
-    payloads = json.loads(await state.resources.status.read(task_id))
+    payloads = await task_payloads(state, task_id)
     for result, shown in zip(
         jobview.results(payloads), jobview.outputs(task_id, payloads, time.time(), base_of(request)), strict=True
     ):

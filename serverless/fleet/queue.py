@@ -78,6 +78,21 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return won
 """
 
+# A submission in one step: the task's owner claimed (SET NX: never overwritten; ARGV[5] = "1"
+# when the caller has checked a standing claim is the same owner's), its entry, the entry's
+# ordinal, the task's pointer to it ("<stream> <entry id> <ordinal>"), and the task's newest
+# attempt number read. -> {1, number, entry id}, or {0, number, owner held} when another claim stands.
+ENQUEUE = """
+local number = redis.call('GET', KEYS[5]) or '0'
+if ARGV[5] ~= '1' and not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
+  return {0, number, redis.call('GET', KEYS[4])}
+end
+local entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
+local ordinal = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[3], KEYS[1] .. ' ' .. entry .. ' ' .. ordinal, 'EX', ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return {1, number, entry}
+"""
 
 # Remove the entries every worker is done with (their request bodies with them): those before the
 # first one a worker still holds, else before the last one handed out. XTRIM MINID, not XDEL: the
@@ -129,6 +144,7 @@ class RedisQueue:
         self.client = client
         self.status = status
         self._cancel = client.register_script(CANCEL)
+        self._enqueue_script = client.register_script(ENQUEUE)
         self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
 
     async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
@@ -164,31 +180,28 @@ class RedisQueue:
         self._grouped = True
 
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
+        """Queue the spec (`ENQUEUE`: one round trip): the task is the key's that first queued it
+        ("": anyone's); another key naming it is refused before anything is queued. Returns the
+        attempt its caller follows and the entry id."""
         if not self._grouped:
             await self._make_groups()
-        following = await self.status.current(task_id) + 1
-        await self._claim_owner(task_id, spec.owner or "")
-        fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        # One step: the entry, its ordinal, and a submission mark that a follower never reads as
-        # "lost" (`end_if_stranded`) before the entry's own id replaces it.
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(keys.submission(task_id), f"{stream(priority)} {PENDING} 0", ex=self.status.ttl)
-            pipe.expire(keys.owner(task_id), self.status.ttl)
-            pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
-            pipe.incr(keys.queue_count(priority))
-            *_, entry, ordinal = await pipe.execute()
-        where = f"{stream(priority)} {entry.decode()} {ordinal}"
-        await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
-        return following, entry
-
-    async def _claim_owner(self, task_id: str, owner: str) -> None:
-        """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;
-        another key naming it is refused before anything is queued."""
-        if await self.client.set(keys.owner(task_id), owner, nx=True, ex=self.status.ttl):
-            return
-        held: Any = await self.client.get(keys.owner(task_id))
-        if held and not hmac.compare_digest(held, owner.encode()):
-            raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
+        validate_task_id(task_id)
+        owner = spec.owner or ""
+        names = [
+            stream(priority),
+            keys.queue_count(priority),
+            keys.submission(task_id),
+            keys.owner(task_id),
+            keys.attempts(task_id),
+        ]
+        args: list[Any] = [task_id, encode_spec(_named(spec, task_id)), self.status.ttl, owner, "0"]
+        answer: Any = await self._enqueue_script(keys=names, args=args)
+        if not int(answer[0]):  # the task was queued before: by the same key, it is queued again
+            held = answer[2] if len(answer) > 2 else None
+            if held and not hmac.compare_digest(held, owner.encode()):
+                raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
+            answer = await self._enqueue_script(keys=names, args=[*args[:4], "1"])
+        return int(answer[1]) + 1, answer[2]
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
         value: Any = await self.client.get(_idem(key, spec))

@@ -76,7 +76,7 @@ class Watch:
         moment a cancel is acknowledged for it."""
         loop = asyncio.get_running_loop()
         refreshed = loop.time()
-        finished = asyncio.ensure_future(job.finished())
+        finished = asyncio.ensure_future(job.terminal_recorded())
         told = asyncio.ensure_future(self._told())
         try:
             while not finished.done():

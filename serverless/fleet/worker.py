@@ -37,7 +37,7 @@ from ..jobs.registry import Jobs
 from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
-from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
+from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisAttempt, RedisStatus
 from . import deadletters
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
@@ -53,6 +53,17 @@ FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
 STREAMS = tuple(stream(priority) for priority in PRIORITIES)
+# A queued submission taken in one step: its run claim (SET NX), whether a cancel of it was
+# acknowledged, and, if not, the task's next attempt begun as `status.redis.BEGIN` begins one
+# (the owner's mark named as `keys.alive` names it). -> -1: not ours; 0: ours, cancelled; n: attempt n
+TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local number = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[3] .. ':' .. number .. ':alive', '1', 'EX', ARGV[3])
+return number
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +95,14 @@ class Consumer:
         self.last_error: str | None = None
         self._next_claim = 0.0
         self._end = client.register_script(END)
+        self._take_script = client.register_script(TAKE)
         self._trim = client.register_script(TRIM)
         self._next_trim = 0.0
         self._next_forget = 0.0
         self._next_aging_look = 0.0
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
+        self._idle_known = False  # our ComfyUI was seen idle since our last job (no look needed)
+        self._news: set[str] | None = None  # the streams the last wait saw new entries in (None: any)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -129,11 +143,15 @@ class Consumer:
         delay = 0.1
         await self._groups()
         while self.jobs.accepting:
-            if not await self._comfyui_idle():
+            # Looked at once after each job, not after each wait: a job that comes finds it known idle.
+            if not self._idle_known and not await self._comfyui_idle():
                 continue
+            self._idle_known = True
             try:
                 taken = await self._claim_when_due() or await self._next()
                 if taken is not None:
+                    self._idle_known = False
+                    self._news = None  # what a wait saw before this job is not news after it
                     await self._handle(taken)
                 delay = 0.1
             except (*DOWN, ComfyUIUnavailable, Unavailable) as exc:  # the entry stays ours: claimed again later
@@ -239,7 +257,10 @@ class Consumer:
         """The next queued job, highest priority first (but a priority that has waited
         PRIORITY_AGING seconds without being served goes first: low never starves); waits up to
         BLOCK_SECONDS for one."""
+        news, self._news = self._news, None
         for name in await self._reading_order():
+            if news is not None and name not in news:  # the wait saw nothing new there: not asked
+                continue
             answer: Any = await self.client.xreadgroup(GROUP, self.name, {name: ">"}, count=1)
             for _, entries in answer or []:
                 for entry, fields in entries:
@@ -303,33 +324,46 @@ class Consumer:
         for name, groups in zip(STREAMS, answers, strict=True):
             ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
             since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
-        await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
+        answer: Any = await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
+        # Only those streams are asked next (the others had nothing new; what comes there since
+        # ends the next wait at once); none: all of them.
+        self._news = {name.decode() if isinstance(name, bytes) else name for name, _ in answer} if answer else None
 
     # -- running -----------------------------------------------------------------------------
 
     async def _handle(self, taken: Taken) -> None:
-        if await self._take(taken):
+        ours, cancel_asked, begun = await self._take(taken)
+        if ours:
             dead = await self.status.current(taken.task_id) if taken.reclaimed else 0
             if dead and await self.status.ended(taken.task_id, dead):
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
-            elif await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
+            elif cancel_asked:
                 await self._end_here(taken, dead, cancelled_by_request())
             elif not (dead and await self._lost_for_good(taken, dead)):
-                await self._run(taken, dead)
+                await self._run(taken, dead, begun)
         await self._ack(taken)
 
-    async def _take(self, taken: Taken) -> bool:
+    async def _take(self, taken: Taken) -> tuple[bool, bool, int]:
         """Make the submission ours (SET NX): False when a gateway took it from the workers first
         (a cancel of a queued job, or QUEUE_TTL) or another consumer took it; a dead worker's
-        becomes ours."""
-        key = keys.run_claim(taken.task_id, taken.entry)
-        if await self.client.set(key, self.name, nx=True, ex=self.status.ttl):
-            return True
+        becomes ours. And whether a cancel of it was acknowledged (read after taking it), and
+        the attempt begun for it (0: none): a queued one's in the same round trip (`TAKE`)."""
+        key, cancel = keys.run_claim(taken.task_id, taken.entry), keys.queue_cancel(taken.task_id, taken.entry)
+        if not taken.reclaimed:
+            names = [key, cancel, keys.attempts(taken.task_id)]
+            took = int(await self._take_script(keys=names, args=[self.name, self.status.ttl, self.status.alive_ttl]))
+            return took >= 0, took == 0, max(took, 0)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, self.name, nx=True, ex=self.status.ttl)
+            pipe.exists(cancel)
+            took, asked = await pipe.execute()
+        if took:
+            return True, bool(asked), 0
         found: Any = await self.client.get(key)
-        if (found or b"").decode() in (CANCELLED, EXPIRED) or not taken.reclaimed:
-            return False
+        if (found or b"").decode() in (CANCELLED, EXPIRED):
+            return False, False, 0
         await self.client.set(key, self.name, ex=self.status.ttl)
-        return True
+        return True, bool(await self.client.exists(cancel)), 0
 
     async def _trim_when_due(self) -> None:
         """The queue's done entries removed (`queue.TRIM`): their bodies go, the lag stays exact."""
@@ -359,14 +393,14 @@ class Consumer:
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
 
-    async def _run(self, taken: Taken, dead: int) -> None:
+    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> None:
         watch = self._watch(taken)
         if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
             await self.client.delete(watch.ended_key)
         if dead:  # its followers read why it begins again before the new attempt's events
             retrying = {"task_id": taken.task_id, "state": "retrying", "attempt": dead + 1, "at": time.time()}
             await self.status.append_event(taken.task_id, dead, {"type": "serverless_progress", "data": retrying})
-        job = await self.jobs.start(taken.spec)
+        job = await self.jobs.start(taken.spec, attempt=RedisAttempt(taken.task_id, begun) if begun else None)
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()

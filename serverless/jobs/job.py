@@ -167,10 +167,12 @@ class Job:
 
     async def _ready_for(self, event: Event) -> None:
         """Wait until `event` may reach a caller: the task is known to the status store, and a
-        named task's terminal payload is in its log."""
+        named task's terminal payload is in its log. Not for a prompt of ComfyUI's own API: its
+        callers read `/history`, which answers from the job itself until its log holds the end
+        (one box's log is on disk: its fsync is not waited for)."""
         if self.known is not None and not self.known.is_set():
             await self.known.wait()
-        if event.terminal and self.recorder is not None and self.spec.named:
+        if event.terminal and self.recorder is not None and self.spec.named and not self.spec.native:
             await asyncio.shield(self.recorder)
 
     async def terminal_recorded(self) -> bytes:

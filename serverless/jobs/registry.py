@@ -109,18 +109,20 @@ class Jobs:
         found = self._index.get(task_id)
         return found[0] if found is not None else None
 
-    async def start(self, spec: JobSpec, prompt_id: str | None = None) -> Job:
+    async def start(self, spec: JobSpec, prompt_id: str | None = None, attempt: Any = None) -> Job:
         """Start a job in the background and return it; follow `job.events()` for its events,
         which are also recorded as a new attempt in the task's status log. BUSY past
         MAX_PENDING_JOBS. `prompt_id` is one chosen beforehand (an idempotency claim names the
-        task before it starts); the caller's context names the job in log lines from now on."""
+        task before it starts); the caller's context names the job in log lines from now on.
+        `attempt`: the attempt its caller began in the status store already (a fleet's worker,
+        in the round trip that takes the job), recorded instead of a new one."""
         if not self.accepting:
             raise Unavailable("this instance is shutting down and takes no new jobs")
         self._admit_or_refuse()
         self._admitted += 1  # before any await: concurrent starts cannot all pass the check
         try:
             native_id = spec.task_id if spec.native else None  # ComfyUI's API: the prompt id is the task id
-            job = await self._start(spec, prompt_id or native_id or str(uuid.uuid4()))
+            job = await self._start(spec, prompt_id or native_id or str(uuid.uuid4()), attempt)
         except BaseException:
             self._admitted -= 1
             raise
@@ -129,14 +131,14 @@ class Jobs:
             self.webhooks.start(job, job.task_id, spec.callback_url, job.terminal_recorded())
         return job
 
-    async def _start(self, spec: JobSpec, prompt_id: str) -> Job:
+    async def _start(self, spec: JobSpec, prompt_id: str, begun: Any = None) -> Job:
         task_id = spec.task_id or prompt_id
         bind_job(task_id, prompt_id)  # the job's tasks, created below, inherit it
         feed = Feed(self.buffer_events, max_bytes=self.max_event_bytes)
         known: asyncio.Event | None = None
         if spec.named or spec.mode == "async":
             # Its caller may poll the status at once (on any instance): known before we answer.
-            attempt = await self._begin(spec, task_id)
+            attempt = begun if begun is not None else await self._begin(spec, task_id)
             recorder = None if attempt is None else self.status.record(attempt, feed)
         elif not spec.observed:
             # No one knows this id before the answer: the log is claimed with its first append.

@@ -178,6 +178,11 @@ class RedisStatus:
         return list(range(1, await self.current(task_id) + 1))
 
     @property
+    def alive_ttl(self) -> int:
+        """Seconds an attempt's owner mark lasts unless refreshed (`BEGIN`'s ARGV[2])."""
+        return self._alive_ttl
+
+    @property
     def _alive_ttl(self) -> int:
         """How long an attempt whose runner went silent reads as running: STATUS_STALE_AFTER, and
         on a fleet the time another worker takes to run it again too (`retry_grace`): a job lost
@@ -199,19 +204,27 @@ class RedisStatus:
         """Store every event of `feed` until its terminal payload; while Redis is down, keep the
         events and retry with backoff (the terminal payload included). Marks the owner alive."""
         heartbeat = max(self.stale_after / 4, 0.05)
+        loop = asyncio.get_running_loop()
+        refresh_at = 0.0  # the keys' expiries and the owner's mark are refreshed from then on (now)
         pending: list[Event] = []
         preview: Event | None = None  # the newest preview not stored yet (the job shows them if asked)
         try:
             async for event in feed.follow(idle=heartbeat, pinned=True, previews=True):
                 if event is None:
                     await self._until_written(attempt, [])
+                    refresh_at = loop.time() + heartbeat
                     continue
                 if event.preview:
                     preview = event
                 else:
                     pending.append(event)
                 if event.seq == feed.last_seq or event.terminal:  # caught up: one round trip for the lot
-                    await self._until_written(attempt, pending, preview)
+                    # The expiries and the owner's mark with the first batch, the terminal one and
+                    # once a heartbeat: the batches between carry their entries alone.
+                    refresh = event.terminal or loop.time() >= refresh_at
+                    await self._until_written(attempt, pending, preview, refresh)
+                    if refresh:
+                        refresh_at = loop.time() + heartbeat
                     pending, preview = [], None
         except Exception as exc:  # a bug: the log must still end with its terminal
             log.error(
@@ -222,11 +235,13 @@ class RedisStatus:
             )
             await self._until_written(attempt, [await feed.wait()])
 
-    async def _until_written(self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None) -> None:
+    async def _until_written(
+        self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
+    ) -> None:
         delay = 0.1
         while True:
             try:
-                await self._write(attempt, events, preview)
+                await self._write(attempt, events, preview, refresh)
                 return
             except (*DOWN, RedisFull) as exc:
                 self._last_error = f"writing task {attempt.task_id}: {exc}"
@@ -240,7 +255,9 @@ class RedisStatus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _write(self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None) -> None:
+    async def _write(
+        self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
+    ) -> None:
         stored = [await self._stored(event, attempt) for event in events]
         async with self.client.pipeline(transaction=False) as pipe:
             if preview is not None and len(preview.data) <= self.max_event_bytes:
@@ -253,11 +270,12 @@ class RedisStatus:
                     pipe.set(keys.result(attempt.task_id, attempt.number), whole, ex=self.result_ttl)
                     fields["r"] = "1"
                 pipe.xadd(attempt.key, fields, id=f"0-{event.seq}")  # type: ignore[arg-type]
-            if events:
+            if events and refresh:
                 pipe.expire(attempt.key, self.ttl)
                 pipe.expire(keys.attempts(attempt.task_id), self.ttl)
                 pipe.expire(keys.owner(attempt.task_id), self.ttl)
-            pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
+            if refresh:
+                pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
             results = await pipe.execute(raise_on_error=False)
         for result in results:
             if isinstance(result, DOWN):
@@ -394,6 +412,7 @@ class RedisStatus:
             shown: dict[str, str] = {}  # the previews stream -> the last entry id read of it
             while True:
                 key = keys.attempt(task_id, number)
+                fresh = watched is None or watched[0] != key
                 if watched is None or watched[0] != key:  # its first attempt, or a retry's
                     await registered.aclose()
                     watched = (key, await registered.enter_async_context(self.watch.news(key, f"0-{cursor}")))
@@ -403,7 +422,7 @@ class RedisStatus:
                             await registered.enter_async_context(self.watch.news(name, since, watched[1]))
                 news = watched[1]
                 answer, down_since = await self._read_or_wait(
-                    key, cursor, news, waiting if wait else 0.0, down_since, shown
+                    key, cursor, news, waiting if wait else 0.0, down_since, shown, watched=not fresh
                 )
                 wait = True
                 if down_since is not None and loop.time() - down_since > self.stale_after:
@@ -455,20 +474,28 @@ class RedisStatus:
         wait: float,
         down_since: float | None,
         also: dict[str, str] | None = None,
+        watched: bool = False,
     ) -> tuple[Any, float | None]:
         """The stream's entries after `cursor` (and those of the streams `also` names, after
         their ids) at once, else those that come within `wait` seconds (the watch says when: no
-        connection is held meanwhile); and since when Redis has not answered (None: it answered)."""
+        connection is held meanwhile); and since when Redis has not answered (None: it answered).
+        Once the watch has read the stream since `cursor` (`watched`: not the first read after
+        registering), the entries it kept are taken instead of read again, and none kept after
+        `cursor` means none stored: the follower waits without a read."""
         news.clear()  # before the read: an entry stored after it sets it again
         streams: dict[Any, Any] = {key: f"0-{cursor}", **(also or {})}
+        kept = self.watch.after(key, cursor) if watched and not also else None
         try:
-            answer: Any = await self.client.xread(streams, count=512)
+            answer: Any = [(key, kept)] if kept else None
+            if kept is None:
+                answer = await self.client.xread(streams, count=512)
             if not answer and wait > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await news.wait()
-                if news.is_set():
-                    answer = await self.client.xread(streams, count=512)
+                if news.is_set():  # the watch read them: taken from it, else read (a wake for an outage)
+                    kept = None if also else self.watch.after(key, cursor)
+                    answer = [(key, kept)] if kept else await self.client.xread(streams, count=512)
             return answer, None
         except DOWN as exc:
             self._last_down = exc
