@@ -141,22 +141,43 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
         info(section, "adapter SSE p50 / p99", p(sse, 50), "ms", f"p99 {p(sse, 99):.2f} ms"),
         info(section, "adapter websocket p50 / p99", p(ws, 50), "ms", f"p99 {p(ws, 99):.2f} ms"),
         info(section, "ComfyUI's API through us p50 / p99", p(comfyapi, 50), "ms", f"p99 {p(comfyapi, 99):.2f} ms"),
+        goal(
+            section,
+            "added by the adapter, sync p50",
+            p(sync, 50) - p(native, 50),
+            "ms",
+            "<= 0.3 ms",
+            lambda v: v <= 0.3,
+            f"p99 {p(sync, 99) - p(native, 99):+.2f} ms (goal: not worse than native)",
+        ),
         *(
             goal(
                 section,
-                f"added by the adapter, {name} p50",
-                p(values, 50) - p(native, 50),
+                f"{name} p50 over sync",
+                p(values, 50) - p(sync, 50),
                 "ms",
-                f"<= {limit:g} ms",
-                lambda v, limit=limit: v <= limit,
-                f"p99 +{p(values, 99) - p(native, 99):.2f} ms",
+                "<= 0.3 ms",
+                lambda v: v <= 0.3,
+                f"over native {p(values, 50) - p(native, 50):+.2f} ms; p99 {p(values, 99) - p(native, 99):+.2f} ms",
             )
-            for name, values, limit in (
-                ("sync", sync, 1.0),
-                ("SSE", sse, 1.5),
-                ("websocket", ws, 1.5),
-                ("ComfyUI's API (/prompt + /ws)", comfyapi, 1.0),
-            )
+            for name, values in (("SSE", sse), ("websocket", ws))
+        ),
+        goal(
+            section,
+            "added, ComfyUI's API (/prompt + /ws) p50",
+            p(comfyapi, 50) - p(native, 50),
+            "ms",
+            "<= 1 ms",
+            lambda v: v <= 1.0,
+            f"p99 {p(comfyapi, 99) - p(native, 99):+.2f} ms",
+        ),
+        goal(
+            section,
+            "p99 added, sync",
+            p(sync, 99) - p(native, 99),
+            "ms",
+            "<= 0 (not worse than native)",
+            lambda v: v <= 0,
         ),
         info(section, "app CPU per job", cpu_per_job, "ms", "every adapter job above, averaged"),
         *_comfyui_cpu(section, comfyui_cpu, jobs),
@@ -250,6 +271,10 @@ async def throughput(
         figures.append(info(section, f"native, {who}", rates["native"], "jobs/s"))
         for mode in ("sync", "sse"):
             ratio = rates[mode] / rates["native"] if rates["native"] else 0.0
+            note = f"{rates[mode]:.1f} jobs/s; app CPU {cpu[mode]:.1f} ms/job"
+            if clients == 1:  # ~3 ms jobs back to back: bounded by arithmetic on two shared cores
+                figures.append(info(section, f"{mode}, {who} (ratio to native)", ratio, "x", note))
+                continue
             figures.append(
                 goal(
                     section,
@@ -258,7 +283,7 @@ async def throughput(
                     "x",
                     ">= 0.95 x native",
                     lambda v: v >= 0.95,
-                    f"{rates[mode]:.1f} jobs/s; app CPU {cpu[mode]:.1f} ms/job",
+                    note,
                 )
             )
     return figures
@@ -294,8 +319,8 @@ async def throughput_long_jobs(
                 f"{mode}, 1 client, {label} (ratio)",
                 ratio,
                 "x",
-                ">= 0.95 x native",
-                lambda v: v >= 0.95,
+                ">= 0.99 x native",
+                lambda v: v >= 0.99,
                 f"{rates[mode]:.1f} jobs/s",
             )
         )
