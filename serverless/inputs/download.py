@@ -367,12 +367,14 @@ def decode_base64(value: str, max_bytes: int) -> bytes:
         raise DownloadError("empty base64")
     if not text.isascii():
         raise DownloadError("invalid base64: non-ASCII character")
-    text = text.rstrip("=")
-    if len(text) % 4 == 1:
+    core = text.rstrip("=")
+    if len(core) % 4 == 1:
         raise DownloadError("invalid base64: truncated (length is not possible)")
-    if len(text) * 3 // 4 > max_bytes:
+    if len(core) * 3 // 4 > max_bytes:
         raise DownloadError(f"base64 larger than {max_bytes} bytes")
-    data = (text + "=" * (-len(text) % 4)).encode("ascii")
+    padding = -len(core) % 4
+    # Padded as it should be (the usual case): the text is encoded as it is, not copied twice first.
+    data = (text if len(text) == len(core) + padding else core + "=" * padding).encode("ascii")
     if b"-" in data or b"_" in data:  # the URL-safe alphabet
         data = data.translate(_URLSAFE)
     try:
