@@ -387,13 +387,17 @@ class ComfyUI:
 
     async def upload_input(self, data: bytes, filename: str) -> str:
         """Into ComfyUI's input folder (written there when it is on our disk, else POST
-        /upload/image); returns the name to use in the workflow."""
+        /upload/image); `filename` may name a subfolder (`sub/name.png`); returns the name to
+        use in the workflow."""
         written = await self._write_input(data, filename)
         if written is not None:
             return written
+        subfolder, _, name = filename.rpartition("/")
         form = aiohttp.FormData()
-        form.add_field("image", data, filename=filename, content_type="application/octet-stream")
+        form.add_field("image", data, filename=name, content_type="application/octet-stream")
         form.add_field("type", "input")
+        if subfolder:
+            form.add_field("subfolder", subfolder)
         form.add_field("overwrite", "true")
         try:
             answer = await self._json("POST", "/upload/image", "uploading an input", data=form)
