@@ -206,6 +206,27 @@ class S3Settings:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """Batches (`serverless.batches`): how many items one may hold, how many of a batch's items
+    are queued or running at once, how long a feeder's lease lasts, how often it looks."""
+
+    max_items: int = 10000
+    window: int = 64
+    lease_seconds: float = 15.0
+    poll_interval: float = 0.2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BatchSettings:
+        d = cls()
+        return cls(
+            max_items=_integer(env, "BATCH_MAX_ITEMS", d.max_items, 1),
+            window=_integer(env, "BATCH_WINDOW", d.window, 1),
+            lease_seconds=_number(env, "BATCH_LEASE_SECONDS", d.lease_seconds, 1),
+            poll_interval=_number(env, "BATCH_POLL_INTERVAL", d.poll_interval, 0.01),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the adapter is configured with. Build it with `Settings.from_env()`."""
 
@@ -242,6 +263,7 @@ class Settings:
     oss_expires_in: int = 0
     storage: str = "oss"  # the bucket output_oss uploads to and oss:// or s3:// inputs come from
     s3: S3Settings = field(default_factory=S3Settings)
+    batches: BatchSettings = field(default_factory=BatchSettings)
     status_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output/serverless_api"))
     workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
     status_retention_days: float = 7.0
@@ -352,6 +374,7 @@ class Settings:
             oss_expires_in=_integer(env, "OSS_EXPIRES_IN_SECOND", d.oss_expires_in, 0),
             storage=_choice(env, "STORAGE", d.storage, STORAGES),
             s3=S3Settings.from_env(env),
+            batches=BatchSettings.from_env(env),
             status_dir=Path(_text(env, "STATUS_DIR", f"{mount}/output/serverless_api")),
             workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
             status_retention_days=_number(env, "STATUS_RETENTION_DAYS", d.status_retention_days, 0),
