@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -135,7 +135,8 @@ async def cancel(request: Request) -> Response:
         raise Conflict(f"batch {batch.batch_id} has ended ({progress.state})", raw={"state": progress.state})
     await store.ask_cancel(batch.batch_id)
     await _feeders(request).take(batch.batch_id)  # if its feeder is gone, fed (and stopped) from here
-    return JSONResponse({"batch_id": batch.batch_id, "state": "cancelling"}, status_code=202)
+    state = await _seen(request, batch.batch_id, lambda progress: progress.state != "running")
+    return JSONResponse({"batch_id": batch.batch_id, "state": state}, status_code=202)
 
 
 async def retry(request: Request) -> Response:
@@ -146,11 +147,25 @@ async def retry(request: Request) -> Response:
         raise Conflict(f"batch {batch.batch_id} was cancelled", raw={"state": progress.state})
     states = await store.states(batch.batch_id)
     failed = sorted(index for index, state in states.items() if state == "failed")
+    state = progress.state
     if failed:
         await store.ask_retry(batch.batch_id, failed)
         await _feeders(request).take(batch.batch_id)
-    answer = {"batch_id": batch.batch_id, "retried": len(failed), "task_ids": [batch.task_id(i) for i in failed]}
-    return JSONResponse(answer, status_code=202)
+        state = await _seen(request, batch.batch_id, lambda progress: progress.live and not progress.webhook_due)
+    task_ids = [batch.task_id(i) for i in failed]
+    return JSONResponse({"batch_id": batch.batch_id, "state": state, "retried": len(failed), "task_ids": task_ids}, 202)
+
+
+async def _seen(request: Request, batch_id: str, taken: Callable[[Progress], bool]) -> str:
+    """The batch's state once its feeder has taken a request up (`taken`), so that a caller's next
+    look sees it; or, when no feeder did within a lease's time, as it stands (it will)."""
+    feeders = _feeders(request)
+    deadline = time.monotonic() + feeders.settings.lease_seconds
+    while True:
+        progress = await feeders.store.progress(batch_id)
+        if progress is None or taken(progress) or time.monotonic() > deadline:
+            return progress.state if progress is not None else "unknown"
+        await asyncio.sleep(feeders.settings.poll_interval)
 
 
 async def manifest_lines(request: Request) -> Response:

@@ -178,14 +178,29 @@ class Feeder:
             self.stranded_check = time.monotonic()
             for index in active:
                 await self.feeders.jobs.end_if_stranded(self.batch.task_id(index))
-        summaries = await _gather([status.summary(self.batch.task_id(index)) for index in active])
-        for index, summary in zip(active, summaries, strict=True):
+        # A retried item's task is read once its new attempt has begun (asked first: a summary
+        # read before the attempt began would be of the one before, which ended).
+        begun = await _gather([self._new_attempt(index) for index in active])
+        reading = [index for index, new in zip(active, begun, strict=True) if new]
+        summaries = await _gather([status.summary(self.batch.task_id(index)) for index in reading])
+        for index, summary in zip(reading, summaries, strict=True):
             state = summary["state"] if summary is not None else "queued"
             self._set(index, state)
             if state in ENDED:
                 self.progress.active.remove(index)
                 if self.progress.first_ended is None:
                     self.progress.first_ended = time.time()
+
+    async def _new_attempt(self, index: int) -> bool:
+        """Whether a retried item's task now reads from its new attempt (a fleet's worker begins
+        it only when it takes the job); always so for an item run once, or once cancelling."""
+        before = self.progress.attempts_before.get(str(index))
+        if before is None or self.progress.state == "cancelling":
+            return True
+        if len(await self.feeders.resources.status.attempts(self.batch.task_id(index))) <= before:
+            return False
+        del self.progress.attempts_before[str(index)]
+        return True
 
     async def _cancel_rest(self) -> None:
         """Nothing more is submitted; the active items are stopped through the ordinary cancel."""
@@ -212,7 +227,11 @@ class Feeder:
                 return
             index = progress.retry[0] if retry else progress.cursor
             try:
-                if retry or not await feeders.resources.status.known(batch.task_id(index)):
+                if retry:
+                    attempts = await feeders.resources.status.attempts(batch.task_id(index))
+                    progress.attempts_before[str(index)] = len(attempts)
+                    await submit_item(feeders.resources, feeders.jobs, batch, index)
+                elif not await feeders.resources.status.known(batch.task_id(index)):
                     await submit_item(feeders.resources, feeders.jobs, batch, index)
             except (Busy, Unavailable) as exc:  # room comes back: next step
                 log.debug("batch_id=%s: item %d waits (%s)", batch.batch_id, index, exc.message)

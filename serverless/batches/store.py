@@ -36,6 +36,7 @@ class Progress:
     cursor: int = 0
     active: list[int] = field(default_factory=list)
     retry: list[int] = field(default_factory=list)
+    attempts_before: dict[str, int] = field(default_factory=dict)  # a retried active item: its attempts before
     counts: dict[str, int] = field(default_factory=dict)
     events: int = 0  # events appended so far (the last one's number)
     started: float = 0.0
