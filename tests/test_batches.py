@@ -12,13 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import requests
 from PIL import Image
 
 from serverless.status import keys
 from tests.helpers import empty_image, wait_until
-from tests.topologies import Deployment
+from tests.servers import InProcessApp
+from tests.test_webhooks import SECRET, Receiver, verify
+from tests.topologies import Deployment, deploy
 
 BATCHES = "/api/batches"
 ENDED = ("succeeded", "failed", "cancelled")
@@ -175,3 +178,115 @@ def test_thousand_item_sweep_runs_each_item_once_retries_only_the_failed_and_lis
             line["parameters"]["2.filename_prefix"] + "_"
         )
     assert len({line["outputs"][0]["filename"] for line in manifest}) == 1000
+
+
+def slow_down(dep: Deployment, seconds: float) -> None:
+    for emulator in dep.emulators:
+        requests.post(emulator.url + "/emulator/config", json={"node_delay": seconds}, timeout=5)
+
+
+def colours(count: int) -> dict[str, Any]:
+    """A sweep of `count` different prompts (one colour each: ComfyUI caches none of them)."""
+    return {"workflow": empty_image(8, 8, prefix="c"), "sweep": {"1.color": list(range(1, count + 1))}}
+
+
+def test_cancel_midway_leaves_nothing_queued_or_running(deployment: Callable[..., Deployment]) -> None:
+    dep = deployment(step_delay=0, BATCH_WINDOW="8", **FAST)
+    slow_down(dep, 0.02)
+    created = create(dep.url, colours(1000)).json()
+    batch_id = created["batch_id"]
+    wait_until(lambda: batch_of(dep.url, batch_id, limit=0)["counts"]["succeeded"] >= 20, 120, 0.05)
+    cancelled = requests.post(f"{dep.url}{BATCHES}/{batch_id}/cancel", timeout=30)
+    assert cancelled.status_code == 202 and cancelled.json()["state"] in ("cancelling", "cancelled")
+    rolled = ended(dep.url, batch_id)
+    counts = rolled["counts"]
+    assert rolled["state"] == "cancelled"
+    assert counts["pending"] == counts["queued"] == counts["running"] == 0
+    assert counts["succeeded"] + counts["failed"] + counts["cancelled"] == 1000 and counts["cancelled"] > 900
+    for emulator in dep.emulators:  # no ComfyUI holds any of it
+        queue = requests.get(emulator.url + "/queue", timeout=5).json()
+        assert queue == {"queue_running": [], "queue_pending": []}
+    made = len(outputs_named(dep, "c"))
+    # An item stopped as it saved may leave its file; none beyond the window's ever began.
+    assert counts["succeeded"] <= made <= counts["succeeded"] + 8
+    items = all_items(dep.url, batch_id)
+    for item in items:  # every task the batch started has ended; the rest never started
+        if item["state"] == "succeeded":
+            continue
+        task = requests.get(dep.url + "/api/serverless/task", params={"task_id": item["task_id"]}, timeout=10)
+        assert task.status_code == 404 or task.json()["state"] in ENDED, task.text
+    time.sleep(0.5)
+    assert len(outputs_named(dep, "c")) == made  # and nothing runs after
+    again = requests.post(f"{dep.url}{BATCHES}/{batch_id}/cancel", timeout=30)
+    assert again.status_code == 409
+
+
+def sse_events(response: requests.Response, until: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    """Events (`id`, `type`, `data`) read from an SSE response until `until` holds or it ends."""
+    events: list[dict[str, Any]] = []
+    event_id = None
+    for line in response.iter_lines():
+        if line.startswith(b"id: "):
+            event_id = int(line[4:])
+        elif line.startswith(b"data: "):
+            events.append({"id": event_id, **json.loads(line[6:])})
+            if until(events):
+                break
+    return events
+
+
+def test_a_batch_followed_over_sse_goes_on_from_another_instance_when_the_first_stops(
+    topology: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The instance feeding a batch stops midway: another gateway (on a box, the instance started
+    again) takes the batch over and its SSE resumes after the last event seen, to the end."""
+    server = request.getfixturevalue("redis_server") if topology == "fleet" else None
+    dep = deploy(topology, tmp_path / "d", server, 0, BATCH_WINDOW="4", **FAST)  # type: ignore[arg-type]
+    second: InProcessApp | None = None
+    try:
+        slow_down(dep, 0.02)
+        batch_id = create(dep.url, colours(60)).json()["batch_id"]
+        with requests.get(f"{dep.url}{BATCHES}/{batch_id}/events", stream=True, timeout=60) as first:
+            seen = sse_events(first, lambda events: len(events) >= 10)
+        first_app = dep.apps[-1]  # the gateway, or the box
+        env = dict(first_app.env)
+        first_app.stop()
+        env["FC_INSTANCE_ID"] = "second"
+        second = InProcessApp(tmp_path / "d", env)
+        last = seen[-1]["id"]
+        headers = {"Last-Event-ID": str(last)}
+        with requests.get(
+            f"{second.url}{BATCHES}/{batch_id}/events", headers=headers, stream=True, timeout=120
+        ) as rest:
+            after = sse_events(rest, lambda events: events[-1]["type"] == "batch_end")
+        assert [event["id"] for event in after] == list(range(last + 1, last + 1 + len(after)))
+        end = after[-1]
+        assert end["type"] == "batch_end" and end["data"]["counts"]["succeeded"] == 60, end
+        assert batch_of(second.url, batch_id, limit=0)["state"] == "succeeded"
+        assert len(outputs_named(dep, "c")) == 60  # each item once, whoever fed it
+    finally:
+        if second is not None:
+            second.stop()
+        dep.stop()
+
+
+def test_batch_webhook_tells_the_end_with_counts_signed_and_items_their_own(
+    deployment: Callable[..., Deployment],
+) -> None:
+    hooks = Receiver()
+    try:
+        dep = deployment(step_delay=0, WEBHOOK_ALLOWED_HOSTS="127.0.0.1", WEBHOOK_SECRET=SECRET, **FAST)
+        body = {**colours(4), "callback_url": hooks.url, "item_webhooks": True}
+        created = create(dep.url, body).json()
+        rolled = ended(dep.url, created["batch_id"])
+        assert rolled["state"] == "succeeded"
+        wait_until(lambda: len(hooks.received) >= 5 and batch_of(dep.url, created["batch_id"], limit=0).get("webhook"))
+        by_task = {headers["x-serverless-task-id"]: (headers, body) for headers, body in hooks.received}
+        assert set(by_task) == {created["batch_id"], *created["task_ids"]}
+        headers, sent = by_task[created["batch_id"]]
+        assert verify(headers, sent)
+        payload = json.loads(sent)
+        assert payload["type"] == "serverless_batch" and payload["data"]["counts"]["succeeded"] == 4
+        assert batch_of(dep.url, created["batch_id"], limit=0)["webhook"]["delivered"] is True
+    finally:
+        hooks.close()
