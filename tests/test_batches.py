@@ -290,3 +290,96 @@ def test_batch_webhook_tells_the_end_with_counts_signed_and_items_their_own(
         assert batch_of(dep.url, created["batch_id"], limit=0)["webhook"]["delivered"] is True
     finally:
         hooks.close()
+
+
+def test_cli_sweeps_a_workflow_file_with_a_bar_and_saves_every_output_and_the_manifest(
+    deployment: Callable[..., Deployment], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serverless.cli import main
+
+    dep = deployment(step_delay=0, **FAST)
+    workflow = tmp_path / "image.json"
+    workflow.write_text(json.dumps(empty_image(8, 8, prefix="cli")))
+    prompts = tmp_path / "prefixes.txt"
+    prompts.write_text("red\n\nblue\n")
+    out = tmp_path / "out"
+    argv = [
+        "--url",
+        dep.url,
+        "batch",
+        str(workflow),
+        "--sweep",
+        "1.color=1,2,3",
+        "--sweep",
+        f"2.filename_prefix=@{prompts}",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "succeeded" in printed and "succeeded 6" in printed
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [line["parameters"] for line in manifest][:2] == [
+        {"1.color": 1, "2.filename_prefix": "red"},
+        {"1.color": 1, "2.filename_prefix": "blue"},
+    ]
+    for line in manifest:
+        (name,) = line["files"]
+        assert (out / name).stat().st_size > 0 and line["parameters"]["2.filename_prefix"] in name
+
+
+def test_client_batch_sync_and_async_follow_a_batch_to_its_end(deployment: Callable[..., Deployment]) -> None:
+    import asyncio
+
+    from serverless.client import AsyncClient, Client
+
+    dep = deployment(step_delay=0, **FAST)
+    with Client(dep.url) as client:
+        created = client.batch(empty_image(8, 8, prefix="sync"), items=[{"1.color": 5}, {"1.color": 6}])
+        events = list(client.batch_events(created["batch_id"]))
+        assert events[-1].type == "batch_end" and events[-1].data["counts"]["succeeded"] == 2
+        assert [line["task_id"] for line in client.batch_manifest(created["batch_id"])] == created["task_ids"]
+        assert client.retry_batch(created["batch_id"])["retried"] == 0
+
+    async def run_async() -> dict[str, Any]:
+        async with AsyncClient(dep.url) as client:
+            created = await client.batch(empty_image(8, 8, prefix="aio"), sweep={"1.color": [7, 8]}, mode="zip")
+            async for event in client.batch_events(created["batch_id"]):
+                if event.type == "batch_end":
+                    break
+            return await client.batch_status(created["batch_id"])
+
+    rolled = asyncio.run(run_async())
+    assert rolled["state"] == "succeeded" and [item["parameters"] for item in rolled["items"]] == [
+        {"1.color": 7},
+        {"1.color": 8},
+    ]
+
+
+def test_a_bad_item_is_refused_before_anything_runs_naming_it(deployment: Callable[..., Deployment]) -> None:
+    dep = deployment(step_delay=0, BATCH_MAX_ITEMS="50", **FAST)
+    items = [{"1.color": 1}, {"1.color": 2}, {"1.width": "wide"}]
+    refused = create(dep.url, {"workflow": empty_image(8, 8, prefix="bad"), "items": items})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()
+    assert error["error_code"] == "INVALID_PARAMS" and error["raw"]["item"] == 2
+    assert error["raw"]["parameters"] == {"1.width": "wide"}
+    too_many = create(dep.url, {"workflow": empty_image(), "sweep": {"1.color": list(range(51))}})
+    assert too_many.status_code == 400 and too_many.json()["raw"]["max_items"] == 50
+    assert not outputs_named(dep, "bad")  # nothing ran
+    assert requests.get(f"{dep.url}{BATCHES}/batch-0123abcd", timeout=10).status_code == 404
+
+
+def test_with_api_keys_a_batch_is_its_keys_own(deployment: Callable[..., Deployment]) -> None:
+    dep = deployment(step_delay=0, API_KEYS="key-one-0123456789,key-two-0123456789", **FAST)
+    one, two = ({"Authorization": f"Bearer key-{name}-0123456789"} for name in ("one", "two"))
+    created = create(dep.url, colours(2), headers=one).json()
+    path = f"{dep.url}{BATCHES}/{created['batch_id']}"
+    assert requests.get(path, headers=one, timeout=10).status_code == 200
+    for suffix, method in (
+        ("", "GET"),
+        ("/events", "GET"),
+        ("/manifest", "GET"),
+        ("/cancel", "POST"),
+        ("/retry", "POST"),
+    ):
+        assert requests.request(method, path + suffix, headers=two, timeout=10).status_code == 404
+    assert requests.get(path, timeout=10).status_code == 401
