@@ -383,3 +383,23 @@ def test_with_api_keys_a_batch_is_its_keys_own(deployment: Callable[..., Deploym
     ):
         assert requests.request(method, path + suffix, headers=two, timeout=10).status_code == 404
     assert requests.get(path, timeout=10).status_code == 401
+
+
+def test_with_output_oss_the_manifest_is_uploaded_beside_the_outputs(deployment: Callable[..., Deployment]) -> None:
+    from tests.test_oss_e2e import local_oss_server, oss_env
+
+    with local_oss_server("outs") as oss:
+        dep = deployment(step_delay=0, **oss_env(oss, "outs"), **FAST)
+        created = create(dep.url, {**colours(3), "output_oss": True}).json()
+        rolled = ended(dep.url, created["batch_id"])
+        assert rolled["state"] == "succeeded"
+        uploaded = rolled["manifest"]
+        body, mime = oss.get_object("outs", uploaded["object"])
+        assert mime == "application/x-ndjson"
+        lines = [json.loads(line) for line in body.decode().splitlines()]
+        assert [line["parameters"] for line in lines] == [{"1.color": 1}, {"1.color": 2}, {"1.color": 3}]
+        for line in lines:  # each output in the same bucket, under the same prefix
+            (output,) = line["outputs"]
+            key = output["url"].split("/outs/", 1)[1].split("?", 1)[0]
+            assert oss.get_object("outs", key)[1] == "image/png"
+            assert key.rsplit("/", 1)[0] == uploaded["object"].rsplit("/", 1)[0]
