@@ -98,6 +98,7 @@ class Feeder:
         self.events: list[bytes] = []
         self.cancels_sent: set[int] = set()
         self.stranded_check = time.monotonic()
+        self.saved = ""  # the progress as last written
 
     async def run(self) -> None:
         try:
@@ -267,13 +268,17 @@ class Feeder:
         log.info("batch_id=%s: %s %s", batch.batch_id, progress.state, json.dumps(rolled))
 
     async def _save(self) -> None:
+        """Write what this step changed (nothing when it changed nothing: a quiet step is a read)."""
         if self.changed or self.events:
             self.progress.counts = view.counts(self.batch.total, self.states)
             if self.progress.live and self.changed:
                 self.events.append(view.event("batch_progress", view.rollup(self.batch, self.progress)))
         self.progress.events += len(self.events)
+        saved = self.progress.to_json()
+        if saved == self.saved and not self.changed:
+            return
         await self.store.save(self.batch_id, self.progress, self.changed, self.events)
-        self.changed, self.events = {}, []
+        self.changed, self.events, self.saved = {}, [], saved
 
     async def _deliver_webhook(self) -> None:
         batch, progress = self.batch, self.progress
