@@ -108,14 +108,21 @@ def queue_depth(dep: Deployment) -> int:
     return depth
 
 
+def comfyui_depth(dep: Deployment) -> int:
+    """Prompts every ComfyUI of the deployment holds, running or pending."""
+    queues = [requests.get(emulator.url + "/queue", timeout=5).json() for emulator in dep.emulators]
+    return sum(len(queue["queue_running"]) + len(queue["queue_pending"]) for queue in queues)
+
+
 def follow(dep: Deployment, batch_id: str, window: int, timeout: float = 300.0) -> tuple[dict[str, Any], int, int]:
-    """Until the batch ends: its last roll-up, the most items it had in flight, the deepest queue."""
+    """Until the batch ends: its last roll-up, the most items it had in flight, the deepest queue
+    (the fleet's Redis queue, and every ComfyUI's own)."""
     in_flight = depth = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rolled = batch_of(dep.url, batch_id, limit=0)
         in_flight = max(in_flight, rolled["counts"]["queued"] + rolled["counts"]["running"])
-        depth = max(depth, queue_depth(dep))
+        depth = max(depth, queue_depth(dep), comfyui_depth(dep))  # a job a worker took is in both
         if rolled["state"] in ENDED:
             return rolled, in_flight, depth
         time.sleep(0.1)
