@@ -47,9 +47,9 @@ async def feeding(state: AppState) -> AsyncIterator[None]:
     if resources.redis is not None:
         store = RedisBatches(resources.redis.client, resources.redis.ttl)
     else:
-        store = FileBatches(settings.status_dir / "~batches")
-    holder = f"{settings.instance_id}-{uuid.uuid4().hex[:8]}"  # a restarted instance is another holder
-    feeders = Feeders(resources, state.jobs, store, settings.batches, holder, feeds=settings.role != "worker")
+        store = FileBatches(settings.status.dir / "~batches")
+    holder = f"{settings.service.instance_id}-{uuid.uuid4().hex[:8]}"  # a restarted instance is another holder
+    feeders = Feeders(resources, state.jobs, store, settings.batches, holder, feeds=settings.fleet.role != "worker")
     state.batches = feeders
     looking = asyncio.create_task(feeders.run_forever(), name="batches") if feeders.feeds else None
     try:

@@ -66,7 +66,7 @@ async def create(request: Request) -> Response:
     feeders = _feeders(request)
     resources = app_state(request).resources
     settings = resources.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     try:
         document = json.loads(body) if len(body) < BIG_BODY else await asyncio.to_thread(json.loads, body)
     except ValueError as exc:

@@ -299,7 +299,7 @@ class Feeder:
         if resources.storage is None:
             return None
         body = b"".join([line async for line in manifest(resources, self.batch, self.states)])
-        credentials = Credentials.resolve({}, resources.settings.cloud_credentials)
+        credentials = Credentials.resolve({}, resources.settings.oss.credentials)
         try:
             uploaded = await resources.storage.upload(credentials, body, "jsonl", "application/x-ndjson")
         except ServerlessError as exc:

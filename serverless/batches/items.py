@@ -32,7 +32,7 @@ async def check_batch(resources: Resources, batch: Batch) -> None:
     parse_conversion(flags.get("output_format"), flags.get("output_quality"), flags.get("output_max_side"))
     if _true(flags.get("output_oss")) and resources.storage is None:
         raise InvalidParams("output_oss was asked but OSS is not configured (set OSS_BUCKET_DOMAIN, or STORAGE=s3)")
-    if _true(flags.get("output_url")) and not resources.settings.file_link_secret:
+    if _true(flags.get("output_url")) and not resources.settings.security.file_link_secret:
         raise InvalidParams("output_url was asked but download links are not configured (set FILE_LINK_SECRET)")
     if batch.callback_url is not None:
         await resources.webhooks.check(batch.callback_url)
