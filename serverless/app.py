@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import comfyapi, fleet, lifecycle
+from . import batches, comfyapi, fleet, lifecycle
 from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
@@ -173,7 +173,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             try:
                 async with fleet.running(resources, jobs) as tier:  # the Redis tier, if configured
                     state.jobs, state.consumer = tier.jobs, tier.consumer
-                    yield
+                    async with batches.feeding(state):  # stopped before the drains: nothing more submitted
+                        yield
                     if tier.jobs is not jobs:
                         await tier.jobs.drain(settings.service.drain_timeout)
                     await jobs.drain(settings.service.drain_timeout)
@@ -212,6 +213,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/maas/comfy_task_api/cancel", genstudio.cancel, methods=["POST"]),
         Route("/api/maas/comfy_task_api/upload/image", genstudio.upload_image, methods=["POST"]),
         WebSocketRoute("/api/maas/comfy_task_ws_api/get_task_progress", genstudio.get_task_progress),
+        *batches.routes(),  # POST /api/batches, GET /api/batches/{id} (events, cancel, retry, manifest)
         *comfyapi.routes(),  # ComfyUI's own API: /prompt, /ws, /history, /view... (and under /api/)
         *docs.routes(),  # /api/openapi.json, /docs, the playground at /; describe new routes in docs/catalog.py
     ]

@@ -508,6 +508,27 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """Batches (`serverless.batches`): how many items one may hold, how many of a batch's items
+    are queued or running at once, how long a feeder's lease lasts, how often it looks."""
+
+    max_items: int = 10000
+    window: int = 64
+    lease_seconds: float = 15.0
+    poll_interval: float = 0.2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BatchSettings:
+        d = cls()
+        return cls(
+            max_items=_integer(env, "BATCH_MAX_ITEMS", d.max_items, 1),
+            window=_integer(env, "BATCH_WINDOW", d.window, 1),
+            lease_seconds=_number(env, "BATCH_LEASE_SECONDS", d.lease_seconds, 1),
+            poll_interval=_number(env, "BATCH_POLL_INTERVAL", d.poll_interval, 0.01),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the adapter is configured with, grouped by concern. Build it with
     `Settings.from_env()`."""
@@ -522,6 +543,7 @@ class Settings:
     stream: StreamSettings = field(default_factory=StreamSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    batches: BatchSettings = field(default_factory=BatchSettings)
     deprecated: tuple[str, ...] = ()  # a line per old setting name in use, logged at start-up
 
     @property
@@ -553,6 +575,7 @@ class Settings:
             stream=StreamSettings.from_env(env),
             fleet=FleetSettings.from_env(env),
             security=SecuritySettings.from_env(env),
+            batches=BatchSettings.from_env(env),
             deprecated=deprecated,
         )._checked()
 

@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
+    from .batches.feeder import Feeders
     from .comfyapi.index import PromptIndex
     from .fleet.worker import Consumer
     from .jobs.runner import JobRunner
@@ -30,6 +31,7 @@ class AppState:
     consumer: Consumer | None = None
     genstudio_token_secret: bytes | None = field(default=None, repr=False)  # made once when unset
     prompts: PromptIndex | None = None  # ComfyUI's API: its prompts, made on first use (`comfyapi.index`)
+    batches: Feeders | None = None  # batches: their store, and the feeders of this instance (`batches`)
 
 
 def app_state(connection: HTTPConnection) -> AppState:

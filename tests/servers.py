@@ -181,6 +181,7 @@ class InProcessApp:
 
     def __init__(self, log_dir: Path, env: dict[str, str], port: int | None = None) -> None:
         full_env = {**os.environ, **env}
+        self.env = env  # what it was configured with (a test may start another like it)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"app-{self.port}.log"

@@ -5,6 +5,8 @@
     comfy-serverless run WORKFLOW.json --previews DIR     (the sampler's preview frames saved as they come)
     comfy-serverless workflows list | show ID | put ID FILE | rm ID
     comfy-serverless task TASK_ID [--out DIR | --json] | cancel TASK_ID | events TASK_ID [--follow] [--after N]
+    comfy-serverless batch WORKFLOW.json --sweep 3.seed=1,2,3 --sweep 6.text=@prompts.txt [--zip] [--out DIR]
+    comfy-serverless batch --workflow-id ID --items ITEMS.jsonl [--detach]
 
 `--url` / COMFY_SERVERLESS_URL (default http://127.0.0.1:9000; `127.0.0.1:9000` means http),
 `--api-key` / COMFY_SERVERLESS_API_KEY.
@@ -127,6 +129,17 @@ def parser() -> argparse.ArgumentParser:
     events.add_argument("task_id")
     events.add_argument("--follow", action="store_true", help="follow live until the task ends (resumable)")
     events.add_argument("--after", type=int, default=0, help="skip the first N events")
+    batch = commands.add_parser("batch", parents=[common], help="run many items of a workflow as one batch")
+    batch.add_argument("workflow", nargs="?", help="an API-format workflow JSON file")
+    batch.add_argument("--workflow-id", help="a hosted workflow instead")
+    batch.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=V1,V2|@FILE", help="values to sweep")
+    batch.add_argument("--zip", action="store_true", help="pair the sweeps' values instead of crossing them")
+    batch.add_argument("--items", metavar="FILE", help="a JSON lines file: one object of overrides per item")
+    batch.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="set for every item")
+    batch.add_argument("--out", help="save every output here (and manifest.jsonl)")
+    batch.add_argument("--oss", action="store_true", help="upload the outputs to OSS (the manifest beside them)")
+    batch.add_argument("--priority", choices=("high", "normal", "low"))
+    batch.add_argument("--detach", action="store_true", help="print the batch id and return")
     return main
 
 
@@ -170,6 +183,10 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return workflows(client, args)
     if args.command == "task":
         return task(client, args)
+    if args.command == "batch":
+        from .batch import batch  # the bar and the sweep parsing, where a batch is run
+
+        return batch(client, args)
     if args.command == "cancel":
         print(dumps(client.cancel(args.task_id)))
         return EXIT_CODES["done"]

@@ -616,7 +616,82 @@ V2_OPERATIONS: tuple[Operation, ...] = (
     _v2("/api/v2/assets/{id}", "delete", "Forget an asset record", status="204"),
     _v2("/api/v2/assets/{id}/content", "get", "An asset's bytes (ranges served)"),
 )
-OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS + V2_OPERATIONS
+BATCH_ID = Param("batch_id", "path", "the batch's id (`batch-<hex>`)", required=True)
+BATCH_OPERATIONS: tuple[Operation, ...] = (  # issue 34: serverless/batches
+    Operation(
+        "/api/batches",
+        "post",
+        "batches",
+        "Run many items of one workflow as one batch",
+        '`{"workflow_id" | "workflow", "items": [overrides...]}` or `{..., "sweep": {"<param>": [values...]}, '
+        '"mode": "product" | "zip"}`, with the run flags (`output_oss`, `output_format`, `priority`, '
+        "`callback_url`, `item_webhooks`...). Every item is checked first; each runs as task `<batch_id>-<index>`.",
+        body="object",
+        replies=(Reply("202", "`{batch_id, total, task_ids}`", "object"),),
+        errors=("400", "404", "503"),
+        operation_id="createBatch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}",
+        "get",
+        "batches",
+        "A batch's counts by state, percent, ETA and a page of its items",
+        params=(
+            BATCH_ID,
+            Param("offset", "query", "the first item listed", "integer"),
+            Param("limit", "query", "items listed (default 100, at most 1000)", "integer"),
+        ),
+        replies=(Reply("200", "state, counts, percent, eta_s, items (task id, state, outputs)", "object"),),
+        errors=("400", "404"),
+        operation_id="batch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/events",
+        "get",
+        "batches",
+        "A batch's events as SSE, resumable",
+        "`batch_item`, `batch_progress`, then `batch_end`; `Last-Event-ID` (or `after`) resumes.",
+        (BATCH_ID, Param("after", "query", "resume after event N", "integer")),
+        None,
+        True,
+        (SSE,),
+        ("400", "404"),
+        "batchEvents",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/cancel",
+        "post",
+        "batches",
+        "Cancel a batch: items not submitted dropped, queued and running ones cancelled",
+        params=(BATCH_ID,),
+        body_required=False,
+        replies=(Reply("202", "cancelling", "object"),),
+        errors=("400", "404", "409"),
+        operation_id="cancelBatch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/retry",
+        "post",
+        "batches",
+        "Run a batch's failed items again (new attempts of the same tasks)",
+        params=(BATCH_ID,),
+        body_required=False,
+        replies=(Reply("202", "`{batch_id, retried, task_ids}`", "object"),),
+        errors=("400", "404", "409"),
+        operation_id="retryBatch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/manifest",
+        "get",
+        "batches",
+        "A batch's manifest: one JSON line per item (parameters, task, state, outputs)",
+        params=(BATCH_ID,),
+        replies=(Reply("200", "JSON lines", "string", "application/x-ndjson"),),
+        errors=("400", "404"),
+        operation_id="batchManifest",
+    ),
+)
+OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS + V2_OPERATIONS + BATCH_OPERATIONS
 
 ERROR_TEXT = {
     "400": "INVALID_PARAMS, PROMPT_ERROR or INPUT_ERROR",

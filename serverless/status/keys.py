@@ -42,6 +42,17 @@ ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
     comfy:asset:<id>          an API v2 asset record (JSON); its bytes are an upload's
     comfy:asset-hash:<hash>   the newest asset record over the bytes of that blake3 hash
     comfy:idem:<key>          an API v2 `Idempotency-Key` claimed (24 h; a repeat is refused)
+
+Batches (`serverless.batches.redis`), kept RETENTION after the last write:
+
+    batch:<id>                a batch's spec (JSON)
+    batch:<id>:progress       its progress (JSON), written by the instance feeding it
+    batch:<id>:states         a hash: item index -> the item's state
+    batch:<id>:events         a stream of its events, entry id `0-<seq>`
+    batch:<id>:lease          the instance feeding it (SET NX with an expiry)
+    batch:<id>:cancel         set once a cancel was asked
+    batch:<id>:retry          a list: items asked to run again (JSON lists of indices)
+    batches:live              a set: the batches not ended (to feed)
 """
 
 from __future__ import annotations
@@ -153,3 +164,15 @@ def comfy_asset_hash(digest: str) -> str:
 
 def comfy_idempotency(key: str) -> str:
     return f"comfy:idem:{key}"
+
+
+def batch(batch_id: str) -> str:
+    return f"batch:{batch_id}"
+
+
+def batch_part(batch_id: str, part: str) -> str:
+    """One of a batch's other keys: progress, states, events, lease, cancel, retry."""
+    return f"batch:{batch_id}:{part}"
+
+
+BATCHES_LIVE = "batches:live"
