@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY = 60.0  # seconds between a worker's announcements of its ComfyUI's nodes
 INFO_PATHS = ("/system_stats", "/embeddings", "/models")
+CONSUMER_STOP = 5.0  # seconds a drained worker's consumer has to acknowledge or hand back its last job
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,8 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     try:
         yield Fleet(front, consumer)
     finally:
+        if consumer_task is not None and not jobs.accepting:  # drained: its job acknowledged or handed back
+            await asyncio.wait({consumer_task}, timeout=CONSUMER_STOP)
         for task in (consumer_task, publisher):
             if task is not None:
                 task.cancel()

@@ -53,6 +53,8 @@ FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
 STREAMS = tuple(stream(priority) for priority in PRIORITIES)
+HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
+HANDOFFS_KEPT = 100  # `fleet:handoffs` entries kept (MAXLEN ~): only the newest wakes anyone
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class Consumer:
         self._next_forget = 0.0
         self._next_aging_look = 0.0
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
+        self._handoffs_seen: bytes | None = None  # the newest `fleet:handoffs` entry seen (None: not looked yet)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -293,17 +296,28 @@ class Consumer:
         self.jobs.metrics.queue_dead_letters.inc()
 
     async def _wait_for_news(self) -> None:
-        """Block until an entry no consumer has been given arrives in any stream: XREAD from each
-        group's last delivered id wakes at once if one arrived since the look above."""
+        """Block until an entry no consumer has been given arrives in any stream, or a job is
+        handed back (`fleet:handoffs`: then it is claimed next): XREAD from each group's last
+        delivered id wakes at once if one arrived since the look above."""
         async with self.client.pipeline(transaction=False) as pipe:
             for name in STREAMS:
                 pipe.xinfo_groups(name)
-            answers = await pipe.execute()
+            pipe.xrevrange(keys.HANDOFFS, count=1)
+            *answers, handed = await pipe.execute()
         since = {}
         for name, groups in zip(STREAMS, answers, strict=True):
             ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
             since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
-        await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
+        newest = handed[0][0] if handed else b"0-0"
+        if self._handoffs_seen is not None and newest != self._handoffs_seen:
+            self._next_claim = 0.0  # handed back since our last look: claim it now
+        self._handoffs_seen = newest
+        since[keys.HANDOFFS] = newest
+        answer: Any = await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
+        for name, entries in answer or []:
+            if name in (keys.HANDOFFS, keys.HANDOFFS.encode()):
+                self._handoffs_seen = entries[-1][0]
+                self._next_claim = 0.0
 
     # -- running -----------------------------------------------------------------------------
 
@@ -314,8 +328,8 @@ class Consumer:
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
             elif await self.client.exists(keys.queue_cancel(taken.task_id, taken.entry)):
                 await self._end_here(taken, dead, cancelled_by_request())
-            elif not (dead and await self._lost_for_good(taken, dead)):
-                await self._run(taken, dead)
+            elif not (dead and await self._lost_for_good(taken, dead)) and not await self._run(taken, dead):
+                return  # handed back: not acknowledged, another worker takes it
         await self._ack(taken)
 
     async def _take(self, taken: Taken) -> bool:
@@ -359,17 +373,21 @@ class Consumer:
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
 
-    async def _run(self, taken: Taken, dead: int) -> None:
+    async def _run(self, taken: Taken, dead: int) -> bool:
+        """Run the job to its end (True: acknowledge its entry), or until it is handed back to
+        the queue for another worker (False: `_hand_back` made it claimable at once)."""
         watch = self._watch(taken)
         if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
             await self.client.delete(watch.ended_key)
-        if dead:  # its followers read why it begins again before the new attempt's events
+        if dead and not await self._told_retrying(taken.task_id, dead):
+            # its followers read why it begins again before the new attempt's events
             retrying = {"task_id": taken.task_id, "state": "retrying", "attempt": dead + 1, "at": time.time()}
             await self.status.append_event(taken.task_id, dead, {"type": "serverless_progress", "data": retrying})
         job = await self.jobs.start(taken.spec)
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
+        job.may_hand_off = not dead  # a retry is not given back again: at most two runs
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
             await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
@@ -378,6 +396,37 @@ class Consumer:
             await watch.follow(job, self.settings.redis_claim_idle / 3)
         finally:
             self.busy = False
+        if not job.handed_off:
+            return True
+        await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
+        await self._hand_back(taken)
+        return False
+
+    async def _told_retrying(self, task_id: str, attempt: int) -> bool:
+        """Whether the attempt's log ends with `retrying` already (its worker handed it back)."""
+        last: Any = await self.client.xrevrange(keys.attempt(task_id, attempt), count=1)
+        return bool(last) and b'"retrying"' in last[0][1].get(b"d", b"")
+
+    async def _hand_back(self, taken: Taken) -> None:
+        """Give the entry back to the queue, claimable at once (its idle time set past any
+        REDIS_CLAIM_IDLE), and wake the free workers (`fleet:handoffs`): the first to claim it
+        runs the job again. Retried until Redis answers, as an acknowledgement is."""
+        delay = 0.1
+        while True:
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.xclaim(taken.stream, GROUP, self.name, 0, [taken.entry], idle=HANDED_BACK_IDLE_MS, justid=True)
+                    note: dict[Any, Any] = {"stream": taken.stream, "entry": taken.entry, "task_id": taken.task_id}
+                    pipe.xadd(keys.HANDOFFS, note, maxlen=HANDOFFS_KEPT, approximate=True)
+                    await pipe.execute()
+                log.warning(
+                    "task_id=%s handed back to the queue (entry %s of %s)", taken.task_id, taken.entry, taken.stream
+                )
+                return
+            except DOWN as exc:
+                log.warning("task_id=%s: could not hand back (%s); again in %.1fs", taken.task_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _lost_for_good(self, taken: Taken, number: int) -> bool:
         """A dead worker's job, whose attempt `number` it began and did not end: end it
