@@ -23,6 +23,7 @@ from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
+from . import staging
 from .gateway import RemoteJobs
 from .queue import RedisQueue
 from .worker import Consumer
@@ -54,7 +55,8 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     if status is None:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.role in ("all", "worker")
-    queue = RedisQueue(status.client, status)
+    inputs_ttl = staging.ttl(settings.queue_ttl, settings.job_timeout, settings.redis_claim_idle, status.ttl)
+    queue = RedisQueue(status.client, status, inputs_ttl)
     storage = resources.storage
     front = RemoteJobs(
         queue,

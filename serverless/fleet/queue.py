@@ -42,6 +42,7 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
+from . import staging
 from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,10 @@ class Submitted:
 class RedisQueue:
     """Gateways' side of the queue."""
 
-    def __init__(self, client: aioredis.Redis, status: RedisStatus) -> None:
+    def __init__(self, client: aioredis.Redis, status: RedisStatus, inputs_ttl: int = 0) -> None:
         self.client = client
         self.status = status
+        self.inputs_ttl = inputs_ttl or status.ttl  # how long staged inputs are kept (`staging.ttl`)
         self._cancel = client.register_script(CANCEL)
         self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
 
@@ -168,10 +170,17 @@ class RedisQueue:
             await self._make_groups()
         following = await self.status.current(task_id) + 1
         await self._claim_owner(task_id, spec.owner or "")
-        fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        # One step: the entry, its ordinal, and a submission mark that a follower never reads as
-        # "lost" (`end_if_stranded`) before the entry's own id replaces it.
+        # Big inputs travel apart (`staging`): the entry holds the workflow without them.
+        light, staged = staging.split(spec.workflow)
+        fields = {"task_id": task_id, "spec": encode_spec(_named(replace(spec, workflow=light), task_id))}
+        # One step: the entry, its ordinal, its staged inputs, and a submission mark that a
+        # follower never reads as "lost" (`end_if_stranded`) before the entry's own id replaces it.
         async with self.client.pipeline(transaction=True) as pipe:
+            if staged:
+                name = staging.new_name()
+                fields["inputs"] = name
+                pipe.hset(keys.staged_inputs(task_id, name), mapping=staged)  # type: ignore[arg-type]
+                pipe.expire(keys.staged_inputs(task_id, name), self.inputs_ttl)
             pipe.set(keys.submission(task_id), f"{stream(priority)} {PENDING} 0", ex=self.status.ttl)
             pipe.expire(keys.owner(task_id), self.status.ttl)
             pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]

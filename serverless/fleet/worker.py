@@ -38,7 +38,7 @@ from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
-from . import deadletters
+from . import deadletters, staging
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, stream
@@ -53,6 +53,7 @@ FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
 STREAMS = tuple(stream(priority) for priority in PRIORITIES)
+STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
 HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
 HANDOFFS_KEPT = 100  # `fleet:handoffs` entries kept (MAXLEN ~): only the newest wakes anyone
 
@@ -66,6 +67,7 @@ class Taken:
     task_id: str
     spec: JobSpec
     reclaimed: bool
+    inputs: str | None = None  # the name of its staged inputs (`staging`), None when none were
 
 
 class Consumer:
@@ -287,7 +289,8 @@ class Consumer:
         except Exception as exc:  # what a gateway never writes: not a job (a pure decode, no I/O)
             await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}")
             return None
-        return Taken(name, entry_id, task_id, spec, reclaimed)
+        inputs = fields.get(b"inputs")
+        return Taken(name, entry_id, task_id, spec, reclaimed, inputs.decode() if inputs else None)
 
     async def _dead_letter(self, name: str, entry: str, fields: dict[bytes, bytes], reason: str) -> None:
         """An entry no worker can run, moved aside (`deadletters.bury`) and counted."""
@@ -383,7 +386,12 @@ class Consumer:
             # its followers read why it begins again before the new attempt's events
             retrying = {"task_id": taken.task_id, "state": "retrying", "attempt": dead + 1, "at": time.time()}
             await self.status.append_event(taken.task_id, dead, {"type": "serverless_progress", "data": retrying})
-        job = await self.jobs.start(taken.spec)
+        try:
+            spec = await self._with_inputs(taken)
+        except Unavailable as exc:  # its staged inputs are gone: it cannot run
+            await self._end_here(taken, dead, exc)
+            return True
+        job = await self.jobs.start(spec)
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
@@ -401,6 +409,18 @@ class Consumer:
         await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
         await self._hand_back(taken)
         return False
+
+    async def _with_inputs(self, taken: Taken) -> JobSpec:
+        """The job's spec with its staged inputs back in its workflow (`staging`)."""
+        if taken.inputs is None:
+            return taken.spec
+        staged = await staging.fetch(self.client, taken.task_id, taken.inputs)
+        workflow = taken.spec.workflow  # decoded from the entry for this run: ours to change
+        if sum(len(value) for value in staged.values()) > STAGED_IN_THREAD:
+            workflow = await asyncio.to_thread(staging.join, workflow, staged)
+        else:
+            workflow = staging.join(workflow, staged)
+        return replace(taken.spec, workflow=workflow)
 
     async def _told_retrying(self, task_id: str, attempt: int) -> bool:
         """Whether the attempt's log ends with `retrying` already (its worker handed it back)."""
@@ -470,7 +490,13 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                await self.client.xack(taken.stream, GROUP, taken.entry)
+                if taken.inputs is None:
+                    await self.client.xack(taken.stream, GROUP, taken.entry)
+                else:  # its staged inputs go with it
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        pipe.xack(taken.stream, GROUP, taken.entry)
+                        pipe.delete(keys.staged_inputs(taken.task_id, taken.inputs))
+                        await pipe.execute()
                 await self._trim_when_due()
                 return
             except DOWN as exc:
