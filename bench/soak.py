@@ -279,7 +279,9 @@ async def soak(root: Path, jobs: int = 2000, kills: int = 2, workers: int = 3, s
 
             async def killer() -> int:
                 for k in range(kills):
-                    while done < jobs * (k + 1) / (kills + 1):
+                    while True:  # a share of the jobs done first
+                        if done >= jobs * (k + 1) / (kills + 1):
+                            break
                         await asyncio.sleep(0.1)
                     index = k % workers
                     for _ in range(100):  # killed mid-job: its job is taken again by another worker
@@ -324,7 +326,9 @@ async def soak(root: Path, jobs: int = 2000, kills: int = 2, workers: int = 3, s
             problems += one_job_at_a_time(node.name, node.log_text())
 
         deadline = time.monotonic() + SETTLE_TIMEOUT
-        while not settled(client) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if settled(client):
+                break
             await asyncio.sleep(0.5)
         settle_seconds = SETTLE_TIMEOUT - (deadline - time.monotonic())
         if not settled(client):
