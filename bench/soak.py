@@ -239,9 +239,10 @@ def expire_retained(client: redis.Redis) -> list[str]:
     the names of the keys without one (they must not grow with the jobs run)."""
     kept = []
     for key in client.scan_iter(count=1000):
-        if int(client.ttl(key)) >= 0:  # type: ignore[arg-type]
+        ttl = int(client.ttl(key))  # type: ignore[arg-type]
+        if ttl >= 0:
             client.delete(key)
-        else:
+        elif ttl == -1:  # -2: it expired meanwhile
             kept.append(key.decode())
     return kept
 
