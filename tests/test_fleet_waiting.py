@@ -50,7 +50,11 @@ def test_every_caller_waiting_when_redis_restarts_without_its_data_gets_one_term
         waiting = {
             name: in_background(
                 lambda name=name: (
-                    [post_run(gateway.url, empty_image(prefix=name), headers={"X-Fc-Trace-Id": name}, timeout=90).json()]
+                    [
+                        post_run(
+                            gateway.url, empty_image(prefix=name), headers={"X-Fc-Trace-Id": name}, timeout=90
+                        ).json()
+                    ]
                     if name.startswith("sync")
                     else sse_terminals(gateway.url, name)
                 )

@@ -391,7 +391,13 @@ class Consumer:
         except Unavailable as exc:  # its staged inputs are gone: it cannot run
             await self._end_here(taken, dead, exc)
             return True
-        job = await self.jobs.start(spec)
+        try:
+            job = await self.jobs.start(spec)
+        except Unavailable:
+            if self.jobs.accepting:
+                raise
+            await self._hand_back(taken)  # this instance began draining since it took the job
+            return False
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
