@@ -9,6 +9,7 @@
     cancel:<task_id>:<entry id> a stream: one entry once a cancel was acknowledged ("cancelling")
     ended:<task_id>:<entry id>  a stream: one entry `state` once its worker decided how it ends
     dead:jobs                   queue entries no worker could read (dead letters, capped)
+    staged:<task_id>:<name>     a submission's big inputs, apart from its entry (`staging`)
     (every key is named in `serverless.status.keys`)
 
 Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is ended

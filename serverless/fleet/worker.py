@@ -14,7 +14,12 @@ A job claimed from a dead worker runs once more (a new attempt, its terminal mar
 true`) unless it was cancelled meanwhile (it then ends cancelled on the dead attempt, not run
 again), the dead attempt already stored outputs, or was itself a retry: then it ends WORKER_LOST
 (a GPU is not charged twice, and a job that kills its workers does not take the fleet down one by
-one). Redis down: the loop waits with backoff and goes on when it is back, without a restart; the
+one). A job this worker cannot finish itself, its drain having run out of time (SIGTERM past
+DRAIN_TIMEOUT) or its ComfyUI having died under it, is handed back instead (`_hand_back`: no
+terminal payload, its log says `retrying`, its entry claimable at once and free workers woken
+through `fleet:handoffs`), unless it made outputs or is a retry already: a job runs at most twice.
+A job's staged inputs (`staging`) are put back into its workflow before it starts, and deleted as
+its entry is acknowledged. Redis down: the loop waits with backoff and goes on when it is back, without a restart; the
 running job goes on too (its recorder keeps its events until they are stored). Anything else that
 stops the loop is logged and the loop starts again after a pause (`restarts` in health).
 """
