@@ -19,9 +19,10 @@ DRAIN_TIMEOUT) or its ComfyUI having died under it, is handed back instead (`_ha
 terminal payload, its log says `retrying`, its entry claimable at once and free workers woken
 through `fleet:handoffs`), unless it made outputs or is a retry already: a job runs at most twice.
 A job's staged inputs (`staging`) are put back into its workflow before it starts, and deleted as
-its entry is acknowledged. Redis down: the loop waits with backoff and goes on when it is back, without a restart; the
-running job goes on too (its recorder keeps its events until they are stored). Anything else that
-stops the loop is logged and the loop starts again after a pause (`restarts` in health).
+its entry is acknowledged. Redis down: the loop waits with backoff and goes on when it is back,
+without a restart; the running job goes on too (its recorder keeps its events until they are
+stored). Anything else that stops the loop is logged and the loop starts again after a pause
+(`restarts` in health).
 """
 
 from __future__ import annotations
