@@ -3,20 +3,34 @@ or whose ComfyUI dies under the job, hands it to another worker (at most the usu
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import requests
 
 from tests.fleet import Tier
-from tests.helpers import empty_image, post_run, wait_until
+from tests.helpers import RUN, empty_image, post_run, wait_until
 from tests.test_redis_tier import attempts, slow, status, tier, wait_ended
-from tests.test_stream import in_background
+from tests.test_stream import in_background, payloads, read_events
 
 __all__ = ["tier"]  # the fixture, shared with the tier's other tests
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def sse_payloads(url: str, workflow: dict[str, Any], task_id: str) -> list[dict[str, Any]]:
+    with requests.post(
+        url + RUN,
+        params={"stream": "true"},
+        data=json.dumps(workflow),
+        headers={"X-Fc-Trace-Id": task_id},
+        stream=True,
+        timeout=90,
+    ) as response:
+        return payloads(list(read_events(response)))
 
 
 def runner(workers: list[Any], task_id: str) -> Any:
@@ -55,13 +69,16 @@ def test_a_job_whose_comfyui_dies_runs_once_more_on_another_worker_and_that_work
     fleet = tier(processes=True, REDIS_CLAIM_IDLE="60", COMFYUI_RECONNECT_TIMEOUT="1")
     gateway = fleet.gateway()
     workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
-    waiting = in_background(lambda: post_run(gateway.url, slow(32, steps=30), headers={"X-Fc-Trace-Id": "crashed"}))
+    waiting = in_background(lambda: sse_payloads(gateway.url, slow(32, steps=30), "crashed"))
     first = wait_until(lambda: runner(workers, "crashed"), timeout=20)
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "crashed")))
     fleet.emulators[workers.index(first)].kill()  # its ComfyUI crashes under the job
-    answer = waiting.result(timeout=60)
-    assert answer.status_code == 200 and answer.json()["type"] == "serverless_api", answer.text
-    assert answer.json()["retried"] is True
+    streamed = waiting.result(timeout=60)
+    states = [p["data"]["state"] for p in streamed if p["type"] == "serverless_progress"]
+    assert "retrying" in states and states.index("retrying") < len(states) - 1, "retrying, then the second run"
+    assert [p["type"] for p in streamed].count("serverless_api") == 1 and streamed[-1]["type"] == "serverless_api"
+    assert not [p for p in streamed if p["type"] == "error"], "no terminal from the first run"
+    assert streamed[-1]["retried"] is True
     second = next(w for w in workers if w is not first)
     assert "crashed" in second.started() and attempts(fleet.redis_url, "crashed") == 2
     progress = [p["data"] for p in status(gateway.url, "crashed", attempt="1") if p["type"] == "serverless_progress"]
