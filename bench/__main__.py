@@ -1,4 +1,5 @@
 """`python -m bench [--quick] [--markdown PATH]`: benchmark the adapter, print figures beside goals.
+(`python -m bench soak`: the Redis tier's soak, `bench/soak.py`.)
 
 Against the ComfyUI emulator it starts itself (free ports, step_delay 0), or against the ComfyUI at
 COMFYUI_URL when that is set (then the parts that need the emulator's hooks are skipped, named).
@@ -168,6 +169,10 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["soak"]:  # `python -m bench soak`: the Redis tier under load and faults
+        from . import soak
+
+        raise SystemExit(soak.main(sys.argv[2:]))
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer jobs and shorter windows (~1 min)")
     parser.add_argument("--markdown", type=Path, help="also write the results as a README section here")

@@ -136,6 +136,7 @@ class Tier:
     gateways: list[Any] = field(default_factory=list)  # Node, or InProcessNode
     workers: list[Any] = field(default_factory=list)
     emulators: list[Any] = field(default_factory=list)  # Emulator, or InProcessEmulator
+    worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # a worker's settings, by name
 
     def common(self) -> dict[str, str]:
         return {
@@ -169,6 +170,16 @@ class Tier:
         name = f"worker{number}"
         node = Node(self.root, settings, name) if self.processes else InProcessNode(self.root, settings, name)
         self.workers.append(node)
+        self.worker_env[name] = settings
+        return node
+
+    def restart_worker(self, index: int) -> Any:
+        """Start worker `index` again (after it was killed), on its own ComfyUI, as a process
+        manager would: a new process (hence a new consumer name), its log appended to."""
+        old = self.workers[index]
+        settings = self.worker_env[old.name]
+        node = Node(self.root, settings, old.name) if self.processes else InProcessNode(self.root, settings, old.name)
+        self.workers[index] = node
         return node
 
     def stop(self) -> None:

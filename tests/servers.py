@@ -278,3 +278,7 @@ class InProcessEmulator:
             self._loop.call_soon_threadsafe(self._done.set)
         self._thread.join(STOP_TIMEOUT)
         assert not self._thread.is_alive(), f"{self.url} did not stop within {STOP_TIMEOUT}s"
+
+    def kill(self) -> None:
+        """ComfyUI gone under its clients: its port closed, its websockets dropped (as `stop`)."""
+        self.stop()

@@ -23,6 +23,7 @@ from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
+from . import staging
 from .gateway import RemoteJobs
 from .queue import RedisQueue
 from .worker import Consumer
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY = 60.0  # seconds between a worker's announcements of its ComfyUI's nodes
 INFO_PATHS = ("/system_stats", "/embeddings", "/models")
+CONSUMER_STOP = 5.0  # seconds a drained worker's consumer has to acknowledge or hand back its last job
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,10 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     if status is None:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.fleet.role in ("all", "worker")
-    queue = RedisQueue(status.client, status)
+    inputs_ttl = staging.ttl(
+        settings.fleet.queue_ttl, settings.service.job_timeout, settings.fleet.claim_idle, status.ttl
+    )
+    queue = RedisQueue(status.client, status, inputs_ttl)
     storage = resources.storage
     front = RemoteJobs(
         queue,
@@ -77,6 +82,8 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     try:
         yield Fleet(front, consumer)
     finally:
+        if consumer_task is not None and not jobs.accepting:  # drained: its job acknowledged or handed back
+            await asyncio.wait({consumer_task}, timeout=CONSUMER_STOP)
         for task in (consumer_task, publisher):
             if task is not None:
                 task.cancel()

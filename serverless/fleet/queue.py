@@ -9,6 +9,7 @@
     cancel:<task_id>:<entry id> a stream: one entry once a cancel was acknowledged ("cancelling")
     ended:<task_id>:<entry id>  a stream: one entry `state` once its worker decided how it ends
     dead:jobs                   queue entries no worker could read (dead letters, capped)
+    staged:<task_id>:<name>     a submission's big inputs, apart from its entry (`staging`)
     (every key is named in `serverless.status.keys`)
 
 Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is ended
@@ -42,6 +43,7 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
+from . import staging
 from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,12 @@ local number = redis.call('GET', KEYS[5]) or '0'
 if ARGV[5] ~= '1' and not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
   return {0, number, redis.call('GET', KEYS[4])}
 end
-local entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
+local entry
+if ARGV[6] ~= '' then  -- its big inputs staged apart, under this name
+  entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2], 'inputs', ARGV[6])
+else
+  entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
+end
 local ordinal = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[3], KEYS[1] .. ' ' .. entry .. ' ' .. ordinal, 'EX', ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
@@ -140,9 +147,10 @@ class Submitted:
 class RedisQueue:
     """Gateways' side of the queue."""
 
-    def __init__(self, client: aioredis.Redis, status: RedisStatus) -> None:
+    def __init__(self, client: aioredis.Redis, status: RedisStatus, inputs_ttl: int = 0) -> None:
         self.client = client
         self.status = status
+        self.inputs_ttl = inputs_ttl or status.ttl  # how long staged inputs are kept (`staging.ttl`)
         self._cancel = client.register_script(CANCEL)
         self._enqueue_script = client.register_script(ENQUEUE)
         self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
@@ -187,6 +195,15 @@ class RedisQueue:
             await self._make_groups()
         validate_task_id(task_id)
         owner = spec.owner or ""
+        # Big inputs travel apart (`staging`): the entry holds the workflow without them.
+        light, staged = staging.split(spec.workflow)
+        name = ""
+        if staged:
+            name = staging.new_name()
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.staged_inputs(task_id, name), mapping=staged)  # type: ignore[arg-type]
+                pipe.expire(keys.staged_inputs(task_id, name), self.inputs_ttl)
+                await pipe.execute()
         names = [
             stream(priority),
             keys.queue_count(priority),
@@ -194,13 +211,16 @@ class RedisQueue:
             keys.owner(task_id),
             keys.attempts(task_id),
         ]
-        args: list[Any] = [task_id, encode_spec(_named(spec, task_id)), self.status.ttl, owner, "0"]
+        encoded = encode_spec(_named(replace(spec, workflow=light), task_id))
+        args: list[Any] = [task_id, encoded, self.status.ttl, owner, "0", name]
         answer: Any = await self._enqueue_script(keys=names, args=args)
         if not int(answer[0]):  # the task was queued before: by the same key, it is queued again
             held = answer[2] if len(answer) > 2 else None
             if held and not hmac.compare_digest(held, owner.encode()):
+                if name:
+                    await self.client.delete(keys.staged_inputs(task_id, name))
                 raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
-            answer = await self._enqueue_script(keys=names, args=[*args[:4], "1"])
+            answer = await self._enqueue_script(keys=names, args=[*args[:4], "1", name])
         return int(answer[1]) + 1, answer[2]
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:

@@ -14,9 +14,15 @@ A job claimed from a dead worker runs once more (a new attempt, its terminal mar
 true`) unless it was cancelled meanwhile (it then ends cancelled on the dead attempt, not run
 again), the dead attempt already stored outputs, or was itself a retry: then it ends WORKER_LOST
 (a GPU is not charged twice, and a job that kills its workers does not take the fleet down one by
-one). Redis down: the loop waits with backoff and goes on when it is back, without a restart; the
-running job goes on too (its recorder keeps its events until they are stored). Anything else that
-stops the loop is logged and the loop starts again after a pause (`restarts` in health).
+one). A job this worker cannot finish itself, its drain having run out of time (SIGTERM past
+DRAIN_TIMEOUT) or its ComfyUI having died under it, is handed back instead (`_hand_back`: no
+terminal payload, its log says `retrying`, its entry claimable at once and free workers woken
+through `fleet:handoffs`), unless it made outputs or is a retry already: a job runs at most twice.
+A job's staged inputs (`staging`) are put back into its workflow before it starts, and deleted as
+its entry is acknowledged. Redis down: the loop waits with backoff and goes on when it is back,
+without a restart; the running job goes on too (its recorder keeps its events until they are
+stored). Anything else that stops the loop is logged and the loop starts again after a pause
+(`restarts` in health).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisAttempt, RedisStatus
-from . import deadletters
+from . import deadletters, staging
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, stream
@@ -64,6 +70,9 @@ redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[3] .. ':' .. number .. ':alive', '1', 'EX', ARGV[3])
 return number
 """
+STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
+HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
+HANDOFFS_KEPT = 100  # `fleet:handoffs` entries kept (MAXLEN ~): only the newest wakes anyone
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +84,7 @@ class Taken:
     task_id: str
     spec: JobSpec
     reclaimed: bool
+    inputs: str | None = None  # the name of its staged inputs (`staging`), None when none were
 
 
 class Consumer:
@@ -103,6 +113,7 @@ class Consumer:
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
         self._idle_known = False  # our ComfyUI was seen idle since our last job (no look needed)
         self._news: set[str] | None = None  # the streams the last wait saw new entries in (None: any)
+        self._handoffs_seen: bytes | None = None  # the newest `fleet:handoffs` entry seen (None: not looked yet)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -305,7 +316,8 @@ class Consumer:
         except Exception as exc:  # what a gateway never writes: not a job (a pure decode, no I/O)
             await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}")
             return None
-        return Taken(name, entry_id, task_id, spec, reclaimed)
+        inputs = fields.get(b"inputs")
+        return Taken(name, entry_id, task_id, spec, reclaimed, inputs.decode() if inputs else None)
 
     async def _dead_letter(self, name: str, entry: str, fields: dict[bytes, bytes], reason: str) -> None:
         """An entry no worker can run, moved aside (`deadletters.bury`) and counted."""
@@ -314,20 +326,35 @@ class Consumer:
         self.jobs.metrics.queue_dead_letters.inc()
 
     async def _wait_for_news(self) -> None:
-        """Block until an entry no consumer has been given arrives in any stream: XREAD from each
-        group's last delivered id wakes at once if one arrived since the look above."""
+        """Block until an entry no consumer has been given arrives in any stream, or a job is
+        handed back (`fleet:handoffs`: then it is claimed next): XREAD from each group's last
+        delivered id wakes at once if one arrived since the look above."""
         async with self.client.pipeline(transaction=False) as pipe:
             for name in STREAMS:
                 pipe.xinfo_groups(name)
-            answers = await pipe.execute()
+            pipe.xrevrange(keys.HANDOFFS, count=1)
+            *answers, handed = await pipe.execute()
         since = {}
         for name, groups in zip(STREAMS, answers, strict=True):
             ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
             since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
+        newest = handed[0][0] if handed else b"0-0"
+        if self._handoffs_seen is not None and newest != self._handoffs_seen:
+            self._next_claim = 0.0  # handed back since our last look: claim it now
+        self._handoffs_seen = newest
+        since[keys.HANDOFFS] = newest
         answer: Any = await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
-        # Only those streams are asked next (the others had nothing new; what comes there since
-        # ends the next wait at once); none: all of them.
-        self._news = {name.decode() if isinstance(name, bytes) else name for name, _ in answer} if answer else None
+        # Only the queue streams with news are asked next (the others had nothing new; what comes
+        # there since ends the next wait at once); none: all of them.
+        news = set()
+        for stream_name, entries in answer or []:
+            named = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            if named == keys.HANDOFFS:
+                self._handoffs_seen = entries[-1][0]
+                self._next_claim = 0.0
+            else:
+                news.add(named)
+        self._news = news or None
 
     # -- running -----------------------------------------------------------------------------
 
@@ -339,8 +366,8 @@ class Consumer:
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
             elif cancel_asked:
                 await self._end_here(taken, dead, cancelled_by_request())
-            elif not (dead and await self._lost_for_good(taken, dead)):
-                await self._run(taken, dead, begun)
+            elif not (dead and await self._lost_for_good(taken, dead)) and not await self._run(taken, dead, begun):
+                return  # handed back: not acknowledged, another worker takes it
         await self._ack(taken)
 
     async def _take(self, taken: Taken) -> tuple[bool, bool, int]:
@@ -393,17 +420,32 @@ class Consumer:
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
 
-    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> None:
+    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> bool:
+        """Run the job to its end (True: acknowledge its entry), or until it is handed back to
+        the queue for another worker (False: `_hand_back` made it claimable at once)."""
         watch = self._watch(taken)
         if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
             await self.client.delete(watch.ended_key)
-        if dead:  # its followers read why it begins again before the new attempt's events
+        if dead and not await self._told_retrying(taken.task_id, dead):
+            # its followers read why it begins again before the new attempt's events
             retrying = {"task_id": taken.task_id, "state": "retrying", "attempt": dead + 1, "at": time.time()}
             await self.status.append_event(taken.task_id, dead, {"type": "serverless_progress", "data": retrying})
-        job = await self.jobs.start(taken.spec, attempt=RedisAttempt(taken.task_id, begun) if begun else None)
+        try:
+            spec = await self._with_inputs(taken)
+        except Unavailable as exc:  # its staged inputs are gone: it cannot run
+            await self._end_here(taken, dead or begun, exc)
+            return True
+        try:
+            job = await self.jobs.start(spec, attempt=RedisAttempt(taken.task_id, begun) if begun else None)
+        except Unavailable:
+            if self.jobs.accepting:
+                raise
+            await self._hand_back(taken)  # this instance began draining since it took the job
+            return False
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
+        job.may_hand_off = not dead  # a retry is not given back again: at most two runs
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
             await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
@@ -412,6 +454,49 @@ class Consumer:
             await watch.follow(job, self.settings.fleet.claim_idle / 3)
         finally:
             self.busy = False
+        if not job.handed_off:
+            return True
+        await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
+        await self._hand_back(taken)
+        return False
+
+    async def _with_inputs(self, taken: Taken) -> JobSpec:
+        """The job's spec with its staged inputs back in its workflow (`staging`)."""
+        if taken.inputs is None:
+            return taken.spec
+        staged = await staging.fetch(self.client, taken.task_id, taken.inputs)
+        workflow = taken.spec.workflow  # decoded from the entry for this run: ours to change
+        if sum(len(value) for value in staged.values()) > STAGED_IN_THREAD:
+            workflow = await asyncio.to_thread(staging.join, workflow, staged)
+        else:
+            workflow = staging.join(workflow, staged)
+        return replace(taken.spec, workflow=workflow)
+
+    async def _told_retrying(self, task_id: str, attempt: int) -> bool:
+        """Whether the attempt's log ends with `retrying` already (its worker handed it back)."""
+        last: Any = await self.client.xrevrange(keys.attempt(task_id, attempt), count=1)
+        return bool(last) and b'"retrying"' in last[0][1].get(b"d", b"")
+
+    async def _hand_back(self, taken: Taken) -> None:
+        """Give the entry back to the queue, claimable at once (its idle time set past any
+        REDIS_CLAIM_IDLE), and wake the free workers (`fleet:handoffs`): the first to claim it
+        runs the job again. Retried until Redis answers, as an acknowledgement is."""
+        delay = 0.1
+        while True:
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.xclaim(taken.stream, GROUP, self.name, 0, [taken.entry], idle=HANDED_BACK_IDLE_MS, justid=True)
+                    note: dict[Any, Any] = {"stream": taken.stream, "entry": taken.entry, "task_id": taken.task_id}
+                    pipe.xadd(keys.HANDOFFS, note, maxlen=HANDOFFS_KEPT, approximate=True)
+                    await pipe.execute()
+                log.warning(
+                    "task_id=%s handed back to the queue (entry %s of %s)", taken.task_id, taken.entry, taken.stream
+                )
+                return
+            except DOWN as exc:
+                log.warning("task_id=%s: could not hand back (%s); again in %.1fs", taken.task_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _lost_for_good(self, taken: Taken, number: int) -> bool:
         """A dead worker's job, whose attempt `number` it began and did not end: end it
@@ -455,7 +540,13 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                await self.client.xack(taken.stream, GROUP, taken.entry)
+                if taken.inputs is None:
+                    await self.client.xack(taken.stream, GROUP, taken.entry)
+                else:  # its staged inputs go with it
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        pipe.xack(taken.stream, GROUP, taken.entry)
+                        pipe.delete(keys.staged_inputs(taken.task_id, taken.inputs))
+                        await pipe.execute()
                 await self._trim_when_due()
                 return
             except DOWN as exc:

@@ -37,7 +37,7 @@ from ..errors import (
     as_serverless_error,
 )
 from .estimates import Estimates
-from .feed import Event, Feed, Outcome, Result
+from .feed import Event, Feed, HandedOff, Outcome, Result
 from .previews import Preview, PreviewThrottle, preview_payload
 from .progress import Progress, State, workflow_nodes
 from .spec import JobSpec, OutputPolicy
@@ -140,6 +140,10 @@ class Job:
         self.known: asyncio.Event | None = None
         # Set by a fleet worker as soon as `Jobs.start` returns (before the run's first step).
         self.settle: Settle | None = None
+        # Set by a fleet worker when another worker may run the job again (this run is not a
+        # retry): a drain that runs out of time, or a ComfyUI that dies under the job, then gives
+        # it back to the queue (`HandedOff`) rather than ending it, unless it made outputs already.
+        self.may_hand_off = False
 
     # -- for the transports ---------------------------------------------------------------------
 
@@ -182,6 +186,31 @@ class Job:
         if self.recorder is not None:
             await asyncio.wait({self.recorder})  # ends by itself; a failed recorder is its own to log
         return terminal.data
+
+    async def terminal_to_deliver(self) -> bytes | None:
+        """`terminal_recorded`, or None when the job was handed to another worker (whose own run
+        delivers its webhook)."""
+        data = await self.terminal_recorded()
+        return None if self.handed_off else data
+
+    @property
+    def handed_off(self) -> bool:
+        """The run ended by giving the job back to the queue (`HandedOff`): it has no terminal payload."""
+        terminal = self.feed.terminal
+        return terminal is not None and isinstance(terminal.error, HandedOff)
+
+    def _may_hand_off(self) -> bool:
+        """Another worker may run it again: a fleet worker allows it, and no output was made (a
+        GPU is not charged twice)."""
+        return self.may_hand_off and not self._outputs_seen
+
+    def drain_stop(self) -> None:
+        """The instance stops before the job ended: give it back to the queue when another worker
+        may run it, else cancel it (it ends EXECUTION_INTERRUPTED)."""
+        if self._may_hand_off():
+            self.stop(HandedOff("its worker stopped before the job ended: another worker runs it"), "handed back")
+        elif self._task is not None and not self.feed.done:
+            self._task.cancel()
 
     def abandon(self, reason: str) -> None:
         """The caller went away: cancel the job (and its ComfyUI prompt) unless it already ended."""
@@ -231,7 +260,15 @@ class Job:
             raise
         except Exception as exc:  # a ServerlessError, or a bug: the caller still gets a terminal payload
             outcome = as_serverless_error(exc, f"task_id={self.task_id} prompt_id={self.prompt_id}")
-        if self.settle is not None and self._stop is None:
+        if isinstance(outcome, ComfyUIUnavailable) and self._stop is None and self._may_hand_off():
+            log.warning("task_id=%s: %s; handing the job back to the queue", self.task_id, outcome.message)
+            outcome = HandedOff(f"its worker's ComfyUI failed ({outcome.message}): another worker runs it")
+            try:
+                await self._cancel_in_comfyui()  # a ComfyUI only unreachable must not go on with it
+            except asyncio.CancelledError:
+                self._finish(self._stop or outcome)
+                raise
+        if self.settle is not None and self._stop is None and not isinstance(outcome, HandedOff):
             try:
                 self._stop = self._stop or await self.settle(outcome)
             except asyncio.CancelledError:
@@ -245,13 +282,20 @@ class Job:
             "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
             self.task_id,
             self.prompt_id,
-            outcome.code if isinstance(outcome, ServerlessError) else "ok",
+            "handed_back"
+            if isinstance(outcome, HandedOff)
+            else outcome.code
+            if isinstance(outcome, ServerlessError)
+            else "ok",
             time.monotonic() - self.clock.start,
         )
         if self._progress_due is not None:
             self._progress_due.cancel()
         if self._previews is not None:
             self._previews.close()
+        if isinstance(outcome, HandedOff):  # not an end: no final state (its log says `retrying` instead)
+            self.feed.finish(outcome)
+            return
         self.progress.end(_state_of(outcome), time.monotonic())
         if isinstance(outcome, Result):
             self._learn()

@@ -128,7 +128,7 @@ class Jobs:
             raise
         self.metrics.job_started(spec.mode)
         if spec.callback_url is not None and self.webhooks is not None:
-            self.webhooks.start(job, job.task_id, spec.callback_url, job.terminal_recorded())
+            self.webhooks.start(job, job.task_id, spec.callback_url, job.terminal_to_deliver())
         return job
 
     async def _start(self, spec: JobSpec, prompt_id: str, begun: Any = None) -> Job:
@@ -252,15 +252,20 @@ class Jobs:
                 running[attempt].stop(cancelled(), "cancel requested through another instance")
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking jobs, wait up to `timeout` for running ones, then cancel the rest (their
-        feeds still end with a terminal payload, which their recorders write)."""
+        """Stop taking jobs, wait up to `timeout` for running ones, then stop the rest: a fleet
+        worker's job is given back to the queue when another worker may run it (`Job.drain_stop`),
+        any other is cancelled (their feeds still end with a terminal payload, which their
+        recorders write)."""
         self.accepting = False
         if not self._runs and not self._recorders:
             return
         log.info("draining %d running job(s), up to %.0fs", self.running, timeout)
         _, pending = await asyncio.wait(self._runs | self._recorders, timeout=timeout)
+        for job, _ in list(self._index.values()):
+            job.drain_stop()
         for task in pending & self._runs:
-            task.cancel()
+            if not task.cancelling():
+                task.cancel()
         if pending:
             await asyncio.wait(pending)
 

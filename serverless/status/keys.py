@@ -25,6 +25,10 @@ Queue (`serverless.fleet`):
     cancel:<id>:<entry>       a stream: one entry once a cancel of that submission was acknowledged
     ended:<id>:<entry>        a stream: one entry (`state`) once its worker decided how it ends
     dead:jobs                 queue entries no worker could read (dead letters, capped)
+    staged:<id>:<name>        a hash: a submission's big inputs, apart from its queue entry
+                              (kept QUEUE_TTL + two runs; deleted as the entry is acknowledged)
+    fleet:handoffs            a stream (capped): entries given back to the queue by a worker that
+                              stopped or whose ComfyUI died; wakes free workers to take them at once
     file:<digest>             an output's bytes for its download link, on a fleet (gateways have
                               no ComfyUI to read it from); kept as long as the link is valid
     fleet:object_info         the `/object_info` a worker's ComfyUI answered, for gateways
@@ -123,6 +127,11 @@ def queue_ended(task_id: str, entry: str) -> str:
 
 
 DEAD_LETTERS = "dead:jobs"
+HANDOFFS = "fleet:handoffs"
+
+
+def staged_inputs(task_id: str, name: str) -> str:
+    return f"staged:{task_id}:{name}"
 
 
 def file(digest: str) -> str:

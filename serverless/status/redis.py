@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from redis.backoff import NoBackoff
 from ..core import jsontext
 from ..core.request import validate_task_id
 from ..errors import InvalidParams, NotFound, ServerlessError, Unavailable
-from ..jobs.feed import Event, Feed
+from ..jobs.feed import Event, Feed, HandedOff
 from . import keys
 from . import redis_sidecars as sidecars
 from .body import json_array, owner_named
@@ -214,6 +215,8 @@ class RedisStatus:
                     await self._until_written(attempt, [])
                     refresh_at = loop.time() + heartbeat
                     continue
+                if event.terminal and isinstance(event.error, HandedOff):
+                    event = handed_off(event, attempt)  # not an end: another worker runs it again
                 if event.preview:
                     preview = event
                 else:
@@ -233,7 +236,10 @@ class RedisStatus:
                 attempt.number,
                 exc,
             )
-            await self._until_written(attempt, [await feed.wait()])
+            terminal = await feed.wait()
+            if isinstance(terminal.error, HandedOff):
+                terminal = handed_off(terminal, attempt)
+            await self._until_written(attempt, [terminal])
 
     async def _until_written(
         self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
@@ -709,6 +715,15 @@ class RedisStatus:
         except Unavailable as exc:
             self._last_error = exc.message
             raise
+
+
+def handed_off(event: Event, attempt: RedisAttempt) -> Event:
+    """What the log keeps in place of a `HandedOff` end: a `retrying` event (the attempt has no
+    terminal payload; the next one, on another worker, ends the task)."""
+    reason = event.error.message if event.error is not None else ""
+    data = {"task_id": attempt.task_id, "state": "retrying", "attempt": attempt.number + 1, "at": time.time()}
+    payload = {"type": "serverless_progress", "data": {**data, "reason": reason}}
+    return Event(event.seq, jsontext.dumps(payload))
 
 
 def split_terminal(data: bytes, retried: bool) -> tuple[bytes, bytes | None]:
