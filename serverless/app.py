@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import comfyapi, fleet, lifecycle
+from . import auth, comfyapi, fleet, lifecycle
 from .auth import ApiKeys, RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
@@ -118,8 +118,7 @@ def _warn_unknown(request: Request, response: Response, task_id: str) -> Respons
 
 def caller(request: Request) -> str | None:
     """Who calls: the owner id of its API key (None when API keys are off)."""
-    owner: str | None = request.scope.get("state", {}).get("owner")
-    return owner
+    return auth.caller(request).owner
 
 
 async def status(request: Request) -> Response:
@@ -147,6 +146,7 @@ async def status(request: Request) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; settings are read from the environment unless given."""
     settings = settings or Settings.from_env()
+    keys = ApiKeys.from_settings(settings.api_keys, settings.tenants.keys_file)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -160,10 +160,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.max_pending_jobs,
                 metrics,
                 resources.webhooks,
+                resources.tenants,
             )
             state = AppState(resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(settings.queue_stall_after))
+            state.keys = keys
             app.state.serverless = state
             background = [asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))]
+            background.append(asyncio.create_task(keys.watch(settings.tenants.poll_interval)))  # API_KEYS_FILE
             if settings.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
                 background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others
             try:
@@ -212,7 +215,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[
             Middleware(
                 RequireApiKey,
-                keys=ApiKeys(settings.api_keys),
+                keys=keys,
                 own_token=("/metrics",) if settings.metrics_token else (),
             )
         ],

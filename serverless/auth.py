@@ -10,15 +10,25 @@ guards it) needs `Authorization: Bearer <key>`. Without keys the API is open, as
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
+import os
 from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qs
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import Unauthorized
+from .errors import OutOfScope, Unauthorized
+from .tenants.keyfile import EVERY_RIGHT, KeyEntry, KeyFileError, Rights, parse, plain_key
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/api/serverless/health", "/api/serverless/ready", "/api/openapi.json"})
 # ComfyUI's own API on its own paths (`serverless.comfyapi`), guarded as ours under /api/ are.
@@ -49,29 +59,164 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class ApiKeys:
-    """The keys this instance accepts (none: the API is open)."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls: the owner id of its key (None when keys are off), the key's label (for usage,
+    metrics and logs; never the key) and its rights (`tenants.keyfile.Rights`)."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = tuple(bytes.fromhex(digest(key)) for key in keys if key)
+    owner: str | None
+    label: str = ""
+    rights: Rights = EVERY_RIGHT
+
+    def check_run(self, workflow_id: str | None) -> None:
+        """Forbidden (403 FORBIDDEN) when the key may not run this: a raw workflow (None) needs
+        `raw=yes`, a hosted one must be in its `workflows=`. One place for every route."""
+        if workflow_id is None:
+            if not self.rights.raw:
+                raise OutOfScope(
+                    f"API key {self.label!r} may not run workflows of its own (raw=no): "
+                    "run a hosted workflow it is allowed (POST /api/workflows/{id}/run)",
+                    raw={"key": self.label, "needs": "raw=yes"},
+                )
+            return
+        if not self.rights.may_run(workflow_id):
+            raise OutOfScope(
+                f"API key {self.label!r} may not run hosted workflow {workflow_id[:128]!r} (not in its workflows=)",
+                raw={"key": self.label, "workflow_id": workflow_id[:128], "needs": f"workflows={workflow_id[:128]}"},
+            )
+
+    def require_raw(self, what: str) -> None:
+        if not self.rights.raw:
+            raise OutOfScope(
+                f"API key {self.label!r} may not use {what}: it runs workflows of its own (needs raw=yes)",
+                raw={"key": self.label, "needs": "raw=yes"},
+            )
+
+
+ANYONE = Caller(None)  # keys are off: everyone has every right
+NOBODY = Caller("", "", Rights(frozenset(), raw=False, admin=False))  # an open path without a valid key
+
+
+def require_admin(caller: Caller, what: str = "this") -> None:
+    """Forbidden (403 FORBIDDEN) unless the key has `admin=yes` (or keys are off). Admin routes:
+    workflow registration and deletion, dead letters, other keys' usage (and models, batches of
+    others when they come)."""
+    if not caller.rights.admin:
+        raise OutOfScope(
+            f"API key {caller.label!r} may not {what}: it needs admin=yes",
+            raw={"key": caller.label, "needs": "admin=yes"},
+        )
+
+
+_current: ContextVar[Caller | None] = ContextVar("serverless_caller", default=None)
+
+
+def caller(connection: HTTPConnection | Scope | None = None) -> Caller:
+    """The caller of a request or websocket (or of its ASGI scope): what `RequireApiKey` found.
+    Without an argument, the caller of the request being served (a context variable the
+    middleware sets; anyone when no request is being served and keys are off)."""
+    if connection is None:
+        found = _current.get()
+        return found if found is not None else ANYONE
+    scope = connection.scope if isinstance(connection, HTTPConnection) else connection
+    state = scope.get("state") or {}
+    found = state.get("caller")
+    if isinstance(found, Caller):
+        return found
+    owner = state.get("owner")
+    return ANYONE if owner is None else Caller(owner, NOBODY.label, NOBODY.rights)
+
+
+class ApiKeys:
+    """The keys this instance accepts (none: the API is open): `API_KEYS` (every right) and the
+    lines of `API_KEYS_FILE`, whose changes are read while the app runs (`watch`): a key added
+    or revoked there counts from the next request on, one in flight goes on."""
+
+    def __init__(self, keys: Iterable[str] = (), file: Path | None = None, entries: Iterable[KeyEntry] = ()) -> None:
+        self._fixed = tuple(plain_key(key) for key in keys if key)
+        self.file = file
+        self._seen: tuple[int, int, int] | None = None
+        self._entries: tuple[KeyEntry, ...] = ()
+        self._set(tuple(entries))
+        if file is not None:
+            self._seen, text = _read(file)
+            self._set(parse(text))
+
+    @classmethod
+    def from_settings(cls, api_keys: Iterable[str], file: str | Path | None) -> ApiKeys:
+        return cls(api_keys, Path(file) if file else None)
+
+    def _set(self, entries: tuple[KeyEntry, ...]) -> None:
+        self._entries = self._fixed + entries
+        self._digests = tuple(entry.digest for entry in self._entries)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
+        return bool(self._entries) or self.file is not None
+
+    def labels(self) -> dict[str, str]:
+        """Each key's owner id -> its label."""
+        return {entry.owner: entry.label for entry in self._entries}
 
     def owner(self, authorization: str | None) -> str | None:
         """The owner id of the key in an `Authorization: Bearer <key>` header; None when keys are
         off. Unauthorized for a missing or unknown key."""
+        return self.identify(authorization).owner
+
+    def identify(self, authorization: str | None) -> Caller:
+        """The caller with the key of an `Authorization: Bearer <key>` header (ANYONE when keys
+        are off); Unauthorized for a missing or unknown key."""
         if not self.enabled:
-            return None
+            return ANYONE
         scheme, _, key = (authorization or "").partition(" ")
         presented = hashlib.sha256(key.strip().encode()).digest()
-        matched = False
-        for known in self._digests:  # no early exit: the time does not tell which key matched
-            matched |= hmac.compare_digest(presented, known)
-        if scheme.lower() != "bearer" or not key.strip() or not matched:
+        found: KeyEntry | None = None
+        for entry in self._entries:  # no early exit: the time does not tell which key matched
+            if hmac.compare_digest(presented, entry.digest) and found is None:
+                found = entry
+        if scheme.lower() != "bearer" or not key.strip() or found is None:
             raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
-        return presented.hex()[:32]
+        return Caller(found.owner, found.label, found.rights)
+
+    def reload_if_changed(self) -> bool:
+        """Read the file again when it changed (size, time or inode); a file that became
+        unreadable or wrong keeps the keys it had (logged), never opens the API. Blocking: call
+        it in a thread. True when the keys changed."""
+        if self.file is None:
+            return False
+        try:
+            stat = self.file.stat()
+        except OSError as exc:
+            log.error("API_KEYS_FILE %s cannot be read (%s): its keys as last read are kept", self.file, exc.strerror)
+            return False
+        seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if seen == self._seen:
+            return False
+        try:
+            seen, text = _read(self.file)
+            entries = parse(text)
+        except (OSError, KeyFileError) as exc:
+            log.error("API_KEYS_FILE %s: %s; its keys as last read are kept", self.file, exc)
+            self._seen = seen
+            return False
+        self._seen = seen
+        self._set(entries)
+        log.info("API_KEYS_FILE %s read again: %d key(s)", self.file, len(entries))
+        return True
+
+    async def watch(self, interval: float) -> None:
+        """Look at the file every `interval` seconds (a stat, in a thread) until cancelled."""
+        if self.file is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.reload_if_changed)
+
+
+def _read(file: Path) -> tuple[tuple[int, int, int], str]:
+    with file.open() as handle:
+        stat = os.fstat(handle.fileno())
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino), handle.read()
 
 
 def may_see(owner: str | None, task_owner: str | None) -> bool:
@@ -96,11 +241,22 @@ def scoped_key(idempotency_key: str, owner: str | None) -> str:
     return f"{owner}-{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
 
 
+# ComfyUI's own API where it runs or reads workflows (its prompts, files, editor, events; and
+# Comfy API v2): a key without raw=yes is refused there, as it may not send its own workflows.
+RAW_PATHS = ("/prompt", "/queue", "/interrupt", "/history", "/view", "/upload/", "/ws", "/comfyui/")
+RAW_PREFIXES = (*RAW_PATHS, *(f"/api{path}" for path in RAW_PATHS), "/api/v2/")
+
+
+def raw_path(path: str) -> bool:
+    return any(path == p.rstrip("/") or path.startswith(p if p.endswith("/") else f"{p}/") for p in RAW_PREFIXES)
+
+
 class RequireApiKey:
     """ASGI middleware: refuses guarded paths without a valid key (401, in the error shape of the
-    API called) and puts the caller's owner id in `scope["state"]["owner"]`. `own_token` paths are
-    guarded by a token of their own instead (`/metrics` with METRICS_TOKEN: one Authorization
-    header cannot carry both)."""
+    API called), and ComfyUI's own API to a key without raw=yes (403); puts the `Caller` in
+    `scope["state"]["caller"]` (its owner id in `["owner"]`) and in a context variable for the
+    request (`caller()`). `own_token` paths are guarded by a token of their own instead (`/metrics`
+    with METRICS_TOKEN: one Authorization header cannot carry both)."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, own_token: tuple[str, ...] = ()) -> None:
         self.app = app
@@ -112,7 +268,7 @@ class RequireApiKey:
         if self.keys.enabled and path in OPEN_PATHS:
             # Open to all, but a valid key is still told apart (the OpenAPI document lists its
             # caller's own hosted workflows): "" is nobody's, who sees only what is shared.
-            scope.setdefault("state", {})["owner"] = self._optional_owner(scope)
+            self._put(scope, self._optional_caller(scope))
         if scope["type"] not in ("http", "websocket") or not self._guarded(path):
             await self.app(scope, receive, send)
             return
@@ -121,19 +277,30 @@ class RequireApiKey:
             authorization = sole_authorization(given) or None
             if authorization is None and scope["type"] == "websocket":
                 authorization = _query_token(scope)  # a browser's websocket cannot send headers
-            owner = self.keys.owner(authorization)
+            found = self.keys.identify(authorization)
+            if raw_path(path):
+                found.require_raw("ComfyUI's own API")
         except Unauthorized as exc:
-            await _refuse(scope, send, exc, path)
+            await _refuse(scope, receive, send, exc, path)
             return
-        scope.setdefault("state", {})["owner"] = owner
-        await self.app(scope, receive, send)
+        self._put(scope, found)
+        token = _current.set(found)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _current.reset(token)
 
-    def _optional_owner(self, scope: Scope) -> str:
+    @staticmethod
+    def _put(scope: Scope, found: Caller) -> None:
+        state = scope.setdefault("state", {})
+        state["caller"], state["owner"] = found, found.owner
+
+    def _optional_caller(self, scope: Scope) -> Caller:
         given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         try:
-            return self.keys.owner(sole_authorization(given) or None) or ""
+            return self.keys.identify(sole_authorization(given) or None)
         except Unauthorized:
-            return ""
+            return NOBODY
 
     def _guarded(self, path: str) -> bool:
         if not self.keys.enabled or path in OPEN_PATHS or path in self.own_token or path.startswith(TOKEN_PATHS):
@@ -148,19 +315,25 @@ def _query_token(scope: Scope) -> str | None:
     return f"Bearer {token[0]}" if token else None
 
 
-async def _refuse(scope: Scope, send: Send, exc: Unauthorized, path: str) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, exc: Unauthorized, path: str) -> None:
     if scope["type"] == "websocket":
+        if exc.status_code == 403:  # a valid key out of its scope: accepted, so that it reads why
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+            return
         await send({"type": "websocket.close", "code": 1008, "reason": "a valid API key is required"})
         return
     if path.startswith(GENSTUDIO_PREFIX):
-        body = {"code": 401, "msg": exc.message, "data": None}
+        body = {"code": exc.status_code, "msg": exc.message, "data": None}
     else:
         body = exc.to_payload()
     data = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(data)).encode()),
-        (b"www-authenticate", b"Bearer"),
     ]
+    if exc.status_code == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": data})

@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
+    from .auth import ApiKeys
     from .comfyapi.index import PromptIndex
     from .fleet.worker import Consumer
     from .jobs.runner import JobRunner
@@ -30,6 +31,7 @@ class AppState:
     consumer: Consumer | None = None
     genstudio_token_secret: bytes | None = field(default=None, repr=False)  # made once when unset
     prompts: PromptIndex | None = None  # ComfyUI's API: its prompts, made on first use (`comfyapi.index`)
+    keys: ApiKeys | None = None  # the API keys the app accepts (their labels name usage and metrics)
 
 
 def app_state(connection: HTTPConnection) -> AppState:

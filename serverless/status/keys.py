@@ -42,6 +42,14 @@ ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
     comfy:asset:<id>          an API v2 asset record (JSON); its bytes are an upload's
     comfy:asset-hash:<hash>   the newest asset record over the bytes of that blake3 hash
     comfy:idem:<key>          an API v2 `Idempotency-Key` claimed (24 h; a repeat is refused)
+
+Tenants (`serverless.tenants`, `serverless.fleet.admission`), per API key (its owner id):
+
+    key:<owner>:rate          the key's rate limit state (GCRA: the theoretical arrival time, ms)
+    key:<owner>:admitted      a sorted set: its task ids in the shared queue or running, by admission time
+    key:<owner>:held          a stream: its jobs over its `concurrency=`, waiting to be admitted
+    key:<owner>:limit         its `concurrency=`, as the last gateway to admit one of its jobs read it
+    usage:<owner>:<hour>      a hash: its usage in that hour (jobs by state, GPU seconds, bytes out...)
 """
 
 from __future__ import annotations
@@ -112,6 +120,26 @@ def queue_ended(task_id: str, entry: str) -> str:
 
 
 DEAD_LETTERS = "dead:jobs"
+
+
+def key_rate(owner: str) -> str:
+    return f"key:{owner}:rate"
+
+
+def key_admitted(owner: str) -> str:
+    return f"key:{owner}:admitted"
+
+
+def key_held(owner: str) -> str:
+    return f"key:{owner}:held"
+
+
+def key_limit(owner: str) -> str:
+    return f"key:{owner}:limit"
+
+
+def usage(owner: str, hour: int) -> str:
+    return f"usage:{owner}:{hour}"
 
 
 def file(digest: str) -> str:
