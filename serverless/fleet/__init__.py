@@ -23,6 +23,7 @@ from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
+from .admission import stale_after
 from .gateway import RemoteJobs
 from .queue import RedisQueue
 from .worker import Consumer
@@ -53,7 +54,8 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     if status is None:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.role in ("all", "worker")
-    queue = RedisQueue(status.client, status)
+    stale = stale_after(settings.job_timeout, settings.queue_ttl, settings.redis_claim_idle)
+    queue = RedisQueue(status.client, status, stale)
     storage = resources.storage
     front = RemoteJobs(
         queue,

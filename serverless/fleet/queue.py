@@ -42,6 +42,7 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
+from .admission import Admission, held
 from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,10 @@ class Submitted:
 class RedisQueue:
     """Gateways' side of the queue."""
 
-    def __init__(self, client: aioredis.Redis, status: RedisStatus) -> None:
+    def __init__(self, client: aioredis.Redis, status: RedisStatus, stale: float = 86400.0) -> None:
         self.client = client
         self.status = status
+        self.admission = Admission(client, status.ttl, stale)  # a key's concurrency (`fleet.admission`)
         self._cancel = client.register_script(CANCEL)
         self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
 
@@ -168,7 +170,12 @@ class RedisQueue:
             await self._make_groups()
         following = await self.status.current(task_id) + 1
         await self._claim_owner(task_id, spec.owner or "")
-        fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
+        encoded = encode_spec(_named(spec, task_id))
+        fields = {"task_id": task_id, "spec": encoded}
+        if spec.owner and spec.concurrency:  # queued, or held behind its key's own (one script)
+            _, entry, _ = await self.admission.admit(spec, task_id, priority, encoded)
+            await self.client.expire(keys.owner(task_id), self.status.ttl)
+            return following, entry.encode()
         # One step: the entry, its ordinal, and a submission mark that a follower never reads as
         # "lost" (`end_if_stranded`) before the entry's own id replaces it.
         async with self.client.pipeline(transaction=True) as pipe:
@@ -208,6 +215,11 @@ class RedisQueue:
         validate_task_id(task_id)
         with translated():
             name, entry = await self._submission(task_id)
+            if held(name):  # waiting behind its key's own jobs: claimed here, or moved to the queue meanwhile
+                if await self.client.set(keys.run_claim(task_id, entry), CANCELLED, nx=True, ex=self.status.ttl):
+                    await self._remove_queued(task_id, name, entry)
+                    return "cancelled"
+                name, entry = await self._submission(task_id)
             ended = await self._ended(task_id)
             if ended is None:
                 names = [keys.run_claim(task_id, entry), keys.queue_ended(task_id, entry)]
@@ -274,6 +286,7 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, error)
         log.warning("task_id=%s: %s", task_id, error.message)
+        await self._release(task_id)
         return True
 
     async def depth(self) -> int:
@@ -334,6 +347,13 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, cancelled_by_request())
         log.info("task_id=%s: cancelled while queued in %s (entry %s is skipped)", task_id, name, entry)
+        await self._release(task_id)
+
+    async def _release(self, task_id: str) -> None:
+        """A job that will never run gives its key's place to the key's next held job."""
+        owner: Any = await self.client.get(keys.owner(task_id))
+        if owner:
+            await self.admission.release(owner.decode(), task_id)
 
     async def _ended(self, task_id: str) -> str | None:
         """The final state of the task's current attempt, None while it is queued or runs."""

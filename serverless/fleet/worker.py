@@ -39,6 +39,7 @@ from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
 from . import deadletters
+from .admission import Admission, stale_after
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, stream
@@ -84,6 +85,8 @@ class Consumer:
         self.last_error: str | None = None
         self._next_claim = 0.0
         self._end = client.register_script(END)
+        stale = stale_after(settings.job_timeout, settings.queue_ttl, settings.redis_claim_idle)
+        self.admission = Admission(client, status.ttl, stale)
         self._trim = client.register_script(TRIM)
         self._next_trim = 0.0
         self._next_forget = 0.0
@@ -308,7 +311,8 @@ class Consumer:
     # -- running -----------------------------------------------------------------------------
 
     async def _handle(self, taken: Taken) -> None:
-        if await self._take(taken):
+        took = await self._take(taken)
+        if took:
             dead = await self.status.current(taken.task_id) if taken.reclaimed else 0
             if dead and await self.status.ended(taken.task_id, dead):
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
@@ -316,7 +320,17 @@ class Consumer:
                 await self._end_here(taken, dead, cancelled_by_request())
             elif not (dead and await self._lost_for_good(taken, dead)):
                 await self._run(taken, dead)
+        if took:  # a job a gateway ended unrun (cancel, QUEUE_TTL) was released by that gateway
+            await self._release(taken)
         await self._ack(taken)
+
+    async def _release(self, taken: Taken) -> None:
+        """Its key's place in the queue goes to the key's next held job (`fleet.admission`);
+        Redis down: the place frees itself once stale."""
+        try:
+            await self.admission.release(taken.spec.owner, taken.task_id)
+        except DOWN as exc:
+            log.warning("task_id=%s: its key's next job was not moved to the queue (%s)", taken.task_id, exc)
 
     async def _take(self, taken: Taken) -> bool:
         """Make the submission ours (SET NX): False when a gateway took it from the workers first

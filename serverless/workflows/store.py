@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,8 @@ class Stored:
     shared: bool = False  # other keys may read and run it too
     size: int = 0  # bytes of its file
     version: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, mtime_ns, size): changes with each write
+    by: str | None = None  # audit: the label of the API key that registered or changed it last
+    at: float | None = None  # audit: when (Unix time)
 
     def visible_to(self, caller: str | None) -> bool:
         """Whether `caller` (None: keys are off) may read and run it."""
@@ -91,12 +94,16 @@ class WorkflowStore:
         owner: str | None = None,
         shared: bool = False,
         new: bool = False,
+        by: str | None = None,
     ) -> bool:
         """Store (atomically), as `owner`'s when given; True when it was new, False when it
-        replaced one. `new`: only if there is none yet (Conflict when another write came first)."""
+        replaced one. `new`: only if there is none yet (Conflict when another write came first).
+        `by`: the label of the key writing it, kept with the time (audit)."""
         document: dict[str, Any] = workflow
         if owner is not None:
             document = {"owner": owner, "shared": shared, "prompt": workflow}
+        if by is not None:
+            document = {**(document if document is not workflow else {"prompt": workflow}), "by": by, "at": time.time()}
         return await asyncio.to_thread(self._write, self._path(workflow_id), document, new)
 
     async def delete(self, workflow_id: str) -> None:
@@ -155,15 +162,17 @@ class WorkflowStore:
             raise NotFound(f"no hosted workflow {workflow_id!r}") from None
         except (ValueError, UnicodeDecodeError):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not valid JSON; register it again") from None
-        owner, shared = None, False
+        owner, shared, by, at = None, False, None, None
         if isinstance(document, dict) and is_wrapper(document):
             owner = document.get("owner") if isinstance(document.get("owner"), str) else None
             shared = document.get("shared") is True
+            by = document.get("by") if isinstance(document.get("by"), str) else None
+            at = document.get("at") if isinstance(document.get("at"), int | float) else None
             document = document["prompt"]  # a file dropped in by hand may keep the wrapper
         if not isinstance(document, dict):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not a workflow object; register it again")
         version = (found.st_ino, found.st_mtime_ns, found.st_size)
-        return Stored(workflow_id, document, modified, owner, shared, found.st_size, version)
+        return Stored(workflow_id, document, modified, owner, shared, found.st_size, version, by, at)
 
     def _write(self, path: Path, workflow: dict[str, Any], new: bool) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
