@@ -29,6 +29,7 @@ from .resources import Resources
 from .settings import Settings
 from .state import AppState, app_state
 from .status.log import parse_after, parse_attempt
+from .tenants import endpoints as tenants
 from .transports import control, files
 from .transports.http import EventStream, hang_up, json_response, read_body
 from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
@@ -193,6 +194,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/initialize", lifecycle.initialize, methods=["POST"]),
         Route("/pre-stop", lifecycle.pre_stop, methods=["GET", "POST"]),
+        Route("/api/usage", tenants.usage, methods=["GET"]),
         Route("/api/workflows", workflows.list_workflows, methods=["GET"]),
         Route("/api/workflows/convert", workflows.convert_workflow, methods=["POST"]),
         Route("/api/workflows/{workflow_id}", workflows.get_workflow, methods=["GET"]),

@@ -42,8 +42,8 @@ from .settings import Settings, SettingsError
 from .status.log import StatusLog
 from .status.redis import RedisStatus, connect
 from .status.store import StatusStore
-from .tenants import Tenants
 from .tenants.limits import MemoryRate, RedisRate
+from .tenants.service import Tenants
 from .tenants.usage import FileUsage, RedisUsage
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
 from .workflows.store import WorkflowStore

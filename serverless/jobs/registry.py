@@ -24,7 +24,7 @@ from ..ops.logs import bind_job
 from ..ops.metrics import Metrics
 from ..status.store import StatusStore
 from ..status.summary import ENDED
-from ..tenants import Tenants
+from ..tenants.service import Tenants
 from ..tenants.usage import job_usage
 from .feed import Feed
 from .job import Job, Runtime
