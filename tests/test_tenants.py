@@ -206,6 +206,16 @@ def test_a_flood_from_one_key_waits_behind_its_own_and_another_keys_job_passes_i
         d.url + "/api/serverless/task", params={"task_id": flood[-1]}, headers=bearer(FLOOD), timeout=10
     )
     assert last.json()["state"] == "cancelled"
+    # Its usage: every job by how it ended, the cancelled one (never run) included.
+    counted = {"submitted": 6, "succeeded": 5, "failed": 0, "cancelled": 1}
+    wait_until(lambda: usage_of(d.url, FLOOD)["jobs"] == counted, timeout=20, interval=0.1)
+
+
+def usage_of(url: str, key: str) -> dict[str, Any]:
+    answer = requests.get(url + "/api/usage", headers=bearer(key), timeout=10)
+    assert answer.status_code == 200, answer.text
+    shown: dict[str, Any] = answer.json()["keys"][0]
+    return shown
 
 
 def test_revoking_a_key_in_the_file_counts_within_a_second_and_drops_no_request(
@@ -227,6 +237,7 @@ def test_revoking_a_key_in_the_file_counts_within_a_second_and_drops_no_request(
         lambda: post_run(d.url, empty_image(), headers=bearer(OTHER)).status_code == 401, timeout=10, interval=0.05
     )
     took = time.monotonic() - revoked_at
+    print(f"revoked key refused {took:.2f}s after the file changed")
     inflight.join(120)
     assert answers and answers[0].status_code == 200 and answers[0].json()["type"] == "serverless_api"
     assert took < 3, f"the revoked key was accepted for {took:.2f}s"  # polled every 0.5 s (API_KEYS_POLL_INTERVAL)
@@ -288,3 +299,60 @@ def test_usage_per_key_matches_the_jobs_run(deployment: Any, tmp_path: Path) -> 
     metrics = requests.get(d.url + "/metrics", headers=bearer(ADMIN), timeout=10).text
     assert 'serverless_key_jobs{key="other",state="succeeded"} 3.0' in metrics
     assert OTHER not in metrics and "sk-" not in metrics
+
+
+def test_the_memory_rate_admits_a_seconds_burst_then_says_when() -> None:
+    import asyncio
+
+    from serverless.tenants.limits import MemoryRate
+
+    async def scenario() -> list[float]:
+        rate = MemoryRate()
+        waits = [await rate.wait_for("a", 2.0) for _ in range(3)]  # a burst of 2, then 1/2 s apart
+        waits.append(await rate.wait_for("b", 2.0))  # another key has its own
+        return waits
+
+    first, second, third, other = asyncio.run(scenario())
+    assert first == second == 0 and 0 < third <= 0.5 and other == 0
+
+
+def test_a_keys_gate_lets_n_of_its_jobs_run_and_others_pass() -> None:
+    import asyncio
+
+    from serverless.tenants.limits import KeyGates
+
+    async def scenario() -> tuple[int, list[str]]:
+        gates, running, most, order = KeyGates(), {"a": 0, "b": 0}, {"a": 0, "b": 0}, []
+
+        async def job(owner: str, name: str) -> None:
+            async with gates.slot(owner, 1 if owner == "a" else 0):
+                running[owner] += 1
+                most[owner] = max(most[owner], running[owner])
+                order.append(name)
+                await asyncio.sleep(0.01)
+                running[owner] -= 1
+
+        await asyncio.gather(*(job("a", f"a{n}") for n in range(4)), job("b", "b0"))
+        return most["a"], order
+
+    most, order = asyncio.run(scenario())
+    assert most == 1 and order.index("b0") <= 1  # b's job never waits behind a's queue
+
+
+def test_file_usage_sums_by_hour_and_key(tmp_path: Path) -> None:
+    import asyncio
+
+    from serverless.tenants.usage import FileUsage
+
+    async def scenario() -> dict[str, dict[str, float]]:
+        usage = FileUsage(tmp_path / "usage", 7)
+        await usage.count("a", {"jobs_succeeded": 1, "gpu_seconds": 1.5}, at=time.time() - 7200)
+        await usage.count("a", {"jobs_succeeded": 1, "gpu_seconds": 0.5, "bytes_out": 10})
+        await usage.count(None, {"jobs_failed": 1})
+        recent = await usage.read(["a"], time.time() - 60)
+        return {"recent": recent["a"], **await usage.read(["a", "-"], 0)}
+
+    found = asyncio.run(scenario())
+    assert found["recent"]["jobs_succeeded"] == 1 and found["recent"]["gpu_seconds"] == 0.5
+    assert found["a"]["jobs_succeeded"] == 2 and found["a"]["gpu_seconds"] == 2.0 and found["a"]["bytes_out"] == 10
+    assert found["-"]["jobs_failed"] == 1

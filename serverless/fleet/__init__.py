@@ -55,7 +55,7 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.role in ("all", "worker")
     stale = stale_after(settings.job_timeout, settings.queue_ttl, settings.redis_claim_idle)
-    queue = RedisQueue(status.client, status, stale)
+    queue = RedisQueue(status.client, status, stale, resources.tenants.usage)
     storage = resources.storage
     front = RemoteJobs(
         queue,

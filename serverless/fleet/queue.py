@@ -42,6 +42,7 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
+from ..tenants.usage import NoUsage, UsageStore
 from .admission import Admission, held
 from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
 
@@ -126,9 +127,12 @@ class Submitted:
 class RedisQueue:
     """Gateways' side of the queue."""
 
-    def __init__(self, client: aioredis.Redis, status: RedisStatus, stale: float = 86400.0) -> None:
+    def __init__(
+        self, client: aioredis.Redis, status: RedisStatus, stale: float = 86400.0, usage: UsageStore | None = None
+    ) -> None:
         self.client = client
         self.status = status
+        self.usage = usage or NoUsage()  # jobs ended here, never run, in their key's usage
         self.admission = Admission(client, status.ttl, stale)  # a key's concurrency (`fleet.admission`)
         self._cancel = client.register_script(CANCEL)
         self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
@@ -286,7 +290,7 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, error)
         log.warning("task_id=%s: %s", task_id, error.message)
-        await self._release(task_id)
+        await self._release(task_id, "failed")
         return True
 
     async def depth(self) -> int:
@@ -347,13 +351,16 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, cancelled_by_request())
         log.info("task_id=%s: cancelled while queued in %s (entry %s is skipped)", task_id, name, entry)
-        await self._release(task_id)
+        await self._release(task_id, "cancelled")
 
-    async def _release(self, task_id: str) -> None:
-        """A job that will never run gives its key's place to the key's next held job."""
-        owner: Any = await self.client.get(keys.owner(task_id))
+    async def _release(self, task_id: str, state: str) -> None:
+        """A job that will never run: counted in its key's usage as ended `state`, and its key's
+        place goes to the key's next held job."""
+        held: Any = await self.client.get(keys.owner(task_id))
+        owner = held.decode() if held else None
+        await self.usage.count(owner, {f"jobs_{state}": 1})
         if owner:
-            await self.admission.release(owner.decode(), task_id)
+            await self.admission.release(owner, task_id)
 
     async def _ended(self, task_id: str) -> str | None:
         """The final state of the task's current attempt, None while it is queued or runs."""
