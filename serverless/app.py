@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from . import auth, comfyapi, fleet, lifecycle
-from .auth import ApiKeys, RequireApiKey, may_see
+from .auth import RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
@@ -30,6 +30,7 @@ from .settings import Settings
 from .state import AppState, app_state
 from .status.log import parse_after, parse_attempt
 from .tenants import endpoints as tenants
+from .tenants.keys import ApiKeys
 from .transports import control, files
 from .transports.http import EventStream, hang_up, json_response, read_body
 from .transports.idempotency import idempotency_key, requested_mode, start_or_attach

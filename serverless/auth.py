@@ -1,32 +1,37 @@
-"""API keys (`API_KEYS`, `API_KEYS_FILE`): who may call the API, and whose a task is.
+"""API keys (`API_KEYS`, `API_KEYS_FILE`): who may call the API, what it may do, and whose a task is.
 
-Keys are kept only as SHA-256 digests and compared in constant time (every stored digest is
-compared, whichever matches). A task remembers its caller's `owner`: a digest of the key, never
-the key; a caller with another key cannot read, follow or cancel it. Health, readiness and the
-lifecycle hooks stay open, and so does the API's OpenAPI document (it is not a secret: /docs must
-load before a key is entered); everything else under `/api/` (and `/metrics`, unless METRICS_TOKEN
-guards it) needs `Authorization: Bearer <key>`. Without keys the API is open, as before.
+`RequireApiKey` finds the caller of every guarded request (`tenants.keys.ApiKeys`, keys kept as
+SHA-256 digests, compared in constant time) and puts its `Caller` in the request's scope; every
+route reads it through `caller()`. A caller has an owner id (a digest of its key, never the key),
+a label and its rights (`tenants.keyfile.Rights`), checked here only: `Caller.check_run` for every
+run (a raw workflow needs `raw=yes`, a hosted one its id in `workflows=`), `require_admin` for the
+admin routes, and ComfyUI's own API refused to a key without `raw=yes` (`raw_path`). A task
+remembers its caller's `owner`: a caller with another key cannot read, follow or cancel it.
+Health, readiness and the lifecycle hooks stay open, and so does the API's OpenAPI document (it is
+not a secret: /docs must load before a key is entered); everything else under `/api/` (and
+`/metrics`, unless METRICS_TOKEN guards it) needs `Authorization: Bearer <key>`. Without keys the
+API is open, as before.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import logging
-import os
-from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+if TYPE_CHECKING:
+    from .tenants.keys import ApiKeys
+
 from .errors import OutOfScope, Unauthorized
-from .tenants.keyfile import EVERY_RIGHT, KeyEntry, KeyFileError, Rights, parse, plain_key
+from .tenants.keyfile import EVERY_RIGHT, Rights
 
 log = logging.getLogger(__name__)
 
@@ -125,98 +130,6 @@ def caller(connection: HTTPConnection | Scope | None = None) -> Caller:
         return found
     owner = state.get("owner")
     return ANYONE if owner is None else Caller(owner, NOBODY.label, NOBODY.rights)
-
-
-class ApiKeys:
-    """The keys this instance accepts (none: the API is open): `API_KEYS` (every right) and the
-    lines of `API_KEYS_FILE`, whose changes are read while the app runs (`watch`): a key added
-    or revoked there counts from the next request on, one in flight goes on."""
-
-    def __init__(self, keys: Iterable[str] = (), file: Path | None = None, entries: Iterable[KeyEntry] = ()) -> None:
-        self._fixed = tuple(plain_key(key) for key in keys if key)
-        self.file = file
-        self._seen: tuple[int, int, int] | None = None
-        self._entries: tuple[KeyEntry, ...] = ()
-        self._set(tuple(entries))
-        if file is not None:
-            self._seen, text = _read(file)
-            self._set(parse(text))
-
-    @classmethod
-    def from_settings(cls, api_keys: Iterable[str], file: str | Path | None) -> ApiKeys:
-        return cls(api_keys, Path(file) if file else None)
-
-    def _set(self, entries: tuple[KeyEntry, ...]) -> None:
-        self._entries = self._fixed + entries
-        self._digests = tuple(entry.digest for entry in self._entries)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._entries) or self.file is not None
-
-    def labels(self) -> dict[str, str]:
-        """Each key's owner id -> its label."""
-        return {entry.owner: entry.label for entry in self._entries}
-
-    def owner(self, authorization: str | None) -> str | None:
-        """The owner id of the key in an `Authorization: Bearer <key>` header; None when keys are
-        off. Unauthorized for a missing or unknown key."""
-        return self.identify(authorization).owner
-
-    def identify(self, authorization: str | None) -> Caller:
-        """The caller with the key of an `Authorization: Bearer <key>` header (ANYONE when keys
-        are off); Unauthorized for a missing or unknown key."""
-        if not self.enabled:
-            return ANYONE
-        scheme, _, key = (authorization or "").partition(" ")
-        presented = hashlib.sha256(key.strip().encode()).digest()
-        found: KeyEntry | None = None
-        for entry in self._entries:  # no early exit: the time does not tell which key matched
-            if hmac.compare_digest(presented, entry.digest) and found is None:
-                found = entry
-        if scheme.lower() != "bearer" or not key.strip() or found is None:
-            raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
-        return Caller(found.owner, found.label, found.rights)
-
-    def reload_if_changed(self) -> bool:
-        """Read the file again when it changed (size, time or inode); a file that became
-        unreadable or wrong keeps the keys it had (logged), never opens the API. Blocking: call
-        it in a thread. True when the keys changed."""
-        if self.file is None:
-            return False
-        try:
-            stat = self.file.stat()
-        except OSError as exc:
-            log.error("API_KEYS_FILE %s cannot be read (%s): its keys as last read are kept", self.file, exc.strerror)
-            return False
-        seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if seen == self._seen:
-            return False
-        try:
-            seen, text = _read(self.file)
-            entries = parse(text)
-        except (OSError, KeyFileError) as exc:
-            log.error("API_KEYS_FILE %s: %s; its keys as last read are kept", self.file, exc)
-            self._seen = seen
-            return False
-        self._seen = seen
-        self._set(entries)
-        log.info("API_KEYS_FILE %s read again: %d key(s)", self.file, len(entries))
-        return True
-
-    async def watch(self, interval: float) -> None:
-        """Look at the file every `interval` seconds (a stat, in a thread) until cancelled."""
-        if self.file is None:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            await asyncio.to_thread(self.reload_if_changed)
-
-
-def _read(file: Path) -> tuple[tuple[int, int, int], str]:
-    with file.open() as handle:
-        stat = os.fstat(handle.fileno())
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino), handle.read()
 
 
 def may_see(owner: str | None, task_owner: str | None) -> bool:

@@ -10,13 +10,13 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
-    from .auth import ApiKeys
     from .comfyapi.index import PromptIndex
     from .fleet.worker import Consumer
     from .jobs.runner import JobRunner
     from .lifecycle import Prewarm, QueueWatch
     from .resources import Resources
     from .tenants.endpoints import UsageGauges
+    from .tenants.keys import ApiKeys
 
 
 @dataclass(slots=True)
