@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.serverless = state
             background = [asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))]
             background.append(asyncio.create_task(keys.watch(settings.tenants.poll_interval)))  # API_KEYS_FILE
+            background.append(asyncio.create_task(resources.tenants.usage.flush_forever()))  # usage per key
             if settings.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
                 background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others
             try:

@@ -44,7 +44,7 @@ from .status.redis import RedisStatus, connect
 from .status.store import StatusStore
 from .tenants.limits import MemoryRate, RedisRate
 from .tenants.service import Tenants
-from .tenants.usage import FileUsage, RedisUsage
+from .tenants.usage import BufferedUsage, FileUsage, RedisUsage
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
 from .workflows.store import WorkflowStore
 
@@ -257,8 +257,8 @@ def open_tenants(settings: Settings, redis: RedisStatus | None) -> Tenants:
     in Redis (shared by every gateway) when the status store is Redis."""
     days = settings.status_retention_days
     if redis is not None:
-        return Tenants(RedisRate(redis.client), RedisUsage(redis.client, days))
-    return Tenants(MemoryRate(), FileUsage(settings.status_dir / "usage", days))
+        return Tenants(RedisRate(redis.client), BufferedUsage(RedisUsage(redis.client, days)))
+    return Tenants(MemoryRate(), BufferedUsage(FileUsage(settings.status_dir / "usage", days)))
 
 
 async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore[Any], RedisStatus | None]:

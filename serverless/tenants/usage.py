@@ -165,3 +165,47 @@ class NoUsage:
 
     async def read(self, owners: Iterable[str], since: float) -> dict[str, dict[str, float]]:
         return {owner: _zero() for owner in owners}
+
+
+class BufferedUsage:
+    """Counts added up in memory and written to `store` every `interval` seconds, a bucket (key
+    and hour) a write: a job's start and end cost no I/O on its caller's path, and Redis or the
+    folder sees one write per key a second however many jobs there are. A read writes what is
+    pending first; a write that fails is kept for the next one (logged)."""
+
+    def __init__(self, store: UsageStore, interval: float = 1.0) -> None:
+        self.store = store
+        self.interval = interval
+        self._pending: dict[tuple[str, int], dict[str, float]] = {}
+        self._lock = asyncio.Lock()
+
+    async def count(self, owner: str | None, amounts: Mapping[str, float], at: float | None = None) -> None:
+        bucket = self._pending.setdefault((owner_key(owner), hour_of(time.time() if at is None else at)), {})
+        for name, value in amounts.items():
+            if name in FIELDS and value:
+                bucket[name] = bucket.get(name, 0.0) + value
+
+    async def read(self, owners: Iterable[str], since: float) -> dict[str, dict[str, float]]:
+        await self.flush()
+        return await self.store.read(owners, since)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            pending, self._pending = self._pending, {}
+            for (owner, hour), amounts in pending.items():
+                try:
+                    await self.store.count(owner, amounts, at=hour * HOUR)
+                except Exception as exc:
+                    log.warning("usage of key %s not written yet (%s): kept for the next try", owner, exc)
+                    again = self._pending.setdefault((owner, hour), {})
+                    for name, value in amounts.items():
+                        again[name] = again.get(name, 0.0) + value
+
+    async def flush_forever(self) -> None:
+        """Write what is pending every `interval` seconds until cancelled (then once more)."""
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                await self.flush()
+        finally:
+            await asyncio.shield(self.flush())
