@@ -204,16 +204,8 @@ class Jobs:
             self._admitted -= 1
             terminal = job.feed.terminal
             self.metrics.job_ended(job.spec.mode, terminal.error if terminal else None, job.clock.timings())
-            _own(self._recorders, self._count_usage(job), f"usage {job.task_id}")
-
-    async def _count_usage(self, job: Job) -> None:
-        """The ended job in its key's usage (`tenants.usage`); a store that fails is logged."""
-        terminal = job.feed.terminal
-        size = len(terminal.data) if terminal is not None else 0
-        try:
-            await self.tenants.usage.count(job.spec.owner, job_usage(job.progress.state, job.clock.timings(), size))
-        except Exception as exc:
-            log.warning("task_id=%s: its usage was not counted (%s)", job.task_id, exc)
+            size = len(terminal.data) if terminal is not None else 0  # its key's usage (`tenants.usage`)
+            self.tenants.usage.add(job.spec.owner, job_usage(job.progress.state, job.clock.timings(), size))
 
     async def cancel(self, task_id: str) -> str:
         """Stop task `task_id`: here at once; where another instance runs it, through a request

@@ -179,11 +179,15 @@ class BufferedUsage:
         self._pending: dict[tuple[str, int], dict[str, float]] = {}
         self._lock = asyncio.Lock()
 
-    async def count(self, owner: str | None, amounts: Mapping[str, float], at: float | None = None) -> None:
+    def add(self, owner: str | None, amounts: Mapping[str, float], at: float | None = None) -> None:
+        """Count `amounts` for the key (no I/O: written with the next flush)."""
         bucket = self._pending.setdefault((owner_key(owner), hour_of(time.time() if at is None else at)), {})
         for name, value in amounts.items():
             if name in FIELDS and value:
                 bucket[name] = bucket.get(name, 0.0) + value
+
+    async def count(self, owner: str | None, amounts: Mapping[str, float], at: float | None = None) -> None:
+        self.add(owner, amounts, at)
 
     async def read(self, owners: Iterable[str], since: float) -> dict[str, dict[str, float]]:
         await self.flush()
