@@ -252,13 +252,16 @@ class Resources:
         }
 
 
+USAGE_FOLDER = "~usage"  # in STATUS_DIR; `~` is in no task id, so no task's log can take its name
+
+
 def open_tenants(settings: Settings, redis: RedisStatus | None) -> Tenants:
     """Rate limits and usage where the status is: in memory and the status folder on a box,
     in Redis (shared by every gateway) when the status store is Redis."""
     days = settings.status_retention_days
     if redis is not None:
         return Tenants(RedisRate(redis.client), BufferedUsage(RedisUsage(redis.client, days)))
-    return Tenants(MemoryRate(), BufferedUsage(FileUsage(settings.status_dir / "usage", days)))
+    return Tenants(MemoryRate(), BufferedUsage(FileUsage(settings.status_dir / USAGE_FOLDER, days)))
 
 
 async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore[Any], RedisStatus | None]:

@@ -1,4 +1,4 @@
-"""Usage per API key, kept by the hour where the status logs are: files under STATUS_DIR/usage on
+"""Usage per API key, kept by the hour where the status logs are: files under STATUS_DIR/~usage on
 a box, hashes in Redis on a fleet (kept the status retention).
 
     jobs_submitted, jobs_succeeded, jobs_failed, jobs_cancelled   jobs by state
