@@ -76,7 +76,7 @@ class Consumer:
         self.jobs = jobs
         self.settings = settings
         self.name = name
-        self.claim_idle_ms = int(settings.redis_claim_idle * 1000)
+        self.claim_idle_ms = int(settings.fleet.claim_idle * 1000)
         self.taken = 0
         self.busy = False
         self.alive = False  # the loop runs (False while it waits to start again after a failure)
@@ -85,7 +85,7 @@ class Consumer:
         self.last_error: str | None = None
         self._next_claim = 0.0
         self._end = client.register_script(END)
-        stale = stale_after(settings.job_timeout, settings.queue_ttl, settings.redis_claim_idle)
+        stale = stale_after(settings.service.job_timeout, settings.fleet.queue_ttl, settings.fleet.claim_idle)
         self.admission = Admission(client, status.ttl, stale)
         self._trim = client.register_script(TRIM)
         self._next_trim = 0.0
@@ -280,7 +280,7 @@ class Consumer:
         try:
             task_id = fields[b"task_id"].decode()
             validate_task_id(task_id)
-            credentials = Credentials.resolve({}, self.settings.cloud_credentials)
+            credentials = Credentials.resolve({}, self.settings.oss.credentials)
             # Run as an async job: `Jobs.start` then refuses it (and we retry) rather than run it
             # without a status log, which is the only way its caller hears of it.
             spec = replace(decode_spec(fields[b"spec"], credentials), mode="async")
@@ -389,7 +389,7 @@ class Consumer:
         self.taken += 1
         self.busy = True
         try:
-            await watch.follow(job, self.settings.redis_claim_idle / 3)
+            await watch.follow(job, self.settings.fleet.claim_idle / 3)
         finally:
             self.busy = False
 

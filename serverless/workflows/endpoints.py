@@ -66,7 +66,7 @@ async def put_workflow(request: Request) -> Response:
     auth.require_admin(who, "register workflows")
     settings = app_state(request).resources.settings
     shared = query_flag(request.query_params, "shared")
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     workflow_id = request.path_params["workflow_id"]
     described, created = await _hosted(request).register(workflow_id, body, who.owner, shared, by=_by(who))
     log.info("workflow %s %s by key %s", workflow_id, "registered" if created else "changed", _by(who) or "-")
@@ -101,6 +101,6 @@ async def openapi_json(request: Request) -> Response:
 async def convert_workflow(request: Request) -> Response:
     """POST /api/workflows/convert: a UI-format workflow in, `{"prompt", "notes"}` out."""
     settings = app_state(request).resources.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     converted = await convert_body(_hosted(request).object_info, body)
     return JSONResponse(converted.to_payload())
