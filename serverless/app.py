@@ -15,8 +15,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import batches, comfyapi, fleet, lifecycle
-from .auth import ApiKeys, RequireApiKey, may_see
+from . import auth, batches, comfyapi, fleet, lifecycle
+from .auth import RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
@@ -29,6 +29,8 @@ from .resources import Resources
 from .settings import Settings
 from .state import AppState, app_state
 from .status.log import parse_after, parse_attempt
+from .tenants import endpoints as tenants
+from .tenants.keys import ApiKeys
 from .transports import control, files
 from .transports.http import EventStream, hang_up, json_response, read_body
 from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
@@ -118,8 +120,7 @@ def _warn_unknown(request: Request, response: Response, task_id: str) -> Respons
 
 def caller(request: Request) -> str | None:
     """Who calls: the owner id of its API key (None when API keys are off)."""
-    owner: str | None = request.scope.get("state", {}).get("owner")
-    return owner
+    return auth.caller(request).owner
 
 
 async def status(request: Request) -> Response:
@@ -149,6 +150,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     for line in settings.deprecated:  # once per app, whatever started it
         log.warning("setting %s", line)
+    keys = ApiKeys.from_settings(settings.security.api_keys, settings.tenants.keys_file)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -162,12 +164,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.service.max_pending_jobs,
                 metrics,
                 resources.webhooks,
+                resources.tenants,
             )
             state = AppState(
                 resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(settings.comfyui.queue_stall_after)
             )
+            state.keys = keys
             app.state.serverless = state
             background = [asyncio.create_task(resources.status.prune_forever(settings.status.retention_days))]
+            background.append(asyncio.create_task(keys.watch(settings.tenants.poll_interval)))  # API_KEYS_FILE
+            background.append(asyncio.create_task(resources.tenants.usage.flush_forever()))  # usage per key
             if settings.fleet.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
                 background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others
             try:
@@ -195,6 +201,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/initialize", lifecycle.initialize, methods=["POST"]),
         Route("/pre-stop", lifecycle.pre_stop, methods=["GET", "POST"]),
+        Route("/api/usage", tenants.usage, methods=["GET"]),
         Route("/api/workflows", workflows.list_workflows, methods=["GET"]),
         Route("/api/workflows/convert", workflows.convert_workflow, methods=["POST"]),
         Route("/api/workflows/{workflow_id}", workflows.get_workflow, methods=["GET"]),
@@ -222,7 +229,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[
             Middleware(
                 RequireApiKey,
-                keys=ApiKeys(settings.security.api_keys),
+                keys=keys,
                 own_token=("/metrics",) if settings.security.metrics_token else (),
             )
         ],

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
@@ -42,6 +42,9 @@ from .settings import Settings, SettingsError
 from .status.log import StatusLog
 from .status.redis import RedisStatus, connect
 from .status.store import StatusStore
+from .tenants.limits import MemoryRate, RedisRate
+from .tenants.service import Tenants
+from .tenants.usage import BufferedUsage, FileUsage, RedisUsage
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
 from .workflows.store import WorkflowStore
 
@@ -65,6 +68,7 @@ class Resources:
     metrics: Metrics
     converted: ConvertedFiles
     redis: RedisStatus | None = None  # the status store again when it is Redis: the fleet's queue shares it
+    tenants: Tenants = field(default_factory=Tenants)  # rate limits, a box's key gates, usage per key
 
     @classmethod
     @asynccontextmanager
@@ -123,6 +127,7 @@ class Resources:
                                 metrics,
                                 converted_files(settings),
                                 redis,
+                                open_tenants(settings, redis),
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
                             await webhooks.drain(settings.outputs.webhook_timeout + 1)
@@ -251,6 +256,18 @@ class Resources:
             "url": None,
             "expire": None,
         }
+
+
+USAGE_FOLDER = "~usage"  # in STATUS_DIR; `~` is in no task id, so no task's log can take its name
+
+
+def open_tenants(settings: Settings, redis: RedisStatus | None) -> Tenants:
+    """Rate limits and usage where the status is: in memory and the status folder on a box,
+    in Redis (shared by every gateway) when the status store is Redis."""
+    days = settings.status.retention_days
+    if redis is not None:
+        return Tenants(RedisRate(redis.client), BufferedUsage(RedisUsage(redis.client, days)))
+    return Tenants(MemoryRate(), BufferedUsage(FileUsage(settings.status.dir / USAGE_FOLDER, days)))
 
 
 async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore[Any], RedisStatus | None]:

@@ -153,19 +153,36 @@ def _loader_pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], .
 
 
 def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
-    """API_KEYS (comma-separated) and the lines of API_KEYS_FILE (`#` comments allowed)."""
-    keys = list(_names(env, "API_KEYS"))
-    source = env.get("API_KEYS_FILE", "").strip()
-    if source:
-        try:
-            text = Path(source).read_text()
-        except OSError as exc:
-            raise SettingsError(f"API_KEYS_FILE={source!r}: cannot be read ({exc.strerror or exc})") from None
-        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    """API_KEYS (comma-separated): keys with every right. API_KEYS_FILE is `TenantSettings`'."""
+    keys = _names(env, "API_KEYS")
     for key in keys:
         if len(key) < 16 or any(c.isspace() or c == "," for c in key):
             raise SettingsError("API_KEYS: every key must be at least 16 characters, without spaces or commas")
-    return tuple(keys)
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSettings:
+    """API keys with scopes and limits (`serverless.tenants`): API_KEYS_FILE, one key a line
+    (`serverless.tenants.keyfile`), checked here at start-up and looked at again every
+    API_KEYS_POLL_INTERVAL seconds while the app runs (a change counts from the next request)."""
+
+    keys_file: Path | None = None
+    poll_interval: float = 0.5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TenantSettings:
+        from .tenants.keyfile import KeyFileError, parse  # pure; imported here to keep settings light
+
+        source = _folder(env, "API_KEYS_FILE")
+        if source is not None:
+            try:
+                parse(source.read_text())
+            except OSError as exc:
+                raise SettingsError(f"API_KEYS_FILE={str(source)!r}: cannot be read ({exc.strerror or exc})") from None
+            except KeyFileError as exc:
+                raise SettingsError(f"API_KEYS_FILE={str(source)!r}: {exc}") from None
+        return cls(keys_file=source, poll_interval=_number(env, "API_KEYS_POLL_INTERVAL", 0.5, 0.05))
 
 
 STORAGES = ("oss", "s3")
@@ -544,6 +561,7 @@ class Settings:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     batches: BatchSettings = field(default_factory=BatchSettings)
+    tenants: TenantSettings = field(default_factory=TenantSettings)
     deprecated: tuple[str, ...] = ()  # a line per old setting name in use, logged at start-up
 
     @property
@@ -576,6 +594,7 @@ class Settings:
             fleet=FleetSettings.from_env(env),
             security=SecuritySettings.from_env(env),
             batches=BatchSettings.from_env(env),
+            tenants=TenantSettings.from_env(env),
             deprecated=deprecated,
         )._checked()
 

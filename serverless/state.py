@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from .jobs.runner import JobRunner
     from .lifecycle import Prewarm, QueueWatch
     from .resources import Resources
+    from .tenants.endpoints import UsageGauges
+    from .tenants.keys import ApiKeys
 
 
 @dataclass(slots=True)
@@ -32,6 +34,8 @@ class AppState:
     genstudio_token_secret: bytes | None = field(default=None, repr=False)  # made once when unset
     prompts: PromptIndex | None = None  # ComfyUI's API: its prompts, made on first use (`comfyapi.index`)
     batches: Feeders | None = None  # batches: their store, and the feeders of this instance (`batches`)
+    keys: ApiKeys | None = None  # the API keys the app accepts (their labels name usage and metrics)
+    usage_gauges: UsageGauges | None = None  # usage per key as metrics, made on the first scrape
 
 
 def app_state(connection: HTTPConnection) -> AppState:

@@ -10,6 +10,7 @@ client's own failures (the server could not be reached, or answered something th
         ├── InvalidParams             INVALID_PARAMS
         ├── NotFound                  NOT_FOUND
         ├── Unauthorized              UNAUTHORIZED
+        │   └── Forbidden             FORBIDDEN (an API key out of its scope: raw=, workflows=, admin=)
         ├── Conflict                  409 (a finished task's cancel, a reused Idempotency-Key)
         ├── PromptError               PROMPT_ERROR
         ├── InputError                INPUT_ERROR
@@ -18,6 +19,7 @@ client's own failures (the server could not be reached, or answered something th
         ├── ComfyUIUnavailable        COMFYUI_UNAVAILABLE
         ├── Unavailable               UNAVAILABLE (the status store, Redis, a draining instance)
         ├── Busy                      BUSY
+        ├── RateLimited               RATE_LIMITED (the key's rate=; `.retry_after` seconds)
         ├── OutputError               OUTPUT_ERROR
         ├── JobTimeout                TIMEOUT
         ├── WorkerLost                WORKER_LOST (the Redis tier: its worker died, twice or after outputs)
@@ -82,6 +84,10 @@ class Unauthorized(APIError):
     error_code = "UNAUTHORIZED"
 
 
+class Forbidden(Unauthorized):
+    error_code = "FORBIDDEN"
+
+
 class Conflict(APIError):
     error_code = "CONFLICT"
 
@@ -114,6 +120,17 @@ class Busy(APIError):
     error_code = "BUSY"
 
 
+class RateLimited(APIError):
+    error_code = "RATE_LIMITED"
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until the key may start a job again (from the error's `raw`)."""
+        raw = self.raw if isinstance(self.raw, dict) else {}
+        value = raw.get("retry_after_s")
+        return float(value) if isinstance(value, int | float) else None
+
+
 class OutputError(APIError):
     error_code = "OUTPUT_ERROR"
 
@@ -136,6 +153,7 @@ BY_CODE: dict[str, type[APIError]] = {
         InvalidParams,
         NotFound,
         Unauthorized,
+        Forbidden,
         PromptError,
         InputError,
         ExecutionFailed,
@@ -144,6 +162,7 @@ BY_CODE: dict[str, type[APIError]] = {
         ComfyUIUnavailable,
         Unavailable,
         Busy,
+        RateLimited,
         OutputError,
         JobTimeout,
         Unclassified,

@@ -179,6 +179,27 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=("401",),
         operation_id="preStopPost",
     ),
+    # -- tenants -------------------------------------------------------------------------------
+    Operation(
+        "/api/usage",
+        "get",
+        "operations",
+        "Usage per API key",
+        "Jobs by state, GPU seconds (ComfyUI's execution time), bytes of results sent and models "
+        "downloaded, kept by the hour. A key reads its own; an admin key (`admin=yes` in "
+        "API_KEYS_FILE) any key's by label, or every key's with `key=*` (403 FORBIDDEN otherwise).",
+        params=(
+            Param("since", "query", "Unix seconds or ISO 8601 (counted from its hour); default: as far back as kept"),
+            Param("key", "query", "a key's label (an admin's call), or `*` for every key"),
+        ),
+        replies=(
+            Reply(
+                "200", '{"since", "keys": [{"key", "jobs", "gpu_seconds", "bytes_out", "models_downloaded"}]}', "object"
+            ),
+        ),
+        errors=("400", "401", "403", "404"),
+        operation_id="getUsage",
+    ),
     # -- hosted workflows -----------------------------------------------------------------------
     Operation(
         "/api/workflows",
@@ -696,7 +717,8 @@ OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS + V2_OPERATIONS + BATCH_OPERATIONS
 ERROR_TEXT = {
     "400": "INVALID_PARAMS, PROMPT_ERROR or INPUT_ERROR",
     "401": "UNAUTHORIZED",
-    "403": "a tampered or expired link",
+    "403": "FORBIDDEN (an API key out of its scope) or UNAUTHORIZED (a tampered or expired link)",
+    "429": "RATE_LIMITED: the API key's rate= (with Retry-After)",
     "404": "NOT_FOUND",
     "409": (
         "a conflict: the task already ended, an Idempotency-Key reused with another body, or (with API keys) "

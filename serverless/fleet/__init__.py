@@ -24,6 +24,7 @@ from ..resources import Resources
 from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
 from . import staging
+from .admission import stale_after
 from .gateway import RemoteJobs
 from .queue import RedisQueue
 from .worker import Consumer
@@ -58,7 +59,8 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     inputs_ttl = staging.ttl(
         settings.fleet.queue_ttl, settings.service.job_timeout, settings.fleet.claim_idle, status.ttl
     )
-    queue = RedisQueue(status.client, status, inputs_ttl)
+    stale = stale_after(settings.service.job_timeout, settings.fleet.queue_ttl, settings.fleet.claim_idle)
+    queue = RedisQueue(status.client, status, stale, resources.tenants.usage, inputs_ttl)
     storage = resources.storage
     front = RemoteJobs(
         queue,

@@ -43,7 +43,9 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
+from ..tenants.usage import NoUsage, UsageStore
 from . import staging
+from .admission import Admission, held
 from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
 
 log = logging.getLogger(__name__)
@@ -147,9 +149,18 @@ class Submitted:
 class RedisQueue:
     """Gateways' side of the queue."""
 
-    def __init__(self, client: aioredis.Redis, status: RedisStatus, inputs_ttl: int = 0) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        status: RedisStatus,
+        stale: float = 86400.0,
+        usage: UsageStore | None = None,
+        inputs_ttl: int = 0,
+    ) -> None:
         self.client = client
         self.status = status
+        self.usage = usage or NoUsage()  # jobs ended here, never run, in their key's usage
+        self.admission = Admission(client, status.ttl, stale)  # a key's concurrency (`fleet.admission`)
         self.inputs_ttl = inputs_ttl or status.ttl  # how long staged inputs are kept (`staging.ttl`)
         self._cancel = client.register_script(CANCEL)
         self._enqueue_script = client.register_script(ENQUEUE)
@@ -204,6 +215,13 @@ class RedisQueue:
                 pipe.hset(keys.staged_inputs(task_id, name), mapping=staged)  # type: ignore[arg-type]
                 pipe.expire(keys.staged_inputs(task_id, name), self.inputs_ttl)
                 await pipe.execute()
+        encoded = encode_spec(_named(replace(spec, workflow=light), task_id))
+        if spec.owner and spec.concurrency:  # queued, or held behind its key's own (one script)
+            following = await self.status.current(task_id) + 1
+            await self._claim_owner(task_id, owner)
+            _, entry, _ = await self.admission.admit(spec, task_id, priority, encoded, name)
+            await self.client.expire(keys.owner(task_id), self.status.ttl)
+            return following, entry.encode()
         names = [
             stream(priority),
             keys.queue_count(priority),
@@ -211,17 +229,25 @@ class RedisQueue:
             keys.owner(task_id),
             keys.attempts(task_id),
         ]
-        encoded = encode_spec(_named(replace(spec, workflow=light), task_id))
         args: list[Any] = [task_id, encoded, self.status.ttl, owner, "0", name]
         answer: Any = await self._enqueue_script(keys=names, args=args)
         if not int(answer[0]):  # the task was queued before: by the same key, it is queued again
-            held = answer[2] if len(answer) > 2 else None
-            if held and not hmac.compare_digest(held, owner.encode()):
+            taken_by = answer[2] if len(answer) > 2 else None
+            if taken_by and not hmac.compare_digest(taken_by, owner.encode()):
                 if name:
                     await self.client.delete(keys.staged_inputs(task_id, name))
                 raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
             answer = await self._enqueue_script(keys=names, args=[*args[:4], "1", name])
         return int(answer[1]) + 1, answer[2]
+
+    async def _claim_owner(self, task_id: str, owner: str) -> None:
+        """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;
+        another key naming it is refused before anything is queued."""
+        if await self.client.set(keys.owner(task_id), owner, nx=True, ex=self.status.ttl):
+            return
+        taken_by: Any = await self.client.get(keys.owner(task_id))
+        if taken_by and not hmac.compare_digest(taken_by, owner.encode()):
+            raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
         value: Any = await self.client.get(_idem(key, spec))
@@ -241,6 +267,11 @@ class RedisQueue:
         validate_task_id(task_id)
         with translated():
             name, entry = await self._submission(task_id)
+            if held(name):  # waiting behind its key's own jobs: claimed here, or moved to the queue meanwhile
+                if await self.client.set(keys.run_claim(task_id, entry), CANCELLED, nx=True, ex=self.status.ttl):
+                    await self._remove_queued(task_id, name, entry)
+                    return "cancelled"
+                name, entry = await self._submission(task_id)
             ended = await self._ended(task_id)
             if ended is None:
                 names = [keys.run_claim(task_id, entry), keys.queue_ended(task_id, entry)]
@@ -307,6 +338,7 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, error)
         log.warning("task_id=%s: %s", task_id, error.message)
+        await self._release(task_id, "failed")
         return True
 
     async def depth(self) -> int:
@@ -367,6 +399,16 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, cancelled_by_request())
         log.info("task_id=%s: cancelled while queued in %s (entry %s is skipped)", task_id, name, entry)
+        await self._release(task_id, "cancelled")
+
+    async def _release(self, task_id: str, state: str) -> None:
+        """A job that will never run: counted in its key's usage as ended `state`, and its key's
+        place goes to the key's next held job."""
+        held: Any = await self.client.get(keys.owner(task_id))
+        owner = held.decode() if held else None
+        await self.usage.count(owner, {f"jobs_{state}": 1})
+        if owner:
+            await self.admission.release(owner, task_id)
 
     async def _ended(self, task_id: str) -> str | None:
         """The final state of the task's current attempt, None while it is queued or runs."""

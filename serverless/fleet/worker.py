@@ -45,6 +45,7 @@ from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisAttempt, RedisStatus
 from . import deadletters, staging
+from .admission import Admission, stale_after
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, stream
@@ -106,6 +107,8 @@ class Consumer:
         self._next_claim = 0.0
         self._end = client.register_script(END)
         self._take_script = client.register_script(TAKE)
+        stale = stale_after(settings.service.job_timeout, settings.fleet.queue_ttl, settings.fleet.claim_idle)
+        self.admission = Admission(client, status.ttl, stale)
         self._trim = client.register_script(TRIM)
         self._next_trim = 0.0
         self._next_forget = 0.0
@@ -367,8 +370,18 @@ class Consumer:
             elif cancel_asked:
                 await self._end_here(taken, dead, cancelled_by_request())
             elif not (dead and await self._lost_for_good(taken, dead)) and not await self._run(taken, dead, begun):
-                return  # handed back: not acknowledged, another worker takes it
+                return  # handed back: not acknowledged (its key's place kept), another worker takes it
+        if ours:  # a job a gateway ended unrun (cancel, QUEUE_TTL) was released by that gateway
+            await self._release(taken)
         await self._ack(taken)
+
+    async def _release(self, taken: Taken) -> None:
+        """Its key's place in the queue goes to the key's next held job (`fleet.admission`);
+        Redis down: the place frees itself once stale."""
+        try:
+            await self.admission.release(taken.spec.owner, taken.task_id)
+        except DOWN as exc:
+            log.warning("task_id=%s: its key's next job was not moved to the queue (%s)", taken.task_id, exc)
 
     async def _take(self, taken: Taken) -> tuple[bool, bool, int]:
         """Make the submission ours (SET NX): False when a gateway took it from the workers first

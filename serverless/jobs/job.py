@@ -53,6 +53,8 @@ Workflow = dict[str, Any]
 # Asked at the job's end, before its terminal payload, when a cancel may have been acknowledged
 # elsewhere (a fleet worker's queue): the error a cancel that came first ends it with, else None.
 Settle = Callable[[Outcome], Awaitable[ServerlessError | None]]
+# A key's turn to run: entered with its owner id and `concurrency=` (`tenants.limits.KeyGates.slot`).
+Gate = Callable[[str | None, int], contextlib.AbstractAsyncContextManager[None]]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
 OutputFactory = Callable[[OutputPolicy, Credentials | None, ReadyCallback], OutputCollector]
 
@@ -144,6 +146,8 @@ class Job:
         # retry): a drain that runs out of time, or a ComfyUI that dies under the job, then gives
         # it back to the queue (`HandedOff`) rather than ending it, unless it made outputs already.
         self.may_hand_off = False
+        # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
+        self.gate: Gate | None = None
 
     # -- for the transports ---------------------------------------------------------------------
 
@@ -243,7 +247,7 @@ class Job:
         try:
             if self._stop is not None:
                 raise asyncio.CancelledError
-            async with asyncio.timeout(self.runtime.job_timeout):
+            async with self._admitted(), asyncio.timeout(self.runtime.job_timeout):
                 outcome = Result(await self._execute())
         except TimeoutError:
             outcome = JobTimeout(f"the job passed its deadline of {self.runtime.job_timeout:g}s and was cancelled")
@@ -275,6 +279,12 @@ class Job:
                 self._finish(self._stop or ExecutionInterrupted("the job was cancelled before it ended"))
                 raise
         self._finish(outcome)
+
+    def _admitted(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Its key's turn (the deadline counts from then on: waiting behind its own is not running)."""
+        if self.gate is None or not self.spec.concurrency:
+            return contextlib.nullcontext()
+        return self.gate(self.spec.owner, self.spec.concurrency)
 
     def _finish(self, outcome: Outcome) -> None:
         outcome = self._decided(outcome)

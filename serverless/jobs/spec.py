@@ -40,6 +40,7 @@ class JobSpec:
     task_id: str | None = None
     credentials: Credentials | None = field(default=None, repr=False)
     owner: str | None = None  # who may see the task: a digest of the caller's API key (serverless.auth)
+    concurrency: int = 0  # its key's `concurrency=` (0: none): more of its jobs wait behind its own
     big: bool = False  # a body big enough that copying and serialising it go to a thread
     priority: str = "normal"  # Redis tier: the queue stream it waits in (high, normal, low)
     idempotency_key: str | None = None  # Redis tier: a repeat attaches to the first (SET NX on the key)

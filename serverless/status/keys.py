@@ -57,6 +57,14 @@ Batches (`serverless.batches.redis`), kept RETENTION after the last write:
     batch:<id>:cancel         set once a cancel was asked
     batch:<id>:retry          a list: items asked to run again (JSON lists of indices)
     batches:live              a set: the batches not ended (to feed)
+
+Tenants (`serverless.tenants`, `serverless.fleet.admission`), per API key (its owner id):
+
+    key:<owner>:rate          the key's rate limit state (GCRA: the theoretical arrival time, ms)
+    key:<owner>:admitted      a sorted set: its task ids in the shared queue or running, by admission time
+    key:<owner>:held          a stream: its jobs over its `concurrency=`, waiting to be admitted
+    key:<owner>:limit         its `concurrency=`, as the last gateway to admit one of its jobs read it
+    usage:<owner>:<hour>      a hash: its usage in that hour (jobs by state, GPU seconds, bytes out...)
 """
 
 from __future__ import annotations
@@ -132,6 +140,26 @@ HANDOFFS = "fleet:handoffs"
 
 def staged_inputs(task_id: str, name: str) -> str:
     return f"staged:{task_id}:{name}"
+
+
+def key_rate(owner: str) -> str:
+    return f"key:{owner}:rate"
+
+
+def key_admitted(owner: str) -> str:
+    return f"key:{owner}:admitted"
+
+
+def key_held(owner: str) -> str:
+    return f"key:{owner}:held"
+
+
+def key_limit(owner: str) -> str:
+    return f"key:{owner}:limit"
+
+
+def usage(owner: str, hour: int) -> str:
+    return f"usage:{owner}:{hour}"
 
 
 def file(digest: str) -> str:

@@ -17,7 +17,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..auth import may_see
+from ..auth import caller, may_see
 from ..core.request import query_flag
 from ..errors import InvalidParams
 from ..jobs.registry import unknown_task
@@ -35,7 +35,7 @@ async def _task_id(request: Request) -> str:
     if not task_id:
         raise InvalidParams("task_id is required")
     resources.status.validate(task_id)  # the rule of task ids (400)
-    owner: str | None = request.scope.get("state", {}).get("owner")
+    owner = caller(request).owner
     if owner is not None and not may_see(owner, await resources.status.owner(task_id)):
         raise unknown_task(task_id)
     return task_id

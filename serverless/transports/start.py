@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Literal
 
+from ..auth import NOBODY, Caller
+from ..auth import caller as current_caller
 from ..core.credentials import Credentials
 from ..core.request import (
     RunRequest,
@@ -28,6 +30,7 @@ from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
+from ..tenants.limits import check_rate
 from ..workflows.conversion import convert_with
 from ..workflows.hosting import PreparedRun
 
@@ -152,14 +155,20 @@ async def start_job(
     owner: str | None = None,
     prompt_id: str | None = None,
     native: bool = False,
+    caller: Caller | None = None,
 ) -> RunningJob:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
     prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
     beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload. `native`: queued
-    through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them)."""
+    through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them). The
+    caller's key (`caller`, else the request's) must allow the run (403 FORBIDDEN) and its rate
+    (429 RATE_LIMITED), checked before the body is parsed."""
     check_parameter_names(query)
     workflow_id = hosted_id(query, workflow_id)
+    who = admitted_caller(caller, owner)
+    who.check_run(workflow_id)
+    await check_rate(resources.tenants.rate, who.owner, who.label, who.rights.rate)
     hosted: PreparedRun | None = None
     if workflow_id is None:
         request = await parse(body, query, headers, resources)
@@ -194,11 +203,23 @@ async def start_job(
         priority=job_priority(query),
         idempotency_key=headers.get("idempotency-key") or None,
         owner=owner,
+        concurrency=who.rights.concurrency,
         callback_url=callback_url,
         previews=query_flag(query, "previews"),
         native=native,
     )
-    return await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
+    job = await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
+    resources.tenants.usage.add(owner, {"jobs_submitted": 1})  # usage per key (written once a second)
+    return job
+
+
+def admitted_caller(caller: Caller | None, owner: str | None) -> Caller:
+    """The caller whose rights a run is checked against: the one given, else the request's
+    (`auth.caller()`); one that is not the job's `owner` has no right at all (fail closed)."""
+    who = caller if caller is not None else current_caller()
+    if who.owner != owner:
+        return Caller(owner, NOBODY.label, NOBODY.rights)
+    return who
 
 
 async def check_task_owner(resources: Resources, task_id: str | None, owner: str | None) -> None:

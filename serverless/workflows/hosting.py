@@ -296,7 +296,12 @@ class HostedWorkflows:
             )
 
     async def register(
-        self, workflow_id: str, body: bytes | str, caller: str | None = None, shared: bool = False
+        self,
+        workflow_id: str,
+        body: bytes | str,
+        caller: str | None = None,
+        shared: bool = False,
+        by: str | None = None,
     ) -> tuple[Described, bool]:
         """Validate against the running ComfyUI, then store (a UI-format workflow converted
         first; as `caller`'s, other keys seeing it when `shared`); True when it was new.
@@ -316,7 +321,7 @@ class HostedWorkflows:
             len(body),
         )
         existing = existing or await self._existing(workflow_id, caller)  # registered meanwhile?
-        created, number = await self.store.write(workflow_id, workflow, caller, shared, new=existing is None)
+        created, number = await self.store.write(workflow_id, workflow, caller, shared, new=existing is None, by=by)
         stored = await self.store.read_version(await self.store.read(workflow_id), number)
         return await self.described(stored, info), created
 

@@ -18,6 +18,7 @@ import hmac
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +54,8 @@ class Stored:
     size: int = 0  # bytes of its file
     version: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, mtime_ns, size): changes with each write
     number: int | None = None  # its version number (None: a file dropped in by hand, never registered since)
+    by: str | None = None  # audit: the label of the API key that registered or changed it last
+    at: float | None = None  # audit: when (Unix time)
 
     @property
     def ref(self) -> str:
@@ -100,11 +103,14 @@ class WorkflowStore:
         owner: str | None = None,
         shared: bool = False,
         new: bool = False,
+        by: str | None = None,
     ) -> tuple[bool, int]:
         """Store as a new version (atomically), as `owner`'s; (True when the workflow was new,
         its version number). `new`: only if there is none yet (Conflict when another write came
-        first)."""
-        return await asyncio.to_thread(self._register, validate_workflow_id(workflow_id), workflow, owner, shared, new)
+        first). `by`: the label of the key writing it, kept with the time (audit)."""
+        return await asyncio.to_thread(
+            self._register, validate_workflow_id(workflow_id), workflow, owner, shared, new, by
+        )
 
     async def read_version(self, head: Stored, number: int) -> Stored:
         """Version `number` of the workflow whose newest is `head`; NotFound when there is none."""
@@ -207,19 +213,21 @@ class WorkflowStore:
             raise NotFound(f"no hosted workflow {workflow_id!r}") from None
         except (ValueError, UnicodeDecodeError):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not valid JSON; register it again") from None
-        owner, shared, number = None, False, None
+        owner, shared, number, by, at = None, False, None, None, None
         if isinstance(document, dict) and is_wrapper(document):
             owner = document.get("owner") if isinstance(document.get("owner"), str) else None
             shared = document.get("shared") is True
             number = document.get("version") if _is_number(document.get("version")) else None
+            by = document.get("by") if isinstance(document.get("by"), str) else None
+            at = document.get("at") if isinstance(document.get("at"), int | float) else None
             document = document["prompt"]  # a file dropped in by hand may keep the wrapper
         if not isinstance(document, dict):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not a workflow object; register it again")
         version = (found.st_ino, found.st_mtime_ns, found.st_size)
-        return Stored(workflow_id, document, modified, owner, shared, found.st_size, version, number)
+        return Stored(workflow_id, document, modified, owner, shared, found.st_size, version, number, by, at)
 
     def _register(
-        self, workflow_id: str, prompt: dict[str, Any], owner: str | None, shared: bool, new: bool
+        self, workflow_id: str, prompt: dict[str, Any], owner: str | None, shared: bool, new: bool, by: str | None
     ) -> tuple[bool, int]:
         path = self._path(workflow_id)
         if not new and not self.versions.numbers(workflow_id):
@@ -228,9 +236,9 @@ class WorkflowStore:
                 self.versions.add(workflow_id, before.workflow, registered_by(before.owner), before.modified)
             except NotFound:
                 pass
-        number = self.versions.add(workflow_id, prompt, registered_by(owner))
+        number = self.versions.add(workflow_id, prompt, registered_by(owner, by))
         try:
-            created = self._write(path, self._head(prompt, owner, shared, number), new)
+            created = self._write(path, self._head(prompt, owner, shared, number, by), new)
         except Conflict:
             self.versions.path(workflow_id, number).unlink(missing_ok=True)  # the other registration won
             raise
@@ -249,8 +257,11 @@ class WorkflowStore:
             written = newest
 
     @staticmethod
-    def _head(prompt: dict[str, Any], owner: str | None, shared: bool, number: int) -> dict[str, Any]:
-        return {"owner": owner, "shared": shared, "version": number, "prompt": prompt}
+    def _head(
+        prompt: dict[str, Any], owner: str | None, shared: bool, number: int, by: str | None = None
+    ) -> dict[str, Any]:
+        head = {"owner": owner, "shared": shared, "version": number, "prompt": prompt}
+        return head if by is None else {**head, "by": by, "at": time.time()}
 
     def _delete_version(self, head: Stored, number: int) -> None:
         workflow_id = head.workflow_id
