@@ -163,6 +163,7 @@ async def start_job(
     else:
         request, query = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
+    resources.check_models(request.workflow)  # model references' syntax and hosts, before any GPU time
     await check_task_owner(resources, request.task_id, owner)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():

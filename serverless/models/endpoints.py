@@ -1,0 +1,121 @@
+"""HTTP endpoints of the models API (CONTRACT.md section 8, "Models"). Changes (import, delete,
+pin) are model tasks started through the job runner, so they run where the models live: on one
+box by its own jobs, on a fleet by a worker; a gateway lists what its workers publish."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..core.credentials import Credentials
+from ..errors import InvalidParams, Unauthorized
+from ..jobs.runner import RunningJob
+from ..jobs.spec import JobSpec
+from ..state import app_state
+from ..transports.http import read_body
+from . import listing
+from .refs import check_folder, check_name
+from .tasks import import_task
+
+MAX_BODY = 64 * 1024
+
+
+def caller(request: Request) -> str | None:
+    owner = request.scope.get("state", {}).get("owner")
+    return owner if isinstance(owner, str) else None
+
+
+def check_may_change(request: Request) -> str | None:
+    """Who may import, delete and pin models: with API_KEYS, a caller with a valid key (the one
+    place to tighten to admin keys); without keys, anyone who reaches the instance."""
+    owner = caller(request)
+    if app_state(request).resources.settings.api_keys and not owner:
+        raise Unauthorized("changing the model store needs an API key (Authorization: Bearer <key>)")
+    return owner
+
+
+async def list_models(request: Request) -> Response:
+    """GET /api/models[?folder=]: the store's models (a gateway: its workers' stores)."""
+    resources = app_state(request).resources
+    folder = request.query_params.get("folder")
+    if folder is not None:
+        check_folder(folder)
+    if resources.models is not None:
+        models = await resources.models.listing(folder)
+    elif resources.redis is not None and resources.settings.role == "gateway":
+        models = await listing.merged(resources.redis.client, folder)
+    else:
+        models = []
+    return JSONResponse({"models": models})
+
+
+async def import_model(request: Request) -> Response:
+    """POST /api/models `{"source", "folder", "name"?, "sha256"?, "pin"?}`: 202 `{"task_id"}`;
+    `task`, `events` and `status` follow it (`serverless_progress` with `bytes_done`)."""
+    owner = check_may_change(request)
+    settings = app_state(request).resources.settings
+    body = await read_body(request, MAX_BODY, settings.body_timeout)
+    try:
+        parsed = json.loads(body or b"null")
+    except ValueError as exc:
+        raise InvalidParams("the body is not JSON") from exc
+    job = await _start(request, import_task(parsed), owner)
+    return JSONResponse({"task_id": job.task_id}, status_code=202)
+
+
+async def delete_model(request: Request) -> Response:
+    """DELETE /api/models/{folder}/{name}: the placed name removed (its file when no other name
+    holds it); 404 for a name the store does not hold, 409 while a running job uses it."""
+    owner = check_may_change(request)
+    folder, name = _path(request)
+    data = await _run(request, {"op": "delete", "folder": folder, "name": name}, owner)
+    return JSONResponse(data.get("deleted", {}))
+
+
+async def pin_model(request: Request) -> Response:
+    """PUT /api/models/{folder}/{name}/pin `{"pinned": bool}`: a pinned model is never evicted."""
+    owner = check_may_change(request)
+    folder, name = _path(request)
+    settings = app_state(request).resources.settings
+    try:
+        body = json.loads(await read_body(request, MAX_BODY, settings.body_timeout) or b"{}")
+    except ValueError as exc:
+        raise InvalidParams("the body is not JSON") from exc
+    pinned = body.get("pinned", True) if isinstance(body, dict) else None
+    if not isinstance(pinned, bool):
+        raise InvalidParams('the body must be {"pinned": true|false}')
+    data = await _run(request, {"op": "pin", "folder": folder, "name": name, "pinned": pinned}, owner)
+    return JSONResponse(data.get("model", {}))
+
+
+def _path(request: Request) -> tuple[str, str]:
+    return check_folder(request.path_params["folder"]), check_name(request.path_params["name"])
+
+
+async def _start(request: Request, task: dict[str, Any], owner: str | None) -> RunningJob:
+    state = app_state(request)
+    task_id = f"model-{uuid.uuid4().hex}"
+    spec = JobSpec(
+        workflow={},
+        mode="async",
+        task_id=task_id,
+        owner=owner,
+        credentials=Credentials.resolve(request.headers, state.resources.settings.cloud_credentials),
+        model_task={**task, "task_id": task_id},
+    )
+    return await state.jobs.start(spec)
+
+
+async def _run(request: Request, task: dict[str, Any], owner: str | None) -> dict[str, Any]:
+    """A short model task, waited for: its result data, or its error raised."""
+    job = await _start(request, task, owner)
+    event = await job.finished()
+    if event.error is not None:
+        raise event.error
+    payload: dict[str, Any] = json.loads(event.data)
+    data: dict[str, Any] = payload.get("data", {})
+    return data
