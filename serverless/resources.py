@@ -39,6 +39,7 @@ from .jobs.job import Publish, Release, Runtime, Workflow
 from .jobs.spec import OutputPolicy
 from .models import fetch, listing
 from .models.metrics import ModelMetrics
+from .models.needs import preload
 from .models.refs import ModelRef, model_loaders
 from .models.resolve import check_references, resolve_models
 from .models.store import ModelStore
@@ -129,6 +130,14 @@ class Resources:
                             )
                             if redis is not None and settings.queue_backend == "redis":
                                 await _publish_models(redis, settings.instance_id, model_store)
+                            if settings.models.preload_workflows:  # before the app answers: before ready
+                                await preload(
+                                    model_store,
+                                    workflows.store,
+                                    settings.models.preload_workflows,
+                                    model_loaders(settings.models.inputs),
+                                    Credentials.resolve({}, settings.cloud_credentials),
+                                )
                         try:
                             yield cls(
                                 settings,

@@ -205,3 +205,111 @@ def test_a_placed_model_is_listed_by_comfyui_at_once(deployment: Deploy, files: 
 
 def _listed_by_app(url: str) -> str:
     return requests.get(url + "/object_info/CheckpointLoaderSimple", timeout=10).text
+
+
+def test_an_oss_checkpoint_is_read_with_the_jobs_credentials(deployment: Deploy, tmp_path: Path) -> None:
+    from tests.test_oss_e2e import KEY_ID, local_oss_server, oss_env
+
+    bucket = "models-e2e"
+    data = safetensors(120_000, seed=7)
+    with local_oss_server(bucket) as oss:
+        oss.put_object(bucket, "ckpt/oss.safetensors", data)
+        app = deployment(**model_env(tmp_path), **oss_env(oss, bucket))
+        answer = post_run(app.url, with_checkpoint(f"oss://{bucket}/ckpt/oss.safetensors"))
+        assert answer.status_code == 200, answer.text
+        [model] = answer.json()["data"]["models"]
+        assert model["name"] == "oss.safetensors" and model["sha256"] == hashlib.sha256(data).hexdigest()
+        assert KEY_ID not in app.log_text()
+        # Another bucket is not the instance's to read (no confused deputy through a model reference).
+        other = post_run(app.url, with_checkpoint("oss://someone-elses/ckpt/x.safetensors"))
+        assert other.status_code == 400 and other.json()["error_code"] == "INPUT_ERROR", other.text
+
+
+def test_a_broken_download_resumes_where_it_stopped(deployment: Deploy, files: ModelServer, tmp_path: Path) -> None:
+    data = safetensors(1_000_000, seed=3)
+    url = files.add("resumed.safetensors", data)
+    files.break_after["resumed.safetensors"] = 600_000
+    app = deployment(**model_env(tmp_path))
+    broken = post_run(app.url, with_checkpoint(url))
+    assert broken.status_code == 400 and broken.json()["error_code"] == "INPUT_ERROR", broken.text
+    assert placed(tmp_path) == []
+    again = post_run(app.url, with_checkpoint(url))
+    assert again.status_code == 200, again.text
+    assert again.json()["data"]["models"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    [resumed_at] = files.ranges
+    assert resumed_at.startswith("bytes=") and 600_000 <= int(resumed_at[6:-1]) < len(data)  # not from 0
+
+
+def test_a_hash_names_a_model_the_store_holds(deployment: Deploy, files: ModelServer, tmp_path: Path) -> None:
+    data = safetensors(80_000, seed=5)
+    digest = hashlib.sha256(data).hexdigest()
+    url = files.add("byhash.safetensors", data)
+    app = deployment(**model_env(tmp_path))
+    unknown = post_run(app.url, with_checkpoint(f"sha256:{digest}"))
+    assert unknown.status_code == 400 and "holds no" in unknown.json()["error_message"], unknown.text
+    imported(app.url, {"source": f"{url}#sha256={digest}", "folder": "checkpoints", "pin": True})
+    answer = post_run(app.url, with_checkpoint(f"sha256:{digest}"))
+    assert answer.status_code == 200, answer.text
+    [model] = answer.json()["data"]["models"]
+    assert model["cached"] is True and model["name"] == "byhash.safetensors" and model["source"] == f"sha256:{digest}"
+    [listed] = requests.get(app.url + "/api/models", params={"folder": "checkpoints"}, timeout=10).json()["models"]
+    assert listed["pinned"] is True
+
+
+def test_a_malformed_reference_is_refused_before_it_runs(deployment: Deploy, tmp_path: Path) -> None:
+    app = deployment(**model_env(tmp_path))
+    answer = post_run(app.url, with_checkpoint("sha256:abc"))
+    assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text
+    assert "node 4" in answer.json()["error_message"]
+
+
+def test_a_hosted_workflow_lists_its_models_and_whether_they_are_held(
+    deployment: Deploy, files: ModelServer, tmp_path: Path
+) -> None:
+    url = files.add("hosted.safetensors", safetensors(60_000, seed=9))
+    app = deployment(**model_env(tmp_path))
+    put = requests.put(app.url + "/api/workflows/by-url", json=with_checkpoint(url), timeout=30)
+    assert put.status_code == 201, put.text
+
+    def needs() -> list[dict[str, Any]]:
+        described = requests.get(app.url + "/api/workflows/by-url", timeout=10).json()
+        return [m for m in described["models"] if m["node_id"] == "4"]
+
+    assert needs() == [{"node_id": "4", "input": "ckpt_name", "folder": "checkpoints", "model": url, "held": False}]
+    assert requests.post(app.url + "/api/workflows/by-url/run", json={}, timeout=60).status_code == 200
+    wait_until(lambda: needs()[0]["held"], timeout=20)
+
+
+def test_preload_workflows_fetches_their_models_before_the_app_is_up(files: ModelServer, tmp_path: Path) -> None:
+    from tests.servers import InProcessApp, InProcessEmulator
+
+    url = files.add("preloaded.safetensors", safetensors(70_000, seed=11))
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "pre.json").write_text(json.dumps(with_checkpoint(url)))
+    emulator = InProcessEmulator(tmp_path / "emulator", models_dir=tmp_path / "models")
+    try:
+        env = {
+            **model_env(tmp_path, PRELOAD_WORKFLOWS="pre"),
+            "COMFYUI_URL": emulator.url,
+            "STATUS_DIR": str(tmp_path / "status"),
+            "WORKFLOWS_DIR": str(tmp_path / "workflows"),
+        }
+        app = InProcessApp(tmp_path, env)
+        try:
+            assert files.gets["preloaded.safetensors"] == 1  # before the app answered anything
+            assert (tmp_path / "models" / "checkpoints" / "preloaded.safetensors").exists()
+        finally:
+            app.stop()
+    finally:
+        emulator.stop()
+
+
+def test_with_api_keys_changing_models_needs_a_key(deployment: Deploy, files: ModelServer, tmp_path: Path) -> None:
+    url = files.add("keyed.safetensors", safetensors(30_000))
+    app = deployment(**model_env(tmp_path, API_KEYS="models-api-key-0001"))
+    refused = requests.post(app.url + "/api/models", json={"source": url, "folder": "loras"}, timeout=30)
+    assert refused.status_code == 401 and refused.json()["error_code"] == "UNAUTHORIZED"
+    keyed = {"Authorization": "Bearer models-api-key-0001"}
+    started = requests.post(app.url + "/api/models", json={"source": url, "folder": "loras"}, headers=keyed, timeout=30)
+    assert started.status_code == 202, started.text
+    assert requests.delete(app.url + "/api/models/loras/keyed.safetensors", timeout=30).status_code == 401

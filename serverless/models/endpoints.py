@@ -15,9 +15,11 @@ from ..core.credentials import Credentials
 from ..errors import InvalidParams, Unauthorized
 from ..jobs.runner import RunningJob
 from ..jobs.spec import JobSpec
+from ..resources import Resources
 from ..state import app_state
 from ..transports.http import read_body
 from . import listing
+from .needs import needed_models
 from .refs import check_folder, check_name
 from .tasks import import_task
 
@@ -44,13 +46,25 @@ async def list_models(request: Request) -> Response:
     folder = request.query_params.get("folder")
     if folder is not None:
         check_folder(folder)
+    return JSONResponse({"models": await held_models(resources, folder)})
+
+
+async def held_models(resources: Resources, folder: str | None = None) -> list[dict[str, Any]]:
+    """The store's listing here; a gateway's: what its workers published."""
     if resources.models is not None:
-        models = await resources.models.listing(folder)
-    elif resources.redis is not None and resources.settings.role == "gateway":
-        models = await listing.merged(resources.redis.client, folder)
-    else:
-        models = []
-    return JSONResponse({"models": models})
+        return await resources.models.listing(folder)
+    if resources.redis is not None and resources.settings.role == "gateway":
+        return await listing.merged(resources.redis.client, folder)
+    return []
+
+
+async def workflow_models(request: Request, workflow_id: str) -> list[dict[str, Any]]:
+    """The models a hosted workflow needs, each with whether it is held (`needs.needed_models`)."""
+    resources = app_state(request).resources
+    described = await resources.workflows.describe(workflow_id, False, caller(request))
+    info = await resources.workflows.object_info.get()
+    held = await held_models(resources)
+    return needed_models(described.stored.workflow, info, resources.model_loaders, held)
 
 
 async def import_model(request: Request) -> Response:

@@ -182,10 +182,10 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
     finally:
         if pending is not None:  # the write under way ends before the file is closed or reopened
             await asyncio.gather(pending, return_exceptions=True)
+        if batch:  # what arrived is kept, also when the body broke off: a later try resumes after it
+            await asyncio.to_thread(writer.write, b"".join(batch))
     if pending is not None:
         pending.result()
-    if batch:
-        await asyncio.to_thread(writer.write, b"".join(batch))
     if total is not None and done != total:
         raise DownloadError("response body broken off")
     if on_progress is not None:

@@ -126,6 +126,12 @@ def folder_of(class_type: Any, input_name: str, extra: Mapping[tuple[str, str], 
     return MODEL_INPUT_FOLDERS.get(input_name)
 
 
+def is_model_reference(class_type: Any, input_name: str, value: Any) -> bool:
+    """Whether `value` is a model reference in a built-in model loader input (which ComfyUI
+    will be given a placed name for, not this value)."""
+    return isinstance(value, str) and is_reference(value) and folder_of(class_type, input_name, {}) is not None
+
+
 def find_model_inputs(workflow: Mapping[str, Any], extra: Mapping[tuple[str, str], str]) -> list[ModelInput]:
     """The model references of an API-format workflow, in workflow order; InvalidParams (naming
     the node and input) for a malformed one."""
