@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import procs, suite
+from . import models, procs, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
@@ -57,6 +57,8 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
                 figures += await suite.open_streams_memory(ctx)
                 figures += await suite.base64_peak(ctx)
                 figures += await suite.oss_overlap(ctx)
+                if emulator is not None:  # its own emulator (a models folder), app and file server
+                    figures += await models.models(session, workdir / "models", quick)
                 notes = ctx.notes
             finally:
                 if app is not None:
@@ -112,6 +114,9 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "- **Memory**: VmRSS of the app process. Open streams: SSE jobs queued behind a long one, all",
         "  holding a connection. Base64: a fresh app, warmed by 3 small jobs, then one job whose PNG is",
         "  ~20 MB of noise; peak is VmHWM after resetting it (`clear_refs`).",
+        "- **Models**: a cached model reference (a URL the store holds) against the file name, jobs",
+        "  alternating (difference of medians); an import's own `download_s` against `curl -o` of the",
+        "  same loopback file (`python -m http.server`). Details: `bench/models.py`.",
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",

@@ -162,8 +162,7 @@ def check_folder(folder: str) -> str:
 
 
 def check_name(name: str) -> str:
-    """A model's file name inside its folder: safe segments joined by `/`, no `..`."""
-    parts = name.split("/")
-    if not name or len(name) > 255 or not all(_SAFE_NAME.fullmatch(p) and not p.startswith(".") for p in parts):
+    """A model's file name inside its folder: one safe segment (no `/`, no leading `.`)."""
+    if not _SAFE_NAME.fullmatch(name) or name.startswith("."):
         raise InvalidParams(f"not a model file name: {name[:64]!r} (letters, digits, . _ - + ( ) and spaces)")
     return name
