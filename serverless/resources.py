@@ -157,6 +157,8 @@ class Resources:
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
                             await webhooks.drain(settings.webhook_timeout + 1)
+                            if model_store is not None:
+                                await model_store.aclose()
                 finally:
                     await status.aclose()
                     if store is not None:

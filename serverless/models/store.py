@@ -120,7 +120,7 @@ class ModelStore:
         if flight is None:
             flight = _Flight(asyncio.create_task(self._fetch(ref, credentials), name=f"model download {ref.key[:12]}"))
             self._flights[ref.key] = flight
-            flight.task.add_done_callback(lambda _: self._flights.pop(ref.key, None))
+            flight.task.add_done_callback(lambda task: self._landed(ref.key, task))
         if progress is not None:
             flight.listeners.append(progress)
         try:
@@ -134,6 +134,19 @@ class ModelStore:
         placed = await asyncio.to_thread(self._place, digest, folder, name or ref.file_name(), pinned)
         await self._changed()
         return Placed(folder, placed, digest, size, ref.shown, seconds == 0.0, round(seconds, 4))
+
+    def _landed(self, key: str, task: asyncio.Task[tuple[str, int, float]]) -> None:
+        """A download ended: the next caller starts afresh (its failure was told to its waiters)."""
+        self._flights.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone (cancelled) before it failed
+
+    async def aclose(self) -> None:
+        """Stop the downloads under way (their partial files stay, to be resumed)."""
+        tasks = [flight.task for flight in self._flights.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _changed(self) -> None:
         """Tell ComfyUI's readers (the /object_info cache, a fleet's gateways) of a change."""
