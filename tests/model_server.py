@@ -36,6 +36,7 @@ class ModelServer:
         self.files: dict[str, bytes] = {}
         self.gets: Counter[str] = Counter()
         self.ranges: list[str] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each GET
         self.delay = 0.0  # seconds slept per chunk
         self.break_after: dict[str, int] = {}  # name -> bytes sent before hanging up (once)
         self._sock = socket.socket()
@@ -70,6 +71,7 @@ class ModelServer:
         name = request.match_info["name"]
         if request.method == "GET":
             self.gets[name] += 1
+            self.authorizations.append(request.headers.get("Authorization"))
         if name not in self.files:
             raise web.HTTPNotFound()
         data = self.files[name]

@@ -71,6 +71,18 @@ def test_a_checkpoint_by_url_runs_then_comes_from_the_store(
     assert files.gets["tiny.safetensors"] == 1
 
 
+def test_a_hosts_authorization_goes_to_it_and_is_never_logged(
+    deployment: Deploy, files: ModelServer, tmp_path: Path
+) -> None:
+    url = files.add("private.safetensors", safetensors(20_000))
+    token = "Bearer model-registry-token-never-logged"
+    app = deployment(**model_env(tmp_path, MODEL_AUTH_HEADERS=json.dumps({"127.0.0.1": token})))
+    answer = post_run(app.url, with_checkpoint(url))
+    assert answer.status_code == 200, answer.text
+    assert files.authorizations == [token]
+    assert "model-registry-token" not in app.log_text()
+
+
 def test_five_runs_naming_a_new_url_make_one_download(deployment: Deploy, files: ModelServer, tmp_path: Path) -> None:
     url = files.add("shared.safetensors", safetensors(2_000_000))
     files.delay = 0.005  # ~30 chunks: the five requests overlap the download
@@ -83,7 +95,7 @@ def test_five_runs_naming_a_new_url_make_one_download(deployment: Deploy, files:
     assert names == {"shared.safetensors"}
 
 
-@pytest.mark.parametrize("case", ["wrong pin", "private address", "too large"])
+@pytest.mark.parametrize("case", ["wrong pin", "private address", "too large", "not safetensors"])
 def test_a_refused_model_fails_clearly_and_nothing_is_placed(
     deployment: Deploy, files: ModelServer, tmp_path: Path, case: str
 ) -> None:
@@ -94,9 +106,11 @@ def test_a_refused_model_fails_clearly_and_nothing_is_placed(
         reference, expected = f"{url}#sha256={'0' * 64}", "not the pinned"
     elif case == "private address":
         reference, expected = "http://169.254.169.254/latest/model.safetensors", "blocked address"
-    else:
+    elif case == "too large":
         reference, expected = url, "larger than"
         env["MODEL_MAX_BYTES"] = "50000"
+    else:
+        reference, expected = files.add("page.safetensors", b"<html>Not Found</html>" * 10), "not a usable safetensors"
     app = deployment(**env)
     answer = post_run(app.url, with_checkpoint(reference))
     assert answer.status_code == 400, answer.text

@@ -4,6 +4,7 @@ box by its own jobs, on a fleet by a worker; a gateway lists what its workers pu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -13,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..core.credentials import Credentials
 from ..errors import InvalidParams, Unauthorized
+from ..inputs.resolve import BIG_WORKFLOW_NODES
 from ..jobs.runner import RunningJob
 from ..jobs.spec import JobSpec
 from ..resources import Resources
@@ -64,7 +66,10 @@ async def workflow_models(request: Request, workflow_id: str) -> list[dict[str, 
     described = await resources.workflows.describe(workflow_id, False, caller(request))
     info = await resources.workflows.object_info.get()
     held = await held_models(resources)
-    return needed_models(described.stored.workflow, info, resources.model_loaders, held)
+    workflow = described.stored.workflow
+    if len(workflow) >= BIG_WORKFLOW_NODES:  # its nodes are looked through off the event loop
+        return await asyncio.to_thread(needed_models, workflow, info, resources.model_loaders, held)
+    return needed_models(workflow, info, resources.model_loaders, held)
 
 
 async def import_model(request: Request) -> Response:

@@ -35,6 +35,8 @@ MODEL_CLASS_INPUTS: Mapping[tuple[str, str], str] = {
     ("UpscaleModelLoader", "model_name"): "upscale_models",
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
 }
+# Every input name a built-in loader reads a model from: looked up before anything else is.
+_MODEL_INPUT_NAMES = frozenset({*MODEL_INPUT_FOLDERS, *(name for _, name in MODEL_CLASS_INPUTS)})
 MODEL_FOLDERS = frozenset(
     {*MODEL_INPUT_FOLDERS.values(), *MODEL_CLASS_INPUTS.values(), "embeddings", "clip", "unet", "style_models"}
 )
@@ -129,18 +131,25 @@ def folder_of(class_type: Any, input_name: str, extra: Mapping[tuple[str, str], 
 def is_model_reference(class_type: Any, input_name: str, value: Any) -> bool:
     """Whether `value` is a model reference in a built-in model loader input (which ComfyUI
     will be given a placed name for, not this value)."""
-    return isinstance(value, str) and is_reference(value) and folder_of(class_type, input_name, {}) is not None
+    return (
+        input_name in _MODEL_INPUT_NAMES
+        and isinstance(value, str)
+        and is_reference(value)
+        and folder_of(class_type, input_name, {}) is not None
+    )
 
 
 def find_model_inputs(workflow: Mapping[str, Any], extra: Mapping[tuple[str, str], str]) -> list[ModelInput]:
     """The model references of an API-format workflow, in workflow order; InvalidParams (naming
     the node and input) for a malformed one."""
     found = []
+    names = _MODEL_INPUT_NAMES | {name for _, name in extra}
     for node_id, node in workflow.items():
-        if not isinstance(node, Mapping) or not isinstance(node.get("inputs"), Mapping):
+        inputs = node.get("inputs") if type(node) is dict else None  # JSON: dicts (an ABC check is slow)
+        if type(inputs) is not dict:
             continue
-        for name, value in node["inputs"].items():
-            if not isinstance(value, str) or not is_reference(value):
+        for name, value in inputs.items():
+            if name not in names or not isinstance(value, str) or not is_reference(value):
                 continue
             folder = folder_of(node.get("class_type"), name, extra)
             if folder is None:

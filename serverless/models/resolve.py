@@ -13,6 +13,7 @@ from yarl import URL
 from ..core.credentials import Credentials
 from ..errors import InputError, ServerlessError
 from ..inputs.download import DownloadPolicy, check_url
+from ..inputs.resolve import BIG_WORKFLOW_NODES
 from .refs import ModelInput, find_model_inputs
 from .store import ModelStore, Placed
 
@@ -49,7 +50,10 @@ async def resolve_models(
     credentials: Credentials | None,
 ) -> Resolved:
     """`workflow` (a copy when it names models) with every reference replaced by its placed name."""
-    found = find_model_inputs(workflow, extra)
+    if len(workflow) >= BIG_WORKFLOW_NODES:  # a big workflow's nodes are looked through off the event loop
+        found = await asyncio.to_thread(find_model_inputs, workflow, extra)
+    else:
+        found = find_model_inputs(workflow, extra)
     if not found:
         return Resolved(workflow, [], [])
     if store is None:
@@ -73,7 +77,9 @@ async def resolve_models(
             raise first from first.__cause__
         raise
     placed = {key: task.result() for key, task in tasks.items()}
-    result = {node_id: dict(node) for node_id, node in workflow.items()}
+    result = dict(workflow)  # only the nodes that change are copied
+    for item in found:
+        result[item.node_id] = dict(result[item.node_id])
     models = []
     for item in found:
         model = placed[(item.ref.location, item.folder)]
