@@ -69,8 +69,8 @@ def test_input_allowed_hosts_takes_host_names_addresses_and_networks():
 def test_server_settings_default_to_loopback_port_9000_text_logs_and_no_access_log():
     settings = Settings.from_env({})
 
-    assert (settings.host, settings.port) == ("127.0.0.1", 9000)
-    assert (settings.log_level, settings.log_format, settings.access_log) == ("INFO", "text", False)
+    assert (settings.service.host, settings.service.port) == ("127.0.0.1", 9000)
+    assert (settings.service.log_level, settings.service.log_format, settings.service.access_log) == ("INFO", "text", False)
 
 
 def test_on_fc_the_server_listens_on_all_addresses_unless_host_says_otherwise():
@@ -89,8 +89,8 @@ def test_server_settings_are_read_from_their_variables():
         }
     )
 
-    assert (settings.host, settings.port) == ("::", 8080)
-    assert (settings.log_level, settings.log_format, settings.access_log) == ("DEBUG", "json", True)
+    assert (settings.service.host, settings.service.port) == ("::", 8080)
+    assert (settings.service.log_level, settings.service.log_format, settings.service.access_log) == ("DEBUG", "json", True)
 
 
 ENTRY_POINTS = {

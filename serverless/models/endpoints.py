@@ -37,7 +37,7 @@ def check_may_change(request: Request) -> str | None:
     """Who may import, delete and pin models: with API_KEYS, a caller with a valid key (the one
     place to tighten to admin keys); without keys, anyone who reaches the instance."""
     owner = caller(request)
-    if app_state(request).resources.settings.api_keys and not owner:
+    if app_state(request).resources.settings.security.api_keys and not owner:
         raise Unauthorized("changing the model store needs an API key (Authorization: Bearer <key>)")
     return owner
 
@@ -55,7 +55,7 @@ async def held_models(resources: Resources, folder: str | None = None) -> list[d
     """The store's listing here; a gateway's: what its workers published."""
     if resources.models is not None:
         return await resources.models.listing(folder)
-    if resources.redis is not None and resources.settings.role == "gateway":
+    if resources.redis is not None and resources.settings.fleet.role == "gateway":
         return await listing.merged(resources.redis.client, folder)
     return []
 
@@ -77,7 +77,7 @@ async def import_model(request: Request) -> Response:
     `task`, `events` and `status` follow it (`serverless_progress` with `bytes_done`)."""
     owner = check_may_change(request)
     settings = app_state(request).resources.settings
-    body = await read_body(request, MAX_BODY, settings.body_timeout)
+    body = await read_body(request, MAX_BODY, settings.inputs.timeout)
     try:
         parsed = json.loads(body or b"null")
     except ValueError as exc:
@@ -101,7 +101,7 @@ async def pin_model(request: Request) -> Response:
     folder, name = _path(request)
     settings = app_state(request).resources.settings
     try:
-        body = json.loads(await read_body(request, MAX_BODY, settings.body_timeout) or b"{}")
+        body = json.loads(await read_body(request, MAX_BODY, settings.inputs.timeout) or b"{}")
     except ValueError as exc:
         raise InvalidParams("the body is not JSON") from exc
     pinned = body.get("pinned", True) if isinstance(body, dict) else None
@@ -123,7 +123,7 @@ async def _start(request: Request, task: dict[str, Any], owner: str | None) -> R
         mode="async",
         task_id=task_id,
         owner=owner,
-        credentials=Credentials.resolve(request.headers, state.resources.settings.cloud_credentials),
+        credentials=Credentials.resolve(request.headers, state.resources.settings.oss.credentials),
         model_task={**task, "task_id": task_id},
     )
     return await state.jobs.start(spec)
