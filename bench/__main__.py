@@ -19,13 +19,13 @@ from pathlib import Path
 
 import aiohttp
 
-from . import fleet_cost, procs, suite
+from . import fleet_cost, models, procs, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
 
 
-SECTIONS = ("startup", "overhead", "latency", "throughput", "memory", "oss", "w2", "w3", "fleet")
+SECTIONS = ("startup", "overhead", "latency", "throughput", "memory", "oss", "w2", "w3", "fleet", "models")
 
 
 async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[list[Figure], list[str], float]:
@@ -77,6 +77,8 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
                     figures += await suite.oss_overlap(ctx)
                 if "fleet" in only:
                     figures += await fleet_cost.fleet_cost(workdir / "fleet", quick)
+                if "models" in only and emulator is not None:  # its own emulator (a models folder), app and file server
+                    figures += await models.models(session, workdir / "models", quick)
                 notes = ctx.notes
             finally:
                 if app is not None:
@@ -149,6 +151,9 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "  jobs. Added latency: the 64x64 job alternately through the box and gateway + worker, one at",
         "  a time. One worker: 4 ms jobs, 10 clients looping, against the box. N workers: 0.5 s jobs,",
         "  2N clients, against N times the box's rate with 2 clients.",
+        "- **Models**: a cached model reference (a URL the store holds) against the file name, jobs",
+        "  alternating (difference of medians); an import's own `download_s` against `curl -o` of the",
+        "  same loopback file (`python -m http.server`). Details: `bench/models.py`.",
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",

@@ -1,10 +1,11 @@
 """`python -m comfyui_emulator [--host H] [--port P] [--root DIR] [--step-delay S] [--preview-size N]
-[--preview-method auto|none]`."""
+[--preview-method auto|none] [--models-dir DIR]`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from aiohttp import web
@@ -32,10 +33,17 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="KSampler previews: a JPEG frame per step (auto, latent2rgb) or none (default auto)",
     )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path(os.environ["MODELS_DIR"]) if os.environ.get("MODELS_DIR") else None,
+        help="ComfyUI's models folder: files under <dir>/checkpoints are the checkpoint loader's options "
+        "(default $MODELS_DIR; unset: the recorded names)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     web.run_app(
-        create_app(args.root, args.step_delay, args.preview_size, args.preview_method != "none"),
+        create_app(args.root, args.step_delay, args.preview_size, args.preview_method != "none", args.models_dir),
         host=args.host,
         port=args.port,
         shutdown_timeout=2.0,

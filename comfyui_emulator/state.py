@@ -111,9 +111,12 @@ class Emulator:
 EMULATOR = web.AppKey("emulator", Emulator)
 
 
-def build_emulator(root: Path, step_delay: float, preview_size: int = 512, previews: bool = True) -> Emulator:
-    """Create the state for one emulator rooted at `root` (folders are created by the app on start)."""
-    folders = Folders(Path(root))
+def build_emulator(
+    root: Path, step_delay: float, preview_size: int = 512, previews: bool = True, models_dir: Path | None = None
+) -> Emulator:
+    """Create the state for one emulator rooted at `root` (folders are created by the app on start);
+    `models_dir` is ComfyUI's models folder, listed by the loaders."""
+    folders = Folders(Path(root), Path(models_dir) if models_dir is not None else None)
     return Emulator(
         folders=folders,
         config=Config(step_delay=step_delay, previews=float(previews), preview_size=float(preview_size)),

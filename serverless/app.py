@@ -23,6 +23,7 @@ from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, 
 from .genstudio import endpoints as genstudio
 from .jobs.registry import Jobs
 from .jobs.runner import EventSource
+from .models import endpoints as models
 from .ops import endpoints as ops
 from .ops.metrics import Metrics
 from .resources import Resources
@@ -213,6 +214,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}/versions/{version}", workflows.delete_version, methods=["DELETE"]),
         Route("/api/workflows/{workflow_id}/aliases/{alias}", workflows.put_alias, methods=["PUT"]),
         Route("/api/workflows/{workflow_id}/aliases/{alias}", workflows.delete_alias, methods=["DELETE"]),
+        Route("/api/models", models.list_models, methods=["GET"]),
+        Route("/api/models", models.import_model, methods=["POST"]),
+        Route("/api/models/{folder}/{name}/pin", models.pin_model, methods=["PUT"]),
+        Route("/api/models/{folder}/{name}", models.delete_model, methods=["DELETE"]),
         Route("/api/files/{token}", files.download, methods=["GET"]),
         Route("/api/files/{token}/{name}", files.download, methods=["GET"]),  # the same, named for saving
         Route("/api/maas/comfy_task_api/prompt", genstudio.prompt, methods=["POST"]),

@@ -8,6 +8,7 @@ every `repr`; a request's own credentials are never stored here.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -546,6 +547,75 @@ class BatchSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """Models on demand (`serverless.models`): ComfyUI's models folder, the content-addressed cache
+    beside it, what a download may be and reach, and the per-host `Authorization` of private
+    registries (kept out of every `repr`). `dir` unset: model references are refused."""
+
+    dir: Path | None = None  # MODELS_DIR
+    cache_dir: Path | None = None  # MODEL_CACHE_DIR (default <MODELS_DIR>/.cache: one file system, hard links)
+    cache_max_bytes: int = 0  # 0: no bound
+    max_bytes: int = 64 * 1024 * MiB  # one model file
+    timeout: float = 3600.0  # one download, all hops
+    allowed_hosts: tuple[str, ...] = ()
+    inputs: tuple[tuple[str, str, str], ...] = ()  # (class_type, input, folder)
+    auth_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # host -> Authorization
+    preload_workflows: tuple[str, ...] = ()
+
+    @property
+    def cache(self) -> Path | None:
+        """Where the store keeps its files (None: no models folder, no store)."""
+        if self.dir is None:
+            return None
+        return self.cache_dir or self.dir / ".cache"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ModelSettings:
+        return cls(
+            dir=_folder(env, "MODELS_DIR"),
+            cache_dir=_folder(env, "MODEL_CACHE_DIR"),
+            cache_max_bytes=_integer(env, "MODEL_CACHE_MAX_BYTES", 0),
+            max_bytes=_integer(env, "MODEL_MAX_BYTES", 64 * 1024 * MiB, minimum=1),
+            timeout=_number(env, "MODEL_DOWNLOAD_TIMEOUT", 3600.0, minimum=1.0),
+            allowed_hosts=_allowed_hosts(env, "MODEL_ALLOWED_HOSTS"),
+            inputs=_model_inputs(env, "MODEL_INPUTS"),
+            auth_headers=_auth_headers(env, "MODEL_AUTH_HEADERS"),
+            preload_workflows=_names(env, "PRELOAD_WORKFLOWS"),
+        )
+
+
+def _model_inputs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str, str], ...]:
+    """`Class.input=folder` entries, comma-separated."""
+    found = []
+    for item in _names(env, name):
+        pair, eq, folder = item.partition("=")
+        class_type, dot, input_name = pair.strip().rpartition(".")
+        folder = folder.strip()
+        if not eq or not dot or not class_type or not input_name or not _MODEL_FOLDER.fullmatch(folder):
+            raise _bad(name, env.get(name, ""), f"{item!r} is not of the form ClassType.input=folder")
+        found.append((class_type, input_name, folder))
+    return tuple(found)
+
+
+def _auth_headers(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """A JSON object of host -> Authorization value (`{"hf.co": "Bearer hf_..."}`); the values
+    are secrets and never echoed in an error."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: not a JSON object of host to Authorization value") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise SettingsError(f"{name}: must be a JSON object of host names to strings")
+    return {host.strip().lower().rstrip("."): header for host, header in value.items()}
+
+
+_MODEL_FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the adapter is configured with, grouped by concern. Build it with
     `Settings.from_env()`."""
@@ -562,6 +632,7 @@ class Settings:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     batches: BatchSettings = field(default_factory=BatchSettings)
     tenants: TenantSettings = field(default_factory=TenantSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
     deprecated: tuple[str, ...] = ()  # a line per old setting name in use, logged at start-up
 
     @property
@@ -595,6 +666,7 @@ class Settings:
             security=SecuritySettings.from_env(env),
             batches=BatchSettings.from_env(env),
             tenants=TenantSettings.from_env(env),
+            models=ModelSettings.from_env(env),
             deprecated=deprecated,
         )._checked()
 

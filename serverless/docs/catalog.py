@@ -374,6 +374,60 @@ OPERATIONS: tuple[Operation, ...] = (
         ("400", "404"),
         "events",
     ),
+    # -- models (issue 29) -----------------------------------------------------------------------
+    Operation(
+        "/api/models",
+        "get",
+        "models",
+        "The models the store holds",
+        "Each placed model: `folder`, `name` (as ComfyUI lists it), `sha256`, `bytes`, `source`, `pinned`, "
+        "`last_used`. On a fleet's gateway: what its workers' stores published.",
+        (Param("folder", "query", "only this models folder (checkpoints, loras, vae...)"),),
+        replies=(Reply("200", '`{"models": [...]}`', "object"),),
+        operation_id="listModels",
+    ),
+    Operation(
+        "/api/models",
+        "post",
+        "models",
+        "Import a model",
+        'Body `{"source", "folder", "name"?, "sha256"?, "pin"?}`: `source` is `https://...`, `oss://bucket/key`, '
+        "`s3://bucket/key` or `sha256:<hex>`. Runs as a task where the models live (a fleet: a worker); follow it "
+        "with `task`, `events` or `status` (`serverless_progress` carries `bytes_done` and `bytes_total`). "
+        "With API keys, a key is needed.",
+        body_required=True,
+        replies=(Reply("202", "the import's task", "Accepted"),),
+        errors=("400", "401"),
+        operation_id="importModel",
+    ),
+    Operation(
+        "/api/models/{folder}/{name}",
+        "delete",
+        "models",
+        "Delete a model",
+        "Removes the placed name (and the file when no other name holds it). 409 while a running job uses it.",
+        (
+            Param("folder", "path", "the models folder", required=True),
+            Param("name", "path", "the model's name", required=True),
+        ),
+        replies=(Reply("200", '`{"folder", "name"}` deleted', "object"),),
+        errors=("400", "401", "404", "409"),
+        operation_id="deleteModel",
+    ),
+    Operation(
+        "/api/models/{folder}/{name}/pin",
+        "put",
+        "models",
+        "Pin or unpin a model",
+        'Body `{"pinned": true|false}`: a pinned model is never evicted under MODEL_CACHE_MAX_BYTES.',
+        (
+            Param("folder", "path", "the models folder", required=True),
+            Param("name", "path", "the model's name", required=True),
+        ),
+        replies=(Reply("200", "the model's listing entry", "object"),),
+        errors=("400", "401", "404"),
+        operation_id="pinModel",
+    ),
     # -- result delivery (issue 14) -------------------------------------------------------------
     Operation(
         "/api/files/{token}",
@@ -582,7 +636,8 @@ COMFYUI_OPERATIONS: tuple[Operation, ...] = (
     ),
     *_comfyui("/system_stats", "get", "A worker's ComfyUI's system stats"),
     *_comfyui("/embeddings", "get", "A worker's ComfyUI's embeddings"),
-    *_comfyui("/models", "get", "A worker's ComfyUI's model folders"),
+    # `GET /api/models` is ours (the model store, CONTRACT section 8); ComfyUI's answers at `/models`.
+    *(op for op in _comfyui("/models", "get", "A worker's ComfyUI's model folders") if op.path != "/api/models"),
     *_comfyui(
         "/models/{folder}", "get", "The models in one folder", "", Param("folder", "path", "the folder", required=True)
     ),
@@ -733,6 +788,7 @@ TAGS = {
     "workflows": "Hosted workflows: register once, run with parameters",
     "jobs": "Job control: summary, cancel, resumable events",
     "delivery": "Result delivery",
+    "models": "Models on demand: the content-addressed model store",
     "operations": "Health, readiness, metrics",
     "fc": "Function Compute lifecycle hooks",
     "docs": "This reference and the playground",

@@ -54,6 +54,7 @@ def encode_spec(spec: JobSpec) -> bytes:
             "callback_url": spec.callback_url,
             "previews": spec.previews,
             "native": spec.native,
+            "model_task": spec.model_task,
         }
     )
 
@@ -89,6 +90,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         callback_url=raw.get("callback_url"),
         previews=bool(raw.get("previews", False)),
         native=bool(raw.get("native")),
+        model_task=raw.get("model_task"),
     )
 
 

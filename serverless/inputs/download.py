@@ -283,6 +283,11 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     return body.getvalue()
 
 
+def describe_client_error(exc: aiohttp.ClientError) -> str:
+    """What may be said of an aiohttp failure: never its URL (model downloads use it too)."""
+    return _describe_client_error(exc)
+
+
 def _describe_client_error(exc: aiohttp.ClientError) -> str:
     # aiohttp's own messages can contain the URL (with its query), so they are not passed on.
     if isinstance(exc, aiohttp.ClientConnectorDNSError):

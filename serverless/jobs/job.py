@@ -31,6 +31,7 @@ from ..errors import (
     ComfyUIUnavailable,
     ExecutionFailed,
     ExecutionInterrupted,
+    InvalidParams,
     JobTimeout,
     OutputError,
     ServerlessError,
@@ -57,6 +58,28 @@ Settle = Callable[[Outcome], Awaitable[ServerlessError | None]]
 Gate = Callable[[str | None, int], contextlib.AbstractAsyncContextManager[None]]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
 OutputFactory = Callable[[OutputPolicy, Credentials | None, ReadyCallback], OutputCollector]
+# Model references (`serverless.models`): the workflow naming placed models, `data.models`, and
+# what releases them (they are in use, never evicted, until the job ends).
+Release = Callable[[], None]
+ModelResolver = Callable[[Workflow, Credentials | None], Awaitable[tuple[Workflow, list[dict[str, Any]], Release]]]
+# A model task (import, delete, pin: `JobSpec.model_task`) run where the models live: its result data.
+Publish = Callable[[dict[str, Any]], object]
+ModelTasks = Callable[[dict[str, Any], Credentials | None, Publish], Awaitable[dict[str, Any]]]
+
+
+def _nothing() -> None:
+    return None
+
+
+async def no_models(
+    workflow: Workflow, credentials: Credentials | None
+) -> tuple[Workflow, list[dict[str, Any]], Release]:
+    """Without a model store: references are left to ComfyUI (which lists no such name)."""
+    return workflow, [], _nothing
+
+
+async def no_model_tasks(task: dict[str, Any], credentials: Credentials | None, publish: Publish) -> dict[str, Any]:
+    raise InvalidParams("this instance has no model store (set MODELS_DIR)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +101,8 @@ class Runtime:
     preview_max_fps: float = 4.0  # PREVIEW_MAX_FPS
     preview_in_status: bool = False  # PREVIEW_IN_STATUS: previews are published (and recorded), not shown
     estimates: Estimates = field(default_factory=Estimates)  # how long things took, for progress
+    resolve_models: ModelResolver = no_models  # model references fetched into the store and placed
+    model_tasks: ModelTasks = no_model_tasks  # imports, deletes and pins of the models API
 
 
 @dataclass(slots=True)
@@ -122,6 +147,7 @@ class Job:
         self.recorder = recorder
         self.clock = Clock()
         self._failure: ServerlessError | None = None
+        self._release_models: Release = _nothing
         self._outputs_seen: dict[str, dict[str, Any]] = {}
         self._succeeded = False  # ComfyUI said `execution_success` for the prompt
         self._task: asyncio.Task[Any] | None = None
@@ -146,6 +172,7 @@ class Job:
         # retry): a drain that runs out of time, or a ComfyUI that dies under the job, then gives
         # it back to the queue (`HandedOff`) rather than ending it, unless it made outputs already.
         self.may_hand_off = False
+        self.models_downloaded = 0  # model references fetched for this job (not from the cache)
         # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
         self.gate: Gate | None = None
 
@@ -288,6 +315,7 @@ class Job:
 
     def _finish(self, outcome: Outcome) -> None:
         outcome = self._decided(outcome)
+        self._release_models()
         log.info(
             "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
             self.task_id,
@@ -393,6 +421,9 @@ class Job:
 
     async def _execute(self) -> dict[str, Any]:
         runtime, spec = self.runtime, self.spec
+        if spec.model_task is not None:  # the models API's import, delete or pin: no ComfyUI run
+            done = await runtime.model_tasks(spec.model_task, spec.credentials, self.feed.publish_payload)
+            return {"type": "serverless_api", "data": {"task_id": self.task_id, **done}}
         generation = await runtime.comfyui_ready()
         instance = None if spec.native else runtime.instance_id  # ComfyUI's API keeps its prefixes
         if spec.big:
@@ -400,6 +431,8 @@ class Job:
         else:
             prepared = prepare_workflow(spec.workflow, instance)
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
+        workflow, models, self._release_models = await runtime.resolve_models(workflow, spec.credentials)
+        self.models_downloaded = sum(1 for model in models if not model.get("cached"))  # its key's usage
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
             # ComfyUI's `status` broadcasts (one per queue change, to every client: ~3N per job
@@ -443,6 +476,8 @@ class Job:
         }
         if node_errors:
             data["node_errors"] = node_errors
+        if models:
+            data["models"] = models
         if spec.workflow_id is not None:
             data["workflow_id"] = spec.workflow_id
             if spec.workflow_version is not None:

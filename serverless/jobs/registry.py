@@ -207,7 +207,10 @@ class Jobs:
             terminal = job.feed.terminal
             self.metrics.job_ended(job.spec.mode, terminal.error if terminal else None, job.clock.timings())
             size = len(terminal.data) if terminal is not None else 0  # its key's usage (`tenants.usage`)
-            self.tenants.usage.add(job.spec.owner, job_usage(job.progress.state, job.clock.timings(), size))
+            usage = job_usage(job.progress.state, job.clock.timings(), size)
+            if job.models_downloaded:
+                usage["models_downloaded"] = job.models_downloaded
+            self.tenants.usage.add(job.spec.owner, usage)
 
     async def cancel(self, task_id: str) -> str:
         """Stop task `task_id`: here at once; where another instance runs it, through a request

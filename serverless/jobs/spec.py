@@ -51,6 +51,9 @@ class JobSpec:
     # Queued through ComfyUI's own API (`serverless.comfyapi`): its ComfyUI prompt id is its task
     # id, and its filename prefixes are kept as written, as ComfyUI keeps them.
     native: bool = False
+    # The models API's import, delete or pin (`serverless.models.tasks`): run where the models
+    # live (a worker), no workflow; its result data is the task's answer.
+    model_task: dict[str, Any] | None = None
 
     @property
     def named(self) -> bool:

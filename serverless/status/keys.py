@@ -33,6 +33,7 @@ Queue (`serverless.fleet`):
                               no ComfyUI to read it from); kept as long as the link is valid
     fleet:object_info         the `/object_info` a worker's ComfyUI answered, for gateways
     fleet:comfyui_info        a hash: its other informational answers (`/system_stats`, `/models`...)
+    fleet:models              a hash: each worker's model store listing (JSON), by instance
     watch:<instance>          wakes an instance's one blocking read when a stream is followed anew
 
 ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
@@ -172,6 +173,7 @@ def watch_wake(instance: str) -> str:
 
 OBJECT_INFO = "fleet:object_info"
 COMFYUI_INFO = "fleet:comfyui_info"  # path -> a worker's ComfyUI's answer (`/system_stats`, `/models`...)
+MODELS = "fleet:models"  # instance -> its model store's listing (`serverless.models.listing`)
 
 
 COMFY_NUMBER = "comfy:number"

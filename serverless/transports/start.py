@@ -175,6 +175,11 @@ async def start_job(
     else:
         request, query, hosted = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
+    # Model references' syntax and hosts, before any GPU time (a big workflow's nodes off the event loop).
+    if len(body) >= BIG_BODY or (workflow_id is not None and resources.workflows.size(workflow_id) >= BIG_BODY):
+        await asyncio.to_thread(resources.check_models, request.workflow)
+    else:
+        resources.check_models(request.workflow)
     await check_task_owner(resources, request.task_id, owner)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():

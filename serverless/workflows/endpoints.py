@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import auth
 from ..core.request import query_flag
+from ..models.endpoints import workflow_models
 from ..state import app_state
 from ..transports.http import read_body
 from .conversion import convert_body
@@ -75,9 +76,15 @@ async def put_workflow(request: Request) -> Response:
 
 
 async def get_workflow(request: Request) -> Response:
-    """GET /api/workflows/{workflow_id}: the stored workflow and its parameter schema."""
+    """GET /api/workflows/{workflow_id}: the stored workflow, its parameter schema, and the models
+    it needs (`models`: each with whether it is held)."""
     workflow_id = request.path_params["workflow_id"]
     text = await _hosted(request).describe_json(workflow_id, _refresh(request), caller(request))
+    models = json.dumps(await workflow_models(request, workflow_id)).encode()
+    if len(text) >= BIG_ANSWER:  # a 4 MB answer is copied off the event loop
+        text = await asyncio.to_thread(b"".join, (text[:-1], b',"models":', models, b"}"))
+    else:
+        text = text[:-1] + b',"models":' + models + b"}"
     return Response(text, media_type="application/json")
 
 
