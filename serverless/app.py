@@ -184,6 +184,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/serverless/task", control.task, methods=["GET"]),
         Route("/api/serverless/cancel", control.cancel, methods=["POST"]),
         Route("/api/serverless/events", control.events, methods=["GET"]),
+        Route("/api/tasks", control.tasks, methods=["GET"]),
         WebSocketRoute("/api/serverless/ws", websocket_run),
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
         Route("/api/serverless/ready", ops.ready, methods=["GET"]),

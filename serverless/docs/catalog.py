@@ -300,6 +300,23 @@ OPERATIONS: tuple[Operation, ...] = (
         ("400", "404"),
         "events",
     ),
+    Operation(
+        "/api/tasks",
+        "get",
+        "jobs",
+        "The tasks, newest first, a page at a time",
+        "From the status store (the folder on a box, Redis on a fleet); with API keys, the caller's own. "
+        "`next_cursor` (null at the end) asks for the next page.",
+        (
+            Param("state", "query", "queued, running, succeeded, failed or cancelled"),
+            Param("workflow_id", "query", "a hosted workflow's tasks only"),
+            Param("limit", "query", "rows per page, 1-200 (default 50)", "integer"),
+            Param("cursor", "query", "the `next_cursor` of the previous page"),
+        ),
+        replies=(Reply("200", "a page of task summaries and the next cursor", "TaskList"),),
+        errors=("400",),
+        operation_id="tasks",
+    ),
     # -- result delivery (issue 14) -------------------------------------------------------------
     Operation(
         "/api/files/{token}",

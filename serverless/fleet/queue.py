@@ -176,7 +176,8 @@ class RedisQueue:
             pipe.expire(keys.owner(task_id), self.status.ttl)
             pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
             pipe.incr(keys.queue_count(priority))
-            *_, entry, ordinal = await pipe.execute()
+            self.status.index_task(pipe, task_id, spec.owner, spec.workflow_id, time.time())
+            _, _, entry, ordinal, *_ = await pipe.execute()
         where = f"{stream(priority)} {entry.decode()} {ordinal}"
         await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
         return following, entry

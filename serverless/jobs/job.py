@@ -206,6 +206,8 @@ class Job:
         first = self.progress.payload(now, time.time())  # the job's first event: queued, and whose it is
         if self.spec.owner is not None:
             first["data"]["owner"] = self.spec.owner
+        if self.spec.workflow_id is not None:  # the task list finds a hosted workflow's tasks by it
+            first["data"]["workflow_id"] = self.spec.workflow_id
         self._progress_sent = ((self.progress.state, self.progress.queue_position), now)
         self.feed.publish_payload(first)
         outcome: Outcome

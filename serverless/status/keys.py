@@ -14,6 +14,9 @@ Status (`serverless.status.redis`), kept RETENTION (the status retention) after 
     task:<id>:owner           whose the task is ("": made without API keys)
     task:<id>:webhook         how the task's webhook went (JSON)
     idempotency:<key>         an `Idempotency-Key` claim, where there is no queue
+    tasks                     a sorted set: every task ("<id> <workflow id>"), scored by when it was
+                              made (ms); members older than RETENTION are dropped as others come
+    tasks:owner:<owner>       the same, of one API key's tasks (`GET /api/tasks` with API_KEYS)
 
 Queue (`serverless.fleet`):
 
@@ -77,6 +80,13 @@ def owner(task_id: str) -> str:
 
 def webhook(task_id: str) -> str:
     return f"task:{task_id}:webhook"
+
+
+TASKS = "tasks"
+
+
+def tasks_of(owner: str) -> str:
+    return f"tasks:owner:{owner}"
 
 
 def idempotency(key: str) -> str:
