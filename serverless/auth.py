@@ -80,6 +80,13 @@ def may_see(owner: str | None, task_owner: str | None) -> bool:
     return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
 
 
+def operator_scope(owner: str | None) -> str | None:
+    """Whose tasks an operator's call (the fleet's dead letters) may see and queue again: None
+    for everyone's (API keys off), else the caller's own. The one place an admin-scoped key
+    will widen to everyone's."""
+    return owner
+
+
 def sole_authorization(values: list[str]) -> str:
     """The one `Authorization` header's value ("" when none); Unauthorized for two or more: which
     one a proxy, the app or a log reads would be anyone's guess."""

@@ -317,6 +317,28 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=("400",),
         operation_id="tasks",
     ),
+    Operation(
+        "/api/fleet/dead-letters",
+        "get",
+        "operations",
+        "The fleet's dead letters, newest first",
+        "Queue entries no worker could read and jobs whose workers died under them twice; with API keys, "
+        "the caller's own. Empty on one box (no queue).",
+        (Param("limit", "query", "how many, 1-1000 (default 100)", "integer"),),
+        replies=(Reply("200", '`{"dead_letters": [{id, task_id, priority, reason, worker, at}]}`', "object"),),
+        errors=("400", "503"),
+        operation_id="deadLetters",
+    ),
+    Operation(
+        "/api/fleet/dead-letters/{letter_id}/requeue",
+        "post",
+        "operations",
+        "Queue a dead letter again: its task runs once more, as a new attempt",
+        params=(Param("letter_id", "path", "the dead letter's id", required=True),),
+        replies=(Reply("202", "`{id, task_id, state: queued, entry}`", "object"),),
+        errors=("400", "404", "503"),
+        operation_id="requeueDeadLetter",
+    ),
     # -- result delivery (issue 14) -------------------------------------------------------------
     Operation(
         "/api/files/{token}",

@@ -169,18 +169,34 @@ class RedisQueue:
         following = await self.status.current(task_id) + 1
         await self._claim_owner(task_id, spec.owner or "")
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        # One step: the entry, its ordinal, and a submission mark that a follower never reads as
-        # "lost" (`end_if_stranded`) before the entry's own id replaces it.
+        entry = await self._add(task_id, priority, fields, spec)
+        return following, entry
+
+    async def _add(self, task_id: str, priority: str, fields: dict[str, Any], spec: JobSpec | None) -> Any:
+        """One step: the entry, its ordinal, and a submission mark that a follower never reads as
+        "lost" (`end_if_stranded`) before the entry's own id replaces it. The task is listed
+        (`GET /api/tasks`) from its first submission (`spec`)."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(keys.submission(task_id), f"{stream(priority)} {PENDING} 0", ex=self.status.ttl)
             pipe.expire(keys.owner(task_id), self.status.ttl)
             pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
             pipe.incr(keys.queue_count(priority))
-            self.status.index_task(pipe, task_id, spec.owner, spec.workflow_id, time.time())
+            if spec is not None:
+                self.status.index_task(pipe, task_id, spec.owner, spec.workflow_id, time.time())
             _, _, entry, ordinal, *_ = await pipe.execute()
         where = f"{stream(priority)} {entry.decode()} {ordinal}"
         await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
-        return following, entry
+        return entry
+
+    async def requeue(self, task_id: str, priority: str, fields: dict[bytes, bytes]) -> str:
+        """Queue a dead letter's entry again (`deadletters.taken_back`): a new submission of its
+        task, run as its next attempt. Returns the new entry's id."""
+        with translated():
+            if not self._grouped:
+                await self._make_groups()
+            entry = await self._add(task_id, priority, {key.decode(): value for key, value in fields.items()}, None)
+        log.info("task_id=%s queued again from the dead letters on %s as %s", task_id, stream(priority), entry.decode())
+        return str(entry.decode())
 
     async def _claim_owner(self, task_id: str, owner: str) -> None:
         """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;

@@ -41,7 +41,7 @@ from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
 from . import deadletters
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
-from .wire import GROUP, PRIORITIES, decode_spec, stream
+from .wire import GROUP, PRIORITIES, decode_spec, encode_spec, stream
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +398,9 @@ class Consumer:
             log.warning("task_id=%s: its worker died; running it again here (%s)", taken.task_id, self.name)
             return False
         await self._end_here(taken, number, error)
+        if number >= 2:  # it killed its workers twice: an operator may look and queue it again
+            fields = {"task_id": taken.task_id, "spec": encode_spec(taken.spec)}
+            await deadletters.keep(self.client, taken.stream, taken.entry, fields, error.message, self.name)
         return True
 
     async def _end_here(self, taken: Taken, number: int, error: ServerlessError) -> None:
