@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .folders import Folders
 from .hub import Hub
+from .memory import Memory
 from .prompt_queue import PromptQueue
 from .specs import NodeSpecs
 
@@ -38,6 +39,12 @@ class Config:
     # own default `none` does; non-zero sends a JPEG per KSampler step, scaled to fit `preview_size`.
     previews: float = 1.0
     preview_size: float = 512.0
+    # Memory (`memory.Memory`): what a GPU costs. 0 everywhere: no cost, a CPU-only machine.
+    model_load_delay: float = 0.0  # seconds a checkpoint loader takes when it runs (not cached)
+    model_bytes: float = 0.0  # VRAM a loaded checkpoint takes
+    vram_total: float = 0.0  # non-zero: an emulated CUDA device of this many bytes in /system_stats
+    oom_next: float = 0.0  # the next N samplers raise torch.OutOfMemoryError
+    leak_bytes: float = 0.0  # RAM each prompt keeps (really allocated: the RSS grows)
 
 
 class NodeGate:
@@ -85,6 +92,7 @@ class Emulator:
     specs: NodeSpecs
     hub: Hub
     runtime: Runtime
+    memory: Memory = field(default_factory=Memory)
     queue: PromptQueue = field(init=False)
     number: int = 0
 

@@ -188,6 +188,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/tasks", control.tasks, methods=["GET"]),
         Route("/api/fleet/dead-letters", fleet_endpoints.dead_letters, methods=["GET"]),
         Route("/api/fleet/dead-letters/{letter_id}/requeue", fleet_endpoints.requeue, methods=["POST"]),
+        Route("/api/fleet/workers", fleet_endpoints.workers, methods=["GET"]),
         WebSocketRoute("/api/serverless/ws", websocket_run),
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
         Route("/api/serverless/ready", ops.ready, methods=["GET"]),

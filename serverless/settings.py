@@ -25,6 +25,7 @@ LOG_FORMATS = ("text", "json")
 STATUS_BACKENDS = ("file", "redis")
 QUEUE_BACKENDS = ("none", "redis")
 ROLES = ("all", "gateway", "worker")
+LANE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")  # a lane names a queue stream: jobs:<lane>:<priority>
 # A DNS name as the download policy matches it: labels of letters, digits and '-', a final dot allowed.
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.IGNORECASE)
 # What can only be meant as an address or a network (IPv6 literals aside, which parse).
@@ -206,6 +207,31 @@ class S3Settings:
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulingSettings:
+    """The fleet's scheduling (`serverless.fleet`): this worker's lane, how long a job waits for a
+    worker that holds its models before any able worker takes it, and the memory watermarks a
+    worker checks after each job (0: not checked)."""
+
+    worker_lane: str = ""  # "": the default lane
+    affinity_wait: float = 3.0  # seconds; 0: first free worker, no affinity
+    vram_free_min: int = 0  # bytes: below this after a job, ComfyUI is asked to free memory (/free)
+    comfyui_rss_max: int = 0  # bytes: above this after a job, ComfyUI is restarted (when supervised)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SchedulingSettings:
+        lane = _text(env, "WORKER_LANE", "")
+        if lane and not LANE_RE.fullmatch(lane):
+            raise SettingsError(f"WORKER_LANE={lane!r}: 1-32 lowercase letters, digits or '-'")
+        d = cls()
+        return cls(
+            worker_lane=lane,
+            affinity_wait=_number(env, "AFFINITY_WAIT", d.affinity_wait, 0),
+            vram_free_min=_integer(env, "VRAM_FREE_MIN", d.vram_free_min, 0),
+            comfyui_rss_max=_integer(env, "COMFYUI_RSS_MAX", d.comfyui_rss_max, 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the adapter is configured with. Build it with `Settings.from_env()`."""
 
@@ -242,6 +268,7 @@ class Settings:
     oss_expires_in: int = 0
     storage: str = "oss"  # the bucket output_oss uploads to and oss:// or s3:// inputs come from
     s3: S3Settings = field(default_factory=S3Settings)
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     status_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output/serverless_api"))
     workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
     status_retention_days: float = 7.0
@@ -352,6 +379,7 @@ class Settings:
             oss_expires_in=_integer(env, "OSS_EXPIRES_IN_SECOND", d.oss_expires_in, 0),
             storage=_choice(env, "STORAGE", d.storage, STORAGES),
             s3=S3Settings.from_env(env),
+            scheduling=SchedulingSettings.from_env(env),
             status_dir=Path(_text(env, "STATUS_DIR", f"{mount}/output/serverless_api")),
             workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
             status_retention_days=_number(env, "STATUS_RETENTION_DAYS", d.status_retention_days, 0),

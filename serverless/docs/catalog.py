@@ -339,6 +339,17 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=("400", "404", "503"),
         operation_id="requeueDeadLetter",
     ),
+    Operation(
+        "/api/fleet/workers",
+        "get",
+        "operations",
+        "The fleet's live workers and what each holds",
+        "Each worker's heartbeat: lane, whether it runs a job, resident models, model files, node classes "
+        "(a count), VRAM. Empty on one box.",
+        replies=(Reply("200", '`{"workers": [{name, lane, busy, resident_models, model_files, ...}]}`', "object"),),
+        errors=("503",),
+        operation_id="fleetWorkers",
+    ),
     # -- result delivery (issue 14) -------------------------------------------------------------
     Operation(
         "/api/files/{token}",

@@ -24,6 +24,7 @@ from ..resources import Resources
 from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
 from .gateway import RemoteJobs
+from .heartbeat import Heartbeat
 from .queue import RedisQueue
 from .worker import Consumer
 
@@ -67,18 +68,27 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     consumer_task: asyncio.Task[None] | None = None
     consumer = None
     publisher: asyncio.Task[None] | None = None
+    beating: asyncio.Task[None] | None = None
+    heartbeat: Heartbeat | None = None
     if takes_jobs:
         publisher = asyncio.create_task(publish_object_info(resources, status), name="publish object_info")
-        consumer = Consumer(status.client, status, jobs, settings, f"{settings.instance_id}:{settings.port}")
+        name = f"{settings.instance_id}:{settings.port}"
+        lane = settings.scheduling.worker_lane
+        heartbeat = Heartbeat(status.client, resources.comfy, name, lane, resources.metrics)
+        beating = asyncio.create_task(heartbeat.run_forever(), name=f"heartbeat {name}")
+        consumer = Consumer(status.client, status, jobs, settings, name)
+        consumer.heartbeat = heartbeat
         consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
-        log.info("worker %s takes jobs from Redis for ComfyUI at %s", consumer.name, settings.comfyui_url)
+        log.info("worker %s takes jobs from Redis (lane %r) for ComfyUI at %s", name, lane, settings.comfyui_url)
     try:
         yield Fleet(front, consumer)
     finally:
-        for task in (consumer_task, publisher):
+        for task in (consumer_task, publisher, beating):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if heartbeat is not None:
+            await heartbeat.leave()
 
 
 async def publish_object_info(resources: Resources, status: RedisStatus, every: float = PUBLISH_EVERY) -> None:

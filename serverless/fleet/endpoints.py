@@ -14,6 +14,7 @@ from ..errors import InvalidParams, NotFound
 from ..state import app_state
 from ..status.redis import RedisStatus, translated
 from . import deadletters
+from .heartbeat import live_workers
 from .queue import RedisQueue
 
 MAX_LIMIT = 1000
@@ -54,3 +55,12 @@ async def requeue(request: Request) -> Response:
     return JSONResponse(
         {"id": letter_id, "task_id": letter.task_id, "state": "queued", "entry": entry}, status_code=202
     )
+
+
+async def workers(request: Request) -> Response:
+    status = _queue_status(request)
+    if status is None:
+        return JSONResponse({"workers": []})
+    with translated():
+        found = await live_workers(status.client)
+    return JSONResponse({"workers": [view.shown() for view in sorted(found, key=lambda view: view.name)]})

@@ -39,6 +39,8 @@ from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
 from . import deadletters
+from .heartbeat import Heartbeat
+from .needs import needs_of
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, encode_spec, stream
@@ -89,6 +91,7 @@ class Consumer:
         self._next_forget = 0.0
         self._next_aging_look = 0.0
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
+        self.heartbeat: Heartbeat | None = None  # what this worker advertises (`serverless.fleet.heartbeat`)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -374,10 +377,15 @@ class Consumer:
             await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
         self.busy = True
+        if self.heartbeat is not None:
+            self.heartbeat.busy = True
         try:
             await watch.follow(job, self.settings.redis_claim_idle / 3)
         finally:
             self.busy = False
+            if self.heartbeat is not None:  # what its ComfyUI holds now, advertised at once
+                self.heartbeat.busy = False
+                self.heartbeat.ran(needs_of(taken.spec.workflow))
 
     async def _lost_for_good(self, taken: Taken, number: int) -> bool:
         """A dead worker's job, whose attempt `number` it began and did not end: end it
