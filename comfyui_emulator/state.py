@@ -13,7 +13,7 @@ from .folders import Folders
 from .hub import Hub
 from .memory import Memory
 from .prompt_queue import PromptQueue
-from .specs import NodeSpecs
+from .specs import CUSTOM_NODES, NodeSpecs
 
 # Advertised on `GET /features` and in the websocket `feature_flags` reply (100 MB, ComfyUI's default).
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
@@ -119,13 +119,17 @@ class Emulator:
 EMULATOR = web.AppKey("emulator", Emulator)
 
 
-def build_emulator(root: Path, step_delay: float, preview_size: int = 512, previews: bool = True) -> Emulator:
-    """Create the state for one emulator rooted at `root` (folders are created by the app on start)."""
+def build_emulator(
+    root: Path, step_delay: float, preview_size: int = 512, previews: bool = True, custom_nodes: bool = True
+) -> Emulator:
+    """Create the state for one emulator rooted at `root` (folders are created by the app on start);
+    without `custom_nodes` (ComfyUI's `--disable-all-custom-nodes`) the custom nodes' classes are absent."""
     folders = Folders(Path(root))
+    specs = NodeSpecs.load(folders)
     return Emulator(
         folders=folders,
         config=Config(step_delay=step_delay, previews=float(previews), preview_size=float(preview_size)),
-        specs=NodeSpecs.load(folders),
+        specs=specs if custom_nodes else specs.without(CUSTOM_NODES),
         hub=Hub(),
         runtime=Runtime(),
     )

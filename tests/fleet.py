@@ -157,13 +157,14 @@ class Tier:
         self.gateways.append(node)
         return node
 
-    def worker(self, step_delay: float = 0.0, **env: str) -> Any:
+    def worker(self, step_delay: float = 0.0, custom_nodes: bool = True, **env: str) -> Any:
         number = len(self.workers) + 1
         folder = self.root / f"emulator{number}"
         if self.processes:
-            emulator: Any = Emulator(folder, None, "--step-delay", str(step_delay))
+            flags = () if custom_nodes else ("--disable-all-custom-nodes",)
+            emulator: Any = Emulator(folder, None, "--step-delay", str(step_delay), *flags)
         else:
-            emulator = InProcessEmulator(folder, step_delay=step_delay)
+            emulator = InProcessEmulator(folder, step_delay=step_delay, custom_nodes=custom_nodes)
         self.emulators.append(emulator)
         settings = {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}
         name = f"worker{number}"

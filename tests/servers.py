@@ -235,7 +235,10 @@ class InProcessApp:
 class InProcessEmulator:
     """The ComfyUI emulator's aiohttp app in a thread of the test process, its folders under `root`."""
 
-    def __init__(self, root: Path, port: int | None = None, step_delay: float = 0.02) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, step_delay: float = 0.02, custom_nodes: bool = True
+    ) -> None:
+        self._custom_nodes = custom_nodes
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -262,7 +265,11 @@ class InProcessEmulator:
 
     async def _serve(self) -> None:
         self._loop, self._done = asyncio.get_running_loop(), asyncio.Event()
-        runner = web.AppRunner(create_emulator_app(self.root, self._step_delay), access_log=None, shutdown_timeout=2.0)
+        runner = web.AppRunner(
+            create_emulator_app(self.root, self._step_delay, custom_nodes=self._custom_nodes),
+            access_log=None,
+            shutdown_timeout=2.0,
+        )
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", self.port).start()

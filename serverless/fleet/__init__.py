@@ -23,6 +23,7 @@ from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
+from .affinity import Affinity
 from .gateway import RemoteJobs
 from .heartbeat import Heartbeat
 from .queue import RedisQueue
@@ -78,6 +79,7 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         beating = asyncio.create_task(heartbeat.run_forever(), name=f"heartbeat {name}")
         consumer = Consumer(status.client, status, jobs, settings, name)
         consumer.heartbeat = heartbeat
+        consumer.affinity = Affinity(status.client, heartbeat, consumer.streams, settings.scheduling.affinity_wait)
         consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
         log.info("worker %s takes jobs from Redis (lane %r) for ComfyUI at %s", name, lane, settings.comfyui_url)
     try:

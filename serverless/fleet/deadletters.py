@@ -17,7 +17,7 @@ from ..core.request import validate_task_id
 from ..errors import InvalidParams, NotFound, Unclassified
 from ..status import keys
 from ..status.redis import RedisStatus
-from .wire import GROUP, PRIORITIES, decode_spec, stream
+from .wire import GROUP, PRIORITIES, decode_spec, lane_of, stream
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class DeadLetter:
     task_id: str | None
     owner: str | None
     priority: str | None
+    stream: str
     reason: str
     consumer: str
     at: float
@@ -89,6 +90,7 @@ class DeadLetter:
             "id": self.id,
             "task_id": self.task_id,
             "priority": self.priority,
+            "lane": lane_of(self.stream),
             "reason": self.reason,
             "worker": self.consumer,
             "at": self.at,
@@ -104,13 +106,14 @@ def _letter(entry: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
     except (KeyError, ValueError, AttributeError):
         pass
     source = fields.get(b"dead_from", b"").decode(errors="replace")
-    priority = next((p for p in PRIORITIES if stream(p) == source), None)
+    priority = next((p for p in PRIORITIES if stream(p, lane_of(source)) == source), None)
     task_id = fields.get(b"task_id", b"").decode(errors="replace") or None
     return DeadLetter(
         letter_id,
         task_id,
         owner,
         priority,
+        source,
         fields.get(b"dead_reason", b"").decode(errors="replace"),
         fields.get(b"dead_consumer", b"").decode(errors="replace"),
         int(letter_id.split("-")[0]) / 1000,

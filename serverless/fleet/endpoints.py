@@ -51,7 +51,7 @@ async def requeue(request: Request) -> Response:
     with translated():
         letter, fields = await deadletters.taken_back(status.client, letter_id, _scope(request))
     assert letter.task_id is not None and letter.priority is not None  # taken_back refuses letters without
-    entry = await RedisQueue(status.client, status).requeue(letter.task_id, letter.priority, fields)
+    entry = await RedisQueue(status.client, status).requeue(letter.task_id, letter.stream, fields)
     return JSONResponse(
         {"id": letter_id, "task_id": letter.task_id, "state": "queued", "entry": entry}, status_code=202
     )

@@ -188,6 +188,18 @@ class Heartbeat:
             pass
 
 
+def missing(needs: Needs, workers: list[WorkerView], lane: str) -> dict[str, list[str]] | None:
+    """What no live worker of `lane` has of a job's needs (`{"nodes": [...], "models": [...]}`),
+    None when nothing is missing, or when the lane has no live worker to judge by (its workers
+    may be scaled to zero: the job waits for them)."""
+    ours = [view for view in workers if view.lane == lane]
+    if not ours:
+        return None
+    nodes = needs.nodes - frozenset().union(*(view.nodes for view in ours))
+    models = needs.models - frozenset().union(*(view.files for view in ours))
+    return {"nodes": sorted(nodes), "models": sorted(models)} if nodes or models else None
+
+
 def _vram(stats: Any) -> tuple[int | None, int | None]:
     """The first device's VRAM total and free, as ComfyUI's `/system_stats` reports them."""
     devices = stats.get("devices") if isinstance(stats, dict) else None

@@ -42,7 +42,7 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
-from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
+from .wire import GROUP, PRIORITIES, count_of, encode_spec, fingerprint, lane_of, stream
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class RedisQueue:
         self.client = client
         self.status = status
         self._cancel = client.register_script(CANCEL)
-        self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
+        self._grouped: set[str] = set()  # lanes whose streams have the workers' group (made by us, or a worker)
 
     async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
         """Enqueue `spec` (XADD); with an Idempotency-Key, the first request claims it (SET NX) and
@@ -149,53 +149,56 @@ class RedisQueue:
                     with contextlib.suppress(Exception):
                         await self.client.delete(_idem(idempotency_key, spec))
                 raise
-        log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
+        log.info("task_id=%s queued on %s as %s", task_id, stream(priority, spec.lane), entry.decode())
         return Submitted(task_id, following, False)
 
-    async def _make_groups(self) -> None:
-        """The workers' group on every queue stream, made before the first job is queued: a
-        queue with no worker yet still tells its lag (KEDA scales workers up from zero on it)."""
+    async def _make_groups(self, lane: str) -> None:
+        """The workers' group on every queue stream of a lane, made before its first job is
+        queued: a queue with no worker yet still tells its lag (KEDA scales workers up from zero
+        on it). The lane is listed in `fleet:lanes` (admission counts every lane's jobs)."""
         for priority in PRIORITIES:
             try:
-                await self.client.xgroup_create(stream(priority), GROUP, id="0", mkstream=True)
+                await self.client.xgroup_create(stream(priority, lane), GROUP, id="0", mkstream=True)
             except rexc.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self._grouped = True
+        await self.client.sadd(keys.LANES, lane)
+        self._grouped.add(lane)
 
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
-        if not self._grouped:
-            await self._make_groups()
+        if spec.lane not in self._grouped:
+            await self._make_groups(spec.lane)
         following = await self.status.current(task_id) + 1
         await self._claim_owner(task_id, spec.owner or "")
         fields = {"task_id": task_id, "spec": encode_spec(_named(spec, task_id))}
-        entry = await self._add(task_id, priority, fields, spec)
+        entry = await self._add(task_id, stream(priority, spec.lane), fields, spec)
         return following, entry
 
-    async def _add(self, task_id: str, priority: str, fields: dict[str, Any], spec: JobSpec | None) -> Any:
+    async def _add(self, task_id: str, name: str, fields: dict[str, Any], spec: JobSpec | None) -> Any:
         """One step: the entry, its ordinal, and a submission mark that a follower never reads as
         "lost" (`end_if_stranded`) before the entry's own id replaces it. The task is listed
         (`GET /api/tasks`) from its first submission (`spec`)."""
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(keys.submission(task_id), f"{stream(priority)} {PENDING} 0", ex=self.status.ttl)
+            pipe.set(keys.submission(task_id), f"{name} {PENDING} 0", ex=self.status.ttl)
             pipe.expire(keys.owner(task_id), self.status.ttl)
-            pipe.xadd(stream(priority), fields)  # type: ignore[arg-type]
-            pipe.incr(keys.queue_count(priority))
+            pipe.xadd(name, fields)  # type: ignore[arg-type]
+            pipe.incr(count_of(name))
             if spec is not None:
                 self.status.index_task(pipe, task_id, spec.owner, spec.workflow_id, time.time())
             _, _, entry, ordinal, *_ = await pipe.execute()
-        where = f"{stream(priority)} {entry.decode()} {ordinal}"
+        where = f"{name} {entry.decode()} {ordinal}"
         await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
         return entry
 
-    async def requeue(self, task_id: str, priority: str, fields: dict[bytes, bytes]) -> str:
-        """Queue a dead letter's entry again (`deadletters.taken_back`): a new submission of its
-        task, run as its next attempt. Returns the new entry's id."""
+    async def requeue(self, task_id: str, name: str, fields: dict[bytes, bytes]) -> str:
+        """Queue a dead letter's entry again in its stream `name` (`deadletters.taken_back`): a
+        new submission of its task, run as its next attempt. Returns the new entry's id."""
+        lane = lane_of(name)
         with translated():
-            if not self._grouped:
-                await self._make_groups()
-            entry = await self._add(task_id, priority, {key.decode(): value for key, value in fields.items()}, None)
-        log.info("task_id=%s queued again from the dead letters on %s as %s", task_id, stream(priority), entry.decode())
+            if lane not in self._grouped:
+                await self._make_groups(lane)
+            entry = await self._add(task_id, name, {key.decode(): value for key, value in fields.items()}, None)
+        log.info("task_id=%s queued again from the dead letters on %s as %s", task_id, name, entry.decode())
         return str(entry.decode())
 
     async def _claim_owner(self, task_id: str, owner: str) -> None:
@@ -294,10 +297,12 @@ class RedisQueue:
         return True
 
     async def depth(self) -> int:
-        """Jobs waiting for a worker, every priority together (each group's lag: the entries it
-        has not handed out yet)."""
+        """Jobs waiting for a worker, every priority of every lane together (each group's lag:
+        the entries it has not handed out yet)."""
         with translated():
-            return sum(group.lag for group in (await self._groups()).values())
+            lanes: Any = await self.client.smembers(keys.LANES)
+            every = {""} | {lane.decode() for lane in lanes}
+            return sum(group.lag for group in (await self._groups(sorted(every))).values())
 
     async def position(self, task_id: str) -> int | None:
         """How many jobs a worker takes before this task's newest submission (those of higher
@@ -311,38 +316,40 @@ class RedisQueue:
             if len(parts) < 3 or parts[1] == PENDING:
                 return None
             name, ordinal = parts[0], int(parts[2])
-            groups = await self._groups()
+            lane = lane_of(name)
+            groups = await self._groups([lane])
         own = groups.get(name)
         if own is None or own.read is None or own.read >= ordinal:
             return None  # handed to a worker already (or the group's counter is unknown)
         ahead = ordinal - own.read - 1
-        for priority in PRIORITIES:
-            if stream(priority) == name:
+        for priority in PRIORITIES:  # the higher priorities of its lane go first
+            if stream(priority, lane) == name:
                 break
-            ahead += groups[stream(priority)].lag if stream(priority) in groups else 0
+            ahead += groups[stream(priority, lane)].lag if stream(priority, lane) in groups else 0
         return ahead
 
     async def groups(self) -> dict[str, GroupState]:
-        """Each priority's stream as its consumer group sees it."""
+        """Each priority's stream of the default lane as its consumer group sees it."""
         with translated():
-            groups = await self._groups()
+            groups = await self._groups([""])
         return {priority: groups[stream(priority)] for priority in PRIORITIES if stream(priority) in groups}
 
-    async def _groups(self) -> dict[str, GroupState]:
-        """Each queue stream's consumer group: its lag and its read counter (Redis 7)."""
+    async def _groups(self, lanes: list[str]) -> dict[str, GroupState]:
+        """Each queue stream's consumer group of `lanes`: its lag and its read counter (Redis 7)."""
+        names = [stream(priority, lane) for lane in lanes for priority in PRIORITIES]
         async with self.client.pipeline(transaction=False) as pipe:
-            for priority in PRIORITIES:
-                pipe.xinfo_groups(stream(priority))
-                pipe.get(keys.queue_count(priority))
+            for name in names:
+                pipe.xinfo_groups(name)
+                pipe.get(count_of(name))
             answers = await pipe.execute(raise_on_error=False)
         found: dict[str, GroupState] = {}
-        for index, priority in enumerate(PRIORITIES):
+        for index, name in enumerate(names):
             groups, added = answers[2 * index], answers[2 * index + 1]
             if isinstance(groups, Exception):
                 continue  # no such stream yet: nothing waits in it
             for group in groups:
                 if group["name"] in (GROUP, GROUP.encode()):
-                    found[stream(priority)] = GroupState.of(group, int(added or 0))
+                    found[name] = GroupState.of(group, int(added or 0))
         return found
 
     async def _remove_queued(self, task_id: str, name: str, entry: str) -> None:

@@ -39,6 +39,7 @@ from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
 from . import deadletters
+from .affinity import Affinity
 from .heartbeat import Heartbeat
 from .needs import needs_of
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
@@ -54,7 +55,11 @@ FORGET_EVERY = 60.0  # seconds between a consumer's looks for consumers gone for
 FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before it is forgotten
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
-STREAMS = tuple(stream(priority) for priority in PRIORITIES)
+
+
+def lane_streams(lane: str) -> tuple[str, ...]:
+    """The queue streams of a lane, in the order workers read them (highest priority first)."""
+    return tuple(stream(priority, lane) for priority in PRIORITIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,7 @@ class Taken:
     task_id: str
     spec: JobSpec
     reclaimed: bool
+    handed: bool = False  # handed to this worker by another (affinity), or taken over from one
 
 
 class Consumer:
@@ -91,7 +97,9 @@ class Consumer:
         self._next_forget = 0.0
         self._next_aging_look = 0.0
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
+        self.streams = lane_streams(settings.scheduling.worker_lane)
         self.heartbeat: Heartbeat | None = None  # what this worker advertises (`serverless.fleet.heartbeat`)
+        self.affinity: Affinity | None = None  # set with the heartbeat: jobs go where their models are
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -135,7 +143,7 @@ class Consumer:
             if not await self._comfyui_idle():
                 continue
             try:
-                taken = await self._claim_when_due() or await self._next()
+                taken = await self._claim_when_due() or await self._handed() or await self._next()
                 if taken is not None:
                     await self._handle(taken)
                 delay = 0.1
@@ -179,7 +187,7 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                for name in STREAMS:
+                for name in self.streams:
                     try:
                         await self.client.xgroup_create(name, GROUP, id="0", mkstream=True)
                     except rexc.ResponseError as exc:
@@ -211,7 +219,7 @@ class Consumer:
         that dies now is noticed in time). Running workers refresh theirs every third of it, so
         only a dead worker's entry comes due (ours too, left by an earlier life of this name)."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for name in STREAMS:
+            for name in self.streams:
                 pipe.xpending_range(name, GROUP, min="-", max="+", count=64)
             answers = await pipe.execute()
         soonest = self.claim_idle_ms / 2
@@ -222,7 +230,7 @@ class Consumer:
 
     async def _claim(self) -> Taken | None:
         """A job whose consumer has been silent past the idle threshold (it died)."""
-        for name in STREAMS:
+        for name in self.streams:
             claimed: Any = await self.client.xautoclaim(
                 name, GROUP, self.name, self.claim_idle_ms, start_id="0-0", count=1
             )
@@ -247,7 +255,8 @@ class Consumer:
             for _, entries in answer or []:
                 for entry, fields in entries:
                     self._waiting_since.pop(name, None)
-                    return await self._read(name, entry, fields, reclaimed=False)
+                    taken = await self._read(name, entry, fields, reclaimed=False)
+                    return taken if taken is None or await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         await self._wait_for_news()
         return None
@@ -260,10 +269,10 @@ class Consumer:
         if now >= self._next_aging_look:
             self._next_aging_look = now + AGING_LOOK
             async with self.client.pipeline(transaction=False) as pipe:
-                for name in STREAMS[1:]:
+                for name in self.streams[1:]:
                     pipe.xinfo_groups(name)
                 answers = await pipe.execute(raise_on_error=False)
-            for name, groups in zip(STREAMS[1:], answers, strict=True):
+            for name, groups in zip(self.streams[1:], answers, strict=True):
                 ours = (
                     [] if isinstance(groups, Exception) else [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
                 )
@@ -272,7 +281,25 @@ class Consumer:
                 else:
                     self._waiting_since.pop(name, None)
         starved = [name for name, since in self._waiting_since.items() if now - since >= PRIORITY_AGING]
-        return sorted(starved, key=STREAMS.index) + [name for name in STREAMS if name not in starved]
+        return sorted(starved, key=self.streams.index) + [name for name in self.streams if name not in starved]
+
+    async def _placed_here(self, taken: Taken) -> bool:
+        """Whether this worker runs a job it read (affinity: else handed to a worker holding its
+        models, or able to run it)."""
+        if self.affinity is None:
+            return True
+        return await self.affinity.place(taken.stream, taken.entry, needs_of(taken.spec.workflow))
+
+    async def _handed(self) -> Taken | None:
+        """A job another worker handed to this one, else one handed to a worker that did not take
+        it within AFFINITY_WAIT (`serverless.fleet.affinity`)."""
+        if self.affinity is None:
+            return None
+        found = await self.affinity.handed() or await self.affinity.overdue()
+        if found is None:
+            return None
+        taken = await self._read(*found, reclaimed=False)
+        return None if taken is None else replace(taken, handed=True)
 
     async def _read(self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool) -> Taken | None:
         """The job a queue entry holds; None for one that cannot be read (a dead letter now)."""
@@ -299,14 +326,20 @@ class Consumer:
         """Block until an entry no consumer has been given arrives in any stream: XREAD from each
         group's last delivered id wakes at once if one arrived since the look above."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for name in STREAMS:
+            for name in self.streams:
                 pipe.xinfo_groups(name)
             answers = await pipe.execute()
         since = {}
-        for name, groups in zip(STREAMS, answers, strict=True):
+        for name, groups in zip(self.streams, answers, strict=True):
             ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
             since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
-        await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
+        block = BLOCK_SECONDS
+        if self.affinity is not None:  # a job handed here wakes it; overdue ones are looked for often
+            since.update(self.affinity.wake_streams())
+            block = self.affinity.look_every(block)
+        answer = await self.client.xread(since, count=1, block=int(block * 1000))  # type: ignore[arg-type]
+        if self.affinity is not None:
+            self.affinity.woke(answer)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -319,7 +352,13 @@ class Consumer:
                 await self._end_here(taken, dead, cancelled_by_request())
             elif not (dead and await self._lost_for_good(taken, dead)):
                 await self._run(taken, dead)
+        elif taken.handed and await self._run_elsewhere(taken):
+            return  # the worker it was handed to took it in the meantime: its acknowledgement
         await self._ack(taken)
+
+    async def _run_elsewhere(self, taken: Taken) -> bool:
+        found: Any = await self.client.get(keys.run_claim(taken.task_id, taken.entry))
+        return (found or b"").decode() not in (CANCELLED, EXPIRED, "")
 
     async def _take(self, taken: Taken) -> bool:
         """Make the submission ours (SET NX): False when a gateway took it from the workers first
@@ -340,7 +379,7 @@ class Consumer:
         if now < self._next_trim:
             return
         self._next_trim = now + TRIM_EVERY
-        removed = await self._trim(keys=list(STREAMS), args=[GROUP])
+        removed = await self._trim(keys=list(self.streams), args=[GROUP])
         if removed:
             log.debug("consumer %s: %s done entries removed from the queue", self.name, removed)
         if now >= self._next_forget:
@@ -351,7 +390,7 @@ class Consumer:
         """Remove from the group the consumers (workers gone for good) that hold no entry and
         have not asked for one in FORGET_AFTER seconds: a live worker asks every few seconds,
         and one removed by mistake is made again by its next read."""
-        for name in STREAMS:
+        for name in self.streams:
             consumers: Any = await self.client.xinfo_consumers(name, GROUP)
             for consumer in consumers:
                 gone = consumer["name"] if isinstance(consumer["name"], str) else consumer["name"].decode()

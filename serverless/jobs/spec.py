@@ -41,6 +41,7 @@ class JobSpec:
     owner: str | None = None  # who may see the task: a digest of the caller's API key (serverless.auth)
     big: bool = False  # a body big enough that copying and serialising it go to a thread
     priority: str = "normal"  # Redis tier: the queue stream it waits in (high, normal, low)
+    lane: str = ""  # Redis tier: the lane whose workers run it ("" the default lane; `?lane=`)
     idempotency_key: str | None = None  # Redis tier: a repeat attaches to the first (SET NX on the key)
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
     callback_url: str | None = field(default=None, repr=False)  # the webhook; its query may hold secrets
