@@ -142,6 +142,8 @@ class Resources:
             max_result_bytes=self.settings.result_inline_max_bytes if self.fleet_worker else 0,
             preview_max_fps=self.settings.preview_max_fps,
             preview_in_status=self.settings.preview_in_status,
+            out_of_memory=self.metrics.comfyui_ooms.inc,
+            freed=self.metrics.comfyui_frees.inc,
         )
 
     @property

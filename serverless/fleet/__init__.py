@@ -25,6 +25,7 @@ from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
 from .affinity import Affinity
 from .gateway import RemoteJobs
+from .healing import Healing
 from .heartbeat import Heartbeat
 from .queue import RedisQueue
 from .worker import Consumer
@@ -80,6 +81,14 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         consumer = Consumer(status.client, status, jobs, settings, name)
         consumer.heartbeat = heartbeat
         consumer.affinity = Affinity(status.client, heartbeat, consumer.streams, settings.scheduling.affinity_wait)
+        consumer.healing = Healing(
+            resources.comfy,
+            resources.supervisor,
+            settings.scheduling,
+            resources.metrics,
+            heartbeat,
+            settings.startup_timeout,
+        )
         consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
         log.info("worker %s takes jobs from Redis (lane %r) for ComfyUI at %s", name, lane, settings.comfyui_url)
     try:

@@ -40,6 +40,7 @@ from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisStatus
 from . import deadletters
 from .affinity import Affinity
+from .healing import Healing
 from .heartbeat import Heartbeat
 from .needs import needs_of
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
@@ -100,6 +101,7 @@ class Consumer:
         self.streams = lane_streams(settings.scheduling.worker_lane)
         self.heartbeat: Heartbeat | None = None  # what this worker advertises (`serverless.fleet.heartbeat`)
         self.affinity: Affinity | None = None  # set with the heartbeat: jobs go where their models are
+        self.healing: Healing | None = None  # the memory check between jobs (`serverless.fleet.healing`)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -425,6 +427,8 @@ class Consumer:
             if self.heartbeat is not None:  # what its ComfyUI holds now, advertised at once
                 self.heartbeat.busy = False
                 self.heartbeat.ran(needs_of(taken.spec.workflow))
+        if self.healing is not None:  # before the next job: free or restart past a watermark
+            await self.healing.check()
 
     async def _lost_for_good(self, taken: Taken, number: int) -> bool:
         """A dead worker's job, whose attempt `number` it began and did not end: end it

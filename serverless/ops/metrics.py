@@ -156,8 +156,9 @@ class Metrics:
             "model_residency_hits", "Jobs whose models this worker's ComfyUI held already (no load)."
         )
         self.comfyui_frees = counter("comfyui_frees", "Times this worker asked its ComfyUI to free memory (/free).")
-        self.comfyui_restarts = counter(
-            "comfyui_restarts", "Times this worker restarted its ComfyUI between jobs (memory past its watermark)."
+        self.comfyui_memory_restarts = counter(
+            "comfyui_memory_restarts",
+            "Times this worker restarted its ComfyUI between jobs, its memory past COMFYUI_RSS_MAX.",
         )
         self.comfyui_ooms = counter("comfyui_ooms", "Jobs that ran out of GPU memory (OUT_OF_MEMORY).")
         for transport in TRANSPORTS:  # every series that alerts read exists from the start, at 0
