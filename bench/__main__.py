@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import procs, suite
+from . import procs, scheduling, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
@@ -57,6 +57,8 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
                 figures += await suite.open_streams_memory(ctx)
                 figures += await suite.base64_peak(ctx)
                 figures += await suite.oss_overlap(ctx)
+                if emulator is not None:  # the emulator's checkpoint loads make the difference
+                    figures += await scheduling.affinity(quick)
                 notes = ctx.notes
             finally:
                 if app is not None:
@@ -115,6 +117,10 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",
+        "- **Fleet scheduling**: a gateway and two workers (`bench/scheduling.py`), each emulator paying a",
+        "  1 s checkpoint load when a job's checkpoint is not the one it holds; two clients post a seeded",
+        "  random mix of two workflows with different checkpoints, first-free (`AFFINITY_WAIT=0`), then",
+        "  with affinity (`AFFINITY_WAIT=3`).",
         "",
         "What the adapter does per job (so what the figures cost): the HTTP hop; `POST /prompt` on the",
         "instance's one websocket client id (no socket per job); ComfyUI's messages routed by prompt id;",

@@ -80,6 +80,14 @@ class Affinity:
             targets = [view for view in others if view.holds(needs) and view.able(needs)]
         else:
             targets = [view for view in others if view.able(needs)]
+        log.debug(
+            "worker %s: entry %s needs %s; holds %s; others %s",
+            self.name,
+            entry,
+            sorted(needs.models),
+            sorted(me.resident),
+            [(view.name, sorted(view.resident), view.busy) for view in others],
+        )
         if not targets:
             return True  # nobody better: run it here (a job no worker can run fails as ComfyUI says)
         target = min(targets, key=lambda view: (view.busy, not view.holds(needs)))
