@@ -174,3 +174,24 @@ def test_a_node_class_only_one_worker_has_runs_there_and_none_has_is_refused(fle
     ]
     lane = post_run(gateway.url, txt2img(), params={"lane": "Bad Lane"})
     assert lane.status_code == 400 and lane.json()["error_code"] == "INVALID_PARAMS"
+
+
+def test_a_lane_s_workers_scale_on_the_lane_s_own_streams() -> None:
+    """deploy/kubernetes/lanes/large.yaml: its workers serve lane `large`; KEDA counts that lane's
+    streams (waiting and running, every priority) and no other."""
+    import yaml
+
+    from serverless.fleet.wire import GROUP, PRIORITIES, stream
+
+    path = Path(__file__).parent.parent / "deploy" / "kubernetes" / "lanes" / "large.yaml"
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(path.read_text()) if doc}
+    deployment, scaled = documents["Deployment"], documents["ScaledObject"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "WORKER_LANE", "value": "large"} in container["env"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    watched = [trigger["metadata"] for trigger in scaled["spec"]["triggers"]]
+    assert {metadata["stream"] for metadata in watched} == {stream(priority, "large") for priority in PRIORITIES}
+    assert all(metadata["consumerGroup"] == GROUP for metadata in watched)
+    for priority in PRIORITIES:
+        modes = sorted("lagCount" in m for m in watched if m["stream"] == stream(priority, "large"))
+        assert modes == [False, True], "waiting and running jobs of each priority"
