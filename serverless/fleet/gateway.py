@@ -24,7 +24,7 @@ from ..jobs.spec import JobSpec
 from ..ops.metrics import Metrics
 from ..status.redis import RedisStatus, translated
 from .heartbeat import WorkerView, live_workers, missing
-from .needs import needs_of
+from .needs import needs_of_spec
 from .queue import RedisQueue
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class RemoteJobs:
         if self._workers is None or now - self._workers[0] > WORKERS_FRESH:
             with translated():
                 self._workers = (now, await live_workers(self.queue.client))
-        lacking = missing(needs_of(spec.workflow), self._workers[1], spec.lane)
+        lacking = missing(await needs_of_spec(spec.workflow, spec.big), self._workers[1], spec.lane)
         if lacking is not None:
             lane = f"lane {spec.lane!r}" if spec.lane else "the default lane"
             what = ", ".join(lacking["nodes"] + lacking["models"])

@@ -4,6 +4,7 @@ ComfyUI's `/object_info` (a loader's input lists the files it can load)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,13 @@ def needs_of(workflow: Mapping[str, Any], model_inputs: Iterable[str] = MODEL_IN
             if name in names and isinstance(value, str) and value and not _fetched(value):
                 models.add(value)
     return Needs(frozenset(nodes), frozenset(models))
+
+
+async def needs_of_spec(workflow: Mapping[str, Any], big: bool) -> Needs:
+    """`needs_of`, in a thread for a big workflow (the event loop never walks thousands of nodes)."""
+    if big:
+        return await asyncio.to_thread(needs_of, workflow)
+    return needs_of(workflow)
 
 
 def model_files(object_info: Mapping[str, Any], model_inputs: Iterable[str] = MODEL_INPUTS) -> frozenset[str]:

@@ -42,7 +42,7 @@ from . import deadletters
 from .affinity import Affinity
 from .healing import Healing
 from .heartbeat import Heartbeat
-from .needs import needs_of
+from .needs import needs_of_spec
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, encode_spec, stream
@@ -290,7 +290,8 @@ class Consumer:
         models, or able to run it)."""
         if self.affinity is None:
             return True
-        return await self.affinity.place(taken.stream, taken.entry, needs_of(taken.spec.workflow))
+        needs = await needs_of_spec(taken.spec.workflow, taken.spec.big)
+        return await self.affinity.place(taken.stream, taken.entry, needs)
 
     async def _handed(self) -> Taken | None:
         """A job another worker handed to this one, else one handed to a worker that did not take
@@ -426,7 +427,7 @@ class Consumer:
             self.busy = False
             if self.heartbeat is not None:  # what its ComfyUI holds now, advertised at once
                 self.heartbeat.busy = False
-                self.heartbeat.ran(needs_of(taken.spec.workflow))
+                self.heartbeat.ran(await needs_of_spec(taken.spec.workflow, taken.spec.big))
         if self.healing is not None:  # before the next job: free or restart past a watermark
             await self.healing.check()
 
