@@ -75,14 +75,14 @@ async def run(request: Request) -> Response:
     resources, jobs = state.resources, state.jobs
     settings = resources.settings
     await jobs.check_room()  # BUSY before the body is read
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     owner = caller(request)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
     query, headers, base_url = request.query_params, request.headers, str(request.base_url)
     key = idempotency_key(headers)
     job: EventSource
     abandon = None  # what this caller hanging up does
-    if key is None or settings.queue_backend == "redis":  # the Redis tier claims keys in Redis itself
+    if key is None or settings.fleet.queue_backend == "redis":  # the Redis tier claims keys in Redis itself
         started = await start_job(
             resources, jobs, body, query, headers, "http", workflow_id, base_url=base_url, owner=owner
         )
@@ -91,7 +91,7 @@ async def run(request: Request) -> Response:
         job = await start_or_attach(resources, jobs, key, body, query, headers, workflow_id, base_url, owner)
     mode = requested_mode(query, headers)
     response: Response
-    if mode == "async" and not settings.on_fc:
+    if mode == "async" and not settings.service.on_fc:
         # Outside FC nobody holds the request for us: answer now, the app owns the job.
         response = JSONResponse({"task_id": job.task_id}, status_code=202)
     elif mode == "stream":
@@ -148,6 +148,8 @@ async def status(request: Request) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; settings are read from the environment unless given."""
     settings = settings or Settings.from_env()
+    for line in settings.deprecated:  # once per app, whatever started it
+        log.warning("setting %s", line)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -156,24 +158,26 @@ def create_app(settings: Settings | None = None) -> Starlette:
             jobs = Jobs(
                 resources.runtime(),
                 resources.status,
-                settings.stream_buffer_events,
-                settings.job_max_event_bytes,
-                settings.max_pending_jobs,
+                settings.stream.buffer_events,
+                settings.stream.max_event_bytes,
+                settings.service.max_pending_jobs,
                 metrics,
                 resources.webhooks,
             )
-            state = AppState(resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(settings.queue_stall_after))
+            state = AppState(
+                resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(settings.comfyui.queue_stall_after)
+            )
             app.state.serverless = state
-            background = [asyncio.create_task(resources.status.prune_forever(settings.status_retention_days))]
-            if settings.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
+            background = [asyncio.create_task(resources.status.prune_forever(settings.status.retention_days))]
+            if settings.fleet.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
                 background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others
             try:
                 async with fleet.running(resources, jobs) as tier:  # the Redis tier, if configured
                     state.jobs, state.consumer = tier.jobs, tier.consumer
                     yield
                     if tier.jobs is not jobs:
-                        await tier.jobs.drain(settings.drain_timeout)
-                    await jobs.drain(settings.drain_timeout)
+                        await tier.jobs.drain(settings.service.drain_timeout)
+                    await jobs.drain(settings.service.drain_timeout)
             finally:
                 for task in background:
                     task.cancel()
@@ -217,8 +221,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[
             Middleware(
                 RequireApiKey,
-                keys=ApiKeys(settings.api_keys),
-                own_token=("/metrics",) if settings.metrics_token else (),
+                keys=ApiKeys(settings.security.api_keys),
+                own_token=("/metrics",) if settings.security.metrics_token else (),
             )
         ],
         lifespan=lifespan,

@@ -64,7 +64,7 @@ async def health(request: Request) -> Response:
     """GET /api/serverless/health: 200 when ComfyUI answers, 503 with the reason otherwise. A
     Redis-tier gateway has no ComfyUI: 200 when Redis answers."""
     resources, jobs = _state(request)
-    if resources.settings.role == "gateway":
+    if resources.settings.fleet.role == "gateway":
         return await _gateway_health(request)
     try:
         if not jobs.accepting:
@@ -96,7 +96,7 @@ async def health(request: Request) -> Response:
         "jobs": jobs.running,
         "status_log": resources.status.health(),
     }
-    if resources.settings.queue_backend != "none":
+    if resources.settings.fleet.queue_backend != "none":
         body["tier"] = fleet.health(resources.settings, app_state(request).consumer)
     return JSONResponse(body)
 
@@ -141,13 +141,13 @@ class Prewarm:
 def check_platform_call(request: Request, hook: str) -> None:
     """Refuse a lifecycle hook that the platform did not make (see the module docstring)."""
     settings = app_state(request).resources.settings
-    token = settings.lifecycle_token
+    token = settings.security.lifecycle_token
     given = sole_authorization(request.headers.getlist("authorization"))
     if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return
-    if settings.on_fc and request.headers.get("x-fc-control-path") == hook:
+    if settings.service.on_fc and request.headers.get("x-fc-control-path") == hook:
         return
-    if not settings.on_fc and not token and _loopback(request):
+    if not settings.service.on_fc and not token and _loopback(request):
         return
     log.warning("refused %s from %s: not a platform call", hook, request.client.host if request.client else "?")
     raise Unauthorized(f"{hook} is a lifecycle hook: only the platform may call it")
@@ -164,12 +164,12 @@ async def initialize(request: Request) -> Response:
     """POST /initialize (FC initializer): ComfyUI ready, and PREWARM_PROMPT run once if set."""
     check_platform_call(request, "/initialize")
     resources, jobs = _state(request)
-    deadline = resources.settings.startup_timeout
+    deadline = resources.settings.comfyui.startup_timeout
     await resources.comfyui_ready()
     if resources.supervisor is None and not await _answers_within(resources, deadline):
         raise ComfyUIUnavailable(f"ComfyUI did not answer within {deadline:g}s")
     prewarm = app_state(request).prewarm
-    result = await prewarm.run_once(resources, jobs) if resources.settings.prewarm_prompt else None
+    result = await prewarm.run_once(resources, jobs) if resources.settings.comfyui.prewarm_prompt else None
     return JSONResponse({"status": "ready", "prewarm": result})
 
 
@@ -185,7 +185,7 @@ async def _answers_within(resources: Resources, seconds: float) -> bool:
 
 async def _prewarm(resources: Resources, jobs: JobRunner) -> dict[str, Any]:
     """Run PREWARM_PROMPT (a workflow JSON, or the path of one) as an ordinary job."""
-    source = resources.settings.prewarm_prompt
+    source = resources.settings.comfyui.prewarm_prompt
     text = source if source.lstrip().startswith("{") else await asyncio.to_thread(Path(source).read_text)
     request = parse_run_request(text, {}, {})
     job = await jobs.start(JobSpec(workflow=request.workflow, extra_data=request.extra_data))
@@ -199,5 +199,5 @@ async def pre_stop(request: Request) -> Response:
     """GET /pre-stop (FC hook): take no new jobs, wait (bounded) for the running ones."""
     check_platform_call(request, "/pre-stop")
     resources, jobs = _state(request)
-    await jobs.drain(resources.settings.drain_timeout)
+    await jobs.drain(resources.settings.service.drain_timeout)
     return JSONResponse({"status": "drained", "jobs": jobs.running})

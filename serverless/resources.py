@@ -72,17 +72,19 @@ class Resources:
         """Everything the app needs, opened in order and closed in reverse; what they do is
         counted in `metrics`."""
         metrics = metrics or Metrics()
-        timeouts = Timeouts(settings.connect_timeout, settings.request_timeout, settings.reconnect_timeout)
-        command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
-        runs_jobs = settings.role != "gateway"  # a fleet's gateway has no ComfyUI: no websocket to it
-        async with ComfyUI.open(settings.comfyui_url, timeouts, comfyui_folders(settings, command), runs_jobs) as comfy:
+        timeouts = Timeouts(
+            settings.comfyui.connect_timeout, settings.comfyui.request_timeout, settings.comfyui.startup_timeout
+        )
+        command = comfyui_command(settings.comfyui.cmd, settings.comfyui.dir, settings.comfyui.port)
+        runs_jobs = settings.fleet.role != "gateway"  # a fleet's gateway has no ComfyUI: no websocket to it
+        async with ComfyUI.open(settings.comfyui.url, timeouts, comfyui_folders(settings, command), runs_jobs) as comfy:
             supervisor = None
             if command and runs_jobs:
                 supervisor = Supervisor(
                     command,
                     comfy.answers,
-                    settings.comfyui_dir or None,
-                    address=(settings.comfyui_host, settings.comfyui_port),
+                    settings.comfyui.dir or None,
+                    address=(settings.comfyui.host, settings.comfyui.port),
                 )
             if supervisor is not None:
                 metrics.watch_comfyui_restarts(lambda: supervisor.generation)
@@ -96,8 +98,8 @@ class Resources:
                 webhooks = Webhooks(
                     partial(post, hooks),
                     hooks_policy,
-                    settings.webhook_secret,
-                    settings.webhook_timeout,
+                    settings.security.webhook_secret,
+                    settings.outputs.webhook_timeout,
                     status.record_webhook,
                     metrics.webhook_delivered,
                 )
@@ -123,7 +125,7 @@ class Resources:
                                 redis,
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
-                            await webhooks.drain(settings.webhook_timeout + 1)
+                            await webhooks.drain(settings.outputs.webhook_timeout + 1)
                 finally:
                     await status.aclose()
                     if store is not None:
@@ -137,11 +139,11 @@ class Resources:
             collect_outputs=self.output_collector,
             comfyui_ready=self.comfyui_ready,
             comfyui_generation=self.comfyui_generation,
-            instance_id=self.settings.instance_id,
-            job_timeout=self.settings.job_timeout,
-            max_result_bytes=self.settings.result_inline_max_bytes if self.fleet_worker else 0,
-            preview_max_fps=self.settings.preview_max_fps,
-            preview_in_status=self.settings.preview_in_status,
+            instance_id=self.settings.service.instance_id,
+            job_timeout=self.settings.service.job_timeout,
+            max_result_bytes=self.settings.fleet.result_inline_max_bytes if self.fleet_worker else 0,
+            preview_max_fps=self.settings.stream.preview_max_fps,
+            preview_in_status=self.settings.stream.preview_in_status,
             out_of_memory=self.metrics.comfyui_ooms.inc,
             freed=self.metrics.comfyui_frees.inc,
         )
@@ -150,7 +152,11 @@ class Resources:
     def fleet_worker(self) -> bool:
         """Whether this instance runs jobs for a fleet's gateways: what its jobs deliver must
         travel through Redis (base64 outputs, linked files), bounded by RESULT_INLINE_MAX_BYTES."""
-        return self.redis is not None and self.settings.queue_backend == "redis" and self.settings.role != "gateway"
+        return (
+            self.redis is not None
+            and self.settings.fleet.queue_backend == "redis"
+            and self.settings.fleet.role != "gateway"
+        )
 
     def comfyui_generation(self) -> int:
         """Changes whenever a supervised ComfyUI dies: prompts submitted before are lost."""
@@ -159,7 +165,7 @@ class Resources:
     async def comfyui_ready(self) -> int:
         """Jobs arriving while a supervised ComfyUI (re)starts wait for it, bounded; returns the
         generation they will run on."""
-        timeout = self.settings.startup_timeout
+        timeout = self.settings.comfyui.startup_timeout
         if self.supervisor and not await self.supervisor.wait_ready(timeout):
             raise ComfyUIUnavailable(f"ComfyUI is not ready after {timeout:g}s (starting or restarting)")
         return self.comfyui_generation()
@@ -168,14 +174,14 @@ class Resources:
         """Loader inputs (URLs, base64, oss://, s3://) fetched and uploaded; file names left as is."""
         read_oss = read_s3 = None
         if self.storage is not None:
-            read = partial(self.storage.read, credentials, max_bytes=self.settings.input_max_bytes)
+            read = partial(self.storage.read, credentials, max_bytes=self.settings.inputs.max_bytes)
             if self.storage.scheme == "s3":
                 read_s3 = self.metrics.metered_fetch(read, "s3")
             else:
                 read_oss = self.metrics.metered_fetch(read, "oss")
         return await resolve_inputs(
             workflow,
-            loaders=LOADER_INPUTS | set(self.settings.input_loaders),
+            loaders=LOADER_INPUTS | set(self.settings.inputs.loaders),
             fetch_url=self.fetch_url,
             read_oss=read_oss,
             read_s3=read_s3,
@@ -200,7 +206,7 @@ class Resources:
             self.comfy,
             with_content=policy.base64,
             uploader=uploader,
-            concurrency=self.settings.output_concurrency,
+            concurrency=self.settings.outputs.concurrency,
             empty_oss=self.empty_oss(),
             conversion=policy.convert,
             on_ready=on_ready,
@@ -213,7 +219,7 @@ class Resources:
         """Keeps a job's linked outputs in Redis, where every gateway serves their links from
         (gateways have no ComfyUI to read them from), up to RESULT_INLINE_MAX_BYTES a job."""
         assert self.redis is not None
-        store, limit, kept = self.redis, self.settings.result_inline_max_bytes, [0]
+        store, limit, kept = self.redis, self.settings.fleet.result_inline_max_bytes, [0]
 
         async def keep(item: Mapping[str, Any], content: bytes, mime: str) -> None:
             kept[0] += len(content)
@@ -226,15 +232,15 @@ class Resources:
     async def stored_file(self, item: Mapping[str, Any], conversion: Conversion) -> tuple[bytes, str] | None:
         """A linked output a fleet's worker kept in Redis (as served: converted); None on one
         box, or when it is not (or no longer) kept."""
-        if self.redis is None or self.settings.queue_backend != "redis":
+        if self.redis is None or self.settings.fleet.queue_backend != "redis":
             return None
         return await self.redis.read_file(links.stored_name(item, conversion))
 
     def file_link(self, policy: OutputPolicy, item: Mapping[str, Any]) -> str:
         """The signed download link of an output, under the base URL the caller reached us at."""
         assert policy.url is not None
-        expires = int(time.time()) + self.settings.file_link_expires
-        token = links.sign(self.settings.file_link_secret.encode(), item, expires, policy.convert)
+        expires = int(time.time()) + self.settings.outputs.link_expires
+        token = links.sign(self.settings.security.file_link_secret.encode(), item, expires, policy.convert)
         return f"{policy.url.rstrip('/')}/api/files/{token}"
 
     def empty_oss(self) -> dict[str, Any]:
@@ -252,15 +258,15 @@ class Resources:
 async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore[Any], RedisStatus | None]:
     """The status store STATUS_BACKEND names, probed once at start-up (loudly when unusable);
     the Redis store a second time when it is the one (a fleet's queue shares its client)."""
-    if settings.status_backend == "redis":
+    if settings.status.backend == "redis":
         store = RedisStatus(
-            connect(settings.redis_url),
-            settings.status_stale_after,
-            settings.status_retention_days,
-            settings.redis_max_event_bytes,
-            result_ttl=settings.file_link_expires,
+            connect(settings.fleet.redis_url),
+            settings.status.stale_after,
+            settings.status.retention_days,
+            settings.fleet.max_event_bytes,
+            result_ttl=settings.outputs.link_expires,
             # A fleet: a job whose worker died is claimed by another after REDIS_CLAIM_IDLE.
-            retry_grace=2 * settings.redis_claim_idle + 1.0 if settings.queue_backend == "redis" else 0.0,
+            retry_grace=2 * settings.fleet.claim_idle + 1.0 if settings.fleet.queue_backend == "redis" else 0.0,
         )
         if not await store.writable():
             log.error(
@@ -269,9 +275,9 @@ async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore
             )
         return store, store
     status = StatusLog(
-        settings.status_dir,
-        settings.status_stale_after,
-        io_timeout=settings.status_io_timeout,
+        settings.status.dir,
+        settings.status.stale_after,
+        io_timeout=settings.status.io_timeout,
         on_append=metrics.status_appended,
     )
     await status.check_at_startup()
@@ -297,11 +303,11 @@ def comfyui_folders(settings: Settings, command: list[str] | None) -> Folders:
     """ComfyUI's folders on our disk: each one named (COMFYUI_OUTPUT_DIR, COMFYUI_TEMP_DIR,
     COMFYUI_INPUT_DIR), else, when we start ComfyUI from COMFYUI_DIR, those it will use; none
     otherwise (ComfyUI elsewhere: its HTTP API)."""
-    started = started_folders(command, settings.comfyui_dir) if command and settings.comfyui_dir else Folders()
+    started = started_folders(command, settings.comfyui.dir) if command and settings.comfyui.dir else Folders()
     return Folders(
-        output=settings.disk_output_dir or started.output,
-        temp=settings.disk_temp_dir or started.temp,
-        input=settings.disk_input_dir or started.input,
+        output=settings.comfyui.disk_output_dir or started.output,
+        temp=settings.comfyui.disk_temp_dir or started.temp,
+        input=settings.comfyui.disk_input_dir or started.input,
     )
 
 
@@ -311,10 +317,10 @@ def hosted_workflows(
     """The hosted workflows' folder, checked against `/object_info` read once per ComfyUI process
     (a fleet's gateway, which has no ComfyUI, reads the one its workers publish in Redis)."""
     generation = (lambda: supervisor.generation) if supervisor else (lambda: 0)
-    fetch = redis.object_info if redis is not None and settings.role == "gateway" else comfy.object_info
+    fetch = redis.object_info if redis is not None and settings.fleet.role == "gateway" else comfy.object_info
     object_info = ObjectInfoCache(fetch, generation)
-    loaders = LOADER_INPUTS | set(settings.input_loaders)
-    return HostedWorkflows(WorkflowStore(settings.workflows_dir), object_info, loaders)
+    loaders = LOADER_INPUTS | set(settings.inputs.loaders)
+    return HostedWorkflows(WorkflowStore(settings.status.workflows_dir), object_info, loaders)
 
 
 def too_big_to_travel(size: int, limit: int) -> str:
@@ -327,18 +333,18 @@ def too_big_to_travel(size: int, limit: int) -> str:
 
 def converted_files(settings: Settings) -> ConvertedFiles:
     """The instance's bounded conversions, and the converted download links it keeps."""
-    converter = Converter(settings.convert_max_pixels, settings.convert_concurrency)
-    return ConvertedFiles(converter, settings.convert_cache_bytes)
+    converter = Converter(settings.outputs.convert_max_pixels, settings.outputs.convert_concurrency)
+    return ConvertedFiles(converter, settings.outputs.convert_cache_bytes)
 
 
 def webhook_policy(settings: Settings) -> DownloadPolicy:
     """The webhook address rules: public addresses only, unless WEBHOOK_ALLOWED_HOSTS allows."""
     try:
         return DownloadPolicy(
-            total_timeout=settings.webhook_timeout,
-            connect_timeout=min(10.0, settings.webhook_timeout),
-            read_timeout=settings.webhook_timeout,
-            allowed_hosts=frozenset(settings.webhook_allowed_hosts),
+            total_timeout=settings.outputs.webhook_timeout,
+            connect_timeout=min(10.0, settings.outputs.webhook_timeout),
+            read_timeout=settings.outputs.webhook_timeout,
+            allowed_hosts=frozenset(settings.outputs.webhook_allowed_hosts),
         )
     except ValueError as exc:
         raise SettingsError(f"WEBHOOK_ALLOWED_HOSTS: {exc}") from exc
@@ -348,10 +354,10 @@ def download_policy(settings: Settings) -> DownloadPolicy:
     """The input download rules; a bad INPUT_ALLOWED_HOSTS entry fails start-up, named."""
     try:
         return DownloadPolicy(
-            max_bytes=settings.input_max_bytes,
-            total_timeout=settings.input_timeout,
-            allow_private=settings.input_allow_private,
-            allowed_hosts=frozenset(settings.input_allowed_hosts),
+            max_bytes=settings.inputs.max_bytes,
+            total_timeout=settings.inputs.timeout,
+            allow_private=settings.inputs.allow_private,
+            allowed_hosts=frozenset(settings.inputs.allowed_hosts),
         )
     except ValueError as exc:
         raise SettingsError(f"INPUT_ALLOWED_HOSTS: {exc}") from exc
@@ -359,23 +365,23 @@ def download_policy(settings: Settings) -> DownloadPolicy:
 
 def input_limits(settings: Settings) -> InputLimits:
     return InputLimits(
-        max_fetch_bytes=settings.input_max_bytes,
-        max_base64_bytes=settings.input_max_base64_bytes,
-        max_job_bytes=settings.max_input_bytes_per_job,
-        max_pixels=settings.input_max_pixels,
-        budget_timeout=settings.input_timeout,
+        max_fetch_bytes=settings.inputs.max_bytes,
+        max_base64_bytes=settings.inputs.max_bytes,
+        max_job_bytes=settings.inputs.max_job_bytes,
+        max_pixels=settings.inputs.max_pixels,
+        budget_timeout=settings.inputs.timeout,
     )
 
 
 def input_budget(settings: Settings) -> ByteBudget:
     """The instance's shared input byte budget; one too small for a single request fails start-up."""
-    needed = settings.max_input_bytes_per_job + max(settings.input_max_bytes, settings.input_max_base64_bytes)
-    if settings.input_max_inflight_bytes < needed:
+    needed = settings.inputs.max_job_bytes + settings.inputs.max_bytes
+    if settings.inputs.max_inflight_bytes < needed:
         raise SettingsError(
-            f"INPUT_MAX_INFLIGHT_BYTES={settings.input_max_inflight_bytes} must be at least "
-            f"MAX_INPUT_BYTES_PER_JOB + max(INPUT_MAX_BYTES, INPUT_MAX_BASE64_BYTES) = {needed}"
+            f"INPUT_MAX_INFLIGHT_BYTES={settings.inputs.max_inflight_bytes} must be at least "
+            f"INPUT_MAX_JOB_BYTES + INPUT_MAX_BYTES = {needed}"
         )
-    return ByteBudget(settings.input_max_inflight_bytes)
+    return ByteBudget(settings.inputs.max_inflight_bytes)
 
 
 async def _upload(
@@ -394,7 +400,7 @@ async def _upload(
 async def open_storage(settings: Settings, on_retry: Callable[[], None] | None = None) -> Storage | None:
     """The bucket STORAGE names: OSS when OSS_BUCKET_DOMAIN is set, or S3; bad settings fail
     start-up, named. (An AWS profile is read from disk: in a thread.)"""
-    if settings.storage == "s3":
+    if settings.outputs.storage == "s3":
         return await asyncio.to_thread(s3_store, settings)
     return oss_store(settings, on_retry)
 
@@ -409,8 +415,8 @@ def s3_store(settings: Settings) -> S3Store:
             s3.endpoint_url,
             s3.addressing,
             s3.input_buckets,
-            settings.oss_key_prefix,
-            settings.oss_expires_in,
+            settings.oss.key_prefix,
+            settings.oss.expires_in,
             s3.aws,
         )
     except ValueError as exc:
@@ -422,14 +428,14 @@ def oss_store(settings: Settings, on_retry: Callable[[], None] | None = None) ->
     """The OSS client when OSS_BUCKET_DOMAIN is set; bad OSS settings fail start-up, named."""
     try:
         config = OssConfig.from_values(
-            settings.oss_bucket_domain,
-            settings.oss_endpoint,
-            settings.oss_sign_endpoint,
-            settings.oss_key_prefix,
-            settings.oss_expires_in,
+            settings.oss.bucket_domain,
+            settings.oss.endpoint,
+            settings.oss.sign_endpoint,
+            settings.oss.key_prefix,
+            settings.oss.expires_in,
         )
         if config is None:
             return None
-        return OssStore(config, read_allowed=read_rules(settings.oss_input_allowed, config), on_retry=on_retry)
+        return OssStore(config, read_allowed=read_rules(settings.oss.input_allowed, config), on_retry=on_retry)
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc

@@ -111,7 +111,7 @@ class DrainingServer(uvicorn.Server):
 
 def configure_logging(settings: Settings) -> None:
     """Log lines at LOG_LEVEL in LOG_FORMAT (both entry points use this)."""
-    logs.configure_logging(settings.log_level, settings.log_format)
+    logs.configure_logging(settings.service.log_level, settings.service.log_format)
 
 
 def load_settings() -> Settings:
@@ -127,21 +127,22 @@ def taken_port(settings: Settings) -> str | None:
     """Why this server cannot start here, in one line, when a port it needs is taken; else None.
     Checked before uvicorn starts, whose own failure is a traceback (ComfyUI's port) or an errno
     naming no setting (ours)."""
+    host, port = settings.service.host, settings.service.port
     try:
-        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind((settings.host, settings.port))
+            probe.bind((host, port))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             return None  # uvicorn reports the rest (an address not on this machine...) itself
         return (
-            f"port {settings.port} on {settings.host} (FC_CUSTOM_LISTEN_PORT) is already taken by another "
+            f"port {port} on {host} (FC_CUSTOM_LISTEN_PORT) is already taken by another "
             f"process (this API started earlier?): stop it, or choose another port, e.g. "
-            f"FC_CUSTOM_LISTEN_PORT={settings.port + 1}"
+            f"FC_CUSTOM_LISTEN_PORT={port + 1}"
         )
-    command = comfyui_command(settings.comfyui_cmd, settings.comfyui_dir, settings.comfyui_port)
-    if command and settings.role != "gateway" and _answers(settings.comfyui_host, settings.comfyui_port):
-        return str(PortTaken(settings.comfyui_host, settings.comfyui_port))
+    command = comfyui_command(settings.comfyui.cmd, settings.comfyui.dir, settings.comfyui.port)
+    if command and settings.fleet.role != "gateway" and _answers(settings.comfyui.host, settings.comfyui.port):
+        return str(PortTaken(settings.comfyui.host, settings.comfyui.port))
     return None
 
 
@@ -155,15 +156,15 @@ def _answers(host: str, port: int) -> bool:
 
 def where_written(settings: Settings) -> str:
     """Where this server writes on disk, for the log at start (bootstrap may have chosen it)."""
-    workflows = f"hosted workflows to {settings.workflows_dir.absolute()} (WORKFLOWS_DIR)"
-    if settings.queue_backend == "redis":
+    workflows = f"hosted workflows to {settings.status.workflows_dir.absolute()} (WORKFLOWS_DIR)"
+    if settings.fleet.queue_backend == "redis":
         return workflows
-    return f"status logs to {settings.status_dir.absolute()} (STATUS_DIR), {workflows}"
+    return f"status logs to {settings.status.dir.absolute()} (STATUS_DIR), {workflows}"
 
 
 def ws_max_size(settings: Settings) -> int:
     """The largest websocket message uvicorn should take: a run body, and a little framing."""
-    return settings.max_body_bytes + 64 * 1024
+    return settings.inputs.max_body_bytes + 64 * 1024
 
 
 def main() -> None:
@@ -183,15 +184,15 @@ def main() -> None:
         app,
         uvicorn.Config(
             app,
-            host=settings.host,
-            port=settings.port,
-            timeout_graceful_shutdown=int(settings.drain_timeout + SHUTDOWN_MARGIN),
-            access_log=settings.access_log,
+            host=settings.service.host,
+            port=settings.service.port,
+            timeout_graceful_shutdown=int(settings.service.drain_timeout + SHUTDOWN_MARGIN),
+            access_log=settings.service.access_log,
             log_config=None,  # uvicorn's loggers go through ours: one format, one level
             # A websocket run body may be as big as an HTTP one (uvicorn's own limit is 16 MiB).
             ws_max_size=ws_max_size(settings),
         ),
-        settings.drain_timeout,
+        settings.service.drain_timeout,
     )
     server.run()
     sys.exit(server.exit_code if server.started else 3)

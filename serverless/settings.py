@@ -12,7 +12,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -206,6 +206,257 @@ class S3Settings:
         )
 
 
+# Old names that still work: the value moves to the new name (which wins when both are set) and
+# start-up logs one line saying so (`Settings.deprecated`).
+RENAMED = {
+    "INPUT_MAX_BASE64_BYTES": "INPUT_MAX_BYTES",  # one limit for an input, however it arrives
+    "MAX_INPUT_BYTES_PER_JOB": "INPUT_MAX_JOB_BYTES",
+    "BODY_TIMEOUT": "INPUT_TIMEOUT",  # a request body is an input arriving, like a download
+    "COMFYUI_RECONNECT_TIMEOUT": "COMFYUI_STARTUP_TIMEOUT",  # coming back is starting again
+}
+
+
+def _renamed(env: Mapping[str, str]) -> tuple[Mapping[str, str], tuple[str, ...]]:
+    """`env` with each old name's value under its new name, and a warning line per old name set."""
+    moved: dict[str, str] = {}
+    notes: list[str] = []
+    for old, new in RENAMED.items():
+        value = env.get(old, "").strip()
+        if not value:
+            continue
+        if env.get(new, "").strip() or new in moved:
+            notes.append(f"{old} is deprecated and ignored: {new} is set")
+        else:
+            moved[new] = value
+            notes.append(f"{old} is deprecated: read as {new}={value}")
+    return ({**env, **moved} if moved else env), tuple(notes)
+
+
+@dataclass(frozen=True, slots=True)
+class ComfyUISettings:
+    """The ComfyUI beside us: where it listens, how it is started, how long we wait for it, and
+    its folders on our disk (named explicitly: outputs read and inputs written there)."""
+
+    url: str = "http://127.0.0.1:8188"
+    cmd: str = ""
+    dir: str = ""
+    connect_timeout: float = 5.0
+    request_timeout: float = 60.0
+    startup_timeout: float = 60.0  # to come up, or back after a break (its websocket reopened)
+    output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
+    disk_output_dir: Path | None = None
+    disk_temp_dir: Path | None = None
+    disk_input_dir: Path | None = None
+    queue_stall_after: float = 30.0
+    prewarm_prompt: str = ""
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 8188
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], mount: str) -> ComfyUISettings:
+        d = cls()
+        return cls(
+            url=_text(env, "COMFYUI_URL", d.url).rstrip("/"),
+            cmd=_text(env, "COMFYUI_CMD", ""),
+            dir=_text(env, "COMFYUI_DIR", ""),
+            connect_timeout=_number(env, "COMFYUI_CONNECT_TIMEOUT", d.connect_timeout, 0.1),
+            request_timeout=_number(env, "COMFYUI_REQUEST_TIMEOUT", d.request_timeout, 0.1),
+            startup_timeout=_number(env, "COMFYUI_STARTUP_TIMEOUT", d.startup_timeout, 0),
+            output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
+            disk_output_dir=_folder(env, "COMFYUI_OUTPUT_DIR"),
+            disk_temp_dir=_folder(env, "COMFYUI_TEMP_DIR"),
+            disk_input_dir=_folder(env, "COMFYUI_INPUT_DIR"),
+            queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
+            prewarm_prompt=_text(env, "PREWARM_PROMPT", ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """This instance: its address, logs, jobs' deadline and admission, and shutdown."""
+
+    instance_id: str = "local"
+    host: str = "127.0.0.1"
+    port: int = 9000
+    on_fc: bool = False
+    access_log: bool = False
+    log_level: str = "INFO"
+    log_format: str = "text"
+    job_timeout: float = 1800.0
+    max_pending_jobs: int = 256  # generous: the suite opens 200 streams at once, the benchmark 100
+    drain_timeout: float = 600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], on_fc: bool) -> ServiceSettings:
+        d = cls()
+        return cls(
+            instance_id=_text(env, "FC_INSTANCE_ID", socket.gethostname() or "local"),
+            # On FC the platform's proxy reaches us from outside; elsewhere loopback, as ComfyUI does.
+            host=_host(env, "HOST", "0.0.0.0" if on_fc else d.host),
+            port=_integer(env, "FC_CUSTOM_LISTEN_PORT", d.port, 1, 65535),
+            on_fc=on_fc,
+            access_log=_flag(env, "ACCESS_LOG", d.access_log),
+            log_level=_log_level(env, "LOG_LEVEL", d.log_level),
+            log_format=_choice(env, "LOG_FORMAT", d.log_format, LOG_FORMATS),
+            job_timeout=_number(env, "JOB_TIMEOUT", d.job_timeout, 1),
+            max_pending_jobs=_integer(env, "MAX_PENDING_JOBS", d.max_pending_jobs, 0),
+            drain_timeout=_number(env, "DRAIN_TIMEOUT", d.drain_timeout, 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InputSettings:
+    """What a request may bring: its body, each input (downloaded or base64), a job's inputs
+    together, the instance's inputs in flight, and where downloads may go."""
+
+    max_body_bytes: int = 100 * MiB
+    timeout: float = 60.0  # a request body to arrive, or one input to download
+    max_bytes: int = 50 * MiB
+    max_job_bytes: int = 200 * MiB
+    max_inflight_bytes: int = 512 * MiB
+    max_pixels: int = 100_000_000
+    allow_private: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    loaders: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> InputSettings:
+        d = cls()
+        return cls(
+            max_body_bytes=_integer(env, "MAX_BODY_BYTES", d.max_body_bytes, 1024),
+            timeout=_number(env, "INPUT_TIMEOUT", d.timeout, 0.1),
+            max_bytes=_integer(env, "INPUT_MAX_BYTES", d.max_bytes, 1),
+            max_job_bytes=_integer(env, "INPUT_MAX_JOB_BYTES", d.max_job_bytes, 1),
+            max_inflight_bytes=_integer(env, "INPUT_MAX_INFLIGHT_BYTES", d.max_inflight_bytes, 1),
+            max_pixels=_integer(env, "INPUT_MAX_PIXELS", d.max_pixels, 1),
+            allow_private=_flag(env, "INPUT_ALLOW_PRIVATE", d.allow_private),
+            allowed_hosts=_allowed_hosts(env, "INPUT_ALLOWED_HOSTS"),
+            loaders=_loader_pairs(env, "INPUT_LOADERS"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OssSettings:
+    """Alibaba OSS: the output bucket, its endpoints and key prefix, signed URLs' lifetime, the
+    buckets `oss://` inputs may read, and the instance's credentials (kept out of every `repr`)."""
+
+    bucket_domain: str = ""
+    endpoint: str = ""
+    sign_endpoint: str = ""
+    key_prefix: str = "serverless-api-output"
+    expires_in: int = 0
+    input_allowed: tuple[str, ...] | None = None  # None: the OSS_BUCKET_DOMAIN bucket only
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OssSettings:
+        d = cls()
+        return cls(
+            bucket_domain=_text(env, "OSS_BUCKET_DOMAIN", ""),
+            endpoint=_text(env, "OSS_ENDPOINT", ""),
+            sign_endpoint=_text(env, "OSS_SIGN_ENDPOINT", ""),
+            key_prefix=_text(env, "OSS_KEY_PREFIX", d.key_prefix).strip("/"),
+            expires_in=_integer(env, "OSS_EXPIRES_IN_SECOND", d.expires_in, 0),
+            input_allowed=_names(env, "OSS_INPUT_ALLOWED") if "OSS_INPUT_ALLOWED" in env else None,
+            credentials={name: env[name] for name in CLOUD_CREDENTIALS if env.get(name)},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSettings:
+    """What a job hands back: outputs read at once, the bucket `output_oss` uploads to, download
+    links, conversions, and webhooks."""
+
+    concurrency: int = 8
+    storage: str = "oss"  # the bucket output_oss uploads to and oss:// or s3:// inputs come from
+    link_expires: int = 3600
+    link_max_expires: int = 0  # 0: FILE_LINK_EXPIRES
+    convert_max_pixels: int = 32_000_000
+    convert_concurrency: int = 2
+    convert_cache_bytes: int = 256 * MiB
+    webhook_timeout: float = 30.0
+    webhook_allowed_hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OutputSettings:
+        d = cls()
+        expires = _integer(env, "FILE_LINK_EXPIRES", d.link_expires, 1)
+        longest = _integer(env, "FILE_LINK_MAX_EXPIRES", 0, 1) or expires  # unset: never past the default
+        if longest < expires:
+            raise SettingsError(
+                f"FILE_LINK_MAX_EXPIRES={longest} is below FILE_LINK_EXPIRES={expires}: "
+                "the longest a link may live cannot be shorter than the default"
+            )
+        return cls(
+            concurrency=_integer(env, "OUTPUT_CONCURRENCY", d.concurrency, 1),
+            storage=_choice(env, "STORAGE", d.storage, STORAGES),
+            link_expires=expires,
+            link_max_expires=longest,
+            convert_max_pixels=_integer(env, "CONVERT_MAX_PIXELS", d.convert_max_pixels, 1),
+            convert_concurrency=_integer(env, "CONVERT_CONCURRENCY", d.convert_concurrency, 1),
+            convert_cache_bytes=_integer(env, "CONVERT_CACHE_BYTES", d.convert_cache_bytes, 0),
+            webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", d.webhook_timeout, 0.1),
+            webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSettings:
+    """What outlives a request: status logs (the NAS folder or Redis), hosted workflows, how long
+    logs are kept, and when silence means an instance was lost."""
+
+    backend: str = "file"  # where status logs go: the NAS folder, or Redis streams
+    dir: Path = field(default_factory=lambda: Path("/mnt/auto/output/serverless_api"))
+    workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
+    retention_days: float = 7.0
+    stale_after: float = 120.0
+    io_timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], mount: str) -> StatusSettings:
+        d = cls()
+        return cls(
+            backend=_choice(env, "STATUS_BACKEND", d.backend, STATUS_BACKENDS),
+            dir=Path(_text(env, "STATUS_DIR", f"{mount}/output/serverless_api")),
+            workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
+            retention_days=_number(env, "STATUS_RETENTION_DAYS", d.retention_days, 0),
+            stale_after=_number(env, "STATUS_STALE_AFTER", d.stale_after, 1),
+            io_timeout=_number(env, "STATUS_IO_TIMEOUT", d.io_timeout, 0.1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """How a job's events reach its callers: keep-alives, slow readers, previews, hang-ups."""
+
+    ping_interval: float = 15.0
+    buffer_events: int = 10000  # events kept for a slow reader; one further behind is dropped
+    max_event_bytes: int = 64 * MiB  # bytes of events one job may publish
+    write_timeout: float = 60.0
+    cancel_on_disconnect: bool = True
+    preview_max_fps: float = 4.0
+    preview_in_status: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> StreamSettings:
+        d = cls()
+        return cls(
+            ping_interval=_number(env, "STREAM_PING_INTERVAL", d.ping_interval, 0.01),
+            buffer_events=_integer(env, "STREAM_BUFFER_EVENTS", d.buffer_events, 10),
+            max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.max_event_bytes, 1024),
+            write_timeout=_number(env, "STREAM_WRITE_TIMEOUT", d.write_timeout, 0.1),
+            cancel_on_disconnect=_flag(env, "CANCEL_ON_DISCONNECT", d.cancel_on_disconnect),
+            preview_max_fps=_number(env, "PREVIEW_MAX_FPS", d.preview_max_fps, 0.01),
+            preview_in_status=_flag(env, "PREVIEW_IN_STATUS", d.preview_in_status),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulingSettings:
     """The fleet's scheduling (`serverless.fleet`): this worker's lane, how long a job waits for a
@@ -232,220 +483,119 @@ class SchedulingSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the adapter is configured with. Build it with `Settings.from_env()`."""
+class FleetSettings:
+    """Gateways and workers sharing one Redis: the role, the queue's bounds, and results passed back."""
 
-    comfyui_url: str = "http://127.0.0.1:8188"
-    comfyui_cmd: str = ""
-    comfyui_dir: str = ""
-    instance_id: str = "local"
-    host: str = "127.0.0.1"
-    port: int = 9000
-    access_log: bool = False
-    log_level: str = "INFO"
-    log_format: str = "text"
-    job_timeout: float = 1800.0
-    connect_timeout: float = 5.0
-    request_timeout: float = 60.0
-    reconnect_timeout: float = 30.0
-    startup_timeout: float = 60.0
-    output_concurrency: int = 8
-    max_body_bytes: int = 100 * MiB
-    input_max_bytes: int = 50 * MiB
-    input_timeout: float = 60.0
-    input_max_base64_bytes: int = 50 * MiB
-    input_allow_private: bool = False
-    input_allowed_hosts: tuple[str, ...] = ()
-    input_loaders: tuple[tuple[str, str], ...] = ()
-    input_max_pixels: int = 100_000_000
-    max_input_bytes_per_job: int = 200 * MiB
-    input_max_inflight_bytes: int = 512 * MiB
-    oss_input_allowed: tuple[str, ...] | None = None  # None: the OSS_BUCKET_DOMAIN bucket only
-    oss_bucket_domain: str = ""
-    oss_endpoint: str = ""
-    oss_sign_endpoint: str = ""
-    oss_key_prefix: str = "serverless-api-output"
-    oss_expires_in: int = 0
-    storage: str = "oss"  # the bucket output_oss uploads to and oss:// or s3:// inputs come from
-    s3: S3Settings = field(default_factory=S3Settings)
-    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
-    status_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output/serverless_api"))
-    workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
-    status_retention_days: float = 7.0
-    status_stale_after: float = 120.0
-    status_io_timeout: float = 10.0
-    cancel_on_disconnect: bool = True
-    stream_ping_interval: float = 15.0
-    stream_buffer_events: int = 10000
-    preview_max_fps: float = 4.0
-    preview_in_status: bool = False
-    drain_timeout: float = 600.0
-    prewarm_prompt: str = ""
-    on_fc: bool = False
-    cloud_credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
-    lifecycle_token: str = field(default="", repr=False)
-    body_timeout: float = 60.0
-    job_max_event_bytes: int = 64 * MiB
-    comfyui_output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
-    queue_stall_after: float = 30.0
-    stream_write_timeout: float = 60.0
-    status_backend: str = "file"  # where status logs go: the NAS folder, or Redis streams
     queue_backend: str = "none"  # where jobs come from: the HTTP request itself, or a Redis stream
     role: str = "all"  # with QUEUE_BACKEND=redis: take jobs from the queue (worker), serve callers, or both
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
-    redis_max_event_bytes: int = 1 * MiB
-    redis_claim_idle: float = 60.0
+    max_event_bytes: int = 1 * MiB  # the largest event stored in Redis
+    claim_idle: float = 60.0
     max_queued_jobs: int = 1000  # a gateway's admission: jobs waiting in the Redis queue, all gateways together
     queue_ttl: float = 3600.0  # seconds a job may wait in the Redis queue for a worker (0: for ever)
     result_inline_max_bytes: int = 64 * MiB  # a fleet job's base64 outputs and linked files kept in Redis
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FleetSettings:
+        d = cls()
+        return cls(
+            queue_backend=_choice(env, "QUEUE_BACKEND", d.queue_backend, QUEUE_BACKENDS),
+            role=_choice(env, "ROLE", d.role, ROLES),
+            redis_url=_redis_url(env, "REDIS_URL", d.redis_url),
+            max_event_bytes=_integer(env, "REDIS_MAX_EVENT_BYTES", d.max_event_bytes, 1024),
+            claim_idle=_number(env, "REDIS_CLAIM_IDLE", d.claim_idle, 0.5),
+            max_queued_jobs=_integer(env, "MAX_QUEUED_JOBS", d.max_queued_jobs, 0),
+            queue_ttl=_number(env, "QUEUE_TTL", d.queue_ttl, 0),
+            result_inline_max_bytes=_integer(env, "RESULT_INLINE_MAX_BYTES", d.result_inline_max_bytes, 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    """Who may call, and the secrets we sign with (all kept out of every `repr`)."""
+
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    webhook_secret: str = field(default="", repr=False)
-    webhook_timeout: float = 30.0
-    webhook_allowed_hosts: tuple[str, ...] = ()
-    file_link_secret: str = field(default="", repr=False)
-    file_link_expires: int = 3600
-    file_link_max_expires: int = 0  # 0: FILE_LINK_EXPIRES
-    convert_max_pixels: int = 32_000_000
-    convert_concurrency: int = 2
-    convert_cache_bytes: int = 256 * MiB
-    max_pending_jobs: int = 256  # generous: the suite opens 200 streams at once, the benchmark 100
     metrics_token: str = field(default="", repr=False)
-    # ComfyUI's folders on our disk, named explicitly: outputs read and inputs written there.
-    disk_output_dir: Path | None = None
-    disk_temp_dir: Path | None = None
-    disk_input_dir: Path | None = None
+    lifecycle_token: str = field(default="", repr=False)
+    webhook_secret: str = field(default="", repr=False)
+    file_link_secret: str = field(default="", repr=False)
     genstudio_token_secret: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SecuritySettings:
+        return cls(
+            api_keys=_api_keys(env),
+            metrics_token=_text(env, "METRICS_TOKEN", ""),
+            lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
+            webhook_secret=_text(env, "WEBHOOK_SECRET", ""),
+            file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
+            genstudio_token_secret=_text(env, "GENSTUDIO_TOKEN_SECRET", ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the adapter is configured with, grouped by concern. Build it with
+    `Settings.from_env()`."""
+
+    comfyui: ComfyUISettings = field(default_factory=ComfyUISettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    inputs: InputSettings = field(default_factory=InputSettings)
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+    oss: OssSettings = field(default_factory=OssSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    status: StatusSettings = field(default_factory=StatusSettings)
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    deprecated: tuple[str, ...] = ()  # a line per old setting name in use, logged at start-up
 
     @property
     def reserved_output_dirs(self) -> tuple[tuple[str, ...], ...]:
         """Our folders inside ComfyUI's output folder (paths relative to it), which no workflow may
         write into: the status logs' by default."""
         reserved = []
-        for folder in (self.status_dir,):
+        for folder in (self.status.dir,):
             try:
-                reserved.append(folder.resolve().relative_to(self.comfyui_output_dir.resolve()).parts)
+                reserved.append(folder.resolve().relative_to(self.comfyui.output_dir.resolve()).parts)
             except ValueError:
                 continue
         return tuple(parts for parts in reserved if parts)
 
-    @property
-    def comfyui_host(self) -> str:
-        return urlsplit(self.comfyui_url).hostname or "127.0.0.1"
-
-    @property
-    def comfyui_port(self) -> int:
-        port = urlsplit(self.comfyui_url).port
-        return port or 8188
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read the environment (default `os.environ`); raise SettingsError naming a bad variable."""
-        env = os.environ if env is None else env
-        d = cls()  # the defaults
+        env, deprecated = _renamed(os.environ if env is None else env)
         mount = _text(env, "MODEL_ASSET_DIR", "/mnt/auto")
         on_fc = bool(env.get("FC_FUNCTION_NAME"))
         return cls(
-            comfyui_url=_text(env, "COMFYUI_URL", d.comfyui_url).rstrip("/"),
-            comfyui_cmd=_text(env, "COMFYUI_CMD", ""),
-            comfyui_dir=_text(env, "COMFYUI_DIR", ""),
-            instance_id=_text(env, "FC_INSTANCE_ID", socket.gethostname() or "local"),
-            # On FC the platform's proxy reaches us from outside; elsewhere loopback, as ComfyUI does.
-            host=_host(env, "HOST", "0.0.0.0" if on_fc else d.host),
-            port=_integer(env, "FC_CUSTOM_LISTEN_PORT", d.port, 1, 65535),
-            access_log=_flag(env, "ACCESS_LOG", d.access_log),
-            log_level=_log_level(env, "LOG_LEVEL", d.log_level),
-            log_format=_choice(env, "LOG_FORMAT", d.log_format, LOG_FORMATS),
-            job_timeout=_number(env, "JOB_TIMEOUT", d.job_timeout, 1),
-            connect_timeout=_number(env, "COMFYUI_CONNECT_TIMEOUT", d.connect_timeout, 0.1),
-            request_timeout=_number(env, "COMFYUI_REQUEST_TIMEOUT", d.request_timeout, 0.1),
-            reconnect_timeout=_number(env, "COMFYUI_RECONNECT_TIMEOUT", d.reconnect_timeout, 0),
-            startup_timeout=_number(env, "COMFYUI_STARTUP_TIMEOUT", d.startup_timeout, 0),
-            output_concurrency=_integer(env, "OUTPUT_CONCURRENCY", d.output_concurrency, 1),
-            max_body_bytes=_integer(env, "MAX_BODY_BYTES", d.max_body_bytes, 1024),
-            input_max_bytes=_integer(env, "INPUT_MAX_BYTES", d.input_max_bytes, 1),
-            input_timeout=_number(env, "INPUT_TIMEOUT", d.input_timeout, 0.1),
-            input_max_base64_bytes=_integer(env, "INPUT_MAX_BASE64_BYTES", d.input_max_base64_bytes, 1),
-            input_allow_private=_flag(env, "INPUT_ALLOW_PRIVATE", d.input_allow_private),
-            input_allowed_hosts=_allowed_hosts(env, "INPUT_ALLOWED_HOSTS"),
-            input_loaders=_loader_pairs(env, "INPUT_LOADERS"),
-            input_max_pixels=_integer(env, "INPUT_MAX_PIXELS", d.input_max_pixels, 1),
-            max_input_bytes_per_job=_integer(env, "MAX_INPUT_BYTES_PER_JOB", d.max_input_bytes_per_job, 1),
-            input_max_inflight_bytes=_integer(env, "INPUT_MAX_INFLIGHT_BYTES", d.input_max_inflight_bytes, 1),
-            oss_input_allowed=_names(env, "OSS_INPUT_ALLOWED") if "OSS_INPUT_ALLOWED" in env else None,
-            oss_bucket_domain=_text(env, "OSS_BUCKET_DOMAIN", ""),
-            oss_endpoint=_text(env, "OSS_ENDPOINT", ""),
-            oss_sign_endpoint=_text(env, "OSS_SIGN_ENDPOINT", ""),
-            oss_key_prefix=_text(env, "OSS_KEY_PREFIX", d.oss_key_prefix).strip("/"),
-            oss_expires_in=_integer(env, "OSS_EXPIRES_IN_SECOND", d.oss_expires_in, 0),
-            storage=_choice(env, "STORAGE", d.storage, STORAGES),
+            comfyui=ComfyUISettings.from_env(env, mount),
+            service=ServiceSettings.from_env(env, on_fc),
+            inputs=InputSettings.from_env(env),
+            outputs=OutputSettings.from_env(env),
+            oss=OssSettings.from_env(env),
             s3=S3Settings.from_env(env),
+            status=StatusSettings.from_env(env, mount),
+            stream=StreamSettings.from_env(env),
+            fleet=FleetSettings.from_env(env),
             scheduling=SchedulingSettings.from_env(env),
-            status_dir=Path(_text(env, "STATUS_DIR", f"{mount}/output/serverless_api")),
-            workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
-            status_retention_days=_number(env, "STATUS_RETENTION_DAYS", d.status_retention_days, 0),
-            status_stale_after=_number(env, "STATUS_STALE_AFTER", d.status_stale_after, 1),
-            status_io_timeout=_number(env, "STATUS_IO_TIMEOUT", d.status_io_timeout, 0.1),
-            cancel_on_disconnect=_flag(env, "CANCEL_ON_DISCONNECT", d.cancel_on_disconnect),
-            stream_ping_interval=_number(env, "STREAM_PING_INTERVAL", d.stream_ping_interval, 0.01),
-            stream_buffer_events=_integer(env, "STREAM_BUFFER_EVENTS", d.stream_buffer_events, 10),
-            preview_max_fps=_number(env, "PREVIEW_MAX_FPS", d.preview_max_fps, 0.01),
-            preview_in_status=_flag(env, "PREVIEW_IN_STATUS", d.preview_in_status),
-            drain_timeout=_number(env, "DRAIN_TIMEOUT", d.drain_timeout, 0),
-            prewarm_prompt=_text(env, "PREWARM_PROMPT", ""),
-            on_fc=on_fc,
-            cloud_credentials={name: env[name] for name in CLOUD_CREDENTIALS if env.get(name)},
-            lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
-            body_timeout=_number(env, "BODY_TIMEOUT", d.body_timeout, 0.1),
-            job_max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.job_max_event_bytes, 1024),
-            comfyui_output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
-            queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
-            stream_write_timeout=_number(env, "STREAM_WRITE_TIMEOUT", d.stream_write_timeout, 0.1),
-            api_keys=_api_keys(env),
-            webhook_secret=_text(env, "WEBHOOK_SECRET", ""),
-            webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", d.webhook_timeout, 0.1),
-            webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
-            file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
-            file_link_expires=_integer(env, "FILE_LINK_EXPIRES", d.file_link_expires, 1),
-            file_link_max_expires=_integer(env, "FILE_LINK_MAX_EXPIRES", 0, 1),
-            convert_max_pixels=_integer(env, "CONVERT_MAX_PIXELS", d.convert_max_pixels, 1),
-            convert_concurrency=_integer(env, "CONVERT_CONCURRENCY", d.convert_concurrency, 1),
-            convert_cache_bytes=_integer(env, "CONVERT_CACHE_BYTES", d.convert_cache_bytes, 0),
-            max_pending_jobs=_integer(env, "MAX_PENDING_JOBS", d.max_pending_jobs, 0),
-            metrics_token=_text(env, "METRICS_TOKEN", ""),
-            disk_output_dir=_folder(env, "COMFYUI_OUTPUT_DIR"),
-            disk_temp_dir=_folder(env, "COMFYUI_TEMP_DIR"),
-            disk_input_dir=_folder(env, "COMFYUI_INPUT_DIR"),
-            genstudio_token_secret=_text(env, "GENSTUDIO_TOKEN_SECRET", ""),
-            status_backend=_choice(env, "STATUS_BACKEND", d.status_backend, STATUS_BACKENDS),
-            queue_backend=_choice(env, "QUEUE_BACKEND", d.queue_backend, QUEUE_BACKENDS),
-            role=_choice(env, "ROLE", d.role, ROLES),
-            redis_url=_redis_url(env, "REDIS_URL", d.redis_url),
-            redis_max_event_bytes=_integer(env, "REDIS_MAX_EVENT_BYTES", d.redis_max_event_bytes, 1024),
-            redis_claim_idle=_number(env, "REDIS_CLAIM_IDLE", d.redis_claim_idle, 0.5),
-            max_queued_jobs=_integer(env, "MAX_QUEUED_JOBS", d.max_queued_jobs, 0),
-            queue_ttl=_number(env, "QUEUE_TTL", d.queue_ttl, 0),
-            result_inline_max_bytes=_integer(env, "RESULT_INLINE_MAX_BYTES", d.result_inline_max_bytes, 0),
+            security=SecuritySettings.from_env(env),
+            deprecated=deprecated,
         )._checked()
 
     def _checked(self) -> Settings:
         """Combinations that cannot work fail start-up, named."""
-        if self.storage == "s3" and not self.s3.bucket:
+        if self.outputs.storage == "s3" and not self.s3.bucket:
             raise SettingsError("STORAGE=s3 needs S3_BUCKET (the bucket outputs are uploaded to)")
-        if not self.file_link_max_expires:  # unset: links never outlive the default
-            return replace(self, file_link_max_expires=self.file_link_expires)._checked()
-        if self.file_link_max_expires < self.file_link_expires:
-            raise SettingsError(
-                f"FILE_LINK_MAX_EXPIRES={self.file_link_max_expires} is below FILE_LINK_EXPIRES="
-                f"{self.file_link_expires}: the longest a link may live cannot be shorter than the default"
-            )
-        if self.queue_backend == "redis" and self.status_backend != "redis":
+        if self.fleet.queue_backend == "redis" and self.status.backend != "redis":
             raise SettingsError(
                 "QUEUE_BACKEND=redis needs STATUS_BACKEND=redis: callers follow jobs "
                 "that run on other machines through the Redis status streams"
             )
-        if self.role != "all" and self.queue_backend != "redis":
+        if self.fleet.role != "all" and self.fleet.queue_backend != "redis":
             raise SettingsError(
-                f"ROLE={self.role!r} needs QUEUE_BACKEND=redis: without a queue every "
+                f"ROLE={self.fleet.role!r} needs QUEUE_BACKEND=redis: without a queue every "
                 "instance runs its own callers' jobs"
             )
         return self

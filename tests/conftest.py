@@ -7,9 +7,10 @@ kill, signal or measure one.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -18,6 +19,39 @@ from tests.servers import App, Emulator, InProcessApp, InProcessEmulator, free_p
 from tests.topologies import TOPOLOGIES, Deployment, Topology, deploy
 
 S = TypeVar("S", App, InProcessApp)
+
+# Every process the tests start (servers, CLIs, `redis-server`, ...) goes through Popen, asyncio's
+# included: counted here, summed over xdist's workers and reported at the end of the run.
+_spawned = 0
+_popen_init = subprocess.Popen.__init__
+
+
+def _counting_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    global _spawned
+    _spawned += 1
+    _popen_init(self, *args, **kwargs)
+
+
+subprocess.Popen.__init__ = _counting_init  # type: ignore[method-assign]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # an xdist worker: its count goes back to the controller
+        output["spawned"] = _spawned
+
+
+_by_workers: list[int] = []
+
+
+def pytest_testnodedown(node: Any, error: object) -> None:
+    _by_workers.append(int(getattr(node, "workeroutput", {}).get("spawned", 0)))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if getattr(terminalreporter.config, "workeroutput", None) is None:  # not in a worker
+        spawned = sum(_by_workers) if _by_workers else _spawned  # (xdist's own workers not counted)
+        terminalreporter.write_line(f"processes started by the tests: {spawned}")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +83,7 @@ def base_env(comfyui_url: str, status_dir: Path) -> dict[str, str]:
         "COMFYUI_URL": comfyui_url,
         "STATUS_DIR": str(status_dir),
         "FC_INSTANCE_ID": "test-1",
-        "COMFYUI_RECONNECT_TIMEOUT": "5",
+        "COMFYUI_STARTUP_TIMEOUT": "5",
     }
 
 

@@ -143,7 +143,7 @@ class Tier:
             "REDIS_URL": self.redis_url,
             "STATUS_DIR": str(self.root / "unused-status"),
             "FC_INSTANCE_ID": "t",
-            "COMFYUI_RECONNECT_TIMEOUT": "5",
+            "COMFYUI_STARTUP_TIMEOUT": "5",
             "LOG_LEVEL": "debug",  # "job start" lines (debug) tell which worker ran what
             **self.env,
         }

@@ -133,7 +133,7 @@ def test_s_yaml_mounts_the_nas_where_status_logs_and_outputs_go(props, env):
     assert {"userId", "groupId"} <= set(props["nasConfig"])  # required by the fc3 schema
     assert props["vpcConfig"]  # a NAS mount target is reached through the function's VPC
     assert env["MODEL_ASSET_DIR"] == MOUNT
-    assert Settings.from_env(env).status_dir.is_relative_to(MOUNT)
+    assert Settings.from_env(env).status.dir.is_relative_to(MOUNT)
     assert f"--output-directory {MOUNT}/output" in dockerfile_env()["COMFYUI_CMD"]
 
 
@@ -297,4 +297,4 @@ def test_every_variable_the_app_reads_is_in_readmes_settings_table():
 def test_the_image_listens_on_all_addresses_of_its_container():
     """Outside FC the default HOST is loopback, which `docker run -p` could not reach."""
     assert dockerfile_env()["HOST"] == "0.0.0.0"
-    assert Settings.from_env(dockerfile_env()).host == "0.0.0.0"
+    assert Settings.from_env(dockerfile_env()).service.host == "0.0.0.0"

@@ -140,13 +140,15 @@ def test_the_deploy_files_values_are_settings_the_app_accepts() -> None:
     roles = set()
     for service in our_compose_services().values():
         settings = Settings.from_env({key: str(value) for key, value in service["environment"].items()})
-        roles.add(settings.role)
-        assert (settings.status_backend, settings.queue_backend) == ("redis", "redis")
+        roles.add(settings.fleet.role)
+        assert (settings.status.backend, settings.fleet.queue_backend) == ("redis", "redis")
     for container in our_containers().values():
         settings = Settings.from_env(container_env(container))
-        roles.add(settings.role)
-        assert (settings.status_backend, settings.queue_backend) == ("redis", "redis")
-        assert settings.api_keys and settings.lifecycle_token  # the example Secret's values are accepted
+        roles.add(settings.fleet.role)
+        assert (settings.status.backend, settings.fleet.queue_backend) == ("redis", "redis")
+        assert (
+            settings.security.api_keys and settings.security.lifecycle_token
+        )  # the example Secret's values are accepted
     assert roles == {"gateway", "worker"}
 
 
@@ -275,8 +277,8 @@ def test_the_gateway_image_defaults_to_a_gateway_listening_on_every_address() ->
         for name, _, value in [token.partition("=") for token in shlex.split(line[4:])]
     }
     settings = Settings.from_env(env)
-    assert (settings.role, settings.queue_backend, settings.status_backend) == ("gateway", "redis", "redis")
-    assert settings.host == "0.0.0.0" and settings.workflows_dir == Path("/mnt/auto/workflows")
+    assert (settings.fleet.role, settings.fleet.queue_backend, settings.status.backend) == ("gateway", "redis", "redis")
+    assert settings.service.host == "0.0.0.0" and settings.status.workflows_dir == Path("/mnt/auto/workflows")
 
 
 def test_kubernetes_gateways_run_the_slim_image_and_workers_the_gpu_image() -> None:

@@ -93,7 +93,7 @@ def _partial_body(url: str, declared: int, sent: bytes) -> socket.socket:
 
 
 def test_a_body_that_stops_arriving_is_refused_after_the_body_timeout(start_app, emulator):
-    server = start_app(emulator.url, BODY_TIMEOUT="1")
+    server = start_app(emulator.url, INPUT_TIMEOUT="1")
     sock = _partial_body(server.url, 1000, b'{"1": ')
     started = time.monotonic()
     answer = sock.recv(65536).decode()

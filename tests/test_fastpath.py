@@ -297,7 +297,9 @@ def test_status_broadcasts_reach_every_watched_job_but_not_the_log_of_a_sync_job
     named_log = status_log(server, named_id)
     assert named_log[-1]["type"] == "serverless_api"
     assert [p for p in named_log if p["type"] == "status"]
-    assert [place for place in places(named_log) if place is not None] == [1, 0]  # first in line, then running
+    seen = [place for place in places(named_log) if place is not None]
+    # first in line, then running (a loaded machine may report a place twice: never a new one)
+    assert [place for n, place in enumerate(seen) if n == 0 or seen[n - 1] != place] == [1, 0]
 
     task_id = answer["data"]["task_id"]  # its log is written after the answer
     unnamed_log = wait_until(

@@ -147,7 +147,7 @@ def greetings_logged(server: App, task_id: str) -> int:
 
 def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(emulator_process, start_app, tmp_path):
     configure(emulator_process, step_delay=0.05)
-    server = start_app(emulator_process.url, COMFYUI_RECONNECT_TIMEOUT="2")
+    server = start_app(emulator_process.url, COMFYUI_STARTUP_TIMEOUT="2")
     running, queued = new_task("killed-running"), new_task("killed-queued")
     first, first_box = in_thread(lambda: traced_run(server, txt2img(seed=1, steps=400), running))
     wait_until(lambda: running_prompt(emulator_process.url))

@@ -136,7 +136,7 @@ def test_an_error_read_back_from_redis_has_its_code_and_status(error: Exception)
 
 def test_the_defaults_are_the_file_status_log_and_no_queue() -> None:
     settings = Settings.from_env({})
-    assert (settings.status_backend, settings.queue_backend, settings.role) == ("file", "none", "all")
+    assert (settings.status.backend, settings.fleet.queue_backend, settings.fleet.role) == ("file", "none", "all")
 
 
 @pytest.mark.parametrize(

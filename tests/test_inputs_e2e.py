@@ -743,8 +743,8 @@ def padded_png(index: int, size: int) -> bytes:
     return data + bytes(size - len(data))
 
 
-def test_inputs_adding_up_to_more_than_MAX_INPUT_BYTES_PER_JOB_are_refused(own_emulator, start_app, files):
-    server = start_app(own_emulator.url, MAX_INPUT_BYTES_PER_JOB=str(2 * MiB), **ALLOW_LOOPBACK)
+def test_inputs_adding_up_to_more_than_INPUT_MAX_JOB_BYTES_are_refused(own_emulator, start_app, files):
+    server = start_app(own_emulator.url, INPUT_MAX_JOB_BYTES=str(2 * MiB), **ALLOW_LOOPBACK)
     workflow = load_image(files.add("job-0.png", padded_png(0, 900 * 1024), "image/png"))
     for i in (1, 2):
         workflow[f"L{i}"] = {
@@ -757,7 +757,7 @@ def test_inputs_adding_up_to_more_than_MAX_INPUT_BYTES_PER_JOB_are_refused(own_e
     assert response.status_code == 400, response.text
     body = response.json()
     assert body["error_code"] == "INPUT_ERROR"
-    assert f"add up to more than {2 * MiB} bytes (MAX_INPUT_BYTES_PER_JOB)" in body["error_message"]
+    assert f"add up to more than {2 * MiB} bytes (INPUT_MAX_JOB_BYTES)" in body["error_message"]
     assert body["raw"]["input_name"] == "image"
     assert history_size(own_emulator) == 0 and input_folder(own_emulator) == {}
 
@@ -771,9 +771,8 @@ def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BY
 ):
     server = start_app_process(
         own_emulator.url,
-        MAX_INPUT_BYTES_PER_JOB=str(24 * MiB),
+        INPUT_MAX_JOB_BYTES=str(24 * MiB),
         INPUT_MAX_INFLIGHT_BYTES=str(BUDGET),
-        INPUT_MAX_BASE64_BYTES=str(INPUT_MAX_BYTES),
         **ALLOW_LOOPBACK,
     )
     warm_up = post_run(server.url, load_image(files.add("budget-warm.png", png(8), "image/png")))

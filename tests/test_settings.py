@@ -61,7 +61,7 @@ def test_an_input_allowed_hosts_entry_that_is_neither_network_nor_host_name_is_r
 def test_input_allowed_hosts_takes_host_names_addresses_and_networks():
     value = "Images.Internal., 10.0.0.0/8, 10.1.2.3/8, 192.168.1.7, ::1, [::1], fe80::/10, localhost"
 
-    hosts = Settings.from_env({"INPUT_ALLOWED_HOSTS": value}).input_allowed_hosts
+    hosts = Settings.from_env({"INPUT_ALLOWED_HOSTS": value}).inputs.allowed_hosts
 
     assert hosts == tuple(part.strip() for part in value.split(","))
 
@@ -69,13 +69,17 @@ def test_input_allowed_hosts_takes_host_names_addresses_and_networks():
 def test_server_settings_default_to_loopback_port_9000_text_logs_and_no_access_log():
     settings = Settings.from_env({})
 
-    assert (settings.host, settings.port) == ("127.0.0.1", 9000)
-    assert (settings.log_level, settings.log_format, settings.access_log) == ("INFO", "text", False)
+    assert (settings.service.host, settings.service.port) == ("127.0.0.1", 9000)
+    assert (settings.service.log_level, settings.service.log_format, settings.service.access_log) == (
+        "INFO",
+        "text",
+        False,
+    )
 
 
 def test_on_fc_the_server_listens_on_all_addresses_unless_host_says_otherwise():
-    assert Settings.from_env({"FC_FUNCTION_NAME": "comfyui"}).host == "0.0.0.0"
-    assert Settings.from_env({"FC_FUNCTION_NAME": "comfyui", "HOST": "127.0.0.2"}).host == "127.0.0.2"
+    assert Settings.from_env({"FC_FUNCTION_NAME": "comfyui"}).service.host == "0.0.0.0"
+    assert Settings.from_env({"FC_FUNCTION_NAME": "comfyui", "HOST": "127.0.0.2"}).service.host == "127.0.0.2"
 
 
 def test_server_settings_are_read_from_their_variables():
@@ -89,8 +93,12 @@ def test_server_settings_are_read_from_their_variables():
         }
     )
 
-    assert (settings.host, settings.port) == ("::", 8080)
-    assert (settings.log_level, settings.log_format, settings.access_log) == ("DEBUG", "json", True)
+    assert (settings.service.host, settings.service.port) == ("::", 8080)
+    assert (settings.service.log_level, settings.service.log_format, settings.service.access_log) == (
+        "DEBUG",
+        "json",
+        True,
+    )
 
 
 ENTRY_POINTS = {
@@ -124,3 +132,77 @@ def test_an_entry_point_with_a_bad_setting_prints_one_line_and_exits_2(entry, na
     assert done.stdout == ""
     [line] = done.stderr.splitlines()
     assert line.startswith(f"settings error: {message}")
+
+
+def test_settings_are_grouped_by_concern_each_group_read_from_its_own_variables():
+    settings = Settings.from_env(
+        {
+            "COMFYUI_URL": "http://10.0.0.5:8190/",
+            "INPUT_MAX_BYTES": "1048576",
+            "INPUT_TIMEOUT": "7",
+            "FILE_LINK_EXPIRES": "60",
+            "STATUS_BACKEND": "redis",
+            "QUEUE_BACKEND": "redis",
+            "ROLE": "gateway",
+            "API_KEYS": "k" * 16,
+        }
+    )
+
+    assert (settings.comfyui.url, settings.comfyui.host, settings.comfyui.port) == (
+        "http://10.0.0.5:8190",
+        "10.0.0.5",
+        8190,
+    )
+    assert (settings.inputs.max_bytes, settings.inputs.timeout) == (1048576, 7.0)
+    assert (settings.outputs.link_expires, settings.outputs.link_max_expires) == (60, 60)
+    assert (settings.status.backend, settings.fleet.queue_backend, settings.fleet.role) == ("redis", "redis", "gateway")
+    assert settings.security.api_keys == ("k" * 16,)
+    assert "k" * 16 not in repr(settings)  # secrets stay out of every repr, grouped or not
+    assert settings.deprecated == ()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value", "read"),
+    [
+        ("INPUT_MAX_BASE64_BYTES", "INPUT_MAX_BYTES", "2048", lambda s: s.inputs.max_bytes),
+        ("MAX_INPUT_BYTES_PER_JOB", "INPUT_MAX_JOB_BYTES", "4096", lambda s: s.inputs.max_job_bytes),
+        ("BODY_TIMEOUT", "INPUT_TIMEOUT", "3", lambda s: s.inputs.timeout),
+        ("COMFYUI_RECONNECT_TIMEOUT", "COMFYUI_STARTUP_TIMEOUT", "9", lambda s: s.comfyui.startup_timeout),
+    ],
+)
+def test_a_merged_settings_old_name_keeps_working_with_one_deprecation_line(old, new, value, read):
+    settings = Settings.from_env({old: value})
+
+    assert read(settings) == float(value)
+    assert settings.deprecated == (f"{old} is deprecated: read as {new}={value}",)
+
+    both = Settings.from_env({old: value, new: "5"})  # the new name wins, and the old is named as ignored
+    assert read(both) == 5
+    assert both.deprecated == (f"{old} is deprecated and ignored: {new} is set",)
+
+
+def test_a_server_started_with_an_old_setting_name_logs_one_warning_line_and_serves(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "STATUS_DIR": str(tmp_path / "status"),
+        "WORKFLOWS_DIR": str(tmp_path / "workflows"),
+        "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+        "FC_CUSTOM_LISTEN_PORT": str(port),
+        "BODY_TIMEOUT": "5",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serverless.server"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        lines = []
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if "Started server process" in line or "Traceback" in line:
+                break
+        warnings = [line for line in lines if "deprecated" in line]
+        assert len(warnings) == 1 and "BODY_TIMEOUT is deprecated: read as INPUT_TIMEOUT=5" in warnings[0], lines
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

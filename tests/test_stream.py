@@ -316,7 +316,7 @@ def test_execution_error_mid_stream_ends_it_with_execution_failed(app, emulator)
 
 def test_stream_ends_with_error_when_comfyui_dies(emulator_process, start_app):
     set_step_delay(emulator_process, 0.05)
-    server = start_app(emulator_process.url, COMFYUI_RECONNECT_TIMEOUT="2")
+    server = start_app(emulator_process.url, COMFYUI_STARTUP_TIMEOUT="2")
     with stream(server.url, txt2img(seed=7, steps=400)) as response:  # 20 s if left alone
         events = read_events(response)
         for event in events:
@@ -330,7 +330,7 @@ def test_stream_ends_with_error_when_comfyui_dies(emulator_process, start_app):
     terminal = after[-1]
     assert terminal["type"] == "error" and terminal["error_code"] == "COMFYUI_UNAVAILABLE"
     assert not [m for m in after[:-1] if m["type"] in TERMINAL_TYPES]
-    print(f"\nComfyUI killed -> stream ended {ended:.2f}s later (COMFYUI_RECONNECT_TIMEOUT=2)")
+    print(f"\nComfyUI killed -> stream ended {ended:.2f}s later (COMFYUI_STARTUP_TIMEOUT=2)")
     assert ended < 2 + 10, "the job must fail after the reconnect timeout, not at its deadline"
     wait_no_jobs(server)
 

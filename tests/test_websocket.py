@@ -144,7 +144,7 @@ def test_execution_error_ends_the_websocket_with_execution_failed(app, emulator)
 
 def test_websocket_ends_with_error_when_comfyui_dies(emulator_process, start_app):
     set_step_delay(emulator_process, 0.05)
-    server = start_app(emulator_process.url, COMFYUI_RECONNECT_TIMEOUT="2")
+    server = start_app(emulator_process.url, COMFYUI_STARTUP_TIMEOUT="2")
     ws = connect(server.url)
     ws.send(json.dumps(txt2img(seed=7, steps=400)))  # 20 s if left alone
     while json.loads(ws.recv())["type"] != "progress":

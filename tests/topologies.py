@@ -66,7 +66,7 @@ def deploy(
     topology: Topology, root: Path, redis_server: RedisServer | None, step_delay: float = 0.02, **env: str
 ) -> Deployment:
     """A deployment of `topology` under `root`, every app configured by `env` on top of the base."""
-    common = {"FC_INSTANCE_ID": "test-1", "COMFYUI_RECONNECT_TIMEOUT": "5", "WORKFLOWS_DIR": str(root / "workflows")}
+    common = {"FC_INSTANCE_ID": "test-1", "COMFYUI_STARTUP_TIMEOUT": "5", "WORKFLOWS_DIR": str(root / "workflows")}
     if topology == "box":
         emulator = InProcessEmulator(root / "emulator", step_delay=step_delay)
         app = InProcessApp(root, {**common, "COMFYUI_URL": emulator.url, "STATUS_DIR": str(root / "status"), **env})

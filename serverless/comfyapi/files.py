@@ -59,7 +59,7 @@ async def serve_file(resources: Resources, item: dict[str, str], range_header: s
     kept = await resources.stored_file(item, NO_CONVERSION)
     if kept is not None:
         return ranged(kept[0], kept[1], range_header)
-    if resources.settings.role == "gateway":
+    if resources.settings.fleet.role == "gateway":
         raise NotFound(f"{item['filename']} is not kept here (outputs are kept FILE_LINK_EXPIRES seconds)")
     return ViewStream(resources.comfy, FileLink(item, 0, NO_CONVERSION), range_header)
 
@@ -70,8 +70,8 @@ async def upload(request: Request) -> Response:
     input) is that image with the mask's alpha, as ComfyUI makes it."""
     resources = app_state(request).resources
     settings = resources.settings
-    limit = min(settings.max_body_bytes, 2 * settings.input_max_bytes + FORM_OVERHEAD)
-    body = await read_body(request, limit, settings.body_timeout)
+    limit = min(settings.inputs.max_body_bytes, 2 * settings.inputs.max_bytes + FORM_OVERHEAD)
+    body = await read_body(request, limit, settings.inputs.timeout)
     content_type = request.headers.get("content-type", "")
     if len(body) < BIG_FORM:
         fields = form_fields(body, content_type)
@@ -82,7 +82,7 @@ async def upload(request: Request) -> Response:
         return Response(status_code=400)
     if request.url.path.endswith("/mask") and fields.get("original_ref"):
         original = await _original(resources, fields["original_ref"])
-        data = await asyncio.to_thread(masked, original, data, settings.input_max_pixels)
+        data = await asyncio.to_thread(masked, original, data, settings.inputs.max_pixels)
     name = await inputs(resources).stage(data)
     log.info("ComfyUI upload staged as %s (%d bytes)", name, len(data))
     return JSONResponse({"name": name, "subfolder": "", "type": "input"})
@@ -100,7 +100,7 @@ async def _original(resources: Resources, ref: bytes) -> bytes:
     staged = await inputs(resources).read(filename)
     if staged is not None:
         return staged
-    if resources.settings.role == "gateway":
+    if resources.settings.fleet.role == "gateway":
         raise NotFound(f"{filename} is not an input staged here")
     item = {
         "filename": filename,
@@ -130,6 +130,6 @@ async def comfyui_info(request: Request) -> Response:
 
 
 async def read_info(resources: Resources, path: str) -> Any:
-    if resources.settings.role == "gateway" and resources.redis is not None:
+    if resources.settings.fleet.role == "gateway" and resources.redis is not None:
         return await resources.redis.comfyui_info(path)
     return await resources.comfy.read_info(path)

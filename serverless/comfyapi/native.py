@@ -53,7 +53,7 @@ def prompts(state: AppState) -> PromptIndex:
 def inputs(resources: Resources) -> Inputs:
     """Where uploads are staged: Redis when jobs may run on another machine, else our ComfyUI."""
     redis = resources.redis
-    if redis is not None and resources.settings.queue_backend == "redis":
+    if redis is not None and resources.settings.fleet.queue_backend == "redis":
         return RedisInputs(redis.client, redis.result_ttl)
     return ComfyUIInputs(resources.comfy)
 
@@ -71,7 +71,7 @@ def refusal(kind: str, message: str, details: str = "", errors: dict[str, Any] |
 
 async def _json_body(request: Request) -> Any:
     settings = app_state(request).resources.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     if not body.strip():
         return {}
     try:

@@ -60,7 +60,7 @@ async def websocket(ws: WebSocket) -> None:
                 if entry.client_id == client_id:
                     group.create_task(_resume(state, entry.task_id, status == "running", send))
             group.create_task(_follow_client(state, client_id, cursor, owner, send, group))
-            await _until_gone(ws, send, state.resources.settings.input_max_bytes)
+            await _until_gone(ws, send, state.resources.settings.inputs.max_bytes)
             raise _Gone
     except* _Gone:
         pass

@@ -96,7 +96,7 @@ def base_of(request: Request) -> str:
 async def _view(request: Request, entry: PromptEntry, canceling: bool = False) -> dict[str, Any]:
     state = app_state(request)
     payloads = json.loads(await state.resources.status.read(entry.task_id))
-    retention = state.resources.settings.status_retention_days * 86400
+    retention = state.resources.settings.status.retention_days * 86400
     return jobview.job(entry, payloads, time.time(), retention, canceling, base_of(request))
 
 
@@ -106,7 +106,7 @@ async def post_jobs(request: Request) -> Response:
     state = app_state(request)
     await state.jobs.check_room()
     settings = state.resources.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     try:
         asked = json.loads(body)
     except ValueError:

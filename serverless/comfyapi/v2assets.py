@@ -44,8 +44,8 @@ async def post_asset(request: Request) -> Response:
     bytes were here already) `Asset`."""
     state = app_state(request)
     settings = state.resources.settings
-    limit = min(settings.max_body_bytes, settings.input_max_bytes + FORM_OVERHEAD)
-    body = await read_body(request, limit, settings.body_timeout)
+    limit = min(settings.inputs.max_body_bytes, settings.inputs.max_bytes + FORM_OVERHEAD)
+    body = await read_body(request, limit, settings.inputs.timeout)
     fields = await asyncio.to_thread(form_fields, body, request.headers.get("content-type", ""))
     data = fields.get("file")
     if not data:
@@ -92,7 +92,7 @@ def _record(
 async def asset_from_hash(request: Request) -> Response:
     """`{"hash", "file_path"?}` -> 201 `Asset` over bytes already here; 404 `blob_not_found`."""
     state = app_state(request)
-    asked = json.loads(await read_body(request, 64 * 1024, state.resources.settings.body_timeout) or b"{}")
+    asked = json.loads(await read_body(request, 64 * 1024, state.resources.settings.inputs.timeout) or b"{}")
     index = prompts(state)
     known = await index.asset_by_hash(str(asked.get("hash", ""))) if isinstance(asked, dict) else None
     if known is None or not may_see(owner_of(request), known.get("owner")):

@@ -49,22 +49,22 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     """The jobs object callers start jobs with, and (ROLE=all|worker) the consumer, for the life
     of the app. Without QUEUE_BACKEND=redis: `jobs` itself, nothing else."""
     settings = resources.settings
-    if settings.queue_backend != "redis":
+    if settings.fleet.queue_backend != "redis":
         yield Fleet(jobs, None)
         return
     status = resources.redis
     if status is None:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
-    takes_jobs = settings.role in ("all", "worker")
+    takes_jobs = settings.fleet.role in ("all", "worker")
     queue = RedisQueue(status.client, status)
     storage = resources.storage
     front = RemoteJobs(
         queue,
         status,
         jobs if takes_jobs else None,
-        settings.max_queued_jobs,
+        settings.fleet.max_queued_jobs,
         resources.metrics,
-        settings.queue_ttl,
+        settings.fleet.queue_ttl,
         caller_credentials_upload=storage is not None and storage.scheme == "oss",
     )
     consumer_task: asyncio.Task[None] | None = None
@@ -74,7 +74,7 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     heartbeat: Heartbeat | None = None
     if takes_jobs:
         publisher = asyncio.create_task(publish_object_info(resources, status), name="publish object_info")
-        name = f"{settings.instance_id}:{settings.port}"
+        name = f"{settings.service.instance_id}:{settings.service.port}"
         lane = settings.scheduling.worker_lane
         heartbeat = Heartbeat(status.client, resources.comfy, name, lane, resources.metrics)
         beating = asyncio.create_task(heartbeat.run_forever(), name=f"heartbeat {name}")
@@ -87,10 +87,10 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
             settings.scheduling,
             resources.metrics,
             heartbeat,
-            settings.startup_timeout,
+            settings.comfyui.startup_timeout,
         )
         consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
-        log.info("worker %s takes jobs from Redis (lane %r) for ComfyUI at %s", name, lane, settings.comfyui_url)
+        log.info("worker %s takes jobs from Redis (lane %r) for ComfyUI at %s", name, lane, settings.comfyui.url)
     try:
         yield Fleet(front, consumer)
     finally:
@@ -137,4 +137,4 @@ async def comfyui_info(comfy: ComfyUI) -> dict[str, Any]:
 def health(settings: Settings, consumer: Consumer | None) -> dict[str, Any]:
     """The tier's part of the health answer."""
     taking = None if consumer is None else consumer.health()
-    return {"role": settings.role, "queue": settings.queue_backend, "consumer": taking}
+    return {"role": settings.fleet.role, "queue": settings.fleet.queue_backend, "consumer": taking}

@@ -23,7 +23,7 @@ MAX_LIMIT = 1000
 def _queue_status(request: Request) -> RedisStatus | None:
     """The Redis the queue lives in; None without one (a box)."""
     resources = app_state(request).resources
-    return resources.redis if resources.settings.queue_backend == "redis" else None
+    return resources.redis if resources.settings.fleet.queue_backend == "redis" else None
 
 
 def _scope(request: Request) -> str | None:

@@ -84,7 +84,7 @@ class Consumer:
         self.jobs = jobs
         self.settings = settings
         self.name = name
-        self.claim_idle_ms = int(settings.redis_claim_idle * 1000)
+        self.claim_idle_ms = int(settings.fleet.claim_idle * 1000)
         self.taken = 0
         self.busy = False
         self.alive = False  # the loop runs (False while it waits to start again after a failure)
@@ -310,7 +310,7 @@ class Consumer:
         try:
             task_id = fields[b"task_id"].decode()
             validate_task_id(task_id)
-            credentials = Credentials.resolve({}, self.settings.cloud_credentials)
+            credentials = Credentials.resolve({}, self.settings.oss.credentials)
             # Run as an async job: `Jobs.start` then refuses it (and we retry) rather than run it
             # without a status log, which is the only way its caller hears of it.
             spec = replace(decode_spec(fields[b"spec"], credentials), mode="async")
@@ -422,7 +422,7 @@ class Consumer:
         if self.heartbeat is not None:
             self.heartbeat.busy = True
         try:
-            await watch.follow(job, self.settings.redis_claim_idle / 3)
+            await watch.follow(job, self.settings.fleet.claim_idle / 3)
         finally:
             self.busy = False
             if self.heartbeat is not None:  # what its ComfyUI holds now, advertised at once

@@ -82,8 +82,8 @@ def _owner(scope_state: Any) -> str | None:
 def token_secret(app: Starlette) -> bytes:
     """GENSTUDIO_TOKEN_SECRET, else a random secret of this process (tokens then work only here)."""
     state = of_app(app)
-    if state.resources.settings.genstudio_token_secret:
-        return state.resources.settings.genstudio_token_secret.encode()
+    if state.resources.settings.security.genstudio_token_secret:
+        return state.resources.settings.security.genstudio_token_secret.encode()
     made = state.genstudio_token_secret
     if made is None:
         made = secrets.token_bytes(32)
@@ -98,7 +98,7 @@ def token_secret(app: Starlette) -> bytes:
 async def _decoded(request: Request) -> Any:
     """The request's JSON body (bounded in size and time), as GenStudio's endpoints take it."""
     settings = app_state(request).resources.settings
-    return mapping.decode(await read_body(request, settings.max_body_bytes, settings.body_timeout))
+    return mapping.decode(await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout))
 
 
 def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str, str]:
@@ -106,7 +106,7 @@ def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str
     get_task_info), else our signed download links; refused when neither can be."""
     if resources.storage is not None and resources.storage.missing_credentials(credentials) is None:
         return {"output_oss": "true"}
-    if resources.settings.file_link_secret:
+    if resources.settings.security.file_link_secret:
         return {"output_url": "true"}  # on a fleet, the worker keeps the files where gateways serve them
     raise InvalidParams(
         "result files cannot be delivered by this instance: configure OSS "
@@ -121,7 +121,7 @@ async def prompt(request: Request) -> dict[str, str]:
     settings = resources.settings
     asked = mapping.parse_prompt(await _decoded(request))
     headers = {**request.headers, "x-fc-invocation-type": "Async"}  # queued and answered at once
-    query = _delivery(resources, Credentials.resolve(headers, settings.cloud_credentials))
+    query = _delivery(resources, Credentials.resolve(headers, settings.oss.credentials))
     if query_flag(request.query_params, "previews"):
         query["previews"] = "true"  # its progress socket may then show them (`?previews=true` there)
     owner = _owner(request.scope.get("state"))
@@ -186,8 +186,8 @@ class Files:
     def __init__(self, resources: Resources, request: Request | WebSocket, asked: mapping.TaskInfoRequest) -> None:
         self.resources = resources
         self.asked = asked
-        self.period = min(asked.url_expire_period, resources.settings.file_link_max_expires)
-        self.credentials = Credentials.resolve(request.headers, resources.settings.cloud_credentials)
+        self.period = min(asked.url_expire_period, resources.settings.outputs.link_max_expires)
+        self.credentials = Credentials.resolve(request.headers, resources.settings.oss.credentials)
         scheme = {"ws": "http", "wss": "https"}.get(request.url.scheme, request.url.scheme)
         self.base_url = str(request.base_url.replace(scheme=scheme)).rstrip("/")
 
@@ -203,7 +203,7 @@ class Files:
             signed = await store.sign_object(self.credentials, key, self.period, process)
             if signed is not None:
                 return signed
-        secret = self.resources.settings.file_link_secret
+        secret = self.resources.settings.security.file_link_secret
         if not secret or not isinstance(raw, dict) or not raw.get("filename"):
             return None
         conversion = self.asked.post_process.conversion
@@ -254,8 +254,8 @@ async def upload_image(request: Request) -> dict[str, str]:
     stored in ComfyUI's input folder under its content hash -> `{"image_id"}` (a LoadImage input)."""
     resources = app_state(request).resources
     settings = resources.settings
-    limit = min(settings.max_body_bytes, settings.input_max_bytes + FORM_OVERHEAD)
-    body = await read_body(request, limit, settings.body_timeout)
+    limit = min(settings.inputs.max_body_bytes, settings.inputs.max_bytes + FORM_OVERHEAD)
+    body = await read_body(request, limit, settings.inputs.timeout)
     content_type = request.headers.get("content-type", "")
     if len(body) < BIG_FORM:
         data = mapping.source_file(body, content_type)
@@ -265,7 +265,7 @@ async def upload_image(request: Request) -> dict[str, str]:
     sniffed = sniff(data)
     if sniffed is None or not sniffed[1].startswith("image/"):
         raise InvalidParams("source_file is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF)")
-    await asyncio.to_thread(verify_media, data, sniffed[1], settings.input_max_pixels)
+    await asyncio.to_thread(verify_media, data, sniffed[1], settings.inputs.max_pixels)
     name = f"{hashlib.sha256(data).hexdigest()[:HASH_CHARS]}.{sniffed[0]}"
     image_id = await resources.comfy.upload_input(data, name)
     log.info("GenStudio upload stored as %s (%d bytes)", image_id, len(data))
@@ -295,7 +295,7 @@ async def get_task_progress(websocket: WebSocket) -> None:
         mapping.TaskInfoRequest((task_id,), mapping.DEFAULT_URL_EXPIRE, mapping.parse_post_process(None)),
     )
 
-    timeout = resources.settings.stream_write_timeout
+    timeout = resources.settings.stream.write_timeout
 
     previews = query_flag(websocket.query_params, "previews")
 

@@ -241,7 +241,7 @@ class _Fetcher:
     instance's byte budget (leases held until `release`), and the content check.
 
     The request's total bounds what it holds, not only what it ends with: a fetch starts only
-    when its reservation fits within MAX_INPUT_BYTES_PER_JOB beside what the request's other
+    when its reservation fits within INPUT_MAX_JOB_BYTES beside what the request's other
     fetches hold or may still read (eight 50 MB URLs in a 1 KB body once held 400 MB at once,
     the total refused only afterwards). When nothing else is in flight one fetch may start
     anyway: its real size may fit, and the total is checked once it is known."""
@@ -337,7 +337,7 @@ class _Fetcher:
         self._total += size
         limit = self._limits.max_job_bytes
         if self._total > limit:
-            reason = f"the inputs of this request add up to more than {limit} bytes (MAX_INPUT_BYTES_PER_JOB)"
+            reason = f"the inputs of this request add up to more than {limit} bytes (INPUT_MAX_JOB_BYTES)"
             raise InputError(*_message(self._workflow, item, reason))
 
     async def _verify(self, item: LoaderInput, fetched: _Fetched) -> None:

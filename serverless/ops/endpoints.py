@@ -36,7 +36,7 @@ async def metrics(request: Request) -> Response:
     """GET /metrics: every metric of this app, in Prometheus' text format."""
     state = app_state(request)
     resources = state.resources
-    check_metrics_token(request, resources.settings.metrics_token)
+    check_metrics_token(request, resources.settings.security.metrics_token)
     await state.jobs.measure()
     if resources.supervisor is not None:  # it watches its child: its word is the freshest
         resources.metrics.comfyui_up.set(1 if resources.supervisor.ready else 0)
@@ -57,7 +57,7 @@ async def _not_ready_because(resources: Resources, jobs: JobRunner) -> str | Non
     refusal = await jobs.refusal()
     if refusal is not None:
         return refusal
-    if resources.settings.role == "gateway":  # no ComfyUI of its own; what it shares is not its readiness
+    if resources.settings.fleet.role == "gateway":  # no ComfyUI of its own; what it shares is not its readiness
         return None
     if resources.supervisor is not None and not resources.supervisor.ready:
         resources.metrics.comfyui_up.set(0)

@@ -33,7 +33,7 @@ MAX_CONVERTED_SOURCE = 512 * 1024 * 1024  # a file converted on the fly is read 
 async def download(request: Request) -> Response:
     """The file a valid link grants; 403 for a tampered or expired link, 404 when it is gone."""
     resources = app_state(request).resources
-    secret = resources.settings.file_link_secret
+    secret = resources.settings.security.file_link_secret
     if not secret:
         raise NotFound("download links are not enabled on this instance (FILE_LINK_SECRET is not set)")
     link = verify(secret.encode(), request.path_params["token"], time.time(), request.query_params)
@@ -44,7 +44,7 @@ async def download(request: Request) -> Response:
     if link.conversion.active:  # converted once, bounded, kept for the link's life (`converted`)
         body, content_type = await resources.converted.get(link, partial(_source, resources))
         return ranged(body, content_type, range_header)
-    if resources.settings.role == "gateway":  # no ComfyUI to read it from
+    if resources.settings.fleet.role == "gateway":  # no ComfyUI to read it from
         raise _gone(link)
     return ViewStream(resources.comfy, link, range_header)
 
@@ -55,7 +55,7 @@ async def _source(resources: Resources, link: FileLink) -> tuple[bytes, str]:
     original = await resources.stored_file(link.item, NO_CONVERSION)
     if original is not None:
         return original
-    if resources.settings.role == "gateway":
+    if resources.settings.fleet.role == "gateway":
         raise _gone(link)
     comfy = resources.comfy
     chunks: list[bytes] = []

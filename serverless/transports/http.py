@@ -55,7 +55,7 @@ def hang_up(job: RunningJob, settings: Settings, keep: bool = False) -> Abandon 
     """What the hang-up of the caller that started `job` does: cancel it wherever it runs, with
     CANCEL_ON_DISCONNECT on and unless told to `keep` it (a caller that may come back). A caller
     that only follows a task never cancels it."""
-    if keep or not settings.cancel_on_disconnect:
+    if keep or not settings.stream.cancel_on_disconnect:
         return None
     return job.abandon
 
@@ -115,7 +115,7 @@ async def json_response(
     terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
     error = terminal.error
     status = 200 if error is None or (held_async and not error.retryable) else error.status_code
-    return JsonBody(terminal.data, status, settings.stream_write_timeout)
+    return JsonBody(terminal.data, status, settings.stream.write_timeout)
 
 
 class JsonBody(Response):
@@ -176,7 +176,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
-        timeout = self.settings.stream_write_timeout
+        timeout = self.settings.stream.write_timeout
 
         async def deliver() -> None:
             try:
@@ -200,7 +200,7 @@ class EventStream(Response):
         job = self.job
         batch: list[bytes] = []
         try:
-            async for event in job.events(self.after, self.settings.stream_ping_interval, self.previews):
+            async for event in job.events(self.after, self.settings.stream.ping_interval, self.previews):
                 if event is None:
                     yield PING
                     continue

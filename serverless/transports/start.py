@@ -170,9 +170,9 @@ async def start_job(
         # Its caller would poll a status that never comes: refuse now, FC retries elsewhere.
         reason = resources.status.health()["not_writable_because"]
         raise Unavailable(f"the status folder cannot be written ({reason}): async jobs are refused")
-    credentials = Credentials.resolve(headers, resources.settings.cloud_credentials)
+    credentials = Credentials.resolve(headers, resources.settings.oss.credentials)
     outputs = output_policy(
-        request, credentials, resources.storage, query, resources.settings.file_link_secret, base_url
+        request, credentials, resources.storage, query, resources.settings.security.file_link_secret, base_url
     )
     if native:
         outputs = replace(outputs, keep=True)

@@ -32,7 +32,7 @@ async def websocket_run(websocket: WebSocket) -> None:
     resources, jobs = state.resources, state.jobs
     await websocket.accept()
     try:
-        body = await _run_body(websocket, resources.settings.max_body_bytes)
+        body = await _run_body(websocket, resources.settings.inputs.max_body_bytes)
         owner = websocket.scope.get("state", {}).get("owner")
         base_url = str(websocket.base_url.replace(scheme="https" if websocket.url.scheme == "wss" else "http"))
         job = await start_job(
@@ -69,7 +69,7 @@ async def _forward(
 ) -> None:
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
-    timeout = settings.stream_write_timeout
+    timeout = settings.stream.write_timeout
 
     async def deliver() -> None:
         try:

@@ -56,7 +56,7 @@ async def put_workflow(request: Request) -> Response:
     keys read and run it (only its owner replaces or deletes it)."""
     settings = app_state(request).resources.settings
     shared = query_flag(request.query_params, "shared")
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     workflow_id = request.path_params["workflow_id"]
     described, created = await _hosted(request).register(workflow_id, body, caller(request), shared)
     return await _answer(described.to_payload(), described.stored.size, 201 if created else 200)
@@ -87,6 +87,6 @@ async def openapi_json(request: Request) -> Response:
 async def convert_workflow(request: Request) -> Response:
     """POST /api/workflows/convert: a UI-format workflow in, `{"prompt", "notes"}` out."""
     settings = app_state(request).resources.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     converted = await convert_body(_hosted(request).object_info, body)
     return JSONResponse(converted.to_payload())
