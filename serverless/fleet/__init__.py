@@ -94,10 +94,13 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     try:
         yield Fleet(front, consumer)
     finally:
-        for task in (consumer_task, publisher, beating):
+        for task in (consumer_task, publisher):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if beating is not None:  # bounded: a beat stuck in a call to a stopping peer never holds the shutdown
+            beating.cancel()
+            await asyncio.wait([beating], timeout=2.0)
         if heartbeat is not None:
             await heartbeat.leave()
 

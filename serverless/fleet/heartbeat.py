@@ -9,6 +9,7 @@ VRAM (its `/system_stats`) and whether it runs a job. Gateways and the other wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -146,15 +147,17 @@ class Heartbeat:
                     read_at = loop.time()
                 self.vram = _vram(await self.comfy.read_info("/system_stats"))
                 await self.beat()
-            except ServerlessError as exc:
-                log.debug("worker %s: heartbeat skipped (%s)", self.name, exc.message)
-            except DOWN as exc:
-                log.debug("worker %s: heartbeat skipped (Redis: %s)", self.name, exc)
+            except (ServerlessError, *DOWN) as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():  # a cancel seen as a timeout: still a cancel
+                    raise asyncio.CancelledError from exc
+                log.debug("worker %s: heartbeat skipped (%s)", self.name, exc)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), HEARTBEAT_EVERY)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow a cancel that
+            # comes as it times out, and the instance's shutdown would wait for ever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEARTBEAT_EVERY):
+                    await self._wake.wait()
 
     async def beat(self) -> None:
         if not self.known:
@@ -182,10 +185,11 @@ class Heartbeat:
     async def leave(self) -> None:
         """Stop advertising (a drained worker takes no more jobs)."""
         try:
-            await self.client.delete(keys.worker(self.name))
-            await self.client.zrem(keys.WORKERS, self.name)
-        except DOWN:
-            pass
+            async with asyncio.timeout(2.0):  # a stopping instance never waits on Redis for this
+                await self.client.delete(keys.worker(self.name))
+                await self.client.zrem(keys.WORKERS, self.name)
+        except (*DOWN, TimeoutError) as exc:
+            log.debug("worker %s: heartbeat not withdrawn (%s); it expires", self.name, exc)
 
 
 def missing(needs: Needs, workers: list[WorkerView], lane: str) -> dict[str, list[str]] | None:
