@@ -19,13 +19,25 @@ from pathlib import Path
 
 import aiohttp
 
-from . import fleet_cost, models, procs, suite
+from . import fleet_cost, models, procs, scheduling, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
 
 
-SECTIONS = ("startup", "overhead", "latency", "throughput", "memory", "oss", "w2", "w3", "fleet", "models")
+SECTIONS = (
+    "startup",
+    "overhead",
+    "latency",
+    "throughput",
+    "memory",
+    "oss",
+    "w2",
+    "w3",
+    "fleet",
+    "models",
+    "scheduling",
+)
 
 
 async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[list[Figure], list[str], float]:
@@ -79,6 +91,8 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
                     figures += await fleet_cost.fleet_cost(workdir / "fleet", quick)
                 if "models" in only and emulator is not None:  # its own emulator (a models folder), app and file server
                     figures += await models.models(session, workdir / "models", quick)
+                if "scheduling" in only and emulator is not None:  # the emulator's checkpoint loads matter
+                    figures += await scheduling.affinity(quick)
                 notes = ctx.notes
             finally:
                 if app is not None:
@@ -157,6 +171,10 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",
+        "- **Fleet scheduling**: a gateway and two workers (`bench/scheduling.py`), each emulator paying a",
+        "  1 s checkpoint load when a job's checkpoint is not the one it holds; two clients post a seeded",
+        "  random mix of two workflows with different checkpoints, first-free (`AFFINITY_WAIT=0`), then",
+        "  with affinity (`AFFINITY_WAIT=3`).",
         "",
         "What the adapter does per job (so what the figures cost): the HTTP hop; `POST /prompt` on the",
         "instance's one websocket client id (no socket per job); ComfyUI's messages routed by prompt id;",

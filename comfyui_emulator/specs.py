@@ -20,6 +20,7 @@ from typing import Any
 from .folders import Folders
 
 SPEC_FILE = Path(__file__).with_name("object_info.json")
+CUSTOM_NODES = {"VHS_LoadVideo"}  # from a custom node pack (Video Helper Suite), not ComfyUI's own
 
 
 def _of_types(*types: str) -> Callable[[str], bool]:
@@ -63,6 +64,10 @@ class NodeSpecs:
     @classmethod
     def load(cls, folders: Folders) -> NodeSpecs:
         return cls(folders, json.loads(SPEC_FILE.read_text(encoding="utf-8")))
+
+    def without(self, class_types: set[str]) -> NodeSpecs:
+        """These specs but `class_types` (nodes not loaded)."""
+        return NodeSpecs(self._folders, {k: v for k, v in self._entries.items() if k not in class_types})
 
     def has(self, class_type: Any) -> bool:
         return isinstance(class_type, str) and class_type in self._entries

@@ -20,6 +20,7 @@ from .auth import RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
+from .fleet import endpoints as fleet_endpoints
 from .genstudio import endpoints as genstudio
 from .jobs.registry import Jobs
 from .jobs.runner import EventSource
@@ -196,6 +197,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/serverless/task", control.task, methods=["GET"]),
         Route("/api/serverless/cancel", control.cancel, methods=["POST"]),
         Route("/api/serverless/events", control.events, methods=["GET"]),
+        Route("/api/tasks", control.tasks, methods=["GET"]),
+        Route("/api/fleet/dead-letters", fleet_endpoints.dead_letters, methods=["GET"]),
+        Route("/api/fleet/dead-letters/{letter_id}/requeue", fleet_endpoints.requeue, methods=["POST"]),
+        Route("/api/fleet/workers", fleet_endpoints.workers, methods=["GET"]),
         WebSocketRoute("/api/serverless/ws", websocket_run),
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
         Route("/api/serverless/ready", ops.ready, methods=["GET"]),

@@ -139,6 +139,13 @@ def may_see(owner: str | None, task_owner: str | None) -> bool:
     return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
 
 
+def operator_scope(who: Caller) -> str | None:
+    """Whose tasks an operator's call (the fleet's dead letters) may see and queue again: None
+    for everyone's (keys off, or an `admin=yes` key: a key of API_KEYS has every right), else
+    the caller's own."""
+    return None if who.rights.admin else who.owner
+
+
 def sole_authorization(values: list[str]) -> str:
     """The one `Authorization` header's value ("" when none); Unauthorized for two or more: which
     one a proxy, the app or a log reads would be anyone's guess."""

@@ -12,6 +12,7 @@
     ├── InputError           400     a loader input could not be fetched, decoded or uploaded
     │   └── DownloadError    400     (a URL or base64 input; named by the resolver, raised as INPUT_ERROR)
     ├── ExecutionFailed      500     ComfyUI sent `execution_error`
+    │   └── OutOfMemory      500     (its GPU ran out of memory: torch's OutOfMemoryError; retried once after /free) yes
     ├── ExecutionInterrupted 500     the job was interrupted or cancelled
     ├── ComfyUIUnavailable   503     ComfyUI unreachable, dead, or its websocket lost beyond recovery   yes
     ├── Unavailable          503     a dependency that is not ComfyUI: the status store, Redis, a drain  yes
@@ -151,6 +152,14 @@ class ExecutionFailed(ServerlessError):
 
     code = "EXECUTION_FAILED"
     status_code = 500
+
+
+class OutOfMemory(ExecutionFailed):
+    """ComfyUI's `execution_error` was a CUDA out-of-memory error (`torch.OutOfMemoryError`):
+    the job is run once more after ComfyUI frees its memory; a second one ends the job."""
+
+    code = "OUT_OF_MEMORY"
+    retryable = True
 
 
 class ExecutionInterrupted(ServerlessError):

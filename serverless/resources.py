@@ -188,6 +188,8 @@ class Resources:
             preview_in_status=self.settings.stream.preview_in_status,
             resolve_models=self.resolve_models,
             model_tasks=self.model_tasks,
+            out_of_memory=self.metrics.comfyui_ooms.inc,
+            freed=self.metrics.comfyui_frees.inc,
         )
 
     @property

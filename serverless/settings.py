@@ -26,6 +26,7 @@ LOG_FORMATS = ("text", "json")
 STATUS_BACKENDS = ("file", "redis")
 QUEUE_BACKENDS = ("none", "redis")
 ROLES = ("all", "gateway", "worker")
+LANE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")  # a lane names a queue stream: jobs:<lane>:<priority>
 # A DNS name as the download policy matches it: labels of letters, digits and '-', a final dot allowed.
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.IGNORECASE)
 # What can only be meant as an address or a network (IPv6 literals aside, which parse).
@@ -475,6 +476,31 @@ class StreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulingSettings:
+    """The fleet's scheduling (`serverless.fleet`): this worker's lane, how long a job waits for a
+    worker that holds its models before any able worker takes it, and the memory watermarks a
+    worker checks after each job (0: not checked)."""
+
+    worker_lane: str = ""  # "": the default lane
+    affinity_wait: float = 3.0  # seconds; 0: first free worker, no affinity
+    vram_free_min: int = 0  # bytes: below this after a job, ComfyUI is asked to free memory (/free)
+    comfyui_rss_max: int = 0  # bytes: above this after a job, ComfyUI is restarted (when supervised)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SchedulingSettings:
+        lane = _text(env, "WORKER_LANE", "")
+        if lane and not LANE_RE.fullmatch(lane):
+            raise SettingsError(f"WORKER_LANE={lane!r}: 1-32 lowercase letters, digits or '-'")
+        d = cls()
+        return cls(
+            worker_lane=lane,
+            affinity_wait=_number(env, "AFFINITY_WAIT", d.affinity_wait, 0),
+            vram_free_min=_integer(env, "VRAM_FREE_MIN", d.vram_free_min, 0),
+            comfyui_rss_max=_integer(env, "COMFYUI_RSS_MAX", d.comfyui_rss_max, 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FleetSettings:
     """Gateways and workers sharing one Redis: the role, the queue's bounds, and results passed back."""
 
@@ -629,6 +655,7 @@ class Settings:
     status: StatusSettings = field(default_factory=StatusSettings)
     stream: StreamSettings = field(default_factory=StreamSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     batches: BatchSettings = field(default_factory=BatchSettings)
     tenants: TenantSettings = field(default_factory=TenantSettings)
@@ -663,6 +690,7 @@ class Settings:
             status=StatusSettings.from_env(env, mount),
             stream=StreamSettings.from_env(env),
             fleet=FleetSettings.from_env(env),
+            scheduling=SchedulingSettings.from_env(env),
             security=SecuritySettings.from_env(env),
             batches=BatchSettings.from_env(env),
             tenants=TenantSettings.from_env(env),

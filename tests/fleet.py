@@ -161,10 +161,11 @@ class Tier:
         self.gateways.append(node)
         return node
 
-    def worker(self, step_delay: float = 0.0, **env: str) -> Any:
+    def worker(self, step_delay: float = 0.0, custom_nodes: bool = True, **env: str) -> Any:
         number = len(self.workers) + 1
         folder = self.root / f"emulator{number}"
-        emulator = InProcessEmulator(folder, step_delay=step_delay)  # a worker killed leaves its ComfyUI up
+        # a worker killed leaves its ComfyUI up: emulators stay in threads
+        emulator = InProcessEmulator(folder, step_delay=step_delay, custom_nodes=custom_nodes)
         self.emulators.append(emulator)
         settings = {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}
         name = f"worker{number}"

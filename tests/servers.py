@@ -237,8 +237,14 @@ class InProcessEmulator:
     """The ComfyUI emulator's aiohttp app in a thread of the test process, its folders under `root`."""
 
     def __init__(
-        self, root: Path, port: int | None = None, step_delay: float = 0.02, models_dir: Path | None = None
+        self,
+        root: Path,
+        port: int | None = None,
+        step_delay: float = 0.02,
+        models_dir: Path | None = None,
+        custom_nodes: bool = True,
     ) -> None:
+        self._custom_nodes = custom_nodes
         self.root = root
         self.models_dir = models_dir
         root.mkdir(parents=True, exist_ok=True)
@@ -267,7 +273,9 @@ class InProcessEmulator:
     async def _serve(self) -> None:
         self._loop, self._done = asyncio.get_running_loop(), asyncio.Event()
         runner = web.AppRunner(
-            create_emulator_app(self.root, self._step_delay, models_dir=self.models_dir),
+            create_emulator_app(
+                self.root, self._step_delay, models_dir=self.models_dir, custom_nodes=self._custom_nodes
+            ),
             access_log=None,
             shutdown_timeout=2.0,
         )

@@ -15,6 +15,7 @@ client's own failures (the server could not be reached, or answered something th
         ├── PromptError               PROMPT_ERROR
         ├── InputError                INPUT_ERROR
         ├── ExecutionFailed           EXECUTION_FAILED
+        │   └── OutOfMemory           OUT_OF_MEMORY (its GPU ran out of memory twice: run once more already)
         ├── ExecutionInterrupted      EXECUTION_INTERRUPTED (cancelled, too)
         ├── ComfyUIUnavailable        COMFYUI_UNAVAILABLE
         ├── Unavailable               UNAVAILABLE (the status store, Redis, a draining instance)
@@ -104,6 +105,10 @@ class ExecutionFailed(APIError):
     error_code = "EXECUTION_FAILED"
 
 
+class OutOfMemory(ExecutionFailed):
+    error_code = "OUT_OF_MEMORY"
+
+
 class ExecutionInterrupted(APIError):
     error_code = "EXECUTION_INTERRUPTED"
 
@@ -157,6 +162,7 @@ BY_CODE: dict[str, type[APIError]] = {
         PromptError,
         InputError,
         ExecutionFailed,
+        OutOfMemory,
         WorkerLost,
         ExecutionInterrupted,
         ComfyUIUnavailable,

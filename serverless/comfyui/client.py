@@ -303,6 +303,11 @@ class ComfyUI:
         except (aiohttp.ClientError, OSError):
             return False
 
+    async def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        """POST /free: ComfyUI unloads its models and empties its caches before its next prompt."""
+        body = {"unload_models": unload_models, "free_memory": free_memory}
+        await self._json("POST", "/free", "freeing memory", json=body)
+
     async def cancel(self, prompt_id: str) -> None:
         """Remove the prompt from the queue if pending, interrupt it if running; never touches
         another prompt (the interrupt names its prompt id)."""

@@ -428,6 +428,56 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=("400", "401", "404"),
         operation_id="pinModel",
     ),
+    Operation(
+        "/api/tasks",
+        "get",
+        "jobs",
+        "The tasks, newest first, a page at a time",
+        "From the status store (the folder on a box, Redis on a fleet); with API keys, the caller's own. "
+        "`next_cursor` (null at the end) asks for the next page.",
+        (
+            Param("state", "query", "queued, running, succeeded, failed or cancelled"),
+            Param("workflow_id", "query", "a hosted workflow's tasks only"),
+            Param("limit", "query", "rows per page, 1-200 (default 50)", "integer"),
+            Param("cursor", "query", "the `next_cursor` of the previous page"),
+        ),
+        replies=(Reply("200", "a page of task summaries and the next cursor", "TaskList"),),
+        errors=("400",),
+        operation_id="tasks",
+    ),
+    Operation(
+        "/api/fleet/dead-letters",
+        "get",
+        "operations",
+        "The fleet's dead letters, newest first",
+        "Queue entries no worker could read and jobs whose workers died under them twice; with API keys, "
+        "the caller's own. Empty on one box (no queue).",
+        (Param("limit", "query", "how many, 1-1000 (default 100)", "integer"),),
+        replies=(Reply("200", '`{"dead_letters": [{id, task_id, priority, reason, worker, at}]}`', "object"),),
+        errors=("400", "503"),
+        operation_id="deadLetters",
+    ),
+    Operation(
+        "/api/fleet/dead-letters/{letter_id}/requeue",
+        "post",
+        "operations",
+        "Queue a dead letter again: its task runs once more, as a new attempt",
+        params=(Param("letter_id", "path", "the dead letter's id", required=True),),
+        replies=(Reply("202", "`{id, task_id, state: queued, entry}`", "object"),),
+        errors=("400", "404", "503"),
+        operation_id="requeueDeadLetter",
+    ),
+    Operation(
+        "/api/fleet/workers",
+        "get",
+        "operations",
+        "The fleet's live workers and what each holds",
+        "Each worker's heartbeat: lane, whether it runs a job, resident models, model files, node classes "
+        "(a count), VRAM. Empty on one box.",
+        replies=(Reply("200", '`{"workers": [{name, lane, busy, resident_models, model_files, ...}]}`', "object"),),
+        errors=("503",),
+        operation_id="fleetWorkers",
+    ),
     # -- result delivery (issue 14) -------------------------------------------------------------
     Operation(
         "/api/files/{token}",

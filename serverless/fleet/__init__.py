@@ -25,7 +25,10 @@ from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
 from . import staging
 from .admission import stale_after
+from .affinity import Affinity
 from .gateway import RemoteJobs
+from .healing import Healing
+from .heartbeat import Heartbeat
 from .queue import RedisQueue
 from .worker import Consumer
 
@@ -74,13 +77,27 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     consumer_task: asyncio.Task[None] | None = None
     consumer = None
     publisher: asyncio.Task[None] | None = None
+    beating: asyncio.Task[None] | None = None
+    heartbeat: Heartbeat | None = None
     if takes_jobs:
         publisher = asyncio.create_task(publish_object_info(resources, status), name="publish object_info")
-        consumer = Consumer(
-            status.client, status, jobs, settings, f"{settings.service.instance_id}:{settings.service.port}"
+        name = f"{settings.service.instance_id}:{settings.service.port}"
+        lane = settings.scheduling.worker_lane
+        heartbeat = Heartbeat(status.client, resources.comfy, name, lane, resources.metrics)
+        beating = asyncio.create_task(heartbeat.run_forever(), name=f"heartbeat {name}")
+        consumer = Consumer(status.client, status, jobs, settings, name)
+        consumer.heartbeat = heartbeat
+        consumer.affinity = Affinity(status.client, heartbeat, consumer.streams, settings.scheduling.affinity_wait)
+        consumer.healing = Healing(
+            resources.comfy,
+            resources.supervisor,
+            settings.scheduling,
+            resources.metrics,
+            heartbeat,
+            settings.comfyui.startup_timeout,
         )
         consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
-        log.info("worker %s takes jobs from Redis for ComfyUI at %s", consumer.name, settings.comfyui.url)
+        log.info("worker %s takes jobs from Redis (lane %r) for ComfyUI at %s", name, lane, settings.comfyui.url)
     try:
         yield Fleet(front, consumer)
     finally:
@@ -90,6 +107,11 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if beating is not None:  # bounded: a beat stuck in a call to a stopping peer never holds the shutdown
+            beating.cancel()
+            await asyncio.wait([beating], timeout=2.0)
+        if heartbeat is not None:
+            await heartbeat.leave()
 
 
 async def publish_object_info(resources: Resources, status: RedisStatus, every: float = PUBLISH_EVERY) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from ..errors import (
     ExecutionInterrupted,
     InvalidParams,
     JobTimeout,
+    OutOfMemory,
     OutputError,
     ServerlessError,
     as_serverless_error,
@@ -103,6 +105,8 @@ class Runtime:
     estimates: Estimates = field(default_factory=Estimates)  # how long things took, for progress
     resolve_models: ModelResolver = no_models  # model references fetched into the store and placed
     model_tasks: ModelTasks = no_model_tasks  # imports, deletes and pins of the models API
+    out_of_memory: Callable[[], None] = lambda: None  # counted: a job's ComfyUI ran out of GPU memory
+    freed: Callable[[], None] = lambda: None  # counted: ComfyUI was asked to free its memory
 
 
 @dataclass(slots=True)
@@ -268,6 +272,8 @@ class Job:
         first = self.progress.payload(now, time.time())  # the job's first event: queued, and whose it is
         if self.spec.owner is not None:
             first["data"]["owner"] = self.spec.owner
+        if self.spec.workflow_id is not None:  # the task list finds a hosted workflow's tasks by it
+            first["data"]["workflow_id"] = self.spec.workflow_id
         self._progress_sent = ((self.progress.state, self.progress.queue_position), now)
         self.feed.publish_payload(first)
         outcome: Outcome
@@ -275,7 +281,7 @@ class Job:
             if self._stop is not None:
                 raise asyncio.CancelledError
             async with self._admitted(), asyncio.timeout(self.runtime.job_timeout):
-                outcome = Result(await self._execute())
+                outcome = Result(await self._execute_or_retry())
         except TimeoutError:
             outcome = JobTimeout(f"the job passed its deadline of {self.runtime.job_timeout:g}s and was cancelled")
             try:
@@ -418,6 +424,27 @@ class Job:
             return
         queue = await self.runtime.comfy.recent_queue()
         self._publish_progress(self.progress.queued_at(queue.position(self.prompt_id), queue.size))
+
+    async def _execute_or_retry(self) -> dict[str, Any]:
+        """`_execute`, once more after ComfyUI frees its memory when its GPU ran out of it (as a
+        new ComfyUI prompt: a prompt id is its one run; a native prompt's id is its caller's, so
+        that one is not run again)."""
+        try:
+            return await self._execute()
+        except OutOfMemory as exc:
+            self.runtime.out_of_memory()
+            if self.spec.native or self._stop is not None:
+                raise
+            log.warning(
+                "task_id=%s ran out of GPU memory (%s): freeing ComfyUI's memory, then once more",
+                self.task_id,
+                exc.message,
+            )
+            await self.runtime.comfy.free()
+            self.runtime.freed()
+            self._failure, self._succeeded, self._outputs_seen = None, False, {}
+            self.prompt_id = str(uuid.uuid4())
+            return await self._execute()
 
     async def _execute(self) -> dict[str, Any]:
         runtime, spec = self.runtime, self.spec
@@ -586,8 +613,12 @@ def _state_of(outcome: Outcome) -> State:
     return "cancelled" if isinstance(outcome, ExecutionInterrupted) else "failed"
 
 
+OOM_TYPES = ("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError", "OutOfMemoryError")
+
+
 def execution_failed(data: dict[str, Any]) -> ExecutionFailed:
-    return ExecutionFailed(
+    kind = OutOfMemory if data.get("exception_type") in OOM_TYPES else ExecutionFailed
+    return kind(
         f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
         f"{data.get('exception_type')}: {str(data.get('exception_message', '')).strip()}",
         raw=data,

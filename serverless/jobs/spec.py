@@ -43,6 +43,7 @@ class JobSpec:
     concurrency: int = 0  # its key's `concurrency=` (0: none): more of its jobs wait behind its own
     big: bool = False  # a body big enough that copying and serialising it go to a thread
     priority: str = "normal"  # Redis tier: the queue stream it waits in (high, normal, low)
+    lane: str = ""  # Redis tier: the lane whose workers run it ("" the default lane; `?lane=`)
     idempotency_key: str | None = None  # Redis tier: a repeat attaches to the first (SET NX on the key)
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
     workflow_version: int | None = None  # which version of it (None: a file never registered)

@@ -14,11 +14,20 @@ Status (`serverless.status.redis`), kept RETENTION (the status retention) after 
     task:<id>:owner           whose the task is ("": made without API keys)
     task:<id>:webhook         how the task's webhook went (JSON)
     idempotency:<key>         an `Idempotency-Key` claim, where there is no queue
+    tasks                     a sorted set: every task ("<id> <workflow id>"), scored by when it was
+                              made (ms); members older than RETENTION are dropped as others come
+    tasks:owner:<owner>       the same, of one API key's tasks (`GET /api/tasks` with API_KEYS)
 
 Queue (`serverless.fleet`):
 
     jobs:<priority>           a stream per priority (high, normal, low), consumer group `workers`
+                              (the default lane; lane L's are jobs:L:<priority>)
     jobs:<priority>:added     how many entries were ever added to that stream (an entry's ordinal)
+    fleet:lanes               a set: the lanes jobs were queued in or workers serve ("" the default)
+    fleet:workers             a sorted set: every worker's name, scored by its last heartbeat (ms)
+    fleet:worker:<name>       a worker's heartbeat (JSON: lane, nodes, model files, resident models,
+                              VRAM, busy), expiring HEARTBEAT_TTL after its last
+    fleet:handoff:<name>      a stream (MAXLEN 1) that wakes a worker handed a job (affinity)
     job:<id>                  "<stream> <entry id> <ordinal>" of the task's newest submission
     idem:<key>                "<task_id> <fingerprint>" of the first request with that key
     run:<id>:<entry>          who took that submission: a worker's name, or "cancelled" (SET NX)
@@ -103,16 +112,35 @@ def webhook(task_id: str) -> str:
     return f"task:{task_id}:webhook"
 
 
+TASKS = "tasks"
+
+
+def tasks_of(owner: str) -> str:
+    return f"tasks:owner:{owner}"
+
+
 def idempotency(key: str) -> str:
     return f"idempotency:{key}"
 
 
-def queue(priority: str) -> str:
-    return f"jobs:{priority}"
+def queue(priority: str, lane: str = "") -> str:
+    return f"jobs:{lane}:{priority}" if lane else f"jobs:{priority}"
 
 
-def queue_count(priority: str) -> str:
-    return f"jobs:{priority}:added"
+def queue_count(priority: str, lane: str = "") -> str:
+    return f"{queue(priority, lane)}:added"
+
+
+LANES = "fleet:lanes"
+WORKERS = "fleet:workers"
+
+
+def worker(name: str) -> str:
+    return f"fleet:worker:{name}"
+
+
+def handoff(name: str) -> str:
+    return f"fleet:handoff:{name}"
 
 
 def submission(task_id: str) -> str:

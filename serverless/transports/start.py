@@ -30,6 +30,7 @@ from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
+from ..settings import LANE_RE
 from ..tenants.limits import check_rate
 from ..workflows.conversion import convert_with
 from ..workflows.hosting import PreparedRun
@@ -206,6 +207,7 @@ async def start_job(
         workflow_id=hosted.workflow_id if hosted is not None else None,
         workflow_version=hosted.version if hosted is not None else None,
         priority=job_priority(query),
+        lane=job_lane(query),
         idempotency_key=headers.get("idempotency-key") or None,
         owner=owner,
         concurrency=who.rights.concurrency,
@@ -240,6 +242,15 @@ async def check_task_owner(resources: Resources, task_id: str | None, owner: str
     if task_owner == "" and not await resources.status.known(task_id):
         return  # nobody's yet
     raise Conflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
+
+
+def job_lane(query: Mapping[str, str]) -> str:
+    """`?lane=<name>` (the Redis tier: the lane whose workers run it, WORKER_LANE; ignored
+    without a queue)."""
+    lane = (query.get("lane") or "").strip()
+    if lane and not LANE_RE.fullmatch(lane):
+        raise InvalidParams("lane must be 1-32 lowercase letters, digits or '-'", raw={"lane": lane[:50]})
+    return lane
 
 
 def job_priority(query: Mapping[str, str]) -> str:
