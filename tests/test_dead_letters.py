@@ -1,9 +1,10 @@
-"""The fleet's dead letters: listed and queued again by an operator; with API keys each key sees
-and queues its own only. A box has no queue: its list is empty."""
+"""The fleet's dead letters: listed and queued again by an operator; with API keys an admin key
+sees and queues everyone's, any other key its own only. A box has no queue: its list is empty."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 import requests
@@ -16,6 +17,7 @@ from tests.topologies import Deployment
 
 Deploy = Callable[..., Deployment]
 KEY_A, KEY_B = "dead-letters-key-a-0123", "dead-letters-key-b-0123"
+ADMIN = "dead-letters-admin-0123"
 LETTERS = "/api/fleet/dead-letters"
 
 
@@ -40,8 +42,10 @@ def _bury(url: str, task_id: str, key: str, spec: bytes | None = None) -> None:
     client.xadd("dead:jobs", fields)  # type: ignore[arg-type]
 
 
-def test_an_operator_lists_a_dead_letter_and_queues_it_again(deployment: Deploy, topology: str) -> None:
-    deployed = deployment(API_KEYS=f"{KEY_A},{KEY_B}")
+def test_an_operator_lists_a_dead_letter_and_queues_it_again(deployment: Deploy, topology: str, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY_A} raw=yes label=a\n{KEY_B} raw=yes label=b\n{ADMIN} admin=yes label=ops\n")
+    deployed = deployment(API_KEYS_FILE=str(keys))
     url = deployed.url
     if topology == "box":
         assert requests.get(url + LETTERS, headers=_auth(KEY_A), timeout=10).json() == {"dead_letters": []}
@@ -56,6 +60,7 @@ def test_an_operator_lists_a_dead_letter_and_queues_it_again(deployment: Deploy,
     assert requests.get(url + LETTERS, headers=_auth(KEY_B), timeout=10).json() == {"dead_letters": []}
     letters = requests.get(url + LETTERS, headers=_auth(KEY_A), timeout=10).json()["dead_letters"]
     assert [letter["task_id"] for letter in letters] == ["unreadable-one", "twice-lost"], "newest first"
+    assert requests.get(url + LETTERS, headers=_auth(ADMIN), timeout=10).json()["dead_letters"] == letters
     assert letters[1]["reason"].startswith("the job's worker died") and letters[1]["priority"] == "normal"
 
     refused = requests.post(url + LETTERS + f"/{letters[0]['id']}/requeue", headers=_auth(KEY_A), timeout=10)

@@ -68,7 +68,12 @@ def deploy(
     """A deployment of `topology` under `root`, every app configured by `env` on top of the base."""
     # A MODELS_DIR in `env` is every emulator's models folder too (shared, as on FC's NAS).
     models = Path(env["MODELS_DIR"]) if env.get("MODELS_DIR") else None
-    common = {"FC_INSTANCE_ID": "test-1", "COMFYUI_STARTUP_TIMEOUT": "5", "WORKFLOWS_DIR": str(root / "workflows")}
+    common = {
+        "FC_INSTANCE_ID": "test-1",
+        "COMFYUI_STARTUP_TIMEOUT": "5",
+        "WORKFLOWS_DIR": str(root / "workflows"),
+        "DRAIN_TIMEOUT": "5",  # a job still running when the test ends does not hold its teardown
+    }
     if topology == "box":
         emulator = InProcessEmulator(root / "emulator", step_delay=step_delay, models_dir=models)
         app = InProcessApp(root, {**common, "COMFYUI_URL": emulator.url, "STATUS_DIR": str(root / "status"), **env})
