@@ -195,3 +195,24 @@ def test_a_lane_s_workers_scale_on_the_lane_s_own_streams() -> None:
     for priority in PRIORITIES:
         modes = sorted("lagCount" in m for m in watched if m["stream"] == stream(priority, "large"))
         assert modes == [False, True], "waiting and running jobs of each priority"
+
+
+def test_a_hosted_workflow_registered_with_a_lane_runs_on_that_lanes_workers(fleet: Callable[..., Tier]) -> None:
+    tier = fleet()
+    gateway = tier.gateway()
+    default, big = tier.worker(), tier.worker(WORKER_LANE="big")
+    wait_until(lambda: len(workers(gateway.url)) == 2)
+    registered = requests.put(
+        gateway.url + "/api/workflows/on-big", params={"lane": "big"}, json=with_ckpt(CKPT_B), timeout=30
+    )
+    assert registered.status_code == 201, registered.text
+    assert registered.json()["lane"] == "big"
+    for n in range(2):  # the workflow's lane, without the run naming one
+        ran = requests.post(
+            gateway.url + "/api/workflows/on-big/run", json={}, headers={"x-fc-async-task-id": f"hosted-big-{n}"}
+        )
+        assert ran.status_code == 200, ran.text
+    assert {"hosted-big-0", "hosted-big-1"} <= set(big.started())
+    assert not any(task.startswith("hosted-big-") for task in default.started())
+    bad = requests.put(gateway.url + "/api/workflows/on-bad", params={"lane": "Bad Lane"}, json=with_ckpt(CKPT_B))
+    assert bad.status_code == 400 and bad.json()["error_code"] == "INVALID_PARAMS"

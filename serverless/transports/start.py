@@ -207,7 +207,7 @@ async def start_job(
         workflow_id=hosted.workflow_id if hosted is not None else None,
         workflow_version=hosted.version if hosted is not None else None,
         priority=job_priority(query),
-        lane=job_lane(query),
+        lane=job_lane(query) or (hosted.lane if hosted is not None else ""),  # the run's, else the workflow's
         idempotency_key=headers.get("idempotency-key") or None,
         owner=owner,
         concurrency=who.rights.concurrency,

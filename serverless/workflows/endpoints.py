@@ -16,6 +16,7 @@ from ..core.request import query_flag
 from ..models.endpoints import workflow_models
 from ..state import app_state
 from ..transports.http import read_body
+from ..transports.start import job_lane
 from .conversion import convert_body
 from .hosting import HostedWorkflows
 from .refs import parse_version
@@ -63,14 +64,16 @@ async def list_workflows(request: Request) -> Response:
 async def put_workflow(request: Request) -> Response:
     """PUT /api/workflows/{workflow_id}: validate against the running ComfyUI, then store;
     201 when new, 200 when replaced. With API keys it is the caller's: `?shared=true` lets other
-    keys read and run it (only its owner replaces or deletes it)."""
+    keys read and run it (only its owner replaces or deletes it); `?lane=` queues its runs on
+    that lane of a fleet (a run's own `?lane=` wins)."""
     who = auth.caller(request)
     auth.require_admin(who, "register workflows")
     settings = app_state(request).resources.settings
     shared = query_flag(request.query_params, "shared")
     body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     workflow_id = request.path_params["workflow_id"]
-    described, created = await _hosted(request).register(workflow_id, body, who.owner, shared, by=_by(who))
+    lane = job_lane(request.query_params)  # `?lane=`: the fleet's lane its runs queue on
+    described, created = await _hosted(request).register(workflow_id, body, who.owner, shared, by=_by(who), lane=lane)
     log.info("workflow %s %s by key %s", workflow_id, "registered" if created else "changed", _by(who) or "-")
     return await _answer(described.to_payload(), described.stored.size, 201 if created else 200)
 
