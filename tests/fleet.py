@@ -147,6 +147,8 @@ class Tier:
             "FC_INSTANCE_ID": "t",
             "COMFYUI_STARTUP_TIMEOUT": "5",
             "LOG_LEVEL": "debug",  # "job start" lines (debug) tell which worker ran what
+            "WORKFLOWS_DIR": str(self.root / "workflows"),  # the tier's shared disk, as the NAS
+            "DRAIN_TIMEOUT": "5",  # a job still running when the test ends does not hold its teardown
             **self.env,
         }
 

@@ -135,9 +135,10 @@ def test_metrics_count_each_kind_of_job_once_under_its_labels(own_emulator, star
         assert post_run(server.url, workflow).status_code == status
         assert moved(before, scrape(server.url)) == expected
 
+    set_step_delay(own_emulator, 0.05)  # a job that samples for a second: its reader is counted meanwhile
     before = scrape(server.url)
     ws = websocket.create_connection(server.url.replace("http", "ws", 1) + "/api/serverless/ws", timeout=30)
-    ws.send(json.dumps(empty_image(prefix="m-ws")))
+    ws.send(json.dumps(txt2img(seed=9, steps=20, prefix="m-ws")))
     texts = [json.loads(ws.recv())["type"]]
     assert value(scrape(server.url), "serverless_stream_readers", transport="ws") == 1  # while it reads
     while text := ws.recv():
