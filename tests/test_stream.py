@@ -314,15 +314,15 @@ def test_execution_error_mid_stream_ends_it_with_execution_failed(app, emulator)
     assert_forwarded_as_sent(forwarded, sent_to(emulator.url, prompt_id), prompt_id)
 
 
-def test_stream_ends_with_error_when_comfyui_dies(emulator_process, start_app):
-    set_step_delay(emulator_process, 0.05)
-    server = start_app(emulator_process.url, COMFYUI_STARTUP_TIMEOUT="2")
+def test_stream_ends_with_error_when_comfyui_dies(own_emulator, start_app):
+    set_step_delay(own_emulator, 0.05)
+    server = start_app(own_emulator.url, COMFYUI_STARTUP_TIMEOUT="2")
     with stream(server.url, txt2img(seed=7, steps=400)) as response:  # 20 s if left alone
         events = read_events(response)
         for event in events:
             if event.data is not None and json.loads(event.data)["type"] == "progress":
                 break
-        emulator_process.kill()
+        own_emulator.kill()
         killed = time.monotonic()
         after = payloads(events)  # the rest of the same stream
     ended = time.monotonic() - killed
