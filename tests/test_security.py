@@ -476,10 +476,14 @@ class StatusPoller(Poller):
                 time.sleep(0.005)
 
 
+BUSY_BOUND = 1.0  # loose for a loaded machine: idle, < 0.25 s
+
+
 def test_describe_openapi_and_run_of_a_4_mb_workflow_keep_other_callers_answered(
-    start_app_process: Callable[..., Any], emulator: Any, tmp_path: Path
+    start_app_process: Callable[..., Any], emulator_process: Any, tmp_path: Path
 ) -> None:
-    server = start_app_process(emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
+    # Both in processes of their own: the 4 MB prompt must not hold the GIL of the poller's process.
+    server = start_app_process(emulator_process.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
     body = json.dumps(big_workflow(37500)).encode()
     assert len(body) > 4_000_000
     registered = requests.put(server.url + "/api/workflows/sec-big", data=body, timeout=120)
@@ -492,7 +496,7 @@ def test_describe_openapi_and_run_of_a_4_mb_workflow_keep_other_callers_answered
         for _ in range(3):  # the best of three: a busy moment of a shared machine rarely hits all
             poller = StatusPoller(server.url)
             poller.start()
-            while poller.answers < 50:
+            while poller.answers < 20:
                 time.sleep(0.01)
             usual, poller.slowest = poller.slowest, 0.0
             answer = requests.request(method, url, data="{}" if method == "POST" else None, timeout=120)
@@ -501,9 +505,11 @@ def test_describe_openapi_and_run_of_a_4_mb_workflow_keep_other_callers_answered
             assert answer.status_code == 200, answer.text[:300]
             delay = poller.slowest - usual
             best = delay if best is None else min(best, delay)
+            if best < BUSY_BOUND:
+                break  # the best of three is below the bound already
         delays[url.rsplit("/", 1)[-1]] = round(best or 0.0, 3)
     print("status answered slower by (s):", delays)
-    assert max(delays.values()) < 1.0, delays  # loose for a loaded machine: idle, < 0.25 s
+    assert max(delays.values()) < BUSY_BOUND, delays
 
 
 # -- 12. connections: a slow body is closed, a stalled reader is dropped with its answer ----------
