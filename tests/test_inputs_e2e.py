@@ -793,8 +793,6 @@ def test_inputs_adding_up_to_more_than_INPUT_MAX_JOB_BYTES_are_refused(own_emula
     assert history_size(own_emulator) == 0 and input_folder(own_emulator) == {}
 
 
-
-
 def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BYTES(measured_app, files):
     server = measured_app
     size = INPUT_MAX_BYTES - MiB // 2
