@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.oss_server import LocalOss
-from tests.servers import ROOT, Emulator
+from tests.servers import ROOT, InProcessApp, InProcessEmulator
 
 README = ROOT / "README.md"
 API = "127.0.0.1:9000"
@@ -62,10 +62,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def readme_api(workdir: Path, tmp_path_factory: pytest.TempPathFactory):
     from tests.conftest import base_env
-    from tests.servers import App
 
     root = tmp_path_factory.mktemp("readme-emulator")
-    emulator = Emulator(root)
+    emulator = InProcessEmulator(root)
     oss = LocalOss({KEY_ID: (SECRET, None)}, [BUCKET], region="cn-hangzhou")
     oss.put_object(BUCKET, "in/cat.png", (ROOT / "examples" / "cat.png").read_bytes(), "image/png")
     logs = tmp_path_factory.mktemp("readme-app")
@@ -79,7 +78,7 @@ def readme_api(workdir: Path, tmp_path_factory: pytest.TempPathFactory):
         "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
         "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
     }
-    app = App(logs, env)
+    app = InProcessApp(logs, env)
     yield app, emulator
     app.stop()
     emulator.stop()
