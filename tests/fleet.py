@@ -160,14 +160,17 @@ class Tier:
         self.gateways.append(node)
         return node
 
-    def worker(self, step_delay: float = 0.0, **env: str) -> Any:
+    def worker(self, step_delay: float = 0.0, process: bool | None = None, **env: str) -> Any:
+        """A worker with an emulator of its own; in a process if `process` (default: the tier's
+        `processes`), so that a test can start the one it kills as a process and the rest in-process."""
         number = len(self.workers) + 1
         folder = self.root / f"emulator{number}"
         emulator = InProcessEmulator(folder, step_delay=step_delay)  # a worker killed leaves its ComfyUI up
         self.emulators.append(emulator)
         settings = {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}
         name = f"worker{number}"
-        node = Node(self.root, settings, name) if self.processes else InProcessNode(self.root, settings, name)
+        in_process = not (self.processes if process is None else process)
+        node = InProcessNode(self.root, settings, name) if in_process else Node(self.root, settings, name)
         self.workers.append(node)
         return node
 

@@ -330,9 +330,9 @@ def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: C
 def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_not_rerun(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateway = fleet.gateway()
-    workers = [fleet.worker(step_delay=0.2) for _ in range(2)]
+    owner = fleet.worker(step_delay=0.2, process=True)  # the one killed; the other joins once it runs the job
     workflow = slow(8, steps=40)  # an early output (a2), then a long sampler and the late output
     workflow.update(
         {
@@ -341,8 +341,9 @@ def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_no
         }
     )
     assert submit_async(gateway.url, workflow, "charged").status_code == 202
+    wait_until(lambda: "charged" in owner.started(), timeout=20)
+    workers = [owner, fleet.worker(step_delay=0.2)]
     wait_until(lambda: any(p["type"] == "executed" for p in status(gateway.url, "charged")))
-    owner = next(w for w in workers if "charged" in w.started())
     owner.kill()
     logged = wait_ended(gateway.url, "charged", timeout=30)
     assert logged[-1]["error_code"] == "WORKER_LOST" and "outputs" in logged[-1]["error_message"]
@@ -691,11 +692,12 @@ def test_the_queue_keeps_no_done_jobs_and_its_lag_reads_as_keda_reads_it_after_c
 def test_a_worker_lost_longer_than_stale_after_is_retried_and_its_caller_gets_the_result_not_instance_lost(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="3", STATUS_STALE_AFTER="1")  # claimed later than "stale"
+    fleet = tier(REDIS_CLAIM_IDLE="3", STATUS_STALE_AFTER="1")  # claimed later than "stale"
     gateway = fleet.gateway()
-    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    victim = fleet.worker(step_delay=0.1, process=True)  # the one killed; the other joins once it runs the job
     waiting = in_background(lambda: post_run(gateway.url, slow(3, steps=20), headers={"X-Fc-Trace-Id": "patient"}))
-    victim = wait_until(lambda: next((w for w in workers if "patient" in w.started()), None), timeout=20)
+    wait_until(lambda: "patient" in victim.started(), timeout=20)
+    fleet.worker(step_delay=0.1)
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "patient")))
     victim.kill()
     seen: list[list[dict[str, Any]]] = []
