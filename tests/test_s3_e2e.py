@@ -326,9 +326,10 @@ def test_a_200_MB_output_is_uploaded_in_parts_with_flat_memory(
     buckets: tuple[str, str, str],
     start_app_process: Callable[..., App],
 ) -> None:
-    """The app runs in its own process (its peak RSS is its own; the emulator serves from this one); the emulator's SaveVideo copies a
-    200 MB input into its output folder, which the app reads as ComfyUI's output folder (`disk`),
-    or, not knowing that folder, through ComfyUI's /view (`view`: spooled to a temporary file)."""
+    """The app runs in its own process (its peak RSS is its own; the emulator serves from this one);
+    the emulator's SaveVideo copies a 200 MB input into its output folder, which the app reads as
+    ComfyUI's output folder (`disk`), or, not knowing that folder, through ComfyUI's /view (`view`:
+    spooled to a temporary file)."""
     emulator = InProcessEmulator(tmp_path / "emulator")
     try:
         block = uuid.uuid4().bytes * (MiB // 16)
