@@ -47,6 +47,9 @@ def pytest_runtest_protocol(item: pytest.Item) -> Any:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.browser import close_shared
+
+    close_shared()  # the browser the browser tests shared, if one was started
     output = getattr(session.config, "workeroutput", None)
     if output is not None:  # an xdist worker: its counts go back to the controller
         output["spawned"] = dict(_spawned)
