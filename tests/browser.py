@@ -26,8 +26,8 @@ _shared: list[tuple[Playwright, Browser]] = []
 
 @contextmanager
 def chromium() -> Iterator[Browser]:
-    """The test process's one browser (started by its first user, closed at the session's end by
-    `close_shared`): each test gets it for the block, and the contexts and pages it opened are
+    """The module's one browser (started by its first user, closed by `close_shared` once the
+    tests go on to another module: see conftest.py): each test gets it for the block, and the contexts and pages it opened are
     closed after it, so no test sees another's cookies, storage or pages."""
     if not _shared or not _shared[0][1].is_connected():
         close_shared()
