@@ -27,8 +27,9 @@ _shared: list[tuple[Playwright, Browser]] = []
 @contextmanager
 def chromium() -> Iterator[Browser]:
     """The module's one browser (started by its first user, closed by `close_shared` once the
-    tests go on to another module: see conftest.py): each test gets it for the block, and the contexts and pages it opened are
-    closed after it, so no test sees another's cookies, storage or pages."""
+    tests go on to another module: see conftest.py): each test gets it for the block, and the
+    contexts and pages it opened are closed after it, so no test sees another's cookies, storage
+    or pages."""
     if not _shared or not _shared[0][1].is_connected():
         close_shared()
         playwright = sync_playwright().start()
