@@ -89,7 +89,7 @@ def drop_a_slow_sse_reader(server: App, task_id: str) -> bytes:
     """An SSE caller that reads nothing until its job has ended (as tests/test_stream.py's slow
     reader), then reads its stream to the end."""
     url = urlsplit(server.url)
-    body = json.dumps(slow_reader_workflow(steps=400)).encode()
+    body = json.dumps(slow_reader_workflow(steps=120)).encode()
     reader = socket.socket()
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     reader.connect((url.hostname, url.port))
