@@ -406,7 +406,7 @@ def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app):
     set_step_delay(own_emulator, 0.01)
     server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
     url = urlsplit(server.url)
-    body = json.dumps(slow_reader_workflow(steps=400)).encode()  # about 12 MB of events in 5 s
+    body = json.dumps(slow_reader_workflow(steps=120)).encode()  # about 4 MB of events
     reader = socket.socket()
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the app's buffers fill
     reader.connect((url.hostname, url.port))

@@ -203,7 +203,7 @@ def test_a_slow_websocket_reader_is_dropped_with_try_again_later_and_the_job_goe
         header={"X-Fc-Trace-Id": "slow-ws"},
         sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),),
     )
-    ws.send(json.dumps(slow_reader_workflow(steps=400)))  # about 12 MB of events in 5 s
+    ws.send(json.dumps(slow_reader_workflow(steps=120)))  # about 4 MB of events
 
     # The job ends while its reader reads nothing at all.
     log = wait_until(
