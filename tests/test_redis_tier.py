@@ -279,20 +279,20 @@ def test_a_gateway_answers_503_naming_redis_when_it_cannot_reach_it(tier: Callab
 
 
 def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier: Callable[..., Tier]) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateways = [fleet.gateway(), fleet.gateway()]
-    workers = [fleet.worker(step_delay=0.2) for _ in range(3)]
+    # The two workers killed are processes, each started before the job can come to it; the
+    # third, which finds the job lost twice, runs in-process.
+    first = fleet.worker(step_delay=0.2, process=True)
     assert submit_async(gateways[0].url, slow(1), "doomed").status_code == 202
-
-    def runner() -> Any:
-        return next((w for w in workers if w.proc.poll() is None and "doomed" in w.started()), None)
-
-    first = wait_until(runner, timeout=20)
+    wait_until(lambda: "doomed" in first.started(), timeout=20)
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateways[0].url, "doomed")))
+    second = fleet.worker(step_delay=0.2, process=True)
     first.kill()
-    second = wait_until(lambda: runner() if runner() is not first else None, timeout=20)
+    wait_until(lambda: "doomed" in second.started(), timeout=20)
     assert attempts(fleet.redis_url, "doomed") == 2
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateways[0].url, "doomed")))
+    workers = [first, second, fleet.worker(step_delay=0.2)]
     second.kill()
     logged = wait_ended(gateways[0].url, "doomed", timeout=30)
     assert logged[-1]["error_code"] == "WORKER_LOST" and "attempt 2" in logged[-1]["error_message"]
