@@ -306,13 +306,14 @@ def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier
 
 
 def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: Callable[..., Tier]) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateways = [fleet.gateway(), fleet.gateway()]
-    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    victim = fleet.worker(step_delay=0.1, process=True)  # the one killed; the survivor joins once it runs the job
+    assert submit_async(gateways[0].url, slow(2, steps=15), "victim").status_code == 202
+    wait_until(lambda: "victim" in victim.started(), timeout=20)
     for n in range(4):  # a queue behind it: none of them may be lost either
         assert submit_async(gateways[0].url, slow(10 + n, steps=3), f"behind-{n}").status_code == 202
-    assert submit_async(gateways[0].url, slow(2, steps=15), "victim").status_code == 202
-    victim = wait_until(lambda: next((w for w in workers if "victim" in w.started()), None), timeout=20)
+    workers = [victim, fleet.worker(step_delay=0.1)]
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateways[0].url, "victim")))
     victim.kill()
     logged = wait_ended(gateways[1].url, "victim", timeout=40)
