@@ -149,14 +149,12 @@ class Tier:
             **self.env,
         }
 
-    def gateway(self, ready_path: str = "/api/serverless/health", **env: str) -> Any:
+    def gateway(self, ready_path: str = "/api/serverless/health", process: bool | None = None, **env: str) -> Any:
+        """A gateway; in a process if `process` (default: the tier's `gateway_processes`)."""
         settings = {**self.common(), "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9", **env}
         name = f"gateway{len(self.gateways) + 1}"
-        node = (
-            Node(self.root, settings, name, ready_path)
-            if self.gateway_processes
-            else InProcessNode(self.root, settings, name)
-        )
+        in_process = not (self.gateway_processes if process is None else process)
+        node = InProcessNode(self.root, settings, name) if in_process else Node(self.root, settings, name, ready_path)
         self.gateways.append(node)
         return node
 

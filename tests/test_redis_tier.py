@@ -647,8 +647,8 @@ def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_e
 def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_and_the_job_goes_on(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(gateway_processes=True, DRAIN_TIMEOUT="1")
-    gateway = fleet.gateway()
+    fleet = tier(DRAIN_TIMEOUT="1")
+    gateway = fleet.gateway(process=True)  # the one signalled
     fleet.worker(step_delay=0.1)
     waiting = in_background(lambda: post_run(gateway.url, slow(5, steps=40), headers={"X-Fc-Trace-Id": "outlives"}))
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "outlives")))
