@@ -308,6 +308,8 @@ def test_a_job_waiting_behind_others_is_told_its_place(deployment: Deploy) -> No
         timeout=30,
     )
     assert summary["state"] == "queued" and summary["queue_position"] >= 1
+    for seed in range(4):  # not left to run out at teardown
+        requests.post(url + CANCEL, params={"task_id": f"place-{seed}"}, timeout=10)
 
 
 def test_metrics_count_jobs_and_refused_prompts(deployment: Deploy) -> None:
