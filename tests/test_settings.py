@@ -124,7 +124,7 @@ def test_a_bad_setting_is_refused_with_one_line_naming_it(name, value, message):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("entry", "bad"), zip(ENTRY_POINTS, BAD_SETTINGS, strict=False))
+@pytest.mark.parametrize(("entry", "bad"), list(zip(ENTRY_POINTS, BAD_SETTINGS, strict=False)))
 def test_an_entry_point_with_a_bad_setting_prints_one_line_and_exits_2(entry, bad, tmp_path):
     """Each entry point in a process of its own (its exit code is the point), each with another of
     the bad settings; every message is checked in-process above."""
