@@ -1,4 +1,5 @@
 """`python -m bench [--quick] [--markdown PATH]`: benchmark the adapter, print figures beside goals.
+(`python -m bench soak`: the Redis tier's soak, `bench/soak.py`.)
 
 Against the ComfyUI emulator it starts itself (free ports, step_delay 0), or against the ComfyUI at
 COMFYUI_URL when that is set (then the parts that need the emulator's hooks are skipped, named).
@@ -18,13 +19,28 @@ from pathlib import Path
 
 import aiohttp
 
-from . import fleet_cost, procs, suite
+from . import fleet_cost, models, procs, scheduling, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
 
 
-async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
+SECTIONS = (
+    "startup",
+    "overhead",
+    "latency",
+    "throughput",
+    "memory",
+    "oss",
+    "w2",
+    "w3",
+    "fleet",
+    "models",
+    "scheduling",
+)
+
+
+async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[list[Figure], list[str], float]:
     started = time.monotonic()
     figures: list[Figure] = []
     external = os.environ.get("COMFYUI_URL", "").rstrip("/")
@@ -38,26 +54,45 @@ async def run(quick: bool) -> tuple[list[Figure], list[str], float]:
                 if emulator is not None:
                     await emulator.wait_ready(session, "/system_stats")
                 comfyui_url = external or (emulator.url if emulator else "")
-                figures += await suite.startup(_bare(session, comfyui_url, workdir), runs=2 if quick else 3)
+                if "startup" in only:
+                    figures += await suite.startup(_bare(session, comfyui_url, workdir), runs=2 if quick else 3)
                 # Co-located, as on FC: the adapter reads outputs from (and writes inputs to) the
                 # emulator's folders. Against COMFYUI_URL, set COMFYUI_OUTPUT_DIR etc. to do the same.
                 folders = {} if emulator is None else colocated(workdir / "comfyui")
-                app = procs.start_app(workdir / "app", comfyui_url, **folders)
+                app = procs.start_app(
+                    workdir / "app", comfyui_url, FILE_LINK_SECRET="bench-" + os.urandom(8).hex(), **folders
+                )
                 await app.wait_ready(session, procs.HEALTH)
                 pid = emulator.pid if emulator is not None else int(os.environ.get("COMFYUI_PID") or 0) or None
                 ctx = suite.Context(session, comfyui_url, app, workdir, emulated=emulator is not None, comfyui_pid=pid)
                 for _ in range(20):  # warm both paths (imports, connection pools, caches)
                     await suite.run_sync(session, app.url, ctx.job("bench/warm/img"))
-                figures += await suite.overhead(ctx, jobs=50 if quick else 200)
-                figures += await suite.event_latency(ctx, jobs=1 if quick else 3)
-                figures += await suite.idle_rss(ctx, "the jobs above")
-                figures += await suite.throughput(ctx, seconds=2.0 if quick else 4.0)
-                figures += await suite.throughput_long_jobs(ctx, seconds=2.0 if quick else 5.0)
-                figures += await suite.idle_rss(ctx, "100 concurrent clients", target=False)
-                figures += await suite.open_streams_memory(ctx)
-                figures += await suite.base64_peak(ctx)
-                figures += await suite.oss_overlap(ctx)
-                figures += await fleet_cost.fleet_cost(workdir / "fleet", quick)
+                if "overhead" in only:
+                    figures += await suite.overhead(ctx, jobs=50 if quick else 200)
+                if "latency" in only:
+                    figures += await suite.event_latency(ctx, jobs=1 if quick else 3)
+                if "memory" in only:
+                    figures += await suite.idle_rss(ctx, "the jobs above")
+                if "throughput" in only:
+                    figures += await suite.throughput(ctx, seconds=2.0 if quick else 4.0)
+                    figures += await suite.throughput_long_jobs(ctx, seconds=2.0 if quick else 5.0)
+                    figures += await suite.short_jobs(ctx, jobs=50 if quick else 200)
+                if "w2" in only:
+                    figures += await suite.inputs_w2(ctx, jobs=50 if quick else 200, seconds=2.0 if quick else 4.0)
+                if "w3" in only:
+                    figures += await suite.sizes_w3(ctx, jobs=5 if quick else 15, seconds=3.0 if quick else 6.0)
+                if "memory" in only:
+                    figures += await suite.idle_rss(ctx, "100 concurrent clients", target=False)
+                    figures += await suite.open_streams_memory(ctx)
+                    figures += await suite.base64_peak(ctx)
+                if "oss" in only:
+                    figures += await suite.oss_overlap(ctx)
+                if "fleet" in only:
+                    figures += await fleet_cost.fleet_cost(workdir / "fleet", quick)
+                if "models" in only and emulator is not None:  # its own emulator (a models folder), app and file server
+                    figures += await models.models(session, workdir / "models", quick)
+                if "scheduling" in only and emulator is not None:  # the emulator's checkpoint loads matter
+                    figures += await scheduling.affinity(quick)
                 notes = ctx.notes
             finally:
                 if app is not None:
@@ -113,14 +148,33 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "- **Memory**: VmRSS of the app process. Open streams: SSE jobs queued behind a long one, all",
         "  holding a connection. Base64: a fresh app, warmed by 3 small jobs, then one job whose PNG is",
         "  ~20 MB of noise; peak is VmHWM after resetting it (`clear_refs`).",
+        "- **Inputs (W2)**: a fresh 16x16 PNG per job through `LoadImage -> ImageInvert -> SaveImage`.",
+        "  The native client uploads it (`POST /upload/image`, as ComfyUI's frontend does), then runs the",
+        "  prompt as above; the adapter gets it as base64 in the workflow (`LoadImage`'s `image`). Latency",
+        "  one job at a time, the four in rotating order; then 8 jobs in flight, native and sync windows",
+        "  alternating three times (medians). Inputs land in ComfyUI's `input/serverless/`: ComfyUI",
+        "  lists its input folder's top level at every `LoadImage` it validates or runs.",
+        "- **Sizes (W3)**: a ~1 MB PNG of noise in, `LoadImage -> ImageScale 1024x1024 -> ImageAddNoise",
+        "  -> SaveImage`, a ~3 MB PNG out. Native: upload, prompt, `/history`, `/view`. The adapter: base64",
+        "  in; out as base64, as a link (`output_url=true`, then fetched) or as WebP (`output_format=webp`;",
+        "  the native client then converts the PNG with Pillow itself, so both end holding WebP bytes).",
+        "  Peak memory: a fresh adapter per mode, VmHWM reset, one job, peak above idle over the job's",
+        "  payload (input + output PNG bytes).",
         "- **Fleet cost** (`bench/fleet_cost.py`, alone: `python -m bench.fleet_cost`): a `redis-server`,",
         "  two emulators, one box and a fleet (a gateway, one then two workers) on loopback; sync JSON",
         "  jobs. Added latency: the 64x64 job alternately through the box and gateway + worker, one at",
         "  a time. One worker: 4 ms jobs, 10 clients looping, against the box. N workers: 0.5 s jobs,",
         "  2N clients, against N times the box's rate with 2 clients.",
+        "- **Models**: a cached model reference (a URL the store holds) against the file name, jobs",
+        "  alternating (difference of medians); an import's own `download_s` against `curl -o` of the",
+        "  same loopback file (`python -m http.server`). Details: `bench/models.py`.",
         "- **Start-up**: from spawning `bootstrap` to the first 200 from `/api/serverless/health`, polled",
         "  every 5 ms, ComfyUI already up. (A real ComfyUI itself takes ~6 s to start on a 2-core CPU",
         "  machine: `tests/fixtures/traces/timings.json`.)",
+        "- **Fleet scheduling**: a gateway and two workers (`bench/scheduling.py`), each emulator paying a",
+        "  1 s checkpoint load when a job's checkpoint is not the one it holds; two clients post a seeded",
+        "  random mix of two workflows with different checkpoints, first-free (`AFFINITY_WAIT=0`), then",
+        "  with affinity (`AFFINITY_WAIT=3`).",
         "",
         "What the adapter does per job (so what the figures cost): the HTTP hop; `POST /prompt` on the",
         "instance's one websocket client id (no socket per job); ComfyUI's messages routed by prompt id;",
@@ -138,9 +192,16 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["soak"]:  # `python -m bench soak`: the Redis tier under load and faults
+        from . import soak
+
+        raise SystemExit(soak.main(sys.argv[2:]))
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer jobs and shorter windows (~1 min)")
     parser.add_argument("--markdown", type=Path, help="also write the results as a README section here")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this part (repeatable; default: all)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -148,7 +209,7 @@ def main() -> None:
         uvloop = None
     load = procs.load_average()
     runner = uvloop.run if uvloop is not None else asyncio.run
-    figures, notes, elapsed = runner(run(args.quick))
+    figures, notes, elapsed = runner(run(args.quick, frozenset(args.only or SECTIONS)))
     print(f"{COMMAND}: {procs.machine()}; load average at start {load}; {elapsed:.0f} s")
     print(text_table(figures))
     for note in notes:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import struct
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +72,54 @@ def long_workflow(steps: int, seed: int = 1) -> dict[str, Any]:
     }
 
 
+def png(width: int, height: int, pixels: bytes, level: int = 6) -> bytes:
+    """An 8-bit RGB PNG of `pixels` (width * height * 3 bytes), written by hand (no Pillow in the
+    load generator's timing)."""
+    row = width * 3
+    raw = b"".join(b"\0" + pixels[y * row : (y + 1) * row] for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, level)) + chunk(b"IEND", b"")
+    )
+
+
+def tiny_png(serial: int, side: int = 16) -> bytes:
+    """A fresh small PNG per job (its colour from `serial`): W2's input, never in ComfyUI's cache."""
+    color = (serial % 0xFFFFFF).to_bytes(3, "big")
+    return png(side, side, color * (side * side))
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG of random pixels (does not compress): side 580 is ~1 MB, W3's input."""
+    return png(side, side, os.urandom(side * side * 3), level=1)
+
+
+def invert_workflow(image: str, prefix: str) -> dict[str, Any]:
+    """W2: LoadImage -> ImageInvert -> SaveImage; `image` is a file name in ComfyUI's input folder
+    (the native client uploads it first) or the image itself as base64 (the adapter's inputs)."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+def big_workflow(image: str, prefix: str, seed: int, side: int = 1024) -> dict[str, Any]:
+    """W3: a ~1 MB input scaled to side x side and covered in noise (a PNG of ~3 MB that does not
+    compress): LoadImage -> ImageScale -> ImageAddNoise -> SaveImage, all ComfyUI core nodes."""
+    scale = {"image": ["1", 0], "upscale_method": "nearest-exact", "width": side, "height": side, "crop": "disabled"}
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "ImageScale", "inputs": scale},
+        "3": {"class_type": "ImageAddNoise", "inputs": {"image": ["2", 0], "seed": seed, "strength": 1.0}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+    }
+
+
 class JobFailed(Exception):
     """A benchmark job did not end with a result."""
 
@@ -103,6 +154,17 @@ class DirectClient:
     async def __aexit__(self, *exc: object) -> None:
         if self.ws is not None:
             await self.ws.close()
+
+    async def upload(self, data: bytes, name: str) -> str:
+        """POST /upload/image (as ComfyUI's frontend does before queueing a LoadImage); the name to use."""
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=name, content_type="image/png")
+        form.add_field("overwrite", "true")
+        async with self.session.post(self.url + "/upload/image", data=form) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise JobFailed(f"/upload/image answered {resp.status}: {answer}")
+        return str(answer["name"])
 
     async def run(self, workflow: dict[str, Any], received: Received | None = None) -> list[bytes]:
         """One job; returns the images' bytes. With `received`, every text is kept with its time."""
@@ -143,18 +205,39 @@ def _images_of(payload: dict[str, Any]) -> list[bytes]:
 
 
 async def run_sync(
-    session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any], headers: dict[str, str] | None = None
+    session: aiohttp.ClientSession,
+    app_url: str,
+    workflow: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
 ) -> list[bytes]:
-    """POST /api/serverless/run?output_base64=true; returns the images' bytes."""
+    """POST /api/serverless/run?output_base64=true (and `params`); returns the images' bytes."""
     async with session.post(
         app_url + RUN,
-        params={"output_base64": "true"},
+        params={"output_base64": "true", **(params or {})},
         data=json.dumps(workflow),
         headers=headers or {},
         timeout=NO_LIMIT,
     ) as resp:
         body = await resp.read()
     return _images_of(json.loads(body))
+
+
+async def run_url(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any]) -> list[bytes]:
+    """POST /api/serverless/run?output_url=true, then GET each result's link; the images' bytes."""
+    async with session.post(
+        app_url + RUN, params={"output_url": "true"}, data=json.dumps(workflow), timeout=NO_LIMIT
+    ) as resp:
+        payload = json.loads(await resp.read())
+    if payload.get("type") != "serverless_api":
+        raise JobFailed(f"{payload.get('error_code')}: {payload.get('error_message')}")
+    images = []
+    for result in payload["data"]["results"]:
+        async with session.get(result["output"]["url"], timeout=NO_LIMIT) as resp:
+            if resp.status != 200:
+                raise JobFailed(f"the link answered {resp.status}")
+            images.append(await resp.read())
+    return images
 
 
 async def run_sse(

@@ -75,7 +75,7 @@ class Server:
         self._log_file.close()
 
 
-def start_emulator(root: Path, step_delay: float = 0.0) -> Server:
+def start_emulator(root: Path, step_delay: float = 0.0, *extra: str) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     args = [
@@ -90,6 +90,7 @@ def start_emulator(root: Path, step_delay: float = 0.0) -> Server:
         str(root),
         "--step-delay",
         str(step_delay),
+        *extra,
     ]
     return Server(args, port, root / "emulator.log")
 

@@ -17,10 +17,12 @@ Methods, in short (docs/PERFORMANCE_SECTION.md says more):
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
@@ -34,14 +36,19 @@ from .clients import (
     DirectClient,
     JobFailed,
     Received,
+    big_workflow,
+    invert_workflow,
     long_workflow,
+    noise_png,
     noise_workflow,
     open_stream,
     percentile,
     run_sse,
     run_sync,
+    run_url,
     run_ws,
     small_workflow,
+    tiny_png,
 )
 from .report import Figure, goal, info
 
@@ -134,22 +141,43 @@ async def overhead(ctx: Context, jobs: int = 200, warmup: int = 20) -> list[Figu
         info(section, "adapter SSE p50 / p99", p(sse, 50), "ms", f"p99 {p(sse, 99):.2f} ms"),
         info(section, "adapter websocket p50 / p99", p(ws, 50), "ms", f"p99 {p(ws, 99):.2f} ms"),
         info(section, "ComfyUI's API through us p50 / p99", p(comfyapi, 50), "ms", f"p99 {p(comfyapi, 99):.2f} ms"),
+        goal(
+            section,
+            "added by the adapter, sync p50",
+            p(sync, 50) - p(native, 50),
+            "ms",
+            "<= 0.3 ms",
+            lambda v: v <= 0.3,
+            f"p99 {p(sync, 99) - p(native, 99):+.2f} ms (goal: not worse than native)",
+        ),
         *(
             goal(
                 section,
-                f"added by the adapter, {name} p50",
-                p(values, 50) - p(native, 50),
+                f"{name} p50 over sync",
+                p(values, 50) - p(sync, 50),
                 "ms",
-                f"<= {limit:g} ms",
-                lambda v, limit=limit: v <= limit,
-                f"p99 +{p(values, 99) - p(native, 99):.2f} ms",
+                "<= 0.3 ms",
+                lambda v: v <= 0.3,
+                f"over native {p(values, 50) - p(native, 50):+.2f} ms; p99 {p(values, 99) - p(native, 99):+.2f} ms",
             )
-            for name, values, limit in (
-                ("sync", sync, 1.0),
-                ("SSE", sse, 1.5),
-                ("websocket", ws, 1.5),
-                ("ComfyUI's API (/prompt + /ws)", comfyapi, 1.0),
-            )
+            for name, values in (("SSE", sse), ("websocket", ws))
+        ),
+        goal(
+            section,
+            "added, ComfyUI's API (/prompt + /ws) p50",
+            p(comfyapi, 50) - p(native, 50),
+            "ms",
+            "<= 1 ms",
+            lambda v: v <= 1.0,
+            f"p99 {p(comfyapi, 99) - p(native, 99):+.2f} ms",
+        ),
+        goal(
+            section,
+            "p99 added, sync",
+            p(sync, 99) - p(native, 99),
+            "ms",
+            "<= 0 (not worse than native)",
+            lambda v: v <= 0,
         ),
         info(section, "app CPU per job", cpu_per_job, "ms", "every adapter job above, averaged"),
         *_comfyui_cpu(section, comfyui_cpu, jobs),
@@ -243,6 +271,10 @@ async def throughput(
         figures.append(info(section, f"native, {who}", rates["native"], "jobs/s"))
         for mode in ("sync", "sse"):
             ratio = rates[mode] / rates["native"] if rates["native"] else 0.0
+            note = f"{rates[mode]:.1f} jobs/s; app CPU {cpu[mode]:.1f} ms/job"
+            if clients == 1:  # ~3 ms jobs back to back: bounded by arithmetic on two shared cores
+                figures.append(info(section, f"{mode}, {who} (ratio to native)", ratio, "x", note))
+                continue
             figures.append(
                 goal(
                     section,
@@ -251,7 +283,7 @@ async def throughput(
                     "x",
                     ">= 0.95 x native",
                     lambda v: v >= 0.95,
-                    f"{rates[mode]:.1f} jobs/s; app CPU {cpu[mode]:.1f} ms/job",
+                    note,
                 )
             )
     return figures
@@ -287,8 +319,8 @@ async def throughput_long_jobs(
                 f"{mode}, 1 client, {label} (ratio)",
                 ratio,
                 "x",
-                ">= 0.95 x native",
-                lambda v: v >= 0.95,
+                ">= 0.99 x native",
+                lambda v: v >= 0.99,
                 f"{rates[mode]:.1f} jobs/s",
             )
         )
@@ -554,3 +586,382 @@ async def oss_overlap(ctx: Context) -> list[Figure]:
         info(section, str(name), float(value), "s" if str(name).endswith("_s") else "")
         for name, value in dict(results).items()
     ]
+
+
+# -- 7. inputs (W2) and 8. realistic sizes (W3) ----------------------------------------------------
+
+
+async def _alternate(
+    runs: dict[str, Callable[[], Awaitable[object]]], jobs: int, warmup: int
+) -> dict[str, list[float]]:
+    """Each run once per round, in rotating order, `warmup` rounds unmeasured: latencies in ms."""
+    series: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for index in range(warmup + jobs):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = await timed(runs[name])
+            if index >= warmup:
+                series[name].append(elapsed * 1000)
+    return series
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def _rate(
+    ctx: Context, in_flight: int, seconds: float, warmup: float, make: Callable[[], Callable[[], Awaitable[object]]]
+) -> tuple[float, float]:
+    """Jobs/s of `in_flight` looping clients (each made by `make`), and the app's CPU ms per job."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + warmup
+    end = start + seconds
+    done: list[float] = []
+    errors: list[str] = []
+
+    async def client() -> None:
+        job = make()
+        while loop.time() < end:
+            try:
+                await job()
+            except (JobFailed, aiohttp.ClientError) as exc:
+                errors.append(str(exc))
+                continue
+            done.append(loop.time())
+
+    cpu = procs.cpu_seconds(ctx.app.pid)
+    await asyncio.gather(*(client() for _ in range(in_flight)))
+    cpu_per_job = (procs.cpu_seconds(ctx.app.pid) - cpu) * 1000 / max(1, len(done))
+    if errors:
+        ctx.notes.append(f"{len(errors)} failed jobs, e.g. {errors[0][:200]}")
+    window = sorted(t for t in done if start <= t < end)
+    if len(window) < 2:
+        return len(window) / seconds, cpu_per_job
+    return (len(window) - 1) / (window[-1] - window[0]), cpu_per_job
+
+
+async def inputs_w2(ctx: Context, jobs: int = 200, seconds: float = 4.0, rounds: int = 3) -> list[Figure]:
+    """W2: a fresh small PNG per job through LoadImage -> ImageInvert -> SaveImage. Native: the
+    client uploads it (`POST /upload/image`, as ComfyUI's frontend does) then queues the prompt;
+    the adapter gets it as base64 in the workflow. Latency one job at a time, alternately; then
+    8 jobs in flight, native and sync windows alternating `rounds` times (medians)."""
+    section = "7. inputs (W2: a fresh PNG per job)"
+    say(f"W2 inputs: {jobs} jobs each, native / sync / SSE / websocket, alternately; 8 in flight x {rounds}")
+    serial = count(1)
+
+    def adapter(run: Callable[..., Awaitable[list[bytes]]], name: str) -> Callable[[], Awaitable[object]]:
+        return lambda: run(
+            ctx.session, ctx.app.url, invert_workflow(_b64(tiny_png(next(serial))), f"bench/w2-{name}/img")
+        )
+
+    async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
+
+        async def native() -> None:
+            name = await direct.upload(tiny_png(next(serial)), f"w2-{uuid.uuid4().hex}.png")
+            await direct.run(invert_workflow(name, "bench/w2-native/img"))
+
+        series = await _alternate(
+            {
+                "native": native,
+                "sync": adapter(run_sync, "sync"),
+                "sse": adapter(run_sse, "sse"),
+                "ws": adapter(run_ws, "ws"),
+            },
+            jobs,
+            warmup=10,
+        )
+    rates: dict[str, list[float]] = {"native": [], "sync": []}
+    cpu: list[float] = []
+    clients: list[DirectClient] = []
+
+    def native_client() -> Callable[[], Awaitable[object]]:
+        direct = DirectClient(ctx.session, ctx.comfyui_url)
+
+        async def job() -> None:
+            if direct.ws is None:
+                await direct.__aenter__()
+            name = await direct.upload(tiny_png(next(serial)), f"w2-{uuid.uuid4().hex}.png")
+            await direct.run(invert_workflow(name, "bench/w2-tp-native/img"))
+
+        clients.append(direct)
+        return job
+
+    try:
+        for _ in range(rounds):
+            rates["native"].append((await _rate(ctx, 8, seconds, 0.5, native_client))[0])
+            await _settle(ctx)
+            rate, app_cpu = await _rate(ctx, 8, seconds, 0.5, lambda: adapter(run_sync, "tp-sync"))
+            rates["sync"].append(rate)
+            cpu.append(app_cpu)
+            await _settle(ctx)
+    finally:
+        for direct in clients:
+            await direct.__aexit__()
+    native_rate, sync_rate = statistics.median(rates["native"]), statistics.median(rates["sync"])
+    return [
+        *_latency_figures(section, series, sync_limit=0.3),
+        info(section, "native, 8 in flight", native_rate, "jobs/s", _runs(rates["native"])),
+        goal(
+            section,
+            "sync, 8 in flight (ratio to native)",
+            sync_rate / native_rate,
+            "x",
+            ">= 2 x native",
+            lambda v: v >= 2.0,
+            f"{sync_rate:.0f} jobs/s ({_runs(rates['sync'])}); app CPU {statistics.median(cpu):.1f} ms/job",
+        ),
+    ]
+
+
+def _runs(values: list[float]) -> str:
+    return "median of " + ", ".join(f"{v:.0f}" for v in values)
+
+
+def _latency_figures(section: str, series: dict[str, list[float]], sync_limit: float) -> list[Figure]:
+    """p50 / p99 of each; the adapter's added p50 against goals (sync: `sync_limit` over native,
+    SSE and websocket: 0.3 ms over sync), and p99 not worse than native's."""
+    p = percentile
+    native = series["native"]
+    names = {"sync": "sync", "sse": "SSE", "ws": "websocket"}
+    figures = [info(section, "native client p50", p(native, 50), "ms", f"p99 {p(native, 99):.2f} ms")]
+    for key, name in names.items():
+        figures.append(
+            info(section, f"adapter {name} p50", p(series[key], 50), "ms", f"p99 {p(series[key], 99):.2f} ms")
+        )
+    sync50 = p(series["sync"], 50)
+    figures.append(
+        goal(
+            section,
+            "added, sync p50",
+            sync50 - p(native, 50),
+            "ms",
+            f"<= {sync_limit:g} ms",
+            lambda v: v <= sync_limit,
+        )
+    )
+    for key in ("sse", "ws"):
+        figures.append(
+            goal(
+                section,
+                f"{names[key]} p50 over sync",
+                p(series[key], 50) - sync50,
+                "ms",
+                "<= 0.3 ms",
+                lambda v: v <= 0.3,
+                f"over native {p(series[key], 50) - p(native, 50):+.2f} ms",
+            )
+        )
+    figures.append(
+        goal(
+            section,
+            "p99 added, sync",
+            p(series["sync"], 99) - p(native, 99),
+            "ms",
+            "<= 0 (not worse than native)",
+            lambda v: v <= 0,
+        )
+    )
+    return figures
+
+
+async def short_jobs(ctx: Context, jobs: int = 200, steps: int = 4, step_delay: float = 0.001) -> list[Figure]:
+    """One client, jobs of ~4 ms in ComfyUI, one at a time alternately native and sync: what the
+    adapter adds to a job that short (its rate is bounded by arithmetic on two shared cores, so the
+    goal is on latency, not on the one-client rate)."""
+    section = "2. throughput (jobs/s)"
+    label = f"{steps * step_delay * 1000:g} ms jobs"
+    if not ctx.emulated:
+        return [info(section, f"added p50, {label}", None, "ms", "needs the emulator (step_delay)")]
+    say(f"short jobs: {jobs} {label} each, native / sync alternately")
+    await ctx.configure(step_delay=step_delay)
+    seeds = count(50_000)
+    try:
+        async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
+            series = await _alternate(
+                {
+                    "native": lambda: direct.run(long_workflow(steps, seed=next(seeds))),
+                    "sync": lambda: run_sync(ctx.session, ctx.app.url, long_workflow(steps, seed=next(seeds))),
+                },
+                jobs,
+                warmup=10,
+            )
+    finally:
+        await ctx.configure(step_delay=0)
+    added = percentile(series["sync"], 50) - percentile(series["native"], 50)
+    return [
+        goal(
+            section,
+            f"sync, 1 client, {label}: added p50",
+            added,
+            "ms",
+            "<= 0.5 ms",
+            lambda v: v <= 0.5,
+            f"native p50 {percentile(series['native'], 50):.2f} ms",
+        )
+    ]
+
+
+async def sizes_w3(
+    ctx: Context, jobs: int = 15, seconds: float = 6.0, rounds: int = 2, side: int = 1024
+) -> list[Figure]:
+    """W3: a ~1 MB input PNG, a ~3 MB output PNG (noise, `big_workflow`). Native: upload, prompt,
+    `/history`, `/view`. The adapter: base64 in; out as base64, as a link (`output_url`, then
+    fetched) or as WebP (`output_format=webp`; the native client then converts the PNG itself
+    with Pillow, so both end holding the same kind of bytes). Latency alternately; jobs/s with 4 in
+    flight; peak memory of a fresh app per mode for one job, against the job's payload (input +
+    output bytes)."""
+    section = "8. realistic sizes (W3: 1 MB in, 3 MB out)"
+    say(f"W3 sizes: {jobs} jobs each, native / base64 / output_url / webp, alternately; 4 in flight; peak memory")
+    seeds = count(70_000)
+    inputs = [noise_png(580) for _ in range(4)]
+    picks = count()
+
+    def next_input() -> bytes:
+        return inputs[next(picks) % len(inputs)]
+
+    async def native_job(direct: DirectClient, webp: bool = False) -> list[bytes]:
+        name = await direct.upload(next_input(), "w3-input.png")
+        images = await direct.run(big_workflow(name, "bench/w3-native/img", next(seeds), side))
+        if webp:
+            images = [await asyncio.to_thread(_to_webp, image) for image in images]
+        return images
+
+    def adapter_job(url: str, mode: str) -> Callable[[], Awaitable[list[bytes]]]:
+        async def job() -> list[bytes]:
+            workflow = big_workflow(_b64(next_input()), f"bench/w3-{mode}/img", next(seeds), side)
+            if mode == "url":
+                return await run_url(ctx.session, url, workflow)
+            return await run_sync(
+                ctx.session, url, workflow, params={"output_format": "webp"} if mode == "webp" else None
+            )
+
+        return job
+
+    async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
+        png_size = len((await native_job(direct))[0])
+        series = await _alternate(
+            {
+                "native": lambda: native_job(direct),
+                "base64": adapter_job(ctx.app.url, "base64"),
+                "url": adapter_job(ctx.app.url, "url"),
+                "native_webp": lambda: native_job(direct, webp=True),
+                "webp": adapter_job(ctx.app.url, "webp"),
+            },
+            jobs,
+            warmup=2,
+        )
+    clients: list[DirectClient] = []
+
+    def native_client() -> Callable[[], Awaitable[object]]:
+        direct = DirectClient(ctx.session, ctx.comfyui_url)
+        clients.append(direct)
+
+        async def job() -> None:
+            if direct.ws is None:
+                await direct.__aenter__()
+            await native_job(direct)
+
+        return job
+
+    rates: dict[str, list[float]] = {"native": [], "base64": []}
+    try:
+        for _ in range(rounds):
+            rates["native"].append((await _rate(ctx, 4, seconds, 1.0, native_client))[0])
+            await _settle(ctx)
+            rates["base64"].append((await _rate(ctx, 4, seconds, 1.0, lambda: adapter_job(ctx.app.url, "base64")))[0])
+            await _settle(ctx)
+    finally:
+        for direct in clients:
+            await direct.__aexit__()
+    payload = len(inputs[0]) + png_size
+    memory = {mode: await _peak_per_job(ctx, mode, adapter_job) for mode in ("base64", "url", "webp")}
+    p = percentile
+    native50, webp50 = p(series["native"], 50), p(series["native_webp"], 50)
+    figures = [
+        info(
+            section,
+            "input / output PNG",
+            len(inputs[0]) / MiB,
+            "MiB",
+            f"output {png_size / MiB:.2f} MiB ({side}x{side} noise)",
+        ),
+        info(section, "native client p50", native50, "ms", f"p99 {p(series['native'], 99):.1f} ms"),
+    ]
+    for mode, label, base in (
+        ("base64", "base64 out", native50),
+        ("url", "output_url", native50),
+        ("webp", "output_format=webp", webp50),
+    ):
+        figures.append(
+            goal(
+                section,
+                f"sync, {label}: p50 (ratio to native)",
+                p(series[mode], 50) / base,
+                "x",
+                "<= 1.05 x native",
+                lambda v: v <= 1.05,
+                f"{p(series[mode], 50):.1f} ms"
+                + (f" (native + its own WebP: {webp50:.1f} ms)" if mode == "webp" else ""),
+            )
+        )
+    native_rate, b64_rate = statistics.median(rates["native"]), statistics.median(rates["base64"])
+    figures.append(info(section, "native, 4 in flight", native_rate, "jobs/s", _runs(rates["native"])))
+    figures.append(
+        goal(
+            section,
+            "sync base64, 4 in flight (ratio)",
+            b64_rate / native_rate,
+            "x",
+            ">= 0.95 x native",
+            lambda v: v >= 0.95,
+            f"{b64_rate:.1f} jobs/s ({_runs(rates['base64'])})",
+        )
+    )
+    for mode, (peak, output) in memory.items():
+        figures.append(
+            goal(
+                section,
+                f"peak memory per job, {mode}",
+                peak / payload,
+                "x payload",
+                "<= 3 x payload",
+                lambda v: v <= 3,
+                f"{peak / MiB:.1f} MiB above idle; payload {payload / MiB:.2f} MiB; output {output / MiB:.2f} MiB",
+            )
+        )
+    return figures
+
+
+def _to_webp(data: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as image:
+        image.save(out, format="WEBP")
+    return out.getvalue()
+
+
+async def _peak_per_job(
+    ctx: Context, mode: str, adapter_job: Callable[[str, str], Callable[[], Awaitable[list[bytes]]]]
+) -> tuple[float, int]:
+    """A fresh app's peak RSS above idle for one W3 job (bytes), and the output's size."""
+    folders = {
+        f"COMFYUI_{name.upper()}_DIR": str(Path(ctx.workdir) / "comfyui" / name) for name in ("input", "output", "temp")
+    }
+    env = {"FILE_LINK_SECRET": "bench-peak", **(folders if ctx.emulated else {})}
+    app = procs.start_app(ctx.workdir / f"w3-{mode}", ctx.comfyui_url, **env)
+    try:
+        await app.wait_ready(ctx.session, procs.HEALTH)
+        for _ in range(3):
+            await run_sync(ctx.session, app.url, ctx.job("bench/w3-warm/img"))
+        await asyncio.sleep(0.2)
+        idle = procs.rss_mib(app.pid)
+        procs.reset_peak_rss(app.pid)
+        (image,) = await adapter_job(app.url, mode)()
+        peak = procs.peak_rss_mib(app.pid)
+    finally:
+        app.stop()
+    return (peak - idle) * MiB, len(image)

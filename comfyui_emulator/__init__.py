@@ -27,7 +27,9 @@ Test and fault hooks (not ComfyUI's, no `/api` twin):
                                     delays at run time; `node_delay` is slept inside every node
                                     after its interrupt check, like a long non-interruptible
                                     computation. Fault knobs: `history_delay` (s), `history_garbage`
-                                    and `view_status` (see hooks.py). Answers the resulting settings.
+                                    and `view_status` (see hooks.py). A GPU's costs (memory.py):
+                                    `model_load_delay`, `vram_total`, `model_bytes`, `oom_next`,
+                                    `leak_bytes`. Answers the resulting settings.
   `POST /emulator/release_node`     end the `node_delay` of the node sleeping it (or of the next
                                     one): a long node_delay plus releases step a prompt node by node.
   `GET /emulator/sent?client_id=X`  the texts sent to that client, in order.

@@ -1,15 +1,17 @@
 """`python -m comfyui_emulator [--host H] [--port P] [--root DIR] [--step-delay S] [--preview-size N]
-[--preview-method auto|none]`."""
+[--preview-method auto|none] [--models-dir DIR]`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from aiohttp import web
 
 from .app import create_app
+from .state import EMULATOR
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,10 +34,39 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="KSampler previews: a JPEG frame per step (auto, latent2rgb) or none (default auto)",
     )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path(os.environ["MODELS_DIR"]) if os.environ.get("MODELS_DIR") else None,
+        help="ComfyUI's models folder: files under <dir>/checkpoints are the checkpoint loader's options "
+        "(default $MODELS_DIR; unset: the recorded names)",
+    )
+    parser.add_argument(
+        "--disable-all-custom-nodes",
+        action="store_true",
+        help="load no custom node (as ComfyUI's flag): Video Helper Suite's VHS_LoadVideo is absent",
+    )
+    parser.add_argument("--model-load-delay", type=float, default=0.0, help="seconds a checkpoint takes to load")
+    parser.add_argument("--vram-total", type=float, default=0.0, help="bytes of an emulated GPU (0: a CPU)")
+    parser.add_argument("--model-bytes", type=float, default=0.0, help="VRAM bytes a loaded checkpoint takes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(
+        args.root,
+        args.step_delay,
+        args.preview_size,
+        args.preview_method != "none",
+        args.models_dir,
+        not args.disable_all_custom_nodes,
+    )
+    config = app[EMULATOR].config
+    config.model_load_delay, config.vram_total, config.model_bytes = (
+        args.model_load_delay,
+        args.vram_total,
+        args.model_bytes,
+    )
     web.run_app(
-        create_app(args.root, args.step_delay, args.preview_size, args.preview_method != "none"),
+        app,
         host=args.host,
         port=args.port,
         shutdown_timeout=2.0,

@@ -18,10 +18,18 @@ COMFYUI_ROUTES = [*ws.ROUTES, *routes_prompt.ROUTES, *routes_files.ROUTES, *rout
 WORKER = web.AppKey("worker", Worker)
 
 
-def create_app(root: Path, step_delay: float = 0.02, preview_size: int = 512, previews: bool = True) -> web.Application:
-    """A ComfyUI 0.3.64 look-alike keeping its input/output/temp folders under `root`."""
+def create_app(
+    root: Path,
+    step_delay: float = 0.02,
+    preview_size: int = 512,
+    previews: bool = True,
+    models_dir: Path | None = None,
+    custom_nodes: bool = True,
+) -> web.Application:
+    """A ComfyUI 0.3.64 look-alike keeping its input/output/temp folders under `root`; its model
+    loaders list `models_dir` (ComfyUI's `models/`) when given, else the recorded names."""
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE)
-    emu = build_emulator(root, step_delay, preview_size, previews)
+    emu = build_emulator(root, step_delay, preview_size, previews, models_dir, custom_nodes)
     app[EMULATOR] = emu
     app[WORKER] = Worker(emu)
     for method, path, handler in COMFYUI_ROUTES:

@@ -21,8 +21,10 @@ from PIL import Image, ImageOps
 from .cache import CacheSet
 from .graph import ExecutionList, is_link
 from .hub import PREVIEW, Preview
+from .memory import OOM_TIPS, OutOfMemoryError
 from .nodes import NODE_CLASSES, Interrupted, NodeContext, NodeOutput
 from .nodes.pixels import Frame
+from .nodes.txt2img import Model
 from .progress import ProgressRegistry
 from .state import Emulator
 
@@ -50,6 +52,10 @@ class PromptExecutor:
         self.status_messages: list[list[Any]] = []
         self.success = True
         self.history_result: dict[str, Any] = {}
+
+    def reset(self) -> None:
+        """Forget every cached node output (ComfyUI's `PromptExecutor.reset`, on `/free`)."""
+        self.caches = CacheSet()
 
     def execute(self, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any], outputs: list[str]) -> None:
         """Run `outputs` of `prompt`; afterwards `success`, `status_messages`, `history_result` tell how."""
@@ -101,6 +107,9 @@ class _Run:
 
     def run_all(self, outputs: list[str]) -> None:
         self.caches.set_prompt(self.prompt, self._fingerprint)
+        # A checkpoint whose loader output left the cache is freed with it (as ComfyUI's models are).
+        held = (self.caches.outputs.get(node_id) or () for node_id in self.prompt)
+        self.emu.memory.retain({value.ckpt_name for values in held for value in values if isinstance(value, Model)})
         cached = [n for n in self.prompt if self.caches.outputs.get(n) is not None]
         self.executor.add_message("execution_cached", {"nodes": cached, "prompt_id": self.prompt_id}, broadcast=False)
         # ComfyUI reports all node ids of the prompt here (a set; this order matches the traces).
@@ -136,7 +145,12 @@ class _Run:
             return Failure(node_id)
         except Exception as err:
             log.exception("!!! Exception during processing !!!")
-            return Failure(node_id, _describe(err, values))
+            error = _describe(err, values)
+            if isinstance(err, OutOfMemoryError):  # as ComfyUI's execution.py answers an OOM
+                log.error("Got an OOM, unloading all loaded models.")
+                self.emu.memory.unload_all()
+                error["exception_message"] = f"{err}\n{OOM_TIPS}"
+            return Failure(node_id, error)
         self.progress.finish(node_id)
         self.executed.append(node_id)
         return None
@@ -155,11 +169,22 @@ class _Run:
             step_delay=lambda: config.step_delay,
             interrupt=self.emu.runtime.interrupt,
             on_progress=partial(self._on_progress, node_id),
+            load_model=self._load_model,
         )
         ctx.check_interrupt()  # ComfyUI checks before every node function call
         self.emu.runtime.gate.hold(config.node_delay)
+        if class_type == "KSampler" and config.oom_next > 0:
+            config.oom_next -= 1
+            raise OutOfMemoryError(
+                "Allocation on device 0 would exceed allowed memory. (out of memory)\n"
+                "Currently allocated     : 22.41 GiB\nRequested               : 2.00 GiB"
+            )
         output: NodeOutput = node.run(ctx, **values)
         return output
+
+    def _load_model(self, ckpt_name: str) -> None:
+        config = self.emu.config
+        self.emu.memory.load(ckpt_name, config.model_load_delay, int(config.model_bytes), int(config.vram_total))
 
     def _gather_inputs(self, node_id: str) -> dict[str, Any]:
         """Constants and upstream outputs for the declared inputs, then hidden ones (prompt, ...)."""

@@ -20,7 +20,20 @@ from aiohttp import web
 
 from .state import EMULATOR
 
-SETTINGS = ("step_delay", "node_delay", "history_delay", "history_garbage", "view_status", "previews", "preview_size")
+SETTINGS = (
+    "step_delay",
+    "node_delay",
+    "history_delay",
+    "history_garbage",
+    "view_status",
+    "previews",
+    "preview_size",
+    "model_load_delay",
+    "model_bytes",
+    "vram_total",
+    "oom_next",
+    "leak_bytes",
+)
 
 
 async def drop_websockets(request: web.Request) -> web.Response:

@@ -44,6 +44,7 @@ async def system_stats(request: web.Request) -> web.Response:
         "embedded_python": False,
         "argv": sys.argv,
     }
+    emu = request.app[EMULATOR]
     device = {
         "name": "cpu",
         "type": "cpu",
@@ -53,6 +54,18 @@ async def system_stats(request: web.Request) -> web.Response:
         "torch_vram_total": total,
         "torch_vram_free": free,
     }
+    vram = int(emu.config.vram_total)
+    if vram:  # an emulated GPU, as ComfyUI reports a CUDA device: its models take its VRAM
+        used = emu.memory.used()
+        device = {
+            "name": "cuda:0 Emulated GPU : cudaMallocAsync",
+            "type": "cuda",
+            "index": 0,
+            "vram_total": vram,
+            "vram_free": max(vram - used, 0),
+            "torch_vram_total": used,
+            "torch_vram_free": 0,
+        }
     return web.json_response({"system": system, "devices": [device]})
 
 

@@ -70,8 +70,13 @@ async def post_interrupt(request: web.Request) -> web.Response:
 
 
 async def post_free(request: web.Request) -> web.Response:
-    """Accepted and ignored: the emulator holds no models or memory to free."""
-    await _json_or_empty(request)
+    """`{"unload_models": bool, "free_memory": bool}`: flags the prompt worker applies before its
+    next prompt (`worker.Worker._free`), as ComfyUI's queue flags are; it is woken to do so now."""
+    emu = request.app[EMULATOR]
+    body = await _json_or_empty(request)
+    body = body if isinstance(body, dict) else {}
+    emu.memory.request_free(body.get("unload_models", False) is True, body.get("free_memory", False) is True)
+    emu.queue.wake()
     return web.Response(status=200)
 
 

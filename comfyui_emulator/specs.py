@@ -3,7 +3,7 @@
 The file holds ComfyUI 0.3.64's entries for the node classes the emulator implements (the audio
 nodes as they load when torchaudio is installed, VHS_LoadVideo as Video Helper Suite 1.7 declares it,
 with a short description); the file lists of the loaders are filled in from the input folder when
-asked, as ComfyUI does.
+asked, as ComfyUI does, and so are the model loaders' from the models folder when there is one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from .folders import Folders
 
 SPEC_FILE = Path(__file__).with_name("object_info.json")
+CUSTOM_NODES = {"VHS_LoadVideo"}  # from a custom node pack (Video Helper Suite), not ComfyUI's own
 
 
 def _of_types(*types: str) -> Callable[[str], bool]:
@@ -48,6 +49,8 @@ INPUT_FILE_LISTS = {
     "LoadVideo": FileList("file", _of_types("video"), in_options=True),
     "VHS_LoadVideo": FileList("video", _vhs_video),
 }
+# Loader inputs listing a models folder (ComfyUI's `folder_paths.get_filename_list(<folder>)`).
+MODEL_FILE_LISTS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints")}
 InputInfo = tuple[Any, str | None, dict[str, Any]]
 
 
@@ -62,6 +65,10 @@ class NodeSpecs:
     def load(cls, folders: Folders) -> NodeSpecs:
         return cls(folders, json.loads(SPEC_FILE.read_text(encoding="utf-8")))
 
+    def without(self, class_types: set[str]) -> NodeSpecs:
+        """These specs but `class_types` (nodes not loaded)."""
+        return NodeSpecs(self._folders, {k: v for k, v in self._entries.items() if k not in class_types})
+
     def has(self, class_type: Any) -> bool:
         return isinstance(class_type, str) and class_type in self._entries
 
@@ -71,6 +78,11 @@ class NodeSpecs:
     def entry(self, class_type: str) -> dict[str, Any]:
         """The full `/object_info` entry (a copy, with live file lists)."""
         entry = copy.deepcopy(self._entries[class_type])
+        model_list = MODEL_FILE_LISTS.get(class_type)
+        if model_list is not None:
+            names = self._folders.model_files(model_list[1])
+            if names is not None:
+                entry["input"]["required"][model_list[0]][0] = names
         listing = INPUT_FILE_LISTS.get(class_type)
         if listing is not None:
             spec = entry["input"]["required"][listing.input]
@@ -82,7 +94,7 @@ class NodeSpecs:
 
     def input_types(self, class_type: str) -> dict[str, dict[str, Any]]:
         """`{"required": {...}, "optional": {...}, "hidden": {...}}` like INPUT_TYPES()."""
-        if class_type in INPUT_FILE_LISTS:
+        if class_type in INPUT_FILE_LISTS or class_type in MODEL_FILE_LISTS:
             return self.entry(class_type)["input"]  # type: ignore[no-any-return]
         return self._entries[class_type]["input"]  # type: ignore[no-any-return]
 

@@ -11,8 +11,9 @@ from aiohttp import web
 
 from .folders import Folders
 from .hub import Hub
+from .memory import Memory
 from .prompt_queue import PromptQueue
-from .specs import NodeSpecs
+from .specs import CUSTOM_NODES, NodeSpecs
 
 # Advertised on `GET /features` and in the websocket `feature_flags` reply (100 MB, ComfyUI's default).
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
@@ -38,6 +39,12 @@ class Config:
     # own default `none` does; non-zero sends a JPEG per KSampler step, scaled to fit `preview_size`.
     previews: float = 1.0
     preview_size: float = 512.0
+    # Memory (`memory.Memory`): what a GPU costs. 0 everywhere: no cost, a CPU-only machine.
+    model_load_delay: float = 0.0  # seconds a checkpoint loader takes when it runs (not cached)
+    model_bytes: float = 0.0  # VRAM a loaded checkpoint takes
+    vram_total: float = 0.0  # non-zero: an emulated CUDA device of this many bytes in /system_stats
+    oom_next: float = 0.0  # the next N samplers raise torch.OutOfMemoryError
+    leak_bytes: float = 0.0  # RAM each prompt keeps (really allocated: the RSS grows)
 
 
 class NodeGate:
@@ -85,6 +92,7 @@ class Emulator:
     specs: NodeSpecs
     hub: Hub
     runtime: Runtime
+    memory: Memory = field(default_factory=Memory)
     queue: PromptQueue = field(init=False)
     number: int = 0
 
@@ -111,13 +119,23 @@ class Emulator:
 EMULATOR = web.AppKey("emulator", Emulator)
 
 
-def build_emulator(root: Path, step_delay: float, preview_size: int = 512, previews: bool = True) -> Emulator:
-    """Create the state for one emulator rooted at `root` (folders are created by the app on start)."""
-    folders = Folders(Path(root))
+def build_emulator(
+    root: Path,
+    step_delay: float,
+    preview_size: int = 512,
+    previews: bool = True,
+    models_dir: Path | None = None,
+    custom_nodes: bool = True,
+) -> Emulator:
+    """Create the state for one emulator rooted at `root` (folders are created by the app on start);
+    `models_dir` is ComfyUI's models folder, listed by the loaders; without `custom_nodes`
+    (ComfyUI's `--disable-all-custom-nodes`) the custom nodes' classes are absent."""
+    folders = Folders(Path(root), Path(models_dir) if models_dir is not None else None)
+    specs = NodeSpecs.load(folders)
     return Emulator(
         folders=folders,
         config=Config(step_delay=step_delay, previews=float(previews), preview_size=float(preview_size)),
-        specs=NodeSpecs.load(folders),
+        specs=specs if custom_nodes else specs.without(CUSTOM_NODES),
         hub=Hub(),
         runtime=Runtime(),
     )

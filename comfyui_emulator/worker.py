@@ -40,8 +40,19 @@ class Worker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             taken = self.emu.queue.get(timeout=0.5)
+            self._free()
             if taken is not None and not self._stop.is_set():
                 self._run(*taken)
+                self.emu.memory.leak(int(self.emu.config.leak_bytes))
+
+    def _free(self) -> None:
+        """`POST /free`'s flags, applied between prompts as ComfyUI's prompt worker applies them:
+        `free_memory` empties the node cache (`e.reset()`), `unload_models` unloads every model."""
+        unload_models, free_memory = self.emu.memory.take_requests()
+        if free_memory:
+            self.executor.reset()
+        if unload_models or free_memory:
+            self.emu.memory.unload_all()
 
     def _run(self, item: QueueItem, task_id: int) -> None:
         started = time.perf_counter()

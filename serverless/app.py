@@ -15,20 +15,24 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import comfyapi, fleet, lifecycle
-from .auth import ApiKeys, RequireApiKey, may_see
+from . import auth, batches, comfyapi, fleet, lifecycle
+from .auth import RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
+from .fleet import endpoints as fleet_endpoints
 from .genstudio import endpoints as genstudio
 from .jobs.registry import Jobs
 from .jobs.runner import EventSource
+from .models import endpoints as models
 from .ops import endpoints as ops
 from .ops.metrics import Metrics
 from .resources import Resources
 from .settings import Settings
 from .state import AppState, app_state
 from .status.log import parse_after, parse_attempt
+from .tenants import endpoints as tenants
+from .tenants.keys import ApiKeys
 from .transports import control, files
 from .transports.http import EventStream, hang_up, json_response, read_body
 from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
@@ -118,8 +122,7 @@ def _warn_unknown(request: Request, response: Response, task_id: str) -> Respons
 
 def caller(request: Request) -> str | None:
     """Who calls: the owner id of its API key (None when API keys are off)."""
-    owner: str | None = request.scope.get("state", {}).get("owner")
-    return owner
+    return auth.caller(request).owner
 
 
 async def status(request: Request) -> Response:
@@ -149,6 +152,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     for line in settings.deprecated:  # once per app, whatever started it
         log.warning("setting %s", line)
+    keys = ApiKeys.from_settings(settings.security.api_keys, settings.tenants.keys_file)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -162,18 +166,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.service.max_pending_jobs,
                 metrics,
                 resources.webhooks,
+                resources.tenants,
             )
             state = AppState(
                 resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(settings.comfyui.queue_stall_after)
             )
+            state.keys = keys
             app.state.serverless = state
             background = [asyncio.create_task(resources.status.prune_forever(settings.status.retention_days))]
+            background.append(asyncio.create_task(keys.watch(settings.tenants.poll_interval)))  # API_KEYS_FILE
+            background.append(asyncio.create_task(resources.tenants.usage.flush_forever()))  # usage per key
             if settings.fleet.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
                 background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others
             try:
                 async with fleet.running(resources, jobs) as tier:  # the Redis tier, if configured
                     state.jobs, state.consumer = tier.jobs, tier.consumer
-                    yield
+                    async with batches.feeding(state):  # stopped before the drains: nothing more submitted
+                        yield
                     if tier.jobs is not jobs:
                         await tier.jobs.drain(settings.service.drain_timeout)
                     await jobs.drain(settings.service.drain_timeout)
@@ -188,12 +197,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/serverless/task", control.task, methods=["GET"]),
         Route("/api/serverless/cancel", control.cancel, methods=["POST"]),
         Route("/api/serverless/events", control.events, methods=["GET"]),
+        Route("/api/tasks", control.tasks, methods=["GET"]),
+        Route("/api/fleet/dead-letters", fleet_endpoints.dead_letters, methods=["GET"]),
+        Route("/api/fleet/dead-letters/{letter_id}/requeue", fleet_endpoints.requeue, methods=["POST"]),
+        Route("/api/fleet/workers", fleet_endpoints.workers, methods=["GET"]),
         WebSocketRoute("/api/serverless/ws", websocket_run),
         Route("/api/serverless/health", lifecycle.health, methods=["GET"]),
         Route("/api/serverless/ready", ops.ready, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/initialize", lifecycle.initialize, methods=["POST"]),
         Route("/pre-stop", lifecycle.pre_stop, methods=["GET", "POST"]),
+        Route("/api/usage", tenants.usage, methods=["GET"]),
         Route("/api/workflows", workflows.list_workflows, methods=["GET"]),
         Route("/api/workflows/convert", workflows.convert_workflow, methods=["POST"]),
         Route("/api/workflows/{workflow_id}", workflows.get_workflow, methods=["GET"]),
@@ -205,6 +219,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/workflows/{workflow_id}/versions/{version}", workflows.delete_version, methods=["DELETE"]),
         Route("/api/workflows/{workflow_id}/aliases/{alias}", workflows.put_alias, methods=["PUT"]),
         Route("/api/workflows/{workflow_id}/aliases/{alias}", workflows.delete_alias, methods=["DELETE"]),
+        Route("/api/models", models.list_models, methods=["GET"]),
+        Route("/api/models", models.import_model, methods=["POST"]),
+        Route("/api/models/{folder}/{name}/pin", models.pin_model, methods=["PUT"]),
+        Route("/api/models/{folder}/{name}", models.delete_model, methods=["DELETE"]),
         Route("/api/files/{token}", files.download, methods=["GET"]),
         Route("/api/files/{token}/{name}", files.download, methods=["GET"]),  # the same, named for saving
         Route("/api/maas/comfy_task_api/prompt", genstudio.prompt, methods=["POST"]),
@@ -212,6 +230,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/maas/comfy_task_api/cancel", genstudio.cancel, methods=["POST"]),
         Route("/api/maas/comfy_task_api/upload/image", genstudio.upload_image, methods=["POST"]),
         WebSocketRoute("/api/maas/comfy_task_ws_api/get_task_progress", genstudio.get_task_progress),
+        *batches.routes(),  # POST /api/batches, GET /api/batches/{id} (events, cancel, retry, manifest)
         *comfyapi.routes(),  # ComfyUI's own API: /prompt, /ws, /history, /view... (and under /api/)
         *docs.routes(),  # /api/openapi.json, /docs, the playground at /; describe new routes in docs/catalog.py
     ]
@@ -220,7 +239,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[
             Middleware(
                 RequireApiKey,
-                keys=ApiKeys(settings.security.api_keys),
+                keys=keys,
                 own_token=("/metrics",) if settings.security.metrics_token else (),
             )
         ],

@@ -1,11 +1,16 @@
-"""API keys (`API_KEYS`, `API_KEYS_FILE`): who may call the API, and whose a task is.
+"""API keys (`API_KEYS`, `API_KEYS_FILE`): who may call the API, what it may do, and whose a task is.
 
-Keys are kept only as SHA-256 digests and compared in constant time (every stored digest is
-compared, whichever matches). A task remembers its caller's `owner`: a digest of the key, never
-the key; a caller with another key cannot read, follow or cancel it. Health, readiness and the
-lifecycle hooks stay open, and so does the API's OpenAPI document (it is not a secret: /docs must
-load before a key is entered); everything else under `/api/` (and `/metrics`, unless METRICS_TOKEN
-guards it) needs `Authorization: Bearer <key>`. Without keys the API is open, as before.
+`RequireApiKey` finds the caller of every guarded request (`tenants.keys.ApiKeys`, keys kept as
+SHA-256 digests, compared in constant time) and puts its `Caller` in the request's scope; every
+route reads it through `caller()`. A caller has an owner id (a digest of its key, never the key),
+a label and its rights (`tenants.keyfile.Rights`), checked here only: `Caller.check_run` for every
+run (a raw workflow needs `raw=yes`, a hosted one its id in `workflows=`), `require_admin` for the
+admin routes, and ComfyUI's own API refused to a key without `raw=yes` (`raw_path`). A task
+remembers its caller's `owner`: a caller with another key cannot read, follow or cancel it.
+Health, readiness and the lifecycle hooks stay open, and so does the API's OpenAPI document (it is
+not a secret: /docs must load before a key is entered); everything else under `/api/` (and
+`/metrics`, unless METRICS_TOKEN guards it) needs `Authorization: Bearer <key>`. Without keys the
+API is open, as before.
 """
 
 from __future__ import annotations
@@ -13,12 +18,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable
+import logging
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import Unauthorized
+if TYPE_CHECKING:
+    from .tenants.keys import ApiKeys
+
+from .errors import OutOfScope, Unauthorized
+from .tenants.keyfile import EVERY_RIGHT, Rights
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/api/serverless/health", "/api/serverless/ready", "/api/openapi.json"})
 # ComfyUI's own API on its own paths (`serverless.comfyapi`), guarded as ours under /api/ are.
@@ -49,35 +64,86 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class ApiKeys:
-    """The keys this instance accepts (none: the API is open)."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls: the owner id of its key (None when keys are off), the key's label (for usage,
+    metrics and logs; never the key) and its rights (`tenants.keyfile.Rights`)."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = tuple(bytes.fromhex(digest(key)) for key in keys if key)
+    owner: str | None
+    label: str = ""
+    rights: Rights = EVERY_RIGHT
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
+    def check_run(self, workflow_id: str | None) -> None:
+        """Forbidden (403 FORBIDDEN) when the key may not run this: a raw workflow (None) needs
+        `raw=yes`, a hosted one must be in its `workflows=`. One place for every route."""
+        if workflow_id is None:
+            if not self.rights.raw:
+                raise OutOfScope(
+                    f"API key {self.label!r} may not run workflows of its own (raw=no): "
+                    "run a hosted workflow it is allowed (POST /api/workflows/{id}/run)",
+                    raw={"key": self.label, "needs": "raw=yes"},
+                )
+            return
+        workflow_id = workflow_id.partition("@")[0]  # any version or alias of a workflow it may run
+        if not self.rights.may_run(workflow_id):
+            raise OutOfScope(
+                f"API key {self.label!r} may not run hosted workflow {workflow_id[:128]!r} (not in its workflows=)",
+                raw={"key": self.label, "workflow_id": workflow_id[:128], "needs": f"workflows={workflow_id[:128]}"},
+            )
 
-    def owner(self, authorization: str | None) -> str | None:
-        """The owner id of the key in an `Authorization: Bearer <key>` header; None when keys are
-        off. Unauthorized for a missing or unknown key."""
-        if not self.enabled:
-            return None
-        scheme, _, key = (authorization or "").partition(" ")
-        presented = hashlib.sha256(key.strip().encode()).digest()
-        matched = False
-        for known in self._digests:  # no early exit: the time does not tell which key matched
-            matched |= hmac.compare_digest(presented, known)
-        if scheme.lower() != "bearer" or not key.strip() or not matched:
-            raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
-        return presented.hex()[:32]
+    def require_raw(self, what: str) -> None:
+        if not self.rights.raw:
+            raise OutOfScope(
+                f"API key {self.label!r} may not use {what}: it runs workflows of its own (needs raw=yes)",
+                raw={"key": self.label, "needs": "raw=yes"},
+            )
+
+
+ANYONE = Caller(None)  # keys are off: everyone has every right
+NOBODY = Caller("", "", Rights(frozenset(), raw=False, admin=False))  # an open path without a valid key
+
+
+def require_admin(caller: Caller, what: str = "this") -> None:
+    """Forbidden (403 FORBIDDEN) unless the key has `admin=yes` (or keys are off). Admin routes:
+    workflow registration and deletion, dead letters, other keys' usage (and models, batches of
+    others when they come)."""
+    if not caller.rights.admin:
+        raise OutOfScope(
+            f"API key {caller.label!r} may not {what}: it needs admin=yes",
+            raw={"key": caller.label, "needs": "admin=yes"},
+        )
+
+
+_current: ContextVar[Caller | None] = ContextVar("serverless_caller", default=None)
+
+
+def caller(connection: HTTPConnection | Scope | None = None) -> Caller:
+    """The caller of a request or websocket (or of its ASGI scope): what `RequireApiKey` found.
+    Without an argument, the caller of the request being served (a context variable the
+    middleware sets; anyone when no request is being served and keys are off)."""
+    if connection is None:
+        found = _current.get()
+        return found if found is not None else ANYONE
+    scope = connection.scope if isinstance(connection, HTTPConnection) else connection
+    state = scope.get("state") or {}
+    found = state.get("caller")
+    if isinstance(found, Caller):
+        return found
+    owner = state.get("owner")
+    return ANYONE if owner is None else Caller(owner, NOBODY.label, NOBODY.rights)
 
 
 def may_see(owner: str | None, task_owner: str | None) -> bool:
     """Whether a caller (`owner`, None when keys are off) may see a task made by `task_owner`
     (None: made without keys; "": not known yet, so nobody with a key sees it yet)."""
     return owner is None or task_owner is None or hmac.compare_digest(owner, task_owner)
+
+
+def operator_scope(who: Caller) -> str | None:
+    """Whose tasks an operator's call (the fleet's dead letters) may see and queue again: None
+    for everyone's (keys off, or an `admin=yes` key: a key of API_KEYS has every right), else
+    the caller's own."""
+    return None if who.rights.admin else who.owner
 
 
 def sole_authorization(values: list[str]) -> str:
@@ -96,11 +162,22 @@ def scoped_key(idempotency_key: str, owner: str | None) -> str:
     return f"{owner}-{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
 
 
+# ComfyUI's own API where it runs or reads workflows (its prompts, files, editor, events; and
+# Comfy API v2): a key without raw=yes is refused there, as it may not send its own workflows.
+RAW_PATHS = ("/prompt", "/queue", "/interrupt", "/history", "/view", "/upload/", "/ws", "/comfyui/")
+RAW_PREFIXES = (*RAW_PATHS, *(f"/api{path}" for path in RAW_PATHS), "/api/v2/")
+
+
+def raw_path(path: str) -> bool:
+    return any(path == p.rstrip("/") or path.startswith(p if p.endswith("/") else f"{p}/") for p in RAW_PREFIXES)
+
+
 class RequireApiKey:
     """ASGI middleware: refuses guarded paths without a valid key (401, in the error shape of the
-    API called) and puts the caller's owner id in `scope["state"]["owner"]`. `own_token` paths are
-    guarded by a token of their own instead (`/metrics` with METRICS_TOKEN: one Authorization
-    header cannot carry both)."""
+    API called), and ComfyUI's own API to a key without raw=yes (403); puts the `Caller` in
+    `scope["state"]["caller"]` (its owner id in `["owner"]`) and in a context variable for the
+    request (`caller()`). `own_token` paths are guarded by a token of their own instead (`/metrics`
+    with METRICS_TOKEN: one Authorization header cannot carry both)."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, own_token: tuple[str, ...] = ()) -> None:
         self.app = app
@@ -112,7 +189,7 @@ class RequireApiKey:
         if self.keys.enabled and path in OPEN_PATHS:
             # Open to all, but a valid key is still told apart (the OpenAPI document lists its
             # caller's own hosted workflows): "" is nobody's, who sees only what is shared.
-            scope.setdefault("state", {})["owner"] = self._optional_owner(scope)
+            self._put(scope, self._optional_caller(scope))
         if scope["type"] not in ("http", "websocket") or not self._guarded(path):
             await self.app(scope, receive, send)
             return
@@ -121,19 +198,30 @@ class RequireApiKey:
             authorization = sole_authorization(given) or None
             if authorization is None and scope["type"] == "websocket":
                 authorization = _query_token(scope)  # a browser's websocket cannot send headers
-            owner = self.keys.owner(authorization)
+            found = self.keys.identify(authorization)
+            if raw_path(path):
+                found.require_raw("ComfyUI's own API")
         except Unauthorized as exc:
-            await _refuse(scope, send, exc, path)
+            await _refuse(scope, receive, send, exc, path)
             return
-        scope.setdefault("state", {})["owner"] = owner
-        await self.app(scope, receive, send)
+        self._put(scope, found)
+        token = _current.set(found)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _current.reset(token)
 
-    def _optional_owner(self, scope: Scope) -> str:
+    @staticmethod
+    def _put(scope: Scope, found: Caller) -> None:
+        state = scope.setdefault("state", {})
+        state["caller"], state["owner"] = found, found.owner
+
+    def _optional_caller(self, scope: Scope) -> Caller:
         given = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         try:
-            return self.keys.owner(sole_authorization(given) or None) or ""
+            return self.keys.identify(sole_authorization(given) or None)
         except Unauthorized:
-            return ""
+            return NOBODY
 
     def _guarded(self, path: str) -> bool:
         if not self.keys.enabled or path in OPEN_PATHS or path in self.own_token or path.startswith(TOKEN_PATHS):
@@ -148,19 +236,25 @@ def _query_token(scope: Scope) -> str | None:
     return f"Bearer {token[0]}" if token else None
 
 
-async def _refuse(scope: Scope, send: Send, exc: Unauthorized, path: str) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, exc: Unauthorized, path: str) -> None:
     if scope["type"] == "websocket":
+        if exc.status_code == 403:  # a valid key out of its scope: accepted, so that it reads why
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+            return
         await send({"type": "websocket.close", "code": 1008, "reason": "a valid API key is required"})
         return
     if path.startswith(GENSTUDIO_PREFIX):
-        body = {"code": 401, "msg": exc.message, "data": None}
+        body = {"code": exc.status_code, "msg": exc.message, "data": None}
     else:
         body = exc.to_payload()
     data = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(data)).encode()),
-        (b"www-authenticate", b"Bearer"),
     ]
+    if exc.status_code == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": data})

@@ -7,14 +7,17 @@
     ├── NotFound             404     no such route, task or resource
     ├── Unauthorized         401     the caller is not allowed this call (lifecycle hooks outside FC's own calls)
     │   └── Forbidden        403     (a download link that is tampered with or expired; code UNAUTHORIZED)
+    │       └── OutOfScope   403     (a valid API key asking what its scope does not allow; code FORBIDDEN)
     ├── PromptError          400     ComfyUI refused the prompt (`/prompt` answered 400)
     ├── InputError           400     a loader input could not be fetched, decoded or uploaded
     │   └── DownloadError    400     (a URL or base64 input; named by the resolver, raised as INPUT_ERROR)
     ├── ExecutionFailed      500     ComfyUI sent `execution_error`
+    │   └── OutOfMemory      500     (its GPU ran out of memory: torch's OutOfMemoryError; retried once after /free) yes
     ├── ExecutionInterrupted 500     the job was interrupted or cancelled
     ├── ComfyUIUnavailable   503     ComfyUI unreachable, dead, or its websocket lost beyond recovery   yes
     ├── Unavailable          503     a dependency that is not ComfyUI: the status store, Redis, a drain  yes
     ├── Busy                 503     this instance holds MAX_PENDING_JOBS jobs already (`Retry-After`)   yes
+    ├── RateLimited          429     the API key started more jobs than its `rate=` allows (`Retry-After`)
     ├── OutputError          500     an output could not be read or uploaded                            yes
     ├── JobTimeout           504     the job passed its deadline                                        yes
     ├── WorkerLost           500     (Redis tier) its worker died after outputs were made, or died twice
@@ -30,6 +33,7 @@ request again can help (FC retries a held async invocation only when its answer 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,30 @@ class Forbidden(Unauthorized):
     status_code = 403
 
 
+class OutOfScope(Forbidden):
+    """A valid API key asks for what its line in API_KEYS_FILE does not allow: a raw workflow
+    without `raw=yes`, a hosted workflow not in its `workflows=`, an admin call without
+    `admin=yes` (`serverless.auth.Caller`). The message names the key's label and the right."""
+
+    code = "FORBIDDEN"
+
+
+class RateLimited(ServerlessError):
+    """The API key started jobs faster than its `rate=N/s`: refused before anything runs; the
+    `Retry-After` header says when the next one is admitted."""
+
+    code = "RATE_LIMITED"
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: float, raw: Any = None) -> None:
+        super().__init__(message, raw)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
 class PromptError(ServerlessError):
     """ComfyUI's `/prompt` answered 400; `raw` is ComfyUI's body (`error`, `node_errors`)."""
 
@@ -124,6 +152,14 @@ class ExecutionFailed(ServerlessError):
 
     code = "EXECUTION_FAILED"
     status_code = 500
+
+
+class OutOfMemory(ExecutionFailed):
+    """ComfyUI's `execution_error` was a CUDA out-of-memory error (`torch.OutOfMemoryError`):
+    the job is run once more after ComfyUI frees its memory; a second one ends the job."""
+
+    code = "OUT_OF_MEMORY"
+    retryable = True
 
 
 class ExecutionInterrupted(ServerlessError):

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
@@ -31,17 +31,27 @@ from .delivery.s3 import S3Store
 from .delivery.s3_config import config_from_settings
 from .delivery.storage import Source, Storage
 from .delivery.webhooks import Webhooks
-from .errors import ComfyUIUnavailable, OutputError
+from .errors import ComfyUIUnavailable, InputError, InvalidParams, OutputError, ServerlessError
 from .inputs.budget import ByteBudget
 from .inputs.download import DownloadPolicy, create_download_session, download, post
 from .inputs.resolve import LOADER_INPUTS, InputLimits, resolve_inputs
-from .jobs.job import Runtime, Workflow
+from .jobs.job import Publish, Release, Runtime, Workflow
 from .jobs.spec import OutputPolicy
+from .models import fetch, listing
+from .models.metrics import ModelMetrics
+from .models.needs import preload
+from .models.refs import ModelRef, model_loaders
+from .models.resolve import check_references, resolve_models
+from .models.store import ModelStore
+from .models.tasks import run_task
 from .ops.metrics import Metrics
 from .settings import Settings, SettingsError
 from .status.log import StatusLog
 from .status.redis import RedisStatus, connect
 from .status.store import StatusStore
+from .tenants.limits import MemoryRate, RedisRate
+from .tenants.service import Tenants
+from .tenants.usage import BufferedUsage, FileUsage, RedisUsage
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
 from .workflows.store import WorkflowStore
 
@@ -65,6 +75,8 @@ class Resources:
     metrics: Metrics
     converted: ConvertedFiles
     redis: RedisStatus | None = None  # the status store again when it is Redis: the fleet's queue shares it
+    tenants: Tenants = field(default_factory=Tenants)  # rate limits, a box's key gates, usage per key
+    models: ModelStore | None = None  # MODELS_DIR's store, where this instance runs jobs
 
     @classmethod
     @asynccontextmanager
@@ -93,8 +105,13 @@ class Resources:
             budget = input_budget(settings)
             store = await open_storage(settings, metrics.oss_retried)
             hooks_policy = webhook_policy(settings)
-            # Untrusted input URLs (and webhook URLs) get their own sessions: guarded resolver and connector.
-            async with create_download_session(policy) as downloads, create_download_session(hooks_policy) as hooks:
+            models_policy = model_policy(settings)
+            # Untrusted input, webhook and model URLs get their own sessions: guarded resolver and connector.
+            async with (
+                create_download_session(policy) as downloads,
+                create_download_session(hooks_policy) as hooks,
+                create_download_session(models_policy) as model_downloads,
+            ):
                 webhooks = Webhooks(
                     partial(post, hooks),
                     hooks_policy,
@@ -108,6 +125,27 @@ class Resources:
                         fetch_url = metrics.metered_fetch(partial(download, downloads, policy=policy), "url")
                         reserved = settings.reserved_output_dirs  # resolved once: it reads the disk
                         workflows = hosted_workflows(settings, comfy, supervisor, redis)
+                        model_store = None
+                        if runs_jobs and settings.models.cache is not None:
+                            model_store = await asyncio.to_thread(
+                                open_model_store,
+                                settings,
+                                partial(_download_model, model_downloads, models_policy, settings, store),
+                                ModelMetrics(metrics.registry),
+                                partial(
+                                    _changed, workflows, redis if settings.fleet.queue_backend == "redis" else None
+                                ),
+                            )
+                            if redis is not None and settings.fleet.queue_backend == "redis":
+                                await _publish_models(redis, settings.service.instance_id, model_store)
+                            if settings.models.preload_workflows:  # before the app answers: before ready
+                                await preload(
+                                    model_store,
+                                    workflows.store,
+                                    settings.models.preload_workflows,
+                                    model_loaders(settings.models.inputs),
+                                    Credentials.resolve({}, settings.oss.credentials),
+                                )
                         try:
                             yield cls(
                                 settings,
@@ -123,9 +161,13 @@ class Resources:
                                 metrics,
                                 converted_files(settings),
                                 redis,
+                                open_tenants(settings, redis),
+                                model_store,
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
                             await webhooks.drain(settings.outputs.webhook_timeout + 1)
+                            if model_store is not None:
+                                await model_store.aclose()
                 finally:
                     await status.aclose()
                     if store is not None:
@@ -144,7 +186,44 @@ class Resources:
             max_result_bytes=self.settings.fleet.result_inline_max_bytes if self.fleet_worker else 0,
             preview_max_fps=self.settings.stream.preview_max_fps,
             preview_in_status=self.settings.stream.preview_in_status,
+            resolve_models=self.resolve_models,
+            model_tasks=self.model_tasks,
+            out_of_memory=self.metrics.comfyui_ooms.inc,
+            freed=self.metrics.comfyui_frees.inc,
         )
+
+    @property
+    def model_loaders(self) -> dict[tuple[str, str], str]:
+        """The loader inputs MODEL_INPUTS adds to the built-in ones (`serverless.models.refs`)."""
+        return model_loaders(self.settings.models.inputs)
+
+    def check_models(self, workflow: Workflow) -> None:
+        """Refuse a malformed model reference, or a URL the host policy blocks, before a job
+        starts (a gateway too: no GPU time is spent on it)."""
+        check_references(workflow, self.model_loaders, model_policy(self.settings))
+
+    async def resolve_models(
+        self, workflow: Workflow, credentials: Credentials | None
+    ) -> tuple[Workflow, list[dict[str, Any]], Release]:
+        """Model references fetched into the store and placed; held in use until released."""
+        resolved = await resolve_models(workflow, self.models, self.model_loaders, credentials)
+        if self.models is None or not resolved.digests:
+            return resolved.workflow, resolved.models, _nothing
+        taking = asyncio.ensure_future(asyncio.to_thread(self.models.use, resolved.digests))
+        try:
+            release = await asyncio.shield(taking)
+        except asyncio.CancelledError:  # the locks are taken all the same: let go of them then
+            taking.add_done_callback(_let_go)
+            raise
+        return resolved.workflow, resolved.models, release
+
+    async def model_tasks(
+        self, task: dict[str, Any], credentials: Credentials | None, publish: Publish
+    ) -> dict[str, Any]:
+        """An import, delete or pin of the models API, here where the models live."""
+        if self.models is None:
+            raise InvalidParams("this instance has no model store (set MODELS_DIR)")
+        return await run_task(self.models, task, credentials, publish)
 
     @property
     def fleet_worker(self) -> bool:
@@ -253,6 +332,18 @@ class Resources:
         }
 
 
+USAGE_FOLDER = "~usage"  # in STATUS_DIR; `~` is in no task id, so no task's log can take its name
+
+
+def open_tenants(settings: Settings, redis: RedisStatus | None) -> Tenants:
+    """Rate limits and usage where the status is: in memory and the status folder on a box,
+    in Redis (shared by every gateway) when the status store is Redis."""
+    days = settings.status.retention_days
+    if redis is not None:
+        return Tenants(RedisRate(redis.client), BufferedUsage(RedisUsage(redis.client, days)))
+    return Tenants(MemoryRate(), BufferedUsage(FileUsage(settings.status.dir / USAGE_FOLDER, days)))
+
+
 async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore[Any], RedisStatus | None]:
     """The status store STATUS_BACKEND names, probed once at start-up (loudly when unusable);
     the Redis store a second time when it is the one (a fleet's queue shares its client)."""
@@ -346,6 +437,94 @@ def webhook_policy(settings: Settings) -> DownloadPolicy:
         )
     except ValueError as exc:
         raise SettingsError(f"WEBHOOK_ALLOWED_HOSTS: {exc}") from exc
+
+
+def model_policy(settings: Settings) -> DownloadPolicy:
+    """The model download rules: public addresses unless MODEL_ALLOWED_HOSTS allows, at most
+    MODEL_MAX_BYTES (and MODEL_CACHE_MAX_BYTES, when set) a file."""
+    models = settings.models
+    limit = min(models.max_bytes, models.cache_max_bytes) if models.cache_max_bytes else models.max_bytes
+    try:
+        return DownloadPolicy(
+            max_bytes=limit,
+            total_timeout=models.timeout,
+            read_timeout=60.0,
+            allowed_hosts=frozenset(models.allowed_hosts),
+        )
+    except ValueError as exc:
+        raise SettingsError(f"MODEL_ALLOWED_HOSTS: {exc}") from exc
+
+
+def open_model_store(
+    settings: Settings,
+    download: Any,
+    metrics: ModelMetrics,
+    on_changed: Callable[[ModelStore], Awaitable[None]],
+) -> ModelStore:
+    """The store under MODEL_CACHE_DIR (blocking: it makes its folders)."""
+    models = settings.models
+    assert models.dir is not None and models.cache is not None
+    try:
+        return ModelStore(
+            models.dir,
+            models.cache,
+            download,
+            metrics,
+            models.cache_max_bytes,
+            on_changed,
+            settings.service.instance_id,
+        )
+    except OSError as exc:
+        raise SettingsError(f"MODELS_DIR / MODEL_CACHE_DIR cannot be used: {exc.strerror or exc}") from exc
+
+
+async def _download_model(
+    session: Any,
+    policy: DownloadPolicy,
+    settings: Settings,
+    storage: Storage | None,
+    ref: ModelRef,
+    partial_file: Any,
+    credentials: Credentials | None,
+    progress: Any,
+) -> tuple[int, str]:
+    """One model's bytes into `partial_file`: over HTTP(S) (resumable), or from the bucket."""
+    if ref.kind == "url":
+        got = await fetch.fetch_to(session, ref.location, partial_file, policy, settings.models.auth_headers, progress)
+        return got.size, got.sha256
+    if storage is None or storage.scheme != ref.kind:
+        needed = "OSS to be configured (OSS_BUCKET_DOMAIN)" if ref.kind == "oss" else "S3 (STORAGE=s3, S3_BUCKET)"
+        raise InputError(f"{ref.kind}:// models need {needed} on this instance")
+    stored = await storage.download(credentials, ref.location, partial_file, policy.max_bytes)
+    return stored.size, stored.sha256
+
+
+async def _changed(workflows: HostedWorkflows, redis: RedisStatus | None, store: ModelStore) -> None:
+    """The store changed: the /object_info jobs and schemas are checked with is read again; a
+    fleet's gateways are told (that answer, and the store's listing)."""
+    try:
+        info = await workflows.object_info.get(refresh=True)
+        if redis is not None:
+            await redis.publish_object_info(info)
+            await _publish_models(redis, store.instance, store)
+    except Exception as exc:  # the model is placed; the next read catches up
+        log.warning("object_info not refreshed after the model store changed: %s", exc)
+
+
+async def _publish_models(redis: RedisStatus, instance: str, store: ModelStore) -> None:
+    try:
+        await listing.publish(redis.client, instance, store.store_id, await store.listing())
+    except ServerlessError as exc:
+        log.warning("model listing not published: %s", exc.message)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _let_go(taking: asyncio.Future[Release]) -> None:
+    if not taking.cancelled() and taking.exception() is None:
+        taking.result()()
 
 
 def download_policy(settings: Settings) -> DownloadPolicy:

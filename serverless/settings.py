@@ -8,6 +8,7 @@ every `repr`; a request's own credentials are never stored here.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ LOG_FORMATS = ("text", "json")
 STATUS_BACKENDS = ("file", "redis")
 QUEUE_BACKENDS = ("none", "redis")
 ROLES = ("all", "gateway", "worker")
+LANE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")  # a lane names a queue stream: jobs:<lane>:<priority>
 # A DNS name as the download policy matches it: labels of letters, digits and '-', a final dot allowed.
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.IGNORECASE)
 # What can only be meant as an address or a network (IPv6 literals aside, which parse).
@@ -153,19 +155,36 @@ def _loader_pairs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], .
 
 
 def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
-    """API_KEYS (comma-separated) and the lines of API_KEYS_FILE (`#` comments allowed)."""
-    keys = list(_names(env, "API_KEYS"))
-    source = env.get("API_KEYS_FILE", "").strip()
-    if source:
-        try:
-            text = Path(source).read_text()
-        except OSError as exc:
-            raise SettingsError(f"API_KEYS_FILE={source!r}: cannot be read ({exc.strerror or exc})") from None
-        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    """API_KEYS (comma-separated): keys with every right. API_KEYS_FILE is `TenantSettings`'."""
+    keys = _names(env, "API_KEYS")
     for key in keys:
         if len(key) < 16 or any(c.isspace() or c == "," for c in key):
             raise SettingsError("API_KEYS: every key must be at least 16 characters, without spaces or commas")
-    return tuple(keys)
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSettings:
+    """API keys with scopes and limits (`serverless.tenants`): API_KEYS_FILE, one key a line
+    (`serverless.tenants.keyfile`), checked here at start-up and looked at again every
+    API_KEYS_POLL_INTERVAL seconds while the app runs (a change counts from the next request)."""
+
+    keys_file: Path | None = None
+    poll_interval: float = 0.5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TenantSettings:
+        from .tenants.keyfile import KeyFileError, parse  # pure; imported here to keep settings light
+
+        source = _folder(env, "API_KEYS_FILE")
+        if source is not None:
+            try:
+                parse(source.read_text())
+            except OSError as exc:
+                raise SettingsError(f"API_KEYS_FILE={str(source)!r}: cannot be read ({exc.strerror or exc})") from None
+            except KeyFileError as exc:
+                raise SettingsError(f"API_KEYS_FILE={str(source)!r}: {exc}") from None
+        return cls(keys_file=source, poll_interval=_number(env, "API_KEYS_POLL_INTERVAL", 0.5, 0.05))
 
 
 STORAGES = ("oss", "s3")
@@ -457,6 +476,31 @@ class StreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulingSettings:
+    """The fleet's scheduling (`serverless.fleet`): this worker's lane, how long a job waits for a
+    worker that holds its models before any able worker takes it, and the memory watermarks a
+    worker checks after each job (0: not checked)."""
+
+    worker_lane: str = ""  # "": the default lane
+    affinity_wait: float = 3.0  # seconds; 0: first free worker, no affinity
+    vram_free_min: int = 0  # bytes: below this after a job, ComfyUI is asked to free memory (/free)
+    comfyui_rss_max: int = 0  # bytes: above this after a job, ComfyUI is restarted (when supervised)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SchedulingSettings:
+        lane = _text(env, "WORKER_LANE", "")
+        if lane and not LANE_RE.fullmatch(lane):
+            raise SettingsError(f"WORKER_LANE={lane!r}: 1-32 lowercase letters, digits or '-'")
+        d = cls()
+        return cls(
+            worker_lane=lane,
+            affinity_wait=_number(env, "AFFINITY_WAIT", d.affinity_wait, 0),
+            vram_free_min=_integer(env, "VRAM_FREE_MIN", d.vram_free_min, 0),
+            comfyui_rss_max=_integer(env, "COMFYUI_RSS_MAX", d.comfyui_rss_max, 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FleetSettings:
     """Gateways and workers sharing one Redis: the role, the queue's bounds, and results passed back."""
 
@@ -508,6 +552,96 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """Batches (`serverless.batches`): how many items one may hold, how many of a batch's items
+    are queued or running at once, how long a feeder's lease lasts, how often it looks."""
+
+    max_items: int = 10000
+    window: int = 64
+    lease_seconds: float = 15.0
+    poll_interval: float = 0.2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BatchSettings:
+        d = cls()
+        return cls(
+            max_items=_integer(env, "BATCH_MAX_ITEMS", d.max_items, 1),
+            window=_integer(env, "BATCH_WINDOW", d.window, 1),
+            lease_seconds=_number(env, "BATCH_LEASE_SECONDS", d.lease_seconds, 1),
+            poll_interval=_number(env, "BATCH_POLL_INTERVAL", d.poll_interval, 0.01),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """Models on demand (`serverless.models`): ComfyUI's models folder, the content-addressed cache
+    beside it, what a download may be and reach, and the per-host `Authorization` of private
+    registries (kept out of every `repr`). `dir` unset: model references are refused."""
+
+    dir: Path | None = None  # MODELS_DIR
+    cache_dir: Path | None = None  # MODEL_CACHE_DIR (default <MODELS_DIR>/.cache: one file system, hard links)
+    cache_max_bytes: int = 0  # 0: no bound
+    max_bytes: int = 64 * 1024 * MiB  # one model file
+    timeout: float = 3600.0  # one download, all hops
+    allowed_hosts: tuple[str, ...] = ()
+    inputs: tuple[tuple[str, str, str], ...] = ()  # (class_type, input, folder)
+    auth_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # host -> Authorization
+    preload_workflows: tuple[str, ...] = ()
+
+    @property
+    def cache(self) -> Path | None:
+        """Where the store keeps its files (None: no models folder, no store)."""
+        if self.dir is None:
+            return None
+        return self.cache_dir or self.dir / ".cache"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ModelSettings:
+        return cls(
+            dir=_folder(env, "MODELS_DIR"),
+            cache_dir=_folder(env, "MODEL_CACHE_DIR"),
+            cache_max_bytes=_integer(env, "MODEL_CACHE_MAX_BYTES", 0),
+            max_bytes=_integer(env, "MODEL_MAX_BYTES", 64 * 1024 * MiB, minimum=1),
+            timeout=_number(env, "MODEL_DOWNLOAD_TIMEOUT", 3600.0, minimum=1.0),
+            allowed_hosts=_allowed_hosts(env, "MODEL_ALLOWED_HOSTS"),
+            inputs=_model_inputs(env, "MODEL_INPUTS"),
+            auth_headers=_auth_headers(env, "MODEL_AUTH_HEADERS"),
+            preload_workflows=_names(env, "PRELOAD_WORKFLOWS"),
+        )
+
+
+def _model_inputs(env: Mapping[str, str], name: str) -> tuple[tuple[str, str, str], ...]:
+    """`Class.input=folder` entries, comma-separated."""
+    found = []
+    for item in _names(env, name):
+        pair, eq, folder = item.partition("=")
+        class_type, dot, input_name = pair.strip().rpartition(".")
+        folder = folder.strip()
+        if not eq or not dot or not class_type or not input_name or not _MODEL_FOLDER.fullmatch(folder):
+            raise _bad(name, env.get(name, ""), f"{item!r} is not of the form ClassType.input=folder")
+        found.append((class_type, input_name, folder))
+    return tuple(found)
+
+
+def _auth_headers(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """A JSON object of host -> Authorization value (`{"hf.co": "Bearer hf_..."}`); the values
+    are secrets and never echoed in an error."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: not a JSON object of host to Authorization value") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise SettingsError(f"{name}: must be a JSON object of host names to strings")
+    return {host.strip().lower().rstrip("."): header for host, header in value.items()}
+
+
+_MODEL_FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the adapter is configured with, grouped by concern. Build it with
     `Settings.from_env()`."""
@@ -521,7 +655,11 @@ class Settings:
     status: StatusSettings = field(default_factory=StatusSettings)
     stream: StreamSettings = field(default_factory=StreamSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    batches: BatchSettings = field(default_factory=BatchSettings)
+    tenants: TenantSettings = field(default_factory=TenantSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
     deprecated: tuple[str, ...] = ()  # a line per old setting name in use, logged at start-up
 
     @property
@@ -552,7 +690,11 @@ class Settings:
             status=StatusSettings.from_env(env, mount),
             stream=StreamSettings.from_env(env),
             fleet=FleetSettings.from_env(env),
+            scheduling=SchedulingSettings.from_env(env),
             security=SecuritySettings.from_env(env),
+            batches=BatchSettings.from_env(env),
+            tenants=TenantSettings.from_env(env),
+            models=ModelSettings.from_env(env),
             deprecated=deprecated,
         )._checked()
 

@@ -10,11 +10,14 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
+    from .batches.feeder import Feeders
     from .comfyapi.index import PromptIndex
     from .fleet.worker import Consumer
     from .jobs.runner import JobRunner
     from .lifecycle import Prewarm, QueueWatch
     from .resources import Resources
+    from .tenants.endpoints import UsageGauges
+    from .tenants.keys import ApiKeys
 
 
 @dataclass(slots=True)
@@ -30,6 +33,9 @@ class AppState:
     consumer: Consumer | None = None
     genstudio_token_secret: bytes | None = field(default=None, repr=False)  # made once when unset
     prompts: PromptIndex | None = None  # ComfyUI's API: its prompts, made on first use (`comfyapi.index`)
+    batches: Feeders | None = None  # batches: their store, and the feeders of this instance (`batches`)
+    keys: ApiKeys | None = None  # the API keys the app accepts (their labels name usage and metrics)
+    usage_gauges: UsageGauges | None = None  # usage per key as metrics, made on the first scrape
 
 
 def app_state(connection: HTTPConnection) -> AppState:

@@ -136,6 +136,7 @@ class Tier:
     gateways: list[Any] = field(default_factory=list)  # Node, or InProcessNode
     workers: list[Any] = field(default_factory=list)
     emulators: list[Any] = field(default_factory=list)  # Emulator, or InProcessEmulator
+    worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # a worker's settings, by name
 
     def common(self) -> dict[str, str]:
         return {
@@ -158,18 +159,35 @@ class Tier:
         self.gateways.append(node)
         return node
 
-    def worker(self, step_delay: float = 0.0, process: bool | None = None, **env: str) -> Any:
+    def worker(
+        self, step_delay: float = 0.0, custom_nodes: bool = True, process: bool | None = None, **env: str
+    ) -> Any:
         """A worker with an emulator of its own; in a process if `process` (default: the tier's
         `processes`), so that a test can start the one it kills as a process and the rest in-process."""
         number = len(self.workers) + 1
         folder = self.root / f"emulator{number}"
-        emulator = InProcessEmulator(folder, step_delay=step_delay)  # a worker killed leaves its ComfyUI up
+        # a worker killed leaves its ComfyUI up: emulators stay in threads
+        emulator = InProcessEmulator(folder, step_delay=step_delay, custom_nodes=custom_nodes)
         self.emulators.append(emulator)
         settings = {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}
         name = f"worker{number}"
         in_process = not (self.processes if process is None else process)
         node = InProcessNode(self.root, settings, name) if in_process else Node(self.root, settings, name)
         self.workers.append(node)
+        self.worker_env[name] = settings
+        return node
+
+    def restart_worker(self, index: int) -> Any:
+        """Start worker `index` again (after it was killed), on its own ComfyUI, as a process
+        manager would: a new process (hence a new consumer name), its log appended to."""
+        old = self.workers[index]
+        settings = self.worker_env[old.name]
+        node = (
+            Node(self.root, settings, old.name)
+            if isinstance(old, Node)
+            else InProcessNode(self.root, settings, old.name)
+        )
+        self.workers[index] = node
         return node
 
     def stop(self) -> None:

@@ -182,6 +182,7 @@ class InProcessApp:
 
     def __init__(self, log_dir: Path, env: dict[str, str], port: int | None = None) -> None:
         full_env = {**os.environ, **env}
+        self.env = env  # what it was configured with (a test may start another like it)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"app-{self.port}.log"
@@ -236,8 +237,17 @@ class InProcessApp:
 class InProcessEmulator:
     """The ComfyUI emulator's aiohttp app in a thread of the test process, its folders under `root`."""
 
-    def __init__(self, root: Path, port: int | None = None, step_delay: float = 0.02) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        step_delay: float = 0.02,
+        models_dir: Path | None = None,
+        custom_nodes: bool = True,
+    ) -> None:
+        self._custom_nodes = custom_nodes
         self.root = root
+        self.models_dir = models_dir
         root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -263,7 +273,9 @@ class InProcessEmulator:
 
     async def _serve(self) -> None:
         self._loop, self._done = asyncio.get_running_loop(), asyncio.Event()
-        self._app = create_emulator_app(self.root, self._step_delay)
+        self._app = create_emulator_app(
+            self.root, self._step_delay, models_dir=self.models_dir, custom_nodes=self._custom_nodes
+        )
         runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:

@@ -404,6 +404,11 @@ async def test_config_hook_reports_and_refuses_unknown_keys(fresh_emulator: Emul
         "view_status": 0.0,
         "previews": 1.0,
         "preview_size": 512.0,
+        "model_load_delay": 0.0,
+        "vram_total": 0.0,
+        "model_bytes": 0.0,
+        "oom_next": 0.0,
+        "leak_bytes": 0.0,
     }
     async with (
         aiohttp.ClientSession() as session,

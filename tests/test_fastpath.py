@@ -224,7 +224,7 @@ def test_a_base64_input_written_to_disk_is_what_comfyui_loads(own_emulator, star
     (result,) = response.json()["data"]["results"]
     loaded = Image.open(io.BytesIO(base64.b64decode(result["output"]["base64"]["content"])))
     assert loaded.convert("RGB").getpixel((0, 0)) == (10, 200, 30)
-    written = [p for p in (own_emulator.root / "input").iterdir() if p.read_bytes() == data]
+    written = [p for p in (own_emulator.root / "input").rglob("*") if p.is_file() and p.read_bytes() == data]
     assert len(written) == 1 and written[0].name.startswith(hashlib.sha256(data).hexdigest()[:8])
     assert "written into ComfyUI's input folder" in server.log_text()
 

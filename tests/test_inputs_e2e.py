@@ -355,13 +355,16 @@ def history_size(emu: InProcessEmulator) -> int:
 
 
 def input_folder(emu: InProcessEmulator) -> dict[str, bytes]:
+    """Every file of ComfyUI's input folder, by the name a workflow gives it (`sub/name.png`)."""
     folder = emu.root / "input"
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.exists() else {}
+    if not folder.exists():
+        return {}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def assert_hash_name(name: str, data: bytes, ext: str) -> None:
-    assert re.fullmatch(rf"[0-9a-f]{{16,64}}\.{ext}", name), name
-    assert hashlib.sha256(data).hexdigest().startswith(name.split(".")[0])
+    assert re.fullmatch(rf"serverless/[0-9a-f]{{16,64}}\.{ext}", name), name
+    assert hashlib.sha256(data).hexdigest().startswith(name.split("/")[-1].split(".")[0])
 
 
 def assert_input_error(response: requests.Response, node_id: str, class_type: str, input_name: str) -> str:

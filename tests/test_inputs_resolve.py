@@ -23,6 +23,7 @@ from PIL import Image
 from serverless.errors import ComfyUIUnavailable, InputError, InvalidParams
 from serverless.inputs.download import DownloadPolicy, create_download_session, download
 from serverless.inputs.resolve import (
+    INPUT_SUBFOLDER,
     LOADER_INPUTS,
     InputLimits,
     LoaderInput,
@@ -68,8 +69,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def name_of(data: bytes, ext: str) -> str:
-    return f"{hashlib.sha256(data).hexdigest()[:32]}.{ext}"
+def name_of(data: bytes, ext: str, subfolder: str = INPUT_SUBFOLDER) -> str:
+    """The name an input gets in ComfyUI's input folder: under a subfolder for the built-in
+    loaders (ComfyUI's listing of the folder's top level stays short), at the top otherwise."""
+    name = f"{hashlib.sha256(data).hexdigest()[:32]}.{ext}"
+    return f"{subfolder}/{name}" if subfolder else name
 
 
 # --- a real file server and a recording ComfyUI upload --------------------------------------
@@ -408,9 +412,9 @@ async def test_configured_loaders_accept_any_content_with_a_safe_extension(files
     }
     loaders = {("Load3D", "model_file"), ("LoadText", "path")}
     result = await resolve(workflow, loaders=loaders)
-    assert result["1"]["inputs"]["model_file"] == name_of(obj, "obj")
+    assert result["1"]["inputs"]["model_file"] == name_of(obj, "obj", subfolder="")
     assert result["2"]["inputs"]["model_file"].endswith(".bin")
-    assert result["3"]["inputs"]["path"] == name_of(b"hello world", "txt")
+    assert result["3"]["inputs"]["path"] == name_of(b"hello world", "txt", subfolder="")
 
 
 @pytest.mark.parametrize("value", ["/etc/passwd", "../../models/secret.safetensors"])

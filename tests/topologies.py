@@ -66,9 +66,16 @@ def deploy(
     topology: Topology, root: Path, redis_server: RedisServer | None, step_delay: float = 0.02, **env: str
 ) -> Deployment:
     """A deployment of `topology` under `root`, every app configured by `env` on top of the base."""
-    common = {"FC_INSTANCE_ID": "test-1", "COMFYUI_STARTUP_TIMEOUT": "5", "WORKFLOWS_DIR": str(root / "workflows")}
+    # A MODELS_DIR in `env` is every emulator's models folder too (shared, as on FC's NAS).
+    models = Path(env["MODELS_DIR"]) if env.get("MODELS_DIR") else None
+    common = {
+        "FC_INSTANCE_ID": "test-1",
+        "COMFYUI_STARTUP_TIMEOUT": "5",
+        "WORKFLOWS_DIR": str(root / "workflows"),
+        "DRAIN_TIMEOUT": "5",  # a job still running when the test ends does not hold its teardown
+    }
     if topology == "box":
-        emulator = InProcessEmulator(root / "emulator", step_delay=step_delay)
+        emulator = InProcessEmulator(root / "emulator", step_delay=step_delay, models_dir=models)
         app = InProcessApp(root, {**common, "COMFYUI_URL": emulator.url, "STATUS_DIR": str(root / "status"), **env})
         return Deployment("box", app.url, [emulator], [app])
     assert redis_server is not None
@@ -85,7 +92,7 @@ def deploy(
     emulators, apps = [], []
     try:
         for number in range(1, WORKERS + 1):
-            emulator = InProcessEmulator(root / f"emulator{number}", step_delay=step_delay)
+            emulator = InProcessEmulator(root / f"emulator{number}", step_delay=step_delay, models_dir=models)
             emulators.append(emulator)
             worker_env = {**fleet, "ROLE": "worker", "COMFYUI_URL": emulator.url, "FC_INSTANCE_ID": f"worker{number}"}
             apps.append(InProcessApp(root, {**worker_env, **env}))

@@ -43,6 +43,7 @@ class NodeContext:
     step_delay: Callable[[], float]
     interrupt: threading.Event
     on_progress: Callable[[int, int, Image.Image | None], None]
+    load_model: Callable[[str], None] = lambda name: None  # a checkpoint read from disk (`memory.Memory`)
 
     def check_interrupt(self) -> None:
         """Raise `Interrupted` if an interrupt is pending (and consume it, as ComfyUI does)."""

@@ -48,6 +48,7 @@ class CheckpointLoaderSimple(Node):
     CLASS_TYPE = "CheckpointLoaderSimple"
 
     def run(self, ctx: NodeContext, ckpt_name: str, **_: Any) -> NodeOutput:
+        ctx.load_model(ckpt_name)
         return NodeOutput(tuple(Model(kind, ckpt_name) for kind in ("MODEL", "CLIP", "VAE")))
 
 

@@ -5,6 +5,9 @@
     comfy-serverless run WORKFLOW.json --previews DIR     (the sampler's preview frames saved as they come)
     comfy-serverless workflows list | show ID | put ID FILE | rm ID
     comfy-serverless task TASK_ID [--out DIR | --json] | cancel TASK_ID | events TASK_ID [--follow] [--after N]
+    comfy-serverless batch WORKFLOW.json --sweep 3.seed=1,2,3 --sweep 6.text=@prompts.txt [--zip] [--out DIR]
+    comfy-serverless batch --workflow-id ID --items ITEMS.jsonl [--detach]
+    comfy-serverless keys add --label NAME [--workflows a,b] [--raw no] [--rate 5/s] ... | list | revoke NAME
 
 `--url` / COMFY_SERVERLESS_URL (default http://127.0.0.1:9000; `127.0.0.1:9000` means http),
 `--api-key` / COMFY_SERVERLESS_API_KEY.
@@ -35,10 +38,11 @@ from ..client.calls import apply_overrides, split_key
 from ..client.errors import from_payload
 from ..client.results import parse_result
 from ..client.sync import settings
+from . import keys
 
 EXIT_CODES = {"done": 0, "failed": 1, "usage": 2, "refused": 3, "unavailable": 4, "cancelled": 5, "pipe": 141}
-REFUSED = ("INVALID_PARAMS", "PROMPT_ERROR", "INPUT_ERROR", "NOT_FOUND", "UNAUTHORIZED", "CONFLICT")
-UNAVAILABLE = ("COMFYUI_UNAVAILABLE", "UNAVAILABLE", "BUSY", "TIMEOUT")
+REFUSED = ("INVALID_PARAMS", "PROMPT_ERROR", "INPUT_ERROR", "NOT_FOUND", "UNAUTHORIZED", "FORBIDDEN", "CONFLICT")
+UNAVAILABLE = ("COMFYUI_UNAVAILABLE", "UNAVAILABLE", "BUSY", "TIMEOUT", "RATE_LIMITED")
 
 
 class UsageError(Exception):
@@ -127,11 +131,30 @@ def parser() -> argparse.ArgumentParser:
     events.add_argument("task_id")
     events.add_argument("--follow", action="store_true", help="follow live until the task ends (resumable)")
     events.add_argument("--after", type=int, default=0, help="skip the first N events")
+    batch = commands.add_parser("batch", parents=[common], help="run many items of a workflow as one batch")
+    batch.add_argument("workflow", nargs="?", help="an API-format workflow JSON file")
+    batch.add_argument("--workflow-id", help="a hosted workflow instead")
+    batch.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=V1,V2|@FILE", help="values to sweep")
+    batch.add_argument("--zip", action="store_true", help="pair the sweeps' values instead of crossing them")
+    batch.add_argument("--items", metavar="FILE", help="a JSON lines file: one object of overrides per item")
+    batch.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="set for every item")
+    batch.add_argument("--out", help="save every output here (and manifest.jsonl)")
+    batch.add_argument("--oss", action="store_true", help="upload the outputs to OSS (the manifest beside them)")
+    batch.add_argument("--priority", choices=("high", "normal", "low"))
+    batch.add_argument("--detach", action="store_true", help="print the batch id and return")
+    keys.add_parser(commands)
     return main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)  # argparse itself exits 2 on bad usage
+    if args.command == "keys":  # the keys file on this machine: no server is called
+        try:
+            print(keys.run(args))
+        except keys.KeysUsage as exc:
+            print(f"comfy-serverless: error: {exc}", file=sys.stderr)
+            return EXIT_CODES["usage"]
+        return EXIT_CODES["done"]
     try:
         url = checked_url(getattr(args, "url", None))
         with Client(url, getattr(args, "api_key", None)) as client:
@@ -170,6 +193,10 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return workflows(client, args)
     if args.command == "task":
         return task(client, args)
+    if args.command == "batch":
+        from .batch import batch  # the bar and the sweep parsing, where a batch is run
+
+        return batch(client, args)
     if args.command == "cancel":
         print(dumps(client.cancel(args.task_id)))
         return EXIT_CODES["done"]

@@ -4,6 +4,7 @@ position and the ETA, from our `serverless_progress` events."""
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
@@ -53,3 +54,39 @@ class RunProgress:
         node = f"{node} (#{progress.node_id})" if node and progress.node_id else node
         status = _status(progress.state, node, progress.queue_position, progress.eta_s)
         self._bar.update(self._task, completed=progress.percent, status=status)
+
+
+class BatchProgress:
+    """The bar of a batch: items ended of the total, with the counts and the ETA; `update(data)`
+    with each `batch_progress` / `batch_end` event's data."""
+
+    def __init__(self, label: str, total: int, console: Console | None = None) -> None:
+        console = console or Console(stderr=True)
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self._label, self._total = label, total
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> BatchProgress:
+        self._bar.start()
+        self._task = self._bar.add_task(self._label, total=self._total, status="submitted")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._bar.stop()
+
+    def update(self, data: dict[str, Any]) -> None:
+        counts = data.get("counts")
+        if not isinstance(counts, dict) or self._task is None:
+            return
+        done = sum(int(counts.get(state) or 0) for state in ("succeeded", "failed", "cancelled"))
+        parts = [f"{counts.get(state)} {state}" for state in ("running", "failed") if counts.get(state)]
+        if isinstance(data.get("eta_s"), int | float):
+            parts.append(f"ETA {data['eta_s']:.0f}s")
+        self._bar.update(self._task, completed=done, status=" · ".join(parts))

@@ -9,7 +9,17 @@ from typing import Any
 
 import httpx
 
-from .calls import Call, RunOptions, alias_call, events_call, run_call, task_call, workflow_call
+from .calls import (
+    Call,
+    RunOptions,
+    alias_call,
+    batch_call,
+    batch_path,
+    events_call,
+    run_call,
+    task_call,
+    workflow_call,
+)
 from .errors import ProtocolError, TransportError
 from .results import Event, Result, SSEParser, error_of, json_object, outcome
 from .sync import DEFAULT_TIMEOUT, settings
@@ -97,6 +107,41 @@ class AsyncClient:
     async def events(self, task_id: str, resume: str | int | None = None) -> AsyncIterator[Event]:
         async for event in self._sse(events_call(task_id, resume)):
             yield event
+
+    async def batch(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        items: list[Mapping[str, Any]] | None = None,
+        sweep: Mapping[str, list[Any]] | None = None,
+        mode: str = "product",
+        priority: str | None = None,
+        item_webhooks: bool = False,
+        **options: Any,
+    ) -> dict[str, Any]:
+        call = batch_call(workflow, workflow_id, items, sweep, mode, RunOptions(**options), priority, item_webhooks)
+        return await self._json(call)
+
+    async def batch_status(self, batch_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        return await self._json(batch_path(batch_id, offset=str(offset), limit=str(limit)))
+
+    async def batch_events(self, batch_id: str, resume: str | int | None = None) -> AsyncIterator[Event]:
+        call = batch_path(batch_id, "/events")
+        if resume is not None:
+            call.headers["Last-Event-ID"] = str(resume)
+        async for event in self._sse(call):
+            yield event
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._json(batch_path(batch_id, "/cancel", "POST"))
+
+    async def retry_batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._json(batch_path(batch_id, "/retry", "POST"))
+
+    async def batch_manifest(self, batch_id: str) -> list[dict[str, Any]]:
+        text = (await self._send(batch_path(batch_id, "/manifest"))).text
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     async def register_workflow(self, workflow_id: str, workflow: Mapping[str, Any]) -> dict[str, Any]:
         return await self._json(workflow_call("PUT", workflow_id, dict(workflow)))

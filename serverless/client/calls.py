@@ -124,3 +124,37 @@ def workflow_call(method: str, workflow_id: str | None = None, body: Any = None,
 def alias_call(workflow_id: str, alias: str, version: int) -> Call:
     """PUT /api/workflows/{id}/aliases/{alias} `{"version": n}`."""
     return workflow_call("PUT", workflow_id, {"version": version}, f"/aliases/{quote(alias, safe='')}")
+
+
+def batch_call(
+    workflow: Mapping[str, Any] | None,
+    workflow_id: str | None,
+    items: list[Mapping[str, Any]] | None,
+    sweep: Mapping[str, list[Any]] | None,
+    mode: str,
+    options: RunOptions,
+    priority: str | None = None,
+    item_webhooks: bool = False,
+) -> Call:
+    """POST /api/batches: a workflow (or a hosted one's id) and its items, or a sweep."""
+    if (workflow is None) == (workflow_id is None):
+        raise ValueError("give a workflow or a workflow_id, not both")
+    if (items is None) == (sweep is None):
+        raise ValueError("give items or a sweep, not both")
+    body: dict[str, Any] = {"workflow": dict(workflow)} if workflow is not None else {"workflow_id": workflow_id}
+    if items is not None:
+        body["items"] = [dict(item) for item in items]
+    else:
+        body.update(sweep=dict(sweep or {}), mode=mode)
+    body.update(options.params())
+    if priority is not None:
+        body["priority"] = priority
+    if item_webhooks:
+        body["item_webhooks"] = True
+    return Call("POST", "/api/batches", headers={"Content-Type": "application/json"}, body=json.dumps(body).encode())
+
+
+def batch_path(batch_id: str, suffix: str = "", method: str = "GET", **params: str) -> Call:
+    """One of a batch's calls: its roll-up (""), `/events`, `/cancel`, `/retry`, `/manifest`."""
+    headers = {"Accept": "text/event-stream"} if suffix == "/events" else {}
+    return Call(method, f"/api/batches/{quote(batch_id, safe='')}{suffix}", dict(params), headers)

@@ -10,14 +10,17 @@ client's own failures (the server could not be reached, or answered something th
         ├── InvalidParams             INVALID_PARAMS
         ├── NotFound                  NOT_FOUND
         ├── Unauthorized              UNAUTHORIZED
+        │   └── Forbidden             FORBIDDEN (an API key out of its scope: raw=, workflows=, admin=)
         ├── Conflict                  409 (a finished task's cancel, a reused Idempotency-Key)
         ├── PromptError               PROMPT_ERROR
         ├── InputError                INPUT_ERROR
         ├── ExecutionFailed           EXECUTION_FAILED
+        │   └── OutOfMemory           OUT_OF_MEMORY (its GPU ran out of memory twice: run once more already)
         ├── ExecutionInterrupted      EXECUTION_INTERRUPTED (cancelled, too)
         ├── ComfyUIUnavailable        COMFYUI_UNAVAILABLE
         ├── Unavailable               UNAVAILABLE (the status store, Redis, a draining instance)
         ├── Busy                      BUSY
+        ├── RateLimited               RATE_LIMITED (the key's rate=; `.retry_after` seconds)
         ├── OutputError               OUTPUT_ERROR
         ├── JobTimeout                TIMEOUT
         ├── WorkerLost                WORKER_LOST (the Redis tier: its worker died, twice or after outputs)
@@ -82,6 +85,10 @@ class Unauthorized(APIError):
     error_code = "UNAUTHORIZED"
 
 
+class Forbidden(Unauthorized):
+    error_code = "FORBIDDEN"
+
+
 class Conflict(APIError):
     error_code = "CONFLICT"
 
@@ -98,6 +105,10 @@ class ExecutionFailed(APIError):
     error_code = "EXECUTION_FAILED"
 
 
+class OutOfMemory(ExecutionFailed):
+    error_code = "OUT_OF_MEMORY"
+
+
 class ExecutionInterrupted(APIError):
     error_code = "EXECUTION_INTERRUPTED"
 
@@ -112,6 +123,17 @@ class Unavailable(APIError):
 
 class Busy(APIError):
     error_code = "BUSY"
+
+
+class RateLimited(APIError):
+    error_code = "RATE_LIMITED"
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until the key may start a job again (from the error's `raw`)."""
+        raw = self.raw if isinstance(self.raw, dict) else {}
+        value = raw.get("retry_after_s")
+        return float(value) if isinstance(value, int | float) else None
 
 
 class OutputError(APIError):
@@ -136,14 +158,17 @@ BY_CODE: dict[str, type[APIError]] = {
         InvalidParams,
         NotFound,
         Unauthorized,
+        Forbidden,
         PromptError,
         InputError,
         ExecutionFailed,
+        OutOfMemory,
         WorkerLost,
         ExecutionInterrupted,
         ComfyUIUnavailable,
         Unavailable,
         Busy,
+        RateLimited,
         OutputError,
         JobTimeout,
         Unclassified,

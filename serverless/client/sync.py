@@ -11,7 +11,17 @@ from typing import Any
 
 import httpx
 
-from .calls import Call, RunOptions, alias_call, events_call, run_call, task_call, workflow_call
+from .calls import (
+    Call,
+    RunOptions,
+    alias_call,
+    batch_call,
+    batch_path,
+    events_call,
+    run_call,
+    task_call,
+    workflow_call,
+)
 from .errors import ProtocolError, TransportError
 from .results import Event, Result, SSEParser, error_of, json_object, outcome
 
@@ -121,6 +131,48 @@ class Client:
     def events(self, task_id: str, resume: str | int | None = None) -> Iterator[Event]:
         """The task's events as SSE, from the start or after event `resume`, live until the terminal."""
         yield from self._sse(events_call(task_id, resume))
+
+    # -- batches --------------------------------------------------------------------------------
+
+    def batch(
+        self,
+        workflow: Mapping[str, Any] | None = None,
+        *,
+        workflow_id: str | None = None,
+        items: list[Mapping[str, Any]] | None = None,
+        sweep: Mapping[str, list[Any]] | None = None,
+        mode: str = "product",
+        priority: str | None = None,
+        item_webhooks: bool = False,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Start a batch (POST /api/batches): `{"batch_id", "total", "task_ids"}`, every item
+        checked first. `options` as for `run` (`output_oss`, `output_format`, `callback_url`...)."""
+        call = batch_call(workflow, workflow_id, items, sweep, mode, RunOptions(**options), priority, item_webhooks)
+        return self._json(call)
+
+    def batch_status(self, batch_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        """The batch's state, counts, percent, ETA and a page of its items."""
+        return self._json(batch_path(batch_id, offset=str(offset), limit=str(limit)))
+
+    def batch_events(self, batch_id: str, resume: str | int | None = None) -> Iterator[Event]:
+        """The batch's events (`batch_item`, `batch_progress`, `batch_end` last), live."""
+        call = batch_path(batch_id, "/events")
+        if resume is not None:
+            call.headers["Last-Event-ID"] = str(resume)
+        yield from self._sse(call)
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json(batch_path(batch_id, "/cancel", "POST"))
+
+    def retry_batch(self, batch_id: str) -> dict[str, Any]:
+        """Run the failed items again (new attempts of the same tasks)."""
+        return self._json(batch_path(batch_id, "/retry", "POST"))
+
+    def batch_manifest(self, batch_id: str) -> list[dict[str, Any]]:
+        """One object per item: `index`, `task_id`, `state`, `parameters`, `outputs`."""
+        text = self._send(batch_path(batch_id, "/manifest")).text
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     # -- hosted workflows -----------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from ..auth import may_see
+from ..auth import caller, may_see
 from ..core.request import TASK_ID_RE
 from ..errors import Conflict, InvalidParams, NotFound
 from ..jobs.feed import ReaderTooSlow
@@ -61,8 +61,7 @@ def inputs(resources: Resources) -> Inputs:
 
 
 def owner_of(connection: HTTPConnection) -> str | None:
-    owner = connection.scope.get("state", {}).get("owner")
-    return owner if isinstance(owner, str) else None
+    return caller(connection).owner
 
 
 def refusal(kind: str, message: str, details: str = "", errors: dict[str, Any] | None = None) -> JSONResponse:

@@ -303,6 +303,11 @@ class ComfyUI:
         except (aiohttp.ClientError, OSError):
             return False
 
+    async def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        """POST /free: ComfyUI unloads its models and empties its caches before its next prompt."""
+        body = {"unload_models": unload_models, "free_memory": free_memory}
+        await self._json("POST", "/free", "freeing memory", json=body)
+
     async def cancel(self, prompt_id: str) -> None:
         """Remove the prompt from the queue if pending, interrupt it if running; never touches
         another prompt (the interrupt names its prompt id)."""
@@ -387,13 +392,17 @@ class ComfyUI:
 
     async def upload_input(self, data: bytes, filename: str) -> str:
         """Into ComfyUI's input folder (written there when it is on our disk, else POST
-        /upload/image); returns the name to use in the workflow."""
+        /upload/image); `filename` may name a subfolder (`sub/name.png`); returns the name to
+        use in the workflow."""
         written = await self._write_input(data, filename)
         if written is not None:
             return written
+        subfolder, _, name = filename.rpartition("/")
         form = aiohttp.FormData()
-        form.add_field("image", data, filename=filename, content_type="application/octet-stream")
+        form.add_field("image", data, filename=name, content_type="application/octet-stream")
         form.add_field("type", "input")
+        if subfolder:
+            form.add_field("subfolder", subfolder)
         form.add_field("overwrite", "true")
         try:
             answer = await self._json("POST", "/upload/image", "uploading an input", data=form)

@@ -85,6 +85,8 @@ class Supervisor:
         self.problem = "ComfyUI is starting"  # why it is not ready, for health
         self._ready = asyncio.Event()
         self._process: asyncio.subprocess.Process | None = None
+        self._planned = False  # the child is being restarted on purpose (`restart`)
+        self.restarts = 0  # planned restarts
 
     @property
     def ready(self) -> bool:
@@ -118,6 +120,9 @@ class Supervisor:
                 continue
             started = asyncio.get_running_loop().time()
             code, was_ready = await self._run_once()
+            if self._planned:  # stopped on purpose: a new one at once
+                self._planned = False
+                continue
             lived = asyncio.get_running_loop().time() - started
             backoff = BACKOFF_START if lived > 60 else min(backoff * 2, BACKOFF_MAX)
             when = "after" if was_ready else "before it was ready, after"
@@ -195,6 +200,29 @@ class Supervisor:
                     )
                     log.error("%s", self.problem)
             await asyncio.sleep(0.1)
+
+    def rss(self) -> int | None:
+        """The running child's resident memory in bytes (from /proc), None when none runs or the
+        system cannot tell."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return None
+        try:
+            with open(f"/proc/{process.pid}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    async def restart(self) -> None:
+        """Stop the child (its memory with it); `run` starts a new one at once. Callers wait for
+        it with `wait_ready`."""
+        self._planned = True
+        self.restarts += 1
+        self._ready.clear()
+        await self._stop_child()
 
     def _port(self) -> int | None:
         return self.address[1] if self.address else None

@@ -22,6 +22,7 @@ RUN_QUERY_FLAGS = (
     "stream",
     "workflow_id",
     "priority",
+    "lane",
     "output_format",
     "output_quality",
     "output_max_side",

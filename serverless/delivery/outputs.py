@@ -24,6 +24,8 @@ from ..errors import OutputError, ServerlessError
 from .convert import Converter
 from .storage import Source
 
+INLINE_ENCODE_BYTES = 64 * 1024  # encoded in the event loop up to this size (less than a thread trip)
+
 FileKey = tuple[str, str, str]
 # Told of each output as soon as it is read (and uploaded): its result item, base64 left out.
 ReadyCallback = Callable[[dict[str, Any]], None]
@@ -163,7 +165,11 @@ class OutputCollector:
         oss = None
         if self._uploader is not None and content is not None:
             oss = await self._uploader(content, len(content), name, mime)
-        encoded = base64.b64encode(content) if self._base64 and content is not None else None
+        encoded = None
+        if self._base64 and content is not None:
+            # A few megabytes take milliseconds to encode: off the event loop, other jobs go on.
+            small = len(content) <= INLINE_ENCODE_BYTES
+            encoded = base64.b64encode(content) if small else await asyncio.to_thread(base64.b64encode, content)
         size = len(content) if content is not None else size
         # Keep only the base64 (spliced into the JSON later, never copied into a str): a big
         # output is held at most twice at once, while it is being encoded.

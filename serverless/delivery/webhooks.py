@@ -86,7 +86,7 @@ class Webhooks:
         self._timeout = timeout
         self._record = record
         self._counted = counted  # a delivery's outcome, for the metrics
-        self._tasks: dict[object, asyncio.Task[Delivery]] = {}
+        self._tasks: dict[object, asyncio.Task[Delivery | None]] = {}
 
     async def check(self, url: str) -> str:
         """`url` if a webhook may be sent there, else InvalidParams (never quoting the URL)."""
@@ -112,8 +112,9 @@ class Webhooks:
                 raise InvalidParams(f"callback_url host {host} resolves to a refused address ({address}){ALLOW_HINT}")
         return url
 
-    def start(self, key: object, task_id: str, url: str, ended: Awaitable[bytes]) -> None:
-        """Deliver the terminal payload `ended` gives, in a task owned here (`key`: the job)."""
+    def start(self, key: object, task_id: str, url: str, ended: Awaitable[bytes | None]) -> None:
+        """Deliver the terminal payload `ended` gives, in a task owned here (`key`: the job); none
+        when it gives None (a fleet job handed to another worker, which delivers it)."""
         task = asyncio.create_task(self._run(task_id, url, ended), name=f"webhook {task_id}")
         self._tasks[key] = task
         task.add_done_callback(lambda _: self._tasks.pop(key, None))
@@ -136,8 +137,10 @@ class Webhooks:
         if pending:
             await asyncio.wait(pending)
 
-    async def _run(self, task_id: str, url: str, ended: Awaitable[bytes]) -> Delivery:
+    async def _run(self, task_id: str, url: str, ended: Awaitable[bytes | None]) -> Delivery | None:
         body = await ended
+        if body is None:
+            return None
         delivery = await self.deliver(task_id, url, body)
         self._counted(delivery.delivered)
         fields = {"url_host": delivery.url_host, "status": delivery.status, "attempts": delivery.attempts}

@@ -179,6 +179,27 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=("401",),
         operation_id="preStopPost",
     ),
+    # -- tenants -------------------------------------------------------------------------------
+    Operation(
+        "/api/usage",
+        "get",
+        "operations",
+        "Usage per API key",
+        "Jobs by state, GPU seconds (ComfyUI's execution time), bytes of results sent and models "
+        "downloaded, kept by the hour. A key reads its own; an admin key (`admin=yes` in "
+        "API_KEYS_FILE) any key's by label, or every key's with `key=*` (403 FORBIDDEN otherwise).",
+        params=(
+            Param("since", "query", "Unix seconds or ISO 8601 (counted from its hour); default: as far back as kept"),
+            Param("key", "query", "a key's label (an admin's call), or `*` for every key"),
+        ),
+        replies=(
+            Reply(
+                "200", '{"since", "keys": [{"key", "jobs", "gpu_seconds", "bytes_out", "models_downloaded"}]}', "object"
+            ),
+        ),
+        errors=("400", "401", "403", "404"),
+        operation_id="getUsage",
+    ),
     # -- hosted workflows -----------------------------------------------------------------------
     Operation(
         "/api/workflows",
@@ -352,6 +373,110 @@ OPERATIONS: tuple[Operation, ...] = (
         (SSE,),
         ("400", "404"),
         "events",
+    ),
+    # -- models (issue 29) -----------------------------------------------------------------------
+    Operation(
+        "/api/models",
+        "get",
+        "models",
+        "The models the store holds",
+        "Each placed model: `folder`, `name` (as ComfyUI lists it), `sha256`, `bytes`, `source`, `pinned`, "
+        "`last_used`. On a fleet's gateway: what its workers' stores published.",
+        (Param("folder", "query", "only this models folder (checkpoints, loras, vae...)"),),
+        replies=(Reply("200", '`{"models": [...]}`', "object"),),
+        operation_id="listModels",
+    ),
+    Operation(
+        "/api/models",
+        "post",
+        "models",
+        "Import a model",
+        'Body `{"source", "folder", "name"?, "sha256"?, "pin"?}`: `source` is `https://...`, `oss://bucket/key`, '
+        "`s3://bucket/key` or `sha256:<hex>`. Runs as a task where the models live (a fleet: a worker); follow it "
+        "with `task`, `events` or `status` (`serverless_progress` carries `bytes_done` and `bytes_total`). "
+        "With API keys, a key is needed.",
+        body_required=True,
+        replies=(Reply("202", "the import's task", "Accepted"),),
+        errors=("400", "401"),
+        operation_id="importModel",
+    ),
+    Operation(
+        "/api/models/{folder}/{name}",
+        "delete",
+        "models",
+        "Delete a model",
+        "Removes the placed name (and the file when no other name holds it). 409 while a running job uses it.",
+        (
+            Param("folder", "path", "the models folder", required=True),
+            Param("name", "path", "the model's name", required=True),
+        ),
+        replies=(Reply("200", '`{"folder", "name"}` deleted', "object"),),
+        errors=("400", "401", "404", "409"),
+        operation_id="deleteModel",
+    ),
+    Operation(
+        "/api/models/{folder}/{name}/pin",
+        "put",
+        "models",
+        "Pin or unpin a model",
+        'Body `{"pinned": true|false}`: a pinned model is never evicted under MODEL_CACHE_MAX_BYTES.',
+        (
+            Param("folder", "path", "the models folder", required=True),
+            Param("name", "path", "the model's name", required=True),
+        ),
+        replies=(Reply("200", "the model's listing entry", "object"),),
+        errors=("400", "401", "404"),
+        operation_id="pinModel",
+    ),
+    Operation(
+        "/api/tasks",
+        "get",
+        "jobs",
+        "The tasks, newest first, a page at a time",
+        "From the status store (the folder on a box, Redis on a fleet); with API keys, the caller's own. "
+        "`next_cursor` (null at the end) asks for the next page.",
+        (
+            Param("state", "query", "queued, running, succeeded, failed or cancelled"),
+            Param("workflow_id", "query", "a hosted workflow's tasks only"),
+            Param("limit", "query", "rows per page, 1-200 (default 50)", "integer"),
+            Param("cursor", "query", "the `next_cursor` of the previous page"),
+        ),
+        replies=(Reply("200", "a page of task summaries and the next cursor", "TaskList"),),
+        errors=("400",),
+        operation_id="tasks",
+    ),
+    Operation(
+        "/api/fleet/dead-letters",
+        "get",
+        "operations",
+        "The fleet's dead letters, newest first",
+        "Queue entries no worker could read and jobs whose workers died under them twice; with API keys, "
+        "the caller's own. Empty on one box (no queue).",
+        (Param("limit", "query", "how many, 1-1000 (default 100)", "integer"),),
+        replies=(Reply("200", '`{"dead_letters": [{id, task_id, priority, reason, worker, at}]}`', "object"),),
+        errors=("400", "503"),
+        operation_id="deadLetters",
+    ),
+    Operation(
+        "/api/fleet/dead-letters/{letter_id}/requeue",
+        "post",
+        "operations",
+        "Queue a dead letter again: its task runs once more, as a new attempt",
+        params=(Param("letter_id", "path", "the dead letter's id", required=True),),
+        replies=(Reply("202", "`{id, task_id, state: queued, entry}`", "object"),),
+        errors=("400", "404", "503"),
+        operation_id="requeueDeadLetter",
+    ),
+    Operation(
+        "/api/fleet/workers",
+        "get",
+        "operations",
+        "The fleet's live workers and what each holds",
+        "Each worker's heartbeat: lane, whether it runs a job, resident models, model files, node classes "
+        "(a count), VRAM. Empty on one box.",
+        replies=(Reply("200", '`{"workers": [{name, lane, busy, resident_models, model_files, ...}]}`', "object"),),
+        errors=("503",),
+        operation_id="fleetWorkers",
     ),
     # -- result delivery (issue 14) -------------------------------------------------------------
     Operation(
@@ -561,7 +686,8 @@ COMFYUI_OPERATIONS: tuple[Operation, ...] = (
     ),
     *_comfyui("/system_stats", "get", "A worker's ComfyUI's system stats"),
     *_comfyui("/embeddings", "get", "A worker's ComfyUI's embeddings"),
-    *_comfyui("/models", "get", "A worker's ComfyUI's model folders"),
+    # `GET /api/models` is ours (the model store, CONTRACT section 8); ComfyUI's answers at `/models`.
+    *(op for op in _comfyui("/models", "get", "A worker's ComfyUI's model folders") if op.path != "/api/models"),
     *_comfyui(
         "/models/{folder}", "get", "The models in one folder", "", Param("folder", "path", "the folder", required=True)
     ),
@@ -616,12 +742,88 @@ V2_OPERATIONS: tuple[Operation, ...] = (
     _v2("/api/v2/assets/{id}", "delete", "Forget an asset record", status="204"),
     _v2("/api/v2/assets/{id}/content", "get", "An asset's bytes (ranges served)"),
 )
-OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS + V2_OPERATIONS
+BATCH_ID = Param("batch_id", "path", "the batch's id (`batch-<hex>`)", required=True)
+BATCH_OPERATIONS: tuple[Operation, ...] = (  # issue 34: serverless/batches
+    Operation(
+        "/api/batches",
+        "post",
+        "batches",
+        "Run many items of one workflow as one batch",
+        '`{"workflow_id" | "workflow", "items": [overrides...]}` or `{..., "sweep": {"<param>": [values...]}, '
+        '"mode": "product" | "zip"}`, with the run flags (`output_oss`, `output_format`, `priority`, '
+        "`callback_url`, `item_webhooks`...). Every item is checked first; each runs as task `<batch_id>-<index>`.",
+        body="object",
+        replies=(Reply("202", "`{batch_id, total, task_ids}`", "object"),),
+        errors=("400", "404", "503"),
+        operation_id="createBatch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}",
+        "get",
+        "batches",
+        "A batch's counts by state, percent, ETA and a page of its items",
+        params=(
+            BATCH_ID,
+            Param("offset", "query", "the first item listed", "integer"),
+            Param("limit", "query", "items listed (default 100, at most 1000)", "integer"),
+        ),
+        replies=(Reply("200", "state, counts, percent, eta_s, items (task id, state, outputs)", "object"),),
+        errors=("400", "404"),
+        operation_id="batch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/events",
+        "get",
+        "batches",
+        "A batch's events as SSE, resumable",
+        "`batch_item`, `batch_progress`, then `batch_end`; `Last-Event-ID` (or `after`) resumes.",
+        (BATCH_ID, Param("after", "query", "resume after event N", "integer")),
+        None,
+        True,
+        (SSE,),
+        ("400", "404"),
+        "batchEvents",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/cancel",
+        "post",
+        "batches",
+        "Cancel a batch: items not submitted dropped, queued and running ones cancelled",
+        params=(BATCH_ID,),
+        body_required=False,
+        replies=(Reply("202", "cancelling", "object"),),
+        errors=("400", "404", "409"),
+        operation_id="cancelBatch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/retry",
+        "post",
+        "batches",
+        "Run a batch's failed items again (new attempts of the same tasks)",
+        params=(BATCH_ID,),
+        body_required=False,
+        replies=(Reply("202", "`{batch_id, retried, task_ids}`", "object"),),
+        errors=("400", "404", "409"),
+        operation_id="retryBatch",
+    ),
+    Operation(
+        "/api/batches/{batch_id}/manifest",
+        "get",
+        "batches",
+        "A batch's manifest: one JSON line per item (parameters, task, state, outputs)",
+        params=(BATCH_ID,),
+        replies=(Reply("200", "JSON lines", "string", "application/x-ndjson"),),
+        errors=("400", "404"),
+        operation_id="batchManifest",
+    ),
+)
+OPERATIONS = OPERATIONS + COMFYUI_OPERATIONS + V2_OPERATIONS + BATCH_OPERATIONS
 
 ERROR_TEXT = {
     "400": "INVALID_PARAMS, PROMPT_ERROR or INPUT_ERROR",
     "401": "UNAUTHORIZED",
-    "403": "a tampered or expired link",
+    "403": "FORBIDDEN (an API key out of its scope) or UNAUTHORIZED (a tampered or expired link)",
+    "429": "RATE_LIMITED: the API key's rate= (with Retry-After)",
     "404": "NOT_FOUND",
     "409": (
         "a conflict: the task already ended, an Idempotency-Key reused with another body, or (with API keys) "
@@ -636,6 +838,7 @@ TAGS = {
     "workflows": "Hosted workflows: register once, run with parameters",
     "jobs": "Job control: summary, cancel, resumable events",
     "delivery": "Result delivery",
+    "models": "Models on demand: the content-addressed model store",
     "operations": "Health, readiness, metrics",
     "fc": "Function Compute lifecycle hooks",
     "docs": "This reference and the playground",

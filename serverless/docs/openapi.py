@@ -161,6 +161,13 @@ def schemas() -> dict[str, Any]:
             },
         },
         "Task": _task_schema(),
+        "TaskList": {
+            "type": "object",
+            "properties": {
+                "tasks": {"type": "array", "items": {"type": "object", "description": "a task's summary, no outputs"}},
+                "next_cursor": {"type": ["string", "null"]},
+            },
+        },
         "Cancelling": {
             "type": "object",
             "properties": {

@@ -23,7 +23,12 @@ from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..settings import Settings, SettingsError
 from ..status.redis import RedisStatus
+from . import staging
+from .admission import stale_after
+from .affinity import Affinity
 from .gateway import RemoteJobs
+from .healing import Healing
+from .heartbeat import Heartbeat
 from .queue import RedisQueue
 from .worker import Consumer
 
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY = 60.0  # seconds between a worker's announcements of its ComfyUI's nodes
 INFO_PATHS = ("/system_stats", "/embeddings", "/models")
+CONSUMER_STOP = 5.0  # seconds a drained worker's consumer has to acknowledge or hand back its last job
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +59,11 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     if status is None:
         raise SettingsError("QUEUE_BACKEND=redis needs STATUS_BACKEND=redis")  # settings refuse it already
     takes_jobs = settings.fleet.role in ("all", "worker")
-    queue = RedisQueue(status.client, status)
+    inputs_ttl = staging.ttl(
+        settings.fleet.queue_ttl, settings.service.job_timeout, settings.fleet.claim_idle, status.ttl
+    )
+    stale = stale_after(settings.service.job_timeout, settings.fleet.queue_ttl, settings.fleet.claim_idle)
+    queue = RedisQueue(status.client, status, stale, resources.tenants.usage, inputs_ttl)
     storage = resources.storage
     front = RemoteJobs(
         queue,
@@ -67,20 +77,41 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
     consumer_task: asyncio.Task[None] | None = None
     consumer = None
     publisher: asyncio.Task[None] | None = None
+    beating: asyncio.Task[None] | None = None
+    heartbeat: Heartbeat | None = None
     if takes_jobs:
         publisher = asyncio.create_task(publish_object_info(resources, status), name="publish object_info")
-        consumer = Consumer(
-            status.client, status, jobs, settings, f"{settings.service.instance_id}:{settings.service.port}"
+        name = f"{settings.service.instance_id}:{settings.service.port}"
+        lane = settings.scheduling.worker_lane
+        heartbeat = Heartbeat(status.client, resources.comfy, name, lane, resources.metrics)
+        beating = asyncio.create_task(heartbeat.run_forever(), name=f"heartbeat {name}")
+        consumer = Consumer(status.client, status, jobs, settings, name)
+        consumer.heartbeat = heartbeat
+        consumer.affinity = Affinity(status.client, heartbeat, consumer.streams, settings.scheduling.affinity_wait)
+        consumer.healing = Healing(
+            resources.comfy,
+            resources.supervisor,
+            settings.scheduling,
+            resources.metrics,
+            heartbeat,
+            settings.comfyui.startup_timeout,
         )
         consumer_task = asyncio.create_task(consumer.run_forever(), name=f"consumer {consumer.name}")
-        log.info("worker %s takes jobs from Redis for ComfyUI at %s", consumer.name, settings.comfyui.url)
+        log.info("worker %s takes jobs from Redis (lane %r) for ComfyUI at %s", name, lane, settings.comfyui.url)
     try:
         yield Fleet(front, consumer)
     finally:
+        if consumer_task is not None and not jobs.accepting:  # drained: its job acknowledged or handed back
+            await asyncio.wait({consumer_task}, timeout=CONSUMER_STOP)
         for task in (consumer_task, publisher):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if beating is not None:  # bounded: a beat stuck in a call to a stopping peer never holds the shutdown
+            beating.cancel()
+            await asyncio.wait([beating], timeout=2.0)
+        if heartbeat is not None:
+            await heartbeat.leave()
 
 
 async def publish_object_info(resources: Resources, status: RedisStatus, every: float = PUBLISH_EVERY) -> None:

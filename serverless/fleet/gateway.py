@@ -22,12 +22,15 @@ from ..jobs.job import Job
 from ..jobs.registry import BUSY_RETRY_AFTER, Jobs
 from ..jobs.spec import JobSpec
 from ..ops.metrics import Metrics
-from ..status.redis import RedisStatus
+from ..status.redis import RedisStatus, translated
+from .heartbeat import WorkerView, live_workers, missing
+from .needs import needs_of_spec
 from .queue import RedisQueue
 
 log = logging.getLogger(__name__)
 
 STRANDED_CHECK = 1.0  # seconds between a waiting follower's looks at its job's place in the queue
+WORKERS_FRESH = 1.0  # seconds the workers' heartbeats are trusted by the check of what a job needs
 DEPTH_FRESH = 0.1  # seconds a reading of the queue's depth is trusted by admission (plus what we added since)
 
 
@@ -155,6 +158,7 @@ class RemoteJobs:
         self.letting_go = asyncio.Event()  # set when a drain's time is up: followers end at once
         self._depth: tuple[float, int] | None = None  # (when read, jobs waiting then)
         self._added = 0  # jobs this gateway queued since that reading
+        self._workers: tuple[float, list[WorkerView]] | None = None  # (when read, live workers then)
 
     @property
     def running(self) -> int:
@@ -212,10 +216,27 @@ class RemoteJobs:
                 "credentials; send the request without those headers"
             )
         await self.check_room()
+        await self._check_able(spec)
         submitted = await self.queue.submit(spec, spec.priority, spec.idempotency_key)
         self._added += 1
         self.metrics.job_started(spec.mode)
         return RemoteJob(spec, submitted.task_id, submitted.attempt, self.status, self)
+
+    async def _check_able(self, spec: JobSpec) -> None:
+        """INVALID_PARAMS with `raw.missing` for a job needing node classes or model files no
+        live worker of its lane has (heartbeats, read at most every WORKERS_FRESH seconds)."""
+        now = time.monotonic()
+        if self._workers is None or now - self._workers[0] > WORKERS_FRESH:
+            with translated():
+                self._workers = (now, await live_workers(self.queue.client))
+        lacking = missing(await needs_of_spec(spec.workflow, spec.big), self._workers[1], spec.lane)
+        if lacking is not None:
+            lane = f"lane {spec.lane!r}" if spec.lane else "the default lane"
+            what = ", ".join(lacking["nodes"] + lacking["models"])
+            raise InvalidParams(
+                f"no worker of {lane} can run this workflow: it lacks {what}",
+                raw={"missing": lacking, "lane": spec.lane},
+            )
 
     async def measure(self) -> None:
         """The queue's depth, jobs taken and workers, into this gateway's metrics (the last

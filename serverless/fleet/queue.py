@@ -9,6 +9,7 @@
     cancel:<task_id>:<entry id> a stream: one entry once a cancel was acknowledged ("cancelling")
     ended:<task_id>:<entry id>  a stream: one entry `state` once its worker decided how it ends
     dead:jobs                   queue entries no worker could read (dead letters, capped)
+    staged:<task_id>:<name>     a submission's big inputs, apart from its entry (`staging`)
     (every key is named in `serverless.status.keys`)
 
 Taking a submission and cancelling it race on one SET NX: a queued job cancelled first is ended
@@ -42,7 +43,10 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
-from .wire import GROUP, PRIORITIES, encode_spec, fingerprint, stream
+from ..tenants.usage import NoUsage, UsageStore
+from . import staging
+from .admission import Admission, held
+from .wire import GROUP, PRIORITIES, count_of, encode_spec, fingerprint, lane_of, stream
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +84,29 @@ return won
 
 # A submission in one step: the task's owner claimed (SET NX: never overwritten; ARGV[5] = "1"
 # when the caller has checked a standing claim is the same owner's), its entry, the entry's
-# ordinal, the task's pointer to it ("<stream> <entry id> <ordinal>"), and the task's newest
-# attempt number read. -> {1, number, entry id}, or {0, number, owner held} when another claim stands.
+# ordinal, the task's pointer to it ("<stream> <entry id> <ordinal>"), the task listed (KEYS[6..]:
+# ARGV[7] member, ARGV[8] score, past ARGV[9] dropped), and the task's newest attempt number read.
+# ARGV[6]: its staged inputs' name ("": none). -> {1, number, entry id}, or {0, number, owner held}
+# when another claim stands.
 ENQUEUE = """
 local number = redis.call('GET', KEYS[5]) or '0'
 if ARGV[5] ~= '1' and not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
   return {0, number, redis.call('GET', KEYS[4])}
 end
-local entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
+local entry
+if ARGV[6] ~= '' then  -- its big inputs staged apart, under this name
+  entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2], 'inputs', ARGV[6])
+else
+  entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
+end
 local ordinal = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[3], KEYS[1] .. ' ' .. entry .. ' ' .. ordinal, 'EX', ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
+for i = 6, #KEYS do  -- the task lists (`GET /api/tasks`): every task's, its owner's
+  redis.call('ZADD', KEYS[i], 'NX', ARGV[8], ARGV[7])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[9])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
 return {1, number, entry}
 """
 
@@ -140,12 +156,22 @@ class Submitted:
 class RedisQueue:
     """Gateways' side of the queue."""
 
-    def __init__(self, client: aioredis.Redis, status: RedisStatus) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        status: RedisStatus,
+        stale: float = 86400.0,
+        usage: UsageStore | None = None,
+        inputs_ttl: int = 0,
+    ) -> None:
         self.client = client
         self.status = status
+        self.usage = usage or NoUsage()  # jobs ended here, never run, in their key's usage
+        self.admission = Admission(client, status.ttl, stale)  # a key's concurrency (`fleet.admission`)
+        self.inputs_ttl = inputs_ttl or status.ttl  # how long staged inputs are kept (`staging.ttl`)
         self._cancel = client.register_script(CANCEL)
         self._enqueue_script = client.register_script(ENQUEUE)
-        self._grouped = False  # the workers' consumer group made on every stream (by us, or a worker)
+        self._grouped: set[str] = set()  # lanes whose streams have the workers' group (made by us, or a worker)
 
     async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
         """Enqueue `spec` (XADD); with an Idempotency-Key, the first request claims it (SET NX) and
@@ -165,43 +191,101 @@ class RedisQueue:
                     with contextlib.suppress(Exception):
                         await self.client.delete(_idem(idempotency_key, spec))
                 raise
-        log.info("task_id=%s queued on %s as %s", task_id, stream(priority), entry.decode())
+        log.info("task_id=%s queued on %s as %s", task_id, stream(priority, spec.lane), entry.decode())
         return Submitted(task_id, following, False)
 
-    async def _make_groups(self) -> None:
-        """The workers' group on every queue stream, made before the first job is queued: a
-        queue with no worker yet still tells its lag (KEDA scales workers up from zero on it)."""
+    async def _make_groups(self, lane: str) -> None:
+        """The workers' group on every queue stream of a lane, made before its first job is
+        queued: a queue with no worker yet still tells its lag (KEDA scales workers up from zero
+        on it). The lane is listed in `fleet:lanes` (admission counts every lane's jobs)."""
         for priority in PRIORITIES:
             try:
-                await self.client.xgroup_create(stream(priority), GROUP, id="0", mkstream=True)
+                await self.client.xgroup_create(stream(priority, lane), GROUP, id="0", mkstream=True)
             except rexc.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self._grouped = True
+        await self.client.sadd(keys.LANES, lane)
+        self._grouped.add(lane)
 
     async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
-        """Queue the spec (`ENQUEUE`: one round trip): the task is the key's that first queued it
-        ("": anyone's); another key naming it is refused before anything is queued. Returns the
-        attempt its caller follows and the entry id."""
-        if not self._grouped:
-            await self._make_groups()
+        """Queue the spec (`ENQUEUE`: one round trip, the task listed for `GET /api/tasks` in it):
+        the task is the key's that first queued it ("": anyone's); another key naming it is
+        refused before anything is queued. Returns the attempt its caller follows and the entry id."""
+        if spec.lane not in self._grouped:
+            await self._make_groups(spec.lane)
         validate_task_id(task_id)
         owner = spec.owner or ""
-        names = [
-            stream(priority),
-            keys.queue_count(priority),
-            keys.submission(task_id),
-            keys.owner(task_id),
-            keys.attempts(task_id),
-        ]
-        args: list[Any] = [task_id, encode_spec(_named(spec, task_id)), self.status.ttl, owner, "0"]
+        # Big inputs travel apart (`staging`): the entry holds the workflow without them.
+        light, staged = staging.split(spec.workflow)
+        name = ""
+        if staged:
+            name = staging.new_name()
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.staged_inputs(task_id, name), mapping=staged)  # type: ignore[arg-type]
+                pipe.expire(keys.staged_inputs(task_id, name), self.inputs_ttl)
+                await pipe.execute()
+        encoded = encode_spec(_named(replace(spec, workflow=light), task_id))
+        if spec.owner and spec.concurrency and not spec.lane:  # queued, or held behind its key's own
+            following = await self.status.current(task_id) + 1
+            await self._claim_owner(task_id, owner)
+            _, entry, _ = await self.admission.admit(spec, task_id, priority, encoded, name)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.expire(keys.owner(task_id), self.status.ttl)
+                self.status.index_task(pipe, task_id, spec.owner, spec.workflow_id, time.time())
+                await pipe.execute()
+            return following, entry.encode()
+        queue = stream(priority, spec.lane)
+        names = [queue, count_of(queue), keys.submission(task_id), keys.owner(task_id), keys.attempts(task_id)]
+        names += [keys.TASKS, keys.tasks_of(owner)] if owner else [keys.TASKS]  # listed (`GET /api/tasks`)
+        now = time.time()
+        member = f"{task_id} {spec.workflow_id or ''}"
+        listing = [member, int(now * 1000), int((now - self.status.ttl) * 1000)]
+        args: list[Any] = [task_id, encoded, self.status.ttl, owner, "0", name, *listing]
         answer: Any = await self._enqueue_script(keys=names, args=args)
         if not int(answer[0]):  # the task was queued before: by the same key, it is queued again
-            held = answer[2] if len(answer) > 2 else None
-            if held and not hmac.compare_digest(held, owner.encode()):
+            taken_by = answer[2] if len(answer) > 2 else None
+            if taken_by and not hmac.compare_digest(taken_by, owner.encode()):
+                if name:
+                    await self.client.delete(keys.staged_inputs(task_id, name))
                 raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
-            answer = await self._enqueue_script(keys=names, args=[*args[:4], "1"])
+            answer = await self._enqueue_script(keys=names, args=[*args[:4], "1", *args[5:]])
         return int(answer[1]) + 1, answer[2]
+
+    async def _add(self, task_id: str, name: str, fields: dict[str, Any], spec: JobSpec | None) -> Any:
+        """One step: the entry, its ordinal, and a submission mark that a follower never reads as
+        "lost" (`end_if_stranded`) before the entry's own id replaces it. The task is listed
+        (`GET /api/tasks`) from its first submission (`spec`)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(keys.submission(task_id), f"{name} {PENDING} 0", ex=self.status.ttl)
+            pipe.expire(keys.owner(task_id), self.status.ttl)
+            pipe.xadd(name, fields)  # type: ignore[arg-type]
+            pipe.incr(count_of(name))
+            if spec is not None:
+                self.status.index_task(pipe, task_id, spec.owner, spec.workflow_id, time.time())
+            _, _, entry, ordinal, *_ = await pipe.execute()
+        where = f"{name} {entry.decode()} {ordinal}"
+        await self.client.set(keys.submission(task_id), where, ex=self.status.ttl)
+        return entry
+
+    async def requeue(self, task_id: str, name: str, fields: dict[bytes, bytes]) -> str:
+        """Queue a dead letter's entry again in its stream `name` (`deadletters.taken_back`): a
+        new submission of its task, run as its next attempt. Returns the new entry's id."""
+        lane = lane_of(name)
+        with translated():
+            if lane not in self._grouped:
+                await self._make_groups(lane)
+            entry = await self._add(task_id, name, {key.decode(): value for key, value in fields.items()}, None)
+        log.info("task_id=%s queued again from the dead letters on %s as %s", task_id, name, entry.decode())
+        return str(entry.decode())
+
+    async def _claim_owner(self, task_id: str, owner: str) -> None:
+        """The task is the key's that first queued it ("": anyone's): SET NX, never overwritten;
+        another key naming it is refused before anything is queued."""
+        if await self.client.set(keys.owner(task_id), owner, nx=True, ex=self.status.ttl):
+            return
+        taken_by: Any = await self.client.get(keys.owner(task_id))
+        if taken_by and not hmac.compare_digest(taken_by, owner.encode()):
+            raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
 
     async def _attach(self, key: str, spec: JobSpec) -> Submitted:
         value: Any = await self.client.get(_idem(key, spec))
@@ -221,6 +305,11 @@ class RedisQueue:
         validate_task_id(task_id)
         with translated():
             name, entry = await self._submission(task_id)
+            if held(name):  # waiting behind its key's own jobs: claimed here, or moved to the queue meanwhile
+                if await self.client.set(keys.run_claim(task_id, entry), CANCELLED, nx=True, ex=self.status.ttl):
+                    await self._remove_queued(task_id, name, entry)
+                    return "cancelled"
+                name, entry = await self._submission(task_id)
             ended = await self._ended(task_id)
             if ended is None:
                 names = [keys.run_claim(task_id, entry), keys.queue_ended(task_id, entry)]
@@ -287,13 +376,16 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, error)
         log.warning("task_id=%s: %s", task_id, error.message)
+        await self._release(task_id, "failed")
         return True
 
     async def depth(self) -> int:
-        """Jobs waiting for a worker, every priority together (each group's lag: the entries it
-        has not handed out yet)."""
+        """Jobs waiting for a worker, every priority of every lane together (each group's lag:
+        the entries it has not handed out yet)."""
         with translated():
-            return sum(group.lag for group in (await self._groups()).values())
+            lanes: Any = await self.client.smembers(keys.LANES)
+            every = {""} | {lane.decode() for lane in lanes}
+            return sum(group.lag for group in (await self._groups(sorted(every))).values())
 
     async def position(self, task_id: str) -> int | None:
         """How many jobs a worker takes before this task's newest submission (those of higher
@@ -307,38 +399,40 @@ class RedisQueue:
             if len(parts) < 3 or parts[1] == PENDING:
                 return None
             name, ordinal = parts[0], int(parts[2])
-            groups = await self._groups()
+            lane = lane_of(name)
+            groups = await self._groups([lane])
         own = groups.get(name)
         if own is None or own.read is None or own.read >= ordinal:
             return None  # handed to a worker already (or the group's counter is unknown)
         ahead = ordinal - own.read - 1
-        for priority in PRIORITIES:
-            if stream(priority) == name:
+        for priority in PRIORITIES:  # the higher priorities of its lane go first
+            if stream(priority, lane) == name:
                 break
-            ahead += groups[stream(priority)].lag if stream(priority) in groups else 0
+            ahead += groups[stream(priority, lane)].lag if stream(priority, lane) in groups else 0
         return ahead
 
     async def groups(self) -> dict[str, GroupState]:
-        """Each priority's stream as its consumer group sees it."""
+        """Each priority's stream of the default lane as its consumer group sees it."""
         with translated():
-            groups = await self._groups()
+            groups = await self._groups([""])
         return {priority: groups[stream(priority)] for priority in PRIORITIES if stream(priority) in groups}
 
-    async def _groups(self) -> dict[str, GroupState]:
-        """Each queue stream's consumer group: its lag and its read counter (Redis 7)."""
+    async def _groups(self, lanes: list[str]) -> dict[str, GroupState]:
+        """Each queue stream's consumer group of `lanes`: its lag and its read counter (Redis 7)."""
+        names = [stream(priority, lane) for lane in lanes for priority in PRIORITIES]
         async with self.client.pipeline(transaction=False) as pipe:
-            for priority in PRIORITIES:
-                pipe.xinfo_groups(stream(priority))
-                pipe.get(keys.queue_count(priority))
+            for name in names:
+                pipe.xinfo_groups(name)
+                pipe.get(count_of(name))
             answers = await pipe.execute(raise_on_error=False)
         found: dict[str, GroupState] = {}
-        for index, priority in enumerate(PRIORITIES):
+        for index, name in enumerate(names):
             groups, added = answers[2 * index], answers[2 * index + 1]
             if isinstance(groups, Exception):
                 continue  # no such stream yet: nothing waits in it
             for group in groups:
                 if group["name"] in (GROUP, GROUP.encode()):
-                    found[stream(priority)] = GroupState.of(group, int(added or 0))
+                    found[name] = GroupState.of(group, int(added or 0))
         return found
 
     async def _remove_queued(self, task_id: str, name: str, entry: str) -> None:
@@ -347,6 +441,16 @@ class RedisQueue:
         attempt = await self.status.begin(task_id)
         await self.status.append_terminal(task_id, attempt.number, cancelled_by_request())
         log.info("task_id=%s: cancelled while queued in %s (entry %s is skipped)", task_id, name, entry)
+        await self._release(task_id, "cancelled")
+
+    async def _release(self, task_id: str, state: str) -> None:
+        """A job that will never run: counted in its key's usage as ended `state`, and its key's
+        place goes to the key's next held job."""
+        held: Any = await self.client.get(keys.owner(task_id))
+        owner = held.decode() if held else None
+        await self.usage.count(owner, {f"jobs_{state}": 1})
+        if owner:
+            await self.admission.release(owner, task_id)
 
     async def _ended(self, task_id: str) -> str | None:
         """The final state of the task's current attempt, None while it is queued or runs."""

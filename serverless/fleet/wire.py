@@ -20,9 +20,20 @@ PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")  # the order worker
 GROUP = "workers"
 
 
-def stream(priority: str) -> str:
-    """The queue stream of a priority."""
-    return keys.queue(priority)
+def stream(priority: str, lane: str = "") -> str:
+    """The queue stream of a priority in a lane ("": the default lane)."""
+    return keys.queue(priority, lane)
+
+
+def lane_of(name: str) -> str:
+    """The lane of a queue stream's name (`jobs:<priority>`: "", `jobs:<lane>:<priority>`)."""
+    parts = name.split(":")
+    return parts[1] if len(parts) == 3 else ""
+
+
+def count_of(name: str) -> str:
+    """The key counting a queue stream's entries (an entry's ordinal)."""
+    return keys.queue_count(name.split(":")[-1], lane_of(name))
 
 
 def encode_spec(spec: JobSpec) -> bytes:
@@ -45,14 +56,17 @@ def encode_spec(spec: JobSpec) -> bytes:
             },
             "task_id": spec.task_id,
             "owner": spec.owner,
+            "concurrency": spec.concurrency,
             "big": spec.big,
             "priority": spec.priority,
+            "lane": spec.lane,
             "idempotency_key": spec.idempotency_key,
             "workflow_id": spec.workflow_id,
             "workflow_version": spec.workflow_version,
             "callback_url": spec.callback_url,
             "previews": spec.previews,
             "native": spec.native,
+            "model_task": spec.model_task,
         }
     )
 
@@ -79,14 +93,17 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         task_id=raw["task_id"],
         credentials=credentials,
         owner=raw.get("owner"),
+        concurrency=int(raw.get("concurrency") or 0),
         big=bool(raw.get("big")),
         priority=raw.get("priority", "normal"),
+        lane=str(raw.get("lane") or ""),
         idempotency_key=raw.get("idempotency_key"),
         workflow_id=raw.get("workflow_id"),
         workflow_version=raw.get("workflow_version"),
         callback_url=raw.get("callback_url"),
         previews=bool(raw.get("previews", False)),
         native=bool(raw.get("native")),
+        model_task=raw.get("model_task"),
     )
 
 

@@ -14,9 +14,15 @@ A job claimed from a dead worker runs once more (a new attempt, its terminal mar
 true`) unless it was cancelled meanwhile (it then ends cancelled on the dead attempt, not run
 again), the dead attempt already stored outputs, or was itself a retry: then it ends WORKER_LOST
 (a GPU is not charged twice, and a job that kills its workers does not take the fleet down one by
-one). Redis down: the loop waits with backoff and goes on when it is back, without a restart; the
-running job goes on too (its recorder keeps its events until they are stored). Anything else that
-stops the loop is logged and the loop starts again after a pause (`restarts` in health).
+one). A job this worker cannot finish itself, its drain having run out of time (SIGTERM past
+DRAIN_TIMEOUT) or its ComfyUI having died under it, is handed back instead (`_hand_back`: no
+terminal payload, its log says `retrying`, its entry claimable at once and free workers woken
+through `fleet:handoffs`), unless it made outputs or is a retry already: a job runs at most twice.
+A job's staged inputs (`staging`) are put back into its workflow before it starts, and deleted as
+its entry is acknowledged. Redis down: the loop waits with backoff and goes on when it is back,
+without a restart; the running job goes on too (its recorder keeps its events until they are
+stored). Anything else that stops the loop is logged and the loop starts again after a pause
+(`restarts` in health).
 """
 
 from __future__ import annotations
@@ -38,10 +44,15 @@ from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisAttempt, RedisStatus
-from . import deadletters
+from . import deadletters, staging
+from .admission import Admission, stale_after
+from .affinity import Affinity
+from .healing import Healing
+from .heartbeat import Heartbeat
+from .needs import needs_of_spec
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
-from .wire import GROUP, PRIORITIES, decode_spec, stream
+from .wire import GROUP, PRIORITIES, decode_spec, encode_spec, stream
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +63,6 @@ FORGET_EVERY = 60.0  # seconds between a consumer's looks for consumers gone for
 FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before it is forgotten
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
-STREAMS = tuple(stream(priority) for priority in PRIORITIES)
 # A queued submission taken in one step: its run claim (SET NX), whether a cancel of it was
 # acknowledged, and, if not, the task's next attempt begun as `status.redis.BEGIN` begins one
 # (the owner's mark named as `keys.alive` names it). -> -1: not ours; 0: ours, cancelled; n: attempt n
@@ -64,6 +74,14 @@ redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[3] .. ':' .. number .. ':alive', '1', 'EX', ARGV[3])
 return number
 """
+STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
+HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
+HANDOFFS_KEPT = 100  # `fleet:handoffs` entries kept (MAXLEN ~): only the newest wakes anyone
+
+
+def lane_streams(lane: str) -> tuple[str, ...]:
+    """The queue streams of a lane, in the order workers read them (highest priority first)."""
+    return tuple(stream(priority, lane) for priority in PRIORITIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +93,8 @@ class Taken:
     task_id: str
     spec: JobSpec
     reclaimed: bool
+    inputs: str | None = None  # the name of its staged inputs (`staging`), None when none were
+    handed: bool = False  # handed to this worker by another (affinity), or taken over from one
 
 
 class Consumer:
@@ -96,6 +116,8 @@ class Consumer:
         self._next_claim = 0.0
         self._end = client.register_script(END)
         self._take_script = client.register_script(TAKE)
+        stale = stale_after(settings.service.job_timeout, settings.fleet.queue_ttl, settings.fleet.claim_idle)
+        self.admission = Admission(client, status.ttl, stale)
         self._trim = client.register_script(TRIM)
         self._next_trim = 0.0
         self._next_forget = 0.0
@@ -103,6 +125,11 @@ class Consumer:
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
         self._idle_known = False  # our ComfyUI was seen idle since our last job (no look needed)
         self._news: set[str] | None = None  # the streams the last wait saw new entries in (None: any)
+        self._handoffs_seen: bytes | None = None  # the newest `fleet:handoffs` entry seen (None: not looked yet)
+        self.streams = lane_streams(settings.scheduling.worker_lane)
+        self.heartbeat: Heartbeat | None = None  # what this worker advertises (`serverless.fleet.heartbeat`)
+        self.affinity: Affinity | None = None  # set with the heartbeat: jobs go where their models are
+        self.healing: Healing | None = None  # the memory check between jobs (`serverless.fleet.healing`)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -148,7 +175,7 @@ class Consumer:
                 continue
             self._idle_known = True
             try:
-                taken = await self._claim_when_due() or await self._next()
+                taken = await self._claim_when_due() or await self._handed() or await self._next()
                 if taken is not None:
                     self._idle_known = False
                     self._news = None  # what a wait saw before this job is not news after it
@@ -194,7 +221,7 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                for name in STREAMS:
+                for name in self.streams:
                     try:
                         await self.client.xgroup_create(name, GROUP, id="0", mkstream=True)
                     except rexc.ResponseError as exc:
@@ -226,7 +253,7 @@ class Consumer:
         that dies now is noticed in time). Running workers refresh theirs every third of it, so
         only a dead worker's entry comes due (ours too, left by an earlier life of this name)."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for name in STREAMS:
+            for name in self.streams:
                 pipe.xpending_range(name, GROUP, min="-", max="+", count=64)
             answers = await pipe.execute()
         soonest = self.claim_idle_ms / 2
@@ -237,7 +264,7 @@ class Consumer:
 
     async def _claim(self) -> Taken | None:
         """A job whose consumer has been silent past the idle threshold (it died)."""
-        for name in STREAMS:
+        for name in self.streams:
             claimed: Any = await self.client.xautoclaim(
                 name, GROUP, self.name, self.claim_idle_ms, start_id="0-0", count=1
             )
@@ -265,7 +292,8 @@ class Consumer:
             for _, entries in answer or []:
                 for entry, fields in entries:
                     self._waiting_since.pop(name, None)
-                    return await self._read(name, entry, fields, reclaimed=False)
+                    taken = await self._read(name, entry, fields, reclaimed=False)
+                    return taken if taken is None or await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         await self._wait_for_news()
         return None
@@ -278,10 +306,10 @@ class Consumer:
         if now >= self._next_aging_look:
             self._next_aging_look = now + AGING_LOOK
             async with self.client.pipeline(transaction=False) as pipe:
-                for name in STREAMS[1:]:
+                for name in self.streams[1:]:
                     pipe.xinfo_groups(name)
                 answers = await pipe.execute(raise_on_error=False)
-            for name, groups in zip(STREAMS[1:], answers, strict=True):
+            for name, groups in zip(self.streams[1:], answers, strict=True):
                 ours = (
                     [] if isinstance(groups, Exception) else [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
                 )
@@ -290,7 +318,26 @@ class Consumer:
                 else:
                     self._waiting_since.pop(name, None)
         starved = [name for name, since in self._waiting_since.items() if now - since >= PRIORITY_AGING]
-        return sorted(starved, key=STREAMS.index) + [name for name in STREAMS if name not in starved]
+        return sorted(starved, key=self.streams.index) + [name for name in self.streams if name not in starved]
+
+    async def _placed_here(self, taken: Taken) -> bool:
+        """Whether this worker runs a job it read (affinity: else handed to a worker holding its
+        models, or able to run it)."""
+        if self.affinity is None:
+            return True
+        needs = await needs_of_spec(taken.spec.workflow, taken.spec.big)
+        return await self.affinity.place(taken.stream, taken.entry, needs)
+
+    async def _handed(self) -> Taken | None:
+        """A job another worker handed to this one, else one handed to a worker that did not take
+        it within AFFINITY_WAIT (`serverless.fleet.affinity`)."""
+        if self.affinity is None:
+            return None
+        found = await self.affinity.handed() or await self.affinity.overdue()
+        if found is None:
+            return None
+        taken = await self._read(*found, reclaimed=False)
+        return None if taken is None else replace(taken, handed=True)
 
     async def _read(self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool) -> Taken | None:
         """The job a queue entry holds; None for one that cannot be read (a dead letter now)."""
@@ -305,7 +352,8 @@ class Consumer:
         except Exception as exc:  # what a gateway never writes: not a job (a pure decode, no I/O)
             await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}")
             return None
-        return Taken(name, entry_id, task_id, spec, reclaimed)
+        inputs = fields.get(b"inputs")
+        return Taken(name, entry_id, task_id, spec, reclaimed, inputs.decode() if inputs else None)
 
     async def _dead_letter(self, name: str, entry: str, fields: dict[bytes, bytes], reason: str) -> None:
         """An entry no worker can run, moved aside (`deadletters.bury`) and counted."""
@@ -314,20 +362,41 @@ class Consumer:
         self.jobs.metrics.queue_dead_letters.inc()
 
     async def _wait_for_news(self) -> None:
-        """Block until an entry no consumer has been given arrives in any stream: XREAD from each
-        group's last delivered id wakes at once if one arrived since the look above."""
+        """Block until an entry no consumer has been given arrives in any stream, or a job is
+        handed back (`fleet:handoffs`: then it is claimed next): XREAD from each group's last
+        delivered id wakes at once if one arrived since the look above."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for name in STREAMS:
+            for name in self.streams:
                 pipe.xinfo_groups(name)
-            answers = await pipe.execute()
+            pipe.xrevrange(keys.HANDOFFS, count=1)
+            *answers, handed = await pipe.execute()
         since = {}
-        for name, groups in zip(STREAMS, answers, strict=True):
+        for name, groups in zip(self.streams, answers, strict=True):
             ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
             since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
-        answer: Any = await self.client.xread(since, count=1, block=int(BLOCK_SECONDS * 1000))  # type: ignore[arg-type]
-        # Only those streams are asked next (the others had nothing new; what comes there since
-        # ends the next wait at once); none: all of them.
-        self._news = {name.decode() if isinstance(name, bytes) else name for name, _ in answer} if answer else None
+        newest = handed[0][0] if handed else b"0-0"
+        if self._handoffs_seen is not None and newest != self._handoffs_seen:
+            self._next_claim = 0.0  # handed back since our last look: claim it now
+        self._handoffs_seen = newest
+        since[keys.HANDOFFS] = newest
+        block = BLOCK_SECONDS
+        if self.affinity is not None:  # a job handed here wakes it; overdue ones are looked for often
+            since.update(self.affinity.wake_streams())
+            block = self.affinity.look_every(block)
+        answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))  # type: ignore[arg-type]
+        if self.affinity is not None:
+            self.affinity.woke(answer)
+        # Only the queue streams with news are asked next (the others had nothing new; what comes
+        # there since ends the next wait at once); none: all of them.
+        news = set()
+        for stream_name, entries in answer or []:
+            named = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            if named == keys.HANDOFFS:
+                self._handoffs_seen = entries[-1][0]
+                self._next_claim = 0.0
+            elif named in self.streams:
+                news.add(named)
+        self._news = news or None
 
     # -- running -----------------------------------------------------------------------------
 
@@ -339,9 +408,25 @@ class Consumer:
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
             elif cancel_asked:
                 await self._end_here(taken, dead, cancelled_by_request())
-            elif not (dead and await self._lost_for_good(taken, dead)):
-                await self._run(taken, dead, begun)
+            elif not (dead and await self._lost_for_good(taken, dead)) and not await self._run(taken, dead, begun):
+                return  # handed back: not acknowledged (its key's place kept), another worker takes it
+        elif taken.handed and await self._run_elsewhere(taken):
+            return  # the worker it was handed to took it in the meantime: its acknowledgement
+        if ours:  # a job a gateway ended unrun (cancel, QUEUE_TTL) was released by that gateway
+            await self._release(taken)
         await self._ack(taken)
+
+    async def _run_elsewhere(self, taken: Taken) -> bool:
+        found: Any = await self.client.get(keys.run_claim(taken.task_id, taken.entry))
+        return (found or b"").decode() not in (CANCELLED, EXPIRED, "")
+
+    async def _release(self, taken: Taken) -> None:
+        """Its key's place in the queue goes to the key's next held job (`fleet.admission`);
+        Redis down: the place frees itself once stale."""
+        try:
+            await self.admission.release(taken.spec.owner, taken.task_id)
+        except DOWN as exc:
+            log.warning("task_id=%s: its key's next job was not moved to the queue (%s)", taken.task_id, exc)
 
     async def _take(self, taken: Taken) -> tuple[bool, bool, int]:
         """Make the submission ours (SET NX): False when a gateway took it from the workers first
@@ -371,7 +456,7 @@ class Consumer:
         if now < self._next_trim:
             return
         self._next_trim = now + TRIM_EVERY
-        removed = await self._trim(keys=list(STREAMS), args=[GROUP])
+        removed = await self._trim(keys=list(self.streams), args=[GROUP])
         if removed:
             log.debug("consumer %s: %s done entries removed from the queue", self.name, removed)
         if now >= self._next_forget:
@@ -382,7 +467,7 @@ class Consumer:
         """Remove from the group the consumers (workers gone for good) that hold no entry and
         have not asked for one in FORGET_AFTER seconds: a live worker asks every few seconds,
         and one removed by mistake is made again by its next read."""
-        for name in STREAMS:
+        for name in self.streams:
             consumers: Any = await self.client.xinfo_consumers(name, GROUP)
             for consumer in consumers:
                 gone = consumer["name"] if isinstance(consumer["name"], str) else consumer["name"].decode()
@@ -393,25 +478,90 @@ class Consumer:
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
 
-    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> None:
+    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> bool:
+        """Run the job to its end (True: acknowledge its entry), or until it is handed back to
+        the queue for another worker (False: `_hand_back` made it claimable at once)."""
         watch = self._watch(taken)
         if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
             await self.client.delete(watch.ended_key)
-        if dead:  # its followers read why it begins again before the new attempt's events
+        if dead and not await self._told_retrying(taken.task_id, dead):
+            # its followers read why it begins again before the new attempt's events
             retrying = {"task_id": taken.task_id, "state": "retrying", "attempt": dead + 1, "at": time.time()}
             await self.status.append_event(taken.task_id, dead, {"type": "serverless_progress", "data": retrying})
-        job = await self.jobs.start(taken.spec, attempt=RedisAttempt(taken.task_id, begun) if begun else None)
+        try:
+            spec = await self._with_inputs(taken)
+        except Unavailable as exc:  # its staged inputs are gone: it cannot run
+            await self._end_here(taken, dead or begun, exc)
+            return True
+        try:
+            job = await self.jobs.start(spec, attempt=RedisAttempt(taken.task_id, begun) if begun else None)
+        except Unavailable:
+            if self.jobs.accepting:
+                raise
+            await self._hand_back(taken)  # this instance began draining since it took the job
+            return False
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
+        job.may_hand_off = not dead  # a retry is not given back again: at most two runs
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
             await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
         self.busy = True
+        if self.heartbeat is not None:
+            self.heartbeat.busy = True
         try:
             await watch.follow(job, self.settings.fleet.claim_idle / 3)
         finally:
             self.busy = False
+            if self.heartbeat is not None:  # what its ComfyUI holds now, advertised at once
+                self.heartbeat.busy = False
+                self.heartbeat.ran(await needs_of_spec(taken.spec.workflow, taken.spec.big))
+        if job.handed_off:
+            await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
+            await self._hand_back(taken)
+            return False
+        if self.healing is not None:  # before the next job: free or restart past a watermark
+            await self.healing.check()
+        return True
+
+    async def _with_inputs(self, taken: Taken) -> JobSpec:
+        """The job's spec with its staged inputs back in its workflow (`staging`)."""
+        if taken.inputs is None:
+            return taken.spec
+        staged = await staging.fetch(self.client, taken.task_id, taken.inputs)
+        workflow = taken.spec.workflow  # decoded from the entry for this run: ours to change
+        if sum(len(value) for value in staged.values()) > STAGED_IN_THREAD:
+            workflow = await asyncio.to_thread(staging.join, workflow, staged)
+        else:
+            workflow = staging.join(workflow, staged)
+        return replace(taken.spec, workflow=workflow)
+
+    async def _told_retrying(self, task_id: str, attempt: int) -> bool:
+        """Whether the attempt's log ends with `retrying` already (its worker handed it back)."""
+        last: Any = await self.client.xrevrange(keys.attempt(task_id, attempt), count=1)
+        return bool(last) and b'"retrying"' in last[0][1].get(b"d", b"")
+
+    async def _hand_back(self, taken: Taken) -> None:
+        """Give the entry back to the queue, claimable at once (its idle time set past any
+        REDIS_CLAIM_IDLE), and wake the free workers (`fleet:handoffs`): the first to claim it
+        runs the job again. Retried until Redis answers, as an acknowledgement is."""
+        delay = 0.1
+        while True:
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.xclaim(taken.stream, GROUP, self.name, 0, [taken.entry], idle=HANDED_BACK_IDLE_MS, justid=True)
+                    note: dict[Any, Any] = {"stream": taken.stream, "entry": taken.entry, "task_id": taken.task_id}
+                    pipe.xadd(keys.HANDOFFS, note, maxlen=HANDOFFS_KEPT, approximate=True)
+                    await pipe.execute()
+                log.warning(
+                    "task_id=%s handed back to the queue (entry %s of %s)", taken.task_id, taken.entry, taken.stream
+                )
+                return
+            except DOWN as exc:
+                log.warning("task_id=%s: could not hand back (%s); again in %.1fs", taken.task_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _lost_for_good(self, taken: Taken, number: int) -> bool:
         """A dead worker's job, whose attempt `number` it began and did not end: end it
@@ -432,6 +582,9 @@ class Consumer:
             log.warning("task_id=%s: its worker died; running it again here (%s)", taken.task_id, self.name)
             return False
         await self._end_here(taken, number, error)
+        if number >= 2:  # it killed its workers twice: an operator may look and queue it again
+            fields = {"task_id": taken.task_id, "spec": encode_spec(taken.spec)}
+            await deadletters.keep(self.client, taken.stream, taken.entry, fields, error.message, self.name)
         return True
 
     async def _end_here(self, taken: Taken, number: int, error: ServerlessError) -> None:
@@ -455,7 +608,13 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                await self.client.xack(taken.stream, GROUP, taken.entry)
+                if taken.inputs is None:
+                    await self.client.xack(taken.stream, GROUP, taken.entry)
+                else:  # its staged inputs go with it
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        pipe.xack(taken.stream, GROUP, taken.entry)
+                        pipe.delete(keys.staged_inputs(taken.task_id, taken.inputs))
+                        await pipe.execute()
                 await self._trim_when_due()
                 return
             except DOWN as exc:

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
-from ..auth import may_see
+from ..auth import caller, may_see
 from ..core.conversion import EXTENSION, Conversion
 from ..core.credentials import Credentials
 from ..core.media import sniff
@@ -74,9 +74,8 @@ def _respond(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     return answer
 
 
-def _owner(scope_state: Any) -> str | None:
-    owner = scope_state.get("owner") if isinstance(scope_state, dict) else None
-    return owner if isinstance(owner, str) else None
+def _owner(scope: Any) -> str | None:
+    return caller(scope).owner
 
 
 def token_secret(app: Starlette) -> bytes:
@@ -124,7 +123,7 @@ async def prompt(request: Request) -> dict[str, str]:
     query = _delivery(resources, Credentials.resolve(headers, settings.oss.credentials))
     if query_flag(request.query_params, "previews"):
         query["previews"] = "true"  # its progress socket may then show them (`?previews=true` there)
-    owner = _owner(request.scope.get("state"))
+    owner = _owner(request.scope)
     body = json.dumps({"prompt": asked.overrides}, ensure_ascii=False)
     job = await start_job(
         resources,
@@ -150,7 +149,7 @@ async def get_task_info(request: Request) -> dict[str, Any]:
     resources = app_state(request).resources
     asked = mapping.parse_task_info(await _decoded(request))
     files = Files(resources, request, asked)
-    owner = _owner(request.scope.get("state"))
+    owner = _owner(request.scope)
     jobs = app_state(request).jobs
     infos = await asyncio.gather(*(_info(resources, jobs, files, task_id, owner) for task_id in asked.task_ids))
     return {"comfy_task_info": list(infos)}
@@ -225,7 +224,7 @@ async def cancel(request: Request) -> dict[str, Any]:
     """POST .../cancel: `{"comfy_task_id"}` or `{"comfy_task_ids"}`; each id's outcome."""
     resources = app_state(request).resources
     ids = mapping.cancel_ids(await _decoded(request))
-    owner = _owner(request.scope.get("state"))
+    owner = _owner(request.scope)
     jobs = app_state(request).jobs
     results = [await _cancel_one(resources, jobs, task_id, owner) for task_id in ids]
     failed = [result for result in results if result["code"] != 0]

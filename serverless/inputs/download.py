@@ -23,7 +23,6 @@ logged with their query (signatures live there), and no error message contains a
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 import ipaddress
@@ -284,6 +283,11 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     return body.getvalue()
 
 
+def describe_client_error(exc: aiohttp.ClientError) -> str:
+    """What may be said of an aiohttp failure: never its URL (model downloads use it too)."""
+    return _describe_client_error(exc)
+
+
 def _describe_client_error(exc: aiohttp.ClientError) -> str:
     # aiohttp's own messages can contain the URL (with its query), so they are not passed on.
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -348,6 +352,8 @@ def _unwrap(ip: IPAddress) -> IPAddress:
 
 _DATA_URI = re.compile(r"data:(?P<mime>[^,;]*)(?P<params>(?:;[^,;]*)*),", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+_ASCII_SPACES = tuple(chr(c) for c in range(128) if chr(c).isspace())  # what \s matches in ASCII
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 def decode_base64(value: str, max_bytes: int) -> bytes:
@@ -358,20 +364,28 @@ def decode_base64(value: str, max_bytes: int) -> bytes:
     # A cheap bound first, so that a huge string is not even copied; whitespace-generous.
     if len(payload) > 2 * _encoded_length(max_bytes) + 1024:
         raise DownloadError(f"base64 larger than {max_bytes} bytes")
-    text = _WHITESPACE.sub("", payload)
+    # Whitespace is removed only when there is some (a regex pass over megabytes costs more than
+    # the decoding): ASCII text without any goes straight to the strict decoder.
+    plain = payload.isascii() and not any(space in payload for space in _ASCII_SPACES)
+    text = payload if plain else _WHITESPACE.sub("", payload)
     if not text:
         raise DownloadError("empty base64")
     if not text.isascii():
         raise DownloadError("invalid base64: non-ASCII character")
-    text = text.rstrip("=")
-    if len(text) % 4 == 1:
+    core = text.rstrip("=")
+    if len(core) % 4 == 1:
         raise DownloadError("invalid base64: truncated (length is not possible)")
-    if len(text) * 3 // 4 > max_bytes:
+    if len(core) * 3 // 4 > max_bytes:
         raise DownloadError(f"base64 larger than {max_bytes} bytes")
-    padded = text + "=" * (-len(text) % 4)
-    altchars = b"-_" if ("-" in padded or "_" in padded) else None
+    padding = -len(core) % 4
+    # Padded as it should be (the usual case): the text is encoded as it is, not copied twice first.
+    data = (text if len(text) == len(core) + padding else core + "=" * padding).encode("ascii")
+    if b"-" in data or b"_" in data:  # the URL-safe alphabet
+        data = data.translate(_URLSAFE)
     try:
-        return base64.b64decode(padded, altchars=altchars, validate=True)
+        # strict_mode: only the alphabet, padding only at the end (as b64decode's validate=True,
+        # without its regex pass over the whole text).
+        return binascii.a2b_base64(data, strict_mode=True)
     except binascii.Error as exc:
         raise DownloadError(f"invalid base64: {exc}") from exc
 

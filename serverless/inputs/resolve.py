@@ -36,7 +36,7 @@ from ..core.workflow import copy_json
 from ..errors import ComfyUIUnavailable, InputError, InvalidParams, ServerlessError
 from .budget import ByteBudget, Lease
 from .download import decode_base64
-from .verify import verify_media
+from .verify import decodes_pixels, verify_media
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,12 @@ class Accepts:
 
 
 BIG_WORKFLOW_NODES = 1000
+# Where the built-in loaders' inputs go in ComfyUI's input folder. ComfyUI lists the folder's top
+# level (every file, its type guessed) each time it validates or runs a LoadImage: inputs piling up
+# there make every later prompt slower. Its built-in loaders check a name by its path
+# (VALIDATE_INPUTS), so `serverless/<hash>.png` loads as any uploaded file does; a loader added by
+# configuration may only accept names it lists, so its inputs stay at the top level.
+INPUT_SUBFOLDER = "serverless"
 _IMAGE = Accepts("an image", frozenset({"image"}))
 _VIDEO = Accepts("a video", frozenset({"video", "image/gif", "image/webp"}))  # animations load too
 # Loaders not listed here (added by configuration) accept any content.
@@ -78,6 +84,7 @@ EXPECTED_MEDIA: Mapping[str, Accepts] = {
 
 BASE64_MIN_LENGTH = 64  # base64 is told from a file name by being longer than this
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
+_BASE64_BYTES = bytes(c for c in range(128) if _BASE64_TEXT.fullmatch(chr(c)))
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
 _SAFE_EXT = re.compile(r"[a-z0-9]{1,8}")
@@ -85,6 +92,9 @@ _HASH_CHARS = 32
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+# Inputs up to this size (base64 text, or bytes) are decoded, hashed and checked in the event loop
+# when no pixel is decoded for it: tens of microseconds, less than a trip to a worker thread costs.
+INLINE_BYTES = 48 * 1024
 _UNBOUNDED = 1 << 62
 
 
@@ -152,10 +162,19 @@ def classify(value: str) -> InputKind:
     scheme = _URL_SCHEME.match(value)
     if scheme is not None:
         raise InputError(f"unsupported URL scheme {scheme[1]!r} (use http, https, oss or s3)")
-    if len(value) > BASE64_MIN_LENGTH and _BASE64_TEXT.fullmatch(value):
+    if len(value) > BASE64_MIN_LENGTH and _is_base64_text(value):
         return "base64"
     _check_file_name(value)
     return "file"
+
+
+def _is_base64_text(value: str) -> bool:
+    """`_BASE64_TEXT.fullmatch(value)`, for ASCII text in one C pass (bytes.translate deletes
+    every allowed byte; nothing may be left) rather than a regex step per character: an image's
+    megabytes of base64 are classified in the event loop."""
+    if not value.isascii():
+        return _BASE64_TEXT.fullmatch(value) is not None
+    return not value.encode("ascii").translate(None, _BASE64_BYTES)
 
 
 def _check_file_name(value: str) -> None:
@@ -283,9 +302,7 @@ class _Fetcher:
             finally:
                 self._settle(size, kept)
             self._count(item, len(data))
-            fetched = await asyncio.to_thread(_describe, data)
-            await self._verify(item, fetched)
-            return fetched
+            return await self._examine(item, data)
 
     async def _claim(self, size: int) -> None:
         """Wait until `size` more bytes fit within the request's total beside its other fetches
@@ -331,6 +348,8 @@ class _Fetcher:
                 storage = "OSS to be configured (OSS_BUCKET_DOMAIN)" if kind == "oss" else "S3 (STORAGE=s3, S3_BUCKET)"
                 raise InputError(f"{kind}:// inputs need {storage} on this instance")
             return await read(item.value)
+        if len(item.value) <= INLINE_BYTES:  # a few microseconds: less than a trip to a thread
+            return decode_base64(item.value, self._limits.max_base64_bytes)
         return await asyncio.to_thread(decode_base64, item.value, self._limits.max_base64_bytes)
 
     def _count(self, item: LoaderInput, size: int) -> None:
@@ -340,14 +359,24 @@ class _Fetcher:
             reason = f"the inputs of this request add up to more than {limit} bytes (INPUT_MAX_JOB_BYTES)"
             raise InputError(*_message(self._workflow, item, reason))
 
-    async def _verify(self, item: LoaderInput, fetched: _Fetched) -> None:
+    async def _examine(self, item: LoaderInput, data: bytes) -> _Fetched:
+        """Hash, sniff and verify the content: in the event loop when that is bounded to a few
+        tens of microseconds (small, and no pixel decoded: see `verify.decodes_pixels`), else in
+        one trip to a worker thread."""
+        if len(data) <= INLINE_BYTES and not decodes_pixels(sniff(data)):
+            return self._described(item, data)
+        return await asyncio.to_thread(self._described, item, data)
+
+    def _described(self, item: LoaderInput, data: bytes) -> _Fetched:
+        fetched = _describe(data)
         if fetched.sniffed is None:
-            return
+            return fetched
         try:
-            await asyncio.to_thread(verify_media, fetched.data, fetched.sniffed[1], self._limits.max_pixels)
+            verify_media(fetched.data, fetched.sniffed[1], self._limits.max_pixels)
         except ServerlessError as exc:
             reason = f"{fetched.sniffed[1]} content is not usable: {exc.message}"
             raise InputError(*_message(self._workflow, item, reason)) from exc
+        return fetched
 
 
 def _upload_job(
@@ -409,7 +438,10 @@ def _file_name(workflow: Mapping[str, Any], item: LoaderInput, kind: InputKind, 
     if not fetched.data:
         raise InputError(*_message(workflow, item, "the content is empty"))
     ext = fetched.sniffed[0] if fetched.sniffed else _fallback_ext(item.value, kind)
-    return f"{fetched.digest[:_HASH_CHARS]}.{ext}"
+    name = f"{fetched.digest[:_HASH_CHARS]}.{ext}"
+    if (_class_type(workflow, item), item.input_name) in LOADER_INPUTS:
+        return f"{INPUT_SUBFOLDER}/{name}"
+    return name
 
 
 def _check_media(workflow: Mapping[str, Any], item: LoaderInput, fetched: _Fetched) -> None:

@@ -63,6 +63,13 @@ def verify_media(data: bytes, mime: str, max_pixels: int) -> None:
         check(data, max_pixels)
 
 
+def decodes_pixels(sniffed: tuple[str, str] | None) -> bool:
+    """Whether `verify_media` decodes pixels for content sniffed as this (ext, mime): its cost
+    then follows the image's size, not its bytes. PNG is checked chunk by chunk (CRCs, no
+    inflate), the containers by their headers."""
+    return sniffed is not None and sniffed[1] in _PILLOW_FORMATS and sniffed[1] != "image/png"
+
+
 # --- images -----------------------------------------------------------------------------------------
 
 

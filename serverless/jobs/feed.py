@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import jsontext
-from ..errors import ServerlessError
+from ..errors import ServerlessError, Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,13 @@ class Result:
     """A job that succeeded: its `serverless_api` payload."""
 
     payload: dict[str, Any]
+
+
+class HandedOff(Unavailable):
+    """How an attempt ends that gives its job back to the queue instead of ending it (a fleet
+    worker whose drain ran out of time, or whose ComfyUI died under the job): its feed ends with
+    it, but it is nobody's terminal payload. The status log keeps a `retrying` event in its place
+    (`RedisStatus.record`), no webhook is sent, and another worker runs the job again."""
 
 
 Outcome = Result | ServerlessError

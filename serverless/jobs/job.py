@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +32,15 @@ from ..errors import (
     ComfyUIUnavailable,
     ExecutionFailed,
     ExecutionInterrupted,
+    InvalidParams,
     JobTimeout,
+    OutOfMemory,
     OutputError,
     ServerlessError,
     as_serverless_error,
 )
 from .estimates import Estimates
-from .feed import Event, Feed, Outcome, Result
+from .feed import Event, Feed, HandedOff, Outcome, Result
 from .previews import Preview, PreviewThrottle, preview_payload
 from .progress import Progress, State, workflow_nodes
 from .spec import JobSpec, OutputPolicy
@@ -53,8 +56,32 @@ Workflow = dict[str, Any]
 # Asked at the job's end, before its terminal payload, when a cancel may have been acknowledged
 # elsewhere (a fleet worker's queue): the error a cancel that came first ends it with, else None.
 Settle = Callable[[Outcome], Awaitable[ServerlessError | None]]
+# A key's turn to run: entered with its owner id and `concurrency=` (`tenants.limits.KeyGates.slot`).
+Gate = Callable[[str | None, int], contextlib.AbstractAsyncContextManager[None]]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
 OutputFactory = Callable[[OutputPolicy, Credentials | None, ReadyCallback], OutputCollector]
+# Model references (`serverless.models`): the workflow naming placed models, `data.models`, and
+# what releases them (they are in use, never evicted, until the job ends).
+Release = Callable[[], None]
+ModelResolver = Callable[[Workflow, Credentials | None], Awaitable[tuple[Workflow, list[dict[str, Any]], Release]]]
+# A model task (import, delete, pin: `JobSpec.model_task`) run where the models live: its result data.
+Publish = Callable[[dict[str, Any]], object]
+ModelTasks = Callable[[dict[str, Any], Credentials | None, Publish], Awaitable[dict[str, Any]]]
+
+
+def _nothing() -> None:
+    return None
+
+
+async def no_models(
+    workflow: Workflow, credentials: Credentials | None
+) -> tuple[Workflow, list[dict[str, Any]], Release]:
+    """Without a model store: references are left to ComfyUI (which lists no such name)."""
+    return workflow, [], _nothing
+
+
+async def no_model_tasks(task: dict[str, Any], credentials: Credentials | None, publish: Publish) -> dict[str, Any]:
+    raise InvalidParams("this instance has no model store (set MODELS_DIR)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +103,10 @@ class Runtime:
     preview_max_fps: float = 4.0  # PREVIEW_MAX_FPS
     preview_in_status: bool = False  # PREVIEW_IN_STATUS: previews are published (and recorded), not shown
     estimates: Estimates = field(default_factory=Estimates)  # how long things took, for progress
+    resolve_models: ModelResolver = no_models  # model references fetched into the store and placed
+    model_tasks: ModelTasks = no_model_tasks  # imports, deletes and pins of the models API
+    out_of_memory: Callable[[], None] = lambda: None  # counted: a job's ComfyUI ran out of GPU memory
+    freed: Callable[[], None] = lambda: None  # counted: ComfyUI was asked to free its memory
 
 
 @dataclass(slots=True)
@@ -120,6 +151,7 @@ class Job:
         self.recorder = recorder
         self.clock = Clock()
         self._failure: ServerlessError | None = None
+        self._release_models: Release = _nothing
         self._outputs_seen: dict[str, dict[str, Any]] = {}
         self._succeeded = False  # ComfyUI said `execution_success` for the prompt
         self._task: asyncio.Task[Any] | None = None
@@ -140,6 +172,13 @@ class Job:
         self.known: asyncio.Event | None = None
         # Set by a fleet worker as soon as `Jobs.start` returns (before the run's first step).
         self.settle: Settle | None = None
+        # Set by a fleet worker when another worker may run the job again (this run is not a
+        # retry): a drain that runs out of time, or a ComfyUI that dies under the job, then gives
+        # it back to the queue (`HandedOff`) rather than ending it, unless it made outputs already.
+        self.may_hand_off = False
+        self.models_downloaded = 0  # model references fetched for this job (not from the cache)
+        # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
+        self.gate: Gate | None = None
 
     # -- for the transports ---------------------------------------------------------------------
 
@@ -183,6 +222,31 @@ class Job:
             await asyncio.wait({self.recorder})  # ends by itself; a failed recorder is its own to log
         return terminal.data
 
+    async def terminal_to_deliver(self) -> bytes | None:
+        """`terminal_recorded`, or None when the job was handed to another worker (whose own run
+        delivers its webhook)."""
+        data = await self.terminal_recorded()
+        return None if self.handed_off else data
+
+    @property
+    def handed_off(self) -> bool:
+        """The run ended by giving the job back to the queue (`HandedOff`): it has no terminal payload."""
+        terminal = self.feed.terminal
+        return terminal is not None and isinstance(terminal.error, HandedOff)
+
+    def _may_hand_off(self) -> bool:
+        """Another worker may run it again: a fleet worker allows it, and no output was made (a
+        GPU is not charged twice)."""
+        return self.may_hand_off and not self._outputs_seen
+
+    def drain_stop(self) -> None:
+        """The instance stops before the job ended: give it back to the queue when another worker
+        may run it, else cancel it (it ends EXECUTION_INTERRUPTED)."""
+        if self._may_hand_off():
+            self.stop(HandedOff("its worker stopped before the job ended: another worker runs it"), "handed back")
+        elif self._task is not None and not self.feed.done:
+            self._task.cancel()
+
     def abandon(self, reason: str) -> None:
         """The caller went away: cancel the job (and its ComfyUI prompt) unless it already ended."""
         self.stop(ExecutionInterrupted("the job was cancelled before it ended"), reason)
@@ -208,14 +272,16 @@ class Job:
         first = self.progress.payload(now, time.time())  # the job's first event: queued, and whose it is
         if self.spec.owner is not None:
             first["data"]["owner"] = self.spec.owner
+        if self.spec.workflow_id is not None:  # the task list finds a hosted workflow's tasks by it
+            first["data"]["workflow_id"] = self.spec.workflow_id
         self._progress_sent = ((self.progress.state, self.progress.queue_position), now)
         self.feed.publish_payload(first)
         outcome: Outcome
         try:
             if self._stop is not None:
                 raise asyncio.CancelledError
-            async with asyncio.timeout(self.runtime.job_timeout):
-                outcome = Result(await self._execute())
+            async with self._admitted(), asyncio.timeout(self.runtime.job_timeout):
+                outcome = Result(await self._execute_or_retry())
         except TimeoutError:
             outcome = JobTimeout(f"the job passed its deadline of {self.runtime.job_timeout:g}s and was cancelled")
             try:
@@ -231,7 +297,15 @@ class Job:
             raise
         except Exception as exc:  # a ServerlessError, or a bug: the caller still gets a terminal payload
             outcome = as_serverless_error(exc, f"task_id={self.task_id} prompt_id={self.prompt_id}")
-        if self.settle is not None and self._stop is None:
+        if isinstance(outcome, ComfyUIUnavailable) and self._stop is None and self._may_hand_off():
+            log.warning("task_id=%s: %s; handing the job back to the queue", self.task_id, outcome.message)
+            outcome = HandedOff(f"its worker's ComfyUI failed ({outcome.message}): another worker runs it")
+            try:
+                await self._cancel_in_comfyui()  # a ComfyUI only unreachable must not go on with it
+            except asyncio.CancelledError:
+                self._finish(self._stop or outcome)
+                raise
+        if self.settle is not None and self._stop is None and not isinstance(outcome, HandedOff):
             try:
                 self._stop = self._stop or await self.settle(outcome)
             except asyncio.CancelledError:
@@ -239,19 +313,33 @@ class Job:
                 raise
         self._finish(outcome)
 
+    def _admitted(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Its key's turn (the deadline counts from then on: waiting behind its own is not running)."""
+        if self.gate is None or not self.spec.concurrency:
+            return contextlib.nullcontext()
+        return self.gate(self.spec.owner, self.spec.concurrency)
+
     def _finish(self, outcome: Outcome) -> None:
         outcome = self._decided(outcome)
+        self._release_models()
         log.info(
             "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
             self.task_id,
             self.prompt_id,
-            outcome.code if isinstance(outcome, ServerlessError) else "ok",
+            "handed_back"
+            if isinstance(outcome, HandedOff)
+            else outcome.code
+            if isinstance(outcome, ServerlessError)
+            else "ok",
             time.monotonic() - self.clock.start,
         )
         if self._progress_due is not None:
             self._progress_due.cancel()
         if self._previews is not None:
             self._previews.close()
+        if isinstance(outcome, HandedOff):  # not an end: no final state (its log says `retrying` instead)
+            self.feed.finish(outcome)
+            return
         self.progress.end(_state_of(outcome), time.monotonic())
         if isinstance(outcome, Result):
             self._learn()
@@ -337,8 +425,32 @@ class Job:
         queue = await self.runtime.comfy.recent_queue()
         self._publish_progress(self.progress.queued_at(queue.position(self.prompt_id), queue.size))
 
+    async def _execute_or_retry(self) -> dict[str, Any]:
+        """`_execute`, once more after ComfyUI frees its memory when its GPU ran out of it (as a
+        new ComfyUI prompt: a prompt id is its one run; a native prompt's id is its caller's, so
+        that one is not run again)."""
+        try:
+            return await self._execute()
+        except OutOfMemory as exc:
+            self.runtime.out_of_memory()
+            if self.spec.native or self._stop is not None:
+                raise
+            log.warning(
+                "task_id=%s ran out of GPU memory (%s): freeing ComfyUI's memory, then once more",
+                self.task_id,
+                exc.message,
+            )
+            await self.runtime.comfy.free()
+            self.runtime.freed()
+            self._failure, self._succeeded, self._outputs_seen = None, False, {}
+            self.prompt_id = str(uuid.uuid4())
+            return await self._execute()
+
     async def _execute(self) -> dict[str, Any]:
         runtime, spec = self.runtime, self.spec
+        if spec.model_task is not None:  # the models API's import, delete or pin: no ComfyUI run
+            done = await runtime.model_tasks(spec.model_task, spec.credentials, self.feed.publish_payload)
+            return {"type": "serverless_api", "data": {"task_id": self.task_id, **done}}
         generation = await runtime.comfyui_ready()
         instance = None if spec.native else runtime.instance_id  # ComfyUI's API keeps its prefixes
         if spec.big:
@@ -346,6 +458,8 @@ class Job:
         else:
             prepared = prepare_workflow(spec.workflow, instance)
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
+        workflow, models, self._release_models = await runtime.resolve_models(workflow, spec.credentials)
+        self.models_downloaded = sum(1 for model in models if not model.get("cached"))  # its key's usage
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
             # ComfyUI's `status` broadcasts (one per queue change, to every client: ~3N per job
@@ -389,6 +503,8 @@ class Job:
         }
         if node_errors:
             data["node_errors"] = node_errors
+        if models:
+            data["models"] = models
         if spec.workflow_id is not None:
             data["workflow_id"] = spec.workflow_id
             if spec.workflow_version is not None:
@@ -497,8 +613,12 @@ def _state_of(outcome: Outcome) -> State:
     return "cancelled" if isinstance(outcome, ExecutionInterrupted) else "failed"
 
 
+OOM_TYPES = ("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError", "OutOfMemoryError")
+
+
 def execution_failed(data: dict[str, Any]) -> ExecutionFailed:
-    return ExecutionFailed(
+    kind = OutOfMemory if data.get("exception_type") in OOM_TYPES else ExecutionFailed
+    return kind(
         f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
         f"{data.get('exception_type')}: {str(data.get('exception_message', '')).strip()}",
         raw=data,

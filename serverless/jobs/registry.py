@@ -24,6 +24,8 @@ from ..ops.logs import bind_job
 from ..ops.metrics import Metrics
 from ..status.store import StatusStore
 from ..status.summary import ENDED
+from ..tenants.service import Tenants
+from ..tenants.usage import job_usage
 from .feed import Feed
 from .job import Job, Runtime
 from .spec import JobSpec
@@ -46,6 +48,7 @@ class Jobs:
         max_pending: int = 256,
         metrics: Metrics | None = None,
         webhooks: Webhooks | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.runtime = runtime
         self.status = status
@@ -54,6 +57,7 @@ class Jobs:
         self.max_pending = max_pending
         self.metrics = metrics or Metrics()
         self.webhooks = webhooks
+        self.tenants = tenants or Tenants()
         self.metrics.count_jobs(lambda: self.admitted)
         self.accepting = True
         self._admitted = 0  # from admission (before the first await of `start`) to the run's end
@@ -128,7 +132,7 @@ class Jobs:
             raise
         self.metrics.job_started(spec.mode)
         if spec.callback_url is not None and self.webhooks is not None:
-            self.webhooks.start(job, job.task_id, spec.callback_url, job.terminal_recorded())
+            self.webhooks.start(job, job.task_id, spec.callback_url, job.terminal_to_deliver())
         return job
 
     async def _start(self, spec: JobSpec, prompt_id: str, begun: Any = None) -> Job:
@@ -151,6 +155,7 @@ class Jobs:
         recorder_task = None if recorder is None else _own(self._recorders, recorder, f"status {task_id}")
         job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder_task)
         job.known = known
+        job.gate = self.tenants.gates.slot  # over its key's concurrency, it waits behind its own
         run = _own(self._runs, self._run(job), f"job {task_id}")
         self._index[task_id] = (job, attempt)
         # Indexed until its terminal payload is in the log too: a cancel asked meanwhile must find
@@ -201,6 +206,11 @@ class Jobs:
             self._admitted -= 1
             terminal = job.feed.terminal
             self.metrics.job_ended(job.spec.mode, terminal.error if terminal else None, job.clock.timings())
+            size = len(terminal.data) if terminal is not None else 0  # its key's usage (`tenants.usage`)
+            usage = job_usage(job.progress.state, job.clock.timings(), size)
+            if job.models_downloaded:
+                usage["models_downloaded"] = job.models_downloaded
+            self.tenants.usage.add(job.spec.owner, usage)
 
     async def cancel(self, task_id: str) -> str:
         """Stop task `task_id`: here at once; where another instance runs it, through a request
@@ -252,15 +262,20 @@ class Jobs:
                 running[attempt].stop(cancelled(), "cancel requested through another instance")
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking jobs, wait up to `timeout` for running ones, then cancel the rest (their
-        feeds still end with a terminal payload, which their recorders write)."""
+        """Stop taking jobs, wait up to `timeout` for running ones, then stop the rest: a fleet
+        worker's job is given back to the queue when another worker may run it (`Job.drain_stop`),
+        any other is cancelled (their feeds still end with a terminal payload, which their
+        recorders write)."""
         self.accepting = False
         if not self._runs and not self._recorders:
             return
         log.info("draining %d running job(s), up to %.0fs", self.running, timeout)
         _, pending = await asyncio.wait(self._runs | self._recorders, timeout=timeout)
+        for job, _ in list(self._index.values()):
+            job.drain_stop()
         for task in pending & self._runs:
-            task.cancel()
+            if not task.cancelling():
+                task.cancel()
         if pending:
             await asyncio.wait(pending)
 

@@ -40,8 +40,10 @@ class JobSpec:
     task_id: str | None = None
     credentials: Credentials | None = field(default=None, repr=False)
     owner: str | None = None  # who may see the task: a digest of the caller's API key (serverless.auth)
+    concurrency: int = 0  # its key's `concurrency=` (0: none): more of its jobs wait behind its own
     big: bool = False  # a body big enough that copying and serialising it go to a thread
     priority: str = "normal"  # Redis tier: the queue stream it waits in (high, normal, low)
+    lane: str = ""  # Redis tier: the lane whose workers run it ("" the default lane; `?lane=`)
     idempotency_key: str | None = None  # Redis tier: a repeat attaches to the first (SET NX on the key)
     workflow_id: str | None = None  # a hosted workflow's id, reported in the result
     workflow_version: int | None = None  # which version of it (None: a file never registered)
@@ -50,6 +52,9 @@ class JobSpec:
     # Queued through ComfyUI's own API (`serverless.comfyapi`): its ComfyUI prompt id is its task
     # id, and its filename prefixes are kept as written, as ComfyUI keeps them.
     native: bool = False
+    # The models API's import, delete or pin (`serverless.models.tasks`): run where the models
+    # live (a worker), no workflow; its result data is the task's answer.
+    model_task: dict[str, Any] | None = None
 
     @property
     def named(self) -> bool:

@@ -19,6 +19,7 @@ from ..errors import Unauthorized
 from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..state import app_state
+from ..tenants.endpoints import UsageGauges
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ async def metrics(request: Request) -> Response:
     resources = state.resources
     check_metrics_token(request, resources.settings.security.metrics_token)
     await state.jobs.measure()
+    await UsageGauges.measure_app(state)
     if resources.supervisor is not None:  # it watches its child: its word is the freshest
         resources.metrics.comfyui_up.set(1 if resources.supervisor.ready else 0)
     return Response(generate_latest(resources.metrics.registry), media_type=CONTENT_TYPE_LATEST)

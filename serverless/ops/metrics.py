@@ -148,6 +148,19 @@ class Metrics:
         self.queue_dead_letters = counter(
             "queue_dead_letters", "Queue entries no worker could read, moved to the dead-letter stream dead:jobs."
         )
+        # Fleet scheduling (`serverless.fleet.heartbeat`, `serverless.fleet.healing`): a worker's own.
+        self.model_switches = counter(
+            "model_switches", "Jobs whose models this worker's ComfyUI did not hold (it loaded them)."
+        )
+        self.model_residency_hits = counter(
+            "model_residency_hits", "Jobs whose models this worker's ComfyUI held already (no load)."
+        )
+        self.comfyui_frees = counter("comfyui_frees", "Times this worker asked its ComfyUI to free memory (/free).")
+        self.comfyui_memory_restarts = counter(
+            "comfyui_memory_restarts",
+            "Times this worker restarted its ComfyUI between jobs, its memory past COMFYUI_RSS_MAX.",
+        )
+        self.comfyui_ooms = counter("comfyui_ooms", "Jobs that ran out of GPU memory (OUT_OF_MEMORY).")
         for transport in TRANSPORTS:  # every series that alerts read exists from the start, at 0
             self.jobs_started.labels(transport)
         for reader in READERS:

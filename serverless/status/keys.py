@@ -14,21 +14,35 @@ Status (`serverless.status.redis`), kept RETENTION (the status retention) after 
     task:<id>:owner           whose the task is ("": made without API keys)
     task:<id>:webhook         how the task's webhook went (JSON)
     idempotency:<key>         an `Idempotency-Key` claim, where there is no queue
+    tasks                     a sorted set: every task ("<id> <workflow id>"), scored by when it was
+                              made (ms); members older than RETENTION are dropped as others come
+    tasks:owner:<owner>       the same, of one API key's tasks (`GET /api/tasks` with API_KEYS)
 
 Queue (`serverless.fleet`):
 
     jobs:<priority>           a stream per priority (high, normal, low), consumer group `workers`
+                              (the default lane; lane L's are jobs:L:<priority>)
     jobs:<priority>:added     how many entries were ever added to that stream (an entry's ordinal)
+    fleet:lanes               a set: the lanes jobs were queued in or workers serve ("" the default)
+    fleet:workers             a sorted set: every worker's name, scored by its last heartbeat (ms)
+    fleet:worker:<name>       a worker's heartbeat (JSON: lane, nodes, model files, resident models,
+                              VRAM, busy), expiring HEARTBEAT_TTL after its last
+    fleet:handoff:<name>      a stream (MAXLEN 1) that wakes a worker handed a job (affinity)
     job:<id>                  "<stream> <entry id> <ordinal>" of the task's newest submission
     idem:<key>                "<task_id> <fingerprint>" of the first request with that key
     run:<id>:<entry>          who took that submission: a worker's name, or "cancelled" (SET NX)
     cancel:<id>:<entry>       a stream: one entry once a cancel of that submission was acknowledged
     ended:<id>:<entry>        a stream: one entry (`state`) once its worker decided how it ends
     dead:jobs                 queue entries no worker could read (dead letters, capped)
+    staged:<id>:<name>        a hash: a submission's big inputs, apart from its queue entry
+                              (kept QUEUE_TTL + two runs; deleted as the entry is acknowledged)
+    fleet:handoffs            a stream (capped): entries given back to the queue by a worker that
+                              stopped or whose ComfyUI died; wakes free workers to take them at once
     file:<digest>             an output's bytes for its download link, on a fleet (gateways have
                               no ComfyUI to read it from); kept as long as the link is valid
     fleet:object_info         the `/object_info` a worker's ComfyUI answered, for gateways
     fleet:comfyui_info        a hash: its other informational answers (`/system_stats`, `/models`...)
+    fleet:models              a hash: each worker's model store listing (JSON), by instance
     watch:<instance>          wakes an instance's one blocking read when a stream is followed anew
 
 ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
@@ -42,6 +56,25 @@ ComfyUI's own API (`serverless.comfyapi`), kept RETENTION:
     comfy:asset:<id>          an API v2 asset record (JSON); its bytes are an upload's
     comfy:asset-hash:<hash>   the newest asset record over the bytes of that blake3 hash
     comfy:idem:<key>          an API v2 `Idempotency-Key` claimed (24 h; a repeat is refused)
+
+Batches (`serverless.batches.redis`), kept RETENTION after the last write:
+
+    batch:<id>                a batch's spec (JSON)
+    batch:<id>:progress       its progress (JSON), written by the instance feeding it
+    batch:<id>:states         a hash: item index -> the item's state
+    batch:<id>:events         a stream of its events, entry id `0-<seq>`
+    batch:<id>:lease          the instance feeding it (SET NX with an expiry)
+    batch:<id>:cancel         set once a cancel was asked
+    batch:<id>:retry          a list: items asked to run again (JSON lists of indices)
+    batches:live              a set: the batches not ended (to feed)
+
+Tenants (`serverless.tenants`, `serverless.fleet.admission`), per API key (its owner id):
+
+    key:<owner>:rate          the key's rate limit state (GCRA: the theoretical arrival time, ms)
+    key:<owner>:admitted      a sorted set: its task ids in the shared queue or running, by admission time
+    key:<owner>:held          a stream: its jobs over its `concurrency=`, waiting to be admitted
+    key:<owner>:limit         its `concurrency=`, as the last gateway to admit one of its jobs read it
+    usage:<owner>:<hour>      a hash: its usage in that hour (jobs by state, GPU seconds, bytes out...)
 """
 
 from __future__ import annotations
@@ -79,16 +112,35 @@ def webhook(task_id: str) -> str:
     return f"task:{task_id}:webhook"
 
 
+TASKS = "tasks"
+
+
+def tasks_of(owner: str) -> str:
+    return f"tasks:owner:{owner}"
+
+
 def idempotency(key: str) -> str:
     return f"idempotency:{key}"
 
 
-def queue(priority: str) -> str:
-    return f"jobs:{priority}"
+def queue(priority: str, lane: str = "") -> str:
+    return f"jobs:{lane}:{priority}" if lane else f"jobs:{priority}"
 
 
-def queue_count(priority: str) -> str:
-    return f"jobs:{priority}:added"
+def queue_count(priority: str, lane: str = "") -> str:
+    return f"{queue(priority, lane)}:added"
+
+
+LANES = "fleet:lanes"
+WORKERS = "fleet:workers"
+
+
+def worker(name: str) -> str:
+    return f"fleet:worker:{name}"
+
+
+def handoff(name: str) -> str:
+    return f"fleet:handoff:{name}"
 
 
 def submission(task_id: str) -> str:
@@ -112,6 +164,31 @@ def queue_ended(task_id: str, entry: str) -> str:
 
 
 DEAD_LETTERS = "dead:jobs"
+HANDOFFS = "fleet:handoffs"
+
+
+def staged_inputs(task_id: str, name: str) -> str:
+    return f"staged:{task_id}:{name}"
+
+
+def key_rate(owner: str) -> str:
+    return f"key:{owner}:rate"
+
+
+def key_admitted(owner: str) -> str:
+    return f"key:{owner}:admitted"
+
+
+def key_held(owner: str) -> str:
+    return f"key:{owner}:held"
+
+
+def key_limit(owner: str) -> str:
+    return f"key:{owner}:limit"
+
+
+def usage(owner: str, hour: int) -> str:
+    return f"usage:{owner}:{hour}"
 
 
 def file(digest: str) -> str:
@@ -124,6 +201,7 @@ def watch_wake(instance: str) -> str:
 
 OBJECT_INFO = "fleet:object_info"
 COMFYUI_INFO = "fleet:comfyui_info"  # path -> a worker's ComfyUI's answer (`/system_stats`, `/models`...)
+MODELS = "fleet:models"  # instance -> its model store's listing (`serverless.models.listing`)
 
 
 COMFY_NUMBER = "comfy:number"
@@ -153,3 +231,15 @@ def comfy_asset_hash(digest: str) -> str:
 
 def comfy_idempotency(key: str) -> str:
     return f"comfy:idem:{key}"
+
+
+def batch(batch_id: str) -> str:
+    return f"batch:{batch_id}"
+
+
+def batch_part(batch_id: str, part: str) -> str:
+    """One of a batch's other keys: progress, states, events, lease, cancel, retry."""
+    return f"batch:{batch_id}:{part}"
+
+
+BATCHES_LIVE = "batches:live"

@@ -30,8 +30,10 @@ from ..errors import InvalidParams, ServerlessError, Unavailable
 from ..jobs.feed import Feed
 from . import files, sidecars
 from .body import Lines, json_array, owner_named, parse_after, parse_attempt, usable_lines
+from .filelist import FileTaskIndex
 from .store import Entry
 from .summary import summarise
+from .tasklist import TaskPage, TaskQuery
 
 __all__ = ["Attempt", "StatusLog", "parse_after", "parse_attempt"]
 
@@ -84,6 +86,7 @@ class StatusLog:
         self._last_error: str | None = None
         self._probed: tuple[float, bool, str | None] | None = None  # (when, writable, why not)
         self._refresh: asyncio.Task[bool] | None = None  # a background probe (`writable_now`)
+        self._index = FileTaskIndex(directory)
 
     def path(self, task_id: str) -> Path:
         """The log of a task; the id is validated, and the path must stay inside the folder."""
@@ -345,6 +348,18 @@ class StatusLog:
         if not sidecars.has_files(self.directory, task_id):
             return None
         return summarise(task_id, [json.loads(line) for line in self._lines(task_id, path, True).lines])
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        """A page of the folder's tasks, newest first (`serverless.status.tasklist`)."""
+        with self._translated("-"):
+            return await self._run(self._index.page, query, self._summary_if_task)
+
+    def _summary_if_task(self, task_id: str) -> dict[str, Any] | None:
+        try:
+            path = self.path(task_id)
+        except InvalidParams:
+            return None  # a name in the folder that is no task's
+        return self._summary(task_id, path)
 
     async def request_cancel(self, task_id: str) -> int | None:
         """Leave a cancel request beside the task's newest attempt; None for an unknown task."""

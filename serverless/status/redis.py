@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +41,13 @@ from redis.backoff import NoBackoff
 from ..core import jsontext
 from ..core.request import validate_task_id
 from ..errors import InvalidParams, NotFound, ServerlessError, Unavailable
-from ..jobs.feed import Event, Feed
+from ..jobs.feed import Event, Feed, HandedOff
 from . import keys
 from . import redis_sidecars as sidecars
 from .body import json_array, owner_named
 from .store import Entry
 from .summary import summarise
+from .tasklist import SCAN_BUDGET, TaskPage, TaskQuery, TaskRow, before, page
 from .watch import StreamWatch
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages ar
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
 POOL_WAIT = 10.0  # seconds a call waits for a free connection before it fails
 BACKOFF_MAX = 5.0
+LIST_BATCH = 64  # tasks the list reads at a time
 DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 # A new attempt and its owner's mark in one step: a reader must never see the attempt without the
 # mark (it would read "instance lost"). The mark's key is derived, so this needs one Redis, not a cluster.
@@ -214,6 +217,8 @@ class RedisStatus:
                     await self._until_written(attempt, [])
                     refresh_at = loop.time() + heartbeat
                     continue
+                if event.terminal and isinstance(event.error, HandedOff):
+                    event = handed_off(event, attempt)  # not an end: another worker runs it again
                 if event.preview:
                     preview = event
                 else:
@@ -233,7 +238,10 @@ class RedisStatus:
                 attempt.number,
                 exc,
             )
-            await self._until_written(attempt, [await feed.wait()])
+            terminal = await feed.wait()
+            if isinstance(terminal.error, HandedOff):
+                terminal = handed_off(terminal, attempt)
+            await self._until_written(attempt, [terminal])
 
     async def _until_written(
         self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
@@ -270,6 +278,8 @@ class RedisStatus:
                     pipe.set(keys.result(attempt.task_id, attempt.number), whole, ex=self.result_ttl)
                     fields["r"] = "1"
                 pipe.xadd(attempt.key, fields, id=f"0-{event.seq}")  # type: ignore[arg-type]
+            if attempt.number == 1 and events and events[0].seq == 1:
+                self._index_first(pipe, attempt.task_id, stored[0][0])
             if events and refresh:
                 pipe.expire(attempt.key, self.ttl)
                 pipe.expire(keys.attempts(attempt.task_id), self.ttl)
@@ -285,6 +295,64 @@ class RedisStatus:
             if isinstance(result, rexc.ResponseError) and "equal or smaller" not in str(result):
                 # written before a lost answer ("equal or smaller" id): nothing to do; anything else is a bug
                 log.error("task_id=%s: Redis refused an event: %s", attempt.task_id, result)
+
+    def index_task(self, pipe: Any, task_id: str, owner: str | None, workflow_id: str | None, at: float) -> None:
+        """Add to `pipe` what lists the task (`list_tasks`): in every task's sorted set and its
+        owner's, once (NX: a gateway's enqueue and its worker's first event both add it), the
+        members past the retention dropped."""
+        member = f"{task_id} {workflow_id or ''}"
+        cutoff = int((time.time() - self.ttl) * 1000)
+        for name in (keys.TASKS, keys.tasks_of(owner)) if owner else (keys.TASKS,):
+            pipe.zadd(name, {member: int(at * 1000)}, nx=True)
+            pipe.zremrangebyscore(name, "-inf", cutoff)
+            pipe.expire(name, self.ttl)
+
+    def _index_first(self, pipe: Any, task_id: str, first: bytes) -> None:
+        """List a task from its first event (whose it is, its workflow, when it was made)."""
+        try:
+            data = json.loads(first)["data"]
+            at = float(data["at"])
+        except (ValueError, KeyError, TypeError):
+            return  # not a progress event (a note of a dropped event): listed by its gateway, or not at all
+        owner, workflow_id = data.get("owner"), data.get("workflow_id")
+        self.index_task(
+            pipe,
+            task_id,
+            owner if isinstance(owner, str) else None,
+            workflow_id if isinstance(workflow_id, str) else None,
+            at,
+        )
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        """A page of the tasks, newest first (`serverless.status.tasklist`): with API keys, the
+        caller's own sorted set only."""
+        name = keys.TASKS if query.owner is None else keys.tasks_of(query.owner)
+        top: Any = "+inf" if query.after is None else query.after[0]
+        rows: list[TaskRow] = []
+        admitted, offset = 0, 0
+        with self._translated():
+            while len(rows) < SCAN_BUDGET:
+                batch: Any = await self.client.zrevrangebyscore(name, top, "-inf", offset, LIST_BATCH, withscores=True)
+                if not batch:
+                    return page(rows, query, True)
+                offset += len(batch)
+                found = [_listed(member, score) for member, score in batch]
+                chosen = [
+                    (task_id, created, workflow_id)
+                    for task_id, created, workflow_id in found
+                    if before(created, task_id, query.after)
+                    and (query.workflow_id is None or workflow_id == query.workflow_id)
+                ]
+                summaries = await asyncio.gather(*(self.summary(task_id) for task_id, _, _ in chosen))
+                for (task_id, created, workflow_id), summary in zip(chosen, summaries, strict=True):
+                    if summary is None:
+                        continue  # expired with its log
+                    row = TaskRow(task_id, created, query.owner, workflow_id, summary)
+                    rows.append(row)
+                    admitted += query.admits(row)
+                    if admitted >= query.limit:
+                        return page(rows, query, True)
+        return page(rows, query, False)
 
     async def _stored(self, event: Event, attempt: RedisAttempt) -> tuple[bytes, bytes | None]:
         """What goes into Redis for an event, and its whole form when that is kept apart: a
@@ -709,6 +777,20 @@ class RedisStatus:
         except Unavailable as exc:
             self._last_error = exc.message
             raise
+
+
+def handed_off(event: Event, attempt: RedisAttempt) -> Event:
+    """What the log keeps in place of a `HandedOff` end: a `retrying` event (the attempt has no
+    terminal payload; the next one, on another worker, ends the task)."""
+    reason = event.error.message if event.error is not None else ""
+    data = {"task_id": attempt.task_id, "state": "retrying", "attempt": attempt.number + 1, "at": time.time()}
+    payload = {"type": "serverless_progress", "data": {**data, "reason": reason}}
+    return Event(event.seq, jsontext.dumps(payload))
+
+
+def _listed(member: bytes, score: float) -> tuple[str, int, str | None]:
+    task_id, _, workflow_id = member.decode().partition(" ")
+    return task_id, int(score), workflow_id or None
 
 
 def split_terminal(data: bytes, retried: bool) -> tuple[bytes, bytes | None]:

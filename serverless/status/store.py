@@ -7,6 +7,7 @@ the task is (`owner`) and asks the instance running it to stop it (`request_canc
 by who calls them:
 
     TaskLogs        job control on any instance: read, follow, summary, owner
+    TaskIndex       the task list: list_tasks
     AttemptLog      a runner recording its jobs: begin, record, record_new, attempts
     CancelBox       cancels between instances without a queue
     KeyClaims       Idempotency-Key claims
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..jobs.feed import Feed
+from .tasklist import TaskPage, TaskQuery
 
 A = TypeVar("A")
 
@@ -71,6 +73,14 @@ class TaskLogs(Protocol):
         (an "instance lost" error when the owner went silent counts as one); None after `idle`
         seconds of silence. Nothing when resumed after the terminal payload. With `previews`,
         the newest of the previews a store keeps apart (Redis; a folder keeps none)."""
+        ...
+
+
+class TaskIndex(Protocol):
+    """The task list (`GET /api/tasks`)."""
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        """A page of the tasks `query` asks for, newest first, only those its caller may see."""
         ...
 
 
@@ -162,6 +172,8 @@ class StoreHealth(Protocol):
         ...
 
 
-class StatusStore(TaskLogs, AttemptLog[A], CancelBox[A], KeyClaims, WebhookRecords, StoreHealth, Protocol[A]):
+class StatusStore(
+    TaskLogs, TaskIndex, AttemptLog[A], CancelBox[A], KeyClaims, WebhookRecords, StoreHealth, Protocol[A]
+):
     """A whole status store (the file store, the Redis store): every role above. Callers take
     the narrowest role they use."""

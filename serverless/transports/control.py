@@ -5,6 +5,7 @@ Redis with STATUS_BACKEND=redis):
     POST /api/serverless/cancel?task_id=X   stop it (here at once; elsewhere through a request
                                             beside its log, or the Redis tier's queue)
     GET  /api/serverless/events?task_id=X   its events as SSE, resumed after `Last-Event-ID` / `after=N`
+    GET  /api/tasks                         the tasks, newest first, paged by cursor
 
 An unknown task is 404 with `"state": "unknown"` in `raw` (an async task FC has not delivered yet
 is unknown to every instance); a malformed id is 400.
@@ -17,12 +18,13 @@ import json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..auth import may_see
+from ..auth import caller, may_see
 from ..core.request import query_flag
 from ..errors import InvalidParams
 from ..jobs.registry import unknown_task
 from ..state import app_state
 from ..status.log import parse_after
+from ..status.tasklist import TaskQuery
 from .events import TaskEvents
 from .http import EventStream
 
@@ -35,7 +37,7 @@ async def _task_id(request: Request) -> str:
     if not task_id:
         raise InvalidParams("task_id is required")
     resources.status.validate(task_id)  # the rule of task ids (400)
-    owner: str | None = request.scope.get("state", {}).get("owner")
+    owner = caller(request).owner
     if owner is not None and not may_see(owner, await resources.status.owner(task_id)):
         raise unknown_task(task_id)
     return task_id
@@ -82,3 +84,12 @@ async def events(request: Request) -> Response:
         raise unknown_task(task_id)
     source = TaskEvents(task_id, resources.status, job, state.jobs.end_if_stranded)
     return EventStream(source, resources.settings, after, previews=query_flag(request.query_params, "previews"))
+
+
+async def tasks(request: Request) -> Response:
+    """GET /api/tasks?state=&workflow_id=&limit=&cursor=: the tasks, newest first, a page at a
+    time (`next_cursor` names the next; null at the end); with API keys, the caller's own."""
+    owner: str | None = request.scope.get("state", {}).get("owner")
+    query = TaskQuery.parse(owner, request.query_params)
+    found = await app_state(request).resources.status.list_tasks(query)
+    return JSONResponse(found.shown())

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Literal
 
+from ..auth import NOBODY, Caller
+from ..auth import caller as current_caller
 from ..core.credentials import Credentials
 from ..core.request import (
     RunRequest,
@@ -28,6 +30,8 @@ from ..errors import Conflict, InvalidParams, Unavailable
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
+from ..settings import LANE_RE
+from ..tenants.limits import check_rate
 from ..workflows.conversion import convert_with
 from ..workflows.hosting import PreparedRun
 
@@ -152,20 +156,31 @@ async def start_job(
     owner: str | None = None,
     prompt_id: str | None = None,
     native: bool = False,
+    caller: Caller | None = None,
 ) -> RunningJob:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
     prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
     beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload. `native`: queued
-    through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them)."""
+    through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them). The
+    caller's key (`caller`, else the request's) must allow the run (403 FORBIDDEN) and its rate
+    (429 RATE_LIMITED), checked before the body is parsed."""
     check_parameter_names(query)
     workflow_id = hosted_id(query, workflow_id)
+    who = admitted_caller(caller, owner)
+    who.check_run(workflow_id)
+    await check_rate(resources.tenants.rate, who.owner, who.label, who.rights.rate)
     hosted: PreparedRun | None = None
     if workflow_id is None:
         request = await parse(body, query, headers, resources)
     else:
         request, query, hosted = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
+    # Model references' syntax and hosts, before any GPU time (a big workflow's nodes off the event loop).
+    if len(body) >= BIG_BODY or (workflow_id is not None and resources.workflows.size(workflow_id) >= BIG_BODY):
+        await asyncio.to_thread(resources.check_models, request.workflow)
+    else:
+        resources.check_models(request.workflow)
     await check_task_owner(resources, request.task_id, owner)
     mode = job_mode(request, headers, transport)
     if mode == "async" and not await resources.status.writable():
@@ -192,13 +207,26 @@ async def start_job(
         workflow_id=hosted.workflow_id if hosted is not None else None,
         workflow_version=hosted.version if hosted is not None else None,
         priority=job_priority(query),
+        lane=job_lane(query) or (hosted.lane if hosted is not None else ""),  # the run's, else the workflow's
         idempotency_key=headers.get("idempotency-key") or None,
         owner=owner,
+        concurrency=who.rights.concurrency,
         callback_url=callback_url,
         previews=query_flag(query, "previews"),
         native=native,
     )
-    return await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
+    job = await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
+    resources.tenants.usage.add(owner, {"jobs_submitted": 1})  # usage per key (written once a second)
+    return job
+
+
+def admitted_caller(caller: Caller | None, owner: str | None) -> Caller:
+    """The caller whose rights a run is checked against: the one given, else the request's
+    (`auth.caller()`); one that is not the job's `owner` has no right at all (fail closed)."""
+    who = caller if caller is not None else current_caller()
+    if who.owner != owner:
+        return Caller(owner, NOBODY.label, NOBODY.rights)
+    return who
 
 
 async def check_task_owner(resources: Resources, task_id: str | None, owner: str | None) -> None:
@@ -214,6 +242,15 @@ async def check_task_owner(resources: Resources, task_id: str | None, owner: str
     if task_owner == "" and not await resources.status.known(task_id):
         return  # nobody's yet
     raise Conflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
+
+
+def job_lane(query: Mapping[str, str]) -> str:
+    """`?lane=<name>` (the Redis tier: the lane whose workers run it, WORKER_LANE; ignored
+    without a queue)."""
+    lane = (query.get("lane") or "").strip()
+    if lane and not LANE_RE.fullmatch(lane):
+        raise InvalidParams("lane must be 1-32 lowercase letters, digits or '-'", raw={"lane": lane[:50]})
+    return lane
 
 
 def job_priority(query: Mapping[str, str]) -> str:

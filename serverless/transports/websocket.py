@@ -11,6 +11,7 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..auth import caller
 from ..core.request import query_flag
 from ..errors import InvalidParams, as_serverless_error
 from ..jobs.feed import ReaderTooSlow
@@ -33,7 +34,7 @@ async def websocket_run(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         body = await _run_body(websocket, resources.settings.inputs.max_body_bytes)
-        owner = websocket.scope.get("state", {}).get("owner")
+        owner = caller(websocket).owner
         base_url = str(websocket.base_url.replace(scheme="https" if websocket.url.scheme == "wss" else "http"))
         job = await start_job(
             resources, jobs, body, websocket.query_params, websocket.headers, "ws", base_url=base_url, owner=owner

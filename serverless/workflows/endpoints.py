@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .. import auth
 from ..core.request import query_flag
+from ..models.endpoints import workflow_models
 from ..state import app_state
 from ..transports.http import read_body
+from ..transports.start import job_lane
 from .conversion import convert_body
 from .hosting import HostedWorkflows
 from .refs import parse_version
+
+log = logging.getLogger(__name__)
 
 BIG_ANSWER = 256 * 1024  # from this workflow size on, its answer is rendered off the event loop
 
@@ -42,8 +48,12 @@ def _refresh(request: Request) -> bool:
 
 def caller(request: Request) -> str | None:
     """The caller's API key digest (serverless.auth); None when keys are off."""
-    owner = request.scope.get("state", {}).get("owner")
-    return owner if isinstance(owner, str) else None
+    return auth.caller(request).owner
+
+
+def _by(who: auth.Caller) -> str | None:
+    """Who, as the audit keeps it: the key's label (None when keys are off)."""
+    return who.label if who.owner is not None else None
 
 
 async def list_workflows(request: Request) -> Response:
@@ -54,26 +64,40 @@ async def list_workflows(request: Request) -> Response:
 async def put_workflow(request: Request) -> Response:
     """PUT /api/workflows/{workflow_id}: validate against the running ComfyUI, then store;
     201 when new, 200 when replaced. With API keys it is the caller's: `?shared=true` lets other
-    keys read and run it (only its owner replaces or deletes it)."""
+    keys read and run it (only its owner replaces or deletes it); `?lane=` queues its runs on
+    that lane of a fleet (a run's own `?lane=` wins)."""
+    who = auth.caller(request)
+    auth.require_admin(who, "register workflows")
     settings = app_state(request).resources.settings
     shared = query_flag(request.query_params, "shared")
     body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     workflow_id = request.path_params["workflow_id"]
-    described, created = await _hosted(request).register(workflow_id, body, caller(request), shared)
+    lane = job_lane(request.query_params)  # `?lane=`: the fleet's lane its runs queue on
+    described, created = await _hosted(request).register(workflow_id, body, who.owner, shared, by=_by(who), lane=lane)
+    log.info("workflow %s %s by key %s", workflow_id, "registered" if created else "changed", _by(who) or "-")
     return await _answer(described.to_payload(), described.stored.size, 201 if created else 200)
 
 
 async def get_workflow(request: Request) -> Response:
-    """GET /api/workflows/{workflow_id}: the stored workflow and its parameter schema."""
+    """GET /api/workflows/{workflow_id}: the stored workflow, its parameter schema, and the models
+    it needs (`models`: each with whether it is held)."""
     workflow_id = request.path_params["workflow_id"]
     text = await _hosted(request).describe_json(workflow_id, _refresh(request), caller(request))
+    models = json.dumps(await workflow_models(request, workflow_id)).encode()
+    if len(text) >= BIG_ANSWER:  # a 4 MB answer is copied off the event loop
+        text = await asyncio.to_thread(b"".join, (text[:-1], b',"models":', models, b"}"))
+    else:
+        text = text[:-1] + b',"models":' + models + b"}"
     return Response(text, media_type="application/json")
 
 
 async def delete_workflow(request: Request) -> Response:
     """DELETE /api/workflows/{workflow_id}."""
+    who = auth.caller(request)
+    auth.require_admin(who, "delete workflows")
     workflow_id = request.path_params["workflow_id"]
-    await _hosted(request).delete(workflow_id, caller(request))
+    await _hosted(request).delete(workflow_id, who.owner)
+    log.info("workflow %s deleted by key %s", workflow_id, _by(who) or "-")
     return JSONResponse({"workflow_id": workflow_id, "deleted": True})
 
 

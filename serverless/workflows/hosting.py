@@ -85,6 +85,7 @@ class Described:
             "title": self.title,
             "parameters": len(self.parameters),
             "modified": self.stored.modified_iso,
+            "lane": self.stored.lane,
         }
 
     def to_payload(self) -> dict[str, Any]:
@@ -106,6 +107,7 @@ class PreparedRun:
     workflow_id: str
     version: int | None
     size: int  # bytes of the stored version's file
+    lane: str = ""  # the fleet's lane it queues on, as registered ("": the default lane)
 
 
 class HostedWorkflows:
@@ -296,7 +298,13 @@ class HostedWorkflows:
             )
 
     async def register(
-        self, workflow_id: str, body: bytes | str, caller: str | None = None, shared: bool = False
+        self,
+        workflow_id: str,
+        body: bytes | str,
+        caller: str | None = None,
+        shared: bool = False,
+        by: str | None = None,
+        lane: str = "",
     ) -> tuple[Described, bool]:
         """Validate against the running ComfyUI, then store (a UI-format workflow converted
         first; as `caller`'s, other keys seeing it when `shared`); True when it was new.
@@ -316,7 +324,9 @@ class HostedWorkflows:
             len(body),
         )
         existing = existing or await self._existing(workflow_id, caller)  # registered meanwhile?
-        created, number = await self.store.write(workflow_id, workflow, caller, shared, new=existing is None)
+        created, number = await self.store.write(
+            workflow_id, workflow, caller, shared, new=existing is None, by=by, lane=lane
+        )
         stored = await self.store.read_version(await self.store.read(workflow_id), number)
         return await self.described(stored, info), created
 
@@ -354,7 +364,7 @@ class HostedWorkflows:
         assert prepared is not None
         await _in_thread(stored.size, lambda: check_nodes(prepared[0]))
         merged, extra_data, output = prepared
-        return PreparedRun(merged, extra_data, output, stored.workflow_id, stored.number, stored.size)
+        return PreparedRun(merged, extra_data, output, stored.workflow_id, stored.number, stored.size, stored.lane)
 
     async def _checked(
         self, check: Callable[[ObjectInfo], tuple[list[Problem], T]], refusal: str, size: int = 0

@@ -18,6 +18,7 @@ import hmac
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +54,9 @@ class Stored:
     size: int = 0  # bytes of its file
     version: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, mtime_ns, size): changes with each write
     number: int | None = None  # its version number (None: a file dropped in by hand, never registered since)
+    by: str | None = None  # audit: the label of the API key that registered or changed it last
+    lane: str = ""  # the fleet's lane its runs queue on (`?lane=` at registration; "": the default)
+    at: float | None = None  # audit: when (Unix time)
 
     @property
     def ref(self) -> str:
@@ -100,11 +104,16 @@ class WorkflowStore:
         owner: str | None = None,
         shared: bool = False,
         new: bool = False,
+        by: str | None = None,
+        lane: str = "",
     ) -> tuple[bool, int]:
         """Store as a new version (atomically), as `owner`'s; (True when the workflow was new,
         its version number). `new`: only if there is none yet (Conflict when another write came
-        first)."""
-        return await asyncio.to_thread(self._register, validate_workflow_id(workflow_id), workflow, owner, shared, new)
+        first). `by`: the label of the key writing it, kept with the time (audit). `lane`: the
+        fleet's lane its runs queue on."""
+        return await asyncio.to_thread(
+            self._register, validate_workflow_id(workflow_id), workflow, owner, shared, new, by, lane
+        )
 
     async def read_version(self, head: Stored, number: int) -> Stored:
         """Version `number` of the workflow whose newest is `head`; NotFound when there is none."""
@@ -113,7 +122,7 @@ class WorkflowStore:
         stored = await asyncio.to_thread(
             self._read_kept, self.versions.path(head.workflow_id, number), head.workflow_id
         )
-        return replace(stored, owner=head.owner, shared=head.shared, number=number)
+        return replace(stored, owner=head.owner, shared=head.shared, number=number, lane=head.lane)
 
     async def alias(self, workflow_id: str, name: str) -> int | None:
         """The version alias `name` of the workflow names (None: no such alias)."""
@@ -207,19 +216,30 @@ class WorkflowStore:
             raise NotFound(f"no hosted workflow {workflow_id!r}") from None
         except (ValueError, UnicodeDecodeError):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not valid JSON; register it again") from None
-        owner, shared, number = None, False, None
+        owner, shared, number, by, at, lane = None, False, None, None, None, ""
         if isinstance(document, dict) and is_wrapper(document):
             owner = document.get("owner") if isinstance(document.get("owner"), str) else None
             shared = document.get("shared") is True
             number = document.get("version") if _is_number(document.get("version")) else None
+            by = document.get("by") if isinstance(document.get("by"), str) else None
+            lane = document["lane"] if isinstance(document.get("lane"), str) else ""
+            at = document.get("at") if isinstance(document.get("at"), int | float) else None
             document = document["prompt"]  # a file dropped in by hand may keep the wrapper
         if not isinstance(document, dict):
             raise NotFound(f"the hosted workflow {workflow_id!r} is not a workflow object; register it again")
         version = (found.st_ino, found.st_mtime_ns, found.st_size)
-        return Stored(workflow_id, document, modified, owner, shared, found.st_size, version, number)
+        size = found.st_size
+        return Stored(workflow_id, document, modified, owner, shared, size, version, number, by=by, at=at, lane=lane)
 
     def _register(
-        self, workflow_id: str, prompt: dict[str, Any], owner: str | None, shared: bool, new: bool
+        self,
+        workflow_id: str,
+        prompt: dict[str, Any],
+        owner: str | None,
+        shared: bool,
+        new: bool,
+        by: str | None,
+        lane: str = "",
     ) -> tuple[bool, int]:
         path = self._path(workflow_id)
         if not new and not self.versions.numbers(workflow_id):
@@ -228,16 +248,16 @@ class WorkflowStore:
                 self.versions.add(workflow_id, before.workflow, registered_by(before.owner), before.modified)
             except NotFound:
                 pass
-        number = self.versions.add(workflow_id, prompt, registered_by(owner))
+        number = self.versions.add(workflow_id, prompt, registered_by(owner, by))
         try:
-            created = self._write(path, self._head(prompt, owner, shared, number), new)
+            created = self._write(path, self._head(prompt, owner, shared, number, by, lane), new)
         except Conflict:
             self.versions.path(workflow_id, number).unlink(missing_ok=True)  # the other registration won
             raise
-        self._newest_as_head(workflow_id, number, owner, shared)
+        self._newest_as_head(workflow_id, number, owner, shared, lane)
         return created, number
 
-    def _newest_as_head(self, workflow_id: str, written: int, owner: str | None, shared: bool) -> None:
+    def _newest_as_head(self, workflow_id: str, written: int, owner: str | None, shared: bool, lane: str) -> None:
         """When an instance registered a newer version while this one wrote its own, the head
         file ends holding the newest: each writer looks once more after its write."""
         while (newest := max(self.versions.numbers(workflow_id), default=written)) > written:
@@ -245,12 +265,18 @@ class WorkflowStore:
                 stored = self._read(self.versions.path(workflow_id, newest), workflow_id)
             except NotFound:
                 return  # deleted meanwhile: that deletion rewrote the head
-            self._write(self._path(workflow_id), self._head(stored.workflow, owner, shared, newest), False)
+            head = self._head(stored.workflow, owner, shared, newest, lane=lane)
+            self._write(self._path(workflow_id), head, False)
             written = newest
 
     @staticmethod
-    def _head(prompt: dict[str, Any], owner: str | None, shared: bool, number: int) -> dict[str, Any]:
-        return {"owner": owner, "shared": shared, "version": number, "prompt": prompt}
+    def _head(
+        prompt: dict[str, Any], owner: str | None, shared: bool, number: int, by: str | None = None, lane: str = ""
+    ) -> dict[str, Any]:
+        head: dict[str, Any] = {"owner": owner, "shared": shared, "version": number, "prompt": prompt}
+        if lane:
+            head["lane"] = lane
+        return head if by is None else {**head, "by": by, "at": time.time()}
 
     def _delete_version(self, head: Stored, number: int) -> None:
         workflow_id = head.workflow_id
@@ -270,7 +296,7 @@ class WorkflowStore:
             )
         self.versions.remove(workflow_id, number)
         if head.number == number:  # the newest went: the one before is the newest now
-            self._newest_as_head(workflow_id, 0, head.owner, head.shared)
+            self._newest_as_head(workflow_id, 0, head.owner, head.shared, head.lane)
 
     def _write(self, path: Path, workflow: dict[str, Any], new: bool) -> bool:
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.workflow import SEED_INPUTS
+from ..models.refs import is_model_reference
 from .schema import (
     InputSpec,
     Loaders,
@@ -219,7 +220,8 @@ def _node_problems(
             if problem is not None:
                 problems.append(Problem(node_id, class_type, name, problem[0], problem[1], problem[2], value))
             continue
-        wrong = check_value(spec, value, name in SEED_INPUTS and spec.type == "INT", (class_type, name) in loaders)
+        loader = (class_type, name) in loaders or is_model_reference(class_type, name, value)
+        wrong = check_value(spec, value, name in SEED_INPUTS and spec.type == "INT", loader)
         if wrong is not None:
             problems.append(Problem(node_id, class_type, name, wrong[0], wrong[1], wrong[2], value))
     return problems

@@ -32,10 +32,12 @@ SUFFIX = ".json"
 MAX_ADD_TRIES = 64  # instances registering the same workflow at once each take the next number
 
 
-def registered_by(owner: str | None) -> dict[str, Any] | None:
+def registered_by(owner: str | None, label: str | None = None) -> dict[str, Any] | None:
     """Who registered a version, as stored with it and shown by `GET .../versions`: the API key's
-    digest, shortened (None: keys are off). The one place a key's label joins it."""
-    return None if owner is None else {"key": owner[:16]}
+    digest, shortened, and its label (audit); None: keys are off."""
+    if owner is None:
+        return None
+    return {"key": owner[:16]} if label is None else {"key": owner[:16], "label": label}
 
 
 def iso(timestamp: float) -> str:

@@ -1,0 +1,107 @@
+"""A job's model references resolved before it is submitted: each distinct reference obtained
+once from the store (concurrently), the workflow given the placed names, and `data.models`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from yarl import URL
+
+from ..core.credentials import Credentials
+from ..errors import InputError, ServerlessError
+from ..inputs.download import DownloadPolicy, check_url
+from ..inputs.resolve import BIG_WORKFLOW_NODES
+from .refs import ModelInput, find_model_inputs
+from .store import ModelStore, Placed
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """The workflow ComfyUI receives, what `data.models` says, and the models it holds in use."""
+
+    workflow: dict[str, Any]
+    models: list[dict[str, Any]]
+    digests: list[str]
+
+
+def check_references(
+    workflow: Mapping[str, Any], extra: Mapping[tuple[str, str], str], policy: DownloadPolicy
+) -> list[ModelInput]:
+    """Refuse, before anything runs, a malformed reference or a URL the host policy blocks
+    (what a gateway can tell without downloading: scheme, IP literals, MODEL_ALLOWED_HOSTS)."""
+    found = find_model_inputs(workflow, extra)
+    for item in found:
+        if item.ref.kind == "url":
+            try:
+                check_url(URL(item.ref.location), policy)
+            except (ServerlessError, ValueError) as exc:
+                reason = exc.message if isinstance(exc, ServerlessError) else "invalid URL"
+                raise _error(workflow, item, f"cannot download: {reason}") from exc
+    return found
+
+
+async def resolve_models(
+    workflow: dict[str, Any],
+    store: ModelStore | None,
+    extra: Mapping[tuple[str, str], str],
+    credentials: Credentials | None,
+) -> Resolved:
+    """`workflow` (a copy when it names models) with every reference replaced by its placed name."""
+    if len(workflow) >= BIG_WORKFLOW_NODES:  # a big workflow's nodes are looked through off the event loop
+        found = await asyncio.to_thread(find_model_inputs, workflow, extra)
+    else:
+        found = find_model_inputs(workflow, extra)
+    if not found:
+        return Resolved(workflow, [], [])
+    if store is None:
+        raise _error(workflow, found[0], "model references need MODELS_DIR on this instance")
+    distinct: dict[tuple[str, str], ModelInput] = {}
+    for item in found:
+        distinct.setdefault((item.ref.location, item.folder), item)
+
+    async def obtain(item: ModelInput) -> Placed:
+        try:
+            return await store.obtain(item.ref, item.folder, credentials)
+        except ServerlessError as exc:
+            raise _error(workflow, item, exc.message) from exc
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {key: group.create_task(obtain(item)) for key, item in distinct.items()}
+    except ExceptionGroup as eg:
+        first = eg.exceptions[0]
+        if isinstance(first, ServerlessError):
+            raise first from first.__cause__
+        raise
+    placed = {key: task.result() for key, task in tasks.items()}
+    result = dict(workflow)  # only the nodes that change are copied
+    for item in found:
+        result[item.node_id] = dict(result[item.node_id])
+    models = []
+    for item in found:
+        model = placed[(item.ref.location, item.folder)]
+        node = result[item.node_id]
+        node["inputs"] = {**node["inputs"], item.input_name: model.name}
+        models.append(
+            {
+                "node_id": item.node_id,
+                "input": item.input_name,
+                "source": item.ref.shown,
+                "name": model.name,
+                "sha256": model.sha256,
+                "bytes": model.bytes,
+                "cached": model.cached,
+                "download_s": model.download_s,
+            }
+        )
+    return Resolved(result, models, sorted({m.sha256 for m in placed.values()}))
+
+
+def _error(workflow: Mapping[str, Any], item: ModelInput, reason: str) -> InputError:
+    class_type = workflow[item.node_id].get("class_type")
+    message = f"node {item.node_id} ({class_type}) input '{item.input_name}': {reason}"
+    raw = {"node_id": item.node_id, "class_type": str(class_type), "input_name": item.input_name, "reason": reason}
+    return InputError(message, raw)
