@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, Playwright, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -21,11 +21,33 @@ ARGS = [
 ]
 
 
+_shared: list[tuple[Playwright, Browser]] = []
+
+
 @contextmanager
 def chromium() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    """The module's one browser (started by its first user, closed by `close_shared` once the
+    tests go on to another module: see conftest.py): each test gets it for the block, and the
+    contexts and pages it opened are closed after it, so no test sees another's cookies, storage
+    or pages."""
+    if not _shared or not _shared[0][1].is_connected():
+        close_shared()
+        playwright = sync_playwright().start()
+        _shared.append((playwright, playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)))
+    browser = _shared[0][1]
+    before = set(browser.contexts)
+    try:
+        yield browser
+    finally:
+        for context in browser.contexts:
+            if context not in before:
+                context.close()
+
+
+def close_shared() -> None:
+    while _shared:
+        playwright, browser = _shared.pop()
         try:
-            yield browser
-        finally:
             browser.close()
+        finally:
+            playwright.stop()

@@ -46,6 +46,15 @@ def pytest_runtest_protocol(item: pytest.Item) -> Any:
         _running = "(outside a test)"
 
 
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The browser a module's tests share is closed once the next test is in another module: a live
+    sync Playwright holds the thread's event loop, which asyncio tests need."""
+    if nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None):
+        from tests.browser import close_shared
+
+        close_shared()
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     output = getattr(session.config, "workeroutput", None)
     if output is not None:  # an xdist worker: its counts go back to the controller

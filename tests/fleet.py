@@ -152,18 +152,20 @@ class Tier:
             **self.env,
         }
 
-    def gateway(self, ready_path: str = "/api/serverless/health", **env: str) -> Any:
+    def gateway(self, ready_path: str = "/api/serverless/health", process: bool | None = None, **env: str) -> Any:
+        """A gateway; in a process if `process` (default: the tier's `gateway_processes`)."""
         settings = {**self.common(), "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9", **env}
         name = f"gateway{len(self.gateways) + 1}"
-        node = (
-            Node(self.root, settings, name, ready_path)
-            if self.gateway_processes
-            else InProcessNode(self.root, settings, name)
-        )
+        in_process = not (self.gateway_processes if process is None else process)
+        node = InProcessNode(self.root, settings, name) if in_process else Node(self.root, settings, name, ready_path)
         self.gateways.append(node)
         return node
 
-    def worker(self, step_delay: float = 0.0, custom_nodes: bool = True, **env: str) -> Any:
+    def worker(
+        self, step_delay: float = 0.0, custom_nodes: bool = True, process: bool | None = None, **env: str
+    ) -> Any:
+        """A worker with an emulator of its own; in a process if `process` (default: the tier's
+        `processes`), so that a test can start the one it kills as a process and the rest in-process."""
         number = len(self.workers) + 1
         folder = self.root / f"emulator{number}"
         # a worker killed leaves its ComfyUI up: emulators stay in threads
@@ -171,7 +173,8 @@ class Tier:
         self.emulators.append(emulator)
         settings = {**self.common(), "ROLE": "worker", "COMFYUI_URL": emulator.url, **env}
         name = f"worker{number}"
-        node = Node(self.root, settings, name) if self.processes else InProcessNode(self.root, settings, name)
+        in_process = not (self.processes if process is None else process)
+        node = InProcessNode(self.root, settings, name) if in_process else Node(self.root, settings, name)
         self.workers.append(node)
         self.worker_env[name] = settings
         return node
@@ -181,7 +184,11 @@ class Tier:
         manager would: a new process (hence a new consumer name), its log appended to."""
         old = self.workers[index]
         settings = self.worker_env[old.name]
-        node = Node(self.root, settings, old.name) if self.processes else InProcessNode(self.root, settings, old.name)
+        node = (
+            Node(self.root, settings, old.name)
+            if isinstance(old, Node)
+            else InProcessNode(self.root, settings, old.name)
+        )
         self.workers[index] = node
         return node
 

@@ -137,6 +137,7 @@ class App(Process):
 # need a real process (signals, SIGKILL, /proc of the app) use the classes above.
 
 create_emulator_app = importlib.import_module(EMULATOR_MODULE).create_app
+EMULATOR_STATE = importlib.import_module(EMULATOR_MODULE + ".state").EMULATOR
 
 # Which in-process server a log record comes from: set in each server's thread, so every task of
 # its loop (and every `asyncio.to_thread` call, which copies the context) carries it.
@@ -272,13 +273,10 @@ class InProcessEmulator:
 
     async def _serve(self) -> None:
         self._loop, self._done = asyncio.get_running_loop(), asyncio.Event()
-        runner = web.AppRunner(
-            create_emulator_app(
-                self.root, self._step_delay, models_dir=self.models_dir, custom_nodes=self._custom_nodes
-            ),
-            access_log=None,
-            shutdown_timeout=2.0,
+        self._app = create_emulator_app(
+            self.root, self._step_delay, models_dir=self.models_dir, custom_nodes=self._custom_nodes
         )
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
@@ -295,5 +293,14 @@ class InProcessEmulator:
         assert not self._thread.is_alive(), f"{self.url} did not stop within {STOP_TIMEOUT}s"
 
     def kill(self) -> None:
-        """ComfyUI gone under its clients: its port closed, its websockets dropped (as `stop`)."""
+        """Die as a SIGKILLed ComfyUI looks from outside: in one step of its loop every websocket's
+        connection is aborted (no close frame) and the server is told to go; then its port closes."""
+        loop, done = self._loop, self._done
+        if loop is not None and done is not None and self._thread.is_alive():
+
+            def die() -> None:
+                self._app[EMULATOR_STATE].hub.drop_all()
+                done.set()
+
+            loop.call_soon_threadsafe(die)
         self.stop()

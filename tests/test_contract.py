@@ -293,6 +293,8 @@ def test_past_its_admission_limit_a_job_is_refused_busy_with_retry_after(deploym
         assert ready.status_code == 503 and "full" in ready.json()["reason"]
     else:  # the queue is every gateway's: each stays in its load balancer, answering BUSY itself
         assert ready.status_code == 200 and ready.json()["queue_full"] is True
+    for seed in range(len(answers) - 1):  # the admitted jobs: not left to run out at teardown
+        requests.post(url + CANCEL, params={"task_id": f"many-{seed}"}, timeout=10)
 
 
 def test_a_job_waiting_behind_others_is_told_its_place(deployment: Deploy) -> None:
@@ -308,6 +310,8 @@ def test_a_job_waiting_behind_others_is_told_its_place(deployment: Deploy) -> No
         timeout=30,
     )
     assert summary["state"] == "queued" and summary["queue_position"] >= 1
+    for seed in range(4):  # not left to run out at teardown
+        requests.post(url + CANCEL, params={"task_id": f"place-{seed}"}, timeout=10)
 
 
 def test_metrics_count_jobs_and_refused_prompts(deployment: Deploy) -> None:

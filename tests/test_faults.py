@@ -145,17 +145,17 @@ def greetings_logged(server: App, task_id: str) -> int:
 # -- ComfyUI dies -----------------------------------------------------------------------------------
 
 
-def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(emulator_process, start_app, tmp_path):
-    configure(emulator_process, step_delay=0.05)
-    server = start_app(emulator_process.url, COMFYUI_STARTUP_TIMEOUT="2")
+def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(own_emulator, start_app, tmp_path):
+    configure(own_emulator, step_delay=0.05)
+    server = start_app(own_emulator.url, COMFYUI_STARTUP_TIMEOUT="2")
     running, queued = new_task("killed-running"), new_task("killed-queued")
     first, first_box = in_thread(lambda: traced_run(server, txt2img(seed=1, steps=400), running))
-    wait_until(lambda: running_prompt(emulator_process.url))
+    wait_until(lambda: running_prompt(own_emulator.url))
     second, second_box = in_thread(lambda: traced_run(server, txt2img(seed=2, steps=400), queued, {"stream": "1"}))
     wait_for_log(server, running, "progress")
-    wait_for_pending(emulator_process)
+    wait_for_pending(own_emulator)
 
-    emulator_process.kill()
+    own_emulator.kill()
     first.join(BOUND)
     second.join(BOUND)
 
@@ -165,7 +165,7 @@ def test_comfyui_killed_mid_job_ends_running_and_queued_jobs_unavailable(emulato
         assert_logged(server, task_id, outcome)
 
     # ComfyUI back on the same address: the instance serves again, nothing to restart.
-    revived = InProcessEmulator(tmp_path / "revived", emulator_process.port, step_delay=0)
+    revived = InProcessEmulator(tmp_path / "revived", own_emulator.port, step_delay=0)
     try:
         assert_result(traced_run(server, empty_image(prefix="revived"), new_task("revived"), B64))
     finally:

@@ -40,6 +40,8 @@ INPUT_MAX_BYTES = 8 * MiB
 ENDLESS_BYTES = 1024 * MiB  # what /endless/ offers: 1 GiB, produced only as fast as it is read
 CHUNK = 64 * 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BUDGET = 32 * MiB  # INPUT_MAX_INFLIGHT_BYTES of the measured app
+JOBS = 6
 ALLOW_LOOPBACK = {"INPUT_ALLOWED_HOSTS": "127.0.0.1", "INPUT_MAX_BYTES": str(INPUT_MAX_BYTES)}
 
 
@@ -588,20 +590,42 @@ def run_measured(server: App, workflow: dict[str, Any]) -> tuple[requests.Respon
     return response, growth
 
 
-@pytest.fixture
-def measured_app(own_emulator: InProcessEmulator, start_app_process: Callable[..., App], files: InputServer) -> App:
-    """A fresh app (limit 8 MiB) that has already run one job, so later growth is the job's own."""
-    server = start_app_process(own_emulator.url, **ALLOW_LOOPBACK)
-    warm_up = post_run(server.url, load_image(files.add("warm.png", png(8), "image/png")))
-    assert warm_up.status_code == 200, warm_up.text
-    return server
+@pytest.fixture(scope="module")
+def measured_emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessEmulator]:
+    """The emulator behind `measured_app`."""
+    server = InProcessEmulator(tmp_path_factory.mktemp("measured-emulator"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def measured_app(
+    measured_emu: InProcessEmulator, files: InputServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[App]:
+    """One app process for the module's memory and descriptor measurements (limit 8 MiB per input,
+    24 MiB per job, 32 MiB in flight), that has already run one job, so later growth is a job's own.
+    Each measurement resets the peak (clear_refs) and compares with where it starts."""
+    logs = tmp_path_factory.mktemp("measured-app")
+    env = {
+        **base_env(measured_emu.url, logs / "status"),
+        **ALLOW_LOOPBACK,
+        "INPUT_MAX_JOB_BYTES": str(24 * MiB),
+        "INPUT_MAX_INFLIGHT_BYTES": str(BUDGET),
+    }
+    server = App(logs, env)
+    try:
+        warm_up = post_run(server.url, load_image(files.add("warm.png", png(8), "image/png")))
+        assert warm_up.status_code == 200, warm_up.text
+        yield server
+    finally:
+        server.stop()
 
 
 MEMORY_SLACK = INPUT_MAX_BYTES // 2  # room for the rest of a job; holding a body twice exceeds it
 
 
-def test_a_1_gib_download_is_cut_at_the_limit_without_the_app_growing_by_more(measured_app, own_emulator, files):
-    history = history_size(own_emulator)
+def test_a_1_gib_download_is_cut_at_the_limit_without_the_app_growing_by_more(measured_app, measured_emu, files):
+    history = history_size(measured_emu)
 
     response, growth = run_measured(measured_app, load_image(f"{files.url}/endless/huge.png", node_id="9"))
 
@@ -609,10 +633,10 @@ def test_a_1_gib_download_is_cut_at_the_limit_without_the_app_growing_by_more(me
     assert growth < INPUT_MAX_BYTES + MEMORY_SLACK
     print(f"the server wrote {files.streamed / MiB:.1f} MiB of the 1024 MiB it offered")
     assert files.streamed < 8 * INPUT_MAX_BYTES, "the app stopped reading soon after the limit"
-    assert history_size(own_emulator) == history
+    assert history_size(measured_emu) == history
 
 
-def test_a_download_just_under_the_limit_is_held_once(measured_app, own_emulator, files):
+def test_a_download_just_under_the_limit_is_held_once(measured_app, measured_emu, files):
     data = png(8)
     data += bytes(INPUT_MAX_BYTES - len(data))  # trailing bytes: still a PNG that loads
     url = files.add("just-under.png", data, "image/png")
@@ -620,8 +644,8 @@ def test_a_download_just_under_the_limit_is_held_once(measured_app, own_emulator
     response, growth = run_measured(measured_app, load_image(url))
 
     assert response.status_code == 200, response.text
-    name = sent_workflow(own_emulator, response.json()["data"]["prompt_id"])["1"]["inputs"]["image"]
-    assert input_folder(own_emulator)[name] == data
+    name = sent_workflow(measured_emu, response.json()["data"]["prompt_id"])["1"]["inputs"]["image"]
+    assert input_folder(measured_emu)[name] == data
     assert growth < INPUT_MAX_BYTES + MEMORY_SLACK
 
 
@@ -658,17 +682,17 @@ def bomb_png(side: int = 12000) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_decompression_bomb_is_refused_from_its_header_without_the_app_decoding_it(measured_app, own_emulator):
+def test_a_decompression_bomb_is_refused_from_its_header_without_the_app_decoding_it(measured_app, measured_emu):
     data = bomb_png()
     assert len(data) < 32 * 1024
-    history, folder = history_size(own_emulator), input_folder(own_emulator)
+    history, folder = history_size(measured_emu), input_folder(measured_emu)
 
     response, growth = run_measured(measured_app, load_image(base64.b64encode(data).decode(), node_id="8"))
 
     message = assert_input_error(response, "8", "LoadImage", "image")
     assert "12000x12000 pixels is over the limit of 100000000 pixels (INPUT_MAX_PIXELS)" in message
     assert growth < 16 * MiB, "decoding it would take 144 MB"
-    assert history_size(own_emulator) == history and input_folder(own_emulator) == folder
+    assert history_size(measured_emu) == history and input_folder(measured_emu) == folder
 
 
 def test_the_pixel_limit_is_the_INPUT_MAX_PIXELS_setting(own_emulator, start_app):
@@ -723,21 +747,28 @@ def many_images_workflow(count: int) -> tuple[dict[str, Any], list[bytes]]:
     return workflow, images
 
 
-def test_200_base64_inputs_are_uploaded_over_a_few_connections(own_emulator, start_app_process):
-    server = start_app_process(own_emulator.url)  # its own process: its descriptors are counted
+def test_200_base64_inputs_are_uploaded_over_a_few_connections(measured_emu, measured_app):
+    server = measured_app  # its own process: its descriptors are counted
     pid = server.proc.pid
     baseline = open_fds(pid)
+    before = input_folder(measured_emu)
     # A descriptor limit a connection per input would exceed: the job fails then, not only the count.
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline + 100, baseline + 100))
+    # (The soft limit only: the hard one could not be raised back for the module's other tests.)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline + 100, hard))
     workflow, images = many_images_workflow(200)
 
-    with FdWatch(pid) as watch:
-        response = post_run(server.url, workflow)
+    try:
+        with FdWatch(pid) as watch:
+            response = post_run(server.url, workflow)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
 
     assert response.status_code == 200, response.text
     print(f"\nopen fds: {baseline} before, {watch.peak} at peak")
     assert watch.peak <= baseline + 40
-    assert sorted(input_folder(own_emulator).values()) == sorted(images), "every input uploaded once"
+    added = [data for name, data in input_folder(measured_emu).items() if name not in before]
+    assert sorted(added) == sorted(images), "every input uploaded once"
 
 
 def padded_png(index: int, size: int) -> bytes:
@@ -765,21 +796,8 @@ def test_inputs_adding_up_to_more_than_INPUT_MAX_JOB_BYTES_are_refused(own_emula
     assert history_size(own_emulator) == 0 and input_folder(own_emulator) == {}
 
 
-BUDGET = 32 * MiB
-JOBS = 6
-
-
-def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BYTES(
-    own_emulator, start_app_process, files
-):
-    server = start_app_process(
-        own_emulator.url,
-        INPUT_MAX_JOB_BYTES=str(24 * MiB),
-        INPUT_MAX_INFLIGHT_BYTES=str(BUDGET),
-        **ALLOW_LOOPBACK,
-    )
-    warm_up = post_run(server.url, load_image(files.add("budget-warm.png", png(8), "image/png")))
-    assert warm_up.status_code == 200, warm_up.text
+def test_concurrent_requests_hold_no_more_input_bytes_than_INPUT_MAX_INFLIGHT_BYTES(measured_app, files):
+    server = measured_app
     size = INPUT_MAX_BYTES - MiB // 2
     workflows = []
     for job in range(JOBS):

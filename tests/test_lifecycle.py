@@ -23,7 +23,7 @@ import requests
 import websocket
 
 from tests.helpers import post_run, running_prompt, txt2img, wait_until
-from tests.servers import EMULATOR_MODULE, ROOT, Emulator, Process, free_port
+from tests.servers import EMULATOR_MODULE, ROOT, InProcessEmulator, Process, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -384,7 +384,7 @@ def test_the_app_refuses_to_start_when_a_plain_listener_holds_comfyuis_port(tmp_
 
 
 def test_the_app_refuses_to_start_when_another_comfyui_answers_on_its_port(tmp_path):
-    other = Emulator(tmp_path / "other")
+    other = InProcessEmulator(tmp_path / "other")
     try:
         done = bootstrap_until_exit(tmp_path, other.port)
         history = requests.get(other.url + "/history", timeout=5).json()

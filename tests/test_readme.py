@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.oss_server import LocalOss
-from tests.servers import ROOT, Emulator
+from tests.servers import ROOT, InProcessApp, InProcessEmulator
 
 README = ROOT / "README.md"
 API = "127.0.0.1:9000"
@@ -62,10 +62,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def readme_api(workdir: Path, tmp_path_factory: pytest.TempPathFactory):
     from tests.conftest import base_env
-    from tests.servers import App
 
     root = tmp_path_factory.mktemp("readme-emulator")
-    emulator = Emulator(root)
+    emulator = InProcessEmulator(root)
     oss = LocalOss({KEY_ID: (SECRET, None)}, [BUCKET], region="cn-hangzhou")
     oss.put_object(BUCKET, "in/cat.png", (ROOT / "examples" / "cat.png").read_bytes(), "image/png")
     logs = tmp_path_factory.mktemp("readme-app")
@@ -79,25 +78,65 @@ def readme_api(workdir: Path, tmp_path_factory: pytest.TempPathFactory):
         "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID,
         "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET,
     }
-    app = App(logs, env)
+    app = InProcessApp(logs, env)
     yield app, emulator
     app.stop()
     emulator.stop()
     oss.stop()
 
 
-@pytest.mark.parametrize("block", blocks(), ids=lambda block: f"README.md:{block.line}")
-def test_a_readme_example_runs_as_written(block: Block, readme_api, workdir: Path):
-    app, emulator = readme_api
+def for_this_run(block: Block, app: InProcessApp, emulator: InProcessEmulator) -> str:
+    """The block's code aimed at the test's app and emulator instead of the README's addresses."""
     code = block.text.replace(f"http://{API}", app.url).replace(f"ws://{API}", app.url.replace("http", "ws"))
-    code = code.replace("http://127.0.0.1:8188", emulator.url)
-    if block.language == "python":
-        command = [sys.executable, "-c", code]
-    else:
-        command = ["bash", "-euo", "pipefail", "-c", code]
-    # As in a checkout after `make serve` or `pip install .`: the venv's tools, the package importable.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"README.md:{block.line} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    for code_name in ERROR_CODE.findall(done.stdout):
-        assert code_name in block.text, f"README.md:{block.line} answered {code_name}:\n{done.stdout[-3000:]}"
+    return code.replace("http://127.0.0.1:8188", emulator.url)
+
+
+# As in a checkout after `make serve` or `pip install .`: the venv's tools, the package importable.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+
+
+def judged(block: Block, returncode: int, stdout: str, stderr: str) -> str | None:
+    """Why the block failed, or None: it must exit 0 and print no error it does not announce."""
+    if returncode != 0:
+        return f"README.md:{block.line} failed ({returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    for code_name in ERROR_CODE.findall(stdout):
+        if code_name not in block.text:
+            return f"README.md:{block.line} answered {code_name}:\n{stdout[-3000:]}"
+    return None
+
+
+# The Python examples first: the shell examples end with the one taking the instance out of service.
+@pytest.mark.parametrize(
+    "block", [b for b in blocks() if b.language == "python"], ids=lambda block: f"README.md:{block.line}"
+)
+def test_a_readme_python_example_runs_as_written(block: Block, readme_api, workdir: Path):
+    app, emulator = readme_api
+    command = [sys.executable, "-c", for_this_run(block, app, emulator)]
+    done = subprocess.run(command, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
+    assert judged(block, done.returncode, done.stdout, done.stderr) is None, judged(
+        block, done.returncode, done.stdout, done.stderr
+    )
+
+
+def test_the_readme_shell_examples_run_as_written(readme_api, workdir: Path, tmp_path: Path):
+    """Every shell block in README order, each in a subshell of its own (`set -euo pipefail`, its
+    own output and exit status) of one bash process, rather than one bash process per block."""
+    app, emulator = readme_api
+    shell = [b for b in blocks() if b.language != "python"]
+    script = []
+    for n, block in enumerate(shell):
+        (tmp_path / f"{n}.sh").write_text(for_this_run(block, app, emulator))
+        script.append(
+            f'( cd "$WORKDIR"; set -euo pipefail; . "$BLOCKS/{n}.sh" ) >"$BLOCKS/{n}.out" 2>"$BLOCKS/{n}.err"; '
+            f'echo $? >"$BLOCKS/{n}.rc"'
+        )
+    env = {**ENV, "WORKDIR": str(workdir), "BLOCKS": str(tmp_path)}
+    subprocess.run(["bash", "-c", "\n".join(script)], cwd=workdir, env=env, timeout=600, check=True)
+
+    failures = []
+    for n, block in enumerate(shell):
+        read = (tmp_path / f"{n}.out").read_text(), (tmp_path / f"{n}.err").read_text()
+        failure = judged(block, int((tmp_path / f"{n}.rc").read_text()), *read)
+        if failure:
+            failures.append(failure)
+    assert len(shell) >= 8 and not failures, "\n\n".join(failures)

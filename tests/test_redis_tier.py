@@ -279,20 +279,20 @@ def test_a_gateway_answers_503_naming_redis_when_it_cannot_reach_it(tier: Callab
 
 
 def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier: Callable[..., Tier]) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateways = [fleet.gateway(), fleet.gateway()]
-    workers = [fleet.worker(step_delay=0.2) for _ in range(3)]
+    # The two workers killed are processes, each started before the job can come to it; the
+    # third, which finds the job lost twice, runs in-process.
+    first = fleet.worker(step_delay=0.2, process=True)
     assert submit_async(gateways[0].url, slow(1), "doomed").status_code == 202
-
-    def runner() -> Any:
-        return next((w for w in workers if w.proc.poll() is None and "doomed" in w.started()), None)
-
-    first = wait_until(runner, timeout=20)
+    wait_until(lambda: "doomed" in first.started(), timeout=20)
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateways[0].url, "doomed")))
+    second = fleet.worker(step_delay=0.2, process=True)
     first.kill()
-    second = wait_until(lambda: runner() if runner() is not first else None, timeout=20)
+    wait_until(lambda: "doomed" in second.started(), timeout=20)
     assert attempts(fleet.redis_url, "doomed") == 2
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateways[0].url, "doomed")))
+    workers = [first, second, fleet.worker(step_delay=0.2)]
     second.kill()
     logged = wait_ended(gateways[0].url, "doomed", timeout=30)
     assert logged[-1]["error_code"] == "WORKER_LOST" and "attempt 2" in logged[-1]["error_message"]
@@ -306,13 +306,14 @@ def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier
 
 
 def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: Callable[..., Tier]) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateways = [fleet.gateway(), fleet.gateway()]
-    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    victim = fleet.worker(step_delay=0.1, process=True)  # the one killed; the survivor joins once it runs the job
+    assert submit_async(gateways[0].url, slow(2, steps=15), "victim").status_code == 202
+    wait_until(lambda: "victim" in victim.started(), timeout=20)
     for n in range(4):  # a queue behind it: none of them may be lost either
         assert submit_async(gateways[0].url, slow(10 + n, steps=3), f"behind-{n}").status_code == 202
-    assert submit_async(gateways[0].url, slow(2, steps=15), "victim").status_code == 202
-    victim = wait_until(lambda: next((w for w in workers if "victim" in w.started()), None), timeout=20)
+    workers = [victim, fleet.worker(step_delay=0.1)]
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateways[0].url, "victim")))
     victim.kill()
     logged = wait_ended(gateways[1].url, "victim", timeout=40)
@@ -330,9 +331,9 @@ def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: C
 def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_not_rerun(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
+    fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateway = fleet.gateway()
-    workers = [fleet.worker(step_delay=0.2) for _ in range(2)]
+    owner = fleet.worker(step_delay=0.2, process=True)  # the one killed; the other joins once it runs the job
     workflow = slow(8, steps=40)  # an early output (a2), then a long sampler and the late output
     workflow.update(
         {
@@ -341,8 +342,9 @@ def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_no
         }
     )
     assert submit_async(gateway.url, workflow, "charged").status_code == 202
+    wait_until(lambda: "charged" in owner.started(), timeout=20)
+    workers = [owner, fleet.worker(step_delay=0.2)]
     wait_until(lambda: any(p["type"] == "executed" for p in status(gateway.url, "charged")))
-    owner = next(w for w in workers if "charged" in w.started())
     owner.kill()
     logged = wait_ended(gateway.url, "charged", timeout=30)
     assert logged[-1]["error_code"] == "WORKER_LOST" and "outputs" in logged[-1]["error_message"]
@@ -554,7 +556,7 @@ def test_redis_restarted_mid_run_loses_nothing_acknowledged_and_the_fleet_recove
 ) -> None:
     server = RedisServer(tmp_path / "durable", durable=True)
     try:
-        fleet = tier(url=server.url(0), processes=True)
+        fleet = tier(url=server.url(0))  # the workers in-process: Redis is what dies here
         gateway = fleet.gateway()
         workers = [fleet.worker(step_delay=0.05) for _ in range(2)]
         ids = [f"durable-{n}" for n in range(12)]
@@ -571,7 +573,8 @@ def test_redis_restarted_mid_run_loses_nothing_acknowledged_and_the_fleet_recove
             assert wait_ended(gateway.url, task_id, timeout=90)[-1]["type"] == "serverless_api", task_id
         answer = post_run(gateway.url, empty_image(prefix="after-restart"))
         assert answer.status_code == 200 and answer.json()["type"] == "serverless_api"
-        assert all(w.proc.poll() is None for w in workers), "no restart needed"
+        for worker in workers:  # no restart needed: the same workers serve on
+            assert requests.get(worker.url + "/api/serverless/health", timeout=10).status_code == 200
     finally:
         server.stop()
 
@@ -644,8 +647,8 @@ def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_e
 def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_and_the_job_goes_on(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(gateway_processes=True, DRAIN_TIMEOUT="1")
-    gateway = fleet.gateway()
+    fleet = tier(DRAIN_TIMEOUT="1")
+    gateway = fleet.gateway(process=True)  # the one signalled
     fleet.worker(step_delay=0.1)
     waiting = in_background(lambda: post_run(gateway.url, slow(5, steps=40), headers={"X-Fc-Trace-Id": "outlives"}))
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "outlives")))
@@ -690,11 +693,12 @@ def test_the_queue_keeps_no_done_jobs_and_its_lag_reads_as_keda_reads_it_after_c
 def test_a_worker_lost_longer_than_stale_after_is_retried_and_its_caller_gets_the_result_not_instance_lost(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="3", STATUS_STALE_AFTER="1")  # claimed later than "stale"
+    fleet = tier(REDIS_CLAIM_IDLE="3", STATUS_STALE_AFTER="1")  # claimed later than "stale"
     gateway = fleet.gateway()
-    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    victim = fleet.worker(step_delay=0.1, process=True)  # the one killed; the other joins once it runs the job
     waiting = in_background(lambda: post_run(gateway.url, slow(3, steps=20), headers={"X-Fc-Trace-Id": "patient"}))
-    victim = wait_until(lambda: next((w for w in workers if "patient" in w.started()), None), timeout=20)
+    wait_until(lambda: "patient" in victim.started(), timeout=20)
+    fleet.worker(step_delay=0.1)
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "patient")))
     victim.kill()
     seen: list[list[dict[str, Any]]] = []

@@ -26,7 +26,7 @@ from PIL import Image
 from tests.conftest import base_env
 from tests.helpers import RUN, comfyui_inverted, decode_image, empty_image, post_run
 from tests.s3_server import LocalS3
-from tests.servers import App, Emulator, InProcessApp
+from tests.servers import App, InProcessApp, InProcessEmulator
 from tests.test_delivery_outputs import sse_payloads, two_outputs
 
 pytestmark = pytest.mark.timeout(60)
@@ -326,10 +326,11 @@ def test_a_200_MB_output_is_uploaded_in_parts_with_flat_memory(
     buckets: tuple[str, str, str],
     start_app_process: Callable[..., App],
 ) -> None:
-    """The app runs in its own process (its peak RSS is its own); the emulator's SaveVideo copies a
-    200 MB input into its output folder, which the app reads as ComfyUI's output folder (`disk`),
-    or, not knowing that folder, through ComfyUI's /view (`view`: spooled to a temporary file)."""
-    emulator = Emulator(tmp_path / "emulator")
+    """The app runs in its own process (its peak RSS is its own; the emulator serves from this one);
+    the emulator's SaveVideo copies a 200 MB input into its output folder, which the app reads as
+    ComfyUI's output folder (`disk`), or, not knowing that folder, through ComfyUI's /view (`view`:
+    spooled to a temporary file)."""
+    emulator = InProcessEmulator(tmp_path / "emulator")
     try:
         block = uuid.uuid4().bytes * (MiB // 16)
         (tmp_path / "emulator" / "input").mkdir(parents=True, exist_ok=True)

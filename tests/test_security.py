@@ -476,9 +476,13 @@ class StatusPoller(Poller):
                 time.sleep(0.005)
 
 
+BUSY_BOUND = 1.0  # loose for a loaded machine: idle, < 0.25 s
+
+
 def test_describe_openapi_and_run_of_a_4_mb_workflow_keep_other_callers_answered(
     start_app_process: Callable[..., Any], emulator_process: Any, tmp_path: Path
 ) -> None:
+    # Both in processes of their own: the 4 MB prompt must not hold the GIL of the poller's process.
     server = start_app_process(emulator_process.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
     body = json.dumps(big_workflow(37500)).encode()
     assert len(body) > 4_000_000
@@ -492,7 +496,7 @@ def test_describe_openapi_and_run_of_a_4_mb_workflow_keep_other_callers_answered
         for _ in range(3):  # the best of three: a busy moment of a shared machine rarely hits all
             poller = StatusPoller(server.url)
             poller.start()
-            while poller.answers < 50:
+            while poller.answers < 20:
                 time.sleep(0.01)
             usual, poller.slowest = poller.slowest, 0.0
             answer = requests.request(method, url, data="{}" if method == "POST" else None, timeout=120)
@@ -501,9 +505,11 @@ def test_describe_openapi_and_run_of_a_4_mb_workflow_keep_other_callers_answered
             assert answer.status_code == 200, answer.text[:300]
             delay = poller.slowest - usual
             best = delay if best is None else min(best, delay)
+            if best < BUSY_BOUND:
+                break  # the best of three is below the bound already
         delays[url.rsplit("/", 1)[-1]] = round(best or 0.0, 3)
     print("status answered slower by (s):", delays)
-    assert max(delays.values()) < 1.0, delays  # loose for a loaded machine: idle, < 0.25 s
+    assert max(delays.values()) < BUSY_BOUND, delays
 
 
 # -- 12. connections: a slow body is closed, a stalled reader is dropped with its answer ----------
@@ -572,9 +578,9 @@ def held_connections(pid: int, client_ports: set[int]) -> int:
 
 
 def test_a_caller_that_stops_reading_loses_its_connection_and_the_app_drops_the_answer(
-    start_app_process: Callable[..., Any], emulator_process: Any
+    start_app: Callable[..., InProcessApp], emulator: Any
 ) -> None:
-    app = start_app_process(emulator_process.url, STREAM_WRITE_TIMEOUT="1")
+    app = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")  # in this process: its sockets are ours
     workflow = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 0}},
         "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 1, "strength": 1.0}},
@@ -590,10 +596,10 @@ def test_a_caller_that_stops_reading_loses_its_connection_and_the_app_drops_the_
     stalled = [raw_request(app.port, head, rcvbuf=4096) for _ in range(3)]  # they never read
     ports = {sock.getsockname()[1] for sock in stalled}
     try:
-        wait_until(lambda: held_connections(app.proc.pid, ports) == 3)
+        wait_until(lambda: held_connections(os.getpid(), ports) == 3)
         wait_until(lambda: app.log_text().count("its connection is closed") >= 3, timeout=60)
         # Dropped at once: not held (with the rest of the answer) until the caller reads.
-        wait_until(lambda: held_connections(app.proc.pid, ports) == 0, timeout=10)
+        wait_until(lambda: held_connections(os.getpid(), ports) == 0, timeout=10)
     finally:
         for sock in stalled:
             sock.close()
@@ -607,9 +613,9 @@ NOISY = {
 
 
 def test_a_websocket_reader_that_stops_reading_loses_its_connection_and_the_app_drops_the_answer(
-    start_app_process: Callable[..., Any], emulator_process: Any
+    start_app: Callable[..., InProcessApp], emulator: Any
 ) -> None:
-    app = start_app_process(emulator_process.url, STREAM_WRITE_TIMEOUT="1")
+    app = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")  # in this process: its sockets are ours
     url = app.url.replace("http://", "ws://") + "/api/serverless/ws?output_base64=true"
     sockopt = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
     stalled = [websocket.create_connection(url, timeout=10, sockopt=sockopt) for _ in range(3)]
@@ -617,9 +623,9 @@ def test_a_websocket_reader_that_stops_reading_loses_its_connection_and_the_app_
     try:
         for ws in stalled:
             ws.send(json.dumps(NOISY))  # and never read
-        wait_until(lambda: held_connections(app.proc.pid, ports) == 3)
+        wait_until(lambda: held_connections(os.getpid(), ports) == 3)
         wait_until(lambda: app.log_text().count("its connection is closed") >= 3, timeout=60)
-        wait_until(lambda: held_connections(app.proc.pid, ports) == 0, timeout=10)
+        wait_until(lambda: held_connections(os.getpid(), ports) == 0, timeout=10)
     finally:
         for ws in stalled:
             ws.sock.close()

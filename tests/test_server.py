@@ -4,13 +4,13 @@ and its access log (ACCESS_LOG). Real processes; the listening socket is read fr
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.servers import Process, free_port
+from tests.servers import InProcessEmulator, Process, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,54 +28,55 @@ def listening_addresses(port: int) -> set[str]:
     return addresses
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    """Start `python -m serverless.server` with some settings (no ComfyUI: status still answers)."""
-    started: list[Process] = []
-
-    def start(**env: str) -> Process:
-        port = free_port()
-        settings = {
-            "FC_CUSTOM_LISTEN_PORT": str(port),
-            "STATUS_DIR": str(tmp_path / "status"),
-            "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
-            **env,
-        }
-        process = Process(
-            [sys.executable, "-m", "serverless.server"],
-            port,
-            tmp_path / f"server-{port}.log",
-            env=settings,
-            ready_path=STATUS,
-        )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def start_server(tmp_path: Path, **env: str) -> Process:
+    """`python -m serverless.server` with some settings (no ComfyUI unless given: status still answers)."""
+    port = free_port()
+    settings = {
+        "FC_CUSTOM_LISTEN_PORT": str(port),
+        "STATUS_DIR": str(tmp_path / "status"),
+        "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+        **env,
+    }
+    return Process(
+        [sys.executable, "-m", "serverless.server"],
+        port,
+        tmp_path / f"server-{port}.log",
+        env=settings,
+        ready_path=STATUS,
+    )
 
 
-def test_the_server_listens_on_loopback_by_default(server):
-    process = server()
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, emulator: InProcessEmulator) -> Iterator[dict[str, Process]]:
+    """Three server processes shared by the module's tests, each with the settings its tests look
+    at and nothing else that they read: the defaults (and the emulator as ComfyUI), FC's, and
+    HOST=0.0.0.0 with ACCESS_LOG=true."""
+    root = tmp_path_factory.mktemp("servers")
+    started: dict[str, Process] = {}
+    try:
+        started["default"] = start_server(root, COMFYUI_URL=emulator.url)
+        started["fc"] = start_server(root, FC_FUNCTION_NAME="comfyui")
+        started["host_and_access_log"] = start_server(root, HOST="0.0.0.0", ACCESS_LOG="true")
+        yield started
+    finally:
+        for process in started.values():
+            process.stop()
 
-    assert listening_addresses(process.port) == {"127.0.0.1"}
+
+def test_the_server_listens_on_loopback_by_default(servers):
+    assert listening_addresses(servers["default"].port) == {"127.0.0.1"}
 
 
-def test_on_fc_the_server_listens_on_all_addresses(server):
-    process = server(FC_FUNCTION_NAME="comfyui")
-
-    assert listening_addresses(process.port) == {"0.0.0.0"}
+def test_on_fc_the_server_listens_on_all_addresses(servers):
+    assert listening_addresses(servers["fc"].port) == {"0.0.0.0"}
 
 
-def test_host_chooses_the_listening_address(server):
-    process = server(HOST="0.0.0.0")
-
-    assert listening_addresses(process.port) == {"0.0.0.0"}
+def test_host_chooses_the_listening_address(servers):
+    assert listening_addresses(servers["host_and_access_log"].port) == {"0.0.0.0"}
 
 
-def test_access_log_true_logs_a_line_per_request_and_the_default_logs_none(server):
-    quiet, chatty = server(), server(ACCESS_LOG="true")
+def test_access_log_true_logs_a_line_per_request_and_the_default_logs_none(servers):
+    quiet, chatty = servers["default"], servers["host_and_access_log"]
 
     for process in (quiet, chatty):
         for n in range(3):
@@ -88,12 +89,12 @@ def test_access_log_true_logs_a_line_per_request_and_the_default_logs_none(serve
     assert "task_id=req-" not in quiet.log_text()
 
 
-def test_the_server_takes_a_websocket_run_body_as_big_as_an_http_one(server, emulator):
+def test_the_server_takes_a_websocket_run_body_as_big_as_an_http_one(servers):
     import json
 
     import websocket  # websocket-client
 
-    process = server(COMFYUI_URL=emulator.url)
+    process = servers["default"]
     text = "iVBORw0KGgoAAAANSUhEUg" * (20 * 1024 * 1024 // 22 + 1)  # 20 MiB: past uvicorn's 16 MiB default
     body = json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {"t": text}}})
     ws = websocket.create_connection(process.url.replace("http://", "ws://") + "/api/serverless/ws", timeout=30)

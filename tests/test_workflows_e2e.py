@@ -17,7 +17,8 @@ from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import base_env
 from tests.helpers import FIXTURES, empty_image, txt2img
-from tests.servers import App, Emulator
+from tests.servers import InProcessApp as App
+from tests.servers import InProcessEmulator as Emulator
 
 API = "/api/workflows"
 NEW_PROMPT = "a lighthouse at dusk, oil painting"
