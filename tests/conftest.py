@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,10 +50,11 @@ def pytest_runtest_protocol(item: pytest.Item) -> Any:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """The browser a module's tests share is closed once the next test is in another module: a live
     sync Playwright holds the thread's event loop, which asyncio tests need."""
-    if nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None):
-        from tests.browser import close_shared
-
-        close_shared()
+    browser = sys.modules.get("tests.browser")  # not imported: no browser (and maybe no Playwright)
+    if browser is not None and (
+        nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None)
+    ):
+        browser.close_shared()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
