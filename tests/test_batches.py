@@ -410,3 +410,37 @@ def test_with_output_oss_the_manifest_is_uploaded_beside_the_outputs(deployment:
             key = output["url"].split("/outs/", 1)[1].split("?", 1)[0]
             assert oss.get_object("outs", key)[1] == "image/png"
             assert key.rsplit("/", 1)[0] == uploaded["object"].rsplit("/", 1)[0]
+
+
+def test_a_batch_goes_on_from_another_gateway_when_its_feeding_gateway_is_killed(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SIGKILL, not a stop: the dead gateway gives up nothing. Its lease runs out
+    (BATCH_LEASE_SECONDS), another gateway takes the batch over from what Redis holds, and a
+    caller's SSE resumed there after its last event seen runs to the end; every item once."""
+    from tests.fleet import Tier
+
+    server = request.getfixturevalue("redis_server")
+    redis.Redis.from_url(server.url(31)).flushdb()  # a database of its own (the deployments take 32-63)
+    tier = Tier(tmp_path, server.url(31), {"BATCH_WINDOW": "4", **FAST})
+    try:
+        doomed = tier.gateway(process=True)
+        for _ in range(2):
+            tier.worker()
+        for emulator in tier.emulators:
+            requests.post(emulator.url + "/emulator/config", json={"node_delay": 0.02}, timeout=5)
+        batch_id = create(doomed.url, colours(40)).json()["batch_id"]
+        with requests.get(f"{doomed.url}{BATCHES}/{batch_id}/events", stream=True, timeout=60) as first:
+            seen = sse_events(first, lambda events: len(events) >= 8)
+        doomed.kill()
+        other = tier.gateway(process=False)
+        headers = {"Last-Event-ID": str(seen[-1]["id"])}
+        with requests.get(f"{other.url}{BATCHES}/{batch_id}/events", headers=headers, stream=True, timeout=120) as rest:
+            after = sse_events(rest, lambda events: events[-1]["type"] == "batch_end")
+        last = seen[-1]["id"]
+        assert [event["id"] for event in after] == list(range(last + 1, last + 1 + len(after)))
+        assert after[-1]["data"]["counts"]["succeeded"] == 40, after[-1]
+        made = [path for emulator in tier.emulators for path in (emulator.root / "output").glob("c*.png")]
+        assert len(made) == 40, "each item ran once, whoever fed it"
+    finally:
+        tier.stop()
