@@ -66,7 +66,7 @@ def test_a_worker_stopping_past_drain_timeout_hands_its_job_to_another_which_ans
 def test_a_job_whose_comfyui_dies_runs_once_more_on_another_worker_and_that_worker_waits_for_its_comfyui(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="60", COMFYUI_RECONNECT_TIMEOUT="1")
+    fleet = tier(processes=True, REDIS_CLAIM_IDLE="60", COMFYUI_STARTUP_TIMEOUT="1")
     gateway = fleet.gateway()
     workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
     waiting = in_background(lambda: sse_payloads(gateway.url, slow(32, steps=30), "crashed"))
