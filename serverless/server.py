@@ -110,8 +110,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def configure_logging(settings: Settings) -> None:
-    """Log lines at LOG_LEVEL in LOG_FORMAT (both entry points use this)."""
-    logs.configure_logging(settings.service.log_level, settings.service.log_format)
+    """Log lines at LOG_LEVEL in LOG_FORMAT, a line per connection with ACCESS_LOG (both entry
+    points use this)."""
+    service = settings.service
+    logs.configure_logging(service.log_level, service.log_format, service.access_log)
 
 
 def load_settings() -> Settings:

@@ -57,8 +57,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Every log line, uvicorn's included, at `level` in `log_format` ("text" or "json")."""
+class WebsocketAccessLines(logging.Filter):
+    """Drops the lines uvicorn (and the websockets library through it) logs for every websocket
+    connection, "[accepted]", "connection open" and "connection closed": access lines, logged
+    only with ACCESS_LOG as an HTTP request's are."""
+
+    LINES = frozenset(('%s - "WebSocket %s" [accepted]', "connection open", "connection closed"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and record.msg in self.LINES)
+
+
+def configure_logging(level: str, log_format: str, access_log: bool = True) -> None:
+    """Every log line, uvicorn's included, at `level` in `log_format` ("text" or "json"); without
+    `access_log`, no line per websocket connection either."""
     handler = logging.StreamHandler()
     handler.addFilter(JobFields())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
@@ -68,3 +80,8 @@ def configure_logging(level: str, log_format: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    websocket_lines = logging.getLogger("uvicorn.error")
+    for installed in [f for f in websocket_lines.filters if isinstance(f, WebsocketAccessLines)]:
+        websocket_lines.removeFilter(installed)
+    if not access_log:
+        websocket_lines.addFilter(WebsocketAccessLines())
