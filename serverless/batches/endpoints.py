@@ -202,13 +202,15 @@ class BatchEvents:
         cursor, quiet = after or 0, 0.0
         while True:
             found = await self.store.events(self.task_id, cursor)
-            for seq, data in found:
-                cursor = seq
-                yield Event(seq, data, terminal=data.startswith(b'{"type": "batch_end"'))
+            ends = False  # a `batch_end` last, and the batch no longer live: the stream's end
             if found and found[-1][1].startswith(b'{"type": "batch_end"'):
                 progress = await self.store.progress(self.task_id)
-                if progress is None or not progress.live:
-                    return
+                ends = progress is None or not progress.live
+            for index, (seq, data) in enumerate(found, 1):
+                cursor = seq
+                yield Event(seq, data, terminal=ends and index == len(found))
+            if ends:
+                return
             quiet = 0.0 if found else quiet + self.poll
             if idle is not None and quiet >= idle:
                 quiet = 0.0
@@ -218,5 +220,5 @@ class BatchEvents:
     async def finished(self) -> Event:
         raise NotImplementedError("a batch's stream is only rendered as SSE")
 
-    def more_ready(self, seq: int) -> bool:
+    async def more_after(self, seq: int, within: float) -> bool:
         return False

@@ -93,7 +93,7 @@ class RemoteJob:
         self._terminal = Event(seq, jsontext.dumps(error.to_payload()), True, error)
         return self._terminal
 
-    def more_ready(self, seq: int) -> bool:
+    async def more_after(self, seq: int, within: float) -> bool:
         """Each event is sent as it comes (Redis hands them over in batches already)."""
         return False
 

@@ -148,6 +148,10 @@ class Feed:
         self._wake()
         return True
 
+    async def changed(self) -> None:
+        """Wait for the next event published or preview shown."""
+        await self._changed.wait()
+
     def _wake(self) -> None:
         # Wake every waiting reader, and give later waiters a fresh event to wait on.
         changed, self._changed = self._changed, asyncio.Event()

@@ -199,10 +199,33 @@ class Job:
         await self._ready_for(terminal)
         return terminal
 
-    def more_ready(self, seq: int) -> bool:
-        """Whether events after `seq`, the terminal one aside, are already published."""
+    async def more_after(self, seq: int, within: float) -> bool:
+        """Whether an event after `seq` is published and may be read at once (`_ready_for`), now
+        or within `within` seconds."""
+        if self._readable_after(seq) or within <= 0:
+            return self._readable_after(seq)
+        try:
+            async with asyncio.timeout(within):
+                while not self._readable_after(seq):
+                    await self.feed.changed()
+        except TimeoutError:
+            return False
+        return True
+
+    def _readable_after(self, seq: int) -> bool:
         feed = self.feed
-        return feed.last_seq - (1 if feed.done else 0) > seq
+        if feed.last_seq <= seq or (self.known is not None and not self.known.is_set()):
+            return False
+        if feed.last_seq - 1 > seq or feed.terminal is None:
+            return True  # an event before the terminal one
+        return not self._waits_for_record(feed.terminal)
+
+    def _waits_for_record(self, event: Event) -> bool:
+        """A named task's terminal payload reaches callers once its status log holds it."""
+        recorder = self.recorder
+        return (
+            event.terminal and recorder is not None and self.spec.named and not self.spec.native and not recorder.done()
+        )
 
     async def _ready_for(self, event: Event) -> None:
         """Wait until `event` may reach a caller: the task is known to the status store, and a
@@ -211,7 +234,8 @@ class Job:
         (one box's log is on disk: its fsync is not waited for)."""
         if self.known is not None and not self.known.is_set():
             await self.known.wait()
-        if event.terminal and self.recorder is not None and self.spec.named and not self.spec.native:
+        if self._waits_for_record(event):
+            assert self.recorder is not None
             await asyncio.shield(self.recorder)
 
     async def terminal_recorded(self) -> bytes:

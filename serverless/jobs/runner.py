@@ -40,8 +40,10 @@ class EventSource(Protocol):
         """The terminal event (its `error` set for an error object)."""
         ...
 
-    def more_ready(self, seq: int) -> bool:
-        """Whether events after `seq` other than the terminal one can be read without waiting."""
+    async def more_after(self, seq: int, within: float) -> bool:
+        """Whether an event after `seq` can be read without waiting, now or within `within`
+        seconds (none: now). A source that cannot tell answers False: its events are written as
+        they come (`serverless.transports.bursts`)."""
         ...
 
 

@@ -59,7 +59,7 @@ class TaskEvents:
         async for event in self._tail(cursor, idle, previews):
             yield event
 
-    def more_ready(self, seq: int) -> bool:
+    async def more_after(self, seq: int, within: float) -> bool:
         """Each event is sent as it comes (a log is read in batches already)."""
         return False
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 
 from sse_starlette import ServerSentEvent
@@ -25,14 +26,20 @@ from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.runner import EventSource, RunningJob
 from ..ops.metrics import Metrics, ReaderMeter
 from ..settings import Settings
+from .bursts import bursts
 from .caller import CallerStalled, bounded, watch
 
 log = logging.getLogger(__name__)
 
 SEP = "\n"
+CORK: int | None = getattr(socket, "TCP_CORK", None)
 
 
 PING = ServerSentEvent(comment="ping", sep=SEP).encode()
+# The last write of a stream carries its end when it is at most this big. A bigger one goes out
+# alone, then the end, whose send waits for the caller to read it: a stalled caller is noticed
+# (and its connection dropped) instead of holding the unsent rest in memory for ever.
+SMALL_END = 64 * 1024
 
 
 def sse_event(event: Event) -> bytes:
@@ -96,6 +103,31 @@ def abort_connection(receive: Receive | None) -> None:
     abort = getattr(transport, "abort", None)
     if callable(abort):
         abort()
+
+
+class Cork:
+    """TCP_CORK on a caller's connection (Linux): the writes made inside `with cork:` leave in as
+    few TCP segments as they fill, so that a burst of small writes wakes the caller once, not once
+    each. The socket is uvicorn's, reached through its `receive` as in `abort_connection`; another
+    server's: nothing is done."""
+
+    def __init__(self, receive: Receive | None) -> None:
+        transport = getattr(getattr(receive, "__self__", None), "transport", None)
+        get_extra_info = getattr(transport, "get_extra_info", None)
+        self._socket = get_extra_info("socket") if CORK is not None and callable(get_extra_info) else None
+
+    def __enter__(self) -> None:
+        self._set(1)
+
+    def __exit__(self, *exc: object) -> None:
+        self._set(0)
+
+    def _set(self, value: int) -> None:
+        if self._socket is not None:
+            try:
+                self._socket.setsockopt(socket.IPPROTO_TCP, CORK, value)
+            except (OSError, AttributeError):  # closed meanwhile, or not a TCP socket
+                self._socket = None
 
 
 async def json_response(
@@ -179,10 +211,15 @@ class EventStream(Response):
         timeout = self.settings.stream.write_timeout
 
         async def deliver() -> None:
+            ended = False  # the body's last chunk is sent: it went with the terminal event
             try:
-                async for chunk in self._chunks():
-                    await bounded(send({"type": "http.response.body", "body": chunk, "more_body": True}), timeout)
-                await bounded(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
+                async for chunk, last in self._chunks():
+                    if not ended:
+                        body = {"type": "http.response.body", "body": chunk, "more_body": not last}
+                        await bounded(send(body), timeout)
+                        ended = last
+                if not ended:
+                    await bounded(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
             except CallerStalled:
                 abort_connection(receive)
                 raise
@@ -194,24 +231,21 @@ class EventStream(Response):
         with self.meter:
             await watch(self.job.task_id, deliver, caller_gone, self.abandon)
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        """The stream's bytes: the events published together (a burst of ComfyUI messages) go
-        out in one write."""
+    async def _chunks(self) -> AsyncIterator[tuple[bytes, bool]]:
+        """The stream's bytes, a burst of events in one write (`bursts`), each with whether the
+        stream's end goes with it: after the terminal event, when that write is small (`SMALL_END`)."""
         job = self.job
-        batch: list[bytes] = []
         try:
-            async for event in job.events(self.after, self.settings.stream.ping_interval, self.previews):
-                if event is None:
-                    yield PING
-                    continue
-                batch.append(sse_event(event))
-                if not job.more_ready(event.seq):
-                    yield b"".join(batch)
-                    batch.clear()
+            async for burst in bursts(job, self.after, self.settings.stream.ping_interval, self.previews):
+                if burst is None:
+                    yield PING, False
+                else:
+                    chunk = b"".join(map(sse_event, burst))
+                    yield chunk, burst[-1].terminal and len(chunk) <= SMALL_END
         except ReaderTooSlow as exc:
             # The job goes on (its status log still ends with the terminal payload); only this reader
             # is dropped. Compat clients ignore comments: this one tells a person where the rest is.
             log.warning("dropping a slow SSE reader of task_id=%s: %s", job.task_id, exc)
             self.meter.dropped()
             note = f"dropped: {exc}; the job goes on: GET /api/serverless/status?task_id={job.task_id}"
-            yield ServerSentEvent(comment=note, sep=SEP).encode()
+            yield ServerSentEvent(comment=note, sep=SEP).encode(), False

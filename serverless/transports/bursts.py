@@ -1,0 +1,38 @@
+"""A job's events grouped into the writes the SSE stream and the websocket make.
+
+ComfyUI sends a job's messages in bursts (a node starts, reports its progress, finishes, the next
+starts...: a dozen messages a fraction of a millisecond apart). Written one by one, each wakes the
+caller and costs a send on both sides, on the same cores the job runs on. Like Nagle's algorithm,
+a write follows the one before it no sooner than `WINDOW` later: an event after a quiet spell goes
+out at once, the rest of its burst waits for the window to pass and goes out in one write. The
+terminal event never waits (nor what is held with it): a caller's answer is not delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from ..jobs.feed import Event
+from ..jobs.runner import EventSource
+
+WINDOW = 0.002  # seconds between two writes of one burst; an event waits at most this long
+
+
+async def bursts(
+    source: EventSource, after: int | None = None, idle: float | None = None, previews: bool = False
+) -> AsyncIterator[list[Event] | None]:
+    """`source.events(after, idle, previews)`, each list one write; None for a keep-alive (after
+    `idle` seconds without an event). A list that ends with the terminal event is the last."""
+    loop = asyncio.get_running_loop()
+    written = -WINDOW  # when the last write was made
+    burst: list[Event] = []
+    async for event in source.events(after, idle, previews):
+        if event is None:
+            yield None
+            continue
+        burst.append(event)
+        if event.terminal or not await source.more_after(event.seq, written + WINDOW - loop.time()):
+            yield burst
+            burst = []
+            written = loop.time()
