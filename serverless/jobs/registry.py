@@ -152,11 +152,13 @@ class Jobs:
             # the run, off the caller's path, and the events wait for the claim (Job.known).
             attempt, known = None, asyncio.Event()
             recorder = self._begin_and_record(spec, task_id, feed, known)
-        recorder_task = None if recorder is None else _own(self._recorders, recorder, f"status {task_id}")
-        job = Job(spec, self.runtime, feed, prompt_id, task_id, recorder_task)
+        job = Job(spec, self.runtime, feed, prompt_id, task_id)
         job.known = known
         job.gate = self.tenants.gates.slot  # over its key's concurrency, it waits behind its own
+        # The run's task first: its prompt goes to ComfyUI before the log's claim takes its turn.
         run = _own(self._runs, self._run(job), f"job {task_id}")
+        recorder_task = None if recorder is None else _own(self._recorders, recorder, f"status {task_id}")
+        job.recorder = recorder_task
         self._index[task_id] = (job, attempt)
         # Indexed until its terminal payload is in the log too: a cancel asked meanwhile must find
         # the job here (ended: 409), not read a log without its end and ask for a cancel (202).
