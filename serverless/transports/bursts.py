@@ -3,9 +3,10 @@
 ComfyUI sends a job's messages in bursts (a node starts, reports its progress, finishes, the next
 starts...: a dozen messages a fraction of a millisecond apart). Written one by one, each wakes the
 caller and costs a send on both sides, on the same cores the job runs on. Like Nagle's algorithm,
-a write follows the one before it no sooner than `WINDOW` later: an event after a quiet spell goes
-out at once, the rest of its burst waits for the window to pass and goes out in one write. The
-terminal event never waits (nor what is held with it): a caller's answer is not delayed.
+a write follows the one before it (or the stream's start) no sooner than `WINDOW` later: an event
+after a quiet spell goes out at once, the rest of its burst waits for the window to pass and goes
+out in one write. The terminal event never waits (nor what is held with it): a caller's answer is
+not delayed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ async def bursts(
     """`source.events(after, idle, previews)`, each list one write; None for a keep-alive (after
     `idle` seconds without an event). A list that ends with the terminal event is the last."""
     loop = asyncio.get_running_loop()
-    written = -WINDOW  # when the last write was made
+    written = loop.time()  # when the last write was made (the stream's first: its start)
     burst: list[Event] = []
     async for event in source.events(after, idle, previews):
         if event is None:
