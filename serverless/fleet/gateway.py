@@ -48,6 +48,7 @@ class RemoteJob:
         self.runner = runner
         self._terminal: Event | None = None
         self._lock = asyncio.Lock()
+        self._more = False  # the read that brought the last event holds more (`Entry.more`)
 
     async def events(
         self, after: int | None = None, idle: float | None = None, previews: bool = False
@@ -71,6 +72,7 @@ class RemoteJob:
                         quiet_since = loop.time()
                         yield None
                     continue
+                self._more = entry.more
                 if entry.preview:
                     begun, quiet_since = True, loop.time()
                     yield Event(entry.seq, entry.data, preview=True)
@@ -94,8 +96,9 @@ class RemoteJob:
         return self._terminal
 
     async def more_after(self, seq: int, within: float) -> bool:
-        """Each event is sent as it comes (Redis hands them over in batches already)."""
-        return False
+        """Whether the read of the status stream that brought event `seq` holds more: Redis hands
+        a burst over in one read (there is no waiting for more here)."""
+        return self._more
 
     async def finished(self) -> Event:
         """The terminal event (followed once; later calls return it at once)."""

@@ -325,7 +325,7 @@ class StatusLog:
             for index, line in enumerate(lines, start=1):
                 cursor += 1
                 last = ended and index == len(lines)
-                yield Entry(cursor, line, last)
+                yield Entry(cursor, line, last, more=index < len(lines))
                 if last:
                     return
             if ended:

@@ -504,13 +504,13 @@ class RedisStatus:
                         shown[name] = newest_id.decode() if isinstance(newest_id, bytes) else newest_id
                         yield Entry(offset + cursor, newest[b"d"], False, preview=True)
                         continue
-                    for entry_id, fields in entries:
+                    for index, (entry_id, fields) in enumerate(entries, start=1):
                         cursor = _seq(entry_id)
                         terminal = fields.get(b"t") == b"1"
                         data = fields[b"d"]
                         if terminal and fields.get(b"r") == b"1":
                             data = await self._whole(task_id, number, data)
-                        yield Entry(offset + cursor, data, terminal)
+                        yield Entry(offset + cursor, data, terminal, more=index < len(entries))
                         if terminal:
                             return
                     silent_since = loop.time()

@@ -36,6 +36,7 @@ class Entry:
     data: bytes
     terminal: bool
     preview: bool = False  # a sampler preview kept apart (short-lived, never in the log)
+    more: bool = False  # more entries of the same read follow at once (a stream writes them together)
 
 
 class TaskLogs(Protocol):

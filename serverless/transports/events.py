@@ -40,6 +40,7 @@ class TaskEvents:
         self.status = status
         self.job = job
         self.strand_check = strand_check  # `JobRunner.end_if_stranded`, asked while the log is silent
+        self._more: bool | None = None  # following the log: its last read holds more (`Entry.more`)
 
     async def events(
         self, after: int | None = None, idle: float | None = None, previews: bool = False
@@ -60,8 +61,11 @@ class TaskEvents:
             yield event
 
     async def more_after(self, seq: int, within: float) -> bool:
-        """Each event is sent as it comes (a log is read in batches already)."""
-        return False
+        """The job's answer while its feed serves the events; following the log, whether the read
+        that brought event `seq` holds more (there is no waiting for more)."""
+        if self._more is None and self.job is not None:
+            return await self.job.more_after(seq, within)
+        return bool(self._more)
 
     async def finished(self) -> Event:
         """The terminal event (its `error` set for an error object)."""
@@ -73,6 +77,7 @@ class TaskEvents:
         raise AssertionError("a status log's tail ends only with its terminal payload")
 
     async def _tail(self, cursor: int, idle: float | None, previews: bool = False) -> AsyncIterator[Event | None]:
+        self._more = False
         async for entry in self.status.follow(self.task_id, cursor, idle=idle, previews=previews):
             if entry is None:
                 if self.strand_check is not None:
@@ -81,6 +86,7 @@ class TaskEvents:
             elif entry.terminal:
                 yield await _terminal(entry.seq, entry.data)
             else:
+                self._more = entry.more
                 yield Event(entry.seq, entry.data, preview=entry.preview)
 
 
