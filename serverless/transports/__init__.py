@@ -2,6 +2,7 @@
 
     start.start_job      request (HTTP or websocket) -> JobSpec -> Jobs.start -> Job
     caller.watch         the caller-watch: delivery raced against the caller leaving (TaskGroup)
+    bursts.bursts        a job's events grouped into the writes SSE and the websocket make
     http                 JSON (sync, held async) and SSE renderers
     websocket            the websocket renderer
 
