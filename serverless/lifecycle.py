@@ -4,7 +4,7 @@ The hooks change the instance (pre-stop takes it out of service for good), so th
 the platform: on FC, a call FC makes itself carries `x-fc-control-path: /initialize` (or
 `/pre-stop`), a header FC sets on every request it forwards (`/http-invoke` for an HTTP trigger),
 so a caller cannot pass one off as the other. Elsewhere: a loopback caller, or anyone holding
-`LIFECYCLE_TOKEN` (`Authorization: Bearer <token>`, e.g. a Kubernetes preStop hook).
+`OPERATOR_TOKEN` (`Authorization: Bearer <token>`, e.g. a Kubernetes preStop hook).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from .resources import Resources
 from .state import app_state
 
 log = logging.getLogger(__name__)
+
+# Seconds ComfyUI may hold waiting prompts with none running before health reports its queue
+# stuck: its one prompt worker takes the next prompt at once, so this is long past any doubt.
+QUEUE_STALL_AFTER = 30.0
 
 
 def _state(request: Request) -> tuple[Resources, JobRunner]:
@@ -141,7 +145,7 @@ class Prewarm:
 def check_platform_call(request: Request, hook: str) -> None:
     """Refuse a lifecycle hook that the platform did not make (see the module docstring)."""
     settings = app_state(request).resources.settings
-    token = settings.security.lifecycle_token
+    token = settings.security.operator_token
     given = sole_authorization(request.headers.getlist("authorization"))
     if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return

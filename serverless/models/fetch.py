@@ -25,6 +25,8 @@ from ..inputs.download import DownloadPolicy, GuardedConnector, check_url, descr
 log = logging.getLogger(__name__)
 
 BATCH = 4 * 1024 * 1024  # bytes handed to the writer thread at once
+MAX_BYTES = 64 * 1024**3  # one model file, when MODEL_CACHE_MAX_BYTES does not bound it lower
+DOWNLOAD_TIMEOUT = 3600.0  # seconds one model download may take, all redirects included
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 Progress = Callable[[int, int | None], None]  # (bytes so far, total if known)
 
@@ -159,7 +161,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
     total = writer.size + resp.content_length if resp.content_length is not None else None
     if total is not None and total > max_bytes:
         resp.close()
-        raise Rejected(f"larger than {max_bytes} bytes (MODEL_MAX_BYTES; Content-Length says {total})")
+        raise Rejected(f"larger than {max_bytes} bytes (MODEL_CACHE_MAX_BYTES; Content-Length says {total})")
     done = writer.size
     batch: list[bytes] = []
     batched = 0
@@ -169,7 +171,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
             done += len(chunk)
             if done > max_bytes:
                 resp.close()
-                raise Rejected(f"larger than {max_bytes} bytes (MODEL_MAX_BYTES)")
+                raise Rejected(f"larger than {max_bytes} bytes (MODEL_CACHE_MAX_BYTES)")
             batch.append(chunk)
             batched += len(chunk)
             if batched >= BATCH:
