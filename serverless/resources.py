@@ -394,17 +394,18 @@ async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
 
 
 def comfyui_folders(settings: Settings, command: list[str] | None) -> Folders:
-    """ComfyUI's folders on our disk: COMFYUI_OUTPUT_DIR named, with the `temp` and `input`
-    folders beside it (ComfyUI's own layout under its base directory) where they exist; else,
-    when we start ComfyUI from COMFYUI_DIR, those it will use; none otherwise (ComfyUI
-    elsewhere: its HTTP API)."""
+    """ComfyUI's folders on our disk: when we start ComfyUI from COMFYUI_DIR, those it will use
+    (COMFYUI_OUTPUT_DIR, when named, for its output); a ComfyUI we do not start: COMFYUI_OUTPUT_DIR
+    named, with the `temp` and `input` folders beside it where they exist (ComfyUI's own layout
+    under its base directory); none otherwise (ComfyUI elsewhere: its HTTP API)."""
     output = settings.comfyui.disk_output_dir
-    if output is not None:
-        temp, input_dir = output.parent / "temp", output.parent / "input"
-        return Folders(
-            output=output, temp=temp if temp.is_dir() else None, input=input_dir if input_dir.is_dir() else None
-        )
-    return started_folders(command, settings.comfyui.dir) if command and settings.comfyui.dir else Folders()
+    if command and settings.comfyui.dir:
+        started = started_folders(command, settings.comfyui.dir)
+        return Folders(output=output or started.output, temp=started.temp, input=started.input)
+    if output is None:
+        return Folders()
+    temp, beside = output.parent / "temp", output.parent / "input"
+    return Folders(output=output, temp=temp if temp.is_dir() else None, input=beside if beside.is_dir() else None)
 
 
 def hosted_workflows(
@@ -556,7 +557,7 @@ def input_limits(settings: Settings) -> InputLimits:
 
 
 def input_budget(settings: Settings) -> ByteBudget:
-    """The instance's shared input byte budget: room for two requests at their limits."""
+    """The instance's shared input byte budget: room for one request at its limits."""
     return ByteBudget(settings.inputs.max_inflight_bytes)
 
 

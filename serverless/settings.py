@@ -244,8 +244,8 @@ REMOVED = {
     "BATCH_LEASE_SECONDS": "a feeder's lease on a batch lasts STATUS_STALE_AFTER/8 (15 s by default)",
     "BATCH_MAX_ITEMS": "a batch holds at most 10000 items (batches.spec.MAX_ITEMS): split a bigger one",
     "BATCH_WINDOW": "64 items of a batch are queued or running at once (batches.feeder.WINDOW)",
-    "COMFYUI_CONNECT_TIMEOUT": "ComfyUI is connected to within 5 s (comfyui.CONNECT_TIMEOUT)",
-    "COMFYUI_REQUEST_TIMEOUT": "one ComfyUI HTTP call may take 60 s (comfyui.REQUEST_TIMEOUT)",
+    "COMFYUI_CONNECT_TIMEOUT": "ComfyUI is connected to within 5 s (comfyui.client.CONNECT_TIMEOUT)",
+    "COMFYUI_REQUEST_TIMEOUT": "one ComfyUI HTTP call may take 60 s (comfyui.client.REQUEST_TIMEOUT)",
     "COMFYUI_INPUT_DIR": "ComfyUI's input folder is read from the command we start it with, "
     "else it is the 'input' folder beside COMFYUI_OUTPUT_DIR",
     "COMFYUI_TEMP_DIR": "ComfyUI's temp folder is read from the command we start it with, "
@@ -255,8 +255,7 @@ REMOVED = {
     "ACCESS_LOG": "LOG_LEVEL=debug logs a line per HTTP request",
     "INPUT_ALLOW_PRIVATE": "list the private hosts or networks inputs may reach in INPUT_ALLOWED_HOSTS "
     "(0.0.0.0/0,::/0 allows every address)",
-    "INPUT_MAX_INFLIGHT_BYTES": "an instance holds at most 2 x (INPUT_MAX_JOB_BYTES + INPUT_MAX_BYTES) "
-    "of inputs at once",
+    "INPUT_MAX_INFLIGHT_BYTES": "an instance holds at most INPUT_MAX_JOB_BYTES + INPUT_MAX_BYTES of inputs at once",
     "OUTPUT_CONCURRENCY": "a job reads (and uploads) 8 outputs at once (delivery.outputs.CONCURRENCY)",
     "FILE_LINK_MAX_EXPIRES": "no link lives longer than FILE_LINK_EXPIRES (a caller may ask for shorter)",
     "INPUT_MAX_PIXELS": "an input image may have 100 megapixels (inputs.verify.MAX_PIXELS)",
@@ -270,7 +269,8 @@ REMOVED = {
     "JOB_MAX_EVENT_BYTES": "a job publishes at most 64 MiB of events (jobs.feed.MAX_JOB_BYTES)",
     "STREAM_WRITE_TIMEOUT": "a write to a caller may wait 60 s (transports.caller.WRITE_TIMEOUT)",
     "PREVIEW_MAX_FPS": "previews are shown 4 times a second at most (jobs.previews.MAX_FPS)",
-    "PREVIEW_IN_STATUS": "previews are shown to live readers and never logged",
+    "PREVIEW_IN_STATUS": "previews are shown to live readers, never logged: a task's are followed with "
+    "GET /api/serverless/events?previews=true",
     "REDIS_MAX_EVENT_BYTES": "an event of more than 1 MiB is not stored in Redis (status.redis.MAX_EVENT_BYTES)",
     "MODEL_MAX_BYTES": "a model file is bounded by MODEL_CACHE_MAX_BYTES, when set",
     "MODEL_DOWNLOAD_TIMEOUT": "a model download may take an hour (models.fetch.DOWNLOAD_TIMEOUT)",
@@ -375,7 +375,7 @@ class ServiceSettings:
 class InputSettings:
     """What a request may bring: its body, each input (downloaded or base64), a job's inputs
     together, and where downloads may go. The instance's inputs in flight are bounded by
-    `max_inflight_bytes`: room for two requests at their limits."""
+    `max_inflight_bytes`: room for one request at its limits (others' inputs wait for room)."""
 
     max_body_bytes: int = 100 * MiB
     timeout: float = 60.0  # a request body to arrive, or one input to download
@@ -386,7 +386,7 @@ class InputSettings:
 
     @property
     def max_inflight_bytes(self) -> int:
-        return 2 * (self.max_job_bytes + self.max_bytes)
+        return self.max_job_bytes + self.max_bytes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InputSettings:
