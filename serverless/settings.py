@@ -272,7 +272,7 @@ REMOVED = {
     "PREVIEW_IN_STATUS": "previews are shown to live readers, never logged: a task's are followed with "
     "GET /api/serverless/events?previews=true",
     "REDIS_MAX_EVENT_BYTES": "an event of more than 1 MiB is not stored in Redis (status.redis.MAX_EVENT_BYTES)",
-    "MODEL_MAX_BYTES": "a model file is bounded by MODEL_CACHE_MAX_BYTES, when set",
+    "MODEL_MAX_BYTES": "a model file is bounded by MODEL_CACHE_MAX_BYTES when set, else 64 GiB (models.fetch.MAX_BYTES)",
     "MODEL_DOWNLOAD_TIMEOUT": "a model download may take an hour (models.fetch.DOWNLOAD_TIMEOUT)",
 }
 
@@ -564,10 +564,6 @@ class BatchSettings:
 
     lease_seconds: float = 15.0
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], stale_after: float) -> BatchSettings:
-        return cls(lease_seconds=stale_after / 8)
-
 
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
@@ -686,7 +682,7 @@ class Settings:
             fleet=FleetSettings.from_env(env),
             scheduling=SchedulingSettings.from_env(env),
             security=SecuritySettings.from_env(env),
-            batches=BatchSettings.from_env(env, status.stale_after),
+            batches=BatchSettings(lease_seconds=status.stale_after / 8),
             tenants=TenantSettings.from_env(env),
             models=ModelSettings.from_env(env),
             deprecated=deprecated,
