@@ -272,7 +272,8 @@ REMOVED = {
     "PREVIEW_IN_STATUS": "previews are shown to live readers, never logged: a task's are followed with "
     "GET /api/serverless/events?previews=true",
     "REDIS_MAX_EVENT_BYTES": "an event of more than 1 MiB is not stored in Redis (status.redis.MAX_EVENT_BYTES)",
-    "MODEL_MAX_BYTES": "a model file is bounded by MODEL_CACHE_MAX_BYTES when set, else 64 GiB (models.fetch.MAX_BYTES)",
+    "MODEL_MAX_BYTES": "a model file is bounded by MODEL_CACHE_MAX_BYTES when set, "
+    "else 64 GiB (models.fetch.MAX_BYTES)",
     "MODEL_DOWNLOAD_TIMEOUT": "a model download may take an hour (models.fetch.DOWNLOAD_TIMEOUT)",
 }
 
