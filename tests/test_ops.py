@@ -418,7 +418,7 @@ def test_an_input_refusal_is_labelled_with_one_of_a_fixed_set_of_reasons(error, 
 
 def test_admission_and_metrics_settings_are_read_checked_and_the_token_kept_out_of_repr():
     settings = Settings.from_env({"MAX_PENDING_JOBS": "0", "OPERATOR_TOKEN": "token-never-shown"})
-    assert settings.service.max_pending_jobs == 0 and settings.security.metrics_token == "token-never-shown"
+    assert settings.service.max_pending_jobs == 0 and settings.security.operator_token == "token-never-shown"
     assert "token-never-shown" not in repr(settings)
     assert Settings.from_env({}).service.max_pending_jobs == 256
     for bad in ("-1", "2.5", "many"):
