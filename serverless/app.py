@@ -240,7 +240,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(
                 RequireApiKey,
                 keys=keys,
-                own_token=("/metrics",) if settings.security.operator_token else (),
+                own_token=("/metrics",) if settings.security.metrics_token else (),
             )
         ],
         lifespan=lifespan,

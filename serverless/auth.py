@@ -9,7 +9,7 @@ admin routes, and ComfyUI's own API refused to a key without `raw=yes` (`raw_pat
 remembers its caller's `owner`: a caller with another key cannot read, follow or cancel it.
 Health, readiness and the lifecycle hooks stay open, and so does the API's OpenAPI document (it is
 not a secret: /docs must load before a key is entered); everything else under `/api/` (and
-`/metrics`, unless OPERATOR_TOKEN guards it) needs `Authorization: Bearer <key>`. Without keys the
+`/metrics`, unless METRICS_TOKEN guards it) needs `Authorization: Bearer <key>`. Without keys the
 API is open, as before.
 """
 
@@ -177,7 +177,7 @@ class RequireApiKey:
     API called), and ComfyUI's own API to a key without raw=yes (403); puts the `Caller` in
     `scope["state"]["caller"]` (its owner id in `["owner"]`) and in a context variable for the
     request (`caller()`). `own_token` paths are guarded by a token of their own instead (`/metrics`
-    with OPERATOR_TOKEN: one Authorization header cannot carry both)."""
+    with METRICS_TOKEN: one Authorization header cannot carry both)."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, own_token: tuple[str, ...] = ()) -> None:
         self.app = app

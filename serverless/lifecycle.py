@@ -4,7 +4,7 @@ The hooks change the instance (pre-stop takes it out of service for good), so th
 the platform: on FC, a call FC makes itself carries `x-fc-control-path: /initialize` (or
 `/pre-stop`), a header FC sets on every request it forwards (`/http-invoke` for an HTTP trigger),
 so a caller cannot pass one off as the other. Elsewhere: a loopback caller, or anyone holding
-`OPERATOR_TOKEN` (`Authorization: Bearer <token>`, e.g. a Kubernetes preStop hook).
+`LIFECYCLE_TOKEN` (`Authorization: Bearer <token>`, e.g. a Kubernetes preStop hook).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Prewarm:
 def check_platform_call(request: Request, hook: str) -> None:
     """Refuse a lifecycle hook that the platform did not make (see the module docstring)."""
     settings = app_state(request).resources.settings
-    token = settings.security.operator_token
+    token = settings.security.lifecycle_token
     given = sole_authorization(request.headers.getlist("authorization"))
     if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return

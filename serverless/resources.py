@@ -191,6 +191,7 @@ class Resources:
             job_timeout=self.settings.service.job_timeout,
             max_result_bytes=self.settings.fleet.result_inline_max_bytes if self.fleet_worker else 0,
             preview_max_fps=previews.MAX_FPS,
+            preview_in_status=self.settings.stream.preview_in_status,
             resolve_models=self.resolve_models,
             model_tasks=self.model_tasks,
             out_of_memory=self.metrics.comfyui_ooms.inc,

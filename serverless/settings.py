@@ -231,8 +231,6 @@ RENAMED = {
     "BODY_TIMEOUT": "INPUT_TIMEOUT",  # a request body is an input arriving, like a download
     "COMFYUI_RECONNECT_TIMEOUT": "COMFYUI_STARTUP_TIMEOUT",  # coming back is starting again
     "GENSTUDIO_TOKEN_SECRET": "FILE_LINK_SECRET",  # one secret signs what only we verify (links, prompt tokens)
-    "METRICS_TOKEN": "OPERATOR_TOKEN",  # one token for what the platform calls: /metrics, the hooks
-    "LIFECYCLE_TOKEN": "OPERATOR_TOKEN",
 }
 
 # Names no longer read: start-up logs one line for each one set ("X is no longer read: <why>"),
@@ -269,8 +267,6 @@ REMOVED = {
     "JOB_MAX_EVENT_BYTES": "a job publishes at most 64 MiB of events (jobs.feed.MAX_JOB_BYTES)",
     "STREAM_WRITE_TIMEOUT": "a write to a caller may wait 60 s (transports.caller.WRITE_TIMEOUT)",
     "PREVIEW_MAX_FPS": "previews are shown 4 times a second at most (jobs.previews.MAX_FPS)",
-    "PREVIEW_IN_STATUS": "previews are shown to live readers, never logged: a task's are followed with "
-    "GET /api/serverless/events?previews=true",
     "REDIS_MAX_EVENT_BYTES": "an event of more than 1 MiB is not stored in Redis (status.redis.MAX_EVENT_BYTES)",
     "MODEL_MAX_BYTES": "a model file is bounded by MODEL_CACHE_MAX_BYTES when set, "
     "else 64 GiB (models.fetch.MAX_BYTES)",
@@ -473,15 +469,18 @@ class StatusSettings:
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
-    """How a job's events reach its callers: whether a caller's hang-up cancels its job."""
+    """How a job's events reach its callers: whether a caller's hang-up cancels its job, and
+    whether previews are also written to the status log."""
 
     cancel_on_disconnect: bool = True
+    preview_in_status: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StreamSettings:
         d = cls()
         return cls(
             cancel_on_disconnect=_flag(env, "CANCEL_ON_DISCONNECT", d.cancel_on_disconnect),
+            preview_in_status=_flag(env, "PREVIEW_IN_STATUS", d.preview_in_status),
         )
 
 
@@ -538,12 +537,14 @@ class FleetSettings:
 
 @dataclass(frozen=True, slots=True)
 class SecuritySettings:
-    """Who may call, and the secrets we sign with (all kept out of every `repr`): the operator's
-    token (`/metrics`, `/initialize`, `/pre-stop`), the webhooks' secret (shared with receivers),
-    and the secret of what only we verify (download links, GenStudio's prompt tokens)."""
+    """Who may call, and the secrets we sign with (all kept out of every `repr`): the scraper's
+    token (`/metrics`), the lifecycle hooks' token (`/initialize`, `/pre-stop`: separate callers,
+    separate rights), the webhooks' secret (shared with receivers), and the secret of what only we
+    verify (download links, GenStudio's prompt tokens)."""
 
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    operator_token: str = field(default="", repr=False)
+    metrics_token: str = field(default="", repr=False)
+    lifecycle_token: str = field(default="", repr=False)
     webhook_secret: str = field(default="", repr=False)
     file_link_secret: str = field(default="", repr=False)
 
@@ -551,7 +552,8 @@ class SecuritySettings:
     def from_env(cls, env: Mapping[str, str]) -> SecuritySettings:
         return cls(
             api_keys=_api_keys(env),
-            operator_token=_text(env, "OPERATOR_TOKEN", ""),
+            metrics_token=_text(env, "METRICS_TOKEN", ""),
+            lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
             webhook_secret=_text(env, "WEBHOOK_SECRET", ""),
             file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
         )

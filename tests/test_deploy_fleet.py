@@ -131,7 +131,7 @@ def test_every_env_name_in_the_deploy_files_is_a_setting_the_app_reads_and_docum
     names |= {name for container in our_containers().values() for name in container_env(container)}
     names |= set(objects("Secret", example_secrets())["comfyui-secrets"]["stringData"])
     names |= set(objects("ConfigMap")["comfyui-config"]["data"])
-    assert {"REDIS_URL", "OPERATOR_TOKEN", "API_KEYS", "FILE_LINK_SECRET", "MAX_QUEUED_JOBS"} <= names
+    assert {"REDIS_URL", "LIFECYCLE_TOKEN", "API_KEYS", "FILE_LINK_SECRET", "MAX_QUEUED_JOBS"} <= names
     assert names <= read, f"not read by the app: {sorted(names - read)}"
     assert names <= documented, f"not in README's settings table: {sorted(names - documented)}"
 
@@ -147,7 +147,7 @@ def test_the_deploy_files_values_are_settings_the_app_accepts() -> None:
         roles.add(settings.fleet.role)
         assert (settings.status.backend, settings.fleet.queue_backend) == ("redis", "redis")
         assert (
-            settings.security.api_keys and settings.security.operator_token
+            settings.security.api_keys and settings.security.lifecycle_token
         )  # the example Secret's values are accepted
         assert settings.deprecated == (), "a deploy file sets an old name"
     assert roles == {"gateway", "worker"}
@@ -396,7 +396,7 @@ def test_hooks_drain_before_the_grace_period_ends() -> None:
     paths = app_paths()
     for name, container in our_containers().items():
         hook = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
-        assert "/pre-stop" in hook and "/pre-stop" in paths and "Bearer" in hook and "OPERATOR_TOKEN" in hook
+        assert "/pre-stop" in hook and "/pre-stop" in paths and "Bearer" in hook and "LIFECYCLE_TOKEN" in hook
         drain = float(literal_env(container)["DRAIN_TIMEOUT"])
         hook_timeout = float(re.findall(r"timeout=(\d+)", hook)[-1])
         grace = objects("Deployment")[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

@@ -60,7 +60,7 @@ def test_on_fc_a_trigger_request_cannot_call_the_lifecycle_hooks(start_app, emul
 
 
 def test_with_a_lifecycle_token_only_its_holder_calls_the_hooks(start_app, emulator):
-    server = start_app(emulator.url, OPERATOR_TOKEN="s3cret-hook-token")
+    server = start_app(emulator.url, LIFECYCLE_TOKEN="s3cret-hook-token")
     assert requests.post(server.url + "/initialize", timeout=10).status_code == 401  # loopback is not enough
     wrong = {"Authorization": "Bearer s3cret-hook-tokeN"}
     assert requests.post(server.url + "/initialize", headers=wrong, timeout=10).status_code == 401

@@ -191,7 +191,7 @@ def test_metric_series_do_not_grow_with_the_number_of_jobs(start_app, emulator):
 
 def test_metrics_need_the_metrics_token_when_one_is_set(start_app, emulator):
     token = "metrics-token-" + uuid.uuid4().hex
-    server = start_app(emulator.url, OPERATOR_TOKEN=token)
+    server = start_app(emulator.url, METRICS_TOKEN=token)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
         refused = requests.get(server.url + "/metrics", headers=headers, timeout=5)
         assert refused.status_code == 401 and refused.json()["error_code"] == "UNAUTHORIZED"
@@ -205,7 +205,7 @@ def test_metrics_take_an_api_key_without_a_metrics_token_and_only_the_token_with
     keyed = start_app(emulator.url, API_KEYS=key)
     assert requests.get(keyed.url + "/metrics", timeout=5).status_code == 401
     assert ("serverless_jobs_in_flight", ()) in scrape(keyed.url, key)
-    both = start_app(emulator.url, API_KEYS=key, OPERATOR_TOKEN=token)
+    both = start_app(emulator.url, API_KEYS=key, METRICS_TOKEN=token)
     assert ("serverless_jobs_in_flight", ()) in scrape(both.url, token)
     refused = requests.get(both.url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=5)
     assert refused.status_code == 401
@@ -417,8 +417,8 @@ def test_an_input_refusal_is_labelled_with_one_of_a_fixed_set_of_reasons(error, 
 
 
 def test_admission_and_metrics_settings_are_read_checked_and_the_token_kept_out_of_repr():
-    settings = Settings.from_env({"MAX_PENDING_JOBS": "0", "OPERATOR_TOKEN": "token-never-shown"})
-    assert settings.service.max_pending_jobs == 0 and settings.security.operator_token == "token-never-shown"
+    settings = Settings.from_env({"MAX_PENDING_JOBS": "0", "METRICS_TOKEN": "token-never-shown"})
+    assert settings.service.max_pending_jobs == 0 and settings.security.metrics_token == "token-never-shown"
     assert "token-never-shown" not in repr(settings)
     assert Settings.from_env({}).service.max_pending_jobs == 256
     for bad in ("-1", "2.5", "many"):

@@ -248,6 +248,27 @@ def test_the_first_progress_events_carry_no_eta_until_a_step_is_timed(deployment
     assert before and all("eta_s" not in p for p in before)
 
 
+def test_previews_are_logged_when_preview_in_status_is_set(deployment: Deploy) -> None:
+    deployed = deployment(step_delay=0.05, PREVIEW_IN_STATUS="true")
+    started = requests.post(
+        deployed.url + RUN,
+        params={"previews": "true"},
+        data=json.dumps(txt2img(seed=13, steps=10, size=128)),
+        headers={"X-Fc-Invocation-Type": "Async", "X-Fc-Trace-Id": "logged-previews"},
+        timeout=30,
+    )
+    assert started.status_code == 202, started.text
+
+    def ended() -> list[dict[str, Any]] | None:
+        logged = requests.get(deployed.url + STATUS, params={"task_id": "logged-previews"}, timeout=10).json()
+        return logged if logged and logged[-1]["type"] in ("serverless_api", "error") else None
+
+    logged = wait_until(ended, timeout=30)
+    assert logged[-1]["type"] == "serverless_api"
+    previews = previews_of(logged)
+    assert previews and all(decoded(p).format == "JPEG" for p in previews)
+
+
 def test_a_hosted_workflow_run_again_has_an_eta_from_its_first_progress(deployment: Deploy) -> None:
     deployed = deployment(step_delay=0.05)
     put = requests.put(deployed.url + "/api/workflows/learned", data=json.dumps(txt2img(seed=14, steps=20)), timeout=30)

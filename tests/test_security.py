@@ -322,14 +322,14 @@ def test_the_old_link_lifetime_cap_is_no_longer_read_and_says_so() -> None:
     )
 
 
-# -- 7. /metrics with API keys and OPERATOR_TOKEN answers the token -------------------------------
+# -- 7. /metrics with API keys and METRICS_TOKEN answers the token -------------------------------
 
 
 def test_with_api_keys_and_a_metrics_token_the_token_reads_the_metrics_and_a_key_does_not(
     start_app: Callable[..., InProcessApp], emulator: Any
 ) -> None:
     token = "metrics-token-0123456789"
-    app = start_app(emulator.url, API_KEYS=KEY_A, OPERATOR_TOKEN=token)
+    app = start_app(emulator.url, API_KEYS=KEY_A, METRICS_TOKEN=token)
     scraped = requests.get(app.url + "/metrics", headers=bearer(token), timeout=10)
     assert scraped.status_code == 200 and "serverless_jobs_in_flight" in scraped.text
     for headers in (bearer(KEY_A), {}, bearer("not-the-token")):
@@ -426,7 +426,7 @@ def test_two_authorization_headers_are_refused_whichever_comes_first(
     start_app: Callable[..., InProcessApp], emulator: Any
 ) -> None:
     token = "metrics-token-0123456789"
-    app = start_app(emulator.url, API_KEYS=KEY_A, OPERATOR_TOKEN=token)
+    app = start_app(emulator.url, API_KEYS=KEY_A, METRICS_TOKEN=token)
     for pair in ((KEY_A, "nonsense-key-xxxxxxxx"), ("nonsense-key-xxxxxxxx", KEY_A), (KEY_A, KEY_A)):
         raw = [("Authorization", f"Bearer {pair[0]}"), ("Authorization", f"Bearer {pair[1]}")]
         status = http_get(app.url, STATUS + "?task_id=x", raw)

@@ -197,8 +197,6 @@ def test_a_merged_settings_old_name_keeps_working_with_one_deprecation_line(old,
     ("old", "new", "read"),
     [
         ("GENSTUDIO_TOKEN_SECRET", "FILE_LINK_SECRET", lambda s: s.security.file_link_secret),
-        ("METRICS_TOKEN", "OPERATOR_TOKEN", lambda s: s.security.operator_token),
-        ("LIFECYCLE_TOKEN", "OPERATOR_TOKEN", lambda s: s.security.operator_token),
     ],
 )
 def test_a_merged_secrets_old_name_keeps_working_and_its_warning_never_shows_the_secret(old, new, read):
@@ -208,16 +206,6 @@ def test_a_merged_secrets_old_name_keeps_working_and_its_warning_never_shows_the
     assert read(settings) == secret
     assert settings.deprecated == (f"{old} is deprecated: read as {new}",)
     assert secret not in repr(settings)
-
-
-def test_two_old_names_of_one_setting_the_first_is_read_and_the_second_named_as_ignored():
-    settings = Settings.from_env({"METRICS_TOKEN": "metrics-token-0123", "LIFECYCLE_TOKEN": "hooks-token-0123"})
-
-    assert settings.security.operator_token == "metrics-token-0123"
-    assert settings.deprecated == (
-        "METRICS_TOKEN is deprecated: read as OPERATOR_TOKEN",
-        "LIFECYCLE_TOKEN is deprecated and ignored: OPERATOR_TOKEN is set",
-    )
 
 
 @pytest.mark.parametrize("old", sorted(REMOVED))
@@ -256,7 +244,7 @@ def test_the_readme_documents_each_setting_read_once_and_they_are_clearly_fewer_
     ]
     old = {name for row in old_rows for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", row)}
     assert old == set(RENAMED) | set(REMOVED), "each old name in the README's table"
-    assert len(own) <= 62 < 70
+    assert len(own) <= 64 < 70
     assert not own & (set(RENAMED) | set(REMOVED)), "an old name is read again"
 
 

@@ -170,7 +170,7 @@ def test_a_held_async_invocation_on_fc_answers_after_its_webhook(start_app, emul
         status_dir=tmp_path / "status",
         WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
         FC_FUNCTION_NAME="comfyui",
-        OPERATOR_TOKEN="t",
+        LIFECYCLE_TOKEN="t",
     )
     receiver.statuses = [500, 502]
     response = post_run(

@@ -101,6 +101,7 @@ class Runtime:
     job_timeout: float
     max_result_bytes: int = 0  # base64 outputs a result may carry (0: any); a fleet's pass through Redis
     preview_max_fps: float = 4.0  # previews.MAX_FPS
+    preview_in_status: bool = False  # PREVIEW_IN_STATUS: previews are published (and recorded), not shown
     estimates: Estimates = field(default_factory=Estimates)  # how long things took, for progress
     resolve_models: ModelResolver = no_models  # model references fetched into the store and placed
     model_tasks: ModelTasks = no_model_tasks  # imports, deletes and pins of the models API
@@ -521,7 +522,11 @@ class Job:
             self._previews.offer(Preview(frame, node, self.progress.step_of(node)))
 
     def _show_preview(self, preview: Preview) -> None:
-        self.feed.show(preview_payload(self.task_id, preview))
+        payload = preview_payload(self.task_id, preview)
+        if self.runtime.preview_in_status:
+            self.feed.publish_payload(payload)
+        else:
+            self.feed.show(payload)
 
     def _forward(self, message: Message) -> None:
         """A broadcast for the job's caller (no prompt of ours to learn about)."""

@@ -25,19 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def check_metrics_token(request: Request, token: str) -> None:
-    """With OPERATOR_TOKEN set, only `Authorization: Bearer <token>` may read the metrics."""
+    """With METRICS_TOKEN set, only `Authorization: Bearer <token>` may read the metrics."""
     if not token:
         return
     given = sole_authorization(request.headers.getlist("authorization"))
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise Unauthorized("GET /metrics needs Authorization: Bearer <OPERATOR_TOKEN>")
+        raise Unauthorized("GET /metrics needs Authorization: Bearer <METRICS_TOKEN>")
 
 
 async def metrics(request: Request) -> Response:
     """GET /metrics: every metric of this app, in Prometheus' text format."""
     state = app_state(request)
     resources = state.resources
-    check_metrics_token(request, resources.settings.security.operator_token)
+    check_metrics_token(request, resources.settings.security.metrics_token)
     await state.jobs.measure()
     await UsageGauges.measure_app(state)
     if resources.supervisor is not None:  # it watches its child: its word is the freshest
