@@ -60,7 +60,7 @@ class JsonFormatter(logging.Formatter):
 class WebsocketAccessLines(logging.Filter):
     """Drops the lines uvicorn (and the websockets library through it) logs for every websocket
     connection, "[accepted]", "connection open" and "connection closed": access lines, logged
-    only with ACCESS_LOG as an HTTP request's are."""
+    only at LOG_LEVEL=debug, as an HTTP request's are."""
 
     LINES = frozenset(('%s - "WebSocket %s" [accepted]', "connection open", "connection closed"))
 

@@ -3,7 +3,7 @@ server-sent event stream.
 
 SSE: each event is an `id:` line (its sequence number) and one `data:` line (ComfyUI's text as
 received, then the terminal payload), lines ending in a bare LF; `: ping` after
-`stream_ping_interval` seconds of silence. Events are formatted by sse-starlette's
+`PING_INTERVAL` seconds of silence. Events are formatted by sse-starlette's
 `ServerSentEvent`; the stream itself is ours, so that it shares the caller-watch of every other
 transport. Both renderers read an `EventSource`: the job itself, or a task followed through its
 status log (`serverless.transports.events.TaskEvents`: resumed streams, attached callers).
@@ -26,6 +26,7 @@ from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.runner import EventSource, RunningJob
 from ..ops.metrics import Metrics, ReaderMeter
 from ..settings import Settings
+from . import caller
 from .bursts import bursts
 from .caller import CallerStalled, bounded, watch
 
@@ -35,6 +36,7 @@ SEP = "\n"
 CORK: int | None = getattr(socket, "TCP_CORK", None)
 
 
+PING_INTERVAL = 15.0  # seconds of silence before a stream's `: ping` (the contract's 15 s)
 PING = ServerSentEvent(comment="ping", sep=SEP).encode()
 # The last write of a stream carries its end when it is at most this big. A bigger one goes out
 # alone, then the end, whose send waits for the caller to read it: a stalled caller is noticed
@@ -160,7 +162,7 @@ async def json_response(
     terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
     error = terminal.error
     status = 200 if error is None or (held_async and not error.retryable) else error.status_code
-    return JsonBody(terminal.data, status, settings.stream.write_timeout)
+    return JsonBody(terminal.data, status, caller.WRITE_TIMEOUT)
 
 
 class JsonBody(Response):
@@ -219,7 +221,7 @@ class EventStream(Response):
         self.meter = ReaderMeter(metrics, "sse")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        timeout = self.settings.stream.write_timeout
+        timeout = caller.WRITE_TIMEOUT
         cork = Cork(receive)
 
         async def deliver() -> None:
@@ -254,7 +256,7 @@ class EventStream(Response):
         stream's end goes with it: after the terminal event, when that write is small (`SMALL_END`)."""
         job = self.job
         try:
-            async for burst in bursts(job, self.after, self.settings.stream.ping_interval, self.previews):
+            async for burst in bursts(job, self.after, PING_INTERVAL, self.previews):
                 if burst is None:
                     yield PING, False
                 else:
