@@ -193,5 +193,8 @@ class Tier:
         return node
 
     def stop(self) -> None:
+        for node in [*self.gateways, *self.workers]:
+            if isinstance(node, InProcessApp):
+                node.begin_stop()  # together: each shutdown's waits overlap
         for node in [*self.gateways, *self.workers, *self.emulators]:
             node.stop()

@@ -175,6 +175,34 @@ class _OwnRecords(logging.Filter):
         return SERVER_ID.get() == self.server_id
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which notices `should_exit` as soon as it is woken (`wake`) instead of at
+    its next 0.1 s tick: the many apps the tests stop each stop that much sooner."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _woken: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._woken = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            try:
+                await asyncio.wait_for(self._woken.wait(), 0.1)
+            except TimeoutError:
+                pass
+            should_exit = await self.on_tick(counter)
+
+    def wake(self) -> None:
+        loop, woken = self._loop, self._woken
+        if loop is not None and woken is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(woken.set)
+            except RuntimeError:  # its loop closed meanwhile: it has stopped
+                pass
+
+
 class InProcessApp:
     """The adapter (`serverless.app.create_app`) under uvicorn in a thread of the test process,
     configured by an environment mapping (os.environ is neither read nor changed). Its log records
@@ -204,7 +232,7 @@ class InProcessApp:
             log_config=None,
             ws_max_size=WS_MAX_SIZE,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
         self._thread = threading.Thread(target=self._run, name=self._id, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT
@@ -221,9 +249,15 @@ class InProcessApp:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def begin_stop(self) -> None:
+        """Tell it to shut down (as SIGTERM would) without waiting: apps stopping together each
+        wait for their own ends at once, not one after another."""
+        self.server.should_exit = True
+        self.server.wake()
+
     def stop(self) -> None:
         """Shut down as on SIGTERM (lifespan end included); idempotent."""
-        self.server.should_exit = True
+        self.begin_stop()
         self._thread.join(STOP_TIMEOUT)
         if self._thread.is_alive():
             self.server.force_exit = True
