@@ -139,8 +139,8 @@ def test_thousand_item_sweep_runs_each_item_once_retries_only_the_failed_and_lis
     """1,000 items, 100 of which name an input no ComfyUI holds yet: the window bounds what is
     queued, every item runs once, the roll-up is exact; once the input exists, retry runs only
     the 100 again; the manifest lists each output with its item's parameters."""
-    window = 16
-    dep = deployment(step_delay=0, BATCH_WINDOW=str(window), **FAST)
+    window = 48
+    dep = deployment(step_delay=0, BATCH_WINDOW=str(window), **{**FAST, "BATCH_POLL_INTERVAL": "0.01"})
     images = [f"good{number}.png" for number in range(9)] + ["late.png"]  # every item a different prompt
     for name in images[:-1]:
         put_input(dep, name)
