@@ -116,12 +116,14 @@ class Node(NodeLog, Process):
 
 
 class InProcessNode(NodeLog, InProcessApp):
-    """A node of the tier in a thread of the test process."""
+    """A node of the tier in a thread of the test process (`kill()` as SIGKILL would: see
+    `InProcessApp.kill`)."""
 
     def __init__(self, log_dir: Path, env: dict[str, str], name: str) -> None:
         self.name = name
         port = free_port()
-        super().__init__(log_dir, {**env, "FC_INSTANCE_ID": name, "FC_CUSTOM_LISTEN_PORT": str(port)}, port)
+        env = {**env, "FC_INSTANCE_ID": name, "FC_CUSTOM_LISTEN_PORT": str(port)}
+        super().__init__(log_dir, env, port, killable=True)
 
 
 @dataclass

@@ -424,7 +424,7 @@ def test_a_batch_goes_on_from_another_gateway_when_its_feeding_gateway_is_killed
     redis.Redis.from_url(server.url(31)).flushdb()  # a database of its own (the deployments take 32-63)
     tier = Tier(tmp_path, server.url(31), {"BATCH_WINDOW": "4", **FAST})
     try:
-        doomed = tier.gateway(process=True)
+        doomed = tier.gateway()  # killed in-process as SIGKILL would (`InProcessApp.kill`)
         for _ in range(2):
             tier.worker()
         for emulator in tier.emulators:
