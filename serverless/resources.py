@@ -207,6 +207,8 @@ class Resources:
     ) -> tuple[Workflow, list[dict[str, Any]], Release]:
         """Model references fetched into the store and placed; held in use until released."""
         resolved = await resolve_models(workflow, self.models, self.model_loaders, credentials)
+        if resolved.release is not None:  # held already (every model was cached)
+            return resolved.workflow, resolved.models, resolved.release
         if self.models is None or not resolved.digests:
             return resolved.workflow, resolved.models, _nothing
         taking = asyncio.ensure_future(asyncio.to_thread(self.models.use, resolved.digests))
