@@ -25,6 +25,8 @@ from ..inputs.download import DownloadPolicy, GuardedConnector, check_url, descr
 log = logging.getLogger(__name__)
 
 BATCH = 4 * 1024 * 1024  # bytes handed to the writer thread at once
+MAX_BYTES = 64 * 1024**3  # one model file, when MODEL_CACHE_MAX_BYTES does not bound it lower
+DOWNLOAD_TIMEOUT = 3600.0  # seconds one model download may take, all redirects included
 READ_BUFFER = 4 * 1024 * 1024  # bytes the socket may run ahead of the writer (aiohttp pauses reading past it)
 # Linux starts writing a range's dirty pages back on this advice (they stay cached until written):
 # a download's closing fsync then waits for its last batch only, not for the whole file.
@@ -166,7 +168,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
     total = writer.size + resp.content_length if resp.content_length is not None else None
     if total is not None and total > max_bytes:
         resp.close()
-        raise Rejected(f"larger than {max_bytes} bytes (MODEL_MAX_BYTES; Content-Length says {total})")
+        raise Rejected(f"larger than {max_bytes} bytes (MODEL_CACHE_MAX_BYTES; Content-Length says {total})")
     done = writer.size
     batch: list[bytes] = []
     batched = 0
@@ -176,7 +178,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
             done += len(chunk)
             if done > max_bytes:
                 resp.close()
-                raise Rejected(f"larger than {max_bytes} bytes (MODEL_MAX_BYTES)")
+                raise Rejected(f"larger than {max_bytes} bytes (MODEL_CACHE_MAX_BYTES)")
             batch.append(chunk)
             batched += len(chunk)
             if batched >= BATCH:
