@@ -150,7 +150,7 @@ class Tier:
             "COMFYUI_STARTUP_TIMEOUT": "5",
             "LOG_LEVEL": "debug",  # "job start" lines (debug) tell which worker ran what
             "WORKFLOWS_DIR": str(self.root / "workflows"),  # the tier's shared disk, as the NAS
-            "DRAIN_TIMEOUT": "1",  # a job still running when the test ends holds its teardown 1 s at most
+            "DRAIN_TIMEOUT": "5",  # a job still running when the test ends does not hold its teardown
             **self.env,
         }
 

@@ -74,7 +74,7 @@ def deploy(
         "FC_INSTANCE_ID": "test-1",
         "COMFYUI_STARTUP_TIMEOUT": "5",
         "WORKFLOWS_DIR": str(root / "workflows"),
-        "DRAIN_TIMEOUT": "1",  # a job still running when the test ends holds its teardown 1 s at most
+        "DRAIN_TIMEOUT": "5",  # a job still running when the test ends does not hold its teardown
     }
     if topology == "box":
         emulator = InProcessEmulator(root / "emulator", step_delay=step_delay, models_dir=models)
