@@ -74,7 +74,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if getattr(terminalreporter.config, "workeroutput", None) is not None:
         return  # a worker: the controller reports
     spawned = _by_workers or _spawned  # (xdist's own workers are not counted)
-    most = ", ".join(f"{name} {count}" for name, count in spawned.most_common(6))
+    most = ", ".join(f"{name} {count}" for name, count in spawned.most_common(40))
     terminalreporter.write_line(f"processes started by the tests: {sum(spawned.values())} (most: {most})")
 
 
@@ -131,6 +131,9 @@ def _starter(kind: Callable[[Path, dict[str, str]], S], tmp_path: Path) -> Itera
         return server
 
     yield start
+    for server in started:
+        if isinstance(server, InProcessApp):
+            server.begin_stop()  # together: each shutdown's waits overlap
     for server in started:
         server.stop()
 

@@ -116,12 +116,14 @@ class Node(NodeLog, Process):
 
 
 class InProcessNode(NodeLog, InProcessApp):
-    """A node of the tier in a thread of the test process."""
+    """A node of the tier in a thread of the test process (`kill()` as SIGKILL would: see
+    `InProcessApp.kill`)."""
 
     def __init__(self, log_dir: Path, env: dict[str, str], name: str) -> None:
         self.name = name
         port = free_port()
-        super().__init__(log_dir, {**env, "FC_INSTANCE_ID": name, "FC_CUSTOM_LISTEN_PORT": str(port)}, port)
+        env = {**env, "FC_INSTANCE_ID": name, "FC_CUSTOM_LISTEN_PORT": str(port)}
+        super().__init__(log_dir, env, port, killable=True)
 
 
 @dataclass
@@ -193,5 +195,8 @@ class Tier:
         return node
 
     def stop(self) -> None:
+        for node in [*self.gateways, *self.workers]:
+            if isinstance(node, InProcessApp):
+                node.begin_stop()  # together: each shutdown's waits overlap
         for node in [*self.gateways, *self.workers, *self.emulators]:
             node.stop()

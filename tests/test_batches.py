@@ -146,8 +146,9 @@ def test_thousand_item_sweep_runs_each_item_once_retries_only_the_failed_and_lis
     """1,000 items, 100 of which name an input no ComfyUI holds yet: the window bounds what is
     queued, every item runs once, the roll-up is exact; once the input exists, retry runs only
     the 100 again; the manifest lists each output with its item's parameters."""
-    window = 16
+    window = 48
     monkeypatch.setattr("serverless.batches.feeder.WINDOW", window)
+    monkeypatch.setattr("serverless.batches.feeder.POLL_INTERVAL", 0.01)
     dep = deployment(step_delay=0, **FAST)
     images = [f"good{number}.png" for number in range(9)] + ["late.png"]  # every item a different prompt
     for name in images[:-1]:
@@ -441,7 +442,7 @@ def test_a_batch_goes_on_from_another_gateway_when_its_feeding_gateway_is_killed
     tier = Tier(tmp_path, server.url(31), FAST)
     total = feeder.WINDOW + 16
     try:
-        doomed = tier.gateway(process=True)
+        doomed = tier.gateway()  # killed in-process as SIGKILL would (`InProcessApp.kill`)
         for _ in range(2):
             tier.worker()
         for emulator in tier.emulators:

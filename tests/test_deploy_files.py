@@ -265,6 +265,13 @@ def test_bootstrap_help_prints_usage_and_starts_nothing(flag, tmp_path):
     assert result.returncode == 0 and not marker.exists()
     for documented in ("--emulator", "EMULATOR_PORT", "EMULATOR_ROOT", "step_delay", "node_delay", "/emulator/config"):
         assert documented in result.stdout
+
+
+def test_bootstrap_refuses_an_unknown_flag_with_usage_and_starts_nothing(tmp_path):
+    marker = tmp_path / "started"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake.chmod(0o755)
     refused = subprocess.run(
         [str(ROOT / "bootstrap"), "--bogus"],
         env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},

@@ -9,6 +9,7 @@ with `docker compose config` when a docker CLI with compose is installed (skippe
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import shutil
@@ -217,6 +218,7 @@ def test_compose_gives_a_draining_instance_its_drain_timeout_before_killing_it()
         assert grace > float(service["environment"]["DRAIN_TIMEOUT"]), name
 
 
+@functools.cache
 def docker_compose() -> list[str] | None:
     """`docker compose` (the plugin) or `docker-compose` (the standalone program), if installed."""
     if shutil.which("docker"):
@@ -495,14 +497,14 @@ def test_the_queue_trim_job_runs_the_script_on_every_priority_stream() -> None:
 
 
 @pytest.fixture
-def scratch_redis(tmp_path: Path) -> Any:
+def scratch_redis(request: pytest.FixtureRequest) -> Any:
+    """Database 0 of the suite's redis-server (no other test uses it), emptied first."""
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not installed")
-    from tests.fleet import RedisServer
-
-    server = RedisServer(tmp_path)
-    yield redis.Redis(port=server.port)
-    server.stop()
+    client = redis.Redis.from_url(request.getfixturevalue("redis_server").url(0))
+    client.flushdb()
+    yield client
+    client.flushdb()
 
 
 def test_the_trim_removes_acknowledged_entries_only_and_keeps_the_lag_exact(scratch_redis: redis.Redis) -> None:
@@ -529,12 +531,16 @@ def test_the_trim_frees_memory_when_redis_refuses_writes(scratch_redis: redis.Re
     ids = [client.xadd(name, {"spec": b"x" * 20_000}) for _ in range(100)]
     client.xreadgroup(GROUP, "worker-1", {name: ">"}, count=100)
     client.xack(name, GROUP, *ids)
+    policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", str(client.info("memory")["used_memory"] - 100_000))
-    with pytest.raises(redis.ResponseError, match="maxmemory"):
-        client.xadd(name, {"spec": b"y"})
-    assert client.register_script(trim_script())(keys=[name], args=[GROUP]) == 99
-    client.config_set("maxmemory", "0")
+    try:
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            client.xadd(name, {"spec": b"y"})
+        assert client.register_script(trim_script())(keys=[name], args=[GROUP]) == 99
+    finally:  # the server is the suite's: back to no limit
+        client.config_set("maxmemory", "0")
+        client.config_set("maxmemory-policy", policy)
 
 
 # -- KEDA ---------------------------------------------------------------------------------------

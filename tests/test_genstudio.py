@@ -91,7 +91,21 @@ def doc_client(app: InProcessApp, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
     sys.modules.pop("tests.genstudio_doc_client", None)
-    return importlib.import_module("tests.genstudio_doc_client")
+    client = importlib.import_module("tests.genstudio_doc_client")
+    monkeypatch.setattr(client, "time", ShortWaits())
+    return client
+
+
+class ShortWaits:
+    """The `time` module as the tutorial's client sees it, but its waits between polls (5 s in
+    the tutorial) last at most 50 ms: the same calls and polls, without the idle seconds."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, 0.05))
 
 
 def info(app: InProcessApp, task_ids: list[str], key: str = KEY_A, **extra: Any) -> list[dict[str, Any]]:

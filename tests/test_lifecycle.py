@@ -119,6 +119,16 @@ def instance(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
+    """One instance for the tests that leave it serving (a ComfyUI killed under it is restarted)."""
+    server = Instance(tmp_path_factory.mktemp("serving"), step_delay=0.1)
+    yield server
+    server.stop()
+    for pid in server.comfyui_pids():
+        os.kill(pid, signal.SIGKILL)
+
+
 class Call(threading.Thread):
     """A call made in the background; `.response` and `.ended` (monotonic) once it returned."""
 
@@ -144,8 +154,8 @@ def status_log(instance: Instance, task_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_secrets(instance):
-    server = instance()
+def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_secrets(serving):
+    server = serving
     assert len(server.comfyui_pids()) == 1
     secrets = {
         "x-fc-access-key-id": "LTAI-KEY-ID-1",
@@ -190,8 +200,8 @@ def test_bootstrap_emulator_serves_the_api_against_the_emulator(tmp_path):
     assert server.proc.returncode == 0
 
 
-def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(instance):
-    server = instance(step_delay=0.1)
+def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(serving):
+    server = serving
     [first_pid] = server.comfyui_pids()
     job = Call(lambda: post_run(server.url, txt2img(steps=200), params=B64))  # 20 s if left alone
     wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)

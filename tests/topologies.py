@@ -57,6 +57,8 @@ class Deployment:
             return
         self.stopped = True
         for app in self.apps:
+            app.begin_stop()  # together: each shutdown's waits overlap
+        for app in self.apps:
             app.stop()
         for emulator in self.emulators:
             emulator.stop()

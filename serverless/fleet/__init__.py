@@ -102,6 +102,8 @@ async def running(resources: Resources, jobs: Jobs) -> AsyncIterator[Fleet]:
         yield Fleet(front, consumer)
     finally:
         if consumer_task is not None and not jobs.accepting:  # drained: its job acknowledged or handed back
+            if consumer is not None and consumer.waiting:
+                consumer_task.cancel()  # idle in its blocking read: no job to finish, no wait for the read's end
             await asyncio.wait({consumer_task}, timeout=CONSUMER_STOP)
         for task in (consumer_task, publisher):
             if task is not None:

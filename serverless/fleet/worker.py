@@ -132,6 +132,7 @@ class Consumer:
         self.heartbeat: Heartbeat | None = None  # what this worker advertises (`serverless.fleet.heartbeat`)
         self.affinity: Affinity | None = None  # set with the heartbeat: jobs go where their models are
         self.healing: Healing | None = None  # the memory check between jobs (`serverless.fleet.healing`)
+        self.waiting = False  # in the blocking read for news, holding no job
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -393,7 +394,13 @@ class Consumer:
         if self.affinity is not None:  # a job handed here wakes it; overdue ones are looked for often
             since.update(self.affinity.wake_streams())
             block = self.affinity.look_every(block)
-        answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))  # type: ignore[arg-type]
+        if not self.jobs.accepting:
+            return  # draining: no job is taken any more, so none is waited for
+        self.waiting = True  # idle in the blocking read: a drain may cut it (nothing to hand back)
+        try:
+            answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))  # type: ignore[arg-type]
+        finally:
+            self.waiting = False
         if self.affinity is not None and self.affinity.woke(answer):
             self._look_handed = True
         # Only the queue streams with news are asked next (the others had nothing new; what comes
