@@ -239,16 +239,16 @@ async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | N
 
 
 async def task_payloads(state: AppState, task_id: str) -> list[Any]:
-    """A prompt's payloads as its log holds them; where its job runs here and has published its
-    end, which its log may not hold yet (a box's is written a moment later: `/ws` and API v2's
-    events tell the end without waiting for it), as the job published them."""
-    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
-    last = payloads[-1] if payloads else None
-    if isinstance(last, dict) and last.get("type") in ("serverless_api", "error"):
-        return payloads
+    """A prompt's payloads: where its job runs here and has published its end, as the job
+    published them (its log may not hold the end yet: a box's is written a moment later, and
+    `/ws` and API v2's events tell the end without waiting for it; nor is the disk read); else
+    as its log holds them."""
     job = state.jobs.get(task_id)
     published = await published_payloads(job) if job is not None else None
-    return published if published is not None else payloads
+    if published is not None:
+        return published
+    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
+    return payloads
 
 
 async def published_payloads(job: RunningJob, ended: bool = True) -> list[Any] | None:
