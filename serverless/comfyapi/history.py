@@ -75,6 +75,17 @@ def is_end(message: dict[str, Any], prompt_id: str) -> bool:
     )
 
 
+def ended(payloads: list[Any]) -> bool:
+    """Whether a task's payloads end with its terminal one."""
+    last = payloads[-1] if payloads else None
+    return isinstance(last, dict) and last.get("type") in ("serverless_api", "error")
+
+
+def comfyui_ended(payloads: list[Any], prompt_id: str) -> bool:
+    """Whether ComfyUI has sent the prompt's last message among `payloads`."""
+    return any(isinstance(payload, dict) and is_end(payload, prompt_id) for payload in reversed(payloads))
+
+
 def is_feature_flags(text: str | None) -> bool:
     """Whether a client's message is the `feature_flags` the editor sends first."""
     if not text or '"feature_flags"' not in text:
@@ -141,9 +152,9 @@ def _extra(entry: PromptEntry) -> dict[str, Any]:
 
 def history_entry(entry: PromptEntry, payloads: list[Any]) -> dict[str, Any] | None:
     """The `/history` entry of an ended prompt whose log holds `payloads`; None while it runs."""
-    terminal = payloads[-1] if payloads else None
-    if not isinstance(terminal, dict) or terminal.get("type") not in ("serverless_api", "error"):
+    if not ended(payloads):
         return None
+    terminal = payloads[-1]
     outputs: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     messages: list[list[Any]] = []

@@ -54,6 +54,10 @@ class PromptEntry:
 
 
 class PromptIndex(Protocol):
+    # Whether other instances answer for its prompts (`/history`, `/queue`): a fleet's, in Redis.
+    # A process's own are answered only by it, from the job itself while it runs here.
+    shared: bool
+
     def bell(self, client_id: str) -> contextlib.AbstractContextManager[asyncio.Event]:
         """Set when a prompt for `client_id` is queued on this instance (`Bells`)."""
         ...
@@ -160,6 +164,8 @@ class Bells:
 class MemoryIndex(Bells):
     """One box's prompts, in this process."""
 
+    shared = False
+
     def __init__(self) -> None:
         super().__init__()
         self._entries: dict[str, PromptEntry] = {}
@@ -245,6 +251,8 @@ class MemoryIndex(Bells):
 
 class RedisIndex(Bells):
     """Every gateway's prompts, in the fleet's Redis, kept `ttl` seconds after the last."""
+
+    shared = True
 
     def __init__(self, client: aioredis.Redis, ttl: int, watch: StreamWatch | None = None) -> None:
         super().__init__()
