@@ -112,3 +112,12 @@ async def test_a_websocket_client_past_the_prompts_kept_for_it_still_gets_each_n
     late = await index.client_cursor("c1")  # a client connecting now: its prompts from now on
     await index.add(PromptEntry("next", CLIENT_KEEP + 2, {}, "c1"))
     assert (await index.client_tasks("c1", late))[0] == ["next"]
+
+
+def test_messages_passed_on_unparsed_are_those_relayed_as_they_are() -> None:
+    texts = [json.dumps(payload) for payload in LOG]
+    texts.append(json.dumps({"type": "progress", "data": {"value": 1, "max": 3, "prompt_id": "p1", "node": "3"}}))
+    for text in texts:
+        message = history.relayed(text)
+        passed = message is not None and not history.is_end(message, "p1") and message["type"] != "status"
+        assert history.relayed_as_is(text) == (passed and message["type"] != "executing"), text

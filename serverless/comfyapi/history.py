@@ -45,6 +45,23 @@ def relayed(text: str) -> dict[str, Any] | None:
     return message
 
 
+# ComfyUI's messages as its `json.dumps` writes them start `{"type": "<type>", `: those of a type
+# that is never held back nor left out are passed on unparsed.
+PREFIX = '{"type": "'
+PASSED_AS_THEY_ARE = frozenset(
+    {"execution_start", "execution_cached", "executed", "execution_success", "progress", "progress_state"}
+)
+
+
+def relayed_as_is(text: str) -> bool:
+    """Whether a logged event is one of ComfyUI's messages a `/ws` client gets as it is, told
+    without parsing it (False: `relayed` decides)."""
+    if not text.startswith(PREFIX):
+        return False
+    end = text.find('"', len(PREFIX))
+    return end > 0 and text[len(PREFIX) : end] in PASSED_AS_THEY_ARE
+
+
 PREVIEW_IMAGE = 1  # ComfyUI's binary event types (server.BinaryEventTypes)
 IMAGE_TYPES = {"image/jpeg": 1, "image/png": 2}
 

@@ -141,6 +141,9 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
                 for text in history.closing(task_id, json.loads(event.text)):
                     await send(text)
             return
+        if history.relayed_as_is(event.text):
+            await send(event.text)
+            continue
         preview = history.preview_frame(event.text)
         if preview is not None:
             await send(preview)
