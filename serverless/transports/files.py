@@ -6,7 +6,8 @@ from Redis, where the worker that made it kept it (as served: converted) for FIL
 sends names a path: the place comes only out of the signed token. A link signed with a conversion
 serves the converted file (made once, in a bounded worker thread, and kept until the link
 expires: `serverless.delivery.converted`; the same bytes the job reported); one without streams
-ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206).
+ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206), or reads a file of
+ComfyUI's folder on our disk up to LOCAL_WHOLE bytes straight from there (`ViewStream`).
 """
 
 from __future__ import annotations
