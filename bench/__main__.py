@@ -57,7 +57,7 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
                 if "startup" in only:
                     figures += await suite.startup(_bare(session, comfyui_url, workdir), runs=2 if quick else 3)
                 # Co-located, as on FC: the adapter reads outputs from (and writes inputs to) the
-                # emulator's folders. Against COMFYUI_URL, set COMFYUI_OUTPUT_DIR etc. to do the same.
+                # emulator's folders. Against COMFYUI_URL, set COMFYUI_OUTPUT_DIR to do the same.
                 folders = {} if emulator is None else colocated(workdir / "comfyui")
                 app = procs.start_app(
                     workdir / "app", comfyui_url, FILE_LINK_SECRET="bench-" + os.urandom(8).hex(), **folders
@@ -105,8 +105,9 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
 
 
 def colocated(root: Path) -> dict[str, str]:
-    """The settings of an adapter sharing ComfyUI's disk (root: ComfyUI's folder)."""
-    return {f"COMFYUI_{name.upper()}_DIR": str(root / name) for name in ("input", "output", "temp")}
+    """The settings of an adapter sharing ComfyUI's disk (root: ComfyUI's folder): its output
+    folder named, its `input` and `temp` folders found beside it."""
+    return {"COMFYUI_OUTPUT_DIR": str(root / "output")}
 
 
 def _bare(session: aiohttp.ClientSession, comfyui_url: str, workdir: Path) -> suite.Context:
@@ -134,8 +135,8 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "  `POST /prompt`, wait for `executing` with `node: null`, `GET /history/{id}`, `GET /view`) and",
         "  through `POST /api/serverless/run?output_base64=true` (sync), `&stream=true` (SSE) or",
         "  `/api/serverless/ws` (one websocket per job, as the documented clients do); all end holding",
-        "  the PNG bytes. The adapter runs co-located, as on FC: `COMFYUI_OUTPUT_DIR`, `_TEMP_DIR` and",
-        "  `_INPUT_DIR` name ComfyUI's folders (against `COMFYUI_URL`, set them to do the same).",
+        "  the PNG bytes. The adapter runs co-located, as on FC: `COMFYUI_OUTPUT_DIR` names ComfyUI's",
+        "  output folder, its `input` and `temp` beside it (against `COMFYUI_URL`, set it to do the same).",
         "- **Throughput**: N clients each looping that job for a fixed window after a warm-up; jobs/s",
         "  between the first and the last completion in the window, and the ratio to N native clients;",
         "  the app's CPU time per job from /proc. ComfyUI runs one prompt at a time, so more clients",
@@ -158,8 +159,10 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "  -> SaveImage`, a ~3 MB PNG out. Native: upload, prompt, `/history`, `/view`. The adapter: base64",
         "  in; out as base64, as a link (`output_url=true`, then fetched) or as WebP (`output_format=webp`;",
         "  the native client then converts the PNG with Pillow itself, so both end holding WebP bytes).",
-        "  Peak memory: a fresh adapter per mode, VmHWM reset, one job, peak above idle over the job's",
-        "  payload (input + output PNG bytes).",
+        "  Peak memory: a fresh adapter per mode, its first job alone (what a new process pays once too:",
+        "  imports, the allocator's first growth), and per job with four at once after two warm-up jobs",
+        "  of the mode (VmHWM reset; peak above idle / 4): each over the job's payload (input + output",
+        "  PNG bytes).",
         "- **Fleet cost** (`bench/fleet_cost.py`, alone: `python -m bench.fleet_cost`): a `redis-server`,",
         "  two emulators, one box and a fleet (a gateway, one then two workers) on loopback; sync JSON",
         "  jobs. Added latency: the 64x64 job alternately through the box and gateway + worker, one at",

@@ -45,10 +45,10 @@ def noise_workflow(prefix: str, side: int = 2600) -> dict[str, Any]:
     }
 
 
-def long_workflow(steps: int, seed: int = 1) -> dict[str, Any]:
+def long_workflow(steps: int, seed: int = 1, ckpt: str = "sd-v1-5-inpainting.ckpt") -> dict[str, Any]:
     """The emulator's model-free text-to-image chain: one `progress` message per step."""
     return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd-v1-5-inpainting.ckpt"}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},

@@ -12,6 +12,12 @@ no base64); the box and the fleet run the same workflows on the same emulators.
 - one worker's rate: 4 ms jobs, 10 clients looping (the queue never empty: the rate is what the
   worker sustains), box against gateway + one worker, the same job count each.
 - N workers' rate: 0.5 s jobs, 2N clients looping, against N times one box's rate with 2 clients.
+  Its jobs name a checkpoint no worker has loaded yet, so that every worker holds it after the
+  warm-up: affinity hands a job to a worker holding its models unless it waits AFFINITY_WAIT
+  (3 s), so a worker joining a fleet that holds the model takes work only once jobs wait that long.
+- CPU per job: the CPU seconds every process of a path spent over the one-worker rate's jobs
+  (box: the app and its ComfyUI; fleet: gateway, worker, Redis and its ComfyUI), divided by the
+  job count: on two cores, what bounds the rates above.
 """
 
 from __future__ import annotations
@@ -135,15 +141,30 @@ async def added_latency(fleet: Fleet, jobs: int) -> list[Figure]:
 async def one_worker_rate(fleet: Fleet, jobs: int, clients: int = 10, step: float = 0.004) -> list[Figure]:
     assert fleet.box is not None and fleet.gateway is not None
     seeds = iter(range(1, 10**9))
-    rates = {}
+    rates, cpu = {}, {}
+    box_pids = [fleet.box.pid, fleet.emulators[0].pid]
+    fleet_pids = [fleet.gateway.pid, fleet.workers[0].pid, fleet.redis.pid, fleet.emulators[0].pid]
     async with fresh_session() as session:
         await set_step_delay(session, fleet.emulators, step)
-        for name, url in (("box", fleet.box.url), ("fleet", fleet.gateway.url)):
+        for name, url, pids in (("box", fleet.box.url, box_pids), ("fleet", fleet.gateway.url, fleet_pids)):
             for _ in range(5):
                 await _job(session, url, long_workflow(1, next(seeds)))
+            before = [procs.cpu_seconds(pid) for pid in pids]
             rates[name] = await _rate(clients, jobs, lambda url=url: _job(session, url, long_workflow(1, next(seeds))))
+            cpu[name] = [(procs.cpu_seconds(pid) - b) * 1000 / jobs for pid, b in zip(pids, before, strict=True)]
     ratio = rates["fleet"] / rates["box"]
+    parts = ", ".join(
+        f"{n} {v:.2f}" for n, v in zip(("gateway", "worker", "Redis", "ComfyUI"), cpu["fleet"], strict=True)
+    )
     return [
+        info(
+            SECTION,
+            "CPU per job, one box",
+            sum(cpu["box"]),
+            "ms",
+            f"app {cpu['box'][0]:.2f}, ComfyUI {cpu['box'][1]:.2f}",
+        ),
+        info(SECTION, "CPU per job, gateway + worker", sum(cpu["fleet"]), "ms", parts),
         info(SECTION, f"one box, {step * 1000:g} ms jobs, {clients} clients", rates["box"], "jobs/s"),
         goal(
             SECTION,
@@ -160,18 +181,21 @@ async def one_worker_rate(fleet: Fleet, jobs: int, clients: int = 10, step: floa
 async def scaling(fleet: Fleet, jobs_per_client: int, step: float = 0.5) -> list[Figure]:
     assert fleet.box is not None and fleet.gateway is not None
     seeds = iter(range(10**6, 10**9))
+    cold = "v1-5-pruned-emaonly.safetensors"  # loaded by no worker yet (see the module docstring)
+
+    def job(url: str) -> Awaitable[float]:
+        return _job(session, url, long_workflow(1, next(seeds), cold))
+
     async with fresh_session() as session:
         while len(fleet.workers) < WORKERS:
             await fleet.add_worker(session)
         box, gateway = fleet.box.url, fleet.gateway.url
         await set_step_delay(session, fleet.emulators, 0)
-        await _rate(2 * WORKERS, 8 * WORKERS, lambda: _job(session, gateway, long_workflow(1, next(seeds))))  # warm
+        await _rate(2 * WORKERS, 8 * WORKERS, lambda: job(gateway))  # warm: every worker loads the checkpoint
         await set_step_delay(session, fleet.emulators, step)
-        box_rate = await _rate(2, 2 * jobs_per_client, lambda: _job(session, box, long_workflow(1, next(seeds))))
+        box_rate = await _rate(2, 2 * jobs_per_client, lambda: job(box))
         clients = 2 * WORKERS
-        tier_rate = await _rate(
-            clients, clients * jobs_per_client, lambda: _job(session, gateway, long_workflow(1, next(seeds)))
-        )
+        tier_rate = await _rate(clients, clients * jobs_per_client, lambda: job(gateway))
         await set_step_delay(session, fleet.emulators, 0)
     ratio = tier_rate / (WORKERS * box_rate)
     return [

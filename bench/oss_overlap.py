@@ -3,12 +3,12 @@
 The emulator, the app (under uvicorn) and a local OSS server (tests/oss_server.py) whose every PUT
 is held `PUT_DELAY` seconds, as over a slow link to OSS. A job saves N images (EmptyImage batch N
 -> SaveImage) with `?output_oss=true`; the figure is the app's own `data.timings.outputs_s` (from
-ComfyUI's end of the job to the response ready), beside N x one upload. Uploads that overlap keep
-it near one upload whatever N; the same app with OUTPUT_CONCURRENCY=1 shows the sum, for contrast.
+ComfyUI's end of the job to the response ready), beside N x one upload (what uploads one after
+the other would take, for contrast). Uploads that overlap (8 at a time, `delivery.outputs.CONCURRENCY`)
+keep it near one upload whatever N.
 
-A last job saves an image early, then samples for longer than an upload takes: with
-OUTPUT_CONCURRENCY=1 still, its early upload is done before ComfyUI ends, so outputs_s is one
-upload (the late image's), not two.
+A last job saves an image early, then samples for longer than an upload takes: its early upload
+is done before ComfyUI ends, so outputs_s is one upload (the late image's), not two.
 
 Figures depend on the machine and on what else runs on it; never part of the test suite.
 """
@@ -88,8 +88,7 @@ def median_run(app: App, workflow: Callable[[int], dict[str, Any]], outputs: int
 
 
 def run() -> dict[str, float]:
-    """Every figure, by name: `put_delay_s`; per N, `n{N}_outputs_s` and `n{N}_wall_s` (default
-    OUTPUT_CONCURRENCY), `n{N}_sequential_outputs_s` (OUTPUT_CONCURRENCY=1) and `n{N}_sum_s`
+    """Every figure, by name: `put_delay_s`; per N, `n{N}_outputs_s`, `n{N}_wall_s` and `n{N}_sum_s`
     (N x the one-output outputs_s); `early_output_outputs_s` and `early_output_sum_s`."""
     figures: dict[str, float] = {"put_delay_s": PUT_DELAY}
     bucket = f"bench-{uuid.uuid4().hex[:12]}"
@@ -111,10 +110,8 @@ def run() -> dict[str, float]:
                 "ALIBABA_CLOUD_SECURITY_TOKEN": "",
                 "LOG_LEVEL": "WARNING",
             }
-            concurrent = App(root, {**env, "OUTPUT_CONCURRENCY": str(max(COUNTS))})
+            concurrent = App(root, env)
             apps.append(concurrent)
-            sequential = App(root, {**env, "OUTPUT_CONCURRENCY": "1"})
-            apps.append(sequential)
             timed_run(concurrent, batch_workflow(1, "warm", next(_variants)), 1)  # connections, imports
             single = 0.0
             for count in COUNTS:
@@ -122,13 +119,10 @@ def run() -> dict[str, float]:
                 single = single or outputs_s
                 figures[f"n{count}_outputs_s"] = outputs_s
                 figures[f"n{count}_wall_s"] = wall
-                figures[f"n{count}_sequential_outputs_s"] = median_run(
-                    sequential, partial(batch_workflow, count, f"s{count}"), count
-                )[0]
                 figures[f"n{count}_sum_s"] = count * single
             steps = 10  # 10 x 0.1 s of sampling: longer than one upload
             requests.post(emulator.url + "/emulator/config", json={"step_delay": 2.5 * PUT_DELAY / steps}, timeout=10)
-            figures["early_output_outputs_s"] = median_run(sequential, partial(early_and_late_workflow, steps), 2)[0]
+            figures["early_output_outputs_s"] = median_run(concurrent, partial(early_and_late_workflow, steps), 2)[0]
             figures["early_output_sum_s"] = 2 * single
         finally:
             for app in apps:
@@ -142,16 +136,16 @@ def table(figures: dict[str, float]) -> str:
         f"OSS uploads of one job, each PUT held {figures['put_delay_s']:.2f} s by the local OSS "
         f"(median of {REPEATS} jobs)",
         "",
-        f"{'outputs':>7}  {'outputs_s':>9}  {'wall_s':>7}  {'N x one upload':>14}  {'OUTPUT_CONCURRENCY=1':>20}",
+        f"{'outputs':>7}  {'outputs_s':>9}  {'wall_s':>7}  {'N x one upload':>14}",
     ]
     for count in COUNTS:
         lines.append(
             f"{count:>7}  {figures[f'n{count}_outputs_s']:>9.3f}  {figures[f'n{count}_wall_s']:>7.3f}  "
-            f"{figures[f'n{count}_sum_s']:>14.3f}  {figures[f'n{count}_sequential_outputs_s']:>20.3f}"
+            f"{figures[f'n{count}_sum_s']:>14.3f}"
         )
     lines += [
         "",
-        "An early output uploaded while the job still runs (OUTPUT_CONCURRENCY=1, 2 outputs):",
+        "An early output uploaded while the job still runs (2 outputs):",
         f"  outputs_s {figures['early_output_outputs_s']:.3f}  (2 x one upload: {figures['early_output_sum_s']:.3f})",
     ]
     return "\n".join(lines)

@@ -65,6 +65,10 @@ class Redis:
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)

@@ -22,6 +22,7 @@ from .docs import endpoints as docs
 from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
 from .fleet import endpoints as fleet_endpoints
 from .genstudio import endpoints as genstudio
+from .jobs import feed
 from .jobs.registry import Jobs
 from .jobs.runner import EventSource
 from .models import endpoints as models
@@ -32,6 +33,7 @@ from .settings import Settings
 from .state import AppState, app_state
 from .status.log import parse_after, parse_attempt
 from .tenants import endpoints as tenants
+from .tenants import keys as tenant_keys
 from .tenants.keys import ApiKeys
 from .transports import control, files
 from .transports.http import EventStream, hang_up, json_response, read_body
@@ -104,7 +106,7 @@ async def run(request: Request) -> Response:
         # On FC an async invocation is held until the job ends, so the instance is not frozen mid-job.
         response = await json_response(request, job, settings, held_async=mode == "async", abandon=abandon)
         if mode == "async":
-            await resources.webhooks.settled(job)  # nor frozen mid-delivery (bounded by WEBHOOK_TIMEOUT)
+            await resources.webhooks.settled(job)  # nor frozen mid-delivery (bounded by webhooks.TIMEOUT)
     return _warn_unknown(request, response, job.task_id)
 
 
@@ -161,20 +163,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             jobs = Jobs(
                 resources.runtime(),
                 resources.status,
-                settings.stream.buffer_events,
-                settings.stream.max_event_bytes,
+                feed.READER_LAG,
+                feed.MAX_JOB_BYTES,
                 settings.service.max_pending_jobs,
                 metrics,
                 resources.webhooks,
                 resources.tenants,
             )
-            state = AppState(
-                resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(settings.comfyui.queue_stall_after)
-            )
+            state = AppState(resources, jobs, lifecycle.Prewarm(), lifecycle.QueueWatch(lifecycle.QUEUE_STALL_AFTER))
             state.keys = keys
             app.state.serverless = state
             background = [asyncio.create_task(resources.status.prune_forever(settings.status.retention_days))]
-            background.append(asyncio.create_task(keys.watch(settings.tenants.poll_interval)))  # API_KEYS_FILE
+            background.append(asyncio.create_task(keys.watch(tenant_keys.POLL_INTERVAL)))  # API_KEYS_FILE
             background.append(asyncio.create_task(resources.tenants.usage.flush_forever()))  # usage per key
             if settings.fleet.queue_backend != "redis":  # the tier's workers watch the queue's cancel keys instead
                 background.append(asyncio.create_task(jobs.watch_cancels()))  # cancels asked through others

@@ -32,6 +32,10 @@ from .state import app_state
 
 log = logging.getLogger(__name__)
 
+# Seconds ComfyUI may hold waiting prompts with none running before health reports its queue
+# stuck: its one prompt worker takes the next prompt at once, so this is long past any doubt.
+QUEUE_STALL_AFTER = 30.0
+
 
 def _state(request: Request) -> tuple[Resources, JobRunner]:
     state = app_state(request)

@@ -17,12 +17,14 @@ from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
 
+from .comfyui import client as comfyui_client
 from .comfyui.client import ComfyUI, Timeouts
 from .comfyui.folders import Folders, started_folders
 from .comfyui.supervisor import Supervisor, comfyui_command
 from .core.conversion import Conversion
 from .core.credentials import Credentials
-from .delivery import links
+from .delivery import convert, converted, links, outputs
+from .delivery import webhooks as webhook_delivery
 from .delivery.convert import Converter
 from .delivery.converted import ConvertedFiles
 from .delivery.oss import OssConfig, OssStore, read_rules
@@ -32,9 +34,11 @@ from .delivery.s3_config import config_from_settings
 from .delivery.storage import Source, Storage
 from .delivery.webhooks import Webhooks
 from .errors import ComfyUIUnavailable, InputError, InvalidParams, OutputError, ServerlessError
+from .inputs import verify
 from .inputs.budget import ByteBudget
 from .inputs.download import DownloadPolicy, create_download_session, download, post
 from .inputs.resolve import LOADER_INPUTS, InputLimits, resolve_inputs
+from .jobs import previews
 from .jobs.job import Publish, Release, Runtime, Workflow
 from .jobs.spec import OutputPolicy
 from .models import fetch, listing
@@ -46,6 +50,8 @@ from .models.store import ModelStore
 from .models.tasks import run_task
 from .ops.metrics import Metrics
 from .settings import Settings, SettingsError
+from .status import log as status_log
+from .status import redis as redis_status
 from .status.log import StatusLog
 from .status.redis import RedisStatus, connect
 from .status.store import StatusStore
@@ -85,7 +91,7 @@ class Resources:
         counted in `metrics`."""
         metrics = metrics or Metrics()
         timeouts = Timeouts(
-            settings.comfyui.connect_timeout, settings.comfyui.request_timeout, settings.comfyui.startup_timeout
+            comfyui_client.CONNECT_TIMEOUT, comfyui_client.REQUEST_TIMEOUT, settings.comfyui.startup_timeout
         )
         command = comfyui_command(settings.comfyui.cmd, settings.comfyui.dir, settings.comfyui.port)
         runs_jobs = settings.fleet.role != "gateway"  # a fleet's gateway has no ComfyUI: no websocket to it
@@ -116,7 +122,7 @@ class Resources:
                     partial(post, hooks),
                     hooks_policy,
                     settings.security.webhook_secret,
-                    settings.outputs.webhook_timeout,
+                    webhook_delivery.TIMEOUT,
                     status.record_webhook,
                     metrics.webhook_delivered,
                 )
@@ -165,7 +171,7 @@ class Resources:
                                 model_store,
                             )
                         finally:  # the jobs are drained by now: their webhooks are the last to wait for
-                            await webhooks.drain(settings.outputs.webhook_timeout + 1)
+                            await webhooks.drain(webhook_delivery.TIMEOUT + 1)
                             if model_store is not None:
                                 await model_store.aclose()
                 finally:
@@ -184,7 +190,7 @@ class Resources:
             instance_id=self.settings.service.instance_id,
             job_timeout=self.settings.service.job_timeout,
             max_result_bytes=self.settings.fleet.result_inline_max_bytes if self.fleet_worker else 0,
-            preview_max_fps=self.settings.stream.preview_max_fps,
+            preview_max_fps=previews.MAX_FPS,
             preview_in_status=self.settings.stream.preview_in_status,
             resolve_models=self.resolve_models,
             model_tasks=self.model_tasks,
@@ -207,6 +213,8 @@ class Resources:
     ) -> tuple[Workflow, list[dict[str, Any]], Release]:
         """Model references fetched into the store and placed; held in use until released."""
         resolved = await resolve_models(workflow, self.models, self.model_loaders, credentials)
+        if resolved.release is not None:  # held already (every model was cached)
+            return resolved.workflow, resolved.models, resolved.release
         if self.models is None or not resolved.digests:
             return resolved.workflow, resolved.models, _nothing
         taking = asyncio.ensure_future(asyncio.to_thread(self.models.use, resolved.digests))
@@ -283,7 +291,7 @@ class Resources:
             self.comfy,
             with_content=policy.base64,
             uploader=uploader,
-            concurrency=self.settings.outputs.concurrency,
+            concurrency=outputs.CONCURRENCY,
             empty_oss=self.empty_oss(),
             conversion=policy.convert,
             on_ready=on_ready,
@@ -352,7 +360,7 @@ async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore
             connect(settings.fleet.redis_url),
             settings.status.stale_after,
             settings.status.retention_days,
-            settings.fleet.max_event_bytes,
+            redis_status.MAX_EVENT_BYTES,
             result_ttl=settings.outputs.link_expires,
             # A fleet: a job whose worker died is claimed by another after REDIS_CLAIM_IDLE.
             retry_grace=2 * settings.fleet.claim_idle + 1.0 if settings.fleet.queue_backend == "redis" else 0.0,
@@ -366,7 +374,7 @@ async def open_status(settings: Settings, metrics: Metrics) -> tuple[StatusStore
     status = StatusLog(
         settings.status.dir,
         settings.status.stale_after,
-        io_timeout=settings.status.io_timeout,
+        io_timeout=status_log.IO_TIMEOUT,
         on_append=metrics.status_appended,
     )
     await status.check_at_startup()
@@ -389,15 +397,18 @@ async def _running(supervisor: Supervisor | None) -> AsyncIterator[None]:
 
 
 def comfyui_folders(settings: Settings, command: list[str] | None) -> Folders:
-    """ComfyUI's folders on our disk: each one named (COMFYUI_OUTPUT_DIR, COMFYUI_TEMP_DIR,
-    COMFYUI_INPUT_DIR), else, when we start ComfyUI from COMFYUI_DIR, those it will use; none
-    otherwise (ComfyUI elsewhere: its HTTP API)."""
-    started = started_folders(command, settings.comfyui.dir) if command and settings.comfyui.dir else Folders()
-    return Folders(
-        output=settings.comfyui.disk_output_dir or started.output,
-        temp=settings.comfyui.disk_temp_dir or started.temp,
-        input=settings.comfyui.disk_input_dir or started.input,
-    )
+    """ComfyUI's folders on our disk: when we start ComfyUI from COMFYUI_DIR, those it will use
+    (COMFYUI_OUTPUT_DIR, when named, for its output); a ComfyUI we do not start: COMFYUI_OUTPUT_DIR
+    named, with the `temp` and `input` folders beside it where they exist (ComfyUI's own layout
+    under its base directory); none otherwise (ComfyUI elsewhere: its HTTP API)."""
+    output = settings.comfyui.disk_output_dir
+    if command and settings.comfyui.dir:
+        started = started_folders(command, settings.comfyui.dir)
+        return Folders(output=output or started.output, temp=started.temp, input=started.input)
+    if output is None:
+        return Folders()
+    temp, beside = output.parent / "temp", output.parent / "input"
+    return Folders(output=output, temp=temp if temp.is_dir() else None, input=beside if beside.is_dir() else None)
 
 
 def hosted_workflows(
@@ -422,17 +433,17 @@ def too_big_to_travel(size: int, limit: int) -> str:
 
 def converted_files(settings: Settings) -> ConvertedFiles:
     """The instance's bounded conversions, and the converted download links it keeps."""
-    converter = Converter(settings.outputs.convert_max_pixels, settings.outputs.convert_concurrency)
-    return ConvertedFiles(converter, settings.outputs.convert_cache_bytes)
+    converter = Converter(convert.MAX_PIXELS, convert.CONCURRENCY)
+    return ConvertedFiles(converter, converted.CACHE_BYTES)
 
 
 def webhook_policy(settings: Settings) -> DownloadPolicy:
     """The webhook address rules: public addresses only, unless WEBHOOK_ALLOWED_HOSTS allows."""
     try:
         return DownloadPolicy(
-            total_timeout=settings.outputs.webhook_timeout,
-            connect_timeout=min(10.0, settings.outputs.webhook_timeout),
-            read_timeout=settings.outputs.webhook_timeout,
+            total_timeout=webhook_delivery.TIMEOUT,
+            connect_timeout=min(10.0, webhook_delivery.TIMEOUT),
+            read_timeout=webhook_delivery.TIMEOUT,
             allowed_hosts=frozenset(settings.outputs.webhook_allowed_hosts),
         )
     except ValueError as exc:
@@ -441,13 +452,12 @@ def webhook_policy(settings: Settings) -> DownloadPolicy:
 
 def model_policy(settings: Settings) -> DownloadPolicy:
     """The model download rules: public addresses unless MODEL_ALLOWED_HOSTS allows, at most
-    MODEL_MAX_BYTES (and MODEL_CACHE_MAX_BYTES, when set) a file."""
+    MODEL_CACHE_MAX_BYTES (when set) a file, within `fetch.DOWNLOAD_TIMEOUT`."""
     models = settings.models
-    limit = min(models.max_bytes, models.cache_max_bytes) if models.cache_max_bytes else models.max_bytes
     try:
         return DownloadPolicy(
-            max_bytes=limit,
-            total_timeout=models.timeout,
+            max_bytes=models.cache_max_bytes or fetch.MAX_BYTES,
+            total_timeout=fetch.DOWNLOAD_TIMEOUT,
             read_timeout=60.0,
             allowed_hosts=frozenset(models.allowed_hosts),
         )
@@ -533,7 +543,6 @@ def download_policy(settings: Settings) -> DownloadPolicy:
         return DownloadPolicy(
             max_bytes=settings.inputs.max_bytes,
             total_timeout=settings.inputs.timeout,
-            allow_private=settings.inputs.allow_private,
             allowed_hosts=frozenset(settings.inputs.allowed_hosts),
         )
     except ValueError as exc:
@@ -545,19 +554,13 @@ def input_limits(settings: Settings) -> InputLimits:
         max_fetch_bytes=settings.inputs.max_bytes,
         max_base64_bytes=settings.inputs.max_bytes,
         max_job_bytes=settings.inputs.max_job_bytes,
-        max_pixels=settings.inputs.max_pixels,
+        max_pixels=verify.MAX_PIXELS,
         budget_timeout=settings.inputs.timeout,
     )
 
 
 def input_budget(settings: Settings) -> ByteBudget:
-    """The instance's shared input byte budget; one too small for a single request fails start-up."""
-    needed = settings.inputs.max_job_bytes + settings.inputs.max_bytes
-    if settings.inputs.max_inflight_bytes < needed:
-        raise SettingsError(
-            f"INPUT_MAX_INFLIGHT_BYTES={settings.inputs.max_inflight_bytes} must be at least "
-            f"INPUT_MAX_JOB_BYTES + INPUT_MAX_BYTES = {needed}"
-        )
+    """The instance's shared input byte budget: room for one request at its limits."""
     return ByteBudget(settings.inputs.max_inflight_bytes)
 
 

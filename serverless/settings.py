@@ -166,11 +166,10 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
 @dataclass(frozen=True, slots=True)
 class TenantSettings:
     """API keys with scopes and limits (`serverless.tenants`): API_KEYS_FILE, one key a line
-    (`serverless.tenants.keyfile`), checked here at start-up and looked at again every
-    API_KEYS_POLL_INTERVAL seconds while the app runs (a change counts from the next request)."""
+    (`serverless.tenants.keyfile`), checked here at start-up and looked at again while the app
+    runs (`tenants.keys.POLL_INTERVAL`; a change counts from the next request)."""
 
     keys_file: Path | None = None
-    poll_interval: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> TenantSettings:
@@ -184,7 +183,7 @@ class TenantSettings:
                 raise SettingsError(f"API_KEYS_FILE={str(source)!r}: cannot be read ({exc.strerror or exc})") from None
             except KeyFileError as exc:
                 raise SettingsError(f"API_KEYS_FILE={str(source)!r}: {exc}") from None
-        return cls(keys_file=source, poll_interval=_number(env, "API_KEYS_POLL_INTERVAL", 0.5, 0.05))
+        return cls(keys_file=source)
 
 
 STORAGES = ("oss", "s3")
@@ -231,11 +230,53 @@ RENAMED = {
     "MAX_INPUT_BYTES_PER_JOB": "INPUT_MAX_JOB_BYTES",
     "BODY_TIMEOUT": "INPUT_TIMEOUT",  # a request body is an input arriving, like a download
     "COMFYUI_RECONNECT_TIMEOUT": "COMFYUI_STARTUP_TIMEOUT",  # coming back is starting again
+    "GENSTUDIO_TOKEN_SECRET": "FILE_LINK_SECRET",  # one secret signs what only we verify (links, prompt tokens)
+}
+
+# Names no longer read: start-up logs one line for each one set ("X is no longer read: <why>"),
+# and the service goes on without it. Each became a module constant where it is used, or is
+# derived from another setting.
+REMOVED = {
+    "API_KEYS_POLL_INTERVAL": "API_KEYS_FILE is looked at every 0.5 s (tenants.keys.POLL_INTERVAL)",
+    "BATCH_POLL_INTERVAL": "a batch's feeder looks at its items every 0.2 s (batches.feeder.POLL_INTERVAL)",
+    "BATCH_LEASE_SECONDS": "a feeder's lease on a batch lasts STATUS_STALE_AFTER/8 (15 s by default)",
+    "BATCH_MAX_ITEMS": "a batch holds at most 10000 items (batches.spec.MAX_ITEMS): split a bigger one",
+    "BATCH_WINDOW": "64 items of a batch are queued or running at once (batches.feeder.WINDOW)",
+    "COMFYUI_CONNECT_TIMEOUT": "ComfyUI is connected to within 5 s (comfyui.client.CONNECT_TIMEOUT)",
+    "COMFYUI_REQUEST_TIMEOUT": "one ComfyUI HTTP call may take 60 s (comfyui.client.REQUEST_TIMEOUT)",
+    "COMFYUI_INPUT_DIR": "ComfyUI's input folder is read from the command we start it with, "
+    "else it is the 'input' folder beside COMFYUI_OUTPUT_DIR",
+    "COMFYUI_TEMP_DIR": "ComfyUI's temp folder is read from the command we start it with, "
+    "else it is the 'temp' folder beside COMFYUI_OUTPUT_DIR",
+    "QUEUE_STALL_AFTER": "health reports ComfyUI's queue stuck after 30 s without a prompt running "
+    "(lifecycle.QUEUE_STALL_AFTER)",
+    "ACCESS_LOG": "LOG_LEVEL=debug logs a line per HTTP request",
+    "INPUT_ALLOW_PRIVATE": "list the private hosts or networks inputs may reach in INPUT_ALLOWED_HOSTS "
+    "(0.0.0.0/0,::/0 allows every address)",
+    "INPUT_MAX_INFLIGHT_BYTES": "an instance holds at most INPUT_MAX_JOB_BYTES + INPUT_MAX_BYTES of inputs at once",
+    "OUTPUT_CONCURRENCY": "a job reads (and uploads) 8 outputs at once (delivery.outputs.CONCURRENCY)",
+    "FILE_LINK_MAX_EXPIRES": "no link lives longer than FILE_LINK_EXPIRES (a caller may ask for shorter)",
+    "INPUT_MAX_PIXELS": "an input image may have 100 megapixels (inputs.verify.MAX_PIXELS)",
+    "CONVERT_MAX_PIXELS": "conversions take images of at most 32 megapixels (delivery.convert.MAX_PIXELS)",
+    "CONVERT_CONCURRENCY": "an instance converts 2 images at once (delivery.convert.CONCURRENCY)",
+    "CONVERT_CACHE_BYTES": "256 MiB of converted link files are kept (delivery.converted.CACHE_BYTES)",
+    "WEBHOOK_TIMEOUT": "a webhook delivery may take 30 s, all attempts (delivery.webhooks.TIMEOUT)",
+    "STATUS_IO_TIMEOUT": "one status-folder operation may take 10 s (status.log.IO_TIMEOUT)",
+    "STREAM_PING_INTERVAL": "a stream sends ': ping' after 15 s of silence (transports.http.PING_INTERVAL)",
+    "STREAM_BUFFER_EVENTS": "a reader 10000 events behind is dropped (jobs.feed.READER_LAG)",
+    "JOB_MAX_EVENT_BYTES": "a job publishes at most 64 MiB of events (jobs.feed.MAX_JOB_BYTES)",
+    "STREAM_WRITE_TIMEOUT": "a write to a caller may wait 60 s (transports.caller.WRITE_TIMEOUT)",
+    "PREVIEW_MAX_FPS": "previews are shown 4 times a second at most (jobs.previews.MAX_FPS)",
+    "REDIS_MAX_EVENT_BYTES": "an event of more than 1 MiB is not stored in Redis (status.redis.MAX_EVENT_BYTES)",
+    "MODEL_MAX_BYTES": "a model file is bounded by MODEL_CACHE_MAX_BYTES when set, "
+    "else 64 GiB (models.fetch.MAX_BYTES)",
+    "MODEL_DOWNLOAD_TIMEOUT": "a model download may take an hour (models.fetch.DOWNLOAD_TIMEOUT)",
 }
 
 
 def _renamed(env: Mapping[str, str]) -> tuple[Mapping[str, str], tuple[str, ...]]:
-    """`env` with each old name's value under its new name, and a warning line per old name set."""
+    """`env` with each old name's value under its new name, and a warning line per old name set
+    (renamed or no longer read)."""
     moved: dict[str, str] = {}
     notes: list[str] = []
     for old, new in RENAMED.items():
@@ -246,26 +287,27 @@ def _renamed(env: Mapping[str, str]) -> tuple[Mapping[str, str], tuple[str, ...]
             notes.append(f"{old} is deprecated and ignored: {new} is set")
         else:
             moved[new] = value
-            notes.append(f"{old} is deprecated: read as {new}={value}")
+            notes.append(f"{old} is deprecated: read as {new}" + ("" if _secret(new) else f"={value}"))
+    notes += [f"{old} is no longer read: {why}" for old, why in REMOVED.items() if env.get(old, "").strip()]
     return ({**env, **moved} if moved else env), tuple(notes)
+
+
+def _secret(name: str) -> bool:
+    return name.endswith(("_SECRET", "_TOKEN"))
 
 
 @dataclass(frozen=True, slots=True)
 class ComfyUISettings:
     """The ComfyUI beside us: where it listens, how it is started, how long we wait for it, and
-    its folders on our disk (named explicitly: outputs read and inputs written there)."""
+    its output folder on our disk (named explicitly: outputs read there, and inputs written to the
+    `input` folder beside it, previews read from the `temp` one, as ComfyUI lays them out)."""
 
     url: str = "http://127.0.0.1:8188"
     cmd: str = ""
     dir: str = ""
-    connect_timeout: float = 5.0
-    request_timeout: float = 60.0
     startup_timeout: float = 60.0  # to come up, or back after a break (its websocket reopened)
     output_dir: Path = field(default_factory=lambda: Path("/mnt/auto/output"))
     disk_output_dir: Path | None = None
-    disk_temp_dir: Path | None = None
-    disk_input_dir: Path | None = None
-    queue_stall_after: float = 30.0
     prewarm_prompt: str = ""
 
     @property
@@ -283,14 +325,9 @@ class ComfyUISettings:
             url=_text(env, "COMFYUI_URL", d.url).rstrip("/"),
             cmd=_text(env, "COMFYUI_CMD", ""),
             dir=_text(env, "COMFYUI_DIR", ""),
-            connect_timeout=_number(env, "COMFYUI_CONNECT_TIMEOUT", d.connect_timeout, 0.1),
-            request_timeout=_number(env, "COMFYUI_REQUEST_TIMEOUT", d.request_timeout, 0.1),
             startup_timeout=_number(env, "COMFYUI_STARTUP_TIMEOUT", d.startup_timeout, 0),
             output_dir=Path(_text(env, "COMFYUI_OUTPUT_DIR", f"{mount}/output")),
             disk_output_dir=_folder(env, "COMFYUI_OUTPUT_DIR"),
-            disk_temp_dir=_folder(env, "COMFYUI_TEMP_DIR"),
-            disk_input_dir=_folder(env, "COMFYUI_INPUT_DIR"),
-            queue_stall_after=_number(env, "QUEUE_STALL_AFTER", d.queue_stall_after, 0.1),
             prewarm_prompt=_text(env, "PREWARM_PROMPT", ""),
         )
 
@@ -303,12 +340,16 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 9000
     on_fc: bool = False
-    access_log: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
     job_timeout: float = 1800.0
     max_pending_jobs: int = 256  # generous: the suite opens 200 streams at once, the benchmark 100
     drain_timeout: float = 600.0
+
+    @property
+    def access_log(self) -> bool:
+        """A line per HTTP request (uvicorn's access log) at LOG_LEVEL=debug."""
+        return self.log_level == "DEBUG"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], on_fc: bool) -> ServiceSettings:
@@ -319,7 +360,6 @@ class ServiceSettings:
             host=_host(env, "HOST", "0.0.0.0" if on_fc else d.host),
             port=_integer(env, "FC_CUSTOM_LISTEN_PORT", d.port, 1, 65535),
             on_fc=on_fc,
-            access_log=_flag(env, "ACCESS_LOG", d.access_log),
             log_level=_log_level(env, "LOG_LEVEL", d.log_level),
             log_format=_choice(env, "LOG_FORMAT", d.log_format, LOG_FORMATS),
             job_timeout=_number(env, "JOB_TIMEOUT", d.job_timeout, 1),
@@ -331,17 +371,19 @@ class ServiceSettings:
 @dataclass(frozen=True, slots=True)
 class InputSettings:
     """What a request may bring: its body, each input (downloaded or base64), a job's inputs
-    together, the instance's inputs in flight, and where downloads may go."""
+    together, and where downloads may go. The instance's inputs in flight are bounded by
+    `max_inflight_bytes`: room for one request at its limits (others' inputs wait for room)."""
 
     max_body_bytes: int = 100 * MiB
     timeout: float = 60.0  # a request body to arrive, or one input to download
     max_bytes: int = 50 * MiB
     max_job_bytes: int = 200 * MiB
-    max_inflight_bytes: int = 512 * MiB
-    max_pixels: int = 100_000_000
-    allow_private: bool = False
     allowed_hosts: tuple[str, ...] = ()
     loaders: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return self.max_job_bytes + self.max_bytes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InputSettings:
@@ -351,9 +393,6 @@ class InputSettings:
             timeout=_number(env, "INPUT_TIMEOUT", d.timeout, 0.1),
             max_bytes=_integer(env, "INPUT_MAX_BYTES", d.max_bytes, 1),
             max_job_bytes=_integer(env, "INPUT_MAX_JOB_BYTES", d.max_job_bytes, 1),
-            max_inflight_bytes=_integer(env, "INPUT_MAX_INFLIGHT_BYTES", d.max_inflight_bytes, 1),
-            max_pixels=_integer(env, "INPUT_MAX_PIXELS", d.max_pixels, 1),
-            allow_private=_flag(env, "INPUT_ALLOW_PRIVATE", d.allow_private),
             allowed_hosts=_allowed_hosts(env, "INPUT_ALLOWED_HOSTS"),
             loaders=_loader_pairs(env, "INPUT_LOADERS"),
         )
@@ -388,38 +427,19 @@ class OssSettings:
 
 @dataclass(frozen=True, slots=True)
 class OutputSettings:
-    """What a job hands back: outputs read at once, the bucket `output_oss` uploads to, download
-    links, conversions, and webhooks."""
+    """What a job hands back: the bucket `output_oss` uploads to, download links (a caller may ask
+    for a shorter life, never a longer one), and where webhooks may go."""
 
-    concurrency: int = 8
     storage: str = "oss"  # the bucket output_oss uploads to and oss:// or s3:// inputs come from
     link_expires: int = 3600
-    link_max_expires: int = 0  # 0: FILE_LINK_EXPIRES
-    convert_max_pixels: int = 32_000_000
-    convert_concurrency: int = 2
-    convert_cache_bytes: int = 256 * MiB
-    webhook_timeout: float = 30.0
     webhook_allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OutputSettings:
         d = cls()
-        expires = _integer(env, "FILE_LINK_EXPIRES", d.link_expires, 1)
-        longest = _integer(env, "FILE_LINK_MAX_EXPIRES", 0, 1) or expires  # unset: never past the default
-        if longest < expires:
-            raise SettingsError(
-                f"FILE_LINK_MAX_EXPIRES={longest} is below FILE_LINK_EXPIRES={expires}: "
-                "the longest a link may live cannot be shorter than the default"
-            )
         return cls(
-            concurrency=_integer(env, "OUTPUT_CONCURRENCY", d.concurrency, 1),
             storage=_choice(env, "STORAGE", d.storage, STORAGES),
-            link_expires=expires,
-            link_max_expires=longest,
-            convert_max_pixels=_integer(env, "CONVERT_MAX_PIXELS", d.convert_max_pixels, 1),
-            convert_concurrency=_integer(env, "CONVERT_CONCURRENCY", d.convert_concurrency, 1),
-            convert_cache_bytes=_integer(env, "CONVERT_CACHE_BYTES", d.convert_cache_bytes, 0),
-            webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", d.webhook_timeout, 0.1),
+            link_expires=_integer(env, "FILE_LINK_EXPIRES", d.link_expires, 1),
             webhook_allowed_hosts=_allowed_hosts(env, "WEBHOOK_ALLOWED_HOSTS"),
         )
 
@@ -434,7 +454,6 @@ class StatusSettings:
     workflows_dir: Path = field(default_factory=lambda: Path("/mnt/auto/workflows"))
     retention_days: float = 7.0
     stale_after: float = 120.0
-    io_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], mount: str) -> StatusSettings:
@@ -445,32 +464,22 @@ class StatusSettings:
             workflows_dir=Path(_text(env, "WORKFLOWS_DIR", f"{mount}/workflows")),
             retention_days=_number(env, "STATUS_RETENTION_DAYS", d.retention_days, 0),
             stale_after=_number(env, "STATUS_STALE_AFTER", d.stale_after, 1),
-            io_timeout=_number(env, "STATUS_IO_TIMEOUT", d.io_timeout, 0.1),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
-    """How a job's events reach its callers: keep-alives, slow readers, previews, hang-ups."""
+    """How a job's events reach its callers: whether a caller's hang-up cancels its job, and
+    whether previews are also written to the status log."""
 
-    ping_interval: float = 15.0
-    buffer_events: int = 10000  # events kept for a slow reader; one further behind is dropped
-    max_event_bytes: int = 64 * MiB  # bytes of events one job may publish
-    write_timeout: float = 60.0
     cancel_on_disconnect: bool = True
-    preview_max_fps: float = 4.0
     preview_in_status: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StreamSettings:
         d = cls()
         return cls(
-            ping_interval=_number(env, "STREAM_PING_INTERVAL", d.ping_interval, 0.01),
-            buffer_events=_integer(env, "STREAM_BUFFER_EVENTS", d.buffer_events, 10),
-            max_event_bytes=_integer(env, "JOB_MAX_EVENT_BYTES", d.max_event_bytes, 1024),
-            write_timeout=_number(env, "STREAM_WRITE_TIMEOUT", d.write_timeout, 0.1),
             cancel_on_disconnect=_flag(env, "CANCEL_ON_DISCONNECT", d.cancel_on_disconnect),
-            preview_max_fps=_number(env, "PREVIEW_MAX_FPS", d.preview_max_fps, 0.01),
             preview_in_status=_flag(env, "PREVIEW_IN_STATUS", d.preview_in_status),
         )
 
@@ -507,7 +516,6 @@ class FleetSettings:
     queue_backend: str = "none"  # where jobs come from: the HTTP request itself, or a Redis stream
     role: str = "all"  # with QUEUE_BACKEND=redis: take jobs from the queue (worker), serve callers, or both
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
-    max_event_bytes: int = 1 * MiB  # the largest event stored in Redis
     claim_idle: float = 60.0
     max_queued_jobs: int = 1000  # a gateway's admission: jobs waiting in the Redis queue, all gateways together
     queue_ttl: float = 3600.0  # seconds a job may wait in the Redis queue for a worker (0: for ever)
@@ -520,7 +528,6 @@ class FleetSettings:
             queue_backend=_choice(env, "QUEUE_BACKEND", d.queue_backend, QUEUE_BACKENDS),
             role=_choice(env, "ROLE", d.role, ROLES),
             redis_url=_redis_url(env, "REDIS_URL", d.redis_url),
-            max_event_bytes=_integer(env, "REDIS_MAX_EVENT_BYTES", d.max_event_bytes, 1024),
             claim_idle=_number(env, "REDIS_CLAIM_IDLE", d.claim_idle, 0.5),
             max_queued_jobs=_integer(env, "MAX_QUEUED_JOBS", d.max_queued_jobs, 0),
             queue_ttl=_number(env, "QUEUE_TTL", d.queue_ttl, 0),
@@ -530,14 +537,16 @@ class FleetSettings:
 
 @dataclass(frozen=True, slots=True)
 class SecuritySettings:
-    """Who may call, and the secrets we sign with (all kept out of every `repr`)."""
+    """Who may call, and the secrets we sign with (all kept out of every `repr`): the scraper's
+    token (`/metrics`), the lifecycle hooks' token (`/initialize`, `/pre-stop`: separate callers,
+    separate rights), the webhooks' secret (shared with receivers), and the secret of what only we
+    verify (download links, GenStudio's prompt tokens)."""
 
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     metrics_token: str = field(default="", repr=False)
     lifecycle_token: str = field(default="", repr=False)
     webhook_secret: str = field(default="", repr=False)
     file_link_secret: str = field(default="", repr=False)
-    genstudio_token_secret: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SecuritySettings:
@@ -547,29 +556,16 @@ class SecuritySettings:
             lifecycle_token=_text(env, "LIFECYCLE_TOKEN", ""),
             webhook_secret=_text(env, "WEBHOOK_SECRET", ""),
             file_link_secret=_text(env, "FILE_LINK_SECRET", ""),
-            genstudio_token_secret=_text(env, "GENSTUDIO_TOKEN_SECRET", ""),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class BatchSettings:
-    """Batches (`serverless.batches`): how many items one may hold, how many of a batch's items
-    are queued or running at once, how long a feeder's lease lasts, how often it looks."""
+    """Batches (`serverless.batches`): how long a feeder's lease on a batch lasts unrenewed, an
+    eighth of STATUS_STALE_AFTER (15 s at its default): another instance takes a batch over well
+    before the jobs of a lost instance read as lost."""
 
-    max_items: int = 10000
-    window: int = 64
     lease_seconds: float = 15.0
-    poll_interval: float = 0.2
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> BatchSettings:
-        d = cls()
-        return cls(
-            max_items=_integer(env, "BATCH_MAX_ITEMS", d.max_items, 1),
-            window=_integer(env, "BATCH_WINDOW", d.window, 1),
-            lease_seconds=_number(env, "BATCH_LEASE_SECONDS", d.lease_seconds, 1),
-            poll_interval=_number(env, "BATCH_POLL_INTERVAL", d.poll_interval, 0.01),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,9 +576,7 @@ class ModelSettings:
 
     dir: Path | None = None  # MODELS_DIR
     cache_dir: Path | None = None  # MODEL_CACHE_DIR (default <MODELS_DIR>/.cache: one file system, hard links)
-    cache_max_bytes: int = 0  # 0: no bound
-    max_bytes: int = 64 * 1024 * MiB  # one model file
-    timeout: float = 3600.0  # one download, all hops
+    cache_max_bytes: int = 0  # 0: no bound (and a model file is as big as it may be)
     allowed_hosts: tuple[str, ...] = ()
     inputs: tuple[tuple[str, str, str], ...] = ()  # (class_type, input, folder)
     auth_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # host -> Authorization
@@ -601,8 +595,6 @@ class ModelSettings:
             dir=_folder(env, "MODELS_DIR"),
             cache_dir=_folder(env, "MODEL_CACHE_DIR"),
             cache_max_bytes=_integer(env, "MODEL_CACHE_MAX_BYTES", 0),
-            max_bytes=_integer(env, "MODEL_MAX_BYTES", 64 * 1024 * MiB, minimum=1),
-            timeout=_number(env, "MODEL_DOWNLOAD_TIMEOUT", 3600.0, minimum=1.0),
             allowed_hosts=_allowed_hosts(env, "MODEL_ALLOWED_HOSTS"),
             inputs=_model_inputs(env, "MODEL_INPUTS"),
             auth_headers=_auth_headers(env, "MODEL_AUTH_HEADERS"),
@@ -680,6 +672,7 @@ class Settings:
         env, deprecated = _renamed(os.environ if env is None else env)
         mount = _text(env, "MODEL_ASSET_DIR", "/mnt/auto")
         on_fc = bool(env.get("FC_FUNCTION_NAME"))
+        status = StatusSettings.from_env(env, mount)
         return cls(
             comfyui=ComfyUISettings.from_env(env, mount),
             service=ServiceSettings.from_env(env, on_fc),
@@ -687,12 +680,12 @@ class Settings:
             outputs=OutputSettings.from_env(env),
             oss=OssSettings.from_env(env),
             s3=S3Settings.from_env(env),
-            status=StatusSettings.from_env(env, mount),
+            status=status,
             stream=StreamSettings.from_env(env),
             fleet=FleetSettings.from_env(env),
             scheduling=SchedulingSettings.from_env(env),
             security=SecuritySettings.from_env(env),
-            batches=BatchSettings.from_env(env),
+            batches=BatchSettings(lease_seconds=status.stale_after / 8),
             tenants=TenantSettings.from_env(env),
             models=ModelSettings.from_env(env),
             deprecated=deprecated,

@@ -17,6 +17,7 @@ import redis
 import requests
 from PIL import Image
 
+from serverless.batches import feeder
 from serverless.status import keys
 from tests.helpers import empty_image, wait_until
 from tests.servers import InProcessApp
@@ -25,7 +26,13 @@ from tests.topologies import Deployment, deploy
 
 BATCHES = "/api/batches"
 ENDED = ("succeeded", "failed", "cancelled")
-FAST = {"BATCH_POLL_INTERVAL": "0.05", "BATCH_LEASE_SECONDS": "2"}
+FAST = {"STATUS_STALE_AFTER": "16"}  # a feeder's lease: an eighth of it, 2 s
+
+
+@pytest.fixture(autouse=True)
+def quick_feeders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feeders in this process look at their batches every 0.05 s instead of 0.2 s."""
+    monkeypatch.setattr("serverless.batches.feeder.POLL_INTERVAL", 0.05)
 
 
 def create(url: str, body: dict[str, Any], **kwargs: Any) -> requests.Response:
@@ -134,13 +141,14 @@ def outputs_named(dep: Deployment, prefix: str) -> list[Path]:
 
 
 def test_thousand_item_sweep_runs_each_item_once_retries_only_the_failed_and_lists_every_output(
-    deployment: Callable[..., Deployment],
+    deployment: Callable[..., Deployment], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1,000 items, 100 of which name an input no ComfyUI holds yet: the window bounds what is
     queued, every item runs once, the roll-up is exact; once the input exists, retry runs only
     the 100 again; the manifest lists each output with its item's parameters."""
     window = 16
-    dep = deployment(step_delay=0, BATCH_WINDOW=str(window), **FAST)
+    monkeypatch.setattr("serverless.batches.feeder.WINDOW", window)
+    dep = deployment(step_delay=0, **FAST)
     images = [f"good{number}.png" for number in range(9)] + ["late.png"]  # every item a different prompt
     for name in images[:-1]:
         put_input(dep, name)
@@ -197,8 +205,11 @@ def colours(count: int) -> dict[str, Any]:
     return {"workflow": empty_image(8, 8, prefix="c"), "sweep": {"1.color": list(range(1, count + 1))}}
 
 
-def test_cancel_midway_leaves_nothing_queued_or_running(deployment: Callable[..., Deployment]) -> None:
-    dep = deployment(step_delay=0, BATCH_WINDOW="8", **FAST)
+def test_cancel_midway_leaves_nothing_queued_or_running(
+    deployment: Callable[..., Deployment], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serverless.batches.feeder.WINDOW", 8)
+    dep = deployment(step_delay=0, **FAST)
     slow_down(dep, 0.02)
     created = create(dep.url, colours(1000)).json()
     batch_id = created["batch_id"]
@@ -243,12 +254,13 @@ def sse_events(response: requests.Response, until: Callable[[list[dict[str, Any]
 
 
 def test_a_batch_followed_over_sse_goes_on_from_another_instance_when_the_first_stops(
-    topology: str, tmp_path: Path, request: pytest.FixtureRequest
+    topology: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The instance feeding a batch stops midway: another gateway (on a box, the instance started
     again) takes the batch over and its SSE resumes after the last event seen, to the end."""
     server = request.getfixturevalue("redis_server") if topology == "fleet" else None
-    dep = deploy(topology, tmp_path / "d", server, 0, BATCH_WINDOW="4", **FAST)  # type: ignore[arg-type]
+    monkeypatch.setattr("serverless.batches.feeder.WINDOW", 4)
+    dep = deploy(topology, tmp_path / "d", server, 0, **FAST)  # type: ignore[arg-type]
     second: InProcessApp | None = None
     try:
         slow_down(dep, 0.02)
@@ -361,8 +373,11 @@ def test_client_batch_sync_and_async_follow_a_batch_to_its_end(deployment: Calla
     ]
 
 
-def test_a_bad_item_is_refused_before_anything_runs_naming_it(deployment: Callable[..., Deployment]) -> None:
-    dep = deployment(step_delay=0, BATCH_MAX_ITEMS="50", **FAST)
+def test_a_bad_item_is_refused_before_anything_runs_naming_it(
+    deployment: Callable[..., Deployment], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serverless.batches.spec.MAX_ITEMS", 50)
+    dep = deployment(step_delay=0, **FAST)
     items = [{"1.color": 1}, {"1.color": 2}, {"1.width": "wide"}]
     refused = create(dep.url, {"workflow": empty_image(8, 8, prefix="bad"), "items": items})
     assert refused.status_code == 400, refused.text
@@ -416,20 +431,22 @@ def test_a_batch_goes_on_from_another_gateway_when_its_feeding_gateway_is_killed
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """SIGKILL, not a stop: the dead gateway gives up nothing. Its lease runs out
-    (BATCH_LEASE_SECONDS), another gateway takes the batch over from what Redis holds, and a
-    caller's SSE resumed there after its last event seen runs to the end; every item once."""
+    (STATUS_STALE_AFTER / 8), another gateway takes the batch over from what Redis holds, and a
+    caller's SSE resumed there after its last event seen runs to the end; every item once. The
+    dead gateway (a process) queues a window of 64: the batch is 16 items more, fed after it."""
     from tests.fleet import Tier
 
     server = request.getfixturevalue("redis_server")
     redis.Redis.from_url(server.url(31)).flushdb()  # a database of its own (the deployments take 32-63)
-    tier = Tier(tmp_path, server.url(31), {"BATCH_WINDOW": "4", **FAST})
+    tier = Tier(tmp_path, server.url(31), FAST)
+    total = feeder.WINDOW + 16
     try:
         doomed = tier.gateway(process=True)
         for _ in range(2):
             tier.worker()
         for emulator in tier.emulators:
             requests.post(emulator.url + "/emulator/config", json={"node_delay": 0.02}, timeout=5)
-        batch_id = create(doomed.url, colours(40)).json()["batch_id"]
+        batch_id = create(doomed.url, colours(total)).json()["batch_id"]
         with requests.get(f"{doomed.url}{BATCHES}/{batch_id}/events", stream=True, timeout=60) as first:
             seen = sse_events(first, lambda events: len(events) >= 8)
         doomed.kill()
@@ -439,8 +456,8 @@ def test_a_batch_goes_on_from_another_gateway_when_its_feeding_gateway_is_killed
             after = sse_events(rest, lambda events: events[-1]["type"] == "batch_end")
         last = seen[-1]["id"]
         assert [event["id"] for event in after] == list(range(last + 1, last + 1 + len(after)))
-        assert after[-1]["data"]["counts"]["succeeded"] == 40, after[-1]
+        assert after[-1]["data"]["counts"]["succeeded"] == total, after[-1]
         made = [path for emulator in tier.emulators for path in (emulator.root / "output").glob("c*.png")]
-        assert len(made) == 40, "each item ran once, whoever fed it"
+        assert len(made) == total, "each item ran once, whoever fed it"
     finally:
         tier.stop()

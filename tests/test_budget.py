@@ -41,7 +41,7 @@ async def test_a_reservation_that_does_not_fit_waits_for_a_release_in_arrival_or
 async def test_a_reservation_that_waits_too_long_fails_and_leaves_nothing_behind() -> None:
     budget = ByteBudget(100)
     held = await budget.acquire(100, timeout=1)
-    with pytest.raises(BudgetExhausted, match="INPUT_MAX_INFLIGHT_BYTES"):
+    with pytest.raises(BudgetExhausted, match="INPUT_MAX_JOB_BYTES"):
         await budget.acquire(1, timeout=0.05)
     held.release()
     assert budget.available == 100

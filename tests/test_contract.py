@@ -329,7 +329,7 @@ def test_metrics_count_jobs_and_refused_prompts(deployment: Deploy) -> None:
 
 
 def test_genstudio_prompt_then_task_info_gives_the_files(deployment: Deploy) -> None:
-    url = deployment(FILE_LINK_SECRET=LINK_SECRET, GENSTUDIO_TOKEN_SECRET="contract-token").url
+    url = deployment(FILE_LINK_SECRET=LINK_SECRET).url
     workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())
     assert requests.put(url + "/api/workflows/wf-t2i", data=json.dumps(workflow), timeout=30).status_code in (200, 201)
     api = url + "/api/maas/comfy_task_api"
@@ -352,9 +352,9 @@ def test_genstudio_prompt_then_task_info_gives_the_files(deployment: Deploy) -> 
 def test_genstudios_documented_txt2img_client_runs_unchanged(
     deployment: Deploy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from tests.test_genstudio import KEY_A, T2I, TOKEN_SECRET, doc_client
+    from tests.test_genstudio import KEY_A, T2I, doc_client
 
-    deployed = deployment(FILE_LINK_SECRET=LINK_SECRET, GENSTUDIO_TOKEN_SECRET=TOKEN_SECRET, API_KEYS=KEY_A)
+    deployed = deployment(FILE_LINK_SECRET=LINK_SECRET, API_KEYS=KEY_A)
     workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())
     registered = requests.put(
         f"{deployed.url}/api/workflows/{T2I}", data=json.dumps(workflow), headers={"Authorization": f"Bearer {KEY_A}"}

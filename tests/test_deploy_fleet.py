@@ -149,6 +149,7 @@ def test_the_deploy_files_values_are_settings_the_app_accepts() -> None:
         assert (
             settings.security.api_keys and settings.security.lifecycle_token
         )  # the example Secret's values are accepted
+        assert settings.deprecated == (), "a deploy file sets an old name"
     assert roles == {"gateway", "worker"}
 
 

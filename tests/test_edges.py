@@ -112,8 +112,9 @@ def test_a_caller_hanging_up_mid_body_is_one_info_line_not_a_traceback(start_app
     assert "Traceback" not in log and "Exception in ASGI application" not in log and " ERROR " not in log
 
 
-def test_a_job_whose_events_pass_the_byte_cap_still_ends_with_its_result(start_app, emulator, tmp_path):
-    server = start_app(emulator.url, status_dir=tmp_path / "capped", JOB_MAX_EVENT_BYTES="4096")
+def test_a_job_whose_events_pass_the_byte_cap_still_ends_with_its_result(start_app, emulator, tmp_path, monkeypatch):
+    monkeypatch.setattr("serverless.jobs.feed.MAX_JOB_BYTES", 4096)
+    server = start_app(emulator.url, status_dir=tmp_path / "capped")
     headers = {"x-fc-trace-id": "edges-capped"}
     response = post_run(server.url, txt2img(steps=40), headers=headers)
     assert response.status_code == 200 and response.json()["type"] == "serverless_api"
@@ -177,8 +178,11 @@ def _post_and_stop_reading(server, query: str) -> bytes:
     return received
 
 
-def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_timeout(start_app, emulator):
-    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
+def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_timeout(
+    start_app, emulator, monkeypatch
+):
+    monkeypatch.setattr("serverless.transports.caller.WRITE_TIMEOUT", 1.0)
+    server = start_app(emulator.url)
     received = _post_and_stop_reading(server, "output_base64=true")
     head, _, content = received.partition(b"\r\n\r\n")
     lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
@@ -188,8 +192,9 @@ def test_a_caller_that_stops_reading_has_its_connection_closed_after_the_write_t
     assert "Traceback" not in server.log_text()
 
 
-def test_a_stream_reader_that_stops_reading_is_closed_after_the_write_timeout(start_app, emulator):
-    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
+def test_a_stream_reader_that_stops_reading_is_closed_after_the_write_timeout(start_app, emulator, monkeypatch):
+    monkeypatch.setattr("serverless.transports.caller.WRITE_TIMEOUT", 1.0)
+    server = start_app(emulator.url)
     received = _post_and_stop_reading(server, "output_base64=true&stream=true")
     head, _, content = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
@@ -200,8 +205,9 @@ def test_a_stream_reader_that_stops_reading_is_closed_after_the_write_timeout(st
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # ComfyUI's worker dies: the point
-def test_health_notices_a_comfyui_whose_queue_no_longer_moves(start_app, own_emulator):
-    server = start_app(own_emulator.url, QUEUE_STALL_AFTER="1")
+def test_health_notices_a_comfyui_whose_queue_no_longer_moves(start_app, own_emulator, monkeypatch):
+    monkeypatch.setattr("serverless.lifecycle.QUEUE_STALL_AFTER", 1.0)
+    server = start_app(own_emulator.url)
     deep: object = {}
     for _ in range(900):
         deep = {"a": deep}

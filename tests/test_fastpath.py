@@ -105,7 +105,7 @@ def configure(emulator: Any, **knobs: float) -> None:
 
 def test_outputs_read_from_disk_are_the_bytes_view_serves_even_while_view_fails(own_emulator, start_app):
     root = own_emulator.root
-    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(root / "output"), COMFYUI_TEMP_DIR=str(root / "temp"))
+    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(root / "output"))  # its temp folder beside it
     workflow = empty_image(width=32, height=24, color=0x336699, prefix="disk/out")
     workflow["3"] = {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}  # a temp output too
     configure(own_emulator, view_status=500)  # /view is broken: only the disk can serve the outputs
@@ -236,7 +236,8 @@ def png(color: tuple[int, int, int]) -> bytes:
 
 
 def test_a_base64_input_written_to_disk_is_what_comfyui_loads(own_emulator, start_app):
-    server = start_app(own_emulator.url, COMFYUI_INPUT_DIR=str(own_emulator.root / "input"), LOG_LEVEL="DEBUG")
+    # the input folder beside the output folder named
+    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(own_emulator.root / "output"), LOG_LEVEL="DEBUG")
     data = png((10, 200, 30))
     workflow = {
         "1": {"class_type": "LoadImage", "inputs": {"image": base64.b64encode(data).decode()}},

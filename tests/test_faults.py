@@ -230,10 +230,11 @@ def test_websocket_cut_twice_recovers_running_and_queued_jobs_and_logs_their_res
 @pytest.mark.parametrize(
     ("history_delay", "request_timeout"), [(1.0, "60"), (3.0, "0.5")], ids=["slow", "slower-than-the-request-timeout"]
 )
-def test_slow_history_still_gives_the_result(own_emulator, start_app, history_delay, request_timeout):
+def test_slow_history_still_gives_the_result(own_emulator, start_app, history_delay, request_timeout, monkeypatch):
+    monkeypatch.setattr("serverless.comfyui.client.REQUEST_TIMEOUT", float(request_timeout))
     # Beyond the request timeout the outputs come from the `executed` messages instead.
     configure(own_emulator, step_delay=0, history_delay=history_delay)
-    server = start_app(own_emulator.url, COMFYUI_REQUEST_TIMEOUT=request_timeout)
+    server = start_app(own_emulator.url)
     task_id = new_task("slow-history")
     outcome = traced_run(server, empty_image(width=8, height=6, prefix="slowhist"), task_id, B64)
     (result,) = assert_result(outcome)["results"]

@@ -5,6 +5,7 @@ ComfyUI emulator, and for OSS the local OSS server. The client is GenStudio's ow
 from __future__ import annotations
 
 import base64
+import hmac
 import importlib
 import io
 import itertools
@@ -24,6 +25,7 @@ import websocket  # websocket-client
 from PIL import Image, ImageChops
 
 from serverless.genstudio import token
+from serverless.genstudio.endpoints import TOKEN_KEY
 from tests.helpers import FIXTURES, comfyui_inverted, txt2img, wait_until
 from tests.servers import InProcessApp
 from tests.test_oss_e2e import local_oss_server, oss_env
@@ -33,8 +35,9 @@ pytestmark = pytest.mark.timeout(60)
 
 KEY_A = "sk-genstudio-a-0123456789"
 KEY_B = "sk-genstudio-b-9876543210"
-TOKEN_SECRET = "genstudio-token-secret-for-tests"
 LINK_SECRET = "genstudio-link-secret-for-tests"
+# Prompt tokens are signed with a key of their own derived from FILE_LINK_SECRET.
+TOKEN_SECRET = hmac.new(LINK_SECRET.encode(), TOKEN_KEY, "sha256").digest()
 T2I, I2I = "wf-c72qozydy6suxesa", "wf-c73epllu4i3bxvzr"  # the documents' workflow ids
 API = "/api/maas/comfy_task_api"
 PROGRESS = "/api/maas/comfy_task_ws_api/get_task_progress"
@@ -60,7 +63,6 @@ def hosting(start_app: Callable[..., InProcessApp], comfyui_url: str, tmp_path: 
     app = start_app(
         comfyui_url,
         API_KEYS=f"{KEY_A},{KEY_B}",
-        GENSTUDIO_TOKEN_SECRET=TOKEN_SECRET,
         WORKFLOWS_DIR=str(tmp_path / "workflows"),
         **env,
     )
@@ -216,7 +218,6 @@ def test_the_progress_socket_shows_previews_of_a_task_prompted_with_previews(dep
     deployed = deployment(
         step_delay=0.05,
         API_KEYS=f"{KEY_A},{KEY_B}",
-        GENSTUDIO_TOKEN_SECRET=TOKEN_SECRET,
         FILE_LINK_SECRET=LINK_SECRET,
     )
     register(deployed, T2I, json.loads((FIXTURES / "txt2img_fc_doc.json").read_text()))
@@ -244,7 +245,7 @@ def test_a_missing_forged_or_expired_prompt_token_is_refused_at_the_handshake(li
     queued = queue(linked, T2I, small_t2i(seed=3))
     base = linked.url.replace("http://", "ws://") + PROGRESS
     claims, _, mac = queued["prompt_token"].rpartition(".")
-    expired = token.issue(TOKEN_SECRET.encode(), queued["prompt_id"], None, time.time() - 25 * 3600)
+    expired = token.issue(TOKEN_SECRET, queued["prompt_id"], None, time.time() - 25 * 3600)
     other = token.issue(b"not-the-secret", queued["prompt_id"], None, time.time())
     for query in (
         "",

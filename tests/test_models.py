@@ -108,7 +108,7 @@ def test_a_refused_model_fails_clearly_and_nothing_is_placed(
         reference, expected = "http://169.254.169.254/latest/model.safetensors", "blocked address"
     elif case == "too large":
         reference, expected = url, "larger than"
-        env["MODEL_MAX_BYTES"] = "50000"
+        env["MODEL_CACHE_MAX_BYTES"] = "50000"
     else:
         reference, expected = files.add("page.safetensors", b"<html>Not Found</html>" * 10), "not a usable safetensors"
     app = deployment(**env)

@@ -112,8 +112,9 @@ def drop_a_slow_sse_reader(server: App, task_id: str) -> bytes:
 # -- metrics ----------------------------------------------------------------------------------------
 
 
-def test_metrics_count_each_kind_of_job_once_under_its_labels(own_emulator, start_app):
-    server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
+def test_metrics_count_each_kind_of_job_once_under_its_labels(own_emulator, start_app, monkeypatch):
+    monkeypatch.setattr("serverless.jobs.feed.READER_LAG", 20)
+    server = start_app(own_emulator.url)
     refused = empty_image(prefix="m-refused")
     del refused["2"]["inputs"]["images"]
     private_url = {

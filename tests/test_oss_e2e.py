@@ -412,7 +412,7 @@ class GatedOss(LocalOss):
 def test_a_jobs_uploads_are_all_in_flight_at_once(start_app, emulator):
     bucket = f"e2e-gated-{uuid.uuid4().hex[:8]}"
     with GatedOss(bucket, parties=8) as server:
-        app = start_app(emulator.url, **oss_env(server, bucket), OUTPUT_CONCURRENCY="8")
+        app = start_app(emulator.url, **oss_env(server, bucket))
 
         response = post_run(app.url, empty_image(batch=8, prefix="gated"), params=OSS_ON)
 

@@ -112,9 +112,12 @@ def test_emulator_sends_one_preview_frame_per_step_in_the_form_each_client_decla
 # -- previews through every transport ------------------------------------------------------------
 
 
-def test_a_20_step_job_streams_rate_limited_decodable_previews_not_logged(deployment: Deploy) -> None:
+def test_a_20_step_job_streams_rate_limited_decodable_previews_not_logged(
+    deployment: Deploy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fps = 8.0
-    deployed = deployment(step_delay=0.12, PREVIEW_MAX_FPS=str(fps))
+    monkeypatch.setattr("serverless.jobs.previews.MAX_FPS", fps)
+    deployed = deployment(step_delay=0.12)
     arrived = run_stream(deployed.url, txt2img(seed=7, steps=20, size=512), {"previews": "true"})
     payloads = [p for _, p in arrived]
     assert payloads[-1]["type"] == "serverless_api"
@@ -140,8 +143,9 @@ def test_without_previews_asked_no_preview_is_sent(deployment: Deploy) -> None:
     assert payloads[-1]["type"] == "serverless_api" and not previews_of(payloads)
 
 
-def test_websocket_caller_gets_previews_when_asked(deployment: Deploy) -> None:
-    deployed = deployment(step_delay=0.05, PREVIEW_MAX_FPS="20")
+def test_websocket_caller_gets_previews_when_asked(deployment: Deploy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("serverless.jobs.previews.MAX_FPS", 20.0)
+    deployed = deployment(step_delay=0.05)
     ws = websocket.create_connection(ws_url(deployed.url, "?previews=true"), timeout=30)
     ws.send(json.dumps(txt2img(seed=9, steps=10, size=128)))
     payloads = []
@@ -153,8 +157,11 @@ def test_websocket_caller_gets_previews_when_asked(deployment: Deploy) -> None:
     assert len(previews) >= 4 and all(decoded(p).format == "JPEG" for p in previews)
 
 
-def test_a_late_events_reader_gets_the_newest_preview_not_a_backlog(deployment: Deploy) -> None:
-    deployed = deployment(step_delay=0.1, PREVIEW_MAX_FPS="20")
+def test_a_late_events_reader_gets_the_newest_preview_not_a_backlog(
+    deployment: Deploy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serverless.jobs.previews.MAX_FPS", 20.0)
+    deployed = deployment(step_delay=0.1)
     started = requests.post(
         deployed.url + RUN,
         params={"previews": "true"},
@@ -293,8 +300,11 @@ class SmallWindow(requests.adapters.HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-def test_a_slow_stream_reader_gets_the_newest_frames_not_a_backlog(deployment: Deploy) -> None:
-    deployed = deployment(step_delay=0.12, PREVIEW_MAX_FPS="10")
+def test_a_slow_stream_reader_gets_the_newest_frames_not_a_backlog(
+    deployment: Deploy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serverless.jobs.previews.MAX_FPS", 10.0)
+    deployed = deployment(step_delay=0.12)
     for emulator in deployed.emulators:  # frames of ~750 KB as base64: more than the sockets hold
         requests.post(emulator.url + "/emulator/config", json={"preview_size": 2048}, timeout=5).raise_for_status()
     session = requests.Session()

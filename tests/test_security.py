@@ -28,7 +28,7 @@ from serverless.core.conversion import Conversion
 from serverless.delivery import links
 from serverless.delivery.convert import Converter
 from serverless.errors import Busy
-from serverless.settings import Settings, SettingsError
+from serverless.settings import Settings
 from tests.fleet import RedisServer, Tier
 from tests.helpers import FIXTURES, empty_image, post_run, wait_until
 from tests.servers import InProcessApp
@@ -163,14 +163,15 @@ def get_at_once(url: str, times: int) -> list[requests.Response]:
 
 
 def test_a_converted_link_to_an_image_over_the_pixel_bound_is_refused_from_its_header(
-    start_app: Callable[..., InProcessApp], emulator: Any
+    start_app: Callable[..., InProcessApp], emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET, CONVERT_MAX_PIXELS="4000000")
+    monkeypatch.setattr("serverless.delivery.convert.MAX_PIXELS", 4000000)
+    app = start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET)
     data = bomb_png(3000)  # 9 megapixels in a few KB
     assert len(data) < 64 * 1024
     for answer in get_at_once(link_to(app, emulator, "sec-bomb.png", data, Conversion("jpeg")), 4):
         assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text[:200]
-        assert "3000x3000" in answer.json()["error_message"] and "CONVERT_MAX_PIXELS" in answer.text
+        assert "3000x3000" in answer.json()["error_message"] and "4000000 pixels" in answer.text
     unconverted = requests.get(link_to(app, emulator, "sec-bomb.png", data, Conversion()), timeout=30)
     assert unconverted.status_code == 200 and unconverted.content == data, "the file itself is still served"
 
@@ -180,7 +181,7 @@ def test_by_default_a_36_megapixel_output_is_not_converted_by_a_job_nor_a_link(
 ) -> None:
     app = start_app(emulator.url, FILE_LINK_SECRET=LINK_SECRET)
     refused = requests.get(link_to(app, emulator, "sec-big.png", bomb_png(6000), Conversion("webp")), timeout=60)
-    assert refused.status_code == 400 and "CONVERT_MAX_PIXELS" in refused.text, refused.text[:300]
+    assert refused.status_code == 400 and "more than this instance converts" in refused.text, refused.text[:300]
     job = post_run(app.url, empty_image(6000, 6000, prefix="sec-big-job"), params={"output_format": "jpeg"})
     assert job.json()["error_code"] == "OUTPUT_ERROR", job.text[:300]  # the output was made; not convertible
     assert "6000x6000 pixels, more than this instance converts" in job.json()["error_message"]
@@ -279,7 +280,7 @@ def test_a_flag_name_with_line_breaks_or_non_latin1_is_refused_before_the_job_ru
     assert not any(line.startswith("2026-12-05 INFO forged") for line in log.splitlines())
 
 
-# -- 6. GenStudio's url_expire_period is capped by FILE_LINK_MAX_EXPIRES -------------------------
+# -- 6. GenStudio's url_expire_period is capped by FILE_LINK_EXPIRES -----------------------------
 
 
 def link_expiry(url: str) -> int:
@@ -288,9 +289,7 @@ def link_expiry(url: str) -> int:
     return expires
 
 
-@pytest.mark.parametrize(
-    "env", [{"FILE_LINK_EXPIRES": "60"}, {"FILE_LINK_EXPIRES": "60", "FILE_LINK_MAX_EXPIRES": "120"}]
-)
+@pytest.mark.parametrize("env", [{"FILE_LINK_EXPIRES": "60"}])
 def test_genstudio_links_live_no_longer_than_the_setting_allows(
     start_app: Callable[..., InProcessApp], emulator: Any, tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -309,15 +308,18 @@ def test_genstudio_links_live_no_longer_than_the_setting_allows(
         return found or None
 
     (url,) = wait_until(final_files)
-    allowed = int(env.get("FILE_LINK_MAX_EXPIRES", env.get("FILE_LINK_EXPIRES", "0")))
+    allowed = int(env["FILE_LINK_EXPIRES"])
     assert link_expiry(url) <= time.time() + allowed + 5, "not the 7 days asked"
     assert requests.get(url, timeout=30).status_code == 200
 
 
-def test_a_link_lifetime_cap_below_the_default_lifetime_is_a_settings_error() -> None:
-    with pytest.raises(SettingsError, match="FILE_LINK_MAX_EXPIRES"):
-        Settings.from_env({"FILE_LINK_EXPIRES": "600", "FILE_LINK_MAX_EXPIRES": "60"})
-    assert Settings.from_env({"FILE_LINK_EXPIRES": "600"}).outputs.link_max_expires == 600
+def test_the_old_link_lifetime_cap_is_no_longer_read_and_says_so() -> None:
+    settings = Settings.from_env({"FILE_LINK_EXPIRES": "600", "FILE_LINK_MAX_EXPIRES": "60"})
+    assert settings.outputs.link_expires == 600
+    assert settings.deprecated == (
+        "FILE_LINK_MAX_EXPIRES is no longer read: no link lives longer than FILE_LINK_EXPIRES "
+        "(a caller may ask for shorter)",
+    )
 
 
 # -- 7. /metrics with API keys and METRICS_TOKEN answers the token -------------------------------
@@ -578,9 +580,10 @@ def held_connections(pid: int, client_ports: set[int]) -> int:
 
 
 def test_a_caller_that_stops_reading_loses_its_connection_and_the_app_drops_the_answer(
-    start_app: Callable[..., InProcessApp], emulator: Any
+    start_app: Callable[..., InProcessApp], emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")  # in this process: its sockets are ours
+    monkeypatch.setattr("serverless.transports.caller.WRITE_TIMEOUT", 1.0)
+    app = start_app(emulator.url)  # in this process: its sockets are ours
     workflow = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 0}},
         "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 1, "strength": 1.0}},
@@ -613,9 +616,10 @@ NOISY = {
 
 
 def test_a_websocket_reader_that_stops_reading_loses_its_connection_and_the_app_drops_the_answer(
-    start_app: Callable[..., InProcessApp], emulator: Any
+    start_app: Callable[..., InProcessApp], emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")  # in this process: its sockets are ours
+    monkeypatch.setattr("serverless.transports.caller.WRITE_TIMEOUT", 1.0)
+    app = start_app(emulator.url)  # in this process: its sockets are ours
     url = app.url.replace("http://", "ws://") + "/api/serverless/ws?output_base64=true"
     sockopt = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
     stalled = [websocket.create_connection(url, timeout=10, sockopt=sockopt) for _ in range(3)]

@@ -1,5 +1,5 @@
 """`python -m serverless.server` as run by `bootstrap`: where it listens (HOST, FC_CUSTOM_LISTEN_PORT)
-and its access log (ACCESS_LOG). Real processes; the listening socket is read from /proc/net/tcp."""
+and its access log (LOG_LEVEL=debug). Real processes; the listening socket is read from /proc/net/tcp."""
 
 from __future__ import annotations
 
@@ -50,13 +50,13 @@ def start_server(tmp_path: Path, **env: str) -> Process:
 def servers(tmp_path_factory: pytest.TempPathFactory, emulator: InProcessEmulator) -> Iterator[dict[str, Process]]:
     """Three server processes shared by the module's tests, each with the settings its tests look
     at and nothing else that they read: the defaults (and the emulator as ComfyUI), FC's, and
-    HOST=0.0.0.0 with ACCESS_LOG=true."""
+    HOST=0.0.0.0 with LOG_LEVEL=debug (an access log)."""
     root = tmp_path_factory.mktemp("servers")
     started: dict[str, Process] = {}
     try:
         started["default"] = start_server(root, COMFYUI_URL=emulator.url)
         started["fc"] = start_server(root, FC_FUNCTION_NAME="comfyui")
-        started["host_and_access_log"] = start_server(root, HOST="0.0.0.0", ACCESS_LOG="true")
+        started["host_and_access_log"] = start_server(root, HOST="0.0.0.0", LOG_LEVEL="debug")
         yield started
     finally:
         for process in started.values():

@@ -4,12 +4,14 @@ both entry points say so in one line on stderr and exit 2."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
-from serverless.settings import Settings, SettingsError
+from serverless.settings import REMOVED, RENAMED, Settings, SettingsError
 from tests.servers import ROOT, free_port
 
 
@@ -22,7 +24,7 @@ from tests.servers import ROOT, free_port
         ("FC_CUSTOM_LISTEN_PORT", "inf", "whole number"),
         ("LOG_LEVEL", "verbose", "one of debug, info, warning, error, critical"),
         ("LOG_FORMAT", "xml", "one of text, json"),
-        ("ACCESS_LOG", "maybe", "true or false"),
+        ("CANCEL_ON_DISCONNECT", "maybe", "true or false"),
         ("HOST", "1.2.3", "not an IP address or host name"),
         ("HOST", "my host", "not an IP address or host name"),
         ("DRAIN_TIMEOUT", "nan", "at least 0"),
@@ -89,7 +91,6 @@ def test_server_settings_are_read_from_their_variables():
             "FC_CUSTOM_LISTEN_PORT": "8080",
             "LOG_LEVEL": "debug",
             "LOG_FORMAT": "JSON",
-            "ACCESS_LOG": "true",
         }
     )
 
@@ -165,7 +166,7 @@ def test_settings_are_grouped_by_concern_each_group_read_from_its_own_variables(
         8190,
     )
     assert (settings.inputs.max_bytes, settings.inputs.timeout) == (1048576, 7.0)
-    assert (settings.outputs.link_expires, settings.outputs.link_max_expires) == (60, 60)
+    assert settings.outputs.link_expires == 60
     assert (settings.status.backend, settings.fleet.queue_backend, settings.fleet.role) == ("redis", "redis", "gateway")
     assert settings.security.api_keys == ("k" * 16,)
     assert "k" * 16 not in repr(settings)  # secrets stay out of every repr, grouped or not
@@ -192,6 +193,61 @@ def test_a_merged_settings_old_name_keeps_working_with_one_deprecation_line(old,
     assert both.deprecated == (f"{old} is deprecated and ignored: {new} is set",)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "read"),
+    [
+        ("GENSTUDIO_TOKEN_SECRET", "FILE_LINK_SECRET", lambda s: s.security.file_link_secret),
+    ],
+)
+def test_a_merged_secrets_old_name_keeps_working_and_its_warning_never_shows_the_secret(old, new, read):
+    secret = "s3cret-value-0123456789"
+    settings = Settings.from_env({old: secret})
+
+    assert read(settings) == secret
+    assert settings.deprecated == (f"{old} is deprecated: read as {new}",)
+    assert secret not in repr(settings)
+
+
+@pytest.mark.parametrize("old", sorted(REMOVED))
+def test_a_removed_setting_is_ignored_with_one_line_saying_why(old):
+    settings = Settings.from_env({old: "1"})  # even a value it would once have refused is no error
+
+    assert replace(settings, deprecated=()) == Settings.from_env({})
+    [line] = settings.deprecated
+    assert line == f"{old} is no longer read: {REMOVED[old]}"
+
+
+def test_what_replaced_a_removed_setting_follows_its_setting():
+    settings = Settings.from_env(
+        {"STATUS_STALE_AFTER": "16", "INPUT_MAX_BYTES": "1000", "INPUT_MAX_JOB_BYTES": "3000", "LOG_LEVEL": "debug"}
+    )
+
+    assert settings.batches.lease_seconds == 2  # a feeder's lease: an eighth of STATUS_STALE_AFTER
+    assert settings.inputs.max_inflight_bytes == 4000  # one request at its limits
+    assert settings.service.access_log  # at LOG_LEVEL=debug
+    assert Settings.from_env({}).batches.lease_seconds == 15
+
+
+def test_the_readme_documents_each_setting_read_once_and_they_are_clearly_fewer_than_70():
+    from tests.test_deploy_files import names_documented, names_read_by_the_app
+
+    others = ("FC_", "AWS_", "ALIBABA_", "MALLOC_")  # the platform's, the credentials', glibc's
+    own = {name for name in names_read_by_the_app() if not name.startswith(others)}
+    documented = {name for name in names_documented() if not name.startswith(others)}
+    assert documented == own, (sorted(documented - own), sorted(own - documented))
+    section = (ROOT / "README.md").read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.split("### Renamed", 1)[0].splitlines() if line.startswith("| `")]
+    firsts = [row.split("`")[1] for row in rows]
+    assert len(firsts) == len(set(firsts)), "a setting documented twice"
+    old_rows = [
+        line.split("|")[1] for line in section.split("### Renamed", 1)[1].splitlines() if line.startswith("| `")
+    ]
+    old = {name for row in old_rows for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", row)}
+    assert old == set(RENAMED) | set(REMOVED), "each old name in the README's table"
+    assert len(own) <= 64 < 70
+    assert not own & (set(RENAMED) | set(REMOVED)), "an old name is read again"
+
+
 def test_a_server_started_with_an_old_setting_name_logs_one_warning_line_and_serves(tmp_path):
     port = free_port()
     env = {
@@ -201,6 +257,7 @@ def test_a_server_started_with_an_old_setting_name_logs_one_warning_line_and_ser
         "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
         "FC_CUSTOM_LISTEN_PORT": str(port),
         "BODY_TIMEOUT": "5",
+        "STREAM_PING_INTERVAL": "1",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "serverless.server"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
@@ -212,8 +269,10 @@ def test_a_server_started_with_an_old_setting_name_logs_one_warning_line_and_ser
             lines.append(line)
             if "Started server process" in line or "Traceback" in line:
                 break
-        warnings = [line for line in lines if "deprecated" in line]
-        assert len(warnings) == 1 and "BODY_TIMEOUT is deprecated: read as INPUT_TIMEOUT=5" in warnings[0], lines
+        warnings = [line for line in lines if "deprecated" in line or "no longer read" in line]
+        assert len(warnings) == 2, lines
+        assert "BODY_TIMEOUT is deprecated: read as INPUT_TIMEOUT=5" in warnings[0], lines
+        assert "STREAM_PING_INTERVAL is no longer read: a stream sends ': ping' after 15 s" in warnings[1], lines
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -267,10 +267,11 @@ def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync
 
 
 def test_a_status_folder_that_stops_answering_hangs_nothing_else(start_app, emulator, tmp_path, monkeypatch):
+    monkeypatch.setattr("serverless.status.log.IO_TIMEOUT", 1.0)
     from serverless.status import files
 
     folder = tmp_path / "nas"
-    server = start_app(emulator.url, status_dir=folder, STATUS_IO_TIMEOUT="1")
+    server = start_app(emulator.url, status_dir=folder)
     assert post_run(server.url, empty_image(prefix="hang-before"), headers={"x-fc-trace-id": "hang-1"}).ok
     # From here the shared disk stops answering: every file operation on it blocks (as a NAS
     # whose server went away does) until the test lets it go.

@@ -335,9 +335,10 @@ def test_stream_ends_with_error_when_comfyui_dies(own_emulator, start_app):
     wait_no_jobs(server)
 
 
-def test_keep_alive_pings_while_the_job_waits_silently(own_emulator, start_app):
+def test_keep_alive_pings_while_the_job_waits_silently(own_emulator, start_app, monkeypatch):
+    monkeypatch.setattr("serverless.transports.http.PING_INTERVAL", 0.2)
     set_step_delay(own_emulator, 0.05)
-    server = start_app(own_emulator.url, STREAM_PING_INTERVAL="0.2")
+    server = start_app(own_emulator.url)
     ahead = in_background(lambda: post_run(server.url, txt2img(seed=1, steps=40, prefix="ahead")))  # 2 s
     wait_until(lambda: prompt_ids(own_emulator.url, "ahead", "running"))
 
@@ -402,9 +403,10 @@ def slow_reader_workflow(steps: int, side_branches: int = 60) -> dict[str, Any]:
     return workflow
 
 
-def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app):
+def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app, monkeypatch):
+    monkeypatch.setattr("serverless.jobs.feed.READER_LAG", 20)
     set_step_delay(own_emulator, 0.01)
-    server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
+    server = start_app(own_emulator.url)
     url = urlsplit(server.url)
     body = json.dumps(slow_reader_workflow(steps=120)).encode()  # about 4 MB of events
     reader = socket.socket()
@@ -439,9 +441,10 @@ def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app):
     wait_no_jobs(server)
 
 
-def test_a_reader_that_keeps_up_is_not_dropped_by_a_small_buffer(own_emulator, start_app):
+def test_a_reader_that_keeps_up_is_not_dropped_by_a_small_buffer(own_emulator, start_app, monkeypatch):
+    monkeypatch.setattr("serverless.jobs.feed.READER_LAG", 20)
     set_step_delay(own_emulator, 0.01)
-    server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
+    server = start_app(own_emulator.url)
     with stream(server.url, slow_reader_workflow(steps=100)) as response:
         events = list(read_events(response))
 

@@ -157,7 +157,7 @@ def test_a_ui_workflow_registers_and_its_titles_name_parameters_that_reach_comfy
 
 
 def test_genstudio_runs_a_ui_registered_workflow_with_title_keyed_overrides(deployment: Deploy) -> None:
-    deployed = deployment(FILE_LINK_SECRET="ui-link-secret", GENSTUDIO_TOKEN_SECRET="ui-token")
+    deployed = deployment(FILE_LINK_SECRET="ui-link-secret")
     url = deployed.url
     registered = requests.put(url + "/api/workflows/fox-gs", data=json.dumps(runnable("reroute_primitive")), timeout=30)
     assert registered.status_code == 201, registered.text

@@ -166,7 +166,7 @@ def test_a_workflow_needing_what_the_instance_lacks_names_each_missing_node_and_
 
 
 def test_genstudio_runs_the_version_an_alias_names(deployment: Deploy) -> None:
-    deployed = deployment(FILE_LINK_SECRET="v-link-secret", GENSTUDIO_TOKEN_SECRET="v-token")
+    deployed = deployment(FILE_LINK_SECRET="v-link-secret")
     url = deployed.url
     register_two(url, "gs-versions")
     assert move(url, "gs-versions", "live", 1).status_code == 200

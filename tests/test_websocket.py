@@ -194,9 +194,12 @@ def test_without_cancel_on_disconnect_the_websocket_job_outlives_its_client(own_
     wait_no_jobs(server)
 
 
-def test_a_slow_websocket_reader_is_dropped_with_try_again_later_and_the_job_goes_on(own_emulator, start_app):
+def test_a_slow_websocket_reader_is_dropped_with_try_again_later_and_the_job_goes_on(
+    own_emulator, start_app, monkeypatch
+):
+    monkeypatch.setattr("serverless.jobs.feed.READER_LAG", 20)
     set_step_delay(own_emulator, 0.01)
-    server = start_app(own_emulator.url, STREAM_BUFFER_EVENTS="20")
+    server = start_app(own_emulator.url)
     ws = websocket.create_connection(
         ws_url(server.url),
         timeout=30,
@@ -230,8 +233,9 @@ def test_a_20_mib_run_body_gets_its_answer_not_a_dropped_connection(app):
     assert terminal["type"] == "error" and terminal["error_code"] == "PROMPT_ERROR"  # it reached ComfyUI
 
 
-def test_a_websocket_reader_that_stops_reading_is_closed_after_the_write_timeout(emulator, start_app):
-    server = start_app(emulator.url, STREAM_WRITE_TIMEOUT="1")
+def test_a_websocket_reader_that_stops_reading_is_closed_after_the_write_timeout(emulator, start_app, monkeypatch):
+    monkeypatch.setattr("serverless.transports.caller.WRITE_TIMEOUT", 1.0)
+    server = start_app(emulator.url)
     workflow = {  # a noisy 2048x2048 picture: its base64 is far more than the sockets' buffers hold
         "1": {"class_type": "EmptyImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1, "color": 0}},
         "2": {"class_type": "ImageAddNoise", "inputs": {"image": ["1", 0], "seed": 5, "strength": 1.0}},

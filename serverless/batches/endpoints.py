@@ -28,7 +28,8 @@ from ..jobs.feed import Event
 from ..state import app_state
 from ..status.log import parse_after
 from ..transports.http import EventStream, read_body
-from . import view
+from . import feeder as feeding
+from . import spec, view
 from .feeder import Feeders, manifest, progress_of
 from .items import check_batch
 from .spec import Batch, parse_batch
@@ -74,7 +75,7 @@ async def create(request: Request) -> Response:
     batch = parse_batch(
         document,
         request.query_params,
-        settings.batches.max_items,
+        spec.MAX_ITEMS,
         owner=_owner(request),
         base_url=str(request.base_url),
         created=time.time(),
@@ -165,7 +166,7 @@ async def _seen(request: Request, batch_id: str, taken: Callable[[Progress], boo
         progress = await feeders.store.progress(batch_id)
         if progress is None or taken(progress) or time.monotonic() > deadline:
             return progress.state if progress is not None else "unknown"
-        await asyncio.sleep(feeders.settings.poll_interval)
+        await asyncio.sleep(feeding.POLL_INTERVAL)
 
 
 async def manifest_lines(request: Request) -> Response:
@@ -184,7 +185,7 @@ async def events(request: Request) -> Response:
     store, batch, _ = await _visible(request)
     last_seen = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
     settings = app_state(request).resources.settings
-    source = BatchEvents(batch.batch_id, store, settings.batches.poll_interval)
+    source = BatchEvents(batch.batch_id, store, feeding.POLL_INTERVAL)
     return EventStream(source, settings, parse_after(last_seen))
 
 

@@ -1,5 +1,5 @@
 """Feeding batches: each live batch is fed by one instance at a time (the holder of its lease),
-which keeps at most BATCH_WINDOW of its items queued or running, watches them end, and records
+which keeps at most WINDOW of its items queued or running, watches them end, and records
 their states, the batch's progress and its events in the batch store. The lease expires when its
 holder dies or stops; any instance (a gateway, or a box restarted) then takes the batch over,
 from what the store says.
@@ -35,6 +35,8 @@ from .store import BatchStore, Progress
 
 log = logging.getLogger(__name__)
 
+POLL_INTERVAL = 0.2  # seconds between two looks of a feeder at its batch's items (and of a batch's SSE)
+WINDOW = 64  # items of one batch queued or running at once; the rest wait in the status store
 STRANDED_EVERY = 5.0  # seconds between two asks whether a queued item can still run
 READS_AT_ONCE = 16  # task summaries read together (the manifest, the active items)
 
@@ -146,7 +148,7 @@ class Feeder:
                 await self._save()
             if not self.progress.live:
                 return
-            await asyncio.sleep(self.settings.poll_interval)
+            await asyncio.sleep(POLL_INTERVAL)
 
     def _set(self, index: int, state: str, **extra: Any) -> None:
         if self.states.get(index) == state and not extra:
@@ -222,7 +224,7 @@ class Feeder:
 
     async def _submit(self) -> None:
         progress, batch, feeders = self.progress, self.batch, self.feeders
-        while progress.state == "running" and len(progress.active) < self.settings.window:
+        while progress.state == "running" and len(progress.active) < WINDOW:
             retry = bool(progress.retry)
             if not retry and progress.cursor >= batch.total:
                 return

@@ -21,6 +21,7 @@ MODES: tuple[Mode, ...] = ("product", "zip")
 ITEM_FLAGS = tuple(flag for flag in RUN_QUERY_FLAGS if flag not in ("stream", "workflow_id", "previews"))
 BODY_KEYS = frozenset({"workflow_id", "workflow", "items", "sweep", "mode", "item_webhooks", *ITEM_FLAGS})
 ID_PREFIX = "batch-"
+MAX_ITEMS = 10000  # the most items one batch may hold (a bigger one is INVALID_PARAMS: split it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,7 @@ def _items(
 def _cap(total: int, max_items: int) -> None:
     if total > max_items:
         raise InvalidParams(
-            f"a batch holds at most {max_items} items (BATCH_MAX_ITEMS); this one has {total}",
+            f"a batch holds at most {max_items} items; this one has {total}",
             raw={"items": total, "max_items": max_items},
         )
 

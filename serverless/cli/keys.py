@@ -8,7 +8,7 @@
 `--file` / API_KEYS_FILE names the file. A new key is stored as its SHA-256 (`sha256:<hex>`): the
 file never holds it, so it is shown this once. Every edit is atomic (a temporary file renamed
 over the old one, under a lock beside it): a server reading the file (every
-API_KEYS_POLL_INTERVAL seconds) sees the old lines or the new, never half, and takes them
+`tenants.keys.POLL_INTERVAL` seconds) sees the old lines or the new, never half, and takes them
 without a restart.
 """
 

@@ -17,6 +17,7 @@ from ..core.media import sniff
 from ..delivery.convert import masked
 from ..delivery.links import FileLink
 from ..errors import InvalidParams, NotFound
+from ..inputs import verify
 from ..resources import Resources
 from ..state import app_state
 from ..transports.files import ViewStream, ranged
@@ -82,7 +83,7 @@ async def upload(request: Request) -> Response:
         return Response(status_code=400)
     if request.url.path.endswith("/mask") and fields.get("original_ref"):
         original = await _original(resources, fields["original_ref"])
-        data = await asyncio.to_thread(masked, original, data, settings.inputs.max_pixels)
+        data = await asyncio.to_thread(masked, original, data, verify.MAX_PIXELS)
     name = await inputs(resources).stage(data)
     log.info("ComfyUI upload staged as %s (%d bytes)", name, len(data))
     return JSONResponse({"name": name, "subfolder": "", "type": "input"})

@@ -167,6 +167,11 @@ class SystemStats:
         return {"version": self.version, "python": self.python, "pytorch": self.pytorch, "devices": list(self.devices)}
 
 
+# The ComfyUI beside us answers in milliseconds: these bound a ComfyUI that is stuck, not a slow one.
+CONNECT_TIMEOUT = 5.0  # seconds to connect
+REQUEST_TIMEOUT = 60.0  # seconds for one HTTP call
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Seconds: to connect, for one HTTP request, and for a job to get a lost websocket back."""

@@ -3,8 +3,8 @@
 `Conversion` is what was asked (`output_format`, `output_quality`, `output_max_side`), checked
 once at the edge by `parse_conversion`. `convert` decodes an image once, downscales it once
 (keeping its aspect) and encodes it once; it is blocking, so the async callers run it through the
-instance's `Converter`: at most CONVERT_CONCURRENCY at once in worker threads, MAX_WAITING more
-waiting (then BUSY), and no source of more than CONVERT_MAX_PIXELS pixels (refused from its header,
+instance's `Converter`: at most CONCURRENCY at once in worker threads, MAX_WAITING more
+waiting (then BUSY), and no source of more than MAX_PIXELS pixels (refused from its header,
 never decoded: a 0.3 MB PNG can hold 100 megapixels, 400 MB decoded). What is not a still image
 Pillow can read (video, audio, 3D files) passes unchanged, and so does an animated WebP/GIF unless
 WebP is asked (then every frame is kept).
@@ -28,13 +28,14 @@ from ..errors import Busy, InvalidParams
 PILLOW_FORMAT: dict[str, ImageFormat] = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 DEFAULT_QUALITY = 90
 MAX_SIDE = 16384
-MAX_PIXELS = 32_000_000  # CONVERT_MAX_PIXELS' default: about 12 bytes a pixel while converted
+MAX_PIXELS = 32_000_000  # the largest image converted: about 12 bytes a pixel while converted
+CONCURRENCY = 2  # conversions at once per instance: each may hold MAX_PIXELS x 12 bytes
 MAX_WAITING = 64  # conversions waiting for a slot beyond which a new one is BUSY
 BUSY_RETRY_AFTER = 5
 
 
 class ConversionRefused(InvalidParams):
-    """An image with more pixels than this instance converts (CONVERT_MAX_PIXELS)."""
+    """An image with more pixels than this instance converts (MAX_PIXELS)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ def convert(content: bytes, conversion: Conversion, max_pixels: int = MAX_PIXELS
         in_frames = f" in {pixels // (image.width * image.height or 1)} frames" if animated else ""
         raise ConversionRefused(
             f"the output is {image.width}x{image.height} pixels{in_frames}, more than this instance "
-            f"converts ({max_pixels} pixels, CONVERT_MAX_PIXELS): ask for it without "
+            f"converts ({max_pixels} pixels): ask for it without "
             "output_format, output_quality and output_max_side",
             raw={"width": image.width, "height": image.height, "max_pixels": max_pixels},
         )
@@ -113,7 +114,9 @@ class Converter:
     (each holds up to about 12 bytes per pixel of `max_pixels`), `MAX_WAITING` more waiting in
     line; past that a new one is BUSY, not queued without bound."""
 
-    def __init__(self, max_pixels: int = MAX_PIXELS, concurrency: int = 2, max_waiting: int = MAX_WAITING) -> None:
+    def __init__(
+        self, max_pixels: int = MAX_PIXELS, concurrency: int = CONCURRENCY, max_waiting: int = MAX_WAITING
+    ) -> None:
         self.max_pixels = max_pixels
         self.max_waiting = max_waiting
         self._slots = asyncio.Semaphore(concurrency)

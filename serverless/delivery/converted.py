@@ -5,7 +5,7 @@ one link to a big image held four decoded copies. Here the first GET of a (file,
 starts the one conversion (its source read in the converter's slot, so that the slots bound the
 sources held too); GETs meanwhile wait for that same result (single flight), and later ones get it
 from memory until the newest link naming it expires. Kept results are bounded by
-CONVERT_CACHE_BYTES, least recently served dropped first (a dropped one is made again).
+CACHE_BYTES, least recently served dropped first (a dropped one is made again).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..core.conversion import Conversion
 from .convert import Converter
 from .links import FileLink
 
+CACHE_BYTES = 256 * 1024 * 1024  # converted link files kept in memory, an instance's
 Key = tuple[str, str, str, Conversion]
 # Reads a link's source whole: its bytes and content type.
 Reader = Callable[[FileLink], Awaitable[tuple[bytes, str]]]

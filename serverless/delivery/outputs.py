@@ -24,6 +24,7 @@ from ..errors import OutputError, ServerlessError
 from .convert import Converter
 from .storage import Source
 
+CONCURRENCY = 8  # a job's outputs read (and uploaded) at once
 INLINE_ENCODE_BYTES = 64 * 1024  # encoded in the event loop up to this size (less than a thread trip)
 
 FileKey = tuple[str, str, str]
@@ -98,7 +99,7 @@ class OutputCollector:
         *,
         with_content: bool,
         uploader: Uploader | None,
-        concurrency: int,
+        concurrency: int = CONCURRENCY,
         empty_oss: dict[str, Any],
         conversion: Conversion = NO_CONVERSION,
         on_ready: ReadyCallback | None = None,

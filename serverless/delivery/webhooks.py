@@ -10,7 +10,7 @@ The URL is chosen by the caller, so it goes through the input downloads' SSRF gu
 resolver and connector, `serverless.inputs.download`) with its own allow-list
 (WEBHOOK_ALLOWED_HOSTS): checked when the request arrives (`check`, INVALID_PARAMS) and again on
 every attempt. Up to ATTEMPTS attempts, with backoff, on connection errors and 5xx; none after a
-4xx or a refused address; all of it bounded by WEBHOOK_TIMEOUT. Redirects are not followed. The
+4xx or a refused address; all of it bounded by TIMEOUT. Redirects are not followed. The
 URL is never logged: only its host. Each delivery is a task `Webhooks` owns and drains on stop.
 """
 
@@ -35,6 +35,7 @@ from ..inputs.download import DownloadPolicy, check_url
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 3
+TIMEOUT = 30.0  # seconds one delivery may take, all attempts included
 BACKOFF = 0.5  # seconds before the second attempt, doubled before each next one
 RESOLVE_TIMEOUT = 5.0
 # What a refusal of a private address says, as input refusals name the setting that lifts them.

@@ -84,7 +84,7 @@ TASK_HEADERS = (
 PREVIEWS = flag(
     "previews",
     "sampler previews as `serverless_preview` events (`task_id`, `node`, `mime`, `base64`, `step`), at most "
-    "PREVIEW_MAX_FPS a second, the newest winning; not numbered, not in the status log",
+    "4 a second, the newest winning; not numbered, not in the status log",
 )
 RUN_PARAMS = (BASE64, OSS, STREAM, PREVIEWS, *DELIVERY, *TASK_HEADERS)
 RUN_REPLIES = (

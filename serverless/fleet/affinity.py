@@ -175,10 +175,20 @@ class Affinity:
         """What an idle worker's blocking read also waits on: a hand-off to it."""
         return {keys.handoff(self.name): self._woken}
 
-    def woke(self, answer: Any) -> None:
+    def woke(self, answer: Any) -> bool:
+        """Whether a blocking read's answer holds a hand-off to this worker (then look: `handed`)."""
+        told = False
         for name, entries in answer or []:
             if _text(name) == keys.handoff(self.name) and entries:
-                self._woken = _text(entries[-1][0])
+                self._woken, told = _text(entries[-1][0]), True
+        return told
+
+    def handed_since(self, newest: Any) -> bool:
+        """Whether our hand-off stream's newest entry (XREVRANGE COUNT 1) is one not seen yet."""
+        if not newest or _text(newest[0][0]) == self._woken:
+            return False
+        self._woken = _text(newest[0][0])
+        return True
 
 
 def _text(value: Any) -> str:

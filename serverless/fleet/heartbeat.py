@@ -112,6 +112,16 @@ class Heartbeat:
     vram: tuple[int | None, int | None] = (None, None)
     known: bool = False  # its ComfyUI's nodes were read (until then it advertises nothing)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _switched: bool = True  # its models changed since VRAM was last read
+    _listed: tuple[frozenset[str], frozenset[str], str] | None = None  # nodes, files and their JSON
+
+    def _lists(self) -> str:
+        """`"nodes": [...], "files": [...]` as JSON, made again only when they change (a beat
+        follows every job: a real ComfyUI has hundreds of node classes)."""
+        if self._listed is None or self._listed[:2] != (self.nodes, self.files):
+            text = f'"nodes": {json.dumps(sorted(self.nodes))}, "files": {json.dumps(sorted(self.files))}'
+            self._listed = (self.nodes, self.files, text)
+        return self._listed[2]
 
     def ran(self, needs: Needs) -> None:
         """A job with `needs` ran here: its models are the ones held now (counted as a residency
@@ -121,12 +131,14 @@ class Heartbeat:
                 self.metrics.model_residency_hits.inc()
             else:
                 self.metrics.model_switches.inc()
+            self._switched = self._switched or needs.models != self.resident
             self.resident = needs.models
         self._wake.set()
 
     def freed(self) -> None:
         """Its ComfyUI unloaded its models (`/free`, a restart)."""
         self.resident = frozenset()
+        self._switched = True
         self._wake.set()
 
     def view(self) -> WorkerView:
@@ -135,9 +147,12 @@ class Heartbeat:
         )
 
     async def run_forever(self) -> None:
-        """Beat every HEARTBEAT_EVERY seconds (at once after a job), reading the ComfyUI's nodes
-        every OBJECT_INFO_EVERY; a ComfyUI or Redis that does not answer is tried again next beat."""
+        """Beat every HEARTBEAT_EVERY seconds and at once after a job, reading the ComfyUI's nodes
+        every OBJECT_INFO_EVERY and its VRAM on the timed beats and after a model switch (a beat
+        after a job whose models stayed asks ComfyUI nothing); a ComfyUI or Redis that does not
+        answer is tried again next beat."""
         read_at = -OBJECT_INFO_EVERY
+        vram_at = -HEARTBEAT_EVERY
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -145,7 +160,10 @@ class Heartbeat:
                     info = await self.comfy.object_info()
                     self.nodes, self.files, self.known = frozenset(info), model_files(info), True
                     read_at = loop.time()
-                self.vram = _vram(await self.comfy.read_info("/system_stats"))
+                if self._switched or loop.time() - vram_at >= HEARTBEAT_EVERY:
+                    self._switched = False
+                    self.vram = _vram(await self.comfy.read_info("/system_stats"))
+                    vram_at = loop.time()
                 await self.beat()
             except (ServerlessError, *DOWN) as exc:
                 current = asyncio.current_task()
@@ -166,8 +184,6 @@ class Heartbeat:
         data = {
             "name": view.name,
             "lane": view.lane,
-            "nodes": sorted(view.nodes),
-            "files": sorted(view.files),
             "resident": sorted(view.resident),
             "busy": view.busy,
             "vram_total": view.vram_total,
@@ -175,8 +191,9 @@ class Heartbeat:
             "at": view.at,
         }
         now_ms = int(view.at * 1000)
+        advert = f"{json.dumps(data)[:-1]}, {self._lists()}}}"
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(keys.worker(self.name), json.dumps(data), ex=HEARTBEAT_TTL)
+            pipe.set(keys.worker(self.name), advert, ex=HEARTBEAT_TTL)
             pipe.zadd(keys.WORKERS, {self.name: now_ms})
             pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - FORGET_AFTER_MS)
             pipe.sadd(keys.LANES, self.lane)

@@ -124,6 +124,8 @@ class Consumer:
         self._next_aging_look = 0.0
         self._waiting_since: dict[str, float] = {}  # a lower priority's stream -> since when it has waited
         self._idle_known = False  # our ComfyUI was seen idle since our last job (no look needed)
+        self._look_handed = True  # a job may have been handed to us (affinity) since we last looked
+        self._next_overdue = 0.0  # when to look next for another worker's overdue hand-off
         self._news: set[str] | None = None  # the streams the last wait saw new entries in (None: any)
         self._handoffs_seen: bytes | None = None  # the newest `fleet:handoffs` entry seen (None: not looked yet)
         self.streams = lane_streams(settings.scheduling.worker_lane)
@@ -177,7 +179,7 @@ class Consumer:
             try:
                 taken = await self._claim_when_due() or await self._handed() or await self._next()
                 if taken is not None:
-                    self._idle_known = False
+                    self._idle_known = False  # a run that succeeds sets it again (`_run`)
                     self._news = None  # what a wait saw before this job is not news after it
                     await self._handle(taken)
                 delay = 0.1
@@ -333,7 +335,15 @@ class Consumer:
         it within AFFINITY_WAIT (`serverless.fleet.affinity`)."""
         if self.affinity is None:
             return None
-        found = await self.affinity.handed() or await self.affinity.overdue()
+        found = None
+        if self._look_handed:  # told by our hand-off stream (or not looked since we began)
+            found = await self.affinity.handed()
+            self._look_handed = found is not None  # another may wait behind it
+        now = asyncio.get_running_loop().time()
+        if found is None and now >= self._next_overdue:
+            found = await self.affinity.overdue()
+            if found is None:
+                self._next_overdue = now + self.affinity.look_every(BLOCK_SECONDS)
         if found is None:
             return None
         taken = await self._read(*found, reclaimed=False)
@@ -384,8 +394,8 @@ class Consumer:
             since.update(self.affinity.wake_streams())
             block = self.affinity.look_every(block)
         answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))  # type: ignore[arg-type]
-        if self.affinity is not None:
-            self.affinity.woke(answer)
+        if self.affinity is not None and self.affinity.woke(answer):
+            self._look_handed = True
         # Only the queue streams with news are asked next (the others had nothing new; what comes
         # there since ends the next wait at once); none: all of them.
         news = set()
@@ -521,8 +531,11 @@ class Consumer:
             await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
             await self._hand_back(taken)
             return False
-        if self.healing is not None:  # before the next job: free or restart past a watermark
-            await self.healing.check()
+        acted = await self.healing.check() if self.healing is not None else None  # free or restart past a watermark
+        # A run that succeeded saw ComfyUI finish its prompt (`executing` None comes after its
+        # queue let go of it): the next job needs no look at ComfyUI's queue first.
+        terminal = job.feed.terminal
+        self._idle_known = acted is None and terminal is not None and terminal.error is None
         return True
 
     async def _with_inputs(self, taken: Taken) -> JobSpec:
@@ -608,13 +621,15 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                if taken.inputs is None:
-                    await self.client.xack(taken.stream, GROUP, taken.entry)
-                else:  # its staged inputs go with it
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        pipe.xack(taken.stream, GROUP, taken.entry)
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.xack(taken.stream, GROUP, taken.entry)
+                    if taken.inputs is not None:  # its staged inputs go with it
                         pipe.delete(keys.staged_inputs(taken.task_id, taken.inputs))
-                        await pipe.execute()
+                    if self.affinity is not None:  # a job handed to us while this one ran
+                        pipe.xrevrange(keys.handoff(self.name), count=1)
+                    answers = await pipe.execute()
+                if self.affinity is not None and self.affinity.handed_since(answers[-1]):
+                    self._look_handed = True
                 await self._trim_when_due()
                 return
             except DOWN as exc:

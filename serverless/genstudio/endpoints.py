@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -35,12 +36,14 @@ from ..core.media import sniff
 from ..core.request import query_flag
 from ..delivery import links
 from ..errors import Conflict, Forbidden, InvalidParams, NotFound, as_serverless_error
+from ..inputs import verify
 from ..inputs.verify import verify_media
 from ..jobs.feed import Event
 from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..state import app_state, of_app
 from ..status.summary import summarise
+from ..transports import caller as caller_module
 from ..transports.caller import bounded, watch
 from ..transports.events import TaskEvents
 from ..transports.http import read_body
@@ -49,6 +52,7 @@ from . import mapping, token
 from .envelope import failure, success
 
 log = logging.getLogger(__name__)
+TOKEN_KEY = b"genstudio prompt_token"  # what FILE_LINK_SECRET is keyed with for prompt tokens
 
 Endpoint = Callable[[Request], Awaitable[Any]]
 HASH_CHARS = 32  # as the input resolver names fetched inputs: the same bytes, the same file
@@ -79,16 +83,17 @@ def _owner(scope: Any) -> str | None:
 
 
 def token_secret(app: Starlette) -> bytes:
-    """GENSTUDIO_TOKEN_SECRET, else a random secret of this process (tokens then work only here)."""
+    """A key derived from FILE_LINK_SECRET (its own: a link's signature is never a token's), else a
+    random secret of this process (tokens then work only here)."""
     state = of_app(app)
-    if state.resources.settings.security.genstudio_token_secret:
-        return state.resources.settings.security.genstudio_token_secret.encode()
+    if state.resources.settings.security.file_link_secret:
+        return hmac.new(state.resources.settings.security.file_link_secret.encode(), TOKEN_KEY, "sha256").digest()
     made = state.genstudio_token_secret
     if made is None:
         made = secrets.token_bytes(32)
         state.genstudio_token_secret = made
         log.warning(
-            "GENSTUDIO_TOKEN_SECRET is not set: prompt_tokens are signed with a secret of this "
+            "FILE_LINK_SECRET is not set: prompt_tokens are signed with a secret of this "
             "process and are refused by other instances; set it where several instances serve"
         )
     return made
@@ -179,13 +184,13 @@ async def _may_see(resources: Resources, jobs: JobRunner, task_id: str, owner: s
 
 class Files:
     """Fresh URLs of a task's files: OSS signed URLs where they were uploaded, else our links;
-    valid `url_expire_period` seconds (at most FILE_LINK_MAX_EXPIRES), converted as
+    valid `url_expire_period` seconds (at most FILE_LINK_EXPIRES), converted as
     `image_post_process_cmd` asks."""
 
     def __init__(self, resources: Resources, request: Request | WebSocket, asked: mapping.TaskInfoRequest) -> None:
         self.resources = resources
         self.asked = asked
-        self.period = min(asked.url_expire_period, resources.settings.outputs.link_max_expires)
+        self.period = min(asked.url_expire_period, resources.settings.outputs.link_expires)
         self.credentials = Credentials.resolve(request.headers, resources.settings.oss.credentials)
         scheme = {"ws": "http", "wss": "https"}.get(request.url.scheme, request.url.scheme)
         self.base_url = str(request.base_url.replace(scheme=scheme)).rstrip("/")
@@ -264,7 +269,7 @@ async def upload_image(request: Request) -> dict[str, str]:
     sniffed = sniff(data)
     if sniffed is None or not sniffed[1].startswith("image/"):
         raise InvalidParams("source_file is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF)")
-    await asyncio.to_thread(verify_media, data, sniffed[1], settings.inputs.max_pixels)
+    await asyncio.to_thread(verify_media, data, sniffed[1], verify.MAX_PIXELS)
     name = f"{hashlib.sha256(data).hexdigest()[:HASH_CHARS]}.{sniffed[0]}"
     image_id = await resources.comfy.upload_input(data, name)
     log.info("GenStudio upload stored as %s (%d bytes)", image_id, len(data))
@@ -294,7 +299,7 @@ async def get_task_progress(websocket: WebSocket) -> None:
         mapping.TaskInfoRequest((task_id,), mapping.DEFAULT_URL_EXPIRE, mapping.parse_post_process(None)),
     )
 
-    timeout = resources.settings.stream.write_timeout
+    timeout = caller_module.WRITE_TIMEOUT
 
     previews = query_flag(websocket.query_params, "previews")
 

@@ -1,8 +1,8 @@
 """`prompt_token` (pure): the signed token that authorises GenStudio's progress websocket for one
 task, shaped as GenStudio's own (a JWT, HS256): `{"task_id", "owner", "iss", "exp"}`, valid 24 h.
 
-Signed with GENSTUDIO_TOKEN_SECRET; without it each process makes a random secret, so a token
-works only on the instance that issued it (multi-instance deployments must set the secret).
+Signed with a key derived from FILE_LINK_SECRET; without it each process makes a random secret, so
+a token works only on the instance that issued it (multi-instance deployments must set the secret).
 """
 
 from __future__ import annotations

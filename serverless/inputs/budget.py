@@ -54,7 +54,7 @@ class ByteBudget:
         if size > self.capacity:
             raise BudgetExhausted(
                 f"needs {size} bytes, more than the instance holds for inputs ({self.capacity} bytes, "
-                "INPUT_MAX_INFLIGHT_BYTES)"
+                "INPUT_MAX_JOB_BYTES + INPUT_MAX_BYTES)"
             )
         if not self._waiters and self.available >= size:
             self.available -= size
@@ -75,7 +75,7 @@ class ByteBudget:
             if isinstance(exc, TimeoutError):
                 raise BudgetExhausted(
                     f"waited {timeout:g}s for memory to hold inputs: other requests' inputs fill the "
-                    "instance's budget (INPUT_MAX_INFLIGHT_BYTES); try again later"
+                    "instance's budget (INPUT_MAX_JOB_BYTES + INPUT_MAX_BYTES); try again later"
                 ) from None
             raise
         return Lease(self, size)

@@ -28,6 +28,10 @@ from PIL import Image
 
 from ..errors import InputError
 
+# The largest input image (width x height, all frames), read from its header before any pixel is
+# decoded: ComfyUI decodes what we pass it, and 100 megapixels is past any model's use.
+MAX_PIXELS = 100_000_000
+
 # Pillow's format name for each image MIME type `sniff` reports.
 _PILLOW_FORMATS: dict[str, str] = {
     "image/png": "PNG",
@@ -89,16 +93,13 @@ def _verify_image(data: bytes, max_pixels: int, expected: str) -> None:
         if width <= 0 or height <= 0:
             raise MediaError(f"image has an empty size {width}x{height}")
         if width * height > max_pixels:
-            raise MediaError(
-                f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels (INPUT_MAX_PIXELS)"
-            )
+            raise MediaError(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
         try:
             frames = _frame_count(image)
             # Every frame is decoded (here, and by ComfyUI into one batch): the limit is on the sum.
             if frames * width * height > max_pixels:
                 raise MediaError(
-                    f"image of {width}x{height} pixels x {frames} frames is over the limit of {max_pixels} "
-                    "pixels (INPUT_MAX_PIXELS)"
+                    f"image of {width}x{height} pixels x {frames} frames is over the limit of {max_pixels} pixels"
                 )
             _decode_check(image, frames)
         except MediaError:

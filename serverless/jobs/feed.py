@@ -68,13 +68,15 @@ class ReaderTooSlow(Exception):
     """A reader fell so far behind that the events it needs are no longer kept."""
 
 
+READER_LAG = 10000  # events a live reader may fall behind before it is dropped
+MAX_JOB_BYTES = 64 * 1024 * 1024  # bytes of events one job may publish (the terminal payload always is)
 PINNED_FACTOR = 10
 
 
 class Feed:
     """Events of one job; `publish` from the runner, `follow` from any number of readers."""
 
-    def __init__(self, limit: int = 10000, first_seq: int = 1, max_bytes: int | None = None) -> None:
+    def __init__(self, limit: int = READER_LAG, first_seq: int = 1, max_bytes: int | None = None) -> None:
         self._events: deque[Event] = deque()
         self.limit = limit
         self.max_bytes = max_bytes

@@ -100,7 +100,7 @@ class Runtime:
     instance_id: str
     job_timeout: float
     max_result_bytes: int = 0  # base64 outputs a result may carry (0: any); a fleet's pass through Redis
-    preview_max_fps: float = 4.0  # PREVIEW_MAX_FPS
+    preview_max_fps: float = 4.0  # previews.MAX_FPS
     preview_in_status: bool = False  # PREVIEW_IN_STATUS: previews are published (and recorded), not shown
     estimates: Estimates = field(default_factory=Estimates)  # how long things took, for progress
     resolve_models: ModelResolver = no_models  # model references fetched into the store and placed

@@ -42,6 +42,9 @@ def preview_payload(task_id: str, preview: Preview) -> dict[str, Any]:
     }
 
 
+MAX_FPS = 4.0  # previews shown a second per job; a newer frame replaces one waiting
+
+
 class PreviewThrottle:
     """Shows previews through `show`, at most `fps` a second (see the module docstring)."""
 

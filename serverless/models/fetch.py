@@ -25,6 +25,12 @@ from ..inputs.download import DownloadPolicy, GuardedConnector, check_url, descr
 log = logging.getLogger(__name__)
 
 BATCH = 4 * 1024 * 1024  # bytes handed to the writer thread at once
+MAX_BYTES = 64 * 1024**3  # one model file, when MODEL_CACHE_MAX_BYTES does not bound it lower
+DOWNLOAD_TIMEOUT = 3600.0  # seconds one model download may take, all redirects included
+READ_BUFFER = 4 * 1024 * 1024  # bytes the socket may run ahead of the writer (aiohttp pauses reading past it)
+# Linux starts writing a range's dirty pages back on this advice (they stay cached until written):
+# a download's closing fsync then waits for its last batch only, not for the whole file.
+_WRITE_BACK = getattr(os, "posix_fadvise", None)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 Progress = Callable[[int, int | None], None]  # (bytes so far, total if known)
 
@@ -69,6 +75,9 @@ class _Writer:
     def write(self, data: bytes) -> None:
         self._file.write(data)
         self.hash.update(data)
+        if _WRITE_BACK is not None:  # the disk writes it while more arrives: the closing fsync is short
+            self._file.flush()
+            _WRITE_BACK(self._file.fileno(), self.size, len(data), os.POSIX_FADV_DONTNEED)
         self.size += len(data)
 
     def close(self) -> None:
@@ -129,7 +138,7 @@ async def _get(
         headers["Authorization"] = header
     log.debug("model download: %s from byte %d", redact_url(url), writer.size)
     try:
-        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+        async with session.get(url, headers=headers, allow_redirects=False, read_bufsize=READ_BUFFER) as resp:
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 return url.join(URL(resp.headers["Location"])).with_fragment(None)
             if resp.status == 416 and writer.size:  # what we hold is not a prefix it knows: start over
@@ -159,7 +168,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
     total = writer.size + resp.content_length if resp.content_length is not None else None
     if total is not None and total > max_bytes:
         resp.close()
-        raise Rejected(f"larger than {max_bytes} bytes (MODEL_MAX_BYTES; Content-Length says {total})")
+        raise Rejected(f"larger than {max_bytes} bytes (MODEL_CACHE_MAX_BYTES; Content-Length says {total})")
     done = writer.size
     batch: list[bytes] = []
     batched = 0
@@ -169,7 +178,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
             done += len(chunk)
             if done > max_bytes:
                 resp.close()
-                raise Rejected(f"larger than {max_bytes} bytes (MODEL_MAX_BYTES)")
+                raise Rejected(f"larger than {max_bytes} bytes (MODEL_CACHE_MAX_BYTES)")
             batch.append(chunk)
             batched += len(chunk)
             if batched >= BATCH:

@@ -4,7 +4,7 @@ once from the store (concurrently), the workflow given the placed names, and `da
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,17 +14,19 @@ from ..core.credentials import Credentials
 from ..errors import InputError, ServerlessError
 from ..inputs.download import DownloadPolicy, check_url
 from ..inputs.resolve import BIG_WORKFLOW_NODES
-from .refs import ModelInput, find_model_inputs
+from .refs import ModelInput, ModelRef, find_model_inputs
 from .store import ModelStore, Placed
 
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """The workflow ComfyUI receives, what `data.models` says, and the models it holds in use."""
+    """The workflow ComfyUI receives, what `data.models` says, and the models it holds in use
+    (`release` lets go of them; None: not held yet)."""
 
     workflow: dict[str, Any]
     models: list[dict[str, Any]]
     digests: list[str]
+    release: Callable[[], None] | None = None
 
 
 def check_references(
@@ -68,15 +70,23 @@ async def resolve_models(
         except ServerlessError as exc:
             raise _error(workflow, item, exc.message) from exc
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = {key: group.create_task(obtain(item)) for key, item in distinct.items()}
-    except ExceptionGroup as eg:
-        first = eg.exceptions[0]
-        if isinstance(first, ServerlessError):
-            raise first from first.__cause__
-        raise
-    placed = {key: task.result() for key, task in tasks.items()}
+    placed: dict[tuple[str, str], Placed] = {}
+    held = await _held_if_cached(store, [(item.ref, item.folder) for item in distinct.values()])
+    if held is not None:  # all in the store already (the usual case): placed and held in one hop
+        hits, release = held
+        store.metrics.hits.inc(len(hits))
+        placed = dict(zip(distinct, hits, strict=True))
+    else:
+        release = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = {key: group.create_task(obtain(item)) for key, item in distinct.items()}
+        except ExceptionGroup as eg:
+            first = eg.exceptions[0]
+            if isinstance(first, ServerlessError):
+                raise first from first.__cause__
+            raise
+        placed = {key: task.result() for key, task in tasks.items()}
     result = dict(workflow)  # only the nodes that change are copied
     for item in found:
         result[item.node_id] = dict(result[item.node_id])
@@ -97,7 +107,25 @@ async def resolve_models(
                 "download_s": model.download_s,
             }
         )
-    return Resolved(result, models, sorted({m.sha256 for m in placed.values()}))
+    return Resolved(result, models, sorted({m.sha256 for m in placed.values()}), release)
+
+
+Held = tuple[list[Placed], Callable[[], None]]
+
+
+async def _held_if_cached(store: ModelStore, wanted: list[tuple[ModelRef, str]]) -> Held | None:
+    """`store.hold_cached` in a thread; a caller cancelled meanwhile lets go of what it took."""
+    taking = asyncio.ensure_future(asyncio.to_thread(store.hold_cached, wanted))
+    try:
+        return await asyncio.shield(taking)
+    except asyncio.CancelledError:
+        taking.add_done_callback(_let_go)
+        raise
+
+
+def _let_go(taking: asyncio.Future[Held | None]) -> None:
+    if not taking.cancelled() and taking.exception() is None and (held := taking.result()) is not None:
+        held[1]()
 
 
 def _error(workflow: Mapping[str, Any], item: ModelInput, reason: str) -> InputError:

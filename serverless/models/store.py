@@ -159,8 +159,8 @@ class ModelStore:
         if digest is None or (ref.sha256 is not None and digest != ref.sha256):
             return None
         meta = self._meta(digest)
-        if meta is None or not (self.cache / "blobs" / digest).exists():
-            return None
+        if meta is None or (ref.kind == "hash" and not (self.cache / "blobs" / digest).exists()):
+            return None  # (an indexed URL's blob was found there by `_indexed`)
         wanted = name or (ref.file_name() if ref.kind != "hash" else _hash_name(meta, folder, digest))
         placed = self._place(digest, folder, wanted, pinned)
         return Placed(folder, placed, digest, int(meta["bytes"]), str(meta.get("source", "")), True, 0.0)
@@ -227,6 +227,18 @@ class ModelStore:
             _close_all(held)
             raise
         return lambda: _close_all(held)
+
+    def hold_cached(self, wanted: list[tuple[ModelRef, str]]) -> tuple[list[Placed], Callable[[], None]] | None:
+        """Every (reference, folder) of `wanted` placed from the store and held in use (as
+        `use`), in one blocking call: a job whose models are all cached pays one thread hop.
+        None when the store lacks one of them (nothing is held then: `obtain` each)."""
+        placed = []
+        for ref, folder in wanted:
+            hit = self._cached(ref, folder, None, None)
+            if hit is None:
+                return None
+            placed.append(hit)
+        return placed, self.use(sorted({hit.sha256 for hit in placed}))
 
     def _use_lock(self, digest: str) -> Path:
         return self.cache / "locks" / f"use-{digest}.lock"

@@ -45,6 +45,7 @@ T = TypeVar("T")
 BATCH_INTERVAL = 0.05  # seconds between durable appends of one job's events
 PROBE_TTL = 5.0  # seconds a write probe's answer is trusted
 POLL = 0.25  # seconds between reads of a log another instance writes (`follow`)
+IO_TIMEOUT = 10.0  # seconds one status-folder operation may take (its own threads); then UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ no disk.
 Entry ids *are* our sequence numbers (`0-1`, `0-2`, ...), so `after=N` and SSE `Last-Event-ID`
 map to `XREAD`/`XRANGE` from `0-N` with no lookup, and a retried write cannot duplicate an event
 (Redis refuses an id not above the last). Every write refreshes the keys' EXPIRE: retention is
-Redis's. An event larger than REDIS_MAX_EVENT_BYTES is replaced by a short note; base64 outputs
+Redis's. An event larger than MAX_EVENT_BYTES is replaced by a short note; base64 outputs
 never go through Redis: the stored terminal keeps each output's listing (and OSS link) and says
 where the content went. Job control reads the same streams: the summary is computed from the
 payloads (`summary.summarise`) as the file store's, and `follow` serves `events` from any
@@ -56,6 +56,7 @@ BASE64_NOTE = (
     "base64 outputs are kept FILE_LINK_EXPIRES seconds after the job: "
     "ask for output_oss or output_url for files that outlive it"
 )
+MAX_EVENT_BYTES = 1024 * 1024  # the largest event stored; a bigger one becomes a `serverless_dropped` note
 BIG_TERMINAL = 256 * 1024  # terminal payloads from this size on are split in a worker thread
 PREVIEWS_KEPT = 2  # a follower wants the newest preview; one more covers a read between two writes
 PREVIEWS_TTL = 60  # seconds a job's previews outlive its last one
@@ -369,7 +370,7 @@ class RedisStatus:
 
     def stored(self, event: Event, attempt: RedisAttempt) -> bytes:
         """What goes into the stream for an event that is not terminal: itself, or a note when it
-        is larger than REDIS_MAX_EVENT_BYTES."""
+        is larger than MAX_EVENT_BYTES."""
         data = event.data
         if len(data) <= self.max_event_bytes:
             return data

@@ -18,6 +18,8 @@ from .keyfile import KeyEntry, KeyFileError, parse, plain_key
 
 log = logging.getLogger(__name__)
 
+POLL_INTERVAL = 0.5  # seconds between looks (a stat) at API_KEYS_FILE: how soon a key change counts
+
 
 class ApiKeys:
     """The keys this instance accepts (none: the API is open): `API_KEYS` (every right) and the

@@ -12,6 +12,8 @@ from starlette.websockets import WebSocketDisconnect
 
 log = logging.getLogger(__name__)
 
+WRITE_TIMEOUT = 60.0  # seconds one write to a caller may wait for it to read; then its connection closes
+
 Winner = Literal["delivered", "caller_gone"]
 
 

@@ -3,7 +3,7 @@ server-sent event stream.
 
 SSE: each event is an `id:` line (its sequence number) and one `data:` line (ComfyUI's text as
 received, then the terminal payload), lines ending in a bare LF; `: ping` after
-`stream_ping_interval` seconds of silence. Events are formatted by sse-starlette's
+`PING_INTERVAL` seconds of silence. Events are formatted by sse-starlette's
 `ServerSentEvent`; the stream itself is ours, so that it shares the caller-watch of every other
 transport. Both renderers read an `EventSource`: the job itself, or a task followed through its
 status log (`serverless.transports.events.TaskEvents`: resumed streams, attached callers).
@@ -25,6 +25,7 @@ from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.runner import EventSource, RunningJob
 from ..ops.metrics import Metrics, ReaderMeter
 from ..settings import Settings
+from . import caller
 from .caller import CallerStalled, bounded, watch
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SEP = "\n"
 
 
+PING_INTERVAL = 15.0  # seconds of silence before a stream's `: ping` (the contract's 15 s)
 PING = ServerSentEvent(comment="ping", sep=SEP).encode()
 
 
@@ -115,7 +117,7 @@ async def json_response(
     terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
     error = terminal.error
     status = 200 if error is None or (held_async and not error.retryable) else error.status_code
-    return JsonBody(terminal.data, status, settings.stream.write_timeout)
+    return JsonBody(terminal.data, status, caller.WRITE_TIMEOUT)
 
 
 class JsonBody(Response):
@@ -176,7 +178,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
-        timeout = self.settings.stream.write_timeout
+        timeout = caller.WRITE_TIMEOUT
 
         async def deliver() -> None:
             try:
@@ -200,7 +202,7 @@ class EventStream(Response):
         job = self.job
         batch: list[bytes] = []
         try:
-            async for event in job.events(self.after, self.settings.stream.ping_interval, self.previews):
+            async for event in job.events(self.after, PING_INTERVAL, self.previews):
                 if event is None:
                     yield PING
                     continue

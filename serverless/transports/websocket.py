@@ -19,6 +19,7 @@ from ..jobs.runner import RunningJob
 from ..ops.metrics import ReaderMeter
 from ..settings import Settings
 from ..state import app_state
+from . import caller as caller_module
 from .caller import CallerStalled, bounded, watch
 from .http import abort_connection, hang_up
 from .start import start_job
@@ -70,7 +71,7 @@ async def _forward(
 ) -> None:
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
-    timeout = settings.stream.write_timeout
+    timeout = caller_module.WRITE_TIMEOUT
 
     async def deliver() -> None:
         try:

@@ -342,7 +342,7 @@ function showOutput(item) {
   $("outputs").append(figure);
 }
 
-// The sampler's picture of the image forming (at most PREVIEW_MAX_FPS a second), until the result.
+// The sampler's picture of the image forming (at most 4 a second), until the result.
 function showPreview(data) {
   if (state.run && state.run.cancelled) return;
   $("preview-img").src = `data:${data.mime};base64,${data.base64}`;
