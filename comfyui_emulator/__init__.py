@@ -26,8 +26,8 @@ Test and fault hooks (not ComfyUI's, no `/api` twin):
   `POST /emulator/config`           `{"step_delay": s, "node_delay": s}` (any key) changes the
                                     delays at run time; `node_delay` is slept inside every node
                                     after its interrupt check, like a long non-interruptible
-                                    computation. Fault knobs: `history_delay` (s), `history_garbage`
-                                    and `view_status` (see hooks.py). A GPU's costs (memory.py):
+                                    computation. Fault knobs: `history_delay` (s), `history_garbage`,
+                                    `view_status` and `view_delay` (s) (see hooks.py). A GPU's costs (memory.py):
                                     `model_load_delay`, `vram_total`, `model_bytes`, `oom_next`,
                                     `leak_bytes`. Answers the resulting settings.
   `POST /emulator/release_node`     end the `node_delay` of the node sleeping it (or of the next

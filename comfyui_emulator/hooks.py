@@ -3,9 +3,10 @@
 `POST /emulator/drop_websockets` aborts every websocket's TCP connection (no close frame), as a
 network failure would. `POST /emulator/config` with `{"step_delay": s, "node_delay": s}` (either
 key) changes the delays at run time, and the fault knobs `history_delay` (seconds),
-`history_garbage` (non-zero: /history/{id} answers non-JSON) and `view_status` (non-zero: /view
-answers that status), and the previews' `previews` (0: none, as ComfyUI's `--preview-method none`)
-and `preview_size`; it answers the resulting settings. `POST /emulator/release_node` ends the
+`history_garbage` (non-zero: /history/{id} answers non-JSON), `view_status` (non-zero: /view
+answers that status) and `view_delay` (seconds before /view answers), and the previews'
+`previews` (0: none, as ComfyUI's `--preview-method none`) and `preview_size`; it answers the
+resulting settings. `POST /emulator/release_node` ends the
 `node_delay` of the node sleeping it (or of the next one to sleep it): with a long `node_delay`, a
 test moves a prompt on one node at a time. `GET /emulator/sent?client_id=X` returns
 the exact texts sent to that client's sockets, in order (the last 5000), so tests can compare
@@ -26,6 +27,7 @@ SETTINGS = (
     "history_delay",
     "history_garbage",
     "view_status",
+    "view_delay",
     "previews",
     "preview_size",
     "model_load_delay",

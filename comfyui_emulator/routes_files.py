@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import mimetypes
@@ -21,6 +22,8 @@ UNSAFE_TYPES = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "te
 async def view(request: web.Request) -> web.StreamResponse:
     """Serve a file from input/output/temp; 400 for `..` or a bad type, 404 when missing."""
     folders = request.app[EMULATOR].folders
+    if request.app[EMULATOR].config.view_delay:  # fault knob (hooks.py)
+        await asyncio.sleep(request.app[EMULATOR].config.view_delay)
     if request.app[EMULATOR].config.view_status:  # fault knob (hooks.py)
         return web.Response(status=int(request.app[EMULATOR].config.view_status))
     query = request.rel_url.query

@@ -35,6 +35,7 @@ class Config:
     history_delay: float = 0.0  # seconds before GET /history/{id} answers
     history_garbage: float = 0.0  # non-zero: GET /history/{id} answers a body that is not JSON
     view_status: float = 0.0  # non-zero: GET/HEAD /view answers this HTTP status
+    view_delay: float = 0.0  # seconds before GET/HEAD /view answers
     # Sampler previews (ComfyUI's `--preview-method`, `--preview-size`): 0 sends none, as ComfyUI's
     # own default `none` does; non-zero sends a JPEG per KSampler step, scaled to fit `preview_size`.
     previews: float = 1.0

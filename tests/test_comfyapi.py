@@ -184,6 +184,26 @@ def test_history_has_comfyuis_shape_and_views_serve_its_outputs(deployment: Any)
     assert view.status_code == 200 and view.content == images["2"][0]
 
 
+def test_history_asked_as_the_end_is_read_has_the_prompt_while_its_outputs_are_still_collected(
+    deployment: Any,
+) -> None:
+    deployed: Deployment = deployment()
+    for emulator in deployed.emulators:  # the job reads its outputs after ComfyUI's end, slowly
+        requests.post(emulator.url + "/emulator/config", json={"view_delay": 1.0}, timeout=5).raise_for_status()
+    client = ExampleClient(address(deployed.url))
+    ws = websocket.WebSocket()
+    ws.connect(f"ws://{client.server_address}/ws?clientId={client.client_id}")
+    try:
+        prompt_id = str(uuid.uuid4())
+        client.queue_prompt(empty_image(16, 16, color=0x00FF00, prefix="slow_outputs"), prompt_id)
+        _until_done(ws, prompt_id)
+        entry = client.get_history(prompt_id)[prompt_id]  # at once, as ComfyUI's example asks
+    finally:
+        ws.close()
+    assert entry["status"]["status_str"] == "success"
+    assert entry["outputs"]["2"]["images"][0]["filename"] == "slow_outputs_00001_.png"
+
+
 def test_prompt_refusals_have_comfyuis_shape(deployment: Any) -> None:
     url = deployment().url
     missing = requests.post(

@@ -7,7 +7,7 @@ import json
 import struct
 
 from serverless.comfyapi import history, jobview
-from serverless.comfyapi.index import PromptEntry
+from serverless.comfyapi.index import CLIENT_KEEP, MemoryIndex, PromptEntry
 
 ENTRY = PromptEntry(
     "p1",
@@ -100,3 +100,24 @@ def test_a_v2_job_from_a_log() -> None:
 def test_a_preview_event_becomes_api_v2s_preview() -> None:
     event = {"type": "serverless_preview", "data": {"node": "3", "mime": "image/jpeg", "base64": "QUJD", "step": 2}}
     assert jobview.preview(event) == {"node_id": "3", "content_type": "image/jpeg", "data_base64": "QUJD"}
+
+
+async def test_a_websocket_client_past_the_prompts_kept_for_it_still_gets_each_new_one() -> None:
+    index = MemoryIndex()
+    cursor = await index.client_cursor("c1")
+    for number in range(CLIENT_KEEP + 2):
+        await index.add(PromptEntry(f"t{number}", number, {}, "c1"))
+        tasks, cursor = await index.client_tasks("c1", cursor)
+        assert tasks == [f"t{number}"], "the one just queued, once"
+    late = await index.client_cursor("c1")  # a client connecting now: its prompts from now on
+    await index.add(PromptEntry("next", CLIENT_KEEP + 2, {}, "c1"))
+    assert (await index.client_tasks("c1", late))[0] == ["next"]
+
+
+def test_messages_passed_on_unparsed_are_those_relayed_as_they_are() -> None:
+    texts = [json.dumps(payload) for payload in LOG]
+    texts.append(json.dumps({"type": "progress", "data": {"value": 1, "max": 3, "prompt_id": "p1", "node": "3"}}))
+    for text in texts:
+        message = history.relayed(text)
+        passed = message is not None and not history.is_end(message, "p1") and message["type"] != "status"
+        assert history.relayed_as_is(text) == (passed and message["type"] != "executing"), text

@@ -402,6 +402,7 @@ async def test_config_hook_reports_and_refuses_unknown_keys(fresh_emulator: Emul
         "history_delay": 0.0,
         "history_garbage": 0.0,
         "view_status": 0.0,
+        "view_delay": 0.0,
         "previews": 1.0,
         "preview_size": 512.0,
         "model_load_delay": 0.0,

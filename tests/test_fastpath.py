@@ -129,6 +129,29 @@ def test_outputs_read_from_disk_are_the_bytes_view_serves_even_while_view_fails(
         assert result["output"]["bytes"] == len(view.content) and result["output"]["mime"] == "image/png"
 
 
+def test_view_and_links_serve_an_output_from_comfyuis_folder_on_our_disk_even_while_view_fails(own_emulator, start_app):
+    root = own_emulator.root
+    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(root / "output"), FILE_LINK_SECRET="s" * 32)
+    response = post_run(
+        server.url, empty_image(32, 24, color=0x224466, prefix="disk/view"), params={"output_url": "true"}
+    )
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]["results"]
+    raw = result["output"]["raw"]
+    made = (root / "output" / raw["subfolder"] / raw["filename"]).read_bytes()
+    configure(own_emulator, view_status=500)  # only the disk can serve it now
+    try:
+        view = requests.get(server.url + "/view", params=raw, timeout=5)
+        part = requests.get(server.url + "/api/view", params=raw, headers={"Range": "bytes=0-7"}, timeout=5)
+        link = requests.get(result["output"]["url"], timeout=5)
+    finally:
+        configure(own_emulator, view_status=0)
+    assert view.status_code == 200 and view.content == made and view.headers["content-type"] == "image/png"
+    assert part.status_code == 206 and part.content == made[:8]
+    assert part.headers["content-range"] == f"bytes 0-7/{len(made)}"
+    assert link.status_code == 200 and link.content == made
+
+
 def test_an_output_missing_from_the_folder_is_fetched_through_view(own_emulator, start_app, tmp_path):
     server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(tmp_path / "elsewhere"))
     response = post_run(server.url, empty_image(color=0x123456, prefix="disk/missing"), params=B64)

@@ -45,6 +45,23 @@ def relayed(text: str) -> dict[str, Any] | None:
     return message
 
 
+# ComfyUI's messages as its `json.dumps` writes them start `{"type": "<type>", `: those of a type
+# that is never held back nor left out are passed on unparsed.
+PREFIX = '{"type": "'
+PASSED_AS_THEY_ARE = frozenset(
+    {"execution_start", "execution_cached", "executed", "execution_success", "progress", "progress_state"}
+)
+
+
+def relayed_as_is(text: str) -> bool:
+    """Whether a logged event is one of ComfyUI's messages a `/ws` client gets as it is, told
+    without parsing it (False: `relayed` decides)."""
+    if not text.startswith(PREFIX):
+        return False
+    end = text.find('"', len(PREFIX))
+    return end > 0 and text[len(PREFIX) : end] in PASSED_AS_THEY_ARE
+
+
 PREVIEW_IMAGE = 1  # ComfyUI's binary event types (server.BinaryEventTypes)
 IMAGE_TYPES = {"image/jpeg": 1, "image/png": 2}
 
@@ -73,6 +90,17 @@ def is_end(message: dict[str, Any], prompt_id: str) -> bool:
         and data.get("node") is None
         and data.get("prompt_id") == prompt_id
     )
+
+
+def ended(payloads: list[Any]) -> bool:
+    """Whether a task's payloads end with its terminal one."""
+    last = payloads[-1] if payloads else None
+    return isinstance(last, dict) and last.get("type") in ("serverless_api", "error")
+
+
+def comfyui_ended(payloads: list[Any], prompt_id: str) -> bool:
+    """Whether ComfyUI has sent the prompt's last message among `payloads`."""
+    return any(isinstance(payload, dict) and is_end(payload, prompt_id) for payload in reversed(payloads))
 
 
 def is_feature_flags(text: str | None) -> bool:
@@ -141,9 +169,9 @@ def _extra(entry: PromptEntry) -> dict[str, Any]:
 
 def history_entry(entry: PromptEntry, payloads: list[Any]) -> dict[str, Any] | None:
     """The `/history` entry of an ended prompt whose log holds `payloads`; None while it runs."""
-    terminal = payloads[-1] if payloads else None
-    if not isinstance(terminal, dict) or terminal.get("type") not in ("serverless_api", "error"):
+    if not ended(payloads):
         return None
+    terminal = payloads[-1]
     outputs: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     messages: list[list[Any]] = []

@@ -54,6 +54,10 @@ class PromptEntry:
 
 
 class PromptIndex(Protocol):
+    # Whether other instances answer for its prompts (`/history`, `/queue`): a fleet's, in Redis.
+    # A process's own are answered only by it, from the job itself while it runs here.
+    shared: bool
+
     def bell(self, client_id: str) -> contextlib.AbstractContextManager[asyncio.Event]:
         """Set when a prompt for `client_id` is queued on this instance (`Bells`)."""
         ...
@@ -160,11 +164,14 @@ class Bells:
 class MemoryIndex(Bells):
     """One box's prompts, in this process."""
 
+    shared = False
+
     def __init__(self) -> None:
         super().__init__()
         self._entries: dict[str, PromptEntry] = {}
         self._live: set[str] = set()
-        self._clients: dict[str, list[str]] = {}
+        # Per client: how many tasks were ever queued for it (its cursor), and the newest CLIENT_KEEP.
+        self._clients: dict[str, tuple[int, list[str]]] = {}
         self._numbers = itertools.count()
         self._assets: dict[str, dict[str, Any]] = {}
         self._hashes: dict[str, str] = {}
@@ -182,8 +189,10 @@ class MemoryIndex(Bells):
             self._live.discard(next(iter(self._entries)))
             del self._entries[next(iter(self._entries))]
         if entry.client_id:
-            self._clients.setdefault(entry.client_id, []).append(entry.task_id)
-            del self._clients[entry.client_id][:-CLIENT_KEEP]
+            count, tasks = self._clients.get(entry.client_id, (0, []))
+            tasks.append(entry.task_id)
+            del tasks[:-CLIENT_KEEP]
+            self._clients[entry.client_id] = (count + 1, tasks)
 
     async def get(self, task_id: str) -> PromptEntry | None:
         return self._entries.get(task_id)
@@ -204,12 +213,14 @@ class MemoryIndex(Bells):
                 self._entries.pop(task_id, None)
 
     async def client_cursor(self, client_id: str) -> str:
-        return str(len(self._clients.get(client_id, ())))
+        return str(self._clients.get(client_id, (0, []))[0])
 
     async def client_tasks(self, client_id: str, cursor: str) -> tuple[list[str], str]:
-        tasks = self._clients.get(client_id, [])
-        start = min(int(cursor), len(tasks))
-        return tasks[start:], str(len(tasks))
+        """The cursor counts every task ever queued for the client (not those kept: a client
+        past CLIENT_KEEP prompts still gets each new one)."""
+        count, tasks = self._clients.get(client_id, (0, []))
+        first = count - len(tasks)  # the number of the oldest task kept
+        return tasks[max(0, int(cursor) - first) :], str(count)
 
     async def put_asset(self, record: dict[str, Any]) -> None:
         self._assets[record["id"]] = record
@@ -240,6 +251,8 @@ class MemoryIndex(Bells):
 
 class RedisIndex(Bells):
     """Every gateway's prompts, in the fleet's Redis, kept `ttl` seconds after the last."""
+
+    shared = True
 
     def __init__(self, client: aioredis.Redis, ttl: int, watch: StreamWatch | None = None) -> None:
         super().__init__()

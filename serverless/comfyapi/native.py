@@ -14,6 +14,7 @@ The websocket `/ws` is `relay`'s; `/view`, uploads and ComfyUI's information are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_DEFAULT = 200  # prompts `/history` lists without `max_items` (ComfyUI: all it keeps)
 HISTORY_BATCH = 32  # logs read at once for `/history`
+END_WAIT = 30.0  # seconds `/history` waits for a job running here to publish its end after ComfyUI's
 
 
 def prompts(state: AppState) -> PromptIndex:
@@ -163,6 +165,9 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     job = await start_job(
         resources, state.jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
     )
+    # The job's run goes first, to its submission to ComfyUI: the client waits for ComfyUI's
+    # messages more than for this answer (a fleet's job is queued already: nothing to wait for).
+    await asyncio.sleep(0)
     await index.add(entry)
     index.ring(client_id)  # its followers here pick it up at once
     log.info("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
@@ -235,20 +240,47 @@ async def interrupt(request: Request) -> Response:
 
 
 async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
-    return history.history_entry(entry, await task_payloads(state, entry.task_id))
+    return history.history_entry(entry, await history_payloads(state, entry.task_id))
+
+
+async def history_payloads(state: AppState, task_id: str) -> list[Any]:
+    """A prompt's payloads for its `/history` entry: those of its job while it runs here (its log
+    is not read), else its log's. A job running here whose ComfyUI has sent the prompt's last
+    message (`/ws` passes it on as it comes: `relay`) is waited for until it publishes its end
+    (its outputs collected), at most END_WAIT seconds: as ComfyUI's own history, the prompt is
+    there once its client was told it ended."""
+    job = state.jobs.get(task_id)
+    payloads, live = await _payloads_now(state, job, task_id)
+    if job is None or history.ended(payloads) or not history.comfyui_ended(payloads, task_id):
+        return payloads
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(END_WAIT):
+            # From its feed as soon as it is published; its log has it once recorded.
+            await (job.finished() if live else job.terminal_recorded())
+    return (await _payloads_now(state, job, task_id))[0]
+
+
+async def _payloads_now(state: AppState, job: RunningJob | None, task_id: str) -> tuple[list[Any], bool]:
+    """The payloads so far, and whether they are the job's own (False: its log's)."""
+    if job is not None:
+        published = await published_payloads(job, ended=False)
+        if published is not None:
+            return published, True
+    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
+    return payloads, False
 
 
 async def task_payloads(state: AppState, task_id: str) -> list[Any]:
-    """A prompt's payloads as its log holds them; where its job runs here and has published its
-    end, which its log may not hold yet (a box's is written a moment later: `/ws` and API v2's
-    events tell the end without waiting for it), as the job published them."""
-    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
-    last = payloads[-1] if payloads else None
-    if isinstance(last, dict) and last.get("type") in ("serverless_api", "error"):
-        return payloads
+    """A prompt's payloads: where its job runs here and has published its end, as the job
+    published them (its log may not hold the end yet: a box's is written a moment later, and
+    `/ws` and API v2's events tell the end without waiting for it; nor is the disk read); else
+    as its log holds them."""
     job = state.jobs.get(task_id)
     published = await published_payloads(job) if job is not None else None
-    return published if published is not None else payloads
+    if published is not None:
+        return published
+    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
+    return payloads
 
 
 async def published_payloads(job: RunningJob, ended: bool = True) -> list[Any] | None:

@@ -4,8 +4,11 @@ text byte for byte as its ComfyUI sent it, followed through the status store (`T
 
 A prompt's last message, `executing` with no node, is held until the task's terminal payload is
 stored: a client that asks `/history` and `/view` as soon as it reads it (ComfyUI's example
-does) then finds them. A job that ended before its ComfyUI could say so (refused by the worker's
-ComfyUI, timed out, lost) gets the end ComfyUI would have sent (`history.closing`).
+does), maybe of another gateway, then finds them. On one box, whose prompts only its process
+answers for, the end of a job running here is passed on as it comes, and `/history` waits for
+the job to publish its end (its outputs collected) instead. A job that ended before its ComfyUI
+could say so (refused by the worker's ComfyUI, timed out, lost) gets the end ComfyUI would have
+sent (`history.closing`).
 """
 
 from __future__ import annotations
@@ -122,7 +125,11 @@ async def _relay(state: AppState, task_id: str, send: Send, after: int = 0) -> N
 
 async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -> None:
     jobs = state.jobs
-    source = TaskEvents(task_id, state.resources.status, jobs.get(task_id), jobs.end_if_stranded)
+    job = jobs.get(task_id)
+    source = TaskEvents(task_id, state.resources.status, job, jobs.end_if_stranded)
+    # A job running here, whose prompts only this process answers for: its end is passed on as
+    # it comes (its `/history` waits for the job's end itself: `native.history_payloads`).
+    passed_on = job is not None and not prompts(state).shared
     held: str | None = None
     async for event in source.events(after, idle=1.0):
         if event is None:
@@ -134,6 +141,9 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
                 for text in history.closing(task_id, json.loads(event.text)):
                     await send(text)
             return
+        if history.relayed_as_is(event.text):
+            await send(event.text)
+            continue
         preview = history.preview_frame(event.text)
         if preview is not None:
             await send(preview)
@@ -141,7 +151,10 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
         message = history.relayed(event.text)
         if message is None:
             continue
-        if history.is_end(message, task_id):
-            held = event.text
-        else:
+        if not history.is_end(message, task_id):
             await send(event.text)
+        elif passed_on:
+            await send(event.text)
+            return
+        else:
+            held = event.text

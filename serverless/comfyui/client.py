@@ -329,6 +329,16 @@ class ComfyUI:
                 return Fetched(*read)
         return await self._view(item, with_content)
 
+    async def read_local(self, item: Mapping[str, Any], limit: int) -> Fetched | None:
+        """A history item's file read whole from ComfyUI's folder for its type, in one trip to a
+        thread, when that folder is on our disk and holds it and it is at most `limit` bytes;
+        None otherwise (`/view` then serves it: ComfyUI decides, a big file streams)."""
+        folder = self.folders.for_type(str(item.get("type", "output") or "output"))
+        if folder is None:
+            return None
+        read = await asyncio.to_thread(_read_small_item, folder, item, limit)
+        return Fetched(*read) if read is not None else None
+
     async def local_output(self, item: Mapping[str, Any]) -> Path | None:
         """The path of a history output item's file when it is on our disk (ComfyUI's folder for
         its type holds it), so that it can be streamed from there; None otherwise."""
@@ -462,6 +472,17 @@ def _read_item(folder: Path, item: Mapping[str, Any], with_content: bool) -> tup
     return read_output(
         confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", ""))), with_content
     )
+
+
+def _read_small_item(folder: Path, item: Mapping[str, Any], limit: int) -> tuple[bytes, str, int] | None:
+    """A history item's file from `folder` (blocking) when it is at most `limit` bytes; None when
+    it is not there, bigger, or names a path outside the folder."""
+    try:
+        path = confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")))
+    except OutputError:
+        return None
+    read = read_output(path, True, limit)
+    return (read[0], read[1], read[2]) if read is not None and read[0] is not None else None
 
 
 def _local_item(folder: Path, item: Mapping[str, Any]) -> Path | None:

@@ -46,12 +46,15 @@ def confined(folder: Path, subfolder: str, filename: str) -> Path:
     return path
 
 
-def read_output(path: Path, with_content: bool) -> tuple[bytes | None, str, int] | None:
+def read_output(path: Path, with_content: bool, limit: int | None = None) -> tuple[bytes | None, str, int] | None:
     """The file's bytes (None when not asked for), its type as `/view` would serve it, and its
-    size; None when there is no such file (the caller falls back to `/view`)."""
+    size; None when there is no such file (the caller falls back to `/view`), or, with `limit`,
+    when it is bigger than that."""
     try:
         if with_content:
             with open(path, "rb") as f:
+                if limit is not None and os.fstat(f.fileno()).st_size > limit:
+                    return None
                 content: bytes | None = f.read()
             size = len(content or b"")
         else:

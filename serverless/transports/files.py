@@ -6,7 +6,8 @@ from Redis, where the worker that made it kept it (as served: converted) for FIL
 sends names a path: the place comes only out of the signed token. A link signed with a conversion
 serves the converted file (made once, in a bounded worker thread, and kept until the link
 expires: `serverless.delivery.converted`; the same bytes the job reported); one without streams
-ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206).
+ComfyUI's answer as it comes, its `Range` forwarded, so a video seeks (206), or reads a file of
+ComfyUI's folder on our disk up to LOCAL_WHOLE bytes straight from there (`ViewStream`).
 """
 
 from __future__ import annotations
@@ -101,8 +102,13 @@ def ranged(body: bytes, content_type: str, range_header: str | None) -> Response
     return Response(body[start : end + 1], status_code=206, media_type=content_type, headers=headers)
 
 
+LOCAL_WHOLE = 8 * 1024 * 1024  # a file on our disk up to this size is read whole, not fetched through `/view`
+
+
 class ViewStream(Response):
-    """ComfyUI's `/view` answer passed on as it streams (status, type, length, range)."""
+    """ComfyUI's `/view` answer passed on as it streams (status, type, length, range); a file in
+    ComfyUI's folder on our disk (co-located, as on FC) up to LOCAL_WHOLE bytes is read from
+    there instead, as `/view` would serve it, without a round trip through ComfyUI."""
 
     def __init__(self, comfy: ComfyUI, link: FileLink, range_header: str | None) -> None:
         self.comfy = comfy
@@ -111,6 +117,12 @@ class ViewStream(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") != "HEAD":
+            local = await self.comfy.read_local(self.link.item, LOCAL_WHOLE)
+            if local is not None and local.content is not None:
+                content_type = local.content_type or "application/octet-stream"
+                await ranged(local.content, content_type, self.range_header)(scope, receive, send)
+                return
         # Raised before the response starts, an error is still answered by the app's handlers.
         async with self.comfy.view(self.link.item, self.range_header) as view:
             _check(view.status, self.link)
