@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 BATCH = 4 * 1024 * 1024  # bytes handed to the writer thread at once
 MAX_BYTES = 64 * 1024**3  # one model file, when MODEL_CACHE_MAX_BYTES does not bound it lower
 DOWNLOAD_TIMEOUT = 3600.0  # seconds one model download may take, all redirects included
-READ_BUFFER = 4 * 1024 * 1024  # bytes the socket may run ahead of the writer (aiohttp pauses reading past it)
 # Linux starts writing a range's dirty pages back on this advice (they stay cached until written):
 # a download's closing fsync then waits for its last batch only, not for the whole file.
 _WRITE_BACK = getattr(os, "posix_fadvise", None)
@@ -72,13 +71,16 @@ class _Writer:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")
 
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self.hash.update(data)
+    def write(self, chunks: list[bytes]) -> None:
+        """Append and hash `chunks` (each as received: not joined into one copy first)."""
+        start = self.size
+        for data in chunks:
+            self._file.write(data)
+            self.hash.update(data)
+            self.size += len(data)
         if _WRITE_BACK is not None:  # the disk writes it while more arrives: the closing fsync is short
             self._file.flush()
-            _WRITE_BACK(self._file.fileno(), self.size, len(data), os.POSIX_FADV_DONTNEED)
-        self.size += len(data)
+            _WRITE_BACK(self._file.fileno(), start, self.size - start, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self._file is not None:
@@ -138,7 +140,7 @@ async def _get(
         headers["Authorization"] = header
     log.debug("model download: %s from byte %d", redact_url(url), writer.size)
     try:
-        async with session.get(url, headers=headers, allow_redirects=False, read_bufsize=READ_BUFFER) as resp:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 return url.join(URL(resp.headers["Location"])).with_fragment(None)
             if resp.status == 416 and writer.size:  # what we hold is not a prefix it knows: start over
@@ -174,7 +176,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
     batched = 0
     pending: asyncio.Future[None] | None = None
     try:
-        async for chunk in resp.content.iter_chunked(256 * 1024):
+        async for chunk in resp.content.iter_any():  # each as received: no joining copy
             done += len(chunk)
             if done > max_bytes:
                 resp.close()
@@ -184,7 +186,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
             if batched >= BATCH:
                 if pending is not None:
                     await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(writer.write, b"".join(batch)))
+                pending = asyncio.ensure_future(asyncio.to_thread(writer.write, batch))
                 batch, batched = [], 0
             if on_progress is not None:  # received, not yet all on disk: the listener rate-limits
                 on_progress(done, total)
@@ -192,7 +194,7 @@ async def _stream(resp: aiohttp.ClientResponse, writer: _Writer, max_bytes: int,
         if pending is not None:  # the write under way ends before the file is closed or reopened
             await asyncio.gather(pending, return_exceptions=True)
         if batch:  # what arrived is kept, also when the body broke off: a later try resumes after it
-            await asyncio.to_thread(writer.write, b"".join(batch))
+            await asyncio.to_thread(writer.write, batch)
     if pending is not None:
         pending.result()
     if total is not None and done != total:
