@@ -116,14 +116,12 @@ class Node(NodeLog, Process):
 
 
 class InProcessNode(NodeLog, InProcessApp):
-    """A node of the tier in a thread of the test process (`kill()` as SIGKILL would: see
-    `InProcessApp.kill`)."""
+    """A node of the tier in a thread of the test process."""
 
     def __init__(self, log_dir: Path, env: dict[str, str], name: str) -> None:
         self.name = name
         port = free_port()
-        env = {**env, "FC_INSTANCE_ID": name, "FC_CUSTOM_LISTEN_PORT": str(port)}
-        super().__init__(log_dir, env, port, killable=True)
+        super().__init__(log_dir, {**env, "FC_INSTANCE_ID": name, "FC_CUSTOM_LISTEN_PORT": str(port)}, port)
 
 
 @dataclass

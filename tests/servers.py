@@ -70,9 +70,6 @@ class Process:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -211,7 +208,7 @@ class InProcessApp:
     configured by an environment mapping (os.environ is neither read nor changed). Its log records
     (any logger, at its LOG_LEVEL) go to `log`, as an app process's output did."""
 
-    def __init__(self, log_dir: Path, env: dict[str, str], port: int | None = None, killable: bool = False) -> None:
+    def __init__(self, log_dir: Path, env: dict[str, str], port: int | None = None) -> None:
         full_env = {**os.environ, **env}
         self.env = env  # what it was configured with (a test may start another like it)
         self.port = port or free_port()
@@ -234,11 +231,8 @@ class InProcessApp:
             log_level="warning",
             log_config=None,
             ws_max_size=WS_MAX_SIZE,
-            # `kill` finds its sockets in the loop's selector: asyncio's own loop (uvloop has none to read)
-            loop="asyncio" if killable else "auto",
         )
         self.server = _Server(config)
-        self._killed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self._id, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT
@@ -261,45 +255,8 @@ class InProcessApp:
         self.server.should_exit = True
         self.server.wake()
 
-    def running(self) -> bool:
-        """Serving (not stopped, not killed)."""
-        return self._thread.is_alive() and not self._killed.is_set()
-
-    def kill(self) -> None:
-        """Die as a SIGKILLed app process looks from outside: its event loop is frozen for good
-        in one step (no task, `finally` or shutdown runs again; nothing buffered is sent), its
-        listening socket closes (connections are refused) and every connection it holds is shut
-        (its callers, Redis and ComfyUI see it go). Its ComfyUI, in threads of its own, lives on."""
-        loop = self.server._loop
-        assert loop is not None and self.running(), "only a running app is killed"
-        assert hasattr(loop, "_selector"), "start it with killable=True"
-        frozen = threading.Event()
-
-        def die() -> None:
-            for server in self.server.servers:
-                server.close()  # the listening socket, closed at once
-            own = {loop._ssock.fileno(), loop._csock.fileno()}  # type: ignore[attr-defined]  # its wake-up pipe
-            for key in list(loop._selector.get_map().values()):  # type: ignore[attr-defined]
-                if key.fd in own:
-                    continue
-                try:
-                    with socket.fromfd(key.fd, socket.AF_INET, socket.SOCK_STREAM) as duplicate:
-                        duplicate.shutdown(socket.SHUT_RDWR)  # the connection ends; the fd stays with the frozen loop
-                except OSError:
-                    pass
-            self._killed.set()
-            frozen.wait()  # never set: the loop's thread stays here
-
-        loop.call_soon_threadsafe(die)
-        assert self._killed.wait(STOP_TIMEOUT), f"{self.url} was not killed within {STOP_TIMEOUT}s"
-        logging.getLogger().removeHandler(self._handler)
-        self._handler.close()
-        _set_log_level(self._id, None)
-
     def stop(self) -> None:
-        """Shut down as on SIGTERM (lifespan end included); idempotent; nothing for a killed one."""
-        if self._killed.is_set():
-            return
+        """Shut down as on SIGTERM (lifespan end included); idempotent."""
         self.begin_stop()
         self._thread.join(STOP_TIMEOUT)
         if self._thread.is_alive():

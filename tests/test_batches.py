@@ -442,7 +442,7 @@ def test_a_batch_goes_on_from_another_gateway_when_its_feeding_gateway_is_killed
     tier = Tier(tmp_path, server.url(31), FAST)
     total = feeder.WINDOW + 16
     try:
-        doomed = tier.gateway()  # killed in-process as SIGKILL would (`InProcessApp.kill`)
+        doomed = tier.gateway(process=True)
         for _ in range(2):
             tier.worker()
         for emulator in tier.emulators:

@@ -140,7 +140,7 @@ def test_a_job_cancelled_as_its_worker_dies_ends_cancelled_once_and_is_not_run_a
 ) -> None:
     tier = fleet(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="60")
     gateway = tier.gateway()
-    runner = tier.worker(step_delay=0.2)  # the worker killed as SIGKILL would (the survivor joins later)
+    runner = tier.worker(step_delay=0.2, process=True)  # the worker to SIGKILL (the survivor joins later)
     submit(gateway.url, "victim")  # 3 steps of 0.2 s
     wait_until(lambda: "victim" in runner.started())
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "victim")))

@@ -308,7 +308,7 @@ def test_a_job_whose_worker_is_killed_is_retried_once_then_ends_worker_lost(tier
 def test_a_job_whose_worker_is_killed_finishes_on_another_marked_retried(tier: Callable[..., Tier]) -> None:
     fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateways = [fleet.gateway(), fleet.gateway()]
-    victim = fleet.worker(step_delay=0.1)  # the one killed (in-process); the survivor joins once it runs the job
+    victim = fleet.worker(step_delay=0.1, process=True)  # the one killed; the survivor joins once it runs the job
     assert submit_async(gateways[0].url, slow(2, steps=15), "victim").status_code == 202
     wait_until(lambda: "victim" in victim.started(), timeout=20)
     for n in range(4):  # a queue behind it: none of them may be lost either
@@ -333,7 +333,7 @@ def test_a_job_whose_worker_dies_after_making_outputs_ends_worker_lost_and_is_no
 ) -> None:
     fleet = tier(REDIS_CLAIM_IDLE="1", STATUS_STALE_AFTER="3")
     gateway = fleet.gateway()
-    owner = fleet.worker(step_delay=0.2)  # the one killed (in-process); the other joins once it runs the job
+    owner = fleet.worker(step_delay=0.2, process=True)  # the one killed; the other joins once it runs the job
     workflow = slow(8, steps=40)  # an early output (a2), then a long sampler and the late output
     workflow.update(
         {
@@ -695,7 +695,7 @@ def test_a_worker_lost_longer_than_stale_after_is_retried_and_its_caller_gets_th
 ) -> None:
     fleet = tier(REDIS_CLAIM_IDLE="3", STATUS_STALE_AFTER="1")  # claimed later than "stale"
     gateway = fleet.gateway()
-    victim = fleet.worker(step_delay=0.1)  # the one killed (in-process); the other joins once it runs the job
+    victim = fleet.worker(step_delay=0.1, process=True)  # the one killed; the other joins once it runs the job
     waiting = in_background(lambda: post_run(gateway.url, slow(3, steps=20), headers={"X-Fc-Trace-Id": "patient"}))
     wait_until(lambda: "patient" in victim.started(), timeout=20)
     fleet.worker(step_delay=0.1)
