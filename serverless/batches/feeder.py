@@ -28,6 +28,7 @@ from ..jobs.runner import JobRunner
 from ..resources import Resources
 from ..settings import BatchSettings
 from ..status.summary import ENDED
+from ..status.watch import still_cancelled
 from . import view
 from .items import submit_item
 from .spec import Batch
@@ -65,6 +66,7 @@ class Feeders:
                     await self.take(batch_id)
             except ServerlessError as exc:
                 log.warning("batches could not be looked at: %s", exc.message)
+            still_cancelled()  # a cancel the Redis client swallowed still stops the loop
             await asyncio.sleep(self.settings.lease_seconds / 3)
 
     async def take(self, batch_id: str) -> None:

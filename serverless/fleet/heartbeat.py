@@ -23,6 +23,7 @@ from ..errors import ServerlessError
 from ..ops.metrics import Metrics
 from ..status import keys
 from ..status.redis import DOWN
+from ..status.watch import still_cancelled
 from .needs import Needs, model_files
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Heartbeat:
                     raise asyncio.CancelledError from exc
                 log.debug("worker %s: heartbeat skipped (%s)", self.name, exc)
             self._wake.clear()
+            still_cancelled()  # a cancel the Redis client swallowed still stops the loop
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow a cancel that
             # comes as it times out, and the instance's shutdown would wait for ever.
             with contextlib.suppress(TimeoutError):

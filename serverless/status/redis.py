@@ -48,7 +48,7 @@ from .body import json_array, owner_named
 from .store import Entry
 from .summary import summarise
 from .tasklist import SCAN_BUDGET, TaskPage, TaskQuery, TaskRow, before, page
-from .watch import StreamWatch
+from .watch import StreamWatch, still_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,12 @@ def unavailable(exc: BaseException) -> Unavailable:
 
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
-    """Redis's errors as the error tree's (503: the tier is down or refusing)."""
+    """Redis's errors as the error tree's (503: the tier is down or refusing); a cancel of the
+    task that redis-py met inside a read and reported as a lost connection stays a cancel."""
     try:
         yield
     except DOWN as exc:
+        still_cancelled(exc)
         raise unavailable(exc) from exc
     except rexc.RedisError as exc:
         raise Unavailable(f"Redis refused the call ({type(exc).__name__}: {exc})") from exc

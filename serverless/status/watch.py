@@ -35,6 +35,18 @@ from . import keys
 log = logging.getLogger(__name__)
 
 DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+
+
+def still_cancelled(cause: BaseException | None = None) -> None:
+    """CancelledError when the running task has a cancel pending. redis-py, cancelled inside a
+    call, may drop the connection and raise ConnectionError instead, or even return as if nothing
+    happened: a loop that went on would keep its task from ever ending (a shutdown waiting for it
+    hangs). Called where such a loop meets a Redis error, and at the head of each round."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        raise asyncio.CancelledError from cause
+
+
 WAKE_TTL = 60  # seconds the wake stream outlives the instance that writes it
 KEPT = 512  # entries of a followed stream the watch keeps for its followers (the newest)
 READ_COUNT = 256  # entries of each stream one read of the watch takes at most
@@ -121,10 +133,12 @@ class StreamWatch:
     async def _run(self) -> None:
         """Until no stream is followed: one XREAD BLOCK over every followed stream."""
         while self._followers:
+            still_cancelled()
             streams: dict[Any, Any] = {self._wake_key: self._wake_seen, **self._since}
             try:
                 answer: Any = await self._client.xread(streams, count=READ_COUNT, block=self._block_ms)
             except DOWN as exc:
+                still_cancelled(exc)  # a cancel redis-py reported as a lost connection ends the watch
                 log.debug("stream watch: Redis is down (%s)", exc)
                 self._wake_all()  # each follower's own read meets the outage and reports it
                 await asyncio.sleep(self._block_ms / 2000)

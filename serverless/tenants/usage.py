@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from ..status import keys
 from ..status.redis import translated
+from ..status.watch import still_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ class BufferedUsage:
         """Write what is pending every `interval` seconds until cancelled (then once more)."""
         try:
             while True:
+                still_cancelled()  # a cancel the Redis client swallowed still stops the loop
                 await asyncio.sleep(self.interval)
                 await self.flush()
         finally:
