@@ -9,20 +9,19 @@ import contextlib
 import json
 import logging
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..auth import caller
 from ..core.request import query_flag
 from ..errors import InvalidParams, as_serverless_error
-from ..jobs.feed import Event, ReaderTooSlow
+from ..jobs.feed import ReaderTooSlow
 from ..jobs.runner import RunningJob
 from ..ops.metrics import ReaderMeter
 from ..settings import Settings
 from ..state import app_state
 from . import caller as caller_module
-from .bursts import bursts
 from .caller import CallerStalled, bounded, watch
-from .http import Cork, abort_connection, hang_up
+from .http import abort_connection, hang_up
 from .start import start_job
 
 log = logging.getLogger(__name__)
@@ -73,15 +72,13 @@ async def _forward(
     """Send the job's events while watching for the client leaving."""
     too_slow: list[ReaderTooSlow] = []
     timeout = caller_module.WRITE_TIMEOUT
-    cork = Cork(getattr(websocket, "_receive", None))
 
     async def deliver() -> None:
         try:
-            async for burst in bursts(job, previews=previews):
-                if burst is not None:
-                    await bounded(_send(websocket, burst, cork), timeout)
-            if websocket.application_state != WebSocketState.DISCONNECTED:
-                await bounded(websocket.close(), timeout)  # a send waits for room, the close too
+            async for event in job.events(previews=previews):
+                if event is not None:
+                    await bounded(websocket.send_text(event.text), timeout)
+            await bounded(websocket.close(), timeout)  # a send waits for room, the close too
         except ReaderTooSlow as exc:
             too_slow.append(exc)
         except CallerStalled:
@@ -100,13 +97,3 @@ async def _forward(
         meter.dropped()
         with contextlib.suppress(CallerStalled):
             await bounded(websocket.close(code=1013, reason="reader too slow; see the task's status log"), timeout)
-
-
-async def _send(websocket: WebSocket, burst: list[Event], cork: Cork) -> None:
-    """A burst of events, one message each, in as few TCP segments as they fill (one wake-up of
-    the client); after the terminal event, the close goes with them."""
-    with cork:
-        for event in burst:
-            await websocket.send_text(event.text)
-        if burst[-1].terminal:
-            await websocket.close()
