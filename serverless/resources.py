@@ -213,17 +213,7 @@ class Resources:
     ) -> tuple[Workflow, list[dict[str, Any]], Release]:
         """Model references fetched into the store and placed; held in use until released."""
         resolved = await resolve_models(workflow, self.models, self.model_loaders, credentials)
-        if resolved.release is not None:  # held already (every model was cached)
-            return resolved.workflow, resolved.models, resolved.release
-        if self.models is None or not resolved.digests:
-            return resolved.workflow, resolved.models, _nothing
-        taking = asyncio.ensure_future(asyncio.to_thread(self.models.use, resolved.digests))
-        try:
-            release = await asyncio.shield(taking)
-        except asyncio.CancelledError:  # the locks are taken all the same: let go of them then
-            taking.add_done_callback(_let_go)
-            raise
-        return resolved.workflow, resolved.models, release
+        return resolved.workflow, resolved.models, resolved.release or _nothing
 
     async def model_tasks(
         self, task: dict[str, Any], credentials: Credentials | None, publish: Publish
@@ -530,11 +520,6 @@ async def _publish_models(redis: RedisStatus, instance: str, store: ModelStore) 
 
 def _nothing() -> None:
     return None
-
-
-def _let_go(taking: asyncio.Future[Release]) -> None:
-    if not taking.cancelled() and taking.exception() is None:
-        taking.result()()
 
 
 def download_policy(settings: Settings) -> DownloadPolicy:

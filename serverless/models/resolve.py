@@ -4,9 +4,10 @@ once from the store (concurrently), the workflow given the placed names, and `da
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from yarl import URL
 
@@ -14,14 +15,14 @@ from ..core.credentials import Credentials
 from ..errors import InputError, ServerlessError
 from ..inputs.download import DownloadPolicy, check_url
 from ..inputs.resolve import BIG_WORKFLOW_NODES
-from .refs import ModelInput, ModelRef, find_model_inputs
+from .refs import ModelInput, find_model_inputs
 from .store import ModelStore, Placed
 
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """The workflow ComfyUI receives, what `data.models` says, and the models it holds in use
-    (`release` lets go of them; None: not held yet)."""
+    until `release` (None: it names none)."""
 
     workflow: dict[str, Any]
     models: list[dict[str, Any]]
@@ -51,7 +52,8 @@ async def resolve_models(
     extra: Mapping[tuple[str, str], str],
     credentials: Credentials | None,
 ) -> Resolved:
-    """`workflow` (a copy when it names models) with every reference replaced by its placed name."""
+    """`workflow` (a copy when it names models) with every reference replaced by its placed name,
+    the models held in use (against eviction and delete, on every instance) until released."""
     if len(workflow) >= BIG_WORKFLOW_NODES:  # a big workflow's nodes are looked through off the event loop
         found = await asyncio.to_thread(find_model_inputs, workflow, extra)
     else:
@@ -70,14 +72,13 @@ async def resolve_models(
         except ServerlessError as exc:
             raise _error(workflow, item, exc.message) from exc
 
-    placed: dict[tuple[str, str], Placed] = {}
-    held = await _held_if_cached(store, [(item.ref, item.folder) for item in distinct.values()])
+    wanted = [(item.ref, item.folder) for item in distinct.values()]
+    held = await _holding(functools.partial(store.hold_cached, wanted), _let_go_held)
     if held is not None:  # all in the store already (the usual case): placed and held in one hop
         hits, release = held
         store.metrics.hits.inc(len(hits))
         placed = dict(zip(distinct, hits, strict=True))
     else:
-        release = None
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = {key: group.create_task(obtain(item)) for key, item in distinct.items()}
@@ -87,6 +88,8 @@ async def resolve_models(
                 raise first from first.__cause__
             raise
         placed = {key: task.result() for key, task in tasks.items()}
+        digests = sorted({model.sha256 for model in placed.values()})
+        release = await _holding(functools.partial(store.use, digests), _let_go)
     result = dict(workflow)  # only the nodes that change are copied
     for item in found:
         result[item.node_id] = dict(result[item.node_id])
@@ -110,21 +113,33 @@ async def resolve_models(
     return Resolved(result, models, sorted({m.sha256 for m in placed.values()}), release)
 
 
-Held = tuple[list[Placed], Callable[[], None]]
+Release = Callable[[], None]
+Held = tuple[list[Placed], Release]
+R = TypeVar("R")
 
 
-async def _held_if_cached(store: ModelStore, wanted: list[tuple[ModelRef, str]]) -> Held | None:
-    """`store.hold_cached` in a thread; a caller cancelled meanwhile lets go of what it took."""
-    taking = asyncio.ensure_future(asyncio.to_thread(store.hold_cached, wanted))
+async def _holding(take: Callable[[], R], let_go: Callable[[R], None]) -> R:
+    """`take` (which takes locks) in a thread; when the caller is cancelled meanwhile, what it
+    took is let go of (`let_go`) once it returns."""
+    taking = asyncio.ensure_future(asyncio.to_thread(take))
     try:
         return await asyncio.shield(taking)
     except asyncio.CancelledError:
-        taking.add_done_callback(_let_go)
+        taking.add_done_callback(functools.partial(_when_taken, let_go))
         raise
 
 
-def _let_go(taking: asyncio.Future[Held | None]) -> None:
-    if not taking.cancelled() and taking.exception() is None and (held := taking.result()) is not None:
+def _when_taken(let_go: Callable[[R], None], taking: asyncio.Future[R]) -> None:
+    if not taking.cancelled() and taking.exception() is None:
+        let_go(taking.result())
+
+
+def _let_go(release: Release) -> None:
+    release()
+
+
+def _let_go_held(held: Held | None) -> None:
+    if held is not None:
         held[1]()
 
 
