@@ -177,6 +177,24 @@ def test_a_log_resumed_after_its_end_says_so_at_once_and_the_lost_error_comes_on
     asyncio.run(scenario())
 
 
+def test_a_retry_note_on_an_attempt_killed_before_writing_expires_with_the_log(redis_server: RedisServer) -> None:
+    """A worker killed before its attempt stored anything: the next worker's "retrying" note makes
+    that attempt's stream, and the stream still expires (it was left in Redis for good once)."""
+
+    async def scenario() -> None:
+        client = connect(redis_server.url(next(_databases)))
+        store = RedisStatus(client, stale_after=60, retention_days=1, max_event_bytes=1 << 20)
+        try:
+            await store.begin("killed")
+            assert not await client.exists("task:killed:1")
+            await store.append_event("killed", 1, {"type": "serverless_progress", "data": {"state": "retrying"}})
+            assert 0 < await client.ttl("task:killed:1") <= 86400
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+
+
 # -- throughput and the documentation's clients ---------------------------------------------------
 
 

@@ -413,7 +413,7 @@ def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app, m
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the app's buffers fill
     reader.connect((url.hostname, url.port))
     reader.sendall(
-        f"POST {RUN}?stream=true HTTP/1.1\r\nHost: {url.netloc}\r\nX-Fc-Trace-Id: slow-1\r\n"
+        f"POST {RUN}?stream=true HTTP/1.1\r\nHost: {url.netloc}\r\nX-Fc-Trace-Id: slow-1\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
@@ -427,6 +427,8 @@ def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app, m
     assert log[-1]["type"] == "serverless_api", log[-1]
     assert history_messages(own_emulator.url, log[-1]["data"]["prompt_id"])[-1] == "execution_success"
 
+    # Reading again, it gets the rest at once: the stream went on only at the kernel's next zero-window
+    # probe, seconds later and the later the longer it had waited, while its socket was ever corked.
     received = bytearray()
     reader.settimeout(20)
     while chunk := reader.recv(1 << 16):

@@ -659,7 +659,12 @@ class RedisStatus:
             if last and last[0][1].get(b"t") == b"1":
                 return
             seq = _seq(last[0][0]) + 1 if last else 1
-            await self.client.xadd(key, {"d": jsontext.dumps(payload), "t": "0"}, id=f"0-{seq}")
+            # With its EXPIRE: the attempt may have stored nothing yet (its worker was killed
+            # first), and this entry then makes the key.
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xadd(key, {"d": jsontext.dumps(payload), "t": "0"}, id=f"0-{seq}")
+                pipe.expire(key, self.ttl)
+                await pipe.execute()
 
     async def append_terminal(self, task_id: str, attempt: int, error: ServerlessError) -> None:
         """End attempt `attempt` of a task with `error` (a lost worker, a cancelled queued job),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 
 from sse_starlette import ServerSentEvent
@@ -33,7 +32,6 @@ from .caller import CallerStalled, bounded, watch
 log = logging.getLogger(__name__)
 
 SEP = "\n"
-CORK: int | None = getattr(socket, "TCP_CORK", None)
 
 
 PING_INTERVAL = 15.0  # seconds of silence before a stream's `: ping` (the contract's 15 s)
@@ -105,44 +103,6 @@ def abort_connection(receive: Receive | None) -> None:
     abort = getattr(transport, "abort", None)
     if callable(abort):
         abort()
-
-
-class Cork:
-    """TCP_CORK on a caller's connection (Linux): what is written while it is held leaves in as
-    few TCP segments as it fills, when it is released (or after 200 ms, the kernel's limit), so
-    that a burst of small writes wakes the caller once, not once each. The socket is uvicorn's,
-    reached through its `receive` as in `abort_connection`; another server's: nothing is done."""
-
-    def __init__(self, receive: Receive | None) -> None:
-        transport = getattr(getattr(receive, "__self__", None), "transport", None)
-        get_extra_info = getattr(transport, "get_extra_info", None)
-        self._socket = get_extra_info("socket") if CORK is not None and callable(get_extra_info) else None
-        self._held = False
-
-    def __enter__(self) -> None:
-        self.hold()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def hold(self) -> None:
-        if not self._held:
-            self._held = self._set(1)
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._set(0)
-
-    def _set(self, value: int) -> bool:
-        if self._socket is None:
-            return False
-        try:
-            self._socket.setsockopt(socket.IPPROTO_TCP, CORK, value)
-        except (OSError, AttributeError):  # closed meanwhile, or not a TCP socket
-            self._socket = None
-            return False
-        return True
 
 
 async def json_response(
@@ -222,11 +182,11 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         timeout = caller.WRITE_TIMEOUT
-        cork = Cork(receive)
 
         async def deliver() -> None:
+            # Not under TCP_CORK: a corked socket whose reader had filled its window went on only at
+            # the kernel's next zero-window probe (seconds later, backing off) once the reader read.
             ended = False  # the body's last chunk is sent: it went with the terminal event
-            cork.hold()  # the head leaves with the first events (alone if they take 200 ms)
             try:
                 head = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 await bounded(send(head), timeout)
@@ -234,15 +194,12 @@ class EventStream(Response):
                     if not ended:
                         body = {"type": "http.response.body", "body": chunk, "more_body": not last}
                         await bounded(send(body), timeout)
-                        cork.release()
                         ended = last
                 if not ended:
                     await bounded(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
             except CallerStalled:
                 abort_connection(receive)
                 raise
-            finally:
-                cork.release()
 
         async def caller_gone() -> None:
             while (await receive())["type"] != "http.disconnect":
