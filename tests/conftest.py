@@ -23,14 +23,16 @@ from tests.topologies import TOPOLOGIES, Deployment, Topology, deploy
 S = TypeVar("S", App, InProcessApp)
 
 # Every process the tests start (servers, CLIs, `redis-server`, ...) goes through Popen, asyncio's
-# included: counted here by test file, summed over xdist's workers and reported at the end.
+# included: counted here by test file, summed over xdist's workers and reported at the end. What a
+# worker starts before its first test is pytest-xdist's own (its `uname -p` for the platform line).
 _spawned: collections.Counter[str] = collections.Counter()
-_running = "(outside a test)"
+_running: str | None = None  # None: before the first test
 _popen_init = subprocess.Popen.__init__
 
 
 def _counting_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
-    _spawned[_running] += 1
+    if _running is not None:
+        _spawned[_running] += 1
     _popen_init(self, *args, **kwargs)
 
 
