@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import os
-import subprocess
 import threading
 import time
 import uuid
@@ -241,15 +241,26 @@ def test_on_fc_a_retried_task_reads_as_its_new_attempt_and_only_transient_failur
     ]
 
 
+# mount(2) and umount2(2) called as `mount` and `umount -l` call them, without a process each.
+LIBC = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_REMOUNT, MNT_DETACH = 1, 32, 2
+
+
+def mount(source: str, target: Path, kind: str, flags: int, options: str = "") -> None:
+    if LIBC.mount(source.encode(), os.fsencode(target), kind.encode(), flags, options.encode() or None) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error), str(target))
+
+
 def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync_ones_run(
     start_app, emulator, tmp_path
 ):
     folder = tmp_path / "ro-nas"
     folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=True)
+    mount("tmpfs", folder, "tmpfs", 0, "size=4m")
     try:
         (folder / "status").mkdir()
-        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)  # read-only, even for root
+        mount("tmpfs", folder, "tmpfs", MS_REMOUNT | MS_RDONLY)  # read-only, even for root
         server = start_app(emulator.url, status_dir=folder / "status")
         assert "cannot be written" in server.log_text() and str(folder / "status") in server.log_text()
 
@@ -263,7 +274,7 @@ def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync
         assert synchronous.status_code == 200 and synchronous.json()["type"] == "serverless_api"
         assert not list((folder / "status").iterdir())
     finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+        LIBC.umount2(os.fsencode(folder), MNT_DETACH)
 
 
 def test_a_status_folder_that_stops_answering_hangs_nothing_else(start_app, emulator, tmp_path, monkeypatch):
