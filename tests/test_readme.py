@@ -5,10 +5,13 @@ is an error the README does not announce next to it."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,13 +112,24 @@ def judged(block: Block, returncode: int, stdout: str, stderr: str) -> str | Non
 @pytest.mark.parametrize(
     "block", [b for b in blocks() if b.language == "python"], ids=lambda block: f"README.md:{block.line}"
 )
-def test_a_readme_python_example_runs_as_written(block: Block, readme_api, workdir: Path):
+def test_a_readme_python_example_runs_as_written(block: Block, readme_api, workdir: Path, monkeypatch):
+    """As `python -c` runs it from the work folder (a namespace of its own, `__name__` "__main__",
+    its exit status that of a `SystemExit` or 1 for an exception), in this interpreter."""
     app, emulator = readme_api
-    command = [sys.executable, "-c", for_this_run(block, app, emulator)]
-    done = subprocess.run(command, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
-    assert judged(block, done.returncode, done.stdout, done.stderr) is None, judged(
-        block, done.returncode, done.stdout, done.stderr
-    )
+    monkeypatch.chdir(workdir)
+    out, err, returncode = io.StringIO(), io.StringIO(), 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            exec(
+                compile(for_this_run(block, app, emulator), f"README.md:{block.line}", "exec"), {"__name__": "__main__"}
+            )
+        except SystemExit as exit:
+            returncode = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+        except BaseException:
+            traceback.print_exc()
+            returncode = 1
+    failure = judged(block, returncode, out.getvalue(), err.getvalue())
+    assert failure is None, failure
 
 
 def test_the_readme_shell_examples_run_as_written(readme_api, workdir: Path, tmp_path: Path):
