@@ -32,22 +32,14 @@ RACES = 150  # jobs per topology, each cancelled at a random moment around its e
 STEP_DELAY = 0.01  # the emulator's seconds per step: a job of 3 steps runs about 40 ms
 
 
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A redis-server of this module's own: its tests flush and reuse low database numbers."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def fleet(own_redis: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
+def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
     made: list[Tier] = []
     databases = iter(range(1, 64))
 
     def make(processes: bool = False, **env: str) -> Tier:
-        redis.Redis.from_url(own_redis.url(db := next(databases))).flushdb()
-        made.append(Tier(tmp_path, own_redis.url(db), env, processes))
+        redis.Redis.from_url(redis_server.url(db := next(databases))).flushdb()
+        made.append(Tier(tmp_path, redis_server.url(db), env, processes))
         return made[-1]
 
     yield make
@@ -56,9 +48,9 @@ def fleet(own_redis: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier
 
 
 @pytest.fixture(params=TOPOLOGIES)
-def topology(request: pytest.FixtureRequest, own_redis: RedisServer, tmp_path: Path) -> Iterator[str]:
+def topology(request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path) -> Iterator[str]:
     """The base URL callers use: one app beside its ComfyUI, or a gateway with two workers."""
-    deployment = deploy(request.param, tmp_path, own_redis, step_delay=STEP_DELAY)
+    deployment = deploy(request.param, tmp_path, redis_server, step_delay=STEP_DELAY)
     yield deployment.url
     deployment.stop()
 
@@ -213,13 +205,13 @@ def test_a_consumer_that_stops_starts_again_and_health_shows_it(fleet: Callable[
 
 
 def test_a_dead_workers_job_is_looked_for_as_it_passes_the_idle_threshold_not_a_fixed_pass_later(
-    own_redis: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
     """The claim pass follows REDIS_CLAIM_IDLE: a caller waits that long after its worker's last
     sign of life, not up to half as long again (issue #39: 73 s with the default 60)."""
 
     async def due_in(idle_ms: int) -> float:
-        client = connect(own_redis.url(63))
+        client = connect(redis_server.url(63))
         await client.flushdb()
         status = RedisStatus(client, stale_after=60, retention_days=1, max_event_bytes=1 << 20)
         consumer = Consumer(client, status, None, Settings.from_env({"REDIS_CLAIM_IDLE": "60"}), "free")  # type: ignore[arg-type]

@@ -31,12 +31,20 @@ pytestmark = pytest.mark.timeout(180)
 _databases = itertools.count(1)
 
 
+def fresh_database(server: RedisServer) -> str:
+    """The URL of a database of the session's `redis-server` no test of this process used before,
+    emptied (another module's tests may have used that number)."""
+    url = server.url(next(_databases))
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
 @pytest.fixture
 def tier(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
     made: list[Tier] = []
 
     def make(url: str | None = None, processes: bool = False, gateway_processes: bool = False, **env: str) -> Tier:
-        made.append(Tier(tmp_path, url or redis_server.url(next(_databases)), env, processes, gateway_processes))
+        made.append(Tier(tmp_path, url or fresh_database(redis_server), env, processes, gateway_processes))
         return made[-1]
 
     yield make
@@ -118,7 +126,7 @@ def test_a_reader_never_sees_a_begun_attempt_without_its_owners_mark(redis_serve
 
     async def scenario() -> list[str]:
         store = RedisStatus(
-            connect(redis_server.url(next(_databases))), stale_after=60, retention_days=1, max_event_bytes=1 << 20
+            connect(fresh_database(redis_server)), stale_after=60, retention_days=1, max_event_bytes=1 << 20
         )
         seen_lost: list[str] = []
         done = asyncio.Event()
@@ -152,7 +160,7 @@ def test_a_log_resumed_after_its_end_says_so_at_once_and_the_lost_error_comes_on
     follower resumed after the terminal payload (or that error) gets nothing more, at once."""
 
     async def scenario() -> None:
-        client = connect(redis_server.url(next(_databases)))
+        client = connect(fresh_database(redis_server))
         store = RedisStatus(client, stale_after=60, retention_days=1, max_event_bytes=1 << 20)
 
         async def follow(task_id: str, after: int) -> list[tuple[int, bool]]:
@@ -182,7 +190,7 @@ def test_a_retry_note_on_an_attempt_killed_before_writing_expires_with_the_log(r
     that attempt's stream, and the stream still expires (it was left in Redis for good once)."""
 
     async def scenario() -> None:
-        client = connect(redis_server.url(next(_databases)))
+        client = connect(fresh_database(redis_server))
         store = RedisStatus(client, stale_after=60, retention_days=1, max_event_bytes=1 << 20)
         try:
             await store.begin("killed")
@@ -472,7 +480,7 @@ def test_without_a_queue_instances_sharing_redis_answer_and_cancel_for_each_othe
     redis_server: RedisServer, own_emulator: Any, start_app: Callable[..., Any]
 ) -> None:
     """STATUS_BACKEND=redis, QUEUE_BACKEND=none: each instance runs its callers' jobs, any answers."""
-    env = {"STATUS_BACKEND": "redis", "REDIS_URL": redis_server.url(next(_databases)), "API_KEYS": f"{KEY_A},{KEY_B}"}
+    env = {"STATUS_BACKEND": "redis", "REDIS_URL": fresh_database(redis_server), "API_KEYS": f"{KEY_A},{KEY_B}"}
     one, two = start_app(own_emulator.url, FC_INSTANCE_ID="one", **env), start_app(own_emulator.url, **env)
     set_step_delay(own_emulator, 0.1)
     headers = {**bearer(KEY_A), "x-fc-invocation-type": "async", "x-fc-trace-id": "local"}

@@ -23,23 +23,16 @@ CKPT_A, CKPT_B = "v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"
 GiB = 1 << 30
 
 
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def fleet(own_redis: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
+def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Tier]]:
     made: list[Tier] = []
     databases = iter(range(1, 64))
 
     def make(**env: str) -> Tier:
-        redis.Redis.from_url(own_redis.url(db := next(databases))).flushdb()
+        redis.Redis.from_url(redis_server.url(db := next(databases))).flushdb()
         root = tmp_path / f"tier{len(made)}"
         root.mkdir()
-        made.append(Tier(root, own_redis.url(db), env))
+        made.append(Tier(root, redis_server.url(db), env))
         return made[-1]
 
     yield make

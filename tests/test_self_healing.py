@@ -16,7 +16,7 @@ import requests
 from tests.fleet import InProcessNode, Tier
 from tests.helpers import post_run, txt2img, wait_until
 from tests.servers import EMULATOR_MODULE, free_port
-from tests.test_scheduling import ended, fleet, own_redis, submit  # noqa: F401 (fixtures)
+from tests.test_scheduling import ended, fleet, submit  # noqa: F401 (fixtures)
 from tests.topologies import Deployment
 
 pytestmark = pytest.mark.timeout(300)
