@@ -70,6 +70,9 @@ class Process:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -248,6 +251,10 @@ class InProcessApp:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def running(self) -> bool:
+        """Serving (not stopped)."""
+        return self._thread.is_alive() and not self.server.should_exit
 
     def begin_stop(self) -> None:
         """Tell it to shut down (as SIGTERM would) without waiting: apps stopping together each

@@ -34,7 +34,7 @@ def sse_payloads(url: str, workflow: dict[str, Any], task_id: str) -> list[dict[
 
 
 def runner(workers: list[Any], task_id: str) -> Any:
-    return next((w for w in workers if w.proc.poll() is None and task_id in w.started()), None)
+    return next((w for w in workers if w.running() and task_id in w.started()), None)
 
 
 def test_a_worker_stopping_past_drain_timeout_hands_its_job_to_another_which_answers_the_caller(
@@ -42,11 +42,12 @@ def test_a_worker_stopping_past_drain_timeout_hands_its_job_to_another_which_ans
 ) -> None:
     # REDIS_CLAIM_IDLE as deployed (60 s): the job is taken by the other worker at once, not
     # when a dead worker's job would be.
-    fleet = tier(processes=True, DRAIN_TIMEOUT="1", REDIS_CLAIM_IDLE="60")
+    fleet = tier(DRAIN_TIMEOUT="1", REDIS_CLAIM_IDLE="60")
     gateway = fleet.gateway()
-    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    first = fleet.worker(step_delay=0.1, process=True)  # the one signalled, alone until it runs the job
     waiting = in_background(lambda: post_run(gateway.url, slow(31, steps=30), headers={"X-Fc-Trace-Id": "handed"}))
-    first = wait_until(lambda: runner(workers, "handed"), timeout=20)
+    wait_until(lambda: "handed" in first.started(), timeout=20)
+    workers = [first, fleet.worker(step_delay=0.1)]  # the other, in-process, takes the job handed back
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "handed")))
     first.proc.send_signal(signal.SIGTERM)
     answer = waiting.result(timeout=45)
@@ -66,7 +67,7 @@ def test_a_worker_stopping_past_drain_timeout_hands_its_job_to_another_which_ans
 def test_a_job_whose_comfyui_dies_runs_once_more_on_another_worker_and_that_worker_waits_for_its_comfyui(
     tier: Callable[..., Tier],
 ) -> None:
-    fleet = tier(processes=True, REDIS_CLAIM_IDLE="60", COMFYUI_STARTUP_TIMEOUT="1")
+    fleet = tier(REDIS_CLAIM_IDLE="60", COMFYUI_STARTUP_TIMEOUT="1")  # no signal: the workers in-process
     gateway = fleet.gateway()
     workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
     waiting = in_background(lambda: sse_payloads(gateway.url, slow(32, steps=30), "crashed"))
@@ -85,4 +86,4 @@ def test_a_job_whose_comfyui_dies_runs_once_more_on_another_worker_and_that_work
     assert progress[-1]["state"] == "retrying" and "ComfyUI" in progress[-1]["reason"]
     for n in range(3):  # the worker without a ComfyUI takes nothing meanwhile
         assert post_run(gateway.url, empty_image(prefix=f"after{n}")).status_code == 200
-    assert first.started() == ["crashed"] and first.proc.poll() is None
+    assert first.started() == ["crashed"] and first.running()
