@@ -371,8 +371,15 @@ def test_json_logs_are_one_object_a_line_naming_the_job_and_nothing_secret(oss_a
     assert_nothing_secret_in(text, signed_url)
 
 
-def test_oss_uploads_bytes_retries_and_failures_are_counted(oss_app):
-    oss, server, bucket = oss_app
+def test_oss_uploads_bytes_retries_and_failures_are_counted(start_app, emulator):
+    """An app in-process: its metrics are its own, its log is not read."""
+    bucket = f"ops-{uuid.uuid4().hex[:8]}"
+    with local_oss_server(bucket) as oss:
+        server = start_app(emulator.url, **oss_env(oss, bucket))
+        oss_metrics_are_counted(oss, server, bucket)
+
+
+def oss_metrics_are_counted(oss: LocalOss, server: Any, bucket: str) -> None:
     oss.fail_next(1, 503)
     response = post_run(server.url, empty_image(batch=2, prefix="oss-m"), params=OSS_ON)
     assert response.status_code == 200
