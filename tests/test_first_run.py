@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import empty_image, post_run, wait_until
+from serverless import server
+from tests.helpers import empty_image, post_run, txt2img, wait_until
 from tests.servers import ROOT, Process, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,15 +49,24 @@ def test_a_taken_emulator_port_is_one_line_naming_emulator_port(taken_port: int,
     assert f"EMULATOR_PORT={taken_port + 1}" in done.stderr
 
 
-def test_a_taken_listening_port_is_one_line_naming_fc_custom_listen_port(taken_port: int, tmp_path: Path) -> None:
-    done = until_exit(
-        [sys.executable, "-m", "serverless.server"],
-        tmp_path,
-        FC_CUSTOM_LISTEN_PORT=str(taken_port),
-        COMFYUI_URL=f"http://127.0.0.1:{free_port()}",
-    )
-    assert done.returncode == 3
-    assert done.stderr.strip().splitlines() == [
+def test_a_taken_listening_port_is_one_line_naming_fc_custom_listen_port(
+    taken_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m serverless.server`'s main, in this interpreter: it stops before its logging, app
+    and uvicorn are set up (a bad setting's one line and exit 2 are checked in a process of its own
+    by tests/test_settings.py)."""
+    monkeypatch.setattr(server, "bound_malloc_arenas", lambda: False)  # this process's malloc is left alone
+    for name, value in {
+        "STATUS_DIR": str(tmp_path / "status"),
+        "FC_CUSTOM_LISTEN_PORT": str(taken_port),
+        "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+    }.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        server.main()
+    done = capsys.readouterr()
+    assert exited.value.code == 3 and done.out == ""
+    assert done.err.strip().splitlines() == [
         f"cannot start: port {taken_port} on 127.0.0.1 (FC_CUSTOM_LISTEN_PORT) is already taken by another "
         f"process (this API started earlier?): stop it, or choose another port, e.g. "
         f"FC_CUSTOM_LISTEN_PORT={taken_port + 1}"
@@ -71,11 +81,16 @@ def test_make_serve_takes_port_as_the_listening_port() -> None:
     assert "FC_CUSTOM_LISTEN_PORT=9123" in line
 
 
-def test_the_emulator_mode_serves_download_links_without_configuring_a_secret(tmp_path: Path) -> None:
-    port, root = free_port(), tmp_path / "emulator"
+def test_the_emulator_mode_serves_the_api_its_download_links_without_a_secret_and_keeps_status_beside_outputs(
+    tmp_path: Path,
+) -> None:
+    """`./bootstrap --emulator` (what `make serve` runs): the API against the emulator on
+    EMULATOR_PORT, download links without configuring a secret, status logs beside the emulator's
+    outputs (not under /mnt/auto), and exit status 0 when stopped."""
+    port, root, emulator_port = free_port(), tmp_path / "emulator", free_port()
     env = {
         "PYTHON": sys.executable,
-        "EMULATOR_PORT": str(free_port()),
+        "EMULATOR_PORT": str(emulator_port),
         "EMULATOR_ROOT": str(root),
         "FC_CUSTOM_LISTEN_PORT": str(port),
     }
@@ -93,8 +108,15 @@ def test_the_emulator_mode_serves_download_links_without_configuring_a_secret(tm
         (url,) = [item["output"]["url"] for item in answer.json()["data"]["results"]]
         download = requests.get(url, timeout=10)
         assert download.status_code == 200 and download.content.startswith(b"\x89PNG")
+        ran = post_run(
+            server.url, txt2img(steps=2), params={"output_base64": "true"}, headers={"x-fc-trace-id": "dev-1"}
+        )
+        assert ran.status_code == 200, ran.text
+        assert requests.get(f"http://127.0.0.1:{emulator_port}/system_stats", timeout=5).ok
+        assert (root / "output" / "serverless_api" / "dev-1").is_file()
     finally:
         server.stop()
+    assert server.proc.returncode == 0
     secret = root / ".file-link-secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_text()) == 64
     assert "FILE_LINK_SECRET" not in json.dumps(answer.json()) and secret.read_text() not in server.log_text()

@@ -70,6 +70,7 @@ def test_every_caller_waiting_when_redis_restarts_without_its_data_gets_one_term
             terminals = caller.result(timeout=QUEUE_TTL + 30)
             assert len(terminals) == 1, (name, terminals)
             assert terminals[0]["type"] == "error" and terminals[0]["error_code"] == "UNAVAILABLE", terminals
+            assert "no longer holds this job" in str(terminals[0]["error_message"]), terminals
         assert time.monotonic() - restarted < QUEUE_TTL, "ended by the lost queue, not by QUEUE_TTL"
     finally:
         server.stop()

@@ -1,20 +1,23 @@
 """The instance lifecycle, end to end, as FC runs it: `bootstrap` serves the app on a free port and
 the app starts ComfyUI (the emulator, through `COMFYUI_CMD`) as its supervised child. Real
-processes on loopback; ComfyUI is killed with SIGKILL, the app is stopped with SIGTERM."""
+processes on loopback; ComfyUI is killed with SIGKILL, the app is stopped with SIGTERM. What needs
+no signal runs in this interpreter: /pre-stop against an in-process app and ComfyUI, and the server's
+main refusing a taken ComfyUI port (it stops before anything is set up)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,9 @@ import pytest
 import requests
 import websocket
 
+from serverless import server as server_main
 from tests.helpers import post_run, running_prompt, txt2img, wait_until
-from tests.servers import EMULATOR_MODULE, ROOT, InProcessEmulator, Process, free_port
+from tests.servers import EMULATOR_MODULE, ROOT, InProcessApp, InProcessEmulator, Process, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -174,32 +178,6 @@ def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_sec
     assert not [secret for secret in secrets.values() if secret in log]
 
 
-def test_bootstrap_emulator_serves_the_api_against_the_emulator(tmp_path):
-    comfyui_port = free_port()
-    env = {
-        "PYTHON": sys.executable,
-        "EMULATOR_PORT": str(comfyui_port),
-        "EMULATOR_ROOT": str(tmp_path / "emulator"),
-        "FC_CUSTOM_LISTEN_PORT": str(free_port()),
-    }
-    server = Process(
-        [str(ROOT / "bootstrap"), "--emulator"],
-        int(env["FC_CUSTOM_LISTEN_PORT"]),
-        tmp_path / "app.log",
-        env=env,
-        ready_path="/api/serverless/health",
-    )
-    try:
-        response = post_run(server.url, txt2img(steps=2), params=B64, headers={"x-fc-trace-id": "dev-1"})
-        assert response.status_code == 200, response.text
-        assert requests.get(f"http://127.0.0.1:{comfyui_port}/system_stats", timeout=5).ok
-        # Status logs stay beside the emulator's outputs, not under /mnt/auto.
-        assert (tmp_path / "emulator" / "output" / "serverless_api" / "dev-1").is_file()
-    finally:
-        server.stop()
-    assert server.proc.returncode == 0
-
-
 def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(serving):
     server = serving
     [first_pid] = server.comfyui_pids()
@@ -258,10 +236,14 @@ def test_initialize_waits_for_a_starting_comfyui_and_runs_the_prewarm_prompt_onc
     assert server.log_text().count("prewarm finished") == 1
 
 
-def test_pre_stop_answers_after_the_running_job_ended_and_takes_no_new_jobs(instance):
-    server = instance(step_delay=0.1)
+def test_pre_stop_answers_after_the_running_job_ended_and_takes_no_new_jobs(
+    own_emulator: InProcessEmulator, start_app: Callable[..., InProcessApp], tmp_path: Path
+) -> None:
+    """FC's GET /pre-stop is a request, not a signal: the app and its ComfyUI in-process."""
+    requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.1}, timeout=5)
+    server = start_app(own_emulator.url)
     job = Call(lambda: post_run(server.url, txt2img(steps=30), params=B64, headers={"x-fc-trace-id": "draining-job"}))
-    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+    wait_until(lambda: running_prompt(own_emulator.url), timeout=10)
 
     asked = time.monotonic()
     pre_stop = requests.get(server.url + "/pre-stop", timeout=30)
@@ -270,7 +252,8 @@ def test_pre_stop_answers_after_the_running_job_ended_and_takes_no_new_jobs(inst
     assert pre_stop.status_code == 200, pre_stop.text
     assert pre_stop.json()["jobs"] == 0
     # When pre-stop answered, the job had ended: its terminal payload was already on disk.
-    assert status_log(server, "draining-job")[-1]["type"] == "serverless_api"
+    logged = [json.loads(line) for line in (tmp_path / "status" / "draining-job").read_text().splitlines()]
+    assert logged[-1]["type"] == "serverless_api"
     response = job.result()
     assert response.status_code == 200, response.text
     assert answered >= job.ended - 0.2  # the job's answer and pre-stop's go out together
@@ -280,17 +263,50 @@ def test_pre_stop_answers_after_the_running_job_ended_and_takes_no_new_jobs(inst
     assert refused.json()["error_code"] == "UNAVAILABLE"
 
 
-def test_sigterm_lets_the_running_job_finish_then_exits_0_and_stops_comfyui(instance):
+def test_sigterm_lets_running_jobs_finish_on_every_transport_refuses_new_ones_exits_0_and_stops_comfyui(instance):
+    """A sync call, an SSE stream and a websocket, all three running or queued when SIGTERM comes."""
     server = instance(step_delay=0.1)
-    job = Call(lambda: post_run(server.url, txt2img(steps=30), params=B64))
-    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+
+    def stream() -> list[str]:
+        with requests.post(
+            server.url + "/api/serverless/run",
+            params={"stream": "true", **B64},
+            data=json.dumps(txt2img(steps=20)),
+            stream=True,
+            timeout=30,
+        ) as response:
+            lines = response.iter_lines()
+            return [json.loads(line[5:])["type"] for line in lines if line.startswith(b"data:")]
+
+    def websocket_messages() -> list[str]:
+        ws = websocket.create_connection(server.url.replace("http", "ws") + "/api/serverless/ws", timeout=30)
+        ws.send(json.dumps(txt2img(steps=20)))
+        types = []
+        while not types or types[-1] not in ("serverless_api", "error"):
+            types.append(json.loads(ws.recv())["type"])
+        ws.close()
+        return types
+
+    job, sse, ws = (
+        Call(lambda: post_run(server.url, txt2img(steps=20), params=B64)),
+        Call(stream),
+        Call(websocket_messages),
+    )
+    wait_until(lambda: len(requests.get(server.comfyui_url + "/queue", timeout=5).json()["queue_pending"]) == 2)
 
     server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "SIGTERM: draining jobs" in server.log_text(), timeout=5)
+    refused = post_run(server.url, txt2img(steps=2))
+    status = requests.get(server.url + "/api/serverless/status", params={"task_id": "nothing"}, timeout=5)
     code = server.proc.wait(30)
 
+    assert refused.status_code == 503 and refused.json()["error_code"] == "UNAVAILABLE"
+    assert status.status_code == 200  # the instance still answers while it drains
     response = job.result()
     assert response.status_code == 200, response.text
     assert response.json()["type"] == "serverless_api"
+    assert sse.result()[-1] == "serverless_api"
+    assert ws.result()[-1] == "serverless_api"
     assert code == 0, server.log_text()[-3000:]
     assert server.comfyui_pids() == []
     assert "stopping ComfyUI" in server.log_text()
@@ -327,83 +343,48 @@ def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(in
     assert server.comfyui_pids() == []
 
 
-def test_sigterm_drains_streams_and_websockets_to_their_terminal_payload_and_refuses_new_jobs(instance):
-    server = instance(step_delay=0.1)
-
-    def stream() -> list[str]:
-        with requests.post(
-            server.url + "/api/serverless/run",
-            params={"stream": "true", **B64},
-            data=json.dumps(txt2img(steps=30)),
-            stream=True,
-            timeout=30,
-        ) as response:
-            lines = response.iter_lines()
-            return [json.loads(line[5:])["type"] for line in lines if line.startswith(b"data:")]
-
-    def websocket_messages() -> list[str]:
-        ws = websocket.create_connection(server.url.replace("http", "ws") + "/api/serverless/ws", timeout=30)
-        ws.send(json.dumps(txt2img(steps=30)))
-        types = []
-        while not types or types[-1] not in ("serverless_api", "error"):
-            types.append(json.loads(ws.recv())["type"])
-        ws.close()
-        return types
-
-    sse, ws = Call(stream), Call(websocket_messages)
-    wait_until(lambda: requests.get(server.comfyui_url + "/queue", timeout=5).json()["queue_pending"])
-
-    server.proc.send_signal(signal.SIGTERM)
-    wait_until(lambda: "SIGTERM: draining jobs" in server.log_text(), timeout=5)
-    refused = post_run(server.url, txt2img(steps=2))
-    status = requests.get(server.url + "/api/serverless/status", params={"task_id": "nothing"}, timeout=5)
-    code = server.proc.wait(30)
-
-    assert refused.status_code == 503 and refused.json()["error_code"] == "UNAVAILABLE"
-    assert status.status_code == 200  # the instance still answers while it drains
-    assert sse.result()[-1] == "serverless_api"
-    assert ws.result()[-1] == "serverless_api"
-    assert code == 0, server.log_text()[-3000:]
-    assert server.comfyui_pids() == []
-
-
-def bootstrap_until_exit(tmp: Path, comfyui_port: int) -> subprocess.CompletedProcess[str]:
-    """`bootstrap` with the emulator as ComfyUI on `comfyui_port`, run until it exits by itself."""
+def server_until_exit(tmp: Path, comfyui_port: int, monkeypatch: pytest.MonkeyPatch) -> tuple[object, str]:
+    """`python -m serverless.server` (what `bootstrap` execs) with the emulator as ComfyUI on
+    `comfyui_port`, its main run in this interpreter until it exits by itself (a taken port stops
+    it before its logging, app or ComfyUI is set up): its exit status and what it wrote to stderr."""
     comfyui = [sys.executable, "-m", "comfyui_emulator", "--port", str(comfyui_port), "--root", str(tmp / "ours")]
-    env = {
-        **os.environ,
+    monkeypatch.setattr(server_main, "bound_malloc_arenas", lambda: False)  # this process's malloc is left alone
+    for name, value in {
         "COMFYUI_URL": f"http://127.0.0.1:{comfyui_port}",
         "COMFYUI_CMD": shlex.join(comfyui),
         "FC_CUSTOM_LISTEN_PORT": str(free_port()),
         "STATUS_DIR": str(tmp / "status"),
-        "PYTHON": sys.executable,
-    }
-    return subprocess.run([str(ROOT / "bootstrap")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    }.items():
+        monkeypatch.setenv(name, value)
+    stderr = io.StringIO()
+    with redirect_stderr(stderr), pytest.raises(SystemExit) as exited:
+        server_main.main()
+    return exited.value.code, stderr.getvalue()
 
 
-def test_the_app_refuses_to_start_when_a_plain_listener_holds_comfyuis_port(tmp_path):
+def test_the_app_refuses_to_start_when_a_plain_listener_holds_comfyuis_port(tmp_path, monkeypatch):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        done = bootstrap_until_exit(tmp_path, port)
+        code, stderr = server_until_exit(tmp_path, port, monkeypatch)
 
-    assert done.returncode == 3, done.stderr[-3000:]
-    assert f"port {port} on 127.0.0.1 (COMFYUI_URL) is already taken by another process" in done.stderr
-    assert "starting ComfyUI" not in done.stderr and "ComfyUI is ready" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert code == 3, stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 (COMFYUI_URL) is already taken by another process" in stderr
+    assert "starting ComfyUI" not in stderr and "ComfyUI is ready" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert emulator_pids(tmp_path / "ours") == []
 
 
-def test_the_app_refuses_to_start_when_another_comfyui_answers_on_its_port(tmp_path):
+def test_the_app_refuses_to_start_when_another_comfyui_answers_on_its_port(tmp_path, monkeypatch):
     other = InProcessEmulator(tmp_path / "other")
     try:
-        done = bootstrap_until_exit(tmp_path, other.port)
+        code, stderr = server_until_exit(tmp_path, other.port, monkeypatch)
         history = requests.get(other.url + "/history", timeout=5).json()
     finally:
         other.stop()
 
-    assert done.returncode == 3, done.stderr[-3000:]
-    assert f"port {other.port} on 127.0.0.1 (COMFYUI_URL) is already taken by another process" in done.stderr
-    assert "ComfyUI is ready" not in done.stderr
+    assert code == 3, stderr[-3000:]
+    assert f"port {other.port} on 127.0.0.1 (COMFYUI_URL) is already taken by another process" in stderr
+    assert "ComfyUI is ready" not in stderr
     assert history == {}
     assert emulator_pids(tmp_path / "ours") == []
 

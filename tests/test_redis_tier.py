@@ -652,24 +652,6 @@ def test_a_job_no_worker_takes_within_queue_ttl_ends_with_timeout_for_every_call
     assert "nobody-takes-it" not in worker.started() and "nobody-either" not in worker.started()
 
 
-def test_a_caller_waiting_when_redis_restarts_without_its_data_gets_a_terminal_error(
-    tier: Callable[..., Tier], tmp_path: Path
-) -> None:
-    server = RedisServer(tmp_path / "volatile", durable=False)
-    try:
-        fleet = tier(url=server.url(0))
-        gateway = fleet.gateway()  # no worker: the job waits in the queue
-        waiting = in_background(lambda: post_run(gateway.url, empty_image(), headers={"X-Fc-Trace-Id": "forgotten"}))
-        wait_until(lambda: redis.Redis.from_url(server.url(0)).exists("job:forgotten"))
-        server.kill()
-        server.start()  # empty: no append-only file
-        answer = waiting.result(timeout=60)
-        assert answer.status_code == 503 and answer.json()["error_code"] == "UNAVAILABLE"
-        assert "no longer holds this job" in answer.json()["error_message"]
-    finally:
-        server.stop()
-
-
 def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_and_the_job_goes_on(
     tier: Callable[..., Tier],
 ) -> None:
