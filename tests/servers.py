@@ -22,6 +22,7 @@ import uvicorn
 from aiohttp import web
 
 from serverless.app import create_app
+from serverless.server import DrainingServer
 from serverless.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,9 +179,10 @@ class _OwnRecords(logging.Filter):
         return SERVER_ID.get() == self.server_id
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, which notices `should_exit` as soon as it is woken (`wake`) instead of at
-    its next 0.1 s tick: the many apps the tests stop each stop that much sooner."""
+class _Server(DrainingServer):
+    """The server `python -m serverless.server` runs (its exit signals drain the app's jobs first),
+    which notices `should_exit` as soon as it is woken (`wake`) instead of at uvicorn's next 0.1 s
+    tick: the many apps the tests stop each stop that much sooner."""
 
     _loop: asyncio.AbstractEventLoop | None = None
     _woken: asyncio.Event | None = None
@@ -218,7 +220,8 @@ class InProcessApp:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"app-{self.port}.log"
         self._id = f"app-{self.port}-{id(self)}"
-        app = create_app(Settings.from_env(full_env))  # a bad setting fails here, before any set-up
+        settings = Settings.from_env(full_env)  # a bad setting fails here, before any set-up
+        app = create_app(settings)
         level = logging.getLevelName(full_env.get("LOG_LEVEL", "INFO").upper())
         self._handler = logging.FileHandler(self.log, encoding="utf-8")
         self._handler.setLevel(level)
@@ -235,7 +238,7 @@ class InProcessApp:
             log_config=None,
             ws_max_size=WS_MAX_SIZE,
         )
-        self.server = _Server(config)
+        self.server = _Server(app, config, settings.service.drain_timeout)
         self._thread = threading.Thread(target=self._run, name=self._id, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT
@@ -255,6 +258,18 @@ class InProcessApp:
     def running(self) -> bool:
         """Serving (not stopped)."""
         return self._thread.is_alive() and not self.server.should_exit
+
+    def signal(self, number: int) -> None:
+        """What the signal does to `python -m serverless.server`: the handler it installs for
+        SIGTERM and SIGINT (`DrainingServer.handle_exit`), called here instead (a thread gets no
+        signals). The first drains the jobs, then shuts down; a second cancels them at once."""
+        self.server.handle_exit(number, None)
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status once it has shut down by itself (as `python -m serverless.server` exits)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"{self.url} did not stop within {timeout}s"
+        return self.server.exit_code if self.server.started else 3
 
     def begin_stop(self) -> None:
         """Tell it to shut down (as SIGTERM would) without waiting: apps stopping together each

@@ -44,16 +44,16 @@ def test_a_worker_stopping_past_drain_timeout_hands_its_job_to_another_which_ans
     # when a dead worker's job would be.
     fleet = tier(DRAIN_TIMEOUT="1", REDIS_CLAIM_IDLE="60")
     gateway = fleet.gateway()
-    first = fleet.worker(step_delay=0.1, process=True)  # the one signalled, alone until it runs the job
+    first = fleet.worker(step_delay=0.1)  # the one signalled, alone until it runs the job
     waiting = in_background(lambda: post_run(gateway.url, slow(31, steps=30), headers={"X-Fc-Trace-Id": "handed"}))
     wait_until(lambda: "handed" in first.started(), timeout=20)
-    workers = [first, fleet.worker(step_delay=0.1)]  # the other, in-process, takes the job handed back
+    workers = [first, fleet.worker(step_delay=0.1)]  # the other takes the job handed back
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "handed")))
-    first.proc.send_signal(signal.SIGTERM)
+    first.signal(signal.SIGTERM)  # in-process: the server's own SIGTERM handler
     answer = waiting.result(timeout=45)
     assert answer.status_code == 200 and answer.json()["type"] == "serverless_api", answer.text
     assert answer.json()["retried"] is True
-    assert first.proc.wait(30) == 0, "the stopping worker exits cleanly"
+    assert first.wait(30) == 0, "the stopping worker exits cleanly"
     second = next(w for w in workers if w is not first)
     assert "handed" in second.started()
     assert sum(w.started().count("handed") for w in workers) == 2 and attempts(fleet.redis_url, "handed") == 2

@@ -656,15 +656,15 @@ def test_a_gateway_stopping_answers_its_waiting_callers_with_a_terminal_payload_
     tier: Callable[..., Tier],
 ) -> None:
     fleet = tier(DRAIN_TIMEOUT="1")
-    gateway = fleet.gateway(process=True)  # the one signalled
+    gateway = fleet.gateway()  # the one signalled (in-process: the server's own SIGTERM handler)
     fleet.worker(step_delay=0.1)
     waiting = in_background(lambda: post_run(gateway.url, slow(5, steps=40), headers={"X-Fc-Trace-Id": "outlives"}))
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "outlives")))
-    gateway.proc.send_signal(signal.SIGTERM)
+    gateway.signal(signal.SIGTERM)
     answer = waiting.result(timeout=30)
     assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
     assert answer.json()["error_code"] == "UNAVAILABLE" and "goes on" in answer.json()["error_message"]
-    assert gateway.proc.wait(30) == 0
+    assert gateway.wait(30) == 0
     other = fleet.gateway()
     assert wait_ended(other.url, "outlives")[-1]["type"] == "serverless_api", "the job itself ran to its end"
 
