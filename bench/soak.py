@@ -247,15 +247,19 @@ def expire_retained(client: redis.Redis) -> list[str]:
     return kept
 
 
-async def soak(root: Path, jobs: int = 2000, kills: int = 2, workers: int = 3, seed: int = 27) -> Report:
-    """Run the soak in `root` (its Redis, processes and logs); the report says what held."""
+async def soak(
+    root: Path, jobs: int = 2000, kills: int = 2, workers: int = 3, seed: int = 27, spared_in_process: bool = False
+) -> Report:
+    """Run the soak in `root` (its Redis, processes and logs); the report says what held.
+    `spared_in_process`: the workers never killed run in this process (the suite's small soak)."""
     server = RedisServer(root / "redis")
     fleet = Tier(root, server.url(0), dict(FLEET_ENV), processes=True)
+    doomed = {k % workers for k in range(kills)}  # the killer below kills worker k % workers
     problems: list[str] = []
     try:
         gateway = fleet.gateway()
-        for _ in range(workers):
-            fleet.worker(step_delay=0.02)
+        for index in range(workers):
+            fleet.worker(step_delay=0.02, process=index in doomed or not spared_in_process)
         client = redis.Redis.from_url(server.url(0))
         memory_start = used_memory(client)
         picture = "data:image/png;base64," + base64.b64encode(noise_png(600, seed)).decode()
