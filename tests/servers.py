@@ -221,7 +221,6 @@ class InProcessApp:
         self.log = log_dir / f"app-{self.port}.log"
         self._id = f"app-{self.port}-{id(self)}"
         settings = Settings.from_env(full_env)  # a bad setting fails here, before any set-up
-        app = create_app(settings)
         level = logging.getLevelName(full_env.get("LOG_LEVEL", "INFO").upper())
         self._handler = logging.FileHandler(self.log, encoding="utf-8")
         self._handler.setLevel(level)
@@ -229,6 +228,14 @@ class InProcessApp:
         self._handler.addFilter(_OwnRecords(self._id))
         logging.getLogger().addHandler(self._handler)
         _set_log_level(self._id, level)
+        own = SERVER_ID.set(self._id)  # what building the app logs (an old setting's name...) is its own
+        try:
+            app = create_app(settings)
+        except BaseException:
+            self._forget_log()
+            raise
+        finally:
+            SERVER_ID.reset(own)
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -284,10 +291,13 @@ class InProcessApp:
         if self._thread.is_alive():
             self.server.force_exit = True
             self._thread.join(STOP_TIMEOUT)
+        self._forget_log()
+        assert not self._thread.is_alive(), f"{self.url} did not stop within {2 * STOP_TIMEOUT}s"
+
+    def _forget_log(self) -> None:
         logging.getLogger().removeHandler(self._handler)
         self._handler.close()
         _set_log_level(self._id, None)
-        assert not self._thread.is_alive(), f"{self.url} did not stop within {2 * STOP_TIMEOUT}s"
 
 
 class InProcessEmulator:

@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import requests
 
 from serverless.settings import REMOVED, RENAMED, Settings, SettingsError
 from tests.servers import ROOT, free_port
@@ -248,31 +249,13 @@ def test_the_readme_documents_each_setting_read_once_and_they_are_clearly_fewer_
     assert not own & (set(RENAMED) | set(REMOVED)), "an old name is read again"
 
 
-def test_a_server_started_with_an_old_setting_name_logs_one_warning_line_and_serves(tmp_path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "STATUS_DIR": str(tmp_path / "status"),
-        "WORKFLOWS_DIR": str(tmp_path / "workflows"),
-        "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
-        "FC_CUSTOM_LISTEN_PORT": str(port),
-        "BODY_TIMEOUT": "5",
-        "STREAM_PING_INTERVAL": "1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serverless.server"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        lines = []
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if "Started server process" in line or "Traceback" in line:
-                break
-        warnings = [line for line in lines if "deprecated" in line or "no longer read" in line]
-        assert len(warnings) == 2, lines
-        assert "BODY_TIMEOUT is deprecated: read as INPUT_TIMEOUT=5" in warnings[0], lines
-        assert "STREAM_PING_INTERVAL is no longer read: a stream sends ': ping' after 15 s" in warnings[1], lines
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def test_a_server_started_with_an_old_setting_name_logs_one_warning_line_and_serves(start_app, dead_url, tmp_path):
+    """The app in-process: building it logs the lines, whatever starts it (`python -m
+    serverless.server` or uvicorn, each with its logging set up before the app is built)."""
+    server = start_app(dead_url, WORKFLOWS_DIR=str(tmp_path / "workflows"), BODY_TIMEOUT="5", STREAM_PING_INTERVAL="1")
+    lines = server.log_text().splitlines()
+    warnings = [line for line in lines if "deprecated" in line or "no longer read" in line]
+    assert len(warnings) == 2, lines
+    assert "WARNING" in warnings[0] and "BODY_TIMEOUT is deprecated: read as INPUT_TIMEOUT=5" in warnings[0], lines
+    assert "STREAM_PING_INTERVAL is no longer read: a stream sends ': ping' after 15 s" in warnings[1], lines
+    assert requests.get(server.url + "/api/serverless/status", params={"task_id": "probe"}, timeout=10).ok
