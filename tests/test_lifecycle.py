@@ -2,7 +2,8 @@
 the app starts ComfyUI (the emulator, through `COMFYUI_CMD`) as its supervised child. Real
 processes on loopback; ComfyUI is killed with SIGKILL, the app is stopped with SIGTERM. What needs
 no signal runs in this interpreter: /pre-stop against an in-process app and ComfyUI, and the server's
-main refusing a taken ComfyUI port (it stops before anything is set up)."""
+main refusing a taken ComfyUI port (it stops before anything is set up), and the cut of a job longer
+than DRAIN_TIMEOUT through the server's own SIGTERM handler."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 import requests
 import websocket
+from prometheus_client.parser import text_string_to_metric_families
 
 from serverless import server as server_main
 from tests.helpers import post_run, running_prompt, txt2img, wait_until
@@ -178,9 +180,21 @@ def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_sec
     assert not [secret for secret in secrets.values() if secret in log]
 
 
-def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(serving):
+def comfyui_metrics(server: Instance) -> dict[str, float]:
+    """The supervised ComfyUI's series of GET /metrics: up (1 or 0) and restarts_total."""
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    return {
+        sample.name.removeprefix("serverless_comfyui_"): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in ("serverless_comfyui_up", "serverless_comfyui_restarts_total")
+    }
+
+
+def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_counted_and_serves(serving):
     server = serving
     [first_pid] = server.comfyui_pids()
+    assert comfyui_metrics(server) == {"up": 1, "restarts_total": 0}
     job = Call(lambda: post_run(server.url, txt2img(steps=200), params=B64))  # 20 s if left alone
     wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
 
@@ -194,6 +208,7 @@ def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(s
     assert response.json()["error_code"] == "COMFYUI_UNAVAILABLE"
     assert kill_to_error < 5.0
     assert server.health() == 503  # restarting (backoff, then start-up)
+    wait_until(lambda: comfyui_metrics(server)["restarts_total"] == 1)
 
     # A job arriving during the restart waits for ComfyUI instead of failing.
     during_restart = post_run(server.url, txt2img(steps=3), params=B64)
@@ -203,6 +218,7 @@ def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_and_serves(s
     assert second_pid != first_pid
     after = post_run(server.url, txt2img(steps=3), params=B64)
     assert after.status_code == 200, after.text
+    assert comfyui_metrics(server) == {"up": 1, "restarts_total": 1}
     log = server.log_text()
     assert "ComfyUI exited with -9" in log
     assert re.search(r"job end task_id=\S+ prompt_id=\S+ outcome=COMFYUI_UNAVAILABLE duration=", log)
@@ -314,8 +330,12 @@ def test_sigterm_lets_running_jobs_finish_on_every_transport_refuses_new_ones_ex
     assert warnings == [], warnings  # a normal shutdown (its ComfyUI stopped first, then the socket) warns of nothing
 
 
-def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(instance):
-    server = instance(step_delay=0.1, DRAIN_TIMEOUT="1")
+def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(
+    own_emulator: InProcessEmulator, start_app: Callable[..., InProcessApp], tmp_path: Path
+) -> None:
+    """In-process: the server's own SIGTERM handler (the test above sends the real signal)."""
+    requests.post(own_emulator.url + "/emulator/config", json={"step_delay": 0.1}, timeout=5)
+    server = start_app(own_emulator.url, DRAIN_TIMEOUT="1")
     job = Call(
         lambda: post_run(
             server.url,
@@ -324,11 +344,11 @@ def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(in
             headers={"x-fc-trace-id": "cut-job"},
         )
     )
-    wait_until(lambda: running_prompt(server.comfyui_url), timeout=10)
+    wait_until(lambda: running_prompt(own_emulator.url), timeout=10)
 
     signalled = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    code = server.proc.wait(30)
+    server.signal(signal.SIGTERM)
+    code = server.wait(30)
     exited = time.monotonic() - signalled
 
     response = job.result()
@@ -337,10 +357,10 @@ def test_sigterm_cuts_a_job_longer_than_drain_timeout_with_a_terminal_payload(in
     )
     assert response.status_code == 500
     assert response.json()["error_code"] == "EXECUTION_INTERRUPTED"
-    assert status_log(server, "cut-job")[-1]["error_code"] == "EXECUTION_INTERRUPTED"
+    logged = [json.loads(line) for line in (tmp_path / "status" / "cut-job").read_text().splitlines()]
+    assert logged[-1]["error_code"] == "EXECUTION_INTERRUPTED"
     assert 1.0 <= job.ended - signalled < 8.0
     assert code == 0, server.log_text()[-3000:]
-    assert server.comfyui_pids() == []
 
 
 def server_until_exit(tmp: Path, comfyui_port: int, monkeypatch: pytest.MonkeyPatch) -> tuple[object, str]:

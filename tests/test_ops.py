@@ -4,8 +4,6 @@ burst, readiness for load balancers, and JSON logs that name the job on every li
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import threading
 import time
@@ -27,7 +25,6 @@ from serverless.settings import Settings, SettingsError
 from tests.helpers import RUN, empty_image, failing_workflow, post_run, txt2img, wait_until
 from tests.oss_server import LocalOss
 from tests.servers import App, Emulator
-from tests.test_lifecycle import Instance
 from tests.test_oss_e2e import OSS_ON, assert_nothing_secret_in, local_oss_server, oss_env
 from tests.test_stream import TERMINAL_TYPES, set_step_delay, slow_reader_workflow, status_log
 
@@ -213,23 +210,6 @@ def test_metrics_take_an_api_key_without_a_metrics_token_and_only_the_token_with
         requests.get(both.url + "/api/workflows", headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code
         == 401
     )
-
-
-def test_a_supervised_comfyui_that_dies_counts_a_restart_and_is_down_until_it_is_back(tmp_path):
-    server = Instance(tmp_path / "supervised")
-    try:
-        assert value(scrape(server.url), "serverless_comfyui_restarts_total") == 0
-        [pid] = server.comfyui_pids()
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: value(scrape(server.url), "serverless_comfyui_restarts_total") == 1)
-        wait_until(lambda: server.health() == 200 and server.comfyui_pids() not in ([], [pid]))
-        metrics = scrape(server.url)
-        assert value(metrics, "serverless_comfyui_up") == 1
-        assert value(metrics, "serverless_comfyui_restarts_total") == 1
-    finally:
-        server.stop()
-        for pid in server.comfyui_pids():
-            os.kill(pid, signal.SIGKILL)
 
 
 # -- admission and readiness ------------------------------------------------------------------------
