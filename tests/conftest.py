@@ -39,6 +39,40 @@ def _counting_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> No
 subprocess.Popen.__init__ = _counting_init  # type: ignore[method-assign]
 
 
+# The files that take longest, longest first (wall time measured in a full run). pytest-xdist
+# (`--dist loadfile --no-loadscope-reorder`, pytest.ini) hands files to its workers in collection
+# order: these start first and the many short files fill in at the end, rather than a long file
+# starting last while the other worker idles.
+LONGEST_FILES = (
+    "test_redis_tier.py",
+    "test_batches.py",
+    "test_cancel_races.py",
+    "test_previews.py",
+    "test_lifecycle.py",
+    "test_comfyapi.py",
+    "test_ops.py",
+    "test_stream.py",
+    "test_readme.py",
+    "test_playground.py",
+    "test_security.py",
+    "test_s3_e2e.py",
+    "test_models.py",
+    "test_websocket.py",
+    "test_load.py",
+    "test_status.py",
+    "test_comfyapi_editor.py",
+    "test_tenants.py",
+    "test_properties.py",
+    "test_openapi.py",
+    "test_contract.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: n for n, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Any:
     global _running
