@@ -224,7 +224,9 @@ def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_counted_and_
     assert re.search(r"job end task_id=\S+ prompt_id=\S+ outcome=COMFYUI_UNAVAILABLE duration=", log)
 
 
-def test_initialize_waits_for_a_starting_comfyui_and_runs_the_prewarm_prompt_once(instance, tmp_path):
+def test_initialize_waits_for_a_starting_comfyui_runs_the_prewarm_once_and_comfyui_dies_with_a_killed_server(
+    instance, tmp_path
+):
     prewarm = tmp_path / "prewarm.json"
     prewarm.write_text(json.dumps(txt2img(steps=2, prefix="prewarm")))
     # ComfyUI takes 3 s to come up; the app answers at once (status needs no ComfyUI).
@@ -250,6 +252,12 @@ def test_initialize_waits_for_a_starting_comfyui_and_runs_the_prewarm_prompt_onc
     assert second.json()["prewarm"] == first.json()["prewarm"]
     assert server.history_count() == runs  # not run again
     assert server.log_text().count("prewarm finished") == 1
+
+    # SIGKILLed, the server runs no shutdown of its own: its ComfyUI goes with it all the same.
+    assert len(server.comfyui_pids()) == 1
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    wait_until(lambda: server.comfyui_pids() == [], timeout=10)
 
 
 def test_pre_stop_answers_after_the_running_job_ended_and_takes_no_new_jobs(
@@ -446,16 +454,6 @@ def test_a_comfyui_that_took_the_port_while_ours_started_is_never_taken_for_ours
     assert f"port {port} on 127.0.0.1 (COMFYUI_URL) is already taken" in health.json()["reason"]
     assert job.status_code == 503 and job.json()["error_code"] == "COMFYUI_UNAVAILABLE"
     assert history == {}  # nothing ran on the other ComfyUI
-
-
-def test_comfyui_dies_with_the_server_when_the_server_is_killed(instance):
-    server = instance()
-    assert len(server.comfyui_pids()) == 1
-
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait(10)
-
-    wait_until(lambda: server.comfyui_pids() == [], timeout=10)
 
 
 def test_a_second_sigint_cancels_the_running_stream_with_its_terminal_payload_and_exits_130(instance):
