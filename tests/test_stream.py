@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -485,15 +486,38 @@ async def test_two_hundred_concurrent_streams_each_end_with_their_own_result(app
     await asyncio.to_thread(wait_no_jobs, app)
 
 
-def open_fds(server: App) -> int:
-    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+def app_descriptors(app_port: int, comfyui_port: int, folder: Path) -> int:
+    """The open descriptors of this process that are an in-process app's own: its callers'
+    connections and its listener (local port: the app's), its connections to ComfyUI (remote port:
+    ComfyUI's) and the files it holds under `folder` (other servers of this process hold none)."""
+    sockets, files = set(), 0
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[8:-1])
+        elif target.startswith(str(folder)):
+            files += 1
+    held = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = (int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+            held += fields[9] in sockets and (local == app_port or remote == comfyui_port)
+    return held + files
 
 
-def test_callers_hanging_up_leave_no_job_socket_or_file_behind(own_emulator, start_app_process):
+def test_callers_hanging_up_leave_no_job_socket_or_file_behind(own_emulator, start_app, tmp_path):
     set_step_delay(own_emulator, 0.05)
-    server = start_app_process(own_emulator.url)
+    server = start_app(own_emulator.url)  # in this process: its descriptors are read from ours
+
+    def open_fds() -> int:
+        return app_descriptors(server.port, own_emulator.port, tmp_path)
+
     assert post_run(server.url, empty_image(prefix="warm")).status_code == 200
-    baseline = open_fds(server)
+    baseline = open_fds()
     print(f"\napp file descriptors after one job: {baseline}")
 
     for round_ in range(6):
@@ -506,4 +530,4 @@ def test_callers_hanging_up_leave_no_job_socket_or_file_behind(own_emulator, sta
             wait_no_jobs(server)
 
     # Pooled keep-alive connections to ComfyUI may come and go; a leak grows with every round.
-    wait_until(lambda: open_fds(server) <= baseline + 3, timeout=20, interval=0.2)
+    wait_until(lambda: open_fds() <= baseline + 3, timeout=20, interval=0.2)
