@@ -33,10 +33,6 @@ def sse_payloads(url: str, workflow: dict[str, Any], task_id: str) -> list[dict[
         return payloads(list(read_events(response)))
 
 
-def runner(workers: list[Any], task_id: str) -> Any:
-    return next((w for w in workers if w.running() and task_id in w.started()), None)
-
-
 def test_a_worker_stopping_past_drain_timeout_hands_its_job_to_another_which_answers_the_caller(
     tier: Callable[..., Tier],
 ) -> None:
@@ -47,7 +43,7 @@ def test_a_worker_stopping_past_drain_timeout_hands_its_job_to_another_which_ans
     first = fleet.worker(step_delay=0.1)  # the one signalled, alone until it runs the job
     waiting = in_background(lambda: post_run(gateway.url, slow(31, steps=30), headers={"X-Fc-Trace-Id": "handed"}))
     wait_until(lambda: "handed" in first.started(), timeout=20)
-    workers = [first, fleet.worker(step_delay=0.1)]  # the other takes the job handed back
+    workers = [first, fleet.worker(step_delay=0.02)]  # the other takes the job handed back (0.6 s to run it)
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "handed")))
     first.signal(signal.SIGTERM)  # in-process: the server's own SIGTERM handler
     answer = waiting.result(timeout=45)
@@ -69,9 +65,10 @@ def test_a_job_whose_comfyui_dies_runs_once_more_on_another_worker_and_that_work
 ) -> None:
     fleet = tier(REDIS_CLAIM_IDLE="60", COMFYUI_STARTUP_TIMEOUT="1")  # no signal: the workers in-process
     gateway = fleet.gateway()
-    workers = [fleet.worker(step_delay=0.1) for _ in range(2)]
+    first = fleet.worker(step_delay=0.1)  # the one whose ComfyUI dies, alone until it runs the job
     waiting = in_background(lambda: sse_payloads(gateway.url, slow(32, steps=30), "crashed"))
-    first = wait_until(lambda: runner(workers, "crashed"), timeout=20)
+    wait_until(lambda: "crashed" in first.started(), timeout=20)
+    workers = [first, fleet.worker(step_delay=0.02)]  # the other runs it again (0.6 s)
     wait_until(lambda: any(p["type"] == "execution_start" for p in status(gateway.url, "crashed")))
     fleet.emulators[workers.index(first)].kill()  # its ComfyUI crashes under the job
     streamed = waiting.result(timeout=60)
