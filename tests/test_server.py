@@ -3,8 +3,11 @@ and its access log (LOG_LEVEL=debug). Real processes; the listening socket is re
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from tests.servers import InProcessEmulator, Process, free_port
 pytestmark = pytest.mark.timeout(60)
 
 STATUS = "/api/serverless/status?task_id=probe"
+STOP_WAIT = 15.0
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -52,15 +56,25 @@ def servers(tmp_path_factory: pytest.TempPathFactory, emulator: InProcessEmulato
     at and nothing else that they read: the defaults (and the emulator as ComfyUI), FC's, and
     HOST=0.0.0.0 with LOG_LEVEL=debug (an access log)."""
     root = tmp_path_factory.mktemp("servers")
-    started: dict[str, Process] = {}
+    settings = {
+        "default": {"COMFYUI_URL": emulator.url},
+        "fc": {"FC_FUNCTION_NAME": "comfyui"},
+        "host_and_access_log": {"HOST": "0.0.0.0", "LOG_LEVEL": "debug"},
+    }
+    with ThreadPoolExecutor(len(settings)) as pool:  # started together: each start-up's wait overlaps
+        starting = {name: pool.submit(start_server, root, **env) for name, env in settings.items()}
+    started = {name: future.result() for name, future in starting.items() if future.exception() is None}
     try:
-        started["default"] = start_server(root, COMFYUI_URL=emulator.url)
-        started["fc"] = start_server(root, FC_FUNCTION_NAME="comfyui")
-        started["host_and_access_log"] = start_server(root, HOST="0.0.0.0", LOG_LEVEL="debug")
+        for future in starting.values():
+            future.result()  # a server that failed to start fails the tests (the others are stopped)
         yield started
     finally:
+        for process in started.values():  # stopped together too: each drain's wait overlaps
+            process.proc.terminate()
         for process in started.values():
-            process.stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.proc.wait(STOP_WAIT)
+            process.stop()  # closes its log; kills it if it has not exited by now
 
 
 def test_the_server_listens_on_loopback_by_default(servers):
