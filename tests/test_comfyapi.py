@@ -249,6 +249,35 @@ def test_a_prompt_queued_on_one_gateway_shows_on_another(deployment: Any, tmp_pa
     assert queue == {"queue_running": [], "queue_pending": []}
 
 
+def test_a_prompt_whose_log_cannot_be_claimed_is_refused_and_stopped_in_comfyui(tmp_path: Path) -> None:
+    """One box sends a prompt to ComfyUI while its status log is claimed: when the claim fails
+    (here something not a file squats the prompt id's name in the status folder), the prompt is
+    refused and ComfyUI does not go on with it. (A fleet's gateway queues prompts through Redis.)"""
+    emulator = InProcessEmulator(tmp_path / "emulator", step_delay=0.3)
+    status = tmp_path / "status"
+    app = InProcessApp(tmp_path, {"COMFYUI_URL": emulator.url, "STATUS_DIR": str(status), "DRAIN_TIMEOUT": "5"})
+    try:
+        prompt_id = str(uuid.uuid4())
+        (status / prompt_id).mkdir(parents=True)
+        answer = requests.post(
+            app.url + "/prompt", json={"prompt": txt2img(seed=3, steps=30), "prompt_id": prompt_id}, timeout=10
+        )
+        assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text
+        assert requests.get(app.url + "/queue", timeout=10).json() == {"queue_running": [], "queue_pending": []}
+
+        def stopped_in_comfyui() -> bool:
+            queue = requests.get(emulator.url + "/queue", timeout=10).json()
+            held = [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+            return prompt_id not in held
+
+        wait_until(stopped_in_comfyui, timeout=20)
+        history = requests.get(emulator.url + "/history/" + prompt_id, timeout=10).json()
+        assert not history or history[prompt_id]["status"]["status_str"] == "error", "interrupted, not run to its end"
+    finally:
+        app.stop()
+        emulator.stop()
+
+
 def test_interrupt_and_queue_delete_cancel_our_jobs(deployment: Any) -> None:
     deployed: Deployment = deployment(step_delay=0.3)
     url = deployed.url

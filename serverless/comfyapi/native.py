@@ -165,9 +165,6 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     job = await start_job(
         resources, state.jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
     )
-    # The job's run goes first, to its submission to ComfyUI: the client waits for ComfyUI's
-    # messages more than for this answer (a fleet's job is queued already: nothing to wait for).
-    await asyncio.sleep(0)
     await index.add(entry)
     index.ring(client_id)  # its followers here pick it up at once
     log.info("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
