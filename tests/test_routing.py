@@ -4,6 +4,7 @@ path, method and kind of request, and still answer the paths it does not index."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from starlette.routing import BaseRoute, Match
@@ -26,17 +27,28 @@ def _scanned(routes: list[BaseRoute], scope: dict[str, object]) -> BaseRoute | N
     return partial
 
 
-def test_each_static_path_is_tried_against_the_routes_starlettes_scan_would_choose(tmp_path: Path) -> None:
+def test_each_path_is_tried_against_the_routes_starlettes_scan_would_choose(tmp_path: Path) -> None:
     app = create_app(Settings.from_env({"STATUS_DIR": str(tmp_path / "status")}))
-    assert isinstance(app.router, IndexedRouter)
+    router = app.router
+    assert isinstance(router, IndexedRouter)
     routes = list(app.routes)
-    by_path = candidates(routes)
-    assert {"/prompt", "/history", "/view", "/ws", "/api/serverless/run"} <= by_path.keys()
-    assert len(by_path["/view"]) < len(routes) // 10, "a handful of routes, not the table"
-    for path, among in by_path.items():
+    static = candidates(routes)
+    assert {"/prompt", "/history", "/view", "/ws", "/api/serverless/run"} <= static.keys()
+    assert len(static["/view"]) < len(routes) // 10, "a handful of routes, not the table"
+    # Every route's own path (its parameters filled in), below a mount, and paths no route has.
+    paths = {re.sub(r"{[^}]*}", "x1", route.path) for route in routes if hasattr(route, "path")}
+    paths |= {path + "/deeper" for path in list(paths)} | {"/", "", "/nothing", "/nothing/x", "/history/", "/api"}
+    looked_up = 0
+    for path in sorted(paths):
+        among = router._routes_for(path)
+        if among is None:
+            continue  # scanned as Starlette scans
+        looked_up += 1
         for kind, method in [("http", m) for m in ("GET", "POST", "PUT", "DELETE", "HEAD")] + [("websocket", "")]:
             scope = {"type": kind, "path": path, "root_path": "", "method": method}
             assert _scanned(among, scope) is _scanned(routes, scope), (path, kind, method)
+    assert looked_up > len(paths) // 2
+    assert len(router._routes_for("/history/some-prompt") or routes) < 10
 
 
 def test_indexed_and_other_paths_answer_as_before(tmp_path: Path) -> None:
