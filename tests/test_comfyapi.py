@@ -147,6 +147,45 @@ def test_two_websocket_clients_each_see_only_their_own_prompts(deployment: Any) 
             ws.close()
 
 
+def test_a_client_gets_the_messages_comfyui_itself_sends_it_for_a_prompt(
+    deployment: Any, direct: ExampleClient
+) -> None:
+    """The same prompts, one at a time: through us the client gets ComfyUI's messages in
+    ComfyUI's order, and no other (its queue broadcasts as the ComfyUI running it sends them;
+    none replayed from an earlier prompt)."""
+    deployed: Deployment = deployment()
+    colors = [uuid.uuid4().int % 0xFFFFFF for _ in range(2)]  # prompts no ComfyUI has run (nothing cached)
+
+    def messages(client: ExampleClient) -> list[list[Any]]:
+        ws = websocket.WebSocket()
+        ws.connect(f"ws://{client.server_address}/ws?clientId={client.client_id}")
+        try:
+            ws.recv()  # the greeting
+            runs = []
+            for color in colors:
+                prompt_id = str(uuid.uuid4())
+                client.queue_prompt(empty_image(16, 16, color=color, prefix="same_messages"), prompt_id)
+                runs.append([_shape(message) for message in _until_done(ws, prompt_id)])
+            return runs
+        finally:
+            ws.close()
+
+    expected = messages(direct)
+    assert messages(ExampleClient(address(deployed.url))) == expected
+    assert [kind for kind in expected[1] if kind != "progress_state"][:3] == [
+        ["status", {"exec_info": {"queue_remaining": 1}}],
+        ["status", {"exec_info": {"queue_remaining": 1}}],
+        "execution_start",
+    ]
+
+
+def _shape(message: dict[str, Any]) -> Any:
+    """A message's type, with the node of `executing` and the queue of `status`."""
+    if message["type"] in ("executing", "status"):
+        return [message["type"], message["data"].get("node", message["data"].get("status"))]
+    return message["type"]
+
+
 def _until_done(ws: websocket.WebSocket, prompt_id: str) -> list[dict[str, Any]]:
     ws.settimeout(30)
     seen = []
