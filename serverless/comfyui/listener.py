@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 LOST_POLL = 0.1  # how often a job cut off from ComfyUI checks whether its ComfyUI is gone
-BURST_TURN = 64  # messages of a burst a job takes before others get a turn
+BURST_TURN = 8  # messages of a burst a job takes before its readers get a turn
 
 
 class Socket(Protocol):
