@@ -180,12 +180,23 @@ async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, st
     ended, found = [], []
     for entry, summary in zip(entries, summaries, strict=True):
         status = summary["state"] if summary is not None else "queued"
-        if status in ENDED:
+        job = state.jobs.get(entry.task_id) if status not in ENDED else None
+        if status in ENDED or (job is not None and await _ended_here(job)):
             ended.append(entry.task_id)
         else:
             found.append((entry, status))
     await index.settled(ended)
     return found
+
+
+async def _ended_here(job: RunningJob) -> bool:
+    """Whether a job running here has published its end, which its log may not hold yet (as
+    `/history` answers from the job, so does `/queue`)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0):
+            await job.finished()  # at once once it ended: nothing to wait for
+            return True
+    return False
 
 
 async def prompt_state(request: Request) -> Response:
