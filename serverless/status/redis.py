@@ -60,6 +60,10 @@ MAX_EVENT_BYTES = 1024 * 1024  # the largest event stored; a bigger one becomes 
 BIG_TERMINAL = 256 * 1024  # terminal payloads from this size on are split in a worker thread
 PREVIEWS_KEPT = 2  # a follower wants the newest preview; one more covers a read between two writes
 PREVIEWS_TTL = 60  # seconds a job's previews outlive its last one
+# Seconds between two writes of a job's events (Nagle's rule, as `transports.bursts` writes to a
+# caller): an event after a quiet spell is stored at once, the rest of its burst together a moment
+# later, the terminal payload (with what waits) at once. Each write wakes every follower's gateway.
+WRITE_WINDOW = 0.005
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
 POOL_WAIT = 10.0  # seconds a call waits for a free connection before it fails
@@ -212,6 +216,7 @@ class RedisStatus:
         heartbeat = max(self.stale_after / 4, 0.05)
         loop = asyncio.get_running_loop()
         refresh_at = 0.0  # the keys' expiries and the owner's mark are refreshed from then on (now)
+        written = -WRITE_WINDOW  # when the last batch was written (none yet: the first goes at once)
         pending: list[Event] = []
         preview: Event | None = None  # the newest preview not stored yet (the job shows them if asked)
         try:
@@ -227,10 +232,15 @@ class RedisStatus:
                 else:
                     pending.append(event)
                 if event.seq == feed.last_seq or event.terminal:  # caught up: one round trip for the lot
+                    # A write follows the one before it no sooner than WRITE_WINDOW later (what comes
+                    # meanwhile goes with it); the terminal payload never waits.
+                    if not event.terminal and await _more_within(feed, event.seq, written + WRITE_WINDOW - loop.time()):
+                        continue
                     # The expiries and the owner's mark with the first batch, the terminal one and
                     # once a heartbeat: the batches between carry their entries alone.
                     refresh = event.terminal or loop.time() >= refresh_at
                     await self._until_written(attempt, pending, preview, refresh)
+                    written = loop.time()
                     if refresh:
                         refresh_at = loop.time() + heartbeat
                     pending, preview = [], None
@@ -270,7 +280,9 @@ class RedisStatus:
         self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
     ) -> None:
         stored = [await self._stored(event, attempt) for event in events]
-        async with self.client.pipeline(transaction=False) as pipe:
+        # A batch of events in one MULTI: a follower's blocking read wakes once for all of them
+        # (Redis serves a blocked reader after each command outside one), and never sees part of it.
+        async with self.client.pipeline(transaction=len(events) > 1) as pipe:
             if preview is not None and len(preview.data) <= self.max_event_bytes:
                 previews = keys.previews(attempt.task_id, attempt.number)
                 pipe.xadd(previews, {"d": preview.data}, maxlen=PREVIEWS_KEPT)
@@ -289,11 +301,14 @@ class RedisStatus:
                 pipe.expire(keys.owner(attempt.task_id), self.ttl)
             if refresh:
                 pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
-            results = await pipe.execute(raise_on_error=False)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except rexc.OutOfMemoryError as exc:  # a MULTI refused whole (EXECABORT: queued past maxmemory)
+                raise RedisFull(str(exc)) from exc  # kept and written again once Redis has room
         for result in results:
             if isinstance(result, DOWN):
                 raise result
-            if isinstance(result, rexc.ResponseError) and str(result).startswith("OOM"):
+            if isinstance(result, rexc.OutOfMemoryError):  # redis-py's class for Redis's "OOM" error
                 raise RedisFull(str(result))  # kept and written again once Redis has room
             if isinstance(result, rexc.ResponseError) and "equal or smaller" not in str(result):
                 # written before a lost answer ("equal or smaller" id): nothing to do; anything else is a bug
@@ -785,6 +800,18 @@ class RedisStatus:
         except Unavailable as exc:
             self._last_error = exc.message
             raise
+
+
+async def _more_within(feed: Feed, seq: int, within: float) -> bool:
+    """Whether the feed has an event after `seq` now or within `within` seconds (its terminal
+    one at once)."""
+    if feed.last_seq > seq or within <= 0:
+        return feed.last_seq > seq
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while feed.last_seq <= seq:
+                await feed.changed()
+    return feed.last_seq > seq
 
 
 def handed_off(event: Event, attempt: RedisAttempt) -> Event:
