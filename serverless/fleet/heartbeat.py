@@ -115,6 +115,7 @@ class Heartbeat:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _switched: bool = True  # its models changed since VRAM was last read
     _listed: tuple[frozenset[str], frozenset[str], str] | None = None  # nodes, files and their JSON
+    _told: tuple[frozenset[str], bool] | None = None  # the resident models and busy flag last advertised
 
     def _lists(self) -> str:
         """`"nodes": [...], "files": [...]` as JSON, made again only when they change (a beat
@@ -126,7 +127,8 @@ class Heartbeat:
 
     def ran(self, needs: Needs) -> None:
         """A job with `needs` ran here: its models are the ones held now (counted as a residency
-        hit when they were already, else as a switch)."""
+        hit when they were already, else as a switch). Advertised at once when that changes what
+        the last beat said (its models, or busy); else the next timed beat tells the same."""
         if needs.models:
             if needs.models <= self.resident:
                 self.metrics.model_residency_hits.inc()
@@ -134,7 +136,8 @@ class Heartbeat:
                 self.metrics.model_switches.inc()
             self._switched = self._switched or needs.models != self.resident
             self.resident = needs.models
-        self._wake.set()
+        if self._switched or self._told != (self.resident, self.busy):
+            self._wake.set()
 
     def freed(self) -> None:
         """Its ComfyUI unloaded its models (`/free`, a restart)."""
@@ -200,6 +203,7 @@ class Heartbeat:
             pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - FORGET_AFTER_MS)
             pipe.sadd(keys.LANES, self.lane)
             await pipe.execute()
+        self._told = (view.resident, view.busy)
 
     async def leave(self) -> None:
         """Stop advertising (a drained worker takes no more jobs)."""

@@ -74,6 +74,29 @@ redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[3] .. ':' .. number .. ':alive', '1', 'EX', ARGV[3])
 return number
 """
+# The next queued entry for consumer ARGV[2] of group ARGV[1]: XREADGROUP of the streams KEYS[i]
+# for i in ARGV[3..], in that order, until one hands an entry out -> {i, entry id, fields}. None
+# handed out: {0, each stream's last delivered id ("0-0": no group), the newest `fleet:handoffs`
+# entry's id (KEYS[#KEYS]; "0-0": none)}, where the blocking wait for news starts from.
+NEXT = """
+local handoffs = #KEYS
+for i = 3, #ARGV do
+  local stream = KEYS[tonumber(ARGV[i])]
+  local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
+  if got then return {tonumber(ARGV[i]), got[1][2][1][1], got[1][2][1][2]} end
+end
+local since = {}
+for i = 1, handoffs - 1 do
+  since[i] = '0-0'
+  for _, fields in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+    local group = {}
+    for j = 1, #fields, 2 do group[fields[j]] = fields[j + 1] end
+    if group['name'] == ARGV[1] then since[i] = group['last-delivered-id'] end
+  end
+end
+local newest = redis.call('XREVRANGE', KEYS[handoffs], '+', '-', 'COUNT', 1)
+return {0, since, #newest > 0 and newest[1][1] or '0-0'}
+"""
 STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
 HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
 HANDOFFS_KEPT = 100  # `fleet:handoffs` entries kept (MAXLEN ~): only the newest wakes anyone
@@ -116,6 +139,7 @@ class Consumer:
         self._next_claim = 0.0
         self._end = client.register_script(END)
         self._take_script = client.register_script(TAKE)
+        self._next_script = client.register_script(NEXT)
         stale = stale_after(settings.service.job_timeout, settings.fleet.queue_ttl, settings.fleet.claim_idle)
         self.admission = Admission(client, status.ttl, stale)
         self._trim = client.register_script(TRIM)
@@ -288,17 +312,17 @@ class Consumer:
         PRIORITY_AGING seconds without being served goes first: low never starves); waits up to
         BLOCK_SECONDS for one."""
         news, self._news = self._news, None
-        for name in await self._reading_order():
-            if news is not None and name not in news:  # the wait saw nothing new there: not asked
-                continue
-            answer: Any = await self.client.xreadgroup(GROUP, self.name, {name: ">"}, count=1)
-            for _, entries in answer or []:
-                for entry, fields in entries:
-                    self._waiting_since.pop(name, None)
-                    taken = await self._read(name, entry, fields, reclaimed=False)
-                    return taken if taken is None or await self._placed_here(taken) else None
+        # The wait saw nothing new in the others: not asked. One round trip (`NEXT`) for them all.
+        asked = [self.streams.index(name) + 1 for name in await self._reading_order() if news is None or name in news]
+        answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS], args=[GROUP, self.name, *asked])
+        if int(answer[0]):
+            name = self.streams[int(answer[0]) - 1]
+            flat = answer[2]
+            self._waiting_since.pop(name, None)
+            taken = await self._read(name, answer[1], dict(zip(flat[::2], flat[1::2])), reclaimed=False)
+            return taken if taken is None or await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
-        await self._wait_for_news()
+        await self._wait_for_news(answer[1], answer[2])
         return None
 
     async def _reading_order(self) -> list[str]:
@@ -372,20 +396,12 @@ class Consumer:
         self.dead_letters += 1
         self.jobs.metrics.queue_dead_letters.inc()
 
-    async def _wait_for_news(self) -> None:
+    async def _wait_for_news(self, delivered: list[bytes], newest: bytes) -> None:
         """Block until an entry no consumer has been given arrives in any stream, or a job is
         handed back (`fleet:handoffs`: then it is claimed next): XREAD from each group's last
-        delivered id wakes at once if one arrived since the look above."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for name in self.streams:
-                pipe.xinfo_groups(name)
-            pipe.xrevrange(keys.HANDOFFS, count=1)
-            *answers, handed = await pipe.execute()
-        since = {}
-        for name, groups in zip(self.streams, answers, strict=True):
-            ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
-            since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
-        newest = handed[0][0] if handed else b"0-0"
+        `delivered` id (as `NEXT` found none to hand out) wakes at once if one arrived since;
+        `newest` is the newest hand-off then."""
+        since: dict[Any, Any] = dict(zip(self.streams, delivered, strict=True))
         if self._handoffs_seen is not None and newest != self._handoffs_seen:
             self._next_claim = 0.0  # handed back since our last look: claim it now
         self._handoffs_seen = newest
