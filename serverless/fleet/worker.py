@@ -319,7 +319,7 @@ class Consumer:
             name = self.streams[int(answer[0]) - 1]
             flat = answer[2]
             self._waiting_since.pop(name, None)
-            taken = await self._read(name, answer[1], dict(zip(flat[::2], flat[1::2])), reclaimed=False)
+            taken = await self._read(name, answer[1], dict(zip(flat[::2], flat[1::2], strict=True)), reclaimed=False)
             return taken if taken is None or await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         await self._wait_for_news(answer[1], answer[2])
@@ -414,7 +414,7 @@ class Consumer:
             return  # draining: no job is taken any more, so none is waited for
         self.waiting = True  # idle in the blocking read: a drain may cut it (nothing to hand back)
         try:
-            answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))  # type: ignore[arg-type]
+            answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))
         finally:
             self.waiting = False
         if self.affinity is not None and self.affinity.woke(answer):

@@ -80,6 +80,50 @@ return number
 """
 
 
+# A batch of an attempt's events stored in one step (`RedisStatus._write`): one command, where a
+# pipeline of an XADD per event cost the worker twice the CPU; Redis wakes a follower's blocking
+# read once for the lot. KEYS: the attempt's stream, its task's attempt counter, owner, the
+# attempt's owner mark, previews, result, then the task lists the first batch lists it in.
+# ARGV: [1] the log's TTL, [2] "1": refresh the log's expiries, [3] the owner mark's TTL ("": not
+# refreshed), [4] the newest preview ("": none) kept [5] deep for [6] seconds, [7] the terminal
+# payload whole ("": not kept apart) for [8] seconds, [9] the task's list member ("": not listed),
+# [10] its score, [11] the score before which members are dropped; then per event its seq, data
+# and kind ("0", "1": terminal, "r": terminal kept whole apart). An event stored before (its seq
+# not above the stream's last: a retried write whose answer was lost) is skipped; the first write
+# refused (past maxmemory) refuses the batch before anything is stored.
+APPEND = """
+for i = 12, #ARGV, 3 do
+  local kind = ARGV[i + 2]
+  local added
+  if kind == 'r' then
+    added = redis.pcall('XADD', KEYS[1], '0-' .. ARGV[i], 'd', ARGV[i + 1], 't', '1', 'r', '1')
+  else
+    added = redis.pcall('XADD', KEYS[1], '0-' .. ARGV[i], 'd', ARGV[i + 1], 't', kind)
+  end
+  if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller', 1, true) then
+    return redis.error_reply(added.err)
+  end
+end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', ARGV[5], '*', 'd', ARGV[4])
+  redis.call('EXPIRE', KEYS[5], ARGV[6])
+end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[6], ARGV[7], 'EX', ARGV[8]) end
+if ARGV[9] ~= '' then
+  for k = 7, #KEYS do
+    redis.call('ZADD', KEYS[k], 'NX', ARGV[10], ARGV[9])
+    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', ARGV[11])
+    redis.call('EXPIRE', KEYS[k], ARGV[1])
+  end
+end
+if ARGV[2] == '1' then
+  for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[1]) end
+end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[4], '1', 'EX', ARGV[3]) end
+return 1
+"""
+
+
 class RedisFull(ConnectionError):
     """Redis refused a write for want of memory (`maxmemory` with `noeviction`): the events are
     kept and written again, as while Redis is down, rather than lost."""
@@ -162,6 +206,7 @@ class RedisStatus:
         self._last_error: str | None = None
         self._up: bool | None = None
         self._begin = client.register_script(BEGIN)
+        self._append = client.register_script(APPEND)
         self.watch = StreamWatch(client, BLOCK_SECONDS)
         self._last_down: BaseException | None = None
 
@@ -279,40 +324,38 @@ class RedisStatus:
     async def _write(
         self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
     ) -> None:
+        """Store `events` (and the newest `preview`) in one step (`APPEND`); with `refresh`, the
+        log's expiries (when there are events) and its owner's mark too."""
         stored = [await self._stored(event, attempt) for event in events]
-        # A batch of events in one MULTI: a follower's blocking read wakes once for all of them
-        # (Redis serves a blocked reader after each command outside one), and never sees part of it.
-        async with self.client.pipeline(transaction=len(events) > 1) as pipe:
-            if preview is not None and len(preview.data) <= self.max_event_bytes:
-                previews = keys.previews(attempt.task_id, attempt.number)
-                pipe.xadd(previews, {"d": preview.data}, maxlen=PREVIEWS_KEPT)
-                pipe.expire(previews, PREVIEWS_TTL)
-            for event, (data, whole) in zip(events, stored, strict=True):
-                fields = {"d": data, "t": "1" if event.terminal else "0"}
-                if whole is not None:  # the stream keeps it without base64; readers fetch it whole
-                    pipe.set(keys.result(attempt.task_id, attempt.number), whole, ex=self.result_ttl)
-                    fields["r"] = "1"
-                pipe.xadd(attempt.key, fields, id=f"0-{event.seq}")  # type: ignore[arg-type]
-            if attempt.number == 1 and events and events[0].seq == 1:
-                self._index_first(pipe, attempt.task_id, stored[0][0])
-            if events and refresh:
-                pipe.expire(attempt.key, self.ttl)
-                pipe.expire(keys.attempts(attempt.task_id), self.ttl)
-                pipe.expire(keys.owner(attempt.task_id), self.ttl)
-            if refresh:
-                pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
-            try:
-                results = await pipe.execute(raise_on_error=False)
-            except rexc.OutOfMemoryError as exc:  # a MULTI refused whole (EXECABORT: queued past maxmemory)
-                raise RedisFull(str(exc)) from exc  # kept and written again once Redis has room
-        for result in results:
-            if isinstance(result, DOWN):
-                raise result
-            if isinstance(result, rexc.OutOfMemoryError):  # redis-py's class for Redis's "OOM" error
-                raise RedisFull(str(result))  # kept and written again once Redis has room
-            if isinstance(result, rexc.ResponseError) and "equal or smaller" not in str(result):
-                # written before a lost answer ("equal or smaller" id): nothing to do; anything else is a bug
-                log.error("task_id=%s: Redis refused an event: %s", attempt.task_id, result)
+        task_id, number = attempt.task_id, attempt.number
+        names = [attempt.key, keys.attempts(task_id), keys.owner(task_id), keys.alive(task_id, number)]
+        names += [keys.previews(task_id, number), keys.result(task_id, number)]
+        whole = next((kept for _, kept in stored if kept is not None), None)
+        shown = preview.data if preview is not None and len(preview.data) <= self.max_event_bytes else b""
+        listed: tuple[list[str], str, int, int] | None = None
+        if number == 1 and events and events[0].seq == 1:
+            listed = self._listing_first(task_id, stored[0][0])
+        if listed is not None:
+            names += listed[0]
+        args: list[Any] = [
+            self.ttl,
+            "1" if events and refresh else "",
+            self._alive_ttl if refresh else "",
+            shown,
+            PREVIEWS_KEPT,
+            PREVIEWS_TTL,
+            whole or b"",
+            self.result_ttl,
+            *(listed[1:] if listed is not None else ("", 0, 0)),
+        ]
+        for event, (data, kept) in zip(events, stored, strict=True):
+            args += [event.seq, data, ("r" if kept is not None else "1") if event.terminal else "0"]
+        try:
+            await self._append(keys=names, args=args)
+        except rexc.OutOfMemoryError as exc:  # refused before anything was stored
+            raise RedisFull(str(exc)) from exc  # kept and written again once Redis has room
+        except rexc.ResponseError as exc:  # anything else is a bug: said, and not retried for ever
+            log.error("task_id=%s: Redis refused its events: %s", task_id, exc)
 
     def index_task(self, pipe: Any, task_id: str, owner: str | None, workflow_id: str | None, at: float) -> None:
         """Add to `pipe` what lists the task (`list_tasks`): in every task's sorted set and its
@@ -325,21 +368,21 @@ class RedisStatus:
             pipe.zremrangebyscore(name, "-inf", cutoff)
             pipe.expire(name, self.ttl)
 
-    def _index_first(self, pipe: Any, task_id: str, first: bytes) -> None:
-        """List a task from its first event (whose it is, its workflow, when it was made)."""
+    def _listing_first(self, task_id: str, first: bytes) -> tuple[list[str], str, int, int] | None:
+        """What lists a task from its first event (whose it is, its workflow, when it was made),
+        as `index_task` lists it: the sorted sets, the member, its score and the score before
+        which members are dropped; None for a first event that is not a progress event (a note of
+        a dropped event: listed by its gateway, or not at all)."""
         try:
             data = json.loads(first)["data"]
             at = float(data["at"])
         except (ValueError, KeyError, TypeError):
-            return  # not a progress event (a note of a dropped event): listed by its gateway, or not at all
+            return None
         owner, workflow_id = data.get("owner"), data.get("workflow_id")
-        self.index_task(
-            pipe,
-            task_id,
-            owner if isinstance(owner, str) else None,
-            workflow_id if isinstance(workflow_id, str) else None,
-            at,
-        )
+        owner = owner if isinstance(owner, str) else None
+        workflow_id = workflow_id if isinstance(workflow_id, str) else None
+        names = [keys.TASKS, keys.tasks_of(owner)] if owner else [keys.TASKS]
+        return names, f"{task_id} {workflow_id or ''}", int(at * 1000), int((time.time() - self.ttl) * 1000)
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """A page of the tasks, newest first (`serverless.status.tasklist`): with API keys, the
@@ -476,6 +519,7 @@ class RedisStatus:
         attempt: int | None = None,
         idle: float | None = None,
         previews: bool = False,
+        unbegun: bool = False,
     ) -> AsyncIterator[Entry | None]:
         """The task's payloads after `after` as they are stored, from any instance (XREAD BLOCK,
         no polling), until a terminal one; None after `idle` seconds of silence; nothing when
@@ -484,7 +528,9 @@ class RedisStatus:
         its payloads numbered on from the last seen. An attempt whose owner is gone ends with
         "instance lost"; Redis unreachable for longer than `stale_after` ends with a 503 error.
         With `previews`, the attempt's previews stream is read with its log: of the previews
-        stored since the last read, the newest comes (`Entry.preview`), after the log's entries."""
+        stored since the last read, the newest comes (`Entry.preview`), after the log's entries.
+        `unbegun`: attempt `attempt` was not begun when its caller queued it a moment ago: its
+        first read is the watch's (from its start), not one of its own as well."""
         validate_task_id(task_id)
         loop = asyncio.get_running_loop()
         number = attempt or max(await self.current(task_id), 1)
@@ -508,8 +554,9 @@ class RedisStatus:
                             await registered.enter_async_context(self.watch.news(name, since, watched[1]))
                 news = watched[1]
                 answer, down_since = await self._read_or_wait(
-                    key, cursor, news, waiting if wait else 0.0, down_since, shown, watched=not fresh
+                    key, cursor, news, waiting if wait else 0.0, down_since, shown, watched=not fresh or unbegun
                 )
+                unbegun = False
                 wait = True
                 if down_since is not None and loop.time() - down_since > self.stale_after:
                     down = unavailable(self._last_down or ConnectionError("no answer"))
