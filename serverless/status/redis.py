@@ -63,7 +63,7 @@ PREVIEWS_TTL = 60  # seconds a job's previews outlive its last one
 # Seconds between two writes of a job's events (Nagle's rule, as `transports.bursts` writes to a
 # caller): an event after a quiet spell is stored at once, the rest of its burst together a moment
 # later, the terminal payload (with what waits) at once. Each write wakes every follower's gateway.
-WRITE_WINDOW = 0.005
+WRITE_WINDOW = 0.010
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
 POOL_WAIT = 10.0  # seconds a call waits for a free connection before it fails
