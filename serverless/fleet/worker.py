@@ -39,7 +39,6 @@ from redis import exceptions as rexc
 from ..core.credentials import Credentials
 from ..core.request import validate_task_id
 from ..errors import ComfyUIUnavailable, ExecutionInterrupted, ServerlessError, Unavailable, WorkerLost
-from ..jobs.job import Job
 from ..jobs.registry import Jobs
 from ..jobs.spec import JobSpec
 from ..settings import Settings
@@ -158,8 +157,6 @@ class Consumer:
         self.affinity: Affinity | None = None  # set with the heartbeat: jobs go where their models are
         self.healing: Healing | None = None  # the memory check between jobs (`serverless.fleet.healing`)
         self.waiting = False  # in the blocking read for news, holding no job
-        self._running = 0  # jobs begun whose end is not recorded yet (one, or two while one ends beside the next)
-        self._tail: asyncio.Task[None] | None = None  # the end of a job going on beside the next (`_end_beside`)
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -197,17 +194,6 @@ class Consumer:
 
     async def _consume(self) -> None:
         """Take and run jobs until the instance drains; outlive Redis outages."""
-        try:
-            await self._take_jobs()
-        finally:
-            tail, self._tail = self._tail, None
-            if tail is not None:  # the last job's end (cut by a cancel: its entry, unacknowledged, is found ended)
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    tail.cancel()
-                await asyncio.gather(tail, return_exceptions=True)
-
-    async def _take_jobs(self) -> None:
         delay = 0.1
         await self._groups()
         while self.jobs.accepting:
@@ -424,7 +410,6 @@ class Consumer:
         if self.affinity is not None:  # a job handed here wakes it; overdue ones are looked for often
             since.update(self.affinity.wake_streams())
             block = self.affinity.look_every(block)
-        await self._tail_done()  # idle: nothing runs beside the blocking read
         if not self.jobs.accepting:
             return  # draining: no job is taken any more, so none is waited for
         self.waiting = True  # idle in the blocking read: a drain may cut it (nothing to hand back)
@@ -456,13 +441,8 @@ class Consumer:
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
             elif cancel_asked:
                 await self._end_here(taken, dead, cancelled_by_request())
-            elif (
-                not (dead and await self._lost_for_good(taken, dead))
-                and await self._run(taken, dead, begun) is not True
-            ):
-                # False: handed back, not acknowledged (its key's place kept): another worker takes it.
-                # None: its ComfyUI is done with it; its end goes on beside the next job (`_tail`).
-                return
+            elif not (dead and await self._lost_for_good(taken, dead)) and not await self._run(taken, dead, begun):
+                return  # handed back: not acknowledged (its key's place kept), another worker takes it
         elif taken.handed and await self._run_elsewhere(taken):
             return  # the worker it was handed to took it in the meantime: its acknowledgement
         if ours:  # a job a gateway ended unrun (cancel, QUEUE_TTL) was released by that gateway
@@ -531,10 +511,9 @@ class Consumer:
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
 
-    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> bool | None:
+    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> bool:
         """Run the job to its end (True: acknowledge its entry), or until it is handed back to
-        the queue for another worker (False: `_hand_back` made it claimable at once), or until
-        its ComfyUI has run its prompt (None: its end goes on beside the next job, `_end_beside`)."""
+        the queue for another worker (False: `_hand_back` made it claimable at once)."""
         watch = self._watch(taken)
         if dead:  # how the dead attempt was to end is void: it runs again, and may be cancelled
             await self.client.delete(watch.ended_key)
@@ -561,89 +540,26 @@ class Consumer:
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
             await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
-        self._busy(+1)
-        following = asyncio.ensure_future(watch.follow(job, self.settings.fleet.claim_idle / 3))
-        try:
-            if self._may_overlap():
-                done = asyncio.ensure_future(job.prompt_done.wait())
-                try:
-                    await asyncio.wait({following, done}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    done.cancel()
-                if not following.done() and job.prompt_done.is_set():
-                    # ComfyUI ran its prompt: the next job is taken (and its prompt queued in
-                    # ComfyUI) while this one's outputs are read, its end recorded and acknowledged.
-                    await self._tail_done()
-                    self._idle_known = True
-                    self._tail = asyncio.create_task(
-                        self._end_beside(taken, job, following), name=f"end {taken.task_id}"
-                    )
-                    return None
-            await following
-        except BaseException:
-            following.cancel()
-            await asyncio.gather(following, return_exceptions=True)
-            self._busy(-1)
-            raise
-        await self._tail_done()  # the job before it ended first (its acknowledgement, its models told)
-        return await self._after(taken, job, following, alone=True)
-
-    def _may_overlap(self) -> bool:
-        """Whether a job's end may go on beside the next job: not while the memory check between
-        jobs watches (it must see ComfyUI idle), nor while draining (no next job is taken), nor
-        when this instance admits no job beside a running one (MAX_PENDING_JOBS=0)."""
-        return self.jobs.accepting and not self.jobs.full and (self.healing is None or not self.healing.watching)
-
-    def _busy(self, change: int) -> None:
-        """Count a job begun (+1) or whose end is recorded (-1): busy while any is."""
-        self._running += change
-        self.busy = self._running > 0
+        self.busy = True
         if self.heartbeat is not None:
-            self.heartbeat.busy = self.busy
-
-    async def _after(self, taken: Taken, job: Job, following: asyncio.Future[None], alone: bool) -> bool:
-        """A run's end once its terminal payload is recorded: True to acknowledge its entry, False
-        when it was handed back (`_hand_back`). `alone`: no job runs beside it (ComfyUI's state
-        after it is this job's to judge)."""
+            self.heartbeat.busy = True
         try:
-            await following
+            await watch.follow(job, self.settings.fleet.claim_idle / 3)
         finally:
-            self._busy(-1)
+            self.busy = False
             if self.heartbeat is not None:  # what its ComfyUI holds now, advertised at once
-                self.heartbeat.ran(await needs_of_spec(job.spec.workflow, job.spec.big))
+                self.heartbeat.busy = False
+                self.heartbeat.ran(await needs_of_spec(taken.spec.workflow, taken.spec.big))
         if job.handed_off:
             await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
             await self._hand_back(taken)
             return False
-        if not alone:
-            return True
         acted = await self.healing.check() if self.healing is not None else None  # free or restart past a watermark
         # A run that succeeded saw ComfyUI finish its prompt (`executing` None comes after its
         # queue let go of it): the next job needs no look at ComfyUI's queue first.
         terminal = job.feed.terminal
         self._idle_known = acted is None and terminal is not None and terminal.error is None
         return True
-
-    async def _end_beside(self, taken: Taken, job: Job, following: asyncio.Future[None]) -> None:
-        """The end of a job whose prompt ComfyUI has run, while the next job runs: its terminal
-        recorded, then its entry acknowledged (a failure is logged: the entry, unacknowledged,
-        is claimed again and found ended)."""
-        try:
-            if await self._after(taken, job, following, alone=False):
-                await self._release(taken)
-                await self._ack(taken)
-        except asyncio.CancelledError:
-            following.cancel()
-            raise
-        except Exception:
-            log.exception("task_id=%s: its end beside the next job failed", taken.task_id)
-
-    async def _tail_done(self) -> None:
-        """Wait for the end of the job before (`_end_beside`), if it is still going on (a cancel
-        of the caller leaves it to `_consume`)."""
-        if self._tail is not None:
-            await asyncio.shield(self._tail)
-            self._tail = None
 
     async def _with_inputs(self, taken: Taken) -> JobSpec:
         """The job's spec with its staged inputs back in its workflow (`staging`)."""

@@ -176,10 +176,6 @@ class Job:
         # retry): a drain that runs out of time, or a ComfyUI that dies under the job, then gives
         # it back to the queue (`HandedOff`) rather than ending it, unless it made outputs already.
         self.may_hand_off = False
-        # Set once ComfyUI has run the job's prompt to its success: its queue is free for the next
-        # prompt while this job's outputs are read and its end recorded (a fleet worker takes its
-        # next job then, as one box has its next prompt queued in ComfyUI already).
-        self.prompt_done = asyncio.Event()
         self.models_downloaded = 0  # model references fetched for this job (not from the cache)
         # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
         self.gate: Gate | None = None
@@ -515,8 +511,6 @@ class Job:
                 if self._failure is not None:
                     raise self._failure
                 await connection.close()
-                if self._succeeded and connection.complete:
-                    self.prompt_done.set()
                 outputs = await self._final_outputs(connection.complete)
             results = await collector.results(list_outputs(outputs), spec.outputs.base64)
             if spec.outputs.base64 and runtime.max_result_bytes:
