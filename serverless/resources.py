@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comfyui import client as comfyui_client
 from .comfyui.client import ComfyUI, Timeouts
@@ -27,9 +27,8 @@ from .delivery import convert, converted, links, outputs
 from .delivery import webhooks as webhook_delivery
 from .delivery.convert import Converter
 from .delivery.converted import ConvertedFiles
-from .delivery.oss import OssConfig, OssStore, read_rules
+from .delivery.oss_config import OssConfig, read_rules
 from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
-from .delivery.s3 import S3Store
 from .delivery.s3_config import config_from_settings
 from .delivery.storage import Source, Storage
 from .delivery.webhooks import Webhooks
@@ -58,6 +57,10 @@ from .status.store import StatusStore
 from .tenants.limits import MemoryRate, RedisRate
 from .tenants.service import Tenants
 from .tenants.usage import BufferedUsage, FileUsage, RedisUsage
+
+if TYPE_CHECKING:  # the bucket's clients load oss2 or obstore: only an instance with that bucket does
+    from .delivery.oss import OssStore
+    from .delivery.s3 import S3Store
 from .workflows.hosting import HostedWorkflows, ObjectInfoCache
 from .workflows.store import WorkflowStore
 
@@ -586,6 +589,8 @@ def s3_store(settings: Settings) -> S3Store:
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc
+    from .delivery.s3 import S3Store
+
     return S3Store(config)
 
 
@@ -601,6 +606,9 @@ def oss_store(settings: Settings, on_retry: Callable[[], None] | None = None) ->
         )
         if config is None:
             return None
-        return OssStore(config, read_allowed=read_rules(settings.oss.input_allowed, config), on_retry=on_retry)
+        read_allowed = read_rules(settings.oss.input_allowed, config)
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc
+    from .delivery.oss import OssStore
+
+    return OssStore(config, read_allowed=read_allowed, on_retry=on_retry)

@@ -48,6 +48,7 @@ def test_parsing_accepts_what_pythons_json_accepts():
         "s": "é",
     }
     assert loads('{"seed": 123456789012345678901234567890}') == {"seed": 123456789012345678901234567890}
+    assert loads('{"t": "图像", "seed": 18446744073709551616}')["seed"] == 2**64  # text that is not ASCII
     assert loads(b'[[{"x": -18446744073709551617}], 1e300]') == [[{"x": -(2**64) - 1}], 1e300]
     padding = "x" * 100_000  # past the size up to which the text is scanned for long digit runs
     assert loads(f'{{"pad": "{padding}", "seed": 18446744073709551616}}')["seed"] == 2**64

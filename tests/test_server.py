@@ -103,3 +103,10 @@ def test_the_server_takes_a_websocket_run_body_as_big_as_an_http_one(servers):
         pass
     ws.close()
     assert answer["type"] == "error" and answer["error_code"] == "PROMPT_ERROR"
+
+
+def test_an_instance_without_a_bucket_never_loads_a_bucket_client(servers):
+    """oss2 (with requests and pycryptodome) and obstore are a quarter of an idle instance's memory:
+    only an instance with OSS or S3 configured loads them."""
+    maps = Path(f"/proc/{servers['default'].proc.pid}/maps").read_text()
+    assert "/Crypto/" not in maps and "/obstore/" not in maps  # their native libraries, mapped once loaded

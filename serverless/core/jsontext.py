@@ -37,9 +37,11 @@ class Spliced:
 
 _BEYOND_64_BITS = 2.0**63  # orjson reads an integer past 64 bits as a float of at least this size
 # Such an integer is written with at least 19 digits. Looking for a run of them is cheaper than
-# walking the value, up to a size: past it the walk (a big body is mostly one long string) is.
-_LONG_DIGITS = re.compile(r"\d{19}")
-_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+# walking the value, up to a size: past it the walk (a big body is mostly one long string) is. The
+# run is looked for in C: every digit made "0", then nineteen of them searched (a regex step per
+# character cost 12 times as much, more than orjson's parse of a ComfyUI message itself).
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_DIGITS = b"0" * 19
 _SCAN_UP_TO = 64 * 1024
 
 
@@ -57,9 +59,8 @@ def loads(text: bytes | str) -> Any:
 def _may_hold_long_integer(text: bytes | str) -> bool:
     if len(text) > _SCAN_UP_TO:
         return True
-    if isinstance(text, str):
-        return _LONG_DIGITS.search(text) is not None
-    return _LONG_DIGITS_BYTES.search(text) is not None
+    data = text.encode(errors="surrogatepass") if isinstance(text, str) else text  # UTF-8: digits stay ASCII bytes
+    return _NINETEEN_DIGITS in data.translate(_DIGITS_AS_ZERO)
 
 
 def _has_huge_float(value: Any) -> bool:
