@@ -386,11 +386,11 @@ class Consumer:
         return sorted(starved, key=self.streams.index) + [name for name in self.streams if name not in starved]
 
     async def _placed_here_whatever(self) -> bool:
-        """Whether any entry read now is run here: no affinity, or no other live worker of this
-        lane to place it with (`Affinity.place` then keeps every entry)."""
+        """Whether any entry read now is run here: no affinity, or no other live worker to place
+        it with (`Affinity.place` then keeps every entry)."""
         if self.affinity is None or not self.affinity.heartbeat.known:
             return True
-        return not await self.affinity.others()
+        return await self.affinity.alone()
 
     async def _placed_here(self, taken: Taken) -> bool:
         """Whether this worker runs a job it read (affinity: else handed to a worker holding its
