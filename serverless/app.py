@@ -38,6 +38,7 @@ from .tenants.keys import ApiKeys
 from .transports import control, files
 from .transports.http import EventStream, hang_up, json_response, read_body
 from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
+from .transports.routing import IndexedRouter
 from .transports.start import start_job
 from .transports.websocket import websocket_run
 from .workflows import endpoints as workflows
@@ -234,7 +235,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *comfyapi.routes(),  # ComfyUI's own API: /prompt, /ws, /history, /view... (and under /api/)
         *docs.routes(),  # /api/openapi.json, /docs, the playground at /; describe new routes in docs/catalog.py
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[
             Middleware(
@@ -254,3 +255,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Exception: error_response,
         },
     )
+    app.router = IndexedRouter(routes, lifespan=lifespan)  # the same table, its static paths looked up
+    return app

@@ -147,6 +147,45 @@ def test_two_websocket_clients_each_see_only_their_own_prompts(deployment: Any) 
             ws.close()
 
 
+def test_a_client_gets_the_messages_comfyui_itself_sends_it_for_a_prompt(
+    deployment: Any, direct: ExampleClient
+) -> None:
+    """The same prompts, one at a time: through us the client gets ComfyUI's messages in
+    ComfyUI's order, and no other (its queue broadcasts as the ComfyUI running it sends them;
+    none replayed from an earlier prompt)."""
+    deployed: Deployment = deployment()
+    colors = [uuid.uuid4().int % 0xFFFFFF for _ in range(2)]  # prompts no ComfyUI has run (nothing cached)
+
+    def messages(client: ExampleClient) -> list[list[Any]]:
+        ws = websocket.WebSocket()
+        ws.connect(f"ws://{client.server_address}/ws?clientId={client.client_id}")
+        try:
+            ws.recv()  # the greeting
+            runs = []
+            for color in colors:
+                prompt_id = str(uuid.uuid4())
+                client.queue_prompt(empty_image(16, 16, color=color, prefix="same_messages"), prompt_id)
+                runs.append([_shape(message) for message in _until_done(ws, prompt_id)])
+            return runs
+        finally:
+            ws.close()
+
+    expected = messages(direct)
+    assert messages(ExampleClient(address(deployed.url))) == expected
+    assert [kind for kind in expected[1] if kind != "progress_state"][:3] == [
+        ["status", {"exec_info": {"queue_remaining": 1}}],
+        ["status", {"exec_info": {"queue_remaining": 1}}],
+        "execution_start",
+    ]
+
+
+def _shape(message: dict[str, Any]) -> Any:
+    """A message's type, with the node of `executing` and the queue of `status`."""
+    if message["type"] in ("executing", "status"):
+        return [message["type"], message["data"].get("node", message["data"].get("status"))]
+    return message["type"]
+
+
 def _until_done(ws: websocket.WebSocket, prompt_id: str) -> list[dict[str, Any]]:
     ws.settimeout(30)
     seen = []
@@ -247,6 +286,35 @@ def test_a_prompt_queued_on_one_gateway_shows_on_another(deployment: Any, tmp_pa
     wait_until(lambda: requests.get(other + "/history/" + prompt_id, timeout=10).json(), timeout=60)
     queue = requests.get(other + "/queue", timeout=10).json()
     assert queue == {"queue_running": [], "queue_pending": []}
+
+
+def test_a_prompt_whose_log_cannot_be_claimed_is_refused_and_stopped_in_comfyui(tmp_path: Path) -> None:
+    """One box sends a prompt to ComfyUI while its status log is claimed: when the claim fails
+    (here something not a file squats the prompt id's name in the status folder), the prompt is
+    refused and ComfyUI does not go on with it. (A fleet's gateway queues prompts through Redis.)"""
+    emulator = InProcessEmulator(tmp_path / "emulator", step_delay=0.3)
+    status = tmp_path / "status"
+    app = InProcessApp(tmp_path, {"COMFYUI_URL": emulator.url, "STATUS_DIR": str(status), "DRAIN_TIMEOUT": "5"})
+    try:
+        prompt_id = str(uuid.uuid4())
+        (status / prompt_id).mkdir(parents=True)
+        answer = requests.post(
+            app.url + "/prompt", json={"prompt": txt2img(seed=3, steps=30), "prompt_id": prompt_id}, timeout=10
+        )
+        assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMS", answer.text
+        assert requests.get(app.url + "/queue", timeout=10).json() == {"queue_running": [], "queue_pending": []}
+
+        def stopped_in_comfyui() -> bool:
+            queue = requests.get(emulator.url + "/queue", timeout=10).json()
+            held = [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+            return prompt_id not in held
+
+        wait_until(stopped_in_comfyui, timeout=20)
+        history = requests.get(emulator.url + "/history/" + prompt_id, timeout=10).json()
+        assert not history or history[prompt_id]["status"]["status_str"] == "error", "interrupted, not run to its end"
+    finally:
+        app.stop()
+        emulator.stop()
 
 
 def test_interrupt_and_queue_delete_cancel_our_jobs(deployment: Any) -> None:

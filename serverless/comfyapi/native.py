@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from ..auth import caller, may_see
 from ..core.request import TASK_ID_RE
 from ..errors import Conflict, InvalidParams, NotFound
-from ..jobs.feed import ReaderTooSlow
+from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.runner import RunningJob
 from ..resources import Resources
 from ..state import AppState, app_state
@@ -162,15 +162,12 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     query = {"previews": "true", **({"priority": "high"} if front else {})}
     owner = owner_of(request)
     entry = PromptEntry(prompt_id, int(number), workflow, client_id, outputs, owner, time.time())
-    job = await start_job(
-        resources, state.jobs, body, query, headers, "http", base_url=str(request.base_url), owner=owner, native=True
-    )
-    # The job's run goes first, to its submission to ComfyUI: the client waits for ComfyUI's
-    # messages more than for this answer (a fleet's job is queued already: nothing to wait for).
-    await asyncio.sleep(0)
+    # No download links (`output_url`) for a prompt: its outputs are served by `/view`.
+    job = await start_job(resources, state.jobs, body, query, headers, "http", owner=owner, native=True)
     await index.add(entry)
     index.ring(client_id)  # its followers here pick it up at once
-    log.info("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
+    # Its one INFO line is the job's end, as every job's (a line costs the loop ~30 µs a prompt).
+    log.debug("task_id=%s: queued through ComfyUI's API (number %s, client %s)", job.task_id, entry.number, client_id)
     return entry, errors
 
 
@@ -183,12 +180,23 @@ async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, st
     ended, found = [], []
     for entry, summary in zip(entries, summaries, strict=True):
         status = summary["state"] if summary is not None else "queued"
-        if status in ENDED:
+        job = state.jobs.get(entry.task_id) if status not in ENDED else None
+        if status in ENDED or (job is not None and await _ended_here(job)):
             ended.append(entry.task_id)
         else:
             found.append((entry, status))
     await index.settled(ended)
     return found
+
+
+async def _ended_here(job: RunningJob) -> bool:
+    """Whether a job running here has published its end, which its log may not hold yet (as
+    `/history` answers from the job, so does `/queue`)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0):
+            await job.finished()  # at once once it ended: nothing to wait for
+            return True
+    return False
 
 
 async def prompt_state(request: Request) -> Response:
@@ -248,26 +256,39 @@ async def history_payloads(state: AppState, task_id: str) -> list[Any]:
     is not read), else its log's. A job running here whose ComfyUI has sent the prompt's last
     message (`/ws` passes it on as it comes: `relay`) is waited for until it publishes its end
     (its outputs collected), at most END_WAIT seconds: as ComfyUI's own history, the prompt is
-    there once its client was told it ended."""
+    there once its client was told it ended. Each payload is parsed once."""
     job = state.jobs.get(task_id)
-    payloads, live = await _payloads_now(state, job, task_id)
+    if job is not None:
+        events = await published_events(job)
+        if events is not None and not _ends(events) and _comfyui_ended(events, task_id):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(END_WAIT):
+                    await job.finished()  # from its feed as soon as it is published
+            more = await published_events(job, events[-1].seq)
+            events = events + more if more is not None else None
+        if events is not None:
+            return [json.loads(event.data) for event in events]
+    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
     if job is None or history.ended(payloads) or not history.comfyui_ended(payloads, task_id):
         return payloads
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(TimeoutError):  # its feed no longer holds them all: its log has them once recorded
         async with asyncio.timeout(END_WAIT):
-            # From its feed as soon as it is published; its log has it once recorded.
-            await (job.finished() if live else job.terminal_recorded())
-    return (await _payloads_now(state, job, task_id))[0]
+            await job.terminal_recorded()
+    payloads = json.loads(await state.resources.status.read(task_id))
+    return payloads
 
 
-async def _payloads_now(state: AppState, job: RunningJob | None, task_id: str) -> tuple[list[Any], bool]:
-    """The payloads so far, and whether they are the job's own (False: its log's)."""
-    if job is not None:
-        published = await published_payloads(job, ended=False)
-        if published is not None:
-            return published, True
-    payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
-    return payloads, False
+def _ends(events: list[Event]) -> bool:
+    return bool(events) and events[-1].terminal
+
+
+def _comfyui_ended(events: list[Event], prompt_id: str) -> bool:
+    """Whether ComfyUI has sent the prompt's last message among `events` (only its `executing`
+    messages are parsed)."""
+    return any(
+        '"executing"' in event.text[:40] and history.is_end(json.loads(event.data), prompt_id)
+        for event in reversed(events)
+    )
 
 
 async def task_payloads(state: AppState, task_id: str) -> list[Any]:
@@ -287,18 +308,27 @@ async def published_payloads(job: RunningJob, ended: bool = True) -> list[Any] |
     """The payloads a job running here has published: once it has published its terminal one
     (None before), or with `ended=False` so far; None when its feed no longer holds them all
     (its log has them then)."""
-    payloads: list[Any] = []
+    events = await published_events(job)
+    if events is None or (ended and not _ends(events)):
+        return None
+    return [json.loads(event.data) for event in events]
+
+
+async def published_events(job: RunningJob, after: int = 0) -> list[Event] | None:
+    """The events (previews left out) a job running here has published after the first `after`,
+    so far; None when its feed no longer holds them all (its log has them then)."""
+    events: list[Event] = []
     try:
-        async for event in job.events(0, idle=0.0):
+        async for event in job.events(after, idle=0.0):
             if event is None:  # nothing more published yet: it runs
-                return None if ended else payloads
+                return events
             if not event.preview:
-                payloads.append(json.loads(event.data))
+                events.append(event)
             if event.terminal:
-                return payloads
+                return events
     except ReaderTooSlow:
         return None
-    return None
+    return events
 
 
 async def get_history(request: Request) -> Response:

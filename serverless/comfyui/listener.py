@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 LOST_POLL = 0.1  # how often a job cut off from ComfyUI checks whether its ComfyUI is gone
+BURST_TURN = 8  # messages of a burst a job takes before its readers get a turn
 
 
 class Socket(Protocol):
@@ -80,6 +81,7 @@ class Inbox:
         self.previews = previews  # the job takes preview frames
         self.items: asyncio.Queue[Item] = asyncio.Queue()
         self.broken = False  # a break not yet followed by a recovery
+        self.in_a_row = 0  # items taken since the job last waited for one
 
 
 class Listener:
@@ -137,9 +139,14 @@ class Listener:
         `lost()` says ComfyUI is gone or no socket came back within the reconnect timeout."""
         if since is None:
             if inbox.items.empty():
+                inbox.in_a_row = 0
                 return await inbox.items.get()
-            # A burst of messages: let the job's readers (SSE, websocket) keep up with it.
-            await asyncio.sleep(0)
+            # A burst of messages is taken at once (the job's readers then take its events
+            # together, one wake-up each, not one per message), with a turn for the rest of the
+            # instance every BURST_TURN messages.
+            inbox.in_a_row += 1
+            if inbox.in_a_row % BURST_TURN == 0:
+                await asyncio.sleep(0)
             return inbox.items.get_nowait()
         while True:
             if lost():

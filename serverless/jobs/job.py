@@ -491,7 +491,9 @@ class Job:
             # a job someone may watch; a sync job nobody named leaves them out of its log.
             forward = self._forward if spec.observed else None
             async with runtime.comfy.connect(self.prompt_id, forward, spec.previews) as connection:
-                if connection.greeting is not None and forward is not None:
+                # ComfyUI's latest `status`, for a caller that joins now; not for a prompt of
+                # ComfyUI's own API, whose clients get ComfyUI's messages as ComfyUI sends them.
+                if connection.greeting is not None and forward is not None and not spec.native:
                     forward(connection.greeting)
                 self.clock.submitted = time.monotonic()
                 node_errors = await runtime.comfy.submit(

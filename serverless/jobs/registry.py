@@ -126,21 +126,33 @@ class Jobs:
         self._admitted += 1  # before any await: concurrent starts cannot all pass the check
         try:
             native_id = spec.task_id if spec.native else None  # ComfyUI's API: the prompt id is the task id
-            job = await self._start(spec, prompt_id or native_id or str(uuid.uuid4()), attempt)
+            job, claimed = await self._start(spec, prompt_id or native_id or str(uuid.uuid4()), attempt)
         except BaseException:
             self._admitted -= 1
             raise
         self.metrics.job_started(spec.mode)
+        if claimed is not None:  # from here on its run counts it: a refusal stops the run instead
+            await self._claimed(job, claimed)
         if spec.callback_url is not None and self.webhooks is not None:
             self.webhooks.start(job, job.task_id, spec.callback_url, job.terminal_to_deliver())
         return job
 
-    async def _start(self, spec: JobSpec, prompt_id: str, begun: Any = None) -> Job:
+    async def _start(self, spec: JobSpec, prompt_id: str, begun: Any = None) -> tuple[Job, asyncio.Future[None] | None]:
+        """The job and its tasks; with the claim of its log still under way (a future, settled
+        once it is made or failed) for a prompt of ComfyUI's API."""
         task_id = spec.task_id or prompt_id
         bind_job(task_id, prompt_id)  # the job's tasks, created below, inherit it
         feed = Feed(self.buffer_events, max_bytes=self.max_event_bytes)
         known: asyncio.Event | None = None
-        if spec.named or spec.mode == "async":
+        claimed: asyncio.Future[None] | None = None
+        recorder: Coroutine[Any, Any, None] | None
+        if spec.native and begun is None:
+            # ComfyUI's API: its client waits for ComfyUI's messages more than for the answer,
+            # so the prompt goes to ComfyUI while its log is claimed; the answer waits for the
+            # claim (`start`), and so do its events (Job.known).
+            attempt, known, claimed = None, asyncio.Event(), asyncio.get_running_loop().create_future()
+            recorder = self._begin_and_record(spec, task_id, feed, known, claimed)
+        elif spec.named or spec.mode == "async":
             # Its caller may poll the status at once (on any instance): known before we answer.
             attempt = begun if begun is not None else await self._begin(spec, task_id)
             recorder = None if attempt is None else self.status.record(attempt, feed)
@@ -170,7 +182,19 @@ class Jobs:
 
         for task in tasks:
             task.add_done_callback(forget)
-        return job
+        return job, claimed
+
+    async def _claimed(self, job: Job, claimed: asyncio.Future[None]) -> None:
+        """Wait for the claim of a started job's log; when it fails (or its caller goes), the
+        job is stopped (its ComfyUI prompt cancelled) and the claim's error raised."""
+        try:
+            await claimed
+        except ServerlessError as exc:
+            job.stop(exc, "its status log could not be claimed")
+            raise
+        except BaseException:
+            job.stop(ExecutionInterrupted("the job was cancelled before it ended"), "its caller went away")
+            raise
 
     async def _begin(self, spec: JobSpec, task_id: str) -> Any:
         """The task's new attempt in the status log; None when the log cannot be used and the job
@@ -185,14 +209,31 @@ class Jobs:
             log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
             return None
 
-    async def _begin_and_record(self, spec: JobSpec, task_id: str, feed: Feed, known: asyncio.Event) -> None:
+    async def _begin_and_record(
+        self,
+        spec: JobSpec,
+        task_id: str,
+        feed: Feed,
+        known: asyncio.Event,
+        claimed: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Claim the log beside the run, then record the job. With `claimed`, a failed claim is
+        its waiter's to answer (it stops the job) rather than a job run without a log."""
         try:
             attempt = await self._begin(spec, task_id)
-        except InvalidParams as exc:
+        except ServerlessError as exc:
+            if claimed is not None:
+                if not claimed.done():
+                    claimed.set_exception(exc)
+                return
+            if not isinstance(exc, InvalidParams):
+                raise
             log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
             return
         finally:
             known.set()
+        if claimed is not None and not claimed.done():
+            claimed.set_result(None)
         if attempt is None:
             return
         found = self._index.get(task_id)
