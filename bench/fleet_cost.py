@@ -17,7 +17,8 @@ no base64); the box and the fleet run the same workflows on the same emulators.
   (3 s), so a worker joining a fleet that holds the model takes work only once jobs wait that long.
 - CPU per job: the CPU seconds every process of a path spent over the one-worker rate's jobs
   (box: the app and its ComfyUI; fleet: gateway, worker, Redis and its ComfyUI), divided by the
-  job count: on two cores, what bounds the rates above.
+  job count: on two cores, what bounds the rates above. Beside it, the Redis commands the fleet's
+  jobs cost (`INFO commandstats`: those its scripts run counted too, and the scripts called).
 """
 
 from __future__ import annotations
@@ -150,8 +151,10 @@ async def one_worker_rate(fleet: Fleet, jobs: int, clients: int = 10, step: floa
             for _ in range(5):
                 await _job(session, url, long_workflow(1, next(seeds)))
             before = [procs.cpu_seconds(pid) for pid in pids]
+            commands = fleet.redis.commands()
             rates[name] = await _rate(clients, jobs, lambda url=url: _job(session, url, long_workflow(1, next(seeds))))
             cpu[name] = [(procs.cpu_seconds(pid) - b) * 1000 / jobs for pid, b in zip(pids, before, strict=True)]
+            ran = {command: calls - commands.get(command, 0) for command, calls in fleet.redis.commands().items()}
     ratio = rates["fleet"] / rates["box"]
     parts = ", ".join(
         f"{n} {v:.2f}" for n, v in zip(("gateway", "worker", "Redis", "ComfyUI"), cpu["fleet"], strict=True)
@@ -165,6 +168,14 @@ async def one_worker_rate(fleet: Fleet, jobs: int, clients: int = 10, step: floa
             f"app {cpu['box'][0]:.2f}, ComfyUI {cpu['box'][1]:.2f}",
         ),
         info(SECTION, "CPU per job, gateway + worker", sum(cpu["fleet"]), "ms", parts),
+        info(
+            SECTION,
+            "Redis commands per job, gateway + worker",
+            sum(ran.values()) / jobs,
+            "commands",
+            f"scripts called {sum(n for c, n in ran.items() if c.startswith('eval')) / jobs:.1f}; "
+            f"XADD {ran.get('xadd', 0) / jobs:.1f}, XREAD {ran.get('xread', 0) / jobs:.1f}",
+        ),
         info(SECTION, f"one box, {step * 1000:g} ms jobs, {clients} clients", rates["box"], "jobs/s"),
         goal(
             SECTION,

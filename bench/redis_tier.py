@@ -69,6 +69,14 @@ class Redis:
     def pid(self) -> int:
         return self.proc.pid
 
+    def commands(self) -> dict[str, int]:
+        """How many times each command ran so far (`INFO commandstats`; a script's own calls counted)."""
+        import redis
+
+        with redis.Redis.from_url(self.url) as client:
+            stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
+        return {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in stats.items()}
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)

@@ -20,6 +20,7 @@ import redis
 import requests
 
 from serverless.errors import ExecutionInterrupted
+from serverless.jobs.feed import Feed, Result
 from serverless.status.redis import RedisStatus, connect
 from tests.fleet import RedisServer, Tier
 from tests.helpers import RUN, empty_image, post_run, txt2img, wait_until
@@ -201,6 +202,44 @@ def test_a_retry_note_on_an_attempt_killed_before_writing_expires_with_the_log(r
             await store.aclose()
 
     asyncio.run(scenario())
+
+
+def test_events_refused_past_maxmemory_are_kept_and_stored_once_redis_has_room(redis_server: RedisServer) -> None:
+    """A Redis full (`maxmemory`, `noeviction`) refuses a job's events: the worker keeps them
+    and stores them, its terminal payload last, once Redis has room (they were dropped once: the
+    refusal went unrecognised)."""
+
+    async def scenario() -> list[bytes]:
+        client = connect(redis_server.url(next(_databases)))
+        store = RedisStatus(client, stale_after=60, retention_days=1, max_event_bytes=1 << 20)
+        feed = Feed()
+        try:
+            attempt = await store.begin("full")
+            recording = asyncio.create_task(store.record(attempt, feed))
+            feed.publish_payload({"type": "serverless_progress", "data": {"task_id": "full", "at": time.time()}})
+            for _ in range(1000):  # the first event stored (at once: nothing came before it)
+                if await client.xlen(attempt.key):
+                    break
+                await asyncio.sleep(0.01)
+            used = (await client.info("memory"))["used_memory"]
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", str(max(used - 100_000, 1)))
+            try:
+                feed.publish('{"type": "executing", "data": {"node": "1"}}')
+                feed.finish(Result({"type": "serverless_api", "data": {"task_id": "full"}}))
+                await asyncio.sleep(0.5)  # refused meanwhile, kept, tried again
+                assert await client.xlen(attempt.key) == 1, "nothing stored past maxmemory"
+            finally:
+                await client.config_set("maxmemory", "0")
+            async with asyncio.timeout(10):
+                await recording
+            entries: Any = await client.xrange(attempt.key)
+            return [fields[b"d"] for _, fields in entries]
+        finally:
+            await store.aclose()
+
+    stored = asyncio.run(scenario())
+    assert [json.loads(data)["type"] for data in stored] == ["serverless_progress", "executing", "serverless_api"]
 
 
 # -- throughput and the documentation's clients ---------------------------------------------------

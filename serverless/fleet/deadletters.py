@@ -32,9 +32,11 @@ async def bury(
     fields: dict[bytes, bytes],
     reason: str,
     consumer: str,
+    begun: int = 0,
 ) -> None:
     """Acknowledge entry `entry` of `stream` and keep it in `dead:jobs`, in one step (not deleted
-    from its stream: the workers' trim removes it, and the group's lag stays exact)."""
+    from its stream: the workers' trim removes it, and the group's lag stays exact); its task's
+    log ends with why (on attempt `begun` when the entry was taken as it was read)."""
     async with client.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.DEAD_LETTERS, _record(stream, entry, fields, reason, consumer), maxlen=KEPT, approximate=True)
         pipe.xack(stream, GROUP, entry)
@@ -52,9 +54,11 @@ async def bury(
         validate_task_id(task_id)
     except Exception:
         return  # no task to tell
-    if await client.set(keys.run_claim(task_id, entry), consumer, nx=True, ex=status.ttl):
+    error = Unclassified(f"the queued job could not be read by a worker ({reason[:200]})")
+    if begun:
+        await status.append_terminal(task_id, begun, error)
+    elif await client.set(keys.run_claim(task_id, entry), consumer, nx=True, ex=status.ttl):
         attempt = await status.begin(task_id)
-        error = Unclassified(f"the queued job could not be read by a worker ({reason[:200]})")
         await status.append_terminal(task_id, attempt.number, error)
 
 

@@ -49,6 +49,9 @@ class RemoteJob:
         self._terminal: Event | None = None
         self._lock = asyncio.Lock()
         self._more = False  # the read that brought the last event holds more (`Entry.more`)
+        # Queued a moment ago as a new attempt (not attached to an earlier request's): its log was
+        # empty then, and the first follower's first read is the gateway's watch's (`follow`).
+        self._unbegun = attempt is not None
 
     async def events(
         self, after: int | None = None, idle: float | None = None, previews: bool = False
@@ -60,8 +63,10 @@ class RemoteJob:
         loop = asyncio.get_running_loop()
         begun, quiet_since, seq = bool(after), loop.time(), after or 0
         look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
+        unbegun, self._unbegun = self._unbegun and not after, False
         with self.runner.following():
-            async for entry in self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews):
+            follow = self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews, unbegun)
+            async for entry in follow:
                 if self.runner.letting_go.is_set():  # this gateway stops: the job goes on without it
                     yield self._let_go(seq + 1)
                     return
@@ -118,6 +123,11 @@ class RemoteJob:
         self.runner.cancel_later(self.task_id, reason)
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _event(seq: int, data: bytes, terminal: bool) -> Event:
     error = None
     if terminal and b'"serverless_api"' not in data[:64]:
@@ -161,6 +171,7 @@ class RemoteJobs:
         self.letting_go = asyncio.Event()  # set when a drain's time is up: followers end at once
         self._depth: tuple[float, int] | None = None  # (when read, jobs waiting then)
         self._added = 0  # jobs this gateway queued since that reading
+        self._reading: asyncio.Future[None] | None = None  # the reading of the depth under way
         self._workers: tuple[float, list[WorkerView]] | None = None  # (when read, live workers then)
 
     @property
@@ -174,12 +185,22 @@ class RemoteJobs:
         return self._depth[1] + self._added if self._depth is not None else 0
 
     async def _waiting(self) -> int:
-        """Jobs waiting in the queue: read from Redis at most every DEPTH_FRESH seconds, plus
-        those this gateway queued since (so that a burst does not slip past the limit)."""
-        now = time.monotonic()
-        if self._depth is None or now - self._depth[0] > DEPTH_FRESH:
-            self._depth, self._added = (now, await self.queue.depth()), 0
+        """Jobs waiting in the queue: read from Redis at most every DEPTH_FRESH seconds (one read
+        at a time: the callers that find the reading stale meanwhile share it), plus those this
+        gateway queued since (so that a burst does not slip past the limit)."""
+        if self._depth is None or time.monotonic() - self._depth[0] > DEPTH_FRESH:
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read_depth())
+                self._reading.add_done_callback(_retrieved)  # a failure its callers all left is no warning
+            await asyncio.shield(self._reading)
+        assert self._depth is not None
         return self._depth[1] + self._added
+
+    async def _read_depth(self) -> None:
+        try:
+            self._depth, self._added = (time.monotonic(), await self.queue.depth()), 0
+        finally:
+            self._reading = None
 
     async def check_room(self) -> None:
         """BUSY (with `Retry-After`) while MAX_QUEUED_JOBS jobs wait in the queue."""

@@ -87,6 +87,13 @@ class WorkerView:
             return None
 
 
+async def live_names(client: aioredis.Redis) -> list[str]:
+    """The names of the workers that beat within HEARTBEAT_TTL (any lane; no advert read)."""
+    now_ms = int(time.time() * 1000)
+    names: Any = await client.zrangebyscore(keys.WORKERS, now_ms - HEARTBEAT_TTL * 1000, "+inf")
+    return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+
+
 async def live_workers(client: aioredis.Redis) -> list[WorkerView]:
     """Every worker whose heartbeat has not expired."""
     now_ms = int(time.time() * 1000)
@@ -115,6 +122,7 @@ class Heartbeat:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _switched: bool = True  # its models changed since VRAM was last read
     _listed: tuple[frozenset[str], frozenset[str], str] | None = None  # nodes, files and their JSON
+    _told: tuple[frozenset[str], bool] | None = None  # the resident models and busy flag last advertised
 
     def _lists(self) -> str:
         """`"nodes": [...], "files": [...]` as JSON, made again only when they change (a beat
@@ -126,7 +134,8 @@ class Heartbeat:
 
     def ran(self, needs: Needs) -> None:
         """A job with `needs` ran here: its models are the ones held now (counted as a residency
-        hit when they were already, else as a switch)."""
+        hit when they were already, else as a switch). Advertised at once when that changes what
+        the last beat said (its models, or busy); else the next timed beat tells the same."""
         if needs.models:
             if needs.models <= self.resident:
                 self.metrics.model_residency_hits.inc()
@@ -134,7 +143,8 @@ class Heartbeat:
                 self.metrics.model_switches.inc()
             self._switched = self._switched or needs.models != self.resident
             self.resident = needs.models
-        self._wake.set()
+        if self._switched or self._told != (self.resident, self.busy):
+            self._wake.set()
 
     def freed(self) -> None:
         """Its ComfyUI unloaded its models (`/free`, a restart)."""
@@ -200,6 +210,7 @@ class Heartbeat:
             pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - FORGET_AFTER_MS)
             pipe.sadd(keys.LANES, self.lane)
             await pipe.execute()
+        self._told = (view.resident, view.busy)
 
     async def leave(self) -> None:
         """Stop advertising (a drained worker takes no more jobs)."""

@@ -74,6 +74,58 @@ redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[3] .. ':' .. number .. ':alive', '1', 'EX', ARGV[3])
 return number
 """
+# The next queued entry for consumer ARGV[2] of group ARGV[1]: XREADGROUP of the streams KEYS[i]
+# for i in ARGV[14..], in that order, until one hands an entry out -> {i, entry id, fields, took}.
+# With ARGV[3] = "1" (no other worker it could be placed with), the entry is taken as it is read,
+# as `TAKE` takes it: took is TAKE's answer (-1 not ours, 0 cancelled, n attempt n begun; ARGV[4]
+# the keys' TTL, ARGV[5] the owner mark's), its keys named from the task id and entry id with the
+# parts of `keys`' names around them (ARGV[6..8] the run claim's, [9..11] the cancel's, [12..13]
+# the attempt counter's); else, or for a task id outside the rule of task ids, took is -2 (not
+# asked). None handed out: {0, each stream's last delivered id ("0-0": no group), the newest
+# `fleet:handoffs` entry's id (KEYS[#KEYS]; "0-0": none)}, where the blocking wait starts from.
+NEXT = """
+local handoffs = #KEYS
+for i = 14, #ARGV do
+  local stream = KEYS[tonumber(ARGV[i])]
+  local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
+  if got then
+    local id, fields = got[1][2][1][1], got[1][2][1][2]
+    local took = -2
+    local task
+    for j = 1, #fields, 2 do
+      if fields[j] == 'task_id' then task = fields[j + 1] end
+    end
+    if ARGV[3] == '1' and task and #task <= 128 and not string.find(task, '[^%w%._%-]')
+        and task ~= '.' and task ~= '..' then
+      took = -1
+      local claim = ARGV[6] .. task .. ARGV[7] .. id .. ARGV[8]
+      if redis.call('SET', claim, ARGV[2], 'NX', 'EX', ARGV[4]) then
+        if redis.call('EXISTS', ARGV[9] .. task .. ARGV[10] .. id .. ARGV[11]) == 1 then
+          took = 0
+        else
+          local attempts = ARGV[12] .. task .. ARGV[13]
+          took = redis.call('INCR', attempts)
+          redis.call('EXPIRE', attempts, ARGV[4])
+          redis.call('SET', attempts .. ':' .. took .. ':alive', '1', 'EX', ARGV[5])
+        end
+      end
+    end
+    return {tonumber(ARGV[i]), id, fields, took}
+  end
+end
+local since = {}
+for i = 1, handoffs - 1 do
+  since[i] = '0-0'
+  for _, fields in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+    local group = {}
+    for j = 1, #fields, 2 do group[fields[j]] = fields[j + 1] end
+    if group['name'] == ARGV[1] then since[i] = group['last-delivered-id'] end
+  end
+end
+local newest = redis.call('XREVRANGE', KEYS[handoffs], '+', '-', 'COUNT', 1)
+return {0, since, #newest > 0 and newest[1][1] or '0-0'}
+"""
+_T = "\x00"  # a task id or entry id never holds it: it splits key names into the parts around them
 STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
 HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
 HANDOFFS_KEPT = 100  # `fleet:handoffs` entries kept (MAXLEN ~): only the newest wakes anyone
@@ -95,6 +147,7 @@ class Taken:
     reclaimed: bool
     inputs: str | None = None  # the name of its staged inputs (`staging`), None when none were
     handed: bool = False  # handed to this worker by another (affinity), or taken over from one
+    took: int | None = None  # taken as it was read (`NEXT`): `TAKE`'s answer; None: take it (`_take`)
 
 
 class Consumer:
@@ -116,6 +169,7 @@ class Consumer:
         self._next_claim = 0.0
         self._end = client.register_script(END)
         self._take_script = client.register_script(TAKE)
+        self._next_script = client.register_script(NEXT)
         stale = stale_after(settings.service.job_timeout, settings.fleet.queue_ttl, settings.fleet.claim_idle)
         self.admission = Admission(client, status.ttl, stale)
         self._trim = client.register_script(TRIM)
@@ -288,17 +342,25 @@ class Consumer:
         PRIORITY_AGING seconds without being served goes first: low never starves); waits up to
         BLOCK_SECONDS for one."""
         news, self._news = self._news, None
-        for name in await self._reading_order():
-            if news is not None and name not in news:  # the wait saw nothing new there: not asked
-                continue
-            answer: Any = await self.client.xreadgroup(GROUP, self.name, {name: ">"}, count=1)
-            for _, entries in answer or []:
-                for entry, fields in entries:
-                    self._waiting_since.pop(name, None)
-                    taken = await self._read(name, entry, fields, reclaimed=False)
-                    return taken if taken is None or await self._placed_here(taken) else None
+        # The wait saw nothing new in the others: not asked. One round trip (`NEXT`) for them all,
+        # and the entry taken in it when no other worker could be given it (affinity's place).
+        asked = [self.streams.index(name) + 1 for name in await self._reading_order() if news is None or name in news]
+        take = "1" if await self._placed_here_whatever() else ""
+        status = self.status
+        names = [*keys.run_claim(_T, _T).split(_T), *keys.queue_cancel(_T, _T).split(_T), *keys.attempts(_T).split(_T)]
+        args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, *asked]
+        answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS], args=args)
+        if int(answer[0]):
+            name = self.streams[int(answer[0]) - 1]
+            flat, took = answer[2], int(answer[3])
+            self._waiting_since.pop(name, None)
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            taken = await self._read(name, answer[1], fields, reclaimed=False, begun=max(took, 0))
+            if taken is not None and took > -2:
+                return replace(taken, took=took)
+            return taken if taken is None or await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
-        await self._wait_for_news()
+        await self._wait_for_news(answer[1], answer[2])
         return None
 
     async def _reading_order(self) -> list[str]:
@@ -322,6 +384,13 @@ class Consumer:
                     self._waiting_since.pop(name, None)
         starved = [name for name, since in self._waiting_since.items() if now - since >= PRIORITY_AGING]
         return sorted(starved, key=self.streams.index) + [name for name in self.streams if name not in starved]
+
+    async def _placed_here_whatever(self) -> bool:
+        """Whether any entry read now is run here: no affinity, or no other live worker to place
+        it with (`Affinity.place` then keeps every entry)."""
+        if self.affinity is None or not self.affinity.heartbeat.known:
+            return True
+        return await self.affinity.alone()
 
     async def _placed_here(self, taken: Taken) -> bool:
         """Whether this worker runs a job it read (affinity: else handed to a worker holding its
@@ -350,8 +419,11 @@ class Consumer:
         taken = await self._read(*found, reclaimed=False)
         return None if taken is None else replace(taken, handed=True)
 
-    async def _read(self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool) -> Taken | None:
-        """The job a queue entry holds; None for one that cannot be read (a dead letter now)."""
+    async def _read(
+        self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool, begun: int = 0
+    ) -> Taken | None:
+        """The job a queue entry holds; None for one that cannot be read (a dead letter now; its
+        attempt `begun` as it was taken, if one was, ended with why)."""
         entry_id = entry.decode() if isinstance(entry, bytes) else entry
         try:
             task_id = fields[b"task_id"].decode()
@@ -361,31 +433,25 @@ class Consumer:
             # without a status log, which is the only way its caller hears of it.
             spec = replace(decode_spec(fields[b"spec"], credentials), mode="async")
         except Exception as exc:  # what a gateway never writes: not a job (a pure decode, no I/O)
-            await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}")
+            await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}", begun)
             return None
         inputs = fields.get(b"inputs")
         return Taken(name, entry_id, task_id, spec, reclaimed, inputs.decode() if inputs else None)
 
-    async def _dead_letter(self, name: str, entry: str, fields: dict[bytes, bytes], reason: str) -> None:
+    async def _dead_letter(
+        self, name: str, entry: str, fields: dict[bytes, bytes], reason: str, begun: int = 0
+    ) -> None:
         """An entry no worker can run, moved aside (`deadletters.bury`) and counted."""
-        await deadletters.bury(self.client, self.status, name, entry, fields, reason, self.name)
+        await deadletters.bury(self.client, self.status, name, entry, fields, reason, self.name, begun)
         self.dead_letters += 1
         self.jobs.metrics.queue_dead_letters.inc()
 
-    async def _wait_for_news(self) -> None:
+    async def _wait_for_news(self, delivered: list[bytes], newest: bytes) -> None:
         """Block until an entry no consumer has been given arrives in any stream, or a job is
         handed back (`fleet:handoffs`: then it is claimed next): XREAD from each group's last
-        delivered id wakes at once if one arrived since the look above."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for name in self.streams:
-                pipe.xinfo_groups(name)
-            pipe.xrevrange(keys.HANDOFFS, count=1)
-            *answers, handed = await pipe.execute()
-        since = {}
-        for name, groups in zip(self.streams, answers, strict=True):
-            ours = [g for g in groups if g["name"] in (GROUP, GROUP.encode())]
-            since[name] = ours[0]["last-delivered-id"] if ours else "0-0"
-        newest = handed[0][0] if handed else b"0-0"
+        `delivered` id (as `NEXT` found none to hand out) wakes at once if one arrived since;
+        `newest` is the newest hand-off then."""
+        since: dict[Any, Any] = dict(zip(self.streams, delivered, strict=True))
         if self._handoffs_seen is not None and newest != self._handoffs_seen:
             self._next_claim = 0.0  # handed back since our last look: claim it now
         self._handoffs_seen = newest
@@ -398,7 +464,7 @@ class Consumer:
             return  # draining: no job is taken any more, so none is waited for
         self.waiting = True  # idle in the blocking read: a drain may cut it (nothing to hand back)
         try:
-            answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))  # type: ignore[arg-type]
+            answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))
         finally:
             self.waiting = False
         if self.affinity is not None and self.affinity.woke(answer):
@@ -418,7 +484,10 @@ class Consumer:
     # -- running -----------------------------------------------------------------------------
 
     async def _handle(self, taken: Taken) -> None:
-        ours, cancel_asked, begun = await self._take(taken)
+        if taken.took is not None:  # taken as it was read (`NEXT`)
+            ours, cancel_asked, begun = taken.took >= 0, taken.took == 0, max(taken.took, 0)
+        else:
+            ours, cancel_asked, begun = await self._take(taken)
         if ours:
             dead = await self.status.current(taken.task_id) if taken.reclaimed else 0
             if dead and await self.status.ended(taken.task_id, dead):

@@ -60,6 +60,10 @@ MAX_EVENT_BYTES = 1024 * 1024  # the largest event stored; a bigger one becomes 
 BIG_TERMINAL = 256 * 1024  # terminal payloads from this size on are split in a worker thread
 PREVIEWS_KEPT = 2  # a follower wants the newest preview; one more covers a read between two writes
 PREVIEWS_TTL = 60  # seconds a job's previews outlive its last one
+# Seconds between two writes of a job's events (Nagle's rule, as `transports.bursts` writes to a
+# caller): an event after a quiet spell is stored at once, the rest of its burst together a moment
+# later, the terminal payload (with what waits) at once. Each write wakes every follower's gateway.
+WRITE_WINDOW = 0.010
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
 POOL_WAIT = 10.0  # seconds a call waits for a free connection before it fails
@@ -73,6 +77,50 @@ local number = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[1] .. ':' .. number .. ':alive', '1', 'EX', ARGV[2])
 return number
+"""
+
+
+# A batch of an attempt's events stored in one step (`RedisStatus._write`): one command, where a
+# pipeline of an XADD per event cost the worker twice the CPU; Redis wakes a follower's blocking
+# read once for the lot. KEYS: the attempt's stream, its task's attempt counter, owner, the
+# attempt's owner mark, previews, result, then the task lists the first batch lists it in.
+# ARGV: [1] the log's TTL, [2] "1": refresh the log's expiries, [3] the owner mark's TTL ("": not
+# refreshed), [4] the newest preview ("": none) kept [5] deep for [6] seconds, [7] the terminal
+# payload whole ("": not kept apart) for [8] seconds, [9] the task's list member ("": not listed),
+# [10] its score, [11] the score before which members are dropped; then per event its seq, data
+# and kind ("0", "1": terminal, "r": terminal kept whole apart). An event stored before (its seq
+# not above the stream's last: a retried write whose answer was lost) is skipped; the first write
+# refused (past maxmemory) refuses the batch before anything is stored.
+APPEND = """
+for i = 12, #ARGV, 3 do
+  local kind = ARGV[i + 2]
+  local added
+  if kind == 'r' then
+    added = redis.pcall('XADD', KEYS[1], '0-' .. ARGV[i], 'd', ARGV[i + 1], 't', '1', 'r', '1')
+  else
+    added = redis.pcall('XADD', KEYS[1], '0-' .. ARGV[i], 'd', ARGV[i + 1], 't', kind)
+  end
+  if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller', 1, true) then
+    return redis.error_reply(added.err)
+  end
+end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', ARGV[5], '*', 'd', ARGV[4])
+  redis.call('EXPIRE', KEYS[5], ARGV[6])
+end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[6], ARGV[7], 'EX', ARGV[8]) end
+if ARGV[9] ~= '' then
+  for k = 7, #KEYS do
+    redis.call('ZADD', KEYS[k], 'NX', ARGV[10], ARGV[9])
+    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', ARGV[11])
+    redis.call('EXPIRE', KEYS[k], ARGV[1])
+  end
+end
+if ARGV[2] == '1' then
+  for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[1]) end
+end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[4], '1', 'EX', ARGV[3]) end
+return 1
 """
 
 
@@ -158,6 +206,7 @@ class RedisStatus:
         self._last_error: str | None = None
         self._up: bool | None = None
         self._begin = client.register_script(BEGIN)
+        self._append = client.register_script(APPEND)
         self.watch = StreamWatch(client, BLOCK_SECONDS)
         self._last_down: BaseException | None = None
 
@@ -212,6 +261,7 @@ class RedisStatus:
         heartbeat = max(self.stale_after / 4, 0.05)
         loop = asyncio.get_running_loop()
         refresh_at = 0.0  # the keys' expiries and the owner's mark are refreshed from then on (now)
+        written = -WRITE_WINDOW  # when the last batch was written (none yet: the first goes at once)
         pending: list[Event] = []
         preview: Event | None = None  # the newest preview not stored yet (the job shows them if asked)
         try:
@@ -227,10 +277,15 @@ class RedisStatus:
                 else:
                     pending.append(event)
                 if event.seq == feed.last_seq or event.terminal:  # caught up: one round trip for the lot
+                    # A write follows the one before it no sooner than WRITE_WINDOW later (what comes
+                    # meanwhile goes with it); the terminal payload never waits.
+                    if not event.terminal and await _more_within(feed, event.seq, written + WRITE_WINDOW - loop.time()):
+                        continue
                     # The expiries and the owner's mark with the first batch, the terminal one and
                     # once a heartbeat: the batches between carry their entries alone.
                     refresh = event.terminal or loop.time() >= refresh_at
                     await self._until_written(attempt, pending, preview, refresh)
+                    written = loop.time()
                     if refresh:
                         refresh_at = loop.time() + heartbeat
                     pending, preview = [], None
@@ -269,35 +324,38 @@ class RedisStatus:
     async def _write(
         self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
     ) -> None:
+        """Store `events` (and the newest `preview`) in one step (`APPEND`); with `refresh`, the
+        log's expiries (when there are events) and its owner's mark too."""
         stored = [await self._stored(event, attempt) for event in events]
-        async with self.client.pipeline(transaction=False) as pipe:
-            if preview is not None and len(preview.data) <= self.max_event_bytes:
-                previews = keys.previews(attempt.task_id, attempt.number)
-                pipe.xadd(previews, {"d": preview.data}, maxlen=PREVIEWS_KEPT)
-                pipe.expire(previews, PREVIEWS_TTL)
-            for event, (data, whole) in zip(events, stored, strict=True):
-                fields = {"d": data, "t": "1" if event.terminal else "0"}
-                if whole is not None:  # the stream keeps it without base64; readers fetch it whole
-                    pipe.set(keys.result(attempt.task_id, attempt.number), whole, ex=self.result_ttl)
-                    fields["r"] = "1"
-                pipe.xadd(attempt.key, fields, id=f"0-{event.seq}")  # type: ignore[arg-type]
-            if attempt.number == 1 and events and events[0].seq == 1:
-                self._index_first(pipe, attempt.task_id, stored[0][0])
-            if events and refresh:
-                pipe.expire(attempt.key, self.ttl)
-                pipe.expire(keys.attempts(attempt.task_id), self.ttl)
-                pipe.expire(keys.owner(attempt.task_id), self.ttl)
-            if refresh:
-                pipe.set(keys.alive(attempt.task_id, attempt.number), "1", ex=self._alive_ttl)
-            results = await pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, DOWN):
-                raise result
-            if isinstance(result, rexc.ResponseError) and str(result).startswith("OOM"):
-                raise RedisFull(str(result))  # kept and written again once Redis has room
-            if isinstance(result, rexc.ResponseError) and "equal or smaller" not in str(result):
-                # written before a lost answer ("equal or smaller" id): nothing to do; anything else is a bug
-                log.error("task_id=%s: Redis refused an event: %s", attempt.task_id, result)
+        task_id, number = attempt.task_id, attempt.number
+        names = [attempt.key, keys.attempts(task_id), keys.owner(task_id), keys.alive(task_id, number)]
+        names += [keys.previews(task_id, number), keys.result(task_id, number)]
+        whole = next((kept for _, kept in stored if kept is not None), None)
+        shown = preview.data if preview is not None and len(preview.data) <= self.max_event_bytes else b""
+        listed: tuple[list[str], str, int, int] | None = None
+        if number == 1 and events and events[0].seq == 1:
+            listed = self._listing_first(task_id, stored[0][0])
+        if listed is not None:
+            names += listed[0]
+        args: list[Any] = [
+            self.ttl,
+            "1" if events and refresh else "",
+            self._alive_ttl if refresh else "",
+            shown,
+            PREVIEWS_KEPT,
+            PREVIEWS_TTL,
+            whole or b"",
+            self.result_ttl,
+            *(listed[1:] if listed is not None else ("", 0, 0)),
+        ]
+        for event, (data, kept) in zip(events, stored, strict=True):
+            args += [event.seq, data, ("r" if kept is not None else "1") if event.terminal else "0"]
+        try:
+            await self._append(keys=names, args=args)
+        except rexc.OutOfMemoryError as exc:  # refused before anything was stored
+            raise RedisFull(str(exc)) from exc  # kept and written again once Redis has room
+        except rexc.ResponseError as exc:  # anything else is a bug: said, and not retried for ever
+            log.error("task_id=%s: Redis refused its events: %s", task_id, exc)
 
     def index_task(self, pipe: Any, task_id: str, owner: str | None, workflow_id: str | None, at: float) -> None:
         """Add to `pipe` what lists the task (`list_tasks`): in every task's sorted set and its
@@ -310,21 +368,21 @@ class RedisStatus:
             pipe.zremrangebyscore(name, "-inf", cutoff)
             pipe.expire(name, self.ttl)
 
-    def _index_first(self, pipe: Any, task_id: str, first: bytes) -> None:
-        """List a task from its first event (whose it is, its workflow, when it was made)."""
+    def _listing_first(self, task_id: str, first: bytes) -> tuple[list[str], str, int, int] | None:
+        """What lists a task from its first event (whose it is, its workflow, when it was made),
+        as `index_task` lists it: the sorted sets, the member, its score and the score before
+        which members are dropped; None for a first event that is not a progress event (a note of
+        a dropped event: listed by its gateway, or not at all)."""
         try:
             data = json.loads(first)["data"]
             at = float(data["at"])
         except (ValueError, KeyError, TypeError):
-            return  # not a progress event (a note of a dropped event): listed by its gateway, or not at all
+            return None
         owner, workflow_id = data.get("owner"), data.get("workflow_id")
-        self.index_task(
-            pipe,
-            task_id,
-            owner if isinstance(owner, str) else None,
-            workflow_id if isinstance(workflow_id, str) else None,
-            at,
-        )
+        owner = owner if isinstance(owner, str) else None
+        workflow_id = workflow_id if isinstance(workflow_id, str) else None
+        names = [keys.TASKS, keys.tasks_of(owner)] if owner else [keys.TASKS]
+        return names, f"{task_id} {workflow_id or ''}", int(at * 1000), int((time.time() - self.ttl) * 1000)
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """A page of the tasks, newest first (`serverless.status.tasklist`): with API keys, the
@@ -461,6 +519,7 @@ class RedisStatus:
         attempt: int | None = None,
         idle: float | None = None,
         previews: bool = False,
+        unbegun: bool = False,
     ) -> AsyncIterator[Entry | None]:
         """The task's payloads after `after` as they are stored, from any instance (XREAD BLOCK,
         no polling), until a terminal one; None after `idle` seconds of silence; nothing when
@@ -469,7 +528,9 @@ class RedisStatus:
         its payloads numbered on from the last seen. An attempt whose owner is gone ends with
         "instance lost"; Redis unreachable for longer than `stale_after` ends with a 503 error.
         With `previews`, the attempt's previews stream is read with its log: of the previews
-        stored since the last read, the newest comes (`Entry.preview`), after the log's entries."""
+        stored since the last read, the newest comes (`Entry.preview`), after the log's entries.
+        `unbegun`: attempt `attempt` was not begun when its caller queued it a moment ago: its
+        first read is the watch's (from its start), not one of its own as well."""
         validate_task_id(task_id)
         loop = asyncio.get_running_loop()
         number = attempt or max(await self.current(task_id), 1)
@@ -493,8 +554,9 @@ class RedisStatus:
                             await registered.enter_async_context(self.watch.news(name, since, watched[1]))
                 news = watched[1]
                 answer, down_since = await self._read_or_wait(
-                    key, cursor, news, waiting if wait else 0.0, down_since, shown, watched=not fresh
+                    key, cursor, news, waiting if wait else 0.0, down_since, shown, watched=not fresh or unbegun
                 )
+                unbegun = False
                 wait = True
                 if down_since is not None and loop.time() - down_since > self.stale_after:
                     down = unavailable(self._last_down or ConnectionError("no answer"))
@@ -785,6 +847,18 @@ class RedisStatus:
         except Unavailable as exc:
             self._last_error = exc.message
             raise
+
+
+async def _more_within(feed: Feed, seq: int, within: float) -> bool:
+    """Whether the feed has an event after `seq` now or within `within` seconds (its terminal
+    one at once)."""
+    if feed.last_seq > seq or within <= 0:
+        return feed.last_seq > seq
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while feed.last_seq <= seq:
+                await feed.changed()
+    return feed.last_seq > seq
 
 
 def handed_off(event: Event, attempt: RedisAttempt) -> Event:
