@@ -66,14 +66,17 @@ RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling 
 # A queued submission taken in one step: its run claim (SET NX), whether a cancel of it was
 # acknowledged, and, if not, the task's next attempt begun as `status.redis.BEGIN` begins one
 # (the owner's mark named as `keys.alive` names it). -> -1: not ours; 0: ours, cancelled; n: attempt n
-TAKE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return -1 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local number = redis.call('INCR', KEYS[3])
-redis.call('EXPIRE', KEYS[3], ARGV[2])
-redis.call('SET', KEYS[3] .. ':' .. number .. ':alive', '1', 'EX', ARGV[3])
-return number
+_TAKE_FUNCTION = """
+local function take(claim, cancel, attempts, consumer, ttl, alive_ttl)
+  if not redis.call('SET', claim, consumer, 'NX', 'EX', ttl) then return -1 end
+  if redis.call('EXISTS', cancel) == 1 then return 0 end
+  local number = redis.call('INCR', attempts)
+  redis.call('EXPIRE', attempts, ttl)
+  redis.call('SET', attempts .. ':' .. number .. ':alive', '1', 'EX', alive_ttl)
+  return number
+end
 """
+TAKE = _TAKE_FUNCTION + "return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
 # The next queued entry for consumer ARGV[2] of group ARGV[1]: XREADGROUP of the streams KEYS[i]
 # for i in ARGV[14..], in that order, until one hands an entry out -> {i, entry id, fields, took}.
 # With ARGV[3] = "1" (no other worker it could be placed with), the entry is taken as it is read,
@@ -83,7 +86,7 @@ return number
 # the attempt counter's); else, or for a task id outside the rule of task ids, took is -2 (not
 # asked). None handed out: {0, each stream's last delivered id ("0-0": no group), the newest
 # `fleet:handoffs` entry's id (KEYS[#KEYS]; "0-0": none)}, where the blocking wait starts from.
-NEXT = """
+_NEXT_BODY = """
 local handoffs = #KEYS
 for i = 14, #ARGV do
   local stream = KEYS[tonumber(ARGV[i])]
@@ -97,18 +100,8 @@ for i = 14, #ARGV do
     end
     if ARGV[3] == '1' and task and #task <= 128 and not string.find(task, '[^%w%._%-]')
         and task ~= '.' and task ~= '..' then
-      took = -1
-      local claim = ARGV[6] .. task .. ARGV[7] .. id .. ARGV[8]
-      if redis.call('SET', claim, ARGV[2], 'NX', 'EX', ARGV[4]) then
-        if redis.call('EXISTS', ARGV[9] .. task .. ARGV[10] .. id .. ARGV[11]) == 1 then
-          took = 0
-        else
-          local attempts = ARGV[12] .. task .. ARGV[13]
-          took = redis.call('INCR', attempts)
-          redis.call('EXPIRE', attempts, ARGV[4])
-          redis.call('SET', attempts .. ':' .. took .. ':alive', '1', 'EX', ARGV[5])
-        end
-      end
+      took = take(ARGV[6] .. task .. ARGV[7] .. id .. ARGV[8], ARGV[9] .. task .. ARGV[10] .. id .. ARGV[11],
+                  ARGV[12] .. task .. ARGV[13], ARGV[2], ARGV[4], ARGV[5])
     end
     return {tonumber(ARGV[i]), id, fields, took}
   end
@@ -125,6 +118,7 @@ end
 local newest = redis.call('XREVRANGE', KEYS[handoffs], '+', '-', 'COUNT', 1)
 return {0, since, #newest > 0 and newest[1][1] or '0-0'}
 """
+NEXT = _TAKE_FUNCTION + _NEXT_BODY
 _T = "\x00"  # a task id or entry id never holds it: it splits key names into the parts around them
 STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
 HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
