@@ -361,28 +361,36 @@ class RedisStatus:
         """Add to `pipe` what lists the task (`list_tasks`): in every task's sorted set and its
         owner's, once (NX: a gateway's enqueue and its worker's first event both add it), the
         members past the retention dropped."""
-        member = f"{task_id} {workflow_id or ''}"
-        cutoff = int((time.time() - self.ttl) * 1000)
-        for name in (keys.TASKS, keys.tasks_of(owner)) if owner else (keys.TASKS,):
-            pipe.zadd(name, {member: int(at * 1000)}, nx=True)
+        names, member, score, cutoff = self._listing(task_id, owner, workflow_id, at)
+        for name in names:
+            pipe.zadd(name, {member: score}, nx=True)
             pipe.zremrangebyscore(name, "-inf", cutoff)
             pipe.expire(name, self.ttl)
 
+    def _listing(
+        self, task_id: str, owner: str | None, workflow_id: str | None, at: float
+    ) -> tuple[list[str], str, int, int]:
+        """What lists a task: the sorted sets, its member, its score and the score before which
+        members are dropped (`index_task`, and `APPEND` for a worker's first event)."""
+        names = [keys.TASKS, keys.tasks_of(owner)] if owner else [keys.TASKS]
+        return names, f"{task_id} {workflow_id or ''}", int(at * 1000), int((time.time() - self.ttl) * 1000)
+
     def _listing_first(self, task_id: str, first: bytes) -> tuple[list[str], str, int, int] | None:
-        """What lists a task from its first event (whose it is, its workflow, when it was made),
-        as `index_task` lists it: the sorted sets, the member, its score and the score before
-        which members are dropped; None for a first event that is not a progress event (a note of
-        a dropped event: listed by its gateway, or not at all)."""
+        """What lists a task from its first event (whose it is, its workflow, when it was made);
+        None for a first event that is not a progress event (a note of a dropped event: listed by
+        its gateway, or not at all)."""
         try:
             data = json.loads(first)["data"]
             at = float(data["at"])
         except (ValueError, KeyError, TypeError):
             return None
         owner, workflow_id = data.get("owner"), data.get("workflow_id")
-        owner = owner if isinstance(owner, str) else None
-        workflow_id = workflow_id if isinstance(workflow_id, str) else None
-        names = [keys.TASKS, keys.tasks_of(owner)] if owner else [keys.TASKS]
-        return names, f"{task_id} {workflow_id or ''}", int(at * 1000), int((time.time() - self.ttl) * 1000)
+        return self._listing(
+            task_id,
+            owner if isinstance(owner, str) else None,
+            workflow_id if isinstance(workflow_id, str) else None,
+            at,
+        )
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """A page of the tasks, newest first (`serverless.status.tasklist`): with API keys, the
