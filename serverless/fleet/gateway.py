@@ -30,8 +30,13 @@ from .queue import RedisQueue
 log = logging.getLogger(__name__)
 
 STRANDED_CHECK = 1.0  # seconds between a waiting follower's looks at its job's place in the queue
+# Readings a job's admission uses, renewed off its way: one older than *_FRESH is read again in
+# the background (the job goes on with it), one older than *_STALE, or one that would refuse the
+# job, is read again first.
 WORKERS_FRESH = 1.0  # seconds the workers' heartbeats are trusted by the check of what a job needs
+WORKERS_STALE = 5.0
 DEPTH_FRESH = 0.1  # seconds a reading of the queue's depth is trusted by admission (plus what we added since)
+DEPTH_STALE = 1.0
 
 
 class RemoteJob:
@@ -173,6 +178,7 @@ class RemoteJobs:
         self._added = 0  # jobs this gateway queued since that reading
         self._reading: asyncio.Future[None] | None = None  # the reading of the depth under way
         self._workers: tuple[float, list[WorkerView]] | None = None  # (when read, live workers then)
+        self._reading_workers: asyncio.Future[None] | None = None  # the reading of the workers under way
 
     @property
     def running(self) -> int:
@@ -184,15 +190,18 @@ class RemoteJobs:
         """Jobs waiting in the queue (all gateways), as last read."""
         return self._depth[1] + self._added if self._depth is not None else 0
 
-    async def _waiting(self) -> int:
+    async def _waiting(self, fresh: bool = False) -> int:
         """Jobs waiting in the queue: read from Redis at most every DEPTH_FRESH seconds (one read
-        at a time: the callers that find the reading stale meanwhile share it), plus those this
-        gateway queued since (so that a burst does not slip past the limit)."""
-        if self._depth is None or time.monotonic() - self._depth[0] > DEPTH_FRESH:
+        at a time: the callers that find the reading stale meanwhile share it; waited for only
+        when older than DEPTH_STALE, or `fresh`), plus those this gateway queued since (so that a
+        burst does not slip past the limit)."""
+        age = time.monotonic() - self._depth[0] if self._depth is not None else None
+        if age is None or age > DEPTH_FRESH:
             if self._reading is None:
                 self._reading = asyncio.ensure_future(self._read_depth())
                 self._reading.add_done_callback(_retrieved)  # a failure its callers all left is no warning
-            await asyncio.shield(self._reading)
+            if age is None or age > DEPTH_STALE or fresh:
+                await asyncio.shield(self._reading)
         assert self._depth is not None
         return self._depth[1] + self._added
 
@@ -204,7 +213,11 @@ class RemoteJobs:
 
     async def check_room(self) -> None:
         """BUSY (with `Retry-After`) while MAX_QUEUED_JOBS jobs wait in the queue."""
-        if self.max_queued and await self._waiting() >= self.max_queued:
+        if not self.max_queued or await self._waiting() < self.max_queued:
+            return
+        if self._depth is not None and time.monotonic() - self._depth[0] > DEPTH_FRESH:
+            await self._waiting(fresh=True)  # a refusal is judged by a fresh reading
+        if self.admitted >= self.max_queued:
             self.metrics.jobs_refused_busy.inc()
             raise Busy(
                 f"the queue is full: {self.admitted} job(s) wait for a worker (MAX_QUEUED_JOBS="
@@ -248,12 +261,12 @@ class RemoteJobs:
 
     async def _check_able(self, spec: JobSpec) -> None:
         """INVALID_PARAMS with `raw.missing` for a job needing node classes or model files no
-        live worker of its lane has (heartbeats, read at most every WORKERS_FRESH seconds)."""
-        now = time.monotonic()
-        if self._workers is None or now - self._workers[0] > WORKERS_FRESH:
-            with translated():
-                self._workers = (now, await live_workers(self.queue.client))
-        lacking = missing(await needs_of_spec(spec.workflow, spec.big), self._workers[1], spec.lane)
+        live worker of its lane has (heartbeats, read at most every WORKERS_FRESH seconds; see
+        WORKERS_STALE)."""
+        needs = await needs_of_spec(spec.workflow, spec.big)
+        lacking = missing(needs, await self._live_workers(), spec.lane)
+        if lacking is not None and self._workers is not None and time.monotonic() - self._workers[0] > WORKERS_FRESH:
+            lacking = missing(needs, await self._live_workers(fresh=True), spec.lane)  # refused by a fresh reading
         if lacking is not None:
             lane = f"lane {spec.lane!r}" if spec.lane else "the default lane"
             what = ", ".join(lacking["nodes"] + lacking["models"])
@@ -261,6 +274,26 @@ class RemoteJobs:
                 f"no worker of {lane} can run this workflow: it lacks {what}",
                 raw={"missing": lacking, "lane": spec.lane},
             )
+
+    async def _live_workers(self, fresh: bool = False) -> list[WorkerView]:
+        """The live workers as last read: read again in the background when older than
+        WORKERS_FRESH, first when older than WORKERS_STALE (or `fresh`); one read at a time."""
+        age = time.monotonic() - self._workers[0] if self._workers is not None else None
+        if age is None or age > WORKERS_FRESH:
+            if self._reading_workers is None:
+                self._reading_workers = asyncio.ensure_future(self._read_workers())
+                self._reading_workers.add_done_callback(_retrieved)
+            if age is None or age > WORKERS_STALE or fresh:
+                await asyncio.shield(self._reading_workers)
+        assert self._workers is not None
+        return self._workers[1]
+
+    async def _read_workers(self) -> None:
+        try:
+            with translated():
+                self._workers = (time.monotonic(), await live_workers(self.queue.client))
+        finally:
+            self._reading_workers = None
 
     async def measure(self) -> None:
         """The queue's depth, jobs taken and workers, into this gateway's metrics (the last
