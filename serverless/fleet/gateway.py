@@ -37,13 +37,20 @@ WORKERS_FRESH = 1.0  # seconds the workers' heartbeats are trusted by the check 
 WORKERS_STALE = 5.0
 DEPTH_FRESH = 0.1  # seconds a reading of the queue's depth is trusted by admission (plus what we added since)
 DEPTH_STALE = 1.0
+HELD_MAX = 60.0  # seconds a job's log stays registered with the status watch for a follower that does not come
 
 
 class RemoteJob:
     """A job that runs on some worker, seen through its status stream."""
 
     def __init__(
-        self, spec: JobSpec, task_id: str, attempt: int | None, status: RedisStatus, runner: RemoteJobs
+        self,
+        spec: JobSpec,
+        task_id: str,
+        attempt: int | None,
+        status: RedisStatus,
+        runner: RemoteJobs,
+        held: tuple[str, asyncio.Event] | None = None,
     ) -> None:
         self.spec = spec
         self.task_id = task_id
@@ -57,6 +64,10 @@ class RemoteJob:
         # Queued a moment ago as a new attempt (not attached to an earlier request's): its log was
         # empty then, and the first follower's first read is the gateway's watch's (`follow`).
         self._unbegun = attempt is not None
+        # Its log registered with the status watch before it was queued (`RedisQueue.submit`),
+        # until its follower has registered itself (at most HELD_MAX seconds).
+        self._held = held
+        self._held_until = None if held is None else asyncio.get_running_loop().call_later(HELD_MAX, self._let_held_go)
 
     async def events(
         self, after: int | None = None, idle: float | None = None, previews: bool = False
@@ -69,30 +80,43 @@ class RemoteJob:
         begun, quiet_since, seq = bool(after), loop.time(), after or 0
         look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
         unbegun, self._unbegun = self._unbegun and not after, False
-        with self.runner.following():
-            follow = self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews, unbegun)
-            async for entry in follow:
-                if self.runner.letting_go.is_set():  # this gateway stops: the job goes on without it
-                    yield self._let_go(seq + 1)
-                    return
-                if entry is None:
-                    if not begun:
-                        await self.runner.end_if_stranded(self.task_id, submitted=True)
-                    if idle is not None and loop.time() - quiet_since >= idle:
-                        quiet_since = loop.time()
-                        yield None
-                    continue
-                self._more = entry.more
-                if entry.preview:
-                    begun, quiet_since = True, loop.time()
-                    yield Event(entry.seq, entry.data, preview=True)
-                    continue
-                begun, quiet_since, seq = True, loop.time(), entry.seq
-                event = await _event(entry.seq, entry.data, entry.terminal)
-                if event.terminal and self._terminal is None:
-                    self._terminal = event
-                    self.runner.ended(self, event.error)
-                yield event
+        try:
+            with self.runner.following():
+                follow = self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews, unbegun)
+                async for entry in follow:
+                    if self._held is not None:  # the follow has registered the log itself
+                        self._let_held_go()
+                    if self.runner.letting_go.is_set():  # this gateway stops: the job goes on without it
+                        yield self._let_go(seq + 1)
+                        return
+                    if entry is None:
+                        if not begun:
+                            await self.runner.end_if_stranded(self.task_id, submitted=True)
+                        if idle is not None and loop.time() - quiet_since >= idle:
+                            quiet_since = loop.time()
+                            yield None
+                        continue
+                    self._more = entry.more
+                    if entry.preview:
+                        begun, quiet_since = True, loop.time()
+                        yield Event(entry.seq, entry.data, preview=True)
+                        continue
+                    begun, quiet_since, seq = True, loop.time(), entry.seq
+                    event = await _event(entry.seq, entry.data, entry.terminal)
+                    if event.terminal and self._terminal is None:
+                        self._terminal = event
+                        self.runner.ended(self, event.error)
+                    yield event
+        finally:
+            self._let_held_go()  # when the follow ended before its first entry
+
+    def _let_held_go(self) -> None:
+        if self._held is not None:
+            self.status.watch.release(*self._held)
+            self._held = None
+        if self._held_until is not None:
+            self._held_until.cancel()
+            self._held_until = None
 
     def _let_go(self, seq: int) -> Event:
         """The terminal payload of this caller alone when its gateway stops before the job ends:
@@ -254,10 +278,11 @@ class RemoteJobs:
             )
         await self.check_room()
         await self._check_able(spec)
-        submitted = await self.queue.submit(spec, spec.priority, spec.idempotency_key)
+        followed = spec.mode != "async"  # its caller follows it from now on
+        submitted = await self.queue.submit(spec, spec.priority, spec.idempotency_key, followed)
         self._added += 1
         self.metrics.job_started(spec.mode)
-        return RemoteJob(spec, submitted.task_id, submitted.attempt, self.status, self)
+        return RemoteJob(spec, submitted.task_id, submitted.attempt, self.status, self, submitted.held)
 
     async def _check_able(self, spec: JobSpec) -> None:
         """INVALID_PARAMS with `raw.missing` for a job needing node classes or model files no
