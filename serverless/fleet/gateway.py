@@ -24,7 +24,7 @@ from ..jobs.spec import JobSpec
 from ..ops.metrics import Metrics
 from ..status.redis import RedisStatus, translated
 from .heartbeat import WorkerView, live_workers, missing
-from .needs import needs_of_spec
+from .needs import Needs, needs_of_spec
 from .queue import RedisQueue
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,14 @@ class RemoteJob:
     def abandon(self, reason: str) -> None:
         """The caller went away: cancel the job wherever it is."""
         self.runner.cancel_later(self.task_id, reason)
+
+
+def _lacking(needs: Needs, workers: list[WorkerView], lane: str) -> dict[str, list[str]] | None:
+    """`missing`, at once when one worker of the lane has it all (the union of every worker's
+    node classes, hundreds each with a real ComfyUI, is made only for a job none can run alone)."""
+    if any(view.lane == lane and view.able(needs) for view in workers):
+        return None
+    return missing(needs, workers, lane)
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:
@@ -289,9 +297,9 @@ class RemoteJobs:
         live worker of its lane has (heartbeats, read at most every WORKERS_FRESH seconds; see
         WORKERS_STALE)."""
         needs = await needs_of_spec(spec.workflow, spec.big)
-        lacking = missing(needs, await self._live_workers(), spec.lane)
+        lacking = _lacking(needs, await self._live_workers(), spec.lane)
         if lacking is not None and self._workers is not None and time.monotonic() - self._workers[0] > WORKERS_FRESH:
-            lacking = missing(needs, await self._live_workers(fresh=True), spec.lane)  # refused by a fresh reading
+            lacking = _lacking(needs, await self._live_workers(fresh=True), spec.lane)  # refused by a fresh reading
         if lacking is not None:
             lane = f"lane {spec.lane!r}" if spec.lane else "the default lane"
             what = ", ".join(lacking["nodes"] + lacking["models"])
