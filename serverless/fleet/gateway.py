@@ -69,20 +69,28 @@ class RemoteJob:
         self._held = held
         self._held_until = None if held is None else asyncio.get_running_loop().call_later(HELD_MAX, self._let_held_go)
 
-    async def events(
+    def events(
         self, after: int | None = None, idle: float | None = None, previews: bool = False
     ) -> AsyncIterator[Event | None]:
         """The job's events as its worker stores them (None after `idle` seconds of silence),
         with `previews` the newest of the previews it keeps beside them.
         While no worker has begun it, the queue is asked now and then whether it still can be
         (QUEUE_TTL, a queue that lost its data): a caller never waits for ever."""
+        return self._follow(after, idle, previews)
+
+    async def _follow(
+        self, after: int | None, idle: float | None, previews: bool, last_only: bool = False
+    ) -> AsyncIterator[Event | None]:
+        """`events`; with `last_only`, the last event of each read alone (`finished`)."""
         loop = asyncio.get_running_loop()
         begun, quiet_since, seq = bool(after), loop.time(), after or 0
         look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
         unbegun, self._unbegun = self._unbegun and not after, False
         try:
             with self.runner.following():
-                follow = self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews, unbegun)
+                follow = self.status.follow(
+                    self.task_id, after or 0, self.attempt, look_every, previews, unbegun, last_only
+                )
                 async for entry in follow:
                     if self._held is not None:  # the follow has registered the log itself
                         self._let_held_go()
@@ -102,7 +110,7 @@ class RemoteJob:
                         yield Event(entry.seq, entry.data, preview=True)
                         continue
                     begun, quiet_since, seq = True, loop.time(), entry.seq
-                    event = await _event(entry.seq, entry.data, entry.terminal)
+                    event = await _event(entry.seq, entry.data) if entry.terminal else Event(entry.seq, entry.data)
                     if event.terminal and self._terminal is None:
                         self._terminal = event
                         self.runner.ended(self, event.error)
@@ -138,7 +146,7 @@ class RemoteJob:
         """The terminal event (followed once; later calls return it at once)."""
         async with self._lock:
             if self._terminal is None:
-                async for _ in self.events():
+                async for _ in self._follow(None, None, False, last_only=True):  # the events before it unread
                     pass
         assert self._terminal is not None
         return self._terminal
@@ -165,13 +173,14 @@ def _retrieved(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-async def _event(seq: int, data: bytes, terminal: bool) -> Event:
+async def _event(seq: int, data: bytes) -> Event:
+    """A terminal event, with its error when it is one."""
     error = None
-    if terminal and b'"serverless_api"' not in data[:64]:
+    if b'"serverless_api"' not in data[:64]:
         payload = await _decoded(data)
         if payload.get("type") == "error":
             error = error_from_payload(payload)
-    return Event(seq, data, terminal, error)
+    return Event(seq, data, True, error)
 
 
 async def _decoded(data: bytes) -> dict[str, Any]:

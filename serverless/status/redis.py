@@ -531,6 +531,7 @@ class RedisStatus:
         idle: float | None = None,
         previews: bool = False,
         unbegun: bool = False,
+        last_only: bool = False,
     ) -> AsyncIterator[Entry | None]:
         """The task's payloads after `after` as they are stored, from any instance (XREAD BLOCK,
         no polling), until a terminal one; None after `idle` seconds of silence; nothing when
@@ -541,7 +542,9 @@ class RedisStatus:
         With `previews`, the attempt's previews stream is read with its log: of the previews
         stored since the last read, the newest comes (`Entry.preview`), after the log's entries.
         `unbegun`: attempt `attempt` was not begun when its caller queued it a moment ago: its
-        first read is the watch's (from its start), not one of its own as well."""
+        first read is the watch's (from its start), not one of its own as well. `last_only`: of
+        the entries a read brings, the last alone (the terminal one when it is among them), for a
+        caller waiting for the end."""
         validate_task_id(task_id)
         loop = asyncio.get_running_loop()
         number = attempt or max(await self.current(task_id), 1)
@@ -581,6 +584,8 @@ class RedisStatus:
                         yield Entry(offset + cursor, newest[b"d"], False, preview=True)
                         continue
                     for index, (entry_id, fields) in enumerate(entries, start=1):
+                        if last_only and index < len(entries):
+                            continue
                         cursor = _seq(entry_id)
                         terminal = fields.get(b"t") == b"1"
                         data = fields[b"d"]
