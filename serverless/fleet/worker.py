@@ -8,8 +8,9 @@ queueing at most one more in its ComfyUI behind it.
           -> take it (SET NX run:<task>:<entry>; "cancelled" means a gateway removed it first)
           -> `Jobs.start(spec)` (the unchanged pipeline; its recorder writes to Redis)
           -> while it runs: keep the entry ours (XCLAIM, resetting its idle time), block on its
-             cancel stream and stop it the moment a cancel comes; at its end decide in Redis
-             whether a cancel came first (`queue.END`) -> XACK once the terminal payload is stored.
+             cancel stream (from `watch.TOLD_AFTER` into the run) and stop it the moment a cancel
+             comes; at its end decide in Redis whether a cancel came first (`queue.END`) -> XACK
+             once the terminal payload is stored.
 
 Short jobs are pipelined. Each job taken is handled in a task of its own (`Holding`). Once the
 running job's prompt is in ComfyUI's queue, the loop takes one more job without waiting for one
