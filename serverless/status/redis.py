@@ -329,7 +329,10 @@ class RedisStatus:
     ) -> None:
         """Store `events` (and the newest `preview`) in one step (`APPEND`); with `refresh`, the
         log's expiries (when there are events) and its owner's mark too."""
-        stored = [await self._stored(event, attempt) for event in events]
+        stored = [
+            await self._stored(event, attempt) if event.terminal else (self.stored(event, attempt), None)
+            for event in events
+        ]
         task_id, number = attempt.task_id, attempt.number
         names = [attempt.key, keys.attempts(task_id), keys.owner(task_id), keys.alive(task_id, number)]
         names += [keys.previews(task_id, number), keys.result(task_id, number)]
