@@ -8,8 +8,9 @@ queueing at most one more in its ComfyUI behind it.
           -> take it (SET NX run:<task>:<entry>; "cancelled" means a gateway removed it first)
           -> `Jobs.start(spec)` (the unchanged pipeline; its recorder writes to Redis)
           -> while it runs: keep the entry ours (XCLAIM, resetting its idle time), block on its
-             cancel stream and stop it the moment a cancel comes; at its end decide in Redis
-             whether a cancel came first (`queue.END`) -> XACK once the terminal payload is stored.
+             cancel stream (from `watch.TOLD_AFTER` into the run) and stop it the moment a cancel
+             comes; at its end decide in Redis whether a cancel came first (`queue.END`) -> XACK
+             once the terminal payload is stored.
 
 Short jobs are pipelined. Each job taken is handled in a task of its own (`Holding`). Once the
 running job's prompt is in ComfyUI's queue, the loop takes one more job without waiting for one
@@ -63,7 +64,7 @@ from . import deadletters, staging
 from .admission import Admission, stale_after
 from .affinity import Affinity
 from .healing import Healing
-from .heartbeat import Heartbeat
+from .heartbeat import HEARTBEAT_TTL, Heartbeat
 from .needs import needs_of_spec
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
@@ -93,17 +94,25 @@ end
 """
 TAKE = _TAKE_FUNCTION + "return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
 # The next queued entry for consumer ARGV[2] of group ARGV[1]: XREADGROUP of the streams KEYS[i]
-# for i in ARGV[14..], in that order, until one hands an entry out -> {i, entry id, fields, took}.
-# With ARGV[3] = "1" (no other worker it could be placed with), the entry is taken as it is read,
-# as `TAKE` takes it: took is TAKE's answer (-1 not ours, 0 cancelled, n attempt n begun; ARGV[4]
-# the keys' TTL, ARGV[5] the owner mark's), its keys named from the task id and entry id with the
-# parts of `keys`' names around them (ARGV[6..8] the run claim's, [9..11] the cancel's, [12..13]
-# the attempt counter's); else, or for a task id outside the rule of task ids, took is -2 (not
-# asked). None handed out: {0, each stream's last delivered id ("0-0": no group), the newest
-# `fleet:handoffs` entry's id (KEYS[#KEYS]; "0-0": none)}, where the blocking wait starts from.
+# for i in ARGV[15..], in that order, until one hands an entry out -> {i, entry id, fields, took}.
+# With ARGV[3] = "1" (no other worker it could be placed with), or "?" and no worker but ARGV[2]
+# has beaten since ARGV[14] (the heartbeats' sorted set KEYS[#KEYS]: `Affinity.place` would keep
+# it), the entry is taken as it is read, as `TAKE` takes it: took is TAKE's answer (-1 not ours,
+# 0 cancelled, n attempt n begun; ARGV[4] the keys' TTL, ARGV[5] the owner mark's), its keys named
+# from the task id and entry id with the parts of `keys`' names around them (ARGV[6..8] the run
+# claim's, [9..11] the cancel's, [12..13] the attempt counter's); else, or for a task id outside
+# the rule of task ids, took is -2 (not asked). None handed out: {0, each stream's last delivered
+# id ("0-0": no group), the newest `fleet:handoffs` entry's id (KEYS[#KEYS - 1]; "0-0": none)},
+# where the blocking wait starts from.
 _NEXT_BODY = """
-local handoffs = #KEYS
-for i = 14, #ARGV do
+local handoffs = #KEYS - 1
+local function alone()
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[#KEYS], ARGV[14], '+inf')) do
+    if name ~= ARGV[2] then return false end
+  end
+  return true
+end
+for i = 15, #ARGV do
   local stream = KEYS[tonumber(ARGV[i])]
   local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
   if got then
@@ -113,8 +122,8 @@ for i = 14, #ARGV do
     for j = 1, #fields, 2 do
       if fields[j] == 'task_id' then task = fields[j + 1] end
     end
-    if ARGV[3] == '1' and task and #task <= 128 and not string.find(task, '[^%w%._%-]')
-        and task ~= '.' and task ~= '..' then
+    if task and #task <= 128 and not string.find(task, '[^%w%._%-]') and task ~= '.' and task ~= '..'
+        and (ARGV[3] == '1' or (ARGV[3] == '?' and alone())) then
       took = take(ARGV[6] .. task .. ARGV[7] .. id .. ARGV[8], ARGV[9] .. task .. ARGV[10] .. id .. ARGV[11],
                   ARGV[12] .. task .. ARGV[13], ARGV[2], ARGV[4], ARGV[5])
     end
@@ -448,11 +457,12 @@ class Consumer:
         # The wait saw nothing new in the others: not asked. One round trip (`NEXT`) for them all,
         # and the entry taken in it when no other worker could be given it (affinity's place).
         asked = [self.streams.index(name) + 1 for name in await self._reading_order() if news is None or name in news]
-        take = "1" if await self._placed_here_whatever() else ""
+        take = "1" if self._placed_here_whatever() else "?"  # "?": when no other worker beats (asked in NEXT)
         status = self.status
         names = [*keys.run_claim(_T, _T).split(_T), *keys.queue_cancel(_T, _T).split(_T), *keys.attempts(_T).split(_T)]
-        args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, *asked]
-        answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS], args=args)
+        beaten_since = int(time.time() * 1000) - HEARTBEAT_TTL * 1000
+        args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, beaten_since, *asked]
+        answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS, keys.WORKERS], args=args)
         if int(answer[0]):
             name = self.streams[int(answer[0]) - 1]
             flat, took = answer[2], int(answer[3])
@@ -489,12 +499,11 @@ class Consumer:
         starved = [name for name, since in self._waiting_since.items() if now - since >= PRIORITY_AGING]
         return sorted(starved, key=self.streams.index) + [name for name in self.streams if name not in starved]
 
-    async def _placed_here_whatever(self) -> bool:
-        """Whether any entry read now is run here: no affinity, or no other live worker to place
-        it with (`Affinity.place` then keeps every entry)."""
-        if self.affinity is None or not self.affinity.heartbeat.known:
-            return True
-        return await self.affinity.alone()
+    def _placed_here_whatever(self) -> bool:
+        """Whether any entry read now is run here, whatever the other workers: no affinity, or
+        its ComfyUI not read yet (`Affinity.place` then keeps every entry). Else NEXT asks
+        whether another worker beats, in the round trip that reads the entry."""
+        return self.affinity is None or not self.affinity.heartbeat.known
 
     async def _placed_here(self, taken: Taken) -> bool:
         """Whether this worker runs a job it read (affinity: else handed to a worker holding its
