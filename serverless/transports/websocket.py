@@ -1,5 +1,6 @@
 """WS /api/serverless/ws: the client sends one run body; it gets every ComfyUI message text of
-the job, then the terminal payload, then a normal close. A client that leaves abandons its job;
+the job, then the terminal payload, then a normal close (each message its own frame; a burst of
+them in one write: `bursts`, `frames`). A client that leaves abandons its job;
 a body that is refused gets the error object as the last message."""
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from ..ops.metrics import ReaderMeter
 from ..settings import Settings
 from ..state import app_state
 from . import caller as caller_module
+from .bursts import bursts
 from .caller import CallerStalled, bounded, watch
+from .frames import Frames, Message
 from .http import abort_connection, hang_up
 from .start import start_job
 
@@ -73,11 +76,13 @@ async def _forward(
     too_slow: list[ReaderTooSlow] = []
     timeout = caller_module.WRITE_TIMEOUT
 
+    frames = Frames(websocket)
+
     async def deliver() -> None:
         try:
-            async for event in job.events(previews=previews):
-                if event is not None:
-                    await bounded(websocket.send_text(event.text), timeout)
+            async for burst in bursts(job, previews=previews):
+                if burst is not None:
+                    await bounded(frames.send([Message(event.data) for event in burst]), timeout)
             await bounded(websocket.close(), timeout)  # a send waits for room, the close too
         except ReaderTooSlow as exc:
             too_slow.append(exc)
