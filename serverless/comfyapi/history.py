@@ -92,6 +92,18 @@ def is_end(message: dict[str, Any], prompt_id: str) -> bool:
     )
 
 
+def ends_prompt(text: str, prompt_id: str) -> bool:
+    """Whether a logged text is ComfyUI's last message of the prompt (`is_end`); only
+    `executing` messages are parsed."""
+    if '"executing"' not in text[:40]:
+        return False
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and is_end(message, prompt_id)
+
+
 def ended(payloads: list[Any]) -> bool:
     """Whether a task's payloads end with its terminal one."""
     last = payloads[-1] if payloads else None

@@ -137,7 +137,10 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
     # it comes (its `/history` waits for the job's end itself: `native.history_payloads`).
     passed_on = job is not None and not prompts(state).shared
     held: str | None = None
-    async for burst in bursts(source, after, idle=1.0):  # a burst of messages in one write
+    # A burst of messages in one write; ComfyUI's last one passed on at once (its client asks for
+    # the prompt's history as soon as it reads it).
+    urgent = (lambda event: history.ends_prompt(event.text, task_id)) if passed_on else None
+    async for burst in bursts(source, after, idle=1.0, urgent=urgent):
         if burst is None:
             continue
         messages: list[Message] = []
