@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import fleet_cost, models, procs, scheduling, suite
+from . import fleet_cost, floor, models, procs, scheduling, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
@@ -69,6 +69,7 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
                     await suite.run_sync(session, app.url, ctx.job("bench/warm/img"))
                 if "overhead" in only:
                     figures += await suite.overhead(ctx, jobs=50 if quick else 200)
+                    figures += await floor.floors(session, workdir / "floor", jobs=50 if quick else 200)
                 if "latency" in only:
                     figures += await suite.event_latency(ctx, jobs=1 if quick else 3)
                 if "memory" in only:
