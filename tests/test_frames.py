@@ -1,6 +1,7 @@
 """A burst of websocket messages (`serverless.transports.frames`): under uvicorn one write, under
 any other server one ASGI send a message; either way each message its own frame, in order, text
-and binary as sent, and a send after the close refused as a disconnect."""
+and binary as sent, the close after the last (in the same write under uvicorn), and a send after
+the close refused as a disconnect."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def make_app(after_close: list[str]) -> Starlette:
         await websocket.accept()
         frames = Frames(websocket)
         await frames.send([Message(f"direct={frames.direct}".encode())])
-        await frames.send(BURST)
-        await websocket.close()
+        await frames.send(BURST[:2])
+        await frames.close(BURST[2:])  # the last messages and the close in one write
         try:
             await frames.send([Message(b"too late")])
         except WebSocketDisconnect:

@@ -49,6 +49,22 @@ class Frames:
 
     async def send(self, messages: Sequence[Message]) -> None:
         """Send `messages` in order; WebSocketDisconnect when the client is gone."""
+        if await self._framed(messages):
+            protocol: Any = self._protocol
+            protocol.transport.write(b"".join(cast(_Connection, protocol.conn).data_to_send()))
+
+    async def close(self, messages: Sequence[Message] = (), code: int = 1000, reason: str | None = None) -> None:
+        """Send `messages`, then the close, in one write where it can (uvicorn's close writes what
+        its connection holds with the close frame); WebSocketDisconnect when the client is gone."""
+        await self._framed(messages)
+        try:
+            await self.websocket.close(code, reason)
+        except RuntimeError as exc:  # starlette's: closed already
+            raise WebSocketDisconnect(1006) from exc
+
+    async def _framed(self, messages: Sequence[Message]) -> bool:
+        """`messages` framed in the protocol's connection, left for the next write (True); or,
+        under another server, sent one ASGI send each (False)."""
         protocol = self._protocol
         if protocol is None:
             try:
@@ -59,7 +75,7 @@ class Frames:
                         await self.websocket.send_text(message.data.decode())
             except RuntimeError as exc:  # starlette's: a send after the close (or the client's)
                 raise WebSocketDisconnect(1006) from exc
-            return
+            return False
         await protocol.writable.wait()  # room in the transport's buffer, as uvicorn's own send waits
         if protocol.disconnected or protocol.close_sent or protocol.transport.is_closing():
             raise WebSocketDisconnect(1006)
@@ -72,7 +88,7 @@ class Frames:
                     conn.send_text(message.data)
         except Exception as exc:  # websockets' InvalidState: the connection is closing
             raise WebSocketDisconnect(1006) from exc
-        protocol.transport.write(b"".join(conn.data_to_send()))
+        return True
 
 
 SANSIO = "uvicorn.protocols.websockets.websockets_sansio_impl"

@@ -24,7 +24,7 @@ from . import caller as caller_module
 from .bursts import bursts
 from .caller import CallerStalled, bounded, watch
 from .frames import Frames, Message
-from .http import abort_connection, hang_up
+from .http import SMALL_END, abort_connection, hang_up
 from .start import start_job
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,16 @@ async def _forward(
     async def deliver() -> None:
         try:
             async for burst in bursts(job, previews=previews):
-                if burst is not None:
-                    await bounded(frames.send([Message(event.data) for event in burst]), timeout)
-            await bounded(websocket.close(), timeout)  # a send waits for room, the close too
+                if burst is None:
+                    continue
+                messages = [Message(event.data) for event in burst]
+                if burst[-1].terminal and sum(len(m.data) for m in messages) <= SMALL_END:
+                    await bounded(frames.close(messages), timeout)  # the last burst and the close in one write
+                    return
+                await bounded(frames.send(messages), timeout)
+            # After a big last burst, the close waits for room alone: a reader that stopped
+            # reading is noticed (and dropped) instead of holding the rest in memory.
+            await bounded(frames.close(), timeout)
         except ReaderTooSlow as exc:
             too_slow.append(exc)
         except CallerStalled:
