@@ -1,8 +1,9 @@
 """The benchmarks. Each takes the run's `Context` and returns figures (see report.py).
 
 Methods, in short (docs/PERFORMANCE_SECTION.md says more):
-- overhead: the same small job, one at a time, alternately through ComfyUI's native protocol and
-  through the adapter; the difference of the latency percentiles is what the adapter adds.
+- overhead: the same small job, one at a time, through ComfyUI's native protocol and through the
+  adapter, the kinds in turn in runs of 5 (`in_runs`); the difference of the latency percentiles is
+  what the adapter adds. The floor (`floor.py`): the same clients against a bare Starlette app.
 - throughput: N clients, each looping jobs, for a fixed window after a warm-up; jobs/s completed
   in the window, and the ratio to native clients at the same N.
 - event latency: the emulator stamps each websocket text with `time.monotonic()` just before
