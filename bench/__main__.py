@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import fleet_cost, models, peers, procs, scheduling, suite
+from . import fleet_cost, floor, models, peers, procs, scheduling, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
@@ -78,6 +78,7 @@ async def run(
                     await suite.run_sync(session, app.url, ctx.job("bench/warm/img"))
                 if "overhead" in only:
                     figures += await suite.overhead(ctx, jobs=50 if quick else 200)
+                    figures += await floor.floors(session, workdir / "floor", jobs=50 if quick else 200)
                 if "latency" in only:
                     figures += await suite.event_latency(ctx, jobs=1 if quick else 3)
                 if "memory" in only:
@@ -152,12 +153,18 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "",
         "How each figure is measured:",
         "- **Overhead**: the job is `EmptyImage 64x64 -> SaveImage` (a new colour each time, so ComfyUI",
-        "  runs it rather than answering from its cache), one at a time, alternately through ComfyUI's",
+        "  runs it rather than answering from its cache), one at a time, through ComfyUI's",
         "  own protocol (as `script_examples/websockets_api_example.py`: one websocket per client, then",
         "  `POST /prompt`, wait for `executing` with `node: null`, `GET /history/{id}`, `GET /view`) and",
         "  through `POST /api/serverless/run?output_base64=true` (sync), `&stream=true` (SSE) or",
         "  `/api/serverless/ws` (one websocket per job, as the documented clients do); all end holding",
-        "  the PNG bytes. The adapter runs co-located, as on FC: `COMFYUI_OUTPUT_DIR` names ComfyUI's",
+        "  the PNG bytes. The kinds take turns in runs of 5 jobs, the first of each run unmeasured (it",
+        "  pays what the job before it left behind: a websocket's close ends after its client has its",
+        "  answer, a job's status log is written after its answer), so each kind is measured after its",
+        "  own kind; the app's CPU per job by kind from /proc. The floor under the stream goals: the same",
+        "  clients against a bare Starlette app under uvicorn (`bench/floor_app.py`, canned bytes: a JSON",
+        "  answer, the 20 events of a job as SSE, or a websocket per job with 20 messages). The adapter",
+        "  runs co-located, as on FC: `COMFYUI_OUTPUT_DIR` names ComfyUI's",
         "  output folder, its `input` and `temp` beside it (against `COMFYUI_URL`, set it to do the same).",
         "- **Throughput**: N clients each looping that job for a fixed window after a warm-up; jobs/s",
         "  between the first and the last completion in the window, and the ratio to N native clients;",
