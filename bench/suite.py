@@ -633,15 +633,13 @@ async def oss_overlap(ctx: Context) -> list[Figure]:
 async def _alternate(
     runs: dict[str, Callable[[], Awaitable[object]]], jobs: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Each run once per round, in rotating order, `warmup` rounds unmeasured: latencies in ms."""
+    """`jobs` latencies in ms of each kind, the kinds in turn in runs of RUN (`in_runs`: each
+    measured after its own kind), `warmup` of each unmeasured first."""
     series: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for index in range(warmup + jobs):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            elapsed = await timed(runs[name])
-            if index >= warmup:
-                series[name].append(elapsed * 1000)
+    for name, measured in in_runs(list(runs), warmup, jobs):
+        elapsed = await timed(runs[name])
+        if measured:
+            series[name].append(elapsed * 1000)
     return series
 
 
@@ -684,7 +682,7 @@ async def inputs_w2(ctx: Context, jobs: int = 200, seconds: float = 4.0, rounds:
     """W2: a fresh small PNG per job through LoadImage -> ImageInvert -> SaveImage. Native: the
     client uploads it (`POST /upload/image`, as ComfyUI's frontend does) then queues the prompt;
     the adapter (and Salad's comfyui-api, with `--salad`) gets it as base64 in the workflow.
-    Latency one job at a time, alternately; then 8 jobs in flight, each system's window in
+    Latency one job at a time, in runs of each kind; then 8 jobs in flight, each system's window in
     rotating order, `rounds` times (medians)."""
     section = "7. inputs (W2: a fresh PNG per job)"
     peer = ctx.salad
@@ -844,14 +842,14 @@ def _latency_figures(section: str, series: dict[str, list[float]], sync_limit: f
 
 
 async def short_jobs(ctx: Context, jobs: int = 200, steps: int = 4, step_delay: float = 0.001) -> list[Figure]:
-    """One client, jobs of ~4 ms in ComfyUI, one at a time alternately native and sync: what the
-    adapter adds to a job that short (its rate is bounded by arithmetic on two shared cores, so the
+    """One client, jobs of ~4 ms in ComfyUI, one at a time, native and sync in runs of each kind:
+    what the adapter adds to a job that short (its rate is bounded by arithmetic on two shared cores, so the
     goal is on latency, not on the one-client rate)."""
     section = "2. throughput (jobs/s)"
     label = f"{steps * step_delay * 1000:g} ms jobs"
     if not ctx.emulated:
         return [info(section, f"added p50, {label}", None, "ms", "needs the emulator (step_delay)")]
-    say(f"short jobs: {jobs} {label} each, native / sync alternately")
+    say(f"short jobs: {jobs} {label} each, native / sync in runs of each kind")
     await ctx.configure(step_delay=step_delay)
     seeds = count(50_000)
     try:
@@ -886,11 +884,14 @@ async def sizes_w3(
     """W3: a ~1 MB input PNG, a ~3 MB output PNG (noise, `big_workflow`). Native: upload, prompt,
     `/history`, `/view`. The adapter: base64 in; out as base64, as a link (`output_url`, then
     fetched) or as WebP (`output_format=webp`; the native client then converts the PNG itself
-    with Pillow, so both end holding the same kind of bytes). Latency alternately; jobs/s with 4 in
+    with Pillow, so both end holding the same kind of bytes). Latency in runs of each kind; jobs/s with 4 in
     flight; peak memory of a fresh app per mode (its first job; then per job, four at once),
     against the job's payload (input + output bytes)."""
     section = "8. realistic sizes (W3: 1 MB in, 3 MB out)"
-    say(f"W3 sizes: {jobs} jobs each, native / base64 / output_url / webp, alternately; 4 in flight; peak memory")
+    say(
+        f"W3 sizes: {jobs} jobs each, native / base64 / output_url / webp, in runs of each kind; "
+        "4 in flight; peak memory"
+    )
     seeds = count(70_000)
     inputs = [noise_png(580) for _ in range(4)]
     picks = count()
