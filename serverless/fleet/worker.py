@@ -14,16 +14,17 @@ queueing at most one more in its ComfyUI behind it.
 
 Short jobs are pipelined. Each job taken is handled in a task of its own (`Holding`). Once the
 running job's prompt is in ComfyUI's queue, the loop takes one more job without waiting for one
-(QUEUED_BESIDE), when one is queued, the worker's last job ran under SHORT_JOB seconds in
-ComfyUI, and no other live worker of the lane is free (heartbeats): ComfyUI then goes from one
-prompt to the next with no gap, while the worker finishes the first job (outputs, terminal
+(QUEUED_BESIDE), when jobs wait (the running one had another behind it in its stream when it was
+read: else the worker keeps up, and no round trip asks), the worker's last job ran under SHORT_JOB
+seconds in ComfyUI, and no other live worker of the lane is free (heartbeats): ComfyUI then goes
+from one prompt to the next with no gap, while the worker finishes the first job (outputs, terminal
 payload, XACK) and prepares the second. The gap is a few milliseconds, which only short jobs
 notice: after a job that ran SHORT_JOB or more, the next is taken when the running one ends (a
-higher-priority job that comes meanwhile goes first), and none is taken beside a running job
-while another worker is free (the job waits in the queue for that one). A worker with memory
-watermarks (`healing`) holds one job at a time, so that its check between jobs finds ComfyUI
-idle. A cancel of the job waiting in ComfyUI removes it from ComfyUI's queue; the running one is
-not touched (an interrupt names its prompt).
+higher-priority job that comes meanwhile goes first), and none is taken beside a running job while
+another worker is free (the job waits in the queue for that one). A worker with memory watermarks
+(`healing`) holds one job at a time, so that its check between jobs finds ComfyUI idle. A cancel of
+the job waiting in ComfyUI removes it from ComfyUI's queue; the running one is not touched (an
+interrupt names its prompt).
 
 A job claimed from a dead worker runs once more (a new attempt, its terminal marked `"retried":
 true`) unless it was cancelled meanwhile (it then ends cancelled on the dead attempt, not run
@@ -94,7 +95,8 @@ end
 """
 TAKE = _TAKE_FUNCTION + "return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
 # The next queued entry for consumer ARGV[2] of group ARGV[1]: XREADGROUP of the streams KEYS[i]
-# for i in ARGV[15..], in that order, until one hands an entry out -> {i, entry id, fields, took}.
+# for i in ARGV[15..], in that order, until one hands an entry out -> {i, entry id, fields, took,
+# more} (more: 1 when its stream holds an entry after it, one a worker may queue behind it).
 # With ARGV[3] = "1" (no other worker it could be placed with), or "?" and no worker but ARGV[2]
 # has beaten since ARGV[14] (the heartbeats' sorted set KEYS[#KEYS]: `Affinity.place` would keep
 # it), the entry is taken as it is read, as `TAKE` takes it: took is TAKE's answer (-1 not ours,
@@ -127,7 +129,8 @@ for i = 15, #ARGV do
       took = take(ARGV[6] .. task .. ARGV[7] .. id .. ARGV[8], ARGV[9] .. task .. ARGV[10] .. id .. ARGV[11],
                   ARGV[12] .. task .. ARGV[13], ARGV[2], ARGV[4], ARGV[5])
     end
-    return {tonumber(ARGV[i]), id, fields, took}
+    local after = redis.call('XRANGE', stream, '(' .. id, '+', 'COUNT', 1)
+    return {tonumber(ARGV[i]), id, fields, took, #after}
   end
 end
 local since = {}
@@ -193,6 +196,7 @@ class Consumer:
         self.running = 0  # jobs of ours between their start and their end (at most 1 + QUEUED_BESIDE)
         self._held: list[Holding] = []  # in the order taken
         self._last_run: float | None = None  # seconds ComfyUI ran our last job that ran (None: none yet)
+        self._more_queued = True  # the last entry read had another behind it in its stream (`NEXT`)
         self.alive = False  # the loop runs (False while it waits to start again after a failure)
         self.restarts = 0
         self.dead_letters = 0
@@ -317,6 +321,8 @@ class Consumer:
         if self.healing is not None and self.healing.watching:
             return False
         if self._last_run is None or self._last_run >= SHORT_JOB:
+            return False
+        if not self._more_queued:  # none was left when the last job was read: no round trip to ask
             return False
         if self.affinity is None or not self.affinity.heartbeat.known:
             return False
@@ -463,6 +469,7 @@ class Consumer:
         beaten_since = int(time.time() * 1000) - HEARTBEAT_TTL * 1000
         args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, beaten_since, *asked]
         answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS, keys.WORKERS], args=args)
+        self._more_queued = bool(int(answer[0])) and bool(int(answer[4]))
         if int(answer[0]):
             name = self.streams[int(answer[0]) - 1]
             flat, took = answer[2], int(answer[3])
