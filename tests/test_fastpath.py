@@ -26,6 +26,8 @@ from PIL import Image
 
 from serverless.comfyui.client import ComfyUI, Timeouts
 from serverless.comfyui.folders import Folders, confined, started_folders
+from serverless.core.messages import Message
+from serverless.core.previews import PreviewFrame
 from serverless.errors import OutputError
 from serverless.resources import comfyui_folders
 from serverless.settings import Settings
@@ -343,9 +345,12 @@ async def test_a_broadcast_after_the_prompt_ended_is_no_part_of_its_job(emulator
         prompt_id = "trailing-broadcast"
         async with comfy.connect(prompt_id, lambda message: forwarded.append(message.text)) as connection:
             await comfy.submit(empty_image(prefix="trailing"), connection.client_id, prompt_id, None)
-            async for message in connection.follow(prompt_id):
-                if message.type == "status":
+
+            def take(message: Message | PreviewFrame) -> None:
+                if isinstance(message, Message) and message.type == "status":
                     forwarded.append(message.text)  # as the job publishes its inbox's broadcasts
+
+            await connection.follow(prompt_id, take)
             before = comfy.listener.latest_status
             await comfy.submit(empty_image(prefix="trailing-next"), "someone-else", "trailing-next", None)
             await asyncio.to_thread(wait_until, lambda: comfy.listener.latest_status is not before)
