@@ -71,7 +71,7 @@ class Progress:
     _first_step: tuple[float, float] = (0.0, 0.0)  # the same for a node's first step (set-up included)
     _plain: dict[str, float] = field(default_factory=dict)  # finished plain node -> its seconds
     _finished_at: float | None = None  # when ComfyUI's last node ended
-    _refreshed: tuple[Any, ...] | None = None  # the view at the last `refresh`
+    _refreshed: tuple[Any, ...] | None = None  # the view last weighed (`refresh`, `payload`)
 
     def observe(self, message: Message, now: float) -> bool:
         """Learn from one message of ComfyUI (ours, or a broadcast)."""
@@ -109,8 +109,8 @@ class Progress:
         return self.state != state
 
     def refresh(self, now: float) -> bool:
-        """Weigh the estimate at `now`: True when what a caller sees changed since the last
-        refresh (`note` then `refresh` is `observe`, its estimate weighed only when asked)."""
+        """Weigh the estimate at `now`: True when what a caller sees changed since it was last
+        weighed (`refresh`, `payload`): `note` then `refresh` is `observe`, weighed when asked."""
         self._recompute(now)
         view = self._view()
         changed, self._refreshed = view != self._refreshed, view
@@ -155,6 +155,7 @@ class Progress:
         """The `serverless_progress` event at monotonic time `now`; `at` is the same moment as Unix
         time (the task summary reads when a task was created, started and ended from it)."""
         self._recompute(now)
+        self._refreshed = self._view()
         node = None
         if self.node is not None:
             info = self.nodes.get(self.node, {})
