@@ -12,9 +12,11 @@ declares `supports_preview_metadata` as it opens, so ComfyUI names the prompt.
 
 A job takes its items with a callback (`Connection.follow(prompt_id, take)`), called in the
 listener's task as each item comes while nothing waits in the job's inbox (so still in order):
-a prompt's many messages cost no wake-up of the job each. What must wake the job goes through
-its inbox: the prompt's last message, a break and its recovery, and whatever comes after them
-until the job has taken them.
+a prompt's many messages cost no wake-up of the job each, and a burst read at once is handed
+over at once (its events' readers then wake once for it, not once per part of it: a turn given
+every few messages made a hundred streams write several times a burst). What must wake the job
+goes through its inbox: the prompt's last message, a break and its recovery, and whatever comes
+after them until the job has taken them.
 
 The socket is opened at start and reopened whenever it breaks (with backoff, for the life of the
 app). After a break every job that was following is recovered at once, before the new socket's
@@ -99,19 +101,18 @@ class Inbox:
         self.in_a_row = 0  # items taken since the job last waited for one
         self.take: Take | None = None  # while the job follows: its items handed to it at once
 
-    def deliver(self, item: Message | PreviewFrame) -> bool:
+    def deliver(self, item: Message | PreviewFrame) -> None:
         """Hand `item` straight to the job when nothing waits before it and it is not the prompt's
-        last message (which wakes the job); else queue it. True when it was handed over."""
+        last message (which wakes the job); else queue it."""
         take = self.take
         if take is None or not self.items.empty() or (isinstance(item, Message) and item.ends(self.prompt_id)):
             self.items.put_nowait(item)
-            return False
+            return
         try:
             take(item)
         except Exception as exc:  # the job's failure, not the socket's: raised in the job's task
             self.take = None
             self.items.put_nowait(Failed(exc))
-        return True
 
 
 class Listener:
@@ -135,7 +136,6 @@ class Listener:
         self.reconnect_timeout = reconnect_timeout
         self._inboxes: dict[str, Inbox] = {}
         self._executing: str | None = None
-        self._handed = 0  # items handed to jobs since the listener last gave the loop a turn
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._attempt: asyncio.Future[ComfyUIUnavailable | None] = asyncio.get_running_loop().create_future()
@@ -243,11 +243,6 @@ class Listener:
                     preview = parse_frame(frame.data)
                     if preview is not None:
                         self._route_preview(preview)
-                if self._handed >= BURST_TURN:
-                    # A burst read at once is handed to its jobs at once: the jobs' readers (and
-                    # the rest of the instance) get a turn every BURST_TURN items of it.
-                    self._handed = 0
-                    await asyncio.sleep(0)
         except (aiohttp.ClientError, OSError):
             pass
 
@@ -278,13 +273,13 @@ class Listener:
                 ended.forward = None  # its prompt is over: broadcasts from now on are no part of it
         inbox = self._inboxes.get(prompt_id) if prompt_id is not None else None
         if inbox is not None:
-            self._handed += inbox.deliver(message)
+            inbox.deliver(message)
 
     def _route_preview(self, preview: PreviewFrame) -> None:
         prompt_id = preview.prompt_id or self._executing
         inbox = self._inboxes.get(prompt_id) if prompt_id is not None else None
         if inbox is not None and inbox.previews:
-            self._handed += inbox.deliver(preview)
+            inbox.deliver(preview)
 
     def _on_break(self) -> None:
         # A warning when it cuts jobs off; with none following it is also how every stop of a
