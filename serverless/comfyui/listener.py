@@ -12,11 +12,12 @@ declares `supports_preview_metadata` as it opens, so ComfyUI names the prompt.
 
 A job takes its items with a callback (`Connection.follow(prompt_id, take)`), called in the
 listener's task as each item comes while nothing waits in the job's inbox (so still in order):
-a prompt's many messages cost no wake-up of the job each, and a burst read at once is handed
-over at once (its events' readers then wake once for it, not once per part of it: a turn given
-every few messages made a hundred streams write several times a burst). What must wake the job
-goes through its inbox: the prompt's last message, a break and its recovery, and whatever comes
-after them until the job has taken them.
+a prompt's many messages cost no wake-up of the job each. What must wake the job goes through
+its inbox: the prompt's last message, a break and its recovery, the rest of a burst past
+BURST_TURN items read at once (the job takes it with a turn for its readers every BURST_TURN),
+and whatever comes after them until the job has taken them. The listener itself never pauses
+mid-burst: a pause there lets every stream write what it has, and with a hundred streams
+following `status` broadcasts each then writes several times a burst.
 
 The socket is opened at start and reopened whenever it breaks (with backoff, for the life of the
 app). After a break every job that was following is recovered at once, before the new socket's
@@ -100,19 +101,33 @@ class Inbox:
         self.broken = False  # a break not yet followed by a recovery
         self.in_a_row = 0  # items taken since the job last waited for one
         self.take: Take | None = None  # while the job follows: its items handed to it at once
+        self.handed = 0  # items handed to the job in this turn of the loop
 
     def deliver(self, item: Message | PreviewFrame) -> None:
-        """Hand `item` straight to the job when nothing waits before it and it is not the prompt's
-        last message (which wakes the job); else queue it."""
+        """Hand `item` straight to the job when nothing waits before it, it is not the prompt's
+        last message (which wakes the job) and fewer than BURST_TURN were handed over in this
+        turn of the loop; else queue it (the job takes the rest of a burst from its inbox, its
+        readers getting a turn every BURST_TURN: `Listener.next_item`)."""
         take = self.take
-        if take is None or not self.items.empty() or (isinstance(item, Message) and item.ends(self.prompt_id)):
+        if (
+            take is None
+            or self.handed >= BURST_TURN
+            or not self.items.empty()
+            or (isinstance(item, Message) and item.ends(self.prompt_id))
+        ):
             self.items.put_nowait(item)
             return
+        if not self.handed:
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        self.handed += 1
         try:
             take(item)
         except Exception as exc:  # the job's failure, not the socket's: raised in the job's task
             self.take = None
             self.items.put_nowait(Failed(exc))
+
+    def _next_turn(self) -> None:
+        self.handed = 0
 
 
 class Listener:
