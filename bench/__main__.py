@@ -1,10 +1,12 @@
-"""`python -m bench [--quick] [--markdown PATH]`: benchmark the adapter, print figures beside goals.
-(`python -m bench soak`: the Redis tier's soak, `bench/soak.py`.)
+"""`python -m bench [--quick] [--markdown PATH] [--salad PATH]`: benchmark the adapter, print figures
+beside goals. (`python -m bench soak`: the Redis tier's soak, `bench/soak.py`.)
 
 Against the ComfyUI emulator it starts itself (free ports, step_delay 0), or against the ComfyUI at
 COMFYUI_URL when that is set (then the parts that need the emulator's hooks are skipped, named).
 The adapter runs as deployed (`bootstrap`: uvicorn, no access log, LOG_LEVEL INFO), with its status
-logs in a temporary folder. A full run takes about two minutes on two cores.
+logs in a temporary folder. A full run takes about five minutes on two cores. With `--salad`,
+Salad's comfyui-api (built from its repository: `bench/peers.py`) runs beside it on the same
+ComfyUI, and W2 measures it too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import fleet_cost, models, procs, scheduling, suite
+from . import fleet_cost, floor, models, peers, procs, scheduling, suite
 from .report import Figure, markdown_table, text_table
 
 COMMAND = "python -m bench"
@@ -40,7 +42,9 @@ SECTIONS = (
 )
 
 
-async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[list[Figure], list[str], float]:
+async def run(
+    quick: bool, only: frozenset[str] = frozenset(SECTIONS), salad: Path | None = None
+) -> tuple[list[Figure], list[str], float]:
     started = time.monotonic()
     figures: list[Figure] = []
     external = os.environ.get("COMFYUI_URL", "").rstrip("/")
@@ -50,6 +54,7 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             app = None
+            peer = None
             try:
                 if emulator is not None:
                     await emulator.wait_ready(session, "/system_stats")
@@ -65,10 +70,15 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
                 await app.wait_ready(session, procs.HEALTH)
                 pid = emulator.pid if emulator is not None else int(os.environ.get("COMFYUI_PID") or 0) or None
                 ctx = suite.Context(session, comfyui_url, app, workdir, emulated=emulator is not None, comfyui_pid=pid)
+                if salad is not None and "w2" in only:
+                    peer = peers.start_salad(salad, comfyui_url, comfyui_root(workdir, emulator), workdir / "salad")
+                    await peer.wait_ready(session, peers.SALAD_READY, timeout=60)
+                    ctx.salad = peer
                 for _ in range(20):  # warm both paths (imports, connection pools, caches)
                     await suite.run_sync(session, app.url, ctx.job("bench/warm/img"))
                 if "overhead" in only:
                     figures += await suite.overhead(ctx, jobs=50 if quick else 200)
+                    figures += await floor.floors(session, workdir / "floor", jobs=50 if quick else 200)
                 if "latency" in only:
                     figures += await suite.event_latency(ctx, jobs=1 if quick else 3)
                 if "memory" in only:
@@ -95,6 +105,8 @@ async def run(quick: bool, only: frozenset[str] = frozenset(SECTIONS)) -> tuple[
                     figures += await scheduling.affinity(quick)
                 notes = ctx.notes
             finally:
+                if peer is not None:
+                    peer.stop()
                 if app is not None:
                     app.stop()
                 if emulator is not None:
@@ -108,6 +120,17 @@ def colocated(root: Path) -> dict[str, str]:
     """The settings of an adapter sharing ComfyUI's disk (root: ComfyUI's folder): its output
     folder named, its `input` and `temp` folders found beside it."""
     return {"COMFYUI_OUTPUT_DIR": str(root / "output")}
+
+
+def comfyui_root(workdir: Path, emulator: procs.Server | None) -> Path:
+    """The folder holding ComfyUI's `input/` and `output/`: the emulator's, or, against
+    COMFYUI_URL, the parent of COMFYUI_OUTPUT_DIR (a peer shares ComfyUI's disk)."""
+    if emulator is not None:
+        return workdir / "comfyui"
+    output = os.environ.get("COMFYUI_OUTPUT_DIR")
+    if not output:
+        raise SystemExit("--salad against COMFYUI_URL needs COMFYUI_OUTPUT_DIR (ComfyUI's output folder)")
+    return Path(output).parent
 
 
 def _bare(session: aiohttp.ClientSession, comfyui_url: str, workdir: Path) -> suite.Context:
@@ -130,12 +153,18 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "",
         "How each figure is measured:",
         "- **Overhead**: the job is `EmptyImage 64x64 -> SaveImage` (a new colour each time, so ComfyUI",
-        "  runs it rather than answering from its cache), one at a time, alternately through ComfyUI's",
+        "  runs it rather than answering from its cache), one at a time, through ComfyUI's",
         "  own protocol (as `script_examples/websockets_api_example.py`: one websocket per client, then",
         "  `POST /prompt`, wait for `executing` with `node: null`, `GET /history/{id}`, `GET /view`) and",
         "  through `POST /api/serverless/run?output_base64=true` (sync), `&stream=true` (SSE) or",
         "  `/api/serverless/ws` (one websocket per job, as the documented clients do); all end holding",
-        "  the PNG bytes. The adapter runs co-located, as on FC: `COMFYUI_OUTPUT_DIR` names ComfyUI's",
+        "  the PNG bytes. The kinds take turns in runs of 5 jobs, the first of each run unmeasured (it",
+        "  pays what the job before it left behind: a websocket's close ends after its client has its",
+        "  answer, a job's status log is written after its answer), so each kind is measured after its",
+        "  own kind; the app's CPU per job by kind from /proc. The floor under the stream goals: the same",
+        "  clients against a bare Starlette app under uvicorn (`bench/floor_app.py`, canned bytes: a JSON",
+        "  answer, the 20 events of a job as SSE, or a websocket per job with 20 messages). The adapter",
+        "  runs co-located, as on FC: `COMFYUI_OUTPUT_DIR` names ComfyUI's",
         "  output folder, its `input` and `temp` beside it (against `COMFYUI_URL`, set it to do the same).",
         "- **Throughput**: N clients each looping that job for a fixed window after a warm-up; jobs/s",
         "  between the first and the last completion in the window, and the ratio to N native clients;",
@@ -206,14 +235,22 @@ def main() -> None:
     parser.add_argument(
         "--only", action="append", choices=SECTIONS, help="run only this part (repeatable; default: all)"
     )
+    parser.add_argument(
+        "--salad",
+        type=Path,
+        metavar="PATH",
+        help="Salad's comfyui-api, built (its dist/src/index.js): measured beside the adapter in W2",
+    )
     args = parser.parse_args()
+    if args.salad is not None and not args.salad.is_file():
+        parser.error(f"--salad: no file {args.salad} (see bench/peers.py for how to build it)")
     try:
         import uvloop
     except ImportError:
         uvloop = None
     load = procs.load_average()
     runner = uvloop.run if uvloop is not None else asyncio.run
-    figures, notes, elapsed = runner(run(args.quick, frozenset(args.only or SECTIONS)))
+    figures, notes, elapsed = runner(run(args.quick, frozenset(args.only or SECTIONS), args.salad))
     print(f"{COMMAND}: {procs.machine()}; load average at start {load}; {elapsed:.0f} s")
     print(text_table(figures))
     for note in notes:

@@ -1,4 +1,7 @@
-"""Read-only server information: `/object_info`, `/system_stats`, `/features`."""
+"""Read-only server information: `/object_info`, `/system_stats`, `/features`, `/models`,
+`/models/{folder}`, `/embeddings`, and `/` (ComfyUI serves its frontend's `index.html` there; the
+emulator has no frontend, so a stand-in page with the header ComfyUI sends: health checks that
+ping `/`, as Salad's comfyui-api does, see 200)."""
 
 from __future__ import annotations
 
@@ -84,7 +87,69 @@ def _memory() -> tuple[int, int]:
         return pages, pages
 
 
+# ComfyUI 0.3.64's model folder names (`folder_paths.folder_names_and_paths`), in its order.
+MODEL_FOLDERS = (
+    "checkpoints",
+    "configs",
+    "loras",
+    "vae",
+    "text_encoders",
+    "diffusion_models",
+    "clip_vision",
+    "style_models",
+    "embeddings",
+    "diffusers",
+    "vae_approx",
+    "controlnet",
+    "gligen",
+    "upscale_models",
+    "custom_nodes",
+    "hypernetworks",
+    "photomaker",
+    "classifiers",
+    "model_patches",
+    "audio_encoders",
+)
+INDEX = b"<!DOCTYPE html><html><head><title>ComfyUI</title></head><body>ComfyUI emulator</body></html>\n"
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(body=INDEX, content_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response(list(MODEL_FOLDERS))
+
+
+async def model_folder(request: web.Request) -> web.Response:
+    """A folder's files (`folder_paths.get_filename_list`); 404 with no body for a folder ComfyUI
+    does not know. Without a models folder: the checkpoint loader's recorded names, else none."""
+    folder = request.match_info["folder"]
+    if folder not in MODEL_FOLDERS:
+        return web.Response(status=404)
+    return web.json_response(_model_files(request, folder))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """The embeddings' names without their extensions, as ComfyUI lists them."""
+    return web.json_response([os.path.splitext(name)[0] for name in _model_files(request, "embeddings")])
+
+
+def _model_files(request: web.Request, folder: str) -> list[str]:
+    emu = request.app[EMULATOR]
+    found = emu.folders.model_files(folder)
+    if found is not None:
+        return found
+    if folder == "checkpoints" and emu.specs.has("CheckpointLoaderSimple"):
+        return list(emu.specs.entry("CheckpointLoaderSimple")["input"]["required"]["ckpt_name"][0])
+    return []
+
+
 ROUTES = [
+    ("GET", "/", index),
+    ("GET", "/models", models),
+    ("GET", "/models/{folder}", model_folder),
+    ("GET", "/embeddings", embeddings),
     ("GET", "/object_info", object_info),
     ("GET", "/object_info/{node_class}", object_info_node),
     ("GET", "/system_stats", system_stats),

@@ -378,6 +378,19 @@ def test_object_info_and_system_stats_answer_from_a_workers_comfyui(deployment: 
     assert stats.status_code == 200 and stats.json()["system"]["comfyui_version"]
 
 
+def test_model_folders_and_embeddings_answer_as_comfyui_lists_them(deployment: Any) -> None:
+    url = deployment().url
+    # a gateway answers from what its workers published (at their start, beside /object_info)
+    folders = wait_until(lambda: (answer := requests.get(url + "/models", timeout=10)).ok and answer.json())
+    assert folders[:3] == ["checkpoints", "configs", "loras"] and "embeddings" in folders
+    checkpoints = requests.get(url + "/api/models/checkpoints", timeout=10).json()
+    options = requests.get(url + "/object_info/CheckpointLoaderSimple", timeout=10).json()
+    assert checkpoints == options["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert requests.get(url + "/models/loras", timeout=10).json() == []
+    assert requests.get(url + "/embeddings", timeout=10).json() == []
+    assert requests.get(url + "/models/no-such-folder", timeout=10).status_code == 404
+
+
 def _second_gateway(deployed: Deployment, root: Path) -> str:
     """Another gateway of the same fleet (its own process state, the fleet's Redis)."""
     assert deployed.redis_url is not None

@@ -267,3 +267,25 @@ def test_object_info_entries_are_comfyuis(emu: Emulator) -> None:
     assert {"PreviewAny", "EmptyImage", "SaveImage", "KSampler"} <= shared
     for name in shared - {"LoadImage"}:  # LoadImage lists the input folder
         assert published[name] == recorded[name], name
+
+
+def test_model_folders_embeddings_and_the_root_page_answer_as_comfyui_does(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "checkpoints" / "sd15").mkdir(parents=True)
+    (models / "checkpoints" / "sd15" / "a.safetensors").write_bytes(b"x")
+    (models / "checkpoints" / "notes.txt").write_text("not a model")
+    (models / "embeddings").mkdir()
+    (models / "embeddings" / "easy.pt").write_bytes(b"x")
+    emulator = Emulator(tmp_path / "emulator", models_dir=models)
+    try:
+        folders = requests.get(emulator.url + "/models", timeout=5).json()
+        assert folders[0] == "checkpoints" and {"loras", "vae", "embeddings", "upscale_models"} <= set(folders)
+        assert requests.get(emulator.url + "/api/models/checkpoints", timeout=5).json() == ["sd15/a.safetensors"]
+        assert requests.get(emulator.url + "/models/loras", timeout=5).json() == []
+        missing = requests.get(emulator.url + "/models/nope", timeout=5)
+        assert missing.status_code == 404 and missing.content == b""
+        assert requests.get(emulator.url + "/embeddings", timeout=5).json() == ["easy"]
+        root = requests.get(emulator.url + "/", timeout=5)  # ComfyUI's frontend page; health checks ping it
+        assert root.status_code == 200 and root.headers["Content-Type"].startswith("text/html")
+    finally:
+        emulator.stop()

@@ -245,7 +245,9 @@ def test_events_refused_past_maxmemory_are_kept_and_stored_once_redis_has_room(r
 # -- throughput and the documentation's clients ---------------------------------------------------
 
 
-def test_200_async_jobs_each_complete_once_spread_over_three_workers_one_at_a_time(tier: Callable[..., Tier]) -> None:
+def test_200_async_jobs_each_complete_once_spread_over_three_workers_two_at_most_each(
+    tier: Callable[..., Tier],
+) -> None:
     fleet = tier()
     gateway = fleet.gateway()
     workers = [fleet.worker() for _ in range(3)]
@@ -258,8 +260,7 @@ def test_200_async_jobs_each_complete_once_spread_over_three_workers_one_at_a_ti
     started = Counter(task for worker in workers for task in worker.started())
     assert set(started) == set(ids) and set(started.values()) == {1}, "every job ran exactly once"
     assert all(worker.started() for worker in workers), [len(w.started()) for w in workers]
-    for worker in workers:
-        worker.assert_one_job_at_a_time()
+    assert all(worker.most_at_once() <= 2 for worker in workers), "one running, at most one waiting behind it"
     assert {attempts(fleet.redis_url, task_id) for task_id in ids} == {1}
 
 

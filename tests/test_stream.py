@@ -404,6 +404,7 @@ def slow_reader_workflow(steps: int, side_branches: int = 60) -> dict[str, Any]:
     return workflow
 
 
+@pytest.mark.timeout(180)  # 4 MB of events made and dropped: a minute and more on a loaded machine
 def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app, monkeypatch):
     monkeypatch.setattr("serverless.jobs.feed.READER_LAG", 20)
     set_step_delay(own_emulator, 0.01)
@@ -422,7 +423,7 @@ def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app, m
     # The job ends while its reader reads nothing at all.
     log = wait_until(
         lambda: (items := status_log(server, "slow-1")) and items[-1]["type"] in TERMINAL_TYPES and items,
-        timeout=40,
+        timeout=120,  # ~1 s of sampling and 4 MB of events: far longer only on a loaded machine
         interval=0.2,
     )
     assert log[-1]["type"] == "serverless_api", log[-1]

@@ -53,13 +53,30 @@ PASSED_AS_THEY_ARE = frozenset(
 )
 
 
+# The messages a `/history` entry is built from (`history_entry`): ComfyUI's status messages and
+# its `executed` outputs; the rest (`progress_state`, `executing`, our `serverless_*`, ...) not.
+IN_HISTORY = frozenset({*STATUS_MESSAGES, "executed"})
+
+
+def message_type(text: str) -> str | None:
+    """The type of a message as ComfyUI's `json.dumps` writes it (`{"type": "<type>", ...`),
+    told without parsing it; None for a text not written so."""
+    if not text.startswith(PREFIX):
+        return None
+    end = text.find('"', len(PREFIX))
+    return text[len(PREFIX) : end] if end > 0 else None
+
+
+def in_history(text: str) -> bool:
+    """Whether a logged event may count in a `/history` entry (False: it certainly does not)."""
+    kind = message_type(text)
+    return kind is None or kind in IN_HISTORY
+
+
 def relayed_as_is(text: str) -> bool:
     """Whether a logged event is one of ComfyUI's messages a `/ws` client gets as it is, told
     without parsing it (False: `relayed` decides)."""
-    if not text.startswith(PREFIX):
-        return False
-    end = text.find('"', len(PREFIX))
-    return end > 0 and text[len(PREFIX) : end] in PASSED_AS_THEY_ARE
+    return message_type(text) in PASSED_AS_THEY_ARE
 
 
 PREVIEW_IMAGE = 1  # ComfyUI's binary event types (server.BinaryEventTypes)
@@ -90,6 +107,18 @@ def is_end(message: dict[str, Any], prompt_id: str) -> bool:
         and data.get("node") is None
         and data.get("prompt_id") == prompt_id
     )
+
+
+def ends_prompt(text: str, prompt_id: str) -> bool:
+    """Whether a logged text is ComfyUI's last message of the prompt (`is_end`); only
+    `executing` messages are parsed."""
+    if '"executing"' not in text[:40]:
+        return False
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and is_end(message, prompt_id)
 
 
 def ended(payloads: list[Any]) -> bool:

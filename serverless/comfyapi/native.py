@@ -256,7 +256,8 @@ async def history_payloads(state: AppState, task_id: str) -> list[Any]:
     is not read), else its log's. A job running here whose ComfyUI has sent the prompt's last
     message (`/ws` passes it on as it comes: `relay`) is waited for until it publishes its end
     (its outputs collected), at most END_WAIT seconds: as ComfyUI's own history, the prompt is
-    there once its client was told it ended. Each payload is parsed once."""
+    there once its client was told it ended. Each payload is parsed once (from a job, only those
+    the entry is built from)."""
     job = state.jobs.get(task_id)
     if job is not None:
         events = await published_events(job)
@@ -266,8 +267,8 @@ async def history_payloads(state: AppState, task_id: str) -> list[Any]:
                     await job.finished()  # from its feed as soon as it is published
             more = await published_events(job, events[-1].seq)
             events = events + more if more is not None else None
-        if events is not None:
-            return [json.loads(event.data) for event in events]
+        if events is not None:  # those the entry is not built from are not parsed
+            return [json.loads(event.data) for event in events if event.terminal or history.in_history(event.text)]
     payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
     if job is None or history.ended(payloads) or not history.comfyui_ended(payloads, task_id):
         return payloads

@@ -25,7 +25,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..auth import may_see
 from ..errors import ServerlessError
 from ..state import AppState, app_state
+from ..transports.bursts import bursts
 from ..transports.events import TaskEvents
+from ..transports.frames import Frames, Message
 from . import history
 from .native import live, owner_of, prompts, published_payloads
 
@@ -33,7 +35,13 @@ log = logging.getLogger(__name__)
 
 LOOK_EVERY = 1.0  # seconds between looks for a client's new prompts when nothing woke its follower
 
-Send = Callable[[str | bytes], Awaitable[None]]
+Send = Callable[[list[Message]], Awaitable[None]]
+"""Sends a burst of messages in one write (`transports.frames`), each its own frame as ComfyUI
+frames it: texts, and previews as binary frames."""
+
+
+def text(message: str) -> Message:
+    return Message(message.encode())
 
 
 class _Gone(Exception):
@@ -47,16 +55,14 @@ async def websocket(ws: WebSocket) -> None:
     await ws.accept()
     cursor = await prompts(state).client_cursor(client_id)  # its prompts from now on
     sending = asyncio.Lock()
+    frames = Frames(ws)
 
-    async def send(frame: str | bytes) -> None:
-        async with sending:
-            if isinstance(frame, bytes):
-                await ws.send_bytes(frame)  # a preview, framed as ComfyUI frames it
-            else:
-                await ws.send_text(frame)
+    async def send(messages: list[Message]) -> None:
+        async with sending:  # a burst of one prompt's messages is not interleaved with another's
+            await frames.send(messages)
 
     found = await live(state, owner)
-    await send(history.greeting(client_id, len(found)))
+    await send([text(history.greeting(client_id, len(found)))])
     try:
         async with asyncio.TaskGroup() as group:
             for entry, status in found:  # a client back mid-run: its prompts from here on, as ComfyUI
@@ -77,7 +83,7 @@ async def _until_gone(ws: WebSocket, send: Send, max_upload: int) -> None:
     while (message := await ws.receive())["type"] != "websocket.disconnect":
         if history.is_feature_flags(message.get("text")):
             flags = {"supports_preview_metadata": False, "max_upload_size": max_upload}
-            await send(json.dumps({"type": "feature_flags", "data": flags}))
+            await send([text(json.dumps({"type": "feature_flags", "data": flags}))])
 
 
 async def _follow_client(
@@ -110,7 +116,7 @@ async def _resume(state: AppState, task_id: str, running: bool, send: Send) -> N
     node = history.current_node(task_id, payloads)
     running = running or (job is not None and node is not None)
     if running and node is not None:
-        await send(json.dumps({"type": "executing", "data": {"node": node}}))
+        await send([text(json.dumps({"type": "executing", "data": {"node": node}}))])
     await _relay(state, task_id, send, len(payloads))
 
 
@@ -131,30 +137,44 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
     # it comes (its `/history` waits for the job's end itself: `native.history_payloads`).
     passed_on = job is not None and not prompts(state).shared
     held: str | None = None
-    async for event in source.events(after, idle=1.0):
-        if event is None:
+    # A burst of messages in one write; ComfyUI's last one passed on at once (its client asks for
+    # the prompt's history as soon as it reads it).
+    urgent = (lambda event: history.ends_prompt(event.text, task_id)) if passed_on else None
+    async for burst in bursts(source, after, idle=1.0, urgent=urgent):
+        if burst is None:
             continue
-        if event.terminal:
-            if held is not None:
-                await send(held)
-            else:
-                for text in history.closing(task_id, json.loads(event.text)):
-                    await send(text)
+        messages: list[Message] = []
+        ended = False
+        for event in burst:
+            if event.terminal:
+                ends = [held] if held is not None else history.closing(task_id, json.loads(event.text))
+                messages += map(text, ends)
+                ended = True
+                break
+            message, last = _relayed(event.text, task_id)
+            if last and not passed_on:
+                held = event.text  # until the task's terminal payload is stored
+                continue
+            if message is not None:
+                messages.append(message)
+            if last:
+                ended = True
+                break
+        if messages:
+            await send(messages)
+        if ended:
             return
-        if history.relayed_as_is(event.text):
-            await send(event.text)
-            continue
-        preview = history.preview_frame(event.text)
-        if preview is not None:
-            await send(preview)
-            continue
-        message = history.relayed(event.text)
-        if message is None:
-            continue
-        if not history.is_end(message, task_id):
-            await send(event.text)
-        elif passed_on:
-            await send(event.text)
-            return
-        else:
-            held = event.text
+
+
+def _relayed(logged: str, task_id: str) -> tuple[Message | None, bool]:
+    """What a `/ws` client gets of one logged event of a prompt (None: nothing), and whether it
+    is the prompt's last message (`executing` with no node)."""
+    if history.relayed_as_is(logged):
+        return text(logged), False
+    preview = history.preview_frame(logged)
+    if preview is not None:
+        return Message(preview, binary=True), False
+    message = history.relayed(logged)
+    if message is None:
+        return None, False
+    return text(logged), history.is_end(message, task_id)

@@ -30,13 +30,14 @@ import aiohttp
 from ..core import jsontext
 from ..core.messages import Message, from_history
 from ..core.previews import FEATURE_FLAGS
-from ..errors import ComfyUIUnavailable, InputError, OutputError, PromptError
+from ..errors import ComfyUIUnavailable, InputError, NotFound, OutputError, PromptError
 from .folders import Folders, confined, read_output, write_input
 from .listener import Connection, Listener
 
 log = logging.getLogger(__name__)
 
 
+_MISSING = object()  # `_json`'s answer for a 404
 VIA_HTTP = Folders()  # no folder of ComfyUI's on our disk: `/view` and `/upload/image`
 
 
@@ -221,11 +222,14 @@ class ComfyUI:
     def _url(self, path: str) -> str:
         return self.base_url + path
 
-    async def _json(self, method: str, path: str, action: str, **kwargs: Any) -> Any:
+    async def _json(self, method: str, path: str, action: str, allow_missing: bool = False, **kwargs: Any) -> Any:
+        """ComfyUI's JSON answer (None for an empty one); `_MISSING` for a 404 when `allow_missing`."""
         with translate_errors(action):
             async with self.session.request(method, self._url(path), timeout=self.timeout, **kwargs) as resp:
                 if resp.status >= 500:
                     raise ComfyUIUnavailable(f"ComfyUI answered HTTP {resp.status} to {action}")
+                if resp.status == 404 and allow_missing:
+                    return _MISSING
                 body = await resp.read()
         if not body:
             return None
@@ -294,8 +298,12 @@ class ComfyUI:
 
     async def read_info(self, path: str) -> Any:
         """GET one of ComfyUI's informational routes (`/system_stats`, `/embeddings`, `/models`,
-        `/models/<folder>`) as it answers it, for ComfyUI's own API on our paths."""
-        return await self._json("GET", path, f"reading {path}")
+        `/models/<folder>`) as it answers it, for ComfyUI's own API on our paths; NotFound where
+        ComfyUI answers 404 (a models folder it does not know)."""
+        answer = await self._json("GET", path, f"reading {path}", allow_missing=True)
+        if answer is _MISSING:
+            raise NotFound(f"ComfyUI has no {path}")
+        return answer
 
     async def system_stats(self) -> SystemStats:
         return SystemStats.from_answer(await self._json("GET", "/system_stats", "reading system stats"))

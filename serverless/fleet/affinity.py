@@ -25,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..status import keys
-from .heartbeat import Heartbeat, WorkerView, live_names, live_workers
+from .heartbeat import Heartbeat, WorkerView, live_workers
 from .needs import Needs, needs_of
 from .wire import GROUP, decode_spec
 
@@ -48,7 +48,6 @@ class Affinity:
         self.wait = wait
         self.handed_over = 0
         self._views: tuple[float, list[WorkerView]] = (0.0, [])
-        self._alone: tuple[float, bool] = (0.0, False)  # (when read, no other worker beat then)
         self._woken = "0-0"  # the last entry of our hand-off stream we woke for
 
     @property
@@ -67,15 +66,6 @@ class Affinity:
             self._views = (now, await live_workers(self.client))
         lane = self.heartbeat.lane
         return [view for view in self._views[1] if view.name != self.name and view.lane == lane]
-
-    async def alone(self) -> bool:
-        """Whether no other worker, of any lane, has beaten lately (its name alone, read at most
-        every VIEW_FRESH; the views `place` judges by are not touched): then `place` keeps
-        every entry, and one is taken in the round trip that reads it."""
-        now = time.monotonic()
-        if now - self._alone[0] > VIEW_FRESH:
-            self._alone = (now, all(name == self.name for name in await live_names(self.client)))
-        return self._alone[1]
 
     async def place(self, stream: str, entry: str, needs: Needs) -> bool:
         """True to run the entry here; False when it was handed to another worker."""

@@ -24,21 +24,33 @@ from ..jobs.spec import JobSpec
 from ..ops.metrics import Metrics
 from ..status.redis import RedisStatus, translated
 from .heartbeat import WorkerView, live_workers, missing
-from .needs import needs_of_spec
+from .needs import Needs, needs_of_spec
 from .queue import RedisQueue
 
 log = logging.getLogger(__name__)
 
 STRANDED_CHECK = 1.0  # seconds between a waiting follower's looks at its job's place in the queue
+# Readings a job's admission uses, renewed off its way: one older than *_FRESH is read again in
+# the background (the job goes on with it), one older than *_STALE, or one that would refuse the
+# job, is read again first.
 WORKERS_FRESH = 1.0  # seconds the workers' heartbeats are trusted by the check of what a job needs
+WORKERS_STALE = 5.0
 DEPTH_FRESH = 0.1  # seconds a reading of the queue's depth is trusted by admission (plus what we added since)
+DEPTH_STALE = 1.0
+HELD_MAX = 60.0  # seconds a job's log stays registered with the status watch for a follower that does not come
 
 
 class RemoteJob:
     """A job that runs on some worker, seen through its status stream."""
 
     def __init__(
-        self, spec: JobSpec, task_id: str, attempt: int | None, status: RedisStatus, runner: RemoteJobs
+        self,
+        spec: JobSpec,
+        task_id: str,
+        attempt: int | None,
+        status: RedisStatus,
+        runner: RemoteJobs,
+        held: tuple[str, asyncio.Event] | None = None,
     ) -> None:
         self.spec = spec
         self.task_id = task_id
@@ -52,42 +64,67 @@ class RemoteJob:
         # Queued a moment ago as a new attempt (not attached to an earlier request's): its log was
         # empty then, and the first follower's first read is the gateway's watch's (`follow`).
         self._unbegun = attempt is not None
+        # Its log registered with the status watch before it was queued (`RedisQueue.submit`),
+        # until its follower has registered itself (at most HELD_MAX seconds).
+        self._held = held
+        self._held_until = None if held is None else asyncio.get_running_loop().call_later(HELD_MAX, self._let_held_go)
 
-    async def events(
+    def events(
         self, after: int | None = None, idle: float | None = None, previews: bool = False
     ) -> AsyncIterator[Event | None]:
         """The job's events as its worker stores them (None after `idle` seconds of silence),
         with `previews` the newest of the previews it keeps beside them.
         While no worker has begun it, the queue is asked now and then whether it still can be
         (QUEUE_TTL, a queue that lost its data): a caller never waits for ever."""
+        return self._follow(after, idle, previews)
+
+    async def _follow(
+        self, after: int | None, idle: float | None, previews: bool, last_only: bool = False
+    ) -> AsyncIterator[Event | None]:
+        """`events`; with `last_only`, the last event of each read alone (`finished`)."""
         loop = asyncio.get_running_loop()
         begun, quiet_since, seq = bool(after), loop.time(), after or 0
         look_every = min(idle or STRANDED_CHECK, STRANDED_CHECK)
         unbegun, self._unbegun = self._unbegun and not after, False
-        with self.runner.following():
-            follow = self.status.follow(self.task_id, after or 0, self.attempt, look_every, previews, unbegun)
-            async for entry in follow:
-                if self.runner.letting_go.is_set():  # this gateway stops: the job goes on without it
-                    yield self._let_go(seq + 1)
-                    return
-                if entry is None:
-                    if not begun:
-                        await self.runner.end_if_stranded(self.task_id, submitted=True)
-                    if idle is not None and loop.time() - quiet_since >= idle:
-                        quiet_since = loop.time()
-                        yield None
-                    continue
-                self._more = entry.more
-                if entry.preview:
-                    begun, quiet_since = True, loop.time()
-                    yield Event(entry.seq, entry.data, preview=True)
-                    continue
-                begun, quiet_since, seq = True, loop.time(), entry.seq
-                event = await _event(entry.seq, entry.data, entry.terminal)
-                if event.terminal and self._terminal is None:
-                    self._terminal = event
-                    self.runner.ended(self, event.error)
-                yield event
+        try:
+            with self.runner.following():
+                follow = self.status.follow(
+                    self.task_id, after or 0, self.attempt, look_every, previews, unbegun, last_only
+                )
+                async for entry in follow:
+                    if self._held is not None:  # the follow has registered the log itself
+                        self._let_held_go()
+                    if self.runner.letting_go.is_set():  # this gateway stops: the job goes on without it
+                        yield self._let_go(seq + 1)
+                        return
+                    if entry is None:
+                        if not begun:
+                            await self.runner.end_if_stranded(self.task_id, submitted=True)
+                        if idle is not None and loop.time() - quiet_since >= idle:
+                            quiet_since = loop.time()
+                            yield None
+                        continue
+                    self._more = entry.more
+                    if entry.preview:
+                        begun, quiet_since = True, loop.time()
+                        yield Event(entry.seq, entry.data, preview=True)
+                        continue
+                    begun, quiet_since, seq = True, loop.time(), entry.seq
+                    event = await _event(entry.seq, entry.data) if entry.terminal else Event(entry.seq, entry.data)
+                    if event.terminal and self._terminal is None:
+                        self._terminal = event
+                        self.runner.ended(self, event.error)
+                    yield event
+        finally:
+            self._let_held_go()  # when the follow ended before its first entry
+
+    def _let_held_go(self) -> None:
+        if self._held is not None:
+            self.status.watch.release(*self._held)
+            self._held = None
+        if self._held_until is not None:
+            self._held_until.cancel()
+            self._held_until = None
 
     def _let_go(self, seq: int) -> Event:
         """The terminal payload of this caller alone when its gateway stops before the job ends:
@@ -109,7 +146,7 @@ class RemoteJob:
         """The terminal event (followed once; later calls return it at once)."""
         async with self._lock:
             if self._terminal is None:
-                async for _ in self.events():
+                async for _ in self._follow(None, None, False, last_only=True):  # the events before it unread
                     pass
         assert self._terminal is not None
         return self._terminal
@@ -123,18 +160,27 @@ class RemoteJob:
         self.runner.cancel_later(self.task_id, reason)
 
 
+def _lacking(needs: Needs, workers: list[WorkerView], lane: str) -> dict[str, list[str]] | None:
+    """`missing`, at once when one worker of the lane has it all (the union of every worker's
+    node classes, hundreds each with a real ComfyUI, is made only for a job none can run alone)."""
+    if any(view.lane == lane and view.able(needs) for view in workers):
+        return None
+    return missing(needs, workers, lane)
+
+
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
 
 
-async def _event(seq: int, data: bytes, terminal: bool) -> Event:
+async def _event(seq: int, data: bytes) -> Event:
+    """A terminal event, with its error when it is one."""
     error = None
-    if terminal and b'"serverless_api"' not in data[:64]:
+    if b'"serverless_api"' not in data[:64]:
         payload = await _decoded(data)
         if payload.get("type") == "error":
             error = error_from_payload(payload)
-    return Event(seq, data, terminal, error)
+    return Event(seq, data, True, error)
 
 
 async def _decoded(data: bytes) -> dict[str, Any]:
@@ -173,6 +219,7 @@ class RemoteJobs:
         self._added = 0  # jobs this gateway queued since that reading
         self._reading: asyncio.Future[None] | None = None  # the reading of the depth under way
         self._workers: tuple[float, list[WorkerView]] | None = None  # (when read, live workers then)
+        self._reading_workers: asyncio.Future[None] | None = None  # the reading of the workers under way
 
     @property
     def running(self) -> int:
@@ -184,15 +231,18 @@ class RemoteJobs:
         """Jobs waiting in the queue (all gateways), as last read."""
         return self._depth[1] + self._added if self._depth is not None else 0
 
-    async def _waiting(self) -> int:
+    async def _waiting(self, fresh: bool = False) -> int:
         """Jobs waiting in the queue: read from Redis at most every DEPTH_FRESH seconds (one read
-        at a time: the callers that find the reading stale meanwhile share it), plus those this
-        gateway queued since (so that a burst does not slip past the limit)."""
-        if self._depth is None or time.monotonic() - self._depth[0] > DEPTH_FRESH:
+        at a time: the callers that find the reading stale meanwhile share it; waited for only
+        when older than DEPTH_STALE, or `fresh`), plus those this gateway queued since (so that a
+        burst does not slip past the limit)."""
+        age = time.monotonic() - self._depth[0] if self._depth is not None else None
+        if age is None or age > DEPTH_FRESH:
             if self._reading is None:
                 self._reading = asyncio.ensure_future(self._read_depth())
                 self._reading.add_done_callback(_retrieved)  # a failure its callers all left is no warning
-            await asyncio.shield(self._reading)
+            if age is None or age > DEPTH_STALE or fresh:
+                await asyncio.shield(self._reading)
         assert self._depth is not None
         return self._depth[1] + self._added
 
@@ -204,7 +254,11 @@ class RemoteJobs:
 
     async def check_room(self) -> None:
         """BUSY (with `Retry-After`) while MAX_QUEUED_JOBS jobs wait in the queue."""
-        if self.max_queued and await self._waiting() >= self.max_queued:
+        if not self.max_queued or await self._waiting() < self.max_queued:
+            return
+        if self._depth is not None and time.monotonic() - self._depth[0] > DEPTH_FRESH:
+            await self._waiting(fresh=True)  # a refusal is judged by a fresh reading
+        if self.admitted >= self.max_queued:
             self.metrics.jobs_refused_busy.inc()
             raise Busy(
                 f"the queue is full: {self.admitted} job(s) wait for a worker (MAX_QUEUED_JOBS="
@@ -241,19 +295,20 @@ class RemoteJobs:
             )
         await self.check_room()
         await self._check_able(spec)
-        submitted = await self.queue.submit(spec, spec.priority, spec.idempotency_key)
+        followed = spec.mode != "async"  # its caller follows it from now on
+        submitted = await self.queue.submit(spec, spec.priority, spec.idempotency_key, followed)
         self._added += 1
         self.metrics.job_started(spec.mode)
-        return RemoteJob(spec, submitted.task_id, submitted.attempt, self.status, self)
+        return RemoteJob(spec, submitted.task_id, submitted.attempt, self.status, self, submitted.held)
 
     async def _check_able(self, spec: JobSpec) -> None:
         """INVALID_PARAMS with `raw.missing` for a job needing node classes or model files no
-        live worker of its lane has (heartbeats, read at most every WORKERS_FRESH seconds)."""
-        now = time.monotonic()
-        if self._workers is None or now - self._workers[0] > WORKERS_FRESH:
-            with translated():
-                self._workers = (now, await live_workers(self.queue.client))
-        lacking = missing(await needs_of_spec(spec.workflow, spec.big), self._workers[1], spec.lane)
+        live worker of its lane has (heartbeats, read at most every WORKERS_FRESH seconds; see
+        WORKERS_STALE)."""
+        needs = await needs_of_spec(spec.workflow, spec.big)
+        lacking = _lacking(needs, await self._live_workers(), spec.lane)
+        if lacking is not None and self._workers is not None and time.monotonic() - self._workers[0] > WORKERS_FRESH:
+            lacking = _lacking(needs, await self._live_workers(fresh=True), spec.lane)  # refused by a fresh reading
         if lacking is not None:
             lane = f"lane {spec.lane!r}" if spec.lane else "the default lane"
             what = ", ".join(lacking["nodes"] + lacking["models"])
@@ -261,6 +316,26 @@ class RemoteJobs:
                 f"no worker of {lane} can run this workflow: it lacks {what}",
                 raw={"missing": lacking, "lane": spec.lane},
             )
+
+    async def _live_workers(self, fresh: bool = False) -> list[WorkerView]:
+        """The live workers as last read: read again in the background when older than
+        WORKERS_FRESH, first when older than WORKERS_STALE (or `fresh`); one read at a time."""
+        age = time.monotonic() - self._workers[0] if self._workers is not None else None
+        if age is None or age > WORKERS_FRESH:
+            if self._reading_workers is None:
+                self._reading_workers = asyncio.ensure_future(self._read_workers())
+                self._reading_workers.add_done_callback(_retrieved)
+            if age is None or age > WORKERS_STALE or fresh:
+                await asyncio.shield(self._reading_workers)
+        assert self._workers is not None
+        return self._workers[1]
+
+    async def _read_workers(self) -> None:
+        try:
+            with translated():
+                self._workers = (time.monotonic(), await live_workers(self.queue.client))
+        finally:
+            self._reading_workers = None
 
     async def measure(self) -> None:
         """The queue's depth, jobs taken and workers, into this gateway's metrics (the last

@@ -87,13 +87,6 @@ class WorkerView:
             return None
 
 
-async def live_names(client: aioredis.Redis) -> list[str]:
-    """The names of the workers that beat within HEARTBEAT_TTL (any lane; no advert read)."""
-    now_ms = int(time.time() * 1000)
-    names: Any = await client.zrangebyscore(keys.WORKERS, now_ms - HEARTBEAT_TTL * 1000, "+inf")
-    return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
-
-
 async def live_workers(client: aioredis.Redis) -> list[WorkerView]:
     """Every worker whose heartbeat has not expired."""
     now_ms = int(time.time() * 1000)

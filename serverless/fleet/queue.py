@@ -43,6 +43,7 @@ from ..errors import ExecutionInterrupted, InvalidParams, JobTimeout, NotFound, 
 from ..jobs.spec import JobSpec
 from ..status import keys
 from ..status.redis import RedisStatus, translated
+from ..status.watch import WAKE_KEPT, WAKE_TTL
 from ..tenants.usage import NoUsage, UsageStore
 from . import staging
 from .admission import Admission, held
@@ -86,8 +87,10 @@ return won
 # when the caller has checked a standing claim is the same owner's), its entry, the entry's
 # ordinal, the task's pointer to it ("<stream> <entry id> <ordinal>"), the task listed (KEYS[6..]:
 # ARGV[7] member, ARGV[8] score, past ARGV[9] dropped), and the task's newest attempt number read.
-# ARGV[6]: its staged inputs' name ("": none). -> {1, number, entry id}, or {0, number, owner held}
-# when another claim stands.
+# ARGV[6]: its staged inputs' name ("": none). With ARGV[10] = "1", KEYS[6] is the gateway's
+# stream watch's wake stream (`StreamWatch.hold`), given an entry (MAXLEN ~ARGV[11], ARGV[12]
+# seconds) and the lists are KEYS[7..]. -> {1, number, entry id}, or {0, number, owner held} when
+# another claim stands.
 ENQUEUE = """
 local number = redis.call('GET', KEYS[5]) or '0'
 if ARGV[5] ~= '1' and not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
@@ -102,7 +105,13 @@ end
 local ordinal = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[3], KEYS[1] .. ' ' .. entry .. ' ' .. ordinal, 'EX', ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
-for i = 6, #KEYS do  -- the task lists (`GET /api/tasks`): every task's, its owner's
+local lists = 6
+if ARGV[10] == '1' then  -- its follower's watch reads the task's log from now on
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 'w', '1')
+  redis.call('EXPIRE', KEYS[6], ARGV[12])
+  lists = 7
+end
+for i = lists, #KEYS do  -- the task lists (`GET /api/tasks`): every task's, its owner's
   redis.call('ZADD', KEYS[i], 'NX', ARGV[8], ARGV[7])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[9])
   redis.call('EXPIRE', KEYS[i], ARGV[3])
@@ -151,6 +160,9 @@ class Submitted:
     task_id: str
     attempt: int | None
     attached: bool
+    # The status watch's registration of the followed attempt's log, made before it was queued
+    # (`StreamWatch.hold`): its follower releases it once registered itself.
+    held: tuple[str, asyncio.Event] | None = None
 
 
 class RedisQueue:
@@ -173,10 +185,16 @@ class RedisQueue:
         self._enqueue_script = client.register_script(ENQUEUE)
         self._grouped: set[str] = set()  # lanes whose streams have the workers' group (made by us, or a worker)
 
-    async def submit(self, spec: JobSpec, priority: str, idempotency_key: str | None) -> Submitted:
+    async def submit(
+        self, spec: JobSpec, priority: str, idempotency_key: str | None, followed: bool = False
+    ) -> Submitted:
         """Enqueue `spec` (XADD); with an Idempotency-Key, the first request claims it (SET NX) and
-        a repeat attaches to its task. Redis down: Unavailable, nothing enqueued."""
+        a repeat attaches to its task. Redis down: Unavailable, nothing enqueued. `followed`: its
+        caller follows it from now on: a new task's log is registered with the status watch
+        first, and the watch woken in the round trip that queues it (`Submitted.held`)."""
         task_id = spec.task_id or str(uuid.uuid4())
+        if followed and spec.task_id is None and idempotency_key is None:
+            return await self._submit_held(spec, task_id, priority)
         with translated():
             if idempotency_key is not None:
                 validate_task_id(idempotency_key)
@@ -194,6 +212,20 @@ class RedisQueue:
         log.info("task_id=%s queued on %s as %s", task_id, stream(priority, spec.lane), entry.decode())
         return Submitted(task_id, following, False)
 
+    async def _submit_held(self, spec: JobSpec, task_id: str, priority: str) -> Submitted:
+        """`submit` of a new task (its first attempt is 1) whose caller follows it at once."""
+        watch = self.status.watch
+        key = keys.attempt(task_id, 1)
+        held = watch.hold(key)
+        try:
+            with translated():
+                following, entry = await self._enqueue(spec, task_id, priority, watch.wake_key)
+        except BaseException:
+            watch.release(key, held)
+            raise
+        log.info("task_id=%s queued on %s as %s", task_id, stream(priority, spec.lane), entry.decode())
+        return Submitted(task_id, following, False, (key, held))
+
     async def _make_groups(self, lane: str) -> None:
         """The workers' group on every queue stream of a lane, made before its first job is
         queued: a queue with no worker yet still tells its lag (KEDA scales workers up from zero
@@ -207,10 +239,12 @@ class RedisQueue:
         await self.client.sadd(keys.LANES, lane)
         self._grouped.add(lane)
 
-    async def _enqueue(self, spec: JobSpec, task_id: str, priority: str) -> tuple[int, Any]:
+    async def _enqueue(self, spec: JobSpec, task_id: str, priority: str, wake: str | None = None) -> tuple[int, Any]:
         """Queue the spec (`ENQUEUE`: one round trip, the task listed for `GET /api/tasks` in it):
         the task is the key's that first queued it ("": anyone's); another key naming it is
-        refused before anything is queued. Returns the attempt its caller follows and the entry id."""
+        refused before anything is queued. Returns the attempt its caller follows and the entry id.
+        `wake`: the status watch's wake stream, given an entry in that round trip (`submit`);
+        a job held behind its key's own (`admission`) wakes it apart."""
         if spec.lane not in self._grouped:
             await self._make_groups(spec.lane)
         validate_task_id(task_id)
@@ -232,15 +266,20 @@ class RedisQueue:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.expire(keys.owner(task_id), self.status.ttl)
                 self.status.index_task(pipe, task_id, spec.owner, spec.workflow_id, time.time())
+                if wake is not None:
+                    pipe.xadd(wake, {"w": "1"}, maxlen=WAKE_KEPT, approximate=True)
+                    pipe.expire(wake, WAKE_TTL)
                 await pipe.execute()
             return following, entry.encode()
         queue = stream(priority, spec.lane)
         names = [queue, count_of(queue), keys.submission(task_id), keys.owner(task_id), keys.attempts(task_id)]
+        names += [] if wake is None else [wake]
         names += [keys.TASKS, keys.tasks_of(owner)] if owner else [keys.TASKS]  # listed (`GET /api/tasks`)
         now = time.time()
         member = f"{task_id} {spec.workflow_id or ''}"
         listing = [member, int(now * 1000), int((now - self.status.ttl) * 1000)]
-        args: list[Any] = [task_id, encoded, self.status.ttl, owner, "0", name, *listing]
+        waking = ["", "", ""] if wake is None else ["1", WAKE_KEPT, WAKE_TTL]
+        args: list[Any] = [task_id, encoded, self.status.ttl, owner, "0", name, *listing, *waking]
         answer: Any = await self._enqueue_script(keys=names, args=args)
         if not int(answer[0]):  # the task was queued before: by the same key, it is queued again
             taken_by = answer[2] if len(answer) > 2 else None

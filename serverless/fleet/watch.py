@@ -1,7 +1,8 @@
 """A job as the worker running it watches it: a cancel stops it the moment a gateway stores one
-(XREAD BLOCK on its `cancel:` stream, no polling), its queue entry stays the worker's (XCLAIM every
-third of REDIS_CLAIM_IDLE), and its end is decided in Redis against a cancel (`queue.END`), before
-its terminal payload is stored: a cancel answered "cancelling" always wins, one answered 409 never.
+(XREAD BLOCK on its `cancel:` stream, no polling; from TOLD_AFTER into the run: a short job ends
+unwatched), its queue entry stays the worker's (XCLAIM every third of REDIS_CLAIM_IDLE), and its
+end is decided in Redis against a cancel (`queue.END`), before its terminal payload is stored: a
+cancel answered "cancelling" always wins, one answered 409 never.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from .queue import cancelled_by_request
 from .wire import GROUP
 
 log = logging.getLogger(__name__)
+
+# Seconds into a run before its cancel stream is read: a job that ends sooner costs no read (its
+# end still decides against a cancel in Redis); one cancelled sooner stops this much later.
+TOLD_AFTER = 0.010
 
 
 def state_of(outcome: Outcome) -> str:
@@ -47,6 +52,7 @@ class Watch:
         self.cancel_key = keys.queue_cancel(task_id, entry)
         self.ended_key = keys.queue_ended(task_id, entry)
         self.settled = asyncio.Event()  # its end is recorded in `ended:`
+        self._reading = False  # the read of `cancel:` and `ended:` has begun (`_told`)
 
     async def settle(self, state: str) -> bool:
         """Record in Redis how the job ends (`queue.END`): False when a cancel was acknowledged
@@ -92,7 +98,7 @@ class Watch:
                     except DOWN:
                         pass  # the job goes on; its recorder keeps its events until Redis is back
                     refreshed = loop.time()
-            if self.settled.is_set() and not told.done():  # its `ended:` entry wakes the XREAD at once
+            if self.settled.is_set() and self._reading and not told.done():  # its `ended:` entry wakes the XREAD
                 await asyncio.wait([told], timeout=BLOCK_SECONDS)
         finally:
             for task in (finished, told):
@@ -101,7 +107,9 @@ class Watch:
 
     async def _told(self) -> str:
         """Block until the job's `cancel:` or `ended:` stream holds an entry: "cancel" or "ended"
-        (waits out Redis outages)."""
+        (waits out Redis outages), from TOLD_AFTER on."""
+        await asyncio.sleep(TOLD_AFTER)
+        self._reading = True
         delay = 0.1
         while True:
             try:

@@ -74,7 +74,7 @@ def encode_spec(spec: JobSpec) -> bytes:
 def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
     """The spec a worker runs, with the worker's own credentials. ValueError (or KeyError,
     TypeError) for an entry that is not one of `encode_spec`'s."""
-    raw: dict[str, Any] = json.loads(data)
+    raw: dict[str, Any] = jsontext.loads(data)  # orjson, `json`'s values where they differ
     outputs = raw.get("outputs") or {}
     convert = outputs.get("convert") or {}
     return JobSpec(

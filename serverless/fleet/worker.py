@@ -1,4 +1,5 @@
-"""A worker's consumer: one per ComfyUI this instance owns, taking one job at a time.
+"""A worker's consumer: one per ComfyUI this instance owns, running one job at a time and
+queueing at most one more in its ComfyUI behind it.
 
     loop: a dead worker's job (XAUTOCLAIM, idle past REDIS_CLAIM_IDLE; looked for when the first
           pending entry can pass that threshold), else the next queued one (XREADGROUP, streams
@@ -7,8 +8,22 @@
           -> take it (SET NX run:<task>:<entry>; "cancelled" means a gateway removed it first)
           -> `Jobs.start(spec)` (the unchanged pipeline; its recorder writes to Redis)
           -> while it runs: keep the entry ours (XCLAIM, resetting its idle time), block on its
-             cancel stream and stop it the moment a cancel comes; at its end decide in Redis
-             whether a cancel came first (`queue.END`) -> XACK once the terminal payload is stored.
+             cancel stream (from `watch.TOLD_AFTER` into the run) and stop it the moment a cancel
+             comes; at its end decide in Redis whether a cancel came first (`queue.END`) -> XACK
+             once the terminal payload is stored.
+
+Short jobs are pipelined. Each job taken is handled in a task of its own (`Holding`). Once the
+running job's prompt is in ComfyUI's queue, the loop takes one more job without waiting for one
+(QUEUED_BESIDE), when one is queued, the worker's last job ran under SHORT_JOB seconds in
+ComfyUI, and no other live worker of the lane is free (heartbeats): ComfyUI then goes from one
+prompt to the next with no gap, while the worker finishes the first job (outputs, terminal
+payload, XACK) and prepares the second. The gap is a few milliseconds, which only short jobs
+notice: after a job that ran SHORT_JOB or more, the next is taken when the running one ends (a
+higher-priority job that comes meanwhile goes first), and none is taken beside a running job
+while another worker is free (the job waits in the queue for that one). A worker with memory
+watermarks (`healing`) holds one job at a time, so that its check between jobs finds ComfyUI
+idle. A cancel of the job waiting in ComfyUI removes it from ComfyUI's queue; the running one is
+not touched (an interrupt names its prompt).
 
 A job claimed from a dead worker runs once more (a new attempt, its terminal marked `"retried":
 true`) unless it was cancelled meanwhile (it then ends cancelled on the dead attempt, not run
@@ -30,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,7 +64,7 @@ from . import deadletters, staging
 from .admission import Admission, stale_after
 from .affinity import Affinity
 from .healing import Healing
-from .heartbeat import Heartbeat
+from .heartbeat import HEARTBEAT_TTL, Heartbeat
 from .needs import needs_of_spec
 from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
 from .watch import Watch, state_of
@@ -78,17 +94,25 @@ end
 """
 TAKE = _TAKE_FUNCTION + "return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
 # The next queued entry for consumer ARGV[2] of group ARGV[1]: XREADGROUP of the streams KEYS[i]
-# for i in ARGV[14..], in that order, until one hands an entry out -> {i, entry id, fields, took}.
-# With ARGV[3] = "1" (no other worker it could be placed with), the entry is taken as it is read,
-# as `TAKE` takes it: took is TAKE's answer (-1 not ours, 0 cancelled, n attempt n begun; ARGV[4]
-# the keys' TTL, ARGV[5] the owner mark's), its keys named from the task id and entry id with the
-# parts of `keys`' names around them (ARGV[6..8] the run claim's, [9..11] the cancel's, [12..13]
-# the attempt counter's); else, or for a task id outside the rule of task ids, took is -2 (not
-# asked). None handed out: {0, each stream's last delivered id ("0-0": no group), the newest
-# `fleet:handoffs` entry's id (KEYS[#KEYS]; "0-0": none)}, where the blocking wait starts from.
+# for i in ARGV[15..], in that order, until one hands an entry out -> {i, entry id, fields, took}.
+# With ARGV[3] = "1" (no other worker it could be placed with), or "?" and no worker but ARGV[2]
+# has beaten since ARGV[14] (the heartbeats' sorted set KEYS[#KEYS]: `Affinity.place` would keep
+# it), the entry is taken as it is read, as `TAKE` takes it: took is TAKE's answer (-1 not ours,
+# 0 cancelled, n attempt n begun; ARGV[4] the keys' TTL, ARGV[5] the owner mark's), its keys named
+# from the task id and entry id with the parts of `keys`' names around them (ARGV[6..8] the run
+# claim's, [9..11] the cancel's, [12..13] the attempt counter's); else, or for a task id outside
+# the rule of task ids, took is -2 (not asked). None handed out: {0, each stream's last delivered
+# id ("0-0": no group), the newest `fleet:handoffs` entry's id (KEYS[#KEYS - 1]; "0-0": none)},
+# where the blocking wait starts from.
 _NEXT_BODY = """
-local handoffs = #KEYS
-for i = 14, #ARGV do
+local handoffs = #KEYS - 1
+local function alone()
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[#KEYS], ARGV[14], '+inf')) do
+    if name ~= ARGV[2] then return false end
+  end
+  return true
+end
+for i = 15, #ARGV do
   local stream = KEYS[tonumber(ARGV[i])]
   local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
   if got then
@@ -98,8 +122,8 @@ for i = 14, #ARGV do
     for j = 1, #fields, 2 do
       if fields[j] == 'task_id' then task = fields[j + 1] end
     end
-    if ARGV[3] == '1' and task and #task <= 128 and not string.find(task, '[^%w%._%-]')
-        and task ~= '.' and task ~= '..' then
+    if task and #task <= 128 and not string.find(task, '[^%w%._%-]') and task ~= '.' and task ~= '..'
+        and (ARGV[3] == '1' or (ARGV[3] == '?' and alone())) then
       took = take(ARGV[6] .. task .. ARGV[7] .. id .. ARGV[8], ARGV[9] .. task .. ARGV[10] .. id .. ARGV[11],
                   ARGV[12] .. task .. ARGV[13], ARGV[2], ARGV[4], ARGV[5])
     end
@@ -123,6 +147,8 @@ _T = "\x00"  # a task id or entry id never holds it: it splits key names into th
 STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
 HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
 HANDOFFS_KEPT = 100  # `fleet:handoffs` entries kept (MAXLEN ~): only the newest wakes anyone
+QUEUED_BESIDE = 1  # jobs a worker queues in its ComfyUI behind the running one (see the docstring)
+SHORT_JOB = 0.5  # seconds of ComfyUI's run under which a worker's jobs are pipelined (the docstring)
 
 
 def lane_streams(lane: str) -> tuple[str, ...]:
@@ -144,6 +170,15 @@ class Taken:
     took: int | None = None  # taken as it was read (`NEXT`): `TAKE`'s answer; None: take it (`_take`)
 
 
+@dataclass(eq=False, slots=True)
+class Holding:
+    """A job this consumer holds, handled in its own task; `queued` is set once its prompt is in
+    ComfyUI's queue, or it will never be (the job ended, or was not run)."""
+
+    task: asyncio.Task[None]
+    queued: asyncio.Event
+
+
 class Consumer:
     """Takes jobs for one ComfyUI (see the module docstring)."""
 
@@ -155,7 +190,9 @@ class Consumer:
         self.name = name
         self.claim_idle_ms = int(settings.fleet.claim_idle * 1000)
         self.taken = 0
-        self.busy = False
+        self.running = 0  # jobs of ours between their start and their end (at most 1 + QUEUED_BESIDE)
+        self._held: list[Holding] = []  # in the order taken
+        self._last_run: float | None = None  # seconds ComfyUI ran our last job that ran (None: none yet)
         self.alive = False  # the loop runs (False while it waits to start again after a failure)
         self.restarts = 0
         self.dead_letters = 0
@@ -188,11 +225,17 @@ class Consumer:
             "name": self.name,
             "alive": self.alive,
             "busy": self.busy,
+            "held": len(self._held),
             "taken": self.taken,
             "restarts": self.restarts,
             "dead_letters": self.dead_letters,
             "last_error": self.last_error,
         }
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job of ours runs (or waits in ComfyUI's queue)."""
+        return self.running > 0
 
     async def run_forever(self) -> None:
         """Take and run jobs until the instance drains. A loop that stops for any reason but a
@@ -217,30 +260,105 @@ class Consumer:
                 self.alive = False
 
     async def _consume(self) -> None:
-        """Take and run jobs until the instance drains; outlive Redis outages."""
+        """Take and run jobs until the instance drains; outlive Redis outages. The jobs held when
+        it stops are waited for (a drain finishes them or hands them back), or stopped with it."""
         delay = 0.1
         await self._groups()
-        while self.jobs.accepting:
-            # Looked at once after each job, not after each wait: a job that comes finds it known idle.
-            if not self._idle_known and not await self._comfyui_idle():
-                continue
-            self._idle_known = True
+        try:
+            while self.jobs.accepting:
+                try:
+                    self._reap()  # a held job's failure is handled here, as if the loop had run it
+                    if self._held:
+                        await self._take_beside()
+                    else:
+                        await self._take_when_free()
+                    delay = 0.1
+                except (*DOWN, ComfyUIUnavailable, Unavailable) as exc:  # the entry stays ours: claimed again later
+                    log.warning("consumer %s: Redis is down (%s); again in %.1fs", self.name, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+                except rexc.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    log.warning("consumer %s: the queue's group is gone (Redis lost its data?): creating it", self.name)
+                    await self._groups()
+        except asyncio.CancelledError:
+            for holding in self._held:
+                holding.task.cancel()
+            raise
+        finally:
+            await self._let_held_end()
+
+    async def _take_when_free(self) -> None:
+        """Holding no job: wait (bounded) for one and take it."""
+        # Looked at once after each job, not after each wait: a job that comes finds it known idle.
+        if not self._idle_known and not await self._comfyui_idle():
+            return
+        self._idle_known = True
+        taken = await self._claim_when_due() or await self._handed() or await self._next()
+        if taken is not None:
+            self._hold(taken)
+
+    async def _take_beside(self) -> None:
+        """Holding a job: once its prompt is in ComfyUI's queue, take one more queued now to wait
+        there behind it, when no other worker is free (see the module docstring); else wait for a
+        held job to end."""
+        if len(self._held) <= QUEUED_BESIDE and await self._may_queue_beside(self._held[-1]):
+            taken = await self._claim_when_due() or await self._handed() or await self._next(wait=False)
+            if taken is not None:
+                self._hold(taken)
+                return
+        await asyncio.wait([holding.task for holding in self._held], return_when=asyncio.FIRST_COMPLETED)
+
+    async def _may_queue_beside(self, last: Holding) -> bool:
+        """Whether a job may be queued in our ComfyUI behind `last` (waited for until its prompt
+        is there): not while draining, nor with memory watermarks, nor while another worker of
+        the lane is free (or unknown: no heartbeat yet), nor after a long job."""
+        if self.healing is not None and self.healing.watching:
+            return False
+        if self._last_run is None or self._last_run >= SHORT_JOB:
+            return False
+        if self.affinity is None or not self.affinity.heartbeat.known:
+            return False
+        queued = asyncio.ensure_future(last.queued.wait())
+        try:
+            await asyncio.wait([queued, last.task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            queued.cancel()
+        if last.task.done() or not self.jobs.accepting:
+            return False
+        return all(view.busy for view in await self.affinity.others())
+
+    def _hold(self, taken: Taken) -> None:
+        """Handle the job in a task of its own."""
+        self._idle_known = False  # a run that succeeds sets it again (`_run`)
+        self._news = None  # what a wait saw before this job is not news after it
+        queued = asyncio.Event()
+        task = asyncio.create_task(self._handle(taken, queued.set), name=f"job {taken.task_id}")
+        self._held.append(Holding(task, queued))
+
+    def _reap(self) -> None:
+        """Forget the held jobs that ended; the first failure among them is raised."""
+        done = [holding for holding in self._held if holding.task.done()]
+        self._held = [holding for holding in self._held if not holding.task.done()]
+        for holding in done:
+            if not holding.task.cancelled() and holding.task.exception() is not None:
+                for other in done:  # the others' failures are logged, not lost
+                    if other is not holding and not other.task.cancelled() and other.task.exception() is not None:
+                        log.error("consumer %s: a job's handling failed", self.name, exc_info=other.task.exception())
+                holding.task.result()
+
+    async def _let_held_end(self) -> None:
+        """Wait for the held jobs' ends (a failure is logged: the loop has stopped already)."""
+        while self._held:
+            holding = self._held.pop(0)
             try:
-                taken = await self._claim_when_due() or await self._handed() or await self._next()
-                if taken is not None:
-                    self._idle_known = False  # a run that succeeds sets it again (`_run`)
-                    self._news = None  # what a wait saw before this job is not news after it
-                    await self._handle(taken)
-                delay = 0.1
-            except (*DOWN, ComfyUIUnavailable, Unavailable) as exc:  # the entry stays ours: claimed again later
-                log.warning("consumer %s: Redis is down (%s); again in %.1fs", self.name, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
-            except rexc.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                await holding.task
+            except asyncio.CancelledError:
+                if not holding.task.cancelled():
                     raise
-                log.warning("consumer %s: the queue's group is gone (Redis lost its data?): creating it", self.name)
-                await self._groups()
+            except Exception:
+                log.exception("consumer %s: a job's handling failed", self.name)
 
     async def _comfyui_idle(self) -> bool:
         """Wait (bounded) until our ComfyUI runs nothing and holds nothing: a job stopped a moment
@@ -331,19 +449,20 @@ class Consumer:
                     return taken
         return None
 
-    async def _next(self) -> Taken | None:
+    async def _next(self, wait: bool = True) -> Taken | None:
         """The next queued job, highest priority first (but a priority that has waited
         PRIORITY_AGING seconds without being served goes first: low never starves); waits up to
-        BLOCK_SECONDS for one."""
+        BLOCK_SECONDS for one (`wait`)."""
         news, self._news = self._news, None
         # The wait saw nothing new in the others: not asked. One round trip (`NEXT`) for them all,
         # and the entry taken in it when no other worker could be given it (affinity's place).
         asked = [self.streams.index(name) + 1 for name in await self._reading_order() if news is None or name in news]
-        take = "1" if await self._placed_here_whatever() else ""
+        take = "1" if self._placed_here_whatever() else "?"  # "?": when no other worker beats (asked in NEXT)
         status = self.status
         names = [*keys.run_claim(_T, _T).split(_T), *keys.queue_cancel(_T, _T).split(_T), *keys.attempts(_T).split(_T)]
-        args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, *asked]
-        answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS], args=args)
+        beaten_since = int(time.time() * 1000) - HEARTBEAT_TTL * 1000
+        args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, beaten_since, *asked]
+        answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS, keys.WORKERS], args=args)
         if int(answer[0]):
             name = self.streams[int(answer[0]) - 1]
             flat, took = answer[2], int(answer[3])
@@ -354,7 +473,8 @@ class Consumer:
                 return replace(taken, took=took)
             return taken if taken is None or await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
-        await self._wait_for_news(answer[1], answer[2])
+        if wait:
+            await self._wait_for_news(answer[1], answer[2])
         return None
 
     async def _reading_order(self) -> list[str]:
@@ -379,12 +499,11 @@ class Consumer:
         starved = [name for name, since in self._waiting_since.items() if now - since >= PRIORITY_AGING]
         return sorted(starved, key=self.streams.index) + [name for name in self.streams if name not in starved]
 
-    async def _placed_here_whatever(self) -> bool:
-        """Whether any entry read now is run here: no affinity, or no other live worker to place
-        it with (`Affinity.place` then keeps every entry)."""
-        if self.affinity is None or not self.affinity.heartbeat.known:
-            return True
-        return await self.affinity.alone()
+    def _placed_here_whatever(self) -> bool:
+        """Whether any entry read now is run here, whatever the other workers: no affinity, or
+        its ComfyUI not read yet (`Affinity.place` then keeps every entry). Else NEXT asks
+        whether another worker beats, in the round trip that reads the entry."""
+        return self.affinity is None or not self.affinity.heartbeat.known
 
     async def _placed_here(self, taken: Taken) -> bool:
         """Whether this worker runs a job it read (affinity: else handed to a worker holding its
@@ -477,7 +596,13 @@ class Consumer:
 
     # -- running -----------------------------------------------------------------------------
 
-    async def _handle(self, taken: Taken) -> None:
+    async def _handle(self, taken: Taken, queued: Callable[[], None]) -> None:
+        try:
+            await self._handle_taken(taken, queued)
+        finally:
+            queued()  # its prompt went to ComfyUI's queue, or never will
+
+    async def _handle_taken(self, taken: Taken, queued: Callable[[], None]) -> None:
         if taken.took is not None:  # taken as it was read (`NEXT`)
             ours, cancel_asked, begun = taken.took >= 0, taken.took == 0, max(taken.took, 0)
         else:
@@ -488,7 +613,9 @@ class Consumer:
                 log.info("task_id=%s: its worker died after it ended; acknowledging it", taken.task_id)
             elif cancel_asked:
                 await self._end_here(taken, dead, cancelled_by_request())
-            elif not (dead and await self._lost_for_good(taken, dead)) and not await self._run(taken, dead, begun):
+            elif not (dead and await self._lost_for_good(taken, dead)) and not await self._run(
+                taken, dead, begun, queued
+            ):
                 return  # handed back: not acknowledged (its key's place kept), another worker takes it
         elif taken.handed and await self._run_elsewhere(taken):
             return  # the worker it was handed to took it in the meantime: its acknowledgement
@@ -558,7 +685,7 @@ class Consumer:
     def _watch(self, taken: Taken) -> Watch:
         return Watch(self.client, self._end, taken.stream, taken.entry, taken.task_id, self.name, self.status.ttl)
 
-    async def _run(self, taken: Taken, dead: int, begun: int = 0) -> bool:
+    async def _run(self, taken: Taken, dead: int, begun: int = 0, queued: Callable[[], None] | None = None) -> bool:
         """Run the job to its end (True: acknowledge its entry), or until it is handed back to
         the queue for another worker (False: `_hand_back` made it claimable at once)."""
         watch = self._watch(taken)
@@ -583,29 +710,34 @@ class Consumer:
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
+        job.on_queued = queued
         job.may_hand_off = not dead  # a retry is not given back again: at most two runs
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
             await self.client.delete(keys.alive(taken.task_id, dead))
         self.taken += 1
-        self.busy = True
+        self.running += 1
         if self.heartbeat is not None:
             self.heartbeat.busy = True
         try:
             await watch.follow(job, self.settings.fleet.claim_idle / 3)
         finally:
-            self.busy = False
+            self.running -= 1
             if self.heartbeat is not None:  # what its ComfyUI holds now, advertised at once
-                self.heartbeat.busy = False
+                self.heartbeat.busy = self.busy
                 self.heartbeat.ran(await needs_of_spec(taken.spec.workflow, taken.spec.big))
+        if job.clock.started is not None and job.clock.ended is not None:
+            self._last_run = job.clock.ended - job.clock.started
         if job.handed_off:
             await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
             await self._hand_back(taken)
             return False
         acted = await self.healing.check() if self.healing is not None else None  # free or restart past a watermark
         # A run that succeeded saw ComfyUI finish its prompt (`executing` None comes after its
-        # queue let go of it): the next job needs no look at ComfyUI's queue first.
+        # queue let go of it): the next job needs no look at ComfyUI's queue first. Said by the
+        # job taken last only (one taken before it may end after it, and says nothing of it).
         terminal = job.feed.terminal
-        self._idle_known = acted is None and terminal is not None and terminal.error is None
+        if not self._held or self._held[-1].task is asyncio.current_task():
+            self._idle_known = acted is None and terminal is not None and terminal.error is None
         return True
 
     async def _with_inputs(self, taken: Taken) -> JobSpec:

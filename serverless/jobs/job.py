@@ -176,6 +176,9 @@ class Job:
         # retry): a drain that runs out of time, or a ComfyUI that dies under the job, then gives
         # it back to the queue (`HandedOff`) rather than ending it, unless it made outputs already.
         self.may_hand_off = False
+        # Set by a fleet worker: called once the job's prompt is in ComfyUI's queue (or the job
+        # ended without one), when the worker may queue its next job behind it.
+        self.on_queued: Callable[[], None] | None = None
         self.models_downloaded = 0  # model references fetched for this job (not from the cache)
         # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
         self.gate: Gate | None = None
@@ -343,7 +346,13 @@ class Job:
             return contextlib.nullcontext()
         return self.gate(self.spec.owner, self.spec.concurrency)
 
+    def _queued(self) -> None:
+        queued, self.on_queued = self.on_queued, None
+        if queued is not None:
+            queued()
+
     def _finish(self, outcome: Outcome) -> None:
+        self._queued()
         outcome = self._decided(outcome)
         self._release_models()
         log.info(
@@ -504,6 +513,7 @@ class Job:
                 node_errors = await runtime.comfy.submit(
                     workflow, connection.client_id, self.prompt_id, spec.extra_data, big=spec.big
                 )
+                self._queued()
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
                 timer = asyncio.get_running_loop().call_later(PROGRESS_INTERVAL, self._start_watching)
 

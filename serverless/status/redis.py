@@ -61,8 +61,10 @@ BIG_TERMINAL = 256 * 1024  # terminal payloads from this size on are split in a 
 PREVIEWS_KEPT = 2  # a follower wants the newest preview; one more covers a read between two writes
 PREVIEWS_TTL = 60  # seconds a job's previews outlive its last one
 # Seconds between two writes of a job's events (Nagle's rule, as `transports.bursts` writes to a
-# caller): an event after a quiet spell is stored at once, the rest of its burst together a moment
-# later, the terminal payload (with what waits) at once. Each write wakes every follower's gateway.
+# caller), counted from the job's start too: its first events are stored together WRITE_WINDOW
+# later (a short job's whole log, terminal payload included, in one write, off the prompt's way to
+# ComfyUI), an event after a quiet spell at once, the rest of its burst together a moment later,
+# the terminal payload (with what waits) at once. Each write wakes every follower's gateway.
 WRITE_WINDOW = 0.010
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
@@ -87,7 +89,8 @@ return number
 # ARGV: [1] the log's TTL, [2] "1": refresh the log's expiries, [3] the owner mark's TTL ("": not
 # refreshed), [4] the newest preview ("": none) kept [5] deep for [6] seconds, [7] the terminal
 # payload whole ("": not kept apart) for [8] seconds, [9] the task's list member ("": not listed),
-# [10] its score, [11] the score before which members are dropped; then per event its seq, data
+# [10] its score, [11] the score before which members are dropped (not when the task has its
+# owner's record: a gateway queued it, and listed it then); then per event its seq, data
 # and kind ("0", "1": terminal, "r": terminal kept whole apart). An event stored before (its seq
 # not above the stream's last: a retried write whose answer was lost) is skipped; the first write
 # refused (past maxmemory) refuses the batch before anything is stored.
@@ -109,7 +112,7 @@ if ARGV[4] ~= '' then
   redis.call('EXPIRE', KEYS[5], ARGV[6])
 end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[6], ARGV[7], 'EX', ARGV[8]) end
-if ARGV[9] ~= '' then
+if ARGV[9] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then
   for k = 7, #KEYS do
     redis.call('ZADD', KEYS[k], 'NX', ARGV[10], ARGV[9])
     redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', ARGV[11])
@@ -261,7 +264,7 @@ class RedisStatus:
         heartbeat = max(self.stale_after / 4, 0.05)
         loop = asyncio.get_running_loop()
         refresh_at = 0.0  # the keys' expiries and the owner's mark are refreshed from then on (now)
-        written = -WRITE_WINDOW  # when the last batch was written (none yet: the first goes at once)
+        written = loop.time()  # when the last batch was written (none yet: the first waits a window too)
         pending: list[Event] = []
         preview: Event | None = None  # the newest preview not stored yet (the job shows them if asked)
         try:
@@ -326,7 +329,10 @@ class RedisStatus:
     ) -> None:
         """Store `events` (and the newest `preview`) in one step (`APPEND`); with `refresh`, the
         log's expiries (when there are events) and its owner's mark too."""
-        stored = [await self._stored(event, attempt) for event in events]
+        stored = [
+            await self._stored(event, attempt) if event.terminal else (self.stored(event, attempt), None)
+            for event in events
+        ]
         task_id, number = attempt.task_id, attempt.number
         names = [attempt.key, keys.attempts(task_id), keys.owner(task_id), keys.alive(task_id, number)]
         names += [keys.previews(task_id, number), keys.result(task_id, number)]
@@ -528,6 +534,7 @@ class RedisStatus:
         idle: float | None = None,
         previews: bool = False,
         unbegun: bool = False,
+        last_only: bool = False,
     ) -> AsyncIterator[Entry | None]:
         """The task's payloads after `after` as they are stored, from any instance (XREAD BLOCK,
         no polling), until a terminal one; None after `idle` seconds of silence; nothing when
@@ -538,7 +545,9 @@ class RedisStatus:
         With `previews`, the attempt's previews stream is read with its log: of the previews
         stored since the last read, the newest comes (`Entry.preview`), after the log's entries.
         `unbegun`: attempt `attempt` was not begun when its caller queued it a moment ago: its
-        first read is the watch's (from its start), not one of its own as well."""
+        first read is the watch's (from its start), not one of its own as well. `last_only`: of
+        the entries a read brings, the last alone (the terminal one when it is among them), for a
+        caller waiting for the end."""
         validate_task_id(task_id)
         loop = asyncio.get_running_loop()
         number = attempt or max(await self.current(task_id), 1)
@@ -578,6 +587,8 @@ class RedisStatus:
                         yield Entry(offset + cursor, newest[b"d"], False, preview=True)
                         continue
                     for index, (entry_id, fields) in enumerate(entries, start=1):
+                        if last_only and index < len(entries):
+                            continue
                         cursor = _seq(entry_id)
                         terminal = fields.get(b"t") == b"1"
                         data = fields[b"d"]

@@ -48,6 +48,7 @@ def still_cancelled(cause: BaseException | None = None) -> None:
 
 
 WAKE_TTL = 60  # seconds the wake stream outlives the instance that writes it
+WAKE_KEPT = 16  # entries the wake stream keeps (MAXLEN ~): only the newest wakes anyone
 KEPT = 512  # entries of a followed stream the watch keeps for its followers (the newest)
 READ_COUNT = 256  # entries of each stream one read of the watch takes at most
 
@@ -73,6 +74,29 @@ class StreamWatch:
         before each read of its own), for as long as the block lasts; `event` to share one
         between the streams a follower reads together."""
         event = event or asyncio.Event()
+        if self._register(key, since, event):  # the watch's read names the new stream from now on
+            self._wake_soon()  # (from `since`: nothing is missed)
+        try:
+            yield event
+        finally:
+            self.release(key, event)
+
+    def hold(self, key: str) -> asyncio.Event:
+        """Register stream `key` from its start for a follower about to come, without waking the
+        watch's read: its caller wakes it in a write of its own (an entry in `wake_key`, in the
+        round trip that makes the stream's news possible). `release` it once the follower has
+        registered (`news`), or will not come."""
+        event = asyncio.Event()
+        self._register(key, "0-0", event)
+        return event
+
+    @property
+    def wake_key(self) -> str:
+        """The stream whose entries wake the watch's read (`hold`): MAXLEN ~WAKE_KEPT, WAKE_TTL."""
+        return self._wake_key
+
+    def _register(self, key: str, since: str, event: asyncio.Event) -> bool:
+        """Add a follower of `key`; True when the stream is new to the watch's read."""
         followers = self._followers.setdefault(key, set())
         fresh = not followers
         followers.add(event)
@@ -80,16 +104,18 @@ class StreamWatch:
             self._since[key] = since
             self._kept[key] = collections.deque(maxlen=KEPT)
         self._start()
-        try:
-            if fresh:  # the watch's read names the new stream from now on (from `since`: nothing is missed)
-                self._wake_soon()
-            yield event
-        finally:
-            followers.discard(event)
-            if not followers:
-                del self._followers[key]
-                self._since.pop(key, None)
-                self._kept.pop(key, None)
+        return fresh
+
+    def release(self, key: str, event: asyncio.Event) -> None:
+        """A follower of `key` (`news`, `hold`) is gone; the stream with its last one."""
+        followers = self._followers.get(key)
+        if followers is None:
+            return
+        followers.discard(event)
+        if not followers:
+            del self._followers[key]
+            self._since.pop(key, None)
+            self._kept.pop(key, None)
 
     def after(self, key: str, cursor: int) -> list[Any] | None:
         """The entries of stream `key` (ids `0-<seq>`, as status logs number them) after number
@@ -126,7 +152,7 @@ class StreamWatch:
     async def _wake(self) -> None:
         with contextlib.suppress(*DOWN):  # Redis down: followers find out by their own reads
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=WAKE_KEPT, approximate=True)
                 pipe.expire(self._wake_key, WAKE_TTL)
                 await pipe.execute()
 

@@ -12,7 +12,7 @@ not delayed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from ..jobs.feed import Event
 from ..jobs.runner import EventSource
@@ -21,10 +21,16 @@ WINDOW = 0.002  # seconds between two writes of one burst; an event waits at mos
 
 
 async def bursts(
-    source: EventSource, after: int | None = None, idle: float | None = None, previews: bool = False
+    source: EventSource,
+    after: int | None = None,
+    idle: float | None = None,
+    previews: bool = False,
+    urgent: Callable[[Event], bool] | None = None,
 ) -> AsyncIterator[list[Event] | None]:
     """`source.events(after, idle, previews)`, each list one write; None for a keep-alive (after
-    `idle` seconds without an event). A list that ends with the terminal event is the last."""
+    `idle` seconds without an event). A list that ends with the terminal event is the last. An
+    event `urgent` picks goes out at once too, with what is held before it (ComfyUI's last
+    message of a prompt, whose client then asks for its history)."""
     loop = asyncio.get_running_loop()
     written = loop.time()  # when the last write was made (the stream's first: its start)
     burst: list[Event] = []
@@ -33,7 +39,11 @@ async def bursts(
             yield None
             continue
         burst.append(event)
-        if event.terminal or not await source.more_after(event.seq, written + WINDOW - loop.time()):
+        if (
+            event.terminal
+            or (urgent is not None and urgent(event))
+            or not await source.more_after(event.seq, written + WINDOW - loop.time())
+        ):
             yield burst
             burst = []
             written = loop.time()

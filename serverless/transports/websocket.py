@@ -1,5 +1,6 @@
 """WS /api/serverless/ws: the client sends one run body; it gets every ComfyUI message text of
-the job, then the terminal payload, then a normal close. A client that leaves abandons its job;
+the job, then the terminal payload, then a normal close (each message its own frame; a burst of
+them in one write: `bursts`, `frames`). A client that leaves abandons its job;
 a body that is refused gets the error object as the last message."""
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from ..ops.metrics import ReaderMeter
 from ..settings import Settings
 from ..state import app_state
 from . import caller as caller_module
+from .bursts import bursts
 from .caller import CallerStalled, bounded, watch
-from .http import abort_connection, hang_up
+from .frames import Frames, Message
+from .http import SMALL_END, abort_connection, hang_up
 from .start import start_job
 
 log = logging.getLogger(__name__)
@@ -73,12 +76,21 @@ async def _forward(
     too_slow: list[ReaderTooSlow] = []
     timeout = caller_module.WRITE_TIMEOUT
 
+    frames = Frames(websocket)
+
     async def deliver() -> None:
         try:
-            async for event in job.events(previews=previews):
-                if event is not None:
-                    await bounded(websocket.send_text(event.text), timeout)
-            await bounded(websocket.close(), timeout)  # a send waits for room, the close too
+            async for burst in bursts(job, previews=previews):
+                if burst is None:
+                    continue
+                messages = [Message(event.data) for event in burst]
+                if burst[-1].terminal and sum(len(m.data) for m in messages) <= SMALL_END:
+                    await bounded(frames.close(messages), timeout)  # the last burst and the close in one write
+                    return
+                await bounded(frames.send(messages), timeout)
+            # After a big last burst, the close waits for room alone: a reader that stopped
+            # reading is noticed (and dropped) instead of holding the rest in memory.
+            await bounded(frames.close(), timeout)
         except ReaderTooSlow as exc:
             too_slow.append(exc)
         except CallerStalled:
