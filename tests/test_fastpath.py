@@ -26,6 +26,8 @@ from PIL import Image
 
 from serverless.comfyui.client import ComfyUI, Timeouts
 from serverless.comfyui.folders import Folders, confined, started_folders
+from serverless.core.messages import Message
+from serverless.core.previews import PreviewFrame
 from serverless.errors import OutputError
 from serverless.resources import comfyui_folders
 from serverless.settings import Settings
@@ -334,6 +336,28 @@ def test_status_broadcasts_reach_every_watched_job_but_not_the_log_of_a_sync_job
     assert seen[0] == 2 and seen[-1] == 0  # second in line, then running
 
 
+async def test_a_job_that_fails_taking_a_message_fails_alone_and_the_socket_serves_on(emulator):
+    # A job's messages are handed to it in the listener's task: what its `take` raises there is
+    # raised in the job's own (`follow`), not in the instance's only socket.
+    async with ComfyUI.open(emulator.url, Timeouts(connect=5, request=10)) as comfy:
+
+        def failing(message: Message | PreviewFrame) -> None:
+            if isinstance(message, Message) and message.type == "executed":
+                raise RuntimeError("a bug in the job")
+
+        async with comfy.connect("take-fails") as connection:
+            await comfy.submit(empty_image(prefix="take-fails"), connection.client_id, "take-fails", None)
+            with pytest.raises(RuntimeError, match="a bug in the job"):
+                await connection.follow("take-fails", failing)
+        taken: list[Message | PreviewFrame] = []
+        async with comfy.connect("next-job") as connection:
+            await comfy.submit(empty_image(prefix="next-job"), connection.client_id, "next-job", None)
+            await connection.follow("next-job", taken.append)
+    kinds = [m.type for m in taken if isinstance(m, Message) and m.prompt_id == "next-job"]
+    assert kinds[0] == "execution_start" and "executed" in kinds and kinds[-1] == "executing"
+    assert connection.complete
+
+
 async def test_a_broadcast_after_the_prompt_ended_is_no_part_of_its_job(emulator):
     # A queue change after a prompt's end (another job's prompt arriving) while its job still
     # winds down (reading outputs) belongs to no job of ours: it is not forwarded. Deterministic:
@@ -343,9 +367,12 @@ async def test_a_broadcast_after_the_prompt_ended_is_no_part_of_its_job(emulator
         prompt_id = "trailing-broadcast"
         async with comfy.connect(prompt_id, lambda message: forwarded.append(message.text)) as connection:
             await comfy.submit(empty_image(prefix="trailing"), connection.client_id, prompt_id, None)
-            async for message in connection.follow(prompt_id):
-                if message.type == "status":
+
+            def take(message: Message | PreviewFrame) -> None:
+                if isinstance(message, Message) and message.type == "status":
                     forwarded.append(message.text)  # as the job publishes its inbox's broadcasts
+
+            await connection.follow(prompt_id, take)
             before = comfy.listener.latest_status
             await comfy.submit(empty_image(prefix="trailing-next"), "someone-else", "trailing-next", None)
             await asyncio.to_thread(wait_until, lambda: comfy.listener.latest_status is not before)

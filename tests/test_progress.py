@@ -147,3 +147,27 @@ def test_a_learned_step_time_gives_an_eta_before_the_first_step() -> None:
     progress.observe(message("executing", node="1"), 0.1)
     progress.observe(message("executing", node="2"), 0.5)
     assert progress.payload(0.5, 1e9)["data"]["eta_s"] == 10.6  # 10 steps, the tail, SaveImage as the loader
+
+
+def test_noting_messages_then_weighing_when_an_event_may_go_tells_what_observing_each_tells() -> None:
+    # A job notes every message and weighs the estimate only when an event may go (a change of
+    # state at once, else at most every 0.25 s): what it then publishes is what a progress that
+    # observed each message would publish at that moment.
+    workflow, prompt_id, messages = recorded("c_batch3_save")
+    noted = Progress("t", prompt_id, workflow_nodes(workflow), created=0.0)
+    observed = Progress("t", prompt_id, workflow_nodes(workflow), created=0.0)
+    published = [noted.payload(0.0, 1e9)["data"]]  # the job's first event: queued
+    last = 0.0
+    for n, each in enumerate(messages, start=1):
+        now = n * 0.1
+        observed.observe(each, now)
+        if noted.note(each, now) or now - last >= 0.25:
+            if noted.refresh(now):
+                published.append(noted.payload(now, 1e9)["data"])
+                assert published[-1] == observed.payload(now, 1e9)["data"]
+            last = now
+    assert [p["state"] for p in published[:2]] == ["queued", "running"] and len(published) < len(messages)
+    noted.refresh(len(messages) * 0.1)
+    assert not noted.refresh(len(messages) * 0.1)  # nothing new since the last weighing
+    assert noted.payload(9.9, 1e9) == observed.payload(9.9, 1e9)  # noted all along: the same state
+    assert not noted.note(message("progress", value=1, max=2), 10.0)  # not its prompt ("p")

@@ -2,9 +2,9 @@
 
 One websocket serves the whole instance (`listener.Listener`, started and stopped by
 `ComfyUI.open`): `ComfyUI.connect(prompt_id)` registers a job on it and hands back the client id
-to submit with; `Connection.follow(prompt_id)` then yields that prompt's messages until ComfyUI
-ends it, recovered from `/history` and `/queue` after a broken socket, so a job sees one unbroken
-sequence of messages. ComfyUI's answers come back as typed shapes (`QueueState`, `HistoryEntry`,
+to submit with; `Connection.follow(prompt_id, take)` then hands that prompt's messages to `take`
+until ComfyUI ends it, recovered from `/history` and `/queue` after a broken socket, so a job sees
+one unbroken sequence of messages. ComfyUI's answers come back as typed shapes (`QueueState`, `HistoryEntry`,
 `SystemStats`). When ComfyUI's folders are on our disk (`folders.Folders`), outputs are read and
 inputs written there, falling back to `/view` for a file that is not there.
 

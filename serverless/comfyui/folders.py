@@ -34,16 +34,32 @@ class Folders:
         return {"output": self.output, "temp": self.temp, "input": self.input}.get(kind)
 
 
+MAX_BASES = 64  # folders whose resolved path is kept (`_base`)
+_bases: dict[Path, str] = {}
+
+
 def confined(folder: Path, subfolder: str, filename: str) -> Path:
     """`folder/subfolder/filename` resolved (symlinks followed); OutputError when it names an
     absolute path or leads outside `folder`."""
     if not filename or os.path.isabs(subfolder) or os.path.isabs(filename):
         raise OutputError(f"output {filename!r} in {subfolder!r} is not a relative path: refused")
-    base = folder.resolve()
-    path = (base / subfolder / filename).resolve()
-    if path == base or not path.is_relative_to(base):
+    base = _base(folder)
+    path = os.path.realpath(os.path.join(base, subfolder, filename))
+    if path == base or not path.startswith(base if base.endswith(os.sep) else base + os.sep):
         raise OutputError(f"output {filename!r} in {subfolder!r} leads outside ComfyUI's folder: refused")
-    return path
+    return Path(path)
+
+
+def _base(folder: Path) -> str:
+    """The folder resolved, kept once it is a directory: ComfyUI's folders do not move while it
+    runs, and an output read (in a thread that takes turns with the event loop at each system
+    call) then resolves only its own path."""
+    base = _bases.get(folder)
+    if base is None:
+        base = os.path.realpath(folder)
+        if len(_bases) < MAX_BASES and os.path.isdir(base):
+            _bases[folder] = base
+    return base
 
 
 def read_output(path: Path, with_content: bool, limit: int | None = None) -> tuple[bytes | None, str, int] | None:

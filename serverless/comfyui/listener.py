@@ -10,6 +10,15 @@ gets the same `Message` (the same text object). Binary frames that are sampler p
 legacy form, which names none: the prompt executing) when that job asked for them; the socket
 declares `supports_preview_metadata` as it opens, so ComfyUI names the prompt.
 
+A job takes its items with a callback (`Connection.follow(prompt_id, take)`), called in the
+listener's task as each item comes while nothing waits in the job's inbox (so still in order):
+a prompt's many messages cost no wake-up of the job each. What must wake the job goes through
+its inbox: the prompt's last message, a break and its recovery, the rest of a burst past
+BURST_TURN items read at once (the job takes it with a turn for its readers every BURST_TURN),
+and whatever comes after them until the job has taken them. The listener itself never pauses
+mid-burst: a pause there lets every stream write what it has, and with a hundred streams
+following `status` broadcasts each then writes several times a burst.
+
 The socket is opened at start and reopened whenever it breaks (with backoff, for the life of the
 app). After a break every job that was following is recovered at once, before the new socket's
 messages are routed: from its history if its prompt ended meanwhile, else it listens on.
@@ -18,6 +27,7 @@ messages are routed: from its history if its prompt ended meanwhile, else it lis
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -65,7 +75,15 @@ class Recovered:
     error: ComfyUIUnavailable | None = None
 
 
-Item = Message | PreviewFrame | Broken | Recovered
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The job's `take` raised in the listener's task: the error is raised in the job's."""
+
+    error: Exception
+
+
+Item = Message | PreviewFrame | Broken | Recovered | Failed
+Take = Callable[[Message | PreviewFrame], None]
 
 
 class Inbox:
@@ -82,6 +100,34 @@ class Inbox:
         self.items: asyncio.Queue[Item] = asyncio.Queue()
         self.broken = False  # a break not yet followed by a recovery
         self.in_a_row = 0  # items taken since the job last waited for one
+        self.take: Take | None = None  # while the job follows: its items handed to it at once
+        self.handed = 0  # items handed to the job in this turn of the loop
+
+    def deliver(self, item: Message | PreviewFrame) -> None:
+        """Hand `item` straight to the job when nothing waits before it, it is not the prompt's
+        last message (which wakes the job) and fewer than BURST_TURN were handed over in this
+        turn of the loop; else queue it (the job takes the rest of a burst from its inbox, its
+        readers getting a turn every BURST_TURN: `Listener.next_item`)."""
+        take = self.take
+        if (
+            take is None
+            or self.handed >= BURST_TURN
+            or not self.items.empty()
+            or (isinstance(item, Message) and item.ends(self.prompt_id))
+        ):
+            self.items.put_nowait(item)
+            return
+        if not self.handed:
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        self.handed += 1
+        try:
+            take(item)
+        except Exception as exc:  # the job's failure, not the socket's: raised in the job's task
+            self.take = None
+            self.items.put_nowait(Failed(exc))
+
+    def _next_turn(self) -> None:
+        self.handed = 0
 
 
 class Listener:
@@ -242,13 +288,13 @@ class Listener:
                 ended.forward = None  # its prompt is over: broadcasts from now on are no part of it
         inbox = self._inboxes.get(prompt_id) if prompt_id is not None else None
         if inbox is not None:
-            inbox.items.put_nowait(message)
+            inbox.deliver(message)
 
     def _route_preview(self, preview: PreviewFrame) -> None:
         prompt_id = preview.prompt_id or self._executing
         inbox = self._inboxes.get(prompt_id) if prompt_id is not None else None
         if inbox is not None and inbox.previews:
-            inbox.items.put_nowait(preview)
+            inbox.deliver(preview)
 
     def _on_break(self) -> None:
         # A warning when it cuts jobs off; with none following it is also how every stop of a
@@ -323,36 +369,53 @@ class Connection:
         """Stop routing messages to this job."""
         self.listener.unregister(self._inbox)
 
-    async def follow(
-        self, prompt_id: str, lost: Callable[[], bool] = lambda: False
-    ) -> AsyncIterator[Message | PreviewFrame]:
-        """The messages concerning `prompt_id` (its own, and broadcasts), until ComfyUI ends the
-        prompt. After a broken socket, the prompt is recovered: from its history when it ended
-        meanwhile (those messages come with `live` false), else it is still queued and we listen
-        on. `lost()` true means the ComfyUI that had the prompt is gone (a supervised restart).
-        Preview frames come in order with the messages, for a job registered with `previews`.
-        `complete` tells afterwards whether the socket delivered every message of the prompt."""
-        if prompt_id != self._inbox.prompt_id:
-            raise ValueError(f"this connection follows prompt {self._inbox.prompt_id}, not {prompt_id}")
+    async def follow(self, prompt_id: str, take: Take, lost: Callable[[], bool] = lambda: False) -> None:
+        """Hand `take` the messages concerning `prompt_id` (its own, and broadcasts), in order,
+        until ComfyUI ends the prompt. After a broken socket, the prompt is recovered: from its
+        history when it ended meanwhile (those messages come with `live` false), else it is
+        still queued and we listen on. `lost()` true means the ComfyUI that had the prompt is
+        gone (a supervised restart). Preview frames come in order with the messages, for a job
+        registered with `previews`. `complete` tells afterwards whether the socket delivered
+        every message of the prompt. `take` is called in this task or, as a message comes while
+        nothing waits for the job (see the module docstring), in the listener's, in this task's
+        context either way; what it raises there is raised here."""
+        inbox = self._inbox
+        if prompt_id != inbox.prompt_id:
+            raise ValueError(f"this connection follows prompt {inbox.prompt_id}, not {prompt_id}")
         cut_off: float | None = None  # since when the socket is broken, until recovered
-        while True:
-            item = await self.listener.next_item(self._inbox, lost, cut_off)
-            if isinstance(item, Message):
-                yield item
-                if item.ends(prompt_id):
-                    return
-            elif isinstance(item, PreviewFrame):
-                yield item
-            elif isinstance(item, Broken):
-                log.warning("websocket lost prompt_id=%s: waiting for it to be reopened", prompt_id)
-                self.complete = False
-                cut_off = item.at if cut_off is None else cut_off
-            else:
-                cut_off = None
-                if item.error is not None:
+        inbox.take = _in_context(contextvars.copy_context(), take)
+        try:
+            while True:
+                item = await self.listener.next_item(inbox, lost, cut_off)
+                if isinstance(item, Message):
+                    take(item)
+                    if item.ends(prompt_id):
+                        return
+                elif isinstance(item, PreviewFrame):
+                    take(item)
+                elif isinstance(item, Failed):
                     raise item.error
-                if item.entry is not None:
-                    log.info("prompt recovered from history prompt_id=%s", prompt_id)
-                    for message in item.entry.messages:
-                        yield message
-                    return
+                elif isinstance(item, Broken):
+                    log.warning("websocket lost prompt_id=%s: waiting for it to be reopened", prompt_id)
+                    self.complete = False
+                    cut_off = item.at if cut_off is None else cut_off
+                else:
+                    cut_off = None
+                    if item.error is not None:
+                        raise item.error
+                    if item.entry is not None:
+                        log.info("prompt recovered from history prompt_id=%s", prompt_id)
+                        for message in item.entry.messages:
+                            take(message)
+                        return
+        finally:
+            inbox.take = None
+
+
+def _in_context(context: contextvars.Context, take: Take) -> Take:
+    """`take`, run in `context` (the following job's: its log lines name it, its tasks inherit it)."""
+
+    def taken(item: Message | PreviewFrame) -> None:
+        context.run(take, item)
+
+    return taken

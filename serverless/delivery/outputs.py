@@ -193,7 +193,7 @@ class OutputCollector:
         """The contract's `results` for `refs`, waiting for every file; OutputError on failure,
         with the results that did succeed in `raw`."""
         tasks = [self._start(ref) for ref in refs]
-        if tasks:  # a job may produce no files (e.g. only text outputs)
+        if not all(task.done() for task in tasks):  # read meanwhile (`prefetch`): no turn of the loop
             await asyncio.wait(tasks)
         results, failures = [], []
         for ref, task in zip(refs, tasks, strict=True):
@@ -231,7 +231,12 @@ class OutputCollector:
         pending = [task for task in self._tasks.values() if not task.done()]
         for task in pending:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if pending:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            return
+        for task in self._tasks.values():  # all done (a job's usual end): their errors are seen here
+            if not task.cancelled():
+                task.exception()
 
 
 def _head(path: Path) -> tuple[bytes, int]:

@@ -421,6 +421,11 @@ class Job:
         self._progress_sent = (place, now)
         self.feed.publish_payload(self.progress.payload(now, time.time()))
 
+    def _progress_may_go(self, now: float) -> bool:
+        """Whether a progress event of the same state could be published now (`_publish_progress`)."""
+        sent = self._progress_sent
+        return sent is None or now - sent[1] >= PROGRESS_INTERVAL
+
     def _publish_due(self) -> None:
         self._progress_due = None
         sent = self._progress_sent
@@ -511,12 +516,15 @@ class Job:
                 self._queued()
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
                 timer = asyncio.get_running_loop().call_later(PROGRESS_INTERVAL, self._start_watching)
+
+                def take(message: Message | PreviewFrame) -> None:
+                    if isinstance(message, PreviewFrame):
+                        self._preview(message)
+                    else:
+                        self._observe(message, collector)
+
                 try:
-                    async for message in connection.follow(self.prompt_id, lost):
-                        if isinstance(message, PreviewFrame):
-                            self._preview(message)
-                        else:
-                            self._observe(message, collector)
+                    await connection.follow(self.prompt_id, take, lost)
                 finally:
                     await self._stop_watching(timer)
                 self.clock.ended = time.monotonic()
@@ -578,7 +586,11 @@ class Job:
             )
         if message.prompt_id != self.prompt_id:
             return
-        self._publish_progress(self.progress.observe(message, time.monotonic()))
+        now = time.monotonic()
+        if self.progress.note(message, now) or self._progress_may_go(now):
+            # The estimate is weighed only when an event may go: at most every PROGRESS_INTERVAL
+            # (a change of state at once), however many messages a short job sends.
+            self._publish_progress(self.progress.refresh(now))
         if message.type == "execution_start":
             self.clock.started = time.monotonic()
         elif message.type == "execution_success":

@@ -71,12 +71,24 @@ class Progress:
     _first_step: tuple[float, float] = (0.0, 0.0)  # the same for a node's first step (set-up included)
     _plain: dict[str, float] = field(default_factory=dict)  # finished plain node -> its seconds
     _finished_at: float | None = None  # when ComfyUI's last node ended
+    _refreshed: tuple[Any, ...] | None = None  # the view last weighed (`refresh`, `payload`)
 
     def observe(self, message: Message, now: float) -> bool:
         """Learn from one message of ComfyUI (ours, or a broadcast)."""
         if message.prompt_id != self.prompt_id:
             return False
         before = self._view()
+        self.note(message, now)
+        self._recompute(now)
+        return self._view() != before
+
+    def note(self, message: Message, now: float) -> bool:
+        """Learn from one message without weighing the estimate again (`refresh` does, when an
+        event is due: a short job's messages come far faster than its events may go). True when
+        the job's state changed (an event is due at once)."""
+        if message.prompt_id != self.prompt_id:
+            return False
+        state = self.state
         data, kind = message.data, message.type
         if kind in ("execution_start", "execution_cached", "executing", "progress", "progress_state"):
             self._start(now)
@@ -94,8 +106,15 @@ class Progress:
             self._states(data)
         elif kind == "executed":
             self._done.add(str(data.get("node")))
+        return self.state != state
+
+    def refresh(self, now: float) -> bool:
+        """Weigh the estimate at `now`: True when what a caller sees changed since it was last
+        weighed (`refresh`, `payload`): `note` then `refresh` is `observe`, weighed when asked."""
         self._recompute(now)
-        return self._view() != before
+        view = self._view()
+        changed, self._refreshed = view != self._refreshed, view
+        return changed
 
     def queued_at(self, position: int | None, size: int) -> bool:
         """ComfyUI's queue: our place in it (1 = next; 0 = running; None = not in it) and its length."""
@@ -136,6 +155,7 @@ class Progress:
         """The `serverless_progress` event at monotonic time `now`; `at` is the same moment as Unix
         time (the task summary reads when a task was created, started and ended from it)."""
         self._recompute(now)
+        self._refreshed = self._view()
         node = None
         if self.node is not None:
             info = self.nodes.get(self.node, {})

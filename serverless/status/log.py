@@ -43,6 +43,9 @@ WEBHOOK = "webhook"  # the sidecar holding how a task's webhook went
 
 T = TypeVar("T")
 BATCH_INTERVAL = 0.05  # seconds between durable appends of one job's events
+# Seconds a task nobody can ask about before its answer (`record_new`) waits to write its terminal
+# payload: the answer goes first, not beside a trip to a worker thread that takes turns with it.
+ANSWER_FIRST = 0.005
 PROBE_TTL = 5.0  # seconds a write probe's answer is trusted
 POLL = 0.25  # seconds between reads of a log another instance writes (`follow`)
 IO_TIMEOUT = 10.0  # seconds one status-folder operation may take (its own threads); then UNAVAILABLE
@@ -153,7 +156,8 @@ class StatusLog:
     async def record_new(self, task_id: str, feed: Feed) -> None:
         """`record` for a task nobody can ask about yet: its attempt is claimed, written and
         published with its first append, in one trip to a worker thread (a job shorter than
-        BATCH_INTERVAL costs one)."""
+        BATCH_INTERVAL costs one). Its terminal payload is written ANSWER_FIRST seconds after
+        the job's end: only the answer names the task, and it goes first."""
         self.path(task_id)
         await self.record(Unclaimed(task_id), feed)
 
@@ -163,6 +167,7 @@ class StatusLog:
         time while the job is silent so readers know its owner lives. Whatever fails, the
         terminal payload is tried."""
         heartbeat = max(self.stale_after / 4, 0.05)
+        answer_first = isinstance(attempt, Unclaimed)  # nobody asks about it before its answer
         lock = threading.Lock()  # one attempt's appends stay in order, even after a timeout
         pending: list[bytes] = []
         ended = False
@@ -183,6 +188,8 @@ class StatusLog:
                             await feed.wait()
                     if feed.last_seq != event.seq:
                         continue
+                if event.terminal and answer_first:
+                    await asyncio.sleep(ANSWER_FIRST)
                 attempt = await self._write(attempt, pending, lock)
                 ended = event.terminal
                 pending = []
