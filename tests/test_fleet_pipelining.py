@@ -57,7 +57,7 @@ def test_a_lone_worker_queues_its_next_short_job_behind_the_running_one(tier: Ca
     for task_id in ids:
         assert submit_async(gateway.url, short(task_id), task_id).status_code == 202
     waiting_seen = 0
-    while not all(status(gateway.url, task_id)[-1]["type"] == "serverless_api" for task_id in ids):
+    while not all(ended(gateway.url, task_id) for task_id in ids):
         running, pending = comfyui_queue(emulator.url)
         assert len(running) + len(pending) <= 2, "one running, at most one waiting behind it"
         waiting_seen += bool(running and pending)
@@ -67,6 +67,7 @@ def test_a_lone_worker_queues_its_next_short_job_behind_the_running_one(tier: Ca
     assert sorted(started) == ids, "each ran once"
     assert worker.most_at_once() == 2
     for task_id in ids:  # each job's own outputs
+        assert status(gateway.url, task_id)[-1]["type"] == "serverless_api", task_id
         outputs = status(gateway.url, task_id)[-1]["data"]["results"]
         assert outputs and all(f"{task_id}_" in item["output"]["raw"]["filename"] for item in outputs), outputs
 
