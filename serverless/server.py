@@ -52,10 +52,11 @@ class DrainingServer(uvicorn.Server):
     """uvicorn whose first exit signal drains the app's jobs before uvicorn's shutdown starts, and
     whose second cancels them at once. `exit_code` is 0, or 128 + the signal that stopped it now."""
 
-    def __init__(self, app: Starlette, config: uvicorn.Config, drain_timeout: float) -> None:
+    def __init__(self, app: Starlette, config: uvicorn.Config, drain_timeout: float, freeze: bool = False) -> None:
         super().__init__(config)
         self.app = app
         self.drain_timeout = drain_timeout
+        self.freeze = freeze  # the process's own server: what start-up made is frozen (`startup`)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.signals = 0
         self.exit_code = 0
@@ -67,6 +68,8 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if not self.freeze:  # an app in a thread of another program: its objects are not ours to freeze
+            return
         # What start-up made (modules, settings, routes, clients: ~65,000 objects) lives as long
         # as the process: out of the garbage collector's full passes, which otherwise walk it
         # all in the middle of a job now and then (45 ms, measured; 0.9 ms frozen).
@@ -225,6 +228,7 @@ def main() -> None:
             ws_max_size=ws_max_size(settings),
         ),
         settings.service.drain_timeout,
+        freeze=True,
     )
     server.run()
     sys.exit(server.exit_code if server.started else 3)

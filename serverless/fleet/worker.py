@@ -347,12 +347,11 @@ class Consumer:
         """Forget the held jobs that ended; the first failure among them is raised."""
         done = [holding for holding in self._held if holding.task.done()]
         self._held = [holding for holding in self._held if not holding.task.done()]
-        for holding in done:
-            if not holding.task.cancelled() and holding.task.exception() is not None:
-                for other in done:  # the others' failures are logged, not lost
-                    if other is not holding and not other.task.cancelled() and other.task.exception() is not None:
-                        log.error("consumer %s: a job's handling failed", self.name, exc_info=other.task.exception())
-                holding.task.result()
+        failures = [exc for h in done if not h.task.cancelled() and (exc := h.task.exception()) is not None]
+        for exc in failures[1:]:  # the others' failures are logged, not lost
+            log.error("consumer %s: a job's handling failed", self.name, exc_info=exc)
+        if failures:
+            raise failures[0]
 
     async def _let_held_end(self) -> None:
         """Wait for the held jobs' ends (a failure is logged: the loop has stopped already)."""
