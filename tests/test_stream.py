@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -439,7 +440,10 @@ def test_a_slow_reader_is_dropped_and_the_job_goes_on(own_emulator, start_app, m
 
     print(f"\nslow reader: {len(received) / 1e6:.1f} MB received, then dropped")
     assert b'"type": "serverless_api"' not in received
-    assert b"\n: dropped: events " in received and b"task_id=slow-1\n\n" in received
+    # Either way of falling behind (its events gone from the buffer, or more than READER_LAG behind
+    # the newest: which comes first depends on when its writer runs) ends it with the same note.
+    dropped = rb"\n: dropped: (events \d+\.\.\d+ were dropped|\d+ events behind \(more than 20\)); "
+    assert re.search(dropped + rb"the job goes on: GET /api/serverless/status\?task_id=slow-1\n\n", received)
     assert received.endswith(b"\r\n0\r\n\r\n"), "the stream ends cleanly after the note"
     assert "dropping a slow SSE reader of task_id=slow-1" in server.log_text()
     wait_no_jobs(server)
