@@ -8,6 +8,7 @@ import base64
 import copy
 import hashlib
 import io
+import os
 import struct
 import wave
 from collections import Counter
@@ -23,6 +24,7 @@ from PIL import Image
 from serverless.errors import ComfyUIUnavailable, InputError, InvalidParams
 from serverless.inputs.download import DownloadPolicy, create_download_session, download
 from serverless.inputs.resolve import (
+    INLINE_BYTES,
     INPUT_SUBFOLDER,
     LOADER_INPUTS,
     InputLimits,
@@ -368,6 +370,51 @@ async def test_oversize_base64_is_refused(resolve: Resolve) -> None:
     workflow = {"7": node("LoadImage", image=b64(PNG))}
     with pytest.raises(InputError, match=r"node 7 .*larger than 16 bytes"):
         await resolve(workflow, limits=InputLimits(max_base64_bytes=16))
+
+
+def noise_png(side: int = 160) -> bytes:
+    """A PNG of random pixels: past INLINE_BYTES (decoded and checked in a worker thread)."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def test_a_big_base64_input_is_decoded_checked_and_uploaded(resolve: Resolve) -> None:
+    big = noise_png()
+    assert len(b64(big)) > INLINE_BYTES
+    uploads = Uploads()
+    workflow = {
+        "7": node("LoadImage", image=b64(big)),
+        "8": node("LoadImageMask", image=f"data:image/png;base64,{b64(big)}"),
+    }
+    result = await resolve(workflow, upload=uploads)
+    assert result["7"]["inputs"]["image"] == result["8"]["inputs"]["image"] == name_of(big, "png")
+    assert uploads.calls == [(big, name_of(big, "png"))]
+
+
+async def test_a_big_truncated_image_is_refused_before_upload(resolve: Resolve) -> None:
+    cut = noise_png()[:-5000]
+    uploads = Uploads()
+    with pytest.raises(InputError) as info:
+        await resolve({"7": node("LoadImage", image=b64(cut))}, upload=uploads)
+    assert info.value.message.startswith("node 7 (LoadImage) input 'image': image/png content is not usable")
+    assert not uploads.calls
+
+
+async def test_a_big_input_past_the_request_total_is_refused_for_its_size_first(resolve: Resolve) -> None:
+    cut = noise_png()[:-5000]  # broken too: the total is what the caller is told first
+    limits = InputLimits(max_base64_bytes=1024 * 1024, max_job_bytes=len(cut) - 1)
+    with pytest.raises(InputError, match=rf"node 7 .*add up to more than {len(cut) - 1} bytes"):
+        await resolve({"7": node("LoadImage", image=b64(cut))}, limits=limits)
+
+
+async def test_a_long_value_that_is_not_base64_is_a_file_name(resolve: Resolve) -> None:
+    name = "sub/" + "x" * INLINE_BYTES + ".png"  # told apart in a worker thread: too long for the loop
+    uploads = Uploads()
+    assert (await resolve({"7": node("LoadImage", image=name)}, upload=uploads))["7"]["inputs"]["image"] == name
+    assert not uploads.calls
+    with pytest.raises(InvalidParams, match=r"node 7 \(LoadImage\) input 'image': '\.\.' is not allowed"):
+        await resolve({"7": node("LoadImage", image="../" + "x" * INLINE_BYTES + ".png")})
 
 
 @pytest.mark.parametrize(

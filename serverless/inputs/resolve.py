@@ -208,11 +208,12 @@ async def resolve_inputs(
     all fetches and checks succeeded. Failures raise `InputError` (or `InvalidParams` for unsafe
     file names) naming node and input; `ComfyUIUnavailable` from `upload` passes through
     unchanged. Bytes reserved from `budget` are given back when this returns or raises."""
-    remote: list[tuple[LoaderInput, InputKind]] = []
-    for item in find_loader_inputs(workflow, loaders):
-        kind = _classify_item(workflow, item)
-        if kind != "file":
-            remote.append((item, kind))
+    items = find_loader_inputs(workflow, loaders)
+    if any(len(item.value) > INLINE_BYTES for item in items):  # megabytes of base64 are told apart off the loop
+        kinds = await asyncio.to_thread(_classify_all, workflow, items)
+    else:
+        kinds = _classify_all(workflow, items)
+    remote = [(item, kind) for item, kind in zip(items, kinds, strict=True) if kind != "file"]
     if len(workflow) >= BIG_WORKFLOW_NODES:  # a big workflow is copied off the event loop
         result: dict[str, Any] = await asyncio.to_thread(copy_json, dict(workflow))
     else:
@@ -246,6 +247,10 @@ async def resolve_inputs(
         result[item.node_id]["inputs"][item.input_name] = uploaded[file_names[item.value]]
     log.debug("resolved %d loader input(s), %d upload(s)", len(remote), len(to_upload))
     return result
+
+
+def _classify_all(workflow: Mapping[str, Any], items: list[LoaderInput]) -> list[InputKind]:
+    return [_classify_item(workflow, item) for item in items]
 
 
 def _classify_item(workflow: Mapping[str, Any], item: LoaderInput) -> InputKind:
@@ -291,10 +296,15 @@ class _Fetcher:
             size = self._reservation(item, kind)
             await self._claim(size)
             kept = 0
+            examined: _Fetched | InputError | None = None
             try:
                 lease = await self._reserve(item, kind)
                 try:
-                    data = await self._fetch(item, kind)
+                    if kind == "base64" and len(item.value) > INLINE_BYTES:
+                        # Decoded, hashed, sniffed and verified in one trip to a worker thread.
+                        data, examined = await asyncio.to_thread(self._decoded, item)
+                    else:
+                        data = await self._fetch(item, kind)
                 except ServerlessError as exc:
                     raise _input_error(self._workflow, item, _VERBS[kind], exc) from exc
                 lease.shrink(len(data))  # what was reserved but not read goes back; the rest is held
@@ -302,6 +312,10 @@ class _Fetcher:
             finally:
                 self._settle(size, kept)
             self._count(item, len(data))
+            if isinstance(examined, InputError):  # its check failed: said once the sizes are counted, as ever
+                raise examined
+            if examined is not None:
+                return examined
             return await self._examine(item, data)
 
     async def _claim(self, size: int) -> None:
@@ -348,9 +362,17 @@ class _Fetcher:
                 storage = "OSS to be configured (OSS_BUCKET_DOMAIN)" if kind == "oss" else "S3 (STORAGE=s3, S3_BUCKET)"
                 raise InputError(f"{kind}:// inputs need {storage} on this instance")
             return await read(item.value)
-        if len(item.value) <= INLINE_BYTES:  # a few microseconds: less than a trip to a thread
-            return decode_base64(item.value, self._limits.max_base64_bytes)
-        return await asyncio.to_thread(decode_base64, item.value, self._limits.max_base64_bytes)
+        # A few microseconds: less than a trip to a thread (a bigger one goes through `_decoded`).
+        return decode_base64(item.value, self._limits.max_base64_bytes)
+
+    def _decoded(self, item: LoaderInput) -> tuple[bytes, _Fetched | InputError]:
+        """A big base64 input decoded (DownloadError when it is not base64), then examined:
+        its description, or the InputError its check raised (blocking)."""
+        data = decode_base64(item.value, self._limits.max_base64_bytes)
+        try:
+            return data, self._described(item, data)
+        except InputError as exc:
+            return data, exc
 
     def _count(self, item: LoaderInput, size: int) -> None:
         self._total += size
