@@ -24,6 +24,7 @@ from PIL import Image
 from serverless.errors import ComfyUIUnavailable, InputError, InvalidParams
 from serverless.inputs.download import DownloadPolicy, create_download_session, download
 from serverless.inputs.resolve import (
+    CLASSIFY_PREFIX,
     INLINE_BYTES,
     INPUT_SUBFOLDER,
     LOADER_INPUTS,
@@ -210,6 +211,12 @@ def node(class_type: str, **inputs: Any) -> dict[str, Any]:
 )
 def test_classify(value: str, kind: str) -> None:
     assert classify(value) == kind
+
+
+def test_a_value_longer_than_any_path_is_told_by_its_start() -> None:
+    assert classify("A" * 100 + ".png") == "file"
+    assert classify("A" * CLASSIFY_PREFIX + ".png") == "base64"  # the decoder refuses its end
+    assert classify("cat.png" + "A" * CLASSIFY_PREFIX) == "file"
 
 
 @pytest.mark.parametrize(
@@ -408,13 +415,20 @@ async def test_a_big_input_past_the_request_total_is_refused_for_its_size_first(
         await resolve({"7": node("LoadImage", image=b64(cut))}, limits=limits)
 
 
-async def test_a_long_value_that_is_not_base64_is_a_file_name(resolve: Resolve) -> None:
-    name = "sub/" + "x" * INLINE_BYTES + ".png"  # told apart in a worker thread: too long for the loop
+async def test_a_long_value_is_a_file_name_only_when_its_start_is_not_base64(resolve: Resolve) -> None:
+    name = "sub/cat.png" + "x" * INLINE_BYTES
     uploads = Uploads()
     assert (await resolve({"7": node("LoadImage", image=name)}, upload=uploads))["7"]["inputs"]["image"] == name
     assert not uploads.calls
     with pytest.raises(InvalidParams, match=r"node 7 \(LoadImage\) input 'image': '\.\.' is not allowed"):
         await resolve({"7": node("LoadImage", image="../" + "x" * INLINE_BYTES + ".png")})
+    # Longer than any path and base64 as far as it is looked at: the decoder checks the rest.
+    spoilt = b64(noise_png()) + "!"
+    assert len(spoilt) > CLASSIFY_PREFIX
+    with pytest.raises(InputError) as info:
+        await resolve({"7": node("LoadImage", image=spoilt)}, upload=uploads)
+    assert info.value.message.startswith("node 7 (LoadImage) input 'image': cannot decode: invalid base64")
+    assert not uploads.calls
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,9 @@ def decode_body(body: bytes | str) -> Any:
     """JSON-decode a request body, refusing what is not JSON."""
     if not body or not body.strip():
         raise InvalidParams("the request body is empty: send a ComfyUI API-format workflow as JSON")
-    if _separators(body) > MAX_BODY_ITEMS:
+    # Every item but the last takes a byte and its separator: a body of at most twice the limit in
+    # bytes cannot hold more, and is not counted (two passes over a 1 MB image's base64 cost 0.8 ms).
+    if len(body) > 2 * MAX_BODY_ITEMS and _separators(body) > MAX_BODY_ITEMS:
         raise InvalidParams(f"the request body holds more than {MAX_BODY_ITEMS} JSON items (elements and members)")
     try:
         return jsontext.loads(body)

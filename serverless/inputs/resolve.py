@@ -83,6 +83,7 @@ EXPECTED_MEDIA: Mapping[str, Accepts] = {
 }
 
 BASE64_MIN_LENGTH = 64  # base64 is told from a file name by being longer than this
+CLASSIFY_PREFIX = 16 * 1024  # past this length (4 times PATH_MAX) a value is base64 or nothing usable
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
 _BASE64_BYTES = bytes(c for c in range(128) if _BASE64_TEXT.fullmatch(chr(c)))
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -162,7 +163,9 @@ def classify(value: str) -> InputKind:
     scheme = _URL_SCHEME.match(value)
     if scheme is not None:
         raise InputError(f"unsupported URL scheme {scheme[1]!r} (use http, https, oss or s3)")
-    if len(value) > BASE64_MIN_LENGTH and _is_base64_text(value):
+    # A value longer than any path is no file name: its first CLASSIFY_PREFIX characters tell it
+    # is base64, and the strict decoder checks the rest (in a worker thread, not the event loop).
+    if len(value) > BASE64_MIN_LENGTH and _is_base64_text(value[:CLASSIFY_PREFIX]):
         return "base64"
     _check_file_name(value)
     return "file"
@@ -208,12 +211,11 @@ async def resolve_inputs(
     all fetches and checks succeeded. Failures raise `InputError` (or `InvalidParams` for unsafe
     file names) naming node and input; `ComfyUIUnavailable` from `upload` passes through
     unchanged. Bytes reserved from `budget` are given back when this returns or raises."""
-    items = find_loader_inputs(workflow, loaders)
-    if any(len(item.value) > INLINE_BYTES for item in items):  # megabytes of base64 are told apart off the loop
-        kinds = await asyncio.to_thread(_classify_all, workflow, items)
-    else:
-        kinds = _classify_all(workflow, items)
-    remote = [(item, kind) for item, kind in zip(items, kinds, strict=True) if kind != "file"]
+    remote: list[tuple[LoaderInput, InputKind]] = []
+    for item in find_loader_inputs(workflow, loaders):
+        kind = _classify_item(workflow, item)
+        if kind != "file":
+            remote.append((item, kind))
     if len(workflow) >= BIG_WORKFLOW_NODES:  # a big workflow is copied off the event loop
         result: dict[str, Any] = await asyncio.to_thread(copy_json, dict(workflow))
     else:
@@ -247,10 +249,6 @@ async def resolve_inputs(
         result[item.node_id]["inputs"][item.input_name] = uploaded[file_names[item.value]]
     log.debug("resolved %d loader input(s), %d upload(s)", len(remote), len(to_upload))
     return result
-
-
-def _classify_all(workflow: Mapping[str, Any], items: list[LoaderInput]) -> list[InputKind]:
-    return [_classify_item(workflow, item) for item in items]
 
 
 def _classify_item(workflow: Mapping[str, Any], item: LoaderInput) -> InputKind:
