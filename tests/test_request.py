@@ -104,3 +104,20 @@ def test_a_node_whose_id_is_prompt_is_a_node_not_the_wrapper():
     assert split_workflow({"prompt": PROMPT_NODE, "extra_data": {"a": 1}}) == (PROMPT_NODE, {"a": 1})
     assert apply_overrides(PROMPT_NODE, {"prompt.color": 9})["prompt"]["inputs"]["color"] == 9
     assert apply_overrides({"prompt": PROMPT_NODE}, {"prompt.color": 9})["prompt"]["prompt"]["inputs"]["color"] == 9
+
+
+def test_a_body_that_is_mostly_an_input_image_is_not_weighed_as_big():
+    from serverless.inputs.resolve import LOADER_INPUTS
+    from serverless.transports.start import BIG_BODY, weighed
+
+    image = "iVBORw0KGgo" * (BIG_BODY // 5)  # base64 of an image's size: the loader's value
+    for loader, expected_big in ((("LoadImage", "image"), False), (("MyLoader", "image"), True)):
+        workflow = {
+            "1": {"class_type": loader[0], "inputs": {"image": image}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}},
+        }
+        size = len(json.dumps(workflow))
+        assert (weighed(workflow, size, LOADER_INPUTS) >= BIG_BODY) is expected_big
+        assert weighed(workflow, size, LOADER_INPUTS | {loader}) < BIG_BODY  # a configured loader's too
+    text = {"1": {"class_type": "Note", "inputs": {"text": image}}}  # the same bytes as any other value: big
+    assert weighed(text, len(json.dumps(text)), LOADER_INPUTS) >= BIG_BODY

@@ -41,7 +41,9 @@ class JobSpec:
     credentials: Credentials | None = field(default=None, repr=False)
     owner: str | None = None  # who may see the task: a digest of the caller's API key (serverless.auth)
     concurrency: int = 0  # its key's `concurrency=` (0: none): more of its jobs wait behind its own
-    big: bool = False  # a body big enough that copying and serialising it go to a thread
+    # A body big enough, its loader inputs' base64 aside (decoded before it is sent on), that
+    # copying and serialising it go to a thread.
+    big: bool = False
     priority: str = "normal"  # Redis tier: the queue stream it waits in (high, normal, low)
     lane: str = ""  # Redis tier: the lane whose workers run it ("" the default lane; `?lane=`)
     idempotency_key: str | None = None  # Redis tier: a repeat attaches to the first (SET NX on the key)

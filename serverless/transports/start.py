@@ -8,7 +8,7 @@ import hmac
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 from ..auth import NOBODY, Caller
 from ..auth import caller as current_caller
@@ -26,7 +26,8 @@ from ..core.uiformat import UIFormatWorkflow
 from ..core.workflow import check_output_paths
 from ..delivery.convert import parse_conversion
 from ..delivery.storage import Storage
-from ..errors import Conflict, InvalidParams, Unavailable
+from ..errors import Conflict, InvalidParams, ServerlessError, Unavailable
+from ..inputs.resolve import CLASSIFY_PREFIX, LOADER_INPUTS, classify, find_loader_inputs
 from ..jobs.runner import JobRunner, RunningJob
 from ..jobs.spec import JobSpec, Mode, OutputPolicy
 from ..resources import Resources
@@ -90,17 +91,43 @@ def output_policy(
 
 async def parse(
     body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str], resources: Resources | None = None
-) -> RunRequest:
+) -> tuple[RunRequest, int]:
     """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting; a
-    UI-format workflow is converted with ComfyUI's `/object_info` (`resources`)."""
+    UI-format workflow is converted with ComfyUI's `/object_info` (`resources`). With the request,
+    the bytes of its body that are not loader inputs' base64 (`weighed`)."""
     try:
         if len(body) < BIG_BODY:
-            return parse_run_request(body, query, headers)
-        return await asyncio.to_thread(parse_run_request, body, query, headers)
+            return parse_run_request(body, query, headers), len(body)
+        loaders = LOADER_INPUTS | set(resources.settings.inputs.loaders) if resources is not None else LOADER_INPUTS
+        return await asyncio.to_thread(_parsed_and_weighed, body, query, headers, loaders)
     except UIFormatWorkflow as ui:
         if resources is None:
             raise
-        return await _converted(resources, ui, len(body), query, headers)
+        return await _converted(resources, ui, len(body), query, headers), len(body)
+
+
+def _parsed_and_weighed(
+    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str], loaders: frozenset[tuple[str, str]]
+) -> tuple[RunRequest, int]:
+    request = parse_run_request(body, query, headers)
+    return request, weighed(request.workflow, len(body), loaders)
+
+
+def weighed(workflow: Mapping[str, Any], size: int, loaders: frozenset[tuple[str, str]]) -> int:
+    """What walking and serialising a workflow costs, in bytes of its body of `size`: all of it but
+    its loader inputs' base64, which is decoded once and replaced by a file name before the
+    workflow is sent on. A body of 1 MB that is one image in a handful of nodes is not big: its
+    checks, copy and `/prompt` text take microseconds in the event loop, less than a thread's trip."""
+    return size - sum(_base64_size(item.value) for item in find_loader_inputs(workflow, loaders))
+
+
+def _base64_size(value: str) -> int:
+    if len(value) <= CLASSIFY_PREFIX:
+        return 0
+    try:
+        return len(value) if classify(value) == "base64" else 0
+    except ServerlessError:  # refused later, before anything is sent on
+        return 0
 
 
 async def _converted(
@@ -171,13 +198,15 @@ async def start_job(
     who.check_run(workflow_id)
     await check_rate(resources.tenants.rate, who.owner, who.label, who.rights.rate)
     hosted: PreparedRun | None = None
+    weight = len(body)
     if workflow_id is None:
-        request = await parse(body, query, headers, resources)
+        request, weight = await parse(body, query, headers, resources)
     else:
         request, query, hosted = await parse_hosted(resources, workflow_id, body, query, headers, owner)
+    big = weight >= BIG_BODY or (hosted is not None and hosted.size >= BIG_BODY)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
     # Model references' syntax and hosts, before any GPU time (a big workflow's nodes off the event loop).
-    if len(body) >= BIG_BODY or (workflow_id is not None and resources.workflows.size(workflow_id) >= BIG_BODY):
+    if big or (workflow_id is not None and resources.workflows.size(workflow_id) >= BIG_BODY):
         await asyncio.to_thread(resources.check_models, request.workflow)
     else:
         resources.check_models(request.workflow)
@@ -203,7 +232,7 @@ async def start_job(
         outputs=outputs,
         task_id=request.task_id,
         credentials=credentials,
-        big=len(body) >= BIG_BODY or (hosted is not None and hosted.size >= BIG_BODY),
+        big=big,
         workflow_id=hosted.workflow_id if hosted is not None else None,
         workflow_version=hosted.version if hosted is not None else None,
         priority=job_priority(query),
