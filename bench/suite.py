@@ -631,15 +631,23 @@ async def oss_overlap(ctx: Context) -> list[Figure]:
 
 
 async def _alternate(
-    runs: dict[str, Callable[[], Awaitable[object]]], jobs: int, warmup: int
+    runs: dict[str, Callable[[], Awaitable[object]]],
+    jobs: int,
+    warmup: int,
+    cpu_of: int | None = None,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """`jobs` latencies in ms of each kind, the kinds in turn in runs of RUN (`in_runs`: each
-    measured after its own kind), `warmup` of each unmeasured first."""
+    measured after its own kind), `warmup` of each unmeasured first. With `cpu_of` (a pid), the CPU
+    seconds that process spent during each measured job go to `cpu` by kind."""
     series: dict[str, list[float]] = {name: [] for name in runs}
     for name, measured in in_runs(list(runs), warmup, jobs):
+        before = procs.cpu_seconds(cpu_of) if cpu_of is not None else 0.0
         elapsed = await timed(runs[name])
         if measured:
             series[name].append(elapsed * 1000)
+            if cpu_of is not None and cpu is not None:
+                cpu.setdefault(name, []).append(procs.cpu_seconds(cpu_of) - before)
     return series
 
 
@@ -915,6 +923,7 @@ async def sizes_w3(
 
         return job
 
+    app_cpu: dict[str, list[float]] = {}
     async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
         png_size = len((await native_job(direct))[0])
         series = await _alternate(
@@ -927,6 +936,8 @@ async def sizes_w3(
             },
             jobs,
             warmup=2,
+            cpu_of=ctx.app.pid,
+            cpu=app_cpu,
         )
     clients: list[DirectClient] = []
 
@@ -978,7 +989,7 @@ async def sizes_w3(
                 "x",
                 "<= 1.05 x native",
                 lambda v: v <= 1.05,
-                f"{p(series[mode], 50):.1f} ms"
+                f"{p(series[mode], 50):.1f} ms; app CPU {statistics.mean(app_cpu[mode]) * 1000:.1f} ms/job"
                 + (f" (native + its own WebP: {webp50:.1f} ms)" if mode == "webp" else ""),
             )
         )
