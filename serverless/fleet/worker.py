@@ -771,6 +771,8 @@ class Consumer:
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
+        if begun:  # the attempt its log is: the end is decided as its last events are stored
+            job.settle_recorded = watch.settler_recorded(self.status, RedisAttempt(taken.task_id, begun), job.feed)
         job.on_queued = queued
         job.may_hand_off = not dead  # a retry is not given back again: at most two runs
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
