@@ -1,4 +1,4 @@
-"""The fleet's short path, at the level of Redis (a real `redis-server`, databases 27-30): a
+"""The fleet's short path, at the level of Redis (a real `redis-server`, databases 26-30): a
 gateway gives the job it queues to the lane's lone idle worker in the same round trip
 (`queue.ENQUEUE`), and a worker stores a job's last events with the decision of its end in one
 step (`status.redis.APPEND_END`), which a cancel acknowledged first still wins."""
@@ -125,3 +125,18 @@ def test_a_cancel_acknowledged_first_wins_over_the_step_that_would_store_the_end
         assert ended[0][1][b"state"] == b"cancelled"
 
     _run(redis_server, 30, body)
+
+
+def test_a_job_given_as_its_worker_began_draining_goes_back_to_the_queue_at_once(redis_server: RedisServer) -> None:
+    async def body(client: Any, status: RedisStatus) -> None:
+        consumer = _consumer(client, status)
+        await _idle_alone(client, consumer)
+        await RedisQueue(client, status).submit(JobSpec(empty_image(), task_id="given-2"), "normal", None)
+        await consumer._give_back_given()  # what a draining worker does as its loop stops
+        assert await client.xlen(keys.HANDOFFS) == 1, "free workers are woken to claim it"
+        pending: Any = await client.xpending_range("jobs:normal", "workers", "-", "+", 10)
+        assert pending[0]["time_since_delivered"] >= 3_600_000, "claimable at once"
+        await consumer._give_back_given()
+        assert await client.xlen(keys.HANDOFFS) == 1, "handed back once"
+
+    _run(redis_server, 26, body)

@@ -295,6 +295,8 @@ class Consumer:
                 holding.task.cancel()
             raise
         finally:
+            if not self.jobs.accepting:
+                await self._give_back_given()
             await self._let_held_end()
 
     async def _take_when_free(self) -> None:
@@ -647,6 +649,21 @@ class Consumer:
         if taken is not None and took > -2:
             return replace(taken, took=took)
         return taken
+
+    async def _give_back_given(self) -> None:
+        """Draining: our idle mark removed, and a job a gateway gave us that we have not read (given
+        as the drain began) handed back to the queue at once, for another worker (`_hand_back`)."""
+        try:
+            await self._unmark(keys=[keys.idle_worker(self.lane)], args=[self.name])
+            while True:
+                found: Any = await self.client.xrange(keys.given(self.name), f"({self._given_seen}", "+", count=1)
+                taken = await self._given(*found[0]) if found else None
+                if not found:
+                    return
+                if taken is not None:
+                    await self._hand_back(taken)
+        except DOWN as exc:  # its entry stays ours: claimed once this worker is gone, as a dead one's
+            log.warning("consumer %s: a job given to it was not handed back (%s)", self.name, exc)
 
     async def _not_idle(self) -> None:
         """Remove our idle mark (a job came otherwise than from `NEXT`): no job is given to a
