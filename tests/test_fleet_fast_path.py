@@ -1,4 +1,4 @@
-"""The fleet's short path, at the level of Redis (a real `redis-server`, databases 26-30): a
+"""The fleet's short path, at the level of Redis (a real `redis-server`, databases 25-30): a
 gateway gives the job it queues to the lane's lone idle worker in the same round trip
 (`queue.ENQUEUE`), and a worker stores a job's last events with the decision of its end in one
 step (`status.redis.APPEND_END`), which a cancel acknowledged first still wins."""
@@ -140,3 +140,28 @@ def test_a_job_given_as_its_worker_began_draining_goes_back_to_the_queue_at_once
         assert await client.xlen(keys.HANDOFFS) == 1, "handed back once"
 
     _run(redis_server, 26, body)
+
+
+def test_a_new_tasks_log_named_by_the_watchs_read_beforehand_wakes_its_follower(redis_server: RedisServer) -> None:
+    """A gateway's new sync job takes a spare id: its log is followed with no wake of the watch."""
+
+    async def body(client: Any, status: RedisStatus) -> None:
+        watch = status.watch
+        assert watch.spare() is None, "the watch does not run yet: the caller wakes it"
+        async with watch.news("some-other-log", "0-0"):  # a follower: the watch's read runs
+            for _ in range(100):
+                spare = watch.spare()
+                if spare is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert spare is not None
+            task_id, key, held = spare
+            assert key == keys.attempt(task_id, 1)
+            await asyncio.sleep(0.05)  # what a queued job's run takes
+            await client.xadd(key, {"d": "{}", "t": "0"}, id="0-1")
+            await asyncio.wait_for(held.wait(), 5)
+            assert [entry[0] for entry in watch.after(key, 0) or []] == [b"0-1"], "read by the watch"
+            watch.release(key, held)
+        await watch.aclose()
+
+    _run(redis_server, 25, body)

@@ -278,13 +278,19 @@ class RedisQueue:
         return Submitted(task_id, following, False)
 
     async def _submit_held(self, spec: JobSpec, task_id: str, priority: str) -> Submitted:
-        """`submit` of a new task (its first attempt is 1) whose caller follows it at once."""
+        """`submit` of a new task (its first attempt is 1) whose caller follows it at once: named
+        by the status watch when it has a spare (its read names the log already), else its log
+        registered and the watch woken in the round trip that queues it."""
         watch = self.status.watch
-        key = keys.attempt(task_id, 1)
-        held = watch.hold(key)
+        spare = watch.spare()
+        if spare is not None:
+            task_id, key, held = spare
+        else:
+            key = keys.attempt(task_id, 1)
+            held = watch.hold(key)
         try:
             with translated():
-                following, entry = await self._enqueue(spec, task_id, priority, watch.wake_key)
+                following, entry = await self._enqueue(spec, task_id, priority, None if spare else watch.wake_key)
         except BaseException:
             watch.release(key, held)
             raise

@@ -240,7 +240,7 @@ class RedisStatus:
         self._begin = client.register_script(BEGIN)
         self._append = client.register_script(APPEND)
         self._append_end = client.register_script(APPEND_END)
-        self.watch = StreamWatch(client, BLOCK_SECONDS)
+        self.watch = StreamWatch(client, BLOCK_SECONDS, lambda task_id: keys.attempt(task_id, 1))
         self._last_down: BaseException | None = None
 
     # -- attempts ----------------------------------------------------------------------------
