@@ -91,19 +91,26 @@ def test_no_job_is_given_while_another_worker_lives_or_jobs_wait(redis_server: R
 
 def test_a_jobs_last_events_are_stored_with_its_end_in_one_step(redis_server: RedisServer) -> None:
     async def body(client: Any, status: RedisStatus) -> None:
+        await client.xgroup_create("jobs:normal", "workers", id="0", mkstream=True)
+        entry = (await client.xadd("jobs:normal", {"task_id": "settled-1", "spec": "{}"})).decode()
+        await client.xreadgroup("workers", WORKER, {"jobs:normal": ">"}, count=1)
         attempt = await status.begin("settled-1")
         feed = Feed()
         for n in range(3):
             feed.publish_payload({"type": "status", "data": {"n": n}})
         last = [Event(4, b'{"type": "serverless_progress"}'), Event(5, b'{"type": "serverless_api"}', True)]
-        ending = Ending(keys.queue_cancel("settled-1", "1-0"), keys.queue_ended("settled-1", "1-0"), "succeeded", 60)
+        cancel_key, ended_key = keys.queue_cancel("settled-1", entry), keys.queue_ended("settled-1", entry)
+        handoff = keys.handoff(WORKER)
+        ending = Ending(cancel_key, ended_key, "succeeded", 60, "jobs:normal", "workers", entry, handoff)
         assert await status.write_settled(attempt, feed, last, ending) is True
+        assert (await client.xpending("jobs:normal", "workers"))["pending"] == 0, "acknowledged with them"
+        assert ending.newest_handoff == ""
         stored: Any = await client.xrange(attempt.key)
         assert [entry[0] for entry in stored] == [b"0-1", b"0-2", b"0-3", b"0-4", b"0-5"]
         assert stored[-1][1][b"t"] == b"1"
         assert feed.recorded == 5, "its recorder stores them no more"
         cancel = client.register_script(CANCEL)
-        names = [keys.run_claim("settled-1", "1-0"), ending.ended_key, ending.cancel_key]
+        names = [keys.run_claim("settled-1", entry), ending.ended_key, ending.cancel_key]
         await client.set(names[0], WORKER)
         assert await cancel(keys=names, args=[CANCELLED, 60, EXPIRED]) == b"ended succeeded", "a later cancel: 409"
 
@@ -115,7 +122,8 @@ def test_a_cancel_acknowledged_first_wins_over_the_step_that_would_store_the_end
         attempt = await status.begin("settled-2")
         feed = Feed()
         feed.publish_payload({"type": "status", "data": {}})
-        ending = Ending(keys.queue_cancel("settled-2", "1-0"), keys.queue_ended("settled-2", "1-0"), "succeeded", 60)
+        cancel_key, ended_key = keys.queue_cancel("settled-2", "1-0"), keys.queue_ended("settled-2", "1-0")
+        ending = Ending(cancel_key, ended_key, "succeeded", 60, "jobs:normal", "workers", "1-0", keys.handoff(WORKER))
         await client.xadd(ending.cancel_key, {"cancel": "1"})
         last = [Event(2, b'{"type": "serverless_api"}', True)]
         assert await status.write_settled(attempt, feed, last, ending) is False

@@ -53,6 +53,8 @@ class Watch:
         self.cancel_key = keys.queue_cancel(task_id, entry)
         self.ended_key = keys.queue_ended(task_id, entry)
         self.settled = asyncio.Event()  # its end is recorded in `ended:`
+        self.acknowledged = False  # its entry was acknowledged with its last events (`settler_recorded`)
+        self.newest_handoff: str | None = None  # the consumer's hand-off stream's newest id then ("": none)
         self._reading = False  # the read of `cancel:` and `ended:` has begun (`_told`)
 
     async def settle(self, state: str) -> bool:
@@ -80,14 +82,21 @@ class Watch:
 
     def settler_recorded(self, status: RedisStatus, attempt: RedisAttempt, feed: Feed) -> SettleRecorded:
         """`settler` in the step that stores the job's last events in its status log
-        (`Job.settle_recorded`, `RedisStatus.write_settled`): one round trip at the job's end."""
+        (`Job.settle_recorded`, `RedisStatus.write_settled`), which acknowledges its entry too:
+        one round trip at the job's end. `acknowledged` says so after it (the hand-off stream's
+        newest id then in `newest_handoff`)."""
 
         async def settle(outcome: Outcome, last: list[Event]) -> ServerlessError | bool:
-            ending = Ending(self.cancel_key, self.ended_key, state_of(outcome), self.ttl)
+            handoff = keys.handoff(self.consumer)
+            ending = Ending(
+                self.cancel_key, self.ended_key, state_of(outcome), self.ttl, self.stream, GROUP, self.entry, handoff
+            )
             stored = await status.write_settled(attempt, feed, last, ending)
             if stored is None:
                 return False
             self.settled.set()
+            if stored:
+                self.acknowledged, self.newest_handoff = True, ending.newest_handoff
             return True if stored else cancelled_by_request()
 
         return settle

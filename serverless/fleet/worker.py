@@ -226,6 +226,7 @@ class Consumer:
         self._given_seen = "0-0"  # the last entry of our `fleet:given:<name>` stream read (`_groups`)
         self._idle_marked = False  # our last `NEXT` marked us idle (`keys.idle_worker`)
         self._unmark = client.register_script(UNMARK)
+        self._acknowledged: dict[str, str | None] = {}  # entry -> newest hand-off id, acknowledged with its end
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -807,6 +808,8 @@ class Consumer:
                 self.heartbeat.ran(await needs_of_spec(taken.spec.workflow, taken.spec.big))
         if job.clock.started is not None and job.clock.ended is not None:
             self._last_run = job.clock.ended - job.clock.started
+        if watch.acknowledged:  # its entry acknowledged with its last events: `_ack` has less to do
+            self._acknowledged[taken.entry] = watch.newest_handoff
         if job.handed_off:
             await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
             await self._hand_back(taken)
@@ -898,11 +901,19 @@ class Consumer:
         await self.status.append_terminal(taken.task_id, number, error)
 
     async def _ack(self, taken: Taken) -> None:
-        """XACK, retried until Redis answers: an unacknowledged job would run again; then, at
-        most every TRIM_EVERY seconds, the entries every worker is done with are removed."""
+        """XACK, retried until Redis answers: an unacknowledged job would run again (not for one
+        acknowledged with its last events: `APPEND_END`); then, at most every TRIM_EVERY seconds,
+        the entries every worker is done with are removed."""
+        acknowledged = taken.entry in self._acknowledged
+        newest = self._acknowledged.pop(taken.entry, None)
+        if acknowledged and self.affinity is not None and self.affinity.handed_since([(newest, {})] if newest else []):
+            self._look_handed = True
         delay = 0.1
         while True:
             try:
+                if acknowledged and taken.inputs is None:  # with its last events (`APPEND_END`)
+                    await self._trim_when_due()
+                    return
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.xack(taken.stream, GROUP, taken.entry)
                     if taken.inputs is not None:  # its staged inputs go with it

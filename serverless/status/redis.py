@@ -127,10 +127,12 @@ return 1
 """
 APPEND = "local lists, first = 7, 12\n" + _APPEND_BODY
 # `APPEND` with a fleet worker's end of a queue submission decided in the same step, as
-# `fleet.queue.END` decides it: KEYS[7] its `cancel:` stream, KEYS[8] its `ended:` stream (the task
-# lists from KEYS[9]), ARGV[12] how it ends, ARGV[13] the `ended:` stream's TTL, the events from
-# ARGV[14]. -> 0, nothing stored, when a cancel was acknowledged first (it then ends cancelled, as
-# `ended:` says); else 1, the events stored.
+# `fleet.queue.END` decides it: KEYS[7] its `cancel:` stream, KEYS[8] its `ended:` stream, KEYS[9]
+# the queue stream it is entry ARGV[15] of (group ARGV[14]), KEYS[10] the worker's hand-off stream
+# (the task lists from KEYS[11]), ARGV[12] how it ends, ARGV[13] the `ended:` stream's TTL, the
+# events from ARGV[16]. -> 0, nothing stored, when a cancel was acknowledged first (it then ends
+# cancelled, as `ended:` says); else the events are stored, the entry acknowledged (its terminal
+# payload stored: `XACK`, as the worker's `_ack` would) -> {1, the newest hand-off's id or ""}.
 APPEND_END = (
     """
 local state = ARGV[12]
@@ -139,9 +141,18 @@ if cancelled then state = 'cancelled' end
 redis.call('XADD', KEYS[8], 'MAXLEN', '1', '*', 'state', state)
 redis.call('EXPIRE', KEYS[8], ARGV[13])
 if cancelled then return 0 end
-local lists, first = 9, 14
+local lists, first = 11, 16
+local function append()
 """
     + _APPEND_BODY
+    + """
+end
+local refused = append()
+if type(refused) == 'table' and refused.err then return refused end
+redis.call('XACK', KEYS[9], ARGV[14], ARGV[15])
+local newest = redis.call('XREVRANGE', KEYS[10], '+', '-', 'COUNT', 1)
+return {1, #newest > 0 and newest[1][1] or ''}
+"""
 )
 
 
@@ -184,15 +195,22 @@ def translated() -> Iterator[None]:
         raise Unavailable(f"Redis refused the call ({type(exc).__name__}: {exc})") from exc
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ending:
     """A fleet worker's end of a queue submission, decided with its last events (`APPEND_END`):
-    the submission's `cancel:` and `ended:` streams (`fleet.queue`), how it ends, and the TTL."""
+    the submission's `cancel:` and `ended:` streams (`fleet.queue`), how it ends, the TTL, and the
+    entry acknowledged with them (its stream, group and id) and the worker's hand-off stream.
+    `newest_handoff`: that stream's newest entry id once they are stored ("": none)."""
 
     cancel_key: str
     ended_key: str
     state: str
     ttl: int
+    stream: str
+    group: str
+    entry: str
+    handoff_key: str
+    newest_handoff: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +400,7 @@ class RedisStatus:
         if number == 1 and events and events[0].seq == 1:
             listed = self._listing_first(task_id, stored[0][0])
         if end is not None:
-            names += [end.cancel_key, end.ended_key]
+            names += [end.cancel_key, end.ended_key, end.stream, end.handoff_key]
         if listed is not None:
             names += listed[0]
         args: list[Any] = [
@@ -397,12 +415,17 @@ class RedisStatus:
             *(listed[1:] if listed is not None else ("", 0, 0)),
         ]
         if end is not None:
-            args += [end.state, end.ttl]
+            args += [end.state, end.ttl, end.group, end.entry]
         for event, (data, kept) in zip(events, stored, strict=True):
             args += [event.seq, data, ("r" if kept is not None else "1") if event.terminal else "0"]
         try:
             if end is not None:
-                return bool(int(await self._append_end(keys=names, args=args)))
+                answer: Any = await self._append_end(keys=names, args=args)
+                if not isinstance(answer, list):
+                    return False
+                newest = answer[1]
+                end.newest_handoff = newest.decode() if isinstance(newest, bytes) else str(newest)
+                return True
             await self._append(keys=names, args=args)
             return True
         except rexc.OutOfMemoryError as exc:  # refused before anything was stored
