@@ -18,7 +18,8 @@ group's last read makes Redis unable to tell the lag, which KEDA scales on). A j
 is stopped by that worker, which blocks on its cancel stream (XREAD) while the job runs and stops
 it the moment a cancel comes. Its end and a cancel race in Redis, each in one script: the
 gateway's cancel adds to `cancel:` only while `ended:` is empty (else 409), the worker writes
-`ended:` before the terminal payload and reads `cancel:` in the same step; so a job whose cancel
+`ended:` before the terminal payload, or with it (`status.redis.APPEND_END`), and reads `cancel:`
+in the same step; so a job whose cancel
 was answered "cancelling" always ends EXECUTION_INTERRUPTED, and one that ended otherwise answers
 its cancel 409. Workers remove the entries every worker is done with (`TRIM`, after their acks).
 """

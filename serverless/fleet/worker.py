@@ -3,14 +3,18 @@ queueing at most one more in its ComfyUI behind it.
 
     loop: a dead worker's job (XAUTOCLAIM, idle past REDIS_CLAIM_IDLE; looked for when the first
           pending entry can pass that threshold), else the next queued one (XREADGROUP, streams
-          read high -> normal -> low), else wait for one (XREAD BLOCK)
+          read high -> normal -> low), else wait for one (XREAD BLOCK; marked idle meanwhile,
+          a worker alone in its lane is given the next job queued, taken for it, in the round
+          trip that queues it: `queue.ENQUEUE`, `fleet:given:<name>`)
           -> read it (an entry that cannot be read is acknowledged and moved to `dead:jobs`)
           -> take it (SET NX run:<task>:<entry>; "cancelled" means a gateway removed it first)
           -> `Jobs.start(spec)` (the unchanged pipeline; its recorder writes to Redis)
           -> while it runs: keep the entry ours (XCLAIM, resetting its idle time), block on its
              cancel stream (from `watch.TOLD_AFTER` into the run) and stop it the moment a cancel
-             comes; at its end decide in Redis whether a cancel came first (`queue.END`) -> XACK
-             once the terminal payload is stored.
+             comes; at its end decide in Redis whether a cancel came first, in the step that
+             stores its last events and acknowledges its entry (`status.redis.APPEND_END`; a job
+             whose attempt the worker did not begin: `queue.END`, then XACK once the terminal
+             payload is stored).
 
 Short jobs are pipelined. Each job taken is handled in a task of its own (`Holding`). Once the
 running job's prompt is in ComfyUI's queue, the loop takes one more job without waiting for one
