@@ -154,6 +154,16 @@ def configure_logging(level: str, log_format: str, access_log: bool = True) -> N
 
 @atexit.register
 def _write_the_rest() -> None:
-    """At exit (after uvicorn's shutdown, or a start-up failure), the lines still queued."""
-    if _writer is not None:
-        _writer.stop()
+    """At exit (after uvicorn's shutdown, or a start-up failure), the lines still queued; a line
+    logged later still (a thread ending) is written at once."""
+    global _writer
+    if _writer is None:
+        return
+    _writer.stop()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, LineQueue)]:
+        root.removeHandler(handler)
+        for target in _writer.handlers:
+            target.addFilter(JobFields())
+            root.addHandler(target)
+    _writer = None
