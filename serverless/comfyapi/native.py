@@ -27,11 +27,12 @@ from starlette.responses import JSONResponse, Response
 from ..auth import caller, may_see
 from ..core.request import TASK_ID_RE
 from ..errors import Conflict, InvalidParams, NotFound
-from ..jobs.feed import Event, ReaderTooSlow
+from ..jobs.feed import Event
 from ..jobs.runner import RunningJob
 from ..resources import Resources
 from ..state import AppState, app_state
 from ..status.summary import ENDED
+from ..transports.events import job_summary, published_events
 from ..transports.http import read_body
 from ..transports.start import start_job
 from ..workflows.validate import node_errors, validate_workflow
@@ -142,7 +143,8 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     `node_errors` of the outputs that will not run."""
     state = app_state(request)
     resources = state.resources
-    prompt_id = str(asked.get("prompt_id") or uuid.uuid4())
+    chosen = asked.get("prompt_id")  # else one made here: nobody knows it before the answer
+    prompt_id = str(chosen or uuid.uuid4())
     if not TASK_ID_RE.fullmatch(prompt_id) or prompt_id in (".", ".."):
         raise Refused("invalid_prompt", "prompt_id must be 1-128 letters, digits, '.', '_' or '-'", prompt_id[:128])
     workflow, outputs, errors = await checked_workflow(resources, asked.get("prompt"))
@@ -163,7 +165,9 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     owner = owner_of(request)
     entry = PromptEntry(prompt_id, int(number), workflow, client_id, outputs, owner, time.time())
     # No download links (`output_url`) for a prompt: its outputs are served by `/view`.
-    job = await start_job(resources, state.jobs, body, query, headers, "http", owner=owner, native=True)
+    job = await start_job(
+        resources, state.jobs, body, query, headers, "http", owner=owner, native=True, id_made=not chosen
+    )
     await index.add(entry)
     index.ring(client_id)  # its followers here pick it up at once
     # Its one INFO line is the job's end, as every job's (a line costs the loop ~30 µs a prompt).
@@ -179,8 +183,11 @@ async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, st
     summaries = await asyncio.gather(*(state.resources.status.summary(entry.task_id) for entry in entries))
     ended, found = [], []
     for entry, summary in zip(entries, summaries, strict=True):
+        job = state.jobs.get(entry.task_id)
+        if summary is None and job is not None:  # answered before its log is claimed: the job says
+            summary = await job_summary(job)
         status = summary["state"] if summary is not None else "queued"
-        job = state.jobs.get(entry.task_id) if status not in ENDED else None
+        job = job if status not in ENDED else None
         if status in ENDED or (job is not None and await _ended_here(job)):
             ended.append(entry.task_id)
         else:
@@ -313,23 +320,6 @@ async def published_payloads(job: RunningJob, ended: bool = True) -> list[Any] |
     if events is None or (ended and not _ends(events)):
         return None
     return [json.loads(event.data) for event in events]
-
-
-async def published_events(job: RunningJob, after: int = 0) -> list[Event] | None:
-    """The events (previews left out) a job running here has published after the first `after`,
-    so far; None when its feed no longer holds them all (its log has them then)."""
-    events: list[Event] = []
-    try:
-        async for event in job.events(after, idle=0.0):
-            if event is None:  # nothing more published yet: it runs
-                return events
-            if not event.preview:
-                events.append(event)
-            if event.terminal:
-                return events
-    except ReaderTooSlow:
-        return None
-    return events
 
 
 async def get_history(request: Request) -> Response:
