@@ -255,39 +255,55 @@ async def interrupt(request: Request) -> Response:
 
 
 async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
-    return history.history_entry(entry, await history_payloads(state, entry.task_id))
+    payloads, by_comfyui = await history_payloads(state, entry.task_id)
+    return history.history_entry(entry, payloads, by_comfyui)
 
 
-async def history_payloads(state: AppState, task_id: str) -> list[Any]:
+async def history_payloads(state: AppState, task_id: str) -> tuple[list[Any], bool]:
     """A prompt's payloads for its `/history` entry: those of its job while it runs here (its log
-    is not read), else its log's. A job running here whose ComfyUI has sent the prompt's last
-    message (`/ws` passes it on as it comes: `relay`) is waited for until it publishes its end
-    (its outputs collected), at most END_WAIT seconds: as ComfyUI's own history, the prompt is
-    there once its client was told it ended. Each payload is parsed once (from a job, only those
-    the entry is built from)."""
+    is not read), else its log's; and whether the entry is ComfyUI's verdict (the job's end not
+    published yet). As ComfyUI's own history, the prompt is there once its client was told it
+    ended (`/ws` passes ComfyUI's last message on as it comes on one box: `relay`). On one box,
+    whose `/view` reads ComfyUI's own folder, a job running here whose ComfyUI has ended the
+    prompt (its last message, after `execution_success`, `_error` or `_interrupted`) is answered
+    for as ComfyUI then answers, without waiting for the job to publish its end: collecting its
+    outputs can take a thread's trip, milliseconds on a loaded machine, while its client asks.
+    (Should the job still fail after ComfyUI's success, its entry says so from then on.) Else
+    such a job is waited for until it publishes its end (its outputs collected, kept where every
+    gateway's `/view` serves them), at most END_WAIT seconds. Each payload is parsed once (from
+    a job, only those the entry is built from)."""
     job = state.jobs.get(task_id)
     if job is not None:
         events = await published_events(job)
         if events is not None and not _ends(events) and _comfyui_ended(events, task_id):
+            if not prompts(state).shared and _comfyui_verdict(events):
+                return [json.loads(event.data) for event in events if history.in_history(event.text)], True
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(END_WAIT):
                     await job.finished()  # from its feed as soon as it is published
             more = await published_events(job, events[-1].seq)
             events = events + more if more is not None else None
         if events is not None:  # those the entry is not built from are not parsed
-            return [json.loads(event.data) for event in events if event.terminal or history.in_history(event.text)]
+            kept = [json.loads(event.data) for event in events if event.terminal or history.in_history(event.text)]
+            return kept, False
     payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
     if job is None or history.ended(payloads) or not history.comfyui_ended(payloads, task_id):
-        return payloads
+        return payloads, False
     with contextlib.suppress(TimeoutError):  # its feed no longer holds them all: its log has them once recorded
         async with asyncio.timeout(END_WAIT):
             await job.terminal_recorded()
     payloads = json.loads(await state.resources.status.read(task_id))
-    return payloads
+    return payloads, False
 
 
 def _ends(events: list[Event]) -> bool:
     return bool(events) and events[-1].terminal
+
+
+def _comfyui_verdict(events: list[Event]) -> bool:
+    """Whether ComfyUI has said how the prompt went among `events` (`execution_success`, `_error`
+    or `_interrupted`; told without parsing them)."""
+    return any(history.message_type(event.text) in history.ENDS for event in reversed(events))
 
 
 def _comfyui_ended(events: list[Event], prompt_id: str) -> bool:
