@@ -7,8 +7,7 @@ stored: a client that asks `/history` and `/view` as soon as it reads it (ComfyU
 does), maybe of another gateway, then finds them. On one box, whose prompts only its process
 answers for, the end of a job running here is passed on as it comes, and `/history` answers
 from ComfyUI's messages as ComfyUI's own does (`native.history_payloads`; its `/view` reads
-ComfyUI's folder). A prompt's first message after a quiet spell on the client's socket goes out
-at once, the rest of a burst a write at a time (`bursts`). A job that ended before its ComfyUI
+ComfyUI's folder). A job that ended before its ComfyUI
 could say so (refused by the worker's ComfyUI, timed out, lost) gets the end ComfyUI would have
 sent (`history.closing`).
 """
@@ -20,6 +19,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -36,22 +36,9 @@ log = logging.getLogger(__name__)
 
 LOOK_EVERY = 1.0  # seconds between looks for a client's new prompts when nothing woke its follower
 
-
-class Client:
-    """One `/ws` client's socket: a burst of messages in one write (`transports.frames`), each its
-    own frame as ComfyUI frames it (texts, and previews as binary frames), one prompt's burst
-    never interleaved with another's; and when it was last written to, so that a prompt's first
-    message after a quiet spell goes out at once (`bursts`)."""
-
-    def __init__(self, ws: WebSocket) -> None:
-        self._frames = Frames(ws)
-        self._sending = asyncio.Lock()
-        self.written = asyncio.get_running_loop().time()
-
-    async def send(self, messages: list[Message]) -> None:
-        async with self._sending:
-            await self._frames.send(messages)
-            self.written = asyncio.get_running_loop().time()
+Send = Callable[[list[Message]], Awaitable[None]]
+"""Sends a burst of messages in one write (`transports.frames`), each its own frame as ComfyUI
+frames it: texts, and previews as binary frames."""
 
 
 def text(message: str) -> Message:
@@ -68,16 +55,22 @@ async def websocket(ws: WebSocket) -> None:
     owner = owner_of(ws)
     await ws.accept()
     cursor = await prompts(state).client_cursor(client_id)  # its prompts from now on
-    client = Client(ws)
+    sending = asyncio.Lock()
+    frames = Frames(ws)
+
+    async def send(messages: list[Message]) -> None:
+        async with sending:  # a burst of one prompt's messages is not interleaved with another's
+            await frames.send(messages)
+
     found = await live(state, owner)
-    await client.send([text(history.greeting(client_id, len(found)))])
+    await send([text(history.greeting(client_id, len(found)))])
     try:
         async with asyncio.TaskGroup() as group:
             for entry, status in found:  # a client back mid-run: its prompts from here on, as ComfyUI
                 if entry.client_id == client_id:
-                    group.create_task(_resume(state, entry.task_id, status == "running", client))
-            group.create_task(_follow_client(state, client_id, cursor, owner, client, group))
-            await _until_gone(ws, client, state.resources.settings.inputs.max_bytes)
+                    group.create_task(_resume(state, entry.task_id, status == "running", send))
+            group.create_task(_follow_client(state, client_id, cursor, owner, send, group))
+            await _until_gone(ws, send, state.resources.settings.inputs.max_bytes)
             raise _Gone
     except* _Gone:
         pass
@@ -85,17 +78,17 @@ async def websocket(ws: WebSocket) -> None:
         log.debug("ComfyUI websocket %s closed: %s", client_id, exc.exceptions[0])
 
 
-async def _until_gone(ws: WebSocket, client: Client, max_upload: int) -> None:
+async def _until_gone(ws: WebSocket, send: Send, max_upload: int) -> None:
     """Until the client goes; its `feature_flags` are answered with ours, as ComfyUI answers
     them (previews come as plain image frames: no preview metadata)."""
     while (message := await ws.receive())["type"] != "websocket.disconnect":
         if history.is_feature_flags(message.get("text")):
             flags = {"supports_preview_metadata": False, "max_upload_size": max_upload}
-            await client.send([text(json.dumps({"type": "feature_flags", "data": flags}))])
+            await send([text(json.dumps({"type": "feature_flags", "data": flags}))])
 
 
 async def _follow_client(
-    state: AppState, client_id: str, cursor: str, owner: str | None, client: Client, group: asyncio.TaskGroup
+    state: AppState, client_id: str, cursor: str, owner: str | None, send: Send, group: asyncio.TaskGroup
 ) -> None:
     index = prompts(state)
     # Woken the moment a prompt for the client is queued: here by the bell /prompt rings, on
@@ -107,13 +100,13 @@ async def _follow_client(
             for task_id in tasks:
                 entry = await index.get(task_id)
                 if entry is not None and may_see(owner, entry.owner):
-                    group.create_task(_relay(state, task_id, client), name=f"ws relay {task_id}")
+                    group.create_task(_relay(state, task_id, send), name=f"ws relay {task_id}")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LOOK_EVERY):  # a safety net: nothing is missed without it
                     await rung.wait()
 
 
-async def _resume(state: AppState, task_id: str, running: bool, client: Client) -> None:
+async def _resume(state: AppState, task_id: str, running: bool, send: Send) -> None:
     """A prompt under way when its client (re)connects: as ComfyUI, `executing` of the node it
     runs (without its prompt id), then its messages from now on (a job running here: as it has
     published them, which its log may not hold yet)."""
@@ -124,20 +117,20 @@ async def _resume(state: AppState, task_id: str, running: bool, client: Client) 
     node = history.current_node(task_id, payloads)
     running = running or (job is not None and node is not None)
     if running and node is not None:
-        await client.send([text(json.dumps({"type": "executing", "data": {"node": node}}))])
-    await _relay(state, task_id, client, len(payloads))
+        await send([text(json.dumps({"type": "executing", "data": {"node": node}}))])
+    await _relay(state, task_id, send, len(payloads))
 
 
-async def _relay(state: AppState, task_id: str, client: Client, after: int = 0) -> None:
+async def _relay(state: AppState, task_id: str, send: Send, after: int = 0) -> None:
     """One prompt's messages (after the first `after`), its end held until the task's terminal
     payload is stored."""
     try:
-        await _relay_events(state, task_id, client, after)
+        await _relay_events(state, task_id, send, after)
     except ServerlessError as exc:  # the status store is down: this prompt's messages end here
         log.warning("task_id=%s: its messages stop on /ws (%s)", task_id, exc.message)
 
 
-async def _relay_events(state: AppState, task_id: str, client: Client, after: int) -> None:
+async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -> None:
     jobs = state.jobs
     job = jobs.get(task_id)
     source = TaskEvents(task_id, state.resources.status, job, jobs.end_if_stranded)
@@ -148,7 +141,7 @@ async def _relay_events(state: AppState, task_id: str, client: Client, after: in
     # A burst of messages in one write; ComfyUI's last one passed on at once (its client asks for
     # the prompt's history as soon as it reads it).
     urgent = (lambda event: history.ends_prompt(event.text, task_id)) if passed_on else None
-    async for burst in bursts(source, after, idle=1.0, urgent=urgent, since=client.written):
+    async for burst in bursts(source, after, idle=1.0, urgent=urgent):
         if burst is None:
             continue
         messages: list[Message] = []
@@ -169,7 +162,7 @@ async def _relay_events(state: AppState, task_id: str, client: Client, after: in
                 ended = True
                 break
         if messages:
-            await client.send(messages)
+            await send(messages)
         if ended:
             return
 

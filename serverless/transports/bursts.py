@@ -26,16 +26,13 @@ async def bursts(
     idle: float | None = None,
     previews: bool = False,
     urgent: Callable[[Event], bool] | None = None,
-    since: float | None = None,
 ) -> AsyncIterator[list[Event] | None]:
     """`source.events(after, idle, previews)`, each list one write; None for a keep-alive (after
     `idle` seconds without an event). A list that ends with the terminal event is the last. An
     event `urgent` picks goes out at once too, with what is held before it (ComfyUI's last
-    message of a prompt, whose client then asks for its history). `since`: when the connection
-    was last written to (`loop.time()`), for one that carries more than these events (None: the
-    stream starts now, with a write)."""
+    message of a prompt, whose client then asks for its history)."""
     loop = asyncio.get_running_loop()
-    written = loop.time() if since is None else since  # when the last write was made
+    written = loop.time()  # when the last write was made (the stream's first: its start)
     burst: list[Event] = []
     async for event in source.events(after, idle, previews):
         if event is None:
