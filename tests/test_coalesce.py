@@ -59,6 +59,14 @@ async def test_a_head_alone_goes_out_at_the_end_of_the_turn_and_other_writes_at_
     assert one.get_extra_info("peername") == ("127.0.0.1", 1)
 
 
+async def test_writelines_goes_after_a_held_head() -> None:
+    transport = Recorded()
+    one = OneWrite(transport)  # type: ignore[arg-type]
+    one.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    one.writelines([b"\x81\x01a", b"\x81\x01b"])  # a burst of websocket frames (`frames.py`)
+    assert transport.writes == [b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x01a\x81\x01b"]
+
+
 async def test_a_close_sends_the_head_it_holds_first() -> None:
     transport = Recorded()
     one = OneWrite(transport)  # type: ignore[arg-type]

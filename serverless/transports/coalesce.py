@@ -37,6 +37,9 @@ class OneWrite:
             return
         self._transport.write(data)
 
+    def writelines(self, chunks: Any) -> None:  # after a held head, never before it
+        self.write(b"".join(chunks))
+
     def _flush(self) -> None:
         held, self._held = self._held, None
         if held is not None and not self._transport.is_closing():
