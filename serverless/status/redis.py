@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,13 +297,15 @@ class RedisStatus:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def record_new(self, task_id: str, feed: Feed) -> None:
-        """`begin`, then `record` (a claim is one cheap round trip here)."""
+    async def record_new(self, task_id: str, feed: Feed, claimed: Callable[[RedisAttempt], None] | None = None) -> None:
+        """`begin` (told to `claimed`), then `record` (a claim is one cheap round trip here)."""
         try:
             attempt = await self.begin(task_id)
         except ServerlessError as exc:
             log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
             return
+        if claimed is not None:
+            claimed(attempt)
         await self.record(attempt, feed)
 
     async def record(self, attempt: RedisAttempt, feed: Feed) -> None:
