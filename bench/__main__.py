@@ -85,7 +85,7 @@ async def run(
                     figures += await suite.idle_rss(ctx, "the jobs above")
                 if "throughput" in only:
                     figures += await suite.throughput(ctx, seconds=2.0 if quick else 4.0)
-                    figures += await suite.throughput_long_jobs(ctx, seconds=2.0 if quick else 5.0)
+                    figures += await suite.throughput_long_jobs(ctx, jobs=12 if quick else 40)
                     figures += await suite.short_jobs(ctx, jobs=50 if quick else 200)
                 if "w2" in only:
                     figures += await suite.inputs_w2(ctx, jobs=50 if quick else 200, seconds=2.0 if quick else 4.0)

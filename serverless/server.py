@@ -39,6 +39,7 @@ from .jobs.runner import JobRunner
 from .ops import logs
 from .settings import Settings, SettingsError
 from .state import started
+from .transports.coalesce import HttpProtocol
 
 SHUTDOWN_MARGIN = 30.0  # uvicorn's own limit on open connections is only a backstop to the drain
 SETTINGS_EXIT_CODE = 2
@@ -226,6 +227,7 @@ def main() -> None:
             log_config=None,  # uvicorn's loggers go through ours: one format, one level
             # A websocket run body may be as big as an HTTP one (uvicorn's own limit is 16 MiB).
             ws_max_size=ws_max_size(settings),
+            http=HttpProtocol,  # a response's head and body in one write
         ),
         settings.service.drain_timeout,
         freeze=True,

@@ -24,6 +24,7 @@ from aiohttp import web
 from serverless.app import create_app
 from serverless.server import DrainingServer
 from serverless.settings import Settings
+from serverless.transports.coalesce import HttpProtocol
 
 ROOT = Path(__file__).resolve().parent.parent
 WS_MAX_SIZE = 100 * 1024 * 1024 + 64 * 1024  # as `python -m serverless.server` sets it: MAX_BODY_BYTES + framing
@@ -244,6 +245,7 @@ class InProcessApp:
             log_level="warning",
             log_config=None,
             ws_max_size=WS_MAX_SIZE,
+            http=HttpProtocol,  # as `serverless.server` serves it
         )
         self.server = _Server(app, config, settings.service.drain_timeout)
         self._thread = threading.Thread(target=self._run, name=self._id, daemon=True)

@@ -288,6 +288,32 @@ def test_a_prompt_queued_on_one_gateway_shows_on_another(deployment: Any, tmp_pa
     assert queue == {"queue_running": [], "queue_pending": []}
 
 
+def test_a_prompt_is_found_everywhere_the_moment_its_answer_names_it(deployment: Any) -> None:
+    """A prompt sent without its own id is answered before its status log is written (one box
+    claims it with its first write): the moment the answer names it, `/queue`, the task's summary
+    and its cancel find it, and its end is in `/history` and in its status log."""
+    deployed: Deployment = deployment(step_delay=0.3)
+    url = deployed.url
+    answer = requests.post(url + "/prompt", json={"prompt": txt2img(seed=4, steps=30)}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    queue = requests.get(url + "/queue", timeout=10).json()
+    assert prompt_id in [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+    task = requests.get(url + "/api/serverless/task", params={"task_id": prompt_id}, timeout=10)
+    assert task.status_code == 200 and task.json()["state"] in ("queued", "running"), task.text
+    assert requests.get(url + "/history/" + prompt_id, timeout=10).json() == {}, "not ended: as ComfyUI, {}"
+    cancel = requests.post(url + "/api/serverless/cancel", params={"task_id": prompt_id}, timeout=10)
+    assert cancel.status_code == 202, cancel.text
+    entry = wait_until(lambda: requests.get(url + "/history/" + prompt_id, timeout=10).json(), timeout=30)
+    assert entry[prompt_id]["status"]["status_str"] == "error"
+
+    def logged() -> Any:
+        payloads = requests.get(url + "/api/serverless/status", params={"task_id": prompt_id}, timeout=10).json()
+        return payloads and payloads[-1]["type"] == "error" and payloads
+
+    assert wait_until(logged, timeout=30)[-1]["error_code"] == "EXECUTION_INTERRUPTED"
+
+
 def test_a_prompt_whose_log_cannot_be_claimed_is_refused_and_stopped_in_comfyui(tmp_path: Path) -> None:
     """One box sends a prompt to ComfyUI while its status log is claimed: when the claim fails
     (here something not a file squats the prompt id's name in the status folder), the prompt is

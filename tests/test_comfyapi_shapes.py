@@ -69,6 +69,17 @@ def test_history_entry_has_comfyuis_shape() -> None:
     assert history.history_entry(ENTRY, LOG[:-1]) is None, "a prompt still running has no history"
 
 
+def test_a_prompt_comfyui_has_ended_has_its_history_before_the_job_publishes_its_end() -> None:
+    """One box answers `/history` as ComfyUI's own does once ComfyUI ended the prompt: the same
+    entry the job's end then gives; an error ComfyUI told is an error."""
+    told = LOG[:-2]  # ComfyUI's last message is in, the job's end is not
+    assert history.history_entry(ENTRY, told, by_comfyui=True) == history.history_entry(ENTRY, LOG)
+    failure = {"type": "execution_error", "data": {"prompt_id": "p1", "node_id": "2", "exception_message": "x"}}
+    entry = history.history_entry(ENTRY, [*LOG[:4], failure, LOG[6]], by_comfyui=True)
+    assert entry is not None and entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+    assert entry["status"]["messages"][-1] == ["execution_error", failure["data"]]
+
+
 def test_a_job_that_ended_before_comfyui_told_ends_as_comfyui_ends_a_prompt() -> None:
     error = {"type": "error", "error_code": "TIMEOUT", "error_message": "too slow", "raw": None}
     closing = [json.loads(text) for text in history.closing("p1", error)]

@@ -84,6 +84,7 @@ SPECS = st.builds(
     callback_url=st.none() | st.just("https://hooks.example/done?token=x"),
     previews=st.booleans(),
     native=st.booleans(),
+    id_made=st.booleans(),
 )
 
 

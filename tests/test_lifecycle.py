@@ -173,10 +173,11 @@ def test_bootstrap_serves_a_run_and_logs_comfyui_output_with_a_prefix_and_no_sec
 
     assert response.status_code == 200, response.text
     assert response.json()["type"] == "serverless_api"
-    log = server.log_text()
-    assert re.search(r"^\S+ \S+ INFO comfyui: .*Prompt executed", log, re.MULTILINE), log[-3000:]
     prompt_id = response.json()["data"]["prompt_id"]
-    assert re.search(rf"job end task_id=t-1 prompt_id={prompt_id} outcome=ok duration=[\d.]+s", log)
+    executed = re.compile(r"^\S+ \S+ INFO comfyui: .*Prompt executed", re.MULTILINE)
+    ended = re.compile(rf"job end task_id=t-1 prompt_id={prompt_id} outcome=ok duration=[\d.]+s")
+    # A thread writes the log lines: they are waited for, not read the moment the answer is in.
+    log = wait_until(lambda: executed.search(t := server.log_text()) and ended.search(t) and t, timeout=20)
     assert not [secret for secret in secrets.values() if secret in log]
 
 
@@ -219,9 +220,8 @@ def test_comfyui_killed_mid_job_fails_the_job_at_once_then_restarts_counted_and_
     after = post_run(server.url, txt2img(steps=3), params=B64)
     assert after.status_code == 200, after.text
     assert comfyui_metrics(server) == {"up": 1, "restarts_total": 1}
-    log = server.log_text()
-    assert "ComfyUI exited with -9" in log
-    assert re.search(r"job end task_id=\S+ prompt_id=\S+ outcome=COMFYUI_UNAVAILABLE duration=", log)
+    ended = re.compile(r"job end task_id=\S+ prompt_id=\S+ outcome=COMFYUI_UNAVAILABLE duration=")
+    wait_until(lambda: "ComfyUI exited with -9" in (t := server.log_text()) and ended.search(t), timeout=20)
 
 
 def test_initialize_waits_for_a_starting_comfyui_runs_the_prewarm_once_and_comfyui_dies_with_a_killed_server(
@@ -251,7 +251,7 @@ def test_initialize_waits_for_a_starting_comfyui_runs_the_prewarm_once_and_comfy
     assert second.status_code == 200
     assert second.json()["prewarm"] == first.json()["prewarm"]
     assert server.history_count() == runs  # not run again
-    assert server.log_text().count("prewarm finished") == 1
+    assert wait_until(lambda: server.log_text().count("prewarm finished"), timeout=20) == 1
 
     # SIGKILLed, the server runs no shutdown of its own: its ComfyUI goes with it all the same.
     assert len(server.comfyui_pids()) == 1

@@ -4,7 +4,14 @@ burst, readiness for load balancers, and JSON logs that name the job on every li
 from __future__ import annotations
 
 import json
+import logging
+import os
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,11 +27,13 @@ import websocket  # websocket-client
 from prometheus_client.parser import text_string_to_metric_families
 
 from serverless.errors import DownloadError, InputError
+from serverless.ops.logs import LineQueue
 from serverless.ops.metrics import REASONS, refusal_reason
 from serverless.settings import Settings, SettingsError
+from tests.conftest import base_env
 from tests.helpers import RUN, empty_image, failing_workflow, post_run, txt2img, wait_until
 from tests.oss_server import LocalOss
-from tests.servers import App, Emulator
+from tests.servers import ROOT, App, Emulator, free_port, wait_http
 from tests.test_oss_e2e import OSS_ON, assert_nothing_secret_in, local_oss_server, oss_env
 from tests.test_stream import TERMINAL_TYPES, set_step_delay, slow_reader_workflow, status_log
 
@@ -349,6 +358,50 @@ def test_json_logs_are_one_object_a_line_naming_the_job_and_nothing_secret(oss_a
     retried = [entry for entry in entries if "retrying" in entry["message"]]
     assert retried and all(entry["task_id"] == "json-ok" for entry in retried)
     assert_nothing_secret_in(text, signed_url)
+
+
+def test_an_app_whose_stderr_nobody_reads_keeps_answering(emulator, tmp_path):
+    """A log collector that stalls leaves stderr's pipe full (64 KiB): the app's lines wait in
+    memory for it, and every caller is still answered. Then the pipe is read: the lines come, in
+    order."""
+    port = free_port()
+    env = {**os.environ, **base_env(emulator.url, tmp_path / "status"), "LOG_LEVEL": "DEBUG"}
+    args = [sys.executable, "-m", "uvicorn", "handler:app", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/api/serverless/health", proc)
+        with requests.Session() as session:  # each request logs a line or more at DEBUG: >64 KiB in all
+            for number in range(1500):
+                answer = session.get(f"{url}/api/serverless/status?task_id=unread-{number}", timeout=30)
+                assert answer.status_code == 200, answer.text
+            result = session.post(url + RUN, json=empty_image(prefix="unread"), timeout=30)
+            assert result.status_code == 200, result.text
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)  # read at last: everything logged comes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    asked = [int(m) for m in re.findall(r"task_id=unread-(\d+)", text)]
+    assert len(text) > 64 * 1024 and asked and asked == sorted(asked), text[-2000:]
+    assert "job end" in text and "dropped" not in text
+
+
+def test_log_lines_past_the_queue_are_dropped_and_counted_in_the_next_line():
+    """The writer thread's queue is bounded: past it, lines are dropped (memory stays bounded while
+    stderr is not read), and the first line queued after says how many."""
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(2)
+    handler = LineQueue(lines)
+    record = lambda text: logging.makeLogRecord({"msg": text, "levelno": logging.INFO})  # noqa: E731
+    for number in range(5):
+        handler.handle(record(f"line {number}"))
+    taken = [lines.get_nowait().getMessage() for _ in range(2)]
+    handler.handle(record("line 5"))
+    later = [lines.get_nowait().getMessage() for _ in range(2)]
+    assert taken == ["line 0", "line 1"]
+    assert later == ["3 log line(s) were dropped: stderr was not read", "line 5"]
 
 
 def test_oss_uploads_bytes_retries_and_failures_are_counted(start_app, emulator):

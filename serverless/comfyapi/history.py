@@ -196,15 +196,18 @@ def _extra(entry: PromptEntry) -> dict[str, Any]:
     return {"client_id": entry.client_id} if entry.client_id else {}
 
 
-def history_entry(entry: PromptEntry, payloads: list[Any]) -> dict[str, Any] | None:
-    """The `/history` entry of an ended prompt whose log holds `payloads`; None while it runs."""
-    if not ended(payloads):
+def history_entry(entry: PromptEntry, payloads: list[Any], by_comfyui: bool = False) -> dict[str, Any] | None:
+    """The `/history` entry of an ended prompt whose log holds `payloads`; None while it runs.
+    `by_comfyui`: the job has not published its end, but its ComfyUI has ended the prompt
+    (`payloads` hold its `execution_success`, `_error` or `_interrupted`): the entry as ComfyUI's
+    own history then holds it."""
+    if not ended(payloads) and not by_comfyui:
         return None
-    terminal = payloads[-1]
+    terminal = payloads[-1] if ended(payloads) else None
     outputs: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     messages: list[list[Any]] = []
-    for message in payloads[:-1]:
+    for message in payloads if terminal is None else payloads[:-1]:
         if not isinstance(message, dict):
             continue
         kind, data = message.get("type"), message.get("data")
@@ -221,8 +224,11 @@ def history_entry(entry: PromptEntry, payloads: list[Any]) -> dict[str, Any] | N
                 "parent_node": None,
                 "real_node_id": node,
             }
-    succeeded = terminal["type"] == "serverless_api"
-    if not any(kind in ENDS for kind, _ in messages) and not succeeded:
+    if terminal is None:
+        succeeded = any(kind == "execution_success" for kind, _ in messages)
+    else:
+        succeeded = terminal["type"] == "serverless_api"
+    if terminal is not None and not any(kind in ENDS for kind, _ in messages) and not succeeded:
         messages.extend([kind, data] for kind, data in _ended_early(entry.task_id, terminal))
     return {
         "prompt": queue_item(entry),

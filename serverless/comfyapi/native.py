@@ -27,11 +27,12 @@ from starlette.responses import JSONResponse, Response
 from ..auth import caller, may_see
 from ..core.request import TASK_ID_RE
 from ..errors import Conflict, InvalidParams, NotFound
-from ..jobs.feed import Event, ReaderTooSlow
+from ..jobs.feed import Event
 from ..jobs.runner import RunningJob
 from ..resources import Resources
 from ..state import AppState, app_state
 from ..status.summary import ENDED
+from ..transports.events import job_summary, published_events
 from ..transports.http import read_body
 from ..transports.start import start_job
 from ..workflows.validate import node_errors, validate_workflow
@@ -142,7 +143,8 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     `node_errors` of the outputs that will not run."""
     state = app_state(request)
     resources = state.resources
-    prompt_id = str(asked.get("prompt_id") or uuid.uuid4())
+    chosen = asked.get("prompt_id")  # else one made here: nobody knows it before the answer
+    prompt_id = str(chosen or uuid.uuid4())
     if not TASK_ID_RE.fullmatch(prompt_id) or prompt_id in (".", ".."):
         raise Refused("invalid_prompt", "prompt_id must be 1-128 letters, digits, '.', '_' or '-'", prompt_id[:128])
     workflow, outputs, errors = await checked_workflow(resources, asked.get("prompt"))
@@ -163,7 +165,9 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     owner = owner_of(request)
     entry = PromptEntry(prompt_id, int(number), workflow, client_id, outputs, owner, time.time())
     # No download links (`output_url`) for a prompt: its outputs are served by `/view`.
-    job = await start_job(resources, state.jobs, body, query, headers, "http", owner=owner, native=True)
+    job = await start_job(
+        resources, state.jobs, body, query, headers, "http", owner=owner, native=True, id_made=not chosen
+    )
     await index.add(entry)
     index.ring(client_id)  # its followers here pick it up at once
     # Its one INFO line is the job's end, as every job's (a line costs the loop ~30 µs a prompt).
@@ -179,8 +183,11 @@ async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, st
     summaries = await asyncio.gather(*(state.resources.status.summary(entry.task_id) for entry in entries))
     ended, found = [], []
     for entry, summary in zip(entries, summaries, strict=True):
+        job = state.jobs.get(entry.task_id)
+        if summary is None and job is not None:  # answered before its log is claimed: the job says
+            summary = await job_summary(job)
         status = summary["state"] if summary is not None else "queued"
-        job = state.jobs.get(entry.task_id) if status not in ENDED else None
+        job = job if status not in ENDED else None
         if status in ENDED or (job is not None and await _ended_here(job)):
             ended.append(entry.task_id)
         else:
@@ -248,39 +255,55 @@ async def interrupt(request: Request) -> Response:
 
 
 async def _history_of(state: AppState, entry: PromptEntry) -> dict[str, Any] | None:
-    return history.history_entry(entry, await history_payloads(state, entry.task_id))
+    payloads, by_comfyui = await history_payloads(state, entry.task_id)
+    return history.history_entry(entry, payloads, by_comfyui)
 
 
-async def history_payloads(state: AppState, task_id: str) -> list[Any]:
+async def history_payloads(state: AppState, task_id: str) -> tuple[list[Any], bool]:
     """A prompt's payloads for its `/history` entry: those of its job while it runs here (its log
-    is not read), else its log's. A job running here whose ComfyUI has sent the prompt's last
-    message (`/ws` passes it on as it comes: `relay`) is waited for until it publishes its end
-    (its outputs collected), at most END_WAIT seconds: as ComfyUI's own history, the prompt is
-    there once its client was told it ended. Each payload is parsed once (from a job, only those
-    the entry is built from)."""
+    is not read), else its log's; and whether the entry is ComfyUI's verdict (the job's end not
+    published yet). As ComfyUI's own history, the prompt is there once its client was told it
+    ended (`/ws` passes ComfyUI's last message on as it comes on one box: `relay`). On one box,
+    whose `/view` reads ComfyUI's own folder, a job running here whose ComfyUI has ended the
+    prompt (its last message, after `execution_success`, `_error` or `_interrupted`) is answered
+    for as ComfyUI then answers, without waiting for the job to publish its end: collecting its
+    outputs can take a thread's trip, milliseconds on a loaded machine, while its client asks.
+    (Should the job still fail after ComfyUI's success, its entry says so from then on.) Else
+    such a job is waited for until it publishes its end (its outputs collected, kept where every
+    gateway's `/view` serves them), at most END_WAIT seconds. Each payload is parsed once (from
+    a job, only those the entry is built from)."""
     job = state.jobs.get(task_id)
     if job is not None:
         events = await published_events(job)
         if events is not None and not _ends(events) and _comfyui_ended(events, task_id):
+            if not prompts(state).shared and _comfyui_verdict(events):
+                return [json.loads(event.data) for event in events if history.in_history(event.text)], True
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(END_WAIT):
                     await job.finished()  # from its feed as soon as it is published
             more = await published_events(job, events[-1].seq)
             events = events + more if more is not None else None
         if events is not None:  # those the entry is not built from are not parsed
-            return [json.loads(event.data) for event in events if event.terminal or history.in_history(event.text)]
+            kept = [json.loads(event.data) for event in events if event.terminal or history.in_history(event.text)]
+            return kept, False
     payloads: list[Any] = json.loads(await state.resources.status.read(task_id))
     if job is None or history.ended(payloads) or not history.comfyui_ended(payloads, task_id):
-        return payloads
+        return payloads, False
     with contextlib.suppress(TimeoutError):  # its feed no longer holds them all: its log has them once recorded
         async with asyncio.timeout(END_WAIT):
             await job.terminal_recorded()
     payloads = json.loads(await state.resources.status.read(task_id))
-    return payloads
+    return payloads, False
 
 
 def _ends(events: list[Event]) -> bool:
     return bool(events) and events[-1].terminal
+
+
+def _comfyui_verdict(events: list[Event]) -> bool:
+    """Whether ComfyUI has said how the prompt went among `events` (`execution_success`, `_error`
+    or `_interrupted`; told without parsing them)."""
+    return any(history.message_type(event.text) in history.ENDS for event in reversed(events))
 
 
 def _comfyui_ended(events: list[Event], prompt_id: str) -> bool:
@@ -313,23 +336,6 @@ async def published_payloads(job: RunningJob, ended: bool = True) -> list[Any] |
     if events is None or (ended and not _ends(events)):
         return None
     return [json.loads(event.data) for event in events]
-
-
-async def published_events(job: RunningJob, after: int = 0) -> list[Event] | None:
-    """The events (previews left out) a job running here has published after the first `after`,
-    so far; None when its feed no longer holds them all (its log has them then)."""
-    events: list[Event] = []
-    try:
-        async for event in job.events(after, idle=0.0):
-            if event is None:  # nothing more published yet: it runs
-                return events
-            if not event.preview:
-                events.append(event)
-            if event.terminal:
-                return events
-    except ReaderTooSlow:
-        return None
-    return events
 
 
 async def get_history(request: Request) -> Response:

@@ -5,8 +5,9 @@ text byte for byte as its ComfyUI sent it, followed through the status store (`T
 A prompt's last message, `executing` with no node, is held until the task's terminal payload is
 stored: a client that asks `/history` and `/view` as soon as it reads it (ComfyUI's example
 does), maybe of another gateway, then finds them. On one box, whose prompts only its process
-answers for, the end of a job running here is passed on as it comes, and `/history` waits for
-the job to publish its end (its outputs collected) instead. A job that ended before its ComfyUI
+answers for, the end of a job running here is passed on as it comes, and `/history` answers
+from ComfyUI's messages as ComfyUI's own does (`native.history_payloads`; its `/view` reads
+ComfyUI's folder). A job that ended before its ComfyUI
 could say so (refused by the worker's ComfyUI, timed out, lost) gets the end ComfyUI would have
 sent (`history.closing`).
 """
@@ -134,7 +135,7 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
     job = jobs.get(task_id)
     source = TaskEvents(task_id, state.resources.status, job, jobs.end_if_stranded)
     # A job running here, whose prompts only this process answers for: its end is passed on as
-    # it comes (its `/history` waits for the job's end itself: `native.history_payloads`).
+    # it comes (its `/history` answers as ComfyUI's own does then: `native.history_payloads`).
     passed_on = job is not None and not prompts(state).shared
     held: str | None = None
     # A burst of messages in one write; ComfyUI's last one passed on at once (its client asks for

@@ -12,10 +12,12 @@ declares `supports_preview_metadata` as it opens, so ComfyUI names the prompt.
 
 A job takes its items with a callback (`Connection.follow(prompt_id, take)`), called in the
 listener's task as each item comes while nothing waits in the job's inbox (so still in order):
-a prompt's many messages cost no wake-up of the job each. What must wake the job goes through
-its inbox: the prompt's last message, a break and its recovery, the rest of a burst past
-BURST_TURN items read at once (the job takes it with a turn for its readers every BURST_TURN),
-and whatever comes after them until the job has taken them. The listener itself never pauses
+a prompt's many messages cost no wake-up of the job each. The prompt's last message is handed
+over so too (its readers, a `/ws` client waiting for it, have it without waiting for the job's
+turn), and the job is woken through its inbox (`Ended`). What else must wake the job goes through
+its inbox: a break and its recovery, the rest of a burst past BURST_TURN items read at once (the
+job takes it with a turn for its readers every BURST_TURN), and whatever comes after them until
+the job has taken them (the last message among them then comes through the inbox too). The listener itself never pauses
 mid-burst: a pause there lets every stream write what it has, and with a hundred streams
 following `status` broadcasts each then writes several times a burst.
 
@@ -76,13 +78,21 @@ class Recovered:
 
 
 @dataclass(frozen=True, slots=True)
+class Ended:
+    """The prompt's last message was handed to the job in the listener's task: its `follow` ends."""
+
+
+ENDED = Ended()
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The job's `take` raised in the listener's task: the error is raised in the job's."""
 
     error: Exception
 
 
-Item = Message | PreviewFrame | Broken | Recovered | Failed
+Item = Message | PreviewFrame | Broken | Recovered | Failed | Ended
 Take = Callable[[Message | PreviewFrame], None]
 
 
@@ -104,17 +114,12 @@ class Inbox:
         self.handed = 0  # items handed to the job in this turn of the loop
 
     def deliver(self, item: Message | PreviewFrame) -> None:
-        """Hand `item` straight to the job when nothing waits before it, it is not the prompt's
-        last message (which wakes the job) and fewer than BURST_TURN were handed over in this
-        turn of the loop; else queue it (the job takes the rest of a burst from its inbox, its
-        readers getting a turn every BURST_TURN: `Listener.next_item`)."""
+        """Hand `item` straight to the job when nothing waits before it and fewer than
+        BURST_TURN were handed over in this turn of the loop, the job woken (`Ended`) when it is
+        the prompt's last message; else queue it (the job takes the rest of a burst from its
+        inbox, its readers getting a turn every BURST_TURN: `Listener.next_item`)."""
         take = self.take
-        if (
-            take is None
-            or self.handed >= BURST_TURN
-            or not self.items.empty()
-            or (isinstance(item, Message) and item.ends(self.prompt_id))
-        ):
+        if take is None or self.handed >= BURST_TURN or not self.items.empty():
             self.items.put_nowait(item)
             return
         if not self.handed:
@@ -125,6 +130,10 @@ class Inbox:
         except Exception as exc:  # the job's failure, not the socket's: raised in the job's task
             self.take = None
             self.items.put_nowait(Failed(exc))
+            return
+        if isinstance(item, Message) and item.ends(self.prompt_id):
+            self.take = None  # the prompt is over
+            self.items.put_nowait(ENDED)
 
     def _next_turn(self) -> None:
         self.handed = 0
@@ -393,6 +402,8 @@ class Connection:
                         return
                 elif isinstance(item, PreviewFrame):
                     take(item)
+                elif isinstance(item, Ended):
+                    return
                 elif isinstance(item, Failed):
                     raise item.error
                 elif isinstance(item, Broken):

@@ -18,7 +18,8 @@ group's last read makes Redis unable to tell the lag, which KEDA scales on). A j
 is stopped by that worker, which blocks on its cancel stream (XREAD) while the job runs and stops
 it the moment a cancel comes. Its end and a cancel race in Redis, each in one script: the
 gateway's cancel adds to `cancel:` only while `ended:` is empty (else 409), the worker writes
-`ended:` before the terminal payload and reads `cancel:` in the same step; so a job whose cancel
+`ended:` before the terminal payload, or with it (`status.redis.APPEND_END`), and reads `cancel:`
+in the same step; so a job whose cancel
 was answered "cancelling" always ends EXECUTION_INTERRUPTED, and one that ended otherwise answers
 its cancel 409. Workers remove the entries every worker is done with (`TRIM`, after their acks).
 """
@@ -47,11 +48,13 @@ from ..status.watch import WAKE_KEPT, WAKE_TTL
 from ..tenants.usage import NoUsage, UsageStore
 from . import staging
 from .admission import Admission, held
+from .heartbeat import HEARTBEAT_TTL
 from .wire import GROUP, PRIORITIES, count_of, encode_spec, fingerprint, lane_of, stream
 
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
+_T = "\x00"  # a task id or entry id never holds it: it splits key names into the parts around them
 EXPIRED = "expired"  # the run claim of a job that waited past QUEUE_TTL: no worker runs it
 PENDING = "pending"  # a submission's entry id until XADD has answered
 
@@ -83,25 +86,88 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return won
 """
 
+# A queued submission taken in one step: its run claim (SET NX), whether a cancel of it was
+# acknowledged, and, if not, the task's next attempt begun as `status.redis.BEGIN` begins one
+# (the owner's mark named as `keys.alive` names it). -> -1: not ours; 0: ours, cancelled; n: attempt n.
+# `takeable`: whether a task id read from an entry follows the rule of task ids (else not taken here).
+TAKE_FUNCTION = """
+local function take(claim, cancel, attempts, consumer, ttl, alive_ttl)
+  if not redis.call('SET', claim, consumer, 'NX', 'EX', ttl) then return -1 end
+  if redis.call('EXISTS', cancel) == 1 then return 0 end
+  local number = redis.call('INCR', attempts)
+  redis.call('EXPIRE', attempts, ttl)
+  redis.call('SET', attempts .. ':' .. number .. ':alive', '1', 'EX', alive_ttl)
+  return number
+end
+local function takeable(task)
+  return task and #task <= 128 and not string.find(task, '[^%w%._%-]') and task ~= '.' and task ~= '..'
+end
+"""
+
 # A submission in one step: the task's owner claimed (SET NX: never overwritten; ARGV[5] = "1"
 # when the caller has checked a standing claim is the same owner's), its entry, the entry's
 # ordinal, the task's pointer to it ("<stream> <entry id> <ordinal>"), the task listed (KEYS[6..]:
 # ARGV[7] member, ARGV[8] score, past ARGV[9] dropped), and the task's newest attempt number read.
 # ARGV[6]: its staged inputs' name ("": none). With ARGV[10] = "1", KEYS[6] is the gateway's
 # stream watch's wake stream (`StreamWatch.hold`), given an entry (MAXLEN ~ARGV[11], ARGV[12]
-# seconds) and the lists are KEYS[7..]. -> {1, number, entry id}, or {0, number, owner held} when
-# another claim stands.
+# seconds) and the lists are KEYS[7..]. With ARGV[13] = "1", the job is given to the worker idle
+# in its blocking read (`keys.idle_worker`: ARGV[14]) when it is the only worker that beat since
+# ARGV[16] (the heartbeats' sorted set ARGV[15]) and no job waits in the lane's streams ARGV[25..]
+# (group ARGV[24]): the job it would read next, taken for it as its `NEXT` takes one (its attempt
+# begun, its run claim named from the parts ARGV[19..21]; ARGV[22] their TTL, ARGV[23] the owner
+# mark's) and written first to its given stream (ARGV[17] .. name .. ARGV[18]), whose entry wakes
+# its read with the job (a read is answered for the first of its streams written), then queued
+# under the entry id it was given with and delivered to it (XREADGROUP): no round trip of its
+# own. -> {1, number, entry id, given (0|1)}, or {0, number, owner held} when another claim stands.
 ENQUEUE = """
+local function give(fields)
+  local worker = redis.call('GET', ARGV[14])
+  if not worker then return false end
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', ARGV[15], ARGV[16], '+inf')) do
+    if name ~= worker then return false end
+  end
+  for i = 25, #ARGV do
+    local groups = redis.pcall('XINFO', 'GROUPS', ARGV[i])
+    if groups.err then return false end
+    for _, info in ipairs(groups) do
+      local group = {}
+      for j = 1, #info, 2 do group[info[j]] = info[j + 1] end
+      if group['name'] == ARGV[24] and group['lag'] ~= 0 then return false end
+    end
+  end
+  redis.call('DEL', ARGV[14])
+  local last = '0-0'
+  local stream = redis.call('XINFO', 'STREAM', KEYS[1])
+  for j = 1, #stream, 2 do
+    if stream[j] == 'last-generated-id' then last = stream[j + 1] end
+  end
+  local dash = string.find(last, '-', 1, true)
+  local last_ms, last_seq = tonumber(string.sub(last, 1, dash - 1)), tonumber(string.sub(last, dash + 1))
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local id = ms > last_ms and string.format('%d-0', ms) or string.format('%d-%d', last_ms, last_seq + 1)
+  local number = redis.call('INCR', KEYS[5])
+  redis.call('EXPIRE', KEYS[5], ARGV[22])
+  redis.call('SET', KEYS[5] .. ':' .. number .. ':alive', '1', 'EX', ARGV[23])
+  redis.call('SET', ARGV[19] .. ARGV[1] .. ARGV[20] .. id .. ARGV[21], worker, 'EX', ARGV[22])
+  local given = ARGV[17] .. worker .. ARGV[18]
+  redis.call('XADD', given, 'MAXLEN', '~', '16', '*', 'stream', KEYS[1], 'entry', id, 'took', number, unpack(fields))
+  redis.call('EXPIRE', given, ARGV[22])
+  redis.call('XADD', KEYS[1], id, unpack(fields))
+  redis.call('XREADGROUP', 'GROUP', ARGV[24], worker, 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  return id
+end
 local number = redis.call('GET', KEYS[5]) or '0'
 if ARGV[5] ~= '1' and not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
   return {0, number, redis.call('GET', KEYS[4])}
 end
-local entry
+local fields = {'task_id', ARGV[1], 'spec', ARGV[2]}
 if ARGV[6] ~= '' then  -- its big inputs staged apart, under this name
-  entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2], 'inputs', ARGV[6])
-else
-  entry = redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1], 'spec', ARGV[2])
+  fields = {'task_id', ARGV[1], 'spec', ARGV[2], 'inputs', ARGV[6]}
 end
+local entry = ARGV[13] == '1' and give(fields)
+local given = entry and 1 or 0
+if not entry then entry = redis.call('XADD', KEYS[1], '*', unpack(fields)) end
 local ordinal = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[3], KEYS[1] .. ' ' .. entry .. ' ' .. ordinal, 'EX', ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
@@ -116,7 +182,7 @@ for i = lists, #KEYS do  -- the task lists (`GET /api/tasks`): every task's, its
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[9])
   redis.call('EXPIRE', KEYS[i], ARGV[3])
 end
-return {1, number, entry}
+return {1, number, entry, given}
 """
 
 # Remove the entries every worker is done with (their request bodies with them): those before the
@@ -213,13 +279,19 @@ class RedisQueue:
         return Submitted(task_id, following, False)
 
     async def _submit_held(self, spec: JobSpec, task_id: str, priority: str) -> Submitted:
-        """`submit` of a new task (its first attempt is 1) whose caller follows it at once."""
+        """`submit` of a new task (its first attempt is 1) whose caller follows it at once: named
+        by the status watch when it has a spare (its read names the log already), else its log
+        registered and the watch woken in the round trip that queues it."""
         watch = self.status.watch
-        key = keys.attempt(task_id, 1)
-        held = watch.hold(key)
+        spare = watch.spare()
+        if spare is not None:
+            task_id, key, held = spare
+        else:
+            key = keys.attempt(task_id, 1)
+            held = watch.hold(key)
         try:
             with translated():
-                following, entry = await self._enqueue(spec, task_id, priority, watch.wake_key)
+                following, entry = await self._enqueue(spec, task_id, priority, None if spare else watch.wake_key)
         except BaseException:
             watch.release(key, held)
             raise
@@ -280,6 +352,7 @@ class RedisQueue:
         listing = [member, int(now * 1000), int((now - self.status.ttl) * 1000)]
         waking = ["", "", ""] if wake is None else ["1", WAKE_KEPT, WAKE_TTL]
         args: list[Any] = [task_id, encoded, self.status.ttl, owner, "0", name, *listing, *waking]
+        args += self._giving(spec.lane, now)
         answer: Any = await self._enqueue_script(keys=names, args=args)
         if not int(answer[0]):  # the task was queued before: by the same key, it is queued again
             taken_by = answer[2] if len(answer) > 2 else None
@@ -289,6 +362,16 @@ class RedisQueue:
                 raise TaskConflict(f"task id {task_id} is taken: name another task", raw={"task_id": task_id})
             answer = await self._enqueue_script(keys=names, args=[*args[:4], "1", *args[5:]])
         return int(answer[1]) + 1, answer[2]
+
+    def _giving(self, lane: str, now: float) -> list[Any]:
+        """`ENQUEUE`'s arguments that give the job to the lane's idle worker, when it is the only
+        live one (ARGV[13..]: see `ENQUEUE`)."""
+        status = self.status
+        beaten_since = int((now - HEARTBEAT_TTL) * 1000)
+        parts = [*keys.given(_T).split(_T), *keys.run_claim(_T, _T).split(_T)]
+        lane_streams = [stream(priority, lane) for priority in PRIORITIES]
+        marker = keys.idle_worker(lane)
+        return ["1", marker, keys.WORKERS, beaten_since, *parts, status.ttl, status.alive_ttl, GROUP, *lane_streams]
 
     async def _add(self, task_id: str, name: str, fields: dict[str, Any], spec: JobSpec | None) -> Any:
         """One step: the entry, its ordinal, and a submission mark that a follower never reads as

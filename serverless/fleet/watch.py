@@ -1,7 +1,8 @@
 """A job as the worker running it watches it: a cancel stops it the moment a gateway stores one
 (XREAD BLOCK on its `cancel:` stream, no polling; from TOLD_AFTER into the run: a short job ends
 unwatched), its queue entry stays the worker's (XCLAIM every third of REDIS_CLAIM_IDLE), and its
-end is decided in Redis against a cancel (`queue.END`), before its terminal payload is stored: a
+end is decided in Redis against a cancel (`queue.END`), before its terminal payload is stored, or
+in the step that stores it (`status.redis.APPEND_END`, when the worker began its attempt): a
 cancel answered "cancelling" always wins, one answered 409 never.
 """
 
@@ -15,10 +16,10 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from ..errors import ExecutionInterrupted, ServerlessError
-from ..jobs.feed import Outcome, Result
-from ..jobs.job import Job, Settle
+from ..jobs.feed import Event, Feed, Outcome, Result
+from ..jobs.job import Job, Settle, SettleRecorded
 from ..status import keys
-from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN
+from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, Ending, RedisAttempt, RedisStatus
 from .queue import cancelled_by_request
 from .wire import GROUP
 
@@ -52,6 +53,8 @@ class Watch:
         self.cancel_key = keys.queue_cancel(task_id, entry)
         self.ended_key = keys.queue_ended(task_id, entry)
         self.settled = asyncio.Event()  # its end is recorded in `ended:`
+        self.acknowledged = False  # its entry was acknowledged with its last events (`settler_recorded`)
+        self.newest_handoff: str | None = None  # the consumer's hand-off stream's newest id then ("": none)
         self._reading = False  # the read of `cancel:` and `ended:` has begun (`_told`)
 
     async def settle(self, state: str) -> bool:
@@ -74,6 +77,27 @@ class Watch:
 
         async def settle(outcome: Outcome) -> ServerlessError | None:
             return None if await self.settle(state_of(outcome)) else cancelled_by_request()
+
+        return settle
+
+    def settler_recorded(self, status: RedisStatus, attempt: RedisAttempt, feed: Feed) -> SettleRecorded:
+        """`settler` in the step that stores the job's last events in its status log
+        (`Job.settle_recorded`, `RedisStatus.write_settled`), which acknowledges its entry too:
+        one round trip at the job's end. `acknowledged` says so after it (the hand-off stream's
+        newest id then in `newest_handoff`)."""
+
+        async def settle(outcome: Outcome, last: list[Event]) -> ServerlessError | bool:
+            handoff = keys.handoff(self.consumer)
+            ending = Ending(
+                self.cancel_key, self.ended_key, state_of(outcome), self.ttl, self.stream, GROUP, self.entry, handoff
+            )
+            stored = await status.write_settled(attempt, feed, last, ending)
+            if stored is None:
+                return False
+            self.settled.set()
+            if stored:
+                self.acknowledged, self.newest_handoff = True, ending.newest_handoff
+            return True if stored else cancelled_by_request()
 
         return settle
 

@@ -66,6 +66,7 @@ def encode_spec(spec: JobSpec) -> bytes:
             "callback_url": spec.callback_url,
             "previews": spec.previews,
             "native": spec.native,
+            "id_made": spec.id_made,
             "model_task": spec.model_task,
         }
     )
@@ -103,6 +104,7 @@ def decode_spec(data: bytes, credentials: Credentials | None) -> JobSpec:
         callback_url=raw.get("callback_url"),
         previews=bool(raw.get("previews", False)),
         native=bool(raw.get("native")),
+        id_made=bool(raw.get("id_made")),
         model_task=raw.get("model_task"),
     )
 

@@ -3,14 +3,18 @@ queueing at most one more in its ComfyUI behind it.
 
     loop: a dead worker's job (XAUTOCLAIM, idle past REDIS_CLAIM_IDLE; looked for when the first
           pending entry can pass that threshold), else the next queued one (XREADGROUP, streams
-          read high -> normal -> low), else wait for one (XREAD BLOCK)
+          read high -> normal -> low), else wait for one (XREAD BLOCK; marked idle meanwhile,
+          a worker alone in its lane is given the next job queued, taken for it, in the round
+          trip that queues it: `queue.ENQUEUE`, `fleet:given:<name>`)
           -> read it (an entry that cannot be read is acknowledged and moved to `dead:jobs`)
           -> take it (SET NX run:<task>:<entry>; "cancelled" means a gateway removed it first)
           -> `Jobs.start(spec)` (the unchanged pipeline; its recorder writes to Redis)
           -> while it runs: keep the entry ours (XCLAIM, resetting its idle time), block on its
              cancel stream (from `watch.TOLD_AFTER` into the run) and stop it the moment a cancel
-             comes; at its end decide in Redis whether a cancel came first (`queue.END`) -> XACK
-             once the terminal payload is stored.
+             comes; at its end decide in Redis whether a cancel came first, in the step that
+             stores its last events and acknowledges its entry (`status.redis.APPEND_END`; a job
+             whose attempt the worker did not begin: `queue.END`, then XACK once the terminal
+             payload is stored).
 
 Short jobs are pipelined. Each job taken is handled in a task of its own (`Holding`). Once the
 running job's prompt is in ComfyUI's queue, the loop takes one more job without waiting for one
@@ -67,7 +71,7 @@ from .affinity import Affinity
 from .healing import Healing
 from .heartbeat import HEARTBEAT_TTL, Heartbeat
 from .needs import needs_of_spec
-from .queue import CANCELLED, END, EXPIRED, TRIM, cancelled_by_request
+from .queue import CANCELLED, END, EXPIRED, TAKE_FUNCTION, TRIM, cancelled_by_request
 from .watch import Watch, state_of
 from .wire import GROUP, PRIORITIES, decode_spec, encode_spec, stream
 
@@ -80,41 +84,38 @@ FORGET_EVERY = 60.0  # seconds between a consumer's looks for consumers gone for
 FORGET_AFTER = 3600.0  # seconds a consumer holding nothing may be silent before it is forgotten
 IDLE_WAIT = 30.0  # longest wait for our ComfyUI to be idle before taking a job
 RESTART_FIRST = 0.1  # seconds before a stopped consumer starts again (doubling up to BACKOFF_MAX)
-# A queued submission taken in one step: its run claim (SET NX), whether a cancel of it was
-# acknowledged, and, if not, the task's next attempt begun as `status.redis.BEGIN` begins one
-# (the owner's mark named as `keys.alive` names it). -> -1: not ours; 0: ours, cancelled; n: attempt n
-_TAKE_FUNCTION = """
-local function take(claim, cancel, attempts, consumer, ttl, alive_ttl)
-  if not redis.call('SET', claim, consumer, 'NX', 'EX', ttl) then return -1 end
-  if redis.call('EXISTS', cancel) == 1 then return 0 end
-  local number = redis.call('INCR', attempts)
-  redis.call('EXPIRE', attempts, ttl)
-  redis.call('SET', attempts .. ':' .. number .. ':alive', '1', 'EX', alive_ttl)
-  return number
-end
-"""
-TAKE = _TAKE_FUNCTION + "return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
-# The next queued entry for consumer ARGV[2] of group ARGV[1]: XREADGROUP of the streams KEYS[i]
-# for i in ARGV[15..], in that order, until one hands an entry out -> {i, entry id, fields, took,
-# more} (more: 1 when its stream holds an entry after it, one a worker may queue behind it).
+# A queued submission taken in one step (`queue.TAKE_FUNCTION`).
+TAKE = TAKE_FUNCTION + "return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
+# The next queued entry for consumer ARGV[2] of group ARGV[1]: first a job given to it (its
+# given stream KEYS[#KEYS - 1] holds an entry after ARGV[15]: `queue.ENQUEUE` gave it) -> {-1, its
+# id, its fields}; else XREADGROUP of the streams KEYS[i] for i in ARGV[18..], in that order,
+# until one hands an entry out -> {i, entry id, fields, took, more} (more: 1 when its stream
+# holds an entry after it, one a worker may queue behind it).
 # With ARGV[3] = "1" (no other worker it could be placed with), or "?" and no worker but ARGV[2]
-# has beaten since ARGV[14] (the heartbeats' sorted set KEYS[#KEYS]: `Affinity.place` would keep
-# it), the entry is taken as it is read, as `TAKE` takes it: took is TAKE's answer (-1 not ours,
-# 0 cancelled, n attempt n begun; ARGV[4] the keys' TTL, ARGV[5] the owner mark's), its keys named
-# from the task id and entry id with the parts of `keys`' names around them (ARGV[6..8] the run
-# claim's, [9..11] the cancel's, [12..13] the attempt counter's); else, or for a task id outside
-# the rule of task ids, took is -2 (not asked). None handed out: {0, each stream's last delivered
-# id ("0-0": no group), the newest `fleet:handoffs` entry's id (KEYS[#KEYS - 1]; "0-0": none)},
-# where the blocking wait starts from.
+# has beaten since ARGV[14] (the heartbeats' sorted set KEYS[#KEYS - 2]: `Affinity.place` would
+# keep it), the entry is taken as it is read, as `TAKE` takes it: took is TAKE's answer (-1 not
+# ours, 0 cancelled, n attempt n begun; ARGV[4] the keys' TTL, ARGV[5] the owner mark's), its keys
+# named from the task id and entry id with the parts of `keys`' names around them (ARGV[6..8] the
+# run claim's, [9..11] the cancel's, [12..13] the attempt counter's); else, or for a task id
+# outside the rule of task ids, took is -2 (not asked). None handed out: {0, each stream's last
+# delivered id ("0-0": no group), the newest `fleet:handoffs` entry's id (KEYS[#KEYS - 3]; "0-0":
+# none)}, where the blocking wait starts from; with ARGV[16] = "1" the consumer is marked idle
+# in its lane (KEYS[#KEYS], for ARGV[17] ms: its blocking read's length) for a gateway's enqueue
+# to give it the next job. Any call first removes that mark when it is the consumer's own: it
+# holds a job from now on, or marks itself again.
 _NEXT_BODY = """
-local handoffs = #KEYS - 1
+local streams = #KEYS - 4
+local handoffs, workers, given, idle = streams + 1, streams + 2, streams + 3, streams + 4
+if redis.call('GET', KEYS[idle]) == ARGV[2] then redis.call('DEL', KEYS[idle]) end
+local gift = redis.call('XRANGE', KEYS[given], '(' .. ARGV[15], '+', 'COUNT', 1)
+if #gift > 0 then return {-1, gift[1][1], gift[1][2]} end
 local function alone()
-  for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[#KEYS], ARGV[14], '+inf')) do
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[workers], ARGV[14], '+inf')) do
     if name ~= ARGV[2] then return false end
   end
   return true
 end
-for i = 15, #ARGV do
+for i = 18, #ARGV do
   local stream = KEYS[tonumber(ARGV[i])]
   local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
   if got then
@@ -124,8 +125,7 @@ for i = 15, #ARGV do
     for j = 1, #fields, 2 do
       if fields[j] == 'task_id' then task = fields[j + 1] end
     end
-    if task and #task <= 128 and not string.find(task, '[^%w%._%-]') and task ~= '.' and task ~= '..'
-        and (ARGV[3] == '1' or (ARGV[3] == '?' and alone())) then
+    if takeable(task) and (ARGV[3] == '1' or (ARGV[3] == '?' and alone())) then
       took = take(ARGV[6] .. task .. ARGV[7] .. id .. ARGV[8], ARGV[9] .. task .. ARGV[10] .. id .. ARGV[11],
                   ARGV[12] .. task .. ARGV[13], ARGV[2], ARGV[4], ARGV[5])
     end
@@ -134,7 +134,7 @@ for i = 15, #ARGV do
   end
 end
 local since = {}
-for i = 1, handoffs - 1 do
+for i = 1, streams do
   since[i] = '0-0'
   for _, fields in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
     local group = {}
@@ -143,9 +143,13 @@ for i = 1, handoffs - 1 do
   end
 end
 local newest = redis.call('XREVRANGE', KEYS[handoffs], '+', '-', 'COUNT', 1)
+if ARGV[16] == '1' then redis.call('SET', KEYS[idle], ARGV[2], 'PX', ARGV[17]) end
 return {0, since, #newest > 0 and newest[1][1] or '0-0'}
 """
-NEXT = _TAKE_FUNCTION + _NEXT_BODY
+NEXT = TAKE_FUNCTION + _NEXT_BODY
+# Remove a consumer's idle mark (KEYS[1]) when it is still its own (ARGV[1]).
+UNMARK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+IDLE_MARGIN_MS = 250  # an idle mark outlives the blocking read it was made for by this much
 _T = "\x00"  # a task id or entry id never holds it: it splits key names into the parts around them
 STAGED_IN_THREAD = 1 << 20  # staged inputs from this size on are put back in a worker thread
 HANDED_BACK_IDLE_MS = 86_400_000  # a handed-back entry's idle time: past any REDIS_CLAIM_IDLE
@@ -222,6 +226,11 @@ class Consumer:
         self.affinity: Affinity | None = None  # set with the heartbeat: jobs go where their models are
         self.healing: Healing | None = None  # the memory check between jobs (`serverless.fleet.healing`)
         self.waiting = False  # in the blocking read for news, holding no job
+        self.lane = settings.scheduling.worker_lane
+        self._given_seen = "0-0"  # the last entry of our `fleet:given:<name>` stream read (`_groups`)
+        self._idle_marked = False  # our last `NEXT` marked us idle (`keys.idle_worker`)
+        self._unmark = client.register_script(UNMARK)
+        self._acknowledged: dict[str, str | None] = {}  # entry -> newest hand-off id, acknowledged with its end
 
     def health(self) -> dict[str, Any]:
         """The consumer's part of the health answer."""
@@ -291,6 +300,8 @@ class Consumer:
                 holding.task.cancel()
             raise
         finally:
+            if not self.jobs.accepting:
+                await self._give_back_given()
             await self._let_held_end()
 
     async def _take_when_free(self) -> None:
@@ -299,7 +310,11 @@ class Consumer:
         if not self._idle_known and not await self._comfyui_idle():
             return
         self._idle_known = True
-        taken = await self._claim_when_due() or await self._handed() or await self._next()
+        taken = await self._claim_when_due() or await self._handed()
+        if taken is not None:
+            await self._not_idle()
+        else:
+            taken = await self._next()
         if taken is not None:
             self._hold(taken)
 
@@ -391,10 +406,15 @@ class Consumer:
 
     async def _groups(self) -> None:
         """The consumer group on every queue stream (from the start: jobs queued before the first
-        worker came are taken too)."""
+        worker came are taken too). Jobs given to an earlier life of this name (`fleet:given:`)
+        are not read as given: they are pending entries of ours, claimed as a dead worker's are."""
         delay = 0.1
         while True:
             try:
+                if self._given_seen == "0-0":
+                    newest: Any = await self.client.xrevrange(keys.given(self.name), count=1)
+                    if newest:
+                        self._given_seen = newest[0][0].decode()
                 for name in self.streams:
                     try:
                         await self.client.xgroup_create(name, GROUP, id="0", mkstream=True)
@@ -466,8 +486,18 @@ class Consumer:
         status = self.status
         names = [*keys.run_claim(_T, _T).split(_T), *keys.queue_cancel(_T, _T).split(_T), *keys.attempts(_T).split(_T)]
         beaten_since = int(time.time() * 1000) - HEARTBEAT_TTL * 1000
-        args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, beaten_since, *asked]
-        answer: Any = await self._next_script(keys=[*self.streams, keys.HANDOFFS, keys.WORKERS], args=args)
+        # Free and about to wait: marked idle, for as long as the wait lasts, so that the next job
+        # queued is given to it in the round trip that queues it (`queue.ENQUEUE`).
+        idle = "1" if wait and self.jobs.accepting else ""
+        idle_ms = int(self._block() * 1000) + IDLE_MARGIN_MS
+        args: list[Any] = [GROUP, self.name, take, status.ttl, status.alive_ttl, *names, beaten_since]
+        args += [self._given_seen, idle, idle_ms, *asked]
+        lane_keys = [keys.HANDOFFS, keys.WORKERS, keys.given(self.name), keys.idle_worker(self.lane)]
+        answer: Any = await self._next_script(keys=[*self.streams, *lane_keys], args=args)
+        self._idle_marked = bool(idle) and not int(answer[0])
+        if int(answer[0]) == -1:  # a job given to us as it was queued, not read yet
+            self._more_queued = False
+            return await self._given(answer[1], answer[2])
         self._more_queued = bool(int(answer[0])) and bool(int(answer[4]))
         if int(answer[0]):
             name = self.streams[int(answer[0]) - 1]
@@ -480,7 +510,7 @@ class Consumer:
             return taken if taken is None or await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         if wait:
-            await self._wait_for_news(answer[1], answer[2])
+            return await self._wait_for_news(answer[1], answer[2])
         return None
 
     async def _reading_order(self) -> list[str]:
@@ -565,25 +595,31 @@ class Consumer:
         self.dead_letters += 1
         self.jobs.metrics.queue_dead_letters.inc()
 
-    async def _wait_for_news(self, delivered: list[bytes], newest: bytes) -> None:
-        """Block until an entry no consumer has been given arrives in any stream, or a job is
-        handed back (`fleet:handoffs`: then it is claimed next): XREAD from each group's last
-        `delivered` id (as `NEXT` found none to hand out) wakes at once if one arrived since;
+    def _block(self) -> float:
+        """Seconds the blocking read for news lasts (a worker with affinity looks for overdue
+        hand-offs often)."""
+        return BLOCK_SECONDS if self.affinity is None else self.affinity.look_every(BLOCK_SECONDS)
+
+    async def _wait_for_news(self, delivered: list[bytes], newest: bytes) -> Taken | None:
+        """Block until an entry no consumer has been given arrives in any stream, a job is
+        handed back (`fleet:handoffs`: then it is claimed next), or a job is given to this worker
+        as it is queued (`fleet:given:<name>`: returned, taken already): XREAD from each group's
+        last `delivered` id (as `NEXT` found none to hand out) wakes at once if one arrived since;
         `newest` is the newest hand-off then."""
         since: dict[Any, Any] = dict(zip(self.streams, delivered, strict=True))
         if self._handoffs_seen is not None and newest != self._handoffs_seen:
             self._next_claim = 0.0  # handed back since our last look: claim it now
         self._handoffs_seen = newest
         since[keys.HANDOFFS] = newest
-        block = BLOCK_SECONDS
+        given = keys.given(self.name)
+        since[given] = self._given_seen
         if self.affinity is not None:  # a job handed here wakes it; overdue ones are looked for often
             since.update(self.affinity.wake_streams())
-            block = self.affinity.look_every(block)
         if not self.jobs.accepting:
-            return  # draining: no job is taken any more, so none is waited for
+            return None  # draining: no job is taken any more, so none is waited for
         self.waiting = True  # idle in the blocking read: a drain may cut it (nothing to hand back)
         try:
-            answer: Any = await self.client.xread(since, count=1, block=int(block * 1000))
+            answer: Any = await self.client.xread(since, count=1, block=int(self._block() * 1000))
         finally:
             self.waiting = False
         if self.affinity is not None and self.affinity.woke(answer):
@@ -591,6 +627,7 @@ class Consumer:
         # Only the queue streams with news are asked next (the others had nothing new; what comes
         # there since ends the next wait at once); none: all of them.
         news = set()
+        gift = None
         for stream_name, entries in answer or []:
             named = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
             if named == keys.HANDOFFS:
@@ -598,7 +635,47 @@ class Consumer:
                 self._next_claim = 0.0
             elif named in self.streams:
                 news.add(named)
+            elif named == given and entries:
+                gift = entries[0]
         self._news = news or None
+        if gift is None:
+            return None
+        self._idle_marked = False  # the gateway that gave it removed the mark
+        return await self._given(gift[0], gift[1])
+
+    async def _given(self, entry: bytes | str, note: Any) -> Taken | None:
+        """A job a gateway gave to this worker as it queued it (`queue.ENQUEUE`): the queue entry
+        read and taken for us (`took`, as `NEXT` takes one), or None when it cannot be read."""
+        self._given_seen = entry.decode() if isinstance(entry, bytes) else entry
+        fields = dict(zip(note[::2], note[1::2], strict=True)) if isinstance(note, list) else dict(note)
+        name, queued, took = fields.pop(b"stream").decode(), fields.pop(b"entry"), int(fields.pop(b"took"))
+        self._waiting_since.pop(name, None)
+        taken = await self._read(name, queued, fields, reclaimed=False, begun=max(took, 0))
+        if taken is not None and took > -2:
+            return replace(taken, took=took)
+        return taken
+
+    async def _give_back_given(self) -> None:
+        """Draining: our idle mark removed, and a job a gateway gave us that we have not read (given
+        as the drain began) handed back to the queue at once, for another worker (`_hand_back`)."""
+        try:
+            await self._unmark(keys=[keys.idle_worker(self.lane)], args=[self.name])
+            while True:
+                found: Any = await self.client.xrange(keys.given(self.name), f"({self._given_seen}", "+", count=1)
+                taken = await self._given(*found[0]) if found else None
+                if not found:
+                    return
+                if taken is not None:
+                    await self._hand_back(taken)
+        except DOWN as exc:  # its entry stays ours: claimed once this worker is gone, as a dead one's
+            log.warning("consumer %s: a job given to it was not handed back (%s)", self.name, exc)
+
+    async def _not_idle(self) -> None:
+        """Remove our idle mark (a job came otherwise than from `NEXT`): no job is given to a
+        busy worker."""
+        if self._idle_marked:
+            self._idle_marked = False
+            await self._unmark(keys=[keys.idle_worker(self.lane)], args=[self.name])
 
     # -- running -----------------------------------------------------------------------------
 
@@ -716,6 +793,8 @@ class Consumer:
         # Before the run's first step (`start` returns the job without yielding once its task is
         # made): the job's end asks Redis whether a cancel came first.
         job.settle = watch.settler()
+        if begun:  # the attempt its log is: the end is decided as its last events are stored
+            job.settle_recorded = watch.settler_recorded(self.status, RedisAttempt(taken.task_id, begun), job.feed)
         job.on_queued = queued
         job.may_hand_off = not dead  # a retry is not given back again: at most two runs
         if dead:  # its owner is gone: readers of that attempt are told at once (the new one is begun)
@@ -733,6 +812,8 @@ class Consumer:
                 self.heartbeat.ran(await needs_of_spec(taken.spec.workflow, taken.spec.big))
         if job.clock.started is not None and job.clock.ended is not None:
             self._last_run = job.clock.ended - job.clock.started
+        if watch.acknowledged:  # its entry acknowledged with its last events: `_ack` has less to do
+            self._acknowledged[taken.entry] = watch.newest_handoff
         if job.handed_off:
             await job.terminal_recorded()  # its log ends with `retrying` before another worker begins
             await self._hand_back(taken)
@@ -824,11 +905,19 @@ class Consumer:
         await self.status.append_terminal(taken.task_id, number, error)
 
     async def _ack(self, taken: Taken) -> None:
-        """XACK, retried until Redis answers: an unacknowledged job would run again; then, at
-        most every TRIM_EVERY seconds, the entries every worker is done with are removed."""
+        """XACK, retried until Redis answers: an unacknowledged job would run again (not for one
+        acknowledged with its last events: `APPEND_END`); then, at most every TRIM_EVERY seconds,
+        the entries every worker is done with are removed."""
+        acknowledged = taken.entry in self._acknowledged
+        newest = self._acknowledged.pop(taken.entry, None)
+        if acknowledged and self.affinity is not None and self.affinity.handed_since([(newest, {})] if newest else []):
+            self._look_handed = True
         delay = 0.1
         while True:
             try:
+                if acknowledged and taken.inputs is None:  # with its last events (`APPEND_END`)
+                    await self._trim_when_due()
+                    return
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.xack(taken.stream, GROUP, taken.entry)
                     if taken.inputs is not None:  # its staged inputs go with it

@@ -64,6 +64,11 @@ class Event:
         return self.body if isinstance(self.body, bytes) else self.body.encode()
 
 
+def terminal_body(outcome: Outcome) -> bytes:
+    """The terminal payload of an outcome, as a feed publishes it."""
+    return jsontext.dumps(outcome.payload if isinstance(outcome, Result) else outcome.to_payload())
+
+
 class ReaderTooSlow(Exception):
     """A reader fell so far behind that the events it needs are no longer kept."""
 
@@ -90,6 +95,10 @@ class Feed:
         self.terminal: Event | None = None
         self._preview: Event | None = None
         self.previews_shown = 0
+        # The seq through which a status log holds the events (its recorder's, or a write of the
+        # job's last events with its end: `Job.settle_recorded`); the recorder skips what it holds.
+        self.recorded = first_seq - 1
+        self._sealed = False  # the job's last events are being stored: nothing else is published
 
     @property
     def last_seq(self) -> int:
@@ -105,12 +114,31 @@ class Feed:
         when the job has already published `max_bytes` (its events are then dropped, so that no
         job holds unbounded memory and disk, e.g. a workflow of thousands of nodes whose
         `progress_state` messages grow with their number); the terminal event is always kept."""
-        return self._within_budget(len(text)) and self._append(Event(self._next_seq, text))
+        return not self._sealed and self._within_budget(len(text)) and self._append(Event(self._next_seq, text))
 
     def publish_payload(self, payload: dict[str, Any]) -> bool:
         """Append one of our own payloads (e.g. `serverless_progress`), within the same budget."""
+        if self._sealed:
+            return False
         body = jsontext.dumps(payload)
         return self._within_budget(len(body)) and self._append(Event(self._next_seq, body))
+
+    def seal(self) -> None:
+        """Publish nothing more but `publish_encoded` and `finish`: the job's last events, made
+        beforehand with the seqs they take, are being stored (`Job.settle_recorded`)."""
+        self._sealed = True
+
+    def publish_encoded(self, body: bytes) -> bool:
+        """Append one of our own payloads encoded already (one of the job's last events)."""
+        return self._within_budget(len(body)) and self._append(Event(self._next_seq, body))
+
+    def events_after(self, seq: int) -> list[Event] | None:
+        """The events published after `seq`, None when some of them are no longer kept."""
+        if seq >= self.last_seq:
+            return []
+        if not self._events or self._events[0].seq > seq + 1:
+            return None
+        return list(self._events)[seq + 1 - self._events[0].seq :]
 
     def show(self, payload: dict[str, Any]) -> None:
         """Show a preview: it replaces the one shown before (see the module docstring). Nothing
@@ -128,13 +156,12 @@ class Feed:
         self.published_bytes += size
         return True
 
-    def finish(self, outcome: Outcome) -> Event:
-        """Append the terminal payload (once; later events are ignored) and return it."""
+    def finish(self, outcome: Outcome, body: bytes | None = None) -> Event:
+        """Append the terminal payload (once; later events are ignored) and return it; `body`:
+        the payload encoded already (`terminal_body`)."""
         if self.terminal is None:
-            if isinstance(outcome, Result):
-                self._append(Event(self._next_seq, jsontext.dumps(outcome.payload), True))
-            else:
-                self._append(Event(self._next_seq, jsontext.dumps(outcome.to_payload()), True, outcome))
+            body = terminal_body(outcome) if body is None else body
+            self._append(Event(self._next_seq, body, True, None if isinstance(outcome, Result) else outcome))
         assert self.terminal is not None
         return self.terminal
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..comfyui.client import ComfyUI
+from ..core import jsontext
 from ..core.credentials import Credentials
 from ..core.jsontext import Spliced
 from ..core.messages import Message
@@ -40,7 +41,7 @@ from ..errors import (
     as_serverless_error,
 )
 from .estimates import Estimates
-from .feed import Event, Feed, HandedOff, Outcome, Result
+from .feed import Event, Feed, HandedOff, Outcome, Result, terminal_body
 from .previews import Preview, PreviewThrottle, preview_payload
 from .progress import Progress, State, workflow_nodes
 from .spec import JobSpec, OutputPolicy
@@ -56,6 +57,11 @@ Workflow = dict[str, Any]
 # Asked at the job's end, before its terminal payload, when a cancel may have been acknowledged
 # elsewhere (a fleet worker's queue): the error a cancel that came first ends it with, else None.
 Settle = Callable[[Outcome], Awaitable[ServerlessError | None]]
+# The same decision taken in the step that stores the job's last events (a fleet worker's status
+# log: one round trip at the job's end, not two): given the outcome and the events that end the
+# job with it (`Closing.events`), True when they are stored (it ends so), the error a cancel that
+# came first ends it with (nothing stored), or False when it cannot (`Settle` is asked instead).
+SettleRecorded = Callable[[Outcome, list[Event]], Awaitable[ServerlessError | bool]]
 # A key's turn to run: entered with its owner id and `concurrency=` (`tenants.limits.KeyGates.slot`).
 Gate = Callable[[str | None, int], contextlib.AbstractAsyncContextManager[None]]
 InputResolver = Callable[[Workflow, Credentials | None], Awaitable[Workflow]]
@@ -172,6 +178,7 @@ class Job:
         self.known: asyncio.Event | None = None
         # Set by a fleet worker as soon as `Jobs.start` returns (before the run's first step).
         self.settle: Settle | None = None
+        self.settle_recorded: SettleRecorded | None = None  # set with `settle` when the worker can
         # Set by a fleet worker when another worker may run the job again (this run is not a
         # retry): a drain that runs out of time, or a ComfyUI that dies under the job, then gives
         # it back to the queue (`HandedOff`) rather than ending it, unless it made outputs already.
@@ -334,11 +341,33 @@ class Job:
                 raise
         if self.settle is not None and self._stop is None and not isinstance(outcome, HandedOff):
             try:
+                if await self._settled_and_stored(outcome):
+                    return
                 self._stop = self._stop or await self.settle(outcome)
             except asyncio.CancelledError:
                 self._finish(self._stop or ExecutionInterrupted("the job was cancelled before it ended"))
                 raise
         self._finish(outcome)
+
+    async def _settled_and_stored(self, outcome: Outcome) -> bool:
+        """Decide the job's end and store its last events in one step (`settle_recorded`): True
+        when they are stored and published; else the job ends as `_finish` ends it (a cancel that
+        came first is `_stop` then)."""
+        if self.settle_recorded is None or self.settle is None:
+            return False
+        sent = self._progress_sent
+        closing = self._closing(outcome)
+        self.feed.seal()  # their seqs are taken: nothing else is published meanwhile
+        answer = await self.settle_recorded(outcome, closing.events(self.feed.last_seq + 1))
+        if answer is not True:
+            # A cancel came first (nothing stored), or the step could not be taken: decided
+            # alone (`settle`), then stored as any event is.
+            self._stop = answer if isinstance(answer, ServerlessError) else await self.settle(outcome)
+        if self._stop is not None:  # it ends as the cancel says: its last events made anew
+            self._progress_sent = sent
+            closing = self._closing(outcome)
+        self._publish(closing)
+        return True
 
     def _admitted(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Its key's turn (the deadline counts from then on: waiting behind its own is not running)."""
@@ -352,9 +381,30 @@ class Job:
             queued()
 
     def _finish(self, outcome: Outcome) -> None:
+        self._publish(self._closing(outcome))
+
+    def _closing(self, outcome: Outcome) -> Closing:
+        """The job's end, as its last events will publish it (its final progress, its terminal
+        payload); the job's parts stop (models released, timers and previews closed)."""
         self._queued()
         outcome = self._decided(outcome)
-        self._release_models()
+        release, self._release_models = self._release_models, _nothing
+        release()
+        if self._progress_due is not None:
+            self._progress_due.cancel()
+            self._progress_due = None
+        if self._previews is not None:
+            self._previews.close()
+        if isinstance(outcome, HandedOff):  # not an end: no final state (its log says `retrying` instead)
+            return Closing(outcome, None, terminal_body(outcome))
+        self.progress.end(_state_of(outcome), time.monotonic())
+        if isinstance(outcome, Result):
+            self._learn()
+        progress = self._progress_payload()
+        return Closing(outcome, None if progress is None else jsontext.dumps(progress), terminal_body(outcome))
+
+    def _publish(self, closing: Closing) -> None:
+        outcome = closing.outcome
         log.info(
             "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
             self.task_id,
@@ -366,18 +416,9 @@ class Job:
             else "ok",
             time.monotonic() - self.clock.start,
         )
-        if self._progress_due is not None:
-            self._progress_due.cancel()
-        if self._previews is not None:
-            self._previews.close()
-        if isinstance(outcome, HandedOff):  # not an end: no final state (its log says `retrying` instead)
-            self.feed.finish(outcome)
-            return
-        self.progress.end(_state_of(outcome), time.monotonic())
-        if isinstance(outcome, Result):
-            self._learn()
-        self._publish_progress()
-        self.feed.finish(outcome)
+        if closing.progress is not None:
+            self.feed.publish_encoded(closing.progress)
+        self.feed.finish(outcome, closing.terminal)
 
     def _learn(self) -> None:
         """A succeeded run teaches the next one's progress (`Estimates`)."""
@@ -409,6 +450,12 @@ class Job:
         place changes N times."""
         if not changed:
             return
+        payload = self._progress_payload()
+        if payload is not None:
+            self.feed.publish_payload(payload)
+
+    def _progress_payload(self) -> dict[str, Any] | None:
+        """The progress event `_publish_progress` publishes now (None: none now, perhaps one soon)."""
         now = time.monotonic()
         place = self._place()
         if self._progress_sent is not None:
@@ -417,9 +464,9 @@ class Job:
                 if place != last_place and self._progress_due is None:  # a new place is told late, not never
                     wait = last_time + PROGRESS_INTERVAL - now
                     self._progress_due = asyncio.get_running_loop().call_later(wait, self._publish_due)
-                return
+                return None
         self._progress_sent = (place, now)
-        self.feed.publish_payload(self.progress.payload(now, time.time()))
+        return self.progress.payload(now, time.time())
 
     def _progress_may_go(self, now: float) -> bool:
         """Whether a progress event of the same state could be published now (`_publish_progress`)."""
@@ -631,6 +678,23 @@ class Job:
                 await asyncio.shield(self.runtime.comfy.cancel(self.prompt_id))
         except (ServerlessError, TimeoutError):
             log.warning("could not cancel task_id=%s prompt_id=%s in ComfyUI", self.task_id, self.prompt_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """A job's last events, made before they are published (`Job._closing`): its outcome (as
+    decided), its final progress event (None: none due) and its terminal payload, encoded."""
+
+    outcome: Outcome
+    progress: bytes | None
+    terminal: bytes
+
+    def events(self, first_seq: int) -> list[Event]:
+        """The events, numbered from `first_seq` as the feed will number them."""
+        bodies = [] if self.progress is None else [self.progress]
+        error = self.outcome if isinstance(self.outcome, ServerlessError) else None
+        events = [Event(first_seq + index, body) for index, body in enumerate(bodies)]
+        return [*events, Event(first_seq + len(bodies), self.terminal, True, error)]
 
 
 def _check_travels(results: list[dict[str, Any]], limit: int) -> None:

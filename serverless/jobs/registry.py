@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..delivery.webhooks import Webhooks
@@ -146,10 +146,19 @@ class Jobs:
         known: asyncio.Event | None = None
         claimed: asyncio.Future[None] | None = None
         recorder: Coroutine[Any, Any, None] | None
-        if spec.native and begun is None:
-            # ComfyUI's API: its client waits for ComfyUI's messages more than for the answer,
-            # so the prompt goes to ComfyUI while its log is claimed; the answer waits for the
-            # claim (`start`), and so do its events (Job.known).
+        if spec.native and begun is None and not spec.named:
+            # A prompt of ComfyUI's API whose id was made here: nobody knows it before the answer
+            # names it, so its log is claimed with its first append (`record_new`), as a sync
+            # job's nobody named. Until then this instance answers for it from the job itself
+            # (`/history`, `/queue`, `/interrupt`, the task's summary, its events, a cancel):
+            # the answer and ComfyUI's messages wait for no thread's trip (milliseconds on a
+            # loaded machine), and one trip a prompt is saved.
+            attempt, recorder = None, self.status.record_new(task_id, feed, self._claimed_attempt(task_id))
+        elif spec.native and begun is None:
+            # ComfyUI's API, a prompt id its client chose (it may ask about it before the answer):
+            # its client waits for ComfyUI's messages more than for the answer, so the prompt goes
+            # to ComfyUI while its log is claimed; the answer waits for the claim (`start`), and
+            # so do its events (Job.known).
             attempt, known, claimed = None, asyncio.Event(), asyncio.get_running_loop().create_future()
             recorder = self._begin_and_record(spec, task_id, feed, known, claimed)
         elif spec.named or spec.mode == "async":
@@ -158,7 +167,7 @@ class Jobs:
             recorder = None if attempt is None else self.status.record(attempt, feed)
         elif not spec.observed:
             # No one knows this id before the answer: the log is claimed with its first append.
-            attempt, recorder = None, self.status.record_new(task_id, feed)
+            attempt, recorder = None, self.status.record_new(task_id, feed, self._claimed_attempt(task_id))
         else:
             # A stream's caller learns the id from its first event: the log is claimed beside
             # the run, off the caller's path, and the events wait for the claim (Job.known).
@@ -236,10 +245,19 @@ class Jobs:
             claimed.set_result(None)
         if attempt is None:
             return
-        found = self._index.get(task_id)
-        if found is not None and found[1] is None:
-            self._index[task_id] = (found[0], attempt)  # cancel requests beside it are watched
+        self._claimed_attempt(task_id)(attempt)
         await self.status.record(attempt, feed)
+
+    def _claimed_attempt(self, task_id: str) -> Callable[[Any], None]:
+        """What a recorder tells the attempt it claimed for a job started without one: cancel
+        requests left beside it by other instances are watched from then on."""
+
+        def claimed(attempt: Any) -> None:
+            found = self._index.get(task_id)
+            if found is not None and found[1] is None:
+                self._index[task_id] = (found[0], attempt)
+
+        return claimed
 
     async def _run(self, job: Job) -> None:
         """The job's run, counted until its end (cancelled included)."""

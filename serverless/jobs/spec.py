@@ -54,6 +54,9 @@ class JobSpec:
     # Queued through ComfyUI's own API (`serverless.comfyapi`): its ComfyUI prompt id is its task
     # id, and its filename prefixes are kept as written, as ComfyUI keeps them.
     native: bool = False
+    # The task id was made for its caller, who learns it from the answer (a prompt of ComfyUI's
+    # API sent without its own `prompt_id`): nobody may ask about the task before then.
+    id_made: bool = False
     # The models API's import, delete or pin (`serverless.models.tasks`): run where the models
     # live (a worker), no workflow; its result data is the task's answer.
     model_task: dict[str, Any] | None = None
@@ -61,7 +64,7 @@ class JobSpec:
     @property
     def named(self) -> bool:
         """True when the caller named the task, and so may poll its status log."""
-        return self.task_id is not None
+        return self.task_id is not None and not self.id_made
 
     @property
     def observed(self) -> bool:

@@ -4,12 +4,22 @@ Every line logged while a job is served carries its ids: `Jobs.start` binds the 
 ids to the current context (`bind_job`), which the job's own tasks inherit and the request that
 started it keeps; `JobFields`, a handler filter, copies them onto each record. The JSON line then
 has `task_id` and `prompt_id` fields, whatever the message says.
+
+A line costs the event loop a record and a queue put (`LineQueue`): a thread of its own formats
+it and writes it to stderr, a pipe whose reader (a log collector) may be slow or stall, which
+must not hold the loop. Lines keep their order, and the process writes what is queued before it
+exits. While stderr is not read, at most LINES_HELD lines wait; the ones past that are dropped,
+and the first line written after says how many.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import logging
+import logging.handlers
+import queue
 from contextvars import ContextVar
 from typing import Any
 
@@ -19,6 +29,7 @@ _job: ContextVar[tuple[str, str] | None] = ContextVar("serverless_job", default=
 # app is imported; they are sent through ours instead, so that every line has one format.
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LINES_HELD = 10_000  # log lines waiting for a stderr that is not read (a few MB at most)
 
 
 def bind_job(task_id: str, prompt_id: str) -> None:
@@ -52,6 +63,8 @@ class JsonFormatter(logging.Formatter):
             entry["prompt_id"] = getattr(record, "prompt_id", None)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted where it was logged (`LineQueue`)
+            entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -68,12 +81,64 @@ class WebsocketAccessLines(logging.Filter):
         return not (record.levelno == logging.INFO and record.msg in self.LINES)
 
 
+class LineQueue(logging.handlers.QueueHandler):
+    """Hands each record to the writer thread (`configure_logging`), with what may change after
+    the call made text at once (the message's arguments, a traceback); the rest of the formatting
+    (time, level, JSON) is the writer's. A full queue drops the record and counts it."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(lines)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:  # called under the handler's lock
+        try:
+            if self.dropped:
+                self.queue.put_nowait(self._dropped_note())
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _dropped_note(self) -> logging.LogRecord:
+        note = logging.makeLogRecord(
+            {
+                "name": __name__,
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": f"{self.dropped} log line(s) were dropped: stderr was not read",
+            }
+        )
+        note.task_id = note.prompt_id = None
+        return note
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        message = record.getMessage()
+        record = copy.copy(record)  # another handler (a test's) may still read the original
+        record.msg, record.args = message, None
+        if record.exc_info:
+            record.exc_text = record.exc_text or _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS = logging.Formatter()
+_writer: logging.handlers.QueueListener | None = None
+
+
 def configure_logging(level: str, log_format: str, access_log: bool = True) -> None:
-    """Every log line, uvicorn's included, at `level` in `log_format` ("text" or "json"); without
-    `access_log`, no line per websocket connection either."""
-    handler = logging.StreamHandler()
-    handler.addFilter(JobFields())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    """Every log line, uvicorn's included, at `level` in `log_format` ("text" or "json"), written
+    by a thread of its own (see the module docstring); without `access_log`, no line per websocket
+    connection either."""
+    global _writer
+    if _writer is not None:  # configured again: the lines queued so far are written first
+        _writer.stop()
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(LINES_HELD)
+    handler = LineQueue(lines)
+    handler.addFilter(JobFields())  # in the logging task's context, where its job is bound
+    _writer = logging.handlers.QueueListener(lines, stderr)
+    _writer.start()
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)  # a Python warning is a log line too, not raw text on stderr
     for name in UVICORN_LOGGERS:
@@ -85,3 +150,20 @@ def configure_logging(level: str, log_format: str, access_log: bool = True) -> N
         websocket_lines.removeFilter(installed)
     if not access_log:
         websocket_lines.addFilter(WebsocketAccessLines())
+
+
+@atexit.register
+def _write_the_rest() -> None:
+    """At exit (after uvicorn's shutdown, or a start-up failure), the lines still queued; a line
+    logged later still (a thread ending) is written at once."""
+    global _writer
+    if _writer is None:
+        return
+    _writer.stop()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, LineQueue)]:
+        root.removeHandler(handler)
+        for target in _writer.handlers:
+            target.addFilter(JobFields())
+            root.addHandler(target)
+    _writer = None

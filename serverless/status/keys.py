@@ -28,6 +28,12 @@ Queue (`serverless.fleet`):
     fleet:worker:<name>       a worker's heartbeat (JSON: lane, nodes, model files, resident models,
                               VRAM, busy), expiring HEARTBEAT_TTL after its last
     fleet:handoff:<name>      a stream (MAXLEN 1) that wakes a worker handed a job (affinity)
+    fleet:idle:<lane>         the name of a worker of that lane idle in its blocking read, the
+                              only live worker (expires with that read): a gateway's enqueue
+                              gives it the job it queues (`queue.ENQUEUE`)
+    fleet:given:<name>        a stream (capped): the jobs given to that worker as they were queued,
+                              taken for it (each entry: the queue entry's stream, id, fields and
+                              its take's answer); wakes its blocking read with the job itself
     job:<id>                  "<stream> <entry id> <ordinal>" of the task's newest submission
     idem:<key>                "<task_id> <fingerprint>" of the first request with that key
     run:<id>:<entry>          who took that submission: a worker's name, or "cancelled" (SET NX)
@@ -141,6 +147,14 @@ def worker(name: str) -> str:
 
 def handoff(name: str) -> str:
     return f"fleet:handoff:{name}"
+
+
+def idle_worker(lane: str) -> str:
+    return f"fleet:idle:{lane}"
+
+
+def given(name: str) -> str:
+    return f"fleet:given:{name}"
 
 
 def submission(task_id: str) -> str:

@@ -65,6 +65,7 @@ class Unclaimed:
     """A task whose attempt is claimed with its first append (`StatusLog.record_new`)."""
 
     task_id: str
+    claimed: Callable[[Attempt], None] | None = None  # told the attempt once it is claimed
 
 
 class StatusLog:
@@ -153,13 +154,14 @@ class StatusLog:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def record_new(self, task_id: str, feed: Feed) -> None:
+    async def record_new(self, task_id: str, feed: Feed, claimed: Callable[[Attempt], None] | None = None) -> None:
         """`record` for a task nobody can ask about yet: its attempt is claimed, written and
         published with its first append, in one trip to a worker thread (a job shorter than
-        BATCH_INTERVAL costs one). Its terminal payload is written ANSWER_FIRST seconds after
-        the job's end: only the answer names the task, and it goes first."""
+        BATCH_INTERVAL costs one), then told to `claimed`. Its terminal payload is written
+        ANSWER_FIRST seconds after the job's end: its caller's next request goes first (a sync
+        job's answer, which alone names the task; a ComfyUI client's `/history` and `/view`)."""
         self.path(task_id)
-        await self.record(Unclaimed(task_id), feed)
+        await self.record(Unclaimed(task_id, claimed), feed)
 
     async def record(self, attempt: Attempt | Unclaimed, feed: Feed) -> None:
         """Append every event of `feed` to the attempt's file until its terminal payload, at most
@@ -217,7 +219,10 @@ class StatusLog:
             with self._translated(attempt.task_id):
                 number, links = await self._run(self._claim, attempt.task_id, lines, lock)
             self._note_links(attempt.task_id, links)
+            claimed = attempt.claimed
             attempt = Attempt(attempt.task_id, number, files.attempt_path(self.directory, attempt.task_id, number))
+            if claimed is not None:
+                claimed(attempt)
         else:
             await self._run(files.append, attempt.path, lines, lock)
             if not self._links:

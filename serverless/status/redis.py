@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +94,8 @@ return number
 # and kind ("0", "1": terminal, "r": terminal kept whole apart). An event stored before (its seq
 # not above the stream's last: a retried write whose answer was lost) is skipped; the first write
 # refused (past maxmemory) refuses the batch before anything is stored.
-APPEND = """
-for i = 12, #ARGV, 3 do
+_APPEND_BODY = """
+for i = first, #ARGV, 3 do
   local kind = ARGV[i + 2]
   local added
   if kind == 'r' then
@@ -113,7 +113,7 @@ if ARGV[4] ~= '' then
 end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[6], ARGV[7], 'EX', ARGV[8]) end
 if ARGV[9] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then
-  for k = 7, #KEYS do
+  for k = lists, #KEYS do
     redis.call('ZADD', KEYS[k], 'NX', ARGV[10], ARGV[9])
     redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', ARGV[11])
     redis.call('EXPIRE', KEYS[k], ARGV[1])
@@ -125,6 +125,35 @@ end
 if ARGV[3] ~= '' then redis.call('SET', KEYS[4], '1', 'EX', ARGV[3]) end
 return 1
 """
+APPEND = "local lists, first = 7, 12\n" + _APPEND_BODY
+# `APPEND` with a fleet worker's end of a queue submission decided in the same step, as
+# `fleet.queue.END` decides it: KEYS[7] its `cancel:` stream, KEYS[8] its `ended:` stream, KEYS[9]
+# the queue stream it is entry ARGV[15] of (group ARGV[14]), KEYS[10] the worker's hand-off stream
+# (the task lists from KEYS[11]), ARGV[12] how it ends, ARGV[13] the `ended:` stream's TTL, the
+# events from ARGV[16]. -> 0, nothing stored, when a cancel was acknowledged first (it then ends
+# cancelled, as `ended:` says); else the events are stored, the entry acknowledged (its terminal
+# payload stored: `XACK`, as the worker's `_ack` would) -> {1, the newest hand-off's id or ""}.
+APPEND_END = (
+    """
+local state = ARGV[12]
+local cancelled = redis.call('EXISTS', KEYS[7]) == 1
+if cancelled then state = 'cancelled' end
+redis.call('XADD', KEYS[8], 'MAXLEN', '1', '*', 'state', state)
+redis.call('EXPIRE', KEYS[8], ARGV[13])
+if cancelled then return 0 end
+local lists, first = 11, 16
+local function append()
+"""
+    + _APPEND_BODY
+    + """
+end
+local refused = append()
+if type(refused) == 'table' and refused.err then return refused end
+redis.call('XACK', KEYS[9], ARGV[14], ARGV[15])
+local newest = redis.call('XREVRANGE', KEYS[10], '+', '-', 'COUNT', 1)
+return {1, #newest > 0 and newest[1][1] or ''}
+"""
+)
 
 
 class RedisFull(ConnectionError):
@@ -164,6 +193,24 @@ def translated() -> Iterator[None]:
         raise unavailable(exc) from exc
     except rexc.RedisError as exc:
         raise Unavailable(f"Redis refused the call ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(slots=True)
+class Ending:
+    """A fleet worker's end of a queue submission, decided with its last events (`APPEND_END`):
+    the submission's `cancel:` and `ended:` streams (`fleet.queue`), how it ends, the TTL, and the
+    entry acknowledged with them (its stream, group and id) and the worker's hand-off stream.
+    `newest_handoff`: that stream's newest entry id once they are stored ("": none)."""
+
+    cancel_key: str
+    ended_key: str
+    state: str
+    ttl: int
+    stream: str
+    group: str
+    entry: str
+    handoff_key: str
+    newest_handoff: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +257,8 @@ class RedisStatus:
         self._up: bool | None = None
         self._begin = client.register_script(BEGIN)
         self._append = client.register_script(APPEND)
-        self.watch = StreamWatch(client, BLOCK_SECONDS)
+        self._append_end = client.register_script(APPEND_END)
+        self.watch = StreamWatch(client, BLOCK_SECONDS, lambda task_id: keys.attempt(task_id, 1))
         self._last_down: BaseException | None = None
 
     # -- attempts ----------------------------------------------------------------------------
@@ -249,13 +297,15 @@ class RedisStatus:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def record_new(self, task_id: str, feed: Feed) -> None:
-        """`begin`, then `record` (a claim is one cheap round trip here)."""
+    async def record_new(self, task_id: str, feed: Feed, claimed: Callable[[RedisAttempt], None] | None = None) -> None:
+        """`begin` (told to `claimed`), then `record` (a claim is one cheap round trip here)."""
         try:
             attempt = await self.begin(task_id)
         except ServerlessError as exc:
             log.error("task_id=%s runs without a status log: %s", task_id, exc.message)
             return
+        if claimed is not None:
+            claimed(attempt)
         await self.record(attempt, feed)
 
     async def record(self, attempt: RedisAttempt, feed: Feed) -> None:
@@ -287,7 +337,11 @@ class RedisStatus:
                     # The expiries and the owner's mark with the first batch, the terminal one and
                     # once a heartbeat: the batches between carry their entries alone.
                     refresh = event.terminal or loop.time() >= refresh_at
-                    await self._until_written(attempt, pending, preview, refresh)
+                    pending = [each for each in pending if each.seq > feed.recorded]  # else stored with its end
+                    if pending or preview is not None:
+                        await self._until_written(attempt, pending, preview, refresh)
+                        if pending:
+                            feed.recorded = max(feed.recorded, pending[-1].seq)
                     written = loop.time()
                     if refresh:
                         refresh_at = loop.time() + heartbeat
@@ -325,10 +379,16 @@ class RedisStatus:
                 delay = min(delay * 2, BACKOFF_MAX)
 
     async def _write(
-        self, attempt: RedisAttempt, events: list[Event], preview: Event | None = None, refresh: bool = True
-    ) -> None:
+        self,
+        attempt: RedisAttempt,
+        events: list[Event],
+        preview: Event | None = None,
+        refresh: bool = True,
+        end: Ending | None = None,
+    ) -> bool | None:
         """Store `events` (and the newest `preview`) in one step (`APPEND`); with `refresh`, the
-        log's expiries (when there are events) and its owner's mark too."""
+        log's expiries (when there are events) and its owner's mark too; with `end`, only when
+        no cancel came first (`APPEND_END`: False, nothing stored). None: Redis refused them."""
         stored = [
             await self._stored(event, attempt) if event.terminal else (self.stored(event, attempt), None)
             for event in events
@@ -341,6 +401,8 @@ class RedisStatus:
         listed: tuple[list[str], str, int, int] | None = None
         if number == 1 and events and events[0].seq == 1:
             listed = self._listing_first(task_id, stored[0][0])
+        if end is not None:
+            names += [end.cancel_key, end.ended_key, end.stream, end.handoff_key]
         if listed is not None:
             names += listed[0]
         args: list[Any] = [
@@ -354,14 +416,50 @@ class RedisStatus:
             self.result_ttl,
             *(listed[1:] if listed is not None else ("", 0, 0)),
         ]
+        if end is not None:
+            args += [end.state, end.ttl, end.group, end.entry]
         for event, (data, kept) in zip(events, stored, strict=True):
             args += [event.seq, data, ("r" if kept is not None else "1") if event.terminal else "0"]
         try:
+            if end is not None:
+                answer: Any = await self._append_end(keys=names, args=args)
+                if not isinstance(answer, list):
+                    return False
+                newest = answer[1]
+                end.newest_handoff = newest.decode() if isinstance(newest, bytes) else str(newest)
+                return True
             await self._append(keys=names, args=args)
+            return True
         except rexc.OutOfMemoryError as exc:  # refused before anything was stored
             raise RedisFull(str(exc)) from exc  # kept and written again once Redis has room
         except rexc.ResponseError as exc:  # anything else is a bug: said, and not retried for ever
             log.error("task_id=%s: Redis refused its events: %s", task_id, exc)
+            return None
+
+    async def write_settled(self, attempt: RedisAttempt, feed: Feed, last: list[Event], end: Ending) -> bool | None:
+        """A fleet worker's end of a job in one step (`APPEND_END`): the job's `last` events (not
+        published yet, numbered after the feed's) stored with every event its recorder has not
+        stored yet, when no cancel of its queue submission came first (`end`). True: stored (the
+        recorder then skips them); False: a cancel came first, nothing stored; None: it cannot
+        be done so (the feed no longer keeps all the events the log lacks, or Redis refused
+        them). Retried while Redis is down, as the recorder retries."""
+        unstored = feed.events_after(feed.recorded)
+        if unstored is None:
+            return None
+        events = [*unstored, *last]
+        delay = 0.1
+        while True:
+            try:
+                stored = await self._write(attempt, events, None, True, end)
+                break
+            except (*DOWN, RedisFull) as exc:
+                self._last_error = f"writing task {attempt.task_id}: {exc}"
+                log.warning("task_id=%s: Redis is down (%s); its end is stored in %.1fs", attempt.task_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        if stored:
+            feed.recorded = max(feed.recorded, events[-1].seq)
+        return stored
 
     def index_task(self, pipe: Any, task_id: str, owner: str | None, workflow_id: str | None, at: float) -> None:
         """Add to `pipe` what lists the task (`list_tasks`): in every task's sorted set and its

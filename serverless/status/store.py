@@ -17,7 +17,7 @@ by who calls them:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -97,9 +97,10 @@ class AttemptLog(Protocol[A]):
         """Store every event of `feed` until its terminal payload (which is always tried)."""
         ...
 
-    async def record_new(self, task_id: str, feed: Feed) -> None:
+    async def record_new(self, task_id: str, feed: Feed, claimed: Callable[[A], None] | None = None) -> None:
         """`record` for a task nobody can ask about before its first event is stored (a sync job
-        whose caller did not name it): its attempt may be claimed with that first store."""
+        whose caller did not name it, a prompt of ComfyUI's API whose id was made for it): its
+        attempt may be claimed with that first store, and is then told to `claimed`."""
         ...
 
     async def attempts(self, task_id: str) -> list[int]:

@@ -12,6 +12,10 @@ The entries the watch read are kept for the stream's followers (`after`, up to K
 stream): a follower woken by the watch takes them from there instead of reading them again, one
 round trip fewer per batch of events.
 
+Once it runs, the watch's read also names SPARES streams that do not exist yet, the first logs of
+new tasks whose ids it chose (`spare`): a caller that names its new task so registers it with no
+wake of the read, which names it already (a gateway's sync job: one round trip fewer each).
+
     follower:  register(key) -> XREAD key (no block) -> nothing: wait for news (bounded)
                -> the watch's entries after its cursor (XREAD when it has not kept them) -> again
     watch:     XREAD BLOCK watch:<id> key1 key2 ... -> keep each key's entries, wake its followers
@@ -24,7 +28,7 @@ import collections
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,14 +54,19 @@ def still_cancelled(cause: BaseException | None = None) -> None:
 WAKE_TTL = 60  # seconds the wake stream outlives the instance that writes it
 WAKE_KEPT = 16  # entries the wake stream keeps (MAXLEN ~): only the newest wakes anyone
 KEPT = 512  # entries of a followed stream the watch keeps for its followers (the newest)
+SPARES = 2  # new tasks' first logs the watch's read names before they exist (`spare`)
 READ_COUNT = 256  # entries of each stream one read of the watch takes at most
 
 
 class StreamWatch:
     """Wakes the followers of Redis streams (see the module docstring)."""
 
-    def __init__(self, client: aioredis.Redis, block_seconds: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis, block_seconds: float, spare_key: Callable[[str], str] | None = None
+    ) -> None:
         self._client = client
+        self._spare_key = spare_key  # a new task's first log, named from its id (None: no spares)
+        self._spares: dict[str, str] = {}  # task id -> its first log's key, named by the read under way
         self._block_ms = int(block_seconds * 1000)
         self._wake_key = keys.watch_wake(uuid.uuid4().hex)
         self._wake_seen = "0-0"
@@ -89,6 +98,18 @@ class StreamWatch:
         event = asyncio.Event()
         self._register(key, "0-0", event)
         return event
+
+    def spare(self) -> tuple[str, str, asyncio.Event] | None:
+        """A new task id whose first log the watch's read under way names already, that log
+        registered from its start as `hold` registers one (`release` it as `hold`'s): (task id,
+        key, event). None when there is none (the watch does not run, or they are taken): `hold`
+        a key of the caller's own, and wake the read."""
+        if not self._spares or self._task is None or self._task.done():
+            return None
+        task_id, key = self._spares.popitem()
+        event = asyncio.Event()
+        self._register(key, "0-0", event)
+        return task_id, key, event
 
     @property
     def wake_key(self) -> str:
@@ -157,10 +178,16 @@ class StreamWatch:
                 await pipe.execute()
 
     async def _run(self) -> None:
-        """Until no stream is followed: one XREAD BLOCK over every followed stream."""
-        while self._followers:
+        """Until no stream is followed (with spares: until closed): one XREAD BLOCK over every
+        followed stream and the spares (`spare`)."""
+        while self._followers or self._spare_key is not None:
             still_cancelled()
-            streams: dict[Any, Any] = {self._wake_key: self._wake_seen, **self._since}
+            if self._spare_key is not None:
+                while len(self._spares) < SPARES:
+                    task_id = str(uuid.uuid4())
+                    self._spares[task_id] = self._spare_key(task_id)
+            spares = {key: "0-0" for key in self._spares.values()}
+            streams: dict[Any, Any] = {self._wake_key: self._wake_seen, **spares, **self._since}
             try:
                 answer: Any = await self._client.xread(streams, count=READ_COUNT, block=self._block_ms)
             except DOWN as exc:

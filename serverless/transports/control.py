@@ -25,7 +25,7 @@ from ..jobs.registry import unknown_task
 from ..state import app_state
 from ..status.log import parse_after
 from ..status.tasklist import TaskQuery
-from .events import TaskEvents
+from .events import TaskEvents, job_summary
 from .http import EventStream
 
 
@@ -50,6 +50,9 @@ async def task(request: Request) -> Response:
     task_id = await _task_id(request)
     await state.jobs.end_if_stranded(task_id)
     summary = await state.resources.status.summary(task_id)
+    job = state.jobs.get(task_id) if summary is None else None
+    if job is not None:  # a prompt of ComfyUI's API answered before its log is claimed: the job says
+        summary = await job_summary(job)
     if summary is None:
         raise unknown_task(task_id)
     if summary["state"] == "queued":  # in a queue before ComfyUI's (a fleet's): its place there

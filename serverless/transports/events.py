@@ -15,11 +15,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from ..errors import error_from_payload
 from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.runner import RunningJob
 from ..status.store import TaskLogs
+from ..status.summary import summarise
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,31 @@ class TaskEvents:
             else:
                 self._more = entry.more
                 yield Event(entry.seq, entry.data, preview=entry.preview)
+
+
+async def published_events(job: RunningJob, after: int = 0) -> list[Event] | None:
+    """The events (previews left out) a job running here has published after the first `after`,
+    so far; None when its feed no longer holds them all (its log has them then)."""
+    events: list[Event] = []
+    try:
+        async for event in job.events(after, idle=0.0):
+            if event is None:  # nothing more published yet: it runs
+                return events
+            if not event.preview:
+                events.append(event)
+            if event.terminal:
+                return events
+    except ReaderTooSlow:
+        return None
+    return events
+
+
+async def job_summary(job: RunningJob) -> dict[str, Any] | None:
+    """The summary (`status.summary`) of a job running here, from what it has published (a
+    prompt of ComfyUI's API is answered before its status log is claimed); None when its feed
+    no longer holds every event (its log has them then)."""
+    events = await published_events(job)
+    return None if events is None else summarise(job.task_id, [json.loads(event.data) for event in events])
 
 
 async def _terminal(seq: int, line: bytes) -> Event:

@@ -183,13 +183,15 @@ async def start_job(
     owner: str | None = None,
     prompt_id: str | None = None,
     native: bool = False,
+    id_made: bool = False,
     caller: Caller | None = None,
 ) -> RunningJob:
     """The job a request asks for, started; `workflow_id` (the path's, else the query's) runs a
     hosted workflow with the body as its overrides. `base_url` (where the caller reached us)
     prefixes download links; `owner` is the caller's key digest; `prompt_id` is one chosen
     beforehand. A `callback_url` (or `X-Callback-Url`) gets the terminal payload. `native`: queued
-    through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them). The
+    through ComfyUI's own API (its outputs kept where any gateway's `/view` serves them);
+    `id_made`: its task id was made for the caller, who learns it from the answer. The
     caller's key (`caller`, else the request's) must allow the run (403 FORBIDDEN) and its rate
     (429 RATE_LIMITED), checked before the body is parsed."""
     check_parameter_names(query)
@@ -243,6 +245,7 @@ async def start_job(
         callback_url=callback_url,
         previews=query_flag(query, "previews"),
         native=native,
+        id_made=id_made,
     )
     job = await jobs.start(spec, prompt_id)  # whoever runs it delivers its webhook
     resources.tenants.usage.add(owner, {"jobs_submitted": 1})  # usage per key (written once a second)
