@@ -24,6 +24,9 @@ class Recorded:
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
 
+    def writelines(self, chunks: Any) -> None:  # one write of them all, as uvloop's writev
+        self.writes.append(b"".join(bytes(chunk) for chunk in chunks))
+
     def is_closing(self) -> bool:
         return self.closed
 
@@ -45,6 +48,17 @@ async def test_a_head_goes_with_the_body_written_in_the_same_turn() -> None:
     assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
     await asyncio.sleep(0)
     assert len(transport.writes) == 1, "nothing left to flush"
+
+
+async def test_a_big_body_goes_beside_its_head_in_one_writelines() -> None:
+    transport = Recorded()
+    one = OneWrite(transport)  # type: ignore[arg-type]
+    body = memoryview(b"x" * (2 * 1024 * 1024))[: 1024 * 1024]  # a JSON answer's first slice
+    one.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2097152\r\n\r\n")
+    one.write(body)
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2097152\r\n\r\n" + bytes(body)]
+    one.write(body)
+    assert len(transport.writes) == 2 and transport.writes[1] == bytes(body)
 
 
 async def test_a_head_alone_goes_out_at_the_end_of_the_turn_and_other_writes_at_once() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HEAD = b"HTTP/1."  # what a response's first write starts with (uvicorn writes the head alone)
+JOIN_UP_TO = 64 * 1024  # a bigger body goes beside its head (one writelines), not copied behind it
 
 
 class OneWrite:
@@ -30,6 +31,10 @@ class OneWrite:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is not None:
+            if len(data) > JOIN_UP_TO:  # megabytes of a JSON answer: not copied twice to be joined
+                held, self._held = self._held, None
+                self._transport.writelines((held, data))
+                return
             data, self._held = self._held + bytes(data), None
         elif bytes(data[: len(HEAD)]) == HEAD and not self._transport.is_closing():
             self._held = bytes(data)
