@@ -157,7 +157,8 @@ def test_metrics_count_each_kind_of_job_once_under_its_labels(own_emulator, star
     set_step_delay(own_emulator, 0.01)
     before = scrape(server.url)
     received = drop_a_slow_sse_reader(server, "m-slow")
-    assert b"\n: dropped: events " in received
+    # Its events gone from the buffer, or more than READER_LAG behind: either note (test_stream).
+    assert re.search(rb"\n: dropped: (events \d+\.\.\d+ were dropped|\d+ events behind \(more than 20\)); ", received)
     assert moved(before, scrape(server.url)) == {
         started("sse"): 1,
         ended("sse", "ok"): 1,
