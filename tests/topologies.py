@@ -17,6 +17,7 @@ from typing import Literal
 
 import redis
 
+from serverless.status import keys
 from tests.fleet import RedisServer
 from tests.servers import InProcessApp, InProcessEmulator
 
@@ -109,10 +110,11 @@ def deploy(
 
 
 def _wait_published(url: str, timeout: float = 20.0) -> None:
-    """Until a worker has told the gateways what its ComfyUI has (hosted workflows need it)."""
+    """Until a worker has told the gateways what its ComfyUI has: its `/object_info` (hosted
+    workflows need it), then its other answers (`/system_stats`, `/models`...), published after."""
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + timeout
-    while not client.exists("fleet:object_info"):
+    while client.exists(keys.OBJECT_INFO, keys.COMFYUI_INFO) < 2:
         if time.monotonic() > deadline:
-            raise RuntimeError("no worker published its /object_info")
+            raise RuntimeError("no worker published its /object_info and /system_stats")
         time.sleep(0.02)
