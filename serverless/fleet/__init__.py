@@ -122,9 +122,8 @@ async def publish_object_info(resources: Resources, status: RedisStatus, every: 
     does not answer is tried again a second later."""
     while True:
         try:
-            # The rest first: a gateway that answers /object_info answers /system_stats too.
-            await status.publish_comfyui_info(await comfyui_info(resources.comfy))
             await status.publish_object_info(await resources.comfy.object_info())
+            await status.publish_comfyui_info(await comfyui_info(resources.comfy))
         except ServerlessError as exc:
             log.info("object_info not published yet (%s); again in 1s", exc.message)
             await asyncio.sleep(1.0)
