@@ -220,9 +220,9 @@ def test_on_fc_a_retried_task_reads_as_its_new_attempt_and_only_transient_failur
     delivery.start()
 
     # From the new attempt's first line on, the poller reads only the new attempt.
-    def new_attempt_began() -> bool:  # its file is claimed (empty), then its first event is in
+    def new_attempt_began() -> bool:  # its file is claimed (empty), then its events come in
         items = requests.get(server.url + STATUS, params={"task_id": task_id}, timeout=10).json()
-        return not items or items[-1]["type"] == "serverless_progress"
+        return not items or items[-1].get("error_code") != "TIMEOUT"  # no longer the last attempt's end
 
     wait_until(new_attempt_began)
     items = fc_doc_poller(server.url, task_id)
