@@ -622,3 +622,11 @@ def test_comfy_sdk_follows_a_jobs_live_events(deployment: Any, comfy_sdk: Any) -
     assert "Progress" in kinds and "OutputReady" in kinds
     assert job.refresh().status == "succeeded"
     client.close()
+
+
+def test_view_of_a_file_nobody_made_answers_404(deployment: Any) -> None:
+    """On a gateway a file not kept yet is waited for a moment (a worker keeps an output just after
+    ComfyUI's `executed` names it); one nobody made is still a 404."""
+    url = deployment().url
+    missing = requests.get(url + "/view", params={"filename": "nobody_00001_.png", "type": "output"}, timeout=30)
+    assert missing.status_code == 404

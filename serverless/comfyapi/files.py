@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FORM_OVERHEAD = 64 * 1024
 BIG_FORM = 256 * 1024
+KEPT_WAIT = 3.0  # seconds a gateway's /view waits for an output a worker is about to keep
 
 
 async def view(request: Request) -> Response:
@@ -58,11 +60,28 @@ async def serve_file(resources: Resources, item: dict[str, str], range_header: s
     """An output (or input) file: where a fleet's worker kept it, else through this instance's
     ComfyUI; a gateway has none (404)."""
     kept = await resources.stored_file(item, NO_CONVERSION)
+    if kept is None and resources.settings.fleet.role == "gateway":
+        kept = await _kept_soon(resources, item)
     if kept is not None:
         return ranged(kept[0], kept[1], range_header)
     if resources.settings.fleet.role == "gateway":
         raise NotFound(f"{item['filename']} is not kept here (outputs are kept FILE_LINK_EXPIRES seconds)")
     return ViewStream(resources.comfy, FileLink(item, 0, NO_CONVERSION), range_header)
+
+
+async def _kept_soon(resources: Resources, item: dict[str, str]) -> tuple[bytes, str] | None:
+    """A worker keeps an output a moment after ComfyUI's `executed` message names it, which a
+    client may ask `/view` for at once (ComfyUI's editor does: ComfyUI itself has saved the file
+    by then): on a gateway, a file not kept yet is waited for, up to KEPT_WAIT seconds."""
+    deadline = time.monotonic() + KEPT_WAIT
+    pause = 0.01
+    while time.monotonic() < deadline:
+        await asyncio.sleep(pause)
+        kept = await resources.stored_file(item, NO_CONVERSION)
+        if kept is not None:
+            return kept
+        pause = min(pause * 2, 0.2)
+    return None
 
 
 async def upload(request: Request) -> Response:
