@@ -118,10 +118,7 @@ class Feed:
 
     def publish_payload(self, payload: dict[str, Any]) -> bool:
         """Append one of our own payloads (e.g. `serverless_progress`), within the same budget."""
-        if self._sealed:
-            return False
-        body = jsontext.dumps(payload)
-        return self._within_budget(len(body)) and self._append(Event(self._next_seq, body))
+        return not self._sealed and self.publish_encoded(jsontext.dumps(payload))
 
     def seal(self) -> None:
         """Publish nothing more but `publish_encoded` and `finish`: the job's last events, made
