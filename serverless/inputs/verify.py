@@ -21,10 +21,12 @@ Blocking (Pillow decodes): call it in a worker thread. Pillow is spoken only her
 from __future__ import annotations
 
 import io
+import re
+import zlib
 from collections.abc import Callable
 from typing import Literal
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from ..errors import InputError
 
@@ -46,6 +48,7 @@ _ISO_MEDIA = frozenset(
 )
 _RIFF_SENTINELS = frozenset({0, 0xFFFFFFFF})  # sizes a streaming writer leaves unset
 _JPEG_DRAFT_SCALE = 8
+_PNG_CHUNK_TYPE = re.compile(rb"\w\w\w\w")  # what Pillow's PNG reader takes for a chunk type
 
 
 class MediaError(InputError):
@@ -101,7 +104,7 @@ def _verify_image(data: bytes, max_pixels: int, expected: str) -> None:
                 raise MediaError(
                     f"image of {width}x{height} pixels x {frames} frames is over the limit of {max_pixels} pixels"
                 )
-            _decode_check(image, frames)
+            _decode_check(image, frames, data)
         except MediaError:
             raise
         except Exception as exc:
@@ -113,10 +116,10 @@ def _frame_count(image: Image.Image) -> int:
     return int(getattr(image, "n_frames", 1))
 
 
-def _decode_check(image: Image.Image, frames: int) -> None:
+def _decode_check(image: ImageFile.ImageFile, frames: int, data: bytes) -> None:
     """Read the whole image, holding as few decoded pixels as the format allows."""
     if image.format == "PNG":
-        image.verify()  # every chunk and its CRC, to IEND; no pixels decoded
+        _verify_png_chunks(data, image.tile[0][2] - 8)  # every chunk and its CRC, to IEND; no pixels
         return
     if image.format == "JPEG":
         width, height = image.size
@@ -126,6 +129,31 @@ def _decode_check(image: Image.Image, frames: int) -> None:
     for frame in range(frames):
         image.seek(frame)
         image.load()
+
+
+def _verify_png_chunks(data: bytes, offset: int) -> None:
+    """What Pillow's `verify()` checks of a PNG (from its first image data chunk at `offset`, every
+    chunk whole and its CRC right, up to IEND), with its words, read in place: Pillow copies each
+    chunk out of the file first, a fresh megabyte (~0.65 ms of page faults here) for a megabyte's
+    image data."""
+    view = memoryview(data)
+    while True:
+        if offset + 4 > len(data):
+            raise OSError("truncated PNG file")
+        kind = data[offset + 4 : offset + 8]
+        if not _PNG_CHUNK_TYPE.match(kind):
+            raise SyntaxError(f"broken PNG file (chunk {kind!r})")
+        if kind == b"IEND":
+            return
+        start = offset + 8
+        end = start + int.from_bytes(data[offset : offset + 4], "big")
+        if end > len(data):
+            raise OSError("Truncated File Read")
+        if end + 4 > len(data):
+            raise SyntaxError(f"broken PNG file (incomplete checksum in {kind!r})")
+        if zlib.crc32(view[start:end], zlib.crc32(kind)) != int.from_bytes(data[end : end + 4], "big"):
+            raise SyntaxError(f"broken PNG file (bad header checksum in {kind!r})")
+        offset = end + 4
 
 
 def _pillow_reason(exc: Exception) -> str:
