@@ -44,11 +44,13 @@ VIA_HTTP = Folders()  # no folder of ComfyUI's on our disk: `/view` and `/upload
 @dataclass(frozen=True, slots=True)
 class Fetched:
     """An output file read from `/view` or ComfyUI's folder: its bytes (None when only its size
-    and type were asked for), type and size."""
+    and type were asked for), type and size; `encoded`, what `fetch`'s `encode` made of the bytes
+    (None when not asked, or when they came through `/view`)."""
 
     content: bytes | None
     content_type: str | None
     size: int | None
+    encoded: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,14 +329,18 @@ class ComfyUI:
         await self._json("POST", "/queue", "deleting from the queue", json={"delete": [prompt_id]})
         await self._json("POST", "/interrupt", "interrupting", json={"prompt_id": prompt_id})
 
-    async def fetch(self, item: Mapping[str, Any], with_content: bool) -> Fetched:
+    async def fetch(
+        self, item: Mapping[str, Any], with_content: bool, encode: Callable[[bytes], bytes] | None = None
+    ) -> Fetched:
         """A history output item's file: from ComfyUI's folder when it is on our disk and holds
-        the file, else GET (or HEAD, when only size and type are needed) `/view`."""
+        the file, else GET (or HEAD, when only size and type are needed) `/view`. `encode` (e.g.
+        base64) is applied to bytes read from our disk in the worker thread that read them (one
+        trip, not two): its result is `encoded`."""
         folder = self.folders.for_type(str(item.get("type", "output") or "output"))
         if folder is not None:
-            read = await asyncio.to_thread(_read_item, folder, item, with_content)
+            read = await asyncio.to_thread(_read_item, folder, item, with_content, encode)
             if read is not None:
-                return Fetched(*read)
+                return read
         return await self._view(item, with_content)
 
     async def read_local(self, item: Mapping[str, Any], limit: int) -> Fetched | None:
@@ -475,11 +481,19 @@ class ComfyUI:
                 return ws
 
 
-def _read_item(folder: Path, item: Mapping[str, Any], with_content: bool) -> tuple[bytes | None, str, int] | None:
-    """A history item's file from `folder` (blocking): confined to it, None when not there."""
-    return read_output(
+def _read_item(
+    folder: Path, item: Mapping[str, Any], with_content: bool, encode: Callable[[bytes], bytes] | None = None
+) -> Fetched | None:
+    """A history item's file from `folder` (blocking): confined to it, None when not there; its
+    bytes put through `encode` too when given."""
+    read = read_output(
         confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", ""))), with_content
     )
+    if read is None:
+        return None
+    content, content_type, size = read
+    encoded = encode(content) if encode is not None and content is not None else None
+    return Fetched(content, content_type, size, encoded)
 
 
 def _read_small_item(folder: Path, item: Mapping[str, Any], limit: int) -> tuple[bytes, str, int] | None:

@@ -152,9 +152,12 @@ class OutputCollector:
                 return await self._stream(local, name)
             async with self._comfy.spooled_output(item) as spooled:
                 return await self._stream(spooled, name)
-        fetched = await self._comfy.fetch(item, self._with_content)
+        # The base64 of a file read from our disk is made in the thread that read it (one trip);
+        # a converted file's, once it is converted.
+        encode = pybase64.b64encode if self._base64 and not self._conversion.active else None
+        fetched = await self._comfy.fetch(item, self._with_content, encode)
         name = str(item.get("filename", "")) or "output"
-        content, mime, size = fetched.content, _mime(fetched, name), fetched.size
+        content, mime, size, encoded = fetched.content, _mime(fetched, name), fetched.size, fetched.encoded
         del fetched  # the original is dropped as soon as it is converted
         if content is not None:
             converted = await self._converter.convert(content, self._conversion)
@@ -167,8 +170,7 @@ class OutputCollector:
         oss = None
         if self._uploader is not None and content is not None:
             oss = await self._uploader(content, len(content), name, mime)
-        encoded = None
-        if self._base64 and content is not None:
+        if self._base64 and content is not None and encoded is None:
             # pybase64 (SIMD, the GIL released while it encodes): megabytes in a fraction of a
             # millisecond, where binascii took milliseconds holding the GIL; still off the loop.
             small = len(content) <= INLINE_ENCODE_BYTES
