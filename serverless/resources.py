@@ -264,6 +264,8 @@ class Resources:
             read_oss=read_oss,
             read_s3=read_s3,
             upload=self.comfy.upload_input,
+            # Co-located: a big base64 input is written in the worker thread that decoded it.
+            write_here=self.comfy.write_input_here if self.comfy.folders.input is not None else None,
             limits=input_limits(self.settings),
             budget=self.input_budget,
         )

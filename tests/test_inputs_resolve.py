@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import struct
+import threading
 import wave
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -413,6 +414,68 @@ async def test_a_big_input_past_the_request_total_is_refused_for_its_size_first(
     limits = InputLimits(max_base64_bytes=1024 * 1024, max_job_bytes=len(cut) - 1)
     with pytest.raises(InputError, match=rf"node 7 .*add up to more than {len(cut) - 1} bytes"):
         await resolve({"7": node("LoadImage", image=b64(cut))}, limits=limits)
+
+
+@dataclass
+class WrittenHere:
+    """Stands in for the write into ComfyUI's input folder on our disk: records the calls and the
+    thread each ran in; None (could not write) when told to."""
+
+    calls: list[tuple[bytes, str]] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)
+    fails: bool = False
+
+    def __call__(self, data: bytes, filename: str) -> str | None:
+        self.threads.append(threading.get_ident())
+        if self.fails:
+            return None
+        self.calls.append((data, filename))
+        return filename
+
+
+async def test_a_lone_big_base64_input_is_written_here_in_the_thread_that_decoded_it(resolve: Resolve) -> None:
+    big = noise_png()
+    written, uploads = WrittenHere(), Uploads()
+    workflow = {
+        "7": node("LoadImage", image=b64(big)),
+        "8": node("LoadImageMask", image=b64(big)),  # the same value twice: still one input
+    }
+    result = await resolve(workflow, upload=uploads, write_here=written)
+    assert result["7"]["inputs"]["image"] == result["8"]["inputs"]["image"] == name_of(big, "png")
+    assert written.calls == [(big, name_of(big, "png"))]
+    assert written.threads != [threading.get_ident()]  # a worker thread, not the event loop
+    assert not uploads.calls
+
+
+async def test_an_input_not_written_here_is_uploaded(resolve: Resolve) -> None:
+    big = noise_png()
+    written, uploads = WrittenHere(fails=True), Uploads()
+    result = await resolve({"7": node("LoadImage", image=b64(big))}, upload=uploads, write_here=written)
+    assert result["7"]["inputs"]["image"] == name_of(big, "png")
+    assert uploads.calls == [(big, name_of(big, "png"))]
+
+
+async def test_an_input_refused_is_never_written_here(resolve: Resolve) -> None:
+    written = WrittenHere()
+    with pytest.raises(InputError, match=r"node 7 .*not usable"):
+        await resolve({"7": node("LoadImage", image=b64(noise_png()[:-5000]))}, write_here=written)
+    with pytest.raises(InputError, match=r"node 8 \(LoadAudio\) input 'audio': expected audio, got image/png"):
+        big = b64(noise_png())
+        await resolve({"7": node("LoadImage", image=big), "8": node("LoadAudio", audio=big)}, write_here=written)
+    big = noise_png()
+    limits = InputLimits(max_base64_bytes=1024 * 1024, max_job_bytes=len(big) - 1)
+    with pytest.raises(InputError, match=r"node 7 .*add up to more than"):
+        await resolve({"7": node("LoadImage", image=b64(big))}, limits=limits, write_here=written)
+    assert not written.calls
+
+
+async def test_several_inputs_are_uploaded_once_all_are_checked(resolve: Resolve) -> None:
+    first, second = noise_png(), noise_png()
+    written, uploads = WrittenHere(), Uploads()
+    workflow = {"7": node("LoadImage", image=b64(first)), "8": node("LoadImage", image=b64(second))}
+    await resolve(workflow, upload=uploads, write_here=written)
+    assert not written.calls
+    assert sorted(uploads.calls) == sorted([(first, name_of(first, "png")), (second, name_of(second, "png"))])
 
 
 async def test_a_long_value_is_a_file_name_only_when_its_start_is_not_base64(resolve: Resolve) -> None:

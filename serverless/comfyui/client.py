@@ -447,8 +447,16 @@ class ComfyUI:
         trip); None when it is not, or the write failed (then it is uploaded)."""
         if self.folders.input is None:
             return None
+        return await asyncio.to_thread(self.write_input_here, data, filename)
+
+    def write_input_here(self, data: bytes, filename: str) -> str | None:
+        """`upload_input`'s write into ComfyUI's input folder on our disk, blocking (for a worker
+        thread that holds the bytes already): the name to use in the workflow; None when the
+        folder is not on our disk or the write failed (then `upload_input` uploads it)."""
+        if self.folders.input is None:
+            return None
         try:
-            await asyncio.to_thread(write_input, self.folders.input, filename, data)
+            write_input(self.folders.input, filename, data)
         except (OSError, OutputError) as exc:
             log.warning("could not write input %s into %s (%s): uploading it", filename, self.folders.input, exc)
             return None

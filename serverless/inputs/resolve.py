@@ -129,6 +129,12 @@ class _Fetched(NamedTuple):
     data: bytes
     digest: str
     sniffed: tuple[str, str] | None
+    staged: str | None = None  # written where ComfyUI reads it already: the name to use
+
+
+# A blocking write of an input where ComfyUI reads it (its bytes, its file name): the name to use
+# in the workflow, or None when it could not be written (then `upload` sends it).
+WriteHere = Callable[[bytes, str], str | None]
 
 
 def find_loader_inputs(
@@ -204,13 +210,18 @@ async def resolve_inputs(
     limits: InputLimits,
     budget: ByteBudget | None = None,
     read_s3: Callable[[str], Awaitable[bytes]] | None = None,
+    write_here: WriteHere | None = None,
 ) -> dict[str, Any]:
     """A new workflow whose URL, `oss://` and base64 loader inputs name uploaded files.
 
     Every distinct value is fetched once, concurrently within `limits`; nothing is uploaded unless
     all fetches and checks succeeded. Failures raise `InputError` (or `InvalidParams` for unsafe
     file names) naming node and input; `ComfyUIUnavailable` from `upload` passes through
-    unchanged. Bytes reserved from `budget` are given back when this returns or raises."""
+    unchanged. Bytes reserved from `budget` are given back when this returns or raises.
+
+    `write_here` (ComfyUI's input folder on our disk): a request's one distinct value, when it
+    is base64 decoded in a worker thread, is checked as every use of it needs and written there
+    in that same trip (its checks are then all the request's), not uploaded after."""
     remote: list[tuple[LoaderInput, InputKind]] = []
     for item in find_loader_inputs(workflow, loaders):
         kind = _classify_item(workflow, item)
@@ -226,22 +237,34 @@ async def resolve_inputs(
     first_use: dict[str, tuple[LoaderInput, InputKind]] = {}
     for item, kind in remote:
         first_use.setdefault(item.value, (item, kind))
+    uses = [item for item, _ in remote]
+    stage = partial(_staged, workflow, uses, write_here, limits.max_job_bytes) if write_here is not None else None
     fetch = _Fetcher(workflow, fetch_url, {"oss": read_oss, "s3": read_s3}, limits, budget)
+    fetch.stage = stage if len(first_use) == 1 else None
     try:
         fetched = await _run_all({value: partial(fetch, item, kind) for value, (item, kind) in first_use.items()})
         file_names = {
             value: _file_name(workflow, item, kind, fetched[value]) for value, (item, kind) in first_use.items()
         }
-        for item, _ in remote:  # every use, not only the first, must get content it can read
+        for item in uses:  # every use, not only the first, must get content it can read
             _check_media(workflow, item, fetched[item.value])
 
         to_upload: dict[str, tuple[LoaderInput, bytes]] = {}
+        uploaded: dict[str, str] = {}
         for value, name in file_names.items():
-            to_upload.setdefault(name, (first_use[value][0], fetched[value].data))
-        slots = asyncio.Semaphore(limits.upload_concurrency)
-        uploaded = await _run_all(
-            {name: _upload_job(workflow, item, data, name, upload, slots) for name, (item, data) in to_upload.items()}
-        )
+            staged = fetched[value].staged
+            if staged is not None:
+                uploaded[name] = staged
+            else:
+                to_upload.setdefault(name, (first_use[value][0], fetched[value].data))
+        if to_upload:
+            slots = asyncio.Semaphore(limits.upload_concurrency)
+            uploaded |= await _run_all(
+                {
+                    name: _upload_job(workflow, item, data, name, upload, slots)
+                    for name, (item, data) in to_upload.items()
+                }
+            )
     finally:
         fetch.release()
 
@@ -288,6 +311,8 @@ class _Fetcher:
         self._claimed = 0  # bytes this request holds or may still read (its fetches' reservations)
         self._in_flight = 0
         self._settled = asyncio.Event()
+        # The request's lone input written where ComfyUI reads it, in the trip that decoded it.
+        self.stage: Callable[[LoaderInput, _Fetched], str | None] | None = None
 
     async def __call__(self, item: LoaderInput, kind: InputKind) -> _Fetched:
         async with self._slots:
@@ -364,11 +389,14 @@ class _Fetcher:
         return decode_base64(item.value, self._limits.max_base64_bytes)
 
     def _decoded(self, item: LoaderInput) -> tuple[bytes, _Fetched | InputError]:
-        """A big base64 input decoded (DownloadError when it is not base64), then examined:
-        its description, or the InputError its check raised (blocking)."""
+        """A big base64 input decoded (DownloadError when it is not base64), then examined (and
+        staged, with `stage`): its description, or the InputError its check raised (blocking)."""
         data = decode_base64(item.value, self._limits.max_base64_bytes)
         try:
-            return data, self._described(item, data)
+            fetched = self._described(item, data)
+            if self.stage is not None:
+                fetched = fetched._replace(staged=self.stage(item, fetched))
+            return data, fetched
         except InputError as exc:
             return data, exc
 
@@ -397,6 +425,26 @@ class _Fetcher:
             reason = f"{fetched.sniffed[1]} content is not usable: {exc.message}"
             raise InputError(*_message(self._workflow, item, reason)) from exc
         return fetched
+
+
+def _staged(
+    workflow: Mapping[str, Any],
+    uses: list[LoaderInput],
+    write_here: WriteHere,
+    max_job_bytes: int,
+    item: LoaderInput,
+    fetched: _Fetched,
+) -> str | None:
+    """A request's one input, examined, written where ComfyUI reads it (blocking): the checks
+    `resolve_inputs` makes once every fetch is done come first (its name, what each use of it
+    accepts), so nothing is written that the request refuses. The name to use; None when it was
+    not written (over the request's total, which is refused after; or the write failed)."""
+    if len(fetched.data) > max_job_bytes:
+        return None
+    name = _file_name(workflow, item, "base64", fetched)
+    for use in uses:
+        _check_media(workflow, use, fetched)
+    return write_here(fetched.data, name)
 
 
 def _upload_job(
