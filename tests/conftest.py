@@ -215,9 +215,9 @@ def deployment(
     """`deployment(**env)`: the test's topology, its apps configured by `env`; stopped after."""
     made: list[Deployment] = []
 
-    def make(step_delay: float = 0.02, **env: str) -> Deployment:
+    def make(step_delay: float = 0.02, colocated: bool = False, **env: str) -> Deployment:
         server = request.getfixturevalue("redis_server") if topology == "fleet" else None
-        made.append(deploy(topology, tmp_path / f"deployment{len(made)}", server, step_delay, **env))
+        made.append(deploy(topology, tmp_path / f"deployment{len(made)}", server, step_delay, colocated, **env))
         return made[-1]
 
     yield make

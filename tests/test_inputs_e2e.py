@@ -14,6 +14,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import os
 import re
 import resource
 import socket
@@ -29,8 +30,9 @@ from typing import Any
 import pytest
 import requests
 from aiohttp import web
-from PIL import Image
+from PIL import Image, ImageChops
 
+from serverless.inputs.resolve import INLINE_BYTES
 from tests.conftest import base_env
 from tests.helpers import decode_image, post_run
 from tests.servers import App, InProcessApp, InProcessEmulator
@@ -420,6 +422,33 @@ def test_an_animated_gif_given_to_vhs_loadvideo_is_read_frame_by_frame(app, emu,
     data = response.json()["data"]
     assert_hash_name(sent_workflow(emu, data["prompt_id"])["1"]["inputs"]["video"], buffer.getvalue(), "gif")
     assert [decode_image(r).convert("RGB").getpixel((0, 0)) for r in data["results"]] == colors
+
+
+@pytest.mark.parametrize("colocated", [True, False], ids=["beside-comfyui", "over-http"])
+def test_a_big_base64_image_reaches_comfyui_whole_and_its_result_comes_back_whole(deployment, colocated):
+    """W3's path at a test's size, on one box and on a fleet: an image past the size decoded in the
+    event loop (decoded, checked and, beside ComfyUI, written in one worker thread) is inverted by
+    ComfyUI; the base64 result (read, beside ComfyUI, from its folder and encoded in one trip) is
+    the inverse of what was sent, and ComfyUI's input folder holds the bytes under their hash."""
+    deployed = deployment(colocated=colocated)
+    image = Image.frombytes("RGB", (200, 200), os.urandom(200 * 200 * 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    sent = buffer.getvalue()
+    value = base64.b64encode(sent).decode()
+    assert len(value) > INLINE_BYTES
+
+    response = post_run(deployed.url, load_image(value), params={"output_base64": "true"})
+
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]["results"]
+    back = decode_image(result).convert("RGB")
+    assert ImageChops.difference(back, ImageChops.invert(image)).getextrema() <= ((0, 1),) * 3
+    name = f"{hashlib.sha256(sent).hexdigest()[:32]}.png"
+    stored = [e.root / "input" / "serverless" / name for e in deployed.emulators]
+    assert [path.read_bytes() for path in stored if path.exists()] == [sent], (
+        "in the input folder of the one that ran it"
+    )
 
 
 # --- one file per content ---------------------------------------------------------------------------

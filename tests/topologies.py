@@ -66,9 +66,15 @@ class Deployment:
 
 
 def deploy(
-    topology: Topology, root: Path, redis_server: RedisServer | None, step_delay: float = 0.02, **env: str
+    topology: Topology,
+    root: Path,
+    redis_server: RedisServer | None,
+    step_delay: float = 0.02,
+    colocated: bool = False,
+    **env: str,
 ) -> Deployment:
-    """A deployment of `topology` under `root`, every app configured by `env` on top of the base."""
+    """A deployment of `topology` under `root`, every app configured by `env` on top of the base;
+    `colocated`: each app beside its ComfyUI shares its disk (COMFYUI_OUTPUT_DIR, as on FC)."""
     # A MODELS_DIR in `env` is every emulator's models folder too (shared, as on FC's NAS).
     models = Path(env["MODELS_DIR"]) if env.get("MODELS_DIR") else None
     common = {
@@ -79,7 +85,10 @@ def deploy(
     }
     if topology == "box":
         emulator = InProcessEmulator(root / "emulator", step_delay=step_delay, models_dir=models)
-        app = InProcessApp(root, {**common, "COMFYUI_URL": emulator.url, "STATUS_DIR": str(root / "status"), **env})
+        beside = _beside(emulator) if colocated else {}
+        app = InProcessApp(
+            root, {**common, "COMFYUI_URL": emulator.url, "STATUS_DIR": str(root / "status"), **beside, **env}
+        )
         return Deployment("box", app.url, [emulator], [app])
     assert redis_server is not None
     url = redis_server.url(next(_databases))
@@ -98,6 +107,7 @@ def deploy(
             emulator = InProcessEmulator(root / f"emulator{number}", step_delay=step_delay, models_dir=models)
             emulators.append(emulator)
             worker_env = {**fleet, "ROLE": "worker", "COMFYUI_URL": emulator.url, "FC_INSTANCE_ID": f"worker{number}"}
+            worker_env |= _beside(emulator) if colocated else {}
             apps.append(InProcessApp(root, {**worker_env, **env}))
         gateway_env = {**fleet, "ROLE": "gateway", "COMFYUI_URL": "http://127.0.0.1:9", "FC_INSTANCE_ID": "gateway"}
         gateway = InProcessApp(root, {**gateway_env, **env})
@@ -107,6 +117,11 @@ def deploy(
         Deployment("fleet", "", emulators, apps).stop()
         raise
     return Deployment("fleet", gateway.url, emulators, apps, url)
+
+
+def _beside(emulator: InProcessEmulator) -> dict[str, str]:
+    """The settings of an app sharing `emulator`'s disk: its output folder (input and temp beside it)."""
+    return {"COMFYUI_OUTPUT_DIR": str(emulator.root / "output")}
 
 
 def _wait_published(url: str, timeout: float = 20.0) -> None:
