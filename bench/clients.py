@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 import pybase64
 
 RUN = "/api/serverless/run"
@@ -198,6 +199,12 @@ class DirectClient:
         return images
 
 
+def request_body(workflow: dict[str, Any]) -> bytes:
+    """A request's JSON as the project's client writes it (`serverless.client.calls.body_json`:
+    orjson; W3's 1.3 MB body in ~0.05 ms, where `json.dumps` takes ~4 ms)."""
+    return orjson.dumps(workflow)
+
+
 def b64encode(data: bytes) -> str:
     """An input's base64 for a workflow, as a client that minds its time makes it (pybase64: a
     megabyte in ~0.1 ms, where the standard library's `base64` takes ~1 ms)."""
@@ -228,7 +235,7 @@ async def run_sync(
     async with session.post(
         app_url + RUN,
         params={"output_base64": "true", **(params or {})},
-        data=json.dumps(workflow),
+        data=request_body(workflow),
         headers=headers or {},
         timeout=NO_LIMIT,
     ) as resp:
@@ -239,7 +246,7 @@ async def run_sync(
 async def run_url(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any]) -> list[bytes]:
     """POST /api/serverless/run?output_url=true, then GET each result's link; the images' bytes."""
     async with session.post(
-        app_url + RUN, params={"output_url": "true"}, data=json.dumps(workflow), timeout=NO_LIMIT
+        app_url + RUN, params={"output_url": "true"}, data=request_body(workflow), timeout=NO_LIMIT
     ) as resp:
         payload = json.loads(await resp.read())
     if payload.get("type") != "serverless_api":
@@ -259,7 +266,7 @@ async def run_sse(
     """POST /api/serverless/run?stream=true&output_base64=true, read to the end of the stream."""
     received = received if received is not None else Received()
     params = {"stream": "true", "output_base64": "true"}
-    async with session.post(app_url + RUN, params=params, data=json.dumps(workflow), timeout=NO_LIMIT) as resp:
+    async with session.post(app_url + RUN, params=params, data=request_body(workflow), timeout=NO_LIMIT) as resp:
         if resp.status != 200:
             raise JobFailed(f"stream answered {resp.status}: {(await resp.read())[:300]!r}")
         async for line in resp.content:
@@ -273,7 +280,7 @@ async def run_ws(session: aiohttp.ClientSession, app_url: str, workflow: dict[st
     last message is the terminal payload."""
     last = None
     async with session.ws_connect(app_url + "/api/serverless/ws?output_base64=true", max_msg_size=0) as ws:
-        await ws.send_str(json.dumps(workflow))
+        await ws.send_str(request_body(workflow).decode())
         async for frame in ws:
             if frame.type == aiohttp.WSMsgType.TEXT:
                 last = frame.data
@@ -285,7 +292,7 @@ async def run_ws(session: aiohttp.ClientSession, app_url: str, workflow: dict[st
 
 async def open_stream(session: aiohttp.ClientSession, app_url: str, workflow: dict[str, Any]) -> aiohttp.ClientResponse:
     """Start an SSE job and return once its first event arrived; the caller closes the response."""
-    resp = await session.post(app_url + RUN, params={"stream": "true"}, data=json.dumps(workflow), timeout=NO_LIMIT)
+    resp = await session.post(app_url + RUN, params={"stream": "true"}, data=request_body(workflow), timeout=NO_LIMIT)
     if resp.status != 200:
         raise JobFailed(f"stream answered {resp.status}")
     while not (await resp.content.readline()).startswith(b"data: "):
