@@ -4,6 +4,8 @@ the sync and the async client. `task`, `cancel` and `events` need job control (i
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
 import json
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import pytest
 import requests
 
 from serverless.client import AsyncClient, Client, Event, errors
+from serverless.client.calls import body_json
+from serverless.client.results import decode_content
 from serverless.errors import ServerlessError
 from tests.helpers import running_prompt, txt2img, wait_until
 from tests.servers import ROOT, App, Emulator
@@ -220,3 +224,34 @@ def test_the_client_and_cli_need_only_the_client_requirements(app: App) -> None:
 def requirements(path: Path) -> list[str]:
     lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
     return [line for line in lines if line]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"1": {"class_type": "LoadImage", "inputs": {"image": "QUJD" * 1000}}},
+        {"a": [1.5, -0.0, 1e16, None, True], "b": "é\u2028"},
+        {"a": float("nan"), "b": float("inf")},  # json's spelling, which orjson would write as null
+        {"a": 2**70},  # past 64 bits: orjson refuses, json writes it
+        {1: "a non-str key"},
+    ],
+)
+def test_a_request_body_reads_back_as_json_would_have_written_it(value: object) -> None:
+    written = body_json(value)
+    assert json.dumps(json.loads(written)) == json.dumps(json.loads(json.dumps(value)))
+
+
+def test_a_request_body_refuses_what_json_refuses() -> None:
+    with pytest.raises(TypeError):
+        body_json({"when": datetime.datetime.now()})
+
+
+@pytest.mark.parametrize("text", ["", "QUJD", "QQ==", "QQ", "QQ=", "QUJD====", "QU JD", "QU-_", "é", "QUJD" * 50000])
+def test_an_outputs_base64_decodes_as_the_standard_librarys_strict_decoder_does(text: str) -> None:
+    def decoded(decode: Callable[[str], bytes]) -> object:
+        try:
+            return decode(text)
+        except ValueError:
+            return "refused"
+
+    assert decoded(decode_content) == decoded(lambda t: base64.b64decode(t, validate=True))
