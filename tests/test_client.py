@@ -196,6 +196,7 @@ SERVER_ONLY = (
     "prometheus_client",
     "redis",
     "orjson",
+    "pybase64",
     "yarl",
 )
 LIGHT = f"""
