@@ -196,6 +196,7 @@ class StreamWatch:
                 self._wake_all()  # each follower's own read meets the outage and reports it
                 await asyncio.sleep(self._block_ms / 2000)
                 continue
+            woken = False
             for name, entries in answer or []:
                 key = name.decode() if isinstance(name, bytes) else name
                 last = entries[-1][0]
@@ -208,6 +209,11 @@ class StreamWatch:
                     self._keep(key, entries)
                 for event in self._followers.get(key, ()):
                     event.set()
+                    woken = True
+            if woken:
+                # The woken followers go first (a sync caller's answer leaves before the next
+                # read is sent; one whose job ended no longer names its stream in it).
+                await asyncio.sleep(0)
 
     def _keep(self, key: str, entries: list[Any]) -> None:
         kept = self._kept.get(key)
