@@ -334,6 +334,8 @@ class RedisStatus:
                     # meanwhile goes with it); the terminal payload never waits.
                     if not event.terminal and await _more_within(feed, event.seq, written + WRITE_WINDOW - loop.time()):
                         continue
+                    if feed.sealed and not event.terminal:
+                        continue  # stored with the job's end (`write_settled`), or with its terminal
                     # The expiries and the owner's mark with the first batch, the terminal one and
                     # once a heartbeat: the batches between carry their entries alone.
                     refresh = event.terminal or loop.time() >= refresh_at
