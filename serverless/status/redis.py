@@ -969,14 +969,13 @@ class RedisStatus:
 
 
 async def _more_within(feed: Feed, seq: int, within: float) -> bool:
-    """Whether the feed has an event after `seq` now or within `within` seconds (its terminal
-    one at once)."""
-    if feed.last_seq > seq or within <= 0:
-        return feed.last_seq > seq
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within):
-            while feed.last_seq <= seq:
-                await feed.changed()
+    """Whether the feed has an event after `seq` once `within` seconds have passed, or at once
+    when it ends: the events published meanwhile are taken together after one wait, not each
+    after a wake of its own (a short job's recorder sleeps from its first event to its end)."""
+    if within > 0 and feed.terminal is None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await feed.wait()
     return feed.last_seq > seq
 
 
