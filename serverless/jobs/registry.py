@@ -146,7 +146,11 @@ class Jobs:
         known: asyncio.Event | None = None
         claimed: asyncio.Future[None] | None = None
         recorder: Coroutine[Any, Any, None] | None
-        if spec.native and begun is None and not spec.named:
+        if begun is not None:
+            # An attempt its caller began (a fleet worker, in the step that took the job from the
+            # queue): the task is known to every instance already; its log records this run.
+            attempt, recorder = begun, self.status.record(begun, feed)
+        elif spec.native and not spec.named:
             # A prompt of ComfyUI's API whose id was made here: nobody knows it before the answer
             # names it, so its log is claimed with its first append (`record_new`), as a sync
             # job's nobody named. Until then this instance answers for it from the job itself
@@ -154,7 +158,7 @@ class Jobs:
             # the answer and ComfyUI's messages wait for no thread's trip (milliseconds on a
             # loaded machine), and one trip a prompt is saved.
             attempt, recorder = None, self.status.record_new(task_id, feed, self._claimed_attempt(task_id))
-        elif spec.native and begun is None:
+        elif spec.native:
             # ComfyUI's API, a prompt id its client chose (it may ask about it before the answer):
             # its client waits for ComfyUI's messages more than for the answer, so the prompt goes
             # to ComfyUI while its log is claimed; the answer waits for the claim (`start`), and
@@ -163,7 +167,7 @@ class Jobs:
             recorder = self._begin_and_record(spec, task_id, feed, known, claimed)
         elif spec.named or spec.mode == "async":
             # Its caller may poll the status at once (on any instance): known before we answer.
-            attempt = begun if begun is not None else await self._begin(spec, task_id)
+            attempt = await self._begin(spec, task_id)
             recorder = None if attempt is None else self.status.record(attempt, feed)
         elif not spec.observed:
             # No one knows this id before the answer: the log is claimed with its first append.
