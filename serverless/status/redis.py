@@ -401,7 +401,7 @@ class RedisStatus:
         whole = next((kept for _, kept in stored if kept is not None), None)
         shown = preview.data if preview is not None and len(preview.data) <= self.max_event_bytes else b""
         listed: tuple[list[str], str, int, int] | None = None
-        if number == 1 and events and events[0].seq == 1:
+        if number == 1 and events and events[0].seq == 1 and end is None:  # a queued task: its gateway listed it
             listed = self._listing_first(task_id, stored[0][0])
         if end is not None:
             names += [end.cancel_key, end.ended_key, end.stream, end.handoff_key]
