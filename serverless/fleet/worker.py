@@ -65,6 +65,7 @@ from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisAttempt, RedisStatus
+from ..status.watch import HeldReads
 from . import deadletters, staging
 from .admission import Admission, stale_after
 from .affinity import Affinity
@@ -230,6 +231,7 @@ class Consumer:
         self._given_seen = "0-0"  # the last entry of our `fleet:given:<name>` stream read (`_groups`)
         self._idle_marked = False  # our last `NEXT` marked us idle (`keys.idle_worker`)
         self._unmark = client.register_script(UNMARK)
+        self._reads = HeldReads(client)  # the blocking read for news, on a connection of its own
         self._acknowledged: dict[str, str | None] = {}  # entry -> newest hand-off id, acknowledged with its end
 
     def health(self) -> dict[str, Any]:
@@ -300,6 +302,7 @@ class Consumer:
                 holding.task.cancel()
             raise
         finally:
+            await self._reads.aclose()
             if not self.jobs.accepting:
                 await self._give_back_given()
             await self._let_held_end()
@@ -619,7 +622,7 @@ class Consumer:
             return None  # draining: no job is taken any more, so none is waited for
         self.waiting = True  # idle in the blocking read: a drain may cut it (nothing to hand back)
         try:
-            answer: Any = await self.client.xread(since, count=1, block=int(self._block() * 1000))
+            answer: Any = await self._reads.xread(since, 1, int(self._block() * 1000))
         finally:
             self.waiting = False
         if self.affinity is not None and self.affinity.woke(answer):
