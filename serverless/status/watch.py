@@ -16,6 +16,10 @@ Once it runs, the watch's read also names SPARES streams that do not exist yet, 
 new tasks whose ids it chose (`spare`): a caller that names its new task so registers it with no
 wake of the read, which names it already (a gateway's sync job: one round trip fewer each).
 
+The watch's read goes over one connection it keeps (`HeldReads`, as a fleet worker's wait for
+news does): its answer reaches the followers without a trip through the pool's bookkeeping, and
+the followers it wakes go first, before the next read is sent.
+
     follower:  register(key) -> XREAD key (no block) -> nothing: wait for news (bounded)
                -> the watch's entries after its cursor (XREAD when it has not kept them) -> again
     watch:     XREAD BLOCK watch:<id> key1 key2 ... -> keep each key's entries, wake its followers
