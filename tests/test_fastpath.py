@@ -220,6 +220,32 @@ def test_the_client_reads_an_output_from_disk_without_asking_comfyui(tmp_path):
     assert (head.content, head.size) == (None, 12)
 
 
+def test_an_output_that_is_a_symlink_is_read_only_when_it_stays_inside_the_folder(tmp_path):
+    folder = tmp_path / "output"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "real.png").write_bytes(b"\x89PNG inside")
+    (folder / "inside.png").symlink_to(folder / "sub" / "real.png")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG secret")
+    (folder / "outside.png").symlink_to(tmp_path / "secret.png")
+    folders = Folders(output=folder)
+    inside = {"filename": "inside.png", "subfolder": "", "type": "output"}
+    fetched = client_call(folders, lambda comfy: comfy.fetch(inside, True))
+    assert (fetched.content, fetched.content_type) == (b"\x89PNG inside", "image/png")
+    outside = {"filename": "outside.png", "subfolder": "", "type": "output"}
+    with pytest.raises(OutputError, match="refused"):
+        client_call(folders, lambda comfy: comfy.fetch(outside, True))
+
+
+def test_an_output_named_like_a_fifo_or_folder_is_not_read_from_disk(tmp_path):
+    folder = tmp_path / "output"
+    (folder / "dir.png").mkdir(parents=True)
+    os.mkfifo(folder / "fifo.png")  # opening it to read would wait for a writer forever
+    for name in ("dir.png", "fifo.png", "missing.png"):
+        item = {"filename": name, "subfolder": "", "type": "output"}
+        with pytest.raises(OutputError, match=r"could not be reached|answered"):  # then /view, here nobody
+            client_call(Folders(output=folder), lambda comfy, item=item: comfy.fetch(item, True))
+
+
 # -- inputs written into ComfyUI's folder ------------------------------------------------------------------
 
 
