@@ -28,7 +28,7 @@ from serverless.comfyui.client import ComfyUI, Timeouts
 from serverless.comfyui.folders import Folders, confined, started_folders
 from serverless.core.messages import Message
 from serverless.core.previews import PreviewFrame
-from serverless.errors import OutputError
+from serverless.errors import InputError, OutputError
 from serverless.resources import comfyui_folders
 from serverless.settings import Settings
 from tests.helpers import comfyui_texts, empty_image, post_run, txt2img, wait_until
@@ -261,6 +261,22 @@ def png(color: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_an_input_staged_in_a_subfolder_is_written_whole_there_and_never_through_a_symlink(tmp_path):
+    folder = tmp_path / "input"
+    name = client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG one", "serverless/a1.png"))
+    assert name == "serverless/a1.png"
+    assert (folder / "serverless" / "a1.png").read_bytes() == b"\x89PNG one"
+    client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG two", "serverless/a1.png"))
+    assert (folder / "serverless" / "a1.png").read_bytes() == b"\x89PNG two"  # replaced whole
+    assert sorted(p.name for p in (folder / "serverless").iterdir()) == ["a1.png"]  # no partial file left
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (folder / "out").symlink_to(outside)
+    with pytest.raises(InputError):  # not written there; the upload it falls back to finds nobody
+        client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG", "out/a2.png"))
+    assert list(outside.iterdir()) == []
 
 
 def test_a_base64_input_written_to_disk_is_what_comfyui_loads(own_emulator, start_app):
