@@ -186,6 +186,7 @@ class Job:
         # Set by a fleet worker: called once the job's prompt is in ComfyUI's queue (or the job
         # ended without one), when the worker may queue its next job behind it.
         self.on_queued: Callable[[], None] | None = None
+        self.queued = asyncio.Event()  # set then too (a stream's log is claimed after it: `Jobs`)
         self.models_downloaded = 0  # model references fetched for this job (not from the cache)
         # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
         self.gate: Gate | None = None
@@ -376,6 +377,7 @@ class Job:
         return self.gate(self.spec.owner, self.spec.concurrency)
 
     def _queued(self) -> None:
+        self.queued.set()
         queued, self.on_queued = self.on_queued, None
         if queued is not None:
             queued()
