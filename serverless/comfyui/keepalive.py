@@ -47,6 +47,7 @@ class _Exchange(asyncio.Protocol):
         self._size = 0
         self._framed = False  # Content-Length or chunked: else the body ends with the connection
         self._started = False  # a byte of the response came
+        self._headed = False  # its status line and headers came whole
         self._kept = False  # the server keeps the connection open after this answer
 
     # asyncio.Protocol
@@ -63,7 +64,7 @@ class _Exchange(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self._waiter is not None and not self._waiter.done():
-            if self._started and not self._framed and self._status_known():
+            if self._headed and not self._framed:
                 self._complete()  # the body ended with the connection (no length, not chunked)
             else:
                 self._waiter.set_exception(ConnectionError("ComfyUI closed the connection before it answered"))
@@ -72,6 +73,9 @@ class _Exchange(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() in (b"content-length", b"transfer-encoding"):
             self._framed = True
+
+    def on_headers_complete(self) -> None:
+        self._headed = True
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -88,7 +92,8 @@ class _Exchange(asyncio.Protocol):
     def send(self, request: bytes) -> asyncio.Future[Answer]:
         assert self.transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
-        self._body, self._size, self._framed, self._started, self._kept = [], 0, False, False, False
+        self._body, self._size = [], 0
+        self._framed = self._started = self._headed = self._kept = False
         self.transport.write(request)
         return self._waiter
 
@@ -106,12 +111,6 @@ class _Exchange(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-    def _status_known(self) -> bool:
-        try:
-            return bool(self._parser.get_status_code())
-        except Exception:  # httptools raises before a status line was parsed
-            return False
 
     def _complete(self) -> None:
         waiter = self._waiter
