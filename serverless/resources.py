@@ -319,13 +319,14 @@ class Resources:
             return None
         return await self.redis.read_file(links.stored_name(item, conversion))
 
-    def recent_output(self, item: Mapping[str, Any]) -> tuple[bytes, str] | None:
-        """On one box, an output of ComfyUI's API its job read a moment ago (`recent`): its bytes
-        and content type as `/view` serves them from ComfyUI's folder; None on a fleet (its
-        workers keep theirs in Redis: `stored_file`), or when it is not (or no longer) kept."""
+    async def recent_output(self, item: Mapping[str, Any]) -> tuple[bytes, str] | None:
+        """On one box, an output of ComfyUI's API its job read a moment ago, or is reading
+        (`recent`): its bytes and content type as `/view` serves them from ComfyUI's folder; None
+        on a fleet (its workers keep theirs in Redis: `stored_file`), or when it is not (or no
+        longer) kept."""
         if self.redis is not None and self.settings.fleet.queue_backend == "redis":
             return None
-        return self.recent.get(item)
+        return await self.recent.wait_get(item)
 
     def file_link(self, policy: OutputPolicy, item: Mapping[str, Any]) -> str:
         """The signed download link of an output, under the base URL the caller reached us at."""

@@ -24,8 +24,9 @@ import pytest
 import requests
 from PIL import Image
 
+from serverless.comfyui import folders as comfyui_folders_module
 from serverless.comfyui.client import ComfyUI, Timeouts
-from serverless.comfyui.folders import Folders, confined, started_folders
+from serverless.comfyui.folders import Folders, confined, read_small, started_folders
 from serverless.core.messages import Message
 from serverless.core.previews import PreviewFrame
 from serverless.errors import OutputError
@@ -181,6 +182,53 @@ def test_a_history_path_leading_outside_the_folder_is_refused(tmp_path, subfolde
     (folder / "link").symlink_to(tmp_path)
     with pytest.raises(OutputError, match="refused"):
         confined(folder, subfolder, filename)
+
+
+@pytest.mark.parametrize("by_name", [True, False], ids=["kernel-named", "resolved-first"])
+@pytest.mark.parametrize(
+    ("subfolder", "filename"),
+    [
+        ("..", "secret.txt"),
+        ("a/../..", "secret.txt"),
+        ("", "/etc/passwd"),
+        ("/etc", "passwd"),
+        ("", "link/secret.txt"),  # a symlink inside the folder that leads out of it
+        ("", "out.png"),  # a symlink file that leads out of it
+        ("", ""),
+        ("", "ok"),  # a folder
+        ("", "missing.png"),
+    ],
+)
+def test_a_small_read_outside_the_folder_or_of_no_file_finds_nothing(
+    tmp_path, monkeypatch, by_name, subfolder, filename
+):
+    """`read_small` (an output `/view` reads whole): what `confined` refuses, or what is not a
+    file, reads as nothing, whether the kernel names the file it opened or the path is resolved
+    first (where /proc is not there)."""
+    monkeypatch.setattr(comfyui_folders_module, "NAMES_OPEN_FILES", by_name)
+    folder = tmp_path / "output"
+    (folder / "ok").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("not an output")
+    (folder / "link").symlink_to(tmp_path)
+    (folder / "out.png").symlink_to(tmp_path / "secret.txt")
+    assert read_small(folder, subfolder, filename, 1024) is None
+
+
+@pytest.mark.parametrize("by_name", [True, False], ids=["kernel-named", "resolved-first"])
+def test_a_small_read_inside_the_folder_reads_the_file_as_view_serves_it(tmp_path, monkeypatch, by_name):
+    monkeypatch.setattr(comfyui_folders_module, "NAMES_OPEN_FILES", by_name)
+    folder = tmp_path / "output"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "x.png").write_bytes(b"\x89PNG fake")
+    (folder / "a" / "page.html").write_bytes(b"<p>")
+    (folder / "a" / "y.png").symlink_to(folder / "a" / "x.png")  # a link staying inside: its target's type
+    (folder / "empty.webp").write_bytes(b"")
+    assert read_small(folder, "a", "x.png", 1024) == (b"\x89PNG fake", "image/png", 9)
+    assert read_small(folder, "a/../a", "y.png", 1024) == (b"\x89PNG fake", "image/png", 9)
+    assert read_small(folder, "", "a/x.png", 1024) == (b"\x89PNG fake", "image/png", 9)
+    assert read_small(folder, "a", "page.html", 1024) == (b"<p>", "application/octet-stream", 3)  # as /view
+    assert read_small(folder, "", "empty.webp", 1024) == (b"", "image/webp", 0)
+    assert read_small(folder, "a", "x.png", 8) is None  # bigger than asked: `/view` streams it
 
 
 def test_a_history_path_inside_the_folder_resolves_there(tmp_path):

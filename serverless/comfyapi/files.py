@@ -61,7 +61,7 @@ async def serve_file(
 ) -> Response:
     """An output (or input) file: where a fleet's worker kept it, else through this instance's
     ComfyUI (on one box, an output its job has just read: from memory); a gateway has none (404)."""
-    kept = None if head else resources.recent_output(item)  # a HEAD gets ComfyUI's own answer, as before
+    kept = None if head else await resources.recent_output(item)  # a HEAD gets ComfyUI's own answer, as before
     if kept is None:
         kept = await resources.stored_file(item, NO_CONVERSION)
     if kept is None and resources.settings.fleet.role == "gateway":

@@ -31,7 +31,7 @@ from ..core import jsontext
 from ..core.messages import Message, from_history
 from ..core.previews import FEATURE_FLAGS
 from ..errors import ComfyUIUnavailable, InputError, NotFound, OutputError, PromptError
-from .folders import Folders, confined, read_output, write_input
+from .folders import Folders, confined, read_output, read_small, write_input
 from .listener import Connection, Listener
 
 log = logging.getLogger(__name__)
@@ -485,12 +485,7 @@ def _read_item(folder: Path, item: Mapping[str, Any], with_content: bool) -> tup
 def _read_small_item(folder: Path, item: Mapping[str, Any], limit: int) -> tuple[bytes, str, int] | None:
     """A history item's file from `folder` (blocking) when it is at most `limit` bytes; None when
     it is not there, bigger, or names a path outside the folder."""
-    try:
-        path = confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")))
-    except OutputError:
-        return None
-    read = read_output(path, True, limit)
-    return (read[0], read[1], read[2]) if read is not None and read[0] is not None else None
+    return read_small(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")), limit)
 
 
 def _local_item(folder: Path, item: Mapping[str, Any]) -> Path | None:

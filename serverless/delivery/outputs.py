@@ -159,9 +159,16 @@ class OutputCollector:
                 return await self._stream(spooled, name)
         name = str(item.get("filename", "")) or "output"
         if self._recent is not None:
-            read = await self._comfy.read_local(item, UP_TO)
+            reading, read = self._recent.reading(item), None
+            try:
+                read = await self._comfy.read_local(item, UP_TO)
+            finally:
+                content = read.content if read is not None else None
+                kept = (
+                    (content, read.content_type or "application/octet-stream") if read and content is not None else None
+                )
+                self._recent.done_reading(item, reading, kept)
             if read is not None and read.content is not None:
-                self._recent.put(item, read.content, read.content_type or "application/octet-stream")
                 mime = _mime(Fetched(None, read.content_type, read.size), name)  # as a read of its size tells it
                 return OutputFile(Fetched(None, None, read.size), None, mime)
         fetched = await self._comfy.fetch(item, self._with_content)

@@ -5,12 +5,14 @@ the job that made it has just read the file (its output collector: the result's 
 in a trip to a worker thread; `/view` then answers from those bytes, without a second trip (a
 thread's turn is milliseconds on a loaded machine) nor a read of the disk. Only files up to
 UP_TO bytes are kept, KEEP_SECONDS at most and MAX_BYTES in all (the oldest go first): a file not
-kept (bigger, older, pushed out) is read from ComfyUI's folder as before. A fleet keeps its
-workers' outputs in Redis instead (`Resources.stored_file`).
+kept (bigger, older, pushed out) is read from ComfyUI's folder as before. A `/view` that comes
+while the job's read is under way waits for it rather than reading the file again. A fleet keeps
+its workers' outputs in Redis instead (`Resources.stored_file`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -32,6 +34,35 @@ class RecentFiles:
         self.keep_seconds = keep_seconds
         self.size = 0
         self._files: OrderedDict[FileKey, tuple[bytes, str, float]] = OrderedDict()
+        self._reading: dict[FileKey, asyncio.Future[None]] = {}  # reads under way, settled when done
+
+    def reading(self, item: Mapping[str, Any]) -> asyncio.Future[None]:
+        """A job begins reading a file: `done_reading` settles what this returns."""
+        future = asyncio.get_running_loop().create_future()
+        self._reading[file_key(item)] = future
+        return future
+
+    def done_reading(
+        self, item: Mapping[str, Any], future: asyncio.Future[None], read: tuple[bytes, str] | None
+    ) -> None:
+        """The read `future` stands for ended: its bytes and content type kept (`put`), None when
+        it read nothing to keep; whoever waits for it goes on."""
+        if read is not None:
+            self.put(item, *read)
+        key = file_key(item)
+        if self._reading.get(key) is future:
+            del self._reading[key]
+        if not future.done():
+            future.set_result(None)
+
+    async def wait_get(self, item: Mapping[str, Any]) -> tuple[bytes, str] | None:
+        """`get`, after the read of the file under way, if there is one."""
+        found = self.get(item)
+        future = self._reading.get(file_key(item)) if found is None else None
+        if future is not None:
+            await asyncio.shield(future)  # a caller that goes away does not end the job's read
+            found = self.get(item)
+        return found
 
     def put(self, item: Mapping[str, Any], content: bytes, content_type: str) -> None:
         """Keep a file a job read (not one over UP_TO bytes or MAX_BYTES)."""
