@@ -33,6 +33,7 @@ from ..core.previews import FEATURE_FLAGS
 from ..errors import ComfyUIUnavailable, InputError, NotFound, OutputError, PromptError
 from .folders import Folders, confined, read_output, read_small, write_input
 from .listener import Connection, Listener
+from .poster import Poster
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ class ComfyUI:
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+                await comfy.prompts.aclose()
 
     def __init__(
         self,
@@ -217,6 +219,8 @@ class ComfyUI:
         self.timeout = aiohttp.ClientTimeout(total=timeouts.request)
         self.folders = folders
         self._queue_read: tuple[float, asyncio.Future[QueueState]] | None = None
+        # Prompts go on connections of their own (`poster`): aiohttp's request is slow to build.
+        self.prompts = Poster(self.base_url, "/prompt", timeouts.connect)
         self.listener = Listener(self._open_socket, self.history, self.queue, timeouts.connect, timeouts.reconnect)
 
     def _url(self, path: str) -> str:
@@ -254,12 +258,15 @@ class ComfyUI:
         if extra_data:
             payload["extra_data"] = extra_data
         data = await asyncio.to_thread(jsontext.compact, payload) if big else jsontext.compact(payload)
-        headers = {"Content-Type": "application/json"}
         with translate_errors("submitting the prompt"):
-            async with self.session.post(
-                self._url("/prompt"), data=data, headers=headers, timeout=self.timeout
-            ) as resp:
-                status, body = resp.status, await resp.read()
+            if self.prompts.usable:
+                async with asyncio.timeout(self.timeouts.request):
+                    status, body = await self.prompts.post(data)
+            else:
+                async with self.session.post(
+                    self._url("/prompt"), data=data, headers={"Content-Type": "application/json"}, timeout=self.timeout
+                ) as resp:
+                    status, body = resp.status, await resp.read()
         try:
             answer = jsontext.loads(body) if body else None
         except ValueError:
