@@ -33,6 +33,7 @@ from serverless.errors import OutputError
 from serverless.resources import comfyui_folders
 from serverless.settings import Settings
 from tests.helpers import comfyui_texts, empty_image, post_run, txt2img, wait_until
+from tests.test_comfyapi import ExampleClient, address
 from tests.test_stream import (
     TERMINAL_TYPES,
     assert_forwarded_as_sent,
@@ -153,6 +154,30 @@ def test_view_and_links_serve_an_output_from_comfyuis_folder_on_our_disk_even_wh
     assert part.status_code == 206 and part.content == made[:8]
     assert part.headers["content-range"] == f"bytes 0-7/{len(made)}"
     assert link.status_code == 200 and link.content == made
+
+
+def test_a_comfyui_clients_view_of_an_output_its_job_just_read_answers_from_memory(own_emulator, start_app):
+    """ComfyUI's API on a co-located box: the job reads each output whole as it tells its size, and
+    the client's `/view` right after `/history` is answered from those bytes (here with the file
+    gone from the folder and ComfyUI's `/view` failing: nothing else could serve it); a `HEAD` is
+    ComfyUI's own answer, as before."""
+    root = own_emulator.root
+    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(root / "output"))
+    client = ExampleClient(address(server.url))
+    images = client.run(empty_image(20, 12, color=0x446688, prefix="kept/view"))
+    ((made,),) = images.values()
+    (path,) = (root / "output" / "kept").glob("view_*.png")
+    assert path.read_bytes() == made
+    path.unlink()
+    configure(own_emulator, view_status=500)
+    try:
+        params = {"filename": path.name, "subfolder": "kept", "type": "output"}
+        view = requests.get(server.url + "/view", params=params, timeout=5)
+        head = requests.head(server.url + "/view", params=params, timeout=5)
+    finally:
+        configure(own_emulator, view_status=0)
+    assert view.status_code == 200 and view.content == made and view.headers["content-type"] == "image/png"
+    assert head.status_code != 200  # ComfyUI's `/view` answered it
 
 
 def test_an_output_missing_from_the_folder_is_fetched_through_view(own_emulator, start_app, tmp_path):
