@@ -225,6 +225,20 @@ class Job:
             return False
         return True
 
+    def published_now(self, after: int = 0) -> list[Event] | None:
+        """The events published after the first `after` so far (previews left out), when every
+        one may reach a caller at once (`_ready_for`); None when not (the task is not known to
+        the status store yet, its terminal payload waits for the log, or the feed no longer
+        holds them: `events` then tells)."""
+        if self.known is not None and not self.known.is_set():
+            return None
+        events = self.feed.events_after(after)
+        if events is None or (events and self._waits_for_record(events[-1])):
+            return None
+        if len(events) > self.feed.limit and not events[-1].terminal:
+            return None  # as far behind as a live reader may be (`Feed.follow`)
+        return events
+
     def _readable_after(self, seq: int) -> bool:
         feed = self.feed
         if feed.last_seq <= seq or (self.known is not None and not self.known.is_set()):
