@@ -102,7 +102,7 @@ def _read_named(folder: Path, subfolder: str, filename: str, limit: int | None) 
     `read_output`, as before: refused when its path leads outside, else missing."""
     base = _base(folder)
     try:
-        fd = os.open(os.path.join(base, subfolder, filename), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(os.path.join(base, subfolder, filename), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return read_output(confined(folder, subfolder, filename), True, limit)
     try:
