@@ -160,6 +160,10 @@ class RemoteJob:
         """The caller went away: cancel the job wherever it is."""
         self.runner.cancel_later(self.task_id, reason)
 
+    def published_now(self, after: int = 0) -> list[Event] | None:
+        """None: its events are in the status store, not here (`events` reads them)."""
+        return None
+
 
 def _lacking(needs: Needs, workers: list[WorkerView], lane: str) -> dict[str, list[str]] | None:
     """`missing`, at once when one worker of the lane has it all (the union of every worker's

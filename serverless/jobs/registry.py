@@ -13,6 +13,7 @@ key), which `watch_cancels` looks for every CANCEL_POLL seconds (one stat, or on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Coroutine
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_POLL = 0.5  # seconds between looks for cancel requests left by other instances
 BUSY_RETRY_AFTER = 5  # seconds a refused caller is told to wait; FC retries elsewhere meanwhile
+CLAIM_AFTER = 0.02  # seconds a stream's log claim waits for its inputs to be staged (`_begin_and_record`)
 
 
 class Jobs:
@@ -176,8 +178,10 @@ class Jobs:
             # A stream's caller learns the id from its first event: the log is claimed beside
             # the run, off the caller's path, and the events wait for the claim (Job.known).
             attempt, known = None, asyncio.Event()
-            recorder = self._begin_and_record(spec, task_id, feed, known)
+            recorder = None
         job = Job(spec, self.runtime, feed, prompt_id, task_id)
+        if recorder is None and known is not None:
+            recorder = self._begin_and_record(spec, task_id, feed, known, after=job.staged)
         job.known = known
         job.gate = self.tenants.gates.slot  # over its key's concurrency, it waits behind its own
         # The run's task first: its prompt goes to ComfyUI before the log's claim takes its turn.
@@ -229,9 +233,17 @@ class Jobs:
         feed: Feed,
         known: asyncio.Event,
         claimed: asyncio.Future[None] | None = None,
+        after: asyncio.Event | None = None,
     ) -> None:
         """Claim the log beside the run, then record the job. With `claimed`, a failed claim is
-        its waiter's to answer (it stops the job) rather than a job run without a log."""
+        its waiter's to answer (it stops the job) rather than a job run without a log. With
+        `after` (the job's inputs are staged), the claim waits for it, CLAIM_AFTER seconds at most:
+        the claim's thread takes the GIL back after each of its system calls, from the loop that
+        is staging the inputs just then (a job without any is staged at once)."""
+        if after is not None and not after.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLAIM_AFTER):
+                    await after.wait()
         try:
             attempt = await self._begin(spec, task_id)
         except ServerlessError as exc:
