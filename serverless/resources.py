@@ -29,6 +29,7 @@ from .delivery.convert import Converter
 from .delivery.converted import ConvertedFiles
 from .delivery.oss_config import OssConfig, read_rules
 from .delivery.outputs import Keeper, OutputCollector, ReadyCallback
+from .delivery.recent import RecentFiles
 from .delivery.s3_config import config_from_settings
 from .delivery.storage import Source, Storage
 from .delivery.webhooks import Webhooks
@@ -86,6 +87,7 @@ class Resources:
     redis: RedisStatus | None = None  # the status store again when it is Redis: the fleet's queue shares it
     tenants: Tenants = field(default_factory=Tenants)  # rate limits, a box's key gates, usage per key
     models: ModelStore | None = None  # MODELS_DIR's store, where this instance runs jobs
+    recent: RecentFiles = field(default_factory=RecentFiles)  # a box's newest outputs of ComfyUI's API
 
     @classmethod
     @asynccontextmanager
@@ -282,6 +284,8 @@ class Resources:
         keep = None
         if (policy.url is not None or policy.keep) and self.fleet_worker:
             keep = self._file_keeper(policy)
+        # One box's outputs of ComfyUI's API: kept a moment in memory for its `/view` (`recent`).
+        recent = self.recent if policy.keep and not self.fleet_worker else None
         return OutputCollector(
             self.comfy,
             with_content=policy.base64,
@@ -293,6 +297,7 @@ class Resources:
             link=partial(self.file_link, policy) if policy.url is not None else None,
             keep=keep,
             converter=self.converted.converter,
+            recent=recent,
         )
 
     def _file_keeper(self, policy: OutputPolicy) -> Keeper:
@@ -315,6 +320,15 @@ class Resources:
         if self.redis is None or self.settings.fleet.queue_backend != "redis":
             return None
         return await self.redis.read_file(links.stored_name(item, conversion))
+
+    async def recent_output(self, item: Mapping[str, Any]) -> tuple[bytes, str] | None:
+        """On one box, an output of ComfyUI's API its job read a moment ago, or is reading
+        (`recent`): its bytes and content type as `/view` serves them from ComfyUI's folder; None
+        on a fleet (its workers keep theirs in Redis: `stored_file`), or when it is not (or no
+        longer) kept."""
+        if self.redis is not None and self.settings.fleet.queue_backend == "redis":
+            return None
+        return await self.recent.wait_get(item)
 
     def file_link(self, policy: OutputPolicy, item: Mapping[str, Any]) -> str:
         """The signed download link of an output, under the base URL the caller reached us at."""

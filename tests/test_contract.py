@@ -142,6 +142,15 @@ def test_an_async_job_answers_at_once_and_its_status_ends_with_the_result(deploy
     assert base64.b64decode(only_result(logged[-1])["base64"]["content"]).startswith(b"\x89PNG")
 
 
+def test_a_sync_job_nobody_named_keeps_comfyuis_status_broadcasts_out_of_its_log(deployment: Deploy) -> None:
+    url = deployment().url
+    answer = post_run(url, txt2img(seed=4, steps=2))
+    assert answer.status_code == 200, answer.text
+    kinds = [payload["type"] for payload in ended(url, answer.json()["data"]["task_id"])]
+    assert kinds[-1] == "serverless_api" and {"execution_start", "executed"} <= set(kinds), kinds
+    assert "status" not in kinds, "seen only in its answer: its log holds the job's own messages"
+
+
 # -- delivery ---------------------------------------------------------------------------------------
 
 

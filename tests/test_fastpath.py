@@ -24,14 +24,16 @@ import pytest
 import requests
 from PIL import Image
 
+from serverless.comfyui import folders as comfyui_folders_module
 from serverless.comfyui.client import ComfyUI, Timeouts
-from serverless.comfyui.folders import Folders, confined, started_folders
+from serverless.comfyui.folders import Folders, confined, read_item, started_folders
 from serverless.core.messages import Message
 from serverless.core.previews import PreviewFrame
-from serverless.errors import OutputError
+from serverless.errors import InputError, OutputError
 from serverless.resources import comfyui_folders
 from serverless.settings import Settings
 from tests.helpers import comfyui_texts, empty_image, post_run, txt2img, wait_until
+from tests.test_comfyapi import ExampleClient, address
 from tests.test_stream import (
     TERMINAL_TYPES,
     assert_forwarded_as_sent,
@@ -154,6 +156,30 @@ def test_view_and_links_serve_an_output_from_comfyuis_folder_on_our_disk_even_wh
     assert link.status_code == 200 and link.content == made
 
 
+def test_a_comfyui_clients_view_of_an_output_its_job_just_read_answers_from_memory(own_emulator, start_app):
+    """ComfyUI's API on a co-located box: the job reads each output whole as it tells its size, and
+    the client's `/view` right after `/history` is answered from those bytes (here with the file
+    gone from the folder and ComfyUI's `/view` failing: nothing else could serve it); a `HEAD` is
+    ComfyUI's own answer, as before."""
+    root = own_emulator.root
+    server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(root / "output"))
+    client = ExampleClient(address(server.url))
+    images = client.run(empty_image(20, 12, color=0x446688, prefix="kept/view"))
+    ((made,),) = images.values()
+    (path,) = (root / "output" / "kept").glob("view_*.png")
+    assert path.read_bytes() == made
+    path.unlink()
+    configure(own_emulator, view_status=500)
+    try:
+        params = {"filename": path.name, "subfolder": "kept", "type": "output"}
+        view = requests.get(server.url + "/view", params=params, timeout=5)
+        head = requests.head(server.url + "/view", params=params, timeout=5)
+    finally:
+        configure(own_emulator, view_status=0)
+    assert view.status_code == 200 and view.content == made and view.headers["content-type"] == "image/png"
+    assert head.status_code != 200  # ComfyUI's `/view` answered it
+
+
 def test_an_output_missing_from_the_folder_is_fetched_through_view(own_emulator, start_app, tmp_path):
     server = start_app(own_emulator.url, COMFYUI_OUTPUT_DIR=str(tmp_path / "elsewhere"))
     response = post_run(server.url, empty_image(color=0x123456, prefix="disk/missing"), params=B64)
@@ -181,6 +207,53 @@ def test_a_history_path_leading_outside_the_folder_is_refused(tmp_path, subfolde
     (folder / "link").symlink_to(tmp_path)
     with pytest.raises(OutputError, match="refused"):
         confined(folder, subfolder, filename)
+
+
+@pytest.mark.parametrize("by_name", [True, False], ids=["kernel-named", "resolved-first"])
+@pytest.mark.parametrize(
+    ("subfolder", "filename"),
+    [
+        ("..", "secret.txt"),
+        ("a/../..", "secret.txt"),
+        ("link", "secret.txt"),  # a symlinked subfolder that leads out of the folder
+        ("a", "out.png"),  # a symlinked file in a subfolder that leads out of it
+        ("", "out.png"),
+        ("a/..", "missing/../../secret.txt"),
+    ],
+)
+def test_an_output_read_whole_outside_the_folder_is_refused(tmp_path, monkeypatch, by_name, subfolder, filename):
+    """`read_item` with its content (an output the job and `/view` read whole): a path leading out
+    of the folder is refused, whether the kernel names the file it opened or the path is resolved
+    first (where /proc is not there)."""
+    monkeypatch.setattr(comfyui_folders_module, "NAMES_OPEN_FILES", by_name)
+    folder = tmp_path / "output"
+    (folder / "a").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("not an output")
+    (folder / "link").symlink_to(tmp_path)
+    (folder / "a" / "out.png").symlink_to(tmp_path / "secret.txt")
+    (folder / "out.png").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(OutputError, match="refused"):
+        read_item(folder, subfolder, filename, True)
+
+
+@pytest.mark.parametrize("by_name", [True, False], ids=["kernel-named", "resolved-first"])
+def test_an_output_read_whole_in_a_subfolder_is_read_as_view_serves_it(tmp_path, monkeypatch, by_name):
+    monkeypatch.setattr(comfyui_folders_module, "NAMES_OPEN_FILES", by_name)
+    folder = tmp_path / "output"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "x.png").write_bytes(b"\x89PNG fake")
+    (folder / "a" / "page.html").write_bytes(b"<p>")
+    (folder / "a" / "y.png").symlink_to(folder / "a" / "x.png")  # a link staying inside: its target's type
+    (folder / "a" / "z.bin").symlink_to(folder / "a" / "x.png")
+    png = (b"\x89PNG fake", "image/png", 9)
+    assert read_item(folder, "a", "x.png", True) == png
+    assert read_item(folder, "a/../a", "y.png", True) == png
+    assert read_item(folder, "", "a/x.png", True) == png
+    assert read_item(folder, "a", "z.bin", True) == png  # as `confined`: the type of the file it leads to
+    assert read_item(folder, "a", "page.html", True) == (b"<p>", "application/octet-stream", 3)  # as /view
+    assert read_item(folder, "a", "x.png", True, 8) is None  # bigger than asked: `/view` streams it
+    assert read_item(folder, "a", "missing.png", True) is None
+    assert read_item(folder, "", "a", True) is None  # a folder
 
 
 def test_a_history_path_inside_the_folder_resolves_there(tmp_path):
@@ -220,6 +293,32 @@ def test_the_client_reads_an_output_from_disk_without_asking_comfyui(tmp_path):
     assert (head.content, head.size) == (None, 12)
 
 
+def test_an_output_that_is_a_symlink_is_read_only_when_it_stays_inside_the_folder(tmp_path):
+    folder = tmp_path / "output"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "real.png").write_bytes(b"\x89PNG inside")
+    (folder / "inside.png").symlink_to(folder / "sub" / "real.png")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG secret")
+    (folder / "outside.png").symlink_to(tmp_path / "secret.png")
+    folders = Folders(output=folder)
+    inside = {"filename": "inside.png", "subfolder": "", "type": "output"}
+    fetched = client_call(folders, lambda comfy: comfy.fetch(inside, True))
+    assert (fetched.content, fetched.content_type) == (b"\x89PNG inside", "image/png")
+    outside = {"filename": "outside.png", "subfolder": "", "type": "output"}
+    with pytest.raises(OutputError, match="refused"):
+        client_call(folders, lambda comfy: comfy.fetch(outside, True))
+
+
+def test_an_output_named_like_a_fifo_or_folder_is_not_read_from_disk(tmp_path):
+    folder = tmp_path / "output"
+    (folder / "dir.png").mkdir(parents=True)
+    os.mkfifo(folder / "fifo.png")  # opening it to read would wait for a writer forever
+    for name in ("dir.png", "fifo.png", "missing.png"):
+        item = {"filename": name, "subfolder": "", "type": "output"}
+        with pytest.raises(OutputError, match=r"could not be reached|answered"):  # then /view, here nobody
+            client_call(Folders(output=folder), lambda comfy, item=item: comfy.fetch(item, True))
+
+
 # -- inputs written into ComfyUI's folder ------------------------------------------------------------------
 
 
@@ -235,6 +334,22 @@ def png(color: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_an_input_staged_in_a_subfolder_is_written_whole_there_and_never_through_a_symlink(tmp_path):
+    folder = tmp_path / "input"
+    name = client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG one", "serverless/a1.png"))
+    assert name == "serverless/a1.png"
+    assert (folder / "serverless" / "a1.png").read_bytes() == b"\x89PNG one"
+    client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG two", "serverless/a1.png"))
+    assert (folder / "serverless" / "a1.png").read_bytes() == b"\x89PNG two"  # replaced whole
+    assert sorted(p.name for p in (folder / "serverless").iterdir()) == ["a1.png"]  # no partial file left
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (folder / "out").symlink_to(outside)
+    with pytest.raises(InputError):  # not written there; the upload it falls back to finds nobody
+        client_call(Folders(input=folder), lambda comfy: comfy.upload_input(b"\x89PNG", "out/a2.png"))
+    assert list(outside.iterdir()) == []
 
 
 def test_a_base64_input_written_to_disk_is_what_comfyui_loads(own_emulator, start_app):

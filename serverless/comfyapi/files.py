@@ -48,7 +48,7 @@ async def view(request: Request) -> Response:
         staged = await inputs(resources).read(filename)
         if staged is not None:
             return ranged(staged, sniffed_mime(staged), request.headers.get("range"))
-    return await serve_file(resources, item, request.headers.get("range"))
+    return await serve_file(resources, item, request.headers.get("range"), request.method == "HEAD")
 
 
 def sniffed_mime(data: bytes) -> str:
@@ -56,10 +56,14 @@ def sniffed_mime(data: bytes) -> str:
     return sniffed[1] if sniffed is not None else "application/octet-stream"
 
 
-async def serve_file(resources: Resources, item: dict[str, str], range_header: str | None) -> Response:
+async def serve_file(
+    resources: Resources, item: dict[str, str], range_header: str | None, head: bool = False
+) -> Response:
     """An output (or input) file: where a fleet's worker kept it, else through this instance's
-    ComfyUI; a gateway has none (404)."""
-    kept = await resources.stored_file(item, NO_CONVERSION)
+    ComfyUI (on one box, an output its job has just read: from memory); a gateway has none (404)."""
+    kept = None if head else await resources.recent_output(item)  # a HEAD gets ComfyUI's own answer, as before
+    if kept is None:
+        kept = await resources.stored_file(item, NO_CONVERSION)
     if kept is None and resources.settings.fleet.role == "gateway":
         kept = await _kept_soon(resources, item)
     if kept is not None:

@@ -157,7 +157,7 @@ async def asset_content(request: Request) -> Response:
         kept = await inputs(resources).read(item["filename"])
         if kept is not None:
             return ranged(kept, str(shown["content_type"]), range_header)
-    return await serve_file(resources, item, range_header)
+    return await serve_file(resources, item, range_header, request.method == "HEAD")
 
 
 @answered

@@ -1,4 +1,4 @@
-"""The ComfyUI client: its HTTP API and websocket, on the app's one aiohttp session.
+"""The ComfyUI client: its HTTP API and websocket.
 
 One websocket serves the whole instance (`listener.Listener`, started and stopped by
 `ComfyUI.open`): `ComfyUI.connect(prompt_id)` registers a job on it and hands back the client id
@@ -8,7 +8,10 @@ one unbroken sequence of messages. ComfyUI's answers come back as typed shapes (
 `SystemStats`). When ComfyUI's folders are on our disk (`folders.Folders`), outputs are read and
 inputs written there, falling back to `/view` for a file that is not there.
 
-aiohttp errors are translated here, and only here, into the adapter's error tree: whatever goes
+ComfyUI's JSON calls (every job's `POST /prompt`, `/history`, `/queue`, `/interrupt`, ...) go over
+connections of our own kept open (`keepalive.KeepAlive`: a request's bytes written, its answer
+parsed in C, a fraction of aiohttp's CPU); files, uploads and the websocket over one aiohttp session.
+Transport errors of both are translated here, and only here, into the adapter's error tree: whatever goes
 wrong talking to ComfyUI becomes `ComfyUIUnavailable`, except what ComfyUI itself answers (a
 refused prompt is `PromptError`, a missing output `OutputError`).
 """
@@ -31,7 +34,8 @@ from ..core import jsontext
 from ..core.messages import Message, from_history
 from ..core.previews import FEATURE_FLAGS
 from ..errors import ComfyUIUnavailable, InputError, NotFound, OutputError, PromptError
-from .folders import Folders, confined, read_output, write_input
+from .folders import Folders, confined, read_item, write_input
+from .keepalive import KeepAlive
 from .listener import Connection, Listener
 
 log = logging.getLogger(__name__)
@@ -185,7 +189,8 @@ class Timeouts:
 
 
 class ComfyUI:
-    """One ComfyUI server, spoken to over one aiohttp session (`ComfyUI.open` owns it)."""
+    """One ComfyUI server, spoken to over connections kept open and one aiohttp session
+    (`ComfyUI.open` owns both)."""
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -205,6 +210,7 @@ class ComfyUI:
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+                await comfy.calls.aclose()
 
     def __init__(
         self,
@@ -217,6 +223,7 @@ class ComfyUI:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
         self.timeout = aiohttp.ClientTimeout(total=timeouts.request)
+        self.calls = KeepAlive(self.base_url, timeouts.connect)
         self.folders = folders
         self._queue_read: tuple[float, asyncio.Future[QueueState]] | None = None
         self.listener = Listener(self._open_socket, self.history, self.queue, timeouts.connect, timeouts.reconnect)
@@ -224,15 +231,19 @@ class ComfyUI:
     def _url(self, path: str) -> str:
         return self.base_url + path
 
-    async def _json(self, method: str, path: str, action: str, allow_missing: bool = False, **kwargs: Any) -> Any:
-        """ComfyUI's JSON answer (None for an empty one); `_MISSING` for a 404 when `allow_missing`."""
+    async def _json(self, method: str, path: str, action: str, allow_missing: bool = False, body: Any = None) -> Any:
+        """ComfyUI's JSON answer (None for an empty one) to `body` sent as JSON; `_MISSING` for a
+        404 when `allow_missing`."""
+        data = b"" if body is None else jsontext.compact(body)
         with translate_errors(action):
-            async with self.session.request(method, self._url(path), timeout=self.timeout, **kwargs) as resp:
-                if resp.status >= 500:
-                    raise ComfyUIUnavailable(f"ComfyUI answered HTTP {resp.status} to {action}")
-                if resp.status == 404 and allow_missing:
-                    return _MISSING
-                body = await resp.read()
+            answer = await self.calls.request(method, path, data, timeout=self.timeouts.request)
+        if answer.status >= 500:
+            raise ComfyUIUnavailable(f"ComfyUI answered HTTP {answer.status} to {action}")
+        if answer.status == 404 and allow_missing:
+            return _MISSING
+        return await self._parsed(answer.body, action)
+
+    async def _parsed(self, body: bytes, action: str) -> Any:
         if not body:
             return None
         try:
@@ -256,12 +267,9 @@ class ComfyUI:
         if extra_data:
             payload["extra_data"] = extra_data
         data = await asyncio.to_thread(jsontext.compact, payload) if big else jsontext.compact(payload)
-        headers = {"Content-Type": "application/json"}
         with translate_errors("submitting the prompt"):
-            async with self.session.post(
-                self._url("/prompt"), data=data, headers=headers, timeout=self.timeout
-            ) as resp:
-                status, body = resp.status, await resp.read()
+            sent = await self.calls.request("POST", "/prompt", data, timeout=self.timeouts.request)
+        status, body = sent.status, sent.body
         try:
             answer = jsontext.loads(body) if body else None
         except ValueError:
@@ -321,13 +329,13 @@ class ComfyUI:
     async def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         """POST /free: ComfyUI unloads its models and empties its caches before its next prompt."""
         body = {"unload_models": unload_models, "free_memory": free_memory}
-        await self._json("POST", "/free", "freeing memory", json=body)
+        await self._json("POST", "/free", "freeing memory", body=body)
 
     async def cancel(self, prompt_id: str) -> None:
         """Remove the prompt from the queue if pending, interrupt it if running; never touches
         another prompt (the interrupt names its prompt id)."""
-        await self._json("POST", "/queue", "deleting from the queue", json={"delete": [prompt_id]})
-        await self._json("POST", "/interrupt", "interrupting", json={"prompt_id": prompt_id})
+        await self._json("POST", "/queue", "deleting from the queue", body={"delete": [prompt_id]})
+        await self._json("POST", "/interrupt", "interrupting", body={"prompt_id": prompt_id})
 
     async def fetch(
         self, item: Mapping[str, Any], with_content: bool, encode: Callable[[bytes], bytes] | None = None
@@ -434,7 +442,12 @@ class ComfyUI:
             form.add_field("subfolder", subfolder)
         form.add_field("overwrite", "true")
         try:
-            answer = await self._json("POST", "/upload/image", "uploading an input", data=form)
+            with translate_errors("uploading an input"):
+                async with self.session.post(self._url("/upload/image"), data=form, timeout=self.timeout) as resp:
+                    if resp.status >= 500:
+                        raise ComfyUIUnavailable(f"ComfyUI answered HTTP {resp.status} to uploading an input")
+                    body = await resp.read()
+            answer = await self._parsed(body, "uploading an input")
         except ComfyUIUnavailable as exc:
             raise InputError(f"uploading {filename} to ComfyUI failed: {exc.message}") from exc
         if not isinstance(answer, dict) or not answer.get("name"):
@@ -494,9 +507,7 @@ def _read_item(
 ) -> Fetched | None:
     """A history item's file from `folder` (blocking): confined to it, None when not there; its
     bytes put through `encode` too when given."""
-    read = read_output(
-        confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", ""))), with_content
-    )
+    read = read_item(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")), with_content)
     if read is None:
         return None
     content, content_type, size = read
@@ -508,10 +519,9 @@ def _read_small_item(folder: Path, item: Mapping[str, Any], limit: int) -> tuple
     """A history item's file from `folder` (blocking) when it is at most `limit` bytes; None when
     it is not there, bigger, or names a path outside the folder."""
     try:
-        path = confined(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")))
+        read = read_item(folder, str(item.get("subfolder", "") or ""), str(item.get("filename", "")), True, limit)
     except OutputError:
         return None
-    read = read_output(path, True, limit)
     return (read[0], read[1], read[2]) if read is not None and read[0] is not None else None
 
 

@@ -23,6 +23,7 @@ from ..core.jsontext import Spliced
 from ..core.media import mime_for_name, sniff
 from ..errors import OutputError, ServerlessError
 from .convert import Converter
+from .recent import UP_TO, RecentFiles
 from .storage import Source
 
 CONCURRENCY = 8  # a job's outputs read (and uploaded) at once
@@ -107,6 +108,7 @@ class OutputCollector:
         link: Linker | None = None,
         keep: Keeper | None = None,
         converter: Converter | None = None,
+        recent: RecentFiles | None = None,
     ) -> None:
         self._comfy = comfy
         self._converter = converter or Converter()
@@ -122,6 +124,9 @@ class OutputCollector:
         self._on_ready = on_ready
         self._link = link
         self._keep = keep
+        # A box's outputs of ComfyUI's API: read whole (up to UP_TO bytes) in the trip that
+        # tells their size, and kept a moment for the client's `/view` (`recent`).
+        self._recent = recent if not self._with_content and not conversion.active else None
 
     def prefetch(self, output: Mapping[str, Any], node_id: str) -> None:
         """Start reading the files of an `executed` message's output."""
@@ -152,11 +157,24 @@ class OutputCollector:
                 return await self._stream(local, name)
             async with self._comfy.spooled_output(item) as spooled:
                 return await self._stream(spooled, name)
+        name = str(item.get("filename", "")) or "output"
+        if self._recent is not None:
+            reading, read = self._recent.reading(item), None
+            try:
+                read = await self._comfy.read_local(item, UP_TO)
+            finally:
+                content = read.content if read is not None else None
+                kept = (
+                    (content, read.content_type or "application/octet-stream") if read and content is not None else None
+                )
+                self._recent.done_reading(item, reading, kept)
+            if read is not None and read.content is not None:
+                mime = _mime(Fetched(None, read.content_type, read.size), name)  # as a read of its size tells it
+                return OutputFile(Fetched(None, None, read.size), None, mime)
         # The base64 of a file read from our disk is made in the thread that read it (one trip);
         # a converted file's, once it is converted.
         encode = pybase64.b64encode if self._base64 and not self._conversion.active else None
         fetched = await self._comfy.fetch(item, self._with_content, encode)
-        name = str(item.get("filename", "")) or "output"
         content, mime, size, encoded = fetched.content, _mime(fetched, name), fetched.size, fetched.encoded
         del fetched  # the original is dropped as soon as it is converted
         if content is not None:

@@ -36,6 +36,7 @@ STRANDED_CHECK = 1.0  # seconds between a waiting follower's looks at its job's 
 WORKERS_FRESH = 1.0  # seconds the workers' heartbeats are trusted by the check of what a job needs
 WORKERS_STALE = 5.0
 DEPTH_FRESH = 0.1  # seconds a reading of the queue's depth is trusted by admission (plus what we added since)
+DEPTH_ROOMY = 0.5  # DEPTH_FRESH while the queue is under half full (the limit is not near: fewer reads)
 DEPTH_STALE = 1.0
 HELD_MAX = 60.0  # seconds a job's log stays registered with the status watch for a follower that does not come
 
@@ -159,6 +160,10 @@ class RemoteJob:
         """The caller went away: cancel the job wherever it is."""
         self.runner.cancel_later(self.task_id, reason)
 
+    def published_now(self, after: int = 0) -> list[Event] | None:
+        """None: its events are in the status store, not here (`events` reads them)."""
+        return None
+
 
 def _lacking(needs: Needs, workers: list[WorkerView], lane: str) -> dict[str, list[str]] | None:
     """`missing`, at once when one worker of the lane has it all (the union of every worker's
@@ -232,12 +237,14 @@ class RemoteJobs:
         return self._depth[1] + self._added if self._depth is not None else 0
 
     async def _waiting(self, fresh: bool = False) -> int:
-        """Jobs waiting in the queue: read from Redis at most every DEPTH_FRESH seconds (one read
-        at a time: the callers that find the reading stale meanwhile share it; waited for only
-        when older than DEPTH_STALE, or `fresh`), plus those this gateway queued since (so that a
-        burst does not slip past the limit)."""
+        """Jobs waiting in the queue: read from Redis at most every DEPTH_FRESH seconds (DEPTH_ROOMY
+        while under half of MAX_QUEUED_JOBS wait; one read at a time: the callers that find the
+        reading stale meanwhile share it; waited for only when older than DEPTH_STALE, or
+        `fresh`), plus those this gateway queued since (so that a burst does not slip past the
+        limit)."""
         age = time.monotonic() - self._depth[0] if self._depth is not None else None
-        if age is None or age > DEPTH_FRESH:
+        roomy = self._depth is not None and 2 * (self._depth[1] + self._added) < self.max_queued
+        if age is None or age > (DEPTH_ROOMY if roomy else DEPTH_FRESH):
             if self._reading is None:
                 self._reading = asyncio.ensure_future(self._read_depth())
                 self._reading.add_done_callback(_retrieved)  # a failure its callers all left is no warning

@@ -330,7 +330,7 @@ class RedisQueue:
                 pipe.hset(keys.staged_inputs(task_id, name), mapping=staged)  # type: ignore[arg-type]
                 pipe.expire(keys.staged_inputs(task_id, name), self.inputs_ttl)
                 await pipe.execute()
-        encoded = encode_spec(_named(replace(spec, workflow=light), task_id))
+        encoded = encode_spec(_travelling(spec, task_id, light))
         if spec.owner and spec.concurrency and not spec.lane:  # queued, or held behind its key's own
             following = await self.status.current(task_id) + 1
             await self._claim_owner(task_id, owner)
@@ -613,6 +613,11 @@ def _idem(key: str, spec: JobSpec) -> str:
     return keys.queue_idempotency(scoped_key(key, spec.owner))
 
 
-def _named(spec: JobSpec, task_id: str) -> JobSpec:
-    """The spec with its task id: a worker records under the id the gateway answered with."""
-    return spec if spec.task_id == task_id else replace(spec, task_id=task_id)
+def _travelling(spec: JobSpec, task_id: str, workflow: dict[str, Any]) -> JobSpec:
+    """The spec as its queue entry carries it: its workflow without the inputs staged apart, and
+    its task id, under which a worker records it (one made here for its caller, who learns it
+    from the answer, is `id_made`: a sync job's log then holds what one box's would)."""
+    if spec.task_id == task_id and workflow is spec.workflow:
+        return spec
+    made = spec.id_made or spec.task_id is None
+    return replace(spec, workflow=workflow, task_id=task_id, id_made=made)

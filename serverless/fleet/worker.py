@@ -65,6 +65,7 @@ from ..jobs.spec import JobSpec
 from ..settings import Settings
 from ..status import keys
 from ..status.redis import BACKOFF_MAX, BLOCK_SECONDS, DOWN, RedisAttempt, RedisStatus
+from ..status.watch import HeldReads
 from . import deadletters, staging
 from .admission import Admission, stale_after
 from .affinity import Affinity
@@ -230,6 +231,7 @@ class Consumer:
         self._given_seen = "0-0"  # the last entry of our `fleet:given:<name>` stream read (`_groups`)
         self._idle_marked = False  # our last `NEXT` marked us idle (`keys.idle_worker`)
         self._unmark = client.register_script(UNMARK)
+        self._reads = HeldReads(client)  # the blocking read for news, on a connection of its own
         self._acknowledged: dict[str, str | None] = {}  # entry -> newest hand-off id, acknowledged with its end
 
     def health(self) -> dict[str, Any]:
@@ -300,6 +302,7 @@ class Consumer:
                 holding.task.cancel()
             raise
         finally:
+            await self._reads.aclose()
             if not self.jobs.accepting:
                 await self._give_back_given()
             await self._let_held_end()
@@ -504,10 +507,10 @@ class Consumer:
             flat, took = answer[2], int(answer[3])
             self._waiting_since.pop(name, None)
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            taken = await self._read(name, answer[1], fields, reclaimed=False, begun=max(took, 0))
-            if taken is not None and took > -2:
-                return replace(taken, took=took)
-            return taken if taken is None or await self._placed_here(taken) else None
+            taken = await self._read(name, answer[1], fields, reclaimed=False, took=took)
+            if taken is None or taken.took is not None:
+                return taken
+            return taken if await self._placed_here(taken) else None
         await self._trim_when_due()  # nothing queued: a good moment to drop what is done
         if wait:
             return await self._wait_for_news(answer[1], answer[2])
@@ -569,23 +572,23 @@ class Consumer:
         return None if taken is None else replace(taken, handed=True)
 
     async def _read(
-        self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool, begun: int = 0
+        self, name: str, entry: bytes | str, fields: dict[bytes, bytes], reclaimed: bool, took: int = -2
     ) -> Taken | None:
-        """The job a queue entry holds; None for one that cannot be read (a dead letter now; its
-        attempt `begun` as it was taken, if one was, ended with why)."""
+        """The job a queue entry holds, `took` as `NEXT` took it (-2: not asked, `Taken.took`
+        None); None for one that cannot be read (a dead letter now; the attempt begun as it was
+        taken, if one was, ended with why)."""
         entry_id = entry.decode() if isinstance(entry, bytes) else entry
         try:
             task_id = fields[b"task_id"].decode()
             validate_task_id(task_id)
             credentials = Credentials.resolve({}, self.settings.oss.credentials)
-            # Run as an async job: `Jobs.start` then refuses it (and we retry) rather than run it
-            # without a status log, which is the only way its caller hears of it.
-            spec = replace(decode_spec(fields[b"spec"], credentials), mode="async")
+            spec = decode_spec(fields[b"spec"], credentials)
         except Exception as exc:  # what a gateway never writes: not a job (a pure decode, no I/O)
-            await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}", begun)
+            await self._dead_letter(name, entry_id, fields, f"{type(exc).__name__}: {exc}", max(took, 0))
             return None
         inputs = fields.get(b"inputs")
-        return Taken(name, entry_id, task_id, spec, reclaimed, inputs.decode() if inputs else None)
+        staged = inputs.decode() if inputs else None
+        return Taken(name, entry_id, task_id, spec, reclaimed, staged, took=None if took == -2 else took)
 
     async def _dead_letter(
         self, name: str, entry: str, fields: dict[bytes, bytes], reason: str, begun: int = 0
@@ -619,7 +622,7 @@ class Consumer:
             return None  # draining: no job is taken any more, so none is waited for
         self.waiting = True  # idle in the blocking read: a drain may cut it (nothing to hand back)
         try:
-            answer: Any = await self.client.xread(since, count=1, block=int(self._block() * 1000))
+            answer: Any = await self._reads.xread(since, 1, int(self._block() * 1000))
         finally:
             self.waiting = False
         if self.affinity is not None and self.affinity.woke(answer):
@@ -650,10 +653,7 @@ class Consumer:
         fields = dict(zip(note[::2], note[1::2], strict=True)) if isinstance(note, list) else dict(note)
         name, queued, took = fields.pop(b"stream").decode(), fields.pop(b"entry"), int(fields.pop(b"took"))
         self._waiting_since.pop(name, None)
-        taken = await self._read(name, queued, fields, reclaimed=False, begun=max(took, 0))
-        if taken is not None and took > -2:
-            return replace(taken, took=took)
-        return taken
+        return await self._read(name, queued, fields, reclaimed=False, took=took)
 
     async def _give_back_given(self) -> None:
         """Draining: our idle mark removed, and a job a gateway gave us that we have not read (given
@@ -783,6 +783,11 @@ class Consumer:
         except Unavailable as exc:  # its staged inputs are gone: it cannot run
             await self._end_here(taken, dead or begun, exc)
             return True
+        if not begun:
+            # Run as an async job: `Jobs.start` begins its attempt, or refuses it (and we retry)
+            # rather than run it without a status log, which is the only way its caller hears of
+            # it. One begun as it was taken runs in its caller's mode (what it may observe).
+            spec = replace(spec, mode="async")
         try:
             job = await self.jobs.start(spec, attempt=RedisAttempt(taken.task_id, begun) if begun else None)
         except Unavailable:

@@ -125,6 +125,11 @@ class Feed:
         beforehand with the seqs they take, are being stored (`Job.settle_recorded`)."""
         self._sealed = True
 
+    @property
+    def sealed(self) -> bool:
+        """The job's last events are being stored with its end (`seal`)."""
+        return self._sealed
+
     def publish_encoded(self, body: bytes) -> bool:
         """Append one of our own payloads encoded already (one of the job's last events)."""
         return self._within_budget(len(body)) and self._append(Event(self._next_seq, body))

@@ -186,6 +186,9 @@ class Job:
         # Set by a fleet worker: called once the job's prompt is in ComfyUI's queue (or the job
         # ended without one), when the worker may queue its next job behind it.
         self.on_queued: Callable[[], None] | None = None
+        # Set once its inputs and models are in place (or it ended before): a stream's log is
+        # claimed from then on (`Jobs`), not while the loop stages them.
+        self.staged = asyncio.Event()
         self.models_downloaded = 0  # model references fetched for this job (not from the cache)
         # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
         self.gate: Gate | None = None
@@ -221,6 +224,20 @@ class Job:
         except TimeoutError:
             return False
         return True
+
+    def published_now(self, after: int = 0) -> list[Event] | None:
+        """The events published after the first `after` so far (previews left out), when every
+        one may reach a caller at once (`_ready_for`); None when not (the task is not known to
+        the status store yet, its terminal payload waits for the log, or the feed no longer
+        holds them: `events` then tells)."""
+        if self.known is not None and not self.known.is_set():
+            return None
+        events = self.feed.events_after(after)
+        if events is None or (events and self._waits_for_record(events[-1])):
+            return None
+        if len(events) > self.feed.limit and not events[-1].terminal:
+            return None  # as far behind as a live reader may be (`Feed.follow`)
+        return events
 
     def _readable_after(self, seq: int) -> bool:
         feed = self.feed
@@ -376,6 +393,7 @@ class Job:
         return self.gate(self.spec.owner, self.spec.concurrency)
 
     def _queued(self) -> None:
+        self.staged.set()
         queued, self.on_queued = self.on_queued, None
         if queued is not None:
             queued()
@@ -545,6 +563,7 @@ class Job:
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
         workflow, models, self._release_models = await runtime.resolve_models(workflow, spec.credentials)
         self.models_downloaded = sum(1 for model in models if not model.get("cached"))  # its key's usage
+        self.staged.set()
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
             # ComfyUI's `status` broadcasts (one per queue change, to every client: ~3N per job

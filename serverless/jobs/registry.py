@@ -13,6 +13,7 @@ key), which `watch_cancels` looks for every CANCEL_POLL seconds (one stat, or on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Coroutine
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_POLL = 0.5  # seconds between looks for cancel requests left by other instances
 BUSY_RETRY_AFTER = 5  # seconds a refused caller is told to wait; FC retries elsewhere meanwhile
+CLAIM_AFTER = 0.02  # seconds a stream's log claim waits for its inputs to be staged (`_begin_and_record`)
 
 
 class Jobs:
@@ -146,7 +148,11 @@ class Jobs:
         known: asyncio.Event | None = None
         claimed: asyncio.Future[None] | None = None
         recorder: Coroutine[Any, Any, None] | None
-        if spec.native and begun is None and not spec.named:
+        if begun is not None:
+            # An attempt its caller began (a fleet worker, in the step that took the job from the
+            # queue): the task is known to every instance already; its log records this run.
+            attempt, recorder = begun, self.status.record(begun, feed)
+        elif spec.native and not spec.named:
             # A prompt of ComfyUI's API whose id was made here: nobody knows it before the answer
             # names it, so its log is claimed with its first append (`record_new`), as a sync
             # job's nobody named. Until then this instance answers for it from the job itself
@@ -154,7 +160,7 @@ class Jobs:
             # the answer and ComfyUI's messages wait for no thread's trip (milliseconds on a
             # loaded machine), and one trip a prompt is saved.
             attempt, recorder = None, self.status.record_new(task_id, feed, self._claimed_attempt(task_id))
-        elif spec.native and begun is None:
+        elif spec.native:
             # ComfyUI's API, a prompt id its client chose (it may ask about it before the answer):
             # its client waits for ComfyUI's messages more than for the answer, so the prompt goes
             # to ComfyUI while its log is claimed; the answer waits for the claim (`start`), and
@@ -163,7 +169,7 @@ class Jobs:
             recorder = self._begin_and_record(spec, task_id, feed, known, claimed)
         elif spec.named or spec.mode == "async":
             # Its caller may poll the status at once (on any instance): known before we answer.
-            attempt = begun if begun is not None else await self._begin(spec, task_id)
+            attempt = await self._begin(spec, task_id)
             recorder = None if attempt is None else self.status.record(attempt, feed)
         elif not spec.observed:
             # No one knows this id before the answer: the log is claimed with its first append.
@@ -172,8 +178,10 @@ class Jobs:
             # A stream's caller learns the id from its first event: the log is claimed beside
             # the run, off the caller's path, and the events wait for the claim (Job.known).
             attempt, known = None, asyncio.Event()
-            recorder = self._begin_and_record(spec, task_id, feed, known)
+            recorder = None
         job = Job(spec, self.runtime, feed, prompt_id, task_id)
+        if recorder is None and known is not None:
+            recorder = self._begin_and_record(spec, task_id, feed, known, after=job.staged)
         job.known = known
         job.gate = self.tenants.gates.slot  # over its key's concurrency, it waits behind its own
         # The run's task first: its prompt goes to ComfyUI before the log's claim takes its turn.
@@ -225,9 +233,17 @@ class Jobs:
         feed: Feed,
         known: asyncio.Event,
         claimed: asyncio.Future[None] | None = None,
+        after: asyncio.Event | None = None,
     ) -> None:
         """Claim the log beside the run, then record the job. With `claimed`, a failed claim is
-        its waiter's to answer (it stops the job) rather than a job run without a log."""
+        its waiter's to answer (it stops the job) rather than a job run without a log. With
+        `after` (the job's inputs are staged), the claim waits for it, CLAIM_AFTER seconds at most:
+        the claim's thread takes the GIL back after each of its system calls, from the loop that
+        is staging the inputs just then (a job without any is staged at once)."""
+        if after is not None and not after.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLAIM_AFTER):
+                    await after.wait()
         try:
             attempt = await self._begin(spec, task_id)
         except ServerlessError as exc:

@@ -60,6 +60,12 @@ class RunningJob(EventSource, Protocol):
         """Its caller went away: cancel it wherever it runs, unless it already ended."""
         ...
 
+    def published_now(self, after: int = 0) -> list[Event] | None:
+        """The events published after the first `after` so far (previews left out), when they
+        may be read at once, without a turn of the loop; None when they cannot (not held here,
+        or not readable yet: `events` then tells)."""
+        ...
+
     async def terminal_recorded(self) -> bytes:
         """The terminal payload, once the status store holds it too (a webhook receiver that
         polls the status is then sure to find it there)."""

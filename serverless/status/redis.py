@@ -334,6 +334,8 @@ class RedisStatus:
                     # meanwhile goes with it); the terminal payload never waits.
                     if not event.terminal and await _more_within(feed, event.seq, written + WRITE_WINDOW - loop.time()):
                         continue
+                    if feed.sealed and not event.terminal:
+                        continue  # stored with the job's end (`write_settled`), or with its terminal
                     # The expiries and the owner's mark with the first batch, the terminal one and
                     # once a heartbeat: the batches between carry their entries alone.
                     refresh = event.terminal or loop.time() >= refresh_at
@@ -399,7 +401,7 @@ class RedisStatus:
         whole = next((kept for _, kept in stored if kept is not None), None)
         shown = preview.data if preview is not None and len(preview.data) <= self.max_event_bytes else b""
         listed: tuple[list[str], str, int, int] | None = None
-        if number == 1 and events and events[0].seq == 1:
+        if number == 1 and events and events[0].seq == 1 and end is None:  # a queued task: its gateway listed it
             listed = self._listing_first(task_id, stored[0][0])
         if end is not None:
             names += [end.cancel_key, end.ended_key, end.stream, end.handoff_key]
@@ -967,14 +969,13 @@ class RedisStatus:
 
 
 async def _more_within(feed: Feed, seq: int, within: float) -> bool:
-    """Whether the feed has an event after `seq` now or within `within` seconds (its terminal
-    one at once)."""
-    if feed.last_seq > seq or within <= 0:
-        return feed.last_seq > seq
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within):
-            while feed.last_seq <= seq:
-                await feed.changed()
+    """Whether the feed has an event after `seq` once `within` seconds have passed, or at once
+    when it ends: the events published meanwhile are taken together after one wait, not each
+    after a wake of its own (a short job's recorder sleeps from its first event to its end)."""
+    if within > 0 and feed.terminal is None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await feed.wait()
     return feed.last_seq > seq
 
 

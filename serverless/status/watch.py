@@ -16,6 +16,10 @@ Once it runs, the watch's read also names SPARES streams that do not exist yet, 
 new tasks whose ids it chose (`spare`): a caller that names its new task so registers it with no
 wake of the read, which names it already (a gateway's sync job: one round trip fewer each).
 
+The watch's read goes over one connection it keeps (`HeldReads`, as a fleet worker's wait for
+news does): its answer reaches the followers without a trip through the pool's bookkeeping, and
+the followers it wakes go first, before the next read is sent.
+
     follower:  register(key) -> XREAD key (no block) -> nothing: wait for news (bounded)
                -> the watch's entries after its cursor (XREAD when it has not kept them) -> again
     watch:     XREAD BLOCK watch:<id> key1 key2 ... -> keep each key's entries, wake its followers
@@ -58,6 +62,49 @@ SPARES = 2  # new tasks' first logs the watch's read names before they exist (`s
 READ_COUNT = 256  # entries of each stream one read of the watch takes at most
 
 
+class HeldReads:
+    """The blocking reads (XREAD BLOCK) of one loop, on a connection of the pool that it keeps:
+    taken once, not taken from the pool and given back around each read, so that an answer
+    reaches the loop without the pool's bookkeeping first (that answer is a job's start on a
+    worker, its end on a gateway). After a failure or a cancel the connection goes back to the
+    pool (closed by redis-py when a reply may be half read) and the next read takes another."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool: Any = client.connection_pool  # redis-py's pool API is untyped
+        self._held: Any = None
+
+    async def xread(self, streams: dict[Any, Any], count: int, block_ms: int) -> list[tuple[Any, list[Any]]]:
+        """XREAD COUNT `count` BLOCK `block_ms` of `streams` (stream -> the id to read after), as
+        `Redis.xread` answers it: each stream with entries, its entries as (id, fields)."""
+        held = self._held
+        if held is None:
+            held = self._held = await self._pool.get_connection()
+        try:
+            await held.send_command("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", *streams, *streams.values())
+            answer = await held.read_response()
+        except BaseException:
+            self._held = None
+            await self._pool.release(held)
+            raise
+        return read_streams(answer)
+
+    async def aclose(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await self._pool.release(held)
+
+
+def read_streams(answer: Any) -> list[tuple[Any, list[Any]]]:
+    """An XREAD answer as RESP2 or RESP3 gives it, in `Redis.xread`'s shape."""
+    if not answer:
+        return []
+    pairs = answer.items() if isinstance(answer, dict) else answer
+    return [
+        (name, [(entry, dict(zip(fields[::2], fields[1::2], strict=True))) for entry, fields in entries])
+        for name, entries in pairs
+    ]
+
+
 class StreamWatch:
     """Wakes the followers of Redis streams (see the module docstring)."""
 
@@ -76,6 +123,7 @@ class StreamWatch:
         self._task: asyncio.Task[None] | None = None
         self._waking: asyncio.Task[None] | None = None  # the one wake under way (`_wake_soon`)
         self._wake_again = False  # a stream was registered while it was
+        self._reads = HeldReads(client)
 
     @contextlib.asynccontextmanager
     async def news(self, key: str, since: str, event: asyncio.Event | None = None) -> AsyncIterator[asyncio.Event]:
@@ -189,13 +237,14 @@ class StreamWatch:
             spares = {key: "0-0" for key in self._spares.values()}
             streams: dict[Any, Any] = {self._wake_key: self._wake_seen, **spares, **self._since}
             try:
-                answer: Any = await self._client.xread(streams, count=READ_COUNT, block=self._block_ms)
+                answer: Any = await self._reads.xread(streams, READ_COUNT, self._block_ms)
             except DOWN as exc:
                 still_cancelled(exc)  # a cancel redis-py reported as a lost connection ends the watch
                 log.debug("stream watch: Redis is down (%s)", exc)
                 self._wake_all()  # each follower's own read meets the outage and reports it
                 await asyncio.sleep(self._block_ms / 2000)
                 continue
+            woken = False
             for name, entries in answer or []:
                 key = name.decode() if isinstance(name, bytes) else name
                 last = entries[-1][0]
@@ -208,6 +257,11 @@ class StreamWatch:
                     self._keep(key, entries)
                 for event in self._followers.get(key, ()):
                     event.set()
+                    woken = True
+            if woken:
+                # The woken followers go first (a sync caller's answer leaves before the next
+                # read is sent; one whose job ended no longer names its stream in it).
+                await asyncio.sleep(0)
 
     def _keep(self, key: str, entries: list[Any]) -> None:
         kept = self._kept.get(key)
@@ -231,3 +285,4 @@ class StreamWatch:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await self._reads.aclose()

@@ -94,7 +94,11 @@ class TaskEvents:
 
 async def published_events(job: RunningJob, after: int = 0) -> list[Event] | None:
     """The events (previews left out) a job running here has published after the first `after`,
-    so far; None when its feed no longer holds them all (its log has them then)."""
+    so far; None when its feed no longer holds them all (its log has them then). Read at once
+    where they may be (`RunningJob.published_now`), else through its events."""
+    ready = job.published_now(after)
+    if ready is not None:
+        return ready
     events: list[Event] = []
     try:
         async for event in job.events(after, idle=0.0):
