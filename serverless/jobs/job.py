@@ -186,8 +186,8 @@ class Job:
         # Set by a fleet worker: called once the job's prompt is in ComfyUI's queue (or the job
         # ended without one), when the worker may queue its next job behind it.
         self.on_queued: Callable[[], None] | None = None
-        # Set once its inputs and models are in place (or it ended before): a stream's log is
-        # claimed from then on (`Jobs`), not while the loop stages them.
+        # Set once its inputs are staged (or it ended before): a stream's log is claimed from
+        # then on (`Jobs`), not while the loop stages them.
         self.staged = asyncio.Event()
         self.models_downloaded = 0  # model references fetched for this job (not from the cache)
         # Set by `Jobs`: waits while its key runs its `concurrency=` of jobs (`tenants.limits`).
@@ -561,9 +561,9 @@ class Job:
         else:
             prepared = prepare_workflow(spec.workflow, instance)
         workflow = await runtime.resolve_inputs(prepared.workflow, spec.credentials)
+        self.staged.set()
         workflow, models, self._release_models = await runtime.resolve_models(workflow, spec.credentials)
         self.models_downloaded = sum(1 for model in models if not model.get("cached"))  # its key's usage
-        self.staged.set()
         collector = runtime.collect_outputs(spec.outputs, spec.credentials, self._output_ready)
         try:
             # ComfyUI's `status` broadcasts (one per queue change, to every client: ~3N per job
