@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -78,7 +79,7 @@ class HeldReads:
         `Redis.xread` answers it: each stream with entries, its entries as (id, fields)."""
         held = self._held
         if held is None:
-            held = self._held = await self._pool.get_connection()
+            held = self._held = await _connection(self._pool)
         try:
             await held.send_command("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", *streams, *streams.values())
             answer = await held.read_response()
@@ -92,6 +93,19 @@ class HeldReads:
         held, self._held = self._held, None
         if held is not None:
             await self._pool.release(held)
+
+
+async def _connection(pool: Any) -> Any:
+    """A connection of the pool: redis-py before 5.3 wants the command it is for (its name only
+    picks nothing); from 5.3 on, naming it is deprecated."""
+    if _names_command(pool.get_connection):
+        return await pool.get_connection("XREAD")
+    return await pool.get_connection()
+
+
+def _names_command(get_connection: Callable[..., Any]) -> bool:
+    parameter = inspect.signature(get_connection).parameters.get("command_name")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def read_streams(answer: Any) -> list[tuple[Any, list[Any]]]:
