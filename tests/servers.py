@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import importlib
+import itertools
 import logging
 import os
 import signal
@@ -31,10 +32,28 @@ WS_MAX_SIZE = 100 * 1024 * 1024 + 64 * 1024  # as `python -m serverless.server` 
 EMULATOR_MODULE = "comfyui_emulator"  # the one place naming the emulator's package
 
 
+PORTS_FROM = 20_000  # test servers' ports: below Linux's ephemeral range (32768-60999), where connections take theirs
+PORTS_EACH = 1_000  # a block of its own for each pytest-xdist worker
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, for a server a test is about to start. Taken from this test
+    process's own block (by its pytest-xdist worker number), below the ports the kernel gives
+    connections and `bind(0)`: another worker's server, or a connection's own end, cannot take it
+    between this pick and the server's bind (a kernel-chosen port could: a test once found its
+    ComfyUI's port answered by another worker's server)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = PORTS_FROM + (int(worker) % 12 if worker.isdigit() else 0) * PORTS_EACH
+    for _ in range(PORTS_EACH):
+        port = start + next(_next_port) % PORTS_EACH
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or its last connection still closing
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + PORTS_EACH - 1}")
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
