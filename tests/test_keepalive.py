@@ -19,6 +19,16 @@ from serverless.errors import ComfyUIUnavailable
 Reply = Callable[[bytes], bytes | None]  # a request's bytes -> what to write back (None: close at once)
 
 
+@contextlib.asynccontextmanager
+async def json_calls(url: str, request: float = 2.0) -> AsyncIterator[ComfyUI]:
+    """A ComfyUI client for its JSON calls only (they use no aiohttp session), closed on exit."""
+    comfy = ComfyUI(None, url, Timeouts(connect=2, request=request))  # type: ignore[arg-type]
+    try:
+        yield comfy
+    finally:
+        await comfy.calls.aclose()
+
+
 def answer(body: bytes = b'{"ok": true}', status: str = "200 OK", extra: str = "") -> bytes:
     return (
         f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
@@ -134,24 +144,12 @@ async def test_a_server_that_closes_without_keep_alive_gets_a_new_connection_eac
     ids=["chunked", "until-close"],
 )
 async def test_every_framing_of_an_answer_is_read_whole(raw: bytes) -> None:
-    server = Scripted(lambda _: raw if raw.startswith(b"HTTP/1.1") else None)
-
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(raw)
-        writer.close()
-
-    if raw.startswith(b"HTTP/1.0"):
-        plain = await asyncio.start_server(until_close, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{plain.sockets[0].getsockname()[1]}"
+    server = Scripted(lambda _: raw, close_after=True)  # the HTTP/1.0 answer's end is the connection's
+    async with server.running() as url:
         calls = KeepAlive(url, connect_timeout=5)
-        async with plain:
+        try:
             got = await calls.request("GET", "/queue")
-            await calls.aclose()
-    else:
-        async with server.running() as url:
-            calls = KeepAlive(url, connect_timeout=5)
-            got = await calls.request("GET", "/queue")
+        finally:
             await calls.aclose()
     assert (got.status, got.body) == (200, b'{"a": 1}')
 
@@ -164,44 +162,32 @@ async def test_an_answer_cut_short_is_comfyui_unavailable_and_the_prompt_is_not_
         return b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"node_err'
 
     server = Scripted(first_whole_then_cut)
-    async with server.running() as url:
-        comfy = ComfyUI(None, url, Timeouts(connect=2, request=2))  # type: ignore[arg-type]  # JSON calls only
-        try:
-            await comfy.queue()  # the connection is kept, and reused for the prompt
-            with pytest.raises(ComfyUIUnavailable, match="submitting the prompt"):
-                await comfy.submit({"1": {}}, "client", "prompt-1", None)
-        finally:
-            await comfy.calls.aclose()
+    async with server.running() as url, json_calls(url) as comfy:
+        await comfy.queue()  # the connection is kept, and reused for the prompt
+        with pytest.raises(ComfyUIUnavailable, match="submitting the prompt"):
+            await comfy.submit({"1": {}}, "client", "prompt-1", None)
     assert server.connections == 1
     assert [r.split(b" ")[:2] for r in server.requests] == [[b"GET", b"/queue"], [b"POST", b"/prompt"]]
 
 
 async def test_a_late_answer_is_comfyui_unavailable_within_the_request_timeout() -> None:
     server = Scripted(lambda _: b"")  # reads, never answers
-    async with server.running() as url:
-        comfy = ComfyUI(None, url, Timeouts(connect=2, request=0.3))  # type: ignore[arg-type]
-        try:
-            with pytest.raises(ComfyUIUnavailable, match="reading the queue"):
-                await comfy.queue()
-        finally:
-            await comfy.calls.aclose()
+    async with server.running() as url, json_calls(url, request=0.3) as comfy:
+        with pytest.raises(ComfyUIUnavailable, match="reading the queue"):
+            await comfy.queue()
 
 
 async def test_nobody_listening_is_comfyui_unavailable() -> None:
-    comfy = ComfyUI(None, "http://127.0.0.1:9", Timeouts(connect=1, request=1))  # type: ignore[arg-type]
-    with pytest.raises(ComfyUIUnavailable, match="could not be reached"):
-        await comfy.history("x")
+    async with json_calls("http://127.0.0.1:9") as comfy:
+        with pytest.raises(ComfyUIUnavailable, match="could not be reached"):
+            await comfy.history("x")
 
 
 async def test_a_garbled_answer_is_comfyui_unavailable() -> None:
     server = Scripted(lambda _: b"SMTP ready\r\n\r\n")
-    async with server.running() as url:
-        comfy = ComfyUI(None, url, Timeouts(connect=2, request=2))  # type: ignore[arg-type]
-        try:
-            with pytest.raises(ComfyUIUnavailable, match="could not be parsed"):
-                await comfy.queue()
-        finally:
-            await comfy.calls.aclose()
+    async with server.running() as url, json_calls(url) as comfy:
+        with pytest.raises(ComfyUIUnavailable, match="could not be parsed"):
+            await comfy.queue()
 
 
 def test_only_http_urls_are_taken() -> None:

@@ -502,7 +502,7 @@ def two_buckets() -> Iterator[tuple[LocalOss, str, str]]:
     with LocalOss({KEY_ID: (SECRET, None), STS_ID: (STS_SECRET, STS_TOKEN)}, [mine, other], region=REGION) as server:
         server.put_object(mine, "in/cat.png", png(3, 3), "image/png")
         server.put_object(other, "x.png", png(3, 2), "image/png")
-        server.put_object(other, "shared/x.png", png(2, 3), "image/png")
+        server.put_object(other, "common/x.png", png(2, 3), "image/png")
         server.put_object(other, "sharedx/x.png", png(2, 2), "image/png")
         yield server, mine, other
 
@@ -539,7 +539,7 @@ def test_OSS_INPUT_ALLOWED_lists_the_buckets_and_folders_instance_credentials_ma
     server, mine, other = two_buckets
     app = module_app(**oss_env(server, mine), OSS_INPUT_ALLOWED=f"{other}/shared")
 
-    allowed = post_run(app.url, invert_workflow(f"oss://{other}/shared/x.png", "allowed"))
+    allowed = post_run(app.url, invert_workflow(f"oss://{other}/common/x.png", "allowed"))
     beside = post_run(app.url, invert_workflow(f"oss://{other}/sharedx/x.png", "beside"))
     unlisted = post_run(app.url, invert_workflow(f"oss://{mine}/in/cat.png", "unlisted"))
 

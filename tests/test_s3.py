@@ -274,10 +274,10 @@ async def test_read_streams_an_object_of_the_output_bucket_or_an_input_bucket(
 ) -> None:
     out, extra, _ = buckets
     local_s3.put_object(out, "in/cat one.png", b"cat bytes")
-    local_s3.put_object(extra, "shared/dog.png", b"dog bytes")
+    local_s3.put_object(extra, "common/dog.png", b"dog bytes")
 
     assert await store.read(None, f"s3://{out}/in/cat one.png", 9) == b"cat bytes"
-    assert await store.read(None, f"s3://{extra}/shared/dog.png", 100) == b"dog bytes"
+    assert await store.read(None, f"s3://{extra}/common/dog.png", 100) == b"dog bytes"
 
 
 async def test_read_refuses_a_bucket_the_settings_do_not_name_without_asking_it(

@@ -239,10 +239,10 @@ def test_s3_inputs_are_read_from_the_named_buckets_and_used_by_the_workflow(
     out, inputs, _ = buckets
     picture = png(5, 4)
     local_s3.put_object(out, "inputs/e2e cat.png", picture, "image/png")
-    local_s3.put_object(inputs, "shared/cat.png", picture, "image/png")
+    local_s3.put_object(inputs, "common/cat.png", picture, "image/png")
     expected = comfyui_inverted(Image.open(io.BytesIO(picture)))
 
-    for url in (f"s3://{out}/inputs/e2e cat.png", f"s3://{inputs}/shared/cat.png"):
+    for url in (f"s3://{out}/inputs/e2e cat.png", f"s3://{inputs}/common/cat.png"):
         response = post_run(s3_app.url, invert_workflow(url, "s3in"), params={"output_base64": "true"})
         assert response.status_code == 200, response.text
         (result,) = response.json()["data"]["results"]
