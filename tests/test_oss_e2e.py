@@ -503,7 +503,7 @@ def two_buckets() -> Iterator[tuple[LocalOss, str, str]]:
         server.put_object(mine, "in/cat.png", png(3, 3), "image/png")
         server.put_object(other, "x.png", png(3, 2), "image/png")
         server.put_object(other, "common/x.png", png(2, 3), "image/png")
-        server.put_object(other, "sharedx/x.png", png(2, 2), "image/png")
+        server.put_object(other, "commonx/x.png", png(2, 2), "image/png")
         yield server, mine, other
 
 
@@ -537,16 +537,16 @@ def test_another_bucket_is_refused_with_instance_credentials_and_read_with_the_c
 
 def test_OSS_INPUT_ALLOWED_lists_the_buckets_and_folders_instance_credentials_may_read(module_app, two_buckets):
     server, mine, other = two_buckets
-    app = module_app(**oss_env(server, mine), OSS_INPUT_ALLOWED=f"{other}/shared")
+    app = module_app(**oss_env(server, mine), OSS_INPUT_ALLOWED=f"{other}/common")
 
     allowed = post_run(app.url, invert_workflow(f"oss://{other}/common/x.png", "allowed"))
-    beside = post_run(app.url, invert_workflow(f"oss://{other}/sharedx/x.png", "beside"))
+    beside = post_run(app.url, invert_workflow(f"oss://{other}/commonx/x.png", "beside"))
     unlisted = post_run(app.url, invert_workflow(f"oss://{mine}/in/cat.png", "unlisted"))
 
     assert allowed.status_code == 200, allowed.text
     for response in (beside, unlisted):
         assert response.status_code == 400, response.text
-        assert f"(OSS_INPUT_ALLOWED: {other}/shared)" in response.json()["error_message"]
+        assert f"(OSS_INPUT_ALLOWED: {other}/common)" in response.json()["error_message"]
 
 
 # --- OSS failing ----------------------------------------------------------------------------------
