@@ -190,9 +190,15 @@ def test_a_late_events_reader_gets_the_newest_preview_not_a_backlog(
 # -- progress that tells the truth -------------------------------------------------------------
 
 
-def truthfulness(payloads: list[dict[str, Any]]) -> dict[str, float]:
+def truthfulness(payloads: list[dict[str, Any]], sampling_s: float) -> dict[str, float]:
     """Percent against the fraction of the job's time gone by (at every progress event after the
-    first sampling step), and eta_s against the time that was left (in the second half)."""
+    first sampling step), and eta_s against the time that was left (in the second half).
+
+    `sampling_s` is the time the emulator sleeps in its steps. What the job took beyond it
+    (`stall_s`: the other nodes, and whatever a loaded machine held the job up by) no estimate can
+    foresee, so the bounds allow it (a quiet machine: about 0.2 s; a loaded CI machine has taken
+    more than a second). An estimator that leaves out a sampler, or counts nodes instead of time,
+    is off by seconds and fails either way."""
     progress = [p["data"] for p in payloads if p["type"] == "serverless_progress"]
     final = progress[-1]
     assert final["state"] == "succeeded" and final["percent"] == 100 and "eta_s" not in final
@@ -205,12 +211,18 @@ def truthfulness(payloads: list[dict[str, Any]]) -> dict[str, float]:
     percent_error = max(abs(p["percent"] - 100 * p["elapsed_s"] / total) for p in after)
     second_half = [p for p in after if p["elapsed_s"] >= total / 2]
     assert all("eta_s" in p for p in second_half), "an estimate once steps were timed"
-    eta_errors = [abs(p["eta_s"] - (total - p["elapsed_s"])) / (total - p["elapsed_s"]) for p in second_half]
-    eta_absolute = [abs(p["eta_s"] - (total - p["elapsed_s"])) for p in second_half]
+    stall = max(0.0, total - sampling_s)
+    left = [total - p["elapsed_s"] for p in second_half]
+    eta_off = [abs(p["eta_s"] - t) for p, t in zip(second_half, left, strict=True)]
     return {
         "percent_error": percent_error,
-        "eta_error": max(e for e, p in zip(eta_errors, second_half, strict=True) if total - p["elapsed_s"] >= 0.5),
-        "eta_abs_error": max(eta_absolute),
+        "percent_allowed": 15 + 100 * stall / total,
+        "eta_error": max(
+            (max(0.0, off - stall) / t for off, t in zip(eta_off, left, strict=True) if t >= 0.5), default=0.0
+        ),
+        "eta_abs_error": max(eta_off),
+        "eta_abs_allowed": 0.30 * total / 2 + stall,
+        "stall_s": stall,
         "total_s": total,
         "events": len(after),
     }
@@ -218,9 +230,9 @@ def truthfulness(payloads: list[dict[str, Any]]) -> dict[str, float]:
 
 def check_truthful(figures: dict[str, float]) -> None:
     print("progress figures:", json.dumps({k: round(v, 3) for k, v in figures.items()}))
-    assert figures["percent_error"] < 15, figures
+    assert figures["percent_error"] < figures["percent_allowed"], figures
     assert figures["eta_error"] < 0.30, figures
-    assert figures["eta_abs_error"] < 0.30 * figures["total_s"] / 2, figures
+    assert figures["eta_abs_error"] < figures["eta_abs_allowed"], figures
 
 
 def test_fc_txt2img_progress_tracks_time_and_eta_shrinks(deployment: Deploy) -> None:
@@ -228,7 +240,7 @@ def test_fc_txt2img_progress_tracks_time_and_eta_shrinks(deployment: Deploy) -> 
     workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())
     workflow["3"]["inputs"]["seed"] = 11
     payloads = [p for _, p in run_stream(deployed.url, workflow, {})]
-    check_truthful(truthfulness(payloads))
+    check_truthful(truthfulness(payloads, sampling_s=workflow["3"]["inputs"]["steps"] * 0.15))
     etas = [p["data"]["eta_s"] for p in payloads if p["type"] == "serverless_progress" and "eta_s" in p["data"]]
     assert etas[-1] < etas[0] and etas[-1] <= 0.5, etas
 
@@ -237,7 +249,8 @@ def test_two_samplers_with_an_upscale_between_progress_tracks_time(deployment: D
     deployed = deployment(step_delay=0.12)
     workflow = json.loads((FIXTURES / "hires_fix.json").read_text())
     payloads = [p for _, p in run_stream(deployed.url, workflow, {})]
-    check_truthful(truthfulness(payloads))
+    steps = workflow["3"]["inputs"]["steps"] + workflow["11"]["inputs"]["steps"]
+    check_truthful(truthfulness(payloads, sampling_s=steps * 0.12))
 
 
 def test_the_first_progress_events_carry_no_eta_until_a_step_is_timed(deployment: Deploy) -> None:
