@@ -79,6 +79,10 @@ async def run(
                 if "overhead" in only:
                     figures += await suite.overhead(ctx, jobs=50 if quick else 200)
                     figures += await floor.floors(session, workdir / "floor", jobs=50 if quick else 200)
+                    output_dir = folders.get("COMFYUI_OUTPUT_DIR") or os.environ.get("COMFYUI_OUTPUT_DIR", "")
+                    figures += await floor.proxy_floors(
+                        session, comfyui_url, output_dir, ctx.job, workdir / "floor", jobs=50 if quick else 200
+                    )
                 if "latency" in only:
                     figures += await suite.event_latency(ctx, jobs=1 if quick else 3)
                 if "memory" in only:
@@ -163,7 +167,12 @@ def markdown(figures: list[Figure], notes: list[str], elapsed: float, load: str)
         "  answer, a job's status log is written after its answer), so each kind is measured after its",
         "  own kind; the app's CPU per job by kind from /proc. The floor under the stream goals: the same",
         "  clients against a bare Starlette app under uvicorn (`bench/floor_app.py`, canned bytes: a JSON",
-        "  answer, the 20 events of a job as SSE, or a websocket per job with 20 messages). The adapter",
+        "  answer, the 20 events of a job as SSE, or a websocket per job with 20 messages). The floors",
+        "  under the sync and ComfyUI's API goals: the same jobs through a bare adapter on the same stack",
+        "  (`bench/floor_proxy.py`, no job, log or check): a sync `POST` that queues the prompt, waits on",
+        "  one shared websocket and reads the outputs from ComfyUI's folder; ComfyUI's example client",
+        "  through a pass-through proxy of `/prompt`, `/ws`, `/history` and `/view`; each against the",
+        "  example client talking to ComfyUI directly, in runs as above. The adapter",
         "  runs co-located, as on FC: `COMFYUI_OUTPUT_DIR` names ComfyUI's",
         "  output folder, its `input` and `temp` beside it (against `COMFYUI_URL`, set it to do the same).",
         "- **Throughput**: N clients each looping that job for a fixed window after a warm-up; jobs/s",

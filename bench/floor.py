@@ -1,9 +1,16 @@
-"""The floor under section 1's stream goals: what the protocols cost on their own with the bench's
-clients, on a bare Starlette app under uvicorn (`bench/floor_app.py`: the adapter's stack, none of
-its code, canned bytes). A websocket per job (connect, the body, 20 messages, the close) against a
-POST answered with JSON; an SSE answer of the same 20 events, read line by line as the bench's SSE
-client reads them, against that JSON. One request at a time, in runs of each kind as section 1's jobs
-(`suite.in_runs`); difference of the p50s."""
+"""The floors under section 1's goals: what the protocols cost on their own with the bench's
+clients, on the adapter's stack (Starlette under uvicorn) and none of its code.
+
+- Streams (`bench/floor_app.py`, canned bytes): a websocket per job (connect, the body, 20
+  messages, the close) against a POST answered with JSON; an SSE answer of the same 20 events,
+  read line by line as the bench's SSE client reads them, against that JSON.
+- Sync and ComfyUI's own API (`bench/floor_proxy.py`), the jobs of section 1 against ComfyUI's
+  example client talking to ComfyUI directly: the bench's sync client through a bare sync adapter
+  (ComfyUI's messages on one shared websocket, outputs read from ComfyUI's folder), and the example
+  client through a bare pass-through proxy (`/prompt`, `/ws`, `/history`, `/view` forwarded).
+
+One job at a time, in runs of each kind as section 1's jobs (`suite.in_runs`); difference of the
+p50s."""
 
 from __future__ import annotations
 
@@ -11,11 +18,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from . import procs
-from .clients import percentile
+from .clients import DirectClient, percentile, run_sync
 from .report import Figure, info
 from .suite import in_runs
 
@@ -60,12 +68,77 @@ async def floors(session: aiohttp.ClientSession, workdir: Path, jobs: int = 200,
     ]
 
 
-def start(workdir: Path) -> procs.Server:
-    """`floor_app` under uvicorn on a free port, as the adapter is served (no access log)."""
+async def proxy_floors(
+    session: aiohttp.ClientSession,
+    comfyui_url: str,
+    output_dir: str,
+    job: Callable[[str], dict[str, Any]],
+    workdir: Path,
+    jobs: int = 200,
+    warmup: int = 20,
+) -> list[Figure]:
+    env = {"FLOOR_COMFYUI_URL": comfyui_url, "FLOOR_OUTPUT_DIR": output_dir}
+    bare = start(workdir / "bare", "bench.floor_proxy:app", **env)
+    local = start(workdir / "local", "bench.floor_proxy:app", **env, FLOOR_LOCAL="1")
+    try:
+        await bare.wait_ready(session, "/ready")
+        await local.wait_ready(session, "/ready")
+        series: dict[str, list[float]] = {"direct": [], "sync": [], "proxy": [], "local": []}
+        async with (
+            DirectClient(session, comfyui_url) as direct,
+            DirectClient(session, bare.url) as proxied,
+            DirectClient(session, local.url) as answered,
+        ):
+            runs: dict[str, Callable[[dict[str, Any]], Awaitable[list[bytes]]]] = {
+                "direct": direct.run,
+                "sync": lambda workflow: run_sync(session, bare.url, workflow),
+                "proxy": proxied.run,
+                "local": answered.run,
+            }
+            for name, measured in in_runs(list(runs), warmup, jobs):
+                workflow = job(f"bench/floor-{name}/img")
+                started = time.perf_counter()
+                if not await runs[name](workflow):
+                    raise RuntimeError(f"the bare {name} run returned no image")
+                if measured:
+                    series[name].append((time.perf_counter() - started) * 1000)
+    finally:
+        bare.stop()
+        local.stop()
+    p50 = {name: percentile(values, 50) for name, values in series.items()}
+    section = "1. overhead per job"
+    return [
+        info(
+            section,
+            "floor: sync through a bare adapter, added p50",
+            p50["sync"] - p50["direct"],
+            "ms",
+            f"one websocket, outputs read from the folder; direct {p50['direct']:.2f}, bare {p50['sync']:.2f} ms",
+        ),
+        info(
+            section,
+            "floor: ComfyUI's API through a bare proxy, added p50",
+            p50["proxy"] - p50["direct"],
+            "ms",
+            f"/prompt, /ws, /history, /view forwarded; proxied {p50['proxy']:.2f} ms",
+        ),
+        info(
+            section,
+            "floor: ComfyUI's API, bare proxy answering /history and /view, added p50",
+            p50["local"] - p50["direct"],
+            "ms",
+            f"/prompt and /ws forwarded, outputs read from the folder; {p50['local']:.2f} ms",
+        ),
+    ]
+
+
+def start(workdir: Path, app: str = "bench.floor_app:app", **env: str) -> procs.Server:
+    """`app` under uvicorn on a free port, as the adapter is served (no access log)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
-    args = [sys.executable, "-m", "uvicorn", "bench.floor_app:app", "--port", str(port), "--no-access-log"]
-    return procs.Server([*args, "--log-level", "warning"], port, workdir / "floor.log")
+    args = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log"]
+    log = workdir / (app.split(":")[0].rpartition(".")[2] + ".log")
+    return procs.Server([*args, "--log-level", "warning"], port, log, env)
 
 
 async def _post(session: aiohttp.ClientSession, url: str) -> None:
