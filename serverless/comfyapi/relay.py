@@ -155,7 +155,8 @@ def _ringing(alarm: asyncio.Event, task_id: str) -> Callable[[Event], None]:
     """A tap of a job's events that sets `alarm` at the prompt's end or its last message."""
 
     def tap(event: Event) -> None:
-        if event.terminal or history.ends_prompt(event.text, task_id):
+        # ComfyUI's messages are published as the text it sent; ours (previews too) as bytes
+        if event.terminal or (isinstance(event.body, str) and history.ends_prompt(event.body, task_id)):
             alarm.set()
 
     return tap

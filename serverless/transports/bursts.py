@@ -64,8 +64,10 @@ async def _more_after(source: EventSource, seq: int, within: float, alarm: async
     it goes) and asked once."""
     if alarm is None:
         return await source.more_after(seq, within)
-    if within <= 0 or alarm.is_set() or await source.more_after(seq, 0):
+    if within <= 0 or alarm.is_set():
         return await source.more_after(seq, 0)
+    if await source.more_after(seq, 0):
+        return True
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(within):
             await alarm.wait()
