@@ -84,7 +84,10 @@ async def run(request: Request) -> Response:
     body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     owner = caller(request)
     workflow_id = request.path_params.get("workflow_id")  # POST /api/workflows/{workflow_id}/run
-    query, headers, base_url = request.query_params, request.headers, str(request.base_url)
+    query, headers = request.query_params, request.headers
+    # Where the caller reached us prefixes download links, asked only by ?output_url= (from the
+    # query alone: a hosted workflow's `output` options do not name it); making it costs a URL parse.
+    base_url = str(request.base_url) if query_flag(query, "output_url") else None
     key = idempotency_key(headers)
     job: EventSource
     abandon = None  # what this caller hanging up does

@@ -8,10 +8,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -262,6 +264,23 @@ def test_a_caller_that_hangs_up_cancels_its_job(deployment: Deploy) -> None:
             break
     response.close()  # the caller goes away mid-job
     assert ended(deployed.url, "hang-up")[-1]["error_code"] == "EXECUTION_INTERRUPTED"
+
+
+def test_a_sync_caller_that_hangs_up_cancels_its_job_and_the_job_logs_its_end(deployment: Deploy) -> None:
+    """A sync caller waits for its answer on the open request; gone mid-job, the job is cancelled
+    (CANCEL_ON_DISCONNECT is on by default) and its status log still ends with its terminal payload."""
+    deployed = deployment(step_delay=0.05)
+    url = urlsplit(deployed.url)
+    body = json.dumps(slow(3)).encode()
+    head = (
+        f"POST {RUN} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+        f"X-Fc-Trace-Id: sync-hang-up\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=10) as caller:
+        caller.sendall(head.encode() + body)
+        wait_until(lambda: any(p.get("type") == "execution_start" for p in status(deployed.url, "sync-hang-up")))
+    logged = ended(deployed.url, "sync-hang-up")  # the caller went away mid-job
+    assert logged[-1].get("error_code") == "EXECUTION_INTERRUPTED", logged[-1]
 
 
 def test_an_idempotency_key_sent_twice_runs_the_job_once(deployment: Deploy) -> None:

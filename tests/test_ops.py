@@ -27,7 +27,7 @@ import websocket  # websocket-client
 from prometheus_client.parser import text_string_to_metric_families
 
 from serverless.errors import DownloadError, InputError
-from serverless.ops.logs import LineQueue
+from serverless.ops.logs import LineQueue, LineWriter
 from serverless.ops.metrics import REASONS, refusal_reason
 from serverless.settings import Settings, SettingsError
 from tests.conftest import base_env
@@ -403,6 +403,37 @@ def test_log_lines_past_the_queue_are_dropped_and_counted_in_the_next_line():
     later = [lines.get_nowait().getMessage() for _ in range(2)]
     assert taken == ["line 0", "line 1"]
     assert later == ["3 log line(s) were dropped: stderr was not read", "line 5"]
+
+
+def test_the_log_writer_gathers_lines_logged_together_into_one_write_in_order_and_writes_the_rest_when_stopped():
+    """Lines logged close together (a job's, many jobs') wake the writer thread once and reach
+    the stream in one write, in order; stopping the writer writes whatever is still queued."""
+
+    class Stream:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Stream()
+    target = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    target.setFormatter(logging.Formatter("%(message)s"))
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(100)
+    handler = LineQueue(lines)
+    writer = LineWriter(lines, target)
+    writer.start()
+    record = lambda text: logging.makeLogRecord({"msg": text, "levelno": logging.INFO})  # noqa: E731
+    for number in range(20):
+        handler.handle(record(f"line {number}"))
+    wait_until(lambda: stream.writes)
+    handler.handle(record("last"))
+    writer.stop()
+    assert "".join(stream.writes) == "".join(f"line {n}\n" for n in range(20)) + "last\n"
+    assert len(stream.writes) < 21  # gathered: not one write a line
 
 
 def test_oss_uploads_bytes_retries_and_failures_are_counted(start_app, emulator):

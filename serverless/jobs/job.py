@@ -427,7 +427,14 @@ class Job:
 
     def _publish(self, closing: Closing) -> None:
         outcome = closing.outcome
-        log.info(
+        duration = time.monotonic() - self.clock.start
+        if closing.progress is not None:
+            self.feed.publish_encoded(closing.progress)
+        self.feed.finish(outcome, closing.terminal)
+        # Logged once the readers the terminal payload woke have had their turn (a sync caller's
+        # answer is written in it): a log record is tens of microseconds the answer need not wait.
+        asyncio.get_running_loop().call_soon(
+            log.info,
             "job end task_id=%s prompt_id=%s outcome=%s duration=%.3fs",
             self.task_id,
             self.prompt_id,
@@ -436,11 +443,8 @@ class Job:
             else outcome.code
             if isinstance(outcome, ServerlessError)
             else "ok",
-            time.monotonic() - self.clock.start,
+            duration,
         )
-        if closing.progress is not None:
-            self.feed.publish_encoded(closing.progress)
-        self.feed.finish(outcome, closing.terminal)
 
     def _learn(self) -> None:
         """A succeeded run teaches the next one's progress (`Estimates`)."""

@@ -281,13 +281,18 @@ class Jobs:
             await job.run()
         finally:
             self._admitted -= 1
-            terminal = job.feed.terminal
-            self.metrics.job_ended(job.spec.mode, terminal.error if terminal else None, job.clock.timings())
-            size = len(terminal.data) if terminal is not None else 0  # its key's usage (`tenants.usage`)
-            usage = job_usage(job.progress.state, job.clock.timings(), size)
-            if job.models_downloaded:
-                usage["models_downloaded"] = job.models_downloaded
-            self.tenants.usage.add(job.spec.owner, usage)
+            # Counted once the job's caller has had its turn: its answer waits for no metric.
+            asyncio.get_running_loop().call_soon(self._count_end, job)
+
+    def _count_end(self, job: Job) -> None:
+        """An ended job in the metrics and its key's usage."""
+        terminal = job.feed.terminal
+        self.metrics.job_ended(job.spec.mode, terminal.error if terminal else None, job.clock.timings())
+        size = len(terminal.data) if terminal is not None else 0  # its key's usage (`tenants.usage`)
+        usage = job_usage(job.progress.state, job.clock.timings(), size)
+        if job.models_downloaded:
+            usage["models_downloaded"] = job.models_downloaded
+        self.tenants.usage.add(job.spec.owner, usage)
 
     async def cancel(self, task_id: str) -> str:
         """Stop task `task_id`: here at once; where another instance runs it, through a request

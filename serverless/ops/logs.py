@@ -15,13 +15,15 @@ and the first line written after says how many.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import logging
 import logging.handlers
 import queue
+import time
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 _job: ContextVar[tuple[str, str] | None] = ContextVar("serverless_job", default=None)
 
@@ -30,6 +32,10 @@ _job: ContextVar[tuple[str, str] | None] = ContextVar("serverless_job", default=
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LINES_HELD = 10_000  # log lines waiting for a stderr that is not read (a few MB at most)
+# Seconds the writer thread, woken by a line, lets more lines come before it writes them all at
+# once: the lines logged meanwhile wake no thread (a sync job's one line woke it each time, which
+# then took the GIL and a core just as the job's answer was being sent).
+GATHER = 0.05
 
 
 def bind_job(task_id: str, prompt_id: str) -> None:
@@ -121,8 +127,54 @@ class LineQueue(logging.handlers.QueueHandler):
         return record
 
 
+END = None  # what `QueueListener.stop` queues after the last line
+
+
+class LineWriter(logging.handlers.QueueListener):
+    """The writer thread: woken by the first line after a quiet spell, it gathers lines for
+    GATHER seconds, then writes them, to each handler in one write when it is a stream's."""
+
+    def _monitor(self) -> None:
+        lines = cast("queue.Queue[logging.LogRecord | None]", self.queue)  # `configure_logging`'s
+        while True:
+            first = lines.get()
+            batch: list[logging.LogRecord | None] = [first]
+            if first is not END and first.levelno < logging.WARNING:  # trouble is told at once
+                time.sleep(GATHER)
+                while True:
+                    try:
+                        batch.append(lines.get(block=False))
+                    except queue.Empty:
+                        break
+            ended = END in batch
+            records = [record for record in batch[: batch.index(END) if ended else None] if record is not None]
+            if records:
+                self._write(records)
+            if ended:
+                return
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        """As `QueueListener.handle` does each record, a stream's lines in one write."""
+        records = [self.prepare(record) for record in records]
+        for handler in self.handlers:
+            taken = [r for r in records if not self.respect_handler_level or r.levelno >= handler.level]
+            if type(handler) is not logging.StreamHandler:
+                for record in taken:
+                    handler.handle(record)
+                continue
+            shown = [record for record in taken if handler.filter(record)]
+            if not shown:
+                continue
+            with handler.lock or contextlib.nullcontext():
+                try:
+                    handler.stream.write("".join(handler.format(r) + handler.terminator for r in shown))
+                    handler.flush()
+                except Exception:  # as `StreamHandler.emit`: a broken stream is not the app's failure
+                    handler.handleError(shown[-1])
+
+
 _TRACEBACKS = logging.Formatter()
-_writer: logging.handlers.QueueListener | None = None
+_writer: LineWriter | None = None
 
 
 def configure_logging(level: str, log_format: str, access_log: bool = True) -> None:
@@ -137,7 +189,7 @@ def configure_logging(level: str, log_format: str, access_log: bool = True) -> N
     lines: queue.Queue[logging.LogRecord] = queue.Queue(LINES_HELD)
     handler = LineQueue(lines)
     handler.addFilter(JobFields())  # in the logging task's context, where its job is bound
-    _writer = logging.handlers.QueueListener(lines, stderr)
+    _writer = LineWriter(lines, stderr)
     _writer.start()
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)  # a Python warning is a log line too, not raw text on stderr

@@ -111,18 +111,29 @@ async def json_response(
     """The terminal payload as one JSON answer, its HTTP status the error's. An async invocation
     held for FC answers 2xx unless a retry could help: FC retries only what answers 5xx."""
 
-    async def caller_gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def finished() -> None:
-        await job.finished()
-
-    await watch(job.task_id, finished, caller_gone, abandon)
-    terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
+    # The answer waits for the job's end in this task, whatever the caller does: a hang-up only
+    # abandons the job (when it should), at once, from a task of its own. Not the caller-watch's
+    # race of two tasks, whose winner is known a turn of the loop (or two) after the job's end.
+    gone = asyncio.create_task(_abandon_on_hang_up(request, job.task_id, abandon))
+    try:
+        terminal = await job.finished()  # after a hang-up: the job was abandoned, or runs on
+    finally:
+        gone.cancel()  # it ends at the loop's next turn, without holding the answer back
     error = terminal.error
     status = 200 if error is None or (held_async and not error.retryable) else error.status_code
     return JsonBody(terminal.data, status, caller.WRITE_TIMEOUT)
+
+
+async def _abandon_on_hang_up(request: Request, task_id: str, abandon: Abandon | None) -> None:
+    """Wait for the caller to hang up, then abandon its job (None: the job goes on)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except OSError as exc:  # as the caller-watch: a connection that failed is a caller gone
+        log.debug("task_id=%s: receiving failed (%r): the caller is gone", task_id, exc)
+    log.debug("task_id=%s: caller_gone first", task_id)
+    if abandon is not None:
+        abandon("caller disconnected")
 
 
 class JsonBody(Response):
