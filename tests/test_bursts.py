@@ -113,3 +113,38 @@ async def test_silence_is_told_as_a_keep_alive_between_bursts():
     async with asyncio.timeout(10):
         await reader
     assert None in seen and seen[-1] == [1]
+
+
+async def test_with_an_alarm_a_burst_waits_asleep_and_its_urgent_event_sends_it_at_once(monkeypatch):
+    monkeypatch.setattr(bursts_module, "WINDOW", 30.0)
+    feed = Feed()
+    last = '{"type": "executing", "data": {"node": null, "prompt_id": "p"}}'
+    alarm = asyncio.Event()
+    feed.tap(lambda event: alarm.set() if event.terminal or event.text == last else None)
+    source = FeedSource(feed)
+    waits: list[float] = []  # the source asked to wait for more (woken by each event then)
+    more_after = source.more_after
+
+    async def counted(seq: int, within: float) -> bool:
+        waits.extend([within] if within > 0 else [])
+        return await more_after(seq, within)
+
+    source.more_after = counted  # type: ignore[method-assign]
+    written: list[list[int]] = []
+
+    async def read() -> None:
+        async for burst in bursts(source, urgent=lambda event: event.text == last, alarm=alarm):
+            if burst is not None:
+                written.append([event.seq for event in burst])
+                return
+
+    reader = asyncio.create_task(read())
+    for n in range(3):
+        feed.publish(message(n))
+        await asyncio.sleep(0.01)
+    assert written == [], "held for the window"
+    feed.publish(last)
+    async with asyncio.timeout(10):  # nowhere near the 30 s window
+        await reader
+    assert written == [[1, 2, 3, 4]], "the burst and its urgent event in one write"
+    assert waits == [], "asleep through the window: not woken by each event"

@@ -126,9 +126,16 @@ async def test_a_websocket_client_past_the_prompts_kept_for_it_still_gets_each_n
 
 
 def test_messages_passed_on_unparsed_are_those_relayed_as_they_are() -> None:
-    texts = [json.dumps(payload) for payload in LOG]
-    texts.append(json.dumps({"type": "progress", "data": {"value": 1, "max": 3, "prompt_id": "p1", "node": "3"}}))
-    for text in texts:
+    queue = {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}}}
+    progress = {"type": "progress", "data": {"value": 1, "max": 3, "prompt_id": "p1", "node": "3"}}
+    no_node = {"type": "executing", "data": {"prompt_id": "p1"}}  # no node at all: ComfyUI's end too
+    payloads = [*LOG, queue, progress, no_node]
+    as_is = [history.relayed_as_is(json.dumps(payload)) for payload in payloads]
+    # ours, the worker's greeting, then ComfyUI's messages; its last (`executing` with no node) is parsed
+    assert as_is == [False, False, True, True, True, True, False, False, False, True, True, False]
+    for payload in payloads:
+        text = json.dumps(payload)
         message = history.relayed(text)
-        passed = message is not None and not history.is_end(message, "p1") and message["type"] != "status"
-        assert history.relayed_as_is(text) == (passed and message["type"] != "executing"), text
+        if history.relayed_as_is(text):  # what is passed on unparsed is what parsing would pass on
+            assert message is not None and not history.is_end(message, "p1"), text
+        assert history.ends_prompt(text, "p1") == (message is not None and history.is_end(message, "p1")), text

@@ -111,3 +111,22 @@ async def test_a_reader_resuming_after_the_terminal_event_ends_at_once():
     feed.finish(Result({"type": "serverless_api"}))
     assert await asyncio.wait_for(collect(feed, after=2), 5) == []
     assert await asyncio.wait_for(collect(feed, after=17), 5) == []
+
+
+async def test_a_tap_sees_each_event_as_it_is_published_until_untapped_and_a_failing_one_is_dropped():
+    feed = Feed()
+    seen: list[int] = []
+    untap = feed.tap(lambda event: seen.append(event.seq))
+
+    def broken(event: object) -> None:
+        raise RuntimeError("a reader's bug")
+
+    feed.tap(broken)
+    feed.publish('{"n": 1}')
+    assert seen == [1], "in the step that publishes it"
+    feed.publish('{"n": 2}')  # the broken tap is gone: publishing goes on
+    untap()
+    feed.publish('{"n": 3}')
+    feed.finish(Result({"type": "serverless_api"}))
+    assert seen == [1, 2]
+    assert [event.seq for event in await collect(feed)] == [1, 2, 3, 4], "readers get every event still"

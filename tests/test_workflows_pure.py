@@ -213,3 +213,16 @@ def test_the_openapi_document_validates_and_carries_types_ranges_enums_and_defau
     assert body["3.sampler_name"]["enum"][0] == "euler" and body["3.cfg"]["type"] == "number"
     assert {"const": -1} in body["3.seed"]["anyOf"] and body["6.text"]["default"] == WORKFLOW["6"]["inputs"]["text"]
     assert "K采样器" in body["3.seed"]["description"]
+
+
+def test_a_class_inputs_are_read_anew_from_a_new_object_info_entry() -> None:
+    from serverless.workflows.schema import node_inputs
+
+    before = {"Thing": {"input": {"required": {"size": ["INT", {"min": 1, "max": 8}]}}}}
+    after = {"Thing": {"input": {"required": {"size": ["INT", {"min": 1, "max": 64}]}, "optional": {"x": ["FLOAT"]}}}}
+    first = node_inputs(before, "Thing")
+    assert first is not None and first["size"].maximum == 8
+    assert node_inputs(before, "Thing") == first  # the same entry: the same inputs
+    changed = node_inputs(after, "Thing")  # ComfyUI restarted with another version of the node
+    assert changed is not None and changed["size"].maximum == 64 and set(changed) == {"size", "x"}
+    assert node_inputs({}, "Thing") is None

@@ -74,9 +74,16 @@ def in_history(text: str) -> bool:
 
 
 def relayed_as_is(text: str) -> bool:
-    """Whether a logged event is one of ComfyUI's messages a `/ws` client gets as it is, told
-    without parsing it (False: `relayed` decides)."""
-    return message_type(text) in PASSED_AS_THEY_ARE
+    """Whether a logged event is one of ComfyUI's messages a `/ws` client gets as it is, and
+    not a prompt's last one, told without parsing it (False: `relayed` decides): an `executing`
+    message that names a node (`names_node`), a `status` message without `"sid"` (not the
+    greeting)."""
+    kind = message_type(text)
+    if kind == "executing":
+        return names_node(text)
+    if kind == "status":  # ComfyUI's queue count, relayed; the greeting its own socket got is not
+        return '"sid"' not in text
+    return kind in PASSED_AS_THEY_ARE
 
 
 PREVIEW_IMAGE = 1  # ComfyUI's binary event types (server.BinaryEventTypes)
@@ -109,10 +116,16 @@ def is_end(message: dict[str, Any], prompt_id: str) -> bool:
     )
 
 
+def names_node(text: str) -> bool:
+    """Whether an `executing` message's text certainly names a node (it has a `node` and no
+    `null` anywhere), told without parsing it."""
+    return "null" not in text and '"node"' in text
+
+
 def ends_prompt(text: str, prompt_id: str) -> bool:
     """Whether a logged text is ComfyUI's last message of the prompt (`is_end`); only
-    `executing` messages are parsed."""
-    if '"executing"' not in text[:40]:
+    `executing` messages that may have no node are parsed."""
+    if '"executing"' not in text[:40] or names_node(text):
         return False
     try:
         message = json.loads(text)

@@ -19,12 +19,13 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..auth import may_see
 from ..errors import ServerlessError
+from ..jobs.feed import Event
 from ..state import AppState, app_state
 from ..transports.bursts import bursts
 from ..transports.events import TaskEvents
@@ -137,11 +138,33 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
     # A job running here, whose prompts only this process answers for: its end is passed on as
     # it comes (its `/history` answers as ComfyUI's own does then: `native.history_payloads`).
     passed_on = job is not None and not prompts(state).shared
-    held: str | None = None
     # A burst of messages in one write; ComfyUI's last one passed on at once (its client asks for
     # the prompt's history as soon as it reads it).
     urgent = (lambda event: history.ends_prompt(event.text, task_id)) if passed_on else None
-    async for burst in bursts(source, after, idle=1.0, urgent=urgent):
+    # Its bursts wait out their window asleep, woken by its end (or last message) only.
+    alarm = asyncio.Event() if job is not None and passed_on else None
+    untap = job.tap(_ringing(alarm, task_id)) if job is not None and alarm is not None else None
+    try:
+        await _relay_bursts(bursts(source, after, idle=1.0, urgent=urgent, alarm=alarm), task_id, passed_on, send)
+    finally:
+        if untap is not None:
+            untap()
+
+
+def _ringing(alarm: asyncio.Event, task_id: str) -> Callable[[Event], None]:
+    """A tap of a job's events that sets `alarm` at the prompt's end or its last message."""
+
+    def tap(event: Event) -> None:
+        # ComfyUI's messages are published as the text it sent; ours (previews too) as bytes
+        if event.terminal or (isinstance(event.body, str) and history.ends_prompt(event.body, task_id)):
+            alarm.set()
+
+    return tap
+
+
+async def _relay_bursts(source: AsyncIterator[list[Event] | None], task_id: str, passed_on: bool, send: Send) -> None:
+    held: str | None = None
+    async for burst in source:
         if burst is None:
             continue
         messages: list[Message] = []

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from ..core import jsontext
@@ -162,6 +162,10 @@ class RemoteJob:
 
     def published_now(self, after: int = 0) -> list[Event] | None:
         """None: its events are in the status store, not here (`events` reads them)."""
+        return None
+
+    def tap(self, call: Callable[[Event], None]) -> Callable[[], None] | None:
+        """None: its events are published where it runs."""
         return None
 
 

@@ -12,18 +12,27 @@ Sampler previews are *shown*, not published (`show`): one slot holds the newest,
 the seq of the event before it and never recorded; a reader that follows with `previews` gets
 the newest one it has not seen, in its place among the events, so a slow reader skips stale
 frames instead of queueing behind them, and a job's memory does not grow with its previews.
+
+A reader that must tell events apart as they are published, without a turn of the loop for
+each, *taps* the feed (`tap`): it is called with each event in the step that publishes it
+(ComfyUI's `/ws` relay on one box is woken by a prompt's last message only, not by each message
+of a burst: `transports.bursts`). A tap never waits and never raises into the publisher (what it
+raises is logged and the tap dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..core import jsontext
 from ..errors import ServerlessError, Unavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +108,7 @@ class Feed:
         # job's last events with its end: `Job.settle_recorded`); the recorder skips what it holds.
         self.recorded = first_seq - 1
         self._sealed = False  # the job's last events are being stored: nothing else is published
+        self._taps: list[Callable[[Event], None]] = []  # called with each event as it is published
 
     @property
     def last_seq(self) -> int:
@@ -176,8 +186,29 @@ class Feed:
             self.terminal = event
             self._ended.set()
         self._trim()
+        for tap in self._taps[:] if self._taps else ():
+            self._call(tap, event)
         self._wake()
         return True
+
+    def tap(self, call: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `call` with every event published from now on, in the step that publishes it
+        (previews are not published); returns what ends the tap."""
+        self._taps.append(call)
+
+        def untap() -> None:
+            if call in self._taps:
+                self._taps.remove(call)
+
+        return untap
+
+    def _call(self, tap: Callable[[Event], None], event: Event) -> None:
+        try:
+            tap(event)
+        except Exception:  # a reader's bug must not stop the job's publishing
+            log.exception("a tap of the job's events failed; it is dropped")
+            if tap in self._taps:
+                self._taps.remove(tap)
 
     async def changed(self) -> None:
         """Wait for the next event published or preview shown."""

@@ -239,6 +239,10 @@ class Job:
             return None  # as far behind as a live reader may be (`Feed.follow`)
         return events
 
+    def tap(self, call: Callable[[Event], None]) -> Callable[[], None] | None:
+        """`call` with each event as the feed publishes it (`Feed.tap`)."""
+        return self.feed.tap(call)
+
     def _readable_after(self, seq: int) -> bool:
         feed = self.feed
         if feed.last_seq <= seq or (self.known is not None and not self.known.is_set()):

@@ -13,7 +13,7 @@ it here, so that it cannot exist on one topology and silently not on the other.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from .feed import Event
@@ -69,6 +69,11 @@ class RunningJob(EventSource, Protocol):
     async def terminal_recorded(self) -> bytes:
         """The terminal payload, once the status store holds it too (a webhook receiver that
         polls the status is then sure to find it there)."""
+        ...
+
+    def tap(self, call: Callable[[Event], None]) -> Callable[[], None] | None:
+        """Call `call` with each event in the step that publishes it (`Feed.tap`); returns what
+        ends that. None where the job's events are not published here (a gateway's job)."""
         ...
 
 

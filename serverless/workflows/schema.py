@@ -68,10 +68,15 @@ def parse_input_spec(raw: Any, required: bool) -> InputSpec:
 
 
 def node_inputs(object_info: ObjectInfo, class_type: str) -> dict[str, InputSpec] | None:
-    """The declared (required and optional) inputs of a class; None when ComfyUI does not know it."""
+    """The declared (required and optional) inputs of a class; None when ComfyUI does not know it.
+    Parsed once per `/object_info` entry (`_DECLARED`): every prompt's check asks for each of its
+    nodes, and a loader's COMBO lists every model. The dict is shared: read it, never change it."""
     entry = object_info.get(class_type)
     if not isinstance(entry, Mapping):
         return None
+    known = _DECLARED.get(class_type)
+    if known is not None and known[0] is entry:
+        return known[1]
     sections: Mapping[str, Any] = entry["input"] if isinstance(entry.get("input"), Mapping) else {}
     declared: dict[str, InputSpec] = {}
     for section in SECTIONS:
@@ -79,7 +84,17 @@ def node_inputs(object_info: ObjectInfo, class_type: str) -> dict[str, InputSpec
         if isinstance(inputs, Mapping):
             for name, raw in inputs.items():
                 declared[str(name)] = parse_input_spec(raw, section == "required")
+    if len(_DECLARED) >= DECLARED_KEPT:
+        _DECLARED.clear()
+    _DECLARED[class_type] = (entry, declared)
     return declared
+
+
+# A class's parsed inputs, by class, with the `/object_info` entry they were parsed from: an entry
+# is never changed in place (a new `/object_info` brings new ones), so the same entry object means
+# the same inputs.
+_DECLARED: dict[str, tuple[Mapping[str, Any], dict[str, InputSpec]]] = {}
+DECLARED_KEPT = 8192  # classes kept (a ComfyUI with every custom node has a few thousand)
 
 
 def node_outputs(object_info: ObjectInfo, class_type: str) -> list[str]:
