@@ -118,6 +118,7 @@ def drop_a_slow_sse_reader(server: App, task_id: str) -> bytes:
 # -- metrics ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(180)  # its slow SSE reader, as tests/test_stream.py's: a minute and more on a loaded machine
 def test_metrics_count_each_kind_of_job_once_under_its_labels(own_emulator, start_app, monkeypatch):
     monkeypatch.setattr("serverless.jobs.feed.READER_LAG", 20)
     server = start_app(own_emulator.url)

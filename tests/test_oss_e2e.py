@@ -182,8 +182,8 @@ def assert_nothing_secret_in(text: str, *signed_urls: str) -> None:
 
 
 def assert_log_clean(app: App, *signed_urls: str) -> None:
-    text = app.log_text()
-    assert "job end" in text, "not the log the jobs wrote to"
+    # A job's end is logged once its caller's answer has gone: waited for, not read at once.
+    text = wait_until(lambda: "job end" in (logged := app.log_text()) and logged, timeout=20)
     assert_nothing_secret_in(text, *signed_urls)
 
 
