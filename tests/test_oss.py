@@ -367,16 +367,16 @@ def test_a_bad_read_rule_names_the_setting(entry: str) -> None:
 
 
 @pytest.mark.parametrize(("bucket", "key", "allowed"), [
-    ("shared", "in/cat.png", True),
-    ("shared", "in/sub/cat.png", True),
-    ("shared", "internal/cat.png", False),  # a prefix is a folder, not a string prefix
-    ("shared", "in", False),
-    ("shared", "in/../secret.png", False),
-    ("shared", "in/./cat.png", False),
+    ("common", "in/cat.png", True),
+    ("common", "in/sub/cat.png", True),
+    ("common", "internal/cat.png", False),  # a prefix is a folder, not a string prefix
+    ("common", "in", False),
+    ("common", "in/../secret.png", False),
+    ("common", "in/./cat.png", False),
     ("other", "in/cat.png", False),
 ])  # fmt: skip
 def test_a_folder_rule_allows_only_keys_inside_it(bucket: str, key: str, allowed: bool) -> None:
-    assert ReadRule("shared", "in").allows(bucket, key) is allowed
+    assert ReadRule("common", "in").allows(bucket, key) is allowed
 
 
 @pytest.mark.asyncio

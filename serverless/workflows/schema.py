@@ -67,10 +67,10 @@ def parse_input_spec(raw: Any, required: bool) -> InputSpec:
     )
 
 
-def node_inputs(object_info: ObjectInfo, class_type: str) -> dict[str, InputSpec] | None:
+def node_inputs(object_info: ObjectInfo, class_type: str) -> Mapping[str, InputSpec] | None:
     """The declared (required and optional) inputs of a class; None when ComfyUI does not know it.
     Parsed once per `/object_info` entry (`_DECLARED`): every prompt's check asks for each of its
-    nodes, and a loader's COMBO lists every model. The dict is shared: read it, never change it."""
+    nodes, and a loader's COMBO lists every model. The mapping is shared: a read-only view."""
     entry = object_info.get(class_type)
     if not isinstance(entry, Mapping):
         return None
@@ -93,7 +93,7 @@ def node_inputs(object_info: ObjectInfo, class_type: str) -> dict[str, InputSpec
 # A class's parsed inputs, by class, with the `/object_info` entry they were parsed from: an entry
 # is never changed in place (a new `/object_info` brings new ones), so the same entry object means
 # the same inputs.
-_DECLARED: dict[str, tuple[Mapping[str, Any], dict[str, InputSpec]]] = {}
+_DECLARED: dict[str, tuple[Mapping[str, Any], Mapping[str, InputSpec]]] = {}
 DECLARED_KEPT = 8192  # classes kept (a ComfyUI with every custom node has a few thousand)
 
 

@@ -195,7 +195,7 @@ def _node_problems(
     object_info: ObjectInfo,
     node_id: str,
     class_type: str,
-    declared: dict[str, InputSpec],
+    declared: Mapping[str, InputSpec],
     inputs: Mapping[str, Any],
     loaders: Loaders,
 ) -> list[Problem]:
