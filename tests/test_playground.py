@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import requests
@@ -240,3 +241,35 @@ def test_a_trial_run_of_a_version_shows_the_curl_and_python_of_its_call(deployme
     assert by_python.splitlines()[-1] == "serverless_api"
     histories = [requests.get(e.url + "/history", timeout=5).json() for e in deployed.emulators]
     assert [item["prompt"][2]["3"]["inputs"]["seed"] for h in histories for item in h.values()] == [111] * 3
+
+
+def test_a_late_answer_to_an_earlier_pick_does_not_replace_the_version_picked(
+    start_app: Callable[..., App], own_emulator: Emulator, tmp_path: Path
+) -> None:
+    """On a loaded server the answers come out of order: the workflow's own description (its newest
+    version, 2) arrives after version 1 was picked and shown. The pick stands: the form, the source
+    line and the run are version 1's."""
+    app = start_app(own_emulator.url, WORKFLOWS_DIR=str(tmp_path / "workflows"))
+    for seed in (111, 222):
+        put = requests.put(app.url + "/api/workflows/late", data=json.dumps(txt2img(seed=seed, steps=2)), timeout=30)
+        assert put.status_code in (200, 201), put.text
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        held: list[Any] = []
+        newest = re.compile(r".*/api/workflows/late$")  # the workflow's own description: its newest version
+        page.route(newest, lambda route: held.append(route))  # held until version 1 is shown
+        page.goto(app.url + "/")
+        page.wait_for_selector("#workflow option[value='late']", state="attached")
+        page.select_option("#workflow", "late")
+        page.wait_for_selector("#version option[value='1']", state="attached")
+        page.select_option("#version", "1")
+        page.wait_for_selector("#source:has-text('version 1')")
+        assert len(held) == 1
+        with page.expect_response(newest):
+            held[0].continue_()
+        page.click("#run")
+        page.wait_for_selector("#state.succeeded", state="attached")
+        assert "version 1" in page.inner_text("#source") and page.input_value("input[name='3.seed']") == "111"
+        assert "late@1/run" in page.inner_text("#curl")
+    (item,) = requests.get(own_emulator.url + "/history", timeout=5).json().values()
+    assert item["prompt"][2]["3"]["inputs"]["seed"] == 111

@@ -57,6 +57,7 @@ class Feeders:
         self.resources, self.jobs, self.store, self.settings, self.holder = resources, jobs, store, settings, holder
         self.feeds = feeds  # False on a fleet's worker: it answers, gateways feed
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._taking: set[str] = set()  # a lease asked for: another take (a retry's, the scan's) waits its turn
 
     async def run_forever(self) -> None:
         """Take every live batch whose lease is free, now and every third of a lease."""
@@ -70,13 +71,15 @@ class Feeders:
             await asyncio.sleep(self.settings.lease_seconds / 3)
 
     async def take(self, batch_id: str) -> None:
-        """Feed the batch here if nobody else does."""
-        if (
-            not self.feeds
-            or batch_id in self._tasks
-            or not await self.store.lease(batch_id, self.holder, self.settings.lease_seconds)
-        ):
+        """Feed the batch here if nobody else does (here: one feeder a batch, however many ask)."""
+        if not self.feeds or batch_id in self._tasks or batch_id in self._taking:
             return
+        self._taking.add(batch_id)
+        try:
+            if not await self.store.lease(batch_id, self.holder, self.settings.lease_seconds):
+                return
+        finally:
+            self._taking.discard(batch_id)
         feeder = Feeder(self, batch_id)
         task = asyncio.create_task(feeder.run(), name=f"batch {batch_id}")
         self._tasks[batch_id] = task

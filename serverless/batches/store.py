@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -237,8 +238,8 @@ def _read(path: Path) -> str | None:
 
 
 def _write(path: Path, text: str) -> None:
-    """Whole or not at all: a temp name, then a rename."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Whole or not at all: a temp name of this thread's own, then a rename."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     temp.write_text(text)
     os.replace(temp, path)
 

@@ -7,7 +7,7 @@
 
 const KEY = "comfy-serverless-api-key";
 const $ = (id) => document.getElementById(id);
-const state = { workflowId: null, workflow: null, params: [], run: null, shown: new Set() };
+const state = { workflowId: null, workflow: null, params: [], run: null, shown: new Set(), picks: 0 };
 
 // A workflow ref in a path: `<id>@<n>` and `<id>@<alias>` keep their `@`, the rest is escaped.
 const refPath = (ref) => encodeURIComponent(ref).replace(/%40/g, "@");
@@ -63,28 +63,36 @@ async function loadWorkflows() {
   }
 }
 
+// The last pick wins: each pick (a workflow, a version, a pasted one) takes a number, and an answer
+// to an earlier pick arriving late (a loaded server answers out of order) is dropped.
+const newPick = () => ++state.picks;
+const stale = (pick) => pick !== state.picks;
+
 async function pickHosted(id) {
+  const pick = newPick();
   if (!id) { $("versionbox").hidden = true; return; }
-  await loadVersions(id);
-  await describe(id);
+  await loadVersions(id, pick);
+  if (!stale(pick)) await describe(id, pick);
 }
 
 // Its versions and aliases in the Version picker: "" runs the bare id (the `default` alias, else
 // the newest), `@<alias>` and `@<n>` what they name.
-async function loadVersions(id) {
-  const picker = $("version");
-  picker.replaceChildren(new Option("current (the default alias, else the newest)", ""));
+async function loadVersions(id, pick) {
   const answer = await api(`/api/workflows/${refPath(id)}/versions`);
   const listed = answer.ok ? await answer.json() : { versions: [], aliases: {} };
+  if (stale(pick)) return;
+  const picker = $("version");
+  picker.replaceChildren(new Option("current (the default alias, else the newest)", ""));
   for (const [alias, version] of Object.entries(listed.aliases)) picker.add(new Option(`@${alias} → version ${version}`, alias));
   for (const v of [...listed.versions].reverse()) picker.add(new Option(`@${v.version} · ${v.created}`, String(v.version)));
   $("versionbox").hidden = listed.versions.length === 0;
 }
 
-async function describe(ref) {
+async function describe(ref, pick = newPick()) {
   const answer = await api(`/api/workflows/${refPath(ref)}`);
-  if (!answer.ok) { $("source").textContent = await errorText(answer); return; }
-  const described = await answer.json();
+  const described = answer.ok ? await answer.json() : null;
+  if (stale(pick)) return;
+  if (!described) { $("source").textContent = await errorText(answer); return; }
   state.workflowId = ref; state.workflow = null; state.params = described.parameters;
   const version = described.version ? ` version ${described.version}` : "";
   $("source").innerHTML = `Hosted workflow <b>${escapeHtml(ref)}</b>${version} · <a href="/api/workflows/${refPath(ref)}/openapi.json">its OpenAPI</a>`;
@@ -92,13 +100,16 @@ async function describe(ref) {
 }
 
 async function useJson(text, label) {
+  const pick = newPick();
   let workflow;
   try { workflow = JSON.parse(text); } catch (e) { $("source").textContent = `Not JSON: ${e.message}`; return; }
   let converted = "";
   if (workflow.nodes && workflow.links) {  // the editor's own save: converted by the server
     const answer = await api("/api/workflows/convert", { method: "POST", body: text });
+    if (stale(pick)) return;
     if (!answer.ok) { $("source").textContent = await errorText(answer); return; }
     const result = await answer.json();
+    if (stale(pick)) return;
     workflow = result.prompt;
     converted = ` (converted from the UI format${result.notes.length ? ": " + result.notes.join("; ") : ""})`;
   }
