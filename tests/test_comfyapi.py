@@ -288,6 +288,22 @@ def test_a_prompt_queued_on_one_gateway_shows_on_another(deployment: Any, tmp_pa
     assert queue == {"queue_running": [], "queue_pending": []}
 
 
+def test_the_moment_history_has_a_prompt_the_queue_no_longer_does(deployment: Any) -> None:
+    """ComfyUI moves a prompt from its queue to its history at once: a client that sees its entry
+    in `/history` finds it in neither `/queue` nor `/prompt`'s count, on the instance it asked."""
+    deployed: Deployment = deployment(step_delay=0)
+    url = deployed.url
+    for seed in range(6):
+        workflow = empty_image(512, 512, color=seed + 1, prefix=f"q{seed}", batch=4)  # outputs to collect
+        answer = requests.post(url + "/prompt", json={"prompt": workflow}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        prompt_id, entry = answer.json()["prompt_id"], url + "/history/" + answer.json()["prompt_id"]
+        wait_until(lambda entry=entry: requests.get(entry, timeout=10).json(), 60, 0.001)
+        queue = requests.get(url + "/queue", timeout=10).json()
+        assert prompt_id not in [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+        assert requests.get(url + "/prompt", timeout=10).json()["exec_info"]["queue_remaining"] == 0
+
+
 def test_a_prompt_is_found_everywhere_the_moment_its_answer_names_it(deployment: Any) -> None:
     """A prompt sent without its own id is answered before its status log is written (one box
     claims it with its first write): the moment the answer names it, `/queue`, the task's summary

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.helpers import wait_until
 from tests.topologies import Deployment
 
 pytest.importorskip("comfyui_frontend_package")
@@ -46,7 +47,9 @@ def test_comfyuis_editor_queues_a_workflow_and_shows_its_image(deployment: Any) 
         executed = page.evaluate("() => window.__executed[0]")
         (image,) = executed["output"]["images"]
         assert image["filename"] == "editor_00001_.png"
-        history = requests.get(deployed.url + "/history/" + executed["prompt_id"], timeout=10).json()
+        # `executed` comes before the prompt's end (ComfyUI's too): its history entry follows it.
+        entry = deployed.url + "/history/" + executed["prompt_id"]
+        history = wait_until(lambda: requests.get(entry, timeout=10).json(), timeout=30)
         assert history[executed["prompt_id"]]["status"]["status_str"] == "success"
         # The node shows its image: the editor asks /view for it as it next draws the node. A headless
         # page's canvas is redrawn only when marked dirty (on a loaded CI machine, no /view came within

@@ -192,7 +192,7 @@ async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, st
             summary = await job_summary(job)
         status = summary["state"] if summary is not None else "queued"
         job = job if status not in ENDED else None
-        if status in ENDED or (job is not None and await _ended_here(job)):
+        if status in ENDED or (job is not None and await _ended_here(state, job, entry.task_id)):
             ended.append(entry.task_id)
         else:
             found.append((entry, status))
@@ -200,14 +200,19 @@ async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, st
     return found
 
 
-async def _ended_here(job: RunningJob) -> bool:
-    """Whether a job running here has published its end, which its log may not hold yet (as
-    `/history` answers from the job, so does `/queue`)."""
+async def _ended_here(state: AppState, job: RunningJob, task_id: str) -> bool:
+    """Whether a job running here has ended as its `/history` entry tells it, so that `/queue`
+    leaves it out the moment `/history` has it (ComfyUI changes both at once): its end published
+    (its log may not hold it yet), or, on one box, ComfyUI's verdict and last message relayed
+    (`history_payloads` answers from those)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(0):
             await job.finished()  # at once once it ended: nothing to wait for
             return True
-    return False
+    if prompts(state).shared:
+        return False
+    events = await published_events(job)
+    return events is not None and _comfyui_ended(events, task_id) and _comfyui_verdict(events)
 
 
 async def prompt_state(request: Request) -> Response:
