@@ -52,11 +52,17 @@ def test_comfyuis_editor_queues_a_workflow_and_shows_its_image(deployment: Any) 
         history = wait_until(lambda: requests.get(entry, timeout=10).json(), timeout=30)
         assert history[executed["prompt_id"]]["status"]["status_str"] == "success"
         # The node shows its image: the editor asks /view for it as it next draws the node. A headless
-        # page's canvas is redrawn only when marked dirty (on a loaded CI machine, no /view came within
-        # 45 s of the `executed` message once): it is marked, as a person's mouse move over it would.
+        # page's canvas is redrawn only when marked dirty, on its next animation frame (on a loaded CI
+        # machine, no /view came within 45 s of the `executed` message, twice): it is drawn here, as a
+        # person's mouse move over it would have it drawn.
         for _ in range(225):
             if 200 in views:
                 break
-            page.evaluate("() => window.app.graph.setDirtyCanvas(true, true)")
+            page.evaluate("() => window.app.canvas.draw(true, true)")
             page.wait_for_timeout(200)
-        assert 200 in views, f"the editor asked /view {len(views)} times (statuses {views}) in 45 s"
+        shown = page.evaluate(
+            """() => ({outputs: Object.keys(window.app.nodeOutputs || {}),
+                       nodes: window.app.graph._nodes.map((n) => [n.id, n.type, Array.from(n.pos)]),
+                       visible: Array.from(window.app.canvas.visible_area || [])})"""
+        )
+        assert 200 in views, f"the editor asked /view {len(views)} times (statuses {views}) in 45 s: {shown}"
