@@ -201,6 +201,16 @@ def test_playground_shows_the_image_forming_before_the_output(deployment: Callab
         assert page.is_hidden("#preview") and page.inner_text("#percent") == "100%"
 
 
+def pick_version_1(page: Any, url: str, workflow_id: str) -> None:
+    """As a user does: the workflow in the picker, then its version 1, shown once loaded."""
+    page.goto(url + "/")
+    page.wait_for_selector(f"#workflow option[value='{workflow_id}']", state="attached")
+    page.select_option("#workflow", workflow_id)
+    page.wait_for_selector("#version option[value='1']", state="attached")
+    page.select_option("#version", "1")
+    page.wait_for_selector("#source:has-text('version 1')")
+
+
 def test_a_trial_run_of_a_version_shows_the_curl_and_python_of_its_call(deployment: Callable[..., Deployment]) -> None:
     """Pick a registered workflow's version 1 (2 is newer), run it from the form: it runs (ComfyUI's
     /history shows version 1's seed), and the curl and Python client code shown make the same call."""
@@ -212,12 +222,7 @@ def test_a_trial_run_of_a_version_shows_the_curl_and_python_of_its_call(deployme
         assert put.status_code in (200, 201), put.text
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(deployed.url + "/")
-        page.wait_for_selector("#workflow option[value='trial']", state="attached")
-        page.select_option("#workflow", "trial")
-        page.wait_for_selector("#version option[value='1']", state="attached")
-        page.select_option("#version", "1")
-        page.wait_for_selector("#source:has-text('version 1')")
+        pick_version_1(page, deployed.url, "trial")
         assert page.input_value("input[name='3.seed']") == "111"
         page.click("#run")
         page.wait_for_selector("#state.succeeded", state="attached")
@@ -258,12 +263,7 @@ def test_a_late_answer_to_an_earlier_pick_does_not_replace_the_version_picked(
         held: list[Any] = []
         newest = re.compile(r".*/api/workflows/late$")  # the workflow's own description: its newest version
         page.route(newest, lambda route: held.append(route))  # held until version 1 is shown
-        page.goto(app.url + "/")
-        page.wait_for_selector("#workflow option[value='late']", state="attached")
-        page.select_option("#workflow", "late")
-        page.wait_for_selector("#version option[value='1']", state="attached")
-        page.select_option("#version", "1")
-        page.wait_for_selector("#source:has-text('version 1')")
+        pick_version_1(page, app.url, "late")
         assert len(held) == 1
         with page.expect_response(newest):
             held[0].continue_()
