@@ -36,6 +36,7 @@ from .tenants import endpoints as tenants
 from .tenants import keys as tenant_keys
 from .tenants.keys import ApiKeys
 from .transports import control, files
+from .transports.events import recorded_if_ended
 from .transports.http import EventStream, hang_up, json_response, read_body
 from .transports.idempotency import idempotency_key, requested_mode, start_or_attach
 from .transports.routing import IndexedRouter
@@ -140,6 +141,10 @@ async def status(request: Request) -> Response:
     if not task_id:
         raise InvalidParams("task_id is required")
     after = parse_after(request.query_params.get("after", "0"))
+    attempt = request.query_params.get("attempt")
+    job = state.jobs.get(task_id)
+    if job is not None and attempt is None:
+        await recorded_if_ended(job)  # its caller may have had the end from this instance already
     owner = caller(request)
     if owner is not None:
         task_owner = await resources.status.owner(task_id)
@@ -148,7 +153,6 @@ async def status(request: Request) -> Response:
         if not may_see(owner, task_owner):
             raise NotFound(f"no task {task_id}")  # another key's task: as if it did not exist
     await state.jobs.end_if_stranded(task_id)  # a fleet job no worker will ever take: ended now
-    attempt = request.query_params.get("attempt")
     body = await resources.status.read(task_id, after, parse_attempt(attempt) if attempt is not None else None)
     return Response(body, media_type="application/json")
 

@@ -110,6 +110,23 @@ def test_a_stream_numbers_its_events_and_its_log_holds_the_same(deployment: Depl
     assert ended(url, "s1") == payloads(received)
 
 
+def test_the_moment_a_caller_has_its_jobs_end_the_status_log_ends_with_it(deployment: Deploy) -> None:
+    """Read your writes: a caller who had a job's end from its stream or its sync answer finds it
+    at the end of the task's status log when it asks next, however soon; a task it did not name
+    too (its id read from the stream or the answer: its end is not held back for the log)."""
+    url = deployment(step_delay=0).url
+    for number in range(8):
+        params = {"stream": "true"} if number % 2 else {}
+        with requests.post(url + RUN, params=params, json=txt2img(steps=2), stream=True, timeout=60) as response:
+            if params:
+                last = payloads([event for event in read_events(response) if event.data is not None])[-1]
+            else:
+                last = response.json()
+        assert last["type"] == "serverless_api", last
+        logged = status(url, last["data"]["task_id"])
+        assert logged and logged[-1] == last, (number, logged[-1:])
+
+
 def test_fc_doc_websocket_client_gets_progress_then_the_result(deployment: Deploy) -> None:
     url, workflow = ws_url(deployment().url), txt2img(seed=-1, steps=4)
     messages: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ answers as events are stored (XREAD BLOCK).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,7 @@ from ..status.summary import summarise
 log = logging.getLogger(__name__)
 
 BIG_PAYLOAD = 256 * 1024  # terminal payloads from this size on are decoded in a thread
+RECORD_WAIT = 10.0  # seconds a read of a task's log waits for an ended job's end to be in it
 
 
 class TaskEvents:
@@ -125,3 +127,18 @@ async def _terminal(seq: int, line: bytes) -> Event:
     payload = await asyncio.to_thread(json.loads, line) if len(line) >= BIG_PAYLOAD else json.loads(line)
     error = error_from_payload(payload) if payload.get("type") == "error" else None
     return Event(seq, line, terminal=True, error=error)
+
+
+async def recorded_if_ended(job: RunningJob) -> None:
+    """Once a job running here has published its end, its log holds it (at most RECORD_WAIT
+    seconds), so that a caller who had the end from this instance (a stream's, an answer's: a task
+    nobody named is not held back for its log) finds it in the log it reads next. At once for a
+    job not ended: its log is read as it stands."""
+    try:
+        async with asyncio.timeout(0):
+            await job.finished()  # at once once it ended: nothing to wait for
+    except TimeoutError:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(RECORD_WAIT):
+            await job.terminal_recorded()
