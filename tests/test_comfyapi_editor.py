@@ -34,6 +34,10 @@ def test_comfyuis_editor_queues_a_workflow_and_shows_its_image(deployment: Any) 
         page.goto(deployed.url + "/comfyui/", wait_until="load")
         page.wait_for_function("() => window.app && window.app.api && window.LiteGraph", timeout=30000)
         page.wait_for_function("() => 'KSampler' in window.LiteGraph.registered_node_types", timeout=30000)
+        # Its start-up ends by opening the workflow it had (a blank one, new): one loaded before that
+        # is replaced (a loaded machine's editor then showed an empty graph). As a person does, the
+        # workflow is loaded once the editor shows its own.
+        page.wait_for_function("() => window.app.extensionManager.workflow.activeWorkflow", timeout=30000)
         page.evaluate(
             """async (workflow) => {
                 window.__executed = [];
