@@ -32,7 +32,7 @@ from ..jobs.runner import RunningJob
 from ..resources import Resources
 from ..state import AppState, app_state
 from ..status.summary import ENDED
-from ..transports.events import job_summary, published_events
+from ..transports.events import ended_now, job_summary, published_events
 from ..transports.http import read_body
 from ..transports.start import start_job
 from ..workflows.validate import node_errors, validate_workflow
@@ -205,10 +205,8 @@ async def _ended_here(state: AppState, job: RunningJob, task_id: str) -> bool:
     leaves it out the moment `/history` has it (ComfyUI changes both at once): its end published
     (its log may not hold it yet), or, on one box, ComfyUI's verdict and last message relayed
     (`history_payloads` answers from those)."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(0):
-            await job.finished()  # at once once it ended: nothing to wait for
-            return True
+    if await ended_now(job):
+        return True
     if prompts(state).shared:
         return False
     events = await published_events(job)

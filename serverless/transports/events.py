@@ -129,15 +129,22 @@ async def _terminal(seq: int, line: bytes) -> Event:
     return Event(seq, line, terminal=True, error=error)
 
 
+async def ended_now(job: RunningJob) -> bool:
+    """Whether a job running here has published its end (as `RunningJob.finished` gives it), told
+    without waiting."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0):
+            await job.finished()  # at once once it ended: nothing to wait for
+            return True
+    return False
+
+
 async def recorded_if_ended(job: RunningJob) -> None:
     """Once a job running here has published its end, its log holds it (at most RECORD_WAIT
     seconds), so that a caller who had the end from this instance (a stream's, an answer's: a task
     nobody named is not held back for its log) finds it in the log it reads next. At once for a
     job not ended: its log is read as it stands."""
-    try:
-        async with asyncio.timeout(0):
-            await job.finished()  # at once once it ended: nothing to wait for
-    except TimeoutError:
+    if not await ended_now(job):
         return
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(RECORD_WAIT):

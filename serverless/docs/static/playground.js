@@ -78,11 +78,11 @@ async function pickHosted(id) {
 // Its versions and aliases in the Version picker: "" runs the bare id (the `default` alias, else
 // the newest), `@<alias>` and `@<n>` what they name.
 async function loadVersions(id, pick) {
+  const picker = $("version");
+  picker.replaceChildren(new Option("current (the default alias, else the newest)", ""));
   const answer = await api(`/api/workflows/${refPath(id)}/versions`);
   const listed = answer.ok ? await answer.json() : { versions: [], aliases: {} };
   if (stale(pick)) return;
-  const picker = $("version");
-  picker.replaceChildren(new Option("current (the default alias, else the newest)", ""));
   for (const [alias, version] of Object.entries(listed.aliases)) picker.add(new Option(`@${alias} → version ${version}`, alias));
   for (const v of [...listed.versions].reverse()) picker.add(new Option(`@${v.version} · ${v.created}`, String(v.version)));
   $("versionbox").hidden = listed.versions.length === 0;
