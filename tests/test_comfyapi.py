@@ -300,7 +300,8 @@ def test_the_moment_history_has_a_prompt_the_queue_no_longer_does(deployment: An
         prompt_id, entry = answer.json()["prompt_id"], url + "/history/" + answer.json()["prompt_id"]
         wait_until(lambda entry=entry: requests.get(entry, timeout=10).json(), 60, 0.001)
         queue = requests.get(url + "/queue", timeout=10).json()
-        assert prompt_id not in [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+        listed = {name: [item[1] for item in items] for name, items in queue.items()}
+        assert prompt_id not in listed["queue_running"] + listed["queue_pending"], listed
         assert requests.get(url + "/prompt", timeout=10).json()["exec_info"]["queue_remaining"] == 0
 
 

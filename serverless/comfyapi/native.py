@@ -184,10 +184,12 @@ async def live(state: AppState, owner: str | None) -> list[tuple[PromptEntry, st
     those seen ended are settled in the index."""
     index = prompts(state)
     entries = [entry for entry in await index.live() if may_see(owner, entry.owner)]
+    # Their jobs here, taken before their logs are read: one that leaves meanwhile, its end
+    # recorded, is still asked (its log, read before that, may not hold the end).
+    jobs = [state.jobs.get(entry.task_id) for entry in entries]
     summaries = await asyncio.gather(*(state.resources.status.summary(entry.task_id) for entry in entries))
     ended, found = [], []
-    for entry, summary in zip(entries, summaries, strict=True):
-        job = state.jobs.get(entry.task_id)
+    for entry, job, summary in zip(entries, jobs, summaries, strict=True):
         if summary is None and job is not None:  # answered before its log is claimed: the job says
             summary = await job_summary(job)
         status = summary["state"] if summary is not None else "queued"
