@@ -142,7 +142,7 @@ async def _relay_events(state: AppState, task_id: str, send: Send, after: int) -
     # the prompt's history as soon as it reads it).
     urgent = (lambda event: history.ends_prompt(event.text, task_id)) if passed_on else None
     # Its bursts wait out their window asleep, woken by its end (or last message) only.
-    alarm = asyncio.Event() if job is not None and passed_on else None
+    alarm = asyncio.Event() if passed_on else None
     untap = job.tap(_ringing(alarm, task_id)) if job is not None and alarm is not None else None
     try:
         await _relay_bursts(bursts(source, after, idle=1.0, urgent=urgent, alarm=alarm), task_id, passed_on, send)

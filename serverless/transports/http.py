@@ -127,13 +127,18 @@ async def json_response(
 async def _abandon_on_hang_up(request: Request, task_id: str, abandon: Abandon | None) -> None:
     """Wait for the caller to hang up, then abandon its job (None: the job goes on)."""
     try:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await caller_left(request.receive)
     except OSError as exc:  # as the caller-watch: a connection that failed is a caller gone
         log.debug("task_id=%s: receiving failed (%r): the caller is gone", task_id, exc)
     log.debug("task_id=%s: caller_gone first", task_id)
     if abandon is not None:
         abandon("caller disconnected")
+
+
+async def caller_left(receive: Receive) -> None:
+    """Until the HTTP caller hangs up (what else it sends, a body's rest, is dropped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class JsonBody(Response):
@@ -214,12 +219,8 @@ class EventStream(Response):
                 abort_connection(receive)
                 raise
 
-        async def caller_gone() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
         with self.meter:
-            await watch(self.job.task_id, deliver, caller_gone, self.abandon)
+            await watch(self.job.task_id, deliver, lambda: caller_left(receive), self.abandon)
 
     async def _chunks(self) -> AsyncIterator[tuple[bytes, bool]]:
         """The stream's bytes, a burst of events in one write (`bursts`), each with whether the
