@@ -631,6 +631,60 @@ def test_a_client_back_mid_run_gets_the_running_node_then_the_rest(deployment: A
     assert "execution_success" in types and types[-1] == "executing" and "execution_start" not in types
 
 
+def test_a_client_that_stops_reading_gets_every_message_in_order_once_it_reads_again(
+    deployment: Any, tmp_path: Path
+) -> None:
+    """Sampler previews of hundreds of KB while the client reads nothing: what does not fit the
+    socket waits its turn, and once the client reads, ComfyUI's messages are all there in
+    ComfyUI's order, with previews among them as ComfyUI's binary frames, each a whole image, each
+    after a step's `progress` and before the sampler's output."""
+    deployed: Deployment = deployment(step_delay=0.05)
+    seed = uuid.uuid4().int % 100_000  # a prompt no ComfyUI has run (nothing cached)
+    big = {"preview_size": 1024, "step_delay": 0.05}  # ~200 KB a preview, 20 steps in a second
+
+    def frames(client: ExampleClient, urls: list[str]) -> list[Any]:
+        for url in urls:
+            requests.post(url + "/emulator/config", json=big, timeout=5)
+        ws = websocket.create_connection(f"ws://{client.server_address}/ws?clientId={client.client_id}")
+        try:
+            ws.recv()  # the greeting
+            prompt_id = str(uuid.uuid4())
+            client.queue_prompt(txt2img(seed=seed, steps=20, size=512, prefix="unread"), prompt_id)
+            wait_until(lambda: prompt_id in client.get_history(prompt_id), timeout=60)  # read nothing till the end
+            ws.settimeout(30)
+            seen: list[Any] = []
+            while True:
+                opcode, data = ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_BINARY:
+                    assert bytes(data[:8]) == bytes([0, 0, 0, 1, 0, 0, 0, 1])  # a preview, JPEG (ComfyUI's types)
+                    with Image.open(io.BytesIO(bytes(data)[8:])) as image:
+                        image.load()  # whole
+                    seen.append("preview")
+                    continue
+                message = json.loads(data)
+                seen.append(_shape(message))
+                if message["type"] == "executing" and message["data"].get("node") is None:
+                    return seen
+        finally:
+            ws.close()
+            for url in urls:
+                requests.post(url + "/emulator/config", json={"preview_size": 512, "step_delay": 0.0}, timeout=5)
+
+    fresh = InProcessEmulator(tmp_path / "direct", step_delay=0.05)  # as fresh as the deployment's: nothing cached
+    try:
+        expected = frames(ExampleClient(address(fresh.url)), [fresh.url])
+    finally:
+        fresh.stop()
+    got = frames(ExampleClient(address(deployed.url)), [emulator.url for emulator in deployed.emulators])
+    assert [frame for frame in got if frame != "preview"] == [frame for frame in expected if frame != "preview"]
+    assert expected.count("preview") == 20
+    assert 2 <= got.count("preview") <= 20, "the newest, at most 4 a second: a job of a second shows some"
+    sampler_output = got.index("executed")
+    for at, frame in enumerate(got):
+        if frame == "preview":
+            assert "progress" in got[:at] and at < sampler_output
+
+
 def test_comfy_sdk_follows_a_jobs_live_events(deployment: Any, comfy_sdk: Any) -> None:
     client = comfy_sdk(deployment(step_delay=0.05).url)
     job = client.submit(client.workflows.from_json(txt2img(seed=1, steps=5)))

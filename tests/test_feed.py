@@ -130,3 +130,21 @@ async def test_a_tap_sees_each_event_as_it_is_published_until_untapped_and_a_fai
     feed.finish(Result({"type": "serverless_api"}))
     assert seen == [1, 2]
     assert [event.seq for event in await collect(feed)] == [1, 2, 3, 4], "readers get every event still"
+
+
+async def test_a_tap_that_asks_for_previews_sees_each_one_shown_in_its_place_among_the_events():
+    feed = Feed()
+    with_previews: list[tuple[int, bool]] = []
+    without: list[tuple[int, bool]] = []
+    untap = feed.tap(lambda event: with_previews.append((event.seq, event.preview)), previews=True)
+    feed.tap(lambda event: without.append((event.seq, event.preview)))
+    feed.publish('{"n": 1}')
+    feed.show({"type": "serverless_preview", "data": {"step": 1}})
+    feed.publish('{"n": 2}')
+    feed.show({"type": "serverless_preview", "data": {"step": 2}})
+    assert with_previews == [(1, False), (1, True), (2, False), (2, True)], "each preview after the event it followed"
+    assert without == [(1, False), (2, False)]
+    untap()
+    feed.show({"type": "serverless_preview", "data": {"step": 3}})
+    feed.publish('{"n": 3}')
+    assert with_previews[-1] == (2, True), "untapped: neither events nor previews"

@@ -164,7 +164,7 @@ class RemoteJob:
         """None: its events are in the status store, not here (`events` reads them)."""
         return None
 
-    def tap(self, call: Callable[[Event], None]) -> Callable[[], None] | None:
+    def tap(self, call: Callable[[Event], None], previews: bool = False) -> Callable[[], None] | None:
         """None: its events are published where it runs."""
         return None
 

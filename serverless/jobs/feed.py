@@ -109,6 +109,7 @@ class Feed:
         self.recorded = first_seq - 1
         self._sealed = False  # the job's last events are being stored: nothing else is published
         self._taps: list[Callable[[Event], None]] = []  # called with each event as it is published
+        self._preview_taps: list[Callable[[Event], None]] = []  # ... and with each preview shown
 
     @property
     def last_seq(self) -> int:
@@ -157,8 +158,10 @@ class Feed:
         after the terminal event."""
         if self.terminal is not None:
             return
-        self._preview = Event(self.last_seq, jsontext.dumps(payload), preview=True)
+        self._preview = preview = Event(self.last_seq, jsontext.dumps(payload), preview=True)
         self.previews_shown += 1
+        for tap in self._preview_taps[:] if self._preview_taps else ():
+            self._call(tap, preview)
         self._wake()
 
     def _within_budget(self, size: int) -> bool:
@@ -191,14 +194,18 @@ class Feed:
         self._wake()
         return True
 
-    def tap(self, call: Callable[[Event], None]) -> Callable[[], None]:
-        """Call `call` with every event published from now on, in the step that publishes it
-        (previews are not published); returns what ends the tap."""
+    def tap(self, call: Callable[[Event], None], previews: bool = False) -> Callable[[], None]:
+        """Call `call` with every event published from now on, in the step that publishes it,
+        and with `previews`, with every preview shown too (in the step that shows it); returns
+        what ends the tap."""
         self._taps.append(call)
+        if previews:
+            self._preview_taps.append(call)
 
         def untap() -> None:
-            if call in self._taps:
-                self._taps.remove(call)
+            for taps in (self._taps, self._preview_taps):
+                if call in taps:
+                    taps.remove(call)
 
         return untap
 
@@ -207,8 +214,9 @@ class Feed:
             tap(event)
         except Exception:  # a reader's bug must not stop the job's publishing
             log.exception("a tap of the job's events failed; it is dropped")
-            if tap in self._taps:
-                self._taps.remove(tap)
+            for taps in (self._taps, self._preview_taps):
+                if tap in taps:
+                    taps.remove(tap)
 
     async def changed(self) -> None:
         """Wait for the next event published or preview shown."""

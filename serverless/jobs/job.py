@@ -239,9 +239,10 @@ class Job:
             return None  # as far behind as a live reader may be (`Feed.follow`)
         return events
 
-    def tap(self, call: Callable[[Event], None]) -> Callable[[], None] | None:
-        """`call` with each event as the feed publishes it (`Feed.tap`)."""
-        return self.feed.tap(call)
+    def tap(self, call: Callable[[Event], None], previews: bool = False) -> Callable[[], None] | None:
+        """`call` with each event as the feed publishes it, and each preview shown with
+        `previews` (`Feed.tap`)."""
+        return self.feed.tap(call, previews)
 
     def _readable_after(self, seq: int) -> bool:
         feed = self.feed
@@ -591,11 +592,22 @@ class Job:
                 lost = lambda: runtime.comfyui_generation() != generation  # noqa: E731
                 timer = asyncio.get_running_loop().call_later(PROGRESS_INTERVAL, self._start_watching)
 
+                # A preview with its metadata comes before its step's `progress`; ComfyUI sends
+                # the legacy form, its `/ws` clients', after it: held until the next message.
+                held: list[PreviewFrame] = []
+
                 def take(message: Message | PreviewFrame) -> None:
                     if isinstance(message, PreviewFrame):
-                        self._preview(message)
-                    else:
-                        self._observe(message, collector)
+                        if held:
+                            self._preview(held.pop())
+                        if message.prompt_id is None:
+                            self._preview(message)
+                        else:
+                            held.append(message)
+                        return
+                    self._observe(message, collector)
+                    if held:
+                        self._preview(held.pop())
 
                 try:
                     await connection.follow(self.prompt_id, take, lost)

@@ -71,9 +71,10 @@ class RunningJob(EventSource, Protocol):
         polls the status is then sure to find it there)."""
         ...
 
-    def tap(self, call: Callable[[Event], None]) -> Callable[[], None] | None:
-        """Call `call` with each event in the step that publishes it (`Feed.tap`); returns what
-        ends that. None where the job's events are not published here (a gateway's job)."""
+    def tap(self, call: Callable[[Event], None], previews: bool = False) -> Callable[[], None] | None:
+        """Call `call` with each event in the step that publishes it, and with `previews` each
+        preview shown (`Feed.tap`); returns what ends that. None where the job's events are not
+        published here (a gateway's job)."""
         ...
 
 

@@ -53,6 +53,26 @@ class Frames:
             protocol: Any = self._protocol
             protocol.transport.write(b"".join(cast(_Connection, protocol.conn).data_to_send()))
 
+    def send_now(self, messages: Sequence[Message]) -> bool:
+        """Send `messages` in one write without waiting, when that can be done at once (uvicorn's
+        websockets-sansio protocol, open, with room in its buffer): True when sent; False, with
+        nothing sent, when `send` must do it."""
+        protocol = self._protocol
+        if (
+            protocol is None
+            or not protocol.writable.is_set()
+            or protocol.disconnected
+            or protocol.close_sent
+            or protocol.transport.is_closing()
+        ):
+            return False
+        try:
+            self._frame(protocol, messages)
+        except WebSocketDisconnect:
+            return False  # `send` raises it
+        protocol.transport.write(b"".join(cast(_Connection, protocol.conn).data_to_send()))
+        return True
+
     async def close(self, messages: Sequence[Message] = (), code: int = 1000, reason: str | None = None) -> None:
         """Send `messages`, then the close, in one write where it can (uvicorn's close writes what
         its connection holds with the close frame); WebSocketDisconnect when the client is gone."""
@@ -79,6 +99,11 @@ class Frames:
         await protocol.writable.wait()  # room in the transport's buffer, as uvicorn's own send waits
         if protocol.disconnected or protocol.close_sent or protocol.transport.is_closing():
             raise WebSocketDisconnect(1006)
+        self._frame(protocol, messages)
+        return True
+
+    @staticmethod
+    def _frame(protocol: Any, messages: Sequence[Message]) -> None:
         conn = cast(_Connection, protocol.conn)
         try:
             for message in messages:
@@ -88,7 +113,6 @@ class Frames:
                     conn.send_text(message.data)
         except Exception as exc:  # websockets' InvalidState: the connection is closing
             raise WebSocketDisconnect(1006) from exc
-        return True
 
 
 SANSIO = "uvicorn.protocols.websockets.websockets_sansio_impl"
