@@ -26,7 +26,15 @@ from PIL import Image
 
 from serverless.comfyui import folders as comfyui_folders_module
 from serverless.comfyui.client import ComfyUI, Timeouts
-from serverless.comfyui.folders import Folders, confined, read_item, started_folders
+from serverless.comfyui.folders import (
+    CACHED_UP_TO,
+    Folders,
+    confined,
+    filesystem_type,
+    read_cached,
+    read_item,
+    started_folders,
+)
 from serverless.core.messages import Message
 from serverless.core.previews import PreviewFrame
 from serverless.errors import InputError, OutputError
@@ -317,6 +325,93 @@ def test_an_output_named_like_a_fifo_or_folder_is_not_read_from_disk(tmp_path):
         item = {"filename": name, "subfolder": "", "type": "output"}
         with pytest.raises(OutputError, match=r"could not be reached|answered"):  # then /view, here nobody
             client_call(Folders(output=folder), lambda comfy, item=item: comfy.fetch(item, True))
+
+
+def test_a_small_output_just_written_is_read_from_the_page_cache_on_the_event_loop(tmp_path, monkeypatch):
+    """Once its folder is known (read once in a thread), a small file ComfyUI has just written
+    is read without a trip to a thread: the same bytes, type and base64."""
+    folder = tmp_path / "output"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "first.png").write_bytes(b"\x89PNG first")
+    folders = Folders(output=folder)
+    first = {"filename": "first.png", "subfolder": "", "type": "output"}
+    assert client_call(folders, lambda comfy: comfy.fetch(first, True)).content == b"\x89PNG first"
+    (folder / "next.png").write_bytes(b"\x89PNG next")
+    (folder / "sub" / "deeper.webp").write_bytes(b"RIFF....WEBP")
+
+    async def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("read in a thread")
+
+    monkeypatch.setattr("serverless.comfyui.client.asyncio.to_thread", no_thread)
+    plain = {"filename": "next.png", "subfolder": "", "type": "output"}
+    fetched = client_call(folders, lambda comfy: comfy.fetch(plain, True, base64.b64encode))
+    assert (fetched.content, fetched.content_type, fetched.size) == (b"\x89PNG next", "image/png", 9)
+    assert fetched.encoded == base64.b64encode(b"\x89PNG next")
+    deeper = {"filename": "deeper.webp", "subfolder": "sub", "type": "output"}
+    fetched = client_call(folders, lambda comfy: comfy.fetch(deeper, True))
+    assert (fetched.content, fetched.content_type, fetched.size) == (b"RIFF....WEBP", "image/webp", 12)
+
+
+def test_what_could_wait_or_leads_outside_is_never_read_on_the_event_loop(tmp_path):
+    folder = tmp_path / "output"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "small.png").write_bytes(b"\x89PNG")
+    assert read_item(folder, "", "small.png", True) is not None  # the folder is known now
+    assert read_cached(folder, "", "small.png") == (b"\x89PNG", "image/png", 4)
+    (folder / "big.png").write_bytes(bytes(CACHED_UP_TO + 1))
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG secret")
+    (folder / "outside.png").symlink_to(tmp_path / "secret.png")
+    (folder / "sub" / "up").symlink_to(tmp_path)
+    os.mkfifo(folder / "fifo.png")
+    for subfolder, name in [
+        ("", "big.png"),
+        ("", "outside.png"),
+        ("sub/up", "secret.png"),
+        ("", "fifo.png"),
+        ("..", "secret.png"),
+        ("", "missing.png"),
+    ]:
+        assert read_cached(folder, subfolder, name) is None, (subfolder, name)
+    cold = folder / "cold.png"
+    cold.write_bytes(bytes(100_000))
+    fd = os.open(cold, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache (not on tmpfs)
+    finally:
+        os.close(fd)
+    if filesystem_type(os.path.realpath(folder)) != "tmpfs":
+        assert read_cached(folder, "", "cold.png") is None, "reading it would wait for the disk"
+    elsewhere = tmp_path / "unknown"  # a folder never read in a thread: its filesystem is not known
+    elsewhere.mkdir()
+    (elsewhere / "a.png").write_bytes(b"\x89PNG")
+    assert read_cached(elsewhere, "", "a.png") is None
+
+
+def test_a_folder_on_a_network_filesystem_is_always_read_in_a_thread(tmp_path, monkeypatch):
+    folder = tmp_path / "nas"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG")
+    monkeypatch.setattr(comfyui_folders_module, "filesystem_type", lambda path: "nfs4")
+    assert read_item(folder, "", "a.png", True) is not None
+    assert read_cached(folder, "", "a.png") is None
+
+
+MOUNTINFO = """\
+22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+30 22 0:25 / /mnt/auto rw,relatime shared:9 - nfs4 nas.example:/ rw,vers=4.0
+31 30 0:26 / /mnt/auto/local\\040disk rw shared:10 - xfs /dev/vdb rw
+40 22 0:30 / /tmp rw,nosuid - tmpfs tmpfs rw
+"""
+
+
+def test_a_paths_filesystem_is_the_deepest_mount_holding_it():
+    assert filesystem_type("/work/x", MOUNTINFO) == "ext4"
+    assert filesystem_type("/mnt/auto/comfyui/output", MOUNTINFO) == "nfs4"
+    assert filesystem_type("/mnt/auto/local disk/output", MOUNTINFO) == "xfs"
+    assert filesystem_type("/mnt/autoz", MOUNTINFO) == "ext4"
+    assert filesystem_type("/tmp", MOUNTINFO) == "tmpfs"
+    assert filesystem_type("/x", "") is None
 
 
 # -- inputs written into ComfyUI's folder ------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ..core import jsontext
 from ..core.messages import Message, from_history
 from ..core.previews import FEATURE_FLAGS
 from ..errors import ComfyUIUnavailable, InputError, NotFound, OutputError, PromptError
-from .folders import Folders, confined, read_item, write_input
+from .folders import CACHED_UP_TO, Folders, confined, read_cached, read_item, write_input
 from .keepalive import KeepAlive
 from .listener import Connection, Listener
 
@@ -346,6 +346,10 @@ class ComfyUI:
         trip, not two): its result is `encoded`."""
         folder = self.folders.for_type(str(item.get("type", "output") or "output"))
         if folder is not None:
+            cached = _cached_item(folder, item) if with_content else None
+            if cached is not None:  # a small file ComfyUI has just written: no trip to a thread
+                content, content_type, size = cached
+                return Fetched(content, content_type, size, encode(content) if encode is not None else None)
             read = await asyncio.to_thread(_read_item, folder, item, with_content, encode)
             if read is not None:
                 return read
@@ -358,7 +362,7 @@ class ComfyUI:
         folder = self.folders.for_type(str(item.get("type", "output") or "output"))
         if folder is None:
             return None
-        read = await asyncio.to_thread(_read_small_item, folder, item, limit)
+        read = _cached_item(folder, item, limit) or await asyncio.to_thread(_read_small_item, folder, item, limit)
         return Fetched(*read) if read is not None else None
 
     async def local_output(self, item: Mapping[str, Any]) -> Path | None:
@@ -513,6 +517,12 @@ def _read_item(
     content, content_type, size = read
     encoded = encode(content) if encode is not None and content is not None else None
     return Fetched(content, content_type, size, encoded)
+
+
+def _cached_item(folder: Path, item: Mapping[str, Any], limit: int = CACHED_UP_TO) -> tuple[bytes, str, int] | None:
+    """A history item's file read from the page cache, without waiting (`folders.read_cached`)."""
+    subfolder, filename = str(item.get("subfolder", "") or ""), str(item.get("filename", ""))
+    return read_cached(folder, subfolder, filename, min(limit, CACHED_UP_TO))
 
 
 def _read_small_item(folder: Path, item: Mapping[str, Any], limit: int) -> tuple[bytes, str, int] | None:
