@@ -373,6 +373,49 @@ def test_metrics_count_jobs_and_refused_prompts(deployment: Deploy) -> None:
 # -- GenStudio ----------------------------------------------------------------------------------------
 
 
+JSON_ENDPOINTS = [
+    ("POST", RUN),
+    ("POST", "/api/workflows/convert"),
+    ("PUT", "/api/workflows/contract-wf"),
+    ("PUT", "/api/workflows/contract-wf/aliases/stable"),
+    ("POST", "/api/models"),
+    ("PUT", "/api/models/checkpoints/any.safetensors/pin"),
+    ("POST", "/api/batches"),
+    ("POST", "/api/maas/comfy_task_api/prompt"),
+    ("POST", "/api/maas/comfy_task_api/get_task_info"),
+    ("POST", "/api/maas/comfy_task_api/cancel"),
+    ("POST", "/prompt"),
+    ("POST", "/api/prompt"),
+    ("POST", "/queue"),
+    ("POST", "/interrupt"),
+    ("POST", "/history"),
+    ("POST", "/api/v2/jobs"),
+    ("POST", "/api/v2/assets/from-hash"),
+]
+
+
+def test_every_endpoint_that_takes_json_refuses_a_body_it_cannot_read_with_a_clear_error(deployment: Deploy) -> None:
+    """JSON nested deeper than a parser goes, and text that is not JSON: every endpoint that takes a
+    JSON body answers with its own 4xx naming what is wrong, never a 500, and the caller's kept-alive
+    connection serves its next request."""
+    deployed = deployment()
+    bodies = {
+        "nested too deeply": '{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}",  # within every size limit
+        "not valid JSON": '{"prompt": {"1": ',
+    }
+    with requests.Session() as session:  # one connection, kept alive from request to request
+        for method, path in JSON_ENDPOINTS:
+            for said, body in bodies.items():
+                answer = session.request(
+                    method, deployed.url + path, data=body, headers={"content-type": "application/json"}, timeout=30
+                )
+                # GenStudio's API answers its errors with HTTP 200 and the status in `code`, as documented
+                status = answer.json()["code"] if path.startswith("/api/maas/") else answer.status_code
+                assert 400 <= status < 500, (method, path, said, answer.status_code, answer.text[:300])
+                assert said in answer.text, (method, path, answer.text[:300])
+        assert session.get(deployed.url + "/api/serverless/health", timeout=10).status_code == 200
+
+
 def test_genstudio_prompt_then_task_info_gives_the_files(deployment: Deploy) -> None:
     url = deployment(FILE_LINK_SECRET=LINK_SECRET).url
     workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())

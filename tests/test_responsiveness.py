@@ -64,12 +64,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
         emulator.stop()
 
 
-def _post_while_polling(url: str, body: bytes) -> tuple[list[requests.Response], float]:
-    """The answers to `body` posted ATTEMPTS times, and the least of how much slower than usual
-    health and status were during each."""
+def _post_while_polling(url: str, body: bytes, path: str = RUN) -> tuple[list[requests.Response], float]:
+    """The answers to `body` posted to `path` ATTEMPTS times, and the least of how much slower
+    than usual health and status were during each."""
     answers, delays = [], []
     for _ in range(ATTEMPTS):
-        response, delay = _post_once(url, body)
+        response, delay = _post_once(url, body, path)
         answers.append(response)
         delays.append(delay)
         if delay < STALL_BOUND:
@@ -77,7 +77,7 @@ def _post_while_polling(url: str, body: bytes) -> tuple[list[requests.Response],
     return answers, min(delays)
 
 
-def _post_once(url: str, body: bytes) -> tuple[requests.Response, float]:
+def _post_once(url: str, body: bytes, path: str) -> tuple[requests.Response, float]:
     """The answer to `body`, and how much slower than usual health and status were meanwhile: the
     slowest answer during the POST, less the slowest of as many answers before it (the machine's
     own noise, e.g. other tests sharing its cores)."""
@@ -86,7 +86,7 @@ def _post_once(url: str, body: bytes) -> tuple[requests.Response, float]:
     while poller.answers < 50:  # the usual: the poller's connection open, answers flowing
         time.sleep(0.01)
     usual, poller.slowest = poller.slowest, 0.0
-    response = requests.post(url + RUN, data=body, headers={"Content-Type": "application/json"}, timeout=120)
+    response = requests.post(url + path, data=body, headers={"Content-Type": "application/json"}, timeout=120)
     poller.stop.set()
     poller.join()
     assert poller.answers > 50, "health and status kept answering"
@@ -108,11 +108,27 @@ def test_a_25_mb_body_does_not_keep_health_and_status_waiting(server):
     assert delay < STALL_BOUND, f"health/status answered {delay:.3f}s slower than usual"
 
 
-def test_a_body_of_millions_of_tiny_values_is_refused_at_once(server):
+def test_a_25_mb_prompt_on_comfyuis_own_api_does_not_keep_health_and_status_waiting(server):
+    text = "iVBORw0KGgoAAAANSUhEUg" * (25 * 1024 * 1024 // 22)
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}},
+        "3": {"class_type": "UnknownTextNode", "inputs": {"text": text}},
+    }
+    body = json.dumps({"prompt": prompt}).encode()
+    answers, delay = _post_while_polling(server.url, body, "/prompt")
+    for response in answers:  # refused as ComfyUI refuses it: an unknown node class
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_prompt"
+    assert delay < STALL_BOUND, f"health/status answered {delay:.3f}s slower than usual"
+
+
+@pytest.mark.parametrize("path", [RUN, "/prompt"])
+def test_a_body_of_millions_of_tiny_values_is_refused_at_once(server, path):
+    """On our run and on ComfyUI's own `/prompt` alike."""
     workflow = {"1": {"class_type": "X", "inputs": {"values": list(range(3_000_000))}}}
-    body = json.dumps(workflow).encode()
+    body = json.dumps(workflow if path == RUN else {"prompt": workflow}).encode()
     assert len(body) > 25_000_000
-    answers, delay = _post_while_polling(server.url, body)
+    answers, delay = _post_while_polling(server.url, body, path)
     for response in answers:
         assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMS"
         assert "more than 1000000 JSON items" in response.json()["error_message"]

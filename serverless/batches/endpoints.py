@@ -14,7 +14,6 @@ exist (`_visible`, the one check).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -27,7 +26,7 @@ from ..errors import Conflict, InvalidParams, NotFound
 from ..jobs.feed import Event
 from ..state import app_state
 from ..status.log import parse_after
-from ..transports.http import EventStream, read_body
+from ..transports.http import EventStream, read_json
 from . import feeder as feeding
 from . import spec, view
 from .feeder import Feeders, manifest, progress_of
@@ -67,11 +66,7 @@ async def create(request: Request) -> Response:
     feeders = _feeders(request)
     resources = app_state(request).resources
     settings = resources.settings
-    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
-    try:
-        document = json.loads(body) if len(body) < BIG_BODY else await asyncio.to_thread(json.loads, body)
-    except ValueError as exc:
-        raise InvalidParams(f"the body is not JSON: {exc}") from None
+    document = await read_json(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     batch = parse_batch(
         document,
         request.query_params,

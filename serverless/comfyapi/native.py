@@ -33,8 +33,8 @@ from ..resources import Resources
 from ..state import AppState, app_state
 from ..status.summary import ENDED
 from ..transports.events import ended_now, job_summary, published_events
-from ..transports.http import read_body
-from ..transports.start import start_job
+from ..transports.http import json_value, read_body, read_json
+from ..transports.start import Decoded, start_job
 from ..workflows.validate import node_errors, validate_workflow
 from . import history
 from .index import MemoryIndex, PromptEntry, PromptIndex, RedisIndex
@@ -75,13 +75,7 @@ def refusal(kind: str, message: str, details: str = "", errors: dict[str, Any] |
 
 async def _json_body(request: Request) -> Any:
     settings = app_state(request).resources.settings
-    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
-    if not body.strip():
-        return {}
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise InvalidParams(f"the body is not JSON: {exc}") from None
+    return await read_json(request, settings.inputs.max_body_bytes, settings.inputs.timeout, empty={})
 
 
 class Refused(Exception):
@@ -98,10 +92,13 @@ class Refused(Exception):
 async def queue_prompt(request: Request) -> Response:
     """POST /prompt: `{"prompt", "client_id"?, "prompt_id"?, "number"?, "front"?, "extra_data"?}`
     -> `{"prompt_id", "number", "node_errors"}`, the prompt a job of ours that any instance follows."""
-    await app_state(request).jobs.check_room()
-    asked = await _json_body(request)
+    state = app_state(request)
+    await state.jobs.check_room()
+    settings = state.resources.settings
+    body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
+    asked = await json_value(body, empty={})
     try:
-        entry, errors = await submit(request, asked if isinstance(asked, dict) else {})
+        entry, errors = await submit(request, asked if isinstance(asked, dict) else {}, len(body))
     except Refused as refused:
         return refused.response()
     return JSONResponse({"prompt_id": entry.task_id, "number": entry.number, "node_errors": errors})
@@ -137,10 +134,10 @@ async def checked_workflow(
     return workflow, good, errors  # as ComfyUI: the valid outputs run, `node_errors` tells of the others
 
 
-async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, dict[str, Any]]:
+async def submit(request: Request, asked: dict[str, Any], size: int) -> tuple[PromptEntry, dict[str, Any]]:
     """Queue a prompt as ComfyUI's `/prompt` takes it (`prompt`, `client_id`, `prompt_id`,
     `number`, `front`, `extra_data`): a job of ours whose task id is the prompt id; with the
-    `node_errors` of the outputs that will not run."""
+    `node_errors` of the outputs that will not run. `size`: the bytes of the body it came in."""
     state = app_state(request)
     resources = state.resources
     chosen = asked.get("prompt_id")  # else one made here: nobody knows it before the answer
@@ -157,7 +154,8 @@ async def submit(request: Request, asked: dict[str, Any]) -> tuple[PromptEntry, 
     extra = asked.get("extra_data")
     extra_data = {k: v for k, v in extra.items() if k != "client_id"} if isinstance(extra, dict) else {}
     carried = await inputs(resources).inline(workflow, resources.workflows.loaders)
-    body = json.dumps({"prompt": carried, "extra_data": extra_data}, ensure_ascii=False)
+    # Not serialised to be parsed again: a prompt carrying an upload's base64 is megabytes.
+    body = Decoded({"prompt": carried, "extra_data": extra_data}, size)
     headers = {**request.headers, "x-fc-invocation-type": "Async", "x-fc-async-task-id": prompt_id}
     headers.pop("idempotency-key", None)  # ComfyUI's API names its prompts itself
     # Previews (ComfyUI's binary frames) are asked for: `/ws` relays them as ComfyUI frames them.

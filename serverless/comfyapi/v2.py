@@ -29,7 +29,7 @@ from ..auth import may_see, scoped_key
 from ..errors import Busy, Conflict, InvalidParams, NotFound, ServerlessError, as_serverless_error
 from ..state import AppState, app_state
 from ..transports.events import TaskEvents
-from ..transports.http import read_body
+from ..transports.http import json_value, read_body
 from . import jobview
 from .index import PromptEntry
 from .native import Refused, owner_of, prompts, submit, task_payloads
@@ -108,9 +108,9 @@ async def post_jobs(request: Request) -> Response:
     settings = state.resources.settings
     body = await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout)
     try:
-        asked = json.loads(body)
-    except ValueError:
-        raise V2Error(422, "invalid_workflow", "the body is not JSON") from None
+        asked = await json_value(body)
+    except InvalidParams as exc:
+        raise V2Error(422, "invalid_workflow", exc.message) from None
     workflow = asked.get("workflow") if isinstance(asked, dict) else None
     if isinstance(workflow, dict) and isinstance(workflow.get("nodes"), list) and "links" in workflow:
         raise V2Error(422, "workflow_format_ui", 'a UI-format workflow: export it with "Save (API Format)"')
@@ -125,7 +125,8 @@ async def post_jobs(request: Request) -> Response:
         if not await index.claim_key(key):
             raise V2Error(422, "idempotency_key_reuse", "this Idempotency-Key was used before")
     try:
-        entry, _ = await submit(request, {"prompt": workflow, "extra_data": extra if isinstance(extra, dict) else None})
+        asked = {"prompt": workflow, "extra_data": extra if isinstance(extra, dict) else None}
+        entry, _ = await submit(request, asked, len(body))
     except (Refused, InvalidParams, Busy):  # nothing was queued: the key may be used again
         if key:
             await index.release_key(key)

@@ -5,7 +5,6 @@ ComfyUI's `/view` serves them."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
@@ -18,7 +17,7 @@ from ..core.media import sniff
 from ..errors import InvalidParams
 from ..state import app_state
 from ..transports.files import ranged
-from ..transports.http import read_body
+from ..transports.http import read_body, read_json
 from . import jobview
 from .files import serve_file
 from .native import inputs, owner_of, prompts, task_payloads
@@ -92,7 +91,10 @@ def _record(
 async def asset_from_hash(request: Request) -> Response:
     """`{"hash", "file_path"?}` -> 201 `Asset` over bytes already here; 404 `blob_not_found`."""
     state = app_state(request)
-    asked = json.loads(await read_body(request, 64 * 1024, state.resources.settings.inputs.timeout) or b"{}")
+    try:
+        asked = await read_json(request, 64 * 1024, state.resources.settings.inputs.timeout, empty={})
+    except InvalidParams as exc:
+        raise V2Error(422, "invalid_request", exc.message) from None
     index = prompts(state)
     known = await index.asset_by_hash(str(asked.get("hash", ""))) if isinstance(asked, dict) else None
     if known is None or not may_see(owner_of(request), known.get("owner")):

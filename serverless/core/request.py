@@ -79,9 +79,16 @@ def task_id_from_headers(headers: Mapping[str, str]) -> str | None:
 
 
 def decode_body(body: bytes | str) -> Any:
-    """JSON-decode a request body, refusing what is not JSON."""
+    """JSON-decode a run's request body, refusing what is not JSON (`decode_json`)."""
     if not body or not body.strip():
         raise InvalidParams("the request body is empty: send a ComfyUI API-format workflow as JSON")
+    return decode_json(body)
+
+
+def decode_json(body: bytes | str) -> Any:
+    """The JSON value of a request body; InvalidParams for what is not JSON, holds more than
+    MAX_BODY_ITEMS items or nests deeper than the parser goes. Every endpoint that takes JSON
+    decodes it here: none answers such a body with a 500."""
     # Every item but the last takes a byte and its separator: a body of at most twice the limit in
     # bytes cannot hold more, and is not counted (two passes over a 1 MB image's base64 cost 0.8 ms).
     if len(body) > 2 * MAX_BODY_ITEMS and _separators(body) > MAX_BODY_ITEMS:
@@ -164,6 +171,13 @@ def parse_run_request(body: bytes | str, query: Mapping[str, str], headers: Mapp
     """Turn what the caller sent into a RunRequest, or raise InvalidParams."""
     task_id = task_id_from_headers(headers)
     workflow, extra_data = split_workflow(decode_body(body))
+    return run_request(workflow, extra_data, query, task_id)
+
+
+def parse_run_document(document: Any, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
+    """`parse_run_request` of a body whose JSON is decoded already."""
+    task_id = task_id_from_headers(headers)
+    workflow, extra_data = split_workflow(document)
     return run_request(workflow, extra_data, query, task_id)
 
 

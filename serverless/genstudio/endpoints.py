@@ -46,7 +46,7 @@ from ..status.summary import summarise
 from ..transports import caller as caller_module
 from ..transports.caller import bounded, watch
 from ..transports.events import TaskEvents
-from ..transports.http import read_body
+from ..transports.http import read_body, read_json
 from ..transports.start import start_job
 from . import mapping, token
 from .envelope import failure, success
@@ -102,7 +102,7 @@ def token_secret(app: Starlette) -> bytes:
 async def _decoded(request: Request) -> Any:
     """The request's JSON body (bounded in size and time), as GenStudio's endpoints take it."""
     settings = app_state(request).resources.settings
-    return mapping.decode(await read_body(request, settings.inputs.max_body_bytes, settings.inputs.timeout))
+    return mapping.as_object(await read_json(request, settings.inputs.max_body_bytes, settings.inputs.timeout))
 
 
 def _delivery(resources: Resources, credentials: Credentials | None) -> dict[str, str]:

@@ -11,7 +11,6 @@ its `errMsg`), 5 not permitted (another key's task: nothing else of it is shown)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email import policy
@@ -59,12 +58,8 @@ class TaskInfoRequest:
     post_process: PostProcess
 
 
-def decode(body: bytes) -> dict[str, Any]:
-    """A JSON object body, or InvalidParams."""
-    try:
-        document = json.loads(body) if body.strip() else None
-    except ValueError as exc:
-        raise InvalidParams(f"the body is not valid JSON: {exc}") from None
+def as_object(document: Any) -> dict[str, Any]:
+    """A body's JSON value as the object GenStudio's endpoints take, or InvalidParams."""
     if not isinstance(document, dict):
         raise InvalidParams("the body must be a JSON object")
     return document

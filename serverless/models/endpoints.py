@@ -20,7 +20,7 @@ from ..jobs.runner import RunningJob
 from ..jobs.spec import JobSpec
 from ..resources import Resources
 from ..state import app_state
-from ..transports.http import read_body
+from ..transports.http import read_json
 from . import listing
 from .needs import needed_models
 from .refs import check_folder, check_name
@@ -72,11 +72,7 @@ async def import_model(request: Request) -> Response:
     `task`, `events` and `status` follow it (`serverless_progress` with `bytes_done`)."""
     owner = check_may_change(request)
     settings = app_state(request).resources.settings
-    body = await read_body(request, MAX_BODY, settings.inputs.timeout)
-    try:
-        parsed = json.loads(body or b"null")
-    except ValueError as exc:
-        raise InvalidParams("the body is not JSON") from exc
+    parsed = await read_json(request, MAX_BODY, settings.inputs.timeout)
     job = await _start(request, import_task(parsed), owner)
     return JSONResponse({"task_id": job.task_id}, status_code=202)
 
@@ -95,10 +91,7 @@ async def pin_model(request: Request) -> Response:
     owner = check_may_change(request)
     folder, name = _path(request)
     settings = app_state(request).resources.settings
-    try:
-        body = json.loads(await read_body(request, MAX_BODY, settings.inputs.timeout) or b"{}")
-    except ValueError as exc:
-        raise InvalidParams("the body is not JSON") from exc
+    body = await read_json(request, MAX_BODY, settings.inputs.timeout, empty={})
     pinned = body.get("pinned", True) if isinstance(body, dict) else None
     if not isinstance(pinned, bool):
         raise InvalidParams('the body must be {"pinned": true|false}')

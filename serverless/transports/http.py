@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ..core.request import decode_json
 from ..errors import InvalidParams
 from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.runner import EventSource, RunningJob
@@ -93,6 +95,23 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     except TimeoutError:
         raise BodyRefused(f"the request body did not arrive within {timeout:g}s") from None
     return b"".join(chunks)
+
+
+JSON_IN_THREAD = 256 * 1024  # bytes of a JSON body from which it is decoded off the event loop
+
+
+async def read_json(request: Request, limit: int, timeout: float, empty: Any = None) -> Any:
+    """The request body's JSON value (`read_body`, then `json_value`)."""
+    return await json_value(await read_body(request, limit, timeout), empty)
+
+
+async def json_value(body: bytes, empty: Any = None) -> Any:
+    """A request body's JSON value (`core.request.decode_json`: InvalidParams for what is not
+    JSON, too many items or too deep a nesting, never a 500), decoded in a worker thread when
+    big; `empty` for a body of nothing but whitespace."""
+    if not body.strip():
+        return empty
+    return decode_json(body) if len(body) < JSON_IN_THREAD else await asyncio.to_thread(decode_json, body)
 
 
 def abort_connection(receive: Receive | None) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ..auth import NOBODY, Caller
@@ -17,6 +17,7 @@ from ..core.request import (
     RunRequest,
     check_nodes,
     check_parameter_names,
+    parse_run_document,
     parse_run_request,
     query_flag,
     run_request,
@@ -89,28 +90,51 @@ def output_policy(
     return OutputPolicy(base64=request.output_base64, oss=request.output_oss, convert=conversion, url=url)
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A request body whose JSON its endpoint has decoded already (ComfyUI's `/prompt`), and the
+    size of the body it came in: a run's body, neither serialised again nor parsed again."""
+
+    document: dict[str, Any]
+    size: int
+
+
+Body = bytes | str | Decoded
+
+
 async def parse(
-    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str], resources: Resources | None = None
+    body: Body, query: Mapping[str, str], headers: Mapping[str, str], resources: Resources | None = None
 ) -> tuple[RunRequest, int]:
     """`parse_run_request`, in a thread for big bodies so other callers are not kept waiting; a
     UI-format workflow is converted with ComfyUI's `/object_info` (`resources`). With the request,
     the bytes of its body that are not loader inputs' base64 (`weighed`)."""
+    size = _size(body)
     try:
-        if len(body) < BIG_BODY:
-            return parse_run_request(body, query, headers), len(body)
+        if size < BIG_BODY:
+            return _parsed(body, query, headers), size
         loaders = LOADER_INPUTS | set(resources.settings.inputs.loaders) if resources is not None else LOADER_INPUTS
         return await asyncio.to_thread(_parsed_and_weighed, body, query, headers, loaders)
     except UIFormatWorkflow as ui:
         if resources is None:
             raise
-        return await _converted(resources, ui, len(body), query, headers), len(body)
+        return await _converted(resources, ui, size, query, headers), size
+
+
+def _size(body: Body) -> int:
+    return body.size if isinstance(body, Decoded) else len(body)
+
+
+def _parsed(body: Body, query: Mapping[str, str], headers: Mapping[str, str]) -> RunRequest:
+    if isinstance(body, Decoded):
+        return parse_run_document(body.document, query, headers)
+    return parse_run_request(body, query, headers)
 
 
 def _parsed_and_weighed(
-    body: bytes | str, query: Mapping[str, str], headers: Mapping[str, str], loaders: frozenset[tuple[str, str]]
+    body: Body, query: Mapping[str, str], headers: Mapping[str, str], loaders: frozenset[tuple[str, str]]
 ) -> tuple[RunRequest, int]:
-    request = parse_run_request(body, query, headers)
-    return request, weighed(request.workflow, len(body), loaders)
+    request = _parsed(body, query, headers)
+    return request, weighed(request.workflow, _size(body), loaders)
 
 
 def weighed(workflow: Mapping[str, Any], size: int, loaders: frozenset[tuple[str, str]]) -> int:
@@ -173,7 +197,7 @@ def hosted_id(query: Mapping[str, str], path_id: str | None) -> str | None:
 async def start_job(
     resources: Resources,
     jobs: JobRunner,
-    body: bytes | str,
+    body: Body,
     query: Mapping[str, str],
     headers: Mapping[str, str],
     transport: Transport,
@@ -200,10 +224,12 @@ async def start_job(
     who.check_run(workflow_id)
     await check_rate(resources.tenants.rate, who.owner, who.label, who.rights.rate)
     hosted: PreparedRun | None = None
-    weight = len(body)
+    weight = _size(body)
     if workflow_id is None:
         request, weight = await parse(body, query, headers, resources)
     else:
+        if isinstance(body, Decoded):  # a hosted run's overrides are read from the text it was sent
+            raise TypeError("a hosted workflow's run takes its body as it was sent")
         request, query, hosted = await parse_hosted(resources, workflow_id, body, query, headers, owner)
     big = weight >= BIG_BODY or (hosted is not None and hosted.size >= BIG_BODY)
     check_output_paths(request.workflow, resources.reserved_output_dirs)
