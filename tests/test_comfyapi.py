@@ -685,6 +685,22 @@ def test_a_client_that_stops_reading_gets_every_message_in_order_once_it_reads_a
             assert "progress" in got[:at] and at < sampler_output
 
 
+def test_a_client_message_nested_past_any_parser_leaves_the_websocket_serving(deployment: Any) -> None:
+    """A client's text that names `feature_flags` but nests deeper than JSON parsers go is not
+    taken for ComfyUI's flags: the socket goes on serving the client's prompts."""
+    deployed: Deployment = deployment()
+    client = ExampleClient(address(deployed.url))
+    ws = websocket.create_connection(f"ws://{client.server_address}/ws?clientId={client.client_id}", timeout=30)
+    try:
+        ws.recv()  # the greeting
+        ws.send('{"type": "feature_flags", "data": ' + "[" * 50_000 + "]" * 50_000 + "}")
+        prompt_id = str(uuid.uuid4())
+        client.queue_prompt(empty_image(16, 16, color=uuid.uuid4().int % 0xFFFFFF, prefix="nested_flags"), prompt_id)
+        assert _until_done(ws, prompt_id)[-1]["data"] == {"node": None, "prompt_id": prompt_id}
+    finally:
+        ws.close()
+
+
 def test_comfy_sdk_follows_a_jobs_live_events(deployment: Any, comfy_sdk: Any) -> None:
     client = comfy_sdk(deployment(step_delay=0.05).url)
     job = client.submit(client.workflows.from_json(txt2img(seed=1, steps=5)))

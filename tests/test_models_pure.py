@@ -86,6 +86,10 @@ def test_safetensors_headers_are_checked(tmp_path: Path) -> None:
     html = tmp_path / "page.safetensors"
     html.write_bytes(b"<html><body>Not Found</body></html>")
     assert check_safetensors(html) is not None
+    nested = b"[" * 50_000 + b"]" * 50_000  # a downloaded file's header: nested past any parser's depth
+    deep = tmp_path / "deep.safetensors"
+    deep.write_bytes(len(nested).to_bytes(8, "little") + nested)
+    assert check_safetensors(deep) == "its safetensors header is not JSON"
 
 
 def test_a_workflow_needs_names_comfyui_lists_and_references_the_store_holds() -> None:

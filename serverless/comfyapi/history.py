@@ -151,7 +151,7 @@ def is_feature_flags(text: str | None) -> bool:
         return False
     try:
         message = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a client's text: anything may be there
         return False
     return isinstance(message, dict) and message.get("type") == "feature_flags"
 

@@ -27,7 +27,7 @@ def check_safetensors(path: Path) -> str | None:
         raw = f.read(length)
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # the header is the downloaded file's: anything may be there
         return "its safetensors header is not JSON"
     if not isinstance(header, dict):
         return "its safetensors header is not a JSON object"
