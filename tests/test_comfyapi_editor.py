@@ -38,6 +38,13 @@ def test_comfyuis_editor_queues_a_workflow_and_shows_its_image(deployment: Any) 
         # is replaced (a loaded machine's editor then showed an empty graph). As a person does, the
         # workflow is loaded once the editor shows its own.
         page.wait_for_function("() => window.app.extensionManager.workflow.activeWorkflow", timeout=30000)
+        # A prompt's messages go to the client id it is queued with, which the editor learns from its
+        # websocket's greeting: queued before that (a loaded machine's socket opens late), no message
+        # reaches the editor, from ComfyUI as from us. As a person waits for it to show "connected".
+        page.wait_for_function(
+            "() => window.app.api.socket && window.app.api.socket.readyState === 1 && window.app.api.clientId",
+            timeout=30000,
+        )
         page.evaluate(
             """async (workflow) => {
                 window.__executed = [];
