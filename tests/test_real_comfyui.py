@@ -16,7 +16,7 @@ import pytest
 import requests
 import websocket  # websocket-client
 
-from tests.helpers import OURS, decode_image, empty_image, post_run
+from tests.helpers import FIXTURES, OURS, decode_image, empty_image, post_run
 
 REAL = os.environ.get("REAL_COMFYUI_URL", "")
 pytestmark = pytest.mark.skipif(not REAL, reason="set REAL_COMFYUI_URL to run against a real ComfyUI")
@@ -111,3 +111,48 @@ def test_the_documentations_websocket_and_async_clients_on_real_comfyui(real_app
             break
         time.sleep(0.1)
     assert items[-1]["type"] == "serverless_api"
+
+
+CKPT = os.environ.get("REAL_COMFYUI_CKPT", "")
+
+
+@pytest.mark.skipif(not CKPT, reason="set REAL_COMFYUI_CKPT to a checkpoint the real ComfyUI has")
+def test_comfyuis_own_websocket_through_us_sends_what_comfyui_sends_previews_too(real_app):
+    """ComfyUI's example client, directly and through our `/ws`: the same frames in the same order,
+    sampler previews among them (the real ComfyUI started with `--preview-method latent2rgb`; a
+    step of ~1 s on CPU, so the 4-a-second throttle lets each through). Needs a checkpoint: e.g. the
+    random-weight SD 1.5 files of `make_random_sd15.py`."""
+
+    def frames(server: str, seed: int) -> list[object]:
+        client_id = str(uuid.uuid4())
+        ws = websocket.create_connection(f"ws://{server}/ws?clientId={client_id}", timeout=300)
+        try:
+            ws.recv()  # the greeting
+            workflow = json.loads((FIXTURES / "txt2img_fc_doc.json").read_text())
+            workflow["3"]["inputs"].update(seed=seed, steps=4)
+            workflow["4"]["inputs"]["ckpt_name"] = CKPT
+            workflow["5"]["inputs"].update(width=64, height=64)
+            prompt_id = str(uuid.uuid4())
+            body = {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id}
+            assert requests.post(f"http://{server}/prompt", json=body, timeout=30).status_code == 200
+            seen: list[object] = []
+            while True:
+                opcode, data = ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_BINARY:
+                    seen.append(("preview", bytes(data[:8]).hex()))
+                    continue
+                message = json.loads(data)
+                kind = message["type"]
+                seen.append((kind, message["data"].get("node")) if kind == "executing" else kind)
+                if kind == "executing" and message["data"].get("node") is None:
+                    return seen
+        finally:
+            ws.close()
+
+    # Seeds of their own: a prompt ComfyUI ran before would come from its cache, without previews.
+    seed = int(time.time())
+    frames(REAL.removeprefix("http://"), seed)  # the checkpoint loaded: both runs then sample alike
+    direct = frames(REAL.removeprefix("http://"), seed + 1)
+    ours = frames(real_app.url.removeprefix("http://"), seed + 2)
+    assert ours == direct
+    assert direct.count(("preview", "0000000100000001")) == 4, direct  # one a step, JPEG
