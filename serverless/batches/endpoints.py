@@ -36,7 +36,6 @@ from .store import BatchStore, Progress, check_batch_id
 
 PAGE = 100
 MAX_PAGE = 1000
-BIG_BODY = 256 * 1024
 
 
 def _feeders(request: Request) -> Feeders:

@@ -37,6 +37,7 @@ MAX_INPUT_DEPTH = 64  # far beyond any real workflow; bounds the recursion of co
 # beyond any real workflow (big bodies are big strings: base64 inputs). It bounds how long parsing
 # and serialising a body, which hold the GIL whichever thread does them, keep other callers waiting.
 MAX_BODY_ITEMS = 1_000_000
+BIG_BODY = 256 * 1024  # bytes of a body from which parsing, copying and serialising run off the event loop
 
 Workflow = dict[str, Any]
 

@@ -202,21 +202,19 @@ class Feed:
         if previews:
             self._preview_taps.append(call)
 
-        def untap() -> None:
-            for taps in (self._taps, self._preview_taps):
-                if call in taps:
-                    taps.remove(call)
+        return lambda: self._drop(call)
 
-        return untap
+    def _drop(self, tap: Callable[[Event], None]) -> None:
+        for taps in (self._taps, self._preview_taps):
+            if tap in taps:
+                taps.remove(tap)
 
     def _call(self, tap: Callable[[Event], None], event: Event) -> None:
         try:
             tap(event)
         except Exception:  # a reader's bug must not stop the job's publishing
             log.exception("a tap of the job's events failed; it is dropped")
-            for taps in (self._taps, self._preview_taps):
-                if tap in taps:
-                    taps.remove(tap)
+            self._drop(tap)
 
     async def changed(self) -> None:
         """Wait for the next event published or preview shown."""

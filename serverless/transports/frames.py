@@ -50,27 +50,20 @@ class Frames:
     async def send(self, messages: Sequence[Message]) -> None:
         """Send `messages` in order; WebSocketDisconnect when the client is gone."""
         if await self._framed(messages):
-            protocol: Any = self._protocol
-            protocol.transport.write(b"".join(cast(_Connection, protocol.conn).data_to_send()))
+            _write(self._protocol)
 
     def send_now(self, messages: Sequence[Message]) -> bool:
         """Send `messages` in one write without waiting, when that can be done at once (uvicorn's
         websockets-sansio protocol, open, with room in its buffer): True when sent; False, with
         nothing sent, when `send` must do it."""
         protocol = self._protocol
-        if (
-            protocol is None
-            or not protocol.writable.is_set()
-            or protocol.disconnected
-            or protocol.close_sent
-            or protocol.transport.is_closing()
-        ):
+        if protocol is None or not protocol.writable.is_set() or _closing(protocol):
             return False
         try:
-            self._frame(protocol, messages)
+            _frame(protocol, messages)
         except WebSocketDisconnect:
             return False  # `send` raises it
-        protocol.transport.write(b"".join(cast(_Connection, protocol.conn).data_to_send()))
+        _write(protocol)
         return True
 
     async def close(self, messages: Sequence[Message] = (), code: int = 1000, reason: str | None = None) -> None:
@@ -97,22 +90,32 @@ class Frames:
                 raise WebSocketDisconnect(1006) from exc
             return False
         await protocol.writable.wait()  # room in the transport's buffer, as uvicorn's own send waits
-        if protocol.disconnected or protocol.close_sent or protocol.transport.is_closing():
+        if _closing(protocol):
             raise WebSocketDisconnect(1006)
-        self._frame(protocol, messages)
+        _frame(protocol, messages)
         return True
 
-    @staticmethod
-    def _frame(protocol: Any, messages: Sequence[Message]) -> None:
-        conn = cast(_Connection, protocol.conn)
-        try:
-            for message in messages:
-                if message.binary:
-                    conn.send_binary(message.data)
-                else:
-                    conn.send_text(message.data)
-        except Exception as exc:  # websockets' InvalidState: the connection is closing
-            raise WebSocketDisconnect(1006) from exc
+
+def _closing(protocol: Any) -> bool:
+    return bool(protocol.disconnected or protocol.close_sent or protocol.transport.is_closing())
+
+
+def _frame(protocol: Any, messages: Sequence[Message]) -> None:
+    """`messages` framed in the protocol's connection, left for the next write."""
+    conn = cast(_Connection, protocol.conn)
+    try:
+        for message in messages:
+            if message.binary:
+                conn.send_binary(message.data)
+            else:
+                conn.send_text(message.data)
+    except Exception as exc:  # websockets' InvalidState: the connection is closing
+        raise WebSocketDisconnect(1006) from exc
+
+
+def _write(protocol: Any) -> None:
+    """What the protocol's connection holds, in one socket write."""
+    protocol.transport.write(b"".join(cast(_Connection, protocol.conn).data_to_send()))
 
 
 SANSIO = "uvicorn.protocols.websockets.websockets_sansio_impl"

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..core.request import decode_json
+from ..core.request import BIG_BODY, decode_json
 from ..errors import InvalidParams
 from ..jobs.feed import Event, ReaderTooSlow
 from ..jobs.runner import EventSource, RunningJob
@@ -97,9 +97,6 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-JSON_IN_THREAD = 256 * 1024  # bytes of a JSON body from which it is decoded off the event loop
-
-
 async def read_json(request: Request, limit: int, timeout: float, empty: Any = None) -> Any:
     """The request body's JSON value (`read_body`, then `json_value`)."""
     return await json_value(await read_body(request, limit, timeout), empty)
@@ -111,7 +108,7 @@ async def json_value(body: bytes, empty: Any = None) -> Any:
     big; `empty` for a body of nothing but whitespace."""
     if not body.strip():
         return empty
-    return decode_json(body) if len(body) < JSON_IN_THREAD else await asyncio.to_thread(decode_json, body)
+    return decode_json(body) if len(body) < BIG_BODY else await asyncio.to_thread(decode_json, body)
 
 
 def abort_connection(receive: Receive | None) -> None:

@@ -14,6 +14,7 @@ from ..auth import NOBODY, Caller
 from ..auth import caller as current_caller
 from ..core.credentials import Credentials
 from ..core.request import (
+    BIG_BODY,
     RunRequest,
     check_nodes,
     check_parameter_names,
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 Transport = Literal["http", "ws"]
 
 PRIORITIES = ("high", "normal", "low")
-BIG_BODY = 256 * 1024  # from this size on, parsing, copying and serialising run off the event loop
 
 
 def is_async(headers: Mapping[str, str]) -> bool:
