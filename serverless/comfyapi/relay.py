@@ -183,12 +183,15 @@ async def _relay_bursts(
     source: AsyncIterator[list[Event] | None], task_id: str, passed_on: bool, outbox: Outbox
 ) -> None:
     held: str | None = None
+    placed = _PreviewPlace()
     async for burst in source:
         if burst is None:
             continue
         messages: list[Message] = []
         ended = False
         for event in burst:
+            if not placed.allows(event):
+                continue
             if event.terminal:
                 ends = [held] if held is not None else history.closing(task_id, json.loads(event.text))
                 messages += map(text, ends)
@@ -239,10 +242,11 @@ class _Here:
         self.over = False  # the prompt's last message (or its end) is taken
         self.due = False  # a write at the end of this turn is due
         self.wake = asyncio.Event()  # what the turn's write could not send, or the end, is there
+        self.placed = _PreviewPlace()
 
     def take(self, event: Event) -> None:
         """A tap of the job's feed (it never raises into the publisher)."""
-        if self.over:
+        if self.over or not self.placed.allows(event):
             return
         try:
             if event.terminal:  # the job ended before ComfyUI said so: the end ComfyUI would send
@@ -281,6 +285,26 @@ class _Here:
                 await self.outbox.send(burst)
             if self.over and not self.pending:
                 return
+
+
+class _PreviewPlace:
+    """Where a sampler preview may go: after a step's `progress`, before the next node starts or a
+    node's output comes, where ComfyUI sends it to its `/ws` clients. A preview read later (on a
+    fleet previews come through a stream of their own, read beside the log) would show on the node
+    running by then: it is left out, as a stale one is."""
+
+    def __init__(self) -> None:
+        self.sampling = False
+
+    def allows(self, event: Event) -> bool:
+        if event.preview:
+            return self.sampling
+        kind = history.message_type(event.text)  # ComfyUI's text as a box publishes it, or a log's bytes
+        if kind == "progress":
+            self.sampling = True
+        elif kind in ("executing", "executed") or (kind or "").startswith("execution_"):
+            self.sampling = False
+        return True
 
 
 def _relayed(logged: str, task_id: str) -> tuple[Message | None, bool]:
