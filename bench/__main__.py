@@ -93,6 +93,16 @@ async def run(
                     figures += await suite.short_jobs(ctx, jobs=50 if quick else 200)
                 if "w2" in only:
                     figures += await suite.inputs_w2(ctx, jobs=50 if quick else 200, seconds=2.0 if quick else 4.0)
+                    output_dir = folders.get("COMFYUI_OUTPUT_DIR") or os.environ.get("COMFYUI_OUTPUT_DIR", "")
+                    figures += await floor.stream_floors(
+                        session,
+                        comfyui_url,
+                        output_dir,
+                        suite.w2_job(),
+                        workdir / "floor",
+                        suite.W2_SECTION,
+                        jobs=50 if quick else 200,
+                    )
                 if "w3" in only:
                     figures += await suite.sizes_w3(ctx, jobs=5 if quick else 15, seconds=3.0 if quick else 6.0)
                 if "memory" in only:

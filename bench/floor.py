@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from . import procs
-from .clients import DirectClient, percentile, run_sync
+from .clients import DirectClient, percentile, run_sse, run_sync, run_ws
 from .report import Figure, info
 from .suite import in_runs
 
@@ -83,29 +83,16 @@ async def proxy_floors(
     try:
         await bare.wait_ready(session, "/ready")
         await local.wait_ready(session, "/ready")
-        series: dict[str, list[float]] = {"direct": [], "sync": [], "proxy": [], "local": []}
         async with (
             DirectClient(session, comfyui_url) as direct,
             DirectClient(session, bare.url) as proxied,
             DirectClient(session, local.url) as answered,
         ):
-            runs: dict[str, Callable[[dict[str, Any]], Awaitable[list[bytes]]]] = {
-                "direct": direct.run,
-                "sync": lambda workflow: run_sync(session, bare.url, workflow),
-                "proxy": proxied.run,
-                "local": answered.run,
-            }
-            for name, measured in in_runs(list(runs), warmup, jobs):
-                workflow = job(f"bench/floor-{name}/img")
-                started = time.perf_counter()
-                if not await runs[name](workflow):
-                    raise RuntimeError(f"the bare {name} run returned no image")
-                if measured:
-                    series[name].append((time.perf_counter() - started) * 1000)
+            runs = {"direct": direct.run, **bare_runs(session, bare.url), "proxy": proxied.run, "local": answered.run}
+            p50 = await p50s(runs, job, jobs, warmup)
     finally:
         bare.stop()
         local.stop()
-    p50 = {name: percentile(values, 50) for name, values in series.items()}
     section = "1. overhead per job"
     return [
         info(
@@ -115,6 +102,7 @@ async def proxy_floors(
             "ms",
             f"one websocket, outputs read from the folder; direct {p50['direct']:.2f}, bare {p50['sync']:.2f} ms",
         ),
+        *stream_floor_figures(section, p50),
         info(
             section,
             "floor: ComfyUI's API through a bare proxy, added p50",
@@ -130,6 +118,68 @@ async def proxy_floors(
             f"/prompt and /ws forwarded, outputs read from the folder; {p50['local']:.2f} ms",
         ),
     ]
+
+
+def stream_floor_figures(section: str, p50: dict[str, float]) -> list[Figure]:
+    """The stream goals' floor with ComfyUI's real messages: the bare adapter's SSE and websocket
+    (each message passed on as it comes, then the answer) over its own sync answer."""
+    return [
+        info(
+            section,
+            f"floor: {name} over sync, bare adapter, p50",
+            p50[key] - p50["sync"],
+            "ms",
+            f"ComfyUI's messages passed on as they come; sync {p50['sync']:.2f}, {name} {p50[key]:.2f} ms",
+        )
+        for key, name in (("sse", "SSE"), ("ws", "websocket"))
+    ]
+
+
+async def stream_floors(
+    session: aiohttp.ClientSession,
+    comfyui_url: str,
+    output_dir: str,
+    job: Callable[[str], dict[str, Any]],
+    workdir: Path,
+    section: str,
+    jobs: int = 200,
+    warmup: int = 20,
+) -> list[Figure]:
+    """`stream_floor_figures` for another section's job (W2's: its input staged as the adapter does)."""
+    bare = start(
+        workdir / "streams", "bench.floor_proxy:app", FLOOR_COMFYUI_URL=comfyui_url, FLOOR_OUTPUT_DIR=output_dir
+    )
+    try:
+        await bare.wait_ready(session, "/ready")
+        p50 = await p50s(bare_runs(session, bare.url), job, jobs, warmup)
+    finally:
+        bare.stop()
+    return stream_floor_figures(section, p50)
+
+
+Run = Callable[[dict[str, Any]], Awaitable[list[bytes]]]
+
+
+def bare_runs(session: aiohttp.ClientSession, url: str) -> dict[str, Run]:
+    """The bench's sync, SSE and websocket clients against the bare adapter at `url`."""
+    return {
+        "sync": lambda workflow: run_sync(session, url, workflow),
+        "sse": lambda workflow: run_sse(session, url, workflow),
+        "ws": lambda workflow: run_ws(session, url, workflow),
+    }
+
+
+async def p50s(runs: dict[str, Run], job: Callable[[str], dict[str, Any]], jobs: int, warmup: int) -> dict[str, float]:
+    """Each run's p50 in ms, one job at a time in runs of each kind (as section 1's jobs)."""
+    series: dict[str, list[float]] = {name: [] for name in runs}
+    for name, measured in in_runs(list(runs), warmup, jobs):
+        workflow = job(f"bench/floor-{name}/img")
+        started = time.perf_counter()
+        if not await runs[name](workflow):
+            raise RuntimeError(f"the bare {name} run returned no image")
+        if measured:
+            series[name].append((time.perf_counter() - started) * 1000)
+    return {name: percentile(values, 50) for name, values in series.items()}
 
 
 def start(workdir: Path, app: str = "bench.floor_app:app", **env: str) -> procs.Server:

@@ -11,6 +11,11 @@ queue: the least an adapter written this way can add.
 - A bare sync adapter: `POST /api/serverless/run` queues the body's workflow on ComfyUI, waits on
   one shared websocket for the prompt's end, reads its images from ComfyUI's output folder (on the
   event loop: they are small) and answers their base64 in the shape `bench`'s sync client reads.
+  With `?stream=true` it answers a `text/event-stream` instead, and `/api/serverless/ws` a
+  websocket (the body its first message): each of ComfyUI's messages of the prompt passed on as it
+  comes (what one turn of the loop brings in one write), then the same answer as the last event;
+  the floor under the stream goals with ComfyUI's real messages. A `LoadImage` input given as
+  base64 (W2's) is written to ComfyUI's input folder first, as the adapter stages it.
 
 ComfyUI's address: `FLOOR_COMFYUI_URL`; its output folder: `FLOOR_OUTPUT_DIR`."""
 
@@ -30,7 +35,7 @@ from typing import Any
 import aiohttp
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -43,10 +48,14 @@ session: aiohttp.ClientSession | None = None
 
 @dataclass
 class Prompt:
-    """What the shared websocket has told of one prompt: its images, and whether it ended."""
+    """What the shared websocket has told of one prompt: its images, its messages not yet passed
+    on (a stream's), and whether it ended."""
 
+    prompt_id: str = ""
     images: list[dict[str, Any]] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    texts: list[str] = field(default_factory=list)
+    more: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 prompts: dict[str, Prompt] = {}
@@ -123,21 +132,72 @@ async def relay(websocket: WebSocket) -> None:
                 await sending
 
 
-async def run(request: Request) -> Response:
-    workflow = json.loads(await request.body())
-    body = {"prompt": workflow, "client_id": CLIENT_ID}
-    async with upstream().post(COMFYUI + "/prompt", json=body) as answer:
+def staged(workflow: dict[str, Any]) -> dict[str, Any]:
+    """A `LoadImage` whose `image` is base64 (not a file name) reads a file written for it."""
+    for node in workflow.values():
+        image = node.get("inputs", {}).get("image") if node.get("class_type") == "LoadImage" else None
+        if isinstance(image, str) and len(image) > 64 and "." not in image[-5:]:
+            # In a subfolder, as the adapter's: ComfyUI lists its input folder's top level at each LoadImage.
+            folder = OUTPUT.parent / "input" / "floor"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{uuid.uuid4().hex}.png"
+            (folder / name).write_bytes(base64.b64decode(image))
+            node["inputs"]["image"] = f"floor/{name}"
+    return workflow
+
+
+async def queue(body: bytes) -> Prompt:
+    """The body's workflow queued on ComfyUI; the prompt the shared websocket follows."""
+    workflow = staged(json.loads(body))
+    async with upstream().post(COMFYUI + "/prompt", json={"prompt": workflow, "client_id": CLIENT_ID}) as answer:
         prompt_id = (await answer.json())["prompt_id"]
-    prompt = prompts.setdefault(prompt_id, Prompt())  # its messages may have come first
-    try:
-        await prompt.ended.wait()
-    finally:
-        del prompts[prompt_id]
+    return prompts.setdefault(prompt_id, Prompt(prompt_id=prompt_id))  # its messages may have come first
+
+
+def answer(prompt: Prompt) -> str:
     results = []
     for image in prompt.images:
         data = (OUTPUT / image["subfolder"] / image["filename"]).read_bytes()
         results.append({"output": {"base64": {"content": base64.b64encode(data).decode()}}})
-    return Response(json.dumps({"type": "serverless_api", "data": {"results": results}}), media_type="application/json")
+    return json.dumps({"type": "serverless_api", "data": {"results": results}})
+
+
+async def passed_on(prompt: Prompt) -> AsyncIterator[list[str]]:
+    """The prompt's messages as they come, what has come by then at once; its answer last."""
+    try:
+        while True:
+            await prompt.more.wait()
+            prompt.more.clear()
+            texts, prompt.texts = prompt.texts, []
+            if prompt.ended.is_set():
+                yield [*texts, answer(prompt)]
+                return
+            yield texts
+    finally:
+        prompts.pop(prompt.prompt_id, None)
+
+
+async def run(request: Request) -> Response:
+    prompt = await queue(await request.body())
+    if request.query_params.get("stream") == "true":
+        return StreamingResponse(
+            (b"".join(b"data: %s\n\n" % text.encode() for text in texts) async for texts in passed_on(prompt)),
+            media_type="text/event-stream",
+        )
+    try:
+        await prompt.ended.wait()
+    finally:
+        del prompts[prompt.prompt_id]
+    return Response(answer(prompt), media_type="application/json")
+
+
+async def run_websocket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    prompt = await queue((await websocket.receive_text()).encode())
+    async for texts in passed_on(prompt):
+        for text in texts:
+            await websocket.send_text(text)
+    await websocket.close()
 
 
 async def follow() -> None:
@@ -150,14 +210,21 @@ async def follow() -> None:
             data = message.get("data") or {}
             prompt_id = data.get("prompt_id")
             if prompt_id is None:
+                if message["type"] == "status":  # the queue's count, which a stream passes on too
+                    for each in prompts.values():
+                        each.texts.append(frame.data)
+                        each.more.set()
                 continue
+            prompt = prompts.setdefault(prompt_id, Prompt(prompt_id=prompt_id))
+            prompt.texts.append(frame.data)
+            prompt.more.set()
             if message["type"] == "executed":
                 images = (data.get("output") or {}).get("images") or []
-                prompts.setdefault(prompt_id, Prompt()).images += [i for i in images if i.get("type") == "output"]
+                prompt.images += [i for i in images if i.get("type") == "output"]
             elif message["type"] in ("execution_error", "execution_interrupted") or (
                 message["type"] == "executing" and data.get("node") is None
             ):
-                prompts.setdefault(prompt_id, Prompt()).ended.set()
+                prompt.ended.set()
 
 
 async def ready(request: Request) -> Response:
@@ -182,6 +249,7 @@ app = Starlette(
     routes=[
         Route("/ready", ready),
         Route("/api/serverless/run", run, methods=["POST"]),
+        WebSocketRoute("/api/serverless/ws", run_websocket),
         Route("/prompt", forward, methods=["POST"]),
         Route("/history/{prompt_id}", history),
         Route("/view", view),

@@ -699,13 +699,22 @@ async def _rate(
     return (len(window) - 1) / (window[-1] - window[0]), cpu_per_job
 
 
+W2_SECTION = "7. inputs (W2: a fresh PNG per job)"
+
+
+def w2_job() -> Callable[[str], dict[str, Any]]:
+    """W2's workflow with a fresh PNG each call, given as base64 (the adapter's way): `job(prefix)`."""
+    serial = count(1_000_000)
+    return lambda prefix: invert_workflow(_b64(tiny_png(next(serial))), prefix)
+
+
 async def inputs_w2(ctx: Context, jobs: int = 200, seconds: float = 4.0, rounds: int = 3) -> list[Figure]:
     """W2: a fresh small PNG per job through LoadImage -> ImageInvert -> SaveImage. Native: the
     client uploads it (`POST /upload/image`, as ComfyUI's frontend does) then queues the prompt;
     the adapter (and Salad's comfyui-api, with `--salad`) gets it as base64 in the workflow.
     Latency one job at a time, in runs of each kind; then 8 jobs in flight, each system's window in
     rotating order, `rounds` times (medians)."""
-    section = "7. inputs (W2: a fresh PNG per job)"
+    section = W2_SECTION
     peer = ctx.salad
     say(
         f"W2 inputs: {jobs} jobs each, native / sync / SSE / websocket{' / Salad' if peer else ''}, alternately; "

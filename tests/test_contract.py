@@ -271,6 +271,36 @@ def test_events_resume_after_the_last_seen_id(deployment: Deploy) -> None:
     assert summary["state"] == "succeeded" and summary["result"] == logged[-1]
 
 
+def test_a_stream_with_nothing_to_say_yet_gets_its_head_at_once(deployment: Deploy) -> None:
+    """A stream's head waits a moment for its first events, to go out with them; a resumed stream
+    of a job waiting silently behind others gets its head at once, not with a next event that is
+    seconds away (nor with the first ping, 15 s)."""
+    url = deployment(step_delay=0.05).url
+    ahead = [f"head-ahead-{seed}" for seed in range(2)]  # a fleet's two workers take one each (a box: one)
+    for seed, task_id in enumerate(ahead):
+        headers = {"X-Fc-Invocation-Type": "Async", "X-Fc-Async-Task-Id": task_id}
+        assert post_run(url, slow(seed, steps=400), headers=headers).status_code == 202  # 20 s each
+    async_headers = {"X-Fc-Invocation-Type": "Async", "X-Fc-Async-Task-Id": "head-behind"}
+    assert post_run(url, slow(9), headers=async_headers).status_code == 202
+
+    def state(task_id: str) -> str:
+        return str(requests.get(url + TASK, params={"task_id": task_id}, timeout=10).json().get("state"))
+
+    wait_until(lambda: any(state(task_id) == "running" for task_id in ahead), timeout=30)
+    seen = len(status(url, "head-behind"))
+    assert state("head-behind") == "queued"
+    started = time.monotonic()
+    with requests.get(
+        url + EVENTS, params={"task_id": "head-behind"}, headers={"Last-Event-ID": str(seen)}, stream=True, timeout=30
+    ) as response:
+        waited = time.monotonic() - started
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert waited < 5, f"the head came after {waited:.1f}s: it waited for an event"
+    assert state("head-behind") == "queued"  # so no event of its could have brought the head
+    for task_id in [*ahead, "head-behind"]:  # not left to run out at teardown
+        requests.post(url + CANCEL, params={"task_id": task_id}, timeout=10)
+
+
 def test_a_caller_that_hangs_up_cancels_its_job(deployment: Deploy) -> None:
     deployed = deployment(step_delay=0.05)
     response = requests.post(
