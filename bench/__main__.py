@@ -92,9 +92,10 @@ async def run(
                     figures += await suite.throughput_long_jobs(ctx, jobs=12 if quick else 40)
                     figures += await suite.short_jobs(ctx, jobs=50 if quick else 200)
                 if "w2" in only:
-                    figures += await suite.inputs_w2(ctx, jobs=50 if quick else 200, seconds=2.0 if quick else 4.0)
+                    # The floor first: ComfyUI lists its input folder's top level at every LoadImage,
+                    # which the native client's uploads below fill with thousands of files.
                     output_dir = folders.get("COMFYUI_OUTPUT_DIR") or os.environ.get("COMFYUI_OUTPUT_DIR", "")
-                    figures += await floor.stream_floors(
+                    w2_floor = await floor.stream_floors(
                         session,
                         comfyui_url,
                         output_dir,
@@ -103,6 +104,8 @@ async def run(
                         suite.W2_SECTION,
                         jobs=50 if quick else 200,
                     )
+                    figures += await suite.inputs_w2(ctx, jobs=50 if quick else 200, seconds=2.0 if quick else 4.0)
+                    figures += w2_floor
                 if "w3" in only:
                     figures += await suite.sizes_w3(ctx, jobs=5 if quick else 15, seconds=3.0 if quick else 6.0)
                 if "memory" in only:
