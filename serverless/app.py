@@ -19,7 +19,15 @@ from . import auth, batches, comfyapi, fleet, lifecycle
 from .auth import RequireApiKey, may_see
 from .core.request import RUN_QUERY_FLAGS, query_flag, unknown_parameters
 from .docs import endpoints as docs
-from .errors import InvalidParams, MethodNotAllowed, NotFound, ServerlessError, as_serverless_error
+from .errors import (
+    ComfyUIUnavailable,
+    InvalidParams,
+    MethodNotAllowed,
+    NotFound,
+    ServerlessError,
+    Unavailable,
+    as_serverless_error,
+)
 from .fleet import endpoints as fleet_endpoints
 from .genstudio import endpoints as genstudio
 from .jobs import feed
@@ -53,6 +61,12 @@ async def error_response(request: Request, exc: Exception) -> Response:
         log.info("%s %s: the caller hung up before its body arrived", request.method, request.url.path)
         return Response(status_code=400)
     error = as_serverless_error(_ours(request, exc), f"{request.method} {request.url.path}")
+    if isinstance(exc, Unavailable | ComfyUIUnavailable):
+        # A dependency failed (the status store, Redis, ComfyUI): the caller is told, and so is
+        # the operator. BUSY is not logged (refusals come in floods; the metrics count them).
+        log.warning(
+            "%s %s answered %d %s: %s", request.method, request.url.path, error.status_code, error.code, error.message
+        )
     return JSONResponse(error.to_payload(), status_code=error.status_code, headers=_headers(exc))
 
 
