@@ -271,7 +271,10 @@ def test_a_read_only_status_folder_is_reported_and_refuses_async_jobs_while_sync
         )
         assert asynchronous.status_code == 503 and asynchronous.json()["error_code"] == "UNAVAILABLE"
         # The operator is told too, with the reason the caller got (a 503 once left no line at all).
-        assert "POST /api/serverless/run answered 503 UNAVAILABLE: the status folder cannot be written" in server.log_text()
+        assert (
+            "POST /api/serverless/run answered 503 UNAVAILABLE: the status folder cannot be written"
+            in server.log_text()
+        )
         synchronous = post_run(server.url, empty_image(prefix="ro"), headers={"X-Fc-Trace-Id": "ro-sync"})
         assert synchronous.status_code == 200 and synchronous.json()["type"] == "serverless_api"
         assert not list((folder / "status").iterdir())
