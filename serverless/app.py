@@ -61,9 +61,10 @@ async def error_response(request: Request, exc: Exception) -> Response:
         log.info("%s %s: the caller hung up before its body arrived", request.method, request.url.path)
         return Response(status_code=400)
     error = as_serverless_error(_ours(request, exc), f"{request.method} {request.url.path}")
-    if isinstance(exc, Unavailable | ComfyUIUnavailable):
+    if isinstance(exc, Unavailable | ComfyUIUnavailable) and app_state(request).jobs.accepting:
         # A dependency failed (the status store, Redis, ComfyUI): the caller is told, and so is
-        # the operator. BUSY is not logged (refusals come in floods; the metrics count them).
+        # the operator. Not a refusal: BUSY (they come in floods; the metrics count them), nor a
+        # draining instance's (its drain is logged once).
         log.warning(
             "%s %s answered %d %s: %s", request.method, request.url.path, error.status_code, error.code, error.message
         )
