@@ -4,7 +4,6 @@ a real uvicorn socket, and the transport's rules one by one."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 import requests
 
 from serverless.transports.coalesce import OneWrite
-from tests.helpers import empty_image
 from tests.servers import InProcessApp, InProcessEmulator
 
 
@@ -107,35 +105,6 @@ def test_the_apps_json_answer_comes_in_one_segment(tmp_path: Any) -> None:
                 first = sock.recv(65536)
             head, _, body = first.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and body.startswith(b"{"), first
-    finally:
-        app.stop()
-        emulator.stop()
-
-
-@pytest.mark.timeout(60)
-def test_a_streams_head_comes_with_its_first_events(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stream's head waits for its first events (at most HEAD_WAIT, here longer than any test
-    machine needs) and goes with them: a client reading the socket finds both in its first read,
-    one wake-up and one segment fewer a stream (the head went alone before)."""
-    monkeypatch.setattr("serverless.transports.http.HEAD_WAIT", 30.0)
-    emulator = InProcessEmulator(tmp_path / "emulator")
-    app = InProcessApp(tmp_path, {"COMFYUI_URL": emulator.url, "STATUS_DIR": str(tmp_path / "status")})
-    try:
-        host, port = app.url.removeprefix("http://").split(":")
-        for seed in range(3):
-            body = json.dumps(empty_image(color=seed, prefix="head")).encode()
-            head = (
-                "POST /api/serverless/run?stream=true HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            with socket.create_connection((host, int(port)), timeout=10) as sock:
-                sock.sendall(head.encode() + body)
-                first = sock.recv(65536)
-                rest = b"".join(iter(lambda: sock.recv(65536), b""))
-            answer, _, events = first.partition(b"\r\n\r\n")
-            assert answer.startswith(b"HTTP/1.1 200") and b"text/event-stream" in answer, first
-            assert b"id: 1\ndata: " in events, f"the head came alone: {first!r}"
-            assert b'"serverless_api"' in first + rest, "the stream ends with the result"
     finally:
         app.stop()
         emulator.stop()

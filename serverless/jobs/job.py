@@ -219,8 +219,6 @@ class Job:
             return self._readable_after(seq)
         try:
             async with asyncio.timeout(within):
-                if self.known is not None and not self.known.is_set():
-                    await self.known.wait()  # its events wait for the claim (`_ready_for`), not for a change
                 while not self._readable_after(seq):
                     await self.feed.changed()
         except TimeoutError:

@@ -34,16 +34,14 @@ async def bursts(
     previews: bool = False,
     urgent: Callable[[Event], bool] | None = None,
     alarm: asyncio.Event | None = None,
-    started: float | None = None,
 ) -> AsyncIterator[list[Event] | None]:
     """`source.events(after, idle, previews)`, each list one write; None for a keep-alive (after
     `idle` seconds without an event). A list that ends with the terminal event is the last. An
     event `urgent` picks goes out at once too, with what is held before it (ComfyUI's last
     message of a prompt, whose client then asks for its history). `alarm`: set once an urgent
-    or the terminal event is published (see the module docstring). `started`: when the stream
-    started (`loop.time()`), if before this call."""
+    or the terminal event is published (see the module docstring)."""
     loop = asyncio.get_running_loop()
-    written = loop.time() if started is None else started  # the last write's time (first: the stream's start)
+    written = loop.time()  # when the last write was made (the stream's first: its start)
     burst: list[Event] = []
     async for event in source.events(after, idle, previews):
         if event is None:

@@ -42,9 +42,6 @@ PING = ServerSentEvent(comment="ping", sep=SEP).encode()
 # alone, then the end, whose send waits for the caller to read it: a stalled caller is noticed
 # (and its connection dropped) instead of holding the unsent rest in memory for ever.
 SMALL_END = 64 * 1024
-# A stream's head waits this long at most for its first events, to go out with them in one write
-# (one write, and one wake-up of its caller, fewer); a stream with nothing to say yet gets it alone.
-HEAD_WAIT = 0.05
 
 
 def sse_event(event: Event) -> bytes:
@@ -224,23 +221,14 @@ class EventStream(Response):
             # Not under TCP_CORK: a corked socket whose reader had filled its window went on only at
             # the kernel's next zero-window probe (seconds later, backing off) once the reader read.
             ended = False  # the body's last chunk is sent: it went with the terminal event
-            head = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            headed = False  # the head is sent
             try:
-                started = asyncio.get_running_loop().time()
-                if not await self.job.more_after(self.after or 0, HEAD_WAIT):
-                    await bounded(send(head), timeout)
-                    headed = True
-                async for chunk, last in self._chunks(started):
-                    if not headed:  # with the first chunk: one write (`coalesce.OneWrite`)
-                        await bounded(send(head), timeout)
-                        headed = True
+                head = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                await bounded(send(head), timeout)
+                async for chunk, last in self._chunks():
                     if not ended:
                         body = {"type": "http.response.body", "body": chunk, "more_body": not last}
                         await bounded(send(body), timeout)
                         ended = last
-                if not headed:
-                    await bounded(send(head), timeout)
                 if not ended:
                     await bounded(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
             except CallerStalled:
@@ -250,12 +238,12 @@ class EventStream(Response):
         with self.meter:
             await watch(self.job.task_id, deliver, lambda: caller_left(receive), self.abandon)
 
-    async def _chunks(self, started: float) -> AsyncIterator[tuple[bytes, bool]]:
+    async def _chunks(self) -> AsyncIterator[tuple[bytes, bool]]:
         """The stream's bytes, a burst of events in one write (`bursts`), each with whether the
         stream's end goes with it: after the terminal event, when that write is small (`SMALL_END`)."""
         job = self.job
         try:
-            async for burst in bursts(job, self.after, PING_INTERVAL, self.previews, started=started):
+            async for burst in bursts(job, self.after, PING_INTERVAL, self.previews):
                 if burst is None:
                     yield PING, False
                 else:
