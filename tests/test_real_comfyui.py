@@ -121,7 +121,7 @@ def test_comfyuis_own_websocket_through_us_sends_what_comfyui_sends_previews_too
     """ComfyUI's example client, directly and through our `/ws`: the same frames in the same order,
     sampler previews among them (the real ComfyUI started with `--preview-method latent2rgb`; a
     step of ~1 s on CPU, so the 4-a-second throttle lets each through). Needs a checkpoint: e.g. the
-    random-weight SD 1.5 files of `make_random_sd15.py`."""
+    random-weight SD 1.5 files `tests/tools/make_random_sd15.py` writes (its header says how)."""
 
     def frames(server: str, seed: int) -> list[object]:
         client_id = str(uuid.uuid4())
