@@ -74,12 +74,13 @@ async def run(
                     peer = peers.start_salad(salad, comfyui_url, comfyui_root(workdir, emulator), workdir / "salad")
                     await peer.wait_ready(session, peers.SALAD_READY, timeout=60)
                     ctx.salad = peer
+                # The bare adapters of the floors read ComfyUI's outputs where the adapter does.
+                output_dir = folders.get("COMFYUI_OUTPUT_DIR") or os.environ.get("COMFYUI_OUTPUT_DIR", "")
                 for _ in range(20):  # warm both paths (imports, connection pools, caches)
                     await suite.run_sync(session, app.url, ctx.job("bench/warm/img"))
                 if "overhead" in only:
                     figures += await suite.overhead(ctx, jobs=50 if quick else 200)
                     figures += await floor.floors(session, workdir / "floor", jobs=50 if quick else 200)
-                    output_dir = folders.get("COMFYUI_OUTPUT_DIR") or os.environ.get("COMFYUI_OUTPUT_DIR", "")
                     figures += await floor.proxy_floors(
                         session, comfyui_url, output_dir, ctx.job, workdir / "floor", jobs=50 if quick else 200
                     )
@@ -94,7 +95,6 @@ async def run(
                 if "w2" in only:
                     # The floor first: ComfyUI lists its input folder's top level at every LoadImage,
                     # which the native client's uploads below fill with thousands of files.
-                    output_dir = folders.get("COMFYUI_OUTPUT_DIR") or os.environ.get("COMFYUI_OUTPUT_DIR", "")
                     w2_floor = await floor.stream_floors(
                         session,
                         comfyui_url,

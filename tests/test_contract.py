@@ -272,9 +272,9 @@ def test_events_resume_after_the_last_seen_id(deployment: Deploy) -> None:
 
 
 def test_a_stream_with_nothing_to_say_yet_gets_its_head_at_once(deployment: Deploy) -> None:
-    """A stream's head waits a moment for its first events, to go out with them; a resumed stream
-    of a job waiting silently behind others gets its head at once, not with a next event that is
-    seconds away (nor with the first ping, 15 s)."""
+    """A resumed stream of a job waiting silently behind others gets its head at once, not with a
+    next event that is seconds away (nor with the first ping, 15 s): its caller knows it is
+    connected."""
     url = deployment(step_delay=0.05).url
     ahead = [f"head-ahead-{seed}" for seed in range(2)]  # a fleet's two workers take one each (a box: one)
     for seed, task_id in enumerate(ahead):
