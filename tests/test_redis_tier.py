@@ -337,6 +337,8 @@ def test_a_gateway_answers_503_naming_redis_when_it_cannot_reach_it(tier: Callab
     answer = post_run(gateway.url, empty_image())
     assert answer.status_code == 503
     assert answer.json()["error_code"] == "UNAVAILABLE" and "Redis" in answer.json()["error_message"]
+    # Its operator is told too, with the caller's reason (a gateway's 503 once left no line at all).
+    wait_until(lambda: "POST /api/serverless/run answered 503 UNAVAILABLE: Redis" in gateway.log_text())
     health = requests.get(gateway.url + "/api/serverless/health", timeout=10)
     assert health.status_code == 503 and "Redis" in health.json()["reason"]
 
