@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +90,12 @@ async def proxy_floors(
             DirectClient(session, local.url) as answered,
         ):
             runs = {"direct": direct.run, **bare_runs(session, bare.url), "proxy": proxied.run, "local": answered.run}
-            p50 = await p50s(runs, job, jobs, warmup)
+            pids = {**dict.fromkeys(("sync", "sse", "ws"), bare.pid), "local": local.pid}
+            measured = await p50s(runs, job, jobs, warmup, pids)
     finally:
         bare.stop()
         local.stop()
+    p50, cpu = measured.p50, measured.cpu
     section = "1. overhead per job"
     return [
         info(
@@ -103,6 +106,14 @@ async def proxy_floors(
             f"one websocket, outputs read from the folder; direct {p50['direct']:.2f}, bare {p50['sync']:.2f} ms",
         ),
         *stream_floor_figures(section, p50),
+        info(
+            section,
+            "floor: app CPU per job, bare adapter, sync",
+            cpu["sync"],
+            "ms",
+            f"SSE {cpu['sse']:.2f} / websocket {cpu['ws']:.2f} / ComfyUI's API answering /history and /view "
+            f"{cpu['local']:.2f} ms (the adapter's: the rows 'app CPU per job' above)",
+        ),
         info(
             section,
             "floor: ComfyUI's API through a bare proxy, added p50",
@@ -151,10 +162,10 @@ async def stream_floors(
     )
     try:
         await bare.wait_ready(session, "/ready")
-        p50 = await p50s(bare_runs(session, bare.url), job, jobs, warmup)
+        measured = await p50s(bare_runs(session, bare.url), job, jobs, warmup)
     finally:
         bare.stop()
-    return stream_floor_figures(section, p50)
+    return stream_floor_figures(section, measured.p50)
 
 
 Run = Callable[[dict[str, Any]], Awaitable[list[bytes]]]
@@ -169,17 +180,36 @@ def bare_runs(session: aiohttp.ClientSession, url: str) -> dict[str, Run]:
     }
 
 
-async def p50s(runs: dict[str, Run], job: Callable[[str], dict[str, Any]], jobs: int, warmup: int) -> dict[str, float]:
-    """Each run's p50 in ms, one job at a time in runs of each kind (as section 1's jobs)."""
+@dataclass(frozen=True)
+class Measured:
+    p50: dict[str, float]  # ms, by run
+    cpu: dict[str, float]  # ms of its server's CPU a job, for the runs given a pid
+
+
+async def p50s(
+    runs: dict[str, Run],
+    job: Callable[[str], dict[str, Any]],
+    jobs: int,
+    warmup: int,
+    pids: Mapping[str, int] | None = None,
+) -> Measured:
+    """Each run's p50 in ms, one job at a time in runs of each kind (as section 1's jobs); and
+    the CPU the server of each run in `pids` spent a job (as section 1 counts the app's)."""
     series: dict[str, list[float]] = {name: [] for name in runs}
+    pids = pids or {}
+    spent = dict.fromkeys(pids, 0.0)
     for name, measured in in_runs(list(runs), warmup, jobs):
         workflow = job(f"bench/floor-{name}/img")
+        cpu = procs.cpu_seconds(pids[name]) if name in pids else 0.0
         started = time.perf_counter()
         if not await runs[name](workflow):
             raise RuntimeError(f"the bare {name} run returned no image")
         if measured:
             series[name].append((time.perf_counter() - started) * 1000)
-    return {name: percentile(values, 50) for name, values in series.items()}
+            if name in pids:  # clock ticks: each reading is coarse, their sum is not biased
+                spent[name] += procs.cpu_seconds(pids[name]) - cpu
+    p50 = {name: percentile(values, 50) for name, values in series.items()}
+    return Measured(p50, {name: seconds * 1000 / jobs for name, seconds in spent.items()})
 
 
 def start(workdir: Path, app: str = "bench.floor_app:app", **env: str) -> procs.Server:
