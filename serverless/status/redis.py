@@ -68,7 +68,8 @@ PREVIEWS_TTL = 60  # seconds a job's previews outlive its last one
 WRITE_WINDOW = 0.010
 BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages are noticed this often
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
-POOL_WAIT = 10.0  # seconds a call waits for a free connection before it fails
+POOL_WAIT = 10.0  # seconds a call waits for a free connection while none is given back; then it fails
+POOL_PATIENCE = 60.0  # seconds a call waits for one at most, however many others are given back meanwhile
 BACKOFF_MAX = 5.0
 LIST_BATCH = 64  # tasks the list reads at a time
 DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
@@ -161,12 +162,45 @@ class RedisFull(ConnectionError):
     kept and written again, as while Redis is down, rather than lost."""
 
 
+class PatientPool(aioredis.BlockingConnectionPool):
+    """A bounded pool whose callers wait for a free connection as long as the others' keep coming
+    back: a burst of callers on a busy instance (hundreds of sync calls on a gateway whose CPU is
+    taken) queues for the connections and is answered, where a flat POOL_WAIT told some of them
+    "Redis cannot be reached" of a Redis that answered every command. Connections that all stay
+    taken POOL_WAIT seconds (a hung Redis, a stuck socket) still fail the wait, saying so; no
+    wait outlasts POOL_PATIENCE."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.given_back = 0  # connections released so far
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        patience = time.monotonic() + POOL_PATIENCE
+        while True:
+            given_back = self.given_back
+            try:
+                return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except rexc.ConnectionError as exc:
+                if str(exc) != POOL_EMPTY:
+                    raise  # a new connection that could not connect: Redis's own trouble
+                if self.given_back == given_back or time.monotonic() >= patience:
+                    busy = f"all {self.max_connections} of this instance's connections to it stayed in use"
+                    raise rexc.ConnectionError(f"{busy} for {self.timeout:g} s") from exc
+
+    async def release(self, connection: Any) -> None:
+        self.given_back += 1
+        await super().release(connection)
+
+
+POOL_EMPTY = "No connection available."  # what redis-py's BlockingConnectionPool says after its timeout
+
+
 def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
-    """The app's one Redis client: a bounded pool whose callers wait (up to POOL_WAIT seconds) for
-    a free connection rather than fail; followers hold none while they wait (`StreamWatch`).
-    redis-py's own retries are off: callers are told at once, and the loops that must outlive an
-    outage retry with their own backoff."""
-    pool = aioredis.BlockingConnectionPool.from_url(
+    """The app's one Redis client: a bounded pool whose callers wait for a free connection rather
+    than fail (`PatientPool`); followers hold none while they wait (`StreamWatch`). redis-py's own
+    retries are off: callers are told at once, and the loops that must outlive an outage retry
+    with their own backoff."""
+    pool = PatientPool.from_url(
         url,
         max_connections=max_connections,
         timeout=POOL_WAIT,
