@@ -163,8 +163,8 @@ class RedisFull(ConnectionError):
 
 
 class PatientPool(aioredis.BlockingConnectionPool):
-    """A bounded pool whose callers wait for a free connection as long as the others' keep coming
-    back: a burst of callers on a busy instance (hundreds of sync calls on a gateway whose CPU is
+    """A bounded pool whose callers wait for a free connection as long as other callers keep giving
+    theirs back: a burst of callers on a busy instance (hundreds of sync calls on a gateway whose CPU is
     taken) queues for the connections and is answered, where a flat POOL_WAIT told some of them
     "Redis cannot be reached" of a Redis that answered every command. Connections that all stay
     taken POOL_WAIT seconds (a hung Redis, a stuck socket) still fail the wait, saying so; no
