@@ -601,8 +601,8 @@ def test_a_caller_that_stops_reading_loses_its_connection_and_the_app_drops_the_
     try:
         wait_until(lambda: held_connections(os.getpid(), ports) == 3)
         wait_until(lambda: app.log_text().count("its connection is closed") >= 3, timeout=60)
-        # Dropped at once: not held (with the rest of the answer) until the caller reads.
-        # Dropped at once; left to uvicorn, it stays held (a websocket's still was after 100 s).
+        # Dropped at once: not held (with the rest of the answer) until the caller reads, as
+        # uvicorn alone would (a websocket's still was after 100 s).
         wait_until(lambda: held_connections(os.getpid(), ports) == 0, timeout=60)
     finally:
         for sock in stalled:
