@@ -97,8 +97,9 @@ class HeldReads:
 
 async def _connection(pool: Any) -> Any:
     """A connection of the pool: redis-py before 5.3 wants the command it is for (its name only
-    picks nothing); from 5.3 on, naming it is deprecated."""
-    if _names_command(pool.get_connection):
+    picks nothing); from 5.3 on, naming it is deprecated. (Asked of redis-py's own pool: ours
+    passes on whatever it is given, `redis.PatientPool`.)"""
+    if NAMES_COMMAND:
         return await pool.get_connection("XREAD")
     return await pool.get_connection()
 
@@ -106,6 +107,9 @@ async def _connection(pool: Any) -> Any:
 def _names_command(get_connection: Callable[..., Any]) -> bool:
     parameter = inspect.signature(get_connection).parameters.get("command_name")
     return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+NAMES_COMMAND = _names_command(aioredis.BlockingConnectionPool.get_connection)
 
 
 def read_streams(answer: Any) -> list[tuple[Any, list[Any]]]:
