@@ -70,6 +70,10 @@ BLOCK_SECONDS = 1.0  # longest XREAD BLOCK: pointer changes and Redis outages ar
 MAX_CONNECTIONS = 64  # an instance's Redis connections (a worker's consumer and jobs, a gateway's calls)
 POOL_WAIT = 10.0  # seconds a call waits for a free connection while none is given back; then it fails
 POOL_PATIENCE = 60.0  # seconds a call waits for one at most, however many others are given back meanwhile
+# Seconds a new connection may take to open, counted on the event loop: a gateway busy with a burst
+# of callers (its loop late by seconds) must not take a Redis that answers for one that cannot be
+# reached. As long as a hung Redis makes a call wait for a free connection (POOL_WAIT).
+CONNECT_TIMEOUT = 10.0
 BACKOFF_MAX = 5.0
 LIST_BATCH = 64  # tasks the list reads at a time
 DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
@@ -204,7 +208,7 @@ def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
         url,
         max_connections=max_connections,
         timeout=POOL_WAIT,
-        socket_connect_timeout=2.0,
+        socket_connect_timeout=CONNECT_TIMEOUT,
         socket_timeout=BLOCK_SECONDS + 10.0,
         health_check_interval=30,
     )
