@@ -1,4 +1,4 @@
-"""An instance's Redis connections under a burst (a real `redis-server`, databases 31-32): callers
+"""An instance's Redis connections under a burst (a real `redis-server`; nothing is written): callers
 queue for the pool's connections as long as others give theirs back, and are told why when none
 comes back (`status.redis.PatientPool`)."""
 
@@ -23,7 +23,7 @@ def test_a_burst_of_callers_waits_its_turn_for_connections_that_keep_coming_back
     monkeypatch.setattr(status_redis, "POOL_WAIT", 2.0)
 
     async def main() -> list[object]:
-        client = connect(redis_server.url(31), max_connections=2)
+        client = connect(redis_server.url(), max_connections=2)
         try:
             calls = [client.blpop([f"nothing-{n}"], timeout=0.1) for n in range(60)]
             return await asyncio.gather(*calls, return_exceptions=True)
@@ -40,7 +40,7 @@ def test_connections_that_all_stay_taken_fail_the_wait_saying_so(
     monkeypatch.setattr(status_redis, "POOL_WAIT", 0.5)
 
     async def main() -> BaseException | None:
-        client = connect(redis_server.url(32), max_connections=2)
+        client = connect(redis_server.url(), max_connections=2)
         try:
             held = [asyncio.ensure_future(client.blpop([f"held-{n}"], timeout=20)) for n in range(2)]
             await _blocked_in_redis(redis_server, 2)  # both connections taken, none given back for 20 s
@@ -64,7 +64,7 @@ def test_connections_that_all_stay_taken_fail_the_wait_saying_so(
 
 async def _blocked_in_redis(redis_server: RedisServer, count: int) -> None:
     """Until `count` clients wait in a BLPOP, as Redis lists its clients."""
-    watcher = aioredis.Redis.from_url(redis_server.url(0))
+    watcher = aioredis.Redis.from_url(redis_server.url())
     try:
         for _ in range(600):
             if sum(client["cmd"] == "blpop" for client in await watcher.client_list()) >= count:
